@@ -1,0 +1,155 @@
+"""A client endpoint: a process outside the hub attached to it over ``ipc://`` or ``tcp://``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import zmq
+
+from dpipes.bus import codec
+from dpipes.bus.codec import Message
+from dpipes.bus.endpoint import Endpoint
+from dpipes.bus.errors import BusError, DecodeError, PeerLost, RequestTimeout
+from dpipes.bus.hub import BYE_LINGER_MS, CLOSE_DRAIN_S, HEARTBEAT_INTERVAL_S, MAX_FRAME_BYTES, PEER_TIMEOUT_S
+from dpipes.bus.pump import Pump
+
+log = logging.getLogger(__name__)
+
+ATTACH_TIMEOUT_S = 5.0  # a hub answers ATTACH at once; longer means nothing listens there
+
+
+class Client:
+    """Owns one DEALER attached to a hub, and the endpoint that speaks through it.
+
+    Use ``async with Client(hub_endpoint, name=...) as client`` and talk through
+    ``client.endpoint``.
+    """
+
+    def __init__(self, hub: str, *, name: str = "", attach_timeout: float = ATTACH_TIMEOUT_S) -> None:
+        self.hub = hub
+        self._name = name
+        self._attach_timeout = attach_timeout
+        self._ctx: zmq.Context[Any] | None = None
+        self._pump: Pump | None = None
+        self._endpoint: Endpoint | None = None
+        self._attached: asyncio.Future[str] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._last_heard = 0.0
+        self.dropped = 0
+
+    @property
+    def endpoint(self) -> Endpoint:
+        if self._endpoint is None:
+            raise BusError("client not attached: use 'async with Client(...)'")
+        return self._endpoint
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Attach to the hub; returns once the hub named our endpoint.
+
+        Raises:
+            RequestTimeout: nothing answered at ``hub`` in time.
+            BusError: the hub refused the name.
+        """
+        loop = asyncio.get_running_loop()
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)  # stream ends are acknowledged; nothing may hang at exit
+        sock.setsockopt(zmq.SNDHWM, 100_000)  # a safety net only: credit bounds stream data
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a frame over the limit is never allocated
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.connect(self.hub)
+        self._pump = Pump(sock, self._on_frames)
+        self._attached = loop.create_future()
+        self._pump.send(codec.encode(codec.Attach(name=self._name)))
+        try:
+            addr = await asyncio.wait_for(self._attached, self._attach_timeout)
+        except TimeoutError:
+            await self._close_sockets()
+            raise RequestTimeout(f"no dpipes hub answered at {self.hub} within {self._attach_timeout:g} s") from None
+        except BaseException:
+            await self._close_sockets()
+            raise
+        self._endpoint = Endpoint(addr, self)
+        self._last_heard = time.monotonic()
+        self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"client {addr} heartbeats")
+
+    def send(self, msg: Message) -> None:
+        """Transport: encode ``msg`` and send it to the hub."""
+        assert self._pump is not None
+        self._pump.send(codec.encode(msg))
+
+    def send_frames(self, dst: str, frames: list[Any]) -> None:
+        """Transport: send an encoded message to the hub."""
+        assert self._pump is not None
+        self._pump.send(frames)
+
+    def _on_frames(self, frames: list[Any]) -> None:
+        self._last_heard = time.monotonic()
+        try:
+            msg = codec.decode([f.buffer for f in frames])
+        except DecodeError as exc:
+            self.dropped += 1
+            log_fn = log.warning if self.dropped == 1 else log.debug
+            log_fn("client of %s: dropped a malformed message: %s", self.hub, exc)
+            return
+        if self._endpoint is not None:
+            if msg.KIND != "PONG":
+                self._endpoint._deliver(msg)
+            return
+        assert self._attached is not None
+        if self._attached.done():
+            return
+        if isinstance(msg, codec.Attached):
+            self._attached.set_result(msg.addr)
+        elif isinstance(msg, codec.Error):
+            self._attached.set_exception(BusError(f"hub at {self.hub} refused to attach: {msg.message}"))
+        elif isinstance(msg, codec.Bye):
+            self._attached.set_exception(BusError(f"hub at {self.hub} refused to attach: {msg.reason}"))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            silent = time.monotonic() - self._last_heard
+            if silent > PEER_TIMEOUT_S:
+                log.warning("client: hub at %s silent for %.1f s", self.hub, silent)
+                self.endpoint.fail_all(PeerLost(f"the node at {self.hub} stopped answering ({silent:.1f} s)"))
+                return
+            self.send(codec.Ping(src=self.endpoint.addr, dst=codec.split_addr(self.endpoint.addr)[0] + "/"))
+
+    async def aclose(self) -> None:
+        """Say BYE, wait (bounded) for queued messages to leave, close. Idempotent."""
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            try:
+                await self._heartbeat_task
+            except asyncio.CancelledError:
+                pass
+            self._heartbeat_task = None
+        if self._endpoint is not None and self._pump is not None:
+            ep, self._endpoint = self._endpoint, None
+            ep.fail_all(BusError(f"client {ep.addr} closed"))
+            self._pump.send(codec.encode(codec.Bye(src=ep.addr, dst=codec.split_addr(ep.addr)[0] + "/")))
+        await self._close_sockets()
+
+    async def _close_sockets(self) -> None:
+        if self._pump is not None:
+            try:
+                await asyncio.wait_for(self._pump.drained(), CLOSE_DRAIN_S)
+            except TimeoutError:
+                log.warning("client of %s: closing with %d unsent messages", self.hub, self._pump.backlog)
+            self._pump.close(linger_ms=BYE_LINGER_MS)
+            self._pump = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None

@@ -1,0 +1,525 @@
+"""The dpipes bus wire format, version 1. This docstring is the spec.
+
+A bus message is a ZeroMQ multipart message::
+
+    [routing frames ...] HEADER [PAYLOAD ...]
+
+*Routing frames* are added and removed by ZeroMQ itself (a ROUTER prepends the sender's routing
+id); the codec never sees them. Everything below describes ``HEADER [PAYLOAD ...]``.
+
+HEADER
+    One frame holding a msgpack **map** with string keys. Common keys, present in every message:
+
+    ========  =======  ====================================================================
+    key       type     meaning
+    ========  =======  ====================================================================
+    ``v``     int      protocol version, ``PROTOCOL_VERSION``; a hub drops any other value
+    ``kind``  str      the message kind, one of the names in the table below
+    ``src``   str      source address ``node/endpoint`` (``node/`` for the hub itself)
+    ``dst``   str      destination address ``node/endpoint``
+    ``sid``   int      stream id, unique per source endpoint; 0 when not part of a stream
+    ``seq``   int      sequence number: per stream for stream messages, the request id for
+                       ``REQUEST``/``REPLY``, the offending message's ``seq`` for ``ERROR``
+    ========  =======  ====================================================================
+
+    Kind-specific keys follow, with the types below. A missing kind key takes the default shown;
+    an unknown key is ignored (room for compatible additions without a version bump).
+
+PAYLOAD
+    Zero or more frames of opaque bytes, only for the kinds marked *payload*. They are sent
+    zero-copy (``copy=False``) and handed to the receiver as ``memoryview`` objects over the
+    received ZeroMQ frames.
+
+Kinds
+    Link (hub to hub, over each hub's outbound DEALER link; and hub to attached clients):
+
+    * ``HELLO`` ``node: str, instance: str, endpoints: map, info: map`` -- opens a link or
+      attachment of a peer hub; ``endpoints["bus"]`` is where the peer's ROUTER listens.
+    * ``WELCOME`` ``node: str, instance: str`` -- the answer to an acceptable ``HELLO``.
+    * ``PING`` -- liveness, sent every ``HEARTBEAT_INTERVAL_S`` on every link and by clients.
+    * ``PONG`` -- the hub's answer to a client's ``PING``.
+    * ``BYE`` ``reason: str`` -- an orderly goodbye; also the refusal of a ``HELLO``.
+    * ``ATTACH`` ``name: str`` -- a client asks to become endpoint ``node/name``.
+    * ``ATTACHED`` ``addr: str`` -- the hub's answer to ``ATTACH``.
+    * ``LINK`` ``node: str, up: bool, reason: str`` -- a hub tells its endpoints that a peer
+      node came up or was lost.
+
+    Control:
+
+    * ``REQUEST`` ``method: str, body: map`` -- ``seq`` is the request id.
+    * ``REPLY`` ``ok: bool, body: map, error: str`` -- ``seq`` repeats the request id.
+    * ``CREDIT`` ``bytes: int`` -- the receiver of stream ``sid`` lets its sender send this
+      many more payload bytes.
+    * ``EOF`` ``total: int`` -- the sender of stream ``sid`` has sent everything: ``total``
+      payload bytes in all.
+    * ``EOF_ACK`` ``total: int`` -- the receiver has taken every byte up to ``EOF``; only now may
+      the sender close anything (ZeroMQ drops the unsent tail of a socket closed too early).
+    * ``CANCEL`` ``reason: str`` -- either end abandons stream ``sid`` (the receiver: "stop
+      sending", as SIGPIPE; the sender: "no more is coming, and it is not complete").
+    * ``ERROR`` ``code: str, message: str, node: str, to: str`` -- a message that ``dst`` sent
+      to address ``to`` (with this ``sid`` and ``seq``) could not be delivered or done; ``node``
+      names where it failed. Codes: ``no-route``, ``no-endpoint``, ``peer-lost``,
+      ``not-linked``, ``refused``, ``bad-message``.
+
+    Data (*payload*), normally inside a stream (``sid`` != 0) under credit:
+
+    * ``BYTES`` -- payload frames are raw byte chunks.
+    * ``OBJECTS`` ``count: int`` -- one payload frame, a msgpack array of ``count`` objects.
+    * ``ARROW`` ``arrow: map`` -- Arrow record batch framing; ``arrow`` and the payload frames
+      are specified in ``dpipes.bus.arrow``.
+    * ``STDERR`` -- payload frames are a program's standard error bytes.
+    * ``PIPES`` ``stage: int`` -- one payload frame, one Dagster Pipes message as JSON text.
+
+Flow control
+    Every stream starts with ``INITIAL_CREDIT_BYTES`` of credit. A data message costs its payload
+    bytes plus ``MESSAGE_CREDIT_BYTES`` (so that a stream of tiny messages is bounded in count
+    too). The sender may start a message only while what it has sent costs less than its credit
+    (so one message may overshoot it), and stops otherwise until a ``CREDIT`` arrives. Receivers
+    grant credit as their consumer takes data, never before. ``EOF.total`` and
+    ``EOF_ACK.total`` count payload bytes only.
+
+Limits
+    Every size and count read from the wire is bounded by the ``MAX_*`` constants below. A
+    message that breaks one, or is not well-formed, raises ``DecodeError``: the hub drops it and
+    counts it against the sending peer, and never lets it reach its loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeAlias
+
+import msgpack
+
+from dpipes.bus.errors import DecodeError
+
+PROTOCOL_VERSION = 1
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_FRAMES = 4096  # an Arrow batch of many columns travels as one frame per buffer
+MAX_PAYLOAD_FRAME_BYTES = 64 * 1024 * 1024
+MAX_STRING_CHARS = 4096  # addresses, names, reasons, methods
+MAX_DEPTH = 32  # nesting of maps and arrays inside a header value
+MAX_CONTAINER_ITEMS = 4096  # entries of one map or array inside a header
+
+INITIAL_CREDIT_BYTES = 8 * 1024 * 1024
+MESSAGE_CREDIT_BYTES = 256  # what each data message costs in credit beyond its payload
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+Frames: TypeAlias = list[Any]  # header bytes, then payload buffers (bytes, memoryview, zmq.Frame)
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+class VersionMismatch(DecodeError):
+    """A well-formed header of another protocol version; ``header`` lets a hub answer it."""
+
+    def __init__(self, header: dict[Any, Any]) -> None:
+        self.header = header
+        self.version = header.get("v")
+        super().__init__(f"protocol version {self.version!r:.20} is not {PROTOCOL_VERSION}")
+
+
+def _unpack_header(frame: Buffer) -> Any:
+    return msgpack.unpackb(
+        frame,
+        raw=False,
+        max_str_len=MAX_HEADER_BYTES,
+        max_bin_len=MAX_HEADER_BYTES,
+        max_array_len=MAX_CONTAINER_ITEMS,
+        max_map_len=MAX_CONTAINER_ITEMS,
+        max_ext_len=0,
+    )
+
+
+def _check_depth(value: Any, what: str) -> None:
+    """Raise DecodeError when ``value`` nests maps/arrays deeper than MAX_DEPTH."""
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise DecodeError(f"{what} nests deeper than {MAX_DEPTH} levels")
+        if isinstance(item, dict):
+            todo.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, depth + 1) for v in item)
+
+
+# -- field checkers: each takes the raw header value and returns it or raises DecodeError ------
+
+
+def _str(value: Any, name: str) -> str:
+    if type(value) is not str:
+        raise DecodeError(f"field {name!r} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_STRING_CHARS:
+        raise DecodeError(f"field {name!r} is {len(value)} characters long (limit {MAX_STRING_CHARS})")
+    return value
+
+
+def _int(value: Any, name: str) -> int:
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise DecodeError(f"field {name!r} must be a non-negative 64-bit integer, got {value!r:.40}")
+    return value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if type(value) is not bool:
+        raise DecodeError(f"field {name!r} must be a boolean, got {type(value).__name__}")
+    return value
+
+
+def _map(value: Any, name: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise DecodeError(f"field {name!r} must be a map, got {type(value).__name__}")
+    _check_depth(value, f"field {name!r}")
+    return value
+
+
+_CHECKERS: dict[Any, Callable[[Any, str], Any]] = {str: _str, int: _int, bool: _bool, dict: _map}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """Common fields of every bus message; one subclass per kind."""
+
+    src: str = ""
+    dst: str = ""
+    sid: int = 0
+    seq: int = 0
+
+    KIND: ClassVar[str] = ""
+    HAS_PAYLOAD: ClassVar[bool] = False
+    _SPEC: ClassVar[tuple[tuple[str, Callable[[Any, str], Any], Any], ...]] = ()
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes carried in payload frames (what stream credit counts)."""
+        return 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Payload(Message):
+    frames: tuple[Any, ...] = ()
+
+    HAS_PAYLOAD: ClassVar[bool] = True
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(memoryview(f).nbytes for f in self.frames)
+
+
+KINDS: dict[str, type[Message]] = {}
+_COMMON = ("src", "dst", "sid", "seq")
+
+
+def _kind(name: str) -> Callable[[type[Message]], type[Message]]:
+    """Register a message class under its wire kind name and derive its field spec."""
+
+    def register(cls: type[Message]) -> type[Message]:
+        spec = []
+        for field in dataclasses.fields(cls):
+            if field.name in _COMMON or field.name == "frames":
+                continue
+            base = {"str": str, "int": int, "bool": bool, "dict[str, Any]": dict}[str(field.type)]
+            spec.append((field.name, _CHECKERS[base], field.default))
+        cls.KIND = name
+        cls._SPEC = tuple(spec)
+        KINDS[name] = cls
+        return cls
+
+    return register
+
+
+@_kind("HELLO")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Hello(Message):
+    node: str = ""
+    instance: str = ""
+    endpoints: dict[str, Any] = dataclasses.field(default_factory=dict)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@_kind("WELCOME")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome(Message):
+    node: str = ""
+    instance: str = ""
+
+
+@_kind("PING")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Ping(Message):
+    pass
+
+
+@_kind("PONG")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Pong(Message):
+    pass
+
+
+@_kind("BYE")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Bye(Message):
+    reason: str = ""
+
+
+@_kind("ATTACH")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Attach(Message):
+    name: str = ""
+
+
+@_kind("ATTACHED")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Attached(Message):
+    addr: str = ""
+
+
+@_kind("LINK")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Link(Message):
+    node: str = ""
+    up: bool = False
+    reason: str = ""
+
+
+@_kind("REQUEST")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Request(Message):
+    method: str = ""
+    body: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@_kind("REPLY")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Reply(Message):
+    ok: bool = True
+    body: dict[str, Any] = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+
+@_kind("CREDIT")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Credit(Message):
+    bytes: int = 0
+
+
+@_kind("EOF")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Eof(Message):
+    total: int = 0
+
+
+@_kind("EOF_ACK")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class EofAck(Message):
+    total: int = 0
+
+
+@_kind("CANCEL")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel(Message):
+    reason: str = ""
+
+
+@_kind("ERROR")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Error(Message):
+    code: str = ""
+    message: str = ""
+    node: str = ""
+    to: str = ""
+
+
+@_kind("BYTES")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Bytes(_Payload):
+    pass
+
+
+@_kind("OBJECTS")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Objects(_Payload):
+    count: int = 0
+
+
+@_kind("ARROW")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Arrow(_Payload):
+    arrow: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@_kind("STDERR")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Stderr(_Payload):
+    pass
+
+
+@_kind("PIPES")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Pipes(_Payload):
+    stage: int = 0
+
+
+DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES"})
+
+
+def header_of(msg: Message) -> dict[str, Any]:
+    """The header map of ``msg``, as it goes on the wire."""
+    header: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "kind": msg.KIND,
+        "src": msg.src,
+        "dst": msg.dst,
+        "sid": msg.sid,
+        "seq": msg.seq,
+    }
+    for name, _check, _default in msg._SPEC:
+        header[name] = getattr(msg, name)
+    return header
+
+
+def encode(msg: Message) -> Frames:
+    """Encode ``msg`` as ``[header, *payload]``; payload buffers are passed through uncopied."""
+    header = _packb(header_of(msg))
+    if msg.HAS_PAYLOAD:
+        return [header, *msg.frames]  # type: ignore[attr-defined]
+    return [header]
+
+
+def stream_header_prefix(kind: str, src: str, dst: str, sid: int) -> bytes:
+    """The constant part of the headers of one stream's messages of ``kind`` with no kind fields.
+
+    ``prefix + packb_int(seq)`` is then the whole header, the same bytes ``encode`` makes, for a
+    fraction of the cost: the hot path of small stream messages.
+    """
+    assert not KINDS[kind]._SPEC, f"{kind} has kind fields"
+    header = {"v": PROTOCOL_VERSION, "kind": kind, "src": src, "dst": dst, "sid": sid, "seq": 0}
+    packed = _packb(header)
+    return packed[: -len(_packb(0))]
+
+
+packb_int: Callable[[int], bytes] = _packb
+"""Pack one integer as msgpack (the ``seq`` that ends a header made by ``stream_header_prefix``)."""
+
+
+def decode_header(frame: Buffer) -> dict[str, Any]:
+    """Decode and check the common part of a header frame; kind fields are checked later.
+
+    Raises:
+        DecodeError: the frame is not a version-``PROTOCOL_VERSION`` header within the limits.
+    """
+    if len(frame) > MAX_HEADER_BYTES:
+        raise DecodeError(f"header frame is {len(frame)} bytes (limit {MAX_HEADER_BYTES})")
+    try:
+        header = _unpack_header(frame)
+    except Exception as exc:  # msgpack raises several types for bad input; all mean the same
+        raise DecodeError(f"header frame is not valid msgpack: {exc}") from None
+    if type(header) is not dict:
+        raise DecodeError(f"header must be a msgpack map, got {type(header).__name__}")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(header)
+    kind = header.get("kind")
+    if kind not in KINDS:
+        raise DecodeError(f"unknown message kind {kind!r:.40}")
+    _str(header.get("src", ""), "src")
+    _str(header.get("dst", ""), "dst")
+    _int(header.get("sid", 0), "sid")
+    _int(header.get("seq", 0), "seq")
+    return header
+
+
+def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Message:
+    """Build the message for a header already passed through ``decode_header``.
+
+    Raises:
+        DecodeError: a kind field has the wrong type or breaks a limit, or the payload does not
+            fit the kind.
+    """
+    cls = KINDS[header["kind"]]
+    fields: dict[str, Any] = {
+        "src": header.get("src", ""),
+        "dst": header.get("dst", ""),
+        "sid": header.get("sid", 0),
+        "seq": header.get("seq", 0),
+    }
+    for name, check, default in cls._SPEC:
+        value = header.get(name, dataclasses.MISSING)
+        if value is dataclasses.MISSING:
+            if default is dataclasses.MISSING:  # a default_factory field: an empty map
+                value = {}
+            else:
+                value = default
+        fields[name] = check(value, name)
+    if cls.HAS_PAYLOAD:
+        if len(payload) > MAX_FRAMES - 1:
+            raise DecodeError(f"{cls.KIND} has {len(payload)} payload frames (limit {MAX_FRAMES - 1})")
+        frames = []
+        for frame in payload:
+            view = frame if isinstance(frame, memoryview) else memoryview(frame)
+            if view.nbytes > MAX_PAYLOAD_FRAME_BYTES:
+                raise DecodeError(f"{cls.KIND} payload frame is {view.nbytes} bytes (limit {MAX_PAYLOAD_FRAME_BYTES})")
+            frames.append(view)
+        fields["frames"] = tuple(frames)
+    elif payload:
+        raise DecodeError(f"{cls.KIND} carries no payload, got {len(payload)} extra frames")
+    return cls(**fields)
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Decode ``[header, *payload]`` (bytes, memoryviews or zmq.Frame buffers) into a message.
+
+    Raises:
+        DecodeError: anything about the message is malformed or over a limit.
+    """
+    if not frames:
+        raise DecodeError("empty message: no header frame")
+    if len(frames) > MAX_FRAMES:
+        raise DecodeError(f"message has {len(frames)} frames (limit {MAX_FRAMES})")
+    return from_header(decode_header(frames[0]), frames[1:])
+
+
+_SCHEMA_TYPES: dict[Callable[[Any, str], Any], dict[str, Any]] = {
+    _str: {"type": "string", "maxLength": MAX_STRING_CHARS},
+    _int: {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+    _bool: {"type": "boolean"},
+    _map: {"type": "object"},
+}
+
+
+def header_schema() -> dict[str, Any]:
+    """The JSON schema of a decoded header map, for implementers in other languages.
+
+    The repository keeps it as ``bus/header_schema.json``; a test checks that the file equals this.
+    """
+    common = {
+        "v": {"const": PROTOCOL_VERSION},
+        "src": _SCHEMA_TYPES[_str],
+        "dst": _SCHEMA_TYPES[_str],
+        "sid": _SCHEMA_TYPES[_int],
+        "seq": _SCHEMA_TYPES[_int],
+    }
+    variants = []
+    for name, cls in sorted(KINDS.items()):
+        props: dict[str, Any] = {"kind": {"const": name}}
+        props.update({field: _SCHEMA_TYPES[check] for field, check, _default in cls._SPEC})
+        variants.append({"title": cls.__name__, "properties": props})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "dpipes-bus-header",
+        "title": f"dpipes bus message header, protocol version {PROTOCOL_VERSION}",
+        "description": "A msgpack map; payload frames follow it. See dpipes.bus.codec for the spec.",
+        "type": "object",
+        "required": ["v", "kind"],
+        "properties": {**common, "kind": {"enum": sorted(KINDS)}},
+        "oneOf": variants,
+    }
+
+
+def split_addr(addr: str) -> tuple[str, str]:
+    """``"node/endpoint"`` -> ``("node", "endpoint")``; a bare ``"node"`` names the hub."""
+    node, _, endpoint = addr.partition("/")
+    return node, endpoint

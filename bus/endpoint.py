@@ -1,0 +1,499 @@
+"""The endpoint API: a named party on the bus that sends, receives, requests and streams.
+
+An ``Endpoint`` does not know how its messages travel: an in-process endpoint hands them to its
+hub directly, a client endpoint (``dpipes.bus.client``) sends them over a DEALER socket to a hub.
+Streams and their credit accounting live here, the same for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+from dpipes.bus import codec
+from dpipes.bus.codec import Buffer, Message
+from dpipes.bus.errors import (
+    BusError,
+    NoRoute,
+    PeerLost,
+    RequestTimeout,
+    StreamError,
+)
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 10.0  # default wait for a REPLY; control requests are small and fast
+CREDIT_GRANT_FRACTION = 4  # grant credit once a quarter of the window has been consumed
+YIELD_EVERY_MESSAGES = 256  # a sender with credit still lets the loop run this often...
+YIELD_EVERY_BYTES = 1 << 20  # ...or after this many bytes, so heartbeats and readers keep going
+YIELD_SHIFT = (YIELD_EVERY_BYTES // YIELD_EVERY_MESSAGES).bit_length() - 1  # bytes -> message units
+
+
+class StreamCancelled(StreamError, BrokenPipeError):
+    """The other end cancelled the stream (for a sender: the reader is gone, as EPIPE)."""
+
+
+class Transport(Protocol):
+    """How an endpoint's messages leave it: to its hub in-process, or over a socket."""
+
+    def send(self, msg: Message) -> None:
+        """Deliver ``msg``; failures come back as ERROR messages."""
+
+    def send_frames(self, dst: str, frames: list[Any]) -> None:
+        """Deliver an already encoded message ``[header, *payload]`` addressed to ``dst``."""
+
+
+def _error_for(msg: codec.Error) -> BusError:
+    text = f"{msg.message} (at node {msg.node!r})" if msg.node else msg.message
+    if msg.code == "peer-lost":
+        return PeerLost(text)
+    if msg.code in ("no-route", "no-endpoint", "not-linked"):
+        return NoRoute(text)
+    return BusError(text)
+
+
+class _Waitable:
+    """A FIFO of items with one waiting reader, cheap when items are already there."""
+
+    __slots__ = ("_error", "_items", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop = loop
+        self._error: BaseException | None = None
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def get(self, timeout: float | None = None) -> Any:
+        while not self._items:
+            if self._error is not None:
+                raise self._error
+            self._waiter = self._loop.create_future()
+            if timeout is None:
+                await self._waiter
+            else:
+                try:
+                    await asyncio.wait_for(self._waiter, timeout)
+                except TimeoutError:
+                    raise RequestTimeout(f"nothing arrived within {timeout:g} s") from None
+        return self._items.popleft()
+
+
+class OutStream:
+    """The sending end of a stream, throttled by the receiver's credit."""
+
+    def __init__(self, endpoint: Endpoint, dst: str, sid: int, credit: int) -> None:
+        self.endpoint = endpoint
+        self.dst = dst
+        self.sid = sid
+        self.sent = 0  # payload bytes sent
+        self.cost = 0  # credit used: payload plus MESSAGE_CREDIT_BYTES per message
+        self.limit = credit  # credit granted in all, so far
+        self._seq = 0
+        self._wakeup: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._acked: asyncio.Future[int] = endpoint._loop.create_future()
+        self._closed = False
+        self._since_yield = 0  # messages + bytes // 4096 sent since we last let the loop run
+        self._bytes_prefix = codec.stream_header_prefix("BYTES", endpoint.addr, dst, sid)
+
+    @property
+    def node(self) -> str:
+        return codec.split_addr(self.dst)[0]
+
+    async def _reserve(self) -> None:
+        if self._since_yield >= YIELD_EVERY_MESSAGES:
+            self._since_yield = 0
+            await asyncio.sleep(0)
+        while self.cost >= self.limit:
+            if self._error is not None:
+                raise self._error
+            self._wakeup = self.endpoint._loop.create_future()
+            await self._wakeup
+        if self._error is not None:
+            raise self._error
+
+    async def send_bytes(self, data: Buffer) -> None:
+        """Send one chunk, waiting first while the receiver has granted no credit."""
+        nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
+        self._since_yield += 1 + (nbytes >> YIELD_SHIFT)
+        if self.cost >= self.limit or self._error is not None or self._since_yield >= YIELD_EVERY_MESSAGES:
+            await self._reserve()
+        self._seq += 1
+        self.sent += nbytes
+        self.cost += nbytes + codec.MESSAGE_CREDIT_BYTES
+        self.endpoint._send_frames(self.dst, [self._bytes_prefix + codec.packb_int(self._seq), data])
+
+    async def send(self, msg: Message) -> None:
+        """Send a data message (``Objects``, ``Arrow``, ...); its addressing is filled in here."""
+        nbytes = msg.payload_bytes
+        self._since_yield += 1 + (nbytes >> YIELD_SHIFT)
+        await self._reserve()
+        self._seq += 1
+        self.sent += nbytes
+        self.cost += nbytes + codec.MESSAGE_CREDIT_BYTES
+        self.endpoint._send(_readdress(msg, self.endpoint.addr, self.dst, self.sid, self._seq))
+
+    async def close(self, timeout: float | None = None) -> int:
+        """Send EOF and wait until the receiver has acknowledged every byte; returns the total."""
+        if not self._closed:
+            self._closed = True
+            if self._error is not None:
+                raise self._error
+            self._seq += 1
+            self.endpoint._send(
+                codec.Eof(src=self.endpoint.addr, dst=self.dst, sid=self.sid, seq=self._seq, total=self.sent)
+            )
+        try:
+            if timeout is None:
+                return await asyncio.shield(self._acked)
+            return await asyncio.wait_for(asyncio.shield(self._acked), timeout)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"stream {self.sid} to {self.dst}: no EOF acknowledgement within {timeout:g} s"
+            ) from None
+        finally:
+            if self._acked.done():
+                self.endpoint._out.pop(self.sid, None)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Abandon the stream: the receiver learns it is incomplete."""
+        if self._error is None:
+            self.endpoint._send(codec.Cancel(src=self.endpoint.addr, dst=self.dst, sid=self.sid, reason=reason))
+        self._fail(StreamCancelled(f"stream {self.sid} to {self.dst} cancelled: {reason}"))
+
+    def _grant(self, nbytes: int) -> None:
+        self.limit += nbytes
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+        if not self._acked.done():
+            self._acked.set_exception(error)
+            self._acked.exception()  # mark retrieved: close() may never be called
+        self.endpoint._out.pop(self.sid, None)
+
+    def _ack(self, total: int) -> None:
+        if total != self.sent and not self._acked.done():
+            self._fail(StreamError(f"stream {self.sid} to {self.dst}: receiver took {total} of {self.sent} bytes"))
+        elif not self._acked.done():
+            self._acked.set_result(total)
+
+
+class InStream:
+    """The receiving end of a stream; reading grants the sender more credit."""
+
+    def __init__(self, endpoint: Endpoint, src: str, sid: int, window: int) -> None:
+        self.endpoint = endpoint
+        self.src = src
+        self.sid = sid
+        self.received = 0  # payload bytes taken by the reader
+        self._consumed = 0  # credit units taken by the reader
+        self._granted = 0  # of those, how many were already granted back
+        self._grant_step = max(1, window // CREDIT_GRANT_FRACTION)
+        self._queue = _Waitable(endpoint._loop)
+        self._eof = False
+
+    @property
+    def node(self) -> str:
+        return codec.split_addr(self.src)[0]
+
+    async def read(self, timeout: float | None = None) -> Message | None:
+        """The next data message, or None at the end of the stream.
+
+        Raises:
+            StreamCancelled: the sender cancelled the stream.
+            PeerLost: the sender's node was lost.
+        """
+        if self._eof and not self._queue:
+            return None
+        msg = await self._queue.get(timeout)
+        if msg.KIND == "EOF":
+            self._eof = True
+            self.endpoint._in.pop((self.src, self.sid), None)
+            if msg.total != self.received:
+                raise StreamError(
+                    f"stream {self.sid} from {self.src}: EOF says {msg.total} bytes, {self.received} arrived"
+                )
+            self.endpoint._send(codec.EofAck(src=self.endpoint.addr, dst=self.src, sid=self.sid, total=msg.total))
+            return None
+        nbytes = msg.payload_bytes
+        self.received += nbytes
+        self._consumed += nbytes + codec.MESSAGE_CREDIT_BYTES
+        if self._consumed - self._granted >= self._grant_step:
+            grant = self._consumed - self._granted
+            self._granted = self._consumed
+            self.endpoint._send(codec.Credit(src=self.endpoint.addr, dst=self.src, sid=self.sid, bytes=grant))
+        return msg
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Message]:
+        while (msg := await self.read()) is not None:
+            yield msg
+
+    def cancel(self, reason: str = "reader closed") -> None:
+        """Tell the sender to stop (as a closed pipe does) and drop what is queued."""
+        if not self._eof:
+            self.endpoint._send(codec.Cancel(src=self.endpoint.addr, dst=self.src, sid=self.sid, reason=reason))
+        self._eof = True
+        self._queue = _Waitable(self.endpoint._loop)
+        self.endpoint._in.pop((self.src, self.sid), None)
+
+    def _fail(self, error: BaseException) -> None:
+        self._queue.fail(error)
+        self.endpoint._in.pop((self.src, self.sid), None)
+
+
+def _readdress(msg: Message, src: str, dst: str, sid: int, seq: int) -> Message:
+    return dataclasses.replace(msg, src=src, dst=dst, sid=sid, seq=seq)
+
+
+class Endpoint:
+    """A named party ``node/name`` on the bus.
+
+    Args:
+        addr: this endpoint's full address.
+        transport: how messages whose ``src`` is filled in leave this endpoint.
+        window: the stream credit this endpoint grants each incoming stream.
+    """
+
+    def __init__(
+        self,
+        addr: str,
+        transport: Transport,
+        *,
+        window: int = codec.INITIAL_CREDIT_BYTES,
+        on_close: Callable[[Endpoint], None] | None = None,
+    ) -> None:
+        self.addr = addr
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._inbox = _Waitable(self._loop)
+        self._accepts = _Waitable(self._loop)
+        self._window = window
+        self._out: dict[int, OutStream] = {}
+        self._in: dict[tuple[str, int], InStream] = {}
+        self._requests: dict[int, tuple[str, asyncio.Future[codec.Reply]]] = {}
+        self._ids = itertools.count(1)
+        self._on_close = on_close
+        self._closed = False
+        self.link_listeners: list[Callable[[codec.Link], None]] = []
+
+    @property
+    def node(self) -> str:
+        return codec.split_addr(self.addr)[0]
+
+    def _send(self, msg: Message) -> None:
+        if self._closed:
+            raise BusError(f"endpoint {self.addr} is closed")
+        self._transport.send(msg)
+
+    def _send_frames(self, dst: str, frames: list[Any]) -> None:
+        if self._closed:
+            raise BusError(f"endpoint {self.addr} is closed")
+        self._transport.send_frames(dst, frames)
+
+    # -- plain messages ----------------------------------------------------------------------
+
+    def send(self, msg: Message) -> None:
+        """Send one message; ``src`` is set to this endpoint. Errors come back as messages."""
+        if msg.src != self.addr:
+            msg = _readdress(msg, self.addr, msg.dst, msg.sid, msg.seq)
+        self._send(msg)
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        """The next message that is not part of a stream, a reply or flow control."""
+        msg: Message = await self._inbox.get(timeout)
+        return msg
+
+    # -- request / reply ---------------------------------------------------------------------
+
+    async def request(
+        self,
+        dst: str,
+        method: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float = REQUEST_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        """Send a REQUEST and return the body of its successful REPLY.
+
+        Raises:
+            RequestTimeout: no reply within ``timeout``.
+            NoRoute, PeerLost: the request could not reach ``dst``.
+            BusError: the other side replied with an error.
+        """
+        rid = next(self._ids)
+        future: asyncio.Future[codec.Reply] = self._loop.create_future()
+        self._requests[rid] = (dst, future)
+        try:
+            self._send(codec.Request(src=self.addr, dst=dst, seq=rid, method=method, body=body or {}))
+            try:
+                reply = await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                raise RequestTimeout(f"{method} to {dst}: no reply within {timeout:g} s") from None
+        finally:
+            self._requests.pop(rid, None)
+        if not reply.ok:
+            raise BusError(f"{method} at {dst} failed: {reply.error}")
+        return reply.body
+
+    def reply(self, request: codec.Request, body: dict[str, Any] | None = None, *, error: str = "") -> None:
+        """Answer ``request``: with ``body``, or as a failure when ``error`` is given."""
+        self._send(
+            codec.Reply(src=self.addr, dst=request.src, seq=request.seq, ok=not error, body=body or {}, error=error)
+        )
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def open_stream(self, dst: str) -> OutStream:
+        """Start a stream to ``dst``; nothing is sent until the first data."""
+        sid = next(self._ids)
+        stream = OutStream(self, dst, sid, codec.INITIAL_CREDIT_BYTES)
+        self._out[sid] = stream
+        return stream
+
+    async def accept(self, timeout: float | None = None) -> InStream:
+        """The next stream another endpoint opened towards this one."""
+        stream: InStream = await self._accepts.get(timeout)
+        return stream
+
+    def expect(self, src: str, sid: int) -> InStream:
+        """Claim stream ``sid`` from ``src`` before it arrives (it will not go to ``accept``)."""
+        stream = self._in.get((src, sid))
+        if stream is None:
+            stream = self._in[(src, sid)] = InStream(self, src, sid, self._window)
+        return stream
+
+    # -- delivery from the transport -----------------------------------------------------------
+
+    def _deliver(self, msg: Message) -> None:
+        if msg.sid:
+            if msg.KIND in codec.DATA_KINDS or isinstance(msg, codec.Eof):
+                self._to_in_stream(msg)
+                return
+            if isinstance(msg, codec.Credit):
+                out = self._out.get(msg.sid)
+                if out is not None and out.dst == msg.src:
+                    out._grant(msg.bytes)
+                return
+            if isinstance(msg, codec.EofAck):
+                out = self._out.get(msg.sid)
+                if out is not None and out.dst == msg.src:
+                    out._ack(msg.total)
+                return
+            if isinstance(msg, codec.Cancel):
+                self._on_cancel(msg)
+                return
+        if isinstance(msg, codec.Reply):
+            pending = self._requests.get(msg.seq)
+            if pending is not None and pending[0] == msg.src and not pending[1].done():
+                pending[1].set_result(msg)
+        elif isinstance(msg, codec.Error):
+            self._on_error(msg)
+        elif isinstance(msg, codec.Link):
+            self._on_link(msg)
+        else:
+            self._inbox.put(msg)
+
+    def _to_in_stream(self, msg: Message) -> None:
+        key = (msg.src, msg.sid)
+        stream = self._in.get(key)
+        if stream is None:
+            if isinstance(msg, codec.Eof) and msg.total:
+                return  # the end of a stream we already gave up on
+            stream = self._in[key] = InStream(self, msg.src, msg.sid, self._window)
+            self._accepts.put(stream)
+        stream._queue.put(msg)
+
+    def _on_cancel(self, msg: codec.Cancel) -> None:
+        out = self._out.get(msg.sid)
+        if out is not None and out.dst == msg.src:
+            out._fail(StreamCancelled(f"stream {msg.sid} to {msg.src} cancelled: {msg.reason}"))
+            return
+        ins = self._in.get((msg.src, msg.sid))
+        if ins is not None:
+            ins._fail(StreamCancelled(f"stream {msg.sid} from {msg.src} cancelled: {msg.reason}"))
+
+    def _on_error(self, msg: codec.Error) -> None:
+        error = _error_for(msg)
+        if msg.sid:
+            out = self._out.get(msg.sid)
+            if out is not None and out.dst == msg.to:
+                out._fail(error)
+                return
+            ins = self._in.get((msg.to, msg.sid))
+            if ins is not None:
+                ins._fail(error)
+                return
+        pending = self._requests.get(msg.seq)
+        if pending is not None and pending[0] == msg.to and not pending[1].done():
+            pending[1].set_exception(error)
+            return
+        self._inbox.put(msg)
+
+    def _on_link(self, msg: codec.Link) -> None:
+        for listener in self.link_listeners:
+            listener(msg)
+        if msg.up:
+            return
+        error = PeerLost(f"node {msg.node!r} lost: {msg.reason}")
+        for out in list(self._out.values()):
+            if out.node == msg.node:
+                out._fail(error)
+        for ins in list(self._in.values()):
+            if ins.node == msg.node:
+                ins._fail(error)
+        for dst, future in list(self._requests.values()):
+            if codec.split_addr(dst)[0] == msg.node and not future.done():
+                future.set_exception(error)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every stream, request and reader of this endpoint (its transport is gone)."""
+        for out in list(self._out.values()):
+            out._fail(error)
+        for ins in list(self._in.values()):
+            ins._fail(error)
+        for _dst, future in list(self._requests.values()):
+            if not future.done():
+                future.set_exception(error)
+        self._inbox.fail(error)
+        self._accepts.fail(error)
+
+    def close(self) -> None:
+        """Detach from the bus; pending operations fail. Idempotent."""
+        if self._closed:
+            return
+        self.fail_all(BusError(f"endpoint {self.addr} closed"))
+        self._closed = True
+        if self._on_close is not None:
+            self._on_close(self)
+
+
+def data_frames(msgs: Sequence[Message]) -> list[Any]:
+    """Every payload frame of ``msgs``, in order (for tests and tools)."""
+    return [frame for msg in msgs for frame in getattr(msg, "frames", ())]

@@ -1,0 +1,43 @@
+"""The dpipes error tree: one root, a short flat tree, leaves that also inherit the stdlib type."""
+
+from __future__ import annotations
+
+
+class DpipesError(Exception):
+    """Root of every error dpipes raises on purpose."""
+
+
+class BusError(DpipesError):
+    """Something went wrong on the bus: a link, a route, a stream."""
+
+
+class DecodeError(BusError, ValueError):
+    """A message off the wire is malformed or exceeds a limit; it is dropped and counted."""
+
+
+class ProtocolMismatch(BusError):
+    """A peer speaks another protocol version, or refused our HELLO."""
+
+
+class NoRoute(BusError, ConnectionError):
+    """No hub knows the destination node or endpoint."""
+
+
+class PeerLost(BusError, ConnectionError):
+    """A peer hub stopped answering heartbeats, or said BYE, while something depended on it."""
+
+
+class RequestTimeout(BusError, TimeoutError):
+    """A request got no reply within its timeout."""
+
+
+class StreamError(BusError):
+    """A stream was reset, cancelled, or failed on the far side."""
+
+
+class ConfigError(DpipesError, ValueError):
+    """A configuration file, key or command-line value is wrong; the message names it."""
+
+
+class StageError(DpipesError):
+    """A pipeline stage could not be placed, negotiated or started."""

@@ -1,0 +1,789 @@
+"""The Hub: one node's sockets, links to peer hubs, routing, heartbeats and the tap mirror.
+
+Sockets (all created from the one ``zmq.Context`` the hub owns, all closed in ``aclose``):
+
+* a ROUTER bound on TCP (for peer hubs and remote clients) and on ``ipc://`` (local clients);
+* one outbound DEALER per peer hub (a *link*), as in Zyre: a hub always sends to a peer through
+  its own DEALER, so a full peer blocks that link only, and ZeroMQ never drops on it;
+* an XPUB tap mirror that publishes one small event per routed message while, and only while,
+  someone is subscribed.
+
+Routing is direct: ``node/endpoint`` is delivered locally when ``node`` is this hub, sent on the
+link to ``node`` otherwise; a message for a node we have no link to, or for an endpoint that does
+not exist, comes back to its sender as an ``ERROR``. A hub never relays between two other nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import functools
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import zmq
+
+from dpipes.bus import codec
+from dpipes.bus.codec import Message
+from dpipes.bus.endpoint import Endpoint
+from dpipes.bus.errors import BusError, DecodeError, ProtocolMismatch, RequestTimeout
+from dpipes.bus.pump import Pump, send_frames
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 0.5  # how often every link and every client says it is alive
+PEER_TIMEOUT_S = 3.0  # silence after which a peer hub is lost: six missed heartbeats
+CLIENT_TIMEOUT_S = 6.0  # silence after which an attached client is forgotten
+CLOSE_DRAIN_S = 2.0  # bounded wait for queued messages at shutdown before dropping them
+CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full, then dropped
+BYE_LINGER_MS = 200  # at close, let a BYE already queued reach its peer, briefly
+ROUTER_HWM = 100_000  # per-peer queue in messages; credits keep streams far below it
+MAX_FRAME_BYTES = codec.MAX_PAYLOAD_FRAME_BYTES + 1024  # libzmq drops a peer sending more
+
+
+def _set_common(sock: zmq.Socket[Any]) -> None:
+    sock.setsockopt(zmq.LINGER, 0)  # nothing may block shutdown; ends of streams are acknowledged
+    sock.setsockopt(zmq.SNDHWM, ROUTER_HWM)  # a safety net only: credit bounds stream data
+    sock.setsockopt(zmq.RCVHWM, ROUTER_HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a frame over the limit never gets allocated
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)  # let the kernel notice dead TCP peers too
+
+
+@dataclasses.dataclass
+class PeerStats:
+    """What a hub counts about one peer (hub link or client)."""
+
+    received: int = 0
+    dropped: int = 0
+    last_error: str = ""
+
+
+@dataclasses.dataclass
+class _Link:
+    """Our outbound DEALER to one peer hub, and what we know of that peer."""
+
+    endpoint: str
+    pump: Pump
+    static: bool  # configured by the user: keep retrying forever
+    node: str = ""
+    instance: str = ""
+    up: bool = False
+    last_heard: float = 0.0
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    endpoints: dict[str, Any] = dataclasses.field(default_factory=dict)
+    refused: str = ""
+    waiters: list[asyncio.Future[str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Client:
+    """A party attached to our ROUTER: a local or remote client endpoint."""
+
+    ident: bytes
+    addr: str
+    last_heard: float
+    backlog: collections.deque[list[Any]] = dataclasses.field(default_factory=collections.deque)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerInfo:
+    """A linked peer hub as ``Hub.peers`` shows it."""
+
+    node: str
+    instance: str
+    endpoint: str
+    up: bool
+    last_heard_s: float
+    info: dict[str, Any]
+
+
+class Hub:
+    """One node of the bus.
+
+    Args:
+        node: this node's name, unique on the bus.
+        tcp: where the ROUTER listens for peers and remote clients (port 0: any free port), or
+            None for no TCP.
+        ipc: the ``ipc://`` path for local parties; None makes one in a private temp directory.
+        tap: where the tap XPUB listens; None: an ``ipc://`` path beside ``ipc``.
+        advertise: the host to tell peers, when ``tcp`` binds a wildcard address.
+        info: what this node tells peers about itself in HELLO (programs, version, ...).
+    """
+
+    def __init__(
+        self,
+        node: str,
+        *,
+        tcp: str | None = "tcp://127.0.0.1:0",
+        ipc: str | None = None,
+        tap: str | None = None,
+        advertise: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        if not node or "/" in node or len(node) > 255:
+            raise ValueError(f"invalid node name {node!r}: use 1-255 characters without '/'")
+        self.node = node
+        self.instance = uuid.uuid4().hex
+        self.info = dict(info or {})
+        self._want_tcp = tcp
+        self._want_ipc = ipc
+        self._want_tap = tap
+        self._advertise = advertise
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self._ctx: zmq.Context[Any] | None = None
+        self._router: Pump | None = None
+        self._tap: Pump | None = None
+        self._tap_topics: set[bytes] = set()
+        self.tcp_endpoint = ""
+        self.ipc_endpoint = ""
+        self.tap_endpoint = ""
+        self._links: dict[str, _Link] = {}  # by endpoint we connect to
+        self._by_node: dict[str, _Link] = {}  # up links by node name
+        self._peer_idents: dict[bytes, str] = {}  # a peer hub's DEALER identity -> its node name
+        self._clients: dict[bytes, _Client] = {}
+        self._local: dict[str, Endpoint | _Client] = {}  # endpoint name -> party
+        self.stats: dict[str, PeerStats] = collections.defaultdict(PeerStats)
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._client_ids = 0
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.link_listeners: list[Callable[[str, bool, str], None]] = []
+        self._transport = _InProcess(self)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Hub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Bind every socket and start heartbeats; returns when the hub accepts connections."""
+        self._loop = asyncio.get_running_loop()
+        self._ctx = zmq.Context()
+        router = self._ctx.socket(zmq.ROUTER)
+        _set_common(router)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client with its old id takes over
+        try:
+            if self._want_tcp:
+                router.bind(self._want_tcp)
+                self.tcp_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+            ipc = self._want_ipc
+            if ipc is None:
+                self._tmpdir = tempfile.TemporaryDirectory(prefix="dpipes-hub-")
+                ipc = f"ipc://{self._tmpdir.name}/bus.sock"
+            router.bind(ipc)
+            self.ipc_endpoint = ipc
+            tap_sock = self._ctx.socket(zmq.XPUB)
+            tap_sock.setsockopt(zmq.LINGER, 0)
+            tap_sock.setsockopt(zmq.SNDHWM, 10_000)  # a slow tap loses events, never slows the bus
+            tap = self._want_tap or ipc.rsplit(".sock", 1)[0] + "-tap.sock"
+            tap_sock.bind(tap)
+            self.tap_endpoint = tap_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError as exc:
+            router.close(0)
+            self._ctx.term()
+            raise BusError(f"node {self.node}: cannot listen: {exc}") from exc
+        self._router = Pump(router, self._on_router)
+        self._tap = Pump(tap_sock, self._on_tap_subscription)
+        self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"hub {self.node} heartbeats")
+        log.info("node %s listening on %s %s (tap %s)", self.node, self.tcp_endpoint, self.ipc_endpoint, tap)
+
+    async def aclose(self) -> None:
+        """Say BYE to peers, drain queued messages under a bound, close every socket. Idempotent."""
+        if self._closed or self._ctx is None:
+            return
+        self._closed = True
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            try:
+                await self._heartbeat_task
+            except asyncio.CancelledError:
+                pass
+        for link in self._links.values():
+            if link.up:
+                self._link_send(link, codec.Bye(src=f"{self.node}/", dst=f"{link.node}/", reason="node stopping"))
+        try:
+            await asyncio.wait_for(self._drain_all(), CLOSE_DRAIN_S)
+        except TimeoutError:
+            log.warning("node %s: closing with undelivered messages after %.1f s", self.node, CLOSE_DRAIN_S)
+        error = BusError(f"node {self.node} closed")
+        for party in list(self._local.values()):
+            if isinstance(party, Endpoint):
+                party.fail_all(error)
+        for link in self._links.values():
+            for waiter in link.waiters:
+                if not waiter.done():
+                    waiter.set_exception(error)
+            link.pump.close(linger_ms=BYE_LINGER_MS)
+        if self._tap is not None:
+            self._tap.close()
+        if self._router is not None:
+            self._router.close()
+        self._ctx.term()
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+
+    async def _drain_all(self) -> None:
+        for link in list(self._links.values()):
+            await link.pump.drained()
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    def endpoint(self, name: str, *, window: int = codec.INITIAL_CREDIT_BYTES) -> Endpoint:
+        """An in-process endpoint ``node/name`` on this hub."""
+        if not name or "/" in name:
+            raise ValueError(f"invalid endpoint name {name!r}")
+        if name in self._local:
+            raise BusError(f"endpoint {self.node}/{name} already exists")
+        ep = Endpoint(f"{self.node}/{name}", self._transport, window=window, on_close=self._forget)
+        self._local[name] = ep
+        return ep
+
+    def _forget(self, ep: Endpoint) -> None:
+        name = codec.split_addr(ep.addr)[1]
+        if self._local.get(name) is ep:
+            del self._local[name]
+
+    # -- peers ---------------------------------------------------------------------------------
+
+    @property
+    def peers(self) -> dict[str, PeerInfo]:
+        """Every peer hub currently linked, by node name."""
+        now = time.monotonic()
+        return {
+            link.node: PeerInfo(link.node, link.instance, link.endpoint, link.up, now - link.last_heard, link.info)
+            for link in self._by_node.values()
+        }
+
+    def add_peer(self, endpoint: str) -> None:
+        """Link to the hub at ``endpoint`` (``tcp://host:port``) and keep retrying while it is away."""
+        self._ensure_link(endpoint, static=True)
+
+    async def connect_peer(self, endpoint: str, *, timeout: float = 10.0) -> str:
+        """Link to the hub at ``endpoint`` and return its node name once the link is up.
+
+        Raises:
+            ProtocolMismatch: the peer refused our HELLO (another protocol version, a name clash).
+            RequestTimeout: the peer did not answer within ``timeout``.
+        """
+        link = self._ensure_link(endpoint, static=True)
+        if link.up:
+            return link.node
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        link.waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"node {self.node}: no answer from {endpoint} within {timeout:g} s") from None
+
+    def _ensure_link(self, endpoint: str, *, static: bool) -> _Link:
+        link = self._links.get(endpoint)
+        if link is not None:
+            link.static = link.static or static
+            if link.refused:
+                link.refused = ""
+                self._hello(link)
+            return link
+        assert self._ctx is not None, "hub not started"
+        sock = self._ctx.socket(zmq.DEALER)
+        _set_common(sock)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: a HELLO to a dead peer fails fast
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)  # a restarted peer is back within a heartbeat
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.ROUTING_ID, b"hub:" + self.instance.encode() + b":" + os.urandom(4).hex().encode())
+        sock.connect(endpoint)
+        link = _Link(endpoint=endpoint, pump=Pump(sock, lambda frames: None), static=static)
+        link.pump.on_message = functools.partial(self._on_link_reply, link)
+        self._links[endpoint] = link
+        self._hello(link)
+        return link
+
+    def _hello(self, link: _Link) -> None:
+        endpoints = {"bus": self._advertised_tcp(), "tap": self.tap_endpoint}
+        self._link_send(
+            link,
+            codec.Hello(
+                src=f"{self.node}/", dst="", node=self.node, instance=self.instance, endpoints=endpoints, info=self.info
+            ),
+        )
+
+    def _advertised_tcp(self) -> str:
+        host_port = self.tcp_endpoint.removeprefix("tcp://")
+        host, _, port = host_port.rpartition(":")
+        if self._advertise:
+            return f"tcp://{self._advertise}:{port}"
+        return self.tcp_endpoint if host not in ("0.0.0.0", "*", "[::]") else f"tcp://*:{port}"
+
+    def _link_send(self, link: _Link, msg: Message) -> None:
+        try:
+            link.pump.send(codec.encode(msg))
+        except zmq.ZMQError as exc:
+            log.debug("node %s: send to %s failed: %s", self.node, link.endpoint, exc)
+
+    def _on_link_reply(self, link: _Link, frames: list[Any]) -> None:
+        """Messages on our DEALER: the peer's answers to HELLO, or its errors."""
+        try:
+            msg = codec.decode([f.buffer for f in frames])
+        except codec.VersionMismatch as exc:
+            reason = exc.header.get("reason") if isinstance(exc.header.get("reason"), str) else ""
+            self._refused(
+                link,
+                f"it speaks protocol version {exc.version!r}, we speak {codec.PROTOCOL_VERSION}"
+                + (f" ({reason})" if reason else ""),
+            )
+            return
+        except DecodeError as exc:
+            self._count_bad(link.node or link.endpoint, exc)
+            return
+        if isinstance(msg, codec.Welcome):
+            self._link_up(link, msg)
+        elif isinstance(msg, codec.Bye):
+            if link.up:
+                self._link_down(link, f"said goodbye: {msg.reason}")
+            else:
+                self._refused(link, msg.reason)
+        elif isinstance(msg, codec.Error) and msg.code == "not-linked":
+            if link.up:
+                self._link_down(link, "it no longer knows this link (restarted, or it had declared us lost)")
+            self._hello(link)
+
+    def _refused(self, link: _Link, reason: str) -> None:
+        link.refused = reason
+        log.error("node %s: peer at %s refused the link: %s", self.node, link.endpoint, reason)
+        error = ProtocolMismatch(f"node {self.node}: peer at {link.endpoint} refused the link: {reason}")
+        for waiter in link.waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        link.waiters.clear()
+
+    def _link_up(self, link: _Link, welcome: codec.Welcome) -> None:
+        loop_now = time.monotonic()
+        existing = self._by_node.get(welcome.node)
+        if existing is not None and existing is not link:
+            if existing.instance == welcome.instance and existing.up:
+                # Two addresses of one peer (127.0.0.1 and localhost, say): keep the first.
+                self._drop_link(link)
+                for waiter in link.waiters:
+                    if not waiter.done():
+                        waiter.set_result(welcome.node)
+                return
+            self._link_down(existing, "restarted as a new instance")
+            self._drop_link(existing)
+        was_up = link.up and link.instance == welcome.instance
+        link.node, link.instance, link.up, link.last_heard = welcome.node, welcome.instance, True, loop_now
+        self._by_node[welcome.node] = link
+        for waiter in link.waiters:
+            if not waiter.done():
+                waiter.set_result(welcome.node)
+        link.waiters.clear()
+        if not was_up:
+            log.info("node %s: link to %s (%s) up", self.node, welcome.node, link.endpoint)
+            self._announce_link(welcome.node, True, "linked")
+
+    def _link_down(self, link: _Link, reason: str) -> None:
+        if not link.up:
+            return
+        link.up = False
+        if self._by_node.get(link.node) is link:
+            del self._by_node[link.node]
+        for ident, node in list(self._peer_idents.items()):
+            if node == link.node:
+                del self._peer_idents[ident]
+        orderly = reason.startswith("said goodbye")
+        (log.info if orderly else log.warning)(
+            "node %s: peer %s %s: %s", self.node, link.node, "left" if orderly else "lost", reason
+        )
+        self._announce_link(link.node, False, reason)
+        if not link.static:
+            self._drop_link(link)
+
+    def _drop_link(self, link: _Link) -> None:
+        if self._links.get(link.endpoint) is link:
+            del self._links[link.endpoint]
+        if self._by_node.get(link.node) is link:
+            del self._by_node[link.node]
+        link.pump.close()
+
+    def _announce_link(self, node: str, up: bool, reason: str) -> None:
+        for listener in self.link_listeners:
+            listener(node, up, reason)
+        for name, party in list(self._local.items()):
+            msg = codec.Link(src=f"{self.node}/", dst=f"{self.node}/{name}", node=node, up=up, reason=reason)
+            if isinstance(party, Endpoint):
+                party._deliver(msg)
+            else:
+                self._to_client(party, codec.encode(msg))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            # A busy loop may not have read the peers' pings yet: read what is waiting first, so
+            # that only real silence counts.
+            assert self._router is not None
+            self._router.poll_now()
+            now = time.monotonic()
+            for link in list(self._links.values()):
+                if link.up:
+                    if now - link.last_heard > PEER_TIMEOUT_S:
+                        self._link_down(link, f"no heartbeat for {now - link.last_heard:.1f} s")
+                        if link.static:
+                            self._hello(link)
+                    else:
+                        self._link_send(link, codec.Ping(src=f"{self.node}/", dst=f"{link.node}/"))
+                elif not link.refused:
+                    self._hello(link)
+            for client in list(self._clients.values()):
+                if now - client.last_heard > CLIENT_TIMEOUT_S:
+                    log.info(
+                        "node %s: client %s silent for %.1f s, forgotten",
+                        self.node,
+                        client.addr,
+                        now - client.last_heard,
+                    )
+                    self._detach(client)
+                elif client.backlog:
+                    self._flush_client(client)
+
+    # -- the ROUTER: everything peers and clients send us ----------------------------------------
+
+    def _count_bad(self, who: str, exc: Exception) -> None:
+        stats = self.stats[who]
+        stats.dropped += 1
+        stats.last_error = str(exc)
+        if stats.dropped == 1:
+            log.warning("node %s: dropped a malformed message from %s: %s", self.node, who, exc)
+        else:
+            log.debug("node %s: dropped malformed message #%d from %s: %s", self.node, stats.dropped, who, exc)
+
+    def _on_router(self, frames: list[Any]) -> None:
+        ident = frames[0].bytes
+        if len(frames) < 2:
+            self._count_bad(self._who(ident), DecodeError("message with no header frame"))
+            return
+        try:
+            header = codec.decode_header(frames[1])
+            if len(frames) > codec.MAX_FRAMES + 1:
+                raise DecodeError(f"message has {len(frames) - 1} frames (limit {codec.MAX_FRAMES})")
+        except codec.VersionMismatch as exc:
+            self._refuse_version(ident, exc)
+            return
+        except DecodeError as exc:
+            self._count_bad(self._who(ident), exc)
+            return
+        kind = header["kind"]
+        node = self._peer_idents.get(ident)
+        if node is not None:
+            link = self._by_node.get(node)
+            if link is not None:
+                link.last_heard = time.monotonic()
+            if kind == "PING":
+                return
+            if kind == "BYE":
+                if link is not None:
+                    self._link_down(link, f"said goodbye: {header.get('reason', '')!s:.200}")
+                return
+            if kind == "HELLO":
+                self._on_hello(ident, frames)
+                return
+            if codec.split_addr(header["src"])[0] != node:
+                self._count_bad(node, DecodeError(f"source {header['src']!r} is not on node {node!r}"))
+                return
+            if codec.split_addr(header["dst"])[0] != self.node:
+                self._count_bad(node, DecodeError(f"destination {header['dst']!r} is not on this node: no relaying"))
+                return
+            self._route(header, frames, 1)
+            return
+        client = self._clients.get(ident)
+        if client is not None:
+            client.last_heard = time.monotonic()
+            if kind == "PING":
+                self._to_client(client, codec.encode(codec.Pong(src=f"{self.node}/", dst=client.addr)))
+                return
+            if kind == "BYE":
+                self._detach(client)
+                return
+            if header["src"] != client.addr:
+                self._count_bad(client.addr, DecodeError(f"source {header['src']!r} is not {client.addr!r}"))
+                return
+            self._route(header, frames, 1)
+            return
+        if kind == "HELLO":
+            self._on_hello(ident, frames)
+        elif kind == "ATTACH":
+            self._on_attach(ident, frames)
+        elif kind not in ("BYE", "ERROR"):
+            self._router_send(
+                ident,
+                codec.encode(
+                    codec.Error(
+                        src=f"{self.node}/",
+                        dst=header["src"],
+                        code="not-linked",
+                        node=self.node,
+                        message=f"node {self.node} does not know this link; say HELLO first",
+                    )
+                ),
+            )
+
+    def _who(self, ident: bytes) -> str:
+        if ident in self._peer_idents:
+            return self._peer_idents[ident]
+        client = self._clients.get(ident)
+        return client.addr if client is not None else f"unlinked peer {ident[:24]!r}"
+
+    def _router_send(self, ident: bytes, frames: list[Any]) -> bool:
+        assert self._router is not None
+        try:
+            send_frames(self._router.sock, [ident, *frames])
+            self._router.after_send()
+            return True
+        except zmq.ZMQError as exc:  # EAGAIN: pipe full; EHOSTUNREACH: gone
+            log.debug("node %s: cannot answer %r: %s", self.node, ident[:24], exc)
+            return False
+
+    def _refuse_version(self, ident: bytes, exc: codec.VersionMismatch) -> None:
+        node = exc.header.get("node", "?")
+        reason = f"node {self.node} speaks protocol version {codec.PROTOCOL_VERSION}, not {exc.version!r}"
+        self._count_bad(f"peer {node!s:.64}", exc)
+        if exc.header.get("kind") in ("HELLO", "ATTACH"):
+            log.error(
+                "node %s: refused a link from %s: it speaks protocol version %r, we speak %d",
+                self.node,
+                node,
+                exc.version,
+                codec.PROTOCOL_VERSION,
+            )
+            self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))
+
+    def _on_hello(self, ident: bytes, frames: list[Any]) -> None:
+        try:
+            hello = codec.decode([f.buffer for f in frames[1:]])
+        except DecodeError as exc:
+            self._count_bad(f"unlinked peer {ident[:24]!r}", exc)
+            return
+        assert isinstance(hello, codec.Hello)
+        if hello.node == self.node:
+            reason = f"node name {hello.node!r} is this node's own name: give every node a unique name"
+            log.error("node %s: refused a link from instance %s: %s", self.node, hello.instance[:8], reason)
+            self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))
+            return
+        self._peer_idents[ident] = hello.node
+        self._router_send(
+            ident,
+            codec.encode(
+                codec.Welcome(src=f"{self.node}/", dst=f"{hello.node}/", node=self.node, instance=self.instance)
+            ),
+        )
+        link = self._by_node.get(hello.node)
+        if link is not None and link.instance == hello.instance:
+            link.info, link.endpoints = hello.info, hello.endpoints
+            return
+        if link is not None:
+            self._link_down(link, "restarted as a new instance")
+        bus = hello.endpoints.get("bus")
+        if not isinstance(bus, str) or not bus.startswith("tcp://"):
+            return  # a peer without TCP can reach us but we cannot reach it
+        if bus.startswith("tcp://*:"):
+            peer_addr = frames[1].get("Peer-Address")
+            bus = f"tcp://{peer_addr}:{bus.rsplit(':', 1)[1]}"
+        new = self._ensure_link(bus, static=False)
+        new.info, new.endpoints = hello.info, hello.endpoints
+
+    def _on_attach(self, ident: bytes, frames: list[Any]) -> None:
+        try:
+            attach = codec.decode([f.buffer for f in frames[1:]])
+        except DecodeError as exc:
+            self._count_bad(f"unattached client {ident[:24]!r}", exc)
+            return
+        assert isinstance(attach, codec.Attach)
+        name = attach.name
+        if not name:
+            self._client_ids += 1
+            name = f"client-{self._client_ids}-{os.urandom(3).hex()}"
+        if "/" in name or name in self._local:
+            self._router_send(
+                ident,
+                codec.encode(
+                    codec.Error(
+                        src=f"{self.node}/",
+                        dst=attach.src,
+                        code="refused",
+                        node=self.node,
+                        message=f"endpoint name {name!r} is taken or invalid on node {self.node}",
+                    )
+                ),
+            )
+            return
+        client = _Client(ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic())
+        self._clients[ident] = client
+        self._local[name] = client
+        self._router_send(ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr)))
+
+    def _detach(self, client: _Client) -> None:
+        self._clients.pop(client.ident, None)
+        name = codec.split_addr(client.addr)[1]
+        if self._local.get(name) is client:
+            del self._local[name]
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def _route(self, header: dict[str, Any], frames: list[Any], start: int) -> None:
+        """Deliver a decoded-header message whose frames are ``frames[start:]``."""
+        node, name = codec.split_addr(header["dst"])
+        if self._tap_topics:
+            self._publish_tap(header, frames[start + 1 :])
+        if node == self.node:
+            party = self._local.get(name)
+            if party is None:
+                self._bounce(header, "no-endpoint", f"no endpoint {name!r} on node {self.node}")
+            elif isinstance(party, Endpoint):
+                try:
+                    msg = codec.from_header(header, [f.buffer for f in frames[start + 1 :]])
+                except DecodeError as exc:
+                    self._count_bad(header["src"], exc)
+                    return
+                party._deliver(msg)
+            else:
+                self._to_client(party, frames[start:])
+            return
+        link = self._by_node.get(node)
+        if link is None:
+            self._bounce(header, "no-route", f"node {self.node} has no link to node {node!r}")
+            return
+        link.pump.send(frames[start:])
+
+    def _send_local(self, msg: Message) -> None:
+        """The transport of in-process endpoints."""
+        node, name = codec.split_addr(msg.dst)
+        if self._tap_topics:
+            self._publish_tap(codec.header_of(msg), getattr(msg, "frames", ()))
+        if node == self.node:
+            party = self._local.get(name)
+            if party is None:
+                self._bounce(codec.header_of(msg), "no-endpoint", f"no endpoint {name!r} on node {self.node}")
+            elif isinstance(party, Endpoint):
+                party._deliver(msg)
+            else:
+                self._to_client(party, codec.encode(msg))
+            return
+        link = self._by_node.get(node)
+        if link is None:
+            self._bounce(codec.header_of(msg), "no-route", f"node {self.node} has no link to node {node!r}")
+            return
+        link.pump.send(codec.encode(msg))
+
+    def _send_frames_local(self, dst: str, frames: list[Any]) -> None:
+        """The transport of in-process endpoints, for messages they encoded themselves."""
+        node = codec.split_addr(dst)[0]
+        link = self._by_node.get(node)
+        if link is not None and not self._tap_topics:
+            link.pump.send(frames)  # the hot path: straight onto the link
+            return
+        try:
+            msg = codec.decode(frames)
+        except DecodeError as exc:  # our own endpoint made it: a bug, not hostile input
+            raise BusError(f"node {self.node}: an endpoint encoded a bad message: {exc}") from exc
+        self._send_local(msg)
+
+    def _bounce(self, header: dict[str, Any], code: str, text: str) -> None:
+        if header["kind"] in ("ERROR", "CREDIT", "EOF_ACK", "LINK", "PONG"):
+            self.stats[header["src"]].dropped += 1
+            log.debug("node %s: dropped undeliverable %s to %s", self.node, header["kind"], header["dst"])
+            return
+        error = codec.Error(
+            src=f"{self.node}/",
+            dst=header["src"],
+            sid=header["sid"],
+            seq=header["seq"],
+            code=code,
+            message=text,
+            node=self.node,
+            to=header["dst"],
+        )
+        src_node = codec.split_addr(header["src"])[0]
+        if src_node == self.node:
+            self._send_local(error)
+        elif (link := self._by_node.get(src_node)) is not None:
+            self._link_send(link, error)
+
+    def _to_client(self, client: _Client, frames: list[Any]) -> None:
+        if client.backlog:
+            if len(client.backlog) >= CLIENT_BACKLOG_MESSAGES:
+                self.stats[client.addr].dropped += 1
+                log.warning("node %s: client %s is not reading; message dropped", self.node, client.addr)
+                return
+            client.backlog.append(frames)
+            return
+        assert self._router is not None
+        try:
+            send_frames(self._router.sock, [client.ident, *frames])
+        except zmq.Again:
+            client.backlog.append(frames)
+            assert self._loop is not None
+            self._loop.call_later(0.002, self._flush_client, client)
+        except zmq.ZMQError:  # EHOSTUNREACH: the client went away without BYE
+            self._detach(client)
+        else:
+            self._router.after_send()
+
+    def _flush_client(self, client: _Client) -> None:
+        assert self._router is not None and self._loop is not None
+        if self._closed or client.ident not in self._clients:
+            return
+        sock = self._router.sock
+        while client.backlog:
+            try:
+                send_frames(sock, [client.ident, *client.backlog[0]])
+            except zmq.Again:
+                self._loop.call_later(0.002, self._flush_client, client)
+                return
+            except zmq.ZMQError:
+                self._detach(client)
+                return
+            client.backlog.popleft()
+        self._router.after_send()
+
+    # -- tap mirror -----------------------------------------------------------------------------
+
+    def _on_tap_subscription(self, frames: list[Any]) -> None:
+        data = frames[0].bytes
+        if data[:1] == b"\x01":
+            self._tap_topics.add(data[1:])
+        elif data[:1] == b"\x00":
+            self._tap_topics.discard(data[1:])
+
+    def _publish_tap(self, header: dict[str, Any], payload: Any) -> None:
+        size = sum(memoryview(f).nbytes for f in payload)
+        event = msgpack.packb(
+            [time.time(), header["kind"], header["src"], header["dst"], header["sid"], header["seq"], size]
+        )
+        assert self._tap is not None
+        try:
+            self._tap.sock.send(event, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the tap is lossy by design
+
+
+class _InProcess:
+    """The transport of a hub's in-process endpoints."""
+
+    __slots__ = ("send", "send_frames")
+
+    def __init__(self, hub: Hub) -> None:
+        self.send = hub._send_local
+        self.send_frames = hub._send_frames_local
+
+
+TAP_FIELDS = ("time", "kind", "src", "dst", "sid", "seq", "bytes")
+"""Names of the fields of a tap event, a msgpack array published on ``Hub.tap_endpoint``."""

@@ -1,0 +1,474 @@
+"""Node configuration: TOML files, then command-line overrides, later winning.
+
+Sources, in order (each may set any key; a later one replaces a value, and merges into tables):
+
+1. The system files ``/etc/dpipesd.conf`` then ``~/.dpipesdrc``, each skipped if missing. This
+   list is replaced by the ``search_paths`` argument of :func:`load_config` or, when that is not
+   given, by the environment variable ``DPIPES_CONFIG_PATHS``: file names separated by ``:``
+   (``os.pathsep``); set but empty means "no system files". Tests and packagers use it.
+2. ``config_file``, the daemon's ``--config FILE``, which must exist.
+3. ``overrides`` from the command line: the same keys, nested mappings or dotted names
+   (``{"limits.max_stages": 8}``); :func:`parse_override` turns ``KEY=VALUE`` text into one.
+
+Keys::
+
+    name = "alpha"                  # node name (default: this host's name)
+    listen = "0.0.0.0:5757"         # HOST:PORT the hub's ROUTER binds; [v6addr]:PORT for IPv6
+    allow = ["sort", "uniq"]        # programs this node runs; absent = any it has
+    metadata_key = "__dpipes"       # root key of per-object metadata in json/yaml mode
+    insecure = false                # serve remote clients without CurveZMQ keys (loudly logged)
+    interfaces = ["eth0"]           # interfaces for discovery and listening; empty = all
+
+    [nodes]                         # static peers, for networks where mDNS does not reach
+    beta = "10.0.0.2:5757"
+
+    [apps.sort]                     # per-program settings
+    version = "9.1"                 # the version negotiation checks constraints against
+    path = "/opt/coreutils/bin/sort"
+
+    [limits]
+    max_stages = 64                 # stages one pipeline may have
+    credit_bytes = 4194304          # per-edge flow-control window
+
+A bad source is a :class:`~dpipes.bus.errors.ConfigError` naming the file (or "command line"), the
+key and the problem: unknown keys (with a did-you-mean), wrong types, bad ``HOST:PORT`` values, and
+invalid TOML (with its line and column).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from dpipes.bus.errors import ConfigError
+from dpipes.nodes.pipeline import check_node_name
+
+__all__ = [
+    "CONFIG_PATHS_ENV",
+    "DEFAULT_PORT",
+    "SYSTEM_CONFIG_PATHS",
+    "AppConfig",
+    "HostPort",
+    "Limits",
+    "NodeConfig",
+    "default_node_name",
+    "load_config",
+    "parse_override",
+]
+
+SYSTEM_CONFIG_PATHS: tuple[str, ...] = ("/etc/dpipesd.conf", "~/.dpipesdrc")
+CONFIG_PATHS_ENV = "DPIPES_CONFIG_PATHS"
+DEFAULT_PORT = 5757
+MIN_CREDIT_BYTES = 64 << 10  # one data chunk: a smaller window could never let a chunk through
+COMMAND_LINE = "command line"
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")  # also matches IPv4
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A ``HOST:PORT`` address; ``str()`` gives it back, with IPv6 hosts in brackets."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, allow_port_zero: bool = False) -> HostPort:
+        """Parse ``HOST:PORT`` or ``[IPV6]:PORT``.
+
+        Raises:
+            ValueError: with what is wrong and an example.
+        """
+        example = "e.g. '0.0.0.0:5757', 'beta.lan:5757' or '[::1]:5757'"
+        if text.startswith("["):
+            host, sep, port_text = text[1:].partition("]:")
+            if not sep:
+                raise ValueError(f"{text!r} is not [IPV6]:PORT ({example})")
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} in {text!r} is not an IPv6 address") from None
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep or not host:
+                raise ValueError(f"{text!r} is not HOST:PORT ({example})")
+            if ":" in host:
+                raise ValueError(f"{text!r}: put an IPv6 address in brackets ({example})")
+            if host != "*" and not _HOSTNAME_RE.fullmatch(host):
+                raise ValueError(f"{host!r} in {text!r} is not a host name or IP address")
+            if host.replace(".", "").isdigit():
+                try:
+                    ipaddress.IPv4Address(host)
+                except ValueError:
+                    raise ValueError(f"{host!r} in {text!r} is not an IPv4 address") from None
+        if not port_text.isascii() or not port_text.isdigit():
+            raise ValueError(f"port {port_text!r} in {text!r} is not a number ({example})")
+        port = int(port_text)
+        low = 0 if allow_port_zero else 1
+        if not low <= port <= 65535:
+            raise ValueError(f"port {port} in {text!r} is out of range {low}-65535")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    """Settings of one program this node offers."""
+
+    version: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-node limits."""
+
+    max_stages: int = 64
+    credit_bytes: int = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """A node's whole configuration. Not hashable (it holds read-only mappings)."""
+
+    name: str
+    listen: HostPort = HostPort("0.0.0.0", DEFAULT_PORT)
+    nodes: Mapping[str, HostPort] = field(default_factory=lambda: MappingProxyType({}))
+    allow: frozenset[str] | None = None
+    """Programs this node may run; None means no allow-list."""
+    apps: Mapping[str, AppConfig] = field(default_factory=lambda: MappingProxyType({}))
+    metadata_key: str = "__dpipes"
+    limits: Limits = Limits()
+    insecure: bool = False
+    interfaces: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+    """The files that were read, in order, then "command line" if there were overrides."""
+
+
+def default_node_name() -> str:
+    """This host's name, made into a valid node name (first DNS label, other characters as '-')."""
+    label = socket.gethostname().split(".", 1)[0]
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", label).lstrip("-_")[:48]
+    return name or "node"
+
+
+# -- validation: each function takes a raw TOML value and returns the normalised one, or raises
+# _Bad(problem); the caller adds the source and the key.
+
+
+class _Bad(Exception):
+    pass
+
+
+def _type_name(value: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+    kind = names.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}" if isinstance(value, (bool, int, float, str)) else kind
+
+
+def _string(value: object, hint: str = "") -> str:
+    if not isinstance(value, str):
+        extra = "; quote it" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        raise _Bad(f"expected a string{hint}, got {_type_name(value)}{extra}")
+    if not value:
+        raise _Bad("must not be empty")
+    return value
+
+
+def _node_name(value: object) -> str:
+    name = _string(value)
+    problem = check_node_name(name)
+    if problem is not None:
+        raise _Bad(problem)
+    return name
+
+
+def _address(value: object, *, allow_port_zero: bool) -> HostPort:
+    try:
+        return HostPort.parse(_string(value, " 'HOST:PORT'"), allow_port_zero=allow_port_zero)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+
+
+def _listen(value: object) -> HostPort:
+    return _address(value, allow_port_zero=True)  # port 0: bind any free port (tests)
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"expected true or false, got {_type_name(value)}")
+    return value
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Bad(f"expected an array of strings, got {_type_name(value)}")
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(_string(item))
+        except _Bad as e:
+            raise _Bad(f"item {i}: {e}") from None
+    return tuple(out)
+
+
+def _allow(value: object) -> frozenset[str]:
+    return frozenset(_strings(value))
+
+
+def _positive_int(minimum: int) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _Bad(f"expected an integer, got {_type_name(value)}")
+        if value < minimum:
+            raise _Bad(f"must be at least {minimum}, got {value}")
+        return value
+
+    return check
+
+
+_TOP: dict[str, Callable[[object], object]] = {
+    "name": _node_name,
+    "listen": _listen,
+    "allow": _allow,
+    "metadata_key": _string,
+    "insecure": _bool,
+    "interfaces": _strings,
+}
+_TABLES = ("nodes", "apps", "limits")
+_LIMITS: dict[str, Callable[[object], int]] = {
+    "max_stages": _positive_int(1),
+    "credit_bytes": _positive_int(MIN_CREDIT_BYTES),
+}
+_APP_KEYS = ("version", "path")
+
+
+class _Source:
+    """One source being validated: knows its name for error messages."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.name}: key {key!r}: {problem}")
+
+    def unknown(self, key: str, known: Sequence[str]) -> ConfigError:
+        last = key.rpartition(".")[2]
+        close = difflib.get_close_matches(last, known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(sorted(known))
+        return ConfigError(f"{self.name}: unknown key {key!r}; {hint}")
+
+    def table(self, key: str, value: object) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {_type_name(value)}")
+        return value
+
+    def validate(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """Check every key of one source; return the normalised values it sets."""
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in _TOP:
+                try:
+                    out[key] = _TOP[key](value)
+                except _Bad as e:
+                    raise self.error(key, str(e)) from None
+            elif key == "nodes":
+                out[key] = self.nodes(self.table(key, value))
+            elif key == "apps":
+                out[key] = self.apps(self.table(key, value))
+            elif key == "limits":
+                out[key] = self.limits(self.table(key, value))
+            else:
+                raise self.unknown(key, [*_TOP, *_TABLES])
+        return out
+
+    def nodes(self, raw: Mapping[str, Any]) -> dict[str, HostPort]:
+        out = {}
+        for name, value in raw.items():
+            key = f"nodes.{name}"
+            problem = check_node_name(name)
+            if problem is not None:
+                raise self.error(key, problem)
+            try:
+                out[name] = _address(value, allow_port_zero=False)
+            except _Bad as e:
+                raise self.error(key, str(e)) from None
+        return out
+
+    def apps(self, raw: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+        out = {}
+        for program, value in raw.items():
+            settings = self.table(f"apps.{program}", value)
+            if not program or "/" in program:
+                raise self.error(f"apps.{program}", "the table name must be a program name, without '/'")
+            checked = {}
+            for key, item in settings.items():
+                if key not in _APP_KEYS:
+                    raise self.unknown(f"apps.{program}.{key}", _APP_KEYS)
+                try:
+                    checked[key] = _string(item, ' like "9.1"' if key == "version" else "")
+                except _Bad as e:
+                    raise self.error(f"apps.{program}.{key}", str(e)) from None
+            if "path" in checked and not os.path.isabs(checked["path"]):
+                raise self.error(f"apps.{program}.path", f"{checked['path']!r} is not an absolute path")
+            out[program] = checked
+        return out
+
+    def limits(self, raw: Mapping[str, Any]) -> dict[str, int]:
+        out = {}
+        for key, value in raw.items():
+            if key not in _LIMITS:
+                raise self.unknown(f"limits.{key}", list(_LIMITS))
+            try:
+                out[key] = _LIMITS[key](value)
+            except _Bad as e:
+                raise self.error(f"limits.{key}", str(e)) from None
+        return out
+
+
+def _merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    for key, value in layer.items():
+        if key in _TABLES:
+            table = into.setdefault(key, {})
+            for name, item in value.items():
+                if key == "apps":
+                    table[name] = {**table.get(name, {}), **item}
+                else:
+                    table[name] = item
+        else:
+            into[key] = value
+
+
+def _nest(overrides: Mapping[str, object]) -> dict[str, Any]:
+    """``{"limits.max_stages": 8}`` to ``{"limits": {"max_stages": 8}}``."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        where = nested
+        for part in parents:
+            child = where.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{COMMAND_LINE}: key {key!r}: {part!r} is not a table")
+            where = child
+        if isinstance(value, Mapping) and isinstance(where.get(last), dict):
+            where[last].update(value)
+        else:
+            where[last] = dict(value) if isinstance(value, Mapping) else value
+    return nested
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _system_paths(
+    search_paths: Sequence[str | os.PathLike[str]] | None, environ: Mapping[str, str]
+) -> list[Path]:
+    if search_paths is None:
+        listed = environ.get(CONFIG_PATHS_ENV)
+        search_paths = SYSTEM_CONFIG_PATHS if listed is None else [p for p in listed.split(os.pathsep) if p]
+    paths = []
+    for p in search_paths:
+        try:
+            paths.append(Path(p).expanduser())
+        except RuntimeError:  # "~" with no home directory: there is no such file to read
+            continue
+    return paths
+
+
+def load_config(
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+    search_paths: Sequence[str | os.PathLike[str]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Read the configuration sources in order (see the module docstring) into a NodeConfig.
+
+    Args:
+        config_file: the ``--config FILE``; it must exist.
+        overrides: command-line values, by key (nested mappings or dotted keys).
+        search_paths: the system files to try instead of ``SYSTEM_CONFIG_PATHS``.
+        environ: where to look up ``DPIPES_CONFIG_PATHS`` (default ``os.environ``).
+
+    Raises:
+        ConfigError: naming the file, the key and the problem.
+    """
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    sources: list[str] = []
+    for path in _system_paths(search_paths, environ):
+        try:
+            raw = _read(path)
+        except FileNotFoundError:
+            continue
+        _merge(merged, _Source(str(path)).validate(raw))
+        sources.append(str(path))
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            raw = _read(path)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found (given with --config)") from None
+        _merge(merged, _Source(str(path)).validate(raw))
+        sources.append(str(path))
+    if overrides:
+        _merge(merged, _Source(COMMAND_LINE).validate(_nest(overrides)))
+        sources.append(COMMAND_LINE)
+    return _build(merged, tuple(sources))
+
+
+def _build(merged: Mapping[str, Any], sources: tuple[str, ...]) -> NodeConfig:
+    config = NodeConfig(name=merged.get("name") or default_node_name(), sources=sources)
+    changes: dict[str, Any] = {k: v for k, v in merged.items() if k not in _TABLES and k != "name"}
+    if "nodes" in merged:
+        changes["nodes"] = MappingProxyType(dict(sorted(merged["nodes"].items())))
+    if "apps" in merged:
+        changes["apps"] = MappingProxyType({k: AppConfig(**v) for k, v in sorted(merged["apps"].items())})
+    if "limits" in merged:
+        changes["limits"] = replace(config.limits, **merged["limits"])
+    return replace(config, **changes)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """Parse a command-line ``KEY=VALUE``; VALUE is read as a TOML value, else taken as a string.
+
+    ``limits.max_stages=8`` gives ``("limits.max_stages", 8)``, ``insecure=true`` a boolean,
+    ``allow=["sort","uniq"]`` a list, and ``listen=0.0.0.0:5757`` the string.
+
+    Raises:
+        ConfigError: no ``=``, or an empty key.
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{COMMAND_LINE}: {text!r} is not KEY=VALUE (e.g. limits.max_stages=8)")
+    value = value.strip()
+    try:
+        parsed: object = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key, parsed
+

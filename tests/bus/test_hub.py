@@ -1,0 +1,373 @@
+"""The Hub with real sockets: links, routing, errors, heartbeats, credit, tap, hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from dpipes.bus import codec
+from dpipes.bus import hub as hub_module
+from dpipes.bus.client import Client
+from dpipes.bus.endpoint import Endpoint, StreamCancelled
+from dpipes.bus.errors import BusError, NoRoute, PeerLost, ProtocolMismatch, RequestTimeout
+from dpipes.bus.hub import Hub
+
+HUBPROC = Path(__file__).with_name("hubproc.py")
+WAIT_S = 10.0  # the bound on every wait for the network in these tests
+
+
+async def until(condition: Any, timeout: float = WAIT_S) -> None:
+    """Poll ``condition()`` until true, failing the test after ``timeout``."""
+
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+@contextlib.asynccontextmanager
+async def linked(*names: str) -> AsyncIterator[list[Hub]]:
+    """Hubs on loopback, every pair linked both ways."""
+    async with contextlib.AsyncExitStack() as stack:
+        hubs = [await stack.enter_async_context(Hub(name)) for name in names]
+        for i, a in enumerate(hubs):
+            for b in hubs[i + 1 :]:
+                await a.connect_peer(b.tcp_endpoint)
+        await until(lambda: all(len(h.peers) == len(hubs) - 1 for h in hubs))
+        yield hubs
+
+
+@contextlib.asynccontextmanager
+async def process(*argv: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(HUBPROC), *argv, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), WAIT_S)
+        yield proc, first.decode().strip()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_link_handshake_learns_names_both_ways() -> None:
+    async with Hub("alpha") as a, Hub("beta") as b:
+        assert await a.connect_peer(b.tcp_endpoint) == "beta"
+        await until(lambda: "alpha" in b.peers)
+        assert a.peers["beta"].up and a.peers["beta"].instance == b.instance
+        assert b.peers["alpha"].instance == a.instance
+
+
+async def test_request_reply_across_hubs_and_from_clients() -> None:
+    async with linked("alpha", "beta") as (a, b):
+        server = b.endpoint("svc")
+
+        async def serve() -> None:
+            while True:
+                req = await server.recv()
+                assert isinstance(req, codec.Request)
+                server.reply(req, {"echo": req.body, "from": req.src})
+
+        task = asyncio.create_task(serve())
+        try:
+            caller = a.endpoint("caller")
+            assert await caller.request("beta/svc", "echo", {"n": 1}) == {"echo": {"n": 1}, "from": "alpha/caller"}
+            for where in (a.ipc_endpoint, a.tcp_endpoint):
+                async with Client(where, name="cli") as client:
+                    reply = await client.endpoint.request("beta/svc", "echo", {"n": 2})
+                    assert reply == {"echo": {"n": 2}, "from": "alpha/cli"}
+        finally:
+            task.cancel()
+
+
+async def test_three_hubs_route_directly_without_relay() -> None:
+    async with linked("alpha", "beta", "gamma") as (a, b, c):
+        ctx = zmq.asyncio.Context()
+        tap = ctx.socket(zmq.SUB)
+        tap.connect(b.tap_endpoint)
+        tap.subscribe(b"")
+        try:
+            await until(lambda: b._tap_topics)
+            src, dst = a.endpoint("src"), c.endpoint("dst")
+            stream = src.open_stream("gamma/dst")
+            for _ in range(20):
+                await stream.send_bytes(b"x" * 1000)
+            reader = await dst.accept()
+            got = 0
+            closing = asyncio.create_task(stream.close())
+            while (msg := await reader.read()) is not None:
+                got += msg.payload_bytes
+            assert await closing == got == 20_000
+            assert await tap.poll(100) == 0  # beta routed nothing
+        finally:
+            tap.close(0)
+            ctx.term()
+
+
+async def test_undeliverable_messages_come_back_as_errors() -> None:
+    async with linked("alpha", "beta") as (a, _b):
+        ep = a.endpoint("ep")
+        with pytest.raises(NoRoute, match="no link to node 'nowhere'"):
+            await ep.request("nowhere/x", "m")
+        with pytest.raises(NoRoute, match="no endpoint 'nobody' on node beta"):
+            await ep.request("beta/nobody", "m")
+        stream = ep.open_stream("beta/nobody")
+        await stream.send_bytes(b"data")
+        with pytest.raises(NoRoute, match="nobody"):
+            await stream.close(timeout=WAIT_S)
+        ep.send(codec.Request(dst="beta/nobody", method="plain", seq=999))
+        error = await ep.recv(timeout=WAIT_S)  # not a pending request: it arrives as a message
+        assert isinstance(error, codec.Error) and error.code == "no-endpoint" and error.to == "beta/nobody"
+
+
+async def test_request_timeout_names_method_and_destination() -> None:
+    async with Hub("alpha") as a:
+        a.endpoint("silent")
+        with pytest.raises(RequestTimeout, match="ping to alpha/silent"):
+            await a.endpoint("caller").request("alpha/silent", "ping", timeout=0.2)
+
+
+async def test_protocol_mismatch_is_refused_on_both_sides(caplog: pytest.LogCaptureFixture) -> None:
+    ctx = zmq.asyncio.Context()
+    try:
+        async with Hub("alpha") as a:
+            # A peer of another version says HELLO to us: it gets a BYE naming both versions.
+            peer = ctx.socket(zmq.DEALER)
+            peer.connect(a.tcp_endpoint)
+            hello = dict(codec.header_of(codec.Hello(node="future", instance="i")), v=codec.PROTOCOL_VERSION + 1)
+            await peer.send(msgpack.packb(hello))
+            bye = codec.decode(await asyncio.wait_for(peer.recv_multipart(), WAIT_S))
+            assert isinstance(bye, codec.Bye) and "protocol version" in bye.reason
+            assert "refused a link from future" in caplog.text
+            peer.close(0)
+
+            # We say HELLO to a peer of another version: connect_peer raises, naming the reason.
+            fake = ctx.socket(zmq.ROUTER)
+            port = fake.bind_to_random_port("tcp://127.0.0.1")
+
+            async def answer() -> None:
+                ident, _header = await fake.recv_multipart()
+                reply = dict(codec.header_of(codec.Bye(reason="speaks v2")), v=codec.PROTOCOL_VERSION + 1)
+                await fake.send_multipart([ident, msgpack.packb(reply)])
+
+            task = asyncio.create_task(answer())
+            with pytest.raises(ProtocolMismatch, match=r"protocol version 2, we speak 1"):
+                await a.connect_peer(f"tcp://127.0.0.1:{port}")
+            await task
+            fake.close(0)
+    finally:
+        ctx.term()
+
+
+async def test_a_second_node_with_our_name_is_refused() -> None:
+    async with Hub("alpha") as a, Hub("alpha") as twin:
+        with pytest.raises(ProtocolMismatch, match="unique name"):
+            await twin.connect_peer(a.tcp_endpoint)
+
+
+async def test_malformed_input_is_counted_logged_once_and_harmless(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dpipes.bus.hub")
+    ctx = zmq.asyncio.Context()
+    try:
+        async with Hub("alpha") as a:
+            attacker = ctx.socket(zmq.DEALER)
+            attacker.connect(a.tcp_endpoint)
+            junk = [
+                [b"\xc1"],
+                [b"not msgpack at all"],
+                [msgpack.packb([1, 2])],
+                [msgpack.packb({"v": 1, "kind": "NOPE"})],
+                [msgpack.packb({"v": 1, "kind": "BYTES", "src": 5})],
+                [b"\x80" * (codec.MAX_HEADER_BYTES + 1)],
+            ] * 10
+            for frames in junk:
+                await attacker.send_multipart(frames)
+            bad_hello = dict(codec.header_of(codec.Hello()), endpoints="not a map")
+            await attacker.send_multipart([msgpack.packb(bad_hello)])
+            await until(lambda: sum(s.dropped for s in a.stats.values()) == len(junk) + 1)
+            warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "malformed" in r.message]
+            assert len(warnings) == 1  # once per peer; the rest at debug level
+            async with Client(a.ipc_endpoint) as client:  # the hub still serves
+                ep = a.endpoint("svc")
+                task = asyncio.create_task(ep.recv())
+                client.endpoint.send(codec.Request(dst="alpha/svc", method="still-alive"))
+                assert (await asyncio.wait_for(task, WAIT_S)).method == "still-alive"  # type: ignore[attr-defined]
+            attacker.close(0)
+    finally:
+        ctx.term()
+
+
+async def test_client_spoofing_another_source_is_dropped() -> None:
+    async with Hub("alpha") as a:
+        victim = a.endpoint("victim")
+        async with Client(a.ipc_endpoint, name="liar") as liar:
+            liar.send(codec.Request(src="alpha/admin", dst="alpha/victim", method="m"))
+            await until(lambda: a.stats["alpha/liar"].dropped == 1)
+            assert len(victim._inbox) == 0
+
+
+async def test_endpoint_name_taken_is_refused() -> None:
+    async with Hub("alpha") as a:
+        a.endpoint("taken")
+        with pytest.raises(BusError, match="'taken' is taken"):
+            async with Client(a.ipc_endpoint, name="taken"):
+                pass
+
+
+async def test_killed_peer_fails_streams_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_module, "PEER_TIMEOUT_S", 1.0)
+    async with Hub("alpha") as a, process("sink", "victim") as (proc, endpoint):
+        await a.connect_peer(endpoint)
+        src = a.endpoint("src")
+        stream = src.open_stream("victim/sink")
+        requester = asyncio.create_task(src.request("victim/nobody-answers", "m", timeout=60))
+
+        async def write_forever() -> None:
+            while True:
+                await stream.send_bytes(b"z" * 65536)  # the sink never reads: we block on credit
+
+        writer = asyncio.create_task(write_forever())
+        await until(lambda: stream.cost >= stream.limit)  # throttled by credit
+        proc.send_signal(signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
+        with pytest.raises(PeerLost, match="node 'victim' lost: no heartbeat"):
+            await asyncio.wait_for(writer, WAIT_S)
+        assert loop.time() - killed_at < 1.0 + 2 * hub_module.HEARTBEAT_INTERVAL_S + 1.0
+        with pytest.raises((PeerLost, NoRoute)):
+            await asyncio.wait_for(requester, WAIT_S)
+        assert "victim" not in a.peers
+
+
+async def test_credit_throttles_a_fast_producer_and_bounds_memory() -> None:
+    window = codec.INITIAL_CREDIT_BYTES
+    chunk = 64 * 1024
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+        total = 64 * 1024 * 1024
+        worst_gap = 0
+        worst_queue = 0
+
+        async def produce() -> None:
+            nonlocal worst_gap
+            for _ in range(total // chunk):
+                await stream.send_bytes(b"p" * chunk)
+            await stream.close()
+
+        producer = asyncio.create_task(produce())
+        reader = await dst.accept(timeout=WAIT_S)
+        received = 0
+        while True:
+            worst_queue = max(worst_queue, len(reader._queue))
+            worst_gap = max(worst_gap, stream.sent - received)
+            msg = await reader.read()
+            if msg is None:
+                break
+            received += msg.payload_bytes
+            await asyncio.sleep(0.0005)  # the deliberately slow consumer
+        await producer
+        assert received == total
+        # The producer never ran further ahead than the window plus one message...
+        assert worst_gap <= window + chunk
+        # ...so what waits in the receiver is bounded by the window, not by the stream's size.
+        assert worst_queue <= window // chunk + 2
+
+
+async def test_stream_tail_survives_a_sender_that_exits_right_after_close(tmp_path: Path) -> None:
+    async with Hub("alpha", ipc=f"ipc://{tmp_path}/bus.sock") as a:
+        sink = a.endpoint("sink")
+        count, size = 300_000, 16
+        async with process("blast", a.ipc_endpoint, str(count), str(size), "alpha") as (proc, _addr):
+            reader = await sink.accept(timeout=WAIT_S)
+            expected = 0
+            while (msg := await reader.read(timeout=WAIT_S)) is not None:
+                data = bytes(msg.frames[0])  # type: ignore[attr-defined]
+                assert data == expected.to_bytes(8, "big") * 2, f"message {expected} out of order or damaged"
+                expected += 1
+            assert expected == count
+            assert proc.stdout is not None
+            assert (await proc.stdout.readline()).decode().strip() == f"acked {count * size}"
+            assert await proc.wait() == 0
+
+
+async def test_reader_cancel_stops_the_sender_like_a_closed_pipe() -> None:
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+        await stream.send_bytes(b"first")
+        reader = await dst.accept(timeout=WAIT_S)
+        assert (await reader.read()).payload_bytes == 5  # type: ignore[union-attr]
+        reader.cancel("head has enough")
+
+        async def keep_writing() -> None:
+            while True:
+                await stream.send_bytes(b"more" * 1000)
+                await asyncio.sleep(0.001)
+
+        with pytest.raises(StreamCancelled, match="head has enough"):
+            await asyncio.wait_for(keep_writing(), WAIT_S)
+        assert isinstance(StreamCancelled("x"), BrokenPipeError)
+
+
+async def test_tap_publishes_only_while_subscribed() -> None:
+    async with linked("alpha", "beta") as (a, _b):
+        src = a.endpoint("src")
+        a.endpoint("dst")
+        assert not a._tap_topics
+        src.send(codec.Request(dst="alpha/dst", method="unseen"))
+        ctx = zmq.asyncio.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.connect(a.tap_endpoint)
+        sub.subscribe(b"")
+        try:
+            await until(lambda: bool(a._tap_topics))
+            src.send(codec.Request(dst="alpha/dst", method="seen"))
+            stream = src.open_stream("beta/nobody")
+            await stream.send_bytes(b"12345")
+            events = [msgpack.unpackb(await asyncio.wait_for(sub.recv(), WAIT_S)) for _ in range(2)]
+            fields = [dict(zip(hub_module.TAP_FIELDS, e, strict=True)) for e in events]
+            assert [(f["kind"], f["src"], f["dst"]) for f in fields] == [
+                ("REQUEST", "alpha/src", "alpha/dst"),
+                ("BYTES", "alpha/src", "beta/nobody"),
+            ]
+            assert fields[1]["bytes"] == 5 and fields[1]["sid"] == stream.sid
+        finally:
+            sub.close(0)
+            ctx.term()
+        await until(lambda: not a._tap_topics)
+
+
+async def test_close_is_idempotent_and_fails_pending_operations() -> None:
+    a = Hub("alpha")
+    await a.start()
+    ep: Endpoint = a.endpoint("ep")
+    pending = asyncio.create_task(ep.recv())
+    await asyncio.sleep(0)
+    await a.aclose()
+    await a.aclose()
+    with pytest.raises(BusError, match="closed"):
+        await pending
+
+
+async def test_invalid_names_are_rejected_early() -> None:
+    with pytest.raises(ValueError, match="node name"):
+        Hub("a/b")
+    async with Hub("alpha") as a:
+        with pytest.raises(ValueError, match="endpoint name"):
+            a.endpoint("x/y")
+        a.endpoint("one")
+        with pytest.raises(BusError, match="already exists"):
+            a.endpoint("one")

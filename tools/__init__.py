@@ -1,0 +1,1 @@
+"""dpipes.tools."""

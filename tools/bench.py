@@ -1,0 +1,88 @@
+"""dpipes-bench: measure dpipes against its baselines, in one run, on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from dpipes.bus.bench import Result
+
+EPILOG = """\
+suites:
+  bus     (a) 1 MiB messages hub A -> hub B over TCP loopback, against raw pyzmq DEALER->ROUTER
+          (b) 64-byte messages on the same path, against the same raw pyzmq pair
+          (c) Arrow record batches between two processes (one ~1M x 8 batch; a stream of
+              10k-row batches), against pyarrow.flight do_get over loopback
+
+Every figure is the median of --repeat runs, beside its baseline measured in the same run;
+ratio = dpipes / baseline (higher is better). The machine is shared and noisy: compare ratios
+from one run, not figures across runs.
+
+examples:
+  dpipes-bench bus                 a table
+  dpipes-bench bus --json          one JSON object per line: name, value, unit, baseline_value, ratio
+  dpipes-bench bus --quick         smaller sizes, for a smoke test
+"""
+
+
+def _table(results: list[Result]) -> str:
+    header = (
+        f"{'benchmark':<26} {'dpipes':>12} {'min':>10} {'max':>10} {'baseline':>12} {'ratio':>7} {'target':>7}"
+        "  unit / baseline"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        target = f"{r.target:.2f}x" if r.target is not None else ""
+        flag = "" if r.target is None or r.ratio >= r.target else "  (below target)"
+        lines.append(
+            f"{r.name:<26} {r.value:>12.4g} {min(r.samples):>10.4g} {max(r.samples):>10.4g} "
+            f"{r.baseline_value:>12.4g} {r.ratio:>6.2f}x {target:>7}  {r.unit} / {r.baseline}{flag}"
+        )
+    return "\n".join(lines)
+
+
+def _suite(name: str) -> Callable[..., list[Result]]:
+    if name == "bus":
+        from dpipes.bus.bench import bus_benchmarks
+
+        return bus_benchmarks
+    raise AssertionError(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dpipes-bench",
+        description="Measure dpipes against its baselines (raw pyzmq, pyarrow.flight, ...) in one run.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("suite", choices=["bus"], help="what to measure")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per result line")
+    parser.add_argument("--repeat", type=int, default=5, metavar="N", help="runs per figure (default 5)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke test, not a measurement")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+
+    def progress(mark: str) -> None:
+        if not args.json:
+            print(mark, end="", file=sys.stderr, flush=True)
+
+    try:
+        results = _suite(args.suite)(repeat=args.repeat, quick=args.quick, progress=progress)
+    except KeyboardInterrupt:
+        print("dpipes-bench: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        for r in results:
+            print(json.dumps(r.as_json()), flush=True)
+    else:
+        print(file=sys.stderr)
+        print(_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
