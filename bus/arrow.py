@@ -103,6 +103,7 @@ What the receiver does
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NotRequired, TypeAlias, TypedDict
@@ -188,6 +189,7 @@ _BAD_INPUT: Final = (
 )
 
 
+@functools.lru_cache(maxsize=1024)  # called per column per batch; a stream has few distinct types
 def _kind(typ: pa.DataType) -> str | None:
     """The layout kind of ``typ`` in the buffers encoding, or None when only IPC can carry it."""
     if isinstance(typ, pa.BaseExtensionType):
@@ -350,9 +352,7 @@ class ArrowEncoder:
             raise ValueError(f"schema nests types deeper than MAX_TYPE_DEPTH={MAX_TYPE_DEPTH}")
         self._schema_frame = schema.serialize()
         if self._schema_frame.size > MAX_SCHEMA_BYTES:
-            raise ValueError(
-                f"schema is {self._schema_frame.size} bytes serialized (limit {MAX_SCHEMA_BYTES})"
-            )
+            raise ValueError(f"schema is {self._schema_frame.size} bytes serialized (limit {MAX_SCHEMA_BYTES})")
         self._schema = schema
         self._chunk_bytes = chunk_bytes
         self._batches = 0
@@ -388,9 +388,7 @@ class ArrowEncoder:
             if len(msgpack.packb(columns)) <= MAX_LAYOUT_BYTES:
                 head["encoding"], head["columns"] = "buffers", columns
             else:
-                log.debug(
-                    "layout of %d columns exceeds %d bytes; sending IPC", len(columns), MAX_LAYOUT_BYTES
-                )
+                log.debug("layout of %d columns exceeds %d bytes; sending IPC", len(columns), MAX_LAYOUT_BYTES)
         if "columns" not in head:
             ipc = self._ipc_stream(batch)
             head["encoding"], head["ipc_bytes"], body = "ipc", ipc.size, [ipc]
@@ -400,9 +398,7 @@ class ArrowEncoder:
         parts = self._split(body, first=self._batches == 0)
         frame_count = sum(len(frames) for frames in parts)
         if frame_count > MAX_FRAMES_PER_BATCH:
-            raise ValueError(
-                f"batch needs {frame_count} frames (limit {MAX_FRAMES_PER_BATCH}): raise chunk_bytes"
-            )
+            raise ValueError(f"batch needs {frame_count} frames (limit {MAX_FRAMES_PER_BATCH}): raise chunk_bytes")
         out: list[ArrowPart] = []
         for index, frames in enumerate(parts):
             meta: ArrowMeta = {
@@ -556,9 +552,7 @@ class _Layout:
             if size is None:
                 continue
             if type(size) is not int or not 0 <= size <= MAX_BATCH_BYTES:
-                raise DecodeError(
-                    f"{where}: buffer size {size!r:.40} is not an int in [0, {MAX_BATCH_BYTES}]"
-                )
+                raise DecodeError(f"{where}: buffer size {size!r:.40} is not an int in [0, {MAX_BATCH_BYTES}]")
             self.total_bytes += size
         if self.total_bytes > MAX_BATCH_BYTES:
             raise DecodeError(f"batch body exceeds MAX_BATCH_BYTES={MAX_BATCH_BYTES}")
@@ -586,9 +580,7 @@ def _build(node: _Node, body: list[pa.Buffer | None]) -> pa.Array:
             node.type, node.n, buffers, dictionary, null_count=node.nulls, offset=node.off
         )
     children = [_build(child, body) for child in node.children] or None
-    return pa.Array.from_buffers(
-        node.type, node.n, buffers, null_count=node.nulls, offset=node.off, children=children
-    )
+    return pa.Array.from_buffers(node.type, node.n, buffers, null_count=node.nulls, offset=node.off, children=children)
 
 
 class ArrowDecoder:
@@ -604,6 +596,11 @@ class ArrowDecoder:
     def schema(self) -> pa.Schema | None:
         """The stream's schema, once its first part has arrived."""
         return self._schema
+
+    @property
+    def pending(self) -> bool:
+        """True while a batch has started arriving but is not complete."""
+        return self._part > 0
 
     def _reset(self) -> None:
         self._part = 0
@@ -666,9 +663,7 @@ class ArrowDecoder:
             raise DecodeError(f"{where}: a part that does not end its batch has no frames")
         self._frames += len(frames)
         if self._frames > MAX_FRAMES_PER_BATCH:
-            raise DecodeError(
-                f"{where}: batch has more than MAX_FRAMES_PER_BATCH={MAX_FRAMES_PER_BATCH} frames"
-            )
+            raise DecodeError(f"{where}: batch has more than MAX_FRAMES_PER_BATCH={MAX_FRAMES_PER_BATCH} frames")
         buffers = [pa.py_buffer(frame) for frame in frames]
         if "schema" in meta:
             if self._schema is not None:
@@ -690,9 +685,7 @@ class ArrowDecoder:
             self._part += 1
             return None
         if self._cursor != len(self._wanted):
-            raise DecodeError(
-                f"{where}: batch ended with body buffer {self._wanted[self._cursor]} incomplete"
-            )
+            raise DecodeError(f"{where}: batch ended with body buffer {self._wanted[self._cursor]} incomplete")
         batch = self._assemble(where)
         self._reset()
         self._batch += 1
@@ -724,9 +717,7 @@ class ArrowDecoder:
             for index, (raw, field) in enumerate(zip(columns, self._schema, strict=True)):
                 node = layout.node(raw, field.type, f"{where} column {field.name!r:.40}")
                 if node.n != self._rows:
-                    raise DecodeError(
-                        f"{where}: column {index} has {node.n} items, the batch {self._rows} rows"
-                    )
+                    raise DecodeError(f"{where}: column {index} has {node.n} items, the batch {self._rows} rows")
                 self._columns.append(node)
             self._sizes = layout.sizes
         elif self._encoding == "ipc":

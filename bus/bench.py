@@ -228,10 +228,123 @@ def measure_messages(
     return ours, raw
 
 
+# -- (c) Arrow ---------------------------------------------------------------------------------
+
+ARROW_WINDOW_BYTES = 64 * 1024 * 1024  # room for several 16 MiB parts of a large batch in flight
+ARROW_SETS = {
+    "one_large_batch": (1, 1_000_000),  # one batch of 1M rows x 8 numeric columns (64 MB)
+    "stream_10k_batches": (100, 10_000),  # 100 batches of 10k rows x 8 numeric columns (64 MB)
+}
+
+
+def arrow_batches(name: str, scale: int = 1) -> list[Any]:
+    """The benchmark's record batches: 4 float64 and 4 int64 columns, the same in every process."""
+    import numpy as np
+    import pyarrow as pa
+
+    count, rows = ARROW_SETS[name]
+    rows //= scale
+    rng = np.random.default_rng(42)
+    out = []
+    for _ in range(count):
+        cols: dict[str, Any] = {f"f{i}": rng.random(rows) for i in range(4)}
+        cols |= {f"i{i}": rng.integers(0, 1 << 40, rows) for i in range(4)}
+        out.append(pa.RecordBatch.from_pydict(cols))
+    return out
+
+
+async def _serve_arrow_sink() -> None:
+    from dpipes.bus.arrow_stream import ArrowStreamReader
+
+    async with Hub("bench-sink") as hub:
+        sink = hub.endpoint("sink", window=ARROW_WINDOW_BYTES)
+        print(hub.tcp_endpoint, flush=True)
+        done = _serve_until_stdin_closes(asyncio.get_running_loop())
+
+        async def drain() -> None:
+            while True:
+                reader = ArrowStreamReader(await sink.accept())
+                async for _batch in reader:
+                    pass  # each batch is rebuilt and validated, zero-copy: that is the work
+
+        task = asyncio.create_task(drain())
+        await done
+        task.cancel()
+
+
+def _serve_flight(scale: int) -> None:
+    import pyarrow as pa
+    import pyarrow.flight as flight
+
+    tables = {name: pa.Table.from_batches(arrow_batches(name, scale)) for name in ARROW_SETS}
+
+    class Server(flight.FlightServerBase):
+        def do_get(self, context: Any, ticket: Any) -> Any:
+            return flight.RecordBatchStream(tables[ticket.ticket.decode()])
+
+    server = Server("grpc://127.0.0.1:0")
+    print(f"grpc://127.0.0.1:{server.port}", flush=True)
+    sys.stdin.read()
+    server.shutdown()
+
+
+def flight_get(addr: str, name: str) -> tuple[float, int]:
+    """Seconds for one do_get of data set ``name`` over loopback, and the bytes it moved."""
+    import pyarrow.flight as flight
+
+    client = flight.connect(addr)
+    start = time.perf_counter()
+    table = client.do_get(flight.Ticket(name.encode())).read_all()
+    elapsed = time.perf_counter() - start
+    client.close()
+    return elapsed, table.nbytes
+
+
+async def dpipes_arrow_send(hub: Hub, batches: list[Any]) -> float:
+    """Seconds to stream ``batches`` to the sink process until it acknowledged the end."""
+    from dpipes.bus.arrow_stream import ArrowStreamWriter
+
+    src = hub.endpoint(f"src-{time.monotonic_ns()}")
+    try:
+        writer = ArrowStreamWriter(src.open_stream("bench-sink/sink"), batches[0].schema)
+        start = time.perf_counter()
+        await writer.write_all(batches)
+        await writer.close(timeout=120)
+        return time.perf_counter() - start
+    finally:
+        src.close()
+
+
+def arrow_benchmarks(repeat: int, progress: Callable[[str], None], scale: int = 1) -> list[Result]:
+    """(c): Arrow batches between two processes, dpipes against pyarrow.flight do_get."""
+    results = []
+    with child("flight", str(scale)) as (_p, flight_addr), child("arrow-sink") as (_p2, bus_addr):
+        for name, target in (("one_large_batch", 1.5), ("stream_10k_batches", 1.0)):
+            batches = arrow_batches(name, scale)
+            nbytes = sum(b.nbytes for b in batches)
+            ours: list[float] = []
+            theirs: list[float] = []
+
+            async def run(batches: list[Any] = batches, nbytes: int = nbytes) -> float:
+                async with Hub("bench-source") as hub:
+                    await hub.connect_peer(bus_addr)
+                    await dpipes_arrow_send(hub, batches)  # warm up
+                    return nbytes / await dpipes_arrow_send(hub, batches) / 1e6
+
+            flight_get(flight_addr, name)  # warm up
+            for _ in range(repeat):
+                seconds, moved = flight_get(flight_addr, name)
+                theirs.append(moved / seconds / 1e6)
+                ours.append(asyncio.run(run()))
+                progress(".")
+            results.append(result(f"arrow.{name}", "MB/s", ours, "pyarrow.flight do_get", theirs, target=target))
+    return results
+
+
 def bus_benchmarks(
     *, repeat: int = 5, quick: bool = False, progress: Callable[[str], None] = lambda s: None
 ) -> list[Result]:
-    """Benchmarks (a) and (b) of the bus; Arrow (c) is in ``dpipes.bus.arrow_bench``."""
+    """Benchmarks (a), (b) and (c) of the bus."""
     scale = 10 if quick else 1
     results = []
     ours, raw = measure_messages(1 << 20, 2000 // scale, repeat, progress)
@@ -247,6 +360,7 @@ def bus_benchmarks(
     )
     ours, raw = measure_messages(64, 300_000 // scale, repeat, progress)
     results.append(result("bus.rate_64B", "msg/s", ours, "raw pyzmq DEALER->ROUTER", raw, target=0.3))
+    results.extend(arrow_benchmarks(repeat, progress, scale))
     return results
 
 
@@ -257,6 +371,10 @@ def main(argv: list[str]) -> None:
         asyncio.run(_serve_dpipes())
     elif role == "raw":
         _serve_raw()
+    elif role == "arrow-sink":
+        asyncio.run(_serve_arrow_sink())
+    elif role == "flight":
+        _serve_flight(int(argv[1]))
     else:
         raise SystemExit(f"unknown benchmark role {role!r}")
 

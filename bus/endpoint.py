@@ -278,7 +278,9 @@ class Endpoint:
     Args:
         addr: this endpoint's full address.
         transport: how messages whose ``src`` is filled in leave this endpoint.
-        window: the stream credit this endpoint grants each incoming stream.
+        window: the credit this endpoint keeps open for each incoming stream: at least
+            ``INITIAL_CREDIT_BYTES`` (every stream starts with that much); more is granted at once
+            when a stream opens. A larger window lets big messages pipeline; it bounds memory.
     """
 
     def __init__(
@@ -386,7 +388,7 @@ class Endpoint:
         """Claim stream ``sid`` from ``src`` before it arrives (it will not go to ``accept``)."""
         stream = self._in.get((src, sid))
         if stream is None:
-            stream = self._in[(src, sid)] = InStream(self, src, sid, self._window)
+            stream = self._in[(src, sid)] = self._new_in_stream(src, sid)
         return stream
 
     # -- delivery from the transport -----------------------------------------------------------
@@ -426,9 +428,15 @@ class Endpoint:
         if stream is None:
             if isinstance(msg, codec.Eof) and msg.total:
                 return  # the end of a stream we already gave up on
-            stream = self._in[key] = InStream(self, msg.src, msg.sid, self._window)
+            stream = self._in[key] = self._new_in_stream(msg.src, msg.sid)
             self._accepts.put(stream)
         stream._queue.put(msg)
+
+    def _new_in_stream(self, src: str, sid: int) -> InStream:
+        stream = InStream(self, src, sid, self._window)
+        if self._window > codec.INITIAL_CREDIT_BYTES:  # every stream starts with the protocol's credit
+            self._send(codec.Credit(src=self.addr, dst=src, sid=sid, bytes=self._window - codec.INITIAL_CREDIT_BYTES))
+        return stream
 
     def _on_cancel(self, msg: codec.Cancel) -> None:
         out = self._out.get(msg.sid)

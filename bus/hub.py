@@ -146,7 +146,7 @@ class Hub:
         self.tap_endpoint = ""
         self._links: dict[str, _Link] = {}  # by endpoint we connect to
         self._by_node: dict[str, _Link] = {}  # up links by node name
-        self._peer_idents: dict[bytes, str] = {}  # a peer hub's DEALER identity -> its node name
+        self._peer_idents: dict[bytes, tuple[str, str]] = {}  # a peer's DEALER identity -> (node, instance)
         self._clients: dict[bytes, _Client] = {}
         self._local: dict[str, Endpoint | _Client] = {}  # endpoint name -> party
         self.stats: dict[str, PeerStats] = collections.defaultdict(PeerStats)
@@ -347,7 +347,7 @@ class Hub:
             self._count_bad(link.node or link.endpoint, exc)
             return
         if isinstance(msg, codec.Welcome):
-            self._link_up(link, msg)
+            self._link_up(link, msg.node, msg.instance)
         elif isinstance(msg, codec.Bye):
             if link.up:
                 self._link_down(link, f"said goodbye: {msg.reason}")
@@ -367,29 +367,34 @@ class Hub:
                 waiter.set_exception(error)
         link.waiters.clear()
 
-    def _link_up(self, link: _Link, welcome: codec.Welcome) -> None:
-        loop_now = time.monotonic()
-        existing = self._by_node.get(welcome.node)
+    def _link_up(self, link: _Link, node: str, instance: str) -> None:
+        """Make ``link`` the route to ``node``: on its WELCOME, or at once when the peer said HELLO.
+
+        A link learned from a peer's HELLO is routable before our own HELLO is answered: our
+        DEALER delivers in order, so whatever we send follows our HELLO. Waiting for WELCOME
+        instead would bounce what we owe the peer meanwhile (the CREDIT for its first data).
+        """
+        existing = self._by_node.get(node)
         if existing is not None and existing is not link:
-            if existing.instance == welcome.instance and existing.up:
+            if existing.instance == instance and existing.up:
                 # Two addresses of one peer (127.0.0.1 and localhost, say): keep the first.
                 self._drop_link(link)
                 for waiter in link.waiters:
                     if not waiter.done():
-                        waiter.set_result(welcome.node)
+                        waiter.set_result(node)
                 return
             self._link_down(existing, "restarted as a new instance")
             self._drop_link(existing)
-        was_up = link.up and link.instance == welcome.instance
-        link.node, link.instance, link.up, link.last_heard = welcome.node, welcome.instance, True, loop_now
-        self._by_node[welcome.node] = link
+        was_up = link.up and link.instance == instance
+        link.node, link.instance, link.up, link.last_heard = node, instance, True, time.monotonic()
+        self._by_node[node] = link
         for waiter in link.waiters:
             if not waiter.done():
-                waiter.set_result(welcome.node)
+                waiter.set_result(node)
         link.waiters.clear()
         if not was_up:
-            log.info("node %s: link to %s (%s) up", self.node, welcome.node, link.endpoint)
-            self._announce_link(welcome.node, True, "linked")
+            log.info("node %s: link to %s (%s) up", self.node, node, link.endpoint)
+            self._announce_link(node, True, "linked")
 
     def _link_down(self, link: _Link, reason: str) -> None:
         if not link.up:
@@ -397,8 +402,8 @@ class Hub:
         link.up = False
         if self._by_node.get(link.node) is link:
             del self._by_node[link.node]
-        for ident, node in list(self._peer_idents.items()):
-            if node == link.node:
+        for ident, peer in list(self._peer_idents.items()):
+            if peer == (link.node, link.instance):
                 del self._peer_idents[ident]
         orderly = reason.startswith("said goodbye")
         (log.info if orderly else log.warning)(
@@ -482,10 +487,15 @@ class Hub:
             self._count_bad(self._who(ident), exc)
             return
         kind = header["kind"]
-        node = self._peer_idents.get(ident)
-        if node is not None:
+        peer = self._peer_idents.get(ident)
+        if peer is not None:
+            node, instance = peer
             link = self._by_node.get(node)
             if link is not None:
+                if link.instance != instance:  # a connection of an instance that was replaced
+                    if kind not in ("PING", "BYE"):
+                        self._count_bad(node, DecodeError(f"message from a replaced instance of node {node}"))
+                    return
                 link.last_heard = time.monotonic()
             if kind == "PING":
                 return
@@ -538,7 +548,7 @@ class Hub:
 
     def _who(self, ident: bytes) -> str:
         if ident in self._peer_idents:
-            return self._peer_idents[ident]
+            return self._peer_idents[ident][0]
         client = self._clients.get(ident)
         return client.addr if client is not None else f"unlinked peer {ident[:24]!r}"
 
@@ -578,7 +588,7 @@ class Hub:
             log.error("node %s: refused a link from instance %s: %s", self.node, hello.instance[:8], reason)
             self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))
             return
-        self._peer_idents[ident] = hello.node
+        self._peer_idents[ident] = (hello.node, hello.instance)
         self._router_send(
             ident,
             codec.encode(
@@ -599,6 +609,7 @@ class Hub:
             bus = f"tcp://{peer_addr}:{bus.rsplit(':', 1)[1]}"
         new = self._ensure_link(bus, static=False)
         new.info, new.endpoints = hello.info, hello.endpoints
+        self._link_up(new, hello.node, hello.instance)
 
     def _on_attach(self, ident: bytes, frames: list[Any]) -> None:
         try:

@@ -25,7 +25,7 @@ from zmq.backend import Socket as _RawSocket
 log = logging.getLogger(__name__)
 
 DRAIN_BATCH_MESSAGES = 512  # messages handled per wake-up before yielding to other tasks
-COPY_BELOW_BYTES = 64 * 1024  # smaller frames are cheaper to copy than to share (pyzmq's default)
+COPY_BELOW_BYTES = 64 * 1024  # smaller frames are cheaper to copy than to share (pyzmq default)
 
 # pyzmq's sugar send_multipart/recv_multipart cost 3-4x the backend calls per small message (type
 # checks, an EVENTS or RCVMORE getsockopt per frame); the pump calls the backend directly.

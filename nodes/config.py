@@ -383,9 +383,7 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def _system_paths(
-    search_paths: Sequence[str | os.PathLike[str]] | None, environ: Mapping[str, str]
-) -> list[Path]:
+def _system_paths(search_paths: Sequence[str | os.PathLike[str]] | None, environ: Mapping[str, str]) -> list[Path]:
     if search_paths is None:
         listed = environ.get(CONFIG_PATHS_ENV)
         search_paths = SYSTEM_CONFIG_PATHS if listed is None else [p for p in listed.split(os.pathsep) if p]
@@ -471,4 +469,3 @@ def parse_override(text: str) -> tuple[str, object]:
     except tomllib.TOMLDecodeError:
         parsed = value
     return key, parsed
-

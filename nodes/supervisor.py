@@ -529,8 +529,7 @@ class StageProcess:
             try:
                 status = await asyncio.wait_for(asyncio.shield(self._exited), REAP_TIMEOUT_S)
             except TimeoutError:  # e.g. stuck in uninterruptible I/O; reaped later by the pidfd
-                log.warning("stage %s (pid %d) not reaped %.1fs after SIGKILL", self.argv[0], self.pid,
-                            REAP_TIMEOUT_S)
+                log.warning("stage %s (pid %d) not reaped %.1fs after SIGKILL", self.argv[0], self.pid, REAP_TIMEOUT_S)
                 status = ExitStatus(signal=signal.SIGKILL)
         finally:
             self._close_pipes()
@@ -675,9 +674,7 @@ class Supervisor:
         """Start a stage under this supervisor; see :func:`start_stage`."""
         if self._closed:
             raise StageError(f"cannot start {list(argv)[:1]!r}: the node's supervisor is shutting down")
-        stage = await start_stage(
-            argv, env=env, cwd=cwd, forward_stderr=forward_stderr, on_closed=self._stages.discard
-        )
+        stage = await start_stage(argv, env=env, cwd=cwd, forward_stderr=forward_stderr, on_closed=self._stages.discard)
         self._stages.add(stage)
         return stage
 

@@ -148,9 +148,7 @@ def test_every_zero_copy_type_round_trips() -> None:
     assert out.to_pylist() == batch.to_pylist()
 
 
-@pytest.mark.parametrize(
-    ("offset", "length"), [(0, 50), (1, 30), (7, 9), (8, 16), (13, 37), (49, 1), (50, 0)]
-)
+@pytest.mark.parametrize(("offset", "length"), [(0, 50), (1, 30), (7, 9), (8, 16), (13, 37), (49, 1), (50, 0)])
 def test_slices_round_trip(offset: int, length: int) -> None:
     assert_roundtrip(sample_batch().slice(offset, length))
 
@@ -172,9 +170,7 @@ def test_children_with_their_own_offsets_round_trip() -> None:
 
 
 def test_struct_with_nulls_in_and_around_a_slice() -> None:
-    inner = pa.StructArray.from_arrays(
-        [pa.array([i if i % 3 else None for i in range(64)], pa.int8())], names=["x"]
-    )
+    inner = pa.StructArray.from_arrays([pa.array([i if i % 3 else None for i in range(64)], pa.int8())], names=["x"])
     mask = pa.array([i % 4 == 0 for i in range(64)])
     outer = pa.StructArray.from_arrays([inner, pa.array(range(64))], names=["in", "y"], mask=mask)
     batch = pa.record_batch({"o": outer})
@@ -289,9 +285,7 @@ def test_only_buffers_larger_than_a_chunk_are_cut() -> None:
 
 
 def test_many_columns_respect_the_frames_per_part_limit() -> None:
-    batch = pa.record_batch(
-        {f"c{i}": pa.array([i % 100] * 3, pa.int8()) for i in range(MAX_FRAMES_PER_PART + 10)}
-    )
+    batch = pa.record_batch({f"c{i}": pa.array([i % 100] * 3, pa.int8()) for i in range(MAX_FRAMES_PER_PART + 10)})
     encoder = ArrowEncoder(batch.schema, chunk_bytes=1 << 20)
     parts = encoder.encode(batch)
     assert all(len(frames) <= MAX_FRAMES_PER_PART for _, frames in parts)
@@ -624,9 +618,7 @@ def _nullable(spec: tuple[pa.DataType, Any]) -> tuple[pa.DataType, Any]:
     return typ, st.one_of(st.none(), values)
 
 
-_TYPES = st.recursive(
-    st.sampled_from(_SCALARS).map(_nullable), lambda c: _nested(c).map(_nullable), max_leaves=6
-)
+_TYPES = st.recursive(st.sampled_from(_SCALARS).map(_nullable), lambda c: _nested(c).map(_nullable), max_leaves=6)
 
 
 @st.composite

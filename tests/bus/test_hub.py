@@ -371,3 +371,40 @@ async def test_invalid_names_are_rejected_early() -> None:
         a.endpoint("one")
         with pytest.raises(BusError, match="already exists"):
             a.endpoint("one")
+
+
+async def test_a_peer_that_said_hello_is_routable_before_it_answers_ours() -> None:
+    # Regression: what we owed a new peer (the CREDIT for its first data) used to bounce as
+    # "no route" while our own link back to it waited for WELCOME, and its stream stalled.
+    ctx = zmq.asyncio.Context()
+    fake = ctx.socket(zmq.ROUTER)  # the peer's ROUTER: it takes our HELLO and never answers
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    try:
+        async with Hub("alpha") as a:
+            dealer.connect(a.tcp_endpoint)
+            hello = codec.Hello(
+                src="slowpoke/", node="slowpoke", instance="i1", endpoints={"bus": f"tcp://127.0.0.1:{port}"}
+            )
+            await dealer.send_multipart(codec.encode(hello))
+            assert isinstance(codec.decode(await asyncio.wait_for(dealer.recv_multipart(), WAIT_S)), codec.Welcome)
+            assert "slowpoke" in a.peers
+            a.endpoint("ep").send(codec.Credit(dst="slowpoke/src", sid=7, bytes=4096))
+            first = codec.decode((await asyncio.wait_for(fake.recv_multipart(), WAIT_S))[1:])
+            second = codec.decode((await asyncio.wait_for(fake.recv_multipart(), WAIT_S))[1:])
+            assert isinstance(first, codec.Hello) and first.node == "alpha"
+            assert isinstance(second, codec.Credit) and (second.sid, second.bytes) == (7, 4096)
+    finally:
+        dealer.close(0)
+        fake.close(0)
+        ctx.term()
+
+
+async def test_a_receiver_may_open_a_larger_window() -> None:
+    window = 3 * codec.INITIAL_CREDIT_BYTES
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst", window=window)
+        stream = src.open_stream("beta/dst")
+        await stream.send_bytes(b"w")
+        await dst.accept(timeout=WAIT_S)  # opened, never read: only the window's credit is there
+        await until(lambda: stream.limit == window)

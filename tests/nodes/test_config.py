@@ -104,7 +104,7 @@ def test_later_sources_win_and_tables_merge(tmp_path: Path) -> None:
         tmp_path / "user.rc",
         'name = "usr"\nallow = ["c"]\n[nodes]\ngamma = "g:1"\nbeta = "b2:2"\n[apps.sort]\nversion = "9.1"\n',
     )
-    given = write(tmp_path / "given.toml", '[limits]\ncredit_bytes = 131072\n')
+    given = write(tmp_path / "given.toml", "[limits]\ncredit_bytes = 131072\n")
     config = load_config(
         config_file=given,
         search_paths=[system, tmp_path / "missing.conf", user],
@@ -200,7 +200,7 @@ def test_a_bad_system_file_is_named(tmp_path: Path) -> None:
         ('[nodes]\nbeta = ["b:1"]', "key 'nodes.beta': expected a string 'HOST:PORT', got array"),
         ('[nodes]\n"be/ta" = "b:1"', "key 'nodes.be/ta': 'be/ta' is not a valid node name"),
         ("[apps]\nsort = 1", "key 'apps.sort': expected a table, got integer 1"),
-        ("[apps.sort]\nversion = 9.1", 'key \'apps.sort.version\': expected a string like "9.1", got float'),
+        ("[apps.sort]\nversion = 9.1", "key 'apps.sort.version': expected a string like \"9.1\", got float"),
         ('[apps.sort]\npath = "bin/sort"', "key 'apps.sort.path': 'bin/sort' is not an absolute path"),
         ('[apps."bin/sort"]\nversion = "1"', "key 'apps.bin/sort': the table name must be a program name"),
         ("[limits]\nmax_stages = 0", "key 'limits.max_stages': must be at least 1, got 0"),

@@ -273,9 +273,7 @@ async def test_stderr_tail_keeps_the_last_64_kib(stages: Supervisor) -> None:
 
 
 async def test_read_stderr_when_forwarded(stages: Supervisor) -> None:
-    stage = await stages.start(
-        ["sh", "-c", "echo out; seq 30000 >&2; echo done >&2"], env=ENV, forward_stderr=True
-    )
+    stage = await stages.start(["sh", "-c", "echo out; seq 30000 >&2; echo done >&2"], env=ENV, forward_stderr=True)
     err = bytearray()
     while chunk := await asyncio.wait_for(stage.read_stderr(), WAIT_S):
         err += chunk
