@@ -154,7 +154,8 @@ class Hub:
         self._client_ids = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.link_listeners: list[Callable[[str, bool, str], None]] = []
+        self.link_listeners: list[Callable[[str, bool, str], None]] = []  # (node, up, reason)
+        self.client_listeners: list[Callable[[str], None]] = []  # (address) of a client that left
         self._transport = _InProcess(self)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -646,6 +647,8 @@ class Hub:
         name = codec.split_addr(client.addr)[1]
         if self._local.get(name) is client:
             del self._local[name]
+        for listener in self.client_listeners:
+            listener(client.addr)
 
     # -- routing ------------------------------------------------------------------------------
 

@@ -1,0 +1,660 @@
+"""A dpipes node: its hub, its stages, negotiation, and the coordination of pipelines it is entry for.
+
+Every node has a control endpoint ``<node>/ctl`` that answers REQUEST messages:
+
+``run`` (client -> entry node)
+    Body: ``pipeline`` (text), ``mode`` ("bytes" | "json" | "yaml"), ``stdin`` (bool: the client
+    streams data into the first stage), ``require`` (list of ``"prog>=ver"``), ``protocol``,
+    ``user``. The entry node parses, places, negotiates with every chosen node and starts every
+    stage; it answers with ``pipeline`` (id) and ``stages`` (``index, node, argv, addr``), or with
+    an error naming the stage, node, program and reason. Nothing starts unless every node agreed.
+``negotiate`` (coordinator -> each node)
+    Body: ``pipeline, stage, argv, mode, protocol, require``. The node checks the pipeline
+    protocol, the data mode, that the program exists and is allowed here, and the version
+    constraint; on success it reserves the stage's endpoint ``<node>/<pipeline>.<stage>``.
+``start``
+    Body adds ``stdin_from`` (address or ""), ``stdout_to``, ``stderr_to``, ``report_to``
+    (addresses that get the ``exit`` report), ``meta`` (object-mode metadata settings).
+``cancel``
+    Body: ``pipeline``, ``reason``: terminate every stage of it here (process group, bounded).
+``exit`` (node -> client and coordinator)
+    Body: ``pipeline, stage, node, code, signal, status, sigpipe, error, stderr_tail``; answered
+    with an empty reply so that no report is lost silently.
+``failed`` (coordinator -> client)
+    Body: ``pipeline, error``: the run failed as a whole (a node was lost, ...).
+
+Data: a stage's stdout is a stream from its endpoint to the next stage's endpoint (or to the
+client); its stdin is the one stream that arrives at its endpoint; its stderr is a stream of
+``STDERR`` messages to the client, opened only when the program writes to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import getpass
+import logging
+import os
+import re
+import shutil
+import signal
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from dpipes.bus import codec
+from dpipes.bus.endpoint import Endpoint, StreamCancelled
+from dpipes.bus.errors import BusError, DpipesError, StageError
+from dpipes.bus.hub import Hub
+from dpipes.nodes.config import NodeConfig
+from dpipes.nodes.pipeline import NodeInfo, PipelineSyntaxError, PlacementError, StageSpec, parse_pipeline, place
+from dpipes.nodes.supervisor import StageProcess, StdinClosed, Supervisor
+
+log = logging.getLogger(__name__)
+
+CTL = "ctl"
+PIPELINE_PROTOCOL = 1  # the run/negotiate/start/exit conversation; bumped when it changes
+MODES = ("bytes", "json", "yaml")
+CONTROL_TIMEOUT_S = 10.0  # negotiate/start/cancel answers; they involve no data
+REPORT_TIMEOUT_S = 5.0  # an exit report nobody acknowledges is logged and dropped after this
+VERSION_PROBE_TIMEOUT_S = 2.0  # `prog --version` when the config declares no version
+CANCEL_TIMEOUT_S = 10.0  # terminate (TERM, grace, KILL) all stages of a pipeline here
+STDERR_TAIL_REPORT_BYTES = 4096  # the end of a failed stage's stderr, in its exit report
+
+_REQUIRE_RE = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|!=|>|<)\s*([0-9][0-9A-Za-z.+-]*)\s*$")
+_VERSION_RE = re.compile(r"(\d+(?:\.\d+)+|\d+)")
+
+
+class NegotiationRefused(StageError):
+    """A node refused a stage before anything started; the message names node, program, reason."""
+
+
+def parse_requirement(text: str) -> tuple[str, str, tuple[int, ...]]:
+    """``"sort>=9.1"`` -> ``("sort", ">=", (9, 1))``.
+
+    Raises:
+        ValueError: the text is not ``PROG OP VERSION``.
+    """
+    match = _REQUIRE_RE.match(text)
+    if not match:
+        raise ValueError(f"bad requirement {text!r}: write PROG OP VERSION, e.g. 'sort>=9' (OP: >= <= == != > <)")
+    return match[1], match[2], version_tuple(match[3])
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """The leading dotted number of a version string as a tuple: ``"9.1-rc"`` -> ``(9, 1)``."""
+    match = _VERSION_RE.search(text)
+    return tuple(int(p) for p in match[1].split(".")) if match else ()
+
+
+def version_satisfies(have: tuple[int, ...], op: str, want: tuple[int, ...]) -> bool:
+    width = max(len(have), len(want))
+    a, b = have + (0,) * (width - len(have)), want + (0,) * (width - len(want))
+    return {">=": a >= b, "<=": a <= b, "==": a == b, "!=": a != b, ">": a > b, "<": a < b}[op]
+
+
+@dataclasses.dataclass
+class _Stage:
+    """One stage of a pipeline on this node."""
+
+    pipeline: str
+    index: int
+    argv: list[str]
+    mode: str
+    endpoint: Endpoint
+    describe: str
+    proc: StageProcess | None = None
+    task: asyncio.Task[None] | None = None
+    cancelled: str = ""
+
+
+@dataclasses.dataclass
+class _Run:
+    """A pipeline this node coordinates."""
+
+    pipeline: str
+    client: str
+    stages: list[StageSpec]
+    nodes: list[str]
+    exited: set[int] = dataclasses.field(default_factory=set)
+    failed: str = ""
+
+
+class Node:
+    """One dpipes node: hub, supervisor and control endpoint.
+
+    Args:
+        config: the node's configuration (name, listen address, peers, allowed programs, ...).
+        exclusive: ``dpipesd -- PROG ARGS``: the only program this node runs, with ARGS put
+            before each stage's own arguments.
+        ipc: the hub's ipc endpoint (default: a private temporary path).
+        tap: the tap endpoint (default: beside ``ipc``).
+        exit_after_one: stop serving once one stage has run here (``dpipesd --exit``).
+        listen: override of ``config.listen`` as ``tcp://HOST:PORT`` (port 0: any free port).
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        exclusive: list[str] | None = None,
+        ipc: str | None = None,
+        tap: str | None = None,
+        exit_after_one: bool = False,
+        listen: str | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.exclusive = list(exclusive) if exclusive else None
+        self.exit_after_one = exit_after_one
+        tcp = listen or f"tcp://{_zmq_host(config.listen.host)}:{config.listen.port}"
+        self.hub = Hub(config.name, tcp=tcp, ipc=ipc, tap=tap, info={"programs": sorted(self.offered())})
+        self.supervisor = Supervisor()
+        self._ctl: Endpoint | None = None
+        self._stages: dict[tuple[str, int], _Stage] = {}
+        self._runs: dict[str, _Run] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._versions: dict[str, tuple[int, ...]] = {}
+        self._stopped: asyncio.Event | None = None
+        self._closed = False
+        self.stages_run = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def tcp_endpoint(self) -> str:
+        return self.hub.tcp_endpoint
+
+    @property
+    def ipc_endpoint(self) -> str:
+        return self.hub.ipc_endpoint
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Listen, link to the configured peers, and answer control requests."""
+        self._stopped = asyncio.Event()
+        await self.hub.start()
+        await self.supervisor.__aenter__()
+        self._ctl = self.hub.endpoint(CTL)
+        self.hub.link_listeners.append(self._on_link)
+        self.hub.client_listeners.append(self._on_client_gone)
+        for peer in self.config.nodes.values():
+            self.hub.add_peer(f"tcp://{_zmq_host(peer.host)}:{peer.port}")
+        self._spawn(self._serve_ctl(), "control")
+
+    async def serve(self) -> None:
+        """Run until ``stop()`` (or, with ``exit_after_one``, until one stage has run here)."""
+        assert self._stopped is not None, "node not started"
+        await self._stopped.wait()
+
+    def stop(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Cancel every stage (bounded), close the hub. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stop()
+        stages = list(self._stages.values())
+        for stage in stages:
+            stage.cancelled = stage.cancelled or "node stopping"
+        await asyncio.gather(*(self._kill(stage) for stage in stages), return_exceptions=True)
+        await self.supervisor.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.hub.aclose()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"node {self.name}: {name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("node %s: task %s failed", self.name, task.get_name(), exc_info=task.exception())
+
+    # -- what this node offers -----------------------------------------------------------------
+
+    def offered(self) -> set[str]:
+        """Programs this node says it runs: its exclusive program, else allow list and [apps]."""
+        if self.exclusive:
+            return {os.path.basename(self.exclusive[0])}
+        return set(self.config.allow or ()) | set(self.config.apps)
+
+    def _resolve(self, program: str) -> str | None:
+        app = self.config.apps.get(program)
+        if app is not None and app.path:
+            return app.path if os.access(app.path, os.X_OK) else None
+        return shutil.which(program)
+
+    async def _refusal(self, argv: list[str], mode: str, protocol: Any, require: list[str]) -> str:
+        """Why this node will not run ``argv``, or "" when it will."""
+        program = argv[0] if argv else ""
+        if protocol != PIPELINE_PROTOCOL:
+            return f"pipeline protocol {protocol!r} is not node {self.name}'s {PIPELINE_PROTOCOL}: upgrade one side"
+        if mode not in MODES:
+            return f"data mode {mode!r} is not one of {', '.join(MODES)}"
+        if self.exclusive is not None:
+            only = os.path.basename(self.exclusive[0])
+            if os.path.basename(program) != only:
+                return f"program {program!r} is not allowed: node {self.name} runs only {only!r}"
+        elif self.config.allow is not None and program not in self.config.allow:
+            allowed = ", ".join(sorted(self.config.allow)) or "nothing"
+            return f"program {program!r} is not allowed on node {self.name} (allowed: {allowed})"
+        path = self._resolve(self.exclusive[0] if self.exclusive else program)
+        if path is None:
+            return f"program {program!r} not found on node {self.name} (not in its PATH, nor in [apps])"
+        for text in require:
+            try:
+                name, op, want = parse_requirement(text)
+            except ValueError as exc:
+                return str(exc)
+            if name != program:
+                continue
+            have = await self._version_of(program, path)
+            if not have:
+                return f"version of {program!r} unknown here, cannot check {text!r} (declare it in [apps.{program}])"
+            if not version_satisfies(have, op, want):
+                shown = ".".join(map(str, have))
+                return f"{program} version {shown} on node {self.name} does not satisfy {text!r}"
+        return ""
+
+    async def _version_of(self, program: str, path: str) -> tuple[int, ...]:
+        app = self.config.apps.get(program)
+        if app is not None and app.version:
+            return version_tuple(app.version)
+        if program not in self._versions:
+            self._versions[program] = await asyncio.to_thread(_probe_version, path)
+        return self._versions[program]
+
+    # -- control requests -------------------------------------------------------------------
+
+    async def _serve_ctl(self) -> None:
+        assert self._ctl is not None
+        handlers = {
+            "run": self._on_run,
+            "negotiate": self._on_negotiate,
+            "start": self._on_start,
+            "cancel": self._on_cancel,
+            "exit": self._on_exit,
+            "info": self._on_info,
+        }
+        while True:
+            msg = await self._ctl.recv()
+            if not isinstance(msg, codec.Request):
+                continue
+            handler = handlers.get(msg.method)
+            if handler is None:
+                self._ctl.reply(msg, error=f"node {self.name} has no method {msg.method!r}")
+                continue
+            self._spawn(self._answer(handler, msg), f"{msg.method} from {msg.src}")
+
+    async def _answer(self, handler: Any, msg: codec.Request) -> None:
+        assert self._ctl is not None
+        try:
+            body = await handler(msg)
+        except DpipesError as exc:
+            self._ctl.reply(msg, error=str(exc))
+        except (KeyError, TypeError, ValueError) as exc:
+            self._ctl.reply(msg, error=f"malformed {msg.method} request: {exc!r}")
+        except Exception as exc:
+            log.exception("node %s: %s failed", self.name, msg.method)
+            self._ctl.reply(msg, error=f"node {self.name}: internal error in {msg.method}: {exc!r}")
+        else:
+            self._ctl.reply(msg, body)
+
+    async def _on_info(self, msg: codec.Request) -> dict[str, Any]:
+        return {"node": self.name, "programs": sorted(self.offered()), "peers": sorted(self.hub.peers)}
+
+    async def _on_negotiate(self, msg: codec.Request) -> dict[str, Any]:
+        b = msg.body
+        pipeline, index, argv = str(b["pipeline"]), int(b["stage"]), [str(a) for a in b["argv"]]
+        reason = await self._refusal(argv, b.get("mode", "bytes"), b.get("protocol"), list(b.get("require", [])))
+        if reason:
+            raise NegotiationRefused(reason)
+        if (pipeline, index) in self._stages:
+            raise NegotiationRefused(f"stage {index} of pipeline {pipeline} is already here")
+        endpoint = self.hub.endpoint(f"{pipeline}.{index}")
+        describe = f"stage {index} ({argv[0]}@{self.name})"
+        self._stages[(pipeline, index)] = _Stage(pipeline, index, argv, b.get("mode", "bytes"), endpoint, describe)
+        return {"addr": endpoint.addr}
+
+    async def _on_start(self, msg: codec.Request) -> dict[str, Any]:
+        b = msg.body
+        stage = self._stages.get((str(b["pipeline"]), int(b["stage"])))
+        if stage is None:
+            raise StageError(f"node {self.name}: stage {b['stage']} of pipeline {b['pipeline']} was not negotiated")
+        argv = (self.exclusive + stage.argv[1:]) if self.exclusive else stage.argv
+        env = dict(os.environ)
+        env.update(self._stage_env(stage, b))
+        program = self._resolve(argv[0]) or argv[0]
+        stage.proc = await self.supervisor.start([program, *argv[1:]], env=env, forward_stderr=True)
+        self.stages_run += 1
+        stage.task = self._spawn(self._run_stage(stage, b), stage.describe)
+        log.info("node %s: started %s pid %d", self.name, stage.describe, stage.proc.pid)
+        return {"pid": stage.proc.pid}
+
+    def _stage_env(self, stage: _Stage, body: Mapping[str, Any]) -> dict[str, str]:
+        host, _, port = self.hub.tcp_endpoint.removeprefix("tcp://").rpartition(":")
+        return {
+            "DPIPES_ADDR": host,
+            "DPIPES_PORT": port,
+            "DPIPES_SERVICE": f"dp.{os.path.basename(stage.argv[0])}",
+            "DPIPES_NODE": self.name,
+            "DPIPES_PIPELINE": stage.pipeline,
+            "DPIPES_STAGE": str(stage.index),
+            "DPIPES_ARGV": " ".join(_shell_quote(a) for a in stage.argv),
+            "DPIPES_USER": str(body.get("user", "")),
+        }
+
+    async def _on_cancel(self, msg: codec.Request) -> dict[str, Any]:
+        pipeline, reason = str(msg.body["pipeline"]), str(msg.body.get("reason", "cancelled"))
+        run = self._runs.get(pipeline)
+        if run is not None and msg.src == run.client:  # the client cancels: tell every node
+            await self._cancel_run(run, reason)
+            return {}
+        stages = [s for (p, _i), s in self._stages.items() if p == pipeline]
+        for stage in stages:
+            stage.cancelled = stage.cancelled or reason
+        await asyncio.gather(*(self._kill(s) for s in stages), return_exceptions=True)
+        for stage in stages:
+            if stage.proc is None:  # negotiated, never started
+                self._forget(stage)
+        return {"stages": len(stages)}
+
+    async def _kill(self, stage: _Stage) -> None:
+        if stage.proc is not None:
+            await asyncio.wait_for(stage.proc.terminate(), CANCEL_TIMEOUT_S)
+
+    def _forget(self, stage: _Stage) -> None:
+        self._stages.pop((stage.pipeline, stage.index), None)
+        stage.endpoint.close()
+
+    # -- running one stage -------------------------------------------------------------------
+
+    async def _run_stage(self, stage: _Stage, body: Mapping[str, Any]) -> None:
+        proc = stage.proc
+        assert proc is not None
+        ep = stage.endpoint
+        errors: list[str] = []
+        sigpipe = False
+
+        async def stdin_pump() -> None:
+            stdin_from = str(body.get("stdin_from") or "")
+            if not stdin_from:
+                proc.close_stdin()
+                return
+            stream = await ep.accept()
+            try:
+                while (msg := await stream.read()) is not None:
+                    for frame in getattr(msg, "frames", ()):
+                        await proc.write_stdin(frame)
+            except StdinClosed:
+                stream.cancel(f"{stage.describe} closed its input")
+            except BusError as exc:
+                if not stage.cancelled:
+                    errors.append(f"input: {exc}")
+                await proc.terminate()
+            finally:
+                proc.close_stdin()
+
+        async def stdout_pump() -> None:
+            nonlocal sigpipe
+            out = ep.open_stream(str(body["stdout_to"]))
+            try:
+                while data := await proc.read_stdout():
+                    await out.send_bytes(data)
+                await out.close()
+            except StreamCancelled:
+                sigpipe = True  # downstream is gone: the program gets SIGPIPE, as in a shell
+                proc.close_stdout()
+            except BusError as exc:
+                if not stage.cancelled:
+                    errors.append(f"output: {exc}")
+                proc.close_stdout()
+                await proc.terminate()
+
+        async def stderr_pump() -> None:
+            out = None
+            try:
+                while data := await proc.read_stderr():
+                    if out is None:
+                        out = ep.open_stream(str(body["stderr_to"]))
+                    await out.send(codec.Stderr(frames=(data,)))
+                if out is not None:
+                    await out.close()
+            except BusError as exc:
+                log.info("node %s: %s: stderr not delivered: %s", self.name, stage.describe, exc)
+
+        try:
+            pumps = [asyncio.create_task(p()) for p in (stdin_pump, stdout_pump, stderr_pump)]
+            status = await proc.wait()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        except asyncio.CancelledError:
+            for p in pumps:
+                p.cancel()
+            raise
+        finally:
+            self._forget(stage)
+        tail = proc.stderr_tail[-STDERR_TAIL_REPORT_BYTES:].decode(errors="replace") if not status.ok else ""
+        report = {
+            "pipeline": stage.pipeline,
+            "stage": stage.index,
+            "node": self.name,
+            "code": status.code if status.code is not None else -1,
+            "signal": status.signal or 0,
+            "status": status.describe(),
+            "sigpipe": sigpipe or status.signal == signal.SIGPIPE,
+            "error": "; ".join(errors) or (f"cancelled: {stage.cancelled}" if stage.cancelled else ""),
+            "stderr_tail": tail,
+        }
+        log.info("node %s: %s %s", self.name, stage.describe, status.describe())
+        await asyncio.gather(*(self._report(addr, report) for addr in body.get("report_to", [])))
+        if self.exit_after_one:
+            self.stop()
+
+    async def _report(self, addr: str, report: dict[str, Any]) -> None:
+        assert self._ctl is not None
+        try:
+            await self._ctl.request(str(addr), "exit", report, timeout=REPORT_TIMEOUT_S)
+        except BusError as exc:
+            log.warning(
+                "node %s: exit report of stage %s not delivered to %s: %s", self.name, report["stage"], addr, exc
+            )
+
+    # -- coordinating a pipeline (this node is its entry) ----------------------------------
+
+    def table(self) -> dict[str, NodeInfo]:
+        """What this node knows of every node, for placement."""
+        table = {self.name: NodeInfo(self.name, frozenset(self.offered()))}
+        for name, peer in self.hub.peers.items():
+            programs = peer.info.get("programs", []) if isinstance(peer.info, dict) else []
+            table[name] = NodeInfo(name, frozenset(p for p in programs if isinstance(p, str)))
+        return table
+
+    async def _on_run(self, msg: codec.Request) -> dict[str, Any]:
+        assert self._ctl is not None
+        b = msg.body
+        mode = b.get("mode", "bytes")
+        if mode not in MODES:
+            raise StageError(f"data mode {mode!r} is not one of {', '.join(MODES)}")
+        require = [str(r) for r in b.get("require", [])]
+        for text in require:
+            parse_requirement(text)  # a bad --require is the user's error, before anything else
+        try:
+            stages = parse_pipeline(str(b["pipeline"]))
+        except PipelineSyntaxError as exc:
+            raise StageError(str(exc)) from None
+        if len(stages) > self.config.limits.max_stages:
+            raise StageError(f"{len(stages)} stages, more than this node's limit of {self.config.limits.max_stages}")
+        try:
+            nodes = place(stages, self.table(), local=self.name)
+        except PlacementError as exc:
+            raise StageError(str(exc)) from None
+        pipeline = uuid.uuid4().hex[:12]
+        run = _Run(pipeline, msg.src, stages, nodes)
+        self._runs[pipeline] = run
+
+        def describe(i: int) -> str:
+            return f"stage {i} ({stages[i].argv[0]}@{nodes[i]})"
+
+        negotiations = await asyncio.gather(
+            *(
+                self._ctl.request(
+                    f"{node}/{CTL}",
+                    "negotiate",
+                    {
+                        "pipeline": pipeline,
+                        "stage": i,
+                        "argv": list(stages[i].argv),
+                        "mode": mode,
+                        "protocol": b.get("protocol", PIPELINE_PROTOCOL),
+                        "require": require,
+                    },
+                    timeout=CONTROL_TIMEOUT_S,
+                )
+                for i, node in enumerate(nodes)
+            ),
+            return_exceptions=True,
+        )
+        refusals = [
+            f"{describe(i)}: {_strip_failed(str(r))}"
+            for i, r in enumerate(negotiations)
+            if isinstance(r, BaseException)
+        ]
+        if refusals:
+            await self._cancel_run(run, "negotiation refused", notify=False)
+            raise NegotiationRefused("refused before anything started:\n  " + "\n  ".join(refusals))
+        addrs = [r["addr"] for r in negotiations]  # type: ignore[index]
+        client = msg.src
+        starts = await asyncio.gather(
+            *(
+                self._ctl.request(
+                    f"{node}/{CTL}",
+                    "start",
+                    {
+                        "pipeline": pipeline,
+                        "stage": i,
+                        "stdin_from": (addrs[i - 1] if i else (client if b.get("stdin") else "")),
+                        "stdout_to": addrs[i + 1] if i + 1 < len(addrs) else client,
+                        "stderr_to": client,
+                        "report_to": [client, self._ctl.addr],
+                        "user": b.get("user", ""),
+                    },
+                    timeout=CONTROL_TIMEOUT_S,
+                )
+                for i, node in reversed(list(enumerate(nodes)))  # downstream first: readers ready
+            ),
+            return_exceptions=True,
+        )
+        failures = [r for r in starts if isinstance(r, BaseException)]
+        if failures:
+            await self._cancel_run(run, "start failed", notify=False)
+            raise StageError("could not start the pipeline: " + "; ".join(_strip_failed(str(f)) for f in failures))
+        return {
+            "pipeline": pipeline,
+            "stages": [
+                {"index": i, "node": nodes[i], "argv": list(stages[i].argv), "addr": addrs[i]}
+                for i in range(len(stages))
+            ],
+        }
+
+    async def _cancel_run(self, run: _Run, reason: str, *, notify: bool = True) -> None:
+        assert self._ctl is not None
+        if notify and not run.failed:
+            run.failed = reason
+        await asyncio.gather(
+            *(
+                self._ctl.request(
+                    f"{node}/{CTL}", "cancel", {"pipeline": run.pipeline, "reason": reason}, timeout=CANCEL_TIMEOUT_S
+                )
+                for node in sorted(set(run.nodes))
+                if node in self.hub.peers or node == self.name
+            ),
+            return_exceptions=True,
+        )
+        if not notify:
+            self._runs.pop(run.pipeline, None)
+
+    async def _on_exit(self, msg: codec.Request) -> dict[str, Any]:
+        run = self._runs.get(str(msg.body.get("pipeline")))
+        if run is not None:
+            run.exited.add(int(msg.body["stage"]))
+            if len(run.exited) == len(run.stages):
+                self._runs.pop(run.pipeline, None)
+        return {}
+
+    def _on_link(self, node: str, up: bool, reason: str) -> None:
+        if up:
+            return
+        for run in list(self._runs.values()):
+            if node in run.nodes and not run.failed:
+                stages = ", ".join(f"stage {i} ({run.stages[i].argv[0]})" for i, n in enumerate(run.nodes) if n == node)
+                error = f"node {node!r} lost ({reason}) while running {stages}"
+                self._spawn(self._fail_run(run, error), f"fail {run.pipeline}")
+
+    def _on_client_gone(self, addr: str) -> None:
+        for run in list(self._runs.values()):
+            if run.client == addr and not run.failed:
+                self._spawn(self._cancel_run(run, f"client {addr} went away"), f"cancel {run.pipeline}")
+
+    async def _fail_run(self, run: _Run, error: str) -> None:
+        assert self._ctl is not None
+        run.failed = error
+        log.warning("node %s: pipeline %s failed: %s", self.name, run.pipeline, error)
+        with contextlib.suppress(BusError):
+            await self._ctl.request(
+                run.client, "failed", {"pipeline": run.pipeline, "error": error}, timeout=REPORT_TIMEOUT_S
+            )
+        await self._cancel_run(run, error)
+
+
+def _strip_failed(message: str) -> str:
+    """Drop the transport's "METHOD at ADDR failed: " prefix: the stage description says where."""
+    return re.sub(r"^\w+ at \S+ failed: ", "", message)
+
+
+def _zmq_host(host: str) -> str:
+    return "*" if host in ("0.0.0.0", "", "*") else host
+
+
+def _shell_quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def _probe_version(path: str) -> tuple[int, ...]:
+    """The version a program prints for ``--version`` (first number on its first line)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, timeout=VERSION_PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    first = (out.stdout or out.stderr).decode(errors="replace").splitlines()[:1]
+    return version_tuple(first[0]) if first else ()
+
+
+def current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+__all__ = ["CTL", "MODES", "PIPELINE_PROTOCOL", "NegotiationRefused", "Node", "current_user", "parse_requirement"]

@@ -1,0 +1,391 @@
+"""The client side of a pipeline run: ask the entry node, stream stdin in, stdout and stderr out.
+
+``run_pipeline`` is what the ``dpipes`` command does once it has an entry node. Exit codes it
+computes (the command documents them):
+
+* the last stage's status (its exit code, or 128 + signal), or with ``pipefail`` the last non-zero
+  one, leaving out stages stopped by SIGPIPE because a later stage finished early (as ``head``);
+* ``EXIT_DPIPES_FAILED`` (125) when dpipes itself failed: a refusal, a lost node, a bus error;
+* ``EXIT_INTERRUPTED`` (130) after Ctrl-C cancelled every stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from dpipes.bus import codec
+from dpipes.bus.client import Client
+from dpipes.bus.endpoint import Endpoint, InStream
+from dpipes.bus.errors import BusError, DpipesError
+from dpipes.nodes.node import CTL, PIPELINE_PROTOCOL, current_user
+
+log = logging.getLogger(__name__)
+
+EXIT_DPIPES_FAILED = 125
+EXIT_INTERRUPTED = 130
+RUN_TIMEOUT_S = 60.0  # negotiation and start across every node (version probes included)
+CANCEL_WAIT_S = 15.0  # after Ctrl-C or a failure: how long we wait for the stages' exit reports
+STDIN_CHUNK_BYTES = 256 * 1024
+
+
+class RunFailed(DpipesError):
+    """The pipeline could not run, or failed as a whole (refusal, lost node); the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What the user asked for."""
+
+    pipeline: str
+    mode: str = "bytes"
+    stdin: bool = False
+    pipefail: bool = False
+    tag: bool = False
+    require: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class StageResult:
+    index: int
+    node: str
+    argv: list[str]
+    code: int = -1
+    signal: int = 0
+    status: str = "did not report"
+    sigpipe: bool = False
+    error: str = ""
+    stderr_tail: str = ""
+    reported: bool = False
+
+    @property
+    def shell_code(self) -> int:
+        if not self.reported:
+            return EXIT_DPIPES_FAILED
+        return 128 + self.signal if self.signal else self.code
+
+    def describe(self) -> str:
+        text = f"stage {self.index} {self.argv[0] if self.argv else '?'}@{self.node}: {self.status}"
+        if self.sigpipe and self.signal:
+            text += " (its reader finished early)"
+        if self.error and not self.sigpipe:
+            text += f" ({self.error})"
+        return text
+
+
+@dataclasses.dataclass
+class RunResult:
+    pipeline: str
+    stages: list[StageResult]
+    exit_code: int
+    error: str = ""
+
+
+def exit_code_of(stages: list[StageResult], *, pipefail: bool) -> int:
+    """The pipeline's exit code from its stages, as a shell computes it."""
+    if not stages:
+        return 0
+    if pipefail:
+        for stage in reversed(stages):
+            if stage.shell_code != 0 and not (stage.sigpipe and stage is not stages[-1]):
+                return stage.shell_code
+        return 0
+    return stages[-1].shell_code
+
+
+class _Output:
+    """Writes to a file descriptor in a worker thread, in order, so a slow reader never blocks the loop."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = asyncio.Lock()
+        self.broken = False
+
+    async def write(self, data: bytes | memoryview) -> None:
+        if self.broken:
+            return
+        async with self._lock:
+            try:
+                await asyncio.to_thread(_write_all, self.fd, data)
+            except BrokenPipeError:
+                self.broken = True
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _Tagger:
+    """Prefixes each stderr line of one stage with ``[stage N prog@node] ``."""
+
+    def __init__(self, prefix: bytes) -> None:
+        self.prefix = prefix
+        self._at_line_start = True
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        for line in data.splitlines(keepends=True):
+            if self._at_line_start:
+                out += self.prefix
+            out += line
+            self._at_line_start = line.endswith(b"\n")
+        return bytes(out)
+
+
+async def run_pipeline(
+    entry: str,
+    options: RunOptions,
+    *,
+    stdin_fd: int = 0,
+    stdout_fd: int = 1,
+    stderr_fd: int = 2,
+    on_started: Callable[[dict[str, Any]], None] | None = None,
+    handle_sigint: bool = True,
+) -> RunResult:
+    """Run ``options.pipeline`` through the node at ``entry`` (an ipc:// or tcp:// endpoint).
+
+    Raises:
+        RunFailed: the entry node is unreachable or refused the pipeline before it started.
+    """
+    try:
+        client = Client(entry)
+        await client.start()
+    except BusError as exc:
+        raise RunFailed(f"cannot reach a dpipes node at {entry}: {exc}") from None
+    try:
+        return await _Run(client.endpoint, options, stdin_fd, stdout_fd, stderr_fd, on_started).run(handle_sigint)
+    finally:
+        await client.aclose()
+
+
+class _Run:
+    def __init__(
+        self,
+        ep: Endpoint,
+        options: RunOptions,
+        stdin_fd: int,
+        stdout_fd: int,
+        stderr_fd: int,
+        on_started: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.ep = ep
+        self.options = options
+        self.stdin_fd = stdin_fd
+        self.stdout = _Output(stdout_fd)
+        self.stderr = _Output(stderr_fd)
+        self.on_started = on_started
+        self.ctl = f"{ep.node}/{CTL}"
+        self.pipeline = ""
+        self.stages: list[StageResult] = []
+        self.error = ""
+        self.interrupted = False
+        self._done = asyncio.Event()
+        self._readers: set[asyncio.Task[None]] = set()
+
+    async def run(self, handle_sigint: bool) -> RunResult:
+        body = {
+            "pipeline": self.options.pipeline,
+            "mode": self.options.mode,
+            "stdin": self.options.stdin,
+            "require": list(self.options.require),
+            "protocol": PIPELINE_PROTOCOL,
+            "user": current_user(),
+        }
+        try:
+            reply = await self.ep.request(self.ctl, "run", body, timeout=RUN_TIMEOUT_S)
+        except BusError as exc:
+            raise RunFailed(_clean(str(exc), self.ctl)) from None
+        self.pipeline = reply["pipeline"]
+        self.stages = [StageResult(s["index"], s["node"], list(s["argv"])) for s in reply["stages"]]
+        if self.on_started is not None:
+            self.on_started(reply)
+        loop = asyncio.get_running_loop()
+        if handle_sigint:
+            loop.add_signal_handler(signal.SIGINT, self._interrupt)
+        tasks = [asyncio.create_task(self._accept()), asyncio.create_task(self._control())]
+        if self.options.stdin:
+            tasks.append(asyncio.create_task(self._feed_stdin(reply["stages"][0]["addr"])))
+        try:
+            await self._done.wait()
+            if self._readers:
+                await asyncio.wait(self._readers, timeout=CANCEL_WAIT_S)
+        finally:
+            if handle_sigint:
+                loop.remove_signal_handler(signal.SIGINT)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for reader in self._readers:
+                reader.cancel()
+        if self.interrupted:
+            code = EXIT_INTERRUPTED
+        elif self.error:
+            code = EXIT_DPIPES_FAILED
+        else:
+            code = exit_code_of(self.stages, pipefail=self.options.pipefail)
+        return RunResult(self.pipeline, self.stages, code, self.error)
+
+    def _interrupt(self) -> None:
+        if self.interrupted:  # a second Ctrl-C: stop waiting
+            self._done.set()
+            return
+        self.interrupted = True
+        asyncio.get_running_loop().call_later(CANCEL_WAIT_S, self._done.set)
+        self._readers.add(asyncio.create_task(self._cancel("interrupted by the user (Ctrl-C)")))
+
+    async def _cancel(self, reason: str) -> None:
+        with contextlib.suppress(BusError):
+            await self.ep.request(
+                self.ctl, "cancel", {"pipeline": self.pipeline, "reason": reason}, timeout=CANCEL_WAIT_S
+            )
+
+    def _check_done(self) -> None:
+        if all(s.reported for s in self.stages):
+            self._done.set()
+
+    async def _control(self) -> None:
+        """Exit reports and failures, as REQUEST messages to our endpoint."""
+        try:
+            while True:
+                msg = await self.ep.recv()
+                if not isinstance(msg, codec.Request):
+                    continue
+                self.ep.reply(msg, {})
+                body = msg.body
+                if body.get("pipeline") != self.pipeline:
+                    continue
+                if msg.method == "exit":
+                    index = int(body["stage"])
+                    if 0 <= index < len(self.stages):
+                        stage = self.stages[index]
+                        stage.code, stage.signal = int(body["code"]), int(body["signal"])
+                        stage.status, stage.sigpipe = str(body["status"]), bool(body["sigpipe"])
+                        stage.error, stage.stderr_tail = str(body["error"]), str(body.get("stderr_tail", ""))
+                        stage.reported = True
+                        self._check_done()
+                elif msg.method == "failed" and not self.error:
+                    self.error = str(body.get("error", "the pipeline failed"))
+                    asyncio.get_running_loop().call_later(CANCEL_WAIT_S, self._done.set)
+        except BusError as exc:  # our node is gone: nothing more will come
+            if not self.error:
+                self.error = _clean(str(exc), self.ctl)
+            self._done.set()
+
+    async def _accept(self) -> None:
+        last = self.stages[-1]
+        last_addr = f"{last.node}/{self.pipeline}.{last.index}"
+        while True:
+            stream = await self.ep.accept()
+            task = asyncio.create_task(self._read(stream, stream.src == last_addr))
+            self._readers.add(task)
+
+    async def _read(self, stream: InStream, may_be_stdout: bool) -> None:
+        index = _stage_index(stream.src)
+        stage = self.stages[index] if 0 <= index < len(self.stages) else None
+        tagger = (
+            _Tagger(f"[stage {index} {stage.argv[0]}@{stage.node}] ".encode()) if stage and self.options.tag else None
+        )
+        try:
+            while (msg := await stream.read()) is not None:
+                is_stderr = isinstance(msg, codec.Stderr) or not may_be_stdout
+                for frame in getattr(msg, "frames", ()):
+                    if is_stderr:
+                        await self.stderr.write(tagger.feed(bytes(frame)) if tagger else frame)
+                    elif self.stdout.broken:
+                        stream.cancel("the output of dpipes was closed")
+                        return
+                    else:
+                        await self.stdout.write(frame)
+        except BusError as exc:
+            if not self.error and not self.interrupted:
+                log.debug("stream from %s failed: %s", stream.src, exc)
+
+    async def _feed_stdin(self, addr: str) -> None:
+        out = self.ep.open_stream(addr)
+        try:
+            while True:
+                data = await asyncio.to_thread(_read_some, self.stdin_fd, STDIN_CHUNK_BYTES)
+                if not data:
+                    break
+                await out.send_bytes(data)
+            await out.close()
+        except BusError:
+            pass  # the first stage stopped reading (it exited, or was cancelled): as a closed pipe
+
+
+def _read_some(fd: int, size: int) -> bytes:
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return b""
+
+
+def _stage_index(addr: str) -> int:
+    name = codec.split_addr(addr)[1]
+    try:
+        return int(name.rsplit(".", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _clean(message: str, ctl: str) -> str:
+    prefix = f"run at {ctl} failed: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
+LOCAL_PROBE_TIMEOUT_S = 1.0  # a live local daemon answers ATTACH at once
+STATIC_PEER_WAIT_S = 2.0  # an embedded node gives its configured peers this long to link
+
+
+def entry_from(node: str) -> str:
+    """``HOST:PORT`` (or a full ``tcp://`` / ``ipc://`` endpoint) -> the endpoint to attach to."""
+    if node.startswith(("tcp://", "ipc://")):
+        return node
+    host, sep, port = node.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise RunFailed(f"bad node address {node!r}: write HOST:PORT (or tcp://HOST:PORT, ipc://PATH)")
+    return f"tcp://{host}:{port}"
+
+
+async def local_daemon() -> str | None:
+    """The ipc endpoint of this host's running daemon, or None when none answers."""
+    try:
+        from dpipes.nodes import paths
+
+        endpoint = paths.local_endpoint(paths.runtime_dir())
+    except (ImportError, OSError, DpipesError):
+        return None
+    if not os.path.exists(endpoint.removeprefix("ipc://")):  # noqa: ASYNC240 (one stat, at start)
+        return None
+    try:
+        async with Client(endpoint, attach_timeout=LOCAL_PROBE_TIMEOUT_S):
+            return endpoint
+    except BusError:
+        return None
+
+
+@contextlib.asynccontextmanager
+async def embedded_node() -> Any:
+    """A node inside this process for the duration of one command (when no daemon runs)."""
+    from dpipes.nodes.config import load_config
+    from dpipes.nodes.node import Node
+
+    config = load_config()
+    async with Node(config, listen="tcp://127.0.0.1:0") as node:
+        if config.nodes:
+            await asyncio.gather(
+                *(
+                    node.hub.connect_peer(f"tcp://{p.host}:{p.port}", timeout=STATIC_PEER_WAIT_S)
+                    for p in config.nodes.values()
+                ),
+                return_exceptions=True,
+            )
+        yield node

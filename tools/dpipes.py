@@ -1,0 +1,123 @@
+"""dpipes: run a pipeline of ordinary programs across the nodes of a LAN."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from dpipes.bus.errors import DpipesError
+
+DESCRIPTION = """\
+Run each stage of PIPELINE as an ordinary program on a dpipes node and stream stdin/stdout
+between them across the network, like a Unix shell pipeline spread over a LAN.
+"""
+
+EPILOG = """\
+pipeline syntax:
+  '|' separates stages; quoting is as in sh ('a|b' is one word). PROG@NODE pins a stage to
+  NODE; an unpinned stage goes to a node that offers PROG (dp.PROG), else to the entry node.
+  No shell runs unless you write one: use sh -c '...' for redirections, globs and variables.
+
+the entry node (which coordinates the run):
+  --node HOST:PORT, else $DPIPES_NODE, else this host's running dpipesd, else an embedded node
+  started inside this command for its duration (so dpipes works with nothing else running).
+
+data:
+  This command's stdin feeds the first stage when it is not a terminal; the last stage's stdout
+  is written to stdout as it arrives; every stage's stderr reaches stderr (--tag prefixes it).
+  --json / --yaml: programs read and write newline-delimited JSON objects or YAML documents;
+  each object a program reads carries a "__dpipes" map saying where it came from.
+
+exit status:
+  the last stage's status (exit code, or 128+signal); with --pipefail the last non-zero one,
+  leaving out stages stopped by SIGPIPE because a later stage finished early (| head).
+  125  dpipes itself failed: no node reachable, a stage refused before anything started,
+       a node lost mid-run
+  130  interrupted (Ctrl-C cancels every stage on every node)
+  2    bad command line
+
+examples:
+  dpipes 'seq 10 | sort -r'
+  dpipes 'cat /data/input.txt | sort@beta | uniq -c'
+  dpipes --status --pipefail 'producer | consumer@gamma'
+  dpipes --require 'sort>=9' 'cat big.txt | sort@beta'
+  printf '{"a":1}\\n' | dpipes --json 'cat | jq -c .'
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpipes", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("pipeline", nargs="?", help="the pipeline, one quoted argument: 'PROG ARGS | PROG@NODE ARGS'")
+    parser.add_argument("--node", metavar="HOST:PORT", help="the entry node (default: $DPIPES_NODE, local, embedded)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--json", action="store_const", const="json", dest="mode", help="JSON-lines object mode")
+    mode.add_argument("--yaml", action="store_const", const="yaml", dest="mode", help="YAML documents object mode")
+    parser.add_argument("--pipefail", action="store_true", help="exit with the last non-zero stage status")
+    parser.add_argument("--status", action="store_true", help="print every stage's node and exit status at the end")
+    parser.add_argument("--tag", action="store_true", help="prefix stderr lines with [stage N prog@node]")
+    parser.add_argument(
+        "--require", action="append", default=[], metavar="'PROG>=VER'", help="refuse to run unless PROG's version fits"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log what dpipes does (twice: debug)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.pipeline or not args.pipeline.strip():
+        parser.error("give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
+    if args.mode is None:
+        args.mode = "bytes"
+    try:
+        return asyncio.run(_run(args))
+    except KeyboardInterrupt:
+        return 130
+    except DpipesError as exc:
+        print(f"dpipes: {exc}", file=sys.stderr)
+        return 125
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from dpipes.nodes import run
+
+    options = run.RunOptions(
+        pipeline=args.pipeline,
+        mode=args.mode,
+        stdin=_stdin_attached(),
+        pipefail=args.pipefail,
+        tag=args.tag,
+        require=tuple(args.require),
+    )
+    node = args.node or os.environ.get("DPIPES_NODE")
+    if node:
+        result = await run.run_pipeline(run.entry_from(node), options)
+    elif (local := await run.local_daemon()) is not None:
+        result = await run.run_pipeline(local, options)
+    else:
+        async with run.embedded_node() as embedded:
+            result = await run.run_pipeline(embedded.ipc_endpoint, options)
+    if result.error:
+        print(f"dpipes: {result.error}", file=sys.stderr)
+    for stage in result.stages:
+        if args.status or (stage.error and not stage.sigpipe and not result.error and "cancelled" not in stage.error):
+            print(f"dpipes: {stage.describe()}", file=sys.stderr)
+    return result.exit_code
+
+
+def _stdin_attached() -> bool:
+    try:
+        return not os.isatty(0) and os.fstat(0) is not None
+    except OSError:  # no stdin at all
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
