@@ -21,7 +21,8 @@ Every node has a control endpoint ``<node>/ctl`` that answers REQUEST messages:
     Body: ``pipeline, stage, node, code, signal, status, sigpipe, error, stderr_tail``; answered
     with an empty reply so that no report is lost silently.
 ``failed`` (coordinator -> client)
-    Body: ``pipeline, error``: the run failed as a whole (a node was lost, ...).
+    Body: ``pipeline, error, lost``: the run failed as a whole (a node was lost, ...); ``lost``
+    lists the stages that will never report (they ran on the lost node).
 
 Data: a stage's stdout is a stream from its endpoint to the next stage's endpoint (or to the
 client); its stdin is the one stream that arrives at its endpoint; its stderr is a stream of
@@ -324,12 +325,24 @@ class Node:
         reason = await self._refusal(argv, b.get("mode", "bytes"), b.get("protocol"), list(b.get("require", [])))
         if reason:
             raise NegotiationRefused(reason)
+        await self._link_neighbours(b.get("peers", {}))
         if (pipeline, index) in self._stages:
             raise NegotiationRefused(f"stage {index} of pipeline {pipeline} is already here")
         endpoint = self.hub.endpoint(f"{pipeline}.{index}")
         describe = f"stage {index} ({argv[0]}@{self.name})"
         self._stages[(pipeline, index)] = _Stage(pipeline, index, argv, b.get("mode", "bytes"), endpoint, describe)
         return {"addr": endpoint.addr}
+
+    async def _link_neighbours(self, peers: Mapping[str, str]) -> None:
+        """Make sure we link to the nodes our stage exchanges data with (directly: no relaying)."""
+        missing = {n: e for n, e in peers.items() if n != self.name and n not in self.hub.peers}
+        results = await asyncio.gather(
+            *(self.hub.connect_peer(str(e), timeout=CONTROL_TIMEOUT_S) for e in missing.values()),
+            return_exceptions=True,
+        )
+        for node, outcome in zip(missing, results, strict=True):
+            if isinstance(outcome, BaseException):
+                raise NegotiationRefused(f"node {self.name} cannot reach node {node} at {missing[node]}: {outcome}")
 
     async def _on_start(self, msg: codec.Request) -> dict[str, Any]:
         b = msg.body
@@ -522,6 +535,7 @@ class Node:
                         "mode": mode,
                         "protocol": b.get("protocol", PIPELINE_PROTOCOL),
                         "require": require,
+                        "peers": self._endpoints_of(nodes[max(0, i - 1) : i + 2]),
                     },
                     timeout=CONTROL_TIMEOUT_S,
                 )
@@ -571,6 +585,17 @@ class Node:
             ],
         }
 
+    def _endpoints_of(self, nodes: list[str]) -> dict[str, str]:
+        """Where each of ``nodes`` listens, as this node knows it (itself included)."""
+        out = {}
+        peers = self.hub.peers
+        for node in nodes:
+            if node == self.name:
+                out[node] = self.hub._advertised_tcp()
+            elif node in peers:
+                out[node] = peers[node].endpoint
+        return out
+
     async def _cancel_run(self, run: _Run, reason: str, *, notify: bool = True) -> None:
         assert self._ctl is not None
         if notify and not run.failed:
@@ -591,7 +616,12 @@ class Node:
     async def _on_exit(self, msg: codec.Request) -> dict[str, Any]:
         run = self._runs.get(str(msg.body.get("pipeline")))
         if run is not None:
-            run.exited.add(int(msg.body["stage"]))
+            index = int(msg.body["stage"])
+            run.exited.add(index)
+            error = str(msg.body.get("error", ""))
+            if error and not run.failed and not error.startswith("cancelled"):
+                # A stage that could not move its data dooms the rest: stop them rather than wait.
+                self._spawn(self._cancel_run(run, f"stage {index} failed: {error}"), f"cancel {run.pipeline}")
             if len(run.exited) == len(run.stages):
                 self._runs.pop(run.pipeline, None)
         return {}
@@ -603,20 +633,22 @@ class Node:
             if node in run.nodes and not run.failed:
                 stages = ", ".join(f"stage {i} ({run.stages[i].argv[0]})" for i, n in enumerate(run.nodes) if n == node)
                 error = f"node {node!r} lost ({reason}) while running {stages}"
-                self._spawn(self._fail_run(run, error), f"fail {run.pipeline}")
+                lost = [i for i, n in enumerate(run.nodes) if n == node]
+                self._spawn(self._fail_run(run, error, lost), f"fail {run.pipeline}")
 
     def _on_client_gone(self, addr: str) -> None:
         for run in list(self._runs.values()):
             if run.client == addr and not run.failed:
                 self._spawn(self._cancel_run(run, f"client {addr} went away"), f"cancel {run.pipeline}")
 
-    async def _fail_run(self, run: _Run, error: str) -> None:
+    async def _fail_run(self, run: _Run, error: str, lost: list[int]) -> None:
         assert self._ctl is not None
         run.failed = error
+        run.exited.update(lost)  # no report will come from a lost node
         log.warning("node %s: pipeline %s failed: %s", self.name, run.pipeline, error)
         with contextlib.suppress(BusError):
             await self._ctl.request(
-                run.client, "failed", {"pipeline": run.pipeline, "error": error}, timeout=REPORT_TIMEOUT_S
+                run.client, "failed", {"pipeline": run.pipeline, "error": error, "lost": lost}, timeout=REPORT_TIMEOUT_S
             )
         await self._cancel_run(run, error)
 

@@ -273,7 +273,12 @@ class _Run:
                         self._check_done()
                 elif msg.method == "failed" and not self.error:
                     self.error = str(body.get("error", "the pipeline failed"))
+                    for index in body.get("lost", []):
+                        if isinstance(index, int) and 0 <= index < len(self.stages):
+                            lost = self.stages[index]
+                            lost.status, lost.reported = f"lost with node {lost.node}", True
                     asyncio.get_running_loop().call_later(CANCEL_WAIT_S, self._done.set)
+                    self._check_done()
         except BusError as exc:  # our node is gone: nothing more will come
             if not self.error:
                 self.error = _clean(str(exc), self.ctl)

@@ -15,6 +15,9 @@ suites:
           (b) 64-byte messages on the same path, against the same raw pyzmq pair
           (c) Arrow record batches between two processes (one ~1M x 8 batch; a stream of
               10k-row batches), against pyarrow.flight do_get over loopback
+  pipe    1 GiB of `cat FILE | cat` with the stages on two local daemons, output to /dev/null,
+          against sh -c 'cat FILE | cat > /dev/null'; and the wall time of
+          `dpipes 'echo x | cat'` with a running daemon, against sh -c 'echo x | cat'
 
 Every figure is the median of --repeat runs, beside its baseline measured in the same run;
 ratio = dpipes / baseline (higher is better). The machine is shared and noisy: compare ratios
@@ -48,6 +51,10 @@ def _suite(name: str) -> Callable[..., list[Result]]:
         from dpipes.bus.bench import bus_benchmarks
 
         return bus_benchmarks
+    if name == "pipe":
+        from dpipes.nodes.bench import pipe_benchmarks
+
+        return pipe_benchmarks
     raise AssertionError(name)
 
 
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", choices=["bus"], help="what to measure")
+    parser.add_argument("suite", choices=["bus", "pipe"], help="what to measure")
     parser.add_argument("--json", action="store_true", help="print one JSON object per result line")
     parser.add_argument("--repeat", type=int, default=5, metavar="N", help="runs per figure (default 5)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke test, not a measurement")

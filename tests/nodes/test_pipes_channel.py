@@ -518,7 +518,7 @@ async def test_reader_keeps_reading_across_writers_and_reports_a_stray_writer(tm
     reader = PipesFifoReader(tmp_path / "fifo")
     async with reader:
         for i in range(3):  # like dagster-pipes: open, write one line, close, for every message
-            with open(reader.path, "a", encoding="utf-8") as f:  # noqa: ASYNC230  # a FIFO with a reader
+            with open(reader.path, "a", encoding="utf-8") as f:  # a FIFO with a reader
                 f.write(_pipes_line("report_custom_message", {"payload": i}).decode() + "\n")
         batch = await asyncio.wait_for(reader.next_batch(), EVENT_TIMEOUT_S)
         while len(batch) < 3:

@@ -1,0 +1,117 @@
+"""Pipeline benchmarks (``dpipes-bench pipe``): dpipes against a plain shell pipe, in one run.
+
+* ``pipe.throughput_1GiB``: ``cat FILE | cat`` with the two stages on two local daemons and the
+  output to /dev/null, against ``sh -c 'cat FILE | cat > /dev/null'``.
+* ``pipe.start_to_finish``: wall time of ``dpipes 'echo x | cat'`` against a running daemon,
+  against ``sh -c 'echo x | cat'``; also reported as the time dpipes adds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from dpipes.bus.bench import Result, result
+
+DAEMON_START_TIMEOUT_S = 30.0
+
+
+@contextlib.contextmanager
+def local_daemons(names: list[str], runtime_dir: Path) -> Iterator[list[str]]:
+    """Start ``dpipesd --foreground`` per name (each a peer of the first); yield their HOST:PORTs."""
+    env = dict(os.environ, DPIPES_RUNTIME_DIR=str(runtime_dir), DPIPES_CONFIG_PATHS="")
+    procs: list[subprocess.Popen[str]] = []
+    addrs: list[str] = []
+    try:
+        for name in names:
+            argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", name]
+            argv += ["--listen", "127.0.0.1:0"] + (["--peer", addrs[0]] if addrs else [])
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            procs.append(proc)
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            match = re.search(r"tcp://(\S+)", line)
+            if not match:
+                raise RuntimeError(f"dpipesd {name} did not start: {line!r}")
+            addrs.append(match[1])
+        yield addrs
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(DAEMON_START_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def pipe_benchmarks(
+    *, repeat: int = 5, quick: bool = False, progress: Callable[[str], None] = lambda s: None
+) -> list[Result]:
+    size = (64 if quick else 1024) << 20
+    results = []
+    with tempfile.TemporaryDirectory(prefix="dpipes-bench-") as tmp:
+        data = Path(tmp) / "data.bin"
+        with open(data, "wb") as f:
+            block = os.urandom(1 << 20)
+            for _ in range(size >> 20):
+                f.write(block)
+        runtime = Path(tmp) / "run"
+        runtime.mkdir(mode=0o700)
+        env = dict(os.environ, DPIPES_RUNTIME_DIR=str(runtime), DPIPES_CONFIG_PATHS="")
+        dpipes = [sys.executable, "-m", "dpipes.tools.dpipes"]
+        with local_daemons(["bench-a", "bench-b"], runtime) as (a, _b):
+            ours, theirs = [], []
+            _timed([*dpipes, "--node", a, f"cat {data} | cat@bench-b"], env)  # warm the page cache
+            for _ in range(repeat):
+                theirs.append(size / _timed(["sh", "-c", f"cat {data} | cat > /dev/null"]) / 1e6)
+                ours.append(size / _timed([*dpipes, "--node", a, f"cat {data} | cat@bench-b"], env) / 1e6)
+                progress(".")
+            results.append(
+                result(
+                    f"pipe.throughput_{size >> 20}MiB",
+                    "MB/s",
+                    ours,
+                    "sh -c 'cat FILE | cat'",
+                    theirs,
+                    target=0.3,
+                )
+            )
+            walls, shells = [], []
+            for _ in range(repeat * 2):
+                shells.append(_timed(["sh", "-c", "echo x | cat"]) * 1000)
+                walls.append(_timed([*dpipes, "echo x | cat"], env) * 1000)  # the local daemon
+                progress(".")
+            results.append(
+                result("pipe.start_to_finish", "ms", walls, "sh -c 'echo x | cat'", shells, higher_is_better=False)
+            )
+            added = [w - s for w, s in zip(walls, shells, strict=True)]
+            results.append(
+                Result(
+                    name="pipe.added_start_to_finish",
+                    unit="ms",
+                    value=statistics.median(added),
+                    baseline="target: at most 150 ms added",
+                    baseline_value=150.0,
+                    samples=tuple(added),
+                    baseline_samples=(150.0,),
+                    higher_is_better=False,
+                )
+            )
+    return results

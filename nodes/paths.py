@@ -1,0 +1,373 @@
+"""Where a node's runtime files live, and how a daemon holds its name there.
+
+The runtime directory is, in order of precedence:
+
+1. ``$DPIPES_RUNTIME_DIR`` (``dpipesd --runtime-dir DIR`` sets it);
+2. ``$XDG_RUNTIME_DIR/dpipes`` when ``XDG_RUNTIME_DIR`` is set (``/run/user/<uid>/dpipes`` on
+   systemd hosts: private to the user, emptied at logout and boot);
+3. ``/tmp/dpipes-<uid>``.
+
+:func:`runtime_dir` creates it with mode 0700 when it is missing, and refuses one that belongs to
+another user or that its group or others can write to: the sockets in it accept commands that run
+programs, so nobody else may plant or replace them.
+
+Files of the daemon of node ``N``, all in that directory:
+
+``N.sock``
+    the hub's ``ipc://`` endpoint for local parties (``ipc://<dir>/N.sock``).
+``N-tap.sock``
+    the tap mirror (``dpipes-tap``).
+``N.pid``
+    the daemon's pid, one line, written atomically (temporary file, then rename) only once the
+    node listens; so ``kill $(cat N.pid)`` works and a reader never sees half a file.
+``N.log``
+    the detached daemon's stdout, stderr and log (appended to; a foreground daemon logs to
+    stderr instead).
+``N.lock``
+    held with ``flock`` for the daemon's whole life: this, not the pid file, decides whether the
+    name is taken. The kernel drops the lock when the process dies however it dies, so a crashed
+    daemon never blocks its successor, two daemons starting at once cannot both win, and a reused
+    pid in a stale pid file cannot fool it. It holds ``"<pid> <name>"``, written at once, which
+    names the holder while its pid file is not written yet.
+
+**The host's local socket.** The first daemon on a host also answers at ``ipc://<dir>/local.sock``
+(:func:`local_endpoint`), so that ``dpipes`` finds a node without being told its name. It is a
+second claim, on the name ``local`` (:data:`LOCAL_NAME`), with the same files: ``local.lock``,
+``local.pid`` and ``local-tap.sock``. A daemon first claims its own name (:func:`claim`), then
+tries :func:`claim_local`; if that succeeds it binds its hub at ``local.sock`` (tap
+``local-tap.sock``) *instead of* ``N.sock``, and :meth:`Claim.alias` makes ``N.sock`` and
+``N-tap.sock`` symbolic links to them, so that the node is reachable by its name as well.
+Otherwise ``local.lock`` is held by a live daemon and this one binds ``N.sock``. The claim is
+free again when its holder exits; the next daemon to start takes it (a running daemon does not
+move). Files a dead holder left are removed by whoever claims the name next. ``local`` is
+therefore not a valid daemon name (:func:`check_daemon_name`).
+
+A client (the ``dpipes`` CLI) calls :func:`local_daemon`: it answers with the endpoints when
+``local.sock`` exists and ``local.pid`` names a live process, else None (start an embedded node).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpipes.bus.errors import DpipesError
+
+__all__ = [
+    "LOCAL_NAME",
+    "RUNTIME_DIR_ENV",
+    "AlreadyRunning",
+    "Claim",
+    "LocalDaemon",
+    "NodeFiles",
+    "RuntimeDirError",
+    "check_daemon_name",
+    "claim",
+    "claim_local",
+    "local_daemon",
+    "local_endpoint",
+    "node_files",
+    "pid_alive",
+    "read_pid",
+    "release",
+    "runtime_dir",
+    "runtime_dir_path",
+]
+
+RUNTIME_DIR_ENV = "DPIPES_RUNTIME_DIR"
+LOCAL_NAME = "local"
+_CLAIM_RETRIES = 20  # a lock file replaced under us between open and flock: try the new one
+
+
+class RuntimeDirError(DpipesError, PermissionError):
+    """The runtime directory cannot be used (wrong owner, writable by others, not a directory)."""
+
+
+class AlreadyRunning(DpipesError, RuntimeError):
+    """Another live process holds this node name in the runtime directory."""
+
+    def __init__(self, message: str, *, name: str, pid: int | None, pid_file: Path) -> None:
+        super().__init__(message)
+        self.name = name
+        self.pid = pid
+        self.pid_file = pid_file
+
+
+def runtime_dir_path(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the runtime directory is (see the module docstring), as an absolute path; creates nothing."""
+    if environ.get(RUNTIME_DIR_ENV):
+        path = Path(environ[RUNTIME_DIR_ENV]).expanduser()
+    elif environ.get("XDG_RUNTIME_DIR"):
+        path = Path(environ["XDG_RUNTIME_DIR"]) / "dpipes"
+    else:
+        path = Path("/tmp") / f"dpipes-{os.getuid()}"
+    return path.absolute()  # a detached daemon changes directory to /
+
+
+def runtime_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """The runtime directory (see the module docstring), created with mode 0700 when missing.
+
+    Raises:
+        RuntimeDirError: it cannot be created, is not a directory, belongs to another user, or is
+            writable by its group or others.
+    """
+    path = runtime_dir_path(environ)
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise RuntimeDirError(f"runtime directory {path}: cannot create it: {e.strerror or e}") from None
+    else:
+        path.chmod(0o700)  # whatever the umask took away or left
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise RuntimeDirError(f"runtime directory {path}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise RuntimeDirError(f"runtime directory {path} is not a directory; set {RUNTIME_DIR_ENV} to another path")
+    if st.st_uid != os.getuid():
+        raise RuntimeDirError(
+            f"runtime directory {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+            f"refusing to use it: set {RUNTIME_DIR_ENV} to a directory of your own"
+        )
+    if st.st_mode & 0o022:
+        raise RuntimeDirError(
+            f"runtime directory {path} is writable by its group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"refusing to use it: run 'chmod 700 {path}' or set {RUNTIME_DIR_ENV}"
+        )
+    return path
+
+
+def check_daemon_name(name: str) -> str | None:
+    """What is wrong with ``name`` as a daemon's name in a runtime directory, or None."""
+    if name == LOCAL_NAME:
+        return f"node name {LOCAL_NAME!r} is reserved for the host's default socket; choose another name"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFiles:
+    """The runtime files of one name in one runtime directory."""
+
+    dir: Path
+    name: str
+
+    @property
+    def sock(self) -> Path:
+        return self.dir / f"{self.name}.sock"
+
+    @property
+    def tap_sock(self) -> Path:
+        return self.dir / f"{self.name}-tap.sock"
+
+    @property
+    def pid(self) -> Path:
+        return self.dir / f"{self.name}.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / f"{self.name}.log"
+
+    @property
+    def lock(self) -> Path:
+        return self.dir / f"{self.name}.lock"
+
+    @property
+    def ipc_endpoint(self) -> str:
+        return f"ipc://{self.sock}"
+
+    @property
+    def tap_endpoint(self) -> str:
+        return f"ipc://{self.tap_sock}"
+
+
+def node_files(dir: Path, name: str) -> NodeFiles:
+    """The runtime files of node ``name`` (or of :data:`LOCAL_NAME`) in ``dir``."""
+    return NodeFiles(Path(dir), name)
+
+
+def local_endpoint(dir: Path) -> str:
+    """``ipc://<dir>/local.sock``: where the host's first daemon also answers."""
+    return node_files(dir, LOCAL_NAME).ipc_endpoint
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid on the first line of ``path``, or None if it is missing, empty or not a pid."""
+    try:
+        text = Path(path).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    first = text.split(None, 1)[0] if text.split() else ""
+    return int(first) if first.isdigit() and int(first) > 0 else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists; it is someone else's
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return True  # no /proc: trust kill(0)
+    state = stat_line[stat_line.rfind(b")") + 2 :][:1]
+    return state not in (b"Z", b"X")  # a zombie has exited; only its parent has not reaped it
+
+
+class Claim:
+    """A process's exclusive hold on one name's files in a runtime directory, until :meth:`release`."""
+
+    def __init__(self, files: NodeFiles, fd: int, owner: str) -> None:
+        self.files = files
+        self.owner = owner
+        """The node that holds the claim (for the local claim: the daemon's own name)."""
+        self._fd: int | None = fd
+        self._aliases: list[Path] = []
+
+    def __bool__(self) -> bool:
+        return self._fd is not None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def write_pid(self, pid: int | None = None) -> Path:
+        """Write the pid file atomically (temporary file, then rename); return its path."""
+        pid = os.getpid() if pid is None else pid
+        tmp = self.files.pid.with_name(f".{self.files.pid.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{pid}\n")
+        os.replace(tmp, self.files.pid)
+        return self.files.pid
+
+    def alias(self, target: Claim) -> None:
+        """Make this name's sockets symbolic links to ``target``'s (the local socket's owner)."""
+        for link, to in ((self.files.sock, target.files.sock), (self.files.tap_sock, target.files.tap_sock)):
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            link.symlink_to(to.name)  # relative: the directory may move, as a whole
+            self._aliases.append(link)
+
+    def release(self) -> None:
+        """Remove the pid file, sockets and lock file, then drop the lock. Idempotent."""
+        if self._fd is None:
+            return
+        for path in (self.files.pid, self.files.sock, self.files.tap_sock, self.files.lock):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        # Unlinked before unlocking: a process that opened the old lock file and locks it after us
+        # sees that it is no longer at its path (claim() compares inodes) and tries again.
+        fd, self._fd = self._fd, None
+        os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"Claim({self.files.name!r} in {str(self.files.dir)!r}, owner={self.owner!r}, held={self.held})"
+
+
+def _holder(files: NodeFiles) -> tuple[int | None, str]:
+    """Pid and owner name of whoever holds ``files``: the pid file first, then the lock file."""
+    pid = read_pid(files.pid)
+    try:
+        text = files.lock.read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        text = []
+    owner = text[1] if len(text) > 1 else ""
+    if pid is None and text and text[0].isdigit():
+        pid = int(text[0])
+    return pid, owner
+
+
+def _try_claim(files: NodeFiles, owner: str) -> Claim | None:
+    """Take the lock of ``files`` without waiting; None when a live process holds it."""
+    for _ in range(_CLAIM_RETRIES):
+        fd = os.open(files.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(files.lock))
+        except FileNotFoundError:
+            same = False
+        if not same:  # released and removed between our open and our flock: the file is a new one
+            os.close(fd)
+            continue
+        # The lock is ours, so whoever wrote the other files is gone: clear what it left.
+        for path in (files.pid, files.sock, files.tap_sock):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {owner}\n".encode(), 0)
+        return Claim(files, fd, owner)
+    raise RuntimeError(f"{files.lock}: replaced {_CLAIM_RETRIES} times while being locked")
+
+
+def claim(dir: Path, name: str) -> Claim:
+    """Claim node ``name`` in runtime directory ``dir`` for this process; clears stale files.
+
+    Raises:
+        AlreadyRunning: a live daemon holds the name; the message says how to stop it.
+    """
+    files = node_files(dir, name)
+    held = _try_claim(files, name)
+    if held is None:
+        pid, _ = _holder(files)
+        shown = "pid unknown: it is starting" if pid is None else f"pid {pid}"
+        raise AlreadyRunning(
+            f"node {name} is already running ({shown}, pid file {files.pid}); "
+            f"stop it with: dpipesd --stop --name {name}",
+            name=name,
+            pid=pid,
+            pid_file=files.pid,
+        )
+    return held
+
+
+def claim_local(dir: Path, name: str) -> Claim | None:
+    """Claim the host's local socket for node ``name``; None (falsy) when a live daemon has it."""
+    return _try_claim(node_files(dir, LOCAL_NAME), name)
+
+
+def release(*claims: Claim | None) -> None:
+    """Release each claim given (None is skipped); see :meth:`Claim.release`."""
+    for held in claims:
+        if held is not None:
+            held.release()
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDaemon:
+    """The daemon that answers at the host's local socket."""
+
+    pid: int
+    name: str
+    """Its node name ("" if not known)."""
+    ipc_endpoint: str
+    tap_endpoint: str
+
+
+def local_daemon(dir: Path) -> LocalDaemon | None:
+    """The daemon behind ``local.sock`` in ``dir``, if that socket exists and a live process owns it.
+
+    Reads files only (it never takes a lock), so it cannot disturb a daemon that is starting.
+    """
+    files = node_files(dir, LOCAL_NAME)
+    pid = read_pid(files.pid)
+    if pid is None or not files.sock.exists() or not pid_alive(pid):
+        return None
+    _, owner = _holder(files)
+    return LocalDaemon(pid=pid, name=owner, ipc_endpoint=files.ipc_endpoint, tap_endpoint=files.tap_endpoint)

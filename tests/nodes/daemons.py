@@ -1,0 +1,150 @@
+"""Real dpipesd daemons on loopback for tests, and the real dpipes command against them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+START_TIMEOUT_S = 20.0  # a daemon prints its endpoint once it listens; Python start-up on a busy machine
+STOP_TIMEOUT_S = 15.0
+RUN_TIMEOUT_S = 120.0
+
+
+@dataclasses.dataclass
+class Daemon:
+    name: str
+    proc: asyncio.subprocess.Process
+    tcp: str
+
+    @property
+    def host_port(self) -> str:
+        return self.tcp.removeprefix("tcp://")
+
+    def children(self) -> list[int]:
+        """Pids of the daemon's live child processes (its running stages)."""
+        out = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            if int(fields[1]) == self.proc.pid and fields[0] != b"Z":
+                out.append(int(name))
+        return out
+
+
+def environment(runtime_dir: Path) -> dict[str, str]:
+    """An environment where dpipes reads no system config and finds only this test's daemons."""
+    env = dict(os.environ)
+    env["DPIPES_RUNTIME_DIR"] = str(runtime_dir)
+    env["DPIPES_CONFIG_PATHS"] = ""
+    env.pop("DPIPES_NODE", None)
+    return env
+
+
+@contextlib.asynccontextmanager
+async def daemons(
+    runtime_dir: Path, names: Sequence[str], *, extra: dict[str, list[str]] | None = None
+) -> AsyncIterator[list[Daemon]]:
+    """Start one ``dpipesd --foreground`` per name, each a static peer of the first; stop them all."""
+    env = environment(runtime_dir)
+    started: list[Daemon] = []
+    try:
+        for name in names:
+            argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", name]
+            argv += ["--listen", "127.0.0.1:0"]
+            if started:
+                argv += ["--peer", started[0].host_port]
+            argv += (extra or {}).get(name, [])
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            )
+            assert proc.stdout is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)).decode()
+            match = re.search(r"tcp://\S+", line)
+            assert match, f"dpipesd {name} did not say where it listens: {line!r}"
+            started.append(Daemon(name, proc, match[0]))
+        yield started
+    finally:
+        for daemon in started:
+            if daemon.proc.returncode is None:
+                daemon.proc.send_signal(signal.SIGTERM)
+        for daemon in started:
+            try:
+                await asyncio.wait_for(daemon.proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                daemon.proc.kill()
+                await daemon.proc.wait()
+
+
+@dataclasses.dataclass
+class Completed:
+    code: int
+    stdout: bytes
+    stderr: str
+
+
+async def dpipes(
+    runtime_dir: Path,
+    *args: str,
+    input: bytes | None = None,
+    stdin_file: str | None = None,
+    stdout_file: str | None = None,
+    timeout: float = RUN_TIMEOUT_S,
+) -> Completed:
+    """Run the real ``dpipes`` command and wait for it."""
+    stdin: int | None = asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL
+    opened = []
+    if stdin_file is not None:
+        stdin = os.open(stdin_file, os.O_RDONLY)
+        opened.append(stdin)
+    stdout: int = asyncio.subprocess.PIPE
+    if stdout_file is not None:
+        stdout = os.open(stdout_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        opened.append(stdout)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dpipes.tools.dpipes",
+            *args,
+            env=environment(runtime_dir),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        for fd in opened:
+            os.close(fd)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return Completed(proc.returncode or 0, out or b"", (err or b"").decode(errors="replace"))
+
+
+async def shell(command: str, *, input: bytes | None = None) -> Completed:
+    """The same pipeline run by ``sh -c``: the reference output."""
+    proc = await asyncio.create_subprocess_exec(
+        "sh",
+        "-c",
+        command,
+        stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(input)
+    return Completed(proc.returncode or 0, out, err.decode(errors="replace"))

@@ -1,0 +1,223 @@
+"""Pipelines of real programs across real dpipesd daemons on loopback, through the real dpipes command."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.nodes.daemons import daemons, dpipes, environment, shell
+
+WAIT_S = 30.0
+
+
+async def until(condition: object, timeout: float = WAIT_S) -> None:
+    async def poll() -> None:
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Path:
+    path = tmp_path / "run"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "seq 1 20000 | sort@beta -r | uniq -c",
+        "printf 'b\\na\\nb\\n' | sort@beta | uniq@gamma -c",
+        "seq 100 | grep@gamma 7 | wc@beta -l",
+        "true | cat@beta",  # empty input
+        "cat /dev/null | tr@gamma a b",  # a program that writes nothing
+        "echo 'a|b c' | cat@beta",  # quoting as in sh
+    ],
+)
+async def test_output_is_identical_to_sh(rt: Path, pipeline: str) -> None:
+    async with daemons(rt, ["alpha", "beta", "gamma"]) as (alpha, _b, _g):
+        ours = await dpipes(rt, "--node", alpha.host_port, pipeline)
+        reference = await shell(re.sub(r"@(alpha|beta|gamma)", "", pipeline))
+        assert ours.stdout == reference.stdout
+        assert ours.code == reference.code == 0, ours.stderr
+
+
+async def test_hundreds_of_megabytes_of_binary_data_arrive_intact(rt: Path, tmp_path: Path) -> None:
+    source, result = tmp_path / "random.bin", tmp_path / "out.bin"
+    with open(source, "wb") as f:
+        for _ in range(200):
+            f.write(os.urandom(1 << 20))
+    async with daemons(rt, ["alpha", "beta", "gamma"]) as (alpha, _b, _g):
+        ours = await dpipes(
+            rt, "--node", alpha.host_port, "cat | cat@beta | cat@gamma", stdin_file=str(source), stdout_file=str(result)
+        )
+        assert ours.code == 0, ours.stderr
+        assert sha256_file(result) == sha256_file(source)
+
+
+async def test_a_single_huge_line(rt: Path) -> None:
+    line = b"x" * (20 << 20) + b"\n"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ours = await dpipes(rt, "--node", alpha.host_port, "cat@beta | wc -c", input=line)
+        assert ours.stdout.strip() == str(len(line)).encode()
+
+
+async def test_stdin_feeds_the_first_stage_and_output_streams(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ours = await dpipes(rt, "--node", alpha.host_port, "sort@beta | head -2", input=b"c\nb\na\n")
+        assert ours.stdout == b"a\nb\n"
+
+
+async def test_exit_status_pipefail_and_status_vector(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        node = ("--node", alpha.host_port)
+        assert (await dpipes(rt, *node, "sh -c 'exit 3' | cat@beta")).code == 0
+        assert (await dpipes(rt, *node, "cat | sh@beta -c 'exit 5'")).code == 5
+        failing = await dpipes(rt, *node, "--pipefail", "--status", "sh -c 'exit 3' | cat@beta")
+        assert failing.code == 3
+        assert "stage 0 sh@alpha: exit 3" in failing.stderr
+        assert "stage 1 cat@beta: exit 0" in failing.stderr
+        killed = await dpipes(rt, *node, "sh@beta -c 'kill -TERM $$'")
+        assert killed.code == 128 + signal.SIGTERM
+
+
+async def test_stderr_of_every_stage_reaches_the_client_tagged(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ours = await dpipes(
+            rt,
+            "--node",
+            alpha.host_port,
+            "--tag",
+            "sh -c 'echo first >&2; echo out' | sh@beta -c 'cat; echo second >&2'",
+        )
+        assert ours.stdout == b"out\n"
+        assert "[stage 0 sh@alpha] first" in ours.stderr
+        assert "[stage 1 sh@beta] second" in ours.stderr
+
+
+async def test_early_exit_downstream_stops_upstream_without_error(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
+        ours = await dpipes(rt, "--node", alpha.host_port, "--pipefail", "--status", "yes | head@beta -1")
+        assert ours.stdout == b"y\n"
+        assert ours.code == 0
+        assert "stage 0 yes@alpha: killed by SIGPIPE (its reader finished early)" in ours.stderr
+        await until(lambda: not alpha.children() and not beta.children())
+
+
+async def test_sigint_cancels_every_stage_on_every_node(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dpipes.tools.dpipes",
+            "--node",
+            alpha.host_port,
+            "sleep 300 | sleep@beta 300",
+            env=environment(rt),
+            stdin=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await until(lambda: alpha.children() and beta.children())
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), WAIT_S) == 130
+        await until(lambda: not alpha.children() and not beta.children())
+
+
+async def test_a_node_killed_mid_pipeline_fails_the_run_naming_it(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dpipes.tools.dpipes",
+            "--node",
+            alpha.host_port,
+            "sleep 300 | sleep@beta 300",
+            env=environment(rt),
+            stdin=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await until(lambda: alpha.children() and beta.children())
+        for pid in beta.children():
+            os.kill(pid, signal.SIGKILL)  # the daemon dies hard; its stage goes with it
+        beta.proc.kill()
+        killed_at = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(proc.wait(), WAIT_S) == 125
+        assert asyncio.get_running_loop().time() - killed_at < 15
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+        assert "node 'beta' lost" in err and "sleep" in err
+        await until(lambda: not alpha.children())
+
+
+async def test_negotiation_refusals_start_nothing(rt: Path) -> None:
+    extra = {"beta": ["--allow", "cat", "--allow", "sort"]}
+    async with daemons(rt, ["alpha", "beta"], extra=extra) as (alpha, beta):
+        node = ("--node", alpha.host_port)
+        unknown = await dpipes(rt, *node, "sleep 300 | no-such-program@beta")
+        assert unknown.code == 125
+        assert "stage 1 (no-such-program@beta)" in unknown.stderr and "not allowed on node beta" in unknown.stderr
+        missing = await dpipes(rt, *node, "sleep 300 | no-such-program")
+        assert "program 'no-such-program' not found on node alpha" in missing.stderr
+        refused = await dpipes(rt, *node, "sleep 300 | wc@beta")
+        assert "program 'wc' is not allowed on node beta (allowed: cat, sort)" in refused.stderr
+        version = await dpipes(rt, *node, "--require", "sort>=999", "sleep 300 | sort@beta")
+        assert version.code == 125 and "does not satisfy 'sort>=999'" in version.stderr
+        assert not alpha.children() and not beta.children()  # `sleep 300` never started anywhere
+
+
+async def test_a_coordinator_of_another_pipeline_protocol_is_refused(rt: Path) -> None:
+    from dpipes.bus.client import Client
+    from dpipes.bus.errors import BusError
+
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        async with Client(alpha.tcp) as client:
+            with pytest.raises(BusError, match="pipeline protocol 99 is not node alpha's 1"):
+                await client.endpoint.request(
+                    "alpha/ctl", "negotiate", {"pipeline": "p", "stage": 0, "argv": ["cat"], "protocol": 99}
+                )
+
+
+async def test_exclusive_node_runs_only_its_program(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"], extra={"beta": ["--", "tr", "a-z", "A-Z"]}) as (alpha, _b):
+        node = ("--node", alpha.host_port)
+        ours = await dpipes(rt, *node, "echo hello | tr@beta")
+        assert ours.stdout == b"HELLO\n"
+        refused = await dpipes(rt, *node, "echo hello | cat@beta")
+        assert "node beta runs only 'tr'" in refused.stderr
+
+
+async def test_embedded_node_when_no_daemon_runs(rt: Path) -> None:
+    ours = await dpipes(rt, "seq 3 | sort -r")
+    assert (ours.code, ours.stdout) == (0, b"3\n2\n1\n")
+
+
+async def test_the_local_daemon_is_found_without_node(rt: Path) -> None:
+    async with daemons(rt, ["alpha"]):
+        ours = await dpipes(rt, "--status", "echo hi | cat")
+        assert ours.stdout == b"hi\n"
+        assert "cat@alpha" in ours.stderr
+
+
+def test_help_explains_the_command() -> None:
+    from dpipes.tools.dpipes import _parser
+
+    text = _parser().format_help()
+    for needed in ("@NODE", "--pipefail", "--status", "--json", "exit status", "125", "examples"):
+        assert needed in text

@@ -1,0 +1,194 @@
+"""The dpipesd command line: help, usage and configuration errors, flags reaching the node."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpipes.nodes import paths
+from dpipes.tools.dpipesd import main
+
+FAKE_NODE = Path(__file__).parents[1] / "nodes" / "fake_node.py"
+
+
+@pytest.fixture(autouse=True)
+def no_system_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DPIPES_CONFIG_PATHS", "")
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_explains_files_and_stopping(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for text in (
+        "dpipesd --stop --name beta",
+        "kill $(cat RUNTIME_DIR/NAME.pid)",
+        "$XDG_RUNTIME_DIR/dpipes",
+        "$DPIPES_RUNTIME_DIR",
+        "local.sock",
+        "NAME.log",
+        "-- sort -r",
+        "--peer alpha=10.0.0.1:5757",
+        "2 usage or configuration error",
+    ):
+        assert text in out, text
+
+
+@pytest.mark.parametrize(
+    ("contents", "expected"),
+    [
+        ('listen = "nowhere"\n', "key 'listen': 'nowhere' is not HOST:PORT"),
+        ('lisen = "0.0.0.0:1"\n', "unknown key 'lisen'; did you mean 'listen'?"),
+        ("[limits]\nmax_stages = 0\n", "key 'limits.max_stages': must be at least 1"),
+        ("name = \n", "invalid TOML"),
+    ],
+)
+def test_config_file_errors_exit_2_naming_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], contents: str, expected: str
+) -> None:
+    conf = tmp_path / "node.toml"
+    conf.write_text(contents)
+    code, out, err = run(["--config", str(conf), "--runtime-dir", str(tmp_path / "rt")], capsys)
+    assert code == 2
+    assert out == ""
+    assert err.startswith(f"dpipesd: {conf}: ") and expected in err
+    assert not (tmp_path / "rt").exists()  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--config", "/nonexistent/dpipesd.toml"], "dpipesd: /nonexistent/dpipesd.toml: config file not found"),
+        (["--listen", "localhost"], "dpipesd: command line: key 'listen': 'localhost' is not HOST:PORT"),
+        (["--listen", "127.0.0.1:99999"], "port 99999 in '127.0.0.1:99999' is out of range"),
+        (["--name", "a.b"], "dpipesd: command line: key 'name': 'a.b' is not a valid node name"),
+        (["--name", "local"], "dpipesd: node name 'local' is reserved"),
+        (["--peer", "beta"], "dpipesd: --peer 'beta': 'beta' is not HOST:PORT"),
+        (["--peer", "b@d=beta:5757"], "dpipesd: --peer 'b@d=beta:5757': 'b@d' is not a valid node name"),
+        (["--peer", "x=a:1", "x=b:2"], "dpipesd: --peer 'x=b:2': peer name 'x' given twice"),
+        (["--"], "'--' must be followed by the program"),
+        (["--stop", "--", "sort"], "cannot go with --stop or --status"),
+        (["--stop", "--status"], "not allowed with argument"),
+        (["--log-level", "LOUD"], "invalid choice: 'LOUD'"),
+        (["stray"], "unrecognized arguments: stray"),
+    ],
+)
+def test_usage_and_config_errors_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+) -> None:
+    code, _, err = run(["--runtime-dir", str(tmp_path / "rt"), *argv], capsys)
+    assert code == 2
+    assert expected in err
+    assert not (tmp_path / "rt").exists()
+
+
+def test_status_and_stop_when_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rt = str(tmp_path / "rt")
+    assert run(["--status", "--name", "alpha", "--runtime-dir", rt], capsys) == (3, "node alpha is not running\n", "")
+    code, _, err = run(["--stop", "--name", "alpha", "--runtime-dir", rt], capsys)
+    assert code == 0 and "node alpha is not running" in err
+
+
+def test_flags_reach_the_node(tmp_path: Path) -> None:
+    conf = tmp_path / "node.toml"
+    conf.write_text('name = "fromfile"\nallow = ["cat"]\n[nodes]\nbeta = "10.0.0.3:5757"\n')
+    argv = [
+        "--foreground",
+        "--exit",
+        "--config",
+        str(conf),
+        "--runtime-dir",
+        str(tmp_path / "rt"),
+        "--name",
+        "alpha",
+        "--listen",
+        "127.0.0.1:0",
+        "--peer",
+        "10.0.0.2:5757",
+        "gw=gw.lan:5758",
+        "--peer",
+        "[::1]:5757",
+        "--allow",
+        "sort",
+        "uniq",
+        "--log-level",
+        "debug",
+        "--",
+        "sort",
+        "-r",
+        "--key=2",
+    ]
+    done = subprocess.run(
+        [sys.executable, str(FAKE_NODE), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DPIPES_CONFIG_PATHS": ""},
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stderr.splitlines() if "fake node {" in x)
+    described = json.loads(line.split("fake node ", 1)[1])
+    assert described == {
+        "name": "alpha",
+        "listen": "127.0.0.1:0",
+        "nodes": {"beta": "10.0.0.3:5757", "gw": "gw.lan:5758", "peer1": "10.0.0.2:5757", "peer2": "[::1]:5757"},
+        "allow": ["sort", "uniq"],
+        "exclusive": ["sort", "-r", "--key=2"],
+        "ipc": f"ipc://{tmp_path}/rt/local.sock",
+        "tap": f"ipc://{tmp_path}/rt/local-tap.sock",
+        "exit_after_one": True,
+    }
+    assert " DEBUG " in done.stderr or " INFO " in done.stderr
+    assert sorted(p.name for p in (tmp_path / "rt").iterdir()) == []  # exited by itself, cleaned up
+
+
+def test_module_runs_as_a_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dpipes.tools.dpipesd", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: dpipesd [options] [-- PROG [ARGS...]]")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dpipes.nodes.node") is None, reason="dpipes.nodes.node not written yet")
+def test_real_node_detached_then_stopped(tmp_path: Path) -> None:
+    rt = tmp_path / "rt"
+    cmd = [sys.executable, "-m", "dpipes.tools.dpipesd", "--runtime-dir", str(rt)]
+    environ = {**os.environ, "DPIPES_CONFIG_PATHS": ""}
+    started = subprocess.run(
+        [*cmd, "--name", "alpha", "--listen", "127.0.0.1:0"], capture_output=True, text=True, env=environ, timeout=30
+    )
+    pid = paths.read_pid(rt / "alpha.pid")
+    try:
+        assert started.returncode == 0, started.stderr + (rt / "alpha.log").read_text()
+        first = started.stdout.splitlines()[0]
+        assert first.startswith("node alpha ready: tcp://127.0.0.1:") and not first.startswith(
+            "node alpha ready: tcp://127.0.0.1:0 "
+        )
+        assert first.endswith(f" ipc://{rt}/local.sock")
+        assert (rt / "local.sock").is_socket() and (rt / "local-tap.sock").is_socket()
+        local = paths.local_daemon(rt)
+        assert local is not None and (local.pid, local.name) == (pid, "alpha")
+        stopped = subprocess.run([*cmd, "--stop", "--name", "alpha"], capture_output=True, text=True, env=environ)
+        assert stopped.returncode == 0, stopped.stderr
+        assert stopped.stdout == f"stopped node alpha (pid {pid})\n"
+    finally:
+        if pid is not None and paths.pid_alive(pid):  # a failed test must not leave the daemon behind
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while paths.pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)  # polling a condition under a deadline
+    assert pid is not None and not paths.pid_alive(pid)
+    assert sorted(p.name for p in rt.iterdir()) == ["alpha.log"]

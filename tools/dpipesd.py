@@ -1,0 +1,207 @@
+"""dpipesd: run this host's dpipes node, in the background or attached; stop it; show its status."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dpipes.bus.errors import ConfigError
+from dpipes.nodes import daemon, paths
+from dpipes.nodes.config import HostPort, NodeConfig, load_config
+from dpipes.nodes.daemon import NodeFactory, ServingNode
+from dpipes.nodes.pipeline import check_node_name
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXIT_NOT_RUNNING = 3  # --status of a stopped node, as LSB init scripts answer
+
+EPILOG = f"""\
+examples:
+  dpipesd                                  start this host's node in the background, named after
+                                           the host, listening on 0.0.0.0:5757
+  dpipesd --foreground --log-level DEBUG   run attached, logging to stderr; Ctrl-C stops it
+  dpipesd --name beta --listen 0.0.0.0:5758 --peer alpha.lan:5757
+                                           a second node with a static peer (for networks where
+                                           mDNS does not reach); unnamed peers are keyed peer1,
+                                           peer2, ... in the [nodes] table
+  dpipesd --peer alpha=10.0.0.1:5757       a static peer under a name of your choice
+  dpipesd --allow sort uniq                run only these programs for pipelines
+  dpipesd --name sorter -- sort -r         a node that runs only 'sort -r' (each stage's own
+                                           arguments are appended)
+  dpipesd --exit -- python top.py          serve one stage of 'python top.py', then exit
+  dpipesd --status --name beta             is node beta running? (exit 0 yes, {EXIT_NOT_RUNNING} no)
+  dpipesd --stop --name beta               stop it: SIGTERM, then wait up to {daemon.STOP_WAIT_S:.0f} s
+
+files, in the runtime directory: --runtime-dir DIR, else ${paths.RUNTIME_DIR_ENV}, else
+$XDG_RUNTIME_DIR/dpipes, else /tmp/dpipes-UID (created with mode 0700; refused if another user
+owns it or others can write to it):
+  NAME.pid        the daemon's pid, written once the node listens
+  NAME.log        the log of a background daemon (a foreground one logs to stderr)
+  NAME.sock       the node's ipc endpoint for local clients; NAME-tap.sock is its tap
+  local.sock      the first daemon on a host binds here instead (NAME.sock is then a link to it);
+                  'dpipes' connects to it. The name 'local' is reserved.
+  NAME.lock       held while the daemon runs; it decides whether NAME is taken
+
+stopping: dpipesd --stop [--name NAME], or kill $(cat RUNTIME_DIR/NAME.pid). SIGTERM or Ctrl-C
+stops the node gracefully (running stages are cancelled) within {daemon.STOP_TIMEOUT_S:.0f} s; a
+second Ctrl-C exits at once. A daemon killed with SIGKILL leaves files; the next start cleans them.
+
+configuration: /etc/dpipesd.conf, then ~/.dpipesdrc (the list can be replaced by
+$DPIPES_CONFIG_PATHS, ':'-separated), then --config FILE, then these flags; later wins.
+
+exit status: 0 ok; 1 runtime error (already running, cannot listen, did not stop, ...);
+2 usage or configuration error; {EXIT_NOT_RUNNING} (--status only) not running.
+"""
+
+
+def _node_factory(
+    config: NodeConfig, /, *, exclusive: list[str] | None, ipc: str, tap: str, exit_after_one: bool
+) -> ServingNode:
+    from dpipes.nodes.node import Node  # imported in the daemon, after it has forked
+
+    return Node(config, exclusive=exclusive, ipc=ipc, tap=tap, exit_after_one=exit_after_one)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpipesd",
+        usage="%(prog)s [options] [-- PROG [ARGS...]]",
+        description="Run this host's dpipes node: it joins the LAN's bus and runs pipeline stages for "
+        "'dpipes'. Without --foreground it detaches and returns once the node listens.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run = parser.add_argument_group("running")
+    run.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
+    run.add_argument("--exit", action="store_true", help="exit after one stage has run on this node")
+    run.add_argument("--config", metavar="FILE", help="read this TOML file after the system ones")
+    run.add_argument("--name", metavar="NAME", help="node name (default: config, else this host's name)")
+    run.add_argument(
+        "--listen", metavar="HOST:PORT", help="where peers and remote clients connect (default 0.0.0.0:5757)"
+    )
+    run.add_argument(
+        "--peer",
+        metavar="[NAME=]HOST:PORT",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="a static peer node (repeatable); added to the config's [nodes]",
+    )
+    run.add_argument(
+        "--allow", metavar="PROG", nargs="+", action="extend", default=[], help="programs this node runs (repeatable)"
+    )
+    run.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help=f"one of {', '.join(LOG_LEVELS)} (default INFO)",
+    )
+    run.add_argument("--runtime-dir", metavar="DIR", help="where pid, log and socket files go (see below)")
+    control = parser.add_mutually_exclusive_group()
+    control.add_argument("--stop", action="store_true", help="stop the running daemon of --name (or the default name)")
+    control.add_argument("--status", action="store_true", help="say whether the daemon of --name is running")
+    return parser
+
+
+def _peers(specs: list[str]) -> dict[str, str]:
+    """``[NAME=]HOST:PORT`` texts to a ``[nodes]`` table; unnamed ones are ``peer1``, ``peer2``, ...
+
+    Raises:
+        ConfigError: a bad name or address, or a name given twice.
+    """
+    table: dict[str, str] = {}
+    unnamed = 0
+    for spec in specs:
+        name, sep, address = spec.rpartition("=")
+        if not sep:
+            unnamed += 1
+            name = f"peer{unnamed}"
+        else:
+            problem = check_node_name(name)
+            if problem is not None:
+                raise ConfigError(f"--peer {spec!r}: {problem}")
+        try:
+            HostPort.parse(address)
+        except ValueError as e:
+            raise ConfigError(f"--peer {spec!r}: {e}") from None
+        if name in table:
+            raise ConfigError(f"--peer {spec!r}: peer name {name!r} given twice")
+        table[name] = address
+    return table
+
+
+def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None) -> int:
+    """The ``dpipesd`` command. ``node_factory`` replaces ``dpipes.nodes.node.Node`` (tests)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command: list[str] | None = None
+    if "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1 :]
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if command is not None and not command:
+            parser.error("'--' must be followed by the program this node runs: -- PROG [ARGS...]")
+        if command and (args.stop or args.status):
+            parser.error("'-- PROG' starts a node; it cannot go with --stop or --status")
+    except SystemExit as e:  # argparse's usage errors (2) and --help (0)
+        return e.code if isinstance(e.code, int) else 2
+
+    overrides: dict[str, object] = {}
+    if args.name is not None:
+        overrides["name"] = args.name
+    if args.listen is not None:
+        overrides["listen"] = args.listen
+    if args.allow:
+        overrides["allow"] = list(args.allow)
+    try:
+        if args.peer:
+            overrides["nodes"] = _peers(args.peer)
+        config = load_config(config_file=args.config, overrides=overrides or None)
+    except ConfigError as e:
+        print(f"dpipesd: {e}", file=sys.stderr)
+        return 2
+    runtime_dir = Path(args.runtime_dir) if args.runtime_dir else None
+
+    if args.stop:
+        return daemon.stop_daemon(config.name, runtime_dir)
+    if args.status:
+        return _status(config.name, runtime_dir)
+    problem = paths.check_daemon_name(config.name)
+    if problem is not None:
+        print(f"dpipesd: {problem} (--name, or 'name' in the configuration)", file=sys.stderr)
+        return 2
+    try:
+        return daemon.run_daemon(
+            config,
+            exclusive=command,
+            foreground=args.foreground,
+            exit_after_one=args.exit,
+            log_level=args.log_level,
+            node_factory=node_factory or _node_factory,
+            runtime_dir=runtime_dir,
+        )
+    except KeyboardInterrupt:  # before the node's own handlers are installed
+        print("dpipesd: interrupted", file=sys.stderr)
+        return 130
+
+
+def _status(name: str, runtime_dir: Path | None) -> int:
+    try:
+        found = daemon.status(name, runtime_dir)
+    except paths.RuntimeDirError as e:
+        print(f"dpipesd: {e}", file=sys.stderr)
+        return 1
+    if found is None:
+        print(f"node {name} is not running")
+        return EXIT_NOT_RUNNING
+    also = " (the host's local socket)" if found.local else ""
+    print(f"node {name} is running: pid {found.pid}, {found.ipc_endpoint}{also}")
+    print(f"pid file {found.pid_file}, log {found.log_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
