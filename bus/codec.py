@@ -64,7 +64,9 @@ Kinds
     Data (*payload*), normally inside a stream (``sid`` != 0) under credit:
 
     * ``BYTES`` -- payload frames are raw byte chunks.
-    * ``OBJECTS`` ``count: int`` -- one payload frame, a msgpack array of ``count`` objects.
+    * ``OBJECTS`` ``count: int, meta: map`` -- one payload frame, a msgpack array of ``count``
+      objects (maps); ``meta`` says where they came from (``dp.addr``, ``dp.node``, ...), once
+      per batch; the receiving node puts it into each object it hands a program.
     * ``ARROW`` ``arrow: map`` -- Arrow record batch framing; ``arrow`` and the payload frames
       are specified in ``dpipes.bus.arrow``.
     * ``STDERR`` -- payload frames are a program's standard error bytes.
@@ -343,6 +345,7 @@ class Bytes(_Payload):
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Objects(_Payload):
     count: int = 0
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @_kind("ARROW")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import getpass
 import logging
 import os
 import re
@@ -49,18 +48,19 @@ from dpipes.bus.endpoint import Endpoint, StreamCancelled
 from dpipes.bus.errors import BusError, DpipesError, StageError
 from dpipes.bus.hub import Hub
 from dpipes.nodes.config import NodeConfig
+from dpipes.nodes.control import CTL, MODES, PIPELINE_PROTOCOL
+from dpipes.nodes.dataflow import Incoming, Outgoing
+from dpipes.nodes.objects import make_metadata
 from dpipes.nodes.pipeline import NodeInfo, PipelineSyntaxError, PlacementError, StageSpec, parse_pipeline, place
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, Supervisor
 
 log = logging.getLogger(__name__)
 
-CTL = "ctl"
-PIPELINE_PROTOCOL = 1  # the run/negotiate/start/exit conversation; bumped when it changes
-MODES = ("bytes", "json", "yaml")
 CONTROL_TIMEOUT_S = 10.0  # negotiate/start/cancel answers; they involve no data
 REPORT_TIMEOUT_S = 5.0  # an exit report nobody acknowledges is logged and dropped after this
 VERSION_PROBE_TIMEOUT_S = 2.0  # `prog --version` when the config declares no version
 CANCEL_TIMEOUT_S = 10.0  # terminate (TERM, grace, KILL) all stages of a pipeline here
+LATE_INPUT_S = 10.0  # how long an exited stage's endpoint waits to refuse input that comes late
 STDERR_TAIL_REPORT_BYTES = 4096  # the end of a failed stage's stderr, in its exit report
 
 _REQUIRE_RE = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|!=|>|<)\s*([0-9][0-9A-Za-z.+-]*)\s*$")
@@ -108,6 +108,7 @@ class _Stage:
     proc: StageProcess | None = None
     task: asyncio.Task[None] | None = None
     cancelled: str = ""
+    lingering: bool = False  # its endpoint outlives it briefly, to refuse late input
 
 
 @dataclasses.dataclass
@@ -393,7 +394,20 @@ class Node:
 
     def _forget(self, stage: _Stage) -> None:
         self._stages.pop((stage.pipeline, stage.index), None)
-        stage.endpoint.close()
+        if not stage.lingering:
+            stage.endpoint.close()
+
+    async def _refuse_late_input(self, stage: _Stage) -> None:
+        """A stage that exited before its input arrived: cancel that input when it comes."""
+        try:
+            stream = await asyncio.wait_for(stage.endpoint.accept(), LATE_INPUT_S)
+            stream.cancel(f"{stage.describe} exited without reading its input")
+        except (TimeoutError, BusError):
+            pass
+        finally:
+            if stage.task is not None:  # the stage's own output may still await its acknowledgement
+                await asyncio.wait({stage.task})
+            stage.endpoint.close()
 
     # -- running one stage -------------------------------------------------------------------
 
@@ -409,16 +423,26 @@ class Node:
             if not stdin_from:
                 proc.close_stdin()
                 return
-            stream = await ep.accept()
+            stream = None
+            try:
+                stream = await ep.accept()
+            except asyncio.CancelledError:  # the program exited before its input arrived
+                stage.lingering = True
+                self._spawn(self._refuse_late_input(stage), f"late input of {stage.describe}")
+                raise
+            incoming = Incoming(stage.mode, where=f"input of {stage.describe}", metadata_key=self.config.metadata_key)
             try:
                 while (msg := await stream.read()) is not None:
-                    for frame in getattr(msg, "frames", ()):
+                    for frame in incoming.data(msg):
                         await proc.write_stdin(frame)
-            except StdinClosed:
-                stream.cancel(f"{stage.describe} closed its input")
-            except BusError as exc:
+            except (StdinClosed, asyncio.CancelledError) as exc:
+                stream.cancel(f"{stage.describe} closed its input")  # upstream gets SIGPIPE, as in a shell
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            except DpipesError as exc:  # the bus failed, or the data was not of the edge's mode
                 if not stage.cancelled:
                     errors.append(f"input: {exc}")
+                stream.cancel(str(exc))
                 await proc.terminate()
             finally:
                 proc.close_stdin()
@@ -426,16 +450,33 @@ class Node:
         async def stdout_pump() -> None:
             nonlocal sigpipe
             out = ep.open_stream(str(body["stdout_to"]))
+            host, _, port = self.hub.tcp_endpoint.removeprefix("tcp://").rpartition(":")
+            meta = make_metadata(
+                addr=host,
+                port=int(port or 0),
+                service=os.path.basename(stage.argv[0]),
+                node=self.name,
+                stage=stage.index,
+            )
+            outgoing = Outgoing(stage.mode, where=stage.describe, meta=meta)
             try:
-                while data := await proc.read_stdout():
-                    await out.send_bytes(data)
+                if stage.mode == "bytes":  # the hot path: no per-chunk objects
+                    while data := await proc.read_stdout():
+                        await out.send_bytes(data)
+                else:
+                    while data := await proc.read_stdout():
+                        for message in outgoing.messages(data):
+                            await out.send(message)
+                    for message in outgoing.end():
+                        await out.send(message)
                 await out.close()
             except StreamCancelled:
                 sigpipe = True  # downstream is gone: the program gets SIGPIPE, as in a shell
                 proc.close_stdout()
-            except BusError as exc:
+            except DpipesError as exc:  # the bus failed, or the program wrote something not an object
                 if not stage.cancelled:
-                    errors.append(f"output: {exc}")
+                    errors.append(f"output: {exc}" if isinstance(exc, BusError) else str(exc))
+                out.cancel(str(exc))
                 proc.close_stdout()
                 await proc.terminate()
 
@@ -454,6 +495,8 @@ class Node:
         try:
             pumps = [asyncio.create_task(p()) for p in (stdin_pump, stdout_pump, stderr_pump)]
             status = await proc.wait()
+            if not pumps[0].done():
+                pumps[0].cancel()  # nobody will read what still comes: refuse it as a closed pipe
             await asyncio.gather(*pumps, return_exceptions=True)
         except asyncio.CancelledError:
             for p in pumps:
@@ -682,11 +725,4 @@ def _probe_version(path: str) -> tuple[int, ...]:
     return version_tuple(first[0]) if first else ()
 
 
-def current_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
-
-
-__all__ = ["CTL", "MODES", "PIPELINE_PROTOCOL", "NegotiationRefused", "Node", "current_user", "parse_requirement"]
+__all__ = ["NegotiationRefused", "Node", "parse_requirement"]

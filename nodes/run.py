@@ -5,7 +5,8 @@ computes (the command documents them):
 
 * the last stage's status (its exit code, or 128 + signal), or with ``pipefail`` the last non-zero
   one, leaving out stages stopped by SIGPIPE because a later stage finished early (as ``head``);
-* ``EXIT_DPIPES_FAILED`` (125) when dpipes itself failed: a refusal, a lost node, a bus error;
+* ``EXIT_DPIPES_FAILED`` (125) when dpipes itself failed: a refusal, a lost node, a bus error,
+  a stage whose data could not be moved (output that is not objects in an object mode);
 * ``EXIT_INTERRUPTED`` (130) after Ctrl-C cancelled every stage.
 """
 
@@ -17,6 +18,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +26,9 @@ from dpipes.bus import codec
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
-from dpipes.nodes.node import CTL, PIPELINE_PROTOCOL, current_user
+from dpipes.nodes.control import CTL, PIPELINE_PROTOCOL, current_user
+from dpipes.nodes.dataflow import Incoming, Outgoing
+from dpipes.nodes.objects import make_metadata
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +229,10 @@ class _Run:
             await asyncio.gather(*tasks, return_exceptions=True)
             for reader in self._readers:
                 reader.cancel()
+        broken = [s for s in self.stages if s.error and not s.sigpipe and not s.error.startswith("cancelled")]
         if self.interrupted:
             code = EXIT_INTERRUPTED
-        elif self.error:
+        elif self.error or broken:  # a stage's data could not be moved: the output is not complete
             code = EXIT_DPIPES_FAILED
         else:
             code = exit_code_of(self.stages, pipefail=self.options.pipefail)
@@ -298,32 +303,43 @@ class _Run:
         tagger = (
             _Tagger(f"[stage {index} {stage.argv[0]}@{stage.node}] ".encode()) if stage and self.options.tag else None
         )
+        incoming = Incoming(self.options.mode, where="the output of dpipes")
         try:
             while (msg := await stream.read()) is not None:
-                is_stderr = isinstance(msg, codec.Stderr) or not may_be_stdout
-                for frame in getattr(msg, "frames", ()):
-                    if is_stderr:
+                if isinstance(msg, codec.Stderr) or not may_be_stdout:
+                    for frame in msg.frames:  # type: ignore[attr-defined]
                         await self.stderr.write(tagger.feed(bytes(frame)) if tagger else frame)
-                    elif self.stdout.broken:
-                        stream.cancel("the output of dpipes was closed")
-                        return
-                    else:
-                        await self.stdout.write(frame)
-        except BusError as exc:
+                    continue
+                if self.stdout.broken:
+                    stream.cancel("the output of dpipes was closed")
+                    return
+                for data in incoming.data(msg):
+                    await self.stdout.write(data)
+        except DpipesError as exc:
             if not self.error and not self.interrupted:
                 log.debug("stream from %s failed: %s", stream.src, exc)
 
     async def _feed_stdin(self, addr: str) -> None:
         out = self.ep.open_stream(addr)
+        meta = make_metadata(addr=socket.gethostname(), port=0, service="dpipes", node=self.ep.node, stage=-1)
+        outgoing = Outgoing(self.options.mode, where="the input of dpipes (stdin)", meta=meta)
         try:
             while True:
                 data = await asyncio.to_thread(_read_some, self.stdin_fd, STDIN_CHUNK_BYTES)
                 if not data:
                     break
-                await out.send_bytes(data)
+                for message in outgoing.messages(data):
+                    await out.send(message)
+            for message in outgoing.end():
+                await out.send(message)
             await out.close()
         except BusError:
             pass  # the first stage stopped reading (it exited, or was cancelled): as a closed pipe
+        except DpipesError as exc:  # our own input is not objects: nothing sensible can run
+            out.cancel(str(exc))
+            if not self.error:
+                self.error = str(exc)
+            await self._cancel(str(exc))
 
 
 def _read_some(fd: int, size: int) -> bytes:

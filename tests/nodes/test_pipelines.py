@@ -221,3 +221,61 @@ def test_help_explains_the_command() -> None:
     text = _parser().format_help()
     for needed in ("@NODE", "--pipefail", "--status", "--json", "exit status", "125", "examples"):
         assert needed in text
+
+
+async def test_json_mode_objects_carry_where_they_came_from(rt: Path) -> None:
+    import json
+
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
+        ours = await dpipes(
+            rt, "--node", alpha.host_port, "--json", "cat | cat@beta", input=b'{"n": 1}\n{"n": 2, "s": "x"}\n'
+        )
+        assert ours.code == 0, ours.stderr
+        objects = [json.loads(line) for line in ours.stdout.splitlines()]
+        assert [{k: v for k, v in o.items() if k != "__dpipes"} for o in objects] == [{"n": 1}, {"n": 2, "s": "x"}]
+        meta = objects[0]["__dpipes"]
+        host, port = beta.host_port.rsplit(":", 1)
+        assert meta == {"dp.addr": host, "dp.port": int(port), "dp.service": "cat", "dp.node": "beta", "dp.stage": 1}
+
+
+async def test_a_program_reads_the_metadata_of_its_input(rt: Path) -> None:
+    import json
+
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        show = "import json,sys; [print(json.dumps({'from': json.loads(l)['__dpipes']['dp.node']})) for l in sys.stdin]"
+        ours = await dpipes(
+            rt, "--node", alpha.host_port, "--json", f'cat@beta | python3 -c "{show}"', input=b'{"x": 1}\n'
+        )
+        assert ours.code == 0, ours.stderr
+        assert json.loads(ours.stdout.splitlines()[0])["from"] == "beta"
+
+
+async def test_yaml_mode_round_trip(rt: Path) -> None:
+    import yaml
+
+    docs = [{"name": "a", "tags": ["x", "y"]}, {"name": "b", "nested": {"k": 1.5, "ok": True}}]
+    text = "".join("---\n" + yaml.safe_dump(d) for d in docs).encode()
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ours = await dpipes(rt, "--node", alpha.host_port, "--yaml", "cat@beta | cat", input=text)
+        assert ours.code == 0, ours.stderr
+        back = [{k: v for k, v in d.items() if k != "__dpipes"} for d in yaml.safe_load_all(ours.stdout)]
+        assert back == docs
+
+
+async def test_a_line_that_is_not_an_object_is_an_error_naming_stage_and_line(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        node = ("--node", alpha.host_port)
+        produced = await dpipes(rt, *node, "--json", "cat | sh@beta -c 'cat; echo 42'", input=b'{"a": 1}\n')
+        assert produced.code == 125
+        assert "stage 1 (sh@beta): line 2 is a number, not a JSON object: '42'" in produced.stderr
+        given = await dpipes(rt, *node, "--json", "cat | cat@beta", input=b'{"a": 1}\n[1, 2]\n')
+        assert given.code == 125
+        assert "the input of dpipes (stdin): line 2 is a list" in given.stderr
+
+
+async def test_a_stage_that_reads_nothing_stops_its_producer_like_sigpipe(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
+        ours = await dpipes(rt, "--node", alpha.host_port, "--pipefail", "--status", "seq 100000000 | true@beta")
+        assert ours.code == 0, ours.stderr
+        assert "stage 0 seq@alpha: killed by SIGPIPE" in ours.stderr
+        await until(lambda: not alpha.children() and not beta.children())
