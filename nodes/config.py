@@ -13,7 +13,8 @@ Sources, in order (each may set any key; a later one replaces a value, and merge
 Keys::
 
     name = "alpha"                  # node name (default: this host's name)
-    listen = "0.0.0.0:5757"         # HOST:PORT the hub's ROUTER binds; [v6addr]:PORT for IPv6
+    listen = "127.0.0.1:5757"       # HOST:PORT the hub's ROUTER binds; [v6addr]:PORT for IPv6;
+                                    # beyond loopback only with insecure = true (no keys yet)
     allow = ["sort", "uniq"]        # programs this node runs; absent = any it has
     metadata_key = "__dpipes"       # root key of per-object metadata in json/yaml mode
     insecure = false                # serve remote clients without CurveZMQ keys (loudly logged)
@@ -144,7 +145,7 @@ class NodeConfig:
     """A node's whole configuration. Not hashable (it holds read-only mappings)."""
 
     name: str
-    listen: HostPort = HostPort("0.0.0.0", DEFAULT_PORT)
+    listen: HostPort = HostPort("127.0.0.1", DEFAULT_PORT)
     nodes: Mapping[str, HostPort] = field(default_factory=lambda: MappingProxyType({}))
     allow: frozenset[str] | None = None
     """Programs this node may run; None means no allow-list."""

@@ -243,13 +243,16 @@ class _Run:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        node = self.node_factory(
-            self.config,
-            exclusive=self.exclusive,
-            ipc=self.bound.ipc_endpoint,
-            tap=self.bound.tap_endpoint,
-            exit_after_one=self.exit_after_one,
-        )
+        try:
+            node = self.node_factory(
+                self.config,
+                exclusive=self.exclusive,
+                ipc=self.bound.ipc_endpoint,
+                tap=self.bound.tap_endpoint,
+                exit_after_one=self.exit_after_one,
+            )
+        except DpipesError as exc:  # the configuration refused (an exposed listen address, ...)
+            raise DaemonError(str(exc)) from exc
         try:
             await node.__aenter__()
         except Exception as exc:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
@@ -45,7 +46,7 @@ from typing import Any
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint, StreamCancelled
-from dpipes.bus.errors import BusError, DpipesError, StageError
+from dpipes.bus.errors import BusError, ConfigError, DpipesError, StageError
 from dpipes.bus.hub import Hub
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.control import CTL, MODES, PIPELINE_PROTOCOL
@@ -151,6 +152,7 @@ class Node:
         self.exclusive = list(exclusive) if exclusive else None
         self.exit_after_one = exit_after_one
         tcp = listen or f"tcp://{_zmq_host(config.listen.host)}:{config.listen.port}"
+        check_exposure(config.name, tcp, insecure=config.insecure)
         self.hub = Hub(config.name, tcp=tcp, ipc=ipc, tap=tap, info={"programs": sorted(self.offered())})
         self.supervisor = Supervisor()
         self._ctl: Endpoint | None = None
@@ -694,6 +696,35 @@ class Node:
                 run.client, "failed", {"pipeline": run.pipeline, "error": error, "lost": lost}, timeout=REPORT_TIMEOUT_S
             )
         await self._cancel_run(run, error)
+
+
+def check_exposure(name: str, tcp: str, *, insecure: bool) -> None:
+    """Refuse to serve programs beyond loopback without keys, unless told so (loudly).
+
+    Until CurveZMQ keys are in place, anyone who reaches a node's port can run programs as the
+    node's user; listening on loopback only is the safe default.
+
+    Raises:
+        ConfigError: ``tcp`` is not a loopback address and ``insecure`` is false.
+    """
+    host = tcp.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return
+    if not insecure:
+        raise ConfigError(
+            f"node {name} would listen on {host or '*'} without keys: anyone who can reach it could run programs "
+            "as this user. Listen on 127.0.0.1 (the default), or accept that risk on a trusted network with "
+            "--insecure (config: insecure = true)."
+        )
+    log.warning(
+        "node %s: INSECURE: listening on %s without keys; anyone who can reach it can run programs as this user",
+        name,
+        host or "*",
+    )
 
 
 def _strip_failed(message: str) -> str:

@@ -18,9 +18,9 @@ EXIT_NOT_RUNNING = 3  # --status of a stopped node, as LSB init scripts answer
 EPILOG = f"""\
 examples:
   dpipesd                                  start this host's node in the background, named after
-                                           the host, listening on 0.0.0.0:5757
+                                           the host, listening on 127.0.0.1:5757
   dpipesd --foreground --log-level DEBUG   run attached, logging to stderr; Ctrl-C stops it
-  dpipesd --name beta --listen 0.0.0.0:5758 --peer alpha.lan:5757
+  dpipesd --name beta --listen 0.0.0.0:5758 --insecure --peer alpha.lan:5757
                                            a second node with a static peer (for networks where
                                            mDNS does not reach); unnamed peers are keyed peer1,
                                            peer2, ... in the [nodes] table
@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE", help="read this TOML file after the system ones")
     run.add_argument("--name", metavar="NAME", help="node name (default: config, else this host's name)")
     run.add_argument(
-        "--listen", metavar="HOST:PORT", help="where peers and remote clients connect (default 0.0.0.0:5757)"
+        "--listen",
+        metavar="HOST:PORT",
+        help="where peers and remote clients connect (default 127.0.0.1:5757; beyond loopback needs --insecure)",
     )
     run.add_argument(
         "--peer",
@@ -89,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--allow", metavar="PROG", nargs="+", action="extend", default=[], help="programs this node runs (repeatable)"
+    )
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening beyond loopback without keys: anyone who reaches the port can run programs as "
+        "this user (logged as a warning); for a trusted network only, until CurveZMQ keys land",
     )
     run.add_argument(
         "--log-level",
@@ -156,6 +164,8 @@ def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None)
         overrides["listen"] = args.listen
     if args.allow:
         overrides["allow"] = list(args.allow)
+    if args.insecure:
+        overrides["insecure"] = True
     try:
         if args.peer:
             overrides["nodes"] = _peers(args.peer)

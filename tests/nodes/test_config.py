@@ -55,7 +55,7 @@ def write(path: Path, text: str) -> Path:
 def test_defaults_without_any_file() -> None:
     config = load_config(search_paths=[])
     assert config == NodeConfig(name=default_node_name())
-    assert config.listen == HostPort("0.0.0.0", DEFAULT_PORT)
+    assert config.listen == HostPort("127.0.0.1", DEFAULT_PORT)
     assert config.allow is None
     assert dict(config.nodes) == {} and dict(config.apps) == {}
     assert config.metadata_key == "__dpipes"

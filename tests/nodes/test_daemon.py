@@ -253,7 +253,7 @@ def start_foreground(rt: Path, tmp_path: Path, *args: str, **extra_env: str) -> 
         )
     assert proc.stdout is not None
     first = proc.stdout.readline().decode()  # bounded by pytest-timeout; the pid file is written first
-    assert first == f"node alpha ready: tcp://0.0.0.0:5757 ipc://{rt}/local.sock\n", err.read_text()
+    assert first == f"node alpha ready: tcp://127.0.0.1:5757 ipc://{rt}/local.sock\n", err.read_text()
     assert (rt / "alpha.pid").exists()
     return proc, err
 
@@ -320,7 +320,7 @@ def test_detached_daemon_lifecycle(rt: Path) -> None:
     pid = paths.read_pid(rt / "alpha.pid")
     assert pid is not None and paths.pid_alive(pid)
     assert started.stdout.splitlines() == [
-        f"node alpha ready: tcp://0.0.0.0:5757 ipc://{rt}/local.sock",
+        f"node alpha ready: tcp://127.0.0.1:5757 ipc://{rt}/local.sock",
         f"pid {pid}, pid file {rt}/alpha.pid, log {rt}/alpha.log",
         f"stop with: dpipesd --stop --name alpha --runtime-dir {rt}   or: kill $(cat {rt}/alpha.pid)",
     ]

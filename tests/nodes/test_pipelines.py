@@ -279,3 +279,31 @@ async def test_a_stage_that_reads_nothing_stops_its_producer_like_sigpipe(rt: Pa
         assert ours.code == 0, ours.stderr
         assert "stage 0 seq@alpha: killed by SIGPIPE" in ours.stderr
         await until(lambda: not alpha.children() and not beta.children())
+
+
+async def test_a_node_refuses_to_listen_beyond_loopback_without_insecure(rt: Path) -> None:
+    from dpipes.bus.errors import ConfigError
+    from dpipes.nodes.node import check_exposure
+
+    check_exposure("n", "tcp://127.0.0.1:5757", insecure=False)
+    check_exposure("n", "tcp://[::1]:5757", insecure=False)
+    with pytest.raises(ConfigError, match="--insecure"):
+        check_exposure("n", "tcp://*:5757", insecure=False)
+    with pytest.raises(ConfigError, match=r"would listen on 10\.1\.2\.3 without keys"):
+        check_exposure("n", "tcp://10.1.2.3:5757", insecure=False)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dpipes.tools.dpipesd",
+        "--foreground",
+        "--name",
+        "open",
+        "--listen",
+        "0.0.0.0:0",
+        env=environment(rt),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    assert proc.returncode != 0
+    assert b"without keys" in err and b"--insecure" in err
