@@ -17,6 +17,8 @@ Keys::
                                     # beyond loopback only with insecure = true (no keys yet)
     allow = ["sort", "uniq"]        # programs this node runs; absent = any it has
     metadata_key = "__dpipes"       # root key of per-object metadata in json/yaml mode
+    metadata_argv = false           # ... with the producing program's argv as dp.argv
+    metadata_environ = ["LANG"]     # ... with these variables of its environment as dp.environ
     insecure = false                # serve remote clients without CurveZMQ keys (loudly logged)
     interfaces = ["eth0"]           # interfaces for discovery and listening; empty = all
 
@@ -151,6 +153,10 @@ class NodeConfig:
     """Programs this node may run; None means no allow-list."""
     apps: Mapping[str, AppConfig] = field(default_factory=lambda: MappingProxyType({}))
     metadata_key: str = "__dpipes"
+    metadata_argv: bool = False
+    """Object modes: put the producing program's argv in each object's metadata (``dp.argv``)."""
+    metadata_environ: tuple[str, ...] = ()
+    """Object modes: these environment variables of the producing stage go in ``dp.environ``."""
     limits: Limits = Limits()
     insecure: bool = False
     interfaces: tuple[str, ...] = ()
@@ -245,6 +251,8 @@ _TOP: dict[str, Callable[[object], object]] = {
     "listen": _listen,
     "allow": _allow,
     "metadata_key": _string,
+    "metadata_argv": _bool,
+    "metadata_environ": _strings,
     "insecure": _bool,
     "interfaces": _strings,
 }

@@ -109,6 +109,7 @@ class _Stage:
     proc: StageProcess | None = None
     task: asyncio.Task[None] | None = None
     cancelled: str = ""
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
     lingering: bool = False  # its endpoint outlives it briefly, to refuse late input
 
 
@@ -355,6 +356,7 @@ class Node:
         argv = (self.exclusive + stage.argv[1:]) if self.exclusive else stage.argv
         env = dict(os.environ)
         env.update(self._stage_env(stage, b))
+        stage.env = env
         program = self._resolve(argv[0]) or argv[0]
         stage.proc = await self.supervisor.start([program, *argv[1:]], env=env, forward_stderr=True)
         self.stages_run += 1
@@ -453,12 +455,15 @@ class Node:
             nonlocal sigpipe
             out = ep.open_stream(str(body["stdout_to"]))
             host, _, port = self.hub.tcp_endpoint.removeprefix("tcp://").rpartition(":")
+            shared = {k: stage.env[k] for k in self.config.metadata_environ if k in stage.env}
             meta = make_metadata(
                 addr=host,
                 port=int(port or 0),
                 service=os.path.basename(stage.argv[0]),
                 node=self.name,
                 stage=stage.index,
+                argv=list(stage.argv) if self.config.metadata_argv else None,
+                environ=shared if self.config.metadata_environ else None,
             )
             outgoing = Outgoing(stage.mode, where=stage.describe, meta=meta)
             try:

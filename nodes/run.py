@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -110,15 +111,24 @@ class _Output:
         self.fd = fd
         self._lock = asyncio.Lock()
         self.broken = False
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            mode = 0
+        # Files and devices (/dev/null, a terminal) take a write at once; pipes and sockets may not.
+        self._inline = stat.S_ISREG(mode) or stat.S_ISCHR(mode)
 
     async def write(self, data: bytes | memoryview) -> None:
         if self.broken:
             return
-        async with self._lock:
-            try:
+        try:
+            if self._inline:
+                _write_all(self.fd, data)
+                return
+            async with self._lock:
                 await asyncio.to_thread(_write_all, self.fd, data)
-            except BrokenPipeError:
-                self.broken = True
+        except BrokenPipeError:
+            self.broken = True
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

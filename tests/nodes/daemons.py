@@ -12,6 +12,8 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+from tests.procs import children_of
+
 START_TIMEOUT_S = 20.0  # a daemon prints its endpoint once it listens; Python start-up on a busy machine
 STOP_TIMEOUT_S = 15.0
 RUN_TIMEOUT_S = 120.0
@@ -29,19 +31,7 @@ class Daemon:
 
     def children(self) -> list[int]:
         """Pids of the daemon's live child processes (its running stages)."""
-        out = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            if int(fields[1]) == self.proc.pid and fields[0] != b"Z":
-                out.append(int(name))
-        return out
+        return children_of(self.proc.pid)
 
 
 def environment(runtime_dir: Path) -> dict[str, str]:
@@ -86,6 +76,19 @@ async def daemons(
             except TimeoutError:
                 daemon.proc.kill()
                 await daemon.proc.wait()
+
+
+async def start_dpipes(runtime_dir: Path, *args: str) -> asyncio.subprocess.Process:
+    """Start the real ``dpipes`` command with no input, its stderr captured; the caller waits."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dpipes.tools.dpipes",
+        *args,
+        env=environment(runtime_dir),
+        stdin=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 @dataclasses.dataclass

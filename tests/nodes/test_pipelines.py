@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes.daemons import daemons, dpipes, environment, shell
+from tests.nodes.daemons import daemons, dpipes, environment, shell, start_dpipes
 
 WAIT_S = 30.0
 
@@ -123,17 +123,7 @@ async def test_early_exit_downstream_stops_upstream_without_error(rt: Path) -> N
 
 async def test_sigint_cancels_every_stage_on_every_node(rt: Path) -> None:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "dpipes.tools.dpipes",
-            "--node",
-            alpha.host_port,
-            "sleep 300 | sleep@beta 300",
-            env=environment(rt),
-            stdin=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await start_dpipes(rt, "--node", alpha.host_port, "sleep 300 | sleep@beta 300")
         await until(lambda: alpha.children() and beta.children())
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), WAIT_S) == 130
@@ -142,17 +132,7 @@ async def test_sigint_cancels_every_stage_on_every_node(rt: Path) -> None:
 
 async def test_a_node_killed_mid_pipeline_fails_the_run_naming_it(rt: Path) -> None:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "dpipes.tools.dpipes",
-            "--node",
-            alpha.host_port,
-            "sleep 300 | sleep@beta 300",
-            env=environment(rt),
-            stdin=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await start_dpipes(rt, "--node", alpha.host_port, "sleep 300 | sleep@beta 300")
         await until(lambda: alpha.children() and beta.children())
         for pid in beta.children():
             os.kill(pid, signal.SIGKILL)  # the daemon dies hard; its stage goes with it
@@ -307,3 +287,16 @@ async def test_a_node_refuses_to_listen_beyond_loopback_without_insecure(rt: Pat
     _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
     assert proc.returncode != 0
     assert b"without keys" in err and b"--insecure" in err
+
+
+async def test_metadata_carries_argv_and_chosen_environment_when_configured(rt: Path, tmp_path: Path) -> None:
+    import json
+
+    config = tmp_path / "beta.toml"
+    config.write_text('metadata_argv = true\nmetadata_environ = ["DPIPES_NODE", "NOT_SET_ANYWHERE"]\n')
+    async with daemons(rt, ["alpha", "beta"], extra={"beta": ["--config", str(config)]}) as (alpha, _b):
+        ours = await dpipes(rt, "--node", alpha.host_port, "--json", "cat | cat@beta -u", input=b'{"n": 1}\n')
+        assert ours.code == 0, ours.stderr
+        meta = json.loads(ours.stdout)["__dpipes"]
+        assert meta["dp.argv"] == ["cat", "-u"]
+        assert meta["dp.environ"] == {"DPIPES_NODE": "beta"}  # only what was named, only what is set
