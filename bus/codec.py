@@ -202,6 +202,8 @@ class Message:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class _Payload(Message):
+    """A message whose payload frames follow its header."""
+
     frames: tuple[Any, ...] = ()
 
     HAS_PAYLOAD: ClassVar[bool] = True
@@ -236,6 +238,8 @@ def _kind(name: str) -> Callable[[type[Message]], type[Message]]:
 @_kind("HELLO")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Hello(Message):
+    """Opens a link (or attachment) of a peer hub: who it is and where it listens."""
+
     node: str = ""
     instance: str = ""
     endpoints: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -245,6 +249,8 @@ class Hello(Message):
 @_kind("WELCOME")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Welcome(Message):
+    """The answer to an acceptable HELLO."""
+
     node: str = ""
     instance: str = ""
 
@@ -252,36 +258,44 @@ class Welcome(Message):
 @_kind("PING")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Ping(Message):
-    pass
+    """Liveness, every HEARTBEAT_INTERVAL_S on every link and from every client."""
 
 
 @_kind("PONG")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Pong(Message):
-    pass
+    """A hub's answer to a client's PING."""
 
 
 @_kind("BYE")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Bye(Message):
+    """An orderly goodbye, or the refusal of a HELLO, with the reason."""
+
     reason: str = ""
 
 
 @_kind("ATTACH")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Attach(Message):
+    """A client asks to become endpoint ``node/name``."""
+
     name: str = ""
 
 
 @_kind("ATTACHED")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Attached(Message):
+    """The hub's answer to ATTACH: the client's address."""
+
     addr: str = ""
 
 
 @_kind("LINK")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Link(Message):
+    """A hub tells its endpoints that a peer node came up or was lost."""
+
     node: str = ""
     up: bool = False
     reason: str = ""
@@ -290,6 +304,8 @@ class Link(Message):
 @_kind("REQUEST")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Request(Message):
+    """A request; ``seq`` is its id."""
+
     method: str = ""
     body: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -297,6 +313,8 @@ class Request(Message):
 @_kind("REPLY")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Reply(Message):
+    """The answer to the REQUEST with the same ``seq``."""
+
     ok: bool = True
     body: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: str = ""
@@ -305,30 +323,40 @@ class Reply(Message):
 @_kind("CREDIT")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Credit(Message):
+    """The receiver of stream ``sid`` lets its sender send ``bytes`` more."""
+
     bytes: int = 0
 
 
 @_kind("EOF")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Eof(Message):
+    """The sender of stream ``sid`` has sent everything: ``total`` payload bytes."""
+
     total: int = 0
 
 
 @_kind("EOF_ACK")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class EofAck(Message):
+    """The receiver has taken every byte up to EOF."""
+
     total: int = 0
 
 
 @_kind("CANCEL")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel(Message):
+    """Either end abandons stream ``sid``."""
+
     reason: str = ""
 
 
 @_kind("ERROR")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Error(Message):
+    """A message sent to ``to`` could not be delivered or done, at ``node``."""
+
     code: str = ""
     message: str = ""
     node: str = ""
@@ -338,12 +366,14 @@ class Error(Message):
 @_kind("BYTES")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Bytes(_Payload):
-    pass
+    """Raw byte chunks."""
 
 
 @_kind("OBJECTS")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Objects(_Payload):
+    """One msgpack batch of ``count`` objects, with their producer's metadata."""
+
     count: int = 0
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -351,18 +381,22 @@ class Objects(_Payload):
 @_kind("ARROW")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Arrow(_Payload):
+    """One part of an Arrow record batch (see dpipes.bus.arrow)."""
+
     arrow: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @_kind("STDERR")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Stderr(_Payload):
-    pass
+    """A program's standard error bytes."""
 
 
 @_kind("PIPES")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Pipes(_Payload):
+    """One Dagster Pipes message of stage ``stage``, as JSON."""
+
     stage: int = 0
 
 

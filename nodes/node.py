@@ -13,8 +13,10 @@ Every node has a control endpoint ``<node>/ctl`` that answers REQUEST messages:
     protocol, the data mode, that the program exists and is allowed here, and the version
     constraint; on success it reserves the stage's endpoint ``<node>/<pipeline>.<stage>``.
 ``start``
-    Body adds ``stdin_from`` (address or ""), ``stdout_to``, ``stderr_to``, ``report_to``
-    (addresses that get the ``exit`` report), ``meta`` (object-mode metadata settings).
+    Body adds ``stdin_from`` (address or ""), ``stdout_to``, ``stderr_to`` (where stderr and Pipes
+    messages go), ``report_to`` (addresses that get the ``exit`` report), ``pipes`` (the
+    Pipes options: ``extras``, ``assets``, ``partition``, ``context``, ``messages``). The reply
+    carries ``context``: the Pipes context the stage was started with.
 ``cancel``
     Body: ``pipeline``, ``reason``: terminate every stage of it here (process group, bounded).
 ``exit`` (node -> client and coordinator)
@@ -45,7 +47,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dpipes.bus import codec
-from dpipes.bus.endpoint import Endpoint, StreamCancelled
+from dpipes.bus.endpoint import Endpoint, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, ConfigError, DpipesError, StageError
 from dpipes.bus.hub import Hub
 from dpipes.nodes.config import NodeConfig
@@ -53,6 +55,7 @@ from dpipes.nodes.control import CTL, MODES, PIPELINE_PROTOCOL
 from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.objects import make_metadata
 from dpipes.nodes.pipeline import NodeInfo, PipelineSyntaxError, PlacementError, StageSpec, parse_pipeline, place
+from dpipes.nodes.stage_pipes import StagePipes, frame_of
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, Supervisor
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,7 @@ class _Stage:
     task: asyncio.Task[None] | None = None
     cancelled: str = ""
     env: dict[str, str] = dataclasses.field(default_factory=dict)
+    pipes: StagePipes | None = None
     lingering: bool = False  # its endpoint outlives it briefly, to refuse late input
 
 
@@ -356,13 +360,21 @@ class Node:
         argv = (self.exclusive + stage.argv[1:]) if self.exclusive else stage.argv
         env = dict(os.environ)
         env.update(self._stage_env(stage, b))
+        stage.pipes = StagePipes(
+            b.get("pipes") or {}, pipeline=stage.pipeline, stage=stage.index, node=self.name, argv=stage.argv
+        )
+        env.update(stage.pipes.env)
         stage.env = env
         program = self._resolve(argv[0]) or argv[0]
-        stage.proc = await self.supervisor.start([program, *argv[1:]], env=env, forward_stderr=True)
+        try:
+            stage.proc = await self.supervisor.start([program, *argv[1:]], env=env, forward_stderr=True)
+        except BaseException:
+            stage.pipes.close()
+            raise
         self.stages_run += 1
         stage.task = self._spawn(self._run_stage(stage, b), stage.describe)
         log.info("node %s: started %s pid %d", self.name, stage.describe, stage.proc.pid)
-        return {"pid": stage.proc.pid}
+        return {"pid": stage.proc.pid, "context": stage.pipes.context}
 
     def _stage_env(self, stage: _Stage, body: Mapping[str, Any]) -> dict[str, str]:
         host, _, port = self.hub.tcp_endpoint.removeprefix("tcp://").rpartition(":")
@@ -487,30 +499,69 @@ class Node:
                 proc.close_stdout()
                 await proc.terminate()
 
+        pipes = stage.pipes
+        assert pipes is not None
+        pipes_out: list[OutStream] = []  # opened at the first message
+
+        async def send_pipes(frames: list[bytes]) -> None:
+            if not pipes_out:
+                pipes_out.append(ep.open_stream(str(body["stderr_to"])))
+            for frame in frames:
+                await pipes_out[0].send(codec.Pipes(stage=stage.index, frames=(frame,)))
+
         async def stderr_pump() -> None:
             out = None
+            split = pipes.channel == "stderr"
             try:
-                while data := await proc.read_stderr():
-                    if out is None:
-                        out = ep.open_stream(str(body["stderr_to"]))
-                    await out.send(codec.Stderr(frames=(data,)))
+                while True:
+                    raw = await proc.read_stderr()
+                    data = raw
+                    if split:  # messages among the program's stderr: take them out
+                        data, frames = pipes.split_stderr(raw, end=not raw)
+                        await send_pipes(frames)
+                    if data:
+                        if out is None:
+                            out = ep.open_stream(str(body["stderr_to"]))
+                        await out.send(codec.Stderr(frames=(data,)))
+                    if not raw:
+                        break
                 if out is not None:
                     await out.close()
             except BusError as exc:
                 log.info("node %s: %s: stderr not delivered: %s", self.name, stage.describe, exc)
 
+        async def pipes_pump() -> None:
+            if pipes.channel != "file":
+                return
+            reader = pipes.boot.channel
+            reader.start()
+            try:
+                while batch := await reader.next_batch():
+                    await send_pipes([frame_of(record) for record in batch])
+            except BusError as exc:
+                log.info("node %s: %s: Pipes messages not delivered: %s", self.name, stage.describe, exc)
+
+        async def close_pipes() -> None:
+            if pipes_out:
+                await pipes_out[0].close()
+
         try:
-            pumps = [asyncio.create_task(p()) for p in (stdin_pump, stdout_pump, stderr_pump)]
+            pumps = [asyncio.create_task(p()) for p in (stdin_pump, stdout_pump, stderr_pump, pipes_pump)]
             status = await proc.wait()
             if not pumps[0].done():
                 pumps[0].cancel()  # nobody will read what still comes: refuse it as a closed pipe
+            if pipes.channel == "file":
+                pipes.boot.channel.finish()  # the program is gone: read its messages to the end
             await asyncio.gather(*pumps, return_exceptions=True)
+            with contextlib.suppress(BusError):
+                await close_pipes()
         except asyncio.CancelledError:
             for p in pumps:
                 p.cancel()
             raise
         finally:
             self._forget(stage)
+            pipes.close()
         tail = proc.stderr_tail[-STDERR_TAIL_REPORT_BYTES:].decode(errors="replace") if not status.ok else ""
         report = {
             "pipeline": stage.pipeline,
@@ -616,6 +667,7 @@ class Node:
                         "stderr_to": client,
                         "report_to": [client, self._ctl.addr],
                         "user": b.get("user", ""),
+                        "pipes": b.get("pipes") or {},
                     },
                     timeout=CONTROL_TIMEOUT_S,
                 )
@@ -627,10 +679,17 @@ class Node:
         if failures:
             await self._cancel_run(run, "start failed", notify=False)
             raise StageError("could not start the pipeline: " + "; ".join(_strip_failed(str(f)) for f in failures))
+        contexts = list(reversed(starts))  # started downstream first
         return {
             "pipeline": pipeline,
             "stages": [
-                {"index": i, "node": nodes[i], "argv": list(stages[i].argv), "addr": addrs[i]}
+                {
+                    "index": i,
+                    "node": nodes[i],
+                    "argv": list(stages[i].argv),
+                    "addr": addrs[i],
+                    "context": contexts[i].get("context", {}),
+                }
                 for i in range(len(stages))
             ],
         }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -54,6 +55,8 @@ class RunOptions:
     pipefail: bool = False
     tag: bool = False
     require: tuple[str, ...] = ()
+    pipes: dict[str, Any] = dataclasses.field(default_factory=dict)  # extras, assets, partition, context, messages
+    pipes_json: str | None = None  # write every stage's Pipes context and messages here, as JSON lines
 
 
 @dataclasses.dataclass
@@ -68,6 +71,10 @@ class StageResult:
     error: str = ""
     stderr_tail: str = ""
     reported: bool = False
+    materializations: list[str] = dataclasses.field(default_factory=list)
+    checks: list[str] = dataclasses.field(default_factory=list)
+    pipes_exception: str = ""  # the stage's Pipes session closed with this exception
+    pipes_errors: int = 0  # lines that were not valid Pipes messages
 
     @property
     def shell_code(self) -> int:
@@ -81,7 +88,20 @@ class StageResult:
             text += " (its reader finished early)"
         if self.error and not self.sigpipe:
             text += f" ({self.error})"
+        if self.pipes_exception:
+            text += f" (Pipes closed with {self.pipes_exception})"
         return text
+
+    def pipes_summary(self) -> str:
+        """Materializations and checks this stage reported, or "" when none."""
+        parts = []
+        if self.materializations:
+            parts.append(f"materialized {', '.join(self.materializations)}")
+        if self.checks:
+            parts.append(f"checks {', '.join(self.checks)}")
+        if self.pipes_errors:
+            parts.append(f"{self.pipes_errors} invalid Pipes line(s)")
+        return "; ".join(parts)
 
 
 @dataclasses.dataclass
@@ -203,6 +223,7 @@ class _Run:
         self.interrupted = False
         self._done = asyncio.Event()
         self._readers: set[asyncio.Task[None]] = set()
+        self.pipes_json: Any = None
 
     async def run(self, handle_sigint: bool) -> RunResult:
         body = {
@@ -212,6 +233,7 @@ class _Run:
             "require": list(self.options.require),
             "protocol": PIPELINE_PROTOCOL,
             "user": current_user(),
+            "pipes": dict(self.options.pipes),
         }
         try:
             reply = await self.ep.request(self.ctl, "run", body, timeout=RUN_TIMEOUT_S)
@@ -219,6 +241,10 @@ class _Run:
             raise RunFailed(_clean(str(exc), self.ctl)) from None
         self.pipeline = reply["pipeline"]
         self.stages = [StageResult(s["index"], s["node"], list(s["argv"])) for s in reply["stages"]]
+        if self.options.pipes_json:
+            self.pipes_json = open(self.options.pipes_json, "w", encoding="utf-8")  # noqa: ASYNC230 (once, at start; closed in run)
+            for s in reply["stages"]:
+                self._json_line({"stage": s["index"], "node": s["node"], "context": s.get("context", {})})
         if self.on_started is not None:
             self.on_started(reply)
         loop = asyncio.get_running_loop()
@@ -239,6 +265,8 @@ class _Run:
             await asyncio.gather(*tasks, return_exceptions=True)
             for reader in self._readers:
                 reader.cancel()
+            if self.pipes_json is not None:
+                self.pipes_json.close()
         broken = [s for s in self.stages if s.error and not s.sigpipe and not s.error.startswith("cancelled")]
         if self.interrupted:
             code = EXIT_INTERRUPTED
@@ -246,7 +274,42 @@ class _Run:
             code = EXIT_DPIPES_FAILED
         else:
             code = exit_code_of(self.stages, pipefail=self.options.pipefail)
+            if code == 0 and any(s.pipes_exception for s in self.stages):
+                code = 1  # a stage's Pipes session failed: so did the run, whatever its exit code
         return RunResult(self.pipeline, self.stages, code, self.error)
+
+    def _json_line(self, obj: dict[str, Any]) -> None:
+        self.pipes_json.write(json.dumps(obj, separators=(",", ":"), allow_nan=True) + "\n")
+        self.pipes_json.flush()
+
+    async def _on_pipes(self, stage: StageResult | None, tag: bytes, frame: Any) -> None:
+        """One Pipes message from a stage: log it now, remember what the summary needs."""
+        try:
+            item = json.loads(bytes(frame))
+        except ValueError:
+            return  # the node validated it; a bad frame here is a bug elsewhere, not user data
+        if stage is None:
+            return
+        if "error" in item:
+            stage.pipes_errors += 1
+            await self.stderr.write(tag + f"Pipes: {item['error']}\n".encode())
+            return
+        message = item.get("message", {})
+        if self.pipes_json is not None:
+            self._json_line({"stage": stage.index, "node": stage.node, "message": message})
+        method, params = message.get("method"), message.get("params") or {}
+        if method == "log":
+            await self.stderr.write(tag + f"{params.get('level', 'INFO')} {params.get('message', '')}\n".encode())
+        elif method == "report_asset_materialization":
+            stage.materializations.append(str(params.get("asset_key") or "(default asset)"))
+        elif method == "report_asset_check":
+            outcome = "passed" if params.get("passed") else f"failed ({params.get('severity', 'ERROR')})"
+            stage.checks.append(f"{params.get('check_name')}: {outcome}")
+        elif method == "closed" and params.get("exception"):
+            exc = params["exception"]
+            name, text = str(exc.get("name") or "an exception"), str(exc.get("message") or "")
+            stage.pipes_exception = text if text.startswith(name) else f"{name}: {text}".rstrip(": ")
+            await self.stderr.write(tag + f"Pipes closed with {stage.pipes_exception}\n".encode())
 
     def _interrupt(self) -> None:
         if self.interrupted:  # a second Ctrl-C: stop waiting
@@ -315,7 +378,11 @@ class _Run:
         )
         incoming = Incoming(self.options.mode, where="the output of dpipes")
         try:
+            pipes_tag = f"[stage {index} {stage.argv[0]}@{stage.node}] ".encode() if stage else b""
             while (msg := await stream.read()) is not None:
+                if isinstance(msg, codec.Pipes):
+                    await self._on_pipes(stage, pipes_tag, msg.frames[0] if msg.frames else b"{}")
+                    continue
                 if isinstance(msg, codec.Stderr) or not may_be_stdout:
                     for frame in msg.frames:  # type: ignore[attr-defined]
                         await self.stderr.write(tagger.feed(bytes(frame)) if tagger else frame)

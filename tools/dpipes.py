@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -39,6 +40,13 @@ exit status:
   130  interrupted (Ctrl-C cancels every stage on every node)
   2    bad command line
 
+pipes:
+  Every stage gets DAGSTER_PIPES_CONTEXT and DAGSTER_PIPES_MESSAGES; a program using dagster-pipes
+  (or any language writing its JSON lines) reports logs, materializations and checks as it runs.
+  Logs appear on stderr at once, tagged with the stage; a summary of materializations and checks
+  follows at the end. A stage whose Pipes session closes with an exception fails the run (exit
+  1 if nothing else failed). A stage that never opens Pipes is an ordinary program.
+
 examples:
   dpipes 'seq 10 | sort -r'
   dpipes 'cat /data/input.txt | sort@beta | uniq -c'
@@ -63,8 +71,39 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--require", action="append", default=[], metavar="'PROG>=VER'", help="refuse to run unless PROG's version fits"
     )
+    pipes = parser.add_argument_group("Dagster Pipes (every stage may speak it; see 'pipes' below)")
+    pipes.add_argument(
+        "--extra", action="append", default=[], metavar="KEY=JSON", help="an extra in each stage's context"
+    )
+    pipes.add_argument("--asset", action="append", default=[], metavar="KEY", help="an asset key of the context")
+    pipes.add_argument("--partition", metavar="KEY", help="the partition key of the context")
+    pipes.add_argument(
+        "--pipes-context", choices=["env", "file"], default="env", help="how the context reaches a stage (env)"
+    )
+    pipes.add_argument(
+        "--pipes-messages",
+        choices=["file", "stderr"],
+        default="file",
+        help="the channel a stage writes messages to: a FIFO read as written (file), or its stderr",
+    )
+    pipes.add_argument(
+        "--pipes-json", metavar="FILE", help="write each stage's context, then every message, as JSON lines"
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log what dpipes does (twice: debug)")
     return parser
+
+
+def _extras(items: list[str], parser: argparse.ArgumentParser) -> dict[str, object]:
+    extras = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--extra {item!r}: write KEY=JSON, e.g. --extra 'limit=10' or --extra 'tags=[\"a\"]'")
+        try:
+            extras[key] = json.loads(value)
+        except ValueError as exc:
+            parser.error(f"--extra {key}: the value is not JSON ({exc}); quote strings: --extra '{key}=\"text\"'")
+    return extras
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
     if args.mode is None:
         args.mode = "bytes"
+    args.pipes = {
+        "extras": _extras(args.extra, parser),
+        "assets": list(args.asset),
+        "partition": args.partition,
+        "context": args.pipes_context,
+        "messages": args.pipes_messages,
+    }
     try:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:
@@ -95,6 +141,8 @@ async def _run(args: argparse.Namespace) -> int:
         pipefail=args.pipefail,
         tag=args.tag,
         require=tuple(args.require),
+        pipes=args.pipes,
+        pipes_json=args.pipes_json,
     )
     node = args.node or os.environ.get("DPIPES_NODE")
     if node:
@@ -109,6 +157,8 @@ async def _run(args: argparse.Namespace) -> int:
     for stage in result.stages:
         if args.status or (stage.error and not stage.sigpipe and not result.error and "cancelled" not in stage.error):
             print(f"dpipes: {stage.describe()}", file=sys.stderr)
+        if summary := stage.pipes_summary():
+            print(f"dpipes: stage {stage.index} {stage.argv[0]}@{stage.node}: {summary}", file=sys.stderr)
     return result.exit_code
 
 

@@ -1,0 +1,85 @@
+"""The Dagster Pipes side of one stage: the bootstrap it is started with, its messages as PIPES frames.
+
+Every stage a node forks gets ``DAGSTER_PIPES_CONTEXT`` and ``DAGSTER_PIPES_MESSAGES``; a program
+that never opens Pipes is an ordinary program and costs a FIFO. Each message a program writes
+travels to the client as one ``PIPES`` message on a stream from the stage's endpoint, whose one
+payload frame is JSON: ``{"message": <the message as received>}``, or, for a line that is not a
+valid Pipes message, ``{"error": "...", "line": N}`` (reading goes on after it).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from dpipes.bus.errors import StageError
+from dpipes.nodes.pipes import (
+    PipesBadLine,
+    PipesBootstrap,
+    PipesLine,
+    PipesStdioRecord,
+    PipesTextLine,
+    bootstrap_env,
+    make_context_data,
+)
+
+_TMP = tempfile.gettempdir()  # each stage's FIFO and context file go in a private directory here
+CONTEXT_INJECTORS = ("env", "file")
+MESSAGE_CHANNELS = ("file", "stderr")
+
+
+def frame_of(record: PipesLine | PipesBadLine) -> bytes:
+    """The payload frame of one PIPES message."""
+    if isinstance(record, PipesLine):
+        return json.dumps({"message": record.message.raw}, separators=(",", ":"), allow_nan=True).encode()
+    return json.dumps({"error": str(record), "line": record.line_no}).encode()
+
+
+class StagePipes:
+    """The Pipes bootstrap of one stage, and the channel its messages come back on.
+
+    Args:
+        options: what the user asked for: ``extras`` (map), ``assets`` (list), ``partition``,
+            ``context`` ("env" | "file"), ``messages`` ("file" | "stderr").
+    """
+
+    def __init__(self, options: Mapping[str, Any], *, pipeline: str, stage: int, node: str, argv: list[str]) -> None:
+        injector = str(options.get("context", "env"))
+        channel = str(options.get("messages", "file"))
+        if injector not in CONTEXT_INJECTORS:
+            raise StageError(f"--pipes-context {injector!r}: use one of {', '.join(CONTEXT_INJECTORS)}")
+        if channel not in MESSAGE_CHANNELS:
+            raise StageError(f"--pipes-messages {channel!r}: use one of {', '.join(MESSAGE_CHANNELS)}")
+        extras = dict(options.get("extras") or {})
+        extras["dpipes"] = {"pipeline": pipeline, "stage": stage, "node": node, "argv": list(argv)}
+        assets = [str(a) for a in options.get("assets") or []] or None
+        partition = options.get("partition") or None
+        self.context = make_context_data(run_id=pipeline, asset_keys=assets, partition_key=partition, extras=extras)
+        self.channel = channel
+        inject: Literal["env", "file"] = "env" if injector == "env" else "file"
+        self.boot: PipesBootstrap[Any]
+        if channel == "file":
+            self.boot = bootstrap_env(self.context, context_injector=inject, messages_channel="file", tmpdir=_TMP)
+        else:
+            self.boot = bootstrap_env(self.context, context_injector=inject, messages_channel="stderr", tmpdir=_TMP)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.boot.env
+
+    def split_stderr(self, data: bytes, *, end: bool = False) -> tuple[bytes, list[bytes]]:
+        """With the ``stderr`` channel: a chunk of stderr -> (plain text, PIPES frames)."""
+        records: list[PipesStdioRecord] = self.boot.channel.end() if end else self.boot.channel.feed(data)
+        text = bytearray()
+        frames = []
+        for record in records:
+            if isinstance(record, PipesTextLine):
+                text += record.text + (b"" if record.partial else b"\n")
+            else:
+                frames.append(frame_of(record))
+        return bytes(text), frames
+
+    def close(self) -> None:
+        self.boot.close()

@@ -1,0 +1,163 @@
+"""Dagster Pipes through real daemons: unmodified dagster-pipes programs and the Node.js example."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.nodes.daemons import daemons, dpipes
+
+EXAMPLE_JS = Path(__file__).parents[2] / "examples" / "pipes_node" / "pipes_example.js"
+
+REPORTER = """
+import sys
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as pipes:
+    pipes.log.info("from " + pipes.extras["dpipes"]["node"] + " limit " + str(pipes.extras["limit"]))
+    pipes.log.warning("careful")
+    pipes.report_asset_materialization(
+        asset_key="orders",
+        metadata={"rows": {"raw_value": 3, "type": "int"}, "note": {"raw_value": "x", "type": "text"}},
+    )
+    pipes.report_asset_check(check_name="not_empty", passed=True, asset_key="orders")
+    pipes.report_custom_message({"payload": [1, 2, 3]})
+    sys.stdout.write(sys.stdin.read().upper())
+"""
+
+FAILING = """
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as pipes:
+    pipes.log.info("about to fail")
+    raise ValueError("bad input row 7")
+"""
+
+MANY = """
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as pipes:
+    for i in range(10000):
+        pipes.log.info(f"log {i}")
+        pipes.report_custom_message(i)
+"""
+
+MALFORMED_IN_THE_MIDDLE = """
+import json, os
+from dagster_pipes import open_dagster_pipes, decode_param
+path = decode_param(os.environ["DAGSTER_PIPES_MESSAGES"])["path"]
+with open_dagster_pipes() as pipes:
+    pipes.log.info("before")
+    with open(path, "a") as f:
+        f.write("this is not a message\\n")
+    pipes.log.info("after")
+"""
+
+STDERR_MIXED = """
+import sys
+from dagster_pipes import open_dagster_pipes
+print("plain text before", file=sys.stderr, flush=True)
+with open_dagster_pipes() as pipes:
+    pipes.log.info("a message on stderr")
+    print("plain text inside", file=sys.stderr, flush=True)
+"""
+
+
+def script(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def messages(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Path:
+    path = tmp_path / "run"
+    path.mkdir(mode=0o700)
+    return path
+
+
+async def test_every_method_reaches_the_client_from_a_remote_node(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "reporter.py", REPORTER)
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(
+            rt, "--node", alpha.host_port, "--extra", "limit=10", "--asset", "orders", "--pipes-json", str(out),
+            f"cat | python3@beta {program}", input=b"abc\n",
+        )  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    assert ran.stdout == b"ABC\n"
+    assert "[stage 1 python3@beta] INFO from beta limit 10" in ran.stderr
+    assert "[stage 1 python3@beta] WARNING careful" in ran.stderr
+    assert "stage 1 python3@beta: materialized orders; checks not_empty: passed" in ran.stderr
+    lines = messages(out)
+    contexts = [line for line in lines if "context" in line]
+    assert [c["stage"] for c in contexts] == [0, 1]
+    assert contexts[1]["node"] == "beta" and contexts[1]["context"]["asset_keys"] == ["orders"]
+    assert contexts[1]["context"]["extras"]["limit"] == 10
+    methods = [line["message"]["method"] for line in lines if "message" in line]
+    assert methods == ["opened", "log", "log", "report_asset_materialization", "report_asset_check",
+                       "report_custom_message", "closed"]  # fmt: skip
+    materialization = next(
+        line["message"] for line in lines if line.get("message", {}).get("method") == "report_asset_materialization"
+    )
+    assert materialization["params"]["metadata"]["rows"] == {"raw_value": 3, "type": "int"}
+
+
+async def test_an_exception_inside_pipes_fails_the_run(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "failing.py", FAILING)
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        ran = await dpipes(rt, "--node", alpha.host_port, f"python3 {program} | cat")
+    assert ran.code == 1  # the last stage (cat) succeeded: the Pipes failure decides
+    assert "Pipes closed with ValueError: bad input row 7" in ran.stderr
+
+
+async def test_ten_thousand_logs_and_custom_messages_arrive_complete_and_in_order(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "many.py", MANY)
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(out), f"python3@beta {program}")
+    assert ran.code == 0, ran.stderr[-2000:]
+    payloads = [m["message"] for m in messages(out) if "message" in m]
+    logs = [p["params"]["message"] for p in payloads if p["method"] == "log"]
+    custom = [p["params"]["payload"] for p in payloads if p["method"] == "report_custom_message"]
+    assert logs == [f"log {i}" for i in range(10000)]
+    assert custom == list(range(10000))
+
+
+async def test_a_malformed_line_is_reported_and_later_messages_still_arrive(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "malformed.py", MALFORMED_IN_THE_MIDDLE)
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        ran = await dpipes(rt, "--node", alpha.host_port, f"python3 {program}")
+    assert ran.code == 0, ran.stderr
+    assert "INFO before" in ran.stderr and "INFO after" in ran.stderr
+    assert "Pipes: Pipes message line 3" in ran.stderr
+    assert ran.stderr.index("INFO before") < ran.stderr.index("Pipes message line 3") < ran.stderr.index("INFO after")
+
+
+async def test_the_stderr_channel_separates_messages_from_plain_text(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "mixed.py", STDERR_MIXED)
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        ran = await dpipes(
+            rt, "--node", alpha.host_port, "--pipes-messages", "stderr", "--pipes-json", str(out), f"python3 {program}"
+        )
+    assert ran.code == 0, ran.stderr
+    assert "plain text before" in ran.stderr and "plain text inside" in ran.stderr
+    assert "INFO a message on stderr" in ran.stderr
+    assert "__dagster_pipes_version" not in ran.stderr  # messages were taken out of the text
+    assert [m["message"]["method"] for m in messages(out) if "message" in m] == ["opened", "log", "closed"]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="the Node.js example needs `node`")
+async def test_the_nodejs_example_speaks_pipes_unmodified(rt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(out), f"node@beta {EXAMPLE_JS}")
+    assert ran.code == 0, ran.stderr
+    methods = [m["message"]["method"] for m in messages(out) if "message" in m]
+    assert methods[0] == "opened" and methods[-1] == "closed"
+    assert {"log", "report_asset_materialization", "report_asset_check"} <= set(methods)
