@@ -271,6 +271,10 @@ class Hub:
         """Link to the hub at ``endpoint`` (``tcp://host:port``) and keep retrying while it is away."""
         self._ensure_link(endpoint, static=True)
 
+    def learn_peer(self, endpoint: str) -> None:
+        """Link to a hub we heard of (from gossip); forgotten again if it is lost."""
+        self._ensure_link(endpoint, static=False)
+
     async def connect_peer(self, endpoint: str, *, timeout: float = 10.0) -> str:
         """Link to the hub at ``endpoint`` and return its node name once the link is up.
 

@@ -50,6 +50,9 @@ from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, ConfigError, DpipesError, StageError
 from dpipes.bus.hub import Hub
+from dpipes.discovery.interfaces import resolve_interfaces
+from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
+from dpipes.discovery.table import NodeRecord, new_instance_id
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.control import CTL, MODES, PIPELINE_PROTOCOL
 from dpipes.nodes.dataflow import Incoming, Outgoing
@@ -64,6 +67,7 @@ CONTROL_TIMEOUT_S = 10.0  # negotiate/start/cancel answers; they involve no data
 REPORT_TIMEOUT_S = 5.0  # an exit report nobody acknowledges is logged and dropped after this
 VERSION_PROBE_TIMEOUT_S = 2.0  # `prog --version` when the config declares no version
 CANCEL_TIMEOUT_S = 10.0  # terminate (TERM, grace, KILL) all stages of a pipeline here
+GOSSIP_INTERVAL_S = 2.0  # how often a node tells its peers the nodes it knows (also at once on a new link)
 LATE_INPUT_S = 10.0  # how long an exited stage's endpoint waits to refuse input that comes late
 STDERR_TAIL_REPORT_BYTES = 4096  # the end of a failed stage's stderr, in its exit report
 
@@ -168,6 +172,8 @@ class Node:
         self._stopped: asyncio.Event | None = None
         self._closed = False
         self.stages_run = 0
+        self._sources: dict[str, str] = {}  # link endpoint -> how we learned of it: static, mdns, gossip
+        self._mdns: MdnsDiscovery | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -195,8 +201,60 @@ class Node:
         self.hub.link_listeners.append(self._on_link)
         self.hub.client_listeners.append(self._on_client_gone)
         for peer in self.config.nodes.values():
-            self.hub.add_peer(f"tcp://{_zmq_host(peer.host)}:{peer.port}")
+            endpoint = f"tcp://{_zmq_host(peer.host)}:{peer.port}"
+            self._sources[endpoint] = "static"
+            self.hub.add_peer(endpoint)
         self._spawn(self._serve_ctl(), "control")
+        self._spawn(self._gossip_forever(), "gossip")
+        await self._start_mdns()
+
+    def mdns_addresses(self) -> list[str]:
+        """Where to advertise and browse: the interfaces this node can be reached at.
+
+        A node listening on loopback only (the default) cannot be reached from the LAN, so it does
+        no mDNS at all; one listening on an address uses that address's interface; one listening
+        on every address (``0.0.0.0``, with --insecure) uses ``interfaces`` from its configuration,
+        by default every usable interface.
+        """
+        host = self.hub.tcp_endpoint.removeprefix("tcp://").rpartition(":")[0]
+        if host in ("0.0.0.0", "*", ""):
+            return resolve_interfaces(self.config.interfaces)
+        try:
+            if ipaddress.ip_address(host).is_loopback or ipaddress.ip_address(host).version != 4:
+                return []
+        except ValueError:
+            return []
+        return resolve_interfaces(self.config.interfaces or (host,))
+
+    async def _start_mdns(self) -> None:
+        addresses = self.mdns_addresses()
+        if not addresses:
+            log.info("node %s: no mDNS (listening on loopback only); peers come from config and gossip", self.name)
+            return
+        port = self.hub.tcp_endpoint.rpartition(":")[2]
+        record = NodeRecord(
+            name=self.name,
+            instance_id=new_instance_id(),
+            protocol_version=codec.PROTOCOL_VERSION,
+            endpoints={"bus": f"tcp://{addresses[0]}:{port}"},
+            addresses=tuple(addresses),
+            programs=tuple(sorted(self.offered())),
+        )
+        self._mdns = MdnsDiscovery(record, interfaces=addresses, on_event=self._on_mdns)
+        await self._mdns.start()
+        log.info("node %s: mDNS discovery on %s", self.name, ", ".join(addresses))
+
+    def _on_mdns(self, event: MdnsEvent) -> None:
+        if not isinstance(event, NodeSeen) or event.record.name == self.name:
+            return  # a node that leaves says BYE on its links; a vanished one fails its heartbeats
+        endpoint = event.record.endpoints.get("bus", "")
+        if not endpoint.startswith("tcp://"):
+            return
+        if "*" in endpoint and event.record.addresses:
+            endpoint = f"tcp://{event.record.addresses[0]}:{endpoint.rpartition(':')[2]}"
+        self._sources[endpoint] = "mdns"
+        if event.record.name not in self.hub.peers:
+            self.hub.learn_peer(endpoint)
 
     async def serve(self) -> None:
         """Run until ``stop()`` (or, with ``exit_after_one``, until one stage has run here)."""
@@ -218,6 +276,8 @@ class Node:
             stage.cancelled = stage.cancelled or "node stopping"
         await asyncio.gather(*(self._kill(stage) for stage in stages), return_exceptions=True)
         await self.supervisor.aclose()
+        if self._mdns is not None:
+            await self._mdns.aclose()  # goodbye packets: the others drop us at once
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -299,6 +359,7 @@ class Node:
             "cancel": self._on_cancel,
             "exit": self._on_exit,
             "info": self._on_info,
+            "gossip": self._on_gossip,
         }
         while True:
             msg = await self._ctl.recv()
@@ -325,7 +386,60 @@ class Node:
             self._ctl.reply(msg, body)
 
     async def _on_info(self, msg: codec.Request) -> dict[str, Any]:
-        return {"node": self.name, "programs": sorted(self.offered()), "peers": sorted(self.hub.peers)}
+        nodes = [
+            {
+                "name": self.name,
+                "endpoint": self.hub.tcp_endpoint,
+                "programs": sorted(self.offered()),
+                "source": "self",
+                "last_seen_s": 0.0,
+                "up": True,
+            }
+        ]
+        for name, peer in sorted(self.hub.peers.items()):
+            programs = peer.info.get("programs", []) if isinstance(peer.info, dict) else []
+            nodes.append(
+                {
+                    "name": name,
+                    "endpoint": peer.endpoint,
+                    "programs": [p for p in programs if isinstance(p, str)],
+                    "source": self._sources.get(peer.endpoint, "linked"),
+                    "last_seen_s": round(peer.last_heard_s, 3),
+                    "up": peer.up,
+                }
+            )
+        return {"node": self.name, "nodes": nodes}
+
+    # -- gossip: a node that knows one peer learns the rest ---------------------------------
+
+    def _known(self) -> dict[str, str]:
+        return {name: peer.endpoint for name, peer in self.hub.peers.items() if "*" not in peer.endpoint}
+
+    def _gossip(self) -> None:
+        """Tell every linked peer which nodes we know and where (a one-way REQUEST)."""
+        assert self._ctl is not None
+        known = self._known()
+        for name in list(self.hub.peers):
+            with contextlib.suppress(BusError):
+                self._ctl.send(codec.Request(dst=f"{name}/{CTL}", method="gossip", body={"peers": known}))
+
+    async def _gossip_forever(self) -> None:
+        while True:
+            await asyncio.sleep(GOSSIP_INTERVAL_S)  # a periodic timer, not a wait for something
+            self._gossip()
+
+    async def _on_gossip(self, msg: codec.Request) -> dict[str, Any]:
+        peers = msg.body.get("peers", {})
+        if not isinstance(peers, dict):
+            raise StageError("gossip: 'peers' must be a map of node name to endpoint")
+        for name, endpoint in peers.items():
+            if name == self.name or name in self.hub.peers or not isinstance(endpoint, str):
+                continue
+            if not endpoint.startswith("tcp://"):
+                continue
+            self._sources.setdefault(endpoint, "gossip")
+            self.hub.learn_peer(endpoint)
+        return {}
 
     async def _on_negotiate(self, msg: codec.Request) -> dict[str, Any]:
         b = msg.body
@@ -737,6 +851,7 @@ class Node:
 
     def _on_link(self, node: str, up: bool, reason: str) -> None:
         if up:
+            self._gossip()  # a new neighbour: share what we know at once, so the mesh closes fast
             return
         for run in list(self._runs.values()):
             if node in run.nodes and not run.failed:

@@ -182,9 +182,14 @@ async def run_pipeline(
     stdout_fd: int = 1,
     stderr_fd: int = 2,
     on_started: Callable[[dict[str, Any]], None] | None = None,
+    on_pipes: Callable[[int, bytes], None] | None = None,
     handle_sigint: bool = True,
 ) -> RunResult:
     """Run ``options.pipeline`` through the node at ``entry`` (an ipc:// or tcp:// endpoint).
+
+    Args:
+        on_pipes: called with (stage index, the PIPES frame: JSON ``{"message": ...}`` or
+            ``{"error": ..., "line": ...}``) for each Pipes message as it arrives.
 
     Raises:
         RunFailed: the entry node is unreachable or refused the pipeline before it started.
@@ -195,7 +200,9 @@ async def run_pipeline(
     except BusError as exc:
         raise RunFailed(f"cannot reach a dpipes node at {entry}: {exc}") from None
     try:
-        return await _Run(client.endpoint, options, stdin_fd, stdout_fd, stderr_fd, on_started).run(handle_sigint)
+        run = _Run(client.endpoint, options, stdin_fd, stdout_fd, stderr_fd, on_started)
+        run.on_pipes = on_pipes
+        return await run.run(handle_sigint)
     finally:
         await client.aclose()
 
@@ -224,6 +231,7 @@ class _Run:
         self._done = asyncio.Event()
         self._readers: set[asyncio.Task[None]] = set()
         self.pipes_json: Any = None
+        self.on_pipes: Callable[[int, bytes], None] | None = None  # each Pipes frame as it arrives
 
     async def run(self, handle_sigint: bool) -> RunResult:
         body = {
@@ -284,8 +292,11 @@ class _Run:
 
     async def _on_pipes(self, stage: StageResult | None, tag: bytes, frame: Any) -> None:
         """One Pipes message from a stage: log it now, remember what the summary needs."""
+        frame = bytes(frame)
+        if self.on_pipes is not None and stage is not None:
+            self.on_pipes(stage.index, frame)
         try:
-            item = json.loads(bytes(frame))
+            item = json.loads(frame)
         except ValueError:
             return  # the node validated it; a bad frame here is a bug elsewhere, not user data
         if stage is None:
@@ -487,3 +498,18 @@ async def embedded_node() -> Any:
                 return_exceptions=True,
             )
         yield node
+
+
+async def known_nodes(entry: str) -> list[dict[str, Any]]:
+    """Every node the node at ``entry`` knows: name, endpoint, programs, source, last seen, up.
+
+    Raises:
+        RunFailed: nothing answers at ``entry``.
+    """
+    try:
+        async with Client(entry) as client:
+            reply = await client.endpoint.request(f"{client.endpoint.node}/{CTL}", "info", timeout=RUN_TIMEOUT_S)
+    except BusError as exc:
+        raise RunFailed(f"cannot ask the dpipes node at {entry}: {exc}") from None
+    nodes: list[dict[str, Any]] = reply.get("nodes", [])
+    return nodes

@@ -18,6 +18,9 @@ suites:
   pipe    1 GiB of `cat FILE | cat` with the stages on two local daemons, output to /dev/null,
           against sh -c 'cat FILE | cat > /dev/null'; and the wall time of
           `dpipes 'echo x | cat'` with a running daemon, against sh -c 'echo x | cat'
+  pipes   10k log + 10k custom Dagster Pipes messages from an external Python process, end to end
+          to the client (rate), and 1000 paced messages (latency p50/p99), against Dagster's own
+          path (needs the optional `bench` extra: pip install 'dpipes-bus[bench]')
 
 Every figure is the median of --repeat runs, beside its baseline measured in the same run;
 ratio = dpipes / baseline (higher is better). The machine is shared and noisy: compare ratios
@@ -55,6 +58,10 @@ def _suite(name: str) -> Callable[..., list[Result]]:
         from dpipes.nodes.bench import pipe_benchmarks
 
         return pipe_benchmarks
+    if name == "pipes":
+        from dpipes.nodes.pipes_bench import pipes_benchmarks
+
+        return pipes_benchmarks
     raise AssertionError(name)
 
 
@@ -65,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", choices=["bus", "pipe"], help="what to measure")
+    parser.add_argument("suite", choices=["bus", "pipe", "pipes"], help="what to measure")
     parser.add_argument("--json", action="store_true", help="print one JSON object per result line")
     parser.add_argument("--repeat", type=int, default=5, metavar="N", help="runs per figure (default 5)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke test, not a measurement")

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from dpipes.bus.errors import DpipesError
 
@@ -49,6 +50,8 @@ pipes:
 
 examples:
   dpipes 'seq 10 | sort -r'
+  dpipes --nodes                  every node known: where it listens, what it offers, learned from
+  dpipes --nodes --json           the same, one JSON object per node
   dpipes 'cat /data/input.txt | sort@beta | uniq -c'
   dpipes --status --pipefail 'producer | consumer@gamma'
   dpipes --require 'sort>=9' 'cat big.txt | sort@beta'
@@ -61,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="dpipes", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("pipeline", nargs="?", help="the pipeline, one quoted argument: 'PROG ARGS | PROG@NODE ARGS'")
+    parser.add_argument(
+        "--nodes", action="store_true", help="list the nodes the entry node knows (where learned, last seen) and exit"
+    )
     parser.add_argument("--node", metavar="HOST:PORT", help="the entry node (default: $DPIPES_NODE, local, embedded)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--json", action="store_const", const="json", dest="mode", help="JSON-lines object mode")
@@ -109,6 +115,12 @@ def _extras(items: list[str], parser: argparse.ArgumentParser) -> dict[str, obje
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.nodes:
+        try:
+            return asyncio.run(_nodes(args))
+        except DpipesError as exc:
+            print(f"dpipes: {exc}", file=sys.stderr)
+            return 125
     if not args.pipeline or not args.pipeline.strip():
         parser.error("give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
@@ -131,6 +143,38 @@ def main(argv: list[str] | None = None) -> int:
         return 125
 
 
+async def _entry_and_run(args: argparse.Namespace, work: Any) -> Any:
+    """Call ``work(entry)`` with the entry node: --node, $DPIPES_NODE, the local daemon, or embedded."""
+    from dpipes.nodes import run
+
+    node = args.node or os.environ.get("DPIPES_NODE")
+    if node:
+        return await work(run.entry_from(node))
+    if (local := await run.local_daemon()) is not None:
+        return await work(local)
+    async with run.embedded_node() as embedded:
+        return await work(embedded.ipc_endpoint)
+
+
+async def _nodes(args: argparse.Namespace) -> int:
+    from dpipes.nodes import run
+
+    nodes = await _entry_and_run(args, run.known_nodes)
+    if args.mode == "json":
+        for node in nodes:
+            print(json.dumps(node))
+        return 0
+    rows = [("NODE", "ENDPOINT", "PROGRAMS", "LEARNED FROM", "LAST SEEN", "")]
+    for n in nodes:
+        seen = "now" if n["source"] == "self" else f"{n['last_seen_s']:.1f} s ago"
+        programs = ",".join(n["programs"]) or "-"
+        rows.append((n["name"], n["endpoint"], programs, n["source"], seen, "" if n["up"] else "down"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
 async def _run(args: argparse.Namespace) -> int:
     from dpipes.nodes import run
 
@@ -144,14 +188,7 @@ async def _run(args: argparse.Namespace) -> int:
         pipes=args.pipes,
         pipes_json=args.pipes_json,
     )
-    node = args.node or os.environ.get("DPIPES_NODE")
-    if node:
-        result = await run.run_pipeline(run.entry_from(node), options)
-    elif (local := await run.local_daemon()) is not None:
-        result = await run.run_pipeline(local, options)
-    else:
-        async with run.embedded_node() as embedded:
-            result = await run.run_pipeline(embedded.ipc_endpoint, options)
+    result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options))
     if result.error:
         print(f"dpipes: {result.error}", file=sys.stderr)
     for stage in result.stages:

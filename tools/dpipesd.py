@@ -93,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
         "--allow", metavar="PROG", nargs="+", action="extend", default=[], help="programs this node runs (repeatable)"
     )
     run.add_argument(
+        "--interface",
+        metavar="NAME|ADDR",
+        action="append",
+        default=[],
+        help="an interface for mDNS discovery (repeatable); default: the one of --listen's address, or every "
+        "multicast-capable one when listening on 0.0.0.0. A node listening on loopback does no mDNS",
+    )
+    run.add_argument(
         "--insecure",
         action="store_true",
         help="allow listening beyond loopback without keys: anyone who reaches the port can run programs as "
@@ -166,6 +174,8 @@ def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None)
         overrides["allow"] = list(args.allow)
     if args.insecure:
         overrides["insecure"] = True
+    if args.interface:
+        overrides["interfaces"] = list(args.interface)
     try:
         if args.peer:
             overrides["nodes"] = _peers(args.peer)

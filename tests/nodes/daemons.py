@@ -45,9 +45,14 @@ def environment(runtime_dir: Path) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def daemons(
-    runtime_dir: Path, names: Sequence[str], *, extra: dict[str, list[str]] | None = None
+    runtime_dir: Path,
+    names: Sequence[str],
+    *,
+    extra: dict[str, list[str]] | None = None,
+    peer_of: dict[str, str] | None = None,
 ) -> AsyncIterator[list[Daemon]]:
-    """Start one ``dpipesd --foreground`` per name, each a static peer of the first; stop them all."""
+    """Start one ``dpipesd --foreground`` per name, each a static peer of the first (or of
+    ``peer_of[name]``, started before it); stop them all."""
     env = environment(runtime_dir)
     started: list[Daemon] = []
     try:
@@ -55,7 +60,9 @@ async def daemons(
             argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", name]
             argv += ["--listen", "127.0.0.1:0"]
             if started:
-                argv += ["--peer", started[0].host_port]
+                target = (peer_of or {}).get(name)
+                peer = next(d for d in started if d.name == target) if target else started[0]
+                argv += ["--peer", peer.host_port]
             argv += (extra or {}).get(name, [])
             proc = await asyncio.create_subprocess_exec(
                 *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
@@ -65,6 +72,7 @@ async def daemons(
             match = re.search(r"tcp://\S+", line)
             assert match, f"dpipesd {name} did not say where it listens: {line!r}"
             started.append(Daemon(name, proc, match[0]))
+        await _until_first_knows_all(started)
         yield started
     finally:
         for daemon in started:
@@ -89,6 +97,19 @@ async def start_dpipes(runtime_dir: Path, *args: str) -> asyncio.subprocess.Proc
         stdin=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def _until_first_knows_all(started: list[Daemon]) -> None:
+    """Wait until the first daemon has a link to every other (directly, or learned by gossip)."""
+    from dpipes.nodes.run import known_nodes
+
+    wanted = {d.name for d in started}
+
+    async def poll() -> None:
+        while {n["name"] for n in await known_nodes(started[0].tcp) if n["up"]} != wanted:
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), START_TIMEOUT_S)
 
 
 @dataclasses.dataclass

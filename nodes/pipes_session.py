@@ -1,0 +1,492 @@
+"""The orchestration-side Python API of Dagster Pipes, in the shape of Dagster's own.
+
+Two ways in:
+
+``open_pipes_session``
+    For a caller that starts the external process itself. The session injects the context (a
+    :class:`~dpipes.nodes.pipes.PipesContextInjector`: env, file, temp file), opens a message
+    channel (a :class:`PipesMessageReader`: a FIFO read as messages arrive, or a temp file read at
+    the end), and hands out the bootstrap environment variables to give the process. Every message
+    lands in the session's :class:`PipesMessageHandler`, sorted by kind and kept in order::
+
+        async with open_pipes_session(context_data=make_context_data(run_id="r1")) as session:
+            proc = await asyncio.create_subprocess_exec(*argv, env={**os.environ, **session.get_bootstrap_env_vars()})
+            await proc.wait()
+        session.message_handler.materializations
+
+``run_pipes``
+    Runs a dpipes pipeline text (``"python3@beta job.py"``) on any node: a given ``HOST:PORT`` or
+    ``ipc://`` endpoint, else a node embedded in this process. The nodes do the Pipes bootstrap of
+    every stage; this collects the stages' messages, stdout and stderr and returns a frozen
+    :class:`PipesResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from dpipes.bus.pipes import MAX_LINE_BYTES, PIPES_CONTEXT_ENV_VAR, PIPES_MESSAGES_ENV_VAR, encode_bootstrap
+from dpipes.nodes.pipes import (
+    DRAIN_TIMEOUT_S,
+    PipesBadLine,
+    PipesContextInjector,
+    PipesEnvContextInjector,
+    PipesFifoReader,
+    PipesFileContextInjector,
+    PipesLine,
+    PipesLineSplitter,
+    PipesRecord,
+)
+
+__all__ = [
+    "PipesContextInjector",
+    "PipesEnvContextInjector",
+    "PipesExceptionInfo",
+    "PipesFifoMessageReader",
+    "PipesFileContextInjector",
+    "PipesMessageHandler",
+    "PipesMessageReader",
+    "PipesResult",
+    "PipesSession",
+    "PipesStageResult",
+    "PipesTempFileContextInjector",
+    "PipesTempFileMessageReader",
+    "open_pipes_session",
+    "run_pipes",
+]
+
+TEMP_PREFIX: Final = "dpipes-pipes-"
+READ_CHUNK_BYTES: Final = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------ messages
+
+
+@dataclass(frozen=True, slots=True)
+class PipesExceptionInfo:
+    """The exception a Pipes session closed with (``closed`` params ``exception``)."""
+
+    name: str
+    message: str
+    stack: tuple[str, ...] = ()
+
+    @classmethod
+    def from_params(cls, exc: Mapping[str, Any]) -> PipesExceptionInfo:
+        """Build it from the ``exception`` object of a ``closed`` message."""
+        stack = exc.get("stack") or ()
+        return cls(
+            name=str(exc.get("name") or "Exception"),
+            message=str(exc.get("message") or ""),
+            stack=tuple(str(s) for s in stack) if isinstance(stack, list | tuple) else (),
+        )
+
+    def __str__(self) -> str:
+        # dagster-pipes' message is already "Name: text" (traceback.format_exception_only)
+        text = self.message.strip()
+        return text if text.startswith(self.name) else f"{self.name}: {text}".rstrip(": ")
+
+
+class PipesMessageHandler:
+    """Collects the messages of one external process, in arrival order, sorted by kind."""
+
+    def __init__(self) -> None:
+        self._messages: list[Mapping[str, Any]] = []
+        self._bad_lines: list[PipesBadLine] = []
+
+    def handle_message(self, message: Mapping[str, Any]) -> None:
+        """Take one validated Pipes message (the whole JSON object)."""
+        self._messages.append(message)
+
+    def handle_record(self, record: PipesRecord) -> None:
+        """Take one record of a channel: a message, or a line that was not one."""
+        if isinstance(record, PipesLine):
+            self.handle_message(record.message.raw)
+        else:
+            self._bad_lines.append(record)
+
+    def _params(self, method: str) -> list[Mapping[str, Any]]:
+        return [m.get("params") or {} for m in self._messages if m.get("method") == method]
+
+    @property
+    def messages(self) -> list[Mapping[str, Any]]:
+        """Every message, in order."""
+        return list(self._messages)
+
+    @property
+    def bad_lines(self) -> list[PipesBadLine]:
+        """Lines of the channel that were not valid Pipes messages."""
+        return list(self._bad_lines)
+
+    @property
+    def received_opened(self) -> bool:
+        return any(m.get("method") == "opened" for m in self._messages)
+
+    @property
+    def received_closed(self) -> bool:
+        return any(m.get("method") == "closed" for m in self._messages)
+
+    @property
+    def logs(self) -> list[Mapping[str, Any]]:
+        """``log`` params: ``{"message", "level"}``."""
+        return self._params("log")
+
+    @property
+    def materializations(self) -> list[Mapping[str, Any]]:
+        """``report_asset_materialization`` params: ``{"asset_key", "metadata", "data_version"}``."""
+        return self._params("report_asset_materialization")
+
+    @property
+    def checks(self) -> list[Mapping[str, Any]]:
+        """``report_asset_check`` params: ``{"asset_key", "check_name", "passed", "severity", "metadata"}``."""
+        return self._params("report_asset_check")
+
+    @property
+    def custom_messages(self) -> list[Any]:
+        """The payloads of ``report_custom_message``."""
+        return [p.get("payload") for p in self._params("report_custom_message")]
+
+    @property
+    def exception(self) -> PipesExceptionInfo | None:
+        """The exception of the ``closed`` message, if the session closed with one."""
+        for params in self._params("closed"):
+            if exc := params.get("exception"):
+                return PipesExceptionInfo.from_params(exc)
+        return None
+
+
+# ----------------------------------------------------------------------------------------- injectors
+
+
+class PipesTempFileContextInjector(PipesContextInjector):
+    """The context is a JSON file in a fresh temporary directory; :meth:`close` removes both."""
+
+    def __init__(self, *, tmpdir: str | os.PathLike[str] | None = None) -> None:
+        self._tmpdir = os.fspath(tmpdir) if tmpdir is not None else None
+        self._dir: str | None = None
+
+    def inject(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        self._dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self._tmpdir)
+        path = os.path.join(self._dir, "context.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(context, f)
+        return {"path": path}
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+# ------------------------------------------------------------------------------------------- readers
+
+
+class PipesMessageReader(ABC):
+    """Opens the channel the external process writes its messages to, feeding a handler."""
+
+    @abstractmethod
+    def read_messages(self, handler: PipesMessageHandler) -> contextlib.AbstractAsyncContextManager[dict[str, Any]]:
+        """Open the channel; yield its params for ``DAGSTER_PIPES_MESSAGES``; on exit deliver the rest."""
+
+
+class PipesFifoMessageReader(PipesMessageReader):
+    """A FIFO read on the event loop as each message is written (``{"path": <fifo>}``).
+
+    Args:
+        tmpdir: where the FIFO's private directory is made (default: the system's).
+        include_stdio_in_messages: ask dagster-pipes to forward the process's own stdout/stderr.
+        drain_timeout_s: at the end, how long to wait for writers still holding the FIFO open.
+    """
+
+    def __init__(
+        self,
+        *,
+        tmpdir: str | os.PathLike[str] | None = None,
+        include_stdio_in_messages: bool = False,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        max_line_bytes: int = MAX_LINE_BYTES,
+    ) -> None:
+        self._tmpdir = os.fspath(tmpdir) if tmpdir is not None else None
+        self._include_stdio = include_stdio_in_messages
+        self._drain_timeout_s = drain_timeout_s
+        self._max_line_bytes = max_line_bytes
+
+    @contextlib.asynccontextmanager
+    async def read_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+        directory = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self._tmpdir)
+        reader: PipesFifoReader | None = None
+        try:
+            reader = PipesFifoReader(
+                os.path.join(directory, "messages"),
+                on_record=handler.handle_record,
+                max_line_bytes=self._max_line_bytes,
+            )
+            reader.start()
+            params = dict(reader.params)
+            if self._include_stdio:
+                params["include_stdio_in_messages"] = True
+            yield params
+            # The caller's process has ended: read what it wrote, up to the FIFO's real EOF.
+            await reader.drain(timeout_s=self._drain_timeout_s)
+        finally:
+            if reader is not None:
+                reader.close()
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+class PipesTempFileMessageReader(PipesMessageReader):
+    """A regular temporary file (``{"path": <file>}``), read once when the session ends."""
+
+    def __init__(self, *, tmpdir: str | os.PathLike[str] | None = None, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        self._tmpdir = os.fspath(tmpdir) if tmpdir is not None else None
+        self._max_line_bytes = max_line_bytes
+
+    @contextlib.asynccontextmanager
+    async def read_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+        directory = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self._tmpdir)
+        path = os.path.join(directory, "messages")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            yield {"path": path}
+            splitter = PipesLineSplitter(max_line_bytes=self._max_line_bytes)
+            with open(path, "rb") as f:  # noqa: ASYNC230 (a local file, read once at the end)
+                while chunk := f.read(READ_CHUNK_BYTES):
+                    _deliver(handler, splitter.feed(chunk))
+            _deliver(handler, splitter.end())
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _deliver(handler: PipesMessageHandler, records: Iterable[object]) -> None:
+    for record in records:
+        if isinstance(record, PipesLine | PipesBadLine):  # no text records: the splitter is not in stdio mode
+            handler.handle_record(record)
+
+
+# ------------------------------------------------------------------------------------------- session
+
+
+@dataclass(frozen=True)
+class PipesSession:
+    """One open Pipes session: what to hand the external process, and where its messages go."""
+
+    context_data: Mapping[str, Any]
+    context_params: Mapping[str, Any]
+    message_params: Mapping[str, Any]
+    message_handler: PipesMessageHandler
+
+    def get_bootstrap_params(self) -> dict[str, Any]:
+        """The two bootstrap parameter maps, not yet encoded."""
+        return {PIPES_CONTEXT_ENV_VAR: dict(self.context_params), PIPES_MESSAGES_ENV_VAR: dict(self.message_params)}
+
+    def get_bootstrap_env_vars(self) -> dict[str, str]:
+        """The environment variables to add to the external process's environment."""
+        return {name: encode_bootstrap(params) for name, params in self.get_bootstrap_params().items()}
+
+
+@contextlib.asynccontextmanager
+async def open_pipes_session(
+    *,
+    context_data: Mapping[str, Any],
+    context_injector: PipesContextInjector | None = None,
+    message_reader: PipesMessageReader | None = None,
+) -> AsyncIterator[PipesSession]:
+    """Open a Pipes session for an external process the caller runs inside the ``async with``.
+
+    Args:
+        context_data: the Pipes context (see :func:`dpipes.nodes.pipes.make_context_data`).
+        context_injector: default :class:`PipesEnvContextInjector` (inline in the environment).
+        message_reader: default :class:`PipesFifoMessageReader` (messages read as they are written).
+
+    Returns:
+        The session. Leave the ``async with`` once the process has ended: the reader then delivers
+        the remaining messages, and the injector and the reader remove their files.
+    """
+    injector = context_injector if context_injector is not None else PipesEnvContextInjector()
+    reader = message_reader if message_reader is not None else PipesFifoMessageReader()
+    handler = PipesMessageHandler()
+    try:
+        context_params = injector.inject(context_data)
+        async with reader.read_messages(handler) as message_params:
+            yield PipesSession(context_data, context_params, message_params, handler)
+    finally:
+        injector.close()
+
+
+# ----------------------------------------------------------------------------------------- the client
+
+
+@dataclass(frozen=True)
+class PipesStageResult:
+    """What one stage of a pipeline run reported."""
+
+    index: int
+    node: str
+    argv: tuple[str, ...]
+    exit_code: int  # as a shell reports it: 128 + signal for a killed program
+    status: str
+    context: Mapping[str, Any]
+    messages: tuple[Mapping[str, Any], ...]
+    logs: tuple[Mapping[str, Any], ...]
+    materializations: tuple[Mapping[str, Any], ...]
+    checks: tuple[Mapping[str, Any], ...]
+    custom_messages: tuple[Any, ...]
+    exception: PipesExceptionInfo | None
+    invalid_lines: int = 0  # lines of the stage's channel that were not Pipes messages
+
+
+@dataclass(frozen=True)
+class PipesResult:
+    """What a pipeline run produced: its exit code, its output, and every stage's Pipes messages."""
+
+    pipeline: str
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    stages: tuple[PipesStageResult, ...]
+    error: str = ""  # dpipes itself failed (a lost node, a refusal after start)
+    messages: tuple[Mapping[str, Any], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "messages", tuple(m for s in self.stages for m in s.messages))
+
+    @property
+    def logs(self) -> tuple[Mapping[str, Any], ...]:
+        return tuple(x for s in self.stages for x in s.logs)
+
+    @property
+    def materializations(self) -> tuple[Mapping[str, Any], ...]:
+        return tuple(x for s in self.stages for x in s.materializations)
+
+    @property
+    def checks(self) -> tuple[Mapping[str, Any], ...]:
+        return tuple(x for s in self.stages for x in s.checks)
+
+    @property
+    def custom_messages(self) -> tuple[Any, ...]:
+        return tuple(x for s in self.stages for x in s.custom_messages)
+
+    @property
+    def exception(self) -> PipesExceptionInfo | None:
+        """The first stage's Pipes exception, if any stage closed with one."""
+        return next((s.exception for s in self.stages if s.exception is not None), None)
+
+
+async def run_pipes(
+    command: str,
+    *,
+    node: str | None = None,
+    extras: Mapping[str, Any] | None = None,
+    assets: Sequence[str] = (),
+    partition: str | None = None,
+    context_injector: str = "env",
+    messages_channel: str = "file",
+    input: bytes | None = None,
+    tmpdir: str | os.PathLike[str] | None = None,
+) -> PipesResult:
+    """Run a dpipes pipeline whose stages speak Pipes, and collect what they report.
+
+    Args:
+        command: the pipeline text, as given to ``dpipes`` (``"python3@beta job.py"``).
+        node: the entry node, ``HOST:PORT`` or a ``tcp://`` / ``ipc://`` endpoint; default a node
+            embedded in this process for the duration of the run.
+        extras, assets, partition: the Pipes context every stage gets.
+        context_injector: ``"env"`` or ``"file"``, done by each stage's node.
+        messages_channel: ``"file"`` (a FIFO) or ``"stderr"``, done by each stage's node.
+        input: bytes for the first stage's stdin (default: no stdin).
+        tmpdir: where the capture files go (default: the system's temporary directory).
+
+    Returns:
+        The frozen result; ``exit_code`` is what ``dpipes`` would exit with (1 when a stage's
+        Pipes session closed with an exception, 125 when dpipes itself failed).
+
+    Raises:
+        RunFailed: the entry node is unreachable or refused the pipeline.
+    """
+    from dpipes.nodes.run import RunOptions, embedded_node, entry_from, run_pipeline
+
+    pipes = {
+        "extras": dict(extras or {}),
+        "assets": list(assets),
+        "partition": partition,
+        "context": context_injector,
+        "messages": messages_channel,
+    }
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=tmpdir) as directory:
+        paths = {name: os.path.join(directory, name) for name in ("stdin", "stdout", "stderr", "pipes.jsonl")}
+        with open(paths["stdin"], "wb") as f:  # noqa: ASYNC230 (a local file, written once)
+            f.write(input or b"")
+        options = RunOptions(pipeline=command, stdin=input is not None, pipes=pipes, pipes_json=paths["pipes.jsonl"])
+        stdin_fd = os.open(paths["stdin"], os.O_RDONLY)
+        stdout_fd = os.open(paths["stdout"], os.O_WRONLY | os.O_CREAT, 0o600)
+        stderr_fd = os.open(paths["stderr"], os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            if node is not None:
+                ran = await run_pipeline(
+                    entry_from(node),
+                    options,
+                    handle_sigint=False,
+                    stdin_fd=stdin_fd,
+                    stdout_fd=stdout_fd,
+                    stderr_fd=stderr_fd,
+                )
+            else:
+                async with embedded_node() as embedded:
+                    ran = await run_pipeline(
+                        embedded.ipc_endpoint,
+                        options,
+                        handle_sigint=False,
+                        stdin_fd=stdin_fd,
+                        stdout_fd=stdout_fd,
+                        stderr_fd=stderr_fd,
+                    )
+        finally:
+            for fd in (stdin_fd, stdout_fd, stderr_fd):
+                os.close(fd)
+        stdout, stderr = _read(paths["stdout"]), _read(paths["stderr"])
+        lines = _read(paths["pipes.jsonl"], missing_ok=True).splitlines()
+    contexts: dict[int, Mapping[str, Any]] = {}
+    handlers = {s.index: PipesMessageHandler() for s in ran.stages}
+    for line in lines:
+        item = json.loads(line)
+        index = int(item["stage"])
+        if "context" in item:
+            contexts[index] = item["context"]
+        elif "message" in item and index in handlers:
+            handlers[index].handle_message(item["message"])
+    stages = tuple(
+        PipesStageResult(
+            index=s.index,
+            node=s.node,
+            argv=tuple(s.argv),
+            exit_code=s.shell_code,
+            status=s.status,
+            context=contexts.get(s.index, {}),
+            messages=tuple(handlers[s.index].messages),
+            logs=tuple(handlers[s.index].logs),
+            materializations=tuple(handlers[s.index].materializations),
+            checks=tuple(handlers[s.index].checks),
+            custom_messages=tuple(handlers[s.index].custom_messages),
+            exception=handlers[s.index].exception,
+            invalid_lines=s.pipes_errors,
+        )
+        for s in ran.stages
+    )
+    return PipesResult(ran.pipeline, ran.exit_code, stdout, stderr, stages, ran.error)
+
+
+def _read(path: str, *, missing_ok: bool = False) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        if missing_ok:  # the run failed before run_pipeline opened it
+            return b""
+        raise
