@@ -18,6 +18,8 @@ suites:
   pipe    1 GiB of `cat FILE | cat` with the stages on two local daemons, output to /dev/null,
           against sh -c 'cat FILE | cat > /dev/null'; and the wall time of
           `dpipes 'echo x | cat'` with a running daemon, against sh -c 'echo x | cat'
+  discovery  N daemons (--nodes, default 8) in network namespaces on one bridge: time from
+          starting them to every node linked to every other (root only)
   pipes   10k log + 10k custom Dagster Pipes messages from an external Python process, end to end
           to the client (rate), and 1000 paced messages (latency p50/p99), against Dagster's own
           path (needs the optional `bench` extra: pip install 'dpipes-bus[bench]')
@@ -58,6 +60,10 @@ def _suite(name: str) -> Callable[..., list[Result]]:
         from dpipes.nodes.bench import pipe_benchmarks
 
         return pipe_benchmarks
+    if name == "discovery":
+        from dpipes.discovery.bench import discovery_benchmarks
+
+        return discovery_benchmarks
     if name == "pipes":
         from dpipes.nodes.pipes_bench import pipes_benchmarks
 
@@ -72,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", choices=["bus", "pipe", "pipes"], help="what to measure")
+    parser.add_argument("suite", choices=["bus", "pipe", "pipes", "discovery"], help="what to measure")
+    parser.add_argument(
+        "--nodes", type=int, default=8, metavar="N", help="discovery: daemons on the LAN (default 8; root only)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per result line")
     parser.add_argument("--repeat", type=int, default=5, metavar="N", help="runs per figure (default 5)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke test, not a measurement")
@@ -85,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             print(mark, end="", file=sys.stderr, flush=True)
 
     try:
-        results = _suite(args.suite)(repeat=args.repeat, quick=args.quick, progress=progress)
+        suite = _suite(args.suite)
+        if args.suite == "discovery":
+            results = suite(repeat=args.repeat, quick=args.quick, progress=progress, nodes=args.nodes)
+        else:
+            results = suite(repeat=args.repeat, quick=args.quick, progress=progress)
     except KeyboardInterrupt:
         print("dpipes-bench: interrupted", file=sys.stderr)
         return 130

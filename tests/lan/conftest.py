@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-
-def _load_netns() -> ModuleType:
-    # Test directories are not packages (pytest runs with --import-mode=importlib), so the helper
-    # module is loaded by path, once, under a name of its own.
-    name = "dpipes_tests_lan_netns"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("netns.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-netns = _load_netns()
+from dpipes.discovery import testbed as netns
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +35,7 @@ def no_leaked_namespaces(_netns_required: None) -> Iterator[None]:
 
 @pytest.fixture
 def lan() -> object:
-    """``async with lan(n) as hosts:`` -- n hosts on a bridged /24; see tests/lan/netns.py."""
+    """``async with lan(n) as hosts:`` -- n hosts on a bridged /24; see dpipes.discovery.testbed."""
     return netns.lan
 
 

@@ -136,3 +136,11 @@ async def test_a_node_joining_late_is_seen_and_sees_everyone(lan: Any, tmp_path:
         everyone = {h.name for h in hosts}
         for host in hosts:
             await until_known(tmp_path, host, everyone)
+
+
+def test_the_discovery_benchmark_measures_a_full_mesh() -> None:
+    from dpipes.discovery.bench import discovery_benchmarks
+
+    converge, after_ready = discovery_benchmarks(repeat=1, quick=True, nodes=3)
+    assert converge.name == "discovery.converge_3" and 0 < converge.value < 60
+    assert after_ready.value <= converge.value

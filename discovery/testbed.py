@@ -1,4 +1,4 @@
-"""A LAN of hosts in network namespaces, for multi-host tests.
+"""A LAN of hosts in network namespaces, for multi-host tests and ``dpipes-bench discovery`` (root only).
 
 ``lan(n)`` builds::
 
@@ -253,7 +253,8 @@ class Lan(Sequence[Host]):
         # Poll returncode rather than await wait(): wait() also waits for the pipes to close,
         # which an orphan holding them open would delay until it is killed below.
         deadline = asyncio.get_running_loop().time() + KILL_GRACE_S
-        while any(p.returncode is None for p in procs) and asyncio.get_running_loop().time() < deadline:
+        # No event exists for "a process exited" that covers these; poll under the deadline.
+        while any(p.returncode is None for p in procs) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(EXIT_POLL_S)
         for ns in reversed(self.namespaces):
             # Whatever still runs in a namespace -- a stubborn process, an orphan -- dies now.
