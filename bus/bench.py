@@ -83,6 +83,20 @@ def result(
     )
 
 
+def against_target(name: str, unit: str, samples: list[float], target: float) -> Result:
+    """A figure with no baseline program, only a target it should not exceed (a time, say)."""
+    return Result(
+        name=name,
+        unit=unit,
+        value=statistics.median(samples),
+        baseline=f"target: at most {target:g} {unit}",
+        baseline_value=target,
+        samples=tuple(samples),
+        baseline_samples=(target,),
+        higher_is_better=False,
+    )
+
+
 @contextlib.contextmanager
 def child(role: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """Run ``python -m dpipes.bus.bench ROLE`` and yield it with the address it printed."""

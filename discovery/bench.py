@@ -16,13 +16,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from dpipes.bus.bench import Result
+from dpipes.bus.bench import Result, against_target
 from dpipes.discovery import testbed
 
 PORT = 7171
@@ -83,24 +82,6 @@ def discovery_benchmarks(
         afters.append(after)
         progress(".")
     return [
-        Result(
-            name=f"discovery.converge_{n}",
-            unit="s",
-            value=statistics.median(totals),
-            baseline=f"target: at most {TARGET_S} s",
-            baseline_value=TARGET_S,
-            samples=tuple(totals),
-            baseline_samples=(TARGET_S,),
-            higher_is_better=False,
-        ),
-        Result(
-            name=f"discovery.after_ready_{n}",
-            unit="s",
-            value=statistics.median(afters),
-            baseline=f"target: at most {TARGET_S} s",
-            baseline_value=TARGET_S,
-            samples=tuple(afters),
-            baseline_samples=(TARGET_S,),
-            higher_is_better=False,
-        ),
+        against_target(f"discovery.converge_{n}", "s", totals, TARGET_S),
+        against_target(f"discovery.after_ready_{n}", "s", afters, TARGET_S),
     ]

@@ -120,6 +120,20 @@ class DaemonStatus:
 # -- running -----------------------------------------------------------------------------------
 
 
+def _locate(name: str, runtime_dir: Path | None, err: TextIO) -> tuple[Path, paths.NodeFiles] | int:
+    """The runtime directory and files of node ``name``, or the exit code after saying what is wrong."""
+    problem = paths.check_daemon_name(name)
+    if problem is not None:
+        print(f"dpipesd: {problem}", file=err)
+        return 2
+    try:
+        where = _runtime_dir(runtime_dir)
+    except RuntimeDirError as e:
+        print(f"dpipesd: {e}", file=err)
+        return 1
+    return where, paths.node_files(where, name)
+
+
 def run_daemon(
     config: NodeConfig,
     *,
@@ -151,16 +165,10 @@ def run_daemon(
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    problem = paths.check_daemon_name(config.name)
-    if problem is not None:
-        print(f"dpipesd: {problem}", file=err)
-        return 2
-    try:
-        where = _runtime_dir(runtime_dir)
-    except RuntimeDirError as e:
-        print(f"dpipesd: {e}", file=err)
-        return 1
-    files = paths.node_files(where, config.name)
+    located = _locate(config.name, runtime_dir, err)
+    if isinstance(located, int):
+        return located
+    _where, files = located
     run = _Run(config, files, exclusive=exclusive, exit_after_one=exit_after_one, node_factory=node_factory)
     if foreground:
         _configure_logging(log_level, LOG_FORMAT)
@@ -484,16 +492,10 @@ def stop_daemon(
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    problem = paths.check_daemon_name(name)
-    if problem is not None:
-        print(f"dpipesd: {problem}", file=err)
-        return 2
-    try:
-        where = _runtime_dir(runtime_dir)
-    except RuntimeDirError as e:
-        print(f"dpipesd: {e}", file=err)
-        return 1
-    files = paths.node_files(where, name)
+    located = _locate(name, runtime_dir, err)
+    if isinstance(located, int):
+        return located
+    where, files = located
     stale_pid = paths.read_pid(files.pid)
     had_pid_file = files.pid.exists()
     try:

@@ -161,3 +161,39 @@ async def test_the_nodejs_example_speaks_pipes_unmodified(rt: Path, tmp_path: Pa
     methods = [m["message"]["method"] for m in messages(out) if "message" in m]
     assert methods[0] == "opened" and methods[-1] == "closed"
     assert {"log", "report_asset_materialization", "report_asset_check"} <= set(methods)
+
+
+NEVER_CLOSES = """
+import os, sys
+from dagster_pipes import open_dagster_pipes
+pipes = open_dagster_pipes()  # opened, never closed: the process simply ends
+pipes.log.info("opened and leaving")
+sys.stdout.flush()
+os._exit(0)
+"""
+
+BIG_PAYLOAD = """
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as pipes:
+    pipes.report_custom_message({"blob": "x" * (1 << 20)})
+"""
+
+
+async def test_a_process_that_never_closes_pipes_is_an_ordinary_exit(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "never.py", NEVER_CLOSES)
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        ran = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(out), f"python3 {program}")
+    assert ran.code == 0, ran.stderr
+    methods = [m["message"]["method"] for m in messages(out) if "message" in m]
+    assert methods == ["opened", "log"]  # everything written arrived; no `closed` was invented
+
+
+async def test_a_one_mebibyte_custom_payload_arrives_whole_from_a_remote_node(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "big.py", BIG_PAYLOAD)
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(out), f"python3@beta {program}")
+    assert ran.code == 0, ran.stderr
+    custom = [m["message"] for m in messages(out) if m.get("message", {}).get("method") == "report_custom_message"]
+    assert custom[0]["params"]["payload"] == {"blob": "x" * (1 << 20)}
