@@ -74,7 +74,7 @@ import json
 import json.encoder
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, Literal, TypeAlias
 
 import msgpack
@@ -206,8 +206,8 @@ def _too_deep(level: list[Any], limit: int = MAX_DEPTH) -> bool:
     return False
 
 
-def _lone_surrogate(value: Any) -> str | None:
-    """The first string in ``value`` that UTF-8 cannot encode (it holds a lone surrogate), if any."""
+def _scalars(value: Any) -> Iterator[Any]:
+    """Every map key and every value that is not a map or list, anywhere inside ``value``."""
     todo = [value]
     while todo:
         item = todo.pop()
@@ -216,7 +216,14 @@ def _lone_surrogate(value: Any) -> str | None:
             todo.extend(item.values())
         elif type(item) is list:
             todo.extend(item)
-        elif type(item) is str and not item.isascii():
+        else:
+            yield item
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string in ``value`` that UTF-8 cannot encode (it holds a lone surrogate), if any."""
+    for item in _scalars(value):
+        if type(item) is str and not item.isascii():
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
@@ -727,17 +734,7 @@ def unpack_batch(data: bytes | bytearray | memoryview, *, where: str) -> list[Ob
 
 
 def _holds_bytes(value: Any) -> bool:
-    todo = [value]
-    while todo:
-        item = todo.pop()
-        if type(item) is dict:
-            todo.extend(item.keys())
-            todo.extend(item.values())
-        elif type(item) is list:
-            todo.extend(item)
-        elif type(item) is bytes:
-            return True
-    return False
+    return any(type(item) is bytes for item in _scalars(value))
 
 
 # -- metadata ------------------------------------------------------------------------------------
