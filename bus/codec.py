@@ -70,7 +70,8 @@ Kinds
     * ``ARROW`` ``arrow: map`` -- Arrow record batch framing; ``arrow`` and the payload frames
       are specified in ``dpipes.bus.arrow``.
     * ``STDERR`` -- payload frames are a program's standard error bytes.
-    * ``PIPES`` ``stage: int`` -- one payload frame, one Dagster Pipes message as JSON text.
+    * ``PIPES`` ``stage: int`` -- one or more payload frames, each one Dagster Pipes message (or the
+      report of a line that was not one) as JSON text, in the order the stage wrote them.
 
 Flow control
     Every stream starts with ``INITIAL_CREDIT_BYTES`` of credit. A data message costs its payload
@@ -395,7 +396,7 @@ class Stderr(_Payload):
 @_kind("PIPES")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Pipes(_Payload):
-    """One Dagster Pipes message of stage ``stage``, as JSON."""
+    """Dagster Pipes messages of stage ``stage``, one JSON payload frame each."""
 
     stage: int = 0
 

@@ -58,7 +58,7 @@ from dpipes.nodes.control import CTL, MODES, PIPELINE_PROTOCOL
 from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.objects import make_metadata
 from dpipes.nodes.pipeline import NodeInfo, PipelineSyntaxError, PlacementError, StageSpec, parse_pipeline, place
-from dpipes.nodes.stage_pipes import StagePipes, frame_of
+from dpipes.nodes.stage_pipes import StagePipes, batches_of, frame_of
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, Supervisor
 
 log = logging.getLogger(__name__)
@@ -620,8 +620,8 @@ class Node:
         async def send_pipes(frames: list[bytes]) -> None:
             if not pipes_out:
                 pipes_out.append(ep.open_stream(str(body["stderr_to"])))
-            for frame in frames:
-                await pipes_out[0].send(codec.Pipes(stage=stage.index, frames=(frame,)))
+            for batch in batches_of(frames):
+                await pipes_out[0].send(codec.Pipes(stage=stage.index, frames=batch))
 
         async def stderr_pump() -> None:
             out = None

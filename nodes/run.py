@@ -392,7 +392,8 @@ class _Run:
             pipes_tag = f"[stage {index} {stage.argv[0]}@{stage.node}] ".encode() if stage else b""
             while (msg := await stream.read()) is not None:
                 if isinstance(msg, codec.Pipes):
-                    await self._on_pipes(stage, pipes_tag, msg.frames[0] if msg.frames else b"{}")
+                    for frame in msg.frames:
+                        await self._on_pipes(stage, pipes_tag, frame)
                     continue
                 if isinstance(msg, codec.Stderr) or not may_be_stdout:
                     for frame in msg.frames:  # type: ignore[attr-defined]

@@ -2,16 +2,17 @@
 
 Every stage a node forks gets ``DAGSTER_PIPES_CONTEXT`` and ``DAGSTER_PIPES_MESSAGES``; a program
 that never opens Pipes is an ordinary program and costs a FIFO. Each message a program writes
-travels to the client as one ``PIPES`` message on a stream from the stage's endpoint, whose one
-payload frame is JSON: ``{"message": <the message as received>}``, or, for a line that is not a
-valid Pipes message, ``{"error": "...", "line": N}`` (reading goes on after it).
+travels to the client as one payload frame of a ``PIPES`` message on a stream from the stage's
+endpoint; messages read together share one bus message. A frame is JSON: ``{"message": <the
+message as received>}``, or, for a line that is not a valid Pipes message, ``{"error": "...",
+"line": N}`` (reading goes on after it).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 from dpipes.bus.errors import StageError
@@ -28,6 +29,8 @@ from dpipes.nodes.pipes import (
 _TMP = tempfile.gettempdir()  # each stage's FIFO and context file go in a private directory here
 CONTEXT_INJECTORS = ("env", "file")
 MESSAGE_CHANNELS = ("file", "stderr")
+BATCH_FRAMES = 512  # Pipes messages per PIPES bus message at most
+BATCH_BYTES = 256 * 1024  # and about this many bytes (one frame may be larger)
 
 
 def frame_of(record: PipesLine | PipesBadLine) -> bytes:
@@ -35,6 +38,22 @@ def frame_of(record: PipesLine | PipesBadLine) -> bytes:
     if isinstance(record, PipesLine):
         return json.dumps({"message": record.message.raw}, separators=(",", ":"), allow_nan=True).encode()
     return json.dumps({"error": str(record), "line": record.line_no}).encode()
+
+
+def batches_of(frames: list[bytes]) -> Iterator[tuple[bytes, ...]]:
+    """Frames grouped into PIPES messages of at most ``BATCH_FRAMES`` frames and about ``BATCH_BYTES``.
+
+    Messages read together travel together: one bus message (and one credit charge, one wake-up
+    of the client) for a burst, instead of one per Pipes message.
+    """
+    start, size = 0, 0
+    for i, frame in enumerate(frames):
+        size += len(frame)
+        if i + 1 - start >= BATCH_FRAMES or size >= BATCH_BYTES:
+            yield tuple(frames[start : i + 1])
+            start, size = i + 1, 0
+    if start < len(frames):
+        yield tuple(frames[start:])
 
 
 class StagePipes:
