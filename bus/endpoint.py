@@ -12,7 +12,7 @@ import collections
 import dataclasses
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from dpipes.bus import codec
@@ -500,8 +500,3 @@ class Endpoint:
         self._closed = True
         if self._on_close is not None:
             self._on_close(self)
-
-
-def data_frames(msgs: Sequence[Message]) -> list[Any]:
-    """Every payload frame of ``msgs``, in order (for tests and tools)."""
-    return [frame for msg in msgs for frame in getattr(msg, "frames", ())]

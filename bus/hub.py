@@ -315,7 +315,7 @@ class Hub:
         return link
 
     def _hello(self, link: _Link) -> None:
-        endpoints = {"bus": self._advertised_tcp(), "tap": self.tap_endpoint}
+        endpoints = {"bus": self.advertised_endpoint, "tap": self.tap_endpoint}
         self._link_send(
             link,
             codec.Hello(
@@ -323,7 +323,9 @@ class Hub:
             ),
         )
 
-    def _advertised_tcp(self) -> str:
+    @property
+    def advertised_endpoint(self) -> str:
+        """The tcp endpoint peers are told to reach this hub at (the ``advertise`` host if given)."""
         host_port = self.tcp_endpoint.removeprefix("tcp://")
         host, _, port = host_port.rpartition(":")
         if self._advertise:

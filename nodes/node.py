@@ -5,17 +5,19 @@ Every node has a control endpoint ``<node>/ctl`` that answers REQUEST messages:
 ``run`` (client -> entry node)
     Body: ``pipeline`` (text), ``mode`` ("bytes" | "json" | "yaml"), ``stdin`` (bool: the client
     streams data into the first stage), ``require`` (list of ``"prog>=ver"``), ``protocol``,
-    ``user``. The entry node parses, places, negotiates with every chosen node and starts every
-    stage; it answers with ``pipeline`` (id) and ``stages`` (``index, node, argv, addr``), or with
-    an error naming the stage, node, program and reason. Nothing starts unless every node agreed.
+    ``user``, ``pipes`` (Pipes options for every stage, and under ``stages`` a stage number's own:
+    see :func:`~dpipes.nodes.stage_pipes.options_for_stage`). The entry node parses, places,
+    negotiates with every chosen node and starts every stage; it answers with ``pipeline`` (id)
+    and ``stages`` (``index, node, argv, addr``), or with an error naming the stage, node, program
+    and reason. Nothing starts unless every node agreed.
 ``negotiate`` (coordinator -> each node)
     Body: ``pipeline, stage, argv, mode, protocol, require``. The node checks the pipeline
     protocol, the data mode, that the program exists and is allowed here, and the version
     constraint; on success it reserves the stage's endpoint ``<node>/<pipeline>.<stage>``.
 ``start``
     Body adds ``stdin_from`` (address or ""), ``stdout_to``, ``stderr_to`` (where stderr and Pipes
-    messages go), ``report_to`` (addresses that get the ``exit`` report), ``pipes`` (the
-    Pipes options: ``extras``, ``assets``, ``partition``, ``context``, ``messages``). The reply
+    messages go), ``report_to`` (addresses that get the ``exit`` report), ``pipes`` (this
+    stage's Pipes options: ``extras``, ``assets``, ``partition``, ``context``, ``messages``). The reply
     carries ``context``: the Pipes context the stage was started with.
 ``cancel``
     Body: ``pipeline``, ``reason``: terminate every stage of it here (process group, bounded).
@@ -40,6 +42,7 @@ import ipaddress
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import uuid
@@ -58,7 +61,7 @@ from dpipes.nodes.control import CTL, MODES, PIPELINE_PROTOCOL
 from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.objects import make_metadata
 from dpipes.nodes.pipeline import NodeInfo, PipelineSyntaxError, PlacementError, StageSpec, parse_pipeline, place
-from dpipes.nodes.stage_pipes import StagePipes, batches_of, frame_of
+from dpipes.nodes.stage_pipes import StagePipes, batches_of, check_stage_options, frame_of, options_for_stage
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, Supervisor
 
 log = logging.getLogger(__name__)
@@ -171,7 +174,6 @@ class Node:
         self._versions: dict[str, tuple[int, ...]] = {}
         self._stopped: asyncio.Event | None = None
         self._closed = False
-        self.stages_run = 0
         self._sources: dict[str, str] = {}  # link endpoint -> how we learned of it: static, mdns, gossip
         self._mdns: MdnsDiscovery | None = None
 
@@ -485,7 +487,6 @@ class Node:
         except BaseException:
             stage.pipes.close()
             raise
-        self.stages_run += 1
         stage.task = self._spawn(self._run_stage(stage, b), stage.describe)
         log.info("node %s: started %s pid %d", self.name, stage.describe, stage.proc.pid)
         return {"pid": stage.proc.pid, "context": stage.pipes.context}
@@ -499,7 +500,7 @@ class Node:
             "DPIPES_NODE": self.name,
             "DPIPES_PIPELINE": stage.pipeline,
             "DPIPES_STAGE": str(stage.index),
-            "DPIPES_ARGV": " ".join(_shell_quote(a) for a in stage.argv),
+            "DPIPES_ARGV": shlex.join(stage.argv),
             "DPIPES_USER": str(body.get("user", "")),
         }
 
@@ -545,6 +546,8 @@ class Node:
         proc = stage.proc
         assert proc is not None
         ep = stage.endpoint
+        pipes = stage.pipes
+        assert pipes is not None
         errors: list[str] = []
         sigpipe = False
 
@@ -593,7 +596,19 @@ class Node:
             )
             outgoing = Outgoing(stage.mode, where=stage.describe, meta=meta)
             try:
-                if stage.mode == "bytes":  # the hot path: no per-chunk objects
+                if pipes.channel == "stdout":  # messages among the program's output: take them out
+                    while True:
+                        raw = await proc.read_stdout()
+                        data, frames = pipes.split(raw, end=not raw)
+                        await send_pipes(frames)
+                        if data:
+                            for message in outgoing.messages(data):
+                                await out.send(message)
+                        if not raw:
+                            break
+                    for message in outgoing.end():
+                        await out.send(message)
+                elif stage.mode == "bytes":  # the hot path: no per-chunk objects
                     while data := await proc.read_stdout():
                         await out.send_bytes(data)
                 else:
@@ -613,8 +628,6 @@ class Node:
                 proc.close_stdout()
                 await proc.terminate()
 
-        pipes = stage.pipes
-        assert pipes is not None
         pipes_out: list[OutStream] = []  # opened at the first message
 
         async def send_pipes(frames: list[bytes]) -> None:
@@ -631,7 +644,7 @@ class Node:
                     raw = await proc.read_stderr()
                     data = raw
                     if split:  # messages among the program's stderr: take them out
-                        data, frames = pipes.split_stderr(raw, end=not raw)
+                        data, frames = pipes.split(raw, end=not raw)
                         await send_pipes(frames)
                     if data:
                         if out is None:
@@ -727,6 +740,7 @@ class Node:
             raise StageError(str(exc)) from None
         if len(stages) > self.config.limits.max_stages:
             raise StageError(f"{len(stages)} stages, more than this node's limit of {self.config.limits.max_stages}")
+        check_stage_options(b.get("pipes") or {}, len(stages))
         try:
             nodes = place(stages, self.table(), local=self.name)
         except PlacementError as exc:
@@ -781,7 +795,7 @@ class Node:
                         "stderr_to": client,
                         "report_to": [client, self._ctl.addr],
                         "user": b.get("user", ""),
-                        "pipes": b.get("pipes") or {},
+                        "pipes": options_for_stage(b.get("pipes") or {}, i),
                     },
                     timeout=CONTROL_TIMEOUT_S,
                 )
@@ -814,7 +828,7 @@ class Node:
         peers = self.hub.peers
         for node in nodes:
             if node == self.name:
-                out[node] = self.hub._advertised_tcp()
+                out[node] = self.hub.advertised_endpoint
             elif node in peers:
                 out[node] = peers[node].endpoint
         return out
@@ -913,12 +927,6 @@ def _strip_failed(message: str) -> str:
 
 def _zmq_host(host: str) -> str:
     return "*" if host in ("0.0.0.0", "", "*") else host
-
-
-def _shell_quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 def _probe_version(path: str) -> tuple[int, ...]:

@@ -388,6 +388,7 @@ async def run_pipes(
     partition: str | None = None,
     context_injector: str = "env",
     messages_channel: str = "file",
+    stage_options: Mapping[int, Mapping[str, Any]] | None = None,
     input: bytes | None = None,
     tmpdir: str | os.PathLike[str] | None = None,
 ) -> PipesResult:
@@ -399,7 +400,10 @@ async def run_pipes(
             embedded in this process for the duration of the run.
         extras, assets, partition: the Pipes context every stage gets.
         context_injector: ``"env"`` or ``"file"``, done by each stage's node.
-        messages_channel: ``"file"`` (a FIFO) or ``"stderr"``, done by each stage's node.
+        messages_channel: ``"file"`` (a FIFO), ``"stderr"`` or ``"stdout"`` (message lines taken out
+            of that stream), done by each stage's node.
+        stage_options: a stage number's own options (keys ``extras``, ``assets``, ``partition``,
+            ``context``, ``messages``), over the pipeline-wide ones: extras merge, the rest replace.
         input: bytes for the first stage's stdin (default: no stdin).
         tmpdir: where the capture files go (default: the system's temporary directory).
 
@@ -419,6 +423,8 @@ async def run_pipes(
         "context": context_injector,
         "messages": messages_channel,
     }
+    if stage_options:
+        pipes["stages"] = {str(index): dict(own) for index, own in stage_options.items()}
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=tmpdir) as directory:
         paths = {name: os.path.join(directory, name) for name in ("stdin", "stdout", "stderr", "pipes.jsonl")}
         with open(paths["stdin"], "wb") as f:  # noqa: ASYNC230 (a local file, written once)

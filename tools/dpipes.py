@@ -47,6 +47,7 @@ pipes:
   Logs appear on stderr at once, tagged with the stage; a summary of materializations and checks
   follows at the end. A stage whose Pipes session closes with an exception fails the run (exit
   1 if nothing else failed). A stage that never opens Pipes is an ordinary program.
+  --pipes-json FILE records, per stage, the context it got, then every message as received.
 
 examples:
   dpipes 'seq 10 | sort -r'
@@ -56,6 +57,7 @@ examples:
   dpipes --status --pipefail 'producer | consumer@gamma'
   dpipes --require 'sort>=9' 'cat big.txt | sort@beta'
   printf '{"a":1}\\n' | dpipes --json 'cat | jq -c .'
+  dpipes --asset 1:orders --extra 1:limit=10 --pipes-json run.jsonl 'cat orders.csv | python3@beta load.py'
 """
 
 
@@ -77,20 +79,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--require", action="append", default=[], metavar="'PROG>=VER'", help="refuse to run unless PROG's version fits"
     )
-    pipes = parser.add_argument_group("Dagster Pipes (every stage may speak it; see 'pipes' below)")
-    pipes.add_argument(
-        "--extra", action="append", default=[], metavar="KEY=JSON", help="an extra in each stage's context"
+    pipes = parser.add_argument_group(
+        "Dagster Pipes (every stage may speak it; see 'pipes' below)",
+        "Each of these applies to every stage, or with an N: prefix to stage N only (0-based).",
     )
-    pipes.add_argument("--asset", action="append", default=[], metavar="KEY", help="an asset key of the context")
-    pipes.add_argument("--partition", metavar="KEY", help="the partition key of the context")
     pipes.add_argument(
-        "--pipes-context", choices=["env", "file"], default="env", help="how the context reaches a stage (env)"
+        "--extra", action="append", default=[], metavar="[N:]KEY=JSON", help="an extra in the stages' context"
+    )
+    pipes.add_argument("--asset", action="append", default=[], metavar="[N:]KEY", help="an asset key of the context")
+    pipes.add_argument("--partition", action="append", default=[], metavar="[N:]KEY", help="the partition key")
+    pipes.add_argument(
+        "--pipes-context",
+        action="append",
+        default=[],
+        metavar="[N:]{env,file}",
+        help="how the context reaches a stage: inline in the environment (env, the default) or a file",
     )
     pipes.add_argument(
         "--pipes-messages",
-        choices=["file", "stderr"],
-        default="file",
-        help="the channel a stage writes messages to: a FIFO read as written (file), or its stderr",
+        action="append",
+        default=[],
+        metavar="[N:]{file,stderr,stdout}",
+        help="the channel a stage writes messages to: a FIFO read as written (file, the default), or"
+        " message lines taken out of its stderr or stdout (the rest of the stream flows on)",
     )
     pipes.add_argument(
         "--pipes-json", metavar="FILE", help="write each stage's context, then every message, as JSON lines"
@@ -99,17 +110,53 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _extras(items: list[str], parser: argparse.ArgumentParser) -> dict[str, object]:
-    extras = {}
-    for item in items:
-        key, sep, value = item.partition("=")
+def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The Pipes flags -> ``{"extras", "assets", "partition", "context", "messages", "stages": {N: ...}}``."""
+    from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
+    from dpipes.nodes.stage_pipes import CONTEXT_INJECTORS, MESSAGE_CHANNELS, split_stage_selector
+
+    try:
+        count: int | None = len(parse_pipeline(args.pipeline))
+    except PipelineSyntaxError:
+        count = None  # the node names the syntax error
+    every: dict[str, Any] = {"extras": {}, "assets": [], "partition": None, "context": "env", "messages": "file"}
+    stages: dict[str, dict[str, Any]] = {}
+
+    def scope(flag: str, item: str) -> tuple[dict[str, Any], str]:
+        index, value = split_stage_selector(item)
+        if index is None:
+            return every, value
+        if count is not None and index >= count:
+            parser.error(f"{flag} {item!r}: the pipeline has {count} stage(s), numbered 0-{count - 1}")
+        return stages.setdefault(str(index), {}), value
+
+    for item in args.extra:
+        options, text = scope("--extra", item)
+        key, sep, value = text.partition("=")
         if not sep or not key:
-            parser.error(f"--extra {item!r}: write KEY=JSON, e.g. --extra 'limit=10' or --extra 'tags=[\"a\"]'")
+            parser.error(f"--extra {item!r}: write [N:]KEY=JSON, e.g. --extra 'limit=10' or --extra '1:tags=[\"a\"]'")
         try:
-            extras[key] = json.loads(value)
+            options.setdefault("extras", {})[key] = json.loads(value)
         except ValueError as exc:
             parser.error(f"--extra {key}: the value is not JSON ({exc}); quote strings: --extra '{key}=\"text\"'")
-    return extras
+    for item in args.asset:
+        options, key = scope("--asset", item)
+        options.setdefault("assets", []).append(key)
+    for item in args.partition:
+        options, key = scope("--partition", item)
+        options["partition"] = key
+    for flag, key, items, choices in (
+        ("--pipes-context", "context", args.pipes_context, CONTEXT_INJECTORS),
+        ("--pipes-messages", "messages", args.pipes_messages, MESSAGE_CHANNELS),
+    ):
+        for item in items:
+            options, value = scope(flag, item)
+            if value not in choices:
+                parser.error(f"{flag} {item!r}: use one of {', '.join(choices)} (optionally after N:)")
+            options[key] = value
+    if stages:
+        every["stages"] = stages
+    return every
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,13 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
     if args.mode is None:
         args.mode = "bytes"
-    args.pipes = {
-        "extras": _extras(args.extra, parser),
-        "assets": list(args.asset),
-        "partition": args.partition,
-        "context": args.pipes_context,
-        "messages": args.pipes_messages,
-    }
+    args.pipes = _pipes_options(args, parser)
     try:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:

@@ -152,6 +152,82 @@ async def test_the_stderr_channel_separates_messages_from_plain_text(rt: Path, t
     assert [m["message"]["method"] for m in messages(out) if "message" in m] == ["opened", "log", "closed"]
 
 
+STDOUT_MIXED = """
+import sys
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as pipes:
+    for line in sys.stdin:
+        sys.stdout.write(line.upper())
+        pipes.log.info("saw " + line.strip())
+    pipes.report_asset_materialization(asset_key="upper")
+"""
+
+
+async def test_the_stdout_channel_takes_messages_out_of_the_data(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "upper.py", STDOUT_MIXED)
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(
+            rt, "--node", alpha.host_port, "--pipes-messages", "0:stdout", "--pipes-json", str(out),
+            f"python3@beta {program} | cat -n", input=b"a\nb\n",
+        )  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    assert ran.stdout.split() == [b"1", b"A", b"2", b"B"]  # only the data reached the next stage
+    assert "INFO saw a" in ran.stderr and "INFO saw b" in ran.stderr
+    assert "stage 0 python3@beta: materialized upper" in ran.stderr
+    methods = [m["message"]["method"] for m in messages(out) if m.get("stage") == 0 and "message" in m]
+    assert methods == ["opened", "log", "log", "report_asset_materialization", "closed"]
+
+
+CONTEXT_ECHO = """
+import json, sys
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as pipes:
+    sys.stdout.write(sys.stdin.read())
+    assets = pipes.asset_keys if pipes.is_asset_step else None
+    sys.stdout.write(json.dumps([pipes.extras.get("limit"), pipes.extras.get("who"), assets]) + "\\n")
+"""
+
+
+async def test_per_stage_options_reach_only_their_stage(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "echo_context.py", CONTEXT_ECHO)
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(
+            rt, "--node", alpha.host_port, "--extra", "limit=1", "--extra", "1:limit=2", "--extra", "1:who=\"b\"",
+            "--asset", "1:orders", "--pipes-json", str(out), f"python3 {program} | python3@beta {program}",
+        )  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    assert [json.loads(line) for line in ran.stdout.splitlines()] == [[1, None, None], [2, "b", ["orders"]]]
+    contexts = {line["stage"]: line["context"] for line in messages(out) if "context" in line}
+    assert contexts[0]["extras"]["limit"] == 1 and contexts[0]["asset_keys"] is None
+    assert contexts[1]["extras"]["limit"] == 2 and contexts[1]["asset_keys"] == ["orders"]
+
+
+async def test_a_stage_selector_beyond_the_pipeline_is_a_usage_error(rt: Path) -> None:
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        ran = await dpipes(rt, "--node", alpha.host_port, "--asset", "2:orders", "true | true")
+    assert ran.code == 2
+    assert "--asset '2:orders': the pipeline has 2 stage(s), numbered 0-1" in ran.stderr
+
+
+EXTERNAL_STREAM = """
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as pipes:
+    pipes.log_external_stream("stdout", "captured line\\n", extras={"worker": 3})
+"""
+
+
+async def test_log_external_stream_reaches_the_client_from_a_remote_node(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "external.py", EXTERNAL_STREAM)
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(out), f"python3@beta {program}")
+    assert ran.code == 0, ran.stderr
+    (message,) = [m["message"] for m in messages(out) if m.get("message", {}).get("method") == "log_external_stream"]
+    assert message["params"] == {"stream": "stdout", "text": "captured line\n", "extras": {"worker": 3}}
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="the Node.js example needs `node`")
 async def test_the_nodejs_example_speaks_pipes_unmodified(rt: Path, tmp_path: Path) -> None:
     out = tmp_path / "pipes.jsonl"

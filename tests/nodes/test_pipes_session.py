@@ -22,6 +22,7 @@ from dpipes.nodes.pipes_session import (
     open_pipes_session,
     run_pipes,
 )
+from dpipes.nodes.run import RunFailed
 from tests.nodes.daemons import daemons, dpipes, environment
 
 CHILD_TIMEOUT_S = 60.0
@@ -189,3 +190,27 @@ async def test_run_pipes_reports_the_exception_raised_inside_pipes(rt: Path, tmp
     assert str(result.exception) == "ValueError: bad input row 7"
     assert [log["message"] for log in result.logs] == ["about to fail"]
     assert result.messages[-1]["method"] == "closed"
+
+
+async def test_run_pipes_gives_a_stage_its_own_options(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "reporter.py", REPORTER)
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        result = await run_pipes(
+            f"cat | python3 {program}",
+            node=alpha.host_port,
+            extras={"limit": 1},
+            input=b"",
+            stage_options={1: {"extras": {"limit": 9}, "assets": ["orders"], "messages": "stdout"}},
+        )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == b"done\n"  # the messages went out of stdout, the data stayed
+    first, second = result.stages
+    assert first.context["extras"]["limit"] == 1 and first.context["asset_keys"] is None
+    assert [log["message"] for log in second.logs] == ["limit 9 asset orders"]
+    assert [m["method"] for m in second.messages] == METHODS
+
+
+async def test_run_pipes_refuses_options_for_a_stage_that_does_not_exist(rt: Path) -> None:
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        with pytest.raises(RunFailed, match="Pipes options for stage 3: the pipeline has 1 stage"):
+            await run_pipes("true", node=alpha.host_port, stage_options={3: {"assets": ["x"]}})
