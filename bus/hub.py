@@ -6,7 +6,7 @@ Sockets (all created from the one ``zmq.Context`` the hub owns, all closed in ``
 * one outbound DEALER per peer hub (a *link*), as in Zyre: a hub always sends to a peer through
   its own DEALER, so a full peer blocks that link only, and ZeroMQ never drops on it;
 * an XPUB tap mirror that publishes one small event per routed message while, and only while,
-  someone is subscribed.
+  someone is subscribed (see :data:`TAP_FIELDS`); a ``PIPES`` event also carries its messages.
 
 Routing is direct: ``node/endpoint`` is delivered locally when ``node`` is this hub, sent on the
 link to ``node`` otherwise; a message for a node we have no link to, or for an endpoint that does
@@ -46,6 +46,7 @@ CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is fu
 BYE_LINGER_MS = 200  # at close, let a BYE already queued reach its peer, briefly
 ROUTER_HWM = 100_000  # per-peer queue in messages; credits keep streams far below it
 MAX_FRAME_BYTES = codec.MAX_PAYLOAD_FRAME_BYTES + 1024  # libzmq drops a peer sending more
+TAP_PIPES_MAX_BYTES = 256 * 1024  # a PIPES message up to this size shows its messages on the tap
 
 
 def _set_common(sock: zmq.Socket[Any]) -> None:
@@ -785,8 +786,10 @@ class Hub:
 
     def _publish_tap(self, header: dict[str, Any], payload: Any) -> None:
         size = sum(memoryview(f).nbytes for f in payload)
+        kind = header["kind"]
+        pipes = [bytes(f) for f in payload] if kind == "PIPES" and size <= TAP_PIPES_MAX_BYTES else None
         event = msgpack.packb(
-            [time.time(), header["kind"], header["src"], header["dst"], header["sid"], header["seq"], size]
+            [time.time(), kind, header["src"], header["dst"], header["sid"], header["seq"], size, pipes]
         )
         assert self._tap is not None
         try:
@@ -805,5 +808,10 @@ class _InProcess:
         self.send_frames = hub._send_frames_local
 
 
-TAP_FIELDS = ("time", "kind", "src", "dst", "sid", "seq", "bytes")
-"""Names of the fields of a tap event, a msgpack array published on ``Hub.tap_endpoint``."""
+TAP_FIELDS = ("time", "kind", "src", "dst", "sid", "seq", "bytes", "pipes")
+"""Names of the fields of a tap event, a msgpack array published on ``Hub.tap_endpoint``.
+
+``bytes`` counts the payload; ``pipes`` is None except on a ``PIPES`` message of at most
+``TAP_PIPES_MAX_BYTES``, where it is the list of its payload frames (JSON texts, see
+:mod:`dpipes.nodes.stage_pipes`), so a tap shows Pipes messages as they pass.
+"""

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
 
+import msgpack
 import pytest
+import zmq
+import zmq.asyncio
 
+from dpipes.bus.hub import TAP_FIELDS
 from tests.nodes.daemons import daemons, dpipes
 
+TAP_WAIT_S = 15.0  # gossip passes every 2 s; generous for a loaded machine
 EXAMPLE_JS = Path(__file__).parents[2] / "examples" / "pipes_node" / "pipes_example.js"
 
 REPORTER = """
@@ -226,6 +232,32 @@ async def test_log_external_stream_reaches_the_client_from_a_remote_node(rt: Pat
     assert ran.code == 0, ran.stderr
     (message,) = [m["message"] for m in messages(out) if m.get("message", {}).get("method") == "log_external_stream"]
     assert message["params"] == {"stream": "stdout", "text": "captured line\n", "extras": {"worker": 3}}
+
+
+async def test_the_tap_of_the_stage_s_node_shows_its_pipes_messages(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "reporter.py", REPORTER)
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ctx = zmq.asyncio.Context()
+        tap = ctx.socket(zmq.SUB)
+        tap.connect(f"ipc://{rt}/beta-tap.sock")
+        tap.subscribe(b"")
+        try:
+            await asyncio.wait_for(tap.recv(), TAP_WAIT_S)  # subscribed: gossip between the nodes shows
+            ran = await dpipes(rt, "--node", alpha.host_port, "--extra", "limit=3", f"python3@beta {program}")
+            assert ran.code == 0, ran.stderr
+            seen: list[dict] = []
+            while not any(m.get("method") == "closed" for m in seen):
+                event = dict(
+                    zip(TAP_FIELDS, msgpack.unpackb(await asyncio.wait_for(tap.recv(), TAP_WAIT_S)), strict=True)
+                )
+                if event["kind"] == "PIPES":
+                    assert event["src"].startswith("beta/") and event["pipes"] is not None
+                    seen += [json.loads(frame)["message"] for frame in event["pipes"]]
+        finally:
+            tap.close(0)
+            ctx.term()
+    assert [m["method"] for m in seen][:3] == ["opened", "log", "log"]
+    assert seen[1]["params"]["message"] == "from beta limit 3"
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="the Node.js example needs `node`")
