@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -219,6 +220,7 @@ async def _nodes(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     from dpipes.nodes import run
 
+    gc.freeze()  # what the imports made lives until exit: keep the collector's full passes short
     options = run.RunOptions(
         pipeline=args.pipeline,
         mode=args.mode,
