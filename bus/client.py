@@ -10,10 +10,16 @@ from typing import Any
 import zmq
 
 from dpipes.bus import codec
-from dpipes.bus.codec import Message
+from dpipes.bus.codec import (
+    BYE_LINGER_MS,
+    CLOSE_DRAIN_S,
+    HEARTBEAT_INTERVAL_S,
+    MAX_FRAME_BYTES,
+    PEER_TIMEOUT_S,
+    Message,
+)
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, DecodeError, PeerLost, RequestTimeout
-from dpipes.bus.hub import BYE_LINGER_MS, CLOSE_DRAIN_S, HEARTBEAT_INTERVAL_S, MAX_FRAME_BYTES, PEER_TIMEOUT_S
 from dpipes.bus.pump import Pump
 
 log = logging.getLogger(__name__)

@@ -109,6 +109,13 @@ MAX_CONTAINER_ITEMS = 4096  # entries of one map or array inside a header
 INITIAL_CREDIT_BYTES = 8 * 1024 * 1024
 MESSAGE_CREDIT_BYTES = 256  # what each data message costs in credit beyond its payload
 
+# Session timing, shared by hubs and clients.
+HEARTBEAT_INTERVAL_S = 0.5  # how often every link and every client says it is alive
+PEER_TIMEOUT_S = 3.0  # silence after which a peer hub is lost: six missed heartbeats
+CLOSE_DRAIN_S = 2.0  # bounded wait for queued messages at shutdown before dropping them
+BYE_LINGER_MS = 200  # at close, let a BYE already queued reach its peer, briefly
+MAX_FRAME_BYTES = MAX_PAYLOAD_FRAME_BYTES + 1024  # a socket's ZMQ_MAXMSGSIZE: libzmq drops a peer sending more
+
 Buffer: TypeAlias = bytes | bytearray | memoryview
 Frames: TypeAlias = list[Any]  # header bytes, then payload buffers (bytes, memoryview, zmq.Frame)
 

@@ -31,21 +31,23 @@ import msgpack
 import zmq
 
 from dpipes.bus import codec
-from dpipes.bus.codec import Message
+from dpipes.bus.codec import (
+    BYE_LINGER_MS,
+    CLOSE_DRAIN_S,
+    HEARTBEAT_INTERVAL_S,
+    MAX_FRAME_BYTES,
+    PEER_TIMEOUT_S,
+    Message,
+)
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, DecodeError, ProtocolMismatch, RequestTimeout
 from dpipes.bus.pump import Pump, send_frames
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_S = 0.5  # how often every link and every client says it is alive
-PEER_TIMEOUT_S = 3.0  # silence after which a peer hub is lost: six missed heartbeats
 CLIENT_TIMEOUT_S = 6.0  # silence after which an attached client is forgotten
-CLOSE_DRAIN_S = 2.0  # bounded wait for queued messages at shutdown before dropping them
 CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full, then dropped
-BYE_LINGER_MS = 200  # at close, let a BYE already queued reach its peer, briefly
 ROUTER_HWM = 100_000  # per-peer queue in messages; credits keep streams far below it
-MAX_FRAME_BYTES = codec.MAX_PAYLOAD_FRAME_BYTES + 1024  # libzmq drops a peer sending more
 TAP_PIPES_MAX_BYTES = 256 * 1024  # a PIPES message up to this size shows its messages on the tap
 
 
