@@ -107,6 +107,7 @@ class OutStream:
         self.sent = 0  # payload bytes sent
         self.cost = 0  # credit used: payload plus MESSAGE_CREDIT_BYTES per message
         self.limit = credit  # credit granted in all, so far
+        self.failed_seq: int | None = None  # the first message the bus bounced (it and later ones never arrived)
         self._seq = 0
         self._wakeup: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
@@ -185,9 +186,10 @@ class OutStream:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: BaseException, *, bounced_seq: int | None = None) -> None:
         if self._error is None:
             self._error = error
+            self.failed_seq = bounced_seq
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
         if not self._acked.done():
@@ -452,7 +454,7 @@ class Endpoint:
         if msg.sid:
             out = self._out.get(msg.sid)
             if out is not None and out.dst == msg.to:
-                out._fail(error)
+                out._fail(error, bounced_seq=msg.seq)
                 return
             ins = self._in.get((msg.to, msg.sid))
             if ins is not None:

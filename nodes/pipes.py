@@ -45,7 +45,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar, cast, overload
 
-from dpipes.bus.errors import DpipesError
+from dpipes.bus import codec
+from dpipes.bus.endpoint import Endpoint, InStream
+from dpipes.bus.errors import BusError, DpipesError
 from dpipes.bus.pipes import (
     MAX_LINE_BYTES,
     PIPES_CONTEXT_ENV_VAR,
@@ -62,6 +64,7 @@ __all__ = [
     "PipesBadLine",
     "PipesBootstrap",
     "PipesBootstrapError",
+    "PipesBusReader",
     "PipesContextInjector",
     "PipesEnvContextInjector",
     "PipesFifoReader",
@@ -87,6 +90,8 @@ PENDING_MAX_RECORDS: Final = 16 * 1024  # unconsumed records before reading paus
 PENDING_MAX_BYTES: Final = 32 * 1024 * 1024
 ENV_STRING_MAX_BYTES: Final = 128 * 1024  # Linux MAX_ARG_STRLEN: one "NAME=value\0" string of execve
 BAD_LINE_HEAD_BYTES: Final = 200
+BUS_MAX_WRITERS: Final = 64  # concurrent writer streams on one bus reader; each may hold a credit window
+BUS_OFFER_KEY: Final = "dpipes_bus"  # the messages params key offering the bus to PipesBusMessageWriter
 _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _MESSAGE_MARKER: Final = json.dumps(PIPES_VERSION_FIELD).encode()
 
@@ -115,8 +120,11 @@ class PipesBadLine:
     error: PipesMessageError
     head: bytes  # the line's first bytes, for the operator
     size: int = 0  # bytes of the line seen when it was reported
+    source: str = ""  # where it came from when not a line of a file (``the bus writer <addr>``)
 
     def __str__(self) -> str:
+        if self.source:
+            return f"Pipes message {self.line_no} from {self.source}: {self.error}"
         return f"Pipes message line {self.line_no}: {self.error}"
 
 
@@ -503,6 +511,319 @@ class PipesFifoReader(PipesMessageChannel):
 def _size(record: PipesRecord) -> int:
     # What a queued record costs, roughly: a parsed message takes about its line's size again in objects.
     return len(record.head) if isinstance(record, PipesBadLine) else 2 * record.size + 256
+
+
+class PipesBusReader(PipesMessageChannel):
+    """The ``bus`` channel: Pipes messages that programs send straight onto the bus.
+
+    The reader owns ``endpoint`` (an in-process endpoint of the node's hub, ``hub.endpoint(name)``)
+    and offers it in :attr:`params` with ``hub``, the client endpoint a program attaches to. Any
+    number of writers may open streams to it; each payload frame of a ``PIPES`` message is one
+    message, validated with :func:`~dpipes.bus.pipes.parse_message` and numbered per stream. A frame
+    that is not a valid message, any other data message, a stream that breaks off and one still open
+    when :meth:`drain` gives up are each reported as a :class:`PipesBadLine` naming the writer.
+
+    The consumption interface is :class:`PipesFifoReader`'s: ``on_record`` (called on the loop) or
+    ``async for`` / :meth:`next_batch`; :meth:`start`, :meth:`finish` (the process is gone: end once
+    the streams open have ended), :meth:`drain`, :meth:`close` (which closes the endpoint, so a late
+    writer is refused and falls back to its file). A slow consumer pauses reading: the streams are
+    no longer read, so their writers get no more credit and block.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        hub: str,
+        *,
+        on_record: Callable[[PipesRecord], object] | None = None,
+        max_line_bytes: int = MAX_LINE_BYTES,
+    ) -> None:
+        if max_line_bytes < 1:
+            raise ValueError(f"max_line_bytes must be positive, got {max_line_bytes}")
+        self.endpoint = endpoint
+        self.hub = hub
+        self._on_record = on_record
+        self._max = max_line_bytes
+        self._pending: deque[PipesRecord] = deque()
+        self._pending_bytes = 0
+        self._paused = False
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._wakeup = asyncio.Event()
+        self._streams: dict[InStream, asyncio.Task[None]] = {}
+        self._counts: dict[InStream, int] = {}  # messages read per open stream
+        self._tasks: list[asyncio.Task[None]] = []  # accepting streams, reading the inbox
+        self._started = self._finished = self._eof = self._closed = False
+        self._callback_failed = False
+        self.messages_seen = 0  # payload frames read, valid or not
+        self.writers_seen = 0  # streams accepted
+        self.ignored = 0  # control messages outside any stream (errors about our own sends), logged
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {BUS_OFFER_KEY: {"hub": self.hub, "to": self.endpoint.addr}}
+
+    @property
+    def at_eof(self) -> bool:
+        """True once every writer stream has ended after :meth:`finish` (or the reader closed)."""
+        return self._eof
+
+    @property
+    def paused(self) -> bool:
+        """True while reading waits for the consumer to take queued records."""
+        return self._paused
+
+    def start(self) -> None:
+        """Begin accepting writer streams on the running loop."""
+        if self._closed:
+            raise RuntimeError(f"Pipes bus reader {self.endpoint.addr} is closed")
+        if not self._started:
+            self._started = True
+            addr = self.endpoint.addr
+            self._tasks = [
+                asyncio.create_task(self._accept(), name=f"pipes bus reader {addr} accept"),
+                asyncio.create_task(self._inbox(), name=f"pipes bus reader {addr} inbox"),
+            ]
+
+    def finish(self) -> None:
+        """The external process is gone: end once the streams still open have ended."""
+        self._finished = True
+        self._check_end()
+
+    async def drain(self, *, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+        """:meth:`finish`, then wait until every writer stream has ended.
+
+        Returns False if a stream was still open after ``timeout_s`` (its writer was killed, or
+        handed its channel to a process that lives on); each such stream is reported as a bad
+        record and cancelled. With no ``on_record`` callback, another task must consume the records
+        meanwhile, or reading stays paused and this times out.
+        """
+        self.start()
+        self.finish()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self._eof:
+                    await self._wait()
+        except TimeoutError:
+            log.warning(
+                "Pipes bus reader %s: %d stream(s) still open %.1f s after the process ended",
+                self.endpoint.addr,
+                len(self._streams),
+                timeout_s,
+            )
+            tasks = list(self._streams.values())
+            for stream in list(self._streams):
+                n = self._counts.get(stream, 0)
+                reason = (
+                    f"stream still open {timeout_s:g} s after its process ended, after {n} messages; the rest is lost"
+                )
+                self._deliver([_bus_bad(n + 1, reason, stream.src)], force=True)
+                with contextlib.suppress(BusError):
+                    stream.cancel("the Pipes reader stopped waiting")
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._end()
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop reading and close the endpoint; queued records stay readable."""
+        if self._closed:
+            return
+        self._closed = True
+        # No CANCEL to the writers: once the endpoint is gone the hub bounces each later message,
+        # which tells a writer exactly which messages to write to its file instead.
+        for task in [*self._tasks, *self._streams.values()]:
+            task.cancel()
+        self.endpoint.close()
+        self._eof = True
+        self._resumed.set()
+        self._wakeup.set()
+
+    async def __aenter__(self) -> PipesBusReader:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> PipesBusReader:
+        return self
+
+    async def __anext__(self) -> PipesRecord:
+        while not self._pending:
+            if self._eof:
+                raise StopAsyncIteration
+            await self._wait()
+        record = self._pending.popleft()
+        self._consumed(record)
+        return record
+
+    async def next_batch(self) -> list[PipesRecord]:
+        """Every queued record (waiting for at least one); ``[]`` once the channel has ended."""
+        while not self._pending:
+            if self._eof:
+                return []
+            await self._wait()
+        batch = list(self._pending)
+        self._pending.clear()
+        for record in batch:
+            self._consumed(record)
+        return batch
+
+    # ------------------------------------------------------------------------------------ internals
+
+    async def _wait(self) -> None:
+        self._wakeup.clear()
+        await self._wakeup.wait()
+
+    async def _accept(self) -> None:
+        while True:
+            try:
+                stream = await self.endpoint.accept()
+            except BusError as e:  # the endpoint or its hub closed: no stream can come any more
+                if not self._closed:
+                    log.warning("Pipes bus reader %s stopped accepting: %s", self.endpoint.addr, e)
+                self._finished = True
+                self._check_end()
+                return
+            self.writers_seen += 1
+            if len(self._streams) >= BUS_MAX_WRITERS:
+                reason = f"refused: {BUS_MAX_WRITERS} writer streams are already open on this reader"
+                self._deliver([_bus_bad(1, reason, stream.src)], force=True)
+                with contextlib.suppress(BusError):
+                    stream.cancel(reason)
+                continue
+            self._counts[stream] = 0
+            self._streams[stream] = asyncio.create_task(
+                self._read(stream), name=f"pipes bus reader {self.endpoint.addr} from {stream.src}"
+            )
+
+    async def _read(self, stream: InStream) -> None:
+        try:
+            while True:
+                while self._paused:
+                    await self._resumed.wait()
+                msg = await stream.read()
+                if msg is None:
+                    return
+                self._deliver(self._records(stream, msg))
+        except BusError as e:  # cancelled by the writer, its node lost, a byte count that does not add up
+            n = self._counts.get(stream, 0)
+            self._deliver([_bus_bad(n + 1, f"stream broke off after {n} messages: {e}", stream.src)], force=True)
+        finally:
+            self._streams.pop(stream, None)
+            self._counts.pop(stream, None)
+            self._check_end()
+
+    def _records(self, stream: InStream, msg: codec.Message) -> list[PipesRecord]:
+        n = self._counts[stream]
+        frames = getattr(msg, "frames", ())
+        out: list[PipesRecord] = []
+        if not isinstance(msg, codec.Pipes) or not frames:
+            what = f"a {msg.KIND} bus message, not PIPES" if frames else f"a {msg.KIND} bus message with no frames"
+            for frame in frames or (b"",):
+                n += 1
+                view = memoryview(frame)
+                out.append(_bus_bad(n, f"{what}: not a Pipes message", stream.src, view, view.nbytes))
+        else:
+            for frame in frames:
+                n += 1
+                view = memoryview(frame)
+                size = view.nbytes
+                if size > self._max:
+                    out.append(
+                        _bus_bad(
+                            n,
+                            f"message of {size} bytes exceeds the {self._max}-byte limit; skipped",
+                            stream.src,
+                            view,
+                            size,
+                        )
+                    )
+                    continue
+                line = view.tobytes()
+                try:
+                    out.append(PipesLine(n, parse_message(line, max_line_bytes=self._max), size))
+                except PipesMessageError as e:
+                    out.append(PipesBadLine(n, e, line[:BAD_LINE_HEAD_BYTES], size, _bus_source(stream.src)))
+        self.messages_seen += n - self._counts[stream]
+        self._counts[stream] = n
+        return out
+
+    async def _inbox(self) -> None:
+        """Messages sent to the endpoint outside a stream: data is reported, control is logged."""
+        while True:
+            while self._paused:
+                await self._resumed.wait()
+            try:
+                msg = await self.endpoint.recv()
+            except BusError:
+                return
+            if msg.KIND in codec.DATA_KINDS:
+                frames = getattr(msg, "frames", ()) or (b"",)
+                reason = f"a {msg.KIND} bus message outside a stream: not read (a writer must open a stream)"
+                self._deliver([_bus_bad(i, reason, msg.src, memoryview(f)) for i, f in enumerate(frames, 1)])
+                continue
+            self.ignored += 1
+            log_fn = log.warning if self.ignored == 1 else log.debug
+            log_fn(
+                "Pipes bus reader %s: ignored a %s message from %s: %.200s",
+                self.endpoint.addr,
+                msg.KIND,
+                msg.src,
+                getattr(msg, "message", ""),
+            )
+
+    def _check_end(self) -> None:
+        if self._finished and not self._streams and not self._eof:
+            self._end()
+
+    def _end(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._eof = True
+        self._wakeup.set()
+
+    def _deliver(self, records: Sequence[PipesRecord], *, force: bool = False) -> None:
+        if not records or (self._closed and not force):
+            return
+        if self._on_record is not None:
+            for record in records:
+                try:
+                    self._on_record(record)
+                except Exception:
+                    if not self._callback_failed:
+                        log.exception("Pipes record callback failed on %s (repeats at debug)", self.endpoint.addr)
+                        self._callback_failed = True
+                    else:
+                        log.debug("Pipes record callback failed on %s", self.endpoint.addr, exc_info=True)
+            return
+        self._pending.extend(records)
+        self._pending_bytes += sum(_size(r) for r in records)
+        self._wakeup.set()
+        if len(self._pending) >= PENDING_MAX_RECORDS or self._pending_bytes >= PENDING_MAX_BYTES:
+            self._paused = True
+            self._resumed.clear()
+
+    def _consumed(self, record: PipesRecord) -> None:
+        self._pending_bytes -= _size(record)
+        if (
+            self._paused
+            and len(self._pending) < PENDING_MAX_RECORDS // 2
+            and self._pending_bytes < PENDING_MAX_BYTES // 2
+        ):
+            self._paused = False
+            self._resumed.set()
+
+
+def _bus_source(addr: str) -> str:
+    return f"the bus writer {addr}"
+
+
+def _bus_bad(n: int, reason: str, addr: str, head: memoryview | bytes = b"", size: int = 0) -> PipesBadLine:
+    return PipesBadLine(n, PipesMessageError(reason), bytes(head[:BAD_LINE_HEAD_BYTES]), size, _bus_source(addr))
 
 
 # ----------------------------------------------------------------------------------------- injectors

@@ -22,6 +22,14 @@ Figures:
   completion (every stage reported / the session closed, every message handled).
 * ``pipes.latency_p50`` / ``pipes.latency_p99``: M custom messages paced ~1 ms apart, each
   carrying its send time; latency = client receive time - send time.
+
+The session-level path with our bus writer, against the same Dagster runs:
+
+* bus writer: the same program, but ``open_dagster_pipes(message_writer=PipesBusMessageWriter())``,
+  under dpipes' ``open_pipes_session`` with ``PipesBusMessageReader`` (no daemon: the session's own
+  hub) around ``asyncio.create_subprocess_exec``; a message is received when the session's handler
+  takes it. ``pipes.bus_writer_rate``, ``pipes.bus_writer_wall`` and ``pipes.bus_writer_latency_p50``
+  are measured as above.
 """
 
 from __future__ import annotations
@@ -43,6 +51,13 @@ from dpipes.bus.bench import Result, result
 from dpipes.nodes import run as run_mod
 from dpipes.nodes.bench import local_daemons
 from dpipes.nodes.pipeline import format_stage
+from dpipes.nodes.pipes import PipesLine, PipesRecord, make_context_data
+from dpipes.nodes.pipes_session import (
+    PipesBusMessageReader,
+    PipesMessageHandler,
+    PipesMessageReader,
+    open_pipes_session,
+)
 
 BURST_MESSAGES = 10_000  # of each kind: log and custom
 PACED_MESSAGES = 1_000
@@ -54,8 +69,13 @@ import sys, time
 from dagster_pipes import open_dagster_pipes
 
 mode, n = sys.argv[1], int(sys.argv[2])
-with open_dagster_pipes() as pipes:
-    if mode == "burst":
+writer = None
+if mode.endswith("-bus"):  # our writer, straight onto the bus the session offers
+    from dpipes.bus.pipes_writer import PipesBusMessageWriter
+
+    writer = PipesBusMessageWriter()
+with open_dagster_pipes(message_writer=writer) as pipes:
+    if mode.startswith("burst"):
         pipes.report_custom_message({"start": time.time()})
         for i in range(n):
             pipes.log.info(f"log {i}")
@@ -146,6 +166,52 @@ def _dpipes_run(entry: str, argv: list[str]) -> tuple[list[Arrival], float]:
     return arrivals, wall
 
 
+# -- dpipes' session API with the bus writer ---------------------------------------------------------
+
+
+class _StampingHandler(PipesMessageHandler):
+    """Stamps each message with its receive time, then hands it to the session's handler."""
+
+    def __init__(self, inner: PipesMessageHandler, arrivals: list[tuple[float, PipesRecord]]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._arrivals = arrivals
+
+    def handle_record(self, record: PipesRecord) -> None:
+        self._arrivals.append((time.time(), record))
+        self._inner.handle_record(record)
+
+
+class _StampingReader(PipesMessageReader):
+    def __init__(self, inner: PipesMessageReader, arrivals: list[tuple[float, PipesRecord]]) -> None:
+        self._inner = inner
+        self._arrivals = arrivals
+
+    def read_messages(self, handler: PipesMessageHandler) -> contextlib.AbstractAsyncContextManager[dict[str, Any]]:
+        return self._inner.read_messages(_StampingHandler(handler, self._arrivals))
+
+
+def _session_run(argv: list[str]) -> tuple[list[Arrival], float]:
+    """Run ``argv`` under dpipes' ``open_pipes_session`` + ``PipesBusMessageReader``; arrivals and wall time (s)."""
+    stamped: list[tuple[float, PipesRecord]] = []
+
+    async def run() -> tuple[int, float]:
+        start = time.perf_counter()
+        reader = _StampingReader(PipesBusMessageReader(), stamped)
+        async with open_pipes_session(context_data=make_context_data(run_id="bench"), message_reader=reader) as session:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env={**os.environ, **session.get_bootstrap_env_vars()}, stdin=subprocess.DEVNULL
+            )
+            code = await proc.wait()
+        return code, time.perf_counter() - start
+
+    code, wall = asyncio.run(run())
+    if code != 0:
+        raise RuntimeError(f"the Pipes program with the bus writer exited {code}")
+    arrivals = [(received, dict(r.message.raw)) for received, r in stamped if isinstance(r, PipesLine)]
+    return arrivals, wall
+
+
 # -- Dagster -----------------------------------------------------------------------------------
 
 
@@ -231,16 +297,25 @@ def pipes_benchmarks(
             entry = run_mod.entry_from(addr)
             _dpipes_run(entry, [sys.executable, str(emitter), "burst", "10"])  # warm up: imports, page cache
             _dagster_run([sys.executable, str(emitter), "burst", "10"])
-            rates: dict[str, list[float]] = {"dpipes": [], "dagster": []}
-            walls: dict[str, list[float]] = {"dpipes": [], "dagster": []}
-            p50s: dict[str, list[float]] = {"dpipes": [], "dagster": []}
-            p99s: dict[str, list[float]] = {"dpipes": [], "dagster": []}
+            _session_run([sys.executable, str(emitter), "burst-bus", "10"])
+            runs: dict[str, Callable[[list[str]], tuple[list[Arrival], float]]] = {
+                "dagster": _dagster_run,
+                "dpipes": lambda argv: _dpipes_run(entry, argv),
+                "bus_writer": _session_run,
+            }
+            rates: dict[str, list[float]] = {who: [] for who in runs}
+            walls: dict[str, list[float]] = {who: [] for who in runs}
+            p50s: dict[str, list[float]] = {who: [] for who in runs}
+            p99s: dict[str, list[float]] = {who: [] for who in runs}
             for _ in range(repeat):
-                for who in ("dagster", "dpipes"):
-                    arrivals, wall = _dpipes_run(entry, burst_argv) if who == "dpipes" else _dagster_run(burst_argv)
+                for who, run in runs.items():
+                    bus = who == "bus_writer"
+                    argv = [*burst_argv[:2], "burst-bus", *burst_argv[3:]] if bus else burst_argv
+                    arrivals, wall = run(argv)
                     rates[who].append(burst_rate(arrivals, burst))
                     walls[who].append(wall * 1000)
-                    arrivals, _ = _dpipes_run(entry, paced_argv) if who == "dpipes" else _dagster_run(paced_argv)
+                    argv = [*paced_argv[:2], "paced-bus", *paced_argv[3:]] if bus else paced_argv
+                    arrivals, _ = run(argv)
                     p50, p99 = percentiles(latencies_ms(arrivals))
                     p50s[who].append(p50)
                     p99s[who].append(p99)
@@ -260,5 +335,10 @@ def pipes_benchmarks(
             target_p50,
             target=1.0,
             higher_is_better=False,
+        ),
+        result("pipes.bus_writer_rate", "msg/s", rates["bus_writer"], baseline, rates["dagster"]),
+        result("pipes.bus_writer_wall", "ms", walls["bus_writer"], baseline, walls["dagster"], higher_is_better=False),
+        result(
+            "pipes.bus_writer_latency_p50", "ms", p50s["bus_writer"], baseline, p50s["dagster"], higher_is_better=False
         ),
     ]

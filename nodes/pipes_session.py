@@ -5,9 +5,11 @@ Two ways in:
 ``open_pipes_session``
     For a caller that starts the external process itself. The session injects the context (a
     :class:`~dpipes.nodes.pipes.PipesContextInjector`: env, file, temp file), opens a message
-    channel (a :class:`PipesMessageReader`: a FIFO read as messages arrive, or a temp file read at
-    the end), and hands out the bootstrap environment variables to give the process. Every message
-    lands in the session's :class:`PipesMessageHandler`, sorted by kind and kept in order::
+    channel (a :class:`PipesMessageReader`: a FIFO read as messages arrive, a temp file read at
+    the end, or both a FIFO and the bus for programs using
+    :class:`~dpipes.bus.pipes_writer.PipesBusMessageWriter`), and hands out the bootstrap
+    environment variables to give the process. Every message lands in the session's
+    :class:`PipesMessageHandler`, sorted by kind and kept in order::
 
         async with open_pipes_session(context_data=make_context_data(run_id="r1")) as session:
             proc = await asyncio.create_subprocess_exec(*argv, env={**os.environ, **session.get_bootstrap_env_vars()})
@@ -23,6 +25,7 @@ Two ways in:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -33,10 +36,12 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from dpipes.bus.hub import Hub
 from dpipes.bus.pipes import MAX_LINE_BYTES, PIPES_CONTEXT_ENV_VAR, PIPES_MESSAGES_ENV_VAR, encode_bootstrap
 from dpipes.nodes.pipes import (
     DRAIN_TIMEOUT_S,
     PipesBadLine,
+    PipesBusReader,
     PipesContextInjector,
     PipesEnvContextInjector,
     PipesFifoReader,
@@ -47,6 +52,7 @@ from dpipes.nodes.pipes import (
 )
 
 __all__ = [
+    "PipesBusMessageReader",
     "PipesContextInjector",
     "PipesEnvContextInjector",
     "PipesExceptionInfo",
@@ -238,6 +244,73 @@ class PipesFifoMessageReader(PipesMessageReader):
         finally:
             if reader is not None:
                 reader.close()
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+class PipesBusMessageReader(PipesMessageReader):
+    """A FIFO and the bus at once: ``{"path": <fifo>, "dpipes_bus": {"hub": ..., "to": ...}}``.
+
+    An unmodified dagster-pipes program writes to the FIFO; one whose message writer is
+    :class:`~dpipes.bus.pipes_writer.PipesBusMessageWriter` sends its messages over the bus to a
+    :class:`~dpipes.nodes.pipes.PipesBusReader` on a hub this reader starts in-process (``ipc://``
+    only, in a private temporary directory); both feed the session's handler. At the end both are
+    drained, the hub is closed and every file is removed.
+
+    Args:
+        tmpdir: where the FIFO's private directory is made (default: the system's).
+        include_stdio_in_messages: ask dagster-pipes to forward the process's own stdout/stderr.
+        drain_timeout_s: at the end, how long to wait for writers still holding a channel open.
+        max_line_bytes: longest message accepted, on either channel.
+    """
+
+    def __init__(
+        self,
+        *,
+        tmpdir: str | os.PathLike[str] | None = None,
+        include_stdio_in_messages: bool = False,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        max_line_bytes: int = MAX_LINE_BYTES,
+    ) -> None:
+        self._tmpdir = os.fspath(tmpdir) if tmpdir is not None else None
+        self._include_stdio = include_stdio_in_messages
+        self._drain_timeout_s = drain_timeout_s
+        self._max_line_bytes = max_line_bytes
+
+    @contextlib.asynccontextmanager
+    async def read_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+        directory = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self._tmpdir)
+        fifo: PipesFifoReader | None = None
+        bus: PipesBusReader | None = None
+        try:
+            fifo = PipesFifoReader(
+                os.path.join(directory, "messages"),
+                on_record=handler.handle_record,
+                max_line_bytes=self._max_line_bytes,
+            )
+            fifo.start()
+            # ipc only: the external process runs on this machine; the socket is in a private temp dir.
+            async with Hub(f"pipes-{os.path.basename(directory)}", tcp=None) as hub:
+                bus = PipesBusReader(
+                    hub.endpoint("pipes"),
+                    hub.ipc_endpoint,
+                    on_record=handler.handle_record,
+                    max_line_bytes=self._max_line_bytes,
+                )
+                bus.start()
+                params = {**fifo.params, **bus.params}
+                if self._include_stdio:
+                    params["include_stdio_in_messages"] = True
+                try:
+                    yield params
+                    # The caller's process has ended: read what it wrote on either channel.
+                    await asyncio.gather(
+                        fifo.drain(timeout_s=self._drain_timeout_s), bus.drain(timeout_s=self._drain_timeout_s)
+                    )
+                finally:
+                    bus.close()
+        finally:
+            if fifo is not None:
+                fifo.close()
             shutil.rmtree(directory, ignore_errors=True)
 
 

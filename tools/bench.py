@@ -22,7 +22,8 @@ suites:
           starting them to every node linked to every other (root only)
   pipes   10k log + 10k custom Dagster Pipes messages from an external Python process, end to end
           to the client (rate), and 1000 paced messages (latency p50/p99), against Dagster's own
-          path (needs the optional `bench` extra: pip install 'dpipes-bus[bench]')
+          path; also the same program with dpipes' bus message writer under open_pipes_session
+          (pipes.bus_writer_*) (needs the optional `bench` extra: pip install 'dpipes-bus[bench]')
 
 Every figure is the median of --repeat runs, beside its baseline measured in the same run;
 ratio = dpipes / baseline (higher is better). The machine is shared and noisy: compare ratios
