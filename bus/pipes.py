@@ -134,6 +134,7 @@ PIPES_PROTOCOL_VERSION: Final = "0.1"
 PIPES_VERSION_FIELD: Final = "__dagster_pipes_version"
 PIPES_CONTEXT_ENV_VAR: Final = "DAGSTER_PIPES_CONTEXT"
 PIPES_MESSAGES_ENV_VAR: Final = "DAGSTER_PIPES_MESSAGES"
+BUS_OFFER_KEY: Final = "dpipes_bus"  # messages params key offering the bus (dpipes.bus.pipes_writer)
 
 MAX_BOOTSTRAP_CHARS: Final = 4 * 1024 * 1024  # env strings are capped at 128 KiB by Linux; files are not
 MAX_BOOTSTRAP_JSON_BYTES: Final = 16 * 1024 * 1024

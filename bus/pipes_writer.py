@@ -78,7 +78,7 @@ from dpipes.bus import codec
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import OutStream
 from dpipes.bus.errors import BusError
-from dpipes.bus.pipes import MAX_LINE_BYTES
+from dpipes.bus.pipes import BUS_OFFER_KEY, MAX_LINE_BYTES
 
 __all__ = [
     "ATTACH_TIMEOUT_S",
@@ -89,7 +89,6 @@ __all__ = [
     "PipesBusUnavailable",
 ]
 
-BUS_OFFER_KEY: Final = "dpipes_bus"
 ATTACH_TIMEOUT_S: Final = 2.0  # the offered hub is local (ipc://) and answers in milliseconds
 CLOSE_ACK_TIMEOUT_S: Final = 10.0  # at close, wait this long for the reader to acknowledge every byte
 BATCH_MAX_FRAMES: Final = 512  # Pipes messages per PIPES bus message

@@ -61,6 +61,7 @@ from dpipes.nodes.control import CTL, MODES, PIPELINE_PROTOCOL
 from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.objects import make_metadata
 from dpipes.nodes.pipeline import NodeInfo, PipelineSyntaxError, PlacementError, StageSpec, parse_pipeline, place
+from dpipes.nodes.pipes import PipesBusReader, PipesFifoReader
 from dpipes.nodes.stage_pipes import StagePipes, batches_of, check_stage_options, frame_of, options_for_stage
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, Supervisor
 
@@ -477,7 +478,12 @@ class Node:
         env = dict(os.environ)
         env.update(self._stage_env(stage, b))
         stage.pipes = StagePipes(
-            b.get("pipes") or {}, pipeline=stage.pipeline, stage=stage.index, node=self.name, argv=stage.argv
+            b.get("pipes") or {},
+            pipeline=stage.pipeline,
+            stage=stage.index,
+            node=self.name,
+            argv=stage.argv,
+            bus=(self.hub.endpoint(f"{stage.pipeline}.{stage.index}.pipes"), self.hub.ipc_endpoint),
         )
         env.update(stage.pipes.env)
         stage.env = env
@@ -657,14 +663,14 @@ class Node:
             except BusError as exc:
                 log.info("node %s: %s: stderr not delivered: %s", self.name, stage.describe, exc)
 
-        async def pipes_pump() -> None:
-            if pipes.channel != "file":
-                return
-            reader = pipes.boot.channel
+        sending = asyncio.Lock()  # the FIFO's and the bus's messages share one stream to the client
+
+        async def pipes_pump(reader: PipesFifoReader | PipesBusReader) -> None:
             reader.start()
             try:
                 while batch := await reader.next_batch():
-                    await send_pipes([frame_of(record) for record in batch])
+                    async with sending:
+                        await send_pipes([frame_of(record) for record in batch])
             except BusError as exc:
                 log.info("node %s: %s: Pipes messages not delivered: %s", self.name, stage.describe, exc)
 
@@ -672,13 +678,15 @@ class Node:
             if pipes_out:
                 await pipes_out[0].close()
 
+        readers = [pipes.boot.channel, *([pipes.bus] if pipes.bus else [])] if pipes.channel == "file" else []
         try:
-            pumps = [asyncio.create_task(p()) for p in (stdin_pump, stdout_pump, stderr_pump, pipes_pump)]
+            pumps = [asyncio.create_task(p()) for p in (stdin_pump, stdout_pump, stderr_pump)]
+            pumps += [asyncio.create_task(pipes_pump(r)) for r in readers]
             status = await proc.wait()
             if not pumps[0].done():
                 pumps[0].cancel()  # nobody will read what still comes: refuse it as a closed pipe
-            if pipes.channel == "file":
-                pipes.boot.channel.finish()  # the program is gone: read its messages to the end
+            # The program is gone: read its messages to the end (bounded, should a descendant hold on).
+            await asyncio.gather(*(r.drain() for r in readers), return_exceptions=True)
             await asyncio.gather(*pumps, return_exceptions=True)
             with contextlib.suppress(BusError):
                 await close_pipes()

@@ -49,6 +49,7 @@ from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.bus.pipes import (
+    BUS_OFFER_KEY,
     MAX_LINE_BYTES,
     PIPES_CONTEXT_ENV_VAR,
     PIPES_MESSAGES_ENV_VAR,
@@ -91,7 +92,6 @@ PENDING_MAX_BYTES: Final = 32 * 1024 * 1024
 ENV_STRING_MAX_BYTES: Final = 128 * 1024  # Linux MAX_ARG_STRLEN: one "NAME=value\0" string of execve
 BAD_LINE_HEAD_BYTES: Final = 200
 BUS_MAX_WRITERS: Final = 64  # concurrent writer streams on one bus reader; each may hold a credit window
-BUS_OFFER_KEY: Final = "dpipes_bus"  # the messages params key offering the bus to PipesBusMessageWriter
 _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _MESSAGE_MARKER: Final = json.dumps(PIPES_VERSION_FIELD).encode()
 

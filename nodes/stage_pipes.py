@@ -15,10 +15,13 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
+from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import StageError
+from dpipes.bus.pipes import BUS_OFFER_KEY, PIPES_MESSAGES_ENV_VAR, encode_bootstrap
 from dpipes.nodes.pipes import (
     PipesBadLine,
     PipesBootstrap,
+    PipesBusReader,
     PipesLine,
     PipesStdioRecord,
     PipesTextLine,
@@ -118,7 +121,16 @@ class StagePipes:
             ``context`` ("env" | "file"), ``messages`` ("file" | "stderr" | "stdout").
     """
 
-    def __init__(self, options: Mapping[str, Any], *, pipeline: str, stage: int, node: str, argv: list[str]) -> None:
+    def __init__(
+        self,
+        options: Mapping[str, Any],
+        *,
+        pipeline: str,
+        stage: int,
+        node: str,
+        argv: list[str],
+        bus: tuple[Endpoint, str] | None = None,
+    ) -> None:
         injector = str(options.get("context", "env"))
         channel = str(options.get("messages", "file"))
         if injector not in CONTEXT_INJECTORS:
@@ -133,8 +145,14 @@ class StagePipes:
         self.channel = channel
         inject: Literal["env", "file"] = "env" if injector == "env" else "file"
         self.boot: PipesBootstrap[Any]
+        self.bus: PipesBusReader | None = None
         if channel == "file":
             self.boot = bootstrap_env(self.context, context_injector=inject, messages_channel="file", tmpdir=_TMP)
+            if bus is not None:  # offer the bus beside the FIFO: PipesBusMessageWriter takes it
+                self.bus = PipesBusReader(*bus)
+                params = {**self.boot.channel.params, **self.bus.params}
+                params[BUS_OFFER_KEY]["stage"] = stage
+                self.boot.env[PIPES_MESSAGES_ENV_VAR] = encode_bootstrap(params)
         else:
             stream: Literal["stderr", "stdout"] = "stderr" if channel == "stderr" else "stdout"
             self.boot = bootstrap_env(self.context, context_injector=inject, messages_channel=stream, tmpdir=_TMP)
@@ -160,4 +178,6 @@ class StagePipes:
         return bytes(text), frames
 
     def close(self) -> None:
+        if self.bus is not None:
+            self.bus.close()
         self.boot.close()

@@ -234,6 +234,36 @@ async def test_log_external_stream_reaches_the_client_from_a_remote_node(rt: Pat
     assert message["params"] == {"stream": "stdout", "text": "captured line\n", "extras": {"worker": 3}}
 
 
+BUS_WRITER = """
+import sys
+from dagster_pipes import open_dagster_pipes
+from dpipes.bus.pipes_writer import PipesBusMessageWriter
+with open_dagster_pipes(message_writer=PipesBusMessageWriter()) as pipes:
+    for i in range(10000):
+        pipes.log.info(f"log {i}")
+        pipes.report_custom_message(i)
+    pipes.report_asset_materialization(asset_key="orders")
+    sys.stdout.write(type(pipes._message_channel).__name__ + "\\n")  # which channel the writer took
+"""
+
+
+async def test_the_bus_writer_sends_straight_onto_the_bus_of_a_remote_node(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "bus_writer.py", BUS_WRITER)
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(out), f"python3@beta {program} | cat")
+    assert ran.code == 0, ran.stderr[-2000:]
+    assert ran.stdout == b"PipesBusMessageWriterChannel\n"  # the node offered the bus and the writer took it
+    assert "stage 0 python3@beta: materialized orders" in ran.stderr
+    assert "instead" not in ran.stderr  # the bus was taken: no notice of a fallback to the FIFO
+    payloads = [m["message"] for m in messages(out) if m.get("stage") == 0 and "message" in m]
+    assert [p["params"]["message"] for p in payloads if p["method"] == "log"] == [f"log {i}" for i in range(10000)]
+    assert [p["params"]["payload"] for p in payloads if p["method"] == "report_custom_message"] == list(range(10000))
+    assert payloads[0]["method"] == "opened" and payloads[-1]["method"] == "closed"
+    context = next(line["context"] for line in messages(out) if line.get("stage") == 0 and "context" in line)
+    assert context["extras"]["dpipes"]["node"] == "beta"
+
+
 async def test_the_tap_of_the_stage_s_node_shows_its_pipes_messages(rt: Path, tmp_path: Path) -> None:
     program = script(tmp_path, "reporter.py", REPORTER)
     async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
