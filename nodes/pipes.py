@@ -43,7 +43,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar, cast, overload
+from typing import Any, Final, Generic, Literal, Self, TypeAlias, TypeVar, cast, overload
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint, InStream
@@ -285,7 +285,81 @@ class PipesStdioSplitter(PipesMessageChannel):
         pass
 
 
-class PipesFifoReader(PipesMessageChannel):
+class _QueuedRecords(PipesMessageChannel):
+    """What the FIFO and bus readers share: records queued for ``async for`` / :meth:`next_batch`.
+
+    A subclass fills ``_pending``, sets ``_wakeup`` when it adds records or ends (``_eof``), and
+    says in :meth:`_consumed` what taking a record frees (reading may resume).
+    """
+
+    _pending: deque[PipesRecord]
+    _eof: bool
+    _paused: bool
+    _wakeup: asyncio.Event
+
+    @property
+    def at_eof(self) -> bool:
+        """True once every writer has finished after :meth:`finish` (or the reader closed)."""
+        return self._eof
+
+    @property
+    def paused(self) -> bool:
+        """True while reading waits for the consumer to take queued records."""
+        return self._paused
+
+    @abstractmethod
+    def start(self) -> None:
+        """Begin reading on the running loop."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """The external process is gone: end once what its writers still send has been read."""
+
+    @abstractmethod
+    async def drain(self, *, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+        """:meth:`finish`, then wait (at most ``timeout_s``) for the end; False if it timed out."""
+
+    @abstractmethod
+    def _consumed(self, record: PipesRecord) -> None:
+        """``record`` left the queue."""
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> PipesRecord:
+        while not self._pending:
+            if self._eof:
+                raise StopAsyncIteration
+            await self._wait()
+        record = self._pending.popleft()
+        self._consumed(record)
+        return record
+
+    async def next_batch(self) -> list[PipesRecord]:
+        """Every queued record (waiting for at least one); ``[]`` once the channel has ended."""
+        while not self._pending:
+            if self._eof:
+                return []
+            await self._wait()
+        batch = list(self._pending)
+        self._pending.clear()
+        for record in batch:
+            self._consumed(record)
+        return batch
+
+    async def _wait(self) -> None:
+        self._wakeup.clear()
+        await self._wakeup.wait()
+
+
+class PipesFifoReader(_QueuedRecords):
     """The ``file`` channel: a FIFO whose messages are read as they are written.
 
     Reading runs on the event loop (``loop.add_reader`` on the non-blocking read end): there is
@@ -337,16 +411,6 @@ class PipesFifoReader(PipesMessageChannel):
     @property
     def params(self) -> dict[str, Any]:
         return {"path": self.path}
-
-    @property
-    def at_eof(self) -> bool:
-        """True once every writer has closed the FIFO after :meth:`finish`."""
-        return self._eof
-
-    @property
-    def paused(self) -> bool:
-        """True while reading waits for the consumer to take queued records."""
-        return self._paused
 
     @property
     def lines_seen(self) -> int:
@@ -406,42 +470,7 @@ class PipesFifoReader(PipesMessageChannel):
         self._eof = True
         self._wakeup.set()
 
-    async def __aenter__(self) -> PipesFifoReader:
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __aiter__(self) -> PipesFifoReader:
-        return self
-
-    async def __anext__(self) -> PipesRecord:
-        while not self._pending:
-            if self._eof:
-                raise StopAsyncIteration
-            await self._wait()
-        record = self._pending.popleft()
-        self._consumed(record)
-        return record
-
-    async def next_batch(self) -> list[PipesRecord]:
-        """Every queued record (waiting for at least one); ``[]`` once the channel has ended."""
-        while not self._pending:
-            if self._eof:
-                return []
-            await self._wait()
-        batch = list(self._pending)
-        self._pending.clear()
-        for record in batch:
-            self._consumed(record)
-        return batch
-
     # ------------------------------------------------------------------------------------ internals
-
-    async def _wait(self) -> None:
-        self._wakeup.clear()
-        await self._wakeup.wait()
 
     def _resume(self) -> None:
         assert self._loop is not None
@@ -513,7 +542,7 @@ def _size(record: PipesRecord) -> int:
     return len(record.head) if isinstance(record, PipesBadLine) else 2 * record.size + 256
 
 
-class PipesBusReader(PipesMessageChannel):
+class PipesBusReader(_QueuedRecords):
     """The ``bus`` channel: Pipes messages that programs send straight onto the bus.
 
     The reader owns ``endpoint`` (an in-process endpoint of the node's hub, ``hub.endpoint(name)``)
@@ -562,16 +591,6 @@ class PipesBusReader(PipesMessageChannel):
     @property
     def params(self) -> dict[str, Any]:
         return {BUS_OFFER_KEY: {"hub": self.hub, "to": self.endpoint.addr}}
-
-    @property
-    def at_eof(self) -> bool:
-        """True once every writer stream has ended after :meth:`finish` (or the reader closed)."""
-        return self._eof
-
-    @property
-    def paused(self) -> bool:
-        """True while reading waits for the consumer to take queued records."""
-        return self._paused
 
     def start(self) -> None:
         """Begin accepting writer streams on the running loop."""
@@ -641,42 +660,7 @@ class PipesBusReader(PipesMessageChannel):
         self._resumed.set()
         self._wakeup.set()
 
-    async def __aenter__(self) -> PipesBusReader:
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __aiter__(self) -> PipesBusReader:
-        return self
-
-    async def __anext__(self) -> PipesRecord:
-        while not self._pending:
-            if self._eof:
-                raise StopAsyncIteration
-            await self._wait()
-        record = self._pending.popleft()
-        self._consumed(record)
-        return record
-
-    async def next_batch(self) -> list[PipesRecord]:
-        """Every queued record (waiting for at least one); ``[]`` once the channel has ended."""
-        while not self._pending:
-            if self._eof:
-                return []
-            await self._wait()
-        batch = list(self._pending)
-        self._pending.clear()
-        for record in batch:
-            self._consumed(record)
-        return batch
-
     # ------------------------------------------------------------------------------------ internals
-
-    async def _wait(self) -> None:
-        self._wakeup.clear()
-        await self._wakeup.wait()
 
     async def _accept(self) -> None:
         while True:

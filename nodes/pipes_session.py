@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -227,27 +228,35 @@ class PipesFifoMessageReader(PipesMessageReader):
     @contextlib.asynccontextmanager
     async def read_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
         directory = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self._tmpdir)
-        reader: PipesFifoReader | None = None
+        fifo: PipesFifoReader | None = None
         try:
-            reader = PipesFifoReader(
+            fifo = PipesFifoReader(
                 os.path.join(directory, "messages"),
                 on_record=handler.handle_record,
                 max_line_bytes=self._max_line_bytes,
             )
-            reader.start()
-            params = dict(reader.params)
-            if self._include_stdio:
-                params["include_stdio_in_messages"] = True
-            yield params
-            # The caller's process has ended: read what it wrote, up to the FIFO's real EOF.
-            await reader.drain(timeout_s=self._drain_timeout_s)
+            fifo.start()
+            async with self._more_channels(handler) as more:
+                params = dict(fifo.params)
+                for channel in more:
+                    params.update(channel.params)
+                if self._include_stdio:
+                    params["include_stdio_in_messages"] = True
+                yield params
+                # The caller's process has ended: read what it wrote, on every channel, to the end.
+                await asyncio.gather(*(r.drain(timeout_s=self._drain_timeout_s) for r in (fifo, *more)))
         finally:
-            if reader is not None:
-                reader.close()
+            if fifo is not None:
+                fifo.close()
             shutil.rmtree(directory, ignore_errors=True)
 
+    @contextlib.asynccontextmanager
+    async def _more_channels(self, handler: PipesMessageHandler) -> AsyncIterator[list[PipesBusReader]]:
+        """Channels read beside the FIFO, for the same handler (none here)."""
+        yield []
 
-class PipesBusMessageReader(PipesMessageReader):
+
+class PipesBusMessageReader(PipesFifoMessageReader):
     """A FIFO and the bus at once: ``{"path": <fifo>, "dpipes_bus": {"hub": ..., "to": ...}}``.
 
     An unmodified dagster-pipes program writes to the FIFO; one whose message writer is
@@ -263,55 +272,22 @@ class PipesBusMessageReader(PipesMessageReader):
         max_line_bytes: longest message accepted, on either channel.
     """
 
-    def __init__(
-        self,
-        *,
-        tmpdir: str | os.PathLike[str] | None = None,
-        include_stdio_in_messages: bool = False,
-        drain_timeout_s: float = DRAIN_TIMEOUT_S,
-        max_line_bytes: int = MAX_LINE_BYTES,
-    ) -> None:
-        self._tmpdir = os.fspath(tmpdir) if tmpdir is not None else None
-        self._include_stdio = include_stdio_in_messages
-        self._drain_timeout_s = drain_timeout_s
-        self._max_line_bytes = max_line_bytes
-
     @contextlib.asynccontextmanager
-    async def read_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
-        directory = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self._tmpdir)
-        fifo: PipesFifoReader | None = None
-        bus: PipesBusReader | None = None
-        try:
-            fifo = PipesFifoReader(
-                os.path.join(directory, "messages"),
+    async def _more_channels(self, handler: PipesMessageHandler) -> AsyncIterator[list[PipesBusReader]]:
+        # ipc only (the external process runs on this machine), in the hub's own private temp dir:
+        # not tmpdir, since an ipc:// path is limited to 107 bytes.
+        async with Hub(f"pipes-{uuid.uuid4().hex[:12]}", tcp=None) as hub:
+            bus = PipesBusReader(
+                hub.endpoint("pipes"),
+                hub.ipc_endpoint,
                 on_record=handler.handle_record,
                 max_line_bytes=self._max_line_bytes,
             )
-            fifo.start()
-            # ipc only: the external process runs on this machine; the socket is in a private temp dir.
-            async with Hub(f"pipes-{os.path.basename(directory)}", tcp=None) as hub:
-                bus = PipesBusReader(
-                    hub.endpoint("pipes"),
-                    hub.ipc_endpoint,
-                    on_record=handler.handle_record,
-                    max_line_bytes=self._max_line_bytes,
-                )
-                bus.start()
-                params = {**fifo.params, **bus.params}
-                if self._include_stdio:
-                    params["include_stdio_in_messages"] = True
-                try:
-                    yield params
-                    # The caller's process has ended: read what it wrote on either channel.
-                    await asyncio.gather(
-                        fifo.drain(timeout_s=self._drain_timeout_s), bus.drain(timeout_s=self._drain_timeout_s)
-                    )
-                finally:
-                    bus.close()
-        finally:
-            if fifo is not None:
-                fifo.close()
-            shutil.rmtree(directory, ignore_errors=True)
+            bus.start()
+            try:
+                yield [bus]
+            finally:
+                bus.close()
 
 
 class PipesTempFileMessageReader(PipesMessageReader):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from dpipes.bus.hub import Hub
 from dpipes.bus.pipes import PIPES_CONTEXT_ENV_VAR, PIPES_MESSAGES_ENV_VAR, encode_bootstrap
 from dpipes.nodes import pipes as pipes_module
 from dpipes.nodes.pipes import PipesBadLine, PipesBusReader, PipesFifoReader, PipesLine, PipesRecord, make_context_data
+from tests.nodes.test_pipes_channel import spawned
 
 CHILD_TIMEOUT_S = 60.0
 EVENT_TIMEOUT_S = 20.0
@@ -69,21 +69,8 @@ async def writer_child(
         PIPES_CONTEXT_ENV_VAR: encode_bootstrap({"data": CONTEXT}),
         PIPES_MESSAGES_ENV_VAR: encode_bootstrap({**fifo.params, **reader.params}),
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(program),
-        str(n),
-        str(size),
-        env={**os.environ, **env},
-        stdin=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with spawned(sys.executable, str(program), str(n), str(size), env=env, stdin=asyncio.subprocess.PIPE) as proc:
         yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 def payloads(records: list[PipesRecord]) -> list[object]:

