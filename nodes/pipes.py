@@ -293,9 +293,12 @@ class _QueuedRecords(PipesMessageChannel):
     """
 
     _pending: deque[PipesRecord]
+    _pending_bytes: int
     _eof: bool
     _paused: bool
     _wakeup: asyncio.Event
+    _on_record: Callable[[PipesRecord], object] | None
+    _callback_failed: bool
 
     @property
     def at_eof(self) -> bool:
@@ -320,8 +323,46 @@ class _QueuedRecords(PipesMessageChannel):
         """:meth:`finish`, then wait (at most ``timeout_s``) for the end; False if it timed out."""
 
     @abstractmethod
+    def _pause(self) -> None:
+        """Too much is queued: stop reading (so the writers block) until :meth:`_unpause`."""
+
+    @abstractmethod
+    def _unpause(self) -> None:
+        """The consumer caught up: read again."""
+
+    def __str__(self) -> str:
+        return type(self).__name__
+
+    def _deliver(self, records: Sequence[PipesRecord]) -> None:
+        """Hand records to the callback, or queue them (pausing reading past the bounds)."""
+        if not records:
+            return
+        if self._on_record is not None:
+            for record in records:
+                try:
+                    self._on_record(record)
+                except Exception:
+                    if not self._callback_failed:
+                        log.exception("Pipes record callback failed on %s (repeats at debug)", self)
+                        self._callback_failed = True
+                    else:
+                        log.debug("Pipes record callback failed on %s", self, exc_info=True)
+            return
+        self._pending.extend(records)
+        self._pending_bytes += sum(_size(r) for r in records)
+        self._wakeup.set()
+        if len(self._pending) >= PENDING_MAX_RECORDS or self._pending_bytes >= PENDING_MAX_BYTES:
+            self._pause()
+
     def _consumed(self, record: PipesRecord) -> None:
-        """``record`` left the queue."""
+        """``record`` left the queue: read again once the queue is down to half its bounds."""
+        self._pending_bytes -= _size(record)
+        if (
+            self._paused
+            and len(self._pending) < PENDING_MAX_RECORDS // 2
+            and self._pending_bytes < PENDING_MAX_BYTES // 2
+        ):
+            self._unpause()
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -407,6 +448,9 @@ class PipesFifoReader(_QueuedRecords):
             raise
         with contextlib.suppress(OSError):  # EPERM past the user's pipe quota: keep the default size
             fcntl.fcntl(self._rfd, _F_SETPIPE_SZ, FIFO_PIPE_BYTES)
+
+    def __str__(self) -> str:
+        return f"Pipes FIFO {self.path}"
 
     @property
     def params(self) -> dict[str, Any]:
@@ -503,35 +547,12 @@ class PipesFifoReader(_QueuedRecords):
             budget -= len(data)
             self._deliver(cast(list[PipesRecord], self._splitter.feed(data)))  # no text records: stdio=False
 
-    def _deliver(self, records: Sequence[PipesRecord]) -> None:
-        if not records:
-            return
-        if self._on_record is not None:
-            for record in records:
-                try:
-                    self._on_record(record)
-                except Exception:
-                    if not self._callback_failed:
-                        log.exception("Pipes record callback failed on %s (repeats at debug)", self.path)
-                        self._callback_failed = True
-                    else:
-                        log.debug("Pipes record callback failed on %s", self.path, exc_info=True)
-            return
-        self._pending.extend(records)
-        self._pending_bytes += sum(_size(r) for r in records)
-        self._wakeup.set()
-        if len(self._pending) >= PENDING_MAX_RECORDS or self._pending_bytes >= PENDING_MAX_BYTES:
-            self._stop_reading()
-            self._paused = True
+    def _pause(self) -> None:
+        self._stop_reading()
+        self._paused = True
 
-    def _consumed(self, record: PipesRecord) -> None:
-        self._pending_bytes -= _size(record)
-        if (
-            self._paused
-            and len(self._pending) < PENDING_MAX_RECORDS // 2
-            and self._pending_bytes < PENDING_MAX_BYTES // 2
-            and not self._closed
-        ):
+    def _unpause(self) -> None:
+        if not self._closed:
             self._resume()
             assert self._loop is not None
             self._loop.call_soon(self._on_readable)  # EOF may already be waiting, with no new event
@@ -587,6 +608,9 @@ class PipesBusReader(_QueuedRecords):
         self.messages_seen = 0  # payload frames read, valid or not
         self.writers_seen = 0  # streams accepted
         self.ignored = 0  # control messages outside any stream (errors about our own sends), logged
+
+    def __str__(self) -> str:
+        return f"Pipes bus reader {self.endpoint.addr}"
 
     @property
     def params(self) -> dict[str, Any]:
@@ -771,35 +795,16 @@ class PipesBusReader(_QueuedRecords):
         self._wakeup.set()
 
     def _deliver(self, records: Sequence[PipesRecord], *, force: bool = False) -> None:
-        if not records or (self._closed and not force):
-            return
-        if self._on_record is not None:
-            for record in records:
-                try:
-                    self._on_record(record)
-                except Exception:
-                    if not self._callback_failed:
-                        log.exception("Pipes record callback failed on %s (repeats at debug)", self.endpoint.addr)
-                        self._callback_failed = True
-                    else:
-                        log.debug("Pipes record callback failed on %s", self.endpoint.addr, exc_info=True)
-            return
-        self._pending.extend(records)
-        self._pending_bytes += sum(_size(r) for r in records)
-        self._wakeup.set()
-        if len(self._pending) >= PENDING_MAX_RECORDS or self._pending_bytes >= PENDING_MAX_BYTES:
-            self._paused = True
-            self._resumed.clear()
+        if not self._closed or force:
+            super()._deliver(records)
 
-    def _consumed(self, record: PipesRecord) -> None:
-        self._pending_bytes -= _size(record)
-        if (
-            self._paused
-            and len(self._pending) < PENDING_MAX_RECORDS // 2
-            and self._pending_bytes < PENDING_MAX_BYTES // 2
-        ):
-            self._paused = False
-            self._resumed.set()
+    def _pause(self) -> None:
+        self._paused = True
+        self._resumed.clear()
+
+    def _unpause(self) -> None:
+        self._paused = False
+        self._resumed.set()
 
 
 def _bus_source(addr: str) -> str:
