@@ -6,7 +6,7 @@ Every node has a control endpoint ``<node>/ctl`` that answers REQUEST messages:
     Body: ``pipeline`` (text), ``mode`` ("bytes" | "json" | "yaml"), ``stdin`` (bool: the client
     streams data into the first stage), ``require`` (list of ``"prog>=ver"``), ``protocol``,
     ``user``, ``pipes`` (Pipes options for every stage, and under ``stages`` a stage number's own:
-    see :func:`~dpipes.nodes.stage_pipes.options_for_stage`). The entry node parses, places,
+    see :func:`~dpipes.nodes.pipes_options.options_for_stage`). The entry node parses, places,
     negotiates with every chosen node and starts every stage; it answers with ``pipeline`` (id)
     and ``stages`` (``index, node, argv, addr``), or with an error naming the stage, node, program
     and reason. Nothing starts unless every node agreed.
@@ -62,7 +62,8 @@ from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.objects import make_metadata
 from dpipes.nodes.pipeline import NodeInfo, PipelineSyntaxError, PlacementError, StageSpec, parse_pipeline, place
 from dpipes.nodes.pipes import PipesBusReader, PipesFifoReader
-from dpipes.nodes.stage_pipes import StagePipes, batches_of, check_stage_options, frame_of, options_for_stage
+from dpipes.nodes.pipes_options import check_stage_options, options_for_stage
+from dpipes.nodes.stage_pipes import StagePipes, batches_of, frame_of
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, Supervisor
 
 log = logging.getLogger(__name__)

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import json
 import json.encoder
 import math
@@ -78,7 +79,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, Literal, TypeAlias
 
 import msgpack
-import yaml
 
 from dpipes.bus.codec import MAX_PAYLOAD_FRAME_BYTES
 from dpipes.bus.errors import DecodeError, DpipesError, StageError
@@ -135,8 +135,15 @@ _NOT_LOADED: Final = object()
 # The encodings of an empty msgpack bin (bin8/16/32 of length 0): the one bin max_bin_len=0 lets by.
 _EMPTY_BINS: Final = (b"\xc4\x00", b"\xc5\x00\x00", b"\xc6\x00\x00\x00\x00")
 
-_YamlLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_YamlDumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+@functools.cache
+def _yaml() -> tuple[Any, Any, Any]:
+    """PyYAML and its (C, where built) safe loader and dumper, imported at the first YAML use:
+    a pipeline in bytes or json mode does not pay its ~20 ms of start-up."""
+    import yaml
+
+    return yaml, getattr(yaml, "CSafeLoader", yaml.SafeLoader), getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 _HINTS: Final[dict[str, str]] = {
     "json": "each line must be one JSON object (a {...} map); use --json only with programs that print JSON objects",
@@ -430,12 +437,13 @@ class ObjectParser:
     def _yaml_documents(self, docs: list[bytes], out: list[Object]) -> None:
         """Parse whole documents, many with one loader when that is safe: a loader per document costs
         more than parsing a small one. Any trouble, and each is parsed alone for an exact error."""
+        yaml, loader, _ = _yaml()
         if len(docs) > 1 and not any(
             len(doc) > self.max_object_bytes or _yaml_may_be_deep(doc) or _YAML_DIRECTIVE.search(doc) for doc in docs
         ):
             skip = 1 if self._preamble and _blank_yaml(docs[0]) else 0  # yields no document at all
             try:
-                values = list(yaml.load_all(b"".join(docs[skip:]), Loader=_YamlLoader))
+                values = list(yaml.load_all(b"".join(docs[skip:]), Loader=loader))
             except (yaml.YAMLError, ValueError, OverflowError, TypeError, RecursionError):
                 values = []
             if len(values) == len(docs) - skip:
@@ -468,10 +476,11 @@ class ObjectParser:
             raise self._error(number, str(e), text, line) from None
 
     def _load_yaml(self, doc: bytes, line: int) -> Any:
+        yaml, loader, _ = _yaml()
         try:
             if _yaml_may_be_deep(doc) and _yaml_too_deep(doc):
                 raise _Refused(f"nests deeper than {MAX_DEPTH} levels")
-            return yaml.load(doc, Loader=_YamlLoader)
+            return yaml.load(doc, Loader=loader)
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             problem = e.problem or e.context or "malformed"
@@ -501,8 +510,9 @@ def _yaml_may_be_deep(doc: bytes) -> bool:
 
 def _yaml_too_deep(doc: bytes) -> bool:
     """Measure nesting with libyaml's event parser, which keeps its stack on the heap."""
+    yaml, loader, _ = _yaml()
     depth = 0
-    for event in yaml.parse(doc, Loader=_YamlLoader):
+    for event in yaml.parse(doc, Loader=loader):
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
@@ -644,9 +654,10 @@ class ObjectWriter:
             return ("\n".join(lines) + "\n").encode("utf-8")
         if metadata is not None:
             objects = with_metadata([dict(obj) for obj in objects], key, metadata)
+        yaml, _, dumper = _yaml()
         data: bytes = yaml.dump_all(
             objects,
-            Dumper=_YamlDumper,
+            Dumper=dumper,
             explicit_start=True,
             allow_unicode=True,
             sort_keys=False,

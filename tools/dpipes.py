@@ -113,13 +113,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The Pipes flags -> ``{"extras", "assets", "partition", "context", "messages", "stages": {N: ...}}``."""
-    from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
-    from dpipes.nodes.stage_pipes import CONTEXT_INJECTORS, MESSAGE_CHANNELS, split_stage_selector
+    from dpipes.nodes.pipes_options import CONTEXT_INJECTORS, MESSAGE_CHANNELS, split_stage_selector
 
-    try:
-        count: int | None = len(parse_pipeline(args.pipeline))
-    except PipelineSyntaxError:
-        count = None  # the node names the syntax error
+    count: int | None = None  # stages in the pipeline, parsed only when a flag names one
+
+    def stage_count() -> int | None:
+        nonlocal count
+        if count is None:
+            from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
+
+            try:
+                count = len(parse_pipeline(args.pipeline))
+            except PipelineSyntaxError:
+                return None  # the node names the syntax error
+        return count
+
     every: dict[str, Any] = {"extras": {}, "assets": [], "partition": None, "context": "env", "messages": "file"}
     stages: dict[str, dict[str, Any]] = {}
 
@@ -127,8 +135,8 @@ def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         index, value = split_stage_selector(item)
         if index is None:
             return every, value
-        if count is not None and index >= count:
-            parser.error(f"{flag} {item!r}: the pipeline has {count} stage(s), numbered 0-{count - 1}")
+        if (n := stage_count()) is not None and index >= n:
+            parser.error(f"{flag} {item!r}: the pipeline has {n} stage(s), numbered 0-{n - 1}")
         return stages.setdefault(str(index), {}), value
 
     for item in args.extra:

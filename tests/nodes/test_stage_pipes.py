@@ -7,14 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dpipes.bus.errors import StageError
-from dpipes.nodes.stage_pipes import (
-    BATCH_BYTES,
-    BATCH_FRAMES,
-    batches_of,
-    check_stage_options,
-    options_for_stage,
-    split_stage_selector,
-)
+from dpipes.nodes.pipes_options import check_stage_options, options_for_stage, split_stage_selector
+from dpipes.nodes.stage_pipes import BATCH_BYTES, BATCH_FRAMES, batches_of
 
 
 @given(st.lists(st.integers(min_value=0, max_value=BATCH_BYTES + 10), max_size=2 * BATCH_FRAMES + 3))
