@@ -17,7 +17,9 @@ Every node has a control endpoint ``<node>/ctl`` that answers REQUEST messages:
 ``start``
     Body adds ``stdin_from`` (address or ""), ``stdout_to``, ``stderr_to`` (where stderr and Pipes
     messages go), ``report_to`` (addresses that get the ``exit`` report), ``pipes`` (this
-    stage's Pipes options: ``extras``, ``assets``, ``partition``, ``context``, ``messages``). The reply
+    stage's Pipes options: ``extras``, ``assets``, ``partition``, ``context``, ``messages``),
+    ``direct_in`` / ``direct_out`` (the neighbour is on this node too: the two share one kernel
+    pipe, made by whichever starts first, and nothing of that edge passes through the node). The reply
     carries ``context``: the Pipes context the stage was started with.
 ``cancel``
     Body: ``pipeline``, ``reason``: terminate every stage of it here (process group, bounded).
@@ -46,7 +48,7 @@ import shlex
 import shutil
 import signal
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dpipes.bus import codec
@@ -64,7 +66,7 @@ from dpipes.nodes.pipeline import NodeInfo, PipelineSyntaxError, PlacementError,
 from dpipes.nodes.pipes import PipesBusReader, PipesFifoReader
 from dpipes.nodes.pipes_options import check_stage_options, options_for_stage
 from dpipes.nodes.stage_pipes import StagePipes, batches_of, frame_of
-from dpipes.nodes.supervisor import StageProcess, StdinClosed, Supervisor
+from dpipes.nodes.supervisor import StageProcess, StdinClosed, Supervisor, set_pipe_size
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,7 @@ class Node:
         self.supervisor = Supervisor()
         self._ctl: Endpoint | None = None
         self._stages: dict[tuple[str, int], _Stage] = {}
+        self._edges: dict[tuple[str, int], int] = {}  # (pipeline, i): our end of a direct pipe i -> i+1
         self._runs: dict[str, _Run] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._versions: dict[str, tuple[int, ...]] = {}
@@ -279,6 +282,8 @@ class Node:
         for stage in stages:
             stage.cancelled = stage.cancelled or "node stopping"
         await asyncio.gather(*(self._kill(stage) for stage in stages), return_exceptions=True)
+        for pipeline in {p for p, _ in self._edges}:
+            self._close_edges(pipeline)
         await self.supervisor.aclose()
         if self._mdns is not None:
             await self._mdns.aclose()  # goodbye packets: the others drop us at once
@@ -489,14 +494,35 @@ class Node:
         env.update(stage.pipes.env)
         stage.env = env
         program = self._resolve(argv[0]) or argv[0]
+        # Two neighbours both here exchange bytes through one kernel pipe, as in a shell.
+        stdin_fd = self._direct_end(stage.pipeline, stage.index - 1, reader=True) if b.get("direct_in") else None
+        stdout_fd = self._direct_end(stage.pipeline, stage.index, reader=False) if b.get("direct_out") else None
         try:
-            stage.proc = await self.supervisor.start([program, *argv[1:]], env=env, forward_stderr=True)
+            stage.proc = await self.supervisor.start(
+                [program, *argv[1:]], env=env, forward_stderr=True, stdin_fd=stdin_fd, stdout_fd=stdout_fd
+            )
         except BaseException:
             stage.pipes.close()
             raise
         stage.task = self._spawn(self._run_stage(stage, b), stage.describe)
         log.info("node %s: started %s pid %d", self.name, stage.describe, stage.proc.pid)
         return {"pid": stage.proc.pid, "context": stage.pipes.context}
+
+    def _direct_end(self, pipeline: str, edge: int, *, reader: bool) -> int:
+        """A stage's end of the pipe between stages ``edge`` and ``edge + 1`` of ``pipeline``, both
+        on this node: made by whichever of the two starts first, which keeps the other end for the
+        second (:meth:`_close_edges` closes it should the second never start)."""
+        if (end := self._edges.pop((pipeline, edge), None)) is not None:
+            return end
+        r, w = os.pipe()
+        set_pipe_size(w)
+        self._edges[(pipeline, edge)] = w if reader else r
+        return r if reader else w
+
+    def _close_edges(self, pipeline: str, edges: Sequence[int] | None = None) -> None:
+        """Close the kept ends of direct pipes of ``pipeline`` (all, or those numbered ``edges``)."""
+        for key in [k for k in self._edges if k[0] == pipeline and (edges is None or k[1] in edges)]:
+            os.close(self._edges.pop(key))
 
     def _stage_env(self, stage: _Stage, body: Mapping[str, Any]) -> dict[str, str]:
         host, _, port = self.hub.tcp_endpoint.removeprefix("tcp://").rpartition(":")
@@ -517,6 +543,7 @@ class Node:
         if run is not None and msg.src == run.client:  # the client cancels: tell every node
             await self._cancel_run(run, reason)
             return {}
+        self._close_edges(pipeline)  # a neighbour that has not started will not
         stages = [s for (p, _i), s in self._stages.items() if p == pipeline]
         for stage in stages:
             stage.cancelled = stage.cancelled or reason
@@ -560,7 +587,7 @@ class Node:
 
         async def stdin_pump() -> None:
             stdin_from = str(body.get("stdin_from") or "")
-            if not stdin_from:
+            if not stdin_from or body.get("direct_in"):  # no input, or a pipe straight from upstream
                 proc.close_stdin()
                 return
             stream = None
@@ -589,6 +616,8 @@ class Node:
 
         async def stdout_pump() -> None:
             nonlocal sigpipe
+            if body.get("direct_out"):  # a pipe straight to downstream: nothing passes through us
+                return
             out = ep.open_stream(str(body["stdout_to"]))
             host, _, port = self.hub.tcp_endpoint.removeprefix("tcp://").rpartition(":")
             shared = {k: stage.env[k] for k in self.config.metadata_environ if k in stage.env}
@@ -697,6 +726,7 @@ class Node:
             raise
         finally:
             self._forget(stage)
+            self._close_edges(stage.pipeline, (stage.index - 1, stage.index))  # a neighbour that never started
             pipes.close()
         tail = proc.stderr_tail[-STDERR_TAIL_REPORT_BYTES:].decode(errors="replace") if not status.ok else ""
         report = {
@@ -791,6 +821,7 @@ class Node:
             raise NegotiationRefused("refused before anything started:\n  " + "\n  ".join(refusals))
         addrs = [r["addr"] for r in negotiations]  # type: ignore[index]
         client = msg.src
+        direct = [_direct_edge(b, nodes, i) for i in range(len(nodes) - 1)]
         starts = await asyncio.gather(
             *(
                 self._ctl.request(
@@ -805,6 +836,8 @@ class Node:
                         "report_to": [client, self._ctl.addr],
                         "user": b.get("user", ""),
                         "pipes": options_for_stage(b.get("pipes") or {}, i),
+                        "direct_in": bool(i) and direct[i - 1],
+                        "direct_out": i + 1 < len(nodes) and direct[i],
                     },
                     timeout=CONTROL_TIMEOUT_S,
                 )
@@ -932,6 +965,14 @@ def check_exposure(name: str, tcp: str, *, insecure: bool) -> None:
 def _strip_failed(message: str) -> str:
     """Drop the transport's "METHOD at ADDR failed: " prefix: the stage description says where."""
     return re.sub(r"^\w+ at \S+ failed: ", "", message)
+
+
+def _direct_edge(run: Mapping[str, Any], nodes: list[str], i: int) -> bool:
+    """Whether stages ``i`` and ``i + 1`` exchange data through a kernel pipe rather than the bus:
+    both on one node, bytes mode (object modes add metadata on the way), and stage ``i``'s stdout
+    is not a Pipes channel (which the node reads)."""
+    messages = options_for_stage(run.get("pipes") or {}, i).get("messages")
+    return nodes[i] == nodes[i + 1] and run.get("mode", "bytes") == "bytes" and messages != "stdout"
 
 
 def _zmq_host(host: str) -> str:

@@ -136,7 +136,6 @@ _NOT_LOADED: Final = object()
 _EMPTY_BINS: Final = (b"\xc4\x00", b"\xc5\x00\x00", b"\xc6\x00\x00\x00\x00")
 
 
-
 @functools.cache
 def _yaml() -> tuple[Any, Any, Any]:
     """PyYAML and its (C, where built) safe loader and dumper, imported at the first YAML use:
@@ -144,6 +143,7 @@ def _yaml() -> tuple[Any, Any, Any]:
     import yaml
 
     return yaml, getattr(yaml, "CSafeLoader", yaml.SafeLoader), getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 
 _HINTS: Final[dict[str, str]] = {
     "json": "each line must be one JSON object (a {...} map); use --json only with programs that print JSON objects",

@@ -173,8 +173,9 @@ class _Pipe:
 
     __slots__ = ("_busy", "_loop", "_unyielded", "_waiter", "_writable", "fd", "name")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, name: str, *, writable: bool) -> None:
-        os.set_blocking(fd, False)
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int | None, name: str, *, writable: bool) -> None:
+        if fd is not None:  # None: the stage's end is not ours (connected straight to another stage)
+            os.set_blocking(fd, False)
         self._loop = loop
         self.fd: int | None = fd
         self.name = name
@@ -286,8 +287,8 @@ class StageProcess:
         popen: subprocess.Popen[bytes],
         argv: Sequence[str],
         *,
-        stdin_fd: int,
-        stdout_fd: int,
+        stdin_fd: int | None,
+        stdout_fd: int | None,
         stderr_fd: int,
         pipe_size: int,
         forward_stderr: bool,
@@ -569,6 +570,8 @@ async def start_stage(
     cwd: str | os.PathLike[str] | None = None,
     forward_stderr: bool = False,
     on_closed: Callable[[StageProcess], None] | None = None,
+    stdin_fd: int | None = None,
+    stdout_fd: int | None = None,
 ) -> StageProcess:
     """Fork ``argv`` (no shell) in its own process group with pipes for stdin, stdout and stderr.
 
@@ -581,6 +584,11 @@ async def start_stage(
             drains stderr itself, keeping only :attr:`StageProcess.stderr_tail`, so that an unread
             stderr never blocks the program.
         on_closed: called once the stage has been terminated and its pipes closed.
+        stdin_fd, stdout_fd: give the child this descriptor as its stdin (stdout) instead of a pipe
+            of ours: the end of a pipe whose other end another stage holds, so that data passes
+            between the two programs as in a shell, without us. The descriptor is the child's
+            from then on: it is closed here, whatever happens; ``read_stdout``/``write_stdin``
+            then see a closed pipe.
 
     Returns:
         The running stage.
@@ -590,25 +598,34 @@ async def start_stage(
         StageStartError: it exists but could not be started (permissions, bad ``cwd``, ...).
     """
     argv = list(argv)
+    given = (stdin_fd, stdout_fd, None)
+    ours: list[int | None] = []
+    theirs: list[int] = [fd for fd in given if fd is not None]  # closed below, whatever happens
     if not argv or not argv[0]:
+        for taken in theirs:
+            os.close(taken)
         raise StageStartError(f"cannot start a stage with no program: argv={argv!r}")
-    ours: list[int] = []
-    theirs: list[int] = []
+    child: list[int] = []
     try:
         pipe_size = 0
-        for child_reads in (True, False, False):  # stdin, stdout, stderr
+        for child_reads, end in zip((True, False, False), given, strict=True):  # stdin, stdout, stderr
+            if end is not None:
+                ours.append(None)
+                child.append(end)
+                continue
             r, w = os.pipe()
             pipe_size = set_pipe_size(w)
             ours.append(w if child_reads else r)
             theirs.append(r if child_reads else w)
+            child.append(r if child_reads else w)
         try:
             # Popen blocks only until the child has exec'd or failed to (about a millisecond); we
             # want its fd and signal options, and reap through a pidfd, not its blocking wait().
             popen = subprocess.Popen(  # noqa: ASYNC220
                 argv,
-                stdin=theirs[0],
-                stdout=theirs[1],
-                stderr=theirs[2],
+                stdin=child[0],
+                stdout=child[1],
+                stderr=child[2],
                 env=dict(env),
                 cwd=cwd,
                 close_fds=True,  # the child gets its three pipes and nothing else of ours
@@ -626,13 +643,15 @@ async def start_stage(
         except ValueError as e:  # a NUL in argv or env
             raise StageStartError(f"cannot start {argv[0]!r}: {e}") from e
     except BaseException:
-        for fd in ours:
-            os.close(fd)
+        for mine in ours:
+            if mine is not None:
+                os.close(mine)
         raise
     finally:
         for fd in theirs:
             os.close(fd)
     log.debug("started stage %s as pid %d (pipes %d bytes)", argv[0], popen.pid, pipe_size)
+    assert ours[2] is not None
     return StageProcess(
         popen,
         argv,
@@ -670,11 +689,24 @@ class Supervisor:
         env: Mapping[str, str],
         cwd: str | os.PathLike[str] | None = None,
         forward_stderr: bool = False,
+        stdin_fd: int | None = None,
+        stdout_fd: int | None = None,
     ) -> StageProcess:
         """Start a stage under this supervisor; see :func:`start_stage`."""
         if self._closed:
+            for fd in (stdin_fd, stdout_fd):
+                if fd is not None:
+                    os.close(fd)
             raise StageError(f"cannot start {list(argv)[:1]!r}: the node's supervisor is shutting down")
-        stage = await start_stage(argv, env=env, cwd=cwd, forward_stderr=forward_stderr, on_closed=self._stages.discard)
+        stage = await start_stage(
+            argv,
+            env=env,
+            cwd=cwd,
+            forward_stderr=forward_stderr,
+            on_closed=self._stages.discard,
+            stdin_fd=stdin_fd,
+            stdout_fd=stdout_fd,
+        )
         self._stages.add(stage)
         return stage
 

@@ -300,3 +300,32 @@ async def test_metadata_carries_argv_and_chosen_environment_when_configured(rt: 
         meta = json.loads(ours.stdout)["__dpipes"]
         assert meta["dp.argv"] == ["cat", "-u"]
         assert meta["dp.environ"] == {"DPIPES_NODE": "beta"}  # only what was named, only what is set
+
+
+INODE_OF = 'import os, sys; print("{tag}", os.fstat({fd}).st_ino, file=sys.stderr)'
+
+
+async def test_neighbours_on_one_node_share_one_kernel_pipe_and_others_use_the_bus(rt: Path) -> None:
+    def show(*tags: tuple[str, int]) -> str:
+        return "; ".join(INODE_OF.format(tag=tag, fd=fd) for tag, fd in tags)
+
+    first, middle, last = show(("out0", 1)), show(("in1", 0), ("out1", 1)), show(("in2", 0))
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(
+            rt,
+            "--node",
+            alpha.host_port,
+            f"python3@alpha -c '{first}' | python3@alpha -c '{middle}' | python3@beta -c '{last}'",
+        )
+    assert ran.code == 0, ran.stderr
+    inode = {tag: int(n) for tag, n in (line.split() for line in ran.stderr.splitlines())}
+    assert inode["out0"] == inode["in1"]  # one pipe, as in a shell: nothing passes through the node
+    assert inode["out1"] != inode["in2"]  # across nodes: the bus
+
+
+async def test_a_one_node_pipeline_stops_its_producer_as_a_shell_does(rt: Path) -> None:
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        ran = await dpipes(rt, "--node", alpha.host_port, "--status", "--pipefail", "yes | head -2 | cat")
+    assert ran.code == 0, ran.stderr
+    assert ran.stdout == b"y\ny\n"
+    assert "stage 0 yes@alpha: killed by SIGPIPE" in ran.stderr

@@ -131,6 +131,29 @@ async def test_cat_50mb_byte_exact_with_concurrent_write_and_read(stages: Superv
     assert digest == hashlib.sha256(data).digest()
 
 
+async def test_two_stages_joined_by_a_given_pipe_pass_data_without_us(stages: Supervisor) -> None:
+    r, w = os.pipe()
+    producer = await stages.start(["seq", "100000"], env=ENV, stdout_fd=w)
+    consumer = await stages.start(["wc", "-l"], env=ENV, stdin_fd=r)  # ends only if we hold no copy of w
+    assert await producer.read_stdout() == b""  # not ours to read
+    with pytest.raises(StdinClosed):
+        await consumer.write_stdin(b"x")  # not ours to write
+    async with asyncio.timeout(WAIT_S):
+        assert await read_all(consumer) == b"100000\n"
+        assert (await producer.wait()).ok and (await consumer.wait()).ok
+
+
+async def test_a_given_descriptor_is_closed_even_when_the_program_does_not_exist(stages: Supervisor) -> None:
+    r, w = os.pipe()
+    with pytest.raises(ProgramNotFound):
+        await stages.start(["no-such-program-dpipes"], env=ENV, stdin_fd=r)
+    try:
+        with pytest.raises(BrokenPipeError):  # the only read end is gone
+            os.write(w, b"x")
+    finally:
+        os.close(w)
+
+
 async def test_pipes_get_a_one_mib_buffer(stages: Supervisor) -> None:
     stage = await stages.start(["cat"], env=ENV)
     limit = int(proc_file("/proc/sys/fs/pipe-max-size"))
