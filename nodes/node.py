@@ -61,6 +61,7 @@ from dpipes.discovery.table import NodeRecord, new_instance_id
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.control import CTL, MODES, PIPELINE_PROTOCOL
 from dpipes.nodes.dataflow import Incoming, Outgoing
+from dpipes.nodes.fdpass import FdDrop, drop_path
 from dpipes.nodes.objects import make_metadata
 from dpipes.nodes.pipeline import NodeInfo, PipelineSyntaxError, PlacementError, StageSpec, parse_pipeline, place
 from dpipes.nodes.pipes import PipesBusReader, PipesFifoReader
@@ -174,6 +175,7 @@ class Node:
         self._ctl: Endpoint | None = None
         self._stages: dict[tuple[str, int], _Stage] = {}
         self._edges: dict[tuple[str, int], int] = {}  # (pipeline, i): our end of a direct pipe i -> i+1
+        self._fd_drop: FdDrop | None = None  # local clients hand their stdin/stdout over here
         self._runs: dict[str, _Run] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._versions: dict[str, tuple[int, ...]] = {}
@@ -204,6 +206,12 @@ class Node:
         self._stopped = asyncio.Event()
         await self.hub.start()
         await self.supervisor.__aenter__()
+        try:
+            drop = FdDrop(drop_path(self.hub.ipc_endpoint))
+            drop.start()
+            self._fd_drop = drop
+        except OSError as exc:  # local clients then send their data over the bus, as remote ones
+            log.warning("node %s: no descriptor drop beside %s: %s", self.name, self.hub.ipc_endpoint, exc)
         self._ctl = self.hub.endpoint(CTL)
         self.hub.link_listeners.append(self._on_link)
         self.hub.client_listeners.append(self._on_client_gone)
@@ -284,6 +292,8 @@ class Node:
         await asyncio.gather(*(self._kill(stage) for stage in stages), return_exceptions=True)
         for pipeline in {p for p, _ in self._edges}:
             self._close_edges(pipeline)
+        if self._fd_drop is not None:
+            self._fd_drop.close()
         await self.supervisor.aclose()
         if self._mdns is not None:
             await self._mdns.aclose()  # goodbye packets: the others drop us at once
@@ -765,6 +775,17 @@ class Node:
         return table
 
     async def _on_run(self, msg: codec.Request) -> dict[str, Any]:
+        token = msg.body.get("local_fds")
+        handed = await self._fd_drop.take(str(token)) if token and self._fd_drop is not None else {}
+        try:
+            return await self._start_run(msg, handed)
+        finally:
+            for fd in handed.values():  # what no stage took: the client's data goes over the bus
+                os.close(fd)
+
+    async def _start_run(self, msg: codec.Request, handed: dict[str, int]) -> dict[str, Any]:
+        """Parse, place, negotiate, start; ``handed``: the local client's descriptors, by name (a
+        stage that uses one takes it out)."""
         assert self._ctl is not None
         b = msg.body
         mode = b.get("mode", "bytes")
@@ -821,7 +842,15 @@ class Node:
             raise NegotiationRefused("refused before anything started:\n  " + "\n  ".join(refusals))
         addrs = [r["addr"] for r in negotiations]  # type: ignore[index]
         client = msg.src
-        direct = [_direct_edge(b, nodes, i) for i in range(len(nodes) - 1)]
+        # Which edges are kernel pipes: neighbours on one node, and, with what a client on this
+        # host handed over, its stdin to a first stage here and a last stage here to its stdout.
+        direct = [_direct_edge(b, [*nodes, self.name], i) for i in range(len(nodes))]
+        stdin_direct = "stdin" in handed and bool(b.get("stdin")) and nodes[0] == self.name and mode == "bytes"
+        stdout_direct = "stdout" in handed and direct[-1]
+        if stdin_direct:
+            self._edges[(pipeline, -1)] = handed.pop("stdin")
+        if stdout_direct:
+            self._edges[(pipeline, len(nodes) - 1)] = handed.pop("stdout")
         starts = await asyncio.gather(
             *(
                 self._ctl.request(
@@ -836,8 +865,8 @@ class Node:
                         "report_to": [client, self._ctl.addr],
                         "user": b.get("user", ""),
                         "pipes": options_for_stage(b.get("pipes") or {}, i),
-                        "direct_in": bool(i) and direct[i - 1],
-                        "direct_out": i + 1 < len(nodes) and direct[i],
+                        "direct_in": direct[i - 1] if i else stdin_direct,
+                        "direct_out": direct[i] if i + 1 < len(nodes) else stdout_direct,
                     },
                     timeout=CONTROL_TIMEOUT_S,
                 )
@@ -848,10 +877,13 @@ class Node:
         failures = [r for r in starts if isinstance(r, BaseException)]
         if failures:
             await self._cancel_run(run, "start failed", notify=False)
+            self._close_edges(pipeline)
             raise StageError("could not start the pipeline: " + "; ".join(_strip_failed(str(f)) for f in failures))
         contexts = list(reversed(starts))  # started downstream first
         return {
             "pipeline": pipeline,
+            "stdin_direct": stdin_direct,  # the client does not feed the first stage
+            "stdout_direct": stdout_direct,  # nor does output come to it: the last stage writes there
             "stages": [
                 {
                     "index": i,

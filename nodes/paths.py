@@ -17,6 +17,9 @@ Files of the daemon of node ``N``, all in that directory:
     the hub's ``ipc://`` endpoint for local parties (``ipc://<dir>/N.sock``).
 ``N-tap.sock``
     the tap mirror (``dpipes-tap``).
+``N-fds.sock``
+    the descriptor drop, where a local ``dpipes`` hands over its stdin and stdout
+    (:mod:`dpipes.nodes.fdpass`).
 ``N.pid``
     the daemon's pid, one line, written atomically (temporary file, then rename) only once the
     node listens; so ``kill $(cat N.pid)`` works and a reader never sees half a file.
@@ -167,6 +170,10 @@ class NodeFiles:
         return self.dir / f"{self.name}-tap.sock"
 
     @property
+    def fds_sock(self) -> Path:
+        return self.dir / f"{self.name}-fds.sock"
+
+    @property
     def pid(self) -> Path:
         return self.dir / f"{self.name}.pid"
 
@@ -252,7 +259,11 @@ class Claim:
 
     def alias(self, target: Claim) -> None:
         """Make this name's sockets symbolic links to ``target``'s (the local socket's owner)."""
-        for link, to in ((self.files.sock, target.files.sock), (self.files.tap_sock, target.files.tap_sock)):
+        for link, to in (
+            (self.files.sock, target.files.sock),
+            (self.files.tap_sock, target.files.tap_sock),
+            (self.files.fds_sock, target.files.fds_sock),
+        ):
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()
             link.symlink_to(to.name)  # relative: the directory may move, as a whole
@@ -262,7 +273,7 @@ class Claim:
         """Remove the pid file, sockets and lock file, then drop the lock. Idempotent."""
         if self._fd is None:
             return
-        for path in (self.files.pid, self.files.sock, self.files.tap_sock, self.files.lock):
+        for path in (self.files.pid, self.files.sock, self.files.tap_sock, self.files.fds_sock, self.files.lock):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         # Unlinked before unlocking: a process that opened the old lock file and locks it after us

@@ -30,6 +30,7 @@ from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.control import CTL, PIPELINE_PROTOCOL, current_user
 from dpipes.nodes.dataflow import Incoming, Outgoing
+from dpipes.nodes.fdpass import hand_over
 from dpipes.nodes.objects import make_metadata
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,9 @@ async def run_pipeline(
     try:
         run = _Run(client.endpoint, options, stdin_fd, stdout_fd, stderr_fd, on_started)
         run.on_pipes = on_pipes
+        if entry.startswith("ipc://") and options.mode == "bytes":  # a node on this host: offer our stdio
+            fds = {"stdout": stdout_fd, **({"stdin": stdin_fd} if options.stdin else {})}
+            run.local_fds = hand_over(entry, fds)
         return await run.run(handle_sigint)
     finally:
         await client.aclose()
@@ -232,6 +236,7 @@ class _Run:
         self._readers: set[asyncio.Task[None]] = set()
         self.pipes_json: Any = None
         self.on_pipes: Callable[[int, bytes], None] | None = None  # each Pipes frame as it arrives
+        self.local_fds: str | None = None  # the token of our stdin/stdout, handed to the entry node
 
     async def run(self, handle_sigint: bool) -> RunResult:
         body = {
@@ -243,6 +248,8 @@ class _Run:
             "user": current_user(),
             "pipes": dict(self.options.pipes),
         }
+        if self.local_fds:
+            body["local_fds"] = self.local_fds
         try:
             reply = await self.ep.request(self.ctl, "run", body, timeout=RUN_TIMEOUT_S)
         except BusError as exc:
@@ -259,7 +266,7 @@ class _Run:
         if handle_sigint:
             loop.add_signal_handler(signal.SIGINT, self._interrupt)
         tasks = [asyncio.create_task(self._accept()), asyncio.create_task(self._control())]
-        if self.options.stdin:
+        if self.options.stdin and not reply.get("stdin_direct"):  # else the first stage reads our stdin itself
             tasks.append(asyncio.create_task(self._feed_stdin(reply["stages"][0]["addr"])))
         try:
             await self._done.wait()

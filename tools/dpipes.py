@@ -31,8 +31,9 @@ the entry node (which coordinates the run):
 data:
   This command's stdin feeds the first stage when it is not a terminal; the last stage's stdout
   is written to stdout as it arrives; every stage's stderr reaches stderr (--tag prefixes it).
-  Neighbouring stages on one node share a kernel pipe, as in a shell (in bytes mode); data
-  between nodes travels on the bus.
+  Neighbouring stages on one node share a kernel pipe, as in a shell, and a first (last) stage on
+  the entry node of this host reads (writes) this command's stdin (stdout) itself; in bytes mode.
+  Data between nodes travels on the bus.
   --json / --yaml: programs read and write newline-delimited JSON objects or YAML documents;
   each object a program reads carries a "__dpipes" map saying where it came from.
 

@@ -305,10 +305,13 @@ async def test_metadata_carries_argv_and_chosen_environment_when_configured(rt: 
 INODE_OF = 'import os, sys; print("{tag}", os.fstat({fd}).st_ino, file=sys.stderr)'
 
 
-async def test_neighbours_on_one_node_share_one_kernel_pipe_and_others_use_the_bus(rt: Path) -> None:
-    def show(*tags: tuple[str, int]) -> str:
-        return "; ".join(INODE_OF.format(tag=tag, fd=fd) for tag, fd in tags)
+def show_inodes(*tags: tuple[str, int]) -> str:
+    """Python code printing, on stderr, ``TAG INODE`` of each given descriptor."""
+    return "; ".join(INODE_OF.format(tag=tag, fd=fd) for tag, fd in tags)
 
+
+async def test_neighbours_on_one_node_share_one_kernel_pipe_and_others_use_the_bus(rt: Path) -> None:
+    show = show_inodes
     first, middle, last = show(("out0", 1)), show(("in1", 0), ("out1", 1)), show(("in2", 0))
     async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
         ran = await dpipes(
@@ -329,3 +332,31 @@ async def test_a_one_node_pipeline_stops_its_producer_as_a_shell_does(rt: Path) 
     assert ran.code == 0, ran.stderr
     assert ran.stdout == b"y\ny\n"
     assert "stage 0 yes@alpha: killed by SIGPIPE" in ran.stderr
+
+
+async def test_a_local_dpipes_hands_its_stdin_and_stdout_to_stages_on_its_node(rt: Path, tmp_path: Path) -> None:
+    source, sink = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("b\na\n")
+    report = show_inodes(("in", 0), ("out", 1))
+    async with daemons(rt, ["alpha", "beta"]):
+        local = await dpipes(
+            rt, f"python3 -c '{report}'", stdin_file=str(source), stdout_file=str(sink)
+        )  # no --node: the local daemon, over ipc
+        remote = await dpipes(rt, "cat | cat@beta", stdin_file=str(source))
+    assert local.code == 0, local.stderr
+    inode = {tag: int(n) for tag, n in (line.split() for line in local.stderr.splitlines())}
+    assert inode["in"] == source.stat().st_ino  # the stage read our stdin itself...
+    assert inode["out"] == sink.stat().st_ino  # ...and wrote to our stdout itself
+    assert remote.code == 0 and remote.stdout == b"b\na\n"  # a last stage elsewhere: through the bus
+
+
+async def test_a_local_last_stage_writing_to_a_closed_reader_stops_as_in_a_shell(rt: Path) -> None:
+    async with daemons(rt, ["alpha"]):
+        env = environment(rt)
+        proc = await asyncio.create_subprocess_exec(
+            "sh", "-c", f"{sys.executable} -m dpipes.tools.dpipes --status 'yes' | head -2; echo done",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    assert out == b"y\ny\ndone\n"
+    assert b"stage 0 yes@alpha: killed by SIGPIPE" in err
