@@ -2,6 +2,10 @@
 
 * ``pipe.throughput_1GiB``: ``cat FILE | cat`` with the two stages on two local daemons and the
   output to /dev/null, against ``sh -c 'cat FILE | cat > /dev/null'``.
+* ``pipe.one_node_throughput_1GiB``: ``cat FILE | cat | cat`` on the local daemon (no ``--node``:
+  over ipc), against the same pipeline in ``sh``. Neighbours on one node share a kernel pipe and
+  dpipes hands its stdout to the last stage, so this measures what dpipes adds around a
+  pipeline that stays on one host (start-up included).
 * ``pipe.start_to_finish``: wall time of ``dpipes 'echo x | cat'`` against a running daemon,
   against ``sh -c 'echo x | cat'``; also reported as the time dpipes adds.
 """
@@ -91,6 +95,16 @@ def pipe_benchmarks(
                     "sh -c 'cat FILE | cat'",
                     theirs,
                     target=0.3,
+                )
+            )
+            local, theirs = [], []  # one node: neighbours share a kernel pipe, dpipes hands over its stdout
+            for _ in range(repeat):
+                theirs.append(size / _timed(["sh", "-c", f"cat {data} | cat | cat > /dev/null"]) / 1e6)
+                local.append(size / _timed([*dpipes, f"cat {data} | cat | cat"], env) / 1e6)
+                progress(".")
+            results.append(
+                result(
+                    f"pipe.one_node_throughput_{size >> 20}MiB", "MB/s", local, "sh -c 'cat FILE | cat | cat'", theirs
                 )
             )
             walls, shells = [], []
