@@ -302,7 +302,12 @@ async def test_metadata_carries_argv_and_chosen_environment_when_configured(rt: 
         assert meta["dp.environ"] == {"DPIPES_NODE": "beta"}  # only what was named, only what is set
 
 
-INODE_OF = 'import os, sys; print("{tag}", os.fstat({fd}).st_ino, file=sys.stderr)'
+INODE_OF = 'import os; os.write(2, b"{tag} %d\\n" % os.fstat({fd}).st_ino)'  # one write: lines of stages never mix
+
+
+def inodes_in(stderr: str) -> dict[str, int]:
+    """``TAG INODE`` lines of the stages' stderr (other lines, should any appear, are not ours)."""
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(out\d*|in\d*) (\d+)$", stderr, re.MULTILINE)}
 
 
 def show_inodes(*tags: tuple[str, int]) -> str:
@@ -321,7 +326,8 @@ async def test_neighbours_on_one_node_share_one_kernel_pipe_and_others_use_the_b
             f"python3@alpha -c '{first}' | python3@alpha -c '{middle}' | python3@beta -c '{last}'",
         )
     assert ran.code == 0, ran.stderr
-    inode = {tag: int(n) for tag, n in (line.split() for line in ran.stderr.splitlines())}
+    inode = inodes_in(ran.stderr)
+    assert set(inode) == {"out0", "in1", "out1", "in2"}, ran.stderr
     assert inode["out0"] == inode["in1"]  # one pipe, as in a shell: nothing passes through the node
     assert inode["out1"] != inode["in2"]  # across nodes: the bus
 
@@ -344,7 +350,7 @@ async def test_a_local_dpipes_hands_its_stdin_and_stdout_to_stages_on_its_node(r
         )  # no --node: the local daemon, over ipc
         remote = await dpipes(rt, "cat | cat@beta", stdin_file=str(source))
     assert local.code == 0, local.stderr
-    inode = {tag: int(n) for tag, n in (line.split() for line in local.stderr.splitlines())}
+    inode = inodes_in(local.stderr)
     assert inode["in"] == source.stat().st_ino  # the stage read our stdin itself...
     assert inode["out"] == sink.stat().st_ino  # ...and wrote to our stdout itself
     assert remote.code == 0 and remote.stdout == b"b\na\n"  # a last stage elsewhere: through the bus
