@@ -189,7 +189,7 @@ def _map(value: Any, name: str) -> dict[str, Any]:
 _CHECKERS: dict[Any, Callable[[Any, str], Any]] = {str: _str, int: _int, bool: _bool, dict: _map}
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Message:
     """Common fields of every bus message; one subclass per kind."""
 
@@ -201,14 +201,34 @@ class Message:
     KIND: ClassVar[str] = ""
     HAS_PAYLOAD: ClassVar[bool] = False
     _SPEC: ClassVar[tuple[tuple[str, Callable[[Any, str], Any], Any], ...]] = ()
+    _FIELDS: ClassVar[tuple[str, ...]] = ()
 
     @property
     def payload_bytes(self) -> int:
         """Bytes carried in payload frames (what stream credit counts)."""
         return 0
 
+    # One __eq__, __hash__ and __repr__ for every kind, rather than ones that ``dataclasses``
+    # generates (and compiles) per class: 22 kinds made that a third of what importing the codec
+    # costs, paid by every ``dpipes`` command.
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash((self.__class__, self._values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"{self.__class__.__qualname__}({fields})"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class _Payload(Message):
     """A message whose payload frames follow its header."""
 
@@ -237,6 +257,7 @@ def _kind(name: str) -> Callable[[type[Message]], type[Message]]:
             spec.append((field.name, _CHECKERS[base], field.default))
         cls.KIND = name
         cls._SPEC = tuple(spec)
+        cls._FIELDS = tuple(field.name for field in dataclasses.fields(cls))
         KINDS[name] = cls
         return cls
 
@@ -244,7 +265,7 @@ def _kind(name: str) -> Callable[[type[Message]], type[Message]]:
 
 
 @_kind("HELLO")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Hello(Message):
     """Opens a link (or attachment) of a peer hub: who it is and where it listens."""
 
@@ -255,7 +276,7 @@ class Hello(Message):
 
 
 @_kind("WELCOME")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Welcome(Message):
     """The answer to an acceptable HELLO."""
 
@@ -264,19 +285,19 @@ class Welcome(Message):
 
 
 @_kind("PING")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Ping(Message):
     """Liveness, every HEARTBEAT_INTERVAL_S on every link and from every client."""
 
 
 @_kind("PONG")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Pong(Message):
     """A hub's answer to a client's PING."""
 
 
 @_kind("BYE")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Bye(Message):
     """An orderly goodbye, or the refusal of a HELLO, with the reason."""
 
@@ -284,7 +305,7 @@ class Bye(Message):
 
 
 @_kind("ATTACH")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Attach(Message):
     """A client asks to become endpoint ``node/name``."""
 
@@ -292,7 +313,7 @@ class Attach(Message):
 
 
 @_kind("ATTACHED")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Attached(Message):
     """The hub's answer to ATTACH: the client's address."""
 
@@ -300,7 +321,7 @@ class Attached(Message):
 
 
 @_kind("LINK")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Link(Message):
     """A hub tells its endpoints that a peer node came up or was lost."""
 
@@ -310,7 +331,7 @@ class Link(Message):
 
 
 @_kind("REQUEST")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Request(Message):
     """A request; ``seq`` is its id."""
 
@@ -319,7 +340,7 @@ class Request(Message):
 
 
 @_kind("REPLY")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Reply(Message):
     """The answer to the REQUEST with the same ``seq``."""
 
@@ -329,7 +350,7 @@ class Reply(Message):
 
 
 @_kind("CREDIT")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Credit(Message):
     """The receiver of stream ``sid`` lets its sender send ``bytes`` more."""
 
@@ -337,7 +358,7 @@ class Credit(Message):
 
 
 @_kind("EOF")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Eof(Message):
     """The sender of stream ``sid`` has sent everything: ``total`` payload bytes."""
 
@@ -345,7 +366,7 @@ class Eof(Message):
 
 
 @_kind("EOF_ACK")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class EofAck(Message):
     """The receiver has taken every byte up to EOF."""
 
@@ -353,7 +374,7 @@ class EofAck(Message):
 
 
 @_kind("CANCEL")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Cancel(Message):
     """Either end abandons stream ``sid``."""
 
@@ -361,7 +382,7 @@ class Cancel(Message):
 
 
 @_kind("ERROR")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Error(Message):
     """A message sent to ``to`` could not be delivered or done, at ``node``."""
 
@@ -372,13 +393,13 @@ class Error(Message):
 
 
 @_kind("BYTES")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Bytes(_Payload):
     """Raw byte chunks."""
 
 
 @_kind("OBJECTS")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Objects(_Payload):
     """One msgpack batch of ``count`` objects, with their producer's metadata."""
 
@@ -387,7 +408,7 @@ class Objects(_Payload):
 
 
 @_kind("ARROW")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Arrow(_Payload):
     """One part of an Arrow record batch (see dpipes.bus.arrow)."""
 
@@ -395,13 +416,13 @@ class Arrow(_Payload):
 
 
 @_kind("STDERR")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Stderr(_Payload):
     """A program's standard error bytes."""
 
 
 @_kind("PIPES")
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Pipes(_Payload):
     """Dagster Pipes messages of stage ``stage``, one JSON payload frame each."""
 

@@ -17,14 +17,9 @@ from typing import Any
 
 from dpipes.bus import codec
 from dpipes.bus.errors import StageError
-from dpipes.nodes.objects import (
-    BATCH_MAX_OBJECTS,
-    DEFAULT_METADATA_KEY,
-    ObjectParser,
-    ObjectWriter,
-    pack_batch,
-    unpack_batch,
-)
+
+# dpipes.nodes.objects (msgpack batches, JSON and YAML) is imported only by an object-mode edge:
+# a bytes pipeline, the common case, does not pay for it when dpipes starts.
 
 
 class Outgoing:
@@ -33,7 +28,11 @@ class Outgoing:
     def __init__(self, mode: str, *, where: str, meta: dict[str, Any]) -> None:
         self.mode = mode
         self.meta = meta
-        self._parser = ObjectParser(mode, where=where) if mode != "bytes" else None  # type: ignore[arg-type]
+        self._parser = None
+        if mode != "bytes":
+            from dpipes.nodes.objects import ObjectParser
+
+            self._parser = ObjectParser(mode, where=where)  # type: ignore[arg-type]
 
     def messages(self, data: bytes) -> list[codec.Message]:
         """Messages for one chunk of output (bytes mode: one; object modes: whole objects only).
@@ -50,6 +49,8 @@ class Outgoing:
         return self._batches(self._parser.end()) if self._parser is not None else []
 
     def _batches(self, objects: Sequence[Any]) -> list[codec.Message]:
+        from dpipes.nodes.objects import BATCH_MAX_OBJECTS, pack_batch
+
         return [
             codec.Objects(count=len(chunk), meta=self.meta, frames=(pack_batch(chunk),))
             for start in range(0, len(objects), BATCH_MAX_OBJECTS)
@@ -60,10 +61,14 @@ class Outgoing:
 class Incoming:
     """Turns the messages of an incoming edge into what a program reads."""
 
-    def __init__(self, mode: str, *, where: str, metadata_key: str = DEFAULT_METADATA_KEY) -> None:
+    def __init__(self, mode: str, *, where: str, metadata_key: str | None = None) -> None:
         self.mode = mode
         self.where = where
-        self._writer = ObjectWriter(mode, metadata_key=metadata_key) if mode != "bytes" else None  # type: ignore[arg-type]
+        self._writer = None
+        if mode != "bytes":
+            from dpipes.nodes.objects import DEFAULT_METADATA_KEY, ObjectWriter
+
+            self._writer = ObjectWriter(mode, metadata_key=metadata_key or DEFAULT_METADATA_KEY)  # type: ignore[arg-type]
 
     def data(self, msg: codec.Message) -> list[Any]:
         """The buffers to write for one message.
@@ -78,5 +83,7 @@ class Incoming:
             return list(msg.frames)
         if not isinstance(msg, codec.Objects) or len(msg.frames) != 1:
             raise StageError(f"{self.where}: got {msg.KIND} on a {self.mode} edge (expected one OBJECTS batch)")
+        from dpipes.nodes.objects import unpack_batch
+
         objects = unpack_batch(msg.frames[0], where=self.where)
         return [self._writer.write(objects, metadata=msg.meta or None)]

@@ -31,7 +31,6 @@ from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.control import CTL, PIPELINE_PROTOCOL, current_user
 from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.fdpass import hand_over
-from dpipes.nodes.objects import make_metadata
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +416,11 @@ class _Run:
 
     async def _feed_stdin(self, addr: str) -> None:
         out = self.ep.open_stream(addr)
-        meta = make_metadata(addr=socket.gethostname(), port=0, service="dpipes", node=self.ep.node, stage=-1)
+        meta: dict[str, Any] = {}
+        if self.options.mode != "bytes":  # objects carry where they came from; bytes carry nothing
+            from dpipes.nodes.objects import make_metadata
+
+            meta = make_metadata(addr=socket.gethostname(), port=0, service="dpipes", node=self.ep.node, stage=-1)
         outgoing = Outgoing(self.options.mode, where="the input of dpipes (stdin)", meta=meta)
         try:
             while True:
