@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -300,6 +301,11 @@ def pipes_benchmarks(
             _dpipes_run(entry, [sys.executable, str(emitter), "burst", "10"])  # warm up: imports, page cache
             _dagster_run([sys.executable, str(emitter), "burst", "10"])
             _session_run([sys.executable, str(emitter), "burst-bus", "10"])
+            # Both sides receive in this process, whose heap holds all of dagster: keep those
+            # long-lived objects out of the collector's full passes (100+ ms each here), which
+            # would otherwise land at random in either side's latencies.
+            gc.collect()
+            gc.freeze()
             runs: dict[str, Callable[[list[str]], tuple[list[Arrival], float]]] = {
                 "dagster": _dagster_run,
                 "dpipes": lambda argv: _dpipes_run(entry, argv),
