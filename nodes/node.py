@@ -49,7 +49,7 @@ import shutil
 import signal
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint, OutStream, StreamCancelled
@@ -60,14 +60,16 @@ from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
 from dpipes.discovery.table import NodeRecord, new_instance_id
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.control import CTL, MODES, PIPELINE_PROTOCOL
-from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.fdpass import FdDrop, drop_path
-from dpipes.nodes.objects import make_metadata
-from dpipes.nodes.pipeline import NodeInfo, PipelineSyntaxError, PlacementError, StageSpec, parse_pipeline, place
-from dpipes.nodes.pipes import PipesBusReader, PipesFifoReader
 from dpipes.nodes.pipes_options import check_stage_options, options_for_stage
-from dpipes.nodes.stage_pipes import StagePipes, batches_of, frame_of
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, Supervisor, set_pipe_size
+
+# What only a run needs (the pipeline parser, object modes, Pipes) is imported at the first run,
+# not at start: eight daemons starting on two cores converge sooner (dpipes-bench discovery).
+if TYPE_CHECKING:
+    from dpipes.nodes.pipeline import NodeInfo, StageSpec
+    from dpipes.nodes.pipes import PipesBusReader, PipesFifoReader
+    from dpipes.nodes.stage_pipes import StagePipes
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +495,8 @@ class Node:
         argv = (self.exclusive + stage.argv[1:]) if self.exclusive else stage.argv
         env = dict(os.environ)
         env.update(self._stage_env(stage, b))
+        from dpipes.nodes.stage_pipes import StagePipes
+
         stage.pipes = StagePipes(
             b.get("pipes") or {},
             pipeline=stage.pipeline,
@@ -587,6 +591,10 @@ class Node:
     # -- running one stage -------------------------------------------------------------------
 
     async def _run_stage(self, stage: _Stage, body: Mapping[str, Any]) -> None:
+        from dpipes.nodes.dataflow import Incoming, Outgoing
+        from dpipes.nodes.objects import make_metadata
+        from dpipes.nodes.stage_pipes import batches_of, frame_of
+
         proc = stage.proc
         assert proc is not None
         ep = stage.endpoint
@@ -768,6 +776,8 @@ class Node:
 
     def table(self) -> dict[str, NodeInfo]:
         """What this node knows of every node, for placement."""
+        from dpipes.nodes.pipeline import NodeInfo
+
         table = {self.name: NodeInfo(self.name, frozenset(self.offered()))}
         for name, peer in self.hub.peers.items():
             programs = peer.info.get("programs", []) if isinstance(peer.info, dict) else []
@@ -786,6 +796,8 @@ class Node:
     async def _start_run(self, msg: codec.Request, handed: dict[str, int]) -> dict[str, Any]:
         """Parse, place, negotiate, start; ``handed``: the local client's descriptors, by name (a
         stage that uses one takes it out)."""
+        from dpipes.nodes.pipeline import PipelineSyntaxError, PlacementError, parse_pipeline, place
+
         assert self._ctl is not None
         b = msg.body
         mode = b.get("mode", "bytes")
