@@ -774,6 +774,11 @@ class Node:
 
     # -- coordinating a pipeline (this node is its entry) ----------------------------------
 
+    def _offered_elsewhere(self, program: str, refused_by: str) -> str:
+        """A hint naming the other nodes that offer ``program`` (pin the stage to one: PROG@NODE)."""
+        others = sorted(n for n, info in self.table().items() if n != refused_by and program in info.programs)
+        return f" (offered by {', '.join(others)}: pin it with {program}@{others[0]})" if others else ""
+
     def table(self) -> dict[str, NodeInfo]:
         """What this node knows of every node, for placement."""
         from dpipes.nodes.pipeline import NodeInfo
@@ -845,7 +850,7 @@ class Node:
             return_exceptions=True,
         )
         refusals = [
-            f"{describe(i)}: {_strip_failed(str(r))}"
+            f"{describe(i)}: {_strip_failed(str(r))}{self._offered_elsewhere(stages[i].argv[0], nodes[i])}"
             for i, r in enumerate(negotiations)
             if isinstance(r, BaseException)
         ]

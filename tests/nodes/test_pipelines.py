@@ -162,6 +162,16 @@ async def test_negotiation_refusals_start_nothing(rt: Path) -> None:
         assert not alpha.children() and not beta.children()  # `sleep 300` never started anywhere
 
 
+async def test_a_refusal_names_the_nodes_that_offer_the_program(rt: Path) -> None:
+    extra = {"alpha": ["--allow", "cat"], "beta": ["--allow", "sort"]}
+    async with daemons(rt, ["alpha", "beta"], extra=extra) as (alpha, _b):
+        ran = await dpipes(rt, "--node", alpha.host_port, "cat | sort@alpha")
+    assert ran.code == 125
+    assert "program 'sort' is not allowed on node alpha (allowed: cat) (offered by beta: pin it with sort@beta)" in (
+        ran.stderr
+    )
+
+
 async def test_a_coordinator_of_another_pipeline_protocol_is_refused(rt: Path) -> None:
     from dpipes.bus.client import Client
     from dpipes.bus.errors import BusError
