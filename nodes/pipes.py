@@ -318,9 +318,27 @@ class _QueuedRecords(PipesMessageChannel):
     def finish(self) -> None:
         """The external process is gone: end once what its writers still send has been read."""
 
-    @abstractmethod
     async def drain(self, *, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
-        """:meth:`finish`, then wait (at most ``timeout_s``) for the end; False if it timed out."""
+        """:meth:`finish`, then wait until every writer has finished.
+
+        Returns False if one was still writing after ``timeout_s`` (see :meth:`_give_up`); reading
+        stops there all the same. With no ``on_record`` callback, another task must consume the
+        records meanwhile, or reading stays paused and this times out.
+        """
+        self.start()
+        self.finish()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self._eof:
+                    await self._wait()
+        except TimeoutError:
+            await self._give_up(timeout_s)
+            return False
+        return True
+
+    @abstractmethod
+    async def _give_up(self, timeout_s: float) -> None:
+        """:meth:`drain` waited ``timeout_s`` in vain: say so, stop reading, end the channel."""
 
     @abstractmethod
     def _pause(self) -> None:
@@ -478,26 +496,12 @@ class PipesFifoReader(_QueuedRecords):
                 # No writer may be left to trigger a readiness event: look once ourselves.
                 self._loop.call_soon(self._on_readable)
 
-    async def drain(self, *, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
-        """:meth:`finish`, then wait until the FIFO reaches EOF.
-
-        Returns False if some process (a leaked descendant) still held the FIFO open after
-        ``timeout_s``; reading stops there all the same. With no ``on_record`` callback, another
-        task must consume the records meanwhile, or reading stays paused and this times out.
-        """
-        self.start()
-        self.finish()
-        try:
-            async with asyncio.timeout(timeout_s):
-                while not self._eof:
-                    await self._wait()
-        except TimeoutError:
-            log.warning("Pipes FIFO %s still open by a writer %.1f s after its process ended", self.path, timeout_s)
-            self._stop_reading()
-            self._eof = True
-            self._wakeup.set()
-            return False
-        return True
+    async def _give_up(self, timeout_s: float) -> None:
+        # some process (a leaked descendant) still holds the FIFO open
+        log.warning("Pipes FIFO %s still open by a writer %.1f s after its process ended", self.path, timeout_s)
+        self._stop_reading()
+        self._eof = True
+        self._wakeup.set()
 
     def close(self) -> None:
         """Stop reading, close both ends and remove the FIFO; queued records stay readable."""
@@ -633,42 +637,26 @@ class PipesBusReader(_QueuedRecords):
         self._finished = True
         self._check_end()
 
-    async def drain(self, *, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
-        """:meth:`finish`, then wait until every writer stream has ended.
-
-        Returns False if a stream was still open after ``timeout_s`` (its writer was killed, or
-        handed its channel to a process that lives on); each such stream is reported as a bad
-        record and cancelled. With no ``on_record`` callback, another task must consume the records
-        meanwhile, or reading stays paused and this times out.
-        """
-        self.start()
-        self.finish()
-        try:
-            async with asyncio.timeout(timeout_s):
-                while not self._eof:
-                    await self._wait()
-        except TimeoutError:
-            log.warning(
-                "Pipes bus reader %s: %d stream(s) still open %.1f s after the process ended",
-                self.endpoint.addr,
-                len(self._streams),
-                timeout_s,
-            )
-            tasks = list(self._streams.values())
-            for stream in list(self._streams):
-                n = self._counts.get(stream, 0)
-                reason = (
-                    f"stream still open {timeout_s:g} s after its process ended, after {n} messages; the rest is lost"
-                )
-                self._deliver([_bus_bad(n + 1, reason, stream.src)], force=True)
-                with contextlib.suppress(BusError):
-                    stream.cancel("the Pipes reader stopped waiting")
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._end()
-            return False
-        return True
+    async def _give_up(self, timeout_s: float) -> None:
+        # a stream still open: its writer was killed, or handed its channel to a process that lives
+        # on; each is reported as a bad record and cancelled
+        log.warning(
+            "Pipes bus reader %s: %d stream(s) still open %.1f s after the process ended",
+            self.endpoint.addr,
+            len(self._streams),
+            timeout_s,
+        )
+        tasks = list(self._streams.values())
+        for stream in list(self._streams):
+            n = self._counts.get(stream, 0)
+            reason = f"stream still open {timeout_s:g} s after its process ended, after {n} messages; the rest is lost"
+            self._deliver([_bus_bad(n + 1, reason, stream.src)], force=True)
+            with contextlib.suppress(BusError):
+                stream.cancel("the Pipes reader stopped waiting")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._end()
 
     def close(self) -> None:
         """Stop reading and close the endpoint; queued records stay readable."""
