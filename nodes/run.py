@@ -236,6 +236,7 @@ class _Run:
         self.pipes_json: Any = None
         self.on_pipes: Callable[[int, bytes], None] | None = None  # each Pipes frame as it arrives
         self.local_fds: str | None = None  # the token of our stdin/stdout, handed to the entry node
+        self._starting: asyncio.Future[Any] | None = None  # the run request, until answered
 
     async def run(self, handle_sigint: bool) -> RunResult:
         body = {
@@ -249,10 +250,25 @@ class _Run:
         }
         if self.local_fds:
             body["local_fds"] = self.local_fds
+        loop = asyncio.get_running_loop()
+        if handle_sigint:  # before asking: a Ctrl-C while the nodes start the stages is not lost
+            loop.add_signal_handler(signal.SIGINT, self._interrupt)
         try:
-            reply = await self.ep.request(self.ctl, "run", body, timeout=RUN_TIMEOUT_S)
+            return await self._started(body)
+        finally:
+            if handle_sigint:
+                loop.remove_signal_handler(signal.SIGINT)
+
+    async def _started(self, body: dict[str, Any]) -> RunResult:
+        self._starting = asyncio.ensure_future(self.ep.request(self.ctl, "run", body, timeout=RUN_TIMEOUT_S))
+        try:
+            reply = await self._starting
         except BusError as exc:
             raise RunFailed(_clean(str(exc), self.ctl)) from None
+        except asyncio.CancelledError:
+            if not self.interrupted or not self._starting.cancelled():
+                raise
+            return RunResult("", [], EXIT_INTERRUPTED, "interrupted before the pipeline started")  # twice
         self.pipeline = reply["pipeline"]
         self.stages = [StageResult(s["index"], s["node"], list(s["argv"])) for s in reply["stages"]]
         if self.options.pipes_json:
@@ -261,9 +277,8 @@ class _Run:
                 self._json_line({"stage": s["index"], "node": s["node"], "context": s.get("context", {})})
         if self.on_started is not None:
             self.on_started(reply)
-        loop = asyncio.get_running_loop()
-        if handle_sigint:
-            loop.add_signal_handler(signal.SIGINT, self._interrupt)
+        if self.interrupted:  # Ctrl-C came while the stages were starting: cancel them now
+            self._cancel_for_interrupt()
         tasks = [asyncio.create_task(self._accept()), asyncio.create_task(self._control())]
         if self.options.stdin and not reply.get("stdin_direct"):  # else the first stage reads our stdin itself
             tasks.append(asyncio.create_task(self._feed_stdin(reply["stages"][0]["addr"])))
@@ -272,8 +287,6 @@ class _Run:
             if self._readers:
                 await asyncio.wait(self._readers, timeout=CANCEL_WAIT_S)
         finally:
-            if handle_sigint:
-                loop.remove_signal_handler(signal.SIGINT)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -331,8 +344,14 @@ class _Run:
     def _interrupt(self) -> None:
         if self.interrupted:  # a second Ctrl-C: stop waiting
             self._done.set()
+            if self._starting is not None and not self._starting.done():
+                self._starting.cancel()  # the nodes cancel the run once we have gone
             return
         self.interrupted = True
+        if self.pipeline:  # else the run is still starting: cancelled as soon as it has started
+            self._cancel_for_interrupt()
+
+    def _cancel_for_interrupt(self) -> None:
         asyncio.get_running_loop().call_later(CANCEL_WAIT_S, self._done.set)
         self._readers.add(asyncio.create_task(self._cancel("interrupted by the user (Ctrl-C)")))
 

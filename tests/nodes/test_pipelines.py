@@ -121,13 +121,46 @@ async def test_early_exit_downstream_stops_upstream_without_error(rt: Path) -> N
         await until(lambda: not alpha.children() and not beta.children())
 
 
+INTERRUPTED_WAIT_S = 45.0  # dpipes waits at most 2 x CANCEL_WAIT_S (15 s) for reports after Ctrl-C
+
+
+async def interrupted(proc: asyncio.subprocess.Process) -> tuple[int, str]:
+    """Ctrl-C ``proc``; its exit code and stderr (read meanwhile, so it can never block on it)."""
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), INTERRUPTED_WAIT_S)
+    return proc.returncode or 0, err.decode(errors="replace")
+
+
 async def test_sigint_cancels_every_stage_on_every_node(rt: Path) -> None:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
         proc = await start_dpipes(rt, "--node", alpha.host_port, "sleep 300 | sleep@beta 300")
         await until(lambda: alpha.children() and beta.children())
-        proc.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(proc.wait(), WAIT_S) == 130
+        code, err = await interrupted(proc)
+        assert code == 130, err
         await until(lambda: not alpha.children() and not beta.children())
+
+
+SLOW_VERSION = """#!/bin/sh
+if [ "$1" = --version ]; then sleep 1; echo "slowstart 1.0"; exit 0; fi
+exec sleep 300
+"""
+
+
+async def test_sigint_while_the_stages_start_cancels_them_once_started(
+    rt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "slowstart").write_text(SLOW_VERSION)
+    (bin_dir / "slowstart").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        proc = await start_dpipes(rt, "--node", alpha.host_port, "--status", "--require", "slowstart>=1", "slowstart")
+        await until(lambda: alpha.children())  # the version probe: negotiation is under way
+        code, err = await interrupted(proc)
+        assert code == 130, err
+        assert "stage 0 slowstart@alpha: killed by SIGTERM" in err  # it started, was cancelled, and reported
+        await until(lambda: not alpha.children())  # the stage started after Ctrl-C, and was cancelled
 
 
 async def test_a_node_killed_mid_pipeline_fails_the_run_naming_it(rt: Path) -> None:
