@@ -26,6 +26,7 @@ Two ways in:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -474,48 +475,43 @@ async def run_pipes(
     }
     if stage_options:
         pipes["stages"] = {str(index): dict(own) for index, own in stage_options.items()}
+    # What the stages report is collected as the run hands it over: contexts with the start, each
+    # message as it arrives (the frames are JSON, see dpipes.nodes.stage_pipes).
+    contexts: dict[int, Mapping[str, Any]] = {}
+    handlers: dict[int, PipesMessageHandler] = collections.defaultdict(PipesMessageHandler)
+
+    def started(reply: Mapping[str, Any]) -> None:
+        contexts.update((int(s["index"]), s.get("context", {})) for s in reply["stages"])
+
+    def on_pipes(index: int, frame: bytes) -> None:
+        item = json.loads(frame)
+        if "message" in item:
+            handlers[index].handle_message(item["message"])
+
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=tmpdir) as directory:
-        paths = {name: os.path.join(directory, name) for name in ("stdin", "stdout", "stderr", "pipes.jsonl")}
+        paths = {name: os.path.join(directory, name) for name in ("stdin", "stdout", "stderr")}
         with open(paths["stdin"], "wb") as f:  # noqa: ASYNC230 (a local file, written once)
             f.write(input or b"")
-        options = RunOptions(pipeline=command, stdin=input is not None, pipes=pipes, pipes_json=paths["pipes.jsonl"])
-        stdin_fd = os.open(paths["stdin"], os.O_RDONLY)
-        stdout_fd = os.open(paths["stdout"], os.O_WRONLY | os.O_CREAT, 0o600)
-        stderr_fd = os.open(paths["stderr"], os.O_WRONLY | os.O_CREAT, 0o600)
+        options = RunOptions(pipeline=command, stdin=input is not None, pipes=pipes)
+        fds = {
+            "stdin_fd": os.open(paths["stdin"], os.O_RDONLY),
+            "stdout_fd": os.open(paths["stdout"], os.O_WRONLY | os.O_CREAT, 0o600),
+            "stderr_fd": os.open(paths["stderr"], os.O_WRONLY | os.O_CREAT, 0o600),
+        }
         try:
-            if node is not None:
-                ran = await run_pipeline(
-                    entry_from(node),
-                    options,
-                    handle_sigint=False,
-                    stdin_fd=stdin_fd,
-                    stdout_fd=stdout_fd,
-                    stderr_fd=stderr_fd,
+            async with contextlib.AsyncExitStack() as stack:
+                entry = (
+                    entry_from(node)
+                    if node is not None
+                    else (await stack.enter_async_context(embedded_node())).ipc_endpoint
                 )
-            else:
-                async with embedded_node() as embedded:
-                    ran = await run_pipeline(
-                        embedded.ipc_endpoint,
-                        options,
-                        handle_sigint=False,
-                        stdin_fd=stdin_fd,
-                        stdout_fd=stdout_fd,
-                        stderr_fd=stderr_fd,
-                    )
+                ran = await run_pipeline(
+                    entry, options, handle_sigint=False, on_started=started, on_pipes=on_pipes, **fds
+                )
         finally:
-            for fd in (stdin_fd, stdout_fd, stderr_fd):
+            for fd in fds.values():
                 os.close(fd)
         stdout, stderr = _read(paths["stdout"]), _read(paths["stderr"])
-        lines = _read(paths["pipes.jsonl"], missing_ok=True).splitlines()
-    contexts: dict[int, Mapping[str, Any]] = {}
-    handlers = {s.index: PipesMessageHandler() for s in ran.stages}
-    for line in lines:
-        item = json.loads(line)
-        index = int(item["stage"])
-        if "context" in item:
-            contexts[index] = item["context"]
-        elif "message" in item and index in handlers:
-            handlers[index].handle_message(item["message"])
     stages = tuple(
         PipesStageResult(
             index=s.index,
@@ -537,11 +533,6 @@ async def run_pipes(
     return PipesResult(ran.pipeline, ran.exit_code, stdout, stderr, stages, ran.error)
 
 
-def _read(path: str, *, missing_ok: bool = False) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        if missing_ok:  # the run failed before run_pipeline opened it
-            return b""
-        raise
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

@@ -125,7 +125,8 @@ def exit_code_of(stages: list[StageResult], *, pipefail: bool) -> int:
 
 
 class _Output:
-    """Writes to a file descriptor in a worker thread, in order, so a slow reader never blocks the loop."""
+    """Writes to a file descriptor in order: at once to a file or device, through a worker thread to a
+    pipe or socket, so that a slow reader never blocks the loop."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
