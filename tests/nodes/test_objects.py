@@ -294,9 +294,12 @@ def test_yaml_nesting_limit_without_crashing() -> None:
     assert parse_all("yaml", ok)
     assert "nests deeper" in str(parse_error("yaml", b"a: " + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"\n"))
     # libyaml's composer would overflow the C stack on these; they must be refused, not crash.
+    # Which of the two refuses first (our scan, or a libyaml that limits nesting itself) and in
+    # which words is the library's business: the property is a clean refusal naming the document.
     for deep in (b"a: " + b"[" * 300_000 + b"]" * 300_000, b"a:\n" + b"- " * 300_000 + b"x"):
         err = parse_error("yaml", b"ok: 1\n---\n" + deep + b"\n")
-        assert err.number == 2 and "nests deeper" in str(err)
+        assert err.number == 2 and str(err).startswith(f"{WHERE}: document 2 ")
+        assert len(str(err)) < 1000  # the document is quoted short, not whole
 
 
 def test_yaml_over_long_document() -> None:
