@@ -59,9 +59,9 @@ from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
 from dpipes.discovery.table import NodeRecord, new_instance_id
 from dpipes.nodes.config import NodeConfig
-from dpipes.nodes.control import CTL, MODES, PIPELINE_PROTOCOL
 from dpipes.nodes.fdpass import FdDrop, drop_path
 from dpipes.nodes.pipes_options import check_stage_options, options_for_stage
+from dpipes.nodes.protocol import CTL, MODES, PIPELINE_PROTOCOL
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, Supervisor, set_pipe_size
 
 # What only a run needs (the pipeline parser, object modes, Pipes) is imported at the first run,

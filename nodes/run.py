@@ -28,9 +28,9 @@ from dpipes.bus import codec
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
-from dpipes.nodes.control import CTL, PIPELINE_PROTOCOL, current_user
 from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.fdpass import hand_over
+from dpipes.nodes.protocol import CTL, PIPELINE_PROTOCOL, current_user
 
 log = logging.getLogger(__name__)
 
