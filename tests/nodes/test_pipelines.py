@@ -441,3 +441,21 @@ async def test_a_local_last_stage_writing_to_a_closed_reader_stops_as_in_a_shell
         out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
     assert out == b"y\ny\ndone\n"
     assert b"stage 0 yes@alpha: killed by SIGPIPE" in err
+
+
+async def test_a_stage_never_outlives_its_node(rt: Path) -> None:
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        proc = await start_dpipes(rt, "--node", alpha.host_port, "sleep 45")
+        await until(lambda: alpha.children())
+        stages = alpha.children()
+        alpha.proc.kill()  # kill -9: no chance to terminate its stages itself
+        await until(lambda: not any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in stages))
+        assert await asyncio.wait_for(proc.wait(), WAIT_S) != 0
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
