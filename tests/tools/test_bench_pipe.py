@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dpipes.nodes.bench import pipe_benchmarks
+from dpipes.tools.bench.pipe import pipe_benchmarks
 
 
 @pytest.mark.timeout(120)
