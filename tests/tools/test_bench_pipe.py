@@ -1,25 +1,35 @@
-"""dpipes-bench pipe, quickly: every figure is measured against its baseline in the same run."""
+"""dpipes-bench pipe, quickly, as a user runs it: every figure beside its baseline, in an aligned table."""
 
 from __future__ import annotations
 
 import math
+import subprocess
 
 import pytest
 
-from dpipes.tools.bench.pipe import pipe_benchmarks
+from tests.tools.bench_table import assert_aligned, bench_command, rows
 
 
 @pytest.mark.timeout(120)
 def test_quick_pipe_suite_measures_every_figure_against_its_baseline() -> None:
-    marks: list[str] = []
-    results = pipe_benchmarks(repeat=1, quick=True, progress=marks.append)
-    assert [r.name for r in results] == [
+    done = subprocess.run(
+        [*bench_command(), "pipe", "--quick", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "." in done.stderr  # progress marks, off stdout
+    assert_aligned(done.stdout)
+    table = rows(done.stdout)
+    assert [row[0] for row in table] == [
         "pipe.throughput_64MiB",
         "pipe.one_node_throughput_64MiB",
         "pipe.start_to_finish",
         "pipe.added_start_to_finish",
     ]
-    assert marks
-    for r in results:
-        assert r.samples and r.baseline_samples
-        assert all(math.isfinite(v) and v > 0 for v in (r.value, r.baseline_value, r.ratio))
+    for row in table:
+        value, low, high, baseline, ratio = (float(cell.rstrip("x")) for cell in row[1:6])
+        assert all(math.isfinite(v) and v > 0 for v in (value, low, high, baseline, ratio)), row
+        assert low <= value <= high, row
