@@ -20,7 +20,8 @@ between them across the network, like a Unix shell pipeline spread over a LAN.
 
 EPILOG = """\
 pipeline syntax:
-  '|' separates stages; quoting is as in sh ('a|b' is one word). PROG@NODE pins a stage to
+  '|' separates stages, numbered from 0 (errors, --status, --tag and N: options say "stage 0"
+  for the first). Quote the whole pipeline as one argument. Quoting is as in sh ('a|b' is one word). PROG@NODE pins a stage to
   NODE; an unpinned stage goes to a node that offers PROG (dp.PROG), else to the entry node.
   No shell runs unless you write one: use sh -c '...' for redirections, globs and variables.
 
