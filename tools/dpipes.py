@@ -13,6 +13,9 @@ from typing import Any
 
 from dpipes.bus.errors import DpipesError
 
+EXIT_USAGE = 2  # a bad command line, as argparse answers
+EXIT_FAILED = 125  # dpipes itself failed (the code of env(1) and docker for "the tool, not the program")
+
 DESCRIPTION = """\
 Run each stage of PIPELINE as an ordinary program on a dpipes node and stream stdin/stdout
 between them across the network, like a Unix shell pipeline spread over a LAN.
@@ -21,8 +24,9 @@ between them across the network, like a Unix shell pipeline spread over a LAN.
 EPILOG = """\
 pipeline syntax:
   '|' separates stages, numbered from 0 (errors, --status, --tag and N: options say "stage 0"
-  for the first). Quote the whole pipeline as one argument. Quoting is as in sh ('a|b' is one word). PROG@NODE pins a stage to
-  NODE; an unpinned stage goes to a node that offers PROG (dp.PROG), else to the entry node.
+  for the first). Quote the whole pipeline as one argument; inside it, quoting is as in sh
+  ('a|b' is one word). PROG@NODE pins a stage to NODE; an unpinned stage goes to a node that
+  offers PROG (dp.PROG), else to the entry node.
   No shell runs unless you write one: use sh -c '...' for redirections, globs and variables.
 
 the entry node (which coordinates the run):
@@ -44,7 +48,8 @@ exit status:
   125  dpipes itself failed: no node reachable, a stage refused before anything started,
        a node lost mid-run
   130  interrupted (Ctrl-C cancels every stage on every node)
-  2    bad command line
+  2    bad command line: unknown flags, a pipeline syntax error (named by stage and column,
+       found before any node is contacted), a malformed --node or $DPIPES_NODE
 
 pipes:
   Every stage gets DAGSTER_PIPES_CONTEXT and DAGSTER_PIPES_MESSAGES; a program using dagster-pipes
@@ -115,22 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser, count: int) -> dict[str, Any]:
     """The Pipes flags -> ``{"extras", "assets", "partition", "context", "messages", "stages": {N: ...}}``."""
     from dpipes.nodes.pipes_options import CONTEXT_INJECTORS, MESSAGE_CHANNELS, split_stage_selector
-
-    count: int | None = None  # stages in the pipeline, parsed only when a flag names one
-
-    def stage_count() -> int | None:
-        nonlocal count
-        if count is None:
-            from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
-
-            try:
-                count = len(parse_pipeline(args.pipeline))
-            except PipelineSyntaxError:
-                return None  # the node names the syntax error
-        return count
 
     every: dict[str, Any] = {"extras": {}, "assets": [], "partition": None, "context": "env", "messages": "file"}
     stages: dict[str, dict[str, Any]] = {}
@@ -139,8 +131,8 @@ def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         index, value = split_stage_selector(item)
         if index is None:
             return every, value
-        if (n := stage_count()) is not None and index >= n:
-            parser.error(f"{flag} {item!r}: the pipeline has {n} stage(s), numbered 0-{n - 1}")
+        if index >= count:
+            parser.error(f"{flag} {item!r}: the pipeline has {count} stage(s), numbered 0-{count - 1}")
         return stages.setdefault(str(index), {}), value
 
     for item in args.extra:
@@ -175,35 +167,63 @@ def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    try:
+        args.entry = _entry_endpoint(args)
+    except DpipesError as exc:
+        print(f"dpipes: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.nodes:
         try:
             return asyncio.run(_nodes(args))
         except DpipesError as exc:
             print(f"dpipes: {exc}", file=sys.stderr)
-            return 125
+            return EXIT_FAILED
     if not args.pipeline or not args.pipeline.strip():
         parser.error("give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
+    from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
+
+    try:  # the parser is pure: a malformed pipeline is refused here, before any node is contacted
+        count = len(parse_pipeline(args.pipeline))
+    except PipelineSyntaxError as exc:
+        print(f"dpipes: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
     if args.mode is None:
         args.mode = "bytes"
-    args.pipes = _pipes_options(args, parser)
+    args.pipes = _pipes_options(args, parser, count)
     try:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:
         return 130
     except DpipesError as exc:
         print(f"dpipes: {exc}", file=sys.stderr)
-        return 125
+        return EXIT_FAILED
+
+
+def _entry_endpoint(args: argparse.Namespace) -> str | None:
+    """The endpoint of --node, else of $DPIPES_NODE, else None.
+
+    Raises:
+        EntryAddressError: the address is malformed (naming where it came from).
+    """
+    from dpipes.nodes.entry import EntryAddressError, parse_entry
+
+    given, source = (args.node, "--node") if args.node else (os.environ.get("DPIPES_NODE"), "$DPIPES_NODE")
+    if not given:
+        return None
+    try:
+        return parse_entry(given)
+    except EntryAddressError as exc:
+        raise EntryAddressError(f"{source} {given!r}: {exc}") from None
 
 
 async def _entry_and_run(args: argparse.Namespace, work: Any) -> Any:
     """Call ``work(entry)`` with the entry node: --node, $DPIPES_NODE, the local daemon, or embedded."""
     from dpipes.nodes import run
 
-    node = args.node or os.environ.get("DPIPES_NODE")
-    if node:
-        return await work(run.entry_from(node))
+    if args.entry:
+        return await work(args.entry)
     if (local := await run.local_daemon()) is not None:
         return await work(local)
     async with run.embedded_node() as embedded:
