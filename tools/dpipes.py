@@ -32,6 +32,8 @@ pipeline syntax:
 the entry node (which coordinates the run):
   --node HOST:PORT, else $DPIPES_NODE, else this host's running dpipesd, else an embedded node
   started inside this command for its duration (so dpipes works with nothing else running).
+  A --node that cannot be reached fails at once, saying why (cannot resolve, connection refused,
+  no reply); a local dpipesd that crashed is named on stderr before the embedded node runs.
 
 data:
   This command's stdin feeds the first stage when it is not a terminal; the last stage's stdout
@@ -223,9 +225,16 @@ async def _entry_and_run(args: argparse.Namespace, work: Any) -> Any:
     from dpipes.nodes import run
 
     if args.entry:
+        from dpipes.nodes.entry import probe_entry
+
+        await asyncio.to_thread(probe_entry, args.entry)  # fails at once, naming the cause
         return await work(args.entry)
     if (local := await run.local_daemon()) is not None:
         return await work(local)
+    from dpipes.nodes.entry import abandoned_local_daemon
+
+    if (why := abandoned_local_daemon()) is not None:
+        print(f"dpipes: {why}; running this command on an embedded node instead", file=sys.stderr)
     async with run.embedded_node() as embedded:
         return await work(embedded.ipc_endpoint)
 

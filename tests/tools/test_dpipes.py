@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from dpipes.nodes.entry import EntryUnreachable, probe_entry
 from tests.nodes.daemons import environment
 
 RUN_TIMEOUT_S = 60.0  # a whole dpipes run with an embedded node, on a busy machine
+QUEUE_FILL = 4  # more connections than a listen(0) queue takes before it drops SYNs (Linux: 1)
 
 
 def dpipes(runtime_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -75,3 +78,65 @@ def test_malformed_entry_node_exits_2(tmp_path: Path, flags: list[str], env: dic
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr
     assert "ipc://PATH" in done.stderr  # says how to write it
+
+
+def _free_port() -> int:
+    """A port nothing listens on: bound, then closed (connecting to it is refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_refused_entry_node_is_named_as_refused(tmp_path: Path) -> None:
+    port = _free_port()
+    done = dpipes(tmp_path, "--node", f"127.0.0.1:{port}", "seq 3")
+    assert done.returncode == 125
+    assert f"dpipes: no dpipes node at 127.0.0.1:{port}: connection refused" in done.stderr
+    assert "resolve" not in done.stderr
+
+
+def test_unresolvable_entry_node_is_named_as_such(tmp_path: Path) -> None:
+    done = dpipes(tmp_path, "--node", "no-such-host.invalid:5757", "--nodes")  # .invalid never resolves (RFC 6761)
+    assert done.returncode == 125
+    assert "dpipes: no dpipes node at no-such-host.invalid:5757: cannot resolve 'no-such-host.invalid'" in done.stderr
+    assert "refused" not in done.stderr
+
+
+def test_probe_names_a_silent_host_after_its_timeout() -> None:
+    # A listener whose accept queue is full drops further SYNs: the client sees no answer at all,
+    # as from a host behind a firewall that drops packets.
+    with socket.socket() as listener, contextlib.ExitStack() as held:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(QUEUE_FILL):
+            s = held.enter_context(socket.socket())
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+        with pytest.raises(EntryUnreachable) as caught:
+            probe_entry(f"tcp://127.0.0.1:{port}", timeout=0.5)
+    assert isinstance(caught.value, ConnectionError)
+    assert f"no dpipes node answers at 127.0.0.1:{port}: no reply within 0.5 s" in str(caught.value)
+
+
+def test_crashed_local_daemon_is_reported_before_falling_back(tmp_path: Path) -> None:
+    rt = tmp_path / "rt"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", "alpha", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=environment(rt),
+    )
+    try:
+        assert daemon.stdout is not None
+        assert daemon.stdout.readline().startswith("node alpha ready: ")
+    finally:
+        daemon.kill()  # a crash: no clean-up, local.sock stays behind
+        daemon.wait()
+    assert (rt / "local.sock").is_socket()
+    done = dpipes(rt, "seq 2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "1\n2\n"
+    assert f"dpipes: node alpha (pid {daemon.pid}) at ipc://{rt}/local.sock does not answer" in done.stderr
+    assert f"its log: {rt}/alpha.log; running this command on an embedded node instead" in done.stderr
