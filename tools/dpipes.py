@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from dpipes.bus.errors import DpipesError
+from dpipes.tools import VersionAction
 
 EXIT_USAGE = 2  # a bad command line, as argparse answers
 EXIT_FAILED = 125  # dpipes itself failed (the code of env(1) and docker for "the tool, not the program")
@@ -118,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     pipes.add_argument(
         "--pipes-json", metavar="FILE", help="write each stage's context, then every message, as JSON lines"
     )
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log what dpipes does (twice: debug)")
     return parser
 

@@ -11,6 +11,7 @@ from dpipes.nodes import daemon, paths
 from dpipes.nodes.config import HostPort, NodeConfig, load_config
 from dpipes.nodes.daemon import NodeFactory, ServingNode
 from dpipes.nodes.pipeline import check_node_name
+from dpipes.tools import VersionAction
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EXIT_NOT_RUNNING = 3  # --status of a stopped node, as LSB init scripts answer
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=VersionAction)
     run = parser.add_argument_group("running")
     run.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
     run.add_argument("--exit", action="store_true", help="exit after one stage has run on this node")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import dpipes.tools as dpipes_tools
 from dpipes.nodes.entry import EntryUnreachable, probe_entry
 from tests.nodes.daemons import environment
 
@@ -140,3 +142,23 @@ def test_crashed_local_daemon_is_reported_before_falling_back(tmp_path: Path) ->
     assert done.stdout == "1\n2\n"
     assert f"dpipes: node alpha (pid {daemon.pid}) at ipc://{rt}/local.sock does not answer" in done.stderr
     assert f"its log: {rt}/alpha.log; running this command on an embedded node instead" in done.stderr
+
+
+@pytest.mark.parametrize("tool", ["dpipes", "dpipesd"])
+def test_version_is_the_installed_distributions(tmp_path: Path, tool: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", f"dpipes.tools.{tool}", "--version"],
+        capture_output=True,
+        text=True,
+        env=environment(tmp_path),
+        timeout=RUN_TIMEOUT_S,
+    )
+    installed = importlib.metadata.version("dpipes-bus")
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{tool} {installed}\n", "")
+    assert dpipes_tools.__version__ == installed
+
+
+def test_license_file_matches_the_declared_license() -> None:
+    root = Path(__file__).parents[2]
+    assert "license = \"MIT\"" in (root / "pyproject.toml").read_text()
+    assert (root / "LICENSE").read_text().startswith("MIT License\n")
