@@ -80,7 +80,7 @@ def test_config_file_errors_exit_2_naming_file_and_key(
         (["--peer", "b@d=beta:5757"], "dpipesd: --peer 'b@d=beta:5757': 'b@d' is not a valid node name"),
         (["--peer", "x=a:1", "x=b:2"], "dpipesd: --peer 'x=b:2': peer name 'x' given twice"),
         (["--"], "'--' must be followed by the program"),
-        (["--stop", "--", "sort"], "cannot go with --stop or --status"),
+        (["--stop", "--", "sort"], "cannot go with --stop, --status or --print-config"),
         (["--stop", "--status"], "not allowed with argument"),
         (["--log-level", "LOUD"], "invalid choice: 'LOUD'"),
         (["stray"], "unrecognized arguments: stray"),
@@ -192,3 +192,29 @@ def test_real_node_detached_then_stopped(tmp_path: Path) -> None:
                 time.sleep(0.02)  # polling a condition under a deadline
     assert pid is not None and not paths.pid_alive(pid)
     assert sorted(p.name for p in rt.iterdir()) == ["alpha.log"]
+
+
+def test_print_config_shows_each_value_with_its_source_and_starts_nothing(tmp_path: Path) -> None:
+    conf = tmp_path / "node.toml"
+    conf.write_text('name = "fromfile"\nallow = ["cat"]\n')
+    flags = ["--runtime-dir", str(tmp_path / "rt"), "--config", str(conf), "--print-config"]
+    flags += ["--listen", "127.0.0.1:6000", "--peer", "beta=10.0.0.2:5757"]
+    done = subprocess.run(
+        [sys.executable, "-m", "dpipes.tools.dpipesd", *flags],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DPIPES_CONFIG_PATHS": ""},
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert 'name = "fromfile"' in lines[1] and lines[1].endswith(f"# {conf}")
+    assert any(x.startswith('listen = "127.0.0.1:6000"') and x.endswith("# --listen") for x in lines)
+    assert any(x.startswith('beta = "10.0.0.2:5757"') and x.endswith("# --peer") for x in lines)
+    assert any(x.startswith("max_stages = 64") and x.endswith("# default") for x in lines)
+    assert not (tmp_path / "rt").exists()
+
+
+def test_help_names_the_xdg_config_file(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and "$XDG_CONFIG_HOME/dpipes/dpipesd.toml" in out and "--print-config" in out
