@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -65,7 +66,7 @@ pipes:
 examples:
   dpipes 'seq 10 | sort -r'
   dpipes --nodes                  every node known: where it listens, what it offers, learned from
-  dpipes --nodes --json           the same, one JSON object per node
+  dpipes --nodes --json           the same, one JSON object per node (--yaml: one YAML document)
   dpipes 'cat /data/input.txt | sort@beta | uniq -c'
   dpipes --status --pipefail 'producer | consumer@gamma'
   dpipes --require 'sort>=9' 'cat big.txt | sort@beta'
@@ -88,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--yaml", action="store_const", const="yaml", dest="mode", help="YAML documents object mode")
     parser.add_argument("--pipefail", action="store_true", help="exit with the last non-zero stage status")
     parser.add_argument("--status", action="store_true", help="print every stage's node and exit status at the end")
-    parser.add_argument("--tag", action="store_true", help="prefix stderr lines with [stage N prog@node]")
+    parser.add_argument(
+        "--tag", action="store_true", help="prefix each line the stages write to stderr with [stage N prog@node]"
+    )
     parser.add_argument(
         "--require", action="append", default=[], metavar="'PROG>=VER'", help="refuse to run unless PROG's version fits"
     )
@@ -170,7 +173,15 @@ def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser, co
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `dpipes seq 3`: the shell split an unquoted pipeline; its first word became the pipeline
+        if args.pipeline and " " not in args.pipeline.strip() and any(not w.startswith("-") for w in extra):
+            parser.error(
+                f"unrecognized arguments: {' '.join(extra)}; the pipeline is one argument: quote it, "
+                f"e.g. dpipes {shlex.quote(' '.join([args.pipeline, *extra]))}"
+            )
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.entry = _entry_endpoint(args)
     except DpipesError as exc:
@@ -248,6 +259,11 @@ async def _nodes(args: argparse.Namespace) -> int:
     if args.mode == "json":
         for node in nodes:
             print(json.dumps(node))
+        return 0
+    if args.mode == "yaml":
+        import yaml
+
+        print(yaml.safe_dump_all(nodes, sort_keys=False), end="")
         return 0
     rows = [("NODE", "ENDPOINT", "PROGRAMS", "LEARNED FROM", "LAST SEEN", "")]
     for n in nodes:
