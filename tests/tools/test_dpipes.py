@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import dpipes.tools as dpipes_tools
 from dpipes.nodes.entry import EntryUnreachable, probe_entry
@@ -162,3 +163,32 @@ def test_license_file_matches_the_declared_license() -> None:
     root = Path(__file__).parents[2]
     assert "license = \"MIT\"" in (root / "pyproject.toml").read_text()
     assert (root / "LICENSE").read_text().startswith("MIT License\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "quoted"),
+    [(["seq", "3"], "dpipes 'seq 3'"), (["seq", "-n", "3", "|", "sort"], "dpipes 'seq -n 3 | sort'")],
+)
+def test_unquoted_pipeline_gets_a_hint_to_quote_it(tmp_path: Path, argv: list[str], quoted: str) -> None:
+    done = dpipes(tmp_path, *argv)
+    assert done.returncode == 2
+    assert f"the pipeline is one argument: quote it, e.g. {quoted}" in done.stderr
+
+
+def test_unknown_flag_after_a_quoted_pipeline_gets_no_quoting_hint(tmp_path: Path) -> None:
+    done = dpipes(tmp_path, "seq 3", "--bogus")
+    assert done.returncode == 2
+    assert "unrecognized arguments: --bogus" in done.stderr and "quote it" not in done.stderr
+
+
+def test_help_says_tag_is_about_stderr(tmp_path: Path) -> None:
+    out = " ".join(dpipes(tmp_path, "--help").stdout.split())
+    assert "--tag prefix each line the stages write to stderr with [stage N prog@node]" in out
+
+
+def test_nodes_as_yaml(tmp_path: Path) -> None:
+    done = dpipes(tmp_path, "--nodes", "--yaml")
+    assert done.returncode == 0, done.stderr
+    documents = list(yaml.safe_load_all(done.stdout))
+    assert len(documents) == 1  # the embedded node knows itself
+    assert documents[0]["source"] == "self" and documents[0]["endpoint"].startswith("tcp://127.0.0.1:")
