@@ -14,6 +14,7 @@ from typing import Any
 
 from dpipes.bus.errors import DpipesError
 from dpipes.tools import VersionAction
+from dpipes.tools.completion import SHELLS, completion_script
 
 EXIT_USAGE = 2  # a bad command line, as argparse answers
 EXIT_FAILED = 125  # dpipes itself failed (the code of env(1) and docker for "the tool, not the program")
@@ -123,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
         "--pipes-json", metavar="FILE", help="write each stage's context, then every message, as JSON lines"
     )
     parser.add_argument("--version", action=VersionAction)
+    parser.add_argument(
+        "--completion", metavar="SHELL", choices=SHELLS, help="print a bash or zsh completion script and exit"
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log what dpipes does (twice: debug)")
     return parser
 
@@ -174,6 +178,9 @@ def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser, co
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.completion:
+        print(completion_script(parser, args.completion), end="")
+        return 0
     if extra:
         # `dpipes seq 3`: the shell split an unquoted pipeline; its first word became the pipeline
         if args.pipeline and " " not in args.pipeline.strip() and any(not w.startswith("-") for w in extra):

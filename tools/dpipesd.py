@@ -12,6 +12,7 @@ from dpipes.nodes.config import HostPort, NodeConfig, format_config, load_config
 from dpipes.nodes.daemon import NodeFactory, ServingNode
 from dpipes.nodes.pipeline import check_node_name
 from dpipes.tools import VersionAction
+from dpipes.tools.completion import SHELLS, completion_script
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FLAG_OF_KEY = {  # the flag behind each configuration key it sets, for --print-config
@@ -83,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action=VersionAction)
+    parser.add_argument(
+        "--completion", metavar="SHELL", choices=SHELLS, help="print a bash or zsh completion script and exit"
+    )
     run = parser.add_argument_group("running")
     run.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
     run.add_argument("--exit", action="store_true", help="exit after one stage has run on this node")
@@ -181,6 +185,9 @@ def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None)
             parser.error("'-- PROG' starts a node; it cannot go with --stop, --status or --print-config")
     except SystemExit as e:  # argparse's usage errors (2) and --help (0)
         return e.code if isinstance(e.code, int) else 2
+    if args.completion:
+        print(completion_script(parser, args.completion), end="")
+        return 0
 
     overrides: dict[str, object] = {}
     if args.name is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import shlex
 import socket
 import subprocess
 import sys
@@ -192,3 +193,40 @@ def test_nodes_as_yaml(tmp_path: Path) -> None:
     documents = list(yaml.safe_load_all(done.stdout))
     assert len(documents) == 1  # the embedded node knows itself
     assert documents[0]["source"] == "self" and documents[0]["endpoint"].startswith("tcp://127.0.0.1:")
+
+
+def _complete(script: str, words: list[str]) -> list[str]:
+    """What bash offers for the last of ``words`` with ``script`` loaded (a real bash, no terminal)."""
+    program = f'{script}\nCOMP_WORDS=({" ".join(shlex.quote(w) for w in words)})\nCOMP_CWORD={len(words) - 1}\n'
+    program += f'{script.split("complete -F ", 1)[1].split()[0]}\nprintf "%s\\n" "${{COMPREPLY[@]}}"\n'
+    done = subprocess.run(["bash", "--norc", "-c", program], capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+@pytest.mark.parametrize("tool", ["dpipes", "dpipesd"])
+def test_bash_completion_completes_flags_and_choices(tmp_path: Path, tool: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", f"dpipes.tools.{tool}", "--completion", "bash"],
+        capture_output=True,
+        text=True,
+        env=environment(tmp_path),
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"complete -F _{tool}_complete {tool}" in done.stdout
+    assert _complete(done.stdout, [tool, "--comp"]) == ["--completion"]
+    assert _complete(done.stdout, [tool, "--completion", "z"]) == ["zsh"]
+    if tool == "dpipes":
+        assert _complete(done.stdout, [tool, "--pipef"]) == ["--pipefail"]
+        assert "sort" in _complete(done.stdout, [tool, "sor"])  # a program for the first stage
+    else:
+        assert _complete(done.stdout, [tool, "--log-level", "WA"]) == ["WARNING"]
+
+
+def test_zsh_completion_is_the_bash_one_behind_bashcompinit(tmp_path: Path) -> None:
+    zsh = dpipes(tmp_path, "--completion", "zsh").stdout
+    bash = dpipes(tmp_path, "--completion", "bash").stdout
+    assert zsh.startswith("# zsh completion for dpipes")
+    assert "#compdef dpipes\nautoload -U +X bashcompinit && bashcompinit\n" in zsh
+    assert zsh.split("bashcompinit\n", 1)[1] == bash.split("\n", 1)[1]
