@@ -16,8 +16,9 @@ Rules:
   ``linked`` is the hub's live link to the node: what the node said of itself in its HELLO, over
   a link whose heartbeats prove it is there, outranks what its mDNS records said.
 * ``goodbye`` (mDNS goodbye or removal) withdraws the ``mdns`` and ``gossip`` claims: an entry that
-  is also static or linked stays (a live link outlasts a lossy multicast cache) (static entries are never removed by mDNS absence); only the hub's heartbeat
-  verdict, ``lost``, removes a static entry.
+  is also static or linked stays (static entries are never removed by mDNS absence; a live link
+  outlasts a lossy multicast cache); only the hub's heartbeat verdict, ``lost``, removes a static
+  entry.
 * ``expire`` ages out gossip claims not refreshed within ``ttl_s``. mDNS entries are not aged
   here: zeroconf reports their absence (goodbye or cache expiry) as a removal, which the mDNS layer
   turns into ``goodbye``.
@@ -45,9 +46,7 @@ ChangeKind = Literal["added", "updated", "removed"]
 
 SOURCES: tuple[Source, ...] = ("self", "linked", "mdns", "static", "gossip")
 # Higher rank wins as the displayed source and as the origin of an entry's content.
-SOURCE_RANK: Mapping[str, int] = MappingProxyType(
-    {"self": 4, "linked": 3, "mdns": 2, "static": 1, "gossip": 0}
-)
+SOURCE_RANK: Mapping[str, int] = MappingProxyType({"self": 4, "linked": 3, "mdns": 2, "static": 1, "gossip": 0})
 
 
 def new_instance_id() -> str:
