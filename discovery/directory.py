@@ -27,13 +27,17 @@ Sources, and what each one may do (ranks as in the table: ``self`` > ``linked`` 
     an IPv4, bracketed IPv6 or DNS host that is not a wildcard, and a port 1-65535; other keys of
     the body are ignored, for later versions). Any fault rejects the whole body: a dpipes node only
     gossips what it has itself linked to, so a malformed entry means the sender is not one.
-``linked`` (:meth:`~NodeDirectory.link_up`, :meth:`~NodeDirectory.link_down`)
+``linked`` (:meth:`~NodeDirectory.link_up`, :meth:`~NodeDirectory.link_info`,
+:meth:`~NodeDirectory.link_down`)
     The hub's link to a node is up: the node's name, instance, endpoint and HELLO ``info``
-    (``programs``) become its content. This covers links the peer opened to us. When the link goes
+    (``programs``) become its content (``link_info`` updates the programs when the peer's HELLO
+    arrives after the link is up). This covers links the peer opened to us. When the link goes
     down in order (BYE) the node left: its mDNS and gossip claims go too, and its incarnation is
     tombstoned, and gossip may not link it again for ``DEPARTED_S`` (first-hand sources may); when
     it is lost (heartbeats) the table's ``lost`` rule applies, and gossip may bring it back (a
-    lost node may be back; a dead one expires as unreachable). A static peer stays listed either way, down.
+    lost node may be back; a dead one expires as unreachable). A static peer stays listed
+    either way, down. A link going down yields no ``Unlink``: the hub retries a static link and
+    drops any other one itself.
 
 Rules and bounds:
 
@@ -350,6 +354,9 @@ class NodeDirectory:
             return self._reject(exc.code, via, str(exc), now)
         actions: list[Action] = []
         linked_at = {endpoint: name for name, endpoint in self._up.items()}
+        me = self.table.get(self.name)
+        if me is not None and "bus" in me.endpoints:
+            linked_at[me.endpoints["bus"]] = self.name  # a link to ourselves would only be refused
         for name in sorted(peers):
             endpoint = peers[name]
             if name == self.name:
@@ -387,7 +394,7 @@ class NodeDirectory:
         actions: list[Action] = []
         previous = self._up.get(name)
         if previous is not None and previous != endpoint:
-            actions += self._link_gone(name, previous, now)
+            self._link_gone(name, previous, now)
         record = NodeRecord(name, instance, PROTOCOL_VERSION, {"bus": endpoint}, programs=_programs(info))
         want = self._wanted.get(endpoint)
         if want is None:
@@ -411,14 +418,38 @@ class NodeDirectory:
                 self.table.withdraw(other.name, "gossip", "endpoint-taken")
         return actions + self._evict_over_bound()
 
+    def link_info(self, name: str, info: Mapping[str, Any], now: float) -> list[Action]:
+        """``name``'s HELLO ``info`` as the hub holds it now, for a link already up.
+
+        The hub learns a peer's ``info`` from the HELLO the peer sends on its own link to us, which
+        may come after our link to it is up (our WELCOME carries none) and is not announced; the
+        node passes it on each gossip tick. Returns no action.
+        """
+        endpoint = self._up.get(name)
+        record = self.table.get(name)
+        if endpoint is None or record is None:
+            return []
+        programs = _programs(info)
+        if programs != record.programs:
+            self.table.seen(
+                NodeRecord(name, record.instance_id, PROTOCOL_VERSION, {"bus": endpoint}, programs=programs),
+                "linked",
+                now,
+            )
+        return []
+
     def link_down(self, name: str, *, orderly: bool, reason: str, now: float) -> list[Action]:
-        """The hub's link to ``name`` went down: it said goodbye (``orderly``) or was lost."""
+        """The hub's link to ``name`` went down: it said goodbye (``orderly``) or was lost.
+
+        Returns no action today (the hub retries static links and drops the others itself); the
+        list is there so the node handles every event alike.
+        """
         endpoint = self._up.get(name)
         if endpoint is None:
             return []
         record = self.table.get(name)
         instance = record.instance_id if record is not None else ""
-        actions = self._link_gone(name, endpoint, now)
+        self._link_gone(name, endpoint, now)
         self._last_gossip.pop(name, None)
         if orderly:
             self.table.goodbye(name, instance)
@@ -427,7 +458,7 @@ class NodeDirectory:
         else:
             self.table.lost(name, instance)
         log.debug("node %s: link to %s down (%s): %s", self.name, name, "left" if orderly else "lost", reason)
-        return actions
+        return []
 
     def expire(self, now: float) -> list[Action]:
         """The clock: age out rumours, unreachable gossip-learned links and old bars."""
@@ -512,18 +543,21 @@ class NodeDirectory:
     def _rumour(self, name: str, endpoint: str, via: str) -> NodeRecord:
         return NodeRecord(name, "", PROTOCOL_VERSION, {"bus": endpoint}, source="gossip", via=via)
 
-    def _link_gone(self, name: str, endpoint: str, now: float) -> list[Action]:
-        """``name``'s link at ``endpoint`` is no longer up: a static one is retried, any other dropped."""
+    def _link_gone(self, name: str, endpoint: str, now: float) -> None:
+        """``name``'s link at ``endpoint`` is no longer up.
+
+        No ``Unlink``: the hub itself retries a static link and drops any other one when it goes
+        down, and the listener runs before the hub may open a new link to the same endpoint (a
+        restarted peer), which a late ``Unlink`` would close.
+        """
         if self._up.get(name) == endpoint:
             del self._up[name]
         want = self._wanted.get(endpoint)
         if want is None:
-            return []
+            return
         want.up, want.since = False, now
-        if endpoint in self._static:
-            return []
-        del self._wanted[endpoint]
-        return [Unlink(endpoint, "its link went down")]
+        if endpoint not in self._static:
+            del self._wanted[endpoint]
 
     def _drop_wants(self, name: str, reason: str, *, keep: str, only: str = "") -> list[Action]:
         """Unlink every non-static link wanted for ``name`` that is not up, except ``keep``."""

@@ -359,9 +359,7 @@ def test_a_node_that_said_goodbye_is_not_relinked_from_lagging_gossip() -> None:
     d = directory()
     linked_peer(d, "beta", "tcp://10.0.0.2:5555", 0.0)
     linked_peer(d, "gamma", "tcp://10.0.0.3:5555", 0.0)
-    assert d.link_down("gamma", orderly=True, reason="said goodbye", now=1.0) == [
-        Unlink("tcp://10.0.0.3:5555", "its link went down")
-    ]
+    assert d.link_down("gamma", orderly=True, reason="said goodbye", now=1.0) == []  # the hub drops it
     assert "gamma" not in {e.name for e in d.entries(1.0)}
     assert d.gossip("beta", {"peers": {"gamma": "tcp://10.0.0.3:5555"}}, 1.1) == []
     d.expire(1.0 + DEPARTED_S + 0.1)
@@ -374,7 +372,8 @@ def test_a_lost_node_may_come_back_through_gossip() -> None:
     d = directory()
     linked_peer(d, "beta", "tcp://10.0.0.2:5555", 0.0)
     linked_peer(d, "gamma", "tcp://10.0.0.3:5555", 0.0)
-    assert unlinks(d.link_down("gamma", orderly=False, reason="silent", now=4.0)) == ["tcp://10.0.0.3:5555"]
+    assert d.link_down("gamma", orderly=False, reason="silent", now=4.0) == []
+    assert "gamma" not in d.programs_by_node()
     assert links(d.gossip("beta", {"peers": {"gamma": "tcp://10.0.0.3:5555"}}, 4.1)) == ["tcp://10.0.0.3:5555"]
 
 
@@ -427,3 +426,16 @@ def test_gossip_about_ourselves_is_not_an_error() -> None:
     linked_peer(d, "beta", "tcp://10.0.0.2:5555", 0.0)
     assert d.gossip("beta", {"peers": {ME: ME_ENDPOINT, "beta": "tcp://10.0.0.2:5555"}}, 0.0) == []
     assert sum(d.rejected.values()) == 0
+    # ...but a made-up name at our own endpoint would be a link to ourselves.
+    assert d.gossip("beta", {"peers": {"mirror": ME_ENDPOINT}}, 1.0) == []
+    assert d.rejected["endpoint-taken"] == 1
+
+
+def test_programs_that_arrive_after_the_link_is_up_are_taken() -> None:
+    d = directory()
+    d.add_static("tcp://10.0.0.2:5555", 0.0)
+    d.link_up("beta", IID, "tcp://10.0.0.2:5555", {}, 1.0)  # our link is up at its WELCOME: no info yet
+    assert d.programs_by_node()["beta"] == frozenset()
+    assert d.link_info("beta", {"programs": ["sort"]}, 2.0) == []
+    assert d.programs_by_node()["beta"] == {"sort"}
+    assert d.link_info("nobody", {"programs": ["sort"]}, 2.0) == [] and "nobody" not in d.programs_by_node()
