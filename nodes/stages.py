@@ -26,7 +26,6 @@ import shlex
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, StageError
 from dpipes.bus.hub import Hub
@@ -95,8 +94,9 @@ class Stages:
         self._spawn = spawn
         self._on_exit = on_exit
         self._stages: dict[tuple[str, int], Stage] = {}
-        # Every stream starts with the protocol's credit; a larger window is granted at its open.
-        self.window = max(config.limits.credit_bytes, codec.INITIAL_CREDIT_BYTES)
+        # How much a producer may have in flight towards a stage here: the protocol's initial
+        # credit, and what a larger window adds is granted as the stream opens.
+        self.window = config.limits.credit_bytes
 
     def __len__(self) -> int:
         return len(self._stages)
