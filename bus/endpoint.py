@@ -21,6 +21,7 @@ from dpipes.bus.errors import (
     BusError,
     NoRoute,
     PeerLost,
+    RequestFailed,
     RequestTimeout,
     StreamError,
 )
@@ -349,7 +350,7 @@ class Endpoint:
         Raises:
             RequestTimeout: no reply within ``timeout``.
             NoRoute, PeerLost: the request could not reach ``dst``.
-            BusError: the other side replied with an error.
+            RequestFailed: the other side replied with an error (its reply body is kept).
         """
         rid = next(self._ids)
         future: asyncio.Future[codec.Reply] = self._loop.create_future()
@@ -363,7 +364,7 @@ class Endpoint:
         finally:
             self._requests.pop(rid, None)
         if not reply.ok:
-            raise BusError(f"{method} at {dst} failed: {reply.error}")
+            raise RequestFailed(f"{method} at {dst} failed: {reply.error}", reply.body)
         return reply.body
 
     def reply(self, request: codec.Request, body: dict[str, Any] | None = None, *, error: str = "") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DpipesError(Exception):
     """Root of every error dpipes raises on purpose."""
@@ -29,6 +31,14 @@ class PeerLost(BusError, ConnectionError):
 
 class RequestTimeout(BusError, TimeoutError):
     """A request got no reply within its timeout."""
+
+
+class RequestFailed(BusError):
+    """The other side answered a REQUEST with a failed REPLY; ``body`` is that reply's body."""
+
+    def __init__(self, message: str, body: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.body: dict[str, Any] = body if isinstance(body, dict) else {}
 
 
 class StreamError(BusError):

@@ -62,11 +62,11 @@ from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
 from dpipes.discovery.table import NodeRecord, new_instance_id
 from dpipes.nodes.config import NodeConfig
-from dpipes.nodes.control import CTL
 from dpipes.nodes.coordinator import Coordinator
 from dpipes.nodes.dispatch import ControlServer
 from dpipes.nodes.fdpass import FdDrop, drop_path
 from dpipes.nodes.policy import Policy, parse_requirement
+from dpipes.nodes.protocol import CTL
 from dpipes.nodes.stage import DirectPipes
 from dpipes.nodes.stages import NegotiationRefused, Stages
 from dpipes.nodes.supervisor import Supervisor

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from typing import Final
 
 from dpipes.nodes.config import NodeConfig
-from dpipes.nodes.control import MODES, PIPELINE_PROTOCOL
+from dpipes.nodes.protocol import MODES, PIPELINE_PROTOCOL
 
 log = logging.getLogger(__name__)
 

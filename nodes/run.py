@@ -28,9 +28,9 @@ from dpipes.bus import codec
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
-from dpipes.nodes.control import CTL, PIPELINE_PROTOCOL, current_user
 from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.fdpass import hand_over
+from dpipes.nodes.protocol import CTL, PIPELINE_PROTOCOL, current_user
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,19 @@ class RunResult:
 
 
 def exit_code_of(stages: list[StageResult], *, pipefail: bool) -> int:
-    """The pipeline's exit code from its stages, as a shell computes it."""
+    """The pipeline's exit code from its stages, as a shell computes it.
+
+    With ``pipefail``, a stage left out is only one its reader's early end *killed* (SIGPIPE, or
+    our cancel of it): a stage that exited with a code of its own failed, whichever stage
+    finished first (``false | true`` is 1, as in bash, even when ``true`` ended before ``false``
+    had its EOF acknowledged).
+    """
     if not stages:
         return 0
     if pipefail:
         for stage in reversed(stages):
-            if stage.shell_code != 0 and not (stage.sigpipe and stage is not stages[-1]):
+            stopped_by_reader = stage.sigpipe and stage.signal != 0 and stage is not stages[-1]
+            if stage.shell_code != 0 and not stopped_by_reader:
                 return stage.shell_code
         return 0
     return stages[-1].shell_code

@@ -11,7 +11,7 @@ import pytest
 
 from dpipes.nodes import policy
 from dpipes.nodes.config import AppConfig, NodeConfig
-from dpipes.nodes.control import PIPELINE_PROTOCOL
+from dpipes.nodes.protocol import PIPELINE_PROTOCOL
 from dpipes.nodes.policy import Policy, Refusal, parse_requirement, version_satisfies, version_tuple
 
 

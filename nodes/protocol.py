@@ -1,0 +1,750 @@
+"""The dpipes control protocol, version 2: how clients and nodes run pipelines. This docstring is the spec.
+
+It rides on the bus (:mod:`dpipes.bus.codec`, whose docstring specifies frames, addresses,
+streams, credit and ``ERROR``); everything here is a bus ``REQUEST``/``REPLY`` body or a bus
+stream. A client written from the two docstrings alone can run a pipeline (``examples/``
+holds one that imports only pyzmq and msgpack).
+
+Endpoints
+    Every node has a **control endpoint** ``<node>/ctl`` (``CTL``). A client attaches to a node's
+    hub (codec: ``ATTACH``), which makes it an endpoint ``<node>/<name>`` of that node; that node
+    is its **entry node**. Each stage of a run gets an endpoint on the node that runs it,
+    ``<node>/<pipeline>.<index>`` (its **stage address**); stages are numbered from 0.
+
+Calls
+    A call is a ``REQUEST`` to ``<node>/ctl`` with ``method`` and ``body`` (a msgpack map); ``seq``
+    is the caller's request id, unique among its outstanding requests. The node answers with one
+    ``REPLY`` to the request's ``src`` with the same ``seq``:
+
+    * success: ``ok = true``, ``body`` = the method's reply body (below);
+    * failure: ``ok = false``, ``error`` = a sentence for a person, and ``body`` =
+      ``{"code": CODE, "field": FIELD}``: one of the codes under *Errors*, and for
+      ``bad-request`` the request field at fault (a dotted path such as ``stages.2.argv``),
+      else ``""``. Callers act on ``code``, never on ``error``'s wording.
+
+    Body maps have string keys. A key the receiver does not know is ignored (room for compatible
+    additions without a version bump); a key it needs that is missing, of the wrong type or out of
+    its bounds is ``bad-request`` naming it. Types: ``str`` (UTF-8, at most ``MAX_TEXT_CHARS``
+    unless noted), ``int`` (msgpack integer, never a boolean), ``float`` (msgpack float or
+    integer), ``bool``, ``list[T]`` (at most ``MAX_ITEMS`` items), ``map`` (any msgpack map with
+    string keys, nesting bounded by the codec's ``MAX_DEPTH``). Defaults are shown as ``= value``;
+    a field without one is required.
+
+Reports
+    A node tells a client about a run by calling the client's own endpoint: ``REQUEST`` with
+    method ``exit`` or ``failed`` to the client's address. The client answers each with an empty
+    successful ``REPLY`` (so the node knows it arrived; an unanswered report is logged and dropped
+    after ``REPORT_TIMEOUT_S``). A client ignores reports of pipelines it does not know.
+
+Versioning
+    ``PIPELINE_PROTOCOL`` (2) is this conversation's version, apart from the bus's
+    ``PROTOCOL_VERSION``. ``run`` and ``negotiate`` carry ``protocol``; a node that speaks another
+    version answers ``protocol`` (and ``info`` says which version a node speaks). Version 1 was
+    the same conversation before it was written down: error replies had no ``code``, ``exit``
+    had no ``cancelled`` and said cancellation only in ``error``'s text.
+
+Methods (``REQUEST`` to ``<node>/ctl``)
+    ``run`` (client -> its entry node): run a pipeline. Body:
+        ``pipeline: str`` (the pipeline text, at most ``MAX_PIPELINE_CHARS``: stages separated by
+        ``|``, each ``PROG[@NODE] ARGS...`` in shell words), ``protocol: int``,
+        ``mode: str = "bytes"`` (``bytes``, ``json`` or ``yaml``: what flows between stages),
+        ``stdin: bool = false`` (the client streams data into the first stage),
+        ``require: list[str] = []`` (version constraints such as ``"sort>=9"``),
+        ``user: str = ""`` (who asks, as the client says), ``pipes: map = {}`` (Dagster Pipes
+        options, :mod:`dpipes.nodes.pipes_options`), ``local_fds: str = ""`` (a token under which
+        a client on the node's host handed its stdin/stdout over, :mod:`dpipes.nodes.fdpass`).
+        The entry node parses the text, places every stage, negotiates with every chosen node,
+        then starts every stage, the last one first. Nothing starts unless every node agreed.
+        Reply: ``pipeline: str`` (the run's id), ``stdin_direct: bool = false`` and
+        ``stdout_direct: bool = false`` (the handed-over stdin/stdout went straight to the
+        first/last stage: the client neither feeds nor reads them), ``stages: list[map]``, each
+        ``index: int, node: str, argv: list[str], addr: str, context: map`` (``addr`` is the
+        stage address, ``context`` the Pipes context it was started with).
+    ``cancel`` (client -> its entry node, or coordinator -> each node): stop a run.
+        Body: ``pipeline: str``, ``reason: str = "cancelled"``. From the client that started it,
+        the entry node cancels the run on every node; otherwise the node terminates its own
+        stages of the run (TERM to the process group, KILL after a grace). Reply:
+        ``stages: int = 0`` (how many stages of it were here). Every stage still reports ``exit``.
+    ``info`` (anyone -> a node): what the node knows. Body: empty. Reply: ``node: str``,
+    ``protocol: int``, ``nodes: list[map]``, each ``name: str, endpoint: str, programs: list[str],
+    source: str`` (``self``, ``static``, ``mdns``, ``gossip``, ``linked``), ``last_seen_s: float``,
+    ``up: bool``.
+    ``negotiate`` (coordinator -> each chosen node): may this stage run here? Body:
+        ``pipeline: str, stage: int, argv: list[str]`` (at least one word), ``protocol: int``,
+        ``mode: str = "bytes"``, ``require: list[str] = []``, ``user: str = ""``,
+        ``peers: map[str, str] = {}`` (node name -> bus endpoint of the neighbouring stages'
+        nodes, which this node links to before it agrees). The node checks the version, the mode,
+        that the program is allowed and found here and meets ``require``, then reserves the stage
+        address. Reply: ``addr: str``.
+    ``start`` (coordinator -> each node, after every ``negotiate`` succeeded): start a negotiated
+        stage. Body: ``pipeline: str, stage: int``, ``stdin_from: str = ""`` (who streams the
+        stage's stdin: the previous stage's address or the client's; ``""``: no input, stdin is
+        closed at once), ``stdout_to: str`` (where its stdout goes: the next stage's address or
+        the client's), ``stderr_to: str`` (where its stderr and Pipes messages go: the client),
+        ``report_to: list[str]`` (who gets its ``exit`` report), ``user: str = ""``,
+        ``pipes: map = {}`` (this stage's Pipes options), ``direct_in: bool = false`` /
+        ``direct_out: bool = false`` (the neighbour is on this node too, or the client handed its
+        stdin/stdout over: that edge is one kernel pipe and carries nothing on the bus).
+        Reply: ``pid: int, context: map``.
+    ``gossip`` (node -> each linked node, every ``GOSSIP_INTERVAL_S`` and on a new link): the
+        nodes the sender knows. Body: ``peers: map[str, str]`` (node name -> ``tcp://`` bus
+        endpoint). One-way: the sender does not wait for the reply (empty).
+
+Reports (``REQUEST`` to a client's or coordinator's address; reply: empty)
+    ``exit``: a stage ended. Body: ``pipeline: str, stage: int, node: str``, ``code: int`` (its
+    exit code, -1 when it was killed by a signal), ``signal: int = 0``, ``status: str`` (for a
+    person: "exit 0", "killed by SIGTERM"), ``sigpipe: bool = false`` (it was stopped because its
+    reader finished early, as SIGPIPE: a shell leaves such a stage out of ``pipefail``),
+    ``error: str = ""`` (its data could not be moved: the output is not complete),
+    ``cancelled: str = ""`` (why it was cancelled, when it was; not an error of its own),
+    ``stderr_tail: str = ""`` (the end of a failed stage's stderr).
+    ``failed``: the run failed as a whole (a node was lost, ...). Body: ``pipeline: str,
+    error: str, lost: list[int] = []`` (stages that will never report: they ran on a lost node).
+
+A run, from the client's side
+    1. Attach to the entry node; call ``run``. On failure the error names the stage, node and
+       reason; nothing started.
+    2. Data. With ``stdin`` and not ``stdin_direct``: open a stream (codec: *Flow control*) from
+       the client's address to ``stages[0].addr`` and send the input as ``BYTES`` (``OBJECTS`` in
+       an object mode), then ``EOF``. Each stage opens streams *to the client*: from the last
+       stage's address, its stdout (``BYTES``/``OBJECTS``; unless ``stdout_direct``); from every
+       stage's address, its stderr (``STDERR``, opened only when it writes any) and its Pipes
+       messages (``PIPES``, opened at the first). Streams from one stage address are told apart
+       by their ``sid`` and by the kind of their data messages. The client grants credit on each
+       as it consumes; it may ``CANCEL`` the stdout stream to stop the pipeline early (as a
+       reader that exits closes a pipe).
+    3. Each stage reports ``exit``; a ``failed`` report ends the run and lists the stages that
+       will not report. The run is over when every stage reported or was listed ``lost``.
+    4. To stop a run (Ctrl-C): ``cancel`` to the entry node with the pipeline id.
+
+Errors (``REPLY.body.code``)
+    ``bad-request``: the body is malformed (``field`` names what). ``unknown-method``.
+    ``protocol``: the caller speaks another ``PIPELINE_PROTOCOL``. ``syntax``: the pipeline text
+    does not parse. ``refused``: a node will not run a stage (not allowed, not found, version);
+    the error names stage, node, program and reason. ``placement``: no node offers a stage's
+    program, or a pinned node is not known. ``limit``: a configured limit (stages per pipeline).
+    ``not-found``: no such pipeline or negotiated stage here. ``unreachable``: a node could not
+    be reached. ``internal``: a bug in the node; the error says where.
+
+Limits and timeouts
+    ======================  ========  ===========================================================
+    constant                value     what it bounds
+    ======================  ========  ===========================================================
+    ``MAX_TEXT_CHARS``      4096      a ``str`` field unless noted (names, addresses, arguments)
+    ``MAX_PIPELINE_CHARS``  60000     ``run.pipeline``
+    ``MAX_ITEMS``           1024      a list's items, a map's entries; ``stage`` numbers
+    ``CONTROL_TIMEOUT_S``   10.0 s    ``negotiate``, ``start`` and ``cancel`` between nodes
+    ``RUN_TIMEOUT_S``       60.0 s    ``run`` as the client waits (version probes included)
+    ``REPORT_TIMEOUT_S``    5.0 s     a report's acknowledgement
+    ``GOSSIP_INTERVAL_S``   2.0 s     between two ``gossip`` calls to one peer
+    ======================  ========  ===========================================================
+
+    ``stderr_tail`` and ``failed.error`` may hold 4 x ``MAX_TEXT_CHARS``. A node also refuses
+    pipelines of more stages than its configured ``[limits] max_stages`` (``limit``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import os
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeAlias
+
+from dpipes.bus.codec import MAX_DEPTH
+from dpipes.bus.errors import DpipesError
+
+CTL = "ctl"
+"""The name of every node's control endpoint: ``<node>/ctl``."""
+
+PIPELINE_PROTOCOL = 2
+"""Version of this conversation; bumped by hand when it changes incompatibly."""
+
+MODES = ("bytes", "json", "yaml")
+
+MAX_TEXT_CHARS = 4096  # a name, address, reason or argument
+MAX_PIPELINE_CHARS = 60_000  # a whole pipeline's text (the header that carries it is 64 KiB at most)
+MAX_ITEMS = 1024  # items of one list (argv words, stages, nodes)
+
+CONTROL_TIMEOUT_S = 10.0  # negotiate/start/cancel answers between nodes; they involve no data
+RUN_TIMEOUT_S = 60.0  # a client's wait for `run`: negotiation and start across every node
+REPORT_TIMEOUT_S = 5.0  # an exit/failed report nobody acknowledges is logged and dropped after this
+GOSSIP_INTERVAL_S = 2.0  # how often a node tells its peers the nodes it knows (also at once on a new link)
+
+# Error codes (REPLY.body.code)
+BAD_REQUEST = "bad-request"
+UNKNOWN_METHOD = "unknown-method"
+PROTOCOL = "protocol"
+SYNTAX = "syntax"
+REFUSED = "refused"
+PLACEMENT = "placement"
+LIMIT = "limit"
+NOT_FOUND = "not-found"
+UNREACHABLE = "unreachable"
+INTERNAL = "internal"
+CODES = (BAD_REQUEST, UNKNOWN_METHOD, PROTOCOL, SYNTAX, REFUSED, PLACEMENT, LIMIT, NOT_FOUND, UNREACHABLE, INTERNAL)
+
+
+class ControlError(DpipesError):
+    """A control call failed with a coded reason; ``str()`` is the sentence for a person.
+
+    Raised by a handler, it becomes the failed REPLY; raised by :func:`call`, it is that REPLY.
+    """
+
+    def __init__(self, code: str, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.code = code if code in CODES else INTERNAL
+        self.field = field
+
+    def body(self) -> dict[str, str]:
+        """The failed REPLY's body."""
+        return {"code": self.code, "field": self.field}
+
+
+class BadRequest(ControlError, ValueError):
+    """A body field is missing, of the wrong type, or out of bounds; ``field`` names it."""
+
+    def __init__(self, field: str, problem: str, *, what: str = "request") -> None:
+        super().__init__(BAD_REQUEST, f"malformed {what}: field {field!r} {problem}", field=field)
+
+
+# -- typed bodies --------------------------------------------------------------------------------
+
+_MISSING = dataclasses.MISSING
+
+
+def _bounds(
+    *,
+    max_chars: int = MAX_TEXT_CHARS,
+    choices: tuple[str, ...] = (),
+    min: int | None = None,
+    max: int | None = None,
+    non_empty: bool = False,
+) -> dict[str, Any]:
+    return {"max_chars": max_chars, "choices": choices, "min": min, "max": max, "non_empty": non_empty}
+
+
+def bounded(default: Any = _MISSING, **bounds: Any) -> Any:
+    """A body field with bounds (``max_chars``, ``choices``, ``min``, ``max``, ``non_empty``)."""
+    meta = {"bounds": _bounds(**bounds)}
+    if isinstance(default, (list, dict, tuple)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class Body:
+    """A request, reply or report body; one subclass each, checked by :func:`parse`."""
+
+    METHOD: ClassVar[str] = ""
+    _FIELDS: ClassVar[tuple[tuple[str, Any, Any, dict[str, Any]], ...]] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self.to_body() == other.to_body()
+
+    def __hash__(self) -> int:
+        return hash((self.__class__, repr(self)))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"{self.__class__.__qualname__}({fields})"
+
+    def to_body(self) -> dict[str, Any]:
+        """The msgpack map that goes on the wire."""
+        return {name: _plain(getattr(self, name)) for name, _t, _d, _b in self._fields()}
+
+    @classmethod
+    def _fields(cls) -> tuple[tuple[str, Any, Any, dict[str, Any]], ...]:
+        if "_FIELDS" not in cls.__dict__ or not cls.__dict__["_FIELDS"]:
+            hints = typing.get_type_hints(cls)
+            spec = []
+            for f in dataclasses.fields(cls):
+                default = (
+                    f.default
+                    if f.default is not _MISSING
+                    else (f.default_factory if f.default_factory is not _MISSING else _MISSING)
+                )
+                spec.append((f.name, hints[f.name], default, f.metadata.get("bounds") or _bounds()))
+            cls._FIELDS = tuple(spec)
+        return cls._FIELDS
+
+    @classmethod
+    def parse(cls, body: Any, *, what: str = "", prefix: str = "") -> Any:
+        """Check ``body`` (off the wire) and build the typed body.
+
+        Raises:
+            BadRequest: naming the first field at fault.
+        """
+        what = what or (f"{cls.METHOD} body" if cls.METHOD else "body")
+        if type(body) is not dict:
+            raise BadRequest(prefix.rstrip(".") or "body", f"must be a map, got {type(body).__name__}", what=what)
+        values = {}
+        for name, hint, default, bounds in cls._fields():
+            path = prefix + name
+            if name not in body:
+                if default is _MISSING:
+                    raise BadRequest(path, "is missing", what=what)
+                values[name] = default() if callable(default) else default
+                continue
+            values[name] = _check(body[name], hint, bounds, path, what)
+        return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Body):
+        return value.to_body()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _check(value: Any, hint: Any, bounds: dict[str, Any], path: str, what: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is str:
+        if type(value) is not str:
+            raise BadRequest(path, f"must be a string, got {type(value).__name__}", what=what)
+        if len(value) > bounds["max_chars"]:
+            raise BadRequest(path, f"is {len(value)} characters long (limit {bounds['max_chars']})", what=what)
+        if bounds["choices"] and value not in bounds["choices"]:
+            raise BadRequest(path, f"must be one of {', '.join(bounds['choices'])}, got {value!r:.40}", what=what)
+        if bounds["non_empty"] and not value:
+            raise BadRequest(path, "must not be empty", what=what)
+        return value
+    if hint is bool:
+        if type(value) is not bool:
+            raise BadRequest(path, f"must be a boolean, got {type(value).__name__}", what=what)
+        return value
+    if hint is int:
+        if type(value) is not int:
+            raise BadRequest(path, f"must be an integer, got {type(value).__name__}", what=what)
+        low, high = bounds["min"], bounds["max"]
+        if (low is not None and value < low) or (high is not None and value > high) or abs(value) >= 2**63:
+            raise BadRequest(path, f"is out of range: {value!r:.40}", what=what)
+        return value
+    if hint is float:
+        if type(value) not in (float, int):
+            raise BadRequest(path, f"must be a number, got {type(value).__name__}", what=what)
+        return float(value)
+    if origin is tuple:  # tuple[T, ...]: a list on the wire
+        if type(value) is not list:
+            raise BadRequest(path, f"must be a list, got {type(value).__name__}", what=what)
+        if len(value) > MAX_ITEMS:
+            raise BadRequest(path, f"has {len(value)} items (limit {MAX_ITEMS})", what=what)
+        if bounds["non_empty"] and not value:
+            raise BadRequest(path, "must not be empty", what=what)
+        item = typing.get_args(hint)[0]
+        item_bounds = {**bounds, "non_empty": False}
+        return tuple(_check(v, item, item_bounds, f"{path}.{i}", what) for i, v in enumerate(value))
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if type(value) is not dict:
+            raise BadRequest(path, f"must be a map, got {type(value).__name__}", what=what)
+        if len(value) > MAX_ITEMS:
+            raise BadRequest(path, f"has {len(value)} entries (limit {MAX_ITEMS})", what=what)
+        if value_type is Any:
+            _check_json(value, path, what)
+            return value
+        out = {}
+        for k, v in value.items():
+            key = _check(k, key_type, _bounds(), f"{path}.<key>", what)
+            out[key] = _check(v, value_type, _bounds(), f"{path}.{k!s:.40}", what)
+        return out
+    if isinstance(hint, type) and issubclass(hint, Body):
+        return hint.parse(value, what=what, prefix=path + ".")
+    raise AssertionError(f"no checker for {hint!r}")  # a body class this module declares wrongly
+
+
+def _check_json(value: dict[str, Any], path: str, what: str) -> None:
+    """A free-form map: string keys at every level, nesting within the codec's MAX_DEPTH."""
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise BadRequest(path, f"nests deeper than {MAX_DEPTH} levels", what=what)
+        if isinstance(item, dict):
+            if any(type(k) is not str for k in item):
+                raise BadRequest(path, "must have string keys only", what=what)
+            todo.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, depth + 1) for v in item)
+
+
+Json: TypeAlias = dict[str, Any]
+
+BODIES: dict[tuple[str, str], type[Body]] = {}  # (method, "request" | "reply") -> body class
+
+
+def _body(method: str, role: str) -> Callable[[type[Body]], type[Body]]:
+    def register(cls: type[Body]) -> type[Body]:
+        cls.METHOD = method
+        BODIES[(method, role)] = cls
+        return cls
+
+    return register
+
+
+# One __eq__ and __repr__ for every body (Body's), rather than ones ``dataclasses`` generates and
+# compiles per class: as in the codec, that halves what importing this module costs `dpipes`.
+_slot = dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+
+
+@_body("run", "request")
+@_slot
+class RunRequest(Body):
+    """Run a pipeline (client -> entry node)."""
+
+    pipeline: str = bounded(max_chars=MAX_PIPELINE_CHARS, non_empty=True)
+    protocol: int
+    mode: str = bounded("bytes", choices=MODES)
+    stdin: bool = False
+    require: tuple[str, ...] = ()
+    user: str = ""
+    pipes: Json = dataclasses.field(default_factory=dict)
+    local_fds: str = ""
+
+
+@_slot
+class StageInfo(Body):
+    """One started stage, in the reply to ``run``."""
+
+    index: int = bounded(min=0)
+    node: str
+    argv: tuple[str, ...]
+    addr: str
+    context: Json = dataclasses.field(default_factory=dict)
+
+
+@_body("run", "reply")
+@_slot
+class RunReply(Body):
+    """The started run: its id and stages."""
+
+    pipeline: str
+    stdin_direct: bool = False
+    stdout_direct: bool = False
+    stages: tuple[StageInfo, ...]
+
+
+@_body("cancel", "request")
+@_slot
+class CancelRequest(Body):
+    """Stop a run."""
+
+    pipeline: str
+    reason: str = "cancelled"
+
+
+@_body("cancel", "reply")
+@_slot
+class CancelReply(Body):
+    """How many stages of the run were on the node."""
+
+    stages: int = bounded(0, min=0)
+
+
+@_body("info", "request")
+@_slot
+class InfoRequest(Body):
+    """What does the node know (no fields)."""
+
+
+@_slot
+class NodeEntry(Body):
+    """One node, as another node knows it."""
+
+    name: str
+    endpoint: str
+    programs: tuple[str, ...] = ()
+    source: str = ""
+    last_seen_s: float = 0.0
+    up: bool = True
+
+
+@_body("info", "reply")
+@_slot
+class InfoReply(Body):
+    """The node's name, protocol and the nodes it knows (itself first)."""
+
+    node: str
+    protocol: int = PIPELINE_PROTOCOL
+    nodes: tuple[NodeEntry, ...] = ()
+
+
+@_body("negotiate", "request")
+@_slot
+class NegotiateRequest(Body):
+    """May this stage run here? (coordinator -> node)."""
+
+    pipeline: str = bounded(non_empty=True)
+    stage: int = bounded(min=0, max=MAX_ITEMS)
+    argv: tuple[str, ...] = bounded(non_empty=True)
+    protocol: int
+    mode: str = bounded("bytes", choices=MODES)
+    require: tuple[str, ...] = ()
+    user: str = ""
+    peers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@_body("negotiate", "reply")
+@_slot
+class NegotiateReply(Body):
+    """The reserved stage address."""
+
+    addr: str
+
+
+@_body("start", "request")
+@_slot
+class StartRequest(Body):
+    """Start a negotiated stage (coordinator -> node)."""
+
+    pipeline: str = bounded(non_empty=True)
+    stage: int = bounded(min=0, max=MAX_ITEMS)
+    stdin_from: str = ""
+    stdout_to: str
+    stderr_to: str
+    report_to: tuple[str, ...] = ()
+    user: str = ""
+    pipes: Json = dataclasses.field(default_factory=dict)
+    direct_in: bool = False
+    direct_out: bool = False
+
+
+@_body("start", "reply")
+@_slot
+class StartReply(Body):
+    """The started stage's pid and Pipes context."""
+
+    pid: int = bounded(min=0)
+    context: Json = dataclasses.field(default_factory=dict)
+
+
+@_body("gossip", "request")
+@_slot
+class GossipRequest(Body):
+    """The nodes the sender knows: name -> bus endpoint."""
+
+    peers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@_body("exit", "request")
+@_slot
+class ExitReport(Body):
+    """A stage ended (node -> client and coordinator)."""
+
+    pipeline: str
+    stage: int = bounded(min=0)
+    node: str
+    code: int = bounded(min=-1, max=255)
+    signal: int = bounded(0, min=0, max=128)
+    status: str
+    sigpipe: bool = False
+    error: str = ""
+    cancelled: str = ""
+    stderr_tail: str = bounded("", max_chars=4 * MAX_TEXT_CHARS)
+
+
+@_body("failed", "request")
+@_slot
+class FailedReport(Body):
+    """The run failed as a whole (entry node -> client)."""
+
+    pipeline: str
+    error: str = bounded(max_chars=4 * MAX_TEXT_CHARS)
+    lost: tuple[int, ...] = ()
+
+
+@_slot
+class Empty(Body):
+    """An empty body (the reply to ``gossip``, ``exit`` and ``failed``)."""
+
+
+METHODS = tuple(sorted({method for method, _role in BODIES}))
+ONE_WAY = frozenset({"gossip"})
+
+
+def parse_request(method: str, body: Any) -> Body:
+    """The typed request body of a call to ``method``.
+
+    Raises:
+        ControlError: ``unknown-method``, or ``bad-request`` naming the field.
+    """
+    cls = BODIES.get((method, "request"))
+    if cls is None:
+        raise ControlError(UNKNOWN_METHOD, f"no method {method!r:.64}; methods: {', '.join(METHODS)}")
+    parsed: Body = cls.parse(body)
+    return parsed
+
+
+def parse_reply(method: str, body: Any) -> Body:
+    """The typed reply body of a successful call to ``method`` (the empty body where none is declared).
+
+    Raises:
+        BadRequest: the reply is malformed (``what`` says "reply").
+    """
+    cls = BODIES.get((method, "reply"), Empty)
+    parsed: Body = cls.parse(body, what=f"{method} reply")
+    return parsed
+
+
+def error_of(method: str, dst: str, message: str, body: Mapping[str, Any]) -> ControlError:
+    """The :class:`ControlError` a failed REPLY stands for (a reply without a code is ``internal``)."""
+    code = body.get("code") if isinstance(body, Mapping) else None
+    field = body.get("field", "") if isinstance(body, Mapping) else ""
+    return ControlError(
+        code if isinstance(code, str) else INTERNAL, message, field=field if isinstance(field, str) else ""
+    )
+
+
+def control_schema() -> dict[str, Any]:
+    """The JSON schema of every body, for implementers in other languages.
+
+    The repository keeps it as ``nodes/control_schema.json``; a test checks that the file equals this.
+    """
+    defs: dict[str, Any] = {}
+
+    def schema_of(hint: Any, bounds: dict[str, Any]) -> dict[str, Any]:
+        origin = typing.get_origin(hint)
+        if hint is str:
+            out: dict[str, Any] = {"type": "string", "maxLength": bounds["max_chars"]}
+            if bounds["choices"]:
+                out["enum"] = list(bounds["choices"])
+            if bounds["non_empty"]:
+                out["minLength"] = 1
+            return out
+        if hint is bool:
+            return {"type": "boolean"}
+        if hint is int:
+            out = {"type": "integer"}
+            if bounds["min"] is not None:
+                out["minimum"] = bounds["min"]
+            if bounds["max"] is not None:
+                out["maximum"] = bounds["max"]
+            return out
+        if hint is float:
+            return {"type": "number"}
+        if origin is tuple:
+            out = {"type": "array", "maxItems": MAX_ITEMS, "items": schema_of(typing.get_args(hint)[0], _bounds())}
+            if bounds["non_empty"]:
+                out["minItems"] = 1
+            return out
+        if origin is dict:
+            value_type = typing.get_args(hint)[1]
+            out = {"type": "object", "maxProperties": MAX_ITEMS}
+            if value_type is not Any:
+                out["additionalProperties"] = schema_of(value_type, _bounds())
+            return out
+        if isinstance(hint, type) and issubclass(hint, Body):
+            return {"$ref": f"#/$defs/{define(hint)}"}
+        raise AssertionError(hint)
+
+    def define(cls: type[Body]) -> str:
+        if cls.__name__ not in defs:
+            defs[cls.__name__] = {}  # placeholder against recursion
+            props = {name: schema_of(hint, bounds) for name, hint, _d, bounds in cls._fields()}
+            required = [name for name, _h, default, _b in cls._fields() if default is _MISSING]
+            defs[cls.__name__] = {
+                "title": cls.__name__,
+                "description": (cls.__doc__ or "").strip(),
+                "type": "object",
+                "properties": props,
+                **({"required": required} if required else {}),
+            }
+        return cls.__name__
+
+    methods: dict[str, dict[str, Any]] = {}
+    for (method, role), cls in sorted(BODIES.items()):
+        methods.setdefault(method, {})[role] = {"$ref": f"#/$defs/{define(cls)}"}
+    define(Empty)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "dpipes-control",
+        "title": f"dpipes control protocol bodies, version {PIPELINE_PROTOCOL}",
+        "description": "REQUEST/REPLY bodies on <node>/ctl and reports to clients. See dpipes.nodes.protocol.",
+        "x-error-codes": list(CODES),
+        "x-methods": methods,
+        "$defs": defs,
+    }
+
+
+def schema_text() -> str:
+    """``control_schema()`` as the text of ``nodes/control_schema.json``."""
+    return json.dumps(control_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def current_user() -> str:
+    """Who is asking, as this process's user sees it (sent as ``user``; not authenticated)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+__all__ = [
+    "BODIES",
+    "CODES",
+    "CTL",
+    "METHODS",
+    "MODES",
+    "PIPELINE_PROTOCOL",
+    "BadRequest",
+    "Body",
+    "CancelReply",
+    "CancelRequest",
+    "ControlError",
+    "Empty",
+    "ExitReport",
+    "FailedReport",
+    "GossipRequest",
+    "InfoReply",
+    "InfoRequest",
+    "NegotiateReply",
+    "NegotiateRequest",
+    "NodeEntry",
+    "RunReply",
+    "RunRequest",
+    "StageInfo",
+    "StartReply",
+    "StartRequest",
+    "control_schema",
+    "current_user",
+    "parse_reply",
+    "parse_request",
+]
+
+
+class _Requester(typing.Protocol):
+    async def request(
+        self, dst: str, method: str, body: dict[str, Any] | None = None, *, timeout: float = ...
+    ) -> dict[str, Any]: ...
+
+
+async def call(ep: _Requester, node: str, request: Body, *, timeout: float = CONTROL_TIMEOUT_S) -> Any:
+    """Call ``request.METHOD`` on ``<node>/ctl`` through endpoint ``ep``; the typed reply body.
+
+    Raises:
+        ControlError: the node answered with a failed REPLY (its ``code`` and ``field``), or a
+            reply that is not of the method's shape (``bad-request``).
+        BusError: the call did not reach the node, or got no answer within ``timeout``.
+    """
+    from dpipes.bus.errors import RequestFailed
+
+    dst = node if "/" in node else f"{node}/{CTL}"
+    try:
+        body = await ep.request(dst, request.METHOD, request.to_body(), timeout=timeout)
+    except RequestFailed as exc:
+        raise error_of(request.METHOD, dst, _without_prefix(str(exc)), exc.body) from None
+    return parse_reply(request.METHOD, body)
+
+
+def _without_prefix(message: str) -> str:
+    """Drop the transport's "METHOD at ADDR failed: " prefix: the error names its own place."""
+    head, sep, rest = message.partition(" failed: ")
+    return rest if sep and " at " in head and "\n" not in head else message
