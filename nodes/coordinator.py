@@ -35,10 +35,10 @@ from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, StageError
 from dpipes.bus.hub import Hub
 from dpipes.nodes.config import NodeConfig
-from dpipes.nodes.protocol import CTL, MODES, PIPELINE_PROTOCOL
 from dpipes.nodes.fdpass import FdDrop
 from dpipes.nodes.pipes_options import check_stage_options, options_for_stage
 from dpipes.nodes.policy import parse_requirement
+from dpipes.nodes.protocol import CTL, MODES, PIPELINE_PROTOCOL
 from dpipes.nodes.stage import DirectPipes
 from dpipes.nodes.stages import NegotiationRefused
 

@@ -16,8 +16,8 @@ from dpipes.bus import codec
 from dpipes.bus.client import Client
 from dpipes.bus.errors import ConfigError
 from dpipes.nodes.config import Limits, NodeConfig
-from dpipes.nodes.protocol import CTL, PIPELINE_PROTOCOL
 from dpipes.nodes.node import Node
+from dpipes.nodes.protocol import CTL, PIPELINE_PROTOCOL
 from tests.nodes.daemons import daemons, start_dpipes
 
 WAIT_S = 30.0

@@ -11,8 +11,8 @@ import pytest
 
 from dpipes.nodes import policy
 from dpipes.nodes.config import AppConfig, NodeConfig
-from dpipes.nodes.protocol import PIPELINE_PROTOCOL
 from dpipes.nodes.policy import Policy, Refusal, parse_requirement, version_satisfies, version_tuple
+from dpipes.nodes.protocol import PIPELINE_PROTOCOL
 
 
 def config(*, allow: frozenset[str] | None = None, apps: dict[str, AppConfig] | None = None) -> NodeConfig:
