@@ -243,7 +243,7 @@ async def test_a_coordinator_of_another_pipeline_protocol_is_refused(rt: Path) -
 
     async with daemons(rt, ["alpha"]) as (alpha,):
         async with Client(alpha.tcp) as client:
-            with pytest.raises(BusError, match="pipeline protocol 99 is not node alpha's 1"):
+            with pytest.raises(BusError, match="pipeline protocol 99 is not node alpha's 2"):
                 await client.endpoint.request(
                     "alpha/ctl", "negotiate", {"pipeline": "p", "stage": 0, "argv": ["cat"], "protocol": 99}
                 )
