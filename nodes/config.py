@@ -33,7 +33,7 @@ Keys::
 
     [limits]
     max_stages = 64                 # stages one pipeline may have
-    credit_bytes = 4194304          # per-edge flow-control window
+    credit_bytes = 16777216         # window of each stream into a stage here (at least 8 MiB)
 
 :attr:`NodeConfig.origins` says which source set each key; :func:`format_config` shows the
 effective configuration as TOML, each value with where it came from (``dpipesd --print-config``).
@@ -58,6 +58,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from dpipes.bus.codec import INITIAL_CREDIT_BYTES
 from dpipes.bus.errors import ConfigError
 from dpipes.nodes.pipeline import check_node_name
 
@@ -80,7 +81,9 @@ XDG_CONFIG_HOME = "$XDG_CONFIG_HOME"
 XDG_CONFIG_DEFAULT = "~/.config"  # the XDG base directory specification's default
 CONFIG_PATHS_ENV = "DPIPES_CONFIG_PATHS"
 DEFAULT_PORT = 5757
-MIN_CREDIT_BYTES = 64 << 10  # one data chunk: a smaller window could never let a chunk through
+# Every bus stream opens with the protocol's initial credit, which a receiver cannot take back: a
+# smaller window could not be enforced, so it is refused rather than silently raised.
+MIN_CREDIT_BYTES = INITIAL_CREDIT_BYTES
 COMMAND_LINE = "command line"
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -148,7 +151,7 @@ class Limits:
     """Per-node limits."""
 
     max_stages: int = 64
-    credit_bytes: int = 4 << 20
+    credit_bytes: int = INITIAL_CREDIT_BYTES  # the window of each stream into a stage on this node
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,7 +68,8 @@ class StageResult:
     signal: int = 0
     status: str = "did not report"
     sigpipe: bool = False
-    error: str = ""
+    error: str = ""  # what went wrong moving its data (the output is then incomplete)
+    cancelled: str = ""  # why it was cancelled (Ctrl-C, a failed neighbour, a lost node, ...)
     stderr_tail: str = ""
     reported: bool = False
     materializations: list[str] = dataclasses.field(default_factory=list)
@@ -88,6 +89,8 @@ class StageResult:
             text += " (its reader finished early)"
         if self.error and not self.sigpipe:
             text += f" ({self.error})"
+        elif self.cancelled and not self.sigpipe:
+            text += f" (cancelled: {self.cancelled})"
         if self.pipes_exception:
             text += f" (Pipes closed with {self.pipes_exception})"
         return text
@@ -302,7 +305,7 @@ class _Run:
                 reader.cancel()
             if self.pipes_json is not None:
                 self.pipes_json.close()
-        broken = [s for s in self.stages if s.error and not s.sigpipe and not s.error.startswith("cancelled")]
+        broken = [s for s in self.stages if s.error and not s.sigpipe]
         if self.interrupted:
             code = EXIT_INTERRUPTED
         elif self.error or broken:  # a stage's data could not be moved: the output is not complete
@@ -391,6 +394,7 @@ class _Run:
                         stage.code, stage.signal = int(body["code"]), int(body["signal"])
                         stage.status, stage.sigpipe = str(body["status"]), bool(body["sigpipe"])
                         stage.error, stage.stderr_tail = str(body["error"]), str(body.get("stderr_tail", ""))
+                        stage.cancelled = str(body.get("cancelled", ""))
                         stage.reported = True
                         self._check_done()
                 elif msg.method == "failed" and not self.error:

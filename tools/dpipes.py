@@ -301,7 +301,7 @@ async def _run(args: argparse.Namespace) -> int:
     if result.error:
         print(f"dpipes: {result.error}", file=sys.stderr)
     for stage in result.stages:
-        if args.status or (stage.error and not stage.sigpipe and not result.error and "cancelled" not in stage.error):
+        if args.status or (stage.error and not stage.sigpipe and not result.error):
             print(f"dpipes: {stage.describe()}", file=sys.stderr)
         if summary := stage.pipes_summary():
             print(f"dpipes: stage {stage.index} {stage.argv[0]}@{stage.node}: {summary}", file=sys.stderr)
