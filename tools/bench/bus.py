@@ -34,10 +34,10 @@ ROUND_TRIP_TIMEOUT_S = 10.0  # one echo on loopback; longer means the far end is
 
 
 @contextlib.contextmanager
-def child(role: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """Run ``python -m dpipes.tools.bench.bus ROLE`` and yield it with the address it printed."""
+def child(role: str, *args: str, module: str = "dpipes.tools.bench.bus") -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run ``python -m MODULE ROLE`` and yield it with the address it printed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dpipes.tools.bench.bus", role, *args],
+        [sys.executable, "-m", module, role, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -58,7 +58,7 @@ def child(role: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
             proc.wait()
 
 
-def _serve_until_stdin_closes(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+def serve_until_stdin_closes(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
     done: asyncio.Future[None] = loop.create_future()
 
     def on_stdin() -> None:
@@ -85,7 +85,7 @@ async def _serve_dpipes() -> None:
     async with Hub("bench-sink") as hub:
         sink = hub.endpoint("sink")
         print(hub.tcp_endpoint, flush=True)
-        done = _serve_until_stdin_closes(asyncio.get_running_loop())
+        done = serve_until_stdin_closes(asyncio.get_running_loop())
 
         async def drain() -> None:
             while True:
@@ -322,7 +322,7 @@ async def _serve_arrow_sink() -> None:
     async with Hub("bench-sink") as hub:
         sink = hub.endpoint("sink", window=ARROW_WINDOW_BYTES)
         print(hub.tcp_endpoint, flush=True)
-        done = _serve_until_stdin_closes(asyncio.get_running_loop())
+        done = serve_until_stdin_closes(asyncio.get_running_loop())
 
         async def drain() -> None:
             while True:
@@ -363,13 +363,13 @@ def flight_get(addr: str, name: str) -> tuple[float, int]:
     return elapsed, table.nbytes
 
 
-async def dpipes_arrow_send(hub: Hub, batches: list[Any]) -> float:
+async def dpipes_arrow_send(hub: Hub, batches: list[Any], dst: str = "bench-sink/sink") -> float:
     """Seconds to stream ``batches`` to the sink process until it acknowledged the end."""
     from dpipes.bus.arrow_stream import ArrowStreamWriter
 
     src = hub.endpoint(f"src-{time.monotonic_ns()}")
     try:
-        writer = ArrowStreamWriter(src.open_stream("bench-sink/sink"), batches[0].schema)
+        writer = ArrowStreamWriter(src.open_stream(dst), batches[0].schema)
         start = time.perf_counter()
         await writer.write_all(batches)
         await writer.close(timeout=120)
