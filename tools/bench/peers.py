@@ -19,7 +19,9 @@ with how many puts it got.
 * ``peers.zenoh_shm_1MiB``: the same with Zenoh's default configuration, which on one host copies
   each payload over 3 KiB into a shared-memory pool and sends a handle (its
   ``transport_optimization``). The Python API also has an explicit ``zenoh.shm`` provider to write
-  into shared memory directly; it is marked unstable and is not used. Target: at least 1x.
+  into shared memory directly; it is marked unstable and is not used. Target: at least 1x. Zenoh's
+  Python processes leave their segments (about 18 MB) in ``/dev/shm`` when they exit; the next Zenoh
+  process on the host removes those of dead processes. They are Zenoh's, not removed here.
 * ``peers.zenoh_rate_64B``: 64-byte puts over TCP, in messages/s (target 0.5x); with
   ``..._cpu_sender`` and ``..._cpu_receiver``, the CPU microseconds per message of each process.
 * ``peers.zenoh_roundtrip_64B_p50`` / ``_p99``: a 64-byte put echoed back by the child (both
