@@ -84,6 +84,10 @@ def test_a_peer_that_drops_data_is_shown_dropping_it_and_its_rate_counts_what_ar
     assert [text for _s, _e, text in cells(table.splitlines()[0])] == list(COUNTED_HEADER)
     assert [(row[4], row[8]) for row in rows(table)] == [("200/200", "110/200")] * 2
     record = json.loads(json.dumps(rate.as_json()))
+    assert (record["ratio_min"], record["ratio_max"]) == (
+        pytest.approx(50 / 178, abs=1e-3),
+        pytest.approx(100 / 42, abs=1e-3),
+    )
     assert {k: record[k] for k in ("delivered", "sent", "baseline_delivered", "baseline_sent")} == {
         "delivered": 200,
         "sent": 200,

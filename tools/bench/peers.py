@@ -58,6 +58,7 @@ import os
 import queue
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -243,7 +244,7 @@ def zenoh_send(addr: str, *, shm: bool, payload: bytes, count: int, receiver_pid
     session = zenoh.open(zenoh_config(shm=shm, connect=addr))
     try:
         counts: queue.SimpleQueue[int] = queue.SimpleQueue()
-        session.declare_subscriber(DONE_KEY, lambda sample: counts.put(int(sample.payload.to_string())))
+        answers = session.declare_subscriber(DONE_KEY, lambda sample: counts.put(int(sample.payload.to_string())))
         pub = session.declare_publisher(DATA_KEY, congestion_control=zenoh.CongestionControl.BLOCK)
         _await_match(pub)
         put = pub.put
@@ -262,6 +263,7 @@ def zenoh_send(addr: str, *, shm: bool, payload: bytes, count: int, receiver_pid
         start = time.perf_counter()
         arrived = burst(count)
         seconds = time.perf_counter() - start
+        answers.undeclare()
         return Run(
             seconds=seconds,
             sent=count,
@@ -281,7 +283,7 @@ def zenoh_round_trips(addr: str, payload: bytes, count: int) -> list[float]:
     session = zenoh.open(zenoh_config(shm=False, connect=addr))
     try:
         pongs: queue.SimpleQueue[None] = queue.SimpleQueue()
-        session.declare_subscriber(PONG_KEY, lambda sample: pongs.put(None))
+        echoes = session.declare_subscriber(PONG_KEY, lambda sample: pongs.put(None))
         pub = session.declare_publisher(PING_KEY, congestion_control=zenoh.CongestionControl.BLOCK, express=True)
         _await_match(pub)
         times = []
@@ -293,6 +295,7 @@ def zenoh_round_trips(addr: str, payload: bytes, count: int) -> list[float]:
             except queue.Empty:
                 raise RuntimeError(f"no Zenoh echo within {ROUND_TRIP_TIMEOUT_S:g} s") from None
             times.append(time.perf_counter() - start)
+        echoes.undeclare()
         return times
     finally:
         session.close()
@@ -514,7 +517,7 @@ def dora_run(name: str, scale: int, pool: str | None) -> Run:
             try:
                 status = proc.wait(DORA_RUN_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 status = None
         source_file, sink_file = work / "source.json", work / "sink.json"

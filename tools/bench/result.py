@@ -39,12 +39,19 @@ class Result:
 
     @property
     def ratio(self) -> float:
-        if not self.baseline_value or not self.value:
+        return self._ratio(self.value, self.baseline_value)
+
+    def _ratio(self, value: float, baseline_value: float) -> float:
+        if not baseline_value or not value:
             return 0.0
-        return self.value / self.baseline_value if self.higher_is_better else self.baseline_value / self.value
+        return value / baseline_value if self.higher_is_better else baseline_value / value
 
     def as_json(self) -> dict[str, Any]:
         counts: dict[str, Any] = {}
+        if len(self.samples) == len(self.baseline_samples) > 1:
+            # Interleaved suites take sample i of both sides back to back: the spread of those pairs.
+            pairs = [self._ratio(v, b) for v, b in zip(self.samples, self.baseline_samples, strict=True)]
+            counts |= {"ratio_min": round(min(pairs), 3), "ratio_max": round(max(pairs), 3)}
         if self.delivered is not None:
             counts |= {"delivered": self.delivered[0], "sent": self.delivered[1]}
         if self.baseline_delivered is not None:
