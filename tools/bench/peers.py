@@ -20,8 +20,9 @@ with how many puts it got.
   each payload over 3 KiB into a shared-memory pool and sends a handle (its
   ``transport_optimization``). The Python API also has an explicit ``zenoh.shm`` provider to write
   into shared memory directly; it is marked unstable and is not used. Target: at least 1x. Zenoh's
-  Python processes leave their segments (about 18 MB) in ``/dev/shm`` when they exit; the next Zenoh
-  process on the host removes those of dead processes. They are Zenoh's, not removed here.
+  Python processes leave their segments in ``/dev/shm`` when they exit (about 80 MB after a full
+  run: a 16 MiB pool per sending session); the next Zenoh session with shared memory on this host
+  removes those of dead processes. They are Zenoh's and are not removed here.
 * ``peers.zenoh_rate_64B``: 64-byte puts over TCP, in messages/s (target 0.5x); with
   ``..._cpu_sender`` and ``..._cpu_receiver``, the CPU microseconds per message of each process.
 * ``peers.zenoh_roundtrip_64B_p50`` / ``_p99``: a 64-byte put echoed back by the child (both
