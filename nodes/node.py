@@ -8,41 +8,8 @@ closes what had started in reverse order; ``aclose`` does the same for a node th
 node directory lands in ``discovery/``, the node keeps its own list of where it learned of each
 peer, answers ``info`` from it and gossips it.
 
-Every node has a control endpoint ``<node>/ctl`` that answers REQUEST messages:
-
-``run`` (client -> entry node)
-    Body: ``pipeline`` (text), ``mode`` ("bytes" | "json" | "yaml"), ``stdin`` (bool: the client
-    streams data into the first stage), ``require`` (list of ``"prog>=ver"``), ``protocol``,
-    ``user``, ``pipes`` (Pipes options for every stage, and under ``stages`` a stage number's own:
-    see :func:`~dpipes.nodes.pipes_options.options_for_stage`). The entry node parses, places,
-    negotiates with every chosen node and starts every stage; it answers with ``pipeline`` (id)
-    and ``stages`` (``index, node, argv, addr``), or with an error naming the stage, node, program
-    and reason. Nothing starts unless every node agreed.
-``negotiate`` (coordinator -> each node)
-    Body: ``pipeline, stage, argv, mode, protocol, require, user``. The node checks the pipeline
-    protocol, the data mode, that the program exists and is allowed here, and the version
-    constraint; on success it reserves the stage's endpoint ``<node>/<pipeline>.<stage>``.
-``start``
-    Body adds ``stdin_from`` (address or ""), ``stdout_to``, ``stderr_to`` (where stderr and Pipes
-    messages go), ``report_to`` (addresses that get the ``exit`` report), ``pipes`` (this
-    stage's Pipes options: ``extras``, ``assets``, ``partition``, ``context``, ``messages``),
-    ``direct_in`` / ``direct_out`` (the neighbour is on this node too: the two share one kernel
-    pipe, made by whichever starts first, and nothing of that edge passes through the node). The reply
-    carries ``context``: the Pipes context the stage was started with.
-``cancel``
-    Body: ``pipeline``, ``reason``: terminate every stage of it here (process group, bounded).
-``exit`` (node -> client and coordinator)
-    Body: ``pipeline, stage, node, code, signal, status, sigpipe, error, cancelled, stderr_tail``;
-    ``error`` says what went wrong moving the stage's data ("" when nothing did), ``cancelled`` why
-    the stage was cancelled ("" when it was not). Answered with an empty reply so that no report is
-    lost silently.
-``failed`` (coordinator -> client)
-    Body: ``pipeline, error, lost``: the run failed as a whole (a node was lost, ...); ``lost``
-    lists the stages that will never report (they ran on the lost node).
-
-Data: a stage's stdout is a stream from its endpoint to the next stage's endpoint (or to the
-client); its stdin is the one stream that arrives at its endpoint; its stderr is a stream of
-``STDERR`` messages to the client, opened only when the program writes to stderr.
+The control endpoint ``<node>/ctl`` speaks the control protocol, whose spec and typed messages
+are :mod:`dpipes.nodes.protocol`; this module maps each method to the part that answers it.
 """
 
 from __future__ import annotations
@@ -56,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, ConfigError, StageError
+from dpipes.bus.errors import BusError, ConfigError
 from dpipes.bus.hub import Hub
 from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
@@ -66,7 +33,24 @@ from dpipes.nodes.coordinator import Coordinator
 from dpipes.nodes.dispatch import ControlServer
 from dpipes.nodes.fdpass import FdDrop, drop_path
 from dpipes.nodes.policy import Policy, parse_requirement
-from dpipes.nodes.protocol import CTL
+from dpipes.nodes.protocol import (
+    CTL,
+    GOSSIP_INTERVAL_S,
+    MAX_ITEMS,
+    PIPELINE_PROTOCOL,
+    CancelReply,
+    CancelRequest,
+    Empty,
+    ExitReport,
+    GossipRequest,
+    InfoReply,
+    InfoRequest,
+    NegotiateReply,
+    NegotiateRequest,
+    NodeEntry,
+    StartReply,
+    StartRequest,
+)
 from dpipes.nodes.stage import DirectPipes
 from dpipes.nodes.stages import NegotiationRefused, Stages
 from dpipes.nodes.supervisor import Supervisor
@@ -77,8 +61,6 @@ if TYPE_CHECKING:
     from dpipes.nodes.pipeline import NodeInfo
 
 log = logging.getLogger(__name__)
-
-GOSSIP_INTERVAL_S = 2.0  # how often a node tells its peers the nodes it knows (also at once on a new link)
 
 
 class Node:
@@ -116,6 +98,7 @@ class Node:
         self.direct = DirectPipes()  # kept ends of kernel pipes between stages here
         self.stages: Stages | None = None  # made by start(), with the control endpoint
         self.coordinator: Coordinator | None = None
+        self.control: ControlServer | None = None
         self._ctl: Endpoint | None = None
         self._fd_drop: FdDrop | None = None  # local clients hand their stdin/stdout over here
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -191,7 +174,7 @@ class Node:
             fd_drop=self._fd_drop,
             spawn=self._spawn,
         )
-        server = ControlServer(
+        self.control = server = ControlServer(
             self.name,
             ctl,
             {
@@ -321,27 +304,26 @@ class Node:
 
     # -- control requests: each goes to the part that does the job ------------------------------
 
-    async def _on_negotiate(self, msg: codec.Request) -> dict[str, Any]:
+    async def _on_negotiate(self, request: NegotiateRequest, src: str) -> NegotiateReply:
         assert self.stages is not None
-        return await self.stages.negotiate(msg.body, caller=str(msg.body.get("user", "")))
+        return await self.stages.negotiate(request)
 
-    async def _on_start(self, msg: codec.Request) -> dict[str, Any]:
+    async def _on_start(self, request: StartRequest, src: str) -> StartReply:
         assert self.stages is not None
-        return await self.stages.start(msg.body)
+        return await self.stages.start(request)
 
-    async def _on_cancel(self, msg: codec.Request) -> dict[str, Any]:
+    async def _on_cancel(self, request: CancelRequest, src: str) -> CancelReply:
         assert self.stages is not None and self.coordinator is not None
-        pipeline, reason = str(msg.body["pipeline"]), str(msg.body.get("reason", "cancelled"))
-        run = self.coordinator.client_cancels(pipeline, msg.src)
+        run = self.coordinator.client_cancels(request.pipeline, src)
         if run is not None:  # the client cancels: tell every node
-            await self.coordinator.cancel(run, reason)
-            return {}
-        return {"stages": await self.stages.cancel(pipeline, reason)}
+            await self.coordinator.cancel(run, request.reason)
+            return CancelReply()
+        return CancelReply(stages=await self.stages.cancel(request.pipeline, request.reason))
 
-    async def _on_exit(self, msg: codec.Request) -> dict[str, Any]:
+    async def _on_exit(self, report: ExitReport, src: str) -> Empty:
         assert self.coordinator is not None
-        self.coordinator.on_exit(msg.body)
-        return {}
+        self.coordinator.on_exit(report)
+        return Empty()
 
     def _on_link(self, node: str, up: bool, reason: str) -> None:
         if up:
@@ -353,62 +335,50 @@ class Node:
         if self.coordinator is not None:
             self.coordinator.on_client_gone(addr)
 
-    async def _on_info(self, msg: codec.Request) -> dict[str, Any]:
-        nodes = [
-            {
-                "name": self.name,
-                "endpoint": self.hub.tcp_endpoint,
-                "programs": sorted(self.offered()),
-                "source": "self",
-                "last_seen_s": 0.0,
-                "up": True,
-            }
-        ]
+    async def _on_info(self, request: InfoRequest, src: str) -> InfoReply:
+        programs = tuple(sorted(self.offered()))
+        nodes = [NodeEntry(name=self.name, endpoint=self.hub.tcp_endpoint, programs=programs, source="self")]
         for name, peer in sorted(self.hub.peers.items()):
-            programs = peer.info.get("programs", []) if isinstance(peer.info, dict) else []
+            offered = peer.info.get("programs", []) if isinstance(peer.info, dict) else []
             nodes.append(
-                {
-                    "name": name,
-                    "endpoint": peer.endpoint,
-                    "programs": [p for p in programs if isinstance(p, str)],
-                    "source": self._sources.get(peer.endpoint, "linked"),
-                    "last_seen_s": round(peer.last_heard_s, 3),
-                    "up": peer.up,
-                }
+                NodeEntry(
+                    name=name,
+                    endpoint=peer.endpoint,
+                    programs=tuple(p for p in offered if isinstance(p, str)),
+                    source=self._sources.get(peer.endpoint, "linked"),
+                    last_seen_s=round(peer.last_heard_s, 3),
+                    up=peer.up,
+                )
             )
-        return {"node": self.name, "nodes": nodes}
+        return InfoReply(node=self.name, protocol=PIPELINE_PROTOCOL, nodes=tuple(nodes))
 
     # -- gossip: a node that knows one peer learns the rest ---------------------------------
 
     def _known(self) -> dict[str, str]:
-        return {name: peer.endpoint for name, peer in self.hub.peers.items() if "*" not in peer.endpoint}
+        known = [(name, peer.endpoint) for name, peer in self.hub.peers.items() if "*" not in peer.endpoint]
+        return dict(known[:MAX_ITEMS])  # what one gossip body may hold
 
     def _gossip(self) -> None:
         """Tell every linked peer which nodes we know and where (a one-way REQUEST)."""
         if self._ctl is None:
             return
-        known = self._known()
+        known = GossipRequest(peers=self._known())
         for name in list(self.hub.peers):
             with contextlib.suppress(BusError):
-                self._ctl.send(codec.Request(dst=f"{name}/{CTL}", method="gossip", body={"peers": known}))
+                self._ctl.send(codec.Request(dst=f"{name}/{CTL}", method="gossip", body=known.to_body()))
 
     async def _gossip_forever(self) -> None:
         while True:
             await asyncio.sleep(GOSSIP_INTERVAL_S)  # a periodic timer, not a wait for something
             self._gossip()
 
-    async def _on_gossip(self, msg: codec.Request) -> dict[str, Any]:
-        peers = msg.body.get("peers", {})
-        if not isinstance(peers, dict):
-            raise StageError("gossip: 'peers' must be a map of node name to endpoint")
-        for name, endpoint in peers.items():
-            if name == self.name or name in self.hub.peers or not isinstance(endpoint, str):
-                continue
-            if not endpoint.startswith("tcp://"):
+    async def _on_gossip(self, request: GossipRequest, src: str) -> Empty:
+        for name, endpoint in request.peers.items():
+            if name == self.name or name in self.hub.peers or not endpoint.startswith("tcp://"):
                 continue
             self._sources.setdefault(endpoint, "gossip")
             self.hub.learn_peer(endpoint)
-        return {}
+        return Empty()
 
 
 def check_exposure(name: str, tcp: str, *, insecure: bool) -> None:

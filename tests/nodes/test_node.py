@@ -4,6 +4,7 @@ window from ``[limits] credit_bytes``, and a cancel reported as a typed status."
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import threading
@@ -14,10 +15,24 @@ import pytest
 
 from dpipes.bus import codec
 from dpipes.bus.client import Client
-from dpipes.bus.errors import ConfigError
+from dpipes.bus.errors import ConfigError, RequestFailed
 from dpipes.nodes.config import Limits, NodeConfig
 from dpipes.nodes.node import Node
-from dpipes.nodes.protocol import CTL, PIPELINE_PROTOCOL
+from dpipes.nodes.protocol import (
+    BAD_REQUEST,
+    CTL,
+    LIMIT,
+    PIPELINE_PROTOCOL,
+    PLACEMENT,
+    REFUSED,
+    SYNTAX,
+    UNKNOWN_METHOD,
+    ControlError,
+    InfoReply,
+    InfoRequest,
+    RunRequest,
+    call,
+)
 from tests.nodes.daemons import daemons, start_dpipes
 
 WAIT_S = 30.0
@@ -132,3 +147,42 @@ async def test_status_after_ctrl_c_says_each_stage_was_cancelled_and_why(tmp_pat
         text = err.decode()
         for index in (0, 1):
             assert f"stage {index} sleep@alpha: killed by SIGTERM (cancelled: interrupted by the user" in text
+
+
+async def test_malformed_requests_are_refused_by_code_and_field_and_logged_once(
+    client_of: ClientOf, caplog: pytest.LogCaptureFixture
+) -> None:
+    node, client = await client_of(Limits())
+    ep = client.endpoint
+    bad = {"pipeline": "p", "stage": "zero", "argv": ["cat"], "protocol": PIPELINE_PROTOCOL}
+    for _ in range(3):
+        with pytest.raises(RequestFailed) as refused:
+            await ep.request(f"alpha/{CTL}", "negotiate", bad, timeout=WAIT_S)
+        assert refused.value.body == {"code": BAD_REQUEST, "field": "stage"}
+    with pytest.raises(RequestFailed) as refused:
+        await ep.request(f"alpha/{CTL}", "exit", {"pipeline": "p"}, timeout=WAIT_S)  # a report is checked too
+    assert refused.value.body["field"] == "stage"
+    with pytest.raises(RequestFailed) as refused:
+        await ep.request(f"alpha/{CTL}", "teleport", {}, timeout=WAIT_S)
+    assert refused.value.body["code"] == UNKNOWN_METHOD
+    assert node.control is not None and node.control.malformed["negotiate"] == 3
+    logged = [r for r in caplog.records if r.levelno == logging.WARNING and "refused negotiate" in r.getMessage()]
+    assert len(logged) == 1
+    reply = await call(ep, "alpha", InfoRequest())  # the node still answers
+    assert isinstance(reply, InfoReply) and reply.node == "alpha" and reply.nodes[0].source == "self"
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "code"),
+    [
+        ("cat |", SYNTAX),
+        ("cat@nowhere", PLACEMENT),
+        ("no-such-program-anywhere", REFUSED),
+        (" | ".join(["cat"] * 3), LIMIT),
+    ],
+)
+async def test_a_refused_run_says_why_by_code(client_of: ClientOf, pipeline: str, code: str) -> None:
+    _node, client = await client_of(Limits(max_stages=2))
+    with pytest.raises(ControlError) as refused:
+        await call(client.endpoint, "alpha", RunRequest(pipeline=pipeline, protocol=PIPELINE_PROTOCOL))
+    assert refused.value.code == code
