@@ -14,6 +14,9 @@ its endpoint to the exit report that ends it:
 * ``cancel`` marks every stage of a pipeline cancelled (with the reason) and terminates its
   process group, bounded.
 
+At its first stage start, the node removes the Pipes bootstrap directories that nodes killed
+without closing them left behind (:func:`~dpipes.nodes.pipes.remove_stale_bootstrap_dirs`).
+
 A stage whose program exited before its input arrived keeps its endpoint ``LATE_INPUT_S`` more to
 cancel that input when it comes, so its producer sees a closed pipe rather than silence.
 """
@@ -110,6 +113,7 @@ class Stages:
         self._spawn = spawn
         self._on_exit = on_exit
         self._stages: dict[tuple[str, int], Stage] = {}
+        self._swept = False  # the bootstrap dirs of dead nodes, removed once
         # How much a producer may have in flight towards a stage here: the protocol's initial
         # credit, and what a larger window adds is granted as the stream opens.
         self.window = config.limits.credit_bytes
@@ -165,6 +169,11 @@ class Stages:
             raise ControlError(NOT_FOUND, f"node {self.node}: {which} was not negotiated")
         from dpipes.nodes.stage_pipes import StagePipes
 
+        if not self._swept:  # at the first start, not at the node's: it imports what only runs need
+            from dpipes.nodes.pipes import remove_stale_bootstrap_dirs
+
+            self._swept = True
+            self._spawn(asyncio.to_thread(remove_stale_bootstrap_dirs), "remove stale Pipes bootstrap dirs")
         env = dict(os.environ)
         env.update(self._env(stage, wiring))
         stage.pipes = StagePipes(

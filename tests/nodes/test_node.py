@@ -15,6 +15,7 @@ import pytest
 
 from dpipes.bus import codec
 from dpipes.bus.client import Client
+from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import ConfigError, RequestFailed
 from dpipes.nodes.config import Limits, NodeConfig
 from dpipes.nodes.node import Node
@@ -93,6 +94,14 @@ async def client_of() -> AsyncIterator[ClientOf]:
         await party.aclose()
 
 
+async def drain_streams(ep: Endpoint) -> None:
+    """Read every stream to ``ep`` to its end (a stage's stdout ends when its EOF is read)."""
+    while True:
+        stream = await ep.accept()
+        while await stream.read() is not None:
+            pass
+
+
 def negotiate_body(pipeline: str, argv: list[str]) -> dict[str, object]:
     return {"pipeline": pipeline, "stage": 0, "argv": argv, "mode": "bytes", "protocol": PIPELINE_PROTOCOL}
 
@@ -117,13 +126,7 @@ async def test_a_cancelled_stage_reports_why_apart_from_errors(client_of: Client
     started = await ep.request(f"alpha/{CTL}", "start", {"pipeline": "p2", "stage": 0, **wiring}, timeout=WAIT_S)
     assert started["pid"] > 0
 
-    async def drain_streams() -> None:  # the stage's (empty) stdout ends when we read its end
-        while True:
-            stream = await ep.accept()
-            while await stream.read() is not None:
-                pass
-
-    drain = asyncio.create_task(drain_streams())
+    drain = asyncio.create_task(drain_streams(ep))
     await ep.request(f"alpha/{CTL}", "cancel", {"pipeline": "p2", "reason": "enough"}, timeout=WAIT_S)
     while not isinstance(report := await ep.recv(timeout=WAIT_S), codec.Request):
         pass
@@ -186,3 +189,22 @@ async def test_a_refused_run_says_why_by_code(client_of: ClientOf, pipeline: str
     with pytest.raises(ControlError) as refused:
         await call(client.endpoint, "alpha", RunRequest(pipeline=pipeline, protocol=PIPELINE_PROTOCOL))
     assert refused.value.code == code
+
+
+async def test_the_first_stage_removes_bootstrap_dirs_of_dead_nodes(client_of: ClientOf) -> None:
+    import tempfile
+
+    from dpipes.nodes.pipes import BOOTSTRAP_DIR_PREFIX
+
+    dead = await asyncio.create_subprocess_exec("true")  # a pid that has exited and been reaped
+    await dead.wait()
+    stale = Path(tempfile.gettempdir()) / f"{BOOTSTRAP_DIR_PREFIX}{dead.pid}-test-node"
+    stale.mkdir()
+    _node, client = await client_of(Limits())
+    ep = client.endpoint
+    await ep.request(f"alpha/{CTL}", "negotiate", negotiate_body("p3", ["true"]), timeout=WAIT_S)
+    wiring = {"stdout_to": ep.addr, "stderr_to": ep.addr, "report_to": []}
+    drain = asyncio.create_task(drain_streams(ep))
+    await ep.request(f"alpha/{CTL}", "start", {"pipeline": "p3", "stage": 0, **wiring}, timeout=WAIT_S)
+    await until(lambda: not stale.exists())
+    drain.cancel()
