@@ -8,6 +8,11 @@ computes (the command documents them):
 * ``EXIT_DPIPES_FAILED`` (125) when dpipes itself failed: a refusal, a lost node, a bus error,
   a stage whose data could not be moved (output that is not objects in an object mode);
 * ``EXIT_INTERRUPTED`` (130) after Ctrl-C cancelled every stage.
+
+Why this module is over 500 lines: the client side of a run is about 500 of them; the rest
+(``entry_from``, ``local_daemon``, ``embedded_node``, ``known_nodes``) is how a command finds its
+entry node, which belongs in :mod:`dpipes.nodes.entry` and moves there once the work under way in
+that module has landed (moving it now would collide with it).
 """
 
 from __future__ import annotations
