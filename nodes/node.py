@@ -4,9 +4,10 @@ The parts, one module each: :mod:`~dpipes.nodes.dispatch` serves the control end
 :mod:`~dpipes.nodes.policy` decides what may run here, :mod:`~dpipes.nodes.stages` runs this
 node's stages (one :mod:`~dpipes.nodes.stage` each), :mod:`~dpipes.nodes.coordinator` coordinates
 the pipelines this node is entry for. The node starts them in order and, should a step fail,
-closes what had started in reverse order; ``aclose`` does the same for a node that ran. Until the
-node directory lands in ``discovery/``, the node keeps its own list of where it learned of each
-peer, answers ``info`` from it and gossips it.
+closes what had started in reverse order; ``aclose`` does the same for a node that ran. What the
+node knows of other nodes is its :class:`~dpipes.discovery.directory.NodeDirectory`, fed here with
+static peers, mDNS events, link events and gossip; the node carries out the links it asks for,
+gossips what it says every ``GOSSIP_INTERVAL_S``, places stages and answers ``info`` from it.
 
 The control endpoint ``<node>/ctl`` speaks the control protocol, whose spec and typed messages
 are :mod:`dpipes.nodes.protocol`; this module maps each method to the part that answers it.
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,7 @@ from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, ConfigError
 from dpipes.bus.hub import Hub
+from dpipes.discovery.directory import GOSSIP_MIN_INTERVAL_S, Action, Link, NodeDirectory
 from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
 from dpipes.discovery.table import NodeRecord, new_instance_id
@@ -36,7 +39,6 @@ from dpipes.nodes.policy import Policy, parse_requirement
 from dpipes.nodes.protocol import (
     CTL,
     GOSSIP_INTERVAL_S,
-    MAX_ITEMS,
     PIPELINE_PROTOCOL,
     CancelReply,
     CancelRequest,
@@ -105,7 +107,8 @@ class Node:
         self._stopped: asyncio.Event | None = None
         self._started = contextlib.AsyncExitStack()  # how to undo start(), step by step
         self._closed = False
-        self._sources: dict[str, str] = {}  # link endpoint -> how we learned of it: static, mdns, gossip
+        self.directory = NodeDirectory(config.name)  # every node this one knows, and the links it wants
+        self._gossiped_at: dict[str, float] = {}  # linked peer -> when we last told it what we know
         self._mdns: MdnsDiscovery | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -193,10 +196,17 @@ class Node:
         self.hub.client_listeners.append(self._on_client_gone)
         undo.callback(self.hub.link_listeners.remove, self._on_link)
         undo.callback(self.hub.client_listeners.remove, self._on_client_gone)
+        now = time.monotonic()
+        me = NodeRecord(
+            self.name,
+            self.hub.instance,
+            codec.PROTOCOL_VERSION,
+            {"bus": self.hub.advertised_endpoint},
+            programs=tuple(sorted(self.offered())),
+        )
+        self._apply(self.directory.set_self(me, now))
         for peer in self.config.nodes.values():
-            endpoint = f"tcp://{_zmq_host(peer.host)}:{peer.port}"
-            self._sources[endpoint] = "static"
-            self.hub.add_peer(endpoint)
+            self._apply(self.directory.add_static(f"tcp://{_zmq_host(peer.host)}:{peer.port}", now))
         self._spawn(server.serve(), "control")
         self._spawn(self._gossip_forever(), "gossip")
         await self._start_mdns(undo)
@@ -240,16 +250,19 @@ class Node:
         log.info("node %s: mDNS discovery on %s", self.name, ", ".join(addresses))
 
     def _on_mdns(self, event: MdnsEvent) -> None:
-        if not isinstance(event, NodeSeen) or event.record.name == self.name:
-            return  # a node that leaves says BYE on its links; a vanished one fails its heartbeats
-        endpoint = event.record.endpoints.get("bus", "")
-        if not endpoint.startswith("tcp://"):
-            return
-        if "*" in endpoint and event.record.addresses:
-            endpoint = f"tcp://{event.record.addresses[0]}:{endpoint.rpartition(':')[2]}"
-        self._sources[endpoint] = "mdns"
-        if event.record.name not in self.hub.peers:
-            self.hub.learn_peer(endpoint)
+        now = time.monotonic()
+        if isinstance(event, NodeSeen):
+            self._apply(self.directory.mdns_seen(event.record, now))
+        else:
+            self._apply(self.directory.mdns_gone(event.name, event.instance_id, now))
+
+    def _apply(self, actions: list[Action]) -> None:
+        """Carry out what the directory asks for."""
+        for action in actions:
+            if isinstance(action, Link):
+                (self.hub.add_peer if action.static else self.hub.learn_peer)(action.endpoint)
+            else:  # the hub cannot drop a link on request yet; it drops a non-static one that goes down
+                log.debug("node %s: directory would unlink %s: %s", self.name, action.endpoint, action.reason)
 
     async def serve(self) -> None:
         """Run until ``stop()`` (or, with ``exit_after_one``, until one stage has run here)."""
@@ -293,14 +306,10 @@ class Node:
         return self.policy.offered()
 
     def table(self) -> dict[str, NodeInfo]:
-        """What this node knows of every node, for placement."""
+        """What this node knows of every node, for placement: itself and the nodes linked and up."""
         from dpipes.nodes.pipeline import NodeInfo
 
-        table = {self.name: NodeInfo(self.name, frozenset(self.offered()))}
-        for name, peer in self.hub.peers.items():
-            programs = peer.info.get("programs", []) if isinstance(peer.info, dict) else []
-            table[name] = NodeInfo(name, frozenset(p for p in programs if isinstance(p, str)))
-        return table
+        return {name: NodeInfo(name, programs) for name, programs in self.directory.programs_by_node().items()}
 
     # -- control requests: each goes to the part that does the job ------------------------------
 
@@ -326,9 +335,18 @@ class Node:
         return Empty()
 
     def _on_link(self, node: str, up: bool, reason: str) -> None:
+        now = time.monotonic()
         if up:
-            self._gossip()  # a new neighbour: share what we know at once, so the mesh closes fast
-        elif self.coordinator is not None:
+            peer = self.hub.peers.get(node)
+            if peer is not None:
+                self._apply(self.directory.link_up(node, peer.instance, peer.endpoint, peer.info, now))
+            self._gossip(first=node)  # a new neighbour: share what we know at once, so the mesh closes fast
+            return
+        # The hub says an orderly departure only in the reason's text, for now (the bus's to type).
+        orderly = reason.startswith("said goodbye")
+        self._apply(self.directory.link_down(node, orderly=orderly, reason=reason, now=now))
+        self._gossiped_at.pop(node, None)
+        if self.coordinator is not None:
             self.coordinator.on_link_lost(node, reason)
 
     def _on_client_gone(self, addr: str) -> None:
@@ -336,48 +354,48 @@ class Node:
             self.coordinator.on_client_gone(addr)
 
     async def _on_info(self, request: InfoRequest, src: str) -> InfoReply:
-        programs = tuple(sorted(self.offered()))
-        nodes = [NodeEntry(name=self.name, endpoint=self.hub.tcp_endpoint, programs=programs, source="self")]
-        for name, peer in sorted(self.hub.peers.items()):
-            offered = peer.info.get("programs", []) if isinstance(peer.info, dict) else []
-            nodes.append(
-                NodeEntry(
-                    name=name,
-                    endpoint=peer.endpoint,
-                    programs=tuple(p for p in offered if isinstance(p, str)),
-                    source=self._sources.get(peer.endpoint, "linked"),
-                    last_seen_s=round(peer.last_heard_s, 3),
-                    up=peer.up,
-                )
+        heard_s = {name: peer.last_heard_s for name, peer in self.hub.peers.items()}
+        nodes = tuple(
+            NodeEntry(
+                name=e.name,
+                endpoint=e.endpoint,
+                programs=e.programs,
+                source=e.source,
+                last_seen_s=e.last_seen_s,
+                up=e.up,
             )
-        return InfoReply(node=self.name, protocol=PIPELINE_PROTOCOL, nodes=tuple(nodes))
+            for e in self.directory.entries(time.monotonic(), heard_s=heard_s)
+        )
+        return InfoReply(node=self.name, protocol=PIPELINE_PROTOCOL, nodes=nodes)
 
     # -- gossip: a node that knows one peer learns the rest ---------------------------------
 
-    def _known(self) -> dict[str, str]:
-        known = [(name, peer.endpoint) for name, peer in self.hub.peers.items() if "*" not in peer.endpoint]
-        return dict(known[:MAX_ITEMS])  # what one gossip body may hold
-
-    def _gossip(self) -> None:
-        """Tell every linked peer which nodes we know and where (a one-way REQUEST)."""
+    def _gossip(self, *, first: str = "") -> None:
+        """Tell linked peers the nodes we are linked to (a one-way REQUEST): ``first`` at once, the
+        others unless they heard from us within the directory's gossip rate limit."""
         if self._ctl is None:
             return
-        known = GossipRequest(peers=self._known())
-        for name in list(self.hub.peers):
+        now = time.monotonic()
+        body = GossipRequest(peers=self.directory.gossip_body()["peers"]).to_body()
+        for name in self.directory.linked():
+            if name != first and now - self._gossiped_at.get(name, -GOSSIP_MIN_INTERVAL_S) < GOSSIP_MIN_INTERVAL_S:
+                continue
             with contextlib.suppress(BusError):
-                self._ctl.send(codec.Request(dst=f"{name}/{CTL}", method="gossip", body=known.to_body()))
+                self._ctl.send(codec.Request(dst=f"{name}/{CTL}", method="gossip", body=body))
+                self._gossiped_at[name] = now
 
     async def _gossip_forever(self) -> None:
         while True:
             await asyncio.sleep(GOSSIP_INTERVAL_S)  # a periodic timer, not a wait for something
+            now = time.monotonic()
+            for name, peer in self.hub.peers.items():  # a peer's HELLO may come after its link is up
+                self._apply(self.directory.link_info(name, peer.info, now))
+            self._apply(self.directory.expire(now))
             self._gossip()
 
     async def _on_gossip(self, request: GossipRequest, src: str) -> Empty:
-        for name, endpoint in request.peers.items():
-            if name == self.name or name in self.hub.peers or not endpoint.startswith("tcp://"):
-                continue
-            self._sources.setdefault(endpoint, "gossip")
-            self.hub.learn_peer(endpoint)
+        via = codec.split_addr(src)[0]  # rejections are the directory's: coded, counted, logged once
+        self._apply(self.directory.gossip(via, request.to_body(), time.monotonic()))
         return Empty()
 
 

@@ -208,3 +208,22 @@ async def test_the_first_stage_removes_bootstrap_dirs_of_dead_nodes(client_of: C
     await ep.request(f"alpha/{CTL}", "start", {"pipeline": "p3", "stage": 0, **wiring}, timeout=WAIT_S)
     await until(lambda: not stale.exists())
     drain.cancel()
+
+
+async def test_info_lists_a_static_peer_that_never_answered_by_its_endpoint_and_down() -> None:
+    import socket
+    from types import MappingProxyType
+
+    from dpipes.nodes.config import HostPort
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = NodeConfig(name="alpha", nodes=MappingProxyType({"ghost": HostPort("127.0.0.1", port)}))
+    async with Node(config, listen="tcp://127.0.0.1:0") as node, Client(node.ipc_endpoint) as client:
+        reply = await call(client.endpoint, "alpha", InfoRequest())
+        assert isinstance(reply, InfoReply)
+        me, ghost = reply.nodes
+        assert (me.name, me.source, me.up) == ("alpha", "self", True)
+        assert (ghost.endpoint, ghost.source, ghost.up) == (f"tcp://127.0.0.1:{port}", "static", False)
+        assert set(node.table()) == {"alpha"}  # placement sees only nodes that are linked
