@@ -96,6 +96,9 @@ class Node:
         tcp = listen or f"tcp://{_zmq_host(config.listen.host)}:{config.listen.port}"
         check_exposure(config.name, tcp, insecure=config.insecure)
         self.hub = Hub(config.name, tcp=tcp, ipc=ipc, tap=tap, info={"programs": sorted(self.offered())})
+        # One incarnation id for the links and for mDNS, ordered by start time: the directory tells
+        # a restarted node from a stale record by comparing them (discovery/table.py).
+        self.hub.instance = new_instance_id()
         self.supervisor = Supervisor()
         self.direct = DirectPipes()  # kept ends of kernel pipes between stages here
         self.stages: Stages | None = None  # made by start(), with the control endpoint
@@ -237,7 +240,7 @@ class Node:
         port = self.hub.tcp_endpoint.rpartition(":")[2]
         record = NodeRecord(
             name=self.name,
-            instance_id=new_instance_id(),
+            instance_id=self.hub.instance,
             protocol_version=codec.PROTOCOL_VERSION,
             endpoints={"bus": f"tcp://{addresses[0]}:{port}"},
             addresses=tuple(addresses),
