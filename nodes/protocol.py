@@ -395,7 +395,15 @@ def _body(method: str, role: str) -> Callable[[type[Body]], type[Body]]:
 
 # One __eq__ and __repr__ for every body (Body's), rather than ones ``dataclasses`` generates and
 # compiles per class: as in the codec, that halves what importing this module costs `dpipes`.
-_slot = dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+_B = typing.TypeVar("_B", bound=type)
+
+if typing.TYPE_CHECKING:  # mypy sees through a decorator alias only when told it makes dataclasses
+
+    @typing.dataclass_transform(kw_only_default=True, frozen_default=True, eq_default=False)
+    def _slot(cls: _B) -> _B: ...
+
+else:
+    _slot = dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 
 
 @_body("run", "request")

@@ -265,18 +265,18 @@ async def _nodes(args: argparse.Namespace) -> int:
     nodes = await _entry_and_run(args, run.known_nodes)
     if args.mode == "json":
         for node in nodes:
-            print(json.dumps(node))
+            print(json.dumps(node.to_body()))
         return 0
     if args.mode == "yaml":
         import yaml
 
-        print(yaml.safe_dump_all(nodes, sort_keys=False), end="")
+        print(yaml.safe_dump_all([n.to_body() for n in nodes], sort_keys=False), end="")
         return 0
     rows = [("NODE", "ENDPOINT", "PROGRAMS", "LEARNED FROM", "LAST SEEN", "")]
     for n in nodes:
-        seen = "now" if n["source"] == "self" else f"{n['last_seen_s']:.1f} s ago"
-        programs = ",".join(n["programs"]) or "-"
-        rows.append((n["name"], n["endpoint"], programs, n["source"], seen, "" if n["up"] else "down"))
+        seen = "now" if n.source == "self" else f"{n.last_seen_s:.1f} s ago"
+        programs = ",".join(n.programs) or "-"
+        rows.append((n.name, n.endpoint, programs, n.source, seen, "" if n.up else "down"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
