@@ -158,7 +158,7 @@ class EngineProvider(Provider):
     def _check_schema(self, name: str, schema: pa.Schema) -> None:
         """Fix anchor ``name``'s schema on first use; refuse another one later. Holds ``_lock``."""
         if name not in self._outgoing_declared:
-            declared = ", ".join(sorted(self._outgoing_declared)) or "none"
+            declared = ", ".join(repr(n) for n in self._outgoing_declared) or "none"
             raise self._broken(
                 UnknownAnchor(
                     f"plugin {self._environment.plugin}: no outgoing anchor {name!r} (it declares: {declared})"
