@@ -45,18 +45,21 @@ __all__ = ["PROGRESS_MESSAGE_TYPE", "EngineProvider", "PipesPluginIO", "log_mess
 
 PROGRESS_MESSAGE_TYPE: Final = "dpipes.progress"
 PROGRESS_MIN_STEP: Final = 0.01  # a progress bar moves in percent; finer steps are noise on the bus
-PIPES_LEVELS: Final = {"info": "INFO", "warn": "WARNING", "error": "ERROR"}
 
 
 def log_message(level: str, text: str) -> PipesMessage:
     """The Pipes ``log`` message of ``text`` at ``level`` (``INFO``, ``WARNING``, ``ERROR``, ...)."""
-    return {PIPES_VERSION_FIELD: PIPES_PROTOCOL_VERSION, "method": "log", "params": {"message": text, "level": level}}  # type: ignore[misc]
+    return {PIPES_VERSION_FIELD: PIPES_PROTOCOL_VERSION, "method": "log", "params": {"message": text, "level": level}}
 
 
 def progress_message(fraction: float) -> PipesMessage:
     """The Pipes ``report_custom_message`` that says a stage is ``fraction`` done."""
     payload = {"type": PROGRESS_MESSAGE_TYPE, "fraction": fraction}
-    return {PIPES_VERSION_FIELD: PIPES_PROTOCOL_VERSION, "method": "report_custom_message", "params": {"payload": payload}}  # type: ignore[misc]
+    return {
+        PIPES_VERSION_FIELD: PIPES_PROTOCOL_VERSION,
+        "method": "report_custom_message",
+        "params": {"payload": payload},
+    }
 
 
 def _format(msg: str, args: tuple[Any, ...]) -> str:
@@ -190,7 +193,10 @@ class EngineProvider(Provider):
             for batch in batches:
                 if batch.num_rows:
                     # the declared schema may differ in metadata only: ship the anchor's own
-                    self._transport.write(name, batch if batch.schema is schema else pa.RecordBatch.from_arrays(batch.columns, schema=schema))
+                    self._transport.write(
+                        name,
+                        batch if batch.schema is schema else pa.RecordBatch.from_arrays(batch.columns, schema=schema),
+                    )
 
     def close_outgoing_anchor(self, name: str) -> None:
         with self._lock:

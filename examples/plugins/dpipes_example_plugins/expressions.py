@@ -35,7 +35,7 @@ def parse_expression(text: str) -> pc.Expression:
         ValueError: the text is not a supported condition (the message says which part).
     """
     if not isinstance(text, str) or not text.strip():
-        raise ValueError("expr: give a condition such as \"amount > 100\"")
+        raise ValueError('expr: give a condition such as "amount > 100"')
     if len(text) > MAX_EXPRESSION_CHARS:
         raise ValueError(f"expr: longer than {MAX_EXPRESSION_CHARS} characters")
     try:

@@ -70,7 +70,9 @@ def test_filter_expressions(expr: str, expected: list) -> None:
         assert service.output("Output").column("amount").to_pylist() == expected
 
 
-@pytest.mark.parametrize("expr", ["", "__import__('os').system('true')", "amount.real > 1", "amount > [1]", "a if b else c"])
+@pytest.mark.parametrize(
+    "expr", ["", "__import__('os').system('true')", "amount.real > 1", "amount > [1]", "a if b else c"]
+)
 def test_filter_refuses_what_is_not_a_condition(expr: str) -> None:
     with pytest.raises(CallbackFailed, match="expr"):
         PluginTestService(load_plugin("dpipes_example_plugins.filter:Filter"), ["Input"], ["Output"], {"expr": expr})
@@ -95,9 +97,16 @@ def test_summarize_groups_incrementally_over_batches() -> None:
 def test_summarize_folds_many_partials_and_counts_rows_by_default() -> None:
     table = pa.table({"k": [i % 3 for i in range(300)]})
     with run(
-        "dpipes_example_plugins.summarize:Summarize", {"Input": table.to_batches(max_chunksize=2)}, ["Output"], {"by": "k"}
+        "dpipes_example_plugins.summarize:Summarize",
+        {"Input": table.to_batches(max_chunksize=2)},
+        ["Output"],
+        {"by": "k"},
     ) as service:
-        assert service.output("Output").to_pylist() == [{"k": 0, "count": 100}, {"k": 1, "count": 100}, {"k": 2, "count": 100}]
+        assert service.output("Output").to_pylist() == [
+            {"k": 0, "count": 100},
+            {"k": 1, "count": 100},
+            {"k": 2, "count": 100},
+        ]
 
 
 def test_generate_writes_its_data_in_on_complete() -> None:

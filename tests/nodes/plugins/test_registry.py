@@ -77,12 +77,12 @@ def test_load_by_entry_point_name(site: Path) -> None:
 
 
 def test_a_missing_entry_point_is_named_with_what_is_installed(site: Path) -> None:
-    with pytest.raises(PluginNotFound, match="plugin nope: no installed plugin .*installed: .*upper"):
+    with pytest.raises(PluginNotFound, match=r"plugin nope: no installed plugin .*installed: .*upper"):
         load_plugin("nope")
 
 
 def test_an_entry_point_whose_module_fails_to_import_names_the_distribution(site: Path) -> None:
-    with pytest.raises(PluginImportFailed, match="ptest-plugins 1.2.3.*RuntimeError: broken at import") as info:
+    with pytest.raises(PluginImportFailed, match=r"ptest-plugins 1.2.3.*RuntimeError: broken at import") as info:
         load_plugin("broken")
     assert isinstance(info.value.__cause__, RuntimeError)
     with pytest.raises(PluginNotFound, match="has no 'Gone'"):

@@ -129,7 +129,7 @@ def test_an_exception_is_reported_with_its_traceback_and_fails_the_runner() -> N
             raise KeyError("missing column")
 
     with PluginTestService(Boom, ["Input"], ["Output"]) as service:
-        with pytest.raises(CallbackFailed, match="on_record_batch .*KeyError") as info:
+        with pytest.raises(CallbackFailed, match=r"on_record_batch .*KeyError") as info:
             service.run_on_record_batch(table(1), "Input")
         assert isinstance(info.value.__cause__, KeyError)
         (report,) = service.io_stream
@@ -154,7 +154,7 @@ def test_writing_to_an_anchor_that_does_not_exist_is_named() -> None:
             self.provider.write_to_anchor("Ouptut", batch)
 
     with PluginTestService(Typo, ["Input"], ["Output"]) as service:
-        with pytest.raises(UnknownAnchor, match="no outgoing anchor 'Ouptut' .*'Output'"):
+        with pytest.raises(UnknownAnchor, match=r"no outgoing anchor 'Ouptut' .*'Output'"):
             service.run_on_record_batch(table(1), "Input")
         assert "Ouptut" in service.io_stream[0]
 
@@ -181,7 +181,9 @@ def test_a_schema_that_changes_mid_stream_on_an_outgoing_anchor_is_named() -> No
 
     with PluginTestService(Drifts, ["Input"], ["Output"]) as service:
         service.run_on_record_batch(table(1, 2), "Input")
-        with pytest.raises(SchemaChanged, match="'Output' changed schema mid-stream from \\(n: int64\\) to \\(n: double\\)"):
+        with pytest.raises(
+            SchemaChanged, match="'Output' changed schema mid-stream from \\(n: int64\\) to \\(n: double\\)"
+        ):
             service.run_on_record_batch(table(3), "Input")
         assert service.output("Output").num_rows == 2  # what was written before stays, one schema
 
@@ -236,7 +238,7 @@ def test_a_callback_that_never_returns_is_bounded_by_the_timeout() -> None:
 
     try:
         with PluginTestService(Hangs, ["Input"], ["Output"], callback_timeout_s=0.2) as service:
-            with pytest.raises(CallbackTimeout, match="on_record_batch .* did not return within 0.2 s"):
+            with pytest.raises(CallbackTimeout, match=r"on_record_batch .* did not return within 0.2 s"):
                 service.run_on_record_batch(table(1), "Input")
             assert service.io_stream[0].startswith("ERROR:plugin Hangs: on_record_batch")
             with pytest.raises(PluginError, match="failed earlier"):
