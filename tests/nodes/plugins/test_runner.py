@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
 
 from dpipes.bus.pipes import parse_message
-from dpipes.nodes.plugins.api import Anchor, AnchorSpec, Plugin, Provider
+from dpipes.nodes.plugins.api import Anchor, AnchorSpec, Environment, Plugin, Provider
 from dpipes.nodes.plugins.errors import (
     AnchorClosed,
     CallbackFailed,
@@ -249,9 +250,7 @@ def test_a_callback_that_never_returns_is_bounded_by_the_timeout() -> None:
 
 def test_run_feeds_every_input_then_completes_unconnected_optional_inputs() -> None:
     transport, channel = MemoryTransport(), MemoryMessageChannel()
-    from dpipes.nodes.plugins.api import Environment
-
-    env = Environment(pipeline="p1", stage=2, node="alpha", plugin="rec", temp_dir=__import__("pathlib").Path("."))
+    env = Environment(pipeline="p1", stage=2, node="alpha", plugin="rec", temp_dir=Path("."))
     with PluginRunner(
         Recorder,
         incoming=[AnchorSpec("Left"), AnchorSpec("Right", optional=True)],
@@ -311,3 +310,28 @@ def test_provider_gives_config_environment_and_anchors() -> None:
         temp = env.temp_dir
         service.run_on_complete()
     assert not temp.exists()  # the harness removes the plugin's temp dir
+
+
+def test_io_goes_through_any_dagster_pipes_channel(tmp_path: Path) -> None:
+    """The message seam is dagster-pipes' own channel ABC: its file channel writes lines the Pipes reader accepts."""
+    from dagster_pipes import PipesFileMessageWriterChannel
+
+    class Fails(Recorder):
+        def on_complete(self) -> None:
+            self.provider.io.update_progress(0.25)
+            raise ValueError("bad row 7")
+
+    path = tmp_path / "messages.jsonl"
+    env = Environment(pipeline="p", stage=0, node="alpha", plugin="fails", temp_dir=tmp_path)
+    with PluginRunner(
+        Fails,
+        outgoing=["Output"],
+        environment=env,
+        transport=MemoryTransport(),
+        channel=PipesFileMessageWriterChannel(str(path)),
+    ) as runner:
+        with pytest.raises(CallbackFailed):
+            runner.run()
+    messages = [parse_message(line) for line in path.read_bytes().splitlines()]
+    assert [m.method for m in messages] == ["report_custom_message", "log"]
+    assert messages[1].params["level"] == "ERROR" and "ValueError: bad row 7" in messages[1].params["message"]

@@ -18,7 +18,8 @@ import pytest
 from dpipes.nodes.plugins.errors import ScaffoldError
 from dpipes.nodes.plugins.scaffold import new_plugin, plugin_names
 
-EXAMPLES = Path(__file__).parents[3] / "examples" / "plugins"
+REPO = Path(__file__).parents[3]
+EXAMPLES = REPO / "examples" / "plugins"
 STEP_TIMEOUT_S = 120.0  # one pip install or pytest run on a loaded two-core machine
 
 
@@ -66,6 +67,32 @@ def pip_install(python: Path, package: Path) -> None:
 def plugins_in(python: Path) -> dict[str, dict[str, str]]:
     out = run(python, "-m", "dpipes.tools.dpipes", "plugin", "list", "--json").stdout
     return {p["name"]: p for p in map(json.loads, out.splitlines())}
+
+
+def readme_python_block() -> str:
+    """The Python example of the README's "Writing a plugin" section."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("\n## Writing a plugin\n") :]
+    section = section[: section.index("\n## ", 1)]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_steps_work_as_written(tmp_path: Path, venv: Path) -> None:
+    run(venv, "-m", "dpipes.tools.dpipes", "plugin", "new", "upper", cwd=tmp_path)
+    pip_install(venv, tmp_path / "dpipes-plugin-upper")
+    listed = run(venv, "-m", "dpipes.tools.dpipes", "plugin", "list").stdout.splitlines()
+    assert listed[1].split() == ["upper", "0.1.0", "dpipes_plugin_upper.plugin:Upper"]
+    out = run(venv, "-c", readme_python_block(), cwd=tmp_path).stdout
+    assert "['INFO:upper: 2 rows']" in out and "tag" in out
+
+
+def test_new_does_not_import_pyarrow(tmp_path: Path) -> None:
+    script = (
+        "import sys\nfrom dpipes.tools.dpipes import main\n"
+        f"assert main(['plugin', 'new', 'x', '--dir', {str(tmp_path / 'x')!r}]) == 0\n"
+        "assert 'pyarrow' not in sys.modules, 'pyarrow was imported'\n"
+    )
+    run(sys.executable, "-c", script)
 
 
 def test_new_plugin_installs_passes_its_test_and_is_listed(tmp_path: Path, venv: Path) -> None:
