@@ -8,8 +8,9 @@ one from its input streams. The runner owns the order and the rules:
   :class:`CallbackTimeout` and fails the runner. Python cannot stop a thread, so that thread is
   abandoned (a daemon thread): the worker process then exits, which is what ends it.
 - Per input anchor and connection: batches in the order given, then one completion; a batch after
-  the completion is refused. A batch whose schema differs from the anchor's declared one (or, if
-  none was declared, from its first batch) raises :class:`SchemaChanged`.
+  the completion is refused. Each connection is one stream with one schema: a batch whose schema
+  differs from the anchor's declared one (or, if none was declared, from the connection's first
+  batch) raises :class:`SchemaChanged`. Two connections into one anchor may differ.
 - An exception in the plugin's code is reported with its traceback through ``io.error`` and
   raised as :class:`CallbackFailed` (the plugin's exception chained), or as the rule it broke
   (:class:`UnknownAnchor`, :class:`SchemaChanged`, :class:`AnchorClosed`) when the provider saw
@@ -35,6 +36,7 @@ from dagster_pipes import PipesMessageWriterChannel
 from dpipes.nodes.plugins.api import Anchor, AnchorSpec, Environment
 from dpipes.nodes.plugins.errors import CallbackFailed, CallbackTimeout, PluginError, SchemaChanged, UnknownAnchor
 from dpipes.nodes.plugins.provider import EngineProvider, _brief
+from dpipes.nodes.plugins.registry import check_plugin_class
 from dpipes.nodes.plugins.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ class PluginRunner:
         channel: PipesMessageWriterChannel,
         callback_timeout_s: float | None = None,
     ) -> None:
-        self.plugin_class = plugin_class
+        self.plugin_class = check_plugin_class(plugin_class, environment.plugin)
         self.name = environment.plugin
         self.callback_timeout_s = callback_timeout_s
         self.incoming = anchor_specs(incoming)
@@ -114,7 +116,7 @@ class PluginRunner:
         )
         self.plugin: Any = None
         self.failure: PluginError | None = None
-        self._input_schemas: dict[str, pa.Schema] = {n: s.schema for n, s in self.incoming.items() if s.schema}
+        self._input_schemas: dict[tuple[str, str], pa.Schema] = {}  # per connection: each is its own stream
         self._ended: set[tuple[str, str]] = set()
         self._completed = False
         self._lock = threading.Lock()  # one engine call at a time, whichever thread makes it
@@ -159,7 +161,8 @@ class PluginRunner:
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
         with self._lock:
             self._check_input(anchor, connection)
-            known = self._input_schemas.setdefault(anchor, table.schema)
+            declared = self.incoming[anchor].schema
+            known = self._input_schemas.setdefault((anchor, connection), declared or table.schema)
             if not known.equals(table.schema, check_metadata=False):
                 raise SchemaChanged(
                     f"plugin {self.name}: input anchor {anchor!r} (connection {connection}) changed schema "

@@ -335,3 +335,23 @@ def test_io_goes_through_any_dagster_pipes_channel(tmp_path: Path) -> None:
     messages = [parse_message(line) for line in path.read_bytes().splitlines()]
     assert [m.method for m in messages] == ["report_custom_message", "log"]
     assert messages[1].params["level"] == "ERROR" and "ValueError: bad row 7" in messages[1].params["message"]
+
+
+def test_each_connection_into_an_anchor_is_its_own_stream() -> None:
+    class Counts(Recorder):
+        def on_record_batch(self, batch: pa.Table, anchor: Anchor) -> None:
+            self.calls.append((anchor.connection, batch.schema.names))
+
+    with PluginTestService(Counts, ["Input"], ["Output"]) as service:
+        service.run_on_record_batch(table(1), Anchor("Input", "#1"))
+        service.run_on_record_batch(pa.table({"s": ["a"]}), Anchor("Input", "#2"))  # another stream, another schema
+        with pytest.raises(SchemaChanged, match="'Input' \\(connection #2\\) changed schema"):
+            service.run_on_record_batch(table(2), Anchor("Input", "#2"))
+        assert service.plugin.calls == [("#1", ["n"]), ("#2", ["s"])]
+
+
+def test_a_class_that_is_not_a_plugin_is_refused_before_it_runs() -> None:
+    from dpipes.nodes.plugins.errors import NotAPlugin
+
+    with pytest.raises(NotAPlugin, match="has no on_record_batch"):
+        PluginTestService(dict, ["Input"], ["Output"])
