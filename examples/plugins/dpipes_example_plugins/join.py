@@ -48,10 +48,12 @@ class Join(Plugin):
                 self.waiting_left = []
 
     def _right(self) -> pa.Table:
+        if self.right:
+            return pa.concat_tables(self.right)
         schema = self.provider.incoming_anchors["Right"].schema
-        if not self.right and schema is None:
+        if schema is None:
             raise ValueError("join: Right got no rows and declares no schema")
-        return pa.concat_tables(self.right) if self.right else schema.empty_table()
+        return schema.empty_table()
 
     def _emit(self, left: pa.Table) -> None:
         self.provider.write_to_anchor("Output", left.join(self._right(), self.on, join_type=self.type))
