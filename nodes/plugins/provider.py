@@ -24,10 +24,12 @@ so the engine fails the stage with it even if the plugin catches the exception):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -122,6 +124,9 @@ class EngineProvider(Provider):
         self._io = PipesPluginIO(channel)
         self._logger = logging.getLogger(f"dpipes.plugin.{environment.plugin}")
         self._lock = threading.Lock()  # a plugin may write from its own threads; the seams see one call at a time
+        self._clock_lock = threading.Lock()
+        self._blocked_total_s = 0.0
+        self._blocked_since: float | None = None
         self.violation: PluginError | None = None  # the first rule broken; the engine fails the stage with it
 
     @property
@@ -153,6 +158,24 @@ class EngineProvider(Provider):
     def logger(self) -> logging.Logger:
         return self._logger
 
+    def blocked_s(self) -> float:
+        """Seconds spent so far inside the transport (waiting for flow control), the current wait included."""
+        with self._clock_lock:
+            since = self._blocked_since
+            return self._blocked_total_s + (time.monotonic() - since if since is not None else 0.0)
+
+    @contextlib.contextmanager
+    def _in_transport(self) -> Iterator[None]:
+        entered = time.monotonic()
+        with self._clock_lock:
+            self._blocked_since = entered
+        try:
+            yield
+        finally:
+            with self._clock_lock:
+                self._blocked_total_s += time.monotonic() - entered
+                self._blocked_since = None
+
     def _broken(self, error: PluginError) -> PluginError:
         if self.violation is None:
             self.violation = error
@@ -181,7 +204,8 @@ class EngineProvider(Provider):
             )
         if name not in self._schemas:
             self._schemas[name] = known if known is not None else schema
-            self._transport.open_anchor(name, self._schemas[name])
+            with self._in_transport():
+                self._transport.open_anchor(name, self._schemas[name])
 
     def write_to_anchor(self, name: str, data: pa.Table | pa.RecordBatch) -> None:
         if not isinstance(data, pa.Table | pa.RecordBatch):
@@ -193,10 +217,10 @@ class EngineProvider(Provider):
             for batch in batches:
                 if batch.num_rows:
                     # the declared schema may differ in metadata only: ship the anchor's own
-                    self._transport.write(
-                        name,
-                        batch if batch.schema is schema else pa.RecordBatch.from_arrays(batch.columns, schema=schema),
-                    )
+                    if batch.schema is not schema:
+                        batch = pa.RecordBatch.from_arrays(batch.columns, schema=schema)
+                    with self._in_transport():
+                        self._transport.write(name, batch)
 
     def close_outgoing_anchor(self, name: str) -> None:
         with self._lock:
@@ -204,7 +228,8 @@ class EngineProvider(Provider):
                 raise self._broken(UnknownAnchor(f"plugin {self._environment.plugin}: no outgoing anchor {name!r}"))
             if name not in self._closed:
                 self._closed.add(name)
-                self._transport.close_anchor(name)
+                with self._in_transport():
+                    self._transport.close_anchor(name)
 
     def push_outgoing_metadata(self, name: str, schema: pa.Schema) -> None:
         if not isinstance(schema, pa.Schema):

@@ -5,8 +5,10 @@ one from its input streams. The runner owns the order and the rules:
 
 - The plugin's code (its ``__init__`` and every callback) runs on one thread of the runner's own,
   one call at a time; a call that does not return within ``callback_timeout_s`` raises
-  :class:`CallbackTimeout` and fails the runner. Python cannot stop a thread, so that thread is
-  abandoned (a daemon thread): the worker process then exits, which is what ends it.
+  :class:`CallbackTimeout` and fails the runner. Time the call spends inside the transport (a
+  write waiting for flow control because the reader downstream is slow) does not count: the
+  timeout bounds the plugin's own code, not its consumers. Python cannot stop a thread, so a
+  timed-out thread is abandoned (a daemon thread): the worker process then exits, which ends it.
 - Per input anchor and connection: batches in the order given, then one completion; a batch after
   the completion is refused. Each connection is one stream with one schema: a batch whose schema
   differs from the anchor's declared one (or, if none was declared, from the connection's first
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -116,6 +119,7 @@ class PluginRunner:
         )
         self.plugin: Any = None
         self.failure: PluginError | None = None
+        self.flow_control_extensions = 0  # times a callback's deadline moved because it waited in the transport
         self._input_schemas: dict[tuple[str, str], pa.Schema] = {}  # per connection: each is its own stream
         self._ended: set[tuple[str, str]] = set()
         self._completed = False
@@ -241,7 +245,7 @@ class PluginRunner:
         """Run ``fn(*args)`` on the plugin's thread under the timeout; turn what goes wrong into a named error."""
         call = _Call(fn, args)
         self._calls.put(call)
-        if not call.done.wait(self.callback_timeout_s):
+        if not self._wait(call):
             error: PluginError = CallbackTimeout(
                 f"plugin {self.name}: {what} did not return within {self.callback_timeout_s:g} s"
             )
@@ -262,6 +266,22 @@ class PluginRunner:
             self._fail(error, f"plugin {self.name}: {what} broke a rule: {error}")
             raise error
         return call.result
+
+    def _wait(self, call: _Call) -> bool:
+        """Wait for ``call`` until its own time (time in the transport left out) exceeds the timeout."""
+        timeout = self.callback_timeout_s
+        if timeout is None:
+            return call.done.wait()
+        start, blocked_before = time.monotonic(), self.provider.blocked_s()
+        expired = False
+        while not call.done.is_set():
+            own_s = (time.monotonic() - start) - (self.provider.blocked_s() - blocked_before)
+            if own_s >= timeout:
+                return call.done.is_set()
+            if expired:  # the deadline passed while the plugin waited in the transport: it moved
+                self.flow_control_extensions += 1
+            expired = not call.done.wait(timeout - own_s)
+        return True
 
     def _fail(self, error: PluginError, report: str) -> None:
         self.failure = error

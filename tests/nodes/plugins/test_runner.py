@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from dpipes.nodes.plugins.runner import PluginRunner
 from dpipes.nodes.plugins.transport import MemoryMessageChannel, MemoryTransport
 
 SCHEMA = pa.schema([("n", pa.int64())])
+BLOCK_GUARD_S = 30.0  # a test transport holds a write at most this long, so a broken runner fails, not hangs
 
 
 class Recorder(Plugin):
@@ -355,3 +357,32 @@ def test_a_class_that_is_not_a_plugin_is_refused_before_it_runs() -> None:
 
     with pytest.raises(NotAPlugin, match="has no on_record_batch"):
         PluginTestService(dict, ["Input"], ["Output"])
+
+
+def test_time_blocked_in_the_transport_does_not_count_against_the_timeout() -> None:
+    """A slow reader downstream holds a write (flow control); the plugin's own time is what is bounded."""
+    runner: PluginRunner
+
+    class SlowReader(MemoryTransport):
+        def write(self, name: str, batch: pa.RecordBatch) -> None:
+            deadline = time.monotonic() + BLOCK_GUARD_S
+            # held until the callback's deadline has passed at least once while we hold it
+            while runner.flow_control_extensions == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # polling a condition under a deadline
+            super().write(name, batch)
+
+    transport = SlowReader()
+    env = Environment(pipeline="p", stage=0, node="alpha", plugin="rec", temp_dir=Path("."))
+    runner = PluginRunner(
+        Recorder,
+        incoming=["Input"],
+        outgoing=["Output"],
+        environment=env,
+        transport=transport,
+        channel=MemoryMessageChannel(),
+        callback_timeout_s=1.0,  # the plugin's own code takes microseconds: generous even on a loaded machine
+    )
+    with runner:
+        runner.run({"Input": [table(1, 2)]})
+    assert runner.flow_control_extensions > 0
+    assert transport.table("Output").num_rows == 2
