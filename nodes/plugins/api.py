@@ -128,7 +128,10 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def write_to_anchor(self, name: str, data: pa.Table | pa.RecordBatch) -> None:
-        """Send a table or batch on outgoing anchor ``name``.
+        """Send a table or batch on outgoing anchor ``name`` (zero-copy; each chunk travels as a batch).
+
+        It returns at once unless the reader downstream is behind (flow control, as a full pipe
+        blocks a writer); that wait is not counted against the engine's callback timeout.
 
         Raises:
             UnknownAnchor: the plugin declares no outgoing anchor ``name``.

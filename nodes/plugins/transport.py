@@ -32,7 +32,11 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def write(self, name: str, batch: pa.RecordBatch) -> None:
-        """Send one batch on anchor ``name`` (must not block the callback for long)."""
+        """Send one batch on anchor ``name``.
+
+        May block while the reader downstream has no credit (flow control, like a full pipe); the
+        runner does not count that time against the callback timeout.
+        """
 
     @abc.abstractmethod
     def close_anchor(self, name: str) -> None:
