@@ -135,27 +135,39 @@ Sessions
     peer and every attached client.
 
 Bad messages
-    A hub never lets a bad message reach its loop. It decodes each header (not the kind fields
-    or payload of what it only routes: their recipient checks them) and treats these alike:
+    A hub never lets a bad message reach its loop. It decodes each header and counts its frames
+    against the kind (not the kind fields or payload of what it only passes on: their recipient
+    checks those), and treats these alike:
 
     * a header that is not a well-formed version-1 map within the limits (not msgpack, not a
       map, a required key missing, a value of the wrong type, an unknown kind, payload frames
       the kind does not allow, too many frames);
     * a message that breaks the session's rules: a client's ``src`` that is not its address,
       a peer's ``src`` not on its node, a peer's ``dst`` not on this node (a hub never relays);
-    * kind fields that do not decode, on a message for one of the hub's own endpoints.
+    * kind fields that do not decode, on a message for one of the hub's own endpoints or on an
+      ``ERROR`` for the hub itself.
 
-    The message is dropped and counted against its sender (``Hub.stats``). The sender, when it
-    is on the other end of the socket (a linked peer, an attached client, or a party that said
-    neither ``HELLO`` nor ``ATTACH``), is answered ``ERROR`` ``bad-message`` whose ``message``
-    names the key or limit that was broken and whose ``sid``, ``seq`` and ``to`` are the bad
-    message's where those could be read; at most one such answer per sender per
-    ``BAD_MESSAGE_INTERVAL_S``, and never to an ``ERROR`` or ``BYE``. A malformed ``HELLO`` or
-    ``ATTACH`` is always answered (with ``BYE`` or ``ERROR``), since its sender waits for it.
-    The hub logs one line per sender per interval, with the count. A linked peer or attached
-    client that sends more than ``MAX_BAD_MESSAGES`` bad messages within one interval is
-    dropped with ``BYE`` naming why (a peer may say ``HELLO`` again; its streams fail). A
-    header with another protocol version is counted but not answered with ``bad-message``.
+    Such a message is dropped and counted against its sender (``Hub.stats``: by node name for
+    a linked peer, by address for a client, and all other parties together). The sender is
+    answered on the connection the message came by with ``ERROR`` ``bad-message``, whose
+    ``message`` names the key or limit that was broken and whose ``sid``, ``seq`` and ``to``
+    are the bad message's where those could be read (``dst`` is the client, or the peer's
+    endpoint that sent it, or ``node/`` of the peer; the peer's hub hands the ``ERROR`` to
+    that endpoint). At most one answer per sender per ``BAD_MESSAGE_INTERVAL_S``; the rest are
+    only counted. An ``ERROR`` or ``BYE`` is never answered. The hub logs one line per sender
+    per interval, with the count so far. A linked peer or attached client that sends more than
+    ``MAX_BAD_MESSAGES`` bad messages within one interval is dropped with ``BYE`` naming why:
+    a client is detached, a peer's link is taken down (its streams fail; it may say ``HELLO``
+    again).
+
+    The handshakes are answered whatever the rate, since their sender waits: a malformed
+    ``ATTACH`` gets ``ERROR`` ``bad-message``, a malformed ``HELLO`` from a party not linked
+    yet gets ``BYE``, as does a ``HELLO`` whose ``node`` is this hub's own name or not a node
+    name. A header with an integer ``v`` other than ``PROTOCOL_VERSION`` is counted; a
+    ``HELLO`` or ``ATTACH`` of that kind is answered ``BYE`` naming both versions, anything
+    else is dropped. A message on a connection of a peer instance that has since been replaced
+    is dropped (stale, not bad). An ``ERROR`` a peer addresses to the hub itself (``node/``) is
+    logged, at most once per peer per interval.
 
 Constants
     Names in ``dpipes.bus.codec``; a test checks that this table matches them.
@@ -283,7 +295,7 @@ def _str(value: Any, name: str) -> str:
 def _node_name(value: Any, name: str) -> str:
     if len(_str(value, name)) > MAX_NODE_NAME_CHARS:
         raise DecodeError(f"field {name!r} is {len(value)} characters long (node names: {MAX_NODE_NAME_CHARS})")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _endpoint_name(value: Any, name: str) -> str:
@@ -291,7 +303,7 @@ def _endpoint_name(value: Any, name: str) -> str:
         raise DecodeError(
             f"field {name!r} is {len(value)} characters long (endpoint names: {MAX_ENDPOINT_NAME_CHARS})"
         )
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _int(value: Any, name: str) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DpipesError(Exception):
     """Root of every error dpipes raises on purpose."""
@@ -18,7 +20,7 @@ class DecodeError(BusError, ValueError):
     must check each value it takes from it), else None.
     """
 
-    def __init__(self, message: str, *, header: dict[object, object] | None = None) -> None:
+    def __init__(self, message: str, *, header: dict[Any, Any] | None = None) -> None:
         super().__init__(message)
         self.header = header
 
