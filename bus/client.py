@@ -123,7 +123,7 @@ class Client:
             log_fn("client of %s: dropped a malformed message: %s", self.hub, exc)
             return
         if self._endpoint is not None:
-            if isinstance(msg, codec.Bye):
+            if isinstance(msg, codec.Bye) and msg.src == f"{self._endpoint.node}/":  # from the hub itself
                 self._on_bye(msg)
             elif msg.KIND != "PONG":
                 self._endpoint._deliver(msg)
@@ -142,8 +142,8 @@ class Client:
         """The hub detached us (it stops, we were silent, or we sent it bad messages): fail everything now."""
         if self._gone is not None or self._endpoint is None:
             return
-        node = codec.split_addr(bye.src)[0] or self.endpoint.node
-        log.warning("client %s: node %r said goodbye: %.300r", self.endpoint.addr, node, bye.reason)
+        node = self.endpoint.node
+        log.info("client %s: node %r said goodbye: %.300r", self.endpoint.addr, node, bye.reason)
         self._gone = PeerLost(f"node {node!r} at {self.hub} detached client {self.endpoint.addr}: {bye.reason}")
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
