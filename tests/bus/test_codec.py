@@ -304,11 +304,3 @@ def test_the_spec_states_every_constant_with_its_value() -> None:
     assert set(documented) == names
     for name, text in documented.items():
         assert float(text) == getattr(codec, name), name
-
-
-def test_the_spec_credit_rule_is_what_streams_spend() -> None:
-    # The docstring says credit units are payload bytes plus MESSAGE_CREDIT_BYTES per message;
-    # the endpoint's accounting (tested end to end in test_hub) uses exactly these names.
-    doc = codec.__doc__ or ""
-    assert "payload bytes plus\n    ``MESSAGE_CREDIT_BYTES``" in doc
-    assert "carry ``src`` = receiver, ``dst`` = sender and the **sender's**\n    ``sid``" in doc

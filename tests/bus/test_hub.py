@@ -408,3 +408,32 @@ async def test_a_receiver_may_open_a_larger_window() -> None:
         await stream.send_bytes(b"w")
         await dst.accept(timeout=WAIT_S)  # opened, never read: only the window's credit is there
         await until(lambda: stream.limit == window)
+
+
+async def test_credit_is_counted_in_the_units_the_spec_states() -> None:
+    # The spec: a data message costs its payload bytes plus MESSAGE_CREDIT_BYTES; a sender may
+    # start one while it has spent less than it was granted; CREDIT.bytes grants units.
+    size = 4096  # small enough that counting payload alone would let 2048 through, not 1928
+    cost = size + codec.MESSAGE_CREDIT_BYTES
+    may_send = -(-codec.INITIAL_CREDIT_BYTES // cost)  # ceil: the last message may overshoot
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+
+        async def write_forever() -> None:
+            while True:
+                await stream.send_bytes(b"c" * size)
+
+        writer = asyncio.create_task(write_forever())
+        try:
+            await until(lambda: stream.cost >= stream.limit)
+            assert stream.sent == may_send * size  # and no more: it waits for credit
+            reader = await dst.accept(timeout=WAIT_S)
+            taken = 0
+            while taken * cost < codec.INITIAL_CREDIT_BYTES // 4:  # the endpoint grants each quarter window
+                await reader.read(timeout=WAIT_S)
+                taken += 1
+            await until(lambda: stream.limit > codec.INITIAL_CREDIT_BYTES)
+            assert stream.limit == codec.INITIAL_CREDIT_BYTES + taken * cost
+        finally:
+            writer.cancel()
