@@ -48,8 +48,8 @@ RUN_TIMEOUT_S = 60.0  # how long the node may take to answer `run`
 ATTACH_TIMEOUT_S = 5.0  # a hub that does not answer ATTACH by then is not there
 CHUNK_BYTES = 256 * 1024  # how much of our stdin goes into one BYTES message
 GRANT_BYTES = 1024 * 1024  # credit owed is granted at this size, or before we wait for more
-# Reports and streams travel different paths (a stage's node -> us; the entry node -> us), so the
-# last exit report may overtake the end of a stream: wait this long for the streams still open.
+# The specs do not promise that a stage's `exit` comes after the end of its streams to us: once
+# every stage reported, wait this long for streams still open, then give up on them.
 STREAM_DRAIN_S = 5.0
 
 STDOUT_KINDS = {"BYTES", "OBJECTS"}
@@ -98,11 +98,13 @@ class Client:
         self.send("ATTACH", "", name=name)
         deadline = time.monotonic() + ATTACH_TIMEOUT_S
         while (left := deadline - time.monotonic()) > 0:
-            got = self.recv(left)
-            if got and got[0].get("kind") == "ATTACHED":
-                self.addr = got[0]["addr"]
+            h = (self.recv(left) or ({}, []))[0]
+            if h.get("kind") == "ATTACHED":
+                self.addr = h["addr"]
                 self.node = self.addr.split("/", 1)[0]
                 return
+            if h.get("kind") in ("ERROR", "BYE"):  # the name is taken, or another bus version
+                raise SystemExit(f"dpipes_client: not attached: {h.get('message') or h.get('reason')}")
         raise SystemExit(f"dpipes_client: no ATTACHED from the hub within {ATTACH_TIMEOUT_S} s")
 
     def ping_when_due(self) -> None:
@@ -170,6 +172,10 @@ class Run:
 
     # -- what arrives --------------------------------------------------------------------------
 
+    def about_stdin(self, h: dict) -> bool:
+        """Whether a control message is about our stream into stage 0."""
+        return bool(self.stages) and h["src"] == self.stages[0]["addr"] and h["sid"] == self.stdin_sid
+
     def on_message(self, h: dict, payload: list[bytes]) -> None:
         kind = h.get("kind")
         if kind == "REPLY" and h.get("seq") == self.run_seq:
@@ -183,20 +189,21 @@ class Run:
             stream.done = True
             self.grant(stream)
             self.c.send("EOF_ACK", h["src"], sid=h["sid"], total=stream.received)
-        elif kind == "CANCEL" and h.get("sid") == self.stdin_sid and self.feeding:
-            self.feeding = False  # stage 0 stopped reading, as SIGPIPE: stop sending
-            self.stdin_acked = True
+        elif kind == "CANCEL" and self.about_stdin(h) and not self.stdin_acked:
+            # CANCEL travels both ways: (stage 0, sid 1) may also name stage 0's own stream to us.
+            # As an endpoint does, take it for the stream we send: a sender must stop at once.
+            self.feeding, self.stdin_acked = False, True  # stage 0 stopped reading, as SIGPIPE
         elif kind == "CANCEL":
             self.stream(h).done = True
-        elif kind == "CREDIT" and h.get("sid") == self.stdin_sid:
+        elif kind == "CREDIT" and self.about_stdin(h):
             self.credit += h.get("bytes", 0)
-        elif kind == "EOF_ACK" and h.get("sid") == self.stdin_sid:
+        elif kind == "EOF_ACK" and self.about_stdin(h):
             self.stdin_acked = True
         elif kind == "ERROR":
             print(f"dpipes_client: bus error {h.get('code')} at {h.get('node')}: {h.get('message')}", file=sys.stderr)
             if h.get("sid") == 0 and h.get("seq") == self.run_seq:  # our `run` never arrived
                 self.failed = f"{h.get('code')}: {h.get('message')}"
-            elif h.get("sid") == self.stdin_sid and self.stages and h.get("to") == self.stages[0]["addr"]:
+            elif self.stages and h["sid"] == self.stdin_sid and h.get("to") == self.stages[0]["addr"]:
                 self.feeding, self.stdin_acked = False, True  # our stdin cannot be delivered
         # PONG, LINK and REPLYs to cancel need nothing from us.
 

@@ -4,6 +4,7 @@ real dpipesd daemons: the test that a client needs nothing of dpipes but its spe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -17,11 +18,14 @@ from tests.nodes.daemons import Completed, Daemon, daemons
 CLIENT = Path(__file__).resolve().parents[2] / "examples" / "minimal_client" / "dpipes_client.py"
 RUN_WAIT_S = 60.0  # a bound on a whole run on a busy machine; `sleep 300` outlives it by far
 CHILD_WAIT_S = 30.0
+DUMP_WAIT_S = 1.0  # a hung client's faulthandler writes its stacks at once; this only bounds the wait
 
 # Runs the client as `python -I` (no PYTHONPATH, no user site) with imports of `dpipes` refused,
 # so that the example cannot lean on the package it documents, even lazily.
 LAUNCHER = """
-import runpy, sys
+import faulthandler, runpy, signal, sys
+
+faulthandler.register(signal.SIGUSR1)  # where it hangs, should a test time out
 
 class RefuseDpipes:
     def find_spec(self, name, path=None, target=None):
@@ -63,12 +67,29 @@ async def start_client(*args: str, stdin: int | None = asyncio.subprocess.DEVNUL
 
 async def client(*args: str, input: bytes | None = None) -> Completed:
     proc = await start_client(*args, stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    err = bytearray()  # ours, not communicate()'s: a timeout must still show what the client said
+
+    async def feed() -> None:
+        if proc.stdin is not None:
+            proc.stdin.write(input or b"")
+            await proc.stdin.drain()
+            proc.stdin.close()
+
+    async def read_err() -> None:
+        while chunk := await proc.stderr.read(1 << 16):  # type: ignore[union-attr]
+            err.extend(chunk)
+
+    reading = asyncio.gather(proc.stdout.read(), read_err(), feed(), proc.wait())
     try:
-        out, err = await asyncio.wait_for(proc.communicate(input), RUN_WAIT_S)
+        out, *_ = await asyncio.wait_for(asyncio.shield(reading), RUN_WAIT_S)
     except TimeoutError:
+        proc.send_signal(signal.SIGUSR1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), DUMP_WAIT_S)  # the dump goes out; the client still hangs
         proc.kill()
-        await proc.wait()
-        raise
+        await asyncio.gather(reading, return_exceptions=True)
+        pytest.fail(f"the client did not finish within {RUN_WAIT_S} s; its stderr:\n{err.decode(errors='replace')}")
     stderr = err.decode(errors="replace")
     assert "imported dpipes" not in stderr
     assert "Traceback" not in stderr, stderr
@@ -190,7 +211,7 @@ async def test_a_reader_that_exits_early_stops_the_pipeline_as_sigpipe(rt: Path)
 
 async def test_two_nodes(rt: Path) -> None:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
-        done = await client("--node", alpha.tcp, "seq 5 | sort@beta -r")
+        done = await client("--trace", "--node", alpha.tcp, "seq 5 | sort@beta -r")
     assert done.stdout == b"5\n4\n3\n2\n1\n"
     assert done.code == 0, done.stderr
     assert "stage 1 on beta: exit 0" in done.stderr
