@@ -59,7 +59,7 @@ class Client:
     """One attachment to one node's hub: send and receive bus messages as (header, payload)."""
 
     def __init__(self, endpoint: str) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)  # let the last REPLYs and CREDITs leave on close
         self.sock.connect(endpoint)
         self.addr = ""  # our own "node/name", from ATTACHED
@@ -347,7 +347,7 @@ def main() -> None:
         poller.register(stdin, zmq.POLLIN if run.may_feed() else 0)  # 0: do not watch it now
         client.ping_when_due()
         run.grant_all()
-        ready = dict(poller.poll(HEARTBEAT_INTERVAL_S * 1000))
+        ready = dict(poller.poll(int(HEARTBEAT_INTERVAL_S * 1000)))
         while (got := client.recv(0)) is not None:  # drain the socket, then wait again
             run.on_message(*got)
         if ready.get(stdin) and run.may_feed():
