@@ -211,7 +211,7 @@ async def test_a_reader_that_exits_early_stops_the_pipeline_as_sigpipe(rt: Path)
 
 async def test_two_nodes(rt: Path) -> None:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
-        # --trace: this case once hung under load and did not reproduce; should it again, the
+        # --trace: this case hung twice under load and did not reproduce since; should it again, the
         # failure shows the conversation up to the hang.
         done = await client("--trace", "--node", alpha.tcp, "seq 5 | sort@beta -r")
     assert done.stdout == b"5\n4\n3\n2\n1\n"
