@@ -46,7 +46,9 @@ Kinds
 
     * ``HELLO`` ``node: str, instance: str, endpoints: map, info: map`` -- opens a link or
       attachment of a peer hub; ``endpoints["bus"]`` is where the peer's ROUTER listens.
-    * ``WELCOME`` ``node: str, instance: str`` -- the answer to an acceptable ``HELLO``.
+    * ``WELCOME`` ``node: str, instance: str, info: map`` -- the answer to an acceptable
+      ``HELLO``, with what the answering hub tells peers about itself (as its own ``HELLO``'s
+      ``info``), so that a link is never up before its peer's offer is known.
     * ``PING`` -- liveness, sent every ``HEARTBEAT_INTERVAL_S`` on every link and by clients.
     * ``PONG`` -- the hub's answer to a client's ``PING``.
     * ``BYE`` ``reason: str`` -- an orderly goodbye; also the refusal of a ``HELLO``, and what a
@@ -423,6 +425,7 @@ class Welcome(Message):
 
     node: str = dataclasses.field(default="", metadata={"check": _node_name})
     instance: str = ""
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @_kind("PING")

@@ -401,6 +401,8 @@ class Hub:
             if not _valid_node_name(msg.node):
                 self._refused(link, f"it calls itself {msg.node!r:.80}, which is not a node name")
             else:
+                if msg.info:  # what it offers, known before the link counts as up
+                    link.info = msg.info
                 self._link_up(link, msg.node, msg.instance)
         elif isinstance(msg, codec.Bye):
             if link.up:
@@ -776,7 +778,9 @@ class Hub:
         self._router_send(
             ident,
             codec.encode(
-                codec.Welcome(src=f"{self.node}/", dst=f"{hello.node}/", node=self.node, instance=self.instance)
+                codec.Welcome(
+                    src=f"{self.node}/", dst=f"{hello.node}/", node=self.node, instance=self.instance, info=self.info
+                )
             ),
         )
         link = self._by_node.get(hello.node)

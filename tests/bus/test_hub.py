@@ -437,3 +437,10 @@ async def test_credit_is_counted_in_the_units_the_spec_states() -> None:
             assert stream.limit == codec.INITIAL_CREDIT_BYTES + taken * cost
         finally:
             writer.cancel()
+
+
+async def test_a_link_is_up_with_what_its_peer_offers() -> None:
+    async with Hub("alpha", info={"programs": ["cat"]}) as a, Hub("beta", info={"programs": ["sort"]}) as b:
+        assert await a.connect_peer(b.tcp_endpoint) == "beta"
+        # WELCOME carries it: placement on alpha never sees beta up with nothing to offer.
+        assert a.peers["beta"].info == {"programs": ["sort"]}
