@@ -440,7 +440,8 @@ async def test_credit_is_counted_in_the_units_the_spec_states() -> None:
 
 
 async def test_a_link_is_up_with_what_its_peer_offers() -> None:
-    async with Hub("alpha", info={"programs": ["cat"]}) as a, Hub("beta", info={"programs": ["sort"]}) as b:
+    # alpha has no TCP, so beta cannot link back and say HELLO: only WELCOME can tell alpha.
+    async with Hub("alpha", tcp=None, info={"programs": ["cat"]}) as a, Hub("beta", info={"programs": ["sort"]}) as b:
         assert await a.connect_peer(b.tcp_endpoint) == "beta"
-        # WELCOME carries it: placement on alpha never sees beta up with nothing to offer.
+        # Placement on alpha never sees beta up with nothing to offer.
         assert a.peers["beta"].info == {"programs": ["sort"]}
