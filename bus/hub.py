@@ -29,7 +29,7 @@ from typing import Any
 
 import zmq
 
-from dpipes.bus import codec, tap
+from dpipes.bus import codec
 from dpipes.bus.codec import (
     BYE_LINGER_MS,
     CLOSE_DRAIN_S,
@@ -41,6 +41,7 @@ from dpipes.bus.codec import (
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, DecodeError, ProtocolMismatch, RequestTimeout
 from dpipes.bus.pump import Pump, send_frames
+from dpipes.bus.tap import TAP_HWM, Mirror
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class Hub:
             self.ipc_endpoint = ipc
             tap_sock = self._ctx.socket(zmq.XPUB)
             tap_sock.setsockopt(zmq.LINGER, 0)
-            tap_sock.setsockopt(zmq.SNDHWM, 10_000)  # a slow tap loses events, never slows the bus
+            tap_sock.setsockopt(zmq.SNDHWM, TAP_HWM)  # a slow tap loses events, never slows the bus
             tap = self._want_tap or ipc.rsplit(".sock", 1)[0] + "-tap.sock"
             tap_sock.bind(tap)
             self.tap_endpoint = tap_sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -777,12 +778,12 @@ class Hub:
 
     # -- tap mirror -----------------------------------------------------------------------------
 
-    _tap_mirror: tap.Mirror | None = None  # made at the first subscription
+    _tap_mirror: Mirror | None = None  # made at the first subscription
 
     def _on_tap_subscription(self, frames: list[Any]) -> None:
         data = frames[0].bytes
         if self._tap_mirror is None:
-            self._tap_mirror = tap.Mirror(self.node)
+            self._tap_mirror = Mirror(self.node)
         if data[:1] == b"\x01":
             self._tap_topics.add(data[1:])
             self._tap_mirror.on_subscription(data[1:], True)

@@ -11,10 +11,11 @@ Costs and losses
     While nobody subscribes the hub does no tap work at all. While someone does, it encodes one
     event per routed message and sends it without blocking: the mirror is **lossy**. A
     subscriber that reads too slowly loses events (ZeroMQ drops them at its queue of
-    ``TAP_HWM`` events), and so does every subscriber when the hub's send fails (counted in
-    ``Mirror.refused``). Each event carries its hub's event number ``n``, consecutive per hub, so
-    a subscriber counts every event it missed from the gaps and can say "dropped N events". An
-    ``n`` lower than the previous one means the hub restarted.
+    ``TAP_HWM`` events, so that a stalled tap costs the hub at most that many bounded events),
+    and so does every subscriber when the hub's send fails (counted in ``Mirror.refused``). Each
+    event carries its hub's event number ``n``, consecutive per hub, so a subscriber counts
+    every event it missed from the gaps and can say "dropped N events". An ``n`` lower than the
+    previous one means the hub restarted.
 
 Subscriptions
     The topic ``b""`` receives every event. A subscriber may also subscribe to the topic
@@ -88,11 +89,11 @@ log = logging.getLogger(__name__)
 TAP_VERSION = 1
 
 DEFAULT_SAMPLE_BYTES = 256  # enough to recognise text, a JSON object or an Arrow header
-MAX_SAMPLE_BYTES = 64 * 1024  # what a subscriber may ask for: an event stays small at any payload size
+MAX_SAMPLE_BYTES = 16 * 1024  # what a subscriber may ask for: TAP_HWM events of it are the hub's worst case
 PIPES_MAX_BYTES = 256 * 1024  # a PIPES message up to this size shows its messages on the tap
 SCHEMA_MAX_BYTES = 64 * 1024  # an Arrow schema up to this size travels with its stream's first event
 MAX_EVENT_BYTES = MAX_HEADER_BYTES + MAX_SAMPLE_BYTES + PIPES_MAX_BYTES + SCHEMA_MAX_BYTES + 4096
-TAP_HWM = 10_000  # events queued per subscriber; a slow tap loses events, never slows the bus
+TAP_HWM = 1000  # events a hub queues per subscriber; a slow tap loses events, never slows the bus or grows it
 
 SAMPLE_TOPIC = b"sample="
 DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR"})
@@ -285,10 +286,12 @@ def decode_event(data: bytes | memoryview) -> TapEvent:
             raise TapDecodeError(f"tap event field {key!r} is {len(value)} characters (limit {MAX_STRING_CHARS})")
         values[key] = value
     values["t"] = float(values["t"])
-    for key in ("sample", "schema"):
+    for key, limit in (("sample", MAX_SAMPLE_BYTES), ("schema", SCHEMA_MAX_BYTES)):
         value = raw.get(key)
         if value is not None and type(value) is not bytes:
             raise TapDecodeError(f"tap event field {key!r} must be bytes, got {type(value).__name__}")
+        if value is not None and len(value) > limit:
+            raise TapDecodeError(f"tap event field {key!r} is {len(value)} bytes (limit {limit})")
         values[key] = value
     pipes = raw.get("pipes")
     if pipes is not None:

@@ -16,6 +16,7 @@ the hub of its source node when that hub is read, else at its destination's.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -151,6 +152,7 @@ class TapSource:
         self.received = 0
         self._malformed_logged = 0.0
         self._hubs = {t.node for t in self.targets if t.node}
+        self._batch: collections.deque[bytes] = collections.deque()
 
     @property
     def dropped(self) -> int:
@@ -188,18 +190,31 @@ class TapSource:
         return self._events()
 
     async def _events(self) -> AsyncIterator[TapEvent]:
-        assert self._sock is not None and self._raw is not None
-        raw, sock = self._raw, self._sock
         while True:
-            await sock.poll(flags=zmq.POLLIN)
+            event = await self.next()
+            if event is not None:
+                yield event
+
+    async def next(self, timeout: float | None = None) -> TapEvent | None:
+        """The next event; None when none came within ``timeout`` seconds (None: wait for one).
+
+        Cancelling it loses nothing: what was read and not yet returned stays for the next call.
+        """
+        assert self._sock is not None and self._raw is not None, "use 'async with TapSource(...)'"
+        while True:
+            while self._batch:
+                event = self._take(self._batch.popleft())
+                if event is not None:
+                    return event
             for _ in range(DRAIN_BATCH_EVENTS):
                 try:
-                    data = raw.recv(zmq.NOBLOCK, copy=True)
+                    self._batch.append(self._raw.recv(zmq.NOBLOCK, copy=True))
                 except zmq.Again:
                     break
-                event = self._take(data)
-                if event is not None:
-                    yield event
+            if self._batch:
+                continue
+            if not await self._sock.poll(None if timeout is None else int(timeout * 1000), zmq.POLLIN):
+                return None
 
     def _take(self, data: bytes) -> TapEvent | None:
         try:

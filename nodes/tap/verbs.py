@@ -309,6 +309,8 @@ async def record(source: TapSource, path: Path, select: Selection, *, count: int
                 rec.add(event, decoded, missed_total)
                 missed_total = 0
                 written += 1
+                if written == 1:
+                    yield Out(f"recording to {path}: events arrive", notice=True)
                 if time.monotonic() - last_flush >= recording.RECORD_FLUSH_S:
                     rec.flush()
                     last_flush = time.monotonic()
