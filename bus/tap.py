@@ -277,7 +277,7 @@ def decode_event(data: bytes | memoryview) -> TapEvent:
         raise TapDecodeError(f"tap event version {raw.get('v')!r:.20} is not {TAP_VERSION}")
     values: dict[str, Any] = {}
     for key, types in _TYPES.items():
-        value = raw.get(key)
+        value: Any = raw.get(key)
         if type(value) not in types:
             raise TapDecodeError(f"tap event field {key!r} must be {types[0].__name__}, got {type(value).__name__}")
         if types[0] is int and not 0 <= value < 2**63:

@@ -213,7 +213,7 @@ class TapSource:
                     break
             if self._batch:
                 continue
-            if not await self._sock.poll(None if timeout is None else int(timeout * 1000), zmq.POLLIN):
+            if not await self._sock.poll(None if timeout is None else int(timeout * 1000)):  # POLLIN
                 return None
 
     def _take(self, data: bytes) -> TapEvent | None:

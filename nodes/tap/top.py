@@ -91,11 +91,8 @@ def view(graph: Graph, source: TapSource, state: TopState) -> Group:
     edges = Table(title="edges", expand=True)
     for col in ("from", "to", "kind", "msgs/s", "bytes/s", "messages", "bytes", "credit"):
         edges.add_column(col)
-    chosen = (
-        graph.edges_of(graph.pipelines[state.pipeline])
-        if state.pipeline in graph.pipelines
-        else list(graph.edges.values())
-    )
+    drilled = graph.pipelines.get(state.pipeline) if state.pipeline is not None else None
+    chosen = graph.edges_of(drilled) if drilled is not None else list(graph.edges.values())
     keyed = {"rate": lambda e: -e.rate.per_s(now)[1], "bytes": lambda e: -e.bytes, "name": lambda e: (e.src, e.dst)}
     for e in sorted(chosen, key=keyed[state.sort])[:30]:
         msgs, bps = e.rate.per_s(now)
