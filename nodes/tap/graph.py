@@ -299,6 +299,6 @@ def edge_text(e: Edge, now: float) -> str:
     msgs, bps = e.rate.per_s(now)
     state = e.ended or ("blocked (no credit)" if e.credit <= 0 else f"credit {human_bytes(e.credit)}")
     return (
-        f"{e.src} -> {e.dst} sid {e.sid} {e.kind}: {e.messages} msgs {human_bytes(e.bytes)}, "
+        f"{e.src} -> {e.dst} sid {e.sid} {e.kind or '-'}: {e.messages} msgs {human_bytes(e.bytes)}, "
         f"{msgs:.1f} msgs/s {human_bytes(bps)}/s, {state}"
     )

@@ -10,8 +10,10 @@ every node the entry node knows (its ``info`` reply) whose tap is reachable from
 the hubs to wait: a slow reader loses events at its socket's queue (``RCVHWM``), and the source
 counts them from the gaps in each hub's event numbers (``dropped``), as it counts events it
 could not decode (``malformed``, logged once per ``MALFORMED_LOG_INTERVAL_S``). When it reads
-several hubs, a message seen by two of them (sent from one node to another) is yielded once: at
-the hub of its source node when that hub is read, else at its destination's.
+several hubs, a message seen by two of them (sent from one node to another) is yielded once, at
+its *home* hub when that hub is read, else at the other: the hub of its source node, but for
+answers (``REPLY``, ``CREDIT``, ``EOF_ACK``) the hub of their destination, so that a request and
+its reply, or a stream's data and its credit, come from one hub in the order it routed them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ log = logging.getLogger(__name__)
 
 MALFORMED_LOG_INTERVAL_S = 10.0  # a flood of bad events logs one line per interval, not one each
 DRAIN_BATCH_EVENTS = 512  # events read per wake-up before yielding to the loop
+
+
+ANSWER_KINDS = frozenset({"REPLY", "CREDIT", "EOF_ACK"})
+"""Answers, shown at their destination's hub: the hub that saw the request or the stream's data."""
 
 
 class TapError(DpipesError):
@@ -230,7 +236,8 @@ class TapSource:
         self.gaps.note(event.node, event.n)
         self._hubs.add(event.node)
         if len(self.targets) > 1:
-            src_node = split_addr(event.src)[0]
-            if src_node != event.node and src_node in self._hubs:
-                return None  # the hub of its source node shows it
+            src, dst = split_addr(event.src)[0], split_addr(event.dst)[0]
+            home = dst if event.kind in ANSWER_KINDS else src
+            if event.node != home and home in self._hubs:
+                return None  # the hub of its home node shows it
         return event
