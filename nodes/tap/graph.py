@@ -192,8 +192,10 @@ class Graph:
             self._edge(d["dst"], d["src"], d["sid"]).credit += int(d.get("credit") or 0)
         elif kind == "EOF":
             self._edge(d["src"], d["dst"], d["sid"]).ended = "eof"
-        elif kind == "CANCEL":
-            self._edge(d["src"], d["dst"], d["sid"]).ended = f"cancelled: {d.get('reason', '')}"
+        elif kind == "CANCEL":  # from either end: the receiver's goes against the data
+            key = (d["dst"], d["src"], d["sid"])
+            edge = self.edges[key] if key in self.edges else self._edge(d["src"], d["dst"], d["sid"])
+            edge.ended = f"cancelled: {d.get('reason', '')}"
         elif kind == "ERROR":
             self.errors.append(f"{d['node']}: [{d.get('code')}] {d.get('message')}")
         elif kind == "REQUEST":

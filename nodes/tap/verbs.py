@@ -22,7 +22,7 @@ from dpipes.nodes.tap import record as recording
 from dpipes.nodes.tap.graph import Graph
 from dpipes.nodes.tap.rates import RATE_KINDS, Window, bw_text, hz_text
 from dpipes.nodes.tap.source import TapSource
-from dpipes.nodes.tap.view import Decoder, Filter, clock, field, line, matches_what, pipes_text
+from dpipes.nodes.tap.view import Decoder, Filter, clock, escape, field, line, matches_what, pipes_text
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ def render(decoded: Mapping[str, Any], event: TapEvent, *, fields: Sequence[str]
         values = [field(decoded, f) for f in fields]
         if as_json:
             return json.dumps(dict(zip(fields, values, strict=True)), ensure_ascii=False, default=str)
-        return "\t".join(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str) for v in values)
+        return "\t".join(
+            escape(v) if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str) for v in values
+        )
     if as_json:
         return json.dumps(decoded, ensure_ascii=False, default=str)
     return line(decoded)
