@@ -796,6 +796,11 @@ class Hub:
         self._tap_mirror.publish(self._tap.sock, header, payload)
 
     @property
+    def tapped(self) -> bool:
+        """Whether anyone subscribes to the tap: the hub mirrors what it routes only then."""
+        return bool(self._tap_topics)
+
+    @property
     def tap_refused(self) -> int:
         """Tap events the XPUB refused to send (each is a gap in the events' ``n``)."""
         return self._tap_mirror.refused if self._tap_mirror is not None else 0
