@@ -20,7 +20,8 @@ verbs:
   pipes                     Pipes messages of every stage (--pipeline ID --stage N --level L)
   hz WHAT... / bw WHAT...   message rate / bandwidth over a window (--window N)
   record FILE               record to Arrow IPC (FILE.arrow) or Parquet (FILE.parquet); Ctrl-C stops
-  replay FILE               print a recording with its timing (--rate X; 0: at once)
+  replay FILE               print a recording with its timing (--rate X; 0: at once), or serve it
+                            as a tap (--publish ENDPOINT) for `dpipes-tap --endpoint ENDPOINT top`
   info FILE                 what a recording holds
   top                       a live full-screen view (plain lines when stdout is not a terminal)
 
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
         p.add_argument("--node", default=d(None), help="the node to tap: NAME, HOST:PORT or a tap endpoint")
         p.add_argument("--all", action="store_true", default=d(False), help="tap every node the entry node knows")
+        p.add_argument("--endpoint", default=d(None), metavar="TAP", help="read this tap endpoint (ipc:// or tcp://)")
         p.add_argument("--sample", type=int, default=d(None), metavar="BYTES", help="payload sample size to ask for")
         p.add_argument("--json", action="store_true", default=d(False), help="one JSON object per line")
         p.add_argument("-v", "--verbose", action="store_true", default=d(False), help="more detail")
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--rate", type=float, default=1.0, help="speed factor (0: as fast as possible)")
     replay.add_argument("--field", action="append", default=[], metavar="PATH")
     replay.add_argument("--raw", action="store_true")
+    replay.add_argument("--publish", metavar="ENDPOINT", help="serve it as a tap at ENDPOINT, for --endpoint readers")
     selective(replay)
     info = sub.add_parser("info", parents=[parent], help="summarize a recording")
     info.add_argument("file", type=Path)
@@ -128,6 +131,8 @@ async def _main(args: argparse.Namespace) -> int:
             for text in await verbs.nodes_lines(args.node, as_json=args.json):
                 print(text)
             return 0
+        if args.verb == "replay" and args.publish:
+            return await _print(verbs.publish(args.file, args.publish, rate=args.rate))
         if args.verb == "replay":
             select = verbs.Selection(args.what, args.filter)
             return await _print(
@@ -146,7 +151,7 @@ async def _tap(args: argparse.Namespace) -> int:
     from dpipes.nodes.tap import verbs
     from dpipes.nodes.tap.source import TapSource, resolve
 
-    targets = await resolve(args.node, all=args.all)
+    targets = await resolve(args.node, all=args.all, endpoint=args.endpoint)
     sample = args.sample if args.sample is not None else DEFAULT_SAMPLE_BYTES
     async with TapSource(targets, sample_bytes=sample) as source:
         gen: AsyncIterator[Any]

@@ -4,7 +4,8 @@ A node's tap endpoint (its hub's XPUB) is ``ipc://<runtime dir>/<name>-tap.sock`
 (:mod:`dpipes.nodes.paths`), ``local-tap.sock`` for the host's local daemon. :func:`resolve`
 finds the endpoints to read: the local daemon's by default; ``--node`` NAME, HOST:PORT (the
 node's bus endpoint: its name comes from an ``info`` call) or a tap endpoint itself; ``--all``:
-every node the entry node knows (its ``info`` reply) whose tap is reachable from this host.
+every node the entry node knows (its ``info`` reply) whose tap is reachable from this host;
+``--endpoint``: any tap endpoint (a hub's, or a replay's ``--publish``).
 
 :class:`TapSource` connects one SUB socket to them all and yields decoded events. It never asks
 the hubs to wait: a slow reader loses events at its socket's queue (``RCVHWM``), and the source
@@ -63,13 +64,20 @@ def _tap_of(runtime: Path, name: str) -> str | None:
     return f"ipc://{sock}" if sock.exists() else None
 
 
-async def resolve(node: str | None = None, *, all: bool = False, runtime: Path | None = None) -> list[Target]:
-    """The taps to read for ``--node``/``--all`` (see the module docstring).
+async def resolve(
+    node: str | None = None, *, all: bool = False, runtime: Path | None = None, endpoint: str | None = None
+) -> list[Target]:
+    """The taps to read for ``--node``/``--all``/``--endpoint`` (see the module docstring).
 
     Raises:
         TapError: nothing to read, with what to do about it.
     """
     from dpipes.nodes import paths, run
+
+    if endpoint is not None:
+        if not endpoint.startswith(("ipc://", "tcp://")):
+            raise TapError(f"bad tap endpoint {endpoint!r}: write ipc://PATH or tcp://HOST:PORT")
+        return [Target("", endpoint)]
 
     try:
         runtime = runtime or paths.runtime_dir()

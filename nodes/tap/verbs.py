@@ -360,6 +360,43 @@ async def replay(
             yield Out(render(decoded, event, fields=fields, raw=raw, as_json=as_json))
 
 
+PUBLISH_LINGER_MS = 2000  # at the end of a replay, let the last events reach the readers
+
+
+async def publish(path: Path, endpoint: str, *, rate: float = 1.0) -> AsyncIterator[Out]:
+    """``dpipes-tap replay FILE --publish ENDPOINT``: serve a recording as a hub's tap serves events.
+
+    Binds an XPUB at ``endpoint``, waits for a first reader (``dpipes-tap --endpoint ENDPOINT top``,
+    ``echo``, ...), then publishes the recorded events, the very bytes the hubs sent, with their
+    timing. Readers see the recording's gaps as drops, as they were seen when it was recorded.
+    """
+    import zmq
+    import zmq.asyncio
+
+    from dpipes.bus.tap import TAP_HWM
+
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.XPUB)
+    sock.setsockopt(zmq.SNDHWM, TAP_HWM)  # a slow reader loses events, as at a hub
+    sock.setsockopt(zmq.LINGER, PUBLISH_LINGER_MS)
+    try:
+        sock.bind(endpoint)
+        yield Out(f"replaying {path} on {sock.getsockopt_string(zmq.LAST_ENDPOINT)}: waiting for a reader", notice=True)
+        while not (await sock.recv()).startswith(b"\x01"):  # the first subscription
+            pass
+        sent = 0
+        async for event, _dropped in replay_events(path, rate=rate):
+            try:
+                await sock.send(event.encode(), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # lossy, as a hub's tap: the gap in `n` tells the reader
+            sent += 1
+        yield Out(f"replayed {sent:,} events", notice=True)
+    finally:
+        sock.close()
+        ctx.term()
+
+
 def info_lines(path: Path, *, as_json: bool = False) -> list[str]:
     """``dpipes-tap info FILE``: what a recording holds."""
     s = recording.summary(path)

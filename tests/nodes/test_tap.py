@@ -438,3 +438,27 @@ async def test_a_tap_killed_mid_run_leaves_nothing_behind(rt: Path) -> None:
         assert alpha.proc.returncode is None and beta.proc.returncode is None
         async with TapSource(await resolve(None, runtime=rt)) as source:  # a new tap works as the first did
             await tap_sees_traffic(source, alpha)
+
+
+async def test_a_replay_served_as_a_tap_reads_as_the_recording(rt: Path, tmp_path: Path) -> None:
+    from dpipes.bus import codec, tap
+    from dpipes.nodes.tap.record import Recorder
+    from dpipes.nodes.tap.view import Decoder
+
+    path, endpoint = tmp_path / "r.arrow", f"ipc://{tmp_path}/replay.sock"
+    events = []
+    for n in (0, 1, 2, 3, 4, 6, 7):  # event 5 was missed when this was recorded
+        msg = codec.Bytes(src="a/p.0", dst="b/p.1", sid=1, seq=n, frames=(b"line %d\n" % n,))
+        frames = codec.encode(msg)
+        events.append(tap.decode_event(tap.encode_event("a", n, codec.decode_header(frames[0]), frames[1:], now=n)))
+    decoder = Decoder()
+    with Recorder(path, recorder={}) as rec:
+        for event in events:
+            rec.add(event, decoder.decode(event), 1 if event.n == 6 else 0)
+    server = await started_tap(rt, "replay", str(path), "--publish", endpoint, "--rate", "0")
+    reader = await started_tap(rt, "--endpoint", endpoint, "echo", "--json", "--count", str(len(events)))
+    out, err = await finished(reader)
+    await finished(server)
+    decoder = Decoder()
+    assert [json.loads(line) for line in out.splitlines()] == [decoder.decode(e) for e in events]
+    assert json.loads(err.splitlines()[0]) == {"dropped": 1, "dropped_total": 1}
