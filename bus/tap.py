@@ -196,23 +196,27 @@ def encode_event(
     sample_bytes: int = DEFAULT_SAMPLE_BYTES,
     now: float | None = None,
 ) -> bytes:
-    """The tap event of one routed message: its decoded ``header`` and its payload frames."""
-    views = [memoryview(f) for f in payload]
-    size = sum(v.nbytes for v in views)
+    """The tap event of one routed message: its decoded ``header`` and its payload frames.
+
+    Runs once per routed message while someone taps the hub: it copies at most the sample.
+    """
     kind = header["kind"]
+    views = [memoryview(f) for f in payload] if payload else []
+    size = sum(v.nbytes for v in views) if views else 0
     event: dict[str, Any] = {
         "v": TAP_VERSION,
         "t": time.time() if now is None else now,
         "node": node,
         "n": n,
         "kind": kind,
-        "src": header["src"],
-        "dst": header["dst"],
-        "sid": header["sid"],
-        "seq": header["seq"],
+        # decode_header checked these where present; a header may leave them out (their defaults)
+        "src": header.get("src", ""),
+        "dst": header.get("dst", ""),
+        "sid": header.get("sid", 0),
+        "seq": header.get("seq", 0),
         "size": size,
         "frames": len(views),
-        "fields": {k: v for k, v in header.items() if k not in _COMMON},
+        "fields": {k: v for k, v in header.items() if k not in _COMMON} if len(header) > len(_COMMON) else {},
     }
     if kind in DATA_KINDS:
         event["sample"] = _sample(views, sample_bytes)
@@ -227,6 +231,8 @@ def encode_event(
 
 
 def _sample(views: list[memoryview], limit: int) -> bytes:
+    if len(views) == 1:  # the common case: one frame, one slice
+        return views[0].cast("B")[:limit].tobytes()
     out = bytearray()
     for view in views:
         if len(out) >= limit:

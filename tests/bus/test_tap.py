@@ -139,3 +139,9 @@ async def test_a_hub_samples_what_its_subscribers_ask_for_and_numbers_its_events
         finally:
             sub.close(0)
             ctx.term()
+
+
+def test_a_header_that_leaves_out_common_keys_still_makes_an_event() -> None:
+    header = codec.decode_header(msgpack.packb({"v": codec.PROTOCOL_VERSION, "kind": "BYTES"}))
+    event = tap.decode_event(tap.encode_event("a", 0, header, [b"x"]))
+    assert (event.src, event.dst, event.sid, event.seq, event.sample) == ("", "", 0, 0, b"x")
