@@ -12,6 +12,8 @@ starts anywhere. The checks, in order, each with the :class:`Refusal` code it an
     has an ``allow`` list without it;
 ``not-found``
     the program is neither in ``[apps]`` with an executable ``path`` nor in the node's ``PATH``;
+    the message says what is there instead when something is (a directory, a file without
+    execute permission, a broken link: :func:`~dpipes.nodes.programs.describe_missing`);
 ``bad-requirement`` / ``version``
     a ``--require`` constraint is not ``PROG OP VERSION``, or the program's version (declared in
     ``[apps.PROG] version``, else the first number ``PROG --version`` prints, probed once and
@@ -35,6 +37,7 @@ from collections.abc import Iterable, Sequence
 from typing import Final
 
 from dpipes.nodes.config import NodeConfig
+from dpipes.nodes.programs import describe_missing
 from dpipes.nodes.protocol import MODES, PIPELINE_PROTOCOL
 
 log = logging.getLogger(__name__)
@@ -126,7 +129,7 @@ class Policy:
         """The executable ``program`` names here: its ``[apps]`` path, else a ``PATH`` lookup."""
         app = self.config.apps.get(program)
         if app is not None and app.path:
-            return app.path if os.access(app.path, os.X_OK) else None
+            return app.path if os.path.isfile(app.path) and os.access(app.path, os.X_OK) else None
         return shutil.which(program)
 
     def command(self, argv: Sequence[str]) -> list[str]:
@@ -153,9 +156,11 @@ class Policy:
         elif self.config.allow is not None and program not in self.config.allow:
             allowed = ", ".join(sorted(self.config.allow)) or "nothing"
             return Refusal(NOT_ALLOWED, f"program {program!r} is not allowed on node {self.node} (allowed: {allowed})")
-        if self.resolve(self.exclusive[0] if self.exclusive else program) is None:
-            where = "not in its PATH, nor in [apps]"
-            return Refusal(NOT_FOUND, f"program {program!r} not found on node {self.node} ({where})")
+        wanted = self.exclusive[0] if self.exclusive else program
+        if self.resolve(wanted) is None:
+            app = self.config.apps.get(wanted)
+            configured = app.path if app is not None and app.path else None
+            return Refusal(NOT_FOUND, describe_missing(wanted, configured, node=self.node))
         return None
 
     async def refusal(

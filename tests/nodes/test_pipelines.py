@@ -227,6 +227,21 @@ async def test_negotiation_refusals_start_nothing(rt: Path) -> None:
         assert not alpha.children() and not beta.children()  # `sleep 300` never started anywhere
 
 
+async def test_a_program_that_is_not_runnable_is_named_for_what_it_is(rt: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "script.sh"
+    plain.write_text("#!/bin/sh\necho hi\n")
+    plain.chmod(0o644)
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        node = ("--node", alpha.host_port)
+        directory = await dpipes(rt, *node, f"seq 3 | {tmp_path}")
+        assert directory.code == 125
+        assert f"program '{tmp_path}' on node alpha is a directory, not a program" in directory.stderr
+        not_executable = await dpipes(rt, *node, f"seq 3 | {plain}")
+        assert not_executable.code == 125
+        assert "is not executable (-rw-r--r--): make it so with chmod +x" in not_executable.stderr
+        assert not alpha.children()
+
+
 async def test_a_refusal_names_the_nodes_that_offer_the_program(rt: Path) -> None:
     extra = {"alpha": ["--allow", "cat"], "beta": ["--allow", "sort"]}
     async with daemons(rt, ["alpha", "beta"], extra=extra) as (alpha, _b):

@@ -119,3 +119,10 @@ def test_the_probe_reads_the_first_line_of_either_stream(tmp_path: Path) -> None
     script.chmod(0o755)
     assert policy.probe_version(str(script)) == (3, 1)
     assert policy.probe_version(str(tmp_path / "absent")) == ()
+
+
+async def test_an_apps_path_that_is_a_directory_is_refused_as_one(tmp_path: Path) -> None:
+    pol = Policy("alpha", config(apps={"tool": AppConfig(path=str(tmp_path))}))
+    found = await refusal(pol, ["tool"])
+    assert found is not None and found.code == policy.NOT_FOUND
+    assert found.message == f"program 'tool' on node alpha: {tmp_path} (its [apps] path) is a directory, not a program"
