@@ -52,7 +52,9 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``require: list[str] = []`` (version constraints such as ``"sort>=9"``),
         ``user: str = ""`` (who asks, as the client says), ``pipes: map = {}`` (Dagster Pipes
         options, :mod:`dpipes.nodes.pipes_options`), ``local_fds: str = ""`` (a token under which
-        a client on the node's host handed its stdin/stdout over, :mod:`dpipes.nodes.fdpass`).
+        a client on the node's host handed its stdin/stdout over, :mod:`dpipes.nodes.fdpass`),
+        ``cwd: str = ""`` (the client's working directory, absolute), ``workdir: str = ""`` (where
+        every stage starts, as the user chose it: ``--cwd``; see *Working directories*).
         The entry node parses the text, places every stage, negotiates with every chosen node,
         then starts every stage, the last one first. Nothing starts unless every node agreed.
         Reply: ``pipeline: str`` (the run's id), ``stdin_direct: bool = false`` and
@@ -75,7 +77,8 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``peers: map[str, str] = {}`` (node name -> bus endpoint of the neighbouring stages'
         nodes, which this node links to before it agrees). The node checks the version, the mode,
         that the program is allowed and found here and meets ``require``, then reserves the stage
-        address. Reply: ``addr: str``.
+        address. Reply: ``addr: str``, ``host: str = ""`` (the node's host identity: its host
+        name and machine id; nodes that answer the same run on one host).
     ``start`` (coordinator -> each node, after every ``negotiate`` succeeded): start a negotiated
         stage. Body: ``pipeline: str, stage: int``, ``stdin_from: str = ""`` (who streams the
         stage's stdin: the previous stage's address or the client's; ``""``: no input, stdin is
@@ -84,7 +87,9 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``report_to: list[str]`` (who gets its ``exit`` report), ``user: str = ""``,
         ``pipes: map = {}`` (this stage's Pipes options), ``direct_in: bool = false`` /
         ``direct_out: bool = false`` (the neighbour is on this node too, or the client handed its
-        stdin/stdout over: that edge is one kernel pipe and carries nothing on the bus).
+        stdin/stdout over: that edge is one kernel pipe and carries nothing on the bus),
+        ``cwd: str = ""`` (the directory the stage starts in; a relative one is taken from the
+        node's configured ``workdir``; ``""``: that ``workdir`` itself).
         Reply: ``pid: int, context: map``.
     ``gossip`` (node -> each linked node, every ``GOSSIP_INTERVAL_S`` and on a new link): the
         nodes the sender knows. Body: ``peers: map[str, str]`` (node name -> ``tcp://`` bus
@@ -100,6 +105,18 @@ Reports (``REQUEST`` to a client's or coordinator's address; reply: empty)
     ``stderr_tail: str = ""`` (the end of a failed stage's stderr).
     ``failed``: the run failed as a whole (a node was lost, ...). Body: ``pipeline: str,
     error: str, lost: list[int] = []`` (stages that will never report: they ran on a lost node).
+
+Working directories
+    A stage on the client's own host starts in the client's working directory (``run.cwd``), as
+    in a shell; a stage on another host starts in its node's ``workdir`` (configured; by default
+    the home directory of the node's user, as ssh does). The entry node decides which stages are
+    on the client's host: a client attached to it over its ``ipc://`` path is on its host (only
+    a process of that host can reach a Unix socket; what a TCP client says of itself is not
+    taken), and a node is on that host when its ``negotiate`` reply's ``host`` equals the entry
+    node's own. The entry node sends ``start.cwd`` accordingly: ``run.cwd`` to those stages,
+    ``""`` to the others. ``run.workdir`` (``--cwd DIR``) overrides this for every stage: an
+    absolute one is used as it is, a relative one from each stage's place above. A directory
+    that does not exist on a node fails the run's start, naming the node and the directory.
 
 A run, from the client's side
     1. Attach to the entry node; call ``run``. On failure the error names the stage, node and
@@ -152,6 +169,7 @@ import dataclasses
 import getpass
 import json
 import os
+import socket
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeAlias
@@ -419,6 +437,8 @@ class RunRequest(Body):
     user: str = ""
     pipes: Json = dataclasses.field(default_factory=dict)
     local_fds: str = ""
+    cwd: str = ""
+    workdir: str = ""
 
 
 @_slot
@@ -506,9 +526,10 @@ class NegotiateRequest(Body):
 @_body("negotiate", "reply")
 @_slot
 class NegotiateReply(Body):
-    """The reserved stage address."""
+    """The reserved stage address, and the node's host identity."""
 
     addr: str
+    host: str = ""
 
 
 @_body("start", "request")
@@ -526,6 +547,7 @@ class StartRequest(Body):
     pipes: Json = dataclasses.field(default_factory=dict)
     direct_in: bool = False
     direct_out: bool = False
+    cwd: str = ""
 
 
 @_body("start", "reply")
@@ -690,6 +712,21 @@ def schema_text() -> str:
     return json.dumps(control_schema(), indent=2, sort_keys=True) + "\n"
 
 
+def host_identity() -> str:
+    """This host's identity as ``negotiate`` replies carry it: ``HOSTNAME:MACHINE-ID`` (the boot
+    id where there is no machine id), so that containers sharing a kernel are told apart."""
+    ident = ""
+    for path in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                ident = f.read(64).strip()
+        except OSError:
+            continue
+        if ident:
+            break
+    return f"{socket.gethostname()}:{ident}"[:MAX_TEXT_CHARS]
+
+
 def current_user() -> str:
     """Who is asking, as this process's user sees it (sent as ``user``; not authenticated)."""
     try:
@@ -726,6 +763,7 @@ __all__ = [
     "StartRequest",
     "control_schema",
     "current_user",
+    "host_identity",
     "parse_reply",
     "parse_request",
 ]

@@ -86,6 +86,7 @@ class RunOptions:
     require: tuple[str, ...] = ()
     pipes: dict[str, Any] = dataclasses.field(default_factory=dict)  # extras, assets, partition, context, messages
     pipes_json: str | None = None  # write every stage's Pipes context and messages here, as JSON lines
+    workdir: str = ""  # --cwd: where every stage starts (relative: from each stage's default place)
 
 
 @dataclasses.dataclass
@@ -289,6 +290,8 @@ class _Run:
             user=current_user(),
             pipes=dict(self.options.pipes),
             local_fds=self.local_fds or "",
+            cwd=_cwd(),
+            workdir=self.options.workdir,
         )
         loop = asyncio.get_running_loop()
         if handle_sigint:  # before asking: a Ctrl-C while the nodes start the stages is not lost
@@ -517,6 +520,14 @@ class _Run:
             if not self.error:
                 self.error = str(exc)
             await self._cancel(str(exc))
+
+
+def _cwd() -> str:
+    """Our working directory, where stages on our host start; "" when it is gone (deleted)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return ""
 
 
 def _read_some(fd: int, size: int) -> bytes:

@@ -38,6 +38,12 @@ the entry node (which coordinates the run):
   A --node that cannot be reached fails at once, saying why (cannot resolve, connection refused,
   no reply); a local dpipesd that crashed is named on stderr before the embedded node runs.
 
+working directory:
+  A stage on this host starts in this command's working directory, as in a shell (when the
+  entry node is this host's dpipesd or an embedded node); a stage on another host starts in its
+  node's workdir (config; default: the home directory of the node's user, as ssh does).
+  --cwd DIR starts every stage in DIR; a relative DIR is taken from each stage's place above.
+
 data:
   This command's stdin feeds the first stage when it is not a terminal; the last stage's stdout
   is written to stdout as it arrives; every stage's stderr reaches stderr (--tag prefixes it).
@@ -96,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--status", action="store_true", help="print every stage's node and exit status at the end")
     parser.add_argument(
         "--tag", action="store_true", help="prefix each line the stages write to stderr with [stage N prog@node]"
+    )
+    parser.add_argument(
+        "--cwd",
+        metavar="DIR",
+        default="",
+        help="start every stage in DIR (default: this directory for stages on this host, the node's"
+        " workdir, its user's home, elsewhere; a relative DIR is taken from there)",
     )
     parser.add_argument(
         "--require", action="append", default=[], metavar="'PROG>=VER'", help="refuse to run unless PROG's version fits"
@@ -358,6 +371,7 @@ async def _run(args: argparse.Namespace) -> int:
         require=tuple(args.require),
         pipes=args.pipes,
         pipes_json=args.pipes_json,
+        workdir=args.cwd,
     )
     result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options))
     if result.error:
