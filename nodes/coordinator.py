@@ -176,13 +176,16 @@ class Coordinator:
     async def _start(self, request: RunRequest, client: str, handed: dict[str, int]) -> RunReply:
         """Parse, place, negotiate, start; ``handed``: the local client's descriptors, by name (a
         stage that uses one takes it out)."""
-        from dpipes.nodes.pipeline import PlacementError, place
+        from dpipes.nodes.pipeline import PlacementError, placements
 
         stages = self._parse(request)
         try:
-            nodes = place(stages, self.table(), local=self.node)
+            placed = placements(stages, self.table(), local=self.node)
         except PlacementError as exc:
             raise ControlError(PLACEMENT, str(exc)) from None
+        nodes = [p.node for p in placed]
+        for i, p in enumerate(placed):
+            log.info("node %s: stage %d (%s) to %s: %s %s", self.node, i, stages[i].program, p.node, p.why, p.offer)
         pipeline = uuid.uuid4().hex[:12]
         run = Run(pipeline, client, stages, nodes)
         self.runs[pipeline] = run
@@ -204,6 +207,7 @@ class Coordinator:
                         require=request.require,
                         user=request.user,
                         peers=self._endpoints_of(nodes[max(0, i - 1) : i + 2]),
+                        pinned=stages[i].node is not None,
                     ),
                     timeout=CONTROL_TIMEOUT_S,
                 )
@@ -268,7 +272,15 @@ class Coordinator:
             stdin_direct=stdin_direct,  # the client does not feed the first stage
             stdout_direct=stdout_direct,  # nor does output come to it: the last stage writes there
             stages=tuple(
-                StageInfo(index=i, node=nodes[i], argv=tuple(stages[i].argv), addr=addrs[i], context=contexts[i])
+                StageInfo(
+                    index=i,
+                    node=nodes[i],
+                    argv=tuple(stages[i].argv),
+                    addr=addrs[i],
+                    context=contexts[i],
+                    placed=placed[i].why,
+                    offer=placed[i].offer,
+                )
                 for i in range(len(stages))
             ),
         )
@@ -285,7 +297,13 @@ class Coordinator:
 
     def _offered_elsewhere(self, program: str, refused_by: str) -> str:
         """A hint naming the other nodes that offer ``program`` (pin the stage to one: PROG@NODE)."""
-        others = sorted(n for n, info in self.table().items() if n != refused_by and program in info.programs)
+        from dpipes.nodes.pipeline import offer_matches
+
+        others = sorted(
+            n
+            for n, info in self.table().items()
+            if n != refused_by and any(offer_matches(o, [program]) for o in info.programs)
+        )
         return f" (offered by {', '.join(others)}: pin it with {program}@{others[0]})" if others else ""
 
     def _endpoints_of(self, nodes: list[str]) -> dict[str, str]:

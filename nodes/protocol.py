@@ -61,24 +61,30 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``stdout_direct: bool = false`` (the handed-over stdin/stdout went straight to the
         first/last stage: the client neither feeds nor reads them), ``stages: list[map]``, each
         ``index: int, node: str, argv: list[str], addr: str, context: map`` (``addr`` is the
-        stage address, ``context`` the Pipes context it was started with).
+        stage address, ``context`` the Pipes context it was started with), ``placed: str = ""``
+        (why it went to ``node``: ``pinned``; ``offered``, by that node as ``offer: str = ""``;
+        ``local``, nobody offers it and the entry node has it).
     ``cancel`` (client -> its entry node, or coordinator -> each node): stop a run.
         Body: ``pipeline: str``, ``reason: str = "cancelled"``. From the client that started it,
         the entry node cancels the run on every node; otherwise the node terminates its own
         stages of the run (TERM to the process group, KILL after a grace). Reply:
         ``stages: int = 0`` (how many stages of it were here). Every stage still reports ``exit``.
     ``info`` (anyone -> a node): what the node knows. Body: empty. Reply: ``node: str``,
-    ``protocol: int``, ``nodes: list[map]``, each ``name: str, endpoint: str, programs: list[str],
+    ``protocol: int``, ``nodes: list[map]``, each ``name: str, endpoint: str, programs: list[str]``
+    (its offers: program names, or a program with fixed arguments in shell words, ``sort -r``),
     source: str`` (``self``, ``static``, ``mdns``, ``gossip``, ``linked``), ``last_seen_s: float``,
     ``up: bool``.
     ``negotiate`` (coordinator -> each chosen node): may this stage run here? Body:
         ``pipeline: str, stage: int, argv: list[str]`` (at least one word), ``protocol: int``,
         ``mode: str = "bytes"``, ``require: list[str] = []``, ``user: str = ""``,
         ``peers: map[str, str] = {}`` (node name -> bus endpoint of the neighbouring stages'
-        nodes, which this node links to before it agrees). The node checks the version, the mode,
-        that the program is allowed and found here and meets ``require``, then reserves the stage
-        address. Reply: ``addr: str``, ``host: str = ""`` (the node's host identity: its host
-        name and machine id; nodes that answer the same run on one host).
+        nodes, which this node links to before it agrees), ``pinned: bool = false`` (the user
+        pinned the stage to this node: ``PROG@NODE``). The node checks the version, the mode,
+        that the program is allowed and found here and meets ``require`` (a node that offers a
+        program with fixed arguments, ``sort -r``, refuses a stage that does not start with them
+        unless it is pinned), then reserves the stage address. Reply: ``addr: str``,
+        ``host: str = ""`` (the node's host identity: its host name and machine id; nodes that
+        answer the same run on one host).
     ``start`` (coordinator -> each node, after every ``negotiate`` succeeded): start a negotiated
         stage. Body: ``pipeline: str, stage: int``, ``stdin_from: str = ""`` (who streams the
         stage's stdin: the previous stage's address or the client's; ``""``: no input, stdin is
@@ -450,6 +456,8 @@ class StageInfo(Body):
     argv: tuple[str, ...]
     addr: str
     context: Json = dataclasses.field(default_factory=dict)
+    placed: str = bounded("", choices=("", "pinned", "offered", "local"))
+    offer: str = ""
 
 
 @_body("run", "reply")
@@ -521,6 +529,7 @@ class NegotiateRequest(Body):
     require: tuple[str, ...] = ()
     user: str = ""
     peers: dict[str, str] = dataclasses.field(default_factory=dict)
+    pinned: bool = False
 
 
 @_body("negotiate", "reply")

@@ -106,6 +106,20 @@ class StageResult:
     checks: list[str] = dataclasses.field(default_factory=list)
     pipes_exception: str = ""  # the stage's Pipes session closed with this exception
     pipes_errors: int = 0  # lines that were not valid Pipes messages
+    placed: str = ""  # why it went to its node: pinned, offered, local ("" from an older node)
+    offer: str = ""  # the node's offer it matched, when offered
+
+    def placement(self) -> str:
+        """Why this stage ran on its node, for a person ("" when the node did not say)."""
+        program = self.argv[0] if self.argv else "?"
+        if self.placed == "pinned":
+            return "pinned"
+        if self.placed == "offered":
+            shown = f" as {self.offer!r}" if self.offer and self.offer != program else ""
+            return f"offered by {self.node}{shown}"
+        if self.placed == "local":
+            return f"local: no node offers {program!r}" if "/" not in program else "local: a path here"
+        return ""
 
     @property
     def shell_code(self) -> int:
@@ -315,7 +329,9 @@ class _Run:
                 raise
             return RunResult("", [], EXIT_INTERRUPTED, "interrupted before the pipeline started")  # twice
         self.pipeline = reply.pipeline
-        self.stages = [StageResult(s.index, s.node, list(s.argv)) for s in reply.stages]
+        self.stages = [StageResult(s.index, s.node, list(s.argv), placed=s.placed, offer=s.offer) for s in reply.stages]
+        for stage in self.stages:
+            log.info("stage %d %s@%s: %s", stage.index, stage.argv[0], stage.node, stage.placement() or "placed")
         if self.options.pipes_json:
             self.pipes_json = open(self.options.pipes_json, "w", encoding="utf-8")  # noqa: ASYNC230 (once, at start; closed in run)
             for s in reply.stages:

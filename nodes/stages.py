@@ -133,7 +133,12 @@ class Stages:
         """
         pipeline, index, argv = request.pipeline, request.stage, list(request.argv)
         refusal = await self.policy.refusal(
-            argv, mode=request.mode, protocol=request.protocol, require=request.require, caller=request.user
+            argv,
+            mode=request.mode,
+            protocol=request.protocol,
+            require=request.require,
+            caller=request.user,
+            pinned=request.pinned,
         )
         if refusal is not None:
             code = PROTOCOL if refusal.code == _policy.PROTOCOL else REFUSED

@@ -29,7 +29,9 @@ pipeline syntax:
   '|' separates stages, numbered from 0 (errors, --status, --tag and N: options say "stage 0"
   for the first). Quote the whole pipeline as one argument; inside it, quoting is as in sh
   ('a|b' is one word). PROG@NODE pins a stage to NODE; an unpinned stage goes to a node that
-  offers PROG (dp.PROG), else to the entry node.
+  offers PROG (dp.PROG), else to the entry node. A node started as 'dpipesd -- sort -r' offers
+  'sort -r': it gets unpinned stages that start with those words, never a plain 'sort'.
+  -v and --status say where each stage went and why (pinned, offered by NODE, local).
   No shell runs unless you write one: use sh -c '...' for redirections, globs and variables.
 
 the entry node (which coordinates the run):
@@ -99,7 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--json", action="store_const", const="json", dest="mode", help="JSON-lines object mode")
     mode.add_argument("--yaml", action="store_const", const="yaml", dest="mode", help="YAML documents object mode")
     parser.add_argument("--pipefail", action="store_true", help="exit with the last non-zero stage status")
-    parser.add_argument("--status", action="store_true", help="print every stage's node and exit status at the end")
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="print every stage's node, why it went there (pinned, offered by, local) and exit status at the end",
+    )
     parser.add_argument(
         "--tag", action="store_true", help="prefix each line the stages write to stderr with [stage N prog@node]"
     )
@@ -377,7 +383,10 @@ async def _run(args: argparse.Namespace) -> int:
     if result.error:
         print(f"dpipes: {result.error}", file=sys.stderr)
     for stage in result.stages:
-        if args.status or (stage.error and not stage.sigpipe and not result.error):
+        if args.status:
+            placement = f" [{stage.placement()}]" if stage.placement() else ""
+            print(f"dpipes: {stage.describe()}{placement}", file=sys.stderr)
+        elif stage.error and not stage.sigpipe and not result.error:
             print(f"dpipes: {stage.describe()}", file=sys.stderr)
         if summary := stage.pipes_summary():
             print(f"dpipes: stage {stage.index} {stage.argv[0]}@{stage.node}: {summary}", file=sys.stderr)

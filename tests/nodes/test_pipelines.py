@@ -252,6 +252,23 @@ async def test_a_refusal_names_the_nodes_that_offer_the_program(rt: Path) -> Non
     )
 
 
+async def test_placement_never_changes_what_a_stage_means(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"], extra={"beta": ["--", "sort", "-r"]}) as (alpha, _b):
+        node = ("--node", alpha.host_port, "--status")
+        plain = await dpipes(rt, *node, "printf 'a\\nb\\n' | sort")
+        assert (plain.code, plain.stdout) == (0, b"a\nb\n"), plain.stderr  # not `sort -r` on beta
+        assert "stage 1 sort@alpha: exit 0 [local: no node offers 'sort']" in plain.stderr
+        matching = await dpipes(rt, *node, "printf 'a\\nb\\n' | sort -r")
+        assert (matching.code, matching.stdout) == (0, b"b\na\n"), matching.stderr
+        assert "stage 1 sort@beta: exit 0 [offered by beta as 'sort -r']" in matching.stderr
+        pinned = await dpipes(rt, *node, "printf 'a\\nb\\n' | sort@beta")
+        assert (pinned.code, pinned.stdout) == (0, b"b\na\n"), pinned.stderr
+        assert "stage 1 sort@beta: exit 0 [pinned]" in pinned.stderr
+        verbose = await dpipes(rt, "--node", alpha.host_port, "-v", "true | sort -r")
+        assert "stage 1 sort@beta: offered by beta as 'sort -r'" in verbose.stderr
+        assert "stage 0 true@alpha: local: no node offers 'true'" in verbose.stderr
+
+
 async def test_a_coordinator_of_another_pipeline_protocol_is_refused(rt: Path) -> None:
     from dpipes.bus.client import Client
     from dpipes.bus.errors import BusError
