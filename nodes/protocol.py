@@ -108,7 +108,12 @@ Reports (``REQUEST`` to a client's or coordinator's address; reply: empty)
     reader finished early, as SIGPIPE: a shell leaves such a stage out of ``pipefail``),
     ``error: str = ""`` (its data could not be moved: the output is not complete),
     ``cancelled: str = ""`` (why it was cancelled, when it was; not an error of its own),
-    ``stderr_tail: str = ""`` (the end of a failed stage's stderr).
+    ``stderr_tail: str = ""`` (the end of a failed stage's stderr), ``started: float = 0.0`` and
+    ``ended: float = 0.0`` (when its program started and exited: wall-clock seconds since the
+    Unix epoch, on the node's clock; 0: unknown), ``bytes_in: int = -1`` and
+    ``bytes_out: int = -1`` (bytes of data this node wrote to the program's stdin and read from
+    its stdout; -1 when the node did not see them: an edge that is one kernel pipe, ``direct_in``
+    / ``direct_out``, passes by the node).
     ``failed``: the run failed as a whole (a node was lost, ...). Body: ``pipeline: str,
     error: str, lost: list[int] = []`` (stages that will never report: they ran on a lost node).
 
@@ -591,6 +596,10 @@ class ExitReport(Body):
     error: str = ""
     cancelled: str = ""
     stderr_tail: str = bounded("", max_chars=4 * MAX_TEXT_CHARS)
+    started: float = 0.0
+    ended: float = 0.0
+    bytes_in: int = bounded(-1, min=-1)
+    bytes_out: int = bounded(-1, min=-1)
 
 
 @_body("failed", "request")

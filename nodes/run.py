@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import stat
@@ -106,6 +107,10 @@ class StageResult:
     checks: list[str] = dataclasses.field(default_factory=list)
     pipes_exception: str = ""  # the stage's Pipes session closed with this exception
     pipes_errors: int = 0  # lines that were not valid Pipes messages
+    started: float = 0.0  # wall clock on its node when its program started; 0: unknown
+    ended: float = 0.0  # ... and when it exited
+    bytes_in: int = -1  # bytes its node wrote to its stdin; -1: not seen (a kernel pipe), or unknown
+    bytes_out: int = -1  # bytes its node read from its stdout
     placed: str = ""  # why it went to its node: pinned, offered, local ("" from an older node)
     offer: str = ""  # the node's offer it matched, when offered
 
@@ -176,6 +181,41 @@ def exit_code_of(stages: list[StageResult], *, pipefail: bool) -> int:
                 return stage.shell_code
         return 0
     return stages[-1].shell_code
+
+
+JOBLOG_COLUMNS = ("Stage", "Node", "Starttime", "JobRuntime", "Send", "Receive", "Exitval", "Signal", "Command")
+"""The joblog's header: GNU parallel's ``--joblog`` columns, with the stage (from 0) and its node
+for parallel's ``Seq`` and ``Host``."""
+
+
+def format_joblog(stages: list[StageResult]) -> str:
+    """The run as a joblog: a header, then one tab-separated line per stage (``-`` where unknown).
+
+    ``Starttime``: Unix seconds on the stage's node when its program started; ``JobRuntime``:
+    seconds it ran; ``Send`` / ``Receive``: bytes its node wrote to its stdin / read from its
+    stdout (``-`` for an edge that is a kernel pipe, which no node sees); ``Exitval``: its exit
+    code (``-`` when it did not report, as a stage of a lost node); ``Signal``: what killed it, or
+    0; ``Command``: its argv in shell words.
+    """
+    lines = ["\t".join(JOBLOG_COLUMNS)]
+    for s in stages:
+        known = s.reported and s.started > 0
+        lines.append(
+            "\t".join(
+                (
+                    str(s.index),
+                    s.node,
+                    f"{s.started:.3f}" if known else "-",
+                    f"{max(0.0, s.ended - s.started):.3f}" if known and s.ended else "-",
+                    str(s.bytes_in) if s.bytes_in >= 0 else "-",
+                    str(s.bytes_out) if s.bytes_out >= 0 else "-",
+                    str(s.code) if s.reported else "-",
+                    str(s.signal),
+                    shlex.join(s.argv).replace("\t", " ").replace("\n", " "),
+                )
+            )
+        )
+    return "\n".join(lines) + "\n"
 
 
 class _Output:
@@ -464,6 +504,8 @@ class _Run:
         stage.code, stage.signal, stage.status = report.code, report.signal, report.status
         stage.sigpipe = report.sigpipe
         stage.error, stage.cancelled, stage.stderr_tail = report.error, report.cancelled, report.stderr_tail
+        stage.started, stage.ended = report.started, report.ended
+        stage.bytes_in, stage.bytes_out = report.bytes_in, report.bytes_out
         stage.reported = True
         self._check_done()
 

@@ -18,6 +18,9 @@ Pipes
     the stage's Dagster Pipes messages (from its FIFO, its bus endpoint, or taken out of its stdout
     or stderr) as ``PIPES`` messages on one stream to ``stderr_to``, opened at the first message.
 
+The report also says when the program started and ended (wall clock) and how many bytes this
+node wrote to its stdin and read from its stdout (``-1`` for an edge that is a kernel pipe).
+
 Status is typed (:class:`~dpipes.nodes.protocol.ExitReport`): a stage stopped by a cancel has
 ``cancelled`` (the reason) in its report, and ``error`` holds only what went wrong moving its data;
 nobody matches either in text.
@@ -34,6 +37,7 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +74,9 @@ class Stage:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     pipes: StagePipes | None = None
     lingering: bool = False  # its endpoint outlives it briefly, to refuse late input
+    started: float = 0.0  # wall clock when its program started (for the exit report)
+    bytes_in: int = 0  # data written to its program's stdin by this node
+    bytes_out: int = 0  # data read from its program's stdout by this node
 
 
 class DirectPipes:
@@ -154,6 +161,7 @@ class StageRun:
             pumps = [asyncio.create_task(p()) for p in (self._stdin, self._stdout, self._stderr)]
             pumps += [asyncio.create_task(self._pipes_reader(r)) for r in readers]
             status = await proc.wait()
+            ended = time.time()
             if not pumps[0].done():
                 pumps[0].cancel()  # nobody will read what still comes: refuse it as a closed pipe
             # The program is gone: read its messages to the end (bounded, should a descendant hold on).
@@ -179,6 +187,11 @@ class StageRun:
             error="; ".join(self.errors)[:ERROR_REPORT_CHARS],
             cancelled=stage.cancelled[:MAX_TEXT_CHARS],
             stderr_tail=tail,
+            started=stage.started,
+            ended=ended,
+            # A kernel pipe to a neighbour (or the client) passes by this node: it did not count.
+            bytes_in=-1 if self.wiring.direct_in else stage.bytes_in,
+            bytes_out=-1 if self.wiring.direct_out else stage.bytes_out,
         )
 
     async def _stdin(self) -> None:
@@ -198,6 +211,7 @@ class StageRun:
             while (msg := await stream.read()) is not None:
                 for frame in incoming.data(msg):
                     await proc.write_stdin(frame)
+                    stage.bytes_in += len(frame)
         except (StdinClosed, asyncio.CancelledError) as exc:
             stream.cancel(f"{stage.describe} closed its input")  # upstream gets SIGPIPE, as in a shell
             if isinstance(exc, asyncio.CancelledError):
@@ -222,6 +236,7 @@ class StageRun:
             if pipes.channel == "stdout":  # messages among the program's output: take them out
                 while True:
                     raw = await proc.read_stdout()
+                    stage.bytes_out += len(raw)
                     data, frames = pipes.split(raw, end=not raw)
                     await self._send_pipes(frames)
                     if data:
@@ -233,9 +248,11 @@ class StageRun:
                     await out.send(message)
             elif stage.mode == "bytes":  # the hot path: no per-chunk objects
                 while data := await proc.read_stdout():
+                    stage.bytes_out += len(data)
                     await out.send_bytes(data)
             else:
                 while data := await proc.read_stdout():
+                    stage.bytes_out += len(data)
                     for message in outgoing.messages(data):
                         await out.send(message)
                 for message in outgoing.end():

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import os
 import shlex
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -213,6 +214,7 @@ class Stages:
         except BaseException:
             stage.pipes.close()
             raise
+        stage.started = time.time()
         stage.task = self._spawn(self._run(stage, wiring), stage.describe)
         log.info("node %s: started %s pid %d", self.node, stage.describe, stage.proc.pid)
         return StartReply(pid=stage.proc.pid, context=stage.pipes.context)

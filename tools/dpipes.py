@@ -64,6 +64,16 @@ exit status:
   2    bad command line: unknown flags, a pipeline syntax error (named by stage and column,
        found before any node is contacted), a malformed --node or $DPIPES_NODE
 
+joblog:
+  --joblog FILE writes, when the run ends, a header and one tab-separated line per stage with
+  GNU parallel's joblog columns (Stage and Node stand for its Seq and Host):
+    Stage Node Starttime JobRuntime Send Receive Exitval Signal Command
+  Stage counts from 0; Starttime is Unix seconds (the node's clock) and JobRuntime seconds, both
+  with milliseconds; Send and Receive are bytes the stage's node wrote to its stdin and read from
+  its stdout, '-' for an edge that is a kernel pipe (no node sees those bytes); Exitval is the
+  exit code (-1 when killed by a signal, then named by number in Signal; '-' when the stage never
+  reported, as on a lost node); Command is the stage's words, shell-quoted.
+
 pipes:
   Every stage gets DAGSTER_PIPES_CONTEXT and DAGSTER_PIPES_MESSAGES; a program using dagster-pipes
   (or any language writing its JSON lines) reports logs, materializations and checks as it runs.
@@ -105,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
         "--status",
         action="store_true",
         help="print every stage's node, why it went there (pinned, offered by, local) and exit status at the end",
+    )
+    parser.add_argument(
+        "--joblog",
+        metavar="FILE",
+        help="write a record of every stage to FILE when the run ends (GNU parallel's joblog: see below)",
     )
     parser.add_argument(
         "--tag", action="store_true", help="prefix each line the stages write to stderr with [stage N prog@node]"
@@ -380,6 +395,12 @@ async def _run(args: argparse.Namespace) -> int:
         workdir=args.cwd,
     )
     result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options))
+    if args.joblog:
+        try:
+            with open(args.joblog, "w", encoding="utf-8") as log_file:  # noqa: ASYNC230 (once, at the end)
+                log_file.write(run.format_joblog(result.stages))
+        except OSError as exc:
+            print(f"dpipes: cannot write the joblog {args.joblog}: {exc.strerror or exc}", file=sys.stderr)
     if result.error:
         print(f"dpipes: {result.error}", file=sys.stderr)
     for stage in result.stages:

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,34 @@ async def test_placement_never_changes_what_a_stage_means(rt: Path) -> None:
         verbose = await dpipes(rt, "--node", alpha.host_port, "-v", "true | sort -r")
         assert "stage 1 sort@beta: offered by beta as 'sort -r'" in verbose.stderr
         assert "stage 0 true@alpha: local: no node offers 'true'" in verbose.stderr
+
+
+async def test_joblog_records_each_stage_as_gnu_parallel_does(rt: Path, tmp_path: Path) -> None:
+    joblog = tmp_path / "run.log"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        before = time.time()
+        ran = await dpipes(rt, "--node", alpha.host_port, "--joblog", str(joblog), "seq 1000 | sort@beta -n | wc -c")
+        after = time.time()
+        assert (ran.code, ran.stdout) == (0, b"3893\n"), ran.stderr
+        header, *rows = [line.split("\t") for line in joblog.read_text().splitlines()]
+        assert header == ["Stage", "Node", "Starttime", "JobRuntime", "Send", "Receive", "Exitval", "Signal", "Command"]
+        assert [r[:2] for r in rows] == [["0", "alpha"], ["1", "beta"], ["2", "alpha"]]
+        assert [r[4:] for r in rows] == [  # every edge crosses the bus here: each node counted its bytes
+            ["0", "3893", "0", "0", "seq 1000"],
+            ["3893", "3893", "0", "0", "sort -n"],
+            ["3893", "5", "0", "0", "wc -c"],
+        ]
+        for row in rows:  # one host, so one clock: each stage ran within the command's life
+            assert before <= float(row[2]) <= float(row[2]) + float(row[3]) <= after
+
+        # A kernel pipe between neighbours on one node passes by it: those bytes are not known.
+        killed = await dpipes(
+            rt, "--node", alpha.host_port, "--joblog", str(joblog), "seq 3 | sh -c 'cat; kill -TERM $$'"
+        )
+        rows = [line.split("\t") for line in joblog.read_text().splitlines()[1:]]
+        assert killed.code == 128 + signal.SIGTERM
+        assert [r[4:8] for r in rows] == [["0", "-", "0", "0"], ["-", "6", "-1", str(int(signal.SIGTERM))]]
+        assert rows[1][8] == "sh -c 'cat; kill -TERM $$'"
 
 
 async def test_a_coordinator_of_another_pipeline_protocol_is_refused(rt: Path) -> None:
