@@ -253,6 +253,7 @@ class Coordinator:
                         direct_in=direct[i - 1] if i else stdin_direct,
                         direct_out=direct[i] if i + 1 < len(nodes) else stdout_direct,
                         cwd=cwds[i],
+                        progress_to=client if request.progress else "",
                     ),
                     timeout=CONTROL_TIMEOUT_S,
                 )

@@ -34,7 +34,9 @@ Reports
     A node tells a client about a run by calling the client's own endpoint: ``REQUEST`` with
     method ``exit`` or ``failed`` to the client's address. The client answers each with an empty
     successful ``REPLY`` (so the node knows it arrived; an unanswered report is logged and dropped
-    after ``REPORT_TIMEOUT_S``). A client ignores reports of pipelines it does not know.
+    after ``REPORT_TIMEOUT_S``). A client ignores reports of pipelines it does not know. The
+    ``progress`` report is one-way: the client does not answer it, and a lost one is replaced by
+    the next.
 
 Versioning
     ``PIPELINE_PROTOCOL`` (2) is this conversation's version, apart from the bus's
@@ -54,7 +56,8 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         options, :mod:`dpipes.nodes.pipes_options`), ``local_fds: str = ""`` (a token under which
         a client on the node's host handed its stdin/stdout over, :mod:`dpipes.nodes.fdpass`),
         ``cwd: str = ""`` (the client's working directory, absolute), ``workdir: str = ""`` (where
-        every stage starts, as the user chose it: ``--cwd``; see *Working directories*).
+        every stage starts, as the user chose it: ``--cwd``; see *Working directories*),
+        ``progress: bool = false`` (send ``progress`` reports to the client while the run goes).
         The entry node parses the text, places every stage, negotiates with every chosen node,
         then starts every stage, the last one first. Nothing starts unless every node agreed.
         Reply: ``pipeline: str`` (the run's id), ``stdin_direct: bool = false`` and
@@ -95,7 +98,8 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``direct_out: bool = false`` (the neighbour is on this node too, or the client handed its
         stdin/stdout over: that edge is one kernel pipe and carries nothing on the bus),
         ``cwd: str = ""`` (the directory the stage starts in; a relative one is taken from the
-        node's configured ``workdir``; ``""``: that ``workdir`` itself).
+        node's configured ``workdir``; ``""``: that ``workdir`` itself), ``progress_to: str = ""``
+        (where to send the stage's ``progress`` reports; ``""``: none).
         Reply: ``pid: int, context: map``.
     ``gossip`` (node -> each linked node, every ``GOSSIP_INTERVAL_S`` and on a new link): the
         nodes the sender knows. Body: ``peers: map[str, str]`` (node name -> ``tcp://`` bus
@@ -114,6 +118,11 @@ Reports (``REQUEST`` to a client's or coordinator's address; reply: empty)
     ``bytes_out: int = -1`` (bytes of data this node wrote to the program's stdin and read from
     its stdout; -1 when the node did not see them: an edge that is one kernel pipe, ``direct_in``
     / ``direct_out``, passes by the node).
+    ``progress`` (one-way, from the node's ``ctl`` to ``start.progress_to``): a running stage's
+    counters. Body: ``pipeline: str, stage: int, node: str, bytes_in: int, bytes_out: int`` (as
+    in ``exit``: so far, -1 for an edge the node does not see). Sent at most every
+    ``PROGRESS_INTERVAL_S`` per stage and only when a counter changed; the ``exit`` report has
+    the final counts.
     ``failed``: the run failed as a whole (a node was lost, ...). Body: ``pipeline: str,
     error: str, lost: list[int] = []`` (stages that will never report: they ran on a lost node).
 
@@ -165,6 +174,7 @@ Limits and timeouts
     ``RUN_TIMEOUT_S``       60.0 s    ``run`` as the client waits (version probes included)
     ``REPORT_TIMEOUT_S``    5.0 s     a report's acknowledgement
     ``GOSSIP_INTERVAL_S``   2.0 s     between two ``gossip`` calls to one peer
+    ``PROGRESS_INTERVAL_S`` 0.5 s     at least this between two ``progress`` reports of a stage
     ======================  ========  ===========================================================
 
     ``stderr_tail`` and ``failed.error`` may hold 4 x ``MAX_TEXT_CHARS``. A node also refuses
@@ -204,6 +214,7 @@ CONTROL_TIMEOUT_S = 10.0  # negotiate/start/cancel answers between nodes; they i
 RUN_TIMEOUT_S = 60.0  # a client's wait for `run`: negotiation and start across every node
 REPORT_TIMEOUT_S = 5.0  # an exit/failed report nobody acknowledges is logged and dropped after this
 GOSSIP_INTERVAL_S = 2.0  # how often a node tells its peers the nodes it knows (also at once on a new link)
+PROGRESS_INTERVAL_S = 0.5  # a person sees movement; a client on a slow link is not flooded
 
 # Error codes (REPLY.body.code)
 BAD_REQUEST = "bad-request"
@@ -450,6 +461,7 @@ class RunRequest(Body):
     local_fds: str = ""
     cwd: str = ""
     workdir: str = ""
+    progress: bool = False
 
 
 @_slot
@@ -562,6 +574,7 @@ class StartRequest(Body):
     direct_in: bool = False
     direct_out: bool = False
     cwd: str = ""
+    progress_to: str = ""
 
 
 @_body("start", "reply")
@@ -602,6 +615,18 @@ class ExitReport(Body):
     bytes_out: int = bounded(-1, min=-1)
 
 
+@_body("progress", "request")
+@_slot
+class ProgressReport(Body):
+    """A running stage's counters so far (node -> client, one-way)."""
+
+    pipeline: str
+    stage: int = bounded(min=0)
+    node: str
+    bytes_in: int = bounded(-1, min=-1)
+    bytes_out: int = bounded(-1, min=-1)
+
+
 @_body("failed", "request")
 @_slot
 class FailedReport(Body):
@@ -618,7 +643,7 @@ class Empty(Body):
 
 
 METHODS = tuple(sorted({method for method, _role in BODIES}))
-ONE_WAY = frozenset({"gossip"})
+ONE_WAY = frozenset({"gossip", "progress"})
 
 
 def parse_request(method: str, body: Any) -> Body:
@@ -760,6 +785,7 @@ __all__ = [
     "METHODS",
     "MODES",
     "PIPELINE_PROTOCOL",
+    "PROGRESS_INTERVAL_S",
     "BadRequest",
     "Body",
     "CancelReply",
@@ -774,6 +800,7 @@ __all__ = [
     "NegotiateReply",
     "NegotiateRequest",
     "NodeEntry",
+    "ProgressReport",
     "RunReply",
     "RunRequest",
     "StageInfo",

@@ -28,7 +28,7 @@ import signal
 import socket
 import stat
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.client import Client
@@ -38,6 +38,7 @@ from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.fdpass import hand_over
 from dpipes.nodes.protocol import (
     CTL,
+    ONE_WAY,
     PIPELINE_PROTOCOL,
     RUN_TIMEOUT_S,
     UNKNOWN_METHOD,
@@ -48,12 +49,16 @@ from dpipes.nodes.protocol import (
     InfoReply,
     InfoRequest,
     NodeEntry,
+    ProgressReport,
     RunReply,
     RunRequest,
     call,
     current_user,
     parse_request,
 )
+
+if TYPE_CHECKING:
+    from dpipes.nodes.progress import ProgressView
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +251,25 @@ class _Output:
             self.broken = True
 
 
+class _ViewOutput:
+    """Writes through a progress view, which prints above its live table."""
+
+    broken = False
+
+    def __init__(self, view: ProgressView) -> None:
+        self.view = view
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self.view.write(bytes(data))
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -279,12 +303,16 @@ async def run_pipeline(
     on_started: Callable[[RunReply], None] | None = None,
     on_pipes: Callable[[int, bytes], None] | None = None,
     handle_sigint: bool = True,
+    progress: ProgressView | None = None,
 ) -> RunResult:
     """Run ``options.pipeline`` through the node at ``entry`` (an ipc:// or tcp:// endpoint).
 
     Args:
         on_pipes: called with (stage index, the PIPES frame: JSON ``{"message": ...}`` or
             ``{"error": ..., "line": ...}``) for each Pipes message as it arrives.
+        progress: a live view of the run (:mod:`dpipes.nodes.progress`): the nodes send progress
+            reports, and the stages' stderr (and our stdout, when it is the view's terminal) is
+            written through it.
 
     Raises:
         RunFailed: the entry node is unreachable or refused the pipeline before it started.
@@ -297,10 +325,23 @@ async def run_pipeline(
     try:
         run = _Run(client.endpoint, options, stdin_fd, stdout_fd, stderr_fd, on_started)
         run.on_pipes = on_pipes
+        stdout_to_view = progress is not None and _is_terminal(stdout_fd)
+        if progress is not None:
+            run.view = progress
+            run.stderr = _ViewOutput(progress)
+            if stdout_to_view:  # our output and the live table share a terminal: print it above the table
+                run.stdout = _ViewOutput(progress)
         if entry.startswith("ipc://") and options.mode == "bytes":  # a node on this host: offer our stdio
-            fds = {"stdout": stdout_fd, **({"stdin": stdin_fd} if options.stdin else {})}
-            run.local_fds = hand_over(entry, fds)
-        return await run.run(handle_sigint)
+            fds = {
+                **({} if stdout_to_view else {"stdout": stdout_fd}),
+                **({"stdin": stdin_fd} if options.stdin else {}),
+            }
+            run.local_fds = hand_over(entry, fds) if fds else None
+        try:
+            return await run.run(handle_sigint)
+        finally:
+            if progress is not None:
+                progress.stop()
     finally:
         await client.aclose()
 
@@ -318,8 +359,8 @@ class _Run:
         self.ep = ep
         self.options = options
         self.stdin_fd = stdin_fd
-        self.stdout = _Output(stdout_fd)
-        self.stderr = _Output(stderr_fd)
+        self.stdout: _Output | _ViewOutput = _Output(stdout_fd)
+        self.stderr: _Output | _ViewOutput = _Output(stderr_fd)
         self.on_started = on_started
         self.ctl = f"{ep.node}/{CTL}"
         self.pipeline = ""
@@ -333,6 +374,7 @@ class _Run:
         self.local_fds: str | None = None  # the token of our stdin/stdout, handed to the entry node
         self._starting: asyncio.Future[Any] | None = None  # the run request, until answered
         self.refused_reports = 0  # reports to us that were not of their method's shape
+        self.view: ProgressView | None = None  # a live view of the run, fed with progress reports
 
     async def run(self, handle_sigint: bool) -> RunResult:
         request = RunRequest(
@@ -346,6 +388,7 @@ class _Run:
             local_fds=self.local_fds or "",
             cwd=_cwd(),
             workdir=self.options.workdir,
+            progress=self.view is not None,
         )
         loop = asyncio.get_running_loop()
         if handle_sigint:  # before asking: a Ctrl-C while the nodes start the stages is not lost
@@ -372,6 +415,8 @@ class _Run:
         self.stages = [StageResult(s.index, s.node, list(s.argv), placed=s.placed, offer=s.offer) for s in reply.stages]
         for stage in self.stages:
             log.info("stage %d %s@%s: %s", stage.index, stage.argv[0], stage.node, stage.placement() or "placed")
+        if self.view is not None:
+            self.view.start(self.stages)
         if self.options.pipes_json:
             self.pipes_json = open(self.options.pipes_json, "w", encoding="utf-8")  # noqa: ASYNC230 (once, at start; closed in run)
             for s in reply.stages:
@@ -473,10 +518,15 @@ class _Run:
                     continue
                 try:
                     report = parse_request(msg.method, msg.body)
-                    if not isinstance(report, ExitReport | FailedReport):
+                    if not isinstance(report, ExitReport | FailedReport | ProgressReport):
                         raise ControlError(UNKNOWN_METHOD, f"a dpipes client takes no {msg.method!r} request")
                 except ControlError as exc:
-                    self._refuse(msg, exc)
+                    if msg.method not in ONE_WAY:
+                        self._refuse(msg, exc)
+                    continue
+                if isinstance(report, ProgressReport):  # one-way: no answer
+                    if report.pipeline == self.pipeline and self.view is not None:
+                        self.view.update(report.stage, report.bytes_in, report.bytes_out)
                     continue
                 self.ep.reply(msg, {})
                 if report.pipeline != self.pipeline:
@@ -507,6 +557,8 @@ class _Run:
         stage.started, stage.ended = report.started, report.ended
         stage.bytes_in, stage.bytes_out = report.bytes_in, report.bytes_out
         stage.reported = True
+        if self.view is not None:
+            self.view.exited(stage)
         self._check_done()
 
     def _on_failed(self, report: FailedReport) -> None:

@@ -45,7 +45,7 @@ from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.config import NodeConfig
-from dpipes.nodes.protocol import MAX_TEXT_CHARS, ExitReport, StartRequest
+from dpipes.nodes.protocol import MAX_TEXT_CHARS, PROGRESS_INTERVAL_S, ExitReport, ProgressReport, StartRequest
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, set_pipe_size
 
 if TYPE_CHECKING:
@@ -124,6 +124,7 @@ class StageRun:
         tcp_endpoint: where this node listens (the ``dp.addr``/``dp.port`` of its objects).
         on_unread_input: called when the program exited before its input arrived; the owner
             keeps the endpoint a while to refuse that input.
+        on_progress: sends a ``progress`` report to ``wiring.progress_to`` (only when that is set).
     """
 
     def __init__(
@@ -135,6 +136,7 @@ class StageRun:
         config: NodeConfig,
         tcp_endpoint: str,
         on_unread_input: Callable[[], None],
+        on_progress: Callable[[ProgressReport], None] | None = None,
     ) -> None:
         assert stage.proc is not None and stage.pipes is not None, "stage not started"
         self.stage = stage
@@ -145,6 +147,7 @@ class StageRun:
         self.config = config
         self.tcp_endpoint = tcp_endpoint
         self._on_unread_input = on_unread_input
+        self._on_progress = on_progress if wiring.progress_to else None
         self.errors: list[str] = []
         self.sigpipe = False
         self._pipes_out: OutStream | None = None  # opened at the first Pipes message
@@ -157,10 +160,15 @@ class StageRun:
         if pipes.channel == "file":
             readers = [pipes.boot.channel, *([pipes.bus] if pipes.bus else [])]
         pumps: list[asyncio.Task[None]] = []
+        ticker: asyncio.Task[None] | None = None
         try:
             pumps = [asyncio.create_task(p()) for p in (self._stdin, self._stdout, self._stderr)]
             pumps += [asyncio.create_task(self._pipes_reader(r)) for r in readers]
+            if self._on_progress is not None:
+                ticker = asyncio.create_task(self._progress(self._on_progress))
             status = await proc.wait()
+            if ticker is not None:
+                ticker.cancel()
             ended = time.time()
             if not pumps[0].done():
                 pumps[0].cancel()  # nobody will read what still comes: refuse it as a closed pipe
@@ -171,7 +179,7 @@ class StageRun:
                 with contextlib.suppress(BusError):
                     await self._pipes_out.close()
         except asyncio.CancelledError:
-            for p in pumps:
+            for p in [*pumps, *([ticker] if ticker else [])]:
                 p.cancel()
             raise
         stage = self.stage
@@ -189,10 +197,33 @@ class StageRun:
             stderr_tail=tail,
             started=stage.started,
             ended=ended,
-            # A kernel pipe to a neighbour (or the client) passes by this node: it did not count.
-            bytes_in=-1 if self.wiring.direct_in else stage.bytes_in,
-            bytes_out=-1 if self.wiring.direct_out else stage.bytes_out,
+            bytes_in=self._counts()[0],
+            bytes_out=self._counts()[1],
         )
+
+    def _counts(self) -> tuple[int, int]:
+        """Bytes in and out so far; -1 for an edge that is a kernel pipe (it passes by us)."""
+        stage = self.stage
+        return (-1 if self.wiring.direct_in else stage.bytes_in, -1 if self.wiring.direct_out else stage.bytes_out)
+
+    async def _progress(self, send: Callable[[ProgressReport], None]) -> None:
+        """While the program runs: its counts, every ``PROGRESS_INTERVAL_S`` when they changed."""
+        sent = None
+        while True:
+            counts = self._counts()
+            if counts != sent:
+                stage = self.stage
+                send(
+                    ProgressReport(
+                        pipeline=stage.pipeline,
+                        stage=stage.index,
+                        node=self.node,
+                        bytes_in=counts[0],
+                        bytes_out=counts[1],
+                    )
+                )
+                sent = counts
+            await asyncio.sleep(PROGRESS_INTERVAL_S)  # a periodic report, not a wait for something
 
     async def _stdin(self) -> None:
         from dpipes.nodes.dataflow import Incoming

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
+from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, DpipesError, StageError
 from dpipes.bus.hub import Hub
@@ -49,6 +50,7 @@ from dpipes.nodes.protocol import (
     ExitReport,
     NegotiateReply,
     NegotiateRequest,
+    ProgressReport,
     StartReply,
     StartRequest,
     call,
@@ -245,6 +247,7 @@ class Stages:
             config=self.config,
             tcp_endpoint=self.hub.tcp_endpoint,
             on_unread_input=lambda: self._linger(stage),
+            on_progress=lambda report: self._send_progress(wiring.progress_to, report),
         )
         try:
             report = await run.run()
@@ -256,6 +259,13 @@ class Stages:
         log.info("node %s: %s %s", self.node, stage.describe, report.status)
         await asyncio.gather(*(self._report(addr, report) for addr in wiring.report_to))
         self._on_exit()
+
+    def _send_progress(self, addr: str, report: ProgressReport) -> None:
+        """A one-way ``progress`` report: a lost one is replaced by the next, so nothing waits."""
+        try:
+            self.ctl.send(codec.Request(dst=addr, method=report.METHOD, body=report.to_body()))
+        except BusError as exc:
+            log.debug("node %s: progress of stage %s not sent to %s: %s", self.node, report.stage, addr, exc)
 
     async def _report(self, addr: str, report: ExitReport) -> None:
         try:

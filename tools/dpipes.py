@@ -64,6 +64,13 @@ exit status:
   2    bad command line: unknown flags, a pipeline syntax error (named by stage and column,
        found before any node is contacted), a malformed --node or $DPIPES_NODE
 
+progress:
+  On a terminal (stderr), a run that lasts more than a second shows a live table on stderr: per
+  stage its node, the bytes its node has written to its stdin and read from its stdout, the
+  output rate, its state and how long it has run, and the run's elapsed time; it is removed when
+  the run ends. An edge that is one kernel pipe passes by every node and shows '·'. --progress
+  shows it on whatever stderr is; --no-progress never does.
+
 joblog:
   --joblog FILE writes, when the run ends, a header and one tab-separated line per stage with
   GNU parallel's joblog columns (Stage and Node stand for its Seq and Host):
@@ -115,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
         "--status",
         action="store_true",
         help="print every stage's node, why it went there (pinned, offered by, local) and exit status at the end",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show each stage's bytes in/out, rate, state and time, live on stderr"
+        " (default: on when stderr is a terminal)",
     )
     parser.add_argument(
         "--joblog",
@@ -394,7 +408,13 @@ async def _run(args: argparse.Namespace) -> int:
         pipes_json=args.pipes_json,
         workdir=args.cwd,
     )
-    result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options))
+    progress = _stderr_is_terminal() if args.progress is None else args.progress
+    view = None
+    if progress:
+        from dpipes.nodes.progress import ProgressView
+
+        view = ProgressView.on(sys.stderr)
+    result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options, progress=view))
     if args.joblog:
         try:
             with open(args.joblog, "w", encoding="utf-8") as log_file:  # noqa: ASYNC230 (once, at the end)
@@ -412,6 +432,13 @@ async def _run(args: argparse.Namespace) -> int:
         if summary := stage.pipes_summary():
             print(f"dpipes: stage {stage.index} {stage.argv[0]}@{stage.node}: {summary}", file=sys.stderr)
     return result.exit_code
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return os.isatty(2)
+    except OSError:
+        return False
 
 
 def _stdin_attached() -> bool:
