@@ -155,7 +155,8 @@ A run, from the client's side
     3. Each stage reports ``exit`` once its streams to the client were acknowledged (so a client
        that never answers ``EOF`` delays the reports); a ``failed`` report ends the run and lists
        the stages that will not report. The run is over when every stage reported or was listed
-       ``lost``.
+       ``lost``. A run started with ``progress`` also gets one-way ``progress`` reports meanwhile
+       (not answered; a client may ignore them).
     4. To stop a run (Ctrl-C): ``cancel`` to the entry node with the pipeline id. Stopped before
        the ``run`` reply came, a client has no id yet: it cancels as soon as the reply arrives
        (if it leaves instead, the entry node cancels the run of a client that went away).
