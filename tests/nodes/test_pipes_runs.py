@@ -20,10 +20,10 @@ TAP_WAIT_S = 15.0  # gossip passes every 2 s; generous for a loaded machine
 EXAMPLE_JS = Path(__file__).parents[2] / "examples" / "pipes_node" / "pipes_example.js"
 
 REPORTER = """
-import sys
+import os, sys
 from dagster_pipes import open_dagster_pipes
 with open_dagster_pipes() as pipes:
-    pipes.log.info("from " + pipes.extras["dpipes"]["node"] + " limit " + str(pipes.extras["limit"]))
+    pipes.log.info("from " + os.environ["DPIPES_NODE"] + " limit " + str(pipes.extras["limit"]))
     pipes.log.warning("careful")
     pipes.report_asset_materialization(
         asset_key="orders",
@@ -61,7 +61,7 @@ with open_dagster_pipes() as pipes:
 """
 
 STDERR_MIXED = """
-import sys
+import os, sys
 from dagster_pipes import open_dagster_pipes
 print("plain text before", file=sys.stderr, flush=True)
 with open_dagster_pipes() as pipes:
@@ -165,7 +165,7 @@ async def test_the_stderr_channel_separates_messages_from_plain_text(rt: Path, t
 
 
 STDOUT_MIXED = """
-import sys
+import os, sys
 from dagster_pipes import open_dagster_pipes
 with open_dagster_pipes() as pipes:
     for line in sys.stdin:
@@ -237,7 +237,7 @@ async def test_log_external_stream_reaches_the_client_from_a_remote_node(rt: Pat
 
 
 BUS_WRITER = """
-import sys
+import os, sys
 from dagster_pipes import open_dagster_pipes
 from dpipes.bus.pipes_writer import PipesBusMessageWriter
 with open_dagster_pipes(message_writer=PipesBusMessageWriter()) as pipes:

@@ -175,7 +175,8 @@ async def test_run_pipes_collects_from_a_stage_on_a_second_daemon(rt: Path, tmp_
     assert result.stdout == b"done\n"
     (stage,) = result.stages
     assert stage.node == "beta"
-    assert stage.context["extras"]["dpipes"]["node"] == "beta"
+    assert stage.context["extras"] == {"limit": 7}  # exactly the user's: dpipes adds none
+    assert stage.context["run_id"] == result.pipeline
     assert [m["method"] for m in stage.messages] == METHODS
     assert stage.materializations[0]["metadata"]["rows"] == {"raw_value": 3, "type": "int"}
     assert [log["message"] for log in stage.logs] == ["limit 7 asset orders"]
