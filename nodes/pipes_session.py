@@ -480,7 +480,7 @@ async def run_pipes(
     """
     from dpipes.nodes.run import RunOptions, embedded_node, entry_from, run_pipeline
 
-    pipes = {
+    pipes: dict[str, Any] = {
         "extras": dict(extras or {}),
         "assets": list(assets),
         "partition": partition,
