@@ -31,6 +31,7 @@ A stage's Pipes options (the ``pipes`` map of the ``start`` request, see
 
 from __future__ import annotations
 
+import codecs
 import json
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -55,6 +56,7 @@ _TMP = tempfile.gettempdir()  # each stage's FIFO and context file go in a priva
 BATCH_FRAMES = 512  # Pipes messages per PIPES bus message at most
 BATCH_BYTES = 256 * 1024  # and about this many bytes (one frame may be larger)
 PIPES_PROTOCOL_VERSION: Final = "0.1"  # of the log_external_stream messages a node makes itself
+STDIO_TEXT_MAX_CHARS: Final = 64 * 1024  # per log_external_stream message: well inside a Pipes line's limit
 
 
 def frame_of(record: PipesLine | PipesBadLine) -> bytes:
@@ -64,18 +66,34 @@ def frame_of(record: PipesLine | PipesBadLine) -> bytes:
     return json.dumps({"error": str(record), "line": record.line_no}).encode()
 
 
-def stdio_frame(stream: Literal["stdout", "stderr"], text: bytes) -> bytes:
-    """The PIPES frame of a ``log_external_stream`` message carrying ``text`` of a stage's ``stream``.
-
-    The node makes these itself, from the output it already reads, when a stage's ``stdio`` option
-    is set; the program knows nothing of it (dagster-pipes' own tee would mix them into stdout).
-    """
+def stdio_frame(stream: Literal["stdout", "stderr"], text: str) -> bytes:
+    """The PIPES frame of a ``log_external_stream`` message carrying ``text`` of a stage's ``stream``."""
     message = {
         PIPES_VERSION_FIELD: PIPES_PROTOCOL_VERSION,
         "method": "log_external_stream",
-        "params": {"stream": stream, "text": text.decode(errors="replace"), "extras": {}},
+        "params": {"stream": stream, "text": text, "extras": {}},
     }
     return json.dumps({"message": message}, separators=(",", ":")).encode()
+
+
+class StdioTee:
+    """A stage's output stream, also as ``log_external_stream`` messages (the ``stdio`` option).
+
+    The node makes these itself from the output it already reads; the program knows nothing of it
+    (dagster-pipes' own tee would mix its stderr into a pipeline's data). Text is decoded as UTF-8
+    across chunk boundaries (invalid bytes become U+FFFD) and cut into messages of at most
+    ``STDIO_TEXT_MAX_CHARS`` characters.
+    """
+
+    def __init__(self, stream: Literal["stdout", "stderr"]) -> None:
+        self.stream: Literal["stdout", "stderr"] = stream
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def frames(self, data: bytes, *, end: bool = False) -> list[bytes]:
+        """The PIPES frames of one chunk of the stream (``end=True``: the stream's last)."""
+        text = self._decoder.decode(data, final=end)
+        step = STDIO_TEXT_MAX_CHARS
+        return [stdio_frame(self.stream, text[i : i + step]) for i in range(0, len(text), step)]
 
 
 def stage_context(options: Mapping[str, Any], *, pipeline: str) -> dict[str, Any]:

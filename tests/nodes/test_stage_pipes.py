@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 from dpipes.bus.errors import StageError
 from dpipes.bus.pipes import parse_message
 from dpipes.nodes.pipes_options import check_env, check_stage_options, options_for_stage, split_stage_selector
-from dpipes.nodes.stage_pipes import BATCH_BYTES, BATCH_FRAMES, batches_of, stage_context, stdio_frame
+from dpipes.nodes.stage_pipes import (
+    BATCH_BYTES,
+    BATCH_FRAMES,
+    STDIO_TEXT_MAX_CHARS,
+    StdioTee,
+    batches_of,
+    stage_context,
+)
 
 
 @given(st.lists(st.integers(min_value=0, max_value=BATCH_BYTES + 10), max_size=2 * BATCH_FRAMES + 3))
@@ -106,8 +113,17 @@ def test_a_stage_s_own_env_merges_over_the_pipeline_s() -> None:
     assert options_for_stage(options, 1) == {"env": {"A": "1", "B": "2"}, "stdio": True}
 
 
-def test_a_stdio_frame_is_a_valid_log_external_stream_message() -> None:
-    item = json.loads(stdio_frame("stderr", b"warn: \xff odd\n"))
-    message = parse_message(json.dumps(item["message"]).encode())
-    assert message.method == "log_external_stream"
-    assert message.params == {"stream": "stderr", "text": "warn: \ufffd odd\n", "extras": {}}
+def test_stdio_becomes_valid_log_external_stream_messages_whatever_the_chunks() -> None:
+    tee = StdioTee("stderr")
+    data = "warn: é\n".encode() + b"\xff odd\n"
+    frames = [f for i in range(len(data)) for f in tee.frames(data[i : i + 1])] + tee.frames(b"", end=True)
+    messages = [parse_message(json.dumps(json.loads(f)["message"]).encode()) for f in frames]
+    assert {m.method for m in messages} == {"log_external_stream"}
+    assert {m.params["stream"] for m in messages} == {"stderr"}
+    assert "".join(m.params["text"] for m in messages) == "warn: é\n\ufffd odd\n"  # é split across chunks
+
+
+def test_a_large_chunk_is_cut_into_bounded_messages() -> None:
+    frames = StdioTee("stdout").frames(b"x" * (2 * STDIO_TEXT_MAX_CHARS + 1))
+    assert len(frames) == 3
+    assert all(len(f) < STDIO_TEXT_MAX_CHARS + 200 for f in frames)
