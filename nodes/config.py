@@ -2,7 +2,9 @@
 
 Sources, in order (each may set any key; a later one replaces a value, and merges into tables):
 
-1. The system files ``/etc/dpipesd.conf`` then ``~/.dpipesdrc``, each skipped if missing. This
+1. The system files ``/etc/dpipesd.conf``, then ``$XDG_CONFIG_HOME/dpipes/dpipesd.toml``
+   (``~/.config/dpipes/dpipesd.toml`` when ``XDG_CONFIG_HOME`` is unset, empty or relative, as the
+   XDG base directory specification says), then ``~/.dpipesdrc``, each skipped if missing. This
    list is replaced by the ``search_paths`` argument of :func:`load_config` or, when that is not
    given, by the environment variable ``DPIPES_CONFIG_PATHS``: file names separated by ``:``
    (``os.pathsep``); set but empty means "no system files". Tests and packagers use it.
@@ -31,7 +33,10 @@ Keys::
 
     [limits]
     max_stages = 64                 # stages one pipeline may have
-    credit_bytes = 4194304          # per-edge flow-control window
+    credit_bytes = 16777216         # window of each stream into a stage here (at least 8 MiB)
+
+:attr:`NodeConfig.origins` says which source set each key; :func:`format_config` shows the
+effective configuration as TOML, each value with where it came from (``dpipesd --print-config``).
 
 A bad source is a :class:`~dpipes.bus.errors.ConfigError` naming the file (or "command line"), the
 key and the problem: unknown keys (with a did-you-mean), wrong types, bad ``HOST:PORT`` values, and
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -52,6 +58,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from dpipes.bus.codec import INITIAL_CREDIT_BYTES
 from dpipes.bus.errors import ConfigError
 from dpipes.nodes.pipeline import check_node_name
 
@@ -64,14 +71,19 @@ __all__ = [
     "Limits",
     "NodeConfig",
     "default_node_name",
+    "format_config",
     "load_config",
     "parse_override",
 ]
 
-SYSTEM_CONFIG_PATHS: tuple[str, ...] = ("/etc/dpipesd.conf", "~/.dpipesdrc")
+SYSTEM_CONFIG_PATHS: tuple[str, ...] = ("/etc/dpipesd.conf", "$XDG_CONFIG_HOME/dpipes/dpipesd.toml", "~/.dpipesdrc")
+XDG_CONFIG_HOME = "$XDG_CONFIG_HOME"
+XDG_CONFIG_DEFAULT = "~/.config"  # the XDG base directory specification's default
 CONFIG_PATHS_ENV = "DPIPES_CONFIG_PATHS"
 DEFAULT_PORT = 5757
-MIN_CREDIT_BYTES = 64 << 10  # one data chunk: a smaller window could never let a chunk through
+# Every bus stream opens with the protocol's initial credit, which a receiver cannot take back: a
+# smaller window could not be enforced, so it is refused rather than silently raised.
+MIN_CREDIT_BYTES = INITIAL_CREDIT_BYTES
 COMMAND_LINE = "command line"
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -139,7 +151,7 @@ class Limits:
     """Per-node limits."""
 
     max_stages: int = 64
-    credit_bytes: int = 4 << 20
+    credit_bytes: int = INITIAL_CREDIT_BYTES  # the window of each stream into a stage on this node
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +174,9 @@ class NodeConfig:
     interfaces: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
     """The files that were read, in order, then "command line" if there were overrides."""
+    origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
+    """The source (a file, or "command line") that set each key, by dotted key (``nodes.beta``,
+    ``apps.sort.path``, ``limits.max_stages``); a key missing here has its default."""
 
 
 def default_node_name() -> str:
@@ -398,8 +413,14 @@ def _system_paths(search_paths: Sequence[str | os.PathLike[str]] | None, environ
         search_paths = SYSTEM_CONFIG_PATHS if listed is None else [p for p in listed.split(os.pathsep) if p]
     paths = []
     for p in search_paths:
+        text = os.fspath(p)
+        if text.startswith(XDG_CONFIG_HOME):
+            base = environ.get("XDG_CONFIG_HOME", "")
+            if not os.path.isabs(base):  # unset, empty or relative: the specification's default
+                base = XDG_CONFIG_DEFAULT
+            text = base + text[len(XDG_CONFIG_HOME) :]
         try:
-            paths.append(Path(p).expanduser())
+            paths.append(Path(text).expanduser())
         except RuntimeError:  # "~" with no home directory: there is no such file to read
             continue
     return paths
@@ -426,25 +447,43 @@ def load_config(
     environ = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
     sources: list[str] = []
+    origins: dict[str, str] = {}
+
+    def layer(source: str, raw: Mapping[str, Any]) -> None:
+        values = _Source(source).validate(raw)
+        _merge(merged, values)
+        origins.update(dict.fromkeys(_leaf_keys(values), source))
+        sources.append(source)
+
     for path in _system_paths(search_paths, environ):
         try:
             raw = _read(path)
         except FileNotFoundError:
             continue
-        _merge(merged, _Source(str(path)).validate(raw))
-        sources.append(str(path))
+        layer(str(path), raw)
     if config_file is not None:
         path = Path(config_file)
         try:
             raw = _read(path)
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found (given with --config)") from None
-        _merge(merged, _Source(str(path)).validate(raw))
-        sources.append(str(path))
+        layer(str(path), raw)
     if overrides:
-        _merge(merged, _Source(COMMAND_LINE).validate(_nest(overrides)))
-        sources.append(COMMAND_LINE)
-    return _build(merged, tuple(sources))
+        layer(COMMAND_LINE, _nest(overrides))
+    return replace(_build(merged, tuple(sources)), origins=MappingProxyType(origins))
+
+
+def _leaf_keys(values: Mapping[str, Any]) -> list[str]:
+    """The dotted keys one validated source sets: ``name``, ``nodes.beta``, ``apps.sort.path``."""
+    keys = []
+    for key, value in values.items():
+        if key == "apps":
+            keys += [f"apps.{program}.{k}" for program, settings in value.items() for k in settings]
+        elif key in _TABLES:
+            keys += [f"{key}.{k}" for k in value]
+        else:
+            keys.append(key)
+    return keys
 
 
 def _build(merged: Mapping[str, Any], sources: tuple[str, ...]) -> NodeConfig:
@@ -478,3 +517,71 @@ def parse_override(text: str) -> tuple[str, object]:
     except tomllib.TOMLDecodeError:
         parsed = value
     return key, parsed
+
+
+# -- showing the effective configuration ---------------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (list, tuple, frozenset)):
+        items = sorted(value) if isinstance(value, frozenset) else value
+        return "[" + ", ".join(_toml_value(v) for v in items) + "]"
+    return json.dumps(str(value))  # a JSON string is a TOML basic string
+
+
+def format_config(config: NodeConfig, *, labels: Mapping[str, str] | None = None) -> str:
+    """The effective configuration as TOML that :func:`load_config` reads back, each value with
+    a comment saying where it came from: ``default``, a file, or the command line.
+
+    Args:
+        config: what :func:`load_config` returned.
+        labels: names for command-line values, by key or table (``{"listen": "--listen",
+            "nodes": "--peer"}``), instead of "command line".
+    """
+    labels = labels or {}
+
+    def origin(key: str) -> str:
+        source = config.origins.get(key)
+        if source is None:
+            return "default (this host's name)" if key == "name" else "default"
+        if source == COMMAND_LINE:
+            return labels.get(key) or labels.get(key.split(".", 1)[0]) or COMMAND_LINE
+        return source
+
+    rows: list[tuple[str, str]] = []  # (TOML line, origin); "" origin: a header or blank line
+    rows.append((f"name = {_toml_value(config.name)}", origin("name")))
+    rows.append((f"listen = {_toml_value(str(config.listen))}", origin("listen")))
+    if config.allow is None:
+        rows.append(("# allow = [...]", "not set: any program this node has"))
+    else:
+        rows.append((f"allow = {_toml_value(config.allow)}", origin("allow")))
+    for key in ("metadata_key", "metadata_argv", "metadata_environ", "insecure", "interfaces"):
+        rows.append((f"{key} = {_toml_value(getattr(config, key))}", origin(key)))
+    rows += [("", ""), ("[limits]", "")]
+    for key in ("max_stages", "credit_bytes"):
+        rows.append((f"{key} = {getattr(config.limits, key)}", origin(f"limits.{key}")))
+    rows += [("", ""), ("[nodes]", "")]
+    if not config.nodes:
+        rows.append(("# none: peers come from mDNS and gossip", ""))
+    for name, address in config.nodes.items():
+        rows.append((f"{_toml_key(name)} = {_toml_value(str(address))}", origin(f"nodes.{name}")))
+    for program, app in config.apps.items():
+        rows += [("", ""), (f"[apps.{_toml_key(program)}]", "")]
+        for key in ("version", "path"):
+            if getattr(app, key) is not None:
+                rows.append((f"{key} = {_toml_value(getattr(app, key))}", origin(f"apps.{program}.{key}")))
+    width = max(len(line) for line, why in rows if why)
+    read = ", ".join(config.sources) or "none"
+    out = [f"# the effective configuration of node {config.name}; sources read, later winning: {read}"]
+    out += [f"{line.ljust(width)}  # {why}" if why else line for line, why in rows]
+    return "\n".join(out) + "\n"

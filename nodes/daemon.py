@@ -20,6 +20,11 @@ runs in the calling process, logging to stderr; it still claims its name and wri
 Both print the same lines on stdout once the node listens, the first being
 ``node NAME ready: TCP-ENDPOINT IPC-ENDPOINT``; a script may wait for it.
 
+Under systemd (``Type=notify``, see ``examples/systemd/dpipesd.service``) run it with
+``--foreground``: the node sends ``READY=1`` (with ``MAINPID`` and a ``STATUS``) to
+``$NOTIFY_SOCKET`` once it listens, and ``STOPPING=1`` when it is told to stop
+(:mod:`dpipes.nodes.sdnotify`).
+
 Stopping: SIGTERM or SIGINT closes the node gracefully (``node.aclose()``, which cancels running
 stages) within :data:`STOP_TIMEOUT_S`; past that the daemon exits anyway. A second SIGINT exits at
 once. Either way the daemon removes its pid file and gives up its claims (see
@@ -45,7 +50,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from dpipes.bus.errors import DpipesError
-from dpipes.nodes import paths
+from dpipes.nodes import paths, sdnotify
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.paths import AlreadyRunning, Claim, NodeFiles, RuntimeDirError
 
@@ -170,7 +175,15 @@ def run_daemon(
     if isinstance(located, int):
         return located
     _where, files = located
-    run = _Run(config, files, exclusive=exclusive, exit_after_one=exit_after_one, node_factory=node_factory)
+    run = _Run(
+        config,
+        files,
+        exclusive=exclusive,
+        exit_after_one=exit_after_one,
+        node_factory=node_factory,
+        # Attached, the ready lines on stdout say it already; detached, the log is where it is kept.
+        ready_log_level=logging.DEBUG if foreground else logging.INFO,
+    )
     if foreground:
         _configure_logging(log_level, LOG_FORMAT)
         try:
@@ -192,8 +205,10 @@ class _Run:
         exclusive: list[str] | None,
         exit_after_one: bool,
         node_factory: NodeFactory,
+        ready_log_level: int = logging.INFO,
     ) -> None:
         self.config = config
+        self.ready_log_level = ready_log_level
         self.files = files
         self.exclusive = list(exclusive) if exclusive else None
         self.exit_after_one = exit_after_one
@@ -230,12 +245,21 @@ class _Run:
             self.local.write_pid()
             self.own.alias(self.local)
         ipc = self.bound.ipc_endpoint
-        log.info("node %s ready: %s %s (pid %d, pid file %s)", node.name, node.tcp_endpoint, ipc, os.getpid(), pid_file)
+        log.log(
+            self.ready_log_level,
+            "node %s ready: %s %s (pid %d, pid file %s)",
+            node.name,
+            node.tcp_endpoint,
+            ipc,
+            os.getpid(),
+            pid_file,
+        )
         # What start-up made (modules, the node itself) lives as long as the daemon: keep it out of
         # the collector's full passes, which otherwise stall the loop ~8 ms each (the Pipes p99).
         gc.collect()
         gc.freeze()
         ready(node.tcp_endpoint, ipc)
+        sdnotify.notify(READY=1, MAINPID=os.getpid(), STATUS=f"node {node.name} listening on {node.tcp_endpoint} {ipc}")
 
     async def _serve(self, ready: Callable[[str, str], None]) -> int:
         loop = asyncio.get_running_loop()
@@ -245,6 +269,7 @@ class _Run:
         def on_signal(signum: signal.Signals) -> None:
             if not stopping.is_set():
                 log.info("node %s: %s: stopping (at most %.0f s)", name, signum.name, STOP_TIMEOUT_S)
+                sdnotify.notify(STOPPING=1, STATUS=f"node {name} stopping")
                 stopping.set()
             elif signum == signal.SIGINT:
                 log.warning("node %s: second SIGINT: exiting at once", name)

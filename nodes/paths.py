@@ -74,6 +74,7 @@ __all__ = [
     "claim_local",
     "local_daemon",
     "local_endpoint",
+    "local_leftovers",
     "node_files",
     "pid_alive",
     "read_pid",
@@ -382,3 +383,16 @@ def local_daemon(dir: Path) -> LocalDaemon | None:
         return None
     _, owner = _holder(files)
     return LocalDaemon(pid=pid, name=owner, ipc_endpoint=files.ipc_endpoint, tap_endpoint=files.tap_endpoint)
+
+
+def local_leftovers(dir: Path) -> LocalDaemon | None:
+    """The daemon that left ``local.sock`` in ``dir``, read from its files, if the socket is there.
+
+    For a client that found nothing answering at that socket: it names the daemon that crashed
+    (or was killed) without cleaning up, so the client can say so. Reads files only.
+    """
+    files = node_files(dir, LOCAL_NAME)
+    if not files.sock.is_socket():
+        return None
+    pid, owner = _holder(files)
+    return LocalDaemon(pid=pid or 0, name=owner, ipc_endpoint=files.ipc_endpoint, tap_endpoint=files.tap_endpoint)

@@ -16,6 +16,9 @@ Syntax
     them or to run ``sh -c '...'`` as a stage, rather than meaning something else silently. Globs
     (``* ? [``) and ``~`` are not expanded: the program receives them as written.
 
+    Stages are numbered from 0, here as everywhere else (errors, placement, ``--status``,
+    ``--tag``, the ``N:`` options and Pipes): the first stage is stage 0.
+
 Placement
     :func:`place` is a pure function of the stages and the node table: a pinned stage goes to its
     node; otherwise to a node advertising the program, spreading repeated programs round-robin
@@ -163,7 +166,7 @@ class _Parser:
 
     def fail(self, position: int, problem: str, hint: str, *, stage: int | None = None) -> PipelineSyntaxError:
         stage = len(self.stages) if stage is None else stage
-        message = f"pipeline syntax error in stage {stage + 1} at column {position + 1}: {problem}"
+        message = f"pipeline syntax error in stage {stage} at column {position + 1}: {problem}"
         if "\n" not in self.text and len(self.text) <= _SNIPPET_MAX:
             message += f"\n  {self.text}\n  {' ' * position}^"
         message += f"\n{hint}"
@@ -403,7 +406,7 @@ def place(stages: Sequence[StageSpec], table: Mapping[str, NodeInfo], *, local: 
 
 def _unknown_node(stage: StageSpec, known: list[str], local: str) -> str:
     node = stage.node or ""
-    message = f"stage {stage.index + 1} ({stage.text or stage.program}): no known node is named {node!r}"
+    message = f"stage {stage.index} ({stage.text or stage.program}): no known node is named {node!r}"
     close = difflib.get_close_matches(node, known, n=1)
     if close:
         message += f"; did you mean {close[0]!r}?"

@@ -96,6 +96,50 @@ _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _MESSAGE_MARKER: Final = json.dumps(PIPES_VERSION_FIELD).encode()
 
 
+BOOTSTRAP_DIR_PREFIX: Final = "dpipes-pipes-"
+"""A bootstrap's private directory is ``<tmpdir>/dpipes-pipes-<pid of its node>-<random>``."""
+
+
+def remove_stale_bootstrap_dirs(tmpdir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Remove the bootstrap directories of nodes that died without closing them (``kill -9``).
+
+    Only this user's directories whose owner pid is gone are removed; a running node's are left.
+    Returns the paths removed.
+    """
+    where = os.fspath(tmpdir) if tmpdir is not None else tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return []
+    for name in names:
+        if not name.startswith(BOOTSTRAP_DIR_PREFIX):
+            continue
+        pid = name[len(BOOTSTRAP_DIR_PREFIX) :].partition("-")[0]
+        path = os.path.join(where, name)
+        try:
+            owner = os.lstat(path).st_uid
+        except OSError:
+            continue
+        if not pid.isdigit() or owner != os.getuid() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d Pipes bootstrap dir(s) left by nodes that died: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class PipesBootstrapError(DpipesError, ValueError):
     """A Pipes bootstrap cannot be built as asked (unknown injector or channel, context too big)."""
 
@@ -944,7 +988,7 @@ def bootstrap_env(
         raise PipesBootstrapError(
             f"unknown Pipes messages channel {messages_channel!r}; use 'file', 'stderr' or 'stdout'"
         )
-    directory = tempfile.mkdtemp(prefix="dpipes-pipes-", dir=os.fspath(tmpdir))
+    directory = tempfile.mkdtemp(prefix=f"{BOOTSTRAP_DIR_PREFIX}{os.getpid()}-", dir=os.fspath(tmpdir))
     injector: PipesContextInjector = (
         PipesEnvContextInjector()
         if context_injector == "env"

@@ -68,7 +68,8 @@ class StageResult:
     signal: int = 0
     status: str = "did not report"
     sigpipe: bool = False
-    error: str = ""
+    error: str = ""  # what went wrong moving its data (the output is then incomplete)
+    cancelled: str = ""  # why it was cancelled (Ctrl-C, a failed neighbour, a lost node, ...)
     stderr_tail: str = ""
     reported: bool = False
     materializations: list[str] = dataclasses.field(default_factory=list)
@@ -88,6 +89,8 @@ class StageResult:
             text += " (its reader finished early)"
         if self.error and not self.sigpipe:
             text += f" ({self.error})"
+        elif self.cancelled and not self.sigpipe:
+            text += f" (cancelled: {self.cancelled})"
         if self.pipes_exception:
             text += f" (Pipes closed with {self.pipes_exception})"
         return text
@@ -113,12 +116,19 @@ class RunResult:
 
 
 def exit_code_of(stages: list[StageResult], *, pipefail: bool) -> int:
-    """The pipeline's exit code from its stages, as a shell computes it."""
+    """The pipeline's exit code from its stages, as a shell computes it.
+
+    With ``pipefail``, a stage left out is only one its reader's early end *killed* (SIGPIPE, or
+    our cancel of it): a stage that exited with a code of its own failed, whichever stage
+    finished first (``false | true`` is 1, as in bash, even when ``true`` ended before ``false``
+    had its EOF acknowledged).
+    """
     if not stages:
         return 0
     if pipefail:
         for stage in reversed(stages):
-            if stage.shell_code != 0 and not (stage.sigpipe and stage is not stages[-1]):
+            stopped_by_reader = stage.sigpipe and stage.signal != 0 and stage is not stages[-1]
+            if stage.shell_code != 0 and not stopped_by_reader:
                 return stage.shell_code
         return 0
     return stages[-1].shell_code
@@ -295,7 +305,7 @@ class _Run:
                 reader.cancel()
             if self.pipes_json is not None:
                 self.pipes_json.close()
-        broken = [s for s in self.stages if s.error and not s.sigpipe and not s.error.startswith("cancelled")]
+        broken = [s for s in self.stages if s.error and not s.sigpipe]
         if self.interrupted:
             code = EXIT_INTERRUPTED
         elif self.error or broken:  # a stage's data could not be moved: the output is not complete
@@ -384,6 +394,7 @@ class _Run:
                         stage.code, stage.signal = int(body["code"]), int(body["signal"])
                         stage.status, stage.sigpipe = str(body["status"]), bool(body["sigpipe"])
                         stage.error, stage.stderr_tail = str(body["error"]), str(body.get("stderr_tail", ""))
+                        stage.cancelled = str(body.get("cancelled", ""))
                         stage.reported = True
                         self._check_done()
                 elif msg.method == "failed" and not self.error:

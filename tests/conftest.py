@@ -6,8 +6,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from tests.procs import descendants
+
+# No timing thresholds in tests: hypothesis's per-example deadline (200 ms) fails a property on a
+# loaded two-core machine, which says nothing about the property.
+settings.register_profile("dpipes", deadline=None)
+settings.load_profile("dpipes")
 
 LEAK_GRACE_S = 5.0  # a just-killed child may take a moment to be reaped by its parent
 

@@ -8,10 +8,16 @@ import gc
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Any
 
 from dpipes.bus.errors import DpipesError
+from dpipes.tools import VersionAction
+from dpipes.tools.completion import SHELLS, completion_script
+
+EXIT_USAGE = 2  # a bad command line, as argparse answers
+EXIT_FAILED = 125  # dpipes itself failed (the code of env(1) and docker for "the tool, not the program")
 
 DESCRIPTION = """\
 Run each stage of PIPELINE as an ordinary program on a dpipes node and stream stdin/stdout
@@ -20,13 +26,17 @@ between them across the network, like a Unix shell pipeline spread over a LAN.
 
 EPILOG = """\
 pipeline syntax:
-  '|' separates stages; quoting is as in sh ('a|b' is one word). PROG@NODE pins a stage to
-  NODE; an unpinned stage goes to a node that offers PROG (dp.PROG), else to the entry node.
+  '|' separates stages, numbered from 0 (errors, --status, --tag and N: options say "stage 0"
+  for the first). Quote the whole pipeline as one argument; inside it, quoting is as in sh
+  ('a|b' is one word). PROG@NODE pins a stage to NODE; an unpinned stage goes to a node that
+  offers PROG (dp.PROG), else to the entry node.
   No shell runs unless you write one: use sh -c '...' for redirections, globs and variables.
 
 the entry node (which coordinates the run):
   --node HOST:PORT, else $DPIPES_NODE, else this host's running dpipesd, else an embedded node
   started inside this command for its duration (so dpipes works with nothing else running).
+  A --node that cannot be reached fails at once, saying why (cannot resolve, connection refused,
+  no reply); a local dpipesd that crashed is named on stderr before the embedded node runs.
 
 data:
   This command's stdin feeds the first stage when it is not a terminal; the last stage's stdout
@@ -43,7 +53,8 @@ exit status:
   125  dpipes itself failed: no node reachable, a stage refused before anything started,
        a node lost mid-run
   130  interrupted (Ctrl-C cancels every stage on every node)
-  2    bad command line
+  2    bad command line: unknown flags, a pipeline syntax error (named by stage and column,
+       found before any node is contacted), a malformed --node or $DPIPES_NODE
 
 pipes:
   Every stage gets DAGSTER_PIPES_CONTEXT and DAGSTER_PIPES_MESSAGES; a program using dagster-pipes
@@ -56,7 +67,7 @@ pipes:
 examples:
   dpipes 'seq 10 | sort -r'
   dpipes --nodes                  every node known: where it listens, what it offers, learned from
-  dpipes --nodes --json           the same, one JSON object per node
+  dpipes --nodes --json           the same, one JSON object per node (--yaml: one YAML document)
   dpipes 'cat /data/input.txt | sort@beta | uniq -c'
   dpipes --status --pipefail 'producer | consumer@gamma'
   dpipes --require 'sort>=9' 'cat big.txt | sort@beta'
@@ -79,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--yaml", action="store_const", const="yaml", dest="mode", help="YAML documents object mode")
     parser.add_argument("--pipefail", action="store_true", help="exit with the last non-zero stage status")
     parser.add_argument("--status", action="store_true", help="print every stage's node and exit status at the end")
-    parser.add_argument("--tag", action="store_true", help="prefix stderr lines with [stage N prog@node]")
+    parser.add_argument(
+        "--tag", action="store_true", help="prefix each line the stages write to stderr with [stage N prog@node]"
+    )
     parser.add_argument(
         "--require", action="append", default=[], metavar="'PROG>=VER'", help="refuse to run unless PROG's version fits"
     )
@@ -110,26 +123,17 @@ def _parser() -> argparse.ArgumentParser:
     pipes.add_argument(
         "--pipes-json", metavar="FILE", help="write each stage's context, then every message, as JSON lines"
     )
+    parser.add_argument("--version", action=VersionAction)
+    parser.add_argument(
+        "--completion", metavar="SHELL", choices=SHELLS, help="print a bash or zsh completion script and exit"
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log what dpipes does (twice: debug)")
     return parser
 
 
-def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser, count: int) -> dict[str, Any]:
     """The Pipes flags -> ``{"extras", "assets", "partition", "context", "messages", "stages": {N: ...}}``."""
     from dpipes.nodes.pipes_options import CONTEXT_INJECTORS, MESSAGE_CHANNELS, split_stage_selector
-
-    count: int | None = None  # stages in the pipeline, parsed only when a flag names one
-
-    def stage_count() -> int | None:
-        nonlocal count
-        if count is None:
-            from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
-
-            try:
-                count = len(parse_pipeline(args.pipeline))
-            except PipelineSyntaxError:
-                return None  # the node names the syntax error
-        return count
 
     every: dict[str, Any] = {"extras": {}, "assets": [], "partition": None, "context": "env", "messages": "file"}
     stages: dict[str, dict[str, Any]] = {}
@@ -138,8 +142,8 @@ def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         index, value = split_stage_selector(item)
         if index is None:
             return every, value
-        if (n := stage_count()) is not None and index >= n:
-            parser.error(f"{flag} {item!r}: the pipeline has {n} stage(s), numbered 0-{n - 1}")
+        if index >= count:
+            parser.error(f"{flag} {item!r}: the pipeline has {count} stage(s), numbered 0-{count - 1}")
         return stages.setdefault(str(index), {}), value
 
     for item in args.extra:
@@ -173,38 +177,84 @@ def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.completion:
+        print(completion_script(parser, args.completion), end="")
+        return 0
+    if extra:
+        # `dpipes seq 3`: the shell split an unquoted pipeline; its first word became the pipeline
+        if args.pipeline and " " not in args.pipeline.strip() and any(not w.startswith("-") for w in extra):
+            parser.error(
+                f"unrecognized arguments: {' '.join(extra)}; the pipeline is one argument: quote it, "
+                f"e.g. dpipes {shlex.quote(' '.join([args.pipeline, *extra]))}"
+            )
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args.entry = _entry_endpoint(args)
+    except DpipesError as exc:
+        print(f"dpipes: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.nodes:
         try:
             return asyncio.run(_nodes(args))
         except DpipesError as exc:
             print(f"dpipes: {exc}", file=sys.stderr)
-            return 125
+            return EXIT_FAILED
     if not args.pipeline or not args.pipeline.strip():
         parser.error("give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
+    from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
+
+    try:  # the parser is pure: a malformed pipeline is refused here, before any node is contacted
+        count = len(parse_pipeline(args.pipeline))
+    except PipelineSyntaxError as exc:
+        print(f"dpipes: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
     if args.mode is None:
         args.mode = "bytes"
-    args.pipes = _pipes_options(args, parser)
+    args.pipes = _pipes_options(args, parser, count)
     try:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:
         return 130
     except DpipesError as exc:
         print(f"dpipes: {exc}", file=sys.stderr)
-        return 125
+        return EXIT_FAILED
+
+
+def _entry_endpoint(args: argparse.Namespace) -> str | None:
+    """The endpoint of --node, else of $DPIPES_NODE, else None.
+
+    Raises:
+        EntryAddressError: the address is malformed (naming where it came from).
+    """
+    from dpipes.nodes.entry import EntryAddressError, parse_entry
+
+    given, source = (args.node, "--node") if args.node else (os.environ.get("DPIPES_NODE"), "$DPIPES_NODE")
+    if not given:
+        return None
+    try:
+        return parse_entry(given)
+    except EntryAddressError as exc:
+        raise EntryAddressError(f"{source} {given!r}: {exc}") from None
 
 
 async def _entry_and_run(args: argparse.Namespace, work: Any) -> Any:
     """Call ``work(entry)`` with the entry node: --node, $DPIPES_NODE, the local daemon, or embedded."""
     from dpipes.nodes import run
 
-    node = args.node or os.environ.get("DPIPES_NODE")
-    if node:
-        return await work(run.entry_from(node))
+    if args.entry:
+        from dpipes.nodes.entry import probe_entry
+
+        await asyncio.to_thread(probe_entry, args.entry)  # fails at once, naming the cause
+        return await work(args.entry)
     if (local := await run.local_daemon()) is not None:
         return await work(local)
+    from dpipes.nodes.entry import abandoned_local_daemon
+
+    if (why := abandoned_local_daemon()) is not None:
+        print(f"dpipes: {why}; running this command on an embedded node instead", file=sys.stderr)
     async with run.embedded_node() as embedded:
         return await work(embedded.ipc_endpoint)
 
@@ -216,6 +266,11 @@ async def _nodes(args: argparse.Namespace) -> int:
     if args.mode == "json":
         for node in nodes:
             print(json.dumps(node))
+        return 0
+    if args.mode == "yaml":
+        import yaml
+
+        print(yaml.safe_dump_all(nodes, sort_keys=False), end="")
         return 0
     rows = [("NODE", "ENDPOINT", "PROGRAMS", "LEARNED FROM", "LAST SEEN", "")]
     for n in nodes:
@@ -246,7 +301,7 @@ async def _run(args: argparse.Namespace) -> int:
     if result.error:
         print(f"dpipes: {result.error}", file=sys.stderr)
     for stage in result.stages:
-        if args.status or (stage.error and not stage.sigpipe and not result.error and "cancelled" not in stage.error):
+        if args.status or (stage.error and not stage.sigpipe and not result.error):
             print(f"dpipes: {stage.describe()}", file=sys.stderr)
         if summary := stage.pipes_summary():
             print(f"dpipes: stage {stage.index} {stage.argv[0]}@{stage.node}: {summary}", file=sys.stderr)

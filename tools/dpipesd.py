@@ -8,11 +8,21 @@ from pathlib import Path
 
 from dpipes.bus.errors import ConfigError
 from dpipes.nodes import daemon, paths
-from dpipes.nodes.config import HostPort, NodeConfig, load_config
+from dpipes.nodes.config import HostPort, NodeConfig, format_config, load_config
 from dpipes.nodes.daemon import NodeFactory, ServingNode
 from dpipes.nodes.pipeline import check_node_name
+from dpipes.tools import VersionAction
+from dpipes.tools.completion import SHELLS, completion_script
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+FLAG_OF_KEY = {  # the flag behind each configuration key it sets, for --print-config
+    "name": "--name",
+    "listen": "--listen",
+    "allow": "--allow",
+    "insecure": "--insecure",
+    "interfaces": "--interface",
+    "nodes": "--peer",
+}
 EXIT_NOT_RUNNING = 3  # --status of a stopped node, as LSB init scripts answer
 
 EPILOG = f"""\
@@ -46,8 +56,10 @@ stopping: dpipesd --stop [--name NAME], or kill $(cat RUNTIME_DIR/NAME.pid). SIG
 stops the node gracefully (running stages are cancelled) within {daemon.STOP_TIMEOUT_S:.0f} s; a
 second Ctrl-C exits at once. A daemon killed with SIGKILL leaves files; the next start cleans them.
 
-configuration: /etc/dpipesd.conf, then ~/.dpipesdrc (the list can be replaced by
+configuration (TOML): /etc/dpipesd.conf, then $XDG_CONFIG_HOME/dpipes/dpipesd.toml (default
+~/.config/dpipes/dpipesd.toml), then ~/.dpipesdrc (the list can be replaced by
 $DPIPES_CONFIG_PATHS, ':'-separated), then --config FILE, then these flags; later wins.
+dpipesd --print-config shows every key with its value and where it came from.
 
 exit status: 0 ok; 1 runtime error (already running, cannot listen, did not stop, ...);
 2 usage or configuration error; {EXIT_NOT_RUNNING} (--status only) not running.
@@ -70,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
         "'dpipes'. Without --foreground it detaches and returns once the node listens.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action=VersionAction)
+    parser.add_argument(
+        "--completion", metavar="SHELL", choices=SHELLS, help="print a bash or zsh completion script and exit"
     )
     run = parser.add_argument_group("running")
     run.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
@@ -118,6 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     control = parser.add_mutually_exclusive_group()
     control.add_argument("--stop", action="store_true", help="stop the running daemon of --name (or the default name)")
     control.add_argument("--status", action="store_true", help="say whether the daemon of --name is running")
+    control.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as TOML, each value with where it came from, and exit",
+    )
     return parser
 
 
@@ -160,10 +181,13 @@ def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None)
         args = parser.parse_args(argv)
         if command is not None and not command:
             parser.error("'--' must be followed by the program this node runs: -- PROG [ARGS...]")
-        if command and (args.stop or args.status):
-            parser.error("'-- PROG' starts a node; it cannot go with --stop or --status")
+        if command and (args.stop or args.status or args.print_config):
+            parser.error("'-- PROG' starts a node; it cannot go with --stop, --status or --print-config")
     except SystemExit as e:  # argparse's usage errors (2) and --help (0)
         return e.code if isinstance(e.code, int) else 2
+    if args.completion:
+        print(completion_script(parser, args.completion), end="")
+        return 0
 
     overrides: dict[str, object] = {}
     if args.name is not None:
@@ -185,6 +209,9 @@ def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None)
         return 2
     runtime_dir = Path(args.runtime_dir) if args.runtime_dir else None
 
+    if args.print_config:
+        print(format_config(config, labels=FLAG_OF_KEY), end="")
+        return 0
     if args.stop:
         return daemon.stop_daemon(config.name, runtime_dir)
     if args.status:

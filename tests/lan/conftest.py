@@ -7,7 +7,7 @@ from types import ModuleType
 
 import pytest
 
-from dpipes.discovery import testbed as netns
+from dpipes.tools.bench import netns
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def no_leaked_namespaces(_netns_required: None) -> Iterator[None]:
 
 @pytest.fixture
 def lan() -> object:
-    """``async with lan(n) as hosts:`` -- n hosts on a bridged /24; see dpipes.discovery.testbed."""
+    """``async with lan(n) as hosts:`` -- n hosts on a bridged /24; see dpipes.tools.bench.netns."""
     return netns.lan
 
 

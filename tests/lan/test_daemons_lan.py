@@ -139,7 +139,7 @@ async def test_a_node_joining_late_is_seen_and_sees_everyone(lan: Any, tmp_path:
 
 
 def test_the_discovery_benchmark_measures_a_full_mesh() -> None:
-    from dpipes.discovery.bench import discovery_benchmarks
+    from dpipes.tools.bench.discovery import discovery_benchmarks
 
     converge, after_ready = discovery_benchmarks(repeat=1, quick=True, nodes=3)
     assert converge.name == "discovery.converge_3" and 0 < converge.value < 60

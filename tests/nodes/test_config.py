@@ -17,6 +17,7 @@ from dpipes.nodes.config import (
     Limits,
     NodeConfig,
     default_node_name,
+    format_config,
     load_config,
     parse_override,
 )
@@ -43,7 +44,7 @@ version = "9.1"
 
 [limits]
 max_stages = 8
-credit_bytes = 1048576
+credit_bytes = 16777216
 """
 
 
@@ -81,7 +82,7 @@ def test_every_key(tmp_path: Path) -> None:
         "sort": AppConfig(version="9.1", path="/opt/coreutils/bin/sort"),
         "uniq": AppConfig(version="9.1"),
     }
-    assert config.limits == Limits(max_stages=8, credit_bytes=1 << 20)
+    assert config.limits == Limits(max_stages=8, credit_bytes=16 << 20)
     assert config.sources == (str(path),)
 
 
@@ -104,7 +105,7 @@ def test_later_sources_win_and_tables_merge(tmp_path: Path) -> None:
         tmp_path / "user.rc",
         'name = "usr"\nallow = ["c"]\n[nodes]\ngamma = "g:1"\nbeta = "b2:2"\n[apps.sort]\nversion = "9.1"\n',
     )
-    given = write(tmp_path / "given.toml", "[limits]\ncredit_bytes = 131072\n")
+    given = write(tmp_path / "given.toml", "[limits]\ncredit_bytes = 33554432\n")
     config = load_config(
         config_file=given,
         search_paths=[system, tmp_path / "missing.conf", user],
@@ -119,7 +120,7 @@ def test_later_sources_win_and_tables_merge(tmp_path: Path) -> None:
         "delta": HostPort("d", 4),
     }
     assert config.apps["sort"] == AppConfig(version="9.1", path="/usr/bin/sort")
-    assert config.limits == Limits(max_stages=9, credit_bytes=131072)
+    assert config.limits == Limits(max_stages=9, credit_bytes=32 << 20)
     assert config.sources == (str(system), str(user), str(given), "command line")
 
 
@@ -205,7 +206,7 @@ def test_a_bad_system_file_is_named(tmp_path: Path) -> None:
         ('[apps."bin/sort"]\nversion = "1"', "key 'apps.bin/sort': the table name must be a program name"),
         ("[limits]\nmax_stages = 0", "key 'limits.max_stages': must be at least 1, got 0"),
         ("[limits]\nmax_stages = true", "key 'limits.max_stages': expected an integer, got boolean True"),
-        ("[limits]\ncredit_bytes = 1000", "key 'limits.credit_bytes': must be at least 65536, got 1000"),
+        ("[limits]\ncredit_bytes = 1048576", "key 'limits.credit_bytes': must be at least 8388608, got 1048576"),
         ('metadata_key = ""', "key 'metadata_key': must not be empty"),
     ],
 )
@@ -263,3 +264,51 @@ def test_overrides_from_parse_override_feed_load_config() -> None:
 def test_host_port_round_trips() -> None:
     for text in ("0.0.0.0:5757", "beta.lan:1", "[::1]:80", "*:5757", "host-1.example.com.:65535"):
         assert str(HostPort.parse(text)) == text
+
+
+def test_xdg_config_file_is_read_between_etc_and_dpipesdrc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    xdg = tmp_path / "xdg"
+    (xdg / "dpipes").mkdir(parents=True)
+    xdg_file = write(xdg / "dpipes" / "dpipesd.toml", 'name = "fromxdg"\nlisten = "127.0.0.1:6001"\n')
+    rc = write(tmp_path / "home" / ".dpipesdrc", 'name = "fromrc"\n')
+    config = load_config(environ={"XDG_CONFIG_HOME": str(xdg)})
+    assert (config.name, str(config.listen)) == ("fromrc", "127.0.0.1:6001")  # ~/.dpipesdrc is read last
+    assert config.sources[-2:] == (str(xdg_file), str(rc))
+
+
+@pytest.mark.parametrize("xdg_value", [None, "", "relative/dir"])
+def test_xdg_default_is_dot_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, xdg_value: str | None) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".config" / "dpipes").mkdir(parents=True)
+    write(tmp_path / ".config" / "dpipes" / "dpipesd.toml", 'name = "dotconfig"\n')
+    environ = {} if xdg_value is None else {"XDG_CONFIG_HOME": xdg_value}
+    config = load_config(search_paths=["$XDG_CONFIG_HOME/dpipes/dpipesd.toml"], environ=environ)
+    assert config.name == "dotconfig"
+
+
+def test_origins_name_the_source_of_each_key(tmp_path: Path) -> None:
+    first = write(tmp_path / "a.conf", FULL)
+    second = write(tmp_path / "b.conf", 'listen = "127.0.0.1:6002"\n[apps.sort]\nversion = "9.2"\n')
+    config = load_config(search_paths=[first, second], overrides={"nodes": {"delta": "10.0.0.4:5757"}})
+    origins = dict(config.origins)
+    assert origins["name"] == str(first)
+    assert origins["listen"] == str(second)
+    assert (origins["apps.sort.version"], origins["apps.sort.path"]) == (str(second), str(first))
+    assert (origins["nodes.beta"], origins["nodes.delta"]) == (str(first), "command line")
+    assert "metadata_argv" not in origins  # a default
+
+
+def test_format_config_reads_back_and_says_where_each_value_came_from(tmp_path: Path) -> None:
+    conf = write(tmp_path / "a.conf", FULL)
+    config = load_config(search_paths=[conf], overrides={"limits.max_stages": 9, "nodes": {"x": "h:1"}})
+    text = format_config(config, labels={"nodes": "--peer"})
+    lines = {line.split("=")[0].strip(): line for line in text.splitlines() if "=" in line and line[0] != "#"}
+    assert lines["listen"].endswith(f"# {conf}")
+    assert lines["max_stages"].endswith("# command line")
+    assert lines["x"].endswith("# --peer")
+    assert lines["metadata_argv"].endswith("# default")
+    reread = tmp_path / "effective.toml"
+    reread.write_text(text)
+    assert load_config(config_file=reread, search_paths=[]) == dataclasses.replace(config, sources=(str(reread),))

@@ -285,8 +285,8 @@ def test_foreground_stops_on_sigterm_and_removes_its_files(rt: Path, tmp_path: P
     log = err.read_text()
     assert fake_log(log)["ipc"] == f"ipc://{rt}/local.sock"
     assert fake_log(log)["tap"] == f"ipc://{rt}/local-tap.sock"
-    assert " INFO dpipes.nodes.daemon: node alpha ready: " in log  # time, level, logger
-    assert "SIGTERM: stopping" in log
+    assert " INFO dpipes.nodes.daemon: node alpha: SIGTERM: stopping" in log  # time, level, logger
+    assert "node alpha ready" not in log  # stdout says it, once
     assert no_runtime_files(rt) == []
 
 

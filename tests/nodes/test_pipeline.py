@@ -97,35 +97,35 @@ def test_stage_text_is_the_source_slice() -> None:
 @pytest.mark.parametrize(
     ("text", "column", "stage", "phrase"),
     [
-        ("", 1, 1, "empty"),
-        ("   ", 1, 1, "empty"),
-        ("a || b", 3, 1, "'||'"),
-        ("a |", 3, 2, "ends with '|'"),
-        ("a | b |  ", 7, 3, "ends with '|'"),
-        ("| a", 1, 1, "starts with '|'"),
-        ("a | | b", 5, 2, "empty stage"),
-        ("a |  |", 6, 2, "empty stage"),
-        ("echo 'abc", 6, 1, "unterminated single quote"),
-        ('a | echo "abc', 10, 2, "unterminated double quote"),
-        ("echo abc\\", 9, 1, "trailing backslash"),
-        ("sort@ -r", 5, 1, "bad pin"),
-        ("a | sort@ -r", 9, 2, "bad pin"),
-        ("sort@be:ta", 5, 1, "not a valid node name"),
-        ("@beta x", 1, 1, "without a program"),
-        ("'' x", 1, 1, "program name is empty"),
-        ("FOO=1 cmd", 1, 1, "environment variable"),
-        ("echo $HOME", 6, 1, "'$'"),
-        ("a ; b", 3, 1, "';'"),
-        ("a && b", 3, 1, "'&'"),
-        ("a > f", 3, 1, "redirection"),
-        ("a < f", 3, 1, "redirection"),
-        ("(a)", 1, 1, "subshell"),
-        ("echo `id`", 6, 1, "'`'"),
-        ('echo "$x"', 7, 1, "double quotes"),
-        ("a # comment", 3, 1, "comment"),
-        ("seq 3\nsort", 6, 1, "newline"),
-        ("echo a\0b", 7, 1, "NUL"),
-        ("echo 'a\0b'", 8, 1, "NUL"),
+        ("", 1, 0, "empty"),
+        ("   ", 1, 0, "empty"),
+        ("a || b", 3, 0, "'||'"),
+        ("a |", 3, 1, "ends with '|'"),
+        ("a | b |  ", 7, 2, "ends with '|'"),
+        ("| a", 1, 0, "starts with '|'"),
+        ("a | | b", 5, 1, "empty stage"),
+        ("a |  |", 6, 1, "empty stage"),
+        ("echo 'abc", 6, 0, "unterminated single quote"),
+        ('a | echo "abc', 10, 1, "unterminated double quote"),
+        ("echo abc\\", 9, 0, "trailing backslash"),
+        ("sort@ -r", 5, 0, "bad pin"),
+        ("a | sort@ -r", 9, 1, "bad pin"),
+        ("sort@be:ta", 5, 0, "not a valid node name"),
+        ("@beta x", 1, 0, "without a program"),
+        ("'' x", 1, 0, "program name is empty"),
+        ("FOO=1 cmd", 1, 0, "environment variable"),
+        ("echo $HOME", 6, 0, "'$'"),
+        ("a ; b", 3, 0, "';'"),
+        ("a && b", 3, 0, "'&'"),
+        ("a > f", 3, 0, "redirection"),
+        ("a < f", 3, 0, "redirection"),
+        ("(a)", 1, 0, "subshell"),
+        ("echo `id`", 6, 0, "'`'"),
+        ('echo "$x"', 7, 0, "double quotes"),
+        ("a # comment", 3, 0, "comment"),
+        ("seq 3\nsort", 6, 0, "newline"),
+        ("echo a\0b", 7, 0, "NUL"),
+        ("echo 'a\0b'", 8, 0, "NUL"),
     ],
 )
 def test_syntax_errors_name_the_place_and_the_fix(text: str, column: int, stage: int, phrase: str) -> None:
@@ -137,8 +137,8 @@ def test_syntax_errors_name_the_place_and_the_fix(text: str, column: int, stage:
     message = str(err)
     assert phrase in message
     assert f"at column {column}" in message
-    assert f"in stage {stage} " in message
-    assert (err.position, err.stage) == (column - 1, stage - 1)
+    assert f"in stage {stage} " in message  # stages count from 0, as --status, --tag and N: options do
+    assert (err.position, err.stage) == (column - 1, stage)
     assert message.rstrip().endswith((".", "'")), "ends with what to do"
 
 
@@ -278,7 +278,7 @@ def test_unknown_pin_lists_known_nodes() -> None:
     message = str(caught.value)
     assert isinstance(caught.value, StageError)
     assert isinstance(caught.value, LookupError)
-    assert "stage 2 (sort@gama -r)" in message
+    assert "stage 1 (sort@gama -r)" in message
     assert "'gama'" in message
     assert "did you mean 'gamma'?" in message
     assert "Known nodes: alpha (local), beta, gamma." in message

@@ -98,6 +98,38 @@ async def test_exit_status_pipefail_and_status_vector(rt: Path) -> None:
         assert killed.code == 128 + signal.SIGTERM
 
 
+async def test_pipefail_counts_a_stage_that_failed_on_its_own_whatever_ended_first(rt: Path, tmp_path: Path) -> None:
+    done = tmp_path / "reader-done"
+    # The order is forced: the first stage exits 1 only once the last one has finished (and so
+    # cancelled its input); bash says 1 for `false | true` under pipefail in every order.
+    writer = f"sh -c 'while [ ! -e {done} ]; do sleep 0.01; done; exit 1'"
+    reader = f"sh@beta -c 'touch {done}'"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        for _ in range(3):
+            done.unlink(missing_ok=True)
+            ran = await dpipes(rt, "--node", alpha.host_port, "--pipefail", "--status", f"{writer} | {reader}")
+            assert ran.code == 1, ran.stderr
+            assert "stage 0 sh@alpha: exit 1" in ran.stderr
+            done.unlink()
+            plain = await dpipes(rt, "--node", alpha.host_port, f"{writer} | {reader}")
+            assert plain.code == 0, plain.stderr
+
+
+def test_pipefail_leaves_out_only_stages_their_reader_killed() -> None:
+    from dpipes.nodes.run import StageResult, exit_code_of
+
+    def stage(index: int, code: int, sig: int = 0, sigpipe: bool = False) -> StageResult:
+        return StageResult(index, "a", ["p"], code=code, signal=sig, sigpipe=sigpipe, reported=True)
+
+    killed = stage(0, -1, signal.SIGPIPE, sigpipe=True)
+    failed_while_reader_left = stage(0, 1, sigpipe=True)
+    assert exit_code_of([killed, stage(1, 0)], pipefail=True) == 0
+    assert exit_code_of([failed_while_reader_left, stage(1, 0)], pipefail=True) == 1
+    assert exit_code_of([failed_while_reader_left, stage(1, 0)], pipefail=False) == 0
+    last_killed = stage(1, -1, signal.SIGPIPE, sigpipe=True)  # the last stage has no reader to blame
+    assert exit_code_of([stage(0, 0), last_killed], pipefail=True) == 128 + signal.SIGPIPE
+
+
 async def test_stderr_of_every_stage_reaches_the_client_tagged(rt: Path) -> None:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
         ours = await dpipes(
@@ -211,7 +243,7 @@ async def test_a_coordinator_of_another_pipeline_protocol_is_refused(rt: Path) -
 
     async with daemons(rt, ["alpha"]) as (alpha,):
         async with Client(alpha.tcp) as client:
-            with pytest.raises(BusError, match="pipeline protocol 99 is not node alpha's 1"):
+            with pytest.raises(BusError, match="pipeline protocol 99 is not node alpha's 2"):
                 await client.endpoint.request(
                     "alpha/ctl", "negotiate", {"pipeline": "p", "stage": 0, "argv": ["cat"], "protocol": 99}
                 )
@@ -409,3 +441,21 @@ async def test_a_local_last_stage_writing_to_a_closed_reader_stops_as_in_a_shell
         out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
     assert out == b"y\ny\ndone\n"
     assert b"stage 0 yes@alpha: killed by SIGPIPE" in err
+
+
+async def test_a_stage_never_outlives_its_node(rt: Path) -> None:
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        proc = await start_dpipes(rt, "--node", alpha.host_port, "sleep 45")
+        await until(lambda: alpha.children())
+        stages = alpha.children()
+        alpha.proc.kill()  # kill -9: no chance to terminate its stages itself
+        await until(lambda: not any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in stages))
+        assert await asyncio.wait_for(proc.wait(), WAIT_S) != 0
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -624,3 +624,20 @@ def test_bootstrap_env_refusals(tmp_path: Path, kwargs: dict[str, Any], reason: 
 
 def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(load_pipes_schema())
+
+
+def test_bootstrap_dirs_of_dead_nodes_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import subprocess
+
+    from dpipes.nodes.pipes import BOOTSTRAP_DIR_PREFIX, remove_stale_bootstrap_dirs
+
+    dead = subprocess.Popen(["true"])  # a pid that has exited and been reaped
+    dead.wait()
+    stale = tmp_path / f"{BOOTSTRAP_DIR_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{BOOTSTRAP_DIR_PREFIX}{os.getpid()}-def"
+    foreign = tmp_path / f"{BOOTSTRAP_DIR_PREFIX}notapid"
+    for d in (stale, live, foreign):
+        d.mkdir()
+        (d / "context.json").write_text("{}")
+    assert remove_stale_bootstrap_dirs(tmp_path) == [str(stale)]
+    assert not stale.exists() and live.exists() and foreign.exists()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import configparser
 import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from dpipes.nodes import paths
 from dpipes.tools.dpipesd import main
 
 FAKE_NODE = Path(__file__).parents[1] / "nodes" / "fake_node.py"
+NOTIFY_WAIT_S = 30.0  # a daemon's start (Python, imports) and graceful stop, on a busy machine
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +83,7 @@ def test_config_file_errors_exit_2_naming_file_and_key(
         (["--peer", "b@d=beta:5757"], "dpipesd: --peer 'b@d=beta:5757': 'b@d' is not a valid node name"),
         (["--peer", "x=a:1", "x=b:2"], "dpipesd: --peer 'x=b:2': peer name 'x' given twice"),
         (["--"], "'--' must be followed by the program"),
-        (["--stop", "--", "sort"], "cannot go with --stop or --status"),
+        (["--stop", "--", "sort"], "cannot go with --stop, --status or --print-config"),
         (["--stop", "--status"], "not allowed with argument"),
         (["--log-level", "LOUD"], "invalid choice: 'LOUD'"),
         (["stray"], "unrecognized arguments: stray"),
@@ -192,3 +195,68 @@ def test_real_node_detached_then_stopped(tmp_path: Path) -> None:
                 time.sleep(0.02)  # polling a condition under a deadline
     assert pid is not None and not paths.pid_alive(pid)
     assert sorted(p.name for p in rt.iterdir()) == ["alpha.log"]
+
+
+def test_print_config_shows_each_value_with_its_source_and_starts_nothing(tmp_path: Path) -> None:
+    conf = tmp_path / "node.toml"
+    conf.write_text('name = "fromfile"\nallow = ["cat"]\n')
+    flags = ["--runtime-dir", str(tmp_path / "rt"), "--config", str(conf), "--print-config"]
+    flags += ["--listen", "127.0.0.1:6000", "--peer", "beta=10.0.0.2:5757"]
+    done = subprocess.run(
+        [sys.executable, "-m", "dpipes.tools.dpipesd", *flags],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DPIPES_CONFIG_PATHS": ""},
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert 'name = "fromfile"' in lines[1] and lines[1].endswith(f"# {conf}")
+    assert any(x.startswith('listen = "127.0.0.1:6000"') and x.endswith("# --listen") for x in lines)
+    assert any(x.startswith('beta = "10.0.0.2:5757"') and x.endswith("# --peer") for x in lines)
+    assert any(x.startswith("max_stages = 64") and x.endswith("# default") for x in lines)
+    assert not (tmp_path / "rt").exists()
+
+
+def test_help_names_the_xdg_config_file(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and "$XDG_CONFIG_HOME/dpipes/dpipesd.toml" in out and "--print-config" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dpipes.nodes.node") is None, reason="dpipes.nodes.node not written yet")
+def test_foreground_under_a_service_manager(tmp_path: Path) -> None:
+    """Type=notify: READY=1 once listening, STOPPING=1 on SIGTERM; the ready line appears once."""
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify.sock"))
+    manager.settimeout(NOTIFY_WAIT_S)
+    cmd = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--runtime-dir", str(tmp_path / "rt")]
+    env = {**os.environ, "DPIPES_CONFIG_PATHS": "", "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    with manager, subprocess.Popen(
+        [*cmd, "--name", "alpha", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as daemon:
+        try:
+            ready = manager.recv(4096).decode().split("\n")
+            assert ready[:2] == ["READY=1", f"MAINPID={daemon.pid}"]
+            assert ready[2].startswith("STATUS=node alpha listening on tcp://127.0.0.1:")
+            daemon.send_signal(signal.SIGTERM)
+            assert manager.recv(4096) == b"STOPPING=1\nSTATUS=node alpha stopping"
+            out, err = daemon.communicate(timeout=NOTIFY_WAIT_S)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+    assert daemon.returncode == 0, err
+    assert out.startswith("node alpha ready: ")
+    assert (out + err).count("node alpha ready:") == 1, err
+
+
+def test_systemd_example_runs_the_daemon_attached_as_type_notify() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(Path(__file__).parents[2] / "examples" / "systemd" / "dpipesd.service")
+    assert unit["Service"]["Type"] == "notify"
+    assert unit["Service"]["ExecStart"].split()[1:] == ["--foreground"]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dpipes.nodes.pipes_bench import burst_rate, dagster_available, latencies_ms, percentiles, pipes_benchmarks
+from dpipes.tools.bench.pipes import burst_rate, dagster_available, latencies_ms, percentiles, pipes_benchmarks
 
 
 def custom(payload: object) -> dict[str, object]:

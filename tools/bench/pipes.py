@@ -50,9 +50,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from dpipes.bus.bench import Result, result
 from dpipes.nodes import run as run_mod
-from dpipes.nodes.bench import local_daemons
 from dpipes.nodes.pipeline import format_stage
 from dpipes.nodes.pipes import PipesLine, PipesRecord, make_context_data
 from dpipes.nodes.pipes_session import (
@@ -61,11 +59,18 @@ from dpipes.nodes.pipes_session import (
     PipesMessageReader,
     open_pipes_session,
 )
+from dpipes.tools.bench.pipe import local_daemons
+from dpipes.tools.bench.result import Result, SuiteUnavailable, result
 
 BURST_MESSAGES = 10_000  # of each kind: log and custom
 PACED_MESSAGES = 1_000
 PACED_INTERVAL_S = 0.001
 LATENCY_P50_TARGET_MS = 1.0
+# dpipes-bus is not on a package index: the extra installs from a checkout, or dagster alone will do.
+DAGSTER_NEEDED = (
+    "needs the dagster package (the baseline is Dagster's own Pipes path): "
+    "pip install dagster, or pip install -e '.[bench]' in a dpipes checkout"
+)
 
 EMITTER = """\
 import sys, time
@@ -286,9 +291,8 @@ def pipes_benchmarks(
 ) -> list[Result]:
     burst = 1_000 if quick else BURST_MESSAGES
     paced = 200 if quick else PACED_MESSAGES
-    has_dagster = dagster_available()
-    if not has_dagster:
-        raise RuntimeError("dpipes-bench pipes needs the real dagster package: pip install 'dpipes-bus[bench]'")
+    if not dagster_available():
+        raise SuiteUnavailable(DAGSTER_NEEDED)
     with tempfile.TemporaryDirectory(prefix="dpipes-bench-pipes-") as tmp:
         emitter = Path(tmp) / "emit.py"
         emitter.write_text(EMITTER)

@@ -1,6 +1,6 @@
-"""Bus benchmarks: dpipes against its baselines, the same sizes in the same run.
+"""Bus benchmarks (``dpipes-bench bus``): dpipes against its baselines, the same sizes in the same run.
 
-Each measurement runs a receiver in a child process (``python -m dpipes.bus.bench ROLE``, which
+Each measurement runs a receiver in a child process (``python -m dpipes.tools.bench.bus ROLE``, which
 prints its address on stdout and serves until stdin closes) and a sender here. Results are
 ``Result`` rows: the dpipes figure, the baseline figure and their ratio (higher is better).
 """
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -21,87 +19,14 @@ from typing import Any
 import zmq
 
 from dpipes.bus.hub import Hub
-
-
-@dataclasses.dataclass(frozen=True)
-class Result:
-    """One benchmark line: ``value`` (dpipes) against ``baseline_value`` in ``unit``."""
-
-    name: str
-    unit: str
-    value: float
-    baseline: str
-    baseline_value: float
-    samples: tuple[float, ...]
-    baseline_samples: tuple[float, ...]
-    target: float | None = None  # the ratio we aim for, where the issue sets one
-    higher_is_better: bool = True
-
-    @property
-    def ratio(self) -> float:
-        if not self.baseline_value or not self.value:
-            return 0.0
-        return self.value / self.baseline_value if self.higher_is_better else self.baseline_value / self.value
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": self.value,
-            "unit": self.unit,
-            "min": min(self.samples),
-            "max": max(self.samples),
-            "baseline": self.baseline,
-            "baseline_value": self.baseline_value,
-            "baseline_min": min(self.baseline_samples),
-            "baseline_max": max(self.baseline_samples),
-            "ratio": round(self.ratio, 3),
-            "target_ratio": self.target,
-        }
-
-
-def result(
-    name: str,
-    unit: str,
-    samples: list[float],
-    baseline: str,
-    baseline_samples: list[float],
-    *,
-    target: float | None = None,
-    higher_is_better: bool = True,
-) -> Result:
-    """A ``Result`` from repeated samples: medians, with every sample kept for min/max."""
-    return Result(
-        name=name,
-        unit=unit,
-        value=statistics.median(samples),
-        baseline=baseline,
-        baseline_value=statistics.median(baseline_samples),
-        samples=tuple(samples),
-        baseline_samples=tuple(baseline_samples),
-        target=target,
-        higher_is_better=higher_is_better,
-    )
-
-
-def against_target(name: str, unit: str, samples: list[float], target: float) -> Result:
-    """A figure with no baseline program, only a target it should not exceed (a time, say)."""
-    return Result(
-        name=name,
-        unit=unit,
-        value=statistics.median(samples),
-        baseline=f"target: at most {target:g} {unit}",
-        baseline_value=target,
-        samples=tuple(samples),
-        baseline_samples=(target,),
-        higher_is_better=False,
-    )
+from dpipes.tools.bench.result import Result, result
 
 
 @contextlib.contextmanager
 def child(role: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """Run ``python -m dpipes.bus.bench ROLE`` and yield it with the address it printed."""
+    """Run ``python -m dpipes.tools.bench.bus ROLE`` and yield it with the address it printed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dpipes.bus.bench", role, *args],
+        [sys.executable, "-m", "dpipes.tools.bench.bus", role, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

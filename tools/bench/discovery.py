@@ -1,6 +1,6 @@
 """``dpipes-bench discovery``: how long N daemons on a LAN take to find and link to each other.
 
-Each round builds a LAN of N network namespaces (``dpipes.discovery.testbed``; root only), starts
+Each round builds a LAN of N network namespaces (``dpipes.tools.bench.netns``; root only), starts
 ``dpipesd`` in every one at once, listening on its LAN address, and waits until every daemon has
 logged a link up to every other (stronger than "has seen": the link is what routes data). Two
 figures, medians over the rounds:
@@ -21,8 +21,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from dpipes.bus.bench import Result, against_target
-from dpipes.discovery import testbed
+from dpipes.tools.bench import netns
+from dpipes.tools.bench.result import Result, SuiteUnavailable, against_target
 
 PORT = 7171
 ROUND_TIMEOUT_S = 60.0
@@ -31,7 +31,7 @@ _LINK_UP = re.compile(r"node (\S+): link to (\S+) \(")
 
 
 async def _round(n: int, tmp: Path) -> tuple[float, float]:
-    async with testbed.lan(n) as hosts:
+    async with netns.lan(n) as hosts:
         loop = asyncio.get_running_loop()
         linked: dict[str, set[str]] = {h.name: set() for h in hosts}
         ready_at: dict[str, float] = {}
@@ -70,9 +70,9 @@ def discovery_benchmarks(
     *, repeat: int = 5, quick: bool = False, progress: Callable[[str], None] = lambda s: None, nodes: int = 8
 ) -> list[Result]:
     """Convergence of ``nodes`` daemons, ``repeat`` rounds (root and iproute2 needed)."""
-    reason = testbed.netns_unavailable_reason()
+    reason = netns.netns_unavailable_reason()
     if reason is not None:
-        raise RuntimeError(f"dpipes-bench discovery needs network namespaces: {reason}")
+        raise SuiteUnavailable(f"the discovery suite needs network namespaces: {reason}")
     n = min(nodes, 3) if quick else nodes
     totals, afters = [], []
     for _ in range(repeat):

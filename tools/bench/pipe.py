@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dpipes.bus.bench import Result, against_target, result
+from dpipes.tools.bench.result import Result, against_target, result
 
 DAEMON_START_TIMEOUT_S = 30.0
 ADDED_TARGET_MS = 150.0  # what dpipes may add to `echo x | cat` from start to finish

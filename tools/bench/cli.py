@@ -1,4 +1,7 @@
-"""dpipes-bench: measure dpipes against its baselines, in one run, on this machine."""
+"""dpipes-bench: measure dpipes against its baselines, in one run, on this machine.
+
+Imports only the chosen suite, and only when it runs: ``--help`` needs neither pyarrow nor dagster.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from dpipes.bus.bench import Result
+from dpipes.tools.bench.result import Result, SuiteUnavailable, format_table
 
 EPILOG = """\
 suites:
@@ -23,7 +26,8 @@ suites:
   pipes   10k log + 10k custom Dagster Pipes messages from an external Python process, end to end
           to the client (rate), and 1000 paced messages (latency p50/p99), against Dagster's own
           path; also the same program with dpipes' bus message writer under open_pipes_session
-          (pipes.bus_writer_*) (needs the optional `bench` extra: pip install 'dpipes-bus[bench]')
+          (pipes.bus_writer_*) (needs dagster: pip install dagster, or pip install -e '.[bench]'
+          in a dpipes checkout)
 
 Every figure is the median of --repeat runs, beside its baseline measured in the same run;
 ratio = dpipes / baseline (higher is better). The machine is shared and noisy: compare ratios
@@ -33,40 +37,26 @@ examples:
   dpipes-bench bus                 a table
   dpipes-bench bus --json          one JSON object per line: name, value, unit, baseline_value, ratio
   dpipes-bench bus --quick         smaller sizes, for a smoke test
+
+exit status: 0 ok; 2 the suite cannot run here (it says what it needs); 130 interrupted.
 """
-
-
-def _table(results: list[Result]) -> str:
-    header = (
-        f"{'benchmark':<26} {'dpipes':>12} {'min':>10} {'max':>10} {'baseline':>12} {'ratio':>7} {'target':>7}"
-        "  unit / baseline"
-    )
-    lines = [header, "-" * len(header)]
-    for r in results:
-        target = f"{r.target:.2f}x" if r.target is not None else ""
-        flag = "" if r.target is None or r.ratio >= r.target else "  (below target)"
-        lines.append(
-            f"{r.name:<26} {r.value:>12.4g} {min(r.samples):>10.4g} {max(r.samples):>10.4g} "
-            f"{r.baseline_value:>12.4g} {r.ratio:>6.2f}x {target:>7}  {r.unit} / {r.baseline}{flag}"
-        )
-    return "\n".join(lines)
 
 
 def _suite(name: str) -> Callable[..., list[Result]]:
     if name == "bus":
-        from dpipes.bus.bench import bus_benchmarks
+        from dpipes.tools.bench.bus import bus_benchmarks
 
         return bus_benchmarks
     if name == "pipe":
-        from dpipes.nodes.bench import pipe_benchmarks
+        from dpipes.tools.bench.pipe import pipe_benchmarks
 
         return pipe_benchmarks
     if name == "discovery":
-        from dpipes.discovery.bench import discovery_benchmarks
+        from dpipes.tools.bench.discovery import discovery_benchmarks
 
         return discovery_benchmarks
     if name == "pipes":
-        from dpipes.nodes.pipes_bench import pipes_benchmarks
+        from dpipes.tools.bench.pipes import pipes_benchmarks
 
         return pipes_benchmarks
     raise AssertionError(name)
@@ -100,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             results = suite(repeat=args.repeat, quick=args.quick, progress=progress, nodes=args.nodes)
         else:
             results = suite(repeat=args.repeat, quick=args.quick, progress=progress)
+    except SuiteUnavailable as e:
+        if not args.json:
+            print(file=sys.stderr)  # end the line of progress marks, if any
+        print(f"dpipes-bench {args.suite}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("dpipes-bench: interrupted", file=sys.stderr)
         return 130
@@ -108,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r.as_json()), flush=True)
     else:
         print(file=sys.stderr)
-        print(_table(results))
+        print(format_table(results))
     return 0
 
 
