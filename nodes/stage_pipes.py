@@ -26,7 +26,8 @@ A stage's Pipes options (the ``pipes`` map of the ``start`` request, see
     :func:`~dpipes.nodes.pipes_options.check_env` allows them.
 ``stdio``
     The stage's stderr, and the last stage's stdout, also as ``log_external_stream`` messages
-    (:func:`stdio_frame`): Dagster's ``include_stdio_in_messages``.
+    (:class:`StdioTee`): Dagster's ``include_stdio_in_messages``. A middle stage's stdout is
+    pipeline data and stays that.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ How the two sides meet:
   once every stage has reported, with the first stage's exception if any stage closed with one.
 * Output. ``include_stdio_in_messages`` asks the nodes for each stage's stderr and the last
   stage's stdout as ``log_external_stream`` messages, which Dagster writes to the step's
-  stdout/stderr (its compute logs) as they come. ``forward_stdio`` writes at the end whatever
-  output of the pipeline did not come that way, as ``PipesSubprocessClient`` does.
+  stdout/stderr (its compute logs) as they come. Otherwise ``forward_stdio`` writes them there
+  at the end, as ``PipesSubprocessClient`` forwards its process's output.
 * Failure. A stage that exits non-zero, a Pipes session closed with an exception, a node that
   refuses or is lost: ``DagsterPipesExecutionError``, naming the stage, its node and status.
 
@@ -97,7 +97,6 @@ class _MessagesFromDpipes(PipesMessageReader):
         self._handler: PipesMessageHandler | None = None
         self._opened = False
         self._closed: list[Mapping[str, Any]] = []
-        self.streams: set[str] = set()  # the output streams that came as log_external_stream messages
 
     @contextlib.contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
@@ -114,8 +113,6 @@ class _MessagesFromDpipes(PipesMessageReader):
         elif method == "closed":  # held until every stage is done: a closed session takes nothing more
             self._closed.append(message)
             return
-        elif method == "log_external_stream":
-            self.streams.add(str((message.get("params") or {}).get("stream")))
         self._handle(message)
 
     def close(self) -> None:
@@ -164,7 +161,7 @@ class DpipesPipesClient(ConfigurableResource, PipesClient):
     forward_stdio: bool = Field(
         default=True,
         description="At the end, write the pipeline's stdout and its stages' stderr to the step's own "
-        "(what did not come as log_external_stream messages).",
+        "(unless they came as log_external_stream messages).",
     )
     context_injector: str = Field(default="env", description="How the nodes inject the context: env or file.")
     messages_channel: str = Field(
@@ -212,8 +209,8 @@ class DpipesPipesClient(ConfigurableResource, PipesClient):
                 raise DagsterPipesExecutionError(f"dpipes could not run {command!r}: {exc}") from None
             finally:
                 reader.close()
-            if self.forward_stdio:
-                _forward(result, reader.streams)
+            if self.forward_stdio and not self.include_stdio_in_messages:  # else it came as messages
+                _forward(result)
             if failure := _failure(result):
                 raise DagsterPipesExecutionError(f"dpipes pipeline {result.pipeline} ({command!r}) failed: {failure}")
         return DpipesCompletedInvocation(session, result)
@@ -262,13 +259,13 @@ def _run_to_end(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
-def _forward(result: PipesResult, streams: set[str]) -> None:
-    """Write the output the run collected to the step's own stdout/stderr, unless it came as messages."""
-    if result.stdout and "stdout" not in streams:
+def _forward(result: PipesResult) -> None:
+    """Write the output the run collected to the step's own stdout and stderr."""
+    if result.stdout:
         sys.stdout.write(result.stdout.decode(errors="replace"))
         sys.stdout.flush()
     stderr = _stages_stderr(result)
-    if stderr and "stderr" not in streams:
+    if stderr:
         sys.stderr.write(stderr.decode(errors="replace"))
         sys.stderr.flush()
 

@@ -326,3 +326,21 @@ async def test_a_one_mebibyte_custom_payload_arrives_whole_from_a_remote_node(rt
     _ran, received = await run_on_beta(rt, tmp_path, BIG_PAYLOAD)
     custom = [m for m in received if m["method"] == "report_custom_message"]
     assert custom[0]["params"]["payload"] == {"blob": "x" * (1 << 20)}
+
+
+async def test_pipes_stdio_across_nodes_keeps_a_middle_stage_s_output_data(rt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(
+            rt, "--node", alpha.host_port, "--pipes-stdio", "--pipes-json", str(out),
+            "sh -c 'echo middle; echo oops >&2' | sh@beta -c 'tr a-z A-Z; echo late >&2'",
+        )  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    assert ran.stdout == b"MIDDLE\n"
+    assert "oops" in ran.stderr and "late" in ran.stderr  # shown as before
+    streams = [
+        (line["stage"], line["message"]["params"]["stream"], line["message"]["params"]["text"])
+        for line in messages(out)
+        if line.get("message", {}).get("method") == "log_external_stream"
+    ]
+    assert sorted(streams) == [(0, "stderr", "oops\n"), (1, "stderr", "late\n"), (1, "stdout", "MIDDLE\n")]

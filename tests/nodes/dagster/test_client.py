@@ -108,6 +108,7 @@ with open_dagster_pipes() as pipes:
     pipes.log.info("logged once")
     pipes.log_external_stream("stdout", "streamed to dagster\\n")
     print("plain stderr", file=sys.stderr, flush=True)
+    print("plain stdout", flush=True)
 """
 
 
@@ -278,17 +279,30 @@ def test_both_stages_of_a_pipeline_report_into_one_session(nodes: dict[str, Daem
     assert not [m for m in logs if "after closed" in m or "did not receive" in m]  # one session, closed once
 
 
-def test_stdio_arrives_once_streamed_or_forwarded(
-    nodes: dict[str, Daemon], programs: dict[str, str], capfd: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("include_stdio_in_messages", [True, False])
+def test_stdio_reaches_the_step_once_as_messages_or_at_the_end(
+    nodes: dict[str, Daemon],
+    programs: dict[str, str],
+    capfd: pytest.CaptureFixture[str],
+    include_stdio_in_messages: bool,
 ) -> None:
     @dg.asset
     def streams(context: dg.AssetExecutionContext, dpipes: DpipesPipesClient) -> dg.MaterializeResult:
-        return dpipes.run(context=context, command=f"{PY} {programs['streams']}").get_materialize_result()
+        invocation = dpipes.run(context=context, command=f"{PY} {programs['streams']}")
+        streamed = {m["params"]["stream"] for m in invocation.result.messages if m["method"] == "log_external_stream"}
+        context.log.info(f"streamed: {sorted(streamed)}")
+        return invocation.get_materialize_result()
 
-    client = DpipesPipesClient(node=nodes["alpha"].host_port, include_stdio_in_messages=True)
-    result = dg.materialize([streams], resources={"dpipes": client}, instance=dg.DagsterInstance.ephemeral())
+    client = DpipesPipesClient(node=nodes["alpha"].host_port, include_stdio_in_messages=include_stdio_in_messages)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([streams], resources={"dpipes": client}, instance=instance)
     assert result.success
+    logs = [entry.message for entry in instance.all_logs(result.run_id)]
+    # The node sends the stage's stderr and stdout as messages only when asked; the program's own
+    # log_external_stream message comes either way.
+    assert ("streamed: ['stderr', 'stdout']" if include_stdio_in_messages else "streamed: ['stdout']") in logs
     out, err = capfd.readouterr()
-    assert out.count("streamed to dagster") == 1  # a log_external_stream message, written by Dagster
-    assert "plain stderr" in err  # the stage's stderr, forwarded at the end
+    assert out.count("streamed to dagster") == 1  # written by Dagster's handler
+    assert err.count("plain stderr") == 1  # as a message, or forwarded at the end: once
+    assert out.count("plain stdout") == 1
     assert "[stage 0" not in err  # the run client's own report of the logs: Dagster has them already
