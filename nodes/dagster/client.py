@@ -33,12 +33,13 @@ the extras.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import os
+import queue
 import sys
-from collections.abc import Coroutine, Iterator, Mapping
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 from dagster import (
@@ -63,6 +64,7 @@ __all__ = ["DpipesCompletedInvocation", "DpipesPipesClient"]
 log = logging.getLogger(__name__)
 
 NODE_ENV_VAR = "DPIPES_NODE"  # as for the dpipes command: the entry node when none is configured
+CANCEL_WAIT_S = 15.0  # an interrupted step waits this long for the cancelled run to wind down
 
 T = TypeVar("T")
 
@@ -199,11 +201,13 @@ class DpipesPipesClient(ConfigurableResource, PipesClient):
         with open_pipes_session(
             context=context, context_injector=injector, message_reader=reader, extras=extras
         ) as session:
+            env = {**self.env, **(env or {})}
             try:
-                result = _run_to_end(
-                    self._run_pipes(
-                        command, injector.context_data, {**self.env, **(env or {})}, input, stage_options, reader
-                    )
+                result = _run_beside(
+                    lambda on_message: self._run_pipes(
+                        command, injector.context_data, env, input, stage_options, on_message
+                    ),
+                    reader.deliver,
                 )
             except RunFailed as exc:
                 raise DagsterPipesExecutionError(f"dpipes could not run {command!r}: {exc}") from None
@@ -222,7 +226,7 @@ class DpipesPipesClient(ConfigurableResource, PipesClient):
         env: Mapping[str, str],
         input: bytes | None,
         stage_options: Mapping[int, Mapping[str, Any]] | None,
-        reader: _MessagesFromDpipes,
+        on_message: Callable[[int, Mapping[str, Any]], None],
     ) -> PipesResult:
         return await run_pipes(
             command,
@@ -234,7 +238,7 @@ class DpipesPipesClient(ConfigurableResource, PipesClient):
             messages_channel=self.messages_channel,
             stage_options=stage_options,
             input=input,
-            on_message=reader.deliver,
+            on_message=on_message,
         )
 
     async def _entry(self) -> str | None:
@@ -248,15 +252,48 @@ class DpipesPipesClient(ConfigurableResource, PipesClient):
         return await local_daemon()
 
 
-def _run_to_end(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to its end from Dagster's synchronous step; in a thread of its own when this
-    thread already runs an event loop (an ``async def`` asset)."""
+def _run_beside(
+    run: Callable[[Callable[[int, Mapping[str, Any]]]], Coroutine[Any, Any, T]],
+    deliver: Callable[[int, Mapping[str, Any]], None],
+) -> T:
+    """Run ``run(on_message)`` on an event loop in a thread of its own; ``deliver`` each message here.
+
+    Dagster handles a message slowly (a log goes through its loggers into its event log) and
+    synchronously: done on the run's event loop, 10k logs starve the bus client of its heartbeats
+    and the node is declared lost. So the loop only queues each message, and the step's own
+    thread hands them to Dagster as they come. Should the step be interrupted (Dagster raises in
+    this thread), the run is cancelled and the interrupt goes on.
+    """
+    inbox: queue.SimpleQueue[tuple[int, Mapping[str, Any]] | None] = queue.SimpleQueue()
+    outcome: dict[str, Any] = {}
+    started: dict[str, Any] = {}
+
+    async def main() -> T:
+        started["loop"], started["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        return await run(lambda stage, message: inbox.put((stage, message)))
+
+    def loop_thread() -> None:
+        try:
+            outcome["result"] = asyncio.run(main())
+        except BaseException as exc:  # handed to the step's thread, which raises it
+            outcome["error"] = exc
+        finally:
+            inbox.put(None)
+
+    thread = threading.Thread(target=loop_thread, name="dpipes-run", daemon=True)
+    thread.start()
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpipes-run") as pool:
-        return pool.submit(asyncio.run, coro).result()
+        while (item := inbox.get()) is not None:
+            deliver(*item)
+    except BaseException:
+        if "task" in started:
+            started["loop"].call_soon_threadsafe(started["task"].cancel)
+        thread.join(CANCEL_WAIT_S)
+        raise
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]  # type: ignore[no-any-return]
 
 
 def _forward(result: PipesResult) -> None:

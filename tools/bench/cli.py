@@ -26,8 +26,9 @@ suites:
   pipes   10k log + 10k custom Dagster Pipes messages from an external Python process, end to end
           to the client (rate), and 1000 paced messages (latency p50/p99), against Dagster's own
           path; also the same program with dpipes' bus message writer under open_pipes_session
-          (pipes.bus_writer_*) (needs dagster: pip install dagster, or pip install -e '.[bench]'
-          in a dpipes checkout)
+          (pipes.bus_writer_*), and as a Dagster asset materialized with DpipesPipesClient against
+          PipesSubprocessClient (pipes.dagster_asset_*) (needs dagster: pip install dagster, or
+          pip install -e '.[bench]' in a dpipes checkout)
 
 Every figure is the median of --repeat runs, beside its baseline measured in the same run;
 ratio = dpipes / baseline (higher is better). The machine is shared and noisy: compare ratios
