@@ -253,7 +253,7 @@ class DpipesPipesClient(ConfigurableResource, PipesClient):
 
 
 def _run_beside(
-    run: Callable[[Callable[[int, Mapping[str, Any]]]], Coroutine[Any, Any, T]],
+    run: Callable[[Callable[[int, Mapping[str, Any]], None]], Coroutine[Any, Any, T]],
     deliver: Callable[[int, Mapping[str, Any]], None],
 ) -> T:
     """Run ``run(on_message)`` on an event loop in a thread of its own; ``deliver`` each message here.
@@ -293,7 +293,7 @@ def _run_beside(
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["result"]  # type: ignore[no-any-return]
+    return outcome["result"]
 
 
 def _forward(result: PipesResult) -> None:
