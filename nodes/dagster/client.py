@@ -98,7 +98,7 @@ class _MessagesFromDpipes(PipesMessageReader):
     def __init__(self) -> None:
         self._handler: PipesMessageHandler | None = None
         self._opened = False
-        self._closed: list[Mapping[str, Any]] = []
+        self._closed: dict[int, Mapping[str, Any]] = {}  # by stage
 
     @contextlib.contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
@@ -113,15 +113,16 @@ class _MessagesFromDpipes(PipesMessageReader):
                 return
             self._opened = True
         elif method == "closed":  # held until every stage is done: a closed session takes nothing more
-            self._closed.append(message)
+            self._closed[stage] = message
             return
         self._handle(message)
 
     def close(self) -> None:
-        """The run is over: close the session, with the first exception a stage closed with."""
-        if self._closed:
-            failed = [m for m in self._closed if (m.get("params") or {}).get("exception")]
-            self._handle(failed[0] if failed else self._closed[-1])
+        """The run is over: close the session, with the exception of the first stage that closed with one."""
+        closed = [self._closed[stage] for stage in sorted(self._closed)]
+        failed = [m for m in closed if (m.get("params") or {}).get("exception")]
+        if closed:
+            self._handle(failed[0] if failed else closed[-1])
 
     def _handle(self, message: Mapping[str, Any]) -> None:
         assert self._handler is not None, "read_messages is not open"

@@ -101,6 +101,25 @@ with open_dagster_pipes() as pipes:
     pipes.report_asset_materialization(asset_key="customers", metadata={"rows": len(rows)})
 """
 
+RAISES_LATE = """
+import sys
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as pipes:
+    try:
+        while True:
+            sys.stdout.write("x" * 65536)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        sys.stdout = None  # nothing more to flush at exit
+    raise ValueError("stage 0 saw its reader go")
+"""
+
+RAISES_AT_ONCE = """
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as pipes:
+    raise KeyError("stage 1")
+"""
+
 STREAMS = """
 import sys
 from dagster_pipes import open_dagster_pipes
@@ -115,8 +134,11 @@ with open_dagster_pipes() as pipes:
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     directory = tmp_path_factory.mktemp("programs")
-    texts = {"reporter": REPORTER, "multi": MULTI, "partitioned": PARTITIONED, "checked": CHECKED,
-             "raises": RAISES, "first": FIRST_STAGE, "second": SECOND_STAGE, "streams": STREAMS}  # fmt: skip
+    texts = {
+        "reporter": REPORTER, "multi": MULTI, "partitioned": PARTITIONED, "checked": CHECKED, "raises": RAISES,
+        "raises_late": RAISES_LATE, "raises_at_once": RAISES_AT_ONCE, "first": FIRST_STAGE, "second": SECOND_STAGE,
+        "streams": STREAMS,
+    }  # fmt: skip
     out = {}
     for name, text in texts.items():
         (directory / f"{name}.py").write_text(text)
@@ -306,3 +328,26 @@ def test_stdio_reaches_the_step_once_as_messages_or_at_the_end(
     assert err.count("plain stderr") == 1  # as a message, or forwarded at the end: once
     assert out.count("plain stdout") == 1
     assert "[stage 0" not in err  # the run client's own report of the logs: Dagster has them already
+
+
+def test_a_pipeline_whose_stages_both_raise_closes_with_the_first_stage_s_exception(
+    nodes: dict[str, Daemon], programs: dict[str, str]
+) -> None:
+    @dg.asset
+    def broken(context: dg.AssetExecutionContext, dpipes: DpipesPipesClient) -> dg.MaterializeResult:
+        # Stage 1 raises at once; stage 0 raises only once its reader is gone: it closes last.
+        command = f"{PY} {programs['raises_late']} | {PY}@beta {programs['raises_at_once']}"
+        return dpipes.run(context=context, command=command).get_materialize_result()
+
+    instance = dg.DagsterInstance.ephemeral()
+    client = DpipesPipesClient(node=nodes["alpha"].host_port)
+    result = dg.materialize([broken], resources={"dpipes": client}, instance=instance, raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    message = failure.step_failure_data.error.cause.message
+    assert "stage 0" in message and "ValueError: stage 0 saw its reader go" in message
+    assert "stage 1" in message and "KeyError: 'stage 1'" in message  # every failed stage is named
+    closed = [e for e in instance.all_logs(result.run_id) if "closed with exception" in e.message]
+    assert len(closed) == 1  # one session, closed once: with stage 0's exception
+    assert closed[0].dagster_event is not None
+    assert "stage 0 saw its reader go" in closed[0].dagster_event.engine_event_data.error.message
