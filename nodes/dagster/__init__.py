@@ -1,6 +1,6 @@
-"""Dagster orchestrates dpipes: a Pipes client and resource (``pip install 'dpipes-bus[dagster]'``).
+"""Dagster orchestrates dpipes: a Pipes client and resource (the ``dagster`` extra: ``pip install '.[dagster]'``).
 
-The only place in dpipes that imports ``dagster``; nothing outside this package imports it.
+The only library code of dpipes that imports ``dagster`` (``dpipes-bench pipes`` uses it too, as its baseline).
 """
 
 from dpipes.nodes.dagster.client import DpipesCompletedInvocation, DpipesPipesClient

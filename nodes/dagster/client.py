@@ -143,7 +143,8 @@ class DpipesPipesClient(ConfigurableResource, PipesClient):
 
     ``run`` is ``PipesSubprocessClient.run`` with a dpipes pipeline text for the command:
     ``"python3@beta job.py"`` runs ``job.py`` on node beta, ``"cat data.csv | python3@beta
-    load.py"`` two stages that both report.
+    load.py"`` two stages that both report. Once CurveZMQ keys land, a field will name the
+    client's key, as ``node`` names the entry node.
     """
 
     node: str | None = Field(
