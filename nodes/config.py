@@ -43,6 +43,8 @@ key and the problem: unknown keys (with a did-you-mean), wrong types, bad ``HOST
 invalid TOML (with its line and column).
 """
 
+# About 590 lines, one job: the key table above, its checkers, and where each value came from.
+
 from __future__ import annotations
 
 import difflib

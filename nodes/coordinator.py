@@ -2,11 +2,14 @@
 
 A client's ``run`` request comes to its entry node, whose :class:`Coordinator`:
 
-1. parses the pipeline and checks what the user gave (data mode, ``--require``, Pipes options, the
-   node's ``[limits] max_stages``);
-2. places every stage (:func:`~dpipes.nodes.pipeline.place`, over the node table it is given);
+1. checks the protocol version, parses the pipeline and checks what the user gave (``--require``,
+   Pipes options, the node's ``[limits] max_stages``), each refusal with its code (``protocol``,
+   ``syntax``, ``bad-request`` naming the field, ``limit``);
+2. places every stage (:func:`~dpipes.nodes.pipeline.place`, over the node table it is given;
+   ``placement`` when it cannot);
 3. negotiates with every chosen node at once; one refusal aborts the run before anything starts,
-   and the error lists every refused stage, naming the other nodes that offer its program;
+   and the error lists every refused stage, naming the other nodes that offer its program (coded
+   ``refused``, or the one code every refusal shares);
 4. starts every stage, downstream first, so that each reader is ready before its writer; one
    failure cancels what started;
 5. tracks the run until every stage has reported its exit: a stage that reports an ``error`` (its
@@ -27,18 +30,41 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, StageError
+from dpipes.bus.errors import DpipesError, StageError
 from dpipes.bus.hub import Hub
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.fdpass import FdDrop
 from dpipes.nodes.pipes_options import check_stage_options, options_for_stage
 from dpipes.nodes.policy import parse_requirement
-from dpipes.nodes.protocol import CTL, MODES, PIPELINE_PROTOCOL
+from dpipes.nodes.protocol import (
+    BAD_REQUEST,
+    CONTROL_TIMEOUT_S,
+    LIMIT,
+    MAX_TEXT_CHARS,
+    PIPELINE_PROTOCOL,
+    PLACEMENT,
+    PROTOCOL,
+    REFUSED,
+    REPORT_TIMEOUT_S,
+    SYNTAX,
+    UNREACHABLE,
+    CancelRequest,
+    ControlError,
+    ExitReport,
+    FailedReport,
+    NegotiateReply,
+    NegotiateRequest,
+    RunReply,
+    RunRequest,
+    StageInfo,
+    StartReply,
+    StartRequest,
+    call,
+)
 from dpipes.nodes.stage import DirectPipes
 from dpipes.nodes.stages import NegotiationRefused
 
@@ -47,9 +73,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONTROL_TIMEOUT_S = 10.0  # negotiate/start answers; they involve no data (a version probe at most)
 CANCEL_TIMEOUT_S = 10.0  # a node terminates (TERM, grace, KILL) all stages of a pipeline within this
-REPORT_TIMEOUT_S = 5.0  # a ``failed`` report the client does not acknowledge is dropped after this
+FAILED_REPORT_CHARS = 4 * MAX_TEXT_CHARS  # the bound of a ``failed`` report's error
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 
@@ -104,46 +129,57 @@ class Coordinator:
 
     # -- run: parse, place, negotiate, start -----------------------------------------------
 
-    async def run(self, msg: codec.Request) -> dict[str, Any]:
-        """Answer a client's ``run`` request: the pipeline id and where each stage runs.
+    async def run(self, request: RunRequest, client: str) -> RunReply:
+        """Answer the ``run`` request of the client at ``client``: the pipeline id and its stages.
 
         Raises:
-            StageError: the pipeline is malformed, cannot be placed, or did not start.
-            NegotiationRefused: a node refused a stage; nothing started.
+            ControlError: the pipeline was refused (its code says why); nothing runs.
         """
-        token = msg.body.get("local_fds")
-        handed = await self.fd_drop.take(str(token)) if token and self.fd_drop is not None else {}
+        token = request.local_fds
+        handed = await self.fd_drop.take(token) if token and self.fd_drop is not None else {}
         try:
-            return await self._start(msg, handed)
+            return await self._start(request, client, handed)
         finally:
             for fd in handed.values():  # what no stage took: the client's data goes over the bus
                 os.close(fd)
 
-    async def _start(self, msg: codec.Request, handed: dict[str, int]) -> dict[str, Any]:
+    def _parse(self, request: RunRequest) -> list[StageSpec]:
+        """The stages of ``request``, once every check that needs no other node has passed."""
+        from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
+
+        if request.protocol != PIPELINE_PROTOCOL:
+            theirs = f"pipeline protocol {request.protocol!r}"
+            raise ControlError(PROTOCOL, f"{theirs} is not node {self.node}'s {PIPELINE_PROTOCOL}: upgrade one side")
+        for i, text in enumerate(request.require):
+            try:
+                parse_requirement(text)  # a bad --require is the user's error, before anything else
+            except ValueError as exc:
+                raise ControlError(BAD_REQUEST, str(exc), field=f"require.{i}") from None
+        try:
+            stages = parse_pipeline(request.pipeline)
+        except PipelineSyntaxError as exc:
+            raise ControlError(SYNTAX, str(exc)) from None
+        limit = self.config.limits.max_stages
+        if len(stages) > limit:
+            raise ControlError(LIMIT, f"{len(stages)} stages, more than this node's limit of {limit}")
+        try:
+            check_stage_options(request.pipes, len(stages))
+        except StageError as exc:
+            raise ControlError(BAD_REQUEST, str(exc), field="pipes") from None
+        return stages
+
+    async def _start(self, request: RunRequest, client: str, handed: dict[str, int]) -> RunReply:
         """Parse, place, negotiate, start; ``handed``: the local client's descriptors, by name (a
         stage that uses one takes it out)."""
-        from dpipes.nodes.pipeline import PipelineSyntaxError, PlacementError, parse_pipeline, place
+        from dpipes.nodes.pipeline import PlacementError, place
 
-        b = msg.body
-        mode = b.get("mode", "bytes")
-        if mode not in MODES:
-            raise StageError(f"data mode {mode!r} is not one of {', '.join(MODES)}")
-        require = [str(r) for r in b.get("require", [])]
-        for text in require:
-            parse_requirement(text)  # a bad --require is the user's error, before anything else
-        try:
-            stages = parse_pipeline(str(b["pipeline"]))
-        except PipelineSyntaxError as exc:
-            raise StageError(str(exc)) from None
-        if len(stages) > self.config.limits.max_stages:
-            raise StageError(f"{len(stages)} stages, more than this node's limit of {self.config.limits.max_stages}")
-        check_stage_options(b.get("pipes") or {}, len(stages))
+        stages = self._parse(request)
         try:
             nodes = place(stages, self.table(), local=self.node)
         except PlacementError as exc:
-            raise StageError(str(exc)) from None
+            raise ControlError(PLACEMENT, str(exc)) from None
         pipeline = uuid.uuid4().hex[:12]
-        run = Run(pipeline, msg.src, stages, nodes)
+        run = Run(pipeline, client, stages, nodes)
         self.runs[pipeline] = run
 
         def describe(i: int) -> str:
@@ -151,39 +187,40 @@ class Coordinator:
 
         negotiations = await asyncio.gather(
             *(
-                self.ctl.request(
-                    f"{node}/{CTL}",
-                    "negotiate",
-                    {
-                        "pipeline": pipeline,
-                        "stage": i,
-                        "argv": list(stages[i].argv),
-                        "mode": mode,
-                        "protocol": b.get("protocol", PIPELINE_PROTOCOL),
-                        "require": require,
-                        "user": str(b.get("user", "")),
-                        "peers": self._endpoints_of(nodes[max(0, i - 1) : i + 2]),
-                    },
+                call(
+                    self.ctl,
+                    node,
+                    NegotiateRequest(
+                        pipeline=pipeline,
+                        stage=i,
+                        argv=tuple(stages[i].argv),
+                        protocol=request.protocol,
+                        mode=request.mode,
+                        require=request.require,
+                        user=request.user,
+                        peers=self._endpoints_of(nodes[max(0, i - 1) : i + 2]),
+                    ),
                     timeout=CONTROL_TIMEOUT_S,
                 )
                 for i, node in enumerate(nodes)
             ),
             return_exceptions=True,
         )
-        refusals = [
-            f"{describe(i)}: {_strip_failed(str(r))}{self._offered_elsewhere(stages[i].argv[0], nodes[i])}"
-            for i, r in enumerate(negotiations)
-            if isinstance(r, BaseException)
-        ]
-        if refusals:
+        refused = [(i, r) for i, r in enumerate(negotiations) if isinstance(r, BaseException)]
+        if refused:
             await self.cancel(run, "negotiation refused", notify=False)
-            raise NegotiationRefused("refused before anything started:\n  " + "\n  ".join(refusals))
-        addrs = [r["addr"] for r in negotiations]  # type: ignore[index]
-        client = msg.src
+            lines = [
+                f"{describe(i)}: {_strip_failed(str(r))}{self._offered_elsewhere(stages[i].argv[0], nodes[i])}"
+                for i, r in refused
+            ]
+            raise NegotiationRefused(
+                "refused before anything started:\n  " + "\n  ".join(lines), code=_code_of(r for _i, r in refused)
+            )
+        addrs = [r.addr for r in negotiations if isinstance(r, NegotiateReply)]
         # Which edges are kernel pipes: neighbours on one node, and, with what a client on this
         # host handed over, its stdin to a first stage here and a last stage here to its stdout.
-        direct = [_direct_edge(b, [*nodes, self.node], i) for i in range(len(nodes))]
-        stdin_direct = "stdin" in handed and bool(b.get("stdin")) and nodes[0] == self.node and mode == "bytes"
+        direct = [_direct_edge(request, [*nodes, self.node], i) for i in range(len(nodes))]
+        stdin_direct = "stdin" in handed and request.stdin and nodes[0] == self.node and request.mode == "bytes"
         stdout_direct = "stdout" in handed and direct[-1]
         if stdin_direct:
             self.direct.keep(pipeline, -1, handed.pop("stdin"))
@@ -191,21 +228,21 @@ class Coordinator:
             self.direct.keep(pipeline, len(nodes) - 1, handed.pop("stdout"))
         starts = await asyncio.gather(
             *(
-                self.ctl.request(
-                    f"{node}/{CTL}",
-                    "start",
-                    {
-                        "pipeline": pipeline,
-                        "stage": i,
-                        "stdin_from": (addrs[i - 1] if i else (client if b.get("stdin") else "")),
-                        "stdout_to": addrs[i + 1] if i + 1 < len(addrs) else client,
-                        "stderr_to": client,
-                        "report_to": [client, self.ctl.addr],
-                        "user": b.get("user", ""),
-                        "pipes": options_for_stage(b.get("pipes") or {}, i),
-                        "direct_in": direct[i - 1] if i else stdin_direct,
-                        "direct_out": direct[i] if i + 1 < len(nodes) else stdout_direct,
-                    },
+                call(
+                    self.ctl,
+                    node,
+                    StartRequest(
+                        pipeline=pipeline,
+                        stage=i,
+                        stdin_from=(addrs[i - 1] if i else (client if request.stdin else "")),
+                        stdout_to=addrs[i + 1] if i + 1 < len(addrs) else client,
+                        stderr_to=client,
+                        report_to=(client, self.ctl.addr),
+                        user=request.user,
+                        pipes=options_for_stage(request.pipes, i),
+                        direct_in=direct[i - 1] if i else stdin_direct,
+                        direct_out=direct[i] if i + 1 < len(nodes) else stdout_direct,
+                    ),
                     timeout=CONTROL_TIMEOUT_S,
                 )
                 for i, node in reversed(list(enumerate(nodes)))  # downstream first: readers ready
@@ -216,23 +253,18 @@ class Coordinator:
         if failures:
             await self.cancel(run, "start failed", notify=False)
             self.direct.close(pipeline)
-            raise StageError("could not start the pipeline: " + "; ".join(_strip_failed(str(f)) for f in failures))
-        contexts = list(reversed(starts))  # started downstream first
-        return {
-            "pipeline": pipeline,
-            "stdin_direct": stdin_direct,  # the client does not feed the first stage
-            "stdout_direct": stdout_direct,  # nor does output come to it: the last stage writes there
-            "stages": [
-                {
-                    "index": i,
-                    "node": nodes[i],
-                    "argv": list(stages[i].argv),
-                    "addr": addrs[i],
-                    "context": contexts[i].get("context", {}),
-                }
+            message = "could not start the pipeline: " + "; ".join(_strip_failed(str(f)) for f in failures)
+            raise ControlError(_code_of(failures), message)
+        contexts = [r.context for r in reversed(starts) if isinstance(r, StartReply)]  # started downstream first
+        return RunReply(
+            pipeline=pipeline,
+            stdin_direct=stdin_direct,  # the client does not feed the first stage
+            stdout_direct=stdout_direct,  # nor does output come to it: the last stage writes there
+            stages=tuple(
+                StageInfo(index=i, node=nodes[i], argv=tuple(stages[i].argv), addr=addrs[i], context=contexts[i])
                 for i in range(len(stages))
-            ],
-        }
+            ),
+        )
 
     def _offered_elsewhere(self, program: str, refused_by: str) -> str:
         """A hint naming the other nodes that offer ``program`` (pin the stage to one: PROG@NODE)."""
@@ -262,11 +294,10 @@ class Coordinator:
         never started, and is forgotten at once (no stage will report)."""
         if notify and not run.failed:
             run.failed = reason
+        cancel = CancelRequest(pipeline=run.pipeline, reason=reason[:MAX_TEXT_CHARS])
         await asyncio.gather(
             *(
-                self.ctl.request(
-                    f"{node}/{CTL}", "cancel", {"pipeline": run.pipeline, "reason": reason}, timeout=CANCEL_TIMEOUT_S
-                )
+                call(self.ctl, node, cancel, timeout=CANCEL_TIMEOUT_S)
                 for node in sorted(set(run.nodes))
                 if node in self.hub.peers or node == self.node
             ),
@@ -275,16 +306,15 @@ class Coordinator:
         if not notify:
             self.runs.pop(run.pipeline, None)
 
-    def on_exit(self, body: Mapping[str, Any]) -> None:
+    def on_exit(self, report: ExitReport) -> None:
         """A stage's exit report: a stage whose data could not be moved dooms the rest."""
-        run = self.runs.get(str(body.get("pipeline")))
+        run = self.runs.get(report.pipeline)
         if run is None:
             return
-        index = int(body["stage"])
-        run.exited.add(index)
-        error = str(body.get("error", ""))
-        if error and not run.failed:  # a cancelled stage reports ``cancelled``, not an error
-            self._spawn(self.cancel(run, f"stage {index} failed: {error}"), f"cancel {run.pipeline}")
+        run.exited.add(report.stage)
+        if report.error and not run.failed:  # a cancelled stage reports ``cancelled``, not an error
+            reason = f"stage {report.stage} failed: {report.error}"
+            self._spawn(self.cancel(run, reason), f"cancel {run.pipeline}")
         if len(run.exited) == len(run.stages):
             self.runs.pop(run.pipeline, None)
 
@@ -307,10 +337,9 @@ class Coordinator:
         run.failed = error
         run.exited.update(lost)  # no report will come from a lost node
         log.warning("node %s: pipeline %s failed: %s", self.node, run.pipeline, error)
-        with contextlib.suppress(BusError):
-            await self.ctl.request(
-                run.client, "failed", {"pipeline": run.pipeline, "error": error, "lost": lost}, timeout=REPORT_TIMEOUT_S
-            )
+        report = FailedReport(pipeline=run.pipeline, error=error[:FAILED_REPORT_CHARS], lost=tuple(lost))
+        with contextlib.suppress(DpipesError):  # the client is gone, or refused it: nobody else to tell
+            await call(self.ctl, run.client, report, timeout=REPORT_TIMEOUT_S)
         await self.cancel(run, error)
 
 
@@ -319,14 +348,20 @@ def _strip_failed(message: str) -> str:
     return re.sub(r"^\w+ at \S+ failed: ", "", message)
 
 
-def _direct_edge(run: Mapping[str, Any], nodes: list[str], i: int) -> bool:
+def _code_of(failures: Iterable[BaseException]) -> str:
+    """The code of a run that failed at these nodes: the one they share, else ``refused``."""
+    codes = {f.code if isinstance(f, ControlError) else UNREACHABLE for f in failures}
+    return codes.pop() if len(codes) == 1 else REFUSED
+
+
+def _direct_edge(run: RunRequest, nodes: Sequence[str], i: int) -> bool:
     """Whether stages ``i`` and ``i + 1`` exchange data through a kernel pipe rather than the bus:
     both on one node, bytes mode (object modes add metadata on the way), and the node does not read
     stage ``i``'s stdout: not a Pipes channel, not the last stage's output sent as ``stdio``
     messages (``nodes`` ends with the client's node: stage ``i + 1`` may be the client)."""
-    own = options_for_stage(run.get("pipes") or {}, i)
+    own = options_for_stage(run.pipes, i)
     read = own.get("messages") == "stdout" or (i == len(nodes) - 2 and bool(own.get("stdio")))
-    return nodes[i] == nodes[i + 1] and run.get("mode", "bytes") == "bytes" and not read
+    return nodes[i] == nodes[i + 1] and run.mode == "bytes" and not read
 
 
 __all__ = ["Coordinator", "Run"]

@@ -1,32 +1,43 @@
-"""The node's control endpoint ``<node>/ctl``: receive REQUESTs, dispatch by method, answer.
+"""The node's control endpoint ``<node>/ctl``: receive REQUESTs, validate, dispatch by method, answer.
 
-One table maps a method name to its handler, an async function from the request to the reply's
-body. Each request is answered in a task of its own (a ``run`` waits for whole negotiations; a
-``cancel`` must not wait behind it). The answer is the handler's body, or an error:
+One table maps a method to its handler. Every request body is checked once, here, by
+:func:`~dpipes.nodes.protocol.parse_request`, so a handler gets the typed request
+(:mod:`dpipes.nodes.protocol`) and the caller's address, and returns the typed reply. Each request
+is answered in a task of its own (a ``run`` waits for whole negotiations; a ``cancel`` must not
+wait behind it). The answer is the handler's reply, or a failed REPLY whose body carries the code
+(the protocol's *Errors*):
 
-* a method not in the table: ``node N has no method M``;
-* a :class:`~dpipes.bus.errors.DpipesError` (a refusal, a bad pipeline): its message, as it is;
-* a body missing a key or holding a wrong type: ``malformed M request: ...``;
-* anything else is a bug: logged with its traceback, answered as an internal error.
+* a method not in the table: ``unknown-method``;
+* a body that is not of the method's shape: ``bad-request``, naming the field;
+* a :class:`~dpipes.nodes.protocol.ControlError` from the handler: its code and message;
+* any other :class:`~dpipes.bus.errors.DpipesError`: ``internal``, its message (a handler that
+  lets one through has not said what it means: logged, once per method and type);
+* anything else is a bug: logged with its traceback, answered ``internal``.
 
-Messages on the endpoint that are not requests (replies to requests of the node's own, which the
-endpoint resolves itself, never reach here) are ignored.
+Malformed requests are counted per method and logged once per ``MALFORMED_LOG_INTERVAL_S``, never
+a traceback per message. Messages on the endpoint that are not requests are ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import DpipesError
+from dpipes.nodes.protocol import INTERNAL, UNKNOWN_METHOD, BadRequest, Body, ControlError, parse_request
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[codec.Request], Awaitable[dict[str, Any]]]
+MALFORMED_LOG_INTERVAL_S = 60.0  # one warning per method and interval for malformed requests, however many
+
+Handler = Callable[[Any, str], Awaitable[Body]]
+"""``(typed request, caller's address) -> typed reply``."""
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 
 
@@ -45,6 +56,9 @@ class ControlServer:
         self.ctl = ctl
         self.handlers = dict(handlers)
         self._spawn = spawn
+        self.malformed: collections.Counter[str] = collections.Counter()  # method -> refused requests
+        self._logged_at: dict[str, float] = {}
+        self._uncoded: set[tuple[str, type[BaseException]]] = set()
 
     async def serve(self) -> None:
         """Answer requests until cancelled."""
@@ -53,23 +67,46 @@ class ControlServer:
             if not isinstance(msg, codec.Request):
                 continue
             handler = self.handlers.get(msg.method)
-            if handler is None:
-                self.ctl.reply(msg, error=f"node {self.node} has no method {msg.method!r}")
+            try:
+                if handler is None:
+                    raise ControlError(UNKNOWN_METHOD, f"node {self.node} has no method {msg.method!r:.64}")
+                request = parse_request(msg.method, msg.body)
+            except ControlError as exc:
+                self._refused(msg, exc)
                 continue
-            self._spawn(self._answer(handler, msg), f"{msg.method} from {msg.src}")
+            self._spawn(self._answer(handler, request, msg), f"{msg.method} from {msg.src}")
 
-    async def _answer(self, handler: Handler, msg: codec.Request) -> None:
+    async def _answer(self, handler: Handler, request: Body, msg: codec.Request) -> None:
         try:
-            body = await handler(msg)
+            reply = await handler(request, msg.src)
+        except BadRequest as exc:
+            self._refused(msg, exc)
+        except ControlError as exc:
+            self.ctl.reply(msg, exc.body(), error=str(exc))
         except DpipesError as exc:
-            self.ctl.reply(msg, error=str(exc))
-        except (KeyError, TypeError, ValueError) as exc:
-            self.ctl.reply(msg, error=f"malformed {msg.method} request: {exc!r}")
+            if (msg.method, type(exc)) not in self._uncoded:
+                self._uncoded.add((msg.method, type(exc)))
+                kind = type(exc).__name__
+                log.warning("node %s: %s answered without a code: %s: %s", self.node, msg.method, kind, exc)
+            self.ctl.reply(msg, ControlError(INTERNAL, str(exc)).body(), error=str(exc))
         except Exception as exc:
             log.exception("node %s: %s failed", self.node, msg.method)
-            self.ctl.reply(msg, error=f"node {self.node}: internal error in {msg.method}: {exc!r}")
+            error = ControlError(INTERNAL, f"node {self.node}: internal error in {msg.method}: {exc!r}")
+            self.ctl.reply(msg, error.body(), error=str(error))
         else:
-            self.ctl.reply(msg, body)
+            self.ctl.reply(msg, reply.to_body())
+
+    def _refused(self, msg: codec.Request, exc: ControlError) -> None:
+        """Answer a request that is not of its method's shape: coded, counted, logged once per interval."""
+        method = msg.method[:64]
+        self.malformed[method] += 1
+        now = time.monotonic()
+        if now - self._logged_at.get(method, -MALFORMED_LOG_INTERVAL_S) >= MALFORMED_LOG_INTERVAL_S:
+            self._logged_at[method] = now
+            log.warning(
+                "node %s: refused %s from %s: %s (%d so far)", self.node, method, msg.src, exc, self.malformed[method]
+            )
+        self.ctl.reply(msg, exc.body(), error=str(exc))
 
 
 __all__ = ["ControlServer", "Handler"]

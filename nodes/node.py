@@ -4,45 +4,13 @@ The parts, one module each: :mod:`~dpipes.nodes.dispatch` serves the control end
 :mod:`~dpipes.nodes.policy` decides what may run here, :mod:`~dpipes.nodes.stages` runs this
 node's stages (one :mod:`~dpipes.nodes.stage` each), :mod:`~dpipes.nodes.coordinator` coordinates
 the pipelines this node is entry for. The node starts them in order and, should a step fail,
-closes what had started in reverse order; ``aclose`` does the same for a node that ran. Until the
-node directory lands in ``discovery/``, the node keeps its own list of where it learned of each
-peer, answers ``info`` from it and gossips it.
+closes what had started in reverse order; ``aclose`` does the same for a node that ran. What the
+node knows of other nodes is its :class:`~dpipes.discovery.directory.NodeDirectory`, fed here with
+static peers, mDNS events, link events and gossip; the node carries out the links it asks for,
+gossips what it says every ``GOSSIP_INTERVAL_S``, places stages and answers ``info`` from it.
 
-Every node has a control endpoint ``<node>/ctl`` that answers REQUEST messages:
-
-``run`` (client -> entry node)
-    Body: ``pipeline`` (text), ``mode`` ("bytes" | "json" | "yaml"), ``stdin`` (bool: the client
-    streams data into the first stage), ``require`` (list of ``"prog>=ver"``), ``protocol``,
-    ``user``, ``pipes`` (Pipes options for every stage, and under ``stages`` a stage number's own:
-    see :func:`~dpipes.nodes.pipes_options.options_for_stage`). The entry node parses, places,
-    negotiates with every chosen node and starts every stage; it answers with ``pipeline`` (id)
-    and ``stages`` (``index, node, argv, addr``), or with an error naming the stage, node, program
-    and reason. Nothing starts unless every node agreed.
-``negotiate`` (coordinator -> each node)
-    Body: ``pipeline, stage, argv, mode, protocol, require, user``. The node checks the pipeline
-    protocol, the data mode, that the program exists and is allowed here, and the version
-    constraint; on success it reserves the stage's endpoint ``<node>/<pipeline>.<stage>``.
-``start``
-    Body adds ``stdin_from`` (address or ""), ``stdout_to``, ``stderr_to`` (where stderr and Pipes
-    messages go), ``report_to`` (addresses that get the ``exit`` report), ``pipes`` (this
-    stage's Pipes options: ``extras``, ``assets``, ``partition``, ``context``, ``messages``),
-    ``direct_in`` / ``direct_out`` (the neighbour is on this node too: the two share one kernel
-    pipe, made by whichever starts first, and nothing of that edge passes through the node). The reply
-    carries ``context``: the Pipes context the stage was started with.
-``cancel``
-    Body: ``pipeline``, ``reason``: terminate every stage of it here (process group, bounded).
-``exit`` (node -> client and coordinator)
-    Body: ``pipeline, stage, node, code, signal, status, sigpipe, error, cancelled, stderr_tail``;
-    ``error`` says what went wrong moving the stage's data ("" when nothing did), ``cancelled`` why
-    the stage was cancelled ("" when it was not). Answered with an empty reply so that no report is
-    lost silently.
-``failed`` (coordinator -> client)
-    Body: ``pipeline, error, lost``: the run failed as a whole (a node was lost, ...); ``lost``
-    lists the stages that will never report (they ran on the lost node).
-
-Data: a stage's stdout is a stream from its endpoint to the next stage's endpoint (or to the
-client); its stdin is the one stream that arrives at its endpoint; its stderr is a stream of
-``STDERR`` messages to the client, opened only when the program writes to stderr.
+The control endpoint ``<node>/ctl`` speaks the control protocol, whose spec and typed messages
+are :mod:`dpipes.nodes.protocol`; this module maps each method to the part that answers it.
 """
 
 from __future__ import annotations
@@ -51,13 +19,15 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, ConfigError, StageError
+from dpipes.bus.errors import BusError, ConfigError
 from dpipes.bus.hub import Hub
+from dpipes.discovery.directory import GOSSIP_MIN_INTERVAL_S, Action, Link, NodeDirectory
 from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
 from dpipes.discovery.table import NodeRecord, new_instance_id
@@ -66,7 +36,23 @@ from dpipes.nodes.coordinator import Coordinator
 from dpipes.nodes.dispatch import ControlServer
 from dpipes.nodes.fdpass import FdDrop, drop_path
 from dpipes.nodes.policy import Policy, parse_requirement
-from dpipes.nodes.protocol import CTL
+from dpipes.nodes.protocol import (
+    CTL,
+    GOSSIP_INTERVAL_S,
+    PIPELINE_PROTOCOL,
+    CancelReply,
+    CancelRequest,
+    Empty,
+    ExitReport,
+    GossipRequest,
+    InfoReply,
+    InfoRequest,
+    NegotiateReply,
+    NegotiateRequest,
+    NodeEntry,
+    StartReply,
+    StartRequest,
+)
 from dpipes.nodes.stage import DirectPipes
 from dpipes.nodes.stages import NegotiationRefused, Stages
 from dpipes.nodes.supervisor import Supervisor
@@ -77,8 +63,6 @@ if TYPE_CHECKING:
     from dpipes.nodes.pipeline import NodeInfo
 
 log = logging.getLogger(__name__)
-
-GOSSIP_INTERVAL_S = 2.0  # how often a node tells its peers the nodes it knows (also at once on a new link)
 
 
 class Node:
@@ -112,17 +96,22 @@ class Node:
         tcp = listen or f"tcp://{_zmq_host(config.listen.host)}:{config.listen.port}"
         check_exposure(config.name, tcp, insecure=config.insecure)
         self.hub = Hub(config.name, tcp=tcp, ipc=ipc, tap=tap, info={"programs": sorted(self.offered())})
+        # One incarnation id for the links and for mDNS, ordered by start time: the directory tells
+        # a restarted node from a stale record by comparing them (discovery/table.py).
+        self.hub.instance = new_instance_id()
         self.supervisor = Supervisor()
         self.direct = DirectPipes()  # kept ends of kernel pipes between stages here
         self.stages: Stages | None = None  # made by start(), with the control endpoint
         self.coordinator: Coordinator | None = None
+        self.control: ControlServer | None = None
         self._ctl: Endpoint | None = None
         self._fd_drop: FdDrop | None = None  # local clients hand their stdin/stdout over here
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped: asyncio.Event | None = None
         self._started = contextlib.AsyncExitStack()  # how to undo start(), step by step
         self._closed = False
-        self._sources: dict[str, str] = {}  # link endpoint -> how we learned of it: static, mdns, gossip
+        self.directory = NodeDirectory(config.name)  # every node this one knows, and the links it wants
+        self._gossiped_at: dict[str, float] = {}  # linked peer -> when we last told it what we know
         self._mdns: MdnsDiscovery | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -191,7 +180,7 @@ class Node:
             fd_drop=self._fd_drop,
             spawn=self._spawn,
         )
-        server = ControlServer(
+        self.control = server = ControlServer(
             self.name,
             ctl,
             {
@@ -210,10 +199,17 @@ class Node:
         self.hub.client_listeners.append(self._on_client_gone)
         undo.callback(self.hub.link_listeners.remove, self._on_link)
         undo.callback(self.hub.client_listeners.remove, self._on_client_gone)
+        now = time.monotonic()
+        me = NodeRecord(
+            self.name,
+            self.hub.instance,
+            codec.PROTOCOL_VERSION,
+            {"bus": self.hub.advertised_endpoint},
+            programs=tuple(sorted(self.offered())),
+        )
+        self._apply(self.directory.set_self(me, now))
         for peer in self.config.nodes.values():
-            endpoint = f"tcp://{_zmq_host(peer.host)}:{peer.port}"
-            self._sources[endpoint] = "static"
-            self.hub.add_peer(endpoint)
+            self._apply(self.directory.add_static(f"tcp://{_zmq_host(peer.host)}:{peer.port}", now))
         self._spawn(server.serve(), "control")
         self._spawn(self._gossip_forever(), "gossip")
         await self._start_mdns(undo)
@@ -244,7 +240,7 @@ class Node:
         port = self.hub.tcp_endpoint.rpartition(":")[2]
         record = NodeRecord(
             name=self.name,
-            instance_id=new_instance_id(),
+            instance_id=self.hub.instance,
             protocol_version=codec.PROTOCOL_VERSION,
             endpoints={"bus": f"tcp://{addresses[0]}:{port}"},
             addresses=tuple(addresses),
@@ -257,16 +253,19 @@ class Node:
         log.info("node %s: mDNS discovery on %s", self.name, ", ".join(addresses))
 
     def _on_mdns(self, event: MdnsEvent) -> None:
-        if not isinstance(event, NodeSeen) or event.record.name == self.name:
-            return  # a node that leaves says BYE on its links; a vanished one fails its heartbeats
-        endpoint = event.record.endpoints.get("bus", "")
-        if not endpoint.startswith("tcp://"):
-            return
-        if "*" in endpoint and event.record.addresses:
-            endpoint = f"tcp://{event.record.addresses[0]}:{endpoint.rpartition(':')[2]}"
-        self._sources[endpoint] = "mdns"
-        if event.record.name not in self.hub.peers:
-            self.hub.learn_peer(endpoint)
+        now = time.monotonic()
+        if isinstance(event, NodeSeen):
+            self._apply(self.directory.mdns_seen(event.record, now))
+        else:
+            self._apply(self.directory.mdns_gone(event.name, event.instance_id, now))
+
+    def _apply(self, actions: list[Action]) -> None:
+        """Carry out what the directory asks for."""
+        for action in actions:
+            if isinstance(action, Link):
+                (self.hub.add_peer if action.static else self.hub.learn_peer)(action.endpoint)
+            else:  # the hub cannot drop a link on request yet; it drops a non-static one that goes down
+                log.debug("node %s: directory would unlink %s: %s", self.name, action.endpoint, action.reason)
 
     async def serve(self) -> None:
         """Run until ``stop()`` (or, with ``exit_after_one``, until one stage has run here)."""
@@ -310,105 +309,97 @@ class Node:
         return self.policy.offered()
 
     def table(self) -> dict[str, NodeInfo]:
-        """What this node knows of every node, for placement."""
+        """What this node knows of every node, for placement: itself and the nodes linked and up."""
         from dpipes.nodes.pipeline import NodeInfo
 
-        table = {self.name: NodeInfo(self.name, frozenset(self.offered()))}
-        for name, peer in self.hub.peers.items():
-            programs = peer.info.get("programs", []) if isinstance(peer.info, dict) else []
-            table[name] = NodeInfo(name, frozenset(p for p in programs if isinstance(p, str)))
-        return table
+        return {name: NodeInfo(name, programs) for name, programs in self.directory.programs_by_node().items()}
 
     # -- control requests: each goes to the part that does the job ------------------------------
 
-    async def _on_negotiate(self, msg: codec.Request) -> dict[str, Any]:
+    async def _on_negotiate(self, request: NegotiateRequest, src: str) -> NegotiateReply:
         assert self.stages is not None
-        return await self.stages.negotiate(msg.body, caller=str(msg.body.get("user", "")))
+        return await self.stages.negotiate(request)
 
-    async def _on_start(self, msg: codec.Request) -> dict[str, Any]:
+    async def _on_start(self, request: StartRequest, src: str) -> StartReply:
         assert self.stages is not None
-        return await self.stages.start(msg.body)
+        return await self.stages.start(request)
 
-    async def _on_cancel(self, msg: codec.Request) -> dict[str, Any]:
+    async def _on_cancel(self, request: CancelRequest, src: str) -> CancelReply:
         assert self.stages is not None and self.coordinator is not None
-        pipeline, reason = str(msg.body["pipeline"]), str(msg.body.get("reason", "cancelled"))
-        run = self.coordinator.client_cancels(pipeline, msg.src)
+        run = self.coordinator.client_cancels(request.pipeline, src)
         if run is not None:  # the client cancels: tell every node
-            await self.coordinator.cancel(run, reason)
-            return {}
-        return {"stages": await self.stages.cancel(pipeline, reason)}
+            await self.coordinator.cancel(run, request.reason)
+            return CancelReply()
+        return CancelReply(stages=await self.stages.cancel(request.pipeline, request.reason))
 
-    async def _on_exit(self, msg: codec.Request) -> dict[str, Any]:
+    async def _on_exit(self, report: ExitReport, src: str) -> Empty:
         assert self.coordinator is not None
-        self.coordinator.on_exit(msg.body)
-        return {}
+        self.coordinator.on_exit(report)
+        return Empty()
 
     def _on_link(self, node: str, up: bool, reason: str) -> None:
+        now = time.monotonic()
         if up:
-            self._gossip()  # a new neighbour: share what we know at once, so the mesh closes fast
-        elif self.coordinator is not None:
+            peer = self.hub.peers.get(node)
+            if peer is not None:
+                self._apply(self.directory.link_up(node, peer.instance, peer.endpoint, peer.info, now))
+            self._gossip(first=node)  # a new neighbour: share what we know at once, so the mesh closes fast
+            return
+        # The hub says an orderly departure only in the reason's text, for now (the bus's to type).
+        orderly = reason.startswith("said goodbye")
+        self._apply(self.directory.link_down(node, orderly=orderly, reason=reason, now=now))
+        self._gossiped_at.pop(node, None)
+        if self.coordinator is not None:
             self.coordinator.on_link_lost(node, reason)
 
     def _on_client_gone(self, addr: str) -> None:
         if self.coordinator is not None:
             self.coordinator.on_client_gone(addr)
 
-    async def _on_info(self, msg: codec.Request) -> dict[str, Any]:
-        nodes = [
-            {
-                "name": self.name,
-                "endpoint": self.hub.tcp_endpoint,
-                "programs": sorted(self.offered()),
-                "source": "self",
-                "last_seen_s": 0.0,
-                "up": True,
-            }
-        ]
-        for name, peer in sorted(self.hub.peers.items()):
-            programs = peer.info.get("programs", []) if isinstance(peer.info, dict) else []
-            nodes.append(
-                {
-                    "name": name,
-                    "endpoint": peer.endpoint,
-                    "programs": [p for p in programs if isinstance(p, str)],
-                    "source": self._sources.get(peer.endpoint, "linked"),
-                    "last_seen_s": round(peer.last_heard_s, 3),
-                    "up": peer.up,
-                }
+    async def _on_info(self, request: InfoRequest, src: str) -> InfoReply:
+        heard_s = {name: peer.last_heard_s for name, peer in self.hub.peers.items()}
+        nodes = tuple(
+            NodeEntry(
+                name=e.name,
+                endpoint=e.endpoint,
+                programs=e.programs,
+                source=e.source,
+                last_seen_s=e.last_seen_s,
+                up=e.up,
             )
-        return {"node": self.name, "nodes": nodes}
+            for e in self.directory.entries(time.monotonic(), heard_s=heard_s)
+        )
+        return InfoReply(node=self.name, protocol=PIPELINE_PROTOCOL, nodes=nodes)
 
     # -- gossip: a node that knows one peer learns the rest ---------------------------------
 
-    def _known(self) -> dict[str, str]:
-        return {name: peer.endpoint for name, peer in self.hub.peers.items() if "*" not in peer.endpoint}
-
-    def _gossip(self) -> None:
-        """Tell every linked peer which nodes we know and where (a one-way REQUEST)."""
+    def _gossip(self, *, first: str = "") -> None:
+        """Tell linked peers the nodes we are linked to (a one-way REQUEST): ``first`` at once, the
+        others unless they heard from us within the directory's gossip rate limit."""
         if self._ctl is None:
             return
-        known = self._known()
-        for name in list(self.hub.peers):
+        now = time.monotonic()
+        body = GossipRequest(peers=self.directory.gossip_body()["peers"]).to_body()
+        for name in self.directory.linked():
+            if name != first and now - self._gossiped_at.get(name, -GOSSIP_MIN_INTERVAL_S) < GOSSIP_MIN_INTERVAL_S:
+                continue
             with contextlib.suppress(BusError):
-                self._ctl.send(codec.Request(dst=f"{name}/{CTL}", method="gossip", body={"peers": known}))
+                self._ctl.send(codec.Request(dst=f"{name}/{CTL}", method="gossip", body=body))
+                self._gossiped_at[name] = now
 
     async def _gossip_forever(self) -> None:
         while True:
             await asyncio.sleep(GOSSIP_INTERVAL_S)  # a periodic timer, not a wait for something
+            now = time.monotonic()
+            for name, peer in self.hub.peers.items():  # a peer's HELLO may come after its link is up
+                self._apply(self.directory.link_info(name, peer.info, now))
+            self._apply(self.directory.expire(now))
             self._gossip()
 
-    async def _on_gossip(self, msg: codec.Request) -> dict[str, Any]:
-        peers = msg.body.get("peers", {})
-        if not isinstance(peers, dict):
-            raise StageError("gossip: 'peers' must be a map of node name to endpoint")
-        for name, endpoint in peers.items():
-            if name == self.name or name in self.hub.peers or not isinstance(endpoint, str):
-                continue
-            if not endpoint.startswith("tcp://"):
-                continue
-            self._sources.setdefault(endpoint, "gossip")
-            self.hub.learn_peer(endpoint)
-        return {}
+    async def _on_gossip(self, request: GossipRequest, src: str) -> Empty:
+        via = codec.split_addr(src)[0]  # rejections are the directory's: coded, counted, logged once
+        self._apply(self.directory.gossip(via, request.to_body(), time.monotonic()))
+        return Empty()
 
 
 def check_exposure(name: str, tcp: str, *, insecure: bool) -> None:

@@ -21,8 +21,9 @@ Pipes
     the client), as ``log_external_stream`` messages the node makes from what it reads; a middle
     stage's stdout is pipeline data and stays that.
 
-Status is typed: a stage stopped by a cancel has ``cancelled`` (the reason) in its report, and
-``error`` holds only what went wrong moving its data; nobody matches either in text.
+Status is typed (:class:`~dpipes.nodes.protocol.ExitReport`): a stage stopped by a cancel has
+``cancelled`` (the reason) in its report, and ``error`` holds only what went wrong moving its data;
+nobody matches either in text.
 
 Neighbouring stages on one node exchange bytes through one kernel pipe (:class:`DirectPipes`), made
 by whichever of the two starts first; nothing of that edge passes through the node.
@@ -36,13 +37,14 @@ import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.config import NodeConfig
+from dpipes.nodes.protocol import MAX_TEXT_CHARS, ExitReport, StartRequest
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, set_pipe_size
 
 if TYPE_CHECKING:
@@ -51,7 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STDERR_TAIL_REPORT_BYTES = 4096  # the end of a failed stage's stderr, in its exit report
+STDERR_TAIL_REPORT_CHARS = 4096  # the end of a failed stage's stderr, in its report (the protocol allows 4x)
+ERROR_REPORT_CHARS = MAX_TEXT_CHARS  # what went wrong moving its data, in its report (the bound)
 
 
 @dataclasses.dataclass
@@ -70,59 +73,6 @@ class Stage:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     pipes: StagePipes | None = None
     lingering: bool = False  # its endpoint outlives it briefly, to refuse late input
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Wiring:
-    """Where a stage's data goes, as its ``start`` request says."""
-
-    stdin_from: str = ""  # address that streams into its stdin, or "" for none
-    stdout_to: str = ""
-    stderr_to: str = ""  # stderr and Pipes messages
-    report_to: tuple[str, ...] = ()  # who gets the exit report
-    direct_in: bool = False  # stdin is a kernel pipe from the previous stage (or the local client)
-    direct_out: bool = False
-    user: str = ""
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Wiring:
-        """From a ``start`` request body.
-
-        Raises:
-            KeyError: ``stdout_to`` or ``stderr_to`` is missing.
-            TypeError: ``report_to`` is not a list.
-        """
-        report_to = body.get("report_to", [])
-        if not isinstance(report_to, list | tuple):
-            raise TypeError(f"report_to must be a list of addresses, not {type(report_to).__name__}")
-        return cls(
-            stdin_from=str(body.get("stdin_from") or ""),
-            stdout_to=str(body["stdout_to"]),
-            stderr_to=str(body["stderr_to"]),
-            report_to=tuple(str(a) for a in report_to),
-            direct_in=bool(body.get("direct_in")),
-            direct_out=bool(body.get("direct_out")),
-            user=str(body.get("user", "")),
-        )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ExitReport:
-    """The ``exit`` report of one stage, as it travels (``body()``) to the client and coordinator."""
-
-    pipeline: str
-    stage: int
-    node: str
-    code: int  # -1 when it died of a signal
-    signal: int
-    status: str  # "exit 0", "killed by SIGTERM", ...
-    sigpipe: bool  # stopped because its reader finished early, as with SIGPIPE in a shell
-    error: str  # what went wrong moving its data; "" when nothing did
-    cancelled: str  # why it was cancelled (a user's Ctrl-C, a failed neighbour, ...); "" if it was not
-    stderr_tail: str
-
-    def body(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class DirectPipes:
@@ -164,7 +114,7 @@ class StageRun:
 
     Args:
         stage: the stage, its program started (``proc``) and its Pipes side made (``pipes``).
-        wiring: where its data goes.
+        wiring: where its data goes (its ``start`` request).
         node: this node's name.
         config: the node's configuration (object metadata settings).
         tcp_endpoint: where this node listens (the ``dp.addr``/``dp.port`` of its objects).
@@ -175,7 +125,7 @@ class StageRun:
     def __init__(
         self,
         stage: Stage,
-        wiring: Wiring,
+        wiring: StartRequest,
         *,
         node: str,
         config: NodeConfig,
@@ -225,7 +175,7 @@ class StageRun:
                 p.cancel()
             raise
         stage = self.stage
-        tail = proc.stderr_tail[-STDERR_TAIL_REPORT_BYTES:].decode(errors="replace") if not status.ok else ""
+        tail = proc.stderr_tail.decode(errors="replace")[-STDERR_TAIL_REPORT_CHARS:] if not status.ok else ""
         return ExitReport(
             pipeline=stage.pipeline,
             stage=stage.index,
@@ -234,8 +184,8 @@ class StageRun:
             signal=status.signal or 0,
             status=status.describe(),
             sigpipe=self.sigpipe or status.signal == signal.SIGPIPE,
-            error="; ".join(self.errors),
-            cancelled=stage.cancelled,
+            error="; ".join(self.errors)[:ERROR_REPORT_CHARS],
+            cancelled=stage.cancelled[:MAX_TEXT_CHARS],
             stderr_tail=tail,
         )
 
@@ -387,4 +337,4 @@ class StageRun:
             await self._pipes_out.send(codec.Pipes(stage=self.stage.index, frames=batch))
 
 
-__all__ = ["DirectPipes", "ExitReport", "Stage", "StageRun", "Wiring"]
+__all__ = ["DirectPipes", "Stage", "StageRun"]

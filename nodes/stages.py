@@ -3,15 +3,19 @@
 :class:`Stages` owns every stage of any pipeline on this node, from the negotiation that reserves
 its endpoint to the exit report that ends it:
 
-* ``negotiate`` asks the :class:`~dpipes.nodes.policy.Policy` (a refusal is a
-  :class:`NegotiationRefused` carrying the refusal's code), links to the nodes its neighbours run
-  on (data goes straight between them, never relayed), and reserves the stage's endpoint
-  ``<node>/<pipeline>.<index>``, whose window is ``[limits] credit_bytes``;
-* ``start`` forks the program under the node's supervisor, in its environment and with its Pipes
-  bootstrap, and runs it (:class:`~dpipes.nodes.stage.StageRun`) in a task; when it has exited,
-  the report goes to every ``report_to`` address;
+* ``negotiate`` asks the :class:`~dpipes.nodes.policy.Policy` (a refusal is answered ``refused``,
+  or ``protocol`` for another protocol version), links to the nodes its neighbours run on (data
+  goes straight between them, never relayed; ``unreachable`` if it cannot), and reserves the
+  stage's endpoint ``<node>/<pipeline>.<index>``, whose window is ``[limits] credit_bytes``;
+* ``start`` (``not-found`` unless negotiated here) forks the program under the node's
+  supervisor, in its environment and with its Pipes bootstrap, and runs it
+  (:class:`~dpipes.nodes.stage.StageRun`) in a task; when it has exited, the report goes to every
+  ``report_to`` address;
 * ``cancel`` marks every stage of a pipeline cancelled (with the reason) and terminates its
   process group, bounded.
+
+At its first stage start, the node removes the Pipes bootstrap directories that nodes killed
+without closing them left behind (:func:`~dpipes.nodes.pipes.remove_stale_bootstrap_dirs`).
 
 A stage whose program exited before its input arrived keeps its endpoint ``LATE_INPUT_S`` more to
 cancel that input when it comes, so its producer sees a closed pipe rather than silence.
@@ -27,33 +31,48 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, StageError
+from dpipes.bus.errors import BusError, DpipesError, StageError
 from dpipes.bus.hub import Hub
+from dpipes.nodes import policy as _policy
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.policy import Policy
-from dpipes.nodes.stage import DirectPipes, ExitReport, Stage, StageRun, Wiring
+from dpipes.nodes.protocol import (
+    CONTROL_TIMEOUT_S,
+    NOT_FOUND,
+    PROTOCOL,
+    REFUSED,
+    REPORT_TIMEOUT_S,
+    UNREACHABLE,
+    ControlError,
+    ExitReport,
+    NegotiateReply,
+    NegotiateRequest,
+    StartReply,
+    StartRequest,
+    call,
+)
+from dpipes.nodes.stage import DirectPipes, Stage, StageRun
 from dpipes.nodes.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-CONTROL_TIMEOUT_S = 10.0  # linking to a neighbour's node during negotiation
-REPORT_TIMEOUT_S = 5.0  # an exit report nobody acknowledges is logged and dropped after this
 CANCEL_TIMEOUT_S = 10.0  # terminate (TERM, grace, KILL) one stage
 LATE_INPUT_S = 10.0  # how long an exited stage's endpoint waits to refuse input that comes late
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 
 
-class NegotiationRefused(StageError):
+class NegotiationRefused(ControlError):
     """A node refused a stage before anything started; the message names node, program, reason.
 
-    ``code`` is the policy's refusal code (``not-allowed``, ``not-found``, ``version``, ...), or
-    ``unreachable`` / ``duplicate`` for what the node itself could not do.
+    ``code`` is the protocol's (``refused``, ``protocol``, ``unreachable``); ``reason`` the
+    policy's finer one (``not-allowed``, ``not-found``, ``version``, ...), or "" when the policy
+    did not refuse.
     """
 
-    def __init__(self, message: str, *, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
+    def __init__(self, message: str, *, code: str = REFUSED, reason: str = "") -> None:
+        super().__init__(code, message)
+        self.reason = reason
 
 
 class Stages:
@@ -94,6 +113,7 @@ class Stages:
         self._spawn = spawn
         self._on_exit = on_exit
         self._stages: dict[tuple[str, int], Stage] = {}
+        self._swept = False  # the bootstrap dirs of dead nodes, removed once
         # How much a producer may have in flight towards a stage here: the protocol's initial
         # credit, and what a larger window adds is granted as the stream opens.
         self.window = config.limits.credit_bytes
@@ -101,32 +121,31 @@ class Stages:
     def __len__(self) -> int:
         return len(self._stages)
 
-    async def negotiate(self, body: Mapping[str, Any], *, caller: str) -> dict[str, Any]:
-        """Check and reserve one stage; its endpoint's address (``addr``).
+    async def negotiate(self, request: NegotiateRequest) -> NegotiateReply:
+        """Check and reserve one stage; its endpoint's address.
 
         Raises:
             NegotiationRefused: the policy refused, a neighbour's node is unreachable, or the stage
                 is already here.
         """
-        pipeline, index, argv = str(body["pipeline"]), int(body["stage"]), [str(a) for a in body["argv"]]
-        mode = str(body.get("mode", "bytes"))
-        require = [str(r) for r in body.get("require", [])]
+        pipeline, index, argv = request.pipeline, request.stage, list(request.argv)
         refusal = await self.policy.refusal(
-            argv, mode=mode, protocol=body.get("protocol"), require=require, caller=caller
+            argv, mode=request.mode, protocol=request.protocol, require=request.require, caller=request.user
         )
         if refusal is not None:
-            raise NegotiationRefused(refusal.message, code=refusal.code)
-        await self._link_neighbours(body.get("peers", {}))
+            code = PROTOCOL if refusal.code == _policy.PROTOCOL else REFUSED
+            raise NegotiationRefused(refusal.message, code=code, reason=refusal.code)
+        await self._link_neighbours(request.peers)
         if (pipeline, index) in self._stages:
-            raise NegotiationRefused(f"stage {index} of pipeline {pipeline} is already here", code="duplicate")
+            raise NegotiationRefused(f"stage {index} of pipeline {pipeline} is already here")
         endpoint = self.hub.endpoint(f"{pipeline}.{index}", window=self.window)
         describe = f"stage {index} ({argv[0]}@{self.node})"
-        self._stages[(pipeline, index)] = Stage(pipeline, index, argv, mode, endpoint, describe)
-        return {"addr": endpoint.addr}
+        self._stages[(pipeline, index)] = Stage(pipeline, index, argv, request.mode, endpoint, describe)
+        return NegotiateReply(addr=endpoint.addr)
 
     async def _link_neighbours(self, peers: Mapping[str, str]) -> None:
         """Make sure we link to the nodes our stage exchanges data with (directly: no relaying)."""
-        missing = {n: str(e) for n, e in peers.items() if n != self.node and n not in self.hub.peers}
+        missing = {n: e for n, e in peers.items() if n != self.node and n not in self.hub.peers}
         results = await asyncio.gather(
             *(self.hub.connect_peer(e, timeout=CONTROL_TIMEOUT_S) for e in missing.values()),
             return_exceptions=True,
@@ -134,26 +153,31 @@ class Stages:
         for node, outcome in zip(missing, results, strict=True):
             if isinstance(outcome, BaseException):
                 raise NegotiationRefused(
-                    f"node {self.node} cannot reach node {node} at {missing[node]}: {outcome}", code="unreachable"
+                    f"node {self.node} cannot reach node {node} at {missing[node]}: {outcome}", code=UNREACHABLE
                 )
 
-    async def start(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Fork a negotiated stage and run it; its ``pid`` and Pipes ``context``.
+    async def start(self, wiring: StartRequest) -> StartReply:
+        """Fork a negotiated stage and run it; its pid and Pipes context.
 
         Raises:
-            StageError: the stage was not negotiated here, or its program could not start.
+            ControlError: the stage was not negotiated here (``not-found``), or its program could
+                not start (``refused``).
         """
-        stage = self._stages.get((str(body["pipeline"]), int(body["stage"])))
+        stage = self._stages.get((wiring.pipeline, wiring.stage))
         if stage is None:
-            which = f"stage {body['stage']} of pipeline {body['pipeline']}"
-            raise StageError(f"node {self.node}: {which} was not negotiated")
-        wiring = Wiring.from_body(body)
+            which = f"stage {wiring.stage} of pipeline {wiring.pipeline}"
+            raise ControlError(NOT_FOUND, f"node {self.node}: {which} was not negotiated")
         from dpipes.nodes.stage_pipes import StagePipes
 
+        if not self._swept:  # at the first start, not at the node's: it imports what only runs need
+            from dpipes.nodes.pipes import remove_stale_bootstrap_dirs
+
+            self._swept = True
+            self._spawn(asyncio.to_thread(remove_stale_bootstrap_dirs), "remove stale Pipes bootstrap dirs")
         env = dict(os.environ)
         env.update(self._env(stage, wiring))
         stage.pipes = StagePipes(
-            body.get("pipes") or {},
+            wiring.pipes,
             pipeline=stage.pipeline,
             stage=stage.index,
             node=self.node,
@@ -169,14 +193,17 @@ class Stages:
             stage.proc = await self.supervisor.start(
                 self.policy.command(stage.argv), env=env, forward_stderr=True, stdin_fd=stdin_fd, stdout_fd=stdout_fd
             )
+        except StageError as exc:  # not executable, a bad working directory, the node stopping
+            stage.pipes.close()
+            raise ControlError(REFUSED, str(exc)) from None
         except BaseException:
             stage.pipes.close()
             raise
         stage.task = self._spawn(self._run(stage, wiring), stage.describe)
         log.info("node %s: started %s pid %d", self.node, stage.describe, stage.proc.pid)
-        return {"pid": stage.proc.pid, "context": stage.pipes.context}
+        return StartReply(pid=stage.proc.pid, context=stage.pipes.context)
 
-    def _env(self, stage: Stage, wiring: Wiring) -> dict[str, str]:
+    def _env(self, stage: Stage, wiring: StartRequest) -> dict[str, str]:
         host, _, port = self.hub.tcp_endpoint.removeprefix("tcp://").rpartition(":")
         return {
             "DPIPES_ADDR": host,
@@ -189,7 +216,7 @@ class Stages:
             "DPIPES_USER": wiring.user,
         }
 
-    async def _run(self, stage: Stage, wiring: Wiring) -> None:
+    async def _run(self, stage: Stage, wiring: StartRequest) -> None:
         run = StageRun(
             stage,
             wiring,
@@ -211,8 +238,8 @@ class Stages:
 
     async def _report(self, addr: str, report: ExitReport) -> None:
         try:
-            await self.ctl.request(addr, "exit", report.body(), timeout=REPORT_TIMEOUT_S)
-        except BusError as exc:
+            await call(self.ctl, addr, report, timeout=REPORT_TIMEOUT_S)
+        except DpipesError as exc:  # unreachable, or the receiver refused the report
             log.warning("node %s: exit report of stage %s not delivered to %s: %s", self.node, report.stage, addr, exc)
 
     async def cancel(self, pipeline: str, reason: str) -> int:

@@ -4,6 +4,7 @@ window from ``[limits] credit_bytes``, and a cancel reported as a typed status."
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import threading
@@ -14,10 +15,25 @@ import pytest
 
 from dpipes.bus import codec
 from dpipes.bus.client import Client
-from dpipes.bus.errors import ConfigError
+from dpipes.bus.endpoint import Endpoint
+from dpipes.bus.errors import ConfigError, RequestFailed
 from dpipes.nodes.config import Limits, NodeConfig
 from dpipes.nodes.node import Node
-from dpipes.nodes.protocol import CTL, PIPELINE_PROTOCOL
+from dpipes.nodes.protocol import (
+    BAD_REQUEST,
+    CTL,
+    LIMIT,
+    PIPELINE_PROTOCOL,
+    PLACEMENT,
+    REFUSED,
+    SYNTAX,
+    UNKNOWN_METHOD,
+    ControlError,
+    InfoReply,
+    InfoRequest,
+    RunRequest,
+    call,
+)
 from tests.nodes.daemons import daemons, start_dpipes
 
 WAIT_S = 30.0
@@ -78,6 +94,14 @@ async def client_of() -> AsyncIterator[ClientOf]:
         await party.aclose()
 
 
+async def drain_streams(ep: Endpoint) -> None:
+    """Read every stream to ``ep`` to its end (a stage's stdout ends when its EOF is read)."""
+    while True:
+        stream = await ep.accept()
+        while await stream.read() is not None:
+            pass
+
+
 def negotiate_body(pipeline: str, argv: list[str]) -> dict[str, object]:
     return {"pipeline": pipeline, "stage": 0, "argv": argv, "mode": "bytes", "protocol": PIPELINE_PROTOCOL}
 
@@ -102,13 +126,7 @@ async def test_a_cancelled_stage_reports_why_apart_from_errors(client_of: Client
     started = await ep.request(f"alpha/{CTL}", "start", {"pipeline": "p2", "stage": 0, **wiring}, timeout=WAIT_S)
     assert started["pid"] > 0
 
-    async def drain_streams() -> None:  # the stage's (empty) stdout ends when we read its end
-        while True:
-            stream = await ep.accept()
-            while await stream.read() is not None:
-                pass
-
-    drain = asyncio.create_task(drain_streams())
+    drain = asyncio.create_task(drain_streams(ep))
     await ep.request(f"alpha/{CTL}", "cancel", {"pipeline": "p2", "reason": "enough"}, timeout=WAIT_S)
     while not isinstance(report := await ep.recv(timeout=WAIT_S), codec.Request):
         pass
@@ -132,3 +150,80 @@ async def test_status_after_ctrl_c_says_each_stage_was_cancelled_and_why(tmp_pat
         text = err.decode()
         for index in (0, 1):
             assert f"stage {index} sleep@alpha: killed by SIGTERM (cancelled: interrupted by the user" in text
+
+
+async def test_malformed_requests_are_refused_by_code_and_field_and_logged_once(
+    client_of: ClientOf, caplog: pytest.LogCaptureFixture
+) -> None:
+    node, client = await client_of(Limits())
+    ep = client.endpoint
+    bad = {"pipeline": "p", "stage": "zero", "argv": ["cat"], "protocol": PIPELINE_PROTOCOL}
+    for _ in range(3):
+        with pytest.raises(RequestFailed) as refused:
+            await ep.request(f"alpha/{CTL}", "negotiate", bad, timeout=WAIT_S)
+        assert refused.value.body == {"code": BAD_REQUEST, "field": "stage"}
+    with pytest.raises(RequestFailed) as refused:
+        await ep.request(f"alpha/{CTL}", "exit", {"pipeline": "p"}, timeout=WAIT_S)  # a report is checked too
+    assert refused.value.body["field"] == "stage"
+    with pytest.raises(RequestFailed) as refused:
+        await ep.request(f"alpha/{CTL}", "teleport", {}, timeout=WAIT_S)
+    assert refused.value.body["code"] == UNKNOWN_METHOD
+    assert node.control is not None and node.control.malformed["negotiate"] == 3
+    logged = [r for r in caplog.records if r.levelno == logging.WARNING and "refused negotiate" in r.getMessage()]
+    assert len(logged) == 1
+    reply = await call(ep, "alpha", InfoRequest())  # the node still answers
+    assert isinstance(reply, InfoReply) and reply.node == "alpha" and reply.nodes[0].source == "self"
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "code"),
+    [
+        ("cat |", SYNTAX),
+        ("cat@nowhere", PLACEMENT),
+        ("no-such-program-anywhere", REFUSED),
+        (" | ".join(["cat"] * 3), LIMIT),
+    ],
+)
+async def test_a_refused_run_says_why_by_code(client_of: ClientOf, pipeline: str, code: str) -> None:
+    _node, client = await client_of(Limits(max_stages=2))
+    with pytest.raises(ControlError) as refused:
+        await call(client.endpoint, "alpha", RunRequest(pipeline=pipeline, protocol=PIPELINE_PROTOCOL))
+    assert refused.value.code == code
+
+
+async def test_the_first_stage_removes_bootstrap_dirs_of_dead_nodes(client_of: ClientOf) -> None:
+    import tempfile
+
+    from dpipes.nodes.pipes import BOOTSTRAP_DIR_PREFIX
+
+    dead = await asyncio.create_subprocess_exec("true")  # a pid that has exited and been reaped
+    await dead.wait()
+    stale = Path(tempfile.gettempdir()) / f"{BOOTSTRAP_DIR_PREFIX}{dead.pid}-test-node"
+    stale.mkdir()
+    _node, client = await client_of(Limits())
+    ep = client.endpoint
+    await ep.request(f"alpha/{CTL}", "negotiate", negotiate_body("p3", ["true"]), timeout=WAIT_S)
+    wiring = {"stdout_to": ep.addr, "stderr_to": ep.addr, "report_to": []}
+    drain = asyncio.create_task(drain_streams(ep))
+    await ep.request(f"alpha/{CTL}", "start", {"pipeline": "p3", "stage": 0, **wiring}, timeout=WAIT_S)
+    await until(lambda: not stale.exists())
+    drain.cancel()
+
+
+async def test_info_lists_a_static_peer_that_never_answered_by_its_endpoint_and_down() -> None:
+    import socket
+    from types import MappingProxyType
+
+    from dpipes.nodes.config import HostPort
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = NodeConfig(name="alpha", nodes=MappingProxyType({"ghost": HostPort("127.0.0.1", port)}))
+    async with Node(config, listen="tcp://127.0.0.1:0") as node, Client(node.ipc_endpoint) as client:
+        reply = await call(client.endpoint, "alpha", InfoRequest())
+        assert isinstance(reply, InfoReply)
+        me, ghost = reply.nodes
+        assert (me.name, me.source, me.up) == ("alpha", "self", True)
+        assert (ghost.endpoint, ghost.source, ghost.up) == (f"tcp://127.0.0.1:{port}", "static", False)
+        assert set(node.table()) == {"alpha"}  # placement sees only nodes that are linked
