@@ -173,6 +173,11 @@ def _parser() -> argparse.ArgumentParser:
         " message lines taken out of its stderr or stdout (the rest of the stream flows on)",
     )
     pipes.add_argument(
+        "--pipes-stdio",
+        action="store_true",
+        help="every stage's stderr, and the last stage's stdout, also as Pipes log_external_stream messages",
+    )
+    pipes.add_argument(
         "--pipes-json", metavar="FILE", help="write each stage's context, then every message, as JSON lines"
     )
     parser.add_argument("--version", action=VersionAction)
@@ -222,6 +227,8 @@ def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser, co
             if value not in choices:
                 parser.error(f"{flag} {item!r}: use one of {', '.join(choices)} (optionally after N:)")
             options[key] = value
+    if args.pipes_stdio:
+        every["stdio"] = True
     if stages:
         every["stages"] = stages
     return every

@@ -30,8 +30,9 @@ suites:
   pipes   10k log + 10k custom Dagster Pipes messages from an external Python process, end to end
           to the client (rate), and 1000 paced messages (latency p50/p99), against Dagster's own
           path; also the same program with dpipes' bus message writer under open_pipes_session
-          (pipes.bus_writer_*) (needs dagster: pip install dagster, or pip install -e '.[bench]'
-          in a dpipes checkout)
+          (pipes.bus_writer_*), and as a Dagster asset materialized with DpipesPipesClient against
+          PipesSubprocessClient (pipes.dagster_asset_*) (needs dagster: pip install dagster, or
+          pip install -e '.[bench]' in a dpipes checkout)
   peers   dpipes beside the peers a user would pick instead, two processes on loopback:
           Zenoh (1 MiB with shared memory off and on, 64 B rate and CPU per message, 64 B round
           trip) and dora-rs via `dora run` (one 64 MB Arrow batch, 100 x 10k-row batches, with its
