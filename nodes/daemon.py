@@ -29,8 +29,14 @@ Stopping: SIGTERM or SIGINT closes the node gracefully (``node.aclose()``, which
 stages) within :data:`STOP_TIMEOUT_S`; past that the daemon exits anyway. A second SIGINT exits at
 once. Either way the daemon removes its pid file and gives up its claims (see
 :mod:`dpipes.nodes.paths`; a daemon killed with SIGKILL leaves files that the next one on the same
-name removes). :func:`stop_daemon` sends SIGTERM to the pid in the pid file and waits for the
-process to be gone.
+name removes). :func:`stop_daemon` sends SIGTERM to the pid in the pid file, once
+:func:`paths.check_holder <dpipes.nodes.paths.check_holder>` has confirmed that this pid is the
+process holding the name's lock (a rewritten pid file or a reused pid is refused, not signalled),
+and waits for the process to be gone.
+
+Runtime files are owner-only whatever the umask: the node binds its sockets under umask 077, the
+daemon checks them (:func:`paths.secure_sockets <dpipes.nodes.paths.secure_sockets>`) before it
+writes its pid file and says it is ready, and the pid, lock and log files are created 0600.
 """
 
 from __future__ import annotations
@@ -240,6 +246,10 @@ class _Run:
 
     def _listening(self, node: ServingNode, ready: Callable[[str, str], None]) -> None:
         assert self.own is not None
+        try:
+            paths.secure_sockets(self.bound)
+        except RuntimeDirError as exc:
+            raise DaemonError(f"node {node.name}: {exc}") from exc
         pid_file = self.own.write_pid()
         if self.local:
             self.local.write_pid()
@@ -292,7 +302,13 @@ class _Run:
         except DpipesError as exc:  # the configuration refused (an exposed listen address, ...)
             raise DaemonError(str(exc)) from exc
         try:
-            await node.__aenter__()
+            # Sockets get their mode from the umask at bind time: bind under 077, so that no
+            # socket is ever reachable by others, even for the moment before secure_sockets().
+            umask = os.umask(0o077)
+            try:
+                await node.__aenter__()
+            finally:
+                os.umask(umask)  # stages inherit the daemon's own umask, not ours
         except Exception as exc:
             log.debug("node %s: start failed", name, exc_info=True)
             await _close(node)
@@ -481,7 +497,8 @@ def _daemon(run: _Run, log_level: str, pipe: _ReadyPipe) -> None:  # pragma: no 
     try:
         os.chdir("/")  # hold no directory busy (an unmount, a deleted checkout)
         os.umask(0o022)
-        log_fd = os.open(run.files.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log_fd = os.open(run.files.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        os.fchmod(log_fd, 0o600)  # one left by an older run may have another mode
         null_fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null_fd, 0)
         os.dup2(log_fd, 1)
@@ -544,6 +561,10 @@ def stop_daemon(
         return 0
     if pid is None:
         print(f"dpipesd: node {name} is starting and its pid is not known yet; try again", file=err)
+        return 1
+    problem = paths.check_holder(files, pid)
+    if problem is not None:
+        print(f"dpipesd: refusing to signal pid {pid} as node {name}: {problem}", file=err)
         return 1
     try:
         os.kill(pid, signal.SIGTERM)

@@ -44,7 +44,7 @@ examples:
 
 files, in the runtime directory: --runtime-dir DIR, else ${paths.RUNTIME_DIR_ENV}, else
 $XDG_RUNTIME_DIR/dpipes, else /tmp/dpipes-UID (created with mode 0700; refused if another user
-owns it or others can write to it):
+owns it or others can write to it; every file in it is owner-only whatever the umask):
   NAME.pid        the daemon's pid, written once the node listens
   NAME.log        the log of a background daemon (a foreground one logs to stderr)
   NAME.sock       the node's ipc endpoint for local clients; NAME-tap.sock is its tap
@@ -52,7 +52,8 @@ owns it or others can write to it):
                   'dpipes' connects to it. The name 'local' is reserved.
   NAME.lock       held while the daemon runs; it decides whether NAME is taken
 
-stopping: dpipesd --stop [--name NAME], or kill $(cat RUNTIME_DIR/NAME.pid). SIGTERM or Ctrl-C
+stopping: dpipesd --stop [--name NAME], or kill $(cat RUNTIME_DIR/NAME.pid); --stop signals the pid
+only if it is the process holding NAME.lock (a rewritten pid file is refused). SIGTERM or Ctrl-C
 stops the node gracefully (running stages are cancelled) within {daemon.STOP_TIMEOUT_S:.0f} s; a
 second Ctrl-C exits at once. A daemon killed with SIGKILL leaves files; the next start cleans them.
 

@@ -183,7 +183,7 @@ def test_stale_local_claim_is_recovered(tmp_path: Path) -> None:
     local = paths.claim_local(where, "beta")
     assert local
     assert not (where / "local.pid").exists() and not (where / "local.sock").exists()
-    assert (where / "local.lock").read_text() == f"{os.getpid()} beta\n"
+    assert (where / "local.lock").read_text() == f"{os.getpid()} beta {paths.process_start_time(os.getpid())}\n"
     local.release()
 
 
