@@ -23,6 +23,7 @@ from tests.nodes.test_daemon import DEADLINE_S, dpipesd, env, wait_for
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
 
+
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory every user may traverse (pytest's own tmp_path is private to root)."""
