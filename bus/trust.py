@@ -82,6 +82,7 @@ __all__ = [
     "TrustStore",
     "UnknownNode",
     "parse_fingerprint_or_key",
+    "program_rule",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,14 +204,19 @@ class AuthorizedKey:
         who = f"key {self.fingerprint}" + (f" ({self.comment})" if self.comment else "")
         return who + (f" [{self.where}]" if self.where else "")
 
-    def format(self) -> str:
-        """The line that :meth:`AuthorizedKeys.parse` reads back as this entry."""
+    def options(self) -> str:
+        """The options field of this entry's line ("" for a key with no rights)."""
         options = [r.option() for r in self.rules]
         if self.tap:
             options.append("tap")
         if self.any:
             options.append("any")
-        words = [",".join(options)] if options else []
+        return ",".join(options)
+
+    def format(self) -> str:
+        """The line that :meth:`AuthorizedKeys.parse` reads back as this entry."""
+        options = self.options()
+        words = [options] if options else []
         words += [KEY_TYPE, self.key.z85]
         if self.comment:
             words.append(self.comment)
@@ -259,7 +265,8 @@ def _scan_options(line: str, where: str) -> tuple[list[tuple[str, str | None]], 
         return options, line[i:].strip()
 
 
-def _program_rule(name: str, value: str | None, where: str) -> ProgramRule:
+def program_rule(name: str, value: str | None, where: str) -> ProgramRule:
+    """The rule of option ``name`` (``run``, ``exact``, ``plugin``) with ``value``; ``where`` names it in errors."""
     if value is None:
         raise TrustFileError(f'{where}: option {name} needs a value: {name}="PROG ..."')
     try:
@@ -295,18 +302,19 @@ def _parse_key_line(line: str, where: str) -> AuthorizedKey:
         key = PublicKey.parse(words[1])
     except ValueError as e:
         raise TrustFileError(f"{where}: {e}") from None
-    entry = AuthorizedKey(key=key, comment=words[2].strip() if len(words) > 2 else "", where=where)
     rules: list[ProgramRule] = []
+    flags: set[str] = set()
     for name, value in options:
         if name in ("run", "exact", "plugin"):
-            rules.append(_program_rule(name, value, where))
+            rules.append(program_rule(name, value, where))
         elif name in ("tap", "any"):
             if value is not None:
                 raise TrustFileError(f"{where}: option {name} takes no value")
-            entry = replace(entry, **{name: True})
+            flags.add(name)
         else:
             raise TrustFileError(f"{where}: unknown option {name!r}; known: run, exact, plugin, tap, any")
-    return replace(entry, rules=tuple(rules))
+    comment = words[2].strip() if len(words) > 2 else ""
+    return AuthorizedKey(key, comment, tuple(rules), tap="tap" in flags, any="any" in flags, where=where)
 
 
 def _lines(text: str, source: str) -> Iterable[tuple[str, str]]:
