@@ -250,9 +250,14 @@ def _keys(argv: list[str]) -> int:
             client, created = ring.client()
             if created:
                 print(f"created your client key pair in {ring.dir}", file=sys.stderr)
-            for label, pair in (("client", client), ("node", ring.node())):
+            node_pair = ring.node()
+            for label, pair in (("client", client), ("node", node_pair)):
                 if pair is not None:
                     print(f"{label}  {pair.fingerprint}\n        key {pair.public}\n        file {pair.public_path}")
+            quoted = shlex.quote(client.public.z85)
+            print(f"a node admits this client with: dpipes keys trust {quoted} --comment NAME --run 'PROG ...'")
+            if node_pair is not None:
+                print(f"other hosts trust this node with: dpipes keys pin NAME {shlex.quote(node_pair.public.z85)}")
             return 0
         if verb == "list":
             clients = ring.authorized().entries

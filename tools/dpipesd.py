@@ -22,6 +22,7 @@ FLAG_OF_KEY = {  # the flag behind each configuration key it sets, for --print-c
     "insecure": "--insecure",
     "interfaces": "--interface",
     "nodes": "--peer",
+    "key_dir": "--key-dir",
 }
 EXIT_NOT_RUNNING = 3  # --status of a stopped node, as LSB init scripts answer
 
@@ -132,6 +133,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(LOG_LEVELS)} (default INFO)",
     )
     run.add_argument("--runtime-dir", metavar="DIR", help="where pid, log and socket files go (see below)")
+    run.add_argument(
+        "--key-dir",
+        metavar="DIR",
+        help="the node's key pair and trust files (default: $DPIPES_KEY_DIR, else $XDG_CONFIG_HOME/dpipes); "
+        "the pair is created on the first start",
+    )
     control = parser.add_mutually_exclusive_group()
     control.add_argument("--stop", action="store_true", help="stop the running daemon of --name (or the default name)")
     control.add_argument("--status", action="store_true", help="say whether the daemon of --name is running")
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None)
         overrides["insecure"] = True
     if args.interface:
         overrides["interfaces"] = list(args.interface)
+    if args.key_dir:
+        overrides["key_dir"] = str(Path(args.key_dir).absolute())
     try:
         if args.peer:
             overrides["nodes"] = _peers(args.peer)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dpipes.bus.keys import load_keypair
 from dpipes.nodes import paths
 from dpipes.nodes.daemon import stop_daemon
 from dpipes.nodes.paths import RuntimeDirError
@@ -75,10 +76,13 @@ def modes(where: Path) -> dict[str, int]:
     return {p.name: stat.S_IMODE(p.lstat().st_mode) for p in where.iterdir() if not p.is_symlink()}
 
 
-def start_real_foreground(rt: Path, umask: int) -> subprocess.Popen[bytes]:
+def start_real_foreground(rt: Path, umask: int, *args: str) -> subprocess.Popen[bytes]:
     """The real ``dpipesd --foreground`` (node alpha) under ``umask``, once it said it is ready."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", "alpha", "--listen", "127.0.0.1:0"],
+        [
+            *[sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", "alpha"],
+            *["--listen", "127.0.0.1:0", *args],
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env(DPIPES_RUNTIME_DIR=str(rt)),
@@ -98,8 +102,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def test_runtime_files_are_owner_only_under_umask_000(shared_dir: Path) -> None:
     rt = shared_dir / "rt"
-    proc = start_real_foreground(rt, umask=0o000)
+    proc = start_real_foreground(rt, 0o000, "--key-dir", str(shared_dir / "keys"))
     try:
+        assert proc.stdout is not None
+        pair = load_keypair(shared_dir / "keys", "node")  # created by this first start
+        assert proc.stdout.readline().decode().startswith(f"node key {pair.fingerprint}; ")
+        assert modes(shared_dir / "keys") == {"node.key_secret": 0o600, "node.key": 0o644}
+        assert stat.S_IMODE((shared_dir / "keys").stat().st_mode) == 0o700
         found = modes(rt)
         for name in ("local.sock", "local-tap.sock", "local-fds.sock", "alpha.pid", "local.pid", "alpha.lock"):
             assert name in found, sorted(found)
