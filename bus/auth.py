@@ -40,6 +40,7 @@ from dpipes.bus.trust import Identity, TrustStore
 
 __all__ = [
     "REFUSAL_LOG_INTERVAL_S",
+    "TAP_ZAP_DOMAIN",
     "ZAP_DOMAIN",
     "Gatekeeper",
     "HubSecurity",
@@ -49,6 +50,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ZAP_DOMAIN = b"dpipes"
+TAP_ZAP_DOMAIN = b"dpipes-tap"  # the tap XPUB: a CURVE key needs the 'tap' right, not only to be known
+MAX_SEEN_KEYS = 10_000  # admitted keys remembered by fingerprint; keys are free to make, so bounded
 REFUSAL_LOG_INTERVAL_S = 60.0  # a refused peer retries every reconnect interval; say so once a minute
 LOCAL_USER_PREFIX = "uid:"
 ZAP_VERSION = b"1.0"
@@ -102,7 +105,13 @@ class Gatekeeper(AsyncioAuthenticator):
         self.admitted = 0
         self.refused = 0
         self._last_logged: dict[str, float] = {}
-        self.configure_curve_callback(ZAP_DOMAIN.decode(), credentials_provider=self)
+        self._seen: dict[str, PublicKey] = {}
+        for domain in (ZAP_DOMAIN, TAP_ZAP_DOMAIN):
+            self.configure_curve_callback(domain.decode(), credentials_provider=self)
+
+    def key_of(self, fingerprint: str) -> PublicKey | None:
+        """The full key of an admitted peer, by the fingerprint its messages carry as ``User-Id``."""
+        return self._seen.get(fingerprint)
 
     # pyzmq calls this (as the credentials provider) with the client's Z85 key
     def callback(self, domain: str, key_z85: bytes) -> bool:
@@ -110,11 +119,20 @@ class Gatekeeper(AsyncioAuthenticator):
             key = PublicKey.parse(key_z85)
         except ValueError:
             return self._refuse(repr(key_z85[:48]), "malformed key")
-        decision = self.security.store().admits(key)
-        if not decision.allowed:
-            return self._refuse(key.fingerprint, decision.reason)
+        store = self.security.store()
+        if domain == TAP_ZAP_DOMAIN.decode():
+            entry = store.clients.get(key.fingerprint)
+            if entry is None or not (entry.tap or entry.any):
+                return self._refuse(key.fingerprint, "may not tap this node (no 'tap' in authorized_keys)")
+        else:
+            decision = store.admits(key)
+            if not decision.allowed:
+                return self._refuse(key.fingerprint, decision.reason)
+            log.debug("node %s: admitted %s", self.node, decision.reason)
+        if len(self._seen) >= MAX_SEEN_KEYS:
+            self._seen.clear()
+        self._seen[key.fingerprint] = key
         self.admitted += 1
-        log.debug("node %s: admitted %s", self.node, decision.reason)
         return True
 
     def curve_user_id(self, client_public_key: bytes) -> str:

@@ -122,10 +122,12 @@ class Identity:
     """For KEY: the key's fingerprint (the ZAP ``User-Id``)."""
     uid: int | None = None
     """For LOCAL_USER: the peer's uid."""
+    node: str = ""
+    """For KEY: the peer node this key is pinned to, when the key is a node's (a hub link)."""
 
     def __str__(self) -> str:
         if self.kind is IdentityKind.KEY:
-            return f"key {self.fingerprint}"
+            return f"node {self.node} (key {self.fingerprint})" if self.node else f"key {self.fingerprint}"
         if self.kind is IdentityKind.LOCAL_USER:
             return f"local uid {self.uid}"
         return "an unauthenticated caller (insecure)"
@@ -133,6 +135,10 @@ class Identity:
     @classmethod
     def key(cls, fingerprint: str) -> Identity:
         return cls(IdentityKind.KEY, fingerprint=fingerprint)
+
+    @classmethod
+    def peer_node(cls, node: str, fingerprint: str) -> Identity:
+        return cls(IdentityKind.KEY, fingerprint=fingerprint, node=node)
 
     @classmethod
     def local_user(cls, uid: int) -> Identity:

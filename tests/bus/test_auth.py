@@ -15,7 +15,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from dpipes.bus.auth import ZAP_DOMAIN, Gatekeeper, HubSecurity, identity_from_user_id
+from dpipes.bus.auth import TAP_ZAP_DOMAIN, ZAP_DOMAIN, Gatekeeper, HubSecurity, identity_from_user_id
 from dpipes.bus.keys import KeyPair, PublicKey, load_or_create_keypair
 from dpipes.bus.trust import AuthorizedKey, AuthorizedKeys, IdentityKind, KnownNodes, TrustStore
 
@@ -205,3 +205,43 @@ def test_identity_from_user_id() -> None:
     assert identity_from_user_id("uid:x") is None
     local = identity_from_user_id("uid:1000")
     assert local is not None and local.uid == 1000
+
+
+async def test_tap_domain_admits_only_keys_with_the_tap_right(tmp_path: Path) -> None:
+    alpha, alice, watcher = (pair(tmp_path / n, "client") for n in ("alpha", "alice", "watcher"))
+    store = TrustStore(
+        AuthorizedKeys((AuthorizedKey(alice.public, "alice"), AuthorizedKey(watcher.public, "watcher", tap=True))),
+        KnownNodes(),
+    )
+    ctx = zmq.asyncio.Context()
+    gate = Gatekeeper(ctx, HubSecurity(alpha, store), node="alpha")
+    gate.start()
+    tap = ctx.socket(zmq.XPUB)
+    tap.linger = 0
+    tap.zap_domain = TAP_ZAP_DOMAIN
+    tap.curve_secretkey = alpha.secret_z85.encode()
+    tap.curve_publickey = alpha.public.z85.encode()
+    tap.curve_server = True
+    tap.bind("tcp://127.0.0.1:0")
+    try:
+        subscribers = []
+        for me in (alice, watcher):  # alice first: a subscription that arrives is the watcher's
+            sub = ctx.socket(zmq.SUB)
+            sub.linger = 0
+            sub.curve_secretkey = me.secret_z85.encode()
+            sub.curve_publickey = me.public.z85.encode()
+            sub.curve_serverkey = alpha.public.z85.encode()
+            sub.connect(tap.last_endpoint.decode())
+            sub.subscribe(me.fingerprint.encode())
+            subscribers.append(sub)
+            if me is alice:
+                await until(lambda: gate.refused >= 1, "alice to be refused the tap")
+        first = await asyncio.wait_for(tap.recv(), DEADLINE_S)
+        assert first == b"\x01" + watcher.fingerprint.encode()
+        assert gate.key_of(watcher.fingerprint) == watcher.public and gate.key_of(alice.fingerprint) is None
+        for sub in subscribers:
+            sub.close()
+    finally:
+        tap.close(0)
+        gate.stop()
+        ctx.term()
