@@ -11,17 +11,22 @@ Rules:
   ignored. An empty instance id means "not known yet" (a static seed before its first HELLO) and
   matches any id.
 * An entry remembers every source that vouches for it. Content (endpoints, programs, ...) comes
-  from the highest-ranked source: ``self`` > ``mdns`` > ``static`` > ``gossip``; so mDNS beats
-  gossip when both know a node, and a lower-ranked source only adds itself to the set.
+  from the highest-ranked source: ``self`` > ``linked`` > ``mdns`` > ``static`` > ``gossip``; so
+  mDNS beats gossip when both know a node, and a lower-ranked source only adds itself to the set.
+  ``linked`` is the hub's live link to the node: what the node said of itself in its HELLO, over
+  a link whose heartbeats prove it is there, outranks what its mDNS records said.
 * ``goodbye`` (mDNS goodbye or removal) withdraws the ``mdns`` and ``gossip`` claims: an entry that
-  is also static stays (static entries are never removed by mDNS absence); only the hub's heartbeat
-  verdict, ``lost``, removes a static entry.
+  is also static or linked stays (static entries are never removed by mDNS absence; a live link
+  outlasts a lossy multicast cache); only the hub's heartbeat verdict, ``lost``, removes a static
+  entry.
 * ``expire`` ages out gossip claims not refreshed within ``ttl_s``. mDNS entries are not aged
   here: zeroconf reports their absence (goodbye or cache expiry) as a removal, which the mDNS layer
   turns into ``goodbye``.
 * After ``goodbye``/``lost`` the instance id is tombstoned for ``ttl_s`` (purged by ``expire``), so
   gossip still carrying that incarnation cannot resurrect it; first-hand sources (mDNS, static)
   can.
+* ``withdraw`` takes back one source's claim (a link went down, a rumour was dropped); the entry
+  goes when no claim is left. It leaves no tombstone: it says nothing about an incarnation.
 * The ``self`` entry is never removed or overwritten by other sources.
 * Ordering is stable: ``records()`` is sorted by name, and batch events (``merge_gossip``,
   ``expire``) are processed in name order.
@@ -36,12 +41,12 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal
 
-Source = Literal["self", "mdns", "static", "gossip"]
+Source = Literal["self", "linked", "mdns", "static", "gossip"]
 ChangeKind = Literal["added", "updated", "removed"]
 
-SOURCES: tuple[Source, ...] = ("self", "mdns", "static", "gossip")
+SOURCES: tuple[Source, ...] = ("self", "linked", "mdns", "static", "gossip")
 # Higher rank wins as the displayed source and as the origin of an entry's content.
-SOURCE_RANK: Mapping[str, int] = MappingProxyType({"self": 3, "mdns": 2, "static": 1, "gossip": 0})
+SOURCE_RANK: Mapping[str, int] = MappingProxyType({"self": 4, "linked": 3, "mdns": 2, "static": 1, "gossip": 0})
 
 
 def new_instance_id() -> str:
@@ -101,7 +106,7 @@ class NodeChange:
     for ``added`` the source that taught us the node; for ``updated`` one of ``restarted`` (newer
     instance id), ``changed`` (content), ``source`` (only the best source changed), ``goodbye``
     (a static entry lost its mDNS claim); for ``removed``
-    one of ``goodbye``, ``lost``, ``expired``.
+    one of ``goodbye``, ``lost``, ``expired``; after :meth:`NodeTable.withdraw`, the reason given.
     """
 
     kind: ChangeKind
@@ -157,6 +162,11 @@ class NodeTable:
         """Every source currently vouching for ``name`` (empty if unknown)."""
         entry = self._entries.get(name)
         return frozenset(entry.last_seen) if entry else frozenset()
+
+    def seen_at(self, name: str, source: Source) -> float | None:
+        """When ``source`` last vouched for ``name``, or None if it does not."""
+        entry = self._entries.get(name)
+        return entry.last_seen.get(source) if entry else None
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -272,6 +282,25 @@ class NodeTable:
             self._tombstones[name] = (old.instance_id, max(entry.last_seen.values()))
         del self._entries[name]
         return [NodeChange("removed", old, "lost")]
+
+    def withdraw(self, name: str, source: Source, reason: str) -> list[NodeChange]:
+        """``source`` no longer vouches for ``name``; the entry goes when no source is left.
+
+        ``reason`` is the change's reason. The ``self`` entry is never withdrawn.
+        """
+        entry = self._entries.get(name)
+        if entry is None or "self" in entry.last_seen or source not in entry.last_seen:
+            return []
+        old = entry.record
+        del entry.last_seen[source]
+        if not entry.last_seen:
+            del self._entries[name]
+            return [NodeChange("removed", old, reason)]
+        entry.content_rank = min(entry.content_rank, SOURCE_RANK[self._best(entry)])
+        entry.record = replace(old, source=self._best(entry))
+        if entry.record.source == old.source:
+            return []
+        return [NodeChange("updated", entry.record, reason, old)]
 
     def expire(self, now: float, ttl_s: float) -> list[NodeChange]:
         """Drop gossip claims older than ``ttl_s`` and tombstones older than ``ttl_s``."""

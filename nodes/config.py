@@ -37,7 +37,7 @@ Keys::
 
     [limits]
     max_stages = 64                 # stages one pipeline may have
-    credit_bytes = 4194304          # per-edge flow-control window
+    credit_bytes = 16777216         # window of each stream into a stage here (at least 8 MiB)
 
 :attr:`NodeConfig.origins` says which source set each key; :func:`format_config` shows the
 effective configuration as TOML, each value with where it came from (``dpipesd --print-config``).
@@ -46,6 +46,8 @@ A bad source is a :class:`~dpipes.bus.errors.ConfigError` naming the file (or "c
 key and the problem: unknown keys (with a did-you-mean), wrong types, bad ``HOST:PORT`` values, and
 invalid TOML (with its line and column).
 """
+
+# About 590 lines, one job: the key table above, its checkers, and where each value came from.
 
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from dpipes.bus.codec import INITIAL_CREDIT_BYTES
 from dpipes.bus.errors import ConfigError
 from dpipes.nodes.pipeline import check_node_name
 
@@ -84,7 +87,9 @@ XDG_CONFIG_HOME = "$XDG_CONFIG_HOME"
 XDG_CONFIG_DEFAULT = "~/.config"  # the XDG base directory specification's default
 CONFIG_PATHS_ENV = "DPIPES_CONFIG_PATHS"
 DEFAULT_PORT = 5757
-MIN_CREDIT_BYTES = 64 << 10  # one data chunk: a smaller window could never let a chunk through
+# Every bus stream opens with the protocol's initial credit, which a receiver cannot take back: a
+# smaller window could not be enforced, so it is refused rather than silently raised.
+MIN_CREDIT_BYTES = INITIAL_CREDIT_BYTES
 COMMAND_LINE = "command line"
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -152,7 +157,7 @@ class Limits:
     """Per-node limits."""
 
     max_stages: int = 64
-    credit_bytes: int = 4 << 20
+    credit_bytes: int = INITIAL_CREDIT_BYTES  # the window of each stream into a stage on this node
 
 
 @dataclass(frozen=True, slots=True)

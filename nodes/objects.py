@@ -6,6 +6,9 @@ msgpack batches. This module is the pure part: it parses what a program prints
 batches (:func:`pack_batch`, :func:`unpack_batch`) and stamps metadata (:func:`with_metadata`).
 No I/O, no asyncio; the stage pumps call it.
 
+Its length (about 800 lines) is one job's: the limits below are the point of this module, and
+the parser, the writer and the batch codec share them and the error that names stage and line.
+
 Objects
     An object is a ``dict`` with ``str`` keys whose values are ``None``, ``bool``, ``int`` (at most
     ``MAX_INT_DIGITS`` decimal digits), ``float`` (NaN and infinities included), ``str`` (valid

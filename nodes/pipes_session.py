@@ -36,7 +36,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from dpipes.bus.hub import Hub
 from dpipes.bus.pipes import MAX_LINE_BYTES, PIPES_CONTEXT_ENV_VAR, PIPES_MESSAGES_ENV_VAR, encode_bootstrap
@@ -52,6 +52,9 @@ from dpipes.nodes.pipes import (
     PipesLineSplitter,
     PipesRecord,
 )
+
+if TYPE_CHECKING:
+    from dpipes.nodes.protocol import RunReply
 
 __all__ = [
     "PipesBusMessageReader",
@@ -480,8 +483,8 @@ async def run_pipes(
     contexts: dict[int, Mapping[str, Any]] = {}
     handlers: dict[int, PipesMessageHandler] = collections.defaultdict(PipesMessageHandler)
 
-    def started(reply: Mapping[str, Any]) -> None:
-        contexts.update((int(s["index"]), s.get("context", {})) for s in reply["stages"])
+    def started(reply: RunReply) -> None:
+        contexts.update((s.index, s.context) for s in reply.stages)
 
     def on_pipes(index: int, frame: bytes) -> None:
         item = json.loads(frame)

@@ -8,6 +8,11 @@ computes (the command documents them):
 * ``EXIT_DPIPES_FAILED`` (125) when dpipes itself failed: a refusal, a lost node, a bus error,
   a stage whose data could not be moved (output that is not objects in an object mode);
 * ``EXIT_INTERRUPTED`` (130) after Ctrl-C cancelled every stage.
+
+Why this module is over 500 lines: the client side of a run is about 500 of them; the rest
+(``entry_from``, ``local_daemon``, ``embedded_node``, ``known_nodes``) is how a command finds its
+entry node, which belongs in :mod:`dpipes.nodes.entry` and moves there once the work under way in
+that module has landed (moving it now would collide with it).
 """
 
 from __future__ import annotations
@@ -30,19 +35,43 @@ from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.fdpass import hand_over
-from dpipes.nodes.protocol import CTL, PIPELINE_PROTOCOL, current_user
+from dpipes.nodes.protocol import (
+    CTL,
+    PIPELINE_PROTOCOL,
+    RUN_TIMEOUT_S,
+    UNKNOWN_METHOD,
+    CancelRequest,
+    ControlError,
+    ExitReport,
+    FailedReport,
+    InfoReply,
+    InfoRequest,
+    NodeEntry,
+    RunReply,
+    RunRequest,
+    call,
+    current_user,
+    parse_request,
+)
 
 log = logging.getLogger(__name__)
 
 EXIT_DPIPES_FAILED = 125
 EXIT_INTERRUPTED = 130
-RUN_TIMEOUT_S = 60.0  # negotiation and start across every node (version probes included)
 CANCEL_WAIT_S = 15.0  # after Ctrl-C or a failure: how long we wait for the stages' exit reports
 STDIN_CHUNK_BYTES = 256 * 1024
 
 
 class RunFailed(DpipesError):
-    """The pipeline could not run, or failed as a whole (refusal, lost node); the message says why."""
+    """The pipeline could not run, or failed as a whole (refusal, lost node); the message says why.
+
+    ``code`` is the entry node's error code (:mod:`dpipes.nodes.protocol`, *Errors*) when it
+    answered with one, else "".
+    """
+
+    def __init__(self, message: str, *, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +97,8 @@ class StageResult:
     signal: int = 0
     status: str = "did not report"
     sigpipe: bool = False
-    error: str = ""
+    error: str = ""  # what went wrong moving its data (the output is then incomplete)
+    cancelled: str = ""  # why it was cancelled (Ctrl-C, a failed neighbour, a lost node, ...)
     stderr_tail: str = ""
     reported: bool = False
     materializations: list[str] = dataclasses.field(default_factory=list)
@@ -88,6 +118,8 @@ class StageResult:
             text += " (its reader finished early)"
         if self.error and not self.sigpipe:
             text += f" ({self.error})"
+        elif self.cancelled and not self.sigpipe:
+            text += f" (cancelled: {self.cancelled})"
         if self.pipes_exception:
             text += f" (Pipes closed with {self.pipes_exception})"
         return text
@@ -189,7 +221,7 @@ async def run_pipeline(
     stdin_fd: int = 0,
     stdout_fd: int = 1,
     stderr_fd: int = 2,
-    on_started: Callable[[dict[str, Any]], None] | None = None,
+    on_started: Callable[[RunReply], None] | None = None,
     on_pipes: Callable[[int, bytes], None] | None = None,
     handle_sigint: bool = True,
 ) -> RunResult:
@@ -226,7 +258,7 @@ class _Run:
         stdin_fd: int,
         stdout_fd: int,
         stderr_fd: int,
-        on_started: Callable[[dict[str, Any]], None] | None,
+        on_started: Callable[[RunReply], None] | None,
     ) -> None:
         self.ep = ep
         self.options = options
@@ -245,51 +277,53 @@ class _Run:
         self.on_pipes: Callable[[int, bytes], None] | None = None  # each Pipes frame as it arrives
         self.local_fds: str | None = None  # the token of our stdin/stdout, handed to the entry node
         self._starting: asyncio.Future[Any] | None = None  # the run request, until answered
+        self.refused_reports = 0  # reports to us that were not of their method's shape
 
     async def run(self, handle_sigint: bool) -> RunResult:
-        body = {
-            "pipeline": self.options.pipeline,
-            "mode": self.options.mode,
-            "stdin": self.options.stdin,
-            "require": list(self.options.require),
-            "protocol": PIPELINE_PROTOCOL,
-            "user": current_user(),
-            "pipes": dict(self.options.pipes),
-        }
-        if self.local_fds:
-            body["local_fds"] = self.local_fds
+        request = RunRequest(
+            pipeline=self.options.pipeline,
+            protocol=PIPELINE_PROTOCOL,
+            mode=self.options.mode,
+            stdin=self.options.stdin,
+            require=tuple(self.options.require),
+            user=current_user(),
+            pipes=dict(self.options.pipes),
+            local_fds=self.local_fds or "",
+        )
         loop = asyncio.get_running_loop()
         if handle_sigint:  # before asking: a Ctrl-C while the nodes start the stages is not lost
             loop.add_signal_handler(signal.SIGINT, self._interrupt)
         try:
-            return await self._started(body)
+            return await self._started(request)
         finally:
             if handle_sigint:
                 loop.remove_signal_handler(signal.SIGINT)
 
-    async def _started(self, body: dict[str, Any]) -> RunResult:
-        self._starting = asyncio.ensure_future(self.ep.request(self.ctl, "run", body, timeout=RUN_TIMEOUT_S))
+    async def _started(self, request: RunRequest) -> RunResult:
+        self._starting = asyncio.ensure_future(call(self.ep, self.ctl, request, timeout=RUN_TIMEOUT_S))
         try:
-            reply = await self._starting
-        except BusError as exc:
-            raise RunFailed(_clean(str(exc), self.ctl)) from None
+            reply: RunReply = await self._starting
+        except ControlError as exc:  # refused, with its code
+            raise RunFailed(str(exc), code=exc.code) from None
+        except BusError as exc:  # no answer
+            raise RunFailed(str(exc)) from None
         except asyncio.CancelledError:
             if not self.interrupted or not self._starting.cancelled():
                 raise
             return RunResult("", [], EXIT_INTERRUPTED, "interrupted before the pipeline started")  # twice
-        self.pipeline = reply["pipeline"]
-        self.stages = [StageResult(s["index"], s["node"], list(s["argv"])) for s in reply["stages"]]
+        self.pipeline = reply.pipeline
+        self.stages = [StageResult(s.index, s.node, list(s.argv)) for s in reply.stages]
         if self.options.pipes_json:
             self.pipes_json = open(self.options.pipes_json, "w", encoding="utf-8")  # noqa: ASYNC230 (once, at start; closed in run)
-            for s in reply["stages"]:
-                self._json_line({"stage": s["index"], "node": s["node"], "context": s.get("context", {})})
+            for s in reply.stages:
+                self._json_line({"stage": s.index, "node": s.node, "context": s.context})
         if self.on_started is not None:
             self.on_started(reply)
         if self.interrupted:  # Ctrl-C came while the stages were starting: cancel them now
             self._cancel_for_interrupt()
         tasks = [asyncio.create_task(self._accept()), asyncio.create_task(self._control())]
-        if self.options.stdin and not reply.get("stdin_direct"):  # else the first stage reads our stdin itself
-            tasks.append(asyncio.create_task(self._feed_stdin(reply["stages"][0]["addr"])))
+        if self.options.stdin and not reply.stdin_direct:  # else the first stage reads our stdin itself
+            tasks.append(asyncio.create_task(self._feed_stdin(reply.stages[0].addr)))
         try:
             await self._done.wait()
             if self._readers:
@@ -302,7 +336,7 @@ class _Run:
                 reader.cancel()
             if self.pipes_json is not None:
                 self.pipes_json.close()
-        broken = [s for s in self.stages if s.error and not s.sigpipe and not s.error.startswith("cancelled")]
+        broken = [s for s in self.stages if s.error and not s.sigpipe]
         if self.interrupted:
             code = EXIT_INTERRUPTED
         elif self.error or broken:  # a stage's data could not be moved: the output is not complete
@@ -364,10 +398,8 @@ class _Run:
         self._readers.add(asyncio.create_task(self._cancel("interrupted by the user (Ctrl-C)")))
 
     async def _cancel(self, reason: str) -> None:
-        with contextlib.suppress(BusError):
-            await self.ep.request(
-                self.ctl, "cancel", {"pipeline": self.pipeline, "reason": reason}, timeout=CANCEL_WAIT_S
-            )
+        with contextlib.suppress(DpipesError):  # the node is gone, or refused: the reports say the rest
+            await call(self.ep, self.ctl, CancelRequest(pipeline=self.pipeline, reason=reason), timeout=CANCEL_WAIT_S)
 
     def _check_done(self) -> None:
         if all(s.reported for s in self.stages):
@@ -380,31 +412,50 @@ class _Run:
                 msg = await self.ep.recv()
                 if not isinstance(msg, codec.Request):
                     continue
-                self.ep.reply(msg, {})
-                body = msg.body
-                if body.get("pipeline") != self.pipeline:
+                try:
+                    report = parse_request(msg.method, msg.body)
+                    if not isinstance(report, ExitReport | FailedReport):
+                        raise ControlError(UNKNOWN_METHOD, f"a dpipes client takes no {msg.method!r} request")
+                except ControlError as exc:
+                    self._refuse(msg, exc)
                     continue
-                if msg.method == "exit":
-                    index = int(body["stage"])
-                    if 0 <= index < len(self.stages):
-                        stage = self.stages[index]
-                        stage.code, stage.signal = int(body["code"]), int(body["signal"])
-                        stage.status, stage.sigpipe = str(body["status"]), bool(body["sigpipe"])
-                        stage.error, stage.stderr_tail = str(body["error"]), str(body.get("stderr_tail", ""))
-                        stage.reported = True
-                        self._check_done()
-                elif msg.method == "failed" and not self.error:
-                    self.error = str(body.get("error", "the pipeline failed"))
-                    for index in body.get("lost", []):
-                        if isinstance(index, int) and 0 <= index < len(self.stages):
-                            lost = self.stages[index]
-                            lost.status, lost.reported = f"lost with node {lost.node}", True
-                    asyncio.get_running_loop().call_later(CANCEL_WAIT_S, self._done.set)
-                    self._check_done()
+                self.ep.reply(msg, {})
+                if report.pipeline != self.pipeline:
+                    continue
+                if isinstance(report, ExitReport):
+                    self._on_exit(report)
+                elif not self.error:
+                    self._on_failed(report)
         except BusError as exc:  # our node is gone: nothing more will come
             if not self.error:
-                self.error = _clean(str(exc), self.ctl)
+                self.error = str(exc)
             self._done.set()
+
+    def _refuse(self, msg: codec.Request, exc: ControlError) -> None:
+        """Answer a report that is not of its method's shape (coded); logged once per run."""
+        self.ep.reply(msg, exc.body(), error=str(exc))
+        self.refused_reports += 1
+        level = logging.WARNING if self.refused_reports == 1 else logging.DEBUG
+        log.log(level, "refused a %s report from %s: %s", msg.method[:64], msg.src, exc)
+
+    def _on_exit(self, report: ExitReport) -> None:
+        if not 0 <= report.stage < len(self.stages):
+            return
+        stage = self.stages[report.stage]
+        stage.code, stage.signal, stage.status = report.code, report.signal, report.status
+        stage.sigpipe = report.sigpipe
+        stage.error, stage.cancelled, stage.stderr_tail = report.error, report.cancelled, report.stderr_tail
+        stage.reported = True
+        self._check_done()
+
+    def _on_failed(self, report: FailedReport) -> None:
+        self.error = report.error or "the pipeline failed"
+        for index in report.lost:
+            if 0 <= index < len(self.stages):
+                lost = self.stages[index]
+                lost.status, lost.reported = f"lost with node {lost.node}", True
+        asyncio.get_running_loop().call_later(CANCEL_WAIT_S, self._done.set)
+        self._check_done()
 
     async def _accept(self) -> None:
         last = self.stages[-1]
@@ -483,11 +534,6 @@ def _stage_index(addr: str) -> int:
         return -1
 
 
-def _clean(message: str, ctl: str) -> str:
-    prefix = f"run at {ctl} failed: "
-    return message[len(prefix) :] if message.startswith(prefix) else message
-
-
 LOCAL_PROBE_TIMEOUT_S = 1.0  # a live local daemon answers ATTACH at once
 STATIC_PEER_WAIT_S = 2.0  # an embedded node gives its configured peers this long to link
 
@@ -542,16 +588,19 @@ async def embedded_node() -> Any:
         yield node
 
 
-async def known_nodes(entry: str) -> list[dict[str, Any]]:
-    """Every node the node at ``entry`` knows: name, endpoint, programs, source, last seen, up.
+async def known_nodes(entry: str) -> list[NodeEntry]:
+    """Every node the node at ``entry`` knows (itself first): name, endpoint, programs, source,
+    last seen, up.
 
     Raises:
-        RunFailed: nothing answers at ``entry``.
+        RunFailed: nothing answers at ``entry``, or not as a node does.
     """
     try:
         async with Client(entry) as client:
-            reply = await client.endpoint.request(f"{client.endpoint.node}/{CTL}", "info", timeout=RUN_TIMEOUT_S)
+            ep = client.endpoint
+            reply: InfoReply = await call(ep, f"{ep.node}/{CTL}", InfoRequest(), timeout=RUN_TIMEOUT_S)
+    except ControlError as exc:
+        raise RunFailed(f"cannot ask the dpipes node at {entry}: {exc}", code=exc.code) from None
     except BusError as exc:
         raise RunFailed(f"cannot ask the dpipes node at {entry}: {exc}") from None
-    nodes: list[dict[str, Any]] = reply.get("nodes", [])
-    return nodes
+    return list(reply.nodes)

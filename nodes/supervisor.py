@@ -22,6 +22,10 @@ Unix pipe semantics are kept on purpose:
 :meth:`StageProcess.terminate` signals the whole process group (``SIGTERM``, then ``SIGKILL``
 after ``TERMINATE_GRACE_S``), so grandchildren a stage forked die with it. The :class:`Supervisor`
 owns every stage of a node and terminates them all, bounded, in ``aclose()``.
+
+Its length (about 770 lines) is one job's, kept whole on purpose: fork, pump, watch, reap and kill
+share the process group, the pidfd and the pipe ends, and their edge cases are explained where
+they happen.
 """
 
 from __future__ import annotations

@@ -64,6 +64,10 @@ pipes:
   1 if nothing else failed). A stage that never opens Pipes is an ordinary program.
   --pipes-json FILE records, per stage, the context it got, then every message as received.
 
+plugins:
+  dpipes plugin new NAME writes a plugin package (a Python class over Arrow tables, its entry
+  point, a test with the harness); dpipes plugin list lists the installed ones.
+
 keys:
   dpipes keys [show|list|trust|untrust|pin] shows your key's fingerprint and manages whom your
   node trusts; see dpipes keys --help.
@@ -306,8 +310,65 @@ def _keys(argv: list[str]) -> int:
         return 1
 
 
+def _plugin_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpipes plugin",
+        description="Write and list dpipes plugins: Python classes that process Arrow tables.",
+        epilog="Running plugins as pipeline stages on nodes comes with the node's plugin worker.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{new,list}")
+    new = verbs.add_parser(
+        "new",
+        help="write a pip-installable plugin package (class, entry point, a test with the harness)",
+        description="Write a small plugin package: pyproject.toml with the dpipes.plugins entry point, "
+        "the plugin class, and a test using the harness. Then: pip install -e DIR; python -m pytest DIR.",
+    )
+    new.add_argument("name", metavar="NAME", help="the plugin's name: lower-case letters, digits, - or _ (e.g. upper)")
+    new.add_argument("--dir", metavar="DIR", help="where to write it (default: ./dpipes-plugin-NAME); must be empty")
+    listing = verbs.add_parser("list", help="list the plugins installed here (entry point group dpipes.plugins)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per plugin")
+    return parser
+
+
+def _plugin_main(argv: list[str]) -> int:
+    """``dpipes plugin new|list``: thin over dpipes.nodes.plugins.scaffold and .registry."""
+    args = _plugin_parser().parse_args(argv)
+    if args.verb == "new":
+        from dpipes.nodes.plugins.scaffold import ScaffoldError, new_plugin
+
+        try:
+            root = new_plugin(args.name, args.dir)
+        except ScaffoldError as exc:
+            print(f"dpipes: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"wrote plugin {args.name} in {root}/; next:")
+        print(f"  pip install -e {shlex.quote(str(root))}    # then 'dpipes plugin list' shows it")
+        print(f"  python -m pytest {shlex.quote(str(root))}  # its test, with the harness")
+        return 0
+    from dpipes.nodes.plugins.registry import installed_plugins
+
+    plugins = installed_plugins()
+    if not plugins and not args.json:
+        print(  # stderr: stdout stays a table a script can read
+            "dpipes: no plugins installed here (entry point group dpipes.plugins); see: dpipes plugin new",
+            file=sys.stderr,
+        )
+        return 0
+    if args.json:
+        for name, info in plugins.items():
+            print(json.dumps({"name": name, "reference": info.reference, "version": info.version}))
+        return 0
+    rows = [("PLUGIN", "VERSION", "REFERENCE"), *((n, i.version, i.reference) for n, i in plugins.items())]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plugin"]:  # a subcommand; a program named plugin runs as dpipes 'plugin ARGS'
+        return _plugin_main(argv[1:])
     if argv[:1] == ["keys"]:  # a subcommand; a program named keys runs as dpipes 'keys ' or './keys'
         try:
             return _keys(argv[1:])
@@ -402,18 +463,18 @@ async def _nodes(args: argparse.Namespace) -> int:
     nodes = await _entry_and_run(args, run.known_nodes)
     if args.mode == "json":
         for node in nodes:
-            print(json.dumps(node))
+            print(json.dumps(node.to_body()))
         return 0
     if args.mode == "yaml":
         import yaml
 
-        print(yaml.safe_dump_all(nodes, sort_keys=False), end="")
+        print(yaml.safe_dump_all([n.to_body() for n in nodes], sort_keys=False), end="")
         return 0
     rows = [("NODE", "ENDPOINT", "PROGRAMS", "LEARNED FROM", "LAST SEEN", "")]
     for n in nodes:
-        seen = "now" if n["source"] == "self" else f"{n['last_seen_s']:.1f} s ago"
-        programs = ",".join(n["programs"]) or "-"
-        rows.append((n["name"], n["endpoint"], programs, n["source"], seen, "" if n["up"] else "down"))
+        seen = "now" if n.source == "self" else f"{n.last_seen_s:.1f} s ago"
+        programs = ",".join(n.programs) or "-"
+        rows.append((n.name, n.endpoint, programs, n.source, seen, "" if n.up else "down"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -438,7 +499,7 @@ async def _run(args: argparse.Namespace) -> int:
     if result.error:
         print(f"dpipes: {result.error}", file=sys.stderr)
     for stage in result.stages:
-        if args.status or (stage.error and not stage.sigpipe and not result.error and "cancelled" not in stage.error):
+        if args.status or (stage.error and not stage.sigpipe and not result.error):
             print(f"dpipes: {stage.describe()}", file=sys.stderr)
         if summary := stage.pipes_summary():
             print(f"dpipes: stage {stage.index} {stage.argv[0]}@{stage.node}: {summary}", file=sys.stderr)

@@ -183,3 +183,30 @@ def test_instance_ids_of_later_starts_compare_greater(monkeypatch: pytest.Monkey
     second = new_instance_id()
     assert len(first) == 20 and first.isalnum()
     assert second > first
+
+
+def test_linked_outranks_mdns_and_survives_an_mdns_goodbye() -> None:
+    t = NodeTable()
+    t.seen(rec(programs=("old",)), "mdns", 1.0)
+    changes = t.seen(rec(programs=("sort", "uniq")), "linked", 2.0)
+    assert kinds(changes) == [("updated", "beta", "changed")]
+    assert changes[0].record.source == "linked"
+    # mDNS cache expiry while the link is up: the link still vouches, its content stays.
+    assert kinds(t.goodbye("beta", OLD)) == []
+    got = t.get("beta")
+    assert got is not None and got.programs == ("sort", "uniq") and t.sources("beta") == {"linked"}
+
+
+def test_withdraw_takes_back_one_claim_and_removes_the_last_without_a_tombstone() -> None:
+    t = NodeTable()
+    t.seen(rec(), "static", 1.0)
+    t.seen(rec(), "linked", 2.0)
+    assert t.seen_at("beta", "linked") == 2.0 and t.seen_at("beta", "mdns") is None
+    assert kinds(t.withdraw("beta", "linked", "unlinked")) == [("updated", "beta", "unlinked")]
+    got = t.get("beta")
+    assert got is not None and got.source == "static"
+    assert t.withdraw("beta", "linked", "unlinked") == []  # no such claim
+    assert kinds(t.withdraw("beta", "static", "dropped")) == [("removed", "beta", "dropped")]
+    assert kinds(t.merge_gossip([rec()], via="gamma", now=3.0)) == [("added", "beta", "gossip")]
+    t.seen(rec("alpha"), "self", 0.0)
+    assert t.withdraw("alpha", "self", "x") == [] and "alpha" in t

@@ -44,7 +44,7 @@ version = "9.1"
 
 [limits]
 max_stages = 8
-credit_bytes = 1048576
+credit_bytes = 16777216
 """
 
 
@@ -82,7 +82,7 @@ def test_every_key(tmp_path: Path) -> None:
         "sort": AppConfig(version="9.1", path="/opt/coreutils/bin/sort"),
         "uniq": AppConfig(version="9.1"),
     }
-    assert config.limits == Limits(max_stages=8, credit_bytes=1 << 20)
+    assert config.limits == Limits(max_stages=8, credit_bytes=16 << 20)
     assert config.sources == (str(path),)
 
 
@@ -105,7 +105,7 @@ def test_later_sources_win_and_tables_merge(tmp_path: Path) -> None:
         tmp_path / "user.rc",
         'name = "usr"\nallow = ["c"]\n[nodes]\ngamma = "g:1"\nbeta = "b2:2"\n[apps.sort]\nversion = "9.1"\n',
     )
-    given = write(tmp_path / "given.toml", "[limits]\ncredit_bytes = 131072\n")
+    given = write(tmp_path / "given.toml", "[limits]\ncredit_bytes = 33554432\n")
     config = load_config(
         config_file=given,
         search_paths=[system, tmp_path / "missing.conf", user],
@@ -120,7 +120,7 @@ def test_later_sources_win_and_tables_merge(tmp_path: Path) -> None:
         "delta": HostPort("d", 4),
     }
     assert config.apps["sort"] == AppConfig(version="9.1", path="/usr/bin/sort")
-    assert config.limits == Limits(max_stages=9, credit_bytes=131072)
+    assert config.limits == Limits(max_stages=9, credit_bytes=32 << 20)
     assert config.sources == (str(system), str(user), str(given), "command line")
 
 
@@ -206,7 +206,7 @@ def test_a_bad_system_file_is_named(tmp_path: Path) -> None:
         ('[apps."bin/sort"]\nversion = "1"', "key 'apps.bin/sort': the table name must be a program name"),
         ("[limits]\nmax_stages = 0", "key 'limits.max_stages': must be at least 1, got 0"),
         ("[limits]\nmax_stages = true", "key 'limits.max_stages': expected an integer, got boolean True"),
-        ("[limits]\ncredit_bytes = 1000", "key 'limits.credit_bytes': must be at least 65536, got 1000"),
+        ("[limits]\ncredit_bytes = 1048576", "key 'limits.credit_bytes': must be at least 8388608, got 1048576"),
         ('metadata_key = ""', "key 'metadata_key': must not be empty"),
     ],
 )

@@ -16,7 +16,7 @@ from dpipes.bus import codec
 from dpipes.bus.client import Client
 from dpipes.bus.hub import Hub
 from dpipes.bus.pipes import PIPES_CONTEXT_ENV_VAR, PIPES_MESSAGES_ENV_VAR, encode_bootstrap
-from dpipes.nodes import pipes as pipes_module
+from dpipes.nodes import pipes_readers as pipes_module
 from dpipes.nodes.pipes import PipesBadLine, PipesBusReader, PipesFifoReader, PipesLine, PipesRecord, make_context_data
 from tests.nodes.test_pipes_channel import spawned
 

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpipes.bus.pipes import PIPES_METADATA_TYPES, decode_bootstrap, load_pipes_schema
-from dpipes.nodes import pipes as pipes_module
+from dpipes.nodes import pipes_readers as pipes_module
 from dpipes.nodes.pipes import (
     PipesBadLine,
     PipesBootstrapError,

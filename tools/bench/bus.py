@@ -2,7 +2,13 @@
 
 Each measurement runs a receiver in a child process (``python -m dpipes.tools.bench.bus ROLE``, which
 prints its address on stdout and serves until stdin closes) and a sender here. Results are
-``Result`` rows: the dpipes figure, the baseline figure and their ratio (higher is better).
+``Result`` rows: the dpipes figure, the baseline figure and their ratio (higher is better; for
+latencies the ratio is baseline / dpipes, so still higher is better).
+
+The round trip (d): one 64-byte REQUEST from an endpoint of a hub here to the sink endpoint of the
+child's hub over TCP, answered by a REPLY carrying the same body, awaited before the next; against
+a raw pyzmq DEALER sending 64 bytes to a ROUTER that sends them back. p50 and p99 of each run's
+round trips, in microseconds.
 """
 
 from __future__ import annotations
@@ -18,15 +24,20 @@ from typing import Any
 
 import zmq
 
+from dpipes.bus import codec
+from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.hub import Hub
 from dpipes.tools.bench.result import Result, result
 
+ROUND_TRIPS = 5000  # per run: enough for a p99 from 50 samples above it
+ROUND_TRIP_TIMEOUT_S = 10.0  # one echo on loopback; longer means the far end is gone
+
 
 @contextlib.contextmanager
-def child(role: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """Run ``python -m dpipes.tools.bench.bus ROLE`` and yield it with the address it printed."""
+def child(role: str, *args: str, module: str = "dpipes.tools.bench.bus") -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run ``python -m MODULE ROLE`` and yield it with the address it printed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dpipes.tools.bench.bus", role, *args],
+        [sys.executable, "-m", module, role, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -47,7 +58,7 @@ def child(role: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
             proc.wait()
 
 
-def _serve_until_stdin_closes(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+def serve_until_stdin_closes(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
     done: asyncio.Future[None] = loop.create_future()
 
     def on_stdin() -> None:
@@ -62,11 +73,19 @@ def _serve_until_stdin_closes(loop: asyncio.AbstractEventLoop) -> asyncio.Future
 # -- receivers (child processes) -------------------------------------------------------------
 
 
+async def answer_echo(endpoint: Endpoint) -> None:
+    """Reply to every REQUEST that reaches ``endpoint`` with its own body: the far end of a round trip."""
+    while True:
+        msg = await endpoint.recv()
+        if isinstance(msg, codec.Request):
+            endpoint.reply(msg, msg.body)
+
+
 async def _serve_dpipes() -> None:
     async with Hub("bench-sink") as hub:
         sink = hub.endpoint("sink")
         print(hub.tcp_endpoint, flush=True)
-        done = _serve_until_stdin_closes(asyncio.get_running_loop())
+        done = serve_until_stdin_closes(asyncio.get_running_loop())
 
         async def drain() -> None:
             while True:
@@ -74,9 +93,10 @@ async def _serve_dpipes() -> None:
                 while await stream.read() is not None:
                     pass
 
-        task = asyncio.create_task(drain())
+        tasks = [asyncio.create_task(drain()), asyncio.create_task(answer_echo(sink))]
         await done
-        task.cancel()
+        for task in tasks:
+            task.cancel()
 
 
 def _serve_raw() -> None:
@@ -101,6 +121,30 @@ def _serve_raw() -> None:
                     break
                 if data.bytes == b"end":
                     router.send_multipart([ident, b"done"])
+    router.close()
+    ctx.term()
+
+
+def _serve_raw_echo() -> None:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    print(f"tcp://127.0.0.1:{port}", flush=True)
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(0, zmq.POLLIN)
+    while True:
+        events = dict(poller.poll())
+        if 0 in events and not os.read(0, 4096):
+            break
+        if router in events:
+            while True:
+                try:
+                    frames = router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                router.send_multipart(frames)
     router.close()
     ctx.term()
 
@@ -167,6 +211,87 @@ def measure_messages(
     return ours, raw
 
 
+# -- (d) round trip ----------------------------------------------------------------------------
+
+
+def raw_round_trips(addr: str, payload: bytes, count: int) -> list[float]:
+    """Seconds of each of ``count`` echoes of ``payload`` over a raw pyzmq DEALER->ROUTER pair."""
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, int(ROUND_TRIP_TIMEOUT_S * 1000))
+    dealer.connect(addr)
+    try:
+        dealer.send(payload)
+        dealer.recv()  # connected, and the far end answers
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            dealer.send(payload)
+            dealer.recv()
+            times.append(time.perf_counter() - start)
+        return times
+    finally:
+        dealer.close()
+        ctx.term()
+
+
+async def dpipes_round_trips(hub: Hub, dst: str, payload: bytes, count: int) -> list[float]:
+    """Seconds of each of ``count`` REQUEST/REPLY round trips carrying ``payload`` to ``dst``."""
+    src = hub.endpoint(f"rt-{time.monotonic_ns()}")
+    try:
+        body = {"p": payload}
+        await src.request(dst, "echo", body, timeout=ROUND_TRIP_TIMEOUT_S)  # warm: the route is up
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            await src.request(dst, "echo", body, timeout=ROUND_TRIP_TIMEOUT_S)
+            times.append(time.perf_counter() - start)
+        return times
+    finally:
+        src.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, by the nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def round_trip_benchmarks(repeat: int, progress: Callable[[str], None], count: int) -> list[Result]:
+    """(d): 64-byte round trips, dpipes REQUEST/REPLY against a raw pyzmq echo; p50 and p99 in us."""
+    payload = os.urandom(64)
+    ours: dict[int, list[float]] = {50: [], 99: []}
+    theirs: dict[int, list[float]] = {50: [], 99: []}
+    with child("raw-echo") as (_proc, raw_addr), child("dpipes") as (_proc2, bus_addr):
+
+        async def run_dpipes() -> list[float]:
+            async with Hub("bench-source") as hub:
+                await hub.connect_peer(bus_addr)
+                await dpipes_round_trips(hub, "bench-sink/sink", payload, max(1, count // 10))  # warm up
+                return await dpipes_round_trips(hub, "bench-sink/sink", payload, count)
+
+        raw_round_trips(raw_addr, payload, max(1, count // 10))  # warm up
+        for _ in range(repeat):
+            raw = raw_round_trips(raw_addr, payload, count)
+            bus = asyncio.run(run_dpipes())
+            for q in ours:
+                theirs[q].append(percentile(raw, q) * 1e6)
+                ours[q].append(percentile(bus, q) * 1e6)
+            progress(".")
+    return [
+        result(
+            f"bus.roundtrip_64B_p{q}",
+            "us",
+            ours[q],
+            "raw pyzmq DEALER->ROUTER echo",
+            theirs[q],
+            higher_is_better=False,
+        )
+        for q in (50, 99)
+    ]
+
+
 # -- (c) Arrow ---------------------------------------------------------------------------------
 
 ARROW_WINDOW_BYTES = 64 * 1024 * 1024  # room for several 16 MiB parts of a large batch in flight
@@ -197,7 +322,7 @@ async def _serve_arrow_sink() -> None:
     async with Hub("bench-sink") as hub:
         sink = hub.endpoint("sink", window=ARROW_WINDOW_BYTES)
         print(hub.tcp_endpoint, flush=True)
-        done = _serve_until_stdin_closes(asyncio.get_running_loop())
+        done = serve_until_stdin_closes(asyncio.get_running_loop())
 
         async def drain() -> None:
             while True:
@@ -238,13 +363,13 @@ def flight_get(addr: str, name: str) -> tuple[float, int]:
     return elapsed, table.nbytes
 
 
-async def dpipes_arrow_send(hub: Hub, batches: list[Any]) -> float:
+async def dpipes_arrow_send(hub: Hub, batches: list[Any], dst: str = "bench-sink/sink") -> float:
     """Seconds to stream ``batches`` to the sink process until it acknowledged the end."""
     from dpipes.bus.arrow_stream import ArrowStreamWriter
 
     src = hub.endpoint(f"src-{time.monotonic_ns()}")
     try:
-        writer = ArrowStreamWriter(src.open_stream("bench-sink/sink"), batches[0].schema)
+        writer = ArrowStreamWriter(src.open_stream(dst), batches[0].schema)
         start = time.perf_counter()
         await writer.write_all(batches)
         await writer.close(timeout=120)
@@ -282,7 +407,7 @@ def arrow_benchmarks(repeat: int, progress: Callable[[str], None], scale: int = 
 def bus_benchmarks(
     *, repeat: int = 5, quick: bool = False, progress: Callable[[str], None] = lambda s: None
 ) -> list[Result]:
-    """Benchmarks (a), (b) and (c) of the bus."""
+    """Benchmarks (a), (b), (c) and (d) of the bus."""
     scale = 10 if quick else 1
     results = []
     ours, raw = measure_messages(1 << 20, 2000 // scale, repeat, progress)
@@ -299,6 +424,7 @@ def bus_benchmarks(
     ours, raw = measure_messages(64, 300_000 // scale, repeat, progress)
     results.append(result("bus.rate_64B", "msg/s", ours, "raw pyzmq DEALER->ROUTER", raw, target=0.3))
     results.extend(arrow_benchmarks(repeat, progress, scale))
+    results.extend(round_trip_benchmarks(repeat, progress, ROUND_TRIPS // scale))
     return results
 
 
@@ -309,6 +435,8 @@ def main(argv: list[str]) -> None:
         asyncio.run(_serve_dpipes())
     elif role == "raw":
         _serve_raw()
+    elif role == "raw-echo":
+        _serve_raw_echo()
     elif role == "arrow-sink":
         asyncio.run(_serve_arrow_sink())
     elif role == "flight":

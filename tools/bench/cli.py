@@ -18,6 +18,7 @@ suites:
           (b) 64-byte messages on the same path, against the same raw pyzmq pair
           (c) Arrow record batches between two processes (one ~1M x 8 batch; a stream of
               10k-row batches), against pyarrow.flight do_get over loopback
+          (d) 64-byte round trip p50/p99, REQUEST/REPLY between two hubs, against a raw pyzmq echo
   pipe    1 GiB of `cat FILE | cat` with the stages on two local daemons, output to /dev/null,
           against sh -c 'cat FILE | cat > /dev/null'; and the wall time of
           `dpipes 'echo x | cat'` with a running daemon, against sh -c 'echo x | cat'
@@ -28,6 +29,11 @@ suites:
           path; also the same program with dpipes' bus message writer under open_pipes_session
           (pipes.bus_writer_*) (needs dagster: pip install dagster, or pip install -e '.[bench]'
           in a dpipes checkout)
+  peers   dpipes beside the peers a user would pick instead, two processes on loopback:
+          Zenoh (1 MiB with shared memory off and on, 64 B rate and CPU per message, 64 B round
+          trip) and dora-rs via `dora run` (one 64 MB Arrow batch, 100 x 10k-row batches, with its
+          default and a large shared-memory pool); each row shows arrived/sent for both sides
+          (needs eclipse-zenoh, dora-rs, dora-rs-cli: pip install -e '.[peers]' in a checkout)
 
 Every figure is the median of --repeat runs, beside its baseline measured in the same run;
 ratio = dpipes / baseline (higher is better). The machine is shared and noisy: compare ratios
@@ -59,6 +65,10 @@ def _suite(name: str) -> Callable[..., list[Result]]:
         from dpipes.tools.bench.pipes import pipes_benchmarks
 
         return pipes_benchmarks
+    if name == "peers":
+        from dpipes.tools.bench.peers import peers_benchmarks
+
+        return peers_benchmarks
     raise AssertionError(name)
 
 
@@ -69,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", choices=["bus", "pipe", "pipes", "discovery"], help="what to measure")
+    parser.add_argument("suite", choices=["bus", "pipe", "pipes", "peers", "discovery"], help="what to measure")
     parser.add_argument(
         "--nodes", type=int, default=8, metavar="N", help="discovery: daemons on the LAN (default 8; root only)"
     )

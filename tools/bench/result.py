@@ -32,14 +32,30 @@ class Result:
     baseline_samples: tuple[float, ...]
     target: float | None = None  # the ratio we aim for, where the issue sets one
     higher_is_better: bool = True
+    # (arrived, sent) summed over every sample, where the suite counts what the receiver got
+    # (messages, replies, Arrow arrays): a figure from a run that lost data says so beside it.
+    delivered: tuple[int, int] | None = None
+    baseline_delivered: tuple[int, int] | None = None
 
     @property
     def ratio(self) -> float:
-        if not self.baseline_value or not self.value:
+        return self._ratio(self.value, self.baseline_value)
+
+    def _ratio(self, value: float, baseline_value: float) -> float:
+        if not baseline_value or not value:
             return 0.0
-        return self.value / self.baseline_value if self.higher_is_better else self.baseline_value / self.value
+        return value / baseline_value if self.higher_is_better else baseline_value / value
 
     def as_json(self) -> dict[str, Any]:
+        counts: dict[str, Any] = {}
+        if len(self.samples) == len(self.baseline_samples) > 1:
+            # Interleaved suites take sample i of both sides back to back: the spread of those pairs.
+            pairs = [self._ratio(v, b) for v, b in zip(self.samples, self.baseline_samples, strict=True)]
+            counts |= {"ratio_min": round(min(pairs), 3), "ratio_max": round(max(pairs), 3)}
+        if self.delivered is not None:
+            counts |= {"delivered": self.delivered[0], "sent": self.delivered[1]}
+        if self.baseline_delivered is not None:
+            counts |= {"baseline_delivered": self.baseline_delivered[0], "baseline_sent": self.baseline_delivered[1]}
         return {
             "name": self.name,
             "value": self.value,
@@ -52,6 +68,7 @@ class Result:
             "baseline_max": max(self.baseline_samples),
             "ratio": round(self.ratio, 3),
             "target_ratio": self.target,
+            **counts,
         }
 
 
@@ -64,6 +81,8 @@ def result(
     *,
     target: float | None = None,
     higher_is_better: bool = True,
+    delivered: tuple[int, int] | None = None,
+    baseline_delivered: tuple[int, int] | None = None,
 ) -> Result:
     """A ``Result`` from repeated samples: medians, with every sample kept for min/max."""
     return Result(
@@ -76,6 +95,8 @@ def result(
         baseline_samples=tuple(baseline_samples),
         target=target,
         higher_is_better=higher_is_better,
+        delivered=delivered,
+        baseline_delivered=baseline_delivered,
     )
 
 
@@ -93,14 +114,20 @@ def against_target(name: str, unit: str, samples: list[float], target: float) ->
     )
 
 
-def _cells(r: Result) -> list[str]:
+def _count(pair: tuple[int, int] | None) -> str:
+    return "-" if pair is None else f"{pair[0]}/{pair[1]}"
+
+
+def _cells(r: Result, *, counted: bool) -> list[str]:
     flag = "" if r.target is None or r.ratio >= r.target else " (below target)"
+    ours = [r.name, f"{r.value:.4g}", f"{min(r.samples):.4g}", f"{max(r.samples):.4g}"]
+    theirs = [f"{r.baseline_value:.4g}"]
+    if counted:
+        ours.append(_count(r.delivered))
+        theirs += [f"{min(r.baseline_samples):.4g}", f"{max(r.baseline_samples):.4g}", _count(r.baseline_delivered)]
     return [
-        r.name,
-        f"{r.value:.4g}",
-        f"{min(r.samples):.4g}",
-        f"{max(r.samples):.4g}",
-        f"{r.baseline_value:.4g}",
+        *ours,
+        *theirs,
         f"{r.ratio:.2f}x",
         f"{r.target:.2f}x" if r.target is not None else "-",
         f"{r.unit} / {r.baseline}{flag}",
@@ -108,19 +135,30 @@ def _cells(r: Result) -> list[str]:
 
 
 HEADER = ("benchmark", "dpipes", "min", "max", "baseline", "ratio", "target", "unit / baseline")
-LEFT_ALIGNED = {0, len(HEADER) - 1}  # names and text; the figures between are right-aligned
+# Where a suite counts deliveries (the peers), each side shows its range and arrived/sent too.
+COUNTED_HEADER = (
+    "benchmark", "dpipes", "min", "max", "delivered",
+    "baseline", "min", "max", "delivered", "ratio", "target", "unit / baseline",
+)  # fmt: skip
 
 
 def format_table(results: list[Result]) -> str:
-    """The results as a table whose columns are as wide as their widest cell, header included."""
-    rows = [list(HEADER), *(_cells(r) for r in results)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    """The results as a table whose columns are as wide as their widest cell, header included.
+
+    When any result counts what arrived (``delivered``), both sides get min, max and
+    arrived/sent columns.
+    """
+    counted = any(r.delivered is not None or r.baseline_delivered is not None for r in results)
+    header = COUNTED_HEADER if counted else HEADER
+    left_aligned = {0, len(header) - 1}  # names and text; the figures between are right-aligned
+    rows = [list(header), *(_cells(r, counted=counted) for r in results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
 
     def line(row: list[str]) -> str:
         cells = zip(row, widths, strict=True)
         return COLUMN_GAP.join(
-            c.ljust(w) if i in LEFT_ALIGNED else c.rjust(w) for i, (c, w) in enumerate(cells)
+            c.ljust(w) if i in left_aligned else c.rjust(w) for i, (c, w) in enumerate(cells)
         ).rstrip()
 
-    header = line(rows[0])
-    return "\n".join([header, "-" * len(header), *(line(row) for row in rows[1:])])
+    top = line(rows[0])
+    return "\n".join([top, "-" * len(top), *(line(row) for row in rows[1:])])

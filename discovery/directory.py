@@ -1,0 +1,642 @@
+"""The node directory: every node this node knows, from every source, and which hub links it wants.
+
+A plain state machine with no I/O, built on :class:`~dpipes.discovery.table.NodeTable`. The node
+feeds it events and carries out the :data:`Action` list each event returns: :class:`Link` (open
+a hub link to an endpoint) and :class:`Unlink` (drop one). Time is always passed in (monotonic
+seconds), so tests drive it with explicit clocks.
+
+Sources, and what each one may do (ranks as in the table: ``self`` > ``linked`` > ``mdns`` >
+``static`` > ``gossip``; a higher rank supplies an entry's content):
+
+``self`` (:meth:`NodeDirectory.set_self`)
+    This node's own record. Never removed or overwritten; a claim on its name from elsewhere is
+    counted in ``table.conflicts``.
+``static`` (:meth:`~NodeDirectory.add_static`)
+    A configured peer endpoint (``[nodes]``, ``--peer``). Always linked, with ``Link(static=True)``
+    (the hub retries it for ever); never unlinked. Its node's name is learned when the link comes
+    up; until then, and while the link is down, it is listed by endpoint (name ``""`` if never
+    seen), down.
+``mdns`` (:meth:`~NodeDirectory.mdns_seen`, :meth:`~NodeDirectory.mdns_gone`)
+    A node's own advertisement on the LAN. Linked at once unless its name is already linked; a
+    wildcard ``tcp://*:PORT`` endpoint takes the record's first address. Replaces a gossip-learned
+    link to the same name that is not up.
+``gossip`` (:meth:`~NodeDirectory.gossip`)
+    A body ``{"peers": {name: "tcp://host:port"}}`` from a *linked* peer: second-hand, so bounded
+    and checked. The body is validated in full by :func:`parse_gossip` (a map of at most
+    ``MAX_GOSSIP_PEERS`` entries; names as node names, ``NODE_NAME_RE``; endpoints ``tcp://`` with
+    an IPv4, bracketed IPv6 or DNS host that is not a wildcard, and a port 1-65535; other keys of
+    the body are ignored, for later versions). Any fault rejects the whole body: a dpipes node only
+    gossips what it has itself linked to, so a malformed entry means the sender is not one.
+``linked`` (:meth:`~NodeDirectory.link_up`, :meth:`~NodeDirectory.link_info`,
+:meth:`~NodeDirectory.link_down`)
+    The hub's link to a node is up: the node's name, instance, endpoint and HELLO ``info``
+    (``programs``) become its content (``link_info`` updates the programs when the peer's HELLO
+    arrives after the link is up). This covers links the peer opened to us. When the link goes
+    down in order (BYE) the node left: its mDNS and gossip claims go too, and its incarnation is
+    tombstoned, and gossip may not link it again for ``DEPARTED_S`` (first-hand sources may); when
+    it is lost (heartbeats) the table's ``lost`` rule applies, and gossip may bring it back (a
+    lost node may be back; a dead one expires as unreachable). A static peer stays listed
+    either way, down. A link going down yields no ``Unlink``: the hub retries a static link and
+    drops any other one itself.
+
+Rules and bounds:
+
+* Rejections are coded (:data:`RejectCode`), counted in ``rejected[code]`` and logged as a warning
+  once per ``REJECTION_LOG_INTERVAL_S`` per code (at debug otherwise); they never raise. Codes for
+  a whole gossip body: ``not-linked`` (the sender has no link up), ``rate-limited`` (more than one
+  body per ``GOSSIP_MIN_INTERVAL_S`` from one peer; the first after a link comes up always
+  passes), ``not-a-map``, ``too-many-peers``, ``bad-name``, ``bad-endpoint``. Codes for one entry
+  of an accepted body (counted once per entry): ``full`` (the bound below), ``unreachable`` (the
+  endpoint recently failed, see expiry), ``endpoint-taken`` (another node is linked there).
+* At most ``max_known`` nodes besides this one (default ``MAX_KNOWN_NODES``) are admitted from
+  gossip; gossip never evicts anything. First-hand sources (static, mDNS, a link that came up)
+  are always admitted: over the bound, they evict the unlinked gossip-only entries that gossip
+  refreshed least recently, and ``Unlink`` their endpoints. So a flood of made-up peers fills at
+  most ``max_known`` slots and a real peer can always still join.
+* A gossip-learned link that is not up ``UNREACHABLE_EXPIRY_S`` after it was asked for (or after
+  it went down) is unlinked, its gossip claim dropped, and its endpoint refused from gossip for
+  another ``UNREACHABLE_EXPIRY_S``. Static and mDNS links are not expired: the operator or the
+  node itself vouches for them.
+* Gossip claims not refreshed within ``GOSSIP_TTL_S`` are dropped (the table's ``expire``); an
+  entry left with no claim is removed and a link to it that is not up is unlinked.
+* One link per node: when a node's link comes up, every other non-static link wanted for that
+  name and not up is unlinked, and gossip-only names that pointed at that endpoint are dropped.
+* Only what this node has itself linked to is gossiped on (:meth:`~NodeDirectory.gossip_body`):
+  a made-up peer is never spread beyond the first node it was told to.
+
+Queries: :meth:`~NodeDirectory.entries` (what ``dpipes --nodes`` shows),
+:meth:`~NodeDirectory.programs_by_node` (placement: this node and the nodes linked and up),
+:meth:`~NodeDirectory.gossip_body`.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import re
+import reprlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dpipes.bus.codec import PROTOCOL_VERSION
+from dpipes.bus.errors import ConfigError, DpipesError
+from dpipes.discovery.table import SOURCE_RANK, NodeChange, NodeRecord, NodeTable, Source
+from dpipes.discovery.txt import MAX_LIST_ITEMS, NODE_NAME_RE, valid_program_name
+
+log = logging.getLogger(__name__)
+
+# A full mesh of N nodes costs each node about 2(N-1) descriptors (its DEALER to every peer and
+# every peer's connection to its ROUTER) and heartbeats every HEARTBEAT_INTERVAL_S on each link.
+# 64 keeps that near 130 of the usual 1024 soft limit, leaving the rest for stages' pipes; dpipes
+# is meant for the machines of one LAN. A larger cluster passes its own bound.
+MAX_KNOWN_NODES = 64
+# Decode limit of one gossip body: above the default bound, so that a peer configured with a
+# larger bound is still understood; anything longer is refused whole.
+MAX_GOSSIP_PEERS = 256
+# Peers gossip every 2 s (the node's GOSSIP_INTERVAL_S) and once per new link; a quarter of that
+# lets every periodic round through and bounds a hostile peer to 2 bodies (512 entries) a second.
+GOSSIP_MIN_INTERVAL_S = 0.5
+# A reachable peer answers HELLO within milliseconds; five peer timeouts (PEER_TIMEOUT_S = 3 s)
+# give one that is still starting several reconnect rounds, and a made-up one holds its socket
+# no longer than this.
+UNREACHABLE_EXPIRY_S = 15.0
+# Fifteen gossip rounds: a node that every peer stopped mentioning is forgotten within this.
+GOSSIP_TTL_S = 30.0
+# A node that said goodbye is not linked again from gossip for this long: peers that have not yet
+# seen its BYE may mention it for one more round (2 s). Gossip bodies carry no instance ids, so
+# the table's tombstones cannot tell its next incarnation from this one; first-hand sources can.
+DEPARTED_S = 10.0
+# A flood of bad gossip logs one warning per code per minute, the rest at debug.
+REJECTION_LOG_INTERVAL_S = 60.0
+MAX_ENDPOINT_CHARS = 300  # tcp:// + a 253-byte DNS name + :port, with room for brackets
+MAX_PROGRAMS = MAX_LIST_ITEMS  # the programs a peer's HELLO may list; as many as a TXT record
+
+RejectCode = Literal[
+    "not-linked",
+    "rate-limited",
+    "not-a-map",
+    "too-many-peers",
+    "bad-name",
+    "bad-endpoint",
+    "full",
+    "unreachable",
+    "endpoint-taken",
+]
+
+_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
+class GossipRejected(DpipesError, ValueError):
+    """A gossip body (or one entry of it) was refused; ``code`` says why (a :data:`RejectCode`)."""
+
+    def __init__(self, code: RejectCode, message: str) -> None:
+        super().__init__(message)
+        self.code: RejectCode = code
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """Open a hub link to ``endpoint``; ``static``: keep retrying while it is away (``add_peer``)."""
+
+    endpoint: str
+    static: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Unlink:
+    """Drop the hub link to ``endpoint``: it is unreachable, redundant, over the bound or forgotten."""
+
+    endpoint: str
+    reason: str
+
+
+Action = Link | Unlink
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryEntry:
+    """One node as ``dpipes --nodes`` shows it.
+
+    ``source`` is where the node was learned from: the best of self, mdns, static, gossip that
+    vouches for it, or ``linked`` when only its own link does (it connected to us).
+    ``last_seen_s`` is seconds since anything was heard of it.
+    """
+
+    name: str
+    endpoint: str
+    programs: tuple[str, ...]
+    source: Source
+    last_seen_s: float
+    up: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON-able shape of one node in the ``info`` reply."""
+        return {
+            "name": self.name,
+            "endpoint": self.endpoint,
+            "programs": list(self.programs),
+            "source": self.source,
+            "last_seen_s": self.last_seen_s,
+            "up": self.up,
+        }
+
+
+def parse_endpoint(text: object) -> str:
+    """``text`` if it is a ``tcp://HOST:PORT`` a link can be opened to, else raise.
+
+    HOST is an IPv4 address, a bracketed IPv6 address or a DNS name; never a wildcard (``*``,
+    ``0.0.0.0``, ``[::]``). PORT is 1-65535.
+
+    Raises:
+        GossipRejected: code ``bad-endpoint``.
+    """
+    if not isinstance(text, str) or len(text) > MAX_ENDPOINT_CHARS or not text.startswith("tcp://"):
+        raise GossipRejected("bad-endpoint", f"endpoint {_show(text)} is not tcp://HOST:PORT")
+    host, sep, port = text.removeprefix("tcp://").rpartition(":")
+    if not sep or not _PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
+        raise GossipRejected("bad-endpoint", f"endpoint {_show(text)} has no port 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise GossipRejected("bad-endpoint", f"endpoint {_show(text)} has a bad IPv6 address") from None
+    else:
+        try:
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            labels = host.removesuffix(".").split(".")
+            if len(host) > 253 or not all(_HOST_LABEL_RE.fullmatch(label) for label in labels):
+                raise GossipRejected("bad-endpoint", f"endpoint {_show(text)} has a bad host") from None
+            return text
+    if address.is_unspecified or address.is_multicast:
+        raise GossipRejected("bad-endpoint", f"endpoint {_show(text)} is not one host")
+    return text
+
+
+def parse_gossip(body: object) -> dict[str, str]:
+    """The ``{name: endpoint}`` map of a gossip body, validated in full (see the module docstring).
+
+    Raises:
+        GossipRejected: the body is malformed; ``code`` says how.
+    """
+    peers = body.get("peers") if isinstance(body, Mapping) else None
+    if not isinstance(peers, Mapping):
+        raise GossipRejected("not-a-map", "gossip: the body's 'peers' must be a map of node name to endpoint")
+    if len(peers) > MAX_GOSSIP_PEERS:
+        raise GossipRejected("too-many-peers", f"gossip: {len(peers)} peers, more than {MAX_GOSSIP_PEERS}")
+    out: dict[str, str] = {}
+    for name, endpoint in peers.items():
+        if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
+            raise GossipRejected("bad-name", f"gossip: {_show(name)} is not a node name")
+        out[name] = parse_endpoint(endpoint)
+    return out
+
+
+def _show(value: object) -> str:
+    """A short rendering of a hostile value for a message (``reprlib`` bounds nesting and length)."""
+    return reprlib.repr(value)
+
+
+@dataclass(slots=True)
+class _Want:
+    """A link this directory asked for (or that came up by itself)."""
+
+    endpoint: str
+    source: Literal["static", "mdns", "gossip", "inbound"]
+    name: str  # expected (mdns, gossip) or known once up; "" for a static peer never linked
+    since: float  # when it was asked for, or went down
+    up: bool = False
+
+
+class NodeDirectory:
+    """Every node this node knows and the links it wants; see the module docstring.
+
+    Args:
+        name: this node's name.
+        max_known: how many nodes besides this one gossip may fill the directory with.
+    """
+
+    def __init__(self, name: str, *, max_known: int = MAX_KNOWN_NODES) -> None:
+        self.name = name
+        self.max_known = max_known
+        self.table = NodeTable()
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self._wanted: dict[str, _Want] = {}  # endpoint -> the link asked for
+        self._up: dict[str, str] = {}  # node name -> endpoint of its link that is up
+        self._static: dict[str, str] = {}  # configured endpoint -> its node's name once known
+        self._barred: dict[str, float] = {}  # endpoint -> until when gossip may not link it
+        self._last_gossip: dict[str, float] = {}  # linked peer -> when its last body was taken
+        self._departed: dict[str, float] = {}  # node that said goodbye -> until when gossip is ignored
+        self._logged: dict[str, float] = {}  # reject code -> when it was last logged as a warning
+
+    # -- events -----------------------------------------------------------------------------
+
+    def set_self(self, record: NodeRecord, now: float) -> list[Action]:
+        """This node's own record (name, endpoints, programs)."""
+        self.table.seen(record, "self", now)
+        return []
+
+    def add_static(self, endpoint: str, now: float) -> list[Action]:
+        """A configured peer endpoint: linked, and kept linked.
+
+        Raises:
+            ConfigError: ``endpoint`` is not a ``tcp://HOST:PORT`` a link can be opened to.
+        """
+        try:
+            parse_endpoint(endpoint)
+        except GossipRejected as exc:
+            raise ConfigError(f"static peer: {exc}") from None
+        self._static.setdefault(endpoint, "")
+        want = self._wanted.get(endpoint)
+        if want is None:
+            self._wanted[endpoint] = _Want(endpoint, "static", "", now)
+        else:
+            want.source = "static"
+        return [Link(endpoint, static=True)]
+
+    def mdns_seen(self, record: NodeRecord, now: float) -> list[Action]:
+        """mDNS holds ``record`` for a node (new, refreshed or updated)."""
+        endpoint = record.endpoints.get("bus", "")
+        if endpoint.startswith("tcp://*:") and record.addresses:
+            endpoint = f"tcp://{record.addresses[0]}:{endpoint.rpartition(':')[2]}"
+            record = NodeRecord(
+                record.name,
+                record.instance_id,
+                record.protocol_version,
+                {**record.endpoints, "bus": endpoint},
+                record.addresses,
+                record.programs,
+                record.plugins,
+            )
+        self.table.seen(record, "mdns", now)
+        if record.name == self.name:
+            return []
+        self._departed.pop(record.name, None)
+        actions: list[Action] = []
+        try:
+            parse_endpoint(endpoint)
+        except GossipRejected:
+            log.debug("node %s: mDNS record of %s has no usable bus endpoint %r", self.name, record.name, endpoint)
+        else:
+            if record.name not in self._up:
+                actions += self._drop_wants(record.name, "replaced by its mDNS endpoint", keep=endpoint, only="gossip")
+                want = self._wanted.get(endpoint)
+                if want is None:
+                    self._wanted[endpoint] = _Want(endpoint, "mdns", record.name, now)
+                    actions.append(Link(endpoint))
+                elif want.source == "gossip":
+                    want.source = "mdns"  # first-hand now: no longer expires as a rumour
+        return actions + self._evict_over_bound()
+
+    def mdns_gone(self, name: str, instance_id: str, now: float) -> list[Action]:
+        """mDNS says ``name`` (incarnation ``instance_id``) left, or its records expired."""
+        return self._forget_unlinked(self.table.goodbye(name, instance_id), "gone from mDNS")
+
+    def gossip(self, via: str, body: object, now: float) -> list[Action]:
+        """A gossip body from the linked peer ``via``. Never raises: rejections are counted.
+
+        Returns:
+            ``Link`` for each node newly admitted whose endpoint is not linked yet, ``Unlink``
+            for the rumour a new endpoint of the same node replaces.
+        """
+        if via not in self._up:
+            return self._reject("not-linked", via, f"gossip from {_show(via)}, which has no link up", now)
+        last = self._last_gossip.get(via)
+        if last is not None and now - last < GOSSIP_MIN_INTERVAL_S:
+            return self._reject("rate-limited", via, f"gossip from {via} {now - last:.3f} s after the last", now)
+        self._last_gossip[via] = now
+        try:
+            peers = parse_gossip(body)
+        except GossipRejected as exc:
+            return self._reject(exc.code, via, str(exc), now)
+        actions: list[Action] = []
+        linked_at = {endpoint: name for name, endpoint in self._up.items()}
+        me = self.table.get(self.name)
+        if me is not None and "bus" in me.endpoints:
+            linked_at[me.endpoints["bus"]] = self.name  # a link to ourselves would only be refused
+        for name in sorted(peers):
+            endpoint = peers[name]
+            if name == self.name:
+                continue  # peers we are linked to tell us about ourselves: not an error
+            owner = linked_at.get(endpoint)
+            if owner is not None and owner != name:
+                self._reject("endpoint-taken", via, f"gossip from {via}: {name} at {endpoint}, where {owner} is", now)
+                continue
+            if name in self._up:
+                self.table.seen(self._rumour(name, endpoint, via), "gossip", now)  # refreshes the claim
+                continue
+            if self._departed.get(name, now) > now:
+                continue  # gossip lagging behind its goodbye: not an error
+            if self._barred.get(endpoint, now) > now:
+                self._reject("unreachable", via, f"gossip from {via}: {name} at {endpoint} was unreachable", now)
+                continue
+            known = self.table.get(name)
+            if known is None and self._known_count() >= self.max_known:
+                self._reject("full", via, f"gossip from {via}: {name} not admitted, {self.max_known} nodes known", now)
+                continue
+            if not self.table.seen(self._rumour(name, endpoint, via), "gossip", now) and known is None:
+                continue  # a departed incarnation
+            if self.table.sources(name) - {"gossip"}:
+                continue  # a first-hand source already says where it is
+            actions += self._drop_wants(name, "its gossiped endpoint changed", keep=endpoint, only="gossip")
+            if endpoint not in self._wanted:
+                self._wanted[endpoint] = _Want(endpoint, "gossip", name, now)
+                actions.append(Link(endpoint))
+        return actions
+
+    def link_up(self, name: str, instance: str, endpoint: str, info: Mapping[str, Any], now: float) -> list[Action]:
+        """The hub's link to ``name`` is up (we opened it, or the peer did): ``info`` is its HELLO's."""
+        if name == self.name:
+            return []
+        actions: list[Action] = []
+        previous = self._up.get(name)
+        if previous is not None and previous != endpoint:
+            self._link_gone(name, previous, now)
+        record = NodeRecord(name, instance, PROTOCOL_VERSION, {"bus": endpoint}, programs=_programs(info))
+        want = self._wanted.get(endpoint)
+        if want is None:
+            want = self._wanted[endpoint] = _Want(endpoint, "inbound", name, now)
+        want.name, want.up, want.since = name, True, now
+        self._up[name] = endpoint
+        self._barred.pop(endpoint, None)
+        self._departed.pop(name, None)
+        if endpoint in self._static:
+            self._static[endpoint] = name
+            self.table.seen(record, "static", now)
+        self.table.seen(record, "linked", now)
+        actions += self._drop_wants(name, f"{name} is linked at {endpoint}", keep=endpoint)
+        for other in self.table.records():
+            if (
+                other.name != name
+                and other.name not in self._up
+                and other.endpoints.get("bus") == endpoint
+                and self.table.sources(other.name) == {"gossip"}
+            ):
+                self.table.withdraw(other.name, "gossip", "endpoint-taken")
+        return actions + self._evict_over_bound()
+
+    def link_info(self, name: str, info: Mapping[str, Any], now: float) -> list[Action]:
+        """``name``'s HELLO ``info`` as the hub holds it now, for a link already up.
+
+        The hub learns a peer's ``info`` from the HELLO the peer sends on its own link to us, which
+        may come after our link to it is up (our WELCOME carries none) and is not announced; the
+        node passes it on each gossip tick. Returns no action.
+        """
+        endpoint = self._up.get(name)
+        record = self.table.get(name)
+        if endpoint is None or record is None:
+            return []
+        programs = _programs(info)
+        if programs != record.programs:
+            self.table.seen(
+                NodeRecord(name, record.instance_id, PROTOCOL_VERSION, {"bus": endpoint}, programs=programs),
+                "linked",
+                now,
+            )
+        return []
+
+    def link_down(self, name: str, *, orderly: bool, reason: str, now: float) -> list[Action]:
+        """The hub's link to ``name`` went down: it said goodbye (``orderly``) or was lost.
+
+        Returns no action today (the hub retries static links and drops the others itself); the
+        list is there so the node handles every event alike.
+        """
+        endpoint = self._up.get(name)
+        if endpoint is None:
+            return []
+        record = self.table.get(name)
+        instance = record.instance_id if record is not None else ""
+        self._link_gone(name, endpoint, now)
+        self._last_gossip.pop(name, None)
+        if orderly:
+            self.table.goodbye(name, instance)
+            self.table.withdraw(name, "linked", "unlinked")
+            self._departed[name] = now + DEPARTED_S
+        else:
+            self.table.lost(name, instance)
+        log.debug("node %s: link to %s down (%s): %s", self.name, name, "left" if orderly else "lost", reason)
+        return []
+
+    def expire(self, now: float) -> list[Action]:
+        """The clock: age out rumours, unreachable gossip-learned links and old bars."""
+        actions = self._forget_unlinked(self.table.expire(now, GOSSIP_TTL_S), "no source mentions it any more")
+        for endpoint, want in list(self._wanted.items()):
+            if want.source != "gossip" or want.up or now - want.since <= UNREACHABLE_EXPIRY_S:
+                continue
+            del self._wanted[endpoint]
+            actions.append(Unlink(endpoint, f"unreachable for {UNREACHABLE_EXPIRY_S:g} s"))
+            self._barred[endpoint] = now + UNREACHABLE_EXPIRY_S
+            if want.name not in self._up:
+                self.table.withdraw(want.name, "gossip", "unreachable")
+        for endpoint, until in list(self._barred.items()):
+            if until <= now:
+                del self._barred[endpoint]
+        for name, until in list(self._departed.items()):
+            if until <= now:
+                del self._departed[name]
+        return actions
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def entries(self, now: float, *, heard_s: Mapping[str, float] | None = None) -> list[DirectoryEntry]:
+        """Every known node: this one first, then by name, then static peers not known by name.
+
+        Args:
+            now: the clock ``last_seen_s`` is counted from.
+            heard_s: seconds since the hub last heard each linked node (its heartbeats), which is
+                fresher than anything this directory sees.
+        """
+        heard_s = heard_s or {}
+        out: list[DirectoryEntry] = []
+        for record in self.table.records():
+            sources = self.table.sources(record.name)
+            if "self" in sources:
+                endpoint = record.endpoints.get("bus", "")
+                out.insert(0, DirectoryEntry(record.name, endpoint, _offers(record), "self", 0.0, True))
+                continue
+            learned: Source = max(sources - {"linked"}, key=SOURCE_RANK.__getitem__, default="linked")
+            seen_s = heard_s.get(record.name, now - record.last_seen)
+            endpoint = self._up.get(record.name) or record.endpoints.get("bus", "")
+            up = record.name in self._up
+            out.append(DirectoryEntry(record.name, endpoint, _offers(record), learned, round(seen_s, 3), up))
+        for endpoint, name in sorted(self._static.items()):
+            if name in self.table:
+                continue
+            want = self._wanted.get(endpoint)
+            since = want.since if want is not None else now
+            out.append(DirectoryEntry(name, endpoint, (), "static", round(now - since, 3), False))
+        return out
+
+    def programs_by_node(self) -> dict[str, frozenset[str]]:
+        """What each node offers, for placement: this node and every node linked and up."""
+        out: dict[str, frozenset[str]] = {}
+        for record in self.table.records():
+            if record.name == self.name or record.name in self._up:
+                out[record.name] = frozenset(_offers(record))
+        out.setdefault(self.name, frozenset())
+        return out
+
+    def gossip_body(self) -> dict[str, dict[str, str]]:
+        """What to tell linked peers: every node linked and up, where its link goes (never a wildcard)."""
+        peers: dict[str, str] = {}
+        for name, endpoint in sorted(self._up.items()):
+            if len(peers) >= MAX_GOSSIP_PEERS:
+                break
+            try:
+                peers[name] = parse_endpoint(endpoint)
+            except GossipRejected:
+                continue
+        return {"peers": peers}
+
+    def linked(self) -> dict[str, str]:
+        """Node name -> endpoint of every link that is up."""
+        return dict(self._up)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _known_count(self) -> int:
+        return len(self.table) - (1 if self.name in self.table else 0)
+
+    def _rumour(self, name: str, endpoint: str, via: str) -> NodeRecord:
+        return NodeRecord(name, "", PROTOCOL_VERSION, {"bus": endpoint}, source="gossip", via=via)
+
+    def _link_gone(self, name: str, endpoint: str, now: float) -> None:
+        """``name``'s link at ``endpoint`` is no longer up.
+
+        No ``Unlink``: the hub itself retries a static link and drops any other one when it goes
+        down, and the listener runs before the hub may open a new link to the same endpoint (a
+        restarted peer), which a late ``Unlink`` would close.
+        """
+        if self._up.get(name) == endpoint:
+            del self._up[name]
+        want = self._wanted.get(endpoint)
+        if want is None:
+            return
+        want.up, want.since = False, now
+        if endpoint not in self._static:
+            del self._wanted[endpoint]
+
+    def _drop_wants(self, name: str, reason: str, *, keep: str, only: str = "") -> list[Action]:
+        """Unlink every non-static link wanted for ``name`` that is not up, except ``keep``."""
+        actions: list[Action] = []
+        for endpoint, want in list(self._wanted.items()):
+            if (
+                want.name == name
+                and endpoint != keep
+                and not want.up
+                and want.source != "static"
+                and (not only or want.source == only)
+            ):
+                del self._wanted[endpoint]
+                actions.append(Unlink(endpoint, reason))
+        return actions
+
+    def _forget_unlinked(self, changes: list[NodeChange], reason: str) -> list[Action]:
+        """Unlink the links wanted for nodes the table just removed."""
+        actions: list[Action] = []
+        for change in changes:
+            if change.kind == "removed" and change.name not in self._up:
+                actions += self._drop_wants(change.name, reason, keep="")
+        return actions
+
+    def _evict_over_bound(self) -> list[Action]:
+        """Make room for first-hand entries: drop the stalest unlinked gossip-only entries."""
+        excess = self._known_count() - self.max_known
+        if excess <= 0:
+            return []
+        rumours = sorted(
+            (self.table.seen_at(r.name, "gossip") or 0.0, r.name)
+            for r in self.table.records()
+            if r.name not in self._up and self.table.sources(r.name) == {"gossip"}
+        )
+        actions: list[Action] = []
+        for _, name in rumours[:excess]:
+            self.table.withdraw(name, "gossip", "evicted")
+            actions += self._drop_wants(name, "evicted for a first-hand peer", keep="")
+        return actions
+
+    def _reject(self, code: RejectCode, via: str, detail: str, now: float) -> list[Action]:
+        self.rejected[code] += 1
+        last = self._logged.get(code)
+        if last is None or now - last >= REJECTION_LOG_INTERVAL_S:
+            self._logged[code] = now
+            log.warning(
+                "node %s: %s (%s; %d so far; more at debug level)", self.name, detail, code, self.rejected[code]
+            )
+        else:
+            log.debug("node %s: %s (%s)", self.name, detail, code)
+        return []
+
+
+def _programs(info: Mapping[str, Any]) -> tuple[str, ...]:
+    """The valid program names a HELLO ``info`` lists, at most ``MAX_PROGRAMS``, sorted."""
+    programs = info.get("programs") if isinstance(info, Mapping) else None
+    if not isinstance(programs, list | tuple):
+        return ()
+    return tuple(sorted({p for p in programs[:MAX_PROGRAMS] if isinstance(p, str) and valid_program_name(p)}))
+
+
+def _offers(record: NodeRecord) -> tuple[str, ...]:
+    return tuple(sorted(set(record.programs) | set(record.plugins)))
+
+
+__all__ = [
+    "DEPARTED_S",
+    "GOSSIP_MIN_INTERVAL_S",
+    "GOSSIP_TTL_S",
+    "MAX_GOSSIP_PEERS",
+    "MAX_KNOWN_NODES",
+    "UNREACHABLE_EXPIRY_S",
+    "Action",
+    "DirectoryEntry",
+    "GossipRejected",
+    "Link",
+    "NodeDirectory",
+    "RejectCode",
+    "Unlink",
+    "parse_endpoint",
+    "parse_gossip",
+]

@@ -1,0 +1,365 @@
+"""Pipeline coordination: the runs this node is entry for.
+
+A client's ``run`` request comes to its entry node, whose :class:`Coordinator`:
+
+1. checks the protocol version, parses the pipeline and checks what the user gave (``--require``,
+   Pipes options, the node's ``[limits] max_stages``), each refusal with its code (``protocol``,
+   ``syntax``, ``bad-request`` naming the field, ``limit``);
+2. places every stage (:func:`~dpipes.nodes.pipeline.place`, over the node table it is given;
+   ``placement`` when it cannot);
+3. negotiates with every chosen node at once; one refusal aborts the run before anything starts,
+   and the error lists every refused stage, naming the other nodes that offer its program (coded
+   ``refused``, or the one code every refusal shares);
+4. starts every stage, downstream first, so that each reader is ready before its writer; one
+   failure cancels what started;
+5. tracks the run until every stage has reported its exit: a stage that reports an ``error`` (its
+   data could not be moved) cancels the rest, a lost node fails the run (``failed`` to the client,
+   naming the stages that will never report), and a client that goes away cancels it.
+
+Which edges are kernel pipes rather than bus streams is decided here: neighbours on one node in
+bytes mode, and, when the client is on this host and handed its stdin and stdout over, its first
+stage's input and last stage's output (:mod:`dpipes.nodes.fdpass`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import uuid
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from dpipes.bus.endpoint import Endpoint
+from dpipes.bus.errors import DpipesError, StageError
+from dpipes.bus.hub import Hub
+from dpipes.nodes.config import NodeConfig
+from dpipes.nodes.fdpass import FdDrop
+from dpipes.nodes.pipes_options import check_stage_options, options_for_stage
+from dpipes.nodes.policy import parse_requirement
+from dpipes.nodes.protocol import (
+    BAD_REQUEST,
+    CONTROL_TIMEOUT_S,
+    LIMIT,
+    MAX_TEXT_CHARS,
+    PIPELINE_PROTOCOL,
+    PLACEMENT,
+    PROTOCOL,
+    REFUSED,
+    REPORT_TIMEOUT_S,
+    SYNTAX,
+    UNREACHABLE,
+    CancelRequest,
+    ControlError,
+    ExitReport,
+    FailedReport,
+    NegotiateReply,
+    NegotiateRequest,
+    RunReply,
+    RunRequest,
+    StageInfo,
+    StartReply,
+    StartRequest,
+    call,
+)
+from dpipes.nodes.stage import DirectPipes
+from dpipes.nodes.stages import NegotiationRefused
+
+if TYPE_CHECKING:
+    from dpipes.nodes.pipeline import NodeInfo, StageSpec
+
+log = logging.getLogger(__name__)
+
+CANCEL_TIMEOUT_S = 10.0  # a node terminates (TERM, grace, KILL) all stages of a pipeline within this
+FAILED_REPORT_CHARS = 4 * MAX_TEXT_CHARS  # the bound of a ``failed`` report's error
+
+Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
+
+
+@dataclasses.dataclass
+class Run:
+    """A pipeline this node coordinates."""
+
+    pipeline: str
+    client: str
+    stages: list[StageSpec]
+    nodes: list[str]
+    exited: set[int] = dataclasses.field(default_factory=set)
+    failed: str = ""  # why the run failed as a whole; "" while it has not
+
+
+class Coordinator:
+    """The runs this node is entry for.
+
+    Args:
+        node: this node's name.
+        hub: its hub (who is linked, and where they listen).
+        config: the node's configuration (``[limits]``).
+        ctl: the node's control endpoint, which asks the other nodes.
+        table: what this node knows of every node, for placement.
+        direct: the kept ends of kernel pipes, where a local client's stdin and stdout go.
+        fd_drop: where local clients hand their stdin and stdout over, if this node has one.
+        spawn: starts a task the node tracks (and cancels when it closes).
+    """
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        hub: Hub,
+        config: NodeConfig,
+        ctl: Endpoint,
+        table: Callable[[], Mapping[str, NodeInfo]],
+        direct: DirectPipes,
+        fd_drop: FdDrop | None,
+        spawn: Spawn,
+    ) -> None:
+        self.node = node
+        self.hub = hub
+        self.config = config
+        self.ctl = ctl
+        self.table = table
+        self.direct = direct
+        self.fd_drop = fd_drop
+        self._spawn = spawn
+        self.runs: dict[str, Run] = {}
+
+    # -- run: parse, place, negotiate, start -----------------------------------------------
+
+    async def run(self, request: RunRequest, client: str) -> RunReply:
+        """Answer the ``run`` request of the client at ``client``: the pipeline id and its stages.
+
+        Raises:
+            ControlError: the pipeline was refused (its code says why); nothing runs.
+        """
+        token = request.local_fds
+        handed = await self.fd_drop.take(token) if token and self.fd_drop is not None else {}
+        try:
+            return await self._start(request, client, handed)
+        finally:
+            for fd in handed.values():  # what no stage took: the client's data goes over the bus
+                os.close(fd)
+
+    def _parse(self, request: RunRequest) -> list[StageSpec]:
+        """The stages of ``request``, once every check that needs no other node has passed."""
+        from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
+
+        if request.protocol != PIPELINE_PROTOCOL:
+            theirs = f"pipeline protocol {request.protocol!r}"
+            raise ControlError(PROTOCOL, f"{theirs} is not node {self.node}'s {PIPELINE_PROTOCOL}: upgrade one side")
+        for i, text in enumerate(request.require):
+            try:
+                parse_requirement(text)  # a bad --require is the user's error, before anything else
+            except ValueError as exc:
+                raise ControlError(BAD_REQUEST, str(exc), field=f"require.{i}") from None
+        try:
+            stages = parse_pipeline(request.pipeline)
+        except PipelineSyntaxError as exc:
+            raise ControlError(SYNTAX, str(exc)) from None
+        limit = self.config.limits.max_stages
+        if len(stages) > limit:
+            raise ControlError(LIMIT, f"{len(stages)} stages, more than this node's limit of {limit}")
+        try:
+            check_stage_options(request.pipes, len(stages))
+        except StageError as exc:
+            raise ControlError(BAD_REQUEST, str(exc), field="pipes") from None
+        return stages
+
+    async def _start(self, request: RunRequest, client: str, handed: dict[str, int]) -> RunReply:
+        """Parse, place, negotiate, start; ``handed``: the local client's descriptors, by name (a
+        stage that uses one takes it out)."""
+        from dpipes.nodes.pipeline import PlacementError, place
+
+        stages = self._parse(request)
+        try:
+            nodes = place(stages, self.table(), local=self.node)
+        except PlacementError as exc:
+            raise ControlError(PLACEMENT, str(exc)) from None
+        pipeline = uuid.uuid4().hex[:12]
+        run = Run(pipeline, client, stages, nodes)
+        self.runs[pipeline] = run
+
+        def describe(i: int) -> str:
+            return f"stage {i} ({stages[i].argv[0]}@{nodes[i]})"
+
+        negotiations = await asyncio.gather(
+            *(
+                call(
+                    self.ctl,
+                    node,
+                    NegotiateRequest(
+                        pipeline=pipeline,
+                        stage=i,
+                        argv=tuple(stages[i].argv),
+                        protocol=request.protocol,
+                        mode=request.mode,
+                        require=request.require,
+                        user=request.user,
+                        peers=self._endpoints_of(nodes[max(0, i - 1) : i + 2]),
+                    ),
+                    timeout=CONTROL_TIMEOUT_S,
+                )
+                for i, node in enumerate(nodes)
+            ),
+            return_exceptions=True,
+        )
+        refused = [(i, r) for i, r in enumerate(negotiations) if isinstance(r, BaseException)]
+        if refused:
+            await self.cancel(run, "negotiation refused", notify=False)
+            lines = [
+                f"{describe(i)}: {_strip_failed(str(r))}{self._offered_elsewhere(stages[i].argv[0], nodes[i])}"
+                for i, r in refused
+            ]
+            raise NegotiationRefused(
+                "refused before anything started:\n  " + "\n  ".join(lines), code=_code_of(r for _i, r in refused)
+            )
+        addrs = [r.addr for r in negotiations if isinstance(r, NegotiateReply)]
+        # Which edges are kernel pipes: neighbours on one node, and, with what a client on this
+        # host handed over, its stdin to a first stage here and a last stage here to its stdout.
+        direct = [_direct_edge(request, [*nodes, self.node], i) for i in range(len(nodes))]
+        stdin_direct = "stdin" in handed and request.stdin and nodes[0] == self.node and request.mode == "bytes"
+        stdout_direct = "stdout" in handed and direct[-1]
+        if stdin_direct:
+            self.direct.keep(pipeline, -1, handed.pop("stdin"))
+        if stdout_direct:
+            self.direct.keep(pipeline, len(nodes) - 1, handed.pop("stdout"))
+        starts = await asyncio.gather(
+            *(
+                call(
+                    self.ctl,
+                    node,
+                    StartRequest(
+                        pipeline=pipeline,
+                        stage=i,
+                        stdin_from=(addrs[i - 1] if i else (client if request.stdin else "")),
+                        stdout_to=addrs[i + 1] if i + 1 < len(addrs) else client,
+                        stderr_to=client,
+                        report_to=(client, self.ctl.addr),
+                        user=request.user,
+                        pipes=options_for_stage(request.pipes, i),
+                        direct_in=direct[i - 1] if i else stdin_direct,
+                        direct_out=direct[i] if i + 1 < len(nodes) else stdout_direct,
+                    ),
+                    timeout=CONTROL_TIMEOUT_S,
+                )
+                for i, node in reversed(list(enumerate(nodes)))  # downstream first: readers ready
+            ),
+            return_exceptions=True,
+        )
+        failures = [r for r in starts if isinstance(r, BaseException)]
+        if failures:
+            await self.cancel(run, "start failed", notify=False)
+            self.direct.close(pipeline)
+            message = "could not start the pipeline: " + "; ".join(_strip_failed(str(f)) for f in failures)
+            raise ControlError(_code_of(failures), message)
+        contexts = [r.context for r in reversed(starts) if isinstance(r, StartReply)]  # started downstream first
+        return RunReply(
+            pipeline=pipeline,
+            stdin_direct=stdin_direct,  # the client does not feed the first stage
+            stdout_direct=stdout_direct,  # nor does output come to it: the last stage writes there
+            stages=tuple(
+                StageInfo(index=i, node=nodes[i], argv=tuple(stages[i].argv), addr=addrs[i], context=contexts[i])
+                for i in range(len(stages))
+            ),
+        )
+
+    def _offered_elsewhere(self, program: str, refused_by: str) -> str:
+        """A hint naming the other nodes that offer ``program`` (pin the stage to one: PROG@NODE)."""
+        others = sorted(n for n, info in self.table().items() if n != refused_by and program in info.programs)
+        return f" (offered by {', '.join(others)}: pin it with {program}@{others[0]})" if others else ""
+
+    def _endpoints_of(self, nodes: list[str]) -> dict[str, str]:
+        """Where each of ``nodes`` listens, as this node knows it (itself included)."""
+        out = {}
+        peers = self.hub.peers
+        for node in nodes:
+            if node == self.node:
+                out[node] = self.hub.advertised_endpoint
+            elif node in peers:
+                out[node] = peers[node].endpoint
+        return out
+
+    # -- the run's life: cancel, exits, losses ----------------------------------------------
+
+    def client_cancels(self, pipeline: str, src: str) -> Run | None:
+        """The run ``src`` may cancel as its client, or None (then only this node's stages stop)."""
+        run = self.runs.get(pipeline)
+        return run if run is not None and src == run.client else None
+
+    async def cancel(self, run: Run, reason: str, *, notify: bool = True) -> None:
+        """Cancel every stage of ``run`` on every node still reachable. ``notify`` false: the run
+        never started, and is forgotten at once (no stage will report)."""
+        if notify and not run.failed:
+            run.failed = reason
+        cancel = CancelRequest(pipeline=run.pipeline, reason=reason[:MAX_TEXT_CHARS])
+        await asyncio.gather(
+            *(
+                call(self.ctl, node, cancel, timeout=CANCEL_TIMEOUT_S)
+                for node in sorted(set(run.nodes))
+                if node in self.hub.peers or node == self.node
+            ),
+            return_exceptions=True,
+        )
+        if not notify:
+            self.runs.pop(run.pipeline, None)
+
+    def on_exit(self, report: ExitReport) -> None:
+        """A stage's exit report: a stage whose data could not be moved dooms the rest."""
+        run = self.runs.get(report.pipeline)
+        if run is None:
+            return
+        run.exited.add(report.stage)
+        if report.error and not run.failed:  # a cancelled stage reports ``cancelled``, not an error
+            reason = f"stage {report.stage} failed: {report.error}"
+            self._spawn(self.cancel(run, reason), f"cancel {run.pipeline}")
+        if len(run.exited) == len(run.stages):
+            self.runs.pop(run.pipeline, None)
+
+    def on_link_lost(self, node: str, reason: str) -> None:
+        """``node`` is gone: every run with a stage there fails."""
+        for run in list(self.runs.values()):
+            if node in run.nodes and not run.failed:
+                stages = ", ".join(f"stage {i} ({run.stages[i].argv[0]})" for i, n in enumerate(run.nodes) if n == node)
+                error = f"node {node!r} lost ({reason}) while running {stages}"
+                lost = [i for i, n in enumerate(run.nodes) if n == node]
+                self._spawn(self._fail(run, error, lost), f"fail {run.pipeline}")
+
+    def on_client_gone(self, addr: str) -> None:
+        """The client at ``addr`` went away: its runs are cancelled."""
+        for run in list(self.runs.values()):
+            if run.client == addr and not run.failed:
+                self._spawn(self.cancel(run, f"client {addr} went away"), f"cancel {run.pipeline}")
+
+    async def _fail(self, run: Run, error: str, lost: list[int]) -> None:
+        run.failed = error
+        run.exited.update(lost)  # no report will come from a lost node
+        log.warning("node %s: pipeline %s failed: %s", self.node, run.pipeline, error)
+        report = FailedReport(pipeline=run.pipeline, error=error[:FAILED_REPORT_CHARS], lost=tuple(lost))
+        with contextlib.suppress(DpipesError):  # the client is gone, or refused it: nobody else to tell
+            await call(self.ctl, run.client, report, timeout=REPORT_TIMEOUT_S)
+        await self.cancel(run, error)
+
+
+def _strip_failed(message: str) -> str:
+    """Drop the transport's "METHOD at ADDR failed: " prefix: the stage description says where."""
+    return re.sub(r"^\w+ at \S+ failed: ", "", message)
+
+
+def _code_of(failures: Iterable[BaseException]) -> str:
+    """The code of a run that failed at these nodes: the one they share, else ``refused``."""
+    codes = {f.code if isinstance(f, ControlError) else UNREACHABLE for f in failures}
+    return codes.pop() if len(codes) == 1 else REFUSED
+
+
+def _direct_edge(run: RunRequest, nodes: Sequence[str], i: int) -> bool:
+    """Whether stages ``i`` and ``i + 1`` exchange data through a kernel pipe rather than the bus:
+    both on one node, bytes mode (object modes add metadata on the way), and stage ``i``'s stdout
+    is not a Pipes channel (which the node reads)."""
+    messages = options_for_stage(run.pipes, i).get("messages")
+    return nodes[i] == nodes[i + 1] and run.mode == "bytes" and messages != "stdout"
+
+
+__all__ = ["Coordinator", "Run"]

@@ -1,0 +1,203 @@
+"""Node policy: may this caller run this program here, and which program is that.
+
+A node runs a stage only if its policy agrees, and it decides during negotiation, before anything
+starts anywhere. The checks, in order, each with the :class:`Refusal` code it answers with:
+
+``protocol``
+    the coordinator speaks another version of the run conversation (``PIPELINE_PROTOCOL``);
+``mode``
+    the data mode is not one this node knows;
+``not-allowed``
+    the node is exclusive (``dpipesd -- PROG``) and this is another program, or the configuration
+    has an ``allow`` list without it;
+``not-found``
+    the program is neither in ``[apps]`` with an executable ``path`` nor in the node's ``PATH``;
+``bad-requirement`` / ``version``
+    a ``--require`` constraint is not ``PROG OP VERSION``, or the program's version (declared in
+    ``[apps.PROG] version``, else the first number ``PROG --version`` prints, probed once and
+    cached) does not satisfy it, or cannot be known.
+
+A refusal is a value, never an exception: the caller turns it into an answer. The caller's identity
+is an argument of :meth:`Policy.refusal`; today it is the user name the client sent, and no check
+uses it yet (the security work plugs in here). Everything but the version probe is pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from dpipes.nodes.config import NodeConfig
+from dpipes.nodes.protocol import MODES, PIPELINE_PROTOCOL
+
+log = logging.getLogger(__name__)
+
+VERSION_PROBE_TIMEOUT_S = 2.0  # `prog --version` when the config declares no version: a hung one is "unknown"
+
+PROTOCOL: Final = "protocol"
+MODE: Final = "mode"
+NOT_ALLOWED: Final = "not-allowed"
+NOT_FOUND: Final = "not-found"
+BAD_REQUIREMENT: Final = "bad-requirement"
+VERSION: Final = "version"
+
+_REQUIRE_RE = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|!=|>|<)\s*([0-9][0-9A-Za-z.+-]*)\s*$")
+_VERSION_RE = re.compile(r"(\d+(?:\.\d+)+|\d+)")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a node will not run a stage: a code a program can test, a message a user can read."""
+
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def parse_requirement(text: str) -> tuple[str, str, tuple[int, ...]]:
+    """``"sort>=9.1"`` -> ``("sort", ">=", (9, 1))``.
+
+    Raises:
+        ValueError: the text is not ``PROG OP VERSION``.
+    """
+    match = _REQUIRE_RE.match(text)
+    if not match:
+        raise ValueError(f"bad requirement {text!r}: write PROG OP VERSION, e.g. 'sort>=9' (OP: >= <= == != > <)")
+    return match[1], match[2], version_tuple(match[3])
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """The leading dotted number of a version string as a tuple: ``"9.1-rc"`` -> ``(9, 1)``."""
+    match = _VERSION_RE.search(text)
+    return tuple(int(p) for p in match[1].split(".")) if match else ()
+
+
+def version_satisfies(have: tuple[int, ...], op: str, want: tuple[int, ...]) -> bool:
+    """Whether version ``have`` satisfies ``OP want``; missing trailing parts count as 0."""
+    width = max(len(have), len(want))
+    a, b = have + (0,) * (width - len(have)), want + (0,) * (width - len(want))
+    return {">=": a >= b, "<=": a <= b, "==": a == b, "!=": a != b, ">": a > b, "<": a < b}[op]
+
+
+def probe_version(path: str) -> tuple[int, ...]:
+    """The version a program prints for ``--version`` (first number on its first line); () if none."""
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, timeout=VERSION_PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    first = (out.stdout or out.stderr).decode(errors="replace").splitlines()[:1]
+    return version_tuple(first[0]) if first else ()
+
+
+class Policy:
+    """What one node runs, and for whom.
+
+    Args:
+        node: the node's name, for messages.
+        config: its configuration (``allow``, ``[apps]``).
+        exclusive: ``dpipesd -- PROG ARGS``: the only program this node runs, ARGS put before
+            each stage's own arguments.
+    """
+
+    def __init__(self, node: str, config: NodeConfig, *, exclusive: Sequence[str] | None = None) -> None:
+        self.node = node
+        self.config = config
+        self.exclusive = list(exclusive) if exclusive else None
+        self._versions: dict[str, tuple[int, ...]] = {}
+
+    def offered(self) -> set[str]:
+        """Programs this node says it runs: its exclusive program, else allow list and [apps]."""
+        if self.exclusive:
+            return {os.path.basename(self.exclusive[0])}
+        return set(self.config.allow or ()) | set(self.config.apps)
+
+    def resolve(self, program: str) -> str | None:
+        """The executable ``program`` names here: its ``[apps]`` path, else a ``PATH`` lookup."""
+        app = self.config.apps.get(program)
+        if app is not None and app.path:
+            return app.path if os.access(app.path, os.X_OK) else None
+        return shutil.which(program)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """What this node forks for a stage asking for ``argv`` (the exclusive program's own
+        arguments come first), its program resolved."""
+        full = [*self.exclusive, *argv[1:]] if self.exclusive else list(argv)
+        return [self.resolve(full[0]) or full[0], *full[1:]]
+
+    def refusal_static(self, argv: Sequence[str], *, mode: str, protocol: object, caller: str) -> Refusal | None:
+        """The checks that need no probing: protocol, mode, allowed, found (see the module)."""
+        del caller  # no check uses who asks yet; the security work decides here
+        program = argv[0] if argv else ""
+        if protocol != PIPELINE_PROTOCOL:
+            return Refusal(
+                PROTOCOL,
+                f"pipeline protocol {protocol!r} is not node {self.node}'s {PIPELINE_PROTOCOL}: upgrade one side",
+            )
+        if mode not in MODES:
+            return Refusal(MODE, f"data mode {mode!r} is not one of {', '.join(MODES)}")
+        if self.exclusive is not None:
+            only = os.path.basename(self.exclusive[0])
+            if os.path.basename(program) != only:
+                return Refusal(NOT_ALLOWED, f"program {program!r} is not allowed: node {self.node} runs only {only!r}")
+        elif self.config.allow is not None and program not in self.config.allow:
+            allowed = ", ".join(sorted(self.config.allow)) or "nothing"
+            return Refusal(NOT_ALLOWED, f"program {program!r} is not allowed on node {self.node} (allowed: {allowed})")
+        if self.resolve(self.exclusive[0] if self.exclusive else program) is None:
+            where = "not in its PATH, nor in [apps]"
+            return Refusal(NOT_FOUND, f"program {program!r} not found on node {self.node} ({where})")
+        return None
+
+    async def refusal(
+        self, argv: Sequence[str], *, mode: str, protocol: object, require: Iterable[str], caller: str
+    ) -> Refusal | None:
+        """Why this node will not run ``argv`` for ``caller``, or None when it will."""
+        if found := self.refusal_static(argv, mode=mode, protocol=protocol, caller=caller):
+            return found
+        program = argv[0]
+        path = self.resolve(self.exclusive[0] if self.exclusive else program)
+        assert path is not None  # refusal_static found it
+        for text in require:
+            try:
+                name, op, want = parse_requirement(text)
+            except ValueError as exc:
+                return Refusal(BAD_REQUIREMENT, str(exc))
+            if name != program:
+                continue
+            have = await self.version_of(program, path)
+            if not have:
+                hint = f"declare it in [apps.{program}]"
+                return Refusal(VERSION, f"version of {program!r} unknown here, cannot check {text!r} ({hint})")
+            if not version_satisfies(have, op, want):
+                shown = ".".join(map(str, have))
+                return Refusal(VERSION, f"{program} version {shown} on node {self.node} does not satisfy {text!r}")
+        return None
+
+    async def version_of(self, program: str, path: str) -> tuple[int, ...]:
+        """``program``'s version: declared in ``[apps]``, else probed once (in a thread) and kept."""
+        app = self.config.apps.get(program)
+        if app is not None and app.version:
+            return version_tuple(app.version)
+        if program not in self._versions:
+            self._versions[program] = await asyncio.to_thread(probe_version, path)
+        return self._versions[program]
+
+
+__all__ = [
+    "Policy",
+    "Refusal",
+    "parse_requirement",
+    "probe_version",
+    "version_satisfies",
+    "version_tuple",
+]

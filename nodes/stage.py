@@ -1,0 +1,315 @@
+"""One stage on this node: its record, its data pumps, its exit report, and its direct pipes.
+
+A started stage is a forked program (:class:`~dpipes.nodes.supervisor.StageProcess`) between the
+bus and the stage's endpoint ``<node>/<pipeline>.<index>``. A :class:`StageRun` drives it with one
+task per pump and returns an :class:`ExitReport` once the program has exited and every pump ended:
+
+stdin
+    the one stream that arrives at the endpoint, decoded for the stage's data mode and written to
+    the program. A program that closes its stdin cancels that stream (its producer then gets
+    SIGPIPE, as in a shell); an input that arrives after the program exited is refused by the
+    owner (``on_unread_input``).
+stdout
+    a stream to ``stdout_to``; bytes mode sends chunks as read, object modes wrap each object with
+    its ``__dpipes`` metadata. A cancelled stream is downstream gone: the program gets SIGPIPE.
+stderr
+    a stream of ``STDERR`` messages to ``stderr_to``, opened at the first byte.
+Pipes
+    the stage's Dagster Pipes messages (from its FIFO, its bus endpoint, or taken out of its stdout
+    or stderr) as ``PIPES`` messages on one stream to ``stderr_to``, opened at the first message.
+
+Status is typed (:class:`~dpipes.nodes.protocol.ExitReport`): a stage stopped by a cancel has
+``cancelled`` (the reason) in its report, and ``error`` holds only what went wrong moving its data;
+nobody matches either in text.
+
+Neighbouring stages on one node exchange bytes through one kernel pipe (:class:`DirectPipes`), made
+by whichever of the two starts first; nothing of that edge passes through the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from dpipes.bus import codec
+from dpipes.bus.endpoint import Endpoint, OutStream, StreamCancelled
+from dpipes.bus.errors import BusError, DpipesError
+from dpipes.nodes.config import NodeConfig
+from dpipes.nodes.protocol import MAX_TEXT_CHARS, ExitReport, StartRequest
+from dpipes.nodes.supervisor import StageProcess, StdinClosed, set_pipe_size
+
+if TYPE_CHECKING:
+    from dpipes.nodes.pipes import PipesBusReader, PipesFifoReader
+    from dpipes.nodes.stage_pipes import StagePipes
+
+log = logging.getLogger(__name__)
+
+STDERR_TAIL_REPORT_CHARS = 4096  # the end of a failed stage's stderr, in its report (the protocol allows 4x)
+ERROR_REPORT_CHARS = MAX_TEXT_CHARS  # what went wrong moving its data, in its report (the bound)
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage of a pipeline on this node, from negotiation to its exit report."""
+
+    pipeline: str
+    index: int
+    argv: list[str]
+    mode: str
+    endpoint: Endpoint
+    describe: str
+    proc: StageProcess | None = None
+    task: asyncio.Task[None] | None = None
+    cancelled: str = ""  # why it was cancelled; "" while it was not
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    pipes: StagePipes | None = None
+    lingering: bool = False  # its endpoint outlives it briefly, to refuse late input
+
+
+class DirectPipes:
+    """The kept ends of kernel pipes between neighbouring stages on this node, by (pipeline, edge).
+
+    Edge ``i`` joins stage ``i`` to ``i + 1``; edge ``-1`` and the last edge may hold a local
+    client's own stdin and stdout, handed over (:mod:`dpipes.nodes.fdpass`).
+    """
+
+    def __init__(self) -> None:
+        self._ends: dict[tuple[str, int], int] = {}
+
+    def keep(self, pipeline: str, edge: int, fd: int) -> None:
+        """Keep ``fd`` as the end of ``edge`` the stage that starts there will take."""
+        self._ends[(pipeline, edge)] = fd
+
+    def end(self, pipeline: str, edge: int, *, reader: bool) -> int:
+        """A stage's end of the pipe of ``edge``: made by whichever of its two stages starts first,
+        which keeps the other end for the second (closed by :meth:`close` should it never start)."""
+        if (end := self._ends.pop((pipeline, edge), None)) is not None:
+            return end
+        r, w = os.pipe()
+        set_pipe_size(w)
+        self._ends[(pipeline, edge)] = w if reader else r
+        return r if reader else w
+
+    def close(self, pipeline: str, edges: Sequence[int] | None = None) -> None:
+        """Close the kept ends of ``pipeline`` (all, or those of ``edges``)."""
+        for key in [k for k in self._ends if k[0] == pipeline and (edges is None or k[1] in edges)]:
+            os.close(self._ends.pop(key))
+
+    def close_all(self) -> None:
+        for pipeline in {p for p, _ in self._ends}:
+            self.close(pipeline)
+
+
+class StageRun:
+    """Drives one started stage: a task per pump, then its exit report.
+
+    Args:
+        stage: the stage, its program started (``proc``) and its Pipes side made (``pipes``).
+        wiring: where its data goes (its ``start`` request).
+        node: this node's name.
+        config: the node's configuration (object metadata settings).
+        tcp_endpoint: where this node listens (the ``dp.addr``/``dp.port`` of its objects).
+        on_unread_input: called when the program exited before its input arrived; the owner
+            keeps the endpoint a while to refuse that input.
+    """
+
+    def __init__(
+        self,
+        stage: Stage,
+        wiring: StartRequest,
+        *,
+        node: str,
+        config: NodeConfig,
+        tcp_endpoint: str,
+        on_unread_input: Callable[[], None],
+    ) -> None:
+        assert stage.proc is not None and stage.pipes is not None, "stage not started"
+        self.stage = stage
+        self.proc: StageProcess = stage.proc
+        self.pipes: StagePipes = stage.pipes
+        self.wiring = wiring
+        self.node = node
+        self.config = config
+        self.tcp_endpoint = tcp_endpoint
+        self._on_unread_input = on_unread_input
+        self.errors: list[str] = []
+        self.sigpipe = False
+        self._pipes_out: OutStream | None = None  # opened at the first Pipes message
+        self._pipes_sending = asyncio.Lock()  # the FIFO's and the bus's messages share one stream
+
+    async def run(self) -> ExitReport:
+        """Pump until the program has exited and its output is delivered; its report."""
+        proc, pipes = self.proc, self.pipes
+        readers: list[PipesFifoReader | PipesBusReader] = []
+        if pipes.channel == "file":
+            readers = [pipes.boot.channel, *([pipes.bus] if pipes.bus else [])]
+        pumps: list[asyncio.Task[None]] = []
+        try:
+            pumps = [asyncio.create_task(p()) for p in (self._stdin, self._stdout, self._stderr)]
+            pumps += [asyncio.create_task(self._pipes_reader(r)) for r in readers]
+            status = await proc.wait()
+            if not pumps[0].done():
+                pumps[0].cancel()  # nobody will read what still comes: refuse it as a closed pipe
+            # The program is gone: read its messages to the end (bounded, should a descendant hold on).
+            await asyncio.gather(*(r.drain() for r in readers), return_exceptions=True)
+            await asyncio.gather(*pumps, return_exceptions=True)
+            if self._pipes_out is not None:
+                with contextlib.suppress(BusError):
+                    await self._pipes_out.close()
+        except asyncio.CancelledError:
+            for p in pumps:
+                p.cancel()
+            raise
+        stage = self.stage
+        tail = proc.stderr_tail.decode(errors="replace")[-STDERR_TAIL_REPORT_CHARS:] if not status.ok else ""
+        return ExitReport(
+            pipeline=stage.pipeline,
+            stage=stage.index,
+            node=self.node,
+            code=status.code if status.code is not None else -1,
+            signal=status.signal or 0,
+            status=status.describe(),
+            sigpipe=self.sigpipe or status.signal == signal.SIGPIPE,
+            error="; ".join(self.errors)[:ERROR_REPORT_CHARS],
+            cancelled=stage.cancelled[:MAX_TEXT_CHARS],
+            stderr_tail=tail,
+        )
+
+    async def _stdin(self) -> None:
+        from dpipes.nodes.dataflow import Incoming
+
+        stage, proc = self.stage, self.proc
+        if not self.wiring.stdin_from or self.wiring.direct_in:  # no input, or a pipe straight from upstream
+            proc.close_stdin()
+            return
+        try:
+            stream = await stage.endpoint.accept()
+        except asyncio.CancelledError:  # the program exited before its input arrived
+            self._on_unread_input()
+            raise
+        incoming = Incoming(stage.mode, where=f"input of {stage.describe}", metadata_key=self.config.metadata_key)
+        try:
+            while (msg := await stream.read()) is not None:
+                for frame in incoming.data(msg):
+                    await proc.write_stdin(frame)
+        except (StdinClosed, asyncio.CancelledError) as exc:
+            stream.cancel(f"{stage.describe} closed its input")  # upstream gets SIGPIPE, as in a shell
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        except DpipesError as exc:  # the bus failed, or the data was not of the edge's mode
+            if not stage.cancelled:
+                self.errors.append(f"input: {exc}")
+            stream.cancel(str(exc))
+            await proc.terminate()
+        finally:
+            proc.close_stdin()
+
+    async def _stdout(self) -> None:
+        from dpipes.nodes.dataflow import Outgoing
+
+        stage, proc, pipes = self.stage, self.proc, self.pipes
+        if self.wiring.direct_out:  # a pipe straight to downstream: nothing passes through us
+            return
+        out = stage.endpoint.open_stream(self.wiring.stdout_to)
+        outgoing = Outgoing(stage.mode, where=stage.describe, meta=self._metadata())
+        try:
+            if pipes.channel == "stdout":  # messages among the program's output: take them out
+                while True:
+                    raw = await proc.read_stdout()
+                    data, frames = pipes.split(raw, end=not raw)
+                    await self._send_pipes(frames)
+                    if data:
+                        for message in outgoing.messages(data):
+                            await out.send(message)
+                    if not raw:
+                        break
+                for message in outgoing.end():
+                    await out.send(message)
+            elif stage.mode == "bytes":  # the hot path: no per-chunk objects
+                while data := await proc.read_stdout():
+                    await out.send_bytes(data)
+            else:
+                while data := await proc.read_stdout():
+                    for message in outgoing.messages(data):
+                        await out.send(message)
+                for message in outgoing.end():
+                    await out.send(message)
+            await out.close()
+        except StreamCancelled:
+            self.sigpipe = True  # downstream is gone: the program gets SIGPIPE, as in a shell
+            proc.close_stdout()
+        except DpipesError as exc:  # the bus failed, or the program wrote something not an object
+            if not stage.cancelled:
+                self.errors.append(f"output: {exc}" if isinstance(exc, BusError) else str(exc))
+            out.cancel(str(exc))
+            proc.close_stdout()
+            await proc.terminate()
+
+    def _metadata(self) -> dict[str, Any]:
+        """The ``__dpipes`` map of this stage's objects (object modes only use it)."""
+        from dpipes.nodes.objects import make_metadata
+
+        stage, config = self.stage, self.config
+        host, _, port = self.tcp_endpoint.removeprefix("tcp://").rpartition(":")
+        shared = {k: stage.env[k] for k in config.metadata_environ if k in stage.env}
+        return make_metadata(
+            addr=host,
+            port=int(port or 0),
+            service=os.path.basename(stage.argv[0]),
+            node=self.node,
+            stage=stage.index,
+            argv=list(stage.argv) if config.metadata_argv else None,
+            environ=shared if config.metadata_environ else None,
+        )
+
+    async def _stderr(self) -> None:
+        stage, proc, pipes = self.stage, self.proc, self.pipes
+        out = None
+        split = pipes.channel == "stderr"
+        try:
+            while True:
+                raw = await proc.read_stderr()
+                data = raw
+                if split:  # messages among the program's stderr: take them out
+                    data, frames = pipes.split(raw, end=not raw)
+                    await self._send_pipes(frames)
+                if data:
+                    if out is None:
+                        out = stage.endpoint.open_stream(self.wiring.stderr_to)
+                    await out.send(codec.Stderr(frames=(data,)))
+                if not raw:
+                    break
+            if out is not None:
+                await out.close()
+        except BusError as exc:
+            log.info("node %s: %s: stderr not delivered: %s", self.node, stage.describe, exc)
+
+    async def _pipes_reader(self, reader: PipesFifoReader | PipesBusReader) -> None:
+        from dpipes.nodes.stage_pipes import frame_of
+
+        reader.start()
+        try:
+            while batch := await reader.next_batch():
+                async with self._pipes_sending:
+                    await self._send_pipes([frame_of(record) for record in batch])
+        except BusError as exc:
+            log.info("node %s: %s: Pipes messages not delivered: %s", self.node, self.stage.describe, exc)
+
+    async def _send_pipes(self, frames: list[bytes]) -> None:
+        from dpipes.nodes.stage_pipes import batches_of
+
+        if not frames:
+            return
+        if self._pipes_out is None:
+            self._pipes_out = self.stage.endpoint.open_stream(self.wiring.stderr_to)
+        for batch in batches_of(frames):
+            await self._pipes_out.send(codec.Pipes(stage=self.stage.index, frames=batch))
+
+
+__all__ = ["DirectPipes", "Stage", "StageRun"]

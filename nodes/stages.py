@@ -1,0 +1,291 @@
+"""The stages this node runs: its side of ``negotiate``, ``start`` and ``cancel``.
+
+:class:`Stages` owns every stage of any pipeline on this node, from the negotiation that reserves
+its endpoint to the exit report that ends it:
+
+* ``negotiate`` asks the :class:`~dpipes.nodes.policy.Policy` (a refusal is answered ``refused``,
+  or ``protocol`` for another protocol version), links to the nodes its neighbours run on (data
+  goes straight between them, never relayed; ``unreachable`` if it cannot), and reserves the
+  stage's endpoint ``<node>/<pipeline>.<index>``, whose window is ``[limits] credit_bytes``;
+* ``start`` (``not-found`` unless negotiated here) forks the program under the node's
+  supervisor, in its environment and with its Pipes bootstrap, and runs it
+  (:class:`~dpipes.nodes.stage.StageRun`) in a task; when it has exited, the report goes to every
+  ``report_to`` address;
+* ``cancel`` marks every stage of a pipeline cancelled (with the reason) and terminates its
+  process group, bounded.
+
+At its first stage start, the node removes the Pipes bootstrap directories that nodes killed
+without closing them left behind (:func:`~dpipes.nodes.pipes.remove_stale_bootstrap_dirs`).
+
+A stage whose program exited before its input arrived keeps its endpoint ``LATE_INPUT_S`` more to
+cancel that input when it comes, so its producer sees a closed pipe rather than silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from dpipes.bus.endpoint import Endpoint
+from dpipes.bus.errors import BusError, DpipesError, StageError
+from dpipes.bus.hub import Hub
+from dpipes.nodes import policy as _policy
+from dpipes.nodes.config import NodeConfig
+from dpipes.nodes.policy import Policy
+from dpipes.nodes.protocol import (
+    CONTROL_TIMEOUT_S,
+    NOT_FOUND,
+    PROTOCOL,
+    REFUSED,
+    REPORT_TIMEOUT_S,
+    UNREACHABLE,
+    ControlError,
+    ExitReport,
+    NegotiateReply,
+    NegotiateRequest,
+    StartReply,
+    StartRequest,
+    call,
+)
+from dpipes.nodes.stage import DirectPipes, Stage, StageRun
+from dpipes.nodes.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+CANCEL_TIMEOUT_S = 10.0  # terminate (TERM, grace, KILL) one stage
+LATE_INPUT_S = 10.0  # how long an exited stage's endpoint waits to refuse input that comes late
+
+Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
+
+
+class NegotiationRefused(ControlError):
+    """A node refused a stage before anything started; the message names node, program, reason.
+
+    ``code`` is the protocol's (``refused``, ``protocol``, ``unreachable``); ``reason`` the
+    policy's finer one (``not-allowed``, ``not-found``, ``version``, ...), or "" when the policy
+    did not refuse.
+    """
+
+    def __init__(self, message: str, *, code: str = REFUSED, reason: str = "") -> None:
+        super().__init__(code, message)
+        self.reason = reason
+
+
+class Stages:
+    """Every stage on this node.
+
+    Args:
+        node: this node's name.
+        hub: its hub (stage endpoints, links to neighbours).
+        supervisor: forks and reaps the programs.
+        policy: decides whether a stage may run here.
+        config: the node's configuration.
+        ctl: the node's control endpoint, which sends exit reports.
+        direct: the kept ends of kernel pipes between stages here.
+        spawn: starts a task the node tracks (and cancels when it closes).
+        on_exit: called after each stage's report has been sent.
+    """
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        hub: Hub,
+        supervisor: Supervisor,
+        policy: Policy,
+        config: NodeConfig,
+        ctl: Endpoint,
+        direct: DirectPipes,
+        spawn: Spawn,
+        on_exit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.node = node
+        self.hub = hub
+        self.supervisor = supervisor
+        self.policy = policy
+        self.config = config
+        self.ctl = ctl
+        self.direct = direct
+        self._spawn = spawn
+        self._on_exit = on_exit
+        self._stages: dict[tuple[str, int], Stage] = {}
+        self._swept = False  # the bootstrap dirs of dead nodes, removed once
+        # How much a producer may have in flight towards a stage here: the protocol's initial
+        # credit, and what a larger window adds is granted as the stream opens.
+        self.window = config.limits.credit_bytes
+
+    def __len__(self) -> int:
+        return len(self._stages)
+
+    async def negotiate(self, request: NegotiateRequest) -> NegotiateReply:
+        """Check and reserve one stage; its endpoint's address.
+
+        Raises:
+            NegotiationRefused: the policy refused, a neighbour's node is unreachable, or the stage
+                is already here.
+        """
+        pipeline, index, argv = request.pipeline, request.stage, list(request.argv)
+        refusal = await self.policy.refusal(
+            argv, mode=request.mode, protocol=request.protocol, require=request.require, caller=request.user
+        )
+        if refusal is not None:
+            code = PROTOCOL if refusal.code == _policy.PROTOCOL else REFUSED
+            raise NegotiationRefused(refusal.message, code=code, reason=refusal.code)
+        await self._link_neighbours(request.peers)
+        if (pipeline, index) in self._stages:
+            raise NegotiationRefused(f"stage {index} of pipeline {pipeline} is already here")
+        endpoint = self.hub.endpoint(f"{pipeline}.{index}", window=self.window)
+        describe = f"stage {index} ({argv[0]}@{self.node})"
+        self._stages[(pipeline, index)] = Stage(pipeline, index, argv, request.mode, endpoint, describe)
+        return NegotiateReply(addr=endpoint.addr)
+
+    async def _link_neighbours(self, peers: Mapping[str, str]) -> None:
+        """Make sure we link to the nodes our stage exchanges data with (directly: no relaying)."""
+        missing = {n: e for n, e in peers.items() if n != self.node and n not in self.hub.peers}
+        results = await asyncio.gather(
+            *(self.hub.connect_peer(e, timeout=CONTROL_TIMEOUT_S) for e in missing.values()),
+            return_exceptions=True,
+        )
+        for node, outcome in zip(missing, results, strict=True):
+            if isinstance(outcome, BaseException):
+                raise NegotiationRefused(
+                    f"node {self.node} cannot reach node {node} at {missing[node]}: {outcome}", code=UNREACHABLE
+                )
+
+    async def start(self, wiring: StartRequest) -> StartReply:
+        """Fork a negotiated stage and run it; its pid and Pipes context.
+
+        Raises:
+            ControlError: the stage was not negotiated here (``not-found``), or its program could
+                not start (``refused``).
+        """
+        stage = self._stages.get((wiring.pipeline, wiring.stage))
+        if stage is None:
+            which = f"stage {wiring.stage} of pipeline {wiring.pipeline}"
+            raise ControlError(NOT_FOUND, f"node {self.node}: {which} was not negotiated")
+        from dpipes.nodes.stage_pipes import StagePipes
+
+        if not self._swept:  # at the first start, not at the node's: it imports what only runs need
+            from dpipes.nodes.pipes import remove_stale_bootstrap_dirs
+
+            self._swept = True
+            self._spawn(asyncio.to_thread(remove_stale_bootstrap_dirs), "remove stale Pipes bootstrap dirs")
+        env = dict(os.environ)
+        env.update(self._env(stage, wiring))
+        stage.pipes = StagePipes(
+            wiring.pipes,
+            pipeline=stage.pipeline,
+            stage=stage.index,
+            node=self.node,
+            argv=stage.argv,
+            bus=(self.hub.endpoint(f"{stage.pipeline}.{stage.index}.pipes"), self.hub.ipc_endpoint),
+        )
+        env.update(stage.pipes.env)
+        stage.env = env
+        # Two neighbours both here exchange bytes through one kernel pipe, as in a shell.
+        stdin_fd = self.direct.end(stage.pipeline, stage.index - 1, reader=True) if wiring.direct_in else None
+        stdout_fd = self.direct.end(stage.pipeline, stage.index, reader=False) if wiring.direct_out else None
+        try:
+            stage.proc = await self.supervisor.start(
+                self.policy.command(stage.argv), env=env, forward_stderr=True, stdin_fd=stdin_fd, stdout_fd=stdout_fd
+            )
+        except StageError as exc:  # not executable, a bad working directory, the node stopping
+            stage.pipes.close()
+            raise ControlError(REFUSED, str(exc)) from None
+        except BaseException:
+            stage.pipes.close()
+            raise
+        stage.task = self._spawn(self._run(stage, wiring), stage.describe)
+        log.info("node %s: started %s pid %d", self.node, stage.describe, stage.proc.pid)
+        return StartReply(pid=stage.proc.pid, context=stage.pipes.context)
+
+    def _env(self, stage: Stage, wiring: StartRequest) -> dict[str, str]:
+        host, _, port = self.hub.tcp_endpoint.removeprefix("tcp://").rpartition(":")
+        return {
+            "DPIPES_ADDR": host,
+            "DPIPES_PORT": port,
+            "DPIPES_SERVICE": f"dp.{os.path.basename(stage.argv[0])}",
+            "DPIPES_NODE": self.node,
+            "DPIPES_PIPELINE": stage.pipeline,
+            "DPIPES_STAGE": str(stage.index),
+            "DPIPES_ARGV": shlex.join(stage.argv),
+            "DPIPES_USER": wiring.user,
+        }
+
+    async def _run(self, stage: Stage, wiring: StartRequest) -> None:
+        run = StageRun(
+            stage,
+            wiring,
+            node=self.node,
+            config=self.config,
+            tcp_endpoint=self.hub.tcp_endpoint,
+            on_unread_input=lambda: self._linger(stage),
+        )
+        try:
+            report = await run.run()
+        finally:
+            self._forget(stage)
+            self.direct.close(stage.pipeline, (stage.index - 1, stage.index))  # a neighbour that never started
+            if stage.pipes is not None:
+                stage.pipes.close()
+        log.info("node %s: %s %s", self.node, stage.describe, report.status)
+        await asyncio.gather(*(self._report(addr, report) for addr in wiring.report_to))
+        self._on_exit()
+
+    async def _report(self, addr: str, report: ExitReport) -> None:
+        try:
+            await call(self.ctl, addr, report, timeout=REPORT_TIMEOUT_S)
+        except DpipesError as exc:  # unreachable, or the receiver refused the report
+            log.warning("node %s: exit report of stage %s not delivered to %s: %s", self.node, report.stage, addr, exc)
+
+    async def cancel(self, pipeline: str, reason: str) -> int:
+        """Terminate every stage of ``pipeline`` here; how many there were."""
+        self.direct.close(pipeline)  # a neighbour that has not started will not
+        stages = [s for (p, _i), s in self._stages.items() if p == pipeline]
+        for stage in stages:
+            stage.cancelled = stage.cancelled or reason
+        await asyncio.gather(*(self._kill(s) for s in stages), return_exceptions=True)
+        for stage in stages:
+            if stage.proc is None:  # negotiated, never started
+                self._forget(stage)
+        return len(stages)
+
+    async def aclose(self, reason: str = "node stopping") -> None:
+        """Cancel every stage here (bounded) and close the kept pipe ends."""
+        stages = list(self._stages.values())
+        for stage in stages:
+            stage.cancelled = stage.cancelled or reason
+        await asyncio.gather(*(self._kill(stage) for stage in stages), return_exceptions=True)
+        self.direct.close_all()
+
+    async def _kill(self, stage: Stage) -> None:
+        if stage.proc is not None:
+            await asyncio.wait_for(stage.proc.terminate(), CANCEL_TIMEOUT_S)
+
+    def _forget(self, stage: Stage) -> None:
+        self._stages.pop((stage.pipeline, stage.index), None)
+        if not stage.lingering:
+            stage.endpoint.close()
+
+    def _linger(self, stage: Stage) -> None:
+        stage.lingering = True
+        self._spawn(self._refuse_late_input(stage), f"late input of {stage.describe}")
+
+    async def _refuse_late_input(self, stage: Stage) -> None:
+        """A stage that exited before its input arrived: cancel that input when it comes."""
+        try:
+            stream = await asyncio.wait_for(stage.endpoint.accept(), LATE_INPUT_S)
+            stream.cancel(f"{stage.describe} exited without reading its input")
+        except (TimeoutError, BusError):
+            pass
+        finally:
+            if stage.task is not None:  # the stage's own output may still await its acknowledgement
+                await asyncio.wait({stage.task})
+            stage.endpoint.close()
+
+
+__all__ = ["NegotiationRefused", "Stages"]
