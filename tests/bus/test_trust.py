@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -192,7 +193,7 @@ def test_pinned_node_is_checked_and_a_changed_key_refused_loudly(tmp_path: Path)
 
 
 def test_unknown_node_refused_unless_trust_on_first_use(tmp_path: Path) -> None:
-    with pytest.raises(UnknownNode, match=f"dpipes keys pin beta {ALPHA.fingerprint}"):
+    with pytest.raises(UnknownNode, match=re.escape(f"dpipes keys pin beta {ALPHA.fingerprint}")):
         KnownNodes().check("beta", ALPHA)
     path = tmp_path / "known_nodes"
     tofu = KnownNodes.load(path, tofu=True)
