@@ -42,6 +42,7 @@ __all__ = [
     "REFUSAL_LOG_INTERVAL_S",
     "TAP_ZAP_DOMAIN",
     "ZAP_DOMAIN",
+    "ClientCurve",
     "Gatekeeper",
     "HubSecurity",
     "identity_from_user_id",
@@ -74,6 +75,14 @@ class HubSecurity:
 
     def store(self) -> TrustStore:
         return self.trust() if callable(self.trust) else self.trust
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientCurve:
+    """What a client needs to attach to a hub over TCP with CURVE: its own pair, the node's key."""
+
+    keypair: KeyPair
+    server_key: PublicKey
 
 
 def identity_from_user_id(user_id: str | None) -> Identity | None:
