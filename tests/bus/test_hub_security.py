@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import re
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +165,46 @@ async def test_a_connection_that_takes_over_a_clients_routing_id_is_not_that_cli
             for sock in socks:
                 sock.close(0)
             ctx.term()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may traverse (pytest's tmp_path is private to root)."""
+    where = Path(tempfile.mkdtemp(prefix="dpipes-hubsec-"))
+    where.chmod(0o711)
+    yield where
+    shutil.rmtree(where)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+async def test_another_uid_is_refused_on_the_hubs_unix_socket(shared_dir: Path) -> None:
+    # the socket is made open to all below: only the uid check stands in the way
+    net = Net(shared_dir / "keys")
+    hub = Hub("alpha", ipc=f"ipc://{shared_dir}/alpha.sock", security=HubSecurity(net.alpha, net.store({})))
+    async with hub as a:
+        (shared_dir / "alpha.sock").chmod(0o777)
+        assert a._gate is not None
+        nobody = pwd.getpwnam("nobody")
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child, as nobody
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                ctx = zmq.Context()  # a new context: nothing of the parent's is touched after fork
+                sock = ctx.socket(zmq.DEALER)
+                sock.linger = 2000
+                sock.connect(a.ipc_endpoint)
+                sock.send_multipart(codec.encode(codec.Attach(name="intruder")))
+                sock.close()
+                ctx.term()
+                code = 0
+            finally:
+                os._exit(code)
+        await until(lambda: a._gate is not None and a._gate.refused >= 1)
+        _, status = await asyncio.to_thread(os.waitpid, child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        async with Client(a.ipc_endpoint, name="owner") as owner:  # the daemon's own user still gets in
+            assert owner.endpoint.addr == "alpha/owner"
+        assert a.identity_of("alpha/intruder") is None
