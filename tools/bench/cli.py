@@ -19,6 +19,8 @@ suites:
           (c) Arrow record batches between two processes (one ~1M x 8 batch; a stream of
               10k-row batches), against pyarrow.flight do_get over loopback
           (d) 64-byte round trip p50/p99, REQUEST/REPLY between two hubs, against a raw pyzmq echo
+  curve   the bus with CurveZMQ keys against the same bus without, in one run: 1 MiB throughput
+          and 64-byte rate hub A -> hub B over TCP loopback, and a client's attach time
   pipe    1 GiB of `cat FILE | cat` with the stages on two local daemons, output to /dev/null,
           against sh -c 'cat FILE | cat > /dev/null'; and the wall time of
           `dpipes 'echo x | cat'` with a running daemon, against sh -c 'echo x | cat'
@@ -65,6 +67,10 @@ def _suite(name: str) -> Callable[..., list[Result]]:
         from dpipes.tools.bench.pipes import pipes_benchmarks
 
         return pipes_benchmarks
+    if name == "curve":
+        from dpipes.tools.bench.curve import curve_benchmarks
+
+        return curve_benchmarks
     if name == "peers":
         from dpipes.tools.bench.peers import peers_benchmarks
 
@@ -79,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", choices=["bus", "pipe", "pipes", "peers", "discovery"], help="what to measure")
+    parser.add_argument(
+        "suite", choices=["bus", "curve", "pipe", "pipes", "peers", "discovery"], help="what to measure"
+    )
     parser.add_argument(
         "--nodes", type=int, default=8, metavar="N", help="discovery: daemons on the LAN (default 8; root only)"
     )
