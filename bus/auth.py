@@ -21,6 +21,28 @@ libzmq attaches the ``User-Id`` to every message of that connection: the hub rea
 
 Refusals are counted (:attr:`Gatekeeper.refused`) and logged once per key or uid per
 :data:`REFUSAL_LOG_INTERVAL_S`: a peer retrying in a loop does not flood the log.
+
+**Wiring a node** (what ``nodes/`` calls; the bus side is done):
+
+1. Keys and trust: ``pair, _ = dpipes.nodes.daemon.node_keypair(config)`` (the daemon already
+   made it); ``trust = lambda: TrustStore.load(dir, tofu=config.trust_on_first_use)`` with
+   ``dir = config.key_dir or key_dir()``; ``Hub(..., security=HubSecurity(pair, trust))``, or
+   ``security=None`` for ``--insecure`` (logged loudly). With keys, a LAN listen address needs no
+   insecure flag.
+2. Peers: a static ``[nodes]`` entry links with ``hub.add_peer(endpoint, key=known.key_for(name))``;
+   discovery and gossip carry ``hub.public_key`` (never the secret), and the receiver calls
+   ``KnownNodes.check(name, key)`` before ``learn_peer(endpoint, key=key)``: ``KeyChanged`` and
+   ``UnknownNode`` are logged as errors, and the node is not linked.
+3. Policy, before anything starts: ``identity = hub.identity_of(request.src)``; then
+   ``KeyPolicy(store.clients, store.nodes).may_run(identity, argv, plugin=...)``; a refusal's
+   ``reason`` goes into the node's ``Refusal("unauthorized", ...)``. A request from a peer node
+   (``identity.node`` set) on behalf of a client names that client's fingerprint in its body; the
+   policy takes it only from a known node and checks ``Identity.key(fingerprint)``.
+4. Every run is logged with ``str(identity)``, the argv and the pipeline; the stage's environment
+   gets the caller from ``identity`` (never from what the client wrote in its request).
+5. The ``dpipes`` client: over ``ipc://`` nothing (the uid is the credential); over TCP,
+   ``Client(endpoint, curve=ClientCurve(Keyring().client()[0], node_key))`` with the node's key
+   from known_nodes.
 """
 
 from __future__ import annotations
