@@ -46,13 +46,16 @@ Kinds
 
     * ``HELLO`` ``node: str, instance: str, endpoints: map, info: map`` -- opens a link or
       attachment of a peer hub; ``endpoints["bus"]`` is where the peer's ROUTER listens.
-    * ``WELCOME`` ``node: str, instance: str`` -- the answer to an acceptable ``HELLO``.
+    * ``WELCOME`` ``node: str, instance: str, info: map`` -- the answer to an acceptable
+      ``HELLO``, with what the answering hub tells peers about itself (as its own ``HELLO``'s
+      ``info``), so that a link is never up before its peer's offer is known.
     * ``PING`` -- liveness, sent every ``HEARTBEAT_INTERVAL_S`` on every link and by clients.
     * ``PONG`` -- the hub's answer to a client's ``PING``.
     * ``BYE`` ``reason: str`` -- an orderly goodbye; also the refusal of a ``HELLO``, and what a
       hub tells a client or peer it detaches (see *Sessions* and *Bad messages*).
     * ``ATTACH`` ``name: str`` -- a client asks to become endpoint ``node/name`` (an empty name:
-      the hub picks one).
+      the hub picks one). Not knowing its address yet, it sends ``src`` and ``dst`` empty; from
+      ``ATTACHED`` on, every message it sends carries ``src`` = that address.
     * ``ATTACHED`` ``addr: str`` -- the hub's answer to ``ATTACH``.
     * ``LINK`` ``node: str, up: bool, reason: str`` -- a hub tells its endpoints that a peer
       node came up or was lost.
@@ -97,8 +100,11 @@ Streams
     ``EOF_ACK`` and ``CANCEL`` carry ``src`` = receiver, ``dst`` = sender and the **sender's**
     ``sid``. So ``sid`` is not unique per source address: one party's messages with the same
     ``sid`` may be about a stream it sends or one it receives, and a party tells streams apart by
-    (peer address, ``sid``, direction). A message to party P from peer Q with stream id S is
-    about:
+    (peer address, ``sid``, direction). The sender numbers its data messages and ``EOF`` with
+    ``seq`` 1, 2, 3, ... in sending order (an ``ERROR`` that bounces one names its ``seq``);
+    ``CREDIT``, ``EOF_ACK`` and ``CANCEL`` carry ``seq`` 0. A receiver need not check ``seq``:
+    the bus keeps a stream's messages in order. A message to party P from peer Q with stream id
+    S is about:
 
     * data or ``EOF``: the stream Q sends to P, (Q, S);
     * ``CREDIT`` or ``EOF_ACK``: the stream P sends to Q with P's id S;
@@ -423,6 +429,7 @@ class Welcome(Message):
 
     node: str = dataclasses.field(default="", metadata={"check": _node_name})
     instance: str = ""
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @_kind("PING")

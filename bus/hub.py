@@ -6,7 +6,7 @@ Sockets (all created from the one ``zmq.Context`` the hub owns, all closed in ``
 * one outbound DEALER per peer hub (a *link*), as in Zyre: a hub always sends to a peer through
   its own DEALER, so a full peer blocks that link only, and ZeroMQ never drops on it;
 * an XPUB tap mirror that publishes one small event per routed message while, and only while,
-  someone is subscribed (see :data:`TAP_FIELDS`); a ``PIPES`` event also carries its messages.
+  someone is subscribed (the events are specified in :mod:`dpipes.bus.tap`).
 
 Routing is direct: ``node/endpoint`` is delivered locally when ``node`` is this hub, sent on the
 link to ``node`` otherwise; a message for a node we have no link to, or for an endpoint that does
@@ -44,7 +44,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import zmq
 
 from dpipes.bus import codec
@@ -66,13 +65,13 @@ from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, DecodeError, ProtocolMismatch, RequestTimeout, SecurityError
 from dpipes.bus.keys import PublicKey
 from dpipes.bus.pump import Pump, send_frames
+from dpipes.bus.tap import TAP_HWM, Mirror
 from dpipes.bus.trust import INSECURE, Identity
 
 log = logging.getLogger(__name__)
 
 CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full, then dropped
 ROUTER_HWM = 100_000  # per-peer queue in messages; credits keep streams far below it
-TAP_PIPES_MAX_BYTES = 256 * 1024  # a PIPES message up to this size shows its messages on the tap
 
 
 def _valid_node_name(name: str) -> bool:
@@ -234,7 +233,7 @@ class Hub:
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client with its old id takes over
         tap_sock = self._ctx.socket(zmq.XPUB)
         tap_sock.setsockopt(zmq.LINGER, 0)
-        tap_sock.setsockopt(zmq.SNDHWM, 10_000)  # a slow tap loses events, never slows the bus
+        tap_sock.setsockopt(zmq.SNDHWM, TAP_HWM)  # a slow tap loses events, never slows the bus
         if self._security is not None:
             self._gate = Gatekeeper(self._ctx, self._security, node=self.node)
             self._gate.start()  # binds the context's ZAP endpoint: before any socket binds
@@ -497,6 +496,8 @@ class Hub:
             elif (problem := self._key_problem(msg.node, link.key)) is not None:
                 self._refused(link, problem)
             else:
+                if msg.info:  # what it offers, known before the link counts as up
+                    link.info = msg.info
                 self._link_up(link, msg.node, msg.instance)
         elif isinstance(msg, codec.Bye):
             if link.up:
@@ -921,7 +922,9 @@ class Hub:
         self._router_send(
             ident,
             codec.encode(
-                codec.Welcome(src=f"{self.node}/", dst=f"{hello.node}/", node=self.node, instance=self.instance)
+                codec.Welcome(
+                    src=f"{self.node}/", dst=f"{hello.node}/", node=self.node, instance=self.instance, info=self.info
+                )
             ),
         )
         link = self._by_node.get(hello.node)
@@ -1118,25 +1121,32 @@ class Hub:
 
     # -- tap mirror -----------------------------------------------------------------------------
 
+    _tap_mirror: Mirror | None = None  # made at the first subscription
+
     def _on_tap_subscription(self, frames: list[Any]) -> None:
         data = frames[0].bytes
+        if self._tap_mirror is None:
+            self._tap_mirror = Mirror(self.node)
         if data[:1] == b"\x01":
             self._tap_topics.add(data[1:])
+            self._tap_mirror.on_subscription(data[1:], True)
         elif data[:1] == b"\x00":
             self._tap_topics.discard(data[1:])
+            self._tap_mirror.on_subscription(data[1:], False)
 
     def _publish_tap(self, header: dict[str, Any], payload: Any) -> None:
-        size = sum(memoryview(f).nbytes for f in payload)
-        kind = header["kind"]
-        pipes = [bytes(f) for f in payload] if kind == "PIPES" and size <= TAP_PIPES_MAX_BYTES else None
-        event = msgpack.packb(
-            [time.time(), kind, header["src"], header["dst"], header["sid"], header["seq"], size, pipes]
-        )
-        assert self._tap is not None
-        try:
-            self._tap.sock.send(event, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the tap is lossy by design
+        assert self._tap is not None and self._tap_mirror is not None
+        self._tap_mirror.publish(self._tap.sock, header, payload)
+
+    @property
+    def tapped(self) -> bool:
+        """Whether anyone subscribes to the tap: the hub mirrors what it routes only then."""
+        return bool(self._tap_topics)
+
+    @property
+    def tap_refused(self) -> int:
+        """Tap events the XPUB refused to send (each is a gap in the events' ``n``)."""
+        return self._tap_mirror.refused if self._tap_mirror is not None else 0
 
 
 class _InProcess:
@@ -1147,12 +1157,3 @@ class _InProcess:
     def __init__(self, hub: Hub) -> None:
         self.send = hub._send_local
         self.send_frames = hub._send_frames_local
-
-
-TAP_FIELDS = ("time", "kind", "src", "dst", "sid", "seq", "bytes", "pipes")
-"""Names of the fields of a tap event, a msgpack array published on ``Hub.tap_endpoint``.
-
-``bytes`` counts the payload; ``pipes`` is None except on a ``PIPES`` message of at most
-``TAP_PIPES_MAX_BYTES``, where it is the list of its payload frames (JSON texts, see
-:mod:`dpipes.nodes.stage_pipes`), so a tap shows Pipes messages as they pass.
-"""

@@ -16,7 +16,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from dpipes.bus import codec
+from dpipes.bus import codec, tap
 from dpipes.bus import hub as hub_module
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, StreamCancelled
@@ -337,13 +337,13 @@ async def test_tap_publishes_only_while_subscribed() -> None:
             src.send(codec.Request(dst="alpha/dst", method="seen"))
             stream = src.open_stream("beta/nobody")
             await stream.send_bytes(b"12345")
-            events = [msgpack.unpackb(await asyncio.wait_for(sub.recv(), WAIT_S)) for _ in range(2)]
-            fields = [dict(zip(hub_module.TAP_FIELDS, e, strict=True)) for e in events]
-            assert [(f["kind"], f["src"], f["dst"]) for f in fields] == [
+            events = [tap.decode_event(await asyncio.wait_for(sub.recv(), WAIT_S)) for _ in range(2)]
+            assert [(e.kind, e.src, e.dst) for e in events] == [
                 ("REQUEST", "alpha/src", "alpha/dst"),
                 ("BYTES", "alpha/src", "beta/nobody"),
             ]
-            assert fields[1]["bytes"] == 5 and fields[1]["sid"] == stream.sid
+            assert events[1].size == 5 and events[1].sid == stream.sid and events[1].sample == b"12345"
+            assert events[0].fields["method"] == "seen" and events[1].n == events[0].n + 1
         finally:
             sub.close(0)
             ctx.term()
@@ -437,3 +437,11 @@ async def test_credit_is_counted_in_the_units_the_spec_states() -> None:
             assert stream.limit == codec.INITIAL_CREDIT_BYTES + taken * cost
         finally:
             writer.cancel()
+
+
+async def test_a_link_is_up_with_what_its_peer_offers() -> None:
+    # alpha has no TCP, so beta cannot link back and say HELLO: only WELCOME can tell alpha.
+    async with Hub("alpha", tcp=None, info={"programs": ["cat"]}) as a, Hub("beta", info={"programs": ["sort"]}) as b:
+        assert await a.connect_peer(b.tcp_endpoint) == "beta"
+        # Placement on alpha never sees beta up with nothing to offer.
+        assert a.peers["beta"].info == {"programs": ["sort"]}
