@@ -27,6 +27,8 @@ Keys::
     trust_on_first_use = false      # record an unknown peer node's key when first seen, instead of
                                     # refusing it; a changed key is refused either way
     interfaces = ["eth0"]           # interfaces for discovery and listening; empty = all
+    workdir = "~"                   # where stages of callers on other hosts start (~: the node
+                                    # user's home, as ssh); a caller on this host gives its own
 
     [nodes]                         # static peers, for networks where mDNS does not reach
     beta = "10.0.0.2:5757"
@@ -181,6 +183,8 @@ class NodeConfig:
     """The key directory (None: :func:`dpipes.bus.keys.key_dir`)."""
     trust_on_first_use: bool = False
     interfaces: tuple[str, ...] = ()
+    workdir: str = "~"
+    """Where a stage starts unless it runs on its caller's host (then: the caller's directory)."""
     sources: tuple[str, ...] = ()
     """The files that were read, in order, then "command line" if there were overrides."""
     origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
@@ -288,6 +292,7 @@ _TOP: dict[str, Callable[[object], object]] = {
     "key_dir": _absolute_path,
     "trust_on_first_use": _bool,
     "interfaces": _strings,
+    "workdir": _string,
 }
 _TABLES = ("nodes", "apps", "limits")
 _LIMITS: dict[str, Callable[[object], int]] = {
@@ -583,7 +588,7 @@ def format_config(config: NodeConfig, *, labels: Mapping[str, str] | None = None
         rows.append(("# allow = [...]", "not set: any program this node has"))
     else:
         rows.append((f"allow = {_toml_value(config.allow)}", origin("allow")))
-    for key in ("metadata_key", "metadata_argv", "metadata_environ", "insecure", "interfaces"):
+    for key in ("metadata_key", "metadata_argv", "metadata_environ", "insecure", "interfaces", "workdir"):
         rows.append((f"{key} = {_toml_value(getattr(config, key))}", origin(key)))
     if config.key_dir is None:
         rows.append(("# key_dir = ...", "not set: $DPIPES_KEY_DIR, else $XDG_CONFIG_HOME/dpipes"))
