@@ -22,6 +22,8 @@ suites:
           --tap: instead, (a) and (b) with a tap reader (dpipes-tap's reading and decoding, in
           its own process) subscribed to the sending hub, against the same without one; and the
           events the reader got against those the hub published (the tap is lossy by design)
+  curve   the bus with CurveZMQ keys against the same bus without, in one run: 1 MiB throughput
+          and 64-byte rate hub A -> hub B over TCP loopback, and a client's attach time
   pipe    1 GiB of `cat FILE | cat` with the stages on two local daemons, output to /dev/null,
           against sh -c 'cat FILE | cat > /dev/null'; and the wall time of
           `dpipes 'echo x | cat'` with a running daemon, against sh -c 'echo x | cat'
@@ -70,6 +72,10 @@ def _suite(name: str) -> Callable[..., list[Result]]:
         from dpipes.tools.bench.pipes import pipes_benchmarks
 
         return pipes_benchmarks
+    if name == "curve":
+        from dpipes.tools.bench.curve import curve_benchmarks
+
+        return curve_benchmarks
     if name == "peers":
         from dpipes.tools.bench.peers import peers_benchmarks
 
@@ -84,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", choices=["bus", "pipe", "pipes", "peers", "discovery"], help="what to measure")
+    parser.add_argument(
+        "suite", choices=["bus", "curve", "pipe", "pipes", "peers", "discovery"], help="what to measure"
+    )
     parser.add_argument(
         "--nodes", type=int, default=8, metavar="N", help="discovery: daemons on the LAN (default 8; root only)"
     )
