@@ -518,7 +518,7 @@ class PipesBusReader(_QueuedRecords):
                     continue
                 line = view.tobytes()
                 try:
-                    out.append(PipesLine(n, parse_message(line, max_line_bytes=self._max), size))
+                    out.append(PipesLine(n, parse_message(line, max_line_bytes=self._max), size, line))
                 except PipesMessageError as e:
                     out.append(PipesBadLine(n, e, line[:BAD_LINE_HEAD_BYTES], size, _bus_source(stream.src)))
         self.messages_seen += n - self._counts[stream]

@@ -27,7 +27,7 @@ import shlex
 import signal
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
@@ -36,6 +36,7 @@ from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.fdpass import hand_over
+from dpipes.nodes.pipes_frames import PipesFrameError, PipesMessageHandler, decode_frame
 from dpipes.nodes.protocol import (
     CTL,
     ONE_WAY,
@@ -108,10 +109,7 @@ class StageResult:
     cancelled: str = ""  # why it was cancelled (Ctrl-C, a failed neighbour, a lost node, ...)
     stderr_tail: str = ""
     reported: bool = False
-    materializations: list[str] = dataclasses.field(default_factory=list)
-    checks: list[str] = dataclasses.field(default_factory=list)
-    pipes_exception: str = ""  # the stage's Pipes session closed with this exception
-    pipes_errors: int = 0  # lines that were not valid Pipes messages
+    pipes: PipesMessageHandler = dataclasses.field(default_factory=PipesMessageHandler)  # what it reported
     started: float = 0.0  # wall clock on its node when its program started; 0: unknown
     ended: float = 0.0  # ... and when it exited
     bytes_in: int = -1  # bytes its node wrote to its stdin; -1: not seen (a kernel pipe), or unknown
@@ -148,6 +146,30 @@ class StageResult:
         if self.pipes_exception:
             text += f" (Pipes closed with {self.pipes_exception})"
         return text
+
+    @property
+    def materializations(self) -> list[str]:
+        """The asset keys this stage reported materialized, in order."""
+        return [str(m.get("asset_key") or "(default asset)") for m in self.pipes.materializations]
+
+    @property
+    def checks(self) -> list[str]:
+        """The asset checks it reported, as ``name: passed`` / ``name: failed (SEVERITY)``."""
+        return [
+            f"{c.get('check_name')}: " + ("passed" if c.get("passed") else f"failed ({c.get('severity', 'ERROR')})")
+            for c in self.pipes.checks
+        ]
+
+    @property
+    def pipes_exception(self) -> str:
+        """The exception its Pipes session closed with, or ""."""
+        exc = self.pipes.exception
+        return str(exc) if exc is not None else ""
+
+    @property
+    def pipes_errors(self) -> int:
+        """Lines it wrote that were not valid Pipes messages."""
+        return len(self.pipes.frame_errors)
 
     def pipes_summary(self) -> str:
         """Materializations and checks this stage reported, or "" when none."""
@@ -301,15 +323,15 @@ async def run_pipeline(
     stdout_fd: int = 1,
     stderr_fd: int = 2,
     on_started: Callable[[RunReply], None] | None = None,
-    on_pipes: Callable[[int, bytes], None] | None = None,
+    on_pipes: Callable[[int, Mapping[str, Any]], None] | None = None,
     handle_sigint: bool = True,
     progress: ProgressView | None = None,
 ) -> RunResult:
     """Run ``options.pipeline`` through the node at ``entry`` (an ipc:// or tcp:// endpoint).
 
     Args:
-        on_pipes: called with (stage index, the PIPES frame: JSON ``{"message": ...}`` or
-            ``{"error": ..., "line": ...}``) for each Pipes message as it arrives.
+        on_pipes: called with (stage index, the Pipes message, decoded once) for each message as
+            it arrives; every stage's messages are also kept in its ``StageResult.pipes``.
         progress: a live view of the run (:mod:`dpipes.nodes.progress`): the nodes send progress
             reports, and the stages' stderr (and our stdout, when it is the view's terminal) is
             written through it.
@@ -370,7 +392,7 @@ class _Run:
         self._done = asyncio.Event()
         self._readers: set[asyncio.Task[None]] = set()
         self.pipes_json: Any = None
-        self.on_pipes: Callable[[int, bytes], None] | None = None  # each Pipes frame as it arrives
+        self.on_pipes: Callable[[int, Mapping[str, Any]], None] | None = None  # each Pipes message as it arrives
         self.local_fds: str | None = None  # the token of our stdin/stdout, handed to the entry node
         self._starting: asyncio.Future[Any] | None = None  # the run request, until answered
         self.refused_reports = 0  # reports to us that were not of their method's shape
@@ -456,35 +478,23 @@ class _Run:
         self.pipes_json.flush()
 
     async def _on_pipes(self, stage: StageResult | None, tag: bytes, frame: Any) -> None:
-        """One Pipes message from a stage: log it now, remember what the summary needs."""
-        frame = bytes(frame)
-        if self.on_pipes is not None and stage is not None:
-            self.on_pipes(stage.index, frame)
-        try:
-            item = json.loads(frame)
-        except ValueError:
-            return  # the node validated it; a bad frame here is a bug elsewhere, not user data
+        """One Pipes frame from a stage, decoded once: kept by the stage's handler, logged now."""
+        item = decode_frame(frame)
         if stage is None:
             return
-        if "error" in item:
-            stage.pipes_errors += 1
-            await self.stderr.write(tag + f"Pipes: {item['error']}\n".encode())
+        if isinstance(item, PipesFrameError):
+            stage.pipes.handle_frame_error(item)
+            await self.stderr.write(tag + f"Pipes: {item}\n".encode())
             return
-        message = item.get("message", {})
+        stage.pipes.handle_message(item)
+        if self.on_pipes is not None:
+            self.on_pipes(stage.index, item)
         if self.pipes_json is not None:
-            self._json_line({"stage": stage.index, "node": stage.node, "message": message})
-        method, params = message.get("method"), message.get("params") or {}
+            self._json_line({"stage": stage.index, "node": stage.node, "message": item})
+        method, params = item.get("method"), item.get("params") or {}
         if method == "log":
             await self.stderr.write(tag + f"{params.get('level', 'INFO')} {params.get('message', '')}\n".encode())
-        elif method == "report_asset_materialization":
-            stage.materializations.append(str(params.get("asset_key") or "(default asset)"))
-        elif method == "report_asset_check":
-            outcome = "passed" if params.get("passed") else f"failed ({params.get('severity', 'ERROR')})"
-            stage.checks.append(f"{params.get('check_name')}: {outcome}")
         elif method == "closed" and params.get("exception"):
-            exc = params["exception"]
-            name, text = str(exc.get("name") or "an exception"), str(exc.get("message") or "")
-            stage.pipes_exception = text if text.startswith(name) else f"{name}: {text}".rstrip(": ")
             await self.stderr.write(tag + f"Pipes closed with {stage.pipes_exception}\n".encode())
 
     def _interrupt(self) -> None:

@@ -3,9 +3,10 @@
 Every stage a node forks gets ``DAGSTER_PIPES_CONTEXT`` and ``DAGSTER_PIPES_MESSAGES``; a program
 that never opens Pipes is an ordinary program and costs a FIFO. Each message a program writes
 travels to the client as one payload frame of a ``PIPES`` message on a stream from the stage's
-endpoint; messages read together share one bus message. A frame is JSON: ``{"message": <the
-message as received>}``, or, for a line that is not a valid Pipes message, ``{"error": "...",
-"line": N}`` (reading goes on after it).
+endpoint; messages read together share one bus message. A frame is the message's JSON text as
+the program wrote it (checked here, never re-encoded), or, for a line that is not a valid Pipes
+message, ``{"error": "...", "line": N}`` (reading goes on after it); clients read both with
+:mod:`dpipes.nodes.pipes_frames`.
 
 A stage's Pipes options (the ``pipes`` map of the ``start`` request, see
 :mod:`dpipes.nodes.pipes_options`), each optional:
@@ -61,9 +62,10 @@ STDIO_TEXT_MAX_CHARS: Final = 64 * 1024  # per log_external_stream message: well
 
 
 def frame_of(record: PipesLine | PipesBadLine) -> bytes:
-    """The payload frame of one PIPES message."""
+    """The payload frame of one PIPES message: a valid message as the program wrote it (checked,
+    never re-encoded), or the report of a line that was not one (see :mod:`dpipes.nodes.pipes_frames`)."""
     if isinstance(record, PipesLine):
-        return json.dumps({"message": record.message.raw}, separators=(",", ":"), allow_nan=True).encode()
+        return record.text or json.dumps(record.message.raw, separators=(",", ":"), allow_nan=True).encode()
     return json.dumps({"error": str(record), "line": record.line_no}).encode()
 
 
@@ -74,7 +76,7 @@ def stdio_frame(stream: Literal["stdout", "stderr"], text: str) -> bytes:
         "method": "log_external_stream",
         "params": {"stream": stream, "text": text, "extras": {}},
     }
-    return json.dumps({"message": message}, separators=(",", ":")).encode()
+    return json.dumps(message, separators=(",", ":")).encode()
 
 
 class StdioTee:

@@ -274,7 +274,7 @@ async def test_the_tap_of_the_stage_s_node_shows_its_pipes_messages(rt: Path, tm
                 event = decode_event(await asyncio.wait_for(tap.recv(), TAP_WAIT_S))
                 if event.kind == "PIPES":
                     assert event.src.startswith("beta/") and event.pipes is not None
-                    seen += [json.loads(frame)["message"] for frame in event.pipes]
+                    seen += [json.loads(frame) for frame in event.pipes]  # as the program wrote them
         finally:
             tap.close(0)
             ctx.term()

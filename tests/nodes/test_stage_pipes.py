@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -117,7 +115,7 @@ def test_stdio_becomes_valid_log_external_stream_messages_whatever_the_chunks() 
     tee = StdioTee("stderr")
     data = "warn: é\n".encode() + b"\xff odd\n"
     frames = [f for i in range(len(data)) for f in tee.frames(data[i : i + 1])] + tee.frames(b"", end=True)
-    messages = [parse_message(json.dumps(json.loads(f)["message"]).encode()) for f in frames]
+    messages = [parse_message(f) for f in frames]  # each frame is a Pipes message as it stands
     assert {m.method for m in messages} == {"log_external_stream"}
     assert {m.params["stream"] for m in messages} == {"stderr"}
     assert "".join(m.params["text"] for m in messages) == "warn: é\n\ufffd odd\n"  # é split across chunks
@@ -127,3 +125,19 @@ def test_a_large_chunk_is_cut_into_bounded_messages() -> None:
     frames = StdioTee("stdout").frames(b"x" * (2 * STDIO_TEXT_MAX_CHARS + 1))
     assert len(frames) == 3
     assert all(len(f) < STDIO_TEXT_MAX_CHARS + 200 for f in frames)
+
+
+def test_a_message_travels_as_the_program_wrote_it_and_is_decoded_once() -> None:
+    from dpipes.nodes.pipes_frames import PipesFrameError, decode_frame
+    from dpipes.nodes.pipes_lines import PipesLineSplitter
+    from dpipes.nodes.stage_pipes import frame_of
+
+    written = b'{"__dagster_pipes_version": "0.1", "method": "log",  "params": {"message": "hi", "level": "INFO"}}'
+    (record,) = PipesLineSplitter().feed(written + b"\n" + b"not a message\n")[:1]
+    assert frame_of(record) == written  # checked, not re-encoded (note the two spaces)
+    assert decode_frame(frame_of(record))["params"]["message"] == "hi"
+    (bad,) = PipesLineSplitter().feed(b"not a message\n")
+    report = decode_frame(frame_of(bad))
+    assert isinstance(report, PipesFrameError) and report.line == 1
+    for hostile in (b"\xff", b"[1]", b'{"error": 3}', b"{}"):  # off the wire: reported, never raised
+        assert isinstance(decode_frame(hostile), PipesFrameError)
