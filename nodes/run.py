@@ -9,10 +9,8 @@ computes (the command documents them):
   a stage whose data could not be moved (output that is not objects in an object mode);
 * ``EXIT_INTERRUPTED`` (130) after Ctrl-C cancelled every stage.
 
-Why this module is over 500 lines: the client side of a run is about 500 of them; the rest
-(``entry_from``, ``local_daemon``, ``embedded_node``, ``known_nodes``) is how a command finds its
-entry node, which belongs in :mod:`dpipes.nodes.entry` and moves there once the work under way in
-that module has landed (moving it now would collide with it).
+What a run comes to (each stage's result, the exit code, the joblog) is :mod:`dpipes.nodes.results`;
+how a command finds its entry node is :mod:`dpipes.nodes.entry`. Both are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import shlex
 import signal
 import socket
 import stat
@@ -35,8 +32,9 @@ from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.dataflow import Incoming, Outgoing
+from dpipes.nodes.entry import embedded_node, entry_from, known_nodes, local_daemon
 from dpipes.nodes.fdpass import hand_over
-from dpipes.nodes.pipes_frames import PipesFrameError, PipesMessageHandler, decode_frame
+from dpipes.nodes.pipes_frames import PipesFrameError, decode_frame
 from dpipes.nodes.protocol import (
     CTL,
     ONE_WAY,
@@ -47,9 +45,6 @@ from dpipes.nodes.protocol import (
     ControlError,
     ExitReport,
     FailedReport,
-    InfoReply,
-    InfoRequest,
-    NodeEntry,
     ProgressReport,
     RunReply,
     RunRequest,
@@ -57,28 +52,24 @@ from dpipes.nodes.protocol import (
     current_user,
     parse_request,
 )
+from dpipes.nodes.results import (
+    EXIT_DPIPES_FAILED,
+    EXIT_INTERRUPTED,
+    JOBLOG_COLUMNS,
+    RunFailed,
+    RunResult,
+    StageResult,
+    exit_code_of,
+    format_joblog,
+)
 
 if TYPE_CHECKING:
     from dpipes.nodes.progress import ProgressView
 
 log = logging.getLogger(__name__)
 
-EXIT_DPIPES_FAILED = 125
-EXIT_INTERRUPTED = 130
 CANCEL_WAIT_S = 15.0  # after Ctrl-C or a failure: how long we wait for the stages' exit reports
 STDIN_CHUNK_BYTES = 256 * 1024
-
-
-class RunFailed(DpipesError):
-    """The pipeline could not run, or failed as a whole (refusal, lost node); the message says why.
-
-    ``code`` is the entry node's error code (:mod:`dpipes.nodes.protocol`, *Errors*) when it
-    answered with one, else "".
-    """
-
-    def __init__(self, message: str, *, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,155 +85,6 @@ class RunOptions:
     pipes: dict[str, Any] = dataclasses.field(default_factory=dict)  # extras, assets, partition, context, messages
     pipes_json: str | None = None  # write every stage's Pipes context and messages here, as JSON lines
     workdir: str = ""  # --cwd: where every stage starts (relative: from each stage's default place)
-
-
-@dataclasses.dataclass
-class StageResult:
-    index: int
-    node: str
-    argv: list[str]
-    code: int = -1
-    signal: int = 0
-    status: str = "did not report"
-    sigpipe: bool = False
-    error: str = ""  # what went wrong moving its data (the output is then incomplete)
-    cancelled: str = ""  # why it was cancelled (Ctrl-C, a failed neighbour, a lost node, ...)
-    stderr_tail: str = ""
-    reported: bool = False
-    pipes: PipesMessageHandler = dataclasses.field(default_factory=PipesMessageHandler)  # what it reported
-    started: float = 0.0  # wall clock on its node when its program started; 0: unknown
-    ended: float = 0.0  # ... and when it exited
-    bytes_in: int = -1  # bytes its node wrote to its stdin; -1: not seen (a kernel pipe), or unknown
-    bytes_out: int = -1  # bytes its node read from its stdout
-    placed: str = ""  # why it went to its node: pinned, offered, local ("" from an older node)
-    offer: str = ""  # the node's offer it matched, when offered
-
-    def placement(self) -> str:
-        """Why this stage ran on its node, for a person ("" when the node did not say)."""
-        program = self.argv[0] if self.argv else "?"
-        if self.placed == "pinned":
-            return "pinned"
-        if self.placed == "offered":
-            shown = f" as {self.offer!r}" if self.offer and self.offer != program else ""
-            return f"offered by {self.node}{shown}"
-        if self.placed == "local":
-            return f"local: no node offers {program!r}" if "/" not in program else "local: a path here"
-        return ""
-
-    @property
-    def shell_code(self) -> int:
-        if not self.reported:
-            return EXIT_DPIPES_FAILED
-        return 128 + self.signal if self.signal else self.code
-
-    def describe(self) -> str:
-        text = f"stage {self.index} {self.argv[0] if self.argv else '?'}@{self.node}: {self.status}"
-        if self.sigpipe and self.signal:
-            text += " (its reader finished early)"
-        if self.error and not self.sigpipe:
-            text += f" ({self.error})"
-        elif self.cancelled and not self.sigpipe:
-            text += f" (cancelled: {self.cancelled})"
-        if self.pipes_exception:
-            text += f" (Pipes closed with {self.pipes_exception})"
-        return text
-
-    @property
-    def materializations(self) -> list[str]:
-        """The asset keys this stage reported materialized, in order."""
-        return [str(m.get("asset_key") or "(default asset)") for m in self.pipes.materializations]
-
-    @property
-    def checks(self) -> list[str]:
-        """The asset checks it reported, as ``name: passed`` / ``name: failed (SEVERITY)``."""
-        return [
-            f"{c.get('check_name')}: " + ("passed" if c.get("passed") else f"failed ({c.get('severity', 'ERROR')})")
-            for c in self.pipes.checks
-        ]
-
-    @property
-    def pipes_exception(self) -> str:
-        """The exception its Pipes session closed with, or ""."""
-        exc = self.pipes.exception
-        return str(exc) if exc is not None else ""
-
-    @property
-    def pipes_errors(self) -> int:
-        """Lines it wrote that were not valid Pipes messages."""
-        return len(self.pipes.frame_errors)
-
-    def pipes_summary(self) -> str:
-        """Materializations and checks this stage reported, or "" when none."""
-        parts = []
-        if self.materializations:
-            parts.append(f"materialized {', '.join(self.materializations)}")
-        if self.checks:
-            parts.append(f"checks {', '.join(self.checks)}")
-        if self.pipes_errors:
-            parts.append(f"{self.pipes_errors} invalid Pipes line(s)")
-        return "; ".join(parts)
-
-
-@dataclasses.dataclass
-class RunResult:
-    pipeline: str
-    stages: list[StageResult]
-    exit_code: int
-    error: str = ""
-
-
-def exit_code_of(stages: list[StageResult], *, pipefail: bool) -> int:
-    """The pipeline's exit code from its stages, as a shell computes it.
-
-    With ``pipefail``, a stage left out is only one its reader's early end *killed* (SIGPIPE, or
-    our cancel of it): a stage that exited with a code of its own failed, whichever stage
-    finished first (``false | true`` is 1, as in bash, even when ``true`` ended before ``false``
-    had its EOF acknowledged).
-    """
-    if not stages:
-        return 0
-    if pipefail:
-        for stage in reversed(stages):
-            stopped_by_reader = stage.sigpipe and stage.signal != 0 and stage is not stages[-1]
-            if stage.shell_code != 0 and not stopped_by_reader:
-                return stage.shell_code
-        return 0
-    return stages[-1].shell_code
-
-
-JOBLOG_COLUMNS = ("Stage", "Node", "Starttime", "JobRuntime", "Send", "Receive", "Exitval", "Signal", "Command")
-"""The joblog's header: GNU parallel's ``--joblog`` columns, with the stage (from 0) and its node
-for parallel's ``Seq`` and ``Host``."""
-
-
-def format_joblog(stages: list[StageResult]) -> str:
-    """The run as a joblog: a header, then one tab-separated line per stage (``-`` where unknown).
-
-    ``Starttime``: Unix seconds on the stage's node when its program started; ``JobRuntime``:
-    seconds it ran; ``Send`` / ``Receive``: bytes its node wrote to its stdin / read from its
-    stdout (``-`` for an edge that is a kernel pipe, which no node sees); ``Exitval``: its exit
-    code (``-`` when it did not report, as a stage of a lost node); ``Signal``: what killed it, or
-    0; ``Command``: its argv in shell words.
-    """
-    lines = ["\t".join(JOBLOG_COLUMNS)]
-    for s in stages:
-        known = s.reported and s.started > 0
-        lines.append(
-            "\t".join(
-                (
-                    str(s.index),
-                    s.node,
-                    f"{s.started:.3f}" if known else "-",
-                    f"{max(0.0, s.ended - s.started):.3f}" if known and s.ended else "-",
-                    str(s.bytes_in) if s.bytes_in >= 0 else "-",
-                    str(s.bytes_out) if s.bytes_out >= 0 else "-",
-                    str(s.code) if s.reported else "-",
-                    str(s.signal),
-                    shlex.join(s.argv).replace("\t", " ").replace("\n", " "),
-                )
-            )
-        )
-    return "\n".join(lines) + "\n"
 
 
 class _Output:
@@ -665,73 +507,19 @@ def _stage_index(addr: str) -> int:
         return -1
 
 
-LOCAL_PROBE_TIMEOUT_S = 1.0  # a live local daemon answers ATTACH at once
-STATIC_PEER_WAIT_S = 2.0  # an embedded node gives its configured peers this long to link
-
-
-def entry_from(node: str) -> str:
-    """``HOST:PORT`` (or a full ``tcp://`` / ``ipc://`` endpoint) -> the endpoint to attach to."""
-    if node.startswith(("tcp://", "ipc://")):
-        return node
-    host, sep, port = node.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise RunFailed(f"bad node address {node!r}: write HOST:PORT (or tcp://HOST:PORT, ipc://PATH)")
-    return f"tcp://{host}:{port}"
-
-
-async def local_daemon() -> str | None:
-    """The ipc endpoint of this host's running daemon, or None when none answers."""
-    try:
-        from dpipes.nodes import paths
-
-        endpoint = paths.local_endpoint(paths.runtime_dir())
-    except (ImportError, OSError, DpipesError):
-        return None
-    # A plain connect says whether a daemon listens there (a dead one leaves its socket file
-    # behind: ECONNREFUSED), in a fraction of a millisecond instead of a whole bus attachment.
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(LOCAL_PROBE_TIMEOUT_S)
-        probe.connect(endpoint.removeprefix("ipc://"))
-    except OSError:
-        return None
-    finally:
-        probe.close()
-    return endpoint
-
-
-@contextlib.asynccontextmanager
-async def embedded_node() -> Any:
-    """A node inside this process for the duration of one command (when no daemon runs)."""
-    from dpipes.nodes.config import load_config
-    from dpipes.nodes.node import Node
-
-    config = load_config()
-    async with Node(config, listen="tcp://127.0.0.1:0") as node:
-        if config.nodes:
-            await asyncio.gather(
-                *(
-                    node.hub.connect_peer(f"tcp://{p.host}:{p.port}", timeout=STATIC_PEER_WAIT_S)
-                    for p in config.nodes.values()
-                ),
-                return_exceptions=True,
-            )
-        yield node
-
-
-async def known_nodes(entry: str) -> list[NodeEntry]:
-    """Every node the node at ``entry`` knows (itself first): name, endpoint, programs, source,
-    last seen, up.
-
-    Raises:
-        RunFailed: nothing answers at ``entry``, or not as a node does.
-    """
-    try:
-        async with Client(entry) as client:
-            ep = client.endpoint
-            reply: InfoReply = await call(ep, f"{ep.node}/{CTL}", InfoRequest(), timeout=RUN_TIMEOUT_S)
-    except ControlError as exc:
-        raise RunFailed(f"cannot ask the dpipes node at {entry}: {exc}", code=exc.code) from None
-    except BusError as exc:
-        raise RunFailed(f"cannot ask the dpipes node at {entry}: {exc}") from None
-    return list(reply.nodes)
+__all__ = [
+    "EXIT_DPIPES_FAILED",
+    "EXIT_INTERRUPTED",
+    "JOBLOG_COLUMNS",
+    "RunFailed",
+    "RunOptions",
+    "RunResult",
+    "StageResult",
+    "embedded_node",
+    "entry_from",
+    "exit_code_of",
+    "format_joblog",
+    "known_nodes",
+    "local_daemon",
+    "run_pipeline",
+]
