@@ -425,7 +425,10 @@ class _Payload(Message):
 
     @property
     def payload_bytes(self) -> int:
-        return sum(memoryview(f).nbytes for f in self.frames)
+        frames = self.frames
+        if len(frames) == 1:  # the common case, read once per message: no generator
+            return memoryview(frames[0]).nbytes
+        return sum(memoryview(f).nbytes for f in frames)
 
 
 KINDS: dict[str, type[Message]] = {}

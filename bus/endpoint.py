@@ -265,6 +265,10 @@ class OutStream:
             self._acked.set_result(total)
 
 
+_member = codec.stream_message
+_KINDS = codec.KINDS
+
+
 class InStream:
     """The receiving end of a stream; reading grants the sender more credit."""
 
@@ -326,14 +330,19 @@ class InStream:
         batch = self._batch
         assert batch is not None
         i, at = self._member, self._offset
-        size = batch.sizes[i]
+        sizes = batch.sizes
+        size = sizes[i]
         self._offset = at + size
         self._member = i + 1
-        if i + 1 == len(batch.sizes):
+        if i + 1 == len(sizes):
             self._batch = None
-        self._took(1, size)
-        return codec.stream_message(
-            codec.KINDS[batch.of], batch.src, batch.dst, batch.sid, batch.seq + i, (batch.frames[0][at : at + size],)
+        # _took, inlined: this runs once per small message
+        self.received += size
+        self._consumed += size + codec.MESSAGE_CREDIT_BYTES
+        if self._consumed - self._granted >= self._grant_step:
+            self._took(0, 0)
+        return _member(
+            _KINDS[batch.of], batch.src, batch.dst, batch.sid, batch.seq + i, (batch.frames[0][at : at + size],)
         )
 
     async def read_chunks(self, limit: int = READ_MANY_MESSAGES, timeout: float | None = None) -> list[memoryview]:
@@ -350,14 +359,15 @@ class InStream:
         """
         chunks: list[memoryview] = []
         taken = 0  # messages taken so far, accounted for already
-        if self._batch is None and not self._queue:
-            msg = await self.read(timeout)  # wait the ordinary way: EOF, failures and timeouts as read's
+        queue = self._queue
+        if self._batch is None and (not queue or queue.peek().KIND == "EOF"):
+            msg = await self.read(timeout)  # the ordinary way: EOF, failures and timeouts as read's
             if msg is None:
                 return chunks
             chunks.extend(msg.frames)  # type: ignore[attr-defined]
             taken = 1
+            queue = self._queue  # a cancel meanwhile replaced it
         messages = nbytes = 0
-        queue = self._queue
         while taken + messages < limit:
             batch = self._batch
             if batch is not None:
