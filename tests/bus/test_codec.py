@@ -54,7 +54,8 @@ def message_strategy(cls: type[codec.Message]) -> st.SearchStrategy[codec.Messag
         fields["sid"] = st.integers(1, 2**63 - 1)
         fields["seq"] = st.integers(0, 2**62)
         fields["of"] = st.sampled_from(["BYTES", "STDERR"])
-        fields["frames"] = st.lists(st.binary(max_size=40), min_size=1, max_size=6).map(lambda parts: (b"".join(parts),))
+        parts = st.lists(st.binary(max_size=40), min_size=1, max_size=6)
+        fields["frames"] = parts.map(lambda parts: (b"".join(parts),))
     strategy = st.builds(cls, **fields)
     if cls is codec.Batch:
         strategy = strategy.map(lambda m: dataclasses.replace(m, sizes=_split(len(m.frames[0]), m.seq)))
