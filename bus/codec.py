@@ -54,7 +54,8 @@ Kinds
     * ``BYE`` ``reason: str`` -- an orderly goodbye; also the refusal of a ``HELLO``, and what a
       hub tells a client or peer it detaches (see *Sessions* and *Bad messages*).
     * ``ATTACH`` ``name: str`` -- a client asks to become endpoint ``node/name`` (an empty name:
-      the hub picks one).
+      the hub picks one). Not knowing its address yet, it sends ``src`` and ``dst`` empty; from
+      ``ATTACHED`` on, every message it sends carries ``src`` = that address.
     * ``ATTACHED`` ``addr: str`` -- the hub's answer to ``ATTACH``.
     * ``LINK`` ``node: str, up: bool, reason: str`` -- a hub tells its endpoints that a peer
       node came up or was lost.
@@ -120,8 +121,11 @@ Streams
     ``EOF_ACK`` and ``CANCEL`` carry ``src`` = receiver, ``dst`` = sender and the **sender's**
     ``sid``. So ``sid`` is not unique per source address: one party's messages with the same
     ``sid`` may be about a stream it sends or one it receives, and a party tells streams apart by
-    (peer address, ``sid``, direction). A message to party P from peer Q with stream id S is
-    about:
+    (peer address, ``sid``, direction). The sender numbers its data messages and ``EOF`` with
+    ``seq`` 1, 2, 3, ... in sending order (an ``ERROR`` that bounces one names its ``seq``);
+    ``CREDIT``, ``EOF_ACK`` and ``CANCEL`` carry ``seq`` 0. A receiver need not check ``seq``:
+    the bus keeps a stream's messages in order. A message to party P from peer Q with stream id
+    S is about:
 
     * data or ``EOF``: the stream Q sends to P, (Q, S);
     * ``CREDIT`` or ``EOF_ACK``: the stream P sends to Q with P's id S;
