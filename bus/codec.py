@@ -53,10 +53,12 @@ Kinds
     * ``PONG`` -- the hub's answer to a client's ``PING``.
     * ``BYE`` ``reason: str`` -- an orderly goodbye; also the refusal of a ``HELLO``, and what a
       hub tells a client or peer it detaches (see *Sessions* and *Bad messages*).
-    * ``ATTACH`` ``name: str`` -- a client asks to become endpoint ``node/name`` (an empty name:
-      the hub picks one). Not knowing its address yet, it sends ``src`` and ``dst`` empty; from
-      ``ATTACHED`` on, every message it sends carries ``src`` = that address.
-    * ``ATTACHED`` ``addr: str`` -- the hub's answer to ``ATTACH``.
+    * ``ATTACH`` ``name: str, host: str`` -- a client asks to become endpoint ``node/name`` (an
+      empty name: the hub picks one). Not knowing its address yet, it sends ``src`` and ``dst``
+      empty; from ``ATTACHED`` on, every message it sends carries ``src`` = that address.
+      ``host`` says where it runs, for shared memory (see *Shared memory*; empty: nowhere).
+    * ``ATTACHED`` ``addr: str, shm: bool`` -- the hub's answer to ``ATTACH``; ``shm`` true: the
+      two may exchange ``SHM`` messages.
     * ``LINK`` ``node: str, up: bool, reason: str`` -- a hub tells its endpoints that a peer
       node came up or was lost.
 
@@ -93,6 +95,11 @@ Kinds
       report of a line that was not one) as JSON text, in the order the stage wrote them.
     * ``BATCH`` ``of: str, sizes: [int]`` -- several consecutive data messages of stream ``sid``
       in one transfer (see *Batches*): one payload frame, the members' payloads end to end.
+    * ``SHM`` ``of: str, fields: map, handle: str, lease: int, sizes: [int]`` -- the data
+      message of kind ``of`` with kind fields ``fields`` whose payload frames (``sizes`` bytes
+      each) lie in shared memory, not on the wire (see *Shared memory*). No payload frame.
+    * ``SHM_FREE`` ``leases: [int]`` -- the receiver of ``SHM`` messages from ``dst`` has done
+      with these leases.
 
 Batches
     A sender may coalesce the small data messages of one stream that it queued in one pass of
@@ -112,6 +119,25 @@ Batches
     member seqs past 2**63 - 1, an ``of`` that is not ``BYTES`` or ``STDERR``. A sender batches
     only messages below ``BATCH_BELOW_BYTES`` and at most ``MAX_BATCH_MESSAGES`` of them (the
     header's array limit); a receiver need not batch at all.
+
+Shared memory
+    Two parties on one host may hand large payloads over in shared memory
+    (``dpipes.bus.shm``): a client says where it runs in ``ATTACH.host`` (boot, PID namespace and
+    user, as ``dpipes.bus.shm.host_id``), and the hub answers ``ATTACHED.shm`` true when that is
+    where it runs too. Then either may send, instead of a data message of kind ``of`` (``BYTES``,
+    ``OBJECTS``, ``ARROW``, ``STDERR`` or ``PIPES``), an ``SHM`` with the same common keys, that
+    message's kind fields in ``fields``, and a ``handle`` (``PID:FD:TOKEN:SIZE``: the sender's
+    memfd, which the receiver opens as ``/proc/PID/fd/FD`` after checking that its name is
+    ``dpipes-TOKEN``) whose first ``sum(sizes)`` bytes are the payload frames end to end. The
+    receiver takes it exactly as that message (credit, ``EOF.total``, the reader's view; its
+    payload frames are read-only views of the segment) and, once its reader has dropped them,
+    sends ``SHM_FREE`` with the ``lease`` to the ``SHM``'s ``src``; until then the sender does not
+    touch those bytes. A hub that routes an ``SHM`` to a party it shares no memory with (another
+    node, a remote client) sends the message of kind ``of`` instead, copied out of the segment,
+    and frees the lease itself (``SHM_FREE`` from ``node/``). A sender gives up every lease held
+    by a party that is gone. Malformed: an ``of`` outside that list, ``fields`` that are not
+    ``of``'s, more than ``MAX_FRAMES - 1`` sizes, a handle that is not ``PID:FD:TOKEN:SIZE`` or
+    names no such segment of a process on this host, sizes that do not fit its segment.
 
 Streams
     A stream is named by its **sender**: the sender's address and a ``sid`` the sender chose
@@ -502,17 +528,19 @@ class Bye(Message):
 @_kind("ATTACH")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Attach(Message):
-    """A client asks to become endpoint ``node/name``."""
+    """A client asks to become endpoint ``node/name``; ``host`` says where it runs."""
 
     name: str = dataclasses.field(default="", metadata={"check": _endpoint_name})
+    host: str = ""
 
 
 @_kind("ATTACHED")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Attached(Message):
-    """The hub's answer to ATTACH: the client's address."""
+    """The hub's answer to ATTACH: the client's address, and whether they share memory."""
 
     addr: str = ""
+    shm: bool = False
 
 
 @_kind("LINK")
@@ -648,6 +676,48 @@ class Batch(_Payload):
         return out
 
 
+_SHM_KINDS = ("BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES")  # what an SHM may stand for
+
+
+def _shm_kind(value: Any, name: str) -> str:
+    if value not in _SHM_KINDS or type(value) is not str:
+        raise DecodeError(f"field {name!r} must be one of {', '.join(_SHM_KINDS)}, got {value!r:.40}")
+    return str(value)
+
+
+@_kind("SHM")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class Shm(Message):
+    """A data message of kind ``of`` whose payload frames lie in the sender's shared memory."""
+
+    of: str = dataclasses.field(default="BYTES", metadata={"check": _shm_kind})
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    handle: str = ""
+    lease: int = 0
+    sizes: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(self.sizes)
+
+    def inner_header(self) -> dict[str, Any]:
+        """The header of the message this stands for (its kind fields still to be checked)."""
+        header = {k: v for k, v in self.fields.items() if k not in _COMMON_KEYS}
+        header.update(v=PROTOCOL_VERSION, kind=self.of, src=self.src, dst=self.dst, sid=self.sid, seq=self.seq)
+        return header
+
+
+_COMMON_KEYS = frozenset({"v", "kind", "src", "dst", "sid", "seq"})
+
+
+@_kind("SHM_FREE")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class ShmFree(Message):
+    """The receiver of SHM messages has done with these leases."""
+
+    leases: list[int] = dataclasses.field(default_factory=list)
+
+
 _new_message = object.__new__
 _set_field = object.__setattr__  # how a frozen dataclass's own __init__ sets its fields
 
@@ -667,7 +737,7 @@ def stream_message(cls: type[Message], src: str, dst: str, sid: int, seq: int, f
     return msg
 
 
-DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES", "BATCH"})
+DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES", "BATCH", "SHM"})
 
 
 def header_of(msg: Message) -> dict[str, Any]:
@@ -789,11 +859,13 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
         for name, check, default in cls._SPEC:
             value = header.get(name, dataclasses.MISSING)
             if value is dataclasses.MISSING:
-                if default is dataclasses.MISSING:  # a default_factory field: an empty map
-                    value = {}
+                if default is dataclasses.MISSING:  # a default_factory field: an empty map or array
+                    value = [] if check is _int_list else {}
                 else:
                     value = default
             fields[name] = check(value, name)
+        if cls is Shm and len(fields["sizes"]) > MAX_FRAMES - 1:
+            raise DecodeError(f"SHM has {len(fields['sizes'])} sizes (limit {MAX_FRAMES - 1})")
         low, high = cls.PAYLOAD_FRAMES
         if not low <= len(payload) <= high:
             raise DecodeError(_payload_count_error(cls, len(payload)))
@@ -858,6 +930,7 @@ _SCHEMA_TYPES: dict[Callable[[Any, str], Any], dict[str, Any]] = {
         "items": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
     },
     _batched_kind: {"enum": list(_BATCHED_KINDS)},
+    _shm_kind: {"enum": list(_SHM_KINDS)},
 }
 
 

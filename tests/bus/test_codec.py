@@ -56,6 +56,8 @@ def message_strategy(cls: type[codec.Message]) -> st.SearchStrategy[codec.Messag
         fields["of"] = st.sampled_from(["BYTES", "STDERR"])
         parts = st.lists(st.binary(max_size=40), min_size=1, max_size=6)
         fields["frames"] = parts.map(lambda parts: (b"".join(parts),))
+    if cls is codec.Shm:
+        fields["of"] = st.sampled_from(["BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES"])
     strategy = st.builds(cls, **fields)
     if cls is codec.Batch:
         strategy = strategy.map(lambda m: dataclasses.replace(m, sizes=_split(len(m.frames[0]), m.seq)))
