@@ -35,7 +35,7 @@ from typing import Any
 
 import zmq
 
-from dpipes.bus import codec
+from dpipes.bus import codec, shm
 from dpipes.bus.codec import (
     BAD_MESSAGE_INTERVAL_S,
     BYE_LINGER_MS,
@@ -124,6 +124,7 @@ class _Client:
     addr: str
     last_heard: float
     backlog: collections.deque[list[Any]] = dataclasses.field(default_factory=collections.deque)
+    shm: bool = False  # on this host: SHM messages go to it as they are, and from us to it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +192,11 @@ class Hub:
         self.link_listeners: list[Callable[[str, bool, str], None]] = []  # (node, up, reason)
         self.client_listeners: list[Callable[[str], None]] = []  # (address) of a client that left
         self._transport = _InProcess(self)
+        self._host_id = shm.host_id()
+        self._pool: shm.Pool | None = None  # made when a same-host client first gets a large payload
+        self._reader = shm.Reader(self._free_later)
+        self._frees: dict[str, list[int]] = {}  # leases our endpoints have done with, by sender
+        self._frees_scheduled = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -268,6 +274,9 @@ class Hub:
         if self._router is not None:
             self._router.close(linger_ms=BYE_LINGER_MS)  # the clients' BYEs are queued there
         self._ctx.term()
+        if self._pool is not None:
+            self._pool.close()
+        self._reader.close()
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
 
@@ -829,12 +838,18 @@ class Hub:
                 ),
             )
             return
-        client = _Client(ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic())
+        shared = bool(self._host_id) and attach.host == self._host_id
+        client = _Client(ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic(), shm=shared)
         self._clients[ident] = client
         self._local[name] = client
-        self._router_send(ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr)))
+        self._router_send(
+            ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr, shm=shared))
+        )
 
     def _detach(self, client: _Client) -> None:
+        if self._pool is not None:
+            self._pool.reclaim(client.addr)  # it reads none of our leases any more, dead or alive
+        self._reader.forget(client.addr)  # its segments stay mapped only while read
         self._clients.pop(client.ident, None)
         name = codec.split_addr(client.addr)[1]
         if self._local.get(name) is client:
@@ -865,10 +880,18 @@ class Hub:
             elif isinstance(party, Endpoint):
                 try:
                     msg = codec.from_header(header, [f.buffer for f in frames[2:]])
+                    if isinstance(msg, codec.Shm):
+                        msg = self._unshared(msg)
                 except DecodeError as exc:
                     self._bad(self._sender(ident), exc, header)
                     return
+                if isinstance(msg, codec.ShmFree):
+                    if self._pool is not None:
+                        self._pool.release(msg.leases, msg.src)
+                    return
                 party._deliver(msg)
+            elif header["kind"] == "SHM" and not party.shm:
+                self._route_unshared(ident, header, party)
             else:
                 self._to_client(party, frames[1:])
             return
@@ -876,7 +899,53 @@ class Hub:
         if link is None:
             self._bounce(header, "no-route", f"node {self.node} has no link to node {node!r:.100}")
             return
+        if header["kind"] == "SHM":  # handles mean nothing on another host
+            self._route_unshared(ident, header, link)
+            return
         link.pump.send(frames[1:])
+
+    def _unshared(self, msg: codec.Shm) -> Message:
+        """The message an SHM stands for, its payload frames views of the sender's segment.
+
+        Raises:
+            DecodeError: the handle names no segment we can map, or the message inside is malformed.
+        """
+        views = self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes)
+        return codec.from_header(msg.inner_header(), views)
+
+    def _route_unshared(self, ident: bytes, header: dict[str, Any], to: _Client | _Link) -> None:
+        """An SHM for a party we share no memory with: the message it stands for, copied out on the way."""
+        try:
+            shm_msg = codec.from_header(header)
+            assert isinstance(shm_msg, codec.Shm)
+            frames = codec.encode(self._unshared(shm_msg))  # zmq holds the views until sent; then they are freed
+        except DecodeError as exc:
+            self._bad(self._sender(ident), exc, header)
+            return
+        if isinstance(to, _Client):
+            self._to_client(to, frames)
+        else:
+            to.pump.send(frames)
+
+    def _free_later(self, sender: str, lease: int) -> None:
+        """Our reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
+        self._frees.setdefault(sender, []).append(lease)
+        if not self._frees_scheduled and self._loop is not None and not self._closed:
+            self._frees_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._send_frees)
+            except RuntimeError:  # the loop is closed: nobody is left to tell
+                self._frees.clear()
+
+    def _send_frees(self) -> None:
+        self._frees_scheduled = False
+        frees, self._frees = self._frees, {}
+        if self._closed:
+            return
+        for sender, leases in frees.items():
+            party = self._local.get(codec.split_addr(sender)[1])
+            if isinstance(party, _Client) and party.addr == sender:  # gone: its pool went with it
+                self._to_client(party, codec.encode(codec.ShmFree(src=f"{self.node}/", dst=sender, leases=leases)))
 
     def _send_local(self, msg: Message) -> None:
         """The transport of in-process endpoints."""
@@ -888,8 +957,14 @@ class Hub:
             if party is None:
                 self._bounce(codec.header_of(msg), "no-endpoint", f"no endpoint {name!r} on node {self.node}")
             elif isinstance(party, Endpoint):
+                if isinstance(msg, codec.ShmFree):
+                    if self._pool is not None:
+                        self._pool.release(msg.leases, msg.src)
+                    return
                 party._deliver(msg)
             else:
+                if party.shm and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES:
+                    msg = self._shared(msg, party)
                 self._to_client(party, codec.encode(msg))
             return
         link = self._by_node.get(node)
@@ -897,6 +972,28 @@ class Hub:
             self._bounce(codec.header_of(msg), "no-route", f"node {self.node} has no link to node {node!r}")
             return
         link.pump.send(codec.encode(msg))
+
+    def _shared(self, msg: Message, client: _Client) -> Message:
+        """``msg`` for a same-host client as an SHM in our pool, or as it is when the pool is full."""
+        if msg.KIND not in codec._SHM_KINDS:
+            return msg
+        if self._pool is None:
+            self._pool = shm.Pool()
+        lease = self._pool.lease(msg.frames, to=client.addr)  # type: ignore[attr-defined]
+        if lease is None:
+            return msg
+        header = codec.header_of(msg)
+        return codec.Shm(
+            src=msg.src,
+            dst=msg.dst,
+            sid=msg.sid,
+            seq=msg.seq,
+            of=msg.KIND,
+            fields={name: header[name] for name, _c, _d in msg._SPEC},
+            handle=lease.handle,
+            lease=lease.id,
+            sizes=list(lease.sizes),
+        )
 
     def _send_frames_local(self, dst: str, frames: list[Any]) -> None:
         """The transport of in-process endpoints, for messages they encoded themselves."""
@@ -912,7 +1009,7 @@ class Hub:
         self._send_local(msg)
 
     def _bounce(self, header: dict[str, Any], code: str, text: str) -> None:
-        if header["kind"] in ("ERROR", "CREDIT", "EOF_ACK", "LINK", "PONG"):
+        if header["kind"] in ("ERROR", "CREDIT", "EOF_ACK", "LINK", "PONG", "SHM_FREE"):
             self.stats[header["src"]].dropped += 1
             log.debug("node %s: dropped undeliverable %s to %s", self.node, header["kind"], header["dst"])
             return

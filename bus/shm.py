@@ -158,6 +158,13 @@ class Pool:
         ids = [i for i, (_s, to) in self._leased.items() if to == party]
         return self.release(ids, party)
 
+    def reclaim_all(self) -> int:
+        """Every party we leased to is gone (our hub is lost): every lease is free again."""
+        ids = list(self._leased)
+        for lease_id in ids:
+            self._give_back(self._leased.pop(lease_id)[0])
+        return len(ids)
+
     def _give_back(self, segment: _Segment) -> None:
         self.used -= segment.size
         if self._closed:
@@ -194,13 +201,14 @@ class Pool:
 class _Mapped:
     """A segment of another process, mapped read-only here."""
 
-    __slots__ = ("address", "buffer", "live", "map", "size")
+    __slots__ = ("address", "buffer", "live", "map", "sender", "size")
 
-    def __init__(self, mapped: mmap.mmap, size: int) -> None:
+    def __init__(self, mapped: mmap.mmap, size: int, sender: str) -> None:
         import pyarrow as pa  # only a receiver of handles pays for it
 
         self.map = mapped
         self.size = size
+        self.sender = sender
         self.live = 0  # leases with views still held
         self.buffer = pa.py_buffer(mapped)  # exports the map: it stays mapped while this lives
         self.address: int = self.buffer.address
@@ -209,7 +217,7 @@ class _Mapped:
 class _Held:
     """One received message's payload: its views keep it alive; when they are gone, it is given back."""
 
-    __slots__ = ("segment", "__weakref__")
+    __slots__ = ("__weakref__", "segment")
 
     def __init__(self, segment: _Mapped) -> None:
         self.segment = segment
@@ -237,7 +245,7 @@ class Reader:
         """
         import pyarrow as pa
 
-        segment = self._mapped.get(handle) or self._map(handle)
+        segment = self._mapped.get(handle) or self._map(handle, sender)
         if sum(offsets) > segment.size:
             raise DecodeError(f"SHM sizes add up to {sum(offsets)} bytes, the segment has {segment.size}")
         held = _Held(segment)
@@ -254,7 +262,7 @@ class Reader:
         segment.live -= 1
         self._release(sender, lease_id)
 
-    def _map(self, handle: str) -> _Mapped:
+    def _map(self, handle: str, sender: str) -> _Mapped:
         pid, fd, token, size = _parse_handle(handle)
         path = f"/proc/{pid}/fd/{fd}"
         expected = f"/memfd:dpipes-{token} (deleted)"
@@ -276,13 +284,14 @@ class Reader:
             os.close(local)
         if len(self._mapped) >= MAX_MAPPED_SEGMENTS:
             self.forget_unused()
-        segment = self._mapped[handle] = _Mapped(mapped, size)
+        segment = self._mapped[handle] = _Mapped(mapped, size, sender)
         self.mapped_bytes += size
         return segment
 
-    def forget(self, pid: int) -> None:
-        """Sender process ``pid`` is gone: stop keeping its segments mapped (views still held keep theirs)."""
-        for handle in [h for h in self._mapped if h.startswith(f"{pid}:")]:
+    def forget(self, sender: str) -> None:
+        """Party ``sender`` is gone: keep none of its segments mapped (views still held keep theirs
+        mapped until they are dropped; then the memory is freed)."""
+        for handle in [h for h, m in self._mapped.items() if m.sender == sender]:
             self.mapped_bytes -= self._mapped.pop(handle).size
 
     def forget_unused(self) -> None:
@@ -304,10 +313,3 @@ def _parse_handle(handle: str) -> tuple[int, int, str, int]:
     if not (parts[2].isalnum() and parts[2].isascii()):
         raise DecodeError(f"SHM handle {handle!r:.80}: the token is not alphanumeric")
     return int(parts[0]), int(parts[1]), parts[2], int(parts[3])
-
-
-def handle_pid(handle: str) -> int:
-    """The sender process of a handle (0 when malformed)."""
-    head = handle.split(":", 1)[0]
-    return int(head) if head.isdigit() else 0
-
