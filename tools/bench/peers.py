@@ -18,7 +18,9 @@ with how many puts it got.
   ``dpipes-bench bus``). Target: at least 2x.
 * ``peers.zenoh_shm_1MiB``: the same with Zenoh's default configuration, which on one host copies
   each payload over 3 KiB into a shared-memory pool and sends a handle (its
-  ``transport_optimization``). The Python API also has an explicit ``zenoh.shm`` provider to write
+  ``transport_optimization``); dpipes beside it as it runs on one host: a client in this process
+  attached over IPC to the child's hub, which hands payloads over in shared memory
+  (``dpipes.bus.shm``) just as Zenoh does. The Python API also has an explicit ``zenoh.shm`` provider to write
   into shared memory directly; it is marked unstable and is not used. Target: at least 1x. Zenoh's
   Python processes leave their segments in ``/dev/shm`` when they exit (about 80 MB after a full
   run: a 16 MiB pool per sending session); the next Zenoh session with shared memory on this host
@@ -36,7 +38,8 @@ nodes. The source sends each ``RecordBatch`` as a ``StructArray`` (``send_output
 array), the sink rebuilds and validates it as a ``RecordBatch``, zero-copy, as dpipes' reader does.
 The source sends a warm-up array, waits for the sink's acknowledgement, then sends the set;
 throughput = bytes of the arrays that arrived / (the last arrival - the start of sending), both read
-from ``CLOCK_MONOTONIC``. dpipes: an Arrow stream from a hub here to a hub in a child process.
+from ``CLOCK_MONOTONIC``. dpipes: an Arrow stream from a client here attached over IPC to the hub
+in a child process: one host, so the batches' buffers travel in shared memory as dora's do.
 
 * ``peers.dora_one_large_batch_{default,large}_pool``: one 64 MB batch (1M rows x 8 numeric
   columns); dora with its default shared-memory pool, then with a ``shared_memory_pool_size`` large
@@ -69,6 +72,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dpipes.bus.client import Client
 from dpipes.bus.hub import Hub
 from dpipes.tools.bench.bus import (
     ARROW_SETS,
@@ -77,8 +81,10 @@ from dpipes.tools.bench.bus import (
     arrow_batches,
     child,
     dpipes_arrow_send,
+    dpipes_arrow_send_from,
     dpipes_round_trips,
     dpipes_send,
+    dpipes_send_from,
     percentile,
     serve_until_stdin_closes,
 )
@@ -340,7 +346,7 @@ async def _serve_dpipes_counting() -> None:
                 if isinstance(msg, Request):
                     endpoint.reply(msg, last[kind])
 
-        print(hub.tcp_endpoint, flush=True)
+        print(hub.tcp_endpoint, hub.ipc_endpoint, flush=True)  # peers link over TCP, same-host clients attach over IPC
         done = serve_until_stdin_closes(asyncio.get_running_loop())
         tasks = [
             asyncio.create_task(drain_bytes()),
@@ -390,6 +396,38 @@ def dpipes_arrow_run(addr: str, batches: list[Any], receiver_pid: int) -> Run:
             return await _dpipes_run(
                 hub, SINK_ARROW, lambda: dpipes_arrow_send(hub, batches, SINK_ARROW), len(batches), receiver_pid
             )
+
+    return asyncio.run(run())
+
+
+def dpipes_local_bytes_run(ipc: str, payload: bytes, count: int, receiver_pid: int) -> Run:
+    """The same stream from a client attached to the sink's hub over IPC: one host, shared memory."""
+
+    async def run() -> Run:
+        async with Client(ipc) as client:  # a fresh client per run
+            src = client.endpoint
+            await dpipes_send_from(src, SINK_BYTES, payload, max(1, count // 10))  # warm up: the pool's segments
+            cpu, receiver_cpu = cpu_seconds(), cpu_seconds(receiver_pid)
+            seconds = await dpipes_send_from(src, SINK_BYTES, payload, count)
+            sender_cpu, receiver_cpu = cpu_seconds() - cpu, cpu_seconds(receiver_pid) - receiver_cpu
+            counts = await src.request(SINK_BYTES, "counts")
+        return Run(seconds, count, counts["arrived"], counts["nbytes"], sender_cpu, receiver_cpu)
+
+    return asyncio.run(run())
+
+
+def dpipes_local_arrow_run(ipc: str, batches: list[Any], receiver_pid: int) -> Run:
+    """The same Arrow stream from a client attached to the sink's hub over IPC: one host, shared memory."""
+
+    async def run() -> Run:
+        async with Client(ipc) as client:
+            src = client.endpoint
+            await dpipes_arrow_send_from(src, batches[:1], SINK_ARROW)  # warm up
+            cpu, receiver_cpu = cpu_seconds(), cpu_seconds(receiver_pid)
+            seconds = await dpipes_arrow_send_from(src, batches, SINK_ARROW)
+            sender_cpu, receiver_cpu = cpu_seconds() - cpu, cpu_seconds(receiver_pid) - receiver_cpu
+            counts = await src.request(SINK_ARROW, "counts")
+        return Run(seconds, len(batches), counts["arrived"], counts["nbytes"], sender_cpu, receiver_cpu)
 
     return asyncio.run(run())
 
@@ -642,16 +680,17 @@ def zenoh_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) -
     big, small = os.urandom(1 << 20), os.urandom(64)
     results: list[Result] = []
     with (
-        child("dpipes-sink", module=CHILD_MODULE) as (sink, bus_addr),
+        child("dpipes-sink", module=CHILD_MODULE) as (sink, bus_addrs),
         child("zenoh-sink", "tcp", module=CHILD_MODULE) as (tcp_sink, tcp_addr),
         child("zenoh-sink", "shm", module=CHILD_MODULE) as (shm_sink, shm_addr),
     ):
+        bus_addr, bus_ipc = bus_addrs.split()
         count = MESSAGES_1MIB // scale
         runs: dict[str, list[Run]] = {"ours_tcp": [], "tcp": [], "ours_shm": [], "shm": []}
         for _ in range(repeat):
             runs["ours_tcp"].append(dpipes_bytes_run(bus_addr, big, count, sink.pid))
             runs["tcp"].append(zenoh_send(tcp_addr, shm=False, payload=big, count=count, receiver_pid=tcp_sink.pid))
-            runs["ours_shm"].append(dpipes_bytes_run(bus_addr, big, count, sink.pid))
+            runs["ours_shm"].append(dpipes_local_bytes_run(bus_ipc, big, count, sink.pid))
             runs["shm"].append(zenoh_send(shm_addr, shm=True, payload=big, count=count, receiver_pid=shm_sink.pid))
             progress(".")
         results += throughput_rows(
@@ -683,14 +722,15 @@ def zenoh_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) -
 def dora_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) -> list[Result]:
     """The 64 MB batch and the 10k-row stream, dpipes beside dora-rs with its default and a large pool."""
     results: list[Result] = []
-    with child("dpipes-sink", module=CHILD_MODULE) as (sink, bus_addr):
+    with child("dpipes-sink", module=CHILD_MODULE) as (sink, bus_addrs):
+        bus_ipc = bus_addrs.split()[1]
         for name in ARROW_SETS:
             batches = arrow_batches(name, scale)
             runs: dict[str, list[Run]] = {"ours_default": [], "default": [], "ours_large": [], "large": []}
             for _ in range(repeat):
-                runs["ours_default"].append(dpipes_arrow_run(bus_addr, batches, sink.pid))
+                runs["ours_default"].append(dpipes_local_arrow_run(bus_ipc, batches, sink.pid))
                 runs["default"].append(dora_run(name, scale, None))
-                runs["ours_large"].append(dpipes_arrow_run(bus_addr, batches, sink.pid))
+                runs["ours_large"].append(dpipes_local_arrow_run(bus_ipc, batches, sink.pid))
                 runs["large"].append(dora_run(name, scale, DORA_LARGE_POOL))
                 progress(".")
             results += throughput_rows(
