@@ -24,6 +24,7 @@ import asyncio
 import collections
 import dataclasses
 import functools
+import ipaddress
 import logging
 import math
 import os
@@ -123,6 +124,7 @@ class _Client:
     ident: bytes
     addr: str
     last_heard: float
+    local: bool = False  # attached over ipc://: a process of this host
     backlog: collections.deque[list[Any]] = dataclasses.field(default_factory=collections.deque)
     shm: bool = False  # on this host: SHM messages go to it as they are, and from us to it
 
@@ -297,6 +299,15 @@ class Hub:
         ep = Endpoint(f"{self.node}/{name}", self._transport, window=window, on_close=self._forget)
         self._local[name] = ep
         return ep
+
+    def client_is_local(self, addr: str) -> bool:
+        """Whether the client at ``addr`` attached over our ``ipc://`` path, so runs on this host.
+
+        The kernel says so, not the client: only a process of this host can connect to a Unix
+        socket, and ZeroMQ reports a TCP peer's address as an IP literal, an IPC peer's otherwise.
+        """
+        party = self._local.get(codec.split_addr(addr)[1]) if codec.split_addr(addr)[0] == self.node else None
+        return isinstance(party, _Client) and party.local
 
     def _forget(self, ep: Endpoint) -> None:
         name = codec.split_addr(ep.addr)[1]
@@ -838,8 +849,11 @@ class Hub:
                 ),
             )
             return
-        shared = bool(self._host_id) and attach.host == self._host_id
-        client = _Client(ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic(), shm=shared)
+        local = _over_ipc(frames[1])
+        shared = local and bool(self._host_id) and attach.host == self._host_id
+        client = _Client(
+            ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic(), local=local, shm=shared
+        )
         self._clients[ident] = client
         self._local[name] = client
         self._router_send(
@@ -1104,3 +1118,19 @@ class _InProcess:
     def __init__(self, hub: Hub) -> None:
         self.send = hub._send_local
         self.send_frames = hub._send_frames_local
+
+
+def _over_ipc(frame: Any) -> bool:
+    """Whether ``frame`` came over our ``ipc://`` path: its ``Peer-Address`` is not an IP literal
+    (a TCP peer's always is; libzmq gives an IPC peer's credentials instead)."""
+    try:
+        peer = frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError, TypeError):
+        return False
+    if not isinstance(peer, str) or not peer:  # unknown: not proven local
+        return False
+    try:
+        ipaddress.ip_address(peer)
+    except ValueError:
+        return True
+    return False

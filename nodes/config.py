@@ -23,6 +23,8 @@ Keys::
     metadata_environ = ["LANG"]     # ... with these variables of its environment as dp.environ
     insecure = false                # serve remote clients without CurveZMQ keys (loudly logged)
     interfaces = ["eth0"]           # interfaces for discovery and listening; empty = all
+    workdir = "~"                   # where stages of callers on other hosts start (~: the node
+                                    # user's home, as ssh); a caller on this host gives its own
 
     [nodes]                         # static peers, for networks where mDNS does not reach
     beta = "10.0.0.2:5757"
@@ -174,6 +176,8 @@ class NodeConfig:
     limits: Limits = Limits()
     insecure: bool = False
     interfaces: tuple[str, ...] = ()
+    workdir: str = "~"
+    """Where a stage starts unless it runs on its caller's host (then: the caller's directory)."""
     sources: tuple[str, ...] = ()
     """The files that were read, in order, then "command line" if there were overrides."""
     origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
@@ -272,6 +276,7 @@ _TOP: dict[str, Callable[[object], object]] = {
     "metadata_environ": _strings,
     "insecure": _bool,
     "interfaces": _strings,
+    "workdir": _string,
 }
 _TABLES = ("nodes", "apps", "limits")
 _LIMITS: dict[str, Callable[[object], int]] = {
@@ -567,7 +572,7 @@ def format_config(config: NodeConfig, *, labels: Mapping[str, str] | None = None
         rows.append(("# allow = [...]", "not set: any program this node has"))
     else:
         rows.append((f"allow = {_toml_value(config.allow)}", origin("allow")))
-    for key in ("metadata_key", "metadata_argv", "metadata_environ", "insecure", "interfaces"):
+    for key in ("metadata_key", "metadata_argv", "metadata_environ", "insecure", "interfaces", "workdir"):
         rows.append((f"{key} = {_toml_value(getattr(config, key))}", origin(key)))
     rows += [("", ""), ("[limits]", "")]
     for key in ("max_stages", "credit_bytes"):

@@ -509,7 +509,14 @@ async def run_pipes(
                     else (await stack.enter_async_context(embedded_node())).ipc_endpoint
                 )
                 ran = await run_pipeline(
-                    entry, options, handle_sigint=False, on_started=started, on_pipes=on_pipes, **fds
+                    entry,
+                    options,
+                    handle_sigint=False,
+                    on_started=started,
+                    on_pipes=on_pipes,
+                    stdin_fd=fds["stdin_fd"],
+                    stdout_fd=fds["stdout_fd"],
+                    stderr_fd=fds["stderr_fd"],
                 )
         finally:
             for fd in fds.values():

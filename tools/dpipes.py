@@ -29,7 +29,9 @@ pipeline syntax:
   '|' separates stages, numbered from 0 (errors, --status, --tag and N: options say "stage 0"
   for the first). Quote the whole pipeline as one argument; inside it, quoting is as in sh
   ('a|b' is one word). PROG@NODE pins a stage to NODE; an unpinned stage goes to a node that
-  offers PROG (dp.PROG), else to the entry node.
+  offers PROG (dp.PROG), else to the entry node. A node started as 'dpipesd -- sort -r' offers
+  'sort -r': it gets unpinned stages that start with those words, never a plain 'sort'.
+  -v and --status say where each stage went and why (pinned, offered by NODE, local).
   No shell runs unless you write one: use sh -c '...' for redirections, globs and variables.
 
 the entry node (which coordinates the run):
@@ -37,6 +39,12 @@ the entry node (which coordinates the run):
   started inside this command for its duration (so dpipes works with nothing else running).
   A --node that cannot be reached fails at once, saying why (cannot resolve, connection refused,
   no reply); a local dpipesd that crashed is named on stderr before the embedded node runs.
+
+working directory:
+  A stage on this host starts in this command's working directory, as in a shell (when the
+  entry node is this host's dpipesd or an embedded node); a stage on another host starts in its
+  node's workdir (config; default: the home directory of the node's user, as ssh does).
+  --cwd DIR starts every stage in DIR; a relative DIR is taken from each stage's place above.
 
 data:
   This command's stdin feeds the first stage when it is not a terminal; the last stage's stdout
@@ -55,6 +63,23 @@ exit status:
   130  interrupted (Ctrl-C cancels every stage on every node)
   2    bad command line: unknown flags, a pipeline syntax error (named by stage and column,
        found before any node is contacted), a malformed --node or $DPIPES_NODE
+
+progress:
+  On a terminal (stderr), a run that lasts more than a second shows a live table on stderr: per
+  stage its node, the bytes its node has written to its stdin and read from its stdout, the
+  output rate, its state and how long it has run, and the run's elapsed time; it is removed when
+  the run ends. An edge that is one kernel pipe passes by every node and shows '·'. --progress
+  shows it on whatever stderr is; --no-progress never does.
+
+joblog:
+  --joblog FILE writes, when the run ends, a header and one tab-separated line per stage with
+  GNU parallel's joblog columns (Stage and Node stand for its Seq and Host):
+    Stage Node Starttime JobRuntime Send Receive Exitval Signal Command
+  Stage counts from 0; Starttime is Unix seconds (the node's clock) and JobRuntime seconds, both
+  with milliseconds; Send and Receive are bytes the stage's node wrote to its stdin and read from
+  its stdout, '-' for an edge that is a kernel pipe (no node sees those bytes); Exitval is the
+  exit code (-1 when killed by a signal, then named by number in Signal; '-' when the stage never
+  reported, as on a lost node); Command is the stage's words, shell-quoted.
 
 pipes:
   Every stage gets DAGSTER_PIPES_CONTEXT and DAGSTER_PIPES_MESSAGES; a program using dagster-pipes
@@ -93,9 +118,32 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--json", action="store_const", const="json", dest="mode", help="JSON-lines object mode")
     mode.add_argument("--yaml", action="store_const", const="yaml", dest="mode", help="YAML documents object mode")
     parser.add_argument("--pipefail", action="store_true", help="exit with the last non-zero stage status")
-    parser.add_argument("--status", action="store_true", help="print every stage's node and exit status at the end")
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="print every stage's node, why it went there (pinned, offered by, local) and exit status at the end",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show each stage's bytes in/out, rate, state and time, live on stderr"
+        " (default: on when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--joblog",
+        metavar="FILE",
+        help="write a record of every stage to FILE when the run ends (GNU parallel's joblog: see below)",
+    )
     parser.add_argument(
         "--tag", action="store_true", help="prefix each line the stages write to stderr with [stage N prog@node]"
+    )
+    parser.add_argument(
+        "--cwd",
+        metavar="DIR",
+        default="",
+        help="start every stage in DIR (default: this directory for stages on this host, the node's"
+        " workdir, its user's home, elsewhere; a relative DIR is taken from there)",
     )
     parser.add_argument(
         "--require", action="append", default=[], metavar="'PROG>=VER'", help="refuse to run unless PROG's version fits"
@@ -358,16 +406,39 @@ async def _run(args: argparse.Namespace) -> int:
         require=tuple(args.require),
         pipes=args.pipes,
         pipes_json=args.pipes_json,
+        workdir=args.cwd,
     )
-    result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options))
+    progress = _stderr_is_terminal() if args.progress is None else args.progress
+    view = None
+    if progress:
+        from dpipes.nodes.progress import ProgressView
+
+        view = ProgressView.on(sys.stderr)
+    result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options, progress=view))
+    if args.joblog:
+        try:
+            with open(args.joblog, "w", encoding="utf-8") as log_file:  # noqa: ASYNC230 (once, at the end)
+                log_file.write(run.format_joblog(result.stages))
+        except OSError as exc:
+            print(f"dpipes: cannot write the joblog {args.joblog}: {exc.strerror or exc}", file=sys.stderr)
     if result.error:
         print(f"dpipes: {result.error}", file=sys.stderr)
     for stage in result.stages:
-        if args.status or (stage.error and not stage.sigpipe and not result.error):
+        if args.status:
+            placement = f" [{stage.placement()}]" if stage.placement() else ""
+            print(f"dpipes: {stage.describe()}{placement}", file=sys.stderr)
+        elif stage.error and not stage.sigpipe and not result.error:
             print(f"dpipes: {stage.describe()}", file=sys.stderr)
         if summary := stage.pipes_summary():
             print(f"dpipes: stage {stage.index} {stage.argv[0]}@{stage.node}: {summary}", file=sys.stderr)
     return result.exit_code
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return os.isatty(2)
+    except OSError:
+        return False
 
 
 def _stdin_attached() -> bool:

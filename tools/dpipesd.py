@@ -36,8 +36,9 @@ examples:
                                            peer2, ... in the [nodes] table
   dpipesd --peer alpha=10.0.0.1:5757       a static peer under a name of your choice
   dpipesd --allow sort uniq                run only these programs for pipelines
-  dpipesd --name sorter -- sort -r         a node that runs only 'sort -r' (each stage's own
-                                           arguments are appended)
+  dpipesd --name sorter -- sort -r         a node that runs only 'sort -r', offered as such: an
+                                           unpinned 'sort -r ...' goes there, a plain 'sort' does
+                                           not; a pinned stage's arguments are appended
   dpipesd --exit -- python top.py          serve one stage of 'python top.py', then exit
   dpipesd --status --name beta             is node beta running? (exit 0 yes, {EXIT_NOT_RUNNING} no)
   dpipesd --stop --name beta               stop it: SIGTERM, then wait up to {daemon.STOP_WAIT_S:.0f} s
