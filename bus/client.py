@@ -107,29 +107,11 @@ class Client:
             raise self._gone
         assert self._pump is not None
         if self._pool is not None and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES:
-            msg = self._in_shared_memory(msg)
+            handed = shm.shared(self._pool, codec.header_of(msg), msg.frames)  # type: ignore[attr-defined]
+            if handed is not None:
+                self._pump.send(handed)
+                return
         self._pump.send(codec.encode(msg))
-
-    def _in_shared_memory(self, msg: Message) -> Message:
-        """``msg`` as an SHM whose payload lies in our pool, or ``msg`` itself when it cannot be."""
-        assert self._pool is not None
-        if msg.KIND not in codec._SHM_KINDS:
-            return msg
-        lease = self._pool.lease(msg.frames, to=msg.dst)  # type: ignore[attr-defined]
-        if lease is None:
-            return msg  # the pool is full: through the socket, as before
-        header = codec.header_of(msg)
-        return codec.Shm(
-            src=msg.src,
-            dst=msg.dst,
-            sid=msg.sid,
-            seq=msg.seq,
-            of=msg.KIND,
-            fields={name: header[name] for name, _c, _d in msg._SPEC},
-            handle=lease.handle,
-            lease=lease.id,
-            sizes=list(lease.sizes),
-        )
 
     def send_frames(self, dst: str, frames: list[Any]) -> None:
         """Transport: send an encoded message to the hub.
@@ -141,8 +123,9 @@ class Client:
             raise self._gone
         assert self._pump is not None
         if self._pool is not None and len(frames) > 1 and _payload_bytes(frames) >= shm.MIN_PAYLOAD_BYTES:
-            self.send(codec.decode(frames))  # large: one decode is nothing beside the copy it saves
-            return
+            handed = shm.shared(self._pool, codec.decode_header(frames[0]), frames[1:])  # our endpoint's own header
+            if handed is not None:
+                frames = handed
         self._pump.send(frames)
 
     def _on_frames(self, frames: list[Any]) -> None:
@@ -198,10 +181,8 @@ class Client:
         """The reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
         self._frees.setdefault(sender, []).append(lease)
         if not self._frees_scheduled and self._loop is not None:
-            self._frees_scheduled = True
-            try:
-                self._loop.call_soon_threadsafe(self._send_frees)
-            except RuntimeError:  # the loop is closed: nobody is left to tell
+            self._frees_scheduled = shm.call_soon(self._loop, self._send_frees)
+            if not self._frees_scheduled:  # the loop is closed: nobody is left to tell
                 self._frees.clear()
 
     def _send_frees(self) -> None:

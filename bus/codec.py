@@ -690,12 +690,12 @@ class Batch(_Payload):
         return out
 
 
-_SHM_KINDS = ("BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES")  # what an SHM may stand for
+SHM_KINDS = ("BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES")  # what an SHM may stand for
 
 
 def _shm_kind(value: Any, name: str) -> str:
-    if value not in _SHM_KINDS or type(value) is not str:
-        raise DecodeError(f"field {name!r} must be one of {', '.join(_SHM_KINDS)}, got {value!r:.40}")
+    if value not in SHM_KINDS or type(value) is not str:
+        raise DecodeError(f"field {name!r} must be one of {', '.join(SHM_KINDS)}, got {value!r:.40}")
     return str(value)
 
 
@@ -780,6 +780,26 @@ def encode(msg: Message) -> Frames:
 def packb_header(msg: Message) -> bytes:
     """The header frame of ``msg``: ``encode(msg)[0]``."""
     return _packb(header_of(msg))
+
+
+def packb_shm(header: Mapping[str, Any], handle: str, lease: int, sizes: list[int]) -> bytes:
+    """The header frame of the ``SHM`` standing for the message whose decoded header is ``header``,
+    its payload frames (``sizes`` bytes each) now in lease ``lease`` of segment ``handle``."""
+    return _packb(
+        {
+            "v": PROTOCOL_VERSION,
+            "kind": "SHM",
+            "src": header["src"],
+            "dst": header["dst"],
+            "sid": header["sid"],
+            "seq": header["seq"],
+            "of": header["kind"],
+            "fields": {k: v for k, v in header.items() if k not in _COMMON_KEYS},
+            "handle": handle,
+            "lease": lease,
+            "sizes": sizes,
+        }
+    )
 
 
 def stream_header_prefix(kind: str, src: str, dst: str, sid: int) -> bytes:
@@ -944,7 +964,7 @@ _SCHEMA_TYPES: dict[Callable[[Any, str], Any], dict[str, Any]] = {
         "items": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
     },
     _batched_kind: {"enum": list(_BATCHED_KINDS)},
-    _shm_kind: {"enum": list(_SHM_KINDS)},
+    _shm_kind: {"enum": list(SHM_KINDS)},
 }
 
 

@@ -945,10 +945,8 @@ class Hub:
         """Our reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
         self._frees.setdefault(sender, []).append(lease)
         if not self._frees_scheduled and self._loop is not None and not self._closed:
-            self._frees_scheduled = True
-            try:
-                self._loop.call_soon_threadsafe(self._send_frees)
-            except RuntimeError:  # the loop is closed: nobody is left to tell
+            self._frees_scheduled = shm.call_soon(self._loop, self._send_frees)
+            if not self._frees_scheduled:  # the loop is closed: nobody is left to tell
                 self._frees.clear()
 
     def _send_frees(self) -> None:
@@ -978,8 +976,9 @@ class Hub:
                 party._deliver(msg)
             else:
                 if party.shm and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES:
-                    msg = self._shared(msg, party)
-                self._to_client(party, codec.encode(msg))
+                    self._to_client(party, self._shared(msg, party))
+                else:
+                    self._to_client(party, codec.encode(msg))
             return
         link = self._by_node.get(node)
         if link is None:
@@ -987,27 +986,12 @@ class Hub:
             return
         link.pump.send(codec.encode(msg))
 
-    def _shared(self, msg: Message, client: _Client) -> Message:
-        """``msg`` for a same-host client as an SHM in our pool, or as it is when the pool is full."""
-        if msg.KIND not in codec._SHM_KINDS:
-            return msg
+    def _shared(self, msg: Message, client: _Client) -> list[Any]:
+        """``msg`` for a same-host client: as an SHM in our pool, or encoded as it is when it cannot be."""
         if self._pool is None:
             self._pool = shm.Pool()
-        lease = self._pool.lease(msg.frames, to=client.addr)  # type: ignore[attr-defined]
-        if lease is None:
-            return msg
-        header = codec.header_of(msg)
-        return codec.Shm(
-            src=msg.src,
-            dst=msg.dst,
-            sid=msg.sid,
-            seq=msg.seq,
-            of=msg.KIND,
-            fields={name: header[name] for name, _c, _d in msg._SPEC},
-            handle=lease.handle,
-            lease=lease.id,
-            sizes=list(lease.sizes),
-        )
+        handed = shm.shared(self._pool, codec.header_of(msg), msg.frames)  # type: ignore[attr-defined]
+        return handed if handed is not None else codec.encode(msg)
 
     def _send_frames_local(self, dst: str, frames: list[Any]) -> None:
         """The transport of in-process endpoints, for messages they encoded themselves."""

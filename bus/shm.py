@@ -30,6 +30,7 @@ The pool's credit
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import itertools
@@ -196,6 +197,34 @@ class Pool:
             self._destroy(segment)
         self._leased.clear()
         self.used = 0
+
+
+def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
+    """Run ``callback`` on ``loop`` soon, from any thread (a finalizer may run in any); False when closed."""
+    try:
+        if asyncio.get_running_loop() is loop:  # the usual case: no wake-up through the self-pipe
+            loop.call_soon(callback)
+            return True
+    except RuntimeError:
+        pass
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        return False
+    return True
+
+
+def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any]) -> list[Any] | None:
+    """The ``SHM`` message standing for the message ``header`` + ``frames``, its payload copied into a
+    lease of ``pool`` for the message's ``dst``; None when that kind cannot be or the pool is full."""
+    from dpipes.bus import codec
+
+    if header["kind"] not in codec.SHM_KINDS:
+        return None
+    lease = pool.lease(frames, to=header["dst"])
+    if lease is None:
+        return None
+    return [codec.packb_shm(header, lease.handle, lease.id, list(lease.sizes))]
 
 
 class _Mapped:
