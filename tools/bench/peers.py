@@ -27,6 +27,9 @@ with how many puts it got.
   removes those of dead processes. They are Zenoh's and are not removed here.
 * ``peers.zenoh_rate_64B``: 64-byte puts over TCP, in messages/s (target 0.5x); with
   ``..._cpu_sender`` and ``..._cpu_receiver``, the CPU microseconds per message of each process.
+  dpipes sends each message with ``await send_bytes`` and reads it with ``await read()``, as
+  Zenoh's side puts each and gets a callback per sample. ``peers.zenoh_rate_64B_batch_api``: the
+  same messages with dpipes' batch API (``send_many``, ``read_chunks``), beside the same Zenoh runs.
 * ``peers.zenoh_roundtrip_64B_p50`` / ``_p99``: a 64-byte put echoed back by the child (both
   publishers ``express``, Zenoh's low-latency setting), awaited before the next; dpipes: a 64-byte
   REQUEST answered by a REPLY, as in ``dpipes-bench bus``. In microseconds; target: p50 at most
@@ -56,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -113,6 +117,8 @@ END_MARKER = b"end"  # shorter than any payload: the receiver tells them apart b
 
 CHILD_MODULE = "dpipes.tools.bench.peers"
 SINK_BYTES = "bench-sink/bytes"
+SINK_CHUNKS = "bench-sink/chunks"
+BATCH_API_CHUNKS = 4096  # what one send_many call hands over: a batch's worth
 SINK_ARROW = "bench-sink/arrow"
 SINK_ECHO = "bench-sink/echo"
 
@@ -318,9 +324,10 @@ async def _serve_dpipes_counting() -> None:
 
     async with Hub("bench-sink") as hub:
         byte_sink = hub.endpoint("bytes")
+        chunk_sink = hub.endpoint("chunks")  # the same, read with the batch API
         arrow_sink = hub.endpoint("arrow", window=ARROW_WINDOW_BYTES)
         echo = hub.endpoint("echo")
-        last: dict[str, dict[str, int]] = {"bytes": {}, "arrow": {}}
+        last: dict[str, dict[str, int]] = {"bytes": {}, "chunks": {}, "arrow": {}}
 
         async def drain_bytes() -> None:
             while True:
@@ -330,6 +337,15 @@ async def _serve_dpipes_counting() -> None:
                     messages += 1
                     nbytes += msg.payload_bytes
                 last["bytes"] = {"arrived": messages, "nbytes": nbytes}
+
+        async def drain_chunks() -> None:
+            while True:
+                stream = await chunk_sink.accept()
+                messages = nbytes = 0
+                while chunks := await stream.read_chunks():
+                    messages += len(chunks)
+                    nbytes += sum(map(len, chunks))
+                last["chunks"] = {"arrived": messages, "nbytes": nbytes}
 
         async def drain_arrow() -> None:
             while True:
@@ -353,8 +369,10 @@ async def _serve_dpipes_counting() -> None:
         done = serve_until_stdin_closes(asyncio.get_running_loop())
         tasks = [
             asyncio.create_task(drain_bytes()),
+            asyncio.create_task(drain_chunks()),
             asyncio.create_task(drain_arrow()),
             asyncio.create_task(answer_counts(byte_sink, "bytes")),
+            asyncio.create_task(answer_counts(chunk_sink, "chunks")),
             asyncio.create_task(answer_counts(arrow_sink, "arrow")),
             asyncio.create_task(answer_echo(echo)),
         ]
@@ -415,6 +433,30 @@ async def _warmed(client: Client) -> None:
             await asyncio.sleep(0.001)
 
     await asyncio.wait_for(poll(), LEASES_BACK_TIMEOUT_S)
+
+
+def dpipes_batch_api_run(addr: str, payload: bytes, count: int, receiver_pid: int) -> Run:
+    """``count`` messages of ``payload`` sent with ``send_many`` and read with ``read_chunks``."""
+
+    async def send(hub: Hub, n: int) -> float:
+        src = hub.endpoint(f"src-{time.monotonic_ns()}")
+        try:
+            stream = src.open_stream(SINK_CHUNKS)
+            start = time.perf_counter()
+            for at in range(0, n, BATCH_API_CHUNKS):
+                await stream.send_many(itertools.repeat(payload, min(BATCH_API_CHUNKS, n - at)))
+            await stream.close(timeout=RUN_TIMEOUT_S)
+            return time.perf_counter() - start
+        finally:
+            src.close()
+
+    async def run() -> Run:
+        async with Hub("bench-source") as hub:
+            await hub.connect_peer(addr)
+            await send(hub, max(1, count // 10))  # warm up
+            return await _dpipes_run(hub, SINK_CHUNKS, lambda: send(hub, count), count, receiver_pid)
+
+    return asyncio.run(run())
 
 
 def dpipes_local_bytes_run(ipc: str, payload: bytes, count: int, receiver_pid: int) -> Run:
@@ -726,6 +768,8 @@ def zenoh_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) -
             theirs.append(zenoh_send(tcp_addr, shm=False, payload=small, count=count, receiver_pid=tcp_sink.pid))
             progress(".")
         results += rate_rows("peers.zenoh_rate_64B", "Zenoh over TCP", ours, theirs, 0.5)
+        batched = [dpipes_batch_api_run(bus_addr, small, count, sink.pid) for _ in range(repeat)]
+        results += rate_rows("peers.zenoh_rate_64B_batch_api", "Zenoh over TCP", batched, theirs, None)
 
         count = ROUND_TRIPS // scale
         zenoh_round_trips(tcp_addr, small, max(1, count // 10))  # warm up
