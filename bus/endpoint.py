@@ -149,8 +149,8 @@ class OutStream:
     async def send_bytes(self, data: Buffer) -> None:
         """Send one chunk as one message, waiting first while the receiver has granted no credit.
 
-        A small chunk leaves at the end of this loop pass, with the stream's other small chunks
-        of the pass in one BATCH; hold no reference to a reused buffer: it is sent as it is then.
+        A small chunk leaves at the end of this loop pass, with the stream's other small chunks of
+        the pass, in one BATCH (a mutable one is copied first: the caller may reuse it at once).
         """
         nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
         self._since_yield += 1 + (nbytes >> YIELD_SHIFT)
@@ -182,6 +182,8 @@ class OutStream:
         if not run:
             self._run_seq = self._seq
             self.endpoint._batching(self)
+        if type(data) is not bytes and not (isinstance(data, memoryview) and data.readonly):
+            data = bytes(data)  # it leaves later: what the caller writes into it meanwhile must not
         run.append(data)
         self._run_bytes += nbytes
         if len(run) >= codec.MAX_BATCH_MESSAGES or self._run_bytes >= codec.BATCH_BELOW_BYTES * 16:

@@ -163,3 +163,21 @@ async def test_a_malformed_batch_gets_a_coded_answer_and_the_stream_goes_on(capl
     finally:
         ctx.term()
     assert tracebacks(caplog.records) == []
+
+
+async def test_a_reused_buffer_is_sent_as_it_was_when_sent() -> None:
+    async with Hub("alpha") as a:
+        src, dst = a.endpoint("src"), a.endpoint("dst")
+        stream = src.open_stream("alpha/dst")
+        buffer = bytearray(b"first")
+        await stream.send_bytes(buffer)
+        buffer[:] = b"again"  # before the loop pass ends, as a readinto loop would
+        await stream.send_bytes(memoryview(buffer))
+        buffer[:] = b"third"
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await dst.accept(timeout=WAIT_S)
+        got = []
+        while chunks := await reader.read_chunks(timeout=WAIT_S):
+            got.extend(bytes(c) for c in chunks)
+        assert got == [b"first", b"again"]
+        assert await closing == 10
