@@ -392,10 +392,12 @@ def _code_of(failures: Iterable[BaseException]) -> str:
 
 def _direct_edge(run: RunRequest, nodes: Sequence[str], i: int) -> bool:
     """Whether stages ``i`` and ``i + 1`` exchange data through a kernel pipe rather than the bus:
-    both on one node, bytes mode (object modes add metadata on the way), and stage ``i``'s stdout
-    is not a Pipes channel (which the node reads)."""
-    messages = options_for_stage(run.pipes, i).get("messages")
-    return nodes[i] == nodes[i + 1] and run.mode == "bytes" and messages != "stdout"
+    both on one node, bytes mode (object modes add metadata on the way), and the node does not read
+    stage ``i``'s stdout: not a Pipes channel, not the last stage's output sent as ``stdio``
+    messages (``nodes`` ends with the client's node: stage ``i + 1`` may be the client)."""
+    own = options_for_stage(run.pipes, i)
+    read = own.get("messages") == "stdout" or (i == len(nodes) - 2 and bool(own.get("stdio")))
+    return nodes[i] == nodes[i + 1] and run.mode == "bytes" and not read
 
 
 __all__ = ["Coordinator", "Run"]

@@ -154,9 +154,12 @@ A run, from the client's side
        ``EOF`` waits for the client's ``EOF_ACK``.
     3. Each stage reports ``exit`` once its streams to the client were acknowledged (so a client
        that never answers ``EOF`` delays the reports); a ``failed`` report ends the run and lists
-       the stages that will not report. The run is over when every stage reported or was listed
-       ``lost``. A run started with ``progress`` also gets one-way ``progress`` reports meanwhile
-       (not answered; a client may ignore them).
+       the stages that will not report. Stages start before ``run`` is answered, the last one
+       first, so a stage's streams and even its ``exit`` may reach the client before the ``run``
+       reply: a client keeps reports of a pipeline id it does not know yet until that reply. The
+       run is over when every stage reported or was listed ``lost``. A run started with
+       ``progress`` also gets one-way ``progress`` reports meanwhile (not answered; a client may
+       ignore them).
     4. To stop a run (Ctrl-C): ``cancel`` to the entry node with the pipeline id. Stopped before
        the ``run`` reply came, a client has no id yet: it cancels as soon as the reply arrives
        (if it leaves instead, the entry node cancels the run of a client that went away).

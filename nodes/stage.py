@@ -17,6 +17,9 @@ stderr
 Pipes
     the stage's Dagster Pipes messages (from its FIFO, its bus endpoint, or taken out of its stdout
     or stderr) as ``PIPES`` messages on one stream to ``stderr_to``, opened at the first message.
+    With the ``stdio`` option, also its stderr, and the last stage's stdout (the one that goes to
+    the client), as ``log_external_stream`` messages the node makes from what it reads; a middle
+    stage's stdout is pipeline data and stays that.
 
 The report also says when the program started and ended (wall clock) and how many bytes this
 node wrote to its stdin and read from its stdout (``-1`` for an edge that is a kernel pipe).
@@ -152,6 +155,11 @@ class StageRun:
         self.sigpipe = False
         self._pipes_out: OutStream | None = None  # opened at the first Pipes message
         self._pipes_sending = asyncio.Lock()  # the FIFO's and the bus's messages share one stream
+        from dpipes.nodes.stage_pipes import StdioTee  # loaded already: the stage's Pipes side is made
+
+        last = wiring.stdout_to == wiring.stderr_to  # only the last stage's stdout goes to the client
+        self._stdio_err = StdioTee("stderr") if self.pipes.stdio else None
+        self._stdio_out = StdioTee("stdout") if self.pipes.stdio and last else None
 
     async def run(self) -> ExitReport:
         """Pump until the program has exited and its output is delivered; its report."""
@@ -263,6 +271,7 @@ class StageRun:
             return
         out = stage.endpoint.open_stream(self.wiring.stdout_to)
         outgoing = Outgoing(stage.mode, where=stage.describe, meta=self._metadata())
+        tee = self._stdio_out
         try:
             if pipes.channel == "stdout":  # messages among the program's output: take them out
                 while True:
@@ -270,6 +279,8 @@ class StageRun:
                     stage.bytes_out += len(raw)
                     data, frames = pipes.split(raw, end=not raw)
                     await self._send_pipes(frames)
+                    if tee is not None:
+                        await self._send_stdio(tee.frames(data, end=not raw))
                     if data:
                         for message in outgoing.messages(data):
                             await out.send(message)
@@ -280,14 +291,20 @@ class StageRun:
             elif stage.mode == "bytes":  # the hot path: no per-chunk objects
                 while data := await proc.read_stdout():
                     stage.bytes_out += len(data)
+                    if tee is not None:
+                        await self._send_stdio(tee.frames(data))
                     await out.send_bytes(data)
             else:
                 while data := await proc.read_stdout():
                     stage.bytes_out += len(data)
+                    if tee is not None:
+                        await self._send_stdio(tee.frames(data))
                     for message in outgoing.messages(data):
                         await out.send(message)
                 for message in outgoing.end():
                     await out.send(message)
+            if tee is not None and pipes.channel != "stdout":
+                await self._send_stdio(tee.frames(b"", end=True))
             await out.close()
         except StreamCancelled:
             self.sigpipe = True  # downstream is gone: the program gets SIGPIPE, as in a shell
@@ -327,6 +344,8 @@ class StageRun:
                 if split:  # messages among the program's stderr: take them out
                     data, frames = pipes.split(raw, end=not raw)
                     await self._send_pipes(frames)
+                if self._stdio_err is not None:
+                    await self._send_stdio(self._stdio_err.frames(data, end=not raw))
                 if data:
                     if out is None:
                         out = stage.endpoint.open_stream(self.wiring.stderr_to)
@@ -348,6 +367,12 @@ class StageRun:
                     await self._send_pipes([frame_of(record) for record in batch])
         except BusError as exc:
             log.info("node %s: %s: Pipes messages not delivered: %s", self.node, self.stage.describe, exc)
+
+    async def _send_stdio(self, frames: list[bytes]) -> None:
+        """``log_external_stream`` messages, between the channel readers' batches."""
+        if frames:
+            async with self._pipes_sending:
+                await self._send_pipes(frames)
 
     async def _send_pipes(self, frames: list[bytes]) -> None:
         from dpipes.nodes.stage_pipes import batches_of
