@@ -17,9 +17,12 @@ Segments
 
 Who may receive handles
     Only a party on the same host, same PID namespace and same user: :func:`host_id` says that in
-    one string, exchanged when a client attaches (``ATTACH.host``, ``ATTACHED.shm``). Everything
-    else gets the payload inline as before; so does anyone when the pool is full (no waiting: a
-    reader that keeps its views forever slows nothing but itself).
+    one string, exchanged when a client attaches over ``ipc://`` (``ATTACH.host``, ``ATTACHED.shm``).
+    Everything else gets the payload inline as before; so does anyone when the pool is full (no
+    waiting: a reader that keeps its views forever slows nothing but itself). The sender could
+    still write into bytes its receiver has checked (an Arrow batch's offsets, say): that is why
+    only a process of the same user, which could as well attach a debugger to the receiver, is
+    ever offered shared memory.
 
 The pool's credit
     A :class:`Pool` holds at most ``POOL_BYTES``. Space is taken per message (a *lease*), in
