@@ -11,7 +11,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from dpipes.bus import codec
+from dpipes.bus import codec, shm
 from dpipes.bus.auth import ClientCurve
 from dpipes.bus.codec import (
     BYE_LINGER_MS,
@@ -53,6 +53,12 @@ class Client:
         self._last_heard = 0.0
         self._gone: BusError | None = None  # set when the hub said BYE: nothing more can be sent
         self.dropped = 0
+        # Shared memory with the hub, when ATTACHED says we may (dpipes.bus.shm).
+        self._pool: shm.Pool | None = None
+        self._reader: shm.Reader | None = None
+        self._frees: dict[str, list[int]] = {}  # leases our reader has done with, by sender
+        self._frees_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def endpoint(self) -> Endpoint:
@@ -74,7 +80,7 @@ class Client:
             RequestTimeout: nothing answered at ``hub`` in time.
             BusError: the hub refused the name.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)  # stream ends are acknowledged; nothing may hang at exit
@@ -91,7 +97,7 @@ class Client:
         monitor = Pump(sock.get_monitor_socket(HANDSHAKE_FAILURES), self._on_monitor)
         sock.connect(self.hub)
         self._pump = Pump(sock, self._on_frames)
-        self._pump.send(codec.encode(codec.Attach(name=self._name)))
+        self._pump.send(codec.encode(codec.Attach(name=self._name, host=shm.host_id())))
         try:
             addr = await asyncio.wait_for(self._attached, self._attach_timeout)
         except TimeoutError:
@@ -139,6 +145,11 @@ class Client:
         if self._gone is not None:
             raise self._gone
         assert self._pump is not None
+        if self._pool is not None and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES:
+            handed = shm.shared(self._pool, codec.header_of(msg), msg.frames)  # type: ignore[attr-defined]
+            if handed is not None:
+                self._pump.send(handed)
+                return
         self._pump.send(codec.encode(msg))
 
     def send_frames(self, dst: str, frames: list[Any]) -> None:
@@ -150,6 +161,10 @@ class Client:
         if self._gone is not None:
             raise self._gone
         assert self._pump is not None
+        if self._pool is not None and len(frames) > 1 and _payload_bytes(frames) >= shm.MIN_PAYLOAD_BYTES:
+            handed = shm.shared(self._pool, codec.decode_header(frames[0]), frames[1:])  # our endpoint's own header
+            if handed is not None:
+                frames = handed
         self._pump.send(frames)
 
     def _on_frames(self, frames: list[Any]) -> None:
@@ -164,6 +179,11 @@ class Client:
         if self._endpoint is not None:
             if isinstance(msg, codec.Bye) and msg.src == f"{self._endpoint.node}/":  # from the hub itself
                 self._on_bye(msg)
+            elif isinstance(msg, codec.Shm):
+                self._on_shm(msg)
+            elif isinstance(msg, codec.ShmFree):
+                if self._pool is not None:
+                    self._pool.release(msg.leases, msg.src, trusted=f"{self._endpoint.node}/")
             elif msg.KIND != "PONG":
                 self._endpoint._deliver(msg)
             return
@@ -171,11 +191,46 @@ class Client:
         if self._attached.done():
             return
         if isinstance(msg, codec.Attached):
+            if msg.shm:
+                self._pool = shm.Pool()
             self._attached.set_result(msg.addr)
         elif isinstance(msg, codec.Error):
             self._attached.set_exception(BusError(f"hub at {self.hub} refused to attach ({msg.code}): {msg.message}"))
         elif isinstance(msg, codec.Bye):
             self._attached.set_exception(BusError(f"hub at {self.hub} refused to attach: {msg.reason}"))
+
+    def _on_shm(self, msg: codec.Shm) -> None:
+        """A data message whose payload lies in the sender's shared memory: deliver it over views of it."""
+        assert self._endpoint is not None
+        if self._reader is None:
+            self._reader = shm.Reader(self._free_later)
+        try:
+            views = self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes)
+            inner = codec.from_header(msg.inner_header(), views)
+        except DecodeError as exc:
+            self.dropped += 1
+            log_fn = log.warning if self.dropped == 1 else log.debug
+            log_fn("client of %s: dropped an SHM message from %s: %s", self.hub, msg.src, exc)
+            self._free_later(msg.src, msg.lease)  # whatever it was, we will not read it
+            return
+        del views
+        self._endpoint._deliver(inner)
+
+    def _free_later(self, sender: str, lease: int) -> None:
+        """The reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
+        self._frees.setdefault(sender, []).append(lease)
+        if not self._frees_scheduled and self._loop is not None:
+            self._frees_scheduled = shm.call_soon(self._loop, self._send_frees)
+            if not self._frees_scheduled:  # the loop is closed: nobody is left to tell
+                self._frees.clear()
+
+    def _send_frees(self) -> None:
+        self._frees_scheduled = False
+        frees, self._frees = self._frees, {}
+        if self._endpoint is None or self._gone is not None or self._pump is None:
+            return
+        for sender, leases in frees.items():
+            self._pump.send(codec.encode(codec.ShmFree(src=self._endpoint.addr, dst=sender, leases=leases)))
 
     def _on_bye(self, bye: codec.Bye) -> None:
         """The hub detached us (it stops, we were silent, or we sent it bad messages): fail everything now."""
@@ -187,6 +242,14 @@ class Client:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         self.endpoint.fail_all(self._gone)
+        self._hub_gone()
+
+    def _hub_gone(self) -> None:
+        """Nobody reads our leases any more: the pool may reuse all of them; keep no mapping of its."""
+        if self._pool is not None:
+            self._pool.reclaim_all()
+        if self._reader is not None:
+            self._reader.close()
 
     async def _heartbeats(self) -> None:
         while True:
@@ -195,6 +258,7 @@ class Client:
             if silent > PEER_TIMEOUT_S:
                 log.warning("client: hub at %s silent for %.1f s", self.hub, silent)
                 self.endpoint.fail_all(PeerLost(f"the node at {self.hub} stopped answering ({silent:.1f} s)"))
+                self._hub_gone()
                 return
             self.send(codec.Ping(src=self.endpoint.addr, dst=codec.split_addr(self.endpoint.addr)[0] + "/"))
 
@@ -215,6 +279,10 @@ class Client:
         await self._close_sockets()
 
     async def _close_sockets(self) -> None:
+        if self._pool is not None:
+            self._pool.close()  # the hub keeps its own mapping of what it still reads
+        if self._reader is not None:
+            self._reader.close()
         if self._pump is not None:
             try:
                 await asyncio.wait_for(self._pump.drained(), CLOSE_DRAIN_S)
@@ -225,3 +293,7 @@ class Client:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+
+
+def _payload_bytes(frames: list[Any]) -> int:
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames[1:])

@@ -47,7 +47,7 @@ from typing import Any
 
 import zmq
 
-from dpipes.bus import codec
+from dpipes.bus import codec, shm
 from dpipes.bus.auth import TAP_ZAP_DOMAIN, ZAP_DOMAIN, Gatekeeper, HubSecurity, identity_from_user_id
 from dpipes.bus.codec import (
     BAD_MESSAGE_INTERVAL_S,
@@ -142,6 +142,7 @@ class _Client:
     local: bool = False  # attached over ipc://: a process of this host
     backlog: collections.deque[list[Any]] = dataclasses.field(default_factory=collections.deque)
     user_id: str | None = None  # the ZAP User-Id of its connection (secure hubs): who it is
+    shm: bool = False  # on this host: SHM messages go to it as they are, and from us to it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +216,11 @@ class Hub:
         self._security = security
         self._gate: Gatekeeper | None = None
         self._peer_user_ids: dict[bytes, str | None] = {}  # a peer's DEALER identity -> its ZAP User-Id
+        self._host_id = shm.host_id()
+        self._pool: shm.Pool | None = None  # made when a same-host client first gets a large payload
+        self._reader = shm.Reader(self._free_later)
+        self._frees: dict[str, list[int]] = {}  # leases our endpoints have done with, by sender
+        self._frees_scheduled = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -348,6 +354,9 @@ class Hub:
         if self._gate is not None:
             self._gate.stop()
         self._ctx.term()
+        if self._pool is not None:
+            self._pool.close()
+        self._reader.close()
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
 
@@ -988,16 +997,23 @@ class Hub:
                 ),
             )
             return
+        local = _over_ipc(frames[1])
+        shared = local and bool(self._host_id) and attach.host == self._host_id
         client = _Client(
-            ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic(), local=_over_ipc(frames[1])
+            ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic(), local=local, shm=shared
         )
         if self._security is not None:
             client.user_id = frames[1].get("User-Id")
         self._clients[ident] = client
         self._local[name] = client
-        self._router_send(ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr)))
+        self._router_send(
+            ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr, shm=shared))
+        )
 
     def _detach(self, client: _Client) -> None:
+        if self._pool is not None:
+            self._pool.reclaim(client.addr)  # it reads none of our leases any more, dead or alive
+        self._reader.forget(client.addr)  # its segments stay mapped only while read
         self._clients.pop(client.ident, None)
         name = codec.split_addr(client.addr)[1]
         if self._local.get(name) is client:
@@ -1028,10 +1044,18 @@ class Hub:
             elif isinstance(party, Endpoint):
                 try:
                     msg = codec.from_header(header, [f.buffer for f in frames[2:]])
+                    if isinstance(msg, codec.Shm):
+                        msg = self._unshared(msg)
                 except DecodeError as exc:
                     self._bad(self._sender(ident), exc, header)
                     return
+                if isinstance(msg, codec.ShmFree):
+                    if self._pool is not None:
+                        self._pool.release(msg.leases, msg.src)
+                    return
                 party._deliver(msg)
+            elif header["kind"] == "SHM" and not party.shm:
+                self._route_unshared(ident, header, party)
             else:
                 self._to_client(party, frames[1:])
             return
@@ -1039,7 +1063,51 @@ class Hub:
         if link is None:
             self._bounce(header, "no-route", f"node {self.node} has no link to node {node!r:.100}")
             return
+        if header["kind"] == "SHM":  # handles mean nothing on another host
+            self._route_unshared(ident, header, link)
+            return
         link.pump.send(frames[1:])
+
+    def _unshared(self, msg: codec.Shm) -> Message:
+        """The message an SHM stands for, its payload frames views of the sender's segment.
+
+        Raises:
+            DecodeError: the handle names no segment we can map, or the message inside is malformed.
+        """
+        views = self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes)
+        return codec.from_header(msg.inner_header(), views)
+
+    def _route_unshared(self, ident: bytes, header: dict[str, Any], to: _Client | _Link) -> None:
+        """An SHM for a party we share no memory with: the message it stands for, copied out on the way."""
+        try:
+            shm_msg = codec.from_header(header)
+            assert isinstance(shm_msg, codec.Shm)
+            frames = codec.encode(self._unshared(shm_msg))  # zmq holds the views until sent; then they are freed
+        except DecodeError as exc:
+            self._bad(self._sender(ident), exc, header)
+            return
+        if isinstance(to, _Client):
+            self._to_client(to, frames)
+        else:
+            to.pump.send(frames)
+
+    def _free_later(self, sender: str, lease: int) -> None:
+        """Our reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
+        self._frees.setdefault(sender, []).append(lease)
+        if not self._frees_scheduled and self._loop is not None and not self._closed:
+            self._frees_scheduled = shm.call_soon(self._loop, self._send_frees)
+            if not self._frees_scheduled:  # the loop is closed: nobody is left to tell
+                self._frees.clear()
+
+    def _send_frees(self) -> None:
+        self._frees_scheduled = False
+        frees, self._frees = self._frees, {}
+        if self._closed:
+            return
+        for sender, leases in frees.items():
+            party = self._local.get(codec.split_addr(sender)[1])
+            if isinstance(party, _Client) and party.addr == sender:  # gone: its pool went with it
+                self._to_client(party, codec.encode(codec.ShmFree(src=f"{self.node}/", dst=sender, leases=leases)))
 
     def _send_local(self, msg: Message) -> None:
         """The transport of in-process endpoints."""
@@ -1051,15 +1119,29 @@ class Hub:
             if party is None:
                 self._bounce(codec.header_of(msg), "no-endpoint", f"no endpoint {name!r} on node {self.node}")
             elif isinstance(party, Endpoint):
+                if isinstance(msg, codec.ShmFree):
+                    if self._pool is not None:
+                        self._pool.release(msg.leases, msg.src)
+                    return
                 party._deliver(msg)
             else:
-                self._to_client(party, codec.encode(msg))
+                if party.shm and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES:
+                    self._to_client(party, self._shared(msg, party))
+                else:
+                    self._to_client(party, codec.encode(msg))
             return
         link = self._by_node.get(node)
         if link is None:
             self._bounce(codec.header_of(msg), "no-route", f"node {self.node} has no link to node {node!r}")
             return
         link.pump.send(codec.encode(msg))
+
+    def _shared(self, msg: Message, client: _Client) -> list[Any]:
+        """``msg`` for a same-host client: as an SHM in our pool, or encoded as it is when it cannot be."""
+        if self._pool is None:
+            self._pool = shm.Pool()
+        handed = shm.shared(self._pool, codec.header_of(msg), msg.frames)  # type: ignore[attr-defined]
+        return handed if handed is not None else codec.encode(msg)
 
     def _send_frames_local(self, dst: str, frames: list[Any]) -> None:
         """The transport of in-process endpoints, for messages they encoded themselves."""
@@ -1075,7 +1157,7 @@ class Hub:
         self._send_local(msg)
 
     def _bounce(self, header: dict[str, Any], code: str, text: str) -> None:
-        if header["kind"] in ("ERROR", "CREDIT", "EOF_ACK", "LINK", "PONG"):
+        if header["kind"] in ("ERROR", "CREDIT", "EOF_ACK", "LINK", "PONG", "SHM_FREE"):
             self.stats[header["src"]].dropped += 1
             log.debug("node %s: dropped undeliverable %s to %s", self.node, header["kind"], header["dst"])
             return

@@ -482,11 +482,11 @@ def _entry_endpoint(args: argparse.Namespace) -> str | None:
     Raises:
         EntryAddressError: the address is malformed (naming where it came from).
     """
-    from dpipes.nodes.entry import EntryAddressError, parse_entry
-
     given, source = (args.node, "--node") if args.node else (os.environ.get("DPIPES_NODE"), "$DPIPES_NODE")
     if not given:
-        return None
+        return None  # the local daemon's socket: no address to check, nor its parser (and config) to import
+    from dpipes.nodes.entry import EntryAddressError, parse_entry
+
     try:
         return parse_entry(given)
     except EntryAddressError as exc:
