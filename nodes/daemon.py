@@ -39,6 +39,9 @@ daemon checks them (:func:`paths.secure_sockets <dpipes.nodes.paths.secure_socke
 writes its pid file and says it is ready, and the pid, lock and log files are created 0600.
 """
 
+# About 650 lines, one job: the process around a node (detach, files, signals, stop, sd_notify);
+# the diagram above is most of what a reader needs, and the stop path's pid checks belong beside it.
+
 from __future__ import annotations
 
 import asyncio

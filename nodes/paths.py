@@ -58,6 +58,9 @@ A client (the ``dpipes`` CLI) calls :func:`local_daemon`: it answers with the en
 ``local.sock`` exists and ``local.pid`` names a live process, else None (start an embedded node).
 """
 
+# A little over 500 lines, one job: runtime files and their ownership rules, every check beside its
+# reason (the security issue's umask and other-uid cases live here).
+
 from __future__ import annotations
 
 import contextlib

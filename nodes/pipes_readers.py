@@ -13,6 +13,9 @@ Both queue records for ``async for`` / ``next_batch`` and pause reading past ``P
 a writer faster than its consumer blocks, as on a full pipe.
 """
 
+# About 580 lines: the FIFO and the bus readers share their queue, pausing and draining
+# (_QueuedRecords); apart, each would repeat it.
+
 from __future__ import annotations
 
 import asyncio

@@ -13,6 +13,9 @@ What a run comes to (each stage's result, the exit code, the joblog) is :mod:`dp
 how a command finds its entry node is :mod:`dpipes.nodes.entry`. Both are re-exported here.
 """
 
+# A little over 500 lines: one run seen from the client (request, streams, reports, Ctrl-C), kept
+# whole so that its ordering rules (reports before the run reply, cancel before it) read in one place.
+
 from __future__ import annotations
 
 import asyncio
