@@ -1,4 +1,4 @@
-"""The dpipes bus wire format, version 1. This docstring is the spec.
+"""The dpipes bus wire format, version 2. This docstring is the spec.
 
 A bus message is a ZeroMQ multipart message::
 
@@ -192,7 +192,7 @@ Bad messages
     against the kind (not the kind fields or payload of what it only passes on: their recipient
     checks those), and treats these alike:
 
-    * a header that is not a well-formed version-1 map within the limits (not msgpack, not a
+    * a header that is not a well-formed version-2 map within the limits (not msgpack, not a
       map, a required key missing, a value of the wrong type, an unknown kind, payload frames
       the kind does not allow, too many frames);
     * a message that breaks the session's rules: a client's ``src`` that is not its address,
@@ -228,7 +228,7 @@ Constants
     ===========================  ==========  ===========================================
     name                         value       unit and meaning
     ===========================  ==========  ===========================================
-    ``PROTOCOL_VERSION``         1           the ``v`` of every header
+    ``PROTOCOL_VERSION``         2           the ``v`` of every header
     ``MAX_HEADER_BYTES``         65536       bytes in the header frame
     ``MAX_FRAMES``               4096        frames in a message, header included
     ``MAX_PAYLOAD_FRAME_BYTES``  67108864    bytes in one payload frame (64 MiB)
@@ -272,7 +272,7 @@ import msgpack
 
 from dpipes.bus.errors import DecodeError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: BATCH, SHM, SHM_FREE; WELCOME.info, ATTACH.host, ATTACHED.shm (1 had none)
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAMES = 4096  # an Arrow batch of many columns travels as one frame per buffer
@@ -842,7 +842,7 @@ def decode_header(frame: Buffer, payload_frames: int | None = None) -> dict[str,
     if type(header) is not dict:
         raise DecodeError(f"header must be a msgpack map, got {type(header).__name__}")
     version = header.get("v", _NO_KEY)
-    if type(version) is not int:  # True == 1 in Python: a boolean must not pass for version 1
+    if type(version) is not int:  # True == 1 in Python: a boolean must not pass for a version
         what = "is missing" if version is _NO_KEY else f"must be an integer, got {type(version).__name__}"
         raise DecodeError(f"header key 'v' {what}", header=header)
     if version != PROTOCOL_VERSION:

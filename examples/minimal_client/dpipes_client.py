@@ -36,7 +36,7 @@ import msgpack
 import zmq
 
 # From the codec module (its constants; the docstring names them).
-BUS_VERSION = 1  # header key "v"
+BUS_VERSION = 2  # header key "v"
 INITIAL_CREDIT_BYTES = 8 * 1024 * 1024  # every stream starts with this much credit
 MESSAGE_CREDIT_BYTES = 256  # what a data message costs beyond its payload bytes
 HEARTBEAT_INTERVAL_S = 0.5  # clients PING this often
@@ -186,6 +186,12 @@ class Run:
             self.on_report(h)
         elif kind in STDOUT_KINDS or kind in ("STDERR", "PIPES"):
             self.on_data(h, payload)
+        elif kind == "BATCH" and len(payload) == 1:  # small messages of one stream in one frame
+            start = 0
+            for i, size in enumerate(h.get("sizes") or []):
+                member = {**h, "kind": h.get("of") or "BYTES", "seq": h["seq"] + i}
+                self.on_data(member, [payload[0][start : start + size]])  # each as if it came alone
+                start += size
         elif kind == "EOF":
             stream = self.stream(h)
             stream.done = True

@@ -170,11 +170,12 @@ async def test_protocol_mismatch_is_refused_on_both_sides(caplog: pytest.LogCapt
 
             async def answer() -> None:
                 ident, _header = await fake.recv_multipart()
-                reply = dict(codec.header_of(codec.Bye(reason="speaks v2")), v=codec.PROTOCOL_VERSION + 1)
+                reply = dict(codec.header_of(codec.Bye(reason="speaks a newer one")), v=codec.PROTOCOL_VERSION + 1)
                 await fake.send_multipart([ident, msgpack.packb(reply)])
 
             task = asyncio.create_task(answer())
-            with pytest.raises(ProtocolMismatch, match=r"protocol version 2, we speak 1"):
+            mismatch = rf"protocol version {codec.PROTOCOL_VERSION + 1}, we speak {codec.PROTOCOL_VERSION}"
+            with pytest.raises(ProtocolMismatch, match=mismatch):
                 await a.connect_peer(f"tcp://127.0.0.1:{port}")
             await task
             fake.close(0)
@@ -199,8 +200,8 @@ async def test_malformed_input_is_counted_logged_once_and_harmless(caplog: pytes
                 [b"\xc1"],
                 [b"not msgpack at all"],
                 [msgpack.packb([1, 2])],
-                [msgpack.packb({"v": 1, "kind": "NOPE"})],
-                [msgpack.packb({"v": 1, "kind": "BYTES", "src": 5})],
+                [msgpack.packb({"v": codec.PROTOCOL_VERSION, "kind": "NOPE"})],
+                [msgpack.packb({"v": codec.PROTOCOL_VERSION, "kind": "BYTES", "src": 5})],
                 [b"\x80" * (codec.MAX_HEADER_BYTES + 1)],
             ] * 10
             for frames in junk:
