@@ -191,6 +191,7 @@ class StageRun:
         try:
             stream = await stage.endpoint.accept()
         except asyncio.CancelledError:  # the program exited before its input arrived
+            proc.close_stdin()  # our end of its stdin pipe: every path closes it, this one too
             self._on_unread_input()
             raise
         incoming = Incoming(stage.mode, where=f"input of {stage.describe}", metadata_key=self.config.metadata_key)
