@@ -49,19 +49,35 @@ from dpipes.bus.codec import (
     PEER_TIMEOUT_S,
     Message,
 )
-from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, DecodeError, ProtocolMismatch, RequestTimeout
+from dpipes.bus.endpoint import MAX_IN_STREAMS, Endpoint
+from dpipes.bus.errors import BusError, DecodeError, PeerLost, ProtocolMismatch, RequestTimeout
 from dpipes.bus.pump import Pump, send_frames
 from dpipes.bus.tap import TAP_HWM, Mirror
 
 log = logging.getLogger(__name__)
 
-CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full, then dropped
+CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full; more detaches it
+CLIENT_BACKLOG_BYTES = 64 * 1024 * 1024  # ...or payload bytes held so: a client that does not read is detached
+MAX_CLIENTS = 512  # clients attached at once; one more ATTACH is refused
+MAX_CLIENTS_PER_ADDRESS = 128  # of those, from one remote address or, over ipc, one local user
 ROUTER_HWM = 100_000  # per-peer queue in messages; credits keep streams far below it
 
 
 def _valid_node_name(name: str) -> bool:
     return 0 < len(name) <= MAX_NODE_NAME_CHARS and "/" not in name
+
+
+def _peer_address(frame: Any) -> str:
+    """Where a ROUTER frame came from: the remote IP address for TCP, ``local uid N`` for ipc
+    (libzmq says ``localhost:UID:GID:PID`` there), "" when libzmq cannot say."""
+    try:
+        address = str(frame.get("Peer-Address") or "")
+    except (zmq.ZMQError, AttributeError):
+        return ""
+    parts = address.split(":")
+    if len(parts) == 4 and parts[0] == "localhost" and parts[1].isdigit():
+        return f"local uid {parts[1]}"
+    return address
 
 
 def _set_common(sock: zmq.Socket[Any]) -> None:
@@ -123,7 +139,9 @@ class _Client:
     ident: bytes
     addr: str
     last_heard: float
+    source: str = ""  # the remote address it connected from ("" for ipc)
     backlog: collections.deque[list[Any]] = dataclasses.field(default_factory=collections.deque)
+    backlog_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +167,10 @@ class Hub:
         tap: where the tap XPUB listens; None: an ``ipc://`` path beside ``ipc``.
         advertise: the host to tell peers, when ``tcp`` binds a wildcard address.
         info: what this node tells peers about itself in HELLO (programs, version, ...).
+        max_clients: clients attached at once; ``ATTACH`` beyond it is refused.
+        max_clients_per_address: of those, from one remote address or one local user (ipc).
+        client_backlog_bytes: bytes held for a client that does not read, beyond which (or
+            beyond ``CLIENT_BACKLOG_MESSAGES`` messages) it is detached with ``BYE``.
     """
 
     def __init__(
@@ -160,6 +182,9 @@ class Hub:
         tap: str | None = None,
         advertise: str | None = None,
         info: dict[str, Any] | None = None,
+        max_clients: int = MAX_CLIENTS,
+        max_clients_per_address: int = MAX_CLIENTS_PER_ADDRESS,
+        client_backlog_bytes: int = CLIENT_BACKLOG_BYTES,
     ) -> None:
         if not _valid_node_name(node):
             raise ValueError(f"invalid node name {node!r:.80}: use 1-{MAX_NODE_NAME_CHARS} characters without '/'")
@@ -191,6 +216,9 @@ class Hub:
         self.link_listeners: list[Callable[[str, bool, str], None]] = []  # (node, up, reason)
         self.client_listeners: list[Callable[[str], None]] = []  # (address) of a client that left
         self._transport = _InProcess(self)
+        self.max_clients = max_clients
+        self.max_clients_per_address = max_clients_per_address
+        self.client_backlog_bytes = client_backlog_bytes
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -277,15 +305,20 @@ class Hub:
 
     # -- endpoints -----------------------------------------------------------------------------
 
-    def endpoint(self, name: str, *, window: int = codec.INITIAL_CREDIT_BYTES) -> Endpoint:
-        """An in-process endpoint ``node/name`` on this hub."""
+    def endpoint(
+        self, name: str, *, window: int = codec.INITIAL_CREDIT_BYTES, max_streams: int = MAX_IN_STREAMS
+    ) -> Endpoint:
+        """An in-process endpoint ``node/name`` on this hub (``window`` and ``max_streams``: see
+        :class:`~dpipes.bus.endpoint.Endpoint`; they bound what senders can make it hold)."""
         if not name or "/" in name or len(name) > codec.MAX_ENDPOINT_NAME_CHARS:
             raise ValueError(
                 f"invalid endpoint name {name!r:.80}: use 1-{codec.MAX_ENDPOINT_NAME_CHARS} characters without '/'"
             )
         if name in self._local:
             raise BusError(f"endpoint {self.node}/{name} already exists")
-        ep = Endpoint(f"{self.node}/{name}", self._transport, window=window, on_close=self._forget)
+        ep = Endpoint(
+            f"{self.node}/{name}", self._transport, window=window, max_streams=max_streams, on_close=self._forget
+        )
         self._local[name] = ep
         return ep
 
@@ -815,7 +848,18 @@ class Hub:
         if not name:
             self._client_ids += 1
             name = f"client-{self._client_ids}-{os.urandom(3).hex()}"
+        source = _peer_address(frames[1])
+        refusal = ""
         if "/" in name or name in self._local:
+            refusal = f"endpoint name {name!r:.100} is taken or invalid on node {self.node}"
+        elif len(self._clients) >= self.max_clients:
+            refusal = f"node {self.node} has {len(self._clients)} clients attached, its limit"
+        elif sum(c.source == source for c in self._clients.values()) >= self.max_clients_per_address:
+            where = f"from {source}" if source else "from one address"
+            refusal = f"node {self.node} has {self.max_clients_per_address} clients attached {where}, its limit"
+        if refusal:
+            self.stats[UNLINKED].dropped += 1
+            log.debug("node %s: refused ATTACH: %s", self.node, refusal)
             self._router_send(
                 ident,
                 codec.encode(
@@ -824,12 +868,12 @@ class Hub:
                         dst=attach.src,
                         code="refused",
                         node=self.node,
-                        message=f"endpoint name {name!r:.100} is taken or invalid on node {self.node}",
+                        message=refusal,
                     )
                 ),
             )
             return
-        client = _Client(ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic())
+        client = _Client(ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic(), source=source)
         self._clients[ident] = client
         self._local[name] = client
         self._router_send(ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr)))
@@ -839,6 +883,10 @@ class Hub:
         name = codec.split_addr(client.addr)[1]
         if self._local.get(name) is client:
             del self._local[name]
+        error = PeerLost(f"client {client.addr} detached from node {self.node}")
+        for party in list(self._local.values()):  # what it was sending or being sent is gone with it
+            if isinstance(party, Endpoint):
+                party.fail_party(client.addr, error)
         for listener in self.client_listeners:
             listener(client.addr)
 
@@ -934,23 +982,40 @@ class Hub:
 
     def _to_client(self, client: _Client, frames: list[Any]) -> None:
         if client.backlog:
-            if len(client.backlog) >= CLIENT_BACKLOG_MESSAGES:
-                self.stats[client.addr].dropped += 1
-                log.warning("node %s: client %s is not reading; message dropped", self.node, client.addr)
-                return
-            client.backlog.append(frames)
+            self._hold(client, frames)
             return
         assert self._router is not None
         try:
             send_frames(self._router.sock, [client.ident, *frames])
         except zmq.Again:
-            client.backlog.append(frames)
+            self._hold(client, frames)
             assert self._loop is not None
             self._loop.call_later(0.002, self._flush_client, client)
         except zmq.ZMQError:  # EHOSTUNREACH: the client went away without BYE
             self._detach(client)
         else:
             self._router.after_send()
+
+    def _hold(self, client: _Client, frames: list[Any]) -> None:
+        """Keep ``frames`` for a client whose pipe is full; one that holds too much is detached."""
+        nbytes = sum(len(f) for f in frames)
+        held = client.backlog_bytes + nbytes
+        if (len(client.backlog) >= CLIENT_BACKLOG_MESSAGES or held > self.client_backlog_bytes) and (
+            client.ident in self._clients
+        ):
+            self.stats[client.addr].dropped += len(client.backlog) + 1
+            reason = (
+                f"not reading: {len(client.backlog)} messages, {client.backlog_bytes} bytes held for it"
+                f" (limits {CLIENT_BACKLOG_MESSAGES}, {self.client_backlog_bytes})"
+            )
+            log.warning("node %s: detached client %r: %s", self.node, client.addr, reason)
+            client.backlog.clear()
+            client.backlog_bytes = 0
+            self._router_send(client.ident, self._bye_to(client, f"detached by node {self.node}: {reason}"))
+            self._detach(client)
+            return
+        client.backlog.append(frames)
+        client.backlog_bytes += nbytes
 
     def _flush_client(self, client: _Client) -> None:
         assert self._router is not None and self._loop is not None
@@ -966,7 +1031,7 @@ class Hub:
             except zmq.ZMQError:
                 self._detach(client)
                 return
-            client.backlog.popleft()
+            client.backlog_bytes -= sum(len(f) for f in client.backlog.popleft())
         self._router.after_send()
 
     # -- tap mirror -----------------------------------------------------------------------------

@@ -157,7 +157,7 @@ class Node:
             undo.callback(drop.close)
         except OSError as exc:  # local clients then send their data over the bus, as remote ones
             log.warning("node %s: no descriptor drop beside %s: %s", self.name, self.hub.ipc_endpoint, exc)
-        self._ctl = ctl = self.hub.endpoint(CTL)
+        self._ctl = ctl = self.hub.endpoint(CTL, max_streams=0)  # requests and reports only: no streams
         undo.callback(ctl.close)
         self.stages = Stages(
             node=self.name,

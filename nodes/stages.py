@@ -138,7 +138,7 @@ class Stages:
         await self._link_neighbours(request.peers)
         if (pipeline, index) in self._stages:
             raise NegotiationRefused(f"stage {index} of pipeline {pipeline} is already here")
-        endpoint = self.hub.endpoint(f"{pipeline}.{index}", window=self.window)
+        endpoint = self.hub.endpoint(f"{pipeline}.{index}", window=self.window, max_streams=1)  # its stdin
         describe = f"stage {index} ({argv[0]}@{self.node})"
         self._stages[(pipeline, index)] = Stage(pipeline, index, argv, request.mode, endpoint, describe)
         return NegotiateReply(addr=endpoint.addr)
