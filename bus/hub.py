@@ -346,6 +346,25 @@ class Hub:
         """Link to a hub we heard of (from gossip); forgotten again if it is lost."""
         self._ensure_link(endpoint, static=False)
 
+    def drop_peer(self, endpoint: str, reason: str = "dropped on request") -> bool:
+        """Close our link to ``endpoint``: one that is not up, or a learned one that is (its node is
+        then lost to our endpoints, as on a missed heartbeat). A static link that is up stays: the
+        operator asked for it. Whether a link was closed."""
+        link = self._links.get(endpoint)
+        if link is None or (link.up and link.static):
+            return False
+        if link.up:
+            self._link_send(link, codec.Bye(src=f"{self.node}/", dst=f"{link.node}/", reason=reason[:MAX_STRING_CHARS]))
+            self._link_down(link, reason)
+        error = BusError(f"node {self.node}: link to {endpoint} dropped: {reason}")
+        for waiter in link.waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        link.waiters.clear()
+        self._drop_link(link)
+        log.debug("node %s: dropped the link to %s: %s", self.node, endpoint, reason)
+        return True
+
     async def connect_peer(self, endpoint: str, *, timeout: float = 10.0) -> str:
         """Link to the hub at ``endpoint`` and return its node name once the link is up.
 

@@ -100,3 +100,24 @@ async def test_a_hub_attaches_no_more_clients_than_its_bound() -> None:
         finally:
             await first.aclose()
             await second.aclose()
+
+
+async def test_drop_peer_closes_a_link_that_is_not_up_and_a_learned_one_on_request() -> None:
+    async with linked("alpha", "beta") as (a, b):
+        fds = len(os.listdir("/proc/self/fd"))
+        a.learn_peer("tcp://127.0.0.1:1")  # nobody listens there: the link never comes up
+        assert a.drop_peer("tcp://127.0.0.1:1") and "tcp://127.0.0.1:1" not in a._links
+        await until(lambda: len(os.listdir("/proc/self/fd")) <= fds)
+        assert not a.drop_peer(b.tcp_endpoint)  # static (connect_peer) and up: the operator's
+        a.learn_peer(b.tcp_endpoint)  # learned as well: still the operator's
+        assert not a.drop_peer(b.tcp_endpoint)
+        c = Hub("gamma")
+        await c.start()
+        try:
+            c.learn_peer(a.tcp_endpoint)
+            await until(lambda: "gamma" in a.peers and "alpha" in c.peers)
+            assert c.drop_peer(a.tcp_endpoint, "unwanted")
+            assert "alpha" not in c.peers
+            await until(lambda: "gamma" not in a.peers)  # it said BYE
+        finally:
+            await c.aclose()

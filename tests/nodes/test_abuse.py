@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from pathlib import Path
 
@@ -11,9 +12,12 @@ import zmq
 
 from dpipes.bus import codec
 from dpipes.bus.client import Client
-from dpipes.nodes.protocol import PIPELINE_PROTOCOL, NegotiateReply, NegotiateRequest, call
-from tests.nodes.daemons import daemons
-from tests.procs import resources
+from dpipes.bus.hub import Hub
+from dpipes.discovery.directory import MAX_GOSSIP_PEERS, MAX_KNOWN_NODES, UNREACHABLE_EXPIRY_S
+from dpipes.nodes.protocol import GOSSIP_INTERVAL_S, PIPELINE_PROTOCOL, NegotiateReply, NegotiateRequest, call
+from dpipes.nodes.run import known_nodes
+from tests.nodes.daemons import daemons, environment
+from tests.procs import Resources, resources
 
 FLOOD_BYTES = 256 << 20  # what the hostile sender sent: 256 MiB
 CHUNK_BYTES = 1 << 20
@@ -107,3 +111,58 @@ async def test_a_credit_ignoring_sender_cannot_grow_the_daemon(rt: Path) -> None
         await asyncio.wait_for(settled(), WAIT_S)
         print(f"daemon RSS {baseline.rss_kib >> 10} MiB, peak {peak >> 10} MiB under {sent >> 20} MiB")
         assert alpha.proc.returncode is None  # and the daemon is still serving
+
+
+async def test_a_gossip_flood_keeps_a_daemons_links_bounded_and_a_real_node_joins(rt: Path, tmp_path: Path) -> None:
+    # 1,124 made-up peers on closed loopback ports, in bodies the validator takes, from a linked liar.
+    flood = {f"fake{i:04d}": f"tcp://127.1.{i // 250}.{i % 250 + 1}:1" for i in range(1124)}
+    names = sorted(flood)
+    bodies = [
+        {"peers": {n: flood[n] for n in names[i : i + MAX_GOSSIP_PEERS]}} for i in range(0, 1124, MAX_GOSSIP_PEERS)
+    ]
+    async with daemons(rt, ["alpha"]) as (alpha,), Hub("liar") as liar:
+        pid = alpha.proc.pid
+        await liar.connect_peer(alpha.tcp)
+        baseline = resources(pid)
+        ep = liar.endpoint("ctl")
+
+        async def known() -> int:
+            return len(await known_nodes(alpha.tcp))
+
+        rounds = 0
+        while await known() < 1 + MAX_KNOWN_NODES:  # the gossip rate limit lets one body through at a time
+            ep.send(codec.Request(dst="alpha/ctl", method="gossip", body=bodies[rounds % len(bodies)]))
+            rounds += 1
+            assert rounds < 1000, "the daemon never admitted the bound of made-up peers"
+            await asyncio.sleep(0.05)  # paced so that bodies pass the rate limit; not a wait for the network
+        for body in bodies:  # and the rest of the flood, refused
+            ep.send(codec.Request(dst="alpha/ctl", method="gossip", body=body))
+        flooded = resources(pid)
+        assert flooded.fds - baseline.fds < 4 * MAX_KNOWN_NODES < len(flood), f"{baseline} -> {flooded}"
+        (tmp_path / "late").mkdir(mode=0o700)
+        argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", "late"]
+        argv += ["--listen", "127.0.0.1:0", "--peer", alpha.host_port]
+        late = await asyncio.create_subprocess_exec(
+            *argv,
+            env=environment(tmp_path / "late"),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+
+            async def joined() -> None:
+                while not any(e.name == "late" and e.up for e in await known_nodes(alpha.tcp)):
+                    await asyncio.sleep(0.05)  # polling a condition under a deadline
+
+            await asyncio.wait_for(joined(), WAIT_S)
+
+            async def unlinked() -> Resources:  # the made-up links expire as unreachable and are closed
+                while (now := resources(pid)).fds > baseline.fds + 4:
+                    await asyncio.sleep(0.2)  # polling a condition under a deadline
+                return now
+
+            after = await asyncio.wait_for(unlinked(), UNREACHABLE_EXPIRY_S + 3 * GOSSIP_INTERVAL_S + WAIT_S)
+        finally:
+            late.terminate()
+            await late.wait()
+        print(f"gossip flood: {baseline} -> {flooded} -> {after}")
