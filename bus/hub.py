@@ -12,6 +12,16 @@ Routing is direct: ``node/endpoint`` is delivered locally when ``node`` is this 
 link to ``node`` otherwise; a message for a node we have no link to, or for an endpoint that does
 not exist, comes back to its sender as an ``ERROR``. A hub never relays between two other nodes.
 
+Node identity: one name, one live instance. A ``HELLO`` (or a ``WELCOME``) whose node name is
+linked with another instance that we heard from within ``TAKEOVER_SILENCE_S`` is refused with
+``BYE`` naming both instances and where each is, and logged (once per name per interval); the
+running link is not touched, so a forged ``HELLO`` cannot take down a transfer and two honest
+nodes with one name do not flap: the second is refused. A restarted node (same name, a new
+instance, the old one silent because it died) takes over as soon as the old instance has been
+silent ``TAKEOVER_SILENCE_S``: its own retries (a refused static link says ``HELLO`` again every
+``REFUSED_RETRY_S``) or ours, when the old link is lost, link it. This holds without keys; keys
+(CURVE) decide who may use a name at all.
+
 What a hub does with bad messages, idle clients and at shutdown is part of the wire spec
 (:mod:`dpipes.bus.codec`, *Sessions* and *Bad messages*). Everything read off a socket is checked
 at the ROUTER or link boundary; names and reasons from the wire are logged with ``%r`` so that a
@@ -60,6 +70,12 @@ CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is fu
 CLIENT_BACKLOG_BYTES = 64 * 1024 * 1024  # ...or payload bytes held so: a client that does not read is detached
 MAX_CLIENTS = 512  # clients attached at once; one more ATTACH is refused
 MAX_CLIENTS_PER_ADDRESS = 128  # of those, from one remote address or, over ipc, one local user
+# A HELLO (or WELCOME) naming a linked node with another instance replaces that link only if the
+# linked instance has been silent this long: a live node PINGs every HEARTBEAT_INTERVAL_S, so this
+# is four missed heartbeats; it is under PEER_TIMEOUT_S, so a restarted node takes over before
+# its old incarnation is even declared lost.
+TAKEOVER_SILENCE_S = 4 * HEARTBEAT_INTERVAL_S
+REFUSED_RETRY_S = 2 * PEER_TIMEOUT_S  # a static link that was refused says HELLO again this often
 ROUTER_HWM = 100_000  # per-peer queue in messages; credits keep streams far below it
 
 
@@ -129,6 +145,7 @@ class _Link:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     endpoints: dict[str, Any] = dataclasses.field(default_factory=dict)
     refused: str = ""
+    refused_at: float = 0.0  # when (monotonic) it was refused; a static link retries later
     waiters: list[asyncio.Future[str]] = dataclasses.field(default_factory=list)
 
 
@@ -211,6 +228,7 @@ class Hub:
         self.stats: dict[str, PeerStats] = collections.defaultdict(PeerStats)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._client_ids = 0
+        self._clash_logged_at: dict[str, float] = {}  # node name -> when a clash on it was last logged
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.link_listeners: list[Callable[[str, bool, str], None]] = []  # (node, up, reason)
@@ -488,8 +506,10 @@ class Hub:
             )
 
     def _refused(self, link: _Link, reason: str) -> None:
-        link.refused = reason
-        log.error("node %s: peer at %s refused the link: %.300r", self.node, link.endpoint, reason)
+        (log.debug if link.refused == reason else log.error)(
+            "node %s: peer at %s refused the link: %.600r", self.node, link.endpoint, reason
+        )  # a static link retries: the same refusal again is not news
+        link.refused, link.refused_at = reason, time.monotonic()
         error = ProtocolMismatch(f"node {self.node}: peer at {link.endpoint} refused the link: {reason}")
         for waiter in link.waiters:
             if not waiter.done():
@@ -505,6 +525,13 @@ class Hub:
         """
         existing = self._by_node.get(node)
         if existing is not None and existing is not link:
+            taken = self._name_taken(node, instance, link.endpoint)
+            if taken:  # it answered our HELLO: tell it we do not take it, and why
+                self._link_send(link, codec.Bye(src=f"{self.node}/", dst=f"{node}/", reason=taken[:MAX_STRING_CHARS]))
+                self._refused(link, taken)
+                if not link.static:
+                    self._drop_link(link)
+                return
             if existing.instance == instance and existing.up:
                 # Two addresses of one peer (127.0.0.1 and localhost, say): keep the first.
                 self._drop_link(link)
@@ -577,6 +604,8 @@ class Hub:
                         self._link_send(link, codec.Ping(src=f"{self.node}/", dst=f"{link.node}/"))
                 elif not link.refused:
                     self._hello(link)
+                elif link.static and now - link.refused_at >= REFUSED_RETRY_S:
+                    self._hello(link)  # the name it clashed with may be gone, its version upgraded
             for client in list(self._clients.values()):
                 silent = now - client.last_heard
                 if silent > CLIENT_TIMEOUT_S:
@@ -825,6 +854,11 @@ class Hub:
             log.error("node %s: refused a link from instance %.8r: %s", self.node, hello.instance, reason)
             self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))
             return
+        taken = self._name_taken(hello.node, hello.instance, self._hello_origin(hello, frames[1]))
+        if taken:
+            self.stats[hello.node].dropped += 1
+            self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=taken[:MAX_STRING_CHARS])))
+            return
         self._peer_idents[ident] = (hello.node, hello.instance)
         self._router_send(
             ident,
@@ -853,6 +887,33 @@ class Hub:
             return
         new.info, new.endpoints = hello.info, hello.endpoints
         self._link_up(new, hello.node, hello.instance)
+
+    @staticmethod
+    def _hello_origin(hello: codec.Hello, frame: Any) -> str:
+        """Where a HELLO says its hub listens, and the address it came from, for messages."""
+        bus = hello.endpoints.get("bus")
+        source = _peer_address(frame)
+        return f"{bus if isinstance(bus, str) else '(no endpoint)'!r:.120} from {source or 'an unknown address'}"
+
+    def _name_taken(self, node: str, instance: str, origin: str) -> str:
+        """Why ``instance`` may not use the name ``node`` (another live instance is linked under it), or ""."""
+        existing = self._by_node.get(node)
+        if existing is None or not existing.up or existing.instance == instance:
+            return ""
+        silent = time.monotonic() - existing.last_heard
+        if silent >= TAKEOVER_SILENCE_S:
+            return ""  # the linked instance is gone (restarted, or died): the new one takes over
+        reason = (
+            f"node name {node!r} is linked with instance {existing.instance:.16} at {existing.endpoint}"
+            f" on node {self.node}; instance {instance:.16} at {origin} is refused: give every node a unique name"
+        )
+        now = time.monotonic()
+        if now - self._clash_logged_at.get(node, -math.inf) >= BAD_MESSAGE_INTERVAL_S:
+            self._clash_logged_at[node] = now
+            log.error("node %s: %.600r", self.node, reason)
+        else:
+            log.debug("node %s: %.600r", self.node, reason)
+        return reason
 
     def _on_attach(self, ident: bytes, frames: list[Any]) -> None:
         try:
