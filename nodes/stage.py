@@ -70,6 +70,7 @@ class Stage:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     pipes: StagePipes | None = None
     lingering: bool = False  # its endpoint outlives it briefly, to refuse late input
+    expiry: asyncio.TimerHandle | None = None  # forgets it, should it be negotiated and never started
 
 
 class DirectPipes:
