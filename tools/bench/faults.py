@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import random
 import re
@@ -168,6 +169,10 @@ def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)  # polling a condition under a deadline
 
 
+def _knows(daemon: Daemon, names: set[str]) -> bool:
+    return _known_up(daemon.tcp) >= names
+
+
 @contextlib.contextmanager
 def lan(names: list[str], root: Path) -> Iterator[list[Daemon]]:
     """Daemons, each a static peer of the first, all linked to each other."""
@@ -177,7 +182,7 @@ def lan(names: list[str], root: Path) -> Iterator[list[Daemon]]:
             started.append(Daemon(name, root / name, started[0].host_port if started else None))
         wanted = set(names)
         for d in started:
-            _until(lambda d=d: _known_up(d.tcp) >= wanted, DAEMON_START_TIMEOUT_S, f"{d.name} to link to all")
+            _until(functools.partial(_knows, d, wanted), DAEMON_START_TIMEOUT_S, f"{d.name} to link to all")
         yield started
     finally:
         for d in started:
