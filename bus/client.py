@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from dpipes.bus import codec
+from dpipes.bus import codec, shm
+from dpipes.bus.auth import ClientCurve
 from dpipes.bus.codec import (
     BYE_LINGER_MS,
     CLOSE_DRAIN_S,
@@ -19,12 +22,13 @@ from dpipes.bus.codec import (
     Message,
 )
 from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, DecodeError, PeerLost, RequestTimeout
+from dpipes.bus.errors import BusError, DecodeError, PeerLost, RequestTimeout, SecurityError
 from dpipes.bus.pump import Pump
 
 log = logging.getLogger(__name__)
 
 CLIENT_MAX_IN_STREAMS = 1024  # a run's client receives stdout, stderr and Pipes of up to 64 stages at once
+HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 ATTACH_TIMEOUT_S = 5.0  # a hub answers ATTACH at once; longer means nothing listens there
 
 
@@ -35,8 +39,11 @@ class Client:
     ``client.endpoint``.
     """
 
-    def __init__(self, hub: str, *, name: str = "", attach_timeout: float = ATTACH_TIMEOUT_S) -> None:
+    def __init__(
+        self, hub: str, *, name: str = "", attach_timeout: float = ATTACH_TIMEOUT_S, curve: ClientCurve | None = None
+    ) -> None:
         self.hub = hub
+        self._curve = curve  # keys for a TCP hub that has them; ipc:// is checked by uid instead
         self._name = name
         self._attach_timeout = attach_timeout
         self._ctx: zmq.Context[Any] | None = None
@@ -47,6 +54,12 @@ class Client:
         self._last_heard = 0.0
         self._gone: BusError | None = None  # set when the hub said BYE: nothing more can be sent
         self.dropped = 0
+        # Shared memory with the hub, when ATTACHED says we may (dpipes.bus.shm).
+        self._pool: shm.Pool | None = None
+        self._reader: shm.Reader | None = None
+        self._frees: dict[str, list[int]] = {}  # leases our reader has done with, by sender
+        self._frees_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def endpoint(self) -> Endpoint:
@@ -68,7 +81,7 @@ class Client:
             RequestTimeout: nothing answered at ``hub`` in time.
             BusError: the hub refused the name.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)  # stream ends are acknowledged; nothing may hang at exit
@@ -76,21 +89,53 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a frame over the limit is never allocated
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        if self._curve is not None:
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve.keypair.secret_z85.encode("ascii"))
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve.keypair.public.z85.encode("ascii"))
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self._curve.server_key.z85.encode("ascii"))
+        self._attached = loop.create_future()
+        # A refused handshake is silent on the socket itself: the monitor says why, at once.
+        monitor = Pump(sock.get_monitor_socket(HANDSHAKE_FAILURES), self._on_monitor)
         sock.connect(self.hub)
         self._pump = Pump(sock, self._on_frames)
-        self._attached = loop.create_future()
-        self._pump.send(codec.encode(codec.Attach(name=self._name)))
+        self._pump.send(codec.encode(codec.Attach(name=self._name, host=shm.host_id())))
         try:
             addr = await asyncio.wait_for(self._attached, self._attach_timeout)
         except TimeoutError:
+            self._stop_monitor(monitor)
             await self._close_sockets()
             raise RequestTimeout(f"no dpipes hub answered at {self.hub} within {self._attach_timeout:g} s") from None
         except BaseException:
+            self._stop_monitor(monitor)
             await self._close_sockets()
             raise
+        self._stop_monitor(monitor)
         self._endpoint = Endpoint(addr, self, max_streams=CLIENT_MAX_IN_STREAMS)
         self._last_heard = time.monotonic()
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"client {addr} heartbeats")
+
+    def _on_monitor(self, frames: list[Any]) -> None:
+        event = parse_monitor_message([f.bytes for f in frames])
+        if self._attached is None or self._attached.done():
+            return
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            mine = f" (key {self._curve.keypair.fingerprint})" if self._curve is not None else ""
+            self._attached.set_exception(
+                SecurityError(
+                    f"the node at {self.hub} refused this client{mine}: it does not trust this key or uid; "
+                    "its owner admits a key with: dpipes keys trust KEY --run 'PROG ...'"
+                )
+            )
+        elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and self._curve is None:
+            self._attached.set_exception(
+                SecurityError(f"the node at {self.hub} speaks CURVE: connect with keys (its public key is needed)")
+            )
+
+    def _stop_monitor(self, monitor: Pump) -> None:
+        if self._pump is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._pump.sock.disable_monitor()
+        monitor.close()
 
     def send(self, msg: Message) -> None:
         """Transport: encode ``msg`` and send it to the hub.
@@ -101,6 +146,11 @@ class Client:
         if self._gone is not None:
             raise self._gone
         assert self._pump is not None
+        if self._pool is not None and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES:
+            handed = shm.shared(self._pool, codec.header_of(msg), msg.frames)  # type: ignore[attr-defined]
+            if handed is not None:
+                self._pump.send(handed)
+                return
         self._pump.send(codec.encode(msg))
 
     def send_frames(self, dst: str, frames: list[Any]) -> None:
@@ -112,6 +162,10 @@ class Client:
         if self._gone is not None:
             raise self._gone
         assert self._pump is not None
+        if self._pool is not None and len(frames) > 1 and _payload_bytes(frames) >= shm.MIN_PAYLOAD_BYTES:
+            handed = shm.shared(self._pool, codec.decode_header(frames[0]), frames[1:])  # our endpoint's own header
+            if handed is not None:
+                frames = handed
         self._pump.send(frames)
 
     def _on_frames(self, frames: list[Any]) -> None:
@@ -126,6 +180,11 @@ class Client:
         if self._endpoint is not None:
             if isinstance(msg, codec.Bye) and msg.src == f"{self._endpoint.node}/":  # from the hub itself
                 self._on_bye(msg)
+            elif isinstance(msg, codec.Shm):
+                self._on_shm(msg)
+            elif isinstance(msg, codec.ShmFree):
+                if self._pool is not None:
+                    self._pool.release(msg.leases, msg.src, trusted=f"{self._endpoint.node}/")
             elif msg.KIND != "PONG":
                 self._endpoint._deliver(msg)
             return
@@ -133,11 +192,46 @@ class Client:
         if self._attached.done():
             return
         if isinstance(msg, codec.Attached):
+            if msg.shm:
+                self._pool = shm.Pool()
             self._attached.set_result(msg.addr)
         elif isinstance(msg, codec.Error):
             self._attached.set_exception(BusError(f"hub at {self.hub} refused to attach ({msg.code}): {msg.message}"))
         elif isinstance(msg, codec.Bye):
             self._attached.set_exception(BusError(f"hub at {self.hub} refused to attach: {msg.reason}"))
+
+    def _on_shm(self, msg: codec.Shm) -> None:
+        """A data message whose payload lies in the sender's shared memory: deliver it over views of it."""
+        assert self._endpoint is not None
+        if self._reader is None:
+            self._reader = shm.Reader(self._free_later)
+        try:
+            views = self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes)
+            inner = codec.from_header(msg.inner_header(), views)
+        except DecodeError as exc:
+            self.dropped += 1
+            log_fn = log.warning if self.dropped == 1 else log.debug
+            log_fn("client of %s: dropped an SHM message from %s: %s", self.hub, msg.src, exc)
+            self._free_later(msg.src, msg.lease)  # whatever it was, we will not read it
+            return
+        del views
+        self._endpoint._deliver(inner)
+
+    def _free_later(self, sender: str, lease: int) -> None:
+        """The reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
+        self._frees.setdefault(sender, []).append(lease)
+        if not self._frees_scheduled and self._loop is not None:
+            self._frees_scheduled = shm.call_soon(self._loop, self._send_frees)
+            if not self._frees_scheduled:  # the loop is closed: nobody is left to tell
+                self._frees.clear()
+
+    def _send_frees(self) -> None:
+        self._frees_scheduled = False
+        frees, self._frees = self._frees, {}
+        if self._endpoint is None or self._gone is not None or self._pump is None:
+            return
+        for sender, leases in frees.items():
+            self._pump.send(codec.encode(codec.ShmFree(src=self._endpoint.addr, dst=sender, leases=leases)))
 
     def _on_bye(self, bye: codec.Bye) -> None:
         """The hub detached us (it stops, we were silent, or we sent it bad messages): fail everything now."""
@@ -149,6 +243,14 @@ class Client:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         self.endpoint.fail_all(self._gone)
+        self._hub_gone()
+
+    def _hub_gone(self) -> None:
+        """Nobody reads our leases any more: the pool may reuse all of them; keep no mapping of its."""
+        if self._pool is not None:
+            self._pool.reclaim_all()
+        if self._reader is not None:
+            self._reader.close()
 
     async def _heartbeats(self) -> None:
         while True:
@@ -157,6 +259,7 @@ class Client:
             if silent > PEER_TIMEOUT_S:
                 log.warning("client: hub at %s silent for %.1f s", self.hub, silent)
                 self.endpoint.fail_all(PeerLost(f"the node at {self.hub} stopped answering ({silent:.1f} s)"))
+                self._hub_gone()
                 return
             self.send(codec.Ping(src=self.endpoint.addr, dst=codec.split_addr(self.endpoint.addr)[0] + "/"))
 
@@ -177,6 +280,10 @@ class Client:
         await self._close_sockets()
 
     async def _close_sockets(self) -> None:
+        if self._pool is not None:
+            self._pool.close()  # the hub keeps its own mapping of what it still reads
+        if self._reader is not None:
+            self._reader.close()
         if self._pump is not None:
             try:
                 await asyncio.wait_for(self._pump.drained(), CLOSE_DRAIN_S)
@@ -187,3 +294,7 @@ class Client:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+
+
+def _payload_bytes(frames: list[Any]) -> int:
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames[1:])

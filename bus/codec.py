@@ -39,7 +39,7 @@ PAYLOAD
     Zero or more frames of opaque bytes, only for the kinds marked *payload*: any other kind
     with a payload frame is malformed. They are sent zero-copy (``copy=False``) and handed to
     the receiver as ``memoryview`` objects over the received ZeroMQ frames. ``OBJECTS`` has
-    exactly one payload frame and ``PIPES`` at least one.
+    exactly one payload frame, as does ``BATCH``, and ``PIPES`` at least one.
 
 Kinds
     Link (hub to hub, over each hub's outbound DEALER link; and hub to attached clients):
@@ -53,9 +53,12 @@ Kinds
     * ``PONG`` -- the hub's answer to a client's ``PING``.
     * ``BYE`` ``reason: str`` -- an orderly goodbye; also the refusal of a ``HELLO``, and what a
       hub tells a client or peer it detaches (see *Sessions* and *Bad messages*).
-    * ``ATTACH`` ``name: str`` -- a client asks to become endpoint ``node/name`` (an empty name:
-      the hub picks one).
-    * ``ATTACHED`` ``addr: str`` -- the hub's answer to ``ATTACH``.
+    * ``ATTACH`` ``name: str, host: str`` -- a client asks to become endpoint ``node/name`` (an
+      empty name: the hub picks one). Not knowing its address yet, it sends ``src`` and ``dst``
+      empty; from ``ATTACHED`` on, every message it sends carries ``src`` = that address.
+      ``host`` says where it runs, for shared memory (see *Shared memory*; empty: nowhere).
+    * ``ATTACHED`` ``addr: str, shm: bool`` -- the hub's answer to ``ATTACH``; ``shm`` true: the
+      two may exchange ``SHM`` messages.
     * ``LINK`` ``node: str, up: bool, reason: str`` -- a hub tells its endpoints that a peer
       node came up or was lost.
 
@@ -91,6 +94,51 @@ Kinds
     * ``STDERR`` -- payload frames are a program's standard error bytes.
     * ``PIPES`` ``stage: int`` -- one or more payload frames, each one Dagster Pipes message (or the
       report of a line that was not one) as JSON text, in the order the stage wrote them.
+    * ``BATCH`` ``of: str, sizes: [int]`` -- several consecutive data messages of stream ``sid``
+      in one transfer (see *Batches*): one payload frame, the members' payloads end to end.
+    * ``SHM`` ``of: str, fields: map, handle: str, lease: int, sizes: [int]`` -- the data
+      message of kind ``of`` with kind fields ``fields`` whose payload frames (``sizes`` bytes
+      each) lie in shared memory, not on the wire (see *Shared memory*). No payload frame.
+    * ``SHM_FREE`` ``leases: [int]`` -- the receiver of ``SHM`` messages from ``dst`` has done
+      with these leases.
+
+Batches
+    A sender may coalesce the small data messages of one stream that it queued in one pass of
+    its loop into one ``BATCH`` (as Zenoh batches small messages): per-message work on the way
+    (a socket send, a header decoded and routed by each hub) is then paid once per batch. A
+    ``BATCH`` with ``src``, ``dst``, ``sid`` and ``seq`` S stands for ``len(sizes)`` messages
+    of kind ``of`` (``BYTES``, the default, or ``STDERR``: the kinds without kind fields) with
+    the same ``src``, ``dst`` and ``sid`` and the sequence numbers S, S+1, ...; member i has
+    one payload frame, the ``sizes[i]`` bytes after those of the members before it. A
+    ``BATCH`` is routed as one message (hubs do not split it) and its recipient takes each
+    member exactly as if it had arrived alone, in order: ordering, credit (each member costs
+    its size plus ``MESSAGE_CREDIT_BYTES``), ``EOF.total`` and the reader's view are per
+    message. What a hub answers about a ``BATCH`` it cannot deliver is an ``ERROR`` with the
+    batch's ``seq``: the seq of its first member, which, as for any stream message, did not
+    arrive, nor did any member or message after it. Malformed, and answered as any malformed
+    message: ``sid`` 0, no member, sizes that do not add up to the payload frame's length,
+    member seqs past 2**63 - 1, an ``of`` that is not ``BYTES`` or ``STDERR``. A sender batches
+    only messages below ``BATCH_BELOW_BYTES`` and at most ``MAX_BATCH_MESSAGES`` of them (the
+    header's array limit); a receiver need not batch at all.
+
+Shared memory
+    Two parties on one host may hand large payloads over in shared memory
+    (``dpipes.bus.shm``): a client says where it runs in ``ATTACH.host`` (boot, PID namespace and
+    user, as ``dpipes.bus.shm.host_id``), and the hub answers ``ATTACHED.shm`` true when that is
+    where it runs too. Then either may send, instead of a data message of kind ``of`` (``BYTES``,
+    ``OBJECTS``, ``ARROW``, ``STDERR`` or ``PIPES``), an ``SHM`` with the same common keys, that
+    message's kind fields in ``fields``, and a ``handle`` (``PID:FD:TOKEN:SIZE``: the sender's
+    memfd, which the receiver opens as ``/proc/PID/fd/FD`` after checking that its name is
+    ``dpipes-TOKEN``) whose first ``sum(sizes)`` bytes are the payload frames end to end. The
+    receiver takes it exactly as that message (credit, ``EOF.total``, the reader's view; its
+    payload frames are read-only views of the segment) and, once its reader has dropped them,
+    sends ``SHM_FREE`` with the ``lease`` to the ``SHM``'s ``src``; until then the sender does not
+    touch those bytes. A hub that routes an ``SHM`` to a party it shares no memory with (another
+    node, a remote client) sends the message of kind ``of`` instead, copied out of the segment,
+    and frees the lease itself (``SHM_FREE`` from ``node/``). A sender gives up every lease held
+    by a party that is gone. Malformed: an ``of`` outside that list, ``fields`` that are not
+    ``of``'s, more than ``MAX_FRAMES - 1`` sizes, a handle that is not ``PID:FD:TOKEN:SIZE`` or
+    names no such segment of a process on this host, sizes that do not fit its segment.
 
 Streams
     A stream is named by its **sender**: the sender's address and a ``sid`` the sender chose
@@ -100,8 +148,11 @@ Streams
     ``EOF_ACK`` and ``CANCEL`` carry ``src`` = receiver, ``dst`` = sender and the **sender's**
     ``sid``. So ``sid`` is not unique per source address: one party's messages with the same
     ``sid`` may be about a stream it sends or one it receives, and a party tells streams apart by
-    (peer address, ``sid``, direction). A message to party P from peer Q with stream id S is
-    about:
+    (peer address, ``sid``, direction). The sender numbers its data messages and ``EOF`` with
+    ``seq`` 1, 2, 3, ... in sending order (an ``ERROR`` that bounces one names its ``seq``);
+    ``CREDIT``, ``EOF_ACK`` and ``CANCEL`` carry ``seq`` 0. A receiver need not check ``seq``:
+    the bus keeps a stream's messages in order. A message to party P from peer Q with stream id
+    S is about:
 
     * data or ``EOF``: the stream Q sends to P, (Q, S);
     * ``CREDIT`` or ``EOF_ACK``: the stream P sends to Q with P's id S;
@@ -206,6 +257,9 @@ Constants
     ``INITIAL_CREDIT_BYTES``     8388608     credit units every stream starts with (8 MiB)
     ``MESSAGE_CREDIT_BYTES``     256         credit units a data message costs beyond its
                                              payload bytes
+    ``BATCH_BELOW_BYTES``        16384       bytes: a sender batches data messages smaller
+                                             than this
+    ``MAX_BATCH_MESSAGES``       4096        members of one ``BATCH``
     ``HEARTBEAT_INTERVAL_S``     0.5         seconds between PINGs on a link or from a client
     ``PEER_TIMEOUT_S``           3.0         seconds of silence after which a peer hub (or,
                                              for a client, its hub) is lost
@@ -246,6 +300,8 @@ MAX_CONTAINER_ITEMS = 4096  # entries of one map or array inside a header
 
 INITIAL_CREDIT_BYTES = 8 * 1024 * 1024
 MESSAGE_CREDIT_BYTES = 256  # what each data message costs in credit beyond its payload
+BATCH_BELOW_BYTES = 16 * 1024  # larger messages cost little per byte, and are sent at once, uncopied
+MAX_BATCH_MESSAGES = MAX_CONTAINER_ITEMS  # the sizes array is a header array
 
 # Session timing, shared by hubs and clients.
 HEARTBEAT_INTERVAL_S = 0.5  # how often every link and every client says it is alive
@@ -285,17 +341,31 @@ def _unpack_header(frame: Buffer) -> Any:
     )
 
 
+_LEAVES = frozenset({str, int, bytes, float, bool, type(None)})  # what msgpack decodes besides maps and arrays
+
+
 def _check_depth(value: Any, what: str) -> None:
-    """Raise DecodeError when ``value`` nests maps/arrays deeper than MAX_DEPTH."""
-    todo: list[tuple[Any, int]] = [(value, 1)]
-    while todo:
-        item, depth = todo.pop()
+    """Raise DecodeError when ``value`` nests maps/arrays deeper than MAX_DEPTH.
+
+    Level by level, leaves skipped by their exact type: an Arrow message's map is checked once per
+    batch, and a per-item generator cost more than the rest of its decoding.
+    """
+    level = [value]
+    depth = 1
+    while level:
         if depth > MAX_DEPTH:
             raise DecodeError(f"{what} nests deeper than {MAX_DEPTH} levels")
-        if isinstance(item, dict):
-            todo.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            todo.extend((v, depth + 1) for v in item)
+        below: list[Any] = []
+        for item in level:
+            kind = type(item)
+            if kind in _LEAVES:
+                continue
+            if isinstance(item, dict):
+                below.extend(item.values())
+            elif isinstance(item, list):
+                below.extend(item)
+        level = below
+        depth += 1
 
 
 # -- field checkers: each takes the raw header value and returns it or raises DecodeError ------
@@ -342,7 +412,25 @@ def _map(value: Any, name: str) -> dict[str, Any]:
     return value
 
 
-_CHECKERS: dict[Any, Callable[[Any, str], Any]] = {str: _str, int: _int, bool: _bool, dict: _map}
+def _int_list(value: Any, name: str) -> list[int]:
+    if type(value) is not list:
+        raise DecodeError(f"field {name!r} must be an array, got {type(value).__name__}")
+    for item in value:  # the array's length is bounded by the unpacker (MAX_CONTAINER_ITEMS)
+        if type(item) is not int or not 0 <= item < 2**63:
+            raise DecodeError(f"field {name!r} must hold non-negative 64-bit integers, got {item!r:.40}")
+    return value
+
+
+_BATCHED_KINDS = ("BYTES", "STDERR")  # data kinds without kind fields: a member is its payload
+
+
+def _batched_kind(value: Any, name: str) -> str:
+    if value not in _BATCHED_KINDS or type(value) is not str:
+        raise DecodeError(f"field {name!r} must be one of {', '.join(_BATCHED_KINDS)}, got {value!r:.40}")
+    return str(value)
+
+
+_CHECKERS: dict[Any, Callable[[Any, str], Any]] = {str: _str, int: _int, bool: _bool, dict: _map, list: _int_list}
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
@@ -396,7 +484,10 @@ class _Payload(Message):
 
     @property
     def payload_bytes(self) -> int:
-        return sum(memoryview(f).nbytes for f in self.frames)
+        frames = self.frames
+        if len(frames) == 1:  # the common case, read once per message: no generator
+            return memoryview(frames[0]).nbytes
+        return sum(memoryview(f).nbytes for f in frames)
 
 
 KINDS: dict[str, type[Message]] = {}
@@ -411,7 +502,7 @@ def _kind(name: str) -> Callable[[type[Message]], type[Message]]:
         for field in dataclasses.fields(cls):
             if field.name in _COMMON or field.name == "frames":
                 continue
-            base = {"str": str, "int": int, "bool": bool, "dict[str, Any]": dict}[str(field.type)]
+            base = {"str": str, "int": int, "bool": bool, "dict[str, Any]": dict, "list[int]": list}[str(field.type)]
             spec.append((field.name, field.metadata.get("check", _CHECKERS[base]), field.default))
         cls.KIND = name
         cls._SPEC = tuple(spec)
@@ -466,17 +557,19 @@ class Bye(Message):
 @_kind("ATTACH")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Attach(Message):
-    """A client asks to become endpoint ``node/name``."""
+    """A client asks to become endpoint ``node/name``; ``host`` says where it runs."""
 
     name: str = dataclasses.field(default="", metadata={"check": _endpoint_name})
+    host: str = ""
 
 
 @_kind("ATTACHED")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Attached(Message):
-    """The hub's answer to ATTACH: the client's address."""
+    """The hub's answer to ATTACH: the client's address, and whether they share memory."""
 
     addr: str = ""
+    shm: bool = False
 
 
 @_kind("LINK")
@@ -592,7 +685,88 @@ class Pipes(_Payload):
     PAYLOAD_FRAMES: ClassVar[tuple[int, int]] = (1, MAX_FRAMES - 1)
 
 
-DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES"})
+@_kind("BATCH")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class Batch(_Payload):
+    """Consecutive one-frame messages of kind ``of`` of stream ``sid``, from ``seq`` on, in one frame."""
+
+    of: str = dataclasses.field(default="BYTES", metadata={"check": _batched_kind})
+    sizes: list[int] = dataclasses.field(default_factory=list)
+
+    PAYLOAD_FRAMES: ClassVar[tuple[int, int]] = (1, 1)
+
+    def members(self) -> list[Message]:
+        """The messages this batch stands for, in order; payloads are views of its frame."""
+        cls, src, dst, sid, seq = KINDS[self.of], self.src, self.dst, self.sid, self.seq
+        view, at, out = self.frames[0], 0, []
+        for i, size in enumerate(self.sizes):
+            out.append(stream_message(cls, src, dst, sid, seq + i, (view[at : at + size],)))
+            at += size
+        return out
+
+
+SHM_KINDS = ("BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES")  # what an SHM may stand for
+
+
+def _shm_kind(value: Any, name: str) -> str:
+    if value not in SHM_KINDS or type(value) is not str:
+        raise DecodeError(f"field {name!r} must be one of {', '.join(SHM_KINDS)}, got {value!r:.40}")
+    return str(value)
+
+
+@_kind("SHM")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class Shm(Message):
+    """A data message of kind ``of`` whose payload frames lie in the sender's shared memory."""
+
+    of: str = dataclasses.field(default="BYTES", metadata={"check": _shm_kind})
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    handle: str = ""
+    lease: int = 0
+    sizes: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(self.sizes)
+
+    def inner_header(self) -> dict[str, Any]:
+        """The header of the message this stands for (its kind fields still to be checked)."""
+        header = {k: v for k, v in self.fields.items() if k not in _COMMON_KEYS}
+        header.update(v=PROTOCOL_VERSION, kind=self.of, src=self.src, dst=self.dst, sid=self.sid, seq=self.seq)
+        return header
+
+
+_COMMON_KEYS = frozenset({"v", "kind", "src", "dst", "sid", "seq"})
+
+
+@_kind("SHM_FREE")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class ShmFree(Message):
+    """The receiver of SHM messages has done with these leases."""
+
+    leases: list[int] = dataclasses.field(default_factory=list)
+
+
+_new_message = object.__new__
+_set_field = object.__setattr__  # how a frozen dataclass's own __init__ sets its fields
+
+
+def stream_message(cls: type[Message], src: str, dst: str, sid: int, seq: int, frames: tuple[Any, ...]) -> Message:
+    """A payload message of a kind without kind fields, built without ``__init__``'s keyword parsing.
+
+    The same object ``cls(src=..., ...)`` makes, for about half the cost: a reader takes one per
+    member of a ``BATCH``.
+    """
+    msg = _new_message(cls)
+    _set_field(msg, "src", src)
+    _set_field(msg, "dst", dst)
+    _set_field(msg, "sid", sid)
+    _set_field(msg, "seq", seq)
+    _set_field(msg, "frames", frames)
+    return msg
+
+
+DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES", "BATCH", "SHM"})
 
 
 def header_of(msg: Message) -> dict[str, Any]:
@@ -616,6 +790,31 @@ def encode(msg: Message) -> Frames:
     if msg.HAS_PAYLOAD:
         return [header, *msg.frames]  # type: ignore[attr-defined]
     return [header]
+
+
+def packb_header(msg: Message) -> bytes:
+    """The header frame of ``msg``: ``encode(msg)[0]``."""
+    return _packb(header_of(msg))
+
+
+def packb_shm(header: Mapping[str, Any], handle: str, lease: int, sizes: list[int]) -> bytes:
+    """The header frame of the ``SHM`` standing for the message whose decoded header is ``header``,
+    its payload frames (``sizes`` bytes each) now in lease ``lease`` of segment ``handle``."""
+    return _packb(
+        {
+            "v": PROTOCOL_VERSION,
+            "kind": "SHM",
+            "src": header["src"],
+            "dst": header["dst"],
+            "sid": header["sid"],
+            "seq": header["seq"],
+            "of": header["kind"],
+            "fields": {k: v for k, v in header.items() if k not in _COMMON_KEYS},
+            "handle": handle,
+            "lease": lease,
+            "sizes": sizes,
+        }
+    )
 
 
 def stream_header_prefix(kind: str, src: str, dst: str, sid: int) -> bytes:
@@ -709,11 +908,13 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
         for name, check, default in cls._SPEC:
             value = header.get(name, dataclasses.MISSING)
             if value is dataclasses.MISSING:
-                if default is dataclasses.MISSING:  # a default_factory field: an empty map
-                    value = {}
+                if default is dataclasses.MISSING:  # a default_factory field: an empty map or array
+                    value = [] if check is _int_list else {}
                 else:
                     value = default
             fields[name] = check(value, name)
+        if cls is Shm and len(fields["sizes"]) > MAX_FRAMES - 1:
+            raise DecodeError(f"SHM has {len(fields['sizes'])} sizes (limit {MAX_FRAMES - 1})")
         low, high = cls.PAYLOAD_FRAMES
         if not low <= len(payload) <= high:
             raise DecodeError(_payload_count_error(cls, len(payload)))
@@ -726,7 +927,9 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
                         f"{cls.KIND} payload frame is {view.nbytes} bytes (limit {MAX_PAYLOAD_FRAME_BYTES})"
                     )
                 frames.append(view)
-            if cls is Objects and fields["count"] > frames[0].nbytes:
+            if cls is Batch:
+                _check_batch(fields, frames[0].nbytes)
+            elif cls is Objects and fields["count"] > frames[0].nbytes:
                 raise DecodeError(
                     f"OBJECTS count {fields['count']} cannot fit a {frames[0].nbytes}-byte batch"
                     " (every object takes at least one byte)"
@@ -736,6 +939,18 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
         exc.header = dict(header)
         raise
     return cls(**fields)
+
+
+def _check_batch(fields: dict[str, Any], nbytes: int) -> None:
+    sizes = fields["sizes"]
+    if not fields["sid"]:
+        raise DecodeError("BATCH outside a stream (sid 0): batches carry a stream's messages")
+    if not sizes:
+        raise DecodeError("BATCH with no member (sizes is empty)")
+    if fields["seq"] + len(sizes) > 2**63:
+        raise DecodeError(f"BATCH of {len(sizes)} members from seq {fields['seq']} runs past 2**63 - 1")
+    if sum(sizes) != nbytes:
+        raise DecodeError(f"BATCH sizes add up to {sum(sizes)} bytes, its payload frame has {nbytes}")
 
 
 def decode(frames: Sequence[Any]) -> Message:
@@ -758,6 +973,13 @@ _SCHEMA_TYPES: dict[Callable[[Any, str], Any], dict[str, Any]] = {
     _int: {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
     _bool: {"type": "boolean"},
     _map: {"type": "object"},
+    _int_list: {
+        "type": "array",
+        "maxItems": MAX_CONTAINER_ITEMS,
+        "items": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+    },
+    _batched_kind: {"enum": list(_BATCHED_KINDS)},
+    _shm_kind: {"enum": list(SHM_KINDS)},
 }
 
 

@@ -23,7 +23,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
 from dpipes.bus import codec
@@ -47,6 +47,7 @@ YIELD_SHIFT = (YIELD_EVERY_BYTES // YIELD_EVERY_MESSAGES).bit_length() - 1  # by
 MAX_IN_STREAMS = 64  # incoming streams open at once on one endpoint, by default; each holds up to a window
 DEAD_STREAMS_REMEMBERED = 1024  # streams we refused: what more they send is dropped unanswered
 REFUSED_LOG_INTERVAL_S = 10.0  # an endpoint logs the streams it refuses at most once per interval
+READ_MANY_MESSAGES = 4096  # what read_chunks hands over at most per call: a batch's worth
 
 
 class StreamCancelled(StreamError, BrokenPipeError):
@@ -97,6 +98,12 @@ class _Waitable:
     def __len__(self) -> int:
         return len(self._items)
 
+    def peek(self) -> Any:
+        return self._items[0]
+
+    def popleft(self) -> Any:
+        return self._items.popleft()
+
     async def get(self, timeout: float | None = None) -> Any:
         while not self._items:
             if self._error is not None:
@@ -130,6 +137,12 @@ class OutStream:
         self._closed = False
         self._since_yield = 0  # messages + bytes // 4096 sent since we last let the loop run
         self._bytes_prefix = codec.stream_header_prefix("BYTES", endpoint.addr, dst, sid)
+        # Small chunks queued in this loop pass, not yet handed to the transport: one BATCH at
+        # the end of the pass (codec spec, *Batches*), or earlier when it is full or anything
+        # else this endpoint sends must follow them.
+        self._run: list[Buffer] = []
+        self._run_bytes = 0
+        self._run_seq = 0  # the seq of the run's first message
 
     @property
     def node(self) -> str:
@@ -148,15 +161,62 @@ class OutStream:
             raise self._error
 
     async def send_bytes(self, data: Buffer) -> None:
-        """Send one chunk, waiting first while the receiver has granted no credit."""
+        """Send one chunk as one message, waiting first while the receiver has granted no credit.
+
+        A small chunk leaves at the end of this loop pass, with the stream's other small chunks of
+        the pass, in one BATCH (a mutable one is copied first: the caller may reuse it at once).
+        """
         nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
         self._since_yield += 1 + (nbytes >> YIELD_SHIFT)
         if self.cost >= self.limit or self._error is not None or self._since_yield >= YIELD_EVERY_MESSAGES:
             await self._reserve()
+        self._put(data, nbytes)
+
+    async def send_many(self, chunks: Iterable[Buffer]) -> None:
+        """Send each chunk as one message, in order, under credit as ``send_bytes`` does, for less per chunk."""
+        put = self._put
+        for data in chunks:
+            nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
+            self._since_yield += 1 + (nbytes >> YIELD_SHIFT)
+            if self.cost >= self.limit or self._error is not None or self._since_yield >= YIELD_EVERY_MESSAGES:
+                await self._reserve()
+            put(data, nbytes)
+
+    def _put(self, data: Buffer, nbytes: int) -> None:
+        """Account for one BYTES message and queue it in the run, or send it now when it is large."""
         self._seq += 1
         self.sent += nbytes
         self.cost += nbytes + codec.MESSAGE_CREDIT_BYTES
-        self.endpoint._send_frames(self.dst, [self._bytes_prefix + codec.packb_int(self._seq), data])
+        if nbytes >= codec.BATCH_BELOW_BYTES:
+            if self._run:
+                self._flush()
+            self.endpoint._send_frames(self.dst, [self._bytes_prefix + codec.packb_int(self._seq), data])
+            return
+        run = self._run
+        if not run:
+            self._run_seq = self._seq
+            self.endpoint._batching(self)
+        if type(data) is not bytes and not (isinstance(data, memoryview) and data.readonly):
+            data = bytes(data)  # it leaves later: what the caller writes into it meanwhile must not
+        run.append(data)
+        self._run_bytes += nbytes
+        if len(run) >= codec.MAX_BATCH_MESSAGES or self._run_bytes >= codec.BATCH_BELOW_BYTES * 16:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand the queued run of small chunks to the transport: one message alone, else a BATCH."""
+        run = self._run
+        if not run:
+            return
+        self._run = []
+        self._run_bytes = 0
+        if len(run) == 1:
+            frames = [self._bytes_prefix + codec.packb_int(self._run_seq), run[0]]
+        else:
+            sizes = [len(c) if not isinstance(c, memoryview) else c.nbytes for c in run]
+            batch = codec.Batch(src=self.endpoint.addr, dst=self.dst, sid=self.sid, seq=self._run_seq, sizes=sizes)
+            frames = [codec.packb_header(batch), b"".join(run)]
+        self.endpoint._send_frames_now(self.dst, frames)
 
     async def send(self, msg: Message) -> None:
         """Send a data message (``Objects``, ``Arrow``, ...); its addressing is filled in here."""
@@ -202,6 +262,8 @@ class OutStream:
             self._wakeup.set_result(None)
 
     def _fail(self, error: BaseException, *, bounced_seq: int | None = None) -> None:
+        self._run = []  # not sent yet, and never taken now: the receiver is gone or said stop
+        self._run_bytes = 0
         if self._error is None:
             self._error = error
             self.failed_seq = bounced_seq
@@ -219,6 +281,10 @@ class OutStream:
             self._acked.set_result(total)
 
 
+_member = codec.stream_message
+_KINDS = codec.KINDS
+
+
 class InStream:
     """The receiving end of a stream; reading grants the sender more credit."""
 
@@ -234,6 +300,9 @@ class InStream:
         self._eof = False
         self._arrived = 0  # credit units of the data messages that arrived (read or not)
         self._allowed = max(window, codec.INITIAL_CREDIT_BYTES)  # units granted: initial, window, grants
+        self._batch: codec.Batch | None = None  # the BATCH being read, member by member
+        self._member = 0  # the index of its next member
+        self._offset = 0  # where that member's payload starts in the batch's frame
 
     @property
     def node(self) -> str:
@@ -246,9 +315,14 @@ class InStream:
             StreamCancelled: the sender cancelled the stream.
             PeerLost: the sender's node was lost.
         """
+        if self._batch is not None:
+            return self._next_member()
         if self._eof and not self._queue:
             return None
         msg = await self._queue.get(timeout)
+        if msg.KIND == "BATCH":
+            self._batch, self._member, self._offset = msg, 0, 0
+            return self._next_member()
         if msg.KIND == "EOF":
             self._eof = True
             self.endpoint._in.pop((self.src, self.sid), None)
@@ -258,15 +332,87 @@ class InStream:
                 )
             self.endpoint._send(codec.EofAck(src=self.endpoint.addr, dst=self.src, sid=self.sid, total=msg.total))
             return None
-        nbytes = msg.payload_bytes
+        self._took(1, msg.payload_bytes)
+        return msg
+
+    def _took(self, messages: int, nbytes: int) -> None:
+        """The reader took ``messages`` messages of ``nbytes`` payload bytes: grant credit when due."""
         self.received += nbytes
-        self._consumed += nbytes + codec.MESSAGE_CREDIT_BYTES
+        self._consumed += nbytes + messages * codec.MESSAGE_CREDIT_BYTES
         if self._consumed - self._granted >= self._grant_step:
             grant = self._consumed - self._granted
             self._granted = self._consumed
             self._allowed += grant
             self.endpoint._send(codec.Credit(src=self.endpoint.addr, dst=self.src, sid=self.sid, bytes=grant))
-        return msg
+
+    def _next_member(self) -> Message:
+        batch = self._batch
+        assert batch is not None
+        i, at = self._member, self._offset
+        sizes = batch.sizes
+        size = sizes[i]
+        self._offset = at + size
+        self._member = i + 1
+        if i + 1 == len(sizes):
+            self._batch = None
+        # _took, inlined: this runs once per small message
+        self.received += size
+        self._consumed += size + codec.MESSAGE_CREDIT_BYTES
+        if self._consumed - self._granted >= self._grant_step:
+            self._took(0, 0)
+        return _member(
+            _KINDS[batch.of], batch.src, batch.dst, batch.sid, batch.seq + i, (batch.frames[0][at : at + size],)
+        )
+
+    async def read_chunks(self, limit: int = READ_MANY_MESSAGES, timeout: float | None = None) -> list[memoryview]:
+        """The payload frames of the next messages already here, waiting only for the first.
+
+        At most ``limit`` messages' worth (each message sent by ``send_bytes`` or ``send_many`` is
+        one frame, so one chunk per message, in order); an empty list at the end of the stream.
+        Credit is granted for each message taken, as ``read`` does, without making a message object
+        per chunk: the cheap way through a stream of many small messages.
+
+        Raises:
+            StreamCancelled: the sender cancelled the stream.
+            PeerLost: the sender's node was lost.
+        """
+        chunks: list[memoryview] = []
+        taken = 0  # messages taken so far, accounted for already
+        queue = self._queue
+        if self._batch is None and (not queue or queue.peek().KIND == "EOF"):
+            msg = await self.read(timeout)  # the ordinary way: EOF, failures and timeouts as read's
+            if msg is None:
+                return chunks
+            chunks.extend(msg.frames)  # type: ignore[attr-defined]
+            taken = 1
+            queue = self._queue  # a cancel meanwhile replaced it
+        messages = nbytes = 0
+        while taken + messages < limit:
+            batch = self._batch
+            if batch is not None:
+                view, at, sizes = batch.frames[0], self._offset, batch.sizes
+                end = min(len(sizes), self._member + limit - taken - messages)
+                for i in range(self._member, end):
+                    size = sizes[i]
+                    chunks.append(view[at : at + size])
+                    at += size
+                messages += end - self._member
+                nbytes += at - self._offset
+                self._member, self._offset = end, at
+                if end == len(sizes):
+                    self._batch = None
+                continue
+            if not queue or queue.peek().KIND == "EOF":
+                break  # read() takes an EOF, once what came before it is accounted for
+            msg = queue.popleft()
+            if msg.KIND == "BATCH":
+                self._batch, self._member, self._offset = msg, 0, 0
+                continue
+            chunks.extend(msg.frames)
+            messages += 1
+            nbytes += msg.payload_bytes
+        self._took(messages, nbytes)
+        return chunks
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iter()
@@ -281,12 +427,19 @@ class InStream:
             self.endpoint._send(codec.Cancel(src=self.endpoint.addr, dst=self.src, sid=self.sid, reason=reason))
         self._eof = True
         self._queue = _Waitable(self.endpoint._loop)
+        self._batch = None
         self.endpoint._in.pop((self.src, self.sid), None)
         self.endpoint._bury(self.src, self.sid)
 
     def _take(self, msg: Message) -> bool:
         """Queue a data message or EOF that arrived; False if it breaks the sender's credit."""
-        if msg.KIND != "EOF":
+        if msg.KIND == "BATCH":  # its members, each of which had to start within the credit
+            assert isinstance(msg, codec.Batch)
+            cost = msg.payload_bytes + len(msg.sizes) * codec.MESSAGE_CREDIT_BYTES
+            if self._arrived + cost - (msg.sizes[-1] + codec.MESSAGE_CREDIT_BYTES) >= self._allowed:
+                return False  # its last member started with no credit left
+            self._arrived += cost
+        elif msg.KIND != "EOF":
             if self._arrived >= self._allowed:  # it started with no credit left: the spec forbids it
                 return False
             self._arrived += msg.payload_bytes + codec.MESSAGE_CREDIT_BYTES
@@ -300,6 +453,7 @@ class InStream:
     def _refuse(self, error: BaseException) -> None:
         """Drop what is queued and fail the reader: the sender broke the receiver's limits."""
         self._queue = _Waitable(self.endpoint._loop)  # its reader gets ``error``, not a short stream
+        self._batch = None
         self._fail(error)
         self.endpoint._bury(self.src, self.sid)
 
@@ -347,6 +501,8 @@ class Endpoint:
         self._ids = itertools.count(1)
         self._on_close = on_close
         self._closed = False
+        self._runs: list[OutStream] = []  # streams with small chunks queued in this loop pass
+        self._flush_scheduled = False
         self.link_listeners: list[Callable[[codec.Link], None]] = []
 
     @property
@@ -356,12 +512,38 @@ class Endpoint:
     def _send(self, msg: Message) -> None:
         if self._closed:
             raise BusError(f"endpoint {self.addr} is closed")
+        if self._runs:  # what the streams queued goes first: nothing overtakes it
+            self._flush_runs()
         self._transport.send(msg)
 
     def _send_frames(self, dst: str, frames: list[Any]) -> None:
         if self._closed:
             raise BusError(f"endpoint {self.addr} is closed")
+        if self._runs:
+            self._flush_runs()
         self._transport.send_frames(dst, frames)
+
+    def _send_frames_now(self, dst: str, frames: list[Any]) -> None:
+        """A stream's flushed run: in the order the runs were queued, with nothing flushed first."""
+        if self._closed:
+            raise BusError(f"endpoint {self.addr} is closed")
+        self._transport.send_frames(dst, frames)
+
+    def _batching(self, stream: OutStream) -> None:
+        """``stream`` queued a run of small chunks: send it at the end of this loop pass at the latest."""
+        self._runs.append(stream)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_runs)
+
+    def _flush_runs(self) -> None:
+        self._flush_scheduled = False
+        runs, self._runs = self._runs, []
+        for stream in runs:
+            try:
+                stream._flush()
+            except BusError as exc:  # the transport is gone: the stream's next call raises it
+                stream._fail(exc)
 
     # -- plain messages ----------------------------------------------------------------------
 
@@ -574,6 +756,8 @@ class Endpoint:
         """Detach from the bus; pending operations fail. Idempotent."""
         if self._closed:
             return
+        if self._runs:  # what was sent before close is sent
+            self._flush_runs()
         self.fail_all(BusError(f"endpoint {self.addr} closed"))
         self._closed = True
         if self._on_close is not None:

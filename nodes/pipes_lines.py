@@ -58,6 +58,7 @@ class PipesLine:
     line_no: int
     message: PipesMessage
     size: int = 0  # bytes of the line, without its newline
+    text: bytes = b""  # the line as the program wrote it: what a node forwards, not a re-encoding
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +177,8 @@ class PipesLineSplitter:
         elif not line.strip():
             return
         try:
-            out.append(PipesLine(self._line_no, parse_message(line, max_line_bytes=self._max), len(line)))
+            message = parse_message(line, max_line_bytes=self._max)
+            out.append(PipesLine(self._line_no, message, len(line), bytes(line)))
         except PipesMessageError as e:
             out.append(PipesBadLine(self._line_no, e, line[:BAD_LINE_HEAD_BYTES], len(line)))
 

@@ -26,7 +26,6 @@ Two ways in:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import os
@@ -34,7 +33,7 @@ import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -50,8 +49,8 @@ from dpipes.nodes.pipes import (
     PipesFileContextInjector,
     PipesLine,
     PipesLineSplitter,
-    PipesRecord,
 )
+from dpipes.nodes.pipes_frames import PipesExceptionInfo, PipesMessageHandler
 
 if TYPE_CHECKING:
     from dpipes.nodes.protocol import RunReply
@@ -79,98 +78,6 @@ READ_CHUNK_BYTES: Final = 1024 * 1024
 
 
 # ------------------------------------------------------------------------------------------ messages
-
-
-@dataclass(frozen=True, slots=True)
-class PipesExceptionInfo:
-    """The exception a Pipes session closed with (``closed`` params ``exception``)."""
-
-    name: str
-    message: str
-    stack: tuple[str, ...] = ()
-
-    @classmethod
-    def from_params(cls, exc: Mapping[str, Any]) -> PipesExceptionInfo:
-        """Build it from the ``exception`` object of a ``closed`` message."""
-        stack = exc.get("stack") or ()
-        return cls(
-            name=str(exc.get("name") or "Exception"),
-            message=str(exc.get("message") or ""),
-            stack=tuple(str(s) for s in stack) if isinstance(stack, list | tuple) else (),
-        )
-
-    def __str__(self) -> str:
-        # dagster-pipes' message is already "Name: text" (traceback.format_exception_only)
-        text = self.message.strip()
-        return text if text.startswith(self.name) else f"{self.name}: {text}".rstrip(": ")
-
-
-class PipesMessageHandler:
-    """Collects the messages of one external process, in arrival order, sorted by kind."""
-
-    def __init__(self) -> None:
-        self._messages: list[Mapping[str, Any]] = []
-        self._bad_lines: list[PipesBadLine] = []
-
-    def handle_message(self, message: Mapping[str, Any]) -> None:
-        """Take one validated Pipes message (the whole JSON object)."""
-        self._messages.append(message)
-
-    def handle_record(self, record: PipesRecord) -> None:
-        """Take one record of a channel: a message, or a line that was not one."""
-        if isinstance(record, PipesLine):
-            self.handle_message(record.message.raw)
-        else:
-            self._bad_lines.append(record)
-
-    def _params(self, method: str) -> list[Mapping[str, Any]]:
-        return [m.get("params") or {} for m in self._messages if m.get("method") == method]
-
-    @property
-    def messages(self) -> list[Mapping[str, Any]]:
-        """Every message, in order."""
-        return list(self._messages)
-
-    @property
-    def bad_lines(self) -> list[PipesBadLine]:
-        """Lines of the channel that were not valid Pipes messages."""
-        return list(self._bad_lines)
-
-    @property
-    def received_opened(self) -> bool:
-        return any(m.get("method") == "opened" for m in self._messages)
-
-    @property
-    def received_closed(self) -> bool:
-        return any(m.get("method") == "closed" for m in self._messages)
-
-    @property
-    def logs(self) -> list[Mapping[str, Any]]:
-        """``log`` params: ``{"message", "level"}``."""
-        return self._params("log")
-
-    @property
-    def materializations(self) -> list[Mapping[str, Any]]:
-        """``report_asset_materialization`` params: ``{"asset_key", "metadata", "data_version"}``."""
-        return self._params("report_asset_materialization")
-
-    @property
-    def checks(self) -> list[Mapping[str, Any]]:
-        """``report_asset_check`` params: ``{"asset_key", "check_name", "passed", "severity", "metadata"}``."""
-        return self._params("report_asset_check")
-
-    @property
-    def custom_messages(self) -> list[Any]:
-        """The payloads of ``report_custom_message``."""
-        return [p.get("payload") for p in self._params("report_custom_message")]
-
-    @property
-    def exception(self) -> PipesExceptionInfo | None:
-        """The exception of the ``closed`` message, if the session closed with one."""
-        for params in self._params("closed"):
-            if exc := params.get("exception"):
-                return PipesExceptionInfo.from_params(exc)
-        return None
 
 
 # ----------------------------------------------------------------------------------------- injectors
@@ -444,6 +351,10 @@ async def run_pipes(
     stage_options: Mapping[int, Mapping[str, Any]] | None = None,
     input: bytes | None = None,
     tmpdir: str | os.PathLike[str] | None = None,
+    context_data: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    stdio: bool = False,
+    on_message: Callable[[int, Mapping[str, Any]], None] | None = None,
 ) -> PipesResult:
     """Run a dpipes pipeline whose stages speak Pipes, and collect what they report.
 
@@ -456,9 +367,19 @@ async def run_pipes(
         messages_channel: ``"file"`` (a FIFO), ``"stderr"`` or ``"stdout"`` (message lines taken out
             of that stream), done by each stage's node.
         stage_options: a stage number's own options (keys ``extras``, ``assets``, ``partition``,
-            ``context``, ``messages``), over the pipeline-wide ones: extras merge, the rest replace.
+            ``context``, ``messages``, ``env``, ``stdio``), over the pipeline-wide ones: extras and
+            env merge, the rest replace.
         input: bytes for the first stage's stdin (default: no stdin).
         tmpdir: where the capture files go (default: the system's temporary directory).
+        context_data: a whole Pipes context every stage starts from (an orchestrator's: its run
+            id, job, asset keys, code versions, partition...); ``extras``, ``assets`` and
+            ``partition`` apply over it.
+        env: environment variables for every stage's program (see
+            :func:`~dpipes.nodes.pipes_options.check_env` for the names a node refuses).
+        stdio: ask the nodes for each stage's stderr, and the last stage's stdout, as
+            ``log_external_stream`` messages too.
+        on_message: called with (stage index, the Pipes message) as each message arrives, on the
+            event loop of this call.
 
     Returns:
         The frozen result; ``exit_code`` is what ``dpipes`` would exit with (1 when a stage's
@@ -469,27 +390,27 @@ async def run_pipes(
     """
     from dpipes.nodes.run import RunOptions, embedded_node, entry_from, run_pipeline
 
-    pipes = {
+    pipes: dict[str, Any] = {
         "extras": dict(extras or {}),
         "assets": list(assets),
         "partition": partition,
         "context": context_injector,
         "messages": messages_channel,
     }
+    if context_data is not None:
+        pipes["context_data"] = dict(context_data)
+    if env:
+        pipes["env"] = dict(env)
+    if stdio:
+        pipes["stdio"] = True
     if stage_options:
         pipes["stages"] = {str(index): dict(own) for index, own in stage_options.items()}
-    # What the stages report is collected as the run hands it over: contexts with the start, each
-    # message as it arrives (the frames are JSON, see dpipes.nodes.stage_pipes).
+    # What the stages report is collected as the run hands it over: contexts with the start, and
+    # each stage's messages in its StageResult.pipes (on_message sees each as it arrives).
     contexts: dict[int, Mapping[str, Any]] = {}
-    handlers: dict[int, PipesMessageHandler] = collections.defaultdict(PipesMessageHandler)
 
     def started(reply: RunReply) -> None:
         contexts.update((s.index, s.context) for s in reply.stages)
-
-    def on_pipes(index: int, frame: bytes) -> None:
-        item = json.loads(frame)
-        if "message" in item:
-            handlers[index].handle_message(item["message"])
 
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=tmpdir) as directory:
         paths = {name: os.path.join(directory, name) for name in ("stdin", "stdout", "stderr")}
@@ -509,7 +430,14 @@ async def run_pipes(
                     else (await stack.enter_async_context(embedded_node())).ipc_endpoint
                 )
                 ran = await run_pipeline(
-                    entry, options, handle_sigint=False, on_started=started, on_pipes=on_pipes, **fds
+                    entry,
+                    options,
+                    handle_sigint=False,
+                    on_started=started,
+                    on_pipes=on_message,
+                    stdin_fd=fds["stdin_fd"],
+                    stdout_fd=fds["stdout_fd"],
+                    stderr_fd=fds["stderr_fd"],
                 )
         finally:
             for fd in fds.values():
@@ -523,12 +451,12 @@ async def run_pipes(
             exit_code=s.shell_code,
             status=s.status,
             context=contexts.get(s.index, {}),
-            messages=tuple(handlers[s.index].messages),
-            logs=tuple(handlers[s.index].logs),
-            materializations=tuple(handlers[s.index].materializations),
-            checks=tuple(handlers[s.index].checks),
-            custom_messages=tuple(handlers[s.index].custom_messages),
-            exception=handlers[s.index].exception,
+            messages=tuple(s.pipes.messages),
+            logs=tuple(s.pipes.logs),
+            materializations=tuple(s.pipes.materializations),
+            checks=tuple(s.pipes.checks),
+            custom_messages=tuple(s.pipes.custom_messages),
+            exception=s.pipes.exception,
             invalid_lines=s.pipes_errors,
         )
         for s in ran.stages

@@ -9,11 +9,12 @@ computes (the command documents them):
   a stage whose data could not be moved (output that is not objects in an object mode);
 * ``EXIT_INTERRUPTED`` (130) after Ctrl-C cancelled every stage.
 
-Why this module is over 500 lines: the client side of a run is about 500 of them; the rest
-(``entry_from``, ``local_daemon``, ``embedded_node``, ``known_nodes``) is how a command finds its
-entry node, which belongs in :mod:`dpipes.nodes.entry` and moves there once the work under way in
-that module has landed (moving it now would collide with it).
+What a run comes to (each stage's result, the exit code, the joblog) is :mod:`dpipes.nodes.results`;
+how a command finds its entry node is :mod:`dpipes.nodes.entry`. Both are re-exported here.
 """
+
+# A little over 500 lines: one run seen from the client (request, streams, reports, Ctrl-C), kept
+# whole so that its ordering rules (reports before the run reply, cancel before it) read in one place.
 
 from __future__ import annotations
 
@@ -26,17 +27,20 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.dataflow import Incoming, Outgoing
+from dpipes.nodes.entry import embedded_node, entry_from, known_nodes, local_daemon
 from dpipes.nodes.fdpass import hand_over
+from dpipes.nodes.pipes_frames import PipesFrameError, decode_frame
 from dpipes.nodes.protocol import (
     CTL,
+    ONE_WAY,
     PIPELINE_PROTOCOL,
     RUN_TIMEOUT_S,
     UNKNOWN_METHOD,
@@ -44,34 +48,31 @@ from dpipes.nodes.protocol import (
     ControlError,
     ExitReport,
     FailedReport,
-    InfoReply,
-    InfoRequest,
-    NodeEntry,
+    ProgressReport,
     RunReply,
     RunRequest,
     call,
     current_user,
     parse_request,
 )
+from dpipes.nodes.results import (
+    EXIT_DPIPES_FAILED,
+    EXIT_INTERRUPTED,
+    JOBLOG_COLUMNS,
+    RunFailed,
+    RunResult,
+    StageResult,
+    exit_code_of,
+    format_joblog,
+)
+
+if TYPE_CHECKING:
+    from dpipes.nodes.progress import ProgressView
 
 log = logging.getLogger(__name__)
 
-EXIT_DPIPES_FAILED = 125
-EXIT_INTERRUPTED = 130
 CANCEL_WAIT_S = 15.0  # after Ctrl-C or a failure: how long we wait for the stages' exit reports
 STDIN_CHUNK_BYTES = 256 * 1024
-
-
-class RunFailed(DpipesError):
-    """The pipeline could not run, or failed as a whole (refusal, lost node); the message says why.
-
-    ``code`` is the entry node's error code (:mod:`dpipes.nodes.protocol`, *Errors*) when it
-    answered with one, else "".
-    """
-
-    def __init__(self, message: str, *, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,81 +87,7 @@ class RunOptions:
     require: tuple[str, ...] = ()
     pipes: dict[str, Any] = dataclasses.field(default_factory=dict)  # extras, assets, partition, context, messages
     pipes_json: str | None = None  # write every stage's Pipes context and messages here, as JSON lines
-
-
-@dataclasses.dataclass
-class StageResult:
-    index: int
-    node: str
-    argv: list[str]
-    code: int = -1
-    signal: int = 0
-    status: str = "did not report"
-    sigpipe: bool = False
-    error: str = ""  # what went wrong moving its data (the output is then incomplete)
-    cancelled: str = ""  # why it was cancelled (Ctrl-C, a failed neighbour, a lost node, ...)
-    stderr_tail: str = ""
-    reported: bool = False
-    materializations: list[str] = dataclasses.field(default_factory=list)
-    checks: list[str] = dataclasses.field(default_factory=list)
-    pipes_exception: str = ""  # the stage's Pipes session closed with this exception
-    pipes_errors: int = 0  # lines that were not valid Pipes messages
-
-    @property
-    def shell_code(self) -> int:
-        if not self.reported:
-            return EXIT_DPIPES_FAILED
-        return 128 + self.signal if self.signal else self.code
-
-    def describe(self) -> str:
-        text = f"stage {self.index} {self.argv[0] if self.argv else '?'}@{self.node}: {self.status}"
-        if self.sigpipe and self.signal:
-            text += " (its reader finished early)"
-        if self.error and not self.sigpipe:
-            text += f" ({self.error})"
-        elif self.cancelled and not self.sigpipe:
-            text += f" (cancelled: {self.cancelled})"
-        if self.pipes_exception:
-            text += f" (Pipes closed with {self.pipes_exception})"
-        return text
-
-    def pipes_summary(self) -> str:
-        """Materializations and checks this stage reported, or "" when none."""
-        parts = []
-        if self.materializations:
-            parts.append(f"materialized {', '.join(self.materializations)}")
-        if self.checks:
-            parts.append(f"checks {', '.join(self.checks)}")
-        if self.pipes_errors:
-            parts.append(f"{self.pipes_errors} invalid Pipes line(s)")
-        return "; ".join(parts)
-
-
-@dataclasses.dataclass
-class RunResult:
-    pipeline: str
-    stages: list[StageResult]
-    exit_code: int
-    error: str = ""
-
-
-def exit_code_of(stages: list[StageResult], *, pipefail: bool) -> int:
-    """The pipeline's exit code from its stages, as a shell computes it.
-
-    With ``pipefail``, a stage left out is only one its reader's early end *killed* (SIGPIPE, or
-    our cancel of it): a stage that exited with a code of its own failed, whichever stage
-    finished first (``false | true`` is 1, as in bash, even when ``true`` ended before ``false``
-    had its EOF acknowledged).
-    """
-    if not stages:
-        return 0
-    if pipefail:
-        for stage in reversed(stages):
-            stopped_by_reader = stage.sigpipe and stage.signal != 0 and stage is not stages[-1]
-            if stage.shell_code != 0 and not stopped_by_reader:
-                return stage.shell_code
-        return 0
-    return stages[-1].shell_code
+    workdir: str = ""  # --cwd: where every stage starts (relative: from each stage's default place)
 
 
 class _Output:
@@ -189,6 +116,25 @@ class _Output:
                 await asyncio.to_thread(_write_all, self.fd, data)
         except BrokenPipeError:
             self.broken = True
+
+
+class _ViewOutput:
+    """Writes through a progress view, which prints above its live table."""
+
+    broken = False
+
+    def __init__(self, view: ProgressView) -> None:
+        self.view = view
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self.view.write(bytes(data))
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -222,14 +168,18 @@ async def run_pipeline(
     stdout_fd: int = 1,
     stderr_fd: int = 2,
     on_started: Callable[[RunReply], None] | None = None,
-    on_pipes: Callable[[int, bytes], None] | None = None,
+    on_pipes: Callable[[int, Mapping[str, Any]], None] | None = None,
     handle_sigint: bool = True,
+    progress: ProgressView | None = None,
 ) -> RunResult:
     """Run ``options.pipeline`` through the node at ``entry`` (an ipc:// or tcp:// endpoint).
 
     Args:
-        on_pipes: called with (stage index, the PIPES frame: JSON ``{"message": ...}`` or
-            ``{"error": ..., "line": ...}``) for each Pipes message as it arrives.
+        on_pipes: called with (stage index, the Pipes message, decoded once) for each message as
+            it arrives; every stage's messages are also kept in its ``StageResult.pipes``.
+        progress: a live view of the run (:mod:`dpipes.nodes.progress`): the nodes send progress
+            reports, and the stages' stderr (and our stdout, when it is the view's terminal) is
+            written through it.
 
     Raises:
         RunFailed: the entry node is unreachable or refused the pipeline before it started.
@@ -242,10 +192,23 @@ async def run_pipeline(
     try:
         run = _Run(client.endpoint, options, stdin_fd, stdout_fd, stderr_fd, on_started)
         run.on_pipes = on_pipes
+        stdout_to_view = progress is not None and _is_terminal(stdout_fd)
+        if progress is not None:
+            run.view = progress
+            run.stderr = _ViewOutput(progress)
+            if stdout_to_view:  # our output and the live table share a terminal: print it above the table
+                run.stdout = _ViewOutput(progress)
         if entry.startswith("ipc://") and options.mode == "bytes":  # a node on this host: offer our stdio
-            fds = {"stdout": stdout_fd, **({"stdin": stdin_fd} if options.stdin else {})}
-            run.local_fds = hand_over(entry, fds)
-        return await run.run(handle_sigint)
+            fds = {
+                **({} if stdout_to_view else {"stdout": stdout_fd}),
+                **({"stdin": stdin_fd} if options.stdin else {}),
+            }
+            run.local_fds = hand_over(entry, fds) if fds else None
+        try:
+            return await run.run(handle_sigint)
+        finally:
+            if progress is not None:
+                progress.stop()
     finally:
         await client.aclose()
 
@@ -263,8 +226,8 @@ class _Run:
         self.ep = ep
         self.options = options
         self.stdin_fd = stdin_fd
-        self.stdout = _Output(stdout_fd)
-        self.stderr = _Output(stderr_fd)
+        self.stdout: _Output | _ViewOutput = _Output(stdout_fd)
+        self.stderr: _Output | _ViewOutput = _Output(stderr_fd)
         self.on_started = on_started
         self.ctl = f"{ep.node}/{CTL}"
         self.pipeline = ""
@@ -274,10 +237,11 @@ class _Run:
         self._done = asyncio.Event()
         self._readers: set[asyncio.Task[None]] = set()
         self.pipes_json: Any = None
-        self.on_pipes: Callable[[int, bytes], None] | None = None  # each Pipes frame as it arrives
+        self.on_pipes: Callable[[int, Mapping[str, Any]], None] | None = None  # each Pipes message as it arrives
         self.local_fds: str | None = None  # the token of our stdin/stdout, handed to the entry node
         self._starting: asyncio.Future[Any] | None = None  # the run request, until answered
         self.refused_reports = 0  # reports to us that were not of their method's shape
+        self.view: ProgressView | None = None  # a live view of the run, fed with progress reports
 
     async def run(self, handle_sigint: bool) -> RunResult:
         request = RunRequest(
@@ -289,6 +253,9 @@ class _Run:
             user=current_user(),
             pipes=dict(self.options.pipes),
             local_fds=self.local_fds or "",
+            cwd=_cwd(),
+            workdir=self.options.workdir,
+            progress=self.view is not None,
         )
         loop = asyncio.get_running_loop()
         if handle_sigint:  # before asking: a Ctrl-C while the nodes start the stages is not lost
@@ -312,7 +279,11 @@ class _Run:
                 raise
             return RunResult("", [], EXIT_INTERRUPTED, "interrupted before the pipeline started")  # twice
         self.pipeline = reply.pipeline
-        self.stages = [StageResult(s.index, s.node, list(s.argv)) for s in reply.stages]
+        self.stages = [StageResult(s.index, s.node, list(s.argv), placed=s.placed, offer=s.offer) for s in reply.stages]
+        for stage in self.stages:
+            log.info("stage %d %s@%s: %s", stage.index, stage.argv[0], stage.node, stage.placement() or "placed")
+        if self.view is not None:
+            self.view.start(self.stages)
         if self.options.pipes_json:
             self.pipes_json = open(self.options.pipes_json, "w", encoding="utf-8")  # noqa: ASYNC230 (once, at start; closed in run)
             for s in reply.stages:
@@ -352,35 +323,23 @@ class _Run:
         self.pipes_json.flush()
 
     async def _on_pipes(self, stage: StageResult | None, tag: bytes, frame: Any) -> None:
-        """One Pipes message from a stage: log it now, remember what the summary needs."""
-        frame = bytes(frame)
-        if self.on_pipes is not None and stage is not None:
-            self.on_pipes(stage.index, frame)
-        try:
-            item = json.loads(frame)
-        except ValueError:
-            return  # the node validated it; a bad frame here is a bug elsewhere, not user data
+        """One Pipes frame from a stage, decoded once: kept by the stage's handler, logged now."""
+        item = decode_frame(frame)
         if stage is None:
             return
-        if "error" in item:
-            stage.pipes_errors += 1
-            await self.stderr.write(tag + f"Pipes: {item['error']}\n".encode())
+        if isinstance(item, PipesFrameError):
+            stage.pipes.handle_frame_error(item)
+            await self.stderr.write(tag + f"Pipes: {item}\n".encode())
             return
-        message = item.get("message", {})
+        stage.pipes.handle_message(item)
+        if self.on_pipes is not None:
+            self.on_pipes(stage.index, item)
         if self.pipes_json is not None:
-            self._json_line({"stage": stage.index, "node": stage.node, "message": message})
-        method, params = message.get("method"), message.get("params") or {}
+            self._json_line({"stage": stage.index, "node": stage.node, "message": item})
+        method, params = item.get("method"), item.get("params") or {}
         if method == "log":
             await self.stderr.write(tag + f"{params.get('level', 'INFO')} {params.get('message', '')}\n".encode())
-        elif method == "report_asset_materialization":
-            stage.materializations.append(str(params.get("asset_key") or "(default asset)"))
-        elif method == "report_asset_check":
-            outcome = "passed" if params.get("passed") else f"failed ({params.get('severity', 'ERROR')})"
-            stage.checks.append(f"{params.get('check_name')}: {outcome}")
         elif method == "closed" and params.get("exception"):
-            exc = params["exception"]
-            name, text = str(exc.get("name") or "an exception"), str(exc.get("message") or "")
-            stage.pipes_exception = text if text.startswith(name) else f"{name}: {text}".rstrip(": ")
             await self.stderr.write(tag + f"Pipes closed with {stage.pipes_exception}\n".encode())
 
     def _interrupt(self) -> None:
@@ -414,10 +373,15 @@ class _Run:
                     continue
                 try:
                     report = parse_request(msg.method, msg.body)
-                    if not isinstance(report, ExitReport | FailedReport):
+                    if not isinstance(report, ExitReport | FailedReport | ProgressReport):
                         raise ControlError(UNKNOWN_METHOD, f"a dpipes client takes no {msg.method!r} request")
                 except ControlError as exc:
-                    self._refuse(msg, exc)
+                    if msg.method not in ONE_WAY:
+                        self._refuse(msg, exc)
+                    continue
+                if isinstance(report, ProgressReport):  # one-way: no answer
+                    if report.pipeline == self.pipeline and self.view is not None:
+                        self.view.update(report.stage, report.bytes_in, report.bytes_out)
                     continue
                 self.ep.reply(msg, {})
                 if report.pipeline != self.pipeline:
@@ -445,7 +409,11 @@ class _Run:
         stage.code, stage.signal, stage.status = report.code, report.signal, report.status
         stage.sigpipe = report.sigpipe
         stage.error, stage.cancelled, stage.stderr_tail = report.error, report.cancelled, report.stderr_tail
+        stage.started, stage.ended = report.started, report.ended
+        stage.bytes_in, stage.bytes_out = report.bytes_in, report.bytes_out
         stage.reported = True
+        if self.view is not None:
+            self.view.exited(stage)
         self._check_done()
 
     def _on_failed(self, report: FailedReport) -> None:
@@ -519,6 +487,14 @@ class _Run:
             await self._cancel(str(exc))
 
 
+def _cwd() -> str:
+    """Our working directory, where stages on our host start; "" when it is gone (deleted)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return ""
+
+
 def _read_some(fd: int, size: int) -> bytes:
     try:
         return os.read(fd, size)
@@ -534,73 +510,19 @@ def _stage_index(addr: str) -> int:
         return -1
 
 
-LOCAL_PROBE_TIMEOUT_S = 1.0  # a live local daemon answers ATTACH at once
-STATIC_PEER_WAIT_S = 2.0  # an embedded node gives its configured peers this long to link
-
-
-def entry_from(node: str) -> str:
-    """``HOST:PORT`` (or a full ``tcp://`` / ``ipc://`` endpoint) -> the endpoint to attach to."""
-    if node.startswith(("tcp://", "ipc://")):
-        return node
-    host, sep, port = node.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise RunFailed(f"bad node address {node!r}: write HOST:PORT (or tcp://HOST:PORT, ipc://PATH)")
-    return f"tcp://{host}:{port}"
-
-
-async def local_daemon() -> str | None:
-    """The ipc endpoint of this host's running daemon, or None when none answers."""
-    try:
-        from dpipes.nodes import paths
-
-        endpoint = paths.local_endpoint(paths.runtime_dir())
-    except (ImportError, OSError, DpipesError):
-        return None
-    # A plain connect says whether a daemon listens there (a dead one leaves its socket file
-    # behind: ECONNREFUSED), in a fraction of a millisecond instead of a whole bus attachment.
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(LOCAL_PROBE_TIMEOUT_S)
-        probe.connect(endpoint.removeprefix("ipc://"))
-    except OSError:
-        return None
-    finally:
-        probe.close()
-    return endpoint
-
-
-@contextlib.asynccontextmanager
-async def embedded_node() -> Any:
-    """A node inside this process for the duration of one command (when no daemon runs)."""
-    from dpipes.nodes.config import load_config
-    from dpipes.nodes.node import Node
-
-    config = load_config()
-    async with Node(config, listen="tcp://127.0.0.1:0") as node:
-        if config.nodes:
-            await asyncio.gather(
-                *(
-                    node.hub.connect_peer(f"tcp://{p.host}:{p.port}", timeout=STATIC_PEER_WAIT_S)
-                    for p in config.nodes.values()
-                ),
-                return_exceptions=True,
-            )
-        yield node
-
-
-async def known_nodes(entry: str) -> list[NodeEntry]:
-    """Every node the node at ``entry`` knows (itself first): name, endpoint, programs, source,
-    last seen, up.
-
-    Raises:
-        RunFailed: nothing answers at ``entry``, or not as a node does.
-    """
-    try:
-        async with Client(entry) as client:
-            ep = client.endpoint
-            reply: InfoReply = await call(ep, f"{ep.node}/{CTL}", InfoRequest(), timeout=RUN_TIMEOUT_S)
-    except ControlError as exc:
-        raise RunFailed(f"cannot ask the dpipes node at {entry}: {exc}", code=exc.code) from None
-    except BusError as exc:
-        raise RunFailed(f"cannot ask the dpipes node at {entry}: {exc}") from None
-    return list(reply.nodes)
+__all__ = [
+    "EXIT_DPIPES_FAILED",
+    "EXIT_INTERRUPTED",
+    "JOBLOG_COLUMNS",
+    "RunFailed",
+    "RunOptions",
+    "RunResult",
+    "StageResult",
+    "embedded_node",
+    "entry_from",
+    "exit_code_of",
+    "format_joblog",
+    "known_nodes",
+    "local_daemon",
+    "run_pipeline",
+]

@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 
 from dpipes.bus.tap import TapEvent
+from dpipes.nodes.pipes_frames import PipesFrameError, decode_frame
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,11 @@ class Decoder:
         out["stage"] = fields.get("stage", 0)
         messages: list[Any] = []
         for text in event.pipes or ():
-            try:
-                messages.append(json.loads(text))
-            except ValueError:
-                messages.append({"unparsed": text[:LINE_TEXT_CHARS]})
+            item = decode_frame(text.encode() if isinstance(text, str) else text)
+            if isinstance(item, PipesFrameError):
+                messages.append({"error": str(item)[:LINE_TEXT_CHARS], "line": item.line})
+            else:
+                messages.append(item)
         out["messages"] = messages if event.pipes is not None else None
 
     _KINDS: dict[str, Callable[[Decoder, TapEvent, Mapping[str, Any], dict[str, Any]], None]] = {
@@ -426,7 +428,7 @@ def what_it_says(d: Mapping[str, Any]) -> str:
 
 
 def pipes_text(frame: Mapping[str, Any]) -> str:
-    """One Pipes message (as the node frames it: ``{"message": {...}}`` or a report) in words."""
+    """One Pipes message (or a node's ``{"error", "line"}`` report of a bad line) in words."""
     message = frame.get("message", frame) if isinstance(frame, Mapping) else frame
     if not isinstance(message, Mapping):
         return _short(frame)

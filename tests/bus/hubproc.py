@@ -4,6 +4,7 @@ Usage: python hubproc.py ROLE ARGS...; it prints its TCP endpoint on the first l
 
 Roles:
   sink NAME            a hub NAME with an endpoint "sink" that accepts streams and never reads them
+  sink-ipc NAME        the same, printing its IPC endpoint instead (for clients on this host)
   blast IPC N SIZE     a client attached over IPC that streams N messages of SIZE bytes to
                        "<node>/sink", waits for EOF_ACK, prints "acked TOTAL" and exits at once
 """
@@ -17,10 +18,10 @@ from dpipes.bus.client import Client
 from dpipes.bus.hub import Hub
 
 
-async def sink(name: str) -> None:
+async def sink(name: str, *, ipc: bool = False) -> None:
     async with Hub(name) as hub:
         ep = hub.endpoint("sink")
-        print(hub.tcp_endpoint, flush=True)
+        print(hub.ipc_endpoint if ipc else hub.tcp_endpoint, flush=True)
         streams = []
         while True:
             streams.append(await ep.accept())  # held, never read: the sender runs out of credit
@@ -40,5 +41,7 @@ if __name__ == "__main__":
     role, *args = sys.argv[1:]
     if role == "sink":
         asyncio.run(sink(args[0]))
+    elif role == "sink-ipc":
+        asyncio.run(sink(args[0], ipc=True))
     elif role == "blast":
         asyncio.run(blast(args[0], int(args[1]), int(args[2]), args[3]))

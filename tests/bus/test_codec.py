@@ -31,7 +31,13 @@ maps = st.dictionaries(
     ),
     max_size=5,
 )
-_FIELD_STRATEGIES = {"str": st.text(max_size=50), "int": ints, "bool": st.booleans(), "dict[str, Any]": maps}
+_FIELD_STRATEGIES = {
+    "str": st.text(max_size=50),
+    "int": ints,
+    "bool": st.booleans(),
+    "dict[str, Any]": maps,
+    "list[int]": st.lists(st.integers(0, 50), max_size=5),
+}
 
 
 def message_strategy(cls: type[codec.Message]) -> st.SearchStrategy[codec.Message]:
@@ -44,10 +50,26 @@ def message_strategy(cls: type[codec.Message]) -> st.SearchStrategy[codec.Messag
             fields["frames"] = st.lists(st.binary(max_size=200), min_size=low, max_size=min(high, 5)).map(tuple)
         else:
             fields[field.name] = _FIELD_STRATEGIES[str(field.type)]
+    if cls is codec.Batch:  # a sound batch: in a stream, members that add up to its one frame
+        fields["sid"] = st.integers(1, 2**63 - 1)
+        fields["seq"] = st.integers(0, 2**62)
+        fields["of"] = st.sampled_from(["BYTES", "STDERR"])
+        parts = st.lists(st.binary(max_size=40), min_size=1, max_size=6)
+        fields["frames"] = parts.map(lambda parts: (b"".join(parts),))
+    if cls is codec.Shm:
+        fields["of"] = st.sampled_from(["BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES"])
     strategy = st.builds(cls, **fields)
+    if cls is codec.Batch:
+        strategy = strategy.map(lambda m: dataclasses.replace(m, sizes=_split(len(m.frames[0]), m.seq)))
     if cls is codec.Objects:  # the count must fit the batch: each object takes a byte at least
         strategy = strategy.map(lambda m: dataclasses.replace(m, count=m.count % (m.frames[0].__len__() + 1)))
     return strategy
+
+
+def _split(nbytes: int, salt: int) -> list[int]:
+    """Member sizes adding up to ``nbytes``: a few, some empty, varied by ``salt``."""
+    cut = salt % (nbytes + 1)
+    return [cut, 0, nbytes - cut] if salt % 2 else [nbytes]
 
 
 any_message = st.one_of([message_strategy(cls) for cls in codec.KINDS.values()])

@@ -149,3 +149,32 @@ def test_a_header_that_leaves_out_common_keys_never_reaches_the_tap() -> None:
         codec.decode_header(msgpack.packb({"v": codec.PROTOCOL_VERSION, "kind": "BYTES"}))
 
 
+
+
+async def test_a_batch_is_tapped_as_its_messages() -> None:
+    async with Hub("alpha") as hub:
+        src, dst = hub.endpoint("src"), hub.endpoint("dst")
+        ctx = zmq.asyncio.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.connect(hub.tap_endpoint)
+        sub.subscribe(b"")
+        try:
+            await until(lambda: hub.tapped)
+            stream = src.open_stream("alpha/dst")
+            await stream.send_many([b"one", b"two!", b"three"])  # one loop pass: one BATCH
+            reader = await dst.accept()
+            assert [bytes(c) for c in await reader.read_chunks()] == [b"one", b"two!", b"three"]
+            events = []
+            while len(events) < 3:
+                event = tap.decode_event(await asyncio.wait_for(sub.recv(), WAIT_S))
+                if event.sid == stream.sid:
+                    events.append(event)
+            assert [(e.kind, e.seq, e.size, e.sample) for e in events] == [
+                ("BYTES", 1, 3, b"one"),
+                ("BYTES", 2, 4, b"two!"),
+                ("BYTES", 3, 5, b"three"),
+            ]
+            assert [e.n for e in events] == list(range(events[0].n, events[0].n + 3))
+        finally:
+            sub.close(0)
+            ctx.term()

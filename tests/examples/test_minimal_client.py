@@ -147,9 +147,7 @@ async def test_cancel_after_ends_the_run_and_leaves_no_stage_running(rt: Path) -
         assert "cat" not in programs(alpha)
     assert done.code != 0
     assert "stage 0 on alpha: killed by SIGTERM" in done.stderr
-    # SPEC-GAP: protocol 2 says a cancelled stage's `exit` carries `cancelled` ("not an error of its
-    # own"); the node still sends version 1's `error: "cancelled: ..."` and no `cancelled` field.
-    # assert "(cancelled: cancelled)" in done.stderr
+    assert "(cancelled: " in done.stderr  # the exit report's typed `cancelled` field, not error text
 
 
 async def test_ctrl_c_cancels_the_run(rt: Path) -> None:
@@ -168,9 +166,7 @@ async def test_a_refused_run_exits_non_zero_and_says_why(rt: Path) -> None:
     assert done.code != 0
     assert "no-such-program" in done.stderr
     assert "stage 0 on" not in done.stderr  # nothing started
-    # SPEC-GAP: protocol 2 says a failed REPLY carries body.code ("refused" here); the node still
-    # answers version 1's `body: {}`, so the client prints "[no code]".
-    # assert "[refused]" in done.stderr
+    assert "[refused]" in done.stderr  # the failed REPLY's body.code
 
 
 async def test_output_beyond_the_initial_credit_arrives_whole(rt: Path) -> None:

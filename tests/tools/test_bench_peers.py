@@ -24,6 +24,9 @@ PEER_ROWS = [
     "peers.zenoh_rate_64B",
     "peers.zenoh_rate_64B_cpu_sender",
     "peers.zenoh_rate_64B_cpu_receiver",
+    "peers.zenoh_rate_64B_batch_api",
+    "peers.zenoh_rate_64B_batch_api_cpu_sender",
+    "peers.zenoh_rate_64B_batch_api_cpu_receiver",
     "peers.zenoh_roundtrip_64B_p50",
     "peers.zenoh_roundtrip_64B_p99",
     *(

@@ -27,6 +27,7 @@ def test_quick_pipe_suite_measures_every_figure_against_its_baseline() -> None:
         "pipe.throughput_64MiB",
         "pipe.one_node_throughput_64MiB",
         "pipe.start_to_finish",
+        "pipe.python_floor",
         "pipe.added_start_to_finish",
     ]
     for row in table:

@@ -178,15 +178,20 @@ async def dpipes_send(hub: Hub, dst: str, payload: bytes, count: int) -> float:
     """Seconds to stream ``count`` messages from an in-process endpoint to ``dst``, until EOF_ACK."""
     src = hub.endpoint(f"src-{time.monotonic_ns()}")
     try:
-        stream = src.open_stream(dst)
-        start = time.perf_counter()
-        send = stream.send_bytes
-        for _ in range(count):
-            await send(payload)
-        await stream.close(timeout=120)
-        return time.perf_counter() - start
+        return await dpipes_send_from(src, dst, payload, count)
     finally:
         src.close()
+
+
+async def dpipes_send_from(src: Endpoint, dst: str, payload: bytes, count: int) -> float:
+    """Seconds to stream ``count`` messages from endpoint ``src`` to ``dst``, until EOF_ACK."""
+    stream = src.open_stream(dst)
+    start = time.perf_counter()
+    send = stream.send_bytes
+    for _ in range(count):
+        await send(payload)
+    await stream.close(timeout=120)
+    return time.perf_counter() - start
 
 
 TAP_SUBSCRIBE_TIMEOUT_S = 10.0  # a tap child connects over ipc within a reconnect interval; this is slack
@@ -421,17 +426,23 @@ def flight_get(addr: str, name: str) -> tuple[float, int]:
 
 async def dpipes_arrow_send(hub: Hub, batches: list[Any], dst: str = "bench-sink/sink") -> float:
     """Seconds to stream ``batches`` to the sink process until it acknowledged the end."""
-    from dpipes.bus.arrow_stream import ArrowStreamWriter
 
     src = hub.endpoint(f"src-{time.monotonic_ns()}")
     try:
-        writer = ArrowStreamWriter(src.open_stream(dst), batches[0].schema)
-        start = time.perf_counter()
-        await writer.write_all(batches)
-        await writer.close(timeout=120)
-        return time.perf_counter() - start
+        return await dpipes_arrow_send_from(src, batches, dst)
     finally:
         src.close()
+
+
+async def dpipes_arrow_send_from(src: Endpoint, batches: list[Any], dst: str) -> float:
+    """Seconds to stream ``batches`` from endpoint ``src`` to ``dst`` until it acknowledged the end."""
+    from dpipes.bus.arrow_stream import ArrowStreamWriter
+
+    writer = ArrowStreamWriter(src.open_stream(dst), batches[0].schema)
+    start = time.perf_counter()
+    await writer.write_all(batches)
+    await writer.close(timeout=120)
+    return time.perf_counter() - start
 
 
 def arrow_benchmarks(repeat: int, progress: Callable[[str], None], scale: int = 1) -> list[Result]:

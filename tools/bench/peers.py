@@ -18,13 +18,18 @@ with how many puts it got.
   ``dpipes-bench bus``). Target: at least 2x.
 * ``peers.zenoh_shm_1MiB``: the same with Zenoh's default configuration, which on one host copies
   each payload over 3 KiB into a shared-memory pool and sends a handle (its
-  ``transport_optimization``). The Python API also has an explicit ``zenoh.shm`` provider to write
+  ``transport_optimization``); dpipes beside it as it runs on one host: a client in this process
+  attached over IPC to the child's hub, which hands payloads over in shared memory
+  (``dpipes.bus.shm``) just as Zenoh does. The Python API also has an explicit ``zenoh.shm`` provider to write
   into shared memory directly; it is marked unstable and is not used. Target: at least 1x. Zenoh's
   Python processes leave their segments in ``/dev/shm`` when they exit (about 80 MB after a full
   run: a 16 MiB pool per sending session); the next Zenoh session with shared memory on this host
   removes those of dead processes. They are Zenoh's and are not removed here.
 * ``peers.zenoh_rate_64B``: 64-byte puts over TCP, in messages/s (target 0.5x); with
   ``..._cpu_sender`` and ``..._cpu_receiver``, the CPU microseconds per message of each process.
+  dpipes sends each message with ``await send_bytes`` and reads it with ``await read()``, as
+  Zenoh's side puts each and gets a callback per sample. ``peers.zenoh_rate_64B_batch_api``: the
+  same messages with dpipes' batch API (``send_many``, ``read_chunks``), beside the same Zenoh runs.
 * ``peers.zenoh_roundtrip_64B_p50`` / ``_p99``: a 64-byte put echoed back by the child (both
   publishers ``express``, Zenoh's low-latency setting), awaited before the next; dpipes: a 64-byte
   REQUEST answered by a REPLY, as in ``dpipes-bench bus``. In microseconds; target: p50 at most
@@ -36,7 +41,8 @@ nodes. The source sends each ``RecordBatch`` as a ``StructArray`` (``send_output
 array), the sink rebuilds and validates it as a ``RecordBatch``, zero-copy, as dpipes' reader does.
 The source sends a warm-up array, waits for the sink's acknowledgement, then sends the set;
 throughput = bytes of the arrays that arrived / (the last arrival - the start of sending), both read
-from ``CLOCK_MONOTONIC``. dpipes: an Arrow stream from a hub here to a hub in a child process.
+from ``CLOCK_MONOTONIC``. dpipes: an Arrow stream from a client here attached over IPC to the hub
+in a child process: one host, so the batches' buffers travel in shared memory as dora's do.
 
 * ``peers.dora_one_large_batch_{default,large}_pool``: one 64 MB batch (1M rows x 8 numeric
   columns); dora with its default shared-memory pool, then with a ``shared_memory_pool_size`` large
@@ -53,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -69,6 +76,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dpipes.bus.client import Client
 from dpipes.bus.hub import Hub
 from dpipes.tools.bench.bus import (
     ARROW_SETS,
@@ -77,8 +85,10 @@ from dpipes.tools.bench.bus import (
     arrow_batches,
     child,
     dpipes_arrow_send,
+    dpipes_arrow_send_from,
     dpipes_round_trips,
     dpipes_send,
+    dpipes_send_from,
     percentile,
     serve_until_stdin_closes,
 )
@@ -107,6 +117,8 @@ END_MARKER = b"end"  # shorter than any payload: the receiver tells them apart b
 
 CHILD_MODULE = "dpipes.tools.bench.peers"
 SINK_BYTES = "bench-sink/bytes"
+SINK_CHUNKS = "bench-sink/chunks"
+BATCH_API_CHUNKS = 4096  # what one send_many call hands over: a batch's worth
 SINK_ARROW = "bench-sink/arrow"
 SINK_ECHO = "bench-sink/echo"
 
@@ -312,9 +324,10 @@ async def _serve_dpipes_counting() -> None:
 
     async with Hub("bench-sink") as hub:
         byte_sink = hub.endpoint("bytes")
+        chunk_sink = hub.endpoint("chunks")  # the same, read with the batch API
         arrow_sink = hub.endpoint("arrow", window=ARROW_WINDOW_BYTES)
         echo = hub.endpoint("echo")
-        last: dict[str, dict[str, int]] = {"bytes": {}, "arrow": {}}
+        last: dict[str, dict[str, int]] = {"bytes": {}, "chunks": {}, "arrow": {}}
 
         async def drain_bytes() -> None:
             while True:
@@ -325,10 +338,22 @@ async def _serve_dpipes_counting() -> None:
                     nbytes += msg.payload_bytes
                 last["bytes"] = {"arrived": messages, "nbytes": nbytes}
 
+        async def drain_chunks() -> None:
+            while True:
+                stream = await chunk_sink.accept()
+                messages = nbytes = 0
+                while chunks := await stream.read_chunks():
+                    messages += len(chunks)
+                    nbytes += sum(map(len, chunks))
+                last["chunks"] = {"arrived": messages, "nbytes": nbytes}
+
         async def drain_arrow() -> None:
             while True:
                 arrays = nbytes = 0
-                async for batch in ArrowStreamReader(await arrow_sink.accept()):
+                reader = ArrowStreamReader(await arrow_sink.accept())
+                # Counted and dropped, as dora's and Zenoh's sinks do: no batch outlives its turn
+                # (one held here would hold its shared memory too).
+                while (batch := await reader.read()) is not None:
                     arrays += 1
                     nbytes += batch.nbytes
                 last["arrow"] = {"arrived": arrays, "nbytes": nbytes}
@@ -340,12 +365,14 @@ async def _serve_dpipes_counting() -> None:
                 if isinstance(msg, Request):
                     endpoint.reply(msg, last[kind])
 
-        print(hub.tcp_endpoint, flush=True)
+        print(hub.tcp_endpoint, hub.ipc_endpoint, flush=True)  # peers link over TCP, same-host clients attach over IPC
         done = serve_until_stdin_closes(asyncio.get_running_loop())
         tasks = [
             asyncio.create_task(drain_bytes()),
+            asyncio.create_task(drain_chunks()),
             asyncio.create_task(drain_arrow()),
             asyncio.create_task(answer_counts(byte_sink, "bytes")),
+            asyncio.create_task(answer_counts(chunk_sink, "chunks")),
             asyncio.create_task(answer_counts(arrow_sink, "arrow")),
             asyncio.create_task(answer_echo(echo)),
         ]
@@ -390,6 +417,78 @@ def dpipes_arrow_run(addr: str, batches: list[Any], receiver_pid: int) -> Run:
             return await _dpipes_run(
                 hub, SINK_ARROW, lambda: dpipes_arrow_send(hub, batches, SINK_ARROW), len(batches), receiver_pid
             )
+
+    return asyncio.run(run())
+
+
+LEASES_BACK_TIMEOUT_S = 10.0  # the sink drops what it read at once; this is slack for a loaded machine
+
+
+async def _warmed(client: Client) -> None:
+    """Wait until the warm-up's shared memory is back in the client's pool (as dora's source waits
+    for its sink's acknowledgement): the timed run reuses its pre-faulted segments."""
+
+    async def poll() -> None:
+        while client._pool is not None and client._pool.leased:  # noqa: ASYNC110 (a bench, not the bus)
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(poll(), LEASES_BACK_TIMEOUT_S)
+
+
+def dpipes_batch_api_run(addr: str, payload: bytes, count: int, receiver_pid: int) -> Run:
+    """``count`` messages of ``payload`` sent with ``send_many`` and read with ``read_chunks``."""
+
+    async def send(hub: Hub, n: int) -> float:
+        src = hub.endpoint(f"src-{time.monotonic_ns()}")
+        try:
+            stream = src.open_stream(SINK_CHUNKS)
+            start = time.perf_counter()
+            for at in range(0, n, BATCH_API_CHUNKS):
+                await stream.send_many(itertools.repeat(payload, min(BATCH_API_CHUNKS, n - at)))
+            await stream.close(timeout=RUN_TIMEOUT_S)
+            return time.perf_counter() - start
+        finally:
+            src.close()
+
+    async def run() -> Run:
+        async with Hub("bench-source") as hub:
+            await hub.connect_peer(addr)
+            await send(hub, max(1, count // 10))  # warm up
+            return await _dpipes_run(hub, SINK_CHUNKS, lambda: send(hub, count), count, receiver_pid)
+
+    return asyncio.run(run())
+
+
+def dpipes_local_bytes_run(ipc: str, payload: bytes, count: int, receiver_pid: int) -> Run:
+    """The same stream from a client attached to the sink's hub over IPC: one host, shared memory."""
+
+    async def run() -> Run:
+        async with Client(ipc) as client:  # a fresh client per run
+            src = client.endpoint
+            await dpipes_send_from(src, SINK_BYTES, payload, max(1, count // 10))  # warm up: the pool's segments
+            await _warmed(client)
+            cpu, receiver_cpu = cpu_seconds(), cpu_seconds(receiver_pid)
+            seconds = await dpipes_send_from(src, SINK_BYTES, payload, count)
+            sender_cpu, receiver_cpu = cpu_seconds() - cpu, cpu_seconds(receiver_pid) - receiver_cpu
+            counts = await src.request(SINK_BYTES, "counts")
+        return Run(seconds, count, counts["arrived"], counts["nbytes"], sender_cpu, receiver_cpu)
+
+    return asyncio.run(run())
+
+
+def dpipes_local_arrow_run(ipc: str, batches: list[Any], receiver_pid: int) -> Run:
+    """The same Arrow stream from a client attached to the sink's hub over IPC: one host, shared memory."""
+
+    async def run() -> Run:
+        async with Client(ipc) as client:
+            src = client.endpoint
+            await dpipes_arrow_send_from(src, batches[:1], SINK_ARROW)  # warm up
+            await _warmed(client)
+            cpu, receiver_cpu = cpu_seconds(), cpu_seconds(receiver_pid)
+            seconds = await dpipes_arrow_send_from(src, batches, SINK_ARROW)
+            sender_cpu, receiver_cpu = cpu_seconds() - cpu, cpu_seconds(receiver_pid) - receiver_cpu
+            counts = await src.request(SINK_ARROW, "counts")
+        return Run(seconds, len(batches), counts["arrived"], counts["nbytes"], sender_cpu, receiver_cpu)
 
     return asyncio.run(run())
 
@@ -642,16 +741,17 @@ def zenoh_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) -
     big, small = os.urandom(1 << 20), os.urandom(64)
     results: list[Result] = []
     with (
-        child("dpipes-sink", module=CHILD_MODULE) as (sink, bus_addr),
+        child("dpipes-sink", module=CHILD_MODULE) as (sink, bus_addrs),
         child("zenoh-sink", "tcp", module=CHILD_MODULE) as (tcp_sink, tcp_addr),
         child("zenoh-sink", "shm", module=CHILD_MODULE) as (shm_sink, shm_addr),
     ):
+        bus_addr, bus_ipc = bus_addrs.split()
         count = MESSAGES_1MIB // scale
         runs: dict[str, list[Run]] = {"ours_tcp": [], "tcp": [], "ours_shm": [], "shm": []}
         for _ in range(repeat):
             runs["ours_tcp"].append(dpipes_bytes_run(bus_addr, big, count, sink.pid))
             runs["tcp"].append(zenoh_send(tcp_addr, shm=False, payload=big, count=count, receiver_pid=tcp_sink.pid))
-            runs["ours_shm"].append(dpipes_bytes_run(bus_addr, big, count, sink.pid))
+            runs["ours_shm"].append(dpipes_local_bytes_run(bus_ipc, big, count, sink.pid))
             runs["shm"].append(zenoh_send(shm_addr, shm=True, payload=big, count=count, receiver_pid=shm_sink.pid))
             progress(".")
         results += throughput_rows(
@@ -668,6 +768,8 @@ def zenoh_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) -
             theirs.append(zenoh_send(tcp_addr, shm=False, payload=small, count=count, receiver_pid=tcp_sink.pid))
             progress(".")
         results += rate_rows("peers.zenoh_rate_64B", "Zenoh over TCP", ours, theirs, 0.5)
+        batched = [dpipes_batch_api_run(bus_addr, small, count, sink.pid) for _ in range(repeat)]
+        results += rate_rows("peers.zenoh_rate_64B_batch_api", "Zenoh over TCP", batched, theirs, None)
 
         count = ROUND_TRIPS // scale
         zenoh_round_trips(tcp_addr, small, max(1, count // 10))  # warm up
@@ -683,14 +785,15 @@ def zenoh_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) -
 def dora_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) -> list[Result]:
     """The 64 MB batch and the 10k-row stream, dpipes beside dora-rs with its default and a large pool."""
     results: list[Result] = []
-    with child("dpipes-sink", module=CHILD_MODULE) as (sink, bus_addr):
+    with child("dpipes-sink", module=CHILD_MODULE) as (sink, bus_addrs):
+        bus_ipc = bus_addrs.split()[1]
         for name in ARROW_SETS:
             batches = arrow_batches(name, scale)
             runs: dict[str, list[Run]] = {"ours_default": [], "default": [], "ours_large": [], "large": []}
             for _ in range(repeat):
-                runs["ours_default"].append(dpipes_arrow_run(bus_addr, batches, sink.pid))
+                runs["ours_default"].append(dpipes_local_arrow_run(bus_ipc, batches, sink.pid))
                 runs["default"].append(dora_run(name, scale, None))
-                runs["ours_large"].append(dpipes_arrow_run(bus_addr, batches, sink.pid))
+                runs["ours_large"].append(dpipes_local_arrow_run(bus_ipc, batches, sink.pid))
                 runs["large"].append(dora_run(name, scale, DORA_LARGE_POOL))
                 progress(".")
             results += throughput_rows(

@@ -32,6 +32,15 @@ that the bootstrap offers:
 * ``pipes.session_bus_writer_*``: under dpipes' ``open_pipes_session`` with
   ``PipesBusMessageReader`` (no daemon: the session's own hub) around
   ``asyncio.create_subprocess_exec``; a message is received when the session's handler takes it.
+
+Through Dagster end to end (:mod:`dpipes.nodes.dagster.bench`): an asset whose program sends the
+same N log + N custom messages, materialized in-process by Dagster with its own
+``PipesSubprocessClient`` (the baseline) and with ``DpipesPipesClient`` (the program as a
+one-stage pipeline on the daemon):
+
+* ``pipes.dagster_asset_rate``: 2N / (the client's ``run`` returned - the start marker's send
+  time), every message handled by Dagster's own ``PipesMessageHandler`` (logs into its event log);
+* ``pipes.dagster_asset_wall``: the whole ``materialize`` call.
 """
 
 from __future__ import annotations
@@ -39,14 +48,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -100,10 +108,10 @@ with open_dagster_pipes(message_writer=writer) as pipes:
             pipes.report_custom_message({"i": i, "t": time.time()})
 """
 
-Arrival = tuple[float, dict[str, Any]]  # (receive time, the Pipes message)
+Arrival = tuple[float, Mapping[str, Any]]  # (receive time, the Pipes message)
 
 
-def _payload(message: dict[str, Any]) -> Any:
+def _payload(message: Mapping[str, Any]) -> Any:
     if message.get("method") != "report_custom_message":
         return None
     return (message.get("params") or {}).get("payload")
@@ -147,11 +155,11 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 
 def _dpipes_run(entry: str, argv: list[str]) -> tuple[list[Arrival], float]:
     """Run ``argv`` as a one-stage pipeline; its Pipes messages with receive times, and the wall time (s)."""
-    frames: list[tuple[float, bytes]] = []
+    arrivals: list[Arrival] = []
     null = os.open(os.devnull, os.O_RDWR)
 
-    def stamp(stage: int, frame: bytes) -> None:
-        frames.append((time.time(), frame))  # decoded after the run, off the measured path
+    def stamp(stage: int, message: Mapping[str, Any]) -> None:
+        arrivals.append((time.time(), message))  # as the client hands it over: decoded once
 
     try:
         options = run_mod.RunOptions(pipeline=format_stage(argv))
@@ -166,11 +174,6 @@ def _dpipes_run(entry: str, argv: list[str]) -> tuple[list[Arrival], float]:
         os.close(null)
     if res.exit_code != 0:
         raise RuntimeError(f"dpipes run failed ({res.exit_code}): {[s.describe() for s in res.stages]}")
-    arrivals = []
-    for received, data in frames:
-        item = json.loads(data)
-        if "message" in item:
-            arrivals.append((received, item["message"]))
     return arrivals, wall
 
 
@@ -216,7 +219,7 @@ def _session_run(argv: list[str]) -> tuple[list[Arrival], float]:
     code, wall = asyncio.run(run())
     if code != 0:
         raise RuntimeError(f"the Pipes program with the bus writer exited {code}")
-    arrivals = [(received, dict(r.message.raw)) for received, r in stamped if isinstance(r, PipesLine)]
+    arrivals: list[Arrival] = [(received, r.message.raw) for received, r in stamped if isinstance(r, PipesLine)]
     return arrivals, wall
 
 
@@ -333,6 +336,7 @@ def pipes_benchmarks(
                     p50s[who].append(p50)
                     p99s[who].append(p99)
                 progress(".")
+            assets = _dagster_asset_runs(addr, burst, repeat)
     baseline = "dagster open_pipes_session (temp file reader)"
     target_p50 = [LATENCY_P50_TARGET_MS]
     figures = [
@@ -357,4 +361,28 @@ def pipes_benchmarks(
             result(f"pipes.{who}_latency_p50", "ms", p50s[who], baseline, p50s["dagster"], higher_is_better=False),
             result(f"pipes.{who}_latency_p99", "ms", p99s[who], baseline, p99s["dagster"], higher_is_better=False),
         ]
+    ours, theirs = assets["dpipes"], assets["subprocess"]
+    asset_baseline = "dagster PipesSubprocessClient, the same asset"
+    figures += [
+        result("pipes.dagster_asset_rate", "msg/s", [r.rate for r in ours], asset_baseline, [r.rate for r in theirs]),
+        result(
+            "pipes.dagster_asset_wall",
+            "ms",
+            [r.wall_s * 1000 for r in ours],
+            asset_baseline,
+            [r.wall_s * 1000 for r in theirs],
+            higher_is_better=False,
+        ),
+    ]
     return figures
+
+
+def _dagster_asset_runs(node: str, messages: int, repeat: int) -> dict[str, list[Any]]:
+    """The same asset through Dagster's subprocess client and dpipes' (on ``node``), alternately."""
+    from dpipes.nodes.dagster.bench import asset_bursts
+
+    runs = asset_bursts(messages=messages, repeat=repeat, node=node, warm_up=gc.freeze)
+    for run in (r for client_runs in runs.values() for r in client_runs):
+        if run.delivered != messages + 2:
+            raise RuntimeError(f"the {run.client} client delivered {run.delivered} of {messages + 2} custom messages")
+    return runs

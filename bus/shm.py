@@ -1,0 +1,347 @@
+"""Same-host shared memory: large payloads travel as handles to a sender's reused segments.
+
+Two bus parties on one host (an attached client and its hub) need not push a large payload
+through a socket (copied into the kernel, out of it, and by ZeroMQ on the way): the sender copies
+it once into a segment of its :class:`Pool` and sends an ``SHM`` message (``dpipes.bus.codec``)
+naming where it lies; the receiver maps the segment and hands its reader ``memoryview``s over it
+(zero-copy; Arrow buffers over them are zero-copy too). When the reader has dropped every view of
+a message, the receiver sends ``SHM_FREE`` and the sender reuses the space.
+
+Segments
+    A segment is a ``memfd_create(2)`` file, mapped ``MAP_SHARED | MAP_POPULATE`` (pre-faulted
+    once, then reused). It has no name in ``/dev/shm`` or anywhere: the kernel frees its memory
+    when the last process that maps it unmaps it or dies, so a ``kill -9`` of either side leaks
+    nothing on the host. A receiver opens it as ``/proc/PID/fd/FD`` of the sender, after checking
+    that this descriptor is the memfd the handle names (its random token is in the memfd's name),
+    and closes the descriptor once mapped. Handles are ``PID:FD:TOKEN:SIZE`` strings.
+
+Who may receive handles
+    Only a party on the same host, same PID namespace and same user: :func:`host_id` says that in
+    one string, exchanged when a client attaches over ``ipc://`` (``ATTACH.host``, ``ATTACHED.shm``).
+    Everything else gets the payload inline as before; so does anyone when the pool is full (no
+    waiting: a reader that keeps its views forever slows nothing but itself). The sender could
+    still write into bytes its receiver has checked (an Arrow batch's offsets, say): that is why
+    only a process of the same user, which could as well attach a debugger to the receiver, is
+    ever offered shared memory.
+
+The pool's credit
+    A :class:`Pool` holds at most ``POOL_BYTES``. Space is taken per message (a *lease*), in
+    power-of-two segments of at least ``MIN_SEGMENT_BYTES``, and given back by ``SHM_FREE`` or,
+    for every lease sent to a party, when that party is gone (:meth:`Pool.reclaim`): a receiver
+    killed with its views in hand cannot pin the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import logging
+import mmap
+import os
+import secrets
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dpipes.bus.errors import DecodeError
+
+log = logging.getLogger(__name__)
+
+MIN_PAYLOAD_BYTES = 256 * 1024  # smaller payloads cost less through the socket than a lease's round trip
+MIN_SEGMENT_BYTES = 1 << 20  # a 1 MiB chunk fits one segment of the smallest class
+POOL_BYTES = 512 << 20  # a sender's segments in all: room for several 64 MB Arrow batches in flight
+MAX_MAPPED_SEGMENTS = 256  # segments a receiver keeps mapped per sender process, at most
+MAX_HANDLE_CHARS = 128
+
+
+def host_id() -> str:
+    """Who can open this process's memfds by ``/proc/PID/fd``: same boot, PID namespace and user."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""  # not Linux, or no /proc: no shared memory
+    if not hasattr(os, "memfd_create"):
+        return ""
+    return f"{boot}/{pidns}/{os.getuid()}"
+
+
+@dataclasses.dataclass(eq=False)
+class _Segment:
+    """One memfd of the pool, mapped here."""
+
+    handle: str
+    fd: int
+    map: mmap.mmap
+    size: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lease:
+    """Where one message's payload lies in a sender's segment."""
+
+    id: int
+    handle: str
+    sizes: tuple[int, ...]
+
+
+class Pool:
+    """A sender's shared-memory segments: leases taken per message, given back when read."""
+
+    def __init__(self, *, limit: int = POOL_BYTES) -> None:
+        self.limit = limit
+        self.used = 0  # bytes of the segments leased out now
+        self.allocated = 0  # bytes of every segment, leased or free
+        self._free: dict[int, list[_Segment]] = collections.defaultdict(list)  # by segment size
+        self._leased: dict[int, tuple[_Segment, str]] = {}  # lease id -> its segment, and to whom
+        self._by_handle: dict[str, _Segment] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self.fallbacks = 0  # payloads sent inline because the pool was full
+
+    def lease(self, frames: Sequence[Any], to: str) -> Lease | None:
+        """Copy ``frames`` end to end into a free segment leased to party ``to``; None when full."""
+        views = [memoryview(f).cast("B") for f in frames]
+        total = sum(v.nbytes for v in views)
+        size = max(MIN_SEGMENT_BYTES, 1 << max(0, total - 1).bit_length())
+        free = self._free[size]
+        if free:
+            segment = free.pop()
+        elif self.allocated + size > self.limit or self._closed:
+            self.fallbacks += 1
+            return None
+        else:
+            segment = self._create(size)
+        at = 0
+        target = segment.map
+        for view in views:
+            n = view.nbytes
+            target[at : at + n] = view
+            at += n
+        lease_id = next(self._ids)
+        self._leased[lease_id] = (segment, to)
+        self.used += size
+        return Lease(lease_id, segment.handle, tuple(v.nbytes for v in views))
+
+    def _create(self, size: int) -> _Segment:
+        token = secrets.token_hex(8)
+        fd = os.memfd_create(f"dpipes-{token}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            # Pre-faulted here, once: a reused segment costs no page faults on either side.
+            mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        except OSError:
+            os.close(fd)
+            raise
+        segment = _Segment(f"{os.getpid()}:{fd}:{token}:{size}", fd, mapped, size)
+        self._by_handle[segment.handle] = segment
+        self.allocated += size
+        log.debug("shm pool: new %d-byte segment %s (%d bytes in all)", size, segment.handle, self.allocated)
+        return segment
+
+    def release(self, lease_ids: Sequence[int], by: str, *, trusted: str = "") -> int:
+        """Give back leases that party ``by`` has done with; others' ids are ignored. Returns how many.
+
+        ``trusted`` names a party that may give back any lease (the hub, which copied it out itself).
+        """
+        done = 0
+        for lease_id in lease_ids:
+            held = self._leased.get(lease_id)
+            if held is None or (held[1] != by and by != trusted):
+                continue
+            del self._leased[lease_id]
+            self._give_back(held[0])
+            done += 1
+        return done
+
+    def reclaim(self, party: str) -> int:
+        """Party ``party`` is gone: every lease it held is free again. Returns how many."""
+        ids = [i for i, (_s, to) in self._leased.items() if to == party]
+        return self.release(ids, party)
+
+    def reclaim_all(self) -> int:
+        """Every party we leased to is gone (our hub is lost): every lease is free again."""
+        ids = list(self._leased)
+        for lease_id in ids:
+            self._give_back(self._leased.pop(lease_id)[0])
+        return len(ids)
+
+    def _give_back(self, segment: _Segment) -> None:
+        self.used -= segment.size
+        if self._closed:
+            self._destroy(segment)
+        else:
+            self._free[segment.size].append(segment)
+
+    def _destroy(self, segment: _Segment) -> None:
+        self._by_handle.pop(segment.handle, None)
+        self.allocated -= segment.size
+        segment.map.close()
+        os.close(segment.fd)
+
+    @property
+    def leased(self) -> int:
+        """Leases not given back yet."""
+        return len(self._leased)
+
+    def close(self) -> None:
+        """Unmap and close every segment (receivers keep their own mappings as long as they need). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for segments in self._free.values():
+            for segment in segments:
+                self._destroy(segment)
+        self._free.clear()
+        for segment, _to in self._leased.values():
+            self._destroy(segment)
+        self._leased.clear()
+        self.used = 0
+
+
+def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
+    """Run ``callback`` on ``loop`` soon, from any thread (a finalizer may run in any); False when closed."""
+    try:
+        if asyncio.get_running_loop() is loop:  # the usual case: no wake-up through the self-pipe
+            loop.call_soon(callback)
+            return True
+    except RuntimeError:
+        pass
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        return False
+    return True
+
+
+def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any]) -> list[Any] | None:
+    """The ``SHM`` message standing for the message ``header`` + ``frames``, its payload copied into a
+    lease of ``pool`` for the message's ``dst``; None when that kind cannot be or the pool is full."""
+    from dpipes.bus import codec
+
+    if header["kind"] not in codec.SHM_KINDS:
+        return None
+    lease = pool.lease(frames, to=header["dst"])
+    if lease is None:
+        return None
+    return [codec.packb_shm(header, lease.handle, lease.id, list(lease.sizes))]
+
+
+class _Mapped:
+    """A segment of another process, mapped read-only here."""
+
+    __slots__ = ("address", "buffer", "live", "map", "sender", "size")
+
+    def __init__(self, mapped: mmap.mmap, size: int, sender: str) -> None:
+        import pyarrow as pa  # only a receiver of handles pays for it
+
+        self.map = mapped
+        self.size = size
+        self.sender = sender
+        self.live = 0  # leases with views still held
+        self.buffer = pa.py_buffer(mapped)  # exports the map: it stays mapped while this lives
+        self.address: int = self.buffer.address
+
+
+class _Held:
+    """One received message's payload: its views keep it alive; when they are gone, it is given back."""
+
+    __slots__ = ("__weakref__", "segment")
+
+    def __init__(self, segment: _Mapped) -> None:
+        self.segment = segment
+
+
+class Reader:
+    """A receiver's mappings of senders' segments, and the views it hands out over them.
+
+    Args:
+        release: called with (the sender's address, the lease id) once the reader has dropped every
+            view of that lease; it must only queue the release (it may run inside a garbage collection).
+    """
+
+    def __init__(self, release: Callable[[str, int], None]) -> None:
+        self._release = release
+        self._mapped: dict[str, _Mapped] = {}
+        self.mapped_bytes = 0
+
+    def views(self, sender: str, handle: str, lease_id: int, offsets: Sequence[int]) -> tuple[memoryview, ...]:
+        """Zero-copy views of one lease's payload frames (``offsets``: the frame sizes in order).
+
+        Raises:
+            DecodeError: the handle is malformed, names no segment of that process, or the sizes do
+                not fit it.
+        """
+        import pyarrow as pa
+
+        segment = self._mapped.get(handle) or self._map(handle, sender)
+        if sum(offsets) > segment.size:
+            raise DecodeError(f"SHM sizes add up to {sum(offsets)} bytes, the segment has {segment.size}")
+        held = _Held(segment)
+        segment.live += 1
+        weakref.finalize(held, self._done, segment, sender, lease_id)
+        out = []
+        at = segment.address
+        for size in offsets:
+            out.append(memoryview(pa.foreign_buffer(at, size, base=held)).cast("B"))
+            at += size
+        return tuple(out)
+
+    def _done(self, segment: _Mapped, sender: str, lease_id: int) -> None:
+        segment.live -= 1
+        self._release(sender, lease_id)
+
+    def _map(self, handle: str, sender: str) -> _Mapped:
+        pid, fd, token, size = _parse_handle(handle)
+        path = f"/proc/{pid}/fd/{fd}"
+        expected = f"/memfd:dpipes-{token} (deleted)"
+        try:
+            if os.readlink(path) != expected:
+                raise DecodeError(f"SHM handle {handle!r:.80} names no dpipes segment of process {pid}")
+            local = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DecodeError(f"SHM handle {handle!r:.80}: cannot open the segment: {exc.strerror}") from None
+        try:
+            if os.readlink(f"/proc/self/fd/{local}") != expected:  # the sender's fd changed meanwhile
+                raise DecodeError(f"SHM handle {handle!r:.80}: the segment went away")
+            if os.fstat(local).st_size < size:
+                raise DecodeError(f"SHM handle {handle!r:.80}: the segment is smaller than it says")
+            mapped = mmap.mmap(local, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise DecodeError(f"SHM handle {handle!r:.80}: cannot map the segment: {exc.strerror}") from None
+        finally:
+            os.close(local)
+        if len(self._mapped) >= MAX_MAPPED_SEGMENTS:
+            self.forget_unused()
+        segment = self._mapped[handle] = _Mapped(mapped, size, sender)
+        self.mapped_bytes += size
+        return segment
+
+    def forget(self, sender: str) -> None:
+        """Party ``sender`` is gone: keep none of its segments mapped (views still held keep theirs
+        mapped until they are dropped; then the memory is freed)."""
+        for handle in [h for h, m in self._mapped.items() if m.sender == sender]:
+            self.mapped_bytes -= self._mapped.pop(handle).size
+
+    def forget_unused(self) -> None:
+        """Unmap every segment no view refers to (they are mapped again when a handle names them)."""
+        for handle, segment in list(self._mapped.items()):
+            if not segment.live:
+                self.mapped_bytes -= self._mapped.pop(handle).size
+
+    def close(self) -> None:
+        """Drop every mapping this reader keeps; views still held keep theirs alive."""
+        self._mapped.clear()
+        self.mapped_bytes = 0
+
+
+def _parse_handle(handle: str) -> tuple[int, int, str, int]:
+    parts = handle.split(":") if len(handle) <= MAX_HANDLE_CHARS else []
+    if len(parts) != 4 or not all(p.isdigit() for p in (parts[0], parts[1], parts[3])):
+        raise DecodeError(f"SHM handle {handle!r:.80} is not PID:FD:TOKEN:SIZE")
+    if not (parts[2].isalnum() and parts[2].isascii()):
+        raise DecodeError(f"SHM handle {handle!r:.80}: the token is not alphanumeric")
+    return int(parts[0]), int(parts[1]), parts[2], int(parts[3])

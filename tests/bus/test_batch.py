@@ -1,0 +1,183 @@
+"""Small messages coalesced into BATCH transfers: order, credit and errors stay per message."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from dpipes.bus import codec
+from dpipes.bus.client import Client
+from dpipes.bus.errors import DecodeError, NoRoute
+from dpipes.bus.hub import Hub
+from tests.bus.test_hub import WAIT_S, linked, until
+from tests.bus.test_hub_hostile import answer, attach, raw_socket, tracebacks
+
+COUNT = 3000  # more than one batch's worth between yields of the sender
+
+
+def chunk(i: int) -> bytes:
+    return f"message {i:05d}|".encode() * (1 + i % 3)  # sizes vary, so a wrong split shows
+
+
+# -- the codec ---------------------------------------------------------------------------------
+
+
+def test_a_batch_stands_for_its_members_in_order() -> None:
+    parts = [b"ab", b"", b"cde"]
+    batch = codec.Batch(src="a/s", dst="b/r", sid=7, seq=40, of="STDERR", sizes=[2, 0, 3], frames=(b"".join(parts),))
+    decoded = codec.decode([bytes(f) for f in codec.encode(batch)])
+    members = decoded.members()  # type: ignore[attr-defined]
+    assert [(m.KIND, m.src, m.dst, m.sid, m.seq) for m in members] == [
+        ("STDERR", "a/s", "b/r", 7, 40 + i) for i in range(3)
+    ]
+    assert [bytes(m.frames[0]) for m in members] == parts
+    assert members[2] == codec.Stderr(src="a/s", dst="b/r", sid=7, seq=42, frames=(members[2].frames[0],))
+
+
+@pytest.mark.parametrize(
+    ("changes", "frames", "what"),
+    [
+        ({"sizes": [1, 1]}, [b"abc"], "add up to 2 bytes, its payload frame has 3"),
+        ({"sizes": []}, [b""], "no member"),
+        ({"sid": 0}, [b"abc"], "outside a stream"),
+        ({"of": "OBJECTS"}, [b"abc"], "'of' must be one of BYTES, STDERR"),
+        ({"sizes": [3, -1]}, [b"abc"], "'sizes' must hold non-negative"),
+        ({"sizes": "3"}, [b"abc"], "'sizes' must be an array"),
+        ({"seq": 2**63 - 1, "sizes": [1, 2]}, [b"abc"], "runs past"),
+        ({}, [], "exactly 1 payload frame"),
+        ({}, [b"ab", b"c"], "exactly 1 payload frame"),
+    ],
+)
+def test_malformed_batches_are_decode_errors(changes: dict[str, object], frames: list[bytes], what: str) -> None:
+    header = codec.header_of(codec.Batch(src="a/s", dst="b/r", sid=7, seq=1, sizes=[3]))
+    header.update(changes)
+    with pytest.raises(DecodeError, match=what):
+        codec.decode([msgpack.packb(header), *frames])
+
+
+# -- on the bus --------------------------------------------------------------------------------
+
+
+async def test_small_messages_arrive_in_order_each_as_its_own_message_in_fewer_transfers() -> None:
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+        assert b._router is not None
+        transfers_before = b._router.received  # what beta's ROUTER took off the wire
+        for i in range(COUNT):
+            await stream.send_bytes(chunk(i))
+        await stream.send_bytes(b"L" * codec.BATCH_BELOW_BYTES)  # a large one goes alone, after the small ones
+        await stream.send_bytes(chunk(COUNT))
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await dst.accept(timeout=WAIT_S)
+        got = []
+        while (msg := await reader.read(timeout=WAIT_S)) is not None:
+            assert isinstance(msg, codec.Bytes) and len(msg.frames) == 1
+            got.append((msg.seq, bytes(msg.frames[0])))
+        expected = [chunk(i) for i in range(COUNT)] + [b"L" * codec.BATCH_BELOW_BYTES, chunk(COUNT)]
+        assert got == list(enumerate(expected, 1))
+        assert await closing == sum(map(len, expected))
+        # Every small message of a loop pass shared a transfer: far fewer than one per message.
+        assert b._router.received - transfers_before < COUNT // 10
+
+
+async def test_a_client_sends_and_receives_batches_through_its_hub() -> None:
+    async with Hub("alpha") as a:
+        async with Client(a.ipc_endpoint) as sender, Client(a.ipc_endpoint) as receiver:
+            stream = sender.endpoint.open_stream(receiver.endpoint.addr)
+            await stream.send_many(chunk(i) for i in range(COUNT))
+            closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+            reader = await receiver.endpoint.accept(timeout=WAIT_S)
+            got: list[bytes] = []
+            while chunks := await reader.read_chunks(limit=1000, timeout=WAIT_S):
+                assert len(chunks) <= 1000
+                got.extend(bytes(c) for c in chunks)
+            assert got == [chunk(i) for i in range(COUNT)]
+            assert await closing == reader.received == sum(map(len, got))
+
+
+async def test_credit_is_per_message_inside_a_batch() -> None:
+    size = 64
+    cost = size + codec.MESSAGE_CREDIT_BYTES
+    may_send = -(-codec.INITIAL_CREDIT_BYTES // cost)  # the spec's units, message by message
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+
+        async def write_forever() -> None:
+            while True:
+                await stream.send_many([b"c" * size] * 100)
+
+        writer = asyncio.create_task(write_forever())
+        try:
+            await until(lambda: stream.cost >= stream.limit)
+            assert stream.sent == may_send * size  # not a byte more: it waits for credit mid-batch
+            reader = await dst.accept(timeout=WAIT_S)
+            taken = 1
+            await reader.read(timeout=WAIT_S)
+            while taken * cost < codec.INITIAL_CREDIT_BYTES // 4:  # the endpoint grants each quarter window
+                taken += len(await reader.read_chunks(limit=7, timeout=WAIT_S))
+            await until(lambda: stream.limit > codec.INITIAL_CREDIT_BYTES)
+            assert stream.limit == codec.INITIAL_CREDIT_BYTES + taken * cost
+        finally:
+            writer.cancel()
+
+
+async def test_an_undeliverable_batch_is_reported_for_its_first_message() -> None:
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+        await stream.send_many(chunk(i) for i in range(10))
+        reader = await dst.accept(timeout=WAIT_S)
+        assert [bytes(c) for c in await reader.read_chunks(timeout=WAIT_S)] == [chunk(i) for i in range(10)]
+        dst.close()  # the receiver is gone: the next batch bounces
+        await stream.send_many(chunk(i) for i in range(10, 20))
+        with pytest.raises(NoRoute, match="no endpoint 'dst'"):
+            await until(lambda: stream.failed_seq is not None)
+            await stream.send_bytes(b"more")
+        assert stream.failed_seq == 11  # the first message that did not arrive; the ten before it did
+
+
+async def test_a_malformed_batch_gets_a_coded_answer_and_the_stream_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dpipes")
+    ctx = zmq.asyncio.Context()
+    try:
+        async with Hub("alpha") as a, raw_socket(ctx, a.ipc_endpoint) as sock:
+            sink = a.endpoint("sink")
+            addr = await attach(sock, "batcher")
+            bad = codec.header_of(codec.Batch(src=addr, dst="alpha/sink", sid=5, seq=1, sizes=[2, 2]))
+            await sock.send_multipart([msgpack.packb(bad), b"abc"])
+            error = await answer(sock)
+            assert isinstance(error, codec.Error) and error.code == "bad-message"
+            assert (error.sid, error.seq) == (5, 1) and "add up to" in error.message
+            good = codec.Batch(src=addr, dst="alpha/sink", sid=5, seq=1, sizes=[2, 1], frames=(b"abc",))
+            await sock.send_multipart(codec.encode(good))
+            reader = await sink.accept(timeout=WAIT_S)
+            assert [bytes(c) for c in await reader.read_chunks(timeout=WAIT_S)] == [b"ab", b"c"]
+            assert a.stats[addr].bad == 1
+    finally:
+        ctx.term()
+    assert tracebacks(caplog.records) == []
+
+
+async def test_a_reused_buffer_is_sent_as_it_was_when_sent() -> None:
+    async with Hub("alpha") as a:
+        src, dst = a.endpoint("src"), a.endpoint("dst")
+        stream = src.open_stream("alpha/dst")
+        buffer = bytearray(b"first")
+        await stream.send_bytes(buffer)
+        buffer[:] = b"again"  # before the loop pass ends, as a readinto loop would
+        await stream.send_bytes(memoryview(buffer))
+        buffer[:] = b"third"
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await dst.accept(timeout=WAIT_S)
+        got = []
+        while chunks := await reader.read_chunks(timeout=WAIT_S):
+            got.extend(bytes(c) for c in chunks)
+        assert got == [b"first", b"again"]
+        assert await closing == 10

@@ -1,0 +1,147 @@
+"""Same-host shared memory: large payloads as handles between a client and its hub, zero-copy,
+reclaimed when read and when either side is killed, and nothing left behind on the host."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from dpipes.bus import client as client_module
+from dpipes.bus import codec, shm
+from dpipes.bus import hub as hub_module
+from dpipes.bus.arrow_stream import ArrowStreamReader, ArrowStreamWriter
+from dpipes.bus.client import Client
+from dpipes.bus.errors import PeerLost
+from dpipes.bus.hub import Hub
+from tests.bus.test_hub import WAIT_S, linked, process, until
+
+MIB = 1 << 20
+
+pytestmark = pytest.mark.skipif(not shm.host_id(), reason="needs Linux memfd_create and /proc")
+
+
+def chunk(i: int) -> bytes:
+    return i.to_bytes(8, "big") * (MIB // 8)
+
+
+def segments_mapped_here() -> list[str]:
+    """This process's mappings of dpipes shared-memory segments (its own or another's)."""
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if "memfd:dpipes-" in line]
+
+
+def dev_shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+async def test_a_client_hands_large_payloads_to_its_hub_in_shared_memory_zero_copy() -> None:
+    async with Hub("alpha") as a, Client(a.ipc_endpoint) as client:
+        sink = a.endpoint("sink")
+        stream = client.endpoint.open_stream("alpha/sink")
+        for i in range(3):
+            await stream.send_bytes(chunk(i))
+        await stream.send_bytes(b"small")  # through the socket, as before
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await sink.accept(timeout=WAIT_S)
+        pool = client._pool
+        assert pool is not None
+        first = await reader.read(timeout=WAIT_S)
+        assert isinstance(first, codec.Bytes) and first.frames[0].readonly  # a view of the client's segment
+        assert bytes(first.frames[0]) == chunk(0) and pool.leased >= 1
+        del first
+        got = [bytes((await reader.read(timeout=WAIT_S)).frames[0]) for _ in range(3)]  # type: ignore[union-attr]
+        assert got == [chunk(1), chunk(2), b"small"]
+        assert await reader.read(timeout=WAIT_S) is None
+        assert await closing == 3 * MIB + 5
+        gc.collect()
+        await until(lambda: pool.leased == 0)  # every lease came back once read
+        allocated = pool.allocated
+        stream = client.endpoint.open_stream("alpha/sink")
+        await stream.send_bytes(chunk(9))
+        reader = await sink.accept(timeout=WAIT_S)
+        assert bytes((await reader.read(timeout=WAIT_S)).frames[0]) == chunk(9)  # type: ignore[union-attr]
+        assert pool.allocated == allocated  # the segment was reused, not another one made
+    assert segments_mapped_here() == []
+
+
+async def test_a_hub_hands_large_payloads_to_its_client_and_arrow_batches_arrive_zero_copy() -> None:
+    pa = pytest.importorskip("pyarrow")
+    batch = pa.RecordBatch.from_pydict({"x": pa.array(range(300_000), pa.int64()), "y": pa.array([1.5] * 300_000)})
+    async with Hub("alpha") as a, Client(a.ipc_endpoint) as client:
+        src = a.endpoint("src")
+        writer = ArrowStreamWriter(src.open_stream(client.endpoint.addr), batch.schema)
+
+        async def send() -> None:
+            await writer.write_all([batch, batch])
+            await writer.close(timeout=WAIT_S)
+
+        sending = asyncio.create_task(send())
+        received = [b async for b in ArrowStreamReader(await client.endpoint.accept(timeout=WAIT_S))]
+        await sending
+        assert [b.equals(batch) for b in received] == [True, True]
+        assert client._reader is not None and client._reader.mapped_bytes > 0  # it came as handles
+        assert a._pool is not None and a._pool.leased >= 1  # the client still holds the batches
+        del received
+        gc.collect()
+        await until(lambda: a._pool is not None and a._pool.leased == 0)
+
+
+async def test_a_payload_for_another_node_leaves_shared_memory_on_the_way() -> None:
+    async with linked("alpha", "beta") as (a, b), Client(a.ipc_endpoint) as client:
+        sink = b.endpoint("sink")
+        stream = client.endpoint.open_stream("beta/sink")
+        await stream.send_bytes(chunk(7))
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await sink.accept(timeout=WAIT_S)
+        msg = await reader.read(timeout=WAIT_S)
+        assert isinstance(msg, codec.Bytes) and bytes(msg.frames[0]) == chunk(7)
+        assert not msg.frames[0].readonly or b._reader.mapped_bytes == 0  # beta never mapped anything
+        assert await reader.read(timeout=WAIT_S) is None and await closing == MIB
+        pool = client._pool
+        assert pool is not None
+        await until(lambda: pool.leased == 0)  # alpha copied it out and gave the lease back
+
+
+async def test_a_sender_killed_while_its_payload_is_read_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_module, "CLIENT_TIMEOUT_S", 1.0)  # notice the dead client soon
+    before = dev_shm()
+    async with Hub("alpha") as a:
+        sink = a.endpoint("sink")
+        async with process("blast", a.ipc_endpoint, "2", str(MIB), "alpha") as (proc, _addr):
+            reader = await sink.accept(timeout=WAIT_S)
+            held = [await reader.read(timeout=WAIT_S) for _ in range(2)]
+            assert segments_mapped_here() != []  # read in place, in the sender's segments
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        # The memory outlives its creator while read: the views still hold the right bytes.
+        assert [bytes(m.frames[0]) for m in held] == [chunk(0), chunk(1)]  # type: ignore[union-attr]
+        await until(lambda: not a._clients)  # the hub detached the silent client
+        del held, reader
+        gc.collect()
+        await until(lambda: segments_mapped_here() == [])
+    assert dev_shm() == before
+
+
+async def test_a_receiver_killed_holding_leases_gives_them_all_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module, "PEER_TIMEOUT_S", 1.0)  # notice the dead hub soon
+    before = dev_shm()
+    async with process("sink-ipc", "beta") as (proc, ipc):
+        async with Client(ipc) as client:
+            stream = client.endpoint.open_stream("beta/sink")
+            for i in range(3):
+                await stream.send_bytes(chunk(i))  # accepted, never read: the leases stay out
+            pool = client._pool
+            assert pool is not None
+            await until(lambda: pool.leased == 3)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            with pytest.raises(PeerLost):
+                await client.endpoint.recv(timeout=WAIT_S)
+            assert pool.leased == 0  # a dead reader pins nothing
+            assert segments_mapped_here() != []  # kept for reuse until the client closes
+    assert segments_mapped_here() == []
+    assert dev_shm() == before
