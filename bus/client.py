@@ -27,6 +27,7 @@ from dpipes.bus.pump import Pump
 
 log = logging.getLogger(__name__)
 
+CLIENT_MAX_IN_STREAMS = 1024  # a run's client receives stdout, stderr and Pipes of up to 64 stages at once
 HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 ATTACH_TIMEOUT_S = 5.0  # a hub answers ATTACH at once; longer means nothing listens there
 
@@ -109,7 +110,7 @@ class Client:
             await self._close_sockets()
             raise
         self._stop_monitor(monitor)
-        self._endpoint = Endpoint(addr, self)
+        self._endpoint = Endpoint(addr, self, max_streams=CLIENT_MAX_IN_STREAMS)
         self._last_heard = time.monotonic()
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"client {addr} heartbeats")
 

@@ -77,7 +77,8 @@ Kinds
     * ``ERROR`` ``code: str, message: str, node: str, to: str`` -- a message that ``dst`` sent
       to address ``to`` (with this ``sid`` and ``seq``) could not be delivered or done; ``node``
       names where it failed. Codes: ``no-route``, ``no-endpoint``, ``peer-lost``,
-      ``not-linked``, ``refused``, ``bad-message``. An ``ERROR`` is never answered with one.
+      ``not-linked``, ``refused``, ``bad-message``, ``credit-exceeded``, ``over-limit`` (the last
+      two: see *Limits of a receiver*). An ``ERROR`` is never answered with one.
 
     Data (*payload*), normally inside a stream (``sid`` != 0) under credit:
 
@@ -174,12 +175,26 @@ Flow control
     window is larger than ``INITIAL_CREDIT_BYTES`` grants the difference when the stream
     opens. ``EOF.total`` and ``EOF_ACK.total`` count payload bytes only, not units.
 
+Limits of a receiver
+    A receiver enforces the credit it granted. A data message that arrives after its sender had
+    spent all the units granted to the stream (``INITIAL_CREDIT_BYTES`` plus every ``CREDIT``)
+    ends the stream: the receiver answers ``ERROR`` ``credit-exceeded`` (``sid`` and ``seq`` the
+    message's, ``to`` the receiver), drops what the stream had queued and fails its reader. A
+    receiver may bound how many incoming streams it has open at once (a dpipes endpoint: 64 by
+    default, one for a stage's input, none for a node's control endpoint); the first message of
+    a stream beyond the bound is answered ``ERROR`` ``over-limit``. Whatever more a refused
+    stream sends is dropped unanswered. Both are counted, and logged at most once per interval.
+    So a receiver never holds more than its open streams' windows plus one message each.
+
 Sessions
     A hub links to each peer hub with ``HELLO``/``WELCOME`` and sends ``PING`` on every link
     every ``HEARTBEAT_INTERVAL_S``; a peer silent for ``PEER_TIMEOUT_S`` is lost: the hub sends
     its endpoints ``LINK`` (up false) and fails the streams that involve it. A client attaches
     with ``ATTACH`` and is answered ``ATTACHED``, or ``ERROR`` (``refused``: the name is taken
-    or holds ``/``; ``bad-message``: the ``ATTACH`` is malformed, a name too long included).
+    or holds ``/``, or the hub has as many clients attached as it takes, in all or from that
+    client's address; ``bad-message``: the ``ATTACH`` is malformed, a name too long included).
+    A client that does not read what its hub sends it, so that the hub holds more for it than
+    its configured bound (bytes or messages), is detached with ``BYE`` naming why.
     An attached client must send ``PING`` at least every ``HEARTBEAT_INTERVAL_S``; the hub
     answers ``PONG``. A client silent for ``CLIENT_TIMEOUT_S`` is detached: the hub sends it
     ``BYE`` naming why and forgets its address (later messages from it get ``ERROR``

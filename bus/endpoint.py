@@ -3,15 +3,26 @@
 An ``Endpoint`` does not know how its messages travel: an in-process endpoint hands them to its
 hub directly, a client endpoint (``dpipes.bus.client``) sends them over a DEALER socket to a hub.
 Streams and their credit accounting live here, the same for both.
+
+A receiving endpoint enforces what the spec's *Flow control* lets a sender do (codec, *Limits of a
+receiver*): a data message that starts after the sender spent all the credit granted to it cancels
+its stream with ``ERROR`` ``credit-exceeded``; a stream beyond the endpoint's ``max_streams`` open
+incoming streams is refused with ``ERROR`` ``over-limit``. Either is counted
+(:attr:`Endpoint.refused`), logged once per ``REFUSED_LOG_INTERVAL_S``, and what the stream had
+queued is dropped, as is whatever more it sends. So no sender holds more of a node's memory than
+``max_streams`` windows (plus one message each).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
@@ -33,6 +44,9 @@ CREDIT_GRANT_FRACTION = 4  # grant credit once a quarter of the window has been 
 YIELD_EVERY_MESSAGES = 256  # a sender with credit still lets the loop run this often...
 YIELD_EVERY_BYTES = 1 << 20  # ...or after this many bytes, so heartbeats and readers keep going
 YIELD_SHIFT = (YIELD_EVERY_BYTES // YIELD_EVERY_MESSAGES).bit_length() - 1  # bytes -> message units
+MAX_IN_STREAMS = 64  # incoming streams open at once on one endpoint, by default; each holds up to a window
+DEAD_STREAMS_REMEMBERED = 1024  # streams we refused: what more they send is dropped unanswered
+REFUSED_LOG_INTERVAL_S = 10.0  # an endpoint logs the streams it refuses at most once per interval
 READ_MANY_MESSAGES = 4096  # what read_chunks hands over at most per call: a batch's worth
 
 
@@ -284,6 +298,8 @@ class InStream:
         self._grant_step = max(1, window // CREDIT_GRANT_FRACTION)
         self._queue = _Waitable(endpoint._loop)
         self._eof = False
+        self._arrived = 0  # credit units of the data messages that arrived (read or not)
+        self._allowed = max(window, codec.INITIAL_CREDIT_BYTES)  # units granted: initial, window, grants
         self._batch: codec.Batch | None = None  # the BATCH being read, member by member
         self._member = 0  # the index of its next member
         self._offset = 0  # where that member's payload starts in the batch's frame
@@ -326,6 +342,7 @@ class InStream:
         if self._consumed - self._granted >= self._grant_step:
             grant = self._consumed - self._granted
             self._granted = self._consumed
+            self._allowed += grant
             self.endpoint._send(codec.Credit(src=self.endpoint.addr, dst=self.src, sid=self.sid, bytes=grant))
 
     def _next_member(self) -> Message:
@@ -412,10 +429,33 @@ class InStream:
         self._queue = _Waitable(self.endpoint._loop)
         self._batch = None
         self.endpoint._in.pop((self.src, self.sid), None)
+        self.endpoint._bury(self.src, self.sid)
+
+    def _take(self, msg: Message) -> bool:
+        """Queue a data message or EOF that arrived; False if it breaks the sender's credit."""
+        if msg.KIND == "BATCH":  # its members, each of which had to start within the credit
+            assert isinstance(msg, codec.Batch)
+            cost = msg.payload_bytes + len(msg.sizes) * codec.MESSAGE_CREDIT_BYTES
+            if self._arrived + cost - (msg.sizes[-1] + codec.MESSAGE_CREDIT_BYTES) >= self._allowed:
+                return False  # its last member started with no credit left
+            self._arrived += cost
+        elif msg.KIND != "EOF":
+            if self._arrived >= self._allowed:  # it started with no credit left: the spec forbids it
+                return False
+            self._arrived += msg.payload_bytes + codec.MESSAGE_CREDIT_BYTES
+        self._queue.put(msg)
+        return True
 
     def _fail(self, error: BaseException) -> None:
         self._queue.fail(error)
         self.endpoint._in.pop((self.src, self.sid), None)
+
+    def _refuse(self, error: BaseException) -> None:
+        """Drop what is queued and fail the reader: the sender broke the receiver's limits."""
+        self._queue = _Waitable(self.endpoint._loop)  # its reader gets ``error``, not a short stream
+        self._batch = None
+        self._fail(error)
+        self.endpoint._bury(self.src, self.sid)
 
 
 def _readdress(msg: Message, src: str, dst: str, sid: int, seq: int) -> Message:
@@ -431,6 +471,9 @@ class Endpoint:
         window: the credit this endpoint keeps open for each incoming stream: at least
             ``INITIAL_CREDIT_BYTES`` (every stream starts with that much); more is granted at once
             when a stream opens. A larger window lets big messages pipeline; it bounds memory.
+        max_streams: how many incoming streams may be open at once; one more is refused with
+            ``ERROR`` ``over-limit``. 0 for an endpoint that takes no streams (a control endpoint).
+            With ``window`` it bounds what senders can make this endpoint hold.
     """
 
     def __init__(
@@ -439,6 +482,7 @@ class Endpoint:
         transport: Transport,
         *,
         window: int = codec.INITIAL_CREDIT_BYTES,
+        max_streams: int = MAX_IN_STREAMS,
         on_close: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self.addr = addr
@@ -447,8 +491,12 @@ class Endpoint:
         self._inbox = _Waitable(self._loop)
         self._accepts = _Waitable(self._loop)
         self._window = window
+        self._max_streams = max_streams
         self._out: dict[int, OutStream] = {}
         self._in: dict[tuple[str, int], InStream] = {}
+        self._dead: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self.refused: collections.Counter[str] = collections.Counter()  # streams refused, by ERROR code
+        self._refused_logged_at = -math.inf
         self._requests: dict[int, tuple[str, asyncio.Future[codec.Reply]]] = {}
         self._ids = itertools.count(1)
         self._on_close = on_close
@@ -604,11 +652,38 @@ class Endpoint:
         key = (msg.src, msg.sid)
         stream = self._in.get(key)
         if stream is None:
-            if isinstance(msg, codec.Eof) and msg.total:
-                return  # the end of a stream we already gave up on
+            if key in self._dead or (isinstance(msg, codec.Eof) and msg.total):
+                return  # more of a stream we refused or already gave up on
+            if len(self._in) >= self._max_streams:
+                what = f"{self._max_streams} incoming streams are open" if self._max_streams else "it takes no streams"
+                self._refuse(msg, "over-limit", f"endpoint {self.addr} refused stream {msg.sid}: {what}")
+                return
             stream = self._in[key] = self._new_in_stream(msg.src, msg.sid)
             self._accepts.put(stream)
-        stream._queue.put(msg)
+        if not stream._take(msg):
+            text = f"stream {msg.sid} from {msg.src} sent past the credit {self.addr} granted ({stream._allowed} units)"
+            self._refuse(msg, "credit-exceeded", text)
+            stream._refuse(StreamError(text))
+
+    def _refuse(self, msg: Message, code: str, text: str) -> None:
+        """Refuse the stream of ``msg``: tell its sender with a coded ERROR, count it, log it once per interval."""
+        self._bury(msg.src, msg.sid)
+        self.refused[code] += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL_S:
+            self._refused_logged_at = now
+            log.warning("%.300s (%d streams refused here in all)", text, self.refused.total())
+        error = codec.Error(
+            src=self.addr, dst=msg.src, sid=msg.sid, seq=msg.seq, code=code, message=text, node=self.node, to=self.addr
+        )
+        with contextlib.suppress(BusError):
+            self._send(error)
+
+    def _bury(self, src: str, sid: int) -> None:
+        """Remember a stream we are done with, so that what more it sends is dropped unanswered."""
+        self._dead[(src, sid)] = None
+        if len(self._dead) > DEAD_STREAMS_REMEMBERED:
+            self._dead.popitem(last=False)
 
     def _new_in_stream(self, src: str, sid: int) -> InStream:
         stream = InStream(self, src, sid, self._window)
@@ -657,6 +732,13 @@ class Endpoint:
         for dst, future in list(self._requests.values()):
             if codec.split_addr(dst)[0] == msg.node and not future.done():
                 future.set_exception(error)
+
+    def fail_party(self, addr: str, error: BaseException) -> None:
+        """Fail the streams to and from ``addr`` (a client that went away) and drop what they queued."""
+        for out in [o for o in self._out.values() if o.dst == addr]:
+            out._fail(error)
+        for ins in [i for i in self._in.values() if i.src == addr]:
+            ins._refuse(error)
 
     def fail_all(self, error: BaseException) -> None:
         """Fail every stream, request and reader of this endpoint (its transport is gone)."""

@@ -23,6 +23,16 @@ was admitted with (a connection that took over another's routing id is dropped a
 :meth:`Hub.identity_of` tells the node who is behind a bus address. Without ``security`` the hub
 speaks plain ZMTP (loopback tests, ``--insecure``) and everyone is ``INSECURE``.
 
+Node identity: one name, one live instance. A ``HELLO`` (or a ``WELCOME``) whose node name is
+linked with another instance that we heard from within ``TAKEOVER_SILENCE_S`` is refused with
+``BYE`` naming both instances and where each is, and logged (once per name per interval); the
+running link is not touched, so a forged ``HELLO`` cannot take down a transfer and two honest
+nodes with one name do not flap: the second is refused. A restarted node (same name, a new
+instance, the old one silent because it died) takes over as soon as the old instance has been
+silent ``TAKEOVER_SILENCE_S``: its own retries (a refused static link says ``HELLO`` again every
+``REFUSED_RETRY_S``) or ours, when the old link is lost, link it. This holds without keys; keys
+(CURVE) decide who may use a name at all.
+
 What a hub does with bad messages, idle clients and at shutdown is part of the wire spec
 (:mod:`dpipes.bus.codec`, *Sessions* and *Bad messages*). Everything read off a socket is checked
 at the ROUTER or link boundary; names and reasons from the wire are logged with ``%r`` so that a
@@ -62,8 +72,8 @@ from dpipes.bus.codec import (
     PEER_TIMEOUT_S,
     Message,
 )
-from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, DecodeError, ProtocolMismatch, RequestTimeout, SecurityError
+from dpipes.bus.endpoint import MAX_IN_STREAMS, Endpoint
+from dpipes.bus.errors import BusError, DecodeError, PeerLost, ProtocolMismatch, RequestTimeout, SecurityError
 from dpipes.bus.keys import PublicKey
 from dpipes.bus.pump import Pump, send_frames
 from dpipes.bus.tap import TAP_HWM, Mirror
@@ -71,12 +81,34 @@ from dpipes.bus.trust import INSECURE, Identity
 
 log = logging.getLogger(__name__)
 
-CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full, then dropped
+CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full; more detaches it
+CLIENT_BACKLOG_BYTES = 64 * 1024 * 1024  # ...or payload bytes held so: a client that does not read is detached
+MAX_CLIENTS = 512  # clients attached at once; one more ATTACH is refused
+MAX_CLIENTS_PER_ADDRESS = 128  # of those, from one remote address or, over ipc, one local user
+# A HELLO (or WELCOME) naming a linked node with another instance replaces that link only if the
+# linked instance has been silent this long: a live node PINGs every HEARTBEAT_INTERVAL_S, so this
+# is four missed heartbeats; it is under PEER_TIMEOUT_S, so a restarted node takes over before
+# its old incarnation is even declared lost.
+TAKEOVER_SILENCE_S = 4 * HEARTBEAT_INTERVAL_S
+REFUSED_RETRY_S = 2 * PEER_TIMEOUT_S  # a static link that was refused says HELLO again this often
 ROUTER_HWM = 100_000  # per-peer queue in messages; credits keep streams far below it
 
 
 def _valid_node_name(name: str) -> bool:
     return 0 < len(name) <= MAX_NODE_NAME_CHARS and "/" not in name
+
+
+def _peer_address(frame: Any) -> str:
+    """Where a ROUTER frame came from: the remote IP address for TCP, ``local uid N`` for ipc
+    (libzmq says ``localhost:UID:GID:PID`` there), "" when libzmq cannot say."""
+    try:
+        address = str(frame.get("Peer-Address") or "")
+    except (zmq.ZMQError, AttributeError):
+        return ""
+    parts = address.split(":")
+    if len(parts) == 4 and parts[0] == "localhost" and parts[1].isdigit():
+        return f"local uid {parts[1]}"
+    return address
 
 
 def _set_common(sock: zmq.Socket[Any]) -> None:
@@ -128,6 +160,7 @@ class _Link:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     endpoints: dict[str, Any] = dataclasses.field(default_factory=dict)
     refused: str = ""
+    refused_at: float = 0.0  # when (monotonic) it was refused; a static link retries later
     waiters: list[asyncio.Future[str]] = dataclasses.field(default_factory=list)
     key: PublicKey | None = None  # the peer's CURVE key this link connects with (secure hubs)
 
@@ -140,7 +173,9 @@ class _Client:
     addr: str
     last_heard: float
     local: bool = False  # attached over ipc://: a process of this host
+    source: str = ""  # the remote address it connected from (``local uid N`` for ipc)
     backlog: collections.deque[list[Any]] = dataclasses.field(default_factory=collections.deque)
+    backlog_bytes: int = 0
     user_id: str | None = None  # the ZAP User-Id of its connection (secure hubs): who it is
     shm: bool = False  # on this host: SHM messages go to it as they are, and from us to it
 
@@ -168,6 +203,10 @@ class Hub:
         tap: where the tap XPUB listens; None: an ``ipc://`` path beside ``ipc``.
         advertise: the host to tell peers, when ``tcp`` binds a wildcard address.
         info: what this node tells peers about itself in HELLO (programs, version, ...).
+        max_clients: clients attached at once; ``ATTACH`` beyond it is refused.
+        max_clients_per_address: of those, from one remote address or one local user (ipc).
+        client_backlog_bytes: bytes held for a client that does not read, beyond which (or
+            beyond ``CLIENT_BACKLOG_MESSAGES`` messages) it is detached with ``BYE``.
         security: CurveZMQ keys and trust (see *Security* in the module docstring); None: no
             keys, for loopback tests and ``--insecure`` nodes.
     """
@@ -181,6 +220,9 @@ class Hub:
         tap: str | None = None,
         advertise: str | None = None,
         info: dict[str, Any] | None = None,
+        max_clients: int = MAX_CLIENTS,
+        max_clients_per_address: int = MAX_CLIENTS_PER_ADDRESS,
+        client_backlog_bytes: int = CLIENT_BACKLOG_BYTES,
         security: HubSecurity | None = None,
     ) -> None:
         if not _valid_node_name(node):
@@ -208,11 +250,15 @@ class Hub:
         self.stats: dict[str, PeerStats] = collections.defaultdict(PeerStats)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._client_ids = 0
+        self._clash_logged_at: dict[str, float] = {}  # node name -> when a clash on it was last logged
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.link_listeners: list[Callable[[str, bool, str], None]] = []  # (node, up, reason)
         self.client_listeners: list[Callable[[str], None]] = []  # (address) of a client that left
         self._transport = _InProcess(self)
+        self.max_clients = max_clients
+        self.max_clients_per_address = max_clients_per_address
+        self.client_backlog_bytes = client_backlog_bytes
         self._security = security
         self._gate: Gatekeeper | None = None
         self._peer_user_ids: dict[bytes, str | None] = {}  # a peer's DEALER identity -> its ZAP User-Id
@@ -366,15 +412,20 @@ class Hub:
 
     # -- endpoints -----------------------------------------------------------------------------
 
-    def endpoint(self, name: str, *, window: int = codec.INITIAL_CREDIT_BYTES) -> Endpoint:
-        """An in-process endpoint ``node/name`` on this hub."""
+    def endpoint(
+        self, name: str, *, window: int = codec.INITIAL_CREDIT_BYTES, max_streams: int = MAX_IN_STREAMS
+    ) -> Endpoint:
+        """An in-process endpoint ``node/name`` on this hub (``window`` and ``max_streams``: see
+        :class:`~dpipes.bus.endpoint.Endpoint`; they bound what senders can make it hold)."""
         if not name or "/" in name or len(name) > codec.MAX_ENDPOINT_NAME_CHARS:
             raise ValueError(
                 f"invalid endpoint name {name!r:.80}: use 1-{codec.MAX_ENDPOINT_NAME_CHARS} characters without '/'"
             )
         if name in self._local:
             raise BusError(f"endpoint {self.node}/{name} already exists")
-        ep = Endpoint(f"{self.node}/{name}", self._transport, window=window, on_close=self._forget)
+        ep = Endpoint(
+            f"{self.node}/{name}", self._transport, window=window, max_streams=max_streams, on_close=self._forget
+        )
         self._local[name] = ep
         return ep
 
@@ -413,6 +464,25 @@ class Hub:
     def learn_peer(self, endpoint: str, *, key: PublicKey | None = None) -> None:
         """Link to a hub we heard of (from gossip); forgotten again if it is lost."""
         self._ensure_link(endpoint, static=False, key=key)
+
+    def drop_peer(self, endpoint: str, reason: str = "dropped on request") -> bool:
+        """Close our link to ``endpoint``: one that is not up, or a learned one that is (its node is
+        then lost to our endpoints, as on a missed heartbeat). A static link that is up stays: the
+        operator asked for it. Whether a link was closed."""
+        link = self._links.get(endpoint)
+        if link is None or (link.up and link.static):
+            return False
+        if link.up:
+            self._link_send(link, codec.Bye(src=f"{self.node}/", dst=f"{link.node}/", reason=reason[:MAX_STRING_CHARS]))
+            self._link_down(link, reason)
+        error = BusError(f"node {self.node}: link to {endpoint} dropped: {reason}")
+        for waiter in link.waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        link.waiters.clear()
+        self._drop_link(link)
+        log.debug("node %s: dropped the link to %s: %s", self.node, endpoint, reason)
+        return True
 
     async def connect_peer(self, endpoint: str, *, timeout: float = 10.0, key: PublicKey | None = None) -> str:
         """Link to the hub at ``endpoint`` and return its node name once the link is up.
@@ -564,8 +634,10 @@ class Hub:
         return None
 
     def _refused(self, link: _Link, reason: str) -> None:
-        link.refused = reason
-        log.error("node %s: peer at %s refused the link: %.300r", self.node, link.endpoint, reason)
+        (log.debug if link.refused == reason else log.error)(
+            "node %s: peer at %s refused the link: %.600r", self.node, link.endpoint, reason
+        )  # a static link retries: the same refusal again is not news
+        link.refused, link.refused_at = reason, time.monotonic()
         error = ProtocolMismatch(f"node {self.node}: peer at {link.endpoint} refused the link: {reason}")
         for waiter in link.waiters:
             if not waiter.done():
@@ -581,6 +653,13 @@ class Hub:
         """
         existing = self._by_node.get(node)
         if existing is not None and existing is not link:
+            taken = self._name_taken(node, instance, link.endpoint)
+            if taken:  # it answered our HELLO: tell it we do not take it, and why
+                self._link_send(link, codec.Bye(src=f"{self.node}/", dst=f"{node}/", reason=taken[:MAX_STRING_CHARS]))
+                self._refused(link, taken)
+                if not link.static:
+                    self._drop_link(link)
+                return
             if existing.instance == instance and existing.up:
                 # Two addresses of one peer (127.0.0.1 and localhost, say): keep the first.
                 self._drop_link(link)
@@ -654,6 +733,8 @@ class Hub:
                         self._link_send(link, codec.Ping(src=f"{self.node}/", dst=f"{link.node}/"))
                 elif not link.refused:
                     self._hello(link)
+                elif link.static and now - link.refused_at >= REFUSED_RETRY_S:
+                    self._hello(link)  # the name it clashed with may be gone, its version upgraded
             for client in list(self._clients.values()):
                 silent = now - client.last_heard
                 if silent > CLIENT_TIMEOUT_S:
@@ -937,6 +1018,11 @@ class Hub:
             log.error("node %s: refused a link from instance %.8r: %s", self.node, hello.instance, reason)
             self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))
             return
+        taken = self._name_taken(hello.node, hello.instance, self._hello_origin(hello, frames[1]))
+        if taken:
+            self.stats[hello.node].dropped += 1
+            self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=taken[:MAX_STRING_CHARS])))
+            return
         self._peer_idents[ident] = (hello.node, hello.instance)
         self._peer_user_ids[ident] = user_id
         self._router_send(
@@ -970,6 +1056,33 @@ class Hub:
         new.info, new.endpoints = hello.info, hello.endpoints
         self._link_up(new, hello.node, hello.instance)
 
+    @staticmethod
+    def _hello_origin(hello: codec.Hello, frame: Any) -> str:
+        """Where a HELLO says its hub listens, and the address it came from, for messages."""
+        bus = hello.endpoints.get("bus")
+        source = _peer_address(frame)
+        return f"{bus if isinstance(bus, str) else '(no endpoint)'!r:.120} from {source or 'an unknown address'}"
+
+    def _name_taken(self, node: str, instance: str, origin: str) -> str:
+        """Why ``instance`` may not use the name ``node`` (another live instance is linked under it), or ""."""
+        existing = self._by_node.get(node)
+        if existing is None or not existing.up or existing.instance == instance:
+            return ""
+        silent = time.monotonic() - existing.last_heard
+        if silent >= TAKEOVER_SILENCE_S:
+            return ""  # the linked instance is gone (restarted, or died): the new one takes over
+        reason = (
+            f"node name {node!r} is linked with instance {existing.instance:.16} at {existing.endpoint}"
+            f" on node {self.node}; instance {instance:.16} at {origin} is refused: give every node a unique name"
+        )
+        now = time.monotonic()
+        if now - self._clash_logged_at.get(node, -math.inf) >= BAD_MESSAGE_INTERVAL_S:
+            self._clash_logged_at[node] = now
+            log.error("node %s: %.600r", self.node, reason)
+        else:
+            log.debug("node %s: %.600r", self.node, reason)
+        return reason
+
     def _on_attach(self, ident: bytes, frames: list[Any]) -> None:
         try:
             attach = codec.decode([f.buffer for f in frames[1:]])
@@ -983,7 +1096,18 @@ class Hub:
         if not name:
             self._client_ids += 1
             name = f"client-{self._client_ids}-{os.urandom(3).hex()}"
+        source = _peer_address(frames[1])
+        refusal = ""
         if "/" in name or name in self._local:
+            refusal = f"endpoint name {name!r:.100} is taken or invalid on node {self.node}"
+        elif len(self._clients) >= self.max_clients:
+            refusal = f"node {self.node} has {len(self._clients)} clients attached, its limit"
+        elif sum(c.source == source for c in self._clients.values()) >= self.max_clients_per_address:
+            where = f"from {source}" if source else "from one address"
+            refusal = f"node {self.node} has {self.max_clients_per_address} clients attached {where}, its limit"
+        if refusal:
+            self.stats[UNLINKED].dropped += 1
+            log.debug("node %s: refused ATTACH: %s", self.node, refusal)
             self._router_send(
                 ident,
                 codec.encode(
@@ -992,7 +1116,7 @@ class Hub:
                         dst=attach.src,
                         code="refused",
                         node=self.node,
-                        message=f"endpoint name {name!r:.100} is taken or invalid on node {self.node}",
+                        message=refusal,
                     )
                 ),
             )
@@ -1000,7 +1124,12 @@ class Hub:
         local = _over_ipc(frames[1])
         shared = local and bool(self._host_id) and attach.host == self._host_id
         client = _Client(
-            ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic(), local=local, shm=shared
+            ident=ident,
+            addr=f"{self.node}/{name}",
+            last_heard=time.monotonic(),
+            local=local,
+            shm=shared,
+            source=source,
         )
         if self._security is not None:
             client.user_id = frames[1].get("User-Id")
@@ -1018,6 +1147,10 @@ class Hub:
         name = codec.split_addr(client.addr)[1]
         if self._local.get(name) is client:
             del self._local[name]
+        error = PeerLost(f"client {client.addr} detached from node {self.node}")
+        for party in list(self._local.values()):  # what it was sending or being sent is gone with it
+            if isinstance(party, Endpoint):
+                party.fail_party(client.addr, error)
         for listener in self.client_listeners:
             listener(client.addr)
 
@@ -1179,23 +1312,40 @@ class Hub:
 
     def _to_client(self, client: _Client, frames: list[Any]) -> None:
         if client.backlog:
-            if len(client.backlog) >= CLIENT_BACKLOG_MESSAGES:
-                self.stats[client.addr].dropped += 1
-                log.warning("node %s: client %s is not reading; message dropped", self.node, client.addr)
-                return
-            client.backlog.append(frames)
+            self._hold(client, frames)
             return
         assert self._router is not None
         try:
             send_frames(self._router.sock, [client.ident, *frames])
         except zmq.Again:
-            client.backlog.append(frames)
+            self._hold(client, frames)
             assert self._loop is not None
             self._loop.call_later(0.002, self._flush_client, client)
         except zmq.ZMQError:  # EHOSTUNREACH: the client went away without BYE
             self._detach(client)
         else:
             self._router.after_send()
+
+    def _hold(self, client: _Client, frames: list[Any]) -> None:
+        """Keep ``frames`` for a client whose pipe is full; one that holds too much is detached."""
+        nbytes = sum(len(f) for f in frames)
+        held = client.backlog_bytes + nbytes
+        if (len(client.backlog) >= CLIENT_BACKLOG_MESSAGES or held > self.client_backlog_bytes) and (
+            client.ident in self._clients
+        ):
+            self.stats[client.addr].dropped += len(client.backlog) + 1
+            reason = (
+                f"not reading: {len(client.backlog)} messages, {client.backlog_bytes} bytes held for it"
+                f" (limits {CLIENT_BACKLOG_MESSAGES}, {self.client_backlog_bytes})"
+            )
+            log.warning("node %s: detached client %r: %s", self.node, client.addr, reason)
+            client.backlog.clear()
+            client.backlog_bytes = 0
+            self._router_send(client.ident, self._bye_to(client, f"detached by node {self.node}: {reason}"))
+            self._detach(client)
+            return
+        client.backlog.append(frames)
+        client.backlog_bytes += nbytes
 
     def _flush_client(self, client: _Client) -> None:
         assert self._router is not None and self._loop is not None
@@ -1211,7 +1361,7 @@ class Hub:
             except zmq.ZMQError:
                 self._detach(client)
                 return
-            client.backlog.popleft()
+            client.backlog_bytes -= sum(len(f) for f in client.backlog.popleft())
         self._router.after_send()
 
     # -- tap mirror -----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ Sources, in order (each may set any key; a later one replaces a value, and merge
 
 Keys::
 
-    name = "alpha"                  # node name (default: this host's name)
+    name = "alpha"                  # node name (default: this host's name and 4 hex digits of its
+                                    # machine id, e.g. raspberrypi-3fa2: same-named hosts differ)
     listen = "127.0.0.1:5757"       # HOST:PORT the hub's ROUTER binds; [v6addr]:PORT for IPv6;
                                     # beyond loopback only with insecure = true (no keys yet)
     allow = ["sort", "uniq"]        # programs this node runs; absent = any it has
@@ -54,12 +55,14 @@ invalid TOML (with its line and column).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import json
 import os
 import re
 import socket
 import tomllib
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -192,11 +195,32 @@ class NodeConfig:
     ``apps.sort.path``, ``limits.max_stages``); a key missing here has its default."""
 
 
+MACHINE_ID_PATHS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
 def default_node_name() -> str:
-    """This host's name, made into a valid node name (first DNS label, other characters as '-')."""
+    """This host's name, made into a valid node name (first DNS label, other characters as '-'),
+    and a suffix of four hex digits from this machine's identity.
+
+    Hosts are often named alike (every Raspberry Pi is ``raspberrypi``); the bus routes by node
+    name, so the suffix keeps two such hosts apart, and stays the same across restarts. It comes
+    from ``/etc/machine-id`` (systemd's, unique per installation), else from a MAC address.
+    """
     label = socket.gethostname().split(".", 1)[0]
-    name = re.sub(r"[^A-Za-z0-9_-]", "-", label).lstrip("-_")[:48]
-    return name or "node"
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", label).lstrip("-_")[:48] or "node"
+    return f"{name}-{_machine_suffix()}"
+
+
+def _machine_suffix() -> str:
+    for path in MACHINE_ID_PATHS:
+        try:
+            with open(path, "rb") as f:
+                machine = f.read().strip()
+        except OSError:
+            continue
+        if machine:
+            return hashlib.sha256(b"dpipes node name:" + machine).hexdigest()[:4]
+    return hashlib.sha256(b"dpipes node name:%d" % uuid.getnode()).hexdigest()[:4]
 
 
 # -- validation: each function takes a raw TOML value and returns the normalised one, or raises
@@ -576,7 +600,7 @@ def format_config(config: NodeConfig, *, labels: Mapping[str, str] | None = None
     def origin(key: str) -> str:
         source = config.origins.get(key)
         if source is None:
-            return "default (this host's name)" if key == "name" else "default"
+            return "default (this host's name and machine id)" if key == "name" else "default"
         if source == COMMAND_LINE:
             return labels.get(key) or labels.get(key.split(".", 1)[0]) or COMMAND_LINE
         return source

@@ -355,12 +355,17 @@ class Coordinator:
             self.runs.pop(run.pipeline, None)
 
     def on_link_lost(self, node: str, reason: str) -> None:
-        """``node`` is gone: every run with a stage there fails."""
+        """``node`` is gone: every run with a stage there that has not reported fails.
+
+        A run already being cancelled is included: a neighbour of the lost node may have seen it
+        first and failed its own stage, whose report started the cancel; the lost node's stages
+        will never report, and the client must hear that rather than wait for them for ever.
+        """
         for run in list(self.runs.values()):
-            if node in run.nodes and not run.failed:
-                stages = ", ".join(f"stage {i} ({run.stages[i].argv[0]})" for i, n in enumerate(run.nodes) if n == node)
+            lost = [i for i, n in enumerate(run.nodes) if n == node and i not in run.exited]
+            if lost:
+                stages = ", ".join(f"stage {i} ({run.stages[i].argv[0]})" for i in lost)
                 error = f"node {node!r} lost ({reason}) while running {stages}"
-                lost = [i for i, n in enumerate(run.nodes) if n == node]
                 self._spawn(self._fail(run, error, lost), f"fail {run.pipeline}")
 
     def on_client_gone(self, addr: str) -> None:
@@ -372,6 +377,8 @@ class Coordinator:
     async def _fail(self, run: Run, error: str, lost: list[int]) -> None:
         run.failed = error
         run.exited.update(lost)  # no report will come from a lost node
+        if len(run.exited) == len(run.stages):
+            self.runs.pop(run.pipeline, None)
         log.warning("node %s: pipeline %s failed: %s", self.node, run.pipeline, error)
         report = FailedReport(pipeline=run.pipeline, error=error[:FAILED_REPORT_CHARS], lost=tuple(lost))
         with contextlib.suppress(DpipesError):  # the client is gone, or refused it: nobody else to tell

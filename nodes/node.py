@@ -6,7 +6,7 @@ node's stages (one :mod:`~dpipes.nodes.stage` each), :mod:`~dpipes.nodes.coordin
 the pipelines this node is entry for. The node starts them in order and, should a step fail,
 closes what had started in reverse order; ``aclose`` does the same for a node that ran. What the
 node knows of other nodes is its :class:`~dpipes.discovery.directory.NodeDirectory`, fed here with
-static peers, mDNS events, link events and gossip; the node carries out the links it asks for,
+static peers, mDNS events, link events and gossip; the node carries out the links and unlinks it asks for,
 gossips what it says every ``GOSSIP_INTERVAL_S``, places stages and answers ``info`` from it.
 
 The control endpoint ``<node>/ctl`` speaks the control protocol, whose spec and typed messages
@@ -157,7 +157,7 @@ class Node:
             undo.callback(drop.close)
         except OSError as exc:  # local clients then send their data over the bus, as remote ones
             log.warning("node %s: no descriptor drop beside %s: %s", self.name, self.hub.ipc_endpoint, exc)
-        self._ctl = ctl = self.hub.endpoint(CTL)
+        self._ctl = ctl = self.hub.endpoint(CTL, max_streams=0)  # requests and reports only: no streams
         undo.callback(ctl.close)
         self.stages = Stages(
             node=self.name,
@@ -264,8 +264,8 @@ class Node:
         for action in actions:
             if isinstance(action, Link):
                 (self.hub.add_peer if action.static else self.hub.learn_peer)(action.endpoint)
-            else:  # the hub cannot drop a link on request yet; it drops a non-static one that goes down
-                log.debug("node %s: directory would unlink %s: %s", self.name, action.endpoint, action.reason)
+            elif self.hub.drop_peer(action.endpoint, action.reason):
+                log.debug("node %s: unlinked %s: %s", self.name, action.endpoint, action.reason)
 
     async def serve(self) -> None:
         """Run until ``stop()`` (or, with ``exit_after_one``, until one stage has run here)."""

@@ -77,6 +77,7 @@ class Stage:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     pipes: StagePipes | None = None
     lingering: bool = False  # its endpoint outlives it briefly, to refuse late input
+    expiry: asyncio.TimerHandle | None = None  # forgets it, should it be negotiated and never started
     started: float = 0.0  # wall clock when its program started (for the exit report)
     bytes_in: int = 0  # data written to its program's stdin by this node
     bytes_out: int = 0  # data read from its program's stdout by this node
@@ -243,6 +244,7 @@ class StageRun:
         try:
             stream = await stage.endpoint.accept()
         except asyncio.CancelledError:  # the program exited before its input arrived
+            proc.close_stdin()  # our end of its stdin pipe: every path closes it, this one too
             self._on_unread_input()
             raise
         incoming = Incoming(stage.mode, where=f"input of {stage.describe}", metadata_key=self.config.metadata_key)

@@ -20,6 +20,10 @@ without closing them left behind (:func:`~dpipes.nodes.pipes.remove_stale_bootst
 
 A stage whose program exited before its input arrived keeps its endpoint ``LATE_INPUT_S`` more to
 cancel that input when it comes, so its producer sees a closed pipe rather than silence.
+
+A stage negotiated and not started within ``UNSTARTED_EXPIRY_S`` (its coordinator died, or was
+never going to start it) is forgotten: its endpoint closes (what was sent to it fails) and its
+kept pipe ends close; a later ``start`` is answered ``not-found``.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ log = logging.getLogger(__name__)
 
 CANCEL_TIMEOUT_S = 10.0  # terminate (TERM, grace, KILL) one stage
 LATE_INPUT_S = 10.0  # how long an exited stage's endpoint waits to refuse input that comes late
+# A coordinator starts its stages once every node has answered negotiate (each within
+# CONTROL_TIMEOUT_S, in parallel): three times that is ample for an honest one.
+UNSTARTED_EXPIRY_S = 3 * CONTROL_TIMEOUT_S
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 
@@ -149,10 +156,24 @@ class Stages:
         await self._link_neighbours(request.peers)
         if (pipeline, index) in self._stages:
             raise NegotiationRefused(f"stage {index} of pipeline {pipeline} is already here")
-        endpoint = self.hub.endpoint(f"{pipeline}.{index}", window=self.window)
+        endpoint = self.hub.endpoint(f"{pipeline}.{index}", window=self.window, max_streams=1)  # its stdin
         describe = f"stage {index} ({argv[0]}@{self.node})"
-        self._stages[(pipeline, index)] = Stage(pipeline, index, argv, request.mode, endpoint, describe)
+        stage = self._stages[(pipeline, index)] = Stage(pipeline, index, argv, request.mode, endpoint, describe)
+        stage.expiry = asyncio.get_running_loop().call_later(UNSTARTED_EXPIRY_S, self._expire, stage)
         return NegotiateReply(addr=endpoint.addr, host=self.host)
+
+    def _expire(self, stage: Stage) -> None:
+        """A stage negotiated ``UNSTARTED_EXPIRY_S`` ago and never started: forget it."""
+        if stage.proc is not None or self._stages.get((stage.pipeline, stage.index)) is not stage:
+            return
+        log.info(
+            "node %s: %s not started within %g s of its negotiation: forgotten",
+            self.node,
+            stage.describe,
+            UNSTARTED_EXPIRY_S,
+        )
+        self._forget(stage)
+        self.direct.close(stage.pipeline, (stage.index - 1, stage.index))
 
     async def _link_neighbours(self, peers: Mapping[str, str]) -> None:
         """Make sure we link to the nodes our stage exchanges data with (directly: no relaying)."""
@@ -177,7 +198,9 @@ class Stages:
         stage = self._stages.get((wiring.pipeline, wiring.stage))
         if stage is None:
             which = f"stage {wiring.stage} of pipeline {wiring.pipeline}"
-            raise ControlError(NOT_FOUND, f"node {self.node}: {which} was not negotiated")
+            raise ControlError(NOT_FOUND, f"node {self.node}: {which} was not negotiated (or expired unstarted)")
+        if stage.expiry is not None:
+            stage.expiry.cancel()
         from dpipes.nodes.stage_pipes import StagePipes
 
         if not self._swept:  # at the first start, not at the node's: it imports what only runs need
@@ -290,6 +313,8 @@ class Stages:
         stages = list(self._stages.values())
         for stage in stages:
             stage.cancelled = stage.cancelled or reason
+            if stage.expiry is not None:
+                stage.expiry.cancel()
         await asyncio.gather(*(self._kill(stage) for stage in stages), return_exceptions=True)
         self.direct.close_all()
 
@@ -298,6 +323,8 @@ class Stages:
             await asyncio.wait_for(stage.proc.terminate(), CANCEL_TIMEOUT_S)
 
     def _forget(self, stage: Stage) -> None:
+        if stage.expiry is not None:
+            stage.expiry.cancel()
         self._stages.pop((stage.pipeline, stage.index), None)
         if not stage.lingering:
             stage.endpoint.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 
@@ -38,3 +39,31 @@ def descendants(root: int | None = None) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What one process holds, read from /proc: the tests' leak guards for a daemon."""
+
+    fds: int
+    threads: int
+    children: int
+    rss_kib: int
+
+    def __str__(self) -> str:
+        return f"{self.fds} fds, {self.threads} threads, {self.children} children, {self.rss_kib // 1024} MiB RSS"
+
+
+def resources(pid: int) -> Resources:
+    """The descriptors, threads, live children and resident memory of process ``pid``."""
+    status: dict[str, str] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            status[key] = value.strip()
+    return Resources(
+        fds=len(os.listdir(f"/proc/{pid}/fd")),
+        threads=int(status["Threads"]),
+        children=len(children_of(pid)),
+        rss_kib=int(status["VmRSS"].split()[0]),
+    )

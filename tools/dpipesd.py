@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
     run.add_argument("--exit", action="store_true", help="exit after one stage has run on this node")
     run.add_argument("--config", metavar="FILE", help="read this TOML file after the system ones")
-    run.add_argument("--name", metavar="NAME", help="node name (default: config, else this host's name)")
+    run.add_argument("--name", metavar="NAME", help="node name (default: config, else HOST-XXXX, XXXX from machine id)")
     run.add_argument(
         "--listen",
         metavar="HOST:PORT",

@@ -30,7 +30,7 @@ class Wired:
         self.hub = hub
         self.directory = NodeDirectory(hub.node)
         self.now = 0.0
-        self.unlinked: list[Unlink] = []  # the hub has no way to drop a link yet: recorded
+        self.unlinked: list[Unlink] = []  # recorded; a node also drops them (Hub.drop_peer)
         self._ctl: Endpoint | None = None
         self._task: asyncio.Task[None] | None = None
 

@@ -312,3 +312,18 @@ def test_format_config_reads_back_and_says_where_each_value_came_from(tmp_path: 
     reread = tmp_path / "effective.toml"
     reread.write_text(text)
     assert load_config(config_file=reread, search_paths=[]) == dataclasses.replace(config, sources=(str(reread),))
+
+
+def test_same_named_hosts_get_different_default_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dpipes.nodes import config as config_module
+
+    monkeypatch.setattr(config_module.socket, "gethostname", lambda: "raspberrypi.local")
+    names = set()
+    for machine in ("0f3a9c", "7be210"):
+        (tmp_path / machine).write_text(machine + "\n")
+        monkeypatch.setattr(config_module, "MACHINE_ID_PATHS", (str(tmp_path / machine),))
+        name = default_node_name()
+        assert name == default_node_name()  # the same across restarts
+        assert name.startswith("raspberrypi-")
+        names.add(name)
+    assert len(names) == 2

@@ -16,7 +16,7 @@ import pytest
 from dpipes.bus import codec
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import ConfigError, RequestFailed
+from dpipes.bus.errors import BusError, ConfigError, RequestFailed
 from dpipes.nodes.config import Limits, NodeConfig
 from dpipes.nodes.node import Node
 from dpipes.nodes.protocol import (
@@ -229,3 +229,32 @@ async def test_info_lists_a_static_peer_that_never_answered_by_its_endpoint_and_
         assert (me.name, me.source, me.up) == ("alpha", "self", True)
         assert (ghost.endpoint, ghost.source, ghost.up) == (f"tcp://127.0.0.1:{port}", "static", False)
         assert set(node.table()) == {"alpha"}  # placement sees only nodes that are linked
+
+
+async def test_a_stage_negotiated_and_never_started_expires(
+    client_of: ClientOf, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dpipes.nodes import stages as stages_module
+
+    monkeypatch.setattr(stages_module, "UNSTARTED_EXPIRY_S", 0.2)
+    node, client = await client_of(Limits())
+    ep = client.endpoint
+    reply = await ep.request(f"alpha/{CTL}", "negotiate", negotiate_body("gone", ["cat"]), timeout=WAIT_S)
+    out = ep.open_stream(reply["addr"])
+    await out.send_bytes(b"x")  # input that nobody will read: it fails with the stage, it is not kept
+    assert node.stages is not None
+    await until(lambda: len(node.stages) == 0)  # type: ignore[arg-type]
+    with pytest.raises(BusError):
+        await out.close(timeout=WAIT_S)
+    start = {"pipeline": "gone", "stage": 0, "stdout_to": ep.addr, "stderr_to": ep.addr, "report_to": [ep.addr]}
+    with pytest.raises(RequestFailed, match="not negotiated"):
+        await ep.request(f"alpha/{CTL}", "start", start, timeout=WAIT_S)
+    # One that starts in time is not touched by its timer.
+    reply = await ep.request(f"alpha/{CTL}", "negotiate", negotiate_body("kept", ["true"]), timeout=WAIT_S)
+    drain = asyncio.create_task(drain_streams(ep))
+    try:
+        await ep.request(f"alpha/{CTL}", "start", {**start, "pipeline": "kept"}, timeout=WAIT_S)
+        report = await ep.recv(timeout=WAIT_S)
+    finally:
+        drain.cancel()
+    assert isinstance(report, codec.Request) and report.method == "exit" and report.body["code"] == 0

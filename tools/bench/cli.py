@@ -35,6 +35,12 @@ suites:
           (pipes.bus_writer_*), and as a Dagster asset materialized with DpipesPipesClient against
           PipesSubprocessClient (pipes.dagster_asset_*) (needs dagster: pip install dagster, or
           pip install -e '.[bench]' in a dpipes checkout)
+  faults  the fault matrix: real daemons on loopback, one fault each (kill -9 of each node of a
+          3-node pipeline, a stage killed, a slow consumer, a sender ignoring credit, a gossip
+          flood, a forged HELLO, a duplicate name, --runs N of each outcome kind); for each, what
+          the client reports, its exit status, bytes delivered/sent, how soon a lost node was
+          named, and whether the daemons' fds, threads, children and RSS came back (exit 1 if
+          any row is not ok)
   peers   dpipes beside the peers a user would pick instead, two processes on loopback:
           Zenoh (1 MiB with shared memory off and on, 64 B rate and CPU per message, 64 B round
           trip) and dora-rs via `dora run` (one 64 MB Arrow batch, 100 x 10k-row batches, with its
@@ -76,6 +82,10 @@ def _suite(name: str) -> Callable[..., list[Result]]:
         from dpipes.tools.bench.curve import curve_benchmarks
 
         return curve_benchmarks
+    if name == "faults":
+        from dpipes.tools.bench.faults import fault_matrix
+
+        return fault_matrix  # type: ignore[return-value]  # rows of its own, printed by main
     if name == "peers":
         from dpipes.tools.bench.peers import peers_benchmarks
 
@@ -91,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "suite", choices=["bus", "curve", "pipe", "pipes", "peers", "discovery"], help="what to measure"
+        "suite", choices=["bus", "curve", "pipe", "pipes", "peers", "discovery", "faults"], help="what to measure"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=None, metavar="N", help="faults: runs of each outcome kind (default 300)"
     )
     parser.add_argument(
         "--nodes", type=int, default=8, metavar="N", help="discovery: daemons on the LAN (default 8; root only)"
@@ -110,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(mark, end="", file=sys.stderr, flush=True)
 
+    if args.suite == "faults":
+        return _faults(args.quick, args.runs, args.json, progress)
     try:
         suite = _suite(args.suite)
         if args.tap and args.suite != "bus":
@@ -135,6 +150,23 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
         print(format_table(results))
     return 0
+
+
+def _faults(quick: bool, runs: int | None, as_json: bool, progress: Callable[[str], None]) -> int:
+    from dpipes.tools.bench.faults import fault_matrix, format_matrix
+
+    try:
+        rows = fault_matrix(quick=quick, runs=runs, progress=progress)
+    except KeyboardInterrupt:
+        print("dpipes-bench: interrupted", file=sys.stderr)
+        return 130
+    if as_json:
+        for row in rows:
+            print(json.dumps(row.as_json()), flush=True)
+    else:
+        print(file=sys.stderr)
+        print(format_matrix(rows))
+    return 0 if all(r.ok for r in rows) else 1
 
 
 if __name__ == "__main__":
