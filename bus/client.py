@@ -34,9 +34,10 @@ class Client:
     ``client.endpoint``.
     """
 
-    def __init__(self, hub: str, *, name: str = "", attach_timeout: float = ATTACH_TIMEOUT_S) -> None:
+    def __init__(self, hub: str, *, name: str = "", attach_timeout: float = ATTACH_TIMEOUT_S, window: int = 0) -> None:
         self.hub = hub
         self._name = name
+        self._window = max(window, codec.INITIAL_CREDIT_BYTES)  # credit kept open per incoming stream
         self._attach_timeout = attach_timeout
         self._ctx: zmq.Context[Any] | None = None
         self._pump: Pump | None = None
@@ -86,7 +87,7 @@ class Client:
         except BaseException:
             await self._close_sockets()
             raise
-        self._endpoint = Endpoint(addr, self)
+        assert self._endpoint is not None and self._endpoint.addr == addr
         self._last_heard = time.monotonic()
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"client {addr} heartbeats")
 
@@ -117,6 +118,9 @@ class Client:
         if self._attached.done():
             return
         if isinstance(msg, codec.Attached):
+            # Made here, not after start() resumes: what the hub held for us (``Hub.reserve``)
+            # follows ATTACHED at once, possibly in this same pass of the pump.
+            self._endpoint = Endpoint(msg.addr, self, window=self._window)
             self._attached.set_result(msg.addr)
         elif isinstance(msg, codec.Error):
             self._attached.set_exception(BusError(f"hub at {self.hub} refused to attach: {msg.message}"))

@@ -93,6 +93,7 @@ class _Client:
     addr: str
     last_heard: float
     backlog: collections.deque[list[Any]] = dataclasses.field(default_factory=collections.deque)
+    reserved: bool = False  # a name held for a client that has not attached yet (``Hub.reserve``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +254,32 @@ class Hub:
         ep = Endpoint(f"{self.node}/{name}", self._transport, window=window, on_close=self._forget)
         self._local[name] = ep
         return ep
+
+    def reserve(self, name: str) -> str:
+        """Hold the name ``node/name`` for a client that will ATTACH with it (a plugin worker the
+        node is about to fork); its address.
+
+        Until that client attaches, messages to the name wait here, in order, within
+        ``CLIENT_BACKLOG_MESSAGES`` (what a sender may send before the client grants credit is the
+        protocol's initial credit per stream, so this bounds nothing new); then they go to it. The
+        first ATTACH naming it takes it: the hub's local socket is the boundary, as for any name.
+        """
+        if not name or "/" in name:
+            raise ValueError(f"invalid endpoint name {name!r}")
+        if name in self._local:
+            raise BusError(f"endpoint {self.node}/{name} already exists")
+        self._local[name] = _Client(ident=b"", addr=f"{self.node}/{name}", last_heard=time.monotonic(), reserved=True)
+        return f"{self.node}/{name}"
+
+    def release(self, name: str) -> None:
+        """Drop ``node/name``: a reservation nobody claimed, or the client attached under it (it
+        is gone: what it still had queued here is dropped). Idempotent."""
+        party = self._local.get(name)
+        if isinstance(party, _Client):
+            if party.reserved:
+                del self._local[name]
+            else:
+                self._detach(party)
 
     def _forget(self, ep: Endpoint) -> None:
         name = codec.split_addr(ep.addr)[1]
@@ -632,6 +659,14 @@ class Hub:
         if not name:
             self._client_ids += 1
             name = f"client-{self._client_ids}-{os.urandom(3).hex()}"
+        held = self._local.get(name)
+        if isinstance(held, _Client) and held.reserved and "/" not in name:  # the client it was held for
+            held.ident, held.reserved, held.last_heard = ident, False, time.monotonic()
+            self._clients[ident] = held
+            self._router_send(ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=held.addr, addr=held.addr)))
+            if held.backlog:
+                self._flush_client(held)
+            return
         if "/" in name or name in self._local:
             self._router_send(
                 ident,
@@ -741,7 +776,7 @@ class Hub:
             self._link_send(link, error)
 
     def _to_client(self, client: _Client, frames: list[Any]) -> None:
-        if client.backlog:
+        if client.backlog or client.reserved:
             if len(client.backlog) >= CLIENT_BACKLOG_MESSAGES:
                 self.stats[client.addr].dropped += 1
                 log.warning("node %s: client %s is not reading; message dropped", self.node, client.addr)

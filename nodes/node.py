@@ -95,7 +95,14 @@ class Node:
         self.exit_after_one = exit_after_one
         tcp = listen or f"tcp://{_zmq_host(config.listen.host)}:{config.listen.port}"
         check_exposure(config.name, tcp, insecure=config.insecure)
-        self.hub = Hub(config.name, tcp=tcp, ipc=ipc, tap=tap, info={"programs": sorted(self.offered())})
+        self.plugins = self.policy.offered_plugins()  # name -> version, as installed when the node started
+        self.hub = Hub(
+            config.name,
+            tcp=tcp,
+            ipc=ipc,
+            tap=tap,
+            info={"programs": sorted(self.offered()), "plugins": sorted(self.plugins)},
+        )
         # One incarnation id for the links and for mDNS, ordered by start time: the directory tells
         # a restarted node from a stale record by comparing them (discovery/table.py).
         self.hub.instance = new_instance_id()
@@ -206,6 +213,7 @@ class Node:
             codec.PROTOCOL_VERSION,
             {"bus": self.hub.advertised_endpoint},
             programs=tuple(sorted(self.offered())),
+            plugins=tuple(sorted(self.plugins)),
         )
         self._apply(self.directory.set_self(me, now))
         for peer in self.config.nodes.values():
@@ -245,6 +253,7 @@ class Node:
             endpoints={"bus": f"tcp://{addresses[0]}:{port}"},
             addresses=tuple(addresses),
             programs=tuple(sorted(self.offered())),
+            plugins=tuple(sorted(self.plugins)),
         )
         mdns = MdnsDiscovery(record, interfaces=addresses, on_event=self._on_mdns)
         await mdns.start()

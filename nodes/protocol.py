@@ -52,8 +52,12 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``require: list[str] = []`` (version constraints such as ``"sort>=9"``),
         ``user: str = ""`` (who asks, as the client says), ``pipes: map = {}`` (Dagster Pipes
         options, :mod:`dpipes.nodes.pipes_options`), ``local_fds: str = ""`` (a token under which
-        a client on the node's host handed its stdin/stdout over, :mod:`dpipes.nodes.fdpass`).
-        The entry node parses the text, places every stage, negotiates with every chosen node,
+        a client on the node's host handed its stdin/stdout over, :mod:`dpipes.nodes.fdpass`),
+        ``workflow: map = {}`` (a workflow document, :mod:`dpipes.nodes.workflow`: named stages
+        and connections between their anchors; when given, it is what runs and ``pipeline`` only
+        names it), ``edge_format: str = "csv"`` (``csv``, ``ndjson`` or ``arrow``: what a
+        program's bytes are at an edge with a plugin stage, in bytes mode; in an object mode the
+        objects themselves). The entry node parses the text, places every stage, negotiates with every chosen node,
         then starts every stage, the last one first. Nothing starts unless every node agreed.
         Reply: ``pipeline: str`` (the run's id), ``stdin_direct: bool = false`` and
         ``stdout_direct: bool = false`` (the handed-over stdin/stdout went straight to the
@@ -73,9 +77,13 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``pipeline: str, stage: int, argv: list[str]`` (at least one word), ``protocol: int``,
         ``mode: str = "bytes"``, ``require: list[str] = []``, ``user: str = ""``,
         ``peers: map[str, str] = {}`` (node name -> bus endpoint of the neighbouring stages'
-        nodes, which this node links to before it agrees). The node checks the version, the mode,
-        that the program is allowed and found here and meets ``require``, then reserves the stage
-        address. Reply: ``addr: str``.
+        nodes, which this node links to before it agrees), ``config: map = {}`` (a plugin
+        stage's configuration, over its ``KEY=VALUE`` words). The node checks the version, the
+        mode, that the program is allowed and found here and meets ``require``, then reserves the
+        stage address. Reply: ``addr: str``. A *plugin stage* has ``argv[0]`` = ``%NAME``: the
+        node checks that the plugin is allowed (``%NAME`` in an allow list) and installed (an
+        entry point ``NAME`` in the group ``dpipes.plugins``; else ``refused``), and reserves the
+        stage address for the worker process it will start.
     ``start`` (coordinator -> each node, after every ``negotiate`` succeeded): start a negotiated
         stage. Body: ``pipeline: str, stage: int``, ``stdin_from: str = ""`` (who streams the
         stage's stdin: the previous stage's address or the client's; ``""``: no input, stdin is
@@ -84,8 +92,19 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``report_to: list[str]`` (who gets its ``exit`` report), ``user: str = ""``,
         ``pipes: map = {}`` (this stage's Pipes options), ``direct_in: bool = false`` /
         ``direct_out: bool = false`` (the neighbour is on this node too, or the client handed its
-        stdin/stdout over: that edge is one kernel pipe and carries nothing on the bus).
-        Reply: ``pid: int, context: map``.
+        stdin/stdout over: that edge is one kernel pipe and carries nothing on the bus),
+        ``inputs: list[map] = []`` and ``outputs: list[map] = []`` (a plugin stage's edges, in
+        place of ``stdin_from`` and ``stdout_to``). Each input is one connection into an input
+        anchor: ``anchor: str, connection: str`` (``#1``, ``#2``, ... per anchor), ``src: str``
+        (the sending stage's address or the client's), ``src_anchor: str = ""`` (the sending
+        plugin's output anchor: its stream's first ``ARROW`` part carries it under ``anchor``),
+        ``format: str`` (``batches``: ``ARROW`` messages from a plugin; ``csv``, ``ndjson``,
+        ``arrow``: a program's bytes in that format, or ``OBJECTS`` in an object mode). Each
+        output is one destination of an output anchor: ``anchor: str``, ``dst: str = ""`` (an
+        address; ``""``: a declared anchor whose data is discarded), ``dst_anchor: str = ""``,
+        ``format: str`` (as for inputs). The worker sends ``ARROW`` to a plugin, else the format
+        as ``BYTES`` (``OBJECTS`` in an object mode), and its ``io`` messages as ``PIPES`` to
+        ``stderr_to``. Reply: ``pid: int, context: map``.
     ``gossip`` (node -> each linked node, every ``GOSSIP_INTERVAL_S`` and on a new link): the
         nodes the sender knows. Body: ``peers: map[str, str]`` (node name -> ``tcp://`` bus
         endpoint). One-way: the sender does not wait for the reply (empty).
@@ -166,6 +185,8 @@ PIPELINE_PROTOCOL = 2
 """Version of this conversation; bumped by hand when it changes incompatibly."""
 
 MODES = ("bytes", "json", "yaml")
+EDGE_FORMATS = ("csv", "ndjson", "arrow")  # a program's bytes at an edge with a plugin (dpipes.nodes.plugins.edges)
+PLUGIN_EDGE_FORMATS = ("batches", *EDGE_FORMATS)  # what one plugin edge carries: ARROW messages, or a program's bytes
 
 MAX_TEXT_CHARS = 4096  # a name, address, reason or argument
 MAX_PIPELINE_CHARS = 60_000  # a whole pipeline's text (the header that carries it is 64 KiB at most)
@@ -419,6 +440,8 @@ class RunRequest(Body):
     user: str = ""
     pipes: Json = dataclasses.field(default_factory=dict)
     local_fds: str = ""
+    workflow: Json = dataclasses.field(default_factory=dict)
+    edge_format: str = bounded("csv", choices=EDGE_FORMATS)
 
 
 @_slot
@@ -501,6 +524,7 @@ class NegotiateRequest(Body):
     require: tuple[str, ...] = ()
     user: str = ""
     peers: dict[str, str] = dataclasses.field(default_factory=dict)
+    config: Json = dataclasses.field(default_factory=dict)
 
 
 @_body("negotiate", "reply")
@@ -509,6 +533,27 @@ class NegotiateReply(Body):
     """The reserved stage address."""
 
     addr: str
+
+
+@_slot
+class PluginInput(Body):
+    """One connection into a plugin stage's input anchor."""
+
+    anchor: str = bounded(non_empty=True)
+    connection: str = bounded(non_empty=True)
+    src: str = bounded(non_empty=True)
+    src_anchor: str = ""
+    format: str = bounded(choices=PLUGIN_EDGE_FORMATS)
+
+
+@_slot
+class PluginOutput(Body):
+    """Where one of a plugin stage's output anchors goes (an anchor may go to several places)."""
+
+    anchor: str = bounded(non_empty=True)
+    dst: str = ""
+    dst_anchor: str = ""
+    format: str = bounded(choices=PLUGIN_EDGE_FORMATS)
 
 
 @_body("start", "request")
@@ -526,6 +571,8 @@ class StartRequest(Body):
     pipes: Json = dataclasses.field(default_factory=dict)
     direct_in: bool = False
     direct_out: bool = False
+    inputs: tuple[PluginInput, ...] = ()
+    outputs: tuple[PluginOutput, ...] = ()
 
 
 @_body("start", "reply")
@@ -702,6 +749,7 @@ __all__ = [
     "BODIES",
     "CODES",
     "CTL",
+    "EDGE_FORMATS",
     "METHODS",
     "MODES",
     "PIPELINE_PROTOCOL",
@@ -719,6 +767,8 @@ __all__ = [
     "NegotiateReply",
     "NegotiateRequest",
     "NodeEntry",
+    "PluginInput",
+    "PluginOutput",
     "RunReply",
     "RunRequest",
     "StageInfo",

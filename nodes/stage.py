@@ -70,6 +70,8 @@ class Stage:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     pipes: StagePipes | None = None
     lingering: bool = False  # its endpoint outlives it briefly, to refuse late input
+    plugin: str = ""  # a plugin stage: the plugin's name (its worker holds the stage address)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # a plugin stage's configuration
 
 
 class DirectPipes:

@@ -17,6 +17,9 @@ its endpoint to the exit report that ends it:
 At its first stage start, the node removes the Pipes bootstrap directories that nodes killed
 without closing them left behind (:func:`~dpipes.nodes.pipes.remove_stale_bootstrap_dirs`).
 
+A plugin stage (``argv[0]`` is ``%NAME``) is negotiated the same way, but its stage address is
+reserved on the hub for the worker process that ``start`` forks (:mod:`dpipes.nodes.plugin_stage`).
+
 A stage whose program exited before its input arrived keeps its endpoint ``LATE_INPUT_S`` more to
 cancel that input when it comes, so its producer sees a closed pipe rather than silence.
 """
@@ -28,7 +31,7 @@ import logging
 import os
 import shlex
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, DpipesError, StageError
@@ -37,6 +40,7 @@ from dpipes.nodes import policy as _policy
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.policy import Policy
 from dpipes.nodes.protocol import (
+    BAD_REQUEST,
     CONTROL_TIMEOUT_S,
     NOT_FOUND,
     PROTOCOL,
@@ -53,6 +57,9 @@ from dpipes.nodes.protocol import (
 )
 from dpipes.nodes.stage import DirectPipes, Stage, StageRun
 from dpipes.nodes.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from dpipes.nodes.plugin_stage import WorkerRun
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +145,62 @@ class Stages:
         await self._link_neighbours(request.peers)
         if (pipeline, index) in self._stages:
             raise NegotiationRefused(f"stage {index} of pipeline {pipeline} is already here")
+        if argv[0].startswith(_policy.PLUGIN_SIGIL):
+            return self._negotiate_plugin(request)
         endpoint = self.hub.endpoint(f"{pipeline}.{index}", window=self.window)
         describe = f"stage {index} ({argv[0]}@{self.node})"
         self._stages[(pipeline, index)] = Stage(pipeline, index, argv, request.mode, endpoint, describe)
         return NegotiateReply(addr=endpoint.addr)
+
+    def _negotiate_plugin(self, request: NegotiateRequest) -> NegotiateReply:
+        """Reserve a plugin stage's address for its worker, and an endpoint of the node's for it."""
+        from dpipes.nodes.pipeline import plugin_config
+        from dpipes.nodes.plugin_stage import worker_endpoint_name
+
+        pipeline, index, argv = request.pipeline, request.stage, list(request.argv)
+        plugin = argv[0][len(_policy.PLUGIN_SIGIL) :]
+        try:
+            config = {**plugin_config(argv), **request.config}
+        except ValueError as exc:
+            raise ControlError(BAD_REQUEST, str(exc), field="argv") from None
+        addr = self.hub.reserve(f"{pipeline}.{index}")
+        endpoint = self.hub.endpoint(worker_endpoint_name(pipeline, index), window=self.window)
+        describe = f"stage {index} (%{plugin}@{self.node})"
+        self._stages[(pipeline, index)] = Stage(
+            pipeline, index, argv, request.mode, endpoint, describe, plugin=plugin, config=config
+        )
+        return NegotiateReply(addr=addr)
+
+    async def _start_worker(self, stage: Stage, wiring: StartRequest) -> StartReply:
+        """Fork a plugin stage's worker (:mod:`dpipes.nodes.plugins.worker`) and run it."""
+        from dpipes.nodes.plugin_stage import WORKER_ARGV, devnull
+        from dpipes.nodes.plugins.spec import WorkerSpec
+
+        spec = WorkerSpec(
+            hub=self.hub.ipc_endpoint,
+            name=f"{stage.pipeline}.{stage.index}",
+            pipeline=stage.pipeline,
+            stage=stage.index,
+            node=self.node,
+            plugin=stage.plugin,
+            config=stage.config,
+            mode=stage.mode,
+            messages_to=wiring.stderr_to,
+            inputs=wiring.inputs,
+            outputs=wiring.outputs,
+            callback_timeout_s=float(self.config.limits.plugin_callback_s),
+            window=self.window,
+        )
+        env = dict(os.environ)
+        env.update(self._env(stage, wiring))
+        stage.env = env
+        try:
+            stage.proc = await self.supervisor.start(WORKER_ARGV, env=env, forward_stderr=True, stdout_fd=devnull())
+        except StageError as exc:
+            raise ControlError(REFUSED, str(exc)) from None
+        stage.task = self._spawn(self._run(stage, wiring, spec.to_json()), stage.describe)
+        log.info("node %s: started %s (plugin worker) pid %d", self.node, stage.describe, stage.proc.pid)
+        return StartReply(pid=stage.proc.pid, context={})
 
     async def _link_neighbours(self, peers: Mapping[str, str]) -> None:
         """Make sure we link to the nodes our stage exchanges data with (directly: no relaying)."""
@@ -167,6 +226,8 @@ class Stages:
         if stage is None:
             which = f"stage {wiring.stage} of pipeline {wiring.pipeline}"
             raise ControlError(NOT_FOUND, f"node {self.node}: {which} was not negotiated")
+        if stage.plugin:
+            return await self._start_worker(stage, wiring)
         from dpipes.nodes.stage_pipes import StagePipes
 
         if not self._swept:  # at the first start, not at the node's: it imports what only runs need
@@ -216,15 +277,21 @@ class Stages:
             "DPIPES_USER": wiring.user,
         }
 
-    async def _run(self, stage: Stage, wiring: StartRequest) -> None:
-        run = StageRun(
-            stage,
-            wiring,
-            node=self.node,
-            config=self.config,
-            tcp_endpoint=self.hub.tcp_endpoint,
-            on_unread_input=lambda: self._linger(stage),
-        )
+    async def _run(self, stage: Stage, wiring: StartRequest, worker_spec: bytes = b"") -> None:
+        run: StageRun | WorkerRun
+        if stage.plugin:
+            from dpipes.nodes.plugin_stage import WorkerRun
+
+            run = WorkerRun(stage, wiring, worker_spec, node=self.node)
+        else:
+            run = StageRun(
+                stage,
+                wiring,
+                node=self.node,
+                config=self.config,
+                tcp_endpoint=self.hub.tcp_endpoint,
+                on_unread_input=lambda: self._linger(stage),
+            )
         try:
             report = await run.run()
         finally:
@@ -268,6 +335,8 @@ class Stages:
 
     def _forget(self, stage: Stage) -> None:
         self._stages.pop((stage.pipeline, stage.index), None)
+        if stage.plugin:  # its worker is gone, or never came: what was held for it goes too
+            self.hub.release(f"{stage.pipeline}.{stage.index}")
         if not stage.lingering:
             stage.endpoint.close()
 
