@@ -276,10 +276,17 @@ class Hub:
         is gone: what it still had queued here is dropped). Idempotent."""
         party = self._local.get(name)
         if isinstance(party, _Client):
+            held, party.backlog = list(party.backlog), collections.deque()
             if party.reserved:
                 del self._local[name]
             else:
                 self._detach(party)
+            for frames in held:  # never delivered: their senders learn it, as for a name that is gone
+                try:
+                    header = codec.decode_header(frames[0])
+                except DecodeError:
+                    continue
+                self._bounce(header, "no-endpoint", f"endpoint {name!r} on node {self.node} is gone")
 
     def _forget(self, ep: Endpoint) -> None:
         name = codec.split_addr(ep.addr)[1]

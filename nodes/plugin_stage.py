@@ -78,8 +78,9 @@ class WorkerRun:
         error = ""
         if not status.ok and not stage.cancelled and status.signal != signal.SIGPIPE:
             last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
-            said = last.startswith("dpipes: ")
-            error = last.removeprefix("dpipes: ") if said else f"plugin {stage.plugin} worker {status.describe()}"
+            said = last.startswith(f"dpipes: {stage.describe}: ")  # the worker's own account, stage named once
+            error = last.removeprefix(f"dpipes: {stage.describe}: ") if said else f"plugin {stage.plugin} worker "
+            error += "" if said else status.describe()
             error += ": its output is not complete"
         return ExitReport(
             pipeline=stage.pipeline,

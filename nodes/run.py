@@ -86,6 +86,8 @@ class RunOptions:
     require: tuple[str, ...] = ()
     pipes: dict[str, Any] = dataclasses.field(default_factory=dict)  # extras, assets, partition, context, messages
     pipes_json: str | None = None  # write every stage's Pipes context and messages here, as JSON lines
+    workflow: dict[str, Any] = dataclasses.field(default_factory=dict)  # a workflow document; then pipeline names it
+    edge_format: str = "csv"  # a program's bytes at an edge with a plugin: csv, ndjson or arrow
 
 
 @dataclasses.dataclass
@@ -289,6 +291,8 @@ class _Run:
             user=current_user(),
             pipes=dict(self.options.pipes),
             local_fds=self.local_fds or "",
+            workflow=self.options.workflow,
+            edge_format=self.options.edge_format,
         )
         loop = asyncio.get_running_loop()
         if handle_sigint:  # before asking: a Ctrl-C while the nodes start the stages is not lost

@@ -315,6 +315,7 @@ class Stages:
         stages = [s for (p, _i), s in self._stages.items() if p == pipeline]
         for stage in stages:
             stage.cancelled = stage.cancelled or reason
+            stage.stop.set()
         await asyncio.gather(*(self._kill(s) for s in stages), return_exceptions=True)
         for stage in stages:
             if stage.proc is None:  # negotiated, never started
@@ -326,6 +327,7 @@ class Stages:
         stages = list(self._stages.values())
         for stage in stages:
             stage.cancelled = stage.cancelled or reason
+            stage.stop.set()
         await asyncio.gather(*(self._kill(stage) for stage in stages), return_exceptions=True)
         self.direct.close_all()
 

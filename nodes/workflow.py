@@ -35,14 +35,17 @@ The workflow document
     may go to different stages; one anchor may go to several. Connections may not form a cycle.
     Every error is a :class:`WorkflowError` naming the key at fault.
 
-Stages are numbered in the document's order, except that the output stage is numbered last (a
-client takes the output of the last stage as stdout, as in a pipeline).
+Stages are numbered in the document's order, except that the output stage is numbered last and
+the input stage (with stdin) first: a client takes the last stage's output as its stdout and
+feeds its stdin to the first, as in a pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -54,10 +57,19 @@ from dpipes.nodes.protocol import PluginInput, PluginOutput
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_INPUT", "DEFAULT_OUTPUT", "Connection", "Graph", "WorkflowError", "parse_workflow"]
+__all__ = [
+    "DEFAULT_INPUT",
+    "DEFAULT_OUTPUT",
+    "Connection",
+    "Graph",
+    "WorkflowError",
+    "load_workflow",
+    "parse_workflow",
+]
 
 DEFAULT_INPUT: Final = "Input"  # the anchor of a linear pipeline's input, and of a connection that names none
 DEFAULT_OUTPUT: Final = "Output"
+MAX_WORKFLOW_FILE_BYTES: Final = 1024 * 1024  # a workflow is a page of YAML; the run request is 64 KiB anyway
 MAX_WORKFLOW_STAGES: Final = 1024  # the protocol's list bound; the node's max_stages applies as well
 _STAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _ANCHOR_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_ .-]{0,63}")
@@ -292,8 +304,10 @@ def parse_workflow(doc: Any, *, stdin: bool) -> Graph:
         stdin_to = _endpoint(doc["input"], "input", names, DEFAULT_INPUT)
         if not argvs[stdin_to[0]][0].startswith(PLUGIN_SIGIL) and any(c.dst == stdin_to[0] for c in connections):
             raise _fail("input", f"stage {list(names)[stdin_to[0]]}'s stdin is connected already")
-    # Number the output stage last: a client reads the last stage's output as its stdout.
-    order = [i for i in range(len(argvs)) if i != out[0]] + [out[0]]
+    # Number the output stage last and the input stage first: a client reads the last stage's
+    # output as its stdout and feeds its stdin to the first, as in a pipeline.
+    first = [stdin_to[0]] if stdin_to is not None and stdin and stdin_to[0] != out[0] else []
+    order = first + [i for i in range(len(argvs)) if i != out[0] and i not in first] + [out[0]]
     index_of = {old: new for new, old in enumerate(order)}
     stage_names = list(names)
     stages = [StageSpec(index_of[old], argvs[old], pins[old], stage_names[old]) for old in order]
@@ -305,6 +319,32 @@ def parse_workflow(doc: Any, *, stdin: bool) -> Graph:
         stdout_from=(index_of[out[0]], out[1]),
         extra_outputs={index_of[i]: anchors for i, anchors in extra.items()},
     )
+
+
+def load_workflow(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A workflow file's document as JSON values (YAML, or TOML when the name ends in ``.toml``).
+
+    Raises:
+        OSError: the file cannot be read.
+        WorkflowError: it does not parse, or holds more than ``MAX_WORKFLOW_FILE_BYTES``.
+    """
+    with open(path, "rb") as f:
+        data = f.read(MAX_WORKFLOW_FILE_BYTES + 1)
+    if len(data) > MAX_WORKFLOW_FILE_BYTES:
+        raise WorkflowError(f"workflow {path}: larger than {MAX_WORKFLOW_FILE_BYTES} bytes")
+    import tomllib
+
+    import yaml
+
+    try:
+        doc: Any = tomllib.loads(data.decode()) if str(path).endswith(".toml") else yaml.safe_load(data)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise WorkflowError(f"workflow {path}: does not parse: {exc}") from None
+    # Dates and other YAML/TOML values become text: the document travels as msgpack.
+    result: dict[str, Any] = json.loads(json.dumps(doc, default=str))
+    if not isinstance(result, dict):
+        raise WorkflowError(f"workflow {path}: must be a map with stages and connections")
+    return result
 
 
 def _connections(raw: Any, names: Mapping[str, int]) -> list[Connection]:

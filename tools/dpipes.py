@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -65,6 +66,18 @@ pipes:
   --pipes-json FILE records, per stage, the context it got, then every message as received.
 
 plugins:
+  A stage whose first word is %NAME runs the plugin NAME (a Python class over Arrow tables,
+  installed on a node under the entry point group dpipes.plugins) in a worker process on the node
+  placement chooses (%NAME@NODE pins it); its other words are its configuration, KEY=VALUE each:
+    dpipes 'cat sales.csv | %filter@beta expr="amount > 100" | %summarize by=region'
+  Between two plugins, Arrow record batches travel as they are. Between a program and a plugin
+  the bytes are CSV (a header line, then rows); --arrow makes them an Arrow IPC stream, and in
+  --json mode the plugin takes and gives the objects. dpipes --nodes lists each node's plugins
+  as %NAME. A failed plugin (an exception, a callback over the node's [limits]
+  plugin_callback_s, a CSV that does not parse) is named with its stage, node and plugin.
+  --workflow FILE runs a graph instead of a line: stages (program or plugin, node, config) and
+  connections from STAGE.ANCHOR to STAGE.ANCHOR, in YAML (or TOML for *.toml); a splitter's
+  True and False outputs may go to different stages, a join takes two inputs. See the README.
   dpipes plugin new NAME writes a plugin package (a Python class over Arrow tables, its entry
   point, a test with the harness); dpipes plugin list lists the installed ones.
 
@@ -76,6 +89,8 @@ examples:
   dpipes --status --pipefail 'producer | consumer@gamma'
   dpipes --require 'sort>=9' 'cat big.txt | sort@beta'
   printf '{"a":1}\\n' | dpipes --json 'cat | jq -c .'
+  dpipes 'cat sales.csv | %filter@beta expr="amount > 100" | %summarize by=region agg=amount:sum'
+  dpipes --workflow split.yaml
   dpipes --asset 1:orders --extra 1:limit=10 --pipes-json run.jsonl 'cat orders.csv | python3@beta load.py'
 """
 
@@ -92,6 +107,23 @@ def _parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--json", action="store_const", const="json", dest="mode", help="JSON-lines object mode")
     mode.add_argument("--yaml", action="store_const", const="yaml", dest="mode", help="YAML documents object mode")
+    parser.add_argument(
+        "--workflow", metavar="FILE", help="run the workflow FILE (YAML, or TOML for *.toml) instead of a pipeline"
+    )
+    edges = parser.add_mutually_exclusive_group()
+    edges.add_argument(
+        "--arrow",
+        action="store_const",
+        const="arrow",
+        dest="edge_format",
+        help="programs next to a plugin read and write Arrow IPC streams (default: CSV)",
+    )
+    edges.add_argument(
+        "--edge-format",
+        choices=("csv", "ndjson", "arrow"),
+        dest="edge_format",
+        help="what a program's bytes are at an edge with a plugin (default csv)",
+    )
     parser.add_argument("--pipefail", action="store_true", help="exit with the last non-zero stage status")
     parser.add_argument("--status", action="store_true", help="print every stage's node and exit status at the end")
     parser.add_argument(
@@ -262,15 +294,26 @@ def main(argv: list[str] | None = None) -> int:
         except DpipesError as exc:
             print(f"dpipes: {exc}", file=sys.stderr)
             return EXIT_FAILED
-    if not args.pipeline or not args.pipeline.strip():
-        parser.error("give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
-    from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
+    args.workflow_doc = {}
+    if args.workflow:
+        if args.pipeline:
+            parser.error("give a pipeline or --workflow FILE, not both")
+        try:
+            args.workflow_doc, count = _workflow(args.workflow)
+        except DpipesError as exc:
+            print(f"dpipes: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        args.pipeline = f"workflow {args.workflow}"
+    else:
+        if not args.pipeline or not args.pipeline.strip():
+            parser.error("give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
+        from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
 
-    try:  # the parser is pure: a malformed pipeline is refused here, before any node is contacted
-        count = len(parse_pipeline(args.pipeline))
-    except PipelineSyntaxError as exc:
-        print(f"dpipes: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        try:  # the parser is pure: a malformed pipeline is refused here, before any node is contacted
+            count = len(parse_pipeline(args.pipeline))
+        except PipelineSyntaxError as exc:
+            print(f"dpipes: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
     if args.mode is None:
@@ -283,6 +326,23 @@ def main(argv: list[str] | None = None) -> int:
     except DpipesError as exc:
         print(f"dpipes: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _workflow(path: str) -> tuple[dict[str, Any], int]:
+    """The workflow document in ``path`` (as JSON values) and its number of stages, checked here
+    before any node is contacted.
+
+    Raises:
+        DpipesError: the file cannot be read or parsed, or the workflow is malformed.
+    """
+    from dpipes.nodes.workflow import WorkflowError, load_workflow, parse_workflow
+
+    try:
+        doc = load_workflow(path)
+    except OSError as exc:
+        raise WorkflowError(f"workflow {path}: {exc.strerror or exc}") from None
+    graph = parse_workflow(doc, stdin=False)
+    return doc, len(graph.stages)
 
 
 def _entry_endpoint(args: argparse.Namespace) -> str | None:
@@ -358,7 +418,11 @@ async def _run(args: argparse.Namespace) -> int:
         require=tuple(args.require),
         pipes=args.pipes,
         pipes_json=args.pipes_json,
+        workflow=args.workflow_doc,
+        edge_format=args.edge_format or "csv",
     )
+    if args.workflow_doc and "input" not in args.workflow_doc:
+        options = dataclasses.replace(options, stdin=False)  # a workflow reads stdin only into its input
     result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options))
     if result.error:
         print(f"dpipes: {result.error}", file=sys.stderr)

@@ -149,6 +149,16 @@ class _Feed(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def peek(self) -> bool:
+        """Wait for the first bytes: whether there are any."""
+        while not self._buf and not self._eof:
+            item = self._items.get()
+            if item is None:
+                self._eof = True
+            else:
+                self._buf = memoryview(item).cast("B")
+        return bool(self._buf)
+
     def readinto(self, b: Any) -> int:
         while not self._buf:
             if self._eof:
@@ -174,7 +184,7 @@ class _Input:
         self.spec = spec
         self.worker = worker
         self.items: queue.Queue[Any] = queue.Queue(maxsize=FEED_QUEUE_ITEMS)
-        self.where = f"input {spec.anchor!r} of {worker.spec.describe} (from {spec.src})"
+        self.where = f"input {spec.anchor!r} (from {spec.src})"
         self.stream: InStream | None = None
 
     async def put(self, item: Any) -> None:
@@ -236,7 +246,9 @@ class _Input:
                 rows += table.num_rows
                 yield from table.to_batches()
         else:
-            yield from read_batches(fmt, _Feed(self.items), where=self.where)  # type: ignore[arg-type]
+            feed = _Feed(self.items)
+            if feed.peek():  # an empty input (a program that wrote nothing, /dev/null) has no batches
+                yield from read_batches(fmt, feed, where=self.where)  # type: ignore[arg-type]
 
 
 # -- outputs ---------------------------------------------------------------------------------------
@@ -554,7 +566,7 @@ async def _run(spec: WorkerSpec) -> int:
         client = Client(spec.hub, name=spec.name, window=spec.window)
         await client.start()
     except BusError as exc:
-        _say(f"dpipes: {spec.describe}: plugin {spec.plugin}: cannot attach to node {spec.node}'s hub: {exc}")
+        _say(_failure_line(spec, f"cannot attach to node {spec.node}'s hub: {exc}"))
         return EXIT_NOT_STARTED
     worker = _Worker(spec, client.endpoint)
     channel = _BusChannel(worker)
@@ -568,13 +580,13 @@ async def _run(spec: WorkerSpec) -> int:
             code = -signal.SIGPIPE
         except _Failed as exc:
             code = exc.code
-            _say(f"dpipes: {spec.describe}: plugin {spec.plugin}: {exc}")
+            _say(_failure_line(spec, exc))
             if worker.transport is not None:
                 worker.transport.cancel_all(f"{spec.describe} failed")
             worker.cancel_inputs(f"{spec.describe} failed")
         except BusError as exc:
             code = EXIT_BAD_OUTPUT
-            _say(f"dpipes: {spec.describe}: plugin {spec.plugin}: output: {exc}")
+            _say(_failure_line(spec, f"output: {exc}"))
             if worker.transport is not None:
                 worker.transport.cancel_all(f"{spec.describe} failed")
             worker.cancel_inputs(f"{spec.describe} failed")
@@ -583,6 +595,13 @@ async def _run(spec: WorkerSpec) -> int:
             await asyncio.wait_for(messages, OUTPUT_CLOSE_TIMEOUT_S)
         await client.aclose()
     return code
+
+
+def _failure_line(spec: WorkerSpec, error: object) -> str:
+    """``dpipes: stage 1 (%filter@beta): plugin filter: <what>``: stage, node and plugin, once each."""
+    text = str(error)
+    text = text.removeprefix(f"plugin {spec.plugin}: ")
+    return f"dpipes: {spec.describe}: plugin {spec.plugin}: {text}"
 
 
 def _say(line: str) -> None:
