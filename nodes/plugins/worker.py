@@ -613,6 +613,9 @@ def _say(line: str) -> None:
 def main() -> None:
     """The worker process: the spec from stdin, run, ``os._exit`` with the status (see the module)."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    # Batches off the bus are zero-copy views of message frames, which need not be aligned to
+    # their value width; Acero (group-by, joins) then copies only what is misaligned, quietly.
+    os.environ.setdefault("ACERO_ALIGNMENT_HANDLING", "reallocate")
     os.dup2(2, 1)  # a plugin's print() goes where its node forwards stderr; stdout carries no data
     try:
         spec = WorkerSpec.from_json(sys.stdin.buffer.read(MAX_SPEC_BYTES))
