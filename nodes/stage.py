@@ -324,8 +324,8 @@ async def _pumps_unless_stopped(pumps: list[asyncio.Task[None]], stop: asyncio.E
     A cancelled run's reader may be gone without a word (a plugin worker killed with SIGKILL):
     an output waiting for its acknowledgement would then wait forever.
     """
-    rest = asyncio.gather(*pumps, return_exceptions=True)
-    stopped = asyncio.ensure_future(stop.wait())
+    rest: asyncio.Future[Any] = asyncio.gather(*pumps, return_exceptions=True)
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({rest, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -272,8 +272,10 @@ def parse_workflow(doc: Any, *, stdin: bool) -> Graph:
             raise _fail(f"{key}.{unknown[0]}", "unknown key (known: program, plugin, node, config, outputs)")
         argv, config = _argv(stage, key)
         node = stage.get("node")
-        if node is not None and (not isinstance(node, str) or (problem := check_node_name(node)) is not None):
-            raise _fail(f"{key}.node", problem if isinstance(node, str) else "must be a node name")
+        if node is not None:
+            problem = check_node_name(node) if isinstance(node, str) else "must be a node name"
+            if problem is not None:
+                raise _fail(f"{key}.node", problem)
         outputs = stage.get("outputs", [])
         if not isinstance(outputs, list) or not all(isinstance(a, str | bool) for a in outputs):
             raise _fail(f"{key}.outputs", "must be a list of anchor names")

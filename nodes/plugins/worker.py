@@ -55,7 +55,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -551,7 +551,7 @@ class _Worker:
                 conn.stream.cancel(reason)
 
 
-async def _first_failure(tasks: list[asyncio.Future[Any]]) -> None:
+async def _first_failure(tasks: Sequence[asyncio.Future[Any]]) -> None:
     """Wait for every task; the first to fail fails this at once."""
     pending = set(tasks)
     while pending:
