@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -423,7 +424,24 @@ async def _run(args: argparse.Namespace) -> int:
     )
     if args.workflow_doc and "input" not in args.workflow_doc:
         options = dataclasses.replace(options, stdin=False)  # a workflow reads stdin only into its input
-    result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options))
+    labels: dict[int, str] = {}
+    view = None
+    if sys.stderr.isatty():  # plugin progress, for a person watching; never in a file or a pipe
+        from dpipes.nodes.progress_view import ProgressView, progress_of
+
+        view = ProgressView(sys.stderr)
+
+    def started(reply: Any) -> None:
+        labels.update({s.index: f"stage {s.index} {s.argv[0]}@{s.node}" for s in reply.stages})
+
+    def pipes(index: int, frame: bytes) -> None:
+        if view is not None and (fraction := progress_of(frame)) is not None:
+            view.update(index, labels.get(index, f"stage {index}"), fraction)
+
+    with view if view is not None else contextlib.nullcontext():
+        result = await _entry_and_run(
+            args, lambda entry: run.run_pipeline(entry, options, on_started=started, on_pipes=pipes)
+        )
     if result.error:
         print(f"dpipes: {result.error}", file=sys.stderr)
     for stage in result.stages:

@@ -160,3 +160,18 @@ async def test_a_worker_killed_with_sigkill_fails_the_run_and_leaves_nothing(rt:
         assert proc.returncode != 0
         assert "plugin stuck worker killed by SIGKILL" in err.decode()
         assert workers_of(beta.proc.pid) == []
+
+
+async def test_plugin_progress_reaches_the_client_as_pipes_messages(rt: Path) -> None:
+    record = rt.parent / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        pipeline = "%generate rows=20000 batch_rows=500 | %passthrough@beta expected_rows=20000 | wc -l"
+        out = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(record), pipeline)
+        assert out.code == 0, out.stderr
+        assert out.stdout.split() == [b"20001"]
+    from dpipes.nodes.progress_view import progress_of
+
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    frames = [json.dumps(item).encode() for item in lines if item.get("stage") == 1 and "message" in item]
+    fractions = [f for f in map(progress_of, frames) if f is not None]
+    assert len(fractions) > 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
