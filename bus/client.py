@@ -45,6 +45,7 @@ class Client:
         self._attached: asyncio.Future[str] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._last_heard = 0.0
+        self._gone: BusError | None = None  # set when the hub said BYE: nothing more can be sent
         self.dropped = 0
 
     @property
@@ -92,12 +93,24 @@ class Client:
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"client {addr} heartbeats")
 
     def send(self, msg: Message) -> None:
-        """Transport: encode ``msg`` and send it to the hub."""
+        """Transport: encode ``msg`` and send it to the hub.
+
+        Raises:
+            PeerLost: the hub detached this client (it said BYE).
+        """
+        if self._gone is not None:
+            raise self._gone
         assert self._pump is not None
         self._pump.send(codec.encode(msg))
 
     def send_frames(self, dst: str, frames: list[Any]) -> None:
-        """Transport: send an encoded message to the hub."""
+        """Transport: send an encoded message to the hub.
+
+        Raises:
+            PeerLost: the hub detached this client (it said BYE).
+        """
+        if self._gone is not None:
+            raise self._gone
         assert self._pump is not None
         self._pump.send(frames)
 
@@ -111,7 +124,9 @@ class Client:
             log_fn("client of %s: dropped a malformed message: %s", self.hub, exc)
             return
         if self._endpoint is not None:
-            if msg.KIND != "PONG":
+            if isinstance(msg, codec.Bye) and msg.src == f"{self._endpoint.node}/":  # from the hub itself
+                self._on_bye(msg)
+            elif msg.KIND != "PONG":
                 self._endpoint._deliver(msg)
             return
         assert self._attached is not None
@@ -123,9 +138,20 @@ class Client:
             self._endpoint = Endpoint(msg.addr, self, window=self._window)
             self._attached.set_result(msg.addr)
         elif isinstance(msg, codec.Error):
-            self._attached.set_exception(BusError(f"hub at {self.hub} refused to attach: {msg.message}"))
+            self._attached.set_exception(BusError(f"hub at {self.hub} refused to attach ({msg.code}): {msg.message}"))
         elif isinstance(msg, codec.Bye):
             self._attached.set_exception(BusError(f"hub at {self.hub} refused to attach: {msg.reason}"))
+
+    def _on_bye(self, bye: codec.Bye) -> None:
+        """The hub detached us (it stops, we were silent, or we sent it bad messages): fail everything now."""
+        if self._gone is not None or self._endpoint is None:
+            return
+        node = self.endpoint.node
+        log.info("client %s: node %r said goodbye: %.300r", self.endpoint.addr, node, bye.reason)
+        self._gone = PeerLost(f"node {node!r} at {self.hub} detached client {self.endpoint.addr}: {bye.reason}")
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        self.endpoint.fail_all(self._gone)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -149,7 +175,8 @@ class Client:
         if self._endpoint is not None and self._pump is not None:
             ep, self._endpoint = self._endpoint, None
             ep.fail_all(BusError(f"client {ep.addr} closed"))
-            self._pump.send(codec.encode(codec.Bye(src=ep.addr, dst=codec.split_addr(ep.addr)[0] + "/")))
+            if self._gone is None:  # a hub that said BYE has forgotten us already
+                self._pump.send(codec.encode(codec.Bye(src=ep.addr, dst=codec.split_addr(ep.addr)[0] + "/")))
         await self._close_sockets()
 
     async def _close_sockets(self) -> None:

@@ -8,38 +8,54 @@ A bus message is a ZeroMQ multipart message::
 id); the codec never sees them. Everything below describes ``HEADER [PAYLOAD ...]``.
 
 HEADER
-    One frame holding a msgpack **map** with string keys. Common keys, present in every message:
+    One frame holding a msgpack **map** with string keys. Common keys, **required** in every
+    message (a header without one is malformed, whatever its kind):
 
     ========  =======  ====================================================================
     key       type     meaning
     ========  =======  ====================================================================
-    ``v``     int      protocol version, ``PROTOCOL_VERSION``; a hub drops any other value
+    ``v``     int      protocol version, ``PROTOCOL_VERSION``. A msgpack integer: a boolean
+                       is not one. A hub answers another integer with ``BYE`` (to ``HELLO``
+                       and ``ATTACH``) or drops it
     ``kind``  str      the message kind, one of the names in the table below
     ``src``   str      source address ``node/endpoint`` (``node/`` for the hub itself)
-    ``dst``   str      destination address ``node/endpoint``
-    ``sid``   int      stream id, unique per source endpoint; 0 when not part of a stream
+    ``dst``   str      destination address ``node/endpoint`` (``""`` in a first ``HELLO``)
+    ``sid``   int      stream id; 0 when not part of a stream. See *Streams* for whose it is
     ``seq``   int      sequence number: per stream for stream messages, the request id for
                        ``REQUEST``/``REPLY``, the offending message's ``seq`` for ``ERROR``
     ========  =======  ====================================================================
 
-    Kind-specific keys follow, with the types below. A missing kind key takes the default shown;
-    an unknown key is ignored (room for compatible additions without a version bump).
+    Integers are non-negative and below 2**63. Kind-specific keys follow, with the types below. A
+    missing kind key takes its default (empty string, 0, false, empty map; ``REPLY.ok`` defaults
+    to true); an unknown key is ignored (room for compatible additions without a version bump).
+
+Addresses and names
+    An address is ``node/endpoint``. A node name is 1 to ``MAX_NODE_NAME_CHARS`` characters
+    without ``/``; an endpoint name is 1 to ``MAX_ENDPOINT_NAME_CHARS`` characters without
+    ``/``, so that every address fits ``MAX_STRING_CHARS``. ``HELLO.node``, ``WELCOME.node``,
+    ``LINK.node`` and ``ATTACH.name`` longer than that are malformed.
 
 PAYLOAD
-    Zero or more frames of opaque bytes, only for the kinds marked *payload*. They are sent
-    zero-copy (``copy=False``) and handed to the receiver as ``memoryview`` objects over the
-    received ZeroMQ frames.
+    Zero or more frames of opaque bytes, only for the kinds marked *payload*: any other kind
+    with a payload frame is malformed. They are sent zero-copy (``copy=False``) and handed to
+    the receiver as ``memoryview`` objects over the received ZeroMQ frames. ``OBJECTS`` has
+    exactly one payload frame and ``PIPES`` at least one.
 
 Kinds
     Link (hub to hub, over each hub's outbound DEALER link; and hub to attached clients):
 
     * ``HELLO`` ``node: str, instance: str, endpoints: map, info: map`` -- opens a link or
       attachment of a peer hub; ``endpoints["bus"]`` is where the peer's ROUTER listens.
-    * ``WELCOME`` ``node: str, instance: str`` -- the answer to an acceptable ``HELLO``.
+    * ``WELCOME`` ``node: str, instance: str, info: map`` -- the answer to an acceptable
+      ``HELLO``, with what the answering hub tells peers about itself (as its own ``HELLO``'s
+      ``info``), so that a link is never up before its peer's offer is known.
     * ``PING`` -- liveness, sent every ``HEARTBEAT_INTERVAL_S`` on every link and by clients.
     * ``PONG`` -- the hub's answer to a client's ``PING``.
-    * ``BYE`` ``reason: str`` -- an orderly goodbye; also the refusal of a ``HELLO``.
-    * ``ATTACH`` ``name: str`` -- a client asks to become endpoint ``node/name``.
+    * ``BYE`` ``reason: str`` -- an orderly goodbye; also the refusal of a ``HELLO``, and what a
+      hub tells a client or peer it detaches (see *Sessions* and *Bad messages*).
+    * ``ATTACH`` ``name: str`` -- a client asks to become endpoint ``node/name`` (an empty name:
+      the hub picks one). Not knowing its address yet, it sends ``src`` and ``dst`` empty; from
+      ``ATTACHED`` on, every message it sends carries ``src`` = that address.
     * ``ATTACHED`` ``addr: str`` -- the hub's answer to ``ATTACH``.
     * ``LINK`` ``node: str, up: bool, reason: str`` -- a hub tells its endpoints that a peer
       node came up or was lost.
@@ -48,8 +64,8 @@ Kinds
 
     * ``REQUEST`` ``method: str, body: map`` -- ``seq`` is the request id.
     * ``REPLY`` ``ok: bool, body: map, error: str`` -- ``seq`` repeats the request id.
-    * ``CREDIT`` ``bytes: int`` -- the receiver of stream ``sid`` lets its sender send this
-      many more payload bytes.
+    * ``CREDIT`` ``bytes: int`` -- the receiver of stream ``sid`` lets its sender spend this many
+      more credit units (not payload bytes: see *Flow control*).
     * ``EOF`` ``total: int`` -- the sender of stream ``sid`` has sent everything: ``total``
       payload bytes in all.
     * ``EOF_ACK`` ``total: int`` -- the receiver has taken every byte up to ``EOF``; only now may
@@ -59,33 +75,142 @@ Kinds
     * ``ERROR`` ``code: str, message: str, node: str, to: str`` -- a message that ``dst`` sent
       to address ``to`` (with this ``sid`` and ``seq``) could not be delivered or done; ``node``
       names where it failed. Codes: ``no-route``, ``no-endpoint``, ``peer-lost``,
-      ``not-linked``, ``refused``, ``bad-message``.
+      ``not-linked``, ``refused``, ``bad-message``. An ``ERROR`` is never answered with one.
 
     Data (*payload*), normally inside a stream (``sid`` != 0) under credit:
 
     * ``BYTES`` -- payload frames are raw byte chunks.
     * ``OBJECTS`` ``count: int, meta: map`` -- one payload frame, a msgpack array of ``count``
       objects (maps); ``meta`` says where they came from (``dp.addr``, ``dp.node``, ...), once
-      per batch; the receiving node puts it into each object it hands a program.
+      per batch; the receiving node puts it into each object it hands a program. Decoding checks
+      what is cheap without unpacking the batch: one frame, and ``count`` no larger than the
+      frame's length in bytes (every object takes at least one byte). Whoever unpacks the batch
+      checks that it holds ``count`` objects.
     * ``ARROW`` ``arrow: map`` -- Arrow record batch framing; ``arrow`` and the payload frames
       are specified in ``dpipes.bus.arrow``.
     * ``STDERR`` -- payload frames are a program's standard error bytes.
     * ``PIPES`` ``stage: int`` -- one or more payload frames, each one Dagster Pipes message (or the
       report of a line that was not one) as JSON text, in the order the stage wrote them.
 
-Flow control
-    Every stream starts with ``INITIAL_CREDIT_BYTES`` of credit. A data message costs its payload
-    bytes plus ``MESSAGE_CREDIT_BYTES`` (so that a stream of tiny messages is bounded in count
-    too). The sender may start a message only while what it has sent costs less than its credit
-    (so one message may overshoot it), and stops otherwise until a ``CREDIT`` arrives. Receivers
-    grant credit as their consumer takes data, never before. ``EOF.total`` and
-    ``EOF_ACK.total`` count payload bytes only.
+Streams
+    A stream is named by its **sender**: the sender's address and a ``sid`` the sender chose
+    (non-zero, unique among the sender's open streams; a dpipes endpoint draws stream ids and
+    request ids from one counter). The sender's data messages, ``EOF`` and ``CANCEL`` carry
+    ``src`` = sender, ``dst`` = receiver and that ``sid``. The receiver's ``CREDIT``,
+    ``EOF_ACK`` and ``CANCEL`` carry ``src`` = receiver, ``dst`` = sender and the **sender's**
+    ``sid``. So ``sid`` is not unique per source address: one party's messages with the same
+    ``sid`` may be about a stream it sends or one it receives, and a party tells streams apart by
+    (peer address, ``sid``, direction). The sender numbers its data messages and ``EOF`` with
+    ``seq`` 1, 2, 3, ... in sending order (an ``ERROR`` that bounces one names its ``seq``);
+    ``CREDIT``, ``EOF_ACK`` and ``CANCEL`` carry ``seq`` 0. A receiver need not check ``seq``:
+    the bus keeps a stream's messages in order. A message to party P from peer Q with stream id
+    S is about:
 
-Limits
-    Every size and count read from the wire is bounded by the ``MAX_*`` constants below. A
-    message that breaks one, or is not well-formed, raises ``DecodeError``: the hub drops it and
-    counts it against the sending peer, and never lets it reach its loop.
+    * data or ``EOF``: the stream Q sends to P, (Q, S);
+    * ``CREDIT`` or ``EOF_ACK``: the stream P sends to Q with P's id S;
+    * ``CANCEL``: the stream P sends to Q with id S if P has one, else the stream (Q, S). When P
+      and Q each send the other a stream with the same id, a ``CANCEL`` is read as being about
+      P's own stream (the receiver saying "stop"); a sender that must cancel such a stream of
+      its own ends it with ``EOF`` short of its data or lets the receiver time out instead;
+    * ``ERROR`` with a non-zero ``sid``, where ``to`` plays Q's part: the stream P sends to
+      ``to`` with id S if P has one, else the stream (``to``, S).
+
+Flow control
+    Credit is counted in **credit units**: a data message costs its payload bytes plus
+    ``MESSAGE_CREDIT_BYTES`` (so that a stream of tiny messages is bounded in count too);
+    ``EOF`` and ``CANCEL`` cost nothing. Every stream starts with ``INITIAL_CREDIT_BYTES``
+    units, granted by the protocol without a message. ``CREDIT.bytes`` adds that many units.
+    The sender may start a data message only while the units it has spent are fewer than the
+    units granted (so one message may overshoot), and waits otherwise until a ``CREDIT``
+    arrives. Receivers grant units back as their consumer takes messages, never before; a
+    dpipes endpoint grants once a quarter of its window has been taken, and an endpoint whose
+    window is larger than ``INITIAL_CREDIT_BYTES`` grants the difference when the stream
+    opens. ``EOF.total`` and ``EOF_ACK.total`` count payload bytes only, not units.
+
+Sessions
+    A hub links to each peer hub with ``HELLO``/``WELCOME`` and sends ``PING`` on every link
+    every ``HEARTBEAT_INTERVAL_S``; a peer silent for ``PEER_TIMEOUT_S`` is lost: the hub sends
+    its endpoints ``LINK`` (up false) and fails the streams that involve it. A client attaches
+    with ``ATTACH`` and is answered ``ATTACHED``, or ``ERROR`` (``refused``: the name is taken
+    or holds ``/``; ``bad-message``: the ``ATTACH`` is malformed, a name too long included).
+    An attached client must send ``PING`` at least every ``HEARTBEAT_INTERVAL_S``; the hub
+    answers ``PONG``. A client silent for ``CLIENT_TIMEOUT_S`` is detached: the hub sends it
+    ``BYE`` naming why and forgets its address (later messages from it get ``ERROR``
+    ``not-linked``). A client that hears nothing from its hub for ``PEER_TIMEOUT_S`` takes it
+    as lost. Either side leaves with ``BYE``; a hub that stops sends ``BYE`` to every linked
+    peer and every attached client.
+
+Bad messages
+    A hub never lets a bad message reach its loop. It decodes each header and counts its frames
+    against the kind (not the kind fields or payload of what it only passes on: their recipient
+    checks those), and treats these alike:
+
+    * a header that is not a well-formed version-1 map within the limits (not msgpack, not a
+      map, a required key missing, a value of the wrong type, an unknown kind, payload frames
+      the kind does not allow, too many frames);
+    * a message that breaks the session's rules: a client's ``src`` that is not its address,
+      a peer's ``src`` not on its node, a peer's ``dst`` not on this node (a hub never relays);
+    * kind fields that do not decode, on a message for one of the hub's own endpoints or on an
+      ``ERROR`` for the hub itself.
+
+    Such a message is dropped and counted against its sender (``Hub.stats``: by node name for
+    a linked peer, by address for a client, and all other parties together). The sender is
+    answered on the connection the message came by with ``ERROR`` ``bad-message``, whose
+    ``message`` names the key or limit that was broken and whose ``sid``, ``seq`` and ``to``
+    are the bad message's where those could be read (``dst`` is the client, or the peer's
+    endpoint that sent it, or ``node/`` of the peer; the peer's hub hands the ``ERROR`` to
+    that endpoint). At most one answer per sender per ``BAD_MESSAGE_INTERVAL_S``; the rest are
+    only counted. An ``ERROR`` or ``BYE`` is never answered. The hub logs one line per sender
+    per interval, with the count so far. A linked peer or attached client that sends more than
+    ``MAX_BAD_MESSAGES`` bad messages within one interval is dropped with ``BYE`` naming why:
+    a client is detached, a peer's link is taken down (its streams fail; it may say ``HELLO``
+    again).
+
+    The handshakes are answered whatever the rate, since their sender waits: a malformed
+    ``ATTACH`` gets ``ERROR`` ``bad-message``, a malformed ``HELLO`` from a party not linked
+    yet gets ``BYE``, as does a ``HELLO`` whose ``node`` is this hub's own name or not a node
+    name. A header with an integer ``v`` other than ``PROTOCOL_VERSION`` is counted; a
+    ``HELLO`` or ``ATTACH`` of that kind is answered ``BYE`` naming both versions, anything
+    else is dropped. A message on a connection of a peer instance that has since been replaced
+    is dropped (stale, not bad). An ``ERROR`` a peer addresses to the hub itself (``node/``) is
+    logged, at most once per peer per interval.
+
+Constants
+    Names in ``dpipes.bus.codec``; a test checks that this table matches them.
+
+    ===========================  ==========  ===========================================
+    name                         value       unit and meaning
+    ===========================  ==========  ===========================================
+    ``PROTOCOL_VERSION``         1           the ``v`` of every header
+    ``MAX_HEADER_BYTES``         65536       bytes in the header frame
+    ``MAX_FRAMES``               4096        frames in a message, header included
+    ``MAX_PAYLOAD_FRAME_BYTES``  67108864    bytes in one payload frame (64 MiB)
+    ``MAX_FRAME_BYTES``          67109888    bytes in any frame; a socket drops a peer
+                                             sending more (``ZMQ_MAXMSGSIZE``)
+    ``MAX_STRING_CHARS``         4096        characters in any string value of a header
+    ``MAX_NODE_NAME_CHARS``      255         characters in a node name
+    ``MAX_ENDPOINT_NAME_CHARS``  3840        characters in an endpoint name
+    ``MAX_DEPTH``                32          nesting of maps and arrays in a header value
+    ``MAX_CONTAINER_ITEMS``      4096        entries of one map or array in a header
+    ``INITIAL_CREDIT_BYTES``     8388608     credit units every stream starts with (8 MiB)
+    ``MESSAGE_CREDIT_BYTES``     256         credit units a data message costs beyond its
+                                             payload bytes
+    ``HEARTBEAT_INTERVAL_S``     0.5         seconds between PINGs on a link or from a client
+    ``PEER_TIMEOUT_S``           3.0         seconds of silence after which a peer hub (or,
+                                             for a client, its hub) is lost
+    ``CLIENT_TIMEOUT_S``         6.0         seconds of silence after which a hub detaches a
+                                             client with ``BYE``
+    ``BAD_MESSAGE_INTERVAL_S``   10.0        seconds: a hub logs and answers bad messages at
+                                             most once per sender per interval
+    ``MAX_BAD_MESSAGES``         100         bad messages in one interval after which a hub
+                                             drops a peer or client with ``BYE``
+    ``CLOSE_DRAIN_S``            2.0         seconds a closing party waits for queued
+                                             messages before dropping them
+    ``BYE_LINGER_MS``            200         milliseconds a closing socket lets a queued
+                                             ``BYE`` reach its peer
+    ===========================  ==========  ===========================================
 """
+
 
 from __future__ import annotations
 
@@ -103,6 +228,8 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAMES = 4096  # an Arrow batch of many columns travels as one frame per buffer
 MAX_PAYLOAD_FRAME_BYTES = 64 * 1024 * 1024
 MAX_STRING_CHARS = 4096  # addresses, names, reasons, methods
+MAX_NODE_NAME_CHARS = 255  # a DNS label is 63; room for any host-derived name, not for abuse
+MAX_ENDPOINT_NAME_CHARS = MAX_STRING_CHARS - MAX_NODE_NAME_CHARS - 1  # node/endpoint fits MAX_STRING_CHARS
 MAX_DEPTH = 32  # nesting of maps and arrays inside a header value
 MAX_CONTAINER_ITEMS = 4096  # entries of one map or array inside a header
 
@@ -112,6 +239,9 @@ MESSAGE_CREDIT_BYTES = 256  # what each data message costs in credit beyond its 
 # Session timing, shared by hubs and clients.
 HEARTBEAT_INTERVAL_S = 0.5  # how often every link and every client says it is alive
 PEER_TIMEOUT_S = 3.0  # silence after which a peer hub is lost: six missed heartbeats
+CLIENT_TIMEOUT_S = 6.0  # silence after which a hub detaches a client: twelve missed PINGs (clients may be busier)
+BAD_MESSAGE_INTERVAL_S = 10.0  # a hub logs and answers each sender's bad messages once per interval
+MAX_BAD_MESSAGES = 100  # bad messages in one interval that make a hub drop the sender: no honest peer sends them
 CLOSE_DRAIN_S = 2.0  # bounded wait for queued messages at shutdown before dropping them
 BYE_LINGER_MS = 200  # at close, let a BYE already queued reach its peer, briefly
 MAX_FRAME_BYTES = MAX_PAYLOAD_FRAME_BYTES + 1024  # a socket's ZMQ_MAXMSGSIZE: libzmq drops a peer sending more
@@ -125,10 +255,11 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 class VersionMismatch(DecodeError):
     """A well-formed header of another protocol version; ``header`` lets a hub answer it."""
 
+    header: dict[Any, Any]
+
     def __init__(self, header: dict[Any, Any]) -> None:
-        self.header = header
         self.version = header.get("v")
-        super().__init__(f"protocol version {self.version!r:.20} is not {PROTOCOL_VERSION}")
+        super().__init__(f"protocol version {self.version!r:.20} is not {PROTOCOL_VERSION}", header=header)
 
 
 def _unpack_header(frame: Buffer) -> Any:
@@ -167,6 +298,20 @@ def _str(value: Any, name: str) -> str:
     return value
 
 
+def _node_name(value: Any, name: str) -> str:
+    if len(_str(value, name)) > MAX_NODE_NAME_CHARS:
+        raise DecodeError(f"field {name!r} is {len(value)} characters long (node names: {MAX_NODE_NAME_CHARS})")
+    return value
+
+
+def _endpoint_name(value: Any, name: str) -> str:
+    if len(_str(value, name)) > MAX_ENDPOINT_NAME_CHARS:
+        raise DecodeError(
+            f"field {name!r} is {len(value)} characters long (endpoint names: {MAX_ENDPOINT_NAME_CHARS})"
+        )
+    return value
+
+
 def _int(value: Any, name: str) -> int:
     if type(value) is not int or not 0 <= value < 2**63:
         raise DecodeError(f"field {name!r} must be a non-negative 64-bit integer, got {value!r:.40}")
@@ -200,6 +345,7 @@ class Message:
 
     KIND: ClassVar[str] = ""
     HAS_PAYLOAD: ClassVar[bool] = False
+    PAYLOAD_FRAMES: ClassVar[tuple[int, int]] = (0, 0)  # fewest and most payload frames of this kind
     _SPEC: ClassVar[tuple[tuple[str, Callable[[Any, str], Any], Any], ...]] = ()
     _FIELDS: ClassVar[tuple[str, ...]] = ()
 
@@ -235,6 +381,7 @@ class _Payload(Message):
     frames: tuple[Any, ...] = ()
 
     HAS_PAYLOAD: ClassVar[bool] = True
+    PAYLOAD_FRAMES: ClassVar[tuple[int, int]] = (0, MAX_FRAMES - 1)
 
     @property
     def payload_bytes(self) -> int:
@@ -254,7 +401,7 @@ def _kind(name: str) -> Callable[[type[Message]], type[Message]]:
             if field.name in _COMMON or field.name == "frames":
                 continue
             base = {"str": str, "int": int, "bool": bool, "dict[str, Any]": dict}[str(field.type)]
-            spec.append((field.name, _CHECKERS[base], field.default))
+            spec.append((field.name, field.metadata.get("check", _CHECKERS[base]), field.default))
         cls.KIND = name
         cls._SPEC = tuple(spec)
         cls._FIELDS = tuple(field.name for field in dataclasses.fields(cls))
@@ -269,7 +416,7 @@ def _kind(name: str) -> Callable[[type[Message]], type[Message]]:
 class Hello(Message):
     """Opens a link (or attachment) of a peer hub: who it is and where it listens."""
 
-    node: str = ""
+    node: str = dataclasses.field(default="", metadata={"check": _node_name})
     instance: str = ""
     endpoints: dict[str, Any] = dataclasses.field(default_factory=dict)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -280,8 +427,9 @@ class Hello(Message):
 class Welcome(Message):
     """The answer to an acceptable HELLO."""
 
-    node: str = ""
+    node: str = dataclasses.field(default="", metadata={"check": _node_name})
     instance: str = ""
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @_kind("PING")
@@ -309,7 +457,7 @@ class Bye(Message):
 class Attach(Message):
     """A client asks to become endpoint ``node/name``."""
 
-    name: str = ""
+    name: str = dataclasses.field(default="", metadata={"check": _endpoint_name})
 
 
 @_kind("ATTACHED")
@@ -325,7 +473,7 @@ class Attached(Message):
 class Link(Message):
     """A hub tells its endpoints that a peer node came up or was lost."""
 
-    node: str = ""
+    node: str = dataclasses.field(default="", metadata={"check": _node_name})
     up: bool = False
     reason: str = ""
 
@@ -406,6 +554,8 @@ class Objects(_Payload):
     count: int = 0
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    PAYLOAD_FRAMES: ClassVar[tuple[int, int]] = (1, 1)
+
 
 @_kind("ARROW")
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
@@ -427,6 +577,8 @@ class Pipes(_Payload):
     """Dagster Pipes messages of stage ``stage``, one JSON payload frame each."""
 
     stage: int = 0
+
+    PAYLOAD_FRAMES: ClassVar[tuple[int, int]] = (1, MAX_FRAMES - 1)
 
 
 DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES"})
@@ -471,10 +623,19 @@ packb_int: Callable[[int], bytes] = _packb
 """Pack one integer as msgpack (the ``seq`` that ends a header made by ``stream_header_prefix``)."""
 
 
-def decode_header(frame: Buffer) -> dict[str, Any]:
+_NO_KEY = object()
+
+
+def decode_header(frame: Buffer, payload_frames: int | None = None) -> dict[str, Any]:
     """Decode and check the common part of a header frame; kind fields are checked later.
 
+    Args:
+        frame: the header frame.
+        payload_frames: how many payload frames follow it, to check against the kind; None
+            leaves that to ``from_header``.
+
     Raises:
+        VersionMismatch: a header map with an integer ``v`` other than ``PROTOCOL_VERSION``.
         DecodeError: the frame is not a version-``PROTOCOL_VERSION`` header within the limits.
     """
     if len(frame) > MAX_HEADER_BYTES:
@@ -482,20 +643,46 @@ def decode_header(frame: Buffer) -> dict[str, Any]:
     try:
         header = _unpack_header(frame)
     except Exception as exc:  # msgpack raises several types for bad input; all mean the same
-        raise DecodeError(f"header frame is not valid msgpack: {exc}") from None
+        raise DecodeError(f"header frame is not valid msgpack: {exc!s:.100}") from None
     if type(header) is not dict:
         raise DecodeError(f"header must be a msgpack map, got {type(header).__name__}")
-    version = header.get("v")
+    version = header.get("v", _NO_KEY)
+    if type(version) is not int:  # True == 1 in Python: a boolean must not pass for version 1
+        what = "is missing" if version is _NO_KEY else f"must be an integer, got {type(version).__name__}"
+        raise DecodeError(f"header key 'v' {what}", header=header)
     if version != PROTOCOL_VERSION:
         raise VersionMismatch(header)
-    kind = header.get("kind")
-    if kind not in KINDS:
-        raise DecodeError(f"unknown message kind {kind!r:.40}")
-    _str(header.get("src", ""), "src")
-    _str(header.get("dst", ""), "dst")
-    _int(header.get("sid", 0), "sid")
-    _int(header.get("seq", 0), "seq")
+    try:
+        kind, src, dst, sid, seq = header["kind"], header["src"], header["dst"], header["sid"], header["seq"]
+    except KeyError as exc:
+        raise DecodeError(f"header key {exc.args[0]!r} is missing", header=header) from None
+    cls = KINDS.get(kind) if type(kind) is str else None  # a list is not hashable: test the type first
+    if cls is None:
+        raise DecodeError(f"unknown message kind {kind!r:.40}", header=header)
+    try:
+        _str(src, "src")
+        _str(dst, "dst")
+        _int(sid, "sid")
+        _int(seq, "seq")
+    except DecodeError as exc:
+        exc.header = header
+        raise
+    if payload_frames is not None:
+        low, high = cls.PAYLOAD_FRAMES
+        if not low <= payload_frames <= high:
+            raise DecodeError(_payload_count_error(cls, payload_frames), header=header)
     return header
+
+
+def _payload_count_error(cls: type[Message], count: int) -> str:
+    low, high = cls.PAYLOAD_FRAMES
+    if not high:
+        return f"{cls.KIND} carries no payload, got {count} extra frames"
+    if low == high:
+        return f"{cls.KIND} carries exactly {low} payload frame(s), got {count}"
+    if count < low:
+        return f"{cls.KIND} carries at least {low} payload frame(s), got {count}"
+    return f"{cls.KIND} has {count} payload frames (limit {high})"
 
 
 def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Message:
@@ -506,32 +693,37 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
             fit the kind.
     """
     cls = KINDS[header["kind"]]
-    fields: dict[str, Any] = {
-        "src": header.get("src", ""),
-        "dst": header.get("dst", ""),
-        "sid": header.get("sid", 0),
-        "seq": header.get("seq", 0),
-    }
-    for name, check, default in cls._SPEC:
-        value = header.get(name, dataclasses.MISSING)
-        if value is dataclasses.MISSING:
-            if default is dataclasses.MISSING:  # a default_factory field: an empty map
-                value = {}
-            else:
-                value = default
-        fields[name] = check(value, name)
-    if cls.HAS_PAYLOAD:
-        if len(payload) > MAX_FRAMES - 1:
-            raise DecodeError(f"{cls.KIND} has {len(payload)} payload frames (limit {MAX_FRAMES - 1})")
-        frames = []
-        for frame in payload:
-            view = frame if isinstance(frame, memoryview) else memoryview(frame)
-            if view.nbytes > MAX_PAYLOAD_FRAME_BYTES:
-                raise DecodeError(f"{cls.KIND} payload frame is {view.nbytes} bytes (limit {MAX_PAYLOAD_FRAME_BYTES})")
-            frames.append(view)
-        fields["frames"] = tuple(frames)
-    elif payload:
-        raise DecodeError(f"{cls.KIND} carries no payload, got {len(payload)} extra frames")
+    fields: dict[str, Any] = {"src": header["src"], "dst": header["dst"], "sid": header["sid"], "seq": header["seq"]}
+    try:
+        for name, check, default in cls._SPEC:
+            value = header.get(name, dataclasses.MISSING)
+            if value is dataclasses.MISSING:
+                if default is dataclasses.MISSING:  # a default_factory field: an empty map
+                    value = {}
+                else:
+                    value = default
+            fields[name] = check(value, name)
+        low, high = cls.PAYLOAD_FRAMES
+        if not low <= len(payload) <= high:
+            raise DecodeError(_payload_count_error(cls, len(payload)))
+        if cls.HAS_PAYLOAD:
+            frames = []
+            for frame in payload:
+                view = frame if isinstance(frame, memoryview) else memoryview(frame)
+                if view.nbytes > MAX_PAYLOAD_FRAME_BYTES:
+                    raise DecodeError(
+                        f"{cls.KIND} payload frame is {view.nbytes} bytes (limit {MAX_PAYLOAD_FRAME_BYTES})"
+                    )
+                frames.append(view)
+            if cls is Objects and fields["count"] > frames[0].nbytes:
+                raise DecodeError(
+                    f"OBJECTS count {fields['count']} cannot fit a {frames[0].nbytes}-byte batch"
+                    " (every object takes at least one byte)"
+                )
+            fields["frames"] = tuple(frames)
+    except DecodeError as exc:
+        exc.header = dict(header)
+        raise
     return cls(**fields)
 
 
@@ -545,11 +737,13 @@ def decode(frames: Sequence[Any]) -> Message:
         raise DecodeError("empty message: no header frame")
     if len(frames) > MAX_FRAMES:
         raise DecodeError(f"message has {len(frames)} frames (limit {MAX_FRAMES})")
-    return from_header(decode_header(frames[0]), frames[1:])
+    return from_header(decode_header(frames[0], len(frames) - 1), frames[1:])
 
 
 _SCHEMA_TYPES: dict[Callable[[Any, str], Any], dict[str, Any]] = {
     _str: {"type": "string", "maxLength": MAX_STRING_CHARS},
+    _node_name: {"type": "string", "maxLength": MAX_NODE_NAME_CHARS},
+    _endpoint_name: {"type": "string", "maxLength": MAX_ENDPOINT_NAME_CHARS},
     _int: {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
     _bool: {"type": "boolean"},
     _map: {"type": "object"},
@@ -562,7 +756,7 @@ def header_schema() -> dict[str, Any]:
     The repository keeps it as ``bus/header_schema.json``; a test checks that the file equals this.
     """
     common = {
-        "v": {"const": PROTOCOL_VERSION},
+        "v": {"type": "integer", "const": PROTOCOL_VERSION},
         "src": _SCHEMA_TYPES[_str],
         "dst": _SCHEMA_TYPES[_str],
         "sid": _SCHEMA_TYPES[_int],
@@ -579,7 +773,7 @@ def header_schema() -> dict[str, Any]:
         "title": f"dpipes bus message header, protocol version {PROTOCOL_VERSION}",
         "description": "A msgpack map; payload frames follow it. See dpipes.bus.codec for the spec.",
         "type": "object",
-        "required": ["v", "kind"],
+        "required": ["v", "kind", *_COMMON],
         "properties": {**common, "kind": {"enum": sorted(KINDS)}},
         "oneOf": variants,
     }

@@ -14,7 +14,15 @@ class BusError(DpipesError):
 
 
 class DecodeError(BusError, ValueError):
-    """A message off the wire is malformed or exceeds a limit; it is dropped and counted."""
+    """A message off the wire is malformed or exceeds a limit; it is dropped and counted.
+
+    ``header`` is the header map when the frame was one (unchecked: whoever answers the sender
+    must check each value it takes from it), else None.
+    """
+
+    def __init__(self, message: str, *, header: dict[Any, Any] | None = None) -> None:
+        super().__init__(message)
+        self.header = header
 
 
 class ProtocolMismatch(BusError):

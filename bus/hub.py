@@ -6,11 +6,16 @@ Sockets (all created from the one ``zmq.Context`` the hub owns, all closed in ``
 * one outbound DEALER per peer hub (a *link*), as in Zyre: a hub always sends to a peer through
   its own DEALER, so a full peer blocks that link only, and ZeroMQ never drops on it;
 * an XPUB tap mirror that publishes one small event per routed message while, and only while,
-  someone is subscribed (see :data:`TAP_FIELDS`); a ``PIPES`` event also carries its messages.
+  someone is subscribed (the events are specified in :mod:`dpipes.bus.tap`).
 
 Routing is direct: ``node/endpoint`` is delivered locally when ``node`` is this hub, sent on the
 link to ``node`` otherwise; a message for a node we have no link to, or for an endpoint that does
 not exist, comes back to its sender as an ``ERROR``. A hub never relays between two other nodes.
+
+What a hub does with bad messages, idle clients and at shutdown is part of the wire spec
+(:mod:`dpipes.bus.codec`, *Sessions* and *Bad messages*). Everything read off a socket is checked
+at the ROUTER or link boundary; names and reasons from the wire are logged with ``%r`` so that a
+newline in them cannot forge a log line.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import math
 import os
 import tempfile
 import time
@@ -27,28 +33,35 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import zmq
 
 from dpipes.bus import codec
 from dpipes.bus.codec import (
+    BAD_MESSAGE_INTERVAL_S,
     BYE_LINGER_MS,
+    CLIENT_TIMEOUT_S,
     CLOSE_DRAIN_S,
     HEARTBEAT_INTERVAL_S,
+    MAX_BAD_MESSAGES,
     MAX_FRAME_BYTES,
+    MAX_NODE_NAME_CHARS,
+    MAX_STRING_CHARS,
     PEER_TIMEOUT_S,
     Message,
 )
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, DecodeError, ProtocolMismatch, RequestTimeout
 from dpipes.bus.pump import Pump, send_frames
+from dpipes.bus.tap import TAP_HWM, Mirror
 
 log = logging.getLogger(__name__)
 
-CLIENT_TIMEOUT_S = 6.0  # silence after which an attached client is forgotten
 CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full, then dropped
 ROUTER_HWM = 100_000  # per-peer queue in messages; credits keep streams far below it
-TAP_PIPES_MAX_BYTES = 256 * 1024  # a PIPES message up to this size shows its messages on the tap
+
+
+def _valid_node_name(name: str) -> bool:
+    return 0 < len(name) <= MAX_NODE_NAME_CHARS and "/" not in name
 
 
 def _set_common(sock: zmq.Socket[Any]) -> None:
@@ -59,13 +72,31 @@ def _set_common(sock: zmq.Socket[Any]) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)  # let the kernel notice dead TCP peers too
 
 
+UNLINKED = "(unlinked)"  # the stats key of every party that is neither a linked peer nor a client
+
+
 @dataclasses.dataclass
 class PeerStats:
     """What a hub counts about one peer (hub link or client)."""
 
     received: int = 0
-    dropped: int = 0
+    dropped: int = 0  # messages from it the hub did not deliver: bad ones and undeliverable ones
+    bad: int = 0  # of those, bad messages (malformed, or breaking a session rule)
     last_error: str = ""
+    interval_start: float = -math.inf  # when the current bad-message interval began (monotonic)
+    interval_bad: int = 0  # bad messages within the current interval
+    errors_heard: int = 0  # ERROR messages this peer addressed to the hub itself
+    errors_logged_at: float = -math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sender:
+    """Who sent a message on the ROUTER: a linked peer, an attached client, or neither."""
+
+    key: str  # the stats key: a node name, a client address, or UNLINKED
+    ident: bytes
+    peer: str = ""  # the node name of a linked peer
+    client: _Client | None = None
 
 
 @dataclasses.dataclass
@@ -131,8 +162,8 @@ class Hub:
         advertise: str | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
-        if not node or "/" in node or len(node) > 255:
-            raise ValueError(f"invalid node name {node!r}: use 1-255 characters without '/'")
+        if not _valid_node_name(node):
+            raise ValueError(f"invalid node name {node!r:.80}: use 1-{MAX_NODE_NAME_CHARS} characters without '/'")
         self.node = node
         self.instance = uuid.uuid4().hex
         self.info = dict(info or {})
@@ -191,7 +222,7 @@ class Hub:
             self.ipc_endpoint = ipc
             tap_sock = self._ctx.socket(zmq.XPUB)
             tap_sock.setsockopt(zmq.LINGER, 0)
-            tap_sock.setsockopt(zmq.SNDHWM, 10_000)  # a slow tap loses events, never slows the bus
+            tap_sock.setsockopt(zmq.SNDHWM, TAP_HWM)  # a slow tap loses events, never slows the bus
             tap = self._want_tap or ipc.rsplit(".sock", 1)[0] + "-tap.sock"
             tap_sock.bind(tap)
             self.tap_endpoint = tap_sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -205,7 +236,7 @@ class Hub:
         log.info("node %s listening on %s %s (tap %s)", self.node, self.tcp_endpoint, self.ipc_endpoint, tap)
 
     async def aclose(self) -> None:
-        """Say BYE to peers, drain queued messages under a bound, close every socket. Idempotent."""
+        """Say BYE to peers and clients, drain queued messages under a bound, close every socket. Idempotent."""
         if self._closed or self._ctx is None:
             return
         self._closed = True
@@ -218,6 +249,8 @@ class Hub:
         for link in self._links.values():
             if link.up:
                 self._link_send(link, codec.Bye(src=f"{self.node}/", dst=f"{link.node}/", reason="node stopping"))
+        for client in list(self._clients.values()):
+            self._router_send(client.ident, self._bye_to(client, f"node {self.node} is stopping"))
         try:
             await asyncio.wait_for(self._drain_all(), CLOSE_DRAIN_S)
         except TimeoutError:
@@ -234,7 +267,7 @@ class Hub:
         if self._tap is not None:
             self._tap.close()
         if self._router is not None:
-            self._router.close()
+            self._router.close(linger_ms=BYE_LINGER_MS)  # the clients' BYEs are queued there
         self._ctx.term()
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
@@ -247,8 +280,10 @@ class Hub:
 
     def endpoint(self, name: str, *, window: int = codec.INITIAL_CREDIT_BYTES) -> Endpoint:
         """An in-process endpoint ``node/name`` on this hub."""
-        if not name or "/" in name:
-            raise ValueError(f"invalid endpoint name {name!r}")
+        if not name or "/" in name or len(name) > codec.MAX_ENDPOINT_NAME_CHARS:
+            raise ValueError(
+                f"invalid endpoint name {name!r:.80}: use 1-{codec.MAX_ENDPOINT_NAME_CHARS} characters without '/'"
+            )
         if name in self._local:
             raise BusError(f"endpoint {self.node}/{name} already exists")
         ep = Endpoint(f"{self.node}/{name}", self._transport, window=window, on_close=self._forget)
@@ -344,7 +379,11 @@ class Hub:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)  # a restarted peer is back within a heartbeat
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.ROUTING_ID, b"hub:" + self.instance.encode() + b":" + os.urandom(4).hex().encode())
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError:
+            sock.close(0)
+            raise
         link = _Link(endpoint=endpoint, pump=Pump(sock, lambda frames: None), static=static)
         link.pump.on_message = functools.partial(self._on_link_reply, link)
         self._links[endpoint] = link
@@ -376,35 +415,63 @@ class Hub:
             log.debug("node %s: send to %s failed: %s", self.node, link.endpoint, exc)
 
     def _on_link_reply(self, link: _Link, frames: list[Any]) -> None:
-        """Messages on our DEALER: the peer's answers to HELLO, or its errors."""
+        """Messages on our DEALER: the peer's answers to HELLO, its goodbyes, its errors."""
         try:
             msg = codec.decode([f.buffer for f in frames])
         except codec.VersionMismatch as exc:
             reason = exc.header.get("reason") if isinstance(exc.header.get("reason"), str) else ""
             self._refused(
                 link,
-                f"it speaks protocol version {exc.version!r}, we speak {codec.PROTOCOL_VERSION}"
-                + (f" ({reason})" if reason else ""),
+                f"it speaks protocol version {exc.version!r:.20}, we speak {codec.PROTOCOL_VERSION}"
+                + (f" ({reason:.200})" if reason else ""),
             )
             return
         except DecodeError as exc:
-            self._count_bad(link.node or link.endpoint, exc)
+            # Nobody to answer: this is the peer answering us. Counted, logged, dropped.
+            self._note_bad(self.stats[link.node or link.endpoint], link.node or link.endpoint, exc)
             return
         if isinstance(msg, codec.Welcome):
-            self._link_up(link, msg.node, msg.instance)
+            if not _valid_node_name(msg.node):
+                self._refused(link, f"it calls itself {msg.node!r:.80}, which is not a node name")
+            else:
+                if msg.info:  # what it offers, known before the link counts as up
+                    link.info = msg.info
+                self._link_up(link, msg.node, msg.instance)
         elif isinstance(msg, codec.Bye):
             if link.up:
-                self._link_down(link, f"said goodbye: {msg.reason}")
+                self._link_down(link, f"said goodbye: {msg.reason:.200}", orderly=True)
             else:
                 self._refused(link, msg.reason)
         elif isinstance(msg, codec.Error) and msg.code == "not-linked":
             if link.up:
                 self._link_down(link, "it no longer knows this link (restarted, or it had declared us lost)")
             self._hello(link)
+        elif isinstance(msg, codec.Error):
+            self._on_peer_error(link.node or link.endpoint, msg)
+
+    def _on_peer_error(self, peer: str, error: codec.Error) -> None:
+        """An ERROR a peer hub sent about something we sent it: to the endpoint it names, or the log."""
+        node, name = codec.split_addr(error.dst)
+        if node == self.node and name in self._local:
+            self._send_local(error)
+            return
+        stats = self.stats[peer]
+        stats.errors_heard += 1
+        now = time.monotonic()
+        if now - stats.errors_logged_at >= BAD_MESSAGE_INTERVAL_S:
+            stats.errors_logged_at = now
+            log.warning(
+                "node %s: peer %.64r reports %.32r: %.300r (%d such reports in all)",
+                self.node,
+                peer,
+                error.code,
+                error.message,
+                stats.errors_heard,
+            )
 
     def _refused(self, link: _Link, reason: str) -> None:
         link.refused = reason
-        log.error("node %s: peer at %s refused the link: %s", self.node, link.endpoint, reason)
+        log.error("node %s: peer at %s refused the link: %.300r", self.node, link.endpoint, reason)
         error = ProtocolMismatch(f"node {self.node}: peer at {link.endpoint} refused the link: {reason}")
         for waiter in link.waiters:
             if not waiter.done():
@@ -437,10 +504,11 @@ class Hub:
                 waiter.set_result(node)
         link.waiters.clear()
         if not was_up:
-            log.info("node %s: link to %s (%s) up", self.node, node, link.endpoint)
+            log.info("node %s: link to %r (%s) up", self.node, node, link.endpoint)
             self._announce_link(node, True, "linked")
 
-    def _link_down(self, link: _Link, reason: str) -> None:
+    def _link_down(self, link: _Link, reason: str, *, orderly: bool = False) -> None:
+        """The link to ``link.node`` is gone: ``orderly`` when the peer said BYE, lost otherwise."""
         if not link.up:
             return
         link.up = False
@@ -449,9 +517,8 @@ class Hub:
         for ident, peer in list(self._peer_idents.items()):
             if peer == (link.node, link.instance):
                 del self._peer_idents[ident]
-        orderly = reason.startswith("said goodbye")
         (log.info if orderly else log.warning)(
-            "node %s: peer %s %s: %s", self.node, link.node, "left" if orderly else "lost", reason
+            "node %s: peer %r %s: %.300r", self.node, link.node, "left" if orderly else "lost", reason
         )
         self._announce_link(link.node, False, reason)
         if not link.static:
@@ -493,42 +560,34 @@ class Hub:
                 elif not link.refused:
                     self._hello(link)
             for client in list(self._clients.values()):
-                if now - client.last_heard > CLIENT_TIMEOUT_S:
-                    log.info(
-                        "node %s: client %s silent for %.1f s, forgotten",
-                        self.node,
-                        client.addr,
-                        now - client.last_heard,
+                silent = now - client.last_heard
+                if silent > CLIENT_TIMEOUT_S:
+                    log.info("node %s: client %r silent for %.1f s, detached", self.node, client.addr, silent)
+                    reason = (
+                        f"silent for {silent:.1f} s: a client must PING every {HEARTBEAT_INTERVAL_S:g} s"
+                        f" and is detached after {CLIENT_TIMEOUT_S:g} s"
                     )
+                    self._router_send(client.ident, self._bye_to(client, reason))
                     self._detach(client)
                 elif client.backlog:
                     self._flush_client(client)
 
     # -- the ROUTER: everything peers and clients send us ----------------------------------------
 
-    def _count_bad(self, who: str, exc: Exception) -> None:
-        stats = self.stats[who]
-        stats.dropped += 1
-        stats.last_error = str(exc)
-        if stats.dropped == 1:
-            log.warning("node %s: dropped a malformed message from %s: %s", self.node, who, exc)
-        else:
-            log.debug("node %s: dropped malformed message #%d from %s: %s", self.node, stats.dropped, who, exc)
-
     def _on_router(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
-        if len(frames) < 2:
-            self._count_bad(self._who(ident), DecodeError("message with no header frame"))
+        count = len(frames)
+        if count < 2 or count > codec.MAX_FRAMES + 1:
+            what = "no header frame" if count < 2 else f"{count - 1} frames (limit {codec.MAX_FRAMES})"
+            self._bad(self._sender(ident), DecodeError(f"message with {what}"))
             return
         try:
-            header = codec.decode_header(frames[1])
-            if len(frames) > codec.MAX_FRAMES + 1:
-                raise DecodeError(f"message has {len(frames) - 1} frames (limit {codec.MAX_FRAMES})")
+            header = codec.decode_header(frames[1], count - 2)
         except codec.VersionMismatch as exc:
             self._refuse_version(ident, exc)
             return
         except DecodeError as exc:
-            self._count_bad(self._who(ident), exc)
+            self._bad(self._sender(ident), exc)
             return
         kind = header["kind"]
         peer = self._peer_idents.get(ident)
@@ -536,27 +595,31 @@ class Hub:
             node, instance = peer
             link = self._by_node.get(node)
             if link is not None:
-                if link.instance != instance:  # a connection of an instance that was replaced
+                if link.instance != instance:  # a connection of an instance that was replaced: stale, not bad
                     if kind not in ("PING", "BYE"):
-                        self._count_bad(node, DecodeError(f"message from a replaced instance of node {node}"))
+                        self.stats[node].dropped += 1
+                        log.debug("node %s: dropped a %s from a replaced instance of %r", self.node, kind, node)
                     return
                 link.last_heard = time.monotonic()
             if kind == "PING":
                 return
             if kind == "BYE":
                 if link is not None:
-                    self._link_down(link, f"said goodbye: {header.get('reason', '')!s:.200}")
+                    reason = header.get("reason")
+                    self._link_down(link, f"said goodbye: {reason if type(reason) is str else ''}", orderly=True)
                 return
             if kind == "HELLO":
                 self._on_hello(ident, frames)
                 return
             if codec.split_addr(header["src"])[0] != node:
-                self._count_bad(node, DecodeError(f"source {header['src']!r} is not on node {node!r}"))
+                error = DecodeError(f"source {header['src']!r:.80} is not on node {node!r}")
+                self._bad(_Sender(node, ident, peer=node), error, header)
                 return
             if codec.split_addr(header["dst"])[0] != self.node:
-                self._count_bad(node, DecodeError(f"destination {header['dst']!r} is not on this node: no relaying"))
+                error = DecodeError(f"destination {header['dst']!r:.80} is not on node {self.node!r}: no relaying")
+                self._bad(_Sender(node, ident, peer=node), error, header)
                 return
-            self._route(header, frames, 1)
+            self._route(ident, header, frames)
             return
         client = self._clients.get(ident)
         if client is not None:
@@ -568,9 +631,10 @@ class Hub:
                 self._detach(client)
                 return
             if header["src"] != client.addr:
-                self._count_bad(client.addr, DecodeError(f"source {header['src']!r} is not {client.addr!r}"))
+                error = DecodeError(f"source {header['src']!r:.80} is not this client's address {client.addr!r}")
+                self._bad(_Sender(client.addr, ident, client=client), error, header)
                 return
-            self._route(header, frames, 1)
+            self._route(ident, header, frames)
             return
         if kind == "HELLO":
             self._on_hello(ident, frames)
@@ -583,18 +647,115 @@ class Hub:
                     codec.Error(
                         src=f"{self.node}/",
                         dst=header["src"],
+                        sid=header["sid"],
+                        seq=header["seq"],
                         code="not-linked",
                         node=self.node,
+                        to=header["dst"],
                         message=f"node {self.node} does not know this link; say HELLO first",
                     )
                 ),
             )
 
-    def _who(self, ident: bytes) -> str:
-        if ident in self._peer_idents:
-            return self._peer_idents[ident][0]
+    def _sender(self, ident: bytes) -> _Sender:
+        peer = self._peer_idents.get(ident)
+        if peer is not None:
+            return _Sender(peer[0], ident, peer=peer[0])
         client = self._clients.get(ident)
-        return client.addr if client is not None else f"unlinked peer {ident[:24]!r}"
+        if client is not None:
+            return _Sender(client.addr, ident, client=client)
+        return _Sender(UNLINKED, ident)
+
+    def _note_bad(self, stats: PeerStats, who: str, exc: Exception) -> bool:
+        """Count a bad message from ``who``; log it when it opens an interval, and then return True."""
+        stats.dropped += 1
+        stats.bad += 1
+        stats.last_error = str(exc)
+        now = time.monotonic()
+        if now - stats.interval_start >= BAD_MESSAGE_INTERVAL_S:
+            stats.interval_start, stats.interval_bad = now, 1
+            log.warning(
+                "node %s: dropped a bad message from %.80r (%d in all; next report in %g s at the earliest): %s",
+                self.node,
+                who,
+                stats.bad,
+                BAD_MESSAGE_INTERVAL_S,
+                stats.last_error[:300],
+            )
+            return True
+        stats.interval_bad += 1
+        log.debug("node %s: dropped bad message #%d from %.80r: %s", self.node, stats.bad, who, stats.last_error[:300])
+        return False
+
+    def _bad(self, sender: _Sender, exc: DecodeError, header: Any = None) -> None:
+        """A bad message from ``sender``: count it, answer it, drop the sender, as the spec says."""
+        if header is None:
+            header = exc.header
+        stats = self.stats[sender.key]
+        if self._note_bad(stats, sender.key, exc) and not (
+            type(header) is dict and header.get("kind") in ("ERROR", "BYE")  # never answered: no loops
+        ):
+            error = codec.encode(self._bad_message_error(sender, header, exc))
+            if sender.client is not None:
+                self._to_client(sender.client, error)
+            else:
+                self._router_send(sender.ident, error)
+        if stats.interval_bad > MAX_BAD_MESSAGES and sender.key != UNLINKED:
+            self._drop_sender(
+                sender,
+                f"{stats.interval_bad} bad messages within {BAD_MESSAGE_INTERVAL_S:g} s (limit {MAX_BAD_MESSAGES});"
+                f" the last: {exc}",
+            )
+
+    def _bad_message_error(self, sender: _Sender, header: Any, exc: Exception) -> codec.Error:
+        """The ERROR bad-message for ``sender``; the bad message's own fields only where they are sound."""
+        fields = header if type(header) is dict else {}
+
+        def text(key: str) -> str:
+            value = fields.get(key)
+            return value if type(value) is str and len(value) <= MAX_STRING_CHARS else ""
+
+        def number(key: str) -> int:
+            value = fields.get(key)
+            return value if type(value) is int and 0 <= value < 2**63 else 0
+
+        if sender.client is not None:
+            dst = sender.client.addr
+        elif sender.peer:  # its hub hands the ERROR on to the endpoint that sent the message
+            src = text("src")
+            dst = src if codec.split_addr(src)[0] == sender.peer else f"{sender.peer}/"
+        else:
+            dst = text("src")
+        message = f"node {self.node} dropped a bad message: {exc}"
+        return codec.Error(
+            src=f"{self.node}/",
+            dst=dst,
+            sid=number("sid"),
+            seq=number("seq"),
+            code="bad-message",
+            message=message[:MAX_STRING_CHARS],
+            node=self.node,
+            to=text("dst"),
+        )
+
+    def _drop_sender(self, sender: _Sender, reason: str) -> None:
+        """Detach a client, or take down the link of a peer, that sent too many bad messages; tell it BYE."""
+        reason = f"dropped by node {self.node}: {reason}"[:MAX_STRING_CHARS]
+        if sender.client is not None:
+            log.warning("node %s: detached client %r: %s", self.node, sender.client.addr, reason[:300])
+            self._router_send(sender.ident, self._bye_to(sender.client, reason))
+            self._detach(sender.client)
+        elif sender.peer:
+            log.warning("node %s: dropped peer %r: %s", self.node, sender.peer, reason[:300])
+            # On the connection it used, i.e. to its link to us: its hub takes it as a goodbye.
+            self._router_send(sender.ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))
+            self._peer_idents.pop(sender.ident, None)
+            link = self._by_node.get(sender.peer)
+            if link is not None:
+                self._link_down(link, reason)
+
+    def _bye_to(self, client: _Client, reason: str) -> list[Any]:
+        return codec.encode(codec.Bye(src=f"{self.node}/", dst=client.addr, reason=reason[:MAX_STRING_CHARS]))
 
     def _router_send(self, ident: bytes, frames: list[Any]) -> bool:
         assert self._router is not None
@@ -608,11 +769,16 @@ class Hub:
 
     def _refuse_version(self, ident: bytes, exc: codec.VersionMismatch) -> None:
         node = exc.header.get("node", "?")
-        reason = f"node {self.node} speaks protocol version {codec.PROTOCOL_VERSION}, not {exc.version!r}"
-        self._count_bad(f"peer {node!s:.64}", exc)
-        if exc.header.get("kind") in ("HELLO", "ATTACH"):
+        stats = self.stats[self._sender(ident).key]
+        if exc.header.get("kind") not in ("HELLO", "ATTACH"):
+            self._note_bad(stats, self._sender(ident).key, exc)
+        else:  # counted here, and logged below as the refusal it is
+            stats.dropped += 1
+            stats.bad += 1
+            stats.last_error = str(exc)
+            reason = f"node {self.node} speaks protocol version {codec.PROTOCOL_VERSION}, not {exc.version!r:.20}"
             log.error(
-                "node %s: refused a link from %s: it speaks protocol version %r, we speak %d",
+                "node %s: refused a link from %.80r: it speaks protocol version %.20r, we speak %d",
                 self.node,
                 node,
                 exc.version,
@@ -624,19 +790,30 @@ class Hub:
         try:
             hello = codec.decode([f.buffer for f in frames[1:]])
         except DecodeError as exc:
-            self._count_bad(f"unlinked peer {ident[:24]!r}", exc)
+            sender = self._sender(ident)
+            if sender.key != UNLINKED:
+                self._bad(sender, exc)
+                return
+            self._note_bad(self.stats[UNLINKED], UNLINKED, exc)  # it waits for an answer: always give one
+            reason = f"node {self.node} refused a malformed HELLO: {exc}"[:MAX_STRING_CHARS]
+            self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))
             return
         assert isinstance(hello, codec.Hello)
-        if hello.node == self.node:
-            reason = f"node name {hello.node!r} is this node's own name: give every node a unique name"
-            log.error("node %s: refused a link from instance %s: %s", self.node, hello.instance[:8], reason)
+        if hello.node == self.node or not _valid_node_name(hello.node):
+            if hello.node == self.node:
+                reason = f"node name {hello.node!r} is this node's own name: give every node a unique name"
+            else:
+                reason = f"{hello.node!r:.80} is not a node name: use 1-{MAX_NODE_NAME_CHARS} characters without '/'"
+            log.error("node %s: refused a link from instance %.8r: %s", self.node, hello.instance, reason)
             self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))
             return
         self._peer_idents[ident] = (hello.node, hello.instance)
         self._router_send(
             ident,
             codec.encode(
-                codec.Welcome(src=f"{self.node}/", dst=f"{hello.node}/", node=self.node, instance=self.instance)
+                codec.Welcome(
+                    src=f"{self.node}/", dst=f"{hello.node}/", node=self.node, instance=self.instance, info=self.info
+                )
             ),
         )
         link = self._by_node.get(hello.node)
@@ -648,10 +825,14 @@ class Hub:
         bus = hello.endpoints.get("bus")
         if not isinstance(bus, str) or not bus.startswith("tcp://"):
             return  # a peer without TCP can reach us but we cannot reach it
-        if bus.startswith("tcp://*:"):
-            peer_addr = frames[1].get("Peer-Address")
-            bus = f"tcp://{peer_addr}:{bus.rsplit(':', 1)[1]}"
-        new = self._ensure_link(bus, static=False)
+        try:
+            if bus.startswith("tcp://*:"):
+                peer_addr = frames[1].get("Peer-Address")
+                bus = f"tcp://{peer_addr}:{bus.rsplit(':', 1)[1]}"
+            new = self._ensure_link(bus, static=False)
+        except zmq.ZMQError as exc:  # an endpoint libzmq cannot connect to
+            self._note_bad(self.stats[hello.node], hello.node, DecodeError(f"cannot link back to {bus!r:.100}: {exc}"))
+            return
         new.info, new.endpoints = hello.info, hello.endpoints
         self._link_up(new, hello.node, hello.instance)
 
@@ -659,7 +840,9 @@ class Hub:
         try:
             attach = codec.decode([f.buffer for f in frames[1:]])
         except DecodeError as exc:
-            self._count_bad(f"unattached client {ident[:24]!r}", exc)
+            self._note_bad(self.stats[UNLINKED], UNLINKED, exc)  # it waits for an answer: always give one
+            error = self._bad_message_error(_Sender(UNLINKED, ident), exc.header, exc)
+            self._router_send(ident, codec.encode(error))
             return
         assert isinstance(attach, codec.Attach)
         name = attach.name
@@ -683,7 +866,7 @@ class Hub:
                         dst=attach.src,
                         code="refused",
                         node=self.node,
-                        message=f"endpoint name {name!r} is taken or invalid on node {self.node}",
+                        message=f"endpoint name {name!r:.100} is taken or invalid on node {self.node}",
                     )
                 ),
             )
@@ -703,30 +886,39 @@ class Hub:
 
     # -- routing ------------------------------------------------------------------------------
 
-    def _route(self, header: dict[str, Any], frames: list[Any], start: int) -> None:
-        """Deliver a decoded-header message whose frames are ``frames[start:]``."""
+    def _route(self, ident: bytes, header: dict[str, Any], frames: list[Any]) -> None:
+        """Deliver a message from ``ident`` whose header is decoded; ``frames`` as the ROUTER gave them."""
         node, name = codec.split_addr(header["dst"])
         if self._tap_topics:
-            self._publish_tap(header, frames[start + 1 :])
+            self._publish_tap(header, frames[2:])
         if node == self.node:
             party = self._local.get(name)
             if party is None:
-                self._bounce(header, "no-endpoint", f"no endpoint {name!r} on node {self.node}")
+                if not name and header["kind"] == "ERROR":  # a peer's ERROR about what this hub sent it
+                    try:
+                        error = codec.from_header(header)
+                    except DecodeError as exc:
+                        self._bad(self._sender(ident), exc, header)
+                        return
+                    assert isinstance(error, codec.Error)
+                    self._on_peer_error(self._sender(ident).key, error)
+                    return
+                self._bounce(header, "no-endpoint", f"no endpoint {name!r:.100} on node {self.node}")
             elif isinstance(party, Endpoint):
                 try:
-                    msg = codec.from_header(header, [f.buffer for f in frames[start + 1 :]])
+                    msg = codec.from_header(header, [f.buffer for f in frames[2:]])
                 except DecodeError as exc:
-                    self._count_bad(header["src"], exc)
+                    self._bad(self._sender(ident), exc, header)
                     return
                 party._deliver(msg)
             else:
-                self._to_client(party, frames[start:])
+                self._to_client(party, frames[1:])
             return
         link = self._by_node.get(node)
         if link is None:
-            self._bounce(header, "no-route", f"node {self.node} has no link to node {node!r}")
+            self._bounce(header, "no-route", f"node {self.node} has no link to node {node!r:.100}")
             return
-        link.pump.send(frames[start:])
+        link.pump.send(frames[1:])
 
     def _send_local(self, msg: Message) -> None:
         """The transport of in-process endpoints."""
@@ -821,25 +1013,32 @@ class Hub:
 
     # -- tap mirror -----------------------------------------------------------------------------
 
+    _tap_mirror: Mirror | None = None  # made at the first subscription
+
     def _on_tap_subscription(self, frames: list[Any]) -> None:
         data = frames[0].bytes
+        if self._tap_mirror is None:
+            self._tap_mirror = Mirror(self.node)
         if data[:1] == b"\x01":
             self._tap_topics.add(data[1:])
+            self._tap_mirror.on_subscription(data[1:], True)
         elif data[:1] == b"\x00":
             self._tap_topics.discard(data[1:])
+            self._tap_mirror.on_subscription(data[1:], False)
 
     def _publish_tap(self, header: dict[str, Any], payload: Any) -> None:
-        size = sum(memoryview(f).nbytes for f in payload)
-        kind = header["kind"]
-        pipes = [bytes(f) for f in payload] if kind == "PIPES" and size <= TAP_PIPES_MAX_BYTES else None
-        event = msgpack.packb(
-            [time.time(), kind, header["src"], header["dst"], header["sid"], header["seq"], size, pipes]
-        )
-        assert self._tap is not None
-        try:
-            self._tap.sock.send(event, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the tap is lossy by design
+        assert self._tap is not None and self._tap_mirror is not None
+        self._tap_mirror.publish(self._tap.sock, header, payload)
+
+    @property
+    def tapped(self) -> bool:
+        """Whether anyone subscribes to the tap: the hub mirrors what it routes only then."""
+        return bool(self._tap_topics)
+
+    @property
+    def tap_refused(self) -> int:
+        """Tap events the XPUB refused to send (each is a gap in the events' ``n``)."""
+        return self._tap_mirror.refused if self._tap_mirror is not None else 0
 
 
 class _InProcess:
@@ -850,12 +1049,3 @@ class _InProcess:
     def __init__(self, hub: Hub) -> None:
         self.send = hub._send_local
         self.send_frames = hub._send_frames_local
-
-
-TAP_FIELDS = ("time", "kind", "src", "dst", "sid", "seq", "bytes", "pipes")
-"""Names of the fields of a tap event, a msgpack array published on ``Hub.tap_endpoint``.
-
-``bytes`` counts the payload; ``pipes`` is None except on a ``PIPES`` message of at most
-``TAP_PIPES_MAX_BYTES``, where it is the list of its payload frames (JSON texts, see
-:mod:`dpipes.nodes.stage_pipes`), so a tap shows Pipes messages as they pass.
-"""

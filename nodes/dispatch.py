@@ -98,7 +98,8 @@ class ControlServer:
 
     def _refused(self, msg: codec.Request, exc: ControlError) -> None:
         """Answer a request that is not of its method's shape: coded, counted, logged once per interval."""
-        method = msg.method[:64]
+        # Counted by method, and every unknown method under one key: a sender cannot grow the table.
+        method = msg.method if msg.method in self.handlers else "(unknown method)"
         self.malformed[method] += 1
         now = time.monotonic()
         if now - self._logged_at.get(method, -MALFORMED_LOG_INTERVAL_S) >= MALFORMED_LOG_INTERVAL_S:

@@ -321,7 +321,14 @@ class Node:
         """What this node knows of every node, for placement: itself and the nodes linked and up."""
         from dpipes.nodes.pipeline import NodeInfo
 
+        self._refresh_links(time.monotonic())
         return {name: NodeInfo(name, programs) for name, programs in self.directory.programs_by_node().items()}
+
+    def _refresh_links(self, now: float) -> None:
+        """What each linked peer offers, as its latest HELLO said: a peer's HELLO may come after its
+        link is up, and placement and ``info`` must not wait for the next gossip round to see it."""
+        for name, peer in self.hub.peers.items():
+            self._apply(self.directory.link_info(name, peer.info, now))
 
     # -- control requests: each goes to the part that does the job ------------------------------
 
@@ -366,6 +373,7 @@ class Node:
             self.coordinator.on_client_gone(addr)
 
     async def _on_info(self, request: InfoRequest, src: str) -> InfoReply:
+        self._refresh_links(time.monotonic())
         heard_s = {name: peer.last_heard_s for name, peer in self.hub.peers.items()}
         nodes = tuple(
             NodeEntry(
@@ -400,8 +408,7 @@ class Node:
         while True:
             await asyncio.sleep(GOSSIP_INTERVAL_S)  # a periodic timer, not a wait for something
             now = time.monotonic()
-            for name, peer in self.hub.peers.items():  # a peer's HELLO may come after its link is up
-                self._apply(self.directory.link_info(name, peer.info, now))
+            self._refresh_links(now)
             self._apply(self.directory.expire(now))
             self._gossip()
 

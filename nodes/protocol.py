@@ -132,9 +132,15 @@ A run, from the client's side
        by their ``sid`` and by the kind of their data messages. The client grants credit on each
        as it consumes; it may ``CANCEL`` the stdout stream to stop the pipeline early (as a
        reader that exits closes a pipe).
-    3. Each stage reports ``exit``; a ``failed`` report ends the run and lists the stages that
-       will not report. The run is over when every stage reported or was listed ``lost``.
-    4. To stop a run (Ctrl-C): ``cancel`` to the entry node with the pipeline id.
+       Every one of these streams, ``STDERR`` and ``PIPES`` included, is under credit, and its
+       ``EOF`` waits for the client's ``EOF_ACK``.
+    3. Each stage reports ``exit`` once its streams to the client were acknowledged (so a client
+       that never answers ``EOF`` delays the reports); a ``failed`` report ends the run and lists
+       the stages that will not report. The run is over when every stage reported or was listed
+       ``lost``.
+    4. To stop a run (Ctrl-C): ``cancel`` to the entry node with the pipeline id. Stopped before
+       the ``run`` reply came, a client has no id yet: it cancels as soon as the reply arrives
+       (if it leaves instead, the entry node cancels the run of a client that went away).
 
 Errors (``REPLY.body.code``)
     ``bad-request``: the body is malformed (``field`` names what). ``unknown-method``.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +31,23 @@ maps = st.dictionaries(
     ),
     max_size=5,
 )
-frames = st.lists(st.binary(max_size=200), max_size=5).map(tuple)
-
 _FIELD_STRATEGIES = {"str": st.text(max_size=50), "int": ints, "bool": st.booleans(), "dict[str, Any]": maps}
 
 
 def message_strategy(cls: type[codec.Message]) -> st.SearchStrategy[codec.Message]:
     fields: dict[str, Any] = {"src": addresses, "dst": addresses, "sid": ints, "seq": ints}
+    low, high = cls.PAYLOAD_FRAMES
     for field in dataclasses.fields(cls):
         if field.name in fields:
             continue
-        fields[field.name] = frames if field.name == "frames" else _FIELD_STRATEGIES[str(field.type)]
-    return st.builds(cls, **fields)
+        if field.name == "frames":
+            fields["frames"] = st.lists(st.binary(max_size=200), min_size=low, max_size=min(high, 5)).map(tuple)
+        else:
+            fields[field.name] = _FIELD_STRATEGIES[str(field.type)]
+    strategy = st.builds(cls, **fields)
+    if cls is codec.Objects:  # the count must fit the batch: each object takes a byte at least
+        strategy = strategy.map(lambda m: dataclasses.replace(m, count=m.count % (m.frames[0].__len__() + 1)))
+    return strategy
 
 
 any_message = st.one_of([message_strategy(cls) for cls in codec.KINDS.values()])
@@ -101,10 +107,11 @@ def test_mutated_messages_raise_only_decode_error(msg: codec.Message, data: st.D
 @given(any_message, maps)
 def test_wrong_field_types_are_named(msg: codec.Message, junk: dict[str, Any]) -> None:
     header = codec.header_of(msg)
+    payload = codec.encode(msg)[1:]
     for name, _check, _default in msg._SPEC:
         bad = dict(header, **{name: junk if not isinstance(header[name], dict) else "not a map"})
         with pytest.raises(DecodeError, match=name):
-            codec.decode([msgpack.packb(bad)])
+            codec.decode([msgpack.packb(bad), *payload])
 
 
 def test_limits_are_enforced() -> None:
@@ -182,3 +189,118 @@ def test_schema_rejects_what_decode_rejects() -> None:
         jsonschema.validate(dict(header, bytes="five"), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(dict(header, v=99), schema)
+
+
+# -- the rules of the spec that a literal reader relies on ---------------------------------------
+
+COMMON_KEYS = ("v", "kind", "src", "dst", "sid", "seq")
+
+
+@given(any_message, st.sampled_from(COMMON_KEYS))
+@settings(max_examples=200)
+def test_a_missing_common_key_is_named(msg: codec.Message, key: str) -> None:
+    header = codec.header_of(msg)
+    del header[key]
+    with pytest.raises(DecodeError, match=f"'{key}' is missing") as info:
+        codec.decode([msgpack.packb(header), *codec.encode(msg)[1:]])
+    assert not isinstance(info.value, codec.VersionMismatch)
+
+
+@given(any_message, st.sampled_from(COMMON_KEYS), st.sampled_from([True, False, 1.0, "1", [1], {"a": 1}, None, -1]))
+@settings(max_examples=300)
+def test_a_common_key_of_the_wrong_type_is_a_decode_error(msg: codec.Message, key: str, value: Any) -> None:
+    header = dict(codec.header_of(msg), **{key: value})
+    if key == "v" and type(value) is int:  # an integer version is another version, not malformed
+        return
+    if key in ("src", "dst") and type(value) is str:  # any string is an address the router judges
+        return
+    with pytest.raises(DecodeError) as info:
+        codec.decode([msgpack.packb(header), *codec.encode(msg)[1:]])
+    assert not isinstance(info.value, codec.VersionMismatch)
+    assert key in str(info.value) or (key == "kind" and "unknown message kind" in str(info.value))
+
+
+def test_a_boolean_is_not_version_1() -> None:
+    header = dict(codec.header_of(codec.Ping()), v=True)
+    with pytest.raises(DecodeError, match="'v' must be an integer, got bool"):
+        codec.decode([msgpack.packb(header)])
+
+
+@given(st.sampled_from(sorted(set(codec.KINDS) - codec.DATA_KINDS)), st.integers(1, 3))
+def test_payload_frames_only_on_data_kinds(kind: str, extra: int) -> None:
+    header = msgpack.packb(codec.header_of(codec.KINDS[kind]()))
+    with pytest.raises(DecodeError, match="carries no payload"):
+        codec.decode([header] + [b"x"] * extra)
+    with pytest.raises(DecodeError, match="carries no payload"):
+        codec.decode_header(header, extra)  # what a hub checks before routing on
+
+
+def test_objects_carry_one_batch_that_can_hold_count_objects() -> None:
+    header = msgpack.packb(codec.header_of(codec.Objects(count=3)))
+    with pytest.raises(DecodeError, match="exactly 1 payload frame"):
+        codec.decode([header])
+    with pytest.raises(DecodeError, match="exactly 1 payload frame"):
+        codec.decode([header, b"\x93\x80\x80", b"\x90"])
+    with pytest.raises(DecodeError, match="count 3 cannot fit a 2-byte batch"):
+        codec.decode([header, b"\x92\x80"])
+    assert codec.decode([header, b"\x93\x80\x80\x80"]).count == 3  # type: ignore[attr-defined]
+    with pytest.raises(DecodeError, match="at least 1 payload frame"):
+        codec.decode([msgpack.packb(codec.header_of(codec.Pipes()))])
+
+
+def test_names_are_bounded_so_that_every_address_fits() -> None:
+    node, endpoint = "n" * codec.MAX_NODE_NAME_CHARS, "e" * codec.MAX_ENDPOINT_NAME_CHARS
+    longest = f"{node}/{endpoint}"
+    assert len(longest) == codec.MAX_STRING_CHARS
+    assert codec.decode(codec.encode(codec.Attach(src=longest, name=endpoint))).src == longest  # type: ignore[arg-type]
+    for msg, field in [
+        (codec.Attach(name=endpoint + "e"), "name"),
+        (codec.Hello(node=node + "n"), "node"),
+        (codec.Welcome(node=node + "n"), "node"),
+        (codec.Link(node=node + "n"), "node"),
+    ]:
+        with pytest.raises(DecodeError, match=f"field '{field}' is .* characters long"):
+            codec.decode(codec.encode(msg))
+
+
+@given(st.lists(st.one_of(st.none(), st.booleans(), ints, st.text(max_size=5), st.lists(ints))))
+def test_unhashable_kinds_are_decode_errors(kinds: list[Any]) -> None:
+    header = dict(codec.header_of(codec.Ping()), kind=kinds)
+    with pytest.raises(DecodeError, match="unknown message kind"):
+        codec.decode([msgpack.packb(header)])
+
+
+def test_decode_errors_carry_the_header_to_answer() -> None:
+    header = dict(codec.header_of(codec.Request(src="a/b", dst="c/d", seq=7)), method=5)
+    with pytest.raises(DecodeError) as info:
+        codec.decode([msgpack.packb(header)])
+    assert info.value.header is not None and info.value.header["seq"] == 7
+
+
+def test_schema_requires_every_common_key_and_an_integer_version() -> None:
+    schema = json.loads(SCHEMA_FILE.read_text())
+    header = codec.header_of(codec.Credit(bytes=5))
+    jsonschema.validate(header, schema)
+    for key in COMMON_KEYS:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({k: v for k, v in header.items() if k != key}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(dict(header, v=True), schema)
+
+
+def _documented_constants() -> dict[str, str]:
+    doc = codec.__doc__ or ""
+    table = doc[doc.index("\nConstants\n") :]
+    return dict(re.findall(r"^\s+``([A-Z_]+)``\s+([0-9.]+)\s", table, re.MULTILINE))
+
+
+def test_the_spec_states_every_constant_with_its_value() -> None:
+    documented = _documented_constants()
+    names = {
+        name
+        for name, value in vars(codec).items()
+        if name.isupper() and not name.startswith("_") and type(value) in (int, float)
+    }
+    assert set(documented) == names
+    for name, text in documented.items():
+        assert float(text) == getattr(codec, name), name

@@ -16,7 +16,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from dpipes.bus import codec
+from dpipes.bus import codec, tap
 from dpipes.bus import hub as hub_module
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, StreamCancelled
@@ -150,7 +150,7 @@ async def test_protocol_mismatch_is_refused_on_both_sides(caplog: pytest.LogCapt
             await peer.send(msgpack.packb(hello))
             bye = codec.decode(await asyncio.wait_for(peer.recv_multipart(), WAIT_S))
             assert isinstance(bye, codec.Bye) and "protocol version" in bye.reason
-            assert "refused a link from future" in caplog.text
+            assert "refused a link from 'future'" in caplog.text
             peer.close(0)
 
             # We say HELLO to a peer of another version: connect_peer raises, naming the reason.
@@ -197,7 +197,7 @@ async def test_malformed_input_is_counted_logged_once_and_harmless(caplog: pytes
             bad_hello = dict(codec.header_of(codec.Hello()), endpoints="not a map")
             await attacker.send_multipart([msgpack.packb(bad_hello)])
             await until(lambda: sum(s.dropped for s in a.stats.values()) == len(junk) + 1)
-            warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "malformed" in r.message]
+            warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "bad message" in r.message]
             assert len(warnings) == 1  # once per peer; the rest at debug level
             async with Client(a.ipc_endpoint) as client:  # the hub still serves
                 ep = a.endpoint("svc")
@@ -337,13 +337,13 @@ async def test_tap_publishes_only_while_subscribed() -> None:
             src.send(codec.Request(dst="alpha/dst", method="seen"))
             stream = src.open_stream("beta/nobody")
             await stream.send_bytes(b"12345")
-            events = [msgpack.unpackb(await asyncio.wait_for(sub.recv(), WAIT_S)) for _ in range(2)]
-            fields = [dict(zip(hub_module.TAP_FIELDS, e, strict=True)) for e in events]
-            assert [(f["kind"], f["src"], f["dst"]) for f in fields] == [
+            events = [tap.decode_event(await asyncio.wait_for(sub.recv(), WAIT_S)) for _ in range(2)]
+            assert [(e.kind, e.src, e.dst) for e in events] == [
                 ("REQUEST", "alpha/src", "alpha/dst"),
                 ("BYTES", "alpha/src", "beta/nobody"),
             ]
-            assert fields[1]["bytes"] == 5 and fields[1]["sid"] == stream.sid
+            assert events[1].size == 5 and events[1].sid == stream.sid and events[1].sample == b"12345"
+            assert events[0].fields["method"] == "seen" and events[1].n == events[0].n + 1
         finally:
             sub.close(0)
             ctx.term()
@@ -408,3 +408,40 @@ async def test_a_receiver_may_open_a_larger_window() -> None:
         await stream.send_bytes(b"w")
         await dst.accept(timeout=WAIT_S)  # opened, never read: only the window's credit is there
         await until(lambda: stream.limit == window)
+
+
+async def test_credit_is_counted_in_the_units_the_spec_states() -> None:
+    # The spec: a data message costs its payload bytes plus MESSAGE_CREDIT_BYTES; a sender may
+    # start one while it has spent less than it was granted; CREDIT.bytes grants units.
+    size = 4096  # small enough that counting payload alone would let 2048 through, not 1928
+    cost = size + codec.MESSAGE_CREDIT_BYTES
+    may_send = -(-codec.INITIAL_CREDIT_BYTES // cost)  # ceil: the last message may overshoot
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+
+        async def write_forever() -> None:
+            while True:
+                await stream.send_bytes(b"c" * size)
+
+        writer = asyncio.create_task(write_forever())
+        try:
+            await until(lambda: stream.cost >= stream.limit)
+            assert stream.sent == may_send * size  # and no more: it waits for credit
+            reader = await dst.accept(timeout=WAIT_S)
+            taken = 0
+            while taken * cost < codec.INITIAL_CREDIT_BYTES // 4:  # the endpoint grants each quarter window
+                await reader.read(timeout=WAIT_S)
+                taken += 1
+            await until(lambda: stream.limit > codec.INITIAL_CREDIT_BYTES)
+            assert stream.limit == codec.INITIAL_CREDIT_BYTES + taken * cost
+        finally:
+            writer.cancel()
+
+
+async def test_a_link_is_up_with_what_its_peer_offers() -> None:
+    # alpha has no TCP, so beta cannot link back and say HELLO: only WELCOME can tell alpha.
+    async with Hub("alpha", tcp=None, info={"programs": ["cat"]}) as a, Hub("beta", info={"programs": ["sort"]}) as b:
+        assert await a.connect_peer(b.tcp_endpoint) == "beta"
+        # Placement on alpha never sees beta up with nothing to offer.
+        assert a.peers["beta"].info == {"programs": ["sort"]}

@@ -165,10 +165,12 @@ async def test_malformed_requests_are_refused_by_code_and_field_and_logged_once(
     with pytest.raises(RequestFailed) as refused:
         await ep.request(f"alpha/{CTL}", "exit", {"pipeline": "p"}, timeout=WAIT_S)  # a report is checked too
     assert refused.value.body["field"] == "stage"
-    with pytest.raises(RequestFailed) as refused:
-        await ep.request(f"alpha/{CTL}", "teleport", {}, timeout=WAIT_S)
-    assert refused.value.body["code"] == UNKNOWN_METHOD
+    for method in ("teleport", "beam", "x" * 4000):  # any number of made-up methods: one counter
+        with pytest.raises(RequestFailed) as refused:
+            await ep.request(f"alpha/{CTL}", method, {}, timeout=WAIT_S)
+        assert refused.value.body["code"] == UNKNOWN_METHOD
     assert node.control is not None and node.control.malformed["negotiate"] == 3
+    assert node.control.malformed["(unknown method)"] == 3 and len(node.control.malformed) == 3
     logged = [r for r in caplog.records if r.levelno == logging.WARNING and "refused negotiate" in r.getMessage()]
     assert len(logged) == 1
     reply = await call(ep, "alpha", InfoRequest())  # the node still answers

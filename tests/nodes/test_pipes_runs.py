@@ -8,12 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 import zmq
 import zmq.asyncio
 
-from dpipes.bus.hub import TAP_FIELDS
+from dpipes.bus.tap import decode_event
 from tests.nodes.daemons import daemons, dpipes
 
 TAP_WAIT_S = 15.0  # gossip passes every 2 s; generous for a loaded machine
@@ -272,12 +271,10 @@ async def test_the_tap_of_the_stage_s_node_shows_its_pipes_messages(rt: Path, tm
             assert ran.code == 0, ran.stderr
             seen: list[dict] = []
             while not any(m.get("method") == "closed" for m in seen):
-                event = dict(
-                    zip(TAP_FIELDS, msgpack.unpackb(await asyncio.wait_for(tap.recv(), TAP_WAIT_S)), strict=True)
-                )
-                if event["kind"] == "PIPES":
-                    assert event["src"].startswith("beta/") and event["pipes"] is not None
-                    seen += [json.loads(frame)["message"] for frame in event["pipes"]]
+                event = decode_event(await asyncio.wait_for(tap.recv(), TAP_WAIT_S))
+                if event.kind == "PIPES":
+                    assert event.src.startswith("beta/") and event.pipes is not None
+                    seen += [json.loads(frame)["message"] for frame in event.pipes]
         finally:
             tap.close(0)
             ctx.term()

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -187,10 +189,17 @@ async def dpipes_send(hub: Hub, dst: str, payload: bytes, count: int) -> float:
         src.close()
 
 
+TAP_SUBSCRIBE_TIMEOUT_S = 10.0  # a tap child connects over ipc within a reconnect interval; this is slack
+
+
 def measure_messages(
-    size: int, count: int, repeat: int, progress: Callable[[str], None]
+    size: int, count: int, repeat: int, progress: Callable[[str], None], *, tap: str | None = None
 ) -> tuple[list[float], list[float]]:
-    """Messages/s of dpipes and of raw pyzmq for ``count`` messages of ``size`` bytes."""
+    """Messages/s of dpipes and of raw pyzmq for ``count`` messages of ``size`` bytes.
+
+    With ``tap`` (an ``ipc://`` endpoint), the sending hub binds its tap there and waits, before
+    each measurement, until a tap reader subscribes to it (see :func:`measure_tapped`).
+    """
     payload = os.urandom(size)
     raw: list[float] = []
     ours: list[float] = []
@@ -198,8 +207,10 @@ def measure_messages(
 
         async def run_dpipes() -> float:
             # A fresh hub per repetition: the blocking baseline must not run inside its loop.
-            async with Hub("bench-source") as hub:
+            async with Hub("bench-source", tap=tap) as hub:
                 await hub.connect_peer(bus_addr)
+                if tap is not None:
+                    await _until_tapped(hub)
                 await dpipes_send(hub, "bench-sink/sink", payload, max(1, count // 10))  # warm up
                 return count / await dpipes_send(hub, "bench-sink/sink", payload, count)
 
@@ -290,6 +301,51 @@ def round_trip_benchmarks(repeat: int, progress: Callable[[str], None], count: i
         )
         for q in (50, 99)
     ]
+
+
+async def _until_tapped(hub: Hub) -> None:
+    async def poll() -> None:
+        # A hub has no event for a subscription; only the bench waits for one.
+        while not hub.tapped:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), TAP_SUBSCRIBE_TIMEOUT_S)
+
+
+def measure_tapped(
+    size: int, count: int, repeat: int, progress: Callable[[str], None]
+) -> tuple[list[float], list[float], dict[str, int]]:
+    """Messages/s of dpipes without and with a tap reader (``dpipes-tap``'s reading and decoding,
+    in its own process) subscribed to the sending hub, and what the reader got and missed."""
+    untapped, _raw = measure_messages(size, count, repeat, progress)
+    with tempfile.TemporaryDirectory(prefix="dpipes-bench-tap-") as tmp:
+        endpoint = f"ipc://{tmp}/tap.sock"
+        with child("tap", endpoint) as (reader, _addr):
+            tapped, _raw = measure_messages(size, count, repeat, progress, tap=endpoint)
+            assert reader.stdin is not None and reader.stdout is not None
+            reader.stdin.close()
+            counts = json.loads(reader.stdout.readline() or "{}")
+    return untapped, tapped, counts
+
+
+async def _serve_tap(endpoint: str) -> None:
+    """A tap reader: read and decode every event at ``endpoint`` until stdin closes; print counts."""
+    from dpipes.nodes.tap.source import TapSource, Target
+    from dpipes.nodes.tap.view import Decoder
+
+    async with TapSource([Target("bench-source", endpoint)]) as source:
+        print(endpoint, flush=True)
+        done = serve_until_stdin_closes(asyncio.get_running_loop())
+        decoder = Decoder()
+
+        async def read() -> None:
+            async for event in source:
+                decoder.decode(event)
+
+        task = asyncio.create_task(read())
+        await done
+        task.cancel()
+        print(json.dumps({"received": source.received, "dropped": source.dropped}), flush=True)
 
 
 # -- (c) Arrow ---------------------------------------------------------------------------------
@@ -404,11 +460,33 @@ def arrow_benchmarks(repeat: int, progress: Callable[[str], None], scale: int = 
     return results
 
 
+def tap_benchmarks(repeat: int, progress: Callable[[str], None], scale: int = 1) -> list[Result]:
+    """--tap: (a) and (b) with a tap reader attached, against the same without one."""
+    results = []
+    for name, size, count in (("1MiB", 1 << 20, 2000 // scale), ("64B", 64, 300_000 // scale)):
+        untapped, tapped, counts = measure_tapped(size, count, repeat, progress)
+        unit, per = ("MB/s", size / 1e6) if size > 64 else ("msg/s", 1.0)
+        results.append(
+            result(
+                f"bus.tapped_{name}", unit, [r * per for r in tapped], "the same, no tap", [r * per for r in untapped]
+            )
+        )
+        received, dropped = counts.get("received", 0), counts.get("dropped", 0)
+        seen = float(received)
+        results.append(
+            result(f"bus.tap_events_{name}", "events", [seen], "events published (received + dropped)",
+                   [float(received + dropped)])
+        )  # fmt: skip
+    return results
+
+
 def bus_benchmarks(
-    *, repeat: int = 5, quick: bool = False, progress: Callable[[str], None] = lambda s: None
+    *, repeat: int = 5, quick: bool = False, tap: bool = False, progress: Callable[[str], None] = lambda s: None
 ) -> list[Result]:
-    """Benchmarks (a), (b), (c) and (d) of the bus."""
+    """Benchmarks (a), (b), (c) and (d) of the bus; with ``tap`` instead (a) and (b) with a tap attached."""
     scale = 10 if quick else 1
+    if tap:
+        return tap_benchmarks(repeat, progress, scale)
     results = []
     ours, raw = measure_messages(1 << 20, 2000 // scale, repeat, progress)
     results.append(
@@ -441,6 +519,8 @@ def main(argv: list[str]) -> None:
         asyncio.run(_serve_arrow_sink())
     elif role == "flight":
         _serve_flight(int(argv[1]))
+    elif role == "tap":
+        asyncio.run(_serve_tap(argv[1]))
     else:
         raise SystemExit(f"unknown benchmark role {role!r}")
 

@@ -19,6 +19,9 @@ suites:
           (c) Arrow record batches between two processes (one ~1M x 8 batch; a stream of
               10k-row batches), against pyarrow.flight do_get over loopback
           (d) 64-byte round trip p50/p99, REQUEST/REPLY between two hubs, against a raw pyzmq echo
+          --tap: instead, (a) and (b) with a tap reader (dpipes-tap's reading and decoding, in
+          its own process) subscribed to the sending hub, against the same without one; and the
+          events the reader got against those the hub published (the tap is lossy by design)
   pipe    1 GiB of `cat FILE | cat` with the stages on two local daemons, output to /dev/null,
           against sh -c 'cat FILE | cat > /dev/null'; and the wall time of
           `dpipes 'echo x | cat'` with a running daemon, against sh -c 'echo x | cat'
@@ -43,6 +46,7 @@ examples:
   dpipes-bench bus                 a table
   dpipes-bench bus --json          one JSON object per line: name, value, unit, baseline_value, ratio
   dpipes-bench bus --quick         smaller sizes, for a smoke test
+  dpipes-bench bus --tap           what a tap reader attached to the bus costs it
 
 exit status: 0 ok; 2 the suite cannot run here (it says what it needs); 130 interrupted.
 """
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object per result line")
     parser.add_argument("--repeat", type=int, default=5, metavar="N", help="runs per figure (default 5)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke test, not a measurement")
+    parser.add_argument(
+        "--tap", action="store_true", help="bus: (a) and (b) with a dpipes-tap reader attached, against without"
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -96,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         suite = _suite(args.suite)
-        if args.suite == "discovery":
+        if args.tap and args.suite != "bus":
+            parser.error("--tap applies to the bus suite only")
+        if args.suite == "bus":
+            results = suite(repeat=args.repeat, quick=args.quick, progress=progress, tap=args.tap)
+        elif args.suite == "discovery":
             results = suite(repeat=args.repeat, quick=args.quick, progress=progress, nodes=args.nodes)
         else:
             results = suite(repeat=args.repeat, quick=args.quick, progress=progress)

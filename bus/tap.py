@@ -1,0 +1,352 @@
+"""The dpipes tap event format, version 1. This docstring is the spec.
+
+Every hub mirrors what it routes on its tap, a ZeroMQ XPUB socket (``Hub.tap_endpoint``; the
+``tap`` entry of the ``endpoints`` map in its ``HELLO``). A subscriber (a ZeroMQ SUB socket)
+subscribes to the empty topic and receives one single-frame message, a **tap event**, per
+message the hub routes (to a local endpoint, a client or a peer hub). Link traffic the hub
+handles itself (``HELLO``/``WELCOME``, ``PING``/``PONG``, ``BYE``, ``ATTACH``) is not routed and
+is not mirrored.
+
+Costs and losses
+    While nobody subscribes the hub does no tap work at all. While someone does, it encodes one
+    event per routed message and sends it without blocking: the mirror is **lossy**. A
+    subscriber that reads too slowly loses events (ZeroMQ drops them at its queue of
+    ``TAP_HWM`` events, so that a stalled tap costs the hub at most that many bounded events),
+    and so does every subscriber when the hub's send fails (counted in ``Mirror.refused``). Each
+    event carries its hub's event number ``n``, consecutive per hub, so a subscriber counts
+    every event it missed from the gaps and can say "dropped N events". An ``n`` lower than the
+    previous one means the hub restarted.
+
+Subscriptions
+    The topic ``b""`` receives every event. A subscriber may also subscribe to the topic
+    ``b"sample=N"`` (N decimal, at most ``MAX_SAMPLE_BYTES``): it asks the hub for payload
+    samples of N bytes. The hub uses the largest N any subscriber asks for, else
+    ``DEFAULT_SAMPLE_BYTES``. (Events are msgpack maps, whose first byte is never ``s``, so this
+    topic never matches an event: it is a request only.)
+
+The event
+    One msgpack map with string keys (decode with ``raw=False``). Keys not listed are ignored.
+
+    ==========  ==========  ====================================================================
+    key         type        meaning
+    ==========  ==========  ====================================================================
+    ``v``       int         the tap format version, ``TAP_VERSION``
+    ``t``       float       when the hub routed the message: seconds since the Unix epoch
+    ``node``    str         the name of the hub's node
+    ``n``       int         the hub's event number: 0, 1, 2, ... from the hub's start
+    ``kind``    str         the bus message kind (``dpipes.bus.codec``)
+    ``src``     str         the message's source address ``node/endpoint``
+    ``dst``     str         its destination address
+    ``sid``     int         its stream id (0 outside streams)
+    ``seq``     int         its sequence number (the request id of ``REQUEST``/``REPLY``)
+    ``size``    int         total bytes of its payload frames (0 for kinds without payload)
+    ``frames``  int         number of its payload frames
+    ``fields``  map         its kind-specific header fields as the hub routed them (below)
+    ``sample``  bin         data kinds only (``BYTES``, ``OBJECTS``, ``ARROW``, ``STDERR``): the
+                            first bytes of the payload, the frames concatenated, at most the
+                            sample size (see *Subscriptions*); the whole payload when it is
+                            not larger
+    ``pipes``   [str]       ``PIPES`` only: its payload frames, each one Pipes message as JSON
+                            text, when they add up to at most ``PIPES_MAX_BYTES``; else nil
+    ``schema``  bin         ``ARROW`` only, on the first part of a stream (the ``arrow`` map has
+                            ``schema``): the stream's Arrow IPC schema message when it is at
+                            most ``SCHEMA_MAX_BYTES``; else absent
+    ==========  ==========  ====================================================================
+
+``fields`` by kind (the codec's header keys, with their types there): ``REQUEST``: ``method,
+body``; ``REPLY``: ``ok, body, error`` (the method is the one of the ``REQUEST`` with the same
+``seq`` from ``dst``); ``CREDIT``: ``bytes``; ``EOF``/``EOF_ACK``: ``total``; ``CANCEL``:
+``reason``; ``ERROR``: ``code, message, node, to``; ``LINK``: ``node, up, reason``;
+``OBJECTS``: ``count, meta`` (the sample is the start of the msgpack array of objects);
+``ARROW``: ``arrow`` (the map of ``dpipes.bus.arrow``); ``PIPES``: ``stage``; others: empty. A
+``REQUEST``/``REPLY`` body is the control protocol's (``dpipes.nodes.protocol``).
+
+Limits
+    An event is bounded: ``fields`` by the codec's header limit (``MAX_HEADER_BYTES``), the
+    sample by ``MAX_SAMPLE_BYTES``, ``pipes`` by ``PIPES_MAX_BYTES``, ``schema`` by
+    ``SCHEMA_MAX_BYTES``; a tap of a 1 GiB transfer holds no more than its socket's queue of such
+    events. :func:`decode_event` checks every key and limit and raises ``TapDecodeError`` for
+    anything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import zmq
+
+from dpipes.bus.codec import MAX_CONTAINER_ITEMS, MAX_HEADER_BYTES, MAX_STRING_CHARS
+from dpipes.bus.errors import DecodeError
+
+log = logging.getLogger(__name__)
+
+TAP_VERSION = 1
+
+DEFAULT_SAMPLE_BYTES = 256  # enough to recognise text, a JSON object or an Arrow header
+MAX_SAMPLE_BYTES = 16 * 1024  # what a subscriber may ask for: TAP_HWM events of it are the hub's worst case
+PIPES_MAX_BYTES = 256 * 1024  # a PIPES message up to this size shows its messages on the tap
+SCHEMA_MAX_BYTES = 64 * 1024  # an Arrow schema up to this size travels with its stream's first event
+MAX_EVENT_BYTES = MAX_HEADER_BYTES + MAX_SAMPLE_BYTES + PIPES_MAX_BYTES + SCHEMA_MAX_BYTES + 4096
+TAP_HWM = 1000  # events a hub queues per subscriber; a slow tap loses events, never slows the bus or grows it
+
+SAMPLE_TOPIC = b"sample="
+DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR"})
+_COMMON = frozenset({"v", "kind", "src", "dst", "sid", "seq"})
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+class TapDecodeError(DecodeError):
+    """A tap event that is not well-formed or breaks a limit."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TapEvent:
+    """One decoded tap event (see the module docstring for each field)."""
+
+    t: float
+    node: str
+    n: int
+    kind: str
+    src: str
+    dst: str
+    sid: int = 0
+    seq: int = 0
+    size: int = 0
+    frames: int = 0
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sample: bytes | None = None
+    pipes: tuple[str, ...] | None = None
+    schema: bytes | None = None
+
+    def to_map(self) -> dict[str, Any]:
+        """The event as its wire map (``encode`` of it gives the bytes a hub sends)."""
+        out: dict[str, Any] = {
+            "v": TAP_VERSION,
+            "t": self.t,
+            "node": self.node,
+            "n": self.n,
+            "kind": self.kind,
+            "src": self.src,
+            "dst": self.dst,
+            "sid": self.sid,
+            "seq": self.seq,
+            "size": self.size,
+            "frames": self.frames,
+            "fields": self.fields,
+        }
+        if self.sample is not None:
+            out["sample"] = self.sample
+        if self.kind == "PIPES":
+            out["pipes"] = list(self.pipes) if self.pipes is not None else None
+        if self.schema is not None:
+            out["schema"] = self.schema
+        return out
+
+    def encode(self) -> bytes:
+        """The event's wire bytes."""
+        return _packb(self.to_map())
+
+
+class Mirror:
+    """A hub's tap state: its event counter, the sample size subscribers asked for, what it refused."""
+
+    __slots__ = ("_asked", "n", "node", "refused", "sample_bytes")
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.n = 0
+        self.refused = 0
+        self.sample_bytes = DEFAULT_SAMPLE_BYTES
+        self._asked: set[int] = set()
+
+    def on_subscription(self, topic: bytes, subscribed: bool) -> None:
+        """Note a (un)subscription to ``topic``; a ``sample=N`` topic sets the sample size."""
+        if not topic.startswith(SAMPLE_TOPIC):
+            return
+        try:
+            size = min(max(int(topic[len(SAMPLE_TOPIC) :][:16]), 0), MAX_SAMPLE_BYTES)
+        except ValueError:
+            return
+        (self._asked.add if subscribed else self._asked.discard)(size)
+        self.sample_bytes = max(self._asked, default=DEFAULT_SAMPLE_BYTES)
+
+    def publish(self, sock: zmq.Socket[Any], header: dict[str, Any], payload: Sequence[Any]) -> None:
+        """Encode one routed message's event and send it without blocking; count a refusal."""
+        event = encode_event(self.node, self.n, header, payload, sample_bytes=self.sample_bytes)
+        self.n += 1
+        try:
+            sock.send(event, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.refused += 1  # lossy by design; the gap in `n` tells every subscriber
+
+
+def encode_event(
+    node: str,
+    n: int,
+    header: dict[str, Any],
+    payload: Sequence[Any],
+    *,
+    sample_bytes: int = DEFAULT_SAMPLE_BYTES,
+    now: float | None = None,
+) -> bytes:
+    """The tap event of one routed message: its decoded ``header`` and its payload frames.
+
+    Runs once per routed message while someone taps the hub: it copies at most the sample.
+    """
+    kind = header["kind"]
+    views = [memoryview(f) for f in payload] if payload else []
+    size = sum(v.nbytes for v in views) if views else 0
+    event: dict[str, Any] = {
+        "v": TAP_VERSION,
+        "t": time.time() if now is None else now,
+        "node": node,
+        "n": n,
+        "kind": kind,
+        # decode_header checked these where present; a header may leave them out (their defaults)
+        "src": header.get("src", ""),
+        "dst": header.get("dst", ""),
+        "sid": header.get("sid", 0),
+        "seq": header.get("seq", 0),
+        "size": size,
+        "frames": len(views),
+        "fields": {k: v for k, v in header.items() if k not in _COMMON} if len(header) > len(_COMMON) else {},
+    }
+    if kind in DATA_KINDS:
+        event["sample"] = _sample(views, sample_bytes)
+        if kind == "ARROW":
+            arrow = header.get("arrow")
+            schema_len = arrow.get("schema") if isinstance(arrow, dict) else None
+            if type(schema_len) is int and 0 < schema_len <= SCHEMA_MAX_BYTES and views:
+                event["schema"] = bytes(views[0][:schema_len])
+    elif kind == "PIPES":
+        event["pipes"] = [bytes(v).decode("utf-8", "replace") for v in views] if size <= PIPES_MAX_BYTES else None
+    return _packb(event)
+
+
+def _sample(views: list[memoryview], limit: int) -> bytes:
+    if len(views) == 1:  # the common case: one frame, one slice
+        return views[0].cast("B")[:limit].tobytes()
+    out = bytearray()
+    for view in views:
+        if len(out) >= limit:
+            break
+        out += view.cast("B")[: limit - len(out)]
+    return bytes(out)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "t": (float, int),
+    "node": (str,),
+    "n": (int,),
+    "kind": (str,),
+    "src": (str,),
+    "dst": (str,),
+    "sid": (int,),
+    "seq": (int,),
+    "size": (int,),
+    "frames": (int,),
+    "fields": (dict,),
+}
+
+
+def decode_event(data: bytes | memoryview) -> TapEvent:
+    """Decode and check one tap event.
+
+    Raises:
+        TapDecodeError: it is not a version-``TAP_VERSION`` event within the limits.
+    """
+    if len(data) > MAX_EVENT_BYTES:
+        raise TapDecodeError(f"tap event is {len(data)} bytes (limit {MAX_EVENT_BYTES})")
+    try:
+        raw = msgpack.unpackb(
+            data,
+            raw=False,
+            max_str_len=PIPES_MAX_BYTES,
+            max_bin_len=max(MAX_SAMPLE_BYTES, SCHEMA_MAX_BYTES),
+            max_array_len=MAX_CONTAINER_ITEMS,
+            max_map_len=MAX_CONTAINER_ITEMS,
+            max_ext_len=0,
+            strict_map_key=True,
+        )
+    except Exception as exc:  # msgpack raises several types for bad input; all mean the same
+        raise TapDecodeError(f"tap event is not valid msgpack: {exc}") from None
+    if type(raw) is not dict:
+        raise TapDecodeError(f"tap event must be a map, got {type(raw).__name__}")
+    if raw.get("v") != TAP_VERSION:
+        raise TapDecodeError(f"tap event version {raw.get('v')!r:.20} is not {TAP_VERSION}")
+    values: dict[str, Any] = {}
+    for key, types in _TYPES.items():
+        value: Any = raw.get(key)
+        if type(value) not in types:
+            raise TapDecodeError(f"tap event field {key!r} must be {types[0].__name__}, got {type(value).__name__}")
+        if types[0] is int and not 0 <= value < 2**63:
+            raise TapDecodeError(f"tap event field {key!r} is out of range: {value!r:.40}")
+        if types[0] is str and len(value) > MAX_STRING_CHARS:
+            raise TapDecodeError(f"tap event field {key!r} is {len(value)} characters (limit {MAX_STRING_CHARS})")
+        values[key] = value
+    values["t"] = float(values["t"])
+    for key, limit in (("sample", MAX_SAMPLE_BYTES), ("schema", SCHEMA_MAX_BYTES)):
+        value = raw.get(key)
+        if value is not None and type(value) is not bytes:
+            raise TapDecodeError(f"tap event field {key!r} must be bytes, got {type(value).__name__}")
+        if value is not None and len(value) > limit:
+            raise TapDecodeError(f"tap event field {key!r} is {len(value)} bytes (limit {limit})")
+        values[key] = value
+    pipes = raw.get("pipes")
+    if pipes is not None:
+        if type(pipes) is not list or any(type(p) is not str for p in pipes):
+            raise TapDecodeError("tap event field 'pipes' must be a list of strings")
+        if sum(len(p) for p in pipes) > PIPES_MAX_BYTES:
+            raise TapDecodeError(f"tap event field 'pipes' holds more than {PIPES_MAX_BYTES} characters")
+        values["pipes"] = tuple(pipes)
+    return TapEvent(**values)
+
+
+def event_schema() -> dict[str, Any]:
+    """The JSON schema of a decoded tap event, for implementers in other languages.
+
+    The repository keeps it as ``bus/tap_schema.json``; a test checks that the file equals this.
+    """
+    counter = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+    text = {"type": "string", "maxLength": MAX_STRING_CHARS}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "dpipes-tap-event",
+        "title": f"dpipes tap event, version {TAP_VERSION}",
+        "description": "A msgpack map, one per routed bus message. See dpipes.bus.tap for the spec.",
+        "type": "object",
+        "required": ["v", "t", "node", "n", "kind", "src", "dst", "sid", "seq", "size", "frames", "fields"],
+        "properties": {
+            "v": {"const": TAP_VERSION},
+            "t": {"type": "number"},
+            "node": text,
+            "n": counter,
+            "kind": text,
+            "src": text,
+            "dst": text,
+            "sid": counter,
+            "seq": counter,
+            "size": counter,
+            "frames": counter,
+            "fields": {"type": "object"},
+            "sample": {"description": "msgpack bin", "maxLength": MAX_SAMPLE_BYTES},
+            "pipes": {
+                "type": ["array", "null"],
+                "items": {"type": "string"},
+                "maxItems": MAX_CONTAINER_ITEMS,
+            },
+            "schema": {"description": "msgpack bin: an Arrow IPC schema message", "maxLength": SCHEMA_MAX_BYTES},
+        },
+    }
+
+
+def schema_text() -> str:
+    """``event_schema()`` as the text of ``bus/tap_schema.json``."""
+    return json.dumps(event_schema(), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,151 @@
+"""Tap events: the spec's round trip, bounds, hostile input, the schema, and a hub's mirror."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import jsonschema
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dpipes.bus import codec, tap
+from dpipes.bus.errors import DecodeError
+from dpipes.bus.hub import Hub
+
+SCHEMA_FILE = Path(tap.__file__).with_name("tap_schema.json")
+WAIT_S = 10.0
+
+
+async def until(condition: object, timeout: float = WAIT_S) -> None:
+    async def poll() -> None:
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def test_schema_file_is_current() -> None:
+    assert json.loads(SCHEMA_FILE.read_text()) == json.loads(tap.schema_text())
+
+
+MESSAGES = [
+    codec.Request(src="a/c", dst="a/ctl", seq=7, method="run", body={"pipeline": "seq 3 | sort@b"}),
+    codec.Reply(src="a/ctl", dst="a/c", seq=7, ok=False, body={"code": "syntax"}, error="bad"),
+    codec.Credit(src="b/p.1", dst="a/p.0", sid=3, bytes=65536),
+    codec.Eof(src="a/p.0", dst="b/p.1", sid=3, seq=9, total=123),
+    codec.Cancel(src="b/p.1", dst="a/p.0", sid=3, reason="head has enough"),
+    codec.Error(src="a/", dst="a/c", code="no-route", message="no link", node="a", to="z/x"),
+    codec.Bytes(src="a/p.0", dst="b/p.1", sid=3, seq=1, frames=(b"hello ", b"world\n")),
+    codec.Objects(src="a/p.0", dst="b/p.1", sid=3, count=1, meta={"dp.node": "a"}, frames=(msgpack.packb([{"x": 1}]),)),
+    codec.Pipes(src="b/p.1", dst="a/c", sid=5, stage=1, frames=(b'{"message": {"method": "log"}}',)),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: m.KIND)
+def test_an_event_says_what_was_routed_and_validates(msg: codec.Message) -> None:
+    frames = codec.encode(msg)
+    data = tap.encode_event("a", 42, codec.decode_header(frames[0]), frames[1:], now=1.5)
+    event = tap.decode_event(data)
+    assert (event.node, event.n, event.t, event.kind) == ("a", 42, 1.5, msg.KIND)
+    assert (event.src, event.dst, event.sid, event.seq) == (msg.src, msg.dst, msg.sid, msg.seq)
+    assert event.size == msg.payload_bytes and event.frames == len(frames) - 1
+    assert event.fields == {name: getattr(msg, name) for name, _c, _d in msg._SPEC}
+    assert event.encode() == data  # decode and encode are inverses
+    jsonschema.validate(msgpack.unpackb(data), json.loads(SCHEMA_FILE.read_text()))
+    if msg.KIND == "BYTES":
+        assert event.sample == b"hello world\n"
+    if msg.KIND == "PIPES":
+        assert event.pipes == ('{"message": {"method": "log"}}',)
+
+
+def test_a_sample_is_bounded_whatever_the_payload() -> None:
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    header = codec.header_of(codec.Bytes(src="a/x", dst="b/y", sid=1))
+    data = tap.encode_event("a", 0, header, [chunk] * 64, sample_bytes=300)
+    event = tap.decode_event(data)
+    assert event.size == 64 << 20 and event.frames == 64
+    assert event.sample == chunk[:300]
+    assert len(data) < 1024
+    small = tap.decode_event(tap.encode_event("a", 0, header, [b"ab", b"", b"cd"], sample_bytes=3))
+    assert small.sample == b"abc"  # frames concatenated
+
+
+def test_a_large_pipes_message_is_counted_not_copied() -> None:
+    header = codec.header_of(codec.Pipes(src="a/x", dst="b/y", sid=1))
+    event = tap.decode_event(tap.encode_event("a", 0, header, [b"x" * (tap.PIPES_MAX_BYTES + 1)]))
+    assert event.pipes is None and event.size == tap.PIPES_MAX_BYTES + 1
+
+
+@given(st.binary(max_size=200))
+def test_garbage_is_refused_with_a_decode_error(data: bytes) -> None:
+    try:
+        tap.decode_event(data)
+    except tap.TapDecodeError:
+        pass
+
+
+GOOD = tap.TapEvent(t=0.0, node="a", n=0, kind="BYTES", src="a/x", dst="b/y", sample=b"").to_map()
+
+
+@given(
+    st.sampled_from(sorted(GOOD)),
+    st.one_of(st.none(), st.integers(-5, 2**64 - 1), st.text(max_size=5), st.binary(max_size=5), st.floats()),
+)
+def test_ill_typed_events_are_refused(key: str, value: object) -> None:
+    try:
+        event = tap.decode_event(msgpack.packb({**GOOD, key: value}))
+    except tap.TapDecodeError:
+        return
+    assert isinstance(event.node, str) and event.n >= 0 and isinstance(event.fields, dict)
+
+
+def test_over_the_limits_is_refused() -> None:
+    for bad in ({"sample": b"x" * (tap.MAX_SAMPLE_BYTES * 2)}, {"node": "n" * 5000}, {"v": 2}, {"sid": -1}):
+        with pytest.raises(tap.TapDecodeError):
+            tap.decode_event(msgpack.packb({**GOOD, **bad}))
+
+
+async def test_a_hub_samples_what_its_subscribers_ask_for_and_numbers_its_events() -> None:
+    async with Hub("alpha") as hub:
+        src, dst = hub.endpoint("src"), hub.endpoint("dst")
+        ctx = zmq.asyncio.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.connect(hub.tap_endpoint)
+        sub.subscribe(b"")
+        sub.subscribe(b"sample=1000")
+        try:
+            await until(lambda: b"sample=1000" in hub._tap_topics)
+            stream = src.open_stream("alpha/dst")
+            await stream.send_bytes(b"y" * 5000)
+            reader = await dst.accept()
+            await reader.read()
+            events = []
+            while not any(e.kind == "BYTES" for e in events):
+                events.append(tap.decode_event(await asyncio.wait_for(sub.recv(), WAIT_S)))
+            data = next(e for e in events if e.kind == "BYTES")
+            assert data.sample == b"y" * 1000 and data.size == 5000
+            assert [e.n for e in events] == list(range(events[0].n, events[0].n + len(events)))
+            sub.unsubscribe(b"sample=1000")
+            await until(lambda: b"sample=1000" not in hub._tap_topics)
+            await stream.send_bytes(b"z" * 5000)
+            while (event := tap.decode_event(await asyncio.wait_for(sub.recv(), WAIT_S))).kind != "BYTES":
+                pass
+            assert event.sample == b"z" * tap.DEFAULT_SAMPLE_BYTES
+        finally:
+            sub.close(0)
+            ctx.term()
+
+
+def test_a_header_that_leaves_out_common_keys_never_reaches_the_tap() -> None:
+    # The codec refuses it at the boundary (every common key is required), so the hub never
+    # routes it and no event is made of it.
+    with pytest.raises(DecodeError, match="'src' is missing"):
+        codec.decode_header(msgpack.packb({"v": codec.PROTOCOL_VERSION, "kind": "BYTES"}))
+
+
