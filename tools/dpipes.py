@@ -216,7 +216,7 @@ def _plugin_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpipes plugin",
         description="Write and list dpipes plugins: Python classes that process Arrow tables.",
-        epilog="Running plugins as pipeline stages on nodes comes with the node's plugin worker.",
+        epilog="An installed plugin is a pipeline stage on its node: dpipes 'cat f.csv | %NAME@NODE KEY=VALUE'.",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{new,list}")
     new = verbs.add_parser(

@@ -175,3 +175,49 @@ async def test_plugin_progress_reaches_the_client_as_pipes_messages(rt: Path) ->
     frames = [json.dumps(item).encode() for item in lines if item.get("stage") == 1 and "message" in item]
     fractions = [f for f in map(progress_of, frames) if f is not None]
     assert len(fractions) > 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+# -- the README's walkthrough, as written -------------------------------------------------------
+
+
+def readme_section() -> str:
+    text = (Path(__file__).parents[3] / "README.md").read_text()
+    section = text[text.index("\n## Writing a plugin\n") :]
+    return section[: section.index("\n## ", 1)]
+
+
+async def test_the_readme_walkthrough_runs_a_new_plugin_from_another_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    from dpipes.nodes.plugins.scaffold import new_plugin
+
+    site = install_plugins(tmp_path / "site", monkeypatch)
+    package = new_plugin("upper", tmp_path / "dpipes-plugin-upper")  # `dpipes plugin new upper`
+    dist = site / "dpipes_plugin_upper-0.1.0.dist-info"  # what `pip install` leaves for the node to find
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dpipes-plugin-upper\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[dpipes.plugins]\nupper = dpipes_plugin_upper.plugin:Upper\n")
+    monkeypatch.setenv("PYTHONPATH", f"{os.environ['PYTHONPATH']}:{package}")
+    rt = tmp_path / "run"
+    rt.mkdir(mode=0o700)
+    section = readme_section()
+    assert "printf 'name,n\\nada,1\\nbob,2\\n' | dpipes '%upper@beta tag=seen | sort'" in section
+    flow = tmp_path / "split.yaml"
+    flow.write_text(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert "True" in yaml.safe_load(flow.read_text())["connections"][0]["from"]
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        names = b"name,n\nada,1\nbob,2\n"
+        out = await dpipes(rt, "--node", alpha.host_port, "%upper@beta tag=seen | sort", input=names)
+        assert out.code == 0, out.stderr
+        assert out.stdout.decode().splitlines() == ['"ada",1,"seen"', '"bob",2,"seen"', '"name","n","tag"']
+        out = await dpipes(rt, "--node", alpha.host_port, "--workflow", str(flow), input=SALES.encode())
+        assert out.code == 0, out.stderr
+        assert rows(out.stdout) == [
+            {"region": "south", "amount": "150", "tag": "big"},
+            {"region": "north", "amount": "200", "tag": "big"},
+            {"region": "east", "amount": "300", "tag": "big"},
+            {"region": "north", "amount": "120", "tag": "big"},
+        ]
+        assert "3\n" in out.stderr  # the small side: a header and two rows, counted by wc -l
