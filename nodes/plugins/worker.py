@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import io
 import json
 import logging
@@ -91,6 +92,7 @@ EXIT_BAD_OUTPUT: Final = 3
 EXIT_NOT_STARTED: Final = 4
 
 ANCHOR_KEY: Final = "anchor"  # in a stream's first ARROW part: the sender's output anchor
+FEED_BUFFER_BYTES: Final = 1024 * 1024  # a program's bytes are read by pyarrow through a buffer this large
 FEED_QUEUE_ITEMS: Final = 8  # per input connection: messages read ahead of the plugin (credit does the rest)
 PIPES_BATCH_FRAMES: Final = 256  # io messages sent together in one PIPES message
 OUTPUT_CLOSE_TIMEOUT_S: Final = 60.0  # after the last batch: a reader that acknowledges nothing for this long is gone
@@ -191,7 +193,9 @@ class _Input:
         try:
             self.items.put_nowait(item)
         except queue.Full:  # the plugin is behind: wait for it (and so grant no credit)
-            await asyncio.to_thread(self.items.put, item)
+            # A daemon thread, not the loop's executor: should the plugin fail and never take it,
+            # the wait must not keep the worker from exiting.
+            await _in_thread(self.worker.loop, f"{self.where} put", lambda: self.items.put(item))
 
     async def pump(self, stream: InStream, first: codec.Message | None) -> None:
         """Read the stream to its end into the queue (None at the end)."""
@@ -248,7 +252,9 @@ class _Input:
         else:
             feed = _Feed(self.items)
             if feed.peek():  # an empty input (a program that wrote nothing, /dev/null) has no batches
-                yield from read_batches(fmt, feed, where=self.where)  # type: ignore[arg-type]
+                # Buffered: pyarrow's readers take a short read for the end of the stream.
+                source = io.BufferedReader(feed, FEED_BUFFER_BYTES)
+                yield from read_batches(fmt, source, where=self.where)  # type: ignore[arg-type]
 
 
 # -- outputs ---------------------------------------------------------------------------------------
@@ -513,6 +519,9 @@ class _Worker:
             raise _Failed(EXIT_PLUGIN_FAILED, str(exc)) from None
         except BusError as exc:
             raise _Failed(EXIT_BAD_OUTPUT, f"output: {exc}") from None
+        except Exception as exc:  # a bug of ours, not the plugin's: still one line, and the trace in the log
+            log.error("%s: worker step failed", self.spec.describe, exc_info=exc)
+            raise _Failed(EXIT_PLUGIN_FAILED, f"worker failed: {type(exc).__name__}: {exc}") from None
 
     async def _accept_all(self) -> None:
         """Match each stream that arrives to its input connection, and pump it."""
@@ -613,6 +622,7 @@ def _say(line: str) -> None:
 def main() -> None:
     """The worker process: the spec from stdin, run, ``os._exit`` with the status (see the module)."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID: every thread's stack on stderr (a stuck plugin)
     # Batches off the bus are zero-copy views of message frames, which need not be aligned to
     # their value width; Acero (group-by, joins) then copies only what is misaligned, quietly.
     os.environ.setdefault("ACERO_ALIGNMENT_HANDLING", "reallocate")

@@ -221,3 +221,19 @@ async def test_the_readme_walkthrough_runs_a_new_plugin_from_another_node(
             {"region": "north", "amount": "120", "tag": "big"},
         ]
         assert "3\n" in out.stderr  # the small side: a header and two rows, counted by wc -l
+
+
+async def test_megabytes_of_arrow_through_a_plugin_come_out_as_they_went_in(rt: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    rows = 400_000  # ~10 MB: more than a stream's credit window and the worker's read-ahead
+    table = pa.table({"n": pa.array(range(rows), pa.int64()), "s": pa.array([f"r{i % 977}" for i in range(rows)])})
+    data = rt.parent / "table.arrows"
+    with open(data, "wb") as f, ipc.new_stream(f, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=50_000):
+            writer.write_batch(batch)
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        out = await dpipes(rt, "--node", alpha.host_port, "--arrow", f"cat {data} | %passthrough@beta | cat")
+        assert out.code == 0, out.stderr
+        assert ipc.open_stream(pa.BufferReader(out.stdout)).read_all().equals(table)
