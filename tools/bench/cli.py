@@ -32,6 +32,10 @@ suites:
           path; also the same program with dpipes' bus message writer under open_pipes_session
           (pipes.bus_writer_*) (needs dagster: pip install dagster, or pip install -e '.[bench]'
           in a dpipes checkout)
+  plugins plugin stages: an Arrow IPC stream through `cat FILE | %pass@b | cat` across two
+          daemons, against pyarrow.flight do_put + do_get; `cat FILE | %sink` on one daemon,
+          against a Unix pipe into a second Python process reading the IPC stream; 10k batches
+          of 100 rows through a pass-through plugin (batches/s), against the same over a pipe
   peers   dpipes beside the peers a user would pick instead, two processes on loopback:
           Zenoh (1 MiB with shared memory off and on, 64 B rate and CPU per message, 64 B round
           trip) and dora-rs via `dora run` (one 64 MB Arrow batch, 100 x 10k-row batches, with its
@@ -69,6 +73,10 @@ def _suite(name: str) -> Callable[..., list[Result]]:
         from dpipes.tools.bench.pipes import pipes_benchmarks
 
         return pipes_benchmarks
+    if name == "plugins":
+        from dpipes.tools.bench.plugins import plugins_benchmarks
+
+        return plugins_benchmarks
     if name == "peers":
         from dpipes.tools.bench.peers import peers_benchmarks
 
@@ -83,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("suite", choices=["bus", "pipe", "pipes", "peers", "discovery"], help="what to measure")
+    parser.add_argument(
+        "suite", choices=["bus", "pipe", "pipes", "plugins", "peers", "discovery"], help="what to measure"
+    )
     parser.add_argument(
         "--nodes", type=int, default=8, metavar="N", help="discovery: daemons on the LAN (default 8; root only)"
     )
