@@ -56,7 +56,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -94,6 +94,7 @@ EXIT_NOT_STARTED: Final = 4
 ANCHOR_KEY: Final = "anchor"  # in a stream's first ARROW part: the sender's output anchor
 FEED_BUFFER_BYTES: Final = 1024 * 1024  # a program's bytes are read by pyarrow through a buffer this large
 FEED_QUEUE_ITEMS: Final = 8  # per input connection: messages read ahead of the plugin (credit does the rest)
+SEND_AHEAD_BATCHES: Final = 32  # per output: batches the plugin may write ahead of the loop sending them
 PIPES_BATCH_FRAMES: Final = 256  # io messages sent together in one PIPES message
 OUTPUT_CLOSE_TIMEOUT_S: Final = 60.0  # after the last batch: a reader that acknowledges nothing for this long is gone
 
@@ -360,15 +361,66 @@ class _Sink:
         return out
 
 
+class _Sender:
+    """Sends one sink's messages on the loop, in order, up to ``SEND_AHEAD_BATCHES`` behind the plugin.
+
+    The plugin's thread hands each batch's messages over without waiting for the loop; it waits
+    only when that many are not sent yet (the reader has granted no credit for them): flow
+    control as a full pipe, and the time a write spends there is the transport's, not the
+    plugin's. A failure is kept and raised on the plugin's thread at its next write.
+    """
+
+    _CLOSE: Final = object()
+
+    def __init__(self, sink: _Sink, describe: str) -> None:
+        self.sink = sink
+        self.describe = describe
+        self.slots = threading.Semaphore(SEND_AHEAD_BATCHES)
+        self.error: BaseException | None = None
+        self.loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._run())
+
+    def submit(self, messages: list[codec.Message] | object) -> None:
+        """From the plugin's thread: queue ``messages`` (or the end), waiting while too many are unsent."""
+        if self.error is None:
+            self.slots.acquire()
+        if self.error is not None:
+            raise self.error
+        self.loop.call_soon_threadsafe(self._items.put_nowait, messages)
+
+    async def _run(self) -> None:
+        stream = self.sink.stream
+        assert stream is not None
+        try:
+            while (item := await self._items.get()) is not self._CLOSE:
+                for msg in item:
+                    await stream.send(msg)
+                self.slots.release()
+            await stream.close(OUTPUT_CLOSE_TIMEOUT_S)
+        except StreamCancelled as exc:
+            self.error = _DownstreamGone(f"{self.describe}: the reader of {self.sink.spec.anchor!r} went away")
+            raise self.error from exc
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            for _ in range(SEND_AHEAD_BATCHES):  # a writer waiting for a slot learns of the end
+                self.slots.release()
+
+
 class _BusTransport(Transport):
     """The runner's transport: each outgoing anchor to its sinks, sent by the loop under credit."""
 
     def __init__(self, worker: _Worker) -> None:
         self.worker = worker
         self.sinks: dict[str, list[_Sink]] = {}
+        self.senders: dict[int, _Sender] = {}
         for spec in worker.spec.outputs:
-            self.sinks.setdefault(spec.anchor, []).append(_Sink(spec, worker))
-        self.closing: list[asyncio.Future[Any]] = []
+            sink = _Sink(spec, worker)
+            self.sinks.setdefault(spec.anchor, []).append(sink)
+            if sink.stream is not None:
+                self.senders[id(sink)] = _Sender(sink, worker.spec.describe)
 
     def open_anchor(self, name: str, schema: pa.Schema) -> None:
         for sink in self.sinks.get(name, ()):
@@ -378,29 +430,24 @@ class _BusTransport(Transport):
         for sink in self.sinks.get(name, ()):
             messages = sink.encode(batch)
             if messages:
-                self.worker.call(self._send(sink, messages))
+                self.senders[id(sink)].submit(messages)
 
     def close_anchor(self, name: str) -> None:
         for sink in self.sinks.get(name, ()):
             messages = sink.finish()
-            self.worker.call(self._close(sink, messages))
+            if sink.stream is not None:
+                sender = self.senders[id(sink)]
+                if messages:
+                    sender.submit(messages)
+                sender.submit(_Sender._CLOSE)
 
-    async def _send(self, sink: _Sink, messages: list[codec.Message]) -> None:
-        assert sink.stream is not None
-        try:
-            for msg in messages:
-                await sink.stream.send(msg)
-        except StreamCancelled as exc:
-            raise _DownstreamGone(f"{self.worker.spec.describe}: the reader of {sink.spec.anchor!r} went away") from exc
-
-    async def _close(self, sink: _Sink, messages: list[codec.Message]) -> None:
-        if sink.stream is None:
-            return
-        if messages:
-            await self._send(sink, messages)
-        self.closing.append(asyncio.ensure_future(sink.stream.close(OUTPUT_CLOSE_TIMEOUT_S)))
+    async def settled(self) -> None:
+        """Until every output is sent and acknowledged (every anchor is closed by then)."""
+        await asyncio.gather(*(sender.task for sender in self.senders.values()))
 
     def cancel_all(self, reason: str) -> None:
+        for sender in self.senders.values():
+            sender.task.cancel()
         for sinks in self.sinks.values():
             for sink in sinks:
                 if sink.stream is not None:
@@ -460,10 +507,6 @@ class _Worker:
         self.transport: _BusTransport | None = None
         self.inputs = [_Input(i, self) for i in spec.inputs]
 
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """From the plugin's thread: run ``coro`` on the loop and wait for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
     async def run(self, channel: _BusChannel, temp_dir: Path) -> None:
         from dpipes.nodes.plugins.registry import load_plugin
         from dpipes.nodes.plugins.runner import PluginRunner
@@ -498,7 +541,7 @@ class _Worker:
             for task in tasks:
                 task.cancel()
         await self._plugin_step(self.runner.complete)
-        await asyncio.gather(*self.transport.closing)
+        await self.transport.settled()
 
     async def _plugin_step(self, fn: Callable[[], None]) -> None:
         """Run one engine step on a thread; turn what goes wrong into the worker's exit."""
@@ -516,6 +559,8 @@ class _Worker:
                 raise cause from None
             if isinstance(cause, EdgeDecodeError):
                 raise _Failed(EXIT_BAD_INPUT, str(cause)) from None
+            if isinstance(cause, BusError):  # an output failed under a write
+                raise _Failed(EXIT_BAD_OUTPUT, f"output: {cause}") from None
             raise _Failed(EXIT_PLUGIN_FAILED, str(exc)) from None
         except BusError as exc:
             raise _Failed(EXIT_BAD_OUTPUT, f"output: {exc}") from None
