@@ -550,9 +550,9 @@ class _Worker:
         except _DownstreamGone:
             raise
         except (EdgeDecodeError, SchemaChanged) as exc:
-            if isinstance(exc, SchemaChanged) and "outgoing" in str(exc):
-                raise _Failed(EXIT_PLUGIN_FAILED, str(exc)) from None
-            raise _Failed(EXIT_BAD_INPUT, str(exc)) from None
+            # The provider keeps the rule the plugin broke; any other schema change is its input's.
+            broken = self.runner is not None and self.runner.provider.violation is exc
+            raise _Failed(EXIT_PLUGIN_FAILED if broken else EXIT_BAD_INPUT, str(exc)) from None
         except PluginError as exc:
             cause = exc.__cause__
             if isinstance(cause, _DownstreamGone):

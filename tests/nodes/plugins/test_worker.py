@@ -120,6 +120,16 @@ async def test_csv_that_does_not_parse_names_stage_node_plugin_and_line(rt: Path
         assert "CSV does not parse: line 3 has 3 fields" in out.stderr
 
 
+async def test_an_input_whose_types_change_mid_stream_is_named_not_passed_on(rt: Path) -> None:
+    # The first block (1 MiB) fixes the column as integers; a later row is text.
+    data = b"n\n" + b"12345\n" * 300_000 + b"twelve\n"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        out = await dpipes(rt, "--node", alpha.host_port, "cat | %passthrough@beta | wc -l", input=data)
+        assert out.code != 0
+        assert "stage 1 (%passthrough@beta): plugin passthrough: input 'Input'" in out.stderr
+        assert "CSV does not parse: after" in out.stderr
+
+
 @pytest.mark.parametrize(
     ("plugin", "says"),
     [
