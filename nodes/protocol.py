@@ -72,7 +72,9 @@ Methods (``REQUEST`` to ``<node>/ctl``)
     ``info`` (anyone -> a node): what the node knows. Body: empty. Reply: ``node: str``,
     ``protocol: int``, ``nodes: list[map]``, each ``name: str, endpoint: str, programs: list[str],
     source: str`` (``self``, ``static``, ``mdns``, ``gossip``, ``linked``), ``last_seen_s: float``,
-    ``up: bool``.
+    ``up: bool``, ``plugin_versions: map[str, str] = {}`` (plugin name -> the version of the
+    distribution providing it, for this node and the nodes linked to it; ``programs`` lists each
+    plugin as ``%NAME``).
     ``negotiate`` (coordinator -> each chosen node): may this stage run here? Body:
         ``pipeline: str, stage: int, argv: list[str]`` (at least one word), ``protocol: int``,
         ``mode: str = "bytes"``, ``require: list[str] = []``, ``user: str = ""``,
@@ -505,6 +507,7 @@ class NodeEntry(Body):
     source: str = ""
     last_seen_s: float = 0.0
     up: bool = True
+    plugin_versions: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @_body("info", "reply")

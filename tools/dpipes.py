@@ -398,7 +398,8 @@ async def _nodes(args: argparse.Namespace) -> int:
     rows = [("NODE", "ENDPOINT", "PROGRAMS", "LEARNED FROM", "LAST SEEN", "")]
     for n in nodes:
         seen = "now" if n.source == "self" else f"{n.last_seen_s:.1f} s ago"
-        programs = ",".join(n.programs) or "-"
+        versions = n.plugin_versions  # a plugin shows its version: %filter=0.1.0
+        programs = ",".join(f"{p}={versions[p[1:]]}" if p[1:] in versions else p for p in n.programs) or "-"
         rows.append((n.name, n.endpoint, programs, n.source, seen, "" if n.up else "down"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

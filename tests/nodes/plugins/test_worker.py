@@ -97,8 +97,15 @@ async def test_json_mode_plugin_takes_and_gives_objects(rt: Path) -> None:
 async def test_dpipes_nodes_lists_plugins_and_placement_uses_them(rt: Path) -> None:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
         listing = await dpipes(rt, "--node", alpha.host_port, "--nodes", "--json")
-        offers = {n["name"]: n["programs"] for n in map(json.loads, listing.stdout.splitlines())}
-        assert "%filter" in offers["beta"] and "%summarize" in offers["alpha"]
+        entries = {n["name"]: n for n in map(json.loads, listing.stdout.splitlines())}
+        assert "%filter" in entries["beta"]["programs"] and "%summarize" in entries["alpha"]["programs"]
+        assert entries["beta"]["plugin_versions"]["filter"] == "0.1.0"
+        assert entries["alpha"]["plugin_versions"]["stuck"] == "1.0"
+        table = await dpipes(rt, "--node", alpha.host_port, "--nodes")
+        assert "%filter=0.1.0" in table.stdout.decode()
+        sales = rt.parent / "sales.csv"  # unpinned: placed on a node that offers it (here, both do)
+        out = await dpipes(rt, "--node", alpha.host_port, "--status", f"cat {sales} | %filter expr='amount > 0'")
+        assert out.code == 0 and "stage 1 %filter@alpha: exit 0" in out.stderr, out.stderr
 
 
 # -- bad input: each named, non-zero, no orphan worker ------------------------------------------
