@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from dpipes.bus import codec
+from dpipes.bus.auth import ClientCurve
 from dpipes.bus.codec import (
     BYE_LINGER_MS,
     CLOSE_DRAIN_S,
@@ -19,11 +22,12 @@ from dpipes.bus.codec import (
     Message,
 )
 from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, DecodeError, PeerLost, RequestTimeout
+from dpipes.bus.errors import BusError, DecodeError, PeerLost, RequestTimeout, SecurityError
 from dpipes.bus.pump import Pump
 
 log = logging.getLogger(__name__)
 
+HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 ATTACH_TIMEOUT_S = 5.0  # a hub answers ATTACH at once; longer means nothing listens there
 
 
@@ -34,8 +38,17 @@ class Client:
     ``client.endpoint``.
     """
 
-    def __init__(self, hub: str, *, name: str = "", attach_timeout: float = ATTACH_TIMEOUT_S, window: int = 0) -> None:
+    def __init__(
+        self,
+        hub: str,
+        *,
+        name: str = "",
+        attach_timeout: float = ATTACH_TIMEOUT_S,
+        curve: ClientCurve | None = None,
+        window: int = 0,
+    ) -> None:
         self.hub = hub
+        self._curve = curve  # keys for a TCP hub that has them; ipc:// is checked by uid instead
         self._name = name
         self._window = max(window, codec.INITIAL_CREDIT_BYTES)  # credit kept open per incoming stream
         self._attach_timeout = attach_timeout
@@ -76,21 +89,53 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # a frame over the limit is never allocated
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        if self._curve is not None:
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve.keypair.secret_z85.encode("ascii"))
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve.keypair.public.z85.encode("ascii"))
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self._curve.server_key.z85.encode("ascii"))
+        self._attached = loop.create_future()
+        # A refused handshake is silent on the socket itself: the monitor says why, at once.
+        monitor = Pump(sock.get_monitor_socket(HANDSHAKE_FAILURES), self._on_monitor)
         sock.connect(self.hub)
         self._pump = Pump(sock, self._on_frames)
-        self._attached = loop.create_future()
         self._pump.send(codec.encode(codec.Attach(name=self._name)))
         try:
             addr = await asyncio.wait_for(self._attached, self._attach_timeout)
         except TimeoutError:
+            self._stop_monitor(monitor)
             await self._close_sockets()
             raise RequestTimeout(f"no dpipes hub answered at {self.hub} within {self._attach_timeout:g} s") from None
         except BaseException:
+            self._stop_monitor(monitor)
             await self._close_sockets()
             raise
+        self._stop_monitor(monitor)
         assert self._endpoint is not None and self._endpoint.addr == addr
         self._last_heard = time.monotonic()
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"client {addr} heartbeats")
+
+    def _on_monitor(self, frames: list[Any]) -> None:
+        event = parse_monitor_message([f.bytes for f in frames])
+        if self._attached is None or self._attached.done():
+            return
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            mine = f" (key {self._curve.keypair.fingerprint})" if self._curve is not None else ""
+            self._attached.set_exception(
+                SecurityError(
+                    f"the node at {self.hub} refused this client{mine}: it does not trust this key or uid; "
+                    "its owner admits a key with: dpipes keys trust KEY --run 'PROG ...'"
+                )
+            )
+        elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and self._curve is None:
+            self._attached.set_exception(
+                SecurityError(f"the node at {self.hub} speaks CURVE: connect with keys (its public key is needed)")
+            )
+
+    def _stop_monitor(self, monitor: Pump) -> None:
+        if self._pump is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._pump.sock.disable_monitor()
+        monitor.close()
 
     def send(self, msg: Message) -> None:
         """Transport: encode ``msg`` and send it to the hub.

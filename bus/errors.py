@@ -59,3 +59,19 @@ class ConfigError(DpipesError, ValueError):
 
 class StageError(DpipesError):
     """A pipeline stage could not be placed, negotiated or started."""
+
+
+class SecurityError(DpipesError, PermissionError):
+    """A key, a trust file or an identity refused: unsafe permissions, an unknown or changed key."""
+
+
+class KeyFileError(SecurityError):
+    """A key file or key directory cannot be used (missing, malformed, readable or writable by others)."""
+
+
+class TrustFileError(SecurityError, ValueError):
+    """A line of an authorized-keys or known-nodes file is malformed; the message names file:line."""
+
+
+class KeyChanged(SecurityError):
+    """A node presented another key than the one pinned for it; the message names both fingerprints."""

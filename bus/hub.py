@@ -12,6 +12,17 @@ Routing is direct: ``node/endpoint`` is delivered locally when ``node`` is this 
 link to ``node`` otherwise; a message for a node we have no link to, or for an endpoint that does
 not exist, comes back to its sender as an ``ERROR``. A hub never relays between two other nodes.
 
+**Security.** Given ``security`` (:class:`~dpipes.bus.auth.HubSecurity`: the node's key pair and
+its trust store), the ROUTER is a CurveZMQ server on TCP and NULL on ``ipc://``, both behind
+pyzmq's asyncio ZAP handler (:class:`~dpipes.bus.auth.Gatekeeper`): a TCP peer must hold a key
+the trust store admits, an ``ipc://`` peer must run as the daemon's own uid. Links are CURVE
+clients that need the peer's key (``add_peer(endpoint, key=...)``); a HELLO or WELCOME whose node
+name is not the one its key is pinned to (known_nodes) is refused, naming the node and both
+fingerprints. Every message from a client or peer must carry the ZAP ``User-Id`` its connection
+was admitted with (a connection that took over another's routing id is dropped and counted), and
+:meth:`Hub.identity_of` tells the node who is behind a bus address. Without ``security`` the hub
+speaks plain ZMTP (loopback tests, ``--insecure``) and everyone is ``INSECURE``.
+
 What a hub does with bad messages, idle clients and at shutdown is part of the wire spec
 (:mod:`dpipes.bus.codec`, *Sessions* and *Bad messages*). Everything read off a socket is checked
 at the ROUTER or link boundary; names and reasons from the wire are logged with ``%r`` so that a
@@ -24,6 +35,7 @@ import asyncio
 import collections
 import dataclasses
 import functools
+import ipaddress
 import logging
 import math
 import os
@@ -36,6 +48,7 @@ from typing import Any
 import zmq
 
 from dpipes.bus import codec
+from dpipes.bus.auth import TAP_ZAP_DOMAIN, ZAP_DOMAIN, Gatekeeper, HubSecurity, identity_from_user_id
 from dpipes.bus.codec import (
     BAD_MESSAGE_INTERVAL_S,
     BYE_LINGER_MS,
@@ -50,9 +63,11 @@ from dpipes.bus.codec import (
     Message,
 )
 from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, DecodeError, ProtocolMismatch, RequestTimeout
+from dpipes.bus.errors import BusError, DecodeError, ProtocolMismatch, RequestTimeout, SecurityError
+from dpipes.bus.keys import PublicKey
 from dpipes.bus.pump import Pump, send_frames
 from dpipes.bus.tap import TAP_HWM, Mirror
+from dpipes.bus.trust import INSECURE, Identity
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +129,7 @@ class _Link:
     endpoints: dict[str, Any] = dataclasses.field(default_factory=dict)
     refused: str = ""
     waiters: list[asyncio.Future[str]] = dataclasses.field(default_factory=list)
+    key: PublicKey | None = None  # the peer's CURVE key this link connects with (secure hubs)
 
 
 @dataclasses.dataclass
@@ -123,7 +139,9 @@ class _Client:
     ident: bytes
     addr: str
     last_heard: float
+    local: bool = False  # attached over ipc://: a process of this host
     backlog: collections.deque[list[Any]] = dataclasses.field(default_factory=collections.deque)
+    user_id: str | None = None  # the ZAP User-Id of its connection (secure hubs): who it is
     reserved: bool = False  # a name held for a client that has not attached yet (``Hub.reserve``)
 
 
@@ -150,6 +168,8 @@ class Hub:
         tap: where the tap XPUB listens; None: an ``ipc://`` path beside ``ipc``.
         advertise: the host to tell peers, when ``tcp`` binds a wildcard address.
         info: what this node tells peers about itself in HELLO (programs, version, ...).
+        security: CurveZMQ keys and trust (see *Security* in the module docstring); None: no
+            keys, for loopback tests and ``--insecure`` nodes.
     """
 
     def __init__(
@@ -161,6 +181,7 @@ class Hub:
         tap: str | None = None,
         advertise: str | None = None,
         info: dict[str, Any] | None = None,
+        security: HubSecurity | None = None,
     ) -> None:
         if not _valid_node_name(node):
             raise ValueError(f"invalid node name {node!r:.80}: use 1-{MAX_NODE_NAME_CHARS} characters without '/'")
@@ -192,6 +213,9 @@ class Hub:
         self.link_listeners: list[Callable[[str, bool, str], None]] = []  # (node, up, reason)
         self.client_listeners: list[Callable[[str], None]] = []  # (address) of a client that left
         self._transport = _InProcess(self)
+        self._security = security
+        self._gate: Gatekeeper | None = None
+        self._peer_user_ids: dict[bytes, str | None] = {}  # a peer's DEALER identity -> its ZAP User-Id
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -210,30 +234,84 @@ class Hub:
         _set_common(router)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client with its old id takes over
+        tap_sock = self._ctx.socket(zmq.XPUB)
+        tap_sock.setsockopt(zmq.LINGER, 0)
+        tap_sock.setsockopt(zmq.SNDHWM, TAP_HWM)  # a slow tap loses events, never slows the bus
+        if self._security is not None:
+            self._gate = Gatekeeper(self._ctx, self._security, node=self.node)
+            self._gate.start()  # binds the context's ZAP endpoint: before any socket binds
+            router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)  # ZAP for every connection, NULL (ipc) too
+            tap_sock.setsockopt(zmq.ZAP_DOMAIN, TAP_ZAP_DOMAIN)  # a key needs the tap right here
         try:
             if self._want_tcp:
-                router.bind(self._want_tcp)
+                self._bind(router, self._want_tcp)
                 self.tcp_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             ipc = self._want_ipc
             if ipc is None:
                 self._tmpdir = tempfile.TemporaryDirectory(prefix="dpipes-hub-")
                 ipc = f"ipc://{self._tmpdir.name}/bus.sock"
-            router.bind(ipc)
+            self._bind(router, ipc)
             self.ipc_endpoint = ipc
-            tap_sock = self._ctx.socket(zmq.XPUB)
-            tap_sock.setsockopt(zmq.LINGER, 0)
-            tap_sock.setsockopt(zmq.SNDHWM, TAP_HWM)  # a slow tap loses events, never slows the bus
             tap = self._want_tap or ipc.rsplit(".sock", 1)[0] + "-tap.sock"
-            tap_sock.bind(tap)
+            self._bind(tap_sock, tap)
             self.tap_endpoint = tap_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as exc:
             router.close(0)
+            tap_sock.close(0)
+            if self._gate is not None:
+                self._gate.stop()
             self._ctx.term()
             raise BusError(f"node {self.node}: cannot listen: {exc}") from exc
         self._router = Pump(router, self._on_router)
         self._tap = Pump(tap_sock, self._on_tap_subscription)
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"hub {self.node} heartbeats")
         log.info("node %s listening on %s %s (tap %s)", self.node, self.tcp_endpoint, self.ipc_endpoint, tap)
+
+    def _bind(self, sock: zmq.Socket[Any], endpoint: str) -> None:
+        """Bind ``sock``: as a CURVE server on TCP when the hub has keys; ``ipc://`` stays NULL,
+        its peers checked by uid in ZAP. libzmq takes the mechanism of each bind from the socket's
+        options at bind time, so one socket serves both."""
+        if self._security is not None:
+            tcp = endpoint.startswith("tcp://")
+            if tcp:
+                pair = self._security.keypair
+                sock.setsockopt(zmq.CURVE_SECRETKEY, pair.secret_z85.encode("ascii"))
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, pair.public.z85.encode("ascii"))
+            sock.setsockopt(zmq.CURVE_SERVER, 1 if tcp else 0)  # 0: back to the NULL mechanism
+        sock.bind(endpoint)
+
+    @property
+    def secure(self) -> bool:
+        """Whether this hub has keys (CURVE on TCP, peer uids checked on ``ipc://``)."""
+        return self._security is not None
+
+    @property
+    def public_key(self) -> PublicKey | None:
+        """This node's CURVE public key (what discovery advertises), or None without keys."""
+        return self._security.keypair.public if self._security is not None else None
+
+    def identity_of(self, addr: str) -> Identity | None:
+        """Who is behind bus address ``addr``, as the transport established it.
+
+        For a client attached here: its key (``Identity.key``) or, over ``ipc://``, its uid
+        (``Identity.local_user``); for an in-process endpoint: this daemon's own user; for an
+        address on a linked peer node: that node's key (``Identity.peer_node``). Without keys
+        every caller is :data:`~dpipes.bus.trust.INSECURE`. None for an address nobody holds.
+        """
+        node, name = codec.split_addr(addr)
+        if self._security is None:
+            return INSECURE
+        if node == self.node:
+            party = self._local.get(name)
+            if isinstance(party, Endpoint):
+                return Identity.local_user(os.getuid())
+            return identity_from_user_id(party.user_id) if party is not None else None
+        link = self._by_node.get(node)
+        if link is None or not link.up:
+            return None
+        if link.key is not None:
+            return Identity.peer_node(node, link.key.fingerprint)
+        return None
 
     async def aclose(self) -> None:
         """Say BYE to peers and clients, drain queued messages under a bound, close every socket. Idempotent."""
@@ -268,6 +346,8 @@ class Hub:
             self._tap.close()
         if self._router is not None:
             self._router.close(linger_ms=BYE_LINGER_MS)  # the clients' BYEs are queued there
+        if self._gate is not None:
+            self._gate.stop()
         self._ctx.term()
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
@@ -297,7 +377,8 @@ class Hub:
         Until that client attaches, messages to the name wait here, in order, within
         ``CLIENT_BACKLOG_MESSAGES`` (what a sender may send before the client grants credit is the
         protocol's initial credit per stream, so this bounds nothing new); then they go to it. The
-        first ATTACH naming it takes it: the hub's local socket is the boundary, as for any name.
+        first ATTACH naming it over the hub's ``ipc://`` path takes it (a process of this host,
+        whose uid the hub checks); one over TCP is refused as for a name that is taken.
         """
         if not name or "/" in name:
             raise ValueError(f"invalid endpoint name {name!r}")
@@ -323,6 +404,15 @@ class Hub:
                     continue
                 self._bounce(header, "no-endpoint", f"endpoint {name!r} on node {self.node} is gone")
 
+    def client_is_local(self, addr: str) -> bool:
+        """Whether the client at ``addr`` attached over our ``ipc://`` path, so runs on this host.
+
+        The kernel says so, not the client: only a process of this host can connect to a Unix
+        socket, and ZeroMQ reports a TCP peer's address as an IP literal, an IPC peer's otherwise.
+        """
+        party = self._local.get(codec.split_addr(addr)[1]) if codec.split_addr(addr)[0] == self.node else None
+        return isinstance(party, _Client) and party.local
+
     def _forget(self, ep: Endpoint) -> None:
         name = codec.split_addr(ep.addr)[1]
         if self._local.get(name) is ep:
@@ -339,22 +429,28 @@ class Hub:
             for link in self._by_node.values()
         }
 
-    def add_peer(self, endpoint: str) -> None:
-        """Link to the hub at ``endpoint`` (``tcp://host:port``) and keep retrying while it is away."""
-        self._ensure_link(endpoint, static=True)
+    def add_peer(self, endpoint: str, *, key: PublicKey | None = None) -> None:
+        """Link to the hub at ``endpoint`` (``tcp://host:port``) and keep retrying while it is away.
 
-    def learn_peer(self, endpoint: str) -> None:
+        A hub with keys needs the peer's public ``key`` (from known_nodes or discovery).
+        """
+        self._ensure_link(endpoint, static=True, key=key)
+
+    def learn_peer(self, endpoint: str, *, key: PublicKey | None = None) -> None:
         """Link to a hub we heard of (from gossip); forgotten again if it is lost."""
-        self._ensure_link(endpoint, static=False)
+        self._ensure_link(endpoint, static=False, key=key)
 
-    async def connect_peer(self, endpoint: str, *, timeout: float = 10.0) -> str:
+    async def connect_peer(self, endpoint: str, *, timeout: float = 10.0, key: PublicKey | None = None) -> str:
         """Link to the hub at ``endpoint`` and return its node name once the link is up.
 
         Raises:
-            ProtocolMismatch: the peer refused our HELLO (another protocol version, a name clash).
-            RequestTimeout: the peer did not answer within ``timeout``.
+            ProtocolMismatch: the peer refused our HELLO (another protocol version, a name clash),
+                or (with keys) it is not the node its key is pinned to.
+            RequestTimeout: the peer did not answer within ``timeout`` (with keys: also a peer
+                whose key is not ``key``, or that does not trust ours: CURVE fails silently).
+            SecurityError: this hub has keys and ``key`` is None.
         """
-        link = self._ensure_link(endpoint, static=True)
+        link = self._ensure_link(endpoint, static=True, key=key)
         if link.up:
             return link.node
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -364,7 +460,7 @@ class Hub:
         except TimeoutError:
             raise RequestTimeout(f"node {self.node}: no answer from {endpoint} within {timeout:g} s") from None
 
-    def _ensure_link(self, endpoint: str, *, static: bool) -> _Link:
+    def _ensure_link(self, endpoint: str, *, static: bool, key: PublicKey | None = None) -> _Link:
         link = self._links.get(endpoint)
         if link is not None:
             link.static = link.static or static
@@ -373,8 +469,18 @@ class Hub:
                 self._hello(link)
             return link
         assert self._ctx is not None, "hub not started"
+        if self._security is not None and key is None:
+            raise SecurityError(
+                f"node {self.node}: cannot link to {endpoint} securely: its node key is unknown; "
+                "pin it with: dpipes keys pin NODE KEY"
+            )
         sock = self._ctx.socket(zmq.DEALER)
         _set_common(sock)
+        if self._security is not None and key is not None:
+            pair = self._security.keypair  # our node key: the peer's gatekeeper knows it from its known_nodes
+            sock.setsockopt(zmq.CURVE_SECRETKEY, pair.secret_z85.encode("ascii"))
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, pair.public.z85.encode("ascii"))
+            sock.setsockopt(zmq.CURVE_SERVERKEY, key.z85.encode("ascii"))
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: a HELLO to a dead peer fails fast
         sock.setsockopt(zmq.RECONNECT_IVL, 100)  # a restarted peer is back within a heartbeat
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
@@ -384,7 +490,7 @@ class Hub:
         except zmq.ZMQError:
             sock.close(0)
             raise
-        link = _Link(endpoint=endpoint, pump=Pump(sock, lambda frames: None), static=static)
+        link = _Link(endpoint=endpoint, pump=Pump(sock, lambda frames: None), static=static, key=key)
         link.pump.on_message = functools.partial(self._on_link_reply, link)
         self._links[endpoint] = link
         self._hello(link)
@@ -433,6 +539,8 @@ class Hub:
         if isinstance(msg, codec.Welcome):
             if not _valid_node_name(msg.node):
                 self._refused(link, f"it calls itself {msg.node!r:.80}, which is not a node name")
+            elif (problem := self._key_problem(msg.node, link.key)) is not None:
+                self._refused(link, problem)
             else:
                 if msg.info:  # what it offers, known before the link counts as up
                     link.info = msg.info
@@ -468,6 +576,18 @@ class Hub:
                 error.message,
                 stats.errors_heard,
             )
+
+    def _key_problem(self, node: str, key: PublicKey | None) -> str | None:
+        """Why ``key`` may not speak as node ``node`` (pinned to another key, unknown), or None."""
+        if self._security is None:
+            return None
+        if key is None:
+            return f"node {node!r:.80} presented no key"
+        try:
+            self._security.store().nodes.check(node, key)
+        except SecurityError as exc:
+            return str(exc)
+        return None
 
     def _refused(self, link: _Link, reason: str) -> None:
         link.refused = reason
@@ -517,6 +637,7 @@ class Hub:
         for ident, peer in list(self._peer_idents.items()):
             if peer == (link.node, link.instance):
                 del self._peer_idents[ident]
+                self._peer_user_ids.pop(ident, None)
         (log.info if orderly else log.warning)(
             "node %s: peer %r %s: %.300r", self.node, link.node, "left" if orderly else "lost", reason
         )
@@ -593,6 +714,9 @@ class Hub:
         peer = self._peer_idents.get(ident)
         if peer is not None:
             node, instance = peer
+            if self._security is not None and frames[1].get("User-Id") != self._peer_user_ids.get(ident):
+                self._impostor(ident, node, frames[1].get("User-Id"))
+                return
             link = self._by_node.get(node)
             if link is not None:
                 if link.instance != instance:  # a connection of an instance that was replaced: stale, not bad
@@ -623,6 +747,9 @@ class Hub:
             return
         client = self._clients.get(ident)
         if client is not None:
+            if self._security is not None and frames[1].get("User-Id") != client.user_id:
+                self._impostor(ident, client.addr, frames[1].get("User-Id"))
+                return
             client.last_heard = time.monotonic()
             if kind == "PING":
                 self._to_client(client, codec.encode(codec.Pong(src=f"{self.node}/", dst=client.addr)))
@@ -656,6 +783,15 @@ class Hub:
                     )
                 ),
             )
+
+    def _impostor(self, ident: bytes, who: str, user_id: str | None) -> None:
+        """A message on ``who``'s routing id from another authenticated party (a connection that
+        took the id over, ROUTER_HANDOVER): dropped and counted, never routed as ``who``'s."""
+        self._note_bad(
+            self.stats[UNLINKED],
+            UNLINKED,
+            DecodeError(f"a connection of {user_id!r:.80} used the routing id of {who!r:.80}"),
+        )
 
     def _sender(self, ident: bytes) -> _Sender:
         peer = self._peer_idents.get(ident)
@@ -750,6 +886,7 @@ class Hub:
             # On the connection it used, i.e. to its link to us: its hub takes it as a goodbye.
             self._router_send(sender.ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))
             self._peer_idents.pop(sender.ident, None)
+            self._peer_user_ids.pop(sender.ident, None)
             link = self._by_node.get(sender.peer)
             if link is not None:
                 self._link_down(link, reason)
@@ -799,6 +936,25 @@ class Hub:
             self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))
             return
         assert isinstance(hello, codec.Hello)
+        user_id: str | None = None
+        peer_key: PublicKey | None = None
+        if self._security is not None:
+            user_id = frames[1].get("User-Id")
+            identity = identity_from_user_id(user_id)
+            if identity is not None and identity.fingerprint and self._gate is not None:
+                peer_key = self._gate.key_of(identity.fingerprint)
+            problem = None
+            if identity is None or (identity.uid is None and peer_key is None):
+                problem = f"node {self.node} cannot tell who is saying HELLO as {hello.node!r:.80}"
+            elif peer_key is not None:
+                problem = self._key_problem(hello.node, peer_key)
+            if problem is not None:
+                log.error("node %s: refused a link from %.80r: %s", self.node, hello.node, problem)
+                bye = codec.Bye(src=f"{self.node}/", reason=problem[:MAX_STRING_CHARS])
+                self._router_send(ident, codec.encode(bye))
+                return
+            if peer_key is None:  # a local daemon of our own user, over ipc: its key, if pinned
+                peer_key = self._security.store().nodes.key_for(hello.node)
         if hello.node == self.node or not _valid_node_name(hello.node):
             if hello.node == self.node:
                 reason = f"node name {hello.node!r} is this node's own name: give every node a unique name"
@@ -808,6 +964,7 @@ class Hub:
             self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))
             return
         self._peer_idents[ident] = (hello.node, hello.instance)
+        self._peer_user_ids[ident] = user_id
         self._router_send(
             ident,
             codec.encode(
@@ -825,11 +982,14 @@ class Hub:
         bus = hello.endpoints.get("bus")
         if not isinstance(bus, str) or not bus.startswith("tcp://"):
             return  # a peer without TCP can reach us but we cannot reach it
+        if self._security is not None and peer_key is None:
+            log.warning("node %s: cannot link back to %r: its key is not pinned", self.node, hello.node)
+            return
         try:
             if bus.startswith("tcp://*:"):
                 peer_addr = frames[1].get("Peer-Address")
                 bus = f"tcp://{peer_addr}:{bus.rsplit(':', 1)[1]}"
-            new = self._ensure_link(bus, static=False)
+            new = self._ensure_link(bus, static=False, key=peer_key)
         except zmq.ZMQError as exc:  # an endpoint libzmq cannot connect to
             self._note_bad(self.stats[hello.node], hello.node, DecodeError(f"cannot link back to {bus!r:.100}: {exc}"))
             return
@@ -850,8 +1010,10 @@ class Hub:
             self._client_ids += 1
             name = f"client-{self._client_ids}-{os.urandom(3).hex()}"
         held = self._local.get(name)
-        if isinstance(held, _Client) and held.reserved and "/" not in name:  # the client it was held for
-            held.ident, held.reserved, held.last_heard = ident, False, time.monotonic()
+        if isinstance(held, _Client) and held.reserved and _over_ipc(frames[1]):  # the worker it was held for
+            held.ident, held.reserved, held.last_heard, held.local = ident, False, time.monotonic(), True
+            if self._security is not None:
+                held.user_id = frames[1].get("User-Id")
             self._clients[ident] = held
             self._router_send(ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=held.addr, addr=held.addr)))
             if held.backlog:
@@ -871,7 +1033,11 @@ class Hub:
                 ),
             )
             return
-        client = _Client(ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic())
+        client = _Client(
+            ident=ident, addr=f"{self.node}/{name}", last_heard=time.monotonic(), local=_over_ipc(frames[1])
+        )
+        if self._security is not None:
+            client.user_id = frames[1].get("User-Id")
         self._clients[ident] = client
         self._local[name] = client
         self._router_send(ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr)))
@@ -1049,3 +1215,19 @@ class _InProcess:
     def __init__(self, hub: Hub) -> None:
         self.send = hub._send_local
         self.send_frames = hub._send_frames_local
+
+
+def _over_ipc(frame: Any) -> bool:
+    """Whether ``frame`` came over our ``ipc://`` path: its ``Peer-Address`` is not an IP literal
+    (a TCP peer's always is; libzmq gives an IPC peer's credentials instead)."""
+    try:
+        peer = frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError, TypeError):
+        return False
+    if not isinstance(peer, str) or not peer:  # unknown: not proven local
+        return False
+    try:
+        ipaddress.ip_address(peer)
+    except ValueError:
+        return True
+    return False

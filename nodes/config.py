@@ -22,7 +22,13 @@ Keys::
     metadata_argv = false           # ... with the producing program's argv as dp.argv
     metadata_environ = ["LANG"]     # ... with these variables of its environment as dp.environ
     insecure = false                # serve remote clients without CurveZMQ keys (loudly logged)
+    key_dir = "/etc/dpipes"         # the node's key pair and trust files (default: $DPIPES_KEY_DIR,
+                                    # else $XDG_CONFIG_HOME/dpipes; see dpipes.bus.keys)
+    trust_on_first_use = false      # record an unknown peer node's key when first seen, instead of
+                                    # refusing it; a changed key is refused either way
     interfaces = ["eth0"]           # interfaces for discovery and listening; empty = all
+    workdir = "~"                   # where stages of callers on other hosts start (~: the node
+                                    # user's home, as ssh); a caller on this host gives its own
 
     [nodes]                         # static peers, for networks where mDNS does not reach
     beta = "10.0.0.2:5757"
@@ -175,7 +181,12 @@ class NodeConfig:
     """Object modes: these environment variables of the producing stage go in ``dp.environ``."""
     limits: Limits = Limits()
     insecure: bool = False
+    key_dir: str | None = None
+    """The key directory (None: :func:`dpipes.bus.keys.key_dir`)."""
+    trust_on_first_use: bool = False
     interfaces: tuple[str, ...] = ()
+    workdir: str = "~"
+    """Where a stage starts unless it runs on its caller's host (then: the caller's directory)."""
     sources: tuple[str, ...] = ()
     """The files that were read, in order, then "command line" if there were overrides."""
     origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False)
@@ -250,6 +261,13 @@ def _strings(value: object) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _absolute_path(value: object) -> str:
+    path = os.path.expanduser(_string(value))
+    if not os.path.isabs(path):
+        raise _Bad(f"{value!r} is not an absolute path")
+    return path
+
+
 def _allow(value: object) -> frozenset[str]:
     return frozenset(_strings(value))
 
@@ -273,7 +291,10 @@ _TOP: dict[str, Callable[[object], object]] = {
     "metadata_argv": _bool,
     "metadata_environ": _strings,
     "insecure": _bool,
+    "key_dir": _absolute_path,
+    "trust_on_first_use": _bool,
     "interfaces": _strings,
+    "workdir": _string,
 }
 _TABLES = ("nodes", "apps", "limits")
 _LIMITS: dict[str, Callable[[object], int]] = {
@@ -570,8 +591,13 @@ def format_config(config: NodeConfig, *, labels: Mapping[str, str] | None = None
         rows.append(("# allow = [...]", "not set: any program this node has"))
     else:
         rows.append((f"allow = {_toml_value(config.allow)}", origin("allow")))
-    for key in ("metadata_key", "metadata_argv", "metadata_environ", "insecure", "interfaces"):
+    for key in ("metadata_key", "metadata_argv", "metadata_environ", "insecure", "interfaces", "workdir"):
         rows.append((f"{key} = {_toml_value(getattr(config, key))}", origin(key)))
+    if config.key_dir is None:
+        rows.append(("# key_dir = ...", "not set: $DPIPES_KEY_DIR, else $XDG_CONFIG_HOME/dpipes"))
+    else:
+        rows.append((f"key_dir = {_toml_value(config.key_dir)}", origin("key_dir")))
+    rows.append((f"trust_on_first_use = {_toml_value(config.trust_on_first_use)}", origin("trust_on_first_use")))
     rows += [("", ""), ("[limits]", "")]
     for key in ("max_stages", "credit_bytes"):
         rows.append((f"{key} = {getattr(config.limits, key)}", origin(f"limits.{key}")))

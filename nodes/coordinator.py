@@ -16,6 +16,9 @@ A client's ``run`` request comes to its entry node, whose :class:`Coordinator`:
    data could not be moved) cancels the rest, a lost node fails the run (``failed`` to the client,
    naming the stages that will never report), and a client that goes away cancels it.
 
+Where each stage starts is decided here too (protocol: *Working directories*): in the client's
+directory on the client's host, which is this node's when the client attached over ipc.
+
 A run is a graph (:mod:`dpipes.nodes.workflow`): a workflow's stages and connections, or a linear
 pipeline's (each stage's output to the next one's input); each stage's wiring (``stdin_from`` and
 ``stdout_to`` for a program, ``inputs`` and ``outputs`` for a plugin) comes from it. Which edges
@@ -67,6 +70,7 @@ from dpipes.nodes.protocol import (
     StartReply,
     StartRequest,
     call,
+    host_identity,
 )
 from dpipes.nodes.stage import DirectPipes
 from dpipes.nodes.stages import NegotiationRefused
@@ -130,6 +134,7 @@ class Coordinator:
         self.fd_drop = fd_drop
         self._spawn = spawn
         self.runs: dict[str, Run] = {}
+        self.host = host_identity()  # stages on nodes of this host start where a local client is
 
     # -- run: parse, place, negotiate, start -----------------------------------------------
 
@@ -181,14 +186,17 @@ class Coordinator:
     async def _start(self, request: RunRequest, client: str, handed: dict[str, int]) -> RunReply:
         """Parse, place, negotiate, start; ``handed``: the local client's descriptors, by name (a
         stage that uses one takes it out)."""
-        from dpipes.nodes.pipeline import PlacementError, place
+        from dpipes.nodes.pipeline import PlacementError, placements
 
         graph = self._parse(request)
         stages = graph.stages
         try:
-            nodes = place(stages, self.table(), local=self.node)
+            placed = placements(stages, self.table(), local=self.node)
         except PlacementError as exc:
             raise ControlError(PLACEMENT, str(exc)) from None
+        nodes = [p.node for p in placed]
+        for i, p in enumerate(placed):
+            log.info("node %s: stage %d (%s) to %s: %s %s", self.node, i, stages[i].program, p.node, p.why, p.offer)
         pipeline = uuid.uuid4().hex[:12]
         run = Run(pipeline, client, stages, nodes)
         self.runs[pipeline] = run
@@ -210,6 +218,7 @@ class Coordinator:
                         require=request.require,
                         user=request.user,
                         peers=self._endpoints_of([nodes[j] for j in graph.neighbours(i)]),
+                        pinned=stages[i].node is not None,
                         config=graph.configs[i],
                     ),
                     timeout=CONTROL_TIMEOUT_S,
@@ -229,6 +238,7 @@ class Coordinator:
                 "refused before anything started:\n  " + "\n  ".join(lines), code=_code_of(r for _i, r in refused)
             )
         addrs = [r.addr for r in negotiations if isinstance(r, NegotiateReply)]
+        cwds = self._working_dirs(request, client, [r.host for r in negotiations if isinstance(r, NegotiateReply)])
         # Which edges are kernel pipes: neighbours on one node, and, with what a client on this
         # host handed over, its stdin to a first stage here and a last stage here to its stdout.
         direct = [graph.linear and _direct_edge(request, [*nodes, self.node], i, graph) for i in range(len(nodes))]
@@ -263,6 +273,8 @@ class Coordinator:
                 pipes=options_for_stage(request.pipes, i),
                 direct_in=direct[i - 1] if i else stdin_direct,
                 direct_out=direct[i] if i + 1 < len(nodes) else stdout_direct,
+                cwd=cwds[i],
+                progress_to=client if request.progress else "",
                 inputs=inputs,
                 outputs=outputs,
             )
@@ -286,14 +298,38 @@ class Coordinator:
             stdin_direct=stdin_direct,  # the client does not feed the first stage
             stdout_direct=stdout_direct,  # nor does output come to it: the last stage writes there
             stages=tuple(
-                StageInfo(index=i, node=nodes[i], argv=tuple(stages[i].argv), addr=addrs[i], context=contexts[i])
+                StageInfo(
+                    index=i,
+                    node=nodes[i],
+                    argv=tuple(stages[i].argv),
+                    addr=addrs[i],
+                    context=contexts[i],
+                    placed=placed[i].why,
+                    offer=placed[i].offer,
+                )
                 for i in range(len(stages))
             ),
         )
 
+    def _working_dirs(self, request: RunRequest, client: str, hosts: Sequence[str]) -> list[str]:
+        """Each stage's ``start.cwd`` (protocol: *Working directories*): the client's directory
+        for stages on its host, when it attached here over ipc; ``--cwd`` on top, for every stage."""
+        here = self.hub.client_is_local(client) and bool(request.cwd)
+        out = []
+        for host in hosts:
+            base = request.cwd if here and host == self.host else ""
+            out.append(os.path.join(base, request.workdir) if request.workdir else base)
+        return out
+
     def _offered_elsewhere(self, program: str, refused_by: str) -> str:
         """A hint naming the other nodes that offer ``program`` (pin the stage to one: PROG@NODE)."""
-        others = sorted(n for n, info in self.table().items() if n != refused_by and program in info.programs)
+        from dpipes.nodes.pipeline import offer_matches
+
+        others = sorted(
+            n
+            for n, info in self.table().items()
+            if n != refused_by and any(offer_matches(o, [program]) for o in info.programs)
+        )
         return f" (offered by {', '.join(others)}: pin it with {program}@{others[0]})" if others else ""
 
     def _endpoints_of(self, nodes: list[str]) -> dict[str, str]:
@@ -381,12 +417,14 @@ def _code_of(failures: Iterable[BaseException]) -> str:
 
 def _direct_edge(run: RunRequest, nodes: Sequence[str], i: int, graph: Graph) -> bool:
     """Whether stages ``i`` and ``i + 1`` exchange data through a kernel pipe rather than the bus:
-    both on one node, bytes mode (object modes add metadata on the way), stage ``i``'s stdout
-    is not a Pipes channel (which the node reads), and neither is a plugin (a worker's data goes
-    on the bus; ``i + 1`` past the last stage is the client)."""
-    messages = options_for_stage(run.pipes, i).get("messages")
+    both on one node, bytes mode (object modes add metadata on the way), the node does not read
+    stage ``i``'s stdout (not a Pipes channel, not the last stage's output sent as ``stdio``
+    messages; ``nodes`` ends with the client's node: stage ``i + 1`` may be the client), and
+    neither is a plugin (a worker's data goes on the bus)."""
+    own = options_for_stage(run.pipes, i)
+    read = own.get("messages") == "stdout" or (i == len(nodes) - 2 and bool(own.get("stdio")))
     plugins = graph.is_plugin(i) or (i + 1 < len(graph.stages) and graph.is_plugin(i + 1))
-    return nodes[i] == nodes[i + 1] and run.mode == "bytes" and messages != "stdout" and not plugins
+    return nodes[i] == nodes[i + 1] and run.mode == "bytes" and not read and not plugins
 
 
 __all__ = ["Coordinator", "Run"]

@@ -29,8 +29,14 @@ Stopping: SIGTERM or SIGINT closes the node gracefully (``node.aclose()``, which
 stages) within :data:`STOP_TIMEOUT_S`; past that the daemon exits anyway. A second SIGINT exits at
 once. Either way the daemon removes its pid file and gives up its claims (see
 :mod:`dpipes.nodes.paths`; a daemon killed with SIGKILL leaves files that the next one on the same
-name removes). :func:`stop_daemon` sends SIGTERM to the pid in the pid file and waits for the
-process to be gone.
+name removes). :func:`stop_daemon` sends SIGTERM to the pid in the pid file, once
+:func:`paths.check_holder <dpipes.nodes.paths.check_holder>` has confirmed that this pid is the
+process holding the name's lock (a rewritten pid file or a reused pid is refused, not signalled),
+and waits for the process to be gone.
+
+Runtime files are owner-only whatever the umask: the node binds its sockets under umask 077, the
+daemon checks them (:func:`paths.secure_sockets <dpipes.nodes.paths.secure_sockets>`) before it
+writes its pid file and says it is ready, and the pid, lock and log files are created 0600.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import gc
 import logging
 import os
 import select
+import shlex
 import signal
 import sys
 import time
@@ -49,7 +56,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from dpipes.bus.errors import DpipesError
+from dpipes.bus import keys
+from dpipes.bus.errors import DpipesError, KeyFileError
+from dpipes.bus.keys import KeyPair
 from dpipes.nodes import paths, sdnotify
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.paths import AlreadyRunning, Claim, NodeFiles, RuntimeDirError
@@ -63,6 +72,7 @@ __all__ = [
     "DaemonStatus",
     "NodeFactory",
     "ServingNode",
+    "node_keypair",
     "run_daemon",
     "status",
     "stop_daemon",
@@ -175,6 +185,13 @@ def run_daemon(
     if isinstance(located, int):
         return located
     _where, files = located
+    try:
+        node_key, created = node_keypair(config)
+    except KeyFileError as e:
+        print(f"dpipesd: node {config.name}: {e}", file=err)
+        return 1
+    if created:
+        print(f"dpipesd: created the key pair of node {config.name} in {node_key.path.parent}", file=err)
     run = _Run(
         config,
         files,
@@ -187,11 +204,13 @@ def run_daemon(
     if foreground:
         _configure_logging(log_level, LOG_FORMAT)
         try:
-            return run.run(lambda tcp, ipc: _say_ready(out, files, tcp, ipc, os.getpid(), log_to="stderr"))
+            return run.run(
+                lambda tcp, ipc: _say_ready(out, files, tcp, ipc, os.getpid(), log_to="stderr", key=node_key)
+            )
         except (AlreadyRunning, DaemonError) as e:
             print(f"dpipesd: {e}", file=err)
             return 1
-    return _detach(run, log_level, out=out, err=err)
+    return _detach(run, log_level, out=out, err=err, key=node_key)
 
 
 class _Run:
@@ -240,6 +259,10 @@ class _Run:
 
     def _listening(self, node: ServingNode, ready: Callable[[str, str], None]) -> None:
         assert self.own is not None
+        try:
+            paths.secure_sockets(self.bound)
+        except RuntimeDirError as exc:
+            raise DaemonError(f"node {node.name}: {exc}") from exc
         pid_file = self.own.write_pid()
         if self.local:
             self.local.write_pid()
@@ -292,7 +315,13 @@ class _Run:
         except DpipesError as exc:  # the configuration refused (an exposed listen address, ...)
             raise DaemonError(str(exc)) from exc
         try:
-            await node.__aenter__()
+            # Sockets get their mode from the umask at bind time: bind under 077, so that no
+            # socket is ever reachable by others, even for the moment before secure_sockets().
+            umask = os.umask(0o077)
+            try:
+                await node.__aenter__()
+            finally:
+                os.umask(umask)  # stages inherit the daemon's own umask, not ours
         except Exception as exc:
             log.debug("node %s: start failed", name, exc_info=True)
             await _close(node)
@@ -353,6 +382,19 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
             loop.close()
 
 
+def node_keypair(config: NodeConfig) -> tuple[KeyPair, bool]:
+    """The node's key pair in its key directory, created on its first start; and whether it was.
+
+    Raises:
+        KeyFileError: the key directory or an existing pair cannot be used.
+    """
+    where = Path(config.key_dir) if config.key_dir else keys.key_dir()
+    pair, created = keys.load_or_create_keypair(where, keys.NODE_KEY)
+    if created:
+        log.info("node %s: created its key pair %s in %s", config.name, pair.fingerprint, where)
+    return pair, created
+
+
 def _runtime_dir(given: Path | None) -> Path:
     """``given`` (checked like any runtime directory), else the default one."""
     return paths.runtime_dir() if given is None else paths.runtime_dir({paths.RUNTIME_DIR_ENV: str(given)})
@@ -398,7 +440,7 @@ class _ReadyPipe:
             os.close(fd)
 
 
-def _detach(run: _Run, log_level: str, *, out: TextIO, err: TextIO) -> int:
+def _detach(run: _Run, log_level: str, *, out: TextIO, err: TextIO, key: KeyPair) -> int:
     """Fork the daemon off (see the module docstring); in the parent, report whether it got ready."""
     for stream in (sys.stdout, sys.stderr, out, err):
         stream.flush()  # or the children would write the parent's buffered output again
@@ -436,7 +478,7 @@ def _detach(run: _Run, log_level: str, *, out: TextIO, err: TextIO) -> int:
     word, _, rest = line.partition(" ")
     if word == "ready":
         tcp, _, ipc = rest.partition(" ")
-        _say_ready(out, files, tcp, ipc, paths.read_pid(files.pid), log_to=str(files.log))
+        _say_ready(out, files, tcp, ipc, paths.read_pid(files.pid), log_to=str(files.log), key=key)
         return 0
     if word == "error":
         print(f"dpipesd: {rest}", file=err)
@@ -445,12 +487,16 @@ def _detach(run: _Run, log_level: str, *, out: TextIO, err: TextIO) -> int:
     return 1
 
 
-def _say_ready(out: TextIO, files: NodeFiles, tcp: str, ipc: str, pid: int | None, *, log_to: str) -> None:
+def _say_ready(
+    out: TextIO, files: NodeFiles, tcp: str, ipc: str, pid: int | None, *, log_to: str, key: KeyPair
+) -> None:
     """Tell the user (or a script, which can wait for the first line) where the node listens."""
     where = "" if files.dir == paths.runtime_dir_path() else f" --runtime-dir {files.dir}"
     stop = f"dpipesd --stop --name {files.name}{where}"
     try:
         print(f"node {files.name} ready: {tcp} {ipc}", file=out)
+        pin = f"dpipes keys pin {files.name} {shlex.quote(key.public.z85)}"
+        print(f"node key {key.fingerprint}; other hosts trust it with: {pin}", file=out)
         print(f"pid {pid}, pid file {files.pid}, log {log_to}", file=out)
         print(f"stop with: {stop}   or: kill $(cat {files.pid})", file=out, flush=True)
     except (OSError, ValueError):  # nobody reads our stdout any more (closed pipe or stream)
@@ -481,7 +527,8 @@ def _daemon(run: _Run, log_level: str, pipe: _ReadyPipe) -> None:  # pragma: no 
     try:
         os.chdir("/")  # hold no directory busy (an unmount, a deleted checkout)
         os.umask(0o022)
-        log_fd = os.open(run.files.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log_fd = os.open(run.files.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        os.fchmod(log_fd, 0o600)  # one left by an older run may have another mode
         null_fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null_fd, 0)
         os.dup2(log_fd, 1)
@@ -544,6 +591,10 @@ def stop_daemon(
         return 0
     if pid is None:
         print(f"dpipesd: node {name} is starting and its pid is not known yet; try again", file=err)
+        return 1
+    problem = paths.check_holder(files, pid)
+    if problem is not None:
+        print(f"dpipesd: refusing to signal pid {pid} as node {name}: {problem}", file=err)
         return 1
     try:
         os.kill(pid, signal.SIGTERM)

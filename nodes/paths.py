@@ -30,8 +30,17 @@ Files of the daemon of node ``N``, all in that directory:
     held with ``flock`` for the daemon's whole life: this, not the pid file, decides whether the
     name is taken. The kernel drops the lock when the process dies however it dies, so a crashed
     daemon never blocks its successor, two daemons starting at once cannot both win, and a reused
-    pid in a stale pid file cannot fool it. It holds ``"<pid> <name>"``, written at once, which
-    names the holder while its pid file is not written yet.
+    pid in a stale pid file cannot fool it. It holds ``"<pid> <name> <start>"``, written at once,
+    which names the holder while its pid file is not written yet; ``<start>`` is the holder's start
+    time (field 22 of ``/proc/PID/stat``), so that a pid reused by another process is told apart.
+
+**Whatever the umask.** Every file here is owner-only: the pid, lock and log files are created
+with mode 0600 (and set to it when they exist), and the daemon binds its sockets under umask 077
+and then checks them (:func:`secure_sockets`): a socket another user could connect to would let
+that user run programs as this one. Before :func:`stop_daemon <dpipes.nodes.daemon.stop_daemon>`
+signals the pid it read, :func:`check_holder` verifies that this pid is the process that holds the
+name's lock and was started when the lock file says: a pid file rewritten by someone else, or a pid
+reused since, is refused rather than signalled.
 
 **The host's local socket.** The first daemon on a host also answers at ``ipc://<dir>/local.sock``
 (:func:`local_endpoint`), so that ``dpipes`` finds a node without being told its name. It is a
@@ -70,17 +79,21 @@ __all__ = [
     "NodeFiles",
     "RuntimeDirError",
     "check_daemon_name",
+    "check_holder",
     "claim",
     "claim_local",
     "local_daemon",
     "local_endpoint",
     "local_leftovers",
+    "lock_holders",
     "node_files",
     "pid_alive",
+    "process_start_time",
     "read_pid",
     "release",
     "runtime_dir",
     "runtime_dir_path",
+    "secure_sockets",
 ]
 
 RUNTIME_DIR_ENV = "DPIPES_RUNTIME_DIR"
@@ -121,6 +134,7 @@ def runtime_dir(environ: Mapping[str, str] = os.environ) -> Path:
             writable by its group or others.
     """
     path = runtime_dir_path(environ)
+    chosen = bool(environ.get(RUNTIME_DIR_ENV))
     try:
         path.mkdir(mode=0o700, parents=True)
     except FileExistsError:
@@ -130,9 +144,15 @@ def runtime_dir(environ: Mapping[str, str] = os.environ) -> Path:
     else:
         path.chmod(0o700)  # whatever the umask took away or left
     try:
-        st = path.stat()
+        # A directory the user chose may be a link; anywhere else (the shared /tmp) a link is a
+        # trap someone else set: it would point our sockets into a directory of their choosing.
+        st = path.stat() if chosen else path.lstat()
     except OSError as e:
         raise RuntimeDirError(f"runtime directory {path}: {e.strerror or e}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise RuntimeDirError(
+            f"runtime directory {path} is a symbolic link; refusing to use it: remove it or set {RUNTIME_DIR_ENV}"
+        )
     if not stat.S_ISDIR(st.st_mode):
         raise RuntimeDirError(f"runtime directory {path} is not a directory; set {RUNTIME_DIR_ENV} to another path")
     if st.st_uid != os.getuid():
@@ -232,6 +252,92 @@ def pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")  # a zombie has exited; only its parent has not reaped it
 
 
+def process_start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks after boot (``/proc/PID/stat`` field 22), or None.
+
+    A pid names a process only together with its start time: pids are reused.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    fields = stat_line[stat_line.rfind(b")") + 2 :].split()  # the command name may hold spaces
+    try:
+        return int(fields[19])  # field 22 of the whole line; the first two are before ")"
+    except (IndexError, ValueError):
+        return None
+
+
+def lock_holders(path: Path) -> set[int] | None:
+    """The pids holding a ``flock`` on file ``path`` (from ``/proc/locks``), or None if unknown."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    holders = set()
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line has "->" after "1:".
+        words = line.split()
+        if len(words) < 6 or words[1] != "FLOCK":
+            continue
+        where = words[5].rsplit(":", 1)
+        if len(where) == 2 and where[1] == str(inode) and words[4].isdigit():
+            holders.add(int(words[4]))
+    return holders
+
+
+def check_holder(files: NodeFiles, pid: int) -> str | None:
+    """What is wrong with taking ``pid`` for the daemon that holds ``files``' name, or None if it is.
+
+    It is, when the lock file names ``pid`` with ``pid``'s start time and (where ``/proc/locks``
+    tells) ``pid`` holds the lock. Anything else is a pid file rewritten by someone else, or a
+    pid reused since: signalling it would hit a process that is not this daemon.
+    """
+    try:
+        text = files.lock.read_text(encoding="utf-8", errors="replace").split()
+    except OSError as e:
+        return f"cannot read its lock file {files.lock}: {e.strerror or e}"
+    lock_pid = int(text[0]) if text and text[0].isdigit() else None
+    if lock_pid != pid:
+        return f"its pid file {files.pid} says pid {pid} but its lock file {files.lock} says pid {lock_pid}"
+    holders = lock_holders(files.lock)
+    if holders is not None and pid not in holders:
+        return f"pid {pid} does not hold the lock {files.lock} (held by {sorted(holders) or 'nobody'})"
+    recorded = text[2] if len(text) > 2 else "-"
+    started = process_start_time(pid)
+    if recorded != "-" and started is not None and str(started) != recorded:
+        return f"pid {pid} started at tick {started}, not at tick {recorded} as the daemon did: the pid was reused"
+    return None
+
+
+def secure_sockets(files: NodeFiles) -> None:
+    """Make the sockets of ``files`` owner-only (mode 0600), and check that they are.
+
+    A socket in the runtime directory accepts commands that run programs as this user; its mode
+    comes from the umask at bind time, which may have been anything. Links (aliases) are skipped:
+    their targets are checked under their own name.
+
+    Raises:
+        RuntimeDirError: a socket belongs to another user, or its mode cannot be set.
+    """
+    for path in (files.sock, files.tap_sock, files.fds_sock):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        if st.st_uid != os.getuid():
+            raise RuntimeDirError(f"socket {path} belongs to uid {st.st_uid}, not to this daemon (uid {os.getuid()})")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(path, 0o600)
+            if stat.S_IMODE(path.lstat().st_mode) & 0o077:
+                raise RuntimeDirError(f"socket {path}: cannot make it owner-only")
+
+
 class Claim:
     """A process's exclusive hold on one name's files in a runtime directory, until :meth:`release`."""
 
@@ -253,8 +359,14 @@ class Claim:
         """Write the pid file atomically (temporary file, then rename); return its path."""
         pid = os.getpid() if pid is None else pid
         tmp = self.files.pid.with_name(f".{self.files.pid.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="ascii") as f:
-            f.write(f"{pid}\n")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # left by a crash of a process with our pid: O_EXCL below must create it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # the mode given to open() is cut by the umask, never widened; still
+            os.write(fd, f"{pid}\n".encode("ascii"))
+        finally:
+            os.close(fd)
         os.replace(tmp, self.files.pid)
         return self.files.pid
 
@@ -322,8 +434,10 @@ def _try_claim(files: NodeFiles, owner: str) -> Claim | None:
         for path in (files.pid, files.sock, files.tap_sock):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        os.fchmod(fd, 0o600)  # an old lock file may have been made under another umask
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {owner}\n".encode(), 0)
+        start = process_start_time(os.getpid())
+        os.pwrite(fd, f"{os.getpid()} {owner} {start if start is not None else '-'}\n".encode(), 0)
         return Claim(files, fd, owner)
     raise RuntimeError(f"{files.lock}: replaced {_CLAIM_RETRIES} times while being locked")
 

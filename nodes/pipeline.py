@@ -29,9 +29,16 @@ Syntax
 
 Placement
     :func:`place` is a pure function of the stages and the node table: a pinned stage goes to its
-    node; otherwise to a node advertising the program, spreading repeated programs round-robin
-    over the nodes offering them (the local node first, then the others by name); otherwise to the
-    local node.
+    node; otherwise to a node with an offer that matches the stage, spreading repeated programs
+    round-robin over the nodes offering them (the local node first, then the others by name);
+    otherwise to the local node. :func:`placements` says, for each stage, why (``pinned``,
+    ``offered``, ``local``).
+
+    An *offer* is a program name (``sort``), or a program with fixed arguments (``sort -r``, in
+    shell words) for a node started as ``dpipesd -- sort -r``, which runs its program with those
+    arguments only. A stage matches an offer when its words start with the offer's: ``sort -r``
+    and ``sort -r -n`` match ``sort -r``; ``sort`` does not, so placement never sends it there
+    (that would reverse its output). Only a pin puts a stage on such a node regardless.
 """
 
 from __future__ import annotations
@@ -46,16 +53,22 @@ from dpipes.bus.errors import DpipesError, StageError
 from dpipes.discovery.txt import NODE_NAME_RE
 
 __all__ = [
+    "LOCAL",
     "NODE_NAME_PATTERN",
+    "OFFERED",
+    "PINNED",
     "NodeInfo",
     "PipelineSyntaxError",
+    "Placement",
     "PlacementError",
     "StageSpec",
     "check_node_name",
     "format_pipeline",
     "format_stage",
+    "offer_matches",
     "parse_pipeline",
     "place",
+    "placements",
     "plugin_config",
     "plugin_name",
 ]
@@ -429,8 +442,40 @@ def format_pipeline(stages: Iterable[StageSpec]) -> str:
 # -- placement -------------------------------------------------------------------------------------
 
 
+PINNED = "pinned"  # the stage named its node: PROG@NODE
+OFFERED = "offered"  # a node offers the stage's program (Placement.offer says as what)
+LOCAL = "local"  # nobody offers it (or it is a path): the local node
+PLACED = (PINNED, OFFERED, LOCAL)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where one stage goes and why: ``why`` is one of ``PLACED``; ``offer`` the matched offer."""
+
+    node: str
+    why: str
+    offer: str = ""
+
+
+def offer_matches(offer: str, argv: Sequence[str]) -> bool:
+    """Whether a stage of ``argv`` matches ``offer`` (a program, or a program with fixed arguments
+    in shell words): the stage's words start with the offer's."""
+    if " " not in offer and "'" not in offer and '"' not in offer and "\\" not in offer:
+        return bool(argv) and argv[0] == offer  # the common case, without a tokenizer
+    try:
+        words = shlex.split(offer)
+    except ValueError:
+        return False
+    return bool(words) and list(argv[: len(words)]) == words
+
+
 def place(stages: Sequence[StageSpec], table: Mapping[str, NodeInfo], *, local: str) -> list[str]:
-    """Choose a node for each stage; a pure function of its arguments.
+    """The node of each stage, as :func:`placements` chooses it."""
+    return [p.node for p in placements(stages, table, local=local)]
+
+
+def placements(stages: Sequence[StageSpec], table: Mapping[str, NodeInfo], *, local: str) -> list[Placement]:
+    """Choose a node for each stage, and say why; a pure function of its arguments.
 
     Args:
         stages: the parsed pipeline.
@@ -438,34 +483,38 @@ def place(stages: Sequence[StageSpec], table: Mapping[str, NodeInfo], *, local: 
         local: the name of the node doing the placement.
 
     Returns:
-        One node name per stage: the pinned node; else a node that advertises the program,
-        round-robin over those offering it (local node first, then by name) so that repeated
-        programs spread out; else ``local``. A program given as a path (``./x``, ``/bin/x``) names
-        a file of the local node and stays there unless pinned.
+        One :class:`Placement` per stage: the pinned node; else a node with an offer the stage
+        matches (:func:`offer_matches`), round-robin over those (local node first, then by name)
+        so that repeated programs spread out; else ``local``. A program given as a path (``./x``,
+        ``/bin/x``) names a file of the local node and stays there unless pinned.
 
     Raises:
         PlacementError: a pin names a node that is neither ``local`` nor in ``table``.
     """
     known = sorted(set(table) | {local})
     turns: dict[str, int] = {}
-    chosen: list[str] = []
+    chosen: list[Placement] = []
     for stage in stages:
         if stage.node is not None:
             if stage.node not in known:
                 raise PlacementError(_unknown_node(stage, known, local))
-            chosen.append(stage.node)
+            chosen.append(Placement(stage.node, PINNED))
             continue
         program = stage.program
-        offering = [] if "/" in program else [n for n in sorted(table) if program in table[n].programs]
+        offering: list[tuple[str, str]] = []  # (node, its matching offer)
+        if "/" not in program:
+            for name in sorted(table):
+                matched = [o for o in table[name].programs if offer_matches(o, stage.argv)]
+                if matched:
+                    offering.append((name, max(matched, key=len)))  # the most specific offer
         if not offering:
-            chosen.append(local)
+            chosen.append(Placement(local, LOCAL))
             continue
-        if local in offering:
-            offering.remove(local)
-            offering.insert(0, local)  # no network hop when it makes no difference
+        offering.sort(key=lambda item: item[0] != local)  # local first: no network hop when it makes no difference
         turn = turns.get(program, 0)
         turns[program] = turn + 1
-        chosen.append(offering[turn % len(offering)])
+        node, offer = offering[turn % len(offering)]
+        chosen.append(Placement(node, OFFERED, offer))
     return chosen
 
 

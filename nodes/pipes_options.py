@@ -1,34 +1,70 @@
 """The Pipes options of a run, per pipeline and per stage: plain data, cheap to import.
 
 ``dpipes`` sends them in the ``run`` request's ``pipes`` map (``extras``, ``assets``,
-``partition``, ``context``, ``messages``, and under ``stages`` a stage number's own); the entry
-node checks them and gives each stage its merged options in the ``start`` request.
+``partition``, ``context``, ``messages``, ``env``, ``stdio``, ``context_data``, and under
+``stages`` a stage number's own); the entry node checks them and gives each stage its merged
+options in the ``start`` request. :mod:`dpipes.nodes.stage_pipes` says what each one does.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from dpipes.bus.errors import StageError
 
 CONTEXT_INJECTORS = ("env", "file")
 MESSAGE_CHANNELS = ("file", "stderr", "stdout")
-STAGE_KEYS = ("extras", "assets", "partition", "context", "messages")
+STAGE_KEYS = ("extras", "assets", "partition", "context", "messages", "env", "stdio")
+MERGED_KEYS = ("extras", "env")  # a stage's own merge key by key over the pipeline's
+ENV_MAX_VARS: Final = 256  # variables a client may set for one stage
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# Variables that decide which code a program runs or loads, and dpipes' own facts: a client that
+# set them could make a node started for one program (`dpipesd -- PROG`) run another, or lie to it.
+ENV_REFUSED_NAMES: Final = frozenset(
+    {"PATH", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "HOME", "NODE_OPTIONS", "NODE_PATH", "PERL5LIB",
+     "PERL5OPT", "PERLLIB", "RUBYOPT", "RUBYLIB", "GCONV_PATH"}
+)  # fmt: skip
+ENV_REFUSED_PREFIXES: Final = ("LD_", "DYLD_", "PYTHON", "DPIPES_", "DAGSTER_PIPES_", "GIT_", "JAVA_TOOL_")
+
+
+def check_env(given: object) -> dict[str, str]:
+    """The ``env`` option, checked: variables a client may set, with string values.
+
+    Raises:
+        StageError: naming the variable and why it is refused.
+    """
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise StageError("Pipes option env must be a map of NAME -> value")
+    if len(given) > ENV_MAX_VARS:
+        raise StageError(f"Pipes option env: {len(given)} variables, more than {ENV_MAX_VARS}")
+    env = {}
+    for name, value in given.items():
+        if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
+            raise StageError(f"Pipes option env: {str(name)[:80]!r} is not a variable name")
+        if name in ENV_REFUSED_NAMES or name.startswith(ENV_REFUSED_PREFIXES):
+            raise StageError(f"Pipes option env: {name} may not be set by a client (it changes what runs)")
+        if not isinstance(value, str) or "\0" in value:
+            raise StageError(f"Pipes option env: the value of {name} must be a string without NUL")
+        env[name] = value
+    return env
 
 
 def options_for_stage(options: Mapping[str, Any], index: int) -> dict[str, Any]:
     """The Pipes options of stage ``index``: the pipeline's, with that stage's own on top.
 
     ``options["stages"]`` maps a stage number (as a string: it travels as a map key) to options of
-    the same keys. A stage's ``extras`` are merged key by key over the pipeline's; its ``assets``,
-    ``partition``, ``context`` and ``messages`` replace the pipeline's.
+    the same keys. A stage's ``extras`` and ``env`` are merged key by key over the pipeline's; its
+    other options replace the pipeline's.
     """
     merged = {k: v for k, v in options.items() if k != "stages"}
     own = (options.get("stages") or {}).get(str(index)) or {}
     for key, value in own.items():
-        if key == "extras":
-            merged["extras"] = {**(merged.get("extras") or {}), **value}
+        if key in MERGED_KEYS:
+            merged[key] = {**(merged.get(key) or {}), **value}
         elif value is not None and value != []:
             merged[key] = value
     return merged
@@ -55,6 +91,7 @@ def check_stage_options(options: Mapping[str, Any], stage_count: int) -> None:
     Raises:
         StageError: naming the stage number and how many stages there are.
     """
+    check_env(options.get("env"))
     stages = options.get("stages") or {}
     if not isinstance(stages, Mapping):
         raise StageError("per-stage Pipes options must be a map of stage number -> options")
@@ -66,3 +103,4 @@ def check_stage_options(options: Mapping[str, Any], stage_count: int) -> None:
         unknown = set(own or {}) - set(STAGE_KEYS)
         if unknown:
             raise StageError(f"Pipes options for stage {key}: unknown {', '.join(sorted(unknown))}")
+        check_env((own or {}).get("env"))

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -444,6 +444,10 @@ async def run_pipes(
     stage_options: Mapping[int, Mapping[str, Any]] | None = None,
     input: bytes | None = None,
     tmpdir: str | os.PathLike[str] | None = None,
+    context_data: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    stdio: bool = False,
+    on_message: Callable[[int, Mapping[str, Any]], None] | None = None,
 ) -> PipesResult:
     """Run a dpipes pipeline whose stages speak Pipes, and collect what they report.
 
@@ -456,9 +460,19 @@ async def run_pipes(
         messages_channel: ``"file"`` (a FIFO), ``"stderr"`` or ``"stdout"`` (message lines taken out
             of that stream), done by each stage's node.
         stage_options: a stage number's own options (keys ``extras``, ``assets``, ``partition``,
-            ``context``, ``messages``), over the pipeline-wide ones: extras merge, the rest replace.
+            ``context``, ``messages``, ``env``, ``stdio``), over the pipeline-wide ones: extras and
+            env merge, the rest replace.
         input: bytes for the first stage's stdin (default: no stdin).
         tmpdir: where the capture files go (default: the system's temporary directory).
+        context_data: a whole Pipes context every stage starts from (an orchestrator's: its run
+            id, job, asset keys, code versions, partition...); ``extras``, ``assets`` and
+            ``partition`` apply over it.
+        env: environment variables for every stage's program (see
+            :func:`~dpipes.nodes.pipes_options.check_env` for the names a node refuses).
+        stdio: ask the nodes for each stage's stderr, and the last stage's stdout, as
+            ``log_external_stream`` messages too.
+        on_message: called with (stage index, the Pipes message) as each message arrives, on the
+            event loop of this call.
 
     Returns:
         The frozen result; ``exit_code`` is what ``dpipes`` would exit with (1 when a stage's
@@ -469,13 +483,19 @@ async def run_pipes(
     """
     from dpipes.nodes.run import RunOptions, embedded_node, entry_from, run_pipeline
 
-    pipes = {
+    pipes: dict[str, Any] = {
         "extras": dict(extras or {}),
         "assets": list(assets),
         "partition": partition,
         "context": context_injector,
         "messages": messages_channel,
     }
+    if context_data is not None:
+        pipes["context_data"] = dict(context_data)
+    if env:
+        pipes["env"] = dict(env)
+    if stdio:
+        pipes["stdio"] = True
     if stage_options:
         pipes["stages"] = {str(index): dict(own) for index, own in stage_options.items()}
     # What the stages report is collected as the run hands it over: contexts with the start, each
@@ -490,6 +510,8 @@ async def run_pipes(
         item = json.loads(frame)
         if "message" in item:
             handlers[index].handle_message(item["message"])
+            if on_message is not None:
+                on_message(index, item["message"])
 
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=tmpdir) as directory:
         paths = {name: os.path.join(directory, name) for name in ("stdin", "stdout", "stderr")}
@@ -509,7 +531,14 @@ async def run_pipes(
                     else (await stack.enter_async_context(embedded_node())).ipc_endpoint
                 )
                 ran = await run_pipeline(
-                    entry, options, handle_sigint=False, on_started=started, on_pipes=on_pipes, **fds
+                    entry,
+                    options,
+                    handle_sigint=False,
+                    on_started=started,
+                    on_pipes=on_pipes,
+                    stdin_fd=fds["stdin_fd"],
+                    stdout_fd=fds["stdout_fd"],
+                    stderr_fd=fds["stderr_fd"],
                 )
         finally:
             for fd in fds.values():

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from dpipes.bus import codec
 from dpipes.bus.errors import BusError
@@ -93,6 +94,8 @@ class WorkerRun:
             error=error[:ERROR_REPORT_CHARS],
             cancelled=stage.cancelled[:MAX_TEXT_CHARS],
             stderr_tail=tail[-STDERR_TAIL_REPORT_CHARS:] if not status.ok else "",
+            started=stage.started,
+            ended=time.time(),  # its bytes pass by this node (the worker is on the bus): not counted here
         )
 
     async def _stderr(self) -> None:

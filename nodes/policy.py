@@ -9,9 +9,14 @@ starts anywhere. The checks, in order, each with the :class:`Refusal` code it an
     the data mode is not one this node knows;
 ``not-allowed``
     the node is exclusive (``dpipesd -- PROG``) and this is another program, or the configuration
-    has an ``allow`` list without it;
+    has an ``allow`` list without it; or the node is exclusive with fixed arguments
+    (``dpipesd -- sort -r``), the stage does not start with them (``sort``) and was not pinned
+    here: running it would change what it means (placement sends no such stage here; a
+    coordinator that falls back to its own node would);
 ``not-found``
     the program is neither in ``[apps]`` with an executable ``path`` nor in the node's ``PATH``;
+    the message says what is there instead when something is (a directory, a file without
+    execute permission, a broken link: :func:`~dpipes.nodes.programs.describe_missing`);
 ``bad-requirement`` / ``version``
     a ``--require`` constraint is not ``PROG OP VERSION``, or the program's version (declared in
     ``[apps.PROG] version``, else the first number ``PROG --version`` prints, probed once and
@@ -35,12 +40,14 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from typing import Final
 
 from dpipes.nodes.config import NodeConfig
+from dpipes.nodes.programs import describe_missing
 from dpipes.nodes.protocol import MODES, PIPELINE_PROTOCOL
 
 log = logging.getLogger(__name__)
@@ -125,9 +132,10 @@ class Policy:
         self._versions: dict[str, tuple[int, ...]] = {}
 
     def offered(self) -> set[str]:
-        """Programs this node says it runs: its exclusive program, else allow list and [apps]."""
+        """What this node offers: its exclusive program with its fixed arguments (``sort -r``, in
+        shell words: :func:`~dpipes.nodes.pipeline.offer_matches`), else allow list and [apps]."""
         if self.exclusive:
-            return {os.path.basename(self.exclusive[0])}
+            return {shlex.join([os.path.basename(self.exclusive[0]), *self.exclusive[1:]])}
         return set(self.config.allow or ()) | set(self.config.apps)
 
     def offered_plugins(self) -> dict[str, str]:
@@ -147,17 +155,24 @@ class Policy:
         """The executable ``program`` names here: its ``[apps]`` path, else a ``PATH`` lookup."""
         app = self.config.apps.get(program)
         if app is not None and app.path:
-            return app.path if os.access(app.path, os.X_OK) else None
+            return app.path if os.path.isfile(app.path) and os.access(app.path, os.X_OK) else None
         return shutil.which(program)
 
     def command(self, argv: Sequence[str]) -> list[str]:
-        """What this node forks for a stage asking for ``argv`` (the exclusive program's own
-        arguments come first), its program resolved."""
-        full = [*self.exclusive, *argv[1:]] if self.exclusive else list(argv)
+        """What this node forks for a stage asking for ``argv``, its program resolved: the
+        exclusive program's fixed arguments come first, unless the stage starts with them."""
+        full = list(argv)
+        if self.exclusive:
+            fixed = self.exclusive[1:]
+            given = list(argv[1 : 1 + len(fixed)])
+            full = [self.exclusive[0], *(argv[1:] if given == fixed else [*fixed, *argv[1:]])]
         return [self.resolve(full[0]) or full[0], *full[1:]]
 
-    def refusal_static(self, argv: Sequence[str], *, mode: str, protocol: object, caller: str) -> Refusal | None:
-        """The checks that need no probing: protocol, mode, allowed, found (see the module)."""
+    def refusal_static(
+        self, argv: Sequence[str], *, mode: str, protocol: object, caller: str, pinned: bool = False
+    ) -> Refusal | None:
+        """The checks that need no probing: protocol, mode, allowed, found (see the module).
+        ``pinned``: the user put the stage on this node (``PROG@NODE``)."""
         del caller  # no check uses who asks yet; the security work decides here
         program = argv[0] if argv else ""
         if protocol != PIPELINE_PROTOCOL:
@@ -173,12 +188,22 @@ class Policy:
             only = os.path.basename(self.exclusive[0])
             if os.path.basename(program) != only:
                 return Refusal(NOT_ALLOWED, f"program {program!r} is not allowed: node {self.node} runs only {only!r}")
+            fixed = self.exclusive[1:]
+            if fixed and not pinned and list(argv[1 : 1 + len(fixed)]) != fixed:
+                offer = shlex.join([only, *fixed])
+                return Refusal(
+                    NOT_ALLOWED,
+                    f"node {self.node} runs {only!r} only as {offer!r}, which would change what"
+                    f" {shlex.join(argv)!r} does; pin the stage ({only}@{self.node}) to run it so",
+                )
         elif self.config.allow is not None and program not in self.config.allow:
             allowed = ", ".join(sorted(self.config.allow)) or "nothing"
             return Refusal(NOT_ALLOWED, f"program {program!r} is not allowed on node {self.node} (allowed: {allowed})")
-        if self.resolve(self.exclusive[0] if self.exclusive else program) is None:
-            where = "not in its PATH, nor in [apps]"
-            return Refusal(NOT_FOUND, f"program {program!r} not found on node {self.node} ({where})")
+        wanted = self.exclusive[0] if self.exclusive else program
+        if self.resolve(wanted) is None:
+            app = self.config.apps.get(wanted)
+            configured = app.path if app is not None and app.path else None
+            return Refusal(NOT_FOUND, describe_missing(wanted, configured, node=self.node))
         return None
 
     def _plugin_refusal(self, word: str) -> Refusal | None:
@@ -204,10 +229,17 @@ class Policy:
         return None
 
     async def refusal(
-        self, argv: Sequence[str], *, mode: str, protocol: object, require: Iterable[str], caller: str
+        self,
+        argv: Sequence[str],
+        *,
+        mode: str,
+        protocol: object,
+        require: Iterable[str],
+        caller: str,
+        pinned: bool = False,
     ) -> Refusal | None:
         """Why this node will not run ``argv`` for ``caller``, or None when it will."""
-        if found := self.refusal_static(argv, mode=mode, protocol=protocol, caller=caller):
+        if found := self.refusal_static(argv, mode=mode, protocol=protocol, caller=caller, pinned=pinned):
             return found
         program = argv[0]
         if program.startswith(PLUGIN_SIGIL):

@@ -34,7 +34,9 @@ Reports
     A node tells a client about a run by calling the client's own endpoint: ``REQUEST`` with
     method ``exit`` or ``failed`` to the client's address. The client answers each with an empty
     successful ``REPLY`` (so the node knows it arrived; an unanswered report is logged and dropped
-    after ``REPORT_TIMEOUT_S``). A client ignores reports of pipelines it does not know.
+    after ``REPORT_TIMEOUT_S``). A client ignores reports of pipelines it does not know. The
+    ``progress`` report is one-way: the client does not answer it, and a lost one is replaced by
+    the next.
 
 Versioning
     ``PIPELINE_PROTOCOL`` (2) is this conversation's version, apart from the bus's
@@ -53,6 +55,9 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``user: str = ""`` (who asks, as the client says), ``pipes: map = {}`` (Dagster Pipes
         options, :mod:`dpipes.nodes.pipes_options`), ``local_fds: str = ""`` (a token under which
         a client on the node's host handed its stdin/stdout over, :mod:`dpipes.nodes.fdpass`),
+        ``cwd: str = ""`` (the client's working directory, absolute), ``workdir: str = ""`` (where
+        every stage starts, as the user chose it: ``--cwd``; see *Working directories*),
+        ``progress: bool = false`` (send ``progress`` reports to the client while the run goes),
         ``workflow: map = {}`` (a workflow document, :mod:`dpipes.nodes.workflow`: named stages
         and connections between their anchors; when given, it is what runs and ``pipeline`` only
         names it), ``edge_format: str = "csv"`` (``csv``, ``ndjson`` or ``arrow``: what a
@@ -63,14 +68,17 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``stdout_direct: bool = false`` (the handed-over stdin/stdout went straight to the
         first/last stage: the client neither feeds nor reads them), ``stages: list[map]``, each
         ``index: int, node: str, argv: list[str], addr: str, context: map`` (``addr`` is the
-        stage address, ``context`` the Pipes context it was started with).
+        stage address, ``context`` the Pipes context it was started with), ``placed: str = ""``
+        (why it went to ``node``: ``pinned``; ``offered``, by that node as ``offer: str = ""``;
+        ``local``, nobody offers it and the entry node has it).
     ``cancel`` (client -> its entry node, or coordinator -> each node): stop a run.
         Body: ``pipeline: str``, ``reason: str = "cancelled"``. From the client that started it,
         the entry node cancels the run on every node; otherwise the node terminates its own
         stages of the run (TERM to the process group, KILL after a grace). Reply:
         ``stages: int = 0`` (how many stages of it were here). Every stage still reports ``exit``.
     ``info`` (anyone -> a node): what the node knows. Body: empty. Reply: ``node: str``,
-    ``protocol: int``, ``nodes: list[map]``, each ``name: str, endpoint: str, programs: list[str],
+    ``protocol: int``, ``nodes: list[map]``, each ``name: str, endpoint: str, programs: list[str]``
+    (its offers: program names, or a program with fixed arguments in shell words, ``sort -r``),
     source: str`` (``self``, ``static``, ``mdns``, ``gossip``, ``linked``), ``last_seen_s: float``,
     ``up: bool``, ``plugin_versions: map[str, str] = {}`` (plugin name -> the version of the
     distribution providing it, for this node and the nodes linked to it; ``programs`` lists each
@@ -79,13 +87,17 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``pipeline: str, stage: int, argv: list[str]`` (at least one word), ``protocol: int``,
         ``mode: str = "bytes"``, ``require: list[str] = []``, ``user: str = ""``,
         ``peers: map[str, str] = {}`` (node name -> bus endpoint of the neighbouring stages'
-        nodes, which this node links to before it agrees), ``config: map = {}`` (a plugin
-        stage's configuration, over its ``KEY=VALUE`` words). The node checks the version, the
-        mode, that the program is allowed and found here and meets ``require``, then reserves the
-        stage address. Reply: ``addr: str``. A *plugin stage* has ``argv[0]`` = ``%NAME``: the
-        node checks that the plugin is allowed (``%NAME`` in an allow list) and installed (an
-        entry point ``NAME`` in the group ``dpipes.plugins``; else ``refused``), and reserves the
-        stage address for the worker process it will start.
+        nodes, which this node links to before it agrees), ``pinned: bool = false`` (the user
+        pinned the stage to this node: ``PROG@NODE``), ``config: map = {}`` (a plugin stage's
+        configuration, over its ``KEY=VALUE`` words). The node checks the version, the mode,
+        that the program is allowed and found here and meets ``require`` (a node that offers a
+        program with fixed arguments, ``sort -r``, refuses a stage that does not start with them
+        unless it is pinned), then reserves the stage address. Reply: ``addr: str``,
+        ``host: str = ""`` (the node's host identity: its host name and machine id; nodes that
+        answer the same run on one host). A *plugin stage* has ``argv[0]`` = ``%NAME``: the node
+        checks that the plugin is allowed (``%NAME`` in an allow list) and installed (an entry
+        point ``NAME`` in the group ``dpipes.plugins``; else ``refused``), and reserves the stage
+        address for the worker process it will start.
     ``start`` (coordinator -> each node, after every ``negotiate`` succeeded): start a negotiated
         stage. Body: ``pipeline: str, stage: int``, ``stdin_from: str = ""`` (who streams the
         stage's stdin: the previous stage's address or the client's; ``""``: no input, stdin is
@@ -95,6 +107,9 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``pipes: map = {}`` (this stage's Pipes options), ``direct_in: bool = false`` /
         ``direct_out: bool = false`` (the neighbour is on this node too, or the client handed its
         stdin/stdout over: that edge is one kernel pipe and carries nothing on the bus),
+        ``cwd: str = ""`` (the directory the stage starts in; a relative one is taken from the
+        node's configured ``workdir``; ``""``: that ``workdir`` itself), ``progress_to: str = ""``
+        (where to send the stage's ``progress`` reports; ``""``: none),
         ``inputs: list[map] = []`` and ``outputs: list[map] = []`` (a plugin stage's edges, in
         place of ``stdin_from`` and ``stdout_to``). Each input is one connection into an input
         anchor: ``anchor: str, connection: str`` (``#1``, ``#2``, ... per anchor), ``src: str``
@@ -118,9 +133,31 @@ Reports (``REQUEST`` to a client's or coordinator's address; reply: empty)
     reader finished early, as SIGPIPE: a shell leaves such a stage out of ``pipefail``),
     ``error: str = ""`` (its data could not be moved: the output is not complete),
     ``cancelled: str = ""`` (why it was cancelled, when it was; not an error of its own),
-    ``stderr_tail: str = ""`` (the end of a failed stage's stderr).
+    ``stderr_tail: str = ""`` (the end of a failed stage's stderr), ``started: float = 0.0`` and
+    ``ended: float = 0.0`` (when its program started and exited: wall-clock seconds since the
+    Unix epoch, on the node's clock; 0: unknown), ``bytes_in: int = -1`` and
+    ``bytes_out: int = -1`` (bytes of data this node wrote to the program's stdin and read from
+    its stdout; -1 when the node did not see them: an edge that is one kernel pipe, ``direct_in``
+    / ``direct_out``, passes by the node).
+    ``progress`` (one-way, from the node's ``ctl`` to ``start.progress_to``): a running stage's
+    counters. Body: ``pipeline: str, stage: int, node: str, bytes_in: int, bytes_out: int`` (as
+    in ``exit``: so far, -1 for an edge the node does not see). Sent at most every
+    ``PROGRESS_INTERVAL_S`` per stage and only when a counter changed; the ``exit`` report has
+    the final counts.
     ``failed``: the run failed as a whole (a node was lost, ...). Body: ``pipeline: str,
     error: str, lost: list[int] = []`` (stages that will never report: they ran on a lost node).
+
+Working directories
+    A stage on the client's own host starts in the client's working directory (``run.cwd``), as
+    in a shell; a stage on another host starts in its node's ``workdir`` (configured; by default
+    the home directory of the node's user, as ssh does). The entry node decides which stages are
+    on the client's host: a client attached to it over its ``ipc://`` path is on its host (only
+    a process of that host can reach a Unix socket; what a TCP client says of itself is not
+    taken), and a node is on that host when its ``negotiate`` reply's ``host`` equals the entry
+    node's own. The entry node sends ``start.cwd`` accordingly: ``run.cwd`` to those stages,
+    ``""`` to the others. ``run.workdir`` (``--cwd DIR``) overrides this for every stage: an
+    absolute one is used as it is, a relative one from each stage's place above. A directory
+    that does not exist on a node fails the run's start, naming the node and the directory.
 
 A run, from the client's side
     1. Attach to the entry node; call ``run``. On failure the error names the stage, node and
@@ -138,8 +175,12 @@ A run, from the client's side
        ``EOF`` waits for the client's ``EOF_ACK``.
     3. Each stage reports ``exit`` once its streams to the client were acknowledged (so a client
        that never answers ``EOF`` delays the reports); a ``failed`` report ends the run and lists
-       the stages that will not report. The run is over when every stage reported or was listed
-       ``lost``.
+       the stages that will not report. Stages start before ``run`` is answered, the last one
+       first, so a stage's streams and even its ``exit`` may reach the client before the ``run``
+       reply: a client keeps reports of a pipeline id it does not know yet until that reply. The
+       run is over when every stage reported or was listed ``lost``. A run started with
+       ``progress`` also gets one-way ``progress`` reports meanwhile (not answered; a client may
+       ignore them).
     4. To stop a run (Ctrl-C): ``cancel`` to the entry node with the pipeline id. Stopped before
        the ``run`` reply came, a client has no id yet: it cancels as soon as the reply arrives
        (if it leaves instead, the entry node cancels the run of a client that went away).
@@ -164,6 +205,7 @@ Limits and timeouts
     ``RUN_TIMEOUT_S``       60.0 s    ``run`` as the client waits (version probes included)
     ``REPORT_TIMEOUT_S``    5.0 s     a report's acknowledgement
     ``GOSSIP_INTERVAL_S``   2.0 s     between two ``gossip`` calls to one peer
+    ``PROGRESS_INTERVAL_S`` 0.5 s     at least this between two ``progress`` reports of a stage
     ======================  ========  ===========================================================
 
     ``stderr_tail`` and ``failed.error`` may hold 4 x ``MAX_TEXT_CHARS``. A node also refuses
@@ -179,6 +221,7 @@ import dataclasses
 import getpass
 import json
 import os
+import socket
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeAlias
@@ -204,6 +247,7 @@ CONTROL_TIMEOUT_S = 10.0  # negotiate/start/cancel answers between nodes; they i
 RUN_TIMEOUT_S = 60.0  # a client's wait for `run`: negotiation and start across every node
 REPORT_TIMEOUT_S = 5.0  # an exit/failed report nobody acknowledges is logged and dropped after this
 GOSSIP_INTERVAL_S = 2.0  # how often a node tells its peers the nodes it knows (also at once on a new link)
+PROGRESS_INTERVAL_S = 0.5  # a person sees movement; a client on a slow link is not flooded
 
 # Error codes (REPLY.body.code)
 BAD_REQUEST = "bad-request"
@@ -448,6 +492,9 @@ class RunRequest(Body):
     user: str = ""
     pipes: Json = dataclasses.field(default_factory=dict)
     local_fds: str = ""
+    cwd: str = ""
+    workdir: str = ""
+    progress: bool = False
     workflow: Json = dataclasses.field(default_factory=dict)
     edge_format: str = bounded("csv", choices=EDGE_FORMATS)
 
@@ -461,6 +508,8 @@ class StageInfo(Body):
     argv: tuple[str, ...]
     addr: str
     context: Json = dataclasses.field(default_factory=dict)
+    placed: str = bounded("", choices=("", "pinned", "offered", "local"))
+    offer: str = ""
 
 
 @_body("run", "reply")
@@ -533,15 +582,17 @@ class NegotiateRequest(Body):
     require: tuple[str, ...] = ()
     user: str = ""
     peers: dict[str, str] = dataclasses.field(default_factory=dict)
+    pinned: bool = False
     config: Json = dataclasses.field(default_factory=dict)
 
 
 @_body("negotiate", "reply")
 @_slot
 class NegotiateReply(Body):
-    """The reserved stage address."""
+    """The reserved stage address, and the node's host identity."""
 
     addr: str
+    host: str = ""
 
 
 @_slot
@@ -580,6 +631,8 @@ class StartRequest(Body):
     pipes: Json = dataclasses.field(default_factory=dict)
     direct_in: bool = False
     direct_out: bool = False
+    cwd: str = ""
+    progress_to: str = ""
     inputs: tuple[PluginInput, ...] = ()
     outputs: tuple[PluginOutput, ...] = ()
 
@@ -616,6 +669,22 @@ class ExitReport(Body):
     error: str = ""
     cancelled: str = ""
     stderr_tail: str = bounded("", max_chars=4 * MAX_TEXT_CHARS)
+    started: float = 0.0
+    ended: float = 0.0
+    bytes_in: int = bounded(-1, min=-1)
+    bytes_out: int = bounded(-1, min=-1)
+
+
+@_body("progress", "request")
+@_slot
+class ProgressReport(Body):
+    """A running stage's counters so far (node -> client, one-way)."""
+
+    pipeline: str
+    stage: int = bounded(min=0)
+    node: str
+    bytes_in: int = bounded(-1, min=-1)
+    bytes_out: int = bounded(-1, min=-1)
 
 
 @_body("failed", "request")
@@ -634,7 +703,7 @@ class Empty(Body):
 
 
 METHODS = tuple(sorted({method for method, _role in BODIES}))
-ONE_WAY = frozenset({"gossip"})
+ONE_WAY = frozenset({"gossip", "progress"})
 
 
 def parse_request(method: str, body: Any) -> Body:
@@ -746,6 +815,21 @@ def schema_text() -> str:
     return json.dumps(control_schema(), indent=2, sort_keys=True) + "\n"
 
 
+def host_identity() -> str:
+    """This host's identity as ``negotiate`` replies carry it: ``HOSTNAME:MACHINE-ID`` (the boot
+    id where there is no machine id), so that containers sharing a kernel are told apart."""
+    ident = ""
+    for path in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                ident = f.read(64).strip()
+        except OSError:
+            continue
+        if ident:
+            break
+    return f"{socket.gethostname()}:{ident}"[:MAX_TEXT_CHARS]
+
+
 def current_user() -> str:
     """Who is asking, as this process's user sees it (sent as ``user``; not authenticated)."""
     try:
@@ -762,6 +846,7 @@ __all__ = [
     "METHODS",
     "MODES",
     "PIPELINE_PROTOCOL",
+    "PROGRESS_INTERVAL_S",
     "BadRequest",
     "Body",
     "CancelReply",
@@ -778,6 +863,7 @@ __all__ = [
     "NodeEntry",
     "PluginInput",
     "PluginOutput",
+    "ProgressReport",
     "RunReply",
     "RunRequest",
     "StageInfo",
@@ -785,6 +871,7 @@ __all__ = [
     "StartRequest",
     "control_schema",
     "current_user",
+    "host_identity",
     "parse_reply",
     "parse_request",
 ]

@@ -23,11 +23,12 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import stat
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.client import Client
@@ -37,6 +38,7 @@ from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.fdpass import hand_over
 from dpipes.nodes.protocol import (
     CTL,
+    ONE_WAY,
     PIPELINE_PROTOCOL,
     RUN_TIMEOUT_S,
     UNKNOWN_METHOD,
@@ -47,12 +49,16 @@ from dpipes.nodes.protocol import (
     InfoReply,
     InfoRequest,
     NodeEntry,
+    ProgressReport,
     RunReply,
     RunRequest,
     call,
     current_user,
     parse_request,
 )
+
+if TYPE_CHECKING:
+    from dpipes.nodes.progress import ProgressView
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,7 @@ class RunOptions:
     require: tuple[str, ...] = ()
     pipes: dict[str, Any] = dataclasses.field(default_factory=dict)  # extras, assets, partition, context, messages
     pipes_json: str | None = None  # write every stage's Pipes context and messages here, as JSON lines
+    workdir: str = ""  # --cwd: where every stage starts (relative: from each stage's default place)
     workflow: dict[str, Any] = dataclasses.field(default_factory=dict)  # a workflow document; then pipeline names it
     edge_format: str = "csv"  # a program's bytes at an edge with a plugin: csv, ndjson or arrow
 
@@ -107,6 +114,24 @@ class StageResult:
     checks: list[str] = dataclasses.field(default_factory=list)
     pipes_exception: str = ""  # the stage's Pipes session closed with this exception
     pipes_errors: int = 0  # lines that were not valid Pipes messages
+    started: float = 0.0  # wall clock on its node when its program started; 0: unknown
+    ended: float = 0.0  # ... and when it exited
+    bytes_in: int = -1  # bytes its node wrote to its stdin; -1: not seen (a kernel pipe), or unknown
+    bytes_out: int = -1  # bytes its node read from its stdout
+    placed: str = ""  # why it went to its node: pinned, offered, local ("" from an older node)
+    offer: str = ""  # the node's offer it matched, when offered
+
+    def placement(self) -> str:
+        """Why this stage ran on its node, for a person ("" when the node did not say)."""
+        program = self.argv[0] if self.argv else "?"
+        if self.placed == "pinned":
+            return "pinned"
+        if self.placed == "offered":
+            shown = f" as {self.offer!r}" if self.offer and self.offer != program else ""
+            return f"offered by {self.node}{shown}"
+        if self.placed == "local":
+            return f"local: no node offers {program!r}" if "/" not in program else "local: a path here"
+        return ""
 
     @property
     def shell_code(self) -> int:
@@ -165,6 +190,41 @@ def exit_code_of(stages: list[StageResult], *, pipefail: bool) -> int:
     return stages[-1].shell_code
 
 
+JOBLOG_COLUMNS = ("Stage", "Node", "Starttime", "JobRuntime", "Send", "Receive", "Exitval", "Signal", "Command")
+"""The joblog's header: GNU parallel's ``--joblog`` columns, with the stage (from 0) and its node
+for parallel's ``Seq`` and ``Host``."""
+
+
+def format_joblog(stages: list[StageResult]) -> str:
+    """The run as a joblog: a header, then one tab-separated line per stage (``-`` where unknown).
+
+    ``Starttime``: Unix seconds on the stage's node when its program started; ``JobRuntime``:
+    seconds it ran; ``Send`` / ``Receive``: bytes its node wrote to its stdin / read from its
+    stdout (``-`` for an edge that is a kernel pipe, which no node sees); ``Exitval``: its exit
+    code (``-`` when it did not report, as a stage of a lost node); ``Signal``: what killed it, or
+    0; ``Command``: its argv in shell words.
+    """
+    lines = ["\t".join(JOBLOG_COLUMNS)]
+    for s in stages:
+        known = s.reported and s.started > 0
+        lines.append(
+            "\t".join(
+                (
+                    str(s.index),
+                    s.node,
+                    f"{s.started:.3f}" if known else "-",
+                    f"{max(0.0, s.ended - s.started):.3f}" if known and s.ended else "-",
+                    str(s.bytes_in) if s.bytes_in >= 0 else "-",
+                    str(s.bytes_out) if s.bytes_out >= 0 else "-",
+                    str(s.code) if s.reported else "-",
+                    str(s.signal),
+                    shlex.join(s.argv).replace("\t", " ").replace("\n", " "),
+                )
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
 class _Output:
     """Writes to a file descriptor in order: at once to a file or device, through a worker thread to a
     pipe or socket, so that a slow reader never blocks the loop."""
@@ -191,6 +251,25 @@ class _Output:
                 await asyncio.to_thread(_write_all, self.fd, data)
         except BrokenPipeError:
             self.broken = True
+
+
+class _ViewOutput:
+    """Writes through a progress view, which prints above its live table."""
+
+    broken = False
+
+    def __init__(self, view: ProgressView) -> None:
+        self.view = view
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self.view.write(bytes(data))
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -226,12 +305,16 @@ async def run_pipeline(
     on_started: Callable[[RunReply], None] | None = None,
     on_pipes: Callable[[int, bytes], None] | None = None,
     handle_sigint: bool = True,
+    progress: ProgressView | None = None,
 ) -> RunResult:
     """Run ``options.pipeline`` through the node at ``entry`` (an ipc:// or tcp:// endpoint).
 
     Args:
         on_pipes: called with (stage index, the PIPES frame: JSON ``{"message": ...}`` or
             ``{"error": ..., "line": ...}``) for each Pipes message as it arrives.
+        progress: a live view of the run (:mod:`dpipes.nodes.progress`): the nodes send progress
+            reports, and the stages' stderr (and our stdout, when it is the view's terminal) is
+            written through it.
 
     Raises:
         RunFailed: the entry node is unreachable or refused the pipeline before it started.
@@ -244,10 +327,23 @@ async def run_pipeline(
     try:
         run = _Run(client.endpoint, options, stdin_fd, stdout_fd, stderr_fd, on_started)
         run.on_pipes = on_pipes
+        stdout_to_view = progress is not None and _is_terminal(stdout_fd)
+        if progress is not None:
+            run.view = progress
+            run.stderr = _ViewOutput(progress)
+            if stdout_to_view:  # our output and the live table share a terminal: print it above the table
+                run.stdout = _ViewOutput(progress)
         if entry.startswith("ipc://") and options.mode == "bytes":  # a node on this host: offer our stdio
-            fds = {"stdout": stdout_fd, **({"stdin": stdin_fd} if options.stdin else {})}
-            run.local_fds = hand_over(entry, fds)
-        return await run.run(handle_sigint)
+            fds = {
+                **({} if stdout_to_view else {"stdout": stdout_fd}),
+                **({"stdin": stdin_fd} if options.stdin else {}),
+            }
+            run.local_fds = hand_over(entry, fds) if fds else None
+        try:
+            return await run.run(handle_sigint)
+        finally:
+            if progress is not None:
+                progress.stop()
     finally:
         await client.aclose()
 
@@ -265,8 +361,8 @@ class _Run:
         self.ep = ep
         self.options = options
         self.stdin_fd = stdin_fd
-        self.stdout = _Output(stdout_fd)
-        self.stderr = _Output(stderr_fd)
+        self.stdout: _Output | _ViewOutput = _Output(stdout_fd)
+        self.stderr: _Output | _ViewOutput = _Output(stderr_fd)
         self.on_started = on_started
         self.ctl = f"{ep.node}/{CTL}"
         self.pipeline = ""
@@ -280,6 +376,7 @@ class _Run:
         self.local_fds: str | None = None  # the token of our stdin/stdout, handed to the entry node
         self._starting: asyncio.Future[Any] | None = None  # the run request, until answered
         self.refused_reports = 0  # reports to us that were not of their method's shape
+        self.view: ProgressView | None = None  # a live view of the run, fed with progress reports
 
     async def run(self, handle_sigint: bool) -> RunResult:
         request = RunRequest(
@@ -291,6 +388,9 @@ class _Run:
             user=current_user(),
             pipes=dict(self.options.pipes),
             local_fds=self.local_fds or "",
+            cwd=_cwd(),
+            workdir=self.options.workdir,
+            progress=self.view is not None,
             workflow=self.options.workflow,
             edge_format=self.options.edge_format,
         )
@@ -316,7 +416,11 @@ class _Run:
                 raise
             return RunResult("", [], EXIT_INTERRUPTED, "interrupted before the pipeline started")  # twice
         self.pipeline = reply.pipeline
-        self.stages = [StageResult(s.index, s.node, list(s.argv)) for s in reply.stages]
+        self.stages = [StageResult(s.index, s.node, list(s.argv), placed=s.placed, offer=s.offer) for s in reply.stages]
+        for stage in self.stages:
+            log.info("stage %d %s@%s: %s", stage.index, stage.argv[0], stage.node, stage.placement() or "placed")
+        if self.view is not None:
+            self.view.start(self.stages)
         if self.options.pipes_json:
             self.pipes_json = open(self.options.pipes_json, "w", encoding="utf-8")  # noqa: ASYNC230 (once, at start; closed in run)
             for s in reply.stages:
@@ -360,6 +464,11 @@ class _Run:
         frame = bytes(frame)
         if self.on_pipes is not None and stage is not None:
             self.on_pipes(stage.index, frame)
+        if self.view is not None and stage is not None:
+            from dpipes.nodes.progress import progress_of
+
+            if (fraction := progress_of(frame)) is not None:
+                self.view.fraction(stage.index, fraction)
         try:
             item = json.loads(frame)
         except ValueError:
@@ -418,10 +527,15 @@ class _Run:
                     continue
                 try:
                     report = parse_request(msg.method, msg.body)
-                    if not isinstance(report, ExitReport | FailedReport):
+                    if not isinstance(report, ExitReport | FailedReport | ProgressReport):
                         raise ControlError(UNKNOWN_METHOD, f"a dpipes client takes no {msg.method!r} request")
                 except ControlError as exc:
-                    self._refuse(msg, exc)
+                    if msg.method not in ONE_WAY:
+                        self._refuse(msg, exc)
+                    continue
+                if isinstance(report, ProgressReport):  # one-way: no answer
+                    if report.pipeline == self.pipeline and self.view is not None:
+                        self.view.update(report.stage, report.bytes_in, report.bytes_out)
                     continue
                 self.ep.reply(msg, {})
                 if report.pipeline != self.pipeline:
@@ -449,7 +563,11 @@ class _Run:
         stage.code, stage.signal, stage.status = report.code, report.signal, report.status
         stage.sigpipe = report.sigpipe
         stage.error, stage.cancelled, stage.stderr_tail = report.error, report.cancelled, report.stderr_tail
+        stage.started, stage.ended = report.started, report.ended
+        stage.bytes_in, stage.bytes_out = report.bytes_in, report.bytes_out
         stage.reported = True
+        if self.view is not None:
+            self.view.exited(stage)
         self._check_done()
 
     def _on_failed(self, report: FailedReport) -> None:
@@ -521,6 +639,14 @@ class _Run:
             if not self.error:
                 self.error = str(exc)
             await self._cancel(str(exc))
+
+
+def _cwd() -> str:
+    """Our working directory, where stages on our host start; "" when it is gone (deleted)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return ""
 
 
 def _read_some(fd: int, size: int) -> bytes:

@@ -17,6 +17,12 @@ stderr
 Pipes
     the stage's Dagster Pipes messages (from its FIFO, its bus endpoint, or taken out of its stdout
     or stderr) as ``PIPES`` messages on one stream to ``stderr_to``, opened at the first message.
+    With the ``stdio`` option, also its stderr, and the last stage's stdout (the one that goes to
+    the client), as ``log_external_stream`` messages the node makes from what it reads; a middle
+    stage's stdout is pipeline data and stays that.
+
+The report also says when the program started and ended (wall clock) and how many bytes this
+node wrote to its stdin and read from its stdout (``-1`` for an edge that is a kernel pipe).
 
 Status is typed (:class:`~dpipes.nodes.protocol.ExitReport`): a stage stopped by a cancel has
 ``cancelled`` (the reason) in its report, and ``error`` holds only what went wrong moving its data;
@@ -34,6 +40,7 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +48,7 @@ from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.config import NodeConfig
-from dpipes.nodes.protocol import MAX_TEXT_CHARS, ExitReport, StartRequest
+from dpipes.nodes.protocol import MAX_TEXT_CHARS, PROGRESS_INTERVAL_S, ExitReport, ProgressReport, StartRequest
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, set_pipe_size
 
 if TYPE_CHECKING:
@@ -70,6 +77,9 @@ class Stage:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     pipes: StagePipes | None = None
     lingering: bool = False  # its endpoint outlives it briefly, to refuse late input
+    started: float = 0.0  # wall clock when its program started (for the exit report)
+    bytes_in: int = 0  # data written to its program's stdin by this node
+    bytes_out: int = 0  # data read from its program's stdout by this node
     plugin: str = ""  # a plugin stage: the plugin's name (its worker holds the stage address)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # a plugin stage's configuration
     stop: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set when it is cancelled
@@ -120,6 +130,7 @@ class StageRun:
         tcp_endpoint: where this node listens (the ``dp.addr``/``dp.port`` of its objects).
         on_unread_input: called when the program exited before its input arrived; the owner
             keeps the endpoint a while to refuse that input.
+        on_progress: sends a ``progress`` report to ``wiring.progress_to`` (only when that is set).
     """
 
     def __init__(
@@ -131,6 +142,7 @@ class StageRun:
         config: NodeConfig,
         tcp_endpoint: str,
         on_unread_input: Callable[[], None],
+        on_progress: Callable[[ProgressReport], None] | None = None,
     ) -> None:
         assert stage.proc is not None and stage.pipes is not None, "stage not started"
         self.stage = stage
@@ -141,10 +153,16 @@ class StageRun:
         self.config = config
         self.tcp_endpoint = tcp_endpoint
         self._on_unread_input = on_unread_input
+        self._on_progress = on_progress if wiring.progress_to else None
         self.errors: list[str] = []
         self.sigpipe = False
         self._pipes_out: OutStream | None = None  # opened at the first Pipes message
         self._pipes_sending = asyncio.Lock()  # the FIFO's and the bus's messages share one stream
+        from dpipes.nodes.stage_pipes import StdioTee  # loaded already: the stage's Pipes side is made
+
+        last = wiring.stdout_to == wiring.stderr_to  # only the last stage's stdout goes to the client
+        self._stdio_err = StdioTee("stderr") if self.pipes.stdio else None
+        self._stdio_out = StdioTee("stdout") if self.pipes.stdio and last else None
 
     async def run(self) -> ExitReport:
         """Pump until the program has exited and its output is delivered; its report."""
@@ -153,10 +171,16 @@ class StageRun:
         if pipes.channel == "file":
             readers = [pipes.boot.channel, *([pipes.bus] if pipes.bus else [])]
         pumps: list[asyncio.Task[None]] = []
+        ticker: asyncio.Task[None] | None = None
         try:
             pumps = [asyncio.create_task(p()) for p in (self._stdin, self._stdout, self._stderr)]
             pumps += [asyncio.create_task(self._pipes_reader(r)) for r in readers]
+            if self._on_progress is not None:
+                ticker = asyncio.create_task(self._progress(self._on_progress))
             status = await proc.wait()
+            if ticker is not None:
+                ticker.cancel()
+            ended = time.time()
             if not pumps[0].done():
                 pumps[0].cancel()  # nobody will read what still comes: refuse it as a closed pipe
             # The program is gone: read its messages to the end (bounded, should a descendant hold on).
@@ -166,7 +190,7 @@ class StageRun:
                 with contextlib.suppress(BusError):
                     await self._pipes_out.close()
         except asyncio.CancelledError:
-            for p in pumps:
+            for p in [*pumps, *([ticker] if ticker else [])]:
                 p.cancel()
             raise
         stage = self.stage
@@ -182,7 +206,35 @@ class StageRun:
             error="; ".join(self.errors)[:ERROR_REPORT_CHARS],
             cancelled=stage.cancelled[:MAX_TEXT_CHARS],
             stderr_tail=tail,
+            started=stage.started,
+            ended=ended,
+            bytes_in=self._counts()[0],
+            bytes_out=self._counts()[1],
         )
+
+    def _counts(self) -> tuple[int, int]:
+        """Bytes in and out so far; -1 for an edge that is a kernel pipe (it passes by us)."""
+        stage = self.stage
+        return (-1 if self.wiring.direct_in else stage.bytes_in, -1 if self.wiring.direct_out else stage.bytes_out)
+
+    async def _progress(self, send: Callable[[ProgressReport], None]) -> None:
+        """While the program runs: its counts, every ``PROGRESS_INTERVAL_S`` when they changed."""
+        sent = None
+        while True:
+            counts = self._counts()
+            if counts != sent:
+                stage = self.stage
+                send(
+                    ProgressReport(
+                        pipeline=stage.pipeline,
+                        stage=stage.index,
+                        node=self.node,
+                        bytes_in=counts[0],
+                        bytes_out=counts[1],
+                    )
+                )
+                sent = counts
+            await asyncio.sleep(PROGRESS_INTERVAL_S)  # a periodic report, not a wait for something
 
     async def _stdin(self) -> None:
         from dpipes.nodes.dataflow import Incoming
@@ -201,6 +253,7 @@ class StageRun:
             while (msg := await stream.read()) is not None:
                 for frame in incoming.data(msg):
                     await proc.write_stdin(frame)
+                    stage.bytes_in += len(frame)
         except (StdinClosed, asyncio.CancelledError) as exc:
             stream.cancel(f"{stage.describe} closed its input")  # upstream gets SIGPIPE, as in a shell
             if isinstance(exc, asyncio.CancelledError):
@@ -221,12 +274,16 @@ class StageRun:
             return
         out = stage.endpoint.open_stream(self.wiring.stdout_to)
         outgoing = Outgoing(stage.mode, where=stage.describe, meta=self._metadata())
+        tee = self._stdio_out
         try:
             if pipes.channel == "stdout":  # messages among the program's output: take them out
                 while True:
                     raw = await proc.read_stdout()
+                    stage.bytes_out += len(raw)
                     data, frames = pipes.split(raw, end=not raw)
                     await self._send_pipes(frames)
+                    if tee is not None:
+                        await self._send_stdio(tee.frames(data, end=not raw))
                     if data:
                         for message in outgoing.messages(data):
                             await out.send(message)
@@ -236,13 +293,21 @@ class StageRun:
                     await out.send(message)
             elif stage.mode == "bytes":  # the hot path: no per-chunk objects
                 while data := await proc.read_stdout():
+                    stage.bytes_out += len(data)
+                    if tee is not None:
+                        await self._send_stdio(tee.frames(data))
                     await out.send_bytes(data)
             else:
                 while data := await proc.read_stdout():
+                    stage.bytes_out += len(data)
+                    if tee is not None:
+                        await self._send_stdio(tee.frames(data))
                     for message in outgoing.messages(data):
                         await out.send(message)
                 for message in outgoing.end():
                     await out.send(message)
+            if tee is not None and pipes.channel != "stdout":
+                await self._send_stdio(tee.frames(b"", end=True))
             await out.close()
         except StreamCancelled:
             self.sigpipe = True  # downstream is gone: the program gets SIGPIPE, as in a shell
@@ -285,6 +350,8 @@ class StageRun:
                 if split:  # messages among the program's stderr: take them out
                     data, frames = pipes.split(raw, end=not raw)
                     await self._send_pipes(frames)
+                if self._stdio_err is not None:
+                    await self._send_stdio(self._stdio_err.frames(data, end=not raw))
                 if data:
                     if out is None:
                         out = stage.endpoint.open_stream(self.wiring.stderr_to)
@@ -306,6 +373,12 @@ class StageRun:
                     await self._send_pipes([frame_of(record) for record in batch])
         except BusError as exc:
             log.info("node %s: %s: Pipes messages not delivered: %s", self.node, self.stage.describe, exc)
+
+    async def _send_stdio(self, frames: list[bytes]) -> None:
+        """``log_external_stream`` messages, between the channel readers' batches."""
+        if frames:
+            async with self._pipes_sending:
+                await self._send_pipes(frames)
 
     async def _send_pipes(self, frames: list[bytes]) -> None:
         from dpipes.nodes.stage_pipes import batches_of

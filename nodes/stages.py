@@ -8,7 +8,8 @@ its endpoint to the exit report that ends it:
   goes straight between them, never relayed; ``unreachable`` if it cannot), and reserves the
   stage's endpoint ``<node>/<pipeline>.<index>``, whose window is ``[limits] credit_bytes``;
 * ``start`` (``not-found`` unless negotiated here) forks the program under the node's
-  supervisor, in its environment and with its Pipes bootstrap, and runs it
+  supervisor, in its environment, its working directory (``start.cwd``, from the configured
+  ``workdir``) and with its Pipes bootstrap, and runs it
   (:class:`~dpipes.nodes.stage.StageRun`) in a task; when it has exited, the report goes to every
   ``report_to`` address;
 * ``cancel`` marks every stage of a pipeline cancelled (with the reason) and terminates its
@@ -30,9 +31,11 @@ import asyncio
 import logging
 import os
 import shlex
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
+from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, DpipesError, StageError
 from dpipes.bus.hub import Hub
@@ -51,9 +54,11 @@ from dpipes.nodes.protocol import (
     ExitReport,
     NegotiateReply,
     NegotiateRequest,
+    ProgressReport,
     StartReply,
     StartRequest,
     call,
+    host_identity,
 )
 from dpipes.nodes.stage import DirectPipes, Stage, StageRun
 from dpipes.nodes.supervisor import Supervisor
@@ -124,6 +129,7 @@ class Stages:
         # How much a producer may have in flight towards a stage here: the protocol's initial
         # credit, and what a larger window adds is granted as the stream opens.
         self.window = config.limits.credit_bytes
+        self.host = host_identity()  # in negotiate replies: the coordinator tells our host's stages by it
 
     def __len__(self) -> int:
         return len(self._stages)
@@ -137,7 +143,12 @@ class Stages:
         """
         pipeline, index, argv = request.pipeline, request.stage, list(request.argv)
         refusal = await self.policy.refusal(
-            argv, mode=request.mode, protocol=request.protocol, require=request.require, caller=request.user
+            argv,
+            mode=request.mode,
+            protocol=request.protocol,
+            require=request.require,
+            caller=request.user,
+            pinned=request.pinned,
         )
         if refusal is not None:
             code = PROTOCOL if refusal.code == _policy.PROTOCOL else REFUSED
@@ -150,7 +161,7 @@ class Stages:
         endpoint = self.hub.endpoint(f"{pipeline}.{index}", window=self.window)
         describe = f"stage {index} ({argv[0]}@{self.node})"
         self._stages[(pipeline, index)] = Stage(pipeline, index, argv, request.mode, endpoint, describe)
-        return NegotiateReply(addr=endpoint.addr)
+        return NegotiateReply(addr=endpoint.addr, host=self.host)
 
     def _negotiate_plugin(self, request: NegotiateRequest) -> NegotiateReply:
         """Reserve a plugin stage's address for its worker, and an endpoint of the node's for it."""
@@ -193,9 +204,13 @@ class Stages:
         )
         env = dict(os.environ)
         env.update(self._env(stage, wiring))
+        cwd = env["PWD"] = self.workdir(wiring.cwd)  # a plugin opening a relative path finds what a program would
         stage.env = env
+        stage.started = time.time()
         try:
-            stage.proc = await self.supervisor.start(WORKER_ARGV, env=env, forward_stderr=True, stdout_fd=devnull())
+            stage.proc = await self.supervisor.start(
+                WORKER_ARGV, env=env, cwd=cwd, forward_stderr=True, stdout_fd=devnull()
+            )
         except StageError as exc:
             raise ControlError(REFUSED, str(exc)) from None
         stage.task = self._spawn(self._run(stage, wiring, spec.to_json()), stage.describe)
@@ -237,6 +252,7 @@ class Stages:
             self._spawn(asyncio.to_thread(remove_stale_bootstrap_dirs), "remove stale Pipes bootstrap dirs")
         env = dict(os.environ)
         env.update(self._env(stage, wiring))
+        cwd = env["PWD"] = self.workdir(wiring.cwd)  # PWD: a shell's pwd trusts it when it is right
         stage.pipes = StagePipes(
             wiring.pipes,
             pipeline=stage.pipeline,
@@ -252,17 +268,28 @@ class Stages:
         stdout_fd = self.direct.end(stage.pipeline, stage.index, reader=False) if wiring.direct_out else None
         try:
             stage.proc = await self.supervisor.start(
-                self.policy.command(stage.argv), env=env, forward_stderr=True, stdin_fd=stdin_fd, stdout_fd=stdout_fd
+                self.policy.command(stage.argv),
+                env=env,
+                forward_stderr=True,
+                stdin_fd=stdin_fd,
+                stdout_fd=stdout_fd,
+                cwd=cwd,
             )
         except StageError as exc:  # not executable, a bad working directory, the node stopping
             stage.pipes.close()
-            raise ControlError(REFUSED, str(exc)) from None
+            raise ControlError(REFUSED, f"{stage.describe}: {exc}") from None
         except BaseException:
             stage.pipes.close()
             raise
+        stage.started = time.time()
         stage.task = self._spawn(self._run(stage, wiring), stage.describe)
         log.info("node %s: started %s pid %d", self.node, stage.describe, stage.proc.pid)
         return StartReply(pid=stage.proc.pid, context=stage.pipes.context)
+
+    def workdir(self, cwd: str) -> str:
+        """Where a stage starts: ``cwd`` from ``start`` (relative ones from the configured
+        ``workdir``), else that ``workdir`` (``~``: this node's user's home)."""
+        return os.path.normpath(os.path.join(os.path.expanduser(self.config.workdir), cwd))
 
     def _env(self, stage: Stage, wiring: StartRequest) -> dict[str, str]:
         host, _, port = self.hub.tcp_endpoint.removeprefix("tcp://").rpartition(":")
@@ -291,6 +318,7 @@ class Stages:
                 config=self.config,
                 tcp_endpoint=self.hub.tcp_endpoint,
                 on_unread_input=lambda: self._linger(stage),
+                on_progress=lambda report: self._send_progress(wiring.progress_to, report),
             )
         try:
             report = await run.run()
@@ -302,6 +330,13 @@ class Stages:
         log.info("node %s: %s %s", self.node, stage.describe, report.status)
         await asyncio.gather(*(self._report(addr, report) for addr in wiring.report_to))
         self._on_exit()
+
+    def _send_progress(self, addr: str, report: ProgressReport) -> None:
+        """A one-way ``progress`` report: a lost one is replaced by the next, so nothing waits."""
+        try:
+            self.ctl.send(codec.Request(dst=addr, method=report.METHOD, body=report.to_body()))
+        except BusError as exc:
+            log.debug("node %s: progress of stage %s not sent to %s: %s", self.node, report.stage, addr, exc)
 
     async def _report(self, addr: str, report: ExitReport) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -16,6 +17,20 @@ settings.register_profile("dpipes", deadline=None)
 settings.load_profile("dpipes")
 
 LEAK_GRACE_S = 5.0  # a just-killed child may take a moment to be reaped by its parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Daemons and clients started by tests make their key pairs here, never in the user's home."""
+    where = tmp_path_factory.mktemp("keys")
+    where.chmod(0o700)
+    before = os.environ.get("DPIPES_KEY_DIR")
+    os.environ["DPIPES_KEY_DIR"] = str(where)
+    yield
+    if before is None:
+        os.environ.pop("DPIPES_KEY_DIR", None)
+    else:
+        os.environ["DPIPES_KEY_DIR"] = before
 
 
 @pytest.fixture(autouse=True)

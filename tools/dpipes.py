@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import json
@@ -31,7 +30,9 @@ pipeline syntax:
   '|' separates stages, numbered from 0 (errors, --status, --tag and N: options say "stage 0"
   for the first). Quote the whole pipeline as one argument; inside it, quoting is as in sh
   ('a|b' is one word). PROG@NODE pins a stage to NODE; an unpinned stage goes to a node that
-  offers PROG (dp.PROG), else to the entry node.
+  offers PROG (dp.PROG), else to the entry node. A node started as 'dpipesd -- sort -r' offers
+  'sort -r': it gets unpinned stages that start with those words, never a plain 'sort'.
+  -v and --status say where each stage went and why (pinned, offered by NODE, local).
   No shell runs unless you write one: use sh -c '...' for redirections, globs and variables.
 
 the entry node (which coordinates the run):
@@ -39,6 +40,12 @@ the entry node (which coordinates the run):
   started inside this command for its duration (so dpipes works with nothing else running).
   A --node that cannot be reached fails at once, saying why (cannot resolve, connection refused,
   no reply); a local dpipesd that crashed is named on stderr before the embedded node runs.
+
+working directory:
+  A stage on this host starts in this command's working directory, as in a shell (when the
+  entry node is this host's dpipesd or an embedded node); a stage on another host starts in its
+  node's workdir (config; default: the home directory of the node's user, as ssh does).
+  --cwd DIR starts every stage in DIR; a relative DIR is taken from each stage's place above.
 
 data:
   This command's stdin feeds the first stage when it is not a terminal; the last stage's stdout
@@ -57,6 +64,23 @@ exit status:
   130  interrupted (Ctrl-C cancels every stage on every node)
   2    bad command line: unknown flags, a pipeline syntax error (named by stage and column,
        found before any node is contacted), a malformed --node or $DPIPES_NODE
+
+progress:
+  On a terminal (stderr), a run that lasts more than a second shows a live table on stderr: per
+  stage its node, the bytes its node has written to its stdin and read from its stdout, the
+  output rate, its state and how long it has run, and the run's elapsed time; it is removed when
+  the run ends. An edge that is one kernel pipe passes by every node and shows '·'. --progress
+  shows it on whatever stderr is; --no-progress never does.
+
+joblog:
+  --joblog FILE writes, when the run ends, a header and one tab-separated line per stage with
+  GNU parallel's joblog columns (Stage and Node stand for its Seq and Host):
+    Stage Node Starttime JobRuntime Send Receive Exitval Signal Command
+  Stage counts from 0; Starttime is Unix seconds (the node's clock) and JobRuntime seconds, both
+  with milliseconds; Send and Receive are bytes the stage's node wrote to its stdin and read from
+  its stdout, '-' for an edge that is a kernel pipe (no node sees those bytes); Exitval is the
+  exit code (-1 when killed by a signal, then named by number in Signal; '-' when the stage never
+  reported, as on a lost node); Command is the stage's words, shell-quoted.
 
 pipes:
   Every stage gets DAGSTER_PIPES_CONTEXT and DAGSTER_PIPES_MESSAGES; a program using dagster-pipes
@@ -81,6 +105,10 @@ plugins:
   True and False outputs may go to different stages, a join takes two inputs. See the README.
   dpipes plugin new NAME writes a plugin package (a Python class over Arrow tables, its entry
   point, a test with the harness); dpipes plugin list lists the installed ones.
+
+keys:
+  dpipes keys [show|list|trust|untrust|pin] shows your key's fingerprint and manages whom your
+  node trusts; see dpipes keys --help.
 
 examples:
   dpipes 'seq 10 | sort -r'
@@ -126,9 +154,32 @@ def _parser() -> argparse.ArgumentParser:
         help="what a program's bytes are at an edge with a plugin (default csv)",
     )
     parser.add_argument("--pipefail", action="store_true", help="exit with the last non-zero stage status")
-    parser.add_argument("--status", action="store_true", help="print every stage's node and exit status at the end")
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="print every stage's node, why it went there (pinned, offered by, local) and exit status at the end",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show each stage's bytes in/out, rate, state and time, live on stderr"
+        " (default: on when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--joblog",
+        metavar="FILE",
+        help="write a record of every stage to FILE when the run ends (GNU parallel's joblog: see below)",
+    )
     parser.add_argument(
         "--tag", action="store_true", help="prefix each line the stages write to stderr with [stage N prog@node]"
+    )
+    parser.add_argument(
+        "--cwd",
+        metavar="DIR",
+        default="",
+        help="start every stage in DIR (default: this directory for stages on this host, the node's"
+        " workdir, its user's home, elsewhere; a relative DIR is taken from there)",
     )
     parser.add_argument(
         "--require", action="append", default=[], metavar="'PROG>=VER'", help="refuse to run unless PROG's version fits"
@@ -156,6 +207,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="[N:]{file,stderr,stdout}",
         help="the channel a stage writes messages to: a FIFO read as written (file, the default), or"
         " message lines taken out of its stderr or stdout (the rest of the stream flows on)",
+    )
+    pipes.add_argument(
+        "--pipes-stdio",
+        action="store_true",
+        help="every stage's stderr, and the last stage's stdout, also as Pipes log_external_stream messages",
     )
     pipes.add_argument(
         "--pipes-json", metavar="FILE", help="write each stage's context, then every message, as JSON lines"
@@ -207,9 +263,138 @@ def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser, co
             if value not in choices:
                 parser.error(f"{flag} {item!r}: use one of {', '.join(choices)} (optionally after N:)")
             options[key] = value
+    if args.pipes_stdio:
+        every["stdio"] = True
     if stages:
         every["stages"] = stages
     return every
+
+
+KEYS_EPILOG = """\
+files, in the key directory (--key-dir, else $DPIPES_KEY_DIR, else $XDG_CONFIG_HOME/dpipes,
+default ~/.config/dpipes; mode 0700):
+  client.key_secret, client.key   your client key pair (created the first time dpipes needs it)
+  node.key_secret, node.key       the pair of a dpipesd run by you (created when it first starts)
+  authorized_keys                 the clients your node admits, and what each may run
+  known_nodes                     the nodes you trust: NODE FINGERPRINT [KEY]
+
+rights (trust): with none, a key may connect and run nothing.
+  --run 'PROG [PATTERN...]'   PROG (a bare name, compared exactly) with arguments that each match
+                              one of the fnmatch PATTERNs; no pattern: no arguments at all
+  --exact 'PROG ARG...'       exactly this command line
+  --plugin 'NAME [PATTERN...]'  plugin NAME, arguments as for --run
+  --tap                       may watch the node's traffic with dpipes-tap
+  --any                       anything: run every program and plugin, tap (your own keys only)
+  Allowing a program allows everything that program can do with the arguments you let through:
+  --run 'sort *' lets the caller run 'sort --compress-program=evil.sh' (runs evil.sh) and
+  'sort -o FILE' (writes any file your node can); sh, env, python3, find or xargs with '*' give
+  a shell. Name each option you allow.
+
+examples:
+  dpipes keys                                show your keys' fingerprints
+  dpipes keys trust rq:5Vk...KEY... --comment alice@laptop --run "sort -r -n '-k[0-9]*'" --run 'uniq -c'
+  dpipes keys trust ~/alice-client.key --any  your own client key from another host
+  dpipes keys pin beta SHA256:Kq3...          trust node beta: the fingerprint 'dpipes keys' shows on beta
+  dpipes keys untrust alice@laptop
+"""
+
+
+def _keys_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpipes keys",
+        description="Show your keys and manage whom your node trusts (as ssh's authorized_keys and known_hosts).",
+        epilog=KEYS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--key-dir", metavar="DIR", help="the key directory (see below)")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs.add_parser("show", help="your keys: fingerprint, public key, file (the default)")
+    verbs.add_parser("list", help="the clients your node trusts, and the nodes you trust")
+    trust = verbs.add_parser("trust", help="admit a client key, with rights (see below)")
+    trust.add_argument("key", metavar="KEY|FILE", help="the client's public key (Z85) or its .key file")
+    trust.add_argument("--comment", default="", help="who it is (shown in logs and refusals)")
+    trust.add_argument("--run", action="append", default=[], metavar="'PROG [PATTERN...]'")
+    trust.add_argument("--exact", action="append", default=[], metavar="'PROG ARG...'")
+    trust.add_argument("--plugin", action="append", default=[], metavar="'NAME [PATTERN...]'")
+    trust.add_argument("--tap", action="store_true")
+    trust.add_argument("--any", action="store_true")
+    untrust = verbs.add_parser("untrust", help="remove a client key or a node")
+    untrust.add_argument("match", metavar="FINGERPRINT|KEY|COMMENT|NODE")
+    pin = verbs.add_parser("pin", help="trust node NODE with the key of this fingerprint (or key)")
+    pin.add_argument("node", metavar="NODE")
+    pin.add_argument("fingerprint", metavar="FINGERPRINT|KEY")
+    return parser
+
+
+def _keys(argv: list[str]) -> int:
+    """``dpipes keys ...``: the keyring's functions, printed."""
+    from pathlib import Path
+
+    from dpipes.bus.keyring import Keyring, parse_key_argument
+
+    parser = _keys_parser()
+    args = parser.parse_args(argv)
+    ring = Keyring(Path(args.key_dir) if args.key_dir else None)
+    verb = args.verb or "show"
+    try:
+        if verb == "show":
+            client, created = ring.client()
+            if created:
+                print(f"created your client key pair in {ring.dir}", file=sys.stderr)
+            node_pair = ring.node()
+            for label, pair in (("client", client), ("node", node_pair)):
+                if pair is not None:
+                    print(f"{label}  {pair.fingerprint}\n        key {pair.public}\n        file {pair.public_path}")
+            quoted = shlex.quote(client.public.z85)
+            print(f"a node admits this client with: dpipes keys trust {quoted} --comment NAME --run 'PROG ...'")
+            if node_pair is not None:
+                print(f"other hosts trust this node with: dpipes keys pin NAME {shlex.quote(node_pair.public.z85)}")
+            return 0
+        if verb == "list":
+            clients = ring.authorized().entries
+            print(f"clients your node trusts ({ring.authorized_keys_path}):" + ("" if clients else " none"))
+            for entry in clients:
+                print(f"  {entry.fingerprint}  {entry.comment or '-'}  {entry.options() or '(no rights)'}")
+            nodes = ring.known().entries
+            print(f"nodes you trust ({ring.known_nodes_path}):" + ("" if nodes else " none"))
+            for node in nodes.values():
+                print(f"  {node.node}  {node.fingerprint}" + ("" if node.key else "  (key not seen yet)"))
+            return 0
+        if verb == "trust":
+            try:
+                key = parse_key_argument(args.key)
+            except ValueError as exc:
+                parser.error(str(exc))
+            entry = ring.trust(
+                key,
+                comment=args.comment,
+                run=args.run,
+                exact=args.exact,
+                plugins=args.plugin,
+                tap=args.tap,
+                unrestricted=args.any,
+            )
+            print(f"trusted {entry.describe()}: {entry.format()}")
+            if not (entry.rules or entry.tap or entry.any):
+                print("dpipes: note: no rights given: this key may connect and run nothing", file=sys.stderr)
+            return 0
+        if verb == "untrust":
+            removed = ring.untrust(args.match)
+            for line in removed:
+                print(f"removed {line}")
+            if not removed:
+                print(f"dpipes: no client key or node matches {args.match!r}", file=sys.stderr)
+                return 1
+            return 0
+        try:
+            pinned = ring.pin(args.node, args.fingerprint)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(f"pinned node {pinned.node} to {pinned.fingerprint} in {ring.known_nodes_path}")
+        return 0
+    except DpipesError as exc:
+        print(f"dpipes: {exc}", file=sys.stderr)
+        return 1
 
 
 def _plugin_parser() -> argparse.ArgumentParser:
@@ -268,9 +453,14 @@ def _plugin_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plugin"]:  # a subcommand; a program named plugin runs as dpipes 'plugin ARGS'
         return _plugin_main(argv[1:])
+    if argv[:1] == ["keys"]:  # a subcommand; a program named keys runs as dpipes 'keys ' or './keys'
+        try:
+            return _keys(argv[1:])
+        except SystemExit as e:  # argparse's usage errors (2) and --help (0)
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.completion:
@@ -420,37 +610,43 @@ async def _run(args: argparse.Namespace) -> int:
         require=tuple(args.require),
         pipes=args.pipes,
         pipes_json=args.pipes_json,
+        workdir=args.cwd,
         workflow=args.workflow_doc,
         edge_format=args.edge_format or "csv",
     )
     if args.workflow_doc and "input" not in args.workflow_doc:
         options = dataclasses.replace(options, stdin=False)  # a workflow reads stdin only into its input
-    labels: dict[int, str] = {}
+    progress = _stderr_is_terminal() if args.progress is None else args.progress
     view = None
-    if sys.stderr.isatty():  # plugin progress, for a person watching; never in a file or a pipe
-        from dpipes.nodes.progress_view import ProgressView, progress_of
+    if progress:
+        from dpipes.nodes.progress import ProgressView
 
-        view = ProgressView(sys.stderr)
-
-    def started(reply: Any) -> None:
-        labels.update({s.index: f"stage {s.index} {s.argv[0]}@{s.node}" for s in reply.stages})
-
-    def pipes(index: int, frame: bytes) -> None:
-        if view is not None and (fraction := progress_of(frame)) is not None:
-            view.update(index, labels.get(index, f"stage {index}"), fraction)
-
-    with view if view is not None else contextlib.nullcontext():
-        result = await _entry_and_run(
-            args, lambda entry: run.run_pipeline(entry, options, on_started=started, on_pipes=pipes)
-        )
+        view = ProgressView.on(sys.stderr)
+    result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options, progress=view))
+    if args.joblog:
+        try:
+            with open(args.joblog, "w", encoding="utf-8") as log_file:  # noqa: ASYNC230 (once, at the end)
+                log_file.write(run.format_joblog(result.stages))
+        except OSError as exc:
+            print(f"dpipes: cannot write the joblog {args.joblog}: {exc.strerror or exc}", file=sys.stderr)
     if result.error:
         print(f"dpipes: {result.error}", file=sys.stderr)
     for stage in result.stages:
-        if args.status or (stage.error and not stage.sigpipe and not result.error):
+        if args.status:
+            placement = f" [{stage.placement()}]" if stage.placement() else ""
+            print(f"dpipes: {stage.describe()}{placement}", file=sys.stderr)
+        elif stage.error and not stage.sigpipe and not result.error:
             print(f"dpipes: {stage.describe()}", file=sys.stderr)
         if summary := stage.pipes_summary():
             print(f"dpipes: stage {stage.index} {stage.argv[0]}@{stage.node}: {summary}", file=sys.stderr)
     return result.exit_code
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return os.isatty(2)
+    except OSError:
+        return False
 
 
 def _stdin_attached() -> bool:

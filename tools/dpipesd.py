@@ -22,6 +22,7 @@ FLAG_OF_KEY = {  # the flag behind each configuration key it sets, for --print-c
     "insecure": "--insecure",
     "interfaces": "--interface",
     "nodes": "--peer",
+    "key_dir": "--key-dir",
 }
 EXIT_NOT_RUNNING = 3  # --status of a stopped node, as LSB init scripts answer
 
@@ -36,15 +37,16 @@ examples:
                                            peer2, ... in the [nodes] table
   dpipesd --peer alpha=10.0.0.1:5757       a static peer under a name of your choice
   dpipesd --allow sort uniq                run only these programs for pipelines
-  dpipesd --name sorter -- sort -r         a node that runs only 'sort -r' (each stage's own
-                                           arguments are appended)
+  dpipesd --name sorter -- sort -r         a node that runs only 'sort -r', offered as such: an
+                                           unpinned 'sort -r ...' goes there, a plain 'sort' does
+                                           not; a pinned stage's arguments are appended
   dpipesd --exit -- python top.py          serve one stage of 'python top.py', then exit
   dpipesd --status --name beta             is node beta running? (exit 0 yes, {EXIT_NOT_RUNNING} no)
   dpipesd --stop --name beta               stop it: SIGTERM, then wait up to {daemon.STOP_WAIT_S:.0f} s
 
 files, in the runtime directory: --runtime-dir DIR, else ${paths.RUNTIME_DIR_ENV}, else
 $XDG_RUNTIME_DIR/dpipes, else /tmp/dpipes-UID (created with mode 0700; refused if another user
-owns it or others can write to it):
+owns it or others can write to it; every file in it is owner-only whatever the umask):
   NAME.pid        the daemon's pid, written once the node listens
   NAME.log        the log of a background daemon (a foreground one logs to stderr)
   NAME.sock       the node's ipc endpoint for local clients; NAME-tap.sock is its tap
@@ -52,7 +54,8 @@ owns it or others can write to it):
                   'dpipes' connects to it. The name 'local' is reserved.
   NAME.lock       held while the daemon runs; it decides whether NAME is taken
 
-stopping: dpipesd --stop [--name NAME], or kill $(cat RUNTIME_DIR/NAME.pid). SIGTERM or Ctrl-C
+stopping: dpipesd --stop [--name NAME], or kill $(cat RUNTIME_DIR/NAME.pid); --stop signals the pid
+only if it is the process holding NAME.lock (a rewritten pid file is refused). SIGTERM or Ctrl-C
 stops the node gracefully (running stages are cancelled) within {daemon.STOP_TIMEOUT_S:.0f} s; a
 second Ctrl-C exits at once. A daemon killed with SIGKILL leaves files; the next start cleans them.
 
@@ -131,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(LOG_LEVELS)} (default INFO)",
     )
     run.add_argument("--runtime-dir", metavar="DIR", help="where pid, log and socket files go (see below)")
+    run.add_argument(
+        "--key-dir",
+        metavar="DIR",
+        help="the node's key pair and trust files (default: $DPIPES_KEY_DIR, else $XDG_CONFIG_HOME/dpipes); "
+        "the pair is created on the first start",
+    )
     control = parser.add_mutually_exclusive_group()
     control.add_argument("--stop", action="store_true", help="stop the running daemon of --name (or the default name)")
     control.add_argument("--status", action="store_true", help="say whether the daemon of --name is running")
@@ -200,6 +209,8 @@ def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None)
         overrides["insecure"] = True
     if args.interface:
         overrides["interfaces"] = list(args.interface)
+    if args.key_dir:
+        overrides["key_dir"] = str(Path(args.key_dir).absolute())
     try:
         if args.peer:
             overrides["nodes"] = _peers(args.peer)

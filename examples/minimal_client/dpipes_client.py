@@ -48,6 +48,7 @@ RUN_TIMEOUT_S = 60.0  # how long the node may take to answer `run`
 ATTACH_TIMEOUT_S = 5.0  # a hub that does not answer ATTACH by then is not there
 CHUNK_BYTES = 256 * 1024  # how much of our stdin goes into one BYTES message
 GRANT_BYTES = 1024 * 1024  # credit owed is granted at this size, or before we wait for more
+MAX_EARLY_REPORTS = 4096  # reports kept while `run` is unanswered (one per stage, and a failed)
 # The specs do not promise that a stage's `exit` comes after the end of its streams to us: once
 # every stage reported, wait this long for streams still open, then give up on them.
 STREAM_DRAIN_S = 5.0
@@ -139,6 +140,7 @@ class Run:
         self.next_seq = 1
         self.run_seq = 0
         self.pipeline = ""  # the run's id, from the run REPLY
+        self.early: list[tuple[str, dict]] = []  # reports that came before it
         self.stages: list[dict] = []
         self.reports: dict[int, dict] = {}  # stage index -> its exit report body
         self.lost: set[int] = set()
@@ -217,11 +219,23 @@ class Run:
         self.pipeline, self.stages = body["pipeline"], body["stages"]
         self.feeding = self.args.stdin and not body.get("stdin_direct", False)
         self.stdin_acked = not self.feeding
+        for method, early in self.early:  # reports that came before this reply (the spec's step 3)
+            self.take_report(method, early)
+        self.early.clear()
 
     def on_report(self, h: dict) -> None:
         method, body = h.get("method"), h.get("body") or {}
         self.c.send("REPLY", h["src"], seq=h["seq"], ok=True, body={}, error="")
-        if body.get("pipeline") != self.pipeline or method not in ("exit", "failed"):
+        if method not in ("exit", "failed"):
+            return
+        if not self.pipeline:  # a stage may end before `run` is answered: keep its report until then
+            if len(self.early) < MAX_EARLY_REPORTS:
+                self.early.append((method, body))
+            return
+        self.take_report(method, body)
+
+    def take_report(self, method: str, body: dict) -> None:
+        if body.get("pipeline") != self.pipeline:
             return  # not ours: acknowledged and ignored
         if method == "exit":
             self.reports[body["stage"]] = body

@@ -92,6 +92,17 @@ async def test_request_reply_across_hubs_and_from_clients() -> None:
             task.cancel()
 
 
+async def test_a_client_attached_over_ipc_is_known_to_be_on_this_host() -> None:
+    async with Hub("alpha") as hub:
+        async with Client(hub.ipc_endpoint) as near, Client(hub.tcp_endpoint) as far:
+            addr = near.endpoint.addr
+            assert hub.client_is_local(addr)
+            assert not hub.client_is_local(far.endpoint.addr)  # loopback TCP could be a tunnel's end
+        await until(lambda: not hub.client_is_local(addr))  # it said goodbye
+        local_endpoint = hub.endpoint("inproc")
+        assert not hub.client_is_local(local_endpoint.addr)  # an endpoint of the hub itself is no client
+
+
 async def test_three_hubs_route_directly_without_relay() -> None:
     async with linked("alpha", "beta", "gamma") as (a, b, c):
         ctx = zmq.asyncio.Context()

@@ -50,9 +50,10 @@ async def daemons(
     *,
     extra: dict[str, list[str]] | None = None,
     peer_of: dict[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> AsyncIterator[list[Daemon]]:
     """Start one ``dpipesd --foreground`` per name, each a static peer of the first (or of
-    ``peer_of[name]``, started before it); stop them all."""
+    ``peer_of[name]``, started before it), in ``cwd`` (default ours); stop them all."""
     env = environment(runtime_dir)
     started: list[Daemon] = []
     try:
@@ -65,7 +66,7 @@ async def daemons(
                 argv += ["--peer", peer.host_port]
             argv += (extra or {}).get(name, [])
             proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+                *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=cwd
             )
             assert proc.stdout is not None
             line = (await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)).decode()
@@ -126,8 +127,9 @@ async def dpipes(
     stdin_file: str | None = None,
     stdout_file: str | None = None,
     timeout: float = RUN_TIMEOUT_S,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> Completed:
-    """Run the real ``dpipes`` command and wait for it."""
+    """Run the real ``dpipes`` command (in ``cwd``, default ours) and wait for it."""
     stdin: int | None = asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL
     opened = []
     if stdin_file is not None:
@@ -147,6 +149,7 @@ async def dpipes(
             stdin=stdin,
             stdout=stdout,
             stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
         )
     finally:
         for fd in opened:

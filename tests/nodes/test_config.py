@@ -178,7 +178,7 @@ def test_a_bad_system_file_is_named(tmp_path: Path) -> None:
     [
         ('lisen = "a:1"', "unknown key 'lisen'; did you mean 'listen'?"),
         ("insecur = true", "unknown key 'insecur'; did you mean 'insecure'?"),
-        ("zzz = 1", "unknown key 'zzz'; known keys: allow, apps, insecure, interfaces, limits"),
+        ("zzz = 1", "unknown key 'zzz'; known keys: allow, apps, insecure, interfaces, key_dir, limits"),
         ("[limits]\nmax_stage = 3", "unknown key 'limits.max_stage'; did you mean 'max_stages'?"),
         ('[apps.sort]\nversoin = "1"', "unknown key 'apps.sort.versoin'; did you mean 'version'?"),
         ("name = 3", "key 'name': expected a string, got integer 3; quote it"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dpipes.bus.keys import load_keypair
 from dpipes.nodes import paths
 from dpipes.nodes.daemon import stop_daemon
 from dpipes.nodes.paths import AlreadyRunning, RuntimeDirError
@@ -183,7 +185,7 @@ def test_stale_local_claim_is_recovered(tmp_path: Path) -> None:
     local = paths.claim_local(where, "beta")
     assert local
     assert not (where / "local.pid").exists() and not (where / "local.sock").exists()
-    assert (where / "local.lock").read_text() == f"{os.getpid()} beta\n"
+    assert (where / "local.lock").read_text() == f"{os.getpid()} beta {paths.process_start_time(os.getpid())}\n"
     local.release()
 
 
@@ -319,8 +321,10 @@ def test_detached_daemon_lifecycle(rt: Path) -> None:
     assert started.returncode == 0, started.stderr
     pid = paths.read_pid(rt / "alpha.pid")
     assert pid is not None and paths.pid_alive(pid)
+    key = load_keypair(Path(os.environ["DPIPES_KEY_DIR"]), "node")  # made by the first start (conftest's dir)
     assert started.stdout.splitlines() == [
         f"node alpha ready: tcp://127.0.0.1:5757 ipc://{rt}/local.sock",
+        f"node key {key.fingerprint}; other hosts trust it with: dpipes keys pin alpha {shlex.quote(key.public.z85)}",
         f"pid {pid}, pid file {rt}/alpha.pid, log {rt}/alpha.log",
         f"stop with: dpipesd --stop --name alpha --runtime-dir {rt}   or: kill $(cat {rt}/alpha.pid)",
     ]

@@ -326,3 +326,26 @@ def test_node_info_is_frozen() -> None:
     assert info.programs == frozenset()
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.name = "beta"
+
+
+def test_an_offer_with_fixed_arguments_takes_only_stages_that_start_with_them() -> None:
+    from dpipes.nodes.pipeline import LOCAL, OFFERED, PINNED, Placement, placements
+
+    table = {"beta": NodeInfo("beta", frozenset({"sort -r"})), "gamma": NodeInfo("gamma", frozenset({"tr a-z 'A-Z'"}))}
+    text = "sort | sort -r | sort -r -n | sort@beta | tr a-z A-Z | tr a-z"
+    assert placements(stages_of(text), table, local="alpha") == [
+        Placement("alpha", LOCAL),  # `sort` on beta would run `sort -r`: reversed
+        Placement("beta", OFFERED, "sort -r"),
+        Placement("beta", OFFERED, "sort -r"),
+        Placement("beta", PINNED),
+        Placement("gamma", OFFERED, "tr a-z 'A-Z'"),
+        Placement("alpha", LOCAL),
+    ]
+
+
+def test_the_most_specific_offer_of_a_node_is_named() -> None:
+    from dpipes.nodes.pipeline import OFFERED, Placement, placements
+
+    table = {"beta": NodeInfo("beta", frozenset({"sort", "sort -r"}))}
+    assert placements(stages_of("sort -r"), table, local="alpha") == [Placement("beta", OFFERED, "sort -r")]
+    assert placements(stages_of("sort"), table, local="alpha") == [Placement("beta", OFFERED, "sort")]

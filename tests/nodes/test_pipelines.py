@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,21 @@ async def test_negotiation_refusals_start_nothing(rt: Path) -> None:
         assert not alpha.children() and not beta.children()  # `sleep 300` never started anywhere
 
 
+async def test_a_program_that_is_not_runnable_is_named_for_what_it_is(rt: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "script.sh"
+    plain.write_text("#!/bin/sh\necho hi\n")
+    plain.chmod(0o644)
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        node = ("--node", alpha.host_port)
+        directory = await dpipes(rt, *node, f"seq 3 | {tmp_path}")
+        assert directory.code == 125
+        assert f"program '{tmp_path}' on node alpha is a directory, not a program" in directory.stderr
+        not_executable = await dpipes(rt, *node, f"seq 3 | {plain}")
+        assert not_executable.code == 125
+        assert "is not executable (-rw-r--r--): make it so with chmod +x" in not_executable.stderr
+        assert not alpha.children()
+
+
 async def test_a_refusal_names_the_nodes_that_offer_the_program(rt: Path) -> None:
     extra = {"alpha": ["--allow", "cat"], "beta": ["--allow", "sort"]}
     async with daemons(rt, ["alpha", "beta"], extra=extra) as (alpha, _b):
@@ -235,6 +251,51 @@ async def test_a_refusal_names_the_nodes_that_offer_the_program(rt: Path) -> Non
     assert "program 'sort' is not allowed on node alpha (allowed: cat) (offered by beta: pin it with sort@beta)" in (
         ran.stderr
     )
+
+
+async def test_placement_never_changes_what_a_stage_means(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"], extra={"beta": ["--", "sort", "-r"]}) as (alpha, _b):
+        node = ("--node", alpha.host_port, "--status")
+        plain = await dpipes(rt, *node, "printf 'a\\nb\\n' | sort")
+        assert (plain.code, plain.stdout) == (0, b"a\nb\n"), plain.stderr  # not `sort -r` on beta
+        assert "stage 1 sort@alpha: exit 0 [local: no node offers 'sort']" in plain.stderr
+        matching = await dpipes(rt, *node, "printf 'a\\nb\\n' | sort -r")
+        assert (matching.code, matching.stdout) == (0, b"b\na\n"), matching.stderr
+        assert "stage 1 sort@beta: exit 0 [offered by beta as 'sort -r']" in matching.stderr
+        pinned = await dpipes(rt, *node, "printf 'a\\nb\\n' | sort@beta")
+        assert (pinned.code, pinned.stdout) == (0, b"b\na\n"), pinned.stderr
+        assert "stage 1 sort@beta: exit 0 [pinned]" in pinned.stderr
+        verbose = await dpipes(rt, "--node", alpha.host_port, "-v", "true | sort -r")
+        assert "stage 1 sort@beta: offered by beta as 'sort -r'" in verbose.stderr
+        assert "stage 0 true@alpha: local: no node offers 'true'" in verbose.stderr
+
+
+async def test_joblog_records_each_stage_as_gnu_parallel_does(rt: Path, tmp_path: Path) -> None:
+    joblog = tmp_path / "run.log"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        before = time.time()
+        ran = await dpipes(rt, "--node", alpha.host_port, "--joblog", str(joblog), "seq 1000 | sort@beta -n | wc -c")
+        after = time.time()
+        assert (ran.code, ran.stdout) == (0, b"3893\n"), ran.stderr
+        header, *rows = [line.split("\t") for line in joblog.read_text().splitlines()]
+        assert header == ["Stage", "Node", "Starttime", "JobRuntime", "Send", "Receive", "Exitval", "Signal", "Command"]
+        assert [r[:2] for r in rows] == [["0", "alpha"], ["1", "beta"], ["2", "alpha"]]
+        assert [r[4:] for r in rows] == [  # every edge crosses the bus here: each node counted its bytes
+            ["0", "3893", "0", "0", "seq 1000"],
+            ["3893", "3893", "0", "0", "sort -n"],
+            ["3893", "5", "0", "0", "wc -c"],
+        ]
+        for row in rows:  # one host, so one clock: each stage ran within the command's life
+            assert before <= float(row[2]) <= float(row[2]) + float(row[3]) <= after
+
+        # A kernel pipe between neighbours on one node passes by it: those bytes are not known.
+        killed = await dpipes(
+            rt, "--node", alpha.host_port, "--joblog", str(joblog), "seq 3 | sh -c 'cat; kill -TERM $$'"
+        )
+        rows = [line.split("\t") for line in joblog.read_text().splitlines()[1:]]
+        assert killed.code == 128 + signal.SIGTERM
+        assert [r[4:8] for r in rows] == [["0", "-", "0", "0"], ["-", "6", "-1", str(int(signal.SIGTERM))]]
+        assert rows[1][8] == "sh -c 'cat; kill -TERM $$'"
 
 
 async def test_a_coordinator_of_another_pipeline_protocol_is_refused(rt: Path) -> None:

@@ -19,10 +19,10 @@ TAP_WAIT_S = 15.0  # gossip passes every 2 s; generous for a loaded machine
 EXAMPLE_JS = Path(__file__).parents[2] / "examples" / "pipes_node" / "pipes_example.js"
 
 REPORTER = """
-import sys
+import os, sys
 from dagster_pipes import open_dagster_pipes
 with open_dagster_pipes() as pipes:
-    pipes.log.info("from " + pipes.extras["dpipes"]["node"] + " limit " + str(pipes.extras["limit"]))
+    pipes.log.info("from " + os.environ["DPIPES_NODE"] + " limit " + str(pipes.extras["limit"]))
     pipes.log.warning("careful")
     pipes.report_asset_materialization(
         asset_key="orders",
@@ -60,7 +60,7 @@ with open_dagster_pipes() as pipes:
 """
 
 STDERR_MIXED = """
-import sys
+import os, sys
 from dagster_pipes import open_dagster_pipes
 print("plain text before", file=sys.stderr, flush=True)
 with open_dagster_pipes() as pipes:
@@ -164,7 +164,7 @@ async def test_the_stderr_channel_separates_messages_from_plain_text(rt: Path, t
 
 
 STDOUT_MIXED = """
-import sys
+import os, sys
 from dagster_pipes import open_dagster_pipes
 with open_dagster_pipes() as pipes:
     for line in sys.stdin:
@@ -236,7 +236,7 @@ async def test_log_external_stream_reaches_the_client_from_a_remote_node(rt: Pat
 
 
 BUS_WRITER = """
-import sys
+import os, sys
 from dagster_pipes import open_dagster_pipes
 from dpipes.bus.pipes_writer import PipesBusMessageWriter
 with open_dagster_pipes(message_writer=PipesBusMessageWriter()) as pipes:
@@ -323,3 +323,21 @@ async def test_a_one_mebibyte_custom_payload_arrives_whole_from_a_remote_node(rt
     _ran, received = await run_on_beta(rt, tmp_path, BIG_PAYLOAD)
     custom = [m for m in received if m["method"] == "report_custom_message"]
     assert custom[0]["params"]["payload"] == {"blob": "x" * (1 << 20)}
+
+
+async def test_pipes_stdio_across_nodes_keeps_a_middle_stage_s_output_data(rt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _b):
+        ran = await dpipes(
+            rt, "--node", alpha.host_port, "--pipes-stdio", "--pipes-json", str(out),
+            "sh -c 'echo middle; echo oops >&2' | sh@beta -c 'tr a-z A-Z; echo late >&2'",
+        )  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    assert ran.stdout == b"MIDDLE\n"
+    assert "oops" in ran.stderr and "late" in ran.stderr  # shown as before
+    streams = [
+        (line["stage"], line["message"]["params"]["stream"], line["message"]["params"]["text"])
+        for line in messages(out)
+        if line.get("message", {}).get("method") == "log_external_stream"
+    ]
+    assert sorted(streams) == [(0, "stderr", "oops\n"), (1, "stderr", "late\n"), (1, "stdout", "MIDDLE\n")]

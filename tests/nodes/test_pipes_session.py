@@ -17,6 +17,7 @@ from dpipes.nodes.pipes_session import (
     PipesFifoMessageReader,
     PipesFileContextInjector,
     PipesMessageReader,
+    PipesStageResult,
     PipesTempFileContextInjector,
     PipesTempFileMessageReader,
     open_pipes_session,
@@ -175,7 +176,8 @@ async def test_run_pipes_collects_from_a_stage_on_a_second_daemon(rt: Path, tmp_
     assert result.stdout == b"done\n"
     (stage,) = result.stages
     assert stage.node == "beta"
-    assert stage.context["extras"]["dpipes"]["node"] == "beta"
+    assert stage.context["extras"] == {"limit": 7}  # exactly the user's: dpipes adds none
+    assert stage.context["run_id"] == result.pipeline
     assert [m["method"] for m in stage.messages] == METHODS
     assert stage.materializations[0]["metadata"]["rows"] == {"raw_value": 3, "type": "int"}
     assert [log["message"] for log in stage.logs] == ["limit 7 asset orders"]
@@ -214,3 +216,35 @@ async def test_run_pipes_refuses_options_for_a_stage_that_does_not_exist(rt: Pat
     async with daemons(rt, ["alpha"]) as (alpha,):
         with pytest.raises(RunFailed, match="Pipes options for stage 3: the pipeline has 1 stage"):
             await run_pipes("true", node=alpha.host_port, stage_options={3: {"assets": ["x"]}})
+
+
+def streamed(stage: PipesStageResult) -> dict[str, str]:
+    """The text of each stream a stage's node sent as log_external_stream messages."""
+    out: dict[str, str] = {}
+    for m in stage.messages:
+        if m["method"] == "log_external_stream":
+            out[m["params"]["stream"]] = out.get(m["params"]["stream"], "") + m["params"]["text"]
+    return out
+
+
+async def test_stdio_sends_stderr_and_the_output_as_messages_even_from_a_local_node(
+    rt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in environment(rt).items():
+        monkeypatch.setenv(name, value)
+    # The embedded node is on this host: without stdio the last stage would write straight to our file.
+    result = await run_pipes("sh -c 'echo middle; echo oops >&2' | sh -c 'tr a-z A-Z; echo late >&2'", stdio=True)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == b"MIDDLE\n"  # the output is still the output
+    first, last = result.stages
+    assert streamed(first) == {"stderr": "oops\n"}  # a middle stage's stdout is pipeline data only
+    assert streamed(last) == {"stdout": "MIDDLE\n", "stderr": "late\n"}
+    assert b"oops" in result.stderr and b"late" in result.stderr  # stderr still arrives as stderr
+
+
+async def test_without_stdio_no_output_becomes_a_message(rt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in environment(rt).items():
+        monkeypatch.setenv(name, value)
+    result = await run_pipes("sh -c 'echo out; echo err >&2'")
+    assert result.stdout == b"out\n" and b"err" in result.stderr
+    assert result.messages == ()

@@ -26,8 +26,9 @@ async def refusal(
     mode: str = "bytes",
     protocol: object = PIPELINE_PROTOCOL,
     require: tuple[str, ...] = (),
+    pinned: bool = False,
 ) -> Refusal | None:
-    return await pol.refusal(argv, mode=mode, protocol=protocol, require=require, caller="someone")
+    return await pol.refusal(argv, mode=mode, protocol=protocol, require=require, caller="someone", pinned=pinned)
 
 
 def test_requirements_parse_and_compare() -> None:
@@ -71,8 +72,8 @@ async def test_an_allow_list_refuses_others_and_names_what_it_allows() -> None:
 
 async def test_an_exclusive_node_runs_only_its_program_with_its_arguments_first() -> None:
     pol = Policy("alpha", config(), exclusive=["cat", "-u"])
-    assert pol.offered() == {"cat"}
-    assert await refusal(pol, ["cat", "-n"]) is None
+    assert pol.offered() == {"cat -u"}  # advertised with its arguments
+    assert await refusal(pol, ["cat", "-n"], pinned=True) is None
     assert pol.command(["cat", "-n"])[1:] == ["-u", "-n"]
     found = await refusal(pol, ["sort"])
     assert found is not None and found.code == policy.NOT_ALLOWED
@@ -119,3 +120,22 @@ def test_the_probe_reads_the_first_line_of_either_stream(tmp_path: Path) -> None
     script.chmod(0o755)
     assert policy.probe_version(str(script)) == (3, 1)
     assert policy.probe_version(str(tmp_path / "absent")) == ()
+
+
+async def test_an_apps_path_that_is_a_directory_is_refused_as_one(tmp_path: Path) -> None:
+    pol = Policy("alpha", config(apps={"tool": AppConfig(path=str(tmp_path))}))
+    found = await refusal(pol, ["tool"])
+    assert found is not None and found.code == policy.NOT_FOUND
+    assert found.message == f"program 'tool' on node alpha: {tmp_path} (its [apps] path) is a directory, not a program"
+
+
+async def test_an_exclusive_node_with_fixed_arguments_runs_other_stages_only_when_pinned() -> None:
+    pol = Policy("alpha", config(), exclusive=["sort", "-r"])
+    assert pol.offered() == {"sort -r"}
+    found = await refusal(pol, ["sort"])
+    assert found is not None and found.code == policy.NOT_ALLOWED
+    assert "pin the stage (sort@alpha)" in found.message
+    assert await refusal(pol, ["sort"], pinned=True) is None
+    assert pol.command(["sort", "-n"])[1:] == ["-r", "-n"]  # pinned: its arguments come first
+    assert await refusal(pol, ["sort", "-r", "-n"]) is None  # it matches the offer: as it is
+    assert pol.command(["sort", "-r", "-n"])[1:] == ["-r", "-n"]

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dpipes.bus.errors import StageError
-from dpipes.nodes.pipes_options import check_stage_options, options_for_stage, split_stage_selector
-from dpipes.nodes.stage_pipes import BATCH_BYTES, BATCH_FRAMES, batches_of
+from dpipes.bus.pipes import parse_message
+from dpipes.nodes.pipes_options import check_env, check_stage_options, options_for_stage, split_stage_selector
+from dpipes.nodes.stage_pipes import (
+    BATCH_BYTES,
+    BATCH_FRAMES,
+    STDIO_TEXT_MAX_CHARS,
+    StdioTee,
+    batches_of,
+    stage_context,
+)
 
 
 @given(st.lists(st.integers(min_value=0, max_value=BATCH_BYTES + 10), max_size=2 * BATCH_FRAMES + 3))
@@ -53,3 +63,67 @@ def test_options_for_a_stage_the_pipeline_does_not_have_are_refused() -> None:
         check_stage_options({"stages": {"2": {"assets": ["x"]}}}, 2)
     with pytest.raises(StageError, match="unknown colour"):
         check_stage_options({"stages": {"0": {"colour": "red"}}}, 1)
+
+
+def test_a_stage_s_context_carries_exactly_the_given_extras() -> None:
+    extras = {"limit": 10, "nested": {"a": [1, None]}, "dpipes": "the user's own key"}
+    context = stage_context({"extras": extras, "assets": ["orders"], "partition": "2024-01-01"}, pipeline="p1")
+    assert context["extras"] == extras
+    assert context["run_id"] == "p1"
+    assert context["asset_keys"] == ["orders"]
+    assert context["partition_key_range"] == {"start": "2024-01-01", "end": "2024-01-01"}
+
+
+def test_an_orchestrator_s_context_is_kept_whole_under_the_stage_s_extras() -> None:
+    given = {
+        "run_id": "dagster-run",
+        "job_name": "job",
+        "asset_keys": ["a", "b"],
+        "code_version_by_asset_key": {"a": "v1", "b": None},
+        "provenance_by_asset_key": {"a": None, "b": None},
+        "partition_key": None,
+        "partition_key_range": None,
+        "partition_time_window": None,
+        "retry_number": 2,
+        "extras": {"x": 1},
+    }
+    assert stage_context({"context_data": given}, pipeline="p1") == given
+    own = stage_context({"context_data": given, "extras": {"y": 2}, "assets": ["a"]}, pipeline="p1")
+    assert own["extras"] == {"x": 1, "y": 2} and own["run_id"] == "dagster-run"
+    assert own["asset_keys"] == ["a"] and own["code_version_by_asset_key"] == {"a": "v1"}
+    with pytest.raises(StageError, match="context_data must be a map"):
+        stage_context({"context_data": ["no"]}, pipeline="p1")
+
+
+def test_a_client_sets_plain_variables_but_not_what_decides_which_code_runs() -> None:
+    assert check_env({"AWS_REGION": "eu-west-1", "MY_LIMIT": "10"}) == {"AWS_REGION": "eu-west-1", "MY_LIMIT": "10"}
+    for name in ("LD_PRELOAD", "PYTHONPATH", "PATH", "DPIPES_NODE", "DAGSTER_PIPES_CONTEXT"):
+        with pytest.raises(StageError, match=f"{name} may not be set"):
+            check_env({name: "x"})
+    with pytest.raises(StageError, match="not a variable name"):
+        check_env({"A=B": "x"})
+    with pytest.raises(StageError, match="string without NUL"):
+        check_env({"A": 1})
+    with pytest.raises(StageError, match="env: LD_PRELOAD"):  # refused at the entry node, before anything starts
+        check_stage_options({"stages": {"0": {"env": {"LD_PRELOAD": "x"}}}}, 1)
+
+
+def test_a_stage_s_own_env_merges_over_the_pipeline_s() -> None:
+    options = {"env": {"A": "1", "B": "1"}, "stages": {"1": {"env": {"B": "2"}, "stdio": True}}}
+    assert options_for_stage(options, 1) == {"env": {"A": "1", "B": "2"}, "stdio": True}
+
+
+def test_stdio_becomes_valid_log_external_stream_messages_whatever_the_chunks() -> None:
+    tee = StdioTee("stderr")
+    data = "warn: é\n".encode() + b"\xff odd\n"
+    frames = [f for i in range(len(data)) for f in tee.frames(data[i : i + 1])] + tee.frames(b"", end=True)
+    messages = [parse_message(json.dumps(json.loads(f)["message"]).encode()) for f in frames]
+    assert {m.method for m in messages} == {"log_external_stream"}
+    assert {m.params["stream"] for m in messages} == {"stderr"}
+    assert "".join(m.params["text"] for m in messages) == "warn: é\n\ufffd odd\n"  # é split across chunks
+
+
+def test_a_large_chunk_is_cut_into_bounded_messages() -> None:
+    frames = StdioTee("stdout").frames(b"x" * (2 * STDIO_TEXT_MAX_CHARS + 1))
+    assert len(frames) == 3
+    assert all(len(f) < STDIO_TEXT_MAX_CHARS + 200 for f in frames)

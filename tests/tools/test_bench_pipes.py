@@ -43,6 +43,8 @@ def test_quick_suite_returns_positive_results() -> None:
             for who in ("bus_writer", "session_bus_writer")
             for figure in ("rate", "wall", "latency_p50", "latency_p99")
         ),
+        "pipes.dagster_asset_rate",
+        "pipes.dagster_asset_wall",
     ]
     assert marks == ["."]
     for r in results:
@@ -51,6 +53,11 @@ def test_quick_suite_returns_positive_results() -> None:
         assert r.ratio > 0
         assert set(r.as_json()) >= {"name", "value", "unit", "baseline_value", "ratio"}
     rates = [r for r in results if r.unit == "msg/s"]
-    assert [r.name for r in rates] == ["pipes.burst_rate", "pipes.bus_writer_rate", "pipes.session_bus_writer_rate"]
+    assert [r.name for r in rates] == [
+        "pipes.burst_rate",
+        "pipes.bus_writer_rate",
+        "pipes.session_bus_writer_rate",
+        "pipes.dagster_asset_rate",
+    ]
     assert all(r.higher_is_better for r in rates)
     assert all(not r.higher_is_better for r in results if r not in rates)

@@ -22,6 +22,8 @@ suites:
           --tap: instead, (a) and (b) with a tap reader (dpipes-tap's reading and decoding, in
           its own process) subscribed to the sending hub, against the same without one; and the
           events the reader got against those the hub published (the tap is lossy by design)
+  curve   the bus with CurveZMQ keys against the same bus without, in one run: 1 MiB throughput
+          and 64-byte rate hub A -> hub B over TCP loopback, and a client's attach time
   pipe    1 GiB of `cat FILE | cat` with the stages on two local daemons, output to /dev/null,
           against sh -c 'cat FILE | cat > /dev/null'; and the wall time of
           `dpipes 'echo x | cat'` with a running daemon, against sh -c 'echo x | cat'
@@ -30,8 +32,9 @@ suites:
   pipes   10k log + 10k custom Dagster Pipes messages from an external Python process, end to end
           to the client (rate), and 1000 paced messages (latency p50/p99), against Dagster's own
           path; also the same program with dpipes' bus message writer under open_pipes_session
-          (pipes.bus_writer_*) (needs dagster: pip install dagster, or pip install -e '.[bench]'
-          in a dpipes checkout)
+          (pipes.bus_writer_*), and as a Dagster asset materialized with DpipesPipesClient against
+          PipesSubprocessClient (pipes.dagster_asset_*) (needs dagster: pip install dagster, or
+          pip install -e '.[bench]' in a dpipes checkout)
   plugins plugin stages: an Arrow IPC stream through `cat FILE | %pass@b | cat` across two
           daemons, against pyarrow.flight do_put + do_get; `cat FILE | %sink` on one daemon,
           against a Unix pipe into a second Python process reading the IPC stream; 10k batches
@@ -73,6 +76,10 @@ def _suite(name: str) -> Callable[..., list[Result]]:
         from dpipes.tools.bench.pipes import pipes_benchmarks
 
         return pipes_benchmarks
+    if name == "curve":
+        from dpipes.tools.bench.curve import curve_benchmarks
+
+        return curve_benchmarks
     if name == "plugins":
         from dpipes.tools.bench.plugins import plugins_benchmarks
 
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "suite", choices=["bus", "pipe", "pipes", "plugins", "peers", "discovery"], help="what to measure"
+        "suite", choices=["bus", "curve", "pipe", "pipes", "plugins", "peers", "discovery"], help="what to measure"
     )
     parser.add_argument(
         "--nodes", type=int, default=8, metavar="N", help="discovery: daemons on the LAN (default 8; root only)"

@@ -32,6 +32,15 @@ that the bootstrap offers:
 * ``pipes.session_bus_writer_*``: under dpipes' ``open_pipes_session`` with
   ``PipesBusMessageReader`` (no daemon: the session's own hub) around
   ``asyncio.create_subprocess_exec``; a message is received when the session's handler takes it.
+
+Through Dagster end to end (:mod:`dpipes.nodes.dagster.bench`): an asset whose program sends the
+same N log + N custom messages, materialized in-process by Dagster with its own
+``PipesSubprocessClient`` (the baseline) and with ``DpipesPipesClient`` (the program as a
+one-stage pipeline on the daemon):
+
+* ``pipes.dagster_asset_rate``: 2N / (the client's ``run`` returned - the start marker's send
+  time), every message handled by Dagster's own ``PipesMessageHandler`` (logs into its event log);
+* ``pipes.dagster_asset_wall``: the whole ``materialize`` call.
 """
 
 from __future__ import annotations
@@ -333,6 +342,7 @@ def pipes_benchmarks(
                     p50s[who].append(p50)
                     p99s[who].append(p99)
                 progress(".")
+            assets = _dagster_asset_runs(addr, burst, repeat)
     baseline = "dagster open_pipes_session (temp file reader)"
     target_p50 = [LATENCY_P50_TARGET_MS]
     figures = [
@@ -357,4 +367,28 @@ def pipes_benchmarks(
             result(f"pipes.{who}_latency_p50", "ms", p50s[who], baseline, p50s["dagster"], higher_is_better=False),
             result(f"pipes.{who}_latency_p99", "ms", p99s[who], baseline, p99s["dagster"], higher_is_better=False),
         ]
+    ours, theirs = assets["dpipes"], assets["subprocess"]
+    asset_baseline = "dagster PipesSubprocessClient, the same asset"
+    figures += [
+        result("pipes.dagster_asset_rate", "msg/s", [r.rate for r in ours], asset_baseline, [r.rate for r in theirs]),
+        result(
+            "pipes.dagster_asset_wall",
+            "ms",
+            [r.wall_s * 1000 for r in ours],
+            asset_baseline,
+            [r.wall_s * 1000 for r in theirs],
+            higher_is_better=False,
+        ),
+    ]
     return figures
+
+
+def _dagster_asset_runs(node: str, messages: int, repeat: int) -> dict[str, list[Any]]:
+    """The same asset through Dagster's subprocess client and dpipes' (on ``node``), alternately."""
+    from dpipes.nodes.dagster.bench import asset_bursts
+
+    runs = asset_bursts(messages=messages, repeat=repeat, node=node, warm_up=gc.freeze)
+    for run in (r for client_runs in runs.values() for r in client_runs):
+        if run.delivered != messages + 2:
+            raise RuntimeError(f"the {run.client} client delivered {run.delivered} of {messages + 2} custom messages")
+    return runs

@@ -186,7 +186,7 @@ async def test_plugin_progress_reaches_the_client_as_pipes_messages(rt: Path) ->
         out = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(record), pipeline)
         assert out.code == 0, out.stderr
         assert out.stdout.split() == [b"20001"]
-    from dpipes.nodes.progress_view import progress_of
+    from dpipes.nodes.progress import progress_of
 
     lines = [json.loads(line) for line in record.read_text().splitlines()]
     frames = [json.dumps(item).encode() for item in lines if item.get("stage") == 1 and "message" in item]

@@ -1,12 +1,15 @@
-"""Plugin progress for a person: the provider's progress messages picked out of PIPES frames and drawn."""
+"""Plugin progress for a person: the provider's progress messages picked out of PIPES frames and shown."""
 
 from __future__ import annotations
 
 import io
 import json
 
+from rich.console import Console
+
 from dpipes.nodes.plugins.provider import log_message, progress_message
-from dpipes.nodes.progress_view import ProgressView, progress_of
+from dpipes.nodes.progress import ProgressView, progress_of
+from dpipes.nodes.run import StageResult
 
 
 def frame(message: object) -> bytes:
@@ -29,12 +32,15 @@ def test_other_messages_and_malformed_frames_are_not_progress() -> None:
     assert progress_of(frame(wild)) is None
 
 
-def test_one_bar_per_stage_shows_the_latest_fraction() -> None:
+def test_a_plugin_stage_shows_its_latest_fraction_in_the_live_table() -> None:
+    view = ProgressView(Console(file=io.StringIO(), force_terminal=True, width=100), show_after_s=0)
+    view.start([StageResult(0, "alpha", ["%generate"]), StageResult(1, "beta", ["%passthrough"])])
+    view.fraction(1, 0.1)
+    view.fraction(1, 0.5)
+    view.fraction(7, 0.9)  # no such stage: ignored
     out = io.StringIO()
-    with ProgressView(out, force_terminal=True) as view:
-        view.update(1, "stage 1 %passthrough@beta", 0.1)
-        view.update(1, "stage 1 %passthrough@beta", 0.5)
-        view.update(3, "stage 3 %summarize@alpha", 1.0)
-        shown = view.render()
-    assert "stage 1 %passthrough@beta" in shown and "50%" in shown and "10%" not in shown
-    assert "stage 3 %summarize@alpha" in shown and "100%" in shown
+    Console(file=out, force_terminal=True, width=100, color_system=None).print(view.render())
+    view.stop()
+    rows = out.getvalue().splitlines()
+    assert any("%passthrough@beta" in row and "running 50%" in row for row in rows)
+    assert any("%generate@alpha" in row and "%" not in row.replace("%generate", "") for row in rows)
