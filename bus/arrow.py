@@ -24,6 +24,9 @@ The ``arrow`` map
                                 the byte length of this part's first payload frame, which holds
                                 the stream's schema as an Arrow IPC schema message
                                 (``Schema.serialize()``: continuation marker, length, flatbuffer)
+    ``anchor``        str       optional, a stream's first part only: the sender's output anchor
+                                (a plugin worker names which of its outputs a stream is, when it
+                                sends several to one receiver)
     ``rows``          int       part 0 of every batch: the batch's number of rows
     ``encoding``      str       part 0 of every batch: ``"buffers"`` or ``"ipc"``
     ``columns``       [node]    part 0, ``"buffers"`` only: one node per schema field, in order

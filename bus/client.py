@@ -40,11 +40,18 @@ class Client:
     """
 
     def __init__(
-        self, hub: str, *, name: str = "", attach_timeout: float = ATTACH_TIMEOUT_S, curve: ClientCurve | None = None
+        self,
+        hub: str,
+        *,
+        name: str = "",
+        attach_timeout: float = ATTACH_TIMEOUT_S,
+        curve: ClientCurve | None = None,
+        window: int = 0,
     ) -> None:
         self.hub = hub
         self._curve = curve  # keys for a TCP hub that has them; ipc:// is checked by uid instead
         self._name = name
+        self._window = max(window, codec.INITIAL_CREDIT_BYTES)  # credit kept open per incoming stream
         self._attach_timeout = attach_timeout
         self._ctx: zmq.Context[Any] | None = None
         self._pump: Pump | None = None
@@ -110,7 +117,7 @@ class Client:
             await self._close_sockets()
             raise
         self._stop_monitor(monitor)
-        self._endpoint = Endpoint(addr, self, max_streams=CLIENT_MAX_IN_STREAMS)
+        assert self._endpoint is not None and self._endpoint.addr == addr
         self._last_heard = time.monotonic()
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"client {addr} heartbeats")
 
@@ -194,6 +201,9 @@ class Client:
         if isinstance(msg, codec.Attached):
             if msg.shm:
                 self._pool = shm.Pool()
+            # Made here, not after start() resumes: what the hub held for us (``Hub.reserve``)
+            # follows ATTACHED at once, possibly in this same pass of the pump.
+            self._endpoint = Endpoint(msg.addr, self, window=self._window, max_streams=CLIENT_MAX_IN_STREAMS)
             self._attached.set_result(msg.addr)
         elif isinstance(msg, codec.Error):
             self._attached.set_exception(BusError(f"hub at {self.hub} refused to attach ({msg.code}): {msg.message}"))

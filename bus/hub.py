@@ -178,6 +178,7 @@ class _Client:
     backlog_bytes: int = 0
     user_id: str | None = None  # the ZAP User-Id of its connection (secure hubs): who it is
     shm: bool = False  # on this host: SHM messages go to it as they are, and from us to it
+    reserved: bool = False  # a name held for a client that has not attached yet (``Hub.reserve``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,6 +429,40 @@ class Hub:
         )
         self._local[name] = ep
         return ep
+
+    def reserve(self, name: str) -> str:
+        """Hold the name ``node/name`` for a client that will ATTACH with it (a plugin worker the
+        node is about to fork); its address.
+
+        Until that client attaches, messages to the name wait here, in order, within
+        ``CLIENT_BACKLOG_MESSAGES`` (what a sender may send before the client grants credit is the
+        protocol's initial credit per stream, so this bounds nothing new); then they go to it. The
+        first ATTACH naming it over the hub's ``ipc://`` path takes it (a process of this host,
+        whose uid the hub checks); one over TCP is refused as for a name that is taken.
+        """
+        if not name or "/" in name:
+            raise ValueError(f"invalid endpoint name {name!r}")
+        if name in self._local:
+            raise BusError(f"endpoint {self.node}/{name} already exists")
+        self._local[name] = _Client(ident=b"", addr=f"{self.node}/{name}", last_heard=time.monotonic(), reserved=True)
+        return f"{self.node}/{name}"
+
+    def release(self, name: str) -> None:
+        """Drop ``node/name``: a reservation nobody claimed, or the client attached under it (it
+        is gone: what it still had queued here is dropped). Idempotent."""
+        party = self._local.get(name)
+        if isinstance(party, _Client):
+            held, party.backlog, party.backlog_bytes = list(party.backlog), collections.deque(), 0
+            if party.reserved:
+                del self._local[name]
+            else:
+                self._detach(party)
+            for frames in held:  # never delivered: their senders learn it, as for a name that is gone
+                try:
+                    header = codec.decode_header(frames[0])
+                except DecodeError:
+                    continue
+                self._bounce(header, "no-endpoint", f"endpoint {name!r} on node {self.node} is gone")
 
     def client_is_local(self, addr: str) -> bool:
         """Whether the client at ``addr`` attached over our ``ipc://`` path, so runs on this host.
@@ -1096,6 +1131,16 @@ class Hub:
         if not name:
             self._client_ids += 1
             name = f"client-{self._client_ids}-{os.urandom(3).hex()}"
+        held = self._local.get(name)
+        if isinstance(held, _Client) and held.reserved and _over_ipc(frames[1]):  # the worker it was held for
+            held.ident, held.reserved, held.last_heard, held.local = ident, False, time.monotonic(), True
+            if self._security is not None:
+                held.user_id = frames[1].get("User-Id")
+            self._clients[ident] = held
+            self._router_send(ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=held.addr, addr=held.addr)))
+            if held.backlog:
+                self._flush_client(held)
+            return
         source = _peer_address(frames[1])
         refusal = ""
         if "/" in name or name in self._local:
@@ -1311,7 +1356,7 @@ class Hub:
             self._link_send(link, error)
 
     def _to_client(self, client: _Client, frames: list[Any]) -> None:
-        if client.backlog:
+        if client.backlog or client.reserved:  # in order, behind what waits; bounded (``_hold``)
             self._hold(client, frames)
             return
         assert self._router is not None

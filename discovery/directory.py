@@ -87,6 +87,8 @@ from dpipes.discovery.txt import MAX_LIST_ITEMS, NODE_NAME_RE, valid_program_nam
 
 log = logging.getLogger(__name__)
 
+PLUGIN_SIGIL = "%"  # a plugin stage's first word is %NAME (dpipes.nodes.pipeline): offers say plugins so
+
 # A full mesh of N nodes costs each node about 2(N-1) descriptors (its DEALER to every peer and
 # every peer's connection to its ROUTER) and heartbeats every HEARTBEAT_INTERVAL_S on each link.
 # 64 keeps that near 130 of the usual 1024 soft limit, leaving the rest for stages' pipes; dpipes
@@ -395,7 +397,14 @@ class NodeDirectory:
         previous = self._up.get(name)
         if previous is not None and previous != endpoint:
             self._link_gone(name, previous, now)
-        record = NodeRecord(name, instance, PROTOCOL_VERSION, {"bus": endpoint}, programs=_programs(info))
+        record = NodeRecord(
+            name,
+            instance,
+            PROTOCOL_VERSION,
+            {"bus": endpoint},
+            programs=_programs(info),
+            plugins=_programs(info, "plugins"),
+        )
         want = self._wanted.get(endpoint)
         if want is None:
             want = self._wanted[endpoint] = _Want(endpoint, "inbound", name, now)
@@ -429,10 +438,12 @@ class NodeDirectory:
         record = self.table.get(name)
         if endpoint is None or record is None:
             return []
-        programs = _programs(info)
-        if programs != record.programs:
+        programs, plugins = _programs(info), _programs(info, "plugins")
+        if programs != record.programs or plugins != record.plugins:
             self.table.seen(
-                NodeRecord(name, record.instance_id, PROTOCOL_VERSION, {"bus": endpoint}, programs=programs),
+                NodeRecord(
+                    name, record.instance_id, PROTOCOL_VERSION, {"bus": endpoint}, programs=programs, plugins=plugins
+                ),
                 "linked",
                 now,
             )
@@ -611,16 +622,18 @@ class NodeDirectory:
         return []
 
 
-def _programs(info: Mapping[str, Any]) -> tuple[str, ...]:
-    """The valid program names a HELLO ``info`` lists, at most ``MAX_PROGRAMS``, sorted."""
-    programs = info.get("programs") if isinstance(info, Mapping) else None
+def _programs(info: Mapping[str, Any], key: str = "programs") -> tuple[str, ...]:
+    """The valid program (or, ``key="plugins"``, plugin) names a HELLO ``info`` lists, at most
+    ``MAX_PROGRAMS``, sorted."""
+    programs = info.get(key) if isinstance(info, Mapping) else None
     if not isinstance(programs, list | tuple):
         return ()
     return tuple(sorted({p for p in programs[:MAX_PROGRAMS] if isinstance(p, str) and valid_program_name(p)}))
 
 
 def _offers(record: NodeRecord) -> tuple[str, ...]:
-    return tuple(sorted(set(record.programs) | set(record.plugins)))
+    """What a node offers, as stages name it: its programs, and its plugins as ``%NAME``."""
+    return tuple(sorted(set(record.programs) | {PLUGIN_SIGIL + p for p in record.plugins}))
 
 
 __all__ = [

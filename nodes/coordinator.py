@@ -19,8 +19,11 @@ A client's ``run`` request comes to its entry node, whose :class:`Coordinator`:
 Where each stage starts is decided here too (protocol: *Working directories*): in the client's
 directory on the client's host, which is this node's when the client attached over ipc.
 
-Which edges are kernel pipes rather than bus streams is decided here: neighbours on one node in
-bytes mode, and, when the client is on this host and handed its stdin and stdout over, its first
+A run is a graph (:mod:`dpipes.nodes.workflow`): a workflow's stages and connections, or a linear
+pipeline's (each stage's output to the next one's input); each stage's wiring (``stdin_from`` and
+``stdout_to`` for a program, ``inputs`` and ``outputs`` for a plugin) comes from it. Which edges
+are kernel pipes rather than bus streams is decided here: in a linear pipeline, neighbouring
+programs on one node in bytes mode, and, when the client is on this host and handed its stdin and stdout over, its first
 stage's input and last stage's output (:mod:`dpipes.nodes.fdpass`).
 """
 
@@ -74,6 +77,7 @@ from dpipes.nodes.stages import NegotiationRefused
 
 if TYPE_CHECKING:
     from dpipes.nodes.pipeline import NodeInfo, StageSpec
+    from dpipes.nodes.workflow import Graph
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +152,11 @@ class Coordinator:
             for fd in handed.values():  # what no stage took: the client's data goes over the bus
                 os.close(fd)
 
-    def _parse(self, request: RunRequest) -> list[StageSpec]:
-        """The stages of ``request``, once every check that needs no other node has passed."""
+    def _parse(self, request: RunRequest) -> Graph:
+        """The stages of ``request`` and how they connect (a linear pipeline, or a workflow's
+        graph), once every check that needs no other node has passed."""
         from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
+        from dpipes.nodes.workflow import Graph, WorkflowError, parse_workflow
 
         if request.protocol != PIPELINE_PROTOCOL:
             theirs = f"pipeline protocol {request.protocol!r}"
@@ -161,9 +167,13 @@ class Coordinator:
             except ValueError as exc:
                 raise ControlError(BAD_REQUEST, str(exc), field=f"require.{i}") from None
         try:
-            stages = parse_pipeline(request.pipeline)
-        except PipelineSyntaxError as exc:
+            if request.workflow:
+                graph = parse_workflow(request.workflow, stdin=request.stdin)
+            else:
+                graph = Graph.from_pipeline(parse_pipeline(request.pipeline), stdin=request.stdin)
+        except (PipelineSyntaxError, WorkflowError) as exc:
             raise ControlError(SYNTAX, str(exc)) from None
+        stages = graph.stages
         limit = self.config.limits.max_stages
         if len(stages) > limit:
             raise ControlError(LIMIT, f"{len(stages)} stages, more than this node's limit of {limit}")
@@ -171,14 +181,15 @@ class Coordinator:
             check_stage_options(request.pipes, len(stages))
         except StageError as exc:
             raise ControlError(BAD_REQUEST, str(exc), field="pipes") from None
-        return stages
+        return graph
 
     async def _start(self, request: RunRequest, client: str, handed: dict[str, int]) -> RunReply:
         """Parse, place, negotiate, start; ``handed``: the local client's descriptors, by name (a
         stage that uses one takes it out)."""
         from dpipes.nodes.pipeline import PlacementError, placements
 
-        stages = self._parse(request)
+        graph = self._parse(request)
+        stages = graph.stages
         try:
             placed = placements(stages, self.table(), local=self.node)
         except PlacementError as exc:
@@ -206,8 +217,9 @@ class Coordinator:
                         mode=request.mode,
                         require=request.require,
                         user=request.user,
-                        peers=self._endpoints_of(nodes[max(0, i - 1) : i + 2]),
+                        peers=self._endpoints_of([nodes[j] for j in graph.neighbours(i)]),
                         pinned=stages[i].node is not None,
+                        config=graph.configs[i],
                     ),
                     timeout=CONTROL_TIMEOUT_S,
                 )
@@ -229,34 +241,47 @@ class Coordinator:
         cwds = self._working_dirs(request, client, [r.host for r in negotiations if isinstance(r, NegotiateReply)])
         # Which edges are kernel pipes: neighbours on one node, and, with what a client on this
         # host handed over, its stdin to a first stage here and a last stage here to its stdout.
-        direct = [_direct_edge(request, [*nodes, self.node], i) for i in range(len(nodes))]
-        stdin_direct = "stdin" in handed and request.stdin and nodes[0] == self.node and request.mode == "bytes"
+        direct = [graph.linear and _direct_edge(request, [*nodes, self.node], i, graph) for i in range(len(nodes))]
+        stdin_direct = (
+            "stdin" in handed
+            and graph.stdin_to is not None
+            and graph.linear
+            and not graph.is_plugin(0)
+            and nodes[0] == self.node
+            and request.mode == "bytes"
+        )
         stdout_direct = "stdout" in handed and direct[-1]
         if stdin_direct:
             self.direct.keep(pipeline, -1, handed.pop("stdin"))
         if stdout_direct:
             self.direct.keep(pipeline, len(nodes) - 1, handed.pop("stdout"))
+        edge_format = request.edge_format if request.mode == "bytes" else "ndjson"  # object modes: objects
+
+        def wiring(i: int) -> StartRequest:
+            stdin_from, stdout_to = graph.program_edges(i, addrs, client)
+            inputs, outputs = (
+                graph.plugin_edges(i, addrs, client, edge_format=edge_format) if graph.is_plugin(i) else ((), ())
+            )
+            return StartRequest(
+                pipeline=pipeline,
+                stage=i,
+                stdin_from=stdin_from,
+                stdout_to=stdout_to,
+                stderr_to=client,
+                report_to=(client, self.ctl.addr),
+                user=request.user,
+                pipes=options_for_stage(request.pipes, i),
+                direct_in=direct[i - 1] if i else stdin_direct,
+                direct_out=direct[i] if i + 1 < len(nodes) else stdout_direct,
+                cwd=cwds[i],
+                progress_to=client if request.progress else "",
+                inputs=inputs,
+                outputs=outputs,
+            )
+
         starts = await asyncio.gather(
             *(
-                call(
-                    self.ctl,
-                    node,
-                    StartRequest(
-                        pipeline=pipeline,
-                        stage=i,
-                        stdin_from=(addrs[i - 1] if i else (client if request.stdin else "")),
-                        stdout_to=addrs[i + 1] if i + 1 < len(addrs) else client,
-                        stderr_to=client,
-                        report_to=(client, self.ctl.addr),
-                        user=request.user,
-                        pipes=options_for_stage(request.pipes, i),
-                        direct_in=direct[i - 1] if i else stdin_direct,
-                        direct_out=direct[i] if i + 1 < len(nodes) else stdout_direct,
-                        cwd=cwds[i],
-                        progress_to=client if request.progress else "",
-                    ),
-                    timeout=CONTROL_TIMEOUT_S,
-                )
+                call(self.ctl, node, wiring(i), timeout=CONTROL_TIMEOUT_S)
                 for i, node in reversed(list(enumerate(nodes)))  # downstream first: readers ready
             ),
             return_exceptions=True,
@@ -397,14 +422,16 @@ def _code_of(failures: Iterable[BaseException]) -> str:
     return codes.pop() if len(codes) == 1 else REFUSED
 
 
-def _direct_edge(run: RunRequest, nodes: Sequence[str], i: int) -> bool:
+def _direct_edge(run: RunRequest, nodes: Sequence[str], i: int, graph: Graph) -> bool:
     """Whether stages ``i`` and ``i + 1`` exchange data through a kernel pipe rather than the bus:
-    both on one node, bytes mode (object modes add metadata on the way), and the node does not read
-    stage ``i``'s stdout: not a Pipes channel, not the last stage's output sent as ``stdio``
-    messages (``nodes`` ends with the client's node: stage ``i + 1`` may be the client)."""
+    both on one node, bytes mode (object modes add metadata on the way), the node does not read
+    stage ``i``'s stdout (not a Pipes channel, not the last stage's output sent as ``stdio``
+    messages; ``nodes`` ends with the client's node: stage ``i + 1`` may be the client), and
+    neither is a plugin (a worker's data goes on the bus)."""
     own = options_for_stage(run.pipes, i)
     read = own.get("messages") == "stdout" or (i == len(nodes) - 2 and bool(own.get("stdio")))
-    return nodes[i] == nodes[i + 1] and run.mode == "bytes" and not read
+    plugins = graph.is_plugin(i) or (i + 1 < len(graph.stages) and graph.is_plugin(i + 1))
+    return nodes[i] == nodes[i + 1] and run.mode == "bytes" and not read and not plugins
 
 
 __all__ = ["Coordinator", "Run"]

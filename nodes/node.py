@@ -39,6 +39,8 @@ from dpipes.nodes.policy import Policy, parse_requirement
 from dpipes.nodes.protocol import (
     CTL,
     GOSSIP_INTERVAL_S,
+    MAX_ITEMS,
+    MAX_TEXT_CHARS,
     PIPELINE_PROTOCOL,
     CancelReply,
     CancelRequest,
@@ -95,7 +97,14 @@ class Node:
         self.exit_after_one = exit_after_one
         tcp = listen or f"tcp://{_zmq_host(config.listen.host)}:{config.listen.port}"
         check_exposure(config.name, tcp, insecure=config.insecure)
-        self.hub = Hub(config.name, tcp=tcp, ipc=ipc, tap=tap, info={"programs": sorted(self.offered())})
+        self.plugins = self.policy.offered_plugins()  # name -> version, as installed when the node started
+        self.hub = Hub(
+            config.name,
+            tcp=tcp,
+            ipc=ipc,
+            tap=tap,
+            info={"programs": sorted(self.offered()), "plugins": sorted(self.plugins), "plugin_versions": self.plugins},
+        )
         # One incarnation id for the links and for mDNS, ordered by start time: the directory tells
         # a restarted node from a stale record by comparing them (discovery/table.py).
         self.hub.instance = new_instance_id()
@@ -206,6 +215,7 @@ class Node:
             codec.PROTOCOL_VERSION,
             {"bus": self.hub.advertised_endpoint},
             programs=tuple(sorted(self.offered())),
+            plugins=tuple(sorted(self.plugins)),
         )
         self._apply(self.directory.set_self(me, now))
         for peer in self.config.nodes.values():
@@ -245,6 +255,7 @@ class Node:
             endpoints={"bus": f"tcp://{addresses[0]}:{port}"},
             addresses=tuple(addresses),
             programs=tuple(sorted(self.offered())),
+            plugins=tuple(sorted(self.plugins)),
         )
         mdns = MdnsDiscovery(record, interfaces=addresses, on_event=self._on_mdns)
         await mdns.start()
@@ -374,10 +385,26 @@ class Node:
                 source=e.source,
                 last_seen_s=e.last_seen_s,
                 up=e.up,
+                plugin_versions=self._plugin_versions(e.name),
             )
             for e in self.directory.entries(time.monotonic(), heard_s=heard_s)
         )
         return InfoReply(node=self.name, protocol=PIPELINE_PROTOCOL, nodes=nodes)
+
+    def _plugin_versions(self, node: str) -> dict[str, str]:
+        """The plugins ``node`` offers with their versions: ours, or what its HELLO said (checked:
+        a peer's info is input like any other)."""
+        if node == self.name:
+            return dict(self.plugins)
+        peer = self.hub.peers.get(node)
+        said = peer.info.get("plugin_versions") if peer is not None and isinstance(peer.info, dict) else None
+        if not isinstance(said, dict):
+            return {}
+        return {
+            k: v
+            for k, v in list(said.items())[:MAX_ITEMS]
+            if isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_TEXT_CHARS and len(v) <= MAX_TEXT_CHARS
+        }
 
     # -- gossip: a node that knows one peer learns the rest ---------------------------------
 

@@ -16,6 +16,14 @@ Syntax
     them or to run ``sh -c '...'`` as a stage, rather than meaning something else silently. Globs
     (``* ? [``) and ``~`` are not expanded: the program receives them as written.
 
+    A first word starting with ``%`` names a *plugin* instead of a program (``%filter@beta
+    expr="amount > 100"``): a Python class installed on a node under the entry point group
+    ``dpipes.plugins`` (:mod:`dpipes.nodes.plugins`), run there by a plugin worker. Its other
+    words are its configuration, each ``KEY=VALUE`` (the plugin's ``provider.tool_config``, values
+    as text); a word without ``=`` is an error. No program is named with a leading ``%``, so the
+    two cannot be confused; a program whose name does start with one runs by its path (``./%odd``)
+    or through ``env`` (``env %odd``).
+
     Stages are numbered from 0, here as everywhere else (errors, placement, ``--status``,
     ``--tag``, the ``N:`` options and Pipes): the first stage is stage 0.
 
@@ -61,6 +69,8 @@ __all__ = [
     "parse_pipeline",
     "place",
     "placements",
+    "plugin_config",
+    "plugin_name",
 ]
 
 NODE_NAME_PATTERN = NODE_NAME_RE
@@ -79,6 +89,12 @@ _SHELL_ONLY = {
     "`": "a command substitution",
 }
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+PLUGIN_SIGIL = "%"
+"""The first character of a stage's first word that makes it a plugin stage (``%filter``)."""
+PLUGIN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+"""A plugin's name as a stage gives it: an entry point name (1-128 letters, digits, ``_ . -``)."""
+CONFIG_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
+"""A ``KEY`` of a plugin stage's ``KEY=VALUE`` words."""
 _SNIPPET_MAX = 200
 
 
@@ -108,8 +124,38 @@ class StageSpec:
 
     @property
     def program(self) -> str:
-        """The program word, without any ``@NODE`` pin."""
+        """The program word, without any ``@NODE`` pin (``%NAME`` for a plugin stage)."""
         return self.argv[0]
+
+    @property
+    def plugin(self) -> str:
+        """The plugin's name for a plugin stage (``%filter`` -> ``filter``), else ""."""
+        return plugin_name(self.argv)
+
+    @property
+    def config(self) -> dict[str, str]:
+        """A plugin stage's ``KEY=VALUE`` words as a map (empty for a program)."""
+        return plugin_config(self.argv) if self.plugin else {}
+
+
+def plugin_name(argv: Sequence[str]) -> str:
+    """The plugin ``argv`` names (``["%filter", ...]`` -> ``"filter"``), or "" for a program."""
+    return argv[0][1:] if argv and argv[0].startswith(PLUGIN_SIGIL) else ""
+
+
+def plugin_config(argv: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` words after a plugin stage's first word as a map (later keys win).
+
+    Raises:
+        ValueError: a word is not ``KEY=VALUE``.
+    """
+    config: dict[str, str] = {}
+    for word in argv[1:]:
+        key, eq, value = word.partition("=")
+        if not eq or not CONFIG_KEY_RE.fullmatch(key):
+            raise ValueError(f"plugin stage argument {word!r:.60} is not KEY=VALUE")
+        config[key] = value
+    return config
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +396,25 @@ def parse_pipeline(text: str) -> list[StageSpec]:
                 stage=index,
             )
         argv = (program, *(w.text() for w in raw.words[1:]))
+        if program.startswith(PLUGIN_SIGIL):
+            name = program[len(PLUGIN_SIGIL) :]
+            if not PLUGIN_NAME_RE.fullmatch(name):
+                raise parser.fail(
+                    first.start,
+                    f"bad plugin name {name!r:.60}: use 1-128 letters, digits, '_', '.' and '-'",
+                    "Write %NAME KEY=VALUE ...; run a program named %... by its path (./%...) or as env %....",
+                    stage=index,
+                )
+            for word in raw.words[1:]:
+                try:
+                    plugin_config((program, word.text()))
+                except ValueError as exc:
+                    raise parser.fail(
+                        word.start,
+                        str(exc),
+                        'A plugin stage takes its configuration as KEY=VALUE words (quote spaces: expr="a > 1").',
+                        stage=index,
+                    ) from None
         specs.append(StageSpec(index, argv, node, text[raw.start : raw.end].strip()))
     return specs
 

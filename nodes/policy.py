@@ -22,6 +22,12 @@ starts anywhere. The checks, in order, each with the :class:`Refusal` code it an
     ``[apps.PROG] version``, else the first number ``PROG --version`` prints, probed once and
     cached) does not satisfy it, or cannot be known.
 
+A plugin stage (``%NAME``, :mod:`dpipes.nodes.pipeline`) passes the same checks, with plugins in
+place of programs: an exclusive node runs no plugin; an ``allow`` list covers a plugin when it
+lists ``%NAME``; ``not-found`` when no installed distribution has the entry point ``NAME`` in the
+group ``dpipes.plugins``; a ``%NAME>=1.2`` requirement is checked against the version of the
+distribution that provides it.
+
 A refusal is a value, never an exception: the caller turns it into an answer. The caller's identity
 is an argument of :meth:`Policy.refusal`; today it is the user name the client sent, and no check
 uses it yet (the security work plugs in here). Everything but the version probe is pure.
@@ -54,6 +60,8 @@ NOT_ALLOWED: Final = "not-allowed"
 NOT_FOUND: Final = "not-found"
 BAD_REQUIREMENT: Final = "bad-requirement"
 VERSION: Final = "version"
+
+PLUGIN_SIGIL: Final = "%"  # a stage whose first word starts with it names a plugin (dpipes.nodes.pipeline)
 
 _REQUIRE_RE = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|!=|>|<)\s*([0-9][0-9A-Za-z.+-]*)\s*$")
 _VERSION_RE = re.compile(r"(\d+(?:\.\d+)+|\d+)")
@@ -130,6 +138,19 @@ class Policy:
             return {shlex.join([os.path.basename(self.exclusive[0]), *self.exclusive[1:]])}
         return set(self.config.allow or ()) | set(self.config.apps)
 
+    def offered_plugins(self) -> dict[str, str]:
+        """Plugins this node offers, name -> version: those installed that its allow list admits."""
+        if self.exclusive:
+            return {}
+        from dpipes.nodes.plugins.registry import installed_plugins
+
+        allow = self.config.allow
+        return {
+            name: info.version
+            for name, info in installed_plugins().items()
+            if allow is None or PLUGIN_SIGIL + name in allow
+        }
+
     def resolve(self, program: str) -> str | None:
         """The executable ``program`` names here: its ``[apps]`` path, else a ``PATH`` lookup."""
         app = self.config.apps.get(program)
@@ -161,6 +182,8 @@ class Policy:
             )
         if mode not in MODES:
             return Refusal(MODE, f"data mode {mode!r} is not one of {', '.join(MODES)}")
+        if program.startswith(PLUGIN_SIGIL):
+            return self._plugin_refusal(program)
         if self.exclusive is not None:
             only = os.path.basename(self.exclusive[0])
             if os.path.basename(program) != only:
@@ -183,6 +206,28 @@ class Policy:
             return Refusal(NOT_FOUND, describe_missing(wanted, configured, node=self.node))
         return None
 
+    def _plugin_refusal(self, word: str) -> Refusal | None:
+        name = word[len(PLUGIN_SIGIL) :]
+        if self.exclusive is not None:
+            only = os.path.basename(self.exclusive[0])
+            return Refusal(NOT_ALLOWED, f"plugin {name!r} is not allowed: node {self.node} runs only {only!r}")
+        if self.config.allow is not None and word not in self.config.allow:
+            allowed = ", ".join(sorted(self.config.allow)) or "nothing"
+            return Refusal(
+                NOT_ALLOWED, f"plugin {name!r} is not allowed on node {self.node} (allowed: {allowed}; add {word!r})"
+            )
+        from dpipes.nodes.plugins.registry import ENTRY_POINT_GROUP, installed_plugins
+
+        installed = installed_plugins()
+        if name not in installed:
+            known = ", ".join(installed) or "none"
+            return Refusal(
+                NOT_FOUND,
+                f"plugin {name!r} is not installed on node {self.node} (no entry point {name!r} in the group "
+                f"{ENTRY_POINT_GROUP!r}; installed: {known}): pip install it there",
+            )
+        return None
+
     async def refusal(
         self,
         argv: Sequence[str],
@@ -197,6 +242,8 @@ class Policy:
         if found := self.refusal_static(argv, mode=mode, protocol=protocol, caller=caller, pinned=pinned):
             return found
         program = argv[0]
+        if program.startswith(PLUGIN_SIGIL):
+            return self._plugin_version_refusal(program, require)
         path = self.resolve(self.exclusive[0] if self.exclusive else program)
         assert path is not None  # refusal_static found it
         for text in require:
@@ -213,6 +260,27 @@ class Policy:
             if not version_satisfies(have, op, want):
                 shown = ".".join(map(str, have))
                 return Refusal(VERSION, f"{program} version {shown} on node {self.node} does not satisfy {text!r}")
+        return None
+
+    def _plugin_version_refusal(self, word: str, require: Iterable[str]) -> Refusal | None:
+        from dpipes.nodes.plugins.registry import installed_plugins
+
+        for text in require:
+            try:
+                name, op, want = parse_requirement(text)
+            except ValueError as exc:
+                return Refusal(BAD_REQUIREMENT, str(exc))
+            if name != word:
+                continue
+            info = installed_plugins().get(word[len(PLUGIN_SIGIL) :])
+            have = version_tuple(info.version) if info is not None else ()
+            if not have:
+                return Refusal(
+                    VERSION, f"version of plugin {word!r} unknown on node {self.node}, cannot check {text!r}"
+                )
+            if not version_satisfies(have, op, want):
+                shown = ".".join(map(str, have))
+                return Refusal(VERSION, f"plugin {word} version {shown} on node {self.node} does not satisfy {text!r}")
         return None
 
     async def version_of(self, program: str, path: str) -> tuple[int, ...]:

@@ -8,6 +8,10 @@ other. It appears only once a run has lasted ``SHOW_AFTER_S``: a short command s
 watch. It is transient: at the end the table is removed, and ``--status`` or ``--joblog`` keep the
 final record.
 
+A plugin stage also says how far it is (``io.update_progress``: a Pipes custom message
+``{"type": "dpipes.progress", "fraction": F}``, picked out by :func:`progress_of`): its state
+shows the latest fraction as a percentage.
+
 Bytes are what a stage's node moved through its stdin and stdout; an edge that is one kernel pipe
 (neighbours on one node, a local stage writing straight to this command's stdout) passes by every
 node and shows as ``·``, while its stage's state and time still show.
@@ -16,9 +20,10 @@ node and shows as ``·``, while its stage's state and time still show.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,7 +40,24 @@ REFRESH_PER_S = 4  # redraws per second: the elapsed time moves, reports come ev
 # protocol's PROGRESS_INTERVAL_S, so one late report does not blank the rate).
 RATE_STALE_S = 1.0
 
-__all__ = ["ProgressView"]
+PLUGIN_PROGRESS_TYPE = "dpipes.progress"  # a plugin progress payload's type (the provider's PROGRESS_MESSAGE_TYPE)
+
+__all__ = ["PLUGIN_PROGRESS_TYPE", "ProgressView", "progress_of"]
+
+
+def progress_of(message: Mapping[str, Any]) -> float | None:
+    """The fraction a Pipes message reports (a plugin's ``io.update_progress``), or None if it is no
+    progress message."""
+    if message.get("method") != "report_custom_message":
+        return None
+    params = message.get("params")
+    payload = params.get("payload") if isinstance(params, dict) else None
+    if not isinstance(payload, dict) or payload.get("type") != PLUGIN_PROGRESS_TYPE:
+        return None
+    fraction = payload.get("fraction")
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not math.isfinite(fraction):
+        return None
+    return min(max(float(fraction), 0.0), 1.0)
 
 
 class _Row:
@@ -49,6 +71,7 @@ class _Row:
         self.since = now
         self.last: tuple[float, int] | None = None  # (when, bytes_out) of the last report
         self.ended: float | None = None
+        self.fraction: float | None = None  # how far a plugin says it is (io.update_progress)
 
 
 class ProgressView:
@@ -121,6 +144,13 @@ class ProgressView:
                 row.rate = (bytes_out - row.last[1]) / (now - row.last[0])
             row.last = (now, bytes_out)
 
+    def fraction(self, index: int, fraction: float) -> None:
+        """Plugin stage ``index`` says it is ``fraction`` done (a newer fraction replaces an older one)."""
+        if not 0 <= index < len(self._rows):
+            return
+        with self._lock:
+            self._rows[index].fraction = fraction
+
     def exited(self, stage: StageResult) -> None:
         """Stage ``stage`` reported its exit (its final counts are in it)."""
         if not 0 <= stage.index < len(self._rows):
@@ -170,6 +200,8 @@ class ProgressView:
                 moving = row.ended is None and row.last is not None and now - row.last[0] < RATE_STALE_S
                 rate = f"{decimal(int(row.rate))}/s" if moving and row.rate > 0 else ""
                 state = s.status if row.ended is not None else "running"
+                if row.ended is None and row.fraction is not None:
+                    state += f" {row.fraction:.0%}"
                 ran = (row.ended if row.ended is not None else now) - row.since
                 table.add_row(
                     str(s.index),

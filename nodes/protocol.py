@@ -57,8 +57,12 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         a client on the node's host handed its stdin/stdout over, :mod:`dpipes.nodes.fdpass`),
         ``cwd: str = ""`` (the client's working directory, absolute), ``workdir: str = ""`` (where
         every stage starts, as the user chose it: ``--cwd``; see *Working directories*),
-        ``progress: bool = false`` (send ``progress`` reports to the client while the run goes).
-        The entry node parses the text, places every stage, negotiates with every chosen node,
+        ``progress: bool = false`` (send ``progress`` reports to the client while the run goes),
+        ``workflow: map = {}`` (a workflow document, :mod:`dpipes.nodes.workflow`: named stages
+        and connections between their anchors; when given, it is what runs and ``pipeline`` only
+        names it), ``edge_format: str = "csv"`` (``csv``, ``ndjson`` or ``arrow``: what a
+        program's bytes are at an edge with a plugin stage, in bytes mode; in an object mode the
+        objects themselves). The entry node parses the text, places every stage, negotiates with every chosen node,
         then starts every stage, the last one first. Nothing starts unless every node agreed.
         Reply: ``pipeline: str`` (the run's id), ``stdin_direct: bool = false`` and
         ``stdout_direct: bool = false`` (the handed-over stdin/stdout went straight to the
@@ -76,18 +80,24 @@ Methods (``REQUEST`` to ``<node>/ctl``)
     ``protocol: int``, ``nodes: list[map]``, each ``name: str, endpoint: str, programs: list[str]``
     (its offers: program names, or a program with fixed arguments in shell words, ``sort -r``),
     source: str`` (``self``, ``static``, ``mdns``, ``gossip``, ``linked``), ``last_seen_s: float``,
-    ``up: bool``.
+    ``up: bool``, ``plugin_versions: map[str, str] = {}`` (plugin name -> the version of the
+    distribution providing it, for this node and the nodes linked to it; ``programs`` lists each
+    plugin as ``%NAME``).
     ``negotiate`` (coordinator -> each chosen node): may this stage run here? Body:
         ``pipeline: str, stage: int, argv: list[str]`` (at least one word), ``protocol: int``,
         ``mode: str = "bytes"``, ``require: list[str] = []``, ``user: str = ""``,
         ``peers: map[str, str] = {}`` (node name -> bus endpoint of the neighbouring stages'
         nodes, which this node links to before it agrees), ``pinned: bool = false`` (the user
-        pinned the stage to this node: ``PROG@NODE``). The node checks the version, the mode,
+        pinned the stage to this node: ``PROG@NODE``), ``config: map = {}`` (a plugin stage's
+        configuration, over its ``KEY=VALUE`` words). The node checks the version, the mode,
         that the program is allowed and found here and meets ``require`` (a node that offers a
         program with fixed arguments, ``sort -r``, refuses a stage that does not start with them
         unless it is pinned), then reserves the stage address. Reply: ``addr: str``,
         ``host: str = ""`` (the node's host identity: its host name and machine id; nodes that
-        answer the same run on one host).
+        answer the same run on one host). A *plugin stage* has ``argv[0]`` = ``%NAME``: the node
+        checks that the plugin is allowed (``%NAME`` in an allow list) and installed (an entry
+        point ``NAME`` in the group ``dpipes.plugins``; else ``refused``), and reserves the stage
+        address for the worker process it will start.
     ``start`` (coordinator -> each node, after every ``negotiate`` succeeded): start a negotiated
         stage. Body: ``pipeline: str, stage: int``, ``stdin_from: str = ""`` (who streams the
         stage's stdin: the previous stage's address or the client's; ``""``: no input, stdin is
@@ -99,8 +109,19 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         stdin/stdout over: that edge is one kernel pipe and carries nothing on the bus),
         ``cwd: str = ""`` (the directory the stage starts in; a relative one is taken from the
         node's configured ``workdir``; ``""``: that ``workdir`` itself), ``progress_to: str = ""``
-        (where to send the stage's ``progress`` reports; ``""``: none).
-        Reply: ``pid: int, context: map``.
+        (where to send the stage's ``progress`` reports; ``""``: none),
+        ``inputs: list[map] = []`` and ``outputs: list[map] = []`` (a plugin stage's edges, in
+        place of ``stdin_from`` and ``stdout_to``). Each input is one connection into an input
+        anchor: ``anchor: str, connection: str`` (``#1``, ``#2``, ... per anchor), ``src: str``
+        (the sending stage's address or the client's), ``src_anchor: str = ""`` (the sending
+        plugin's output anchor: its stream's first ``ARROW`` part carries it under ``anchor``),
+        ``format: str`` (``batches``: ``ARROW`` messages from a plugin; ``csv``, ``ndjson``,
+        ``arrow``: a program's bytes in that format, or ``OBJECTS`` in an object mode). Each
+        output is one destination of an output anchor: ``anchor: str``, ``dst: str = ""`` (an
+        address; ``""``: a declared anchor whose data is discarded), ``dst_anchor: str = ""``,
+        ``format: str`` (as for inputs). The worker sends ``ARROW`` to a plugin, else the format
+        as ``BYTES`` (``OBJECTS`` in an object mode), and its ``io`` messages as ``PIPES`` to
+        ``stderr_to``. Reply: ``pid: int, context: map``.
     ``gossip`` (node -> each linked node, every ``GOSSIP_INTERVAL_S`` and on a new link): the
         nodes the sender knows. Body: ``peers: map[str, str]`` (node name -> ``tcp://`` bus
         endpoint). One-way: the sender does not wait for the reply (empty).
@@ -215,6 +236,8 @@ PIPELINE_PROTOCOL = 2
 """Version of this conversation; bumped by hand when it changes incompatibly."""
 
 MODES = ("bytes", "json", "yaml")
+EDGE_FORMATS = ("csv", "ndjson", "arrow")  # a program's bytes at an edge with a plugin (dpipes.nodes.plugins.edges)
+PLUGIN_EDGE_FORMATS = ("batches", *EDGE_FORMATS)  # what one plugin edge carries: ARROW messages, or a program's bytes
 
 MAX_TEXT_CHARS = 4096  # a name, address, reason or argument
 MAX_PIPELINE_CHARS = 60_000  # a whole pipeline's text (the header that carries it is 64 KiB at most)
@@ -472,6 +495,8 @@ class RunRequest(Body):
     cwd: str = ""
     workdir: str = ""
     progress: bool = False
+    workflow: Json = dataclasses.field(default_factory=dict)
+    edge_format: str = bounded("csv", choices=EDGE_FORMATS)
 
 
 @_slot
@@ -531,6 +556,7 @@ class NodeEntry(Body):
     source: str = ""
     last_seen_s: float = 0.0
     up: bool = True
+    plugin_versions: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @_body("info", "reply")
@@ -557,6 +583,7 @@ class NegotiateRequest(Body):
     user: str = ""
     peers: dict[str, str] = dataclasses.field(default_factory=dict)
     pinned: bool = False
+    config: Json = dataclasses.field(default_factory=dict)
 
 
 @_body("negotiate", "reply")
@@ -566,6 +593,27 @@ class NegotiateReply(Body):
 
     addr: str
     host: str = ""
+
+
+@_slot
+class PluginInput(Body):
+    """One connection into a plugin stage's input anchor."""
+
+    anchor: str = bounded(non_empty=True)
+    connection: str = bounded(non_empty=True)
+    src: str = bounded(non_empty=True)
+    src_anchor: str = ""
+    format: str = bounded(choices=PLUGIN_EDGE_FORMATS)
+
+
+@_slot
+class PluginOutput(Body):
+    """Where one of a plugin stage's output anchors goes (an anchor may go to several places)."""
+
+    anchor: str = bounded(non_empty=True)
+    dst: str = ""
+    dst_anchor: str = ""
+    format: str = bounded(choices=PLUGIN_EDGE_FORMATS)
 
 
 @_body("start", "request")
@@ -585,6 +633,8 @@ class StartRequest(Body):
     direct_out: bool = False
     cwd: str = ""
     progress_to: str = ""
+    inputs: tuple[PluginInput, ...] = ()
+    outputs: tuple[PluginOutput, ...] = ()
 
 
 @_body("start", "reply")
@@ -792,6 +842,7 @@ __all__ = [
     "BODIES",
     "CODES",
     "CTL",
+    "EDGE_FORMATS",
     "METHODS",
     "MODES",
     "PIPELINE_PROTOCOL",
@@ -810,6 +861,8 @@ __all__ = [
     "NegotiateReply",
     "NegotiateRequest",
     "NodeEntry",
+    "PluginInput",
+    "PluginOutput",
     "ProgressReport",
     "RunReply",
     "RunRequest",

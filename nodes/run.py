@@ -88,6 +88,8 @@ class RunOptions:
     pipes: dict[str, Any] = dataclasses.field(default_factory=dict)  # extras, assets, partition, context, messages
     pipes_json: str | None = None  # write every stage's Pipes context and messages here, as JSON lines
     workdir: str = ""  # --cwd: where every stage starts (relative: from each stage's default place)
+    workflow: dict[str, Any] = dataclasses.field(default_factory=dict)  # a workflow document; then pipeline names it
+    edge_format: str = "csv"  # a program's bytes at an edge with a plugin: csv, ndjson or arrow
 
 
 class _Output:
@@ -256,6 +258,8 @@ class _Run:
             cwd=_cwd(),
             workdir=self.options.workdir,
             progress=self.view is not None,
+            workflow=self.options.workflow,
+            edge_format=self.options.edge_format,
         )
         loop = asyncio.get_running_loop()
         if handle_sigint:  # before asking: a Ctrl-C while the nodes start the stages is not lost
@@ -334,6 +338,11 @@ class _Run:
         stage.pipes.handle_message(item)
         if self.on_pipes is not None:
             self.on_pipes(stage.index, item)
+        if self.view is not None:
+            from dpipes.nodes.progress import progress_of
+
+            if (fraction := progress_of(item)) is not None:
+                self.view.fraction(stage.index, fraction)
         if self.pipes_json is not None:
             self._json_line({"stage": stage.index, "node": stage.node, "message": item})
         method, params = item.get("method"), item.get("params") or {}

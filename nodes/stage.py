@@ -81,6 +81,9 @@ class Stage:
     started: float = 0.0  # wall clock when its program started (for the exit report)
     bytes_in: int = 0  # data written to its program's stdin by this node
     bytes_out: int = 0  # data read from its program's stdout by this node
+    plugin: str = ""  # a plugin stage: the plugin's name (its worker holds the stage address)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # a plugin stage's configuration
+    stop: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set when it is cancelled
 
 
 class DirectPipes:
@@ -183,7 +186,7 @@ class StageRun:
                 pumps[0].cancel()  # nobody will read what still comes: refuse it as a closed pipe
             # The program is gone: read its messages to the end (bounded, should a descendant hold on).
             await asyncio.gather(*(r.drain() for r in readers), return_exceptions=True)
-            await asyncio.gather(*pumps, return_exceptions=True)
+            await _pumps_unless_stopped(pumps, self.stage.stop)
             if self._pipes_out is not None:
                 with contextlib.suppress(BusError):
                     await self._pipes_out.close()
@@ -311,6 +314,9 @@ class StageRun:
         except StreamCancelled:
             self.sigpipe = True  # downstream is gone: the program gets SIGPIPE, as in a shell
             proc.close_stdout()
+        except asyncio.CancelledError:  # the run was cancelled while its reader had not acknowledged
+            out.cancel(stage.cancelled or "cancelled")
+            raise
         except DpipesError as exc:  # the bus failed, or the program wrote something not an object
             if not stage.cancelled:
                 self.errors.append(f"output: {exc}" if isinstance(exc, BusError) else str(exc))
@@ -385,6 +391,24 @@ class StageRun:
             self._pipes_out = self.stage.endpoint.open_stream(self.wiring.stderr_to)
         for batch in batches_of(frames):
             await self._pipes_out.send(codec.Pipes(stage=self.stage.index, frames=batch))
+
+
+async def _pumps_unless_stopped(pumps: list[asyncio.Task[None]], stop: asyncio.Event) -> None:
+    """Wait for the pumps of an exited program; should its stage be cancelled meanwhile, end them.
+
+    A cancelled run's reader may be gone without a word (a plugin worker killed with SIGKILL):
+    an output waiting for its acknowledgement would then wait forever.
+    """
+    rest: asyncio.Future[Any] = asyncio.gather(*pumps, return_exceptions=True)
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({rest, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not rest.done():
+        for pump in pumps:
+            pump.cancel()
+        await rest
 
 
 __all__ = ["DirectPipes", "Stage", "StageRun"]

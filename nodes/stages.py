@@ -18,6 +18,9 @@ its endpoint to the exit report that ends it:
 At its first stage start, the node removes the Pipes bootstrap directories that nodes killed
 without closing them left behind (:func:`~dpipes.nodes.pipes.remove_stale_bootstrap_dirs`).
 
+A plugin stage (``argv[0]`` is ``%NAME``) is negotiated the same way, but its stage address is
+reserved on the hub for the worker process that ``start`` forks (:mod:`dpipes.nodes.plugin_stage`).
+
 A stage whose program exited before its input arrived keeps its endpoint ``LATE_INPUT_S`` more to
 cancel that input when it comes, so its producer sees a closed pipe rather than silence.
 
@@ -34,7 +37,7 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
@@ -44,6 +47,7 @@ from dpipes.nodes import policy as _policy
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.policy import Policy
 from dpipes.nodes.protocol import (
+    BAD_REQUEST,
     CONTROL_TIMEOUT_S,
     NOT_FOUND,
     PROTOCOL,
@@ -62,6 +66,9 @@ from dpipes.nodes.protocol import (
 )
 from dpipes.nodes.stage import DirectPipes, Stage, StageRun
 from dpipes.nodes.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from dpipes.nodes.plugin_stage import WorkerRun
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +163,8 @@ class Stages:
         await self._link_neighbours(request.peers)
         if (pipeline, index) in self._stages:
             raise NegotiationRefused(f"stage {index} of pipeline {pipeline} is already here")
+        if argv[0].startswith(_policy.PLUGIN_SIGIL):
+            return self._negotiate_plugin(request)
         endpoint = self.hub.endpoint(f"{pipeline}.{index}", window=self.window, max_streams=1)  # its stdin
         describe = f"stage {index} ({argv[0]}@{self.node})"
         stage = self._stages[(pipeline, index)] = Stage(pipeline, index, argv, request.mode, endpoint, describe)
@@ -174,6 +183,61 @@ class Stages:
         )
         self._forget(stage)
         self.direct.close(stage.pipeline, (stage.index - 1, stage.index))
+
+    def _negotiate_plugin(self, request: NegotiateRequest) -> NegotiateReply:
+        """Reserve a plugin stage's address for its worker, and an endpoint of the node's for it."""
+        from dpipes.nodes.pipeline import plugin_config
+        from dpipes.nodes.plugin_stage import worker_endpoint_name
+
+        pipeline, index, argv = request.pipeline, request.stage, list(request.argv)
+        plugin = argv[0][len(_policy.PLUGIN_SIGIL) :]
+        try:
+            config = {**plugin_config(argv), **request.config}
+        except ValueError as exc:
+            raise ControlError(BAD_REQUEST, str(exc), field="argv") from None
+        addr = self.hub.reserve(f"{pipeline}.{index}")
+        endpoint = self.hub.endpoint(worker_endpoint_name(pipeline, index), window=self.window)
+        describe = f"stage {index} (%{plugin}@{self.node})"
+        stage = self._stages[(pipeline, index)] = Stage(
+            pipeline, index, argv, request.mode, endpoint, describe, plugin=plugin, config=config
+        )
+        stage.expiry = asyncio.get_running_loop().call_later(UNSTARTED_EXPIRY_S, self._expire, stage)
+        return NegotiateReply(addr=addr)
+
+    async def _start_worker(self, stage: Stage, wiring: StartRequest) -> StartReply:
+        """Fork a plugin stage's worker (:mod:`dpipes.nodes.plugins.worker`) and run it."""
+        from dpipes.nodes.plugin_stage import WORKER_ARGV, devnull
+        from dpipes.nodes.plugins.spec import WorkerSpec
+
+        spec = WorkerSpec(
+            hub=self.hub.ipc_endpoint,
+            name=f"{stage.pipeline}.{stage.index}",
+            pipeline=stage.pipeline,
+            stage=stage.index,
+            node=self.node,
+            plugin=stage.plugin,
+            config=stage.config,
+            mode=stage.mode,
+            messages_to=wiring.stderr_to,
+            inputs=wiring.inputs,
+            outputs=wiring.outputs,
+            callback_timeout_s=float(self.config.limits.plugin_callback_s),
+            window=self.window,
+        )
+        env = dict(os.environ)
+        env.update(self._env(stage, wiring))
+        cwd = env["PWD"] = self.workdir(wiring.cwd)  # a plugin opening a relative path finds what a program would
+        stage.env = env
+        stage.started = time.time()
+        try:
+            stage.proc = await self.supervisor.start(
+                WORKER_ARGV, env=env, cwd=cwd, forward_stderr=True, stdout_fd=devnull()
+            )
+        except StageError as exc:
+            raise ControlError(REFUSED, str(exc)) from None
+        stage.task = self._spawn(self._run(stage, wiring, spec.to_json()), stage.describe)
+        log.info("node %s: started %s (plugin worker) pid %d", self.node, stage.describe, stage.proc.pid)
+        return StartReply(pid=stage.proc.pid, context={})
 
     async def _link_neighbours(self, peers: Mapping[str, str]) -> None:
         """Make sure we link to the nodes our stage exchanges data with (directly: no relaying)."""
@@ -201,6 +265,8 @@ class Stages:
             raise ControlError(NOT_FOUND, f"node {self.node}: {which} was not negotiated (or expired unstarted)")
         if stage.expiry is not None:
             stage.expiry.cancel()
+        if stage.plugin:
+            return await self._start_worker(stage, wiring)
         from dpipes.nodes.stage_pipes import StagePipes
 
         if not self._swept:  # at the first start, not at the node's: it imports what only runs need
@@ -262,16 +328,22 @@ class Stages:
             "DPIPES_USER": wiring.user,
         }
 
-    async def _run(self, stage: Stage, wiring: StartRequest) -> None:
-        run = StageRun(
-            stage,
-            wiring,
-            node=self.node,
-            config=self.config,
-            tcp_endpoint=self.hub.tcp_endpoint,
-            on_unread_input=lambda: self._linger(stage),
-            on_progress=lambda report: self._send_progress(wiring.progress_to, report),
-        )
+    async def _run(self, stage: Stage, wiring: StartRequest, worker_spec: bytes = b"") -> None:
+        run: StageRun | WorkerRun
+        if stage.plugin:
+            from dpipes.nodes.plugin_stage import WorkerRun
+
+            run = WorkerRun(stage, wiring, worker_spec, node=self.node)
+        else:
+            run = StageRun(
+                stage,
+                wiring,
+                node=self.node,
+                config=self.config,
+                tcp_endpoint=self.hub.tcp_endpoint,
+                on_unread_input=lambda: self._linger(stage),
+                on_progress=lambda report: self._send_progress(wiring.progress_to, report),
+            )
         try:
             report = await run.run()
         finally:
@@ -302,6 +374,7 @@ class Stages:
         stages = [s for (p, _i), s in self._stages.items() if p == pipeline]
         for stage in stages:
             stage.cancelled = stage.cancelled or reason
+            stage.stop.set()
         await asyncio.gather(*(self._kill(s) for s in stages), return_exceptions=True)
         for stage in stages:
             if stage.proc is None:  # negotiated, never started
@@ -315,6 +388,7 @@ class Stages:
             stage.cancelled = stage.cancelled or reason
             if stage.expiry is not None:
                 stage.expiry.cancel()
+            stage.stop.set()
         await asyncio.gather(*(self._kill(stage) for stage in stages), return_exceptions=True)
         self.direct.close_all()
 
@@ -326,6 +400,8 @@ class Stages:
         if stage.expiry is not None:
             stage.expiry.cancel()
         self._stages.pop((stage.pipeline, stage.index), None)
+        if stage.plugin:  # its worker is gone, or never came: what was held for it goes too
+            self.hub.release(f"{stage.pipeline}.{stage.index}")
         if not stage.lingering:
             stage.endpoint.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -90,6 +91,18 @@ pipes:
   --pipes-json FILE records, per stage, the context it got, then every message as received.
 
 plugins:
+  A stage whose first word is %NAME runs the plugin NAME (a Python class over Arrow tables,
+  installed on a node under the entry point group dpipes.plugins) in a worker process on the node
+  placement chooses (%NAME@NODE pins it); its other words are its configuration, KEY=VALUE each:
+    dpipes 'cat sales.csv | %filter@beta expr="amount > 100" | %summarize by=region'
+  Between two plugins, Arrow record batches travel as they are. Between a program and a plugin
+  the bytes are CSV (a header line, then rows); --arrow makes them an Arrow IPC stream, and in
+  --json mode the plugin takes and gives the objects. dpipes --nodes lists each node's plugins
+  as %NAME. A failed plugin (an exception, a callback over the node's [limits]
+  plugin_callback_s, a CSV that does not parse) is named with its stage, node and plugin.
+  --workflow FILE runs a graph instead of a line: stages (program or plugin, node, config) and
+  connections from STAGE.ANCHOR to STAGE.ANCHOR, in YAML (or TOML for *.toml); a splitter's
+  True and False outputs may go to different stages, a join takes two inputs. See the README.
   dpipes plugin new NAME writes a plugin package (a Python class over Arrow tables, its entry
   point, a test with the harness); dpipes plugin list lists the installed ones.
 
@@ -105,6 +118,8 @@ examples:
   dpipes --status --pipefail 'producer | consumer@gamma'
   dpipes --require 'sort>=9' 'cat big.txt | sort@beta'
   printf '{"a":1}\\n' | dpipes --json 'cat | jq -c .'
+  dpipes 'cat sales.csv | %filter@beta expr="amount > 100" | %summarize by=region agg=amount:sum'
+  dpipes --workflow split.yaml
   dpipes --asset 1:orders --extra 1:limit=10 --pipes-json run.jsonl 'cat orders.csv | python3@beta load.py'
 """
 
@@ -121,6 +136,23 @@ def _parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--json", action="store_const", const="json", dest="mode", help="JSON-lines object mode")
     mode.add_argument("--yaml", action="store_const", const="yaml", dest="mode", help="YAML documents object mode")
+    parser.add_argument(
+        "--workflow", metavar="FILE", help="run the workflow FILE (YAML, or TOML for *.toml) instead of a pipeline"
+    )
+    edges = parser.add_mutually_exclusive_group()
+    edges.add_argument(
+        "--arrow",
+        action="store_const",
+        const="arrow",
+        dest="edge_format",
+        help="programs next to a plugin read and write Arrow IPC streams (default: CSV)",
+    )
+    edges.add_argument(
+        "--edge-format",
+        choices=("csv", "ndjson", "arrow"),
+        dest="edge_format",
+        help="what a program's bytes are at an edge with a plugin (default csv)",
+    )
     parser.add_argument("--pipefail", action="store_true", help="exit with the last non-zero stage status")
     parser.add_argument(
         "--status",
@@ -369,7 +401,7 @@ def _plugin_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpipes plugin",
         description="Write and list dpipes plugins: Python classes that process Arrow tables.",
-        epilog="Running plugins as pipeline stages on nodes comes with the node's plugin worker.",
+        epilog="An installed plugin is a pipeline stage on its node: dpipes 'cat f.csv | %NAME@NODE KEY=VALUE'.",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{new,list}")
     new = verbs.add_parser(
@@ -453,15 +485,26 @@ def main(argv: list[str] | None = None) -> int:
         except DpipesError as exc:
             print(f"dpipes: {exc}", file=sys.stderr)
             return EXIT_FAILED
-    if not args.pipeline or not args.pipeline.strip():
-        parser.error("give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
-    from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
+    args.workflow_doc = {}
+    if args.workflow:
+        if args.pipeline:
+            parser.error("give a pipeline or --workflow FILE, not both")
+        try:
+            args.workflow_doc, count = _workflow(args.workflow)
+        except DpipesError as exc:
+            print(f"dpipes: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        args.pipeline = f"workflow {args.workflow}"
+    else:
+        if not args.pipeline or not args.pipeline.strip():
+            parser.error("give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
+        from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
 
-    try:  # the parser is pure: a malformed pipeline is refused here, before any node is contacted
-        count = len(parse_pipeline(args.pipeline))
-    except PipelineSyntaxError as exc:
-        print(f"dpipes: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        try:  # the parser is pure: a malformed pipeline is refused here, before any node is contacted
+            count = len(parse_pipeline(args.pipeline))
+        except PipelineSyntaxError as exc:
+            print(f"dpipes: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
     if args.mode is None:
@@ -474,6 +517,23 @@ def main(argv: list[str] | None = None) -> int:
     except DpipesError as exc:
         print(f"dpipes: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _workflow(path: str) -> tuple[dict[str, Any], int]:
+    """The workflow document in ``path`` (as JSON values) and its number of stages, checked here
+    before any node is contacted.
+
+    Raises:
+        DpipesError: the file cannot be read or parsed, or the workflow is malformed.
+    """
+    from dpipes.nodes.workflow import WorkflowError, load_workflow, parse_workflow
+
+    try:
+        doc = load_workflow(path)
+    except OSError as exc:
+        raise WorkflowError(f"workflow {path}: {exc.strerror or exc}") from None
+    graph = parse_workflow(doc, stdin=False)
+    return doc, len(graph.stages)
 
 
 def _entry_endpoint(args: argparse.Namespace) -> str | None:
@@ -528,7 +588,8 @@ async def _nodes(args: argparse.Namespace) -> int:
     rows = [("NODE", "ENDPOINT", "PROGRAMS", "LEARNED FROM", "LAST SEEN", "")]
     for n in nodes:
         seen = "now" if n.source == "self" else f"{n.last_seen_s:.1f} s ago"
-        programs = ",".join(n.programs) or "-"
+        versions = n.plugin_versions  # a plugin shows its version: %filter=0.1.0
+        programs = ",".join(f"{p}={versions[p[1:]]}" if p[1:] in versions else p for p in n.programs) or "-"
         rows.append((n.name, n.endpoint, programs, n.source, seen, "" if n.up else "down"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -550,7 +611,11 @@ async def _run(args: argparse.Namespace) -> int:
         pipes=args.pipes,
         pipes_json=args.pipes_json,
         workdir=args.cwd,
+        workflow=args.workflow_doc,
+        edge_format=args.edge_format or "csv",
     )
+    if args.workflow_doc and "input" not in args.workflow_doc:
+        options = dataclasses.replace(options, stdin=False)  # a workflow reads stdin only into its input
     progress = _stderr_is_terminal() if args.progress is None else args.progress
     view = None
     if progress:

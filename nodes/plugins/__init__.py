@@ -60,8 +60,8 @@ a join and a progress reporter.
 The modules: ``api`` (what a plugin codes against), ``runner`` (the engine's driver: order, rules,
 timeout), ``provider`` (the rules and the exact Pipes messages), ``transport`` (the seams output
 goes through), ``harness``, ``registry``, ``edges`` (CSV, JSON lines and Arrow IPC at the edge
-between a program and a plugin), ``scaffold``. Running plugins as stages on nodes
-(``dpipes '... | %plugin@node ...'``) comes with the node's plugin worker.
+between a program and a plugin), ``scaffold``, ``worker`` (the process a node forks to run a
+plugin stage: ``dpipes '... | %plugin@node key=value'``, or a workflow's stage).
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def _read_ipc(source: Any, where: str) -> Iterator[pa.RecordBatch]:
                 batch.validate(full=True)  # offsets and UTF-8 of bytes another process wrote
                 batches += 1
                 yield batch
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as exc:  # OSError: truncated
         raise EdgeDecodeError(f"{where}: not an Arrow IPC stream: after {batches} batches: {exc}") from None
 
 

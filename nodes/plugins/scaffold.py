@@ -120,7 +120,10 @@ The `{name}` plugin for dpipes: a Python class (`{package}/plugin.py`) that proc
     pip install -e '.[test]'      # installs the plugin: `dpipes plugin list` shows {name}
     python -m pytest              # tests it with the harness, no daemon needed
 
-Running plugins as pipeline stages on nodes comes with dpipes' plugin worker.
+On a node running dpipesd (restarted after the install), it is a pipeline stage:
+
+    dpipes 'cat data.csv | %{name}@NODE tag=seen'
+
 """
 
 

@@ -238,6 +238,35 @@ async def test_endpoint_name_taken_is_refused() -> None:
                 pass
 
 
+async def test_a_reserved_name_holds_a_stream_until_its_client_attaches() -> None:
+    async with Hub("alpha") as a:
+        assert a.reserve("p.1") == "alpha/p.1"
+        with pytest.raises(BusError, match="already exists"):
+            a.endpoint("p.1")
+        out = a.endpoint("src").open_stream("alpha/p.1")
+        await out.send_bytes(b"sent before anyone listened")
+        closing = asyncio.ensure_future(out.close())
+        async with Client(a.ipc_endpoint, name="p.1") as worker:  # the plugin worker the name was kept for
+            stream = await worker.endpoint.accept(timeout=WAIT_S)
+            assert (await stream.read(timeout=WAIT_S)).frames[0] == b"sent before anyone listened"
+            assert await stream.read(timeout=WAIT_S) is None
+            assert await asyncio.wait_for(closing, WAIT_S) == len(b"sent before anyone listened")
+
+
+async def test_releasing_an_unclaimed_name_fails_what_waited_for_it() -> None:
+    async with Hub("alpha") as a:
+        a.reserve("p.2")
+        out = a.endpoint("src").open_stream("alpha/p.2")
+        await out.send_bytes(b"x")
+        closing = asyncio.ensure_future(out.close())
+        a.release("p.2")  # its worker died before it attached
+        # Gone before or after "x" left its sender's batch: either way the sender learns it, named.
+        with pytest.raises(NoRoute, match=r"'p\.2' on node alpha"):
+            await asyncio.wait_for(closing, WAIT_S)
+        a.release("p.2")  # idempotent
+        a.endpoint("p.2")  # and the name is free again
+
+
 async def test_killed_peer_fails_streams_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_module, "PEER_TIMEOUT_S", 1.0)
     async with Hub("alpha") as a, process("sink", "victim") as (proc, endpoint):

@@ -165,9 +165,10 @@ def _is_assignment_like(word: str) -> bool:
 def test_round_trip_of_shlex_join(stages: list[tuple[str, list[str]]]) -> None:
     # A program word is unquoted by shlex when it only has "safe" characters, '@' and '=' among
     # them: there it means a pin or an environment assignment, as in sh. Those are left out here
-    # and covered by format_stage below.
+    # and covered by format_stage below. A first word starting with '%' names a plugin, whose
+    # words are KEY=VALUE: covered by the plugin tests.
     for program, _ in stages:
-        assume(program and "@" not in program and not _is_assignment_like(program))
+        assume(program and "@" not in program and not _is_assignment_like(program) and program[0] != "%")
     lists = [[program, *args] for program, args in stages]
     text = " | ".join(shlex.join(argv) for argv in lists)
     parsed = parse_pipeline(text)
@@ -178,12 +179,47 @@ def test_round_trip_of_shlex_join(stages: list[tuple[str, list[str]]]) -> None:
 _nodes = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,8}", fullmatch=True)
 
 
+_programs = _args.filter(lambda p: bool(p) and not p.startswith("%"))  # a first word %NAME is a plugin
+
+
 @settings(max_examples=100)
-@given(st.lists(st.tuples(_args.filter(bool), st.lists(_args, max_size=4), st.none() | _nodes), min_size=1, max_size=5))
+@given(st.lists(st.tuples(_programs, st.lists(_args, max_size=4), st.none() | _nodes), min_size=1, max_size=5))
 def test_round_trip_of_format_pipeline(stages: list[tuple[str, list[str], str | None]]) -> None:
     specs = [StageSpec(i, (p, *args), node) for i, (p, args, node) in enumerate(stages)]
     parsed = parse_pipeline(format_pipeline(specs))
     assert [(s.argv, s.node) for s in parsed] == [(s.argv, s.node) for s in specs]
+
+
+@settings(max_examples=100)
+@given(
+    st.lists(
+        st.tuples(
+            st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True),
+            st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True), _args, max_size=3),
+            st.none() | _nodes,
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_plugin_stages_round_trip_with_their_configuration(
+    stages: list[tuple[str, dict[str, str], str | None]],
+) -> None:
+    specs = [
+        StageSpec(i, (f"%{name}", *(f"{k}={v}" for k, v in config.items())), node)
+        for i, (name, config, node) in enumerate(stages)
+    ]
+    parsed = parse_pipeline(format_pipeline(specs))
+    assert [(s.plugin, s.config, s.node) for s in parsed] == [(n, c, node) for n, c, node in stages]
+
+
+def test_plugin_stage_words_are_key_value() -> None:
+    stage = parse_pipeline('%filter@beta expr="amount > 100" by=a=b')[0]
+    assert (stage.plugin, stage.node, stage.config) == ("filter", "beta", {"expr": "amount > 100", "by": "a=b"})
+    with pytest.raises(PipelineSyntaxError, match="'x' is not KEY=VALUE"):
+        parse_pipeline("cat | %filter x")
+    with pytest.raises(PipelineSyntaxError, match="bad plugin name"):
+        parse_pipeline("cat | %fi/lter")
 
 
 @settings(max_examples=200)

@@ -41,6 +41,10 @@ suites:
           the client reports, its exit status, bytes delivered/sent, how soon a lost node was
           named, and whether the daemons' fds, threads, children and RSS came back (exit 1 if
           any row is not ok)
+  plugins plugin stages: an Arrow IPC stream through `cat FILE | %pass@b | cat` across two
+          daemons, against pyarrow.flight do_put + do_get; `cat FILE | %sink` on one daemon,
+          against a Unix pipe into a second Python process reading the IPC stream; 10k batches
+          of 100 rows through a pass-through plugin (batches/s), against the same over a pipe
   peers   dpipes beside the peers a user would pick instead, two processes on loopback:
           Zenoh (1 MiB with shared memory off and on, 64 B rate and CPU per message, 64 B round
           trip) and dora-rs via `dora run` (one 64 MB Arrow batch, 100 x 10k-row batches, with its
@@ -86,6 +90,10 @@ def _suite(name: str) -> Callable[..., list[Result]]:
         from dpipes.tools.bench.faults import fault_matrix
 
         return fault_matrix  # type: ignore[return-value]  # rows of its own, printed by main
+    if name == "plugins":
+        from dpipes.tools.bench.plugins import plugins_benchmarks
+
+        return plugins_benchmarks
     if name == "peers":
         from dpipes.tools.bench.peers import peers_benchmarks
 
@@ -101,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "suite", choices=["bus", "curve", "pipe", "pipes", "peers", "discovery", "faults"], help="what to measure"
+        "suite",
+        choices=["bus", "curve", "pipe", "pipes", "plugins", "peers", "discovery", "faults"],
+        help="what to measure",
     )
     parser.add_argument(
         "--runs", type=int, default=None, metavar="N", help="faults: runs of each outcome kind (default 300)"

@@ -37,9 +37,12 @@ ADDED_TARGET_MS = 80.0  # what dpipes may add to `echo x | cat` from start to fi
 
 
 @contextlib.contextmanager
-def local_daemons(names: list[str], runtime_dir: Path) -> Iterator[list[str]]:
-    """Start ``dpipesd --foreground`` per name (each a peer of the first); yield their HOST:PORTs."""
-    env = dict(os.environ, DPIPES_RUNTIME_DIR=str(runtime_dir), DPIPES_CONFIG_PATHS="")
+def local_daemons(names: list[str], runtime_dir: Path, *, env: dict[str, str] | None = None) -> Iterator[list[str]]:
+    """Start ``dpipesd --foreground`` per name (each a peer of the first); yield their HOST:PORTs.
+
+    ``env``: the daemons' environment (default: ours, with ``runtime_dir`` and no system config).
+    """
+    env = env or dict(os.environ, DPIPES_RUNTIME_DIR=str(runtime_dir), DPIPES_CONFIG_PATHS="")
     procs: list[subprocess.Popen[str]] = []
     addrs: list[str] = []
     try:

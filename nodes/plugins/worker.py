@@ -1,0 +1,690 @@
+"""The plugin worker: one plugin stage, in a process of its own, attached to its node's hub.
+
+The node forks it for a plugin stage (``%NAME`` in a pipeline, a plugin in a workflow) under its
+supervisor, as it forks a program, so the same cancel, kill and no-orphan rules hold:
+``python -m dpipes.nodes.plugins.worker``, with the stage's :class:`WorkerSpec` as one JSON
+document on stdin (then closed). The worker
+
+1. attaches to the hub at ``spec.hub`` (``ipc://``) under the stage's own endpoint name, which
+   the node reserved (:meth:`dpipes.bus.hub.Hub.reserve`): what upstream sent before the worker
+   was up waited there;
+2. loads the plugin (:func:`~dpipes.nodes.plugins.registry.load_plugin`) and constructs it through
+   a :class:`~dpipes.nodes.plugins.runner.PluginRunner`, whose rules and callback timeout hold;
+3. takes each input connection (``spec.inputs``) as the bus stream from its ``src``: ``ARROW``
+   batches from another plugin (``batches``; when one stage sends several streams here, the
+   ``anchor`` key of a stream's first part says which of its output anchors it is), or a
+   program's output converted at the boundary by :mod:`~dpipes.nodes.plugins.edges` (``csv``,
+   ``ndjson``, ``arrow``: an Arrow IPC stream; in an object mode, ``OBJECTS`` batches become
+   tables of their objects). Each connection feeds the runner from a thread of its own through a
+   bounded queue, so credit is granted only as the plugin consumes. When every input ended, the
+   runner completes;
+4. sends each outgoing anchor to each of its destinations (``spec.outputs``): ``ARROW`` streams
+   to a plugin (zero-copy framing of :mod:`dpipes.bus.arrow`), else the edge's format as
+   ``BYTES`` (``OBJECTS`` in an object mode) to a program or the client. Writes wait for credit:
+   a slow reader blocks the plugin's write, as a full pipe blocks a writer (that wait does not
+   count against the callback timeout). An anchor that carried no schema at all ends an
+   ``ARROW`` stream with one empty batch of no columns, so its reader still learns which anchor
+   ended; the reader skips it;
+5. sends the plugin's ``io`` messages as ``PIPES`` messages (one message's JSON per frame, as a
+   node sends any stage's) to ``spec.messages_to``.
+
+Exit status (the node reports it as the stage's)
+    0: done, every output acknowledged by its reader. ``EXIT_PLUGIN_FAILED`` (1): the plugin
+    failed (a callback raised or did not return within the timeout, an anchor rule was broken).
+    ``EXIT_BAD_INPUT`` (2): an input did not convert (a CSV that does not parse, a schema that
+    changed mid-stream) or its stream failed. ``EXIT_BAD_OUTPUT`` (3): an output could not be
+    delivered. ``EXIT_NOT_STARTED`` (4): the spec, the plugin or the hub failed before any data.
+    A reader that went away (``| head``) ends the worker by ``SIGPIPE``, as it would a program.
+    On a failure, one line on stderr names the stage, node and plugin, and every output stream is
+    cancelled, never ended: no reader takes a partial output for a whole one.
+
+The worker ends with ``os._exit`` once its streams are settled: a callback that never returned
+still holds the runner's thread, which nothing else could stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import io
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import pyarrow as pa
+from dagster_pipes import PipesMessage, PipesMessageWriterChannel
+
+from dpipes.bus import codec
+from dpipes.bus.arrow import ArrowDecoder, ArrowEncoder
+from dpipes.bus.client import Client
+from dpipes.bus.endpoint import Endpoint, InStream, OutStream, StreamCancelled
+from dpipes.bus.errors import BusError, DpipesError
+from dpipes.nodes.plugins.api import Environment
+from dpipes.nodes.plugins.edges import EdgeWriter, open_writer, read_batches
+from dpipes.nodes.plugins.errors import EdgeDecodeError, PluginError, SchemaChanged
+from dpipes.nodes.plugins.spec import MAX_SPEC_BYTES, WorkerSpec
+from dpipes.nodes.plugins.transport import Transport
+from dpipes.nodes.protocol import PluginInput, PluginOutput
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_BAD_OUTPUT",
+    "EXIT_NOT_STARTED",
+    "EXIT_PLUGIN_FAILED",
+    "WorkerSpec",
+    "main",
+]
+
+EXIT_PLUGIN_FAILED: Final = 1
+EXIT_BAD_INPUT: Final = 2
+EXIT_BAD_OUTPUT: Final = 3
+EXIT_NOT_STARTED: Final = 4
+
+ANCHOR_KEY: Final = "anchor"  # in a stream's first ARROW part: the sender's output anchor
+FEED_BUFFER_BYTES: Final = 1024 * 1024  # a program's bytes are read by pyarrow through a buffer this large
+FEED_QUEUE_ITEMS: Final = 8  # per input connection: messages read ahead of the plugin (credit does the rest)
+SEND_AHEAD_BATCHES: Final = 32  # per output: batches the plugin may write ahead of the loop sending them
+PIPES_BATCH_FRAMES: Final = 256  # io messages sent together in one PIPES message
+OUTPUT_CLOSE_TIMEOUT_S: Final = 60.0  # after the last batch: a reader that acknowledges nothing for this long is gone
+
+T = TypeVar("T")
+
+
+class _Failed(Exception):
+    """The run failed: ``code`` is the exit status, ``str()`` the line for stderr."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _DownstreamGone(DpipesError, BrokenPipeError):
+    """A reader of an output cancelled it (it exited early): the worker ends as by SIGPIPE."""
+
+
+# -- threads <-> the loop ------------------------------------------------------------------------
+
+
+def _in_thread(loop: asyncio.AbstractEventLoop, name: str, fn: Callable[[], T]) -> asyncio.Future[T]:
+    """Run ``fn`` on a daemon thread of its own (it may block for a long time); its result."""
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def body() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the loop, which decides
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=body, name=name, daemon=True).start()
+    return future
+
+
+class _Feed(io.RawIOBase):
+    """A byte stream read by pyarrow on a thread, written by the loop through a bounded queue."""
+
+    def __init__(self, items: queue.Queue[Any]) -> None:
+        super().__init__()
+        self._items = items
+        self._buf = memoryview(b"")
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def peek(self) -> bool:
+        """Wait for the first bytes: whether there are any."""
+        while not self._buf and not self._eof:
+            item = self._items.get()
+            if item is None:
+                self._eof = True
+            else:
+                self._buf = memoryview(item).cast("B")
+        return bool(self._buf)
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            if self._eof:
+                return 0
+            item = self._items.get()
+            if item is None:
+                self._eof = True
+                return 0
+            self._buf = memoryview(item).cast("B")
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+
+class _Input:
+    """One input connection: a bus stream read by the loop, fed to the runner by a thread."""
+
+    def __init__(self, spec: PluginInput, worker: _Worker) -> None:
+        self.spec = spec
+        self.worker = worker
+        self.items: queue.Queue[Any] = queue.Queue(maxsize=FEED_QUEUE_ITEMS)
+        self.where = f"input {spec.anchor!r} (from {spec.src})"
+        self.stream: InStream | None = None
+
+    async def put(self, item: Any) -> None:
+        try:
+            self.items.put_nowait(item)
+        except queue.Full:  # the plugin is behind: wait for it (and so grant no credit)
+            # A daemon thread, not the loop's executor: should the plugin fail and never take it,
+            # the wait must not keep the worker from exiting.
+            await _in_thread(self.worker.loop, f"{self.where} put", lambda: self.items.put(item))
+
+    async def pump(self, stream: InStream, first: codec.Message | None) -> None:
+        """Read the stream to its end into the queue (None at the end)."""
+        self.stream = stream
+        fmt, mode = self.spec.format, self.worker.spec.mode
+        decoder = ArrowDecoder() if fmt == "batches" else None
+        msg = first if first is not None else await stream.read()
+        while msg is not None:
+            if decoder is not None:
+                if not isinstance(msg, codec.Arrow):
+                    raise _Failed(EXIT_BAD_INPUT, f"{self.where}: got {msg.KIND} where Arrow batches were expected")
+                batch = decoder.feed(msg.arrow, msg.frames)
+                if batch is not None:
+                    await self.put(batch)
+            elif mode != "bytes":
+                if not isinstance(msg, codec.Objects) or len(msg.frames) != 1:
+                    raise _Failed(EXIT_BAD_INPUT, f"{self.where}: got {msg.KIND} on a {mode} edge")
+                from dpipes.nodes.objects import unpack_batch
+
+                await self.put(unpack_batch(msg.frames[0], where=self.where))
+            else:
+                if not isinstance(msg, codec.Bytes):
+                    raise _Failed(EXIT_BAD_INPUT, f"{self.where}: got {msg.KIND} on a bytes edge")
+                for frame in msg.frames:
+                    await self.put(frame)
+            msg = await stream.read()
+        await self.put(None)
+
+    def feed(self) -> None:
+        """On the connection's thread: convert and hand every batch to the runner, then its end."""
+        runner, anchor, connection = self.worker.runner, self.spec.anchor, self.spec.connection
+        for batch in self._batches():
+            runner.record_batch(anchor, batch, connection=connection)
+        runner.incoming_complete(anchor, connection=connection)
+
+    def _batches(self) -> Any:
+        fmt, mode = self.spec.format, self.worker.spec.mode
+        if fmt == "batches":
+            while (batch := self.items.get()) is not None:
+                if batch.num_columns == 0 and batch.num_rows == 0:
+                    continue  # the end marker of an anchor that never had a schema
+                yield batch
+        elif mode != "bytes":  # objects, as they arrived; the first batch fixes the types
+            schema = None
+            rows = 0
+            while (objects := self.items.get()) is not None:
+                try:
+                    table = pa.Table.from_pylist(objects, schema=schema)
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                    raise EdgeDecodeError(f"{self.where}: objects do not convert: after {rows} rows: {exc}") from None
+                schema = schema or table.schema
+                rows += table.num_rows
+                yield from table.to_batches()
+        else:
+            feed = _Feed(self.items)
+            if feed.peek():  # an empty input (a program that wrote nothing, /dev/null) has no batches
+                # Buffered: pyarrow's readers take a short read for the end of the stream.
+                source = io.BufferedReader(feed, FEED_BUFFER_BYTES)
+                yield from read_batches(fmt, source, where=self.where)  # type: ignore[arg-type]
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+
+
+class _Collector:
+    """The sink pyarrow's writers write to: what they wrote, taken after each batch."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        self.chunks.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data, self.chunks = b"".join(self.chunks), []
+        return data
+
+
+class _Sink:
+    """One destination of an outgoing anchor: its stream and its encoding."""
+
+    def __init__(self, spec: PluginOutput, worker: _Worker) -> None:
+        self.spec = spec
+        self.worker = worker
+        self.stream: OutStream | None = worker.ep.open_stream(spec.dst) if spec.dst else None
+        self.encoder: ArrowEncoder | None = None
+        self.writer: EdgeWriter | None = None
+        self.collector = _Collector()
+        self.schema: pa.Schema | None = None
+        self._outgoing: Any = None
+        self._first = True
+
+    def open(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        if self.spec.format == "batches":
+            self.encoder = ArrowEncoder(schema)
+        else:
+            self.writer = open_writer(self.spec.format, self.collector, schema)  # type: ignore[arg-type]
+            if self.worker.spec.mode != "bytes":
+                from dpipes.nodes.dataflow import Outgoing
+
+                self._outgoing = Outgoing(self.worker.spec.mode, where=self.worker.spec.describe, meta={})
+
+    def encode(self, batch: pa.RecordBatch) -> list[codec.Message]:
+        """On the plugin's thread: the messages that carry ``batch``."""
+        if self.stream is None:
+            return []
+        if self.encoder is not None:
+            schema = self.encoder.schema
+            if not batch.schema.equals(schema):  # equal but for metadata: the stream's own
+                batch = pa.RecordBatch.from_arrays(batch.columns, schema=schema)
+            return self._arrow_parts(batch)
+        assert self.writer is not None
+        self.writer.write(batch)
+        return self._bytes_messages(self.collector.take())
+
+    def _arrow_parts(self, batch: pa.RecordBatch) -> list[codec.Message]:
+        assert self.encoder is not None
+        try:
+            parts = self.encoder.encode(batch)
+        except ValueError:
+            if batch.num_rows < 2:
+                raise
+            half = batch.num_rows // 2  # too large for one bus batch: in halves, each its own
+            return self._arrow_parts(batch.slice(0, half)) + self._arrow_parts(batch.slice(half))
+        out: list[codec.Message] = []
+        for meta, frames in parts:
+            arrow = dict(meta)
+            if self._first:
+                arrow[ANCHOR_KEY] = self.spec.anchor
+                self._first = False
+            out.append(codec.Arrow(arrow=arrow, frames=tuple(frames)))
+        return out
+
+    def _bytes_messages(self, data: bytes) -> list[codec.Message]:
+        if not data:
+            return []
+        if self._outgoing is not None:
+            return list(self._outgoing.messages(data))
+        return [codec.Bytes(frames=(data,))]
+
+    def finish(self) -> list[codec.Message]:
+        """On the plugin's thread: the messages that end the format (no schema: an end marker)."""
+        if self.stream is None:
+            return []
+        if self.schema is None:
+            if self.spec.format != "batches":
+                return []
+            self.open(pa.schema([]))
+            return self._arrow_parts(pa.RecordBatch.from_pylist([], schema=pa.schema([])))
+        out: list[codec.Message] = []
+        if self.writer is not None:
+            self.writer.close()
+            out += self._bytes_messages(self.collector.take())
+        if self._outgoing is not None:
+            out += list(self._outgoing.end())
+        return out
+
+
+class _Sender:
+    """Sends one sink's messages on the loop, in order, up to ``SEND_AHEAD_BATCHES`` behind the plugin.
+
+    The plugin's thread hands each batch's messages over without waiting for the loop; it waits
+    only when that many are not sent yet (the reader has granted no credit for them): flow
+    control as a full pipe, and the time a write spends there is the transport's, not the
+    plugin's. A failure is kept and raised on the plugin's thread at its next write.
+    """
+
+    _CLOSE: Final = object()
+
+    def __init__(self, sink: _Sink, describe: str) -> None:
+        self.sink = sink
+        self.describe = describe
+        self.slots = threading.Semaphore(SEND_AHEAD_BATCHES)
+        self.error: BaseException | None = None
+        self.loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._run())
+
+    def submit(self, messages: list[codec.Message] | object) -> None:
+        """From the plugin's thread: queue ``messages`` (or the end), waiting while too many are unsent."""
+        if self.error is None:
+            self.slots.acquire()
+        if self.error is not None:
+            raise self.error
+        self.loop.call_soon_threadsafe(self._items.put_nowait, messages)
+
+    async def _run(self) -> None:
+        stream = self.sink.stream
+        assert stream is not None
+        try:
+            while (item := await self._items.get()) is not self._CLOSE:
+                for msg in item:
+                    await stream.send(msg)
+                self.slots.release()
+            await stream.close(OUTPUT_CLOSE_TIMEOUT_S)
+        except StreamCancelled as exc:
+            self.error = _DownstreamGone(f"{self.describe}: the reader of {self.sink.spec.anchor!r} went away")
+            raise self.error from exc
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            for _ in range(SEND_AHEAD_BATCHES):  # a writer waiting for a slot learns of the end
+                self.slots.release()
+
+
+class _BusTransport(Transport):
+    """The runner's transport: each outgoing anchor to its sinks, sent by the loop under credit."""
+
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+        self.sinks: dict[str, list[_Sink]] = {}
+        self.senders: dict[int, _Sender] = {}
+        for spec in worker.spec.outputs:
+            sink = _Sink(spec, worker)
+            self.sinks.setdefault(spec.anchor, []).append(sink)
+            if sink.stream is not None:
+                self.senders[id(sink)] = _Sender(sink, worker.spec.describe)
+
+    def open_anchor(self, name: str, schema: pa.Schema) -> None:
+        for sink in self.sinks.get(name, ()):
+            sink.open(schema)
+
+    def write(self, name: str, batch: pa.RecordBatch) -> None:
+        for sink in self.sinks.get(name, ()):
+            messages = sink.encode(batch)
+            if messages:
+                self.senders[id(sink)].submit(messages)
+
+    def close_anchor(self, name: str) -> None:
+        for sink in self.sinks.get(name, ()):
+            messages = sink.finish()
+            if sink.stream is not None:
+                sender = self.senders[id(sink)]
+                if messages:
+                    sender.submit(messages)
+                sender.submit(_Sender._CLOSE)
+
+    async def settled(self) -> None:
+        """Until every output is sent and acknowledged (every anchor is closed by then)."""
+        await asyncio.gather(*(sender.task for sender in self.senders.values()))
+
+    def cancel_all(self, reason: str) -> None:
+        for sender in self.senders.values():
+            sender.task.cancel()
+        for sinks in self.sinks.values():
+            for sink in sinks:
+                if sink.stream is not None:
+                    sink.stream.cancel(reason)
+
+
+class _BusChannel(PipesMessageWriterChannel):
+    """``provider.io``'s channel: messages queued by the plugin's thread, sent as PIPES by the loop."""
+
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+        self.stream: OutStream | None = None
+        self._pending: list[bytes] = []
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+
+    def write_message(self, message: PipesMessage) -> None:
+        frame = json.dumps(message, separators=(",", ":"), allow_nan=True).encode()  # a frame is the message
+        self._loop.call_soon_threadsafe(self._queue, frame)
+
+    def _queue(self, frame: bytes) -> None:
+        self._pending.append(frame)
+        self._wake.set()
+
+    async def serve(self) -> None:
+        """Send what is queued until closed; a failure to deliver messages is logged, not fatal."""
+        spec = self.worker.spec
+        try:
+            while not (self._closed and not self._pending):
+                await self._wake.wait()
+                self._wake.clear()
+                while self._pending:
+                    batch, self._pending = self._pending[:PIPES_BATCH_FRAMES], self._pending[PIPES_BATCH_FRAMES:]
+                    if self.stream is None:
+                        self.stream = self.worker.ep.open_stream(spec.messages_to)
+                    await self.stream.send(codec.Pipes(stage=spec.stage, frames=tuple(batch)))
+            if self.stream is not None:
+                await self.stream.close(OUTPUT_CLOSE_TIMEOUT_S)
+        except BusError as exc:
+            log.warning("%s: plugin messages not delivered: %s", spec.describe, exc)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+
+# -- the worker --------------------------------------------------------------------------------------
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec, ep: Endpoint) -> None:
+        self.spec = spec
+        self.ep = ep
+        self.loop = asyncio.get_running_loop()
+        self.runner: Any = None
+        self.transport: _BusTransport | None = None
+        self.inputs = [_Input(i, self) for i in spec.inputs]
+
+    async def run(self, channel: _BusChannel, temp_dir: Path) -> None:
+        from dpipes.nodes.plugins.registry import load_plugin
+        from dpipes.nodes.plugins.runner import PluginRunner
+
+        spec = self.spec
+        try:
+            plugin_class = await asyncio.to_thread(load_plugin, spec.plugin)
+        except PluginError as exc:
+            raise _Failed(EXIT_NOT_STARTED, str(exc)) from None
+        self.transport = _BusTransport(self)
+        incoming = {i.anchor: None for i in spec.inputs}
+        outgoing = {o.anchor: None for o in spec.outputs}
+        environment = Environment(
+            pipeline=spec.pipeline, stage=spec.stage, node=spec.node, plugin=spec.plugin, temp_dir=temp_dir
+        )
+        self.runner = PluginRunner(
+            plugin_class,
+            incoming=incoming,
+            outgoing=outgoing,
+            config=spec.config,
+            environment=environment,
+            transport=self.transport,
+            channel=channel,
+            callback_timeout_s=spec.callback_timeout_s,
+        )
+        await self._plugin_step(self.runner.start)
+        tasks = [asyncio.ensure_future(self._accept_all())]
+        tasks += [asyncio.ensure_future(self._plugin_step(conn.feed)) for conn in self.inputs]
+        try:
+            await _first_failure(tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        await self._plugin_step(self.runner.complete)
+        await self.transport.settled()
+
+    async def _plugin_step(self, fn: Callable[[], None]) -> None:
+        """Run one engine step on a thread; turn what goes wrong into the worker's exit."""
+        try:
+            await _in_thread(self.loop, f"{self.spec.describe} step", fn)
+        except _DownstreamGone:
+            raise
+        except (EdgeDecodeError, SchemaChanged) as exc:
+            # The provider keeps the rule the plugin broke; any other schema change is its input's.
+            broken = self.runner is not None and self.runner.provider.violation is exc
+            raise _Failed(EXIT_PLUGIN_FAILED if broken else EXIT_BAD_INPUT, str(exc)) from None
+        except PluginError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, _DownstreamGone):
+                raise cause from None
+            if isinstance(cause, EdgeDecodeError):
+                raise _Failed(EXIT_BAD_INPUT, str(cause)) from None
+            if isinstance(cause, BusError):  # an output failed under a write
+                raise _Failed(EXIT_BAD_OUTPUT, f"output: {cause}") from None
+            raise _Failed(EXIT_PLUGIN_FAILED, str(exc)) from None
+        except BusError as exc:
+            raise _Failed(EXIT_BAD_OUTPUT, f"output: {exc}") from None
+        except Exception as exc:  # a bug of ours, not the plugin's: still one line, and the trace in the log
+            log.error("%s: worker step failed", self.spec.describe, exc_info=exc)
+            raise _Failed(EXIT_PLUGIN_FAILED, f"worker failed: {type(exc).__name__}: {exc}") from None
+
+    async def _accept_all(self) -> None:
+        """Match each stream that arrives to its input connection, and pump it."""
+        waiting = list(self.inputs)
+        pumps: list[asyncio.Future[None]] = []
+        try:
+            while waiting:
+                stream = await self.ep.accept()
+                candidates = [c for c in waiting if c.spec.src == stream.src]
+                first: codec.Message | None = None
+                if len(candidates) > 1:  # one stage sends several anchors here: its first part says which
+                    first = await stream.read()
+                    anchor = first.arrow.get(ANCHOR_KEY) if isinstance(first, codec.Arrow) else None
+                    candidates = [c for c in candidates if c.spec.src_anchor == anchor]
+                if not candidates:
+                    stream.cancel(f"{self.spec.describe} expects no (more) input from {stream.src}")
+                    continue
+                conn = candidates[0]
+                waiting.remove(conn)
+                pumps.append(asyncio.ensure_future(self._pump(conn, stream, first)))
+            await _first_failure(pumps)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+
+    async def _pump(self, conn: _Input, stream: InStream, first: codec.Message | None) -> None:
+        try:
+            await conn.pump(stream, first)
+        except DpipesError as exc:  # the stream failed or was malformed: the input is not whole
+            stream.cancel(str(exc)[:200])
+            raise _Failed(EXIT_BAD_INPUT, f"{conn.where}: {exc}") from None
+
+    def cancel_inputs(self, reason: str) -> None:
+        for conn in self.inputs:
+            if conn.stream is not None:
+                conn.stream.cancel(reason)
+
+
+async def _first_failure(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Wait for every task; the first to fail fails this at once."""
+    pending = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+
+async def _run(spec: WorkerSpec) -> int:
+    try:
+        client = Client(spec.hub, name=spec.name, window=spec.window)
+        await client.start()
+    except BusError as exc:
+        _say(_failure_line(spec, f"cannot attach to node {spec.node}'s hub: {exc}"))
+        return EXIT_NOT_STARTED
+    worker = _Worker(spec, client.endpoint)
+    channel = _BusChannel(worker)
+    messages = asyncio.ensure_future(channel.serve())
+    code = 0
+    with tempfile.TemporaryDirectory(prefix=f"dpipes-plugin-{spec.plugin}-") as temp:
+        try:
+            await worker.run(channel, Path(temp))
+        except _DownstreamGone:
+            worker.cancel_inputs(f"{spec.describe} stopped: its reader went away")
+            code = -signal.SIGPIPE
+        except _Failed as exc:
+            code = exc.code
+            _say(_failure_line(spec, exc))
+            if worker.transport is not None:
+                worker.transport.cancel_all(f"{spec.describe} failed")
+            worker.cancel_inputs(f"{spec.describe} failed")
+        except BusError as exc:
+            code = EXIT_BAD_OUTPUT
+            _say(_failure_line(spec, f"output: {exc}"))
+            if worker.transport is not None:
+                worker.transport.cancel_all(f"{spec.describe} failed")
+            worker.cancel_inputs(f"{spec.describe} failed")
+        channel.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(messages, OUTPUT_CLOSE_TIMEOUT_S)
+        await client.aclose()
+    return code
+
+
+def _failure_line(spec: WorkerSpec, error: object) -> str:
+    """``dpipes: stage 1 (%filter@beta): plugin filter: <what>``: stage, node and plugin, once each."""
+    text = str(error)
+    text = text.removeprefix(f"plugin {spec.plugin}: ")
+    return f"dpipes: {spec.describe}: plugin {spec.plugin}: {text}"
+
+
+def _say(line: str) -> None:
+    """One line for the person running the pipeline: the node forwards the worker's stderr."""
+    sys.stderr.write(line.rstrip() + "\n")
+    sys.stderr.flush()
+
+
+def main() -> None:
+    """The worker process: the spec from stdin, run, ``os._exit`` with the status (see the module)."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID: every thread's stack on stderr (a stuck plugin)
+    # Batches off the bus are zero-copy views of message frames, which need not be aligned to
+    # their value width; Acero (group-by, joins) then copies only what is misaligned, quietly.
+    os.environ.setdefault("ACERO_ALIGNMENT_HANDLING", "reallocate")
+    os.dup2(2, 1)  # a plugin's print() goes where its node forwards stderr; stdout carries no data
+    try:
+        spec = WorkerSpec.from_json(sys.stdin.buffer.read(MAX_SPEC_BYTES))
+    except (ValueError, TypeError, DpipesError) as exc:
+        _say(f"dpipes: plugin worker: bad spec on stdin: {exc}")
+        os._exit(EXIT_NOT_STARTED)
+    code = asyncio.run(_run(spec))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == -signal.SIGPIPE:  # as a program whose reader went away
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Plugin stages on real daemons: the worker process, edges with programs, and every bad input named."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.nodes.daemons import daemons, dpipes, start_dpipes
+from tests.nodes.plugins.workers import install_plugins
+from tests.procs import children_of
+
+WAIT_S = 30.0
+
+SALES = "region,amount\nnorth,50\nsouth,150\nnorth,200\neast,300\nsouth,20\nnorth,120\n"
+
+
+@pytest.fixture
+def rt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    install_plugins(tmp_path / "site", monkeypatch)
+    path = tmp_path / "run"
+    path.mkdir(mode=0o700)
+    (tmp_path / "sales.csv").write_text(SALES)
+    return path
+
+
+def rows(data: bytes) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(data.decode())))
+
+
+def workers_of(pid: int) -> list[int]:
+    """The plugin workers among a daemon's children."""
+    found = []
+    for child in children_of(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"dpipes.nodes.plugins.worker" in f.read():
+                    found.append(child)
+        except OSError:
+            pass
+    return found
+
+
+async def test_program_to_plugin_to_plugin_across_two_daemons(rt: Path) -> None:
+    sales = rt.parent / "sales.csv"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        pipeline = f'cat {sales} | %filter@beta expr="amount > 100" | %summarize by=region agg=amount:sum'
+        out = await dpipes(rt, "--node", alpha.host_port, "--status", pipeline)
+        assert out.code == 0, out.stderr
+        assert rows(out.stdout) == [
+            {"region": "east", "amount_sum": "300"},
+            {"region": "north", "amount_sum": "320"},
+            {"region": "south", "amount_sum": "150"},
+        ]
+        assert "INFO filter kept 4 of 6 rows" in out.stderr  # io.info reached the client as Pipes
+        assert "stage 1 %filter@beta: exit 0" in out.stderr
+
+
+async def test_plugin_between_programs_and_on_stdin(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        out = await dpipes(
+            rt, "--node", alpha.host_port, "%filter@beta expr='amount >= 150' | sort -r", input=SALES.encode()
+        )
+        assert out.code == 0, out.stderr
+        assert out.stdout.decode().splitlines() == ['"south",150', '"region","amount"', '"north",200', '"east",300']
+
+
+async def test_an_input_plugin_first_and_arrow_ipc_to_a_program(rt: Path) -> None:
+    reader = (
+        "import sys, pyarrow.ipc as i; t = i.open_stream(sys.stdin.buffer).read_all(); "
+        "print(t.num_rows, sum(t[\"n\"].to_pylist()))"
+    )
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        out = await dpipes(
+            rt, "--node", alpha.host_port, "--arrow", f"%generate@beta rows=1000 batch_rows=64 | python3 -c '{reader}'"
+        )
+        assert out.code == 0, out.stderr
+        assert out.stdout.decode().split() == ["1000", str(sum(range(1000)))]
+
+
+async def test_json_mode_plugin_takes_and_gives_objects(rt: Path) -> None:
+    lines = b"".join(json.dumps({"k": k, "v": v}).encode() + b"\n" for k, v in [("a", 1), ("b", 5), ("a", 7)])
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        pipeline = "cat | %filter@beta expr='v > 2' | cat"
+        out = await dpipes(rt, "--node", alpha.host_port, "--json", pipeline, input=lines)
+        assert out.code == 0, out.stderr
+        objects = [json.loads(line) for line in out.stdout.splitlines()]
+        assert [(o["k"], o["v"]) for o in objects] == [("b", 5), ("a", 7)]
+
+
+async def test_dpipes_nodes_lists_plugins_and_placement_uses_them(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        listing = await dpipes(rt, "--node", alpha.host_port, "--nodes", "--json")
+        entries = {n["name"]: n for n in map(json.loads, listing.stdout.splitlines())}
+        assert "%filter" in entries["beta"]["programs"] and "%summarize" in entries["alpha"]["programs"]
+        assert entries["beta"]["plugin_versions"]["filter"] == "0.1.0"
+        assert entries["alpha"]["plugin_versions"]["stuck"] == "1.0"
+        table = await dpipes(rt, "--node", alpha.host_port, "--nodes")
+        assert "%filter=0.1.0" in table.stdout.decode()
+        sales = rt.parent / "sales.csv"  # unpinned: placed on a node that offers it (here, both do)
+        out = await dpipes(rt, "--node", alpha.host_port, "--status", f"cat {sales} | %filter expr='amount > 0'")
+        assert out.code == 0 and "stage 1 %filter@alpha: exit 0" in out.stderr, out.stderr
+
+
+# -- bad input: each named, non-zero, no orphan worker ------------------------------------------
+
+
+async def test_missing_entry_point_is_refused_before_anything_starts(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        out = await dpipes(rt, "--node", alpha.host_port, "seq 3 | %nosuch@beta")
+        assert out.code != 0
+        assert "stage 1 (%nosuch@beta)" in out.stderr and "plugin 'nosuch' is not installed on node beta" in out.stderr
+
+
+async def test_csv_that_does_not_parse_names_stage_node_plugin_and_line(rt: Path) -> None:
+    bad = b"a,b\n1,2\n3,4,5\n"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        out = await dpipes(rt, "--node", alpha.host_port, "cat | %filter@beta expr='a > 0' | cat", input=bad)
+        assert out.code != 0
+        assert "stage 1 (%filter@beta)" in out.stderr and "plugin filter" in out.stderr
+        assert "CSV does not parse: line 3 has 3 fields" in out.stderr
+
+
+async def test_an_input_whose_types_change_mid_stream_is_named_not_passed_on(rt: Path) -> None:
+    # The first block (1 MiB) fixes the column as integers; a later row is text.
+    data = b"n\n" + b"12345\n" * 300_000 + b"twelve\n"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        out = await dpipes(rt, "--node", alpha.host_port, "cat | %passthrough@beta | wc -l", input=data)
+        assert out.code != 0
+        assert "stage 1 (%passthrough@beta): plugin passthrough: input 'Input'" in out.stderr
+        assert "CSV does not parse: after" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("plugin", "says"),
+    [
+        ("astray", "no outgoing anchor 'Nowhere'"),
+        ("shifty", "outgoing anchor 'Output' changed schema mid-stream"),
+        ("raises", "raised ZeroDivisionError: the plugin's own bug"),
+    ],
+)
+async def test_a_broken_plugin_fails_its_stage_by_name(rt: Path, plugin: str, says: str) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
+        out = await dpipes(rt, "--node", alpha.host_port, f"seq 5 | %{plugin}@beta | cat", input=b"n\n1\n2\n")
+        assert out.code != 0
+        assert f"stage 1 (%{plugin}@beta): plugin {plugin}" in out.stderr and says in out.stderr
+        assert workers_of(beta.proc.pid) == []
+
+
+async def test_a_callback_that_never_returns_is_bounded_by_the_configured_timeout(rt: Path) -> None:
+    config = rt.parent / "beta.toml"
+    config.write_text("[limits]\nplugin_callback_s = 2\n")
+    async with daemons(rt, ["alpha", "beta"], extra={"beta": ["--config", str(config)]}) as (alpha, beta):
+        out = await dpipes(rt, "--node", alpha.host_port, "seq 5 | %stuck@beta | cat")
+        assert out.code != 0
+        assert "stage 1 (%stuck@beta): plugin stuck" in out.stderr and "did not return within 2 s" in out.stderr
+        assert workers_of(beta.proc.pid) == []
+
+
+async def test_a_worker_killed_with_sigkill_fails_the_run_and_leaves_nothing(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
+        proc = await start_dpipes(rt, "--node", alpha.host_port, "seq 5 | %stuck@beta | cat")
+
+        async def worker() -> int:
+            while not (found := workers_of(beta.proc.pid)):
+                await asyncio.sleep(0.02)
+            return found[0]
+
+        os.kill(await asyncio.wait_for(worker(), WAIT_S), signal.SIGKILL)
+        _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+        assert proc.returncode != 0
+        assert "plugin stuck worker killed by SIGKILL" in err.decode()
+        assert workers_of(beta.proc.pid) == []
+
+
+async def test_plugin_progress_reaches_the_client_as_pipes_messages(rt: Path) -> None:
+    record = rt.parent / "pipes.jsonl"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        pipeline = "%generate rows=20000 batch_rows=500 | %passthrough@beta expected_rows=20000 | wc -l"
+        out = await dpipes(rt, "--node", alpha.host_port, "--pipes-json", str(record), pipeline)
+        assert out.code == 0, out.stderr
+        assert out.stdout.split() == [b"20001"]
+    from dpipes.nodes.progress import progress_of
+
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    messages = [item["message"] for item in lines if item.get("stage") == 1 and "message" in item]
+    fractions = [f for f in map(progress_of, messages) if f is not None]
+    assert len(fractions) > 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+# -- the README's walkthrough, as written -------------------------------------------------------
+
+
+def readme_section() -> str:
+    text = (Path(__file__).parents[3] / "README.md").read_text()
+    section = text[text.index("\n## Writing a plugin\n") :]
+    return section[: section.index("\n## ", 1)]
+
+
+async def test_the_readme_walkthrough_runs_a_new_plugin_from_another_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    from dpipes.nodes.plugins.scaffold import new_plugin
+
+    site = install_plugins(tmp_path / "site", monkeypatch)
+    package = new_plugin("upper", tmp_path / "dpipes-plugin-upper")  # `dpipes plugin new upper`
+    dist = site / "dpipes_plugin_upper-0.1.0.dist-info"  # what `pip install` leaves for the node to find
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dpipes-plugin-upper\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[dpipes.plugins]\nupper = dpipes_plugin_upper.plugin:Upper\n")
+    monkeypatch.setenv("PYTHONPATH", f"{os.environ['PYTHONPATH']}:{package}")
+    rt = tmp_path / "run"
+    rt.mkdir(mode=0o700)
+    section = readme_section()
+    assert "printf 'name,n\\nada,1\\nbob,2\\n' | dpipes '%upper@beta tag=seen | sort'" in section
+    flow = tmp_path / "split.yaml"
+    flow.write_text(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert "True" in yaml.safe_load(flow.read_text())["connections"][0]["from"]
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        names = b"name,n\nada,1\nbob,2\n"
+        out = await dpipes(rt, "--node", alpha.host_port, "%upper@beta tag=seen | sort", input=names)
+        assert out.code == 0, out.stderr
+        assert out.stdout.decode().splitlines() == ['"ada",1,"seen"', '"bob",2,"seen"', '"name","n","tag"']
+        out = await dpipes(rt, "--node", alpha.host_port, "--workflow", str(flow), input=SALES.encode())
+        assert out.code == 0, out.stderr
+        assert rows(out.stdout) == [
+            {"region": "south", "amount": "150", "tag": "big"},
+            {"region": "north", "amount": "200", "tag": "big"},
+            {"region": "east", "amount": "300", "tag": "big"},
+            {"region": "north", "amount": "120", "tag": "big"},
+        ]
+        assert "3\n" in out.stderr  # the small side: a header and two rows, counted by wc -l
+
+
+async def test_megabytes_of_arrow_through_a_plugin_come_out_as_they_went_in(rt: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    rows = 400_000  # ~10 MB: more than a stream's credit window and the worker's read-ahead
+    table = pa.table({"n": pa.array(range(rows), pa.int64()), "s": pa.array([f"r{i % 977}" for i in range(rows)])})
+    data = rt.parent / "table.arrows"
+    with open(data, "wb") as f, ipc.new_stream(f, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=50_000):
+            writer.write_batch(batch)
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        out = await dpipes(rt, "--node", alpha.host_port, "--arrow", f"cat {data} | %passthrough@beta | cat")
+        assert out.code == 0, out.stderr
+        assert ipc.open_stream(pa.BufferReader(out.stdout)).read_all().equals(table)

@@ -1,0 +1,82 @@
+"""Plugins installed for daemons under test: the examples and a few broken ones, as pip would install them."""
+
+from __future__ import annotations
+
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dpipes.nodes.plugins.registry import ENTRY_POINT_GROUP
+
+EXAMPLES = Path(__file__).parents[3] / "examples" / "plugins"
+
+BROKEN_SOURCE = """\
+import threading
+import pyarrow as pa
+from dpipes.nodes.plugins import Plugin
+
+class Stuck(Plugin):
+    \"\"\"Never returns from its first callback.\"\"\"
+    def on_record_batch(self, batch, anchor):
+        threading.Event().wait()
+    def on_incoming_connection_complete(self, anchor):
+        pass
+    def on_complete(self):
+        pass
+
+class Astray(Plugin):
+    \"\"\"Writes to an anchor it was not given.\"\"\"
+    def on_record_batch(self, batch, anchor):
+        self.provider.write_to_anchor("Nowhere", batch)
+    def on_incoming_connection_complete(self, anchor):
+        pass
+    def on_complete(self):
+        pass
+
+class Shifty(Plugin):
+    \"\"\"Changes its output's schema after the first table it writes.\"\"\"
+    def on_record_batch(self, batch, anchor):
+        self.provider.write_to_anchor("Output", pa.table({"x": [1]}))
+        self.provider.write_to_anchor("Output", pa.table({"x": ["one"]}))
+    def on_incoming_connection_complete(self, anchor):
+        pass
+    def on_complete(self):
+        pass
+
+class Raises(Plugin):
+    def on_record_batch(self, batch, anchor):
+        raise ZeroDivisionError("the plugin's own bug")
+    def on_incoming_connection_complete(self, anchor):
+        pass
+    def on_complete(self):
+        pass
+"""
+
+
+def install_plugins(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A site directory with the example plugins' distribution and ``ptest-broken``; daemons started
+    after this (their environment copies ours) find both through ``PYTHONPATH``."""
+    root.mkdir()
+    (root / "ptest_broken_plugins.py").write_text(BROKEN_SOURCE)
+    examples = root / "dpipes_example_plugins-0.1.0.dist-info"
+    examples.mkdir()
+    (examples / "METADATA").write_text("Metadata-Version: 2.1\nName: dpipes-example-plugins\nVersion: 0.1.0\n")
+    points = tomllib.loads((EXAMPLES / "pyproject.toml").read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
+    lines = "".join(f"{name} = {value}\n" for name, value in points.items())
+    (examples / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}")
+    broken = root / "ptest_broken-1.0.dist-info"
+    broken.mkdir()
+    (broken / "METADATA").write_text("Metadata-Version: 2.1\nName: ptest-broken\nVersion: 1.0\n")
+    (broken / "entry_points.txt").write_text(
+        textwrap.dedent(f"""\
+            [{ENTRY_POINT_GROUP}]
+            stuck = ptest_broken_plugins:Stuck
+            astray = ptest_broken_plugins:Astray
+            shifty = ptest_broken_plugins:Shifty
+            raises = ptest_broken_plugins:Raises
+            """)
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{root}:{EXAMPLES}")
+    return root

@@ -1,0 +1,306 @@
+"""Plugin benchmarks (``dpipes-bench plugins``): plugin stages against what a user would use instead.
+
+* ``plugins.cross_node_arrow_<N>MiB``: an Arrow IPC stream through ``cat FILE | %bench_pass@bench-b
+  | cat`` (``--arrow``; stages on two local daemons, the output to /dev/null), against the same
+  table through pyarrow.flight ``do_put`` then ``do_get`` over loopback (a Flight server in another
+  process). MB/s of the IPC stream; dpipes' figure includes starting the pipeline (three forks,
+  two of them Python workers). Target (issue 10): at least 1x.
+* ``plugins.same_host_program_to_plugin_<N>MiB``: ``cat FILE | %bench_sink`` on one daemon, against
+  ``sh -c 'cat FILE | python3 -c READER'``: a plain Unix pipe carrying the Arrow IPC stream into
+  a second Python process that reads every batch. Target: at least 1.5x.
+* ``plugins.batches_per_s``: 10k batches of 100 rows through a pass-through plugin
+  (``%bench_source | %bench_pass | %bench_sink``, one daemon), against the same batches written
+  by one Python process to another through a Unix pipe as an Arrow IPC stream. Batches/s, start
+  included on both sides.
+
+The three plugins are the suite's own (written with a ``dpipes.plugins`` entry point into a
+temporary directory the daemons import from), so the suite needs nothing installed but dpipes.
+Each row says delivered/sent: the rows the last stage counted against the rows written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from dpipes.tools.bench.pipe import local_daemons
+from dpipes.tools.bench.result import Result, result
+
+BATCHES = 10_000  # the issue's per-batch figure: 10k batches of 100 rows
+BATCH_ROWS = 100
+FLIGHT_START_TIMEOUT_S = 30.0
+
+PLUGINS_SOURCE = '''\
+"""dpipes-bench's own plugins: a pass-through, a sink that counts, a source of small batches."""
+import pyarrow as pa
+from dpipes.nodes.plugins import Plugin
+
+SCHEMA = pa.schema([("n", pa.int64()), ("x", pa.float64())])
+
+
+class Pass(Plugin):
+    def on_record_batch(self, batch, anchor):
+        self.provider.write_to_anchor("Output", batch)
+
+    def on_incoming_connection_complete(self, anchor):
+        pass
+
+    def on_complete(self):
+        pass
+
+
+class Sink(Plugin):
+    def __init__(self, provider):
+        super().__init__(provider)
+        self.rows = 0
+
+    def on_record_batch(self, batch, anchor):
+        self.rows += batch.num_rows
+
+    def on_incoming_connection_complete(self, anchor):
+        pass
+
+    def on_complete(self):
+        self.provider.write_to_anchor("Output", pa.table({"rows": [self.rows]}))
+
+
+class Source(Plugin):
+    def __init__(self, provider):
+        super().__init__(provider)
+        self.batches = int(provider.tool_config.get("batches", 10000))
+        self.rows = int(provider.tool_config.get("rows", 100))
+
+    def on_record_batch(self, batch, anchor):
+        pass
+
+    def on_incoming_connection_complete(self, anchor):
+        pass
+
+    def on_complete(self):
+        n = pa.array(range(self.rows), pa.int64())
+        batch = pa.record_batch([n, pa.array([0.5] * self.rows)], schema=SCHEMA)
+        for _ in range(self.batches):
+            self.provider.write_to_anchor("Output", batch)
+'''
+
+READER = "import sys, pyarrow.ipc as i; r = i.open_stream(sys.stdin.buffer); print(sum(b.num_rows for b in r))"
+WRITER = textwrap.dedent(f"""\
+    import sys, pyarrow as pa, pyarrow.ipc as i
+    n = pa.array(range({BATCH_ROWS}), pa.int64())
+    b = pa.record_batch([n, pa.array([0.5] * {BATCH_ROWS})], names=["n", "x"])
+    with i.new_stream(sys.stdout.buffer, b.schema) as w:
+        for _ in range({BATCHES}):
+            w.write_batch(b)
+    """)
+
+
+def _install_plugins(site: Path) -> None:
+    """The suite's plugins as pip would leave them: a module and a dist-info with entry points."""
+    site.mkdir()
+    (site / "dpipes_bench_plugins.py").write_text(PLUGINS_SOURCE)
+    dist = site / "dpipes_bench_plugins-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dpipes-bench-plugins\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[dpipes.plugins]\n"
+        "bench_pass = dpipes_bench_plugins:Pass\n"
+        "bench_sink = dpipes_bench_plugins:Sink\n"
+        "bench_source = dpipes_bench_plugins:Source\n"
+    )
+
+
+def _table(rows: int) -> Any:
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "n": pa.array(range(rows), pa.int64()),
+            "x": pa.array([i * 0.5 for i in range(rows)], pa.float64()),
+            "s": pa.array([f"row {i % 1000}" for i in range(rows)], pa.string()),
+        }
+    )
+
+
+def _write_stream(table: Any, path: Path, batch_rows: int) -> int:
+    import pyarrow.ipc as ipc
+
+    with open(path, "wb") as f, ipc.new_stream(f, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=batch_rows):
+            writer.write_batch(batch)
+    return path.stat().st_size
+
+
+def _run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, bytes]:
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+    return time.perf_counter() - start, done.stdout
+
+
+def _rows_of(stdout: bytes) -> int:
+    """The row count a sink or a reader printed (CSV ``rows\\nN``, or ``N``)."""
+    words = stdout.split()
+    return int(words[-1]) if words and words[-1].isdigit() else 0
+
+
+def _sink_rows(stdout: bytes) -> int:
+    """The count the sink plugin wrote, as an Arrow IPC stream (``--arrow``) of one row."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    try:
+        table = ipc.open_stream(pa.BufferReader(stdout)).read_all()
+    except pa.ArrowInvalid:
+        return 0
+    return int(table.column("rows")[0].as_py()) if table.num_rows else 0
+
+
+def _ipc_rows(stdout: bytes) -> int:
+    """Rows in the Arrow IPC stream a pipeline wrote (0 if it is not one)."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    try:
+        return sum(batch.num_rows for batch in ipc.open_stream(pa.BufferReader(stdout)))
+    except pa.ArrowInvalid:
+        return 0
+
+
+@contextlib.contextmanager
+def _flight_server() -> Iterator[str]:
+    """A pyarrow.flight server in a process of its own that keeps what is put and serves it back."""
+    code = textwrap.dedent("""\
+        import sys, pyarrow.flight as flight
+        class Server(flight.FlightServerBase):
+            def __init__(self):
+                super().__init__("grpc://127.0.0.1:0")
+                self.tables = {}
+            def do_put(self, context, descriptor, reader, writer):
+                self.tables[descriptor.path[0]] = reader.read_all()
+            def do_get(self, context, ticket):
+                return flight.RecordBatchStream(self.tables[ticket.ticket])
+        server = Server()
+        print(f"grpc://127.0.0.1:{server.port}", flush=True)
+        server.serve()
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.terminate()
+        proc.wait(FLIGHT_START_TIMEOUT_S)
+
+
+def _flight_put_get(addr: str, table: Any) -> tuple[float, int]:
+    import pyarrow.flight as flight
+
+    client = flight.connect(addr)
+    try:
+        start = time.perf_counter()
+        writer, _ = client.do_put(flight.FlightDescriptor.for_path(b"t"), table.schema)
+        writer.write_table(table)
+        writer.close()
+        got = client.do_get(flight.Ticket(b"t")).read_all()
+        return time.perf_counter() - start, got.num_rows
+    finally:
+        client.close()
+
+
+def plugins_benchmarks(
+    *, repeat: int = 5, quick: bool = False, progress: Callable[[str], None] = lambda s: None
+) -> list[Result]:
+    rows = (1 if quick else 8) * 1_000_000
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="dpipes-bench-") as tmp:
+        site = Path(tmp) / "site"
+        _install_plugins(site)
+        table = _table(rows)
+        data = Path(tmp) / "table.arrows"
+        size = _write_stream(table, data, 64 * 1024)
+        runtime = Path(tmp) / "run"
+        runtime.mkdir(mode=0o700)
+        path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, DPIPES_RUNTIME_DIR=str(runtime), DPIPES_CONFIG_PATHS="", PYTHONPATH=path)
+        dpipes = [sys.executable, "-m", "dpipes.tools.dpipes"]
+        mib = size >> 20
+        with local_daemons(["bench-a", "bench-b"], runtime, env=env) as (a, _b), _flight_server() as flight_addr:
+            cross = [*dpipes, "--node", a, "--arrow", f"cat {data} | %bench_pass@bench-b | cat"]
+            _run(cross, env)  # warm the page cache and the daemons' imports
+            _flight_put_get(flight_addr, table)
+            ours, theirs, got, their_got = [], [], 0, 0
+            for _ in range(repeat):
+                seconds, moved = _flight_put_get(flight_addr, table)
+                theirs.append(size / seconds / 1e6)
+                their_got += moved
+                seconds, out = _run(cross, env)
+                ours.append(size / seconds / 1e6)
+                got += _ipc_rows(out)
+                progress(".")
+            results.append(
+                result(
+                    f"plugins.cross_node_arrow_{mib}MiB",
+                    "MB/s",
+                    ours,
+                    "pyarrow.flight do_put + do_get",
+                    theirs,
+                    target=1.0,
+                    delivered=(got, rows * repeat),
+                    baseline_delivered=(their_got, rows * repeat),
+                )
+            )
+            sink = [*dpipes, "--node", a, "--arrow", f"cat {data} | %bench_sink@bench-a"]
+            ours, theirs, got, their_got = [], [], 0, 0
+            for _ in range(repeat):
+                seconds, out = _run(["sh", "-c", f"cat {data} | {sys.executable} -c '{READER}'"])
+                theirs.append(size / seconds / 1e6)
+                their_got += _rows_of(out)
+                seconds, out = _run(sink, env)
+                ours.append(size / seconds / 1e6)
+                got += _sink_rows(out)
+                progress(".")
+            results.append(
+                result(
+                    f"plugins.same_host_program_to_plugin_{mib}MiB",
+                    "MB/s",
+                    ours,
+                    "sh: cat FILE | python3 (IPC reader)",
+                    theirs,
+                    target=1.5,
+                    delivered=(got, rows * repeat),
+                    baseline_delivered=(their_got, rows * repeat),
+                )
+            )
+            batches = BATCHES // 10 if quick else BATCHES
+            chain = (
+                f"%bench_source@bench-a batches={batches} rows={BATCH_ROWS} | %bench_pass@bench-a | %bench_sink@bench-a"
+            )
+            writer = WRITER.replace(f"range({BATCHES})", f"range({batches})")
+            ours, theirs, got, their_got = [], [], 0, 0
+            for _ in range(repeat):
+                seconds, out = _run(["sh", "-c", f"{sys.executable} -c '{writer}' | {sys.executable} -c '{READER}'"])
+                theirs.append(batches / seconds)
+                their_got += _rows_of(out)
+                seconds, out = _run([*dpipes, "--node", a, chain], env)
+                ours.append(batches / seconds)
+                got += _rows_of(out)
+                progress(".")
+            results.append(
+                result(
+                    "plugins.batches_per_s",
+                    "batches/s",
+                    ours,
+                    "sh: python3 (IPC writer) | python3 (IPC reader)",
+                    theirs,
+                    delivered=(got, batches * BATCH_ROWS * repeat),
+                    baseline_delivered=(their_got, batches * BATCH_ROWS * repeat),
+                )
+            )
+    return results
