@@ -97,6 +97,7 @@ class Run:
     nodes: list[str]
     exited: set[int] = dataclasses.field(default_factory=set)
     failed: str = ""  # why the run failed as a whole; "" while it has not
+    lost_nodes: set[str] = dataclasses.field(default_factory=set)  # nodes whose loss the client was told
 
 
 class Coordinator:
@@ -386,18 +387,22 @@ class Coordinator:
             self.runs.pop(run.pipeline, None)
 
     def on_link_lost(self, node: str, reason: str) -> None:
-        """``node`` is gone: every run with a stage there that has not reported fails.
+        """``node`` is gone: every run with a stage there fails (its other stages are cancelled).
 
         A run already being cancelled is included: a neighbour of the lost node may have seen it
         first and failed its own stage, whose report started the cancel; the lost node's stages
-        will never report, and the client must hear that rather than wait for them for ever.
+        may never report to the client, which must hear that rather than wait for them for ever.
         """
         for run in list(self.runs.values()):
-            lost = [i for i, n in enumerate(run.nodes) if n == node and i not in run.exited]
-            if lost:
-                stages = ", ".join(f"stage {i} ({run.stages[i].argv[0]})" for i in lost)
-                error = f"node {node!r} lost ({reason}) while running {stages}"
-                self._spawn(self._fail(run, error, lost), f"fail {run.pipeline}")
+            if node not in run.nodes or node in run.lost_nodes:
+                continue
+            run.lost_nodes.add(node)
+            # Every stage there, reported to us or not: its report to the client may have been lost
+            # with the node (the client keeps the status of a stage whose report it has).
+            lost = [i for i, n in enumerate(run.nodes) if n == node]
+            stages = ", ".join(f"stage {i} ({run.stages[i].argv[0]})" for i in lost)
+            error = f"node {node!r} lost ({reason}) while running {stages}"
+            self._spawn(self._fail(run, error, lost), f"fail {run.pipeline}")
 
     def on_client_gone(self, addr: str) -> None:
         """The client at ``addr`` went away: its runs are cancelled."""

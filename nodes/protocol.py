@@ -145,7 +145,8 @@ Reports (``REQUEST`` to a client's or coordinator's address; reply: empty)
     ``PROGRESS_INTERVAL_S`` per stage and only when a counter changed; the ``exit`` report has
     the final counts.
     ``failed``: the run failed as a whole (a node was lost, ...). Body: ``pipeline: str,
-    error: str, lost: list[int] = []`` (stages that will never report: they ran on a lost node).
+    error: str, lost: list[int] = []`` (the stages that ran on a lost node: whichever of them
+    has not reported to the client never will; one that has keeps its own report).
 
 Working directories
     A stage on the client's own host starts in the client's working directory (``run.cwd``), as

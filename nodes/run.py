@@ -428,7 +428,7 @@ class _Run:
     def _on_failed(self, report: FailedReport) -> None:
         self.error = report.error or "the pipeline failed"
         for index in report.lost:
-            if 0 <= index < len(self.stages):
+            if 0 <= index < len(self.stages) and not self.stages[index].reported:  # else its own report stands
                 lost = self.stages[index]
                 lost.status, lost.reported = f"lost with node {lost.node}", True
         asyncio.get_running_loop().call_later(CANCEL_WAIT_S, self._done.set)
