@@ -286,13 +286,19 @@ class Coordinator:
             ),
             return_exceptions=True,
         )
-        failures = [r for r in starts if isinstance(r, BaseException)]
+        by_stage = list(reversed(starts))  # started downstream first
+        failures = [r for r in by_stage if isinstance(r, BaseException)]
         if failures:
             await self.cancel(run, "start failed", notify=False)
             self.direct.close(pipeline)
-            message = "could not start the pipeline: " + "; ".join(_strip_failed(str(f)) for f in failures)
+            named = [
+                f"{describe(i)}: {_strip_failed(str(r))}"
+                for i, r in enumerate(by_stage)
+                if isinstance(r, BaseException)
+            ]
+            message = "could not start the pipeline: " + "; ".join(named)
             raise ControlError(_code_of(failures), message)
-        contexts = [r.context for r in reversed(starts) if isinstance(r, StartReply)]  # started downstream first
+        contexts = [r.context for r in by_stage if isinstance(r, StartReply)]
         return RunReply(
             pipeline=pipeline,
             stdin_direct=stdin_direct,  # the client does not feed the first stage

@@ -11,7 +11,8 @@ It shows everything a client in any language needs to run a pipeline on a dpipes
 * acknowledge the ``exit``/``failed`` reports with empty ``REPLY``s, and stop once every stage
   reported;
 * ``cancel`` the run on Ctrl-C or after ``--cancel-after`` seconds;
-* exit with the last stage's status (128 + N when a signal N killed it, as a shell does).
+* exit with the last stage's status (128 + N when a signal N killed it, as a shell does), or 130
+  when it cancelled the run (Ctrl-C, `--cancel-after`), as `dpipes` does.
 
 The specs: the module docstrings of ``dpipes.bus.codec`` (frames) and ``dpipes.nodes.protocol``
 (the conversation). Run it against a running ``dpipesd``::
@@ -315,6 +316,8 @@ class Run:
             self.call("cancel", {"pipeline": self.pipeline, "reason": self.cancel_wanted})
 
     def status(self) -> int:
+        if self.cancel_wanted:  # we stopped it: its output is not whole, whatever the stages said
+            return 130
         last = self.reports.get(len(self.stages) - 1)
         if last is None:
             return 1

@@ -157,7 +157,7 @@ async def test_ctrl_c_cancels_the_run(rt: Path) -> None:
         proc.send_signal(signal.SIGINT)
         _out, err = await asyncio.wait_for(proc.communicate(), RUN_WAIT_S)
         assert "sleep" not in programs(alpha)
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert proc.returncode == 130, err.decode()  # as dpipes after Ctrl-C: the output is not whole
 
 
 async def test_a_refused_run_exits_non_zero_and_says_why(rt: Path) -> None:

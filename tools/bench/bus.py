@@ -101,11 +101,16 @@ async def _serve_dpipes() -> None:
             task.cancel()
 
 
-def _serve_raw() -> None:
+def _serve_router(answer: Callable[[zmq.Socket[Any]], None], *, unbounded: bool = False) -> None:
+    """A raw pyzmq ROUTER on a random loopback port (printed), read until stdin closes.
+
+    ``answer`` is called while messages wait, and reads them itself with ``zmq.NOBLOCK``.
+    """
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
-    router.setsockopt(zmq.RCVHWM, 0)
+    if unbounded:
+        router.setsockopt(zmq.RCVHWM, 0)  # the sender's rate, not our queue, is what is measured
     port = router.bind_to_random_port("tcp://127.0.0.1")
     print(f"tcp://127.0.0.1:{port}", flush=True)
     poller = zmq.Poller()
@@ -116,39 +121,28 @@ def _serve_raw() -> None:
         if 0 in events and not os.read(0, 4096):
             break
         if router in events:
-            while True:
-                try:
-                    ident, data = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                if data.bytes == b"end":
-                    router.send_multipart([ident, b"done"])
+            with contextlib.suppress(zmq.Again):
+                answer(router)
     router.close()
     ctx.term()
+
+
+def _serve_raw() -> None:
+    def sink(router: zmq.Socket[Any]) -> None:
+        while True:
+            ident, data = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            if data.bytes == b"end":
+                router.send_multipart([ident, b"done"])
+
+    _serve_router(sink, unbounded=True)
 
 
 def _serve_raw_echo() -> None:
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    print(f"tcp://127.0.0.1:{port}", flush=True)
-    poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
-    poller.register(0, zmq.POLLIN)
-    while True:
-        events = dict(poller.poll())
-        if 0 in events and not os.read(0, 4096):
-            break
-        if router in events:
-            while True:
-                try:
-                    frames = router.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                router.send_multipart(frames)
-    router.close()
-    ctx.term()
+    def echo(router: zmq.Socket[Any]) -> None:
+        while True:
+            router.send_multipart(router.recv_multipart(zmq.NOBLOCK))
+
+    _serve_router(echo)
 
 
 # -- senders (this process) -------------------------------------------------------------------
