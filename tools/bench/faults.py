@@ -265,7 +265,9 @@ def kill_node(victim: str, root: Path, nbytes: int, rng: random.Random) -> Fault
         _warm(by_name["a"], nodes)
         baselines = [d.usage() for d in survivors]
         entry_address = by_name["a"].tcp
-        client = _client(by_name["a"], "cat | cat@b | cat@c", data, out)
+        # The first stage holds its output open after the data (`sleep`), so the run is still going
+        # whenever the kill lands, however fast the bytes went: the fault always meets a live run.
+        client = _client(by_name["a"], f"sh -c 'cat; exec sleep {RUN_TIMEOUT_S:g}' | cat@b | cat@c", data, out)
         # A random point of the transfer: after some bytes came out, or at once.
         target = rng.randrange(0, nbytes // 2)
         _until(lambda: out.stat().st_size >= target or client.poll() is not None, RUN_TIMEOUT_S, "output")
