@@ -24,10 +24,13 @@ import dataclasses
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpipes.bus.codec import INITIAL_CREDIT_BYTES, MESSAGE_CREDIT_BYTES
 from dpipes.nodes.tap.view import pipes_text
+
+if TYPE_CHECKING:
+    from dpipes.bus.tap import TapEvent
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,12 @@ class Graph:
     def note_dropped(self, node: str, missed: int) -> None:
         """The reader missed ``missed`` events of hub ``node``."""
         self._node(node).dropped += missed
+
+    def take(self, event: TapEvent, decoded: dict[str, Any], missed: int) -> None:
+        """One event as a tap reader hands it over: what was missed before it, then the event."""
+        if missed:
+            self.note_dropped(event.node, missed)
+        self.feed(decoded)
 
     def _node(self, name: str) -> NodeSeen:
         seen = self.nodes.get(name)

@@ -168,9 +168,7 @@ async def run_top(source: TapSource, *, console: Console | None = None) -> None:
 
     async def feed() -> None:
         async for event, decoded, missed in decoded_events(source):
-            if missed:
-                graph.note_dropped(event.node, missed)
-            graph.feed(decoded)
+            graph.take(event, decoded, missed)
 
     feeder = asyncio.create_task(feed(), name="dpipes-tap top reader")
     console = console or Console()

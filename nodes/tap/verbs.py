@@ -238,11 +238,6 @@ async def listing(
     """``dpipes-tap list``: pipelines, stages and edges as seen so far, every second."""
     graph = Graph()
 
-    def take(event: TapEvent, decoded: dict[str, Any], missed: int) -> None:
-        if missed:
-            graph.note_dropped(event.node, missed)
-        graph.feed(decoded)
-
     def report() -> list[Out]:
         if as_json:
             return [Out(json.dumps(snapshot(graph), default=str))]
@@ -251,7 +246,7 @@ async def listing(
             lines.append(f"(dropped {source.dropped:,} events)")
         return [Out(f"-- {clock(graph.now or time.time())}"), *(Out(t) for t in lines)]
 
-    async for out in _reports(source, take, report, reports=reports):
+    async for out in _reports(source, graph.take, report, reports=reports):
         yield out
 
 
@@ -460,15 +455,10 @@ async def top_plain(source: TapSource, *, as_json: bool = False, reports: int | 
 
     graph = Graph()
 
-    def take(event: TapEvent, decoded: dict[str, Any], missed: int) -> None:
-        if missed:
-            graph.note_dropped(event.node, missed)
-        graph.feed(decoded)
-
     def report() -> list[Out]:
         if as_json:
             return [Out(json.dumps(snapshot(graph), default=str))]
         return [Out(t) for t in plain_lines(graph, source)]
 
-    async for out in _reports(source, take, report, reports=reports):
+    async for out in _reports(source, graph.take, report, reports=reports):
         yield out
