@@ -19,7 +19,12 @@ Sources, and what each one may do (ranks as in the table: ``self`` > ``linked`` 
 ``mdns`` (:meth:`~NodeDirectory.mdns_seen`, :meth:`~NodeDirectory.mdns_gone`)
     A node's own advertisement on the LAN. Linked at once unless its name is already linked; a
     wildcard ``tcp://*:PORT`` endpoint takes the record's first address. Replaces a gossip-learned
-    link to the same name that is not up.
+    link to the same name that is not up. A link to an advertised node that is *lost* (heartbeats;
+    a cable pulled, a veth set down) is asked for again at once, and the hub says ``HELLO`` on it
+    every heartbeat until the node answers: a cut link comes back by itself when the cable does.
+    mDNS says nothing when a path returns (the records are still cached, nothing changed), so
+    nothing else would bring it back. The retry ends when mDNS says the node is gone (a goodbye,
+    or its records expired, which for a node that died takes the records' TTL).
 ``gossip`` (:meth:`~NodeDirectory.gossip`)
     A body ``{"peers": {name: "tcp://host:port"}}`` from a *linked* peer: second-hand, so bounded
     and checked. The body is validated in full by :func:`parse_gossip` (a map of at most
@@ -34,10 +39,10 @@ Sources, and what each one may do (ranks as in the table: ``self`` > ``linked`` 
     arrives after the link is up). This covers links the peer opened to us. When the link goes
     down in order (BYE) the node left: its mDNS and gossip claims go too, and its incarnation is
     tombstoned, and gossip may not link it again for ``DEPARTED_S`` (first-hand sources may); when
-    it is lost (heartbeats) the table's ``lost`` rule applies, and gossip may bring it back (a
-    lost node may be back; a dead one expires as unreachable). A static peer stays listed
-    either way, down. A link going down yields no ``Unlink``: the hub retries a static link and
-    drops any other one itself.
+    it is lost (heartbeats) the table's ``lost`` rule applies, gossip may bring it back (a lost
+    node may be back; a dead one expires as unreachable), and a node mDNS advertised is linked
+    again (above). A static peer stays listed either way, down. A link going down yields no
+    ``Unlink``: the hub retries a static link and drops any other one itself.
 
 Rules and bounds:
 
@@ -335,7 +340,10 @@ class NodeDirectory:
 
     def mdns_gone(self, name: str, instance_id: str, now: float) -> list[Action]:
         """mDNS says ``name`` (incarnation ``instance_id``) left, or its records expired."""
-        return self._forget_unlinked(self.table.goodbye(name, instance_id), "gone from mDNS")
+        actions = self._forget_unlinked(self.table.goodbye(name, instance_id), "gone from mDNS")
+        if name not in self._up:  # a lost node's link, asked for again (link_down): no longer
+            actions += self._drop_wants(name, "gone from mDNS", keep="", only="mdns")
+        return actions
 
     def gossip(self, via: str, body: object, now: float) -> list[Action]:
         """A gossip body from the linked peer ``via``. Never raises: rejections are counted.
@@ -452,15 +460,22 @@ class NodeDirectory:
     def link_down(self, name: str, *, orderly: bool, reason: str, now: float) -> list[Action]:
         """The hub's link to ``name`` went down: it said goodbye (``orderly``) or was lost.
 
-        Returns no action today (the hub retries static links and drops the others itself); the
-        list is there so the node handles every event alike.
+        Returns ``Link`` to the same endpoint when a node mDNS advertises was lost (see the
+        module docstring), to be carried out after the hub has dropped its old link there;
+        nothing otherwise (the hub retries static links and drops the others itself).
         """
         endpoint = self._up.get(name)
         if endpoint is None:
             return []
         record = self.table.get(name)
         instance = record.instance_id if record is not None else ""
-        self._link_gone(name, endpoint, now)
+        want = self._wanted.get(endpoint)
+        relink = (
+            not orderly
+            and endpoint not in self._static
+            and ((want is not None and want.source == "mdns") or "mdns" in self.table.sources(name))
+        )
+        self._link_gone(name, endpoint, now, keep=relink)
         self._last_gossip.pop(name, None)
         if orderly:
             self.table.goodbye(name, instance)
@@ -469,7 +484,7 @@ class NodeDirectory:
         else:
             self.table.lost(name, instance)
         log.debug("node %s: link to %s down (%s): %s", self.name, name, "left" if orderly else "lost", reason)
-        return []
+        return [Link(endpoint)] if relink else []
 
     def expire(self, now: float) -> list[Action]:
         """The clock: age out rumours, unreachable gossip-learned links and old bars."""
@@ -554,8 +569,8 @@ class NodeDirectory:
     def _rumour(self, name: str, endpoint: str, via: str) -> NodeRecord:
         return NodeRecord(name, "", PROTOCOL_VERSION, {"bus": endpoint}, source="gossip", via=via)
 
-    def _link_gone(self, name: str, endpoint: str, now: float) -> None:
-        """``name``'s link at ``endpoint`` is no longer up.
+    def _link_gone(self, name: str, endpoint: str, now: float, *, keep: bool = False) -> None:
+        """``name``'s link at ``endpoint`` is no longer up; ``keep``: still wanted, from mDNS.
 
         No ``Unlink``: the hub itself retries a static link and drops any other one when it goes
         down, and the listener runs before the hub may open a new link to the same endpoint (a
@@ -564,10 +579,14 @@ class NodeDirectory:
         if self._up.get(name) == endpoint:
             del self._up[name]
         want = self._wanted.get(endpoint)
+        if keep:
+            if want is None:
+                want = self._wanted[endpoint] = _Want(endpoint, "mdns", name, now)
+            want.source, want.name = "mdns", name
         if want is None:
             return
         want.up, want.since = False, now
-        if endpoint not in self._static:
+        if endpoint not in self._static and not keep:
             del self._wanted[endpoint]
 
     def _drop_wants(self, name: str, reason: str, *, keep: str, only: str = "") -> list[Action]:

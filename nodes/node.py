@@ -270,6 +270,10 @@ class Node:
         else:
             self._apply(self.directory.mdns_gone(event.name, event.instance_id, now))
 
+    def _apply_unless_closed(self, actions: list[Action]) -> None:
+        if not self._closed:
+            self._apply(actions)
+
     def _apply(self, actions: list[Action]) -> None:
         """Carry out what the directory asks for."""
         for action in actions:
@@ -365,7 +369,11 @@ class Node:
             return
         # The hub says an orderly departure only in the reason's text, for now (the bus's to type).
         orderly = reason.startswith("said goodbye")
-        self._apply(self.directory.link_down(node, orderly=orderly, reason=reason, now=now))
+        relink = self.directory.link_down(node, orderly=orderly, reason=reason, now=now)
+        if relink:
+            # The hub calls us before it drops its lost link: a new one to that endpoint now
+            # would be that very link, dropped right after. Once the hub is done, then.
+            asyncio.get_running_loop().call_soon(self._apply_unless_closed, relink)
         self._gossiped_at.pop(node, None)
         if self.coordinator is not None:
             self.coordinator.on_link_lost(node, reason)

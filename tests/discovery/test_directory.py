@@ -335,6 +335,32 @@ def test_mdns_links_a_node_once_and_its_goodbye_drops_a_link_that_never_came_up(
     assert d.programs_by_node()["gamma"] == {"uniq"}
 
 
+def test_a_lost_link_to_an_advertised_node_is_asked_for_again_until_mdns_says_it_is_gone() -> None:
+    """A cable pulled and put back: mDNS says nothing new (the records are still cached), so the
+    directory itself keeps the link wanted; a link that left in order, or a rumour, is not."""
+    d = directory()
+    endpoint = "tcp://10.0.0.3:6000"
+    assert d.mdns_seen(mdns_record("gamma", endpoint), 0.0) == [Link(endpoint)]
+    d.link_up("gamma", IID, endpoint, {"programs": ["uniq"]}, 0.5)
+    assert d.link_down("gamma", orderly=False, reason="no heartbeat for 3.0 s", now=4.0) == [Link(endpoint)]
+    assert "gamma" not in d.programs_by_node()
+    assert d.expire(4.0 + UNREACHABLE_EXPIRY_S + 1) == []  # first-hand: not expired as a rumour is
+    d.link_up("gamma", IID, endpoint, {"programs": ["uniq"]}, 30.0)  # the cable is back
+    assert d.programs_by_node()["gamma"] == {"uniq"}
+    # Lost again, and this time it never comes back: mDNS's goodbye (or expiry) ends the retry.
+    assert d.link_down("gamma", orderly=False, reason="no heartbeat for 3.0 s", now=40.0) == [Link(endpoint)]
+    assert d.mdns_gone("gamma", IID, 60.0) == [Unlink(endpoint, "gone from mDNS")]
+    # A node that said goodbye left: nothing to retry.
+    d.mdns_seen(mdns_record("gamma", endpoint), 70.0)
+    d.link_up("gamma", IID, endpoint, {}, 70.5)
+    assert d.link_down("gamma", orderly=True, reason="said goodbye", now=71.0) == []
+    # A gossip-learned node that is lost is not retried by us (gossip may bring it back).
+    linked_peer(d, "beta", "tcp://10.0.0.2:5555", 80.0)
+    d.gossip("beta", {"peers": {"delta": "tcp://10.0.0.4:5555"}}, 80.0)
+    d.link_up("delta", IID, "tcp://10.0.0.4:5555", {}, 80.5)
+    assert d.link_down("delta", orderly=False, reason="silent", now=84.0) == []
+
+
 def test_mdns_replaces_a_rumour_that_never_came_up() -> None:
     d = directory()
     linked_peer(d, "beta", "tcp://10.0.0.2:5555", 0.0)
