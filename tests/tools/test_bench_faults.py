@@ -28,3 +28,16 @@ def test_a_lost_middle_node_a_twin_and_a_forger_each_leave_the_matrix_ok(tmp_pat
     assert forged.delivered == f"{16 << 20}/{16 << 20}"
     assert "node name 'b' is linked with instance" in twin.report
     assert table.splitlines()[0].split()[:2] == ["scenario", "ok"]
+
+
+def test_without_network_namespaces_the_link_cut_rows_are_skipped_saying_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from dpipes.tools.bench import netns
+
+    # A mock, and the only one: this test run cannot take its own root away.
+    monkeypatch.setattr(netns, "netns_unavailable_reason", lambda: "network-namespace tests need root")
+    rows = faults.link_cut_rows(tmp_path, 16 << 20)
+    assert [(r.scenario, r.skipped, r.ok) for r in rows] == [(s, True, True) for s in faults.LINK_CUT_ROWS]
+    assert all(r.report == "skipped: network-namespace tests need root" for r in rows)
+    assert all("  skip  " in line for line in faults.format_matrix(rows).splitlines()[1:])

@@ -16,8 +16,14 @@ resource count of the daemons that stayed up (descriptors, threads, children; RS
 * ``duplicate name``: a second node named ``b`` joins; it is refused, ``b`` keeps working.
 * ``N x <outcome>``: runs of each outcome kind (success, refusal, cancel, early exit, exit before
   input) against one daemon.
-
-Not here yet: a link cut and restored (needs ``tools/bench/netns.py``'s namespaces and root).
+* ``link cut``/``short link cut``: three daemons in network namespaces
+  (:mod:`dpipes.tools.bench.netns`; root only: the rows say why they were skipped otherwise),
+  ``cat@h0 | cat@h1 | cat@h2``; the switch end of ``h1``'s veth is set down mid-transfer. Cut for
+  ``LINK_CUT_S`` (past the loss timeout), the client must name ``h1`` as a killed node is named,
+  what arrived must be a prefix of what was sent, ``h0`` and ``h2`` must come back to their
+  baselines; with the veth up again, ``h1`` must be linked again within ``RELINK_TIMEOUT_S`` and a
+  new run across it must deliver every byte. Cut for ``SHORT_CUT_S`` (well under the loss timeout),
+  the run must go on and deliver every byte: see :mod:`dpipes.bus.codec`, *Sessions*.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import random
 import re
@@ -49,6 +56,15 @@ RSS_SLACK_KIB = 24 * 1024  # allocator noise; what counts as "back at baseline" 
 TRANSFER_BYTES = 256 << 20  # big enough that a fault lands in the middle of it
 FLOOD_BYTES = 256 << 20
 OUTCOME_RUNS = 300
+# Past PEER_TIMEOUT_S (3 s) plus a heartbeat check and the client's exit: the link is lost for sure,
+# and the client has answered before the cable is back.
+LINK_CUT_S = 6.0
+# Well under PEER_TIMEOUT_S, retransmission backoff included: TCP resends the first segment lost
+# 0.2 s after it, then 0.4 s later, so what queued during a 0.5 s cut moves within about 1.1 s.
+SHORT_CUT_S = 0.5
+RELINK_TIMEOUT_S = 30.0  # the hub says HELLO every heartbeat; Python on 2 busy cores is the slack
+LINK_CUT_ROWS = (f"link cut {LINK_CUT_S:g} s", f"short link cut {SHORT_CUT_S:g} s")
+NETNS_PORT = 7070  # each daemon alone in its namespace on its own address: no port to collide with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,15 +107,20 @@ class FaultRow:
     detect_s: str  # how long a lost node took to be reported, or "-"
     resources: str  # "back" or what stayed
     ok: bool
+    skipped: bool = False  # not run here (``report`` says why); not a failure
 
     def as_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
 
+def _verdict(row: FaultRow) -> str:
+    return "skip" if row.skipped else "yes" if row.ok else "NO"
+
+
 def format_matrix(rows: list[FaultRow]) -> str:
     header = ("scenario", "ok", "exit", "delivered/sent", "detect", "resources", "client reports")
     table = [header] + [
-        (r.scenario, "yes" if r.ok else "NO", r.exit, r.delivered, r.detect_s, r.resources, r.report[:90]) for r in rows
+        (r.scenario, _verdict(r), r.exit, r.delivered, r.detect_s, r.resources, r.report[:90]) for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     return "\n".join(
@@ -200,23 +221,28 @@ def _warm(entry: Daemon, nodes: list[Daemon]) -> list[Usage]:
     return [d.usage() for d in nodes]
 
 
+def _stayed(name: str, now: Usage, base: Usage) -> list[str]:
+    """What ``name`` holds beyond its baseline: nothing when it is back."""
+    stayed = []
+    if now.fds > base.fds:
+        stayed.append(f"{name} +{now.fds - base.fds} fds")
+    if now.threads > base.threads:
+        stayed.append(f"{name} +{now.threads - base.threads} threads")
+    if now.children:
+        stayed.append(f"{name} {now.children} children")
+    if now.rss_kib > base.rss_kib + RSS_SLACK_KIB:
+        stayed.append(f"{name} +{(now.rss_kib - base.rss_kib) >> 10} MiB")
+    return stayed
+
+
 def _settled(daemons: list[Daemon], baselines: list[Usage]) -> str:
     """Wait until each live daemon is back at its baseline; "back", or what stayed."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while True:
         stayed = []
         for d, base in zip(daemons, baselines, strict=True):
-            if d.proc.poll() is not None:
-                continue
-            now = d.usage()
-            if now.fds > base.fds:
-                stayed.append(f"{d.name} +{now.fds - base.fds} fds")
-            if now.threads > base.threads:
-                stayed.append(f"{d.name} +{now.threads - base.threads} threads")
-            if now.children:
-                stayed.append(f"{d.name} {now.children} children")
-            if now.rss_kib > base.rss_kib + RSS_SLACK_KIB:
-                stayed.append(f"{d.name} +{(now.rss_kib - base.rss_kib) >> 10} MiB")
+            if d.proc.poll() is None:
+                stayed += _stayed(d.name, d.usage(), base)
         if not stayed:
             return "back"
         if time.monotonic() > deadline:
@@ -568,6 +594,297 @@ def outcomes(root: Path, runs: int) -> list[FaultRow]:
     return rows
 
 
+@dataclasses.dataclass
+class LinkCutResult:
+    """What a link cut and its restoration did (:func:`link_cut`)."""
+
+    sent: int  # bytes of input, for each run
+    # The long cut, through the lost node.
+    report: str  # the client's last stderr line
+    exit_code: int
+    delivered: int
+    prefix: bool  # what arrived is the start of what was sent, byte for byte
+    detect_s: float  # from the cut to the client's exit
+    resources: str  # the daemons that stayed linked (h0, h2) after the run: "back", or what stayed
+    # The veth up again.
+    relinked_s: float  # from the veth up to h0 and h2 both linked to h1 again; inf if never
+    rerun_exit: int
+    rerun_equal: bool  # sha256 of what came out == sha256 of what went in
+    resources_after: str  # all three daemons after the new run
+    # The short cut.
+    short_report: str
+    short_exit: int
+    short_delivered: int
+    short_equal: bool
+
+
+class _NsDaemon:
+    """``dpipesd --foreground`` inside one namespaced host, found by the others through mDNS."""
+
+    def __init__(self, host: Any, proc: asyncio.subprocess.Process, env: dict[str, str]) -> None:
+        self.host = host
+        self.proc = proc
+        self.env = env
+        self.name: str = host.name
+
+    @property
+    def host_port(self) -> str:
+        return f"{self.host.addr}:{NETNS_PORT}"
+
+    def usage(self) -> Usage:
+        return usage(self.proc.pid)  # `ip netns exec` execs in place: this pid is the daemon's
+
+
+async def _ns_daemon(host: Any, root: Path) -> _NsDaemon:
+    runtime = root / host.name
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    env = env_for(runtime)
+    argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", host.name, "--insecure"]
+    argv += ["--listen", f"{host.addr}:{NETNS_PORT}"]
+    log = os.open(runtime / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        proc = await host.run(argv, env=env, stderr=log)
+    finally:
+        os.close(log)
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), DAEMON_START_TIMEOUT_S)).decode(errors="replace")
+    if "tcp://" not in line:
+        raise RuntimeError(f"dpipesd {host.name} did not start: {line!r}")
+    return _NsDaemon(host, proc, env)
+
+
+async def _ns_dpipes(
+    entry: _NsDaemon, *args: str, stdin: int | None = asyncio.subprocess.DEVNULL, stdout: int | None = None
+) -> asyncio.subprocess.Process:
+    """The real ``dpipes`` inside the entry node's namespace."""
+    argv = [sys.executable, "-m", "dpipes.tools.dpipes", "--node", entry.host_port, *args]
+    return await entry.host.run(
+        argv, env=entry.env, stdin=stdin, stdout=stdout if stdout is not None else asyncio.subprocess.PIPE
+    )
+
+
+async def _ns_links_up(d: _NsDaemon) -> set[str]:
+    """The nodes ``d`` is linked to and hears from, itself included (``dpipes --nodes --json``)."""
+    import json
+
+    proc = await _ns_dpipes(d, "--nodes", "--json")
+    out, _ = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
+    if proc.returncode != 0:
+        return set()
+    return {n["name"] for n in map(json.loads, out.splitlines()) if n.get("up")}
+
+
+async def _ns_until_linked(daemons: list[_NsDaemon], names: set[str], timeout: float) -> None:
+    async def poll() -> None:
+        for d in daemons:
+            while not await _ns_links_up(d) >= names:  # noqa: ASYNC110 (another process's table)
+                await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def _ns_settled(daemons: list[_NsDaemon], baselines: list[Usage]) -> str:
+    """As :func:`_settled`, for namespaced daemons, without blocking the loop."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        stayed = []
+        for d, base in zip(daemons, baselines, strict=True):
+            if d.proc.returncode is None:
+                stayed += _stayed(d.name, d.usage(), base)
+        if not stayed or time.monotonic() > deadline:
+            return ", ".join(stayed) or "back"
+        await asyncio.sleep(0.1)  # polling /proc under a deadline
+
+
+async def _ns_run(
+    entry: _NsDaemon, pipeline: str, data: bytes, out: Path, fault: Callable[[], Coroutine[Any, Any, None]]
+) -> tuple[int, str, float]:
+    """Run ``pipeline`` with ``data`` as its input; ``fault`` strikes once a quarter of it came out.
+
+    The second half of the input is written only as the fault strikes, so the cut always meets a
+    live run with bytes still to cross it. Returns the exit status, the client's last stderr
+    line, and the seconds from the fault's return to the client's exit.
+    """
+    half = len(data) // 2
+    fout = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        client = await _ns_dpipes(entry, pipeline, stdin=asyncio.subprocess.PIPE, stdout=fout)
+    finally:
+        os.close(fout)
+    assert client.stdin is not None and client.stderr is not None
+    err = asyncio.ensure_future(client.stderr.read())
+
+    async def feed() -> None:
+        assert client.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            client.stdin.write(data[:half])
+            await client.stdin.drain()
+            await struck.wait()
+            client.stdin.write(data[half:])
+            await client.stdin.drain()
+            client.stdin.close()
+
+    struck = asyncio.Event()
+    feeding = asyncio.ensure_future(feed())
+    try:
+
+        async def quarter_out() -> None:
+            while os.stat(out).st_size < len(data) // 4 and client.returncode is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # (a file another process writes)
+
+        await asyncio.wait_for(quarter_out(), RUN_TIMEOUT_S)
+        struck.set()
+        await fault()
+        struck_at = time.monotonic()
+        await asyncio.wait_for(client.wait(), RUN_TIMEOUT_S)
+        exited_at = time.monotonic()
+        await asyncio.wait_for(feeding, RUN_TIMEOUT_S)
+        text = await asyncio.wait_for(err, RUN_TIMEOUT_S)
+    finally:
+        feeding.cancel()
+        err.cancel()
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    return client.returncode or 0, _last_line(text), exited_at - struck_at
+
+
+async def link_cut(root: Path, nbytes: int) -> LinkCutResult:
+    """Three namespaced daemons; ``h1``'s veth cut long, restored, then cut short. Needs root."""
+    import hashlib
+
+    from dpipes.tools.bench import netns
+
+    data = _input(root, nbytes).read_bytes()
+    out = root / "out"
+    pipeline = "cat@h0 | cat@h1 | cat@h2"
+    daemons: list[_NsDaemon] = []
+    async with netns.lan(3) as hosts:
+        try:
+            for host in hosts:
+                daemons.append(await _ns_daemon(host, root / "link-cut"))
+            names = {d.name for d in daemons}
+            await _ns_until_linked(daemons, names, DAEMON_START_TIMEOUT_S)
+            h0, _, h2 = daemons
+            cable = hosts[1]  # h1's veth, cut at its switch end: h1's cable pulled
+
+            async def set_link(state: str) -> None:
+                await netns._ip("-n", cable.switch, "link", "set", cable.port, state)
+
+            warm = await _ns_dpipes(h0, f"head -c {4 << 20} /dev/zero | cat@h1 | cat@h2")
+            await asyncio.wait_for(warm.communicate(), RUN_TIMEOUT_S)
+            baselines = [d.usage() for d in daemons]
+
+            # A long cut: h1 is lost, mid-run.
+            cut_at = math.inf
+
+            async def cut() -> None:
+                nonlocal cut_at
+                await set_link("down")
+                cut_at = time.monotonic()
+
+            code, report, detect = await _ns_run(h0, pipeline, data, out, cut)
+            got = out.read_bytes()
+            resources = await _ns_settled([h0, h2], [baselines[0], baselines[2]])
+            # The fault itself: the cable stays out LINK_CUT_S in all.
+            await asyncio.sleep(max(0.0, cut_at + LINK_CUT_S - time.monotonic()))
+            await set_link("up")
+            restored = time.monotonic()
+            try:
+                await _ns_until_linked([h0, h2], names, RELINK_TIMEOUT_S)
+                relinked = time.monotonic() - restored
+            except TimeoutError:
+                relinked = math.inf
+            rerun_code, _, _ = await _ns_run(h0, pipeline, data, out, _no_fault)
+            rerun_equal = hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+            resources_after = await _ns_settled(daemons, baselines)
+
+            # A short cut: the run goes on.
+            async def short_cut() -> None:
+                await set_link("down")
+                await asyncio.sleep(SHORT_CUT_S)  # the fault itself: the cable out this long
+                await set_link("up")
+
+            short_code, short_report, _ = await _ns_run(h0, pipeline, data, out, short_cut)
+            short_got = out.read_bytes()
+        finally:
+            for d in daemons:
+                if d.proc.returncode is None:
+                    d.proc.send_signal(signal.SIGTERM)
+            for d in daemons:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(d.proc.wait(), DAEMON_START_TIMEOUT_S)
+    return LinkCutResult(
+        sent=nbytes,
+        report=report,
+        exit_code=code,
+        delivered=len(got),
+        prefix=data.startswith(got),
+        detect_s=detect,
+        resources=resources,
+        relinked_s=relinked,
+        rerun_exit=rerun_code,
+        rerun_equal=rerun_equal,
+        resources_after=resources_after,
+        short_report=short_report,
+        short_exit=short_code,
+        short_delivered=len(short_got),
+        short_equal=short_got == data,
+    )
+
+
+async def _no_fault() -> None:
+    return None
+
+
+def link_cut_rows(root: Path, nbytes: int) -> list[FaultRow]:
+    """The link-cut rows of the matrix; skipped, saying why, without root or namespaces."""
+    from dpipes.tools.bench import netns
+
+    reason = netns.netns_unavailable_reason()
+    if reason is not None:
+        return [FaultRow(s, f"skipped: {reason}", "-", "-", "-", "-", ok=True, skipped=True) for s in LINK_CUT_ROWS]
+    return link_cut_matrix_rows(asyncio.run(link_cut(root, nbytes)))
+
+
+def link_cut_matrix_rows(r: LinkCutResult) -> list[FaultRow]:
+    """The two rows one :func:`link_cut` makes: the long cut and restoration, the short cut."""
+    relinked = f"relinked in {r.relinked_s:.1f} s" if r.relinked_s < math.inf else "NOT relinked"
+    rerun = "rerun sha256 equal" if r.rerun_equal and r.rerun_exit == 0 else f"rerun exit {r.rerun_exit}, data differs"
+    long_ok = (
+        r.exit_code != 0
+        and "'h1'" in r.report
+        and r.detect_s <= LOST_NODE_BOUND_S
+        and r.prefix
+        and r.resources == "back"
+        and r.relinked_s < math.inf
+        and r.rerun_exit == 0
+        and r.rerun_equal
+        and r.resources_after == "back"
+    )
+    resources = r.resources if r.resources_after == "back" else f"{r.resources}; after: {r.resources_after}"
+    long_row = FaultRow(
+        LINK_CUT_ROWS[0],
+        f"{r.report}; {relinked}; {rerun}",
+        str(r.exit_code),
+        f"{r.delivered}/{r.sent}" + ("" if r.prefix else " NOT a prefix"),
+        f"{r.detect_s:.2f} s",
+        resources,
+        long_ok,
+    )
+    short_ok = r.short_exit == 0 and r.short_equal
+    short_row = FaultRow(
+        LINK_CUT_ROWS[1],
+        r.short_report or "the run went on; sha256 equal" if r.short_equal else "data differs",
+        str(r.short_exit),
+        f"{r.short_delivered}/{r.sent}",
+        "-",
+        "-",
+        short_ok,
+    )
+    return [long_row, short_row]
+
+
 def fault_matrix(
     *,
     quick: bool = False,
@@ -591,6 +908,7 @@ def fault_matrix(
             lambda: forged_hello(root, nbytes),
             lambda: duplicate_name(root),
             lambda: outcomes(root, runs),
+            lambda: link_cut_rows(root, nbytes),
         ]
         for step in steps:
             got = step()
