@@ -22,6 +22,7 @@ from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, StreamCancelled
 from dpipes.bus.errors import BusError, NoRoute, PeerLost, ProtocolMismatch, RequestTimeout
 from dpipes.bus.hub import Hub
+from dpipes.bus.hub import links as hub_links
 
 HUBPROC = Path(__file__).with_name("hubproc.py")
 WAIT_S = 10.0  # the bound on every wait for the network in these tests
@@ -268,7 +269,7 @@ async def test_releasing_an_unclaimed_name_fails_what_waited_for_it() -> None:
 
 
 async def test_killed_peer_fails_streams_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub_module, "PEER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(hub_links, "PEER_TIMEOUT_S", 1.0)
     async with Hub("alpha") as a, process("sink", "victim") as (proc, endpoint):
         await a.connect_peer(endpoint)
         src = a.endpoint("src")

@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dpipes.bus import codec
-from dpipes.bus import hub as hub_module
 from dpipes.bus.client import Client
 from dpipes.bus.errors import BusError, DecodeError, PeerLost
 from dpipes.bus.hub import Hub
+from dpipes.bus.hub import boundary as hub_boundary
+from dpipes.bus.hub import clients as hub_clients
 
 WAIT_S = 10.0  # the bound on every wait for the network in these tests
 
@@ -121,8 +122,8 @@ async def say_hello(sock: zmq.asyncio.Socket, node: str) -> None:
 @pytest.fixture
 def answer_every_bad_message(monkeypatch: pytest.MonkeyPatch) -> None:
     """No rate limit on answers, no dropping: every bad message gets its own answer."""
-    monkeypatch.setattr(hub_module, "BAD_MESSAGE_INTERVAL_S", 0.0)
-    monkeypatch.setattr(hub_module, "MAX_BAD_MESSAGES", 10**9)
+    monkeypatch.setattr(hub_boundary, "BAD_MESSAGE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(hub_boundary, "MAX_BAD_MESSAGES", 10**9)
 
 
 @pytest.mark.usefixtures("answer_every_bad_message")
@@ -192,7 +193,7 @@ async def test_answers_and_log_lines_are_rate_limited_per_sender(caplog: pytest.
 
 
 async def test_a_client_past_the_limit_is_detached_with_bye(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub_module, "MAX_BAD_MESSAGES", 3)
+    monkeypatch.setattr(hub_boundary, "MAX_BAD_MESSAGES", 3)
     async with Hub("alpha") as a:
         a.endpoint("sink")
         async with Client(a.ipc_endpoint, name="broken") as client:
@@ -207,7 +208,7 @@ async def test_a_client_past_the_limit_is_detached_with_bye(monkeypatch: pytest.
 
 
 async def test_a_peer_past_the_limit_is_dropped_with_bye(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub_module, "MAX_BAD_MESSAGES", 3)
+    monkeypatch.setattr(hub_boundary, "MAX_BAD_MESSAGES", 3)
     ctx = zmq.asyncio.Context()
     try:
         async with Hub("alpha") as a, raw_socket(ctx, a.tcp_endpoint) as peer:
@@ -265,7 +266,7 @@ async def test_clients_get_bye_when_the_hub_stops() -> None:
 
 
 async def test_a_silent_client_is_detached_with_bye(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub_module, "CLIENT_TIMEOUT_S", 2 * codec.HEARTBEAT_INTERVAL_S)
+    monkeypatch.setattr(hub_clients, "CLIENT_TIMEOUT_S", 2 * codec.HEARTBEAT_INTERVAL_S)
     left: list[str] = []
     ctx = zmq.asyncio.Context()
     try:
@@ -359,8 +360,8 @@ def fuzz_target() -> Iterator[tuple[Hub, zmq.Socket[Any], str, _Records]]:
     logger.setLevel(logging.DEBUG)
     logger.addHandler(records)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hub_module, "BAD_MESSAGE_INTERVAL_S", 0.0)
-        patch.setattr(hub_module, "MAX_BAD_MESSAGES", 10**9)
+        patch.setattr(hub_boundary, "BAD_MESSAGE_INTERVAL_S", 0.0)
+        patch.setattr(hub_boundary, "MAX_BAD_MESSAGES", 10**9)
         ctx: zmq.Context[Any] = zmq.Context()
         try:
             with _HubThread() as hub:

@@ -11,9 +11,9 @@ import zmq
 import zmq.asyncio
 
 from dpipes.bus import codec
-from dpipes.bus import hub as hub_module
 from dpipes.bus.errors import ProtocolMismatch
 from dpipes.bus.hub import Hub
+from dpipes.bus.hub import links as hub_links
 from tests.bus.test_hub import WAIT_S, linked, process, until
 
 CHUNK = 64 * 1024
@@ -22,7 +22,7 @@ CHUNK = 64 * 1024
 @pytest.fixture
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """A refused static link retries at every heartbeat, so a test sees many retries soon."""
-    monkeypatch.setattr(hub_module, "REFUSED_RETRY_S", 0.0)
+    monkeypatch.setattr(hub_links, "REFUSED_RETRY_S", 0.0)
 
 
 async def test_a_forged_hello_does_not_kill_a_running_transfer() -> None:

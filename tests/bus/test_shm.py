@@ -13,11 +13,11 @@ import pytest
 
 from dpipes.bus import client as client_module
 from dpipes.bus import codec, shm
-from dpipes.bus import hub as hub_module
 from dpipes.bus.arrow_stream import ArrowStreamReader, ArrowStreamWriter
 from dpipes.bus.client import Client
 from dpipes.bus.errors import PeerLost
 from dpipes.bus.hub import Hub
+from dpipes.bus.hub import clients as hub_clients
 from tests.bus.test_hub import WAIT_S, linked, process, until
 
 MIB = 1 << 20
@@ -110,7 +110,7 @@ async def test_a_payload_for_another_node_leaves_shared_memory_on_the_way() -> N
 
 
 async def test_a_sender_killed_while_its_payload_is_read_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub_module, "CLIENT_TIMEOUT_S", 1.0)  # notice the dead client soon
+    monkeypatch.setattr(hub_clients, "CLIENT_TIMEOUT_S", 1.0)  # notice the dead client soon
     before = dev_shm()
     async with Hub("alpha") as a:
         sink = a.endpoint("sink")

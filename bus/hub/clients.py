@@ -1,0 +1,242 @@
+"""Clients attached to a hub: ATTACH, reserved names, the idle rule, BYE, and what is held for a
+client that does not read (see *Sessions* in :mod:`dpipes.bus.codec`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from dpipes.bus import codec
+from dpipes.bus.codec import (
+    CLIENT_TIMEOUT_S,
+    HEARTBEAT_INTERVAL_S,
+    MAX_STRING_CHARS,
+)
+from dpipes.bus.endpoint import Endpoint
+from dpipes.bus.errors import BusError, DecodeError, PeerLost
+from dpipes.bus.hub.state import (
+    UNLINKED,
+    _Client,
+    _over_ipc,
+    _peer_address,
+    _Sender,
+)
+from dpipes.bus.pump import send_frames
+
+if TYPE_CHECKING:
+    from dpipes.bus.hub import Hub
+
+log = logging.getLogger(__name__)
+
+CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full; more detaches it
+CLIENT_BACKLOG_BYTES = 64 * 1024 * 1024  # ...or payload bytes held so: a client that does not read is detached
+MAX_CLIENTS = 512  # clients attached at once; one more ATTACH is refused
+MAX_CLIENTS_PER_ADDRESS = 128  # of those, from one remote address or, over ipc, one local user
+
+
+class Clients:
+    """The clients attached to a hub's ROUTER (a part of :class:`~dpipes.bus.hub.Hub`)."""
+
+    _client_ids: int  # clients named by the hub so far
+
+    def reserve(self: Hub, name: str) -> str:
+        """Hold the name ``node/name`` for a client that will ATTACH with it (a plugin worker the
+        node is about to fork); its address.
+
+        Until that client attaches, messages to the name wait here, in order, within
+        ``CLIENT_BACKLOG_MESSAGES`` (what a sender may send before the client grants credit is the
+        protocol's initial credit per stream, so this bounds nothing new); then they go to it. The
+        first ATTACH naming it over the hub's ``ipc://`` path takes it (a process of this host,
+        whose uid the hub checks); one over TCP is refused as for a name that is taken.
+        """
+        if not name or "/" in name:
+            raise ValueError(f"invalid endpoint name {name!r}")
+        if name in self._local:
+            raise BusError(f"endpoint {self.node}/{name} already exists")
+        self._local[name] = _Client(ident=b"", addr=f"{self.node}/{name}", last_heard=time.monotonic(), reserved=True)
+        return f"{self.node}/{name}"
+
+    def release(self: Hub, name: str) -> None:
+        """Drop ``node/name``: a reservation nobody claimed, or the client attached under it (it
+        is gone: what it still had queued here is dropped). Idempotent."""
+        party = self._local.get(name)
+        if isinstance(party, _Client):
+            held, party.backlog, party.backlog_bytes = list(party.backlog), collections.deque(), 0
+            if party.reserved:
+                del self._local[name]
+            else:
+                self._detach(party)
+            for frames in held:  # never delivered: their senders learn it, as for a name that is gone
+                try:
+                    header = codec.decode_header(frames[0])
+                except DecodeError:
+                    continue
+                self._bounce(header, "no-endpoint", f"endpoint {name!r} on node {self.node} is gone")
+
+    def client_is_local(self: Hub, addr: str) -> bool:
+        """Whether the client at ``addr`` attached over our ``ipc://`` path, so runs on this host.
+
+        The kernel says so, not the client: only a process of this host can connect to a Unix
+        socket, and ZeroMQ reports a TCP peer's address as an IP literal, an IPC peer's otherwise.
+        """
+        party = self._local.get(codec.split_addr(addr)[1]) if codec.split_addr(addr)[0] == self.node else None
+        return isinstance(party, _Client) and party.local
+
+    def _on_attach(self: Hub, ident: bytes, frames: list[Any]) -> None:
+        try:
+            attach = codec.decode([f.buffer for f in frames[1:]])
+        except DecodeError as exc:
+            self._note_bad(self.stats[UNLINKED], UNLINKED, exc)  # it waits for an answer: always give one
+            error = self._bad_message_error(_Sender(UNLINKED, ident), exc.header, exc)
+            self._router_send(ident, codec.encode(error))
+            return
+        assert isinstance(attach, codec.Attach)
+        name = attach.name
+        if not name:
+            self._client_ids += 1
+            name = f"client-{self._client_ids}-{os.urandom(3).hex()}"
+        held = self._local.get(name)
+        if isinstance(held, _Client) and held.reserved and _over_ipc(frames[1]):  # the worker it was held for
+            held.ident, held.reserved, held.last_heard, held.local = ident, False, time.monotonic(), True
+            if self._security is not None:
+                held.user_id = frames[1].get("User-Id")
+            self._clients[ident] = held
+            self._router_send(ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=held.addr, addr=held.addr)))
+            if held.backlog:
+                self._flush_client(held)
+            return
+        source = _peer_address(frames[1])
+        refusal = ""
+        if "/" in name or name in self._local:
+            refusal = f"endpoint name {name!r:.100} is taken or invalid on node {self.node}"
+        elif len(self._clients) >= self.max_clients:
+            refusal = f"node {self.node} has {len(self._clients)} clients attached, its limit"
+        elif sum(c.source == source for c in self._clients.values()) >= self.max_clients_per_address:
+            where = f"from {source}" if source else "from one address"
+            refusal = f"node {self.node} has {self.max_clients_per_address} clients attached {where}, its limit"
+        if refusal:
+            self.stats[UNLINKED].dropped += 1
+            log.debug("node %s: refused ATTACH: %s", self.node, refusal)
+            self._router_send(
+                ident,
+                codec.encode(
+                    codec.Error(
+                        src=f"{self.node}/",
+                        dst=attach.src,
+                        code="refused",
+                        node=self.node,
+                        message=refusal,
+                    )
+                ),
+            )
+            return
+        local = _over_ipc(frames[1])
+        shared = local and bool(self._host_id) and attach.host == self._host_id
+        client = _Client(
+            ident=ident,
+            addr=f"{self.node}/{name}",
+            last_heard=time.monotonic(),
+            local=local,
+            shm=shared,
+            source=source,
+        )
+        if self._security is not None:
+            client.user_id = frames[1].get("User-Id")
+        self._clients[ident] = client
+        self._local[name] = client
+        self._router_send(
+            ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr, shm=shared))
+        )
+
+    def _detach(self: Hub, client: _Client) -> None:
+        if self._pool is not None:
+            self._pool.reclaim(client.addr)  # it reads none of our leases any more, dead or alive
+        self._reader.forget(client.addr)  # its segments stay mapped only while read
+        self._clients.pop(client.ident, None)
+        name = codec.split_addr(client.addr)[1]
+        if self._local.get(name) is client:
+            del self._local[name]
+        error = PeerLost(f"client {client.addr} detached from node {self.node}")
+        for party in list(self._local.values()):  # what it was sending or being sent is gone with it
+            if isinstance(party, Endpoint):
+                party.fail_party(client.addr, error)
+        for listener in self.client_listeners:
+            listener(client.addr)
+
+    def _to_client(self: Hub, client: _Client, frames: list[Any]) -> None:
+        if client.backlog or client.reserved:  # in order, behind what waits; bounded (``_hold``)
+            self._hold(client, frames)
+            return
+        assert self._router is not None
+        try:
+            send_frames(self._router.sock, [client.ident, *frames])
+        except zmq.Again:
+            self._hold(client, frames)
+            assert self._loop is not None
+            self._loop.call_later(0.002, self._flush_client, client)
+        except zmq.ZMQError:  # EHOSTUNREACH: the client went away without BYE
+            self._detach(client)
+        else:
+            self._router.after_send()
+
+    def _hold(self: Hub, client: _Client, frames: list[Any]) -> None:
+        """Keep ``frames`` for a client whose pipe is full; one that holds too much is detached."""
+        nbytes = sum(len(f) for f in frames)
+        held = client.backlog_bytes + nbytes
+        if (len(client.backlog) >= CLIENT_BACKLOG_MESSAGES or held > self.client_backlog_bytes) and (
+            client.ident in self._clients
+        ):
+            self.stats[client.addr].dropped += len(client.backlog) + 1
+            reason = (
+                f"not reading: {len(client.backlog)} messages, {client.backlog_bytes} bytes held for it"
+                f" (limits {CLIENT_BACKLOG_MESSAGES}, {self.client_backlog_bytes})"
+            )
+            log.warning("node %s: detached client %r: %s", self.node, client.addr, reason)
+            client.backlog.clear()
+            client.backlog_bytes = 0
+            self._router_send(client.ident, self._bye_to(client, f"detached by node {self.node}: {reason}"))
+            self._detach(client)
+            return
+        client.backlog.append(frames)
+        client.backlog_bytes += nbytes
+
+    def _flush_client(self: Hub, client: _Client) -> None:
+        assert self._router is not None and self._loop is not None
+        if self._closed or client.ident not in self._clients:
+            return
+        sock = self._router.sock
+        while client.backlog:
+            try:
+                send_frames(sock, [client.ident, *client.backlog[0]])
+            except zmq.Again:
+                self._loop.call_later(0.002, self._flush_client, client)
+                return
+            except zmq.ZMQError:
+                self._detach(client)
+                return
+            client.backlog_bytes -= sum(len(f) for f in client.backlog.popleft())
+        self._router.after_send()
+
+    def _bye_to(self: Hub, client: _Client, reason: str) -> list[Any]:
+        return codec.encode(codec.Bye(src=f"{self.node}/", dst=client.addr, reason=reason[:MAX_STRING_CHARS]))
+
+    def _beat_clients(self: Hub, now: float) -> None:
+        """A heartbeat for every client: detach the silent ones, retry sending to the ones behind."""
+        for client in list(self._clients.values()):
+            silent = now - client.last_heard
+            if silent > CLIENT_TIMEOUT_S:
+                log.info("node %s: client %r silent for %.1f s, detached", self.node, client.addr, silent)
+                reason = (
+                    f"silent for {silent:.1f} s: a client must PING every {HEARTBEAT_INTERVAL_S:g} s"
+                    f" and is detached after {CLIENT_TIMEOUT_S:g} s"
+                )
+                self._router_send(client.ident, self._bye_to(client, reason))
+                self._detach(client)
+            elif client.backlog:
+                self._flush_client(client)

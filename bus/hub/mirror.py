@@ -1,0 +1,46 @@
+"""The tap mirror: one small event per routed message on the hub's XPUB while, and only while,
+someone subscribes (the events are specified in :mod:`dpipes.bus.tap`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from dpipes.bus.tap import Mirror
+
+if TYPE_CHECKING:
+    from dpipes.bus.hub import Hub
+
+log = logging.getLogger(__name__)
+
+
+class TapMirror:
+    """A hub's tap mirror (a part of :class:`~dpipes.bus.hub.Hub`)."""
+
+    _tap_mirror: Mirror | None = None  # made at the first subscription
+
+    def _on_tap_subscription(self: Hub, frames: list[Any]) -> None:
+        data = frames[0].bytes
+        if self._tap_mirror is None:
+            self._tap_mirror = Mirror(self.node)
+        if data[:1] == b"\x01":
+            self._tap_topics.add(data[1:])
+            self._tap_mirror.on_subscription(data[1:], True)
+        elif data[:1] == b"\x00":
+            self._tap_topics.discard(data[1:])
+            self._tap_mirror.on_subscription(data[1:], False)
+
+    def _publish_tap(self: Hub, header: dict[str, Any], payload: Any) -> None:
+        assert self._tap is not None and self._tap_mirror is not None
+        self._tap_mirror.publish(self._tap.sock, header, payload)
+
+    @property
+    def tapped(self: Hub) -> bool:
+        """Whether anyone subscribes to the tap: the hub mirrors what it routes only then."""
+        return bool(self._tap_topics)
+
+    @property
+    def tap_refused(self: Hub) -> int:
+        """Tap events the XPUB refused to send (each is a gap in the events' ``n``)."""
+        return self._tap_mirror.refused if self._tap_mirror is not None else 0

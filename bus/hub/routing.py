@@ -1,0 +1,196 @@
+"""Routing and delivery: a message for ``node/endpoint`` to a local endpoint or client, onto the
+link to its node, or back to its sender as an ``ERROR``; shared-memory payloads on the way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from dpipes.bus import codec, shm
+from dpipes.bus.codec import (
+    Message,
+)
+from dpipes.bus.endpoint import Endpoint
+from dpipes.bus.errors import BusError, DecodeError
+from dpipes.bus.hub.state import (
+    _Client,
+    _Link,
+)
+
+if TYPE_CHECKING:
+    from dpipes.bus.hub import Hub
+
+log = logging.getLogger(__name__)
+
+
+class Routing:
+    """How a hub delivers what it routes (a part of :class:`~dpipes.bus.hub.Hub`)."""
+
+    _pool: shm.Pool | None  # made when a same-host client first gets a large payload
+    _frees: dict[str, list[int]]  # leases our endpoints have done with, by sender
+    _frees_scheduled: bool
+
+    def _route(self: Hub, ident: bytes, header: dict[str, Any], frames: list[Any]) -> None:
+        """Deliver a message from ``ident`` whose header is decoded; ``frames`` as the ROUTER gave them."""
+        node, name = codec.split_addr(header["dst"])
+        if self._tap_topics:
+            self._publish_tap(header, frames[2:])
+        if node == self.node:
+            party = self._local.get(name)
+            if party is None:
+                if not name and header["kind"] == "ERROR":  # a peer's ERROR about what this hub sent it
+                    try:
+                        error = codec.from_header(header)
+                    except DecodeError as exc:
+                        self._bad(self._sender(ident), exc, header)
+                        return
+                    assert isinstance(error, codec.Error)
+                    self._on_peer_error(self._sender(ident).key, error)
+                    return
+                self._bounce(header, "no-endpoint", f"no endpoint {name!r:.100} on node {self.node}")
+            elif isinstance(party, Endpoint):
+                try:
+                    msg = codec.from_header(header, [f.buffer for f in frames[2:]])
+                    if isinstance(msg, codec.Shm):
+                        msg = self._unshared(msg)
+                except DecodeError as exc:
+                    self._bad(self._sender(ident), exc, header)
+                    return
+                if isinstance(msg, codec.ShmFree):
+                    if self._pool is not None:
+                        self._pool.release(msg.leases, msg.src)
+                    return
+                party._deliver(msg)
+            elif header["kind"] == "SHM" and not party.shm:
+                self._route_unshared(ident, header, party)
+            else:
+                self._to_client(party, frames[1:])
+            return
+        link = self._by_node.get(node)
+        if link is None:
+            self._bounce(header, "no-route", f"node {self.node} has no link to node {node!r:.100}")
+            return
+        if header["kind"] == "SHM":  # handles mean nothing on another host
+            self._route_unshared(ident, header, link)
+            return
+        link.pump.send(frames[1:])
+
+    def _unshared(self: Hub, msg: codec.Shm) -> Message:
+        """The message an SHM stands for, its payload frames views of the sender's segment.
+
+        Raises:
+            DecodeError: the handle names no segment we can map, or the message inside is malformed.
+        """
+        views = self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes)
+        return codec.from_header(msg.inner_header(), views)
+
+    def _route_unshared(self: Hub, ident: bytes, header: dict[str, Any], to: _Client | _Link) -> None:
+        """An SHM for a party we share no memory with: the message it stands for, copied out on the way."""
+        try:
+            shm_msg = codec.from_header(header)
+            assert isinstance(shm_msg, codec.Shm)
+            frames = codec.encode(self._unshared(shm_msg))  # zmq holds the views until sent; then they are freed
+        except DecodeError as exc:
+            self._bad(self._sender(ident), exc, header)
+            return
+        if isinstance(to, _Client):
+            self._to_client(to, frames)
+        else:
+            to.pump.send(frames)
+
+    def _free_later(self: Hub, sender: str, lease: int) -> None:
+        """Our reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
+        self._frees.setdefault(sender, []).append(lease)
+        if not self._frees_scheduled and self._loop is not None and not self._closed:
+            self._frees_scheduled = shm.call_soon(self._loop, self._send_frees)
+            if not self._frees_scheduled:  # the loop is closed: nobody is left to tell
+                self._frees.clear()
+
+    def _send_frees(self: Hub) -> None:
+        self._frees_scheduled = False
+        frees, self._frees = self._frees, {}
+        if self._closed:
+            return
+        for sender, leases in frees.items():
+            party = self._local.get(codec.split_addr(sender)[1])
+            if isinstance(party, _Client) and party.addr == sender:  # gone: its pool went with it
+                self._to_client(party, codec.encode(codec.ShmFree(src=f"{self.node}/", dst=sender, leases=leases)))
+
+    def _send_local(self: Hub, msg: Message) -> None:
+        """The transport of in-process endpoints."""
+        node, name = codec.split_addr(msg.dst)
+        if self._tap_topics:
+            self._publish_tap(codec.header_of(msg), getattr(msg, "frames", ()))
+        if node == self.node:
+            party = self._local.get(name)
+            if party is None:
+                self._bounce(codec.header_of(msg), "no-endpoint", f"no endpoint {name!r} on node {self.node}")
+            elif isinstance(party, Endpoint):
+                if isinstance(msg, codec.ShmFree):
+                    if self._pool is not None:
+                        self._pool.release(msg.leases, msg.src)
+                    return
+                party._deliver(msg)
+            else:
+                if party.shm and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES:
+                    self._to_client(party, self._shared(msg, party))
+                else:
+                    self._to_client(party, codec.encode(msg))
+            return
+        link = self._by_node.get(node)
+        if link is None:
+            self._bounce(codec.header_of(msg), "no-route", f"node {self.node} has no link to node {node!r}")
+            return
+        link.pump.send(codec.encode(msg))
+
+    def _shared(self: Hub, msg: Message, client: _Client) -> list[Any]:
+        """``msg`` for a same-host client: as an SHM in our pool, or encoded as it is when it cannot be."""
+        if self._pool is None:
+            self._pool = shm.Pool()
+        handed = shm.shared(self._pool, codec.header_of(msg), msg.frames)  # type: ignore[attr-defined]
+        return handed if handed is not None else codec.encode(msg)
+
+    def _send_frames_local(self: Hub, dst: str, frames: list[Any]) -> None:
+        """The transport of in-process endpoints, for messages they encoded themselves."""
+        node = codec.split_addr(dst)[0]
+        link = self._by_node.get(node)
+        if link is not None and not self._tap_topics:
+            link.pump.send(frames)  # the hot path: straight onto the link
+            return
+        try:
+            msg = codec.decode(frames)
+        except DecodeError as exc:  # our own endpoint made it: a bug, not hostile input
+            raise BusError(f"node {self.node}: an endpoint encoded a bad message: {exc}") from exc
+        self._send_local(msg)
+
+    def _bounce(self: Hub, header: dict[str, Any], code: str, text: str) -> None:
+        if header["kind"] in ("ERROR", "CREDIT", "EOF_ACK", "LINK", "PONG", "SHM_FREE"):
+            self.stats[header["src"]].dropped += 1
+            log.debug("node %s: dropped undeliverable %s to %s", self.node, header["kind"], header["dst"])
+            return
+        error = codec.Error(
+            src=f"{self.node}/",
+            dst=header["src"],
+            sid=header["sid"],
+            seq=header["seq"],
+            code=code,
+            message=text,
+            node=self.node,
+            to=header["dst"],
+        )
+        src_node = codec.split_addr(header["src"])[0]
+        if src_node == self.node:
+            self._send_local(error)
+        elif (link := self._by_node.get(src_node)) is not None:
+            self._link_send(link, error)
+
+
+class _InProcess:
+    """The transport of a hub's in-process endpoints."""
+
+    __slots__ = ("send", "send_frames")
+
+    def __init__(self, hub: Hub) -> None:
+        self.send = hub._send_local
+        self.send_frames = hub._send_frames_local
