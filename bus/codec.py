@@ -200,7 +200,8 @@ Sessions
     ``BYE`` naming why and forgets its address (later messages from it get ``ERROR``
     ``not-linked``). A client that hears nothing from its hub for ``PEER_TIMEOUT_S`` takes it
     as lost. Either side leaves with ``BYE``; a hub that stops sends ``BYE`` to every linked
-    peer and every attached client.
+    peer and every attached client. Which outages a link survives, and what follows one it does
+    not: :mod:`dpipes.bus.hub`, *Link loss*.
 
 Bad messages
     A hub never lets a bad message reach its loop. It decodes each header and counts its frames

@@ -33,6 +33,20 @@ silent ``TAKEOVER_SILENCE_S``: its own retries (a refused static link says ``HEL
 ``REFUSED_RETRY_S``) or ours, when the old link is lost, link it. This holds without keys; keys
 (CURVE) decide who may use a name at all.
 
+**Link loss.** A link is lost when its peer has been silent ``PEER_TIMEOUT_S`` (six missed
+heartbeats; the heartbeat loop looks every ``HEARTBEAT_INTERVAL_S``, so a dead peer or a pulled
+cable is reported within 3.5 s): the hub's endpoints get ``LINK`` (up false) and every run with a
+stage on that node fails, naming it. A shorter outage is not a loss, and costs nothing: the TCP
+connection under the link stays open, ZeroMQ neither drops nor reorders on it, TCP sends again
+what the outage swallowed, and a run across it goes on with every byte in order. The silence a
+peer sees is the outage plus TCP's retransmission backoff (the first lost segment again about
+0.2 s later, then at doubling intervals), so an outage of up to about a second is always
+survived (``dpipes-bench faults`` cuts 0.5 s); a longer one under ``PEER_TIMEOUT_S`` may go either
+way, and is then reported as a loss, named, like any other. After a loss the hub drops a learned
+link and keeps retrying a static one; the node asks again for a link to a node that mDNS still
+advertises (:mod:`dpipes.discovery.directory`), so when the cable is back the link is too, within
+the DEALER's reconnect backoff (at most 2 s) and one heartbeat.
+
 What a hub does with bad messages, idle clients and at shutdown is part of the wire spec
 (:mod:`dpipes.bus.codec`, *Sessions* and *Bad messages*). Everything read off a socket is checked
 at the ROUTER or link boundary; names and reasons from the wire are logged with ``%r`` so that a

@@ -36,7 +36,7 @@ async def test_a_cut_link_fails_the_run_naming_the_node_then_comes_back(lan: Any
     assert r.rerun_exit == 0 and r.rerun_equal, r
     assert r.resources_after == "back", r
 
-    # A cut well under the loss timeout (codec docstring, *Sessions*): the run goes on, every
+    # A cut well under the loss timeout (dpipes.bus.hub, *Link loss*): the run goes on, every
     # byte arrives, in order.
     assert r.short_exit == 0 and r.short_equal, r
 

@@ -23,7 +23,7 @@ resource count of the daemons that stayed up (descriptors, threads, children; RS
   what arrived must be a prefix of what was sent, ``h0`` and ``h2`` must come back to their
   baselines; with the veth up again, ``h1`` must be linked again within ``RELINK_TIMEOUT_S`` and a
   new run across it must deliver every byte. Cut for ``SHORT_CUT_S`` (well under the loss timeout),
-  the run must go on and deliver every byte: see :mod:`dpipes.bus.codec`, *Sessions*.
+  the run must go on and deliver every byte: see :mod:`dpipes.bus.hub`, *Link loss*.
 """
 
 from __future__ import annotations
@@ -849,7 +849,7 @@ def link_cut_rows(root: Path, nbytes: int) -> list[FaultRow]:
 
 def link_cut_matrix_rows(r: LinkCutResult) -> list[FaultRow]:
     """The two rows one :func:`link_cut` makes: the long cut and restoration, the short cut."""
-    relinked = f"relinked in {r.relinked_s:.1f} s" if r.relinked_s < math.inf else "NOT relinked"
+    relinked = f"relinked in {r.relinked_s:.1f} s" if r.relinked_s < math.inf else "NOT relinked"  # after veth up
     rerun = "rerun sha256 equal" if r.rerun_equal and r.rerun_exit == 0 else f"rerun exit {r.rerun_exit}, data differs"
     long_ok = (
         r.exit_code != 0
@@ -865,7 +865,7 @@ def link_cut_matrix_rows(r: LinkCutResult) -> list[FaultRow]:
     resources = r.resources if r.resources_after == "back" else f"{r.resources}; after: {r.resources_after}"
     long_row = FaultRow(
         LINK_CUT_ROWS[0],
-        f"{r.report}; {relinked}; {rerun}",
+        f"{relinked}, {rerun}; {r.report}",
         str(r.exit_code),
         f"{r.delivered}/{r.sent}" + ("" if r.prefix else " NOT a prefix"),
         f"{r.detect_s:.2f} s",
