@@ -240,11 +240,22 @@ class Boundary:
             stats.bad += 1
             stats.last_error = str(exc)
             reason = f"node {self.node} speaks protocol version {codec.PROTOCOL_VERSION}, not {exc.version!r:.20}"
-            log.error(
-                "node %s: refused a link from %.80r: it speaks protocol version %.20r, we speak %d",
-                self.node,
-                node,
-                exc.version,
-                codec.PROTOCOL_VERSION,
-            )
+            # Every one is answered (an honest old peer must learn why), but logged once per
+            # sender per interval: a flood of them with fresh names is not a log line each.
+            now = time.monotonic()
+            if now - stats.interval_start >= BAD_MESSAGE_INTERVAL_S:
+                stats.interval_start, stats.interval_bad = now, 1
+                log.error(
+                    "node %s: refused a link from %.80r: it speaks protocol version %.20r, we speak %d"
+                    " (%d bad messages from there in all; next report in %g s at the earliest)",
+                    self.node,
+                    node,
+                    exc.version,
+                    codec.PROTOCOL_VERSION,
+                    stats.bad,
+                    BAD_MESSAGE_INTERVAL_S,
+                )
+            else:
+                stats.interval_bad += 1
+                log.debug("node %s: refused a link from %.80r: protocol version %.20r", self.node, node, exc.version)
             self._router_send(ident, codec.encode(codec.Bye(src=f"{self.node}/", reason=reason)))

@@ -192,6 +192,28 @@ async def test_answers_and_log_lines_are_rate_limited_per_sender(caplog: pytest.
         ctx.term()
 
 
+async def test_a_flood_of_hellos_of_another_version_is_refused_each_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 14: 100k wrong-version HELLOs with fresh names wrote a log line each (+25 MB of log)."""
+    caplog.set_level(logging.DEBUG, logger="dpipes.bus.hub")
+    flood = 200
+    ctx = zmq.asyncio.Context()
+    try:
+        async with Hub("alpha") as a, raw_socket(ctx, a.tcp_endpoint) as peer:
+            for i in range(flood):
+                hello = dict(codec.header_of(codec.Hello(node=f"future{i}\nforged", instance="i")), v=99)
+                await peer.send(pack(hello))
+            byes = [await answer(peer) for _ in range(flood)]  # answered, every one: it learns why
+            assert all(isinstance(b, codec.Bye) and "protocol version" in b.reason for b in byes)
+            assert a.stats[hub_boundary.UNLINKED].bad == flood
+            loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len(loud) == 1, loud
+            assert "'future0\\nforged'" in loud[0] and "\n" not in loud[0]  # escaped: no forged line
+    finally:
+        ctx.term()
+
+
 async def test_a_client_past_the_limit_is_detached_with_bye(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_boundary, "MAX_BAD_MESSAGES", 3)
     async with Hub("alpha") as a:
