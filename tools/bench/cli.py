@@ -37,10 +37,12 @@ suites:
           pip install -e '.[bench]' in a dpipes checkout)
   faults  the fault matrix: real daemons on loopback, one fault each (kill -9 of each node of a
           3-node pipeline, a stage killed, a slow consumer, a sender ignoring credit, a gossip
-          flood, a forged HELLO, a duplicate name, --runs N of each outcome kind); for each, what
-          the client reports, its exit status, bytes delivered/sent, how soon a lost node was
-          named, and whether the daemons' fds, threads, children and RSS came back (exit 1 if
-          any row is not ok)
+          flood, a forged HELLO, a duplicate name, --runs N of each outcome kind and all of
+          them against one baseline; as root, a link cut (veth down) and restored, and a short
+          one, between daemons in network namespaces, rows marked skip otherwise); for each,
+          what the client reports, its exit status, bytes delivered/sent, how soon a lost node
+          was named, and whether the daemons' fds, threads, children and RSS came back (exit 1
+          if any row is not ok)
   plugins plugin stages: an Arrow IPC stream through `cat FILE | %pass@b | cat` across two
           daemons, against pyarrow.flight do_put + do_get; `cat FILE | %sink` on one daemon,
           against a Unix pipe into a second Python process reading the IPC stream; 10k batches

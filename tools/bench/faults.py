@@ -590,8 +590,23 @@ def outcomes(root: Path, runs: int) -> list[FaultRow]:
             resources = _settled([a], [baseline])
             statuses = ",".join(str(c) for c in sorted(set(codes)))
             ok = resources == "back"
-            rows.append(FaultRow(f"{runs} x {name}", f"exit statuses {statuses}", statuses, "-", "-", resources, ok))
+            delta = _delta(a.usage(), baseline)
+            rows.append(FaultRow(f"{runs} x {name}", f"exit statuses {statuses}", statuses, delta, "-", resources, ok))
+        # The issue's measure: what one daemon kept after all of them, every kind, one baseline.
+        total = runs * len(kinds)
+        resources = _settled([a], [baseline])
+        report = f"{total} runs of {len(kinds)} kinds, against the baseline taken before the first"
+        rows.append(
+            FaultRow(
+                f"{total} x mixed", report, "-", _delta(a.usage(), baseline), "-", resources, ok=resources == "back"
+            )
+        )
     return rows
+
+
+def _delta(now: Usage, base: Usage) -> str:
+    """The issue's figure: descriptors and resident memory against the baseline (target: 0)."""
+    return f"fds {now.fds - base.fds:+d}, RSS {(now.rss_kib - base.rss_kib) / 1024:+.1f} MiB"
 
 
 @dataclasses.dataclass
