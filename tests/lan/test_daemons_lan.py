@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import sys
@@ -18,19 +19,23 @@ STOP_TIMEOUT_S = 15.0
 
 
 def env_for(tmp_path: Path, host: Any) -> dict[str, str]:
-    import os
-
     runtime = tmp_path / host.name
     runtime.mkdir(mode=0o700, exist_ok=True)
     return dict(os.environ, DPIPES_RUNTIME_DIR=str(runtime), DPIPES_CONFIG_PATHS="")
 
 
 @contextlib.asynccontextmanager
-async def daemon(tmp_path: Path, host: Any, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``dpipesd --foreground`` inside ``host``, listening on its LAN address; stopped with SIGTERM."""
-    argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", host.name]
+async def daemon(
+    tmp_path: Path, host: Any, *args: str, name: str = "", log: Path | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``dpipesd --foreground`` inside ``host``, listening on its LAN address; stopped with SIGTERM.
+
+    Named after the host unless ``name`` is given; its stderr goes to ``log`` if given.
+    """
+    argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", name or host.name]
     argv += ["--listen", f"{host.addr}:{PORT}", "--insecure", *args]
-    proc = await host.run(argv, env=env_for(tmp_path, host), stderr=asyncio.subprocess.DEVNULL)
+    with open(log or os.devnull, "wb") as stderr:
+        proc = await host.run(argv, env=env_for(tmp_path, host), stderr=stderr)
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), CONVERGE_TIMEOUT_S)).decode()
@@ -136,6 +141,29 @@ async def test_a_node_joining_late_is_seen_and_sees_everyone(lan: Any, tmp_path:
         everyone = {h.name for h in hosts}
         for host in hosts:
             await until_known(tmp_path, host, everyone)
+
+
+async def test_a_second_node_with_a_taken_name_is_told_by_name_and_address(lan: Any, tmp_path: Path) -> None:
+    """Issue 14: two hosts started with one node name (two ``raspberrypi``s) must not flap; the
+    second is told the name is taken, by whom and where, and the first keeps working."""
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    async with lan(3) as hosts, contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(daemon(tmp_path, hosts[2]))
+        await stack.enter_async_context(daemon(tmp_path, hosts[0], name="twin", log=first_log))
+        await until_known(tmp_path, hosts[2], {"twin", hosts[2].name})
+        await stack.enter_async_context(daemon(tmp_path, hosts[1], name="twin", log=second_log))
+
+        async def told() -> None:
+            while not re.search(rb"another instance .* at %s|linked with instance" % hosts[0].addr.encode(),
+                                second_log.read_bytes()):  # fmt: skip
+                await asyncio.sleep(0.1)  # polling the log another process writes, under the timeout
+
+        await asyncio.wait_for(told(), CONVERGE_TIMEOUT_S)
+        text = second_log.read_text()
+        assert "twin" in text and hosts[0].addr in text, text
+        # The first keeps the name: a run pinned to it goes to the first host.
+        code, out, err = await dpipes_on(tmp_path, hosts[2], "sh@twin -c 'hostname -I'")
+        assert code == 0 and out.split() == [hosts[0].addr.encode()], err
 
 
 def test_the_discovery_benchmark_measures_a_full_mesh() -> None:
