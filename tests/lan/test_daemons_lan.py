@@ -164,6 +164,8 @@ async def test_a_second_node_with_a_taken_name_is_told_by_name_and_address(lan: 
         # The first keeps the name: a run pinned to it goes to the first host.
         code, out, err = await dpipes_on(tmp_path, hosts[2], "sh@twin -c 'hostname -I'")
         assert code == 0 and out.split() == [hosts[0].addr.encode()], err
+        seen = await table(tmp_path, hosts[2])
+        assert seen["twin"]["endpoint"] == f"tcp://{hosts[0].addr}:{PORT}", seen
 
 
 def test_the_discovery_benchmark_measures_a_full_mesh() -> None:
