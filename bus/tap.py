@@ -183,15 +183,36 @@ class Mirror:
     def publish(self, sock: zmq.Socket[Any], header: dict[str, Any], payload: Sequence[Any]) -> None:
         """Encode one routed message's event and send it without blocking; count a refusal."""
         if header["kind"] == "BATCH" and _sound_batch(header, payload):
-            view, at = memoryview(payload[0]), 0
-            common = {"kind": header["of"], "src": header["src"], "dst": header["dst"], "sid": header["sid"]}
-            for i, size in enumerate(header["sizes"]):
-                member = dict(common, seq=header["seq"] + i)
-                event = encode_event(self.node, self.n, member, [view[at : at + size]], sample_bytes=self.sample_bytes)
-                self._send(sock, event)
-                at += size
+            self._publish_batch(sock, header, memoryview(payload[0]).cast("B"))
             return
         self._send(sock, encode_event(self.node, self.n, header, payload, sample_bytes=self.sample_bytes))
+
+    def _publish_batch(self, sock: zmq.Socket[Any], header: dict[str, Any], view: memoryview) -> None:
+        """A sound ``BATCH`` as its members' events, each what ``encode_event`` makes of the member
+        alone (its ``of`` is ``BYTES`` or ``STDERR``: one payload frame, no kind fields). The event
+        is built once and changed per member: a batch of small messages is the tap's worst case,
+        one event per few bytes routed."""
+        limit, at, seq = self.sample_bytes, 0, header["seq"]
+        event: dict[str, Any] = {
+            "v": TAP_VERSION,
+            "t": time.time(),  # the members were routed together
+            "node": self.node,
+            "n": 0,
+            "kind": header["of"],
+            "src": header["src"],
+            "dst": header["dst"],
+            "sid": header["sid"],
+            "seq": 0,
+            "size": 0,
+            "frames": 1,
+            "fields": {},
+            "sample": b"",
+        }
+        for i, size in enumerate(header["sizes"]):
+            event["n"], event["seq"], event["size"] = self.n, seq + i, size
+            event["sample"] = view[at : at + min(size, limit)].tobytes()
+            self._send(sock, _packb(event))
+            at += size
 
     def _send(self, sock: zmq.Socket[Any], event: bytes) -> None:
         self.n += 1
