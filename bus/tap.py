@@ -1,7 +1,8 @@
 """The dpipes tap event format, version 1. This docstring is the spec.
 
-Every hub mirrors what it routes on its tap, a ZeroMQ XPUB socket (``Hub.tap_endpoint``; the
-``tap`` entry of the ``endpoints`` map in its ``HELLO``). A subscriber (a ZeroMQ SUB socket)
+Every hub mirrors what it routes on its tap, a ZeroMQ XPUB socket (``Hub.tap_endpoint`` on
+``ipc://``, the ``tap`` entry of the ``endpoints`` map in its ``HELLO``; and ``Hub.tcp_tap_endpoint``
+when the hub listens on TCP, ``info["tap"]`` in its ``HELLO`` and ``WELCOME``). A subscriber (a ZeroMQ SUB socket)
 subscribes to the empty topic and receives one single-frame message, a **tap event**, per
 message the hub routes (to a local endpoint, a client or a peer hub). Link traffic the hub
 handles itself (``HELLO``/``WELCOME``, ``PING``/``PONG``, ``BYE``, ``ATTACH``) is not routed and

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from dpipes.bus.hub.state import advertised
 from dpipes.bus.tap import Mirror
 
 if TYPE_CHECKING:
@@ -34,6 +35,11 @@ class TapMirror:
     def _publish_tap(self: Hub, header: dict[str, Any], payload: Any) -> None:
         assert self._tap is not None and self._tap_mirror is not None
         self._tap_mirror.publish(self._tap.sock, header, payload)
+
+    @property
+    def advertised_tap_endpoint(self: Hub) -> str:
+        """The TCP tap endpoint peers are told (as ``advertised_endpoint`` is made), or ""."""
+        return advertised(self.tcp_tap_endpoint, self._advertise) if self.tcp_tap_endpoint else ""
 
     @property
     def tapped(self: Hub) -> bool:

@@ -413,7 +413,9 @@ def info_lines(path: Path, *, as_json: bool = False) -> list[str]:
 
 
 async def nodes_lines(entry_node: str | None, *, as_json: bool = False) -> list[str]:
-    """``dpipes-tap nodes``: the nodes the entry node knows, with what they offer and how fresh."""
+    """``dpipes-tap nodes``: the nodes the entry node knows, with what they offer and how fresh, and
+    the tap ``dpipes-tap`` reads each at (``tap``: ``ipc://`` on this host, else its TCP tap, the
+    ``tcp_tap`` column of ``--json``)."""
     from dpipes.nodes import paths, run
     from dpipes.nodes.tap.source import TapError
 
@@ -434,16 +436,16 @@ async def nodes_lines(entry_node: str | None, *, as_json: bool = False) -> list[
     rows = []
     for entry_of in known:
         n = entry_of.to_body()
-        tap = paths.node_files(rt, n["name"]).tap_sock
-        rows.append({**n, "tap": f"ipc://{tap}" if tap.exists() else ""})
+        tap = paths.node_files(rt, n["name"]).tap_sock  # a node of this host is read over ipc, others over TCP
+        rows.append({**n, "tap": f"ipc://{tap}" if tap.exists() else n["tap"], "tcp_tap": n["tap"]})
     if as_json:
         return [json.dumps(r) for r in rows]
-    table = [("NODE", "ENDPOINT", "TAP", "PROGRAMS", "LEARNED FROM", "LAST SEEN", "")]
+    table = [("NODE", "ENDPOINT", "TAP", "TCP TAP", "PROGRAMS", "LEARNED FROM", "LAST SEEN", "")]
     for r in rows:
         seen = "now" if r["source"] == "self" else f"{r['last_seen_s']:.1f} s ago"
         table.append(
-            (r["name"], r["endpoint"], r["tap"] or "-", ",".join(r["programs"]) or "-", r["source"], seen,
-             "" if r["up"] else "down")
+            (r["name"], r["endpoint"], r["tap"] or "-", r["tcp_tap"] or "-", ",".join(r["programs"]) or "-",
+             r["source"], seen, "" if r["up"] else "down")
         )  # fmt: skip
     widths = [max(len(str(r[i])) for r in table) for i in range(len(table[0]))]
     return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
