@@ -159,7 +159,7 @@ def _target(runtime: Path, node: str, tcp_tap: str) -> Target | None:
     return Target(node, tcp_tap, client_curve(node))
 
 
-def _use_keys(sock: zmq.Socket[Any], curve: ClientCurve | None) -> None:
+def use_keys(sock: zmq.Socket[Any], curve: ClientCurve | None) -> None:
     """Make ``sock``'s next connect a CURVE client with ``curve``, or plain (NULL) without."""
     if curve is None:
         sock.setsockopt(zmq.CURVE_SERVER, 0)  # 0: back to the NULL mechanism
@@ -227,7 +227,7 @@ class TapSource:
         sock.setsockopt(zmq.RCVHWM, self._hwm)  # bounded memory: past it the hub drops, and we count
         sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # an event is far smaller; a bigger one is not a tap's
         for target in self.targets:
-            _use_keys(sock, target.curve)  # libzmq takes the mechanism of each connect at connect time
+            use_keys(sock, target.curve)  # libzmq takes the mechanism of each connect at connect time
             sock.connect(target.endpoint)
         sock.subscribe(b"")
         if self.sample_bytes != DEFAULT_SAMPLE_BYTES:
@@ -289,7 +289,7 @@ class TapSource:
                 log.warning("dropped a malformed tap event (%d so far): %s", self.malformed, exc)
             return None
         self.received += 1
-        self.gaps.note(event.node, event.n)
+        self.gaps.note(f"{event.node} (replay)" if event.replay else event.node, event.n)  # numbered apart
         self._hubs.add(event.node)
         if len(self.targets) > 1:
             src, dst = split_addr(event.src)[0], split_addr(event.dst)[0]

@@ -21,7 +21,7 @@ from dpipes.bus.tap import TapEvent
 from dpipes.nodes.tap import record as recording
 from dpipes.nodes.tap.graph import Graph
 from dpipes.nodes.tap.rates import RATE_KINDS, Window, bw_text, hz_text
-from dpipes.nodes.tap.source import TapSource
+from dpipes.nodes.tap.source import TapSource, Target
 from dpipes.nodes.tap.view import Decoder, Filter, clock, escape, field, line, matches_what, pipes_text
 
 log = logging.getLogger(__name__)
@@ -388,6 +388,57 @@ async def publish(path: Path, endpoint: str, *, rate: float = 1.0) -> AsyncItera
             sent += 1
         yield Out(f"replayed {sent:,} events", notice=True)
     finally:
+        sock.close()
+        ctx.term()
+
+
+REPLAY_CONNECT_TIMEOUT_S = 10.0  # a node's tap answers a handshake within a reconnect interval; this is slack
+REPLAY_HWM = 100_000  # events queued for the node's tap: a replay at --rate 0 outruns the connection
+
+
+async def replay_to(path: Path, target: Target, *, rate: float = 1.0) -> AsyncIterator[Out]:
+    """``dpipes-tap replay FILE --to NODE``: play a recording onto a node's bus.
+
+    Sends the recorded events up to the node's tap with their timing (see *Replays* in
+    :mod:`dpipes.bus.tap`); the hub re-publishes them, marked ``replay``, to whoever reads its tap
+    (``dpipes-tap --node NODE top``, ``echo``, ...), beside its own events.
+
+    Raises:
+        TapError: the node's tap refused this user's key or uid, or did not answer.
+    """
+    import zmq
+    import zmq.asyncio
+    from zmq.utils.monitor import parse_monitor_message
+
+    from dpipes.bus.client import HANDSHAKE_FAILURES
+    from dpipes.nodes.tap.source import TapError, use_keys
+
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.XSUB)  # subscribes to nothing: it only sends up
+    sock.setsockopt(zmq.LINGER, PUBLISH_LINGER_MS)
+    sock.setsockopt(zmq.SNDHWM, REPLAY_HWM)
+    use_keys(sock, target.curve)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILURES)
+    try:
+        sock.connect(target.endpoint)
+        try:
+            event = parse_monitor_message(await asyncio.wait_for(monitor.recv_multipart(), REPLAY_CONNECT_TIMEOUT_S))
+        except TimeoutError:
+            raise TapError(f"the tap of node {target.node} at {target.endpoint} did not answer") from None
+        if event["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            raise TapError(
+                f"the tap of node {target.node} at {target.endpoint} refused this replay: it needs a key with the"
+                " tap right there (its owner grants it with: dpipes keys trust KEY --tap)"
+            )
+        yield Out(f"replaying {path} onto node {target.node} ({target.endpoint})", notice=True)
+        sent = 0
+        async for recorded, _dropped in replay_events(path, rate=rate):
+            await sock.send(recorded.encode())
+            sent += 1
+        yield Out(f"replayed {sent:,} events", notice=True)
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
         sock.close()
         ctx.term()
 

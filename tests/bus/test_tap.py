@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -214,4 +215,31 @@ async def test_a_batch_sent_to_a_peer_is_tapped_as_each_member_alone() -> None:
             assert [e.n for e in events] == list(range(events[0].n, events[0].n + len(chunks)))
         finally:
             sub.close(0)
+            ctx.term()
+
+
+async def test_a_hub_re_publishes_replayed_events_and_drops_bad_ones() -> None:
+    async with Hub("alpha") as hub:
+        ctx = zmq.asyncio.Context()
+        sub, up = ctx.socket(zmq.SUB), ctx.socket(zmq.XSUB)  # a reader, and a replay sending up
+        sub.connect(hub.tap_endpoint)
+        sub.subscribe(b"")
+        up.connect(hub.tap_endpoint)
+        try:
+            await until(lambda: hub.tapped)
+            msg = codec.Bytes(src="a/p.0", dst="b/p.1", sid=1, seq=3, frames=(b"recorded\n",))
+            frames = codec.encode(msg)
+            recorded = tap.encode_event("a", 41, codec.decode_header(frames[0]), frames[1:], now=1.5)
+            for bad in (msgpack.packb(["not", "an", "event"]), recorded[:-3]):
+                await up.send(bad)
+            await up.send_multipart([recorded, b"a second frame"])
+            await up.send(recorded)
+            event = tap.decode_event(await asyncio.wait_for(sub.recv(), WAIT_S))
+            assert event.replay and event == dataclasses.replace(tap.decode_event(recorded), replay=True)
+            mirror = hub._tap_mirror
+            assert mirror is not None and (mirror.replayed, mirror.bad_replays, mirror.n) == (1, 3, 0)
+            jsonschema.validate(msgpack.unpackb(event.encode()), json.loads(SCHEMA_FILE.read_text()))
+        finally:
+            sub.close(0)
+            up.close(0)
             ctx.term()
