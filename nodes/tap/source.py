@@ -6,7 +6,7 @@ for taps on other hosts (the ``tap`` of the node in an ``info`` reply). :func:`r
 the endpoints to read: the local daemon's by default; ``--node`` NAME, HOST:PORT (the node's bus
 endpoint: its name comes from an ``info`` call) or a tap endpoint itself; ``--all``: every node
 the entry node knows (its ``info`` reply, the node's directory); ``--endpoint``: any tap endpoint
-(a hub's, or a replay's ``--publish``). A node of this host is read over ``ipc://``, any other
+(a hub's, or a replay's ``--to ENDPOINT``). A node of this host is read over ``ipc://``, any other
 over TCP: with CURVE when this user pinned the node's key (``dpipes keys pin``), this user's
 client key then needing the ``tap`` right on that node; in plain TCP otherwise, as the node's
 bus is reached.
