@@ -1,7 +1,8 @@
 """The dpipes tap event format, version 1. This docstring is the spec.
 
-Every hub mirrors what it routes on its tap, a ZeroMQ XPUB socket (``Hub.tap_endpoint``; the
-``tap`` entry of the ``endpoints`` map in its ``HELLO``). A subscriber (a ZeroMQ SUB socket)
+Every hub mirrors what it routes on its tap, a ZeroMQ XPUB socket (``Hub.tap_endpoint`` on
+``ipc://``, the ``tap`` entry of the ``endpoints`` map in its ``HELLO``; and ``Hub.tcp_tap_endpoint``
+when the hub listens on TCP, ``info["tap"]`` in its ``HELLO`` and ``WELCOME``). A subscriber (a ZeroMQ SUB socket)
 subscribes to the empty topic and receives one single-frame message, a **tap event**, per
 message the hub routes (to a local endpoint, a client or a peer hub). Link traffic the hub
 handles itself (``HELLO``/``WELCOME``, ``PING``/``PONG``, ``BYE``, ``ATTACH``) is not routed and
@@ -53,6 +54,8 @@ The event
     ``schema``  bin         ``ARROW`` only, on the first part of a stream (the ``arrow`` map has
                             ``schema``): the stream's Arrow IPC schema message when it is at
                             most ``SCHEMA_MAX_BYTES``; else absent
+    ``replay``  bool        true in an event a hub re-published from a replay (see *Replays*),
+                            whose other keys are the recorded event's; else absent
     ==========  ==========  ====================================================================
 
 ``fields`` by kind (the codec's header keys, with their types there): ``REQUEST``: ``method,
@@ -62,6 +65,18 @@ body``; ``REPLY``: ``ok, body, error`` (the method is the one of the ``REQUEST``
 ``OBJECTS``: ``count, meta`` (the sample is the start of the msgpack array of objects);
 ``ARROW``: ``arrow`` (the map of ``dpipes.bus.arrow``); ``PIPES``: ``stage``; others: empty. A
 ``REQUEST``/``REPLY`` body is the control protocol's (``dpipes.nodes.protocol``).
+
+Replays
+    A recording is played back onto a node's bus through the node's tap
+    (``dpipes-tap replay FILE --to NODE``): a client connects a socket that can send upstream
+    (ZeroMQ XSUB) to the hub's tap, subscribes to nothing, and sends recorded events up, one
+    single-frame event per message (an event is a msgpack map, so it never starts with the byte
+    0 or 1 of a subscription). The hub checks each (:func:`decode_event`), drops a malformed one
+    (counted in ``Mirror.bad_replays``, logged once per ``BAD_REPLAY_LOG_INTERVAL_S``), and
+    publishes the others to its subscribers with ``replay`` set, as lossy as its own events.
+    A replayed event keeps its ``node``, ``n`` and ``t`` and does not take a number of the hub's
+    own: readers count the gaps of replayed events apart from the hub's. Sending up needs what
+    reading needs: with keys, a key with the ``tap`` right.
 
 Limits
     An event is bounded: ``fields`` by the codec's header limit (``MAX_HEADER_BYTES``), the
@@ -76,6 +91,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -96,6 +112,7 @@ MAX_SAMPLE_BYTES = 16 * 1024  # what a subscriber may ask for: TAP_HWM events of
 PIPES_MAX_BYTES = 256 * 1024  # a PIPES message up to this size shows its messages on the tap
 SCHEMA_MAX_BYTES = 64 * 1024  # an Arrow schema up to this size travels with its stream's first event
 MAX_EVENT_BYTES = MAX_HEADER_BYTES + MAX_SAMPLE_BYTES + PIPES_MAX_BYTES + SCHEMA_MAX_BYTES + 4096
+BAD_REPLAY_LOG_INTERVAL_S = 10.0  # a flood of bad replayed events logs one line per interval
 TAP_HWM = 1000  # events a hub queues per subscriber; a slow tap loses events, never slows the bus or grows it
 
 SAMPLE_TOPIC = b"sample="
@@ -127,6 +144,7 @@ class TapEvent:
     sample: bytes | None = None
     pipes: tuple[str, ...] | None = None
     schema: bytes | None = None
+    replay: bool = False
 
     def to_map(self) -> dict[str, Any]:
         """The event as its wire map (``encode`` of it gives the bytes a hub sends)."""
@@ -150,6 +168,8 @@ class TapEvent:
             out["pipes"] = list(self.pipes) if self.pipes is not None else None
         if self.schema is not None:
             out["schema"] = self.schema
+        if self.replay:
+            out["replay"] = True
         return out
 
     def encode(self) -> bytes:
@@ -160,12 +180,15 @@ class TapEvent:
 class Mirror:
     """A hub's tap state: its event counter, the sample size subscribers asked for, what it refused."""
 
-    __slots__ = ("_asked", "n", "node", "refused", "sample_bytes")
+    __slots__ = ("_asked", "_bad_replay_logged", "bad_replays", "n", "node", "refused", "replayed", "sample_bytes")
 
     def __init__(self, node: str) -> None:
         self.node = node
         self.n = 0
         self.refused = 0
+        self.replayed = 0  # events re-published from a replay (see *Replays*)
+        self.bad_replays = 0  # ...and the malformed ones dropped instead
+        self._bad_replay_logged = -math.inf
         self.sample_bytes = DEFAULT_SAMPLE_BYTES
         self._asked: set[int] = set()
 
@@ -183,15 +206,57 @@ class Mirror:
     def publish(self, sock: zmq.Socket[Any], header: dict[str, Any], payload: Sequence[Any]) -> None:
         """Encode one routed message's event and send it without blocking; count a refusal."""
         if header["kind"] == "BATCH" and _sound_batch(header, payload):
-            view, at = memoryview(payload[0]), 0
-            common = {"kind": header["of"], "src": header["src"], "dst": header["dst"], "sid": header["sid"]}
-            for i, size in enumerate(header["sizes"]):
-                member = dict(common, seq=header["seq"] + i)
-                event = encode_event(self.node, self.n, member, [view[at : at + size]], sample_bytes=self.sample_bytes)
-                self._send(sock, event)
-                at += size
+            self._publish_batch(sock, header, memoryview(payload[0]).cast("B"))
             return
         self._send(sock, encode_event(self.node, self.n, header, payload, sample_bytes=self.sample_bytes))
+
+    def _publish_batch(self, sock: zmq.Socket[Any], header: dict[str, Any], view: memoryview) -> None:
+        """A sound ``BATCH`` as its members' events, each what ``encode_event`` makes of the member
+        alone (its ``of`` is ``BYTES`` or ``STDERR``: one payload frame, no kind fields). The event
+        is built once and changed per member: a batch of small messages is the tap's worst case,
+        one event per few bytes routed."""
+        limit, at, seq = self.sample_bytes, 0, header["seq"]
+        event: dict[str, Any] = {
+            "v": TAP_VERSION,
+            "t": time.time(),  # the members were routed together
+            "node": self.node,
+            "n": 0,
+            "kind": header["of"],
+            "src": header["src"],
+            "dst": header["dst"],
+            "sid": header["sid"],
+            "seq": 0,
+            "size": 0,
+            "frames": 1,
+            "fields": {},
+            "sample": b"",
+        }
+        for i, size in enumerate(header["sizes"]):
+            event["n"], event["seq"], event["size"] = self.n, seq + i, size
+            event["sample"] = view[at : at + min(size, limit)].tobytes()
+            self._send(sock, _packb(event))
+            at += size
+
+    def replay(self, sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
+        """Re-publish an event a client sent up to the tap (see *Replays*), or drop a bad one."""
+        try:
+            if len(frames) != 1:
+                raise TapDecodeError(f"a replayed event is one frame, not {len(frames)}")
+            event = dataclasses.replace(decode_event(frames[0].bytes), replay=True)
+        except TapDecodeError as exc:
+            self.bad_replays += 1
+            now = time.monotonic()
+            if now - self._bad_replay_logged >= BAD_REPLAY_LOG_INTERVAL_S:
+                self._bad_replay_logged = now
+                log.warning(
+                    "node %s: dropped a bad replayed tap event (%d so far): %s", self.node, self.bad_replays, exc
+                )
+            return
+        self.replayed += 1
+        try:
+            sock.send(event.encode(), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.refused += 1  # lossy as the hub's own events; the gap in the replayed `n` tells
 
     def _send(self, sock: zmq.Socket[Any], event: bytes) -> None:
         self.n += 1
@@ -322,6 +387,10 @@ def decode_event(data: bytes | memoryview) -> TapEvent:
         if value is not None and len(value) > limit:
             raise TapDecodeError(f"tap event field {key!r} is {len(value)} bytes (limit {limit})")
         values[key] = value
+    replay = raw.get("replay", False)
+    if type(replay) is not bool:
+        raise TapDecodeError(f"tap event field 'replay' must be bool, got {type(replay).__name__}")
+    values["replay"] = replay
     pipes = raw.get("pipes")
     if pipes is not None:
         if type(pipes) is not list or any(type(p) is not str for p in pipes):
@@ -366,6 +435,7 @@ def event_schema() -> dict[str, Any]:
                 "maxItems": MAX_CONTAINER_ITEMS,
             },
             "schema": {"description": "msgpack bin: an Arrow IPC schema message", "maxLength": SCHEMA_MAX_BYTES},
+            "replay": {"type": "boolean", "description": "re-published by a hub from a replay"},
         },
     }
 

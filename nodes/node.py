@@ -394,10 +394,27 @@ class Node:
                 last_seen_s=e.last_seen_s,
                 up=e.up,
                 plugin_versions=self._plugin_versions(e.name),
+                tap=self._tap_of(e.name, e.endpoint),
             )
             for e in self.directory.entries(time.monotonic(), heard_s=heard_s)
         )
         return InfoReply(node=self.name, protocol=PIPELINE_PROTOCOL, nodes=nodes)
+
+    def _tap_of(self, node: str, bus: str) -> str:
+        """The TCP tap endpoint of ``node``: ours, or what its HELLO or WELCOME said (checked: a
+        peer's info is input like any other), its wildcard host made the host of its bus endpoint
+        ``bus``; "" when there is none."""
+        if node == self.name:
+            said: Any = self.hub.advertised_tap_endpoint
+        else:
+            peer = self.hub.peers.get(node)
+            said = peer.info.get("tap") if peer is not None and isinstance(peer.info, dict) else None
+        if not isinstance(said, str) or not said.startswith("tcp://") or len(said) > MAX_TEXT_CHARS:
+            return ""
+        host = bus.removeprefix("tcp://").rpartition(":")[0]
+        if said.startswith("tcp://*:") and bus.startswith("tcp://") and host not in ("", "*"):
+            return f"tcp://{host}:{said.rpartition(':')[2]}"
+        return said
 
     def _plugin_versions(self, node: str) -> dict[str, str]:
         """The plugins ``node`` offers with their versions: ours, or what its HELLO said (checked:

@@ -82,7 +82,9 @@ Methods (``REQUEST`` to ``<node>/ctl``)
     source: str`` (``self``, ``static``, ``mdns``, ``gossip``, ``linked``), ``last_seen_s: float``,
     ``up: bool``, ``plugin_versions: map[str, str] = {}`` (plugin name -> the version of the
     distribution providing it, for this node and the nodes linked to it; ``programs`` lists each
-    plugin as ``%NAME``).
+    plugin as ``%NAME``), ``tap: str = ""`` (the node's TCP tap endpoint, for ``dpipes-tap`` on
+    other hosts: this node's own, or what a linked node said in its ``HELLO``/``WELCOME``;
+    ``""`` when it has none or is not linked).
     ``negotiate`` (coordinator -> each chosen node): may this stage run here? Body:
         ``pipeline: str, stage: int, argv: list[str]`` (at least one word), ``protocol: int``,
         ``mode: str = "bytes"``, ``require: list[str] = []``, ``user: str = ""``,
@@ -558,6 +560,7 @@ class NodeEntry(Body):
     last_seen_s: float = 0.0
     up: bool = True
     plugin_versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    tap: str = ""
 
 
 @_body("info", "reply")

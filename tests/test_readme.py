@@ -41,7 +41,7 @@ SKIPS: dict[str, str] = {
     r"DPIPES_NODE=\S+ dagster asset materialize": "needs the dagster extra: tests/nodes/dagster/test_example.py",
     r"dpipes --asset": "needs the reader's orders.csv and load.py: tests/nodes/test_workdir.py",
     r"dpipes-tap .*\btop\b": "a full-screen live view until q: tests/nodes/test_tap.py (in tmux)",
-    r"dpipes-tap replay \S+ --publish": "serves until Ctrl-C for a second terminal's `top`: "
+    r"dpipes-tap replay \S+ --(?:publish|to) ipc://": "serves until Ctrl-C for a second terminal's `top`: "
     "tests/nodes/test_tap.py::test_a_replay_served_as_a_tap_reads_as_the_recording",
     r"dpipes-bench": "suites take minutes on a shared machine: tests/tools/test_bench_*.py run them quick",
     r".*dpipes '[^']*%\w+@beta": "a plugin installed on a second node, beta: tests/nodes/plugins/test_worker.py"

@@ -20,8 +20,10 @@ verbs:
   pipes                     Pipes messages of every stage (--pipeline ID --stage N --level L)
   hz WHAT... / bw WHAT...   message rate / bandwidth over a window (--window N)
   record FILE               record to Arrow IPC (FILE.arrow) or Parquet (FILE.parquet); Ctrl-C stops
-  replay FILE               print a recording with its timing (--rate X; 0: at once), or serve it
-                            as a tap (--publish ENDPOINT) for `dpipes-tap --endpoint ENDPOINT top`
+  replay FILE               print a recording with its timing (--rate X; 0: at once); --to NODE:
+                            play it onto that node's bus, for `dpipes-tap --node NODE top` (events
+                            marked replay); --to ENDPOINT (or --publish): serve it as a tap there,
+                            for `dpipes-tap --endpoint ENDPOINT top`
   info FILE                 what a recording holds
   top                       a live full-screen view (plain lines when stdout is not a terminal)
 
@@ -89,7 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--rate", type=float, default=1.0, help="speed factor (0: as fast as possible)")
     replay.add_argument("--field", action="append", default=[], metavar="PATH")
     replay.add_argument("--raw", action="store_true")
-    replay.add_argument("--publish", metavar="ENDPOINT", help="serve it as a tap at ENDPOINT, for --endpoint readers")
+    replay.add_argument(
+        "--to",
+        metavar="NODE",
+        help="play it onto NODE's bus (NAME or HOST:PORT), read by its taps; an ipc:// or tcp:// ENDPOINT:"
+        " serve it as a tap there, for --endpoint readers",
+    )
+    replay.add_argument("--publish", dest="to", metavar="ENDPOINT", help="the same as --to ENDPOINT")
     selective(replay)
     info = sub.add_parser("info", parents=[parent], help="summarize a recording")
     info.add_argument("file", type=Path)
@@ -131,8 +139,13 @@ async def _main(args: argparse.Namespace) -> int:
             for text in await verbs.nodes_lines(args.node, as_json=args.json):
                 print(text)
             return 0
-        if args.verb == "replay" and args.publish:
-            return await _print(verbs.publish(args.file, args.publish, rate=args.rate))
+        if args.verb == "replay" and args.to and args.to.startswith(("ipc://", "tcp://")):
+            return await _print(verbs.publish(args.file, args.to, rate=args.rate))
+        if args.verb == "replay" and args.to:
+            from dpipes.nodes.tap.source import resolve
+
+            (target,) = await resolve(args.to)
+            return await _print(verbs.replay_to(args.file, target, rate=args.rate))
         if args.verb == "replay":
             select = verbs.Selection(args.what, args.filter)
             return await _print(

@@ -52,6 +52,14 @@ What a hub does with bad messages, idle clients and at shutdown is part of the w
 at the ROUTER or link boundary; names and reasons from the wire are logged with ``%r`` so that a
 newline in them cannot forge a log line.
 
+**The tap.** The XPUB mirror listens on ``ipc://`` (``tap_endpoint``, beside the ROUTER's path)
+and, when the hub listens on TCP, on TCP too (``tcp_tap_endpoint``, any free port of the same host
+unless ``tcp_tap`` says otherwise), for taps on other hosts. The hub advertises it as
+``info["tap"]`` in its ``HELLO`` and ``WELCOME`` (``tcp://*:PORT`` for a wildcard bind, as the bus
+endpoint). With keys the TCP tap is a CURVE server under the tap's ZAP domain
+(:data:`~dpipes.bus.auth.TAP_ZAP_DOMAIN`): a client key needs the ``tap`` right; over ``ipc://``
+the uid rule holds, as for the ROUTER.
+
 **Parts.** :class:`Hub` (here: its sockets, lifecycle and heartbeat loop) is made of one part per
 job, each a module of this package: ``links`` (peer hubs: HELLO/WELCOME, takeover, reconnects),
 ``clients`` (attached clients: ATTACH, the idle rule, BYE, backlogs), ``routing`` (delivery),
@@ -99,6 +107,7 @@ from dpipes.bus.hub.state import (
     _Link,
     _set_common,
     _valid_node_name,
+    any_port,
 )
 from dpipes.bus.pump import Pump
 from dpipes.bus.tap import TAP_HWM
@@ -129,6 +138,9 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
             None for no TCP.
         ipc: the ``ipc://`` path for local parties; None makes one in a private temp directory.
         tap: where the tap XPUB listens; None: an ``ipc://`` path beside ``ipc``.
+        tcp_tap: where the tap XPUB also listens on TCP, for taps on other hosts, when the hub
+            has ``tcp``; None: on the host ``tcp`` binds, any free port. Advertised to peers as
+            ``info["tap"]`` (see *The tap* in the module docstring).
         advertise: the host to tell peers, when ``tcp`` binds a wildcard address.
         info: what this node tells peers about itself in HELLO (programs, version, ...).
         max_clients: clients attached at once; ``ATTACH`` beyond it is refused.
@@ -146,6 +158,7 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         tcp: str | None = "tcp://127.0.0.1:0",
         ipc: str | None = None,
         tap: str | None = None,
+        tcp_tap: str | None = None,
         advertise: str | None = None,
         info: dict[str, Any] | None = None,
         max_clients: int = MAX_CLIENTS,
@@ -161,6 +174,7 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         self._want_tcp = tcp
         self._want_ipc = ipc
         self._want_tap = tap
+        self._want_tcp_tap = tcp_tap
         self._advertise = advertise
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         self._ctx: zmq.Context[Any] | None = None
@@ -170,6 +184,7 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         self.tcp_endpoint = ""
         self.ipc_endpoint = ""
         self.tap_endpoint = ""
+        self.tcp_tap_endpoint = ""  # the tap's TCP listener, when the hub has one
         self._links: dict[str, _Link] = {}  # by endpoint we connect to
         self._by_node: dict[str, _Link] = {}  # up links by node name
         self._peer_idents: dict[bytes, tuple[str, str]] = {}  # a peer's DEALER identity -> (node, instance)
@@ -232,6 +247,10 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
             tap = self._want_tap or ipc.rsplit(".sock", 1)[0] + "-tap.sock"
             self._bind(tap_sock, tap)
             self.tap_endpoint = tap_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self.tcp_endpoint:  # as a CURVE server under the tap's ZAP domain when the hub has keys
+                self._bind(tap_sock, self._want_tcp_tap or any_port(self.tcp_endpoint))
+                self.tcp_tap_endpoint = tap_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                self.info["tap"] = self.advertised_tap_endpoint
         except zmq.ZMQError as exc:
             router.close(0)
             tap_sock.close(0)
@@ -242,7 +261,14 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         self._router = Pump(router, self._on_router)
         self._tap = Pump(tap_sock, self._on_tap_subscription)
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"hub {self.node} heartbeats")
-        log.info("node %s listening on %s %s (tap %s)", self.node, self.tcp_endpoint, self.ipc_endpoint, tap)
+        log.info(
+            "node %s listening on %s %s (tap %s %s)",
+            self.node,
+            self.tcp_endpoint,
+            self.ipc_endpoint,
+            self.tap_endpoint,
+            self.tcp_tap_endpoint,
+        )
 
     async def aclose(self) -> None:
         """Say BYE to peers and clients, drain queued messages under a bound, close every socket. Idempotent."""

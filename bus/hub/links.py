@@ -35,6 +35,7 @@ from dpipes.bus.hub.state import (
     _peer_address,
     _set_common,
     _valid_node_name,
+    advertised,
 )
 from dpipes.bus.keys import PublicKey
 from dpipes.bus.pump import Pump
@@ -162,11 +163,7 @@ class Links:
     @property
     def advertised_endpoint(self: Hub) -> str:
         """The tcp endpoint peers are told to reach this hub at (the ``advertise`` host if given)."""
-        host_port = self.tcp_endpoint.removeprefix("tcp://")
-        host, _, port = host_port.rpartition(":")
-        if self._advertise:
-            return f"tcp://{self._advertise}:{port}"
-        return self.tcp_endpoint if host not in ("0.0.0.0", "*", "[::]") else f"tcp://*:{port}"
+        return advertised(self.tcp_endpoint, self._advertise)
 
     def _link_send(self: Hub, link: _Link, msg: Message) -> None:
         try:

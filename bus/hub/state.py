@@ -138,3 +138,18 @@ class PeerInfo:
     up: bool
     last_heard_s: float
     info: dict[str, Any]
+
+
+def advertised(endpoint: str, advertise: str | None) -> str:
+    """``tcp://host:port`` as others are told to reach it: the ``advertise`` host if given, else
+    the bound host, but ``tcp://*:port`` for a wildcard bind (the peer substitutes the address
+    it heard us from)."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if advertise:
+        return f"tcp://{advertise}:{port}"
+    return endpoint if host not in ("0.0.0.0", "*", "[::]") else f"tcp://*:{port}"
+
+
+def any_port(endpoint: str) -> str:
+    """``tcp://host:port`` with port 0: another listener on the same host, on any free port."""
+    return endpoint.rpartition(":")[0] + ":0"

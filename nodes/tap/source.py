@@ -1,11 +1,15 @@
 """Where the taps are, and one SUB socket that reads them: events in, gaps and garbage counted.
 
 A node's tap endpoint (its hub's XPUB) is ``ipc://<runtime dir>/<name>-tap.sock`` for a daemon
-(:mod:`dpipes.nodes.paths`), ``local-tap.sock`` for the host's local daemon. :func:`resolve`
-finds the endpoints to read: the local daemon's by default; ``--node`` NAME, HOST:PORT (the
-node's bus endpoint: its name comes from an ``info`` call) or a tap endpoint itself; ``--all``:
-every node the entry node knows (its ``info`` reply) whose tap is reachable from this host;
-``--endpoint``: any tap endpoint (a hub's, or a replay's ``--publish``).
+(:mod:`dpipes.nodes.paths`), ``local-tap.sock`` for the host's local daemon, and a TCP endpoint
+for taps on other hosts (the ``tap`` of the node in an ``info`` reply). :func:`resolve` finds
+the endpoints to read: the local daemon's by default; ``--node`` NAME, HOST:PORT (the node's bus
+endpoint: its name comes from an ``info`` call) or a tap endpoint itself; ``--all``: every node
+the entry node knows (its ``info`` reply, the node's directory); ``--endpoint``: any tap endpoint
+(a hub's, or a replay's ``--to ENDPOINT``). A node of this host is read over ``ipc://``, any other
+over TCP: with CURVE when this user pinned the node's key (``dpipes keys pin``), this user's
+client key then needing the ``tap`` right on that node; in plain TCP otherwise, as the node's
+bus is reached.
 
 :class:`TapSource` connects one SUB socket to them all and yields decoded events. It never asks
 the hubs to wait: a slow reader loses events at its socket's queue (``RCVHWM``), and the source
@@ -30,8 +34,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from dpipes.bus.auth import ClientCurve
 from dpipes.bus.codec import split_addr
-from dpipes.bus.errors import DpipesError
+from dpipes.bus.errors import DpipesError, KeyFileError, TrustFileError
+from dpipes.bus.keyring import Keyring
 from dpipes.bus.tap import DEFAULT_SAMPLE_BYTES, MAX_SAMPLE_BYTES, SAMPLE_TOPIC, TAP_HWM, TapEvent, decode_event
 from dpipes.bus.tap import TapDecodeError as TapDecodeError
 
@@ -51,10 +57,12 @@ class TapError(DpipesError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Target:
-    """One tap to read: the node's name ("" when not known yet) and its tap endpoint."""
+    """One tap to read: the node's name ("" when not known yet), its tap endpoint, and the keys to
+    read a TCP tap with CURVE (None: plain)."""
 
     node: str
     endpoint: str
+    curve: ClientCurve | None = None
 
 
 def _tap_of(runtime: Path, name: str) -> str | None:
@@ -62,6 +70,21 @@ def _tap_of(runtime: Path, name: str) -> str | None:
 
     sock = node_files(runtime, name).tap_sock
     return f"ipc://{sock}" if sock.exists() else None
+
+
+def client_curve(node: str, keyring: Keyring | None = None) -> ClientCurve | None:
+    """CURVE keys to read ``node``'s TCP tap with: this user's client pair and the key pinned for
+    ``node`` in known_nodes; None when it is not pinned.
+
+    Raises:
+        TapError: the key files cannot be read.
+    """
+    ring = keyring if keyring is not None else Keyring()
+    try:
+        key = ring.known().key_for(node)
+        return ClientCurve(ring.client()[0], key) if key is not None else None
+    except (KeyFileError, TrustFileError, OSError) as exc:
+        raise TapError(f"cannot read the keys to tap node {node!r}: {exc}") from None
 
 
 async def resolve(
@@ -84,6 +107,8 @@ async def resolve(
     except (OSError, DpipesError) as exc:
         raise TapError(f"no runtime directory: {exc}") from None
     entry: str
+    only: str | None = None  # the one node to read; None: every node (``--all``)
+    itself = False  # ...or the entry node itself, whatever its name
     if node is None:
         local = paths.local_daemon(runtime)
         if local is None:
@@ -94,32 +119,54 @@ async def resolve(
     elif node.startswith(("ipc://", "tcp://")) and node.endswith("-tap.sock"):
         return [Target("", node)]
     elif ":" in node or node.startswith("ipc://"):
-        entry = run.entry_from(node)
-    else:
-        tap = _tap_of(runtime, node)
-        if tap is None:
-            raise TapError(f"no tap of node {node!r} in {runtime}: is its dpipesd running on this host?")
+        entry, itself = run.entry_from(node), not all
+    elif (tap := _tap_of(runtime, node)) is not None:
         if not all:
             return [Target(node, tap)]
         entry = paths.node_files(runtime, node).ipc_endpoint
+    else:  # a node of another host: the local daemon's directory knows its TCP tap
+        local = paths.local_daemon(runtime)
+        if local is None:
+            raise TapError(f"no tap of node {node!r} in {runtime}, and no dpipesd here to ask: give --node HOST:PORT")
+        entry, only = local.ipc_endpoint, None if all else node
     try:
         known = await run.known_nodes(entry)
     except DpipesError as exc:
         raise TapError(str(exc)) from None
     targets, unreachable = [], []
     for entry_node in known:
-        if not (all or entry_node.source == "self") or not entry_node.up:
+        if (itself and entry_node.source != "self") or only not in (None, entry_node.name) or not entry_node.up:
             continue
-        tap = _tap_of(runtime, entry_node.name)
-        if tap is None:
+        target = _target(runtime, entry_node.name, entry_node.tap)
+        if target is None:
             unreachable.append(entry_node.name)
         else:
-            targets.append(Target(entry_node.name, tap))
+            targets.append(target)
     if unreachable:
-        log.warning("no tap reachable from this host for node(s) %s (taps listen on ipc only)", ", ".join(unreachable))
+        log.warning("no tap reachable from this host for node(s) %s (no TCP tap known)", ", ".join(unreachable))
     if not targets:
         raise TapError(f"no tap reachable for the node(s) at {entry}: run dpipes-tap on their host")
     return targets
+
+
+def _target(runtime: Path, node: str, tcp_tap: str) -> Target | None:
+    """How to read ``node``: over ``ipc://`` when it runs here, else at its TCP tap ``tcp_tap``."""
+    tap = _tap_of(runtime, node)
+    if tap is not None:
+        return Target(node, tap)
+    if not tcp_tap.startswith("tcp://") or tcp_tap.startswith("tcp://*:"):  # a wildcard nobody resolved
+        return None
+    return Target(node, tcp_tap, client_curve(node))
+
+
+def use_keys(sock: zmq.Socket[Any], curve: ClientCurve | None) -> None:
+    """Make ``sock``'s next connect a CURVE client with ``curve``, or plain (NULL) without."""
+    if curve is None:
+        sock.setsockopt(zmq.CURVE_SERVER, 0)  # 0: back to the NULL mechanism
+        return
+    sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keypair.secret_z85.encode("ascii"))
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keypair.public.z85.encode("ascii"))
+    sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key.z85.encode("ascii"))
 
 
 class Gaps:
@@ -180,6 +227,7 @@ class TapSource:
         sock.setsockopt(zmq.RCVHWM, self._hwm)  # bounded memory: past it the hub drops, and we count
         sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # an event is far smaller; a bigger one is not a tap's
         for target in self.targets:
+            use_keys(sock, target.curve)  # libzmq takes the mechanism of each connect at connect time
             sock.connect(target.endpoint)
         sock.subscribe(b"")
         if self.sample_bytes != DEFAULT_SAMPLE_BYTES:
@@ -241,7 +289,7 @@ class TapSource:
                 log.warning("dropped a malformed tap event (%d so far): %s", self.malformed, exc)
             return None
         self.received += 1
-        self.gaps.note(event.node, event.n)
+        self.gaps.note(f"{event.node} (replay)" if event.replay else event.node, event.n)  # numbered apart
         self._hubs.add(event.node)
         if len(self.targets) > 1:
             src, dst = split_addr(event.src)[0], split_addr(event.dst)[0]

@@ -21,7 +21,7 @@ from dpipes.bus.tap import TapEvent
 from dpipes.nodes.tap import record as recording
 from dpipes.nodes.tap.graph import Graph
 from dpipes.nodes.tap.rates import RATE_KINDS, Window, bw_text, hz_text
-from dpipes.nodes.tap.source import TapSource
+from dpipes.nodes.tap.source import TapSource, Target
 from dpipes.nodes.tap.view import Decoder, Filter, clock, escape, field, line, matches_what, pipes_text
 
 log = logging.getLogger(__name__)
@@ -392,6 +392,57 @@ async def publish(path: Path, endpoint: str, *, rate: float = 1.0) -> AsyncItera
         ctx.term()
 
 
+REPLAY_CONNECT_TIMEOUT_S = 10.0  # a node's tap answers a handshake within a reconnect interval; this is slack
+REPLAY_HWM = 100_000  # events queued for the node's tap: a replay at --rate 0 outruns the connection
+
+
+async def replay_to(path: Path, target: Target, *, rate: float = 1.0) -> AsyncIterator[Out]:
+    """``dpipes-tap replay FILE --to NODE``: play a recording onto a node's bus.
+
+    Sends the recorded events up to the node's tap with their timing (see *Replays* in
+    :mod:`dpipes.bus.tap`); the hub re-publishes them, marked ``replay``, to whoever reads its tap
+    (``dpipes-tap --node NODE top``, ``echo``, ...), beside its own events.
+
+    Raises:
+        TapError: the node's tap refused this user's key or uid, or did not answer.
+    """
+    import zmq
+    import zmq.asyncio
+    from zmq.utils.monitor import parse_monitor_message
+
+    from dpipes.bus.client import HANDSHAKE_FAILURES
+    from dpipes.nodes.tap.source import TapError, use_keys
+
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.XSUB)  # subscribes to nothing: it only sends up
+    sock.setsockopt(zmq.LINGER, PUBLISH_LINGER_MS)
+    sock.setsockopt(zmq.SNDHWM, REPLAY_HWM)
+    use_keys(sock, target.curve)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILURES)
+    try:
+        sock.connect(target.endpoint)
+        try:
+            event = parse_monitor_message(await asyncio.wait_for(monitor.recv_multipart(), REPLAY_CONNECT_TIMEOUT_S))
+        except TimeoutError:
+            raise TapError(f"the tap of node {target.node} at {target.endpoint} did not answer") from None
+        if event["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            raise TapError(
+                f"the tap of node {target.node} at {target.endpoint} refused this replay: it needs a key with the"
+                " tap right there (its owner grants it with: dpipes keys trust KEY --tap)"
+            )
+        yield Out(f"replaying {path} onto node {target.node} ({target.endpoint})", notice=True)
+        sent = 0
+        async for recorded, _dropped in replay_events(path, rate=rate):
+            await sock.send(recorded.encode())
+            sent += 1
+        yield Out(f"replayed {sent:,} events", notice=True)
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close()
+        ctx.term()
+
+
 def info_lines(path: Path, *, as_json: bool = False) -> list[str]:
     """``dpipes-tap info FILE``: what a recording holds."""
     s = recording.summary(path)
@@ -413,7 +464,9 @@ def info_lines(path: Path, *, as_json: bool = False) -> list[str]:
 
 
 async def nodes_lines(entry_node: str | None, *, as_json: bool = False) -> list[str]:
-    """``dpipes-tap nodes``: the nodes the entry node knows, with what they offer and how fresh."""
+    """``dpipes-tap nodes``: the nodes the entry node knows, with what they offer and how fresh, and
+    the tap ``dpipes-tap`` reads each at (``tap``: ``ipc://`` on this host, else its TCP tap, the
+    ``tcp_tap`` column of ``--json``)."""
     from dpipes.nodes import paths, run
     from dpipes.nodes.tap.source import TapError
 
@@ -434,16 +487,16 @@ async def nodes_lines(entry_node: str | None, *, as_json: bool = False) -> list[
     rows = []
     for entry_of in known:
         n = entry_of.to_body()
-        tap = paths.node_files(rt, n["name"]).tap_sock
-        rows.append({**n, "tap": f"ipc://{tap}" if tap.exists() else ""})
+        tap = paths.node_files(rt, n["name"]).tap_sock  # a node of this host is read over ipc, others over TCP
+        rows.append({**n, "tap": f"ipc://{tap}" if tap.exists() else n["tap"], "tcp_tap": n["tap"]})
     if as_json:
         return [json.dumps(r) for r in rows]
-    table = [("NODE", "ENDPOINT", "TAP", "PROGRAMS", "LEARNED FROM", "LAST SEEN", "")]
+    table = [("NODE", "ENDPOINT", "TAP", "TCP TAP", "PROGRAMS", "LEARNED FROM", "LAST SEEN", "")]
     for r in rows:
         seen = "now" if r["source"] == "self" else f"{r['last_seen_s']:.1f} s ago"
         table.append(
-            (r["name"], r["endpoint"], r["tap"] or "-", ",".join(r["programs"]) or "-", r["source"], seen,
-             "" if r["up"] else "down")
+            (r["name"], r["endpoint"], r["tap"] or "-", r["tcp_tap"] or "-", ",".join(r["programs"]) or "-",
+             r["source"], seen, "" if r["up"] else "down")
         )  # fmt: skip
     widths = [max(len(str(r[i])) for r in table) for i in range(len(table[0]))]
     return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]

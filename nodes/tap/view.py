@@ -6,7 +6,8 @@
 the method of each request still unanswered (a ``REPLY`` does not say which method it answers)
 and the Arrow schema of each stream (it travels once, on the stream's first message).
 
-Keys of a decoded event: ``time, node, n, kind, src, dst, sid, seq, size`` always; then by kind
+Keys of a decoded event: ``time, node, n, kind, src, dst, sid, seq, size`` always (and
+``replay: true`` in an event a hub re-published from a replay); then by kind
 ``method, body`` (``REQUEST``; ``body`` typed by :mod:`dpipes.nodes.protocol` when it is one of
 its methods, else as sent, with ``invalid`` saying why); ``method, ok, error, code, body``
 (``REPLY``); ``credit`` (``CREDIT``); ``total`` (``EOF``/``EOF_ACK``); ``reason`` (``CANCEL``);
@@ -60,6 +61,8 @@ class Decoder:
             "seq": event.seq,
             "size": event.size,
         }
+        if event.replay:
+            out["replay"] = True
         handler = self._KINDS.get(event.kind)
         if handler is not None:
             try:

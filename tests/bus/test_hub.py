@@ -485,5 +485,6 @@ async def test_a_link_is_up_with_what_its_peer_offers() -> None:
     # alpha has no TCP, so beta cannot link back and say HELLO: only WELCOME can tell alpha.
     async with Hub("alpha", tcp=None, info={"programs": ["cat"]}) as a, Hub("beta", info={"programs": ["sort"]}) as b:
         assert await a.connect_peer(b.tcp_endpoint) == "beta"
-        # Placement on alpha never sees beta up with nothing to offer.
-        assert a.peers["beta"].info == {"programs": ["sort"]}
+        # Placement on alpha never sees beta up with nothing to offer; nor a tap without beta's TCP tap.
+        assert a.peers["beta"].info == {"programs": ["sort"], "tap": b.tcp_tap_endpoint}
+        assert b.tcp_tap_endpoint.startswith("tcp://127.0.0.1:") and not a.tcp_tap_endpoint

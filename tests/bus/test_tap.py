@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -177,4 +178,68 @@ async def test_a_batch_is_tapped_as_its_messages() -> None:
             assert [e.n for e in events] == list(range(events[0].n, events[0].n + 3))
         finally:
             sub.close(0)
+            ctx.term()
+
+
+async def test_a_batch_sent_to_a_peer_is_tapped_as_each_member_alone() -> None:
+    # The hub mirrors what its endpoints send to a peer as they encoded it (no decoding again);
+    # each member's event is still exactly what encode_event makes of that message alone, with
+    # the sample at the size a subscriber asked for.
+    async with Hub("alpha") as a, Hub("beta") as b:
+        await a.connect_peer(b.tcp_endpoint)
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        ctx = zmq.asyncio.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.connect(a.tap_endpoint)
+        sub.subscribe(b"")
+        sub.subscribe(tap.SAMPLE_TOPIC + b"2")
+        try:
+            await until(lambda: a.tapped and a._tap_mirror is not None and a._tap_mirror.sample_bytes == 2)
+            stream = src.open_stream("beta/dst")
+            chunks = [b"one", b"two!", b"x"]
+            await stream.send_many(chunks)  # one loop pass: one BATCH
+            reader = await dst.accept()
+            assert [bytes(c) for c in await reader.read_chunks()] == chunks
+            events = []
+            while len(events) < len(chunks):
+                event = tap.decode_event(await asyncio.wait_for(sub.recv(), WAIT_S))
+                if event.sid == stream.sid:
+                    events.append(event)
+            for event, (seq, chunk) in zip(events, enumerate(chunks, 1), strict=True):
+                alone = codec.Bytes(src="alpha/src", dst="beta/dst", sid=stream.sid, seq=seq, frames=(chunk,))
+                frames = codec.encode(alone)
+                expected = tap.encode_event(
+                    "alpha", event.n, codec.decode_header(frames[0]), frames[1:], sample_bytes=2, now=event.t
+                )
+                assert event.encode() == expected
+            assert [e.n for e in events] == list(range(events[0].n, events[0].n + len(chunks)))
+        finally:
+            sub.close(0)
+            ctx.term()
+
+
+async def test_a_hub_re_publishes_replayed_events_and_drops_bad_ones() -> None:
+    async with Hub("alpha") as hub:
+        ctx = zmq.asyncio.Context()
+        sub, up = ctx.socket(zmq.SUB), ctx.socket(zmq.XSUB)  # a reader, and a replay sending up
+        sub.connect(hub.tap_endpoint)
+        sub.subscribe(b"")
+        up.connect(hub.tap_endpoint)
+        try:
+            await until(lambda: hub.tapped)
+            msg = codec.Bytes(src="a/p.0", dst="b/p.1", sid=1, seq=3, frames=(b"recorded\n",))
+            frames = codec.encode(msg)
+            recorded = tap.encode_event("a", 41, codec.decode_header(frames[0]), frames[1:], now=1.5)
+            for bad in (msgpack.packb(["not", "an", "event"]), recorded[:-3]):
+                await up.send(bad)
+            await up.send_multipart([recorded, b"a second frame"])
+            await up.send(recorded)
+            event = tap.decode_event(await asyncio.wait_for(sub.recv(), WAIT_S))
+            assert event.replay and event == dataclasses.replace(tap.decode_event(recorded), replay=True)
+            mirror = hub._tap_mirror
+            assert mirror is not None and (mirror.replayed, mirror.bad_replays, mirror.n) == (1, 3, 0)
+            jsonschema.validate(msgpack.unpackb(event.encode()), json.loads(SCHEMA_FILE.read_text()))
+        finally:
+            sub.close(0)
+            up.close(0)
             ctx.term()

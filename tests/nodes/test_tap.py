@@ -462,3 +462,34 @@ async def test_a_replay_served_as_a_tap_reads_as_the_recording(rt: Path, tmp_pat
     decoder = Decoder()
     assert [json.loads(line) for line in out.splitlines()] == [decoder.decode(e) for e in events]
     assert json.loads(err.splitlines()[0]) == {"dropped": 1, "dropped_total": 1}
+
+
+def replays(lines: list[str]) -> list[dict[str, Any]]:
+    return [e for e in map(json.loads, lines) if e.get("replay")]
+
+
+async def test_a_replay_to_a_node_reaches_the_readers_of_its_tap(rt: Path, tmp_path: Path) -> None:
+    from dpipes.bus import codec, tap
+    from dpipes.nodes.tap.record import Recorder
+    from dpipes.nodes.tap.view import Decoder
+
+    path = tmp_path / "r.arrow"
+    events = []
+    for n in range(5):
+        msg = codec.Bytes(src="a/p.0", dst="b/p.1", sid=1, seq=n, frames=(b"line %d\n" % n,))
+        frames = codec.encode(msg)
+        events.append(tap.decode_event(tap.encode_event("a", n, codec.decode_header(frames[0]), frames[1:], now=n)))
+    decoder = Decoder()
+    with Recorder(path, recorder={}) as rec:
+        for event in events:
+            rec.add(event, decoder.decode(event), 0)
+    async with two_nodes(rt) as (_alpha, beta):
+        reader = await started_tap(rt, "--node", "beta", "echo", "--json")
+        try:
+            await asyncio.wait_for(subscribed_cli(reader, beta), WAIT_S)
+            await finished(await started_tap(rt, "replay", str(path), "--to", "beta", "--rate", "0"))
+            lines = await read_lines_until(reader, lambda ls: len(replays(ls)) == len(events))
+        finally:
+            await stop(reader)
+    decoder = Decoder()
+    assert replays(lines) == [{**decoder.decode(e), "replay": True} for e in events]  # in order, as recorded
