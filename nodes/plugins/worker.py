@@ -16,8 +16,9 @@ document on stdin (then closed). The worker
    program's output converted at the boundary by :mod:`~dpipes.nodes.plugins.edges` (``csv``,
    ``ndjson``, ``arrow``: an Arrow IPC stream; in an object mode, ``OBJECTS`` batches become
    tables of their objects). Each connection feeds the runner from a thread of its own through a
-   bounded queue, so credit is granted only as the plugin consumes. When every input ended, the
-   runner completes;
+   bounded queue, so credit is granted only as the plugin consumes. An input with no ``src``
+   (an optional anchor that nothing feeds) ends at once: the plugin gets its
+   ``on_incoming_connection_complete`` without data. When every input ended, the runner completes;
 4. sends each outgoing anchor to each of its destinations (``spec.outputs``): ``ARROW`` streams
    to a plugin (zero-copy framing of :mod:`dpipes.bus.arrow`), else the edge's format as
    ``BYTES`` (``OBJECTS`` in an object mode) to a program or the client. Writes wait for credit:
@@ -68,7 +69,7 @@ from dpipes.bus.arrow import ArrowDecoder, ArrowEncoder
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, DpipesError
-from dpipes.nodes.plugins.api import Environment
+from dpipes.nodes.plugins.api import AnchorSpec, Environment
 from dpipes.nodes.plugins.edges import EdgeWriter, open_writer, read_batches
 from dpipes.nodes.plugins.errors import EdgeDecodeError, PluginError, SchemaChanged
 from dpipes.nodes.plugins.spec import MAX_SPEC_BYTES, WorkerSpec
@@ -187,8 +188,10 @@ class _Input:
         self.spec = spec
         self.worker = worker
         self.items: queue.Queue[Any] = queue.Queue(maxsize=FEED_QUEUE_ITEMS)
-        self.where = f"input {spec.anchor!r} (from {spec.src})"
+        self.where = f"input {spec.anchor!r} (from {spec.src or 'nothing'})"
         self.stream: InStream | None = None
+        if not spec.src:  # an optional anchor nothing feeds: it ends at once, without data
+            self.items.put_nowait(None)
 
     async def put(self, item: Any) -> None:
         try:
@@ -517,7 +520,8 @@ class _Worker:
         except PluginError as exc:
             raise _Failed(EXIT_NOT_STARTED, str(exc)) from None
         self.transport = _BusTransport(self)
-        incoming = {i.anchor: None for i in spec.inputs}
+        fed = {i.anchor for i in spec.inputs if i.src}
+        incoming = {i.anchor: AnchorSpec(i.anchor, optional=i.anchor not in fed) for i in spec.inputs}
         outgoing = {o.anchor: None for o in spec.outputs}
         environment = Environment(
             pipeline=spec.pipeline, stage=spec.stage, node=spec.node, plugin=spec.plugin, temp_dir=temp_dir
@@ -570,7 +574,7 @@ class _Worker:
 
     async def _accept_all(self) -> None:
         """Match each stream that arrives to its input connection, and pump it."""
-        waiting = list(self.inputs)
+        waiting = [conn for conn in self.inputs if conn.spec.src]
         pumps: list[asyncio.Future[None]] = []
         try:
             while waiting:
