@@ -29,6 +29,10 @@ document on stdin (then closed). The worker
 5. sends the plugin's ``io`` messages as ``PIPES`` messages (one message's JSON per frame, as a
    node sends any stage's) to ``spec.messages_to``.
 
+A node may start a worker before it has a stage for it (``--pooled``, :mod:`dpipes.nodes.worker_pool`):
+it imports what every worker needs, then waits on stdin; the spec's ``cwd`` and ``env`` make it the
+stage's, as they are for a worker forked for the stage.
+
 Exit status (the node reports it as the stage's)
     0: done, every output acknowledged by its reader. ``EXIT_PLUGIN_FAILED`` (1): the plugin
     failed (a callback raised or did not return within the timeout, an anchor rule was broken).
@@ -72,7 +76,9 @@ from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.plugins.api import AnchorSpec, Environment
 from dpipes.nodes.plugins.edges import EdgeWriter, open_writer, read_batches
 from dpipes.nodes.plugins.errors import EdgeDecodeError, PluginError, SchemaChanged
-from dpipes.nodes.plugins.spec import MAX_SPEC_BYTES, WorkerSpec
+from dpipes.nodes.plugins.registry import load_plugin
+from dpipes.nodes.plugins.runner import PluginRunner
+from dpipes.nodes.plugins.spec import MAX_SPEC_BYTES, POOLED_FLAG, WorkerSpec
 from dpipes.nodes.plugins.transport import Transport
 from dpipes.nodes.protocol import PluginInput, PluginOutput
 
@@ -98,6 +104,8 @@ FEED_QUEUE_ITEMS: Final = 8  # per input connection: messages read ahead of the 
 SEND_AHEAD_BATCHES: Final = 32  # per output: batches the plugin may write ahead of the loop sending them
 PIPES_BATCH_FRAMES: Final = 256  # io messages sent together in one PIPES message
 OUTPUT_CLOSE_TIMEOUT_S: Final = 60.0  # after the last batch: a reader that acknowledges nothing for this long is gone
+
+_PR_SET_NAME: Final = 15  # <linux/prctl.h>
 
 T = TypeVar("T")
 
@@ -511,9 +519,6 @@ class _Worker:
         self.inputs = [_Input(i, self) for i in spec.inputs]
 
     async def run(self, channel: _BusChannel, temp_dir: Path) -> None:
-        from dpipes.nodes.plugins.registry import load_plugin
-        from dpipes.nodes.plugins.runner import PluginRunner
-
         spec = self.spec
         try:
             plugin_class = await asyncio.to_thread(load_plugin, spec.plugin)
@@ -668,6 +673,16 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def _name_process(name: bytes) -> None:
+    """What ``ps -o comm`` shows (Linux ``PR_SET_NAME``): ``dpipes-ready`` idle, ``dpipes-worker`` running a stage."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the name is only a convenience
+        pass
+
+
 def main() -> None:
     """The worker process: the spec from stdin, run, ``os._exit`` with the status (see the module)."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -676,11 +691,24 @@ def main() -> None:
     # their value width; Acero (group-by, joins) then copies only what is misaligned, quietly.
     os.environ.setdefault("ACERO_ALIGNMENT_HANDLING", "reallocate")
     os.dup2(2, 1)  # a plugin's print() goes where its node forwards stderr; stdout carries no data
+    pooled = POOLED_FLAG in sys.argv[1:]
+    if pooled:  # started ahead of need: everything above is imported; wait for a stage
+        _name_process(b"dpipes-ready")
+    data = sys.stdin.buffer.read(MAX_SPEC_BYTES)
+    if pooled and not data:  # the pool or its node closed without using it
+        os._exit(0)
+    _name_process(b"dpipes-worker")
     try:
-        spec = WorkerSpec.from_json(sys.stdin.buffer.read(MAX_SPEC_BYTES))
+        spec = WorkerSpec.from_json(data)
     except (ValueError, TypeError, DpipesError) as exc:
         _say(f"dpipes: plugin worker: bad spec on stdin: {exc}")
         os._exit(EXIT_NOT_STARTED)
+    try:  # a forked worker starts there already; one started ahead of need enters it now
+        os.chdir(spec.cwd)
+    except OSError as exc:
+        _say(_failure_line(spec, f"cannot enter the working directory {spec.cwd}: {exc.strerror}"))
+        os._exit(EXIT_NOT_STARTED)
+    os.environ.update(spec.env)
     code = asyncio.run(_run(spec))
     sys.stdout.flush()
     sys.stderr.flush()

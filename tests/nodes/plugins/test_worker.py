@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dpipes.nodes.plugins.spec import POOLED_FLAG
 from tests.nodes.daemons import daemons, dpipes, start_dpipes
 from tests.nodes.plugins.workers import install_plugins
 from tests.procs import children_of
@@ -34,16 +35,23 @@ def rows(data: bytes) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(data.decode())))
 
 
-def workers_of(pid: int) -> list[int]:
-    """The plugin workers among a daemon's children."""
+def workers_of(pid: int, *, idle: bool = False) -> list[int]:
+    """The plugin workers among a daemon's children that run a stage (``idle``: those started
+    ahead of need and waiting for one, named ``dpipes-ready``)."""
     found = []
     for child in children_of(pid):
         try:
             with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"dpipes.nodes.plugins.worker" in f.read():
-                    found.append(child)
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{child}/comm", "rb") as f:
+                comm = f.read().strip()
         except OSError:
-            pass
+            continue
+        if b"dpipes.nodes.plugins.worker" not in argv:
+            continue
+        waiting = POOLED_FLAG.encode() in argv and comm != b"dpipes-worker"
+        if waiting == idle:
+            found.append(child)
     return found
 
 

@@ -61,6 +61,18 @@ class Tally(Plugin):
         table = pa.table({"anchor": list(names), "rows": list(rows), "optional": list(optional)})
         self.provider.write_to_anchor("Output", table)
 
+class Where(Plugin):
+    \"\"\"An input plugin that writes where it runs: its pid, working directory and stage variables.\"\"\"
+    def on_record_batch(self, batch, anchor):
+        pass
+    def on_incoming_connection_complete(self, anchor):
+        pass
+    def on_complete(self):
+        import os
+        row = {"pid": os.getpid(), "cwd": os.getcwd(), "pwd": os.environ.get("PWD", "")}
+        row.update({k: os.environ.get(k, "") for k in ("DPIPES_PIPELINE", "DPIPES_STAGE", "DPIPES_NODE")})
+        self.provider.write_to_anchor("Output", pa.table({k: [v] for k, v in row.items()}))
+
 class Raises(Plugin):
     def on_record_batch(self, batch, anchor):
         raise ZeroDivisionError("the plugin's own bug")
@@ -93,6 +105,7 @@ def install_plugins(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             shifty = ptest_broken_plugins:Shifty
             raises = ptest_broken_plugins:Raises
             tally = ptest_broken_plugins:Tally
+            where = ptest_broken_plugins:Where
             """)
     )
     monkeypatch.setenv("PYTHONPATH", f"{root}:{EXAMPLES}")
