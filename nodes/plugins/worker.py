@@ -239,6 +239,9 @@ class _Input:
     def feed(self) -> None:
         """On the connection's thread: convert and hand every batch to the runner, then its end."""
         runner, anchor, connection = self.worker.runner, self.spec.anchor, self.spec.connection
+        if len(self.worker.inputs) == 1:  # the only input: its batches pulled on the plugin's thread
+            runner.feed(anchor, self._batches(), connection=connection)
+            return
         for batch in self._batches():
             runner.record_batch(anchor, batch, connection=connection)
         runner.incoming_complete(anchor, connection=connection)
