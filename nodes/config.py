@@ -42,6 +42,7 @@ Keys::
     max_stages = 64                 # stages one pipeline may have
     credit_bytes = 16777216         # window of each stream into a stage here (at least 8 MiB)
     plugin_callback_s = 300         # a plugin callback running longer fails its stage (seconds)
+    plugin_workers_ready = 2        # plugin workers kept started ahead of need (0: fork one per stage)
 
 :attr:`NodeConfig.origins` says which source set each key; :func:`format_config` shows the
 effective configuration as TOML, each value with where it came from (``dpipesd --print-config``).
@@ -165,6 +166,7 @@ class Limits:
     max_stages: int = 64
     credit_bytes: int = INITIAL_CREDIT_BYTES  # the window of each stream into a stage on this node
     plugin_callback_s: int = 300  # the longest one plugin callback may run before its stage fails
+    plugin_workers_ready: int = 2  # idle plugin workers kept, imports done (dpipes.nodes.worker_pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +327,7 @@ _LIMITS: dict[str, Callable[[object], int]] = {
     "max_stages": _positive_int(1),
     "credit_bytes": _positive_int(MIN_CREDIT_BYTES),
     "plugin_callback_s": _positive_int(1),
+    "plugin_workers_ready": _positive_int(0),
 }
 _APP_KEYS = ("version", "path")
 

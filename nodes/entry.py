@@ -180,7 +180,7 @@ async def embedded_node() -> Any:
     from dpipes.nodes.node import Node
 
     config = load_config()
-    async with Node(config, listen="tcp://127.0.0.1:0") as node:
+    async with Node(config, listen="tcp://127.0.0.1:0", worker_pool=False) as node:  # one command: none ahead
         if config.nodes:
             await asyncio.gather(
                 *(

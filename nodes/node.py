@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,7 @@ from dpipes.nodes.supervisor import Supervisor
 # not at start: eight daemons starting on two cores converge sooner (dpipes-bench discovery).
 if TYPE_CHECKING:
     from dpipes.nodes.pipeline import NodeInfo
+    from dpipes.nodes.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class Node:
         tap: the tap endpoint (default: beside ``ipc``).
         exit_after_one: stop serving once one stage has run here (``dpipesd --exit``).
         listen: override of ``config.listen`` as ``tcp://HOST:PORT`` (port 0: any free port).
+        worker_pool: keep ``[limits] plugin_workers_ready`` plugin workers started ahead of need
+            (:mod:`dpipes.nodes.worker_pool`); never with ``exit_after_one``.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class Node:
         tap: str | None = None,
         exit_after_one: bool = False,
         listen: str | None = None,
+        worker_pool: bool = True,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -109,6 +114,9 @@ class Node:
         # a restarted node from a stale record by comparing them (discovery/table.py).
         self.hub.instance = new_instance_id()
         self.supervisor = Supervisor()
+        # Plugin workers started ahead of need; none for one stage (--exit) or one command (embedded).
+        self.worker_pool_size = config.limits.plugin_workers_ready if worker_pool and not exit_after_one else 0
+        self.workers: WorkerPool | None = None
         self.direct = DirectPipes()  # kept ends of kernel pipes between stages here
         self.stages: Stages | None = None  # made by start(), with the control endpoint
         self.coordinator: Coordinator | None = None
@@ -159,6 +167,14 @@ class Node:
         undo.push_async_callback(self.hub.aclose)
         await self.supervisor.__aenter__()
         undo.push_async_callback(self.supervisor.aclose)
+        if self.worker_pool_size:
+            from dpipes.nodes.plugin_stage import WORKER_ARGV
+            from dpipes.nodes.worker_pool import WorkerPool
+
+            self.workers = WorkerPool(
+                self.supervisor, WORKER_ARGV, env=os.environ, size=self.worker_pool_size, node=self.name
+            )
+            undo.push_async_callback(self.workers.aclose)
         try:
             drop = FdDrop(drop_path(self.hub.ipc_endpoint))
             drop.start()
@@ -178,6 +194,7 @@ class Node:
             direct=self.direct,
             spawn=self._spawn,
             on_exit=self.stop if self.exit_after_one else lambda: None,
+            workers=self.workers,
         )
         self.coordinator = Coordinator(
             node=self.name,
@@ -297,6 +314,8 @@ class Node:
             return
         self._closed = True
         self.stop()
+        if self.workers is not None:  # first: stages ending below must not start replacements
+            await self.workers.aclose()
         if self.stages is not None:
             await self.stages.aclose()
         await self._started.aclose()

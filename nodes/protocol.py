@@ -114,8 +114,9 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         (where to send the stage's ``progress`` reports; ``""``: none),
         ``inputs: list[map] = []`` and ``outputs: list[map] = []`` (a plugin stage's edges, in
         place of ``stdin_from`` and ``stdout_to``). Each input is one connection into an input
-        anchor: ``anchor: str, connection: str`` (``#1``, ``#2``, ... per anchor), ``src: str``
-        (the sending stage's address or the client's), ``src_anchor: str = ""`` (the sending
+        anchor: ``anchor: str, connection: str`` (``#1``, ``#2``, ... per anchor), ``src: str = ""``
+        (the sending stage's address or the client's; ``""``: an optional input anchor nothing
+        feeds, which the plugin sees complete without data), ``src_anchor: str = ""`` (the sending
         plugin's output anchor: its stream's first ``ARROW`` part carries it under ``anchor``),
         ``format: str`` (``batches``: ``ARROW`` messages from a plugin; ``csv``, ``ndjson``,
         ``arrow``: a program's bytes in that format, or ``OBJECTS`` in an object mode). Each
@@ -605,7 +606,7 @@ class PluginInput(Body):
 
     anchor: str = bounded(non_empty=True)
     connection: str = bounded(non_empty=True)
-    src: str = bounded(non_empty=True)
+    src: str = ""  # "": an optional anchor left unconnected
     src_anchor: str = ""
     format: str = bounded(choices=PLUGIN_EDGE_FORMATS)
 

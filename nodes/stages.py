@@ -69,6 +69,7 @@ from dpipes.nodes.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from dpipes.nodes.plugin_stage import WorkerRun
+    from dpipes.nodes.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class Stages:
         direct: the kept ends of kernel pipes between stages here.
         spawn: starts a task the node tracks (and cancels when it closes).
         on_exit: called after each stage's report has been sent.
+        workers: plugin workers started ahead of need, if the node keeps any.
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class Stages:
         direct: DirectPipes,
         spawn: Spawn,
         on_exit: Callable[[], None] = lambda: None,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.node = node
         self.hub = hub
@@ -131,6 +134,7 @@ class Stages:
         self.direct = direct
         self._spawn = spawn
         self._on_exit = on_exit
+        self.workers = workers
         self._stages: dict[tuple[str, int], Stage] = {}
         self._swept = False  # the bootstrap dirs of dead nodes, removed once
         # How much a producer may have in flight towards a stage here: the protocol's initial
@@ -223,18 +227,21 @@ class Stages:
             outputs=wiring.outputs,
             callback_timeout_s=float(self.config.limits.plugin_callback_s),
             window=self.window,
+            cwd=self.workdir(wiring.cwd),  # a plugin opening a relative path finds what a program would
+            env={**self._env(stage, wiring), "PWD": self.workdir(wiring.cwd)},
         )
-        env = dict(os.environ)
-        env.update(self._env(stage, wiring))
-        cwd = env["PWD"] = self.workdir(wiring.cwd)  # a plugin opening a relative path finds what a program would
-        stage.env = env
+        env = stage.env = {**os.environ, **spec.env}
         stage.started = time.time()
+        # A missing working directory is refused by the fork below, as for a program (one stat).
+        ready = self.workers.take() if self.workers is not None and os.path.isdir(spec.cwd) else None  # noqa: ASYNC240
         try:
-            stage.proc = await self.supervisor.start(
-                WORKER_ARGV, env=env, cwd=cwd, forward_stderr=True, stdout_fd=devnull()
+            stage.proc = ready or await self.supervisor.start(
+                WORKER_ARGV, env=env, cwd=spec.cwd, forward_stderr=True, stdout_fd=devnull()
             )
         except StageError as exc:
             raise ControlError(REFUSED, str(exc)) from None
+        if self.workers is not None:
+            self.workers.used(stage.proc)
         stage.task = self._spawn(self._run(stage, wiring, spec.to_json()), stage.describe)
         log.info("node %s: started %s (plugin worker) pid %d", self.node, stage.describe, stage.proc.pid)
         return StartReply(pid=stage.proc.pid, context={})

@@ -19,11 +19,16 @@ The workflow document
             plugin: split
             config: {expr: "n > 50"}
             outputs: [True, False]    # optional: anchors it writes that may stay unconnected
+          join:
+            plugin: join
+            config: {on: n}
+            inputs: [Right]           # optional: input anchors that may stay unconnected
           count:
             program: [wc, -l]         # ... or a program: argv as a list, or one string of shell words
         connections:                  # from STAGE.ANCHOR to STAGE.ANCHOR
           - {from: gen, to: split}    # the anchor may be left out: Output / Input
           - {from: split.True, to: count}
+          - {from: split.False, to: join.Left}
         output: count                 # optional: whose output is dpipes' stdout (STAGE or STAGE.ANCHOR)
         input: gen                    # optional: where dpipes' stdin goes (STAGE or STAGE.ANCHOR)
 
@@ -32,7 +37,9 @@ The workflow document
     connected (a program whose stdout is not connected, or a plugin with no outgoing
     connection); when there are several, name one: the stdout of the others is shown on dpipes'
     stderr, and a plugin's unconnected anchors are discarded. A plugin's ``True``/``False`` anchors
-    may go to different stages; one anchor may go to several. Connections may not form a cycle.
+    may go to different stages; one anchor may go to several. An input anchor named in ``inputs``
+    that no connection feeds is still the plugin's: it gets ``on_incoming_connection_complete``
+    for it, with no data (an optional input, as Alteryx calls it). Connections may not form a cycle.
     Every error is a :class:`WorkflowError` naming the key at fault.
 
 Stages are numbered in the document's order, except that the output stage is numbered last and
@@ -94,8 +101,8 @@ class Graph:
     """What the coordinator runs: stages, connections, and the client's ends.
 
     ``stdin_to`` is the (stage, input anchor) the client's stdin feeds, if any; ``stdout_from``
-    the (stage, output anchor) whose data is the client's stdout; ``extra_outputs`` a plugin
-    stage's declared anchors that may stay unconnected; ``configs`` each stage's plugin
+    the (stage, output anchor) whose data is the client's stdout; ``extra_outputs`` and
+    ``extra_inputs`` a plugin stage's declared anchors that may stay unconnected; ``configs`` each stage's plugin
     configuration (empty for a program).
     """
 
@@ -105,6 +112,7 @@ class Graph:
     stdin_to: tuple[int, str] | None
     stdout_from: tuple[int, str] | None
     extra_outputs: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    extra_inputs: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     linear: bool = False
 
     @classmethod
@@ -171,6 +179,10 @@ class Graph:
                         format="batches" if plugin else edge_format,
                     )
                 )
+        fed = {i.anchor for i in inputs}
+        for anchor in self.extra_inputs.get(i, ()):
+            if anchor not in fed:  # optional and unconnected: complete at once, without data
+                inputs.append(PluginInput(anchor=anchor, connection=connection(anchor), src="", format="batches"))
         outputs: list[PluginOutput] = []
         for c in self.connections:
             if c.src == i:
@@ -262,32 +274,32 @@ def parse_workflow(doc: Any, *, stdin: bool) -> Graph:
     configs: list[dict[str, Any]] = []
     pins: list[str | None] = []
     extra: dict[int, tuple[str, ...]] = {}
+    extra_in: dict[int, tuple[str, ...]] = {}
     for name, stage in raw_stages.items():
         key = f"stages.{name}"
         if not isinstance(name, str) or not _STAGE_NAME_RE.fullmatch(name):
             raise _fail(key, "a stage name is 1-64 letters, digits, _ and -")
         if not isinstance(stage, dict):
             raise _fail(key, "must be a map (program or plugin, node, config)")
-        if unknown := sorted(set(stage) - {"program", "plugin", "node", "config", "outputs"}):
-            raise _fail(f"{key}.{unknown[0]}", "unknown key (known: program, plugin, node, config, outputs)")
+        if unknown := sorted(set(stage) - {"program", "plugin", "node", "config", "inputs", "outputs"}):
+            raise _fail(f"{key}.{unknown[0]}", "unknown key (known: program, plugin, node, config, inputs, outputs)")
         argv, config = _argv(stage, key)
         node = stage.get("node")
         if node is not None:
             problem = check_node_name(node) if isinstance(node, str) else "must be a node name"
             if problem is not None:
                 raise _fail(f"{key}.node", problem)
-        outputs = stage.get("outputs", [])
-        if not isinstance(outputs, list) or not all(isinstance(a, str | bool) for a in outputs):
-            raise _fail(f"{key}.outputs", "must be a list of anchor names")
-        if outputs and not argv[0].startswith(PLUGIN_SIGIL):
-            raise _fail(f"{key}.outputs", "only a plugin has named output anchors")
+        outputs = _anchor_list(stage, "outputs", key, plugin=argv[0].startswith(PLUGIN_SIGIL))
+        inputs = _anchor_list(stage, "inputs", key, plugin=argv[0].startswith(PLUGIN_SIGIL))
         index = len(argvs)
         names[name] = index
         argvs.append(argv)
         configs.append(config)
         pins.append(node)
-        if outputs:  # YAML reads an unquoted True as a boolean: the anchor is still "True"
-            extra[index] = tuple(str(a) for a in outputs)
+        if outputs:
+            extra[index] = outputs
+        if inputs:
+            extra_in[index] = inputs
     connections = _connections(doc.get("connections", []), names)
     _check_programs(connections, argvs, list(names))
     _check_acyclic(connections, list(names))
@@ -320,6 +332,7 @@ def parse_workflow(doc: Any, *, stdin: bool) -> Graph:
         stdin_to=(index_of[stdin_to[0]], stdin_to[1]) if stdin_to is not None and stdin else None,
         stdout_from=(index_of[out[0]], out[1]),
         extra_outputs={index_of[i]: anchors for i, anchors in extra.items()},
+        extra_inputs={index_of[i]: anchors for i, anchors in extra_in.items()},
     )
 
 
@@ -347,6 +360,20 @@ def load_workflow(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(result, dict):
         raise WorkflowError(f"workflow {path}: must be a map with stages and connections")
     return result
+
+
+def _anchor_list(stage: Mapping[str, Any], which: str, key: str, *, plugin: bool) -> tuple[str, ...]:
+    """A stage's ``inputs`` or ``outputs``: declared anchor names that may stay unconnected."""
+    names = stage.get(which, [])
+    if not isinstance(names, list) or not all(isinstance(a, str | bool) for a in names):
+        raise _fail(f"{key}.{which}", "must be a list of anchor names")
+    if names and not plugin:
+        raise _fail(f"{key}.{which}", f"only a plugin has named {which[:-1]} anchors")
+    out = tuple(str(a) for a in names)  # YAML reads an unquoted True as a boolean: the anchor is still "True"
+    for anchor in out:
+        if not _ANCHOR_RE.fullmatch(anchor):
+            raise _fail(f"{key}.{which}", f"bad anchor name {anchor!r:.60}")
+    return out
 
 
 def _connections(raw: Any, names: Mapping[str, int]) -> list[Connection]:

@@ -164,6 +164,10 @@ class EngineProvider(Provider):
             since = self._blocked_since
             return self._blocked_total_s + (time.monotonic() - since if since is not None else 0.0)
 
+    def waiting(self) -> contextlib.AbstractContextManager[None]:
+        """For the engine: time spent in this block (waiting for input) is not the plugin's own either."""
+        return self._in_transport()
+
     @contextlib.contextmanager
     def _in_transport(self) -> Iterator[None]:
         entered = time.monotonic()

@@ -17,6 +17,11 @@ one from its input streams. The runner owns the order and the rules:
   raised as :class:`CallbackFailed` (the plugin's exception chained), or as the rule it broke
   (:class:`UnknownAnchor`, :class:`SchemaChanged`, :class:`AnchorClosed`) when the provider saw
   one, even if the plugin caught it. After a failure every call raises the same error.
+- :meth:`PluginRunner.feed` makes the calls of one whole input (``record_batch`` for each batch,
+  then ``incoming_complete``) with one hand-over to the plugin's thread instead of one per batch
+  (about 20 µs each, more under load): the worker uses it for a plugin's only input. The rules and
+  the timeout are the same; time the plugin's thread spends waiting for the next batch is not the
+  plugin's, as time in the transport is not.
 - :meth:`PluginRunner.complete` calls ``on_complete`` and then closes every outgoing anchor the
   plugin left open. In a schema pass (``environment.update_only``) only ``__init__`` runs: the
   callbacks are skipped and the outgoing anchors carry the schemas pushed there.
@@ -30,7 +35,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import pyarrow as pa
@@ -67,6 +72,14 @@ class _Call:
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+
+
+class _NotThePlugins(Exception):
+    """In :meth:`PluginRunner.feed`'s loop: ``error`` came from its input, not from the plugin's code."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _serve(calls: queue.SimpleQueue[_Call | None]) -> None:
@@ -125,6 +138,7 @@ class PluginRunner:
         self._completed = False
         self._lock = threading.Lock()  # one engine call at a time, whichever thread makes it
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._current = ""  # what feed()'s call is doing now, for its errors
         self._thread = threading.Thread(target=_serve, args=(self._calls,), name=f"plugin {self.name}", daemon=True)
         self._thread.start()
         self._stop = weakref.finalize(self, self._calls.put, None)  # a forgotten runner still ends its thread
@@ -168,10 +182,7 @@ class PluginRunner:
             declared = self.incoming[anchor].schema
             known = self._input_schemas.setdefault((anchor, connection), declared or table.schema)
             if not known.equals(table.schema, check_metadata=False):
-                raise SchemaChanged(
-                    f"plugin {self.name}: input anchor {anchor!r} (connection {connection}) changed schema "
-                    f"mid-stream from ({_brief(known)}) to ({_brief(table.schema)})"
-                )
+                raise self._schema_changed(anchor, connection, known, table.schema)
             if not self.update_only:
                 self._call(
                     f"on_record_batch (anchor {anchor!r}, connection {connection})",
@@ -179,6 +190,60 @@ class PluginRunner:
                     table,
                     Anchor(anchor, connection),
                 )
+
+    def feed(
+        self,
+        anchor: str,
+        batches: Iterable[pa.Table | pa.RecordBatch],
+        *,
+        connection: str = DEFAULT_CONNECTION,
+    ) -> None:
+        """``record_batch`` for each of ``batches`` (pulled on the plugin's thread), then ``incoming_complete``.
+
+        The runner is held until ``batches`` ends: use it for a plugin's only input connection
+        (another connection's calls would wait for this one to end). An exception raised by
+        ``batches`` itself (its input did not convert) propagates as it is and does not fail the
+        runner, as it would not if the caller had iterated.
+
+        Raises:
+            As :meth:`record_batch` and :meth:`incoming_complete`.
+        """
+        with self._lock:
+            self._check_input(anchor, connection)
+            call = _Call(self._feed_here, (anchor, connection, iter(batches)))
+            self._current = f"on_record_batch (anchor {anchor!r}, connection {connection})"
+            self._calls.put(call)
+            timed_out = not self._wait(call)
+            what = self._current
+            if timed_out:
+                self._timed_out(what)
+            if isinstance(call.error, _NotThePlugins):
+                raise call.error.error from None
+            self._settle(call, what)
+
+    def _feed_here(self, anchor: str, connection: str, batches: Iterator[pa.Table | pa.RecordBatch]) -> None:
+        """On the plugin's thread: :meth:`feed`'s loop; the plugin's own exceptions propagate, others are wrapped."""
+        plugin = self._plugin()
+        declared = self.incoming[anchor].schema
+        where = Anchor(anchor, connection)
+        while True:
+            with self.provider.waiting():
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except BaseException as exc:
+                    raise _NotThePlugins(exc) from None
+            table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+            known = self._input_schemas.setdefault((anchor, connection), declared or table.schema)
+            if not known.equals(table.schema, check_metadata=False):
+                raise _NotThePlugins(self._schema_changed(anchor, connection, known, table.schema))
+            if not self.update_only:
+                plugin.on_record_batch(table, where)
+        self._ended.add((anchor, connection))
+        self._current = f"on_incoming_connection_complete (anchor {anchor!r}, connection {connection})"
+        if not self.update_only:
+            plugin.on_incoming_connection_complete(where)
 
     def incoming_complete(self, anchor: str, *, connection: str = DEFAULT_CONNECTION) -> None:
         """Call ``on_incoming_connection_complete``: input ``anchor``'s ``connection`` ended."""
@@ -241,16 +306,28 @@ class PluginRunner:
         if (anchor, connection) in self._ended or self._completed:
             raise PluginError(f"plugin {self.name}: input anchor {anchor!r} (connection {connection}) already ended")
 
+    def _schema_changed(self, anchor: str, connection: str, known: pa.Schema, got: pa.Schema) -> SchemaChanged:
+        return SchemaChanged(
+            f"plugin {self.name}: input anchor {anchor!r} (connection {connection}) changed schema "
+            f"mid-stream from ({_brief(known)}) to ({_brief(got)})"
+        )
+
     def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the plugin's thread under the timeout; turn what goes wrong into a named error."""
         call = _Call(fn, args)
         self._calls.put(call)
         if not self._wait(call):
-            error: PluginError = CallbackTimeout(
-                f"plugin {self.name}: {what} did not return within {self.callback_timeout_s:g} s"
-            )
-            self._fail(error, f"plugin {self.name}: {what} did not return within {self.callback_timeout_s:g} s")
-            raise error
+            self._timed_out(what)
+        return self._settle(call, what)
+
+    def _timed_out(self, what: str) -> None:
+        text = f"plugin {self.name}: {what} did not return within {self.callback_timeout_s:g} s"
+        error = CallbackTimeout(text)
+        self._fail(error, text)
+        raise error
+
+    def _settle(self, call: _Call, what: str) -> Any:
+        """The result of a finished ``call``, or the named error for what went wrong in it."""
         if call.error is not None:
             exc = call.error
             text = "".join(traceback.format_exception(exc)).rstrip()

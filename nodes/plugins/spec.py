@@ -15,9 +15,10 @@ from dpipes.nodes.protocol import PluginInput, PluginOutput
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_SPEC_BYTES", "WorkerSpec"]
+__all__ = ["MAX_SPEC_BYTES", "POOLED_FLAG", "WorkerSpec"]
 
 MAX_SPEC_BYTES: Final = 16 * 1024 * 1024  # the spec on stdin: a stage's config is small; this bounds a bad one
+POOLED_FLAG: Final = "--pooled"  # a worker started ahead of need (dpipes.nodes.worker_pool): named dpipes-ready
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,8 @@ class WorkerSpec:
     outputs: tuple[PluginOutput, ...]
     callback_timeout_s: float | None
     window: int
+    cwd: str  # where the stage runs: a worker started ahead of need enters it (as a forked one starts there)
+    env: dict[str, str]  # the stage's own variables (DPIPES_*), added to the node's environment
 
     @property
     def describe(self) -> str:

@@ -16,8 +16,9 @@ document on stdin (then closed). The worker
    program's output converted at the boundary by :mod:`~dpipes.nodes.plugins.edges` (``csv``,
    ``ndjson``, ``arrow``: an Arrow IPC stream; in an object mode, ``OBJECTS`` batches become
    tables of their objects). Each connection feeds the runner from a thread of its own through a
-   bounded queue, so credit is granted only as the plugin consumes. When every input ended, the
-   runner completes;
+   bounded queue, so credit is granted only as the plugin consumes. An input with no ``src``
+   (an optional anchor that nothing feeds) ends at once: the plugin gets its
+   ``on_incoming_connection_complete`` without data. When every input ended, the runner completes;
 4. sends each outgoing anchor to each of its destinations (``spec.outputs``): ``ARROW`` streams
    to a plugin (zero-copy framing of :mod:`dpipes.bus.arrow`), else the edge's format as
    ``BYTES`` (``OBJECTS`` in an object mode) to a program or the client. Writes wait for credit:
@@ -27,6 +28,10 @@ document on stdin (then closed). The worker
    ended; the reader skips it;
 5. sends the plugin's ``io`` messages as ``PIPES`` messages (one message's JSON per frame, as a
    node sends any stage's) to ``spec.messages_to``.
+
+A node may start a worker before it has a stage for it (``--pooled``, :mod:`dpipes.nodes.worker_pool`):
+it imports what every worker needs, then waits on stdin; the spec's ``cwd`` and ``env`` make it the
+stage's, as they are for a worker forked for the stage.
 
 Exit status (the node reports it as the stage's)
     0: done, every output acknowledged by its reader. ``EXIT_PLUGIN_FAILED`` (1): the plugin
@@ -68,10 +73,12 @@ from dpipes.bus.arrow import ArrowDecoder, ArrowEncoder
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, DpipesError
-from dpipes.nodes.plugins.api import Environment
+from dpipes.nodes.plugins.api import AnchorSpec, Environment
 from dpipes.nodes.plugins.edges import EdgeWriter, open_writer, read_batches
 from dpipes.nodes.plugins.errors import EdgeDecodeError, PluginError, SchemaChanged
-from dpipes.nodes.plugins.spec import MAX_SPEC_BYTES, WorkerSpec
+from dpipes.nodes.plugins.registry import load_plugin
+from dpipes.nodes.plugins.runner import PluginRunner
+from dpipes.nodes.plugins.spec import MAX_SPEC_BYTES, POOLED_FLAG, WorkerSpec
 from dpipes.nodes.plugins.transport import Transport
 from dpipes.nodes.protocol import PluginInput, PluginOutput
 
@@ -97,6 +104,8 @@ FEED_QUEUE_ITEMS: Final = 8  # per input connection: messages read ahead of the 
 SEND_AHEAD_BATCHES: Final = 32  # per output: batches the plugin may write ahead of the loop sending them
 PIPES_BATCH_FRAMES: Final = 256  # io messages sent together in one PIPES message
 OUTPUT_CLOSE_TIMEOUT_S: Final = 60.0  # after the last batch: a reader that acknowledges nothing for this long is gone
+
+_PR_SET_NAME: Final = 15  # <linux/prctl.h>
 
 T = TypeVar("T")
 
@@ -187,8 +196,10 @@ class _Input:
         self.spec = spec
         self.worker = worker
         self.items: queue.Queue[Any] = queue.Queue(maxsize=FEED_QUEUE_ITEMS)
-        self.where = f"input {spec.anchor!r} (from {spec.src})"
+        self.where = f"input {spec.anchor!r} (from {spec.src or 'nothing'})"
         self.stream: InStream | None = None
+        if not spec.src:  # an optional anchor nothing feeds: it ends at once, without data
+            self.items.put_nowait(None)
 
     async def put(self, item: Any) -> None:
         try:
@@ -228,6 +239,9 @@ class _Input:
     def feed(self) -> None:
         """On the connection's thread: convert and hand every batch to the runner, then its end."""
         runner, anchor, connection = self.worker.runner, self.spec.anchor, self.spec.connection
+        if len(self.worker.inputs) == 1:  # the only input: its batches pulled on the plugin's thread
+            runner.feed(anchor, self._batches(), connection=connection)
+            return
         for batch in self._batches():
             runner.record_batch(anchor, batch, connection=connection)
         runner.incoming_complete(anchor, connection=connection)
@@ -508,16 +522,14 @@ class _Worker:
         self.inputs = [_Input(i, self) for i in spec.inputs]
 
     async def run(self, channel: _BusChannel, temp_dir: Path) -> None:
-        from dpipes.nodes.plugins.registry import load_plugin
-        from dpipes.nodes.plugins.runner import PluginRunner
-
         spec = self.spec
         try:
             plugin_class = await asyncio.to_thread(load_plugin, spec.plugin)
         except PluginError as exc:
             raise _Failed(EXIT_NOT_STARTED, str(exc)) from None
         self.transport = _BusTransport(self)
-        incoming = {i.anchor: None for i in spec.inputs}
+        fed = {i.anchor for i in spec.inputs if i.src}
+        incoming = {i.anchor: AnchorSpec(i.anchor, optional=i.anchor not in fed) for i in spec.inputs}
         outgoing = {o.anchor: None for o in spec.outputs}
         environment = Environment(
             pipeline=spec.pipeline, stage=spec.stage, node=spec.node, plugin=spec.plugin, temp_dir=temp_dir
@@ -570,7 +582,7 @@ class _Worker:
 
     async def _accept_all(self) -> None:
         """Match each stream that arrives to its input connection, and pump it."""
-        waiting = list(self.inputs)
+        waiting = [conn for conn in self.inputs if conn.spec.src]
         pumps: list[asyncio.Future[None]] = []
         try:
             while waiting:
@@ -664,6 +676,16 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def _name_process(name: bytes) -> None:
+    """What ``ps -o comm`` shows (Linux ``PR_SET_NAME``): ``dpipes-ready`` idle, ``dpipes-worker`` running a stage."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the name is only a convenience
+        pass
+
+
 def main() -> None:
     """The worker process: the spec from stdin, run, ``os._exit`` with the status (see the module)."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -672,11 +694,24 @@ def main() -> None:
     # their value width; Acero (group-by, joins) then copies only what is misaligned, quietly.
     os.environ.setdefault("ACERO_ALIGNMENT_HANDLING", "reallocate")
     os.dup2(2, 1)  # a plugin's print() goes where its node forwards stderr; stdout carries no data
+    pooled = POOLED_FLAG in sys.argv[1:]
+    if pooled:  # started ahead of need: everything above is imported; wait for a stage
+        _name_process(b"dpipes-ready")
+    data = sys.stdin.buffer.read(MAX_SPEC_BYTES)
+    if pooled and not data:  # the pool or its node closed without using it
+        os._exit(0)
+    _name_process(b"dpipes-worker")
     try:
-        spec = WorkerSpec.from_json(sys.stdin.buffer.read(MAX_SPEC_BYTES))
+        spec = WorkerSpec.from_json(data)
     except (ValueError, TypeError, DpipesError) as exc:
         _say(f"dpipes: plugin worker: bad spec on stdin: {exc}")
         os._exit(EXIT_NOT_STARTED)
+    try:  # a forked worker starts there already; one started ahead of need enters it now
+        os.chdir(spec.cwd)
+    except OSError as exc:
+        _say(_failure_line(spec, f"cannot enter the working directory {spec.cwd}: {exc.strerror}"))
+        os._exit(EXIT_NOT_STARTED)
+    os.environ.update(spec.env)
     code = asyncio.run(_run(spec))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -105,6 +105,19 @@ def test_a_bad_document_names_the_key(change: dict, says: str | None) -> None:
         parse_workflow(doc, stdin=False)
 
 
+def test_an_optional_input_left_unconnected_is_an_input_from_nothing() -> None:
+    doc = {
+        "stages": {"gen": {"plugin": "generate"}, "j": {"plugin": "join", "inputs": ["Left", "Right"]}},
+        "connections": [{"from": "gen", "to": "j.Left"}],
+    }
+    graph = parse_workflow(doc, stdin=False)
+    assert graph.extra_inputs == {1: ("Left", "Right")}
+    inputs, _ = graph.plugin_edges(1, ["n/p.0", "n/p.1"], "n/c", edge_format="csv")
+    assert [(i.anchor, i.connection, i.src) for i in inputs] == [("Left", "#1", "n/p.0"), ("Right", "#1", "")]
+    with pytest.raises(WorkflowError, match=r"stages\.a\.inputs: only a plugin has named input anchors"):
+        parse_workflow({"stages": {"a": {"program": "cat", "inputs": ["In"]}}}, stdin=False)
+
+
 def test_several_unconnected_outputs_ask_which_is_stdout() -> None:
     doc = {"stages": {"a": {"program": "cat"}, "b": {"program": "cat"}}}
     asks = r"say which stage's output is dpipes' stdout \(unconnected outputs: a, b\)"
@@ -213,6 +226,30 @@ async def test_a_join_takes_two_inputs_from_programs_and_from_one_splitter(rt: P
         out = await dpipes(rt, "--node", alpha.host_port, "--workflow", str(flow))
         assert out.code == 0, out.stderr
         assert out.stdout.decode().split() == ["101"]  # every row once: a header and 100 rows
+
+
+async def test_an_optional_input_that_nothing_feeds_still_completes_in_the_plugin(rt: Path) -> None:
+    flow = rt.parent / "optional.yaml"
+    flow.write_text(
+        textwrap.dedent("""\
+            stages:
+              gen: {plugin: generate, config: {rows: 7, batch_rows: 3}}
+              tally: {plugin: tally, node: beta, inputs: [Left, Right]}
+            connections:
+              - {from: gen, to: tally.Left}
+            """)
+    )
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        out = await dpipes(rt, "--node", alpha.host_port, "--workflow", str(flow))
+        assert out.code == 0, out.stderr
+        ended = list(csv.DictReader(io.StringIO(out.stdout.decode())))
+        assert ended == [
+            {"anchor": "Left", "rows": "7", "optional": "false"},
+            {"anchor": "Right", "rows": "0", "optional": "true"},
+        ] or ended == [
+            {"anchor": "Right", "rows": "0", "optional": "true"},
+            {"anchor": "Left", "rows": "7", "optional": "false"},
+        ]
 
 
 async def test_a_workflow_fails_and_cancels_like_a_pipeline(rt: Path) -> None:

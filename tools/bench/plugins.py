@@ -12,6 +12,10 @@
   (``%bench_source | %bench_pass | %bench_sink``, one daemon), against the same batches written
   by one Python process to another through a Unix pipe as an Arrow IPC stream. Batches/s, start
   included on both sides.
+* ``plugins.stage_starts_per_s``: whole runs of ``cat /dev/null | %bench_sink`` per second on a
+  node that keeps plugin workers started ahead of need (``[limits] plugin_workers_ready``, the
+  default), against the same on a node that forks each stage's worker (``plugin_workers_ready =
+  0``), runs interleaved: what the pool saves a short plugin stage.
 
 The three plugins are the suite's own (written with a ``dpipes.plugins`` entry point into a
 temporary directory the daemons import from), so the suite needs nothing installed but dpipes.
@@ -303,4 +307,31 @@ def plugins_benchmarks(
                     baseline_delivered=(their_got, batches * BATCH_ROWS * repeat),
                 )
             )
+            no_pool = Path(tmp) / "no-pool.toml"
+            no_pool.write_text("[limits]\nplugin_workers_ready = 0\n")
+            forking_env = dict(env, DPIPES_CONFIG_PATHS=str(no_pool))
+            with local_daemons(["bench-fork"], runtime, env=forking_env) as (fork,):
+                ours, theirs, got, their_got = [], [], 0, 0
+                for i in range(repeat + 1):  # the first of each: the pool fills after a plugin stage ran
+                    seconds, out = _run([*dpipes, "--node", a, "--arrow", "cat /dev/null | %bench_sink@bench-a"], env)
+                    fork_seconds, fork_out = _run(
+                        [*dpipes, "--node", fork, "--arrow", "cat /dev/null | %bench_sink@bench-fork"], env
+                    )
+                    if i:
+                        ours.append(1 / seconds)
+                        theirs.append(1 / fork_seconds)
+                        got += out != b""
+                        their_got += fork_out != b""
+                    progress(".")
+                results.append(
+                    result(
+                        "plugins.stage_starts_per_s",
+                        "runs/s",
+                        ours,
+                        "the same, each worker forked (plugin_workers_ready = 0)",
+                        theirs,
+                        delivered=(got, repeat),
+                        baseline_delivered=(their_got, repeat),
+                    )
+                )
     return results

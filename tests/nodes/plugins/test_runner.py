@@ -386,3 +386,97 @@ def test_time_blocked_in_the_transport_does_not_count_against_the_timeout() -> N
         runner.run({"Input": [table(1, 2)]})
     assert runner.flow_control_extensions > 0
     assert transport.table("Output").num_rows == 2
+
+
+def make_runner(plugin: type, *, timeout_s: float | None = None) -> tuple[PluginRunner, MemoryTransport]:
+    transport = MemoryTransport()
+    env = Environment(pipeline="p", stage=0, node="alpha", plugin="rec", temp_dir=Path("."))
+    runner = PluginRunner(
+        plugin,
+        incoming=["Input"],
+        outgoing=["Output"],
+        environment=env,
+        transport=transport,
+        channel=MemoryMessageChannel(),
+        callback_timeout_s=timeout_s,
+    )
+    return runner, transport
+
+
+def test_feed_makes_the_calls_record_batch_would_in_one_hand_over() -> None:
+    fed, _ = make_runner(Recorder)
+    one_by_one, _ = make_runner(Recorder)
+    batches = [table(1, 2), table(3).to_batches()[0], table()]
+    with fed, one_by_one:
+        fed.start()
+        fed.feed("Input", iter(batches), connection="#2")
+        one_by_one.start()
+        for batch in batches:
+            one_by_one.record_batch("Input", batch, connection="#2")
+        one_by_one.incoming_complete("Input", connection="#2")
+        assert fed.plugin.calls == one_by_one.plugin.calls
+        assert fed.plugin.calls[-1] == ("end", Anchor("Input", "#2"))
+        with pytest.raises(PluginError, match="already ended"):
+            fed.record_batch("Input", table(4), connection="#2")
+        fed.complete()
+
+
+def test_feed_names_what_went_wrong_and_whose_fault_it_was() -> None:
+    def broken_input() -> Any:
+        yield table(1)
+        raise ValueError("the input did not convert")
+
+    runner, _ = make_runner(Recorder)
+    with runner:
+        runner.start()
+        with pytest.raises(ValueError, match="the input did not convert"):
+            runner.feed("Input", broken_input())
+        assert runner.failure is None  # the input's fault, not the plugin's
+
+    runner, _ = make_runner(Recorder)
+    with runner:
+        runner.start()
+        with pytest.raises(SchemaChanged, match="changed schema mid-stream"):
+            runner.feed("Input", [table(1), pa.table({"n": ["one"]})])
+        assert runner.failure is None
+
+    class Raises(Recorder):
+        def on_incoming_connection_complete(self, anchor: Anchor) -> None:
+            raise ZeroDivisionError("its own bug")
+
+    runner, _ = make_runner(Raises)
+    with runner:
+        runner.start()
+        with pytest.raises(CallbackFailed, match=r"on_incoming_connection_complete .* raised ZeroDivisionError"):
+            runner.feed("Input", [table(1)])
+        assert isinstance(runner.failure, CallbackFailed)
+
+
+def test_feed_bounds_the_plugins_own_time_not_the_wait_for_input() -> None:
+    release = threading.Event()
+    runner: PluginRunner
+
+    def slow_input() -> Any:
+        deadline = time.monotonic() + BLOCK_GUARD_S
+        # the next batch comes only once the callback's deadline has passed while we waited for it
+        while runner.flow_control_extensions == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling a condition under a deadline
+        yield table(1)
+        yield table(2)  # this one hangs
+
+    class HangsOnTheSecond(Recorder):
+        def on_record_batch(self, batch: pa.Table, anchor: Anchor) -> None:
+            super().on_record_batch(batch, anchor)
+            if len(self.calls) == 2:
+                release.wait()
+
+    runner, _ = make_runner(HangsOnTheSecond, timeout_s=1.0)
+    try:
+        with runner:
+            runner.start()
+            with pytest.raises(CallbackTimeout, match=r"on_record_batch .* did not return within 1 s"):
+                runner.feed("Input", slow_input())
+            assert runner.flow_control_extensions > 0  # the wait for input moved the deadline
+            assert [c[2] for c in runner.plugin.calls] == [1, 1]
+    finally:
+        release.set()

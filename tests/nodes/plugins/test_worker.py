@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dpipes.nodes.plugins.spec import POOLED_FLAG
 from tests.nodes.daemons import daemons, dpipes, start_dpipes
 from tests.nodes.plugins.workers import install_plugins
 from tests.procs import children_of
@@ -34,16 +35,23 @@ def rows(data: bytes) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(data.decode())))
 
 
-def workers_of(pid: int) -> list[int]:
-    """The plugin workers among a daemon's children."""
+def workers_of(pid: int, *, idle: bool = False) -> list[int]:
+    """The plugin workers among a daemon's children that run a stage (``idle``: those started
+    ahead of need and waiting for one, named ``dpipes-ready``)."""
     found = []
     for child in children_of(pid):
         try:
             with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"dpipes.nodes.plugins.worker" in f.read():
-                    found.append(child)
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{child}/comm", "rb") as f:
+                comm = f.read().strip()
         except OSError:
-            pass
+            continue
+        if b"dpipes.nodes.plugins.worker" not in argv:
+            continue
+        waiting = POOLED_FLAG.encode() in argv and comm != b"dpipes-worker"
+        if waiting == idle:
+            found.append(child)
     return found
 
 
@@ -112,29 +120,34 @@ async def test_dpipes_nodes_lists_plugins_and_placement_uses_them(rt: Path) -> N
 
 
 async def test_missing_entry_point_is_refused_before_anything_starts(rt: Path) -> None:
-    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
         out = await dpipes(rt, "--node", alpha.host_port, "seq 3 | %nosuch@beta")
         assert out.code != 0
         assert "stage 1 (%nosuch@beta)" in out.stderr and "plugin 'nosuch' is not installed on node beta" in out.stderr
+        assert out.stdout == b"" and workers_of(beta.proc.pid) == [] and beta.children() == []
 
 
 async def test_csv_that_does_not_parse_names_stage_node_plugin_and_line(rt: Path) -> None:
     bad = b"a,b\n1,2\n3,4,5\n"
-    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
         out = await dpipes(rt, "--node", alpha.host_port, "cat | %filter@beta expr='a > 0' | cat", input=bad)
         assert out.code != 0
         assert "stage 1 (%filter@beta)" in out.stderr and "plugin filter" in out.stderr
         assert "CSV does not parse: line 3 has 3 fields" in out.stderr
+        assert out.stdout == b""  # not the rows before the bad line, passed off as the whole
+        assert workers_of(beta.proc.pid) == []
 
 
 async def test_an_input_whose_types_change_mid_stream_is_named_not_passed_on(rt: Path) -> None:
     # The first block (1 MiB) fixes the column as integers; a later row is text.
     data = b"n\n" + b"12345\n" * 300_000 + b"twelve\n"
-    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
         out = await dpipes(rt, "--node", alpha.host_port, "cat | %passthrough@beta | wc -l", input=data)
         assert out.code != 0
         assert "stage 1 (%passthrough@beta): plugin passthrough: input 'Input'" in out.stderr
         assert "CSV does not parse: after" in out.stderr
+        assert out.stdout == b""  # wc never saw an end of input: the run was cancelled, not completed
+        assert workers_of(beta.proc.pid) == []
 
 
 @pytest.mark.parametrize(
@@ -175,7 +188,7 @@ async def test_a_worker_killed_with_sigkill_fails_the_run_and_leaves_nothing(rt:
         os.kill(await asyncio.wait_for(worker(), WAIT_S), signal.SIGKILL)
         _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
         assert proc.returncode != 0
-        assert "plugin stuck worker killed by SIGKILL" in err.decode()
+        assert "stage 1 %stuck@beta: killed by SIGKILL (plugin stuck worker killed by SIGKILL" in err.decode()
         assert workers_of(beta.proc.pid) == []
 
 

@@ -1,4 +1,4 @@
-"""Plugins installed for daemons under test: the examples and a few broken ones, as pip would install them."""
+"""Plugins installed for daemons under test: the examples, a few broken ones and a tally, as pip would install them."""
 
 from __future__ import annotations
 
@@ -45,6 +45,34 @@ class Shifty(Plugin):
     def on_complete(self):
         pass
 
+class Tally(Plugin):
+    \"\"\"Writes, at the end, each input connection that completed: its anchor and the rows it got.\"\"\"
+    def __init__(self, provider):
+        super().__init__(provider)
+        self.rows = {}
+        self.ended = []
+    def on_record_batch(self, batch, anchor):
+        self.rows[anchor] = self.rows.get(anchor, 0) + batch.num_rows
+    def on_incoming_connection_complete(self, anchor):
+        optional = self.provider.incoming_anchors[anchor.name].optional
+        self.ended.append((anchor.name, self.rows.get(anchor, 0), optional))
+    def on_complete(self):
+        names, rows, optional = zip(*self.ended) if self.ended else ((), (), ())
+        table = pa.table({"anchor": list(names), "rows": list(rows), "optional": list(optional)})
+        self.provider.write_to_anchor("Output", table)
+
+class Where(Plugin):
+    \"\"\"An input plugin that writes where it runs: its pid, working directory and stage variables.\"\"\"
+    def on_record_batch(self, batch, anchor):
+        pass
+    def on_incoming_connection_complete(self, anchor):
+        pass
+    def on_complete(self):
+        import os
+        row = {"pid": os.getpid(), "cwd": os.getcwd(), "pwd": os.environ.get("PWD", "")}
+        row.update({k: os.environ.get(k, "") for k in ("DPIPES_PIPELINE", "DPIPES_STAGE", "DPIPES_NODE")})
+        self.provider.write_to_anchor("Output", pa.table({k: [v] for k, v in row.items()}))
+
 class Raises(Plugin):
     def on_record_batch(self, batch, anchor):
         raise ZeroDivisionError("the plugin's own bug")
@@ -76,6 +104,8 @@ def install_plugins(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             astray = ptest_broken_plugins:Astray
             shifty = ptest_broken_plugins:Shifty
             raises = ptest_broken_plugins:Raises
+            tally = ptest_broken_plugins:Tally
+            where = ptest_broken_plugins:Where
             """)
     )
     monkeypatch.setenv("PYTHONPATH", f"{root}:{EXAMPLES}")

@@ -1,0 +1,135 @@
+"""Plugin workers started ahead of need: a plugin stage takes one that has already imported pyarrow.
+
+A plugin worker spends most of its start (0.3-0.8 s, more on a busy host) importing pyarrow, pyzmq
+and the bus before it reads its spec. A :class:`WorkerPool` keeps up to ``size`` workers that have
+done that and wait, blocked on their stdin, for a spec (:mod:`dpipes.nodes.plugins.worker`: the
+spec carries the stage's working directory and environment, so one worker fits any stage). The
+rules:
+
+- *Bounded*: at most ``size`` idle workers (``[limits] plugin_workers_ready``; 0: none, every
+  plugin stage forks its own worker as before).
+- *Filled on use*: an idle node pays nothing. The pool starts filling when a plugin stage has run
+  here (its worker forked or taken), and starts each replacement once the stage that used a
+  worker has ended, so a replacement never competes with the run it replaces for the CPU.
+- *Used once*: a worker runs one stage and exits; the pool never hands out a worker twice, so no
+  state of one run (a plugin's module globals, its threads) reaches another.
+- *Never orphaned*: each worker is started by the node's :class:`~dpipes.nodes.supervisor.Supervisor`
+  (own process group, ``PR_SET_PDEATHSIG``), which terminates idle ones with the rest on
+  ``aclose()``; an idle worker whose node vanished reads the end of its stdin and exits. A worker
+  found dead when taken is reaped and the next one taken.
+- *Off* for ``dpipesd --exit`` and for the node ``dpipes`` embeds for one command (the node says
+  so with ``size=0``): neither would run a second plugin stage.
+
+Idle workers are started as ``... worker --pooled`` and are named ``dpipes-ready`` in ``ps -o comm``;
+a worker running a stage is named ``dpipes-worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+from dpipes.bus.errors import StageError
+from dpipes.nodes.plugins.spec import POOLED_FLAG
+from dpipes.nodes.supervisor import StageProcess, Supervisor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["POOLED_FLAG", "WorkerPool"]
+
+
+class WorkerPool:
+    """Up to ``size`` plugin workers started ahead of need (see the module docstring).
+
+    Args:
+        supervisor: the node's supervisor, which starts, tracks and terminates every worker.
+        argv: the worker's command (``WORKER_ARGV``); the pool adds ``POOLED_FLAG``.
+        env: the workers' environment: the node's own; the spec adds each stage's.
+        size: the most idle workers kept; 0 turns the pool off.
+        node: this node's name, for the log.
+    """
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        argv: tuple[str, ...],
+        *,
+        env: Mapping[str, str],
+        size: int,
+        node: str,
+    ) -> None:
+        self.supervisor = supervisor
+        self.argv = (*argv, POOLED_FLAG)
+        self.env = dict(env)
+        self.size = max(0, size)
+        self.node = node
+        self._idle: list[StageProcess] = []
+        self._starting = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self.taken = 0  # workers handed to a stage (a figure for tests and the log)
+
+    @property
+    def idle(self) -> int:
+        """Workers ready now."""
+        return len(self._idle)
+
+    def take(self) -> StageProcess | None:
+        """A ready worker for a stage, or None (the caller forks one). Call :meth:`used` with the stage's worker."""
+        while self._idle:
+            proc = self._idle.pop()
+            if proc.status is None:
+                self.taken += 1
+                return proc
+            log.info("node %s: an idle plugin worker had ended (%s)", self.node, proc.status)
+            self._spawn(proc.terminate())  # reaps it and sweeps its group
+        return None
+
+    def used(self, proc: StageProcess) -> None:
+        """A plugin stage runs in ``proc``: once it has ended, fill the pool up to ``size``, one at a time."""
+        if self.size and not self._closed:
+            self._spawn(self._fill_after(proc))
+
+    async def _fill_after(self, proc: StageProcess) -> None:
+        await proc.wait()
+        while not self._closed and len(self._idle) + self._starting < self.size:
+            if not await self._fill_one():
+                return
+
+    async def _fill_one(self) -> bool:
+        """Start one idle worker; whether it started."""
+        self._starting += 1
+        try:
+            proc = await self.supervisor.start(self.argv, env=self.env, forward_stderr=True, stdout_fd=_devnull())
+        except StageError as exc:  # the node is stopping, or the interpreter cannot start
+            log.info("node %s: no plugin worker started ahead: %s", self.node, exc)
+            return False
+        finally:
+            self._starting -= 1
+        if self._closed:
+            await proc.terminate()
+            return False
+        self._idle.append(proc)  # its stderr is read once a stage takes it: an idle worker says nothing
+        return True
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        """Stop filling and terminate the idle workers (the supervisor ends the busy ones with their stages)."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(proc.terminate() for proc in idle), return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _devnull() -> int:
+    """A worker's stdout: its data goes on the bus."""
+    return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
