@@ -67,9 +67,11 @@ ATTACH_TIMEOUT_S = 5.0  # a live local hub answers ATTACH at once (the bus clien
 LOCAL_PROBE_TIMEOUT_S = 1.0  # a live local daemon accepts a connection at once
 GRANT_BYTES = INITIAL_CREDIT_BYTES // 4  # credit goes back once a quarter of the window was taken
 MAX_EARLY_REPORTS = 4096  # reports kept while `run` is unanswered (one per stage, and a failed)
+MAX_EARLY_MESSAGES = 65536  # stream messages kept meanwhile (each stream's are bounded by its credit)
 LINGER_MS = 2000  # on close: let our last REPLYs, CREDITs and EOF_ACKs reach the hub
 
 _DATA_KINDS = frozenset({"BYTES", "STDERR", "PIPES", "OBJECTS", "ARROW"})
+_STREAM_KINDS = _DATA_KINDS | {"BATCH", "EOF", "CANCEL"}
 
 
 def find_local_daemon() -> str | None:
@@ -367,6 +369,7 @@ class _Run:
         self.stages: list[StageResult] = []
         self.last_addr = ""
         self.early: list[tuple[str, dict[str, Any]]] = []
+        self.early_messages: list[tuple[dict[str, Any], list[zmq.Frame]]] = []
         self.error = ""
         self.refused_before = ""  # the run was refused or never answered: RunFailed with this
         self.refused_code = ""
@@ -488,6 +491,14 @@ class _Run:
 
     def _on_message(self, h: dict[str, Any], payload: list[zmq.Frame]) -> None:
         kind = h["kind"]
+        if not self.pipeline and kind in _STREAM_KINDS:
+            # Stages start before `run` is answered: whose stream this is (the last stage's stdout,
+            # or not) is known from the reply. Kept until then, each stream bounded by its credit.
+            if len(self.early_messages) < MAX_EARLY_MESSAGES:
+                self.early_messages.append((h, payload))
+            else:
+                log.warning("dropped a %s from %s that came before the run reply: too many", kind, h["src"])
+            return
         if kind == "REPLY":
             if h["seq"] == self.run_seq and not self.pipeline:
                 self._on_run_reply(h)
@@ -549,6 +560,9 @@ class _Run:
             addr = stages[0].get("addr")
             if isinstance(addr, str):
                 self.feeding, self.feed_sid, self.feed_addr = True, self._id(), addr
+        for h_early, payload in self.early_messages:  # stages' streams that came before this reply
+            self._on_message(h_early, payload)
+        self.early_messages.clear()
         for method, early in self.early:  # reports that came before this reply (protocol, step 3)
             self._take_report(method, early)
         self.early.clear()

@@ -563,9 +563,11 @@ def _short_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     its exit code; None when the run needs the full path (or no daemon runs here).
 
     The node parses the pipeline: a syntax error comes back coded and reads as the one found here.
+    ``DPIPES_SHORT_PATH=0`` in the environment takes the full path always (to compare the two).
     """
     if (
-        (args.entry and not args.entry.startswith("ipc://"))
+        os.environ.get("DPIPES_SHORT_PATH") == "0"
+        or (args.entry and not args.entry.startswith("ipc://"))
         or args.mode not in (None, "bytes")
         or args.verbose
         or args.tag
