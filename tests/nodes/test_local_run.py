@@ -126,7 +126,7 @@ async def test_ctrl_c_cancels_every_stage_and_exits_130(rt: Path) -> None:
         )  # fmt: skip
         await until(lambda: alpha.children() and beta.children())
         proc.send_signal(signal.SIGINT)
-        out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+        _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
         await until(lambda: not alpha.children() and not beta.children())
     assert proc.returncode == 130, err
     assert b"cancelled: interrupted by the user (Ctrl-C)" in err
