@@ -39,6 +39,8 @@ the entry node (which coordinates the run):
   started inside this command for its duration (so dpipes works with nothing else running).
   A --node that cannot be reached fails at once, saying why (cannot resolve, connection refused,
   no reply); a local dpipesd that crashed is named on stderr before the embedded node runs.
+  A plain bytes-mode run on this host's dpipesd takes a short path that starts faster (no
+  asyncio); DPIPES_SHORT_PATH=0 in the environment takes the full one (same results).
 
 working directory:
   A stage on this host starts in this command's working directory, as in a shell (when the
