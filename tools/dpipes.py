@@ -503,7 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.pipeline or not args.pipeline.strip():
             parser.error("give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
-        if (code := _short_run(args, parser)) is not None:
+        try:
+            code = _short_run(args, parser)
+        except KeyboardInterrupt:  # before the run installed its own Ctrl-C handling
+            return 130
+        if code is not None:
             return code
         from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
 
