@@ -118,6 +118,24 @@ async def test_a_closed_reader_stops_a_last_stage_elsewhere(rt: Path) -> None:
     assert b"stage 0 yes@beta: " in err
 
 
+async def test_a_reader_slower_than_the_hubs_patience_loses_nothing(rt: Path, tmp_path: Path) -> None:
+    """Our stdout blocks longer than CLIENT_TIMEOUT_S: the heartbeats go on meanwhile (the writes
+    wait in a thread), so the hub keeps us and every byte arrives."""
+    from dpipes.bus.codec import CLIENT_TIMEOUT_S
+
+    source = tmp_path / "in.bin"
+    source.write_bytes(os.urandom(3 << 20))  # past the first credit window and the pipe's buffer
+    stall_s = CLIENT_TIMEOUT_S + 2  # the scenario: a reader that does not read for that long
+    async with daemons(rt, ["alpha", "beta"]):
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-o", "pipefail", "-c",  # dpipes' own exit status counts too
+            f"{sys.executable} -m dpipes.tools.dpipes 'cat@beta' < {source} | (sleep {stall_s}; wc -c)",
+            env=environment(rt), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), WAIT_S + stall_s)
+    assert (proc.returncode, out.strip()) == (0, str(3 << 20).encode()), err
+
+
 async def test_ctrl_c_cancels_every_stage_and_exits_130(rt: Path) -> None:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
         proc = await asyncio.create_subprocess_exec(
