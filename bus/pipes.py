@@ -103,7 +103,6 @@ import json
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -245,6 +244,8 @@ def decode_bootstrap(
 
 def load_pipes_schema() -> dict[str, Any]:
     """The JSON schema (draft 2020-12) of a protocol 0.1 message, as shipped with this module."""
+    from importlib import resources  # here: every client imports this module, few read the schema
+
     text = resources.files(__package__ or "dpipes.bus").joinpath(_SCHEMA_FILE).read_text("utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema

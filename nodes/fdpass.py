@@ -15,15 +15,16 @@ and closed; a client whose hand-over failed simply gets its data over the bus, a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
-import secrets
 import socket
 import struct
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def hand_over(ipc_endpoint: str, fds: dict[str, int]) -> str | None:
     path = drop_path(ipc_endpoint)
     if not fds or not os.path.exists(path):
         return None
-    token = secrets.token_hex(16)
+    token = os.urandom(16).hex()  # what secrets.token_hex does, without importing hashlib and random
     names = [name for name in NAMES if name in fds]
     data = json.dumps({"token": token, "names": names}).encode() + b"\n"
     try:
@@ -77,6 +78,8 @@ class FdDrop:
 
     def start(self) -> None:
         """Listen at :attr:`path` (replacing a stale socket file); on the running loop."""
+        import asyncio  # here, not at the top: a client that only hands over must not pay for it
+
         self._loop = asyncio.get_running_loop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -110,6 +113,8 @@ class FdDrop:
         """The descriptors handed over under ``token`` (by name), now the caller's to close; ``{}``
         if none arrive within ``timeout``."""
         if token not in self._kept and self._sock is not None:
+            import asyncio
+
             assert self._loop is not None
             waiter = self._waiters.setdefault(token, self._loop.create_future())
             with contextlib.suppress(TimeoutError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import gc
 import json
@@ -40,6 +39,8 @@ the entry node (which coordinates the run):
   started inside this command for its duration (so dpipes works with nothing else running).
   A --node that cannot be reached fails at once, saying why (cannot resolve, connection refused,
   no reply); a local dpipesd that crashed is named on stderr before the embedded node runs.
+  A plain bytes-mode run on this host's dpipesd takes a short path that starts faster (no
+  asyncio); DPIPES_SHORT_PATH=0 in the environment takes the full one (same results).
 
 working directory:
   A stage on this host starts in this command's working directory, as in a shell (when the
@@ -480,11 +481,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpipes: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.nodes:
+        import asyncio
+
         try:
             return asyncio.run(_nodes(args))
         except DpipesError as exc:
             print(f"dpipes: {exc}", file=sys.stderr)
             return EXIT_FAILED
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
     args.workflow_doc = {}
     if args.workflow:
         if args.pipeline:
@@ -498,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.pipeline or not args.pipeline.strip():
             parser.error("give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
+        try:
+            code = _short_run(args, parser)
+        except KeyboardInterrupt:  # before the run installed its own Ctrl-C handling
+            return 130
+        if code is not None:
+            return code
         from dpipes.nodes.pipeline import PipelineSyntaxError, parse_pipeline
 
         try:  # the parser is pure: a malformed pipeline is refused here, before any node is contacted
@@ -505,11 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         except PipelineSyntaxError as exc:
             print(f"dpipes: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
     if args.mode is None:
         args.mode = "bytes"
     args.pipes = _pipes_options(args, parser, count)
+    import asyncio
+
     try:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:
@@ -553,8 +564,55 @@ def _entry_endpoint(args: argparse.Namespace) -> str | None:
         raise EntryAddressError(f"{source} {given!r}: {exc}") from None
 
 
+def _short_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int | None:
+    """A plain bytes run on this host's daemon, on the short path (:mod:`dpipes.nodes.local_run`):
+    its exit code; None when the run needs the full path (or no daemon runs here).
+
+    The node parses the pipeline: a syntax error comes back coded and reads as the one found here.
+    ``DPIPES_SHORT_PATH=0`` in the environment takes the full path always (to compare the two).
+    """
+    if (
+        os.environ.get("DPIPES_SHORT_PATH") == "0"
+        or (args.entry and not args.entry.startswith("ipc://"))
+        or args.mode not in (None, "bytes")
+        or args.verbose
+        or args.tag
+        or args.pipes_json
+        or args.extra
+        or args.asset
+        or args.partition
+        or args.pipes_context
+        or args.pipes_messages
+        or args.pipes_stdio
+        or (_stderr_is_terminal() if args.progress is None else args.progress)
+    ):
+        return None
+    from dpipes.nodes.local_run import run_local
+    from dpipes.nodes.results import RunFailed
+
+    gc.freeze()  # what the imports made lives until exit: keep the collector's full passes short
+    try:
+        result = run_local(
+            args.pipeline,
+            stdin=_stdin_attached(),
+            pipefail=args.pipefail,
+            workdir=args.cwd,
+            pipes=_pipes_options(args, parser, 0),  # no Pipes flags: the defaults, for every stage
+            require=tuple(args.require),
+            entry=args.entry,
+        )
+    except RunFailed as exc:
+        print(f"dpipes: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.code == "syntax" else EXIT_FAILED
+    if result is None:
+        return None
+    return _report(args, result)
+
+
 async def _entry_and_run(args: argparse.Namespace, work: Any) -> Any:
     """Call ``work(entry)`` with the entry node: --node, $DPIPES_NODE, the local daemon, or embedded."""
+    import asyncio
+
     from dpipes.nodes import run
 
     if args.entry:
@@ -623,10 +681,17 @@ async def _run(args: argparse.Namespace) -> int:
 
         view = ProgressView.on(sys.stderr)
     result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options, progress=view))
+    return _report(args, result)
+
+
+def _report(args: argparse.Namespace, result: Any) -> int:
+    """Print what a run came to (joblog, error, status lines, Pipes summaries); its exit code."""
+    from dpipes.nodes.results import format_joblog
+
     if args.joblog:
         try:
-            with open(args.joblog, "w", encoding="utf-8") as log_file:  # noqa: ASYNC230 (once, at the end)
-                log_file.write(run.format_joblog(result.stages))
+            with open(args.joblog, "w", encoding="utf-8") as log_file:
+                log_file.write(format_joblog(result.stages))
         except OSError as exc:
             print(f"dpipes: cannot write the joblog {args.joblog}: {exc.strerror or exc}", file=sys.stderr)
     if result.error:

@@ -128,8 +128,10 @@ async def dpipes(
     stdout_file: str | None = None,
     timeout: float = RUN_TIMEOUT_S,
     cwd: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Completed:
-    """Run the real ``dpipes`` command (in ``cwd``, default ours) and wait for it."""
+    """Run the real ``dpipes`` command (in ``cwd``, default ours; ``env`` added to its environment)
+    and wait for it."""
     stdin: int | None = asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL
     opened = []
     if stdin_file is not None:
@@ -145,7 +147,7 @@ async def dpipes(
             "-m",
             "dpipes.tools.dpipes",
             *args,
-            env=environment(runtime_dir),
+            env={**environment(runtime_dir), **(env or {})},
             stdin=stdin,
             stdout=stdout,
             stderr=asyncio.subprocess.PIPE,

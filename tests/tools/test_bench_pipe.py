@@ -28,6 +28,7 @@ def test_quick_pipe_suite_measures_every_figure_against_its_baseline() -> None:
         "pipe.one_node_throughput_64MiB",
         "pipe.start_to_finish",
         "pipe.python_floor",
+        "pipe.start_full_path",
         "pipe.added_start_to_finish",
     ]
     for row in table:

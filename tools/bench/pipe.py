@@ -9,7 +9,8 @@
 * ``pipe.start_to_finish``: wall time of ``dpipes 'echo x | cat'`` against a running daemon,
   against ``sh -c 'echo x | cat'``; also reported as the time dpipes adds, and beside
   ``python -c pass`` (``pipe.python_floor``), the interpreter's own start that no Python client
-  can go below.
+  can go below, and beside the same command on the full client path (``pipe.start_full_path``:
+  ``DPIPES_SHORT_PATH=0``, asyncio and the bus client, as every run took before the short path).
 
 Commands run as an installed package runs them: with their byte code cached. The benchmark removes
 ``PYTHONDONTWRITEBYTECODE`` from their environment (a warm-up run writes the cache of a source
@@ -118,18 +119,24 @@ def pipe_benchmarks(
                     f"pipe.one_node_throughput_{size >> 20}MiB", "MB/s", local, "sh -c 'cat FILE | cat | cat'", theirs
                 )
             )
-            walls, shells, floors = [], [], []
+            walls, shells, floors, fulls = [], [], [], []
+            full_env = dict(env, DPIPES_SHORT_PATH="0")
             _timed([*dpipes, "echo x | cat"], env)  # warm up: the byte code cache
+            _timed([*dpipes, "echo x | cat"], full_env)
             for _ in range(repeat * 2):
                 shells.append(_timed(["sh", "-c", "echo x | cat"]) * 1000)
                 floors.append(_timed([sys.executable, "-c", "pass"], env) * 1000)
                 walls.append(_timed([*dpipes, "echo x | cat"], env) * 1000)  # the local daemon
+                fulls.append(_timed([*dpipes, "echo x | cat"], full_env) * 1000)
                 progress(".")
             results.append(
                 result("pipe.start_to_finish", "ms", walls, "sh -c 'echo x | cat'", shells, higher_is_better=False)
             )
             results.append(
                 result("pipe.python_floor", "ms", walls, "python -c pass", floors, higher_is_better=False)
+            )
+            results.append(
+                result("pipe.start_full_path", "ms", walls, "DPIPES_SHORT_PATH=0", fulls, higher_is_better=False)
             )
             added = [w - s for w, s in zip(walls, shells, strict=True)]
             results.append(against_target("pipe.added_start_to_finish", "ms", added, ADDED_TARGET_MS))

@@ -1,0 +1,852 @@
+"""A run on this host's daemon, without asyncio: the short path of the ``dpipes`` command.
+
+``dpipes 'echo x | cat'`` against a running daemon used to spend most of its time importing what
+the run never used: asyncio, the bus client and its codec classes, the typed control protocol.
+:func:`run_local` does the same run with blocking sockets and msgpack, and with nothing of
+dpipes but what a run on this host needs:
+
+* the daemon's ``ipc://`` socket in the runtime directory (:mod:`dpipes.nodes.paths`), and its
+  descriptor drop (:mod:`dpipes.nodes.fdpass`), which hands our stdin and stdout to the stages
+  that run there, so that their bytes never pass through us;
+* the bus (the spec of :mod:`dpipes.bus.codec`: ``ATTACH``, ``PING``, ``REQUEST``/``REPLY``,
+  streams under credit, ``BATCH``) and the control protocol's ``run``, ``cancel`` and reports
+  (the spec of :mod:`dpipes.nodes.protocol`), spoken from their docstrings as the minimal client
+  of ``examples/`` does; the constants below are theirs, and a test holds them equal;
+* ZeroMQ's own wire, ZMTP, to the hub's ROUTER over its Unix socket (:mod:`dpipes.bus.zmtp`):
+  importing pyzmq alone cost about as much as everything else the client does;
+* what a run comes to, :mod:`dpipes.nodes.results`, shared with the full path, so that exit
+  codes, each stage's status and the messages a user reads are the same.
+
+It takes a run in bytes mode with no live view and no Pipes JSON file; :func:`run_local` returns
+None, having sent nothing, when no daemon answers on this host, and the caller then uses
+:func:`dpipes.nodes.run.run_pipeline` (which also starts an embedded node or says why the local
+daemon is gone). What the run may still need in flight (stdin fed over the bus when the first
+stage is on another node, stdout read from the bus when the last is, stderr, Pipes messages,
+Ctrl-C) it does in one loop over one ``poll``: the hub's socket, our stdin when it may be fed,
+and a wake-up pipe for signals and for the writer threads of output that may block (a pipe
+or socket), so that a slow reader of our stdout never stops our heartbeats.
+
+Hostile input: a header frame over ``MAX_HEADER_BYTES``, not msgpack, or without the common keys
+of their types is dropped and counted (logged once per run); a report whose body is not of its
+method's shape is answered ``bad-request``; a ``BATCH`` whose sizes do not add up is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from dpipes.bus.zmtp import Connection, ZmtpError
+from dpipes.nodes.results import EXIT_DPIPES_FAILED, EXIT_INTERRUPTED, RunFailed, RunResult, StageResult, exit_code_of
+
+log = logging.getLogger(__name__)
+
+# The bus's constants (dpipes.bus.codec; tests/nodes/test_local_run.py holds them equal).
+PROTOCOL_VERSION = 2
+MAX_HEADER_BYTES = 64 * 1024
+MAX_FRAME_BYTES = 64 * 1024 * 1024 + 1024
+MAX_BATCH_MESSAGES = 4096
+INITIAL_CREDIT_BYTES = 8 * 1024 * 1024
+MESSAGE_CREDIT_BYTES = 256
+HEARTBEAT_INTERVAL_S = 0.5  # we PING the hub this often, as every attached client must
+PEER_TIMEOUT_S = 3.0  # a hub silent this long is gone (it answers each PING with PONG)
+# The control protocol's (dpipes.nodes.protocol) and the full client's (dpipes.nodes.run).
+PIPELINE_PROTOCOL = 2
+CTL = "ctl"
+RUN_TIMEOUT_S = 60.0  # how long the entry node may take to answer `run`
+CANCEL_WAIT_S = 15.0  # after Ctrl-C or a failure: how long we wait for the stages' exit reports
+STDIN_CHUNK_BYTES = 256 * 1024
+
+ATTACH_TIMEOUT_S = 5.0  # a live local hub answers ATTACH at once (the bus client waits as long)
+LOCAL_PROBE_TIMEOUT_S = 1.0  # a live local daemon accepts a connection at once
+GRANT_BYTES = INITIAL_CREDIT_BYTES // 4  # credit goes back once a quarter of the window was taken
+MAX_EARLY_REPORTS = 4096  # reports kept while `run` is unanswered (one per stage, and a failed)
+MAX_EARLY_MESSAGES = 65536  # stream messages kept meanwhile (each stream's are bounded by its credit)
+LINGER_MS = 2000  # on close: let our last REPLYs, CREDITs and EOF_ACKs reach the hub
+
+_DATA_KINDS = frozenset({"BYTES", "STDERR", "PIPES", "OBJECTS", "ARROW"})
+_STREAM_KINDS = _DATA_KINDS | {"BATCH", "EOF", "CANCEL"}
+
+
+def find_local_daemon() -> str | None:
+    """The ``ipc://`` endpoint of this host's running daemon, or None when none answers there."""
+    from dpipes.bus.errors import DpipesError
+    from dpipes.nodes import paths
+
+    try:
+        endpoint = paths.local_endpoint(paths.runtime_dir())
+    except (OSError, DpipesError):
+        return None
+    return endpoint if answers(endpoint) else None
+
+
+def answers(endpoint: str) -> bool:
+    """Whether something listens at the ``ipc://`` endpoint.
+
+    A plain connect says it (a dead daemon leaves its socket file behind: ECONNREFUSED) in a
+    fraction of a millisecond instead of a whole bus attachment.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(LOCAL_PROBE_TIMEOUT_S)
+        probe.connect(endpoint.removeprefix("ipc://"))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def run_local(
+    pipeline: str,
+    *,
+    stdin: bool,
+    pipefail: bool = False,
+    workdir: str = "",
+    pipes: Mapping[str, Any] | None = None,
+    require: tuple[str, ...] = (),
+    entry: str | None = None,
+    stdin_fd: int = 0,
+    stdout_fd: int = 1,
+    stderr_fd: int = 2,
+    handle_sigint: bool = True,
+) -> RunResult | None:
+    """Run ``pipeline`` (bytes mode) through this host's daemon, or through ``entry`` (``ipc://``).
+
+    Args:
+        stdin: stream ``stdin_fd`` into the first stage (else it reads nothing).
+        pipes: the run's Pipes options, as :class:`dpipes.nodes.run.RunOptions` has them.
+
+    Returns:
+        What the run came to, as :func:`dpipes.nodes.run.run_pipeline` returns it; None when no
+        daemon answers (nothing was sent: the caller takes the full path).
+
+    Raises:
+        RunFailed: the node refused the pipeline before it started (``code`` says why:
+            ``syntax`` for a pipeline that does not parse), or did not answer.
+    """
+    if entry is None:
+        endpoint = find_local_daemon()
+    else:
+        endpoint = entry if answers(entry) else None
+    if endpoint is None:
+        return None
+    from dpipes.nodes.fdpass import hand_over
+
+    client = _Client(endpoint)
+    try:
+        if not client.attach():
+            return None
+        fds = {"stdout": stdout_fd, **({"stdin": stdin_fd} if stdin else {})}
+        token = hand_over(endpoint, fds) or ""
+        run = _Run(client, pipeline, stdin, stdin_fd, stdout_fd, stderr_fd)
+        body = {
+            "pipeline": pipeline,
+            "protocol": PIPELINE_PROTOCOL,
+            "mode": "bytes",
+            "stdin": stdin,
+            "require": list(require),
+            "user": _current_user(),
+            "pipes": dict(pipes or {}),
+            "local_fds": token,
+            "cwd": _cwd(),
+            "workdir": workdir,
+            "progress": False,
+            "workflow": {},
+            "edge_format": "csv",
+        }
+        return run.run(body, pipefail=pipefail, handle_sigint=handle_sigint)
+    finally:
+        client.close()
+
+
+class _Client:
+    """One DEALER attached to the hub (:mod:`dpipes.bus.zmtp`): (header, payload) in and out."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.conn: Connection | None = None
+        self.addr = ""
+        self.node = ""
+        self.last_sent = 0.0
+        self.last_heard = time.monotonic()
+        self.dropped = 0  # malformed messages from the hub: counted, logged once
+        self._queued: list[list[bytes]] = []
+
+    def fileno(self) -> int:
+        assert self.conn is not None
+        return self.conn.fileno()
+
+    def send(self, kind: str, dst: str, *payload: Any, sid: int = 0, seq: int = 0, **fields: Any) -> None:
+        if self.conn is None:
+            return  # detached: nothing more reaches the hub
+        header = {"v": PROTOCOL_VERSION, "kind": kind, "src": self.addr, "dst": dst, "sid": sid, "seq": seq, **fields}
+        try:
+            self.conn.send([msgpack.packb(header), *payload])
+        except ZmtpError as exc:
+            log.debug("sending %s to %s failed: %s", kind, dst, exc)
+            self.conn = None
+            return
+        self.last_sent = time.monotonic()
+
+    def recv(self) -> tuple[dict[str, Any], list[bytes]] | None:
+        """The next message if one arrived; a malformed one is dropped and counted (``({}, [])``).
+
+        Raises:
+            ZmtpError: the hub went away.
+        """
+        if not self._queued and self.conn is not None:
+            self._queued = self.conn.recv()[::-1]
+        if not self._queued:
+            return None
+        frames = self._queued.pop()
+        self.last_heard = time.monotonic()
+        header: Any = None
+        if len(frames[0]) <= MAX_HEADER_BYTES:  # msgpack then bounds every length by the frame's size
+            try:
+                header = msgpack.unpackb(frames[0], raw=False)
+            except Exception:  # msgpack raises several types for bad input; all mean the same here
+                header = None
+        if not (isinstance(header, dict) and header.get("v") == PROTOCOL_VERSION and _well_formed(header)):
+            self.dropped += 1
+            level = logging.WARNING if self.dropped == 1 else logging.DEBUG
+            log.log(level, "dropped a malformed message from the hub at %s (%d so far)", self.endpoint, self.dropped)
+            return {}, []
+        return header, frames[1:]
+
+    def attach(self) -> bool:
+        """ATTACH and wait for ATTACHED; False when the hub does not answer (then nothing ran).
+
+        Raises:
+            RunFailed: the hub refused us (its ZAP handler, or ATTACH).
+        """
+        try:
+            self.conn = Connection(self.endpoint.removeprefix("ipc://"), max_frame_bytes=MAX_FRAME_BYTES,
+                                   timeout=ATTACH_TIMEOUT_S)  # fmt: skip
+        except ZmtpError as exc:
+            if "refused the connection" in str(exc):
+                raise RunFailed(f"cannot reach a dpipes node at {self.endpoint}: {exc}") from None
+            log.debug("no hub at %s: %s", self.endpoint, exc)
+            return False
+        self.send("ATTACH", "", name="", host="")  # no host: no shared memory, payloads come inline
+        deadline = time.monotonic() + ATTACH_TIMEOUT_S
+        poller = select.poll()
+        poller.register(self.conn.fileno(), select.POLLIN)
+        while (left := deadline - time.monotonic()) > 0:
+            got = self.recv()
+            if got is None:
+                if not poller.poll(int(left * 1000) + 1):
+                    break
+                continue
+            header = got[0]
+            if not header:
+                continue
+            if header["kind"] == "ATTACHED" and isinstance(header.get("addr"), str) and "/" in header["addr"]:
+                self.addr = header["addr"]
+                self.node = self.addr.split("/", 1)[0]
+                return True
+            if header["kind"] in ("ERROR", "BYE"):
+                why = header.get("message") or header.get("reason") or "refused"
+                raise RunFailed(f"cannot reach a dpipes node at {self.endpoint}: {why}")
+        log.debug("no ATTACHED from %s within %s s", self.endpoint, ATTACH_TIMEOUT_S)
+        return False
+
+    def ping_when_due(self) -> None:
+        if time.monotonic() - self.last_sent >= HEARTBEAT_INTERVAL_S:
+            self.send("PING", f"{self.node}/")
+
+    def close(self) -> None:
+        if self.conn is None:
+            return
+        if self.addr:
+            self.send("BYE", f"{self.node}/", reason="the run is over")
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def _well_formed(h: Mapping[str, Any]) -> bool:
+    """The common header keys have their spec's types (codec: HEADER)."""
+    return (
+        isinstance(h.get("kind"), str)
+        and isinstance(h.get("src"), str)
+        and isinstance(h.get("dst"), str)
+        and type(h.get("sid")) is int
+        and type(h.get("seq")) is int
+    )
+
+
+class _Output:
+    """Writes one descriptor's data in order: at once to a file or device; through a thread to a pipe
+    or socket, whose reader may be slow, so that our loop keeps its heartbeats meanwhile.
+
+    ``done`` counts what was written (credit goes back for it), ``broken`` is set when the reader
+    went away (EPIPE)."""
+
+    def __init__(self, fd: int, wake_fd: int) -> None:
+        self.fd = fd
+        self.wake_fd = wake_fd
+        self.broken = False
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            mode = 0
+        self.inline = stat.S_ISREG(mode) or stat.S_ISCHR(mode)
+        self._queue: list[tuple[bytes | memoryview, Any, int]] = []
+        self._written: list[tuple[Any, int]] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def write(self, data: bytes | memoryview, token: Any = None, units: int = 0) -> bool:
+        """Write ``data``, now or through the thread; whether it was written now. A later write
+        comes back from :meth:`taken` as ``(token, units)``."""
+        if self.broken:
+            return True
+        if self.inline:
+            try:
+                _write_all(self.fd, data)
+            except BrokenPipeError:
+                self.broken = True
+            return True
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name=f"dpipes output fd {self.fd}", daemon=True)
+                self._thread.start()
+            self._queue.append((data, token, units))
+            self._cond.notify()
+        return False
+
+    def taken(self) -> list[tuple[Any, int]]:
+        """(token, units) for each write the thread finished since the last call."""
+        with self._cond:
+            done, self._written = self._written, []
+        return done
+
+    def flush(self) -> None:
+        """Wait until everything queued was written (or the reader went away)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                data, token, units = self._queue.pop(0)
+            try:
+                if not self.broken:
+                    _write_all(self.fd, data)
+            except BrokenPipeError:
+                self.broken = True
+            except OSError as exc:
+                log.debug("writing to fd %d failed: %s", self.fd, exc)
+                self.broken = True
+            with self._cond:
+                self._written.append((token, units))
+            try:
+                os.write(self.wake_fd, b"w")
+            except BlockingIOError:  # the loop has a wake-up pending already
+                pass
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _Inbound:
+    """A stream a stage opened to us: where its data goes and the credit we owe it back."""
+
+    __slots__ = ("done", "kind", "owed", "received", "sid", "src", "stage")
+
+    def __init__(self, src: str, sid: int, stage: StageResult | None) -> None:
+        self.src, self.sid, self.stage = src, sid, stage
+        self.received = 0  # payload bytes, for EOF_ACK
+        self.owed = 0  # credit units consumed and not yet granted back
+        self.done = False
+        self.kind = ""
+
+
+class _Run:
+    """One run, from the ``run`` request to the last report."""
+
+    def __init__(
+        self, client: _Client, pipeline: str, stdin: bool, stdin_fd: int, stdout_fd: int, stderr_fd: int
+    ) -> None:
+        self.c = client
+        self.ctl = f"{client.node}/{CTL}"
+        self.text = pipeline
+        self.stdin, self.stdin_fd = stdin, stdin_fd
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stdout = _Output(stdout_fd, self.wake_w)
+        self.stderr = _Output(stderr_fd, self.wake_w)
+        self.next_id = 1  # request ids and our stream ids, from one counter as an endpoint draws them
+        self.run_seq = 0
+        self.pipeline = ""
+        self.stages: list[StageResult] = []
+        self.last_addr = ""
+        self.early: list[tuple[str, dict[str, Any]]] = []
+        self.early_messages: list[tuple[dict[str, Any], list[bytes]]] = []
+        self.error = ""
+        self.refused_before = ""  # the run was refused or never answered: RunFailed with this
+        self.refused_code = ""
+        self.inbound: dict[tuple[str, int], _Inbound] = {}
+        self.interrupts = 0
+        self.cancel_sent = False
+        self.done_at: float | None = None  # when to stop waiting for reports that may never come
+        self.refused_reports = 0
+        # Our stdin stream to stage 0, when the node did not take our stdin itself.
+        self.feeding = False
+        self.feed_addr = ""
+        self.feed_sid = 0
+        self.feed_seq = 0
+        self.fed_bytes = 0
+        self.spent = 0
+        self.credit = INITIAL_CREDIT_BYTES
+
+    def _id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, body: dict[str, Any], *, pipefail: bool, handle_sigint: bool) -> RunResult:
+        previous_handler: Any = None
+        previous_wakeup = -1
+        if handle_sigint:  # before asking: a Ctrl-C while the nodes start the stages is not lost
+            previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            previous_wakeup = signal.set_wakeup_fd(self.wake_w)
+        try:
+            self.run_seq = self._id()
+            self.c.send("REQUEST", self.ctl, seq=self.run_seq, method="run", body=body)
+            started = time.monotonic()
+            self._loop(started)
+        finally:
+            if handle_sigint:
+                signal.set_wakeup_fd(previous_wakeup)
+                signal.signal(signal.SIGINT, previous_handler)
+            self.stdout.flush()
+            self.stderr.flush()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+        if self.refused_before:
+            raise RunFailed(self.refused_before, code=self.refused_code)
+        if not self.pipeline:  # interrupted twice before the reply
+            return RunResult("", [], EXIT_INTERRUPTED, "interrupted before the pipeline started")
+        broken = [s for s in self.stages if s.error and not s.sigpipe]
+        if self.interrupts:
+            code = EXIT_INTERRUPTED
+        elif self.error or broken:  # a stage's data could not be moved: the output is not complete
+            code = EXIT_DPIPES_FAILED
+        else:
+            code = exit_code_of(self.stages, pipefail=pipefail)
+            if code == 0 and any(s.pipes_exception for s in self.stages):
+                code = 1  # a stage's Pipes session failed: so did the run, whatever its exit code
+        return RunResult(self.pipeline, self.stages, code, self.error)
+
+    def _loop(self, started: float) -> None:
+        poller = select.poll()
+        poller.register(self.c.fileno(), select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
+        watching_stdin = False
+        while not self._over():
+            now = time.monotonic()
+            if self.done_at is not None and now >= self.done_at:
+                return
+            if not self.pipeline and now - started > RUN_TIMEOUT_S:
+                self.refused_before = f"run at {self.ctl} got no reply within {RUN_TIMEOUT_S:g} s"
+                return
+            if now - self.c.last_heard > PEER_TIMEOUT_S:
+                self._lost(f"no word from the node at {self.c.endpoint} for {PEER_TIMEOUT_S:g} s")
+                return
+            if self._may_feed() != watching_stdin:  # watch our stdin only while we may send it
+                watching_stdin = not watching_stdin
+                if watching_stdin:
+                    poller.register(self.stdin_fd, select.POLLIN)
+                else:
+                    poller.unregister(self.stdin_fd)
+            self.c.ping_when_due()
+            self._grant_all()
+            wait_s = HEARTBEAT_INTERVAL_S if self.done_at is None else min(HEARTBEAT_INTERVAL_S, self.done_at - now)
+            ready = dict(poller.poll(max(1, int(wait_s * 1000))))
+            if ready.get(self.wake_r):
+                self._woken()
+            try:
+                while (got := self.c.recv()) is not None:  # drain the socket, then wait again
+                    if got[0]:
+                        self._on_message(*got)
+                    if self.refused_before or self.c.addr == "":
+                        return
+            except ZmtpError as exc:  # our node is gone: nothing more will come
+                self._lost(f"lost the node at {self.c.endpoint}: {exc}")
+                self.c.addr, self.c.conn = "", None
+                return
+            if ready.get(self.stdin_fd) and self._may_feed():
+                self._feed()
+
+    def _over(self) -> bool:
+        if self.refused_before:
+            return True
+        if self.interrupts > 1:  # a second Ctrl-C: stop waiting
+            return True
+        return bool(self.stages) and all(s.reported for s in self.stages)
+
+    def _woken(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        for output in (self.stdout, self.stderr):
+            for stream, units in output.taken():
+                if stream is not None:
+                    stream.owed += units
+        if self.stdout.broken:
+            self._stdout_closed()
+        if self.interrupts and not self.cancel_sent and self.pipeline:
+            self._cancel("interrupted by the user (Ctrl-C)")
+
+    def _on_sigint(self, _signum: int, _frame: Any) -> None:
+        self.interrupts += 1  # the wake-up fd got the signal's byte: the loop acts on it
+
+    def _lost(self, why: str) -> None:
+        if not self.pipeline:
+            self.refused_before = f"cannot reach a dpipes node at {self.c.endpoint}: {why}"
+        elif not self.error:
+            self.error = why
+
+    # -- what arrives --------------------------------------------------------------------------
+
+    def _on_message(self, h: dict[str, Any], payload: list[bytes]) -> None:
+        kind = h["kind"]
+        if not self.pipeline and kind in _STREAM_KINDS:
+            # Stages start before `run` is answered: whose stream this is (the last stage's stdout,
+            # or not) is known from the reply. Kept until then, each stream bounded by its credit.
+            if len(self.early_messages) < MAX_EARLY_MESSAGES:
+                self.early_messages.append((h, payload))
+            else:
+                log.warning("dropped a %s from %s that came before the run reply: too many", kind, h["src"])
+            return
+        if kind == "REPLY":
+            if h["seq"] == self.run_seq and not self.pipeline:
+                self._on_run_reply(h)
+        elif kind == "REQUEST":
+            self._on_report(h)
+        elif kind in _DATA_KINDS:
+            self._on_data(h, kind, [memoryview(f) for f in payload])
+        elif kind == "BATCH":
+            self._on_batch(h, payload)
+        elif kind == "EOF":
+            stream = self._stream(h)
+            stream.done = True
+            self.c.send("EOF_ACK", h["src"], sid=h["sid"], total=stream.received)
+        elif kind == "CANCEL" and self._about_feed(h):
+            self.feeding = False  # stage 0 stopped reading, as SIGPIPE
+        elif kind == "CANCEL":
+            self._stream(h).done = True
+        elif kind == "CREDIT" and self._about_feed(h):
+            units = h.get("bytes")
+            if type(units) is int and units > 0:
+                self.credit += units
+        elif kind == "ERROR":
+            self._on_error(h)
+        elif kind == "BYE":
+            why = h.get("reason") if isinstance(h.get("reason"), str) else ""
+            self._lost(f"the node at {self.c.endpoint} detached this client: {why or 'it stopped'}")
+            self.c.addr = ""  # nothing more will come, and we may not send
+        # PONG, LINK, EOF_ACK of our stdin and the REPLY to cancel need nothing from us.
+
+    def _on_run_reply(self, h: dict[str, Any]) -> None:
+        body: dict[str, Any] = h["body"] if isinstance(h.get("body"), dict) else {}
+        if h.get("ok", True) is not True:
+            code = body.get("code") if isinstance(body.get("code"), str) else ""
+            error = h.get("error") if isinstance(h.get("error"), str) else ""
+            self.refused_before, self.refused_code = error or f"run at {self.ctl} failed", code or "internal"
+            return
+        stages = body.get("stages")
+        if not (isinstance(body.get("pipeline"), str) and isinstance(stages, list) and stages):
+            self.refused_before, self.refused_code = f"malformed reply of run at {self.ctl}", "bad-request"
+            return
+        results = []
+        for i, s in enumerate(stages):
+            if not (isinstance(s, dict) and isinstance(s.get("node"), str) and isinstance(s.get("argv"), list)):
+                self.refused_before, self.refused_code = f"malformed reply of run: stages.{i}", "bad-request"
+                return
+            placed, offer = s.get("placed", ""), s.get("offer", "")
+            results.append(
+                StageResult(
+                    i,
+                    s["node"],
+                    [str(a) for a in s["argv"]],
+                    placed=placed if isinstance(placed, str) else "",
+                    offer=offer if isinstance(offer, str) else "",
+                )
+            )
+        self.pipeline, self.stages = body["pipeline"], results
+        self.last_addr = f"{results[-1].node}/{self.pipeline}.{len(results) - 1}"
+        if self.stdin and not body.get("stdin_direct"):
+            addr = stages[0].get("addr")
+            if isinstance(addr, str):
+                self.feeding, self.feed_sid, self.feed_addr = True, self._id(), addr
+        for h_early, payload in self.early_messages:  # stages' streams that came before this reply
+            self._on_message(h_early, payload)
+        self.early_messages.clear()
+        for method, early in self.early:  # reports that came before this reply (protocol, step 3)
+            self._take_report(method, early)
+        self.early.clear()
+        if self.interrupts:  # Ctrl-C came while the stages were starting: cancel them now
+            self._cancel("interrupted by the user (Ctrl-C)")
+
+    def _on_report(self, h: dict[str, Any]) -> None:
+        method, body = h.get("method"), h.get("body")
+        if method == "progress":  # one-way, and we asked for none
+            return
+        if method not in ("exit", "failed") or not isinstance(body, dict) or not _report_ok(method, body):
+            code = "unknown-method" if method not in ("exit", "failed") else "bad-request"
+            error = f"a dpipes client takes no {method!r} request" if code == "unknown-method" else "malformed report"
+            self.c.send("REPLY", h["src"], seq=h["seq"], ok=False, body={"code": code, "field": ""}, error=error)
+            self.refused_reports += 1
+            level = logging.WARNING if self.refused_reports == 1 else logging.DEBUG
+            log.log(level, "refused a %s report from %s: %s", str(method)[:64], h["src"], error)
+            return
+        self.c.send("REPLY", h["src"], seq=h["seq"], ok=True, body={}, error="")
+        if not self.pipeline:  # a stage may end before `run` is answered: keep its report until then
+            if len(self.early) < MAX_EARLY_REPORTS:
+                self.early.append((method, body))
+            return
+        self._take_report(method, body)
+
+    def _take_report(self, method: str, body: dict[str, Any]) -> None:
+        if body.get("pipeline") != self.pipeline:
+            return  # not ours: acknowledged and ignored
+        if method == "exit":
+            index = body["stage"]
+            if not 0 <= index < len(self.stages):
+                return
+            stage = self.stages[index]
+            for name in _EXIT_FIELDS:
+                if name in body:
+                    setattr(stage, name, body[name])
+            stage.reported = True
+            return
+        if not self.error:
+            self.error = body.get("error") or "the pipeline failed"
+            for index in body.get("lost", []):
+                if type(index) is int and 0 <= index < len(self.stages) and not self.stages[index].reported:
+                    lost = self.stages[index]
+                    lost.status, lost.reported = f"lost with node {lost.node}", True
+            self.done_at = time.monotonic() + CANCEL_WAIT_S
+
+    def _stream(self, h: dict[str, Any]) -> _Inbound:
+        key = (h["src"], h["sid"])
+        stream = self.inbound.get(key)
+        if stream is None:
+            stream = self.inbound[key] = _Inbound(h["src"], h["sid"], self._stage_of(h["src"]))
+        return stream
+
+    def _stage_of(self, addr: str) -> StageResult | None:
+        name = addr.split("/", 1)[-1]
+        head, _, index = name.rpartition(".")
+        if head != self.pipeline or not index.isdigit() or int(index) >= len(self.stages):
+            return None
+        return self.stages[int(index)]
+
+    def _on_batch(self, h: dict[str, Any], payload: list[bytes]) -> None:
+        sizes, of = h.get("sizes"), h.get("of") or "BYTES"
+        if (
+            len(payload) != 1
+            or of not in ("BYTES", "STDERR")
+            or not isinstance(sizes, list)
+            or not 0 < len(sizes) <= MAX_BATCH_MESSAGES
+            or not all(type(n) is int and n >= 0 for n in sizes)
+            or sum(sizes) != len(payload[0])
+        ):
+            self.c.dropped += 1
+            log.log(logging.WARNING if self.c.dropped == 1 else logging.DEBUG, "dropped a malformed BATCH")
+            return
+        view, start = memoryview(payload[0]), 0
+        for size in sizes:  # each member as if it came alone
+            self._on_data(h, of, [view[start : start + size]])
+            start += size
+
+    def _on_data(self, h: dict[str, Any], kind: str, frames: list[memoryview]) -> None:
+        stream = self._stream(h)
+        if stream.done:
+            return  # we cancelled it; what was already under way still arrives
+        stream.kind = stream.kind or kind
+        size = sum(len(f) for f in frames)
+        stream.received += size
+        if kind == "PIPES":
+            for frame in frames:
+                self._on_pipes(stream.stage, frame)
+            stream.owed += size + MESSAGE_CREDIT_BYTES
+            return
+        if kind == "BYTES" and h["src"] == self.last_addr:
+            output, token = self.stdout, stream
+            if output.broken:
+                self._stdout_closed()
+                return
+        else:  # STDERR, and anything a stage other than the last sends us
+            output, token = self.stderr, stream
+        units = size + MESSAGE_CREDIT_BYTES
+        for i, frame in enumerate(frames):  # the message's credit comes back with its last frame
+            last = i == len(frames) - 1
+            if output.write(frame, token if last else None, units if last else 0) and last:
+                stream.owed += units
+        if not frames:
+            stream.owed += units
+        if stream.owed >= GRANT_BYTES:
+            self._grant(stream)
+        if self.stdout.broken:
+            self._stdout_closed()
+
+    def _on_pipes(self, stage: StageResult | None, frame: memoryview) -> None:
+        """One Pipes frame from a stage: kept by the stage's handler, its logs written now."""
+        from dpipes.nodes.pipes_frames import PipesFrameError, decode_frame
+
+        item = decode_frame(frame)
+        if stage is None:
+            return
+        tag = f"[stage {stage.index} {stage.argv[0]}@{stage.node}] ".encode()
+        if isinstance(item, PipesFrameError):
+            stage.pipes.handle_frame_error(item)
+            self.stderr.write(tag + f"Pipes: {item}\n".encode())
+            return
+        stage.pipes.handle_message(item)
+        method, params = item.get("method"), item.get("params") or {}
+        if method == "log":
+            self.stderr.write(tag + f"{params.get('level', 'INFO')} {params.get('message', '')}\n".encode())
+        elif method == "closed" and params.get("exception"):
+            self.stderr.write(tag + f"Pipes closed with {stage.pipes_exception}\n".encode())
+
+    def _stdout_closed(self) -> None:
+        """Our reader went away (``| head``): stop the last stage's output, as SIGPIPE would."""
+        for stream in self.inbound.values():
+            if stream.src == self.last_addr and stream.kind == "BYTES" and not stream.done:
+                self.c.send("CANCEL", stream.src, sid=stream.sid, reason="the output of dpipes was closed")
+                stream.done = True
+
+    def _on_error(self, h: dict[str, Any]) -> None:
+        message = h.get("message") if isinstance(h.get("message"), str) else ""
+        code = h.get("code") if isinstance(h.get("code"), str) else ""
+        if h["sid"] == 0 and h["seq"] == self.run_seq and not self.pipeline:  # our `run` never arrived
+            self.refused_before = f"run at {self.ctl} failed: {message or code}"
+            return
+        if self.feeding and h["sid"] == self.feed_sid and h.get("to") == self.feed_addr:
+            self.feeding = False  # our stdin cannot be delivered: as a closed pipe
+            return
+        log.debug("bus error %s: %s", code, message)
+
+    # -- what we send --------------------------------------------------------------------------
+
+    def _grant(self, stream: _Inbound) -> None:
+        if stream.owed and not stream.done:
+            self.c.send("CREDIT", stream.src, sid=stream.sid, bytes=stream.owed)
+        stream.owed = 0
+
+    def _grant_all(self) -> None:
+        """Before we wait: give back every unit whose data we already wrote out."""
+        for stream in self.inbound.values():
+            if stream.owed:
+                self._grant(stream)
+
+    def _about_feed(self, h: dict[str, Any]) -> bool:
+        return self.feed_sid != 0 and h["sid"] == self.feed_sid and h["src"] == self.feed_addr
+
+    def _may_feed(self) -> bool:
+        return self.feeding and self.spent < self.credit
+
+    def _feed(self) -> None:
+        """One chunk of our stdin to stage 0, or EOF when it ends."""
+        try:
+            chunk = os.read(self.stdin_fd, STDIN_CHUNK_BYTES)
+        except OSError:
+            chunk = b""
+        self.feed_seq += 1
+        if not chunk:
+            self.feeding = False
+            self.c.send("EOF", self.feed_addr, sid=self.feed_sid, seq=self.feed_seq, total=self.fed_bytes)
+            return
+        self.c.send("BYTES", self.feed_addr, chunk, sid=self.feed_sid, seq=self.feed_seq)
+        self.fed_bytes += len(chunk)
+        self.spent += len(chunk) + MESSAGE_CREDIT_BYTES
+
+    def _cancel(self, reason: str) -> None:
+        self.cancel_sent = True
+        seq = self._id()
+        self.c.send("REQUEST", self.ctl, seq=seq, method="cancel", body={"pipeline": self.pipeline, "reason": reason})
+        self.done_at = time.monotonic() + CANCEL_WAIT_S
+
+
+# An exit report's fields, with the types a StageResult keeps (protocol: Reports).
+_EXIT_FIELDS: dict[str, tuple[type, ...]] = {
+    "code": (int,),
+    "signal": (int,),
+    "status": (str,),
+    "sigpipe": (bool,),
+    "error": (str,),
+    "cancelled": (str,),
+    "stderr_tail": (str,),
+    "started": (float, int),
+    "ended": (float, int),
+    "bytes_in": (int,),
+    "bytes_out": (int,),
+}
+
+
+def _report_ok(method: str, body: Mapping[str, Any]) -> bool:
+    """The report's fields we use have their spec's types (an unknown key is ignored)."""
+    if not isinstance(body.get("pipeline"), str):
+        return False
+    if method == "failed":
+        lost = body.get("lost", [])
+        return isinstance(body.get("error", ""), str) and isinstance(lost, list)
+    if type(body.get("stage")) is not int:
+        return False
+    for name, types in _EXIT_FIELDS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) and bool not in types:
+            return False
+        if not isinstance(value, types):
+            return False
+    return True
+
+
+def _current_user() -> str:
+    """Who is asking, as this process's user sees it (``run.user``; not authenticated)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def _cwd() -> str:
+    """Our working directory, where stages on our host start; "" when it is gone (deleted)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return ""
+
+
+__all__ = ["find_local_daemon", "run_local"]

@@ -1,0 +1,236 @@
+"""The short path of ``dpipes`` (dpipes.nodes.local_run) against real daemons: the same results,
+exit codes and messages as the full path, run side by side; and a fake hub's hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from dpipes.nodes import local_run
+from tests.nodes.daemons import Completed, daemons, dpipes, environment, shell
+
+WAIT_S = 30.0
+FULL = {"DPIPES_SHORT_PATH": "0"}
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Path:
+    path = tmp_path / "run"
+    path.mkdir(mode=0o700)
+    return path
+
+
+async def until(condition: Any, timeout: float = WAIT_S) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.02)  # polling a condition under a deadline
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def test_the_constants_are_the_specs() -> None:
+    from dpipes.bus import codec
+    from dpipes.nodes import protocol, run
+
+    assert local_run.PROTOCOL_VERSION == codec.PROTOCOL_VERSION
+    assert local_run.MAX_HEADER_BYTES == codec.MAX_HEADER_BYTES
+    assert local_run.MAX_BATCH_MESSAGES == codec.MAX_BATCH_MESSAGES
+    assert local_run.INITIAL_CREDIT_BYTES == codec.INITIAL_CREDIT_BYTES
+    assert local_run.MESSAGE_CREDIT_BYTES == codec.MESSAGE_CREDIT_BYTES
+    assert local_run.HEARTBEAT_INTERVAL_S == codec.HEARTBEAT_INTERVAL_S
+    assert local_run.PEER_TIMEOUT_S == codec.PEER_TIMEOUT_S
+    assert local_run.PIPELINE_PROTOCOL == protocol.PIPELINE_PROTOCOL
+    assert local_run.CTL == protocol.CTL
+    assert local_run.RUN_TIMEOUT_S == protocol.RUN_TIMEOUT_S
+    assert local_run.CANCEL_WAIT_S == run.CANCEL_WAIT_S
+    assert local_run.STDIN_CHUNK_BYTES == run.STDIN_CHUNK_BYTES
+
+
+def same(short: Completed, full: Completed) -> None:
+    assert (short.code, short.stdout) == (full.code, full.stdout), (short.stderr, full.stderr)
+    assert short.stderr.splitlines() == full.stderr.splitlines()
+
+
+# Each case: the arguments, then stdin (None: no input).
+CASES: list[tuple[tuple[str, ...], bytes | None]] = [
+    (("seq 3 | sort -r",), None),
+    (("echo x | false",), None),
+    (("--pipefail", "--status", "sh -c 'exit 3' | cat@beta"), None),
+    (("--status", "sh@beta -c 'kill -TERM $$'"), None),
+    (("cat@beta | sort",), b"b\na\nc\n"),  # our stdin fed over the bus to beta
+    (("cat | cat@beta",), b"b\na\n"),  # the last stage's stdout read from the bus
+    (("seq 200000 | cat@beta",), None),  # past the initial credit: credit goes back as we write
+    (("sh@beta -c 'echo oops >&2; exit 2'",), None),  # stderr of a stage elsewhere
+    (("echo x |",), None),  # a syntax error: the node's, coded; the full path's, found here
+    (("no-such-program",), None),  # refused before anything started
+    (("--pipefail", "--status", "yes | head@beta -2"), None),  # a producer stopped as by SIGPIPE
+]
+
+
+@pytest.mark.parametrize(("args", "stdin"), CASES, ids=[" ".join(a) for a, _ in CASES])
+async def test_both_paths_give_the_same_run(rt: Path, args: tuple[str, ...], stdin: bytes | None) -> None:
+    async with daemons(rt, ["alpha", "beta"]):  # alpha is the local daemon: no --node
+        short = await dpipes(rt, *args, input=stdin)
+        full = await dpipes(rt, *args, input=stdin, env=FULL)
+    same(short, full)
+    pipeline = args[-1]
+    if len(args) == 1 and "|" in pipeline and not pipeline.rstrip().endswith("|"):  # and sh agrees
+        reference = await shell(pipeline.replace("@beta", ""), input=stdin)
+        assert (short.code, short.stdout) == (reference.code, reference.stdout)
+
+
+async def test_the_short_path_is_taken_and_imports_no_asyncio(rt: Path) -> None:
+    probe = (
+        "import sys; from dpipes.tools.dpipes import main; code = main(['echo x | cat']); "
+        "print('asyncio' in sys.modules, 'dpipes.nodes.local_run' in sys.modules, code, file=sys.stderr)"
+    )
+    async with daemons(rt, ["alpha"]):
+        for extra, expected in (({}, "False True 0"), (FULL, "True False 0")):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", probe, env={**environment(rt), **extra},
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+            assert out == b"x\n"
+            assert err.decode().strip().splitlines()[-1] == expected
+
+
+async def test_a_closed_reader_stops_a_last_stage_elsewhere(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]):
+        proc = await asyncio.create_subprocess_exec(
+            "sh", "-c", f"{sys.executable} -m dpipes.tools.dpipes --status 'yes@beta' | head -2; echo done",
+            env=environment(rt), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    assert out == b"y\ny\ndone\n"
+    assert b"stage 0 yes@beta: " in err
+
+
+async def test_a_reader_slower_than_the_hubs_patience_loses_nothing(rt: Path, tmp_path: Path) -> None:
+    """Our stdout blocks longer than CLIENT_TIMEOUT_S: the heartbeats go on meanwhile (the writes
+    wait in a thread), so the hub keeps us and every byte arrives."""
+    from dpipes.bus.codec import CLIENT_TIMEOUT_S
+
+    source = tmp_path / "in.bin"
+    source.write_bytes(os.urandom(3 << 20))  # past the first credit window and the pipe's buffer
+    stall_s = CLIENT_TIMEOUT_S + 2  # the scenario: a reader that does not read for that long
+    async with daemons(rt, ["alpha", "beta"]):
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-o", "pipefail", "-c",  # dpipes' own exit status counts too
+            f"{sys.executable} -m dpipes.tools.dpipes 'cat@beta' < {source} | (sleep {stall_s}; wc -c)",
+            env=environment(rt), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), WAIT_S + stall_s)
+    assert (proc.returncode, out.strip()) == (0, str(3 << 20).encode()), err
+
+
+async def test_ctrl_c_cancels_every_stage_and_exits_130(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dpipes.tools.dpipes", "--status", "sleep 300 | sleep@beta 300",
+            env=environment(rt), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        await until(lambda: alpha.children() and beta.children())
+        proc.send_signal(signal.SIGINT)
+        _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+        await until(lambda: not alpha.children() and not beta.children())
+    assert proc.returncode == 130, err
+    assert b"cancelled: interrupted by the user (Ctrl-C)" in err
+
+
+# -- a fake hub: hostile input that no real node sends --------------------------------------------
+
+
+def _header(kind: str, dst: str, **fields: Any) -> bytes:
+    return msgpack.packb({"v": 2, "kind": kind, "src": "fake/", "dst": dst, "sid": 0, "seq": 0, **fields})
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A ROUTER that attaches one client, answers its ``run`` with one stage, then sends garbage,
+    a malformed report and that stage's ``exit`` (code 4). Yields its endpoint and what it got."""
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    seen: list[dict[str, Any]] = []
+    stop = threading.Event()
+    me, stage = "fake/c1", "fake/p.0"
+
+    def serve() -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        while not stop.is_set():
+            if not poller.poll(50):
+                continue
+            ident, head, *_ = router.recv_multipart()
+            h = msgpack.unpackb(head)
+            seen.append(h)
+            if h["kind"] == "ATTACH":
+                router.send_multipart([ident, _header("ATTACHED", me, addr=me)])
+            elif h["kind"] == "REQUEST" and h["method"] == "run":
+                one = {"index": 0, "node": "fake", "argv": ["cat"], "addr": stage, "context": {}}
+                reply = _header("REPLY", me, seq=h["seq"], ok=True, body={"pipeline": "p", "stages": [one]})
+                exit_body = {"pipeline": "p", "stage": 0, "node": "fake", "code": 4, "status": "exit 4"}
+                for message in (
+                    [reply],
+                    [b"\xc1not msgpack"],
+                    [b"\x92\x01\x02"],  # msgpack, not a map
+                    [msgpack.packb({"v": 2, "kind": "BYTES", "src": 1, "dst": me, "sid": 1, "seq": 1})],
+                    [b"\x80" * (local_run.MAX_HEADER_BYTES + 1)],
+                    [_header("BATCH", me, sid=3, seq=1, of="BYTES", sizes=[5, 9]), b"short"],  # past the frame
+                    [_header("REQUEST", me, seq=7, method="exit", body={**exit_body, "stage": "zero"})],
+                    [_header("REQUEST", me, seq=8, method="exit", body=exit_body)],
+                ):
+                    router.send_multipart([ident, *message])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield endpoint, seen
+    finally:
+        stop.set()
+        thread.join()
+        router.close()
+        ctx.term()
+
+
+def test_hostile_input_is_dropped_counted_and_logged_once(
+    fake_hub: tuple[str, list[dict[str, Any]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoint, seen = fake_hub
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="dpipes.nodes.local_run"):
+            result = local_run.run_local(
+                "cat", stdin=False, entry=endpoint, stdout_fd=devnull, stderr_fd=devnull, handle_sigint=False
+            )
+    finally:
+        os.close(devnull)
+    assert result is not None and result.exit_code == 4  # the run went on past every bad message
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage().split(" from ")[0] for r in warnings] == [  # once, whatever the count
+        "dropped a malformed message",
+        "refused a exit report",
+    ]
+    assert any(r.getMessage().startswith("dropped a malformed BATCH") for r in caplog.records)
+    replies = {h["seq"]: h for h in seen if h["kind"] == "REPLY"}
+    assert (replies[7]["ok"], replies[7]["body"]["code"]) == (False, "bad-request")
+    assert replies[8]["ok"] is True
+
+
+def test_no_daemon_means_the_full_path(tmp_path: Path) -> None:
+    assert local_run.run_local("cat", stdin=False, entry=f"ipc://{tmp_path}/none.sock") is None
