@@ -2,7 +2,7 @@
 
 ``dpipes 'echo x | cat'`` against a running daemon used to spend most of its time importing what
 the run never used: asyncio, the bus client and its codec classes, the typed control protocol.
-:func:`run_local` does the same run with blocking sockets and msgpack, and with nothing of
+:func:`run_local` does the same run with pyzmq's blocking sockets and msgpack, and with nothing of
 dpipes but what a run on this host needs:
 
 * the daemon's ``ipc://`` socket in the runtime directory (:mod:`dpipes.nodes.paths`), and its
@@ -12,8 +12,6 @@ dpipes but what a run on this host needs:
   streams under credit, ``BATCH``) and the control protocol's ``run``, ``cancel`` and reports
   (the spec of :mod:`dpipes.nodes.protocol`), spoken from their docstrings as the minimal client
   of ``examples/`` does; the constants below are theirs, and a test holds them equal;
-* ZeroMQ's own wire, ZMTP, to the hub's ROUTER over its Unix socket (:mod:`dpipes.bus.zmtp`):
-  importing pyzmq alone cost about as much as everything else the client does;
 * what a run comes to, :mod:`dpipes.nodes.results`, shared with the full path, so that exit
   codes, each stage's status and the messages a user reads are the same.
 
@@ -22,8 +20,8 @@ None, having sent nothing, when no daemon answers on this host, and the caller t
 :func:`dpipes.nodes.run.run_pipeline` (which also starts an embedded node or says why the local
 daemon is gone). What the run may still need in flight (stdin fed over the bus when the first
 stage is on another node, stdout read from the bus when the last is, stderr, Pipes messages,
-Ctrl-C) it does in one loop over one ``poll``: the hub's socket, our stdin when it may be fed,
-and a wake-up pipe for signals and for the writer threads of output that may block (a pipe
+Ctrl-C) it does in one loop over one ``zmq.Poller``: the hub's socket, our stdin when it may be
+fed, and a wake-up pipe for signals and for the writer threads of output that may block (a pipe
 or socket), so that a slow reader of our stdout never stops our heartbeats.
 
 Hostile input: a header frame over ``MAX_HEADER_BYTES``, not msgpack, or without the common keys
@@ -35,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import socket
 import stat
@@ -45,8 +42,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import msgpack
+import zmq
 
-from dpipes.bus.zmtp import Connection, ZmtpError
 from dpipes.nodes.results import EXIT_DPIPES_FAILED, EXIT_INTERRUPTED, RunFailed, RunResult, StageResult, exit_code_of
 
 log = logging.getLogger(__name__)
@@ -54,7 +51,6 @@ log = logging.getLogger(__name__)
 # The bus's constants (dpipes.bus.codec; tests/nodes/test_local_run.py holds them equal).
 PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
-MAX_FRAME_BYTES = 64 * 1024 * 1024 + 1024
 MAX_BATCH_MESSAGES = 4096
 INITIAL_CREDIT_BYTES = 8 * 1024 * 1024
 MESSAGE_CREDIT_BYTES = 256
@@ -171,50 +167,39 @@ def run_local(
 
 
 class _Client:
-    """One DEALER attached to the hub (:mod:`dpipes.bus.zmtp`): (header, payload) in and out."""
+    """One blocking DEALER attached to the hub: (header, payload) in and out."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.conn: Connection | None = None
+        self.ctx = zmq.Context()  # ours alone: closed with the socket, nothing else runs on it
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, LINGER_MS)  # our last REPLYs and CREDITs leave on close
+        self.sock.setsockopt(zmq.RCVHWM, 0)  # flow control is credit; a dropped frame would lose data
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # ... and so is ours towards the hub
+        self.sock.connect(endpoint)
         self.addr = ""
         self.node = ""
         self.last_sent = 0.0
         self.last_heard = time.monotonic()
         self.dropped = 0  # malformed messages from the hub: counted, logged once
-        self._queued: list[list[bytes]] = []
-
-    def fileno(self) -> int:
-        assert self.conn is not None
-        return self.conn.fileno()
 
     def send(self, kind: str, dst: str, *payload: Any, sid: int = 0, seq: int = 0, **fields: Any) -> None:
-        if self.conn is None:
-            return  # detached: nothing more reaches the hub
         header = {"v": PROTOCOL_VERSION, "kind": kind, "src": self.addr, "dst": dst, "sid": sid, "seq": seq, **fields}
-        try:
-            self.conn.send([msgpack.packb(header), *payload])
-        except ZmtpError as exc:
-            log.debug("sending %s to %s failed: %s", kind, dst, exc)
-            self.conn = None
-            return
+        self.sock.send_multipart([msgpack.packb(header), *payload], copy=False)
         self.last_sent = time.monotonic()
 
-    def recv(self) -> tuple[dict[str, Any], list[bytes]] | None:
-        """The next message if one arrived; a malformed one is dropped and counted (``({}, [])``).
-
-        Raises:
-            ZmtpError: the hub went away.
-        """
-        if not self._queued and self.conn is not None:
-            self._queued = self.conn.recv()[::-1]
-        if not self._queued:
+    def recv(self) -> tuple[dict[str, Any], list[zmq.Frame]] | None:
+        """The next message if one is queued; a malformed one is dropped and counted (None too)."""
+        try:
+            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
             return None
-        frames = self._queued.pop()
         self.last_heard = time.monotonic()
         header: Any = None
-        if len(frames[0]) <= MAX_HEADER_BYTES:  # msgpack then bounds every length by the frame's size
+        first = frames[0].buffer
+        if len(first) <= MAX_HEADER_BYTES:  # msgpack then bounds every length by the frame's size
             try:
-                header = msgpack.unpackb(frames[0], raw=False)
+                header = msgpack.unpackb(first, raw=False)
             except Exception:  # msgpack raises several types for bad input; all mean the same here
                 header = None
         if not (isinstance(header, dict) and header.get("v") == PROTOCOL_VERSION and _well_formed(header)):
@@ -225,32 +210,16 @@ class _Client:
         return header, frames[1:]
 
     def attach(self) -> bool:
-        """ATTACH and wait for ATTACHED; False when the hub does not answer (then nothing ran).
-
-        Raises:
-            RunFailed: the hub refused us (its ZAP handler, or ATTACH).
-        """
-        try:
-            self.conn = Connection(self.endpoint.removeprefix("ipc://"), max_frame_bytes=MAX_FRAME_BYTES,
-                                   timeout=ATTACH_TIMEOUT_S)  # fmt: skip
-        except ZmtpError as exc:
-            if "refused the connection" in str(exc):
-                raise RunFailed(f"cannot reach a dpipes node at {self.endpoint}: {exc}") from None
-            log.debug("no hub at %s: %s", self.endpoint, exc)
-            return False
+        """ATTACH and wait for ATTACHED; False when the hub does not answer (then nothing ran)."""
         self.send("ATTACH", "", name="", host="")  # no host: no shared memory, payloads come inline
         deadline = time.monotonic() + ATTACH_TIMEOUT_S
-        poller = select.poll()
-        poller.register(self.conn.fileno(), select.POLLIN)
         while (left := deadline - time.monotonic()) > 0:
+            if not self.sock.poll(int(left * 1000) + 1):
+                break
             got = self.recv()
-            if got is None:
-                if not poller.poll(int(left * 1000) + 1):
-                    break
+            if got is None or not got[0]:
                 continue
             header = got[0]
-            if not header:
-                continue
             if header["kind"] == "ATTACHED" and isinstance(header.get("addr"), str) and "/" in header["addr"]:
                 self.addr = header["addr"]
                 self.node = self.addr.split("/", 1)[0]
@@ -266,13 +235,10 @@ class _Client:
             self.send("PING", f"{self.node}/")
 
     def close(self) -> None:
-        if self.conn is None:
-            return
         if self.addr:
             self.send("BYE", f"{self.node}/", reason="the run is over")
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        self.sock.close()
+        self.ctx.term()
 
 
 def _well_formed(h: Mapping[str, Any]) -> bool:
@@ -403,7 +369,7 @@ class _Run:
         self.stages: list[StageResult] = []
         self.last_addr = ""
         self.early: list[tuple[str, dict[str, Any]]] = []
-        self.early_messages: list[tuple[dict[str, Any], list[bytes]]] = []
+        self.early_messages: list[tuple[dict[str, Any], list[zmq.Frame]]] = []
         self.error = ""
         self.refused_before = ""  # the run was refused or never answered: RunFailed with this
         self.refused_code = ""
@@ -462,10 +428,9 @@ class _Run:
         return RunResult(self.pipeline, self.stages, code, self.error)
 
     def _loop(self, started: float) -> None:
-        poller = select.poll()
-        poller.register(self.c.fileno(), select.POLLIN)
-        poller.register(self.wake_r, select.POLLIN)
-        watching_stdin = False
+        poller = zmq.Poller()
+        poller.register(self.c.sock, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
         while not self._over():
             now = time.monotonic()
             if self.done_at is not None and now >= self.done_at:
@@ -476,28 +441,18 @@ class _Run:
             if now - self.c.last_heard > PEER_TIMEOUT_S:
                 self._lost(f"no word from the node at {self.c.endpoint} for {PEER_TIMEOUT_S:g} s")
                 return
-            if self._may_feed() != watching_stdin:  # watch our stdin only while we may send it
-                watching_stdin = not watching_stdin
-                if watching_stdin:
-                    poller.register(self.stdin_fd, select.POLLIN)
-                else:
-                    poller.unregister(self.stdin_fd)
+            poller.register(self.stdin_fd, zmq.POLLIN if self._may_feed() else 0)  # 0: do not watch it now
             self.c.ping_when_due()
             self._grant_all()
             wait_s = HEARTBEAT_INTERVAL_S if self.done_at is None else min(HEARTBEAT_INTERVAL_S, self.done_at - now)
             ready = dict(poller.poll(max(1, int(wait_s * 1000))))
             if ready.get(self.wake_r):
                 self._woken()
-            try:
-                while (got := self.c.recv()) is not None:  # drain the socket, then wait again
-                    if got[0]:
-                        self._on_message(*got)
-                    if self.refused_before or self.c.addr == "":
-                        return
-            except ZmtpError as exc:  # our node is gone: nothing more will come
-                self._lost(f"lost the node at {self.c.endpoint}: {exc}")
-                self.c.addr, self.c.conn = "", None
-                return
+            while (got := self.c.recv()) is not None:  # drain the socket, then wait again
+                if got[0]:
+                    self._on_message(*got)
+                if self.refused_before or self.c.addr == "":
+                    return
             if ready.get(self.stdin_fd) and self._may_feed():
                 self._feed()
 
@@ -534,7 +489,7 @@ class _Run:
 
     # -- what arrives --------------------------------------------------------------------------
 
-    def _on_message(self, h: dict[str, Any], payload: list[bytes]) -> None:
+    def _on_message(self, h: dict[str, Any], payload: list[zmq.Frame]) -> None:
         kind = h["kind"]
         if not self.pipeline and kind in _STREAM_KINDS:
             # Stages start before `run` is answered: whose stream this is (the last stage's stdout,
@@ -550,7 +505,7 @@ class _Run:
         elif kind == "REQUEST":
             self._on_report(h)
         elif kind in _DATA_KINDS:
-            self._on_data(h, kind, [memoryview(f) for f in payload])
+            self._on_data(h, kind, [f.buffer for f in payload])
         elif kind == "BATCH":
             self._on_batch(h, payload)
         elif kind == "EOF":
@@ -668,7 +623,7 @@ class _Run:
             return None
         return self.stages[int(index)]
 
-    def _on_batch(self, h: dict[str, Any], payload: list[bytes]) -> None:
+    def _on_batch(self, h: dict[str, Any], payload: list[zmq.Frame]) -> None:
         sizes, of = h.get("sizes"), h.get("of") or "BYTES"
         if (
             len(payload) != 1
@@ -681,7 +636,7 @@ class _Run:
             self.c.dropped += 1
             log.log(logging.WARNING if self.c.dropped == 1 else logging.DEBUG, "dropped a malformed BATCH")
             return
-        view, start = memoryview(payload[0]), 0
+        view, start = payload[0].buffer, 0
         for size in sizes:  # each member as if it came alone
             self._on_data(h, of, [view[start : start + size]])
             start += size
