@@ -46,6 +46,7 @@ import zmq.auth
 from zmq.utils import z85
 
 from dpipes.bus.errors import KeyFileError
+from dpipes.bus.private import private_dir
 
 __all__ = [
     "CLIENT_KEY",
@@ -157,29 +158,9 @@ def ensure_key_dir(path: Path) -> Path:
         KeyFileError: it cannot be created, is not a directory, is another user's, or others can
             write to it.
     """
-    try:
-        path.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise KeyFileError(f"key directory {path}: cannot create it: {e.strerror or e}") from None
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise KeyFileError(f"key directory {path}: {e.strerror or e}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise KeyFileError(f"key directory {path} is not a directory; set {KEY_DIR_ENV} to another path")
-    if st.st_uid != os.getuid():
-        raise KeyFileError(
-            f"key directory {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
-            f"set {KEY_DIR_ENV} to a directory of your own"
-        )
-    if st.st_mode & 0o022:
-        raise KeyFileError(
-            f"key directory {path} is writable by its group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}): run 'chmod 700 {path}'"
-        )
-    return path
+    return private_dir(
+        path, what="key directory", error=KeyFileError, remedy=f"set {KEY_DIR_ENV} to a directory of your own"
+    )
 
 
 def _check_secret_file(path: Path) -> None:

@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpipes.bus.errors import DpipesError
+from dpipes.bus.private import private_dir
 
 __all__ = [
     "LOCAL_NAME",
@@ -137,38 +138,15 @@ def runtime_dir(environ: Mapping[str, str] = os.environ) -> Path:
             writable by its group or others.
     """
     path = runtime_dir_path(environ)
-    chosen = bool(environ.get(RUNTIME_DIR_ENV))
-    try:
-        path.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise RuntimeDirError(f"runtime directory {path}: cannot create it: {e.strerror or e}") from None
-    else:
-        path.chmod(0o700)  # whatever the umask took away or left
-    try:
-        # A directory the user chose may be a link; anywhere else (the shared /tmp) a link is a
-        # trap someone else set: it would point our sockets into a directory of their choosing.
-        st = path.stat() if chosen else path.lstat()
-    except OSError as e:
-        raise RuntimeDirError(f"runtime directory {path}: {e.strerror or e}") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise RuntimeDirError(
-            f"runtime directory {path} is a symbolic link; refusing to use it: remove it or set {RUNTIME_DIR_ENV}"
-        )
-    if not stat.S_ISDIR(st.st_mode):
-        raise RuntimeDirError(f"runtime directory {path} is not a directory; set {RUNTIME_DIR_ENV} to another path")
-    if st.st_uid != os.getuid():
-        raise RuntimeDirError(
-            f"runtime directory {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
-            f"refusing to use it: set {RUNTIME_DIR_ENV} to a directory of your own"
-        )
-    if st.st_mode & 0o022:
-        raise RuntimeDirError(
-            f"runtime directory {path} is writable by its group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"refusing to use it: run 'chmod 700 {path}' or set {RUNTIME_DIR_ENV}"
-        )
-    return path
+    # A directory the user chose may be a link; anywhere else (the shared /tmp) a link is a trap
+    # someone else set: it would point our sockets into a directory of their choosing.
+    return private_dir(
+        path,
+        what="runtime directory",
+        error=RuntimeDirError,
+        remedy=f"set {RUNTIME_DIR_ENV} to a directory of your own",
+        follow_links=bool(environ.get(RUNTIME_DIR_ENV)),
+    )
 
 
 def check_daemon_name(name: str) -> str | None:
