@@ -94,11 +94,13 @@ class Node:
     ) -> None:
         self.config = config
         self.name = config.name
-        self.policy = Policy(config.name, config, exclusive=exclusive)
+        self.security = node_security(config)
+        self.policy = Policy(
+            config.name, config, exclusive=exclusive, trust=self.security.store if self.security is not None else None
+        )
         self.exclusive = self.policy.exclusive
         self.exit_after_one = exit_after_one
         tcp = listen or f"tcp://{_zmq_host(config.listen.host)}:{config.listen.port}"
-        self.security = node_security(config)
         check_exposure(config.name, tcp, insecure=config.insecure, keys=self.security is not None)
         self.plugins = self.policy.offered_plugins()  # name -> version, as installed when the node started
         self.hub = Hub(
@@ -374,11 +376,11 @@ class Node:
 
     async def _on_negotiate(self, request: NegotiateRequest, src: str) -> NegotiateReply:
         assert self.stages is not None
-        return await self.stages.negotiate(request)
+        return await self.stages.negotiate(request, src)
 
     async def _on_start(self, request: StartRequest, src: str) -> StartReply:
         assert self.stages is not None
-        return await self.stages.start(request)
+        return await self.stages.start(request, src)
 
     async def _on_cancel(self, request: CancelRequest, src: str) -> CancelReply:
         assert self.stages is not None and self.coordinator is not None

@@ -28,7 +28,7 @@ async def refusal(
     require: tuple[str, ...] = (),
     pinned: bool = False,
 ) -> Refusal | None:
-    return await pol.refusal(argv, mode=mode, protocol=protocol, require=require, caller="someone", pinned=pinned)
+    return await pol.refusal(argv, mode=mode, protocol=protocol, require=require, pinned=pinned)
 
 
 def test_requirements_parse_and_compare() -> None:
