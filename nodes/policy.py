@@ -19,7 +19,9 @@ starts anywhere. The checks, in order, each with the :class:`Refusal` code it an
     has; an exclusive node checks the command line it would run (its fixed arguments first);
 ``not-allowed``
     the node is exclusive (``dpipesd -- PROG``) and this is another program, or the configuration
-    has an ``allow`` list without it; or the node is exclusive with fixed arguments
+    has an ``allow`` list without it, or with it only for other arguments (``"PROG PATTERN..."``:
+    every argument must match a pattern; a bare ``"PROG"`` allows any arguments, so everything
+    the program can do: :mod:`dpipes.nodes.config`); or the node is exclusive with fixed arguments
     (``dpipesd -- sort -r``), the stage does not start with them (``sort``) and was not pinned
     here: running it would change what it means (placement sends no such stage here; a
     coordinator that falls back to its own node would);
@@ -57,8 +59,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from dpipes.bus.keys import FINGERPRINT_PREFIX
-from dpipes.bus.trust import INSECURE, Identity, IdentityKind, KeyPolicy, TrustStore
-from dpipes.nodes.config import NodeConfig
+from dpipes.bus.trust import INSECURE, Identity, IdentityKind, KeyPolicy, ProgramRule, TrustStore
+from dpipes.nodes import config as config_module
+from dpipes.nodes.config import NodeConfig, allow_rule
 from dpipes.nodes.programs import describe_missing
 from dpipes.nodes.protocol import MODES, PIPELINE_PROTOCOL
 
@@ -75,7 +78,7 @@ VERSION: Final = "version"
 UNAUTHORIZED: Final = "unauthorized"
 LOCAL_CALLER_PREFIX: Final = "uid:"  # negotiate.caller from a node's own coordinator for its local user
 
-PLUGIN_SIGIL: Final = "%"  # a stage whose first word starts with it names a plugin (dpipes.nodes.pipeline)
+PLUGIN_SIGIL: Final = config_module.PLUGIN_SIGIL  # a stage whose first word starts with it names a plugin
 
 _REQUIRE_RE = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|!=|>|<)\s*([0-9][0-9A-Za-z.+-]*)\s*$")
 _VERSION_RE = re.compile(r"(\d+(?:\.\d+)+|\d+)")
@@ -177,13 +180,18 @@ class Policy:
         self.exclusive = list(exclusive) if exclusive else None
         self.trust = trust
         self._versions: dict[str, tuple[int, ...]] = {}
+        # The allow list as rules, by the word a stage starts with (PROG, or %PLUGIN).
+        self._allowed: dict[str, list[ProgramRule]] = {}
+        for entry in sorted(config.allow or ()):
+            rule = allow_rule(entry)
+            self._allowed.setdefault((PLUGIN_SIGIL if rule.plugin else "") + rule.program, []).append(rule)
 
     def offered(self) -> set[str]:
         """What this node offers: its exclusive program with its fixed arguments (``sort -r``, in
         shell words: :func:`~dpipes.nodes.pipeline.offer_matches`), else allow list and [apps]."""
         if self.exclusive:
             return {shlex.join([os.path.basename(self.exclusive[0]), *self.exclusive[1:]])}
-        return set(self.config.allow or ()) | set(self.config.apps)
+        return {name for name in self._allowed if not name.startswith(PLUGIN_SIGIL)} | set(self.config.apps)
 
     def offered_plugins(self) -> dict[str, str]:
         """Plugins this node offers, name -> version: those installed that its allow list admits."""
@@ -191,11 +199,10 @@ class Policy:
             return {}
         from dpipes.nodes.plugins.registry import installed_plugins
 
-        allow = self.config.allow
         return {
             name: info.version
             for name, info in installed_plugins().items()
-            if allow is None or PLUGIN_SIGIL + name in allow
+            if self.config.allow is None or PLUGIN_SIGIL + name in self._allowed
         }
 
     def resolve(self, program: str) -> str | None:
@@ -251,7 +258,7 @@ class Policy:
         if found := self.unauthorized(caller, argv):
             return found
         if program.startswith(PLUGIN_SIGIL):
-            return self._plugin_refusal(program)
+            return self._plugin_refusal(argv)
         if self.exclusive is not None:
             only = os.path.basename(self.exclusive[0])
             if os.path.basename(program) != only:
@@ -264,9 +271,8 @@ class Policy:
                     f"node {self.node} runs {only!r} only as {offer!r}, which would change what"
                     f" {shlex.join(argv)!r} does; pin the stage ({only}@{self.node}) to run it so",
                 )
-        elif self.config.allow is not None and program not in self.config.allow:
-            allowed = ", ".join(sorted(self.config.allow)) or "nothing"
-            return Refusal(NOT_ALLOWED, f"program {program!r} is not allowed on node {self.node} (allowed: {allowed})")
+        elif self.config.allow is not None and (found := self._not_allowed(argv, "program")):
+            return found
         wanted = self.exclusive[0] if self.exclusive else program
         if self.resolve(wanted) is None:
             app = self.config.apps.get(wanted)
@@ -274,16 +280,33 @@ class Policy:
             return Refusal(NOT_FOUND, describe_missing(wanted, configured, node=self.node))
         return None
 
-    def _plugin_refusal(self, word: str) -> Refusal | None:
+    def _not_allowed(self, argv: Sequence[str], what: str) -> Refusal | None:
+        """Why the ``allow`` list refuses ``argv`` (its program or plugin, or an argument), or None."""
+        word = argv[0]
+        rules = self._allowed.get(word)
+        name = word[len(PLUGIN_SIGIL) :] if what == "plugin" else word
+        if not rules:
+            allowed = ", ".join(sorted(self._allowed)) or "nothing"
+            hint = f"; add {word!r}" if what == "plugin" else ""
+            message = f"{what} {name!r} is not allowed on node {self.node} (allowed: {allowed}{hint})"
+            return Refusal(NOT_ALLOWED, message)
+        problems = [problem for rule in rules if (problem := rule.check(argv[1:])) is not None]
+        if len(problems) < len(rules):
+            return None
+        entries = ", ".join(repr(shlex.join([word, *r.patterns])) for r in rules)
+        return Refusal(
+            NOT_ALLOWED,
+            f"{shlex.join(argv)!r} is not allowed on node {self.node}: {'; '.join(problems)} (allow: {entries})",
+        )
+
+    def _plugin_refusal(self, argv: Sequence[str]) -> Refusal | None:
+        word = argv[0]
         name = word[len(PLUGIN_SIGIL) :]
         if self.exclusive is not None:
             only = os.path.basename(self.exclusive[0])
             return Refusal(NOT_ALLOWED, f"plugin {name!r} is not allowed: node {self.node} runs only {only!r}")
-        if self.config.allow is not None and word not in self.config.allow:
-            allowed = ", ".join(sorted(self.config.allow)) or "nothing"
-            return Refusal(
-                NOT_ALLOWED, f"plugin {name!r} is not allowed on node {self.node} (allowed: {allowed}; add {word!r})"
-            )
+        if self.config.allow is not None and (found := self._not_allowed(argv, "plugin")):
+            return found
         from dpipes.nodes.plugins.registry import ENTRY_POINT_GROUP, installed_plugins
 
         installed = installed_plugins()

@@ -60,10 +60,19 @@ def node_pair(where: Path) -> KeyPair:
 
 @contextlib.asynccontextmanager
 async def secure_node(
-    name: str, where: Path, *, peers: Mapping[str, HostPort] | None = None, tofu: bool = False
+    name: str,
+    where: Path,
+    *,
+    peers: Mapping[str, HostPort] | None = None,
+    tofu: bool = False,
+    allow: frozenset[str] | None = None,
 ) -> AsyncIterator[Node]:
     config = NodeConfig(
-        name=name, key_dir=str(where), trust_on_first_use=tofu, nodes=MappingProxyType(dict(peers or {}))
+        name=name,
+        key_dir=str(where),
+        trust_on_first_use=tofu,
+        nodes=MappingProxyType(dict(peers or {})),
+        allow=allow,
     )
     async with Node(config, listen="tcp://127.0.0.1:0") as node:
         assert node.hub.secure
@@ -195,3 +204,15 @@ async def test_plugin_stages_are_authorized_as_plugins_before_anything_else_is_c
                 await run_as(client, "%no-such-plugin-here a=1")
             assert refused.value.code == REFUSED and "is not installed" in str(refused.value)  # authorized: checked on
         assert started(alpha) == 0
+
+
+async def test_the_allow_list_restricts_arguments_for_everyone(tmp_path: Path) -> None:
+    written = tmp_path / "written"
+    allow = frozenset({"seq", "sort -r -n '-k[0-9]*'"})
+    async with secure_node("alpha", key_dir(tmp_path, "alpha"), allow=allow) as alpha:
+        for pipeline in (f"seq 3 | sort -o {written}", "seq 3 | sort --compress-program=sh", "seq 3 | /usr/bin/sort"):
+            with pytest.raises(RunFailed) as refused:
+                await run_local(alpha, pipeline)  # the node's own user: the allow list holds all the same
+            assert refused.value.code == REFUSED and "is not allowed on node alpha" in str(refused.value)
+        assert started(alpha) == 0 and not written.exists()
+        assert await run_local(alpha, "seq 3 | sort -r -n -k1") == b"3\n2\n1\n"
