@@ -202,7 +202,7 @@ class Coordinator:
             raise ControlError(PLACEMENT, str(exc)) from None
         nodes = [p.node for p in placed]
         for i, p in enumerate(placed):
-            log.info("node %s: stage %d (%s) to %s: %s %s", self.node, i, stages[i].program, p.node, p.why, p.offer)
+            log.info("node %s: stage %d (%r) to %s: %s %r", self.node, i, stages[i].program, p.node, p.why, p.offer)
         pipeline = uuid.uuid4().hex[:12]
         run = Run(pipeline, client, stages, nodes)
         self.runs[pipeline] = run

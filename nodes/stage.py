@@ -87,6 +87,7 @@ class Stage:
     stop: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set when it is cancelled
     caller: Identity = INSECURE  # whom it runs for, as the transport established it (nodes.policy.caller_of)
     negotiated_by: str = ""  # the bus address that negotiated it: only that one may start it
+    who: str = ""  # the caller for the log, with the node that asked on its behalf
 
 
 class DirectPipes:

@@ -153,7 +153,8 @@ class Stages:
                 unreachable, or the stage is already here.
         """
         pipeline, index, argv = request.pipeline, request.stage, list(request.argv)
-        caller = _policy.caller_of(self.hub.identity_of(src), request.caller, own_coordinator=src == self.ctl.addr)
+        transport = self.hub.identity_of(src)
+        caller = _policy.caller_of(transport, request.caller, own_coordinator=src == self.ctl.addr)
         if isinstance(caller, _policy.Refusal):
             raise NegotiationRefused(f"node {self.node}: {caller.message}", code=UNAUTHORIZED, reason=caller.code)
         refusal = await self.policy.refusal(
@@ -177,6 +178,7 @@ class Stages:
         stage = self._stages[(pipeline, index)] = Stage(
             pipeline, index, argv, request.mode, endpoint, describe, caller=caller, negotiated_by=src
         )
+        stage.who = _who(caller, None if src == self.ctl.addr else transport)
         stage.expiry = asyncio.get_running_loop().call_later(UNSTARTED_EXPIRY_S, self._expire, stage)
         return NegotiateReply(addr=endpoint.addr, host=self.host)
 
@@ -219,6 +221,7 @@ class Stages:
             caller=caller,
             negotiated_by=src,
         )
+        stage.who = _who(caller, None if src == self.ctl.addr else self.hub.identity_of(src))
         stage.expiry = asyncio.get_running_loop().call_later(UNSTARTED_EXPIRY_S, self._expire, stage)
         return NegotiateReply(addr=addr)
 
@@ -254,7 +257,7 @@ class Stages:
         except StageError as exc:
             raise ControlError(REFUSED, str(exc)) from None
         stage.task = self._spawn(self._run(stage, wiring, spec.to_json()), stage.describe)
-        log.info("node %s: started %s (plugin worker) pid %d", self.node, stage.describe, stage.proc.pid)
+        self._log_started(stage, "plugin worker")
         return StartReply(pid=stage.proc.pid, context={})
 
     async def _link_neighbours(self, peers: Mapping[str, str]) -> None:
@@ -331,8 +334,23 @@ class Stages:
             raise
         stage.started = time.time()
         stage.task = self._spawn(self._run(stage, wiring), stage.describe)
-        log.info("node %s: started %s pid %d", self.node, stage.describe, stage.proc.pid)
+        self._log_started(stage, "program")
         return StartReply(pid=stage.proc.pid, context=stage.pipes.context)
+
+    def _log_started(self, stage: Stage, what: str) -> None:
+        """The record of every run (issue 12): who, what, where; the argv escaped (``%r`` of its
+        shell words), so that no argument can forge a log line."""
+        assert stage.proc is not None
+        log.info(
+            "node %s: started stage %d of pipeline %s for %s: %s %r, pid %d",
+            self.node,
+            stage.index,
+            stage.pipeline,
+            stage.who,
+            what,
+            shlex.join(stage.argv),
+            stage.proc.pid,
+        )
 
     def workdir(self, cwd: str) -> str:
         """Where a stage starts: ``cwd`` from ``start`` (relative ones from the configured
@@ -444,6 +462,13 @@ class Stages:
             if stage.task is not None:  # the stage's own output may still await its acknowledgement
                 await asyncio.wait({stage.task})
             stage.endpoint.close()
+
+
+def _who(caller: Identity, transport: Identity | None) -> str:
+    """Whom a stage runs for, and through whom when a node asked on the caller's behalf."""
+    if transport is None or transport == caller:
+        return str(caller)
+    return f"{caller}, asked by {transport}"
 
 
 __all__ = ["NegotiationRefused", "Stages"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -216,3 +217,23 @@ async def test_the_allow_list_restricts_arguments_for_everyone(tmp_path: Path) -
             assert refused.value.code == REFUSED and "is not allowed on node alpha" in str(refused.value)
         assert started(alpha) == 0 and not written.exists()
         assert await run_local(alpha, "seq 3 | sort -r -n -k1") == b"3\n2\n1\n"
+
+
+async def test_every_stage_started_is_logged_with_who_what_and_where(tmp_path: Path) -> None:
+    from tests.nodes.daemons import daemons, dpipes
+
+    rt, logs = key_dir(tmp_path, "rt"), key_dir(tmp_path, "logs")
+    owner = Keyring().client()[0]  # the tests' key directory, which these daemons share as one user's would
+    async with daemons(rt, ["alpha", "beta"], secure=True, log_dir=logs):
+        done = await dpipes(rt, "seq 2 | cat@beta")
+        assert done.code == 0 and done.stdout == b"1\n2\n", done.stderr
+        forged = await dpipes(rt, "echo 'x\nnode alpha: started stage 7 of pipeline forged'")
+        assert forged.code == 0, forged.stderr
+    alpha, beta = (logs / "alpha.log").read_text(), (logs / "beta.log").read_text()
+    me = f"local uid {os.getuid()}"
+    here = re.search(rf"node alpha: started stage 0 of pipeline (\w+) for {me}: program 'seq 2', pid", alpha)
+    assert here, alpha
+    there = f"node beta: started stage 1 of pipeline {here[1]} for key {owner.fingerprint}, asked by node alpha (key "
+    assert there in beta and "program 'cat', pid" in beta, beta
+    assert "node alpha: started stage 0 of pipeline" in alpha and "\\nnode alpha: started stage 7" in alpha
+    assert not any(line.startswith("node alpha: started stage 7") for line in alpha.splitlines())
