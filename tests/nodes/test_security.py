@@ -67,6 +67,7 @@ async def secure_node(
     peers: Mapping[str, HostPort] | None = None,
     tofu: bool = False,
     allow: frozenset[str] | None = None,
+    pass_env: tuple[str, ...] = (),
 ) -> AsyncIterator[Node]:
     config = NodeConfig(
         name=name,
@@ -74,6 +75,7 @@ async def secure_node(
         trust_on_first_use=tofu,
         nodes=MappingProxyType(dict(peers or {})),
         allow=allow,
+        pass_env=pass_env,
     )
     async with Node(config, listen="tcp://127.0.0.1:0") as node:
         assert node.hub.secure
@@ -140,14 +142,15 @@ async def test_a_client_may_not_negotiate_on_behalf_of_another_key(tmp_path: Pat
 
 
 @contextlib.asynccontextmanager
-async def two_nodes(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
-    """alpha and beta, each pinning the other's key; alpha has beta as a static peer."""
+async def two_nodes(tmp_path: Path, *, pass_env: tuple[str, ...] = ()) -> AsyncIterator[tuple[Node, Node]]:
+    """alpha and beta, each pinning the other's key; alpha has beta as a static peer (and ``pass_env``)."""
     alpha_dir, beta_dir = key_dir(tmp_path, "alpha"), key_dir(tmp_path, "beta")
     pin(alpha_dir, "beta", node_pair(beta_dir))
     pin(beta_dir, "alpha", node_pair(alpha_dir))
     async with secure_node("beta", beta_dir) as beta:
         port = int(beta.tcp_endpoint.rpartition(":")[2])
-        async with secure_node("alpha", alpha_dir, peers={"beta": HostPort("127.0.0.1", port)}) as alpha:
+        peers = {"beta": HostPort("127.0.0.1", port)}
+        async with secure_node("alpha", alpha_dir, peers=peers, pass_env=pass_env) as alpha:
             await until(lambda: "beta" in alpha.hub.peers and "alpha" in beta.hub.peers)
             yield alpha, beta
 
@@ -237,3 +240,32 @@ async def test_every_stage_started_is_logged_with_who_what_and_where(tmp_path: P
     assert there in beta and "program 'cat', pid" in beta, beta
     assert "node alpha: started stage 0 of pipeline" in alpha and "\\nnode alpha: started stage 7" in alpha
     assert not any(line.startswith("node alpha: started stage 7") for line in alpha.splitlines())
+
+
+def environ_of(output: bytes) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in output.decode().split("\0") if "=" in line)
+
+
+async def test_a_stage_sees_a_clean_environment_and_whom_it_runs_for_from_the_transport(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pwd
+
+    import dpipes.nodes.run
+
+    monkeypatch.setenv("DPIPES_TEST_SECRET", "hunter2")  # the daemon's (this process's) environment
+    monkeypatch.setenv("DPIPES_TEST_PASSED", "on purpose")
+    monkeypatch.setenv("LC_TIME", "C")
+    monkeypatch.setattr(dpipes.nodes.run, "current_user", lambda: "mallory")  # what the client claims
+    me = pwd.getpwuid(os.getuid()).pw_name
+    async with two_nodes(tmp_path, pass_env=("DPIPES_TEST_PASSED",)) as (alpha, _beta):
+        here = environ_of(await run_local(alpha, "cat /proc/self/environ"))
+        user = Keyring(tmp_path / "alpha").client()[0]
+        authorize(tmp_path / "beta", user, 'run="cat /proc/self/environ"')
+        there = environ_of(await run_local(alpha, "cat@beta /proc/self/environ"))
+    assert "DPIPES_TEST_SECRET" not in here and "hunter2" not in str(here) and "hunter2" not in str(there)
+    assert here["DPIPES_TEST_PASSED"] == "on purpose" and "DPIPES_TEST_PASSED" not in there  # alpha's pass_env only
+    assert here["LC_TIME"] == "C" and here["PATH"] == os.environ["PATH"] and here["USER"] == me
+    assert here["DPIPES_USER"] == me  # the local user the kernel named, not "mallory"
+    assert there["DPIPES_USER"] == user.fingerprint  # the key alpha asked on behalf of
+    assert here["DPIPES_NODE"] == "alpha" and there["DPIPES_NODE"] == "beta"
