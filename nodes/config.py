@@ -17,12 +17,18 @@ Keys::
     name = "alpha"                  # node name (default: this host's name and 4 hex digits of its
                                     # machine id, e.g. raspberrypi-3fa2: same-named hosts differ)
     listen = "127.0.0.1:5757"       # HOST:PORT the hub's ROUTER binds; [v6addr]:PORT for IPv6;
-                                    # beyond loopback only with insecure = true (no keys yet)
-    allow = ["sort", "uniq"]        # programs this node runs; absent = any it has
+                                    # peers and remote clients need a key the node trusts
+    allow = ["sort -r -n '-k[0-9]*'", "uniq -c"]
+                                    # what this node runs; absent = any program it has (see below)
     metadata_key = "__dpipes"       # root key of per-object metadata in json/yaml mode
     metadata_argv = false           # ... with the producing program's argv as dp.argv
     metadata_environ = ["LANG"]     # ... with these variables of its environment as dp.environ
-    insecure = false                # serve remote clients without CurveZMQ keys (loudly logged)
+    pass_env = ["http_proxy"]       # variables of the daemon's environment stages also get; by
+                                    # default a stage gets PATH, HOME, USER, LOGNAME, LANG, LC_*,
+                                    # TZ, TMPDIR and dpipes' own, never the rest (its secrets):
+                                    # see dpipes.nodes.stage_env
+    insecure = false                # run without keys: anyone who reaches the port runs programs
+                                    # as this user (loudly logged); for a trusted lab only
     key_dir = "/etc/dpipes"         # the node's key pair and trust files (default: $DPIPES_KEY_DIR,
                                     # else $XDG_CONFIG_HOME/dpipes; see dpipes.bus.keys)
     trust_on_first_use = false      # record an unknown peer node's key when first seen, instead of
@@ -43,6 +49,18 @@ Keys::
     credit_bytes = 16777216         # window of each stream into a stage here (at least 8 MiB)
     plugin_callback_s = 300         # a plugin callback running longer fails its stage (seconds)
     plugin_workers_ready = 2        # plugin workers kept started ahead of need (0: fork one per stage)
+
+``allow``: each entry is ``"PROG"`` or ``"PROG PATTERN..."`` (``"%PLUGIN ..."`` for a plugin), in
+shell words. ``PROG`` is a bare name, compared exactly (``/bin/sh``, ``../sh``, ``c?t`` never
+match ``sh`` or ``cat``). **A bare ``"PROG"`` allows any arguments, so everything that program
+can do**: ``"sort"`` lets a caller run ``sort --compress-program=evil.sh`` (which runs
+``evil.sh``) and ``sort -o FILE`` (which writes any file this node's user can); ``"sh"``,
+``"env"``, ``"python3"``, ``"find"`` or ``"awk"`` give the caller a shell. With patterns, every
+argument must match one of them (:func:`fnmatch.fnmatchcase`, the rule of ``run=`` in
+``authorized_keys``, :mod:`dpipes.bus.trust`): ``"sort -r -n '-k[0-9]*'"`` allows ``sort -r -k2``
+and refuses ``sort -o out`` and ``sort --compress-program=x``. Name each option you allow; a
+pattern such as ``*`` or ``-*`` lets them all through again. The list applies to everyone,
+the node's owner too; ``authorized_keys`` restricts each key further.
 
 :attr:`NodeConfig.origins` says which source set each key; :func:`format_config` shows the
 effective configuration as TOML, each value with where it came from (``dpipesd --print-config``).
@@ -72,7 +90,8 @@ from types import MappingProxyType
 from typing import Any
 
 from dpipes.bus.codec import INITIAL_CREDIT_BYTES
-from dpipes.bus.errors import ConfigError
+from dpipes.bus.errors import ConfigError, TrustFileError
+from dpipes.bus.trust import ProgramRule, program_rule
 from dpipes.nodes.pipeline import check_node_name
 
 __all__ = [
@@ -98,6 +117,8 @@ DEFAULT_PORT = 5757
 # smaller window could not be enforced, so it is refused rather than silently raised.
 MIN_CREDIT_BYTES = INITIAL_CREDIT_BYTES
 COMMAND_LINE = "command line"
+_VARIABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+PLUGIN_SIGIL = "%"  # an allow entry (and a stage) whose first word starts with it names a plugin
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")  # also matches IPv4
@@ -177,13 +198,15 @@ class NodeConfig:
     listen: HostPort = HostPort("127.0.0.1", DEFAULT_PORT)
     nodes: Mapping[str, HostPort] = field(default_factory=lambda: MappingProxyType({}))
     allow: frozenset[str] | None = None
-    """Programs this node may run; None means no allow-list."""
+    """What this node may run (``PROG [PATTERN...]`` entries, :func:`allow_rule`); None: no allow-list."""
     apps: Mapping[str, AppConfig] = field(default_factory=lambda: MappingProxyType({}))
     metadata_key: str = "__dpipes"
     metadata_argv: bool = False
     """Object modes: put the producing program's argv in each object's metadata (``dp.argv``)."""
     metadata_environ: tuple[str, ...] = ()
     """Object modes: these environment variables of the producing stage go in ``dp.environ``."""
+    pass_env: tuple[str, ...] = ()
+    """Variables of the daemon's environment that stages get besides the clean set (:mod:`dpipes.nodes.stage_env`)."""
     limits: Limits = Limits()
     insecure: bool = False
     key_dir: str | None = None
@@ -287,6 +310,14 @@ def _strings(value: object) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _variable_names(value: object) -> tuple[str, ...]:
+    names = _strings(value)
+    for i, name in enumerate(names):
+        if not _VARIABLE_RE.fullmatch(name):
+            raise _Bad(f"item {i}: {name!r} is not an environment variable name")
+    return names
+
+
 def _absolute_path(value: object) -> str:
     path = os.path.expanduser(_string(value))
     if not os.path.isabs(path):
@@ -295,7 +326,28 @@ def _absolute_path(value: object) -> str:
 
 
 def _allow(value: object) -> frozenset[str]:
-    return frozenset(_strings(value))
+    entries = _strings(value)
+    for i, entry in enumerate(entries):
+        try:
+            allow_rule(entry)
+        except TrustFileError as e:
+            raise _Bad(f"item {i}: {str(e).removeprefix('allow entry: ')}") from None
+    return frozenset(entries)
+
+
+def allow_rule(entry: str) -> ProgramRule:
+    """What one ``allow`` entry allows (see the module docstring): ``PROG`` with any arguments,
+    ``PROG PATTERN...`` with arguments each matching a pattern, ``%PLUGIN ...`` the same for a plugin.
+
+    Raises:
+        TrustFileError: not a bare program name, or not shell words.
+    """
+    plugin = entry.startswith(PLUGIN_SIGIL)
+    text = entry[len(PLUGIN_SIGIL) :] if plugin else entry
+    rule = program_rule("plugin" if plugin else "run", text, "allow entry")
+    if not rule.patterns:  # a bare name: any arguments (unlike run= in authorized_keys: none)
+        rule = replace(rule, patterns=("*",))
+    return rule
 
 
 def _positive_int(minimum: int) -> Callable[[object], int]:
@@ -316,6 +368,7 @@ _TOP: dict[str, Callable[[object], object]] = {
     "metadata_key": _string,
     "metadata_argv": _bool,
     "metadata_environ": _strings,
+    "pass_env": _variable_names,
     "insecure": _bool,
     "key_dir": _absolute_path,
     "trust_on_first_use": _bool,
@@ -618,7 +671,7 @@ def format_config(config: NodeConfig, *, labels: Mapping[str, str] | None = None
         rows.append(("# allow = [...]", "not set: any program this node has"))
     else:
         rows.append((f"allow = {_toml_value(config.allow)}", origin("allow")))
-    for key in ("metadata_key", "metadata_argv", "metadata_environ", "insecure", "interfaces", "workdir"):
+    for key in ("metadata_key", "metadata_argv", "metadata_environ", "pass_env", "insecure", "interfaces", "workdir"):
         rows.append((f"{key} = {_toml_value(getattr(config, key))}", origin(key)))
     if config.key_dir is None:
         rows.append(("# key_dir = ...", "not set: $DPIPES_KEY_DIR, else $XDG_CONFIG_HOME/dpipes"))

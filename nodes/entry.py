@@ -180,12 +180,15 @@ async def embedded_node() -> Any:
     from dpipes.nodes.node import Node
 
     config = load_config()
-    async with Node(config, listen="tcp://127.0.0.1:0", worker_pool=False) as node:  # one command: none ahead
-        if config.nodes:
+    async with Node(config, listen="tcp://127.0.0.1:0", worker_pool=False) as node:  # one command: no workers ahead
+        secure = node.security is not None
+        peers = [f"tcp://{p.host}:{p.port}" for p in config.nodes.values()]
+        if peers:  # with keys, a peer whose key is unknown was logged by the node, and is not linked
             await asyncio.gather(
                 *(
-                    node.hub.connect_peer(f"tcp://{p.host}:{p.port}", timeout=STATIC_PEER_WAIT_S)
-                    for p in config.nodes.values()
+                    node.hub.connect_peer(endpoint, timeout=STATIC_PEER_WAIT_S, key=node.static_keys.get(endpoint))
+                    for endpoint in peers
+                    if not secure or endpoint in node.static_keys
                 ),
                 return_exceptions=True,
             )

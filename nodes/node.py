@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -28,11 +27,12 @@ from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, ConfigError
 from dpipes.bus.hub import Hub
+from dpipes.bus.keys import PublicKey
 from dpipes.discovery.directory import GOSSIP_MIN_INTERVAL_S, Action, Link, NodeDirectory
 from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
 from dpipes.discovery.table import NodeRecord, new_instance_id
-from dpipes.nodes.config import NodeConfig
+from dpipes.nodes.config import HostPort, NodeConfig
 from dpipes.nodes.coordinator import Coordinator
 from dpipes.nodes.dispatch import ControlServer
 from dpipes.nodes.fdpass import FdDrop, drop_path
@@ -56,6 +56,7 @@ from dpipes.nodes.protocol import (
     StartReply,
     StartRequest,
 )
+from dpipes.nodes.security import node_security
 from dpipes.nodes.stage import DirectPipes
 from dpipes.nodes.stages import NegotiationRefused, Stages
 from dpipes.nodes.supervisor import Supervisor
@@ -97,11 +98,14 @@ class Node:
     ) -> None:
         self.config = config
         self.name = config.name
-        self.policy = Policy(config.name, config, exclusive=exclusive)
+        self.security = node_security(config)
+        self.policy = Policy(
+            config.name, config, exclusive=exclusive, trust=self.security.store if self.security is not None else None
+        )
         self.exclusive = self.policy.exclusive
         self.exit_after_one = exit_after_one
         tcp = listen or f"tcp://{_zmq_host(config.listen.host)}:{config.listen.port}"
-        check_exposure(config.name, tcp, insecure=config.insecure)
+        check_exposure(config.name, tcp, insecure=config.insecure, keys=self.security is not None)
         self.plugins = self.policy.offered_plugins()  # name -> version, as installed when the node started
         self.hub = Hub(
             config.name,
@@ -109,6 +113,7 @@ class Node:
             ipc=ipc,
             tap=tap,
             info={"programs": sorted(self.offered()), "plugins": sorted(self.plugins), "plugin_versions": self.plugins},
+            security=self.security,
         )
         # One incarnation id for the links and for mDNS, ordered by start time: the directory tells
         # a restarted node from a stale record by comparing them (discovery/table.py).
@@ -130,6 +135,7 @@ class Node:
         self.directory = NodeDirectory(config.name)  # every node this one knows, and the links it wants
         self._gossiped_at: dict[str, float] = {}  # linked peer -> when we last told it what we know
         self._mdns: MdnsDiscovery | None = None
+        self.static_keys: dict[str, PublicKey] = {}  # static peer endpoint -> its pinned node key
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -169,11 +175,13 @@ class Node:
         undo.push_async_callback(self.supervisor.aclose)
         if self.worker_pool_size:
             from dpipes.nodes.plugin_stage import WORKER_ARGV
+            from dpipes.nodes.stage_env import stage_environment
             from dpipes.nodes.worker_pool import WorkerPool
 
-            self.workers = WorkerPool(
-                self.supervisor, WORKER_ARGV, env=os.environ, size=self.worker_pool_size, node=self.name
-            )
+            # Waiting workers start from a stage's clean environment (never the daemon's own); the
+            # spec each one takes adds that stage's variables.
+            env = stage_environment(self.config.pass_env, worker=True)
+            self.workers = WorkerPool(self.supervisor, WORKER_ARGV, env=env, size=self.worker_pool_size, node=self.name)
             undo.push_async_callback(self.workers.aclose)
         try:
             drop = FdDrop(drop_path(self.hub.ipc_endpoint))
@@ -235,11 +243,38 @@ class Node:
             plugins=tuple(sorted(self.plugins)),
         )
         self._apply(self.directory.set_self(me, now))
-        for peer in self.config.nodes.values():
-            self._apply(self.directory.add_static(f"tcp://{_zmq_host(peer.host)}:{peer.port}", now))
+        for name, peer in self.config.nodes.items():
+            endpoint = f"tcp://{_zmq_host(peer.host)}:{peer.port}"
+            if self.security is not None:
+                key = self.static_peer_key(name, peer)
+                if key is not None:
+                    self.static_keys[endpoint] = key
+            self._apply(self.directory.add_static(endpoint, now))
         self._spawn(server.serve(), "control")
         self._spawn(self._gossip_forever(), "gossip")
         await self._start_mdns(undo)
+
+    def static_peer_key(self, name: str, peer: HostPort) -> PublicKey | None:
+        """The key static peer ``name`` must present: pinned in known_nodes; for one on loopback,
+        else this node's own (most likely another daemon of this user, sharing the key directory:
+        :mod:`~dpipes.nodes.security`; if it is not, CURVE fails and it stays down). None: it is
+        not linked (logged, with how to pin it), only listed."""
+        assert self.security is not None
+        key = self.security.store().nodes.key_for(name)
+        if key is None and _is_loopback(peer.host):
+            key = self.security.keypair.public
+            log.info("node %s: static peer %s at %s: linking with this node's own key", self.name, name, peer)
+        if key is None:
+            log.error(
+                "node %s: not linking to static peer %s at %s: its node key is unknown; run 'dpipes keys' on %s "
+                "and pin it here: dpipes keys pin %s KEY",
+                self.name,
+                name,
+                peer,
+                name,
+                name,
+            )
+        return key
 
     def mdns_addresses(self) -> list[str]:
         """Where to advertise and browse: the interfaces this node can be reached at.
@@ -295,7 +330,13 @@ class Node:
         """Carry out what the directory asks for."""
         for action in actions:
             if isinstance(action, Link):
-                (self.hub.add_peer if action.static else self.hub.learn_peer)(action.endpoint)
+                key = self.static_keys.get(action.endpoint)
+                if self.security is not None and key is None:
+                    # A peer learned by mDNS or gossip: which key it must present arrives with the
+                    # discovery records that carry keys; until then it is not linked.
+                    log.debug("node %s: not linking to %s: no node key known for it", self.name, action.endpoint)
+                    continue
+                (self.hub.add_peer if action.static else self.hub.learn_peer)(action.endpoint, key=key)
             elif self.hub.drop_peer(action.endpoint, action.reason):
                 log.debug("node %s: unlinked %s: %s", self.name, action.endpoint, action.reason)
 
@@ -359,11 +400,11 @@ class Node:
 
     async def _on_negotiate(self, request: NegotiateRequest, src: str) -> NegotiateReply:
         assert self.stages is not None
-        return await self.stages.negotiate(request)
+        return await self.stages.negotiate(request, src)
 
     async def _on_start(self, request: StartRequest, src: str) -> StartReply:
         assert self.stages is not None
-        return await self.stages.start(request)
+        return await self.stages.start(request, src)
 
     async def _on_cancel(self, request: CancelRequest, src: str) -> CancelReply:
         assert self.stages is not None and self.coordinator is not None
@@ -371,7 +412,7 @@ class Node:
         if run is not None:  # the client cancels: tell every node
             await self.coordinator.cancel(run, request.reason)
             return CancelReply()
-        return CancelReply(stages=await self.stages.cancel(request.pipeline, request.reason))
+        return CancelReply(stages=await self.stages.cancel(request.pipeline, request.reason, by=src))
 
     async def _on_exit(self, report: ExitReport, src: str) -> Empty:
         assert self.coordinator is not None
@@ -480,33 +521,43 @@ class Node:
         return Empty()
 
 
-def check_exposure(name: str, tcp: str, *, insecure: bool) -> None:
+def check_exposure(name: str, tcp: str, *, insecure: bool, keys: bool = False) -> None:
     """Refuse to serve programs beyond loopback without keys, unless told so (loudly).
 
-    Until CurveZMQ keys are in place, anyone who reaches a node's port can run programs as the
-    node's user; listening on loopback only is the safe default.
+    With keys (the default: a node makes its pair on first start), every TCP peer must hold a key
+    the node trusts, on any address. Without keys anyone who reaches the port runs programs as the
+    node's user: on loopback that is every local user, beyond it everyone on the network, which a
+    node does only with ``insecure``.
 
     Raises:
-        ConfigError: ``tcp`` is not a loopback address and ``insecure`` is false.
+        ConfigError: no ``keys``, ``tcp`` is not a loopback address and ``insecure`` is false.
     """
-    host = tcp.removeprefix("tcp://").rpartition(":")[0].strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback:
+    if keys:
         return
+    host = tcp.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    loopback = _is_loopback(host)
     if not insecure:
+        if loopback:
+            return
         raise ConfigError(
             f"node {name} would listen on {host or '*'} without keys: anyone who can reach it could run programs "
-            "as this user. Listen on 127.0.0.1 (the default), or accept that risk on a trusted network with "
-            "--insecure (config: insecure = true)."
+            "as this user. Leave insecure unset (the node then uses its keys), or accept that risk on a "
+            "trusted network with --insecure (config: insecure = true)."
         )
     log.warning(
-        "node %s: INSECURE: listening on %s without keys; anyone who can reach it can run programs as this user",
+        "node %s: INSECURE (--insecure / insecure = true): no keys, no encryption, no authentication: anyone "
+        "who can reach %s can run programs as this user%s",
         name,
         host or "*",
+        " (on loopback: every user of this host)" if loopback else "",
     )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _zmq_host(host: str) -> str:

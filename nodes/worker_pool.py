@@ -47,7 +47,7 @@ class WorkerPool:
     Args:
         supervisor: the node's supervisor, which starts, tracks and terminates every worker.
         argv: the worker's command (``WORKER_ARGV``); the pool adds ``POOLED_FLAG``.
-        env: the workers' environment: the node's own; the spec adds each stage's.
+        env: the workers' environment (a stage's clean one, see nodes/stage_env.py); the spec adds each stage's.
         size: the most idle workers kept; 0 turns the pool off.
         node: this node's name, for the log.
     """
