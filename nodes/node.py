@@ -21,13 +21,16 @@ import ipaddress
 import logging
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, ConfigError
+from dpipes.bus.errors import BusError, ConfigError, SecurityError
 from dpipes.bus.hub import Hub
-from dpipes.discovery.directory import GOSSIP_MIN_INTERVAL_S, Action, Link, NodeDirectory
+from dpipes.bus.keys import key_dir
+from dpipes.bus.trust import KNOWN_NODES, KnownNodes
+from dpipes.discovery.directory import GOSSIP_MIN_INTERVAL_S, Action, Link, NodeDirectory, vet_by
 from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
 from dpipes.discovery.table import NodeRecord, new_instance_id
@@ -119,7 +122,8 @@ class Node:
         self._stopped: asyncio.Event | None = None
         self._started = contextlib.AsyncExitStack()  # how to undo start(), step by step
         self._closed = False
-        self.directory = NodeDirectory(config.name)  # every node this one knows, and the links it wants
+        # every node this one knows, and the links it wants; with keys, only nodes known_nodes trusts
+        self.directory = NodeDirectory(config.name, vet=vet_by(self._known_nodes) if self.hub.secure else None)
         self._gossiped_at: dict[str, float] = {}  # linked peer -> when we last told it what we know
         self._mdns: MdnsDiscovery | None = None
 
@@ -256,6 +260,7 @@ class Node:
             addresses=tuple(addresses),
             programs=tuple(sorted(self.offered())),
             plugins=tuple(sorted(self.plugins)),
+            key=self.hub.public_key,  # public by design: peers vet it against their known_nodes
         )
         mdns = MdnsDiscovery(record, interfaces=addresses, on_event=self._on_mdns)
         await mdns.start()
@@ -274,7 +279,10 @@ class Node:
         """Carry out what the directory asks for."""
         for action in actions:
             if isinstance(action, Link):
-                (self.hub.add_peer if action.static else self.hub.learn_peer)(action.endpoint)
+                try:
+                    (self.hub.add_peer if action.static else self.hub.learn_peer)(action.endpoint, key=action.key)
+                except SecurityError as exc:  # a secure hub and no key for it: say so, link nothing
+                    log.error("node %s: not linking %s: %s", self.name, action.endpoint, exc)
             elif self.hub.drop_peer(action.endpoint, action.reason):
                 log.debug("node %s: unlinked %s: %s", self.name, action.endpoint, action.reason)
 
@@ -312,6 +320,11 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _known_nodes(self) -> KnownNodes:
+        """The peer nodes this node trusts, read afresh (``dpipes keys pin`` takes effect at once)."""
+        where = Path(self.config.key_dir) if self.config.key_dir else key_dir()
+        return KnownNodes.load(where / KNOWN_NODES, tofu=self.config.trust_on_first_use)
 
     # -- what this node offers -----------------------------------------------------------------
 
@@ -360,7 +373,8 @@ class Node:
         if up:
             peer = self.hub.peers.get(node)
             if peer is not None:
-                self._apply(self.directory.link_up(node, peer.instance, peer.endpoint, peer.info, now))
+                key = self._known_nodes().key_for(node) if self.hub.secure else None  # the hub checked it
+                self._apply(self.directory.link_up(node, peer.instance, peer.endpoint, peer.info, now, key=key))
             self._gossip(first=node)  # a new neighbour: share what we know at once, so the mesh closes fast
             return
         # The hub says an orderly departure only in the reason's text, for now (the bus's to type).
@@ -414,7 +428,7 @@ class Node:
         if self._ctl is None:
             return
         now = time.monotonic()
-        body = GossipRequest(peers=self.directory.gossip_body()["peers"]).to_body()
+        body = GossipRequest(**self.directory.gossip_body()).to_body()
         for name in self.directory.linked():
             if name != first and now - self._gossiped_at.get(name, -GOSSIP_MIN_INTERVAL_S) < GOSSIP_MIN_INTERVAL_S:
                 continue
