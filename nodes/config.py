@@ -17,12 +17,13 @@ Keys::
     name = "alpha"                  # node name (default: this host's name and 4 hex digits of its
                                     # machine id, e.g. raspberrypi-3fa2: same-named hosts differ)
     listen = "127.0.0.1:5757"       # HOST:PORT the hub's ROUTER binds; [v6addr]:PORT for IPv6;
-                                    # beyond loopback only with insecure = true (no keys yet)
+                                    # peers and remote clients need a key the node trusts
     allow = ["sort", "uniq"]        # programs this node runs; absent = any it has
     metadata_key = "__dpipes"       # root key of per-object metadata in json/yaml mode
     metadata_argv = false           # ... with the producing program's argv as dp.argv
     metadata_environ = ["LANG"]     # ... with these variables of its environment as dp.environ
-    insecure = false                # serve remote clients without CurveZMQ keys (loudly logged)
+    insecure = false                # run without keys: anyone who reaches the port runs programs
+                                    # as this user (loudly logged); for a trusted lab only
     key_dir = "/etc/dpipes"         # the node's key pair and trust files (default: $DPIPES_KEY_DIR,
                                     # else $XDG_CONFIG_HOME/dpipes; see dpipes.bus.keys)
     trust_on_first_use = false      # record an unknown peer node's key when first seen, instead of

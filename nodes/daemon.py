@@ -59,12 +59,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from dpipes.bus import keys
 from dpipes.bus.errors import DpipesError, KeyFileError
 from dpipes.bus.keys import KeyPair
 from dpipes.nodes import paths, sdnotify
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.paths import AlreadyRunning, Claim, NodeFiles, RuntimeDirError
+from dpipes.nodes.security import node_keypair
 
 __all__ = [
     "LOG_FORMAT",
@@ -383,19 +383,6 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
         finally:
             asyncio.set_event_loop(None)
             loop.close()
-
-
-def node_keypair(config: NodeConfig) -> tuple[KeyPair, bool]:
-    """The node's key pair in its key directory, created on its first start; and whether it was.
-
-    Raises:
-        KeyFileError: the key directory or an existing pair cannot be used.
-    """
-    where = Path(config.key_dir) if config.key_dir else keys.key_dir()
-    pair, created = keys.load_or_create_keypair(where, keys.NODE_KEY)
-    if created:
-        log.info("node %s: created its key pair %s in %s", config.name, pair.fingerprint, where)
-    return pair, created
 
 
 def _runtime_dir(given: Path | None) -> Path:

@@ -21,15 +21,14 @@ import ipaddress
 import logging
 import time
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, ConfigError, SecurityError
 from dpipes.bus.hub import Hub
-from dpipes.bus.keys import key_dir
-from dpipes.bus.trust import KNOWN_NODES, KnownNodes
+from dpipes.bus.keys import PublicKey
+from dpipes.bus.trust import KnownNodes
 from dpipes.discovery.directory import GOSSIP_MIN_INTERVAL_S, Action, Link, NodeDirectory, vet_by
 from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
@@ -58,6 +57,7 @@ from dpipes.nodes.protocol import (
     StartReply,
     StartRequest,
 )
+from dpipes.nodes.security import node_security
 from dpipes.nodes.stage import DirectPipes
 from dpipes.nodes.stages import NegotiationRefused, Stages
 from dpipes.nodes.supervisor import Supervisor
@@ -99,7 +99,8 @@ class Node:
         self.exclusive = self.policy.exclusive
         self.exit_after_one = exit_after_one
         tcp = listen or f"tcp://{_zmq_host(config.listen.host)}:{config.listen.port}"
-        check_exposure(config.name, tcp, insecure=config.insecure)
+        self.security = node_security(config)
+        check_exposure(config.name, tcp, insecure=config.insecure, keys=self.security is not None)
         self.plugins = self.policy.offered_plugins()  # name -> version, as installed when the node started
         self.hub = Hub(
             config.name,
@@ -107,6 +108,7 @@ class Node:
             ipc=ipc,
             tap=tap,
             info={"programs": sorted(self.offered()), "plugins": sorted(self.plugins), "plugin_versions": self.plugins},
+            security=self.security,
         )
         # One incarnation id for the links and for mDNS, ordered by start time: the directory tells
         # a restarted node from a stale record by comparing them (discovery/table.py).
@@ -126,6 +128,7 @@ class Node:
         self.directory = NodeDirectory(config.name, vet=vet_by(self._known_nodes) if self.hub.secure else None)
         self._gossiped_at: dict[str, float] = {}  # linked peer -> when we last told it what we know
         self._mdns: MdnsDiscovery | None = None
+        self._static_keys: dict[str, PublicKey] = {}  # static peer endpoint -> its pinned node key
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -222,8 +225,23 @@ class Node:
             plugins=tuple(sorted(self.plugins)),
         )
         self._apply(self.directory.set_self(me, now))
-        for peer in self.config.nodes.values():
-            self._apply(self.directory.add_static(f"tcp://{_zmq_host(peer.host)}:{peer.port}", now))
+        for name, peer in self.config.nodes.items():
+            endpoint = f"tcp://{_zmq_host(peer.host)}:{peer.port}"
+            if self.security is not None:
+                key = self.security.store().nodes.key_for(name)
+                if key is None:  # listed (down) in `dpipes --nodes`, never linked
+                    log.error(
+                        "node %s: not linking to static peer %s at %s: its node key is unknown; run "
+                        "'dpipes keys' on %s and pin it here: dpipes keys pin %s KEY",
+                        self.name,
+                        name,
+                        endpoint,
+                        name,
+                        name,
+                    )
+                else:
+                    self._static_keys[endpoint] = key
+            self._apply(self.directory.add_static(endpoint, now))
         self._spawn(server.serve(), "control")
         self._spawn(self._gossip_forever(), "gossip")
         await self._start_mdns(undo)
@@ -279,9 +297,14 @@ class Node:
         """Carry out what the directory asks for."""
         for action in actions:
             if isinstance(action, Link):
+                key = action.key or self._static_keys.get(action.endpoint)  # discovery's vetted key, or the pin
+                if self.security is not None and key is None:
+                    # A static peer whose key is unknown (logged at start); discovered peers come vetted.
+                    log.debug("node %s: not linking to %s: no node key known for it", self.name, action.endpoint)
+                    continue
                 try:
-                    (self.hub.add_peer if action.static else self.hub.learn_peer)(action.endpoint, key=action.key)
-                except SecurityError as exc:  # a secure hub and no key for it: say so, link nothing
+                    (self.hub.add_peer if action.static else self.hub.learn_peer)(action.endpoint, key=key)
+                except SecurityError as exc:
                     log.error("node %s: not linking %s: %s", self.name, action.endpoint, exc)
             elif self.hub.drop_peer(action.endpoint, action.reason):
                 log.debug("node %s: unlinked %s: %s", self.name, action.endpoint, action.reason)
@@ -323,8 +346,8 @@ class Node:
 
     def _known_nodes(self) -> KnownNodes:
         """The peer nodes this node trusts, read afresh (``dpipes keys pin`` takes effect at once)."""
-        where = Path(self.config.key_dir) if self.config.key_dir else key_dir()
-        return KnownNodes.load(where / KNOWN_NODES, tofu=self.config.trust_on_first_use)
+        assert self.security is not None, "only a node with keys vets node keys"
+        return self.security.store().nodes
 
     # -- what this node offers -----------------------------------------------------------------
 
@@ -450,32 +473,38 @@ class Node:
         return Empty()
 
 
-def check_exposure(name: str, tcp: str, *, insecure: bool) -> None:
+def check_exposure(name: str, tcp: str, *, insecure: bool, keys: bool = False) -> None:
     """Refuse to serve programs beyond loopback without keys, unless told so (loudly).
 
-    Until CurveZMQ keys are in place, anyone who reaches a node's port can run programs as the
-    node's user; listening on loopback only is the safe default.
+    With keys (the default: a node makes its pair on first start), every TCP peer must hold a key
+    the node trusts, on any address. Without keys anyone who reaches the port runs programs as the
+    node's user: on loopback that is every local user, beyond it everyone on the network, which a
+    node does only with ``insecure``.
 
     Raises:
-        ConfigError: ``tcp`` is not a loopback address and ``insecure`` is false.
+        ConfigError: no ``keys``, ``tcp`` is not a loopback address and ``insecure`` is false.
     """
+    if keys:
+        return
     host = tcp.removeprefix("tcp://").rpartition(":")[0].strip("[]")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if loopback:
-        return
     if not insecure:
+        if loopback:
+            return
         raise ConfigError(
             f"node {name} would listen on {host or '*'} without keys: anyone who can reach it could run programs "
-            "as this user. Listen on 127.0.0.1 (the default), or accept that risk on a trusted network with "
-            "--insecure (config: insecure = true)."
+            "as this user. Leave insecure unset (the node then uses its keys), or accept that risk on a "
+            "trusted network with --insecure (config: insecure = true)."
         )
     log.warning(
-        "node %s: INSECURE: listening on %s without keys; anyone who can reach it can run programs as this user",
+        "node %s: INSECURE (--insecure / insecure = true): no keys, no encryption, no authentication: anyone "
+        "who can reach %s can run programs as this user%s",
         name,
         host or "*",
+        " (on loopback: every user of this host)" if loopback else "",
     )
 
 

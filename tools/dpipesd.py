@@ -31,11 +31,11 @@ examples:
   dpipesd                                  start this host's node in the background, named after
                                            the host, listening on 127.0.0.1:5757
   dpipesd --foreground --log-level DEBUG   run attached, logging to stderr; Ctrl-C stops it
-  dpipesd --name beta --listen 0.0.0.0:5758 --insecure --peer alpha.lan:5757
-                                           a second node with a static peer (for networks where
-                                           mDNS does not reach); unnamed peers are keyed peer1,
-                                           peer2, ... in the [nodes] table
-  dpipesd --peer alpha=10.0.0.1:5757       a static peer under a name of your choice
+  dpipesd --name beta --listen 0.0.0.0:5758 --peer alpha=alpha.lan:5757
+                                           a second node on the LAN with a static peer (for
+                                           networks where mDNS does not reach), linked once its
+                                           key is pinned: dpipes keys pin alpha KEY; unnamed
+                                           peers are keyed peer1, peer2, ... in the [nodes] table
   dpipesd --allow sort uniq                run only these programs for pipelines
   dpipesd --name sorter -- sort -r         a node that runs only 'sort -r', offered as such: an
                                            unpinned 'sort -r ...' goes there, a plain 'sort' does
@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--listen",
         metavar="HOST:PORT",
-        help="where peers and remote clients connect (default 127.0.0.1:5757; beyond loopback needs --insecure)",
+        help="where peers and remote clients connect, with a key the node trusts (default 127.0.0.1:5757)",
     )
     run.add_argument(
         "--peer",
@@ -122,8 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--insecure",
         action="store_true",
-        help="allow listening beyond loopback without keys: anyone who reaches the port can run programs as "
-        "this user (logged as a warning); for a trusted network only, until CurveZMQ keys land",
+        help="run without keys: no encryption, no authentication; anyone who reaches the port (on loopback: "
+        "every local user) can run programs as this user. Logged as a warning; for a trusted lab only",
     )
     run.add_argument(
         "--log-level",

@@ -51,15 +51,23 @@ async def daemons(
     extra: dict[str, list[str]] | None = None,
     peer_of: dict[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    secure: bool = False,
 ) -> AsyncIterator[list[Daemon]]:
     """Start one ``dpipesd --foreground`` per name, each a static peer of the first (or of
-    ``peer_of[name]``, started before it), in ``cwd`` (default ours); stop them all."""
+    ``peer_of[name]``, started before it), in ``cwd`` (default ours); stop them all.
+
+    Without ``secure`` the daemons run ``--insecure`` (no keys); with it, with the keys and trust
+    of their key directories (``extra`` gives each its ``--key-dir``)."""
     env = environment(runtime_dir)
     started: list[Daemon] = []
     try:
         for name in names:
             argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", name]
             argv += ["--listen", "127.0.0.1:0"]
+            if not secure:
+                # No keys: these tests reach daemons over loopback TCP with plain clients and link
+                # them by address alone. Keys, trust and refusals: tests/nodes/test_security.py.
+                argv += ["--insecure"]
             if started:
                 target = (peer_of or {}).get(name)
                 peer = next(d for d in started if d.name == target) if target else started[0]

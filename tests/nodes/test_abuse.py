@@ -141,7 +141,7 @@ async def test_a_gossip_flood_keeps_a_daemons_links_bounded_and_a_real_node_join
         assert flooded.fds - baseline.fds < 4 * MAX_KNOWN_NODES < len(flood), f"{baseline} -> {flooded}"
         (tmp_path / "late").mkdir(mode=0o700)
         argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", "late"]
-        argv += ["--listen", "127.0.0.1:0", "--peer", alpha.host_port]
+        argv += ["--listen", "127.0.0.1:0", "--insecure", "--peer", alpha.host_port]
         late = await asyncio.create_subprocess_exec(
             *argv,
             env=environment(tmp_path / "late"),

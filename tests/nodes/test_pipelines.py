@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dpipes.nodes.config import NodeConfig
 from tests.nodes.daemons import daemons, dpipes, environment, shell, start_dpipes
 
 WAIT_S = 30.0
@@ -398,9 +399,9 @@ async def test_a_stage_that_reads_nothing_stops_its_producer_like_sigpipe(rt: Pa
         await until(lambda: not alpha.children() and not beta.children())
 
 
-async def test_a_node_refuses_to_listen_beyond_loopback_without_insecure(rt: Path) -> None:
+async def test_a_node_without_keys_refuses_to_listen_beyond_loopback_unless_insecure(rt: Path) -> None:
     from dpipes.bus.errors import ConfigError
-    from dpipes.nodes.node import check_exposure
+    from dpipes.nodes.node import Node, check_exposure
 
     check_exposure("n", "tcp://127.0.0.1:5757", insecure=False)
     check_exposure("n", "tcp://[::1]:5757", insecure=False)
@@ -408,22 +409,10 @@ async def test_a_node_refuses_to_listen_beyond_loopback_without_insecure(rt: Pat
         check_exposure("n", "tcp://*:5757", insecure=False)
     with pytest.raises(ConfigError, match=r"would listen on 10\.1\.2\.3 without keys"):
         check_exposure("n", "tcp://10.1.2.3:5757", insecure=False)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dpipes.tools.dpipesd",
-        "--foreground",
-        "--name",
-        "open",
-        "--listen",
-        "0.0.0.0:0",
-        env=environment(rt),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
-    assert proc.returncode != 0
-    assert b"without keys" in err and b"--insecure" in err
+    check_exposure("n", "tcp://10.1.2.3:5757", insecure=False, keys=True)  # keys: every peer needs one
+    # A node has keys unless it is told to be insecure: a LAN address needs no flag.
+    node = Node(NodeConfig(name="open", key_dir=str(rt / "keys")), listen="tcp://0.0.0.0:0")
+    assert node.hub.secure and (rt / "keys" / "node.key_secret").exists()
 
 
 async def test_metadata_carries_argv_and_chosen_environment_when_configured(rt: Path, tmp_path: Path) -> None:

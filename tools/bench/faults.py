@@ -116,7 +116,7 @@ class Daemon:
         runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log = runtime_dir / "stderr.log"
         argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", name]
-        argv += ["--listen", "127.0.0.1:0"] + (["--peer", peer] if peer else [])
+        argv += ["--listen", "127.0.0.1:0", "--insecure"] + (["--peer", peer] if peer else [])
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, env=env_for(runtime_dir), stdout=subprocess.PIPE, stderr=log)
         assert self.proc.stdout is not None

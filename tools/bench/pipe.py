@@ -48,7 +48,7 @@ def local_daemons(names: list[str], runtime_dir: Path, *, env: dict[str, str] | 
     try:
         for name in names:
             argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", name]
-            argv += ["--listen", "127.0.0.1:0"] + (["--peer", addrs[0]] if addrs else [])
+            argv += ["--listen", "127.0.0.1:0", "--insecure"] + (["--peer", addrs[0]] if addrs else [])
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             procs.append(proc)
             assert proc.stdout is not None
