@@ -136,8 +136,14 @@ async def dpipes(
     stdout_file: str | None = None,
     timeout: float = RUN_TIMEOUT_S,
     cwd: str | os.PathLike[str] | None = None,
+    insecure: bool = True,
 ) -> Completed:
-    """Run the real ``dpipes`` command (in ``cwd``, default ours) and wait for it."""
+    """Run the real ``dpipes`` command (in ``cwd``, default ours) and wait for it.
+
+    ``insecure``: a ``--node`` over TCP is one of the harness's ``--insecure`` daemons, attached
+    without keys (``dpipes --insecure``); pass False for ``daemons(secure=True)``."""
+    if insecure and _tcp_node(args):
+        args = ("--insecure", *args)
     stdin: int | None = asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL
     opened = []
     if stdin_file is not None:
@@ -169,6 +175,14 @@ async def dpipes(
         await proc.wait()
         raise
     return Completed(proc.returncode or 0, out or b"", (err or b"").decode(errors="replace"))
+
+
+def _tcp_node(args: Sequence[str]) -> bool:
+    """Whether ``args`` give ``--node`` an address that is not ``ipc://``."""
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag == "--node":
+            return not value.startswith("ipc://")
+    return any(a.startswith("--node=") and not a.startswith("--node=ipc://") for a in args)
 
 
 async def shell(command: str, *, input: bytes | None = None) -> Completed:
