@@ -347,7 +347,7 @@ class NodeDirectory:
         self._vet: KeyVet = vet or _no_keys
         self._keys: dict[str, PublicKey] = {}  # node name -> the key it was vetted or linked with
         self._untrusted: dict[str, _Untrusted] = {}  # refused keys, asked about again on expire
-        self._key_logged: dict[str, float] = {}  # node -> when its key refusal was last logged
+        self._key_logged: dict[str, float] = {}  # "node refusal" -> when it was last logged
         self.table = NodeTable()
         self.rejected: collections.Counter[str] = collections.Counter()
         self._wanted: dict[str, _Want] = {}  # endpoint -> the link asked for
@@ -655,11 +655,12 @@ class NodeDirectory:
             self.rejected["untrusted-key"] += 1
             if name in self._untrusted or len(self._untrusted) < self.max_known:
                 self._untrusted[name] = _Untrusted(endpoint, key, source)
-            last = self._key_logged.get(name)
+            why = f"{name} {type(exc).__name__}"  # a node unknown, then pinned to another key: both said
+            last = self._key_logged.get(why)
             if last is None or now - last >= REJECTION_LOG_INTERVAL_S:
                 if len(self._key_logged) >= 4 * self.max_known:  # bounded: names are free to make up
                     self._key_logged.clear()
-                self._key_logged[name] = now
+                self._key_logged[why] = now
                 log.error("node %s: not linking node %s at %s (from %s): %s", self.name, name, endpoint, source, exc)
             else:
                 log.debug("node %s: not linking node %s again: %s", self.name, name, exc)

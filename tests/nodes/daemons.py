@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import re
 import signal
@@ -95,8 +96,11 @@ async def daemons(
                 await daemon.proc.wait()
 
 
-async def start_dpipes(runtime_dir: Path, *args: str) -> asyncio.subprocess.Process:
-    """Start the real ``dpipes`` command with no input, its stderr captured; the caller waits."""
+async def start_dpipes(runtime_dir: Path, *args: str, insecure: bool = True) -> asyncio.subprocess.Process:
+    """Start the real ``dpipes`` command with no input, its stderr captured; the caller waits.
+    ``insecure`` as for :func:`dpipes`."""
+    if insecure and _tcp_node(args):
+        args = ("--insecure", *args)
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -179,7 +183,7 @@ async def dpipes(
 
 def _tcp_node(args: Sequence[str]) -> bool:
     """Whether ``args`` give ``--node`` an address that is not ``ipc://``."""
-    for flag, value in zip(args, args[1:], strict=False):
+    for flag, value in itertools.pairwise(args):
         if flag == "--node":
             return not value.startswith("ipc://")
     return any(a.startswith("--node=") and not a.startswith("--node=ipc://") for a in args)
