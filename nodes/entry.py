@@ -66,6 +66,7 @@ __all__ = [
     "abandoned_local_daemon",
     "attach",
     "embedded_node",
+    "entry_and_keys",
     "entry_from",
     "entry_keys",
     "known_nodes",
@@ -292,6 +293,25 @@ async def attach(entry: str, keys: EntryKeys | None = None, *, lookup: Any = Non
             f"{keys.node} and, if its key was replaced, pin the new one: dpipes keys pin {keys.node} KEY"
         ) from None
     return client
+
+
+async def entry_and_keys(text: str, *, insecure: bool = False) -> tuple[str, EntryKeys | None]:
+    """The endpoint ``text`` (``--node``) names, and the keys to attach there with (None over ipc,
+    or with ``insecure``). A client pair created just now is logged as a warning (said once).
+
+    Raises:
+        EntryAddressError: ``text`` is malformed.
+        UnknownNode, KeyFileError: as for :func:`entry_keys`.
+    """
+    endpoint = parse_entry(text)
+    if endpoint.startswith("ipc://") or insecure:
+        return endpoint, None
+    keys, created = await entry_keys(text, endpoint)
+    if created:
+        log.warning(
+            "created your client key pair %s in %s", keys.curve.keypair.fingerprint, keys.curve.keypair.path.parent
+        )
+    return endpoint, keys
 
 
 LOCAL_PROBE_TIMEOUT_S = 1.0  # a live local daemon answers ATTACH at once

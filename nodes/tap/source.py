@@ -65,7 +65,12 @@ def _tap_of(runtime: Path, name: str) -> str | None:
 
 
 async def resolve(
-    node: str | None = None, *, all: bool = False, runtime: Path | None = None, endpoint: str | None = None
+    node: str | None = None,
+    *,
+    all: bool = False,
+    runtime: Path | None = None,
+    endpoint: str | None = None,
+    insecure: bool = False,
 ) -> list[Target]:
     """The taps to read for ``--node``/``--all``/``--endpoint`` (see the module docstring).
 
@@ -73,6 +78,7 @@ async def resolve(
         TapError: nothing to read, with what to do about it.
     """
     from dpipes.nodes import paths, run
+    from dpipes.nodes.entry import EntryKeys, entry_and_keys
 
     if endpoint is not None:
         if not endpoint.startswith(("ipc://", "tcp://")):
@@ -84,6 +90,7 @@ async def resolve(
     except (OSError, DpipesError) as exc:
         raise TapError(f"no runtime directory: {exc}") from None
     entry: str
+    keys: EntryKeys | None = None
     if node is None:
         local = paths.local_daemon(runtime)
         if local is None:
@@ -94,7 +101,10 @@ async def resolve(
     elif node.startswith(("ipc://", "tcp://")) and node.endswith("-tap.sock"):
         return [Target("", node)]
     elif ":" in node or node.startswith("ipc://"):
-        entry = run.entry_from(node)
+        try:  # over TCP with keys: [NAME@]HOST:PORT, the node's key pinned in known_nodes
+            entry, keys = await entry_and_keys(node, insecure=insecure)
+        except DpipesError as exc:
+            raise TapError(str(exc)) from None
     else:
         tap = _tap_of(runtime, node)
         if tap is None:
@@ -103,7 +113,7 @@ async def resolve(
             return [Target(node, tap)]
         entry = paths.node_files(runtime, node).ipc_endpoint
     try:
-        known = await run.known_nodes(entry)
+        known = await run.known_nodes(entry, keys)
     except DpipesError as exc:
         raise TapError(str(exc)) from None
     targets, unreachable = [], []
