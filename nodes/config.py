@@ -18,7 +18,8 @@ Keys::
                                     # machine id, e.g. raspberrypi-3fa2: same-named hosts differ)
     listen = "127.0.0.1:5757"       # HOST:PORT the hub's ROUTER binds; [v6addr]:PORT for IPv6;
                                     # peers and remote clients need a key the node trusts
-    allow = ["sort", "uniq"]        # programs this node runs; absent = any it has
+    allow = ["sort -r -n '-k[0-9]*'", "uniq -c"]
+                                    # what this node runs; absent = any program it has (see below)
     metadata_key = "__dpipes"       # root key of per-object metadata in json/yaml mode
     metadata_argv = false           # ... with the producing program's argv as dp.argv
     metadata_environ = ["LANG"]     # ... with these variables of its environment as dp.environ
@@ -43,6 +44,18 @@ Keys::
     max_stages = 64                 # stages one pipeline may have
     credit_bytes = 16777216         # window of each stream into a stage here (at least 8 MiB)
     plugin_callback_s = 300         # a plugin callback running longer fails its stage (seconds)
+
+``allow``: each entry is ``"PROG"`` or ``"PROG PATTERN..."`` (``"%PLUGIN ..."`` for a plugin), in
+shell words. ``PROG`` is a bare name, compared exactly (``/bin/sh``, ``../sh``, ``c?t`` never
+match ``sh`` or ``cat``). **A bare ``"PROG"`` allows any arguments, so everything that program
+can do**: ``"sort"`` lets a caller run ``sort --compress-program=evil.sh`` (which runs
+``evil.sh``) and ``sort -o FILE`` (which writes any file this node's user can); ``"sh"``,
+``"env"``, ``"python3"``, ``"find"`` or ``"awk"`` give the caller a shell. With patterns, every
+argument must match one of them (:func:`fnmatch.fnmatchcase`, the rule of ``run=`` in
+``authorized_keys``, :mod:`dpipes.bus.trust`): ``"sort -r -n '-k[0-9]*'"`` allows ``sort -r -k2``
+and refuses ``sort -o out`` and ``sort --compress-program=x``. Name each option you allow; a
+pattern such as ``*`` or ``-*`` lets them all through again. The list applies to everyone,
+the node's owner too; ``authorized_keys`` restricts each key further.
 
 :attr:`NodeConfig.origins` says which source set each key; :func:`format_config` shows the
 effective configuration as TOML, each value with where it came from (``dpipesd --print-config``).
@@ -72,7 +85,8 @@ from types import MappingProxyType
 from typing import Any
 
 from dpipes.bus.codec import INITIAL_CREDIT_BYTES
-from dpipes.bus.errors import ConfigError
+from dpipes.bus.errors import ConfigError, TrustFileError
+from dpipes.bus.trust import ProgramRule, program_rule
 from dpipes.nodes.pipeline import check_node_name
 
 __all__ = [
@@ -98,6 +112,7 @@ DEFAULT_PORT = 5757
 # smaller window could not be enforced, so it is refused rather than silently raised.
 MIN_CREDIT_BYTES = INITIAL_CREDIT_BYTES
 COMMAND_LINE = "command line"
+PLUGIN_SIGIL = "%"  # an allow entry (and a stage) whose first word starts with it names a plugin
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")  # also matches IPv4
@@ -176,7 +191,7 @@ class NodeConfig:
     listen: HostPort = HostPort("127.0.0.1", DEFAULT_PORT)
     nodes: Mapping[str, HostPort] = field(default_factory=lambda: MappingProxyType({}))
     allow: frozenset[str] | None = None
-    """Programs this node may run; None means no allow-list."""
+    """What this node may run (``PROG [PATTERN...]`` entries, :func:`allow_rule`); None: no allow-list."""
     apps: Mapping[str, AppConfig] = field(default_factory=lambda: MappingProxyType({}))
     metadata_key: str = "__dpipes"
     metadata_argv: bool = False
@@ -294,7 +309,28 @@ def _absolute_path(value: object) -> str:
 
 
 def _allow(value: object) -> frozenset[str]:
-    return frozenset(_strings(value))
+    entries = _strings(value)
+    for i, entry in enumerate(entries):
+        try:
+            allow_rule(entry)
+        except TrustFileError as e:
+            raise _Bad(f"item {i}: {str(e).removeprefix('allow entry: ')}") from None
+    return frozenset(entries)
+
+
+def allow_rule(entry: str) -> ProgramRule:
+    """What one ``allow`` entry allows (see the module docstring): ``PROG`` with any arguments,
+    ``PROG PATTERN...`` with arguments each matching a pattern, ``%PLUGIN ...`` the same for a plugin.
+
+    Raises:
+        TrustFileError: not a bare program name, or not shell words.
+    """
+    plugin = entry.startswith(PLUGIN_SIGIL)
+    text = entry[len(PLUGIN_SIGIL) :] if plugin else entry
+    rule = program_rule("plugin" if plugin else "run", text, "allow entry")
+    if not rule.patterns:  # a bare name: any arguments (unlike run= in authorized_keys: none)
+        rule = replace(rule, patterns=("*",))
+    return rule
 
 
 def _positive_int(minimum: int) -> Callable[[object], int]:

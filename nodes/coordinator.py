@@ -7,7 +7,8 @@ A client's ``run`` request comes to its entry node, whose :class:`Coordinator`:
    ``syntax``, ``bad-request`` naming the field, ``limit``);
 2. places every stage (:func:`~dpipes.nodes.pipeline.place`, over the node table it is given;
    ``placement`` when it cannot);
-3. negotiates with every chosen node at once; one refusal aborts the run before anything starts,
+3. negotiates with every chosen node at once, naming the client it asks for (``negotiate.caller``,
+   protocol: *Who asks*); one refusal aborts the run before anything starts,
    and the error lists every refused stage, naming the other nodes that offer its program (coded
    ``refused``, or the one code every refusal shares);
 4. starts every stage, downstream first, so that each reader is ready before its writer; one
@@ -42,10 +43,11 @@ from typing import TYPE_CHECKING, Any
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import DpipesError, StageError
 from dpipes.bus.hub import Hub
+from dpipes.bus.trust import IdentityKind
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.fdpass import FdDrop
 from dpipes.nodes.pipes_options import check_stage_options, options_for_stage
-from dpipes.nodes.policy import parse_requirement
+from dpipes.nodes.policy import LOCAL_CALLER_PREFIX, parse_requirement
 from dpipes.nodes.protocol import (
     BAD_REQUEST,
     CONTROL_TIMEOUT_S,
@@ -57,6 +59,7 @@ from dpipes.nodes.protocol import (
     REFUSED,
     REPORT_TIMEOUT_S,
     SYNTAX,
+    UNAUTHORIZED,
     UNREACHABLE,
     CancelRequest,
     ControlError,
@@ -135,6 +138,7 @@ class Coordinator:
         self.fd_drop = fd_drop
         self._spawn = spawn
         self.runs: dict[str, Run] = {}
+        self._owner = ""  # our local user's client key fingerprint, read (or made) at the first need
         self.host = host_identity()  # stages on nodes of this host start where a local client is
 
     # -- run: parse, place, negotiate, start -----------------------------------------------
@@ -191,13 +195,14 @@ class Coordinator:
 
         graph = self._parse(request)
         stages = graph.stages
+        caller_for = self._callers(client)
         try:
             placed = placements(stages, self.table(), local=self.node)
         except PlacementError as exc:
             raise ControlError(PLACEMENT, str(exc)) from None
         nodes = [p.node for p in placed]
         for i, p in enumerate(placed):
-            log.info("node %s: stage %d (%s) to %s: %s %s", self.node, i, stages[i].program, p.node, p.why, p.offer)
+            log.info("node %s: stage %d (%r) to %s: %s %r", self.node, i, stages[i].program, p.node, p.why, p.offer)
         pipeline = uuid.uuid4().hex[:12]
         run = Run(pipeline, client, stages, nodes)
         self.runs[pipeline] = run
@@ -221,6 +226,7 @@ class Coordinator:
                         peers=self._endpoints_of([nodes[j] for j in graph.neighbours(i)]),
                         pinned=stages[i].node is not None,
                         config=graph.configs[i],
+                        caller=caller_for(node),
                     ),
                     timeout=CONTROL_TIMEOUT_S,
                 )
@@ -317,6 +323,30 @@ class Coordinator:
                 for i in range(len(stages))
             ),
         )
+
+    def _callers(self, client: str) -> Callable[[str], str]:
+        """``negotiate.caller`` for each node, for the client at ``client`` (protocol: *Who asks*).
+
+        Raises:
+            ControlError: ``unauthorized``: nobody this node knows holds ``client``.
+        """
+        who = self.hub.identity_of(client)
+        if who is None:
+            raise ControlError(UNAUTHORIZED, f"node {self.node} cannot tell who {client!r:.120} is")
+        if who.kind is IdentityKind.KEY:
+            return lambda node: who.fingerprint
+        if who.kind is IdentityKind.LOCAL_USER:
+            local = f"{LOCAL_CALLER_PREFIX}{who.uid}"
+            return lambda node: local if node == self.node else self._owner_fingerprint()
+        return lambda node: ""  # no keys here: nobody is authenticated
+
+    def _owner_fingerprint(self) -> str:
+        """Our local user's client key, as the other nodes know it (``client.key`` in our key directory)."""
+        if not self._owner:
+            from dpipes.nodes.security import owner_client_fingerprint
+
+            self._owner = owner_client_fingerprint(self.config)
+        return self._owner
 
     def _working_dirs(self, request: RunRequest, client: str, hosts: Sequence[str]) -> list[str]:
         """Each stage's ``start.cwd`` (protocol: *Working directories*): the client's directory

@@ -355,14 +355,14 @@ async def embedded_node() -> Any:
 
     config = load_config()
     async with Node(config, listen="tcp://127.0.0.1:0") as node:
-        known = node.security.store().nodes if node.security is not None else None
-        peers = [(f"tcp://{p.host}:{p.port}", known.key_for(n) if known else None) for n, p in config.nodes.items()]
-        if peers:  # a peer whose key is unknown was logged by the node, and is not linked
+        secure = node.security is not None
+        peers = [f"tcp://{p.host}:{p.port}" for p in config.nodes.values()]
+        if peers:  # with keys, a peer whose key is unknown was logged by the node, and is not linked
             await asyncio.gather(
                 *(
-                    node.hub.connect_peer(endpoint, timeout=STATIC_PEER_WAIT_S, key=key)
-                    for endpoint, key in peers
-                    if known is None or key is not None
+                    node.hub.connect_peer(endpoint, timeout=STATIC_PEER_WAIT_S, key=node.static_keys.get(endpoint))
+                    for endpoint in peers
+                    if not secure or endpoint in node.static_keys
                 ),
                 return_exceptions=True,
             )

@@ -33,7 +33,7 @@ from dpipes.discovery.directory import GOSSIP_MIN_INTERVAL_S, Action, Link, Node
 from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
 from dpipes.discovery.table import NodeRecord, new_instance_id
-from dpipes.nodes.config import NodeConfig
+from dpipes.nodes.config import HostPort, NodeConfig
 from dpipes.nodes.coordinator import Coordinator
 from dpipes.nodes.dispatch import ControlServer
 from dpipes.nodes.fdpass import FdDrop, drop_path
@@ -95,11 +95,13 @@ class Node:
     ) -> None:
         self.config = config
         self.name = config.name
-        self.policy = Policy(config.name, config, exclusive=exclusive)
+        self.security = node_security(config)
+        self.policy = Policy(
+            config.name, config, exclusive=exclusive, trust=self.security.store if self.security is not None else None
+        )
         self.exclusive = self.policy.exclusive
         self.exit_after_one = exit_after_one
         tcp = listen or f"tcp://{_zmq_host(config.listen.host)}:{config.listen.port}"
-        self.security = node_security(config)
         check_exposure(config.name, tcp, insecure=config.insecure, keys=self.security is not None)
         self.plugins = self.policy.offered_plugins()  # name -> version, as installed when the node started
         self.hub = Hub(
@@ -128,7 +130,7 @@ class Node:
         self.directory = NodeDirectory(config.name, vet=vet_by(self._known_nodes) if self.hub.secure else None)
         self._gossiped_at: dict[str, float] = {}  # linked peer -> when we last told it what we know
         self._mdns: MdnsDiscovery | None = None
-        self._static_keys: dict[str, PublicKey] = {}  # static peer endpoint -> its pinned node key
+        self.static_keys: dict[str, PublicKey] = {}  # static peer endpoint -> its pinned node key
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -228,23 +230,35 @@ class Node:
         for name, peer in self.config.nodes.items():
             endpoint = f"tcp://{_zmq_host(peer.host)}:{peer.port}"
             if self.security is not None:
-                key = self.security.store().nodes.key_for(name)
-                if key is None:  # listed (down) in `dpipes --nodes`, never linked
-                    log.error(
-                        "node %s: not linking to static peer %s at %s: its node key is unknown; run "
-                        "'dpipes keys' on %s and pin it here: dpipes keys pin %s KEY",
-                        self.name,
-                        name,
-                        endpoint,
-                        name,
-                        name,
-                    )
-                else:
-                    self._static_keys[endpoint] = key
+                key = self.static_peer_key(name, peer)
+                if key is not None:
+                    self.static_keys[endpoint] = key
             self._apply(self.directory.add_static(endpoint, now))
         self._spawn(server.serve(), "control")
         self._spawn(self._gossip_forever(), "gossip")
         await self._start_mdns(undo)
+
+    def static_peer_key(self, name: str, peer: HostPort) -> PublicKey | None:
+        """The key static peer ``name`` must present: pinned in known_nodes; for one on loopback,
+        else this node's own (most likely another daemon of this user, sharing the key directory:
+        :mod:`~dpipes.nodes.security`; if it is not, CURVE fails and it stays down). None: it is
+        not linked (logged, with how to pin it), only listed."""
+        assert self.security is not None
+        key = self.security.store().nodes.key_for(name)
+        if key is None and _is_loopback(peer.host):
+            key = self.security.keypair.public
+            log.info("node %s: static peer %s at %s: linking with this node's own key", self.name, name, peer)
+        if key is None:
+            log.error(
+                "node %s: not linking to static peer %s at %s: its node key is unknown; run 'dpipes keys' on %s "
+                "and pin it here: dpipes keys pin %s KEY",
+                self.name,
+                name,
+                peer,
+                name,
+                name,
+            )
+        return key
 
     def mdns_addresses(self) -> list[str]:
         """Where to advertise and browse: the interfaces this node can be reached at.
@@ -297,7 +311,7 @@ class Node:
         """Carry out what the directory asks for."""
         for action in actions:
             if isinstance(action, Link):
-                key = action.key or self._static_keys.get(action.endpoint)  # discovery's vetted key, or the pin
+                key = action.key or self.static_keys.get(action.endpoint)  # discovery's vetted key, or the pin
                 if self.security is not None and key is None:
                     # A static peer whose key is unknown (logged at start); discovered peers come vetted.
                     log.debug("node %s: not linking to %s: no node key known for it", self.name, action.endpoint)
@@ -372,11 +386,11 @@ class Node:
 
     async def _on_negotiate(self, request: NegotiateRequest, src: str) -> NegotiateReply:
         assert self.stages is not None
-        return await self.stages.negotiate(request)
+        return await self.stages.negotiate(request, src)
 
     async def _on_start(self, request: StartRequest, src: str) -> StartReply:
         assert self.stages is not None
-        return await self.stages.start(request)
+        return await self.stages.start(request, src)
 
     async def _on_cancel(self, request: CancelRequest, src: str) -> CancelReply:
         assert self.stages is not None and self.coordinator is not None
@@ -487,10 +501,7 @@ def check_exposure(name: str, tcp: str, *, insecure: bool, keys: bool = False) -
     if keys:
         return
     host = tcp.removeprefix("tcp://").rpartition(":")[0].strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
+    loopback = _is_loopback(host)
     if not insecure:
         if loopback:
             return
@@ -506,6 +517,13 @@ def check_exposure(name: str, tcp: str, *, insecure: bool, keys: bool = False) -
         host or "*",
         " (on loopback: every user of this host)" if loopback else "",
     )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _zmq_host(host: str) -> str:

@@ -7,9 +7,21 @@ starts anywhere. The checks, in order, each with the :class:`Refusal` code it an
     the coordinator speaks another version of the run conversation (``PIPELINE_PROTOCOL``);
 ``mode``
     the data mode is not one this node knows;
+``unauthorized``
+    the node has keys and the caller may not run this command line here: its
+    :class:`~dpipes.bus.trust.Identity`, established by the transport (:func:`caller_of` says
+    whose it is when a node asks on behalf of a client), is checked with
+    :meth:`KeyPolicy.may_run <dpipes.bus.trust.KeyPolicy.may_run>` against ``authorized_keys``:
+    the program by its bare name (``/bin/sh`` is not ``sh``), every argument against the key's
+    patterns. The daemon's own user (over its Unix socket) and everyone on a node without keys
+    pass; the node's own ``allow`` list and ``dpipesd -- PROG`` still apply to them. Checked
+    before ``not-allowed`` and ``not-found``, so that a caller learns nothing of what the node
+    has; an exclusive node checks the command line it would run (its fixed arguments first);
 ``not-allowed``
     the node is exclusive (``dpipesd -- PROG``) and this is another program, or the configuration
-    has an ``allow`` list without it; or the node is exclusive with fixed arguments
+    has an ``allow`` list without it, or with it only for other arguments (``"PROG PATTERN..."``:
+    every argument must match a pattern; a bare ``"PROG"`` allows any arguments, so everything
+    the program can do: :mod:`dpipes.nodes.config`); or the node is exclusive with fixed arguments
     (``dpipesd -- sort -r``), the stage does not start with them (``sort``) and was not pinned
     here: running it would change what it means (placement sends no such stage here; a
     coordinator that falls back to its own node would);
@@ -29,8 +41,8 @@ group ``dpipes.plugins``; a ``%NAME>=1.2`` requirement is checked against the ve
 distribution that provides it.
 
 A refusal is a value, never an exception: the caller turns it into an answer. The caller's identity
-is an argument of :meth:`Policy.refusal`; today it is the user name the client sent, and no check
-uses it yet (the security work plugs in here). Everything but the version probe is pure.
+is an argument of :meth:`Policy.refusal`, never a name the client sent. Everything but the version
+probe and the reading of the trust files is pure.
 """
 
 from __future__ import annotations
@@ -43,10 +55,13 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
-from dpipes.nodes.config import NodeConfig
+from dpipes.bus.keys import FINGERPRINT_PREFIX
+from dpipes.bus.trust import INSECURE, Identity, IdentityKind, KeyPolicy, ProgramRule, TrustStore
+from dpipes.nodes import config as config_module
+from dpipes.nodes.config import NodeConfig, allow_rule
 from dpipes.nodes.programs import describe_missing
 from dpipes.nodes.protocol import MODES, PIPELINE_PROTOCOL
 
@@ -60,8 +75,10 @@ NOT_ALLOWED: Final = "not-allowed"
 NOT_FOUND: Final = "not-found"
 BAD_REQUIREMENT: Final = "bad-requirement"
 VERSION: Final = "version"
+UNAUTHORIZED: Final = "unauthorized"
+LOCAL_CALLER_PREFIX: Final = "uid:"  # negotiate.caller from a node's own coordinator for its local user
 
-PLUGIN_SIGIL: Final = "%"  # a stage whose first word starts with it names a plugin (dpipes.nodes.pipeline)
+PLUGIN_SIGIL: Final = config_module.PLUGIN_SIGIL  # a stage whose first word starts with it names a plugin
 
 _REQUIRE_RE = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|!=|>|<)\s*([0-9][0-9A-Za-z.+-]*)\s*$")
 _VERSION_RE = re.compile(r"(\d+(?:\.\d+)+|\d+)")
@@ -76,6 +93,29 @@ class Refusal:
 
     def __str__(self) -> str:
         return self.message
+
+
+def caller_of(transport: Identity | None, claimed: str, *, own_coordinator: bool) -> Identity | Refusal:
+    """Who a ``negotiate`` is for (protocol: *Who asks*), or why that cannot be taken.
+
+    Args:
+        transport: who sent it, as the hub established it (None: nobody holds that address).
+        claimed: its ``caller`` field.
+        own_coordinator: it came from this node's own control endpoint.
+    """
+    if transport is None:
+        return Refusal(UNAUTHORIZED, "the request came from an address this node cannot attribute to anyone")
+    if not claimed or transport.kind is IdentityKind.INSECURE:
+        return transport  # without keys nobody is authenticated, and nobody is checked
+    if own_coordinator and claimed.startswith(LOCAL_CALLER_PREFIX) and claimed[len(LOCAL_CALLER_PREFIX) :].isdigit():
+        return Identity.local_user(int(claimed[len(LOCAL_CALLER_PREFIX) :]))
+    if not (own_coordinator or (transport.kind is IdentityKind.KEY and transport.node)):
+        return Refusal(
+            UNAUTHORIZED, f"{transport} is not a node: it may not ask on behalf of {claimed[:80]!r}, only for itself"
+        )
+    if not claimed.startswith(FINGERPRINT_PREFIX) or len(claimed) > 2 * len(FINGERPRINT_PREFIX) + 64:
+        return Refusal(UNAUTHORIZED, f"{transport} asked on behalf of {claimed[:80]!r}, which is not a key fingerprint")
+    return Identity.key(claimed)
 
 
 def parse_requirement(text: str) -> tuple[str, str, tuple[int, ...]]:
@@ -123,20 +163,35 @@ class Policy:
         config: its configuration (``allow``, ``[apps]``).
         exclusive: ``dpipesd -- PROG ARGS``: the only program this node runs, ARGS put before
             each stage's own arguments.
+        trust: the node's current trust store (``authorized_keys``), read at each check; None
+            for a node without keys, which checks nobody.
     """
 
-    def __init__(self, node: str, config: NodeConfig, *, exclusive: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        node: str,
+        config: NodeConfig,
+        *,
+        exclusive: Sequence[str] | None = None,
+        trust: Callable[[], TrustStore] | None = None,
+    ) -> None:
         self.node = node
         self.config = config
         self.exclusive = list(exclusive) if exclusive else None
+        self.trust = trust
         self._versions: dict[str, tuple[int, ...]] = {}
+        # The allow list as rules, by the word a stage starts with (PROG, or %PLUGIN).
+        self._allowed: dict[str, list[ProgramRule]] = {}
+        for entry in sorted(config.allow or ()):
+            rule = allow_rule(entry)
+            self._allowed.setdefault((PLUGIN_SIGIL if rule.plugin else "") + rule.program, []).append(rule)
 
     def offered(self) -> set[str]:
         """What this node offers: its exclusive program with its fixed arguments (``sort -r``, in
         shell words: :func:`~dpipes.nodes.pipeline.offer_matches`), else allow list and [apps]."""
         if self.exclusive:
             return {shlex.join([os.path.basename(self.exclusive[0]), *self.exclusive[1:]])}
-        return set(self.config.allow or ()) | set(self.config.apps)
+        return {name for name in self._allowed if not name.startswith(PLUGIN_SIGIL)} | set(self.config.apps)
 
     def offered_plugins(self) -> dict[str, str]:
         """Plugins this node offers, name -> version: those installed that its allow list admits."""
@@ -144,11 +199,10 @@ class Policy:
             return {}
         from dpipes.nodes.plugins.registry import installed_plugins
 
-        allow = self.config.allow
         return {
             name: info.version
             for name, info in installed_plugins().items()
-            if allow is None or PLUGIN_SIGIL + name in allow
+            if self.config.allow is None or PLUGIN_SIGIL + name in self._allowed
         }
 
     def resolve(self, program: str) -> str | None:
@@ -158,22 +212,41 @@ class Policy:
             return app.path if os.path.isfile(app.path) and os.access(app.path, os.X_OK) else None
         return shutil.which(program)
 
+    def command_line(self, argv: Sequence[str]) -> list[str]:
+        """The command line this node runs for a stage asking for ``argv``, its program not yet
+        resolved: the exclusive program's fixed arguments come first, unless the stage starts with them."""
+        if not self.exclusive:
+            return list(argv)
+        fixed = self.exclusive[1:]
+        given = list(argv[1 : 1 + len(fixed)])
+        return [self.exclusive[0], *(argv[1:] if given == fixed else [*fixed, *argv[1:]])]
+
     def command(self, argv: Sequence[str]) -> list[str]:
-        """What this node forks for a stage asking for ``argv``, its program resolved: the
-        exclusive program's fixed arguments come first, unless the stage starts with them."""
-        full = list(argv)
-        if self.exclusive:
-            fixed = self.exclusive[1:]
-            given = list(argv[1 : 1 + len(fixed)])
-            full = [self.exclusive[0], *(argv[1:] if given == fixed else [*fixed, *argv[1:]])]
+        """What this node forks for a stage asking for ``argv``: :meth:`command_line`, its program resolved."""
+        full = self.command_line(argv)
         return [self.resolve(full[0]) or full[0], *full[1:]]
 
+    def unauthorized(self, caller: Identity, argv: Sequence[str]) -> Refusal | None:
+        """Why ``caller`` may not run ``argv`` here (``authorized_keys``), or None when it may."""
+        if self.trust is None or not argv:
+            return None
+        store = self.trust()
+        plugin = argv[0].startswith(PLUGIN_SIGIL)
+        if plugin:
+            words = [argv[0][len(PLUGIN_SIGIL) :], *argv[1:]]
+        else:
+            words = self.command_line(argv)
+            words[0] = os.path.basename(words[0]) if self.exclusive else words[0]
+        decision = KeyPolicy(store.clients, store.nodes).may_run(caller, words, plugin=plugin)
+        if decision:
+            return None
+        return Refusal(UNAUTHORIZED, f"node {self.node}: {decision.reason}")
+
     def refusal_static(
-        self, argv: Sequence[str], *, mode: str, protocol: object, caller: str, pinned: bool = False
+        self, argv: Sequence[str], *, mode: str, protocol: object, caller: Identity = INSECURE, pinned: bool = False
     ) -> Refusal | None:
-        """The checks that need no probing: protocol, mode, allowed, found (see the module).
-        ``pinned``: the user put the stage on this node (``PROG@NODE``)."""
-        del caller  # no check uses who asks yet; the security work decides here
+        """The checks that need no probing: protocol, mode, authorized, allowed, found (see the
+        module). ``pinned``: the user put the stage on this node (``PROG@NODE``)."""
         program = argv[0] if argv else ""
         if protocol != PIPELINE_PROTOCOL:
             return Refusal(
@@ -182,8 +255,10 @@ class Policy:
             )
         if mode not in MODES:
             return Refusal(MODE, f"data mode {mode!r} is not one of {', '.join(MODES)}")
+        if found := self.unauthorized(caller, argv):
+            return found
         if program.startswith(PLUGIN_SIGIL):
-            return self._plugin_refusal(program)
+            return self._plugin_refusal(argv)
         if self.exclusive is not None:
             only = os.path.basename(self.exclusive[0])
             if os.path.basename(program) != only:
@@ -196,9 +271,8 @@ class Policy:
                     f"node {self.node} runs {only!r} only as {offer!r}, which would change what"
                     f" {shlex.join(argv)!r} does; pin the stage ({only}@{self.node}) to run it so",
                 )
-        elif self.config.allow is not None and program not in self.config.allow:
-            allowed = ", ".join(sorted(self.config.allow)) or "nothing"
-            return Refusal(NOT_ALLOWED, f"program {program!r} is not allowed on node {self.node} (allowed: {allowed})")
+        elif self.config.allow is not None and (found := self._not_allowed(argv, "program")):
+            return found
         wanted = self.exclusive[0] if self.exclusive else program
         if self.resolve(wanted) is None:
             app = self.config.apps.get(wanted)
@@ -206,16 +280,33 @@ class Policy:
             return Refusal(NOT_FOUND, describe_missing(wanted, configured, node=self.node))
         return None
 
-    def _plugin_refusal(self, word: str) -> Refusal | None:
+    def _not_allowed(self, argv: Sequence[str], what: str) -> Refusal | None:
+        """Why the ``allow`` list refuses ``argv`` (its program or plugin, or an argument), or None."""
+        word = argv[0]
+        rules = self._allowed.get(word)
+        name = word[len(PLUGIN_SIGIL) :] if what == "plugin" else word
+        if not rules:
+            allowed = ", ".join(sorted(self._allowed)) or "nothing"
+            hint = f"; add {word!r}" if what == "plugin" else ""
+            message = f"{what} {name!r} is not allowed on node {self.node} (allowed: {allowed}{hint})"
+            return Refusal(NOT_ALLOWED, message)
+        problems = [problem for rule in rules if (problem := rule.check(argv[1:])) is not None]
+        if len(problems) < len(rules):
+            return None
+        entries = ", ".join(repr(shlex.join([word, *r.patterns])) for r in rules)
+        return Refusal(
+            NOT_ALLOWED,
+            f"{shlex.join(argv)!r} is not allowed on node {self.node}: {'; '.join(problems)} (allow: {entries})",
+        )
+
+    def _plugin_refusal(self, argv: Sequence[str]) -> Refusal | None:
+        word = argv[0]
         name = word[len(PLUGIN_SIGIL) :]
         if self.exclusive is not None:
             only = os.path.basename(self.exclusive[0])
             return Refusal(NOT_ALLOWED, f"plugin {name!r} is not allowed: node {self.node} runs only {only!r}")
-        if self.config.allow is not None and word not in self.config.allow:
-            allowed = ", ".join(sorted(self.config.allow)) or "nothing"
-            return Refusal(
-                NOT_ALLOWED, f"plugin {name!r} is not allowed on node {self.node} (allowed: {allowed}; add {word!r})"
-            )
+        if self.config.allow is not None and (found := self._not_allowed(argv, "plugin")):
+            return found
         from dpipes.nodes.plugins.registry import ENTRY_POINT_GROUP, installed_plugins
 
         installed = installed_plugins()
@@ -235,7 +326,7 @@ class Policy:
         mode: str,
         protocol: object,
         require: Iterable[str],
-        caller: str,
+        caller: Identity = INSECURE,
         pinned: bool = False,
     ) -> Refusal | None:
         """Why this node will not run ``argv`` for ``caller``, or None when it will."""
@@ -294,8 +385,10 @@ class Policy:
 
 
 __all__ = [
+    "UNAUTHORIZED",
     "Policy",
     "Refusal",
+    "caller_of",
     "parse_requirement",
     "probe_version",
     "version_satisfies",

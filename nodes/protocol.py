@@ -43,7 +43,10 @@ Versioning
     ``PROTOCOL_VERSION``. ``run`` and ``negotiate`` carry ``protocol``; a node that speaks another
     version answers ``protocol`` (and ``info`` says which version a node speaks). Version 1 was
     the same conversation before it was written down: error replies had no ``code``, ``exit``
-    had no ``cancelled`` and said cancellation only in ``error``'s text.
+    had no ``cancelled`` and said cancellation only in ``error``'s text. ``negotiate.caller`` and
+    the ``unauthorized`` code came later within version 2, compatibly: a node that does not know
+    ``caller`` ignores it (and has no keys to check it against), and a caller that does not know
+    a code treats it as a failure like any other.
 
 Methods (``REQUEST`` to ``<node>/ctl``)
     ``run`` (client -> its entry node): run a pipeline. Body:
@@ -89,8 +92,10 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``peers: map[str, str] = {}`` (node name -> bus endpoint of the neighbouring stages'
         nodes, which this node links to before it agrees), ``pinned: bool = false`` (the user
         pinned the stage to this node: ``PROG@NODE``), ``config: map = {}`` (a plugin stage's
-        configuration, over its ``KEY=VALUE`` words). The node checks the version, the mode,
-        that the program is allowed and found here and meets ``require`` (a node that offers a
+        configuration, over its ``KEY=VALUE`` words), ``caller: str = ""`` (on whose behalf a
+        coordinator asks: see *Who asks*). The node checks the version, the mode, that the caller
+        may run the stage here (``unauthorized``), that the program is allowed and found here and
+        meets ``require`` (a node that offers a
         program with fixed arguments, ``sort -r``, refuses a stage that does not start with them
         unless it is pinned), then reserves the stage address. Reply: ``addr: str``,
         ``host: str = ""`` (the node's host identity: its host name and machine id; nodes that
@@ -151,6 +156,22 @@ Reports (``REQUEST`` to a client's or coordinator's address; reply: empty)
     error: str, lost: list[int] = []`` (the stages that ran on a lost node: whichever of them
     has not reported to the client never will; one that has keeps its own report).
 
+Who asks
+    A node with keys knows who sends each request from its transport, never from a body: the key
+    a TCP peer authenticated with (CurveZMQ), or the uid of an ``ipc://`` peer (the daemon's own
+    user only). ``user`` fields are what a client says of itself and decide nothing. A ``run``
+    is the client's: its entry node negotiates every stage on the client's behalf and names the
+    client in ``negotiate.caller``: the client's key fingerprint (``SHA256:...``) when it came by
+    CURVE; for the entry node's own local user, that user's client key (``client.key`` in the
+    node's key directory), which the other nodes authorize like any client key (its own node
+    also takes ``uid:UID`` there); ``""`` on a node without keys. A node takes ``caller`` only
+    from a known peer node, or from its own coordinator; from anyone else a ``caller`` is
+    refused (``unauthorized``). Without ``caller`` the sender itself is the caller: a peer
+    node's own key may run nothing. The node's policy (``authorized_keys``) then decides for
+    that caller and the stage's ``argv``; a refusal is ``unauthorized``, naming the key, the
+    program or argument and the rule, before any stage of the run starts. ``start`` is taken
+    only from the party that negotiated the stage (else ``unauthorized``).
+
 Working directories
     A stage on the client's own host starts in the client's working directory (``run.cwd``), as
     in a shell; a stage on another host starts in its node's ``workdir`` (configured; by default
@@ -196,7 +217,8 @@ Errors (``REPLY.body.code``)
     the error names stage, node, program and reason. ``placement``: no node offers a stage's
     program, or a pinned node is not known. ``limit``: a configured limit (stages per pipeline).
     ``not-found``: no such pipeline or negotiated stage here. ``unreachable``: a node could not
-    be reached. ``internal``: a bug in the node; the error says where.
+    be reached. ``unauthorized``: the caller may not do this here (*Who asks*); the error names
+    the caller and what was refused. ``internal``: a bug in the node; the error says where.
 
 Limits and timeouts
     ======================  ========  ===========================================================
@@ -263,8 +285,21 @@ PLACEMENT = "placement"
 LIMIT = "limit"
 NOT_FOUND = "not-found"
 UNREACHABLE = "unreachable"
+UNAUTHORIZED = "unauthorized"
 INTERNAL = "internal"
-CODES = (BAD_REQUEST, UNKNOWN_METHOD, PROTOCOL, SYNTAX, REFUSED, PLACEMENT, LIMIT, NOT_FOUND, UNREACHABLE, INTERNAL)
+CODES = (
+    BAD_REQUEST,
+    UNKNOWN_METHOD,
+    PROTOCOL,
+    SYNTAX,
+    REFUSED,
+    PLACEMENT,
+    LIMIT,
+    NOT_FOUND,
+    UNREACHABLE,
+    UNAUTHORIZED,
+    INTERNAL,
+)
 
 
 class ControlError(DpipesError):
@@ -588,6 +623,7 @@ class NegotiateRequest(Body):
     peers: dict[str, str] = dataclasses.field(default_factory=dict)
     pinned: bool = False
     config: Json = dataclasses.field(default_factory=dict)
+    caller: str = ""
 
 
 @_body("negotiate", "reply")

@@ -5,22 +5,50 @@ directory (``key_dir`` in the configuration, else :func:`dpipes.bus.keys.key_dir
 first start; whom it trusts is that directory's ``authorized_keys`` and ``known_nodes``
 (:mod:`dpipes.bus.trust`), read again for each new connection and each request, so that
 ``dpipes keys trust`` and ``dpipes keys pin`` take effect without a restart.
+
+**The owner's own keys.** Whoever can read the key directory is the node's owner, and two more
+keys are trusted without a line in a file, both found in that directory:
+
+* the node's own key, as a node under any name: the daemons of one user share the key directory
+  (two on one host, or hosts that share a home directory), hence the key pair; a peer presenting
+  it holds the secret and is one of them. A static peer on loopback with no pinned key is linked
+  with this key;
+* the client key ``client.key`` beside it (the one ``dpipes`` of this user makes), as an
+  authorized client with ``any``: the user who may run anything over the node's Unix socket may
+  do so on the other nodes of the same key directory too. It is also the key an entry node
+  names when it asks a peer node on behalf of its local user. A line in ``authorized_keys`` for
+  that key takes precedence (to restrict it).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from dpipes.bus import keys
 from dpipes.bus.auth import HubSecurity
-from dpipes.bus.keys import KeyPair
-from dpipes.bus.trust import TrustStore
+from dpipes.bus.errors import KeyFileError
+from dpipes.bus.keyring import Keyring
+from dpipes.bus.keys import KeyPair, PublicKey
+from dpipes.bus.trust import AuthorizedKey, KnownNode, KnownNodes, TrustStore
 from dpipes.nodes.config import NodeConfig
 
-__all__ = ["node_key_dir", "node_keypair", "node_security", "trust_loader"]
+__all__ = [
+    "OwnKnownNodes",
+    "TrustLoader",
+    "node_key_dir",
+    "node_keypair",
+    "node_security",
+    "owner_client_fingerprint",
+    "owner_client_key",
+    "trust_loader",
+]
 
 log = logging.getLogger(__name__)
+
+OWN_KEY_NODE = "(this node's own key)"  # where an implicit pin of the own key comes from, for messages
+OWN_CLIENT_COMMENT = "the node owner's client key (client.key in its key directory)"
 
 
 def node_key_dir(config: NodeConfig) -> Path:
@@ -41,20 +69,68 @@ def node_keypair(config: NodeConfig) -> tuple[KeyPair, bool]:
     return pair, created
 
 
-def trust_loader(config: NodeConfig) -> TrustLoader:
+def trust_loader(config: NodeConfig, own: PublicKey) -> TrustLoader:
     """A function returning the node's current trust store (its files as they are now)."""
-    return TrustLoader(node_key_dir(config), tofu=config.trust_on_first_use)
+    return TrustLoader(node_key_dir(config), own=own, tofu=config.trust_on_first_use)
+
+
+@dataclass
+class OwnKnownNodes(KnownNodes):
+    """known_nodes, and the node's own key, trusted as a node under any name (module docstring)."""
+
+    own: PublicKey | None = None
+
+    def node_of(self, fingerprint: str) -> str | None:
+        found = super().node_of(fingerprint)
+        if found is None and self.own is not None and fingerprint == self.own.fingerprint:
+            return OWN_KEY_NODE
+        return found
+
+    def check(self, node: str, key: PublicKey) -> KnownNode:
+        if self.own is not None and key.fingerprint == self.own.fingerprint and node not in self.entries:
+            return KnownNode(node, key.fingerprint, key, where=OWN_KEY_NODE)
+        return super().check(node, key)
 
 
 class TrustLoader:
-    """Reads ``authorized_keys`` and ``known_nodes`` from a key directory each time it is called."""
+    """Reads ``authorized_keys`` and ``known_nodes`` from a key directory each time it is called,
+    and adds the owner's own keys (module docstring)."""
 
-    def __init__(self, directory: Path, *, tofu: bool) -> None:
+    def __init__(self, directory: Path, *, own: PublicKey, tofu: bool) -> None:
         self.directory = directory
+        self.own = own
         self.tofu = tofu
 
     def __call__(self) -> TrustStore:
-        return TrustStore.load(self.directory, tofu=self.tofu)
+        store = TrustStore.load(self.directory, tofu=self.tofu)
+        nodes = OwnKnownNodes(store.nodes.entries, tofu=store.nodes.tofu, path=store.nodes.path, own=self.own)
+        clients = store.clients
+        user = owner_client_key(self.directory)
+        if user is not None and clients.get(user.fingerprint) is None:
+            clients = clients.with_entry(AuthorizedKey(user, OWN_CLIENT_COMMENT, any=True))
+        return TrustStore(clients, nodes)
+
+
+def owner_client_key(directory: Path) -> PublicKey | None:
+    """The client key of the key directory's owner (``client.key``), if it has one."""
+    path = directory / f"{keys.CLIENT_KEY}.key"
+    if not path.exists():
+        return None
+    try:
+        return keys.load_public_key(path)
+    except KeyFileError as exc:
+        log.warning("%s", exc)
+        return None
+
+
+def owner_client_fingerprint(config: NodeConfig) -> str:
+    """The fingerprint of the node owner's client key, made now if it has none (whom an entry
+    node names when it asks a peer on behalf of its local user).
+
+    Raises:
+        KeyFileError: the key directory or an existing pair cannot be used.
+    """
+    return Keyring(node_key_dir(config)).client()[0].fingerprint
 
 
 def node_security(config: NodeConfig) -> HubSecurity | None:
@@ -67,6 +143,6 @@ def node_security(config: NodeConfig) -> HubSecurity | None:
     if config.insecure:
         return None
     pair, _ = node_keypair(config)
-    load = trust_loader(config)
+    load = trust_loader(config, pair.public)
     load()  # a malformed trust file fails the start, naming its line, not each connection later
     return HubSecurity(pair, load)

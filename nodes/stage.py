@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, DpipesError
+from dpipes.bus.trust import INSECURE, Identity
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.protocol import MAX_TEXT_CHARS, PROGRESS_INTERVAL_S, ExitReport, ProgressReport, StartRequest
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, set_pipe_size
@@ -84,6 +85,9 @@ class Stage:
     plugin: str = ""  # a plugin stage: the plugin's name (its worker holds the stage address)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # a plugin stage's configuration
     stop: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set when it is cancelled
+    caller: Identity = INSECURE  # whom it runs for, as the transport established it (nodes.policy.caller_of)
+    negotiated_by: str = ""  # the bus address that negotiated it: only that one may start it
+    who: str = ""  # the caller for the log, with the node that asked on its behalf
 
 
 class DirectPipes:

@@ -3,11 +3,13 @@
 :class:`Stages` owns every stage of any pipeline on this node, from the negotiation that reserves
 its endpoint to the exit report that ends it:
 
-* ``negotiate`` asks the :class:`~dpipes.nodes.policy.Policy` (a refusal is answered ``refused``,
+* ``negotiate`` asks the :class:`~dpipes.nodes.policy.Policy` whether the caller may run the
+  stage here (a refusal is answered ``refused``, ``unauthorized`` when the caller's key may not,
   or ``protocol`` for another protocol version), links to the nodes its neighbours run on (data
   goes straight between them, never relayed; ``unreachable`` if it cannot), and reserves the
   stage's endpoint ``<node>/<pipeline>.<index>``, whose window is ``[limits] credit_bytes``;
-* ``start`` (``not-found`` unless negotiated here) forks the program under the node's
+* ``start`` (``not-found`` unless negotiated here; ``unauthorized`` from another party than
+  the one that negotiated it) forks the program under the node's
   supervisor, in its environment, its working directory (``start.cwd``, from the configured
   ``workdir``) and with its Pipes bootstrap, and runs it
   (:class:`~dpipes.nodes.stage.StageRun`) in a task; when it has exited, the report goes to every
@@ -43,6 +45,7 @@ from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, DpipesError, StageError
 from dpipes.bus.hub import Hub
+from dpipes.bus.trust import Identity
 from dpipes.nodes import policy as _policy
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.policy import Policy
@@ -53,6 +56,7 @@ from dpipes.nodes.protocol import (
     PROTOCOL,
     REFUSED,
     REPORT_TIMEOUT_S,
+    UNAUTHORIZED,
     UNREACHABLE,
     ControlError,
     ExitReport,
@@ -141,33 +145,40 @@ class Stages:
     def __len__(self) -> int:
         return len(self._stages)
 
-    async def negotiate(self, request: NegotiateRequest) -> NegotiateReply:
-        """Check and reserve one stage; its endpoint's address.
+    async def negotiate(self, request: NegotiateRequest, src: str) -> NegotiateReply:
+        """Check and reserve one stage for the party at ``src``; its endpoint's address.
 
         Raises:
-            NegotiationRefused: the policy refused, a neighbour's node is unreachable, or the stage
-                is already here.
+            NegotiationRefused: the policy refused (the caller too), a neighbour's node is
+                unreachable, or the stage is already here.
         """
         pipeline, index, argv = request.pipeline, request.stage, list(request.argv)
+        transport = self.hub.identity_of(src)
+        caller = _policy.caller_of(transport, request.caller, own_coordinator=src == self.ctl.addr)
+        if isinstance(caller, _policy.Refusal):
+            raise NegotiationRefused(f"node {self.node}: {caller.message}", code=UNAUTHORIZED, reason=caller.code)
         refusal = await self.policy.refusal(
             argv,
             mode=request.mode,
             protocol=request.protocol,
             require=request.require,
-            caller=request.user,
+            caller=caller,
             pinned=request.pinned,
         )
         if refusal is not None:
-            code = PROTOCOL if refusal.code == _policy.PROTOCOL else REFUSED
+            code = {_policy.PROTOCOL: PROTOCOL, _policy.UNAUTHORIZED: UNAUTHORIZED}.get(refusal.code, REFUSED)
             raise NegotiationRefused(refusal.message, code=code, reason=refusal.code)
         await self._link_neighbours(request.peers)
         if (pipeline, index) in self._stages:
             raise NegotiationRefused(f"stage {index} of pipeline {pipeline} is already here")
         if argv[0].startswith(_policy.PLUGIN_SIGIL):
-            return self._negotiate_plugin(request)
+            return self._negotiate_plugin(request, caller, src)
         endpoint = self.hub.endpoint(f"{pipeline}.{index}", window=self.window, max_streams=1)  # its stdin
         describe = f"stage {index} ({argv[0]}@{self.node})"
-        stage = self._stages[(pipeline, index)] = Stage(pipeline, index, argv, request.mode, endpoint, describe)
+        stage = self._stages[(pipeline, index)] = Stage(
+            pipeline, index, argv, request.mode, endpoint, describe, caller=caller, negotiated_by=src
+        )
+        stage.who = _who(caller, None if src == self.ctl.addr else transport)
         stage.expiry = asyncio.get_running_loop().call_later(UNSTARTED_EXPIRY_S, self._expire, stage)
         return NegotiateReply(addr=endpoint.addr, host=self.host)
 
@@ -184,7 +195,7 @@ class Stages:
         self._forget(stage)
         self.direct.close(stage.pipeline, (stage.index - 1, stage.index))
 
-    def _negotiate_plugin(self, request: NegotiateRequest) -> NegotiateReply:
+    def _negotiate_plugin(self, request: NegotiateRequest, caller: Identity, src: str) -> NegotiateReply:
         """Reserve a plugin stage's address for its worker, and an endpoint of the node's for it."""
         from dpipes.nodes.pipeline import plugin_config
         from dpipes.nodes.plugin_stage import worker_endpoint_name
@@ -199,8 +210,18 @@ class Stages:
         endpoint = self.hub.endpoint(worker_endpoint_name(pipeline, index), window=self.window)
         describe = f"stage {index} (%{plugin}@{self.node})"
         stage = self._stages[(pipeline, index)] = Stage(
-            pipeline, index, argv, request.mode, endpoint, describe, plugin=plugin, config=config
+            pipeline,
+            index,
+            argv,
+            request.mode,
+            endpoint,
+            describe,
+            plugin=plugin,
+            config=config,
+            caller=caller,
+            negotiated_by=src,
         )
+        stage.who = _who(caller, None if src == self.ctl.addr else self.hub.identity_of(src))
         stage.expiry = asyncio.get_running_loop().call_later(UNSTARTED_EXPIRY_S, self._expire, stage)
         return NegotiateReply(addr=addr)
 
@@ -236,14 +257,18 @@ class Stages:
         except StageError as exc:
             raise ControlError(REFUSED, str(exc)) from None
         stage.task = self._spawn(self._run(stage, wiring, spec.to_json()), stage.describe)
-        log.info("node %s: started %s (plugin worker) pid %d", self.node, stage.describe, stage.proc.pid)
+        self._log_started(stage, "plugin worker")
         return StartReply(pid=stage.proc.pid, context={})
 
     async def _link_neighbours(self, peers: Mapping[str, str]) -> None:
         """Make sure we link to the nodes our stage exchanges data with (directly: no relaying)."""
         missing = {n: e for n, e in peers.items() if n != self.node and n not in self.hub.peers}
+        known = self.policy.trust().nodes if self.policy.trust is not None else None
         results = await asyncio.gather(
-            *(self.hub.connect_peer(e, timeout=CONTROL_TIMEOUT_S) for e in missing.values()),
+            *(
+                self.hub.connect_peer(e, timeout=CONTROL_TIMEOUT_S, key=known.key_for(n) if known else None)
+                for n, e in missing.items()
+            ),
             return_exceptions=True,
         )
         for node, outcome in zip(missing, results, strict=True):
@@ -252,17 +277,19 @@ class Stages:
                     f"node {self.node} cannot reach node {node} at {missing[node]}: {outcome}", code=UNREACHABLE
                 )
 
-    async def start(self, wiring: StartRequest) -> StartReply:
-        """Fork a negotiated stage and run it; its pid and Pipes context.
+    async def start(self, wiring: StartRequest, src: str) -> StartReply:
+        """Fork a stage negotiated by the party at ``src`` and run it; its pid and Pipes context.
 
         Raises:
-            ControlError: the stage was not negotiated here (``not-found``), or its program could
-                not start (``refused``).
+            ControlError: the stage was not negotiated here (``not-found``), or by another party
+                (``unauthorized``), or its program could not start (``refused``).
         """
         stage = self._stages.get((wiring.pipeline, wiring.stage))
+        which = f"stage {wiring.stage} of pipeline {wiring.pipeline}"
         if stage is None:
-            which = f"stage {wiring.stage} of pipeline {wiring.pipeline}"
             raise ControlError(NOT_FOUND, f"node {self.node}: {which} was not negotiated (or expired unstarted)")
+        if stage.negotiated_by != src or stage.proc is not None:
+            raise ControlError(UNAUTHORIZED, f"node {self.node}: {which} is not {src!r:.120}'s to start")
         if stage.expiry is not None:
             stage.expiry.cancel()
         if stage.plugin:
@@ -307,8 +334,23 @@ class Stages:
             raise
         stage.started = time.time()
         stage.task = self._spawn(self._run(stage, wiring), stage.describe)
-        log.info("node %s: started %s pid %d", self.node, stage.describe, stage.proc.pid)
+        self._log_started(stage, "program")
         return StartReply(pid=stage.proc.pid, context=stage.pipes.context)
+
+    def _log_started(self, stage: Stage, what: str) -> None:
+        """The record of every run (issue 12): who, what, where; the argv escaped (``%r`` of its
+        shell words), so that no argument can forge a log line."""
+        assert stage.proc is not None
+        log.info(
+            "node %s: started stage %d of pipeline %s for %s: %s %r, pid %d",
+            self.node,
+            stage.index,
+            stage.pipeline,
+            stage.who,
+            what,
+            shlex.join(stage.argv),
+            stage.proc.pid,
+        )
 
     def workdir(self, cwd: str) -> str:
         """Where a stage starts: ``cwd`` from ``start`` (relative ones from the configured
@@ -420,6 +462,13 @@ class Stages:
             if stage.task is not None:  # the stage's own output may still await its acknowledgement
                 await asyncio.wait({stage.task})
             stage.endpoint.close()
+
+
+def _who(caller: Identity, transport: Identity | None) -> str:
+    """Whom a stage runs for, and through whom when a node asked on the caller's behalf."""
+    if transport is None or transport == caller:
+        return str(caller)
+    return f"{caller}, asked by {transport}"
 
 
 __all__ = ["NegotiationRefused", "Stages"]

@@ -723,6 +723,8 @@ class Supervisor:
         self.grace_s = grace_s
         self._stages: set[StageProcess] = set()
         self._closed = False
+        self.started = 0
+        """Programs started since the supervisor was made (what a refusal must leave at 0)."""
 
     @property
     def stages(self) -> frozenset[StageProcess]:
@@ -755,6 +757,7 @@ class Supervisor:
             stdout_fd=stdout_fd,
         )
         self._stages.add(stage)
+        self.started += 1
         return stage
 
     async def aclose(self) -> None:

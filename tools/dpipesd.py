@@ -37,7 +37,14 @@ examples:
                                            networks where mDNS does not reach), linked once its
                                            key is pinned: dpipes keys pin alpha KEY; unnamed
                                            peers are keyed peer1, peer2, ... in the [nodes] table
-  dpipesd --allow sort uniq                run only these programs for pipelines
+  dpipesd --peer alpha=10.0.0.1:5757       a static peer under a name of your choice
+  dpipesd --allow "sort -r -n '-k[0-9]*'" "uniq -c"
+                                           run only these programs, each only with arguments that
+                                           match one of its patterns: 'sort -r -k2' runs, 'sort -o
+                                           FILE' and 'sort --compress-program=PROG' do not. A bare
+                                           name (--allow sort) allows ANY arguments, so everything
+                                           the program can do: sort -o overwrites any file this
+                                           user can; sh, env, python3, find, awk are a shell
   dpipesd --name sorter -- sort -r         a node that runs only 'sort -r', offered as such: an
                                            unpinned 'sort -r ...' goes there, a plain 'sort' does
                                            not; a pinned stage's arguments are appended
@@ -110,7 +117,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a static peer node (repeatable); added to the config's [nodes]",
     )
     run.add_argument(
-        "--allow", metavar="PROG", nargs="+", action="extend", default=[], help="programs this node runs (repeatable)"
+        "--allow",
+        metavar="'PROG [PATTERN...]'",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="what this node runs (repeatable): a program with arguments each matching a pattern (fnmatch), or "
+        "a bare PROG with any arguments (everything it can do); %%PLUGIN for a plugin",
     )
     run.add_argument(
         "--interface",

@@ -25,6 +25,7 @@ class Daemon:
     name: str
     proc: asyncio.subprocess.Process
     tcp: str
+    ipc: str = ""
 
     @property
     def host_port(self) -> str:
@@ -53,12 +54,14 @@ async def daemons(
     peer_of: dict[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     secure: bool = False,
+    log_dir: Path | None = None,
 ) -> AsyncIterator[list[Daemon]]:
     """Start one ``dpipesd --foreground`` per name, each a static peer of the first (or of
     ``peer_of[name]``, started before it), in ``cwd`` (default ours); stop them all.
 
     Without ``secure`` the daemons run ``--insecure`` (no keys); with it, with the keys and trust
-    of their key directories (``extra`` gives each its ``--key-dir``)."""
+    of their key directories (the tests' own by default, shared like one user's; ``extra`` may
+    give each its ``--key-dir``). With ``log_dir``, each daemon's log goes to ``NAME.log`` there."""
     env = environment(runtime_dir)
     started: list[Daemon] = []
     try:
@@ -74,15 +77,20 @@ async def daemons(
                 peer = next(d for d in started if d.name == target) if target else started[0]
                 argv += ["--peer", peer.host_port]
             argv += (extra or {}).get(name, [])
-            proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=cwd
-            )
+            with open(log_dir / f"{name}.log", "wb") if log_dir else contextlib.nullcontext() as log:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    env=env,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=log if log is not None else asyncio.subprocess.DEVNULL,
+                    cwd=cwd,
+                )
             assert proc.stdout is not None
             line = (await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)).decode()
-            match = re.search(r"tcp://\S+", line)
-            assert match, f"dpipesd {name} did not say where it listens: {line!r}"
-            started.append(Daemon(name, proc, match[0]))
-        await _until_first_knows_all(started)
+            match, ipc = re.search(r"tcp://\S+", line), re.search(r"ipc://\S+", line)
+            assert match and ipc, f"dpipesd {name} did not say where it listens: {line!r}"
+            started.append(Daemon(name, proc, match[0], ipc[0]))
+        await _until_first_knows_all(started, via_ipc=secure)
         yield started
     finally:
         for daemon in started:
@@ -112,14 +120,16 @@ async def start_dpipes(runtime_dir: Path, *args: str, insecure: bool = True) -> 
     )
 
 
-async def _until_first_knows_all(started: list[Daemon]) -> None:
-    """Wait until the first daemon has a link to every other (directly, or learned by gossip)."""
+async def _until_first_knows_all(started: list[Daemon], *, via_ipc: bool = False) -> None:
+    """Wait until the first daemon has a link to every other (directly, or learned by gossip);
+    ``via_ipc``: ask it over its Unix socket (with keys, its TCP port wants a key)."""
     from dpipes.nodes.run import known_nodes
 
     wanted = {d.name for d in started}
+    entry = started[0].ipc if via_ipc else started[0].tcp
 
     async def poll() -> None:
-        while {n.name for n in await known_nodes(started[0].tcp) if n.up} != wanted:
+        while {n.name for n in await known_nodes(entry) if n.up} != wanted:
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(poll(), START_TIMEOUT_S)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -327,3 +328,20 @@ def test_same_named_hosts_get_different_default_names(tmp_path: Path, monkeypatc
         assert name.startswith("raspberrypi-")
         names.add(name)
     assert len(names) == 2
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("/bin/sh", "'/bin/sh' is not a bare program name"),
+        ("sort 'unclosed", "No closing quotation"),
+        ("c?t -n", "'c?t' is not a bare program name"),
+        ("%../x", "'../x' is not a bare program name"),
+    ],
+)
+def test_a_bad_allow_entry_is_refused_naming_it(tmp_path: Path, entry: str, problem: str) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(f"allow = [\"sort -r\", {json.dumps(entry)}]\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(config_file=path, search_paths=())
+    assert "key 'allow': item 1: option " in str(refused.value) and problem in str(refused.value)

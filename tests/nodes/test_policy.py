@@ -28,7 +28,7 @@ async def refusal(
     require: tuple[str, ...] = (),
     pinned: bool = False,
 ) -> Refusal | None:
-    return await pol.refusal(argv, mode=mode, protocol=protocol, require=require, caller="someone", pinned=pinned)
+    return await pol.refusal(argv, mode=mode, protocol=protocol, require=require, pinned=pinned)
 
 
 def test_requirements_parse_and_compare() -> None:
@@ -68,6 +68,48 @@ async def test_an_allow_list_refuses_others_and_names_what_it_allows() -> None:
     assert await refusal(pol, ["cat"]) is None
     found = await refusal(pol, ["sh"])
     assert found == Refusal(policy.NOT_ALLOWED, "program 'sh' is not allowed on node alpha (allowed: cat, sort)")
+
+
+SAFE_SORT = "sort -r -n '-k[0-9]*'"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sort", "--compress-program=x"],  # runs x
+        ["sort", "-o", "/etc/passwd"],  # writes any file the node's user can
+        ["sort", "-r", "-o/tmp/f"],
+        ["sort", "-k2", "--files0-from=/etc/shadow"],
+        ["sort", "-kx"],
+        ["/usr/bin/sort", "-r"],  # name tricks: still refused
+        ["/usr/bin/../bin/sort"],
+        ["s?rt", "-r"],
+        ["sort$(id)"],
+        ["sh", "-c", "sort -r"],
+    ],
+)
+async def test_an_allow_entry_with_patterns_refuses_other_arguments(argv: list[str]) -> None:
+    pol = Policy("alpha", config(allow=frozenset({SAFE_SORT, "uniq -c"})))
+    found = await refusal(pol, argv)
+    assert found is not None and found.code == policy.NOT_ALLOWED, argv
+
+
+async def test_an_allow_entry_with_patterns_runs_what_they_match_and_says_what_is_wrong() -> None:
+    pol = Policy("alpha", config(allow=frozenset({SAFE_SORT, "uniq -c"})))
+    assert pol.offered() == {"sort", "uniq"}  # offered by name: placement sends any sort; negotiation decides
+    for argv in (["sort"], ["sort", "-r", "-n", "-k2", "-k10"], ["uniq", "-c"], ["uniq"]):
+        assert await refusal(pol, argv) is None, argv
+    found = await refusal(pol, ["sort", "-r", "-o", "out"])
+    assert found == Refusal(
+        policy.NOT_ALLOWED,
+        "'sort -r -o out' is not allowed on node alpha: argument '-o' matches none of the allowed patterns "
+        "('-r', '-n', '-k[0-9]*') (allow: \"sort -r -n '-k[0-9]*'\")",
+    )
+
+
+async def test_a_bare_allow_entry_allows_any_arguments() -> None:
+    pol = Policy("alpha", config(allow=frozenset({"sort"})))
+    assert await refusal(pol, ["sort", "--compress-program=x", "-o", "out"]) is None  # as the docs warn
 
 
 async def test_an_exclusive_node_runs_only_its_program_with_its_arguments_first() -> None:

@@ -1,0 +1,239 @@
+"""A node with keys decides who may run what, before anything starts (issue 12, the node side).
+
+Real nodes with their own key directories, clients with CURVE keys over loopback TCP, the local
+user over ``ipc://``; the trust files are written as a user would (``authorized_keys`` lines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from dpipes.bus.auth import ClientCurve
+from dpipes.bus.client import Client
+from dpipes.bus.keyring import Keyring
+from dpipes.bus.keys import KeyPair, load_or_create_keypair
+from dpipes.nodes.config import HostPort, NodeConfig
+from dpipes.nodes.node import Node
+from dpipes.nodes.protocol import CTL, PIPELINE_PROTOCOL, REFUSED, UNAUTHORIZED, ControlError, RunRequest, call
+from dpipes.nodes.results import RunFailed
+from dpipes.nodes.run import RunOptions, run_pipeline
+
+WAIT_S = 20.0
+
+
+async def until(condition: Callable[[], object], timeout: float = WAIT_S) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.02)  # polling a condition under a deadline
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def key_dir(tmp_path: Path, name: str) -> Path:
+    where = tmp_path / name
+    where.mkdir(mode=0o700)
+    return where
+
+
+def authorize(where: Path, pair: KeyPair, options: str, comment: str = "test") -> None:
+    """Add an ``authorized_keys`` line, as ``dpipes keys trust`` or an editor would."""
+    with open(where / "authorized_keys", "a", encoding="utf-8") as f:
+        f.write(f"{options + ' ' if options else ''}curve {pair.public.z85} {comment}\n")
+
+
+def pin(where: Path, node: str, pair: KeyPair) -> None:
+    with open(where / "known_nodes", "a", encoding="utf-8") as f:
+        f.write(f"{node} {pair.fingerprint} {pair.public.z85}\n")
+
+
+def node_pair(where: Path) -> KeyPair:
+    return load_or_create_keypair(where, "node")[0]
+
+
+@contextlib.asynccontextmanager
+async def secure_node(
+    name: str,
+    where: Path,
+    *,
+    peers: Mapping[str, HostPort] | None = None,
+    tofu: bool = False,
+    allow: frozenset[str] | None = None,
+) -> AsyncIterator[Node]:
+    config = NodeConfig(
+        name=name,
+        key_dir=str(where),
+        trust_on_first_use=tofu,
+        nodes=MappingProxyType(dict(peers or {})),
+        allow=allow,
+    )
+    async with Node(config, listen="tcp://127.0.0.1:0") as node:
+        assert node.hub.secure
+        yield node
+
+
+@contextlib.asynccontextmanager
+async def keyed_client(node: Node, pair: KeyPair) -> AsyncIterator[Client]:
+    assert node.hub.public_key is not None
+    async with Client(node.tcp_endpoint, curve=ClientCurve(pair, node.hub.public_key)) as client:
+        yield client
+
+
+async def run_as(client: Client, pipeline: str) -> None:
+    request = RunRequest(pipeline=pipeline, protocol=PIPELINE_PROTOCOL)
+    await call(client.endpoint, f"{client.endpoint.node}/{CTL}", request)
+
+
+def started(node: Node) -> int:
+    return node.supervisor.started
+
+
+async def test_a_key_trusted_for_cat_runs_cat_and_nothing_else(tmp_path: Path) -> None:
+    where = key_dir(tmp_path, "alpha")
+    alice = load_or_create_keypair(key_dir(tmp_path, "alice"), "client")[0]
+    authorize(where, alice, 'run="cat"', "alice@laptop")
+    async with secure_node("alpha", where) as alpha, keyed_client(alpha, alice) as client:
+        for pipeline in ["sh -c id", "/bin/sh -c id", "/usr/bin/../bin/sh -c id", "env", "cat | env", "cat -u"]:
+            with pytest.raises(ControlError) as refused:
+                await run_as(client, pipeline)
+            assert refused.value.code == UNAUTHORIZED, pipeline
+            assert alice.fingerprint in str(refused.value) and "alice@laptop" in str(refused.value)
+        assert started(alpha) == 0  # nothing started, not even the stages that were allowed
+        await run_as(client, "cat")
+        await until(lambda: started(alpha) == 1)
+
+
+async def test_an_unknown_key_admitted_for_trust_on_first_use_runs_nothing(tmp_path: Path) -> None:
+    where = key_dir(tmp_path, "alpha")
+    stranger = load_or_create_keypair(key_dir(tmp_path, "stranger"), "client")[0]
+    async with secure_node("alpha", where, tofu=True) as alpha, keyed_client(alpha, stranger) as client:
+        with pytest.raises(ControlError) as refused:
+            await run_as(client, "true")
+        assert refused.value.code == UNAUTHORIZED
+        assert f"key {stranger.fingerprint} may not run anything here: it is not in authorized_keys" in str(
+            refused.value
+        )
+        assert started(alpha) == 0
+
+
+async def test_a_client_may_not_negotiate_on_behalf_of_another_key(tmp_path: Path) -> None:
+    where = key_dir(tmp_path, "alpha")
+    mallory = load_or_create_keypair(key_dir(tmp_path, "mallory"), "client")[0]
+    owner = load_or_create_keypair(key_dir(tmp_path, "owner"), "client")[0]
+    authorize(where, mallory, 'run="cat"')
+    authorize(where, owner, "any")
+    async with secure_node("alpha", where) as alpha, keyed_client(alpha, mallory) as client:
+        body = {"pipeline": "p1", "stage": 0, "argv": ["sh"], "protocol": PIPELINE_PROTOCOL}
+        for caller in (owner.fingerprint, f"uid:{os.getuid()}"):
+            with pytest.raises(Exception) as refused:
+                await client.endpoint.request(f"alpha/{CTL}", "negotiate", {**body, "caller": caller}, timeout=WAIT_S)
+            assert getattr(refused.value, "body", {}).get("code") == UNAUTHORIZED, caller
+        assert started(alpha) == 0
+
+
+@contextlib.asynccontextmanager
+async def two_nodes(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    """alpha and beta, each pinning the other's key; alpha has beta as a static peer."""
+    alpha_dir, beta_dir = key_dir(tmp_path, "alpha"), key_dir(tmp_path, "beta")
+    pin(alpha_dir, "beta", node_pair(beta_dir))
+    pin(beta_dir, "alpha", node_pair(alpha_dir))
+    async with secure_node("beta", beta_dir) as beta:
+        port = int(beta.tcp_endpoint.rpartition(":")[2])
+        async with secure_node("alpha", alpha_dir, peers={"beta": HostPort("127.0.0.1", port)}) as alpha:
+            await until(lambda: "beta" in alpha.hub.peers and "alpha" in beta.hub.peers)
+            yield alpha, beta
+
+
+async def run_local(node: Node, pipeline: str) -> bytes:
+    """Run ``pipeline`` with the real client, as the node's own user over its ipc socket."""
+    with tempfile.TemporaryFile() as out, open(os.devnull, "wb") as err:
+        result = await asyncio.wait_for(
+            run_pipeline(
+                node.ipc_endpoint,
+                RunOptions(pipeline),
+                stdin_fd=-1,
+                stdout_fd=out.fileno(),
+                stderr_fd=err.fileno(),
+                handle_sigint=False,
+            ),
+            WAIT_S,
+        )
+        assert result.exit_code == 0, result
+        out.seek(0)
+        return out.read()
+
+
+async def test_a_peer_node_runs_stages_for_the_entry_nodes_user_only_as_its_key_allows(tmp_path: Path) -> None:
+    async with two_nodes(tmp_path) as (alpha, beta):
+        # alpha's own user asks; beta hears alpha ask on behalf of that user's client key.
+        user = Keyring(tmp_path / "alpha").client()[0]
+        with pytest.raises(RunFailed) as refused:
+            await run_local(alpha, "seq 3 | cat@beta")
+        assert refused.value.code == UNAUTHORIZED
+        assert f"key {user.fingerprint} may not run anything here" in str(refused.value)
+        assert started(alpha) == started(beta) == 0
+        authorize(tmp_path / "beta", user, 'run="cat"')  # taken without a restart
+        assert await run_local(alpha, "seq 3 | cat@beta") == b"1\n2\n3\n"
+        with pytest.raises(RunFailed) as refused:
+            await run_local(alpha, "seq 3 | sh@beta -c id")
+        assert refused.value.code == UNAUTHORIZED and "'sh'" in str(refused.value)
+        assert started(alpha) == started(beta) == 1
+
+
+async def test_plugin_stages_are_authorized_as_plugins_before_anything_else_is_checked(tmp_path: Path) -> None:
+    where = key_dir(tmp_path, "alpha")
+    cat_only = load_or_create_keypair(key_dir(tmp_path, "cat-only"), "client")[0]
+    plugins = load_or_create_keypair(key_dir(tmp_path, "plugins"), "client")[0]
+    authorize(where, cat_only, 'run="cat"')
+    authorize(where, plugins, 'plugin="no-such-plugin-here *"')
+    async with secure_node("alpha", where) as alpha:
+        async with keyed_client(alpha, cat_only) as client:
+            with pytest.raises(ControlError) as refused:
+                await run_as(client, "cat | %no-such-plugin-here")
+            assert refused.value.code == UNAUTHORIZED
+            assert "may not run plugin 'no-such-plugin-here' (allowed: none)" in str(refused.value)
+        async with keyed_client(alpha, plugins) as client:
+            with pytest.raises(ControlError) as refused:
+                await run_as(client, "%no-such-plugin-here a=1")
+            assert refused.value.code == REFUSED and "is not installed" in str(refused.value)  # authorized: checked on
+        assert started(alpha) == 0
+
+
+async def test_the_allow_list_restricts_arguments_for_everyone(tmp_path: Path) -> None:
+    written = tmp_path / "written"
+    allow = frozenset({"seq", "sort -r -n '-k[0-9]*'"})
+    async with secure_node("alpha", key_dir(tmp_path, "alpha"), allow=allow) as alpha:
+        for pipeline in (f"seq 3 | sort -o {written}", "seq 3 | sort --compress-program=sh", "seq 3 | /usr/bin/sort"):
+            with pytest.raises(RunFailed) as refused:
+                await run_local(alpha, pipeline)  # the node's own user: the allow list holds all the same
+            assert refused.value.code == REFUSED and "is not allowed on node alpha" in str(refused.value)
+        assert started(alpha) == 0 and not written.exists()
+        assert await run_local(alpha, "seq 3 | sort -r -n -k1") == b"3\n2\n1\n"
+
+
+async def test_every_stage_started_is_logged_with_who_what_and_where(tmp_path: Path) -> None:
+    from tests.nodes.daemons import daemons, dpipes
+
+    rt, logs = key_dir(tmp_path, "rt"), key_dir(tmp_path, "logs")
+    owner = Keyring().client()[0]  # the tests' key directory, which these daemons share as one user's would
+    async with daemons(rt, ["alpha", "beta"], secure=True, log_dir=logs):
+        done = await dpipes(rt, "seq 2 | cat@beta")
+        assert done.code == 0 and done.stdout == b"1\n2\n", done.stderr
+        forged = await dpipes(rt, "echo 'x\nnode alpha: started stage 7 of pipeline forged'")
+        assert forged.code == 0, forged.stderr
+    alpha, beta = (logs / "alpha.log").read_text(), (logs / "beta.log").read_text()
+    me = f"local uid {os.getuid()}"
+    here = re.search(rf"node alpha: started stage 0 of pipeline (\w+) for {me}: program 'seq 2', pid", alpha)
+    assert here, alpha
+    there = f"node beta: started stage 1 of pipeline {here[1]} for key {owner.fingerprint}, asked by node alpha (key "
+    assert there in beta and "program 'cat', pid" in beta, beta
+    assert "node alpha: started stage 0 of pipeline" in alpha and "\\nnode alpha: started stage 7" in alpha
+    assert not any(line.startswith("node alpha: started stage 7") for line in alpha.splitlines())
