@@ -158,11 +158,12 @@ class Client:
             )
         elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and curve is not None:
             # A CURVE server that cannot open our HELLO box drops the connection without a word:
-            # it does not hold the secret of the key we expect (found by probing libzmq 4.3).
+            # it does not hold the secret of the key we expect (found by probing libzmq 4.3). A
+            # server without CURVE that closes before we read its greeting looks the same.
             self._attached.set_exception(
                 WrongServerKey(
                     f"the node at {self.hub} does not hold the key {curve.server_key.fingerprint} this client "
-                    "expects: its key changed, or another node listens there"
+                    "expects: its key changed, another node listens there, or it runs without keys (--insecure)"
                 )
             )
 

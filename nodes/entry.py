@@ -183,6 +183,9 @@ def abandoned_local_daemon(runtime_dir: Path | None = None) -> str | None:
     return f"{who}{pid} at {left.ipc_endpoint} does not answer: it crashed or was killed{logfile}"
 
 
+OWN_NODE_KEY = "your own node key"  # EntryKeys.pinned_at of a node expected to be one of this user's daemons
+
+
 @dataclass(frozen=True, slots=True)
 class EntryKeys:
     """What a client needs to attach to a node over TCP: the node's name, and the CURVE keys."""
@@ -226,7 +229,16 @@ async def entry_keys(
     """
     ring = keyring or Keyring()
     known = ring.known()
-    name = _entry_node_name(text, endpoint, known)
+    try:
+        name = _entry_node_name(text, endpoint, known)
+    except UnknownNode:
+        own = ring.node()
+        if own is None:
+            raise
+        # No name to look up: expect one of this user's own daemons, which share its node key
+        # (they trust each other, and this user's client, by it). Anyone else fails the handshake.
+        client, created = ring.client()
+        return EntryKeys(endpoint.removeprefix("tcp://"), ClientCurve(client, own.public), OWN_NODE_KEY), created
     entry = known.entries.get(name)
     if entry is None or entry.key is None:
         advertised = await _advertised(name, lookup)
@@ -287,6 +299,12 @@ async def attach(entry: str, keys: EntryKeys | None = None, *, lookup: Any = Non
                 f"is pinned to {pinned.fingerprint}{where}: REFUSED. Someone may be impersonating {keys.node}, or "
                 f"its key was replaced. If you know it was replaced, check the new fingerprint on {keys.node} "
                 f"itself ('dpipes keys'), then: dpipes keys pin {keys.node} '{advertised.z85}'"
+            ) from None
+        if keys.pinned_at == OWN_NODE_KEY:
+            raise UnknownNode(
+                f"the node at {keys.node} is not one of your own daemons (which hold {pinned.fingerprint}), and "
+                f"dpipes does not know which node it is: pin its key and name it, --node NAME@{keys.node}; "
+                "or, for a node started with --insecure, add --insecure"
             ) from None
         raise WrongServerKey(
             f"{exc}. Node {keys.node} is pinned to {pinned.fingerprint}{where}; check 'dpipes keys' on "

@@ -46,7 +46,8 @@ keys (a node over TCP, as ssh does it):
   key (created on first use, in the key directory: see dpipes keys --help) and expects the node's
   key pinned in known_nodes under the node's name. --node NAME@HOST:PORT names the node
   (beta@10.0.0.2:5757); --node HOST:PORT works when HOST is itself the node's name (beta:5757,
-  or beta.lan:5757 for node beta). First contact, once per node:
+  or beta.lan:5757 for node beta), and otherwise expects one of your own daemons (they share your
+  node key). First contact, once per node:
       dpipes keys pin beta 'KEY'    KEY as beta's dpipesd printed it when it started
   and the node's owner admits your key (dpipes keys prints the command to give them).
   A node whose key is not the pinned one is refused, naming both fingerprints; nothing is sent.

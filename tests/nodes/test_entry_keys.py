@@ -55,6 +55,17 @@ async def test_an_address_without_a_known_name_says_how_to_name_it(tmp_path: Pat
     assert "--node NAME@10.0.0.2:5757" in str(caught.value)
 
 
+async def test_an_address_without_a_name_is_expected_to_be_one_of_this_users_daemons(tmp_path: Path) -> None:
+    ring = Keyring(tmp_path / "me")
+    own = node_pair(ring.dir)  # a daemon of this user made it; its other daemons share it
+    keys, _ = await entry_keys("10.0.0.2:5757", "tcp://10.0.0.2:5757", keyring=ring, lookup=lookup_of(None))
+    assert keys.curve.server_key == own.public
+    async with secure_hub(tmp_path, ring.client()[0]) as (hub, _pair):  # another user's node
+        keys, _ = await entry_keys(hub.tcp_endpoint[6:], hub.tcp_endpoint, keyring=ring, lookup=lookup_of(None))
+        with pytest.raises(UnknownNode, match="not one of your own daemons"):
+            await attach(hub.tcp_endpoint, keys, lookup=lookup_of(None))
+
+
 async def test_the_host_or_its_first_label_names_a_pinned_node(tmp_path: Path) -> None:
     ring = Keyring(tmp_path / "me")
     beta = node_pair(tmp_path / "beta").public
