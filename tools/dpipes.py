@@ -313,6 +313,8 @@ examples:
   dpipes keys trust rq:5Vk...KEY... --comment alice@laptop --run "sort -r -n '-k[0-9]*'" --run 'uniq -c'
   dpipes keys trust ~/alice-client.key --any  your own client key from another host
   dpipes keys pin beta SHA256:Kq3...          trust node beta: the fingerprint 'dpipes keys' shows on beta
+  dpipes keys pin beta 'KEY'                  the same with its key (what beta's dpipesd printed), which a
+                                              client needs to reach beta over TCP: dpipes --node beta@HOST:PORT
   dpipes keys untrust alice@laptop
 """
 

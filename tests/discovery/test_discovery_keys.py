@@ -99,6 +99,20 @@ def test_a_changed_key_is_refused_naming_both_fingerprints(caplog: pytest.LogCap
         assert len(caplog.records) == 1
 
 
+def test_an_unknown_node_then_pinned_to_another_key_is_two_errors(caplog: pytest.LogCaptureFixture) -> None:
+    known = KnownNodes()
+    d = directory(known)
+    key, _ = new_key()
+    with caplog.at_level(logging.ERROR, logger=directory_module.__name__):
+        d.mdns_seen(record("beta", "tcp://10.0.0.2:5555", key), 1.0)
+        wrong, _ = new_key()
+        known.pin("beta", wrong.z85)  # the operator pinned beta, to a key beta does not hold
+        assert linked_with(d.expire(2.0)) == {}
+    unknown, changed = [r.getMessage() for r in caplog.records]
+    assert "not a known node" in unknown
+    assert wrong.fingerprint in changed and key.fingerprint in changed
+
+
 def test_a_pinned_node_is_linked_with_its_key_and_a_fingerprint_pin_learns_the_key() -> None:
     known = KnownNodes()
     key, _ = new_key()
