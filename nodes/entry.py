@@ -43,6 +43,7 @@ import errno
 import logging
 import re
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ __all__ = [
     "EntryAddressError",
     "EntryKeys",
     "EntryUnreachable",
+    "KeyLookup",
     "abandoned_local_daemon",
     "attach",
     "embedded_node",
@@ -183,6 +185,9 @@ def abandoned_local_daemon(runtime_dir: Path | None = None) -> str | None:
     return f"{who}{pid} at {left.ipc_endpoint} does not answer: it crashed or was killed{logfile}"
 
 
+KeyLookup = Callable[[str], Awaitable[PublicKey | None]]
+"""``async lookup(node)``: the key node ``node`` advertises, or None (mDNS by default)."""
+
 OWN_NODE_KEY = "your own node key"  # EntryKeys.pinned_at of a node expected to be one of this user's daemons
 
 
@@ -214,7 +219,7 @@ def _entry_node_name(text: str, endpoint: str, known: KnownNodes) -> str:
 
 
 async def entry_keys(
-    text: str, endpoint: str, *, keyring: Keyring | None = None, lookup: Any = None
+    text: str, endpoint: str, *, keyring: Keyring | None = None, lookup: KeyLookup | None = None
 ) -> tuple[EntryKeys, bool]:
     """The keys to attach to the TCP node ``endpoint`` that ``text`` (``--node``) named; and whether
     this user's client key pair was created just now.
@@ -268,16 +273,15 @@ def _not_pinned(name: str, endpoint: str, by_fingerprint: bool, advertised: Publ
     )
 
 
-async def _advertised(name: str, lookup: Any) -> PublicKey | None:
+async def _advertised(name: str, lookup: KeyLookup | None) -> PublicKey | None:
     if lookup is None:
         from dpipes.discovery.mdns import advertised_key
 
-        lookup = advertised_key
-    key: PublicKey | None = await lookup(name)
-    return key
+        return await advertised_key(name)
+    return await lookup(name)
 
 
-async def attach(entry: str, keys: EntryKeys | None = None, *, lookup: Any = None) -> Client:
+async def attach(entry: str, keys: EntryKeys | None = None, *, lookup: KeyLookup | None = None) -> Client:
     """A started client attached to the node at ``entry`` (with ``keys`` over TCP); the caller closes it.
 
     Raises:

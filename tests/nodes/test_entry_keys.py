@@ -14,14 +14,14 @@ from dpipes.bus.hub import Hub
 from dpipes.bus.keyring import Keyring
 from dpipes.bus.keys import KeyPair, PublicKey, load_or_create_keypair
 from dpipes.bus.trust import AuthorizedKey, AuthorizedKeys, KnownNodes, TrustStore, UnknownNode
-from dpipes.nodes.entry import EntryAddressError, attach, entry_keys, parse_entry, split_entry
+from dpipes.nodes.entry import EntryAddressError, KeyLookup, attach, entry_keys, parse_entry, split_entry
 
 
 def node_pair(where: Path) -> KeyPair:
     return load_or_create_keypair(where, "node")[0]
 
 
-def lookup_of(key: PublicKey | None):  # type: ignore[no-untyped-def]
+def lookup_of(key: PublicKey | None) -> KeyLookup:
     """What mDNS would say a node advertises (a stand-in: the lookup itself is the LAN tests')."""
 
     async def lookup(node: str) -> PublicKey | None:
