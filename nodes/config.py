@@ -23,6 +23,10 @@ Keys::
     metadata_key = "__dpipes"       # root key of per-object metadata in json/yaml mode
     metadata_argv = false           # ... with the producing program's argv as dp.argv
     metadata_environ = ["LANG"]     # ... with these variables of its environment as dp.environ
+    pass_env = ["http_proxy"]       # variables of the daemon's environment stages also get; by
+                                    # default a stage gets PATH, HOME, USER, LOGNAME, LANG, LC_*,
+                                    # TZ, TMPDIR and dpipes' own, never the rest (its secrets):
+                                    # see dpipes.nodes.stage_env
     insecure = false                # run without keys: anyone who reaches the port runs programs
                                     # as this user (loudly logged); for a trusted lab only
     key_dir = "/etc/dpipes"         # the node's key pair and trust files (default: $DPIPES_KEY_DIR,
@@ -112,6 +116,7 @@ DEFAULT_PORT = 5757
 # smaller window could not be enforced, so it is refused rather than silently raised.
 MIN_CREDIT_BYTES = INITIAL_CREDIT_BYTES
 COMMAND_LINE = "command line"
+_VARIABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PLUGIN_SIGIL = "%"  # an allow entry (and a stage) whose first word starts with it names a plugin
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -198,6 +203,8 @@ class NodeConfig:
     """Object modes: put the producing program's argv in each object's metadata (``dp.argv``)."""
     metadata_environ: tuple[str, ...] = ()
     """Object modes: these environment variables of the producing stage go in ``dp.environ``."""
+    pass_env: tuple[str, ...] = ()
+    """Variables of the daemon's environment that stages get besides the clean set (:mod:`dpipes.nodes.stage_env`)."""
     limits: Limits = Limits()
     insecure: bool = False
     key_dir: str | None = None
@@ -301,6 +308,14 @@ def _strings(value: object) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _variable_names(value: object) -> tuple[str, ...]:
+    names = _strings(value)
+    for i, name in enumerate(names):
+        if not _VARIABLE_RE.fullmatch(name):
+            raise _Bad(f"item {i}: {name!r} is not an environment variable name")
+    return names
+
+
 def _absolute_path(value: object) -> str:
     path = os.path.expanduser(_string(value))
     if not os.path.isabs(path):
@@ -351,6 +366,7 @@ _TOP: dict[str, Callable[[object], object]] = {
     "metadata_key": _string,
     "metadata_argv": _bool,
     "metadata_environ": _strings,
+    "pass_env": _variable_names,
     "insecure": _bool,
     "key_dir": _absolute_path,
     "trust_on_first_use": _bool,
@@ -652,7 +668,7 @@ def format_config(config: NodeConfig, *, labels: Mapping[str, str] | None = None
         rows.append(("# allow = [...]", "not set: any program this node has"))
     else:
         rows.append((f"allow = {_toml_value(config.allow)}", origin("allow")))
-    for key in ("metadata_key", "metadata_argv", "metadata_environ", "insecure", "interfaces", "workdir"):
+    for key in ("metadata_key", "metadata_argv", "metadata_environ", "pass_env", "insecure", "interfaces", "workdir"):
         rows.append((f"{key} = {_toml_value(getattr(config, key))}", origin(key)))
     if config.key_dir is None:
         rows.append(("# key_dir = ...", "not set: $DPIPES_KEY_DIR, else $XDG_CONFIG_HOME/dpipes"))

@@ -9,9 +9,9 @@ its endpoint to the exit report that ends it:
   goes straight between them, never relayed; ``unreachable`` if it cannot), and reserves the
   stage's endpoint ``<node>/<pipeline>.<index>``, whose window is ``[limits] credit_bytes``;
 * ``start`` (``not-found`` unless negotiated here; ``unauthorized`` from another party than
-  the one that negotiated it) forks the program under the node's
-  supervisor, in its environment, its working directory (``start.cwd``, from the configured
-  ``workdir``) and with its Pipes bootstrap, and runs it
+  the one that negotiated it) forks the program under the node's supervisor, in a clean
+  environment (:mod:`~dpipes.nodes.stage_env`), its working directory (``start.cwd``, from the
+  configured ``workdir``) and with its Pipes bootstrap, and runs it
   (:class:`~dpipes.nodes.stage.StageRun`) in a task; when it has exited, the report goes to every
   ``report_to`` address;
 * ``cancel`` marks every stage of a pipeline cancelled (with the reason) and terminates its
@@ -69,6 +69,7 @@ from dpipes.nodes.protocol import (
     host_identity,
 )
 from dpipes.nodes.stage import DirectPipes, Stage, StageRun
+from dpipes.nodes.stage_env import stage_environment, user_of
 from dpipes.nodes.supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -245,7 +246,7 @@ class Stages:
             callback_timeout_s=float(self.config.limits.plugin_callback_s),
             window=self.window,
         )
-        env = dict(os.environ)
+        env = stage_environment(self.config.pass_env, worker=True)
         env.update(self._env(stage, wiring))
         cwd = env["PWD"] = self.workdir(wiring.cwd)  # a plugin opening a relative path finds what a program would
         stage.env = env
@@ -301,7 +302,7 @@ class Stages:
 
             self._swept = True
             self._spawn(asyncio.to_thread(remove_stale_bootstrap_dirs), "remove stale Pipes bootstrap dirs")
-        env = dict(os.environ)
+        env = stage_environment(self.config.pass_env)  # never the daemon's own: nodes.stage_env
         env.update(self._env(stage, wiring))
         cwd = env["PWD"] = self.workdir(wiring.cwd)  # PWD: a shell's pwd trusts it when it is right
         stage.pipes = StagePipes(
@@ -367,7 +368,7 @@ class Stages:
             "DPIPES_PIPELINE": stage.pipeline,
             "DPIPES_STAGE": str(stage.index),
             "DPIPES_ARGV": shlex.join(stage.argv),
-            "DPIPES_USER": wiring.user,
+            "DPIPES_USER": user_of(stage.caller),  # authenticated; start.user is only what the client says
         }
 
     async def _run(self, stage: Stage, wiring: StartRequest, worker_spec: bytes = b"") -> None:

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import pwd
 import re
+import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from dpipes.bus.auth import ClientCurve
 from dpipes.bus.client import Client
@@ -23,7 +29,16 @@ from dpipes.bus.keyring import Keyring
 from dpipes.bus.keys import KeyPair, load_or_create_keypair
 from dpipes.nodes.config import HostPort, NodeConfig
 from dpipes.nodes.node import Node
-from dpipes.nodes.protocol import CTL, PIPELINE_PROTOCOL, REFUSED, UNAUTHORIZED, ControlError, RunRequest, call
+from dpipes.nodes.protocol import (
+    CTL,
+    PIPELINE_PROTOCOL,
+    REFUSED,
+    UNAUTHORIZED,
+    ControlError,
+    InfoRequest,
+    RunRequest,
+    call,
+)
 from dpipes.nodes.results import RunFailed
 from dpipes.nodes.run import RunOptions, run_pipeline
 
@@ -67,6 +82,7 @@ async def secure_node(
     peers: Mapping[str, HostPort] | None = None,
     tofu: bool = False,
     allow: frozenset[str] | None = None,
+    pass_env: tuple[str, ...] = (),
 ) -> AsyncIterator[Node]:
     config = NodeConfig(
         name=name,
@@ -74,6 +90,7 @@ async def secure_node(
         trust_on_first_use=tofu,
         nodes=MappingProxyType(dict(peers or {})),
         allow=allow,
+        pass_env=pass_env,
     )
     async with Node(config, listen="tcp://127.0.0.1:0") as node:
         assert node.hub.secure
@@ -140,14 +157,15 @@ async def test_a_client_may_not_negotiate_on_behalf_of_another_key(tmp_path: Pat
 
 
 @contextlib.asynccontextmanager
-async def two_nodes(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
-    """alpha and beta, each pinning the other's key; alpha has beta as a static peer."""
+async def two_nodes(tmp_path: Path, *, pass_env: tuple[str, ...] = ()) -> AsyncIterator[tuple[Node, Node]]:
+    """alpha and beta, each pinning the other's key; alpha has beta as a static peer (and ``pass_env``)."""
     alpha_dir, beta_dir = key_dir(tmp_path, "alpha"), key_dir(tmp_path, "beta")
     pin(alpha_dir, "beta", node_pair(beta_dir))
     pin(beta_dir, "alpha", node_pair(alpha_dir))
     async with secure_node("beta", beta_dir) as beta:
         port = int(beta.tcp_endpoint.rpartition(":")[2])
-        async with secure_node("alpha", alpha_dir, peers={"beta": HostPort("127.0.0.1", port)}) as alpha:
+        peers = {"beta": HostPort("127.0.0.1", port)}
+        async with secure_node("alpha", alpha_dir, peers=peers, pass_env=pass_env) as alpha:
             await until(lambda: "beta" in alpha.hub.peers and "alpha" in beta.hub.peers)
             yield alpha, beta
 
@@ -237,3 +255,146 @@ async def test_every_stage_started_is_logged_with_who_what_and_where(tmp_path: P
     assert there in beta and "program 'cat', pid" in beta, beta
     assert "node alpha: started stage 0 of pipeline" in alpha and "\\nnode alpha: started stage 7" in alpha
     assert not any(line.startswith("node alpha: started stage 7") for line in alpha.splitlines())
+
+
+def environ_of(output: bytes) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in output.decode().split("\0") if "=" in line)
+
+
+async def test_a_stage_sees_a_clean_environment_and_whom_it_runs_for_from_the_transport(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dpipes.nodes.run
+
+    monkeypatch.setenv("DPIPES_TEST_SECRET", "hunter2")  # the daemon's (this process's) environment
+    monkeypatch.setenv("DPIPES_TEST_PASSED", "on purpose")
+    monkeypatch.setenv("LC_TIME", "C")
+    monkeypatch.setattr(dpipes.nodes.run, "current_user", lambda: "mallory")  # what the client claims
+    me = pwd.getpwuid(os.getuid()).pw_name
+    async with two_nodes(tmp_path, pass_env=("DPIPES_TEST_PASSED",)) as (alpha, _beta):
+        here = environ_of(await run_local(alpha, "cat /proc/self/environ"))
+        user = Keyring(tmp_path / "alpha").client()[0]
+        authorize(tmp_path / "beta", user, 'run="cat /proc/self/environ"')
+        there = environ_of(await run_local(alpha, "cat@beta /proc/self/environ"))
+    assert "DPIPES_TEST_SECRET" not in here and "hunter2" not in str(here) and "hunter2" not in str(there)
+    assert here["DPIPES_TEST_PASSED"] == "on purpose" and "DPIPES_TEST_PASSED" not in there  # alpha's pass_env only
+    assert here["LC_TIME"] == "C" and here["PATH"] == os.environ["PATH"] and here["USER"] == me
+    assert here["DPIPES_USER"] == me  # the local user the kernel named, not "mallory"
+    assert there["DPIPES_USER"] == user.fingerprint  # the key alpha asked on behalf of
+    assert here["DPIPES_NODE"] == "alpha" and there["DPIPES_NODE"] == "beta"
+
+
+HANDSHAKE_WAIT_MS = 20_000  # a bound for the child's wait for its handshake's outcome, not a measurement
+_OUTCOMES = {
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: "admitted",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "refused",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "refused",
+}
+
+
+def _handshake_in_child(endpoint: str, uid: int | None, write_fd: int) -> None:  # pragma: no cover - the child
+    if uid is not None:
+        user = pwd.getpwuid(uid)
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+    ctx = zmq.Context()  # a new context: nothing of the parent's is touched after fork
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    monitor = sock.get_monitor_socket(sum(_OUTCOMES))
+    sock.connect(endpoint)
+    outcome = "no answer"
+    if monitor.poll(HANDSHAKE_WAIT_MS):
+        outcome = _OUTCOMES.get(recv_monitor_message(monitor)["event"], "other")
+    os.write(write_fd, outcome.encode())
+    sock.disable_monitor()
+    monitor.close()
+    sock.close()
+    ctx.term()
+
+
+async def handshake_as(uid: int | None, endpoint: str) -> str:
+    """Fork a child that becomes ``uid`` (None: stays us) and connects a plain DEALER to
+    ``endpoint``, as a client would: ``admitted`` or ``refused``, as its handshake ended. No exec:
+    nobody may not be able to run this interpreter."""
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_fd)
+            _handshake_in_child(endpoint, uid, write_fd)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+
+    def wait() -> str:  # in a thread: the node's loop must go on answering ZAP meanwhile
+        with os.fdopen(read_fd, "rb") as f:
+            out = f.read().decode()
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        return out
+
+    return await asyncio.to_thread(wait)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may traverse (pytest's own tmp_path is private to root)."""
+    where = Path(tempfile.mkdtemp(prefix="dpipes-test-"))
+    where.chmod(0o711)
+    yield where
+    shutil.rmtree(where)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+async def test_another_local_user_is_refused_on_the_unix_socket_and_on_loopback_tcp(
+    shared_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    nobody = pwd.getpwnam("nobody").pw_uid
+    config = NodeConfig(name="alpha", key_dir=str(key_dir(tmp_path, "alpha")))
+    async with Node(config, listen="tcp://127.0.0.1:0", ipc=f"ipc://{shared_dir}/alpha.sock") as alpha:
+        (shared_dir / "alpha.sock").chmod(0o777)  # as umask 000 left it: only the kernel's uid check stands
+        with caplog.at_level(logging.WARNING, logger="dpipes.bus.auth"):
+            assert await handshake_as(nobody, alpha.ipc_endpoint) == "refused"
+            assert await handshake_as(nobody, alpha.ipc_endpoint) == "refused"  # retried: logged once
+            assert await handshake_as(nobody, alpha.tcp_endpoint) == "refused"  # no key: no CURVE handshake
+            assert await handshake_as(None, alpha.ipc_endpoint) == "admitted"  # the daemon's own user
+        refusals = [r.getMessage() for r in caplog.records if f"local uid {nobody}" in r.getMessage()]
+        assert len(refusals) == 1 and "node alpha: refused a connection from" in refusals[0], refusals
+        assert started(alpha) == 0
+
+
+async def test_tapping_needs_the_tap_right(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    where = key_dir(tmp_path, "alpha")
+    alice, watcher = (load_or_create_keypair(key_dir(tmp_path, n), "client")[0] for n in ("alice", "watcher"))
+    authorize(where, alice, 'run="cat"')
+    authorize(where, watcher, "tap")
+    config = NodeConfig(name="alpha", key_dir=str(where))
+    async with Node(config, listen="tcp://127.0.0.1:0", tap="tcp://127.0.0.1:0") as alpha:
+        assert alpha.hub.public_key is not None and alpha.hub.tap_endpoint.startswith("tcp://")
+        ctx = zmq.asyncio.Context()
+        try:
+            subscribers = []
+            for me in (alice, watcher):
+                sub = ctx.socket(zmq.SUB)
+                sub.linger = 0
+                sub.curve_secretkey = me.secret_z85.encode()
+                sub.curve_publickey = me.public.z85.encode()
+                sub.curve_serverkey = alpha.hub.public_key.z85.encode()
+                sub.subscribe(b"")
+                sub.connect(alpha.hub.tap_endpoint)
+                subscribers.append(sub)
+            alices, watchers = subscribers
+            async with Client(alpha.ipc_endpoint) as client:  # traffic to tap, while both are subscribed
+                while not await watchers.poll(100):  # each round trip is an event the tap publishes
+                    await call(client.endpoint, "alpha", InfoRequest())
+            refused = f"node alpha: refused a connection from {alice.fingerprint}: may not tap this node"
+            await until(lambda: any(refused in r.getMessage() for r in caplog.records))
+            assert await alices.poll(0) == 0  # refused at the handshake: not one event reached alice
+            for sub in subscribers:
+                sub.close()
+        finally:
+            ctx.term()

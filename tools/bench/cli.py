@@ -23,7 +23,8 @@ suites:
           its own process) subscribed to the sending hub, against the same without one; and the
           events the reader got against those the hub published (the tap is lossy by design)
   curve   the bus with CurveZMQ keys against the same bus without, in one run: 1 MiB throughput
-          and 64-byte rate hub A -> hub B over TCP loopback, and a client's attach time
+          and 64-byte rate hub A -> hub B over TCP loopback, a client's attach time, and a
+          two-node pipeline's run time ('true | true@B', two real nodes with keys and without)
   pipe    1 GiB of `cat FILE | cat` with the stages on two local daemons, output to /dev/null,
           against sh -c 'cat FILE | cat > /dev/null'; and the wall time of
           `dpipes 'echo x | cat'` with a running daemon, against sh -c 'echo x | cat'

@@ -3,21 +3,26 @@
 Hub A streams to hub B over TCP loopback (B in a child process, as ``dpipes-bench bus`` does), once
 with both hubs plain and once with both holding keys and pinning each other; 1 MiB chunks for
 throughput, 64 B for the message rate. A third figure is the time a client takes to attach over
-TCP (handshake, ZAP, ATTACH/ATTACHED), with keys against without: what CURVE adds to a pipeline's
-start. The issue's targets: at least 0.7x the plain throughput, 0.8x the plain rate, at most 20 ms
-more to attach.
+TCP (handshake, ZAP, ATTACH/ATTACHED), with keys against without: what CURVE adds to a remote
+client's start. A fourth is a whole two-node pipeline, ``true | true@B``, from ``run`` to the last
+exit report, run by the real client over the entry node's Unix socket: two real nodes with keys
+(linked by CURVE; every negotiate reads the trust files and checks the caller's key) against the
+same two without. The issue's targets: at least 0.7x the plain throughput, 0.8x the plain rate,
+at most 20 ms more to attach and to run a pipeline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import MappingProxyType
 
 from dpipes.bus.auth import ClientCurve, HubSecurity
 from dpipes.bus.client import Client
@@ -29,6 +34,8 @@ from dpipes.tools.bench.result import Result, result
 
 SINK, SOURCE = "bench-sink", "bench-source"
 ATTACHES_PER_SAMPLE = 20  # client attaches timed per sample: one is a few ms, below the timer's noise
+PIPELINES_PER_SAMPLE = 10  # pipelines timed per sample, after one that warms both nodes
+LINK_WAIT_S = 10.0  # the entry node's static link to the other: a handshake on loopback
 
 
 def _keys(where: Path) -> dict[str, KeyPair]:
@@ -88,6 +95,54 @@ async def _attach_ms(addr: str, keys: dict[str, KeyPair] | None) -> float:
     return (time.perf_counter() - start) * 1000 / ATTACHES_PER_SAMPLE
 
 
+async def _pipeline_ms(key_dir: Path | None, runs: int) -> float:
+    """Milliseconds per ``true | true@B`` through two real nodes, with the keys in ``key_dir``
+    (shared, as one user's two daemons share theirs) or, for None, without keys."""
+    where, insecure = (str(key_dir), False) if key_dir is not None else (None, True)
+    quiet = logging.getLogger("dpipes.nodes.node")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the baseline's nodes warn that they have no keys, at each start
+    try:
+        return await _pipeline_ms_between(where, insecure, runs)
+    finally:
+        quiet.setLevel(level)
+
+
+async def _pipeline_ms_between(where: str | None, insecure: bool, runs: int) -> float:
+    from dpipes.nodes.config import HostPort, NodeConfig
+    from dpipes.nodes.node import Node
+    from dpipes.nodes.run import RunOptions, run_pipeline
+
+    async with Node(NodeConfig(name="bench-b", key_dir=where, insecure=insecure), listen="tcp://127.0.0.1:0") as b:
+        port = int(b.tcp_endpoint.rpartition(":")[2])
+        peers = MappingProxyType({"bench-b": HostPort("127.0.0.1", port)})
+        config = NodeConfig(name="bench-a", nodes=peers, key_dir=where, insecure=insecure)
+        async with Node(config, listen="tcp://127.0.0.1:0") as a:
+            await asyncio.wait_for(a.hub.connect_peer(f"tcp://127.0.0.1:{port}", key=b.hub.public_key), LINK_WAIT_S)
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+
+                async def once() -> None:
+                    done = await run_pipeline(
+                        a.ipc_endpoint,
+                        RunOptions("true | true@bench-b"),
+                        stdin_fd=-1,
+                        stdout_fd=null,
+                        stderr_fd=null,
+                        handle_sigint=False,
+                    )
+                    if done.exit_code != 0:
+                        raise RuntimeError(f"the benchmark's pipeline failed: {done}")
+
+                await once()
+                start = time.perf_counter()
+                for _ in range(runs):
+                    await once()
+                return (time.perf_counter() - start) * 1000 / runs
+            finally:
+                os.close(null)
+
+
 def curve_benchmarks(
     *, repeat: int = 5, quick: bool = False, progress: Callable[[str], None] = lambda s: None
 ) -> list[Result]:
@@ -95,7 +150,14 @@ def curve_benchmarks(
     scale = 10 if quick else 1
     with tempfile.TemporaryDirectory(prefix="dpipes-bench-keys-") as tmp:
         keys = _keys(Path(tmp))
-        figures: dict[str, tuple[list[float], list[float]]] = {"1MiB": ([], []), "64B": ([], []), "attach": ([], [])}
+        figures: dict[str, tuple[list[float], list[float]]] = {
+            "1MiB": ([], []),
+            "64B": ([], []),
+            "attach": ([], []),
+            "pipeline": ([], []),
+        }
+        shared = Path(tmp) / "one-user"
+        shared.mkdir(mode=0o700)
         with _sink("-") as plain_addr, _sink(tmp) as curve_addr:
             for _ in range(repeat):
                 for label, size, count in (("1MiB", 1 << 20, 2000 // scale), ("64B", 64, 300_000 // scale)):
@@ -103,6 +165,9 @@ def curve_benchmarks(
                     figures[label][1].append(asyncio.run(_rate(plain_addr, None, size, count)))
                 figures["attach"][0].append(asyncio.run(_attach_ms(curve_addr, keys)))
                 figures["attach"][1].append(asyncio.run(_attach_ms(plain_addr, None)))
+                runs = max(2, PIPELINES_PER_SAMPLE // scale)
+                figures["pipeline"][0].append(asyncio.run(_pipeline_ms(shared, runs)))
+                figures["pipeline"][1].append(asyncio.run(_pipeline_ms(None, runs)))
                 progress(".")
     mib = [[r * (1 << 20) / 1e6 for r in samples] for samples in figures["1MiB"]]
     return [
@@ -114,6 +179,14 @@ def curve_benchmarks(
             figures["attach"][0],
             "the same attach without keys",
             figures["attach"][1],
+            higher_is_better=False,
+        ),
+        result(
+            "curve.pipeline_start",
+            "ms",
+            figures["pipeline"][0],
+            "the same two nodes without keys",
+            figures["pipeline"][1],
             higher_is_better=False,
         ),
     ]
