@@ -237,6 +237,22 @@ async def test_two_hosts_with_keys_run_a_pipeline_and_the_bridge_never_sees_its_
                 pair = load_keypair(key_dir(tmp_path, started.host), name)
                 secrets_ += [pair.secret_z85.encode(), zmq.utils.z85.decode(pair.secret_z85.encode())]
         assert not [f for f in frames for s in secrets_ if s in f]
+        # dpipes-tap asks beta over TCP, with the same keys, which nodes it knows
+        tap = await hosts[0].run(
+            [
+                sys.executable,
+                "-m",
+                "dpipes.tools.tap",
+                "nodes",
+                "--json",
+                "--node",
+                f"{hosts[1].name}@{hosts[1].addr}:{PORT}",
+            ],
+            env=host_env(tmp_path, hosts[0]),
+        )
+        listed, said = await asyncio.wait_for(tap.communicate(), RUN_TIMEOUT_S)
+        assert tap.returncode == 0, said.decode()
+        assert {json.loads(line)["name"] for line in listed.splitlines()} >= {hosts[0].name, hosts[1].name}
 
 
 async def test_between_insecure_nodes_the_capture_sees_the_data_in_clear(lan: Any, tmp_path: Path) -> None:
