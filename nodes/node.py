@@ -398,7 +398,7 @@ class Node:
         if run is not None:  # the client cancels: tell every node
             await self.coordinator.cancel(run, request.reason)
             return CancelReply()
-        return CancelReply(stages=await self.stages.cancel(request.pipeline, request.reason))
+        return CancelReply(stages=await self.stages.cancel(request.pipeline, request.reason, by=src))
 
     async def _on_exit(self, report: ExitReport, src: str) -> Empty:
         assert self.coordinator is not None

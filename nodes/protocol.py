@@ -77,7 +77,8 @@ Methods (``REQUEST`` to ``<node>/ctl``)
     ``cancel`` (client -> its entry node, or coordinator -> each node): stop a run.
         Body: ``pipeline: str``, ``reason: str = "cancelled"``. From the client that started it,
         the entry node cancels the run on every node; otherwise the node terminates its own
-        stages of the run (TERM to the process group, KILL after a grace). Reply:
+        stages of the run that the caller negotiated (TERM to the process group, KILL after a
+        grace; a caller that negotiated none stops nothing). Reply:
         ``stages: int = 0`` (how many stages of it were here). Every stage still reports ``exit``.
     ``info`` (anyone -> a node): what the node knows. Body: empty. Reply: ``node: str``,
     ``protocol: int``, ``nodes: list[map]``, each ``name: str, endpoint: str, programs: list[str]``

@@ -411,10 +411,13 @@ class Stages:
         except DpipesError as exc:  # unreachable, or the receiver refused the report
             log.warning("node %s: exit report of stage %s not delivered to %s: %s", self.node, report.stage, addr, exc)
 
-    async def cancel(self, pipeline: str, reason: str) -> int:
-        """Terminate every stage of ``pipeline`` here; how many there were."""
+    async def cancel(self, pipeline: str, reason: str, *, by: str | None = None) -> int:
+        """Terminate every stage of ``pipeline`` here (``by``: those the party at that address
+        negotiated, so that nobody else may stop them); how many there were."""
+        stages = [s for (p, _i), s in self._stages.items() if p == pipeline and by in (None, s.negotiated_by)]
+        if by is not None and not stages:
+            return 0
         self.direct.close(pipeline)  # a neighbour that has not started will not
-        stages = [s for (p, _i), s in self._stages.items() if p == pipeline]
         for stage in stages:
             stage.cancelled = stage.cancelled or reason
             stage.stop.set()

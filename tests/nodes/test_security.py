@@ -34,6 +34,7 @@ from dpipes.nodes.protocol import (
     PIPELINE_PROTOCOL,
     REFUSED,
     UNAUTHORIZED,
+    CancelRequest,
     ControlError,
     InfoRequest,
     RunRequest,
@@ -398,3 +399,19 @@ async def test_tapping_needs_the_tap_right(tmp_path: Path, caplog: pytest.LogCap
                 sub.close()
         finally:
             ctx.term()
+
+
+async def test_only_the_party_that_started_a_run_may_cancel_it(tmp_path: Path) -> None:
+    where = key_dir(tmp_path, "alpha")
+    alice, mallory = (load_or_create_keypair(key_dir(tmp_path, n), "client")[0] for n in ("alice", "mallory"))
+    authorize(where, alice, 'run="sleep 60"')
+    authorize(where, mallory, 'run="cat"')
+    async with secure_node("alpha", where) as alpha, keyed_client(alpha, alice) as mine:
+        request = RunRequest(pipeline="sleep 60", protocol=PIPELINE_PROTOCOL)
+        run = await call(mine.endpoint, f"alpha/{CTL}", request)
+        await until(lambda: len(alpha.supervisor.stages) == 1)
+        async with keyed_client(alpha, mallory) as theirs:  # knows the id (from a log, a tap, a guess)
+            reply = await call(theirs.endpoint, f"alpha/{CTL}", CancelRequest(pipeline=run.pipeline))
+        assert reply.stages == 0 and len(alpha.supervisor.stages) == 1  # still running
+        await call(mine.endpoint, f"alpha/{CTL}", CancelRequest(pipeline=run.pipeline))
+        await until(lambda: not alpha.supervisor.stages)
