@@ -22,13 +22,23 @@ from dpipes.bus.codec import (
     Message,
 )
 from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, DecodeError, PeerLost, RequestTimeout, SecurityError
+from dpipes.bus.errors import (
+    BusError,
+    ClientRefused,
+    DecodeError,
+    PeerLost,
+    RequestTimeout,
+    SecurityError,
+    WrongServerKey,
+)
 from dpipes.bus.pump import Pump
 
 log = logging.getLogger(__name__)
 
 CLIENT_MAX_IN_STREAMS = 1024  # a run's client receives stdout, stderr and Pipes of up to 64 stages at once
-HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 ATTACH_TIMEOUT_S = 5.0  # a hub answers ATTACH at once; longer means nothing listens there
 
 
@@ -125,17 +135,36 @@ class Client:
         event = parse_monitor_message([f.bytes for f in frames])
         if self._attached is None or self._attached.done():
             return
+        curve = self._curve
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            mine = f" (key {self._curve.keypair.fingerprint})" if self._curve is not None else ""
+            mine = f" (key {curve.keypair.fingerprint})" if curve is not None else ""
+            key = curve.keypair.public.z85 if curve is not None else "KEY"
             self._attached.set_exception(
-                SecurityError(
+                ClientRefused(
                     f"the node at {self.hub} refused this client{mine}: it does not trust this key or uid; "
-                    "its owner admits a key with: dpipes keys trust KEY --run 'PROG ...'"
+                    f"its owner admits it with: dpipes keys trust '{key}' --comment NAME --run 'PROG ...'"
                 )
             )
-        elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and self._curve is None:
+        elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and curve is None:
             self._attached.set_exception(
                 SecurityError(f"the node at {self.hub} speaks CURVE: connect with keys (its public key is needed)")
+            )
+        elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:  # we speak CURVE, it does not
+            self._attached.set_exception(
+                SecurityError(
+                    f"the node at {self.hub} does not speak CURVE (a node started with --insecure?): "
+                    "nothing would be encrypted; if you trust the network, connect with --insecure"
+                )
+            )
+        elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and curve is not None:
+            # A CURVE server that cannot open our HELLO box drops the connection without a word:
+            # it does not hold the secret of the key we expect (found by probing libzmq 4.3). A
+            # server without CURVE that closes before we read its greeting looks the same.
+            self._attached.set_exception(
+                WrongServerKey(
+                    f"the node at {self.hub} does not hold the key {curve.server_key.fingerprint} this client "
+                    "expects: its key changed, another node listens there, or it runs without keys (--insecure)"
+                )
             )
 
     def _stop_monitor(self, monitor: Pump) -> None:

@@ -75,3 +75,11 @@ class TrustFileError(SecurityError, ValueError):
 
 class KeyChanged(SecurityError):
     """A node presented another key than the one pinned for it; the message names both fingerprints."""
+
+
+class ClientRefused(SecurityError):
+    """A node refused a client's key (or uid) at the handshake: it does not trust it."""
+
+
+class WrongServerKey(SecurityError):
+    """A node did not prove it holds the key a client expected of it (CurveZMQ): changed, or another node."""

@@ -26,12 +26,14 @@ Sources, and what each one may do (ranks as in the table: ``self`` > ``linked`` 
     nothing else would bring it back. The retry ends when mDNS says the node is gone (a goodbye,
     or its records expired, which for a node that died takes the records' TTL).
 ``gossip`` (:meth:`~NodeDirectory.gossip`)
-    A body ``{"peers": {name: "tcp://host:port"}}`` from a *linked* peer: second-hand, so bounded
-    and checked. The body is validated in full by :func:`parse_gossip` (a map of at most
-    ``MAX_GOSSIP_PEERS`` entries; names as node names, ``NODE_NAME_RE``; endpoints ``tcp://`` with
-    an IPv4, bracketed IPv6 or DNS host that is not a wildcard, and a port 1-65535; other keys of
-    the body are ignored, for later versions). Any fault rejects the whole body: a dpipes node only
-    gossips what it has itself linked to, so a malformed entry means the sender is not one.
+    A body ``{"peers": {name: "tcp://host:port"}, "keys": {name: Z85}}`` from a *linked* peer:
+    second-hand, so bounded and checked. The body is validated in full by :func:`parse_gossip`
+    (a map of at most ``MAX_GOSSIP_PEERS`` entries; names as node names, ``NODE_NAME_RE``;
+    endpoints ``tcp://`` with an IPv4, bracketed IPv6 or DNS host that is not a wildcard, and a
+    port 1-65535; ``keys``, optional, at most one 40-character Z85 public key per name of
+    ``peers``; other keys of the body are ignored, for later versions). Any fault rejects the
+    whole body: a dpipes node only gossips what it has itself linked to, so a malformed entry means
+    the sender is not one.
 ``linked`` (:meth:`~NodeDirectory.link_up`, :meth:`~NodeDirectory.link_info`,
 :meth:`~NodeDirectory.link_down`)
     The hub's link to a node is up: the node's name, instance, endpoint and HELLO ``info``
@@ -44,6 +46,16 @@ Sources, and what each one may do (ranks as in the table: ``self`` > ``linked`` 
     again (above). A static peer stays listed either way, down. A link going down yields no
     ``Unlink``: the hub retries a static link and drops any other one itself.
 
+Keys. mDNS records and gossip carry each node's CURVE public key (never anything secret). Before
+a discovered or gossiped node is linked, the directory asks its ``vet`` function (the node's
+known_nodes: :meth:`KnownNodes.check <dpipes.bus.trust.KnownNodes.check>`) whether that name may
+present that key, and links with the key it returns. A refusal (:class:`~dpipes.bus.errors.KeyChanged`:
+the name is pinned to another key; :class:`~dpipes.bus.trust.UnknownNode`: not pinned, and trust
+on first use is off) is counted as ``untrusted-key``, logged as an error once per node per
+``REJECTION_LOG_INTERVAL_S`` with the reason (a changed key names both fingerprints), and the node
+is not linked; each ``expire`` tick asks again, so that ``dpipes keys pin`` takes effect without a
+restart. Without ``vet`` (a node without keys) every node is linked as it is advertised.
+
 Rules and bounds:
 
 * Rejections are coded (:data:`RejectCode`), counted in ``rejected[code]`` and logged as a warning
@@ -52,7 +64,8 @@ Rules and bounds:
   body per ``GOSSIP_MIN_INTERVAL_S`` from one peer; the first after a link comes up always
   passes), ``not-a-map``, ``too-many-peers``, ``bad-name``, ``bad-endpoint``. Codes for one entry
   of an accepted body (counted once per entry): ``full`` (the bound below), ``unreachable`` (the
-  endpoint recently failed, see expiry), ``endpoint-taken`` (another node is linked there).
+  endpoint recently failed, see expiry), ``endpoint-taken`` (another node is linked there),
+  ``untrusted-key`` (see *Keys*; also for a node seen by mDNS).
 * At most ``max_known`` nodes besides this one (default ``MAX_KNOWN_NODES``) are admitted from
   gossip; gossip never evicts anything. First-hand sources (static, mDNS, a link that came up)
   are always admitted: over the bound, they evict the unlinked gossip-only entries that gossip
@@ -81,12 +94,14 @@ import ipaddress
 import logging
 import re
 import reprlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from dpipes.bus.codec import PROTOCOL_VERSION
-from dpipes.bus.errors import ConfigError, DpipesError
+from dpipes.bus.errors import ConfigError, DpipesError, SecurityError
+from dpipes.bus.keys import PublicKey
+from dpipes.bus.trust import KnownNodes, UnknownNode
 from dpipes.discovery.table import SOURCE_RANK, NodeChange, NodeRecord, NodeTable, Source
 from dpipes.discovery.txt import MAX_LIST_ITEMS, NODE_NAME_RE, valid_program_name
 
@@ -130,7 +145,38 @@ RejectCode = Literal[
     "full",
     "unreachable",
     "endpoint-taken",
+    "bad-key",
+    "untrusted-key",
 ]
+
+KeyVet = Callable[[str, PublicKey | None], PublicKey | None]
+"""``vet(name, key)``: may node ``name``, advertising ``key`` (None: none), be linked? The key to link
+with (None for a node without keys); raises :class:`~dpipes.bus.errors.SecurityError` to refuse."""
+
+
+def vet_by(known: Callable[[], KnownNodes]) -> KeyVet:
+    """The vet of a node with keys: ``known()`` (re-read each time, so a pin takes effect at once)
+    must have ``name`` pinned to ``key`` (or, with trust on first use, records it). A node that
+    advertises no key is linked with its pinned key, if it has one."""
+
+    def vet(name: str, key: PublicKey | None) -> PublicKey | None:
+        nodes = known()
+        if key is None:
+            key = nodes.key_for(name)
+            if key is None:
+                raise UnknownNode(
+                    f"node {name} advertises no key (an --insecure node?) and none is pinned for it; "
+                    f"pin its key with: dpipes keys pin {name} KEY"
+                )
+        return nodes.check(name, key).key or key
+
+    return vet
+
+
+def _no_keys(name: str, key: PublicKey | None) -> PublicKey | None:
+    """The vet of a node without keys: link every node as it is advertised."""
+    return key
+
 
 _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -150,6 +196,7 @@ class Link:
 
     endpoint: str
     static: bool = False
+    key: PublicKey | None = None  # the node key to link with (CURVE), as vetted
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +289,28 @@ def parse_gossip(body: object) -> dict[str, str]:
     return out
 
 
+def parse_gossip_keys(body: object, peers: Mapping[str, str]) -> dict[str, PublicKey]:
+    """The ``{name: key}`` map of a gossip body (optional), each name one of ``peers``.
+
+    Raises:
+        GossipRejected: code ``bad-key``: not a map, a name not in ``peers``, or a malformed key.
+    """
+    keys = body.get("keys") if isinstance(body, Mapping) else None
+    if keys is None:
+        return {}
+    if not isinstance(keys, Mapping) or len(keys) > len(peers):
+        raise GossipRejected("bad-key", "gossip: 'keys' must map names of 'peers' to public keys")
+    out: dict[str, PublicKey] = {}
+    for name, text in keys.items():
+        if not isinstance(name, str) or name not in peers or not isinstance(text, str):
+            raise GossipRejected("bad-key", f"gossip: key entry {_show(name)} names no peer of the body")
+        try:
+            out[name] = PublicKey.parse(text)
+        except ValueError:
+            raise GossipRejected("bad-key", f"gossip: the key of {name} is not a public key: {_show(text)}") from None
+    return out
+
+
 def _show(value: object) -> str:
     """A short rendering of a hostile value for a message (``reprlib`` bounds nesting and length)."""
     return reprlib.repr(value)
@@ -258,17 +327,32 @@ class _Want:
     up: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class _Untrusted:
+    """A node not linked because its key was refused; asked about again on each ``expire``."""
+
+    endpoint: str
+    key: PublicKey | None
+    source: Literal["mdns", "gossip"]
+
+
 class NodeDirectory:
     """Every node this node knows and the links it wants; see the module docstring.
 
     Args:
         name: this node's name.
         max_known: how many nodes besides this one gossip may fill the directory with.
+        vet: whether a node may present a key, and the key to link with (see *Keys*); default:
+            no keys, every node linked as advertised.
     """
 
-    def __init__(self, name: str, *, max_known: int = MAX_KNOWN_NODES) -> None:
+    def __init__(self, name: str, *, max_known: int = MAX_KNOWN_NODES, vet: KeyVet | None = None) -> None:
         self.name = name
         self.max_known = max_known
+        self._vet: KeyVet = vet or _no_keys
+        self._keys: dict[str, PublicKey] = {}  # node name -> the key it was vetted or linked with
+        self._untrusted: dict[str, _Untrusted] = {}  # refused keys, asked about again on expire
+        self._key_logged: dict[str, float] = {}  # "node refusal" -> when it was last logged
         self.table = NodeTable()
         self.rejected: collections.Counter[str] = collections.Counter()
         self._wanted: dict[str, _Want] = {}  # endpoint -> the link asked for
@@ -309,15 +393,7 @@ class NodeDirectory:
         endpoint = record.endpoints.get("bus", "")
         if endpoint.startswith("tcp://*:") and record.addresses:
             endpoint = f"tcp://{record.addresses[0]}:{endpoint.rpartition(':')[2]}"
-            record = NodeRecord(
-                record.name,
-                record.instance_id,
-                record.protocol_version,
-                {**record.endpoints, "bus": endpoint},
-                record.addresses,
-                record.programs,
-                record.plugins,
-            )
+            record = replace(record, endpoints={**record.endpoints, "bus": endpoint})
         self.table.seen(record, "mdns", now)
         if record.name == self.name:
             return []
@@ -328,12 +404,12 @@ class NodeDirectory:
         except GossipRejected:
             log.debug("node %s: mDNS record of %s has no usable bus endpoint %r", self.name, record.name, endpoint)
         else:
-            if record.name not in self._up:
+            if record.name not in self._up and (vetted := self._vetted(record.name, record.key, endpoint, "mdns", now)):
                 actions += self._drop_wants(record.name, "replaced by its mDNS endpoint", keep=endpoint, only="gossip")
                 want = self._wanted.get(endpoint)
                 if want is None:
                     self._wanted[endpoint] = _Want(endpoint, "mdns", record.name, now)
-                    actions.append(Link(endpoint))
+                    actions.append(Link(endpoint, key=vetted[0]))
                 elif want.source == "gossip":
                     want.source = "mdns"  # first-hand now: no longer expires as a rumour
         return actions + self._evict_over_bound()
@@ -360,6 +436,7 @@ class NodeDirectory:
         self._last_gossip[via] = now
         try:
             peers = parse_gossip(body)
+            keys = parse_gossip_keys(body, peers)
         except GossipRejected as exc:
             return self._reject(exc.code, via, str(exc), now)
         actions: list[Action] = []
@@ -391,16 +468,32 @@ class NodeDirectory:
                 continue  # a departed incarnation
             if self.table.sources(name) - {"gossip"}:
                 continue  # a first-hand source already says where it is
+            vetted = self._vetted(name, keys.get(name), endpoint, "gossip", now)
+            if not vetted:
+                continue
             actions += self._drop_wants(name, "its gossiped endpoint changed", keep=endpoint, only="gossip")
             if endpoint not in self._wanted:
                 self._wanted[endpoint] = _Want(endpoint, "gossip", name, now)
-                actions.append(Link(endpoint))
+                actions.append(Link(endpoint, key=vetted[0]))
         return actions
 
-    def link_up(self, name: str, instance: str, endpoint: str, info: Mapping[str, Any], now: float) -> list[Action]:
-        """The hub's link to ``name`` is up (we opened it, or the peer did): ``info`` is its HELLO's."""
+    def link_up(
+        self,
+        name: str,
+        instance: str,
+        endpoint: str,
+        info: Mapping[str, Any],
+        now: float,
+        *,
+        key: PublicKey | None = None,
+    ) -> list[Action]:
+        """The hub's link to ``name`` is up (we opened it, or the peer did): ``info`` is its HELLO's,
+        ``key`` the node key the link was authenticated with, if any."""
         if name == self.name:
             return []
+        self._untrusted.pop(name, None)
+        if key is not None:
+            self._keys[name] = key
         actions: list[Action] = []
         previous = self._up.get(name)
         if previous is not None and previous != endpoint:
@@ -489,6 +582,7 @@ class NodeDirectory:
     def expire(self, now: float) -> list[Action]:
         """The clock: age out rumours, unreachable gossip-learned links and old bars."""
         actions = self._forget_unlinked(self.table.expire(now, GOSSIP_TTL_S), "no source mentions it any more")
+        actions += self._vet_again(now)
         for endpoint, want in list(self._wanted.items()):
             if want.source != "gossip" or want.up or now - want.since <= UNREACHABLE_EXPIRY_S:
                 continue
@@ -546,7 +640,8 @@ class NodeDirectory:
         return out
 
     def gossip_body(self) -> dict[str, dict[str, str]]:
-        """What to tell linked peers: every node linked and up, where its link goes (never a wildcard)."""
+        """What to tell linked peers: every node linked and up, where its link goes (never a
+        wildcard), and its public key where one is known."""
         peers: dict[str, str] = {}
         for name, endpoint in sorted(self._up.items()):
             if len(peers) >= MAX_GOSSIP_PEERS:
@@ -555,13 +650,53 @@ class NodeDirectory:
                 peers[name] = parse_endpoint(endpoint)
             except GossipRejected:
                 continue
-        return {"peers": peers}
+        keys = {name: self._keys[name].z85 for name in peers if name in self._keys}
+        return {"peers": peers, "keys": keys}
 
     def linked(self) -> dict[str, str]:
         """Node name -> endpoint of every link that is up."""
         return dict(self._up)
 
     # -- internals --------------------------------------------------------------------------
+
+    def _vetted(
+        self, name: str, key: PublicKey | None, endpoint: str, source: Literal["mdns", "gossip"], now: float
+    ) -> tuple[PublicKey | None] | None:
+        """``(the key to link with,)`` if node ``name`` may be linked presenting ``key``, else None
+        (refused: counted, logged once per node per interval, asked about again on ``expire``)."""
+        try:
+            use = self._vet(name, key)
+        except SecurityError as exc:
+            self.rejected["untrusted-key"] += 1
+            if name in self._untrusted or len(self._untrusted) < self.max_known:
+                self._untrusted[name] = _Untrusted(endpoint, key, source)
+            why = f"{name} {type(exc).__name__}"  # a node unknown, then pinned to another key: both said
+            last = self._key_logged.get(why)
+            if last is None or now - last >= REJECTION_LOG_INTERVAL_S:
+                if len(self._key_logged) >= 4 * self.max_known:  # bounded: names are free to make up
+                    self._key_logged.clear()
+                self._key_logged[why] = now
+                log.error("node %s: not linking node %s at %s (from %s): %s", self.name, name, endpoint, source, exc)
+            else:
+                log.debug("node %s: not linking node %s again: %s", self.name, name, exc)
+            return None
+        self._untrusted.pop(name, None)
+        if use is not None:
+            self._keys[name] = use
+        return (use,)
+
+    def _vet_again(self, now: float) -> list[Action]:
+        """Link the refused nodes whose key is now trusted (pinned since), if still known."""
+        actions: list[Action] = []
+        for name, refused in list(self._untrusted.items()):
+            if name in self._up or name not in self.table or not self.table.sources(name) & {"mdns", "gossip"}:
+                del self._untrusted[name]
+                continue
+            vetted = self._vetted(name, refused.key, refused.endpoint, refused.source, now)
+            if vetted and refused.endpoint not in self._wanted:
+                self._wanted[refused.endpoint] = _Want(refused.endpoint, refused.source, name, now)
+                actions.append(Link(refused.endpoint, key=vetted[0]))
+        return actions
 
     def _known_count(self) -> int:
         return len(self.table) - (1 if self.name in self.table else 0)
@@ -665,10 +800,13 @@ __all__ = [
     "Action",
     "DirectoryEntry",
     "GossipRejected",
+    "KeyVet",
     "Link",
     "NodeDirectory",
     "RejectCode",
     "Unlink",
     "parse_endpoint",
     "parse_gossip",
+    "parse_gossip_keys",
+    "vet_by",
 ]

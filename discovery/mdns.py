@@ -84,6 +84,8 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from zeroconf.const import _CLASS_IN, _CLASS_UNIQUE, _FLAGS_QR_QUERY, _TYPE_PTR, _TYPE_TXT
 
 from dpipes.bus.errors import ConfigError
+from dpipes.bus.keys import PublicKey
+from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.table import NodeChange, NodeRecord, NodeTable
 from dpipes.discovery.txt import (
     MAX_OFFERS,
@@ -105,6 +107,9 @@ from dpipes.discovery.txt import (
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_MS = 3000  # records missing from an announcement: ask this long (zeroconf default)
+# A client asking what key a node advertises, to explain a refused handshake: a responder on the
+# LAN answers a QU query within milliseconds; past this the node is not advertising (or not here).
+KEY_LOOKUP_TIMEOUT_S = 1.5
 GOODBYE_MARK_S = 1.0  # a TXT goodbye explains a PTR removal reported within this time
 GOODBYE_TIMEOUT_S = 2.0  # aclose(): the goodbye burst takes ~0.25 s; never hang shutdown on it
 START_TIMEOUT_S = 5.0  # zeroconf's socket setup; it normally takes milliseconds
@@ -163,6 +168,36 @@ class MdnsStats:
     malformed: int = 0  # undecodable TXT records or service names from the network
     conflicts: int = 0  # our node name advertised by another instance
     callback_errors: int = 0  # exceptions raised by our own callbacks
+
+
+async def advertised_key(
+    node: str, *, interfaces: Sequence[str] | None = None, timeout_s: float = KEY_LOOKUP_TIMEOUT_S
+) -> PublicKey | None:
+    """The public key node ``node`` advertises in its TXT record, or None (no answer in time, no
+    key, a malformed record, or no mDNS socket here).
+
+    Unauthenticated, as everything mDNS says: a caller may show it (what to pin, what a changed key
+    now is) or check it against a pinned fingerprint, never trust it by itself.
+    """
+    try:
+        check_node_name(node)
+        chosen = list(interfaces) if interfaces else resolve_interfaces(())
+        if not chosen:
+            return None
+        aiozc = AsyncZeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
+    except (OSError, ConfigError) as exc:
+        log.debug("no mDNS lookup of node %s: %s", node, exc)
+        return None
+    try:
+        info = AsyncServiceInfo(SERVICE_TYPE, f"{node}.{SERVICE_TYPE}")
+        if not await info.async_request(aiozc.zeroconf, int(timeout_s * 1000)) or info.text is None:
+            return None
+        return decode_node_txt(info.text, instance=node).key
+    except (TxtError, OSError) as exc:
+        log.debug("mDNS lookup of node %s: %s", node, exc)
+        return None
+    finally:
+        await aiozc.async_close()
 
 
 def _bus_port(record: NodeRecord) -> int:

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal
 
+from dpipes.bus.keys import PublicKey
+
 Source = Literal["self", "linked", "mdns", "static", "gossip"]
 ChangeKind = Literal["added", "updated", "removed"]
 
@@ -73,6 +75,7 @@ class NodeRecord:
     source: Source = "self"
     last_seen: float = 0.0
     via: str = ""  # for gossip: the node that told us
+    key: PublicKey | None = None  # its CURVE public key, as advertised (None: a node without keys)
 
     def __post_init__(self) -> None:
         # Frozen means frozen: keep a private read-only copy of the caller's mapping.
@@ -95,6 +98,7 @@ class NodeRecord:
             and self.addresses == other.addresses
             and self.programs == other.programs
             and self.plugins == other.plugins
+            and self.key == other.key
         )
 
 

@@ -15,6 +15,10 @@ carry the interface addresses. TXT entries, each ``key=value`` with value in UTF
 ``n=<node>``          node name; must equal the instance name (case-insensitively)
 ``id=<instance id>``  1-64 of ``[0-9A-Za-z_-]``; later incarnations compare greater as strings
 ``pv=<int>``          the node's bus protocol version
+``pk=<key>``          the node's CURVE public key: 40 characters of Z85 (its fingerprint, what
+                      ``dpipes keys`` shows, is derived from it). Public by design; nothing secret
+                      is ever advertised. Absent for a node without keys (``--insecure``): such a
+                      record is still read, with no key
 ``ep.<key>=<url>``    one per endpoint, e.g. ``ep.bus=tcp://10.77.0.2:5555``; key ``[a-z0-9_-]``
                       1-32, at most 16 endpoints; advertised verbatim
 ``pr0=a,b,..``        offered programs, comma-separated, in chunks ``pr0``, ``pr1``, ... each
@@ -57,6 +61,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dpipes.bus.errors import ConfigError, DecodeError
+from dpipes.bus.keys import PublicKey
 from dpipes.discovery.table import NodeRecord
 
 SERVICE_TYPE = "_dpipes._tcp.local."
@@ -268,6 +273,8 @@ def encode_node_txt(record: NodeRecord, *, budget: int = TXT_BUDGET_BYTES) -> En
         ("id", record.instance_id),
         ("pv", str(int(record.protocol_version))),
     ]
+    if record.key is not None:
+        head.append(("pk", PublicKey.parse(record.key.z85).z85))  # re-checked: only a public key goes out
     for key, url in sorted(record.endpoints.items()):
         if not ENDPOINT_KEY_RE.fullmatch(key):
             raise ConfigError(f"node {record.name}: endpoint key {key!r} must be 1-32 of [a-z0-9_-]")
@@ -357,6 +364,15 @@ def decode_node_txt(
     pv_text = _require(props, "pv")
     if not pv_text.isascii() or not pv_text.isdigit() or len(pv_text) > 9:
         raise TxtError(f"TXT protocol version {pv_text[:16]!r} is not a small non-negative integer")
+    key_text = props.get("pk")
+    public_key: PublicKey | None = None
+    if key_text is not None:
+        try:
+            public_key = PublicKey.parse(key_text)
+        except ValueError as exc:
+            raise TxtError(f"TXT public key {key_text[:48]!r} is malformed: {exc}") from None
+    elif "pk" in props:
+        raise TxtError("TXT pk has no value")
     endpoints: dict[str, str] = {}
     for key, value in props.items():
         if not key.startswith("ep."):
@@ -377,6 +393,7 @@ def decode_node_txt(
         plugins=_decode_list(props, "pl"),
         source="mdns",
         last_seen=now,
+        key=public_key,
     )
 
 

@@ -47,11 +47,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import getpass
 import logging
 import os
 import select
 import shlex
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -60,6 +62,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from dpipes.bus.errors import DpipesError, KeyFileError
+from dpipes.bus.keyring import Keyring
 from dpipes.bus.keys import KeyPair
 from dpipes.nodes import paths, sdnotify
 from dpipes.nodes.config import NodeConfig
@@ -195,6 +198,7 @@ def run_daemon(
         return 1
     if created:
         print(f"dpipesd: created the key pair of node {config.name} in {node_key.path.parent}", file=err)
+    keys = _ReadyKeys(node_key, _user_client_key(err))
     run = _Run(
         config,
         files,
@@ -207,13 +211,11 @@ def run_daemon(
     if foreground:
         _configure_logging(log_level, LOG_FORMAT)
         try:
-            return run.run(
-                lambda tcp, ipc: _say_ready(out, files, tcp, ipc, os.getpid(), log_to="stderr", key=node_key)
-            )
+            return run.run(lambda tcp, ipc: _say_ready(out, files, tcp, ipc, os.getpid(), log_to="stderr", keys=keys))
         except (AlreadyRunning, DaemonError) as e:
             print(f"dpipesd: {e}", file=err)
             return 1
-    return _detach(run, log_level, out=out, err=err, key=node_key)
+    return _detach(run, log_level, out=out, err=err, keys=keys)
 
 
 class _Run:
@@ -430,7 +432,7 @@ class _ReadyPipe:
             os.close(fd)
 
 
-def _detach(run: _Run, log_level: str, *, out: TextIO, err: TextIO, key: KeyPair) -> int:
+def _detach(run: _Run, log_level: str, *, out: TextIO, err: TextIO, keys: _ReadyKeys) -> int:
     """Fork the daemon off (see the module docstring); in the parent, report whether it got ready."""
     for stream in (sys.stdout, sys.stderr, out, err):
         stream.flush()  # or the children would write the parent's buffered output again
@@ -468,7 +470,7 @@ def _detach(run: _Run, log_level: str, *, out: TextIO, err: TextIO, key: KeyPair
     word, _, rest = line.partition(" ")
     if word == "ready":
         tcp, _, ipc = rest.partition(" ")
-        _say_ready(out, files, tcp, ipc, paths.read_pid(files.pid), log_to=str(files.log), key=key)
+        _say_ready(out, files, tcp, ipc, paths.read_pid(files.pid), log_to=str(files.log), keys=keys)
         return 0
     if word == "error":
         print(f"dpipesd: {rest}", file=err)
@@ -477,16 +479,51 @@ def _detach(run: _Run, log_level: str, *, out: TextIO, err: TextIO, key: KeyPair
     return 1
 
 
+@dataclass(frozen=True, slots=True)
+class _ReadyKeys:
+    """The keys the ready message names: the node's, and its user's client key (if it can be had)."""
+
+    node: KeyPair
+    client: KeyPair | None
+
+
+def _user_client_key(err: TextIO) -> KeyPair | None:
+    """This user's client key pair, as ``dpipes`` uses it (created on first use, said on ``err``);
+    None if the key directory cannot be used (the node's own key may live elsewhere)."""
+    ring = Keyring()
+    try:
+        pair, created = ring.client()
+    except KeyFileError as e:
+        log.debug("no client key of this user to name in the ready message: %s", e)
+        return None
+    if created:
+        print(f"dpipesd: created your client key pair {pair.fingerprint} in {ring.dir}", file=err)
+    return pair
+
+
 def _say_ready(
-    out: TextIO, files: NodeFiles, tcp: str, ipc: str, pid: int | None, *, log_to: str, key: KeyPair
+    out: TextIO, files: NodeFiles, tcp: str, ipc: str, pid: int | None, *, log_to: str, keys: _ReadyKeys
 ) -> None:
-    """Tell the user (or a script, which can wait for the first line) where the node listens."""
+    """Tell the user (or a script, which can wait for the first line) where the node listens, and how
+    another host's node admits this node and this user (the first contact, copied and pasted)."""
     where = "" if files.dir == paths.runtime_dir_path() else f" --runtime-dir {files.dir}"
     stop = f"dpipesd --stop --name {files.name}{where}"
+    key = keys.node
     try:
         print(f"node {files.name} ready: {tcp} {ipc}", file=out)
         pin = f"dpipes keys pin {files.name} {shlex.quote(key.public.z85)}"
         print(f"node key {key.fingerprint}; other hosts trust it with: {pin}", file=out)
+        if keys.client is not None:
+            try:
+                user = getpass.getuser()
+            except (OSError, KeyError):  # a uid without a passwd entry (a container)
+                user = str(os.getuid())
+            who = f"{user}@{socket.gethostname()}"
+            trust = (
+                f"dpipes keys trust {shlex.quote(keys.client.public.z85)} --comment {shlex.quote(who)} "
+                "--run 'PROG [ARG-PATTERN...]'"
+            )
+            print(f"your client key {keys.client.fingerprint}; another node admits it with: {trust}", file=out)
         print(f"pid {pid}, pid file {files.pid}, log {log_to}", file=out)
         print(f"stop with: {stop}   or: kill $(cat {files.pid})", file=out, flush=True)
     except (OSError, ValueError):  # nobody reads our stdout any more (closed pipe or stream)

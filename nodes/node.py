@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint
-from dpipes.bus.errors import BusError, ConfigError
+from dpipes.bus.errors import BusError, ConfigError, SecurityError
 from dpipes.bus.hub import Hub
 from dpipes.bus.keys import PublicKey
-from dpipes.discovery.directory import GOSSIP_MIN_INTERVAL_S, Action, Link, NodeDirectory
+from dpipes.bus.trust import KnownNodes
+from dpipes.discovery.directory import GOSSIP_MIN_INTERVAL_S, Action, Link, NodeDirectory, vet_by
 from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
 from dpipes.discovery.table import NodeRecord, new_instance_id
@@ -132,7 +133,8 @@ class Node:
         self._stopped: asyncio.Event | None = None
         self._started = contextlib.AsyncExitStack()  # how to undo start(), step by step
         self._closed = False
-        self.directory = NodeDirectory(config.name)  # every node this one knows, and the links it wants
+        # every node this one knows, and the links it wants; with keys, only nodes known_nodes trusts
+        self.directory = NodeDirectory(config.name, vet=vet_by(self._known_nodes) if self.hub.secure else None)
         self._gossiped_at: dict[str, float] = {}  # linked peer -> when we last told it what we know
         self._mdns: MdnsDiscovery | None = None
         self.static_keys: dict[str, PublicKey] = {}  # static peer endpoint -> its pinned node key
@@ -308,6 +310,7 @@ class Node:
             addresses=tuple(addresses),
             programs=tuple(sorted(self.offered())),
             plugins=tuple(sorted(self.plugins)),
+            key=self.hub.public_key,  # public by design: peers vet it against their known_nodes
         )
         mdns = MdnsDiscovery(record, interfaces=addresses, on_event=self._on_mdns)
         await mdns.start()
@@ -330,13 +333,15 @@ class Node:
         """Carry out what the directory asks for."""
         for action in actions:
             if isinstance(action, Link):
-                key = self.static_keys.get(action.endpoint)
+                key = action.key or self.static_keys.get(action.endpoint)  # discovery's vetted key, or the pin
                 if self.security is not None and key is None:
-                    # A peer learned by mDNS or gossip: which key it must present arrives with the
-                    # discovery records that carry keys; until then it is not linked.
+                    # A static peer whose key is unknown (logged at start); discovered peers come vetted.
                     log.debug("node %s: not linking to %s: no node key known for it", self.name, action.endpoint)
                     continue
-                (self.hub.add_peer if action.static else self.hub.learn_peer)(action.endpoint, key=key)
+                try:
+                    (self.hub.add_peer if action.static else self.hub.learn_peer)(action.endpoint, key=key)
+                except SecurityError as exc:
+                    log.error("node %s: not linking %s: %s", self.name, action.endpoint, exc)
             elif self.hub.drop_peer(action.endpoint, action.reason):
                 log.debug("node %s: unlinked %s: %s", self.name, action.endpoint, action.reason)
 
@@ -376,6 +381,11 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _known_nodes(self) -> KnownNodes:
+        """The peer nodes this node trusts, read afresh (``dpipes keys pin`` takes effect at once)."""
+        assert self.security is not None, "only a node with keys vets node keys"
+        return self.security.store().nodes
 
     # -- what this node offers -----------------------------------------------------------------
 
@@ -424,7 +434,8 @@ class Node:
         if up:
             peer = self.hub.peers.get(node)
             if peer is not None:
-                self._apply(self.directory.link_up(node, peer.instance, peer.endpoint, peer.info, now))
+                key = self._known_nodes().key_for(node) if self.hub.secure else None  # the hub checked it
+                self._apply(self.directory.link_up(node, peer.instance, peer.endpoint, peer.info, now, key=key))
             self._gossip(first=node)  # a new neighbour: share what we know at once, so the mesh closes fast
             return
         # The hub says an orderly departure only in the reason's text, for now (the bus's to type).
@@ -499,7 +510,7 @@ class Node:
         if self._ctl is None:
             return
         now = time.monotonic()
-        body = GossipRequest(peers=self.directory.gossip_body()["peers"]).to_body()
+        body = GossipRequest(**self.directory.gossip_body()).to_body()
         for name in self.directory.linked():
             if name != first and now - self._gossiped_at.get(name, -GOSSIP_MIN_INTERVAL_S) < GOSSIP_MIN_INTERVAL_S:
                 continue

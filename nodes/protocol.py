@@ -133,7 +133,10 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``stderr_to``. Reply: ``pid: int, context: map``.
     ``gossip`` (node -> each linked node, every ``GOSSIP_INTERVAL_S`` and on a new link): the
         nodes the sender knows. Body: ``peers: map[str, str]`` (node name -> ``tcp://`` bus
-        endpoint). One-way: the sender does not wait for the reply (empty).
+        endpoint), ``keys: map[str, str] = {}`` (node name -> its public key, 40 characters of
+        Z85, for the peers whose key the sender knows; never anything secret; the receiver links a
+        peer only if its known_nodes trusts that key). One-way: the sender does not wait for the
+        reply (empty).
 
 Reports (``REQUEST`` to a client's or coordinator's address; reply: empty)
     ``exit``: a stage ended. Body: ``pipeline: str, stage: int, node: str``, ``code: int`` (its
@@ -691,9 +694,10 @@ class StartReply(Body):
 @_body("gossip", "request")
 @_slot
 class GossipRequest(Body):
-    """The nodes the sender knows: name -> bus endpoint."""
+    """The nodes the sender knows: name -> bus endpoint; and name -> public key (Z85), where known."""
 
     peers: dict[str, str] = dataclasses.field(default_factory=dict)
+    keys: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @_body("exit", "request")

@@ -31,11 +31,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
-from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.dataflow import Incoming, Outgoing
-from dpipes.nodes.entry import embedded_node, entry_from, known_nodes, local_daemon
+from dpipes.nodes.entry import EntryKeys, attach, embedded_node, entry_from, entry_keys, known_nodes, local_daemon
 from dpipes.nodes.fdpass import hand_over
 from dpipes.nodes.pipes_frames import PipesFrameError, decode_frame
 from dpipes.nodes.protocol import (
@@ -173,6 +172,7 @@ async def run_pipeline(
     on_pipes: Callable[[int, Mapping[str, Any]], None] | None = None,
     handle_sigint: bool = True,
     progress: ProgressView | None = None,
+    keys: EntryKeys | None = None,
 ) -> RunResult:
     """Run ``options.pipeline`` through the node at ``entry`` (an ipc:// or tcp:// endpoint).
 
@@ -182,13 +182,14 @@ async def run_pipeline(
         progress: a live view of the run (:mod:`dpipes.nodes.progress`): the nodes send progress
             reports, and the stages' stderr (and our stdout, when it is the view's terminal) is
             written through it.
+        keys: over TCP, the keys to attach with (:func:`~dpipes.nodes.entry.entry_keys`).
 
     Raises:
+        SecurityError: the node's key is not the pinned one, or it refused our key.
         RunFailed: the entry node is unreachable or refused the pipeline before it started.
     """
     try:
-        client = Client(entry)
-        await client.start()
+        client = await attach(entry, keys)  # a SecurityError (a key refused) is no BusError: it goes up as it is
     except BusError as exc:
         raise RunFailed(f"cannot reach a dpipes node at {entry}: {exc}") from None
     try:
@@ -523,12 +524,14 @@ __all__ = [
     "EXIT_DPIPES_FAILED",
     "EXIT_INTERRUPTED",
     "JOBLOG_COLUMNS",
+    "EntryKeys",
     "RunFailed",
     "RunOptions",
     "RunResult",
     "StageResult",
     "embedded_node",
     "entry_from",
+    "entry_keys",
     "exit_code_of",
     "format_joblog",
     "known_nodes",

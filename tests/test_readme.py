@@ -8,8 +8,10 @@ reader would type them, inside a network namespace of its own (the README prints
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -272,7 +274,85 @@ def test_watching_the_bus(namespace: str, tmp_path: Path) -> None:
     assert re.search(r"^events:\s+[1-9]", done.stdout, re.MULTILINE), "the recording has events"
 
 
-CHECKED = {"Quick start", "Running nodes", "Watching the bus"}  # run by a test above, outputs checked
+LAN_SECTION = "Running nodes on a LAN"
+LAN_HOST_RE = re.compile(r"^on (\w+)\b")  # each command of the LAN section says where it runs: "# on beta"
+LISTEN_RE = re.compile(r"--listen (\d+\.\d+\.\d+\.\d+):\d+")
+TRUST_LINE = "another node admits it with: "  # dpipesd's ready line with the trust command to paste
+
+
+def _host_env(tmp_path: Path, name: str) -> dict[str, str]:
+    """A fresh machine's user: its own home, config (keys) and runtime directories."""
+    home = tmp_path / name
+    for d in (home, home / "work"):
+        d.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DPIPES_", "XDG_"))}
+    env.update(
+        HOME=str(home),
+        DPIPES_RUNTIME_DIR=str(home / "run"),
+        DPIPES_CONFIG_PATHS="",
+        XDG_CONFIG_HOME=str(home / ".config"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        NO_COLOR="1",
+    )
+    return env
+
+
+def _pasted(command: str, printed: list[str]) -> str:
+    """``dpipes keys trust 'KEY' ...`` as printed in the README, with the KEY another host printed."""
+    words = shlex.split(command)
+    if words[:3] != ["dpipes", "keys", "trust"]:
+        return command
+    line = next(line for line in reversed(printed) if TRUST_LINE in line)
+    words[3] = shlex.split(line.partition(TRUST_LINE)[2])[3]
+    return shlex.join(words)
+
+
+@pytest.mark.timeout(SECTION_TIMEOUT_S + 60)
+async def test_running_nodes_on_a_lan(tmp_path: Path) -> None:
+    """The section's commands, each on the host its comment names, on two namespaced hosts with the
+    README's addresses; the trust line is the one the other host's dpipesd printed."""
+    reason = netns.netns_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    examples = SECTIONS[LAN_SECTION]
+    assert len(examples) <= 4, "the README promises at most four commands"
+    where = [LAN_HOST_RE.match(e.comment) for e in examples]
+    assert all(where), [e.comment for e in examples]
+    names = list(dict.fromkeys(m.group(1) for m in where if m))
+    addresses = {
+        m.group(1): a.group(1) for m, e in zip(where, examples, strict=True) if m and (a := LISTEN_RE.search(e.command))
+    }
+    printed: dict[str, list[str]] = {name: [] for name in names}
+    outputs: list[str] = []
+    async with netns.lan(len(names)) as net:
+        hosts = dict(zip(names, net, strict=True))
+        for name, host in hosts.items():
+            await host.ip("addr", "add", f"{addresses[name]}/24", "dev", host.iface)
+        try:
+            for example, match in zip(examples, where, strict=True):
+                assert match is not None
+                name = match.group(1)
+                others = [line for other, lines in printed.items() if other != name for line in lines]
+                command = _pasted(example.command, others)
+                work = tmp_path / name / "work"
+                proc = await hosts[name].run(
+                    ["bash", "-c", f"set -e -o pipefail; cd {shlex.quote(str(work))}; {command}"],
+                    env=_host_env(tmp_path, name),
+                )
+                out, err = await asyncio.wait_for(proc.communicate(), SECTION_TIMEOUT_S)
+                assert proc.returncode == 0, (
+                    f"on {name}: {command}\n--- stdout\n{out.decode()}\n--- stderr\n{err.decode()}"
+                )
+                printed[name] += out.decode().splitlines()
+                outputs.append(out.decode())
+        finally:
+            for name, host in hosts.items():
+                stop = await host.run(["dpipesd", "--stop", "--name", name], env=_host_env(tmp_path, name))
+                await asyncio.wait_for(stop.communicate(), STOP_TIMEOUT_S)
+    assert outputs[-1] == "5\n4\n3\n2\n1\n"
+
+
+CHECKED = {"Quick start", "Running nodes", "Watching the bus", LAN_SECTION}  # run by a test above, outputs checked
 OTHERS = sorted(
     title
     for title, examples in SECTIONS.items()

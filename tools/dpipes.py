@@ -42,6 +42,19 @@ the entry node (which coordinates the run):
   A plain bytes-mode run on this host's dpipesd takes a short path that starts faster (no
   asyncio); DPIPES_SHORT_PATH=0 in the environment takes the full one (same results).
 
+keys (a node over TCP, as ssh does it):
+  Over TCP dpipes speaks CurveZMQ: encrypted, and both ends authenticated. It uses your client
+  key (created on first use, in the key directory: see dpipes keys --help) and expects the node's
+  key pinned in known_nodes under the node's name. --node NAME@HOST:PORT names the node
+  (beta@10.0.0.2:5757); --node HOST:PORT works when HOST is itself the node's name (beta:5757,
+  or beta.lan:5757 for node beta), and otherwise expects one of your own daemons (they share your
+  node key). First contact, once per node:
+      dpipes keys pin beta 'KEY'    KEY as beta's dpipesd printed it when it started
+  and the node's owner admits your key (dpipes keys prints the command to give them).
+  A node whose key is not the pinned one is refused, naming both fingerprints; nothing is sent.
+  --insecure attaches without keys, to a node started with --insecure (nothing is encrypted).
+  Over ipc (this host's dpipesd) no key is used: the node checks your uid.
+
 working directory:
   A stage on this host starts in this command's working directory, as in a shell (when the
   entry node is this host's dpipesd or an embedded node); a stage on another host starts in its
@@ -133,7 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nodes", action="store_true", help="list the nodes the entry node knows (where learned, last seen) and exit"
     )
-    parser.add_argument("--node", metavar="HOST:PORT", help="the entry node (default: $DPIPES_NODE, local, embedded)")
+    parser.add_argument(
+        "--node", metavar="[NAME@]HOST:PORT", help="the entry node (default: $DPIPES_NODE, local, embedded); see keys"
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="attach to a --node started with --insecure: no keys, nothing encrypted"
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--json", action="store_const", const="json", dest="mode", help="JSON-lines object mode")
     mode.add_argument("--yaml", action="store_const", const="yaml", dest="mode", help="YAML documents object mode")
@@ -296,6 +314,8 @@ examples:
   dpipes keys trust rq:5Vk...KEY... --comment alice@laptop --run "sort -r -n '-k[0-9]*'" --run 'uniq -c'
   dpipes keys trust ~/alice-client.key --any  your own client key from another host
   dpipes keys pin beta SHA256:Kq3...          trust node beta: the fingerprint 'dpipes keys' shows on beta
+  dpipes keys pin beta 'KEY'                  the same with its key (what beta's dpipesd printed), which a
+                                              client needs to reach beta over TCP: dpipes --node beta@HOST:PORT
   dpipes keys untrust alice@laptop
 """
 
@@ -610,24 +630,34 @@ def _short_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 async def _entry_and_run(args: argparse.Namespace, work: Any) -> Any:
-    """Call ``work(entry)`` with the entry node: --node, $DPIPES_NODE, the local daemon, or embedded."""
+    """Call ``work(entry, keys)`` with the entry node: --node, $DPIPES_NODE, the local daemon, or embedded
+    (``keys`` for a --node over TCP, else None)."""
     import asyncio
 
     from dpipes.nodes import run
 
     if args.entry:
-        from dpipes.nodes.entry import probe_entry
+        from dpipes.nodes.entry import entry_keys, probe_entry
 
         await asyncio.to_thread(probe_entry, args.entry)  # fails at once, naming the cause
-        return await work(args.entry)
+        keys = None
+        if args.entry.startswith("tcp://") and not args.insecure:
+            keys, created = await entry_keys(args.node or os.environ.get("DPIPES_NODE", ""), args.entry)
+            if created:
+                print(
+                    f"dpipes: created your client key pair {keys.curve.keypair.fingerprint} in "
+                    f"{keys.curve.keypair.path.parent}",
+                    file=sys.stderr,
+                )
+        return await work(args.entry, keys)
     if (local := await run.local_daemon()) is not None:
-        return await work(local)
+        return await work(local, None)
     from dpipes.nodes.entry import abandoned_local_daemon
 
     if (why := abandoned_local_daemon()) is not None:
         print(f"dpipes: {why}; running this command on an embedded node instead", file=sys.stderr)
     async with run.embedded_node() as embedded:
-        return await work(embedded.ipc_endpoint)
+        return await work(embedded.ipc_endpoint, None)
 
 
 async def _nodes(args: argparse.Namespace) -> int:
@@ -680,7 +710,7 @@ async def _run(args: argparse.Namespace) -> int:
         from dpipes.nodes.progress import ProgressView
 
         view = ProgressView.on(sys.stderr)
-    result = await _entry_and_run(args, lambda entry: run.run_pipeline(entry, options, progress=view))
+    result = await _entry_and_run(args, lambda entry, keys: run.run_pipeline(entry, options, progress=view, keys=keys))
     return _report(args, result)
 
 

@@ -23,6 +23,7 @@ FLAG_OF_KEY = {  # the flag behind each configuration key it sets, for --print-c
     "interfaces": "--interface",
     "nodes": "--peer",
     "key_dir": "--key-dir",
+    "trust_on_first_use": "--trust-on-first-use",
 }
 EXIT_NOT_RUNNING = 3  # --status of a stopped node, as LSB init scripts answer
 
@@ -139,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
         "every local user) can run programs as this user. Logged as a warning; for a trusted lab only",
     )
     run.add_argument(
+        "--trust-on-first-use",
+        action="store_true",
+        help="first contact: record the key of a peer node the first time it is seen (mDNS, gossip, a link), "
+        "instead of refusing it until pinned; a changed key is refused either way. Opt-in, as ssh's "
+        "StrictHostKeyChecking=accept-new",
+    )
+    run.add_argument(
         "--log-level",
         metavar="LEVEL",
         default="INFO",
@@ -224,6 +232,8 @@ def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None)
         overrides["interfaces"] = list(args.interface)
     if args.key_dir:
         overrides["key_dir"] = str(Path(args.key_dir).absolute())
+    if args.trust_on_first_use:
+        overrides["trust_on_first_use"] = True
     try:
         if args.peer:
             overrides["nodes"] = _peers(args.peer)

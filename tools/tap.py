@@ -45,7 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         def d(value: Any) -> Any:
             return value if default is None else default
 
-        p.add_argument("--node", default=d(None), help="the node to tap: NAME, HOST:PORT or a tap endpoint")
+        p.add_argument(
+            "--node", default=d(None), help="the node to tap: NAME, [NAME@]HOST:PORT (with keys) or a tap endpoint"
+        )
+        p.add_argument(
+            "--insecure", action="store_true", default=d(False), help="--node HOST:PORT is an --insecure node: no keys"
+        )
         p.add_argument("--all", action="store_true", default=d(False), help="tap every node the entry node knows")
         p.add_argument("--endpoint", default=d(None), metavar="TAP", help="read this tap endpoint (ipc:// or tcp://)")
         p.add_argument("--sample", type=int, default=d(None), metavar="BYTES", help="payload sample size to ask for")
@@ -136,7 +141,7 @@ async def _main(args: argparse.Namespace) -> int:
                 print(text)
             return 0
         if args.verb == "nodes":
-            for text in await verbs.nodes_lines(args.node, as_json=args.json):
+            for text in await verbs.nodes_lines(args.node, as_json=args.json, insecure=args.insecure):
                 print(text)
             return 0
         if args.verb == "replay" and args.to and args.to.startswith(("ipc://", "tcp://")):
@@ -164,7 +169,7 @@ async def _tap(args: argparse.Namespace) -> int:
     from dpipes.nodes.tap import verbs
     from dpipes.nodes.tap.source import TapSource, resolve
 
-    targets = await resolve(args.node, all=args.all, endpoint=args.endpoint)
+    targets = await resolve(args.node, all=args.all, endpoint=args.endpoint, insecure=args.insecure)
     sample = args.sample if args.sample is not None else DEFAULT_SAMPLE_BYTES
     async with TapSource(targets, sample_bytes=sample) as source:
         gen: AsyncIterator[Any]

@@ -310,7 +310,14 @@ class Links:
             if bus.startswith("tcp://*:"):
                 peer_addr = frames[1].get("Peer-Address")
                 bus = f"tcp://{peer_addr}:{bus.rsplit(':', 1)[1]}"
-            new = self._ensure_link(bus, static=False, key=peer_key)
+            stale = self._links.get(bus)
+            if self._security is not None and stale is not None and not stale.up:
+                # Ours was refused at the CURVE handshake (opened before the peer trusted us), and
+                # libzmq never reconnects after a ZAP refusal: its HELLO says it trusts us now.
+                self._drop_link(stale)
+            new = self._ensure_link(bus, static=stale is not None and stale.static, key=peer_key)
+            if stale is not None and new is not stale:
+                new.waiters += stale.waiters
         except zmq.ZMQError as exc:  # an endpoint libzmq cannot connect to
             self._note_bad(self.stats[hello.node], hello.node, DecodeError(f"cannot link back to {bus!r:.100}: {exc}"))
             return

@@ -88,7 +88,12 @@ def client_curve(node: str, keyring: Keyring | None = None) -> ClientCurve | Non
 
 
 async def resolve(
-    node: str | None = None, *, all: bool = False, runtime: Path | None = None, endpoint: str | None = None
+    node: str | None = None,
+    *,
+    all: bool = False,
+    runtime: Path | None = None,
+    endpoint: str | None = None,
+    insecure: bool = False,
 ) -> list[Target]:
     """The taps to read for ``--node``/``--all``/``--endpoint`` (see the module docstring).
 
@@ -96,6 +101,7 @@ async def resolve(
         TapError: nothing to read, with what to do about it.
     """
     from dpipes.nodes import paths, run
+    from dpipes.nodes.entry import EntryKeys, entry_and_keys
 
     if endpoint is not None:
         if not endpoint.startswith(("ipc://", "tcp://")):
@@ -109,6 +115,7 @@ async def resolve(
     entry: str
     only: str | None = None  # the one node to read; None: every node (``--all``)
     itself = False  # ...or the entry node itself, whatever its name
+    keys: EntryKeys | None = None
     if node is None:
         local = paths.local_daemon(runtime)
         if local is None:
@@ -119,7 +126,11 @@ async def resolve(
     elif node.startswith(("ipc://", "tcp://")) and node.endswith("-tap.sock"):
         return [Target("", node)]
     elif ":" in node or node.startswith("ipc://"):
-        entry, itself = run.entry_from(node), not all
+        try:  # over TCP with keys: [NAME@]HOST:PORT, the node's key pinned in known_nodes
+            entry, keys = await entry_and_keys(node, insecure=insecure)
+        except DpipesError as exc:
+            raise TapError(str(exc)) from None
+        itself = not all
     elif (tap := _tap_of(runtime, node)) is not None:
         if not all:
             return [Target(node, tap)]
@@ -130,14 +141,14 @@ async def resolve(
             raise TapError(f"no tap of node {node!r} in {runtime}, and no dpipesd here to ask: give --node HOST:PORT")
         entry, only = local.ipc_endpoint, None if all else node
     try:
-        known = await run.known_nodes(entry)
+        known = await run.known_nodes(entry, keys)
     except DpipesError as exc:
         raise TapError(str(exc)) from None
     targets, unreachable = [], []
     for entry_node in known:
         if (itself and entry_node.source != "self") or only not in (None, entry_node.name) or not entry_node.up:
             continue
-        target = _target(runtime, entry_node.name, entry_node.tap)
+        target = _target(runtime, entry_node.name, entry_node.tap, insecure=insecure)
         if target is None:
             unreachable.append(entry_node.name)
         else:
@@ -149,14 +160,15 @@ async def resolve(
     return targets
 
 
-def _target(runtime: Path, node: str, tcp_tap: str) -> Target | None:
-    """How to read ``node``: over ``ipc://`` when it runs here, else at its TCP tap ``tcp_tap``."""
+def _target(runtime: Path, node: str, tcp_tap: str, *, insecure: bool = False) -> Target | None:
+    """How to read ``node``: over ``ipc://`` when it runs here, else at its TCP tap ``tcp_tap``
+    (plain with ``insecure``, else with CURVE when its key is pinned)."""
     tap = _tap_of(runtime, node)
     if tap is not None:
         return Target(node, tap)
     if not tcp_tap.startswith("tcp://") or tcp_tap.startswith("tcp://*:"):  # a wildcard nobody resolved
         return None
-    return Target(node, tcp_tap, client_curve(node))
+    return Target(node, tcp_tap, None if insecure else client_curve(node))
 
 
 def use_keys(sock: zmq.Socket[Any], curve: ClientCurve | None) -> None:

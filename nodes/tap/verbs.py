@@ -463,24 +463,30 @@ def info_lines(path: Path, *, as_json: bool = False) -> list[str]:
     return out
 
 
-async def nodes_lines(entry_node: str | None, *, as_json: bool = False) -> list[str]:
+async def nodes_lines(entry_node: str | None, *, as_json: bool = False, insecure: bool = False) -> list[str]:
     """``dpipes-tap nodes``: the nodes the entry node knows, with what they offer and how fresh, and
     the tap ``dpipes-tap`` reads each at (``tap``: ``ipc://`` on this host, else its TCP tap, the
     ``tcp_tap`` column of ``--json``)."""
     from dpipes.nodes import paths, run
     from dpipes.nodes.tap.source import TapError
 
+    keys = None
     if entry_node is None:
         local = paths.local_daemon(paths.runtime_dir())
         if local is None:
             raise TapError("no dpipesd runs on this host: start one, or give --node HOST:PORT")
         entry = local.ipc_endpoint
     elif ":" in entry_node:
-        entry = run.entry_from(entry_node)
+        from dpipes.nodes.entry import entry_and_keys
+
+        try:  # over TCP with keys: [NAME@]HOST:PORT, the node's key pinned in known_nodes
+            entry, keys = await entry_and_keys(entry_node, insecure=insecure)
+        except Exception as exc:
+            raise TapError(str(exc)) from None
     else:
         entry = paths.node_files(paths.runtime_dir(), entry_node).ipc_endpoint
     try:
-        known = await run.known_nodes(entry)
+        known = await run.known_nodes(entry, keys)
     except Exception as exc:
         raise TapError(str(exc)) from None
     rt = paths.runtime_dir()

@@ -443,7 +443,7 @@ def test_gossip_spreads_only_what_this_node_is_linked_to() -> None:
     linked_peer(d, "gamma", "tcp://*:6000", 0.0)  # a wildcard nobody could connect to
     d.gossip("beta", {"peers": {"rumour": "tcp://10.0.0.66:5555"}}, 0.0)
     body = d.gossip_body()
-    assert body == {"peers": {"beta": "tcp://10.0.0.2:5555"}}
+    assert body == {"peers": {"beta": "tcp://10.0.0.2:5555"}, "keys": {}}
     assert parse_gossip(msgpack.unpackb(msgpack.packb(body))) == body["peers"]
 
 

@@ -53,7 +53,7 @@ async def daemon(
 
 async def dpipes_on(tmp_path: Path, host: Any, *args: str, input: bytes | None = None) -> tuple[int, bytes, str]:
     """The real dpipes command inside ``host``, entering at that host's node."""
-    argv = [sys.executable, "-m", "dpipes.tools.dpipes", "--node", f"{host.addr}:{PORT}", *args]
+    argv = [sys.executable, "-m", "dpipes.tools.dpipes", "--insecure", "--node", f"{host.addr}:{PORT}", *args]
     proc = await host.run(
         argv, env=env_for(tmp_path, host), stdin=asyncio.subprocess.PIPE if input is not None else None
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import re
 import signal
@@ -103,8 +104,11 @@ async def daemons(
                 await daemon.proc.wait()
 
 
-async def start_dpipes(runtime_dir: Path, *args: str) -> asyncio.subprocess.Process:
-    """Start the real ``dpipes`` command with no input, its stderr captured; the caller waits."""
+async def start_dpipes(runtime_dir: Path, *args: str, insecure: bool = True) -> asyncio.subprocess.Process:
+    """Start the real ``dpipes`` command with no input, its stderr captured; the caller waits.
+    ``insecure`` as for :func:`dpipes`."""
+    if insecure and _tcp_node(args):
+        args = ("--insecure", *args)
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -147,9 +151,15 @@ async def dpipes(
     timeout: float = RUN_TIMEOUT_S,
     cwd: str | os.PathLike[str] | None = None,
     env: dict[str, str] | None = None,
+    insecure: bool = True,
 ) -> Completed:
     """Run the real ``dpipes`` command (in ``cwd``, default ours; ``env`` added to its environment)
-    and wait for it."""
+    and wait for it.
+
+    ``insecure``: a ``--node`` over TCP is one of the harness's ``--insecure`` daemons, attached
+    without keys (``dpipes --insecure``); pass False for ``daemons(secure=True)``."""
+    if insecure and _tcp_node(args):
+        args = ("--insecure", *args)
     stdin: int | None = asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL
     opened = []
     if stdin_file is not None:
@@ -181,6 +191,14 @@ async def dpipes(
         await proc.wait()
         raise
     return Completed(proc.returncode or 0, out or b"", (err or b"").decode(errors="replace"))
+
+
+def _tcp_node(args: Sequence[str]) -> bool:
+    """Whether ``args`` give ``--node`` an address that is not ``ipc://``."""
+    for flag, value in itertools.pairwise(args):
+        if flag == "--node":
+            return not value.startswith("ipc://")
+    return any(a.startswith("--node=") and not a.startswith("--node=ipc://") for a in args)
 
 
 async def shell(command: str, *, input: bytes | None = None) -> Completed:

@@ -322,12 +322,29 @@ def test_detached_daemon_lifecycle(rt: Path) -> None:
     pid = paths.read_pid(rt / "alpha.pid")
     assert pid is not None and paths.pid_alive(pid)
     key = load_keypair(Path(os.environ["DPIPES_KEY_DIR"]), "node")  # made by the first start (conftest's dir)
-    assert started.stdout.splitlines() == [
+    client = load_keypair(Path(os.environ["DPIPES_KEY_DIR"]), "client")  # this user's, as dpipes uses it
+    lines = started.stdout.splitlines()
+    trust_line = lines.pop(2)
+    assert lines == [
         f"node alpha ready: tcp://127.0.0.1:5757 ipc://{rt}/local.sock",
         f"node key {key.fingerprint}; other hosts trust it with: dpipes keys pin alpha {shlex.quote(key.public.z85)}",
         f"pid {pid}, pid file {rt}/alpha.pid, log {rt}/alpha.log",
         f"stop with: dpipesd --stop --name alpha --runtime-dir {rt}   or: kill $(cat {rt}/alpha.pid)",
     ]
+    # The first contact, pasted on another host: its node admits this user's client key.
+    assert trust_line.startswith(f"your client key {client.fingerprint}; another node admits it with: dpipes keys ")
+    other = rt.parent / "other-host-keys"
+    pasted = shlex.split(trust_line.partition("admits it with: ")[2])
+    done = subprocess.run(
+        [sys.executable, "-m", "dpipes.tools.dpipes", *pasted[1:]],
+        env={**env(), "DPIPES_KEY_DIR": str(other)},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert done.returncode == 0, done.stderr
+    admitted = (other / "authorized_keys").read_text()
+    assert f"curve {client.public.z85} " in admitted  # with its USER@HOST comment
     # Detached: its own session (not as leader), cwd /, stdin from /dev/null, output to the log.
     assert os.getsid(pid) not in (pid, os.getsid(0))
     assert os.readlink(f"/proc/{pid}/cwd") == "/"

@@ -251,7 +251,7 @@ def _settled(daemons: list[Daemon], baselines: list[Usage]) -> str:
 
 
 def _client(entry: Daemon, pipeline: str, stdin: Path | None, out: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "dpipes.tools.dpipes", "--node", entry.host_port, pipeline]
+    argv = [sys.executable, "-m", "dpipes.tools.dpipes", "--insecure", "--node", entry.host_port, pipeline]
     with open(stdin if stdin else os.devnull, "rb") as fin, open(out, "wb") as fout:
         return subprocess.Popen(argv, env=env_for(entry.runtime_dir), stdin=fin, stdout=fout, stderr=subprocess.PIPE)
 

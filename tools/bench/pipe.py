@@ -91,7 +91,7 @@ def pipe_benchmarks(
         runtime.mkdir(mode=0o700)
         env = dict(os.environ, DPIPES_RUNTIME_DIR=str(runtime), DPIPES_CONFIG_PATHS="")
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        dpipes = [sys.executable, "-m", "dpipes.tools.dpipes"]
+        dpipes = [sys.executable, "-m", "dpipes.tools.dpipes", "--insecure"]  # the daemons run --insecure
         with local_daemons(["bench-a", "bench-b"], runtime) as (a, _b):
             ours, theirs = [], []
             _timed([*dpipes, "--node", a, f"cat {data} | cat@bench-b"], env)  # warm the page cache

@@ -233,7 +233,7 @@ def plugins_benchmarks(
         runtime.mkdir(mode=0o700)
         path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
         env = dict(os.environ, DPIPES_RUNTIME_DIR=str(runtime), DPIPES_CONFIG_PATHS="", PYTHONPATH=path)
-        dpipes = [sys.executable, "-m", "dpipes.tools.dpipes"]
+        dpipes = [sys.executable, "-m", "dpipes.tools.dpipes", "--insecure"]  # local_daemons run --insecure
         mib = size >> 20
         with local_daemons(["bench-a", "bench-b"], runtime, env=env) as (a, _b), _flight_server() as flight_addr:
             cross = [*dpipes, "--node", a, "--arrow", f"cat {data} | %bench_pass@bench-b | cat"]
