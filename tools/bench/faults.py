@@ -672,7 +672,7 @@ async def _ns_dpipes(
     entry: _NsDaemon, *args: str, stdin: int | None = asyncio.subprocess.DEVNULL, stdout: int | None = None
 ) -> asyncio.subprocess.Process:
     """The real ``dpipes`` inside the entry node's namespace."""
-    argv = [sys.executable, "-m", "dpipes.tools.dpipes", "--insecure", "--node", entry.host_port, *args]  # --insecure daemons
+    argv = [sys.executable, "-m", "dpipes.tools.dpipes", "--insecure", "--node", entry.host_port, *args]
     return await entry.host.run(
         argv, env=entry.env, stdin=stdin, stdout=stdout if stdout is not None else asyncio.subprocess.PIPE
     )
