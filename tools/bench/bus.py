@@ -22,13 +22,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import zmq
 
 from dpipes.bus import codec
+from dpipes.bus.auth import ClientCurve
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.hub import Hub
+from dpipes.bus.keys import KeyPair, load_or_create_keypair
 from dpipes.tools.bench.result import Result, result
 
 ROUND_TRIPS = 5000  # per run: enough for a p99 from 50 samples above it
@@ -101,14 +104,21 @@ async def _serve_dpipes() -> None:
             task.cancel()
 
 
-def _serve_router(answer: Callable[[zmq.Socket[Any]], None], *, unbounded: bool = False) -> None:
+def _serve_router(
+    answer: Callable[[zmq.Socket[Any]], None], *, unbounded: bool = False, curve: KeyPair | None = None
+) -> None:
     """A raw pyzmq ROUTER on a random loopback port (printed), read until stdin closes.
 
-    ``answer`` is called while messages wait, and reads them itself with ``zmq.NOBLOCK``.
+    ``answer`` is called while messages wait, and reads them itself with ``zmq.NOBLOCK``. With
+    ``curve`` the ROUTER is a CurveZMQ server with that key pair (admitting any client key: no ZAP).
     """
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        router.setsockopt(zmq.CURVE_SERVER, 1)
+        router.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_z85.encode("ascii"))
+        router.setsockopt(zmq.CURVE_PUBLICKEY, curve.public.z85.encode("ascii"))
     if unbounded:
         router.setsockopt(zmq.RCVHWM, 0)  # the sender's rate, not our queue, is what is measured
     port = router.bind_to_random_port("tcp://127.0.0.1")
@@ -127,14 +137,14 @@ def _serve_router(answer: Callable[[zmq.Socket[Any]], None], *, unbounded: bool 
     ctx.term()
 
 
-def _serve_raw() -> None:
+def _serve_raw(curve: KeyPair | None = None) -> None:
     def sink(router: zmq.Socket[Any]) -> None:
         while True:
             ident, data = router.recv_multipart(zmq.NOBLOCK, copy=False)
             if data.bytes == b"end":
                 router.send_multipart([ident, b"done"])
 
-    _serve_router(sink, unbounded=True)
+    _serve_router(sink, unbounded=True, curve=curve)
 
 
 def _serve_raw_echo() -> None:
@@ -148,11 +158,16 @@ def _serve_raw_echo() -> None:
 # -- senders (this process) -------------------------------------------------------------------
 
 
-def raw_send(addr: str, payload: bytes, count: int) -> float:
-    """Seconds to move ``count`` messages over a raw pyzmq DEALER->ROUTER pair, until acknowledged."""
+def raw_send(addr: str, payload: bytes, count: int, *, curve: ClientCurve | None = None) -> float:
+    """Seconds to move ``count`` messages over a raw pyzmq DEALER->ROUTER pair, until acknowledged
+    (with ``curve``, as a CurveZMQ client of a ROUTER serving with ``curve.server_key``)."""
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        dealer.setsockopt(zmq.CURVE_SECRETKEY, curve.keypair.secret_z85.encode("ascii"))
+        dealer.setsockopt(zmq.CURVE_PUBLICKEY, curve.keypair.public.z85.encode("ascii"))
+        dealer.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key.z85.encode("ascii"))
     dealer.setsockopt(zmq.SNDHWM, 0)
     dealer.connect(addr)
     dealer.send(b"warm")
@@ -516,8 +531,8 @@ def main(argv: list[str]) -> None:
     role = argv[0]
     if role == "dpipes":
         asyncio.run(_serve_dpipes())
-    elif role == "raw":
-        _serve_raw()
+    elif role == "raw":  # [KEY_DIR]: a CurveZMQ server with the sink's key pair there (dpipes-bench curve)
+        _serve_raw(load_or_create_keypair(Path(argv[1]), "node")[0] if len(argv) > 1 else None)
     elif role == "raw-echo":
         _serve_raw_echo()
     elif role == "arrow-sink":

@@ -1,14 +1,17 @@
-"""CurveZMQ's cost (``dpipes-bench curve``): the bus with keys against the same bus without, in one run.
+"""CurveZMQ's cost (``dpipes-bench curve``): the bus with keys against the same bus without, in one
+run.
 
 Hub A streams to hub B over TCP loopback (B in a child process, as ``dpipes-bench bus`` does), once
 with both hubs plain and once with both holding keys and pinning each other; 1 MiB chunks for
-throughput, 64 B for the message rate. A third figure is the time a client takes to attach over
-TCP (handshake, ZAP, ATTACH/ATTACHED), with keys against without: what CURVE adds to a remote
-client's start. A fourth is a whole two-node pipeline, ``true | true@B``, from ``run`` to the last
-exit report, run by the real client over the entry node's Unix socket: two real nodes with keys
-(linked by CURVE; every negotiate reads the trust files and checks the caller's key) against the
-same two without. The issue's targets: at least 0.7x the plain throughput, 0.8x the plain rate,
-at most 20 ms more to attach and to run a pipeline.
+throughput, 64 B for the message rate. A third figure is the time a client takes to attach over TCP
+(handshake, ZAP, ATTACH/ATTACHED), with keys against without: what CURVE adds to a remote client's
+start. A fourth is a whole two-node pipeline, ``true | true@B``, from ``run`` to the last exit
+report, run by the real client over the entry node's Unix socket: two real nodes with keys (linked
+by CURVE; every negotiate reads the trust files and checks the caller's key) against the same two
+without. A fifth is the ceiling: raw pyzmq DEALER->ROUTER, 1 MiB, with CurveZMQ against without, no
+dpipes code at all: what libzmq's own CurveZMQ (XSalsa20-Poly1305 through libsodium, in each side's
+I/O thread) leaves of the plain throughput on this machine. The issue's targets: at least 0.7x the
+plain throughput, 0.8x the plain rate, at most 20 ms more to attach and to run a pipeline.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from dpipes.bus.client import Client
 from dpipes.bus.hub import Hub
 from dpipes.bus.keys import KeyPair, load_or_create_keypair
 from dpipes.bus.trust import AuthorizedKey, AuthorizedKeys, KnownNodes, TrustStore
-from dpipes.tools.bench.bus import child, dpipes_send, serve_until_stdin_closes
+from dpipes.tools.bench.bus import child, dpipes_send, raw_send, serve_until_stdin_closes
 from dpipes.tools.bench.result import Result, result
 
 SINK, SOURCE = "bench-sink", "bench-source"
 ATTACHES_PER_SAMPLE = 20  # client attaches timed per sample: one is a few ms, below the timer's noise
+MIB = os.urandom(1 << 20)  # incompressible, as the bus figures' payload
 PIPELINES_PER_SAMPLE = 10  # pipelines timed per sample, after one that warms both nodes
 LINK_WAIT_S = 10.0  # the entry node's static link to the other: a handshake on loopback
 
@@ -155,11 +159,21 @@ def curve_benchmarks(
             "64B": ([], []),
             "attach": ([], []),
             "pipeline": ([], []),
+            "libzmq": ([], []),
         }
         shared = Path(tmp) / "one-user"
         shared.mkdir(mode=0o700)
-        with _sink("-") as plain_addr, _sink(tmp) as curve_addr:
+        raw_curve = ClientCurve(keys["client"], keys[SINK].public)
+        with (
+            _sink("-") as plain_addr,
+            _sink(tmp) as curve_addr,
+            child("raw") as (_p1, raw_plain),
+            child("raw", str(Path(tmp) / SINK)) as (_p2, raw_keyed),
+        ):
             for _ in range(repeat):
+                raw_count = 2000 // scale
+                figures["libzmq"][0].append(raw_count / raw_send(raw_keyed, MIB, raw_count, curve=raw_curve))
+                figures["libzmq"][1].append(raw_count / raw_send(raw_plain, MIB, raw_count))
                 for label, size, count in (("1MiB", 1 << 20, 2000 // scale), ("64B", 64, 300_000 // scale)):
                     figures[label][0].append(asyncio.run(_rate(curve_addr, keys, size, count)))
                     figures[label][1].append(asyncio.run(_rate(plain_addr, None, size, count)))
@@ -170,6 +184,7 @@ def curve_benchmarks(
                 figures["pipeline"][1].append(asyncio.run(_pipeline_ms(None, runs)))
                 progress(".")
     mib = [[r * (1 << 20) / 1e6 for r in samples] for samples in figures["1MiB"]]
+    raw = [[r * (1 << 20) / 1e6 for r in samples] for samples in figures["libzmq"]]
     return [
         result("curve.throughput_1MiB", "MB/s", mib[0], "the same bus without keys", mib[1], target=0.7),
         result("curve.rate_64B", "msg/s", *_pair(figures["64B"]), target=0.8),
@@ -189,6 +204,7 @@ def curve_benchmarks(
             figures["pipeline"][1],
             higher_is_better=False,
         ),
+        result("curve.libzmq_1MiB", "MB/s", raw[0], "raw pyzmq without keys (the ceiling)", raw[1]),
     ]
 
 
