@@ -23,6 +23,9 @@ Keys::
     metadata_key = "__dpipes"       # root key of per-object metadata in json/yaml mode
     metadata_argv = false           # ... with the producing program's argv as dp.argv
     metadata_environ = ["LANG"]     # ... with these variables of its environment as dp.environ
+    metadata_credential = false     # ... with whom it ran for as dp.credential: the caller's key
+                                    # fingerprint or local user, as the transport authenticated it
+                                    # (DPIPES_USER); left out on a node without keys
     pass_env = ["http_proxy"]       # variables of the daemon's environment stages also get; by
                                     # default a stage gets PATH, HOME, USER, LOGNAME, LANG, LC_*,
                                     # TZ, TMPDIR and dpipes' own, never the rest (its secrets):
@@ -205,6 +208,8 @@ class NodeConfig:
     """Object modes: put the producing program's argv in each object's metadata (``dp.argv``)."""
     metadata_environ: tuple[str, ...] = ()
     """Object modes: these environment variables of the producing stage go in ``dp.environ``."""
+    metadata_credential: bool = False
+    """Object modes: whom the producing stage ran for (``DPIPES_USER``) goes in ``dp.credential``."""
     pass_env: tuple[str, ...] = ()
     """Variables of the daemon's environment that stages get besides the clean set (:mod:`dpipes.nodes.stage_env`)."""
     limits: Limits = Limits()
@@ -368,6 +373,7 @@ _TOP: dict[str, Callable[[object], object]] = {
     "metadata_key": _string,
     "metadata_argv": _bool,
     "metadata_environ": _strings,
+    "metadata_credential": _bool,
     "pass_env": _variable_names,
     "insecure": _bool,
     "key_dir": _absolute_path,
@@ -671,7 +677,16 @@ def format_config(config: NodeConfig, *, labels: Mapping[str, str] | None = None
         rows.append(("# allow = [...]", "not set: any program this node has"))
     else:
         rows.append((f"allow = {_toml_value(config.allow)}", origin("allow")))
-    for key in ("metadata_key", "metadata_argv", "metadata_environ", "pass_env", "insecure", "interfaces", "workdir"):
+    for key in (
+        "metadata_key",
+        "metadata_argv",
+        "metadata_environ",
+        "metadata_credential",
+        "pass_env",
+        "insecure",
+        "interfaces",
+        "workdir",
+    ):
         rows.append((f"{key} = {_toml_value(getattr(config, key))}", origin(key)))
     if config.key_dir is None:
         rows.append(("# key_dir = ...", "not set: $DPIPES_KEY_DIR, else $XDG_CONFIG_HOME/dpipes"))

@@ -331,6 +331,7 @@ class StageRun:
     def _metadata(self) -> dict[str, Any]:
         """The ``__dpipes`` map of this stage's objects (object modes only use it)."""
         from dpipes.nodes.objects import make_metadata
+        from dpipes.nodes.stage_env import user_of
 
         stage, config = self.stage, self.config
         host, _, port = self.tcp_endpoint.removeprefix("tcp://").rpartition(":")
@@ -343,6 +344,7 @@ class StageRun:
             stage=stage.index,
             argv=list(stage.argv) if config.metadata_argv else None,
             environ=shared if config.metadata_environ else None,
+            credential=(user_of(stage.caller) or None) if config.metadata_credential else None,
         )
 
     async def _stderr(self) -> None:

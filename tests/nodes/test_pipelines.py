@@ -419,13 +419,16 @@ async def test_metadata_carries_argv_and_chosen_environment_when_configured(rt: 
     import json
 
     config = tmp_path / "beta.toml"
-    config.write_text('metadata_argv = true\nmetadata_environ = ["DPIPES_NODE", "NOT_SET_ANYWHERE"]\n')
+    config.write_text(
+        'metadata_argv = true\nmetadata_environ = ["DPIPES_NODE", "NOT_SET_ANYWHERE"]\nmetadata_credential = true\n'
+    )
     async with daemons(rt, ["alpha", "beta"], extra={"beta": ["--config", str(config)]}) as (alpha, _b):
         ours = await dpipes(rt, "--node", alpha.host_port, "--json", "cat | cat@beta -u", input=b'{"n": 1}\n')
         assert ours.code == 0, ours.stderr
         meta = json.loads(ours.stdout)["__dpipes"]
         assert meta["dp.argv"] == ["cat", "-u"]
         assert meta["dp.environ"] == {"DPIPES_NODE": "beta"}  # only what was named, only what is set
+        assert "dp.credential" not in meta  # an --insecure node authenticated nobody: nothing to vouch for
 
 
 INODE_OF = 'import os; os.write(2, b"{tag} %d\\n" % os.fstat({fd}).st_ino)'  # one write: lines of stages never mix

@@ -258,6 +258,22 @@ async def test_every_stage_started_is_logged_with_who_what_and_where(tmp_path: P
     assert not any(line.startswith("node alpha: started stage 7") for line in alpha.splitlines())
 
 
+async def test_objects_carry_whom_their_stage_ran_for_as_the_transport_said(tmp_path: Path) -> None:
+    import json
+
+    from tests.nodes.daemons import daemons, dpipes
+
+    rt = key_dir(tmp_path, "rt")
+    owner = Keyring().client()[0]
+    config = tmp_path / "beta.toml"
+    config.write_text("metadata_credential = true\n")
+    async with daemons(rt, ["alpha", "beta"], secure=True, extra={"beta": ["--config", str(config)]}):
+        done = await dpipes(rt, "--json", "cat | cat@beta", input=b'{"n": 1}\n')
+        assert done.code == 0, done.stderr
+    # beta ran its stage for alpha's owner: the key alpha vouched for, as the link authenticated alpha
+    assert json.loads(done.stdout)["__dpipes"]["dp.credential"] == owner.fingerprint
+
+
 def environ_of(output: bytes) -> dict[str, str]:
     return dict(line.split("=", 1) for line in output.decode().split("\0") if "=" in line)
 
