@@ -59,7 +59,7 @@ from dpipes.nodes.local_wire import (
     find_local_daemon,
     report_ok,
 )
-from dpipes.nodes.results import EXIT_DPIPES_FAILED, EXIT_INTERRUPTED, RunFailed, RunResult, StageResult, exit_code_of
+from dpipes.nodes.results import EXIT_INTERRUPTED, RunFailed, RunResult, StageResult, run_exit_code
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def run_local(
             "user": _current_user(),
             "pipes": dict(pipes or {}),
             "local_fds": token,
-            "cwd": caller_cwd(),
+            "cwd": _cwd(),
             "workdir": workdir,
             "progress": False,
             "workflow": {},
@@ -214,15 +214,7 @@ class _Run:
             raise RunFailed(self.refused_before, code=self.refused_code)
         if not self.pipeline:  # interrupted twice before the reply
             return RunResult("", [], EXIT_INTERRUPTED, "interrupted before the pipeline started")
-        broken = [s for s in self.stages if s.error and not s.sigpipe]
-        if self.interrupts:
-            code = EXIT_INTERRUPTED
-        elif self.error or broken:  # a stage's data could not be moved: the output is not complete
-            code = EXIT_DPIPES_FAILED
-        else:
-            code = exit_code_of(self.stages, pipefail=pipefail)
-            if code == 0 and any(s.pipes_exception for s in self.stages):
-                code = 1  # a stage's Pipes session failed: so did the run, whatever its exit code
+        code = run_exit_code(self.stages, interrupted=bool(self.interrupts), error=self.error, pipefail=pipefail)
         return RunResult(self.pipeline, self.stages, code, self.error)
 
     def _loop(self, started: float) -> None:
@@ -550,7 +542,7 @@ def _current_user() -> str:
         return str(os.getuid())
 
 
-def caller_cwd() -> str:
+def _cwd() -> str:
     """Our working directory, where stages on our host start; "" when it is gone (deleted)."""
     try:
         return os.getcwd()
@@ -558,4 +550,4 @@ def caller_cwd() -> str:
         return ""
 
 
-__all__ = ["caller_cwd", "run_local"]
+__all__ = ["run_local"]
