@@ -60,6 +60,11 @@ def key_dir(tmp_path: Path, name: str) -> Path:
     return where
 
 
+def client_key(tmp_path: Path, name: str) -> KeyPair:
+    """User ``name``'s client key pair, in a key directory of its own."""
+    return load_or_create_keypair(key_dir(tmp_path, name), "client")[0]
+
+
 def authorize(where: Path, pair: KeyPair, options: str, comment: str = "test") -> None:
     """Add an ``authorized_keys`` line, as ``dpipes keys trust`` or an editor would."""
     with open(where / "authorized_keys", "a", encoding="utf-8") as f:
@@ -116,7 +121,7 @@ def started(node: Node) -> int:
 
 async def test_a_key_trusted_for_cat_runs_cat_and_nothing_else(tmp_path: Path) -> None:
     where = key_dir(tmp_path, "alpha")
-    alice = load_or_create_keypair(key_dir(tmp_path, "alice"), "client")[0]
+    alice = client_key(tmp_path, "alice")
     authorize(where, alice, 'run="cat"', "alice@laptop")
     async with secure_node("alpha", where) as alpha, keyed_client(alpha, alice) as client:
         for pipeline in ["sh -c id", "/bin/sh -c id", "/usr/bin/../bin/sh -c id", "env", "cat | env", "cat -u"]:
@@ -131,7 +136,7 @@ async def test_a_key_trusted_for_cat_runs_cat_and_nothing_else(tmp_path: Path) -
 
 async def test_an_unknown_key_admitted_for_trust_on_first_use_runs_nothing(tmp_path: Path) -> None:
     where = key_dir(tmp_path, "alpha")
-    stranger = load_or_create_keypair(key_dir(tmp_path, "stranger"), "client")[0]
+    stranger = client_key(tmp_path, "stranger")
     async with secure_node("alpha", where, tofu=True) as alpha, keyed_client(alpha, stranger) as client:
         with pytest.raises(ControlError) as refused:
             await run_as(client, "true")
@@ -144,8 +149,8 @@ async def test_an_unknown_key_admitted_for_trust_on_first_use_runs_nothing(tmp_p
 
 async def test_a_client_may_not_negotiate_on_behalf_of_another_key(tmp_path: Path) -> None:
     where = key_dir(tmp_path, "alpha")
-    mallory = load_or_create_keypair(key_dir(tmp_path, "mallory"), "client")[0]
-    owner = load_or_create_keypair(key_dir(tmp_path, "owner"), "client")[0]
+    mallory = client_key(tmp_path, "mallory")
+    owner = client_key(tmp_path, "owner")
     authorize(where, mallory, 'run="cat"')
     authorize(where, owner, "any")
     async with secure_node("alpha", where) as alpha, keyed_client(alpha, mallory) as client:
@@ -209,8 +214,8 @@ async def test_a_peer_node_runs_stages_for_the_entry_nodes_user_only_as_its_key_
 
 async def test_plugin_stages_are_authorized_as_plugins_before_anything_else_is_checked(tmp_path: Path) -> None:
     where = key_dir(tmp_path, "alpha")
-    cat_only = load_or_create_keypair(key_dir(tmp_path, "cat-only"), "client")[0]
-    plugins = load_or_create_keypair(key_dir(tmp_path, "plugins"), "client")[0]
+    cat_only = client_key(tmp_path, "cat-only")
+    plugins = client_key(tmp_path, "plugins")
     authorize(where, cat_only, 'run="cat"')
     authorize(where, plugins, 'plugin="no-such-plugin-here *"')
     async with secure_node("alpha", where) as alpha:
@@ -336,7 +341,7 @@ async def test_another_local_user_is_refused_on_the_unix_socket_and_on_loopback_
 
 async def test_tapping_needs_the_tap_right(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     where = key_dir(tmp_path, "alpha")
-    alice, watcher = (load_or_create_keypair(key_dir(tmp_path, n), "client")[0] for n in ("alice", "watcher"))
+    alice, watcher = (client_key(tmp_path, n) for n in ("alice", "watcher"))
     authorize(where, alice, 'run="cat"')
     authorize(where, watcher, "tap")
     config = NodeConfig(name="alpha", key_dir=str(where))
@@ -369,7 +374,7 @@ async def test_tapping_needs_the_tap_right(tmp_path: Path, caplog: pytest.LogCap
 
 async def test_only_the_party_that_started_a_run_may_cancel_it(tmp_path: Path) -> None:
     where = key_dir(tmp_path, "alpha")
-    alice, mallory = (load_or_create_keypair(key_dir(tmp_path, n), "client")[0] for n in ("alice", "mallory"))
+    alice, mallory = (client_key(tmp_path, n) for n in ("alice", "mallory"))
     authorize(where, alice, 'run="sleep 60"')
     authorize(where, mallory, 'run="cat"')
     async with secure_node("alpha", where) as alpha, keyed_client(alpha, alice) as mine:
