@@ -60,6 +60,14 @@ def no_leaked_processes() -> Iterator[None]:
 
 
 @pytest.fixture
+def rt(tmp_path: Path) -> Path:
+    """A private runtime directory for the test's daemons (``DPIPES_RUNTIME_DIR``)."""
+    path = tmp_path / "run"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory every user may traverse, for a test's other uid (pytest's tmp_path is private to root)."""
     where = Path(tempfile.mkdtemp(prefix="dpipes-test-"))

@@ -25,13 +25,6 @@ WAIT_S = 30.0
 FULL = {"DPIPES_SHORT_PATH": "0"}
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
-
-
 async def until(condition: Any, timeout: float = WAIT_S) -> None:
     async def poll() -> None:
         while not condition():

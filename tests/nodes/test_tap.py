@@ -34,13 +34,6 @@ with open_dagster_pipes() as pipes:
 """
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
-
-
 @contextlib.asynccontextmanager
 async def two_nodes(rt: Path) -> AsyncIterator[tuple[Daemon, Daemon]]:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
