@@ -197,30 +197,29 @@ def marked_input() -> tuple[bytes, bytes]:
     return marker, b"".join(marker + f" {i}\n".encode() for i in range(3000))
 
 
+async def marked_run(tmp_path: Path, hosts: Any, options: list[str]) -> tuple[bytes, bytes, str, list[bytes]]:
+    """``dpipes OPTIONS 'cat | cat@HOST0'`` in hosts[0] on a marked input, once hosts[1] is linked,
+    while the bridge is captured; it must give its input back. The marker, the input, stderr and
+    the frames the bridge saw."""
+    await until_linked(tmp_path, hosts[0], hosts[1].name)
+    marker, data = marked_input()
+    argv = ["dpipes", *options, f"cat | cat@{hosts[0].name}"]
+    async with capture(hosts, tmp_path) as frames:
+        code, out, err = await run_in(tmp_path, hosts[0], argv, input=data)
+    assert code == 0, err
+    assert out == data
+    return marker, data, err, frames
+
+
 # -- a trusted, encrypted two-node pipeline ---------------------------------------------------------
 
 
 async def test_two_hosts_with_keys_run_a_pipeline_and_the_bridge_never_sees_its_data(lan: Any, tmp_path: Path) -> None:
     async with lan(2) as hosts, dpipesd(tmp_path, hosts[0]) as alpha, dpipesd(tmp_path, hosts[1]) as beta:
         await first_contact(tmp_path, alpha, beta)
-        await until_linked(tmp_path, hosts[0], hosts[1].name)
-        marker, data = marked_input()
-        async with capture(hosts, tmp_path) as frames:
-            # alpha's user, over TCP to beta, encrypted: stdin -> beta's cat -> alpha's cat -> back
-            code, out, err = await run_in(
-                tmp_path,
-                hosts[0],
-                [
-                    "dpipes",
-                    "--node",
-                    f"{hosts[1].name}@{hosts[1].addr}:{PORT}",
-                    "--status",
-                    f"cat | cat@{hosts[0].name}",
-                ],
-                input=data,
-            )
-        assert code == 0, err
-        assert out == data
+        # alpha's user, over TCP to beta, encrypted: stdin -> beta's cat -> alpha's cat -> back
+        entry = f"{hosts[1].name}@{hosts[1].addr}:{PORT}"
+        marker, data, err, frames = await marked_run(tmp_path, hosts, ["--node", entry, "--status"])
         assert f"stage 1 cat@{hosts[0].name}" in err
         crossed = sum(len(f) for f in frames)
         assert crossed > 3 * len(data), f"the capture saw {crossed} bytes: it did not see the pipeline"
@@ -253,17 +252,7 @@ async def test_between_insecure_nodes_the_capture_sees_the_data_in_clear(lan: An
         dpipesd(tmp_path, hosts[0], "--insecure"),
         dpipesd(tmp_path, hosts[1], "--insecure"),
     ):
-        await until_linked(tmp_path, hosts[0], hosts[1].name)
-        marker, data = marked_input()
-        async with capture(hosts, tmp_path) as frames:
-            code, out, err = await run_in(
-                tmp_path,
-                hosts[0],
-                ["dpipes", "--insecure", "--node", f"{hosts[1].addr}:{PORT}", f"cat | cat@{hosts[0].name}"],
-                input=data,
-            )
-        assert code == 0, err
-        assert out == data
+        marker, _, _, frames = await marked_run(tmp_path, hosts, ["--insecure", "--node", f"{hosts[1].addr}:{PORT}"])
         assert [f for f in frames if marker in f], "the capture did not see the pipeline's data"
 
 
