@@ -56,6 +56,7 @@ from dpipes.bus.keys import PublicKey
 from dpipes.bus.trust import KnownNodes, UnknownNode
 from dpipes.nodes import paths
 from dpipes.nodes.config import HostPort
+from dpipes.nodes.local_wire import find_local_daemon
 from dpipes.nodes.protocol import CTL, RUN_TIMEOUT_S, ControlError, InfoReply, InfoRequest, NodeEntry, call
 from dpipes.nodes.results import RunFailed
 
@@ -336,7 +337,6 @@ async def entry_and_keys(text: str, *, insecure: bool = False) -> tuple[str, Ent
     return endpoint, keys
 
 
-LOCAL_PROBE_TIMEOUT_S = 1.0  # a live local daemon answers ATTACH at once
 STATIC_PEER_WAIT_S = 2.0  # an embedded node gives its configured peers this long to link
 
 
@@ -352,21 +352,7 @@ def entry_from(node: str) -> str:
 
 async def local_daemon() -> str | None:
     """The ipc endpoint of this host's running daemon, or None when none answers."""
-    try:
-        endpoint = paths.local_endpoint(paths.runtime_dir())
-    except (OSError, DpipesError):
-        return None
-    # A plain connect says whether a daemon listens there (a dead one leaves its socket file
-    # behind: ECONNREFUSED), in a fraction of a millisecond instead of a whole bus attachment.
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(LOCAL_PROBE_TIMEOUT_S)
-        probe.connect(endpoint.removeprefix("ipc://"))
-    except OSError:
-        return None
-    finally:
-        probe.close()
-    return endpoint
+    return find_local_daemon()
 
 
 @contextlib.asynccontextmanager

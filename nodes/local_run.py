@@ -8,13 +8,14 @@ dpipes but what a run on this host needs:
 * the daemon's ``ipc://`` socket in the runtime directory (:mod:`dpipes.nodes.paths`), and its
   descriptor drop (:mod:`dpipes.nodes.fdpass`), which hands our stdin and stdout to the stages
   that run there, so that their bytes never pass through us;
-* the bus (the spec of :mod:`dpipes.bus.codec`: ``ATTACH``, ``PING``, ``REQUEST``/``REPLY``,
-  streams under credit, ``BATCH``) and the control protocol's ``run``, ``cancel`` and reports
-  (the spec of :mod:`dpipes.nodes.protocol`), spoken from their docstrings as the minimal client
-  of ``examples/`` does; the constants below are theirs, and a test holds them equal;
+* the bus and the control protocol's ``run``, ``cancel`` and reports, spoken from their specs on
+  one blocking socket (:mod:`dpipes.nodes.local_wire`);
+* our stdout and stderr, written in order through a thread where their reader may be slow
+  (:mod:`dpipes.nodes.fd_output`);
 * what a run comes to, :mod:`dpipes.nodes.results`, shared with the full path, so that exit
   codes, each stage's status and the messages a user reads are the same.
 
+This module is the run itself: the request, the loop, the streams a run opens and their credit.
 It takes a run in bytes mode with no live view and no Pipes JSON file; :func:`run_local` returns
 None, having sent nothing, when no daemon answers on this host, and the caller then uses
 :func:`dpipes.nodes.run.run_pipeline` (which also starts an embedded node or says why the local
@@ -24,9 +25,9 @@ Ctrl-C) it does in one loop over one ``zmq.Poller``: the hub's socket, our stdin
 fed, and a wake-up pipe for signals and for the writer threads of output that may block (a pipe
 or socket), so that a slow reader of our stdout never stops our heartbeats.
 
-Hostile input: a header frame over ``MAX_HEADER_BYTES``, not msgpack, or without the common keys
-of their types is dropped and counted (logged once per run); a report whose body is not of its
-method's shape is answered ``bad-request``; a ``BATCH`` whose sizes do not add up is dropped.
+Hostile input: a malformed header is dropped and counted by :mod:`dpipes.nodes.local_wire`
+(logged once per run), and so is a ``BATCH`` whose sizes do not add up; a report whose body is not
+of its method's shape is answered ``bad-request``.
 """
 
 from __future__ import annotations
@@ -34,73 +35,41 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
-import stat
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
-import msgpack
 import zmq
 
-from dpipes.nodes.results import EXIT_DPIPES_FAILED, EXIT_INTERRUPTED, RunFailed, RunResult, StageResult, exit_code_of
+from dpipes.nodes.fd_output import Output
+from dpipes.nodes.local_wire import (
+    CTL,
+    DATA_KINDS,
+    EXIT_FIELDS,
+    HEARTBEAT_INTERVAL_S,
+    INITIAL_CREDIT_BYTES,
+    MESSAGE_CREDIT_BYTES,
+    PEER_TIMEOUT_S,
+    PIPELINE_PROTOCOL,
+    RUN_TIMEOUT_S,
+    STREAM_KINDS,
+    BlockingClient,
+    answers,
+    batch_sizes,
+    find_local_daemon,
+    report_ok,
+)
+from dpipes.nodes.results import EXIT_INTERRUPTED, RunFailed, RunResult, StageResult, run_exit_code
 
 log = logging.getLogger(__name__)
 
-# The bus's constants (dpipes.bus.codec; tests/nodes/test_local_run.py holds them equal).
-PROTOCOL_VERSION = 2
-MAX_HEADER_BYTES = 64 * 1024
-MAX_BATCH_MESSAGES = 4096
-INITIAL_CREDIT_BYTES = 8 * 1024 * 1024
-MESSAGE_CREDIT_BYTES = 256
-HEARTBEAT_INTERVAL_S = 0.5  # we PING the hub this often, as every attached client must
-PEER_TIMEOUT_S = 3.0  # a hub silent this long is gone (it answers each PING with PONG)
-# The control protocol's (dpipes.nodes.protocol) and the full client's (dpipes.nodes.run).
-PIPELINE_PROTOCOL = 2
-CTL = "ctl"
-RUN_TIMEOUT_S = 60.0  # how long the entry node may take to answer `run`
+# The full client's (dpipes.nodes.run; tests/nodes/test_local_run.py holds them equal).
 CANCEL_WAIT_S = 15.0  # after Ctrl-C or a failure: how long we wait for the stages' exit reports
 STDIN_CHUNK_BYTES = 256 * 1024
 
-ATTACH_TIMEOUT_S = 5.0  # a live local hub answers ATTACH at once (the bus client waits as long)
-LOCAL_PROBE_TIMEOUT_S = 1.0  # a live local daemon accepts a connection at once
 GRANT_BYTES = INITIAL_CREDIT_BYTES // 4  # credit goes back once a quarter of the window was taken
 MAX_EARLY_REPORTS = 4096  # reports kept while `run` is unanswered (one per stage, and a failed)
 MAX_EARLY_MESSAGES = 65536  # stream messages kept meanwhile (each stream's are bounded by its credit)
-LINGER_MS = 2000  # on close: let our last REPLYs, CREDITs and EOF_ACKs reach the hub
-
-_DATA_KINDS = frozenset({"BYTES", "STDERR", "PIPES", "OBJECTS", "ARROW"})
-_STREAM_KINDS = _DATA_KINDS | {"BATCH", "EOF", "CANCEL"}
-
-
-def find_local_daemon() -> str | None:
-    """The ``ipc://`` endpoint of this host's running daemon, or None when none answers there."""
-    from dpipes.bus.errors import DpipesError
-    from dpipes.nodes import paths
-
-    try:
-        endpoint = paths.local_endpoint(paths.runtime_dir())
-    except (OSError, DpipesError):
-        return None
-    return endpoint if answers(endpoint) else None
-
-
-def answers(endpoint: str) -> bool:
-    """Whether something listens at the ``ipc://`` endpoint.
-
-    A plain connect says it (a dead daemon leaves its socket file behind: ECONNREFUSED) in a
-    fraction of a millisecond instead of a whole bus attachment.
-    """
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(LOCAL_PROBE_TIMEOUT_S)
-        probe.connect(endpoint.removeprefix("ipc://"))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 def run_local(
@@ -139,7 +108,7 @@ def run_local(
         return None
     from dpipes.nodes.fdpass import hand_over
 
-    client = _Client(endpoint)
+    client = BlockingClient(endpoint)
     try:
         if not client.attach():
             return None
@@ -166,177 +135,6 @@ def run_local(
         client.close()
 
 
-class _Client:
-    """One blocking DEALER attached to the hub: (header, payload) in and out."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.ctx = zmq.Context()  # ours alone: closed with the socket, nothing else runs on it
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, LINGER_MS)  # our last REPLYs and CREDITs leave on close
-        self.sock.setsockopt(zmq.RCVHWM, 0)  # flow control is credit; a dropped frame would lose data
-        self.sock.setsockopt(zmq.SNDHWM, 0)  # ... and so is ours towards the hub
-        self.sock.connect(endpoint)
-        self.addr = ""
-        self.node = ""
-        self.last_sent = 0.0
-        self.last_heard = time.monotonic()
-        self.dropped = 0  # malformed messages from the hub: counted, logged once
-
-    def send(self, kind: str, dst: str, *payload: Any, sid: int = 0, seq: int = 0, **fields: Any) -> None:
-        header = {"v": PROTOCOL_VERSION, "kind": kind, "src": self.addr, "dst": dst, "sid": sid, "seq": seq, **fields}
-        self.sock.send_multipart([msgpack.packb(header), *payload], copy=False)
-        self.last_sent = time.monotonic()
-
-    def recv(self) -> tuple[dict[str, Any], list[zmq.Frame]] | None:
-        """The next message if one is queued; a malformed one is dropped and counted (None too)."""
-        try:
-            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return None
-        self.last_heard = time.monotonic()
-        header: Any = None
-        first = frames[0].buffer
-        if len(first) <= MAX_HEADER_BYTES:  # msgpack then bounds every length by the frame's size
-            try:
-                header = msgpack.unpackb(first, raw=False)
-            except Exception:  # msgpack raises several types for bad input; all mean the same here
-                header = None
-        if not (isinstance(header, dict) and header.get("v") == PROTOCOL_VERSION and _well_formed(header)):
-            self.dropped += 1
-            level = logging.WARNING if self.dropped == 1 else logging.DEBUG
-            log.log(level, "dropped a malformed message from the hub at %s (%d so far)", self.endpoint, self.dropped)
-            return {}, []
-        return header, frames[1:]
-
-    def attach(self) -> bool:
-        """ATTACH and wait for ATTACHED; False when the hub does not answer (then nothing ran)."""
-        self.send("ATTACH", "", name="", host="")  # no host: no shared memory, payloads come inline
-        deadline = time.monotonic() + ATTACH_TIMEOUT_S
-        while (left := deadline - time.monotonic()) > 0:
-            if not self.sock.poll(int(left * 1000) + 1):
-                break
-            got = self.recv()
-            if got is None or not got[0]:
-                continue
-            header = got[0]
-            if header["kind"] == "ATTACHED" and isinstance(header.get("addr"), str) and "/" in header["addr"]:
-                self.addr = header["addr"]
-                self.node = self.addr.split("/", 1)[0]
-                return True
-            if header["kind"] in ("ERROR", "BYE"):
-                why = header.get("message") or header.get("reason") or "refused"
-                raise RunFailed(f"cannot reach a dpipes node at {self.endpoint}: {why}")
-        log.debug("no ATTACHED from %s within %s s", self.endpoint, ATTACH_TIMEOUT_S)
-        return False
-
-    def ping_when_due(self) -> None:
-        if time.monotonic() - self.last_sent >= HEARTBEAT_INTERVAL_S:
-            self.send("PING", f"{self.node}/")
-
-    def close(self) -> None:
-        if self.addr:
-            self.send("BYE", f"{self.node}/", reason="the run is over")
-        self.sock.close()
-        self.ctx.term()
-
-
-def _well_formed(h: Mapping[str, Any]) -> bool:
-    """The common header keys have their spec's types (codec: HEADER)."""
-    return (
-        isinstance(h.get("kind"), str)
-        and isinstance(h.get("src"), str)
-        and isinstance(h.get("dst"), str)
-        and type(h.get("sid")) is int
-        and type(h.get("seq")) is int
-    )
-
-
-class _Output:
-    """Writes one descriptor's data in order: at once to a file or device; through a thread to a pipe
-    or socket, whose reader may be slow, so that our loop keeps its heartbeats meanwhile.
-
-    ``done`` counts what was written (credit goes back for it), ``broken`` is set when the reader
-    went away (EPIPE)."""
-
-    def __init__(self, fd: int, wake_fd: int) -> None:
-        self.fd = fd
-        self.wake_fd = wake_fd
-        self.broken = False
-        try:
-            mode = os.fstat(fd).st_mode
-        except OSError:
-            mode = 0
-        self.inline = stat.S_ISREG(mode) or stat.S_ISCHR(mode)
-        self._queue: list[tuple[bytes | memoryview, Any, int]] = []
-        self._written: list[tuple[Any, int]] = []
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closing = False
-
-    def write(self, data: bytes | memoryview, token: Any = None, units: int = 0) -> bool:
-        """Write ``data``, now or through the thread; whether it was written now. A later write
-        comes back from :meth:`taken` as ``(token, units)``."""
-        if self.broken:
-            return True
-        if self.inline:
-            try:
-                _write_all(self.fd, data)
-            except BrokenPipeError:
-                self.broken = True
-            return True
-        with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._drain, name=f"dpipes output fd {self.fd}", daemon=True)
-                self._thread.start()
-            self._queue.append((data, token, units))
-            self._cond.notify()
-        return False
-
-    def taken(self) -> list[tuple[Any, int]]:
-        """(token, units) for each write the thread finished since the last call."""
-        with self._cond:
-            done, self._written = self._written, []
-        return done
-
-    def flush(self) -> None:
-        """Wait until everything queued was written (or the reader went away)."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _drain(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                data, token, units = self._queue.pop(0)
-            try:
-                if not self.broken:
-                    _write_all(self.fd, data)
-            except BrokenPipeError:
-                self.broken = True
-            except OSError as exc:
-                log.debug("writing to fd %d failed: %s", self.fd, exc)
-                self.broken = True
-            with self._cond:
-                self._written.append((token, units))
-            try:
-                os.write(self.wake_fd, b"w")
-            except BlockingIOError:  # the loop has a wake-up pending already
-                pass
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class _Inbound:
     """A stream a stage opened to us: where its data goes and the credit we owe it back."""
 
@@ -354,15 +152,15 @@ class _Run:
     """One run, from the ``run`` request to the last report."""
 
     def __init__(
-        self, client: _Client, pipeline: str, stdin: bool, stdin_fd: int, stdout_fd: int, stderr_fd: int
+        self, client: BlockingClient, pipeline: str, stdin: bool, stdin_fd: int, stdout_fd: int, stderr_fd: int
     ) -> None:
         self.c = client
         self.ctl = f"{client.node}/{CTL}"
         self.text = pipeline
         self.stdin, self.stdin_fd = stdin, stdin_fd
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.stdout = _Output(stdout_fd, self.wake_w)
-        self.stderr = _Output(stderr_fd, self.wake_w)
+        self.stdout = Output(stdout_fd, self.wake_w)
+        self.stderr = Output(stderr_fd, self.wake_w)
         self.next_id = 1  # request ids and our stream ids, from one counter as an endpoint draws them
         self.run_seq = 0
         self.pipeline = ""
@@ -416,15 +214,7 @@ class _Run:
             raise RunFailed(self.refused_before, code=self.refused_code)
         if not self.pipeline:  # interrupted twice before the reply
             return RunResult("", [], EXIT_INTERRUPTED, "interrupted before the pipeline started")
-        broken = [s for s in self.stages if s.error and not s.sigpipe]
-        if self.interrupts:
-            code = EXIT_INTERRUPTED
-        elif self.error or broken:  # a stage's data could not be moved: the output is not complete
-            code = EXIT_DPIPES_FAILED
-        else:
-            code = exit_code_of(self.stages, pipefail=pipefail)
-            if code == 0 and any(s.pipes_exception for s in self.stages):
-                code = 1  # a stage's Pipes session failed: so did the run, whatever its exit code
+        code = run_exit_code(self.stages, interrupted=bool(self.interrupts), error=self.error, pipefail=pipefail)
         return RunResult(self.pipeline, self.stages, code, self.error)
 
     def _loop(self, started: float) -> None:
@@ -491,7 +281,7 @@ class _Run:
 
     def _on_message(self, h: dict[str, Any], payload: list[zmq.Frame]) -> None:
         kind = h["kind"]
-        if not self.pipeline and kind in _STREAM_KINDS:
+        if not self.pipeline and kind in STREAM_KINDS:
             # Stages start before `run` is answered: whose stream this is (the last stage's stdout,
             # or not) is known from the reply. Kept until then, each stream bounded by its credit.
             if len(self.early_messages) < MAX_EARLY_MESSAGES:
@@ -504,7 +294,7 @@ class _Run:
                 self._on_run_reply(h)
         elif kind == "REQUEST":
             self._on_report(h)
-        elif kind in _DATA_KINDS:
+        elif kind in DATA_KINDS:
             self._on_data(h, kind, [f.buffer for f in payload])
         elif kind == "BATCH":
             self._on_batch(h, payload)
@@ -573,7 +363,7 @@ class _Run:
         method, body = h.get("method"), h.get("body")
         if method == "progress":  # one-way, and we asked for none
             return
-        if method not in ("exit", "failed") or not isinstance(body, dict) or not _report_ok(method, body):
+        if method not in ("exit", "failed") or not isinstance(body, dict) or not report_ok(method, body):
             code = "unknown-method" if method not in ("exit", "failed") else "bad-request"
             error = f"a dpipes client takes no {method!r} request" if code == "unknown-method" else "malformed report"
             self.c.send("REPLY", h["src"], seq=h["seq"], ok=False, body={"code": code, "field": ""}, error=error)
@@ -596,7 +386,7 @@ class _Run:
             if not 0 <= index < len(self.stages):
                 return
             stage = self.stages[index]
-            for name in _EXIT_FIELDS:
+            for name in EXIT_FIELDS:
                 if name in body:
                     setattr(stage, name, body[name])
             stage.reported = True
@@ -624,17 +414,9 @@ class _Run:
         return self.stages[int(index)]
 
     def _on_batch(self, h: dict[str, Any], payload: list[zmq.Frame]) -> None:
-        sizes, of = h.get("sizes"), h.get("of") or "BYTES"
-        if (
-            len(payload) != 1
-            or of not in ("BYTES", "STDERR")
-            or not isinstance(sizes, list)
-            or not 0 < len(sizes) <= MAX_BATCH_MESSAGES
-            or not all(type(n) is int and n >= 0 for n in sizes)
-            or sum(sizes) != len(payload[0])
-        ):
-            self.c.dropped += 1
-            log.log(logging.WARNING if self.c.dropped == 1 else logging.DEBUG, "dropped a malformed BATCH")
+        sizes, of = batch_sizes(h, payload), h.get("of") or "BYTES"
+        if sizes is None:
+            self.c.drop("BATCH")
             return
         view, start = payload[0].buffer, 0
         for size in sizes:  # each member as if it came alone
@@ -750,42 +532,6 @@ class _Run:
         self.done_at = time.monotonic() + CANCEL_WAIT_S
 
 
-# An exit report's fields, with the types a StageResult keeps (protocol: Reports).
-_EXIT_FIELDS: dict[str, tuple[type, ...]] = {
-    "code": (int,),
-    "signal": (int,),
-    "status": (str,),
-    "sigpipe": (bool,),
-    "error": (str,),
-    "cancelled": (str,),
-    "stderr_tail": (str,),
-    "started": (float, int),
-    "ended": (float, int),
-    "bytes_in": (int,),
-    "bytes_out": (int,),
-}
-
-
-def _report_ok(method: str, body: Mapping[str, Any]) -> bool:
-    """The report's fields we use have their spec's types (an unknown key is ignored)."""
-    if not isinstance(body.get("pipeline"), str):
-        return False
-    if method == "failed":
-        lost = body.get("lost", [])
-        return isinstance(body.get("error", ""), str) and isinstance(lost, list)
-    if type(body.get("stage")) is not int:
-        return False
-    for name, types in _EXIT_FIELDS.items():
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) and bool not in types:
-            return False
-        if not isinstance(value, types):
-            return False
-    return True
-
-
 def _current_user() -> str:
     """Who is asking, as this process's user sees it (``run.user``; not authenticated)."""
     import getpass
@@ -804,4 +550,4 @@ def _cwd() -> str:
         return ""
 
 
-__all__ = ["find_local_daemon", "run_local"]
+__all__ = ["run_local"]

@@ -33,7 +33,6 @@ class RunFailed(DpipesError):
         self.code = code
 
 
-
 @dataclasses.dataclass
 class StageResult:
     index: int
@@ -146,6 +145,24 @@ def exit_code_of(stages: list[StageResult], *, pipefail: bool) -> int:
                 return stage.shell_code
         return 0
     return stages[-1].shell_code
+
+
+def run_exit_code(stages: list[StageResult], *, interrupted: bool, error: str, pipefail: bool) -> int:
+    """The exit code of a run that started: Ctrl-C's, dpipes' own failure's, else its stages'.
+
+    A stage whose data could not be moved (an ``error`` not caused by its reader's early end)
+    fails the run as a lost node does: its output is not complete. A stage whose Pipes session
+    failed fails the run whatever its exit code.
+    """
+    broken = [s for s in stages if s.error and not s.sigpipe]
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if error or broken:
+        return EXIT_DPIPES_FAILED
+    code = exit_code_of(stages, pipefail=pipefail)
+    if code == 0 and any(s.pipes_exception for s in stages):
+        return 1
+    return code
 
 
 JOBLOG_COLUMNS = ("Stage", "Node", "Starttime", "JobRuntime", "Send", "Receive", "Exitval", "Signal", "Command")

@@ -26,7 +26,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.dataflow import Incoming, Outgoing
 from dpipes.nodes.entry import EntryKeys, attach, embedded_node, entry_from, entry_keys, known_nodes, local_daemon
+from dpipes.nodes.fd_output import write_all, writes_at_once
 from dpipes.nodes.fdpass import hand_over
 from dpipes.nodes.pipes_frames import PipesFrameError, decode_frame
 from dpipes.nodes.protocol import (
@@ -63,6 +63,7 @@ from dpipes.nodes.results import (
     StageResult,
     exit_code_of,
     format_joblog,
+    run_exit_code,
 )
 
 if TYPE_CHECKING:
@@ -99,22 +100,17 @@ class _Output:
         self.fd = fd
         self._lock = asyncio.Lock()
         self.broken = False
-        try:
-            mode = os.fstat(fd).st_mode
-        except OSError:
-            mode = 0
-        # Files and devices (/dev/null, a terminal) take a write at once; pipes and sockets may not.
-        self._inline = stat.S_ISREG(mode) or stat.S_ISCHR(mode)
+        self._inline = writes_at_once(fd)
 
     async def write(self, data: bytes | memoryview) -> None:
         if self.broken:
             return
         try:
             if self._inline:
-                _write_all(self.fd, data)
+                write_all(self.fd, data)
                 return
             async with self._lock:
-                await asyncio.to_thread(_write_all, self.fd, data)
+                await asyncio.to_thread(write_all, self.fd, data)
         except BrokenPipeError:
             self.broken = True
 
@@ -136,12 +132,6 @@ def _is_terminal(fd: int) -> bool:
         return os.isatty(fd)
     except OSError:
         return False
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class _Tagger:
@@ -312,15 +302,9 @@ class _Run:
                 reader.cancel()
             if self.pipes_json is not None:
                 self.pipes_json.close()
-        broken = [s for s in self.stages if s.error and not s.sigpipe]
-        if self.interrupted:
-            code = EXIT_INTERRUPTED
-        elif self.error or broken:  # a stage's data could not be moved: the output is not complete
-            code = EXIT_DPIPES_FAILED
-        else:
-            code = exit_code_of(self.stages, pipefail=self.options.pipefail)
-            if code == 0 and any(s.pipes_exception for s in self.stages):
-                code = 1  # a stage's Pipes session failed: so did the run, whatever its exit code
+        code = run_exit_code(
+            self.stages, interrupted=self.interrupted, error=self.error, pipefail=self.options.pipefail
+        )
         return RunResult(self.pipeline, self.stages, code, self.error)
 
     def _json_line(self, obj: dict[str, Any]) -> None:

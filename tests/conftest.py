@@ -1,10 +1,13 @@
-"""Shared test guards: a test must leave no descendant process behind."""
+"""Shared test guards (a test must leave no descendant process behind) and shared fixtures."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -54,3 +57,20 @@ def no_leaked_processes() -> Iterator[None]:
             except OSError:
                 pass
         pytest.fail("test leaked processes:\n" + "\n".join(cmdlines))
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Path:
+    """A private runtime directory for the test's daemons (``DPIPES_RUNTIME_DIR``)."""
+    path = tmp_path / "run"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may traverse, for a test's other uid (pytest's tmp_path is private to root)."""
+    where = Path(tempfile.mkdtemp(prefix="dpipes-test-"))
+    where.chmod(0o711)
+    yield where
+    shutil.rmtree(where)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +15,13 @@ import zmq.asyncio
 from dpipes.bus.auth import TAP_ZAP_DOMAIN, ZAP_DOMAIN, Gatekeeper, HubSecurity, identity_from_user_id
 from dpipes.bus.keys import KeyPair, PublicKey, load_or_create_keypair
 from dpipes.bus.trust import AuthorizedKey, AuthorizedKeys, IdentityKind, KnownNodes, TrustStore
+from tests.users import needs_root, nobody, send_as
 
 DEADLINE_S = 10.0
 
 
 def pair(where: Path, name: str) -> KeyPair:
     return load_or_create_keypair(where, name)[0]
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user may traverse (pytest's tmp_path is private to root)."""
-    where = Path(tempfile.mkdtemp(prefix="dpipes-auth-"))
-    where.chmod(0o711)
-    yield where
-    shutil.rmtree(where)
 
 
 class Server:
@@ -150,39 +139,15 @@ async def test_own_uid_over_ipc_is_admitted_as_local_user(keys_and_server: Any) 
         ctx.term()
 
 
-def _connect_as(uid: int, gid: int, endpoint: str) -> int:
-    """Fork a child that becomes ``uid`` and sends one message to ``endpoint``; its pid."""
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            ctx = zmq.Context()  # a new context: nothing of the parent's is touched after fork
-            sock = ctx.socket(zmq.DEALER)
-            sock.linger = 2000
-            sock.connect(endpoint)
-            sock.send(b"from another user")
-            sock.close()
-            ctx.term()
-            code = 0
-        finally:
-            os._exit(code)
-    return child
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+@needs_root
 async def test_another_uid_is_refused_on_the_unix_socket(shared_dir: Path) -> None:
     made = pair(shared_dir / "keys", "node")
     server = Server(HubSecurity(made, TrustStore()), shared_dir / "alpha.sock")
     try:
         (shared_dir / "alpha.sock").chmod(0o777)  # the file mode lets anyone in: only the uid check stands
-        nobody = pwd.getpwnam("nobody")
-        child = _connect_as(nobody.pw_uid, nobody.pw_gid, server.ipc)
+        child = send_as(nobody(), server.ipc, [b"from another user"])
         await until(lambda: server.gate.refused >= 1, "the gatekeeper to refuse nobody")
-        _, status = await asyncio.to_thread(os.waitpid, child, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        await asyncio.to_thread(child.wait)
         assert server.gate.admitted == 0
         ctx = zmq.asyncio.Context()
         try:

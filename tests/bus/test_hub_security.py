@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pwd
 import re
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from dpipes.bus.errors import ProtocolMismatch, SecurityError
 from dpipes.bus.hub import Hub
 from dpipes.bus.keys import KeyPair, load_or_create_keypair
 from dpipes.bus.trust import AuthorizedKey, AuthorizedKeys, Identity, IdentityKind, KnownNodes, TrustStore
+from tests.users import needs_root, nobody, send_as
 
 WAIT_S = 10.0
 
@@ -167,16 +165,7 @@ async def test_a_connection_that_takes_over_a_clients_routing_id_is_not_that_cli
             ctx.term()
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user may traverse (pytest's tmp_path is private to root)."""
-    where = Path(tempfile.mkdtemp(prefix="dpipes-hubsec-"))
-    where.chmod(0o711)
-    yield where
-    shutil.rmtree(where)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+@needs_root
 async def test_another_uid_is_refused_on_the_hubs_unix_socket(shared_dir: Path) -> None:
     # the socket is made open to all below: only the uid check stands in the way
     net = Net(shared_dir / "keys")
@@ -184,27 +173,9 @@ async def test_another_uid_is_refused_on_the_hubs_unix_socket(shared_dir: Path) 
     async with hub as a:
         (shared_dir / "alpha.sock").chmod(0o777)
         assert a._gate is not None
-        nobody = pwd.getpwnam("nobody")
-        child = os.fork()
-        if child == 0:  # pragma: no cover - the child, as nobody
-            code = 1
-            try:
-                os.setgroups([])
-                os.setgid(nobody.pw_gid)
-                os.setuid(nobody.pw_uid)
-                ctx = zmq.Context()  # a new context: nothing of the parent's is touched after fork
-                sock = ctx.socket(zmq.DEALER)
-                sock.linger = 2000
-                sock.connect(a.ipc_endpoint)
-                sock.send_multipart(codec.encode(codec.Attach(name="intruder")))
-                sock.close()
-                ctx.term()
-                code = 0
-            finally:
-                os._exit(code)
+        child = send_as(nobody(), a.ipc_endpoint, codec.encode(codec.Attach(name="intruder")))
         await until(lambda: a._gate is not None and a._gate.refused >= 1)
-        _, status = await asyncio.to_thread(os.waitpid, child, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        await asyncio.to_thread(child.wait)
         async with Client(a.ipc_endpoint, name="owner") as owner:  # the daemon's own user still gets in
             assert owner.endpoint.addr == "alpha/owner"
         assert a.identity_of("alpha/intruder") is None

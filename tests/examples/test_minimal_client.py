@@ -39,13 +39,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
-
-
 def ipc(rt: Path, daemon: Daemon) -> str:
     """The daemon's own ``ipc://`` endpoint in its runtime directory."""
     return f"ipc://{rt / daemon.name}.sock"

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from tests.lan.lifetime import stop
+
 PORT = 7070
 CONVERGE_TIMEOUT_S = 20.0  # mDNS converges in well under a second; Python start-up on 2 busy cores does not
 STOP_TIMEOUT_S = 15.0
@@ -42,13 +44,7 @@ async def daemon(
         assert re.search(r"ready: tcp://", line), f"dpipesd on {host.name} did not start: {line!r}"
         yield proc
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop(proc, STOP_TIMEOUT_S)
 
 
 async def dpipes_on(tmp_path: Path, host: Any, *args: str, input: bytes | None = None) -> tuple[int, bytes, str]:

@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import shlex
-import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ from typing import Any
 
 import zmq
 
-from dpipes.bus.keys import PublicKey, load_keypair
+from dpipes.bus.keys import KeyPair, PublicKey, load_keypair
+from tests.lan.lifetime import reap, stop
 from tests.procs import children_of
 
 PORT = 7070
@@ -101,13 +101,7 @@ async def dpipesd(tmp_path: Path, host: Any, *args: str) -> AsyncIterator[Starte
         assert lines[0].startswith(f"node {host.name} ready: tcp://"), lines
         yield Started(host, proc, lines, log)
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop(proc, STOP_TIMEOUT_S)
 
 
 async def run_in(tmp_path: Path, host: Any, argv: list[str], *, input: bytes | None = None) -> tuple[int, bytes, str]:
@@ -180,12 +174,8 @@ async def capture(net: Any, tmp_path: Path) -> AsyncIterator[list[bytes]]:
         yield frames
     finally:
         if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+            proc.stdin.close()  # the capture's end: it writes what it saw, then exits
+        await reap(proc, STOP_TIMEOUT_S)
     frames.extend(_frames(out.read_bytes()))
 
 
@@ -197,9 +187,28 @@ def _frames(data: bytes) -> Iterator[bytes]:
         at += 4 + size
 
 
+def secret_forms(*pairs: KeyPair) -> list[bytes]:
+    """Each pair's secret key as it could cross the wire: its z85 text and its raw bytes."""
+    return [form for p in pairs for form in (p.secret_z85.encode(), zmq.utils.z85.decode(p.secret_z85.encode()))]
+
+
 def marked_input() -> tuple[bytes, bytes]:
     marker = f"dpipes-marker-{secrets.token_hex(12)}".encode()
     return marker, b"".join(marker + f" {i}\n".encode() for i in range(3000))
+
+
+async def marked_run(tmp_path: Path, hosts: Any, options: list[str]) -> tuple[bytes, bytes, str, list[bytes]]:
+    """``dpipes OPTIONS 'cat | cat@HOST0'`` in hosts[0] on a marked input, once hosts[1] is linked,
+    while the bridge is captured; it must give its input back. The marker, the input, stderr and
+    the frames the bridge saw."""
+    await until_linked(tmp_path, hosts[0], hosts[1].name)
+    marker, data = marked_input()
+    argv = ["dpipes", *options, f"cat | cat@{hosts[0].name}"]
+    async with capture(hosts, tmp_path) as frames:
+        code, out, err = await run_in(tmp_path, hosts[0], argv, input=data)
+    assert code == 0, err
+    assert out == data
+    return marker, data, err, frames
 
 
 # -- a trusted, encrypted two-node pipeline ---------------------------------------------------------
@@ -208,35 +217,16 @@ def marked_input() -> tuple[bytes, bytes]:
 async def test_two_hosts_with_keys_run_a_pipeline_and_the_bridge_never_sees_its_data(lan: Any, tmp_path: Path) -> None:
     async with lan(2) as hosts, dpipesd(tmp_path, hosts[0]) as alpha, dpipesd(tmp_path, hosts[1]) as beta:
         await first_contact(tmp_path, alpha, beta)
-        await until_linked(tmp_path, hosts[0], hosts[1].name)
-        marker, data = marked_input()
-        async with capture(hosts, tmp_path) as frames:
-            # alpha's user, over TCP to beta, encrypted: stdin -> beta's cat -> alpha's cat -> back
-            code, out, err = await run_in(
-                tmp_path,
-                hosts[0],
-                [
-                    "dpipes",
-                    "--node",
-                    f"{hosts[1].name}@{hosts[1].addr}:{PORT}",
-                    "--status",
-                    f"cat | cat@{hosts[0].name}",
-                ],
-                input=data,
-            )
-        assert code == 0, err
-        assert out == data
+        # alpha's user, over TCP to beta, encrypted: stdin -> beta's cat -> alpha's cat -> back
+        entry = f"{hosts[1].name}@{hosts[1].addr}:{PORT}"
+        marker, data, err, frames = await marked_run(tmp_path, hosts, ["--node", entry, "--status"])
         assert f"stage 1 cat@{hosts[0].name}" in err
         crossed = sum(len(f) for f in frames)
         assert crossed > 3 * len(data), f"the capture saw {crossed} bytes: it did not see the pipeline"
         assert not [f for f in frames if marker in f], "pipeline data crossed the bridge in clear"
         # Nor did any secret: not the nodes' keys, not the client's (z85 text or raw bytes).
-        secrets_ = []
-        for started in (alpha, beta):
-            for name in ("node", "client"):
-                pair = load_keypair(key_dir(tmp_path, started.host), name)
-                secrets_ += [pair.secret_z85.encode(), zmq.utils.z85.decode(pair.secret_z85.encode())]
-        assert not [f for f in frames for s in secrets_ if s in f]
+        pairs = [load_keypair(key_dir(tmp_path, s.host), name) for s in (alpha, beta) for name in ("node", "client")]
+        assert not [f for f in frames for s in secret_forms(*pairs) if s in f]
         # dpipes-tap asks beta over TCP, with the same keys, which nodes it knows
         tap = await hosts[0].run(
             [
@@ -262,17 +252,7 @@ async def test_between_insecure_nodes_the_capture_sees_the_data_in_clear(lan: An
         dpipesd(tmp_path, hosts[0], "--insecure"),
         dpipesd(tmp_path, hosts[1], "--insecure"),
     ):
-        await until_linked(tmp_path, hosts[0], hosts[1].name)
-        marker, data = marked_input()
-        async with capture(hosts, tmp_path) as frames:
-            code, out, err = await run_in(
-                tmp_path,
-                hosts[0],
-                ["dpipes", "--insecure", "--node", f"{hosts[1].addr}:{PORT}", f"cat | cat@{hosts[0].name}"],
-                input=data,
-            )
-        assert code == 0, err
-        assert out == data
+        marker, _, _, frames = await marked_run(tmp_path, hosts, ["--insecure", "--node", f"{hosts[1].addr}:{PORT}"])
         assert [f for f in frames if marker in f], "the capture did not see the pipeline's data"
 
 
@@ -284,8 +264,7 @@ async def test_mdns_records_carry_the_node_key_and_nothing_secret(lan: Any, tmp_
     advertised = {m.group(1) for f in frames if b"_dpipes" in f for m in re.finditer(rb"pk=(.{40})", f, re.S)}
     assert advertised == {pair.public.z85.encode()}
     assert PublicKey.parse(next(iter(advertised))).fingerprint == alpha.fingerprint()
-    secret = [pair.secret_z85.encode(), zmq.utils.z85.decode(pair.secret_z85.encode())]
-    assert not [f for f in frames for s in secret if s in f]
+    assert not [f for f in frames for s in secret_forms(pair) if s in f]
 
 
 # -- refusals ---------------------------------------------------------------------------------------

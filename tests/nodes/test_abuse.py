@@ -7,7 +7,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
 import zmq
 
 from dpipes.bus import codec
@@ -26,13 +25,6 @@ CHUNK_BYTES = 1 << 20
 RSS_BOUND_KIB = 96 * 1024
 RSS_SETTLED_SLACK_KIB = 24 * 1024  # after the sender left: allocator noise only
 WAIT_S = 30.0
-
-
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
 
 
 def _flood(tcp: str, targets: list[str], stop: threading.Event) -> tuple[int, list[str]]:

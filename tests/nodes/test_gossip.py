@@ -6,18 +6,9 @@ import asyncio
 import json
 from pathlib import Path
 
-import pytest
-
 from tests.nodes.daemons import daemons, dpipes
 
 WAIT_S = 30.0
-
-
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
 
 
 async def known_by(rt: Path, host_port: str) -> dict[str, dict]:

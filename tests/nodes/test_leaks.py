@@ -31,13 +31,6 @@ RUN_TIMEOUT_S = 60.0
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
-
-
 async def _run(daemon: Daemon, options: RunOptions, stdin_fd: int, on_started: Callable[[], None] | None = None) -> int:
     with open(os.devnull, "wb") as out, open(os.devnull, "wb") as err:
         result = await asyncio.wait_for(

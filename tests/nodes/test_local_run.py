@@ -18,18 +18,11 @@ import msgpack
 import pytest
 import zmq
 
-from dpipes.nodes import local_run
+from dpipes.nodes import local_run, local_wire
 from tests.nodes.daemons import Completed, daemons, dpipes, environment, shell
 
 WAIT_S = 30.0
 FULL = {"DPIPES_SHORT_PATH": "0"}
-
-
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
 
 
 async def until(condition: Any, timeout: float = WAIT_S) -> None:
@@ -44,16 +37,19 @@ def test_the_constants_are_the_specs() -> None:
     from dpipes.bus import codec
     from dpipes.nodes import protocol, run
 
-    assert local_run.PROTOCOL_VERSION == codec.PROTOCOL_VERSION
-    assert local_run.MAX_HEADER_BYTES == codec.MAX_HEADER_BYTES
-    assert local_run.MAX_BATCH_MESSAGES == codec.MAX_BATCH_MESSAGES
-    assert local_run.INITIAL_CREDIT_BYTES == codec.INITIAL_CREDIT_BYTES
-    assert local_run.MESSAGE_CREDIT_BYTES == codec.MESSAGE_CREDIT_BYTES
-    assert local_run.HEARTBEAT_INTERVAL_S == codec.HEARTBEAT_INTERVAL_S
-    assert local_run.PEER_TIMEOUT_S == codec.PEER_TIMEOUT_S
-    assert local_run.PIPELINE_PROTOCOL == protocol.PIPELINE_PROTOCOL
-    assert local_run.CTL == protocol.CTL
-    assert local_run.RUN_TIMEOUT_S == protocol.RUN_TIMEOUT_S
+    for name in (
+        "PROTOCOL_VERSION",
+        "MAX_HEADER_BYTES",
+        "MAX_BATCH_MESSAGES",
+        "INITIAL_CREDIT_BYTES",
+        "MESSAGE_CREDIT_BYTES",
+        "HEARTBEAT_INTERVAL_S",
+        "PEER_TIMEOUT_S",
+    ):
+        assert getattr(local_wire, name) == getattr(codec, name), name
+    assert local_wire.PIPELINE_PROTOCOL == protocol.PIPELINE_PROTOCOL
+    assert local_wire.CTL == protocol.CTL
+    assert local_wire.RUN_TIMEOUT_S == protocol.RUN_TIMEOUT_S
     assert local_run.CANCEL_WAIT_S == run.CANCEL_WAIT_S
     assert local_run.STDIN_CHUNK_BYTES == run.STDIN_CHUNK_BYTES
 
@@ -190,7 +186,7 @@ def fake_hub(tmp_path: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
                     [b"\xc1not msgpack"],
                     [b"\x92\x01\x02"],  # msgpack, not a map
                     [msgpack.packb({"v": 2, "kind": "BYTES", "src": 1, "dst": me, "sid": 1, "seq": 1})],
-                    [b"\x80" * (local_run.MAX_HEADER_BYTES + 1)],
+                    [b"\x80" * (local_wire.MAX_HEADER_BYTES + 1)],
                     [_header("BATCH", me, sid=3, seq=1, of="BYTES", sizes=[5, 9]), b"short"],  # past the frame
                     [_header("REQUEST", me, seq=7, method="exit", body={**exit_body, "stage": "zero"})],
                     [_header("REQUEST", me, seq=8, method="exit", body=exit_body)],
@@ -214,7 +210,7 @@ def test_hostile_input_is_dropped_counted_and_logged_once(
     endpoint, seen = fake_hub
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
-        with caplog.at_level(logging.DEBUG, logger="dpipes.nodes.local_run"):
+        with caplog.at_level(logging.DEBUG, logger="dpipes.nodes"):
             result = local_run.run_local(
                 "cat", stdin=False, entry=endpoint, stdout_fd=devnull, stderr_fd=devnull, handle_sigint=False
             )

@@ -35,13 +35,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
-
-
 @pytest.mark.parametrize(
     "pipeline",
     [

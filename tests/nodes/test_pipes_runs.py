@@ -89,13 +89,6 @@ async def run_on_beta(rt: Path, tmp_path: Path, text: str, pipeline: str = "pyth
     return ran, [m["message"] for m in messages(out) if m.get("stage") == 0 and "message" in m]
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
-
-
 async def test_every_method_reaches_the_client_from_a_remote_node(rt: Path, tmp_path: Path) -> None:
     program = script(tmp_path, "reporter.py", REPORTER)
     out = tmp_path / "pipes.jsonl"

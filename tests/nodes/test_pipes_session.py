@@ -56,13 +56,6 @@ def script(tmp_path: Path, name: str, text: str) -> str:
     return str(path)
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
-
-
 async def await_known(rt: Path, host_port: str, name: str) -> None:
     """Poll the entry node's table until it knows ``name`` (its peer links asynchronously)."""
 

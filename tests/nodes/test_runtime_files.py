@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,53 +17,28 @@ from dpipes.nodes import paths
 from dpipes.nodes.daemon import stop_daemon
 from dpipes.nodes.paths import RuntimeDirError
 from tests.nodes.test_daemon import DEADLINE_S, dpipesd, env, wait_for
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user may traverse (pytest's own tmp_path is private to root)."""
-    where = Path(tempfile.mkdtemp(prefix="dpipes-test-"))
-    where.chmod(0o711)
-    yield where
-    shutil.rmtree(where)
+from tests.users import fork_as, needs_root, nobody
 
 
 def as_nobody(*targets: Path) -> dict[str, str]:
     """What user ``nobody`` could do to each target (connect to a socket, append to a file):
-    ``open`` or ``refused``. Runs in a forked child that drops to nobody's uid (no exec: nobody may
-    not be able to run this interpreter)."""
-    user = pwd.getpwnam("nobody")
-    read_fd, write_fd = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            lines = []
-            for path in targets:
-                try:
-                    if path.suffix == ".sock":
-                        with socket.socket(socket.AF_UNIX) as s:
-                            s.connect(str(path))
-                    else:
-                        open(path, "a").close()
-                    lines.append(f"{path} open")
-                except PermissionError:
-                    lines.append(f"{path} refused")
-            os.write(write_fd, "\n".join(lines).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as f:
-        out = f.read().decode()
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    ``open`` or ``refused``."""
+
+    def try_each() -> str:  # pragma: no cover - in the child
+        lines = []
+        for path in targets:
+            try:
+                if path.suffix == ".sock":
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(str(path))
+                else:
+                    open(path, "a").close()
+                lines.append(f"{path} open")
+            except PermissionError:
+                lines.append(f"{path} refused")
+        return "\n".join(lines)
+
+    out = fork_as(nobody(), try_each).wait()
     return dict(line.rsplit(" ", 1) for line in out.splitlines())
 
 

@@ -12,9 +12,8 @@ import logging
 import os
 import pwd
 import re
-import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
@@ -42,6 +41,7 @@ from dpipes.nodes.protocol import (
 )
 from dpipes.nodes.results import RunFailed
 from dpipes.nodes.run import RunOptions, run_pipeline
+from tests.users import fork_as, needs_root, nobody
 
 WAIT_S = 20.0
 
@@ -58,6 +58,11 @@ def key_dir(tmp_path: Path, name: str) -> Path:
     where = tmp_path / name
     where.mkdir(mode=0o700)
     return where
+
+
+def client_key(tmp_path: Path, name: str) -> KeyPair:
+    """User ``name``'s client key pair, in a key directory of its own."""
+    return load_or_create_keypair(key_dir(tmp_path, name), "client")[0]
 
 
 def authorize(where: Path, pair: KeyPair, options: str, comment: str = "test") -> None:
@@ -116,7 +121,7 @@ def started(node: Node) -> int:
 
 async def test_a_key_trusted_for_cat_runs_cat_and_nothing_else(tmp_path: Path) -> None:
     where = key_dir(tmp_path, "alpha")
-    alice = load_or_create_keypair(key_dir(tmp_path, "alice"), "client")[0]
+    alice = client_key(tmp_path, "alice")
     authorize(where, alice, 'run="cat"', "alice@laptop")
     async with secure_node("alpha", where) as alpha, keyed_client(alpha, alice) as client:
         for pipeline in ["sh -c id", "/bin/sh -c id", "/usr/bin/../bin/sh -c id", "env", "cat | env", "cat -u"]:
@@ -131,7 +136,7 @@ async def test_a_key_trusted_for_cat_runs_cat_and_nothing_else(tmp_path: Path) -
 
 async def test_an_unknown_key_admitted_for_trust_on_first_use_runs_nothing(tmp_path: Path) -> None:
     where = key_dir(tmp_path, "alpha")
-    stranger = load_or_create_keypair(key_dir(tmp_path, "stranger"), "client")[0]
+    stranger = client_key(tmp_path, "stranger")
     async with secure_node("alpha", where, tofu=True) as alpha, keyed_client(alpha, stranger) as client:
         with pytest.raises(ControlError) as refused:
             await run_as(client, "true")
@@ -144,8 +149,8 @@ async def test_an_unknown_key_admitted_for_trust_on_first_use_runs_nothing(tmp_p
 
 async def test_a_client_may_not_negotiate_on_behalf_of_another_key(tmp_path: Path) -> None:
     where = key_dir(tmp_path, "alpha")
-    mallory = load_or_create_keypair(key_dir(tmp_path, "mallory"), "client")[0]
-    owner = load_or_create_keypair(key_dir(tmp_path, "owner"), "client")[0]
+    mallory = client_key(tmp_path, "mallory")
+    owner = client_key(tmp_path, "owner")
     authorize(where, mallory, 'run="cat"')
     authorize(where, owner, "any")
     async with secure_node("alpha", where) as alpha, keyed_client(alpha, mallory) as client:
@@ -209,8 +214,8 @@ async def test_a_peer_node_runs_stages_for_the_entry_nodes_user_only_as_its_key_
 
 async def test_plugin_stages_are_authorized_as_plugins_before_anything_else_is_checked(tmp_path: Path) -> None:
     where = key_dir(tmp_path, "alpha")
-    cat_only = load_or_create_keypair(key_dir(tmp_path, "cat-only"), "client")[0]
-    plugins = load_or_create_keypair(key_dir(tmp_path, "plugins"), "client")[0]
+    cat_only = client_key(tmp_path, "cat-only")
+    plugins = client_key(tmp_path, "plugins")
     authorize(where, cat_only, 'run="cat"')
     authorize(where, plugins, 'plugin="no-such-plugin-here *"')
     async with secure_node("alpha", where) as alpha:
@@ -310,12 +315,8 @@ _OUTCOMES = {
 }
 
 
-def _handshake_in_child(endpoint: str, uid: int | None, write_fd: int) -> None:  # pragma: no cover - the child
-    if uid is not None:
-        user = pwd.getpwuid(uid)
-        os.setgroups([])
-        os.setgid(user.pw_gid)
-        os.setuid(user.pw_uid)
+def _handshake(endpoint: str) -> str:  # pragma: no cover - in the child
+    """Connect a plain DEALER to ``endpoint``, as a client would: how its handshake ended."""
     ctx = zmq.Context()  # a new context: nothing of the parent's is touched after fork
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
@@ -324,69 +325,39 @@ def _handshake_in_child(endpoint: str, uid: int | None, write_fd: int) -> None: 
     outcome = "no answer"
     if monitor.poll(HANDSHAKE_WAIT_MS):
         outcome = _OUTCOMES.get(recv_monitor_message(monitor)["event"], "other")
-    os.write(write_fd, outcome.encode())
     sock.disable_monitor()
     monitor.close()
     sock.close()
     ctx.term()
+    return outcome
 
 
 async def handshake_as(uid: int | None, endpoint: str) -> str:
-    """Fork a child that becomes ``uid`` (None: stays us) and connects a plain DEALER to
-    ``endpoint``, as a client would: ``admitted`` or ``refused``, as its handshake ended. No exec:
-    nobody may not be able to run this interpreter."""
-    read_fd, write_fd = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(read_fd)
-            _handshake_in_child(endpoint, uid, write_fd)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-
-    def wait() -> str:  # in a thread: the node's loop must go on answering ZAP meanwhile
-        with os.fdopen(read_fd, "rb") as f:
-            out = f.read().decode()
-        _, status = os.waitpid(child, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        return out
-
-    return await asyncio.to_thread(wait)
+    """``admitted`` or ``refused``: how the handshake of user ``uid`` (None: us) with ``endpoint`` ended."""
+    child = fork_as(uid, lambda: _handshake(endpoint))
+    return await asyncio.to_thread(child.wait)  # in a thread: the node's loop goes on answering ZAP
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user may traverse (pytest's own tmp_path is private to root)."""
-    where = Path(tempfile.mkdtemp(prefix="dpipes-test-"))
-    where.chmod(0o711)
-    yield where
-    shutil.rmtree(where)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+@needs_root
 async def test_another_local_user_is_refused_on_the_unix_socket_and_on_loopback_tcp(
     shared_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    nobody = pwd.getpwnam("nobody").pw_uid
     config = NodeConfig(name="alpha", key_dir=str(key_dir(tmp_path, "alpha")))
     async with Node(config, listen="tcp://127.0.0.1:0", ipc=f"ipc://{shared_dir}/alpha.sock") as alpha:
         (shared_dir / "alpha.sock").chmod(0o777)  # as umask 000 left it: only the kernel's uid check stands
         with caplog.at_level(logging.WARNING, logger="dpipes.bus.auth"):
-            assert await handshake_as(nobody, alpha.ipc_endpoint) == "refused"
-            assert await handshake_as(nobody, alpha.ipc_endpoint) == "refused"  # retried: logged once
-            assert await handshake_as(nobody, alpha.tcp_endpoint) == "refused"  # no key: no CURVE handshake
+            assert await handshake_as(nobody(), alpha.ipc_endpoint) == "refused"
+            assert await handshake_as(nobody(), alpha.ipc_endpoint) == "refused"  # retried: logged once
+            assert await handshake_as(nobody(), alpha.tcp_endpoint) == "refused"  # no key: no CURVE handshake
             assert await handshake_as(None, alpha.ipc_endpoint) == "admitted"  # the daemon's own user
-        refusals = [r.getMessage() for r in caplog.records if f"local uid {nobody}" in r.getMessage()]
+        refusals = [r.getMessage() for r in caplog.records if f"local uid {nobody()}" in r.getMessage()]
         assert len(refusals) == 1 and "node alpha: refused a connection from" in refusals[0], refusals
         assert started(alpha) == 0
 
 
 async def test_tapping_needs_the_tap_right(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     where = key_dir(tmp_path, "alpha")
-    alice, watcher = (load_or_create_keypair(key_dir(tmp_path, n), "client")[0] for n in ("alice", "watcher"))
+    alice, watcher = (client_key(tmp_path, n) for n in ("alice", "watcher"))
     authorize(where, alice, 'run="cat"')
     authorize(where, watcher, "tap")
     config = NodeConfig(name="alpha", key_dir=str(where))
@@ -419,7 +390,7 @@ async def test_tapping_needs_the_tap_right(tmp_path: Path, caplog: pytest.LogCap
 
 async def test_only_the_party_that_started_a_run_may_cancel_it(tmp_path: Path) -> None:
     where = key_dir(tmp_path, "alpha")
-    alice, mallory = (load_or_create_keypair(key_dir(tmp_path, n), "client")[0] for n in ("alice", "mallory"))
+    alice, mallory = (client_key(tmp_path, n) for n in ("alice", "mallory"))
     authorize(where, alice, 'run="sleep 60"')
     authorize(where, mallory, 'run="cat"')
     async with secure_node("alpha", where) as alpha, keyed_client(alpha, alice) as mine:

@@ -34,13 +34,6 @@ with open_dagster_pipes() as pipes:
 """
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
-
-
 @contextlib.asynccontextmanager
 async def two_nodes(rt: Path) -> AsyncIterator[tuple[Daemon, Daemon]]:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
@@ -440,21 +433,30 @@ async def test_a_tap_killed_mid_run_leaves_nothing_behind(rt: Path) -> None:
             await tap_sees_traffic(source, alpha)
 
 
-async def test_a_replay_served_as_a_tap_reads_as_the_recording(rt: Path, tmp_path: Path) -> None:
+def recorded_bytes(path: Path, seqs: list[int], missed: dict[int, int] | None = None) -> list[Any]:
+    """Tap events of BYTES from a/p.0 to b/p.1 with these sequence numbers, recorded to ``path``
+    (``missed``: how many events the recorder had missed before event n); the events."""
     from dpipes.bus import codec, tap
     from dpipes.nodes.tap.record import Recorder
     from dpipes.nodes.tap.view import Decoder
 
-    path, endpoint = tmp_path / "r.arrow", f"ipc://{tmp_path}/replay.sock"
     events = []
-    for n in (0, 1, 2, 3, 4, 6, 7):  # event 5 was missed when this was recorded
+    for n in seqs:
         msg = codec.Bytes(src="a/p.0", dst="b/p.1", sid=1, seq=n, frames=(b"line %d\n" % n,))
         frames = codec.encode(msg)
         events.append(tap.decode_event(tap.encode_event("a", n, codec.decode_header(frames[0]), frames[1:], now=n)))
     decoder = Decoder()
     with Recorder(path, recorder={}) as rec:
         for event in events:
-            rec.add(event, decoder.decode(event), 1 if event.n == 6 else 0)
+            rec.add(event, decoder.decode(event), (missed or {}).get(event.n, 0))
+    return events
+
+
+async def test_a_replay_served_as_a_tap_reads_as_the_recording(rt: Path, tmp_path: Path) -> None:
+    from dpipes.nodes.tap.view import Decoder
+
+    path, endpoint = tmp_path / "r.arrow", f"ipc://{tmp_path}/replay.sock"
+    events = recorded_bytes(path, [0, 1, 2, 3, 4, 6, 7], missed={6: 1})  # event 5 was missed when this was recorded
     server = await started_tap(rt, "replay", str(path), "--publish", endpoint, "--rate", "0")
     reader = await started_tap(rt, "--endpoint", endpoint, "echo", "--json", "--count", str(len(events)))
     out, err = await finished(reader)
@@ -469,20 +471,10 @@ def replays(lines: list[str]) -> list[dict[str, Any]]:
 
 
 async def test_a_replay_to_a_node_reaches_the_readers_of_its_tap(rt: Path, tmp_path: Path) -> None:
-    from dpipes.bus import codec, tap
-    from dpipes.nodes.tap.record import Recorder
     from dpipes.nodes.tap.view import Decoder
 
     path = tmp_path / "r.arrow"
-    events = []
-    for n in range(5):
-        msg = codec.Bytes(src="a/p.0", dst="b/p.1", sid=1, seq=n, frames=(b"line %d\n" % n,))
-        frames = codec.encode(msg)
-        events.append(tap.decode_event(tap.encode_event("a", n, codec.decode_header(frames[0]), frames[1:], now=n)))
-    decoder = Decoder()
-    with Recorder(path, recorder={}) as rec:
-        for event in events:
-            rec.add(event, decoder.decode(event), 0)
+    events = recorded_bytes(path, list(range(5)))
     async with two_nodes(rt) as (_alpha, beta):
         reader = await started_tap(rt, "--node", "beta", "echo", "--json")
         try:

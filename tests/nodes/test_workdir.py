@@ -11,13 +11,6 @@ import pytest
 from tests.nodes.daemons import daemons, dpipes
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
-
-
 async def test_relative_paths_are_the_callers_with_a_daemon_running(rt: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     (work / "sub").mkdir(parents=True)

@@ -165,11 +165,10 @@ def test_yaml_and_toml_files_load_alike(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def rt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def rt(rt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The runtime directory (conftest's), for daemons that find the test plugins installed."""
     install_plugins(tmp_path / "site", monkeypatch)
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
+    return rt
 
 
 def write_yaml(path: Path, doc: dict) -> Path:

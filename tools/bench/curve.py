@@ -183,33 +183,33 @@ def curve_benchmarks(
                 figures["pipeline"][0].append(asyncio.run(_pipeline_ms(shared, runs)))
                 figures["pipeline"][1].append(asyncio.run(_pipeline_ms(None, runs)))
                 progress(".")
-    mib = [[r * (1 << 20) / 1e6 for r in samples] for samples in figures["1MiB"]]
-    raw = [[r * (1 << 20) / 1e6 for r in samples] for samples in figures["libzmq"]]
+    keyed_mib, plain_mib = ([r * (1 << 20) / 1e6 for r in samples] for samples in figures["1MiB"])
+    raw_mib = [[r * (1 << 20) / 1e6 for r in samples] for samples in figures["libzmq"]]
     return [
-        result("curve.throughput_1MiB", "MB/s", mib[0], "the same bus without keys", mib[1], target=0.7),
-        result("curve.rate_64B", "msg/s", *_pair(figures["64B"]), target=0.8),
-        result(
-            "curve.client_attach",
-            "ms",
-            figures["attach"][0],
-            "the same attach without keys",
-            figures["attach"][1],
-            higher_is_better=False,
+        _keyed_vs_plain("curve.throughput_1MiB", "MB/s", (keyed_mib, plain_mib), target=0.7),
+        _keyed_vs_plain("curve.rate_64B", "msg/s", figures["64B"], target=0.8),
+        _keyed_vs_plain(
+            "curve.client_attach", "ms", figures["attach"], "the same attach without keys", higher_is_better=False
         ),
-        result(
-            "curve.pipeline_start",
-            "ms",
-            figures["pipeline"][0],
-            "the same two nodes without keys",
-            figures["pipeline"][1],
-            higher_is_better=False,
+        _keyed_vs_plain(
+            "curve.pipeline_start", "ms", figures["pipeline"], "the same two nodes without keys", higher_is_better=False
         ),
-        result("curve.libzmq_1MiB", "MB/s", raw[0], "raw pyzmq without keys (the ceiling)", raw[1]),
+        _keyed_vs_plain("curve.libzmq_1MiB", "MB/s", (raw_mib[0], raw_mib[1]), "raw pyzmq without keys (the ceiling)"),
     ]
 
 
-def _pair(samples: tuple[list[float], list[float]]) -> tuple[list[float], str, list[float]]:
-    return samples[0], "the same bus without keys", samples[1]
+def _keyed_vs_plain(
+    name: str,
+    unit: str,
+    samples: tuple[list[float], list[float]],
+    baseline: str = "the same bus without keys",
+    *,
+    target: float | None = None,
+    higher_is_better: bool = True,
+) -> Result:
+    """A figure with CURVE (``samples[0]``) against the same without keys (``samples[1]``)."""
+    keyed, plain = samples
+    return result(name, unit, keyed, baseline, plain, target=target, higher_is_better=higher_is_better)
 
 
 if __name__ == "__main__":

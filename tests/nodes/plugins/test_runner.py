@@ -359,6 +359,25 @@ def test_a_class_that_is_not_a_plugin_is_refused_before_it_runs() -> None:
         PluginTestService(dict, ["Input"], ["Output"])
 
 
+def make_runner(
+    plugin: type, *, timeout_s: float | None = None, transport: MemoryTransport | None = None
+) -> tuple[PluginRunner, MemoryTransport]:
+    """A runner of ``plugin`` with one input and one output anchor, over ``transport`` (else a new one)."""
+    if transport is None:
+        transport = MemoryTransport()
+    env = Environment(pipeline="p", stage=0, node="alpha", plugin="rec", temp_dir=Path("."))
+    runner = PluginRunner(
+        plugin,
+        incoming=["Input"],
+        outgoing=["Output"],
+        environment=env,
+        transport=transport,
+        channel=MemoryMessageChannel(),
+        callback_timeout_s=timeout_s,
+    )
+    return runner, transport
+
+
 def test_time_blocked_in_the_transport_does_not_count_against_the_timeout() -> None:
     """A slow reader downstream holds a write (flow control); the plugin's own time is what is bounded."""
     runner: PluginRunner
@@ -371,36 +390,12 @@ def test_time_blocked_in_the_transport_does_not_count_against_the_timeout() -> N
                 time.sleep(0.01)  # polling a condition under a deadline
             super().write(name, batch)
 
-    transport = SlowReader()
-    env = Environment(pipeline="p", stage=0, node="alpha", plugin="rec", temp_dir=Path("."))
-    runner = PluginRunner(
-        Recorder,
-        incoming=["Input"],
-        outgoing=["Output"],
-        environment=env,
-        transport=transport,
-        channel=MemoryMessageChannel(),
-        callback_timeout_s=1.0,  # the plugin's own code takes microseconds: generous even on a loaded machine
-    )
+    # the plugin's own code takes microseconds: 1 s is generous even on a loaded machine
+    runner, transport = make_runner(Recorder, timeout_s=1.0, transport=SlowReader())
     with runner:
         runner.run({"Input": [table(1, 2)]})
     assert runner.flow_control_extensions > 0
     assert transport.table("Output").num_rows == 2
-
-
-def make_runner(plugin: type, *, timeout_s: float | None = None) -> tuple[PluginRunner, MemoryTransport]:
-    transport = MemoryTransport()
-    env = Environment(pipeline="p", stage=0, node="alpha", plugin="rec", temp_dir=Path("."))
-    runner = PluginRunner(
-        plugin,
-        incoming=["Input"],
-        outgoing=["Output"],
-        environment=env,
-        transport=transport,
-        channel=MemoryMessageChannel(),
-        callback_timeout_s=timeout_s,
-    )
-    return runner, transport
 
 
 def test_feed_makes_the_calls_record_batch_would_in_one_hand_over() -> None:

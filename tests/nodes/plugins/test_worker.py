@@ -23,12 +23,11 @@ SALES = "region,amount\nnorth,50\nsouth,150\nnorth,200\neast,300\nsouth,20\nnort
 
 
 @pytest.fixture
-def rt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def rt(rt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The runtime directory (conftest's), for daemons that find the test plugins installed, and sales.csv."""
     install_plugins(tmp_path / "site", monkeypatch)
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
     (tmp_path / "sales.csv").write_text(SALES)
-    return path
+    return rt
 
 
 def rows(data: bytes) -> list[dict[str, str]]:

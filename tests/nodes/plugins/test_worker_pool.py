@@ -22,11 +22,10 @@ WAIT_S = 30.0
 
 
 @pytest.fixture
-def rt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def rt(rt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The runtime directory (conftest's), for daemons that find the test plugins installed."""
     install_plugins(tmp_path / "site", monkeypatch)
-    path = tmp_path / "run"
-    path.mkdir(mode=0o700)
-    return path
+    return rt
 
 
 async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
