@@ -184,7 +184,11 @@ Limits of a receiver
     default, one for a stage's input, none for a node's control endpoint); the first message of
     a stream beyond the bound is answered ``ERROR`` ``over-limit``. Whatever more a refused
     stream sends is dropped unanswered. Both are counted, and logged at most once per interval.
-    So a receiver never holds more than its open streams' windows plus one message each.
+    So a receiver never holds more than its open streams' windows plus one message each. A hub
+    may also cap what it holds for all its senders together (its endpoints' queued streams and
+    what waits for its clients; a dpipes hub: 256 MiB by default): a data message that would take
+    it past the cap is answered ``ERROR`` ``over-limit`` and its stream ends as above. A sender
+    within its credit is refused only while the hub is at its cap.
 
 Sessions
     A hub links to each peer hub with ``HELLO``/``WELCOME`` and sends ``PING`` on every link
