@@ -318,6 +318,13 @@ CLOSE_DRAIN_S = 2.0  # bounded wait for queued messages at shutdown before dropp
 BYE_LINGER_MS = 200  # at close, let a BYE already queued reach its peer, briefly
 MAX_FRAME_BYTES = MAX_PAYLOAD_FRAME_BYTES + 1024  # a socket's ZMQ_MAXMSGSIZE: libzmq drops a peer sending more
 
+# What a dpipes hub holds, by default (each configurable: a hub's arguments, a node's [limits]).
+CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full; more detaches it
+CLIENT_BACKLOG_BYTES = 64 * 1024 * 1024  # ...or payload bytes held so: a client that does not read is detached
+MAX_CLIENTS = 512  # clients attached at once; one more ATTACH is refused
+MAX_CLIENTS_PER_ADDRESS = 128  # of those, from one remote address or, over ipc, one local user
+MAX_HELD_BYTES = 256 * 1024 * 1024  # held for all senders together; data past it is refused over-limit
+
 Buffer: TypeAlias = bytes | bytearray | memoryview
 Frames: TypeAlias = list[Any]  # header bytes, then payload buffers (bytes, memoryview, zmq.Frame)
 

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
 from dpipes.bus import codec
-from dpipes.bus.codec import Buffer, Message
+from dpipes.bus.codec import MAX_HELD_BYTES, Buffer, Message
 from dpipes.bus.errors import (
     BusError,
     NoRoute,
@@ -55,7 +55,6 @@ MAX_IN_STREAMS = 64  # incoming streams open at once on one endpoint, by default
 DEAD_STREAMS_REMEMBERED = 1024  # streams we refused: what more they send is dropped unanswered
 REFUSED_LOG_INTERVAL_S = 10.0  # an endpoint logs the streams it refuses at most once per interval
 READ_MANY_MESSAGES = 4096  # what read_chunks hands over at most per call: a batch's worth
-MAX_HELD_BYTES = 256 << 20  # what one hub holds for all its senders together, by default
 
 
 class HeldBytes:

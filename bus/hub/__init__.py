@@ -83,8 +83,8 @@ import zmq
 
 from dpipes.bus import codec, shm
 from dpipes.bus.auth import TAP_ZAP_DOMAIN, ZAP_DOMAIN, Gatekeeper, HubSecurity
-from dpipes.bus.codec import BYE_LINGER_MS, CLOSE_DRAIN_S, HEARTBEAT_INTERVAL_S, MAX_NODE_NAME_CHARS
-from dpipes.bus.endpoint import MAX_HELD_BYTES, MAX_IN_STREAMS, Endpoint, HeldBytes
+from dpipes.bus.codec import BYE_LINGER_MS, CLOSE_DRAIN_S, HEARTBEAT_INTERVAL_S, MAX_HELD_BYTES, MAX_NODE_NAME_CHARS
+from dpipes.bus.endpoint import MAX_IN_STREAMS, Endpoint, HeldBytes
 from dpipes.bus.errors import BusError
 from dpipes.bus.hub.boundary import Boundary
 from dpipes.bus.hub.clients import (

@@ -14,8 +14,12 @@ import zmq
 
 from dpipes.bus import codec
 from dpipes.bus.codec import (
+    CLIENT_BACKLOG_BYTES,
+    CLIENT_BACKLOG_MESSAGES,
     CLIENT_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
+    MAX_CLIENTS,
+    MAX_CLIENTS_PER_ADDRESS,
     MAX_STRING_CHARS,
 )
 from dpipes.bus.endpoint import Endpoint
@@ -34,10 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full; more detaches it
-CLIENT_BACKLOG_BYTES = 64 * 1024 * 1024  # ...or payload bytes held so: a client that does not read is detached
-MAX_CLIENTS = 512  # clients attached at once; one more ATTACH is refused
-MAX_CLIENTS_PER_ADDRESS = 128  # of those, from one remote address or, over ipc, one local user
+__all__ = ["CLIENT_BACKLOG_BYTES", "CLIENT_BACKLOG_MESSAGES", "MAX_CLIENTS", "MAX_CLIENTS_PER_ADDRESS", "Clients"]
 
 
 class Clients:
