@@ -278,6 +278,14 @@ Constants
                                              messages before dropping them
     ``BYE_LINGER_MS``            200         milliseconds a closing socket lets a queued
                                              ``BYE`` reach its peer
+    ``CLIENT_BACKLOG_MESSAGES``  100000      messages a dpipes hub holds for a client that
+                                             does not read, before it detaches it
+    ``CLIENT_BACKLOG_BYTES``     67108864    ... or payload bytes so held (64 MiB; default)
+    ``MAX_CLIENTS``              512         clients a dpipes hub attaches at once (default)
+    ``MAX_CLIENTS_PER_ADDRESS``  128         of those, from one address or local user
+                                             (default)
+    ``MAX_HELD_BYTES``           268435456   bytes a dpipes hub holds for all its senders
+                                             together (256 MiB; default)
     ===========================  ==========  ===========================================
 """
 
