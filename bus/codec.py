@@ -184,7 +184,11 @@ Limits of a receiver
     default, one for a stage's input, none for a node's control endpoint); the first message of
     a stream beyond the bound is answered ``ERROR`` ``over-limit``. Whatever more a refused
     stream sends is dropped unanswered. Both are counted, and logged at most once per interval.
-    So a receiver never holds more than its open streams' windows plus one message each.
+    So a receiver never holds more than its open streams' windows plus one message each. A hub
+    may also cap what it holds for all its senders together (its endpoints' queued streams and
+    what waits for its clients; a dpipes hub: 256 MiB by default): a data message that would take
+    it past the cap is answered ``ERROR`` ``over-limit`` and its stream ends as above. A sender
+    within its credit is refused only while the hub is at its cap.
 
 Sessions
     A hub links to each peer hub with ``HELLO``/``WELCOME`` and sends ``PING`` on every link
@@ -274,6 +278,14 @@ Constants
                                              messages before dropping them
     ``BYE_LINGER_MS``            200         milliseconds a closing socket lets a queued
                                              ``BYE`` reach its peer
+    ``CLIENT_BACKLOG_MESSAGES``  100000      messages a dpipes hub holds for a client that
+                                             does not read, before it detaches it
+    ``CLIENT_BACKLOG_BYTES``     67108864    ... or payload bytes so held (64 MiB; default)
+    ``MAX_CLIENTS``              512         clients a dpipes hub attaches at once (default)
+    ``MAX_CLIENTS_PER_ADDRESS``  128         of those, from one address or local user
+                                             (default)
+    ``MAX_HELD_BYTES``           268435456   bytes a dpipes hub holds for all its senders
+                                             together (256 MiB; default)
     ===========================  ==========  ===========================================
 """
 
@@ -313,6 +325,13 @@ MAX_BAD_MESSAGES = 100  # bad messages in one interval that make a hub drop the 
 CLOSE_DRAIN_S = 2.0  # bounded wait for queued messages at shutdown before dropping them
 BYE_LINGER_MS = 200  # at close, let a BYE already queued reach its peer, briefly
 MAX_FRAME_BYTES = MAX_PAYLOAD_FRAME_BYTES + 1024  # a socket's ZMQ_MAXMSGSIZE: libzmq drops a peer sending more
+
+# What a dpipes hub holds, by default (each configurable: a hub's arguments, a node's [limits]).
+CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full; more detaches it
+CLIENT_BACKLOG_BYTES = 64 * 1024 * 1024  # ...or payload bytes held so: a client that does not read is detached
+MAX_CLIENTS = 512  # clients attached at once; one more ATTACH is refused
+MAX_CLIENTS_PER_ADDRESS = 128  # of those, from one remote address or, over ipc, one local user
+MAX_HELD_BYTES = 256 * 1024 * 1024  # held for all senders together; data past it is refused over-limit
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 Frames: TypeAlias = list[Any]  # header bytes, then payload buffers (bytes, memoryview, zmq.Frame)

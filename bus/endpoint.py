@@ -11,6 +11,13 @@ incoming streams is refused with ``ERROR`` ``over-limit``. Either is counted
 (:attr:`Endpoint.refused`), logged once per ``REFUSED_LOG_INTERVAL_S``, and what the stream had
 queued is dropped, as is whatever more it sends. So no sender holds more of a node's memory than
 ``max_streams`` windows (plus one message each).
+
+Many endpoints, each within its bound, can still add up: a hub's endpoints share one
+:class:`HeldBytes`, the bytes the hub holds for all its senders together under one cap (what its
+in-process endpoints have queued and not yet granted back, and what waits for clients that do not
+read). A data message that would take it past the cap is refused, ``ERROR`` ``over-limit``, as a
+stream beyond ``max_streams`` is; a sender within its credit is never refused while the hub is
+under the cap.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
 from dpipes.bus import codec
-from dpipes.bus.codec import Buffer, Message
+from dpipes.bus.codec import MAX_HELD_BYTES, Buffer, Message
 from dpipes.bus.errors import (
     BusError,
     NoRoute,
@@ -48,6 +55,41 @@ MAX_IN_STREAMS = 64  # incoming streams open at once on one endpoint, by default
 DEAD_STREAMS_REMEMBERED = 1024  # streams we refused: what more they send is dropped unanswered
 REFUSED_LOG_INTERVAL_S = 10.0  # an endpoint logs the streams it refuses at most once per interval
 READ_MANY_MESSAGES = 4096  # what read_chunks hands over at most per call: a batch's worth
+
+
+class HeldBytes:
+    """What a hub holds for its senders, all together (queued in its endpoints' incoming streams,
+    waiting for its clients), under one cap; refusals counted and logged once per interval."""
+
+    def __init__(self, limit: int = MAX_HELD_BYTES) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self.peak = 0  # the most held at once
+        self.refused = 0  # data messages refused because they would have taken it past ``limit``
+        self._logged_at = -math.inf
+
+    def take(self, nbytes: int, *, force: bool = False) -> bool:
+        """Hold ``nbytes`` more, if that stays within the cap (or anyway, when ``force``: a small
+        control message, bounded elsewhere)."""
+        if self.bytes + nbytes > self.limit and not force:
+            return False
+        self.bytes += nbytes
+        self.peak = max(self.peak, self.bytes)
+        return True
+
+    def release(self, nbytes: int) -> None:
+        """``nbytes`` held so far are held no more."""
+        self.bytes -= nbytes
+
+    def refuse(self, node: str, what: str) -> str:
+        """Count a refusal of ``what`` for the cap; the reason to give its sender."""
+        self.refused += 1
+        text = f"node {node} refused {what}: it holds {self.bytes} bytes for its senders (limit {self.limit})"
+        now = time.monotonic()
+        if now - self._logged_at >= REFUSED_LOG_INTERVAL_S:
+            self._logged_at = now
+            log.warning("%.300s (%d messages refused so in all)", text, self.refused)
+        return text
 
 
 class StreamCancelled(StreamError, BrokenPipeError):
@@ -303,6 +345,7 @@ class InStream:
         self._batch: codec.Batch | None = None  # the BATCH being read, member by member
         self._member = 0  # the index of its next member
         self._offset = 0  # where that member's payload starts in the batch's frame
+        self._held = 0  # credit units of ours the endpoint's HeldBytes counts: arrived, not granted back
 
     @property
     def node(self) -> str:
@@ -325,6 +368,7 @@ class InStream:
             return self._next_member()
         if msg.KIND == "EOF":
             self._eof = True
+            self._release()
             self.endpoint._in.pop((self.src, self.sid), None)
             if msg.total != self.received:
                 raise StreamError(
@@ -343,6 +387,12 @@ class InStream:
             grant = self._consumed - self._granted
             self._granted = self._consumed
             self._allowed += grant
+            if self._held:  # what was granted back is the reader's now, not ours
+                held = self.endpoint._held
+                freed = min(grant, self._held)
+                self._held -= freed
+                if held is not None:
+                    held.release(freed)
             self.endpoint._send(codec.Credit(src=self.endpoint.addr, dst=self.src, sid=self.sid, bytes=grant))
 
     def _next_member(self) -> Message:
@@ -428,26 +478,41 @@ class InStream:
         self._eof = True
         self._queue = _Waitable(self.endpoint._loop)
         self._batch = None
+        self._release()
         self.endpoint._in.pop((self.src, self.sid), None)
         self.endpoint._bury(self.src, self.sid)
 
-    def _take(self, msg: Message) -> bool:
-        """Queue a data message or EOF that arrived; False if it breaks the sender's credit."""
+    def _take(self, msg: Message) -> str:
+        """Queue a data message or EOF that arrived; "" if taken, else the ERROR code refusing it:
+        ``credit-exceeded`` (it breaks the sender's credit) or ``over-limit`` (the hub's cap)."""
+        cost = 0
         if msg.KIND == "BATCH":  # its members, each of which had to start within the credit
             assert isinstance(msg, codec.Batch)
             cost = msg.payload_bytes + len(msg.sizes) * codec.MESSAGE_CREDIT_BYTES
             if self._arrived + cost - (msg.sizes[-1] + codec.MESSAGE_CREDIT_BYTES) >= self._allowed:
-                return False  # its last member started with no credit left
-            self._arrived += cost
+                return "credit-exceeded"  # its last member started with no credit left
         elif msg.KIND != "EOF":
             if self._arrived >= self._allowed:  # it started with no credit left: the spec forbids it
-                return False
-            self._arrived += msg.payload_bytes + codec.MESSAGE_CREDIT_BYTES
+                return "credit-exceeded"
+            cost = msg.payload_bytes + codec.MESSAGE_CREDIT_BYTES
+        if cost:
+            held = self.endpoint._held
+            if held is not None and not held.take(cost):
+                return "over-limit"
+            self._held += cost
+            self._arrived += cost
         self._queue.put(msg)
-        return True
+        return ""
+
+    def _release(self) -> None:
+        """Count nothing of this stream in the hub's held bytes any more: it is over."""
+        if self._held and self.endpoint._held is not None:
+            self.endpoint._held.release(self._held)
+        self._held = 0
 
     def _fail(self, error: BaseException) -> None:
         self._queue.fail(error)
+        self._release()  # what is queued is the reader's to drop; nothing more arrives here
         self.endpoint._in.pop((self.src, self.sid), None)
 
     def _refuse(self, error: BaseException) -> None:
@@ -474,6 +539,8 @@ class Endpoint:
         max_streams: how many incoming streams may be open at once; one more is refused with
             ``ERROR`` ``over-limit``. 0 for an endpoint that takes no streams (a control endpoint).
             With ``window`` it bounds what senders can make this endpoint hold.
+        held: what this endpoint's hub holds for all its senders, shared by its endpoints under
+            one cap; data past that cap is refused ``over-limit``. None: this endpoint's bounds only.
     """
 
     def __init__(
@@ -484,8 +551,10 @@ class Endpoint:
         window: int = codec.INITIAL_CREDIT_BYTES,
         max_streams: int = MAX_IN_STREAMS,
         on_close: Callable[[Endpoint], None] | None = None,
+        held: HeldBytes | None = None,
     ) -> None:
         self.addr = addr
+        self._held = held
         self._transport = transport
         self._loop = asyncio.get_running_loop()
         self._inbox = _Waitable(self._loop)
@@ -660,17 +729,24 @@ class Endpoint:
                 return
             stream = self._in[key] = self._new_in_stream(msg.src, msg.sid)
             self._accepts.put(stream)
-        if not stream._take(msg):
+        code = stream._take(msg)
+        if code == "credit-exceeded":
             text = f"stream {msg.sid} from {msg.src} sent past the credit {self.addr} granted ({stream._allowed} units)"
-            self._refuse(msg, "credit-exceeded", text)
+            self._refuse(msg, code, text)
             stream._refuse(StreamError(text))
+        elif code:
+            assert self._held is not None
+            text = self._held.refuse(self.node, f"stream {msg.sid} from {msg.src} to {self.addr}")
+            self._refuse(msg, code, text, logged=True)
+            stream._refuse(BusError(text))
 
-    def _refuse(self, msg: Message, code: str, text: str) -> None:
-        """Refuse the stream of ``msg``: tell its sender with a coded ERROR, count it, log it once per interval."""
+    def _refuse(self, msg: Message, code: str, text: str, *, logged: bool = False) -> None:
+        """Refuse the stream of ``msg``: tell its sender with a coded ERROR, count it, log it once
+        per interval (unless ``logged``: the hub's :class:`HeldBytes` did)."""
         self._bury(msg.src, msg.sid)
         self.refused[code] += 1
         now = time.monotonic()
-        if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL_S:
+        if not logged and now - self._refused_logged_at >= REFUSED_LOG_INTERVAL_S:
             self._refused_logged_at = now
             log.warning("%.300s (%d streams refused here in all)", text, self.refused.total())
         error = codec.Error(

@@ -545,7 +545,8 @@ class MdnsDiscovery:
             self._warned.add(key)
             log.warning(
                 "node %s: another instance (%s at %s) advertises this node name; node names must be "
-                "unique on the LAN (node tables keep the newer instance)",
+                "unique on the LAN: a node already linked to one of the two refuses the other while the"
+                " first stays alive (the first keeps the name); give one of them another name (--name)",
                 self.record.name,
                 record.instance_id,
                 ", ".join(record.addresses) or "?",

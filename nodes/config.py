@@ -52,6 +52,15 @@ Keys::
     credit_bytes = 16777216         # window of each stream into a stage here (at least 8 MiB)
     plugin_callback_s = 300         # a plugin callback running longer fails its stage (seconds)
     plugin_workers_ready = 2        # plugin workers kept started ahead of need (0: fork one per stage)
+    max_clients = 512               # clients (dpipes commands, plugin workers, remote clients)
+                                    # attached at once; one more is refused
+    max_clients_per_address = 128   # of those, from one remote address or one local user
+    client_backlog_bytes = 67108864 # held for one client that does not read (64 MiB); past it
+                                    # the client is detached
+    max_held_bytes = 268435456      # held for all senders together (256 MiB): the streams queued
+                                    # into this node's stages and endpoints, and every client's
+                                    # backlog; data past it is refused (ERROR over-limit). At
+                                    # least credit_bytes, so that one stream always fits
 
 ``allow``: each entry is ``"PROG"`` or ``"PROG PATTERN..."`` (``"%PLUGIN ..."`` for a plugin), in
 shell words. ``PROG`` is a bare name, compared exactly (``/bin/sh``, ``../sh``, ``c?t`` never
@@ -92,7 +101,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from dpipes.bus.codec import INITIAL_CREDIT_BYTES
+from dpipes.bus.codec import (
+    CLIENT_BACKLOG_BYTES,
+    INITIAL_CREDIT_BYTES,
+    MAX_CLIENTS,
+    MAX_CLIENTS_PER_ADDRESS,
+    MAX_HELD_BYTES,
+)
 from dpipes.bus.errors import ConfigError, TrustFileError
 from dpipes.bus.trust import ProgramRule, program_rule
 from dpipes.nodes.pipeline import check_node_name
@@ -119,6 +134,9 @@ DEFAULT_PORT = 5757
 # Every bus stream opens with the protocol's initial credit, which a receiver cannot take back: a
 # smaller window could not be enforced, so it is refused rather than silently raised.
 MIN_CREDIT_BYTES = INITIAL_CREDIT_BYTES
+# A client's backlog must take the data path's largest chunks (1 MiB), or a client whose pipe is
+# full for a moment would be detached for one message.
+MIN_CLIENT_BACKLOG_BYTES = 1 << 20
 COMMAND_LINE = "command line"
 _VARIABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PLUGIN_SIGIL = "%"  # an allow entry (and a stage) whose first word starts with it names a plugin
@@ -191,6 +209,10 @@ class Limits:
     credit_bytes: int = INITIAL_CREDIT_BYTES  # the window of each stream into a stage on this node
     plugin_callback_s: int = 300  # the longest one plugin callback may run before its stage fails
     plugin_workers_ready: int = 2  # idle plugin workers kept, imports done (dpipes.nodes.worker_pool)
+    max_clients: int = MAX_CLIENTS  # clients attached to the hub at once
+    max_clients_per_address: int = MAX_CLIENTS_PER_ADDRESS  # of those, from one address or local user
+    client_backlog_bytes: int = CLIENT_BACKLOG_BYTES  # held for one client that does not read
+    max_held_bytes: int = MAX_HELD_BYTES  # held by the hub for all its senders together
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +409,10 @@ _LIMITS: dict[str, Callable[[object], int]] = {
     "credit_bytes": _positive_int(MIN_CREDIT_BYTES),
     "plugin_callback_s": _positive_int(1),
     "plugin_workers_ready": _positive_int(0),
+    "max_clients": _positive_int(1),
+    "max_clients_per_address": _positive_int(1),
+    "client_backlog_bytes": _positive_int(MIN_CLIENT_BACKLOG_BYTES),
+    "max_held_bytes": _positive_int(MIN_CREDIT_BYTES),
 }
 _APP_KEYS = ("version", "path")
 
@@ -582,7 +608,9 @@ def load_config(
         layer(str(path), raw)
     if overrides:
         layer(COMMAND_LINE, _nest(overrides))
-    return replace(_build(merged, tuple(sources)), origins=MappingProxyType(origins))
+    config = replace(_build(merged, tuple(sources)), origins=MappingProxyType(origins))
+    _check_limits(config)
+    return config
 
 
 def _leaf_keys(values: Mapping[str, Any]) -> list[str]:
@@ -608,6 +636,17 @@ def _build(merged: Mapping[str, Any], sources: tuple[str, ...]) -> NodeConfig:
     if "limits" in merged:
         changes["limits"] = replace(config.limits, **merged["limits"])
     return replace(config, **changes)
+
+
+def _check_limits(config: NodeConfig) -> None:
+    """What no one key can check alone: the hub-wide cap holds at least one stream's window."""
+    limits = config.limits
+    if limits.max_held_bytes < limits.credit_bytes:
+        source = config.origins.get("limits.max_held_bytes") or config.origins.get("limits.credit_bytes", "default")
+        raise ConfigError(
+            f"{source}: key 'limits.max_held_bytes': must be at least limits.credit_bytes ({limits.credit_bytes}),"
+            f" got {limits.max_held_bytes}: one stream into a stage may hold that much"
+        )
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -694,7 +733,7 @@ def format_config(config: NodeConfig, *, labels: Mapping[str, str] | None = None
         rows.append((f"key_dir = {_toml_value(config.key_dir)}", origin("key_dir")))
     rows.append((f"trust_on_first_use = {_toml_value(config.trust_on_first_use)}", origin("trust_on_first_use")))
     rows += [("", ""), ("[limits]", "")]
-    for key in ("max_stages", "credit_bytes"):
+    for key in _LIMITS:
         rows.append((f"{key} = {getattr(config.limits, key)}", origin(f"limits.{key}")))
     rows += [("", ""), ("[nodes]", "")]
     if not config.nodes:

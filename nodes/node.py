@@ -114,6 +114,10 @@ class Node:
             ipc=ipc,
             tap=tap,
             info={"programs": sorted(self.offered()), "plugins": sorted(self.plugins), "plugin_versions": self.plugins},
+            max_clients=config.limits.max_clients,
+            max_clients_per_address=config.limits.max_clients_per_address,
+            client_backlog_bytes=config.limits.client_backlog_bytes,
+            max_held_bytes=config.limits.max_held_bytes,
             security=self.security,
         )
         # One incarnation id for the links and for mDNS, ordered by start time: the directory tells

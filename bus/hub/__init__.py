@@ -83,8 +83,8 @@ import zmq
 
 from dpipes.bus import codec, shm
 from dpipes.bus.auth import TAP_ZAP_DOMAIN, ZAP_DOMAIN, Gatekeeper, HubSecurity
-from dpipes.bus.codec import BYE_LINGER_MS, CLOSE_DRAIN_S, HEARTBEAT_INTERVAL_S, MAX_NODE_NAME_CHARS
-from dpipes.bus.endpoint import MAX_IN_STREAMS, Endpoint
+from dpipes.bus.codec import BYE_LINGER_MS, CLOSE_DRAIN_S, HEARTBEAT_INTERVAL_S, MAX_HELD_BYTES, MAX_NODE_NAME_CHARS
+from dpipes.bus.endpoint import MAX_IN_STREAMS, Endpoint, HeldBytes
 from dpipes.bus.errors import BusError
 from dpipes.bus.hub.boundary import Boundary
 from dpipes.bus.hub.clients import (
@@ -119,6 +119,7 @@ __all__ = [
     "CLIENT_BACKLOG_MESSAGES",
     "MAX_CLIENTS",
     "MAX_CLIENTS_PER_ADDRESS",
+    "MAX_HELD_BYTES",
     "REFUSED_RETRY_S",
     "ROUTER_HWM",
     "TAKEOVER_SILENCE_S",
@@ -147,6 +148,9 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         max_clients_per_address: of those, from one remote address or one local user (ipc).
         client_backlog_bytes: bytes held for a client that does not read, beyond which (or
             beyond ``CLIENT_BACKLOG_MESSAGES`` messages) it is detached with ``BYE``.
+        max_held_bytes: what the hub holds for all its senders together (its endpoints' queued
+            incoming streams and its clients' backlogs, :attr:`held`); a data message that would
+            take it past this is refused with ``ERROR`` ``over-limit``.
         security: CurveZMQ keys and trust (see *Security* in the module docstring); None: no
             keys, for loopback tests and ``--insecure`` nodes.
     """
@@ -164,6 +168,7 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         max_clients: int = MAX_CLIENTS,
         max_clients_per_address: int = MAX_CLIENTS_PER_ADDRESS,
         client_backlog_bytes: int = CLIENT_BACKLOG_BYTES,
+        max_held_bytes: int = MAX_HELD_BYTES,
         security: HubSecurity | None = None,
     ) -> None:
         if not _valid_node_name(node):
@@ -202,6 +207,7 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         self.max_clients = max_clients
         self.max_clients_per_address = max_clients_per_address
         self.client_backlog_bytes = client_backlog_bytes
+        self.held = HeldBytes(max_held_bytes)  # shared by our endpoints and our clients' backlogs
         self._security = security
         self._gate: Gatekeeper | None = None
         self._peer_user_ids: dict[bytes, str | None] = {}  # a peer's DEALER identity -> its ZAP User-Id
@@ -328,7 +334,12 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         if name in self._local:
             raise BusError(f"endpoint {self.node}/{name} already exists")
         ep = Endpoint(
-            f"{self.node}/{name}", self._transport, window=window, max_streams=max_streams, on_close=self._forget
+            f"{self.node}/{name}",
+            self._transport,
+            window=window,
+            max_streams=max_streams,
+            on_close=self._forget,
+            held=self.held,
         )
         self._local[name] = ep
         return ep

@@ -14,8 +14,12 @@ import zmq
 
 from dpipes.bus import codec
 from dpipes.bus.codec import (
+    CLIENT_BACKLOG_BYTES,
+    CLIENT_BACKLOG_MESSAGES,
     CLIENT_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
+    MAX_CLIENTS,
+    MAX_CLIENTS_PER_ADDRESS,
     MAX_STRING_CHARS,
 )
 from dpipes.bus.endpoint import Endpoint
@@ -34,10 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is full; more detaches it
-CLIENT_BACKLOG_BYTES = 64 * 1024 * 1024  # ...or payload bytes held so: a client that does not read is detached
-MAX_CLIENTS = 512  # clients attached at once; one more ATTACH is refused
-MAX_CLIENTS_PER_ADDRESS = 128  # of those, from one remote address or, over ipc, one local user
+__all__ = ["CLIENT_BACKLOG_BYTES", "CLIENT_BACKLOG_MESSAGES", "MAX_CLIENTS", "MAX_CLIENTS_PER_ADDRESS", "Clients"]
 
 
 class Clients:
@@ -67,6 +68,7 @@ class Clients:
         is gone: what it still had queued here is dropped). Idempotent."""
         party = self._local.get(name)
         if isinstance(party, _Client):
+            self.held.release(party.backlog_bytes)
             held, party.backlog, party.backlog_bytes = list(party.backlog), collections.deque(), 0
             if party.reserved:
                 del self._local[name]
@@ -159,6 +161,9 @@ class Clients:
             self._pool.reclaim(client.addr)  # it reads none of our leases any more, dead or alive
         self._reader.forget(client.addr)  # its segments stay mapped only while read
         self._clients.pop(client.ident, None)
+        self.held.release(client.backlog_bytes)  # what waited for it goes with it
+        client.backlog.clear()
+        client.backlog_bytes = 0
         name = codec.split_addr(client.addr)[1]
         if self._local.get(name) is client:
             del self._local[name]
@@ -198,11 +203,20 @@ class Clients:
                 f" (limits {CLIENT_BACKLOG_MESSAGES}, {self.client_backlog_bytes})"
             )
             log.warning("node %s: detached client %r: %s", self.node, client.addr, reason)
-            client.backlog.clear()
-            client.backlog_bytes = 0
             self._router_send(client.ident, self._bye_to(client, f"detached by node {self.node}: {reason}"))
             self._detach(client)
             return
+        if not self.held.take(nbytes):  # the hub-wide cap: data is refused, the rest is small and kept
+            try:
+                header = codec.decode_header(frames[0])
+            except DecodeError:
+                header = None
+            if header is not None and header["kind"] in codec.DATA_KINDS:
+                self.stats[client.addr].dropped += 1
+                text = self.held.refuse(self.node, f"a {header['kind']} message for client {client.addr!r}")
+                self._bounce(header, "over-limit", text)
+                return
+            self.held.take(nbytes, force=True)
         client.backlog.append(frames)
         client.backlog_bytes += nbytes
 
@@ -220,7 +234,9 @@ class Clients:
             except zmq.ZMQError:
                 self._detach(client)
                 return
-            client.backlog_bytes -= sum(len(f) for f in client.backlog.popleft())
+            sent = sum(len(f) for f in client.backlog.popleft())
+            client.backlog_bytes -= sent
+            self.held.release(sent)
         self._router.after_send()
 
     def _bye_to(self: Hub, client: _Client, reason: str) -> list[Any]:

@@ -121,3 +121,54 @@ async def test_drop_peer_closes_a_link_that_is_not_up_and_a_learned_one_on_reque
             await until(lambda: "gamma" not in a.peers)  # it said BYE
         finally:
             await c.aclose()
+
+
+async def test_what_a_hub_holds_for_all_its_senders_stays_under_its_cap() -> None:
+    window = codec.INITIAL_CREDIT_BYTES
+    cap = 5 * window // 2  # less than the three windows one flooder fills: the cap must refuse some
+    senders, streams = 4, 3
+    async with Hub("alpha", max_held_bytes=cap) as hub:
+        sinks = [hub.endpoint(f"sink{i}", max_streams=streams) for i in range(senders)]  # nobody reads them
+        flooders = [Client(hub.ipc_endpoint) for _ in range(senders)]
+        for client in flooders:
+            await client.start()
+        try:
+            for i, client in enumerate(flooders):  # every stream's credit first, then as much past it
+                for sid in range(1, streams + 1):
+                    _flood(client.endpoint, f"alpha/sink{i}", sid, window)
+                for sid in range(1, streams + 1):
+                    for seq in range(window // CHUNK + 1, 2 * window // CHUNK + 1):
+                        past = codec.Bytes(dst=f"alpha/sink{i}", sid=sid, seq=seq, frames=(b"\1" * CHUNK,))
+                        client.endpoint.send(past)
+            # Each stream ends refused, for the cap or for its credit, and what it held is let go.
+            await until(lambda: sum(s.refused.total() for s in sinks) == senders * streams)
+            await until(lambda: hub.held.bytes == 0)
+            codes = {e.code for client in flooders for e in await _errors(client.endpoint)}
+        finally:
+            for client in flooders:
+                await client.aclose()
+        assert codes == {"over-limit", "credit-exceeded"}
+        assert hub.held.refused >= senders and sum(s.refused["over-limit"] for s in sinks) == hub.held.refused
+        assert window < hub.held.peak <= cap, hub.held.peak
+        # An honest run afterwards goes through whole, many windows' worth.
+        drain = hub.endpoint("drain")
+        honest = Client(hub.ipc_endpoint)
+        await honest.start()
+        try:
+            stream = honest.endpoint.open_stream("alpha/drain")
+            data = os.urandom(CHUNK) * (4 * window // CHUNK)
+
+            async def send() -> int:
+                for at in range(0, len(data), CHUNK):
+                    await stream.send_bytes(data[at : at + CHUNK])
+                return await stream.close(timeout=WAIT_S)
+
+            sending = asyncio.create_task(send())
+            reader = await drain.accept(timeout=WAIT_S)
+            got = bytearray()
+            while (msg := await reader.read(timeout=WAIT_S)) is not None:
+                got += b"".join(bytes(f) for f in msg.frames)  # type: ignore[attr-defined]
+            assert await sending == len(data) and got == data
+            assert hub.held.peak <= cap and hub.held.bytes == 0
+        finally:
+            await honest.aclose()

@@ -11,6 +11,7 @@ import zmq
 
 from dpipes.bus import codec
 from dpipes.bus.client import Client
+from dpipes.bus.errors import BusError
 from dpipes.bus.hub import Hub
 from dpipes.discovery.directory import MAX_GOSSIP_PEERS, MAX_KNOWN_NODES, UNREACHABLE_EXPIRY_S
 from dpipes.nodes.protocol import GOSSIP_INTERVAL_S, PIPELINE_PROTOCOL, NegotiateReply, NegotiateRequest, call
@@ -103,6 +104,21 @@ async def test_a_credit_ignoring_sender_cannot_grow_the_daemon(rt: Path) -> None
         await asyncio.wait_for(settled(), WAIT_S)
         print(f"daemon RSS {baseline.rss_kib >> 10} MiB, peak {peak >> 10} MiB under {sent >> 20} MiB")
         assert alpha.proc.returncode is None  # and the daemon is still serving
+
+
+async def test_a_daemon_takes_its_client_limits_from_its_configuration(rt: Path, tmp_path: Path) -> None:
+    conf = tmp_path / "limits.toml"
+    conf.write_text("[limits]\nmax_clients_per_address = 2\n")
+    async with daemons(rt, ["alpha"], extra={"alpha": ["--config", str(conf)]}) as (alpha,):
+        clients = [Client(alpha.tcp) for _ in range(3)]
+        try:
+            for client in clients[:2]:
+                await client.start()
+            with pytest.raises(BusError, match=r"node alpha has 2 clients attached from 127\.0\.0\.1, its limit"):
+                await clients[2].start()
+        finally:
+            for client in clients:
+                await client.aclose()
 
 
 async def test_a_gossip_flood_keeps_a_daemons_links_bounded_and_a_real_node_joins(rt: Path, tmp_path: Path) -> None:

@@ -208,6 +208,14 @@ def test_a_bad_system_file_is_named(tmp_path: Path) -> None:
         ("[limits]\nmax_stages = 0", "key 'limits.max_stages': must be at least 1, got 0"),
         ("[limits]\nmax_stages = true", "key 'limits.max_stages': expected an integer, got boolean True"),
         ("[limits]\ncredit_bytes = 1048576", "key 'limits.credit_bytes': must be at least 8388608, got 1048576"),
+        ("[limits]\nmax_clients = 0", "key 'limits.max_clients': must be at least 1, got 0"),
+        ("[limits]\nmax_clients_per_address = -1", "key 'limits.max_clients_per_address': must be at least 1"),
+        ("[limits]\nclient_backlog_bytes = 4096", "key 'limits.client_backlog_bytes': must be at least 1048576"),
+        ("[limits]\nmax_held_bytes = 1048576", "key 'limits.max_held_bytes': must be at least 8388608, got 1048576"),
+        (
+            "[limits]\ncredit_bytes = 33554432\nmax_held_bytes = 16777216",
+            "key 'limits.max_held_bytes': must be at least limits.credit_bytes (33554432), got 16777216",
+        ),
         ('metadata_key = ""', "key 'metadata_key': must not be empty"),
     ],
 )
@@ -345,3 +353,29 @@ def test_a_bad_allow_entry_is_refused_naming_it(tmp_path: Path, entry: str, prob
     with pytest.raises(ConfigError) as refused:
         load_config(config_file=path, search_paths=())
     assert "key 'allow': item 1: option " in str(refused.value) and problem in str(refused.value)
+
+
+def test_the_hubs_client_and_memory_limits_are_limits_keys(tmp_path: Path) -> None:
+    conf = write(
+        tmp_path / "node.toml",
+        "[limits]\nmax_clients = 16\nmax_clients_per_address = 4\n"
+        "client_backlog_bytes = 2097152\nmax_held_bytes = 33554432\n",
+    )
+    config = load_config(config_file=conf, search_paths=[], overrides={"limits.max_clients": 32})
+    assert config.limits == Limits(
+        max_clients=32, max_clients_per_address=4, client_backlog_bytes=2 << 20, max_held_bytes=32 << 20
+    )
+    assert config.origins["limits.max_clients"] == "command line"
+    lines = format_config(config).splitlines()
+    assert any(x.startswith("max_held_bytes = 33554432") and x.endswith(f"# {conf}") for x in lines)
+    assert any(x.startswith("max_clients = 32") and x.endswith("# command line") for x in lines)
+    defaults = load_config(search_paths=[]).limits  # the hub's own defaults, documented in the key table
+    assert (defaults.max_clients, defaults.max_clients_per_address) == (512, 128)
+    assert (defaults.client_backlog_bytes, defaults.max_held_bytes) == (64 << 20, 256 << 20)
+    assert all(f"{key} = {getattr(defaults, key)}" in config_module_doc() for key in ("max_clients", "max_held_bytes"))
+
+
+def config_module_doc() -> str:
+    from dpipes.nodes import config as config_module
+
+    return config_module.__doc__ or ""
