@@ -186,7 +186,7 @@ Limits of a receiver
     stream sends is dropped unanswered. Both are counted, and logged at most once per interval.
     So a receiver never holds more than its open streams' windows plus one message each. A hub
     may also cap what it holds for all its senders together (its endpoints' queued streams and
-    what waits for its clients; a dpipes hub: 256 MiB by default): a data message that would take
+    what waits for its clients; a dpipes hub: 1 GiB by default): a data message that would take
     it past the cap is answered ``ERROR`` ``over-limit`` and its stream ends as above. A sender
     within its credit is refused only while the hub is at its cap.
 
@@ -284,8 +284,8 @@ Constants
     ``MAX_CLIENTS``              512         clients a dpipes hub attaches at once (default)
     ``MAX_CLIENTS_PER_ADDRESS``  128         of those, from one address or local user
                                              (default)
-    ``MAX_HELD_BYTES``           268435456   bytes a dpipes hub holds for all its senders
-                                             together (256 MiB; default)
+    ``MAX_HELD_BYTES``           1073741824  bytes a dpipes hub holds for all its senders
+                                             together (1 GiB; default)
     ===========================  ==========  ===========================================
 """
 
@@ -331,7 +331,8 @@ CLIENT_BACKLOG_MESSAGES = 100_000  # messages held for a client whose pipe is fu
 CLIENT_BACKLOG_BYTES = 64 * 1024 * 1024  # ...or payload bytes held so: a client that does not read is detached
 MAX_CLIENTS = 512  # clients attached at once; one more ATTACH is refused
 MAX_CLIENTS_PER_ADDRESS = 128  # of those, from one remote address or, over ipc, one local user
-MAX_HELD_BYTES = 256 * 1024 * 1024  # held for all senders together; data past it is refused over-limit
+MAX_HELD_BYTES = 1024 * 1024 * 1024  # held for all senders together; past it data is refused over-limit. 64
+# full 16 MiB stage windows fit: a pipeline of max_stages stages into this node, all stalled
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 Frames: TypeAlias = list[Any]  # header bytes, then payload buffers (bytes, memoryview, zmq.Frame)

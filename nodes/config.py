@@ -57,10 +57,13 @@ Keys::
     max_clients_per_address = 128   # of those, from one remote address or one local user
     client_backlog_bytes = 67108864 # held for one client that does not read (64 MiB); past it
                                     # the client is detached
-    max_held_bytes = 268435456      # held for all senders together (256 MiB): the streams queued
+    max_held_bytes = 1073741824     # held for all senders together (1 GiB): the streams queued
                                     # into this node's stages and endpoints, and every client's
                                     # backlog; data past it is refused (ERROR over-limit). At
-                                    # least credit_bytes, so that one stream always fits
+                                    # least credit_bytes, so that one stream always fits; each
+                                    # stalled stream into a stage may hold its whole window, so
+                                    # keep it at least credit_bytes x the stalled streams you
+                                    # expect at once (the default fits 64 of 16 MiB)
 
 ``allow``: each entry is ``"PROG"`` or ``"PROG PATTERN..."`` (``"%PLUGIN ..."`` for a plugin), in
 shell words. ``PROG`` is a bare name, compared exactly (``/bin/sh``, ``../sh``, ``c?t`` never

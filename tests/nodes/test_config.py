@@ -371,7 +371,7 @@ def test_the_hubs_client_and_memory_limits_are_limits_keys(tmp_path: Path) -> No
     assert any(x.startswith("max_clients = 32") and x.endswith("# command line") for x in lines)
     defaults = load_config(search_paths=[]).limits  # the hub's own defaults, documented in the key table
     assert (defaults.max_clients, defaults.max_clients_per_address) == (512, 128)
-    assert (defaults.client_backlog_bytes, defaults.max_held_bytes) == (64 << 20, 256 << 20)
+    assert (defaults.client_backlog_bytes, defaults.max_held_bytes) == (64 << 20, 1 << 30)
     assert all(f"{key} = {getattr(defaults, key)}" in config_module_doc() for key in ("max_clients", "max_held_bytes"))
 
 

@@ -215,7 +215,7 @@ def test_print_config_shows_each_value_with_its_source_and_starts_nothing(tmp_pa
     assert any(x.startswith('listen = "127.0.0.1:6000"') and x.endswith("# --listen") for x in lines)
     assert any(x.startswith('beta = "10.0.0.2:5757"') and x.endswith("# --peer") for x in lines)
     assert any(x.startswith("max_stages = 64") and x.endswith("# default") for x in lines)
-    assert any(x.startswith("max_held_bytes = 268435456") and x.endswith("# default") for x in lines)
+    assert any(x.startswith("max_held_bytes = 1073741824") and x.endswith("# default") for x in lines)
     assert not (tmp_path / "rt").exists()
 
 
