@@ -136,7 +136,6 @@ from typing import Any
 import msgpack
 import zmq
 
-from dpipes.bus import codec
 from dpipes.bus.codec import MAX_BATCH_MESSAGES, MAX_CONTAINER_ITEMS, MAX_HEADER_BYTES, MAX_STRING_CHARS
 from dpipes.bus.errors import DecodeError
 
@@ -157,6 +156,7 @@ TAP_HWM = 1000  # events a hub queues per subscriber; a slow tap loses events, n
 SAMPLE_TOPIC = b"sample="
 DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR"})
 _COMMON = frozenset({"v", "kind", "src", "dst", "sid", "seq"})
+_MEMBER_KINDS = ("BYTES", "STDERR")  # what a BATCH may carry (the codec's ``of``)
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -314,8 +314,8 @@ class Mirror:
 
     def publish(self, sock: zmq.Socket[Any], header: dict[str, Any], payload: Sequence[Any]) -> None:
         """Encode one routed message's event and send it without blocking; count a refusal."""
-        if header["kind"] == "BATCH" and _sound_batch(header, payload):
-            self._publish_batch(sock, header, memoryview(payload[0]).cast("B"))
+        if header["kind"] == "BATCH" and (view := _batch_payload(header, payload)) is not None:
+            self._publish_batch(sock, header, view)
             return
         self._send(sock, encode_event(self.node, self.n, header, payload, sample_bytes=self.sample_bytes))
 
@@ -374,13 +374,19 @@ class Mirror:
             self.refused += members  # lossy by design; the gap in `n` tells every subscriber
 
 
-def _sound_batch(header: dict[str, Any], payload: Sequence[Any]) -> bool:
-    """Whether a BATCH's members can be told apart (the hub mirrors before the recipient checks it)."""
-    try:
-        codec.from_header(header, payload)
-    except DecodeError:
-        return False
-    return True
+def _batch_payload(header: dict[str, Any], payload: Sequence[Any]) -> memoryview | None:
+    """The payload of a ``BATCH`` whose members can be told apart, as the codec checks them; else
+    None. The hub mirrors before the recipient checks it, so a peer's batch may be hostile; the
+    checks run at C speed (``map``, ``min``, ``sum``), not once per member in Python."""
+    sizes, of = header.get("sizes"), header.get("of")
+    if type(of) is not str or of not in _MEMBER_KINDS or type(sizes) is not list or len(payload) != 1:
+        return None
+    if not header["sid"] or not 0 < len(sizes) <= MAX_BATCH_MESSAGES or header["seq"] + len(sizes) > 2**63:
+        return None
+    if set(map(type, sizes)) != {int} or min(sizes) < 0:
+        return None
+    view = memoryview(payload[0]).cast("B")
+    return view if sum(sizes) == view.nbytes else None
 
 
 def encode_event(
@@ -545,7 +551,7 @@ def _batch(raw: dict[str, Any], values: dict[str, Any]) -> TapBatch:
     if values["kind"] != "BATCH":
         raise TapDecodeError(f"a batch event's kind must be BATCH, got {values['kind']!r:.40}")
     of, sizes = fields.get("of"), fields.get("sizes")
-    if of not in ("BYTES", "STDERR") or type(of) is not str:
+    if type(of) is not str or of not in _MEMBER_KINDS:
         raise TapDecodeError(f"a batch event's members must be BYTES or STDERR, got {of!r:.40}")
     if type(sizes) is not list or any(type(size) is not int or not 0 <= size < 2**63 for size in sizes):
         raise TapDecodeError("a batch event's sizes must be a list of byte counts")
