@@ -200,10 +200,11 @@ class Gaps:
         self.dropped = 0
         self.by_node: dict[str, int] = {}
 
-    def note(self, node: str, n: int) -> int:
-        """Take event ``n`` of hub ``node``; the number of its events missed just before it."""
+    def note(self, node: str, n: int, members: int = 1) -> int:
+        """Take event ``n`` of hub ``node`` (a batch event: events ``n`` to ``n + members - 1``);
+        the number of its events missed just before it."""
         last = self._last.get(node)
-        self._last[node] = n
+        self._last[node] = n + members - 1
         if last is None or n <= last:  # the first event seen, or the hub restarted
             return 0
         missed = n - last - 1
@@ -319,9 +320,7 @@ class TapSource:
         members = len(event.sizes) if isinstance(event, TapBatch) else 1
         self.received += members
         hub = f"{event.node} (replay)" if event.replay else event.node  # replays are numbered apart
-        self.gaps.note(hub, event.n)
-        if members > 1:
-            self.gaps.note(hub, event.n + members - 1)  # the members' numbers follow on, no gap
+        self.gaps.note(hub, event.n, members)
         self._hubs.add(event.node)
         if len(self.targets) > 1:
             kind = event.of if isinstance(event, TapBatch) else event.kind
