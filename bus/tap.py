@@ -110,8 +110,9 @@ Replays
     0 or 1 of a subscription). The hub checks each (:func:`decode_event`), drops a malformed one
     (counted in ``Mirror.bad_replays``, logged once per ``BAD_REPLAY_LOG_INTERVAL_S``), and
     publishes the others to its subscribers with ``replay`` set, as lossy as its own events.
-    A replayed event keeps its ``node``, ``n`` and ``t`` and does not take a number of the hub's
-    own: readers count the gaps of replayed events apart from the hub's. Sending up needs what
+    A replayed event keeps its ``node``, ``n`` and ``t`` (a batch event stays one, with its
+    ``members``) and does not take a number of the hub's own: readers count the gaps of replayed
+    events apart from the hub's. Sending up needs what
     reading needs: with keys, a key with the ``tap`` right.
 
 Limits
