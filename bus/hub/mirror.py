@@ -1,5 +1,6 @@
-"""The tap mirror: one small event per routed message on the hub's XPUB while, and only while,
-someone subscribes (the events are specified in :mod:`dpipes.bus.tap`).
+"""The tap mirror: one small event per routed transfer (a message, or a ``BATCH`` of them) on the
+hub's XPUB while, and only while, someone subscribes (the events are specified in
+:mod:`dpipes.bus.tap`).
 """
 
 from __future__ import annotations

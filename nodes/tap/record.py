@@ -16,8 +16,9 @@ column             type        what
 ``size``           uint64      its payload bytes
 ``sample``         binary      the payload sample (null for kinds without payload)
 ``decoded``        string      the decoded event as JSON (:mod:`dpipes.nodes.tap.view`)
-``event``          binary      the tap event as the hub sent it (:mod:`dpipes.bus.tap`): replay
-                               reads this column, so it replays exactly what was seen
+``event``          binary      the message's tap event (:mod:`dpipes.bus.tap`) as the hub sent it,
+                               or, for a member of a batch event, as the member's own event:
+                               replay reads this column, so it replays exactly what was seen
 =================  ==========  ============================================================
 
 The schema's metadata holds ``dpipes.tap.version`` (the tap format version) and
@@ -37,7 +38,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dpipes.bus.tap import TAP_VERSION, TapEvent, decode_event
+from dpipes.bus.tap import TAP_VERSION, TapEvent, decode_events
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +157,13 @@ def read_table(path: Path) -> pa.Table:
 
 
 def events(path: Path) -> Iterator[tuple[TapEvent, int]]:
-    """Each recorded event (decoded from its ``event`` column) with its ``dropped_before``."""
+    """Each recorded event (decoded from its ``event`` column) with its ``dropped_before``; a batch
+    event written there by another tool is its members."""
     table = read_table(path)
     dropped = table.column("dropped_before").to_pylist() if "dropped_before" in table.column_names else None
     for i, data in enumerate(table.column("event").to_pylist()):
-        yield decode_event(data), (dropped[i] or 0) if dropped else 0
+        for j, event in enumerate(decode_events(data)):
+            yield event, (dropped[i] or 0) if dropped and not j else 0
 
 
 def summary(path: Path) -> dict[str, Any]:

@@ -11,10 +11,13 @@ over TCP: with CURVE when this user pinned the node's key (``dpipes keys pin``),
 client key then needing the ``tap`` right on that node; in plain TCP otherwise, as the node's
 bus is reached.
 
-:class:`TapSource` connects one SUB socket to them all and yields decoded events. It never asks
-the hubs to wait: a slow reader loses events at its socket's queue (``RCVHWM``), and the source
-counts them from the gaps in each hub's event numbers (``dropped``), as it counts events it
-could not decode (``malformed``, logged once per ``MALFORMED_LOG_INTERVAL_S``). When it reads
+:class:`TapSource` connects one SUB socket to them all and yields decoded events, one per
+message: a batch event (the members of a ``BATCH``, one event on the wire) is yielded as its
+members' events, each numbered as the hub numbered it. It never asks the hubs to wait: a slow
+reader loses events at its socket's queue (``RCVHWM``), and the source counts them from the gaps
+in each hub's event numbers (``dropped``), as it counts events it could not decode
+(``malformed``, logged once per ``MALFORMED_LOG_INTERVAL_S``; an event of a newer tap format
+among them, named by its version). When it reads
 several hubs, a message seen by two of them (sent from one node to another) is yielded once, at
 its *home* hub when that hub is read, else at the other: the hub of its source node, but for
 answers (``REPLY``, ``CREDIT``, ``EOF_ACK``) the hub of their destination, so that a request and
@@ -38,7 +41,15 @@ from dpipes.bus.auth import ClientCurve
 from dpipes.bus.codec import split_addr
 from dpipes.bus.errors import DpipesError, KeyFileError, TrustFileError
 from dpipes.bus.keyring import Keyring
-from dpipes.bus.tap import DEFAULT_SAMPLE_BYTES, MAX_SAMPLE_BYTES, SAMPLE_TOPIC, TAP_HWM, TapEvent, decode_event
+from dpipes.bus.tap import (
+    DEFAULT_SAMPLE_BYTES,
+    MAX_SAMPLE_BYTES,
+    SAMPLE_TOPIC,
+    TAP_HWM,
+    TapBatch,
+    TapEvent,
+    decode_wire,
+)
 from dpipes.bus.tap import TapDecodeError as TapDecodeError
 
 log = logging.getLogger(__name__)
@@ -189,10 +200,11 @@ class Gaps:
         self.dropped = 0
         self.by_node: dict[str, int] = {}
 
-    def note(self, node: str, n: int) -> int:
-        """Take event ``n`` of hub ``node``; the number of its events missed just before it."""
+    def note(self, node: str, n: int, members: int = 1) -> int:
+        """Take event ``n`` of hub ``node`` (a batch event: events ``n`` to ``n + members - 1``);
+        the number of its events missed just before it."""
         last = self._last.get(node)
-        self._last[node] = n
+        self._last[node] = n + members - 1
         if last is None or n <= last:  # the first event seen, or the hub restarted
             return 0
         missed = n - last - 1
@@ -226,6 +238,7 @@ class TapSource:
         self._malformed_logged = 0.0
         self._hubs = {t.node for t in self.targets if t.node}
         self._batch: collections.deque[bytes] = collections.deque()
+        self._members: collections.deque[TapEvent] = collections.deque()  # of a batch event, not yet yielded
 
     @property
     def dropped(self) -> int:
@@ -276,6 +289,8 @@ class TapSource:
         """
         assert self._sock is not None and self._raw is not None, "use 'async with TapSource(...)'"
         while True:
+            if self._members:
+                return self._members.popleft()
             while self._batch:
                 event = self._take(self._batch.popleft())
                 if event is not None:
@@ -291,8 +306,10 @@ class TapSource:
                 return None
 
     def _take(self, data: bytes) -> TapEvent | None:
+        """The event of ``data``, or of a batch event its first member (the others wait in
+        ``_members``); None when it is malformed or another hub shows it."""
         try:
-            event = decode_event(data)
+            event = decode_wire(data)
         except TapDecodeError as exc:
             self.malformed += 1
             now = time.monotonic()
@@ -300,12 +317,19 @@ class TapSource:
                 self._malformed_logged = now
                 log.warning("dropped a malformed tap event (%d so far): %s", self.malformed, exc)
             return None
-        self.received += 1
-        self.gaps.note(f"{event.node} (replay)" if event.replay else event.node, event.n)  # numbered apart
+        members = len(event.sizes) if isinstance(event, TapBatch) else 1
+        self.received += members
+        hub = f"{event.node} (replay)" if event.replay else event.node  # replays are numbered apart
+        self.gaps.note(hub, event.n, members)
         self._hubs.add(event.node)
         if len(self.targets) > 1:
+            kind = event.of if isinstance(event, TapBatch) else event.kind
             src, dst = split_addr(event.src)[0], split_addr(event.dst)[0]
-            home = dst if event.kind in ANSWER_KINDS else src
+            home = dst if kind in ANSWER_KINDS else src
             if event.node != home and home in self._hubs:
                 return None  # the hub of its home node shows it
+        if isinstance(event, TapBatch):
+            first, *rest = event.events()
+            self._members.extend(rest)
+            return first
         return event

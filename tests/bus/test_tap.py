@@ -107,7 +107,7 @@ def test_ill_typed_events_are_refused(key: str, value: object) -> None:
 
 
 def test_over_the_limits_is_refused() -> None:
-    for bad in ({"sample": b"x" * (tap.MAX_SAMPLE_BYTES * 2)}, {"node": "n" * 5000}, {"v": 2}, {"sid": -1}):
+    for bad in ({"sample": b"x" * (tap.MAX_SAMPLE_BYTES * 2)}, {"node": "n" * 5000}, {"v": 3}, {"sid": -1}):
         with pytest.raises(tap.TapDecodeError):
             tap.decode_event(msgpack.packb({**GOOD, **bad}))
 
@@ -167,9 +167,8 @@ async def test_a_batch_is_tapped_as_its_messages() -> None:
             assert [bytes(c) for c in await reader.read_chunks()] == [b"one", b"two!", b"three"]
             events = []
             while len(events) < 3:
-                event = tap.decode_event(await asyncio.wait_for(sub.recv(), WAIT_S))
-                if event.sid == stream.sid:
-                    events.append(event)
+                data = await asyncio.wait_for(sub.recv(), WAIT_S)
+                events += [e for e in tap.decode_events(data) if e.sid == stream.sid]
             assert [(e.kind, e.seq, e.size, e.sample) for e in events] == [
                 ("BYTES", 1, 3, b"one"),
                 ("BYTES", 2, 4, b"two!"),
@@ -202,9 +201,8 @@ async def test_a_batch_sent_to_a_peer_is_tapped_as_each_member_alone() -> None:
             assert [bytes(c) for c in await reader.read_chunks()] == chunks
             events = []
             while len(events) < len(chunks):
-                event = tap.decode_event(await asyncio.wait_for(sub.recv(), WAIT_S))
-                if event.sid == stream.sid:
-                    events.append(event)
+                data = await asyncio.wait_for(sub.recv(), WAIT_S)
+                events += [e for e in tap.decode_events(data) if e.sid == stream.sid]
             for event, (seq, chunk) in zip(events, enumerate(chunks, 1), strict=True):
                 alone = codec.Bytes(src="alpha/src", dst="beta/dst", sid=stream.sid, seq=seq, frames=(chunk,))
                 frames = codec.encode(alone)
@@ -243,3 +241,158 @@ async def test_a_hub_re_publishes_replayed_events_and_drops_bad_ones() -> None:
             sub.close(0)
             up.close(0)
             ctx.term()
+
+
+def member_events(node: str, n: int, batch: codec.Batch, *, sample_bytes: int, now: float) -> list[tap.TapEvent]:
+    """What version 1 published for ``batch``: each member's event as if it had travelled alone."""
+    out = []
+    for i, member in enumerate(batch.members()):
+        frames = codec.encode(member)
+        header = codec.decode_header(frames[0])
+        data = tap.encode_event(node, n + i, header, frames[1:], sample_bytes=sample_bytes, now=now)
+        out.append(tap.decode_event(data))
+    return out
+
+
+class Pair:
+    """A connected inproc PAIR: what a Mirror sends on one end arrives, in order, at the other."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.send, self.recv = self.ctx.socket(zmq.PAIR), self.ctx.socket(zmq.PAIR)
+        self.recv.bind("inproc://tap-test")
+        self.send.connect("inproc://tap-test")
+
+    def events(self) -> list[bytes]:
+        out = []
+        while self.recv.poll(0):
+            out.append(self.recv.recv())
+        return out
+
+    def close(self) -> None:
+        self.send.close(0)
+        self.recv.close(0)
+        self.ctx.term()
+
+
+def publish(mirror: tap.Mirror, pair: Pair, msg: codec.Message) -> None:
+    frames = codec.encode(msg)
+    mirror.publish(pair.send, codec.decode_header(frames[0]), [zmq.Frame(f) for f in frames[1:]])
+
+
+def test_a_batch_is_one_event_that_expands_to_the_events_of_its_members() -> None:
+    chunks = [b"%d\n" % i for i in range(100)] + [b"", b"x" * 300]  # an empty member, one past the sample
+    batch = codec.Batch(
+        src="a/p.0", dst="b/p.1", sid=7, seq=40, sizes=[len(c) for c in chunks], frames=(b"".join(chunks),)
+    )
+    after = codec.Bytes(src="a/p.0", dst="b/p.1", sid=7, seq=142, frames=(b"after\n",))
+    pair, mirror = Pair(), tap.Mirror("a")
+    try:
+        publish(mirror, pair, batch)
+        publish(mirror, pair, after)
+        first, second = pair.events()  # one event for the 102 messages of the batch, one for the next
+    finally:
+        pair.close()
+    wire = tap.decode_wire(first)
+    assert isinstance(wire, tap.TapBatch) and wire.encode() == first
+    jsonschema.validate(msgpack.unpackb(first), json.loads(SCHEMA_FILE.read_text()))
+    members = tap.decode_events(first)
+    assert members == member_events("a", 0, batch, sample_bytes=tap.DEFAULT_SAMPLE_BYTES, now=wire.t)
+    assert members[-1].sample == b"x" * tap.DEFAULT_SAMPLE_BYTES and members[-1].size == 300
+    assert tap.decode_event(second).n == len(chunks)  # the batch took one number per member
+    assert mirror.n == len(chunks) + 1
+    with pytest.raises(tap.TapDecodeError, match="decode_events"):
+        tap.decode_event(first)
+
+
+def test_a_batch_samples_its_first_members_within_the_bound_and_at_the_asked_size() -> None:
+    size = 1000
+    count = tap.BATCH_SAMPLE_BYTES // size + 10  # more than the bound holds, even at a 1000-byte sample
+    chunks = [bytes([i % 256]) * size for i in range(count)]
+    batch = codec.Batch(src="a/p.0", dst="b/p.1", sid=7, seq=1, sizes=[size] * count, frames=(b"".join(chunks),))
+    pair = Pair()
+    try:
+        for asked in (10, size):
+            mirror = tap.Mirror("a")
+            mirror.on_subscription(tap.SAMPLE_TOPIC + str(asked).encode(), True)
+            publish(mirror, pair, batch)
+            (data,) = pair.events()
+            assert len(data) < tap.BATCH_SAMPLE_BYTES + 4 * count + 1024
+            members = tap.decode_events(data)
+            assert [m.size for m in members] == [size] * count
+            sampled = [m for m in members if m.sample is not None]
+            assert [m.sample for m in sampled] == [c[:asked] for c in chunks[: len(sampled)]]
+            assert all(m.sample is None for m in members[len(sampled) :])
+            assert len(sampled) == min(count, tap.BATCH_SAMPLE_BYTES // asked)
+    finally:
+        pair.close()
+
+
+def test_a_batch_whose_sizes_do_not_fit_is_one_plain_batch_event() -> None:
+    pair, mirror = Pair(), tap.Mirror("a")
+    header = {"v": codec.PROTOCOL_VERSION, "kind": "BATCH", "src": "a/x", "dst": "b/y", "sid": 1, "seq": 1}
+    try:
+        for bad in ({"of": "BYTES", "sizes": [3, 3]}, {"of": "OBJECTS", "sizes": [5]}, {"of": "BYTES", "sizes": [5.0]},
+                    {"of": "BYTES", "sizes": [-1, 6]}, {"of": "BYTES", "sizes": []}):  # fmt: skip
+            mirror.publish(pair.send, {**header, **bad}, [zmq.Frame(b"hello")])
+            (data,) = pair.events()
+            event = tap.decode_event(data)  # one message, of kind BATCH
+            assert (event.kind, event.size, event.fields) == ("BATCH", 5, bad)
+        assert mirror.n == 5
+    finally:
+        pair.close()
+
+
+def batch_event(**changes: object) -> dict[str, object]:
+    batch = tap.TapBatch(
+        t=1.0, node="a", n=0, of="BYTES", src="a/x", dst="b/y", sid=1, seq=1, sizes=(2, 3), sample=b"abcde",
+        sampled=2, sample_bytes=256,
+    )  # fmt: skip
+    wire = batch.to_map()
+    for key, value in changes.items():
+        if key in ("of", "sizes"):
+            wire["fields"] = {**wire["fields"], key: value}
+        else:
+            wire[key] = value
+    return wire
+
+
+def test_a_batch_event_round_trips() -> None:
+    data = msgpack.packb(batch_event())
+    assert [(e.n, e.seq, e.size, e.sample) for e in tap.decode_events(data)] == [(0, 1, 2, b"ab"), (1, 2, 3, b"cde")]
+    assert tap.decode_wire(data).encode() == data
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"kind": "BYTES"},
+        {"of": "OBJECTS"},
+        {"sizes": [2, -3]},
+        {"sizes": [2, "3"]},
+        {"sizes": "23"},
+        {"members": 3},
+        {"members": 0, "sizes": [], "size": 0, "sampled": 0, "sample": b""},
+        {"members": True},
+        {"size": 6},
+        {"sampled": 3},
+        {"sampled": -1},
+        {"sample": b"abcd"},
+        {"sample": "abcde"},
+        {"sample_bytes": tap.MAX_SAMPLE_BYTES + 1},
+        {"sample_bytes": 1},  # the samples would add up to 2 bytes, not 5
+        {"n": 2**63 - 1},
+        {"seq": 2**63 - 1},
+    ],
+    ids=repr,
+)
+def test_a_bad_batch_event_is_refused(changes: dict[str, object]) -> None:
+    with pytest.raises(tap.TapDecodeError):
+        tap.decode_events(msgpack.packb(batch_event(**changes)))
+
+
+def test_a_newer_format_is_refused_by_its_version_and_an_older_one_read() -> None:
+    with pytest.raises(tap.TapVersionError, match=r"version 3\b"):
+        tap.decode_events(msgpack.packb({**GOOD, "v": 3}))
+    old = tap.decode_event(msgpack.packb({**GOOD, "v": 1, "members": 2}))  # version 1 had no batch events
+    assert old == tap.decode_event(msgpack.packb(GOOD))
