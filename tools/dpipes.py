@@ -347,6 +347,32 @@ def _keys_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse_with_keys(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, where a public key that starts with ``-`` (Z85 has that
+    character) is a key, not an option: ``dpipes keys pin beta '-2hk...'`` as the daemon printed it.
+    """
+    from dpipes.bus.keys import PublicKey
+
+    hidden: dict[str, str] = {}
+    given = []
+    for word in argv:
+        if word.startswith("-"):
+            try:
+                PublicKey.parse(word)
+            except ValueError:
+                pass
+            else:
+                stand_in = f"\0key{len(hidden)}"
+                hidden[stand_in] = word
+                word = stand_in
+        given.append(word)
+    args = parser.parse_args(given)
+    for name, value in vars(args).items():  # no command line holds a NUL: the stand-ins are only ours
+        if isinstance(value, str) and value in hidden:
+            setattr(args, name, hidden[value])
+    return args
+
+
 def _keys(argv: list[str]) -> int:
     """``dpipes keys ...``: the keyring's functions, printed."""
     from pathlib import Path
@@ -354,7 +380,7 @@ def _keys(argv: list[str]) -> int:
     from dpipes.bus.keyring import Keyring, parse_key_argument
 
     parser = _keys_parser()
-    args = parser.parse_args(argv)
+    args = _parse_with_keys(parser, argv)
     ring = Keyring(Path(args.key_dir) if args.key_dir else None)
     verb = args.verb or "show"
     try:

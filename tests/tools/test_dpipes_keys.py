@@ -55,6 +55,21 @@ def test_keys_round_trip(tmp_path: Path) -> None:
     assert again.returncode == 1 and "no client key or node matches 'beta'" in again.stderr
 
 
+def test_a_key_that_starts_with_a_dash_is_a_key_not_an_option(tmp_path: Path) -> None:
+    from dpipes.bus.keys import PublicKey
+
+    # Z85 writes a value of 63 * 85**4 in the first four bytes as '-' first (one key in 85 does so).
+    key = PublicKey.from_raw((63 * 85**4).to_bytes(4, "big") + os.urandom(28))
+    assert key.z85.startswith("-")
+    pinned = keys(tmp_path, "pin", "beta", key.z85)  # as a daemon's ready line prints it
+    assert pinned.returncode == 0, pinned.stderr
+    assert KnownNodes.load(tmp_path / "known_nodes").entries["beta"].fingerprint == key.fingerprint
+    trusted = keys(tmp_path, "trust", key.z85, "--comment", "dash", "--run", "cat")
+    assert trusted.returncode == 0, trusted.stderr
+    assert AuthorizedKeys.load(tmp_path / "authorized_keys").entries[0].comment == "dash"
+    assert keys(tmp_path, "pin", "gamma", "-x").returncode == 2  # not a key: still an unknown option
+
+
 def test_keys_usage_errors_exit_2(tmp_path: Path) -> None:
     bad_key = keys(tmp_path, "trust", "not-a-key")
     assert bad_key.returncode == 2 and "neither a public key nor a key file" in bad_key.stderr
