@@ -5,8 +5,10 @@ Sockets (all created from the one ``zmq.Context`` the hub owns, all closed in ``
 * a ROUTER bound on TCP (for peer hubs and remote clients) and on ``ipc://`` (local clients);
 * one outbound DEALER per peer hub (a *link*), as in Zyre: a hub always sends to a peer through
   its own DEALER, so a full peer blocks that link only, and ZeroMQ never drops on it;
-* an XPUB tap mirror that publishes one small event per routed message while, and only while,
-  someone is subscribed (the events are specified in :mod:`dpipes.bus.tap`).
+* an XPUB tap mirror that publishes one small event per routed message (one per ``BATCH``, which
+  readers expand into its members' events) while, and only while, someone is subscribed (the
+  events are specified in :mod:`dpipes.bus.tap`); and, where the hub listens on TCP, the same
+  mirror on a TCP tap endpoint, behind the tap's ZAP domain when the hub has keys.
 
 Routing is direct: ``node/endpoint`` is delivered locally when ``node`` is this hub, sent on the
 link to ``node`` otherwise; a message for a node we have no link to, or for an endpoint that does
