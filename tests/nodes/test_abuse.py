@@ -132,6 +132,12 @@ async def test_a_gossip_flood_keeps_a_daemons_links_bounded_and_a_real_node_join
     async with daemons(rt, ["alpha"]) as (alpha,), Hub("liar") as liar:
         pid = alpha.proc.pid
         await liar.connect_peer(alpha.tcp)
+
+        async def linked_back() -> None:  # alpha's own link to the liar: its sockets belong in the baseline
+            while not any(e.name == "liar" and e.up for e in await known_nodes(alpha.tcp)):
+                await asyncio.sleep(0.05)  # polling a condition under a deadline
+
+        await asyncio.wait_for(linked_back(), WAIT_S)
         baseline = resources(pid)
         ep = liar.endpoint("ctl")
 
