@@ -26,14 +26,10 @@ Sources, and what each one may do (ranks as in the table: ``self`` > ``linked`` 
     nothing else would bring it back. The retry ends when mDNS says the node is gone (a goodbye,
     or its records expired, which for a node that died takes the records' TTL).
 ``gossip`` (:meth:`~NodeDirectory.gossip`)
-    A body ``{"peers": {name: "tcp://host:port"}, "keys": {name: Z85}}`` from a *linked* peer:
-    second-hand, so bounded and checked. The body is validated in full by :func:`parse_gossip`
-    (a map of at most ``MAX_GOSSIP_PEERS`` entries; names as node names, ``NODE_NAME_RE``;
-    endpoints ``tcp://`` with an IPv4, bracketed IPv6 or DNS host that is not a wildcard, and a
-    port 1-65535; ``keys``, optional, at most one 40-character Z85 public key per name of
-    ``peers``; other keys of the body are ignored, for later versions). Any fault rejects the
-    whole body: a dpipes node only gossips what it has itself linked to, so a malformed entry means
-    the sender is not one.
+    A body from a *linked* peer: second-hand, so bounded and checked. It is validated in full
+    (:mod:`dpipes.discovery.gossip`: its shape and bounds), and any fault rejects the whole body: a
+    dpipes node only gossips what it has itself linked to, so a malformed entry means the sender is
+    not one.
 ``linked`` (:meth:`~NodeDirectory.link_up`, :meth:`~NodeDirectory.link_info`,
 :meth:`~NodeDirectory.link_down`)
     The hub's link to a node is up: the node's name, instance, endpoint and HELLO ``info``
@@ -90,20 +86,19 @@ Queries: :meth:`~NodeDirectory.entries` (what ``dpipes --nodes`` shows),
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
-import re
-import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from dpipes.bus.codec import PROTOCOL_VERSION
-from dpipes.bus.errors import ConfigError, DpipesError, SecurityError
+from dpipes.bus.errors import ConfigError, SecurityError
 from dpipes.bus.keys import PublicKey
 from dpipes.bus.trust import KnownNodes, UnknownNode
+from dpipes.discovery.gossip import MAX_GOSSIP_PEERS, GossipRejected, parse_endpoint, parse_gossip, parse_gossip_keys
+from dpipes.discovery.gossip import show as _show
 from dpipes.discovery.table import SOURCE_RANK, NodeChange, NodeRecord, NodeTable, Source
-from dpipes.discovery.txt import MAX_LIST_ITEMS, NODE_NAME_RE, valid_program_name
+from dpipes.discovery.txt import MAX_LIST_ITEMS, valid_program_name
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +109,6 @@ PLUGIN_SIGIL = "%"  # a plugin stage's first word is %NAME (dpipes.nodes.pipelin
 # 64 keeps that near 130 of the usual 1024 soft limit, leaving the rest for stages' pipes; dpipes
 # is meant for the machines of one LAN. A larger cluster passes its own bound.
 MAX_KNOWN_NODES = 64
-# Decode limit of one gossip body: above the default bound, so that a peer configured with a
-# larger bound is still understood; anything longer is refused whole.
-MAX_GOSSIP_PEERS = 256
 # Peers gossip every 2 s (the node's GOSSIP_INTERVAL_S) and once per new link; a quarter of that
 # lets every periodic round through and bounds a hostile peer to 2 bodies (512 entries) a second.
 GOSSIP_MIN_INTERVAL_S = 0.5
@@ -132,7 +124,6 @@ GOSSIP_TTL_S = 30.0
 DEPARTED_S = 10.0
 # A flood of bad gossip logs one warning per code per minute, the rest at debug.
 REJECTION_LOG_INTERVAL_S = 60.0
-MAX_ENDPOINT_CHARS = 300  # tcp:// + a 253-byte DNS name + :port, with room for brackets
 MAX_PROGRAMS = MAX_LIST_ITEMS  # the programs a peer's HELLO may list; as many as a TXT record
 
 RejectCode = Literal[
@@ -176,18 +167,6 @@ def vet_by(known: Callable[[], KnownNodes]) -> KeyVet:
 def _no_keys(name: str, key: PublicKey | None) -> PublicKey | None:
     """The vet of a node without keys: link every node as it is advertised."""
     return key
-
-
-_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-
-
-class GossipRejected(DpipesError, ValueError):
-    """A gossip body (or one entry of it) was refused; ``code`` says why (a :data:`RejectCode`)."""
-
-    def __init__(self, code: RejectCode, message: str) -> None:
-        super().__init__(message)
-        self.code: RejectCode = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,84 +215,6 @@ class DirectoryEntry:
             "last_seen_s": self.last_seen_s,
             "up": self.up,
         }
-
-
-def parse_endpoint(text: object) -> str:
-    """``text`` if it is a ``tcp://HOST:PORT`` a link can be opened to, else raise.
-
-    HOST is an IPv4 address, a bracketed IPv6 address or a DNS name; never a wildcard (``*``,
-    ``0.0.0.0``, ``[::]``). PORT is 1-65535.
-
-    Raises:
-        GossipRejected: code ``bad-endpoint``.
-    """
-    if not isinstance(text, str) or len(text) > MAX_ENDPOINT_CHARS or not text.startswith("tcp://"):
-        raise GossipRejected("bad-endpoint", f"endpoint {_show(text)} is not tcp://HOST:PORT")
-    host, sep, port = text.removeprefix("tcp://").rpartition(":")
-    if not sep or not _PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
-        raise GossipRejected("bad-endpoint", f"endpoint {_show(text)} has no port 1-65535")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise GossipRejected("bad-endpoint", f"endpoint {_show(text)} has a bad IPv6 address") from None
-    else:
-        try:
-            address = ipaddress.IPv4Address(host)
-        except ValueError:
-            labels = host.removesuffix(".").split(".")
-            if len(host) > 253 or not all(_HOST_LABEL_RE.fullmatch(label) for label in labels):
-                raise GossipRejected("bad-endpoint", f"endpoint {_show(text)} has a bad host") from None
-            return text
-    if address.is_unspecified or address.is_multicast:
-        raise GossipRejected("bad-endpoint", f"endpoint {_show(text)} is not one host")
-    return text
-
-
-def parse_gossip(body: object) -> dict[str, str]:
-    """The ``{name: endpoint}`` map of a gossip body, validated in full (see the module docstring).
-
-    Raises:
-        GossipRejected: the body is malformed; ``code`` says how.
-    """
-    peers = body.get("peers") if isinstance(body, Mapping) else None
-    if not isinstance(peers, Mapping):
-        raise GossipRejected("not-a-map", "gossip: the body's 'peers' must be a map of node name to endpoint")
-    if len(peers) > MAX_GOSSIP_PEERS:
-        raise GossipRejected("too-many-peers", f"gossip: {len(peers)} peers, more than {MAX_GOSSIP_PEERS}")
-    out: dict[str, str] = {}
-    for name, endpoint in peers.items():
-        if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
-            raise GossipRejected("bad-name", f"gossip: {_show(name)} is not a node name")
-        out[name] = parse_endpoint(endpoint)
-    return out
-
-
-def parse_gossip_keys(body: object, peers: Mapping[str, str]) -> dict[str, PublicKey]:
-    """The ``{name: key}`` map of a gossip body (optional), each name one of ``peers``.
-
-    Raises:
-        GossipRejected: code ``bad-key``: not a map, a name not in ``peers``, or a malformed key.
-    """
-    keys = body.get("keys") if isinstance(body, Mapping) else None
-    if keys is None:
-        return {}
-    if not isinstance(keys, Mapping) or len(keys) > len(peers):
-        raise GossipRejected("bad-key", "gossip: 'keys' must map names of 'peers' to public keys")
-    out: dict[str, PublicKey] = {}
-    for name, text in keys.items():
-        if not isinstance(name, str) or name not in peers or not isinstance(text, str):
-            raise GossipRejected("bad-key", f"gossip: key entry {_show(name)} names no peer of the body")
-        try:
-            out[name] = PublicKey.parse(text)
-        except ValueError:
-            raise GossipRejected("bad-key", f"gossip: the key of {name} is not a public key: {_show(text)}") from None
-    return out
-
-
-def _show(value: object) -> str:
-    """A short rendering of a hostile value for a message (``reprlib`` bounds nesting and length)."""
-    return reprlib.repr(value)
 
 
 @dataclass(slots=True)
