@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from dpipes.bus import codec
-from dpipes.bus.auth import ClientCurve
+from dpipes.bus.auth import ClientCurve, HubSecurity
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.hub import Hub
 from dpipes.bus.keys import KeyPair, load_or_create_keypair
@@ -86,8 +86,10 @@ async def answer_echo(endpoint: Endpoint) -> None:
             endpoint.reply(msg, msg.body)
 
 
-async def _serve_dpipes() -> None:
-    async with Hub("bench-sink") as hub:
+async def serve_sink(security: HubSecurity | None = None) -> None:
+    """A hub ``bench-sink`` (with ``security``: keys) whose endpoint ``sink`` drains every stream and
+    echoes every request, until stdin closes; its TCP endpoint printed first."""
+    async with Hub("bench-sink", security=security) as hub:
         sink = hub.endpoint("sink")
         print(hub.tcp_endpoint, flush=True)
         done = serve_until_stdin_closes(asyncio.get_running_loop())
@@ -530,7 +532,7 @@ def main(argv: list[str]) -> None:
     """Child-process roles of the benchmark."""
     role = argv[0]
     if role == "dpipes":
-        asyncio.run(_serve_dpipes())
+        asyncio.run(serve_sink())
     elif role == "raw":  # [KEY_DIR]: a CurveZMQ server with the sink's key pair there (dpipes-bench curve)
         _serve_raw(load_or_create_keypair(Path(argv[1]), "node")[0] if len(argv) > 1 else None)
     elif role == "raw-echo":

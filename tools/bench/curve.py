@@ -32,7 +32,7 @@ from dpipes.bus.client import Client
 from dpipes.bus.hub import Hub
 from dpipes.bus.keys import KeyPair, load_or_create_keypair
 from dpipes.bus.trust import AuthorizedKey, AuthorizedKeys, KnownNodes, TrustStore
-from dpipes.tools.bench.bus import child, dpipes_send, raw_send, serve_until_stdin_closes
+from dpipes.tools.bench.bus import child, dpipes_send, raw_send, serve_sink
 from dpipes.tools.bench.result import Result, result
 
 SINK, SOURCE = "bench-sink", "bench-source"
@@ -55,21 +55,7 @@ def _security(me: str, keys: dict[str, KeyPair]) -> HubSecurity:
 
 
 async def _serve_sink(key_dir: str) -> None:
-    security = _security(SINK, _keys(Path(key_dir))) if key_dir != "-" else None
-    async with Hub(SINK, security=security) as hub:
-        sink = hub.endpoint("sink")
-        print(hub.tcp_endpoint, flush=True)
-        done = serve_until_stdin_closes(asyncio.get_running_loop())
-
-        async def drain() -> None:
-            while True:
-                stream = await sink.accept()
-                while await stream.read() is not None:
-                    pass
-
-        task = asyncio.create_task(drain())
-        await done
-        task.cancel()
+    await serve_sink(_security(SINK, _keys(Path(key_dir))) if key_dir != "-" else None)
 
 
 @contextlib.contextmanager
