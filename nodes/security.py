@@ -3,7 +3,8 @@
 A node has keys unless its configuration says ``insecure = true``: its key pair lives in its key
 directory (``key_dir`` in the configuration, else :func:`dpipes.bus.keys.key_dir`), created on its
 first start; whom it trusts is that directory's ``authorized_keys`` and ``known_nodes``
-(:mod:`dpipes.bus.trust`), read again for each new connection and each request, so that
+(:mod:`dpipes.bus.trust`), looked at again for each new connection and each request (read again
+when one of them changed), so that
 ``dpipes keys trust`` and ``dpipes keys pin`` take effect without a restart.
 
 **The owner's own keys.** Whoever can read the key directory is the node's owner, and two more
@@ -31,7 +32,7 @@ from dpipes.bus.auth import HubSecurity
 from dpipes.bus.errors import KeyFileError
 from dpipes.bus.keyring import Keyring
 from dpipes.bus.keys import KeyPair, PublicKey
-from dpipes.bus.trust import AuthorizedKey, KnownNode, KnownNodes, TrustStore
+from dpipes.bus.trust import AUTHORIZED_KEYS, KNOWN_NODES, AuthorizedKey, KnownNode, KnownNodes, TrustStore
 from dpipes.nodes.config import NodeConfig
 
 __all__ = [
@@ -100,8 +101,19 @@ class TrustLoader:
         self.directory = directory
         self.own = own
         self.tofu = tofu
+        self._files = [directory / AUTHORIZED_KEYS, directory / KNOWN_NODES, directory / f"{keys.CLIENT_KEY}.key"]
+        self._read: tuple[tuple[int, int, int, int] | None, ...] | None = None  # the files' state when read
+        self._store: TrustStore | None = None
 
     def __call__(self) -> TrustStore:
+        # Called for every connection and request: parse the files again only when one changed
+        # (a stat each is all an unchanged call costs).
+        state = tuple(_state(path) for path in self._files)
+        if self._store is None or state != self._read:
+            self._store, self._read = self._load(), state
+        return self._store
+
+    def _load(self) -> TrustStore:
         store = TrustStore.load(self.directory, tofu=self.tofu)
         nodes = OwnKnownNodes(store.nodes.entries, tofu=store.nodes.tofu, path=store.nodes.path, own=self.own)
         clients = store.clients
@@ -109,6 +121,15 @@ class TrustLoader:
         if user is not None and clients.get(user.fingerprint) is None:
             clients = clients.with_entry(AuthorizedKey(user, OWN_CLIENT_COMMENT, any=True))
         return TrustStore(clients, nodes)
+
+
+def _state(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells a rewritten file from the one read before: inode, size, change and modify times."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_ctime_ns, st.st_mtime_ns)
 
 
 def owner_client_key(directory: Path) -> PublicKey | None:
