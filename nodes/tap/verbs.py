@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dpipes.bus.errors import DpipesError
 from dpipes.bus.tap import TapEvent
 from dpipes.nodes.tap import record as recording
 from dpipes.nodes.tap.graph import Graph
@@ -481,13 +482,13 @@ async def nodes_lines(entry_node: str | None, *, as_json: bool = False, insecure
 
         try:  # over TCP with keys: [NAME@]HOST:PORT, the node's key pinned in known_nodes
             entry, keys = await entry_and_keys(entry_node, insecure=insecure)
-        except Exception as exc:
+        except DpipesError as exc:
             raise TapError(str(exc)) from None
     else:
         entry = paths.node_files(paths.runtime_dir(), entry_node).ipc_endpoint
     try:
         known = await run.known_nodes(entry, keys)
-    except Exception as exc:
+    except DpipesError as exc:
         raise TapError(str(exc)) from None
     rt = paths.runtime_dir()
     rows = []
