@@ -355,13 +355,16 @@ async def run_pipes(
     env: Mapping[str, str] | None = None,
     stdio: bool = False,
     on_message: Callable[[int, Mapping[str, Any]], None] | None = None,
+    insecure: bool = False,
 ) -> PipesResult:
     """Run a dpipes pipeline whose stages speak Pipes, and collect what they report.
 
     Args:
         command: the pipeline text, as given to ``dpipes`` (``"python3@beta job.py"``).
-        node: the entry node, ``HOST:PORT`` or a ``tcp://`` / ``ipc://`` endpoint; default a node
-            embedded in this process for the duration of the run.
+        node: the entry node, as ``dpipes --node`` takes it: ``[NAME@]HOST:PORT`` (over TCP with
+            your client key and the node's key pinned in known_nodes, as ``dpipes`` does) or a
+            ``tcp://`` / ``ipc://`` endpoint; default a node embedded in this process for the
+            duration of the run.
         extras, assets, partition: the Pipes context every stage gets.
         context_injector: ``"env"`` or ``"file"``, done by each stage's node.
         messages_channel: ``"file"`` (a FIFO), ``"stderr"`` or ``"stdout"`` (message lines taken out
@@ -378,6 +381,7 @@ async def run_pipes(
             :func:`~dpipes.nodes.pipes_options.check_env` for the names a node refuses).
         stdio: ask the nodes for each stage's stderr, and the last stage's stdout, as
             ``log_external_stream`` messages too.
+        insecure: reach a TCP ``node`` without keys (a node started with ``--insecure``).
         on_message: called with (stage index, the Pipes message) as each message arrives, on the
             event loop of this call.
 
@@ -387,8 +391,10 @@ async def run_pipes(
 
     Raises:
         RunFailed: the entry node is unreachable or refused the pipeline.
+        DpipesError: ``node`` is malformed, or its key is not pinned (the message says what to run).
     """
-    from dpipes.nodes.run import RunOptions, embedded_node, entry_from, run_pipeline
+    from dpipes.nodes.entry import entry_and_keys
+    from dpipes.nodes.run import RunOptions, embedded_node, run_pipeline
 
     pipes: dict[str, Any] = {
         "extras": dict(extras or {}),
@@ -424,14 +430,14 @@ async def run_pipes(
         }
         try:
             async with contextlib.AsyncExitStack() as stack:
-                entry = (
-                    entry_from(node)
-                    if node is not None
-                    else (await stack.enter_async_context(embedded_node())).ipc_endpoint
-                )
+                if node is not None:
+                    entry, keys = await entry_and_keys(node, insecure=insecure)
+                else:
+                    entry, keys = (await stack.enter_async_context(embedded_node())).ipc_endpoint, None
                 ran = await run_pipeline(
                     entry,
                     options,
+                    keys=keys,
                     handle_sigint=False,
                     on_started=started,
                     on_pipes=on_message,

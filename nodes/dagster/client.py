@@ -56,8 +56,8 @@ from dagster import (
 from dagster._core.errors import DagsterPipesExecutionError  # what Dagster's own Pipes clients raise
 from pydantic import Field
 
+from dpipes.bus.errors import DpipesError
 from dpipes.nodes.pipes_session import PipesResult, run_pipes
-from dpipes.nodes.run import RunFailed
 
 __all__ = ["DpipesCompletedInvocation", "DpipesPipesClient"]
 
@@ -143,14 +143,20 @@ class DpipesPipesClient(ConfigurableResource, PipesClient):
 
     ``run`` is ``PipesSubprocessClient.run`` with a dpipes pipeline text for the command:
     ``"python3@beta job.py"`` runs ``job.py`` on node beta, ``"cat data.csv | python3@beta
-    load.py"`` two stages that both report. Once CurveZMQ keys land, a field will name the
-    client's key, as ``node`` names the entry node.
+    load.py"`` two stages that both report. Over TCP the client attaches as ``dpipes --node``
+    does: with your client key and the node's key pinned in known_nodes (``insecure`` for a node
+    started with ``--insecure``).
     """
 
     node: str | None = Field(
         default=None,
-        description="Entry node, HOST:PORT or a tcp:// or ipc:// endpoint. Default: $DPIPES_NODE, else "
+        description="Entry node, [NAME@]HOST:PORT (with keys, as dpipes --node) or a tcp:// or ipc:// endpoint. "
+        "Default: $DPIPES_NODE, else "
         "this host's running dpipesd, else a node embedded in the step's process for the run.",
+    )
+    insecure: bool = Field(
+        default=False,
+        description="Attach to a TCP node without keys: for a node started with --insecure (nothing is encrypted).",
     )
     env: dict[str, str] = Field(
         default_factory=dict,
@@ -211,7 +217,7 @@ class DpipesPipesClient(ConfigurableResource, PipesClient):
                     ),
                     reader.deliver,
                 )
-            except RunFailed as exc:
+            except DpipesError as exc:  # RunFailed, or a node named wrong or not pinned
                 raise DagsterPipesExecutionError(f"dpipes could not run {command!r}: {exc}") from None
             finally:
                 reader.close()
@@ -233,6 +239,7 @@ class DpipesPipesClient(ConfigurableResource, PipesClient):
         return await run_pipes(
             command,
             node=await self._entry(),
+            insecure=self.insecure,
             context_data=context_data,
             env=env,
             stdio=self.include_stdio_in_messages,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dpipes.bus.errors import SecurityError
 from dpipes.nodes.pipes import make_context_data
 from dpipes.nodes.pipes_session import (
     PipesContextInjector,
@@ -163,7 +164,7 @@ async def test_run_pipes_collects_from_a_stage_on_a_second_daemon(rt: Path, tmp_
     async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
         await await_known(rt, alpha.host_port, "beta")
         result = await run_pipes(
-            f"python3@beta {program}", node=alpha.host_port, extras={"limit": 7}, assets=["orders"]
+            f"python3@beta {program}", node=alpha.host_port, insecure=True, extras={"limit": 7}, assets=["orders"]
         )
     assert result.exit_code == 0, result.stderr
     assert result.stdout == b"done\n"
@@ -179,12 +180,21 @@ async def test_run_pipes_collects_from_a_stage_on_a_second_daemon(rt: Path, tmp_
 async def test_run_pipes_reports_the_exception_raised_inside_pipes(rt: Path, tmp_path: Path) -> None:
     program = script(tmp_path, "failing.py", FAILING)
     async with daemons(rt, ["alpha"]) as (alpha,):
-        result = await run_pipes(f"python3 {program}", node=alpha.host_port)
+        result = await run_pipes(f"python3 {program}", node=alpha.host_port, insecure=True)
     assert result.exit_code == 1
     assert result.exception is not None
     assert str(result.exception) == "ValueError: bad input row 7"
     assert [log["message"] for log in result.logs] == ["about to fail"]
     assert result.messages[-1]["method"] == "closed"
+
+
+async def test_run_pipes_reaches_a_keyed_node_over_tcp_with_keys_as_dpipes_does(rt: Path, tmp_path: Path) -> None:
+    program = script(tmp_path, "failing.py", FAILING)
+    async with daemons(rt, ["alpha"], secure=True) as (alpha,):
+        result = await run_pipes(f"python3 {program}", node=alpha.host_port)  # your own daemon: your keys
+        assert result.logs and result.logs[0]["message"] == "about to fail"
+        with pytest.raises(SecurityError):  # without keys a keyed node lets nobody in, and says so
+            await run_pipes("true", node=alpha.host_port, insecure=True)
 
 
 async def test_run_pipes_gives_a_stage_its_own_options(rt: Path, tmp_path: Path) -> None:
@@ -193,6 +203,7 @@ async def test_run_pipes_gives_a_stage_its_own_options(rt: Path, tmp_path: Path)
         result = await run_pipes(
             f"cat | python3 {program}",
             node=alpha.host_port,
+            insecure=True,
             extras={"limit": 1},
             input=b"",
             stage_options={1: {"extras": {"limit": 9}, "assets": ["orders"], "messages": "stdout"}},
@@ -208,7 +219,7 @@ async def test_run_pipes_gives_a_stage_its_own_options(rt: Path, tmp_path: Path)
 async def test_run_pipes_refuses_options_for_a_stage_that_does_not_exist(rt: Path) -> None:
     async with daemons(rt, ["alpha"]) as (alpha,):
         with pytest.raises(RunFailed, match="Pipes options for stage 3: the pipeline has 1 stage"):
-            await run_pipes("true", node=alpha.host_port, stage_options={3: {"assets": ["x"]}})
+            await run_pipes("true", node=alpha.host_port, insecure=True, stage_options={3: {"assets": ["x"]}})
 
 
 def streamed(stage: PipesStageResult) -> dict[str, str]:

@@ -158,7 +158,7 @@ async def nodes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[
 def materialize(assets: list[Any], nodes: dict[str, Daemon], **kwargs: Any) -> tuple[Any, list[str]]:
     """Materialize through alpha; the run's result, and the messages of its logs."""
     instance = dg.DagsterInstance.ephemeral()
-    client = DpipesPipesClient(node=nodes["alpha"].host_port, env={"ASSET_ENV": "from the resource"})
+    client = DpipesPipesClient(node=nodes["alpha"].host_port, insecure=True, env={"ASSET_ENV": "from the resource"})
     result = dg.materialize(assets, resources={"dpipes": client}, instance=instance, **kwargs)
     logs = [entry.message for entry in instance.all_logs(result.run_id)]  # user logs and Dagster's events
     return result, logs
@@ -315,7 +315,9 @@ def test_stdio_reaches_the_step_once_as_messages_or_at_the_end(
         context.log.info(f"streamed: {sorted(streamed)}")
         return invocation.get_materialize_result()
 
-    client = DpipesPipesClient(node=nodes["alpha"].host_port, include_stdio_in_messages=include_stdio_in_messages)
+    client = DpipesPipesClient(
+        node=nodes["alpha"].host_port, insecure=True, include_stdio_in_messages=include_stdio_in_messages
+    )
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize([streams], resources={"dpipes": client}, instance=instance)
     assert result.success
@@ -340,7 +342,7 @@ def test_a_pipeline_whose_stages_both_raise_closes_with_the_first_stage_s_except
         return dpipes.run(context=context, command=command).get_materialize_result()
 
     instance = dg.DagsterInstance.ephemeral()
-    client = DpipesPipesClient(node=nodes["alpha"].host_port)
+    client = DpipesPipesClient(node=nodes["alpha"].host_port, insecure=True)
     result = dg.materialize([broken], resources={"dpipes": client}, instance=instance, raise_on_error=False)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]

@@ -38,7 +38,7 @@ async def test_dagster_asset_materialize_runs_the_example_on_the_worker_node(
     runtime, home = tmp_path / "run", tmp_path / "dagster_home"
     runtime.mkdir(mode=0o700)
     home.mkdir()
-    async with daemons(runtime, ["alpha", "beta"]) as (alpha, _beta):
+    async with daemons(runtime, ["alpha", "beta"], secure=True) as (alpha, _beta):
         env = {**environment(runtime), "DPIPES_NODE": alpha.host_port, "DAGSTER_HOME": str(home)}
         proc = await asyncio.create_subprocess_exec(
             "dagster", "asset", "materialize", "-f", DEFINITIONS, "--select", "orders",
