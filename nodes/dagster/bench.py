@@ -64,7 +64,12 @@ class AssetBurst:
 
 
 def asset_burst(
-    client: str, *, messages: int = BURST_MESSAGES, node: str | None = None, emitter: str | os.PathLike[str]
+    client: str,
+    *,
+    messages: int = BURST_MESSAGES,
+    node: str | None = None,
+    insecure: bool = False,
+    emitter: str | os.PathLike[str],
 ) -> AssetBurst:
     """Materialize the burst asset once through ``client`` (one of :data:`CLIENTS`).
 
@@ -72,6 +77,7 @@ def asset_burst(
         client: ``"subprocess"`` or ``"dpipes"``.
         messages: N, logs and as many custom messages.
         node: the dpipes entry node (``HOST:PORT`` or an endpoint); None: the client's default.
+        insecure: ``node`` is an ``--insecure`` daemon reached over TCP (no keys).
         emitter: the program's file (:data:`EMITTER`, written by :func:`asset_bursts`).
 
     Raises:
@@ -84,7 +90,7 @@ def asset_burst(
         return dg.PipesSubprocessClient().run(context=context, command=argv)
 
     def run_dpipes(context: dg.AssetExecutionContext) -> dg.PipesClientCompletedInvocation:
-        return DpipesPipesClient(node=node).run(context=context, command=shlex.join(argv))
+        return DpipesPipesClient(node=node, insecure=insecure).run(context=context, command=shlex.join(argv))
 
     runs: dict[str, Callable[[dg.AssetExecutionContext], dg.PipesClientCompletedInvocation]] = {
         "subprocess": run_subprocess,
@@ -118,6 +124,7 @@ def asset_bursts(
     messages: int = BURST_MESSAGES,
     repeat: int = 3,
     node: str | None = None,
+    insecure: bool = False,
     warm: bool = True,
     warm_up: Callable[[], None] = lambda: None,
 ) -> dict[str, list[AssetBurst]]:
@@ -128,6 +135,7 @@ def asset_bursts(
         repeat: measured runs per client.
         node: the dpipes entry node; None: the client's default (``$DPIPES_NODE``, the local
             daemon, else a node embedded in this process).
+        insecure: ``node`` is an ``--insecure`` daemon reached over TCP (no keys).
         warm: make the warm-up runs (a test leaves them out).
         warm_up: called after the warm-up runs (``gc.freeze`` there keeps dagster's long-lived
             objects out of the measured runs' collections).
@@ -139,10 +147,11 @@ def asset_bursts(
         emitter = Path(tmp) / "emit.py"
         emitter.write_text(EMITTER)
         for client in CLIENTS if warm else ():  # imports, page cache, dagster's first-run costs
-            asset_burst(client, messages=10, node=node, emitter=emitter)
+            asset_burst(client, messages=10, node=node, insecure=insecure, emitter=emitter)
         warm_up()
         runs: dict[str, list[AssetBurst]] = {client: [] for client in CLIENTS}
         for _ in range(repeat):
             for client in CLIENTS:
-                runs[client].append(asset_burst(client, messages=messages, node=node, emitter=emitter))
+                run = asset_burst(client, messages=messages, node=node, insecure=insecure, emitter=emitter)
+                runs[client].append(run)
     return runs
