@@ -253,7 +253,6 @@ class Coordinator:
             "stdin" in handed
             and graph.stdin_to is not None
             and graph.linear
-            and not graph.is_plugin(0)
             and nodes[0] == self.node
             and request.mode == "bytes"
         )
@@ -467,12 +466,13 @@ def _direct_edge(run: RunRequest, nodes: Sequence[str], i: int, graph: Graph) ->
     """Whether stages ``i`` and ``i + 1`` exchange data through a kernel pipe rather than the bus:
     both on one node, bytes mode (object modes add metadata on the way), the node does not read
     stage ``i``'s stdout (not a Pipes channel, not the last stage's output sent as ``stdio``
-    messages; ``nodes`` ends with the client's node: stage ``i + 1`` may be the client), and
-    neither is a plugin (a worker's data goes on the bus)."""
+    messages; ``nodes`` ends with the client's node: stage ``i + 1`` may be the client). A plugin
+    stage's worker takes its end of such a pipe too (nodes/plugins/direct.py)."""
     own = options_for_stage(run.pipes, i)
-    read = own.get("messages") == "stdout" or (i == len(nodes) - 2 and bool(own.get("stdio")))
-    plugins = graph.is_plugin(i) or (i + 1 < len(graph.stages) and graph.is_plugin(i + 1))
-    return nodes[i] == nodes[i + 1] and run.mode == "bytes" and not read and not plugins
+    read = not graph.is_plugin(i) and (
+        own.get("messages") == "stdout" or (i == len(nodes) - 2 and bool(own.get("stdio")))
+    )
+    return nodes[i] == nodes[i + 1] and run.mode == "bytes" and not read
 
 
 __all__ = ["Coordinator", "Run"]

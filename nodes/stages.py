@@ -34,6 +34,7 @@ kept pipe ends close; a later ``start`` is answered ``not-found``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shlex
@@ -70,10 +71,11 @@ from dpipes.nodes.protocol import (
 )
 from dpipes.nodes.stage import DirectPipes, Stage, StageRun
 from dpipes.nodes.stage_env import stage_environment, user_of
-from dpipes.nodes.supervisor import Supervisor
+from dpipes.nodes.supervisor import StageProcess, Supervisor
 
 if TYPE_CHECKING:
     from dpipes.nodes.plugin_stage import WorkerRun
+    from dpipes.nodes.plugins.spec import WorkerSpec
     from dpipes.nodes.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -256,19 +258,51 @@ class Stages:
         env.update(spec.env)
         stage.env = env
         stage.started = time.time()
+        # A neighbour here: one kernel pipe, whose end the worker gets (nodes.plugins.spec: Direct edges).
+        fd_in = self.direct.end(stage.pipeline, stage.index - 1, reader=True) if wiring.direct_in else None
+        fd_out = self.direct.end(stage.pipeline, stage.index, reader=False) if wiring.direct_out else None
+        fds = [fd for fd in (fd_in, fd_out) if fd is not None]
         # A missing working directory is refused by the fork below, as for a program (one stat).
         ready = self.workers.take() if self.workers is not None and os.path.isdir(spec.cwd) else None  # noqa: ASYNC240
+        if ready is not None and self.workers is not None:
+            ready, spec = await self._hand_fds(ready, spec, fd_in, fd_out)
+        if ready is None:
+            spec = dataclasses.replace(spec, input_fd=_fd_or_bus(fd_in), output_fd=_fd_or_bus(fd_out))
         try:
             stage.proc = ready or await self.supervisor.start(
-                WORKER_ARGV, env=env, cwd=spec.cwd, forward_stderr=True, stdout_fd=devnull()
+                WORKER_ARGV, env=env, cwd=spec.cwd, forward_stderr=True, stdout_fd=devnull(), pass_fds=fds
             )
         except StageError as exc:
             raise ControlError(REFUSED, str(exc)) from None
+        finally:
+            if ready is not None:
+                for fd in fds:  # the worker has its own copies now
+                    os.close(fd)
         if self.workers is not None:
             self.workers.used(stage.proc)
         stage.task = self._spawn(self._run(stage, wiring, spec.to_json()), stage.describe)
         self._log_started(stage, "plugin worker")
         return StartReply(pid=stage.proc.pid, context={})
+
+    async def _hand_fds(
+        self, ready: StageProcess, spec: WorkerSpec, fd_in: int | None, fd_out: int | None
+    ) -> tuple[StageProcess | None, WorkerSpec]:
+        """Send a taken worker its direct edges; None for the worker if it could not take them."""
+        from dpipes.nodes.plugins.spec import FD_BUS, FD_SENT
+
+        assert self.workers is not None
+        try:
+            self.workers.hand_fds(ready, [fd for fd in (fd_in, fd_out) if fd is not None])
+        except OSError as exc:  # it died idle: fork one instead
+            log.info("node %s: a plugin worker started ahead could not take its pipes: %s", self.node, exc)
+            await ready.terminate()
+            return None, spec
+        sent = dataclasses.replace(
+            spec,
+            input_fd=FD_BUS if fd_in is None else FD_SENT,
+            output_fd=FD_BUS if fd_out is None else FD_SENT,
+        )
+        return ready, sent
 
     async def _link_neighbours(self, peers: Mapping[str, str]) -> None:
         """Make sure we link to the nodes our stage exchanges data with (directly: no relaying)."""
@@ -475,6 +509,11 @@ class Stages:
             if stage.task is not None:  # the stage's own output may still await its acknowledgement
                 await asyncio.wait({stage.task})
             stage.endpoint.close()
+
+
+def _fd_or_bus(fd: int | None) -> int:
+    """A forked worker's ``input_fd``/``output_fd``: the descriptor it inherits, or the bus (-1)."""
+    return -1 if fd is None else fd
 
 
 def _who(caller: Identity, transport: Identity | None) -> str:

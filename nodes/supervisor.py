@@ -618,6 +618,7 @@ async def start_stage(
     on_closed: Callable[[StageProcess], None] | None = None,
     stdin_fd: int | None = None,
     stdout_fd: int | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> StageProcess:
     """Fork ``argv`` (no shell) in its own process group with pipes for stdin, stdout and stderr.
 
@@ -635,6 +636,9 @@ async def start_stage(
             between the two programs as in a shell, without us. The descriptor is the child's
             from then on: it is closed here, whatever happens; ``read_stdout``/``write_stdin``
             then see a closed pipe.
+        pass_fds: more descriptors the child gets under the same numbers (a plugin worker's
+            direct edges, :mod:`dpipes.nodes.plugin_stage`); like ``stdin_fd``, the child's from
+            then on: closed here, whatever happens.
 
     Returns:
         The running stage.
@@ -646,7 +650,7 @@ async def start_stage(
     argv = list(argv)
     given = (stdin_fd, stdout_fd, None)
     ours: list[int | None] = []
-    theirs: list[int] = [fd for fd in given if fd is not None]  # closed below, whatever happens
+    theirs: list[int] = [fd for fd in (*given, *pass_fds) if fd is not None]  # closed below, whatever happens
     if not argv or not argv[0]:
         for taken in theirs:
             os.close(taken)
@@ -675,6 +679,7 @@ async def start_stage(
                 env=dict(env),
                 cwd=cwd,
                 close_fds=True,  # the child gets its three pipes and nothing else of ours
+                pass_fds=tuple(pass_fds),  # ... but these
                 restore_signals=True,  # SIGPIPE back to default, so `yes | head -1` ends
                 start_new_session=True,  # own session and process group: signalled as one
                 preexec_fn=_stage_preexec(),  # dies with the node (PR_SET_PDEATHSIG)
@@ -740,10 +745,11 @@ class Supervisor:
         forward_stderr: bool = False,
         stdin_fd: int | None = None,
         stdout_fd: int | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> StageProcess:
         """Start a stage under this supervisor; see :func:`start_stage`."""
         if self._closed:
-            for fd in (stdin_fd, stdout_fd):
+            for fd in (stdin_fd, stdout_fd, *pass_fds):
                 if fd is not None:
                     os.close(fd)
             raise StageError(f"cannot start {list(argv)[:1]!r}: the node's supervisor is shutting down")
@@ -755,6 +761,7 @@ class Supervisor:
             on_closed=self._stages.discard,
             stdin_fd=stdin_fd,
             stdout_fd=stdout_fd,
+            pass_fds=pass_fds,
         )
         self._stages.add(stage)
         self.started += 1

@@ -20,8 +20,11 @@ rules:
 - *Off* for ``dpipesd --exit`` and for the node ``dpipes`` embeds for one command (the node says
   so with ``size=0``): neither would run a second plugin stage.
 
-Idle workers are started as ``... worker --pooled`` and are named ``dpipes-ready`` in ``ps -o comm``;
-a worker running a stage is named ``dpipes-worker``.
+Idle workers are started as ``... worker --pooled --fd-socket=N`` and are named ``dpipes-ready`` in
+``ps -o comm``; a worker running a stage is named ``dpipes-worker``. ``N`` is the worker's end of a
+Unix socket pair whose other end the pool keeps: :meth:`WorkerPool.hand_fds` sends a stage's
+direct edges (kernel pipes to its neighbours on this node) over it, as a forked worker gets them at
+fork (*Direct edges* in :mod:`dpipes.nodes.plugins.spec`).
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Coroutine, Mapping
+import socket
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 from dpipes.bus.errors import StageError
-from dpipes.nodes.plugins.spec import POOLED_FLAG
+from dpipes.nodes.plugins.spec import FD_SOCKET_FLAG, POOLED_FLAG
 from dpipes.nodes.supervisor import StageProcess, Supervisor
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,7 @@ class WorkerPool:
         self.size = max(0, size)
         self.node = node
         self._idle: list[StageProcess] = []
+        self._sockets: dict[StageProcess, socket.socket] = {}  # the pool's end of each idle worker's descriptor socket
         self._starting = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -78,15 +83,29 @@ class WorkerPool:
         return len(self._idle)
 
     def take(self) -> StageProcess | None:
-        """A ready worker for a stage, or None (the caller forks one). Call :meth:`used` with the stage's worker."""
+        """A ready worker for a stage, or None (the caller forks one). Call :meth:`hand_fds`, then
+        :meth:`used`, with the stage's worker."""
         while self._idle:
             proc = self._idle.pop()
             if proc.status is None:
                 self.taken += 1
                 return proc
             log.info("node %s: an idle plugin worker had ended (%s)", self.node, proc.status)
+            self._close_socket(proc)
             self._spawn(proc.terminate())  # reaps it and sweeps its group
         return None
+
+    def hand_fds(self, proc: StageProcess, fds: Sequence[int]) -> None:
+        """Send ``fds`` (a stage's direct edges, maybe none) to the worker ``proc`` taken from here, before
+        its spec; they stay the caller's to close. The worker's descriptor socket is closed after.
+
+        Raises:
+            OSError: the worker's socket is gone (it died): the caller forks a worker instead.
+        """
+        sock = self._sockets.pop(proc)
+        with sock:
+            if fds:
+                socket.send_fds(sock, [b"fds"], list(fds))
 
     def used(self, proc: StageProcess) -> None:
         """A plugin stage runs in ``proc``: once it has ended, fill the pool up to ``size``, one at a time."""
@@ -102,16 +121,23 @@ class WorkerPool:
     async def _fill_one(self) -> bool:
         """Start one idle worker; whether it started."""
         self._starting += 1
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = (*self.argv, f"{FD_SOCKET_FLAG}={theirs.fileno()}")
         try:
-            proc = await self.supervisor.start(self.argv, env=self.env, forward_stderr=True, stdout_fd=_devnull())
+            proc = await self.supervisor.start(
+                argv, env=self.env, forward_stderr=True, stdout_fd=_devnull(), pass_fds=(theirs.detach(),)
+            )
         except StageError as exc:  # the node is stopping, or the interpreter cannot start
+            ours.close()
             log.info("node %s: no plugin worker started ahead: %s", self.node, exc)
             return False
         finally:
             self._starting -= 1
         if self._closed:
+            ours.close()
             await proc.terminate()
             return False
+        self._sockets[proc] = ours
         self._idle.append(proc)  # its stderr is read once a stage takes it: an idle worker says nothing
         return True
 
@@ -126,8 +152,14 @@ class WorkerPool:
         for task in list(self._tasks):
             task.cancel()
         idle, self._idle = self._idle, []
+        for proc in idle:
+            self._close_socket(proc)
         await asyncio.gather(*(proc.terminate() for proc in idle), return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _close_socket(self, proc: StageProcess) -> None:
+        if (sock := self._sockets.pop(proc, None)) is not None:
+            sock.close()
 
 
 def _devnull() -> int:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import faulthandler
 import io
 import json
@@ -74,11 +75,12 @@ from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.plugins.api import AnchorSpec, Environment
+from dpipes.nodes.plugins.direct import DirectInput, DirectOutput, receive_fds
 from dpipes.nodes.plugins.edges import EdgeWriter, open_writer, read_batches
 from dpipes.nodes.plugins.errors import EdgeDecodeError, PluginError, SchemaChanged
 from dpipes.nodes.plugins.registry import load_plugin
 from dpipes.nodes.plugins.runner import PluginRunner
-from dpipes.nodes.plugins.spec import MAX_SPEC_BYTES, POOLED_FLAG, WorkerSpec
+from dpipes.nodes.plugins.spec import FD_BUS, FD_SENT, FD_SOCKET_FLAG, MAX_SPEC_BYTES, POOLED_FLAG, WorkerSpec
 from dpipes.nodes.plugins.transport import Transport
 from dpipes.nodes.protocol import PluginInput, PluginOutput
 
@@ -104,6 +106,7 @@ FEED_QUEUE_ITEMS: Final = 8  # per input connection: messages read ahead of the 
 SEND_AHEAD_BATCHES: Final = 32  # per output: batches the plugin may write ahead of the loop sending them
 PIPES_BATCH_FRAMES: Final = 256  # io messages sent together in one PIPES message
 OUTPUT_CLOSE_TIMEOUT_S: Final = 60.0  # after the last batch: a reader that acknowledges nothing for this long is gone
+FD_RECEIVE_TIMEOUT_S: Final = 10.0  # a pooled worker's direct edges: the node sent them before the spec
 
 _PR_SET_NAME: Final = 15  # <linux/prctl.h>
 
@@ -198,6 +201,10 @@ class _Input:
         self.items: queue.Queue[Any] = queue.Queue(maxsize=FEED_QUEUE_ITEMS)
         self.where = f"input {spec.anchor!r} (from {spec.src or 'nothing'})"
         self.stream: InStream | None = None
+        self.direct: DirectInput | None = None  # a kernel pipe from a neighbour here, in place of a stream
+        if spec.src and worker.spec.input_fd >= 0:
+            self.where = f"input {spec.anchor!r} (a pipe from {spec.src})"
+            self.direct = DirectInput(worker.spec.input_fd, spec.format, where=self.where)
         if not spec.src:  # an optional anchor nothing feeds: it ends at once, without data
             self.items.put_nowait(None)
 
@@ -248,7 +255,9 @@ class _Input:
 
     def _batches(self) -> Any:
         fmt, mode = self.spec.format, self.worker.spec.mode
-        if fmt == "batches":
+        if self.direct is not None:
+            yield from self.direct.batches()
+        elif fmt == "batches":
             while (batch := self.items.get()) is not None:
                 if batch.num_columns == 0 and batch.num_rows == 0:
                     continue  # the end marker of an anchor that never had a schema
@@ -430,23 +439,35 @@ class _BusTransport(Transport):
         self.worker = worker
         self.sinks: dict[str, list[_Sink]] = {}
         self.senders: dict[int, _Sender] = {}
+        self.direct: dict[str, list[DirectOutput]] = {}  # kernel pipes to a neighbour here, in place of streams
         for spec in worker.spec.outputs:
+            if spec.dst and worker.spec.output_fd >= 0:
+                where = f"{worker.spec.describe}: output {spec.anchor!r} (a pipe to {spec.dst})"
+                out = DirectOutput(worker.spec.output_fd, spec.format, where=where, gone=_DownstreamGone)
+                self.direct.setdefault(spec.anchor, []).append(out)
+                continue
             sink = _Sink(spec, worker)
             self.sinks.setdefault(spec.anchor, []).append(sink)
             if sink.stream is not None:
                 self.senders[id(sink)] = _Sender(sink, worker.spec.describe)
 
     def open_anchor(self, name: str, schema: pa.Schema) -> None:
+        for out in self.direct.get(name, ()):
+            out.open(schema)
         for sink in self.sinks.get(name, ()):
             sink.open(schema)
 
     def write(self, name: str, batch: pa.RecordBatch) -> None:
+        for out in self.direct.get(name, ()):
+            out.write(batch)
         for sink in self.sinks.get(name, ()):
             messages = sink.encode(batch)
             if messages:
                 self.senders[id(sink)].submit(messages)
 
     def close_anchor(self, name: str) -> None:
+        for out in self.direct.get(name, ()):
+            out.close()
         for sink in self.sinks.get(name, ()):
             messages = sink.finish()
             if sink.stream is not None:
@@ -460,6 +481,9 @@ class _BusTransport(Transport):
         await asyncio.gather(*(sender.task for sender in self.senders.values()))
 
     def cancel_all(self, reason: str) -> None:
+        for outs in self.direct.values():
+            for out in outs:
+                out.abort()
         for sender in self.senders.values():
             sender.task.cancel()
         for sinks in self.sinks.values():
@@ -582,7 +606,7 @@ class _Worker:
 
     async def _accept_all(self) -> None:
         """Match each stream that arrives to its input connection, and pump it."""
-        waiting = [conn for conn in self.inputs if conn.spec.src]
+        waiting = [conn for conn in self.inputs if conn.spec.src and conn.direct is None]
         pumps: list[asyncio.Future[None]] = []
         try:
             while waiting:
@@ -663,6 +687,32 @@ async def _run(spec: WorkerSpec) -> int:
     return code
 
 
+def _take_direct_fds(spec: WorkerSpec, argv: Sequence[str]) -> WorkerSpec:
+    """``spec`` with the descriptors of its direct edges that came over the descriptor socket.
+
+    A worker forked for its stage got them at fork; one started ahead of need reads them from its
+    socket (``--fd-socket=N``), which is closed either way (see :mod:`dpipes.nodes.plugins.spec`).
+    More than one direct input or output is refused (``ValueError``): only a linear pipeline's
+    single edges are direct.
+    """
+    sock = next((int(a.partition("=")[2]) for a in argv if a.startswith(FD_SOCKET_FLAG + "=")), None)
+    sent = [fd == FD_SENT for fd in (spec.input_fd, spec.output_fd)]
+    if sum(1 for i in spec.inputs if i.src) > 1 and spec.input_fd != FD_BUS:
+        raise ValueError("a direct input, but more than one input connection")
+    if sum(1 for o in spec.outputs if o.dst) > 1 and spec.output_fd != FD_BUS:
+        raise ValueError("a direct output, but more than one output destination")
+    if sock is None:
+        if any(sent):
+            raise ValueError("descriptors to come over a socket, but no descriptor socket")
+        return spec
+    fds = receive_fds(sock, sum(sent), timeout_s=FD_RECEIVE_TIMEOUT_S) if any(sent) else []
+    if not any(sent):
+        os.close(sock)
+    fd_in = fds.pop(0) if sent[0] else spec.input_fd
+    fd_out = fds.pop(0) if sent[1] else spec.output_fd
+    return dataclasses.replace(spec, input_fd=fd_in, output_fd=fd_out)
+
+
 def _failure_line(spec: WorkerSpec, error: object) -> str:
     """``dpipes: stage 1 (%filter@beta): plugin filter: <what>``: stage, node and plugin, once each."""
     text = str(error)
@@ -712,6 +762,11 @@ def main() -> None:
         _say(_failure_line(spec, f"cannot enter the working directory {spec.cwd}: {exc.strerror}"))
         os._exit(EXIT_NOT_STARTED)
     os.environ.update(spec.env)
+    try:
+        spec = _take_direct_fds(spec, sys.argv[1:])
+    except (OSError, ValueError) as exc:
+        _say(_failure_line(spec, f"cannot take its direct edges from node {spec.node}: {exc}"))
+        os._exit(EXIT_NOT_STARTED)
     code = asyncio.run(_run(spec))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,0 +1,140 @@
+"""A plugin worker's direct edges: a kernel pipe to a neighbour on the same node, read and written by pyarrow.
+
+When a plugin stage's neighbour in a linear pipeline runs on the same node (a program, or another
+plugin's worker), or the node holds the local client's own stdin or stdout, the edge between them
+is one kernel pipe (that descriptor), as between two programs: its data never crosses the hub
+(see *Direct edges* in :mod:`dpipes.nodes.plugins.spec` for how the worker gets the descriptor).
+The worker reads such an input with :class:`DirectInput` and writes such an output with
+:class:`DirectOutput`, both straight on the descriptor with pyarrow's own readers and writers
+(:mod:`~dpipes.nodes.plugins.edges`): no bus messages, no credit, no thread hand-off per chunk.
+Flow control is the pipe's: a writer blocks while its pipe is full, as a program does.
+
+The edge's format is the one a bus edge would carry (``csv``, ``ndjson``, ``arrow``), and
+``batches`` between two plugins is an Arrow IPC stream. A reader reads through a buffer of
+``DIRECT_BUFFER_BYTES`` (pyarrow's readers do not retry a short read of a pipe); a writer writes
+each batch in one go (pyarrow's writers make several small writes per batch, gathered in a buffer
+of that size and flushed after each batch, so that a batch reaches its reader as it is written).
+Its end marker is written at ``close``; a worker that fails calls ``abort`` instead, so that an
+Arrow reader downstream sees a truncated stream, not a complete one (the run fails anyway: the
+worker's exit report names it).
+
+What the worker cannot tell on such an edge: how many bytes crossed it (``exit`` reports -1, as for
+any direct edge), and the tap sees nothing of it (only what crosses the hub is published there).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any, Final
+
+import pyarrow as pa
+
+from dpipes.nodes.plugins.edges import EdgeWriter, open_writer, read_batches
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DIRECT_BUFFER_BYTES", "DirectInput", "DirectOutput", "receive_fds"]
+
+DIRECT_BUFFER_BYTES: Final = 1024 * 1024
+FD_MESSAGE_BYTES: Final = 64  # the descriptor socket's message: its payload says nothing (the spec does)
+
+
+def receive_fds(sock_fd: int, count: int, *, timeout_s: float) -> list[int]:
+    """``count`` descriptors from the node over the descriptor socket ``sock_fd`` (then closed).
+
+    Raises:
+        OSError: the socket failed, timed out, or carried another number of descriptors.
+    """
+    with socket.socket(fileno=sock_fd) as sock:
+        sock.settimeout(timeout_s)
+        _data, fds, _flags, _addr = socket.recv_fds(sock, FD_MESSAGE_BYTES, max(count, 1))
+    if len(fds) != count:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(f"expected {count} descriptor(s) from the node, got {len(fds)}")
+    return fds
+
+
+def _pyarrow_format(fmt: str) -> str:
+    """The edge format on a pipe: ``batches`` (plugin to plugin) is an Arrow IPC stream."""
+    return "arrow" if fmt == "batches" else fmt
+
+
+class DirectInput:
+    """One input connection read from a descriptor (its own thread calls :meth:`batches`)."""
+
+    def __init__(self, fd: int, fmt: str, *, where: str) -> None:
+        self.file = io.BufferedReader(io.FileIO(fd, "rb"), DIRECT_BUFFER_BYTES)
+        self.format = _pyarrow_format(fmt)
+        self.where = where
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """The edge's record batches, to its end (then the descriptor is closed).
+
+        Raises:
+            EdgeDecodeError: the bytes do not parse (see :func:`~dpipes.nodes.plugins.edges.read_batches`).
+        """
+        with self.file:
+            if not self.file.peek(1):  # nothing at all (a program that wrote nothing; an anchor never opened)
+                return
+            yield from read_batches(self.format, pa.PythonFile(self.file, mode="r"), where=self.where)  # type: ignore[arg-type]
+
+
+class DirectOutput:
+    """One destination of an outgoing anchor written on a descriptor, on the plugin's thread.
+
+    Args:
+        fd: the descriptor (the worker's from now on).
+        fmt: the edge's format.
+        where: the edge, for errors.
+        gone: the error a write to a pipe whose reader has gone raises (the worker then ends as
+            by ``SIGPIPE``).
+    """
+
+    def __init__(self, fd: int, fmt: str, *, where: str, gone: Callable[[str], BaseException]) -> None:
+        self.file = os.fdopen(fd, "wb", buffering=0)
+        self.sink = pa.BufferedOutputStream(pa.PythonFile(self.file, mode="w"), DIRECT_BUFFER_BYTES)
+        self.format = _pyarrow_format(fmt)
+        self.where = where
+        self.gone = gone
+        self.schema: pa.Schema | None = None
+        self.writer: EdgeWriter | None = None
+
+    def open(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.writer = self._io(lambda: open_writer(self.format, self.sink, schema))  # type: ignore[arg-type]
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        assert self.writer is not None and self.schema is not None, "write before open"
+        if not batch.schema.equals(self.schema):  # equal but for metadata: the stream's own
+            batch = pa.RecordBatch.from_arrays(batch.columns, schema=self.schema)
+        writer = self.writer
+        self._io(lambda: (writer.write(batch), self.sink.flush()))
+
+    def close(self) -> None:
+        """The format's end (an anchor that never had a schema writes nothing), then the descriptor."""
+        try:
+            if self.writer is not None:
+                writer = self.writer
+                self._io(writer.close)
+            self._io(self.sink.close)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the descriptor without the format's end: the reader sees a truncated stream."""
+        if not self.file.closed:
+            try:
+                self.file.close()
+            except OSError:  # the reader went away: nothing more to say to it
+                pass
+
+    def _io(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except BrokenPipeError:
+            raise self.gone(f"{self.where}: its reader went away") from None

@@ -1,0 +1,160 @@
+"""Plugin stages whose neighbours run on the same node: their data goes through a kernel pipe, not the hub."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as pa_ipc
+import pytest
+import zmq
+import zmq.asyncio
+
+from dpipes.bus.tap import TapEvent, decode_event
+from tests.nodes.daemons import Daemon, daemons, dpipes, start_dpipes
+from tests.nodes.plugins.test_worker import SALES, workers_of
+from tests.nodes.plugins.test_worker_pool import until
+from tests.nodes.plugins.workers import install_plugins
+
+WAIT_S = 30.0
+DATA_KINDS = {"BYTES", "ARROW", "OBJECTS"}
+SUMMARY = [
+    {"region": "east", "amount_sum": "300"},
+    {"region": "north", "amount_sum": "320"},
+    {"region": "south", "amount_sum": "150"},
+]
+
+
+@pytest.fixture
+def rt(rt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The runtime directory (conftest's), for daemons that find the test plugins installed, and sales.csv."""
+    install_plugins(tmp_path / "site", monkeypatch)
+    (tmp_path / "sales.csv").write_text(SALES)
+    return rt
+
+
+def rows(data: bytes) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(data.decode())))
+
+
+@contextlib.asynccontextmanager
+async def tap_of(rt: Path, node: Daemon) -> AsyncIterator[zmq.asyncio.Socket]:
+    """A subscriber to ``node``'s tap, subscribed once an event came (a first run shows)."""
+    ctx = zmq.asyncio.Context()
+    tap = ctx.socket(zmq.SUB)
+    tap.connect(f"ipc://{rt}/{node.name}-tap.sock")
+    tap.subscribe(b"")
+    try:
+        yield tap
+    finally:
+        tap.close(0)
+        ctx.term()
+
+
+async def subscribed(rt: Path, tap: zmq.asyncio.Socket, node: Daemon) -> None:
+    """Until the tap shows traffic: runs of ``echo`` on ``node`` until one of them is seen."""
+
+    async def poll() -> None:
+        while True:
+            await dpipes(rt, "--node", node.host_port, f"echo subscribed@{node.name}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(tap.recv(), 1.0)
+                return
+
+    await asyncio.wait_for(poll(), WAIT_S)
+
+
+async def events_until(tap: zmq.asyncio.Socket, marker: bytes) -> list[TapEvent]:
+    """Every event up to the ``BYTES`` that carry ``marker`` (sampled by the tap)."""
+    seen: list[TapEvent] = []
+    while True:
+        event = decode_event(await asyncio.wait_for(tap.recv(), WAIT_S))
+        if event.kind == "BYTES" and event.sample and marker in event.sample:
+            return seen
+        seen.append(event)
+
+
+def data_of_the_filter_run(events: list[TapEvent]) -> tuple[str, set[str]]:
+    """The pipeline whose ``%filter`` said what it kept, and who sent its data across the hub."""
+    piped = [e for e in events if e.kind == "PIPES" and e.pipes and any("filter kept" in p for p in e.pipes)]
+    assert piped, "the tap saw the filter's own message"
+    pipeline_id = piped[0].src.removeprefix("alpha/").partition(".")[0]
+    return pipeline_id, {e.src for e in events if e.kind in DATA_KINDS and pipeline_id in e.src + e.dst}
+
+
+async def test_program_plugin_plugin_program_on_one_node_carry_no_data_through_the_hub(rt: Path) -> None:
+    sales = rt.parent / "sales.csv"
+    async with daemons(rt, ["alpha"]) as (alpha,), tap_of(rt, alpha) as tap:
+        await subscribed(rt, tap, alpha)
+        pipeline = (
+            f'cat {sales} | %filter@alpha expr="amount > 100" | %summarize@alpha by=region agg=amount:sum | cat@alpha'
+        )
+        out = await dpipes(rt, "--node", alpha.host_port, "--status", pipeline)
+        assert out.code == 0, out.stderr
+        assert rows(out.stdout) == SUMMARY
+        assert "INFO filter kept 4 of 6 rows" in out.stderr  # the plugin's messages still reach the client
+        marker = b"the-run-above-is-over"
+        await dpipes(rt, "--node", alpha.host_port, f"echo {marker.decode()}@alpha")
+        events = await events_until(tap, marker)
+    pipeline_id, moved = data_of_the_filter_run(events)
+    # Only the last stage's output crosses the hub, to the client: every edge between stages is a pipe.
+    assert moved == {f"alpha/{pipeline_id}.3"}
+
+
+async def test_arrow_from_a_program_through_a_plugin_to_a_program_on_one_node(rt: Path) -> None:
+    table = pa.table({"n": pa.array(range(200_000)), "x": pa.array([0.5] * 200_000)})
+    data = rt.parent / "table.arrows"
+    with pa.OSFile(str(data), "wb") as f, pa_ipc.new_stream(f, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=10_000):
+            writer.write_batch(batch)
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        out = await dpipes(rt, "--node", alpha.host_port, "--arrow", f"cat {data} | %passthrough@alpha | cat@alpha")
+        assert out.code == 0, out.stderr
+        assert pa_ipc.open_stream(out.stdout).read_all().equals(table)
+
+
+async def test_a_worker_killed_on_a_direct_edge_fails_the_run_by_name_and_leaves_nothing(rt: Path) -> None:
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        proc = await start_dpipes(rt, "--node", alpha.host_port, "seq 5 | %stuck@alpha | cat@alpha")
+
+        async def worker() -> int:
+            while not (found := workers_of(alpha.proc.pid)):
+                await asyncio.sleep(0.02)
+            return found[0]
+
+        os.kill(await asyncio.wait_for(worker(), WAIT_S), signal.SIGKILL)
+        _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+        assert proc.returncode != 0
+        assert "stage 1 %stuck@alpha: killed by SIGKILL (plugin stuck worker killed by SIGKILL" in err.decode()
+        await until(lambda: workers_of(alpha.proc.pid) == [], "no worker left running a stage")
+
+
+async def test_a_worker_started_ahead_takes_its_pipes_from_the_node(rt: Path) -> None:
+    sales = rt.parent / "sales.csv"
+    async with daemons(rt, ["alpha"]) as (alpha,), tap_of(rt, alpha) as tap:
+        first = await dpipes(rt, "--node", alpha.host_port, "%where@alpha | cat@alpha")
+        assert first.code == 0, first.stderr
+        await until(lambda: len(workers_of(alpha.proc.pid, idle=True)) == 2, "the pool to fill (2 by default)")
+        ready = set(workers_of(alpha.proc.pid, idle=True))
+        out = await dpipes(rt, "--node", alpha.host_port, "%where@alpha | cat@alpha")
+        assert out.code == 0, out.stderr
+        (row,) = rows(out.stdout)
+        assert int(row["pid"]) in ready  # a pooled worker wrote to its pipe to cat
+        await until(lambda: len(workers_of(alpha.proc.pid, idle=True)) == 2, "the pool to refill")
+        await subscribed(rt, tap, alpha)
+        pipeline = f'cat {sales} | %filter@alpha expr="amount > 100" | %summarize@alpha by=region agg=amount:sum'
+        out = await dpipes(rt, "--node", alpha.host_port, pipeline)  # both plugins in pooled workers
+        assert out.code == 0, out.stderr
+        assert rows(out.stdout) == SUMMARY
+        marker = b"the-pooled-run-is-over"
+        await dpipes(rt, "--node", alpha.host_port, f"echo {marker.decode()}@alpha")
+        events = await events_until(tap, marker)
+    pipeline_id, moved = data_of_the_filter_run(events)
+    assert moved == {f"alpha/{pipeline_id}.2"}  # cat -> filter -> summarize: pipes, none through the hub
