@@ -6,11 +6,14 @@ when the hub listens on TCP, ``info["tap"]`` in its ``HELLO`` and ``WELCOME``). 
 subscribes to the empty topic and receives single-frame messages, **tap events**: one per
 transfer the hub routes (to a local endpoint, a client or a peer hub). Link traffic the hub
 handles itself (``HELLO``/``WELCOME``, ``PING``/``PONG``, ``BYE``, ``ATTACH``) is not routed and
-is not mirrored. An event stands for one message, except a *batch event*: a ``BATCH`` (several
-small messages of a stream in one transfer) is mirrored as one event that stands for each of its
-members (see *Batch events*), so that the tap costs the hub one event per transfer, not one per
-few bytes routed. A ``BATCH`` whose ``of`` or ``sizes`` do not fit its payload is mirrored as
-one plain event of kind ``BATCH``.
+is not mirrored. Data that does not cross a hub is not mirrored either: an edge between two
+stages on one node that is a kernel pipe (two programs, or a program or plugin and a plugin
+stage's worker, ``start.direct_in``/``direct_out`` in ``dpipes.nodes.protocol``) shows no events,
+though the stages' stderr, Pipes messages and control traffic do. An event stands for one
+message, except a *batch event*: a ``BATCH`` (several small messages of a stream in one
+transfer) is mirrored as one event that stands for each of its members (see *Batch events*), so
+that the tap costs the hub one event per transfer, not one per few bytes routed. A ``BATCH``
+whose ``of`` or ``sizes`` do not fit its payload is mirrored as one plain event of kind ``BATCH``.
 
 Costs and losses
     While nobody subscribes the hub does no tap work at all. While someone does, it encodes one

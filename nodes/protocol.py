@@ -114,7 +114,10 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``report_to: list[str]`` (who gets its ``exit`` report), ``user: str = ""``,
         ``pipes: map = {}`` (this stage's Pipes options), ``direct_in: bool = false`` /
         ``direct_out: bool = false`` (the neighbour is on this node too, or the client handed its
-        stdin/stdout over: that edge is one kernel pipe and carries nothing on the bus),
+        stdin/stdout over: that edge is one kernel pipe and carries nothing on the bus; for a
+        plugin stage, set only in a linear pipeline, its worker gets its end of the pipe in place
+        of its one input connection's or output destination's stream, see
+        ``dpipes.nodes.plugins.spec``),
         ``cwd: str = ""`` (the directory the stage starts in; a relative one is taken from the
         node's configured ``workdir``; ``""``: that ``workdir`` itself), ``progress_to: str = ""``
         (where to send the stage's ``progress`` reports; ``""``: none),

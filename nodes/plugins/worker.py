@@ -16,7 +16,9 @@ document on stdin (then closed). The worker
    program's output converted at the boundary by :mod:`~dpipes.nodes.plugins.edges` (``csv``,
    ``ndjson``, ``arrow``: an Arrow IPC stream; in an object mode, ``OBJECTS`` batches become
    tables of their objects). Each connection feeds the runner from a thread of its own through a
-   bounded queue, so credit is granted only as the plugin consumes. An input with no ``src``
+   bounded queue, so credit is granted only as the plugin consumes. A *direct* input (the spec's
+   ``input_fd``: a kernel pipe from a neighbour on this node) is no stream: pyarrow reads it
+   straight from the descriptor on the plugin's thread (:mod:`~dpipes.nodes.plugins.direct`). An input with no ``src``
    (an optional anchor that nothing feeds) ends at once: the plugin gets its
    ``on_incoming_connection_complete`` without data. When every input ended, the runner completes;
 4. sends each outgoing anchor to each of its destinations (``spec.outputs``): ``ARROW`` streams
@@ -25,7 +27,8 @@ document on stdin (then closed). The worker
    a slow reader blocks the plugin's write, as a full pipe blocks a writer (that wait does not
    count against the callback timeout). An anchor that carried no schema at all ends an
    ``ARROW`` stream with one empty batch of no columns, so its reader still learns which anchor
-   ended; the reader skips it;
+   ended; the reader skips it. A *direct* output (``output_fd``) is written by pyarrow straight
+   onto the descriptor, on the plugin's thread; a full pipe blocks the write as credit would;
 5. sends the plugin's ``io`` messages as ``PIPES`` messages (one message's JSON per frame, as a
    node sends any stage's) to ``spec.messages_to``.
 

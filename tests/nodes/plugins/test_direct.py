@@ -158,3 +158,17 @@ async def test_a_worker_started_ahead_takes_its_pipes_from_the_node(rt: Path) ->
         events = await events_until(tap, marker)
     pipeline_id, moved = data_of_the_filter_run(events)
     assert moved == {f"alpha/{pipeline_id}.2"}  # cat -> filter -> summarize: pipes, none through the hub
+
+
+async def test_a_local_client_hands_its_stdin_and_stdout_to_plugin_stages(rt: Path) -> None:
+    async with daemons(rt, ["alpha"]) as (alpha,), tap_of(rt, alpha) as tap:
+        await subscribed(rt, tap, alpha)
+        pipeline = '%filter@alpha expr="amount > 100" | %summarize@alpha by=region agg=amount:sum'
+        out = await dpipes(rt, pipeline, input=SALES.encode())  # this host's node: stdin and stdout handed over
+        assert out.code == 0, out.stderr
+        assert rows(out.stdout) == SUMMARY
+        marker = b"the-local-run-is-over"
+        await dpipes(rt, "--node", alpha.host_port, f"echo {marker.decode()}@alpha")
+        events = await events_until(tap, marker)
+    _pipeline_id, moved = data_of_the_filter_run(events)
+    assert moved == set()  # the client's stdin to %filter, %filter to %summarize, %summarize to its stdout
