@@ -34,6 +34,7 @@ kept pipe ends close; a later ``start`` is answered ``not-found``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -143,6 +144,9 @@ class Stages:
         self._on_exit = on_exit
         self.workers = workers
         self._stages: dict[tuple[str, int], Stage] = {}
+        # A plugin worker's direct output, held open by the node too until the worker's exit is
+        # known: should it fail, its reader here is cancelled before it can see an end of input.
+        self._held_outputs: dict[tuple[str, int], int] = {}
         self._swept = False  # the bootstrap dirs of dead nodes, removed once
         # How much a producer may have in flight towards a stage here: the protocol's initial
         # credit, and what a larger window adds is granted as the stream opens.
@@ -262,6 +266,8 @@ class Stages:
         fd_in = self.direct.end(stage.pipeline, stage.index - 1, reader=True) if wiring.direct_in else None
         fd_out = self.direct.end(stage.pipeline, stage.index, reader=False) if wiring.direct_out else None
         fds = [fd for fd in (fd_in, fd_out) if fd is not None]
+        if fd_out is not None:
+            self._held_outputs[(stage.pipeline, stage.index)] = os.dup(fd_out)
         # A missing working directory is refused by the fork below, as for a program (one stat).
         ready = self.workers.take() if self.workers is not None and os.path.isdir(spec.cwd) else None  # noqa: ASYNC240
         if ready is not None and self.workers is not None:
@@ -273,6 +279,7 @@ class Stages:
                 WORKER_ARGV, env=env, cwd=spec.cwd, forward_stderr=True, stdout_fd=devnull(), pass_fds=fds
             )
         except StageError as exc:
+            self._release_output(stage)
             raise ControlError(REFUSED, str(exc)) from None
         finally:
             if ready is not None:
@@ -432,7 +439,10 @@ class Stages:
             )
         try:
             report = await run.run()
+            if report.error:  # a failed worker's output is not complete: its reader must not think it is
+                await self._cancel_reader(stage, report.error)
         finally:
+            self._release_output(stage)
             self._forget(stage)
             self.direct.close(stage.pipeline, (stage.index - 1, stage.index))  # a neighbour that never started
             if stage.pipes is not None:
@@ -440,6 +450,20 @@ class Stages:
         log.info("node %s: %s %s", self.node, stage.describe, report.status)
         await asyncio.gather(*(self._report(addr, report) for addr in wiring.report_to))
         self._on_exit()
+
+    async def _cancel_reader(self, stage: Stage, error: str) -> None:
+        """Cancel the stage that reads ``stage``'s direct output here (before it sees the pipe's end)."""
+        reader = self._stages.get((stage.pipeline, stage.index + 1))
+        if (stage.pipeline, stage.index) not in self._held_outputs or reader is None:
+            return
+        reader.cancelled = reader.cancelled or f"{stage.describe} failed"
+        reader.stop.set()
+        with contextlib.suppress(TimeoutError):  # bounded; the coordinator cancels the run anyway
+            await self._kill(reader)
+
+    def _release_output(self, stage: Stage) -> None:
+        if (fd := self._held_outputs.pop((stage.pipeline, stage.index), None)) is not None:
+            os.close(fd)
 
     def _send_progress(self, addr: str, report: ProgressReport) -> None:
         """A one-way ``progress`` report: a lost one is replaced by the next, so nothing waits."""

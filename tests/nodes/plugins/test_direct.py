@@ -172,3 +172,26 @@ async def test_a_local_client_hands_its_stdin_and_stdout_to_plugin_stages(rt: Pa
         events = await events_until(tap, marker)
     _pipeline_id, moved = data_of_the_filter_run(events)
     assert moved == set()  # the client's stdin to %filter, %filter to %summarize, %summarize to its stdout
+
+
+async def test_a_reader_that_stops_early_ends_a_plugin_on_a_direct_edge_as_sigpipe(rt: Path) -> None:
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        out = await dpipes(
+            rt, "--node", alpha.host_port, "--status", "%generate@alpha rows=100000000 | head@alpha -n 2"
+        )
+        assert out.code == 0, out.stderr  # as `yes | head` in a shell: the writer's SIGPIPE is no failure
+        assert out.stdout.decode().splitlines()[0] == '"n","square"'
+        assert len(out.stdout.decode().splitlines()) == 2
+        await until(lambda: workers_of(alpha.proc.pid) == [], "the worker to end")
+
+
+async def test_input_that_does_not_parse_on_a_direct_edge_fails_the_run_and_its_reader_sees_no_end(rt: Path) -> None:
+    # The first block (1 MiB) fixes the column as integers; a later row is text.
+    data = b"n\n" + b"12345\n" * 300_000 + b"twelve\n"
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        out = await dpipes(rt, "--node", alpha.host_port, "cat@alpha | %passthrough@alpha | wc@alpha -l", input=data)
+        assert out.code != 0
+        assert "stage 1 (%passthrough@alpha): plugin passthrough: input 'Input'" in out.stderr
+        assert "CSV does not parse: after" in out.stderr
+        assert out.stdout == b""  # wc was cancelled before it saw an end of input: no count of a partial one
+        assert workers_of(alpha.proc.pid) == []
