@@ -15,8 +15,8 @@ The edge's format is the one a bus edge would carry (``csv``, ``ndjson``, ``arro
 each batch in one go (pyarrow's writers make several small writes per batch, gathered in a buffer
 of that size and flushed after each batch, so that a batch reaches its reader as it is written).
 Its end marker is written at ``close``; a worker that fails calls ``abort`` instead, so that an
-Arrow reader downstream sees a truncated stream, not a complete one (the run fails anyway: the
-worker's exit report names it).
+Arrow reader downstream sees a truncated stream, not a complete one; and the node, which holds
+the pipe open too until the worker's exit is known, cancels that reader before it sees any end.
 
 What the worker cannot tell on such an edge: how many bytes crossed it (``exit`` reports -1, as for
 any direct edge), and the tap sees nothing of it (only what crosses the hub is published there).

@@ -14,6 +14,9 @@ Direct edges
     spec, the input's first, and the spec says ``FD_SENT`` for each. The worker reads and writes
     such an edge with pyarrow's own readers and writers in the edge's format (``batches``
     between two plugins: an Arrow IPC stream), see :mod:`dpipes.nodes.plugins.direct`.
+    The node keeps a copy of a direct output's write end until the worker has exited: when the
+    worker failed, the stage reading that pipe on the node is cancelled before it can see the
+    end of its input and take a partial one for the whole.
 """
 
 from __future__ import annotations
