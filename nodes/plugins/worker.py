@@ -18,9 +18,9 @@ document on stdin (then closed). The worker
    tables of their objects). Each connection feeds the runner from a thread of its own through a
    bounded queue, so credit is granted only as the plugin consumes. A *direct* input (the spec's
    ``input_fd``: a kernel pipe from a neighbour on this node) is no stream: pyarrow reads it
-   straight from the descriptor on the plugin's thread (:mod:`~dpipes.nodes.plugins.direct`). An input with no ``src``
-   (an optional anchor that nothing feeds) ends at once: the plugin gets its
-   ``on_incoming_connection_complete`` without data. When every input ended, the runner completes;
+   straight from the descriptor on the plugin's thread (:mod:`~dpipes.nodes.plugins.direct`).
+   An input with no ``src`` (an optional anchor that nothing feeds) ends at once: the plugin
+   gets its ``on_incoming_connection_complete`` without data. When every input ended, the runner completes;
 4. sends each outgoing anchor to each of its destinations (``spec.outputs``): ``ARROW`` streams
    to a plugin (zero-copy framing of :mod:`dpipes.bus.arrow`), else the edge's format as
    ``BYTES`` (``OBJECTS`` in an object mode) to a program or the client. Writes wait for credit:
