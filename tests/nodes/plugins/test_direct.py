@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from dpipes.bus.tap import TapEvent, decode_event
+from dpipes.nodes.plugins.spec import FD_BUS, FD_SENT, WorkerSpec
 from tests.nodes.daemons import Daemon, daemons, dpipes, start_dpipes
 from tests.nodes.plugins.test_worker import SALES, workers_of
 from tests.nodes.plugins.test_worker_pool import until
@@ -195,3 +196,23 @@ async def test_input_that_does_not_parse_on_a_direct_edge_fails_the_run_and_its_
         assert "CSV does not parse: after" in out.stderr
         assert out.stdout == b""  # wc was cancelled before it saw an end of input: no count of a partial one
         assert workers_of(alpha.proc.pid) == []
+
+
+def spec_body(**fields: object) -> dict[str, object]:
+    body: dict[str, object] = {
+        "hub": "ipc://x", "name": "p.1", "pipeline": "p", "stage": 1, "node": "alpha", "plugin": "filter",
+        "config": {}, "mode": "bytes", "messages_to": "c", "inputs": [], "outputs": [],
+        "callback_timeout_s": None, "window": 1, "cwd": "/", "env": {},
+    }  # fmt: skip
+    return {**body, **fields}
+
+
+def test_the_worker_spec_names_direct_edges_and_refuses_what_is_no_descriptor() -> None:
+    import json
+
+    assert WorkerSpec.from_json(json.dumps(spec_body()).encode()).input_fd == FD_BUS  # a spec of the bus only
+    spec = WorkerSpec.from_json(json.dumps(spec_body(input_fd=FD_SENT, output_fd=7)).encode())
+    assert (spec.input_fd, spec.output_fd, spec.direct) == (FD_SENT, 7, True)
+    for bad in (-3, "5", 1.5):
+        with pytest.raises(ValueError, match="input_fd is not a descriptor"):
+            WorkerSpec.from_json(json.dumps(spec_body(input_fd=bad)).encode())
