@@ -23,6 +23,7 @@ from tests.nodes.daemons import Daemon, daemons, dpipes, start_dpipes
 from tests.nodes.plugins.test_worker import SALES, workers_of
 from tests.nodes.plugins.test_worker_pool import until
 from tests.nodes.plugins.workers import install_plugins
+from tests.procs import resources
 
 WAIT_S = 30.0
 DATA_KINDS = {"BYTES", "ARROW", "OBJECTS"}
@@ -216,3 +217,22 @@ def test_the_worker_spec_names_direct_edges_and_refuses_what_is_no_descriptor() 
     for bad in (-3, "5", 1.5):
         with pytest.raises(ValueError, match="input_fd is not a descriptor"):
             WorkerSpec.from_json(json.dumps(spec_body(input_fd=bad)).encode())
+
+
+async def test_direct_edges_leave_the_daemon_no_descriptor(rt: Path) -> None:
+    sales = rt.parent / "sales.csv"
+    runs = [
+        f'cat {sales} | %filter@alpha expr="amount > 100" | %summarize@alpha by=region agg=amount:sum | cat@alpha',
+        "cat@alpha | %passthrough@alpha | wc@alpha -l",  # fails: the CSV does not parse
+        "%generate@alpha rows=100000000 | head@alpha -n 2",  # ends by SIGPIPE
+    ]
+    bad = b"a,b\n1,2\n3,4,5\n"
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        for pipeline in runs:  # warm up: the pool fills, lazy imports happen
+            await dpipes(rt, "--node", alpha.host_port, pipeline, input=bad)
+        await until(lambda: len(workers_of(alpha.proc.pid, idle=True)) == 2, "the pool to fill")
+        before = resources(alpha.proc.pid).fds
+        for pipeline in runs * 3:
+            await dpipes(rt, "--node", alpha.host_port, pipeline, input=bad)
+        await until(lambda: len(workers_of(alpha.proc.pid, idle=True)) == 2, "the pool to refill")
+        await until(lambda: resources(alpha.proc.pid).fds <= before, f"alpha's descriptors back to {before}")
