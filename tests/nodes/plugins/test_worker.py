@@ -266,3 +266,7 @@ async def test_megabytes_of_arrow_through_a_plugin_come_out_as_they_went_in(rt: 
         out = await dpipes(rt, "--node", alpha.host_port, "--arrow", f"cat {data} | %passthrough@beta | cat")
         assert out.code == 0, out.stderr
         assert ipc.open_stream(pa.BufferReader(out.stdout)).read_all().equals(table)
+        # The same from this host's daemon: dpipes' short path keeps --arrow, and hands over its stdout.
+        out = await dpipes(rt, "--arrow", f"cat@alpha {data} | %passthrough@beta | cat@alpha")
+        assert out.code == 0, out.stderr
+        assert ipc.open_stream(pa.BufferReader(out.stdout)).read_all().equals(table)
