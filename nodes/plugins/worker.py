@@ -50,13 +50,13 @@ still holds the runner's thread, which nothing else could stop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import faulthandler
 import io
 import json
 import logging
 import os
-import queue
 import signal
 import sys
 import tempfile
@@ -100,6 +100,7 @@ EXIT_NOT_STARTED: Final = 4
 
 ANCHOR_KEY: Final = "anchor"  # in a stream's first ARROW part: the sender's output anchor
 FEED_BUFFER_BYTES: Final = 1024 * 1024  # a program's bytes are read by pyarrow through a buffer this large
+SHARE_FROM_BYTES: Final = 64 * 1024  # a buffer a writer hands over this large is sent as it is, not copied
 FEED_QUEUE_ITEMS: Final = 8  # per input connection: messages read ahead of the plugin (credit does the rest)
 SEND_AHEAD_BATCHES: Final = 32  # per output: batches the plugin may write ahead of the loop sending them
 PIPES_BATCH_FRAMES: Final = 256  # io messages sent together in one PIPES message
@@ -149,10 +150,58 @@ def _in_thread(loop: asyncio.AbstractEventLoop, name: str, fn: Callable[[], T]) 
     return future
 
 
-class _Feed(io.RawIOBase):
-    """A byte stream read by pyarrow on a thread, written by the loop through a bounded queue."""
+class _Handoff:
+    """A bounded queue from the loop to one thread: the loop awaits room, the thread blocks for items.
 
-    def __init__(self, items: queue.Queue[Any]) -> None:
+    The thread that takes an item wakes a waiting loop with one ``call_soon_threadsafe``; no
+    thread is started per item, however often the reader is behind.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_items: int) -> None:
+        self._loop = loop
+        self._max = max_items
+        self._items: collections.deque[Any] = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._room: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        """On the loop: queue ``item`` whatever the bound (an end marker)."""
+        with self._ready:
+            self._items.append(item)
+            self._ready.notify()
+
+    async def put(self, item: Any) -> None:
+        """On the loop: queue ``item``, waiting while the queue is full (so no credit is granted)."""
+        while True:
+            with self._ready:
+                if len(self._items) < self._max:
+                    self._items.append(item)
+                    self._ready.notify()
+                    return
+                room = self._room = self._loop.create_future()
+            await room
+
+    def get(self) -> Any:
+        """On the thread: the next item, waiting for it."""
+        with self._ready:
+            while not self._items:
+                self._ready.wait()
+            item = self._items.popleft()
+            room, self._room = self._room, None
+        if room is not None:
+            self._loop.call_soon_threadsafe(_wake, room)
+        return item
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Feed(io.RawIOBase):
+    """A byte stream read by pyarrow on a thread, written by the loop through a :class:`_Handoff`."""
+
+    def __init__(self, items: _Handoff) -> None:
         super().__init__()
         self._items = items
         self._buf = memoryview(b"")
@@ -195,19 +244,14 @@ class _Input:
     def __init__(self, spec: PluginInput, worker: _Worker) -> None:
         self.spec = spec
         self.worker = worker
-        self.items: queue.Queue[Any] = queue.Queue(maxsize=FEED_QUEUE_ITEMS)
+        self.items = _Handoff(worker.loop, FEED_QUEUE_ITEMS)
         self.where = f"input {spec.anchor!r} (from {spec.src or 'nothing'})"
         self.stream: InStream | None = None
         if not spec.src:  # an optional anchor nothing feeds: it ends at once, without data
             self.items.put_nowait(None)
 
     async def put(self, item: Any) -> None:
-        try:
-            self.items.put_nowait(item)
-        except queue.Full:  # the plugin is behind: wait for it (and so grant no credit)
-            # A daemon thread, not the loop's executor: should the plugin fail and never take it,
-            # the wait must not keep the worker from exiting.
-            await _in_thread(self.worker.loop, f"{self.where} put", lambda: self.items.put(item))
+        await self.items.put(item)  # the plugin is behind: wait for it (and so grant no credit)
 
     async def pump(self, stream: InStream, first: codec.Message | None) -> None:
         """Read the stream to its end into the queue (None at the end)."""
@@ -276,22 +320,41 @@ class _Input:
 
 
 class _Collector:
-    """The sink pyarrow's writers write to: what they wrote, taken after each batch."""
+    """The sink pyarrow's writers write to: what they wrote since the last take, as payload frames.
+
+    pyarrow's IPC writer hands a batch's own buffers over as ``pyarrow.Buffer``: those large ones
+    stay frames of their own, zero-copy (the frame keeps the buffer alive until it is sent); small
+    writes in between (metadata, padding, a CSV block's text) are copied and joined.
+    """
 
     def __init__(self) -> None:
-        self.chunks: list[bytes] = []
+        self.frames: list[Any] = []
+        self._small: list[bytes] = []
         self.closed = False
 
     def write(self, data: Any) -> int:
-        self.chunks.append(bytes(data))
-        return len(data)
+        nbytes = data.size if isinstance(data, pa.Buffer) else memoryview(data).nbytes
+        if nbytes < SHARE_FROM_BYTES or not isinstance(data, pa.Buffer | bytes):
+            self._small.append(bytes(data))  # it may be reused once this returns
+        else:
+            self._join_small()
+            for at in range(0, nbytes, codec.MAX_PAYLOAD_FRAME_BYTES):
+                self.frames.append(data[at : at + codec.MAX_PAYLOAD_FRAME_BYTES])
+        return nbytes
 
     def flush(self) -> None:
         pass
 
-    def take(self) -> bytes:
-        data, self.chunks = b"".join(self.chunks), []
-        return data
+    def _join_small(self) -> None:
+        if self._small:
+            self.frames.append(b"".join(self._small))
+            self._small = []
+
+    def take(self) -> list[Any]:
+        """The frames written since the last take, in order."""
+        self._join_small()
+        frames, self.frames = self.frames, []
+        return frames
 
 
 class _Sink:
@@ -350,12 +413,13 @@ class _Sink:
             out.append(codec.Arrow(arrow=arrow, frames=tuple(frames)))
         return out
 
-    def _bytes_messages(self, data: bytes) -> list[codec.Message]:
-        if not data:
+    def _bytes_messages(self, frames: list[Any]) -> list[codec.Message]:
+        if not frames:
             return []
         if self._outgoing is not None:
-            return list(self._outgoing.messages(data))
-        return [codec.Bytes(frames=(data,))]
+            return list(self._outgoing.messages(b"".join(frames)))
+        step = codec.MAX_FRAMES - 1
+        return [codec.Bytes(frames=tuple(frames[at : at + step])) for at in range(0, len(frames), step)]
 
     def finish(self) -> list[codec.Message]:
         """On the plugin's thread: the messages that end the format (no schema: an end marker)."""
