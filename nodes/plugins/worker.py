@@ -353,19 +353,21 @@ class _Input:
 class _Collector:
     """The sink pyarrow's writers write to: what they wrote since the last take, as payload frames.
 
-    pyarrow's IPC writer hands a batch's own buffers over as ``pyarrow.Buffer``: those large ones
-    stay frames of their own, zero-copy (the frame keeps the buffer alive until it is sent); small
-    writes in between (metadata, padding, a CSV block's text) are copied and joined.
+    With ``share`` (the IPC writer's sink), the large ``pyarrow.Buffer`` writes, which are a
+    batch's own buffers, stay frames of their own, zero-copy (the frame keeps the buffer alive
+    until it is sent); small writes in between (metadata, padding) are copied and joined. Without
+    it every write is copied: the CSV writer refills one buffer of its own for every batch.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, share: bool) -> None:
         self.frames: list[Any] = []
         self._small: list[bytes] = []
+        self._share = share
         self.closed = False
 
     def write(self, data: Any) -> int:
         nbytes = data.size if isinstance(data, pa.Buffer) else memoryview(data).nbytes
-        if nbytes < SHARE_FROM_BYTES or not isinstance(data, pa.Buffer | bytes):
+        if not self._share or nbytes < SHARE_FROM_BYTES or not isinstance(data, pa.Buffer | bytes):
             self._small.append(bytes(data))  # it may be reused once this returns
         else:
             self._join_small()
@@ -397,7 +399,7 @@ class _Sink:
         self.stream: OutStream | None = worker.ep.open_stream(spec.dst) if spec.dst else None
         self.encoder: ArrowEncoder | None = None
         self.writer: EdgeWriter | None = None
-        self.collector = _Collector()
+        self.collector = _Collector(share=spec.format == "arrow")
         self.schema: pa.Schema | None = None
         self._outgoing: Any = None
         self._first = True
