@@ -85,12 +85,14 @@ def run_local(
     stdout_fd: int = 1,
     stderr_fd: int = 2,
     handle_sigint: bool = True,
+    edge_format: str = "csv",
 ) -> RunResult | None:
     """Run ``pipeline`` (bytes mode) through this host's daemon, or through ``entry`` (``ipc://``).
 
     Args:
         stdin: stream ``stdin_fd`` into the first stage (else it reads nothing).
         pipes: the run's Pipes options, as :class:`dpipes.nodes.run.RunOptions` has them.
+        edge_format: a program's bytes at an edge with a plugin (``csv``, ``ndjson``, ``arrow``).
 
     Returns:
         What the run came to, as :func:`dpipes.nodes.run.run_pipeline` returns it; None when no
@@ -128,7 +130,7 @@ def run_local(
             "workdir": workdir,
             "progress": False,
             "workflow": {},
-            "edge_format": "csv",
+            "edge_format": edge_format,
         }
         return run.run(body, pipefail=pipefail, handle_sigint=handle_sigint)
     finally:

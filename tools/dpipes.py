@@ -646,6 +646,7 @@ def _short_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             pipes=_pipes_options(args, parser, 0),  # no Pipes flags: the defaults, for every stage
             require=tuple(args.require),
             entry=args.entry,
+            edge_format=args.edge_format or "csv",
         )
     except RunFailed as exc:
         print(f"dpipes: {exc}", file=sys.stderr)

@@ -53,6 +53,7 @@ still holds the runner's thread, which nothing else could stop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import faulthandler
@@ -60,7 +61,6 @@ import io
 import json
 import logging
 import os
-import queue
 import signal
 import sys
 import tempfile
@@ -104,7 +104,8 @@ EXIT_BAD_OUTPUT: Final = 3
 EXIT_NOT_STARTED: Final = 4
 
 ANCHOR_KEY: Final = "anchor"  # in a stream's first ARROW part: the sender's output anchor
-FEED_BUFFER_BYTES: Final = 1024 * 1024  # a program's bytes are read by pyarrow through a buffer this large
+ALIGN_FROM_BYTES: Final = 64  # a read this large handed over as a view of a chunk must be 8-byte aligned
+SHARE_FROM_BYTES: Final = 64 * 1024  # a buffer a writer hands over this large is sent as it is, not copied
 FEED_QUEUE_ITEMS: Final = 8  # per input connection: messages read ahead of the plugin (credit does the rest)
 SEND_AHEAD_BATCHES: Final = 32  # per output: batches the plugin may write ahead of the loop sending them
 PIPES_BATCH_FRAMES: Final = 256  # io messages sent together in one PIPES message
@@ -155,10 +156,65 @@ def _in_thread(loop: asyncio.AbstractEventLoop, name: str, fn: Callable[[], T]) 
     return future
 
 
-class _Feed(io.RawIOBase):
-    """A byte stream read by pyarrow on a thread, written by the loop through a bounded queue."""
+class _Handoff:
+    """A bounded queue from the loop to one thread: the loop awaits room, the thread blocks for items.
 
-    def __init__(self, items: queue.Queue[Any]) -> None:
+    The thread that takes an item wakes a waiting loop with one ``call_soon_threadsafe``; no
+    thread is started per item, however often the reader is behind.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_items: int) -> None:
+        self._loop = loop
+        self._max = max_items
+        self._items: collections.deque[Any] = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._room: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        """On the loop: queue ``item`` whatever the bound (an end marker)."""
+        with self._ready:
+            self._items.append(item)
+            self._ready.notify()
+
+    async def put(self, item: Any) -> None:
+        """On the loop: queue ``item``, waiting while the queue is full (so no credit is granted)."""
+        while True:
+            with self._ready:
+                if len(self._items) < self._max:
+                    self._items.append(item)
+                    self._ready.notify()
+                    return
+                room = self._room = self._loop.create_future()
+            await room
+
+    def get(self) -> Any:
+        """On the thread: the next item, waiting for it."""
+        with self._ready:
+            while not self._items:
+                self._ready.wait()
+            item = self._items.popleft()
+            room, self._room = self._room, None
+        if room is not None:
+            self._loop.call_soon_threadsafe(_wake, room)
+        return item
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Feed(io.RawIOBase):
+    """A byte stream read by pyarrow on a thread, written by the loop through a :class:`_Handoff`.
+
+    ``read(n)`` gives exactly ``n`` bytes, fewer only at the end (pyarrow's readers take a short
+    read for the end of the stream). What lies within one received chunk is handed over as a view
+    of it, zero-copy, when it starts 8-byte aligned (Arrow's buffers want that); what spans chunks
+    is gathered once into a buffer of pyarrow's memory pool, which reuses its pages instead of
+    faulting in fresh ones for every batch.
+    """
+
+    def __init__(self, items: _Handoff) -> None:
         super().__init__()
         self._items = items
         self._buf = memoryview(b"")
@@ -167,28 +223,54 @@ class _Feed(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def _next(self) -> bool:
+        """Take the next chunk: whether there was one (not the end)."""
+        while not self._eof:
+            item = self._items.get()
+            if item is None:
+                self._eof = True
+            elif item:
+                self._buf = memoryview(item).cast("B")
+                return True
+        return False
+
     def peek(self) -> bool:
         """Wait for the first bytes: whether there are any."""
-        while not self._buf and not self._eof:
-            item = self._items.get()
-            if item is None:
-                self._eof = True
-            else:
-                self._buf = memoryview(item).cast("B")
-        return bool(self._buf)
+        return bool(self._buf) or self._next()
+
+    def read(self, size: int | None = -1) -> Any:
+        if size is None or size < 0:
+            return b"".join(self._rest())
+        buf = self._buf
+        if len(buf) >= size:
+            piece = buf[:size]
+            if size < ALIGN_FROM_BYTES or pa.py_buffer(piece).address % 8 == 0:
+                self._buf = buf[size:]
+                return piece
+        out = pa.allocate_buffer(size)
+        view = memoryview(out).cast("B")
+        at = 0
+        while at < size:
+            if not buf:
+                if not self._next():
+                    break
+                buf = self._buf
+            n = min(size - at, len(buf))
+            view[at : at + n] = buf[:n]
+            at += n
+            buf = buf[n:]
+        self._buf = buf
+        return out if at == size else out.slice(0, at)
+
+    def _rest(self) -> Any:
+        while self._buf or self._next():
+            yield self._buf
+            self._buf = memoryview(b"")
 
     def readinto(self, b: Any) -> int:
-        while not self._buf:
-            if self._eof:
-                return 0
-            item = self._items.get()
-            if item is None:
-                self._eof = True
-                return 0
-            self._buf = memoryview(item).cast("B")
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
+        data = self.read(len(b))
+        n = len(data)
+        b[:n] = memoryview(data).cast("B")
         return n
 
 
@@ -201,7 +283,7 @@ class _Input:
     def __init__(self, spec: PluginInput, worker: _Worker) -> None:
         self.spec = spec
         self.worker = worker
-        self.items: queue.Queue[Any] = queue.Queue(maxsize=FEED_QUEUE_ITEMS)
+        self.items = _Handoff(worker.loop, FEED_QUEUE_ITEMS)
         self.where = f"input {spec.anchor!r} (from {spec.src or 'nothing'})"
         self.stream: InStream | None = None
         self.direct: DirectInput | None = None  # a kernel pipe from a neighbour here, in place of a stream
@@ -212,12 +294,7 @@ class _Input:
             self.items.put_nowait(None)
 
     async def put(self, item: Any) -> None:
-        try:
-            self.items.put_nowait(item)
-        except queue.Full:  # the plugin is behind: wait for it (and so grant no credit)
-            # A daemon thread, not the loop's executor: should the plugin fail and never take it,
-            # the wait must not keep the worker from exiting.
-            await _in_thread(self.worker.loop, f"{self.where} put", lambda: self.items.put(item))
+        await self.items.put(item)  # the plugin is behind: wait for it (and so grant no credit)
 
     async def pump(self, stream: InStream, first: codec.Message | None) -> None:
         """Read the stream to its end into the queue (None at the end)."""
@@ -279,31 +356,50 @@ class _Input:
         else:
             feed = _Feed(self.items)
             if feed.peek():  # an empty input (a program that wrote nothing, /dev/null) has no batches
-                # Buffered: pyarrow's readers take a short read for the end of the stream.
-                source = io.BufferedReader(feed, FEED_BUFFER_BYTES)
-                yield from read_batches(fmt, source, where=self.where)  # type: ignore[arg-type]
+                yield from read_batches(fmt, feed, where=self.where)  # type: ignore[arg-type]
 
 
 # -- outputs ---------------------------------------------------------------------------------------
 
 
 class _Collector:
-    """The sink pyarrow's writers write to: what they wrote, taken after each batch."""
+    """The sink pyarrow's writers write to: what they wrote since the last take, as payload frames.
 
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
+    With ``share`` (the IPC writer's sink), the large ``pyarrow.Buffer`` writes, which are a
+    batch's own buffers, stay frames of their own, zero-copy (the frame keeps the buffer alive
+    until it is sent); small writes in between (metadata, padding) are copied and joined. Without
+    it every write is copied: the CSV writer refills one buffer of its own for every batch.
+    """
+
+    def __init__(self, *, share: bool) -> None:
+        self.frames: list[Any] = []
+        self._small: list[bytes] = []
+        self._share = share
         self.closed = False
 
     def write(self, data: Any) -> int:
-        self.chunks.append(bytes(data))
-        return len(data)
+        nbytes = data.size if isinstance(data, pa.Buffer) else memoryview(data).nbytes
+        if not self._share or nbytes < SHARE_FROM_BYTES or not isinstance(data, pa.Buffer | bytes):
+            self._small.append(bytes(data))  # it may be reused once this returns
+        else:
+            self._join_small()
+            for at in range(0, nbytes, codec.MAX_PAYLOAD_FRAME_BYTES):
+                self.frames.append(data[at : at + codec.MAX_PAYLOAD_FRAME_BYTES])
+        return nbytes
 
     def flush(self) -> None:
         pass
 
-    def take(self) -> bytes:
-        data, self.chunks = b"".join(self.chunks), []
-        return data
+    def _join_small(self) -> None:
+        if self._small:
+            self.frames.append(b"".join(self._small))
+            self._small = []
+
+    def take(self) -> list[Any]:
+        """The frames written since the last take, in order."""
+        self._join_small()
+        frames, self.frames = self.frames, []
+        return frames
 
 
 class _Sink:
@@ -315,7 +411,7 @@ class _Sink:
         self.stream: OutStream | None = worker.ep.open_stream(spec.dst) if spec.dst else None
         self.encoder: ArrowEncoder | None = None
         self.writer: EdgeWriter | None = None
-        self.collector = _Collector()
+        self.collector = _Collector(share=spec.format == "arrow")
         self.schema: pa.Schema | None = None
         self._outgoing: Any = None
         self._first = True
@@ -362,12 +458,13 @@ class _Sink:
             out.append(codec.Arrow(arrow=arrow, frames=tuple(frames)))
         return out
 
-    def _bytes_messages(self, data: bytes) -> list[codec.Message]:
-        if not data:
+    def _bytes_messages(self, frames: list[Any]) -> list[codec.Message]:
+        if not frames:
             return []
         if self._outgoing is not None:
-            return list(self._outgoing.messages(data))
-        return [codec.Bytes(frames=(data,))]
+            return list(self._outgoing.messages(b"".join(frames)))
+        step = codec.MAX_FRAMES - 1
+        return [codec.Bytes(frames=tuple(frames[at : at + step])) for at in range(0, len(frames), step)]
 
     def finish(self) -> list[codec.Message]:
         """On the plugin's thread: the messages that end the format (no schema: an end marker)."""

@@ -91,6 +91,37 @@ async def test_an_input_plugin_first_and_arrow_ipc_to_a_program(rt: Path) -> Non
         assert out.stdout.decode().split() == ["1000", str(sum(range(1000)))]
 
 
+def test_output_frames_keep_what_each_writer_wrote_when_it_wrote_it() -> None:
+    # The IPC writer hands over a batch's own buffers (sent zero-copy); the CSV writer refills one
+    # buffer of its own for every batch, so each CSV block is copied before the next is written.
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from dpipes.nodes.plugins.edges import open_writer
+    from dpipes.nodes.plugins.worker import _Collector
+
+    first, second = (pa.table({"s": [c * 100] * 2000}).to_batches()[0] for c in "ab")
+    csv_out = _Collector(share=False)
+    writer = open_writer("csv", csv_out, first.schema)
+    taken = []
+    for batch in (first, second):
+        writer.write(batch)
+        taken.append(csv_out.take())  # sent later, by the loop: the next write comes first
+    first_block = b"".join(bytes(frame) for frame in taken[0])
+    assert first_block.splitlines()[1:] == [b'"' + b"a" * 100 + b'"'] * 2000
+    ipc_out = _Collector(share=True)
+    writer = open_writer("arrow", ipc_out, first.schema)
+    frames = []
+    for batch in (first, second):
+        writer.write(batch)
+        frames += ipc_out.take()
+    writer.close()
+    frames += ipc_out.take()
+    assert any(isinstance(frame, pa.Buffer) for frame in frames)  # shared, not copied
+    stream = pa.py_buffer(b"".join(bytes(frame) for frame in frames))
+    assert ipc.open_stream(stream).read_all().equals(pa.Table.from_batches([first, second]))
+
+
 async def test_json_mode_plugin_takes_and_gives_objects(rt: Path) -> None:
     lines = b"".join(json.dumps({"k": k, "v": v}).encode() + b"\n" for k, v in [("a", 1), ("b", 5), ("a", 7)])
     async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
@@ -264,5 +295,9 @@ async def test_megabytes_of_arrow_through_a_plugin_come_out_as_they_went_in(rt: 
             writer.write_batch(batch)
     async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
         out = await dpipes(rt, "--node", alpha.host_port, "--arrow", f"cat {data} | %passthrough@beta | cat")
+        assert out.code == 0, out.stderr
+        assert ipc.open_stream(pa.BufferReader(out.stdout)).read_all().equals(table)
+        # The same from this host's daemon: dpipes' short path keeps --arrow, and hands over its stdout.
+        out = await dpipes(rt, "--arrow", f"cat@alpha {data} | %passthrough@beta | cat@alpha")
         assert out.code == 0, out.stderr
         assert ipc.open_stream(pa.BufferReader(out.stdout)).read_all().equals(table)
