@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import logging
@@ -729,6 +728,8 @@ async def _run(args: argparse.Namespace) -> int:
         edge_format=args.edge_format or "csv",
     )
     if args.workflow_doc and "input" not in args.workflow_doc:
+        import dataclasses
+
         options = dataclasses.replace(options, stdin=False)  # a workflow reads stdin only into its input
     progress = _stderr_is_terminal() if args.progress is None else args.progress
     view = None
