@@ -55,9 +55,7 @@ def runs(pid: int, program: str) -> bool:
 def test_a_stage_dies_when_its_node_is_killed_hard(how: str) -> None:
     if how == "setpriv" and launch.launcher("sleep", env=ENV, cwd=None) is None:
         pytest.skip("no setpriv with --pdeathsig on this host")
-    node = subprocess.Popen(
-        [sys.executable, "-c", NODE, how], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    node = subprocess.Popen([sys.executable, "-c", NODE, how], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert node.stdout is not None
         pid = int(node.stdout.readline())
