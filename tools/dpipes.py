@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import os
 import shlex
 import sys
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from dpipes.bus import logs
 from dpipes.bus.errors import DpipesError
 
 if TYPE_CHECKING:
@@ -614,10 +614,10 @@ def main(argv: list[str] | None = None) -> int:
         except DpipesError as exc:
             print(f"dpipes: {exc}", file=sys.stderr)
             return EXIT_FAILED
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
+    logs.on_first_use(lambda: _set_up_logging(args.verbose))  # the short path may log nothing at all
     args.workflow_doc = {}
     if args.workflow:
+        logs.set_up()
         if args.pipeline:
             _usage_error(parser, "give a pipeline or --workflow FILE, not both")
         try:
@@ -642,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         except PipelineSyntaxError as exc:
             print(f"dpipes: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    logs.set_up()  # the full path's modules log through logging itself
     if args.mode is None:
         args.mode = "bytes"
     args.pipes = _pipes_options(args, parser, count)
@@ -654,6 +655,13 @@ def main(argv: list[str] | None = None) -> int:
     except DpipesError as exc:
         print(f"dpipes: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _set_up_logging(verbose: int) -> None:
+    import logging
+
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
 
 
 def _workflow(path: str) -> tuple[dict[str, Any], int]:

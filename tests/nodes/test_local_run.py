@@ -104,7 +104,7 @@ async def test_the_short_path_is_taken_and_imports_no_asyncio(rt: Path) -> None:
 
 
 async def test_the_short_path_imports_only_what_a_run_needs(rt: Path) -> None:
-    unneeded = ("asyncio", "argparse", "dataclasses", "dpipes.nodes.pipes_frames", "yaml", "pyarrow", "rich")
+    unneeded = ("asyncio", "argparse", "dataclasses", "logging", "dpipes.nodes.pipes_frames", "yaml", "pyarrow", "rich")
     probe = (
         "import sys; from dpipes.tools.dpipes import main; code = main(['--insecure', 'echo x | cat']); "
         f"print(code, [m for m in {unneeded!r} if m in sys.modules], file=sys.stderr)"
