@@ -8,14 +8,11 @@ shared place such as ``/tmp``, a symbolic link is a trap someone else set, and i
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from pathlib import Path
 
 __all__ = ["private_dir"]
-
-log = logging.getLogger(__name__)
 
 
 def private_dir(path: Path, *, what: str, error: type[Exception], remedy: str, follow_links: bool = True) -> Path:

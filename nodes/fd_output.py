@@ -13,13 +13,14 @@ Imports nothing of asyncio: the short path stays short.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 import threading
 from typing import Any
 
-log = logging.getLogger(__name__)
+from dpipes.bus.logs import LazyLogger
+
+log = LazyLogger(__name__)  # logging is imported only if something is logged (dpipes.bus.logs)
 
 
 def writes_at_once(fd: int) -> bool:

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import socket
 import struct
 from typing import TYPE_CHECKING, Final
 
+from dpipes.bus.logs import LazyLogger
+
 if TYPE_CHECKING:
     import asyncio
 
-log = logging.getLogger(__name__)
+log = LazyLogger(__name__)  # logging is imported only if something is logged (dpipes.bus.logs)
 
 KEEP_S: Final = 30.0  # an unclaimed hand-over is closed after this long
 TAKE_WAIT_S: Final = 2.0  # the run request may overtake its hand-over: wait this long for it

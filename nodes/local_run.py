@@ -32,7 +32,6 @@ of its method's shape is answered ``bad-request``.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
@@ -41,6 +40,8 @@ from typing import Any
 
 import zmq
 
+from dpipes.bus import logs
+from dpipes.bus.logs import LazyLogger
 from dpipes.nodes.fd_output import Output
 from dpipes.nodes.local_wire import (
     CTL,
@@ -61,7 +62,7 @@ from dpipes.nodes.local_wire import (
 )
 from dpipes.nodes.results import EXIT_INTERRUPTED, RunFailed, RunResult, StageResult, run_exit_code
 
-log = logging.getLogger(__name__)
+log = LazyLogger(__name__)  # logging is imported only if something is logged (dpipes.bus.logs)
 
 # The full client's (dpipes.nodes.run; tests/nodes/test_local_run.py holds them equal).
 CANCEL_WAIT_S = 15.0  # after Ctrl-C or a failure: how long we wait for the stages' exit reports
@@ -370,8 +371,8 @@ class _Run:
             error = f"a dpipes client takes no {method!r} request" if code == "unknown-method" else "malformed report"
             self.c.send("REPLY", h["src"], seq=h["seq"], ok=False, body={"code": code, "field": ""}, error=error)
             self.refused_reports += 1
-            level = logging.WARNING if self.refused_reports == 1 else logging.DEBUG
-            log.log(level, "refused a %s report from %s: %s", str(method)[:64], h["src"], error)
+            say = log.warning if self.refused_reports == 1 else log.debug
+            say("refused a %s report from %s: %s", str(method)[:64], h["src"], error)
             return
         self.c.send("REPLY", h["src"], seq=h["seq"], ok=True, body={}, error="")
         if not self.pipeline:  # a stage may end before `run` is answered: keep its report until then
@@ -459,6 +460,8 @@ class _Run:
     def _on_pipes(self, stage: StageResult | None, frame: memoryview) -> None:
         """One Pipes frame from a stage: kept by the stage's handler, its logs written now."""
         from dpipes.nodes.pipes_frames import PipesFrameError, decode_frame
+
+        logs.set_up()  # the Pipes decoder logs through logging itself
 
         item = decode_frame(frame)
         if stage is None:

@@ -21,7 +21,6 @@ report whose fields are not of their types.
 
 from __future__ import annotations
 
-import logging
 import socket
 import time
 from collections.abc import Mapping
@@ -30,9 +29,10 @@ from typing import Any
 import msgpack
 import zmq
 
+from dpipes.bus.logs import LazyLogger
 from dpipes.nodes.results import RunFailed
 
-log = logging.getLogger(__name__)
+log = LazyLogger(__name__)  # logging is imported only if something is logged (dpipes.bus.logs)
 
 # The bus's constants (dpipes.bus.codec; tests/nodes/test_local_run.py holds them equal).
 PROTOCOL_VERSION = 2
@@ -128,8 +128,8 @@ class BlockingClient:
     def drop(self, what: str) -> None:
         """Count a malformed message from the hub: logged as a warning the first time, then at debug."""
         self.dropped += 1
-        level = logging.WARNING if self.dropped == 1 else logging.DEBUG
-        log.log(level, "dropped a malformed %s from the hub at %s (%d so far)", what, self.endpoint, self.dropped)
+        say = log.warning if self.dropped == 1 else log.debug
+        say("dropped a malformed %s from the hub at %s (%d so far)", what, self.endpoint, self.dropped)
 
     def attach(self) -> bool:
         """ATTACH and wait for ATTACHED; False when the hub does not answer (then nothing ran)."""

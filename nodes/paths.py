@@ -68,8 +68,8 @@ import fcntl
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from dpipes.bus.errors import DpipesError
 from dpipes.bus.private import private_dir
@@ -156,9 +156,12 @@ def check_daemon_name(name: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class NodeFiles:
-    """The runtime files of one name in one runtime directory."""
+class NodeFiles(NamedTuple):
+    """The runtime files of one name in one runtime directory.
+
+    A named tuple, not a dataclass: the short client path finds the local daemon here, and
+    :mod:`dataclasses` costs a start of ``dpipes`` several milliseconds of imports.
+    """
 
     dir: Path
     name: str
@@ -456,8 +459,7 @@ def release(*claims: Claim | None) -> None:
             held.release()
 
 
-@dataclass(frozen=True, slots=True)
-class LocalDaemon:
+class LocalDaemon(NamedTuple):
     """The daemon that answers at the host's local socket."""
 
     pid: int

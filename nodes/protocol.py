@@ -382,7 +382,7 @@ class Body:
 
     @classmethod
     def _fields(cls) -> tuple[tuple[str, Any, Any, dict[str, Any]], ...]:
-        if "_FIELDS" not in cls.__dict__ or not cls.__dict__["_FIELDS"]:
+        if "_FIELDS" not in cls.__dict__:  # once per class, a body with no fields too (every run has some)
             hints = typing.get_type_hints(cls)
             spec = []
             for f in dataclasses.fields(cls):

@@ -11,11 +11,13 @@ Exit codes (the ``dpipes`` command documents them):
 
 from __future__ import annotations
 
-import dataclasses
 import shlex
+from typing import TYPE_CHECKING, Any
 
 from dpipes.bus.errors import DpipesError
-from dpipes.nodes.pipes_frames import PipesMessageHandler
+
+if TYPE_CHECKING:
+    from dpipes.nodes.pipes_frames import PipesMessageHandler
 
 EXIT_DPIPES_FAILED = 125
 EXIT_INTERRUPTED = 130
@@ -33,26 +35,107 @@ class RunFailed(DpipesError):
         self.code = code
 
 
-@dataclasses.dataclass
-class StageResult:
-    index: int
-    node: str
-    argv: list[str]
-    code: int = -1
-    signal: int = 0
-    status: str = "did not report"
-    sigpipe: bool = False
-    error: str = ""  # what went wrong moving its data (the output is then incomplete)
-    cancelled: str = ""  # why it was cancelled (Ctrl-C, a failed neighbour, a lost node, ...)
-    stderr_tail: str = ""
-    reported: bool = False
-    pipes: PipesMessageHandler = dataclasses.field(default_factory=PipesMessageHandler)  # what it reported
-    started: float = 0.0  # wall clock on its node when its program started; 0: unknown
-    ended: float = 0.0  # ... and when it exited
-    bytes_in: int = -1  # bytes its node wrote to its stdin; -1: not seen (a kernel pipe), or unknown
-    bytes_out: int = -1  # bytes its node read from its stdout
-    placed: str = ""  # why it went to its node: pinned, offered, local ("" from an older node)
-    offer: str = ""  # the node's offer it matched, when offered
+class _Record:
+    """Equality and a repr over ``__slots__``, as a dataclass has them.
+
+    The results are plain classes: the short client path (:mod:`dpipes.nodes.local_run`) imports
+    this module, and :mod:`dataclasses` brings :mod:`inspect` and :mod:`ast` with it, a good part
+    of what a start of ``dpipes`` spent importing.
+    """
+
+    __slots__: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name.lstrip('_')}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{self.__class__.__qualname__}({fields})"
+
+
+class StageResult(_Record):
+    """What one stage came to, filled in as its node reports it.
+
+    ``pipes`` holds what it reported over Dagster Pipes; it is made (and the Pipes frame decoder
+    imported) only when a message arrives or someone asks for it.
+    """
+
+    __slots__ = (
+        "_pipes",
+        "argv",
+        "bytes_in",
+        "bytes_out",
+        "cancelled",
+        "code",
+        "ended",
+        "error",
+        "index",
+        "node",
+        "offer",
+        "placed",
+        "reported",
+        "signal",
+        "sigpipe",
+        "started",
+        "status",
+        "stderr_tail",
+    )
+
+    def __init__(
+        self,
+        index: int,
+        node: str,
+        argv: list[str],
+        *,
+        code: int = -1,
+        signal: int = 0,
+        status: str = "did not report",
+        sigpipe: bool = False,
+        error: str = "",
+        cancelled: str = "",
+        stderr_tail: str = "",
+        reported: bool = False,
+        started: float = 0.0,
+        ended: float = 0.0,
+        bytes_in: int = -1,
+        bytes_out: int = -1,
+        placed: str = "",
+        offer: str = "",
+    ) -> None:
+        self.index = index
+        self.node = node
+        self.argv = argv
+        self.code = code
+        self.signal = signal
+        self.status = status
+        self.sigpipe = sigpipe
+        self.error = error  # what went wrong moving its data (the output is then incomplete)
+        self.cancelled = cancelled  # why it was cancelled (Ctrl-C, a failed neighbour, a lost node, ...)
+        self.stderr_tail = stderr_tail
+        self.reported = reported
+        self._pipes: PipesMessageHandler | None = None  # what it reported over Pipes, once it did
+        self.started = started  # wall clock on its node when its program started; 0: unknown
+        self.ended = ended  # ... and when it exited
+        self.bytes_in = bytes_in  # bytes its node wrote to its stdin; -1: not seen (a kernel pipe), or unknown
+        self.bytes_out = bytes_out  # bytes its node read from its stdout
+        self.placed = placed  # why it went to its node: pinned, offered, local ("" from an older node)
+        self.offer = offer  # the node's offer it matched, when offered
+
+    @property
+    def pipes(self) -> PipesMessageHandler:
+        """What this stage reported over Dagster Pipes (made on first use)."""
+        if self._pipes is None:
+            from dpipes.nodes.pipes_frames import PipesMessageHandler
+
+            self._pipes = PipesMessageHandler()
+        return self._pipes
 
     def placement(self) -> str:
         """Why this stage ran on its node, for a person ("" when the node did not say)."""
@@ -87,26 +170,30 @@ class StageResult:
     @property
     def materializations(self) -> list[str]:
         """The asset keys this stage reported materialized, in order."""
-        return [str(m.get("asset_key") or "(default asset)") for m in self.pipes.materializations]
+        if self._pipes is None:
+            return []
+        return [str(m.get("asset_key") or "(default asset)") for m in self._pipes.materializations]
 
     @property
     def checks(self) -> list[str]:
         """The asset checks it reported, as ``name: passed`` / ``name: failed (SEVERITY)``."""
+        if self._pipes is None:
+            return []
         return [
             f"{c.get('check_name')}: " + ("passed" if c.get("passed") else f"failed ({c.get('severity', 'ERROR')})")
-            for c in self.pipes.checks
+            for c in self._pipes.checks
         ]
 
     @property
     def pipes_exception(self) -> str:
         """The exception its Pipes session closed with, or ""."""
-        exc = self.pipes.exception
+        exc = self._pipes.exception if self._pipes is not None else None
         return str(exc) if exc is not None else ""
 
     @property
     def pipes_errors(self) -> int:
         """Lines it wrote that were not valid Pipes messages."""
-        return len(self.pipes.frame_errors)
+        return len(self._pipes.frame_errors) if self._pipes is not None else 0
 
     def pipes_summary(self) -> str:
         """Materializations and checks this stage reported, or "" when none."""
@@ -120,12 +207,16 @@ class StageResult:
         return "; ".join(parts)
 
 
-@dataclasses.dataclass
-class RunResult:
-    pipeline: str
-    stages: list[StageResult]
-    exit_code: int
-    error: str = ""
+class RunResult(_Record):
+    """What a run came to: its pipeline as the entry node parsed it, each stage, the exit code."""
+
+    __slots__ = ("error", "exit_code", "pipeline", "stages")
+
+    def __init__(self, pipeline: str, stages: list[StageResult], exit_code: int, error: str = "") -> None:
+        self.pipeline = pipeline
+        self.stages = stages
+        self.exit_code = exit_code
+        self.error = error
 
 
 def exit_code_of(stages: list[StageResult], *, pipefail: bool) -> int:

@@ -17,7 +17,8 @@ Unix pipe semantics are kept on purpose:
 * the child never outlives its node: its leader is started with ``PR_SET_PDEATHSIG`` = ``SIGKILL``
   (Linux), so a node that dies hard (``kill -9``) takes its stages with it instead of leaving a
   ``sleep 45`` to run its course. Members a leader forked itself are in its process group and see
-  its pipes close; the signal reaches only the leader, as the kernel defines it.
+  its pipes close; the signal reaches only the leader, as the kernel defines it. How it is set
+  without forking the whole interpreter for each start is :mod:`dpipes.nodes.launch`'s job.
 
 :meth:`StageProcess.terminate` signals the whole process group (``SIGTERM``, then ``SIGKILL``
 after ``TERMINATE_GRACE_S``), so grandchildren a stage forked die with it. The :class:`Supervisor`
@@ -47,6 +48,7 @@ from types import TracebackType
 from typing import Self
 
 from dpipes.bus.errors import DpipesError, StageError
+from dpipes.nodes.launch import die_with_parent, launcher
 
 __all__ = [
     "PIPE_BUFFER_BYTES",
@@ -97,44 +99,6 @@ event for it. Used only once the leader has exited and members it forked remain.
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _PIPE_MAX_SIZE_PATH = "/proc/sys/fs/pipe-max-size"
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has the kernel SIGKILL the child when this process dies (None off Linux).
-
-    It runs in the child between fork and exec, with the interpreter prepared for it
-    (``PyOS_AfterFork_Child``); it calls one libc function looked up here, before any fork. A
-    parent already gone by then (the child was re-parented) means the child kills itself at once.
-    """
-    if not os.path.exists("/proc/self"):
-        return None
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
-
-
-_preexec_of: dict[int, Callable[[], None] | None] = {}  # by our pid: the parent it checks for is us
-
-
-def _stage_preexec() -> Callable[[], None] | None:
-    pid = os.getpid()
-    if pid not in _preexec_of:
-        _preexec_of[pid] = _die_with_parent()
-    return _preexec_of[pid]
 
 
 class StageStartError(StageError, OSError):
@@ -669,10 +633,12 @@ async def start_stage(
             theirs.append(r if child_reads else w)
             child.append(r if child_reads else w)
         try:
-            # Popen blocks only until the child has exec'd or failed to (about a millisecond); we
-            # want its fd and signal options, and reap through a pidfd, not its blocking wait().
+            # Popen blocks only until the child has exec'd or failed to (under a millisecond
+            # without a preexec_fn: see dpipes.nodes.launch); we want its fd and signal options,
+            # and reap through a pidfd, not its blocking wait().
+            prefix = launcher(argv[0], env=env, cwd=cwd)
             popen = subprocess.Popen(  # noqa: ASYNC220
-                argv,
+                [*prefix, *argv] if prefix else argv,
                 stdin=child[0],
                 stdout=child[1],
                 stderr=child[2],
@@ -682,7 +648,7 @@ async def start_stage(
                 pass_fds=tuple(pass_fds),  # ... but these
                 restore_signals=True,  # SIGPIPE back to default, so `yes | head -1` ends
                 start_new_session=True,  # own session and process group: signalled as one
-                preexec_fn=_stage_preexec(),  # dies with the node (PR_SET_PDEATHSIG)
+                preexec_fn=None if prefix else die_with_parent(),  # dies with the node (PR_SET_PDEATHSIG)
             )
         except FileNotFoundError as e:
             if cwd is not None and e.filename is not None and os.fspath(e.filename) == os.fspath(cwd):

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import gc
 import json
-import logging
 import os
 import shlex
 import sys
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from dpipes.bus import logs
 from dpipes.bus.errors import DpipesError
-from dpipes.tools import VersionAction
-from dpipes.tools.completion import SHELLS, completion_script
+
+if TYPE_CHECKING:
+    import argparse
 
 EXIT_USAGE = 2  # a bad command line, as argparse answers
 EXIT_FAILED = 125  # dpipes itself failed (the code of env(1) and docker for "the tool, not the program")
@@ -139,6 +139,11 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from dpipes.tools.completion import SHELLS
+    from dpipes.tools.version import VersionAction
+
     parser = argparse.ArgumentParser(
         prog="dpipes", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -243,8 +248,70 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser, count: int) -> dict[str, Any]:
-    """The Pipes flags -> ``{"extras", "assets", "partition", "context", "messages", "stages": {N: ...}}``."""
+PLAIN_SWITCHES = {"--insecure": "insecure", "--pipefail": "pipefail", "--status": "status"}
+"""The switches :func:`_plain_args` reads itself; any other flag goes to argparse."""
+
+PLAIN_DEFAULTS: dict[str, Any] = {
+    "pipeline": None,
+    "nodes": False,
+    "node": None,
+    "insecure": False,
+    "mode": None,
+    "workflow": None,
+    "edge_format": None,
+    "pipefail": False,
+    "status": False,
+    "progress": None,
+    "joblog": None,
+    "tag": False,
+    "cwd": "",
+    "require": [],
+    "extra": [],
+    "asset": [],
+    "partition": [],
+    "pipes_context": [],
+    "pipes_messages": [],
+    "pipes_stdio": False,
+    "pipes_json": None,
+    "completion": None,
+    "verbose": 0,
+}
+"""What :func:`_parser` gives for a command line with no flags (tests hold the two equal)."""
+
+
+def _plain_args(argv: list[str]) -> SimpleNamespace | None:
+    """The arguments of the everyday command line, ``dpipes [--insecure] [--pipefail] [--status]
+    'PIPELINE'``, as :func:`_parser` would parse them; None for any other (argparse then reads it,
+    and answers its errors and --help).
+
+    Building the parser (and importing argparse, gettext and shutil for it) cost a short run more
+    than its own work on the client did.
+    """
+    words = [word for word in argv if word not in PLAIN_SWITCHES]
+    if len(words) != 1 or words[0].startswith("-") or not words[0].strip():
+        return None
+    args = SimpleNamespace(
+        **{key: list(value) if isinstance(value, list) else value for key, value in PLAIN_DEFAULTS.items()}
+    )
+    args.pipeline = words[0]
+    for word in argv:
+        if word in PLAIN_SWITCHES:
+            setattr(args, PLAIN_SWITCHES[word], True)
+    return args
+
+
+def _usage_error(parser: argparse.ArgumentParser | None, message: str) -> NoReturn:
+    """Exit 2 with argparse's usage and ``message``, from ``parser`` or, when :func:`_plain_args`
+    read the command line, from the parser made now."""
+    (parser or _parser()).error(message)
+
+
+def _pipes_options(args: argparse.Namespace, given: argparse.ArgumentParser | None, count: int) -> dict[str, Any]:
+    """The Pipes flags -> ``{"extras", "assets", "partition", "context", "messages", "stages": {N: ...}}``.
+
+    ``given``: the parser that read them, for its usage errors (None: :func:`_plain_args` read
+    them, and there are none).
+    """
     from dpipes.nodes.pipes_options import CONTEXT_INJECTORS, MESSAGE_CHANNELS, split_stage_selector
 
     every: dict[str, Any] = {"extras": {}, "assets": [], "partition": None, "context": "env", "messages": "file"}
@@ -255,18 +322,22 @@ def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser, co
         if index is None:
             return every, value
         if index >= count:
-            parser.error(f"{flag} {item!r}: the pipeline has {count} stage(s), numbered 0-{count - 1}")
+            _usage_error(given, f"{flag} {item!r}: the pipeline has {count} stage(s), numbered 0-{count - 1}")
         return stages.setdefault(str(index), {}), value
 
     for item in args.extra:
         options, text = scope("--extra", item)
         key, sep, value = text.partition("=")
         if not sep or not key:
-            parser.error(f"--extra {item!r}: write [N:]KEY=JSON, e.g. --extra 'limit=10' or --extra '1:tags=[\"a\"]'")
+            _usage_error(
+                given, f"--extra {item!r}: write [N:]KEY=JSON, e.g. --extra 'limit=10' or --extra '1:tags=[\"a\"]'"
+            )
         try:
             options.setdefault("extras", {})[key] = json.loads(value)
         except ValueError as exc:
-            parser.error(f"--extra {key}: the value is not JSON ({exc}); quote strings: --extra '{key}=\"text\"'")
+            _usage_error(
+                given, f"--extra {key}: the value is not JSON ({exc}); quote strings: --extra '{key}=\"text\"'"
+            )
     for item in args.asset:
         options, key = scope("--asset", item)
         options.setdefault("assets", []).append(key)
@@ -280,7 +351,7 @@ def _pipes_options(args: argparse.Namespace, parser: argparse.ArgumentParser, co
         for item in items:
             options, value = scope(flag, item)
             if value not in choices:
-                parser.error(f"{flag} {item!r}: use one of {', '.join(choices)} (optionally after N:)")
+                _usage_error(given, f"{flag} {item!r}: use one of {', '.join(choices)} (optionally after N:)")
             options[key] = value
     if args.pipes_stdio:
         every["stdio"] = True
@@ -321,6 +392,8 @@ examples:
 
 
 def _keys_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="dpipes keys",
         description="Show your keys and manage whom your node trusts (as ssh's authorized_keys and known_hosts).",
@@ -445,6 +518,8 @@ def _keys(argv: list[str]) -> int:
 
 
 def _plugin_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="dpipes plugin",
         description="Write and list dpipes plugins: Python classes that process Arrow tables.",
@@ -508,19 +583,24 @@ def main(argv: list[str] | None = None) -> int:
             return _keys(argv[1:])
         except SystemExit as e:  # argparse's usage errors (2) and --help (0)
             return e.code if isinstance(e.code, int) else EXIT_USAGE
-    parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.completion:
-        print(completion_script(parser, args.completion), end="")
-        return 0
-    if extra:
-        # `dpipes seq 3`: the shell split an unquoted pipeline; its first word became the pipeline
-        if args.pipeline and " " not in args.pipeline.strip() and any(not w.startswith("-") for w in extra):
-            parser.error(
-                f"unrecognized arguments: {' '.join(extra)}; the pipeline is one argument: quote it, "
-                f"e.g. dpipes {shlex.quote(' '.join([args.pipeline, *extra]))}"
-            )
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args: Any = _plain_args(argv)
+    parser = None
+    if args is None:
+        parser = _parser()
+        args, extra = parser.parse_known_args(argv)
+        if args.completion:
+            from dpipes.tools.completion import completion_script
+
+            print(completion_script(parser, args.completion), end="")
+            return 0
+        if extra:
+            # `dpipes seq 3`: the shell split an unquoted pipeline; its first word became the pipeline
+            if args.pipeline and " " not in args.pipeline.strip() and any(not w.startswith("-") for w in extra):
+                parser.error(
+                    f"unrecognized arguments: {' '.join(extra)}; the pipeline is one argument: quote it, "
+                    f"e.g. dpipes {shlex.quote(' '.join([args.pipeline, *extra]))}"
+                )
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.entry = _entry_endpoint(args)
     except DpipesError as exc:
@@ -534,12 +614,12 @@ def main(argv: list[str] | None = None) -> int:
         except DpipesError as exc:
             print(f"dpipes: {exc}", file=sys.stderr)
             return EXIT_FAILED
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
+    logs.on_first_use(lambda: _set_up_logging(args.verbose))  # the short path may log nothing at all
     args.workflow_doc = {}
     if args.workflow:
+        logs.set_up()
         if args.pipeline:
-            parser.error("give a pipeline or --workflow FILE, not both")
+            _usage_error(parser, "give a pipeline or --workflow FILE, not both")
         try:
             args.workflow_doc, count = _workflow(args.workflow)
         except DpipesError as exc:
@@ -548,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         args.pipeline = f"workflow {args.workflow}"
     else:
         if not args.pipeline or not args.pipeline.strip():
-            parser.error("give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
+            _usage_error(parser, "give a pipeline, e.g. dpipes 'seq 10 | sort -r'")
         try:
             code = _short_run(args, parser)
         except KeyboardInterrupt:  # before the run installed its own Ctrl-C handling
@@ -562,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         except PipelineSyntaxError as exc:
             print(f"dpipes: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    logs.set_up()  # the full path's modules log through logging itself
     if args.mode is None:
         args.mode = "bytes"
     args.pipes = _pipes_options(args, parser, count)
@@ -574,6 +655,13 @@ def main(argv: list[str] | None = None) -> int:
     except DpipesError as exc:
         print(f"dpipes: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _set_up_logging(verbose: int) -> None:
+    import logging
+
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="dpipes: %(levelname)s %(name)s: %(message)s")
 
 
 def _workflow(path: str) -> tuple[dict[str, Any], int]:
@@ -610,7 +698,7 @@ def _entry_endpoint(args: argparse.Namespace) -> str | None:
         raise EntryAddressError(f"{source} {given!r}: {exc}") from None
 
 
-def _short_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int | None:
+def _short_run(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> int | None:
     """A plain bytes run on this host's daemon, on the short path (:mod:`dpipes.nodes.local_run`):
     its exit code; None when the run needs the full path (or no daemon runs here).
 
@@ -730,6 +818,8 @@ async def _run(args: argparse.Namespace) -> int:
         edge_format=args.edge_format or "csv",
     )
     if args.workflow_doc and "input" not in args.workflow_doc:
+        import dataclasses
+
         options = dataclasses.replace(options, stdin=False)  # a workflow reads stdin only into its input
     progress = _stderr_is_terminal() if args.progress is None else args.progress
     view = None

@@ -11,8 +11,8 @@ from dpipes.nodes import daemon, paths
 from dpipes.nodes.config import HostPort, NodeConfig, format_config, load_config
 from dpipes.nodes.daemon import NodeFactory, ServingNode
 from dpipes.nodes.pipeline import check_node_name
-from dpipes.tools import VersionAction
 from dpipes.tools.completion import SHELLS, completion_script
+from dpipes.tools.version import VersionAction
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FLAG_OF_KEY = {  # the flag behind each configuration key it sets, for --print-config

@@ -103,6 +103,22 @@ async def test_the_short_path_is_taken_and_imports_no_asyncio(rt: Path) -> None:
             assert err.decode().strip().splitlines()[-1] == expected
 
 
+async def test_the_short_path_imports_only_what_a_run_needs(rt: Path) -> None:
+    unneeded = ("asyncio", "argparse", "dataclasses", "logging", "dpipes.nodes.pipes_frames", "yaml", "pyarrow", "rich")
+    probe = (
+        "import sys; from dpipes.tools.dpipes import main; code = main(['--insecure', 'echo x | cat']); "
+        f"print(code, [m for m in {unneeded!r} if m in sys.modules], file=sys.stderr)"
+    )
+    async with daemons(rt, ["alpha"]):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", probe, env=environment(rt),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    assert out == b"x\n"
+    assert err.decode().strip().splitlines()[-1] == "0 []"
+
+
 async def test_a_closed_reader_stops_a_last_stage_elsewhere(rt: Path) -> None:
     async with daemons(rt, ["alpha", "beta"]):
         proc = await asyncio.create_subprocess_exec(

@@ -162,7 +162,7 @@ def test_version_is_the_installed_distributions(tmp_path: Path, tool: str) -> No
 
 def test_license_file_matches_the_declared_license() -> None:
     root = Path(__file__).parents[2]
-    assert "license = \"MIT\"" in (root / "pyproject.toml").read_text()
+    assert 'license = "MIT"' in (root / "pyproject.toml").read_text()
     assert (root / "LICENSE").read_text().startswith("MIT License\n")
 
 
@@ -197,7 +197,7 @@ def test_nodes_as_yaml(tmp_path: Path) -> None:
 
 def _complete(script: str, words: list[str]) -> list[str]:
     """What bash offers for the last of ``words`` with ``script`` loaded (a real bash, no terminal)."""
-    program = f'{script}\nCOMP_WORDS=({" ".join(shlex.quote(w) for w in words)})\nCOMP_CWORD={len(words) - 1}\n'
+    program = f"{script}\nCOMP_WORDS=({' '.join(shlex.quote(w) for w in words)})\nCOMP_CWORD={len(words) - 1}\n"
     program += f'{script.split("complete -F ", 1)[1].split()[0]}\nprintf "%s\\n" "${{COMPREPLY[@]}}"\n'
     done = subprocess.run(["bash", "--norc", "-c", program], capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
@@ -230,3 +230,32 @@ def test_zsh_completion_is_the_bash_one_behind_bashcompinit(tmp_path: Path) -> N
     assert zsh.startswith("# zsh completion for dpipes")
     assert "#compdef dpipes\nautoload -U +X bashcompinit && bashcompinit\n" in zsh
     assert zsh.split("bashcompinit\n", 1)[1] == bash.split("\n", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["echo x | cat"],
+        ["--insecure", "seq 3 | sort"],
+        ["--pipefail", "false | true", "--status"],
+        ["cat", "--pipefail"],
+    ],
+)
+def test_the_everyday_command_line_reads_as_argparse_reads_it(argv: list[str]) -> None:
+    from dpipes.tools.dpipes import _parser, _plain_args
+
+    plain = _plain_args(argv)
+    assert plain is not None
+    args, extra = _parser().parse_known_args(argv)
+    assert not extra
+    assert vars(plain) == vars(args)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["seq", "3"], ["-v", "seq 3"], ["--node", "a:1", "x"], ["--insec", "x"], ["-x"], ["  "], ["--", "x"]],
+)
+def test_any_other_command_line_is_left_to_argparse(argv: list[str]) -> None:
+    from dpipes.tools.dpipes import _plain_args
+
+    assert _plain_args(argv) is None
