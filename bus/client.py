@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -203,6 +204,13 @@ class Client:
             if handed is not None:
                 frames = handed
         self._pump.send(frames)
+
+    def lease_filled(self, dst: str, nbytes: int, fill: Callable[[memoryview], Sequence[int]]) -> shm.Lease | None:
+        """Transport: room in our pool for a payload to ``dst`` that ``fill`` writes in place; None
+        when the hub shares no memory with us, or the pool is full."""
+        if self._pool is None or self._gone is not None or nbytes < shm.MIN_PAYLOAD_BYTES:
+            return None
+        return self._pool.lease_filled(nbytes, dst, fill)
 
     def _on_frames(self, frames: list[Any]) -> None:
         self._last_heard = time.monotonic()

@@ -2,8 +2,9 @@
 
 Two bus parties on one host (an attached client and its hub) need not push a large payload
 through a socket (copied into the kernel, out of it, and by ZeroMQ on the way): the sender copies
-it once into a segment of its :class:`Pool` and sends an ``SHM`` message (``dpipes.bus.codec``)
-naming where it lies; the receiver maps the segment and hands its reader ``memoryview``s over it
+it once into a segment of its :class:`Pool` (or serializes it straight into one, as pyarrow's IPC
+writer does with an Arrow batch: :meth:`Pool.lease_filled`) and sends an ``SHM`` message
+(``dpipes.bus.codec``) naming where it lies; the receiver maps the segment and hands its reader ``memoryview``s over it
 (zero-copy; Arrow buffers over them are zero-copy too). When the reader has dropped every view of
 a message, the receiver sends ``SHM_FREE`` and the sender reuses the space.
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -105,8 +107,46 @@ class Pool:
     def lease(self, frames: Sequence[Any], to: str) -> Lease | None:
         """Copy ``frames`` end to end into a free segment leased to party ``to``; None when full."""
         views = [memoryview(f).cast("B") for f in frames]
-        total = sum(v.nbytes for v in views)
-        size = max(MIN_SEGMENT_BYTES, 1 << max(0, total - 1).bit_length())
+        taken = self._take(sum(v.nbytes for v in views), to)
+        if taken is None:
+            return None
+        lease_id, segment = taken
+        at = 0
+        target = segment.map
+        for view in views:
+            n = view.nbytes
+            target[at : at + n] = view
+            at += n
+        return Lease(lease_id, segment.handle, tuple(v.nbytes for v in views))
+
+    def lease_filled(self, nbytes: int, to: str, fill: Callable[[memoryview], Sequence[int]]) -> Lease | None:
+        """Lease room for ``nbytes`` to party ``to`` and let ``fill`` write the payload there itself.
+
+        The one copy of a payload a writer can serialize in place (an Arrow IPC writer onto the
+        segment): ``fill`` gets a writable view of ``nbytes`` bytes, valid only during the call,
+        and returns the payload's frame sizes. None when the pool is full (``fill`` not called);
+        if ``fill`` raises, the lease is given back and the error goes on.
+        """
+        taken = self._take(nbytes, to)
+        if taken is None:
+            return None
+        lease_id, segment = taken
+        view = memoryview(segment.map)[:nbytes]
+        try:
+            sizes = tuple(fill(view))
+            if sum(sizes) > nbytes:
+                raise ValueError(f"a payload filled in place says {sum(sizes)} bytes, {nbytes} were leased")
+        except BaseException:
+            self.release([lease_id], to)
+            raise
+        finally:
+            with contextlib.suppress(BufferError):  # still held by a failed fill's traceback: dropped with it
+                view.release()  # an exported view would keep the segment's map from closing
+        return Lease(lease_id, segment.handle, sizes)
+
+    def _take(self, nbytes: int, to: str) -> tuple[int, _Segment] | None:
+        """A free segment for ``nbytes``, leased to ``to``; None when the pool is full."""
+        size = max(MIN_SEGMENT_BYTES, 1 << max(0, nbytes - 1).bit_length())
         free = self._free[size]
         if free:
             segment = free.pop()
@@ -115,16 +155,10 @@ class Pool:
             return None
         else:
             segment = self._create(size)
-        at = 0
-        target = segment.map
-        for view in views:
-            n = view.nbytes
-            target[at : at + n] = view
-            at += n
         lease_id = next(self._ids)
         self._leased[lease_id] = (segment, to)
         self.used += size
-        return Lease(lease_id, segment.handle, tuple(v.nbytes for v in views))
+        return lease_id, segment
 
     def _create(self, size: int) -> _Segment:
         token = secrets.token_hex(8)

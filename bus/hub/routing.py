@@ -5,6 +5,7 @@ link to its node, or back to its sender as an ``ERROR``; shared-memory payloads 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec, shm
@@ -200,3 +201,8 @@ class _InProcess:
     def __init__(self, hub: Hub) -> None:
         self.send = hub._send_local
         self.send_frames = hub._send_frames_local
+
+    def lease_filled(self, dst: str, nbytes: int, fill: Callable[[memoryview], Sequence[int]]) -> shm.Lease | None:
+        """In-process endpoints hand their payloads over by reference already (and the hub copies
+        what goes to a same-host client into its own pool)."""
+        return None
