@@ -77,20 +77,20 @@ Payload frames
     body: their sizes add up to each buffer's size in turn.
 
 What the sender does (informative)
-    Frames are the batch's own buffers, or zero-copy slices of them: nothing of the body is
-    copied, with two exceptions. (1) A var-width or list array that is a slice not starting at
-    the beginning of its offsets gets its offsets rebased to start at 0: a copy of 4 or 8 bytes
-    per item of the slice, never of the values, so that a slice ships only the values it refers
-    to instead of the whole parent buffers. (2) The ``"ipc"`` encoding writes the batch once into
-    an IPC stream; it is used for types the buffers encoding does not describe, for layouts
-    whose meta would exceed ``MAX_LAYOUT_BYTES``, and for a large batch to a receiver that shares
-    memory with the sender (``dpipes.bus.shm``): there the IPC writer serializes the batch straight
-    into the shared segment, which is the one copy a shared-memory hand-over needs anyway, and the
-    receiver reads it in place with one call of pyarrow's IPC reader, one part however large. A slice keeps its offset modulo 8 as ``off`` so
-    that bitmaps can be sliced at byte boundaries; fixed-width and bitmap buffers are cut to the
-    slice. Dictionaries travel with every batch (no delta dictionaries). A stream sends its schema
-    once, in its first part. Parts are filled up to ``chunk_bytes`` of payload and
-    ``MAX_FRAMES_PER_PART`` frames.
+    Frames are the batch's own buffers, or zero-copy slices of them: nothing of the body is copied,
+    with two exceptions. (1) A var-width or list array that is a slice not starting at the beginning
+    of its offsets gets its offsets rebased to start at 0: a copy of 4 or 8 bytes per item of the
+    slice, never of the values, so that a slice ships only the values it refers to instead of the
+    whole parent buffers. (2) The ``"ipc"`` encoding writes the batch once into an IPC stream; it is
+    used for types the buffers encoding does not describe, for layouts whose meta would exceed
+    ``MAX_LAYOUT_BYTES``, and for a large batch to a receiver that shares memory with the sender
+    (``dpipes.bus.shm``): there the IPC writer serializes the batch straight into the shared
+    segment, which is the one copy a shared-memory hand-over needs anyway, and the receiver reads it
+    in place with one call of pyarrow's IPC reader, one part however large. A slice keeps its offset
+    modulo 8 as ``off`` so that bitmaps can be sliced at byte boundaries; fixed-width and bitmap
+    buffers are cut to the slice. Dictionaries travel with every batch (no delta dictionaries). A
+    stream sends its schema once, in its first part. Parts are filled up to ``chunk_bytes`` of
+    payload and ``MAX_FRAMES_PER_PART`` frames.
 
 What the receiver does
     Every value read from the map is type-checked and bounded by the ``MAX_*`` constants below;
