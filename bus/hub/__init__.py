@@ -83,7 +83,7 @@ from typing import Any
 
 import zmq
 
-from dpipes.bus import codec, shm
+from dpipes.bus import codec, heap, shm
 from dpipes.bus.auth import TAP_ZAP_DOMAIN, ZAP_DOMAIN, Gatekeeper, HubSecurity
 from dpipes.bus.codec import BYE_LINGER_MS, CLOSE_DRAIN_S, HEARTBEAT_INTERVAL_S, MAX_HELD_BYTES, MAX_NODE_NAME_CHARS
 from dpipes.bus.endpoint import MAX_IN_STREAMS, Endpoint, HeldBytes
@@ -229,6 +229,7 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
     async def start(self) -> None:
         """Bind every socket and start heartbeats; returns when the hub accepts connections."""
         self._loop = asyncio.get_running_loop()
+        heap.keep_message_memory()  # received messages reuse the C heap's memory (dpipes.bus.heap)
         self._ctx = zmq.Context()
         router = self._ctx.socket(zmq.ROUTER)
         _set_common(router)
