@@ -75,8 +75,7 @@ class Client:
         # Shared memory with the hub, when ATTACHED says we may (dpipes.bus.shm).
         self._pool: shm.Pool | None = None
         self._reader: shm.Reader | None = None
-        self._frees: dict[str, list[int]] = {}  # leases our reader has done with, by sender
-        self._frees_scheduled = False
+        self._frees = shm.Frees(self._send_frees)  # leases our reader has done with
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -99,7 +98,7 @@ class Client:
             RequestTimeout: nothing answered at ``hub`` in time.
             BusError: the hub refused the name.
         """
-        loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop = self._frees.loop = asyncio.get_running_loop()
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)  # stream ends are acknowledged; nothing may hang at exit
@@ -266,15 +265,9 @@ class Client:
 
     def _free_later(self, sender: str, lease: int) -> None:
         """The reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
-        self._frees.setdefault(sender, []).append(lease)
-        if not self._frees_scheduled and self._loop is not None:
-            self._frees_scheduled = shm.call_soon(self._loop, self._send_frees)
-            if not self._frees_scheduled:  # the loop is closed: nobody is left to tell
-                self._frees.clear()
+        self._frees.add(sender, lease)
 
-    def _send_frees(self) -> None:
-        self._frees_scheduled = False
-        frees, self._frees = self._frees, {}
+    def _send_frees(self, frees: dict[str, list[int]]) -> None:
         if self._endpoint is None or self._gone is not None or self._pump is None:
             return
         for sender, leases in frees.items():

@@ -56,6 +56,10 @@ MIN_SEGMENT_BYTES = 1 << 20  # a 1 MiB chunk fits one segment of the smallest cl
 POOL_BYTES = 512 << 20  # a sender's segments in all: room for several 64 MB Arrow batches in flight
 MAX_MAPPED_SEGMENTS = 256  # segments a receiver keeps mapped per sender process, at most
 MAX_HANDLE_CHARS = 128
+# A receiver tells a sender of the leases it has done with in one SHM_FREE per this many, or this
+# late at most: a stream of 10k-row Arrow batches sent one SHM_FREE back per batch.
+FREE_BATCH_LEASES = 32
+FREE_DELAY_S = 0.002
 
 
 def host_id() -> str:
@@ -249,6 +253,59 @@ def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> 
     except RuntimeError:
         return False
     return True
+
+
+def call_later(loop: asyncio.AbstractEventLoop, delay: float, callback: Callable[[], None]) -> bool:
+    """Run ``callback`` on ``loop`` in ``delay`` seconds, from any thread; False when closed."""
+
+    def arm() -> None:
+        loop.call_later(delay, callback)
+
+    try:
+        if asyncio.get_running_loop() is loop:
+            arm()
+            return True
+    except RuntimeError:
+        pass
+    return call_soon(loop, arm)
+
+
+class Frees:
+    """Leases a receiver has done with, told to their senders in batches (``FREE_BATCH_LEASES``,
+    ``FREE_DELAY_S``) by ``send``, called with ``{sender: [lease, ...]}`` on the loop's thread."""
+
+    def __init__(self, send: Callable[[dict[str, list[int]]], None]) -> None:
+        self._send = send
+        self._leases: dict[str, list[int]] = {}
+        self._count = 0
+        self._scheduled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, sender: str, lease: int) -> None:
+        """Lease ``lease`` of ``sender`` is done with (from any thread: a finalizer may run in any)."""
+        self._leases.setdefault(sender, []).append(lease)
+        self._count += 1
+        loop = self.loop
+        if loop is None:
+            return
+        if self._count == FREE_BATCH_LEASES:
+            if not call_soon(loop, self.flush):
+                self.clear()
+        elif not self._scheduled:
+            self._scheduled = call_later(loop, FREE_DELAY_S, self.flush)
+            if not self._scheduled:  # the loop is closed: nobody is left to tell
+                self.clear()
+
+    def flush(self) -> None:
+        """Send what is waiting now."""
+        self._scheduled = False
+        leases, self._leases, self._count = self._leases, {}, 0
+        if leases:
+            self._send(leases)
+
+    def clear(self) -> None:
+        """Forget what is waiting (its senders are gone, or so are we)."""
+        self._leases, self._count = {}, 0
 
 
 def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any]) -> list[Any] | None:
