@@ -238,3 +238,20 @@ def test_a_payload_filled_in_place_gives_its_lease_back_when_the_writer_fails() 
         assert pool.leased == 1
     finally:
         pool.close()
+
+
+async def test_leases_read_are_given_back_in_one_shm_free_per_batch_of_them() -> None:
+    sent: list[dict[str, list[int]]] = []
+    frees = shm.Frees(sent.append)
+    frees.loop = asyncio.get_running_loop()
+    for lease in (1, 2, 3):
+        frees.add("alpha/src", lease)
+    frees.add("beta/src", 9)
+    assert sent == []  # not one message per lease
+    await until(lambda: sent != [])  # but soon (FREE_DELAY_S)
+    assert sent == [{"alpha/src": [1, 2, 3], "beta/src": [9]}]
+    sent.clear()
+    for lease in range(shm.FREE_BATCH_LEASES):
+        frees.add("alpha/src", lease)
+    await asyncio.sleep(0)  # a full batch goes at the end of this loop pass, without the delay
+    assert sent == [{"alpha/src": list(range(shm.FREE_BATCH_LEASES))}]
