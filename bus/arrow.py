@@ -77,17 +77,20 @@ Payload frames
     body: their sizes add up to each buffer's size in turn.
 
 What the sender does (informative)
-    Frames are the batch's own buffers, or zero-copy slices of them: nothing of the body is
-    copied, with two exceptions. (1) A var-width or list array that is a slice not starting at
-    the beginning of its offsets gets its offsets rebased to start at 0: a copy of 4 or 8 bytes
-    per item of the slice, never of the values, so that a slice ships only the values it refers
-    to instead of the whole parent buffers. (2) The ``"ipc"`` encoding writes the batch once into
-    an IPC stream; it is used for types the buffers encoding does not describe and for layouts
-    whose meta would exceed ``MAX_LAYOUT_BYTES``. A slice keeps its offset modulo 8 as ``off`` so
-    that bitmaps can be sliced at byte boundaries; fixed-width and bitmap buffers are cut to the
-    slice. Dictionaries travel with every batch (no delta dictionaries). A stream sends its schema
-    once, in its first part. Parts are filled up to ``chunk_bytes`` of payload and
-    ``MAX_FRAMES_PER_PART`` frames.
+    Frames are the batch's own buffers, or zero-copy slices of them: nothing of the body is copied,
+    with two exceptions. (1) A var-width or list array that is a slice not starting at the beginning
+    of its offsets gets its offsets rebased to start at 0: a copy of 4 or 8 bytes per item of the
+    slice, never of the values, so that a slice ships only the values it refers to instead of the
+    whole parent buffers. (2) The ``"ipc"`` encoding writes the batch once into an IPC stream; it is
+    used for types the buffers encoding does not describe, for layouts whose meta would exceed
+    ``MAX_LAYOUT_BYTES``, and for a large batch to a receiver that shares memory with the sender
+    (``dpipes.bus.shm``): there the IPC writer serializes the batch straight into the shared
+    segment, which is the one copy a shared-memory hand-over needs anyway, and the receiver reads it
+    in place with one call of pyarrow's IPC reader, one part however large. A slice keeps its offset
+    modulo 8 as ``off`` so that bitmaps can be sliced at byte boundaries; fixed-width and bitmap
+    buffers are cut to the slice. Dictionaries travel with every batch (no delta dictionaries). A
+    stream sends its schema once, in its first part. Parts are filled up to ``chunk_bytes`` of
+    payload and ``MAX_FRAMES_PER_PART`` frames.
 
 What the receiver does
     Every value read from the map is type-checked and bounded by the ``MAX_*`` constants below;
@@ -180,6 +183,7 @@ _OWN_BUFFERS: Final = {
 _OFFSET_BYTES: Final = {"binary": 4, "large_binary": 8, "list": 4, "large_list": 8}
 _OFFSET_TYPES: Final = {4: pa.int32(), 8: pa.int64()}
 _EMPTY: Final = pa.py_buffer(b"")
+_IPC_END_BYTES: Final = 8  # the end-of-stream marker an IPC stream writer writes when closed
 # What pyarrow may raise on bad input; turned into DecodeError at the decoder's boundary.
 _BAD_INPUT: Final = (
     pa.ArrowException,
@@ -251,6 +255,17 @@ def _walk_schema(schema: pa.Schema) -> tuple[int, bool]:
         inner_level = level if isinstance(typ, pa.BaseExtensionType) else level + 1
         todo.extend((inner, inner_level) for inner in _inner_types(typ))
     return depth, native
+
+
+def _has_dictionary(schema: pa.Schema) -> bool:
+    """Whether any type of ``schema``, at any depth, is dictionary-encoded."""
+    todo = [field.type for field in schema]
+    while todo:
+        typ = todo.pop()
+        if pa.types.is_dictionary(typ):
+            return True
+        todo.extend(_inner_types(typ))
+    return False
 
 
 # --------------------------------------------------------------------------------------- encoder
@@ -362,6 +377,8 @@ class ArrowEncoder:
         self._schema = schema
         self._chunk_bytes = chunk_bytes
         self._batches = 0
+        # An IPC stream of a schema without dictionaries has a size known before it is written.
+        self._sized_ipc = not _has_dictionary(schema)
 
     @property
     def schema(self) -> pa.Schema:
@@ -420,6 +437,54 @@ class ArrowEncoder:
             out.append((meta, frames))
         self._batches += 1
         return out
+
+    def ipc_size(self, batch: pa.RecordBatch) -> int | None:
+        """Bytes :meth:`encode_ipc_into` writes for ``batch`` as the stream's next batch, or None
+        when that size is not known before writing (a schema with dictionaries)."""
+        if not self._sized_ipc:
+            return None
+        size = self._schema_frame.size + pa.ipc.get_record_batch_size(batch) + _IPC_END_BYTES
+        return size + self._schema_frame.size if self._batches == 0 else size
+
+    def encode_ipc_into(self, batch: pa.RecordBatch, out: memoryview) -> tuple[ArrowMeta, list[int]]:
+        """Write ``batch`` as the stream's next batch into ``out``: one part, ``"ipc"`` encoding.
+
+        For a transport that hands ``out`` over as shared memory: pyarrow's IPC writer serializes
+        the batch there, the one copy of its buffers (the receiver reads them in place).
+
+        Returns:
+            The part's ``arrow`` map, and the sizes of its frames, end to end at the start of
+            ``out``: the schema frame first in the stream's first part, then the IPC stream.
+
+        Raises:
+            ValueError: the batch has another schema or breaks ``MAX_BATCH_BYTES``.
+            OSError: ``out`` is too small (see :meth:`ipc_size`).
+        """
+        if not batch.schema.equals(self._schema):
+            raise ValueError(f"batch schema {batch.schema} is not the stream's schema {self._schema}")
+        sink = pa.FixedSizeBufferWriter(pa.py_buffer(out))
+        sizes = []
+        if self._batches == 0:
+            sink.write(self._schema_frame)
+            sizes.append(self._schema_frame.size)
+        with pa.ipc.new_stream(sink, self._schema) as writer:
+            writer.write_batch(batch)
+        sizes.append(sink.tell() - sum(sizes))
+        if sizes[-1] > MAX_BATCH_BYTES:
+            raise ValueError(f"batch is {sizes[-1]} bytes as IPC (limit MAX_BATCH_BYTES={MAX_BATCH_BYTES})")
+        meta: ArrowMeta = {
+            "batch": self._batches,
+            "part": 0,
+            "frames": len(sizes),
+            "end_of_chunk": True,
+            "rows": batch.num_rows,
+            "encoding": "ipc",
+            "ipc_bytes": sizes[-1],
+        }
+        if self._batches == 0:
+            meta["schema"] = self._schema_frame.size
+        self._batches += 1
+        return meta, sizes
 
     def _ipc_stream(self, batch: pa.RecordBatch) -> pa.Buffer:
         """The batch as a one-batch IPC stream: one copy, but any type, dictionaries included."""

@@ -1,15 +1,25 @@
-"""Arrow record batches over bus streams: the framing of ``dpipes.bus.arrow`` on credit streams."""
+"""Arrow record batches over bus streams: the framing of ``dpipes.bus.arrow`` on credit streams.
+
+Across hosts (and to small batches) a batch goes as its own buffers, zero-copy; to a receiver
+that shares memory with us (``dpipes.bus.shm``) it is written once, by pyarrow's IPC writer,
+into that memory, and read there in place.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import pyarrow as pa
 
-from dpipes.bus import codec
-from dpipes.bus.arrow import ARROW_CHUNK_BYTES, ArrowDecoder, ArrowEncoder
+from dpipes.bus import codec, shm
+from dpipes.bus.arrow import ARROW_CHUNK_BYTES, MAX_CHUNK_BYTES, ArrowDecoder, ArrowEncoder
 from dpipes.bus.endpoint import InStream, OutStream
 from dpipes.bus.errors import DecodeError, StreamError
+
+log = logging.getLogger(__name__)
 
 
 class ArrowStreamWriter:
@@ -20,9 +30,25 @@ class ArrowStreamWriter:
         self._encoder = ArrowEncoder(schema, chunk_bytes=chunk_bytes)
 
     async def write(self, batch: pa.RecordBatch) -> None:
-        """Send one batch (in several parts when it is larger than the chunk size)."""
+        """Send one batch (in several parts when it is larger than the chunk size).
+
+        To a receiver that shares memory with us, a large batch is instead serialized once, in
+        the ``"ipc"`` encoding, straight into that memory (``OutStream.send_in_place``): one copy
+        on this side, and the receiver rebuilds it with pyarrow's IPC reader, in place.
+        """
+        size = self._encoder.ipc_size(batch)
+        if size is not None and shm.MIN_PAYLOAD_BYTES <= size <= MAX_CHUNK_BYTES:
+            try:
+                if await self.stream.send_in_place("ARROW", size, functools.partial(self._fill, batch)):
+                    return
+            except (OSError, pa.ArrowException) as exc:  # the size was wrong: pyarrow's writer found out
+                log.warning("Arrow stream to %s: a batch did not fit %d shared bytes: %s", self.stream.dst, size, exc)
         for meta, frames in self._encoder.encode(batch):
             await self.stream.send(codec.Arrow(arrow=dict(meta), frames=tuple(frames)))
+
+    def _fill(self, batch: pa.RecordBatch, out: memoryview) -> tuple[dict[str, Any], list[int]]:
+        meta, sizes = self._encoder.encode_ipc_into(batch, out)
+        return {"arrow": dict(meta)}, sizes
 
     async def write_all(self, batches: Iterable[pa.RecordBatch]) -> None:
         for batch in batches:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -74,8 +75,7 @@ class Client:
         # Shared memory with the hub, when ATTACHED says we may (dpipes.bus.shm).
         self._pool: shm.Pool | None = None
         self._reader: shm.Reader | None = None
-        self._frees: dict[str, list[int]] = {}  # leases our reader has done with, by sender
-        self._frees_scheduled = False
+        self._frees = shm.Frees(self._send_frees)  # leases our reader has done with
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -98,7 +98,7 @@ class Client:
             RequestTimeout: nothing answered at ``hub`` in time.
             BusError: the hub refused the name.
         """
-        loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop = self._frees.loop = asyncio.get_running_loop()
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)  # stream ends are acknowledged; nothing may hang at exit
@@ -204,6 +204,13 @@ class Client:
                 frames = handed
         self._pump.send(frames)
 
+    def lease_filled(self, dst: str, nbytes: int, fill: Callable[[memoryview], Sequence[int]]) -> shm.Lease | None:
+        """Transport: room in our pool for a payload to ``dst`` that ``fill`` writes in place; None
+        when the hub shares no memory with us, or the pool is full."""
+        if self._pool is None or self._gone is not None or nbytes < shm.MIN_PAYLOAD_BYTES:
+            return None
+        return self._pool.lease_filled(nbytes, dst, fill)
+
     def _on_frames(self, frames: list[Any]) -> None:
         self._last_heard = time.monotonic()
         try:
@@ -258,15 +265,9 @@ class Client:
 
     def _free_later(self, sender: str, lease: int) -> None:
         """The reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
-        self._frees.setdefault(sender, []).append(lease)
-        if not self._frees_scheduled and self._loop is not None:
-            self._frees_scheduled = shm.call_soon(self._loop, self._send_frees)
-            if not self._frees_scheduled:  # the loop is closed: nobody is left to tell
-                self._frees.clear()
+        self._frees.add(sender, lease)
 
-    def _send_frees(self) -> None:
-        self._frees_scheduled = False
-        frees, self._frees = self._frees, {}
+    def _send_frees(self, frees: dict[str, list[int]]) -> None:
         if self._endpoint is None or self._gone is not None or self._pump is None:
             return
         for sender, leases in frees.items():

@@ -29,10 +29,10 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from dpipes.bus import codec
+from dpipes.bus import codec, shm
 from dpipes.bus.codec import Message
 from dpipes.bus.errors import (
     BusError,
@@ -70,6 +70,10 @@ class Transport(Protocol):
 
     def send_frames(self, dst: str, frames: list[Any]) -> None:
         """Deliver an already encoded message ``[header, *payload]`` addressed to ``dst``."""
+
+    def lease_filled(self, dst: str, nbytes: int, fill: Callable[[memoryview], Sequence[int]]) -> shm.Lease | None:
+        """Shared memory with ``dst``'s side for a payload ``fill`` writes in place (``shm.Pool.lease_filled``);
+        None when this transport shares none or has no room: send the payload as frames instead."""
 
 
 def _error_for(msg: codec.Error) -> BusError:

@@ -2,8 +2,9 @@
 
 Two bus parties on one host (an attached client and its hub) need not push a large payload
 through a socket (copied into the kernel, out of it, and by ZeroMQ on the way): the sender copies
-it once into a segment of its :class:`Pool` and sends an ``SHM`` message (``dpipes.bus.codec``)
-naming where it lies; the receiver maps the segment and hands its reader ``memoryview``s over it
+it once into a segment of its :class:`Pool` (or serializes it straight into one, as pyarrow's IPC
+writer does with an Arrow batch: :meth:`Pool.lease_filled`) and sends an ``SHM`` message
+(``dpipes.bus.codec``) naming where it lies; the receiver maps the segment and hands its reader ``memoryview``s over it
 (zero-copy; Arrow buffers over them are zero-copy too). When the reader has dropped every view of
 a message, the receiver sends ``SHM_FREE`` and the sender reuses the space.
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -54,6 +56,10 @@ MIN_SEGMENT_BYTES = 1 << 20  # a 1 MiB chunk fits one segment of the smallest cl
 POOL_BYTES = 512 << 20  # a sender's segments in all: room for several 64 MB Arrow batches in flight
 MAX_MAPPED_SEGMENTS = 256  # segments a receiver keeps mapped per sender process, at most
 MAX_HANDLE_CHARS = 128
+# A receiver tells a sender of the leases it has done with in one SHM_FREE per this many, or this
+# late at most: a stream of 10k-row Arrow batches sent one SHM_FREE back per batch.
+FREE_BATCH_LEASES = 32
+FREE_DELAY_S = 0.002
 
 
 def host_id() -> str:
@@ -105,8 +111,46 @@ class Pool:
     def lease(self, frames: Sequence[Any], to: str) -> Lease | None:
         """Copy ``frames`` end to end into a free segment leased to party ``to``; None when full."""
         views = [memoryview(f).cast("B") for f in frames]
-        total = sum(v.nbytes for v in views)
-        size = max(MIN_SEGMENT_BYTES, 1 << max(0, total - 1).bit_length())
+        taken = self._take(sum(v.nbytes for v in views), to)
+        if taken is None:
+            return None
+        lease_id, segment = taken
+        at = 0
+        target = segment.map
+        for view in views:
+            n = view.nbytes
+            target[at : at + n] = view
+            at += n
+        return Lease(lease_id, segment.handle, tuple(v.nbytes for v in views))
+
+    def lease_filled(self, nbytes: int, to: str, fill: Callable[[memoryview], Sequence[int]]) -> Lease | None:
+        """Lease room for ``nbytes`` to party ``to`` and let ``fill`` write the payload there itself.
+
+        The one copy of a payload a writer can serialize in place (an Arrow IPC writer onto the
+        segment): ``fill`` gets a writable view of ``nbytes`` bytes, valid only during the call,
+        and returns the payload's frame sizes. None when the pool is full (``fill`` not called);
+        if ``fill`` raises, the lease is given back and the error goes on.
+        """
+        taken = self._take(nbytes, to)
+        if taken is None:
+            return None
+        lease_id, segment = taken
+        view = memoryview(segment.map)[:nbytes]
+        try:
+            sizes = tuple(fill(view))
+            if sum(sizes) > nbytes:
+                raise ValueError(f"a payload filled in place says {sum(sizes)} bytes, {nbytes} were leased")
+        except BaseException:
+            self.release([lease_id], to)
+            raise
+        finally:
+            with contextlib.suppress(BufferError):  # still held by a failed fill's traceback: dropped with it
+                view.release()  # an exported view would keep the segment's map from closing
+        return Lease(lease_id, segment.handle, sizes)
+
+    def _take(self, nbytes: int, to: str) -> tuple[int, _Segment] | None:
+        """A free segment for ``nbytes``, leased to ``to``; None when the pool is full."""
+        size = max(MIN_SEGMENT_BYTES, 1 << max(0, nbytes - 1).bit_length())
         free = self._free[size]
         if free:
             segment = free.pop()
@@ -115,16 +159,10 @@ class Pool:
             return None
         else:
             segment = self._create(size)
-        at = 0
-        target = segment.map
-        for view in views:
-            n = view.nbytes
-            target[at : at + n] = view
-            at += n
         lease_id = next(self._ids)
         self._leased[lease_id] = (segment, to)
         self.used += size
-        return Lease(lease_id, segment.handle, tuple(v.nbytes for v in views))
+        return lease_id, segment
 
     def _create(self, size: int) -> _Segment:
         token = secrets.token_hex(8)
@@ -215,6 +253,59 @@ def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> 
     except RuntimeError:
         return False
     return True
+
+
+def call_later(loop: asyncio.AbstractEventLoop, delay: float, callback: Callable[[], None]) -> bool:
+    """Run ``callback`` on ``loop`` in ``delay`` seconds, from any thread; False when closed."""
+
+    def arm() -> None:
+        loop.call_later(delay, callback)
+
+    try:
+        if asyncio.get_running_loop() is loop:
+            arm()
+            return True
+    except RuntimeError:
+        pass
+    return call_soon(loop, arm)
+
+
+class Frees:
+    """Leases a receiver has done with, told to their senders in batches (``FREE_BATCH_LEASES``,
+    ``FREE_DELAY_S``) by ``send``, called with ``{sender: [lease, ...]}`` on the loop's thread."""
+
+    def __init__(self, send: Callable[[dict[str, list[int]]], None]) -> None:
+        self._send = send
+        self._leases: dict[str, list[int]] = {}
+        self._count = 0
+        self._scheduled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, sender: str, lease: int) -> None:
+        """Lease ``lease`` of ``sender`` is done with (from any thread: a finalizer may run in any)."""
+        self._leases.setdefault(sender, []).append(lease)
+        self._count += 1
+        loop = self.loop
+        if loop is None:
+            return
+        if self._count == FREE_BATCH_LEASES:
+            if not call_soon(loop, self.flush):
+                self.clear()
+        elif not self._scheduled:
+            self._scheduled = call_later(loop, FREE_DELAY_S, self.flush)
+            if not self._scheduled:  # the loop is closed: nobody is left to tell
+                self.clear()
+
+    def flush(self) -> None:
+        """Send what is waiting now."""
+        self._scheduled = False
+        leases, self._leases, self._count = self._leases, {}, 0
+        if leases:
+            self._send(leases)
+
+    def clear(self) -> None:
+        """Forget what is waiting (its senders are gone, or so are we)."""
+        self._leases, self._count = {}, 0
 
 
 def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any]) -> list[Any] | None:

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
@@ -234,6 +234,51 @@ class OutStream:
         self.sent += nbytes
         self.cost += nbytes + codec.MESSAGE_CREDIT_BYTES
         self.endpoint._send(readdress(msg, self.endpoint.addr, self.dst, self.sid, self._seq))
+
+    async def send_in_place(
+        self, kind: str, nbytes: int, fill: Callable[[memoryview], tuple[dict[str, Any], Sequence[int]]]
+    ) -> bool:
+        """Send a data message of ``kind`` whose payload ``fill`` writes straight into shared memory.
+
+        For a receiver on this host that shares memory with us (``dpipes.bus.shm``): the payload's
+        one copy is ``fill`` writing it (an Arrow IPC writer, say), not a copy of finished frames.
+        ``fill`` gets a writable view of ``nbytes`` bytes, valid during the call only, and returns
+        the message's kind fields and its payload frames' sizes (end to end in the view).
+
+        Returns:
+            False, having sent nothing and not called ``fill``, when the transport shares no
+            memory with the receiver's side or has no room: send the payload as frames instead.
+        """
+        self._since_yield += 1 + (nbytes >> YIELD_SHIFT)
+        await self._reserve()
+        fields: dict[str, Any] = {}
+
+        def fill_lease(view: memoryview) -> Sequence[int]:
+            made, sizes = fill(view)
+            fields.update(made)
+            return sizes
+
+        lease = self.endpoint._transport.lease_filled(self.dst, nbytes, fill_lease)
+        if lease is None:
+            return False
+        payload = sum(lease.sizes)
+        self._seq += 1
+        self.sent += payload
+        self.cost += payload + codec.MESSAGE_CREDIT_BYTES
+        self.endpoint._send(
+            codec.Shm(
+                src=self.endpoint.addr,
+                dst=self.dst,
+                sid=self.sid,
+                seq=self._seq,
+                of=kind,
+                fields=fields,
+                handle=lease.handle,
+                lease=lease.id,
+                sizes=list(lease.sizes),
+            )
+        )
+        return True
 
     async def close(self, timeout: float | None = None) -> int:
         """Send EOF and wait until the receiver has acknowledged every byte; returns the total."""

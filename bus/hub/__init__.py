@@ -83,7 +83,7 @@ from typing import Any
 
 import zmq
 
-from dpipes.bus import codec, shm
+from dpipes.bus import codec, heap, shm
 from dpipes.bus.auth import TAP_ZAP_DOMAIN, ZAP_DOMAIN, Gatekeeper, HubSecurity
 from dpipes.bus.codec import BYE_LINGER_MS, CLOSE_DRAIN_S, HEARTBEAT_INTERVAL_S, MAX_HELD_BYTES, MAX_NODE_NAME_CHARS
 from dpipes.bus.endpoint import MAX_IN_STREAMS, Endpoint, HeldBytes
@@ -216,8 +216,7 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         self._host_id = shm.host_id()
         self._pool: shm.Pool | None = None  # made when a same-host client first gets a large payload
         self._reader = shm.Reader(self._free_later)
-        self._frees: dict[str, list[int]] = {}  # leases our endpoints have done with, by sender
-        self._frees_scheduled = False
+        self._frees = shm.Frees(self._send_frees)  # leases our endpoints have done with
 
     async def __aenter__(self) -> Hub:
         await self.start()
@@ -228,7 +227,8 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
 
     async def start(self) -> None:
         """Bind every socket and start heartbeats; returns when the hub accepts connections."""
-        self._loop = asyncio.get_running_loop()
+        self._loop = self._frees.loop = asyncio.get_running_loop()
+        heap.keep_message_memory()  # received messages reuse the C heap's memory (dpipes.bus.heap)
         self._ctx = zmq.Context()
         router = self._ctx.socket(zmq.ROUTER)
         _set_common(router)

@@ -5,6 +5,7 @@ link to its node, or back to its sender as an ``ERROR``; shared-memory payloads 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec, shm
@@ -28,8 +29,7 @@ class Routing:
     """How a hub delivers what it routes (a part of :class:`~dpipes.bus.hub.Hub`)."""
 
     _pool: shm.Pool | None  # made when a same-host client first gets a large payload
-    _frees: dict[str, list[int]]  # leases our endpoints have done with, by sender
-    _frees_scheduled: bool
+    _frees: shm.Frees  # leases our endpoints have done with
 
     def _route(self: Hub, ident: bytes, header: dict[str, Any], frames: list[Any]) -> None:
         """Deliver a message from ``ident`` whose header is decoded; ``frames`` as the ROUTER gave them."""
@@ -101,15 +101,9 @@ class Routing:
 
     def _free_later(self: Hub, sender: str, lease: int) -> None:
         """Our reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
-        self._frees.setdefault(sender, []).append(lease)
-        if not self._frees_scheduled and self._loop is not None and not self._closed:
-            self._frees_scheduled = shm.call_soon(self._loop, self._send_frees)
-            if not self._frees_scheduled:  # the loop is closed: nobody is left to tell
-                self._frees.clear()
+        self._frees.add(sender, lease)
 
-    def _send_frees(self: Hub) -> None:
-        self._frees_scheduled = False
-        frees, self._frees = self._frees, {}
+    def _send_frees(self: Hub, frees: dict[str, list[int]]) -> None:
         if self._closed:
             return
         for sender, leases in frees.items():
@@ -200,3 +194,8 @@ class _InProcess:
     def __init__(self, hub: Hub) -> None:
         self.send = hub._send_local
         self.send_frames = hub._send_frames_local
+
+    def lease_filled(self, dst: str, nbytes: int, fill: Callable[[memoryview], Sequence[int]]) -> shm.Lease | None:
+        """In-process endpoints hand their payloads over by reference already (and the hub copies
+        what goes to a same-host client into its own pool)."""
+        return None

@@ -148,3 +148,110 @@ async def test_a_receiver_killed_holding_leases_gives_them_all_back(monkeypatch:
             assert segments_mapped_here() != []  # kept for reuse until the client closes
     assert segments_mapped_here() == []
     assert dev_shm() == before
+
+
+async def test_a_client_writes_large_arrow_batches_straight_into_shared_memory_read_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pa = pytest.importorskip("pyarrow")
+    from dpipes.bus.arrow import ArrowEncoder
+
+    as_frames: list[int] = []  # rows of the batches encoded as their own buffers
+    encode = ArrowEncoder.encode
+
+    def spied(self: ArrowEncoder, batch: pa.RecordBatch) -> list:  # type: ignore[type-arg]
+        as_frames.append(batch.num_rows)
+        return encode(self, batch)  # a spy: each is still encoded and sent as before
+
+    monkeypatch.setattr(ArrowEncoder, "encode", spied)
+    rows = 100_000
+    big = pa.RecordBatch.from_pydict(
+        {
+            "x": pa.array(range(rows), pa.int64()),
+            "s": pa.array([None if i % 7 == 0 else f"v{i}" for i in range(rows)]),
+            "l": pa.array([[i, i + 1] for i in range(rows)], pa.list_(pa.int32())),
+        }
+    )
+    batches = [big, big.slice(3, rows - 10), big.slice(0, 5)]  # the last is small: it goes as frames
+    async with Hub("alpha") as a, Client(a.ipc_endpoint) as client:
+        sink = a.endpoint("sink", window=64 * MIB)
+        writer = ArrowStreamWriter(client.endpoint.open_stream("alpha/sink"), big.schema)
+
+        async def send() -> None:
+            await writer.write_all(batches)
+            await writer.close(timeout=WAIT_S)
+
+        sending = asyncio.create_task(send())
+        received = [b async for b in ArrowStreamReader(await sink.accept(timeout=WAIT_S))]
+        await sending
+        assert [b.equals(want) for b, want in zip(received, batches, strict=True)] == [True, True, True]
+        assert as_frames == [5]  # the large ones were written as IPC into shared memory
+        pool = client._pool
+        assert pool is not None and pool.leased == 2  # the two large batches, held by what was read
+        segments = [line.split()[0] for line in segments_mapped_here() if " r--s " in line]  # the hub's maps
+        inside = [
+            any(lo <= buf.address < hi for lo, hi in (map(lambda x: int(x, 16), s.split("-")) for s in segments))
+            for buf in received[0].column(0).buffers()
+            if buf is not None
+        ]
+        assert inside and all(inside)  # rebuilt in place, in the client's segment
+        del received
+        gc.collect()
+        await until(lambda: pool.leased == 0)
+    assert segments_mapped_here() == []
+
+
+async def test_an_arrow_batch_for_another_node_leaves_shared_memory_on_the_way() -> None:
+    pa = pytest.importorskip("pyarrow")
+    batch = pa.RecordBatch.from_pydict({"x": pa.array(range(100_000), pa.int64())})
+    async with linked("alpha", "beta") as (a, b), Client(a.ipc_endpoint) as client:
+        sink = b.endpoint("sink")
+        writer = ArrowStreamWriter(client.endpoint.open_stream("beta/sink"), batch.schema)
+        await writer.write(batch)
+        closing = asyncio.create_task(writer.close(timeout=WAIT_S))
+        received = [got async for got in ArrowStreamReader(await sink.accept(timeout=WAIT_S))]
+        assert [got.equals(batch) for got in received] == [True]
+        await closing
+        pool = client._pool
+        assert pool is not None and pool.allocated > 0 and b._reader.mapped_bytes == 0
+        await until(lambda: pool.leased == 0)  # alpha copied it out and gave the lease back
+
+
+def test_a_payload_filled_in_place_gives_its_lease_back_when_the_writer_fails() -> None:
+    pool = shm.Pool(limit=2 * MIB)
+    try:
+
+        def fail(view: memoryview) -> list[int]:
+            view[:3] = b"abc"
+            raise OSError("write out of bounds")
+
+        with pytest.raises(OSError, match="out of bounds"):
+            pool.lease_filled(MIB, "alpha/sink", fail)
+        assert pool.leased == 0 and pool.used == 0
+        lease = pool.lease_filled(MIB, "alpha/sink", lambda view: [10, 20])
+        assert lease is not None and lease.sizes == (10, 20) and pool.leased == 1
+        called = []
+        assert pool.lease_filled(2 * MIB, "alpha/sink", lambda view: called.append(1) or [1]) is None  # full
+        assert called == [] and pool.fallbacks == 1
+        with pytest.raises(ValueError, match="leased"):
+            pool.lease_filled(MIB, "alpha/sink", lambda view: [MIB + 1])  # more than it had room for
+        assert pool.leased == 1
+    finally:
+        pool.close()
+
+
+async def test_leases_read_are_given_back_in_one_shm_free_per_batch_of_them() -> None:
+    sent: list[dict[str, list[int]]] = []
+    frees = shm.Frees(sent.append)
+    frees.loop = asyncio.get_running_loop()
+    for lease in (1, 2, 3):
+        frees.add("alpha/src", lease)
+    frees.add("beta/src", 9)
+    assert sent == []  # not one message per lease
+    await until(lambda: sent != [])  # but soon (FREE_DELAY_S)
+    assert sent == [{"alpha/src": [1, 2, 3], "beta/src": [9]}]
+    sent.clear()
+    for lease in range(shm.FREE_BATCH_LEASES):
+        frees.add("alpha/src", lease)
+    await asyncio.sleep(0)  # a full batch goes at the end of this loop pass, without the delay
+    assert sent == [{"alpha/src": list(range(shm.FREE_BATCH_LEASES))}]
