@@ -70,10 +70,12 @@ log = logging.getLogger(__name__)
 PIPE_BUFFER_BYTES = 1 << 20
 """Kernel buffer asked for each stage pipe: Python moves ~4x more through 1 MiB than through 64 KiB."""
 
-READ_CHUNK_BYTES = 256 << 10
-"""Default ``read_stdout`` chunk. Measured through ``cat``: 1.6 GB/s with 256 KiB reads against
-1.0 GB/s with 1 MiB ones, whose ``bytes`` exceed glibc's mmap threshold, so each read page-faults a
-fresh mapping (~100 faults per MiB); 64-256 KiB were equal."""
+READ_CHUNK_BYTES = 1 << 20
+"""Default ``read_stdout`` chunk: as large as the pipe (``PIPE_BUFFER_BYTES``), so that a stage whose
+output goes over the bus yields as few messages as its pipe allows. Each message costs every hop the
+same Python and system calls whatever its size: on a 2-node ``cat | cat@b``, reads of up to 1 MiB
+(about 600 KiB on average, against about 220 KiB with a 256 KiB cap) took about 15% less CPU per GB
+over both nodes and the client. A read of a few bytes still returns at once."""
 
 YIELD_EVERY_BYTES = 4 << 20
 """A pipe that never runs dry (``yes``, a fast reader of our writes) would let a read or write loop
