@@ -84,6 +84,7 @@ class Stage:
     bytes_out: int = 0  # data read from its program's stdout by this node
     plugin: str = ""  # a plugin stage: the plugin's name (its worker holds the stage address)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # a plugin stage's configuration
+    temp_dir: str = ""  # a plugin stage's temp_dir: made by the node, removed when the stage ends
     stop: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set when it is cancelled
     caller: Identity = INSECURE  # whom it runs for, as the transport established it (nodes.policy.caller_of)
     negotiated_by: str = ""  # the bus address that negotiated it: only that one may start it

@@ -39,6 +39,8 @@ import dataclasses
 import logging
 import os
 import shlex
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
@@ -257,6 +259,7 @@ class Stages:
             window=self.window,
             cwd=self.workdir(wiring.cwd),  # a plugin opening a relative path finds what a program would
             env={**self._env(stage, wiring), "PWD": self.workdir(wiring.cwd)},
+            temp_dir=_plugin_temp_dir(stage),
         )
         env = stage_environment(self.config.pass_env, worker=True)
         env.update(spec.env)
@@ -280,6 +283,7 @@ class Stages:
             )
         except StageError as exc:
             self._release_output(stage)
+            shutil.rmtree(stage.temp_dir, ignore_errors=True)
             raise ControlError(REFUSED, str(exc)) from None
         finally:
             if ready is not None:
@@ -443,6 +447,8 @@ class Stages:
                 await self._cancel_reader(stage, report.error)
         finally:
             self._release_output(stage)
+            if stage.temp_dir:  # the worker's own cleanup does not run when it is killed
+                shutil.rmtree(stage.temp_dir, ignore_errors=True)
             self._forget(stage)
             self.direct.close(stage.pipeline, (stage.index - 1, stage.index))  # a neighbour that never started
             if stage.pipes is not None:
@@ -548,3 +554,9 @@ def _who(caller: Identity, transport: Identity | None) -> str:
 
 
 __all__ = ["NegotiationRefused", "Stages"]
+
+
+def _plugin_temp_dir(stage: Stage) -> str:
+    """A fresh directory for a plugin stage's ``temp_dir``, kept on the stage so the node removes it."""
+    stage.temp_dir = tempfile.mkdtemp(prefix=f"dpipes-plugin-{stage.plugin}-")
+    return stage.temp_dir

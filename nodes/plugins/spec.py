@@ -60,6 +60,7 @@ class WorkerSpec:
     env: dict[str, str]  # the stage's own variables (DPIPES_*), added to the node's environment
     input_fd: int = FD_BUS  # a direct input edge (see *Direct edges*): its descriptor, or FD_SENT
     output_fd: int = FD_BUS  # a direct output edge, as input_fd
+    temp_dir: str = ""  # the plugin's temp_dir, made and removed by the node (a killed worker leaves none)
 
     @property
     def direct(self) -> bool:

@@ -65,7 +65,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -762,9 +762,9 @@ async def _run(spec: WorkerSpec) -> int:
     channel = _BusChannel(worker)
     messages = asyncio.ensure_future(channel.serve())
     code = 0
-    with tempfile.TemporaryDirectory(prefix=f"dpipes-plugin-{spec.plugin}-") as temp:
+    with _temp_dir(spec) as temp:
         try:
-            await worker.run(channel, Path(temp))
+            await worker.run(channel, temp)
         except _DownstreamGone:
             worker.cancel_inputs(f"{spec.describe} stopped: its reader went away")
             code = -signal.SIGPIPE
@@ -785,6 +785,16 @@ async def _run(spec: WorkerSpec) -> int:
             await asyncio.wait_for(messages, OUTPUT_CLOSE_TIMEOUT_S)
         await client.aclose()
     return code
+
+
+@contextlib.contextmanager
+def _temp_dir(spec: WorkerSpec) -> Iterator[Path]:
+    """The plugin's ``temp_dir``: the node's (it removes it, even after a SIGKILL), else one of ours."""
+    if spec.temp_dir:
+        yield Path(spec.temp_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"dpipes-plugin-{spec.plugin}-") as temp:
+        yield Path(temp)
 
 
 def _take_direct_fds(spec: WorkerSpec, argv: Sequence[str]) -> WorkerSpec:

@@ -8,6 +8,7 @@ import csv
 import io
 import os
 import signal
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -122,7 +123,13 @@ async def test_arrow_from_a_program_through_a_plugin_to_a_program_on_one_node(rt
         assert pa_ipc.open_stream(out.stdout).read_all().equals(table)
 
 
+def plugin_temp_dirs(plugin: str) -> set[Path]:
+    """The plugin stages' ``temp_dir`` directories of ``plugin`` in the temporary directory nodes use."""
+    return set(Path(tempfile.gettempdir()).glob(f"dpipes-plugin-{plugin}-*"))
+
+
 async def test_a_worker_killed_on_a_direct_edge_fails_the_run_by_name_and_leaves_nothing(rt: Path) -> None:
+    before = plugin_temp_dirs("stuck")
     async with daemons(rt, ["alpha"]) as (alpha,):
         proc = await start_dpipes(rt, "--node", alpha.host_port, "seq 5 | %stuck@alpha | cat@alpha")
 
@@ -136,6 +143,7 @@ async def test_a_worker_killed_on_a_direct_edge_fails_the_run_by_name_and_leaves
         assert proc.returncode != 0
         assert "stage 1 %stuck@alpha: killed by SIGKILL (plugin stuck worker killed by SIGKILL" in err.decode()
         await until(lambda: workers_of(alpha.proc.pid) == [], "no worker left running a stage")
+        await until(lambda: plugin_temp_dirs("stuck") <= before, "the killed plugin's temp_dir removed by its node")
 
 
 async def test_a_worker_started_ahead_takes_its_pipes_from_the_node(rt: Path) -> None:
