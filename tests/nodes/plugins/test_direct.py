@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import csv
 import io
-import os
-import signal
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,8 +18,8 @@ import zmq.asyncio
 
 from dpipes.bus.tap import TapEvent, decode_event
 from dpipes.nodes.plugins.spec import FD_BUS, FD_SENT, WorkerSpec
-from tests.nodes.daemons import Daemon, daemons, dpipes, start_dpipes
-from tests.nodes.plugins.test_worker import SALES, workers_of
+from tests.nodes.daemons import Daemon, daemons, dpipes
+from tests.nodes.plugins.test_worker import SALES, run_killing_its_worker, workers_of
 from tests.nodes.plugins.test_worker_pool import until
 from tests.nodes.plugins.workers import install_plugins
 from tests.procs import resources
@@ -84,6 +82,12 @@ async def events_until(tap: zmq.asyncio.Socket, marker: bytes) -> list[TapEvent]
         seen.append(event)
 
 
+async def events_before_now(rt: Path, tap: zmq.asyncio.Socket, node: Daemon, marker: str) -> list[TapEvent]:
+    """Every event the runs before now sent: those up to an ``echo MARKER`` run on ``node`` now."""
+    await dpipes(rt, "--node", node.host_port, f"echo {marker}@{node.name}")
+    return await events_until(tap, marker.encode())
+
+
 def data_of_the_filter_run(events: list[TapEvent]) -> tuple[str, set[str]]:
     """The pipeline whose ``%filter`` said what it kept, and who sent its data across the hub."""
     piped = [e for e in events if e.kind == "PIPES" and e.pipes and any("filter kept" in p for p in e.pipes)]
@@ -103,9 +107,7 @@ async def test_program_plugin_plugin_program_on_one_node_carry_no_data_through_t
         assert out.code == 0, out.stderr
         assert rows(out.stdout) == SUMMARY
         assert "INFO filter kept 4 of 6 rows" in out.stderr  # the plugin's messages still reach the client
-        marker = b"the-run-above-is-over"
-        await dpipes(rt, "--node", alpha.host_port, f"echo {marker.decode()}@alpha")
-        events = await events_until(tap, marker)
+        events = await events_before_now(rt, tap, alpha, "the-run-above-is-over")
     pipeline_id, moved = data_of_the_filter_run(events)
     # Only the last stage's output crosses the hub, to the client: every edge between stages is a pipe.
     assert moved == {f"alpha/{pipeline_id}.3"}
@@ -131,17 +133,8 @@ def plugin_temp_dirs(plugin: str) -> set[Path]:
 async def test_a_worker_killed_on_a_direct_edge_fails_the_run_by_name_and_leaves_nothing(rt: Path) -> None:
     before = plugin_temp_dirs("stuck")
     async with daemons(rt, ["alpha"]) as (alpha,):
-        proc = await start_dpipes(rt, "--node", alpha.host_port, "seq 5 | %stuck@alpha | cat@alpha")
-
-        async def worker() -> int:
-            while not (found := workers_of(alpha.proc.pid)):
-                await asyncio.sleep(0.02)
-            return found[0]
-
-        os.kill(await asyncio.wait_for(worker(), WAIT_S), signal.SIGKILL)
-        _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
-        assert proc.returncode != 0
-        assert "stage 1 %stuck@alpha: killed by SIGKILL (plugin stuck worker killed by SIGKILL" in err.decode()
+        err = await run_killing_its_worker(rt, alpha, alpha, "seq 5 | %stuck@alpha | cat@alpha")
+        assert "stage 1 %stuck@alpha: killed by SIGKILL (plugin stuck worker killed by SIGKILL" in err
         await until(lambda: workers_of(alpha.proc.pid) == [], "no worker left running a stage")
         await until(lambda: plugin_temp_dirs("stuck") <= before, "the killed plugin's temp_dir removed by its node")
 
@@ -163,9 +156,7 @@ async def test_a_worker_started_ahead_takes_its_pipes_from_the_node(rt: Path) ->
         out = await dpipes(rt, "--node", alpha.host_port, pipeline)  # both plugins in pooled workers
         assert out.code == 0, out.stderr
         assert rows(out.stdout) == SUMMARY
-        marker = b"the-pooled-run-is-over"
-        await dpipes(rt, "--node", alpha.host_port, f"echo {marker.decode()}@alpha")
-        events = await events_until(tap, marker)
+        events = await events_before_now(rt, tap, alpha, "the-pooled-run-is-over")
     pipeline_id, moved = data_of_the_filter_run(events)
     assert moved == {f"alpha/{pipeline_id}.2"}  # cat -> filter -> summarize: pipes, none through the hub
 
@@ -177,9 +168,7 @@ async def test_a_local_client_hands_its_stdin_and_stdout_to_plugin_stages(rt: Pa
         out = await dpipes(rt, pipeline, input=SALES.encode())  # this host's node: stdin and stdout handed over
         assert out.code == 0, out.stderr
         assert rows(out.stdout) == SUMMARY
-        marker = b"the-local-run-is-over"
-        await dpipes(rt, "--node", alpha.host_port, f"echo {marker.decode()}@alpha")
-        events = await events_until(tap, marker)
+        events = await events_before_now(rt, tap, alpha, "the-local-run-is-over")
     _pipeline_id, moved = data_of_the_filter_run(events)
     assert moved == set()  # the client's stdin to %filter, %filter to %summarize, %summarize to its stdout
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dpipes.nodes.plugins.spec import POOLED_FLAG
-from tests.nodes.daemons import daemons, dpipes, start_dpipes
+from tests.nodes.daemons import Daemon, daemons, dpipes, start_dpipes
 from tests.nodes.plugins.workers import install_plugins
 from tests.procs import children_of
 
@@ -206,19 +206,26 @@ async def test_a_callback_that_never_returns_is_bounded_by_the_configured_timeou
         assert workers_of(beta.proc.pid) == []
 
 
+async def run_killing_its_worker(rt: Path, entry: Daemon, node: Daemon, pipeline: str) -> str:
+    """Start ``pipeline`` through ``entry``, SIGKILL the first plugin worker ``node`` runs for it;
+    the client's stderr, once it ended non-zero."""
+    proc = await start_dpipes(rt, "--node", entry.host_port, pipeline)
+
+    async def worker() -> int:
+        while not (found := workers_of(node.proc.pid)):
+            await asyncio.sleep(0.02)
+        return found[0]
+
+    os.kill(await asyncio.wait_for(worker(), WAIT_S), signal.SIGKILL)
+    _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    assert proc.returncode != 0
+    return err.decode()
+
+
 async def test_a_worker_killed_with_sigkill_fails_the_run_and_leaves_nothing(rt: Path) -> None:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
-        proc = await start_dpipes(rt, "--node", alpha.host_port, "seq 5 | %stuck@beta | cat")
-
-        async def worker() -> int:
-            while not (found := workers_of(beta.proc.pid)):
-                await asyncio.sleep(0.02)
-            return found[0]
-
-        os.kill(await asyncio.wait_for(worker(), WAIT_S), signal.SIGKILL)
-        _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
-        assert proc.returncode != 0
-        assert "stage 1 %stuck@beta: killed by SIGKILL (plugin stuck worker killed by SIGKILL" in err.decode()
+        err = await run_killing_its_worker(rt, alpha, beta, "seq 5 | %stuck@beta | cat")
+        assert "stage 1 %stuck@beta: killed by SIGKILL (plugin stuck worker killed by SIGKILL" in err
         assert workers_of(beta.proc.pid) == []
 
 
