@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import io
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,9 +17,9 @@ import zmq.asyncio
 from dpipes.bus.tap import TapEvent, decode_event
 from dpipes.nodes.plugins.spec import FD_BUS, FD_SENT, WorkerSpec
 from tests.nodes.daemons import Daemon, daemons, dpipes
-from tests.nodes.plugins.test_worker import SALES, run_killing_its_worker, workers_of
+from tests.nodes.plugins.test_worker import run_killing_its_worker, workers_of
 from tests.nodes.plugins.test_worker_pool import until
-from tests.nodes.plugins.workers import install_plugins
+from tests.nodes.plugins.workers import SALES, rows
 from tests.procs import resources
 
 WAIT_S = 30.0
@@ -31,18 +29,6 @@ SUMMARY = [
     {"region": "north", "amount_sum": "320"},
     {"region": "south", "amount_sum": "150"},
 ]
-
-
-@pytest.fixture
-def rt(rt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The runtime directory (conftest's), for daemons that find the test plugins installed, and sales.csv."""
-    install_plugins(tmp_path / "site", monkeypatch)
-    (tmp_path / "sales.csv").write_text(SALES)
-    return rt
-
-
-def rows(data: bytes) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(data.decode())))
 
 
 @contextlib.asynccontextmanager

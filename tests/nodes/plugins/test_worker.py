@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import json
 import os
 import signal
@@ -14,24 +12,10 @@ import pytest
 
 from dpipes.nodes.plugins.spec import POOLED_FLAG
 from tests.nodes.daemons import Daemon, daemons, dpipes, start_dpipes
-from tests.nodes.plugins.workers import install_plugins
+from tests.nodes.plugins.workers import SALES, install_plugins, rows
 from tests.procs import children_of
 
 WAIT_S = 30.0
-
-SALES = "region,amount\nnorth,50\nsouth,150\nnorth,200\neast,300\nsouth,20\nnorth,120\n"
-
-
-@pytest.fixture
-def rt(rt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The runtime directory (conftest's), for daemons that find the test plugins installed, and sales.csv."""
-    install_plugins(tmp_path / "site", monkeypatch)
-    (tmp_path / "sales.csv").write_text(SALES)
-    return rt
-
-
-def rows(data: bytes) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(data.decode())))
 
 
 def workers_of(pid: int, *, idle: bool = False) -> list[int]:

@@ -16,16 +16,8 @@ from dpipes.nodes.config import load_config
 from dpipes.nodes.node import Node
 from tests.nodes.daemons import daemons, dpipes
 from tests.nodes.plugins.test_worker import workers_of
-from tests.nodes.plugins.workers import install_plugins
 
 WAIT_S = 30.0
-
-
-@pytest.fixture
-def rt(rt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The runtime directory (conftest's), for daemons that find the test plugins installed."""
-    install_plugins(tmp_path / "site", monkeypatch)
-    return rt
 
 
 async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]

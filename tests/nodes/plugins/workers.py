@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import textwrap
 import tomllib
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 from dpipes.nodes.plugins.registry import ENTRY_POINT_GROUP
 
 EXAMPLES = Path(__file__).parents[3] / "examples" / "plugins"
+SALES = "region,amount\nnorth,50\nsouth,150\nnorth,200\neast,300\nsouth,20\nnorth,120\n"  # rt's sales.csv
 
 BROKEN_SOURCE = """\
 import threading
@@ -110,3 +113,8 @@ def install_plugins(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     monkeypatch.setenv("PYTHONPATH", f"{root}:{EXAMPLES}")
     return root
+
+
+def rows(data: bytes) -> list[dict[str, str]]:
+    """A CSV output's rows, as dicts by header."""
+    return list(csv.DictReader(io.StringIO(data.decode())))
