@@ -8,11 +8,12 @@ options in the ``start`` request. :mod:`dpipes.nodes.stage_pipes` says what each
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from dpipes.bus.errors import StageError
+from dpipes.bus.errors import DpipesError, StageError
 
 CONTEXT_INJECTORS = ("env", "file")
 MESSAGE_CHANNELS = ("file", "stderr", "stdout")
@@ -104,3 +105,64 @@ def check_stage_options(options: Mapping[str, Any], stage_count: int) -> None:
         if unknown:
             raise StageError(f"Pipes options for stage {key}: unknown {', '.join(sorted(unknown))}")
         check_env((own or {}).get("env"))
+
+
+class PipesFlagError(DpipesError, ValueError):
+    """A Pipes flag of ``dpipes`` is malformed; the message names the flag and shows its form."""
+
+
+def from_flags(flags: Any, count: int) -> dict[str, Any]:
+    """The Pipes flags of a command line -> the ``run`` request's ``pipes`` map.
+
+    ``flags`` has the lists ``extra``, ``asset``, ``partition``, ``pipes_context`` and
+    ``pipes_messages`` (each item ``[N:]VALUE``, ``N`` a stage of the ``count``) and the switch
+    ``pipes_stdio``, as ``dpipes``' parser gives them. The result is
+    ``{"extras", "assets", "partition", "context", "messages", "stages": {N: ...}}``.
+
+    Raises:
+        PipesFlagError: naming the flag and item, and the form to write.
+    """
+    every: dict[str, Any] = {"extras": {}, "assets": [], "partition": None, "context": "env", "messages": "file"}
+    stages: dict[str, dict[str, Any]] = {}
+
+    def scope(flag: str, item: str) -> tuple[dict[str, Any], str]:
+        index, value = split_stage_selector(item)
+        if index is None:
+            return every, value
+        if index >= count:
+            raise PipesFlagError(f"{flag} {item!r}: the pipeline has {count} stage(s), numbered 0-{count - 1}")
+        return stages.setdefault(str(index), {}), value
+
+    for item in flags.extra:
+        options, text = scope("--extra", item)
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise PipesFlagError(
+                f"--extra {item!r}: write [N:]KEY=JSON, e.g. --extra 'limit=10' or --extra '1:tags=[\"a\"]'"
+            )
+        try:
+            options.setdefault("extras", {})[key] = json.loads(value)
+        except ValueError as exc:
+            raise PipesFlagError(
+                f"--extra {key}: the value is not JSON ({exc}); quote strings: --extra '{key}=\"text\"'"
+            ) from None
+    for item in flags.asset:
+        options, key = scope("--asset", item)
+        options.setdefault("assets", []).append(key)
+    for item in flags.partition:
+        options, key = scope("--partition", item)
+        options["partition"] = key
+    for flag, key, items, choices in (
+        ("--pipes-context", "context", flags.pipes_context, CONTEXT_INJECTORS),
+        ("--pipes-messages", "messages", flags.pipes_messages, MESSAGE_CHANNELS),
+    ):
+        for item in items:
+            options, value = scope(flag, item)
+            if value not in choices:
+                raise PipesFlagError(f"{flag} {item!r}: use one of {', '.join(choices)} (optionally after N:)")
+            options[key] = value
+    if flags.pipes_stdio:
+        every["stdio"] = True
+    if stages:
+        every["stages"] = stages
+    return every
