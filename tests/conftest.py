@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import shutil
 import tempfile
@@ -18,6 +19,25 @@ from tests.procs import descendants
 # loaded two-core machine, which says nothing about the property.
 settings.register_profile("dpipes", deadline=None)
 settings.load_profile("dpipes")
+
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Byte-compile dpipes where it is imported from, and the tests, before any test starts a process.
+
+    The suite starts thousands of Python processes (daemons, clients, plugin workers, programs).
+    An editable install under ``PYTHONDONTWRITEBYTECODE`` (set on some CI machines) never writes
+    ``__pycache__``, so each of them compiled every dpipes module it imported from source: about a
+    third of the suite's CPU. ``pip install .`` compiles an installed package the same way; this
+    only does it for a checkout. A directory we cannot write is left as it is.
+    """
+    import dpipes.bus
+
+    root = Path(dpipes.bus.__file__).resolve().parent.parent
+    for name in ("bus", "nodes", "discovery", "tools", "tests"):
+        if (root / name).is_dir() and os.access(root / name, os.W_OK):
+            compileall.compile_dir(root / name, quiet=2, workers=1)
+
 
 LEAK_GRACE_S = 5.0  # a just-killed child may take a moment to be reaped by its parent
 
