@@ -97,7 +97,6 @@ import json
 import os
 import re
 import socket
-import tomllib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -538,15 +537,19 @@ def _nest(overrides: Mapping[str, object]) -> dict[str, Any]:
 def _read(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: not UTF-8 ({e.reason} at byte {e.start})") from None
+            data = f.read()
     except FileNotFoundError:
         raise
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    import tomllib  # only once a file exists: a node started without one never loads the parser
+
+    try:
+        return tomllib.loads(data.decode())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def _system_paths(search_paths: Sequence[str | os.PathLike[str]] | None, environ: Mapping[str, str]) -> list[Path]:
@@ -667,6 +670,8 @@ def parse_override(text: str) -> tuple[str, object]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"{COMMAND_LINE}: {text!r} is not KEY=VALUE (e.g. limits.max_stages=8)")
     value = value.strip()
+    import tomllib
+
     try:
         parsed: object = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:

@@ -194,14 +194,15 @@ class Policy:
         return {name for name in self._allowed if not name.startswith(PLUGIN_SIGIL)} | set(self.config.apps)
 
     def offered_plugins(self) -> dict[str, str]:
-        """Plugins this node offers, name -> version: those installed that its allow list admits."""
+        """Plugins this node offers, name -> version: those installed that its allow list admits
+        (listed through the cache of :mod:`dpipes.nodes.plugin_cache`: a node start is on the clock)."""
         if self.exclusive:
             return {}
-        from dpipes.nodes.plugins.registry import installed_plugins
+        from dpipes.nodes.plugin_cache import installed_plugin_versions
 
         return {
-            name: info.version
-            for name, info in installed_plugins().items()
+            name: version
+            for name, version in installed_plugin_versions().items()
             if self.config.allow is None or PLUGIN_SIGIL + name in self._allowed
         }
 
