@@ -285,7 +285,7 @@ class StageRun:
         try:
             if pipes.channel == "stdout":  # messages among the program's output: take them out
                 while True:
-                    raw = await proc.read_stdout()
+                    raw = await proc.read_stdout(coalesce=True)
                     stage.bytes_out += len(raw)
                     data, frames = pipes.split(raw, end=not raw)
                     await self._send_pipes(frames)
@@ -299,13 +299,13 @@ class StageRun:
                 for message in outgoing.end():
                     await out.send(message)
             elif stage.mode == "bytes":  # the hot path: no per-chunk objects
-                while data := await proc.read_stdout():
+                while data := await proc.read_stdout(coalesce=True):
                     stage.bytes_out += len(data)
                     if tee is not None:
                         await self._send_stdio(tee.frames(data))
                     await out.send_bytes(data)
             else:
-                while data := await proc.read_stdout():
+                while data := await proc.read_stdout(coalesce=True):
                     stage.bytes_out += len(data)
                     if tee is not None:
                         await self._send_stdio(tee.frames(data))
