@@ -200,7 +200,7 @@ def _buffered(fd: int) -> int:
 class _Pipe:
     """Our non-blocking end of one stage pipe, awaited through the loop's reader/writer callbacks."""
 
-    __slots__ = ("_busy", "_loop", "_unyielded", "_waiter", "_writable", "bulk", "fd", "name")
+    __slots__ = ("_busy", "_loop", "_unyielded", "_waiter", "_watched", "_writable", "bulk", "fd", "name")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int | None, name: str, *, writable: bool) -> None:
         if fd is not None:  # None: the stage's end is not ours (connected straight to another stage)
@@ -213,6 +213,7 @@ class _Pipe:
         self._busy = False
         self._unyielded = 0
         self.bulk = False  # the last read found at least BULK_READ_BYTES: a streaming producer
+        self._watched = False  # our fd is registered with the loop (see ready())
 
     def claim(self) -> int | None:
         """Start an operation: one at a time per pipe. Returns the fd, or None once closed."""
@@ -244,34 +245,39 @@ class _Pipe:
         self._unyielded = 0
         waiter = self._loop.create_future()
         self._waiter = waiter
-        if self._writable:
-            self._loop.add_writer(fd, self._wake)
-        else:
-            self._loop.add_reader(fd, self._wake)
+        if not self._watched:  # a stream waits again and again: registered once, not per wait
+            self._watched = True
+            if self._writable:
+                self._loop.add_writer(fd, self._wake)
+            else:
+                self._loop.add_reader(fd, self._wake)
         try:
             await waiter
         finally:
             self._waiter = None
-            if self.fd is not None:
-                if self._writable:
-                    self._loop.remove_writer(fd)
-                else:
-                    self._loop.remove_reader(fd)
         return self.fd is not None
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if self._waiter is not None:
+            if not self._waiter.done():
+                self._waiter.set_result(None)
+        elif self._watched:  # ready while nobody waits: unregister, or the loop calls us every pass
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        fd, self._watched = self.fd, False
+        if fd is not None:
+            if self._writable:
+                self._loop.remove_writer(fd)
+            else:
+                self._loop.remove_reader(fd)
 
     def close(self) -> None:
         """Close our end (idempotent); a task waiting in ``ready()`` wakes and sees it closed."""
-        fd, self.fd = self.fd, None
-        if fd is None:
+        if self.fd is None:
             return
-        if self._writable:
-            self._loop.remove_writer(fd)
-        else:
-            self._loop.remove_reader(fd)
+        self._unwatch()
+        fd, self.fd = self.fd, None
         self._wake()
         os.close(fd)
 
