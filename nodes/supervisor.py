@@ -78,14 +78,17 @@ same Python and system calls whatever its size: on a 2-node ``cat | cat@b``, rea
 over both nodes and the client. A read of a few bytes still returns at once."""
 
 BULK_READ_BYTES = 64 << 10
-COALESCE_WAIT_S = 0.001
-"""A producer that wrote at least ``BULK_READ_BYTES`` since our last read is streaming: ``cat``
-writes 128 KiB a time, and a pump that reads each write as it lands sends a message per write.
-With ``coalesce``, a read that finds such a producer's pipe less than half full waits
-``COALESCE_WAIT_S`` once (the loop's timers go by the millisecond) so that the pipe fills: on a
-2-node ``cat | cat@b`` messages of about 1 MiB instead of 128 KiB, and with them 8x fewer
-messages, wake-ups and credit grants on every hop. A producer that writes less than that (a line
-at a time, a trickle) is read at once, as before: its latency is unchanged."""
+COALESCE_BELOW_BYTES = 256 << 10
+COALESCE_WAIT_S = 0.0005
+"""A producer whose last read gave at least ``BULK_READ_BYTES`` is streaming: ``cat`` writes
+128 KiB a time, and a pump that reads each write as it lands sends a message per write. With
+``coalesce``, a read that finds such a producer's pipe holding less than ``COALESCE_BELOW_BYTES``
+waits ``COALESCE_WAIT_S`` once (at most a loop pass of epoll's millisecond) so that the pipe fills:
+on a 2-node ``cat | cat@b`` messages of 256 KiB to 1 MiB instead of 128 KiB, and with them several
+times fewer messages, wake-ups and credit grants on every hop. The bar is a quarter of the pipe, not
+more, so that a producer faster than the wait (its pipe filled before we come back) is never
+held up by it. A producer that writes less than ``BULK_READ_BYTES`` (a line at a time, a trickle)
+is read at once, as before: its latency is unchanged."""
 
 YIELD_EVERY_BYTES = 4 << 20
 """A pipe that never runs dry (``yes``, a fast reader of our writes) would let a read or write loop
@@ -390,7 +393,7 @@ class StageProcess:
             await pipe.fair()
             waited = not (coalesce and pipe.bulk)
             while True:
-                if not waited and _buffered(fd) < max_bytes // 2:
+                if not waited and _buffered(fd) < min(COALESCE_BELOW_BYTES, max_bytes):
                     waited = True  # once per read: a producer that stops is not waited for again
                     await asyncio.sleep(COALESCE_WAIT_S)  # before reading: a cancel here loses nothing
                     if pipe.fd is None:
