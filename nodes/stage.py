@@ -10,8 +10,9 @@ stdin
     SIGPIPE, as in a shell); an input that arrives after the program exited is refused by the
     owner (``on_unread_input``).
 stdout
-    a stream to ``stdout_to``; bytes mode sends chunks as read, object modes wrap each object with
-    its ``__dpipes`` metadata. A cancelled stream is downstream gone: the program gets SIGPIPE.
+    a stream to ``stdout_to``; bytes mode sends chunks as read (a streaming program's writes
+    gathered into chunks of up to 1 MiB: ``read_stdout(coalesce=True)``), object modes wrap each
+    object with its ``__dpipes`` metadata. A cancelled stream is downstream gone: the program gets SIGPIPE.
 stderr
     a stream of ``STDERR`` messages to ``stderr_to``, opened at the first byte.
 Pipes

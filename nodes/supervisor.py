@@ -3,7 +3,8 @@
 A stage is an ordinary program forked without a shell, in its own process group, with three pipes
 (stdin, stdout, stderr) whose kernel buffers are raised to ``PIPE_BUFFER_BYTES``. The node pumps
 bytes through them with :class:`StageProcess`: non-blocking ``os.read``/``os.write`` driven by the
-loop's ``add_reader``/``add_writer``, in chunks of up to ``READ_CHUNK_BYTES``, never per byte.
+loop's ``add_reader``/``add_writer``, in chunks of up to ``READ_CHUNK_BYTES``, never per byte; a
+streaming producer's writes are gathered into fewer, larger chunks (``read_stdout(coalesce=True)``).
 
 Unix pipe semantics are kept on purpose:
 
