@@ -10,8 +10,9 @@ stdin
     SIGPIPE, as in a shell); an input that arrives after the program exited is refused by the
     owner (``on_unread_input``).
 stdout
-    a stream to ``stdout_to``; bytes mode sends chunks as read, object modes wrap each object with
-    its ``__dpipes`` metadata. A cancelled stream is downstream gone: the program gets SIGPIPE.
+    a stream to ``stdout_to``; bytes mode sends chunks as read (a streaming program's writes
+    gathered into chunks of up to 1 MiB: ``read_stdout(coalesce=True)``), object modes wrap each
+    object with its ``__dpipes`` metadata. A cancelled stream is downstream gone: the program gets SIGPIPE.
 stderr
     a stream of ``STDERR`` messages to ``stderr_to``, opened at the first byte.
 Pipes
@@ -285,7 +286,7 @@ class StageRun:
         try:
             if pipes.channel == "stdout":  # messages among the program's output: take them out
                 while True:
-                    raw = await proc.read_stdout()
+                    raw = await proc.read_stdout(coalesce=True)
                     stage.bytes_out += len(raw)
                     data, frames = pipes.split(raw, end=not raw)
                     await self._send_pipes(frames)
@@ -299,13 +300,13 @@ class StageRun:
                 for message in outgoing.end():
                     await out.send(message)
             elif stage.mode == "bytes":  # the hot path: no per-chunk objects
-                while data := await proc.read_stdout():
+                while data := await proc.read_stdout(coalesce=True):
                     stage.bytes_out += len(data)
                     if tee is not None:
                         await self._send_stdio(tee.frames(data))
                     await out.send_bytes(data)
             else:
-                while data := await proc.read_stdout():
+                while data := await proc.read_stdout(coalesce=True):
                     stage.bytes_out += len(data)
                     if tee is not None:
                         await self._send_stdio(tee.frames(data))

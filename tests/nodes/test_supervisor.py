@@ -9,6 +9,7 @@ import hashlib
 import os
 import signal
 import stat
+import sys
 import types
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -129,6 +130,34 @@ async def test_cat_50mb_byte_exact_with_concurrent_write_and_read(stages: Superv
         assert (await stage.wait()).ok
     assert total == len(data)
     assert digest == hashlib.sha256(data).digest()
+
+
+async def test_coalesced_reads_keep_a_streaming_producers_bytes_exact(stages: Supervisor, tmp_path: Path) -> None:
+    data = os.urandom(32 << 20)
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    stage = await stages.start(["cat", str(path)], env=ENV)  # cat writes 128 KiB at a time
+    chunks = []
+    async with asyncio.timeout(30):
+        while chunk := await stage.read_stdout(coalesce=True):
+            chunks.append(chunk)
+        assert (await stage.wait()).ok
+    assert b"".join(chunks) == data
+    assert all(len(c) <= sv.READ_CHUNK_BYTES for c in chunks)
+
+
+async def test_coalesced_reads_do_not_hold_back_a_producer_that_waits_for_an_answer(stages: Supervisor) -> None:
+    """A bulk write, then a wait for input: what was written arrives without more coming."""
+    script = "import sys; sys.stdout.buffer.write(b'x' * 200_000); sys.stdout.flush(); input(); print('bye')"
+    stage = await stages.start([sys.executable, "-c", script], env=ENV)
+    got = bytearray()
+    async with asyncio.timeout(WAIT_S):
+        while len(got) < 200_000:
+            got += await stage.read_stdout(coalesce=True)
+        await stage.write_stdin(b"go\n")
+        assert await read_all(stage) == b"bye\n"
+        assert (await stage.wait()).ok
+    assert got == b"x" * 200_000
 
 
 async def test_two_stages_joined_by_a_given_pipe_pass_data_without_us(stages: Supervisor) -> None:
