@@ -30,6 +30,13 @@ The pool's credit
     power-of-two segments of at least ``MIN_SEGMENT_BYTES``, and given back by ``SHM_FREE`` or,
     for every lease sent to a party, when that party is gone (:meth:`Pool.reclaim`): a receiver
     killed with its views in hand cannot pin the pool.
+
+Segments outlive their pool
+    Making a segment and pre-faulting it costs about 0.7 ms per MiB (the kernel zeroes every page),
+    some twenty times the copy into it. A process that attaches clients one after another (a fresh
+    client per job) would pay that again for each; so a pool that closes leaves its free segments
+    (none a receiver still reads) to the process's next pool, up to ``STASH_BYTES`` in all
+    (:func:`drop_stash` gives them back to the kernel). A forked child forgets its parent's.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import logging
 import mmap
 import os
 import secrets
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,6 +62,7 @@ log = logging.getLogger(__name__)
 MIN_PAYLOAD_BYTES = 256 * 1024  # smaller payloads cost less through the socket than a lease's round trip
 MIN_SEGMENT_BYTES = 1 << 20  # a 1 MiB chunk fits one segment of the smallest class
 POOL_BYTES = 512 << 20  # a sender's segments in all: room for several 64 MB Arrow batches in flight
+STASH_BYTES = 128 << 20  # free segments a process keeps from its closed pools for the next ones
 MAX_MAPPED_SEGMENTS = 256  # segments a receiver keeps mapped per sender process, at most
 MAX_HANDLE_CHARS = 128
 # A receiver tells a sender of the leases it has done with in one SHM_FREE per this many, or this
@@ -158,7 +167,9 @@ class Pool:
             self.fallbacks += 1
             return None
         else:
-            segment = self._create(size)
+            segment = _STASH.take(size) or self._create(size)
+            self._by_handle[segment.handle] = segment
+            self.allocated += size
         lease_id = next(self._ids)
         self._leased[lease_id] = (segment, to)
         self.used += size
@@ -175,9 +186,7 @@ class Pool:
             os.close(fd)
             raise
         segment = _Segment(f"{os.getpid()}:{fd}:{token}:{size}", fd, mapped, size)
-        self._by_handle[segment.handle] = segment
-        self.allocated += size
-        log.debug("shm pool: new %d-byte segment %s (%d bytes in all)", size, segment.handle, self.allocated)
+        log.debug("shm pool: new %d-byte segment %s (%d bytes before it)", size, segment.handle, self.allocated)
         return segment
 
     def release(self, lease_ids: Sequence[int], by: str, *, trusted: str = "") -> int:
@@ -217,8 +226,7 @@ class Pool:
     def _destroy(self, segment: _Segment) -> None:
         self._by_handle.pop(segment.handle, None)
         self.allocated -= segment.size
-        segment.map.close()
-        os.close(segment.fd)
+        _close_segment(segment)
 
     @property
     def leased(self) -> int:
@@ -232,12 +240,67 @@ class Pool:
         self._closed = True
         for segments in self._free.values():
             for segment in segments:
-                self._destroy(segment)
+                self._by_handle.pop(segment.handle, None)
+                self.allocated -= segment.size
+                if not _STASH.put(segment):
+                    _close_segment(segment)
         self._free.clear()
         for segment, _to in self._leased.values():
             self._destroy(segment)
         self._leased.clear()
         self.used = 0
+
+
+def _close_segment(segment: _Segment) -> None:
+    segment.map.close()
+    os.close(segment.fd)
+
+
+class _Stash:
+    """Free segments of this process's closed pools, for its next pools (thread-safe: clients of
+    several threads may close and attach at once)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[int, list[_Segment]] = collections.defaultdict(list)
+        self.bytes = 0
+
+    def take(self, size: int) -> _Segment | None:
+        with self._lock:
+            free = self._free.get(size)
+            if not free:
+                return None
+            self.bytes -= size
+            return free.pop()
+
+    def put(self, segment: _Segment) -> bool:
+        """Keep ``segment`` (free: nobody reads it) for a later pool; False when the stash is full."""
+        with self._lock:
+            if self.bytes + segment.size > STASH_BYTES:
+                return False
+            self._free[segment.size].append(segment)
+            self.bytes += segment.size
+            return True
+
+    def drop(self) -> int:
+        """Unmap and close every stashed segment; returns the bytes given back."""
+        with self._lock:
+            segments = [s for free in self._free.values() for s in free]
+            self._free.clear()
+            dropped, self.bytes = self.bytes, 0
+        for segment in segments:
+            _close_segment(segment)
+        return dropped
+
+
+_STASH = _Stash()
+# A forked child must not reuse its parent's segments: both would write into them.
+os.register_at_fork(after_in_child=_STASH.drop)
+
+
+def drop_stash() -> int:
+    """Give the segments this process keeps from its closed pools back to the kernel; returns their bytes."""
+    return _STASH.drop()
 
 
 def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,19 @@ def chunk(i: int) -> bytes:
 def segments_mapped_here() -> list[str]:
     """This process's mappings of dpipes shared-memory segments (its own or another's)."""
     return [line for line in Path("/proc/self/maps").read_text().splitlines() if "memfd:dpipes-" in line]
+
+
+def nothing_mapped_once_the_stash_is_dropped() -> bool:
+    """What a closed pool leaves mapped here is only the segments kept for the next pool."""
+    shm.drop_stash()
+    return segments_mapped_here() == []
+
+
+@pytest.fixture(autouse=True)
+def no_stash_between_tests() -> Iterator[None]:
+    shm.drop_stash()
+    yield
+    shm.drop_stash()
 
 
 def dev_shm() -> set[str]:
@@ -68,7 +82,7 @@ async def test_a_client_hands_large_payloads_to_its_hub_in_shared_memory_zero_co
         reader = await sink.accept(timeout=WAIT_S)
         assert bytes((await reader.read(timeout=WAIT_S)).frames[0]) == chunk(9)  # type: ignore[union-attr]
         assert pool.allocated == allocated  # the segment was reused, not another one made
-    assert segments_mapped_here() == []
+    assert nothing_mapped_once_the_stash_is_dropped()
 
 
 async def test_a_hub_hands_large_payloads_to_its_client_and_arrow_batches_arrive_zero_copy() -> None:
@@ -146,7 +160,7 @@ async def test_a_receiver_killed_holding_leases_gives_them_all_back(monkeypatch:
                 await client.endpoint.recv(timeout=WAIT_S)
             assert pool.leased == 0  # a dead reader pins nothing
             assert segments_mapped_here() != []  # kept for reuse until the client closes
-    assert segments_mapped_here() == []
+    assert nothing_mapped_once_the_stash_is_dropped()
     assert dev_shm() == before
 
 
@@ -198,7 +212,7 @@ async def test_a_client_writes_large_arrow_batches_straight_into_shared_memory_r
         del received
         gc.collect()
         await until(lambda: pool.leased == 0)
-    assert segments_mapped_here() == []
+    assert nothing_mapped_once_the_stash_is_dropped()
 
 
 async def test_an_arrow_batch_for_another_node_leaves_shared_memory_on_the_way() -> None:
@@ -215,6 +229,45 @@ async def test_an_arrow_batch_for_another_node_leaves_shared_memory_on_the_way()
         pool = client._pool
         assert pool is not None and pool.allocated > 0 and b._reader.mapped_bytes == 0
         await until(lambda: pool.leased == 0)  # alpha copied it out and gave the lease back
+
+
+async def test_a_closed_clients_segments_serve_the_next_client_of_the_process() -> None:
+    async with Hub("alpha") as a:
+        sink = a.endpoint("sink")
+        handles = []
+        for i in range(2):
+            async with Client(a.ipc_endpoint) as client:
+                stream = client.endpoint.open_stream("alpha/sink")
+                await stream.send_bytes(chunk(i))
+                closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+                reader = await sink.accept(timeout=WAIT_S)
+                assert bytes((await reader.read(timeout=WAIT_S)).frames[0]) == chunk(i)  # type: ignore[union-attr]
+                assert await reader.read(timeout=WAIT_S) is None and await closing == MIB
+                pool = client._pool
+                assert pool is not None
+                await until(lambda pool=pool: pool.leased == 0)
+                handles.append(set(pool._by_handle))
+        assert handles[0] == handles[1]  # the second client made no segment: it took the first's
+        assert shm._STASH.bytes == MIB
+    assert nothing_mapped_once_the_stash_is_dropped()
+
+
+def test_a_forked_child_keeps_none_of_its_parents_segments() -> None:
+    pool = shm.Pool()
+    lease = pool.lease([chunk(1)], "alpha/sink")
+    assert lease is not None and pool.release([lease.id], "alpha/sink") == 1
+    pool.close()
+    assert shm._STASH.bytes == MIB
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # both would write into the same segments
+        os.write(write, b"%d %d" % (shm._STASH.bytes, len(segments_mapped_here())))
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 64) == b"0 0"
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert shm._STASH.bytes == MIB  # the parent's are still there for it
 
 
 def test_a_payload_filled_in_place_gives_its_lease_back_when_the_writer_fails() -> None:
