@@ -14,7 +14,8 @@ Segments
     when the last process that maps it unmaps it or dies, so a ``kill -9`` of either side leaks
     nothing on the host. A receiver opens it as ``/proc/PID/fd/FD`` of the sender, after checking
     that this descriptor is the memfd the handle names (its random token is in the memfd's name),
-    and closes the descriptor once mapped. Handles are ``PID:FD:TOKEN:SIZE`` strings.
+    and closes the descriptor once mapped. Handles are ``PID:FD:TOKEN:SIZE`` strings; a message's
+    payload lies at an offset into its segment, and a receiver checks that it lies inside.
 
 Who may receive handles
     Only a party on the same host, same PID namespace and same user: :func:`host_id` says that in
@@ -26,10 +27,14 @@ Who may receive handles
     ever offered shared memory.
 
 The pool's credit
-    A :class:`Pool` holds at most ``POOL_BYTES``. Space is taken per message (a *lease*), in
-    power-of-two segments of at least ``MIN_SEGMENT_BYTES``, and given back by ``SHM_FREE`` or,
-    for every lease sent to a party, when that party is gone (:meth:`Pool.reclaim`): a receiver
-    killed with its views in hand cannot pin the pool.
+    A :class:`Pool` holds at most ``POOL_BYTES``. Space is taken per message (a *lease*) and given
+    back by ``SHM_FREE`` or, for every lease sent to a party, when that party is gone
+    (:meth:`Pool.reclaim`): a receiver killed with its views in hand cannot pin the pool. A
+    payload up to ``SHARED_LEASE_BYTES`` is cut from a ``SHARED_SEGMENT_BYTES`` segment, after the
+    leases before it (at ``LEASE_ALIGN``); that segment is cut again from its start once every
+    lease in it is back. A stream of 10k-row Arrow batches (some 640 KB each) then fills a few
+    segments, not one segment per batch: fewer segments to make and for the receiver to map. A
+    larger payload takes a power-of-two segment of its own.
 
 Segments outlive their pool
     Making a segment and pre-faulting it costs about 0.7 ms per MiB (the kernel zeroes every page),
@@ -61,6 +66,9 @@ log = logging.getLogger(__name__)
 
 MIN_PAYLOAD_BYTES = 256 * 1024  # smaller payloads cost less through the socket than a lease's round trip
 MIN_SEGMENT_BYTES = 1 << 20  # a 1 MiB chunk fits one segment of the smallest class
+SHARED_SEGMENT_BYTES = 8 << 20  # payloads up to SHARED_LEASE_BYTES are cut end to end from one of these
+SHARED_LEASE_BYTES = 2 << 20  # larger payloads take a power-of-two segment of their own
+LEASE_ALIGN = 64  # where a lease starts in a shared segment: Arrow's buffer alignment
 POOL_BYTES = 512 << 20  # a sender's segments in all: room for several 64 MB Arrow batches in flight
 STASH_BYTES = 128 << 20  # free segments a process keeps from its closed pools for the next ones
 MAX_MAPPED_SEGMENTS = 256  # segments a receiver keeps mapped per sender process, at most
@@ -92,15 +100,23 @@ class _Segment:
     fd: int
     map: mmap.mmap
     size: int
+    at: int = 0  # a shared segment: where the next lease in it starts
+    live: int = 0  # leases in it not given back yet
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Lease:
-    """Where one message's payload lies in a sender's segment."""
+    """Where one message's payload lies in a sender's segment: ``offset`` bytes into it, its
+    frames (``sizes`` bytes each) end to end."""
 
     id: int
     handle: str
     sizes: tuple[int, ...]
+    offset: int = 0
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + LEASE_ALIGN - 1) & -LEASE_ALIGN
 
 
 class Pool:
@@ -108,29 +124,30 @@ class Pool:
 
     def __init__(self, *, limit: int = POOL_BYTES) -> None:
         self.limit = limit
-        self.used = 0  # bytes of the segments leased out now
+        self.used = 0  # bytes leased out now
         self.allocated = 0  # bytes of every segment, leased or free
         self._free: dict[int, list[_Segment]] = collections.defaultdict(list)  # by segment size
-        self._leased: dict[int, tuple[_Segment, str]] = {}  # lease id -> its segment, and to whom
+        self._shared: _Segment | None = None  # the segment small leases are cut from now
+        self._leased: dict[int, tuple[_Segment, str, int]] = {}  # lease id -> its segment, to whom, bytes
         self._by_handle: dict[str, _Segment] = {}
         self._ids = itertools.count(1)
         self._closed = False
         self.fallbacks = 0  # payloads sent inline because the pool was full
 
     def lease(self, frames: Sequence[Any], to: str) -> Lease | None:
-        """Copy ``frames`` end to end into a free segment leased to party ``to``; None when full."""
+        """Copy ``frames`` end to end into free room leased to party ``to``; None when full."""
         views = [memoryview(f).cast("B") for f in frames]
         taken = self._take(sum(v.nbytes for v in views), to)
         if taken is None:
             return None
-        lease_id, segment = taken
-        at = 0
+        lease_id, segment, offset = taken
+        at = offset
         target = segment.map
         for view in views:
             n = view.nbytes
             target[at : at + n] = view
             at += n
-        return Lease(lease_id, segment.handle, tuple(v.nbytes for v in views))
+        return Lease(lease_id, segment.handle, tuple(v.nbytes for v in views), offset)
 
     def lease_filled(self, nbytes: int, to: str, fill: Callable[[memoryview], Sequence[int]]) -> Lease | None:
         """Lease room for ``nbytes`` to party ``to`` and let ``fill`` write the payload there itself.
@@ -143,8 +160,8 @@ class Pool:
         taken = self._take(nbytes, to)
         if taken is None:
             return None
-        lease_id, segment = taken
-        view = memoryview(segment.map)[:nbytes]
+        lease_id, segment, offset = taken
+        view = memoryview(segment.map)[offset : offset + nbytes]
         try:
             sizes = tuple(fill(view))
             if sum(sizes) > nbytes:
@@ -155,25 +172,46 @@ class Pool:
         finally:
             with contextlib.suppress(BufferError):  # still held by a failed fill's traceback: dropped with it
                 view.release()  # an exported view would keep the segment's map from closing
-        return Lease(lease_id, segment.handle, sizes)
+        return Lease(lease_id, segment.handle, sizes, offset)
 
-    def _take(self, nbytes: int, to: str) -> tuple[int, _Segment] | None:
-        """A free segment for ``nbytes``, leased to ``to``; None when the pool is full."""
-        size = max(MIN_SEGMENT_BYTES, 1 << max(0, nbytes - 1).bit_length())
-        free = self._free[size]
-        if free:
-            segment = free.pop()
-        elif self.allocated + size > self.limit or self._closed:
+    def _take(self, nbytes: int, to: str) -> tuple[int, _Segment, int] | None:
+        """Room for ``nbytes`` leased to ``to``: its id, segment and offset; None when the pool is full."""
+        if nbytes <= SHARED_LEASE_BYTES:
+            segment, taken = self._cut(_aligned(nbytes)), _aligned(nbytes)
+        else:
+            taken = max(MIN_SEGMENT_BYTES, 1 << max(0, nbytes - 1).bit_length())
+            segment = self._segment(taken)
+        if segment is None:
             self.fallbacks += 1
             return None
-        else:
-            segment = _STASH.take(size) or self._create(size)
-            self._by_handle[segment.handle] = segment
-            self.allocated += size
+        offset = segment.at
+        segment.at += taken
+        segment.live += 1
         lease_id = next(self._ids)
-        self._leased[lease_id] = (segment, to)
-        self.used += size
-        return lease_id, segment
+        self._leased[lease_id] = (segment, to, taken)
+        self.used += taken
+        return lease_id, segment, offset
+
+    def _cut(self, nbytes: int) -> _Segment | None:
+        """The shared segment with ``nbytes`` free at its end: the one being cut, or a free one."""
+        shared = self._shared
+        if shared is not None and shared.at + nbytes <= shared.size:
+            return shared
+        # The one being cut is full: it goes back to the free list once its last lease does.
+        self._shared = self._segment(SHARED_SEGMENT_BYTES)
+        return self._shared
+
+    def _segment(self, size: int) -> _Segment | None:
+        """A free segment of ``size`` bytes (from the free list, the stash or new); None when full."""
+        free = self._free[size]
+        if free:
+            return free.pop()
+        if self.allocated + size > self.limit or self._closed:
+            return None
+        segment = _STASH.take(size) or self._create(size)
+        self._by_handle[segment.handle] = segment
+        self.allocated += size
+        return segment
 
     def _create(self, size: int) -> _Segment:
         token = secrets.token_hex(8)
@@ -200,27 +238,30 @@ class Pool:
             if held is None or (held[1] != by and by != trusted):
                 continue
             del self._leased[lease_id]
-            self._give_back(held[0])
+            self._give_back(held[0], held[2])
             done += 1
         return done
 
     def reclaim(self, party: str) -> int:
         """Party ``party`` is gone: every lease it held is free again. Returns how many."""
-        ids = [i for i, (_s, to) in self._leased.items() if to == party]
+        ids = [i for i, (_s, to, _n) in self._leased.items() if to == party]
         return self.release(ids, party)
 
     def reclaim_all(self) -> int:
         """Every party we leased to is gone (our hub is lost): every lease is free again."""
         ids = list(self._leased)
         for lease_id in ids:
-            self._give_back(self._leased.pop(lease_id)[0])
+            segment, _to, taken = self._leased.pop(lease_id)
+            self._give_back(segment, taken)
         return len(ids)
 
-    def _give_back(self, segment: _Segment) -> None:
-        self.used -= segment.size
-        if self._closed:
-            self._destroy(segment)
-        else:
+    def _give_back(self, segment: _Segment, taken: int) -> None:
+        self.used -= taken
+        segment.live -= 1
+        if segment.live:
+            return
+        segment.at = 0  # nobody reads any of it: cut it again from the start
+        if segment is not self._shared:
             self._free[segment.size].append(segment)
 
     def _destroy(self, segment: _Segment) -> None:
@@ -234,18 +275,22 @@ class Pool:
         return len(self._leased)
 
     def close(self) -> None:
-        """Unmap and close every segment (receivers keep their own mappings as long as they need). Idempotent."""
+        """Unmap and close every segment (receivers keep their own mappings as long as they need);
+        free ones go to the process's stash. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        for segments in self._free.values():
-            for segment in segments:
-                self._by_handle.pop(segment.handle, None)
-                self.allocated -= segment.size
-                if not _STASH.put(segment):
-                    _close_segment(segment)
+        free = [segment for segments in self._free.values() for segment in segments]
+        if self._shared is not None and not self._shared.live:
+            free.append(self._shared)
+        for segment in free:
+            self._by_handle.pop(segment.handle, None)
+            self.allocated -= segment.size
+            if not _STASH.put(segment):
+                _close_segment(segment)
         self._free.clear()
-        for segment, _to in self._leased.values():
+        self._shared = None
+        for segment in {id(s): s for s, _to, _n in self._leased.values()}.values():
             self._destroy(segment)
         self._leased.clear()
         self.used = 0
@@ -381,7 +426,7 @@ def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any]) -> list[An
     lease = pool.lease(frames, to=header["dst"])
     if lease is None:
         return None
-    return [codec.packb_shm(header, lease.handle, lease.id, list(lease.sizes))]
+    return [codec.packb_shm(header, lease.handle, lease.id, list(lease.sizes), lease.offset)]
 
 
 class _Mapped:
@@ -422,24 +467,31 @@ class Reader:
         self._mapped: dict[str, _Mapped] = {}
         self.mapped_bytes = 0
 
-    def views(self, sender: str, handle: str, lease_id: int, offsets: Sequence[int]) -> tuple[memoryview, ...]:
-        """Zero-copy views of one lease's payload frames (``offsets``: the frame sizes in order).
+    def views(
+        self, sender: str, handle: str, lease_id: int, sizes: Sequence[int], offset: int = 0
+    ) -> tuple[memoryview, ...]:
+        """Zero-copy views of one lease's payload frames: ``sizes`` bytes each, end to end from
+        ``offset`` bytes into the segment.
 
         Raises:
-            DecodeError: the handle is malformed, names no segment of that process, or the sizes do
-                not fit it.
+            DecodeError: the handle is malformed or names no segment of that process, or the
+                frames do not lie inside it.
         """
         import pyarrow as pa
 
         segment = self._mapped.get(handle) or self._map(handle, sender)
-        if sum(offsets) > segment.size:
-            raise DecodeError(f"SHM sizes add up to {sum(offsets)} bytes, the segment has {segment.size}")
+        end = offset + sum(sizes)
+        if type(offset) is not int or offset < 0 or end > segment.size:
+            raise DecodeError(
+                f"SHM frames of {end - offset} bytes at offset {offset!r:.20} do not lie inside the "
+                f"{segment.size}-byte segment {handle!r:.80}"
+            )
         held = _Held(segment)
         segment.live += 1
         weakref.finalize(held, self._done, segment, sender, lease_id)
         out = []
-        at = segment.address
-        for size in offsets:
+        at = segment.address + offset
+        for size in sizes:
             out.append(memoryview(pa.foreign_buffer(at, size, base=held)).cast("B"))
             at += size
         return tuple(out)
