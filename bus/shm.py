@@ -338,9 +338,15 @@ class _Stash:
         return dropped
 
 
+    def forget_at_fork(self) -> None:
+        """In a forked child: drop the parent's segments (both would write into them), with a new
+        lock (another thread of the parent may have held it at the fork)."""
+        self._lock = threading.Lock()
+        self.drop()
+
+
 _STASH = _Stash()
-# A forked child must not reuse its parent's segments: both would write into them.
-os.register_at_fork(after_in_child=_STASH.drop)
+os.register_at_fork(after_in_child=_STASH.forget_at_fork)
 
 
 def drop_stash() -> int:
