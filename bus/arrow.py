@@ -382,6 +382,8 @@ class ArrowEncoder:
         self._batches = 0
         # An IPC stream of a schema without dictionaries has a size known before it is written.
         self._sized_ipc = not _has_dictionary(schema)
+        # Made once: pyarrow's writer would otherwise read two environment variables per batch.
+        self._ipc_options = pa.ipc.IpcWriteOptions()
 
     @property
     def schema(self) -> pa.Schema:
@@ -470,7 +472,7 @@ class ArrowEncoder:
         if self._batches == 0:
             sink.write(self._schema_frame)
             sizes.append(self._schema_frame.size)
-        with pa.ipc.new_stream(sink, self._schema) as writer:
+        with pa.ipc.RecordBatchStreamWriter(sink, self._schema, options=self._ipc_options) as writer:
             writer.write_batch(batch)
         sizes.append(sink.tell() - sum(sizes))
         if sizes[-1] > MAX_BATCH_BYTES:
