@@ -108,6 +108,25 @@ async def test_a_hub_hands_large_payloads_to_its_client_and_arrow_batches_arrive
         await until(lambda: a._pool is not None and a._pool.leased == 0)
 
 
+async def test_a_hub_cuts_several_payloads_for_its_client_from_one_segment() -> None:
+    async with Hub("alpha") as a, Client(a.ipc_endpoint) as client:
+        stream = a.endpoint("src").open_stream(client.endpoint.addr)
+        payloads = [chunk(i)[: 600_000 + i] for i in range(3)]  # each over MIN_PAYLOAD_BYTES, under a segment
+        for payload in payloads:
+            await stream.send_bytes(payload)
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await client.endpoint.accept(timeout=WAIT_S)
+        got = [await reader.read(timeout=WAIT_S) for _ in payloads]
+        assert [bytes(m.frames[0]) for m in got] == payloads  # type: ignore[union-attr]
+        assert all(m.frames[0].readonly for m in got)  # type: ignore[union-attr]
+        pool = a._pool
+        assert pool is not None and len(pool._by_handle) == 1  # all three in one segment, at offsets
+        assert await reader.read(timeout=WAIT_S) is None and await closing == sum(map(len, payloads))
+        del got
+        gc.collect()
+        await until(lambda: pool.leased == 0)
+
+
 async def test_a_payload_for_another_node_leaves_shared_memory_on_the_way() -> None:
     async with linked("alpha", "beta") as (a, b), Client(a.ipc_endpoint) as client:
         sink = b.endpoint("sink")
