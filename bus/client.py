@@ -252,7 +252,7 @@ class Client:
         if self._reader is None:
             self._reader = shm.Reader(self._free_later)
         try:
-            views = self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes)
+            views = self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes, msg.offset)
             inner = codec.from_header(msg.inner_header(), views)
         except DecodeError as exc:
             self.dropped += 1

@@ -96,9 +96,10 @@ Kinds
       report of a line that was not one) as JSON text, in the order the stage wrote them.
     * ``BATCH`` ``of: str, sizes: [int]`` -- several consecutive data messages of stream ``sid``
       in one transfer (see *Batches*): one payload frame, the members' payloads end to end.
-    * ``SHM`` ``of: str, fields: map, handle: str, lease: int, sizes: [int]`` -- the data
-      message of kind ``of`` with kind fields ``fields`` whose payload frames (``sizes`` bytes
-      each) lie in shared memory, not on the wire (see *Shared memory*). No payload frame.
+    * ``SHM`` ``of: str, fields: map, handle: str, lease: int, sizes: [int], offset: int`` --
+      the data message of kind ``of`` with kind fields ``fields`` whose payload frames (``sizes``
+      bytes each, from ``offset``) lie in shared memory, not on the wire (see *Shared memory*).
+      No payload frame.
     * ``SHM_FREE`` ``leases: [int]`` -- the receiver of ``SHM`` messages from ``dst`` has done
       with these leases.
 
@@ -129,7 +130,8 @@ Shared memory
     ``OBJECTS``, ``ARROW``, ``STDERR`` or ``PIPES``), an ``SHM`` with the same common keys, that
     message's kind fields in ``fields``, and a ``handle`` (``PID:FD:TOKEN:SIZE``: the sender's
     memfd, which the receiver opens as ``/proc/PID/fd/FD`` after checking that its name is
-    ``dpipes-TOKEN``) whose first ``sum(sizes)`` bytes are the payload frames end to end. The
+    ``dpipes-TOKEN``) whose ``sum(sizes)`` bytes from byte ``offset`` (0 when absent) are the
+    payload frames end to end (a sender cuts the leases of several messages from one segment). The
     receiver takes it exactly as that message (credit, ``EOF.total``, the reader's view; its
     payload frames are read-only views of the segment) and, once its reader has dropped them,
     sends ``SHM_FREE`` with the ``lease`` to the ``SHM``'s ``src``; until then the sender does not
@@ -138,7 +140,8 @@ Shared memory
     and frees the lease itself (``SHM_FREE`` from ``node/``). A sender gives up every lease held
     by a party that is gone. Malformed: an ``of`` outside that list, ``fields`` that are not
     ``of``'s, more than ``MAX_FRAMES - 1`` sizes, a handle that is not ``PID:FD:TOKEN:SIZE`` or
-    names no such segment of a process on this host, sizes that do not fit its segment.
+    names no such segment of a process on this host, an ``offset`` and sizes that do not lie
+    inside its segment (``offset + sum(sizes) > SIZE``).
 
 Streams
     A stream is named by its **sender**: the sender's address and a ``sid`` the sender chose
@@ -248,7 +251,7 @@ Constants
     ===========================  ==========  ===========================================
     name                         value       unit and meaning
     ===========================  ==========  ===========================================
-    ``PROTOCOL_VERSION``         2           the ``v`` of every header
+    ``PROTOCOL_VERSION``         3           the ``v`` of every header
     ``MAX_HEADER_BYTES``         65536       bytes in the header frame
     ``MAX_FRAMES``               4096        frames in a message, header included
     ``MAX_PAYLOAD_FRAME_BYTES``  67108864    bytes in one payload frame (64 MiB)
@@ -303,7 +306,7 @@ import msgpack
 
 from dpipes.bus.errors import DecodeError
 
-PROTOCOL_VERSION = 2  # 2: BATCH, SHM, SHM_FREE; WELCOME.info, ATTACH.host, ATTACHED.shm (1 had none)
+PROTOCOL_VERSION = 3  # 3: SHM.offset; 2: BATCH, SHM, SHM_FREE; WELCOME.info, ATTACH.host, ATTACHED.shm
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAMES = 4096  # an Arrow batch of many columns travels as one frame per buffer
@@ -748,6 +751,7 @@ class Shm(Message):
     handle: str = ""
     lease: int = 0
     sizes: list[int] = dataclasses.field(default_factory=list)
+    offset: int = 0
 
     @property
     def payload_bytes(self) -> int:
@@ -821,9 +825,10 @@ def packb_header(msg: Message) -> bytes:
     return _packb(header_of(msg))
 
 
-def packb_shm(header: Mapping[str, Any], handle: str, lease: int, sizes: list[int]) -> bytes:
+def packb_shm(header: Mapping[str, Any], handle: str, lease: int, sizes: list[int], offset: int = 0) -> bytes:
     """The header frame of the ``SHM`` standing for the message whose decoded header is ``header``,
-    its payload frames (``sizes`` bytes each) now in lease ``lease`` of segment ``handle``."""
+    its payload frames (``sizes`` bytes each) now in lease ``lease``, ``offset`` bytes into segment
+    ``handle``."""
     return _packb(
         {
             "v": PROTOCOL_VERSION,
@@ -837,6 +842,7 @@ def packb_shm(header: Mapping[str, Any], handle: str, lease: int, sizes: list[in
             "handle": handle,
             "lease": lease,
             "sizes": sizes,
+            "offset": offset,
         }
     )
 

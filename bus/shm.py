@@ -14,7 +14,8 @@ Segments
     when the last process that maps it unmaps it or dies, so a ``kill -9`` of either side leaks
     nothing on the host. A receiver opens it as ``/proc/PID/fd/FD`` of the sender, after checking
     that this descriptor is the memfd the handle names (its random token is in the memfd's name),
-    and closes the descriptor once mapped. Handles are ``PID:FD:TOKEN:SIZE`` strings.
+    and closes the descriptor once mapped. Handles are ``PID:FD:TOKEN:SIZE`` strings; a message's
+    payload lies at an offset into its segment, and a receiver checks that it lies inside.
 
 Who may receive handles
     Only a party on the same host, same PID namespace and same user: :func:`host_id` says that in
@@ -26,15 +27,28 @@ Who may receive handles
     ever offered shared memory.
 
 The pool's credit
-    A :class:`Pool` holds at most ``POOL_BYTES``. Space is taken per message (a *lease*), in
-    power-of-two segments of at least ``MIN_SEGMENT_BYTES``, and given back by ``SHM_FREE`` or,
-    for every lease sent to a party, when that party is gone (:meth:`Pool.reclaim`): a receiver
-    killed with its views in hand cannot pin the pool.
+    A :class:`Pool` holds at most ``POOL_BYTES``. Space is taken per message (a *lease*) and given
+    back by ``SHM_FREE`` or, for every lease sent to a party, when that party is gone
+    (:meth:`Pool.reclaim`): a receiver killed with its views in hand cannot pin the pool. A
+    payload up to ``SHARED_LEASE_BYTES`` is cut from a ``SHARED_SEGMENT_BYTES`` segment, after the
+    leases before it (at ``LEASE_ALIGN``); that segment is cut again from its start once every
+    lease in it is back. A stream of 10k-row Arrow batches (some 640 KB each) then fills a few
+    segments, not one segment per batch: fewer segments to make and for the receiver to map. A
+    larger payload takes a power-of-two segment of its own.
+
+Segments outlive their pool
+    Making a segment and pre-faulting it costs about 0.7 ms per MiB (the kernel zeroes every page),
+    some twenty times the copy into it. A process that attaches clients one after another (a fresh
+    client per job) would pay that again for each; so a pool that closes leaves its free segments
+    (none a receiver still reads) to the process's next pool, up to ``STASH_BYTES`` in all
+    (:func:`drop_stash` gives them back to the kernel). A forked child forgets its parent's.
+
+This module is the sending side and what both sides share; the receiving side (mappings, views,
+``SHM_FREE`` in batches) is ``dpipes.bus.shm_receive``, whose names this module offers too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import dataclasses
@@ -43,23 +57,53 @@ import logging
 import mmap
 import os
 import secrets
-import weakref
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dpipes.bus.errors import DecodeError
+from dpipes.bus.shm_receive import (  # the receiving side, named here too
+    FREE_BATCH_LEASES,
+    FREE_DELAY_S,
+    MAX_HANDLE_CHARS,
+    MAX_MAPPED_SEGMENTS,
+    Frees,
+    Reader,
+    call_later,
+    call_soon,
+)
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "FREE_BATCH_LEASES",
+    "FREE_DELAY_S",
+    "LEASE_ALIGN",
+    "MAX_HANDLE_CHARS",
+    "MAX_MAPPED_SEGMENTS",
+    "MIN_PAYLOAD_BYTES",
+    "MIN_SEGMENT_BYTES",
+    "POOL_BYTES",
+    "SHARED_LEASE_BYTES",
+    "SHARED_SEGMENT_BYTES",
+    "STASH_BYTES",
+    "Frees",
+    "Lease",
+    "Pool",
+    "Reader",
+    "call_later",
+    "call_soon",
+    "drop_stash",
+    "host_id",
+    "shared",
+]
+
 MIN_PAYLOAD_BYTES = 256 * 1024  # smaller payloads cost less through the socket than a lease's round trip
 MIN_SEGMENT_BYTES = 1 << 20  # a 1 MiB chunk fits one segment of the smallest class
+SHARED_SEGMENT_BYTES = 8 << 20  # payloads up to SHARED_LEASE_BYTES are cut end to end from one of these
+SHARED_LEASE_BYTES = 2 << 20  # larger payloads take a power-of-two segment of their own
+LEASE_ALIGN = 64  # where a lease starts in a shared segment: Arrow's buffer alignment
 POOL_BYTES = 512 << 20  # a sender's segments in all: room for several 64 MB Arrow batches in flight
-MAX_MAPPED_SEGMENTS = 256  # segments a receiver keeps mapped per sender process, at most
-MAX_HANDLE_CHARS = 128
-# A receiver tells a sender of the leases it has done with in one SHM_FREE per this many, or this
-# late at most: a stream of 10k-row Arrow batches sent one SHM_FREE back per batch.
-FREE_BATCH_LEASES = 32
-FREE_DELAY_S = 0.002
+STASH_BYTES = 128 << 20  # free segments a process keeps from its closed pools for the next ones
 
 
 def host_id() -> str:
@@ -83,15 +127,23 @@ class _Segment:
     fd: int
     map: mmap.mmap
     size: int
+    at: int = 0  # a shared segment: where the next lease in it starts
+    live: int = 0  # leases in it not given back yet
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Lease:
-    """Where one message's payload lies in a sender's segment."""
+    """Where one message's payload lies in a sender's segment: ``offset`` bytes into it, its
+    frames (``sizes`` bytes each) end to end."""
 
     id: int
     handle: str
     sizes: tuple[int, ...]
+    offset: int = 0
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + LEASE_ALIGN - 1) & -LEASE_ALIGN
 
 
 class Pool:
@@ -99,29 +151,30 @@ class Pool:
 
     def __init__(self, *, limit: int = POOL_BYTES) -> None:
         self.limit = limit
-        self.used = 0  # bytes of the segments leased out now
+        self.used = 0  # bytes leased out now
         self.allocated = 0  # bytes of every segment, leased or free
         self._free: dict[int, list[_Segment]] = collections.defaultdict(list)  # by segment size
-        self._leased: dict[int, tuple[_Segment, str]] = {}  # lease id -> its segment, and to whom
+        self._shared: _Segment | None = None  # the segment small leases are cut from now
+        self._leased: dict[int, tuple[_Segment, str, int]] = {}  # lease id -> its segment, to whom, bytes
         self._by_handle: dict[str, _Segment] = {}
         self._ids = itertools.count(1)
         self._closed = False
         self.fallbacks = 0  # payloads sent inline because the pool was full
 
     def lease(self, frames: Sequence[Any], to: str) -> Lease | None:
-        """Copy ``frames`` end to end into a free segment leased to party ``to``; None when full."""
+        """Copy ``frames`` end to end into free room leased to party ``to``; None when full."""
         views = [memoryview(f).cast("B") for f in frames]
         taken = self._take(sum(v.nbytes for v in views), to)
         if taken is None:
             return None
-        lease_id, segment = taken
-        at = 0
+        lease_id, segment, offset = taken
+        at = offset
         target = segment.map
         for view in views:
             n = view.nbytes
             target[at : at + n] = view
             at += n
-        return Lease(lease_id, segment.handle, tuple(v.nbytes for v in views))
+        return Lease(lease_id, segment.handle, tuple(v.nbytes for v in views), offset)
 
     def lease_filled(self, nbytes: int, to: str, fill: Callable[[memoryview], Sequence[int]]) -> Lease | None:
         """Lease room for ``nbytes`` to party ``to`` and let ``fill`` write the payload there itself.
@@ -134,8 +187,8 @@ class Pool:
         taken = self._take(nbytes, to)
         if taken is None:
             return None
-        lease_id, segment = taken
-        view = memoryview(segment.map)[:nbytes]
+        lease_id, segment, offset = taken
+        view = memoryview(segment.map)[offset : offset + nbytes]
         try:
             sizes = tuple(fill(view))
             if sum(sizes) > nbytes:
@@ -146,23 +199,46 @@ class Pool:
         finally:
             with contextlib.suppress(BufferError):  # still held by a failed fill's traceback: dropped with it
                 view.release()  # an exported view would keep the segment's map from closing
-        return Lease(lease_id, segment.handle, sizes)
+        return Lease(lease_id, segment.handle, sizes, offset)
 
-    def _take(self, nbytes: int, to: str) -> tuple[int, _Segment] | None:
-        """A free segment for ``nbytes``, leased to ``to``; None when the pool is full."""
-        size = max(MIN_SEGMENT_BYTES, 1 << max(0, nbytes - 1).bit_length())
-        free = self._free[size]
-        if free:
-            segment = free.pop()
-        elif self.allocated + size > self.limit or self._closed:
+    def _take(self, nbytes: int, to: str) -> tuple[int, _Segment, int] | None:
+        """Room for ``nbytes`` leased to ``to``: its id, segment and offset; None when the pool is full."""
+        if nbytes <= SHARED_LEASE_BYTES:
+            segment, taken = self._cut(_aligned(nbytes)), _aligned(nbytes)
+        else:
+            taken = max(MIN_SEGMENT_BYTES, 1 << max(0, nbytes - 1).bit_length())
+            segment = self._segment(taken)
+        if segment is None:
             self.fallbacks += 1
             return None
-        else:
-            segment = self._create(size)
+        offset = segment.at
+        segment.at += taken
+        segment.live += 1
         lease_id = next(self._ids)
-        self._leased[lease_id] = (segment, to)
-        self.used += size
-        return lease_id, segment
+        self._leased[lease_id] = (segment, to, taken)
+        self.used += taken
+        return lease_id, segment, offset
+
+    def _cut(self, nbytes: int) -> _Segment | None:
+        """The shared segment with ``nbytes`` free at its end: the one being cut, or a free one."""
+        shared = self._shared
+        if shared is not None and shared.at + nbytes <= shared.size:
+            return shared
+        # The one being cut is full: it goes back to the free list once its last lease does.
+        self._shared = self._segment(SHARED_SEGMENT_BYTES)
+        return self._shared
+
+    def _segment(self, size: int) -> _Segment | None:
+        """A free segment of ``size`` bytes (from the free list, the stash or new); None when full."""
+        free = self._free[size]
+        if free:
+            return free.pop()
+        if self.allocated + size > self.limit or self._closed:
+            return None
+        segment = _STASH.take(size) or self._create(size)
+        self._by_handle[segment.handle] = segment
+        self.allocated += size
+        return segment
 
     def _create(self, size: int) -> _Segment:
         token = secrets.token_hex(8)
@@ -175,9 +251,7 @@ class Pool:
             os.close(fd)
             raise
         segment = _Segment(f"{os.getpid()}:{fd}:{token}:{size}", fd, mapped, size)
-        self._by_handle[segment.handle] = segment
-        self.allocated += size
-        log.debug("shm pool: new %d-byte segment %s (%d bytes in all)", size, segment.handle, self.allocated)
+        log.debug("shm pool: new %d-byte segment %s (%d bytes before it)", size, segment.handle, self.allocated)
         return segment
 
     def release(self, lease_ids: Sequence[int], by: str, *, trusted: str = "") -> int:
@@ -191,34 +265,36 @@ class Pool:
             if held is None or (held[1] != by and by != trusted):
                 continue
             del self._leased[lease_id]
-            self._give_back(held[0])
+            self._give_back(held[0], held[2])
             done += 1
         return done
 
     def reclaim(self, party: str) -> int:
         """Party ``party`` is gone: every lease it held is free again. Returns how many."""
-        ids = [i for i, (_s, to) in self._leased.items() if to == party]
+        ids = [i for i, (_s, to, _n) in self._leased.items() if to == party]
         return self.release(ids, party)
 
     def reclaim_all(self) -> int:
         """Every party we leased to is gone (our hub is lost): every lease is free again."""
         ids = list(self._leased)
         for lease_id in ids:
-            self._give_back(self._leased.pop(lease_id)[0])
+            segment, _to, taken = self._leased.pop(lease_id)
+            self._give_back(segment, taken)
         return len(ids)
 
-    def _give_back(self, segment: _Segment) -> None:
-        self.used -= segment.size
-        if self._closed:
-            self._destroy(segment)
-        else:
+    def _give_back(self, segment: _Segment, taken: int) -> None:
+        self.used -= taken
+        segment.live -= 1
+        if segment.live:
+            return
+        segment.at = 0  # nobody reads any of it: cut it again from the start
+        if segment is not self._shared:
             self._free[segment.size].append(segment)
 
     def _destroy(self, segment: _Segment) -> None:
         self._by_handle.pop(segment.handle, None)
         self.allocated -= segment.size
-        segment.map.close()
-        os.close(segment.fd)
+        _close_segment(segment)
 
     @property
     def leased(self) -> int:
@@ -226,86 +302,82 @@ class Pool:
         return len(self._leased)
 
     def close(self) -> None:
-        """Unmap and close every segment (receivers keep their own mappings as long as they need). Idempotent."""
+        """Unmap and close every segment (receivers keep their own mappings as long as they need);
+        free ones go to the process's stash. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        for segments in self._free.values():
-            for segment in segments:
-                self._destroy(segment)
+        free = [segment for segments in self._free.values() for segment in segments]
+        if self._shared is not None and not self._shared.live:
+            free.append(self._shared)
+        for segment in free:
+            self._by_handle.pop(segment.handle, None)
+            self.allocated -= segment.size
+            if not _STASH.put(segment):
+                _close_segment(segment)
         self._free.clear()
-        for segment, _to in self._leased.values():
+        self._shared = None
+        for segment in {id(s): s for s, _to, _n in self._leased.values()}.values():
             self._destroy(segment)
         self._leased.clear()
         self.used = 0
 
 
-def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
-    """Run ``callback`` on ``loop`` soon, from any thread (a finalizer may run in any); False when closed."""
-    try:
-        if asyncio.get_running_loop() is loop:  # the usual case: no wake-up through the self-pipe
-            loop.call_soon(callback)
+def _close_segment(segment: _Segment) -> None:
+    segment.map.close()
+    os.close(segment.fd)
+
+
+class _Stash:
+    """Free segments of this process's closed pools, for its next pools (thread-safe: clients of
+    several threads may close and attach at once)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[int, list[_Segment]] = collections.defaultdict(list)
+        self.bytes = 0
+
+    def take(self, size: int) -> _Segment | None:
+        with self._lock:
+            free = self._free.get(size)
+            if not free:
+                return None
+            self.bytes -= size
+            return free.pop()
+
+    def put(self, segment: _Segment) -> bool:
+        """Keep ``segment`` (free: nobody reads it) for a later pool; False when the stash is full."""
+        with self._lock:
+            if self.bytes + segment.size > STASH_BYTES:
+                return False
+            self._free[segment.size].append(segment)
+            self.bytes += segment.size
             return True
-    except RuntimeError:
-        pass
-    try:
-        loop.call_soon_threadsafe(callback)
-    except RuntimeError:
-        return False
-    return True
+
+    def drop(self) -> int:
+        """Unmap and close every stashed segment; returns the bytes given back."""
+        with self._lock:
+            segments = [s for free in self._free.values() for s in free]
+            self._free.clear()
+            dropped, self.bytes = self.bytes, 0
+        for segment in segments:
+            _close_segment(segment)
+        return dropped
+
+    def forget_at_fork(self) -> None:
+        """In a forked child: drop the parent's segments (both would write into them), with a new
+        lock (another thread of the parent may have held it at the fork)."""
+        self._lock = threading.Lock()
+        self.drop()
 
 
-def call_later(loop: asyncio.AbstractEventLoop, delay: float, callback: Callable[[], None]) -> bool:
-    """Run ``callback`` on ``loop`` in ``delay`` seconds, from any thread; False when closed."""
-
-    def arm() -> None:
-        loop.call_later(delay, callback)
-
-    try:
-        if asyncio.get_running_loop() is loop:
-            arm()
-            return True
-    except RuntimeError:
-        pass
-    return call_soon(loop, arm)
+_STASH = _Stash()
+os.register_at_fork(after_in_child=_STASH.forget_at_fork)
 
 
-class Frees:
-    """Leases a receiver has done with, told to their senders in batches (``FREE_BATCH_LEASES``,
-    ``FREE_DELAY_S``) by ``send``, called with ``{sender: [lease, ...]}`` on the loop's thread."""
-
-    def __init__(self, send: Callable[[dict[str, list[int]]], None]) -> None:
-        self._send = send
-        self._leases: dict[str, list[int]] = {}
-        self._count = 0
-        self._scheduled = False
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def add(self, sender: str, lease: int) -> None:
-        """Lease ``lease`` of ``sender`` is done with (from any thread: a finalizer may run in any)."""
-        self._leases.setdefault(sender, []).append(lease)
-        self._count += 1
-        loop = self.loop
-        if loop is None:
-            return
-        if self._count == FREE_BATCH_LEASES:
-            if not call_soon(loop, self.flush):
-                self.clear()
-        elif not self._scheduled:
-            self._scheduled = call_later(loop, FREE_DELAY_S, self.flush)
-            if not self._scheduled:  # the loop is closed: nobody is left to tell
-                self.clear()
-
-    def flush(self) -> None:
-        """Send what is waiting now."""
-        self._scheduled = False
-        leases, self._leases, self._count = self._leases, {}, 0
-        if leases:
-            self._send(leases)
-
-    def clear(self) -> None:
-        """Forget what is waiting (its senders are gone, or so are we)."""
-        self._leases, self._count = {}, 0
+def drop_stash() -> int:
+    """Give the segments this process keeps from its closed pools back to the kernel; returns their bytes."""
+    return _STASH.drop()
 
 
 def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any]) -> list[Any] | None:
@@ -318,121 +390,4 @@ def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any]) -> list[An
     lease = pool.lease(frames, to=header["dst"])
     if lease is None:
         return None
-    return [codec.packb_shm(header, lease.handle, lease.id, list(lease.sizes))]
-
-
-class _Mapped:
-    """A segment of another process, mapped read-only here."""
-
-    __slots__ = ("address", "buffer", "live", "map", "sender", "size")
-
-    def __init__(self, mapped: mmap.mmap, size: int, sender: str) -> None:
-        import pyarrow as pa  # only a receiver of handles pays for it
-
-        self.map = mapped
-        self.size = size
-        self.sender = sender
-        self.live = 0  # leases with views still held
-        self.buffer = pa.py_buffer(mapped)  # exports the map: it stays mapped while this lives
-        self.address: int = self.buffer.address
-
-
-class _Held:
-    """One received message's payload: its views keep it alive; when they are gone, it is given back."""
-
-    __slots__ = ("__weakref__", "segment")
-
-    def __init__(self, segment: _Mapped) -> None:
-        self.segment = segment
-
-
-class Reader:
-    """A receiver's mappings of senders' segments, and the views it hands out over them.
-
-    Args:
-        release: called with (the sender's address, the lease id) once the reader has dropped every
-            view of that lease; it must only queue the release (it may run inside a garbage collection).
-    """
-
-    def __init__(self, release: Callable[[str, int], None]) -> None:
-        self._release = release
-        self._mapped: dict[str, _Mapped] = {}
-        self.mapped_bytes = 0
-
-    def views(self, sender: str, handle: str, lease_id: int, offsets: Sequence[int]) -> tuple[memoryview, ...]:
-        """Zero-copy views of one lease's payload frames (``offsets``: the frame sizes in order).
-
-        Raises:
-            DecodeError: the handle is malformed, names no segment of that process, or the sizes do
-                not fit it.
-        """
-        import pyarrow as pa
-
-        segment = self._mapped.get(handle) or self._map(handle, sender)
-        if sum(offsets) > segment.size:
-            raise DecodeError(f"SHM sizes add up to {sum(offsets)} bytes, the segment has {segment.size}")
-        held = _Held(segment)
-        segment.live += 1
-        weakref.finalize(held, self._done, segment, sender, lease_id)
-        out = []
-        at = segment.address
-        for size in offsets:
-            out.append(memoryview(pa.foreign_buffer(at, size, base=held)).cast("B"))
-            at += size
-        return tuple(out)
-
-    def _done(self, segment: _Mapped, sender: str, lease_id: int) -> None:
-        segment.live -= 1
-        self._release(sender, lease_id)
-
-    def _map(self, handle: str, sender: str) -> _Mapped:
-        pid, fd, token, size = _parse_handle(handle)
-        path = f"/proc/{pid}/fd/{fd}"
-        expected = f"/memfd:dpipes-{token} (deleted)"
-        try:
-            if os.readlink(path) != expected:
-                raise DecodeError(f"SHM handle {handle!r:.80} names no dpipes segment of process {pid}")
-            local = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise DecodeError(f"SHM handle {handle!r:.80}: cannot open the segment: {exc.strerror}") from None
-        try:
-            if os.readlink(f"/proc/self/fd/{local}") != expected:  # the sender's fd changed meanwhile
-                raise DecodeError(f"SHM handle {handle!r:.80}: the segment went away")
-            if os.fstat(local).st_size < size:
-                raise DecodeError(f"SHM handle {handle!r:.80}: the segment is smaller than it says")
-            mapped = mmap.mmap(local, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except OSError as exc:
-            raise DecodeError(f"SHM handle {handle!r:.80}: cannot map the segment: {exc.strerror}") from None
-        finally:
-            os.close(local)
-        if len(self._mapped) >= MAX_MAPPED_SEGMENTS:
-            self.forget_unused()
-        segment = self._mapped[handle] = _Mapped(mapped, size, sender)
-        self.mapped_bytes += size
-        return segment
-
-    def forget(self, sender: str) -> None:
-        """Party ``sender`` is gone: keep none of its segments mapped (views still held keep theirs
-        mapped until they are dropped; then the memory is freed)."""
-        for handle in [h for h, m in self._mapped.items() if m.sender == sender]:
-            self.mapped_bytes -= self._mapped.pop(handle).size
-
-    def forget_unused(self) -> None:
-        """Unmap every segment no view refers to (they are mapped again when a handle names them)."""
-        for handle, segment in list(self._mapped.items()):
-            if not segment.live:
-                self.mapped_bytes -= self._mapped.pop(handle).size
-
-    def close(self) -> None:
-        """Drop every mapping this reader keeps; views still held keep theirs alive."""
-        self._mapped.clear()
-        self.mapped_bytes = 0
-
-
-def _parse_handle(handle: str) -> tuple[int, int, str, int]:
-    parts = handle.split(":") if len(handle) <= MAX_HANDLE_CHARS else []
-    if len(parts) != 4 or not all(p.isdigit() for p in (parts[0], parts[1], parts[3])):
-        raise DecodeError(f"SHM handle {handle!r:.80} is not PID:FD:TOKEN:SIZE")
-    if not (parts[2].isalnum() and parts[2].isascii()):
-        raise DecodeError(f"SHM handle {handle!r:.80}: the token is not alphanumeric")
-    return int(parts[0]), int(parts[1]), parts[2], int(parts[3])
+    return [codec.packb_shm(header, lease.handle, lease.id, list(lease.sizes), lease.offset)]

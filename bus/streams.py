@@ -276,6 +276,7 @@ class OutStream:
                 handle=lease.handle,
                 lease=lease.id,
                 sizes=list(lease.sizes),
+                offset=lease.offset,
             )
         )
         return True

@@ -35,7 +35,7 @@ from dpipes.nodes.results import RunFailed
 log = LazyLogger(__name__)  # logging is imported only if something is logged (dpipes.bus.logs)
 
 # The bus's constants (dpipes.bus.codec; tests/nodes/test_local_run.py holds them equal).
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BATCH_MESSAGES = 4096
 INITIAL_CREDIT_BYTES = 8 * 1024 * 1024

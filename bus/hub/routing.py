@@ -82,7 +82,7 @@ class Routing:
         Raises:
             DecodeError: the handle names no segment we can map, or the message inside is malformed.
         """
-        views = self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes)
+        views = self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes, msg.offset)
         return codec.from_header(msg.inner_header(), views)
 
     def _route_unshared(self: Hub, ident: bytes, header: dict[str, Any], to: _Client | _Link) -> None:

@@ -461,6 +461,47 @@ def test_hostile_ipc_bodies() -> None:
     fails([({**meta, "ipc_bytes": ipc.size}, [frames[0], memoryview(bytes(ipc))])], "schema")
 
 
+def ipc_part(batch: pa.RecordBatch, body: bytes | None = None) -> list[Part]:
+    """The first part of a stream whose batch is written in place as IPC (as to shared memory),
+    with another ``body`` instead of the IPC stream written, if given."""
+    encoder = ArrowEncoder(batch.schema)
+    size = encoder.ipc_size(batch)
+    assert size is not None
+    out = bytearray(size)
+    meta, sizes = encoder.encode_ipc_into(batch, memoryview(out))
+    schema, ipc = bytes(out[: sizes[0]]), bytes(out[sizes[0] : sum(sizes)])
+    if body is not None:
+        meta["ipc_bytes"], ipc = len(body), body
+    return wire([(meta, [schema, ipc])])
+
+
+def ipc_stream(*batches: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batches[0].schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def test_hostile_ipc_bodies_of_a_schema_without_dictionaries() -> None:
+    batch = pa.record_batch({"x": pa.array([1, 2, 3], pa.int64()), "s": pa.array(["a", None, "c"])})
+    (got,) = feed_all(ArrowDecoder(), ipc_part(batch))
+    assert got.equals(batch)
+    (got,) = feed_all(ArrowDecoder(), ipc_part(batch, ipc_stream(batch)[:-8]))  # no end marker: fine
+    assert got.equals(batch)
+    fails(ipc_part(batch, ipc_stream(batch, batch)), "more than one batch")
+    fails(ipc_part(batch, ipc_stream(batch) + b"\x00" * 64), "more than one batch")
+    fails(ipc_part(batch, ipc_stream(pa.record_batch({"x": pa.array([1, 2, 3], pa.int32())}))), "schema")
+    fails(ipc_part(batch, batch.serialize().to_pybytes()), "not its schema")  # a batch message alone
+    fails(ipc_part(batch, ipc_stream(batch)[:-40]), "rebuild")  # cut inside the batch
+    fails(ipc_part(batch, batch.schema.serialize().to_pybytes() * 2), "not a record batch")
+    good = ipc_stream(batch)
+    offsets = b"".join(i.to_bytes(4, "little") for i in (0, 1, 1, 2))  # of the utf8 column
+    at = good.index(offsets) + 8
+    hostile = good[:at] + (2**30).to_bytes(4, "little") + good[at + 4 :]
+    fails(ipc_part(batch, hostile), "rebuild")  # an offset far outside its data: refused, never read
+
+
 _WEIRD: st.SearchStrategy[Any] = st.sampled_from(
     [None, True, -1, 0, 1, 7, 2**31, 2**63, 2**64 - 1, 1.5, "", "buffers", b"x", [], {}, [None]]
 )

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from dpipes.bus import client as client_module
 from dpipes.bus import codec, shm
 from dpipes.bus.arrow_stream import ArrowStreamReader, ArrowStreamWriter
 from dpipes.bus.client import Client
-from dpipes.bus.errors import PeerLost
+from dpipes.bus.errors import DecodeError, PeerLost
 from dpipes.bus.hub import Hub
 from dpipes.bus.hub import clients as hub_clients
 from tests.bus.test_hub import WAIT_S, linked, process, until
@@ -32,6 +34,19 @@ def chunk(i: int) -> bytes:
 def segments_mapped_here() -> list[str]:
     """This process's mappings of dpipes shared-memory segments (its own or another's)."""
     return [line for line in Path("/proc/self/maps").read_text().splitlines() if "memfd:dpipes-" in line]
+
+
+def nothing_mapped_once_the_stash_is_dropped() -> bool:
+    """What a closed pool leaves mapped here is only the segments kept for the next pool."""
+    shm.drop_stash()
+    return segments_mapped_here() == []
+
+
+@pytest.fixture(autouse=True)
+def no_stash_between_tests() -> Iterator[None]:
+    shm.drop_stash()
+    yield
+    shm.drop_stash()
 
 
 def dev_shm() -> set[str]:
@@ -68,7 +83,7 @@ async def test_a_client_hands_large_payloads_to_its_hub_in_shared_memory_zero_co
         reader = await sink.accept(timeout=WAIT_S)
         assert bytes((await reader.read(timeout=WAIT_S)).frames[0]) == chunk(9)  # type: ignore[union-attr]
         assert pool.allocated == allocated  # the segment was reused, not another one made
-    assert segments_mapped_here() == []
+    assert nothing_mapped_once_the_stash_is_dropped()
 
 
 async def test_a_hub_hands_large_payloads_to_its_client_and_arrow_batches_arrive_zero_copy() -> None:
@@ -91,6 +106,25 @@ async def test_a_hub_hands_large_payloads_to_its_client_and_arrow_batches_arrive
         del received
         gc.collect()
         await until(lambda: a._pool is not None and a._pool.leased == 0)
+
+
+async def test_a_hub_cuts_several_payloads_for_its_client_from_one_segment() -> None:
+    async with Hub("alpha") as a, Client(a.ipc_endpoint) as client:
+        stream = a.endpoint("src").open_stream(client.endpoint.addr)
+        payloads = [chunk(i)[: 600_000 + i] for i in range(3)]  # each over MIN_PAYLOAD_BYTES, under a segment
+        for payload in payloads:
+            await stream.send_bytes(payload)
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await client.endpoint.accept(timeout=WAIT_S)
+        got = [await reader.read(timeout=WAIT_S) for _ in payloads]
+        assert [bytes(m.frames[0]) for m in got] == payloads  # type: ignore[union-attr]
+        assert all(m.frames[0].readonly for m in got)  # type: ignore[union-attr]
+        pool = a._pool
+        assert pool is not None and len(pool._by_handle) == 1  # all three in one segment, at offsets
+        assert await reader.read(timeout=WAIT_S) is None and await closing == sum(map(len, payloads))
+        del got
+        gc.collect()
+        await until(lambda: pool.leased == 0)
 
 
 async def test_a_payload_for_another_node_leaves_shared_memory_on_the_way() -> None:
@@ -146,7 +180,7 @@ async def test_a_receiver_killed_holding_leases_gives_them_all_back(monkeypatch:
                 await client.endpoint.recv(timeout=WAIT_S)
             assert pool.leased == 0  # a dead reader pins nothing
             assert segments_mapped_here() != []  # kept for reuse until the client closes
-    assert segments_mapped_here() == []
+    assert nothing_mapped_once_the_stash_is_dropped()
     assert dev_shm() == before
 
 
@@ -198,7 +232,7 @@ async def test_a_client_writes_large_arrow_batches_straight_into_shared_memory_r
         del received
         gc.collect()
         await until(lambda: pool.leased == 0)
-    assert segments_mapped_here() == []
+    assert nothing_mapped_once_the_stash_is_dropped()
 
 
 async def test_an_arrow_batch_for_another_node_leaves_shared_memory_on_the_way() -> None:
@@ -217,8 +251,47 @@ async def test_an_arrow_batch_for_another_node_leaves_shared_memory_on_the_way()
         await until(lambda: pool.leased == 0)  # alpha copied it out and gave the lease back
 
 
+async def test_a_closed_clients_segments_serve_the_next_client_of_the_process() -> None:
+    async with Hub("alpha") as a:
+        sink = a.endpoint("sink")
+        handles = []
+        for i in range(2):
+            async with Client(a.ipc_endpoint) as client:
+                stream = client.endpoint.open_stream("alpha/sink")
+                await stream.send_bytes(chunk(i))
+                closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+                reader = await sink.accept(timeout=WAIT_S)
+                assert bytes((await reader.read(timeout=WAIT_S)).frames[0]) == chunk(i)  # type: ignore[union-attr]
+                assert await reader.read(timeout=WAIT_S) is None and await closing == MIB
+                pool = client._pool
+                assert pool is not None
+                await until(lambda pool=pool: pool.leased == 0)
+                handles.append(set(pool._by_handle))
+        assert handles[0] == handles[1]  # the second client made no segment: it took the first's
+        assert shm._STASH.bytes == shm.SHARED_SEGMENT_BYTES
+    assert nothing_mapped_once_the_stash_is_dropped()
+
+
+def test_a_forked_child_keeps_none_of_its_parents_segments() -> None:
+    pool = shm.Pool()
+    lease = pool.lease([chunk(1)], "alpha/sink")
+    assert lease is not None and pool.release([lease.id], "alpha/sink") == 1
+    pool.close()
+    assert shm._STASH.bytes == shm.SHARED_SEGMENT_BYTES
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # both would write into the same segments
+        os.write(write, b"%d %d" % (shm._STASH.bytes, len(segments_mapped_here())))
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 64) == b"0 0"
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert shm._STASH.bytes == shm.SHARED_SEGMENT_BYTES  # the parent's are still there for it
+
+
 def test_a_payload_filled_in_place_gives_its_lease_back_when_the_writer_fails() -> None:
-    pool = shm.Pool(limit=2 * MIB)
+    pool = shm.Pool(limit=shm.SHARED_SEGMENT_BYTES)
     try:
 
         def fail(view: memoryview) -> list[int]:
@@ -231,7 +304,8 @@ def test_a_payload_filled_in_place_gives_its_lease_back_when_the_writer_fails() 
         lease = pool.lease_filled(MIB, "alpha/sink", lambda view: [10, 20])
         assert lease is not None and lease.sizes == (10, 20) and pool.leased == 1
         called = []
-        assert pool.lease_filled(2 * MIB, "alpha/sink", lambda view: called.append(1) or [1]) is None  # full
+        big = shm.SHARED_LEASE_BYTES + 1  # a segment of its own: over the limit
+        assert pool.lease_filled(big, "alpha/sink", lambda view: called.append(1) or [1]) is None  # full
         assert called == [] and pool.fallbacks == 1
         with pytest.raises(ValueError, match="leased"):
             pool.lease_filled(MIB, "alpha/sink", lambda view: [MIB + 1])  # more than it had room for
@@ -255,3 +329,60 @@ async def test_leases_read_are_given_back_in_one_shm_free_per_batch_of_them() ->
         frees.add("alpha/src", lease)
     await asyncio.sleep(0)  # a full batch goes at the end of this loop pass, without the delay
     assert sent == [{"alpha/src": list(range(shm.FREE_BATCH_LEASES))}]
+
+
+def test_small_payloads_are_cut_end_to_end_from_one_segment_and_it_is_cut_again_once_all_are_back() -> None:
+    pool = shm.Pool()
+    try:
+        leases = [pool.lease([chunk(i)[: 600_000 + i]], "alpha/sink") for i in range(3)]
+        assert all(lease is not None for lease in leases)
+        assert len({lease.handle for lease in leases}) == 1 and pool.allocated == shm.SHARED_SEGMENT_BYTES
+        offsets = [lease.offset for lease in leases]
+        assert offsets[0] == 0 and all(o % shm.LEASE_ALIGN == 0 for o in offsets)
+        assert all(b - a >= 600_000 for a, b in itertools.pairwise(offsets))  # none overlaps another
+        reader = shm.Reader(lambda sender, lease: None)
+        for i, lease in enumerate(leases):
+            (view,) = reader.views("alpha/src", lease.handle, lease.id, lease.sizes, lease.offset)
+            assert bytes(view) == chunk(i)[: 600_000 + i]
+        assert pool.release([lease.id for lease in leases[:2]], "alpha/sink") == 2
+        again = pool.lease([b"x" * 100], "alpha/sink")
+        assert again is not None and again.offset > offsets[2]  # one lease is still out: cut after it
+        assert pool.release([leases[2].id, again.id], "alpha/sink") == 2
+        last = pool.lease([b"y" * 100], "alpha/sink")
+        assert last is not None and last.offset == 0 and pool.allocated == shm.SHARED_SEGMENT_BYTES
+        reader.close()
+    finally:
+        pool.close()
+
+
+def test_a_receiver_refuses_an_offset_that_puts_the_frames_outside_the_segment() -> None:
+    pool = shm.Pool()
+    try:
+        lease = pool.lease([b"z" * 1000], "alpha/sink")
+        assert lease is not None
+        reader = shm.Reader(lambda sender, lease: None)
+        size = shm.SHARED_SEGMENT_BYTES
+        for offset, sizes in ((size - 10, [11]), (size, [1]), (size + 1, [0]), (-1, [1]), (2**63 - 1, [2])):
+            with pytest.raises(DecodeError, match="inside"):
+                reader.views("alpha/src", lease.handle, lease.id, sizes, offset)
+        (view,) = reader.views("alpha/src", lease.handle, lease.id, [10], size - 10)  # the last bytes: fine
+        assert len(view) == 10
+        reader.close()
+    finally:
+        pool.close()
+
+
+async def test_a_hub_answers_an_shm_whose_offset_leaves_the_segment_with_a_coded_error() -> None:
+    async with Hub("alpha") as a, Client(a.ipc_endpoint) as client:
+        a.endpoint("sink")
+        pool = client._pool
+        assert pool is not None
+        lease = pool.lease([chunk(1)], "alpha/sink")
+        assert lease is not None
+        me = client.endpoint.addr
+        header = {"v": codec.PROTOCOL_VERSION, "kind": "BYTES", "src": me, "dst": "alpha/sink", "sid": 0, "seq": 1}
+        forged = codec.packb_shm(header, lease.handle, lease.id, [MIB], shm.SHARED_SEGMENT_BYTES - MIB + 1)
+        client.send_frames("alpha/sink", [forged])
+        error = await client.endpoint.recv(timeout=WAIT_S)
+        assert isinstance(error, codec.Error) and error.code == "bad-message" and "inside" in error.message
+        assert a.stats[me].bad == 1

@@ -166,7 +166,7 @@ async def test_ctrl_c_cancels_every_stage_and_exits_130(rt: Path) -> None:
 
 
 def _header(kind: str, dst: str, **fields: Any) -> bytes:
-    return msgpack.packb({"v": 2, "kind": kind, "src": "fake/", "dst": dst, "sid": 0, "seq": 0, **fields})
+    return msgpack.packb({"v": 3, "kind": kind, "src": "fake/", "dst": dst, "sid": 0, "seq": 0, **fields})
 
 
 @pytest.fixture
@@ -201,7 +201,7 @@ def fake_hub(tmp_path: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
                     [reply],
                     [b"\xc1not msgpack"],
                     [b"\x92\x01\x02"],  # msgpack, not a map
-                    [msgpack.packb({"v": 2, "kind": "BYTES", "src": 1, "dst": me, "sid": 1, "seq": 1})],
+                    [msgpack.packb({"v": 3, "kind": "BYTES", "src": 1, "dst": me, "sid": 1, "seq": 1})],
                     [b"\x80" * (local_wire.MAX_HEADER_BYTES + 1)],
                     [_header("BATCH", me, sid=3, seq=1, of="BYTES", sizes=[5, 9]), b"short"],  # past the frame
                     [_header("REQUEST", me, seq=7, method="exit", body={**exit_body, "stage": "zero"})],

@@ -1,0 +1,220 @@
+"""The receiving side of same-host shared memory (``dpipes.bus.shm``): senders' segments mapped
+read-only, zero-copy views handed out over them, and the leases read told back to their senders in
+batches.
+
+A receiver (a hub, or a client of one) maps a sender's segment the first time a handle names it,
+after checking that the handle names a dpipes memfd of that process, and keeps it mapped (at most
+``MAX_MAPPED_SEGMENTS``) until the sender is gone. Each ``SHM`` message gets views of its frames,
+which must lie inside the segment; when the reader has dropped every view of a message, its lease
+goes back to the sender in the next ``SHM_FREE`` (one per ``FREE_BATCH_LEASES`` leases, or
+``FREE_DELAY_S`` after the first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import weakref
+from collections.abc import Callable, Sequence
+
+from dpipes.bus.errors import DecodeError
+
+MAX_MAPPED_SEGMENTS = 256  # segments a receiver keeps mapped per sender process, at most
+MAX_HANDLE_CHARS = 128
+# A receiver tells a sender of the leases it has done with in one SHM_FREE per this many, or this
+# late at most: a stream of 10k-row Arrow batches sent one SHM_FREE back per batch.
+FREE_BATCH_LEASES = 32
+FREE_DELAY_S = 0.002
+
+
+def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
+    """Run ``callback`` on ``loop`` soon, from any thread (a finalizer may run in any); False when closed."""
+    try:
+        if asyncio.get_running_loop() is loop:  # the usual case: no wake-up through the self-pipe
+            loop.call_soon(callback)
+            return True
+    except RuntimeError:
+        pass
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        return False
+    return True
+
+
+def call_later(loop: asyncio.AbstractEventLoop, delay: float, callback: Callable[[], None]) -> bool:
+    """Run ``callback`` on ``loop`` in ``delay`` seconds, from any thread; False when closed."""
+
+    def arm() -> None:
+        loop.call_later(delay, callback)
+
+    try:
+        if asyncio.get_running_loop() is loop:
+            arm()
+            return True
+    except RuntimeError:
+        pass
+    return call_soon(loop, arm)
+
+
+class Frees:
+    """Leases a receiver has done with, told to their senders in batches (``FREE_BATCH_LEASES``,
+    ``FREE_DELAY_S``) by ``send``, called with ``{sender: [lease, ...]}`` on the loop's thread."""
+
+    def __init__(self, send: Callable[[dict[str, list[int]]], None]) -> None:
+        self._send = send
+        self._leases: dict[str, list[int]] = {}
+        self._count = 0
+        self._scheduled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, sender: str, lease: int) -> None:
+        """Lease ``lease`` of ``sender`` is done with (from any thread: a finalizer may run in any)."""
+        self._leases.setdefault(sender, []).append(lease)
+        self._count += 1
+        loop = self.loop
+        if loop is None:
+            return
+        if self._count == FREE_BATCH_LEASES:
+            if not call_soon(loop, self.flush):
+                self.clear()
+        elif not self._scheduled:
+            self._scheduled = call_later(loop, FREE_DELAY_S, self.flush)
+            if not self._scheduled:  # the loop is closed: nobody is left to tell
+                self.clear()
+
+    def flush(self) -> None:
+        """Send what is waiting now."""
+        self._scheduled = False
+        leases, self._leases, self._count = self._leases, {}, 0
+        if leases:
+            self._send(leases)
+
+    def clear(self) -> None:
+        """Forget what is waiting (its senders are gone, or so are we)."""
+        self._leases, self._count = {}, 0
+
+
+class _Mapped:
+    """A segment of another process, mapped read-only here."""
+
+    __slots__ = ("address", "buffer", "live", "map", "sender", "size")
+
+    def __init__(self, mapped: mmap.mmap, size: int, sender: str) -> None:
+        import pyarrow as pa  # only a receiver of handles pays for it
+
+        self.map = mapped
+        self.size = size
+        self.sender = sender
+        self.live = 0  # leases with views still held
+        self.buffer = pa.py_buffer(mapped)  # exports the map: it stays mapped while this lives
+        self.address: int = self.buffer.address
+
+
+class _Held:
+    """One received message's payload: its views keep it alive; when they are gone, it is given back."""
+
+    __slots__ = ("__weakref__", "segment")
+
+    def __init__(self, segment: _Mapped) -> None:
+        self.segment = segment
+
+
+class Reader:
+    """A receiver's mappings of senders' segments, and the views it hands out over them.
+
+    Args:
+        release: called with (the sender's address, the lease id) once the reader has dropped every
+            view of that lease; it must only queue the release (it may run inside a garbage collection).
+    """
+
+    def __init__(self, release: Callable[[str, int], None]) -> None:
+        self._release = release
+        self._mapped: dict[str, _Mapped] = {}
+        self.mapped_bytes = 0
+
+    def views(
+        self, sender: str, handle: str, lease_id: int, sizes: Sequence[int], offset: int = 0
+    ) -> tuple[memoryview, ...]:
+        """Zero-copy views of one lease's payload frames: ``sizes`` bytes each, end to end from
+        ``offset`` bytes into the segment.
+
+        Raises:
+            DecodeError: the handle is malformed or names no segment of that process, or the
+                frames do not lie inside it.
+        """
+        import pyarrow as pa
+
+        segment = self._mapped.get(handle) or self._map(handle, sender)
+        end = offset + sum(sizes)
+        if type(offset) is not int or offset < 0 or end > segment.size:
+            raise DecodeError(
+                f"SHM frames of {end - offset} bytes at offset {offset!r:.20} do not lie inside the "
+                f"{segment.size}-byte segment {handle!r:.80}"
+            )
+        held = _Held(segment)
+        segment.live += 1
+        weakref.finalize(held, self._done, segment, sender, lease_id)
+        out = []
+        at = segment.address + offset
+        for size in sizes:
+            out.append(memoryview(pa.foreign_buffer(at, size, base=held)).cast("B"))
+            at += size
+        return tuple(out)
+
+    def _done(self, segment: _Mapped, sender: str, lease_id: int) -> None:
+        segment.live -= 1
+        self._release(sender, lease_id)
+
+    def _map(self, handle: str, sender: str) -> _Mapped:
+        pid, fd, token, size = _parse_handle(handle)
+        path = f"/proc/{pid}/fd/{fd}"
+        expected = f"/memfd:dpipes-{token} (deleted)"
+        try:
+            if os.readlink(path) != expected:
+                raise DecodeError(f"SHM handle {handle!r:.80} names no dpipes segment of process {pid}")
+            local = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DecodeError(f"SHM handle {handle!r:.80}: cannot open the segment: {exc.strerror}") from None
+        try:
+            if os.readlink(f"/proc/self/fd/{local}") != expected:  # the sender's fd changed meanwhile
+                raise DecodeError(f"SHM handle {handle!r:.80}: the segment went away")
+            if os.fstat(local).st_size < size:
+                raise DecodeError(f"SHM handle {handle!r:.80}: the segment is smaller than it says")
+            mapped = mmap.mmap(local, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise DecodeError(f"SHM handle {handle!r:.80}: cannot map the segment: {exc.strerror}") from None
+        finally:
+            os.close(local)
+        if len(self._mapped) >= MAX_MAPPED_SEGMENTS:
+            self.forget_unused()
+        segment = self._mapped[handle] = _Mapped(mapped, size, sender)
+        self.mapped_bytes += size
+        return segment
+
+    def forget(self, sender: str) -> None:
+        """Party ``sender`` is gone: keep none of its segments mapped (views still held keep theirs
+        mapped until they are dropped; then the memory is freed)."""
+        for handle in [h for h, m in self._mapped.items() if m.sender == sender]:
+            self.mapped_bytes -= self._mapped.pop(handle).size
+
+    def forget_unused(self) -> None:
+        """Unmap every segment no view refers to (they are mapped again when a handle names them)."""
+        for handle, segment in list(self._mapped.items()):
+            if not segment.live:
+                self.mapped_bytes -= self._mapped.pop(handle).size
+
+    def close(self) -> None:
+        """Drop every mapping this reader keeps; views still held keep theirs alive."""
+        self._mapped.clear()
+        self.mapped_bytes = 0
+
+
+def _parse_handle(handle: str) -> tuple[int, int, str, int]:
+    parts = handle.split(":") if len(handle) <= MAX_HANDLE_CHARS else []
+    if len(parts) != 4 or not all(p.isdigit() for p in (parts[0], parts[1], parts[3])):
+        raise DecodeError(f"SHM handle {handle!r:.80} is not PID:FD:TOKEN:SIZE")
+    if not (parts[2].isalnum() and parts[2].isascii()):
+        raise DecodeError(f"SHM handle {handle!r:.80}: the token is not alphanumeric")
+    return int(parts[0]), int(parts[1]), parts[2], int(parts[3])
