@@ -42,18 +42,29 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 LEAK_GRACE_S = 5.0  # a just-killed child may take a moment to be reaped by its parent
 
 
+def _private_dir_in(variable: str, where: Path) -> Iterator[None]:
+    """``$variable`` set to ``where`` (made 0700) while the session runs."""
+    where.chmod(0o700)
+    before = os.environ.get(variable)
+    os.environ[variable] = str(where)
+    yield
+    if before is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = before
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Daemons and clients started by tests make their key pairs here, never in the user's home."""
-    where = tmp_path_factory.mktemp("keys")
-    where.chmod(0o700)
-    before = os.environ.get("DPIPES_KEY_DIR")
-    os.environ["DPIPES_KEY_DIR"] = str(where)
-    yield
-    if before is None:
-        os.environ.pop("DPIPES_KEY_DIR", None)
-    else:
-        os.environ["DPIPES_KEY_DIR"] = before
+    yield from _private_dir_in("DPIPES_KEY_DIR", tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Daemons started by tests cache their plugin list here (``dpipes.nodes.plugin_cache``), never
+    in the user's ``~/.cache``."""
+    yield from _private_dir_in("XDG_CACHE_HOME", tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(autouse=True)

@@ -14,16 +14,14 @@ figures, medians over the rounds:
   N x this / C, so this is the figure start-up work moves. Its target is the share of the
   converge target one daemon may spend on this machine's cores (``TARGET_S * cores / N``).
 
-Before the rounds the suite byte-compiles the dpipes packages (:mod:`compileall`, as ``pip
-install`` does): a checkout run with ``PYTHONDONTWRITEBYTECODE`` would otherwise compile every
-module from source in every daemon, which an installed node never does, and which doubled the
-CPU of a start.
+The daemons run byte-compiled code, as an installed node does (``dpipes-bench`` compiles a
+checkout first: see :mod:`dpipes.tools.bench.cli`); compiling every module from source in every
+daemon doubled the CPU of a start.
 """
 
 from __future__ import annotations
 
 import asyncio
-import compileall
 import os
 import re
 import sys
@@ -45,18 +43,6 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
-def _compile_sources() -> None:
-    """Byte-compile the dpipes packages where they are imported from (see the module docstring)."""
-    import dpipes.bus
-    import dpipes.discovery
-    import dpipes.nodes
-    import dpipes.tools
-
-    for package in (dpipes.bus, dpipes.discovery, dpipes.nodes, dpipes.tools):
-        for directory in package.__path__:
-            compileall.compile_dir(directory, quiet=2)
 
 
 async def _round(n: int, tmp: Path) -> tuple[float, float, float]:
@@ -106,7 +92,6 @@ def discovery_benchmarks(
     if reason is not None:
         raise SuiteUnavailable(f"the discovery suite needs network namespaces: {reason}")
     n = min(nodes, 3) if quick else nodes
-    _compile_sources()
     totals, afters, cpus = [], [], []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory(prefix="dpipes-bench-disc-") as tmp:
