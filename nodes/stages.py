@@ -289,9 +289,9 @@ class Stages:
             if ready is not None:
                 for fd in fds:  # the worker has its own copies now
                     os.close(fd)
-        if self.workers is not None:
-            self.workers.used(stage.proc)
         stage.task = self._spawn(self._run(stage, wiring, spec.to_json()), stage.describe)
+        if self.workers is not None:
+            self.workers.used(stage.task)
         self._log_started(stage, "plugin worker")
         return StartReply(pid=stage.proc.pid, context={})
 

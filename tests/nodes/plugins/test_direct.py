@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from dpipes.bus.tap import TapEvent, decode_event
+from dpipes.nodes.plugins.direct import DirectInput
 from dpipes.nodes.plugins.spec import FD_BUS, FD_SENT, WorkerSpec
 from tests.nodes.daemons import Daemon, daemons, dpipes
 from tests.nodes.plugins.test_worker import run_killing_its_worker, workers_of
@@ -109,6 +112,27 @@ async def test_arrow_from_a_program_through_a_plugin_to_a_program_on_one_node(rt
         out = await dpipes(rt, "--node", alpha.host_port, "--arrow", f"cat {data} | %passthrough@alpha | cat@alpha")
         assert out.code == 0, out.stderr
         assert pa_ipc.open_stream(out.stdout).read_all().equals(table)
+
+
+def test_a_direct_input_reads_whole_batches_however_its_writer_splits_them() -> None:
+    table = pa.table({"n": pa.array(range(300_000)), "s": pa.array([f"row {i}" for i in range(300_000)])})
+    sink = pa.BufferOutputStream()
+    with pa_ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=100_000)  # bodies of MiBs, beside messages of bytes
+    data = sink.getvalue().to_pybytes()
+    read_end, write_end = os.pipe()
+
+    def write_in_odd_pieces() -> None:
+        with os.fdopen(write_end, "wb", buffering=0) as pipe:
+            for at in range(0, len(data), 4093):
+                pipe.write(data[at : at + 4093])
+
+    writer_thread = threading.Thread(target=write_in_odd_pieces)
+    writer_thread.start()
+    batches = list(DirectInput(read_end, "arrow", where="a test pipe").batches())
+    writer_thread.join()
+    assert [b.num_rows for b in batches] == [100_000] * 3
+    assert pa.Table.from_batches(batches).equals(table)
 
 
 def plugin_temp_dirs(plugin: str) -> set[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -70,6 +71,20 @@ def test_installed_plugins_lists_name_reference_and_version_without_importing(si
     assert plugins["upper"] == PluginInfo("ptest_mod:Upper", "1.2.3")
     assert plugins["broken"].reference == "ptest_broken:Thing"  # listed; only loading imports
     assert "not-a-plugin" not in plugins
+
+
+def test_a_plugin_installed_after_a_listing_is_found_and_one_removed_is_gone(site: Path) -> None:
+    assert "later" not in installed_plugins()  # the table is kept from here on while nothing changes
+    dist = site / "ptest_later-0.1.dist-info"  # as pip installs a distribution while the node runs
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ptest-later\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nlater = ptest_mod:Upper\n")
+    assert installed_plugins()["later"] == PluginInfo("ptest_mod:Upper", "0.1")
+    assert load_plugin("later").__name__ == "Upper"
+    shutil.rmtree(dist)  # pip uninstall
+    assert "later" not in installed_plugins()
+    with pytest.raises(PluginNotFound, match="later"):
+        load_plugin("later")
 
 
 def test_load_by_entry_point_name(site: Path) -> None:

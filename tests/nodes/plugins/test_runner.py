@@ -209,6 +209,26 @@ def test_pushed_metadata_fixes_the_schema_and_names_an_empty_output() -> None:
         service.run_on_record_batch(table(1), "Input")
 
 
+def test_a_batch_that_differs_from_its_anchor_in_metadata_only_leaves_with_the_anchors() -> None:
+    tagged = SCHEMA.with_metadata({"source": "declared"})
+
+    class Pushes(Recorder):
+        def __init__(self, provider: Provider) -> None:
+            super().__init__(provider)
+            provider.push_outgoing_metadata("Output", tagged)
+
+        def on_record_batch(self, batch: pa.Table, anchor: Anchor) -> None:
+            self.provider.write_to_anchor("Output", batch.replace_schema_metadata({"source": "input"}))
+            self.provider.write_to_anchor("Output", batch.replace_schema_metadata(None))
+
+    with PluginTestService(Pushes, ["Input"], ["Output"]) as service:
+        service.run_on_record_batch(table(1, 2), "Input")
+        service.run_on_complete()
+        written = service.transport.batches["Output"]  # as the worker's transport gets them
+        assert [b.num_rows for b in written] == [2, 2]
+        assert all(b.schema.equals(tagged, check_metadata=True) for b in written)
+
+
 def test_writing_after_close_is_named() -> None:
     class Closes(Recorder):
         def on_record_batch(self, batch: pa.Table, anchor: Anchor) -> None:

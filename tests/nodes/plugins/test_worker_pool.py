@@ -63,6 +63,22 @@ async def test_a_stage_runs_in_a_worker_started_ahead_with_its_own_directory_and
         assert workers_of(alpha.proc.pid) == []  # nothing runs a stage now
 
 
+async def test_a_stage_takes_the_worker_started_longest_ago(rt: Path) -> None:
+    """The newest idle worker may still be importing (its refill began as the last run ended)."""
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        assert (await dpipes(rt, "--node", alpha.host_port, "%where@alpha")).code == 0
+        await until(lambda: len(workers_of(alpha.proc.pid, idle=True)) == 2, "the pool to fill (2 by default)")
+        first_two = set(workers_of(alpha.proc.pid, idle=True))
+        pids = []
+        for _ in range(2):  # the first run's refill joins the pool after both of the first two
+            out = await dpipes(rt, "--node", alpha.host_port, "%where@alpha")
+            assert out.code == 0, out.stderr
+            (row,) = csv.DictReader(io.StringIO(out.stdout.decode()))
+            pids.append(int(row["pid"]))
+            await until(lambda: len(workers_of(alpha.proc.pid, idle=True)) == 2, "the pool to refill")
+        assert set(pids) == first_two
+
+
 async def test_a_failing_plugin_in_a_pooled_worker_leaves_no_worker_but_the_idle_ones(rt: Path) -> None:
     async with daemons(rt, ["alpha"]) as (alpha,):
         assert (await dpipes(rt, "--node", alpha.host_port, "%where@alpha")).code == 0
