@@ -8,11 +8,13 @@ installed or removed. :func:`installed_plugin_versions` answers from a cache fil
 installation looks unchanged, else lists afresh and rewrites the file.
 
 *Unchanged* means: the same ``sys.path``, each entry with the same modification time (or still
-missing). Installing, upgrading or removing a distribution adds or removes a ``*.dist-info``
-directory in a ``sys.path`` directory, which changes that directory's time; ``importlib.metadata``
-keys its own lookup cache on the same times (``FastPath``). Not seen: a distribution's
-``entry_points.txt`` rewritten in place (a legacy ``setup.py develop`` re-run), and distributions
-that a custom ``sys.meta_path`` finder provides; after either, delete the cache file.
+missing), and the same ``*.dist-info`` and ``*.egg-info`` directories in each, with the same
+times (:func:`installation_stamp`). Installing, upgrading or removing a distribution adds or
+removes such a directory in a ``sys.path`` directory, which changes that directory's time;
+``importlib.metadata`` keys its own lookup cache on the same times (``FastPath``). Not seen: a
+distribution's ``entry_points.txt`` rewritten in place inside its directory (a legacy ``setup.py
+develop`` re-run), and distributions that a custom ``sys.meta_path`` finder provides; after
+either, delete the cache file.
 
 The file: ``$XDG_CACHE_HOME/dpipes/plugins.json`` (default ``~/.cache/dpipes``; the directory is
 created 0700 and refused if another user could write to it). One entry, for the last
@@ -34,7 +36,7 @@ from dpipes.bus.private import private_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CACHE_ENV", "MAX_CACHE_BYTES", "cache_file", "installed_plugin_versions"]
+__all__ = ["CACHE_ENV", "MAX_CACHE_BYTES", "cache_file", "installation_stamp", "installed_plugin_versions"]
 
 CACHE_ENV = "XDG_CACHE_HOME"
 CACHE_FORMAT = 1  # bumped when the file's layout changes; another layout is a miss
@@ -47,16 +49,28 @@ def cache_file() -> Path:
     return Path(base) / "dpipes" / "plugins.json"
 
 
-def _installation() -> list[list[object]]:
-    """What a change of the installed distributions changes: each ``sys.path`` entry and its time."""
+def installation_stamp() -> list[list[object]]:
+    """What installing, upgrading or removing a distribution changes, as JSON values: each
+    ``sys.path`` entry with its modification time, and the ``*.dist-info`` and ``*.egg-info``
+    directories in it with theirs. Equal stamps, equal entry points (see the module docstring);
+    :mod:`dpipes.nodes.plugins.registry` keeps its table in a process on the same stamp."""
     state: list[list[object]] = []
     for entry in sys.path:
+        distributions: list[list[object]] = []
         try:
             entry = entry or os.getcwd()  # "" is the working directory, which differs between runs
             mtime: int | None = os.stat(entry).st_mtime_ns
+            with os.scandir(entry) as children:
+                distributions = [
+                    [child.name, child.stat().st_mtime_ns]
+                    for child in children
+                    if child.name.endswith((".dist-info", ".egg-info"))
+                ]
+        except NotADirectoryError:
+            pass  # a zip file: its own time is in the stamp
         except OSError:
-            mtime = None  # missing now; its creation changes the state
-        state.append([entry, mtime])
+            mtime = None  # missing now; its creation changes the stamp
+        state.append([entry, mtime, distributions])
     return state
 
 
@@ -103,7 +117,7 @@ def installed_plugin_versions(path: Path | None = None) -> dict[str, str]:
     """Every installed plugin, name -> its distribution's version, sorted by name; from the cache
     file ``path`` (default :func:`cache_file`) while the installation is unchanged."""
     path = cache_file() if path is None else path
-    installation = _installation()
+    installation = installation_stamp()
     cached = _read(path, installation)
     if cached is not None:
         return dict(sorted(cached.items()))

@@ -14,9 +14,9 @@ A *reference* is one of:
   the colon says it is a file).
 
 The table of installed plugins is read once and kept while the metadata it came from is
-unchanged: each ``sys.path`` entry and the distribution directories (``*.dist-info``,
-``*.egg-info``) in it, by modification time, which ``pip install`` and ``pip uninstall`` change
-(reading every distribution's ``entry_points.txt`` costs a node 20-50 ms per plugin stage).
+unchanged (:func:`dpipes.nodes.plugin_cache.installation_stamp`: each ``sys.path`` entry and the
+distribution directories in it, by modification time, which ``pip install`` and ``pip uninstall``
+change); reading every distribution's ``entry_points.txt`` cost a node 20-50 ms per plugin stage.
 
 A plugin class is a class with callable ``on_record_batch``, ``on_incoming_connection_complete``
 and ``on_complete`` that is not abstract; subclassing :class:`~dpipes.nodes.plugins.api.Plugin` is
@@ -33,11 +33,11 @@ import importlib.metadata
 import importlib.util
 import inspect
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
+from dpipes.nodes.plugin_cache import installation_stamp
 from dpipes.nodes.plugins.errors import BadReference, NotAPlugin, PluginImportFailed, PluginNotFound
 
 log = logging.getLogger(__name__)
@@ -55,29 +55,12 @@ class PluginInfo(NamedTuple):
     version: str
 
 
-_found: tuple[tuple[object, ...], dict[str, importlib.metadata.EntryPoint]] | None = None  # (stamp, table)
-
-
-def _metadata_stamp() -> tuple[object, ...]:
-    """What the entry points are read from, with modification times: equal stamps, equal entry points."""
-    stamp: list[object] = []
-    for entry in sys.path:
-        try:
-            stamp.append((entry, os.stat(entry or ".").st_mtime_ns))
-            with os.scandir(entry or ".") as children:
-                stamp += [
-                    (child.name, child.stat().st_mtime_ns)
-                    for child in children
-                    if child.name.endswith((".dist-info", ".egg-info"))
-                ]
-        except OSError:  # gone, or not a directory (a zip file: its own mtime is in the stamp)
-            stamp.append(entry)
-    return tuple(stamp)
+_found: tuple[list[list[object]], dict[str, importlib.metadata.EntryPoint]] | None = None  # (stamp, table)
 
 
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     global _found
-    stamp = _metadata_stamp()
+    stamp = installation_stamp()
     if _found is not None and _found[0] == stamp:
         return _found[1]
     found = _read_entry_points()
