@@ -1,4 +1,4 @@
-"""The dpipes bus wire format, version 2. This docstring is the spec.
+"""The dpipes bus wire format, version 3. This docstring is the spec.
 
 A bus message is a ZeroMQ multipart message::
 
@@ -215,7 +215,7 @@ Bad messages
     against the kind (not the kind fields or payload of what it only passes on: their recipient
     checks those), and treats these alike:
 
-    * a header that is not a well-formed version-2 map within the limits (not msgpack, not a
+    * a header that is not a well-formed map of this version within the limits (not msgpack, not a
       map, a required key missing, a value of the wrong type, an unknown kind, payload frames
       the kind does not allow, too many frames);
     * a message that breaks the session's rules: a client's ``src`` that is not its address,

@@ -37,7 +37,7 @@ import msgpack
 import zmq
 
 # From the codec module (its constants; the docstring names them).
-BUS_VERSION = 2  # header key "v"
+BUS_VERSION = 3  # header key "v"
 INITIAL_CREDIT_BYTES = 8 * 1024 * 1024  # every stream starts with this much credit
 MESSAGE_CREDIT_BYTES = 256  # what a data message costs beyond its payload bytes
 HEARTBEAT_INTERVAL_S = 0.5  # clients PING this often
