@@ -137,7 +137,11 @@ Shared memory
     sends ``SHM_FREE`` with the ``lease`` to the ``SHM``'s ``src``; until then the sender does not
     touch those bytes. A hub that routes an ``SHM`` to a party it shares no memory with (another
     node, a remote client) sends the message of kind ``of`` instead, copied out of the segment,
-    and frees the lease itself (``SHM_FREE`` from ``node/``). A sender gives up every lease held
+    and frees the lease itself (``SHM_FREE`` from ``node/``). The other way, a hub may hand a
+    same-host client a large data message that came from another node as an ``SHM`` of its own
+    memory, ``src`` left as it was: the client's ``SHM_FREE`` then names a ``dst`` on another
+    node, and the hub takes it for its own leases instead of passing it on (nobody but the hub
+    sends a client handles for another node's sender). A sender gives up every lease held
     by a party that is gone. Malformed: an ``of`` outside that list, ``fields`` that are not
     ``of``'s, more than ``MAX_FRAMES - 1`` sizes, a handle that is not ``PID:FD:TOKEN:SIZE`` or
     names no such segment of a process on this host, an ``offset`` and sizes that do not lie

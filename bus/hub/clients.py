@@ -106,10 +106,12 @@ class Clients:
         held = self._local.get(name)
         if isinstance(held, _Client) and held.reserved and _over_ipc(frames[1]):  # the worker it was held for
             held.ident, held.reserved, held.last_heard, held.local = ident, False, time.monotonic(), True
+            held.shm = bool(self._host_id) and attach.host == self._host_id  # as for any client over ipc://
             if self._security is not None:
                 held.user_id = frames[1].get("User-Id")
             self._clients[ident] = held
-            self._router_send(ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=held.addr, addr=held.addr)))
+            attached = codec.Attached(src=f"{self.node}/", dst=held.addr, addr=held.addr, shm=held.shm)
+            self._router_send(ident, codec.encode(attached))
             if held.backlog:
                 self._flush_client(held)
             return

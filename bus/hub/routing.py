@@ -64,8 +64,13 @@ class Routing:
                 party._deliver(msg)
             elif header["kind"] == "SHM" and not party.shm:
                 self._route_unshared(ident, header, party)
+            elif party.shm and self._from_link(header) and _payload_bytes(frames) >= shm.MIN_PAYLOAD_BYTES:
+                self._to_client(party, self._shared_frames(header, frames[2:]) or frames[1:])
             else:
                 self._to_client(party, frames[1:])
+            return
+        if header["kind"] == "SHM_FREE":  # leases of ours a client read (see _shared_frames): no further
+            self._release_own(ident, header)
             return
         link = self._by_node.get(node)
         if link is None:
@@ -98,6 +103,33 @@ class Routing:
             self._to_client(to, frames)
         else:
             to.pump.send(frames)
+
+    def _from_link(self: Hub, header: dict[str, Any]) -> bool:
+        """Whether a message comes from another node (a peer's, checked at the boundary)."""
+        return codec.split_addr(header["src"])[0] != self.node
+
+    def _shared_frames(self: Hub, header: dict[str, Any], payload: list[Any]) -> list[Any] | None:
+        """A large message from another node for a same-host client: its payload copied once into
+        our pool, the client sent the handle instead of the bytes through its socket.
+
+        The client tells the message's ``src`` (on another node) that it read the lease; that
+        ``SHM_FREE`` stops here (:meth:`_release_own`). None when that kind cannot be or the pool
+        is full: the message goes as it came.
+        """
+        if self._pool is None:
+            self._pool = shm.Pool()
+        return shm.shared(self._pool, header, payload)
+
+    def _release_own(self: Hub, ident: bytes, header: dict[str, Any]) -> None:
+        """An ``SHM_FREE`` from a client for another node: the leases are ours (:meth:`_shared_frames`)."""
+        try:
+            msg = codec.from_header(header)
+        except DecodeError as exc:
+            self._bad(self._sender(ident), exc, header)
+            return
+        assert isinstance(msg, codec.ShmFree)
+        if self._pool is not None:
+            self._pool.release(msg.leases, msg.src)  # only leases made out to that client
 
     def _free_later(self: Hub, sender: str, lease: int) -> None:
         """Our reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
@@ -199,3 +231,8 @@ class _InProcess:
         """In-process endpoints hand their payloads over by reference already (and the hub copies
         what goes to a same-host client into its own pool)."""
         return None
+
+
+def _payload_bytes(frames: list[Any]) -> int:
+    """Payload bytes of a message as the ROUTER gave it (identity, header, payload frames)."""
+    return sum(len(f) for f in frames[2:])

@@ -143,6 +143,45 @@ async def test_a_payload_for_another_node_leaves_shared_memory_on_the_way() -> N
         await until(lambda: pool.leased == 0)  # alpha copied it out and gave the lease back
 
 
+async def test_a_payload_from_another_node_reaches_a_same_host_client_in_its_hubs_shared_memory() -> None:
+    async with linked("alpha", "beta") as (a, b), Client(b.ipc_endpoint) as client:
+        stream = a.endpoint("src").open_stream(client.endpoint.addr)
+        await stream.send_bytes(chunk(3))
+        await stream.send_bytes(b"small")  # through the socket, as before
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await client.endpoint.accept(timeout=WAIT_S)
+        first = await reader.read(timeout=WAIT_S)
+        assert isinstance(first, codec.Bytes) and first.frames[0].readonly  # a view of beta's segment
+        assert bytes(first.frames[0]) == chunk(3)
+        pool = b._pool
+        assert pool is not None and pool.leased == 1
+        assert bytes((await reader.read(timeout=WAIT_S)).frames[0]) == b"small"  # type: ignore[union-attr]
+        assert await reader.read(timeout=WAIT_S) is None and await closing == MIB + 5
+        del first
+        gc.collect()
+        await until(lambda: pool.leased == 0)  # the client's SHM_FREE for alpha/src stopped at beta
+
+
+async def test_a_client_attached_under_a_reserved_name_shares_memory_both_ways() -> None:
+    async with Hub("alpha") as a:
+        a.reserve("p.1")  # a plugin worker's stage address, kept for it before it attaches
+        async with Client(a.ipc_endpoint, name="p.1") as worker:
+            sink = a.endpoint("sink")
+            out = worker.endpoint.open_stream("alpha/sink")
+            await out.send_bytes(chunk(1))
+            closing = asyncio.create_task(out.close(timeout=WAIT_S))
+            reader = await sink.accept(timeout=WAIT_S)
+            msg = await reader.read(timeout=WAIT_S)
+            assert isinstance(msg, codec.Bytes) and msg.frames[0].readonly  # a view of the worker's segment
+            assert worker._pool is not None and worker._pool.leased == 1
+            assert await reader.read(timeout=WAIT_S) is None and await closing == MIB
+            back = a.endpoint("src").open_stream(worker.endpoint.addr)
+            await back.send_bytes(chunk(2))
+            got = await (await worker.endpoint.accept(timeout=WAIT_S)).read(timeout=WAIT_S)
+            assert isinstance(got, codec.Bytes) and got.frames[0].readonly and bytes(got.frames[0]) == chunk(2)
+            back.cancel()
+
+
 async def test_a_sender_killed_while_its_payload_is_read_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_clients, "CLIENT_TIMEOUT_S", 1.0)  # notice the dead client soon
     before = dev_shm()
