@@ -88,6 +88,7 @@ from dpipes.bus.auth import TAP_ZAP_DOMAIN, ZAP_DOMAIN, Gatekeeper, HubSecurity
 from dpipes.bus.codec import BYE_LINGER_MS, CLOSE_DRAIN_S, HEARTBEAT_INTERVAL_S, MAX_HELD_BYTES, MAX_NODE_NAME_CHARS
 from dpipes.bus.endpoint import MAX_IN_STREAMS, Endpoint, HeldBytes
 from dpipes.bus.errors import BusError
+from dpipes.bus.hub import sockdir
 from dpipes.bus.hub.boundary import Boundary
 from dpipes.bus.hub.clients import (
     CLIENT_BACKLOG_BYTES,
@@ -248,7 +249,7 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
                 self.tcp_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             ipc = self._want_ipc
             if ipc is None:
-                self._tmpdir = tempfile.TemporaryDirectory(prefix="dpipes-hub-")
+                self._tmpdir = sockdir.make()  # and removes those of hubs killed before closing
                 ipc = f"ipc://{self._tmpdir.name}/bus.sock"
             self._bind(router, ipc)
             self.ipc_endpoint = ipc
@@ -262,6 +263,8 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         except zmq.ZMQError as exc:
             router.close(0)
             tap_sock.close(0)
+            if self._tmpdir is not None:
+                self._tmpdir.cleanup()
             if self._gate is not None:
                 self._gate.stop()
             self._ctx.term()
