@@ -40,13 +40,9 @@ class Routing:
             party = self._local.get(name)
             if party is None:
                 if not name and header["kind"] == "ERROR":  # a peer's ERROR about what this hub sent it
-                    try:
-                        error = codec.from_header(header)
-                    except DecodeError as exc:
-                        self._bad(self._sender(ident), exc, header)
-                        return
-                    assert isinstance(error, codec.Error)
-                    self._on_peer_error(self._sender(ident).key, error)
+                    if (error := self._header_message(ident, header)) is not None:
+                        assert isinstance(error, codec.Error)
+                        self._on_peer_error(self._sender(ident).key, error)
                     return
                 self._bounce(header, "no-endpoint", f"no endpoint {name!r:.100} on node {self.node}")
             elif isinstance(party, Endpoint):
@@ -58,8 +54,7 @@ class Routing:
                     self._bad(self._sender(ident), exc, header)
                     return
                 if isinstance(msg, codec.ShmFree):
-                    if self._pool is not None:
-                        self._pool.release(msg.leases, msg.src)
+                    self._release_leases(msg)
                     return
                 party._deliver(msg)
             elif header["kind"] == "SHM" and not party.shm:
@@ -122,14 +117,22 @@ class Routing:
 
     def _release_own(self: Hub, ident: bytes, header: dict[str, Any]) -> None:
         """An ``SHM_FREE`` from a client for another node: the leases are ours (:meth:`_shared_frames`)."""
+        if (msg := self._header_message(ident, header)) is not None:
+            assert isinstance(msg, codec.ShmFree)
+            self._release_leases(msg)
+
+    def _release_leases(self: Hub, msg: codec.ShmFree) -> None:
+        """Leases of our pool that ``msg.src`` has read: only those made out to it are given back."""
+        if self._pool is not None:
+            self._pool.release(msg.leases, msg.src)
+
+    def _header_message(self: Hub, ident: bytes, header: dict[str, Any]) -> codec.Message | None:
+        """The message of a payload-less ``header`` from ``ident``; None once answered as malformed."""
         try:
-            msg = codec.from_header(header)
+            return codec.from_header(header)
         except DecodeError as exc:
             self._bad(self._sender(ident), exc, header)
-            return
-        assert isinstance(msg, codec.ShmFree)
-        if self._pool is not None:
-            self._pool.release(msg.leases, msg.src)  # only leases made out to that client
+            return None
 
     def _free_later(self: Hub, sender: str, lease: int) -> None:
         """Our reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
@@ -154,8 +157,7 @@ class Routing:
                 self._bounce(codec.header_of(msg), "no-endpoint", f"no endpoint {name!r} on node {self.node}")
             elif isinstance(party, Endpoint):
                 if isinstance(msg, codec.ShmFree):
-                    if self._pool is not None:
-                        self._pool.release(msg.leases, msg.src)
+                    self._release_leases(msg)
                     return
                 party._deliver(msg)
             else:
