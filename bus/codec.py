@@ -211,8 +211,14 @@ Sessions
     ``BYE`` naming why and forgets its address (later messages from it get ``ERROR``
     ``not-linked``). A client that hears nothing from its hub for ``PEER_TIMEOUT_S`` takes it
     as lost. Either side leaves with ``BYE``; a hub that stops sends ``BYE`` to every linked
-    peer and every attached client. Which outages a link survives, and what follows one it does
-    not: :mod:`dpipes.bus.hub`, *Link loss*.
+    peer and every attached client. A hub may hold a name for a client that attaches later (a
+    dpipes node's plugin worker). It keeps the streams such a client sends and has not ended with
+    ``EOF``, and when the name is released (the client is gone, by ``BYE``, silence or death, and
+    its node says why) it cancels each in the client's name: ``CANCEL`` with ``src`` the client's
+    address, the stream's ``sid`` and that reason, behind whatever the client sent before. So no
+    reader waits for the rest of a stream whose sender is gone, or takes what came for the whole.
+    Which outages a link survives, and what follows one it does not: :mod:`dpipes.bus.hub`,
+    *Link loss*.
 
 Bad messages
     A hub never lets a bad message reach its loop. It decodes each header and counts its frames

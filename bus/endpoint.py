@@ -367,12 +367,14 @@ class Endpoint:
             if codec.split_addr(dst)[0] == msg.node and not future.done():
                 future.set_exception(error)
 
-    def fail_party(self, addr: str, error: BaseException) -> None:
-        """Fail the streams to and from ``addr`` (a client that went away) and drop what they queued."""
+    def fail_party(self, addr: str, error: BaseException, *, incoming: bool = True) -> None:
+        """Fail the streams to and (unless not ``incoming``) from ``addr`` (a client that went away)
+        and drop what they queued."""
         for out in [o for o in self._out.values() if o.dst == addr]:
             out._fail(error)
-        for ins in [i for i in self._in.values() if i.src == addr]:
-            ins._refuse(error)
+        if incoming:
+            for ins in [i for i in self._in.values() if i.src == addr]:
+                ins._refuse(error)
 
     def fail_all(self, error: BaseException) -> None:
         """Fail every stream, request and reader of this endpoint (its transport is gone)."""

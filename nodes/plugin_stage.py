@@ -12,7 +12,10 @@ upstream may send before the worker is up. The node keeps an endpoint of its own
 :class:`WorkerRun` writes the worker's spec to its stdin, forwards its stderr, and reports its
 exit: the worker's status, and, when it failed without being cancelled, ``error`` (its output is
 not complete; the coordinator then cancels the run): the worker's own last line when it wrote
-one, else how it ended (``killed by SIGKILL``).
+one, else how it ended (``killed by SIGKILL``). Only once that report is sent does the node
+release the stage address, and with it the hub cancels every stream the worker sent and did not
+end (:meth:`~dpipes.bus.hub.Hub.release`), naming how the stage ended: however the worker went,
+no reader of it waits for the rest, and none fails before the coordinator has the stage's own account.
 """
 
 from __future__ import annotations

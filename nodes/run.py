@@ -293,7 +293,11 @@ class _Run:
         try:
             await self._done.wait()
             if self._readers:
-                await asyncio.wait(self._readers, timeout=CANCEL_WAIT_S)
+                _done, open_streams = await asyncio.wait(self._readers, timeout=CANCEL_WAIT_S)
+                if open_streams and not self.interrupted and not self.error:  # a node ends a stage's
+                    # streams as it reports its exit, even a worker's that died mid-stream: a bug
+                    names = ", ".join(sorted(task.get_name() for task in open_streams))
+                    log.warning("gave up after %g s on streams that never ended: %s", CANCEL_WAIT_S, names)
         finally:
             for task in tasks:
                 task.cancel()
@@ -348,7 +352,7 @@ class _Run:
 
     def _cancel_for_interrupt(self) -> None:
         asyncio.get_running_loop().call_later(CANCEL_WAIT_S, self._done.set)
-        self._readers.add(asyncio.create_task(self._cancel("interrupted by the user (Ctrl-C)")))
+        self._readers.add(asyncio.create_task(self._cancel("interrupted by the user (Ctrl-C)"), name="cancel"))
 
     async def _cancel(self, reason: str) -> None:
         with contextlib.suppress(DpipesError):  # the node is gone, or refused: the reports say the rest
@@ -424,7 +428,7 @@ class _Run:
         last_addr = f"{last.node}/{self.pipeline}.{last.index}"
         while True:
             stream = await self.ep.accept()
-            task = asyncio.create_task(self._read(stream, stream.src == last_addr))
+            task = asyncio.create_task(self._read(stream, stream.src == last_addr), name=f"from {stream.src}")
             self._readers.add(task)
 
     async def _read(self, stream: InStream, may_be_stdout: bool) -> None:

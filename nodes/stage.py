@@ -86,6 +86,7 @@ class Stage:
     plugin: str = ""  # a plugin stage: the plugin's name (its worker holds the stage address)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # a plugin stage's configuration
     temp_dir: str = ""  # a plugin stage's temp_dir: made by the node, removed when the stage ends
+    outcome: str = ""  # how it ended, once it has: why a plugin worker's unended streams are cancelled
     stop: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set when it is cancelled
     caller: Identity = INSECURE  # whom it runs for, as the transport established it (nodes.policy.caller_of)
     negotiated_by: str = ""  # the bus address that negotiated it: only that one may start it

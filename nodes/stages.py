@@ -21,7 +21,8 @@ At its first stage start, the node removes the Pipes bootstrap directories that 
 without closing them left behind (:func:`~dpipes.nodes.pipes.remove_stale_bootstrap_dirs`).
 
 A plugin stage (``argv[0]`` is ``%NAME``) is negotiated the same way, but its stage address is
-reserved on the hub for the worker process that ``start`` forks (:mod:`dpipes.nodes.plugin_stage`).
+reserved on the hub for the worker process that ``start`` forks (:mod:`dpipes.nodes.plugin_stage`),
+and released after its exit report is sent: then the streams its worker left unended are cancelled.
 
 A stage whose program exited before its input arrived keeps its endpoint ``LATE_INPUT_S`` more to
 cancel that input when it comes, so its producer sees a closed pipe rather than silence.
@@ -443,18 +444,27 @@ class Stages:
             )
         try:
             report = await run.run()
+            stage.outcome = _outcome(stage, report)
             if report.error:  # a failed worker's output is not complete: its reader must not think it is
                 await self._cancel_reader(stage, report.error)
+        except BaseException:
+            self._release_name(stage)
+            raise
         finally:
             self._release_output(stage)
             if stage.temp_dir:  # the worker's own cleanup does not run when it is killed
                 shutil.rmtree(stage.temp_dir, ignore_errors=True)
-            self._forget(stage)
+            self._forget(stage, keep_name=True)
             self.direct.close(stage.pipeline, (stage.index - 1, stage.index))  # a neighbour that never started
             if stage.pipes is not None:
                 stage.pipes.close()
         log.info("node %s: %s %s", self.node, stage.describe, report.status)
-        await asyncio.gather(*(self._report(addr, report) for addr in wiring.report_to))
+        try:
+            await asyncio.gather(*(self._report(addr, report) for addr in wiring.report_to))
+        finally:
+            # Only now are the streams a worker left unended cancelled: the coordinator has this
+            # stage's own account of its failure before a reader of its output fails for want of the rest.
+            self._release_name(stage)
         self._on_exit()
 
     async def _cancel_reader(self, stage: Stage, error: str) -> None:
@@ -515,14 +525,22 @@ class Stages:
         if stage.proc is not None:
             await asyncio.wait_for(stage.proc.terminate(), CANCEL_TIMEOUT_S)
 
-    def _forget(self, stage: Stage) -> None:
+    def _forget(self, stage: Stage, *, keep_name: bool = False) -> None:
+        """Drop ``stage``: its record, its endpoint, and (unless ``keep_name``) a plugin stage's address."""
         if stage.expiry is not None:
             stage.expiry.cancel()
         self._stages.pop((stage.pipeline, stage.index), None)
-        if stage.plugin:  # its worker is gone, or never came: what was held for it goes too
-            self.hub.release(f"{stage.pipeline}.{stage.index}")
+        if not keep_name:
+            self._release_name(stage)
         if not stage.lingering:
             stage.endpoint.close()
+
+    def _release_name(self, stage: Stage) -> None:
+        """A plugin stage's address, held for its worker (gone, or never came), goes; every stream the
+        worker sent and did not end is cancelled with how the stage ended, so that no reader waits
+        for the rest of it or takes what came for the whole."""
+        if stage.plugin:
+            self.hub.release(f"{stage.pipeline}.{stage.index}", reason=stage.outcome or f"{stage.describe} ended")
 
     def _linger(self, stage: Stage) -> None:
         stage.lingering = True
@@ -539,6 +557,15 @@ class Stages:
             if stage.task is not None:  # the stage's own output may still await its acknowledgement
                 await asyncio.wait({stage.task})
             stage.endpoint.close()
+
+
+def _outcome(stage: Stage, report: ExitReport) -> str:
+    """How ``stage`` ended, for the readers of what it left unfinished."""
+    if report.error:
+        return f"{stage.describe} failed: {report.error}"
+    if stage.cancelled:
+        return f"{stage.describe} was cancelled: {stage.cancelled}"
+    return f"{stage.describe}: {report.status}"
 
 
 def _fd_or_bus(fd: int | None) -> int:

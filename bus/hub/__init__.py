@@ -198,6 +198,7 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         self._peer_idents: dict[bytes, tuple[str, str]] = {}  # a peer's DEALER identity -> (node, instance)
         self._clients: dict[bytes, _Client] = {}
         self._local: dict[str, Endpoint | _Client] = {}  # endpoint name -> party
+        self._left_open: dict[str, _Client] = {}  # reserved names left with unended streams (clients)
         self.stats: dict[str, PeerStats] = collections.defaultdict(PeerStats)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._client_ids = 0

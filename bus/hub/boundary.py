@@ -99,6 +99,8 @@ class Boundary:
                 error = DecodeError(f"source {header['src']!r:.80} is not this client's address {client.addr!r}")
                 self._bad(_Sender(client.addr, ident, client=client), error, header)
                 return
+            if client.open_streams is not None and (header["seq"] == 1 or kind == "EOF") and header["sid"]:
+                self._note_stream(client, kind, header)  # a worker's stream opens or ends (cheap test first)
             self._route(ident, header, frames)
             return
         if kind == "HELLO":

@@ -1,5 +1,13 @@
 """Clients attached to a hub: ATTACH, reserved names, the idle rule, BYE, and what is held for a
 client that does not read (see *Sessions* in :mod:`dpipes.bus.codec`).
+
+A client under a reserved name (a node's plugin worker) may go at any point of a stream it sends:
+killed by a cancel, by SIGKILL, failed by its own bug. Its readers would then wait for an end that
+never comes, so the hub keeps the streams such a client opened and did not end with ``EOF``; when
+the node releases the name (:meth:`Clients.release`: its worker has exited and its exit is
+reported), the hub cancels each in the client's name, with the reason the node gives. A reader
+sees the stream fail, never a clean end of a partial output, and what the client sent before
+the ``CANCEL`` reaches it first (the ``CANCEL`` goes the same way, behind it).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from dpipes.bus.codec import (
     MAX_CLIENTS_PER_ADDRESS,
     MAX_STRING_CHARS,
 )
-from dpipes.bus.endpoint import Endpoint
+from dpipes.bus.endpoint import Endpoint, StreamCancelled
 from dpipes.bus.errors import BusError, DecodeError, PeerLost
 from dpipes.bus.hub.state import (
     UNLINKED,
@@ -38,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_OPEN_STREAMS_KEPT = 1024  # per reserved client: a worker has a few outputs and one Pipes stream
+
 __all__ = ["CLIENT_BACKLOG_BYTES", "CLIENT_BACKLOG_MESSAGES", "MAX_CLIENTS", "MAX_CLIENTS_PER_ADDRESS", "Clients"]
 
 
@@ -45,6 +55,7 @@ class Clients:
     """The clients attached to a hub's ROUTER (a part of :class:`~dpipes.bus.hub.Hub`)."""
 
     _client_ids: int  # clients named by the hub so far
+    _left_open: dict[str, _Client]  # reserved names whose clients left streams unended, until released
 
     def reserve(self: Hub, name: str) -> str:
         """Hold the name ``node/name`` for a client that will ATTACH with it (a plugin worker the
@@ -60,12 +71,15 @@ class Clients:
             raise ValueError(f"invalid endpoint name {name!r}")
         if name in self._local:
             raise BusError(f"endpoint {self.node}/{name} already exists")
-        self._local[name] = _Client(ident=b"", addr=f"{self.node}/{name}", last_heard=time.monotonic(), reserved=True)
-        return f"{self.node}/{name}"
+        self._left_open.pop(name, None)
+        addr = f"{self.node}/{name}"
+        self._local[name] = _Client(ident=b"", addr=addr, last_heard=time.monotonic(), reserved=True, open_streams={})
+        return addr
 
-    def release(self: Hub, name: str) -> None:
+    def release(self: Hub, name: str, reason: str = "") -> None:
         """Drop ``node/name``: a reservation nobody claimed, or the client attached under it (it
-        is gone: what it still had queued here is dropped). Idempotent."""
+        is gone: what it still had queued here is dropped). Every stream that client sent and did
+        not end, now or before it left, is cancelled in its name, ``reason`` saying why. Idempotent."""
         party = self._local.get(name)
         if isinstance(party, _Client):
             self.held.release(party.backlog_bytes)
@@ -80,6 +94,8 @@ class Clients:
                 except DecodeError:
                     continue
                 self._bounce(header, "no-endpoint", f"endpoint {name!r} on node {self.node} is gone")
+        if (left := self._left_open.pop(name, None)) is not None:
+            self._cancel_open_streams(left, reason or f"endpoint {left.addr} is gone")
 
     def client_is_local(self: Hub, addr: str) -> bool:
         """Whether the client at ``addr`` attached over our ``ipc://`` path, so runs on this host.
@@ -170,11 +186,40 @@ class Clients:
         if self._local.get(name) is client:
             del self._local[name]
         error = PeerLost(f"client {client.addr} detached from node {self.node}")
+        kept = client.open_streams is not None  # what it sent and did not end is cancelled when its
+        if kept:  # node releases the name, saying why
+            self._left_open[name] = client
         for party in list(self._local.values()):  # what it was sending or being sent is gone with it
             if isinstance(party, Endpoint):
-                party.fail_party(client.addr, error)
+                party.fail_party(client.addr, error, incoming=not kept)
         for listener in self.client_listeners:
             listener(client.addr)
+
+    def _note_stream(self: Hub, client: _Client, kind: str, header: dict[str, Any]) -> None:
+        """Keep what a reserved client's message says of a stream it sends: opened (its first data
+        message, ``seq`` 1) or ended (``EOF``). Its ``CANCEL`` ends nothing here: a ``CANCEL`` may be
+        about a stream it receives (codec, *Streams*), and one more for a stream that is over is dropped."""
+        streams = client.open_streams
+        assert streams is not None
+        if kind == "EOF":
+            streams.pop((header["dst"], header["sid"]), None)
+        elif kind in codec.DATA_KINDS and header["seq"] == 1 and len(streams) < MAX_OPEN_STREAMS_KEPT:
+            streams[(header["dst"], header["sid"])] = None
+
+    def _cancel_open_streams(self: Hub, client: _Client, reason: str) -> None:
+        """Cancel, in the name of ``client`` (gone), every stream it sent and did not end."""
+        assert client.open_streams is not None
+        streams, client.open_streams = list(client.open_streams), {}
+        if self._closed or not streams:  # stopping: every peer and client is told BYE, which fails its streams
+            return
+        log.debug("node %s: cancelling %d streams of %r: %s", self.node, len(streams), client.addr, reason[:300])
+        reason = reason[:MAX_STRING_CHARS]
+        for dst, sid in streams:
+            self._send_local(codec.Cancel(src=client.addr, dst=dst, sid=sid, reason=reason))
+        error = StreamCancelled(f"streams from {client.addr} cancelled: {reason}")
+        for party in list(self._local.values()):  # one to here that we did not keep (past the bound) ends too
+            if isinstance(party, Endpoint):
+                party.fail_party(client.addr, error)
 
     def _to_client(self: Hub, client: _Client, frames: list[Any]) -> None:
         if client.backlog or client.reserved:  # in order, behind what waits; bounded (``_hold``)

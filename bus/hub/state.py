@@ -126,6 +126,10 @@ class _Client:
     user_id: str | None = None  # the ZAP User-Id of its connection (secure hubs): who it is
     shm: bool = False  # on this host: SHM messages go to it as they are, and from us to it
     reserved: bool = False  # a name held for a client that has not attached yet (``Hub.reserve``)
+    # The streams it sends and has not ended with EOF, as (dst, sid), for a client whose name the
+    # hub reserved (a node's plugin worker): cancelled in its name when it goes (``Hub.release``).
+    # None: not kept (any other client).
+    open_streams: dict[tuple[str, int], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,8 +43,12 @@ Exit status (the node reports it as the stage's)
     changed mid-stream) or its stream failed. ``EXIT_BAD_OUTPUT`` (3): an output could not be
     delivered. ``EXIT_NOT_STARTED`` (4): the spec, the plugin or the hub failed before any data.
     A reader that went away (``| head``) ends the worker by ``SIGPIPE``, as it would a program.
-    On a failure, one line on stderr names the stage, node and plugin, and every output stream is
-    cancelled, never ended: no reader takes a partial output for a whole one.
+    On a failure, one line on stderr names the stage, node and plugin, and every output stops where
+    it is, never ended: its node cancels each output stream once it has reported the stage's exit
+    (the hub keeps which streams the worker left unended, :meth:`dpipes.bus.hub.Hub.release`), so
+    no reader takes a partial output for a whole one, and the stage's own failure is the one the
+    pipeline's coordinator hears first, not its reader's for want of the rest. A worker killed
+    (SIGKILL, a cancel) leaves its streams the same way, and they end the same way.
 
 The worker ends with ``os._exit`` once its streams are settled: a callback that never returned
 still holds the runner's thread, which nothing else could stop.
@@ -580,16 +584,14 @@ class _BusTransport(Transport):
         """Until every output is sent and acknowledged (every anchor is closed by then)."""
         await asyncio.gather(*(sender.task for sender in self.senders.values()))
 
-    def cancel_all(self, reason: str) -> None:
+    def stop_all(self) -> None:
+        """Stop every output where it is, never ended: a direct one closed without its format's
+        end, a bus stream left as it is, for the node to cancel once it has reported the stage."""
         for outs in self.direct.values():
             for out in outs:
                 out.abort()
         for sender in self.senders.values():
             sender.task.cancel()
-        for sinks in self.sinks.values():
-            for sink in sinks:
-                if sink.stream is not None:
-                    sink.stream.cancel(reason)
 
 
 class _BusChannel(PipesMessageWriterChannel):
@@ -766,19 +768,21 @@ async def _run(spec: WorkerSpec) -> int:
         try:
             await worker.run(channel, temp)
         except _DownstreamGone:
+            if worker.transport is not None:
+                worker.transport.stop_all()
             worker.cancel_inputs(f"{spec.describe} stopped: its reader went away")
             code = -signal.SIGPIPE
         except _Failed as exc:
             code = exc.code
             _say(_failure_line(spec, exc))
             if worker.transport is not None:
-                worker.transport.cancel_all(f"{spec.describe} failed")
+                worker.transport.stop_all()
             worker.cancel_inputs(f"{spec.describe} failed")
         except BusError as exc:
             code = EXIT_BAD_OUTPUT
             _say(_failure_line(spec, f"output: {exc}"))
             if worker.transport is not None:
-                worker.transport.cancel_all(f"{spec.describe} failed")
+                worker.transport.stop_all()
             worker.cancel_inputs(f"{spec.describe} failed")
         channel.close()
         with contextlib.suppress(asyncio.TimeoutError):

@@ -268,6 +268,48 @@ async def test_releasing_an_unclaimed_name_fails_what_waited_for_it() -> None:
         a.endpoint("p.2")  # and the name is free again
 
 
+async def test_releasing_a_name_cancels_what_its_client_sent_and_did_not_end() -> None:
+    # A plugin worker that died mid-output: its node releases the name, with how the stage ended.
+    async with linked("alpha", "beta") as (a, b):
+        a.reserve("p.1")
+        here, there = a.endpoint("here"), b.endpoint("there")
+        async with Client(a.ipc_endpoint, name="p.1") as worker:
+            ended = worker.endpoint.open_stream("alpha/here")
+            await ended.send_bytes(b"whole")
+            closing = asyncio.ensure_future(ended.close())
+            whole = await here.accept(timeout=WAIT_S)
+            assert (await whole.read(timeout=WAIT_S)).frames[0] == b"whole"
+            assert await whole.read(timeout=WAIT_S) is None  # ended with EOF: a clean end
+            await asyncio.wait_for(closing, WAIT_S)
+            for dst in ("alpha/here", "beta/there"):
+                await worker.endpoint.open_stream(dst).send_bytes(b"half")
+            halves = [await here.accept(timeout=WAIT_S), await there.accept(timeout=WAIT_S)]
+            for half in halves:  # what it sent before it went is read first
+                assert (await half.read(timeout=WAIT_S)).frames[0] == b"half"
+            a.release("p.1", reason="stage 1 (%p@alpha) failed: boom")
+            for half in halves:
+                with pytest.raises(
+                    StreamCancelled, match=r"from alpha/p\.1 cancelled: stage 1 \(%p@alpha\) failed: boom"
+                ):
+                    await half.read(timeout=WAIT_S)
+
+
+async def test_a_client_that_leaves_streams_unended_has_them_cancelled_when_its_name_is_released() -> None:
+    # Its BYE (or its silence) does not cancel them: the node, which reports the stage first, says why.
+    async with Hub("alpha") as a:
+        a.reserve("p.1")
+        reader = a.endpoint("reader")
+        async with Client(a.ipc_endpoint, name="p.1") as worker:
+            await worker.endpoint.open_stream("alpha/reader").send_bytes(b"half")
+            stream = await reader.accept(timeout=WAIT_S)
+        await until(lambda: "p.1" not in a._local)  # its BYE detached it
+        assert (await stream.read(timeout=WAIT_S)).frames[0] == b"half"
+        a.release("p.1", reason="stage 1 (%p@alpha) killed by SIGKILL")
+        with pytest.raises(StreamCancelled, match=r"killed by SIGKILL"):
+            await stream.read(timeout=WAIT_S)
+        a.release("p.1", reason="again")  # idempotent: nothing is cancelled twice
+
+
 async def test_killed_peer_fails_streams_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_links, "PEER_TIMEOUT_S", 1.0)
     async with Hub("alpha") as a, process("sink", "victim") as (proc, endpoint):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -210,6 +213,48 @@ async def test_a_worker_killed_with_sigkill_fails_the_run_and_leaves_nothing(rt:
     async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
         err = await run_killing_its_worker(rt, alpha, beta, "seq 5 | %stuck@beta | cat")
         assert "stage 1 %stuck@beta: killed by SIGKILL (plugin stuck worker killed by SIGKILL" in err
+        assert workers_of(beta.proc.pid) == []
+
+
+async def test_a_worker_killed_mid_output_has_every_stream_it_opened_ended_by_its_node(
+    rt: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Killed holding its output and its Pipes stream to the client open: its node cancels both,
+    # naming the stage, so the client ends as soon as the reports are in, not after a wait.
+    from dpipes.nodes import run as client
+
+    monkeypatch.setattr(client, "CANCEL_WAIT_S", 10 * WAIT_S)  # a stream left open would outlast WAIT_S
+    caplog.set_level(logging.DEBUG, logger=client.__name__)
+    said = asyncio.Event()
+
+    def on_pipes(stage: int, message: Any) -> None:
+        if stage == 1 and message.get("method") == "log":
+            said.set()  # its Pipes stream is open
+
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            options = client.RunOptions("seq 5 | %stalls@beta | wc -l")
+            running = asyncio.ensure_future(
+                client.run_pipeline(
+                    alpha.tcp,
+                    options,
+                    stdin_fd=-1,
+                    stdout_fd=out.fileno(),
+                    stderr_fd=err.fileno(),
+                    on_pipes=on_pipes,
+                    handle_sigint=False,
+                )
+            )
+            await asyncio.wait_for(said.wait(), WAIT_S)
+            [worker] = workers_of(beta.proc.pid)
+            os.kill(worker, signal.SIGKILL)
+            result = await asyncio.wait_for(running, WAIT_S)
+            out.seek(0)
+            assert out.read() == b""  # wc never saw an end of its input: no count of a part passed off as whole
+        assert result.exit_code != 0
+        assert "plugin stalls worker killed by SIGKILL" in result.stages[1].describe()
+        reason = "cancelled: stage 1 (%stalls@beta) failed: plugin stalls worker killed by SIGKILL"
+        assert any(reason in r.getMessage() for r in caplog.records)  # ended with the error, not cleanly
         assert workers_of(beta.proc.pid) == []
 
 

@@ -48,6 +48,17 @@ class Shifty(Plugin):
     def on_complete(self):
         pass
 
+class Stalls(Plugin):
+    \"\"\"Says so, writes its first table, then never returns: a worker to kill mid-output.\"\"\"
+    def on_record_batch(self, batch, anchor):
+        self.provider.io.info("stalling")
+        self.provider.write_to_anchor("Output", batch)
+        threading.Event().wait()
+    def on_incoming_connection_complete(self, anchor):
+        pass
+    def on_complete(self):
+        pass
+
 class Tally(Plugin):
     \"\"\"Writes, at the end, each input connection that completed: its anchor and the rows it got.\"\"\"
     def __init__(self, provider):
@@ -104,6 +115,7 @@ def install_plugins(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         textwrap.dedent(f"""\
             [{ENTRY_POINT_GROUP}]
             stuck = ptest_broken_plugins:Stuck
+            stalls = ptest_broken_plugins:Stalls
             astray = ptest_broken_plugins:Astray
             shifty = ptest_broken_plugins:Shifty
             raises = ptest_broken_plugins:Raises
