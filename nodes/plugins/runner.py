@@ -41,6 +41,7 @@ from typing import Any, Final
 import pyarrow as pa
 from dagster_pipes import PipesMessageWriterChannel
 
+from dpipes.bus.errors import DpipesError
 from dpipes.nodes.plugins.api import Anchor, AnchorSpec, Environment
 from dpipes.nodes.plugins.errors import CallbackFailed, CallbackTimeout, PluginError, SchemaChanged, UnknownAnchor
 from dpipes.nodes.plugins.provider import EngineProvider, _brief
@@ -330,6 +331,10 @@ class PluginRunner:
         """The result of a finished ``call``, or the named error for what went wrong in it."""
         if call.error is not None:
             exc = call.error
+            if isinstance(exc, BrokenPipeError) and isinstance(exc, DpipesError):
+                # A transport's reader went away (see Transport.write): as SIGPIPE ends a program, no error to report.
+                self.failure = CallbackFailed(f"plugin {self.name}: {what}: the reader of an output went away")
+                raise self.failure from exc
             text = "".join(traceback.format_exception(exc)).rstrip()
             error = self.provider.violation or CallbackFailed(
                 f"plugin {self.name}: {what} raised {type(exc).__name__}: {exc}"

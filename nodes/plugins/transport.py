@@ -35,7 +35,9 @@ class Transport(abc.ABC):
         """Send one batch on anchor ``name``.
 
         May block while the reader downstream has no credit (flow control, like a full pipe); the
-        runner does not count that time against the callback timeout.
+        runner does not count that time against the callback timeout. A reader that went away
+        (``| head``) is raised as a ``DpipesError`` that is also a ``BrokenPipeError``: the runner
+        then ends the plugin as SIGPIPE ends a program, reporting no error of the plugin's.
         """
 
     @abc.abstractmethod

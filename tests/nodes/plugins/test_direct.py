@@ -189,6 +189,7 @@ async def test_a_reader_that_stops_early_ends_a_plugin_on_a_direct_edge_as_sigpi
             rt, "--node", alpha.host_port, "--status", "%generate@alpha rows=100000000 | head@alpha -n 2"
         )
         assert out.code == 0, out.stderr  # as `yes | head` in a shell: the writer's SIGPIPE is no failure
+        assert "Traceback" not in out.stderr  # nor an error of the plugin's to report
         assert out.stdout.decode().splitlines()[0] == '"n","square"'
         assert len(out.stdout.decode().splitlines()) == 2
         await until(lambda: workers_of(alpha.proc.pid) == [], "the worker to end")

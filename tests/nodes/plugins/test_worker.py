@@ -258,6 +258,17 @@ async def test_a_worker_killed_mid_output_has_every_stream_it_opened_ended_by_it
         assert workers_of(beta.proc.pid) == []
 
 
+async def test_a_reader_that_stops_early_ends_a_plugin_as_sigpipe_without_an_error(rt: Path) -> None:
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
+        pipeline = "%generate@beta rows=100000000 | head -n 2"
+        out = await dpipes(rt, "--node", alpha.host_port, "--status", pipeline)
+        assert out.code == 0, out.stderr  # as `yes | head` in a shell
+        assert out.stdout.decode().splitlines() == ['"n","square"', "0,0"]
+        assert "stage 0 %generate@beta: killed by SIGPIPE (its reader finished early)" in out.stderr
+        assert "ERROR" not in out.stderr and "Traceback" not in out.stderr  # no bug of the plugin's to report
+        assert workers_of(beta.proc.pid) == []
+
+
 async def test_plugin_progress_reaches_the_client_as_pipes_messages(rt: Path) -> None:
     record = rt.parent / "pipes.jsonl"
     async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
