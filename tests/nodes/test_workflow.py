@@ -14,7 +14,7 @@ import pytest
 from dpipes.nodes.pipeline import parse_pipeline
 from dpipes.nodes.workflow import Connection, Graph, WorkflowError, load_workflow, parse_workflow
 from tests.nodes.daemons import daemons, dpipes, start_dpipes
-from tests.nodes.plugins.test_worker import workers_of
+from tests.nodes.plugins.test_worker import kill_when_stalling, workers_of
 from tests.nodes.plugins.workers import install_plugins
 
 WAIT_S = 30.0
@@ -275,6 +275,35 @@ async def test_a_workflow_fails_and_cancels_like_a_pipeline(rt: Path) -> None:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: every stage everywhere is cancelled
         await asyncio.wait_for(proc.communicate(), WAIT_S)
         assert proc.returncode == 130
+        assert workers_of(beta.proc.pid) == []
+
+
+async def test_a_splitter_killed_mid_output_ends_both_its_readers_and_the_run(
+    rt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dpipes.nodes.run import RunOptions
+
+    flow = {
+        "stages": {
+            "gen": {"plugin": "generate", "node": "alpha", "config": {"rows": 100, "batch_rows": 7}},
+            "split": {"plugin": "stalls", "node": "beta"},  # writes to True and False, then stalls
+            "big": {"program": "wc -l"},
+            "small": {"program": "wc -l"},
+        },
+        "connections": [
+            {"from": "gen", "to": "split"},
+            {"from": "split.True", "to": "big"},
+            {"from": "split.False", "to": "small"},
+        ],
+        "output": "big",
+    }
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
+        options = RunOptions("workflow split", workflow=flow)
+        result, out, err = await kill_when_stalling(alpha, beta, options, monkeypatch)
+        assert out == b"" and not any(line.strip().isdigit() for line in err.decode().splitlines())  # no wc counted
+        assert result.exit_code != 0
+        [split] = [s for s in result.stages if s.argv[0] == "%stalls"]
+        assert "plugin stalls worker killed by SIGKILL" in split.describe()
         assert workers_of(beta.proc.pid) == []
 
 

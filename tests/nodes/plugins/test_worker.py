@@ -216,41 +216,54 @@ async def test_a_worker_killed_with_sigkill_fails_the_run_and_leaves_nothing(rt:
         assert workers_of(beta.proc.pid) == []
 
 
+async def kill_when_stalling(
+    alpha: Daemon, beta: Daemon, options: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, bytes, bytes]:
+    """Run ``options`` through ``alpha`` in this process; once beta's ``%stalls`` worker has said so
+    (its Pipes stream to us and its outputs are open), SIGKILL it. The result, stdout and stderr,
+    within ``WAIT_S``: a client that waited for a stream the worker left open would take longer."""
+    from dpipes.nodes import run as client
+
+    monkeypatch.setattr(client, "CANCEL_WAIT_S", 10 * WAIT_S)
+    said = asyncio.Event()
+
+    def on_pipes(stage: int, message: Any) -> None:
+        if (message.get("params") or {}).get("message") == "stalling":
+            said.set()
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        running = asyncio.ensure_future(
+            client.run_pipeline(
+                alpha.tcp,
+                options,
+                stdin_fd=-1,
+                stdout_fd=out.fileno(),
+                stderr_fd=err.fileno(),
+                on_pipes=on_pipes,
+                handle_sigint=False,
+            )
+        )
+        await asyncio.wait_for(said.wait(), WAIT_S)
+        [worker] = workers_of(beta.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        result = await asyncio.wait_for(running, WAIT_S)
+        out.seek(0)
+        err.seek(0)
+        return result, out.read(), err.read()
+
+
 async def test_a_worker_killed_mid_output_has_every_stream_it_opened_ended_by_its_node(
     rt: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Killed holding its output and its Pipes stream to the client open: its node cancels both,
     # naming the stage, so the client ends as soon as the reports are in, not after a wait.
-    from dpipes.nodes import run as client
+    from dpipes.nodes.run import RunOptions
 
-    monkeypatch.setattr(client, "CANCEL_WAIT_S", 10 * WAIT_S)  # a stream left open would outlast WAIT_S
-    caplog.set_level(logging.DEBUG, logger=client.__name__)
-    said = asyncio.Event()
-
-    def on_pipes(stage: int, message: Any) -> None:
-        if stage == 1 and message.get("method") == "log":
-            said.set()  # its Pipes stream is open
-
+    caplog.set_level(logging.DEBUG, logger="dpipes.nodes.run")
     async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            options = client.RunOptions("seq 5 | %stalls@beta | wc -l")
-            running = asyncio.ensure_future(
-                client.run_pipeline(
-                    alpha.tcp,
-                    options,
-                    stdin_fd=-1,
-                    stdout_fd=out.fileno(),
-                    stderr_fd=err.fileno(),
-                    on_pipes=on_pipes,
-                    handle_sigint=False,
-                )
-            )
-            await asyncio.wait_for(said.wait(), WAIT_S)
-            [worker] = workers_of(beta.proc.pid)
-            os.kill(worker, signal.SIGKILL)
-            result = await asyncio.wait_for(running, WAIT_S)
-            out.seek(0)
-            assert out.read() == b""  # wc never saw an end of its input: no count of a part passed off as whole
+        options = RunOptions("seq 5 | %stalls@beta | wc -l")
+        result, out, _err = await kill_when_stalling(alpha, beta, options, monkeypatch)
+        assert out == b""  # wc never saw an end of its input: no count of a part passed off as whole
         assert result.exit_code != 0
         assert "plugin stalls worker killed by SIGKILL" in result.stages[1].describe()
         reason = "cancelled: stage 1 (%stalls@beta) failed: plugin stalls worker killed by SIGKILL"

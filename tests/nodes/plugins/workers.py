@@ -49,10 +49,11 @@ class Shifty(Plugin):
         pass
 
 class Stalls(Plugin):
-    \"\"\"Says so, writes its first table, then never returns: a worker to kill mid-output.\"\"\"
+    \"\"\"Says so, writes its first table to each of its outputs, then never returns: a worker to kill mid-output.\"\"\"
     def on_record_batch(self, batch, anchor):
         self.provider.io.info("stalling")
-        self.provider.write_to_anchor("Output", batch)
+        for name in self.provider.outgoing_anchors:
+            self.provider.write_to_anchor(name, batch)
         threading.Event().wait()
     def on_incoming_connection_complete(self, anchor):
         pass
