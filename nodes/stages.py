@@ -448,7 +448,7 @@ class Stages:
         finally:
             self._release_output(stage)
             if stage.temp_dir:  # the worker's own cleanup does not run when it is killed
-                shutil.rmtree(stage.temp_dir, ignore_errors=True)
+                self._remove_later(stage.temp_dir)
             self._forget(stage)
             self.direct.close(stage.pipeline, (stage.index - 1, stage.index))  # a neighbour that never started
             if stage.pipes is not None:
