@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing's, without importing it on the short path (dpipes.bus.logs)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class DpipesError(Exception):

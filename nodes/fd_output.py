@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
-from typing import Any
 
 from dpipes.bus.logs import LazyLogger
+
+TYPE_CHECKING = False  # typing's, without importing it on the short path (dpipes.bus.logs)
+if TYPE_CHECKING:
+    import threading
+    from typing import Any
 
 log = LazyLogger(__name__)  # logging is imported only if something is logged (dpipes.bus.logs)
 
@@ -53,7 +56,7 @@ class Output:
         self.inline = writes_at_once(fd)
         self._queue: list[tuple[bytes | memoryview, Any, int]] = []
         self._written: list[tuple[Any, int]] = []
-        self._cond = threading.Condition()
+        self._cond: threading.Condition | None = None  # with the thread, made for the first write it takes
         self._thread: threading.Thread | None = None
         self._closing = False
 
@@ -68,29 +71,36 @@ class Output:
             except BrokenPipeError:
                 self.broken = True
             return True
+        if self._cond is None:
+            import threading  # here: a file, a device, or output that never comes needs no thread
+
+            self._cond = threading.Condition()
+            self._thread = threading.Thread(target=self._drain, name=f"dpipes output fd {self.fd}", daemon=True)
+            self._thread.start()
         with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._drain, name=f"dpipes output fd {self.fd}", daemon=True)
-                self._thread.start()
             self._queue.append((data, token, units))
             self._cond.notify()
         return False
 
     def taken(self) -> list[tuple[Any, int]]:
         """(token, units) for each write the thread finished since the last call."""
+        if self._cond is None:
+            return []
         with self._cond:
             done, self._written = self._written, []
         return done
 
     def flush(self) -> None:
         """Wait until everything queued was written (or the reader went away)."""
+        if self._cond is None or self._thread is None:
+            return
         with self._cond:
             self._closing = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
 
     def _drain(self) -> None:
+        assert self._cond is not None
         while True:
             with self._cond:
                 while not self._queue and not self._closing:

@@ -16,16 +16,16 @@ and closed; a client whose hand-over failed simply gets its data over the bus, a
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import socket
 import struct
-from typing import TYPE_CHECKING, Final
 
 from dpipes.bus.logs import LazyLogger
 
+TYPE_CHECKING = False  # typing's, without importing it on the short path (dpipes.bus.logs)
 if TYPE_CHECKING:
     import asyncio
+    import socket
+    from typing import Final
 
 log = LazyLogger(__name__)  # logging is imported only if something is logged (dpipes.bus.logs)
 
@@ -51,17 +51,24 @@ def hand_over(ipc_endpoint: str, fds: dict[str, int]) -> str | None:
     path = drop_path(ipc_endpoint)
     if not fds or not os.path.exists(path):
         return None
+    import _socket  # the socket module's core: its enums cost the short path of dpipes 2 ms to import
+
     token = os.urandom(16).hex()  # what secrets.token_hex does, without importing hashlib and random
     names = [name for name in NAMES if name in fds]
-    data = json.dumps({"token": token, "names": names}).encode() + b"\n"
+    # The JSON line json.dumps makes of {"token": token, "names": names}: hex and NAMES need no escapes.
+    quoted = ", ".join(f'"{name}"' for name in names)
+    data = f'{{"token": "{token}", "names": [{quoted}]}}\n'.encode()
+    rights = struct.pack(f"{len(names)}i", *(fds[name] for name in names))
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            sock.connect(path)
-            socket.send_fds(sock, [data], [fds[name] for name in names])
+        sock.settimeout(1.0)
+        sock.connect(path)
+        sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])  # socket.send_fds
     except OSError as exc:
         log.debug("no descriptor hand-over to %s: %s", path, exc)
         return None
+    finally:
+        sock.close()
     return token
 
 
@@ -80,6 +87,7 @@ class FdDrop:
     def start(self) -> None:
         """Listen at :attr:`path` (replacing a stale socket file); on the running loop."""
         import asyncio  # here, not at the top: a client that only hands over must not pay for it
+        import socket
 
         self._loop = asyncio.get_running_loop()
         with contextlib.suppress(FileNotFoundError):
@@ -142,6 +150,9 @@ class FdDrop:
             self._loop.add_reader(conn.fileno(), self._receive, conn)
 
     def _receive(self, conn: socket.socket) -> None:
+        import json
+        import socket
+
         assert self._loop is not None
         fds: list[int] = []
         try:

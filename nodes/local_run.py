@@ -2,14 +2,15 @@
 
 ``dpipes 'echo x | cat'`` against a running daemon used to spend most of its time importing what
 the run never used: asyncio, the bus client and its codec classes, the typed control protocol.
-:func:`run_local` does the same run with pyzmq's blocking sockets and msgpack, and with nothing of
-dpipes but what a run on this host needs:
+:func:`run_local` does the same run with one Unix socket that speaks ZMTP itself (pyzmq alone took
+longer to import than the rest of the client) and msgpack, and with nothing of dpipes but what a
+run on this host needs:
 
-* the daemon's ``ipc://`` socket in the runtime directory (:mod:`dpipes.nodes.paths`), and its
+* the daemon's ``ipc://`` socket in the runtime directory (:mod:`dpipes.nodes.runtime_dir`), and its
   descriptor drop (:mod:`dpipes.nodes.fdpass`), which hands our stdin and stdout to the stages
   that run there, so that their bytes never pass through us;
 * the bus and the control protocol's ``run``, ``cancel`` and reports, spoken from their specs on
-  one blocking socket (:mod:`dpipes.nodes.local_wire`);
+  one socket (:mod:`dpipes.nodes.local_wire`, over :mod:`dpipes.bus.zmtp`);
 * our stdout and stderr, written in order through a thread where their reader may be slow
   (:mod:`dpipes.nodes.fd_output`);
 * what a run comes to, :mod:`dpipes.nodes.results`, shared with the full path, so that exit
@@ -21,9 +22,10 @@ None, having sent nothing, when no daemon answers on this host, and the caller t
 :func:`dpipes.nodes.run.run_pipeline` (which also starts an embedded node or says why the local
 daemon is gone). What the run may still need in flight (stdin fed over the bus when the first
 stage is on another node, stdout read from the bus when the last is, stderr, Pipes messages,
-Ctrl-C) it does in one loop over one ``zmq.Poller``: the hub's socket, our stdin when it may be
-fed, and a wake-up pipe for signals and for the writer threads of output that may block (a pipe
-or socket), so that a slow reader of our stdout never stops our heartbeats.
+Ctrl-C) it does in one loop over one ``select.poll``: the hub's socket (for writing too while
+what we sent waits for it), our stdin when it may be fed, and a wake-up pipe for signals and for
+the writer threads of output that may block (a pipe or socket), so that a slow reader of our
+stdout never stops our heartbeats.
 
 Hostile input: a malformed header is dropped and counted by :mod:`dpipes.nodes.local_wire`
 (logged once per run), and so is a ``BATCH`` whose sizes do not add up; a report whose body is not
@@ -33,12 +35,9 @@ of its method's shape is answered ``bad-request``.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
-from collections.abc import Mapping
-from typing import Any
-
-import zmq
 
 from dpipes.bus import logs
 from dpipes.bus.logs import LazyLogger
@@ -55,12 +54,16 @@ from dpipes.nodes.local_wire import (
     RUN_TIMEOUT_S,
     STREAM_KINDS,
     BlockingClient,
-    answers,
     batch_sizes,
-    find_local_daemon,
+    local_endpoint,
     report_ok,
 )
 from dpipes.nodes.results import EXIT_INTERRUPTED, RunFailed, RunResult, StageResult, run_exit_code
+
+TYPE_CHECKING = False  # typing's, without importing it on the short path (dpipes.bus.logs)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 log = LazyLogger(__name__)  # logging is imported only if something is logged (dpipes.bus.logs)
 
@@ -103,10 +106,7 @@ def run_local(
         RunFailed: the node refused the pipeline before it started (``code`` says why:
             ``syntax`` for a pipeline that does not parse), or did not answer.
     """
-    if entry is None:
-        endpoint = find_local_daemon()
-    else:
-        endpoint = entry if answers(entry) else None
+    endpoint = local_endpoint() if entry is None else entry
     if endpoint is None:
         return None
     from dpipes.nodes.fdpass import hand_over
@@ -170,7 +170,7 @@ class _Run:
         self.stages: list[StageResult] = []
         self.last_addr = ""
         self.early: list[tuple[str, dict[str, Any]]] = []
-        self.early_messages: list[tuple[dict[str, Any], list[zmq.Frame]]] = []
+        self.early_messages: list[tuple[dict[str, Any], list[memoryview]]] = []
         self.error = ""
         self.refused_before = ""  # the run was refused or never answered: RunFailed with this
         self.refused_code = ""
@@ -221,9 +221,11 @@ class _Run:
         return RunResult(self.pipeline, self.stages, code, self.error)
 
     def _loop(self, started: float) -> None:
-        poller = zmq.Poller()
-        poller.register(self.c.sock, zmq.POLLIN)
-        poller.register(self.wake_r, zmq.POLLIN)
+        poller = select.poll()
+        hub = self.c.fileno()
+        poller.register(hub, select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
+        watching_stdin = False
         while not self._over():
             now = time.monotonic()
             if self.done_at is not None and now >= self.done_at:
@@ -231,22 +233,33 @@ class _Run:
             if not self.pipeline and now - started > RUN_TIMEOUT_S:
                 self.refused_before = f"run at {self.ctl} got no reply within {RUN_TIMEOUT_S:g} s"
                 return
+            if self.c.gone:
+                self._lost(f"lost the node at {self.c.endpoint}: {self.c.gone}")
+                return
             if now - self.c.last_heard > PEER_TIMEOUT_S:
                 self._lost(f"no word from the node at {self.c.endpoint} for {PEER_TIMEOUT_S:g} s")
                 return
-            poller.register(self.stdin_fd, zmq.POLLIN if self._may_feed() else 0)  # 0: do not watch it now
+            if self._may_feed() != watching_stdin:  # stdin is watched only while it may be fed
+                watching_stdin = not watching_stdin
+                if watching_stdin:
+                    poller.register(self.stdin_fd, select.POLLIN)
+                else:
+                    poller.unregister(self.stdin_fd)
             self.c.ping_when_due()
             self._grant_all()
+            poller.modify(hub, select.POLLIN | (select.POLLOUT if self.c.wants_write() else 0))
             wait_s = HEARTBEAT_INTERVAL_S if self.done_at is None else min(HEARTBEAT_INTERVAL_S, self.done_at - now)
             ready = dict(poller.poll(max(1, int(wait_s * 1000))))
             if ready.get(self.wake_r):
                 self._woken()
+            if ready.get(hub, 0) & select.POLLOUT:
+                self.c.flush()
             while (got := self.c.recv()) is not None:  # drain the socket, then wait again
                 if got[0]:
                     self._on_message(*got)
                 if self.refused_before or self.c.addr == "":
                     return
-            if ready.get(self.stdin_fd) and self._may_feed():
+            if watching_stdin and ready.get(self.stdin_fd) and self._may_feed():
                 self._feed()
 
     def _over(self) -> bool:
@@ -282,7 +295,7 @@ class _Run:
 
     # -- what arrives --------------------------------------------------------------------------
 
-    def _on_message(self, h: dict[str, Any], payload: list[zmq.Frame]) -> None:
+    def _on_message(self, h: dict[str, Any], payload: list[memoryview]) -> None:
         kind = h["kind"]
         if not self.pipeline and kind in STREAM_KINDS:
             # Stages start before `run` is answered: whose stream this is (the last stage's stdout,
@@ -298,7 +311,7 @@ class _Run:
         elif kind == "REQUEST":
             self._on_report(h)
         elif kind in DATA_KINDS:
-            self._on_data(h, kind, [f.buffer for f in payload])
+            self._on_data(h, kind, payload)
         elif kind == "BATCH":
             self._on_batch(h, payload)
         elif kind == "EOF":
@@ -416,12 +429,12 @@ class _Run:
             return None
         return self.stages[int(index)]
 
-    def _on_batch(self, h: dict[str, Any], payload: list[zmq.Frame]) -> None:
+    def _on_batch(self, h: dict[str, Any], payload: list[memoryview]) -> None:
         sizes, of = batch_sizes(h, payload), h.get("of") or "BYTES"
         if sizes is None:
             self.c.drop("BATCH")
             return
-        view, start = payload[0].buffer, 0
+        view, start = payload[0], 0
         for size in sizes:  # each member as if it came alone
             self._on_data(h, of, [view[start : start + size]])
             start += size
@@ -538,11 +551,15 @@ class _Run:
 
 
 def _current_user() -> str:
-    """Who is asking, as this process's user sees it (``run.user``; not authenticated)."""
-    import getpass
+    """Who is asking, as this process's user sees it (``run.user``; not authenticated): what
+    :func:`getpass.getuser` says, without importing :mod:`getpass` (and :mod:`termios`)."""
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        if user := os.environ.get(name):
+            return user
+    import pwd
 
     try:
-        return getpass.getuser()
+        return pwd.getpwuid(os.getuid()).pw_name
     except (KeyError, OSError):
         return str(os.getuid())
 

@@ -1,4 +1,4 @@
-"""The wire as the short path of ``dpipes`` speaks it: one blocking DEALER attached to this host's hub.
+"""The wire as the short path of ``dpipes`` speaks it: one DEALER attached to this host's hub.
 
 :mod:`dpipes.nodes.local_run` runs a pipeline without asyncio, the bus client or the typed control
 protocol, which cost more to import than a short run takes. This module is its side of the two
@@ -10,8 +10,9 @@ specs, spoken from their docstrings as the minimal client of ``examples/`` does:
 * the control protocol (:mod:`dpipes.nodes.protocol`): its version, the node's control endpoint,
   and the shape of the ``exit`` and ``failed`` reports a client takes.
 
-:func:`find_local_daemon` says whether a daemon listens at the host's local socket at all, with one
-plain connect, before anything is sent.
+The socket is :class:`dpipes.bus.zmtp.Dealer`, ZMTP spoken without libzmq: importing pyzmq took
+longer than the rest of a short run's client. :func:`find_local_daemon` says whether a daemon
+listens at the host's local socket at all, with one plain connect, before anything is sent.
 
 Hostile input: a header frame over ``MAX_HEADER_BYTES``, not msgpack, or without the common keys
 of their types is dropped and counted (:attr:`BlockingClient.dropped`, logged once per client);
@@ -21,16 +22,18 @@ report whose fields are not of their types.
 
 from __future__ import annotations
 
-import socket
 import time
-from collections.abc import Mapping
-from typing import Any
 
 import msgpack
-import zmq
 
 from dpipes.bus.logs import LazyLogger
+from dpipes.bus.zmtp import Dealer, ZmtpError
 from dpipes.nodes.results import RunFailed
+
+TYPE_CHECKING = False  # typing's, without importing it on the short path (dpipes.bus.logs)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 log = LazyLogger(__name__)  # logging is imported only if something is logged (dpipes.bus.logs)
 
@@ -49,22 +52,28 @@ RUN_TIMEOUT_S = 60.0  # how long the entry node may take to answer `run`
 
 ATTACH_TIMEOUT_S = 5.0  # a live local hub answers ATTACH at once (the bus client waits as long)
 LOCAL_PROBE_TIMEOUT_S = 1.0  # a live local daemon accepts a connection at once
-LINGER_MS = 2000  # on close: let our last REPLYs, CREDITs and EOF_ACKs reach the hub
+LINGER_S = 2.0  # on close: let our last REPLYs, CREDITs and EOF_ACKs reach the hub
 
 DATA_KINDS = frozenset({"BYTES", "STDERR", "PIPES", "OBJECTS", "ARROW"})
 STREAM_KINDS = DATA_KINDS | {"BATCH", "EOF", "CANCEL"}
 
 
-def find_local_daemon() -> str | None:
-    """The ``ipc://`` endpoint of this host's running daemon, or None when none answers there."""
+def local_endpoint() -> str | None:
+    """The ``ipc://`` endpoint of this host's local socket, whether a daemon answers there or not;
+    None when the runtime directory cannot be used."""
     from dpipes.bus.errors import DpipesError
-    from dpipes.nodes import paths
+    from dpipes.nodes.runtime_dir import local_socket, runtime_dir
 
     try:
-        endpoint = paths.local_endpoint(paths.runtime_dir())
+        return f"ipc://{local_socket(runtime_dir())}"
     except (OSError, DpipesError):
         return None
-    return endpoint if answers(endpoint) else None
+
+
+def find_local_daemon() -> str | None:
+    """The ``ipc://`` endpoint of this host's running daemon, or None when none answers there."""
+    endpoint = local_endpoint()
+    return endpoint if endpoint is not None and answers(endpoint) else None
 
 
 def answers(endpoint: str) -> bool:
@@ -73,6 +82,8 @@ def answers(endpoint: str) -> bool:
     A plain connect says it (a dead daemon leaves its socket file behind: ECONNREFUSED) in a
     fraction of a millisecond instead of a whole bus attachment.
     """
+    import socket
+
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(LOCAL_PROBE_TIMEOUT_S)
@@ -85,36 +96,61 @@ def answers(endpoint: str) -> bool:
 
 
 class BlockingClient:
-    """One blocking DEALER attached to the hub: (header, payload) in and out."""
+    """One DEALER attached to the hub: (header, payload) in and out, without blocking after :meth:`attach`.
+
+    ``gone`` says why the connection ended (the hub closed it, or broke the protocol); nothing
+    more comes then, and what is sent is dropped.
+    """
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.ctx = zmq.Context()  # ours alone: closed with the socket, nothing else runs on it
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, LINGER_MS)  # our last REPLYs and CREDITs leave on close
-        self.sock.setsockopt(zmq.RCVHWM, 0)  # flow control is credit; a dropped frame would lose data
-        self.sock.setsockopt(zmq.SNDHWM, 0)  # ... and so is ours towards the hub
-        self.sock.connect(endpoint)
+        self.dealer: Dealer | None = None
         self.addr = ""
         self.node = ""
         self.last_sent = 0.0
         self.last_heard = time.monotonic()
         self.dropped = 0  # malformed messages from the hub: counted, logged once
+        self.gone = ""
+
+    def fileno(self) -> int:
+        assert self.dealer is not None
+        return self.dealer.fileno()
+
+    def wants_write(self) -> bool:
+        """Whether sent messages wait for the socket to be writable (poll for it, then :meth:`flush`)."""
+        return self.dealer is not None and not self.gone and self.dealer.wants_write()
+
+    def flush(self) -> None:
+        if self.dealer is not None and not self.gone:
+            try:
+                self.dealer.flush()
+            except ZmtpError as exc:
+                self._lose(exc)
 
     def send(self, kind: str, dst: str, *payload: Any, sid: int = 0, seq: int = 0, **fields: Any) -> None:
         header = {"v": PROTOCOL_VERSION, "kind": kind, "src": self.addr, "dst": dst, "sid": sid, "seq": seq, **fields}
-        self.sock.send_multipart([msgpack.packb(header), *payload], copy=False)
         self.last_sent = time.monotonic()
-
-    def recv(self) -> tuple[dict[str, Any], list[zmq.Frame]] | None:
-        """The next message if one is queued, else None; a malformed one is counted and comes as ``({}, [])``."""
+        if self.dealer is None or self.gone:
+            return
         try:
-            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+            self.dealer.send([msgpack.packb(header), *payload])
+        except ZmtpError as exc:
+            self._lose(exc)
+
+    def recv(self) -> tuple[dict[str, Any], list[memoryview]] | None:
+        """The next message if one is queued, else None; a malformed one is counted and comes as ``({}, [])``."""
+        if self.dealer is None or self.gone:
+            return None
+        try:
+            frames = self.dealer.recv()
+        except ZmtpError as exc:
+            self._lose(exc)
+            return None
+        if frames is None:
             return None
         self.last_heard = time.monotonic()
         header: Any = None
-        first = frames[0].buffer
+        first = frames[0]
         if len(first) <= MAX_HEADER_BYTES:  # msgpack then bounds every length by the frame's size
             try:
                 header = msgpack.unpackb(first, raw=False)
@@ -125,6 +161,10 @@ class BlockingClient:
             return {}, []
         return header, frames[1:]
 
+    def _lose(self, exc: ZmtpError) -> None:
+        self.gone = str(exc) or "the connection ended"
+        log.debug("lost the hub at %s: %s", self.endpoint, self.gone)
+
     def drop(self, what: str) -> None:
         """Count a malformed message from the hub: logged as a warning the first time, then at debug."""
         self.dropped += 1
@@ -132,16 +172,24 @@ class BlockingClient:
         say("dropped a malformed %s from the hub at %s (%d so far)", what, self.endpoint, self.dropped)
 
     def attach(self) -> bool:
-        """ATTACH and wait for ATTACHED; False when the hub does not answer (then nothing ran)."""
-        self.send("ATTACH", "", name="", host="")  # no host: no shared memory, payloads come inline
+        """Connect, ATTACH and wait for ATTACHED; False when the hub does not answer (then nothing ran)."""
         deadline = time.monotonic() + ATTACH_TIMEOUT_S
-        while (left := deadline - time.monotonic()) > 0:
-            if not self.sock.poll(int(left * 1000) + 1):
-                break
+        try:
+            self.dealer = Dealer(self.endpoint.removeprefix("ipc://"), timeout_s=ATTACH_TIMEOUT_S)
+        except (OSError, ZmtpError) as exc:  # TimeoutError is an OSError
+            log.debug("no ZMTP handshake with %s: %s", self.endpoint, exc)
+            return False
+        self.send("ATTACH", "", name="", host="")  # no host: no shared memory, payloads come inline
+        while (left := deadline - time.monotonic()) > 0 and not self.gone:
             got = self.recv()
-            if got is None or not got[0]:
+            if got is None:
+                if not self.gone:
+                    _wait_readable(self.dealer.fileno(), left, write=self.wants_write())
+                    self.flush()
                 continue
             header = got[0]
+            if not header:
+                continue
             if header["kind"] == "ATTACHED" and isinstance(header.get("addr"), str) and "/" in header["addr"]:
                 self.addr = header["addr"]
                 self.node = self.addr.split("/", 1)[0]
@@ -149,7 +197,7 @@ class BlockingClient:
             if header["kind"] in ("ERROR", "BYE"):
                 why = header.get("message") or header.get("reason") or "refused"
                 raise RunFailed(f"cannot reach a dpipes node at {self.endpoint}: {why}")
-        log.debug("no ATTACHED from %s within %s s", self.endpoint, ATTACH_TIMEOUT_S)
+        log.debug("no ATTACHED from %s within %s s (%s)", self.endpoint, ATTACH_TIMEOUT_S, self.gone or "silence")
         return False
 
     def ping_when_due(self) -> None:
@@ -158,11 +206,20 @@ class BlockingClient:
             self.send("PING", f"{self.node}/")
 
     def close(self) -> None:
-        """Say BYE when attached, then close the socket and its context."""
+        """Say BYE when attached, then close the socket once what we sent has left (or ``LINGER_S``)."""
         if self.addr:
             self.send("BYE", f"{self.node}/", reason="the run is over")
-        self.sock.close()
-        self.ctx.term()
+        if self.dealer is not None:
+            self.dealer.close(0.0 if self.gone else LINGER_S)
+
+
+def _wait_readable(fd: int, timeout_s: float, *, write: bool = False) -> None:
+    """Wait until ``fd`` is readable (or writable, with ``write``) or ``timeout_s`` has passed."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | (select.POLLOUT if write else 0))
+    poller.poll(max(1, int(timeout_s * 1000) + 1))
 
 
 def well_formed(h: Mapping[str, Any]) -> bool:
@@ -176,7 +233,7 @@ def well_formed(h: Mapping[str, Any]) -> bool:
     )
 
 
-def batch_sizes(h: Mapping[str, Any], payload: list[zmq.Frame]) -> list[int] | None:
+def batch_sizes(h: Mapping[str, Any], payload: list[memoryview]) -> list[int] | None:
     """The sizes of a ``BATCH``'s members, or None when they do not fit its one payload frame."""
     sizes, of = h.get("sizes"), h.get("of") or "BYTES"
     if (

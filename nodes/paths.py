@@ -1,15 +1,8 @@
 """Where a node's runtime files live, and how a daemon holds its name there.
 
-The runtime directory is, in order of precedence:
-
-1. ``$DPIPES_RUNTIME_DIR`` (``dpipesd --runtime-dir DIR`` sets it);
-2. ``$XDG_RUNTIME_DIR/dpipes`` when ``XDG_RUNTIME_DIR`` is set (``/run/user/<uid>/dpipes`` on
-   systemd hosts: private to the user, emptied at logout and boot);
-3. ``/tmp/dpipes-<uid>``.
-
-:func:`runtime_dir` creates it with mode 0700 when it is missing, and refuses one that belongs to
-another user or that its group or others can write to: the sockets in it accept commands that run
-programs, so nobody else may plant or replace them.
+The runtime directory (``$DPIPES_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/dpipes``, else
+``/tmp/dpipes-<uid>``; owner-only, checked at each use) is :mod:`dpipes.nodes.runtime_dir`'s, whose
+names this module re-exports.
 
 Files of the daemon of node ``N``, all in that directory:
 
@@ -67,12 +60,18 @@ import contextlib
 import fcntl
 import os
 import stat
-from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 from dpipes.bus.errors import DpipesError
-from dpipes.bus.private import private_dir
+from dpipes.nodes.runtime_dir import (
+    LOCAL_NAME,
+    RUNTIME_DIR_ENV,
+    RuntimeDirError,
+    local_socket,
+    runtime_dir,
+    runtime_dir_path,
+)
 
 __all__ = [
     "LOCAL_NAME",
@@ -100,13 +99,7 @@ __all__ = [
     "secure_sockets",
 ]
 
-RUNTIME_DIR_ENV = "DPIPES_RUNTIME_DIR"
-LOCAL_NAME = "local"
 _CLAIM_RETRIES = 20  # a lock file replaced under us between open and flock: try the new one
-
-
-class RuntimeDirError(DpipesError, PermissionError):
-    """The runtime directory cannot be used (wrong owner, writable by others, not a directory)."""
 
 
 class AlreadyRunning(DpipesError, RuntimeError):
@@ -117,36 +110,6 @@ class AlreadyRunning(DpipesError, RuntimeError):
         self.name = name
         self.pid = pid
         self.pid_file = pid_file
-
-
-def runtime_dir_path(environ: Mapping[str, str] = os.environ) -> Path:
-    """Where the runtime directory is (see the module docstring), as an absolute path; creates nothing."""
-    if environ.get(RUNTIME_DIR_ENV):
-        path = Path(environ[RUNTIME_DIR_ENV]).expanduser()
-    elif environ.get("XDG_RUNTIME_DIR"):
-        path = Path(environ["XDG_RUNTIME_DIR"]) / "dpipes"
-    else:
-        path = Path("/tmp") / f"dpipes-{os.getuid()}"
-    return path.absolute()  # a detached daemon changes directory to /
-
-
-def runtime_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """The runtime directory (see the module docstring), created with mode 0700 when missing.
-
-    Raises:
-        RuntimeDirError: it cannot be created, is not a directory, belongs to another user, or is
-            writable by its group or others.
-    """
-    path = runtime_dir_path(environ)
-    # A directory the user chose may be a link; anywhere else (the shared /tmp) a link is a trap
-    # someone else set: it would point our sockets into a directory of their choosing.
-    return private_dir(
-        path,
-        what="runtime directory",
-        error=RuntimeDirError,
-        remedy=f"set {RUNTIME_DIR_ENV} to a directory of your own",
-        follow_links=bool(environ.get(RUNTIME_DIR_ENV)),
-    )
 
 
 def check_daemon_name(name: str) -> str | None:
@@ -206,7 +169,7 @@ def node_files(dir: Path, name: str) -> NodeFiles:
 
 def local_endpoint(dir: Path) -> str:
     """``ipc://<dir>/local.sock``: where the host's first daemon also answers."""
-    return node_files(dir, LOCAL_NAME).ipc_endpoint
+    return f"ipc://{local_socket(dir)}"
 
 
 def read_pid(path: Path) -> int | None:

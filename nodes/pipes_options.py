@@ -8,12 +8,14 @@ options in the ``start`` request. :mod:`dpipes.nodes.stage_pipes` says what each
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
-from typing import Any, Final
 
 from dpipes.bus.errors import DpipesError, StageError
+
+TYPE_CHECKING = False  # typing's, without importing it on the short path (dpipes.bus.logs)
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 CONTEXT_INJECTORS = ("env", "file")
 MESSAGE_CHANNELS = ("file", "stderr", "stdout")
@@ -134,6 +136,8 @@ def from_flags(flags: Any, count: int) -> dict[str, Any]:
         return stages.setdefault(str(index), {}), value
 
     for item in flags.extra:
+        import json  # here: a plain run (dpipes' short path) has no extras to read
+
         options, text = scope("--extra", item)
         key, sep, value = text.partition("=")
         if not sep or not key:

@@ -12,11 +12,13 @@ Exit codes (the ``dpipes`` command documents them):
 from __future__ import annotations
 
 import shlex
-from typing import TYPE_CHECKING, Any
 
 from dpipes.bus.errors import DpipesError
 
+TYPE_CHECKING = False  # typing's, without importing it on the short path (dpipes.bus.logs)
 if TYPE_CHECKING:
+    from typing import Any
+
     from dpipes.nodes.pipes_frames import PipesMessageHandler
 
 EXIT_DPIPES_FAILED = 125

@@ -205,7 +205,13 @@ class StagePipes:
                 frames.append(frame_of(record))
         return bytes(text), frames
 
-    def close(self) -> None:
+    @property
+    def directory(self) -> str:
+        """The bootstrap's private directory (its FIFO, its context file)."""
+        return self.boot.directory
+
+    def close(self, *, remove_directory: bool = True) -> None:
+        """Stop reading; remove the bootstrap's files (``remove_directory`` false: the caller does)."""
         if self.bus is not None:
             self.bus.close()
-        self.boot.close()
+        self.boot.close(remove_directory=remove_directory)

@@ -453,11 +453,12 @@ class Stages:
         finally:
             self._release_output(stage)
             if stage.temp_dir:  # the worker's own cleanup does not run when it is killed
-                shutil.rmtree(stage.temp_dir, ignore_errors=True)
+                self._remove_later(stage.temp_dir)
             self._forget(stage, keep_name=True)
             self.direct.close(stage.pipeline, (stage.index - 1, stage.index))  # a neighbour that never started
             if stage.pipes is not None:
-                stage.pipes.close()
+                stage.pipes.close(remove_directory=False)
+                self._remove_later(stage.pipes.directory)
         log.info("node %s: %s %s", self.node, stage.describe, report.status)
         try:
             await asyncio.gather(*(self._report(addr, report) for addr in wiring.report_to))
@@ -466,6 +467,12 @@ class Stages:
             # stage's own account of its failure before a reader of its output fails for want of the rest.
             self._release_name(stage)
         self._on_exit()
+
+    def _remove_later(self, directory: str) -> None:
+        """Remove ``directory`` in a thread, not on the loop: one ``rmdir`` took 1-4 ms on this
+        project's machines (ext4 /tmp), and the stage's exit report, with every other stage's
+        traffic, waited for it (a short run's end waited for one per stage)."""
+        self._spawn(asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True), f"remove {directory}")
 
     async def _cancel_reader(self, stage: Stage, error: str) -> None:
         """Cancel the stage that reads ``stage``'s direct output here (before it sees the pipe's end)."""

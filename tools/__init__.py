@@ -9,7 +9,9 @@ mapped folders and has no module of its own to carry it.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing's, without importing it on the short path (dpipes.bus.logs)
+if TYPE_CHECKING:
+    from typing import Any
 
 DISTRIBUTION = "dpipes-bus"
 UNKNOWN_VERSION = "0+unknown"  # a source tree used without being installed

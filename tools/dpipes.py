@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
-import shlex
 import sys
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from dpipes.bus import logs
 from dpipes.bus.errors import DpipesError
 
+TYPE_CHECKING = False  # typing's, without importing it on the short path (dpipes.bus.logs)
 if TYPE_CHECKING:
     import argparse
+    from typing import Any, NoReturn
 
 EXIT_USAGE = 2  # a bad command line, as argparse answers
 EXIT_FAILED = 125  # dpipes itself failed (the code of env(1) and docker for "the tool, not the program")
@@ -341,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             print(completion_script(parser, args.completion), end="")
             return 0
         if extra:
+            import shlex
+
             # `dpipes seq 3`: the shell split an unquoted pipeline; its first word became the pipeline
             if args.pipeline and " " not in args.pipeline.strip() and any(not w.startswith("-") for w in extra):
                 parser.error(
@@ -523,6 +524,8 @@ async def _entry_and_run(args: argparse.Namespace, work: Any) -> Any:
 
 
 async def _nodes(args: argparse.Namespace) -> int:
+    import json
+
     from dpipes.nodes import run
 
     nodes = await _entry_and_run(args, run.known_nodes)

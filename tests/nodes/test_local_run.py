@@ -104,7 +104,10 @@ async def test_the_short_path_is_taken_and_imports_no_asyncio(rt: Path) -> None:
 
 
 async def test_the_short_path_imports_only_what_a_run_needs(rt: Path) -> None:
-    unneeded = ("asyncio", "argparse", "dataclasses", "logging", "dpipes.nodes.pipes_frames", "yaml", "pyarrow", "rich")
+    unneeded = (
+        *("asyncio", "argparse", "dataclasses", "logging", "dpipes.nodes.pipes_frames", "yaml", "pyarrow", "rich"),
+        *("zmq", "typing", "json", "socket", "getpass", "threading", "dpipes.nodes.paths"),  # a few ms each
+    )
     probe = (
         "import sys; from dpipes.tools.dpipes import main; code = main(['--insecure', 'echo x | cat']); "
         f"print(code, [m for m in {unneeded!r} if m in sys.modules], file=sys.stderr)"
@@ -160,6 +163,21 @@ async def test_ctrl_c_cancels_every_stage_and_exits_130(rt: Path) -> None:
         await until(lambda: not alpha.children() and not beta.children())
     assert proc.returncode == 130, err
     assert b"cancelled: interrupted by the user (Ctrl-C)" in err
+
+
+async def test_a_daemon_killed_mid_run_is_named_at_once(rt: Path) -> None:
+    """The hub's socket closes with its daemon: the short path says so and fails the run (125),
+    instead of waiting out the heartbeat timeout (its message would say "no word from")."""
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dpipes.tools.dpipes", "sleep 300",
+            env=environment(rt), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        await until(alpha.children)
+        alpha.proc.kill()  # its stage dies with it (PR_SET_PDEATHSIG)
+        _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    assert proc.returncode == 125, err
+    assert b"lost the node at ipc://" in err and b"closed the connection" in err, err
 
 
 # -- a fake hub: hostile input that no real node sends --------------------------------------------

@@ -212,6 +212,28 @@ async def test_the_first_stage_removes_bootstrap_dirs_of_dead_nodes(client_of: C
     drain.cancel()
 
 
+async def test_a_stages_bootstrap_dir_is_removed_when_it_ends(client_of: ClientOf) -> None:
+    """The node removes a stage's Pipes bootstrap directory (its FIFO) after the stage, in a thread."""
+    import tempfile
+
+    from dpipes.nodes.pipes import BOOTSTRAP_DIR_PREFIX
+
+    def ours() -> set[Path]:  # the node runs in this process: its directories carry our pid
+        return set(Path(tempfile.gettempdir()).glob(f"{BOOTSTRAP_DIR_PREFIX}{os.getpid()}-*"))
+
+    before = ours()
+    _node, client = await client_of(Limits())
+    ep = client.endpoint
+    await ep.request(f"alpha/{CTL}", "negotiate", negotiate_body("p9", ["sleep", "300"]), timeout=WAIT_S)
+    wiring = {"stdout_to": ep.addr, "stderr_to": ep.addr, "report_to": []}
+    drain = asyncio.create_task(drain_streams(ep))
+    await ep.request(f"alpha/{CTL}", "start", {"pipeline": "p9", "stage": 0, **wiring}, timeout=WAIT_S)
+    assert len(ours() - before) == 1  # the running stage's
+    await ep.request(f"alpha/{CTL}", "cancel", {"pipeline": "p9", "reason": "test"}, timeout=WAIT_S)
+    await until(lambda: not ours() - before)
+    drain.cancel()
+
+
 async def test_info_lists_a_static_peer_that_never_answered_by_its_endpoint_and_down() -> None:
     import socket
     from types import MappingProxyType

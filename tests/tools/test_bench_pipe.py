@@ -30,6 +30,7 @@ def test_quick_pipe_suite_measures_every_figure_against_its_baseline() -> None:
         "pipe.python_floor",
         "pipe.start_full_path",
         "pipe.added_start_to_finish",
+        "pipe.client_cpu",
     ]
     for row in table:
         value, low, high, baseline, ratio = (float(cell.rstrip("x")) for cell in row[1:6])

@@ -11,6 +11,9 @@
   ``python -c pass`` (``pipe.python_floor``), the interpreter's own start that no Python client
   can go below, and beside the same command on the full client path (``pipe.start_full_path``:
   ``DPIPES_SHORT_PATH=0``, asyncio and the bus client, as every run took before the short path).
+* ``pipe.client_cpu``: the CPU time (user + system) of the ``dpipes`` process of those runs,
+  against that of ``python -c pass``: what the client itself costs, which a busy machine does not
+  blur as it blurs wall times (the daemon's and the stages' CPU are not in it).
 
 Commands run as an installed package runs them: with their byte code cached. The benchmark removes
 ``PYTHONDONTWRITEBYTECODE`` from their environment (a warm-up run writes the cache of a source
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -70,10 +74,17 @@ def local_daemons(names: list[str], runtime_dir: Path, *, env: dict[str, str] | 
                 proc.wait()
 
 
-def _timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+def _timed(argv: list[str], env: dict[str, str] | None = None, *, cpu: list[float] | None = None) -> float:
+    """The wall time of running ``argv``, in seconds; with ``cpu``, its CPU time (user + system,
+    in ms) is appended there."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(argv, env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    if cpu is not None:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append((after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1000)
+    return wall
 
 
 def pipe_benchmarks(
@@ -120,13 +131,15 @@ def pipe_benchmarks(
                 )
             )
             walls, shells, floors, fulls = [], [], [], []
+            client_cpu: list[float] = []
+            floor_cpu: list[float] = []
             full_env = dict(env, DPIPES_SHORT_PATH="0")
             _timed([*dpipes, "echo x | cat"], env)  # warm up: the byte code cache
             _timed([*dpipes, "echo x | cat"], full_env)
             for _ in range(repeat * 2):
                 shells.append(_timed(["sh", "-c", "echo x | cat"]) * 1000)
-                floors.append(_timed([sys.executable, "-c", "pass"], env) * 1000)
-                walls.append(_timed([*dpipes, "echo x | cat"], env) * 1000)  # the local daemon
+                floors.append(_timed([sys.executable, "-c", "pass"], env, cpu=floor_cpu) * 1000)
+                walls.append(_timed([*dpipes, "echo x | cat"], env, cpu=client_cpu) * 1000)  # the local daemon
                 fulls.append(_timed([*dpipes, "echo x | cat"], full_env) * 1000)
                 progress(".")
             results.append(
@@ -140,4 +153,7 @@ def pipe_benchmarks(
             )
             added = [w - s for w, s in zip(walls, shells, strict=True)]
             results.append(against_target("pipe.added_start_to_finish", "ms", added, ADDED_TARGET_MS))
+            results.append(
+                result("pipe.client_cpu", "ms", client_cpu, "python -c pass", floor_cpu, higher_is_better=False)
+            )
     return results
