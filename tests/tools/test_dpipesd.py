@@ -261,3 +261,15 @@ def test_systemd_example_runs_the_daemon_attached_as_type_notify() -> None:
     unit.read(Path(__file__).parents[2] / "examples" / "systemd" / "dpipesd.service")
     assert unit["Service"]["Type"] == "notify"
     assert unit["Service"]["ExecStart"].split()[1:] == ["--foreground"]
+
+
+def test_main_leaves_the_collector_as_it_found_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """main() turns the garbage collector off for a start; whatever it does, it turns it back on."""
+    import gc
+
+    assert gc.isenabled()
+    for argv in (["--help"], ["--print-config"], ["--name", "bad name"]):
+        main(argv)
+        assert gc.isenabled(), argv
+    capsys.readouterr()
+
