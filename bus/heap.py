@@ -14,7 +14,6 @@ this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -33,8 +32,9 @@ def keep_message_memory() -> bool:
     if _done:
         return True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # The symbols already loaded into this process, libc's among them: ctypes.util.find_library
+        # would run /sbin/ldconfig -p in a child process (~10 ms of a daemon's start, for a name).
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

@@ -94,6 +94,18 @@ class TxtError(DecodeError):
 # -- names ---------------------------------------------------------------------------------------
 
 
+def node_name_problem(name: str) -> str | None:
+    """What is wrong with ``name`` as a node name, or None if it is fine (for a user's input: a
+    flag, a config key, a pin in a pipeline)."""
+    if not name:
+        return "a node name cannot be empty"
+    if not NODE_NAME_RE.fullmatch(name):
+        return (
+            f"{name!r} is not a valid node name: use 1-48 letters, digits, '_' and '-', starting with a letter or digit"
+        )
+    return None
+
+
 def check_node_name(name: str) -> str:
     """Return ``name`` if it can be advertised as a node name, else raise ConfigError."""
     if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):

@@ -90,7 +90,6 @@ invalid TOML (with its line and column).
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import ipaddress
 import json
@@ -113,7 +112,7 @@ from dpipes.bus.codec import (
 )
 from dpipes.bus.errors import ConfigError, TrustFileError
 from dpipes.bus.trust import ProgramRule, program_rule
-from dpipes.nodes.pipeline import check_node_name
+from dpipes.discovery.txt import node_name_problem as check_node_name
 
 __all__ = [
     "CONFIG_PATHS_ENV",
@@ -430,6 +429,8 @@ class _Source:
         return ConfigError(f"{self.name}: key {key!r}: {problem}")
 
     def unknown(self, key: str, known: Sequence[str]) -> ConfigError:
+        import difflib  # only for a mistyped key
+
         last = key.rpartition(".")[2]
         close = difflib.get_close_matches(last, known, n=1)
         hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(sorted(known))

@@ -34,7 +34,6 @@ from dpipes.discovery.interfaces import resolve_interfaces
 from dpipes.discovery.mdns import MdnsDiscovery, MdnsEvent, NodeSeen
 from dpipes.discovery.table import NodeRecord, new_instance_id
 from dpipes.nodes.config import HostPort, NodeConfig
-from dpipes.nodes.coordinator import Coordinator
 from dpipes.nodes.dispatch import ControlServer
 from dpipes.nodes.fdpass import FdDrop, drop_path
 from dpipes.nodes.policy import Policy, parse_requirement
@@ -54,18 +53,22 @@ from dpipes.nodes.protocol import (
     NegotiateReply,
     NegotiateRequest,
     NodeEntry,
+    RunReply,
+    RunRequest,
     StartReply,
     StartRequest,
 )
 from dpipes.nodes.security import node_security
-from dpipes.nodes.stage import DirectPipes
-from dpipes.nodes.stages import NegotiationRefused, Stages
 from dpipes.nodes.supervisor import Supervisor
 
-# What only a run needs (the pipeline parser, object modes, Pipes) is imported at the first run,
-# not at start: eight daemons starting on two cores converge sooner (dpipes-bench discovery).
+# What only a run needs (coordination, stages, the pipeline parser, object modes, Pipes, plugin
+# workers) is imported at the first request for one, not at start: eight daemons starting on two
+# cores converge sooner (dpipes-bench discovery). See Node._run_parts.
 if TYPE_CHECKING:
+    from dpipes.nodes.coordinator import Coordinator
     from dpipes.nodes.pipeline import NodeInfo
+    from dpipes.nodes.stage import DirectPipes
+    from dpipes.nodes.stages import Stages
     from dpipes.nodes.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -127,8 +130,9 @@ class Node:
         # Plugin workers started ahead of need; none for one stage (--exit) or one command (embedded).
         self.worker_pool_size = config.limits.plugin_workers_ready if worker_pool and not exit_after_one else 0
         self.workers: WorkerPool | None = None
-        self.direct = DirectPipes()  # kept ends of kernel pipes between stages here
-        self.stages: Stages | None = None  # made by start(), with the control endpoint
+        # The parts that run pipelines, made by the first request for a run (_run_parts):
+        self.direct: DirectPipes | None = None  # kept ends of kernel pipes between stages here
+        self.stages: Stages | None = None
         self.coordinator: Coordinator | None = None
         self.control: ControlServer | None = None
         self._ctl: Endpoint | None = None
@@ -179,16 +183,6 @@ class Node:
         undo.push_async_callback(self.hub.aclose)
         await self.supervisor.__aenter__()
         undo.push_async_callback(self.supervisor.aclose)
-        if self.worker_pool_size:
-            from dpipes.nodes.plugin_stage import WORKER_ARGV
-            from dpipes.nodes.stage_env import stage_environment
-            from dpipes.nodes.worker_pool import WorkerPool
-
-            # Waiting workers start from a stage's clean environment (never the daemon's own); the
-            # spec each one takes adds that stage's variables.
-            env = stage_environment(self.config.pass_env, worker=True)
-            self.workers = WorkerPool(self.supervisor, WORKER_ARGV, env=env, size=self.worker_pool_size, node=self.name)
-            undo.push_async_callback(self.workers.aclose)
         try:
             drop = FdDrop(drop_path(self.hub.ipc_endpoint))
             drop.start()
@@ -198,33 +192,11 @@ class Node:
             log.warning("node %s: no descriptor drop beside %s: %s", self.name, self.hub.ipc_endpoint, exc)
         self._ctl = ctl = self.hub.endpoint(CTL, max_streams=0)  # requests and reports only: no streams
         undo.callback(ctl.close)
-        self.stages = Stages(
-            node=self.name,
-            hub=self.hub,
-            supervisor=self.supervisor,
-            policy=self.policy,
-            config=self.config,
-            ctl=ctl,
-            direct=self.direct,
-            spawn=self._spawn,
-            on_exit=self.stop if self.exit_after_one else lambda: None,
-            workers=self.workers,
-        )
-        self.coordinator = Coordinator(
-            node=self.name,
-            hub=self.hub,
-            config=self.config,
-            ctl=ctl,
-            table=self.table,
-            direct=self.direct,
-            fd_drop=self._fd_drop,
-            spawn=self._spawn,
-        )
         self.control = server = ControlServer(
             self.name,
             ctl,
             {
-                "run": self.coordinator.run,
+                "run": self._on_run,
                 "negotiate": self._on_negotiate,
                 "start": self._on_start,
                 "cancel": self._on_cancel,
@@ -259,6 +231,53 @@ class Node:
         self._spawn(server.serve(), "control")
         self._spawn(self._gossip_forever(), "gossip")
         await self._start_mdns(undo)
+
+    def _run_parts(self) -> tuple[Stages, Coordinator]:
+        """This node's stages and the coordinator of the runs it is entry for, made (and their
+        modules imported) by the first request that needs them: a node reaches ready and joins
+        the mesh without them. That first request pays the imports (~5 ms of CPU)."""
+        if self.stages is None or self.coordinator is None:
+            assert self._ctl is not None, "node not started"
+            from dpipes.nodes.coordinator import Coordinator
+            from dpipes.nodes.stage import DirectPipes
+            from dpipes.nodes.stages import Stages
+
+            if self.worker_pool_size:
+                from dpipes.nodes.plugin_stage import WORKER_ARGV
+                from dpipes.nodes.stage_env import stage_environment
+                from dpipes.nodes.worker_pool import WorkerPool
+
+                # Waiting workers start from a stage's clean environment (never the daemon's own);
+                # the spec each one takes adds that stage's variables.
+                env = stage_environment(self.config.pass_env, worker=True)
+                self.workers = WorkerPool(
+                    self.supervisor, WORKER_ARGV, env=env, size=self.worker_pool_size, node=self.name
+                )
+                self._started.push_async_callback(self.workers.aclose)
+            self.direct = DirectPipes()
+            self.stages = Stages(
+                node=self.name,
+                hub=self.hub,
+                supervisor=self.supervisor,
+                policy=self.policy,
+                config=self.config,
+                ctl=self._ctl,
+                direct=self.direct,
+                spawn=self._spawn,
+                on_exit=self.stop if self.exit_after_one else lambda: None,
+                workers=self.workers,
+            )
+            self.coordinator = Coordinator(
+                node=self.name,
+                hub=self.hub,
+                config=self.config,
+                ctl=self._ctl,
+                table=self.table,
+                direct=self.direct,
+                fd_drop=self._fd_drop,
+                spawn=self._spawn,
+            )
+        return self.stages, self.coordinator
 
     def static_peer_key(self, name: str, peer: HostPort) -> PublicKey | None:
         """The key static peer ``name`` must present: pinned in known_nodes; for one on loopback,
@@ -412,25 +431,25 @@ class Node:
 
     # -- control requests: each goes to the part that does the job ------------------------------
 
+    async def _on_run(self, request: RunRequest, src: str) -> RunReply:
+        return await self._run_parts()[1].run(request, src)
+
     async def _on_negotiate(self, request: NegotiateRequest, src: str) -> NegotiateReply:
-        assert self.stages is not None
-        return await self.stages.negotiate(request, src)
+        return await self._run_parts()[0].negotiate(request, src)
 
     async def _on_start(self, request: StartRequest, src: str) -> StartReply:
-        assert self.stages is not None
-        return await self.stages.start(request, src)
+        return await self._run_parts()[0].start(request, src)
 
     async def _on_cancel(self, request: CancelRequest, src: str) -> CancelReply:
-        assert self.stages is not None and self.coordinator is not None
-        run = self.coordinator.client_cancels(request.pipeline, src)
+        stages, coordinator = self._run_parts()
+        run = coordinator.client_cancels(request.pipeline, src)
         if run is not None:  # the client cancels: tell every node
-            await self.coordinator.cancel(run, request.reason)
+            await coordinator.cancel(run, request.reason)
             return CancelReply()
-        return CancelReply(stages=await self.stages.cancel(request.pipeline, request.reason, by=src))
+        return CancelReply(stages=await stages.cancel(request.pipeline, request.reason, by=src))
 
     async def _on_exit(self, report: ExitReport, src: str) -> Empty:
-        assert self.coordinator is not None
-        self.coordinator.on_exit(report)
+        self._run_parts()[1].on_exit(report)
         return Empty()
 
     def _on_link(self, node: str, up: bool, reason: str) -> None:
@@ -579,4 +598,4 @@ def _zmq_host(host: str) -> str:
     return "*" if host in ("0.0.0.0", "", "*") else host
 
 
-__all__ = ["NegotiationRefused", "Node", "check_exposure", "parse_requirement"]
+__all__ = ["Node", "check_exposure", "parse_requirement"]

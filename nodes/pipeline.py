@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 from dpipes.bus.errors import DpipesError, StageError
 from dpipes.discovery.txt import NODE_NAME_RE
+from dpipes.discovery.txt import node_name_problem as check_node_name  # also in nodes/config.py
 
 __all__ = [
     "LOCAL",
@@ -167,17 +168,6 @@ class NodeInfo:
 
     name: str
     programs: frozenset[str] = field(default_factory=frozenset)
-
-
-def check_node_name(name: str) -> str | None:
-    """Return what is wrong with ``name`` as a node name, or None if it is fine."""
-    if not name:
-        return "a node name cannot be empty"
-    if not NODE_NAME_PATTERN.fullmatch(name):
-        return (
-            f"{name!r} is not a valid node name: use 1-48 letters, digits, '_' and '-', starting with a letter or digit"
-        )
-    return None
 
 
 # -- parsing ---------------------------------------------------------------------------------------

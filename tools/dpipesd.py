@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dpipes.bus.errors import ConfigError
-from dpipes.nodes import daemon, paths
-from dpipes.nodes.config import HostPort, NodeConfig, format_config, load_config
-from dpipes.nodes.daemon import NodeFactory, ServingNode
-from dpipes.nodes.pipeline import check_node_name
 from dpipes.tools.completion import SHELLS, completion_script
 from dpipes.tools.version import VersionAction
+
+# The node's modules are imported by main(), once the collector is off (see there).
+if TYPE_CHECKING:
+    from dpipes.nodes.config import NodeConfig
+    from dpipes.nodes.daemon import NodeFactory, ServingNode
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FLAG_OF_KEY = {  # the flag behind each configuration key it sets, for --print-config
@@ -27,7 +29,7 @@ FLAG_OF_KEY = {  # the flag behind each configuration key it sets, for --print-c
 }
 EXIT_NOT_RUNNING = 3  # --status of a stopped node, as LSB init scripts answer
 
-EPILOG = f"""\
+EPILOG = """\
 examples:
   dpipesd                                  start this host's node in the background, named after
                                            the host, listening on 127.0.0.1:5757
@@ -49,10 +51,10 @@ examples:
                                            unpinned 'sort -r ...' goes there, a plain 'sort' does
                                            not; a pinned stage's arguments are appended
   dpipesd --exit -- python top.py          serve one stage of 'python top.py', then exit
-  dpipesd --status --name beta             is node beta running? (exit 0 yes, {EXIT_NOT_RUNNING} no)
-  dpipesd --stop --name beta               stop it: SIGTERM, then wait up to {daemon.STOP_WAIT_S:.0f} s
+  dpipesd --status --name beta             is node beta running? (exit 0 yes, {exit_not_running} no)
+  dpipesd --stop --name beta               stop it: SIGTERM, then wait up to {stop_wait_s:.0f} s
 
-files, in the runtime directory: --runtime-dir DIR, else ${paths.RUNTIME_DIR_ENV}, else
+files, in the runtime directory: --runtime-dir DIR, else ${runtime_dir_env}, else
 $XDG_RUNTIME_DIR/dpipes, else /tmp/dpipes-UID (created with mode 0700; refused if another user
 owns it or others can write to it; every file in it is owner-only whatever the umask):
   NAME.pid        the daemon's pid, written once the node listens
@@ -64,7 +66,7 @@ owns it or others can write to it; every file in it is owner-only whatever the u
 
 stopping: dpipesd --stop [--name NAME], or kill $(cat RUNTIME_DIR/NAME.pid); --stop signals the pid
 only if it is the process holding NAME.lock (a rewritten pid file is refused). SIGTERM or Ctrl-C
-stops the node gracefully (running stages are cancelled) within {daemon.STOP_TIMEOUT_S:.0f} s; a
+stops the node gracefully (running stages are cancelled) within {stop_timeout_s:.0f} s; a
 second Ctrl-C exits at once. A daemon killed with SIGKILL leaves files; the next start cleans them.
 
 configuration (TOML): /etc/dpipesd.conf, then $XDG_CONFIG_HOME/dpipes/dpipesd.toml (default
@@ -73,7 +75,7 @@ $DPIPES_CONFIG_PATHS, ':'-separated), then --config FILE, then these flags; late
 dpipesd --print-config shows every key with its value and where it came from.
 
 exit status: 0 ok; 1 runtime error (already running, cannot listen, did not stop, ...);
-2 usage or configuration error; {EXIT_NOT_RUNNING} (--status only) not running.
+2 usage or configuration error; {exit_not_running} (--status only) not running.
 """
 
 
@@ -85,13 +87,24 @@ def _node_factory(
     return Node(config, exclusive=exclusive, ipc=ipc, tap=tap, exit_after_one=exit_after_one)
 
 
+def _epilog() -> str:
+    from dpipes.nodes import daemon, paths
+
+    return EPILOG.format(
+        exit_not_running=EXIT_NOT_RUNNING,
+        stop_wait_s=daemon.STOP_WAIT_S,
+        stop_timeout_s=daemon.STOP_TIMEOUT_S,
+        runtime_dir_env=paths.RUNTIME_DIR_ENV,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpipesd",
         usage="%(prog)s [options] [-- PROG [ARGS...]]",
         description="Run this host's dpipes node: it joins the LAN's bus and runs pipeline stages for "
         "'dpipes'. Without --foreground it detaches and returns once the node listens.",
-        epilog=EPILOG,
+        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action=VersionAction)
@@ -178,6 +191,10 @@ def _peers(specs: list[str]) -> dict[str, str]:
     Raises:
         ConfigError: a bad name or address, or a name given twice.
     """
+    from dpipes.bus.errors import ConfigError
+    from dpipes.discovery.txt import node_name_problem as check_node_name
+    from dpipes.nodes.config import HostPort
+
     table: dict[str, str] = {}
     unnamed = 0
     for spec in specs:
@@ -201,7 +218,24 @@ def _peers(specs: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None) -> int:
     """The ``dpipesd`` command. ``node_factory`` replaces ``dpipes.nodes.node.Node`` (tests)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    # Start-up makes ~10^5 objects that live as long as the daemon (modules, classes, the node) and
+    # next to no garbage; the collector's passes over them while they pile up cost ~7 ms of CPU per
+    # start (8 daemons starting on 2 cores wait for each other's CPU). It is off until the node is
+    # ready, which freezes what start-up made and turns it back on (nodes/daemon.py).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv), node_factory)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _main(argv: list[str], node_factory: NodeFactory | None) -> int:
+    from dpipes.bus.errors import ConfigError
+    from dpipes.nodes import daemon, paths
+    from dpipes.nodes.config import format_config, load_config
+
     command: list[str] | None = None
     if "--" in argv:
         at = argv.index("--")
@@ -270,6 +304,8 @@ def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None)
 
 
 def _status(name: str, runtime_dir: Path | None) -> int:
+    from dpipes.nodes import daemon, paths
+
     try:
         found = daemon.status(name, runtime_dir)
     except paths.RuntimeDirError as e:

@@ -167,7 +167,10 @@ async def test_a_second_node_with_a_taken_name_is_told_by_name_and_address(lan: 
 def test_the_discovery_benchmark_measures_a_full_mesh() -> None:
     from dpipes.tools.bench.discovery import discovery_benchmarks
 
-    converge, after_ready, cpu = discovery_benchmarks(repeat=1, quick=True, nodes=3)
+    converge, after_ready, cpu, to_mesh, others = discovery_benchmarks(repeat=1, quick=True, nodes=3)
     assert converge.name == "discovery.converge_3" and 0 < converge.value < 60
     assert after_ready.value <= converge.value
     assert cpu.name == "discovery.cpu_to_ready_3" and 0 < cpu.value < converge.value * (os.cpu_count() or 1)
+    assert to_mesh.name == "discovery.cpu_to_mesh_3" and to_mesh.value >= cpu.value
+    assert others.name == "discovery.others_cpu_3" and others.value >= 0
+    assert others.baseline_value == to_mesh.value * 3  # the daemons' own, beside the rest of the machine's

@@ -261,3 +261,58 @@ def test_systemd_example_runs_the_daemon_attached_as_type_notify() -> None:
     unit.read(Path(__file__).parents[2] / "examples" / "systemd" / "dpipesd.service")
     assert unit["Service"]["Type"] == "notify"
     assert unit["Service"]["ExecStart"].split()[1:] == ["--foreground"]
+
+
+def test_main_leaves_the_collector_as_it_found_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """main() turns the garbage collector off for a start; whatever it does, it turns it back on."""
+    import gc
+
+    assert gc.isenabled()
+    for argv in (["--help"], ["--print-config"], ["--name", "bad name"]):
+        main(argv)
+        assert gc.isenabled(), argv
+    capsys.readouterr()
+
+
+# Run in a daemon of its own: the node it builds reports, once it serves, what the process has
+# imported and how its collector stands, then stops (serve() returns: the daemon exits 0).
+_READY_PROBE = """
+import gc, json, sys
+from dpipes.tools import dpipesd
+
+RUN_ONLY = ("dpipes.nodes.coordinator", "dpipes.nodes.stages", "dpipes.nodes.stage", "dpipes.nodes.pipeline",
+            "dpipes.nodes.worker_pool", "dpipes.nodes.plugin_stage", "difflib")
+
+def factory(config, /, **options):
+    from dpipes.nodes.node import Node
+
+    class Probe(Node):
+        async def serve(self):
+            print(json.dumps({"imported": [m for m in RUN_ONLY if m in sys.modules], "collecting": gc.isenabled(),
+                              "frozen": gc.get_freeze_count()}), flush=True)
+            stages, coordinator = self._run_parts()  # what the first request for a run makes
+            print(json.dumps({"stages": type(stages).__name__, "coordinator": type(coordinator).__name__}), flush=True)
+
+    return Probe(config, **options)
+
+sys.exit(dpipesd.main(sys.argv[1:], node_factory=factory))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dpipes.nodes.node") is None, reason="dpipes.nodes.node not written yet")
+def test_a_node_is_ready_without_its_run_machinery_and_with_its_collector_on(tmp_path: Path) -> None:
+    """What only runs need is imported by the first request for one, not by the start (eight
+    daemons starting on two cores wait for each other's CPU); the collector, off during the start,
+    runs again from ready, over a heap whose start-up part is frozen."""
+    flags = ["--foreground", "--runtime-dir", str(tmp_path / "rt"), "--name", "probe", "--listen", "127.0.0.1:0"]
+    done = subprocess.run(
+        [sys.executable, "-c", _READY_PROBE, *flags],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DPIPES_CONFIG_PATHS": "", "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        timeout=NOTIFY_WAIT_S,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines[0]["imported"] == [] and lines[0]["collecting"] is True and lines[0]["frozen"] > 1000, lines
+    assert lines[1] == {"stages": "Stages", "coordinator": "Coordinator"}

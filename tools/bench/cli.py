@@ -30,8 +30,9 @@ suites:
           `dpipes 'echo x | cat'` with a running daemon, against sh -c 'echo x | cat', and
           its client's CPU time against python -c pass
   discovery  N daemons (--nodes, default 8) in network namespaces on one bridge: time from
-          starting them to every node linked to every other, and the CPU seconds one daemon
-          spends from exec to ready (root only)
+          starting them to every node linked to every other, the CPU seconds one daemon
+          spends from exec to ready and to the full mesh, and the CPU the rest of the machine
+          used meanwhile (on a shared machine, converge is that load too) (root only)
   pipes   10k log + 10k custom Dagster Pipes messages from an external Python process, end to end
           to the client (rate), and 1000 paced messages (latency p50/p99), against Dagster's own
           path; also the same program with dpipes' bus message writer under open_pipes_session

@@ -12,7 +12,13 @@ figures, medians over the rounds:
 * ``discovery.cpu_to_ready_N``: CPU seconds (user + system) one daemon spent from its exec to
   "ready", the mean over the N; with N daemons sharing C cores, converge_N cannot be shorter than
   N x this / C, so this is the figure start-up work moves. Its target is the share of the
-  converge target one daemon may spend on this machine's cores (``TARGET_S * cores / N``).
+  converge target one daemon may spend on this machine's cores (``TARGET_S * cores / N``);
+* ``discovery.cpu_to_mesh_N``: the same to the full mesh, with the children a daemon waited for
+  (a dependency runs ``ldconfig`` at import): all the CPU the N daemons need to converge, so
+  N x this / C is converge_N on an otherwise idle machine; same target;
+* ``discovery.others_cpu_N``: CPU seconds the rest of the machine (other processes, this bench
+  included) used during the round, beside the N daemons' own: on a shared machine, converge_N
+  minus N x cpu_to_mesh_N / C is mostly this load, not discovery's waits (after_ready_N).
 
 The daemons run byte-compiled code, as an installed node does (``dpipes-bench`` compiles a
 checkout first: see :mod:`dpipes.tools.bench.cli`); compiling every module from source in every
@@ -28,9 +34,10 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from dpipes.tools.bench import netns
-from dpipes.tools.bench.result import Result, SuiteUnavailable, against_target
+from dpipes.tools.bench.result import Result, SuiteUnavailable, against_target, result
 
 PORT = 7171
 ROUND_TIMEOUT_S = 60.0
@@ -38,20 +45,39 @@ TARGET_S = 1.0  # for N = 8, on a 2-core machine (the issue's figure)
 _LINK_UP = re.compile(r"node (\S+): link to (\S+) \(")
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time so far of process ``pid`` (Linux ``/proc``, as network namespaces are)."""
+def _cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """User + system CPU time so far of process ``pid`` (Linux ``/proc``, as network namespaces are),
+    with that of the children it has waited for if ``children``."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    ticks = sum(int(x) for x in fields[11 : 15 if children else 13])  # utime, stime[, cutime, cstime]
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
-async def _round(n: int, tmp: Path) -> tuple[float, float, float]:
+def _machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class _Round(NamedTuple):
+    converge: float
+    after_ready: float
+    cpu_to_ready: float  # mean per daemon
+    cpu_to_mesh: float  # mean per daemon, children included
+    others_cpu: float  # the rest of the machine, during the round
+
+
+async def _round(n: int, tmp: Path) -> _Round:
     async with netns.lan(n) as hosts:
         loop = asyncio.get_running_loop()
         linked: dict[str, set[str]] = {h.name: set() for h in hosts}
         ready_at: dict[str, float] = {}
         cpu_at_ready: list[float] = []
         done = loop.create_future()
+        pids: list[int] = []
+        busy_at_start = _machine_busy_seconds()
         start = loop.time()
 
         async def watch(name: str, proc: asyncio.subprocess.Process) -> None:
@@ -74,14 +100,22 @@ async def _round(n: int, tmp: Path) -> tuple[float, float, float]:
             argv = [sys.executable, "-m", "dpipes.tools.dpipesd", "--foreground", "--name", host.name]
             argv += ["--listen", f"{host.addr}:{PORT}", "--insecure", "--log-level", "INFO"]
             proc = await host.run(argv, env=env)
+            pids.append(proc.pid)
             watchers.append(asyncio.create_task(watch(host.name, proc)))
         try:
             finished = await asyncio.wait_for(done, ROUND_TIMEOUT_S)
+            daemons = sum(_cpu_seconds(pid, children=True) for pid in pids)
+            others = max(0.0, _machine_busy_seconds() - busy_at_start - daemons)
         finally:
             for task in watchers:
                 task.cancel()
-        cpu = sum(cpu_at_ready) / len(cpu_at_ready) if cpu_at_ready else 0.0
-        return finished - start, finished - max(ready_at.values(), default=start), cpu
+        return _Round(
+            converge=finished - start,
+            after_ready=finished - max(ready_at.values(), default=start),
+            cpu_to_ready=sum(cpu_at_ready) / len(cpu_at_ready) if cpu_at_ready else 0.0,
+            cpu_to_mesh=daemons / n,
+            others_cpu=others,
+        )
 
 
 def discovery_benchmarks(
@@ -92,17 +126,23 @@ def discovery_benchmarks(
     if reason is not None:
         raise SuiteUnavailable(f"the discovery suite needs network namespaces: {reason}")
     n = min(nodes, 3) if quick else nodes
-    totals, afters, cpus = [], [], []
+    rounds: list[_Round] = []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory(prefix="dpipes-bench-disc-") as tmp:
-            total, after, cpu = asyncio.run(_round(n, Path(tmp)))
-        totals.append(total)
-        afters.append(after)
-        cpus.append(cpu)
+            rounds.append(asyncio.run(_round(n, Path(tmp))))
         progress(".")
     cores = os.cpu_count() or 1
     return [
-        against_target(f"discovery.converge_{n}", "s", totals, TARGET_S),
-        against_target(f"discovery.after_ready_{n}", "s", afters, TARGET_S),
-        against_target(f"discovery.cpu_to_ready_{n}", "s", cpus, TARGET_S * cores / n),
+        against_target(f"discovery.converge_{n}", "s", [r.converge for r in rounds], TARGET_S),
+        against_target(f"discovery.after_ready_{n}", "s", [r.after_ready for r in rounds], TARGET_S),
+        against_target(f"discovery.cpu_to_ready_{n}", "s", [r.cpu_to_ready for r in rounds], TARGET_S * cores / n),
+        against_target(f"discovery.cpu_to_mesh_{n}", "s", [r.cpu_to_mesh for r in rounds], TARGET_S * cores / n),
+        result(
+            f"discovery.others_cpu_{n}",
+            "s",
+            [r.others_cpu for r in rounds],
+            f"the {n} daemons' own CPU in the round",
+            [r.cpu_to_mesh * n for r in rounds],
+            higher_is_better=False,
+        ),
     ]
