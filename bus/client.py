@@ -263,9 +263,9 @@ class Client:
         del views
         self._endpoint._deliver(inner)
 
-    def _free_later(self, sender: str, lease: int) -> None:
+    def _free_later(self, sender: str, lease: int, nbytes: int = 0) -> None:
         """The reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
-        self._frees.add(sender, lease)
+        self._frees.add(sender, lease, nbytes)
 
     def _send_frees(self, frees: dict[str, list[int]]) -> None:
         if self._endpoint is None or self._gone is not None or self._pump is None:

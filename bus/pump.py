@@ -111,7 +111,7 @@ class Pump:
         if not events & _POLLIN:
             return
         handle = self.on_message
-        for _ in range(DRAIN_BATCH_MESSAGES):
+        for i in range(DRAIN_BATCH_MESSAGES):
             try:
                 frames = recv_frames(sock)
             except zmq.Again:
@@ -126,6 +126,11 @@ class Pump:
             except Exception:  # a handler bug must not stop the pump; it is logged loudly
                 log.exception("message handler failed on %s", self.sock)
             if self._closed:
+                return
+            # One message per wake-up is the common case of requests and large chunks: ask EVENTS
+            # (1.3 us) rather than try a recv that raises zmq.Again (2.9 us). EVENTS without POLLIN
+            # also re-arms the FD, as the Again would.
+            if i == 0 and not sock.getsockopt(zmq.EVENTS) & _POLLIN:  # type: ignore[operator]
                 return
         self._schedule()  # more may be waiting: continue after other tasks ran
 

@@ -30,11 +30,13 @@ The pool's credit
     A :class:`Pool` holds at most ``POOL_BYTES``. Space is taken per message (a *lease*) and given
     back by ``SHM_FREE`` or, for every lease sent to a party, when that party is gone
     (:meth:`Pool.reclaim`): a receiver killed with its views in hand cannot pin the pool. A
-    payload up to ``SHARED_LEASE_BYTES`` is cut from a ``SHARED_SEGMENT_BYTES`` segment, after the
+    payload under ``SHARED_LEASE_BYTES`` is cut from a ``SHARED_SEGMENT_BYTES`` segment, after the
     leases before it (at ``LEASE_ALIGN``); that segment is cut again from its start once every
     lease in it is back. A stream of 10k-row Arrow batches (some 640 KB each) then fills a few
     segments, not one segment per batch: fewer segments to make and for the receiver to map. A
-    larger payload takes a power-of-two segment of its own.
+    larger payload takes a power-of-two segment of its own, reused as soon as it is back: the
+    segment freed last is the one taken next (its pages are likely still in the CPU's cache), and
+    what circulates is what is in flight, not whole shared segments waiting for their last lease.
 
 Segments outlive their pool
     Making a segment and pre-faulting it costs about 0.7 ms per MiB (the kernel zeroes every page),
@@ -62,6 +64,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dpipes.bus.shm_receive import (  # the receiving side, named here too
+    FREE_BATCH_BYTES,
     FREE_BATCH_LEASES,
     FREE_DELAY_S,
     MAX_HANDLE_CHARS,
@@ -75,6 +78,7 @@ from dpipes.bus.shm_receive import (  # the receiving side, named here too
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FREE_BATCH_BYTES",
     "FREE_BATCH_LEASES",
     "FREE_DELAY_S",
     "LEASE_ALIGN",
@@ -99,8 +103,11 @@ __all__ = [
 
 MIN_PAYLOAD_BYTES = 256 * 1024  # smaller payloads cost less through the socket than a lease's round trip
 MIN_SEGMENT_BYTES = 1 << 20  # a 1 MiB chunk fits one segment of the smallest class
-SHARED_SEGMENT_BYTES = 8 << 20  # payloads up to SHARED_LEASE_BYTES are cut end to end from one of these
-SHARED_LEASE_BYTES = 2 << 20  # larger payloads take a power-of-two segment of their own
+SHARED_SEGMENT_BYTES = 8 << 20  # payloads under SHARED_LEASE_BYTES are cut end to end from one of these
+# Payloads this large or larger take a power-of-two segment of their own: a stream of 1 MiB chunks
+# cut eight to a shared segment kept 24-40 MiB circulating (a segment is free only when its last
+# lease is), more than a 32 MiB L3; with a segment each, what is in flight.
+SHARED_LEASE_BYTES = MIN_SEGMENT_BYTES
 LEASE_ALIGN = 64  # where a lease starts in a shared segment: Arrow's buffer alignment
 POOL_BYTES = 512 << 20  # a sender's segments in all: room for several 64 MB Arrow batches in flight
 STASH_BYTES = 128 << 20  # free segments a process keeps from its closed pools for the next ones
@@ -203,7 +210,7 @@ class Pool:
 
     def _take(self, nbytes: int, to: str) -> tuple[int, _Segment, int] | None:
         """Room for ``nbytes`` leased to ``to``: its id, segment and offset; None when the pool is full."""
-        if nbytes <= SHARED_LEASE_BYTES:
+        if nbytes < SHARED_LEASE_BYTES:
             segment, taken = self._cut(_aligned(nbytes)), _aligned(nbytes)
         else:
             taken = max(MIN_SEGMENT_BYTES, 1 << max(0, nbytes - 1).bit_length())

@@ -134,9 +134,9 @@ class Routing:
             self._bad(self._sender(ident), exc, header)
             return None
 
-    def _free_later(self: Hub, sender: str, lease: int) -> None:
+    def _free_later(self: Hub, sender: str, lease: int, nbytes: int = 0) -> None:
         """Our reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""
-        self._frees.add(sender, lease)
+        self._frees.add(sender, lease, nbytes)
 
     def _send_frees(self: Hub, frees: dict[str, list[int]]) -> None:
         if self._closed:

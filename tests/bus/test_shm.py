@@ -307,7 +307,7 @@ async def test_a_closed_clients_segments_serve_the_next_client_of_the_process() 
                 await until(lambda pool=pool: pool.leased == 0)
                 handles.append(set(pool._by_handle))
         assert handles[0] == handles[1]  # the second client made no segment: it took the first's
-        assert shm._STASH.bytes == shm.SHARED_SEGMENT_BYTES
+        assert shm._STASH.bytes == MIB  # a 1 MiB chunk had a segment of its own
     assert nothing_mapped_once_the_stash_is_dropped()
 
 
@@ -316,7 +316,7 @@ def test_a_forked_child_keeps_none_of_its_parents_segments() -> None:
     lease = pool.lease([chunk(1)], "alpha/sink")
     assert lease is not None and pool.release([lease.id], "alpha/sink") == 1
     pool.close()
-    assert shm._STASH.bytes == shm.SHARED_SEGMENT_BYTES
+    assert shm._STASH.bytes == MIB  # the 1 MiB chunk's own segment
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # both would write into the same segments
@@ -326,7 +326,7 @@ def test_a_forked_child_keeps_none_of_its_parents_segments() -> None:
     assert os.read(read, 64) == b"0 0"
     os.close(read)
     os.waitpid(pid, 0)
-    assert shm._STASH.bytes == shm.SHARED_SEGMENT_BYTES  # the parent's are still there for it
+    assert shm._STASH.bytes == MIB  # the parent's are still there for it
 
 
 def test_a_payload_filled_in_place_gives_its_lease_back_when_the_writer_fails() -> None:
@@ -343,7 +343,7 @@ def test_a_payload_filled_in_place_gives_its_lease_back_when_the_writer_fails() 
         lease = pool.lease_filled(MIB, "alpha/sink", lambda view: [10, 20])
         assert lease is not None and lease.sizes == (10, 20) and pool.leased == 1
         called = []
-        big = shm.SHARED_LEASE_BYTES + 1  # a segment of its own: over the limit
+        big = shm.SHARED_SEGMENT_BYTES  # a segment of its own: over the limit
         assert pool.lease_filled(big, "alpha/sink", lambda view: called.append(1) or [1]) is None  # full
         assert called == [] and pool.fallbacks == 1
         with pytest.raises(ValueError, match="leased"):
@@ -368,6 +368,25 @@ async def test_leases_read_are_given_back_in_one_shm_free_per_batch_of_them() ->
         frees.add("alpha/src", lease)
     await asyncio.sleep(0)  # a full batch goes at the end of this loop pass, without the delay
     assert sent == [{"alpha/src": list(range(shm.FREE_BATCH_LEASES))}]
+    sent.clear()
+    frees.add("alpha/src", 1, shm.FREE_BATCH_BYTES // 2)
+    frees.add("alpha/src", 2, shm.FREE_BATCH_BYTES // 2)  # few leases, but much memory: back at once
+    await asyncio.sleep(0)
+    assert sent == [{"alpha/src": [1, 2]}]
+
+
+def test_a_large_payload_takes_a_segment_of_its_own_and_the_one_given_back_last_is_reused_first() -> None:
+    pool = shm.Pool()
+    try:
+        leases = [pool.lease([chunk(i)], "alpha/sink") for i in range(3)]  # 1 MiB each
+        assert all(lease is not None and lease.offset == 0 for lease in leases)
+        assert len({lease.handle for lease in leases}) == 3 and pool.allocated == 3 * MIB
+        assert pool.release([leases[0].id], "alpha/sink") == 1
+        assert pool.release([leases[2].id], "alpha/sink") == 1
+        again = pool.lease([chunk(3)], "alpha/sink")
+        assert again is not None and again.handle == leases[2].handle and pool.allocated == 3 * MIB
+    finally:
+        pool.close()
 
 
 def test_small_payloads_are_cut_end_to_end_from_one_segment_and_it_is_cut_again_once_all_are_back() -> None:
@@ -379,7 +398,7 @@ def test_small_payloads_are_cut_end_to_end_from_one_segment_and_it_is_cut_again_
         offsets = [lease.offset for lease in leases]
         assert offsets[0] == 0 and all(o % shm.LEASE_ALIGN == 0 for o in offsets)
         assert all(b - a >= 600_000 for a, b in itertools.pairwise(offsets))  # none overlaps another
-        reader = shm.Reader(lambda sender, lease: None)
+        reader = shm.Reader(lambda sender, lease, nbytes: None)
         for i, lease in enumerate(leases):
             (view,) = reader.views("alpha/src", lease.handle, lease.id, lease.sizes, lease.offset)
             assert bytes(view) == chunk(i)[: 600_000 + i]
@@ -399,7 +418,7 @@ def test_a_receiver_refuses_an_offset_that_puts_the_frames_outside_the_segment()
     try:
         lease = pool.lease([b"z" * 1000], "alpha/sink")
         assert lease is not None
-        reader = shm.Reader(lambda sender, lease: None)
+        reader = shm.Reader(lambda sender, lease, nbytes: None)
         size = shm.SHARED_SEGMENT_BYTES
         for offset, sizes in ((size - 10, [11]), (size, [1]), (size + 1, [0]), (-1, [1]), (2**63 - 1, [2])):
             with pytest.raises(DecodeError, match="inside"):
