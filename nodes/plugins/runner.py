@@ -227,8 +227,11 @@ class PluginRunner:
         plugin = self._plugin()
         declared = self.incoming[anchor].schema
         where = Anchor(anchor, connection)
+        # Once per batch below, so what does not change is looked up here (a pass-through plugin's
+        # whole cost per 100-row batch is some 12 us; each attribute chain is a part of it).
+        waiting, update_only, key = self.provider.waiting(), self.update_only, (anchor, connection)
         while True:
-            with self.provider.waiting():
+            with waiting:
                 try:
                     batch = next(batches)
                 except StopIteration:
@@ -236,10 +239,10 @@ class PluginRunner:
                 except BaseException as exc:
                     raise _NotThePlugins(exc) from None
             table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-            known = self._input_schemas.setdefault((anchor, connection), declared or table.schema)
+            known = self._input_schemas.setdefault(key, declared or table.schema)
             if not known.equals(table.schema, check_metadata=False):
                 raise _NotThePlugins(self._schema_changed(anchor, connection, known, table.schema))
-            if not self.update_only:
+            if not update_only:
                 plugin.on_record_batch(table, where)
         self._ended.add((anchor, connection))
         self._current = f"on_incoming_connection_complete (anchor {anchor!r}, connection {connection})"

@@ -26,6 +26,7 @@ def test_quick_plugins_suite_measures_every_figure_and_delivers_every_row() -> N
         "plugins.cross_node_arrow_25MiB",
         "plugins.same_host_program_to_plugin_25MiB",
         "plugins.batches_per_s",
+        "plugins.pass_through_us_per_batch",
         "plugins.stage_starts_per_s",
     ]
     for line in lines:

@@ -14,6 +14,13 @@
   (``%bench_source | %bench_pass | %bench_sink``, this host's daemon), against the same batches
   written by one Python process to another through a Unix pipe as an Arrow IPC stream. Batches/s,
   start included on both sides.
+* ``plugins.pass_through_us_per_batch``: CPU time of a pass-through plugin's thread per 100-row
+  batch, in this process, with the worker's own parts for direct edges (an Arrow IPC stream read
+  from one kernel pipe, the plugin run by the engine, its output written to another pipe), against
+  the same stream read and written by pyarrow alone on one thread (``open_stream`` on one pipe,
+  ``new_stream`` on the other), as a Python filter between two pipes would. No daemons, no
+  starts, no other process on the clock: the engine's own cost per batch, the least noisy
+  figure of the suite on a busy machine. Lower is better.
 * ``plugins.stage_starts_per_s``: whole runs of ``cat /dev/null | %bench_sink`` per second on a
   node that keeps plugin workers started ahead of need (``[limits] plugin_workers_ready``, the
   default), against the same on a node that forks each stage's worker (``plugin_workers_ready =
@@ -41,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -218,6 +226,94 @@ def _await_pool(runtime: Path, node: str) -> None:
         time.sleep(POOL_POLL_S)
 
 
+def _pass_through_thread_cpu(batches: int, *, engine: bool) -> tuple[float, int]:
+    """Thread CPU seconds of a pass-through between two pipes (first batch to end), and the rows out.
+
+    ``engine``: the plugin worker's parts (DirectInput, PluginRunner, DirectOutput); else pyarrow
+    alone on one thread. The feeding and draining threads are not on the clock.
+    """
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from dpipes.nodes.plugins.api import Environment, Plugin
+    from dpipes.nodes.plugins.direct import DirectInput, DirectOutput
+    from dpipes.nodes.plugins.runner import PluginRunner
+    from dpipes.nodes.plugins.transport import MemoryMessageChannel, Transport
+
+    n = pa.array(range(BATCH_ROWS), pa.int64())
+    batch = pa.record_batch([n, pa.array([0.5] * BATCH_ROWS)], names=["n", "x"])
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, batch.schema) as writer:
+        for _ in range(batches):
+            writer.write_batch(batch)
+    stream = sink.getvalue()
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    rows: list[int] = []
+    clock: list[float] = []
+
+    def feed() -> None:
+        with open(in_w, "wb") as f:
+            f.write(stream)
+
+    def drain() -> None:
+        with open(out_r, "rb") as f:
+            rows.append(sum(b.num_rows for b in ipc.open_stream(f)))
+
+    threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for thread in threads:
+        thread.start()
+    if engine:
+        out = DirectOutput(out_w, "batches", where="bench", gone=BrokenPipeError)
+
+        class Pass(Plugin):
+            def on_record_batch(self, table: Any, anchor: Any) -> None:
+                if not clock:
+                    clock.append(time.thread_time())
+                self.provider.write_to_anchor("Output", table)
+
+            def on_incoming_connection_complete(self, anchor: Any) -> None:
+                clock.append(time.thread_time())
+
+            def on_complete(self) -> None:
+                pass
+
+        class Pipe(Transport):
+            def open_anchor(self, name: str, schema: Any) -> None:
+                out.open(schema)
+
+            def write(self, name: str, batch: Any) -> None:
+                out.write(batch)
+
+            def close_anchor(self, name: str) -> None:
+                out.close()
+
+        env = Environment(pipeline="bench", stage=1, node="bench", plugin="pass", temp_dir=Path(tempfile.gettempdir()))
+        with PluginRunner(
+            Pass,
+            incoming=["Input"],
+            outgoing=["Output"],
+            environment=env,
+            transport=Pipe(),
+            channel=MemoryMessageChannel(),
+            callback_timeout_s=None,
+        ) as runner:
+            runner.start()  # as the worker feeds its only input: pulled on the plugin's thread
+            runner.feed("Input", DirectInput(in_r, "batches", where="bench").batches())
+            runner.complete()
+    else:
+        with open(in_r, "rb") as f_in, open(out_w, "wb") as f_out:
+            with ipc.open_stream(f_in) as reader, ipc.new_stream(f_out, reader.schema) as writer:
+                for got in reader:
+                    if not clock:
+                        clock.append(time.thread_time())
+                    writer.write_batch(got)
+            clock.append(time.thread_time())
+    for thread in threads:
+        thread.join()
+    return clock[-1] - clock[0], rows[0] if rows else 0
+
+
 @contextlib.contextmanager
 def _flight_server() -> Iterator[str]:
     """A pyarrow.flight server in a process of its own that keeps what is put and serves it back."""
@@ -354,6 +450,27 @@ def plugins_benchmarks(
                     ours,
                     "sh: python3 (IPC writer) | python3 (IPC reader)",
                     theirs,
+                    delivered=(got, batches * BATCH_ROWS * repeat),
+                    baseline_delivered=(their_got, batches * BATCH_ROWS * repeat),
+                )
+            )
+            ours, theirs, got, their_got = [], [], 0, 0
+            for _ in range(repeat):  # in this process: nothing of the daemons' on the clock
+                seconds, moved = _pass_through_thread_cpu(batches, engine=True)
+                ours.append(seconds / batches * 1e6)
+                got += moved
+                seconds, moved = _pass_through_thread_cpu(batches, engine=False)
+                theirs.append(seconds / batches * 1e6)
+                their_got += moved
+                progress(".")
+            results.append(
+                result(
+                    "plugins.pass_through_us_per_batch",
+                    "us/batch",
+                    ours,
+                    "pyarrow alone: open_stream | new_stream on one thread",
+                    theirs,
+                    higher_is_better=False,
                     delivered=(got, batches * BATCH_ROWS * repeat),
                     baseline_delivered=(their_got, batches * BATCH_ROWS * repeat),
                 )

@@ -495,3 +495,27 @@ def test_feed_bounds_the_plugins_own_time_not_the_wait_for_input() -> None:
             assert [c[2] for c in runner.plugin.calls] == [1, 1]
     finally:
         release.set()
+
+
+def test_the_transport_clock_counts_each_block_once_and_stands_still_between_them() -> None:
+    """The clock of time in the transport, entered again and again: blocks add up, time outside adds nothing."""
+    runner, _ = make_runner(Recorder)
+    provider = runner.provider
+    clock = provider.waiting()
+    assert provider.blocked_s() == 0.0
+
+    def spend_time() -> None:
+        start = time.monotonic()
+        while time.monotonic() == start:  # until the clock has moved at all
+            pass
+
+    totals = []
+    for _ in range(2):
+        with clock:
+            spend_time()
+            assert provider.blocked_s() > (totals[-1] if totals else 0.0)  # the current block counts
+        totals.append(provider.blocked_s())
+        spend_time()
+        assert provider.blocked_s() == totals[-1]  # outside a block the clock stands still
+    assert totals[1] > totals[0] > 0.0
+    runner.close()
