@@ -25,7 +25,16 @@ from zmq.backend import Socket as _RawSocket
 log = logging.getLogger(__name__)
 
 DRAIN_BATCH_MESSAGES = 512  # messages handled per wake-up before yielding to other tasks
-COPY_BELOW_BYTES = 64 * 1024  # smaller frames are cheaper to copy than to share (pyzmq default)
+COPY_UP_TO_BYTES = 1 << 20
+"""Frames up to this size are copied into ZeroMQ's own message; larger ones are shared (zero-copy).
+
+Sharing a Python buffer is not free: pyzmq registers it with its garbage-collector thread, and when
+the I/O thread has sent it, that thread wakes, takes the GIL from the loop and drops the reference,
+with a ``getpid`` or two per message on the way. Up to about a megabyte the copy costs less: on a
+2-node ``cat | cat@b`` (its chunks are reads of up to 1 MiB, ``READ_CHUNK_BYTES`` in
+:mod:`dpipes.nodes.supervisor`) copying them took each node's CPU per GB from 1.0-1.7 s to
+0.85-1.25 s, and a PUSH of 256 KiB-1 MiB messages 10-25% less CPU. Past a few megabytes (Arrow
+batches) the copy is the larger cost and sharing stays."""
 
 # pyzmq's sugar send_multipart/recv_multipart cost 3-4x the backend calls per small message (type
 # checks, an EVENTS or RCVMORE getsockopt per frame); the pump calls the backend directly.
@@ -40,14 +49,14 @@ _raw_recv = _RawSocket.recv
 
 
 def send_frames(sock: zmq.Socket[Any], frames: list[Any]) -> None:
-    """Send one multipart message without blocking; large frames zero-copy.
+    """Send one multipart message without blocking; frames over ``COPY_UP_TO_BYTES`` zero-copy.
 
     Raises:
         zmq.Again: the socket's queue is full; nothing was sent (multipart sends are atomic).
     """
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        copy = not isinstance(frame, zmq.Frame) and len(frame) < COPY_BELOW_BYTES
+        copy = not isinstance(frame, zmq.Frame) and len(frame) <= COPY_UP_TO_BYTES
         _raw_send(sock, frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, copy, False)
 
 

@@ -26,9 +26,9 @@ suites:
           and 64-byte rate hub A -> hub B over TCP loopback, a client's attach time, and a
           two-node pipeline's run time ('true | true@B', two real nodes with keys and without)
   pipe    1 GiB of `cat FILE | cat` with the stages on two local daemons, output to /dev/null,
-          against sh -c 'cat FILE | cat > /dev/null'; and the wall time of
-          `dpipes 'echo x | cat'` with a running daemon, against sh -c 'echo x | cat', and
-          its client's CPU time against python -c pass
+          against sh -c 'cat FILE | cat > /dev/null', in MB/s and in CPU s/GB of every process;
+          and the wall time of `dpipes 'echo x | cat'` with a running daemon, against
+          sh -c 'echo x | cat', and its client's CPU time against python -c pass
   discovery  N daemons (--nodes, default 8) in network namespaces on one bridge: time from
           starting them to every node linked to every other, the CPU seconds one daemon
           spends from exec to ready and to the full mesh, and the CPU the rest of the machine

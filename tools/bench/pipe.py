@@ -2,6 +2,10 @@
 
 * ``pipe.throughput_1GiB``: ``cat FILE | cat`` with the two stages on two local daemons and the
   output to /dev/null, against ``sh -c 'cat FILE | cat > /dev/null'``.
+* ``pipe.throughput_1GiB_cpu``: the CPU seconds per GB of the same runs, user + system: for dpipes
+  the client, both daemons and their stages; for the shell ``sh`` and its two ``cat``. On a machine
+  shared with other work this varies less than the wall time. It includes the start of the run,
+  which dominates it at ``--quick``'s 64 MiB.
 * ``pipe.one_node_throughput_1GiB``: ``cat FILE | cat | cat`` on the local daemon (no ``--node``:
   over ipc), against the same pipeline in ``sh``. Neighbours on one node share a kernel pipe and
   dpipes hands its stdout to the last stage, so this measures what dpipes adds around a
@@ -42,10 +46,13 @@ ADDED_TARGET_MS = 80.0  # what dpipes may add to `echo x | cat` from start to fi
 
 
 @contextlib.contextmanager
-def local_daemons(names: list[str], runtime_dir: Path, *, env: dict[str, str] | None = None) -> Iterator[list[str]]:
+def local_daemons(
+    names: list[str], runtime_dir: Path, *, env: dict[str, str] | None = None, pids: list[int] | None = None
+) -> Iterator[list[str]]:
     """Start ``dpipesd --foreground`` per name (each a peer of the first); yield their HOST:PORTs.
 
     ``env``: the daemons' environment (default: ours, with ``runtime_dir`` and no system config).
+    ``pids``: a list to append each daemon's process id to.
     """
     env = env or dict(os.environ, DPIPES_RUNTIME_DIR=str(runtime_dir), DPIPES_CONFIG_PATHS="")
     procs: list[subprocess.Popen[str]] = []
@@ -56,6 +63,8 @@ def local_daemons(names: list[str], runtime_dir: Path, *, env: dict[str, str] | 
             argv += ["--listen", "127.0.0.1:0", "--insecure"] + (["--peer", addrs[0]] if addrs else [])
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             procs.append(proc)
+            if pids is not None:
+                pids.append(proc.pid)
             assert proc.stdout is not None
             line = proc.stdout.readline()
             match = re.search(r"tcp://(\S+)", line)
@@ -87,6 +96,25 @@ def _timed(argv: list[str], env: dict[str, str] | None = None, *, cpu: list[floa
     return wall
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds so far of our children that have exited and of processes ``pids``
+    with theirs (a daemon's stages, reaped by it when their run ends); Linux ``/proc``."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = usage.ru_utime + usage.ru_stime
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+    return total
+
+
+def _timed_cpu(argv: list[str], pids: list[int], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Wall seconds of ``argv``, and the CPU seconds it and processes ``pids`` spent meanwhile."""
+    cpu = _cpu_seconds(pids)
+    wall = _timed(argv, env)
+    return wall, _cpu_seconds(pids) - cpu
+
+
 def pipe_benchmarks(
     *, repeat: int = 5, quick: bool = False, progress: Callable[[str], None] = lambda s: None
 ) -> list[Result]:
@@ -103,12 +131,17 @@ def pipe_benchmarks(
         env = dict(os.environ, DPIPES_RUNTIME_DIR=str(runtime), DPIPES_CONFIG_PATHS="")
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         dpipes = [sys.executable, "-m", "dpipes.tools.dpipes", "--insecure"]  # the daemons run --insecure
-        with local_daemons(["bench-a", "bench-b"], runtime) as (a, _b):
-            ours, theirs = [], []
+        daemons: list[int] = []
+        with local_daemons(["bench-a", "bench-b"], runtime, pids=daemons) as (a, _b):
+            ours, theirs, our_cpu, their_cpu = [], [], [], []
             _timed([*dpipes, "--node", a, f"cat {data} | cat@bench-b"], env)  # warm the page cache
             for _ in range(repeat):
-                theirs.append(size / _timed(["sh", "-c", f"cat {data} | cat > /dev/null"]) / 1e6)
-                ours.append(size / _timed([*dpipes, "--node", a, f"cat {data} | cat@bench-b"], env) / 1e6)
+                wall, cpu = _timed_cpu(["sh", "-c", f"cat {data} | cat > /dev/null"], [])
+                theirs.append(size / wall / 1e6)
+                their_cpu.append(cpu / size * 1e9)
+                wall, cpu = _timed_cpu([*dpipes, "--node", a, f"cat {data} | cat@bench-b"], daemons, env)
+                ours.append(size / wall / 1e6)
+                our_cpu.append(cpu / size * 1e9)
                 progress(".")
             results.append(
                 result(
@@ -118,6 +151,16 @@ def pipe_benchmarks(
                     "sh -c 'cat FILE | cat'",
                     theirs,
                     target=0.5,  # the issue's first bar (aim 0.8x)
+                )
+            )
+            results.append(
+                result(
+                    f"pipe.throughput_{size >> 20}MiB_cpu",
+                    "CPU s/GB, client, daemons and stages",
+                    our_cpu,
+                    "sh -c 'cat FILE | cat'",
+                    their_cpu,
+                    higher_is_better=False,
                 )
             )
             local, theirs = [], []  # one node: neighbours share a kernel pipe, dpipes hands over its stdout
