@@ -283,19 +283,14 @@ async def test_a_splitter_killed_mid_output_ends_both_its_readers_and_the_run(
 ) -> None:
     from dpipes.nodes.run import RunOptions
 
-    flow = {
+    flow = {  # SPLIT's connections
+        **SPLIT,
         "stages": {
             "gen": {"plugin": "generate", "node": "alpha", "config": {"rows": 100, "batch_rows": 7}},
             "split": {"plugin": "stalls", "node": "beta"},  # writes to True and False, then stalls
             "big": {"program": "wc -l"},
             "small": {"program": "wc -l"},
         },
-        "connections": [
-            {"from": "gen", "to": "split"},
-            {"from": "split.True", "to": "big"},
-            {"from": "split.False", "to": "small"},
-        ],
-        "output": "big",
     }
     async with daemons(rt, ["alpha", "beta"]) as (alpha, beta):
         options = RunOptions("workflow split", workflow=flow)
