@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,11 @@ def test_hostile_input_is_dropped_counted_and_logged_once(
         "refused a exit report",
     ]
     assert any(r.getMessage().startswith("dropped a malformed BATCH") for r in caplog.records)
+    # The client's last words reach the fake hub's thread after run_local returns: await its BYE.
+    deadline = time.monotonic() + WAIT_S
+    while not any(h["kind"] == "BYE" for h in list(seen)):
+        assert time.monotonic() < deadline, f"no BYE from the client; the fake hub saw {seen}"
+        time.sleep(0.01)  # polling a condition under a deadline
     replies = {h["seq"]: h for h in seen if h["kind"] == "REPLY"}
     assert (replies[7]["ok"], replies[7]["body"]["code"]) == (False, "bad-request")
     assert replies[8]["ok"] is True
