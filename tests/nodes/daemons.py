@@ -42,6 +42,8 @@ def environment(runtime_dir: Path) -> dict[str, str]:
     env["DPIPES_RUNTIME_DIR"] = str(runtime_dir)
     env["DPIPES_CONFIG_PATHS"] = ""
     env.pop("DPIPES_NODE", None)
+    # Stages that run `python3` mean this interpreter (its pyarrow, dagster-pipes), activated or not.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", os.defpath)])
     return env
 
 
