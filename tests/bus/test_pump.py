@@ -1,4 +1,5 @@
-"""What ``send_frames`` does with a frame: copied up to ``COPY_UP_TO_BYTES``, shared above.
+"""What ``send_frames`` does with a frame: copied up to ``COPY_UP_TO_BYTES``, shared above; and
+that a ``Pump`` handles a message whose FD edge its own send consumed.
 
 A sender that is still connecting holds its messages in ZeroMQ's queue: what the sender's buffer
 holds when its peer finally reads shows whether the message was copied at the send or shares the
@@ -7,15 +8,24 @@ buffer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import select
 import tempfile
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import zmq
 
-from dpipes.bus.pump import COPY_UP_TO_BYTES, send_frames
+from dpipes.bus.pump import COPY_UP_TO_BYTES, Pump, send_frames
 
 WAIT_MS = 10_000
+WAIT_S = WAIT_MS / 1000
+# libzmq looks at a socket's commands on a send at most once per max_command_delay (about a
+# millisecond of CPU ticks); after this long without one, a send does look, and so consumes the
+# FD's edge of a message that arrived before it.
+COMMAND_THROTTLE_S = 0.005
 
 
 @contextlib.contextmanager
@@ -57,3 +67,38 @@ def test_a_larger_frame_is_shared_with_zeromq_until_it_is_sent() -> None:
         receiver.bind(path)
         _ident, _head, body = receiver.recv_multipart()
     assert body == b"d" * (COPY_UP_TO_BYTES + 1), "the large frame was copied: it should go zero-copy"
+
+
+async def test_a_message_that_arrives_before_our_send_is_handled_though_the_send_took_its_edge() -> None:
+    ctx = zmq.Context()
+    peer, sock = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    for each in (peer, sock):
+        each.linger = 0
+    peer.rcvtimeo = WAIT_MS
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    try:
+        with tempfile.TemporaryDirectory(prefix="dpipes-pump-") as tmp:
+            peer.bind(f"ipc://{tmp}/s")
+            sock.connect(f"ipc://{tmp}/s")
+            pump = Pump(sock, lambda frames: got.put_nowait(frames[0].bytes))
+            pump.send([b"hello"])
+            ident, _ = peer.recv_multipart()
+            peer.send_multipart([ident, b"ready"])  # once drained, the socket signals its FD for the next one
+            assert await asyncio.wait_for(got.get(), WAIT_S) == b"ready"
+            fd: Any = sock.getsockopt(zmq.FD)
+            for n in range(3):
+                peer.send_multipart([ident, b"to us %d" % n])
+                # The loop does not run until the send below is done: the message is there, its
+                # edge on the FD too, when we send.
+                readable, _, _ = select.select([fd], [], [], WAIT_S)
+                assert readable, "the message never reached the socket"
+                time.sleep(COMMAND_THROTTLE_S)  # noqa: ASYNC251 - the loop must not run meanwhile
+                pump.send([b"from us %d" % n])
+                assert await asyncio.wait_for(got.get(), WAIT_S) == b"to us %d" % n
+                assert peer.recv_multipart()[1] == b"from us %d" % n
+    finally:
+        if "pump" in locals():
+            pump.close()
+        sock.close(0)
+        peer.close(0)
+        ctx.term()
