@@ -76,12 +76,6 @@ class Transport(Protocol):
         None when this transport shares none or has no room: send the payload as frames instead."""
 
 
-def _expire(future: asyncio.Future[Any], method: str, dst: str, timeout: float) -> None:
-    """A request's reply is overdue: fail its waiter."""
-    if not future.done():
-        future.set_exception(RequestTimeout(f"{method} to {dst}: no reply within {timeout:g} s"))
-
-
 def _error_for(msg: codec.Error) -> BusError:
     text = f"{msg.message} (at node {msg.node!r})" if msg.node else msg.message
     if msg.code == "peer-lost":
@@ -130,7 +124,10 @@ class Endpoint:
         self._dead: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self.refused: collections.Counter[str] = collections.Counter()  # streams refused, by ERROR code
         self._refused_logged_at = -math.inf
-        self._requests: dict[int, tuple[str, asyncio.Future[codec.Reply]]] = {}
+        # request id -> (dst, future, deadline, method, timeout): a tuple, made once per request
+        self._requests: dict[int, tuple[str, asyncio.Future[codec.Reply], float, str, float]] = {}
+        self._expiry: asyncio.TimerHandle | None = None  # at the earliest deadline of a pending request
+        self._expiry_at = math.inf
         self._ids = itertools.count(1)
         self._on_close = on_close
         self._closed = False
@@ -210,20 +207,45 @@ class Endpoint:
         """
         rid = next(self._ids)
         future: asyncio.Future[codec.Reply] = self._loop.create_future()
-        self._requests[rid] = (dst, future)
-        # A timer on the future itself, not ``asyncio.wait_for``: that wraps the future in a second
-        # one, and its reply reaches us two loop passes after it arrived instead of one (a round
-        # trip is four such hops: about 10 us of a 150 us echo on loopback).
-        timer = self._loop.call_later(timeout, _expire, future, method, dst, timeout)
+        # The deadline is kept beside the future, not in ``asyncio.wait_for`` (which wraps the future
+        # in a second one: its reply reaches us a loop pass later) nor in a timer per request (made
+        # and cancelled for every request, 2-3 us of a round trip): one timer of the endpoint's
+        # waits for the earliest deadline of all its pending requests (``_expire``).
+        deadline = self._loop.time() + timeout
+        self._requests[rid] = (dst, future, deadline, method, timeout)
+        if deadline < self._expiry_at:
+            self._expire_at(deadline)
         try:
             self._send(codec.Request(src=self.addr, dst=dst, seq=rid, method=method, body=body or {}))
             reply = await future
         finally:
-            timer.cancel()
             self._requests.pop(rid, None)
         if not reply.ok:
             raise RequestFailed(f"{method} at {dst} failed: {reply.error}", reply.body)
         return reply.body
+
+    def _expire_at(self, when: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = when
+        self._expiry = self._loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        """The earliest deadline of a pending request has come: fail every request past its own,
+        and wait for the earliest of the others. With one timeout for all (the usual case) this
+        runs about once per timeout, however many requests come and go meanwhile."""
+        self._expiry, self._expiry_at = None, math.inf
+        now = self._loop.time()
+        earliest = math.inf
+        for dst, future, deadline, method, timeout in self._requests.values():
+            if future.done():
+                continue
+            if deadline <= now:
+                future.set_exception(RequestTimeout(f"{method} to {dst}: no reply within {timeout:g} s"))
+            elif deadline < earliest:
+                earliest = deadline
+        if earliest < math.inf:
+            self._expire_at(earliest)
 
     def reply(self, request: codec.Request, body: dict[str, Any] | None = None, *, error: str = "") -> None:
         """Answer ``request``: with ``body``, or as a failure when ``error`` is given."""
@@ -371,7 +393,7 @@ class Endpoint:
         for ins in list(self._in.values()):
             if ins.node == msg.node:
                 ins._fail(error)
-        for dst, future in list(self._requests.values()):
+        for dst, future, *_ in list(self._requests.values()):
             if codec.split_addr(dst)[0] == msg.node and not future.done():
                 future.set_exception(error)
 
@@ -390,7 +412,7 @@ class Endpoint:
             out._fail(error)
         for ins in list(self._in.values()):
             ins._fail(error)
-        for _dst, future in list(self._requests.values()):
+        for _dst, future, *_ in list(self._requests.values()):
             if not future.done():
                 future.set_exception(error)
         self._inbox.fail(error)
@@ -404,5 +426,8 @@ class Endpoint:
             self._flush_runs()
         self.fail_all(BusError(f"endpoint {self.addr} closed"))
         self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry, self._expiry_at = None, math.inf
         if self._on_close is not None:
             self._on_close(self)

@@ -151,6 +151,21 @@ async def test_request_timeout_names_method_and_destination() -> None:
             await a.endpoint("caller").request("alpha/silent", "ping", timeout=0.2)
 
 
+async def test_each_pending_request_times_out_by_its_own_timeout_and_the_others_stay_answerable() -> None:
+    async with Hub("alpha") as a:
+        server, caller = a.endpoint("server"), a.endpoint("caller")
+        patient = asyncio.create_task(caller.request("alpha/server", "slow", timeout=WAIT_S))
+        first = await server.recv(timeout=WAIT_S)  # asked first, with the longer timeout
+        with pytest.raises(RequestTimeout, match=r"quick to alpha/server: no reply within 0\.2 s"):
+            await caller.request("alpha/server", "quick", timeout=0.2)
+        assert not patient.done()  # the earlier deadline failed only its own request
+        assert isinstance(first, codec.Request)
+        server.reply(first, {"late": True})
+        assert await asyncio.wait_for(patient, WAIT_S) == {"late": True}
+        with pytest.raises(RequestTimeout, match="again to alpha/server"):  # a later one still has a deadline
+            await caller.request("alpha/server", "again", timeout=0.1)
+
+
 async def test_protocol_mismatch_is_refused_on_both_sides(caplog: pytest.LogCaptureFixture) -> None:
     ctx = zmq.asyncio.Context()
     try:
