@@ -938,12 +938,19 @@ def _payload_count_error(cls: type[Message], count: int) -> str:
 def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Message:
     """Build the message for a header already passed through ``decode_header``.
 
+    Fields are set on a bare instance, as the dataclass's own ``__init__`` sets them, without its
+    keyword parsing: this runs for every message a hub delivers to an endpoint.
+
     Raises:
         DecodeError: a kind field has the wrong type or breaks a limit, or the payload does not
             fit the kind.
     """
     cls = KINDS[header["kind"]]
-    fields: dict[str, Any] = {"src": header["src"], "dst": header["dst"], "sid": header["sid"], "seq": header["seq"]}
+    msg = _new_message(cls)
+    _set_field(msg, "src", header["src"])
+    _set_field(msg, "dst", header["dst"])
+    _set_field(msg, "sid", header["sid"])
+    _set_field(msg, "seq", header["seq"])
     try:
         for name, check, default in cls._SPEC:
             value = header.get(name, dataclasses.MISSING)
@@ -952,9 +959,9 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
                     value = [] if check is _int_list else {}
                 else:
                     value = default
-            fields[name] = check(value, name)
-        if cls is Shm and len(fields["sizes"]) > MAX_FRAMES - 1:
-            raise DecodeError(f"SHM has {len(fields['sizes'])} sizes (limit {MAX_FRAMES - 1})")
+            _set_field(msg, name, check(value, name))
+        if isinstance(msg, Shm) and len(msg.sizes) > MAX_FRAMES - 1:
+            raise DecodeError(f"SHM has {len(msg.sizes)} sizes (limit {MAX_FRAMES - 1})")
         low, high = cls.PAYLOAD_FRAMES
         if not low <= len(payload) <= high:
             raise DecodeError(_payload_count_error(cls, len(payload)))
@@ -967,28 +974,28 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
                         f"{cls.KIND} payload frame is {view.nbytes} bytes (limit {MAX_PAYLOAD_FRAME_BYTES})"
                     )
                 frames.append(view)
-            if cls is Batch:
-                _check_batch(fields, frames[0].nbytes)
-            elif cls is Objects and fields["count"] > frames[0].nbytes:
+            if isinstance(msg, Batch):
+                _check_batch(msg, frames[0].nbytes)
+            elif isinstance(msg, Objects) and msg.count > frames[0].nbytes:
                 raise DecodeError(
-                    f"OBJECTS count {fields['count']} cannot fit a {frames[0].nbytes}-byte batch"
+                    f"OBJECTS count {msg.count} cannot fit a {frames[0].nbytes}-byte batch"
                     " (every object takes at least one byte)"
                 )
-            fields["frames"] = tuple(frames)
+            _set_field(msg, "frames", tuple(frames))
     except DecodeError as exc:
         exc.header = dict(header)
         raise
-    return cls(**fields)
+    return msg
 
 
-def _check_batch(fields: dict[str, Any], nbytes: int) -> None:
-    sizes = fields["sizes"]
-    if not fields["sid"]:
+def _check_batch(batch: Batch, nbytes: int) -> None:
+    sizes = batch.sizes
+    if not batch.sid:
         raise DecodeError("BATCH outside a stream (sid 0): batches carry a stream's messages")
     if not sizes:
         raise DecodeError("BATCH with no member (sizes is empty)")
-    if fields["seq"] + len(sizes) > 2**63:
-        raise DecodeError(f"BATCH of {len(sizes)} members from seq {fields['seq']} runs past 2**63 - 1")
+    if batch.seq + len(sizes) > 2**63:
+        raise DecodeError(f"BATCH of {len(sizes)} members from seq {batch.seq} runs past 2**63 - 1")
     if sum(sizes) != nbytes:
         raise DecodeError(f"BATCH sizes add up to {sum(sizes)} bytes, its payload frame has {nbytes}")
 
