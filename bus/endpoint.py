@@ -134,6 +134,7 @@ class Endpoint:
         self._runs: list[OutStream] = []  # streams with small chunks queued in this loop pass
         self._flush_scheduled = False
         self.link_listeners: list[Callable[[codec.Link], None]] = []
+        self._on_request: Callable[[codec.Request], None] | None = None
 
     @property
     def node(self) -> str:
@@ -187,6 +188,27 @@ class Endpoint:
         """The next message that is not part of a stream, a reply or flow control."""
         msg: Message = await self._inbox.get(timeout)
         return msg
+
+    def on_request(self, handler: Callable[[codec.Request], None] | None) -> None:
+        """Hand each REQUEST that reaches this endpoint to ``handler`` as it is delivered, instead of
+        queueing it for ``recv``; None: queue them again.
+
+        ``handler`` runs inside the delivery (the hub's or the client's socket callback), as a
+        Zenoh subscriber's callback runs in Zenoh's thread: it must not block. It answers with
+        :meth:`reply`, at once or later (from a task it starts). Answered at once, a request's
+        REPLY leaves in the loop pass its REQUEST arrived in, where one read with ``recv`` waits
+        for its task's turn, a pass later. An exception from ``handler`` is logged and answered
+        as a failed REPLY, so that the caller does not wait for its timeout.
+        """
+        self._on_request = handler
+
+    def _answer(self, handler: Callable[[codec.Request], None], request: codec.Request) -> None:
+        try:
+            handler(request)
+        except Exception as exc:  # a handler bug must not stop the delivery; it is logged loudly
+            log.exception("endpoint %s: the request handler failed on %s", self.addr, request.method)
+            with contextlib.suppress(BusError):
+                self.reply(request, error=f"endpoint {self.addr}: {request.method} failed: {exc!r:.200}")
 
     # -- request / reply ---------------------------------------------------------------------
 
@@ -302,6 +324,8 @@ class Endpoint:
             self._on_error(msg)
         elif isinstance(msg, codec.Link):
             self._on_link(msg)
+        elif self._on_request is not None and isinstance(msg, codec.Request):
+            self._answer(self._on_request, msg)
         else:
             self._inbox.put(msg)
 

@@ -20,7 +20,7 @@ from dpipes.bus import codec, tap
 from dpipes.bus import hub as hub_module
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, StreamCancelled
-from dpipes.bus.errors import BusError, NoRoute, PeerLost, ProtocolMismatch, RequestTimeout
+from dpipes.bus.errors import BusError, NoRoute, PeerLost, ProtocolMismatch, RequestFailed, RequestTimeout
 from dpipes.bus.hub import Hub
 from dpipes.bus.hub import links as hub_links
 
@@ -164,6 +164,30 @@ async def test_each_pending_request_times_out_by_its_own_timeout_and_the_others_
         assert await asyncio.wait_for(patient, WAIT_S) == {"late": True}
         with pytest.raises(RequestTimeout, match="again to alpha/server"):  # a later one still has a deadline
             await caller.request("alpha/server", "again", timeout=0.1)
+
+
+async def test_a_request_handler_answers_as_requests_arrive_and_a_failing_one_is_answered_as_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with linked("alpha", "beta") as (a, b):
+        server, caller = b.endpoint("server"), a.endpoint("caller")
+
+        def answer(request: codec.Request) -> None:
+            if request.method == "boom":
+                raise ValueError("no such thing")
+            server.reply(request, {"echo": request.body})
+
+        server.on_request(answer)
+        assert await caller.request("beta/server", "echo", {"n": 1}, timeout=WAIT_S) == {"echo": {"n": 1}}
+        with pytest.raises(RequestFailed, match="boom failed: ValueError"):  # at once, not after a timeout
+            await caller.request("beta/server", "boom", timeout=WAIT_S)
+        assert "the request handler failed on boom" in caplog.text
+        server.on_request(None)  # back to recv
+        asked = asyncio.create_task(caller.request("beta/server", "later", timeout=WAIT_S))
+        msg = await server.recv(timeout=WAIT_S)
+        assert isinstance(msg, codec.Request) and msg.method == "later"
+        server.reply(msg, {"ok": 1})
+        assert await asyncio.wait_for(asked, WAIT_S) == {"ok": 1}
 
 
 async def test_protocol_mismatch_is_refused_on_both_sides(caplog: pytest.LogCaptureFixture) -> None:

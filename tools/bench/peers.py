@@ -32,7 +32,9 @@ with how many puts it got.
   same messages with dpipes' batch API (``send_many``, ``read_chunks``), beside the same Zenoh runs.
 * ``peers.zenoh_roundtrip_64B_p50`` / ``_p99``: a 64-byte put echoed back by the child (both
   publishers ``express``, Zenoh's low-latency setting), awaited before the next; dpipes: a 64-byte
-  REQUEST answered by a REPLY, as in ``dpipes-bench bus``. In microseconds; target: p50 at most
+  REQUEST answered by a REPLY, as in ``dpipes-bench bus``. Both echoes answer as the message is
+  delivered: Zenoh's in its subscriber's callback, dpipes' in a request handler
+  (``Endpoint.on_request``). In microseconds; target: p50 at most
   Zenoh's.
 
 dora-rs: ``dora run`` (a local daemon, no coordinator; multicast scouting off with dora's own
@@ -374,8 +376,8 @@ async def _serve_dpipes_counting() -> None:
             asyncio.create_task(answer_counts(byte_sink, "bytes")),
             asyncio.create_task(answer_counts(chunk_sink, "chunks")),
             asyncio.create_task(answer_counts(arrow_sink, "arrow")),
-            asyncio.create_task(answer_echo(echo)),
         ]
+        answer_echo(echo)
         await done
         for task in tasks:
             task.cancel()
