@@ -24,6 +24,7 @@ def test_quick_plugins_suite_measures_every_figure_and_delivers_every_row() -> N
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [line["name"] for line in lines] == [
         "plugins.cross_node_arrow_25MiB",
+        "plugins.cross_node_arrow_cpu",
         "plugins.same_host_program_to_plugin_25MiB",
         "plugins.batches_per_s",
         "plugins.pass_through_us_per_batch",

@@ -5,7 +5,19 @@
   bench-a as this host's daemon, so the last ``cat`` writes to our stdout), against the same
   table through pyarrow.flight ``do_put`` then ``do_get`` over loopback (a Flight server in another
   process). MB/s of the IPC stream; dpipes' figure includes starting the pipeline (three forks,
-  two of them Python workers). Target (issue 10): at least 1x.
+  two of them Python workers). Target (issue 10): at least 1x. The pipeline's output is read
+  as Flight's ``do_get`` reads its own, as an Arrow consumer would: pyarrow's IPC reader on the
+  pipe (of ``PIPE_BUFFER_BYTES``), batch by batch, rows counted. Collecting it with
+  ``subprocess``'s ``communicate`` instead (32 KiB reads into a list, joined at the end) cost this
+  process 0.14-0.4 CPU-s per 205 MiB and capped any pipeline at 450-780 MB/s here (measured with
+  ``cat FILE`` alone), a ceiling of the harness that Flight's side never had. After each dpipes run
+  the suite waits until bench-b's worker pool has refilled, so that the refill (0.3-0.8 CPU-s)
+  slows neither the Flight run that follows nor the next dpipes run.
+* ``plugins.cross_node_arrow_cpu``: the CPU seconds per GB of the same runs, user + system, lower
+  is better: for dpipes the client, both daemons, their stages and the plugin worker (less what
+  that worker spent before the run, started ahead of need: its imports are not the run's); for
+  Flight this process (the client) and the server's process. On a machine shared with other work
+  this varies less than the MB/s above, which follow how much of the machine the run was given.
 * ``plugins.same_host_program_to_plugin_<N>MiB``: ``cat FILE | %bench_sink`` on this host's daemon
   (no ``--node``: over ipc, as a user on this host runs it), against
   ``sh -c 'cat FILE | python3 -c READER'``: a plain Unix pipe carrying the Arrow IPC stream into
@@ -44,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -62,6 +75,8 @@ BATCH_ROWS = 100
 FLIGHT_START_TIMEOUT_S = 30.0
 POOL_REFILL_TIMEOUT_S = 60.0  # a daemon's worker pool refilled after a run (busy hosts are slow)
 POOL_POLL_S = 0.02
+PIPE_BUFFER_BYTES = 1 << 20  # the cross-node row's output pipe, as a node sizes a stage's pipes
+_F_SETPIPE_SZ = 1031  # <linux/fcntl.h>
 
 PLUGINS_SOURCE = '''\
 """dpipes-bench's own plugins: a pass-through, a sink that counts, a source of small batches."""
@@ -187,15 +202,64 @@ def _sink_rows(stdout: bytes) -> int:
     return int(table.column("rows")[0].as_py()) if table.num_rows else 0
 
 
-def _ipc_rows(stdout: bytes) -> int:
-    """Rows in the Arrow IPC stream a pipeline wrote (0 if it is not one)."""
+def _proc_cpu(pid: int, *, reaped: bool = True) -> float:
+    """User + system CPU seconds of process ``pid`` so far, with its children it has reaped unless
+    not ``reaped``; Linux ``/proc``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return sum(int(v) for v in fields[11 : 15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu(pid: int) -> dict[int, float]:
+    """Each child of ``pid`` and the CPU seconds it has used so far (itself only)."""
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError, ValueError):  # a child that ended meanwhile
+                    out[int(child)] = _proc_cpu(int(child), reaped=False)
+    return out
+
+
+class _RunCpu:
+    """CPU seconds that a run through the daemons ``pids`` costs: ours (the client, reaped) and
+    theirs (with the stages they reaped), less what the children they reaped during the run had
+    spent before it (a plugin worker started ahead of need, its imports done)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.start = usage.ru_utime + usage.ru_stime + sum(_proc_cpu(p) for p in pids)
+        self.before = {child: cpu for p in pids for child, cpu in _children_cpu(p).items()}
+
+    def seconds(self) -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        now = usage.ru_utime + usage.ru_stime + sum(_proc_cpu(p) for p in self.pids)
+        alive = {child for p in self.pids for child in _children_cpu(p)}
+        ahead = sum(cpu for child, cpu in self.before.items() if child not in alive)
+        return now - self.start - ahead
+
+
+def _run_reading_ipc(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Run ``argv`` reading its stdout as an Arrow IPC stream as it comes: wall seconds, rows read
+    (0 if it was not one, or ``argv`` failed)."""
+    import fcntl
+
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    try:
-        return sum(batch.num_rows for batch in ipc.open_stream(pa.BufferReader(stdout)))
-    except pa.ArrowInvalid:
-        return 0
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    with proc.stdout:
+        with contextlib.suppress(OSError):  # a smaller pipe only slows the run down
+            fcntl.fcntl(proc.stdout.fileno(), _F_SETPIPE_SZ, PIPE_BUFFER_BYTES)
+        try:
+            rows = sum(batch.num_rows for batch in ipc.open_stream(proc.stdout))
+        except pa.ArrowInvalid:
+            rows = 0
+    status = proc.wait()
+    return time.perf_counter() - start, rows if status == 0 else 0
 
 
 def _ready_workers(daemon_pid: int) -> int:
@@ -315,7 +379,7 @@ def _pass_through_thread_cpu(batches: int, *, engine: bool) -> tuple[float, int]
 
 
 @contextlib.contextmanager
-def _flight_server() -> Iterator[str]:
+def _flight_server() -> Iterator[tuple[str, int]]:
     """A pyarrow.flight server in a process of its own that keeps what is put and serves it back."""
     code = textwrap.dedent("""\
         import sys, pyarrow.flight as flight
@@ -334,7 +398,7 @@ def _flight_server() -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        yield proc.stdout.readline().strip()
+        yield proc.stdout.readline().strip(), proc.pid
     finally:
         proc.terminate()
         proc.wait(FLIGHT_START_TIMEOUT_S)
@@ -373,7 +437,11 @@ def plugins_benchmarks(
         env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: the warm-up run writes a checkout's cache
         dpipes = [sys.executable, "-m", "dpipes.tools.dpipes", "--insecure"]  # local_daemons run --insecure
         mib = size >> 20
-        with local_daemons(["bench-a", "bench-b"], runtime, env=env) as (a, _b), _flight_server() as flight_addr:
+        daemons: list[int] = []
+        with (
+            local_daemons(["bench-a", "bench-b"], runtime, env=env, pids=daemons) as (a, _b),
+            _flight_server() as (flight_addr, flight_pid),
+        ):
             # From node A's host, through its daemon (bench-a, the first, is this host's local one), as
             # a user there runs it: the last stage writes to our stdout itself (the descriptor is
             # handed over), where a --node over TCP would have it read back through the client.
@@ -381,13 +449,23 @@ def plugins_benchmarks(
             _run(cross, env)  # warm the page cache and the daemons' imports
             _flight_put_get(flight_addr, table)
             ours, theirs, got, their_got = [], [], 0, 0
+            our_cpu: list[float] = []
+            their_cpu: list[float] = []
             for _ in range(repeat):
+                _await_pool(runtime, "bench-b")
+                cpu = resource.getrusage(resource.RUSAGE_SELF)
+                flight_cpu = _proc_cpu(flight_pid)
                 seconds, moved = _flight_put_get(flight_addr, table)
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                client = after.ru_utime - cpu.ru_utime + after.ru_stime - cpu.ru_stime
+                their_cpu.append((client + _proc_cpu(flight_pid) - flight_cpu) / (size / 1e9))
                 theirs.append(size / seconds / 1e6)
                 their_got += moved
-                seconds, out = _run(cross, env)
+                run_cpu = _RunCpu(daemons)
+                seconds, moved = _run_reading_ipc(cross, env)
+                our_cpu.append(run_cpu.seconds() / (size / 1e9))
                 ours.append(size / seconds / 1e6)
-                got += _ipc_rows(out)
+                got += moved
                 progress(".")
             results.append(
                 result(
@@ -397,6 +475,18 @@ def plugins_benchmarks(
                     "pyarrow.flight do_put + do_get",
                     theirs,
                     target=1.0,
+                    delivered=(got, rows * repeat),
+                    baseline_delivered=(their_got, rows * repeat),
+                )
+            )
+            results.append(
+                result(
+                    "plugins.cross_node_arrow_cpu",
+                    "CPU s/GB",
+                    our_cpu,
+                    "pyarrow.flight do_put + do_get (client and server)",
+                    their_cpu,
+                    higher_is_better=False,
                     delivered=(got, rows * repeat),
                     baseline_delivered=(their_got, rows * repeat),
                 )
