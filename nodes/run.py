@@ -9,6 +9,9 @@ computes (the command documents them):
   a stage whose data could not be moved (output that is not objects in an object mode);
 * ``EXIT_INTERRUPTED`` (130) after Ctrl-C cancelled every stage.
 
+A last stage on another node than the entry node is read where it runs: the client claims its
+output there (:mod:`dpipes.nodes.direct_read`), or through the entry node when it cannot.
+
 What a run comes to (each stage's result, the exit code, the joblog) is :mod:`dpipes.nodes.results`;
 how a command finds its entry node is :mod:`dpipes.nodes.entry`. Both are re-exported here.
 """

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dpipes.bus import codec
 from dpipes.bus.keyring import Keyring
 from dpipes.bus.keys import KEY_DIR_ENV, KeyPair
 from dpipes.bus.tap import TapEvent
@@ -212,3 +213,26 @@ async def test_the_last_node_killed_while_its_output_is_read_directly_is_reporte
         err = (said + await proc.stderr.read()).decode()
         assert "node 'beta' lost" in err and "cat" in err
         await asyncio.wait_for(_until(lambda: not alpha.children()), WAIT_S)
+
+
+async def test_an_output_nobody_claims_fails_its_stage_after_the_claim_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dpipes.nodes.stage
+
+    monkeypatch.setattr(dpipes.nodes.stage, "CLAIM_TIMEOUT_S", 0.5)  # the node's bound, shortened for the test
+    user = client_key(tmp_path, "user")
+    async with two_nodes(tmp_path) as (alpha, _beta):
+        authorize(tmp_path / "alpha", user, "any")
+        authorize(tmp_path / "beta", user, 'run="cat"')
+        async with keyed_client(alpha, user) as entry:
+            request = RunRequest(pipeline="echo hi | cat@beta", protocol=PIPELINE_PROTOCOL, direct_read=True)
+            reply: RunReply = await call(entry.endpoint, f"alpha/{CTL}", request, timeout=WAIT_S)
+            assert reply.read_token
+            reports: dict[int, dict[str, object]] = {}
+            while len(reports) < 2:  # never claimed: each stage reports, the last one failed
+                msg = await asyncio.wait_for(entry.endpoint.recv(), WAIT_S)
+                if isinstance(msg, codec.Request) and msg.method == "exit":
+                    entry.endpoint.reply(msg, {})
+                    reports[msg.body["stage"]] = msg.body
+            assert "nobody claimed the output of stage 1" in str(reports[1]["error"])
