@@ -44,11 +44,22 @@ async def claim_output(entry: Endpoint, reply: RunReply, keys: EntryKeys | None)
         ControlError: neither claim was taken (the token is wrong or was used: a bug or a forgery).
         BusError: the entry node did not answer the claim.
     """
-    last = reply.stages[-1]
-    claim = ClaimRequest(pipeline=reply.pipeline, stage=last.index, token=reply.read_token)
-    ctl = f"{last.node}/{CTL}"
+    claim = ClaimRequest(pipeline=reply.pipeline, stage=reply.stages[-1].index, token=reply.read_token)
     client = await _attach(reply, keys)
-    taken_directly = False
+    try:
+        return await _claim(entry, client, claim, reply)
+    except BaseException:  # refused both ways, or cancelled: nothing will come to it
+        if client is not None:
+            await client.aclose()
+        raise
+
+
+async def _claim(entry: Endpoint, client: Client | None, claim: ClaimRequest, reply: RunReply) -> Client | None:
+    """``claim`` through ``client`` if we have one, else (or if that fails) through ``entry``; the
+    client the output will reach, or None for the entry node (``client`` then closed)."""
+    last = reply.stages[-1]
+    ctl = f"{last.node}/{CTL}"
+    maybe_taken = False  # a direct claim whose answer was lost may have been taken all the same
     if client is not None:
         try:
             await call(client.endpoint, ctl, claim, timeout=CONTROL_TIMEOUT_S)
@@ -56,18 +67,12 @@ async def claim_output(entry: Endpoint, reply: RunReply, keys: EntryKeys | None)
             return client
         except DpipesError as exc:  # refused (our key is not the caller's), or no answer
             log.info("stage %d's output: node %s took no claim from us directly: %s", last.index, last.node, exc)
-            taken_directly = isinstance(exc, BusError)  # the claim may have arrived, its answer not
+            maybe_taken = isinstance(exc, BusError)
     try:
         await call(entry, ctl, claim, timeout=CONTROL_TIMEOUT_S)
     except ControlError as exc:
-        if client is not None and taken_directly and exc.code == NOT_FOUND:
+        if client is not None and maybe_taken and exc.code == NOT_FOUND:
             return client  # our direct claim was taken after all: the output comes there
-        if client is not None:
-            await client.aclose()
-        raise
-    except BaseException:
-        if client is not None:
-            await client.aclose()
         raise
     if client is not None:
         await client.aclose()
@@ -93,6 +98,9 @@ async def _attach(reply: RunReply, keys: EntryKeys | None) -> Client | None:
         log.info("cannot attach to node %s at %s: %s", reply.stages[-1].node, reply.read_endpoint, exc)
         await client.aclose()
         return None
+    except BaseException:  # cancelled (Ctrl-C twice): leave nothing open
+        await client.aclose()
+        raise
     return client
 
 
