@@ -32,7 +32,7 @@ from dpipes.nodes.protocol import (
 )
 from dpipes.nodes.run import RunOptions, known_nodes, run_pipeline
 from dpipes.nodes.tap.source import TapSource, Target
-from tests.nodes.daemons import daemons, environment
+from tests.nodes.daemons import daemons, dpipes, environment
 from tests.nodes.test_security import authorize, client_key, keyed_client, two_nodes
 
 WAIT_S = 30.0
@@ -236,3 +236,16 @@ async def test_an_output_nobody_claims_fails_its_stage_after_the_claim_timeout(
                     entry.endpoint.reply(msg, {})
                     reports[msg.body["stage"]] = msg.body
             assert "nobody claimed the output of stage 1" in str(reports[1]["error"])
+
+
+async def test_cat_into_cat_at_beta_gives_the_same_output_read_directly_or_through_the_entry_node(rt: Path) -> None:
+    data = os.urandom(1 << 20) + b"no newline at the end"
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        direct = await dpipes(rt, "--node", alpha.host_port, "-v", "cat | cat@beta", input=data)
+        through = await dpipes(
+            rt, "--node", alpha.host_port, "-v", "cat | cat@beta", input=data, env={"DPIPES_DIRECT_READ": "0"}
+        )
+    assert direct.code == through.code == 0, (direct.stderr, through.stderr)
+    assert direct.stdout == through.stdout == data
+    assert "read at node beta" in direct.stderr
+    assert "read at node beta" not in through.stderr
