@@ -148,10 +148,11 @@ Methods (``REQUEST`` to ``<node>/ctl``)
     ``claim`` (client -> the node of a stage started with ``stdout_token``): send that stage's
         stdout to me. Body: ``pipeline: str, stage: int, token: str`` (the run reply's
         ``read_token``). Taken once, from the first caller with the right token who is the stage's
-        caller (the key it was negotiated for, *Who asks*) or the party that negotiated it (the
-        entry node, through which a client that cannot reach the node claims): the stdout stream
-        then opens to the request's ``src``. A wrong token, or another caller: ``unauthorized``;
-        no such stage here, its output not held, or claimed already: ``not-found``. Reply: empty.
+        caller (the key it was negotiated for, *Who asks*), the party that negotiated it (the
+        entry node, through which a client that cannot reach the node claims), or the node's own
+        user over its ``ipc://`` socket: the stdout stream then opens to the request's ``src``.
+        A wrong token, or another caller: ``unauthorized``; no such stage here, its output not
+        held, or claimed already: ``not-found``. Reply: empty.
     ``gossip`` (node -> each linked node, every ``GOSSIP_INTERVAL_S`` and on a new link): the
         nodes the sender knows. Body: ``peers: map[str, str]`` (node name -> ``tcp://`` bus
         endpoint), ``keys: map[str, str] = {}`` (node name -> its public key, 40 characters of
@@ -243,10 +244,12 @@ Direct read
     entry node at a ``tcp://`` address, the entry node draws a random token, starts the last stage
     with ``start.stdout_token`` and answers ``read_token``, ``read_endpoint`` and ``read_key``.
     The stage reads nothing of its program's stdout until a ``claim`` is taken (its pipe fills
-    and the program waits, as behind a slow reader). The client attaches to ``read_endpoint``
-    (codec: ``ATTACH``; with CURVE and its own client key when ``read_key`` is set, as any remote
-    client: the node must admit that key) and sends ``claim`` to ``<node>/ctl`` there; the stdout
-    stream then comes to that attachment, over one network hop. Should the attachment or the claim
+    and the program waits, as behind a slow reader). The client attaches to that node (codec:
+    ``ATTACH``): at its Unix socket when a daemon of the client's user by that name runs on the
+    client's host (``<runtime dir>/<node>.sock``), else at ``read_endpoint`` (with CURVE and its
+    own client key when ``read_key`` is set, as any remote client: the node must admit that key),
+    and sends ``claim`` to ``<node>/ctl`` there; the stdout stream then comes to that attachment,
+    over one network hop (or none). Should the attachment or the claim
     fail (nothing answers within ``DIRECT_ATTACH_TIMEOUT_S``, the node refuses the key, or the
     claim from it), the client sends the same ``claim`` through its entry node, and the stream
     comes that way, as without a direct read. The switch is decided before any byte flows, by
