@@ -25,7 +25,10 @@ pipeline's (each stage's output to the next one's input); each stage's wiring (`
 ``stdout_to`` for a program, ``inputs`` and ``outputs`` for a plugin) comes from it. Which edges
 are kernel pipes rather than bus streams is decided here: in a linear pipeline, neighbouring
 programs on one node in bytes mode, and, when the client is on this host and handed its stdin and stdout over, its first
-stage's input and last stage's output (:mod:`dpipes.nodes.fdpass`).
+stage's input and last stage's output (:mod:`dpipes.nodes.fdpass`). And whether the client reads
+the last stage's output from that stage's node itself (``run.direct_read``): then the last stage
+holds its stdout under a one-time token, which the reply gives the client with that node's
+endpoint, until the client claims it there, or through us should it not get through.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import dataclasses
 import logging
 import os
 import re
+import secrets
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -86,6 +90,7 @@ log = logging.getLogger(__name__)
 
 CANCEL_TIMEOUT_S = 10.0  # a node terminates (TERM, grace, KILL) all stages of a pipeline within this
 FAILED_REPORT_CHARS = 4 * MAX_TEXT_CHARS  # the bound of a ``failed`` report's error
+CLAIM_TOKEN_BYTES = 24  # a ``claim`` token's randomness: not guessable while the output waits
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 
@@ -262,6 +267,8 @@ class Coordinator:
         if stdout_direct:
             self.direct.keep(pipeline, len(nodes) - 1, handed.pop("stdout"))
         edge_format = request.edge_format if request.mode == "bytes" else "ndjson"  # object modes: objects
+        read = self._direct_read(request, graph, nodes)
+        token = secrets.token_urlsafe(CLAIM_TOKEN_BYTES) if read else ""
 
         def wiring(i: int) -> StartRequest:
             stdin_from, stdout_to = graph.program_edges(i, addrs, client)
@@ -283,6 +290,7 @@ class Coordinator:
                 progress_to=client if request.progress else "",
                 inputs=inputs,
                 outputs=outputs,
+                stdout_token=token if i == len(nodes) - 1 else "",
             )
 
         starts = await asyncio.gather(
@@ -321,7 +329,31 @@ class Coordinator:
                 )
                 for i in range(len(stages))
             ),
+            read_endpoint=read[0] if read else "",
+            read_key=read[1] if read else "",
+            read_token=token,
         )
+
+    def _direct_read(self, request: RunRequest, graph: Graph, nodes: Sequence[str]) -> tuple[str, str] | None:
+        """Where the client may read the last stage's stdout itself (its node's bus endpoint, and
+        the key that node authenticated with here, "" without keys), or None: through us.
+
+        Offered when the client asks (``direct_read``), the pipeline is linear, its last stage is
+        a program on another node, and that node is linked to us at an address a client can dial.
+        The client then learns the node's key from us: whatever path it takes, its data passes
+        nodes it trusts through us already, and a forged key only makes its connection fail.
+        """
+        last = len(nodes) - 1
+        if not (request.direct_read and graph.linear and not graph.is_plugin(last) and nodes[last] != self.node):
+            return None
+        node = nodes[last]
+        peer = self.hub.peers.get(node)
+        if peer is None or not peer.up or not peer.endpoint.startswith("tcp://") or "://*:" in peer.endpoint:
+            return None
+        key = self.hub.peer_key(node)
+        if self.hub.secure and key is None:
+            return None
+        return peer.endpoint, key.z85 if key is not None else ""
 
     def _callers(self, client: str) -> Callable[[str], str]:
         """``negotiate.caller`` for each node, for the client at ``client`` (protocol: *Who asks*).

@@ -45,6 +45,7 @@ from dpipes.nodes.protocol import (
     PIPELINE_PROTOCOL,
     CancelReply,
     CancelRequest,
+    ClaimRequest,
     Empty,
     ExitReport,
     GossipRequest,
@@ -199,6 +200,7 @@ class Node:
                 "run": self._on_run,
                 "negotiate": self._on_negotiate,
                 "start": self._on_start,
+                "claim": self._on_claim,
                 "cancel": self._on_cancel,
                 "exit": self._on_exit,
                 "info": self._on_info,
@@ -439,6 +441,9 @@ class Node:
 
     async def _on_start(self, request: StartRequest, src: str) -> StartReply:
         return await self._run_parts()[0].start(request, src)
+
+    async def _on_claim(self, request: ClaimRequest, src: str) -> Empty:
+        return await self._run_parts()[0].claim(request, src)
 
     async def _on_cancel(self, request: CancelRequest, src: str) -> CancelReply:
         stages, coordinator = self._run_parts()

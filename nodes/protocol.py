@@ -46,7 +46,9 @@ Versioning
     had no ``cancelled`` and said cancellation only in ``error``'s text. ``negotiate.caller`` and
     the ``unauthorized`` code came later within version 2, compatibly: a node that does not know
     ``caller`` ignores it (and has no keys to check it against), and a caller that does not know
-    a code treats it as a failure like any other.
+    a code treats it as a failure like any other. So did ``run.direct_read``, ``claim`` and the
+    ``read_*``/``stdout_token`` fields: a node that does not know ``direct_read`` ignores it and
+    offers no ``read_token``, and a client that does not ask gets none.
 
 Methods (``REQUEST`` to ``<node>/ctl``)
     ``run`` (client -> its entry node): run a pipeline. Body:
@@ -65,7 +67,9 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         and connections between their anchors; when given, it is what runs and ``pipeline`` only
         names it), ``edge_format: str = "csv"`` (``csv``, ``ndjson`` or ``arrow``: what a
         program's bytes are at an edge with a plugin stage, in bytes mode; in an object mode the
-        objects themselves). The entry node parses the text, places every stage, negotiates with every chosen node,
+        objects themselves), ``direct_read: bool = false`` (the client can read the last stage's
+        output at that stage's node: see *Direct read*). The entry node parses the text, places
+        every stage, negotiates with every chosen node,
         then starts every stage, the last one first. Nothing starts unless every node agreed.
         Reply: ``pipeline: str`` (the run's id), ``stdin_direct: bool = false`` and
         ``stdout_direct: bool = false`` (the handed-over stdin/stdout went straight to the
@@ -73,7 +77,11 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``index: int, node: str, argv: list[str], addr: str, context: map`` (``addr`` is the
         stage address, ``context`` the Pipes context it was started with), ``placed: str = ""``
         (why it went to ``node``: ``pinned``; ``offered``, by that node as ``offer: str = ""``;
-        ``local``, nobody offers it and the entry node has it).
+        ``local``, nobody offers it and the entry node has it); ``read_token: str = ""`` (at most
+        ``MAX_TOKEN_CHARS``; not empty: the last stage holds its stdout until the client claims
+        it with this token, *Direct read*), ``read_endpoint: str = ""`` (the ``tcp://`` bus
+        endpoint of the last stage's node) and ``read_key: str = ""`` (the public key, Z85, that
+        node authenticated with at the entry node; ``""``: a node without keys).
     ``cancel`` (client -> its entry node, or coordinator -> each node): stop a run.
         Body: ``pipeline: str``, ``reason: str = "cancelled"``. From the client that started it,
         the entry node cancels the run on every node; otherwise the node terminates its own
@@ -122,8 +130,11 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         node's configured ``workdir``; ``""``: that ``workdir`` itself), ``progress_to: str = ""``
         (where to send the stage's ``progress`` reports; ``""``: none),
         ``inputs: list[map] = []`` and ``outputs: list[map] = []`` (a plugin stage's edges, in
-        place of ``stdin_from`` and ``stdout_to``). Each input is one connection into an input
-        anchor: ``anchor: str, connection: str`` (``#1``, ``#2``, ... per anchor), ``src: str = ""``
+        place of ``stdin_from`` and ``stdout_to``), ``stdout_token: str = ""`` (at most
+        ``MAX_TOKEN_CHARS``; not empty: hold the stdout, reading none of it, until a ``claim``
+        with this token says where it goes, in place of ``stdout_to``; *Direct read*). Each input
+        is one connection into an input anchor: ``anchor: str, connection: str`` (``#1``,
+        ``#2``, ... per anchor), ``src: str = ""``
         (the sending stage's address or the client's; ``""``: an optional input anchor nothing
         feeds, which the plugin sees complete without data), ``src_anchor: str = ""`` (the sending
         plugin's output anchor: its stream's first ``ARROW`` part carries it under ``anchor``),
@@ -134,6 +145,14 @@ Methods (``REQUEST`` to ``<node>/ctl``)
         ``format: str`` (as for inputs). The worker sends ``ARROW`` to a plugin, else the format
         as ``BYTES`` (``OBJECTS`` in an object mode), and its ``io`` messages as ``PIPES`` to
         ``stderr_to``. Reply: ``pid: int, context: map``.
+    ``claim`` (client -> the node of a stage started with ``stdout_token``): send that stage's
+        stdout to me. Body: ``pipeline: str, stage: int, token: str`` (the run reply's
+        ``read_token``). Taken once, from the first caller with the right token who is the stage's
+        caller (the key it was negotiated for, *Who asks*), the party that negotiated it (the
+        entry node, through which a client that cannot reach the node claims), or the node's own
+        user over its ``ipc://`` socket: the stdout stream then opens to the request's ``src``.
+        A wrong token, or another caller: ``unauthorized``; no such stage here, its output not
+        held, or claimed already: ``not-found``. Reply: empty.
     ``gossip`` (node -> each linked node, every ``GOSSIP_INTERVAL_S`` and on a new link): the
         nodes the sender knows. Body: ``peers: map[str, str]`` (node name -> ``tcp://`` bus
         endpoint), ``keys: map[str, str] = {}`` (node name -> its public key, 40 characters of
@@ -197,7 +216,8 @@ A run, from the client's side
     2. Data. With ``stdin`` and not ``stdin_direct``: open a stream (codec: *Flow control*) from
        the client's address to ``stages[0].addr`` and send the input as ``BYTES`` (``OBJECTS`` in
        an object mode), then ``EOF``. Each stage opens streams *to the client*: from the last
-       stage's address, its stdout (``BYTES``/``OBJECTS``; unless ``stdout_direct``); from every
+       stage's address, its stdout (``BYTES``/``OBJECTS``; unless ``stdout_direct``; with a
+       ``read_token``, only once claimed, and to where it was claimed: *Direct read*); from every
        stage's address, its stderr (``STDERR``, opened only when it writes any) and its Pipes
        messages (``PIPES``, opened at the first). Streams from one stage address are told apart
        by their ``sid`` and by the kind of their data messages. The client grants credit on each
@@ -216,6 +236,26 @@ A run, from the client's side
     4. To stop a run (Ctrl-C): ``cancel`` to the entry node with the pipeline id. Stopped before
        the ``run`` reply came, a client has no id yet: it cancels as soon as the reply arrives
        (if it leaves instead, the entry node cancels the run of a client that went away).
+
+Direct read
+    When the last stage runs on another node than the entry node, its stdout would cross the
+    entry node's hub on its way to the client. A client that asks (``run.direct_read``) may read it
+    where it is made: for a linear pipeline whose last stage is a program on a node linked to the
+    entry node at a ``tcp://`` address, the entry node draws a random token, starts the last stage
+    with ``start.stdout_token`` and answers ``read_token``, ``read_endpoint`` and ``read_key``.
+    The stage reads nothing of its program's stdout until a ``claim`` is taken (its pipe fills
+    and the program waits, as behind a slow reader). The client attaches to that node (codec:
+    ``ATTACH``): at its Unix socket when a daemon of the client's user by that name runs on the
+    client's host (``<runtime dir>/<node>.sock``), else at ``read_endpoint`` (with CURVE and its
+    own client key when ``read_key`` is set, as any remote client: the node must admit that key),
+    and sends ``claim`` to ``<node>/ctl`` there; the stdout stream then comes to that attachment,
+    over one network hop (or none). Should the attachment or the claim
+    fail (nothing answers within ``DIRECT_ATTACH_TIMEOUT_S``, the node refuses the key, or the
+    claim from it), the client sends the same ``claim`` through its entry node, and the stream
+    comes that way, as without a direct read. The switch is decided before any byte flows, by
+    the one claim the node takes: nothing is lost or doubled. The stage's stderr, Pipes messages
+    and ``exit`` report still go to the client's entry address. A held stdout nobody claims
+    within ``CLAIM_TIMEOUT_S`` fails the stage (its ``exit`` has an ``error``).
 
 Errors (``REPLY.body.code``)
     ``bad-request``: the body is malformed (``field`` names what). ``unknown-method``.
@@ -239,7 +279,12 @@ Limits and timeouts
     ``REPORT_TIMEOUT_S``    5.0 s     a report's acknowledgement
     ``GOSSIP_INTERVAL_S``   2.0 s     between two ``gossip`` calls to one peer
     ``PROGRESS_INTERVAL_S`` 0.5 s     at least this between two ``progress`` reports of a stage
+    ``MAX_TOKEN_CHARS``     64        ``claim.token``, ``run.read_token``, ``start.stdout_token``
+    ``CLAIM_TIMEOUT_S``     30.0 s    a held stdout waits this long for its ``claim``
     ======================  ========  ===========================================================
+
+    A client gives up attaching to ``read_endpoint`` after ``DIRECT_ATTACH_TIMEOUT_S`` (3 s,
+    :mod:`dpipes.nodes.direct_read`) and claims through its entry node.
 
     ``stderr_tail`` and ``failed.error`` may hold 4 x ``MAX_TEXT_CHARS``. A node also refuses
     pipelines of more stages than its configured ``[limits] max_stages`` (``limit``).
@@ -275,12 +320,14 @@ PLUGIN_EDGE_FORMATS = ("batches", *EDGE_FORMATS)  # what one plugin edge carries
 MAX_TEXT_CHARS = 4096  # a name, address, reason or argument
 MAX_PIPELINE_CHARS = 60_000  # a whole pipeline's text (the header that carries it is 64 KiB at most)
 MAX_ITEMS = 1024  # items of one list (argv words, stages, nodes)
+MAX_TOKEN_CHARS = 64  # a claim token (``claim``): 24 random bytes as URL-safe base64 are 32
 
 CONTROL_TIMEOUT_S = 10.0  # negotiate/start/cancel answers between nodes; they involve no data
 RUN_TIMEOUT_S = 60.0  # a client's wait for `run`: negotiation and start across every node
 REPORT_TIMEOUT_S = 5.0  # an exit/failed report nobody acknowledges is logged and dropped after this
 GOSSIP_INTERVAL_S = 2.0  # how often a node tells its peers the nodes it knows (also at once on a new link)
 PROGRESS_INTERVAL_S = 0.5  # a person sees movement; a client on a slow link is not flooded
+CLAIM_TIMEOUT_S = 30.0  # a held stdout nobody claimed: the client is gone or broken, the stage fails
 
 # Error codes (REPLY.body.code)
 BAD_REQUEST = "bad-request"
@@ -543,6 +590,7 @@ class RunRequest(Body):
     progress: bool = False
     workflow: Json = dataclasses.field(default_factory=dict)
     edge_format: str = bounded("csv", choices=EDGE_FORMATS)
+    direct_read: bool = False
 
 
 @_slot
@@ -567,6 +615,9 @@ class RunReply(Body):
     stdin_direct: bool = False
     stdout_direct: bool = False
     stages: tuple[StageInfo, ...]
+    read_endpoint: str = ""
+    read_key: str = ""
+    read_token: str = bounded("", max_chars=MAX_TOKEN_CHARS)
 
 
 @_body("cancel", "request")
@@ -683,6 +734,7 @@ class StartRequest(Body):
     progress_to: str = ""
     inputs: tuple[PluginInput, ...] = ()
     outputs: tuple[PluginOutput, ...] = ()
+    stdout_token: str = bounded("", max_chars=MAX_TOKEN_CHARS)
 
 
 @_body("start", "reply")
@@ -692,6 +744,16 @@ class StartReply(Body):
 
     pid: int = bounded(min=0)
     context: Json = dataclasses.field(default_factory=dict)
+
+
+@_body("claim", "request")
+@_slot
+class ClaimRequest(Body):
+    """Send a stage's held stdout to the caller (client -> the last stage's node)."""
+
+    pipeline: str = bounded(non_empty=True)
+    stage: int = bounded(min=0, max=MAX_ITEMS)
+    token: str = bounded(max_chars=MAX_TOKEN_CHARS, non_empty=True)
 
 
 @_body("gossip", "request")
@@ -900,6 +962,7 @@ __all__ = [
     "Body",
     "CancelReply",
     "CancelRequest",
+    "ClaimRequest",
     "ControlError",
     "Empty",
     "ExitReport",

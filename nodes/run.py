@@ -9,6 +9,9 @@ computes (the command documents them):
   a stage whose data could not be moved (output that is not objects in an object mode);
 * ``EXIT_INTERRUPTED`` (130) after Ctrl-C cancelled every stage.
 
+A last stage on another node than the entry node is read where it runs: the client claims its
+output there (:mod:`dpipes.nodes.direct_read`), or through the entry node when it cannot.
+
 What a run comes to (each stage's result, the exit code, the joblog) is :mod:`dpipes.nodes.results`;
 how a command finds its entry node is :mod:`dpipes.nodes.entry`. Both are re-exported here.
 """
@@ -30,6 +33,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
+from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.dataflow import Incoming, Outgoing
@@ -90,6 +94,7 @@ class RunOptions:
     workdir: str = ""  # --cwd: where every stage starts (relative: from each stage's default place)
     workflow: dict[str, Any] = dataclasses.field(default_factory=dict)  # a workflow document; then pipeline names it
     edge_format: str = "csv"  # a program's bytes at an edge with a plugin: csv, ndjson or arrow
+    direct_read: bool = True  # read the last stage's output at its node, not through the entry node
 
 
 class _Output:
@@ -185,6 +190,7 @@ async def run_pipeline(
     try:
         run = _Run(client.endpoint, options, stdin_fd, stdout_fd, stderr_fd, on_started)
         run.on_pipes = on_pipes
+        run.keys = keys
         stdout_to_view = progress is not None and _is_terminal(stdout_fd)
         if progress is not None:
             run.view = progress
@@ -202,6 +208,8 @@ async def run_pipeline(
         finally:
             if progress is not None:
                 progress.stop()
+            if run.direct is not None:
+                await run.direct.aclose()
     finally:
         await client.aclose()
 
@@ -235,6 +243,9 @@ class _Run:
         self._starting: asyncio.Future[Any] | None = None  # the run request, until answered
         self.refused_reports = 0  # reports to us that were not of their method's shape
         self.view: ProgressView | None = None  # a live view of the run, fed with progress reports
+        self.keys: EntryKeys | None = None  # how we attached to the entry node over TCP
+        self.direct: Client | None = None  # attached to the last stage's node, whose output we read there
+        self._direct_readers: set[asyncio.Task[None]] = set()
 
     async def run(self, handle_sigint: bool) -> RunResult:
         request = RunRequest(
@@ -251,6 +262,7 @@ class _Run:
             progress=self.view is not None,
             workflow=self.options.workflow,
             edge_format=self.options.edge_format,
+            direct_read=self.options.direct_read,
         )
         loop = asyncio.get_running_loop()
         if handle_sigint:  # before asking: a Ctrl-C while the nodes start the stages is not lost
@@ -287,7 +299,9 @@ class _Run:
             self.on_started(reply)
         if self.interrupted:  # Ctrl-C came while the stages were starting: cancel them now
             self._cancel_for_interrupt()
-        tasks = [asyncio.create_task(self._accept()), asyncio.create_task(self._control())]
+        tasks = [asyncio.create_task(self._accept(self.ep)), asyncio.create_task(self._control())]
+        if reply.read_token:  # the last stage holds its output until we say where we read it
+            tasks.append(asyncio.create_task(self._claim_output(reply)))
         if self.options.stdin and not reply.stdin_direct:  # else the first stage reads our stdin itself
             tasks.append(asyncio.create_task(self._feed_stdin(reply.stages[0].addr)))
         try:
@@ -416,6 +430,9 @@ class _Run:
 
     def _on_failed(self, report: FailedReport) -> None:
         self.error = report.error or "the pipeline failed"
+        if self.stages and self.stages[-1].index in report.lost:  # its node is gone: so is what we read there
+            for reader in self._direct_readers:
+                reader.cancel()
         for index in report.lost:
             if 0 <= index < len(self.stages) and not self.stages[index].reported:  # else its own report stands
                 lost = self.stages[index]
@@ -423,13 +440,30 @@ class _Run:
         asyncio.get_running_loop().call_later(CANCEL_WAIT_S, self._done.set)
         self._check_done()
 
-    async def _accept(self) -> None:
+    async def _accept(self, ep: Endpoint, readers: set[asyncio.Task[None]] | None = None) -> None:
         last = self.stages[-1]
         last_addr = f"{last.node}/{self.pipeline}.{last.index}"
         while True:
-            stream = await self.ep.accept()
+            stream = await ep.accept()
             task = asyncio.create_task(self._read(stream, stream.src == last_addr), name=f"from {stream.src}")
             self._readers.add(task)
+            if readers is not None:
+                readers.add(task)
+
+    async def _claim_output(self, reply: RunReply) -> None:
+        """Claim the last stage's output, at its node if we can (:mod:`dpipes.nodes.direct_read`),
+        and read it where it then comes."""
+        from dpipes.nodes.direct_read import claim_output
+
+        try:
+            self.direct = await claim_output(self.ep, reply, self.keys)
+        except DpipesError as exc:  # nobody will read the output: the run cannot end well
+            if not self.error:
+                self.error = f"the output of stage {reply.stages[-1].index} could not be claimed: {exc}"
+            await self._cancel(self.error)
+            return
+        if self.direct is not None:
+            await self._accept(self.direct.endpoint, self._direct_readers)
 
     async def _read(self, stream: InStream, may_be_stdout: bool) -> None:
         index = _stage_index(stream.src)

@@ -13,6 +13,9 @@ stdout
     a stream to ``stdout_to``; bytes mode sends chunks as read (a streaming program's writes
     gathered into chunks of up to 1 MiB: ``read_stdout(coalesce=True)``), object modes wrap each
     object with its ``__dpipes`` metadata. A cancelled stream is downstream gone: the program gets SIGPIPE.
+    A last stage started with ``stdout_token`` holds its stdout (reads none of it) until a
+    ``claim`` with that token names its reader (:meth:`Stages.claim`), so that the client may read
+    it from this node directly; unclaimed for ``CLAIM_TIMEOUT_S``, the stage fails.
 stderr
     a stream of ``STDERR`` messages to ``stderr_to``, opened at the first byte.
 Pipes
@@ -47,10 +50,17 @@ from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
 from dpipes.bus.endpoint import Endpoint, OutStream, StreamCancelled
-from dpipes.bus.errors import BusError, DpipesError
+from dpipes.bus.errors import BusError, DpipesError, StageError
 from dpipes.bus.trust import INSECURE, Identity
 from dpipes.nodes.config import NodeConfig
-from dpipes.nodes.protocol import MAX_TEXT_CHARS, PROGRESS_INTERVAL_S, ExitReport, ProgressReport, StartRequest
+from dpipes.nodes.protocol import (
+    CLAIM_TIMEOUT_S,
+    MAX_TEXT_CHARS,
+    PROGRESS_INTERVAL_S,
+    ExitReport,
+    ProgressReport,
+    StartRequest,
+)
 from dpipes.nodes.supervisor import StageProcess, StdinClosed, set_pipe_size
 
 if TYPE_CHECKING:
@@ -91,6 +101,8 @@ class Stage:
     caller: Identity = INSECURE  # whom it runs for, as the transport established it (nodes.policy.caller_of)
     negotiated_by: str = ""  # the bus address that negotiated it: only that one may start it
     who: str = ""  # the caller for the log, with the node that asked on its behalf
+    claim_token: str = ""  # its stdout waits for a ``claim`` with this token (start.stdout_token)
+    reader: asyncio.Future[str] | None = None  # where that claim sends its stdout, once it came
 
 
 class DirectPipes:
@@ -281,7 +293,14 @@ class StageRun:
         stage, proc, pipes = self.stage, self.proc, self.pipes
         if self.wiring.direct_out:  # a pipe straight to downstream: nothing passes through us
             return
-        out = stage.endpoint.open_stream(self.wiring.stdout_to)
+        try:
+            reader = await self._stdout_reader()
+        except StageError as exc:
+            self.errors.append(f"output: {exc}")
+            proc.close_stdout()
+            await proc.terminate()
+            return
+        out = stage.endpoint.open_stream(reader)
         outgoing = Outgoing(stage.mode, where=stage.describe, meta=self._metadata())
         tee = self._stdio_out
         try:
@@ -330,6 +349,25 @@ class StageRun:
             out.cancel(str(exc))
             proc.close_stdout()
             await proc.terminate()
+
+    async def _stdout_reader(self) -> str:
+        """Where the stdout goes: ``stdout_to``, or, when it is held for a claim, whoever claimed it.
+
+        Nothing is read from the program before this is known, so every byte goes to the one
+        reader the claim chose (its pipe fills and it waits, as behind a slow reader).
+
+        Raises:
+            StageError: nobody claimed it within ``CLAIM_TIMEOUT_S`` (the client is gone).
+        """
+        reader = self.stage.reader
+        if reader is None:
+            return self.wiring.stdout_to
+        try:
+            return await asyncio.wait_for(asyncio.shield(reader), CLAIM_TIMEOUT_S)
+        except TimeoutError:
+            self.stage.claim_token = ""  # too late for anyone now
+            what = f"the output of {self.stage.describe}"
+            raise StageError(f"nobody claimed {what} within {CLAIM_TIMEOUT_S:g} s") from None
 
     def _metadata(self) -> dict[str, Any]:
         """The ``__dpipes`` map of this stage's objects (object modes only use it)."""

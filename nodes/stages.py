@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import logging
 import os
 import shlex
@@ -63,7 +64,9 @@ from dpipes.nodes.protocol import (
     REPORT_TIMEOUT_S,
     UNAUTHORIZED,
     UNREACHABLE,
+    ClaimRequest,
     ControlError,
+    Empty,
     ExitReport,
     NegotiateReply,
     NegotiateRequest,
@@ -389,9 +392,39 @@ class Stages:
             stage.pipes.close()
             raise
         stage.started = time.time()
+        if wiring.stdout_token:  # the client reads the output here: held until it claims it
+            stage.claim_token, stage.reader = wiring.stdout_token, asyncio.get_running_loop().create_future()
         stage.task = self._spawn(self._run(stage, wiring), stage.describe)
         self._log_started(stage, "program")
         return StartReply(pid=stage.proc.pid, context=stage.pipes.context)
+
+    async def claim(self, request: ClaimRequest, src: str) -> Empty:
+        """Send the held stdout of a stage to ``src``, who holds its token (protocol: ``claim``).
+
+        Only the first claim with the right token counts: the token is forgotten as it is taken,
+        so the output goes to exactly one reader, chosen before any of it was read.
+
+        Raises:
+            ControlError: ``not-found`` (no such stage here, its output is not held, or it was
+                claimed already: a token works once), ``unauthorized`` (a wrong token, or a caller
+                who is neither the stage's caller nor the party that negotiated it).
+        """
+        stage = self._stages.get((request.pipeline, request.stage))
+        which = f"the output of stage {request.stage} of pipeline {request.pipeline}"
+        if stage is None or stage.reader is None or not stage.claim_token:
+            raise ControlError(NOT_FOUND, f"node {self.node}: {which} is not held here for a claim (or was claimed)")
+        if not hmac.compare_digest(stage.claim_token.encode(), request.token.encode()):
+            raise ControlError(UNAUTHORIZED, f"node {self.node}: a wrong token for {which}")
+        transport = self.hub.identity_of(src)
+        # The stage's caller, or whoever negotiated it (the entry node, relaying its client's
+        # claim), or this daemon's own user over ipc, who can read anything of ours anyway.
+        allowed = (stage.caller, self.hub.identity_of(stage.negotiated_by), Identity.local_user(os.getuid()))
+        if transport is None or transport not in allowed:
+            raise ControlError(UNAUTHORIZED, f"node {self.node}: {which} is not {transport or src!r:.120}'s to read")
+        stage.claim_token = ""
+        stage.reader.set_result(src)
+        log.info("node %s: %s goes to %s (%s)", self.node, which, src, transport)
+        return Empty()
 
     def _log_started(self, stage: Stage, what: str) -> None:
         """The record of every run (issue 12): who, what, where; the argv escaped (``%r`` of its

@@ -40,6 +40,8 @@ the entry node (which coordinates the run):
   no reply); a local dpipesd that crashed is named on stderr before the embedded node runs.
   A plain bytes-mode run on this host's dpipesd takes a short path that starts faster (no
   asyncio); DPIPES_SHORT_PATH=0 in the environment takes the full one (same results).
+  A last stage on another node is read from that node directly (the full path; the entry node's
+  path when that node cannot be reached); DPIPES_DIRECT_READ=0 reads it through the entry node.
 
 keys (a node over TCP, as ssh does it):
   Over TCP dpipes speaks CurveZMQ: encrypted, and both ends authenticated. It uses your client
@@ -566,6 +568,7 @@ async def _run(args: argparse.Namespace) -> int:
         workdir=args.cwd,
         workflow=args.workflow_doc,
         edge_format=args.edge_format or "csv",
+        direct_read=os.environ.get("DPIPES_DIRECT_READ") != "0",  # 0: through the entry node (to compare)
     )
     if args.workflow_doc and "input" not in args.workflow_doc:
         import dataclasses

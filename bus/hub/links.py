@@ -65,6 +65,11 @@ class Links:
             for link in self._by_node.values()
         }
 
+    def peer_key(self: Hub, node: str) -> PublicKey | None:
+        """The key the link to ``node`` authenticated (secure hubs, linked peers only), else None."""
+        link = self._by_node.get(node)
+        return link.key if link is not None and link.up else None
+
     def add_peer(self: Hub, endpoint: str, *, key: PublicKey | None = None) -> None:
         """Link to the hub at ``endpoint`` (``tcp://host:port``) and keep retrying while it is away.
 

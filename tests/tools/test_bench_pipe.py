@@ -26,6 +26,9 @@ def test_quick_pipe_suite_measures_every_figure_against_its_baseline() -> None:
     assert [row[0] for row in table] == [
         "pipe.throughput_64MiB",
         "pipe.throughput_64MiB_cpu",
+        "pipe.direct_read_64MiB_cpu",
+        "pipe.direct_read_64MiB_entry_cpu",
+        "pipe.direct_read_64MiB",
         "pipe.one_node_throughput_64MiB",
         "pipe.start_to_finish",
         "pipe.python_floor",

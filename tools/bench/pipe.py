@@ -6,6 +6,10 @@
   the client, both daemons and their stages; for the shell ``sh`` and its two ``cat``. On a machine
   shared with other work this varies less than the wall time. It includes the start of the run,
   which dominates it at ``--quick``'s 64 MiB.
+* ``pipe.direct_read_1GiB``, ``pipe.direct_read_1GiB_cpu`` and ``pipe.direct_read_1GiB_entry_cpu``:
+  the same two-node runs (the client reads the last stage's output at ``bench-b``) against the
+  same with ``DPIPES_DIRECT_READ=0`` (that output through the entry daemon's hub), alternating in
+  one pair of daemons: MB/s, CPU s/GB of everything, and of the entry daemon alone (with its stage).
 * ``pipe.one_node_throughput_1GiB``: ``cat FILE | cat | cat`` on the local daemon (no ``--node``:
   over ipc), against the same pipeline in ``sh``. Neighbours on one node share a kernel pipe and
   dpipes hands its stdout to the last stage, so this measures what dpipes adds around a
@@ -100,12 +104,14 @@ def _cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds so far of our children that have exited and of processes ``pids``
     with theirs (a daemon's stages, reaped by it when their run ends); Linux ``/proc``."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = usage.ru_utime + usage.ru_stime
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
-    return total
+    return usage.ru_utime + usage.ru_stime + sum(_daemon_cpu_seconds(pid) for pid in pids)
+
+
+def _daemon_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds so far of process ``pid`` and its reaped children; Linux ``/proc``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
 
 
 def _timed_cpu(argv: list[str], pids: list[int], env: dict[str, str] | None = None) -> tuple[float, float]:
@@ -134,14 +140,24 @@ def pipe_benchmarks(
         daemons: list[int] = []
         with local_daemons(["bench-a", "bench-b"], runtime, pids=daemons) as (a, _b):
             ours, theirs, our_cpu, their_cpu = [], [], [], []
-            _timed([*dpipes, "--node", a, f"cat {data} | cat@bench-b"], env)  # warm the page cache
+            via_entry, via_entry_cpu, entry_cpu, entry_cpu_via_entry = [], [], [], []
+            two_nodes = [*dpipes, "--node", a, f"cat {data} | cat@bench-b"]
+            entry_env = dict(env, DPIPES_DIRECT_READ="0")  # the last stage's output through the entry node
+            _timed(two_nodes, env)  # warm the page cache
             for _ in range(repeat):
                 wall, cpu = _timed_cpu(["sh", "-c", f"cat {data} | cat > /dev/null"], [])
                 theirs.append(size / wall / 1e6)
                 their_cpu.append(cpu / size * 1e9)
-                wall, cpu = _timed_cpu([*dpipes, "--node", a, f"cat {data} | cat@bench-b"], daemons, env)
+                entry_before = _daemon_cpu_seconds(daemons[0])
+                wall, cpu = _timed_cpu(two_nodes, daemons, env)
+                entry_cpu.append((_daemon_cpu_seconds(daemons[0]) - entry_before) / size * 1e9)
                 ours.append(size / wall / 1e6)
                 our_cpu.append(cpu / size * 1e9)
+                entry_before = _daemon_cpu_seconds(daemons[0])
+                wall, cpu = _timed_cpu(two_nodes, daemons, entry_env)
+                entry_cpu_via_entry.append((_daemon_cpu_seconds(daemons[0]) - entry_before) / size * 1e9)
+                via_entry.append(size / wall / 1e6)
+                via_entry_cpu.append(cpu / size * 1e9)
                 progress(".")
             results.append(
                 result(
@@ -162,6 +178,29 @@ def pipe_benchmarks(
                     their_cpu,
                     higher_is_better=False,
                 )
+            )
+            results.append(
+                result(
+                    f"pipe.direct_read_{size >> 20}MiB_cpu",
+                    "CPU s/GB, client, daemons and stages",
+                    our_cpu,
+                    "DPIPES_DIRECT_READ=0",
+                    via_entry_cpu,
+                    higher_is_better=False,
+                )
+            )
+            results.append(
+                result(
+                    f"pipe.direct_read_{size >> 20}MiB_entry_cpu",
+                    "CPU s/GB, the entry daemon and its stage",
+                    entry_cpu,
+                    "DPIPES_DIRECT_READ=0",
+                    entry_cpu_via_entry,
+                    higher_is_better=False,
+                )
+            )
+            results.append(
+                result(f"pipe.direct_read_{size >> 20}MiB", "MB/s", ours, "DPIPES_DIRECT_READ=0", via_entry)
             )
             local, theirs = [], []  # one node: neighbours share a kernel pipe, dpipes hands over its stdout
             for _ in range(repeat):
