@@ -83,6 +83,9 @@ class Client:
         self._reader: shm.Reader | None = None
         self._frees = shm.Frees(self._send_frees)  # leases our reader has done with
         self._leases_back: asyncio.Future[None] | None = None  # set when the pool has none out (aclose)
+        # SHM messages made in this loop pass, sent together at its end (or before anything else
+        # we send): a burst of handles wakes each side's I/O thread and the hub's loop once.
+        self._handles: list[list[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -192,9 +195,9 @@ class Client:
         if self._pool is not None and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES:
             handed = shm.shared(self._pool, codec.header_of(msg), msg.frames)  # type: ignore[attr-defined]
             if handed is not None:
-                self._pump.send(handed)
+                self._send_handle(handed)
                 return
-        self._pump.send(codec.encode(msg))
+        self._send_now(codec.encode(msg))
 
     def send_frames(self, dst: str, frames: list[Any]) -> None:
         """Transport: send an encoded message to the hub.
@@ -208,7 +211,27 @@ class Client:
         if self._pool is not None and len(frames) > 1 and _payload_bytes(frames) >= shm.MIN_PAYLOAD_BYTES:
             handed = shm.shared(self._pool, codec.decode_header(frames[0]), frames[1:])  # our endpoint's own header
             if handed is not None:
-                frames = handed
+                self._send_handle(handed)
+                return
+        self._send_now(frames)
+
+    def _send_handle(self, frames: list[Any]) -> None:
+        """Send an SHM message at the end of this loop pass, with the others made in it."""
+        if not self._handles and self._loop is not None:
+            self._loop.call_soon(self._flush_handles)
+        self._handles.append(frames)
+
+    def _flush_handles(self) -> None:
+        handles, self._handles = self._handles, []
+        if self._pump is not None:
+            for frames in handles:
+                self._pump.send(frames)
+
+    def _send_now(self, frames: list[Any]) -> None:
+        """Send ``frames`` behind the SHM messages waiting for the end of the pass."""
+        assert self._pump is not None
+        if self._handles:
+            self._flush_handles()
         self._pump.send(frames)
 
     def lease_filled(self, dst: str, nbytes: int, fill: Callable[[memoryview], Sequence[int]]) -> shm.Lease | None:
@@ -280,7 +303,7 @@ class Client:
         if self._endpoint is None or self._gone is not None or self._pump is None:
             return
         for sender, leases in frees.items():
-            self._pump.send(codec.encode(codec.ShmFree(src=self._endpoint.addr, dst=sender, leases=leases)))
+            self._send_now(codec.encode(codec.ShmFree(src=self._endpoint.addr, dst=sender, leases=leases)))
 
     def _on_bye(self, bye: codec.Bye) -> None:
         """The hub detached us (it stops, we were silent, or we sent it bad messages): fail everything now."""
@@ -326,7 +349,7 @@ class Client:
             ep, self._endpoint = self._endpoint, None
             ep.fail_all(BusError(f"client {ep.addr} closed"))
             if self._gone is None:  # a hub that said BYE has forgotten us already
-                self._pump.send(codec.encode(codec.Bye(src=ep.addr, dst=codec.split_addr(ep.addr)[0] + "/")))
+                self._send_now(codec.encode(codec.Bye(src=ep.addr, dst=codec.split_addr(ep.addr)[0] + "/")))
         await self._close_sockets()
 
     async def _await_leases(self) -> None:
@@ -346,6 +369,7 @@ class Client:
         if self._reader is not None:
             self._reader.close()
         if self._pump is not None:
+            self._flush_handles()
             try:
                 await asyncio.wait_for(self._pump.drained(), CLOSE_DRAIN_S)
             except TimeoutError:
