@@ -364,12 +364,12 @@ class Client:
         self._leases_back = None
 
     async def _close_sockets(self) -> None:
+        self._flush_handles()  # before the pool closes: they name its segments
         if self._pool is not None:
             self._pool.close()  # the hub keeps its own mapping of what it still reads
         if self._reader is not None:
             self._reader.close()
         if self._pump is not None:
-            self._flush_handles()
             try:
                 await asyncio.wait_for(self._pump.drained(), CLOSE_DRAIN_S)
             except TimeoutError:
