@@ -284,15 +284,13 @@ class Client:
         if self._reader is None:
             self._reader = shm.Reader(self._free_later)
         try:
-            views = self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes, msg.offset)
-            inner = codec.from_header(msg.inner_header(), views)
+            inner = msg.inner(self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes, msg.offset))
         except DecodeError as exc:
             self.dropped += 1
             log_fn = log.warning if self.dropped == 1 else log.debug
             log_fn("client of %s: dropped an SHM message from %s: %s", self.hub, msg.src, exc)
             self._free_later(msg.src, msg.lease)  # whatever it was, we will not read it
             return
-        del views
         self._endpoint._deliver(inner)
 
     def _free_later(self, sender: str, lease: int, nbytes: int = 0) -> None:

@@ -46,6 +46,10 @@ _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _raw_send = _RawSocket.send
 _raw_recv = _RawSocket.recv
+# The sugar's getsockopt converts its option to an enum member first: 0.4 us of the 1.8 an EVENTS
+# costs, asked once or twice per wake-up of every pump.
+_raw_get = _RawSocket.get
+_EVENTS = int(zmq.EVENTS)
 
 
 def send_frames(sock: zmq.Socket[Any], frames: list[Any]) -> None:
@@ -112,7 +116,7 @@ class Pump:
             return
         sock = self.sock
         try:
-            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            events: int = _raw_get(sock, _EVENTS)
         except zmq.ZMQError:
             return
         if events & _POLLOUT and self._backlog:
@@ -139,7 +143,7 @@ class Pump:
             # One message per wake-up is the common case of requests and large chunks: ask EVENTS
             # (1.3 us) rather than try a recv that raises zmq.Again (2.9 us). EVENTS without POLLIN
             # also re-arms the FD, as the Again would.
-            if i == 0 and not sock.getsockopt(zmq.EVENTS) & _POLLIN:  # type: ignore[operator]
+            if i == 0 and not _raw_get(sock, _EVENTS) & _POLLIN:
                 return
         self._schedule()  # more may be waiting: continue after other tasks ran
 
