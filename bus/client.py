@@ -197,6 +197,9 @@ class Client:
             if handed is not None:
                 self._send_handle(handed)
                 return
+        if msg.KIND == "SHM":  # a payload written in place (OutStream.send_in_place)
+            self._send_handle(codec.encode(msg))
+            return
         self._send_now(codec.encode(msg))
 
     def send_frames(self, dst: str, frames: list[Any]) -> None:

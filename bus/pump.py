@@ -48,7 +48,7 @@ _raw_send = _RawSocket.send
 _raw_recv = _RawSocket.recv
 # The sugar's getsockopt converts its option to an enum member first: 0.4 us of the 1.8 an EVENTS
 # costs, asked once or twice per wake-up of every pump.
-_raw_get = _RawSocket.get
+_raw_get: Callable[[zmq.Socket[Any], int], int] = _RawSocket.get  # type: ignore[assignment]  # EVENTS: an int
 _EVENTS = int(zmq.EVENTS)
 
 

@@ -41,7 +41,8 @@ The pool's credit
 Segments outlive their pool
     Making a segment and pre-faulting it costs about 0.7 ms per MiB (the kernel zeroes every page),
     some twenty times the copy into it. A process that attaches clients one after another (a fresh
-    client per job) would pay that again for each; so a pool that closes leaves its free segments
+    client per job) would pay that again for each; so a closing client waits (briefly) for its
+    hub to give back what it still reads, and a pool that closes leaves its free segments
     (none a receiver still reads) to the process's next pool, up to ``STASH_BYTES`` in all, the
     oldest given back first (:func:`drop_stash` gives them all back to the kernel). A forked child
     forgets its parent's.

@@ -133,11 +133,15 @@ class _Held:
         self.segment = segment
 
 
-class _Watch(weakref.ref):  # type: ignore[type-arg]
+class _Watch(weakref.ref):
     """Tells the reader when a ``_Held`` is gone: a bare weak reference with the lease it stands for
     (a third of ``weakref.finalize``'s cost, paid once per message)."""
 
     __slots__ = ("lease", "nbytes", "segment", "sender")
+    lease: int
+    nbytes: int
+    segment: _Mapped
+    sender: str
 
 
 class Reader:
