@@ -773,6 +773,19 @@ class Shm(Message):
         header.update(v=PROTOCOL_VERSION, kind=self.of, src=self.src, dst=self.dst, sid=self.sid, seq=self.seq)
         return header
 
+    def inner(self, views: Sequence[memoryview]) -> Message:
+        """The message this stands for, its payload frames ``views`` (``sizes`` bytes each).
+
+        Raises:
+            DecodeError: as ``from_header`` for the message's own header and payload.
+        """
+        cls = KINDS[self.of]
+        if not self.fields and not cls._SPEC:  # BYTES, STDERR: only the frames to check, once per 1 MiB chunk
+            low, high = cls.PAYLOAD_FRAMES
+            if low <= len(views) <= high and all(size <= MAX_PAYLOAD_FRAME_BYTES for size in self.sizes):
+                return stream_message(cls, self.src, self.dst, self.sid, self.seq, tuple(views))
+        return from_header(self.inner_header(), views)
+
 
 _COMMON_KEYS = frozenset({"v", "kind", "src", "dst", "sid", "seq"})
 

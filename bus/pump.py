@@ -53,7 +53,8 @@ _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _raw_send = _RawSocket.send
 _raw_recv = _RawSocket.recv
-# The backend's get, called with EVENTS only: an int.
+# The sugar's getsockopt converts its option to an enum member first: 0.4 us of the 1.8 an EVENTS
+# costs, asked once or twice per wake-up of every pump. The backend's get, with EVENTS: an int.
 _raw_get: Callable[[Any, int], int] = _RawSocket.get  # type: ignore[assignment]
 _EVENTS = int(zmq.EVENTS)
 

@@ -41,9 +41,11 @@ The pool's credit
 Segments outlive their pool
     Making a segment and pre-faulting it costs about 0.7 ms per MiB (the kernel zeroes every page),
     some twenty times the copy into it. A process that attaches clients one after another (a fresh
-    client per job) would pay that again for each; so a pool that closes leaves its free segments
-    (none a receiver still reads) to the process's next pool, up to ``STASH_BYTES`` in all
-    (:func:`drop_stash` gives them back to the kernel). A forked child forgets its parent's.
+    client per job) would pay that again for each; so a closing client waits (briefly) for its
+    hub to give back what it still reads, and a pool that closes leaves its free segments
+    (none a receiver still reads) to the process's next pool, up to ``STASH_BYTES`` in all, the
+    oldest given back first (:func:`drop_stash` gives them all back to the kernel). A forked child
+    forgets its parent's.
 
 This module is the sending side and what both sides share; the receiving side (mappings, views,
 ``SHM_FREE`` in batches) is ``dpipes.bus.shm_receive``, whose names this module offers too.
@@ -337,35 +339,48 @@ def _close_segment(segment: _Segment) -> None:
 
 class _Stash:
     """Free segments of this process's closed pools, for its next pools (thread-safe: clients of
-    several threads may close and attach at once)."""
+    several threads may close and attach at once).
+
+    Past ``STASH_BYTES``, the segments stashed longest ago go back to the kernel first: the pools
+    closed last say best what the next will need (a stream of 10k-row Arrow batches after one of
+    64 MB batches kept only 8 of the 8 MiB segments it needs beside the unused 64 MiB one, and made
+    one or two again per run).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._free: dict[int, list[_Segment]] = collections.defaultdict(list)
+        self._free: list[_Segment] = []  # oldest first
         self.bytes = 0
 
     def take(self, size: int) -> _Segment | None:
         with self._lock:
-            free = self._free.get(size)
-            if not free:
-                return None
-            self.bytes -= size
-            return free.pop()
+            for i in range(len(self._free) - 1, -1, -1):  # the newest: its pages are the likeliest in cache
+                if self._free[i].size == size:
+                    self.bytes -= size
+                    return self._free.pop(i)
+            return None
 
     def put(self, segment: _Segment) -> bool:
-        """Keep ``segment`` (free: nobody reads it) for a later pool; False when the stash is full."""
+        """Keep ``segment`` (free: nobody reads it) for a later pool, giving back older ones to
+        make room; False when it alone is larger than the stash."""
+        if segment.size > STASH_BYTES:
+            return False
         with self._lock:
-            if self.bytes + segment.size > STASH_BYTES:
-                return False
-            self._free[segment.size].append(segment)
+            evicted = []
+            while self.bytes + segment.size > STASH_BYTES:
+                oldest = self._free.pop(0)
+                self.bytes -= oldest.size
+                evicted.append(oldest)
+            self._free.append(segment)
             self.bytes += segment.size
-            return True
+        for old in evicted:
+            _close_segment(old)
+        return True
 
     def drop(self) -> int:
         """Unmap and close every stashed segment; returns the bytes given back."""
         with self._lock:
-            segments = [s for free in self._free.values() for s in free]
-            self._free.clear()
+            segments, self._free = self._free, []
             dropped, self.bytes = self.bytes, 0
         for segment in segments:
             _close_segment(segment)

@@ -133,6 +133,17 @@ class _Held:
         self.segment = segment
 
 
+class _Watch(weakref.ref):
+    """Tells the reader when a ``_Held`` is gone: a bare weak reference with the lease it stands for
+    (a third of ``weakref.finalize``'s cost, paid once per message)."""
+
+    __slots__ = ("lease", "nbytes", "segment", "sender")
+    lease: int
+    nbytes: int
+    segment: _Mapped
+    sender: str
+
+
 class Reader:
     """A receiver's mappings of senders' segments, and the views it hands out over them.
 
@@ -145,6 +156,7 @@ class Reader:
     def __init__(self, release: Callable[[str, int, int], None]) -> None:
         self._release = release
         self._mapped: dict[str, _Mapped] = {}
+        self._watches: set[_Watch] = set()  # one per message whose views are still held
         self.mapped_bytes = 0
 
     def views(
@@ -168,7 +180,9 @@ class Reader:
             )
         held = _Held(segment)
         segment.live += 1
-        weakref.finalize(held, self._done, segment, sender, lease_id, end - offset)
+        watch = _Watch(held, self._done)
+        watch.segment, watch.sender, watch.lease, watch.nbytes = segment, sender, lease_id, end - offset
+        self._watches.add(watch)  # a weak reference must itself live until its callback
         out = []
         at = segment.address + offset
         for size in sizes:
@@ -176,9 +190,10 @@ class Reader:
             at += size
         return tuple(out)
 
-    def _done(self, segment: _Mapped, sender: str, lease_id: int, nbytes: int) -> None:
-        segment.live -= 1
-        self._release(sender, lease_id, nbytes)
+    def _done(self, watch: _Watch) -> None:
+        self._watches.discard(watch)
+        watch.segment.live -= 1
+        self._release(watch.sender, watch.lease, watch.nbytes)
 
     def _map(self, handle: str, sender: str) -> _Mapped:
         pid, fd, token, size = _parse_handle(handle)

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 CREDIT_GRANT_FRACTION = 4  # grant credit once a quarter of the window has been consumed
 YIELD_EVERY_MESSAGES = 256  # a sender with credit still lets the loop run this often...
-YIELD_EVERY_BYTES = 1 << 20  # ...or after this many bytes, so heartbeats and readers keep going
+YIELD_EVERY_BYTES = 4 << 20  # ...or after this many bytes, so heartbeats and readers keep going
 YIELD_SHIFT = (YIELD_EVERY_BYTES // YIELD_EVERY_MESSAGES).bit_length() - 1  # bytes -> message units
 REFUSED_LOG_INTERVAL_S = 10.0  # an endpoint (or a hub's held bytes) logs what it refuses at most once per interval
 READ_MANY_MESSAGES = 4096  # what read_chunks hands over at most per call: a batch's worth

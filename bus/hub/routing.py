@@ -82,8 +82,7 @@ class Routing:
         Raises:
             DecodeError: the handle names no segment we can map, or the message inside is malformed.
         """
-        views = self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes, msg.offset)
-        return codec.from_header(msg.inner_header(), views)
+        return msg.inner(self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes, msg.offset))
 
     def _route_unshared(self: Hub, ident: bytes, header: dict[str, Any], to: _Client | _Link) -> None:
         """An SHM for a party we share no memory with: the message it stands for, copied out on the way."""

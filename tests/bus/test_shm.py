@@ -304,11 +304,28 @@ async def test_a_closed_clients_segments_serve_the_next_client_of_the_process() 
                 assert await reader.read(timeout=WAIT_S) is None and await closing == MIB
                 pool = client._pool
                 assert pool is not None
-                await until(lambda pool=pool: pool.leased == 0)
                 handles.append(set(pool._by_handle))
+            # Closed at once: the client waited for its hub to give the lease back, so that the
+            # segment went to the stash instead of being unmapped.
         assert handles[0] == handles[1]  # the second client made no segment: it took the first's
         assert shm._STASH.bytes == MIB  # a 1 MiB chunk had a segment of its own
     assert nothing_mapped_once_the_stash_is_dropped()
+
+
+def test_the_stash_gives_back_its_oldest_segments_to_keep_the_last_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shm, "STASH_BYTES", 4 * MIB)
+    first = shm.Pool()
+    lease = first.lease([chunk(0) * 2], "alpha/sink")  # 2 MiB: a segment of its own
+    assert lease is not None and first.release([lease.id], "alpha/sink") == 1
+    first.close()
+    second = shm.Pool()
+    leases = [second.lease([chunk(i)], "alpha/sink") for i in range(3)]  # three 1 MiB segments
+    assert second.release([lease.id for lease in leases if lease is not None], "alpha/sink") == 3
+    second.close()
+    # The next pool is likelier to need what the last one used than the older 2 MiB segment.
+    assert sorted(segment.size for segment in shm._STASH._free) == [MIB, MIB, MIB]
+    assert shm._STASH.bytes == 3 * MIB
+    assert nothing_mapped_once_the_stash_is_dropped()  # the 2 MiB one was unmapped, not leaked
 
 
 def test_a_forked_child_keeps_none_of_its_parents_segments() -> None:
