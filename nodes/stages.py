@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import logging
 import os
@@ -45,6 +46,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from dpipes.bus import codec
@@ -154,6 +156,7 @@ class Stages:
         # known: should it fail, its reader here is cancelled before it can see an end of input.
         self._held_outputs: dict[tuple[str, int], int] = {}
         self._swept = False  # the bootstrap dirs of dead nodes, removed once
+        self._remover: ThreadPoolExecutor | None = None  # made at the first removal
         # How much a producer may have in flight towards a stage here: the protocol's initial
         # credit, and what a larger window adds is granted as the stream opens.
         self.window = config.limits.credit_bytes
@@ -359,7 +362,7 @@ class Stages:
             from dpipes.nodes.pipes import remove_stale_bootstrap_dirs
 
             self._swept = True
-            self._spawn(asyncio.to_thread(remove_stale_bootstrap_dirs), "remove stale Pipes bootstrap dirs")
+            self._spawn(self._in_remover(remove_stale_bootstrap_dirs), "remove stale Pipes bootstrap dirs")
         env = stage_environment(self.config.pass_env)  # never the daemon's own: nodes.stage_env
         env.update(self._env(stage, wiring))
         cwd = env["PWD"] = self.workdir(wiring.cwd)  # PWD: a shell's pwd trusts it when it is right
@@ -505,7 +508,15 @@ class Stages:
         """Remove ``directory`` in a thread, not on the loop: one ``rmdir`` took 1-4 ms on this
         project's machines (ext4 /tmp), and the stage's exit report, with every other stage's
         traffic, waited for it (a short run's end waited for one per stage)."""
-        self._spawn(asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True), f"remove {directory}")
+        self._spawn(self._in_remover(shutil.rmtree, directory, ignore_errors=True), f"remove {directory}")
+
+    async def _in_remover(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """Run ``fn`` on the one thread that removes directories, in order. Not the loop's default
+        pool: it grows a thread whenever none is idle, so a burst of exits under load would leave
+        the daemon with more threads for good (up to the pool's maximum), and one thread keeps up."""
+        if self._remover is None:
+            self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpipes-remove")
+        await asyncio.get_running_loop().run_in_executor(self._remover, functools.partial(fn, *args, **kwargs))
 
     async def _cancel_reader(self, stage: Stage, error: str) -> None:
         """Cancel the stage that reads ``stage``'s direct output here (before it sees the pipe's end)."""
@@ -560,6 +571,8 @@ class Stages:
             stage.stop.set()
         await asyncio.gather(*(self._kill(stage) for stage in stages), return_exceptions=True)
         self.direct.close_all()
+        if self._remover is not None:  # what it was given still runs; the process waits for it at exit
+            self._remover.shutdown(wait=False)
 
     async def _kill(self, stage: Stage) -> None:
         if stage.proc is not None:
