@@ -53,7 +53,8 @@ in a child process: one host, so the batches' buffers travel in shared memory as
   pool): at least 1x, with zero loss.
 
 Each throughput row has a ``..._cpu`` row: CPU seconds per GB of both processes together, from
-``getrusage`` (this process) and ``/proc/PID/stat`` (the child) across the timed part; dora's nodes
+``getrusage`` (this process) and the child's threads' ``/proc/PID/task/TID/schedstat``
+(nanoseconds; ``/proc/PID/stat``'s 10 ms ticks where the kernel has no schedstat) across the timed part; dora's nodes
 read their own ``getrusage``, and dora's daemon is not counted.
 """
 
@@ -145,6 +146,18 @@ def cpu_seconds(pid: int | None = None) -> float:
     if pid is None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
+    # /proc/PID/stat counts in clock ticks (10 ms), as long as a quick run; each thread's schedstat
+    # counts its time on a CPU in nanoseconds. Threads that ended are missing from the sum: the
+    # sinks' threads live as long as the sinks.
+    if os.path.exists(f"/proc/{pid}/schedstat"):
+        total_ns = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total_ns += int(f.read().split()[0])
+            except FileNotFoundError:  # the thread ended meanwhile
+                continue
+        return total_ns / 1e9
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
