@@ -848,6 +848,45 @@ def packb_header(msg: Message) -> bytes:
     return _packb(header_of(msg))
 
 
+def packb_request(src: str, dst: str, rid: int, method: str, body: dict[str, Any]) -> bytes:
+    """The header frame of ``Request(src=src, dst=dst, seq=rid, method=method, body=body)``.
+
+    The same bytes as ``packb_header`` of that message (the keys in its order), for a third of the
+    cost: no message object is made and read back field by field. A request to another node is
+    encoded anyway; this is one side of every round trip.
+    """
+    return _packb(
+        {
+            "v": PROTOCOL_VERSION,
+            "kind": "REQUEST",
+            "src": src,
+            "dst": dst,
+            "sid": 0,
+            "seq": rid,
+            "method": method,
+            "body": body,
+        }
+    )
+
+
+def packb_reply(src: str, dst: str, seq: int, ok: bool, body: dict[str, Any], error: str) -> bytes:
+    """The header frame of ``Reply(src=src, dst=dst, seq=seq, ok=ok, body=body, error=error)``, as
+    ``packb_request`` makes a request's: the other side of every round trip."""
+    return _packb(
+        {
+            "v": PROTOCOL_VERSION,
+            "kind": "REPLY",
+            "src": src,
+            "dst": dst,
+            "sid": 0,
+            "seq": seq,
+            "ok": ok,
+            "body": body,
+            "error": error,
+        }
+    )
+
+
 def packb_shm(header: Mapping[str, Any], handle: str, lease: int, sizes: list[int], offset: int = 0) -> bytes:
     """The header frame of the ``SHM`` standing for the message whose decoded header is ``header``,
     its payload frames (``sizes`` bytes each) now in lease ``lease``, ``offset`` bytes into segment

@@ -112,6 +112,7 @@ class Endpoint:
         held: HeldBytes | None = None,
     ) -> None:
         self.addr = addr
+        self._node = codec.split_addr(addr)[0]
         self._held = held
         self._transport = transport
         self._loop = asyncio.get_running_loop()
@@ -238,7 +239,10 @@ class Endpoint:
         if deadline < self._expiry_at:
             self._expire_at(deadline)
         try:
-            self._send(codec.Request(src=self.addr, dst=dst, seq=rid, method=method, body=body or {}))
+            if dst.partition("/")[0] != self._node:  # encoded on its way anyway: pack it here, in one step
+                self._send_frames(dst, [codec.packb_request(self.addr, dst, rid, method, body or {})])
+            else:  # an endpoint of this node may get the message as it is, never encoded
+                self._send(codec.Request(src=self.addr, dst=dst, seq=rid, method=method, body=body or {}))
             reply = await future
         finally:
             self._requests.pop(rid, None)
@@ -271,9 +275,11 @@ class Endpoint:
 
     def reply(self, request: codec.Request, body: dict[str, Any] | None = None, *, error: str = "") -> None:
         """Answer ``request``: with ``body``, or as a failure when ``error`` is given."""
-        self._send(
-            codec.Reply(src=self.addr, dst=request.src, seq=request.seq, ok=not error, body=body or {}, error=error)
-        )
+        dst = request.src
+        if dst.partition("/")[0] != self._node:  # as in ``request``: packed here when it goes to another node
+            self._send_frames(dst, [codec.packb_reply(self.addr, dst, request.seq, not error, body or {}, error)])
+            return
+        self._send(codec.Reply(src=self.addr, dst=dst, seq=request.seq, ok=not error, body=body or {}, error=error))
 
     # -- streams -----------------------------------------------------------------------------
 

@@ -192,6 +192,15 @@ def test_stream_header_prefix_matches_encode() -> None:
         assert prefix + codec.packb_int(seq) == codec.encode(codec.Bytes(src="a/x", dst="b/y", sid=9, seq=seq))[0]
 
 
+def test_packed_request_and_reply_are_the_messages_encoded() -> None:
+    body = {"p": b"\x00" * 64, "n": [1, 2]}
+    request = codec.Request(src="a/x", dst="b/y", seq=7, method="echo", body=body)
+    assert codec.packb_request("a/x", "b/y", 7, "echo", body) == codec.encode(request)[0]
+    for ok, error in ((True, ""), (False, "it broke")):
+        reply = codec.Reply(src="b/y", dst="a/x", seq=7, ok=ok, body=body, error=error)
+        assert codec.packb_reply("b/y", "a/x", 7, ok, body, error) == codec.encode(reply)[0]
+
+
 def test_schema_file_is_current() -> None:
     assert json.loads(SCHEMA_FILE.read_text()) == json.loads(json.dumps(codec.header_schema()))
 
