@@ -381,17 +381,18 @@ def _unpack_header(frame: Buffer) -> Any:
 _LEAVES = frozenset({str, int, bytes, float, bool, type(None)})  # what msgpack decodes besides maps and arrays
 
 
-def _check_depth(value: Any, what: str) -> None:
-    """Raise DecodeError when ``value`` nests maps/arrays deeper than MAX_DEPTH.
+def _check_depth(value: Any, name: str) -> None:
+    """Raise DecodeError when field ``name``'s ``value`` nests maps/arrays deeper than MAX_DEPTH.
 
     Level by level, leaves skipped by their exact type: an Arrow message's map is checked once per
-    batch, and a per-item generator cost more than the rest of its decoding.
+    batch, and a per-item generator cost more than the rest of its decoding. The error's text is
+    made only for an error: every REQUEST and REPLY has a map.
     """
     level = [value]
     depth = 1
     while level:
         if depth > MAX_DEPTH:
-            raise DecodeError(f"{what} nests deeper than {MAX_DEPTH} levels")
+            raise DecodeError(f"field {name!r} nests deeper than {MAX_DEPTH} levels")
         below: list[Any] = []
         for item in level:
             kind = type(item)
@@ -445,7 +446,7 @@ def _bool(value: Any, name: str) -> bool:
 def _map(value: Any, name: str) -> dict[str, Any]:
     if type(value) is not dict:
         raise DecodeError(f"field {name!r} must be a map, got {type(value).__name__}")
-    _check_depth(value, f"field {name!r}")
+    _check_depth(value, name)
     return value
 
 
@@ -961,14 +962,26 @@ def decode_header(frame: Buffer, payload_frames: int | None = None) -> dict[str,
     cls = KINDS.get(kind) if type(kind) is str else None  # a list is not hashable: test the type first
     if cls is None:
         raise DecodeError(f"unknown message kind {kind!r:.40}", header=header)
-    try:
-        _str(src, "src")
-        _str(dst, "dst")
-        _int(sid, "sid")
-        _int(seq, "seq")
-    except DecodeError as exc:
-        exc.header = header
-        raise
+    # Every message a hub routes passes here: one test of the common case, and the checks that
+    # name what is wrong only when it fails.
+    if not (
+        type(src) is str
+        and type(dst) is str
+        and len(src) <= MAX_STRING_CHARS
+        and len(dst) <= MAX_STRING_CHARS
+        and type(sid) is int
+        and type(seq) is int
+        and 0 <= sid < 2**63
+        and 0 <= seq < 2**63
+    ):
+        try:
+            _str(src, "src")
+            _str(dst, "dst")
+            _int(sid, "sid")
+            _int(seq, "seq")
+        except DecodeError as exc:
+            exc.header = header
+            raise
     if payload_frames is not None:
         low, high = cls.PAYLOAD_FRAMES
         if not low <= payload_frames <= high:

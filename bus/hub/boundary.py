@@ -73,15 +73,16 @@ class Boundary:
             if kind == "HELLO":
                 self._on_hello(ident, frames)
                 return
-            if codec.split_addr(header["src"])[0] != node:
+            if header["src"].partition("/")[0] != node:
                 error = DecodeError(f"source {header['src']!r:.80} is not on node {node!r}")
                 self._bad(_Sender(node, ident, peer=node), error, header)
                 return
-            if codec.split_addr(header["dst"])[0] != self.node:
+            dst_node, _, name = header["dst"].partition("/")  # split once: _route takes the parts
+            if dst_node != self.node:
                 error = DecodeError(f"destination {header['dst']!r:.80} is not on node {self.node!r}: no relaying")
                 self._bad(_Sender(node, ident, peer=node), error, header)
                 return
-            self._route(ident, header, frames)
+            self._route(ident, header, frames, dst_node, name)
             return
         client = self._clients.get(ident)
         if client is not None:
@@ -101,7 +102,8 @@ class Boundary:
                 return
             if client.open_streams is not None and (header["seq"] == 1 or kind == "EOF") and header["sid"]:
                 self._note_stream(client, kind, header)  # a worker's stream opens or ends (cheap test first)
-            self._route(ident, header, frames)
+            dst_node, _, name = header["dst"].partition("/")
+            self._route(ident, header, frames, dst_node, name)
             return
         if kind == "HELLO":
             self._on_hello(ident, frames)

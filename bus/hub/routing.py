@@ -31,9 +31,9 @@ class Routing:
     _pool: shm.Pool | None  # made when a same-host client first gets a large payload
     _frees: shm.Frees  # leases our endpoints have done with
 
-    def _route(self: Hub, ident: bytes, header: dict[str, Any], frames: list[Any]) -> None:
-        """Deliver a message from ``ident`` whose header is decoded; ``frames`` as the ROUTER gave them."""
-        node, name = codec.split_addr(header["dst"])
+    def _route(self: Hub, ident: bytes, header: dict[str, Any], frames: list[Any], node: str, name: str) -> None:
+        """Deliver a message from ``ident`` whose header is decoded, to ``node/name`` (its ``dst``,
+        split by the boundary, which looked at its node already); ``frames`` as the ROUTER gave them."""
         if self._tap_topics:
             self._publish_tap(header, frames[2:])
         if node == self.node:
@@ -47,7 +47,8 @@ class Routing:
                 self._bounce(header, "no-endpoint", f"no endpoint {name!r:.100} on node {self.node}")
             elif isinstance(party, Endpoint):
                 try:
-                    msg = codec.from_header(header, [f.buffer for f in frames[2:]])
+                    # no payload (requests, replies, credit): no list to build, and no comprehension to call
+                    msg = codec.from_header(header, [f.buffer for f in frames[2:]] if len(frames) > 2 else ())
                     if isinstance(msg, codec.Shm):
                         msg = self._unshared(msg)
                 except DecodeError as exc:
