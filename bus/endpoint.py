@@ -326,12 +326,12 @@ class Endpoint:
             pending = self._requests.get(msg.seq)
             if pending is not None and pending[0] == msg.src and not pending[1].done():
                 pending[1].set_result(msg)
+        elif self._on_request is not None and isinstance(msg, codec.Request):  # the other end of a round trip
+            self._answer(self._on_request, msg)
         elif isinstance(msg, codec.Error):
             self._on_error(msg)
         elif isinstance(msg, codec.Link):
             self._on_link(msg)
-        elif self._on_request is not None and isinstance(msg, codec.Request):
-            self._answer(self._on_request, msg)
         else:
             self._inbox.put(msg)
 
