@@ -66,6 +66,10 @@ def send_frames(sock: zmq.Socket[Any], frames: list[Any]) -> None:
         zmq.Again: the socket's queue is full; nothing was sent (multipart sends are atomic).
     """
     last = len(frames) - 1
+    if not last:  # one frame (requests, replies, credit): no loop
+        frame = frames[0]
+        _raw_send(sock, frame, _NOBLOCK, not isinstance(frame, zmq.Frame) and len(frame) <= COPY_UP_TO_BYTES, False)
+        return
     for i, frame in enumerate(frames):
         copy = not isinstance(frame, zmq.Frame) and len(frame) <= COPY_UP_TO_BYTES
         _raw_send(sock, frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, copy, False)

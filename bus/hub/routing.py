@@ -181,8 +181,7 @@ class Routing:
 
     def _send_frames_local(self: Hub, dst: str, frames: list[Any]) -> None:
         """The transport of in-process endpoints, for messages they encoded themselves."""
-        node = codec.split_addr(dst)[0]
-        link = self._by_node.get(node)
+        link = self._by_node.get(dst.partition("/")[0])
         if link is not None:
             if self._tap_topics:  # mirrored as encoded: the header read once, nothing encoded again
                 try:
