@@ -294,7 +294,7 @@ class Client:
             log_fn("client of %s: dropped an SHM message from %s: %s", self.hub, msg.src, exc)
             self._free_later(msg.src, msg.lease)  # whatever it was, we will not read it
             return
-        self._endpoint._deliver(inner)
+        self._endpoint._deliver_shared(inner)
 
     def _free_later(self, sender: str, lease: int, nbytes: int = 0) -> None:
         """The reader dropped a lease's views (maybe inside a garbage collection): tell its sender soon."""

@@ -178,9 +178,10 @@ Flow control
     The sender may start a data message only while the units it has spent are fewer than the
     units granted (so one message may overshoot), and waits otherwise until a ``CREDIT``
     arrives. Receivers grant units back as their consumer takes messages, never before; a
-    dpipes endpoint grants once a quarter of its window has been taken, and an endpoint whose
+    dpipes endpoint grants once half of its window has been taken, and an endpoint whose
     window is larger than ``INITIAL_CREDIT_BYTES`` grants the difference when the stream
-    opens. ``EOF.total`` and ``EOF_ACK.total`` count payload bytes only, not units.
+    opens (a stream whose messages arrive in shared memory gets a larger window, granted when
+    the first one does: ``dpipes.bus.shm``). ``EOF.total`` and ``EOF_ACK.total`` count payload bytes only, not units.
 
 Limits of a receiver
     A receiver enforces the credit it granted. A data message that arrives after its sender had

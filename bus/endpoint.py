@@ -335,7 +335,16 @@ class Endpoint:
         else:
             self._inbox.put(msg)
 
-    def _to_in_stream(self, msg: Message) -> None:
+    def _deliver_shared(self, msg: Message) -> None:
+        """A data message whose payload lies in its sender's shared memory (``dpipes.bus.shm``):
+        its stream's window opens to ``shm.SHARED_WINDOW_BYTES``, as its bytes wait in no socket,
+        and the hub's cap does not count them (they are the sender's, bounded by its pool)."""
+        if msg.sid and msg.KIND in codec.DATA_KINDS:
+            self._to_in_stream(msg, shared=True)
+        else:
+            self._deliver(msg)
+
+    def _to_in_stream(self, msg: Message, *, shared: bool = False) -> None:
         key = (msg.src, msg.sid)
         stream = self._in.get(key)
         if stream is None:
@@ -347,8 +356,10 @@ class Endpoint:
                 return
             stream = self._in[key] = self._new_in_stream(msg.src, msg.sid)
             self._accepts.put(stream)
-        code = stream._take(msg)
-        if code == "credit-exceeded":
+        code = stream._take(msg, shared)
+        if not code and shared:
+            stream._widen(shm.SHARED_WINDOW_BYTES)
+        elif code == "credit-exceeded":
             text = f"stream {msg.sid} from {msg.src} sent past the credit {self.addr} granted ({stream._allowed} units)"
             self._refuse(msg, code, text)
             stream._refuse(StreamError(text))

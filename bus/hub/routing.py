@@ -49,15 +49,18 @@ class Routing:
                 try:
                     # no payload (requests, replies, credit): no list to build, and no comprehension to call
                     msg = codec.from_header(header, [f.buffer for f in frames[2:]] if len(frames) > 2 else ())
+                    shared = isinstance(msg, codec.Shm)
                     if isinstance(msg, codec.Shm):
                         msg = self._unshared(msg)
                 except DecodeError as exc:
                     self._bad(self._sender(ident), exc, header)
                     return
-                if isinstance(msg, codec.ShmFree):
+                if shared:
+                    party._deliver_shared(msg)
+                elif isinstance(msg, codec.ShmFree):
                     self._release_leases(msg)
-                    return
-                party._deliver(msg)
+                else:
+                    party._deliver(msg)
             elif header["kind"] == "SHM" and not party.shm:
                 self._route_unshared(ident, header, party)
             elif party.shm and self._from_link(header) and _payload_bytes(frames) >= shm.MIN_PAYLOAD_BYTES:

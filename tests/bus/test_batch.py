@@ -14,6 +14,7 @@ from dpipes.bus import codec
 from dpipes.bus.client import Client
 from dpipes.bus.errors import DecodeError, NoRoute
 from dpipes.bus.hub import Hub
+from dpipes.bus.streams import CREDIT_GRANT_FRACTION
 from tests.bus.test_hub import WAIT_S, linked, until
 from tests.bus.test_hub_hostile import answer, attach, raw_socket, tracebacks
 
@@ -120,7 +121,7 @@ async def test_credit_is_per_message_inside_a_batch() -> None:
             reader = await dst.accept(timeout=WAIT_S)
             taken = 1
             await reader.read(timeout=WAIT_S)
-            while taken * cost < codec.INITIAL_CREDIT_BYTES // 4:  # the endpoint grants each quarter window
+            while taken * cost < codec.INITIAL_CREDIT_BYTES // CREDIT_GRANT_FRACTION:  # when the endpoint grants
                 taken += len(await reader.read_chunks(limit=7, timeout=WAIT_S))
             await until(lambda: stream.limit > codec.INITIAL_CREDIT_BYTES)
             assert stream.limit == codec.INITIAL_CREDIT_BYTES + taken * cost

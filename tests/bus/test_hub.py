@@ -23,6 +23,7 @@ from dpipes.bus.endpoint import Endpoint, StreamCancelled
 from dpipes.bus.errors import BusError, NoRoute, PeerLost, ProtocolMismatch, RequestFailed, RequestTimeout
 from dpipes.bus.hub import Hub
 from dpipes.bus.hub import links as hub_links
+from dpipes.bus.streams import CREDIT_GRANT_FRACTION
 
 HUBPROC = Path(__file__).with_name("hubproc.py")
 WAIT_S = 10.0  # the bound on every wait for the network in these tests
@@ -553,7 +554,7 @@ async def test_credit_is_counted_in_the_units_the_spec_states() -> None:
             assert stream.sent == may_send * size  # and no more: it waits for credit
             reader = await dst.accept(timeout=WAIT_S)
             taken = 0
-            while taken * cost < codec.INITIAL_CREDIT_BYTES // 4:  # the endpoint grants each quarter window
+            while taken * cost < codec.INITIAL_CREDIT_BYTES // CREDIT_GRANT_FRACTION:  # when the endpoint grants
                 await reader.read(timeout=WAIT_S)
                 taken += 1
             await until(lambda: stream.limit > codec.INITIAL_CREDIT_BYTES)

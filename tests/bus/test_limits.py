@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from dpipes.bus import codec
+from dpipes.bus import codec, shm
 from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, StreamError
@@ -29,10 +29,10 @@ async def _errors(ep: Endpoint) -> list[codec.Error]:
             found.append(msg)
 
 
-def _flood(ep: Endpoint, dst: str, sid: int, nbytes: int) -> None:
+def _flood(ep: Endpoint, dst: str, sid: int, nbytes: int, chunk: int = CHUNK) -> None:
     """Send ``nbytes`` on stream ``sid`` as fast as the socket takes them, ignoring credit."""
-    for seq in range(1, nbytes // CHUNK + 1):
-        ep.send(codec.Bytes(dst=dst, sid=sid, seq=seq, frames=(b"\0" * CHUNK,)))
+    for seq in range(1, nbytes // chunk + 1):
+        ep.send(codec.Bytes(dst=dst, sid=sid, seq=seq, frames=(b"\0" * chunk,)))
 
 
 async def test_a_sender_past_its_credit_is_cancelled_with_a_coded_error() -> None:
@@ -127,6 +127,7 @@ async def test_what_a_hub_holds_for_all_its_senders_stays_under_its_cap() -> Non
     window = codec.INITIAL_CREDIT_BYTES
     cap = 5 * window // 2  # less than the three windows one flooder fills: the cap must refuse some
     senders, streams = 4, 3
+    chunk = shm.MIN_PAYLOAD_BYTES // 2  # through the socket: a stream in shared memory has a wider window
     async with Hub("alpha", max_held_bytes=cap) as hub:
         sinks = [hub.endpoint(f"sink{i}", max_streams=streams) for i in range(senders)]  # nobody reads them
         flooders = [Client(hub.ipc_endpoint) for _ in range(senders)]
@@ -135,10 +136,10 @@ async def test_what_a_hub_holds_for_all_its_senders_stays_under_its_cap() -> Non
         try:
             for i, client in enumerate(flooders):  # every stream's credit first, then as much past it
                 for sid in range(1, streams + 1):
-                    _flood(client.endpoint, f"alpha/sink{i}", sid, window)
+                    _flood(client.endpoint, f"alpha/sink{i}", sid, window, chunk)
                 for sid in range(1, streams + 1):
-                    for seq in range(window // CHUNK + 1, 2 * window // CHUNK + 1):
-                        past = codec.Bytes(dst=f"alpha/sink{i}", sid=sid, seq=seq, frames=(b"\1" * CHUNK,))
+                    for seq in range(window // chunk + 1, 2 * window // chunk + 1):
+                        past = codec.Bytes(dst=f"alpha/sink{i}", sid=sid, seq=seq, frames=(b"\1" * chunk,))
                         client.endpoint.send(past)
             # Each stream ends refused, for the cap or for its credit, and what it held is let go.
             await until(lambda: sum(s.refused.total() for s in sinks) == senders * streams)

@@ -20,6 +20,7 @@ from dpipes.bus.client import Client
 from dpipes.bus.errors import DecodeError, PeerLost
 from dpipes.bus.hub import Hub
 from dpipes.bus.hub import clients as hub_clients
+from dpipes.bus.streams import OutStream
 from tests.bus.test_hub import WAIT_S, linked, process, until
 
 MIB = 1 << 20
@@ -368,6 +369,33 @@ def test_a_payload_filled_in_place_gives_its_lease_back_when_the_writer_fails() 
         assert pool.leased == 1
     finally:
         pool.close()
+
+
+async def test_a_stream_in_shared_memory_gets_a_wider_window_that_still_stops_its_sender() -> None:
+    async with Hub("alpha") as a, Client(a.ipc_endpoint) as client:
+        a.endpoint("sink")  # nobody reads: each sender stops where its credit ends
+        large = client.endpoint.open_stream("alpha/sink")
+        small = client.endpoint.open_stream("alpha/sink")  # 64 KiB chunks go through the socket
+
+        async def write_forever(stream: OutStream, size: int) -> None:
+            for i in itertools.count():
+                await stream.send_bytes(chunk(i)[:size])
+
+        writers = [
+            asyncio.create_task(write_forever(large, MIB)),
+            asyncio.create_task(write_forever(small, 64 << 10)),
+        ]
+        try:
+            await until(lambda: large.limit == shm.SHARED_WINDOW_BYTES and large.cost >= large.limit)
+            await until(lambda: small.cost >= small.limit)
+            for _ in range(3):
+                await asyncio.sleep(0)  # the writers had their turn: nothing more went
+            cost = MIB + codec.MESSAGE_CREDIT_BYTES
+            assert large.sent == -(-shm.SHARED_WINDOW_BYTES // cost) * MIB  # the wider window, not a byte more
+            assert small.limit == codec.INITIAL_CREDIT_BYTES  # the window of a stream through the socket
+        finally:
+            for writer in writers:
+                writer.cancel()
 
 
 async def test_leases_read_are_given_back_in_one_shm_free_per_batch_of_them() -> None:
