@@ -525,7 +525,10 @@ class _Payload(Message):
     def payload_bytes(self) -> int:
         frames = self.frames
         if len(frames) == 1:  # the common case, read once per message: no generator
-            return memoryview(frames[0]).nbytes
+            frame = frames[0]
+            # A reader's frames are memoryviews already (a BATCH's members, received frames):
+            # no second view to make.
+            return frame.nbytes if type(frame) is memoryview else memoryview(frame).nbytes
         return sum(memoryview(f).nbytes for f in frames)
 
 
