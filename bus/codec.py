@@ -181,7 +181,9 @@ Flow control
     dpipes endpoint grants once half of its window has been taken, and an endpoint whose
     window is larger than ``INITIAL_CREDIT_BYTES`` grants the difference when the stream
     opens (a stream whose messages arrive in shared memory gets a larger window, granted when
-    the first one does: ``dpipes.bus.shm``). ``EOF.total`` and ``EOF_ACK.total`` count payload bytes only, not units.
+    the first one does: ``dpipes.bus.shm``), at the end of that loop pass. A receiver need
+    grant nothing once a stream's ``EOF`` has arrived (its sender sends nothing more), and a
+    dpipes endpoint does not. ``EOF.total`` and ``EOF_ACK.total`` count payload bytes only, not units.
 
 Limits of a receiver
     A receiver enforces the credit it granted. A data message that arrives after its sender had
@@ -525,7 +527,10 @@ class _Payload(Message):
     def payload_bytes(self) -> int:
         frames = self.frames
         if len(frames) == 1:  # the common case, read once per message: no generator
-            return memoryview(frames[0]).nbytes
+            frame = frames[0]
+            # A reader's frames are memoryviews already (a BATCH's members, received frames):
+            # no second view to make.
+            return frame.nbytes if type(frame) is memoryview else memoryview(frame).nbytes
         return sum(memoryview(f).nbytes for f in frames)
 
 

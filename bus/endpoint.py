@@ -393,7 +393,7 @@ class Endpoint:
     def _new_in_stream(self, src: str, sid: int) -> InStream:
         stream = InStream(self, src, sid, self._window)
         if self._window > codec.INITIAL_CREDIT_BYTES:  # every stream starts with the protocol's credit
-            self._send(codec.Credit(src=self.addr, dst=src, sid=sid, bytes=self._window - codec.INITIAL_CREDIT_BYTES))
+            stream._grant_later(self._window - codec.INITIAL_CREDIT_BYTES)
         return stream
 
     def _on_cancel(self, msg: codec.Cancel) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from dpipes.bus import codec
 from dpipes.bus.codec import MAX_HELD_BYTES, Buffer, Message
 from dpipes.bus.errors import (
+    BusError,
     RequestTimeout,
     StreamError,
 )
@@ -113,6 +115,10 @@ class Waitable:
 
     def peek(self) -> Any:
         return self._items[0]
+
+    def last(self) -> Any:
+        """The item queued last; None when nothing is queued."""
+        return self._items[-1] if self._items else None
 
     def popleft(self) -> Any:
         return self._items.popleft()
@@ -364,13 +370,15 @@ class InStream:
         self._offset = 0  # where that member's payload starts in the batch's frame
         self._held = 0  # credit units of ours the endpoint's HeldBytes counts: arrived, not granted back
         self._window = window
+        self._later = 0  # credit units granted in this loop pass, told the sender at its end (_tell_later)
 
     @property
     def node(self) -> str:
         return codec.split_addr(self.src)[0]
 
     def _widen(self, window: int) -> None:
-        """Open the window to ``window`` credit units if it is smaller: grant the difference now."""
+        """Open the window to ``window`` credit units if it is smaller: grant the difference, told
+        the sender at the end of this pass."""
         if window <= self._window or self._eof:
             return
         grant = window - max(self._window, codec.INITIAL_CREDIT_BYTES)
@@ -378,7 +386,35 @@ class InStream:
         self._grant_step = max(1, window // CREDIT_GRANT_FRACTION)
         if grant > 0:
             self._allowed += grant
-            self.endpoint._send(codec.Credit(src=self.endpoint.addr, dst=self.src, sid=self.sid, bytes=grant))
+            self._grant_later(grant)
+
+    def _over(self) -> bool:
+        """Whether the sender will send nothing more on this stream: its EOF is here (taken or
+        queued), or the stream is over at this end (cancelled, refused, failed)."""
+        last = self._queue.last()
+        if self._eof or (last is not None and last.KIND == "EOF"):
+            return True
+        return self.endpoint._in.get((self.src, self.sid)) is not self
+
+    def _grant_later(self, units: int) -> None:
+        """Tell the sender of ``units`` more credit (already counted in ``_allowed``) at the end of
+        this loop pass, in one CREDIT with any other grant made later in it.
+
+        For a window opened as a stream's first message arrives: a short stream's EOF often
+        arrives in the same pass (a 64 MB Arrow batch and its EOF, say), and a stream that has
+        ended needs no credit; the CREDIT would only be one more message for both sides to handle
+        before the EOF_ACK.
+        """
+        if not self._later:
+            self.endpoint._loop.call_soon(self._tell_later)
+        self._later += units
+
+    def _tell_later(self) -> None:
+        units, self._later = self._later, 0
+        if self._over():
+            return  # it ended (or was refused or cancelled) meanwhile
+        with contextlib.suppress(BusError):  # the transport is gone: so is the sender, for us
+            self.endpoint._send(codec.Credit(src=self.endpoint.addr, dst=self.src, sid=self.sid, bytes=units))
 
     async def read(self, timeout: float | None = None) -> Message | None:
         """The next data message, or None at the end of the stream.
@@ -413,6 +449,11 @@ class InStream:
         self.received += nbytes
         self._consumed += nbytes + messages * codec.MESSAGE_CREDIT_BYTES
         if self._consumed - self._granted >= self._grant_step:
+            if self._over():
+                # Credit would be a message for nobody (and one more for both sides to handle
+                # before its EOF_ACK). What we hold of the stream is released when the reader
+                # takes its EOF (or drops it).
+                return
             grant = self._consumed - self._granted
             self._granted = self._consumed
             self._allowed += grant

@@ -14,9 +14,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from dpipes.bus import arrow
 from dpipes.bus.arrow import (
     MAX_FRAMES_PER_PART,
     MAX_TYPE_DEPTH,
+    REMEMBERED_SCHEMA_BYTES,
+    SCHEMAS_REMEMBERED,
     ArrowDecoder,
     ArrowEncoder,
 )
@@ -445,6 +448,27 @@ def test_hostile_schemas() -> None:
     union = pa.schema([("u", pa.sparse_union([pa.field("i", pa.int8())]))]).serialize()
     union_meta = {**meta, "schema": union.size, "columns": [{"n": 9, "nulls": 0, "off": 0, "bufs": [None]}]}
     fails([(union_meta, [memoryview(bytes(union)), *frames[1:]])], "no buffers layout")
+
+
+def test_a_receiver_reads_each_stream_s_schema_and_remembers_a_bounded_few() -> None:
+    # Streams of one schema: each decoder rebuilds its batches from the schema its stream sent,
+    # read once and remembered; the schemas remembered stay few and small whatever peers send,
+    # and a schema that fails fails every time.
+    batch = sample_batch(12)
+    first, _ = roundtrip([batch])
+    second, _ = roundtrip([batch])
+    assert first[0].equals(batch) and second[0].equals(batch)
+    for i in range(3 * SCHEMAS_REMEMBERED):
+        other = pa.record_batch({f"c{i}": pa.array([i])})
+        assert roundtrip([other])[0][0].equals(other)
+    wide = pa.record_batch({f"column_{i:05}": pa.array([i]) for i in range(REMEMBERED_SCHEMA_BYTES // 32)})
+    assert wide.schema.serialize().size >= REMEMBERED_SCHEMA_BYTES
+    assert roundtrip([wide])[0][0].equals(wide)
+    assert 0 < len(arrow._schemas) <= SCHEMAS_REMEMBERED
+    assert all(len(raw) < REMEMBERED_SCHEMA_BYTES for raw in arrow._schemas)
+    meta, frames = good_parts()[0]
+    for _ in range(2):
+        fails([({**meta, "schema": 5}, [memoryview(b"12345"), *frames[1:]])], "not an Arrow IPC schema")
 
 
 def test_hostile_ipc_bodies() -> None:

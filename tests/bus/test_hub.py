@@ -563,6 +563,27 @@ async def test_credit_is_counted_in_the_units_the_spec_states() -> None:
             writer.cancel()
 
 
+async def test_a_stream_that_has_ended_is_granted_no_more_credit() -> None:
+    # Its EOF is here before the reader takes the last messages: the sender sends nothing more, so
+    # the reader owes it no CREDIT, only the EOF_ACK with the right total.
+    size = 4096
+    count = codec.INITIAL_CREDIT_BYTES // CREDIT_GRANT_FRACTION // size + 2  # past one grant's worth
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+        for _ in range(count):
+            await stream.send_bytes(b"c" * size)
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await dst.accept(timeout=WAIT_S)
+        await until(lambda: (last := reader._queue.last()) is not None and last.KIND == "EOF")
+        taken = 0
+        while (msg := await reader.read(timeout=WAIT_S)) is not None:
+            taken += msg.payload_bytes
+        assert taken == count * size
+        assert await closing == count * size
+        assert stream.limit == codec.INITIAL_CREDIT_BYTES
+
+
 async def test_a_link_is_up_with_what_its_peer_offers() -> None:
     # alpha has no TCP, so beta cannot link back and say HELLO: only WELCOME can tell alpha.
     async with Hub("alpha", tcp=None, info={"programs": ["cat"]}) as a, Hub("beta", info={"programs": ["sort"]}) as b:
