@@ -9,7 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpipes.bus.arrow_validate import validate_batch
+from dpipes.bus import arrow_validate
+from dpipes.bus.arrow_validate import BULK_FROM_ROWS, validate_batch
+
+
+@pytest.fixture
+def bulk_from_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bulk check for batches of any size (as shipped, small ones go to Arrow's own check)."""
+    monkeypatch.setattr(arrow_validate, "BULK_FROM_ROWS", 0)
+
+
+bulk = pytest.mark.usefixtures("bulk_from_any_size")
 
 
 def text_column(data: bytes, offsets: list[int], *, large: bool = False, valid: list[bool] | None = None) -> pa.Array:
@@ -53,6 +63,7 @@ def batch_of(column: pa.Array) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([column], names=["s"])
 
 
+@bulk
 @pytest.mark.parametrize(
     ("what", "data", "offsets", "valid", "ok"),
     [
@@ -80,6 +91,7 @@ def test_the_same_verdict_as_arrow(
     assert ours == arrows, what  # the same error text: Arrow's own
 
 
+@bulk
 def test_a_slice_is_checked_where_it_starts() -> None:
     column = text_column("aé".encode(), [0, 1, 2, 3])  # a, the first byte of é, the second
     ours, arrows = verdicts(batch_of(column.slice(1, 1)))
@@ -88,6 +100,7 @@ def test_a_slice_is_checked_where_it_starts() -> None:
     assert ours == arrows == ""
 
 
+@bulk
 def test_other_columns_are_validated_in_full() -> None:
     good = pa.array(["x", "y"])
     bad_list = pa.ListArray.from_buffers(
@@ -100,11 +113,13 @@ def test_other_columns_are_validated_in_full() -> None:
     assert ours == arrows != ""
 
 
+@bulk
 def test_an_empty_or_byteless_column_is_valid() -> None:
     assert we_say(batch_of(pa.array([], pa.string()))) == ""
     assert we_say(batch_of(pa.array(["", None, ""], pa.large_string()))) == ""
 
 
+@bulk
 @settings(max_examples=400, deadline=None)
 @given(
     st.lists(st.binary(max_size=6) | st.text(max_size=4).map(lambda s: s.encode("utf-8", "surrogatepass")), max_size=8),
@@ -123,3 +138,16 @@ def test_hostile_text_gets_arrows_verdict(pieces: list[bytes], valid: list[bool]
     column = text_column(data, offsets, large=large, valid=valid[: len(offsets) - 1] if nudge == 3 else None)
     ours, arrows = verdicts(batch_of(column))
     assert ours == arrows
+
+
+@pytest.mark.parametrize("bad", [b"\xff", "é".encode()[:1]], ids=["not-utf8", "half-a-character"])
+def test_a_large_batch_takes_the_bulk_check_and_gets_arrows_verdict(bad: bytes) -> None:
+    rows = BULK_FROM_ROWS + 7
+    good = [f"väl {i}" for i in range(rows)]
+    assert we_say(batch_of(pa.array(good))) == ""
+    pieces = [s.encode() for s in good[:-1]] + [bad]
+    offsets = [0]
+    for piece in pieces:
+        offsets.append(offsets[-1] + len(piece))
+    ours, arrows = verdicts(batch_of(text_column(b"".join(pieces), offsets)))
+    assert ours == arrows != ""
