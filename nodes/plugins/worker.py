@@ -19,7 +19,8 @@ document on stdin (then closed). The worker
    tables of their objects). Each connection feeds the runner from a thread of its own through a
    bounded queue, so credit is granted only as the plugin consumes. A *direct* input (the spec's
    ``input_fd``: a kernel pipe from a neighbour on this node) is no stream: pyarrow reads it
-   straight from the descriptor on the plugin's thread (:mod:`~dpipes.nodes.plugins.direct`).
+   straight from the descriptor on the plugin's thread (:mod:`~dpipes.nodes.plugins.direct`);
+   a thread reads its first bytes ahead while the worker attaches and loads the plugin.
    An input with no ``src`` (an optional anchor that nothing feeds) ends at once: the plugin
    gets its ``on_incoming_connection_complete`` without data. When every input ended, the runner completes;
 4. sends each outgoing anchor to each of its destinations (``spec.outputs``): ``ARROW`` streams
@@ -83,7 +84,7 @@ from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.plugins.api import AnchorSpec, Environment
-from dpipes.nodes.plugins.direct import DirectInput, DirectOutput, receive_fds
+from dpipes.nodes.plugins.direct import DirectInput, DirectOutput, ReadAhead, receive_fds
 from dpipes.nodes.plugins.edges import EdgeWriter, open_writer, read_batches
 from dpipes.nodes.plugins.errors import EdgeDecodeError, PluginError, SchemaChanged
 from dpipes.nodes.plugins.registry import installed_plugins, load_plugin
@@ -296,7 +297,7 @@ class _Input:
         self.direct: DirectInput | None = None  # a kernel pipe from a neighbour here, in place of a stream
         if spec.src and worker.spec.input_fd >= 0:
             self.where = f"input {spec.anchor!r} (a pipe from {spec.src})"
-            self.direct = DirectInput(worker.spec.input_fd, spec.format, where=self.where)
+            self.direct = DirectInput(worker.spec.input_fd, spec.format, where=self.where, ahead=worker.ahead)
         if not spec.src:  # an optional anchor nothing feeds: it ends at once, without data
             self.items.put_nowait(None)
 
@@ -642,9 +643,10 @@ class _BusChannel(PipesMessageWriterChannel):
 
 
 class _Worker:
-    def __init__(self, spec: WorkerSpec, ep: Endpoint) -> None:
+    def __init__(self, spec: WorkerSpec, ep: Endpoint, ahead: ReadAhead | None = None) -> None:
         self.spec = spec
         self.ep = ep
+        self.ahead = ahead  # the direct input, read since the worker entered its stage
         self.loop = asyncio.get_running_loop()
         self.runner: Any = None
         self.transport: _BusTransport | None = None
@@ -766,6 +768,8 @@ def _load(spec: WorkerSpec) -> asyncio.Future[type]:
 
 
 async def _run(spec: WorkerSpec) -> int:
+    # A direct input is read from now on, while the worker attaches and loads (nodes.plugins.direct).
+    ahead = ReadAhead(spec.input_fd) if spec.input_fd >= 0 and any(i.src for i in spec.inputs) else None
     plugin = _load(spec)
     try:
         client = Client(spec.hub, name=spec.name, window=spec.window)
@@ -774,7 +778,7 @@ async def _run(spec: WorkerSpec) -> int:
         plugin.cancel()
         _say(_failure_line(spec, f"cannot attach to node {spec.node}'s hub: {exc}"))
         return EXIT_NOT_STARTED
-    worker = _Worker(spec, client.endpoint)
+    worker = _Worker(spec, client.endpoint, ahead)
     channel = _BusChannel(worker)
     messages = asyncio.ensure_future(channel.serve())
     code = 0
