@@ -760,10 +760,10 @@ async def _first_failure(tasks: Sequence[asyncio.Future[Any]]) -> None:
 
 
 def _load(spec: WorkerSpec) -> asyncio.Future[type]:
-    """The stage's plugin class, loaded (imported) on a thread of its own while the worker attaches
-    to its hub: 3-6 ms of a short run's start that waited for the attach (1-2 ms), and the attach for
-    it. Not the loop's default executor: a plugin whose import never returns would hold the
-    worker's exit, which joins that executor's threads."""
+    """The stage's plugin class, loaded (imported: 3-6 ms) on a thread of its own while the worker
+    attaches to its hub (1-2 ms), where a short run's start waited for one, then the other. Not on
+    the loop's default executor: a plugin whose import never returns would hold the worker's exit,
+    which joins that executor's threads."""
     return _in_thread(asyncio.get_running_loop(), f"{spec.describe} load", lambda: load_plugin(spec.plugin))
 
 
