@@ -53,7 +53,8 @@ class WorkerRun:
     Args:
         stage: the stage, its worker started (``proc``).
         wiring: the stage's ``start`` request.
-        spec: the worker's spec, as JSON.
+        spec: what is still to write of the worker's spec, as JSON (the node writes what the pipe
+            takes as it starts the worker; this writes the rest, maybe nothing, then closes stdin).
         node: this node's name.
     """
 

@@ -296,7 +296,11 @@ class Stages:
             if ready is not None:
                 for fd in fds:  # the worker has its own copies now
                     os.close(fd)
-        stage.task = self._spawn(self._run(stage, wiring, spec.to_json()), stage.describe)
+        # The spec at once, not from the stage's task: the worker enters its stage (attaches, loads
+        # the plugin) while this node starts the rest of the run; the task writes what did not fit.
+        spec_bytes = spec.to_json()
+        sent = stage.proc.write_stdin_now(spec_bytes)
+        stage.task = self._spawn(self._run(stage, wiring, spec_bytes[sent:]), stage.describe)
         if self.workers is not None:
             self.workers.used(stage.task)
         self._log_started(stage, "plugin worker")

@@ -230,6 +230,11 @@ class _Pipe:
     def release(self) -> None:
         self._busy = False
 
+    @property
+    def busy(self) -> bool:
+        """An operation is under way (between :meth:`claim` and :meth:`release`)."""
+        return self._busy
+
     def moved(self, nbytes: int) -> None:
         """Count bytes moved without suspending."""
         self._unyielded += nbytes
@@ -458,6 +463,18 @@ class StageProcess:
         finally:
             pipe.release()
             view.release()
+
+    def write_stdin_now(self, data: bytes | bytearray | memoryview) -> int:
+        """Write to the program's stdin what its pipe takes at once, never waiting; how many bytes
+        it took (0 when it takes none now, is closed, or :meth:`write_stdin` is writing). The
+        caller writes the rest with :meth:`write_stdin`, which also reports a program gone."""
+        pipe = self._stdin
+        if pipe.fd is None or pipe.busy:
+            return 0
+        try:
+            return os.write(pipe.fd, data)
+        except (BlockingIOError, BrokenPipeError):
+            return 0
 
     def close_stdin(self) -> None:
         """Close the program's stdin: it reads end of file (idempotent)."""

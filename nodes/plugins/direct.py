@@ -19,7 +19,13 @@ took a quarter less CPU to read so, with 40 page faults instead of 9,000). A wri
 batch in one go (pyarrow's writers make several small writes per batch, gathered in a buffer of
 ``DIRECT_BUFFER_BYTES`` and flushed after each batch, so that a batch reaches its reader as it is
 written).
-Its end marker is written at ``close``; a worker that fails calls ``abort`` instead, so that an
+A worker may start reading a direct input before its plugin asks for data (:class:`ReadAhead`):
+a thread reads the pipe into one buffer of ``READ_AHEAD_BYTES`` at most while the worker attaches
+to its hub and loads its plugin (3-8 ms, during which the program upstream would otherwise stop on
+a full pipe), and stops when the plugin's first read takes over; the reader then serves those bytes
+first, as views of that buffer (a message that runs past its end is gathered into one buffer of
+its own), then reads the pipe itself.
+An output's end marker is written at ``close``; a worker that fails calls ``abort`` instead, so that an
 Arrow reader downstream sees a truncated stream, not a complete one; and the node, which holds
 the pipe open too until the worker's exit is known, cancels that reader before it sees any end.
 
@@ -32,20 +38,24 @@ from __future__ import annotations
 import io
 import logging
 import os
+import select
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import pyarrow as pa
 
 from dpipes.nodes.plugins.edges import EdgeWriter, open_writer, read_batches
+from dpipes.nodes.plugins.errors import EdgeDecodeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DIRECT_BUFFER_BYTES", "DirectInput", "DirectOutput", "receive_fds"]
+__all__ = ["DIRECT_BUFFER_BYTES", "READ_AHEAD_BYTES", "DirectInput", "DirectOutput", "ReadAhead", "receive_fds"]
 
 DIRECT_BUFFER_BYTES: Final = 1024 * 1024
 READ_BUFFER_BYTES: Final = 64 * 1024  # an input's read-ahead for small reads; a read this large bypasses it
+READ_AHEAD_BYTES: Final = 16 * 1024 * 1024  # a worker's start at ~3 GB/s; its pages are faulted in only as filled
 FD_MESSAGE_BYTES: Final = 64  # the descriptor socket's message: its payload says nothing (the spec does)
 
 
@@ -70,32 +80,114 @@ def _pyarrow_format(fmt: str) -> str:
     return "arrow" if fmt == "batches" else fmt
 
 
-class _WholeReads(io.RawIOBase):
-    """A pipe read as pyarrow wants it: ``read(n)`` gives ``n`` bytes, fewer only at the end; one of at
-    least ``READ_BUFFER_BYTES`` is read into a buffer of pyarrow's memory pool (see the module)."""
+class ReadAhead:
+    """The first bytes of a pipe, read on a thread of its own until :meth:`take` (see the module).
 
-    def __init__(self, file: io.BufferedIOBase) -> None:
+    The thread waits in ``poll`` on the pipe and on a wake-up pipe, and reads only what the pipe
+    holds, so :meth:`take` never waits for a writer: it wakes the thread and joins it.
+    """
+
+    def __init__(self, fd: int, limit: int = READ_AHEAD_BYTES) -> None:
+        self._fd = fd
+        self._buffer = pa.allocate_buffer(limit)
+        self._filled = 0
+        self._eof = False
+        self._error: OSError | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._read, name="direct input read-ahead", daemon=True)
+        self._thread.start()
+
+    @property
+    def read(self) -> int:
+        """Bytes read so far."""
+        return self._filled
+
+    def _read(self) -> None:
+        view = memoryview(self._buffer).cast("B")
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while self._filled < len(view):
+                if self._wake_r in dict(poller.poll()):
+                    return
+                got = os.readv(self._fd, [view[self._filled :]])  # readable: returns at once
+                if not got:
+                    self._eof = True
+                    return
+                self._filled += got
+        except OSError as exc:
+            self._error = exc
+        finally:
+            view.release()
+
+    def take(self) -> tuple[pa.Buffer, bool]:
+        """Stop reading: the bytes read, and whether the pipe's end came after them.
+
+        Raises:
+            OSError: reading the pipe failed.
+        """
+        os.write(self._wake_w, b"\0")
+        self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._error is not None:
+            raise self._error
+        return self._buffer.slice(0, self._filled), self._eof
+
+
+class _WholeReads(io.RawIOBase):
+    """A pipe read as pyarrow wants it: ``read(n)`` gives ``n`` bytes, fewer only at the end; the bytes
+    read ahead first, as views, then one read of at least ``READ_BUFFER_BYTES`` into a buffer of
+    pyarrow's memory pool (see the module)."""
+
+    def __init__(self, file: io.BufferedIOBase, head: pa.Buffer | None = None, *, ended: bool = False) -> None:
         super().__init__()
         self.file = file
+        self.head = head if head is not None and head.size else None
+        self.at = 0
+        self.ended = ended  # the pipe's end came right after ``head``
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int | None = -1) -> Any:
+        if self.head is not None:
+            return self._read_head(-1 if size is None else size)
         if size is None or size < READ_BUFFER_BYTES:
             return self.file.read(size)
         out = pa.allocate_buffer(size)
         got = self.file.readinto(memoryview(out).cast("B"))  # a BufferedReader fills it, or reaches the end
         return out if got == size else out.slice(0, got)
 
+    def _read_head(self, size: int) -> Any:
+        head, at = self.head, self.at
+        assert head is not None
+        left = head.size - at
+        if 0 <= size < left:
+            self.at += size
+            return head.slice(at, size)
+        self.head = None  # this read takes the rest of it
+        if size == left or (self.ended and size >= 0):
+            return head.slice(at)
+        if size < 0:
+            return head.slice(at).to_pybytes() + (b"" if self.ended else self.file.read())
+        out = pa.allocate_buffer(size)
+        view = memoryview(out).cast("B")
+        view[:left] = memoryview(head).cast("B")[at:]
+        got = left + self.file.readinto(view[left:])
+        return out if got == size else out.slice(0, got)
+
 
 class DirectInput:
-    """One input connection read from a descriptor (its own thread calls :meth:`batches`)."""
+    """One input connection read from a descriptor (its own thread calls :meth:`batches`), maybe
+    begun by ``ahead`` (a :class:`ReadAhead` on the same descriptor)."""
 
-    def __init__(self, fd: int, fmt: str, *, where: str) -> None:
+    def __init__(self, fd: int, fmt: str, *, where: str, ahead: ReadAhead | None = None) -> None:
         self.file = io.BufferedReader(io.FileIO(fd, "rb"), READ_BUFFER_BYTES)
         self.format = _pyarrow_format(fmt)
         self.where = where
+        self.ahead = ahead
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         """The edge's record batches, to its end (then the descriptor is closed).
@@ -104,9 +196,13 @@ class DirectInput:
             EdgeDecodeError: the bytes do not parse (see :func:`~dpipes.nodes.plugins.edges.read_batches`).
         """
         with self.file:
-            if not self.file.peek(1):  # nothing at all (a program that wrote nothing; an anchor never opened)
-                return
-            source = pa.PythonFile(_WholeReads(self.file), mode="r")
+            try:
+                head, ended = self.ahead.take() if self.ahead is not None else (None, False)
+            except OSError as exc:
+                raise EdgeDecodeError(f"{self.where}: cannot read it: {exc}") from None
+            if not (head and head.size) and (ended or not self.file.peek(1)):
+                return  # nothing at all (a program that wrote nothing; an anchor never opened)
+            source = pa.PythonFile(_WholeReads(self.file, head, ended=ended), mode="r")
             yield from read_batches(self.format, source, where=self.where)  # type: ignore[arg-type]
 
 

@@ -47,6 +47,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.ipc as pa_ipc
 import pyarrow.json as pa_json
 
+from dpipes.bus.arrow_validate import validate_batch
 from dpipes.nodes.plugins.errors import EdgeDecodeError
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def _read_ipc(source: Any, where: str) -> Iterator[pa.RecordBatch]:
     try:
         with pa_ipc.open_stream(source) as reader:
             for batch in reader:
-                batch.validate(full=True)  # offsets and UTF-8 of bytes another process wrote
+                validate_batch(batch)  # offsets and UTF-8 of bytes another process wrote
                 batches += 1
                 yield batch
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as exc:  # OSError: truncated

@@ -8,8 +8,9 @@ document on stdin (then closed). The worker
 1. attaches to the hub at ``spec.hub`` (``ipc://``) under the stage's own endpoint name, which
    the node reserved (:meth:`dpipes.bus.hub.Hub.reserve`): what upstream sent before the worker
    was up waited there;
-2. loads the plugin (:func:`~dpipes.nodes.plugins.registry.load_plugin`) and constructs it through
-   a :class:`~dpipes.nodes.plugins.runner.PluginRunner`, whose rules and callback timeout hold;
+2. loads the plugin (:func:`~dpipes.nodes.plugins.registry.load_plugin`, on a thread while it
+   attaches) and constructs it through a :class:`~dpipes.nodes.plugins.runner.PluginRunner`, whose
+   rules and callback timeout hold;
 3. takes each input connection (``spec.inputs``) as the bus stream from its ``src``: ``ARROW``
    batches from another plugin (``batches``; when one stage sends several streams here, the
    ``anchor`` key of a stream's first part says which of its output anchors it is), or a
@@ -18,7 +19,8 @@ document on stdin (then closed). The worker
    tables of their objects). Each connection feeds the runner from a thread of its own through a
    bounded queue, so credit is granted only as the plugin consumes. A *direct* input (the spec's
    ``input_fd``: a kernel pipe from a neighbour on this node) is no stream: pyarrow reads it
-   straight from the descriptor on the plugin's thread (:mod:`~dpipes.nodes.plugins.direct`).
+   straight from the descriptor on the plugin's thread (:mod:`~dpipes.nodes.plugins.direct`);
+   a thread reads its first bytes ahead while the worker attaches and loads the plugin.
    An input with no ``src`` (an optional anchor that nothing feeds) ends at once: the plugin
    gets its ``on_incoming_connection_complete`` without data. When every input ended, the runner completes;
 4. sends each outgoing anchor to each of its destinations (``spec.outputs``): ``ARROW`` streams
@@ -82,7 +84,7 @@ from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.plugins.api import AnchorSpec, Environment
-from dpipes.nodes.plugins.direct import DirectInput, DirectOutput, receive_fds
+from dpipes.nodes.plugins.direct import DirectInput, DirectOutput, ReadAhead, receive_fds
 from dpipes.nodes.plugins.edges import EdgeWriter, open_writer, read_batches
 from dpipes.nodes.plugins.errors import EdgeDecodeError, PluginError, SchemaChanged
 from dpipes.nodes.plugins.registry import installed_plugins, load_plugin
@@ -152,9 +154,11 @@ def _in_thread(loop: asyncio.AbstractEventLoop, name: str, fn: Callable[[], T]) 
         try:
             result = fn()
         except BaseException as exc:  # handed to the loop, which decides
-            loop.call_soon_threadsafe(settle, None, exc)
+            outcome: tuple[T | None, BaseException | None] = (None, exc)
         else:
-            loop.call_soon_threadsafe(settle, result, None)
+            outcome = (result, None)
+        with contextlib.suppress(RuntimeError):  # the loop closed first: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, *outcome)
 
     threading.Thread(target=body, name=name, daemon=True).start()
     return future
@@ -293,7 +297,7 @@ class _Input:
         self.direct: DirectInput | None = None  # a kernel pipe from a neighbour here, in place of a stream
         if spec.src and worker.spec.input_fd >= 0:
             self.where = f"input {spec.anchor!r} (a pipe from {spec.src})"
-            self.direct = DirectInput(worker.spec.input_fd, spec.format, where=self.where)
+            self.direct = DirectInput(worker.spec.input_fd, spec.format, where=self.where, ahead=worker.ahead)
         if not spec.src:  # an optional anchor nothing feeds: it ends at once, without data
             self.items.put_nowait(None)
 
@@ -639,18 +643,20 @@ class _BusChannel(PipesMessageWriterChannel):
 
 
 class _Worker:
-    def __init__(self, spec: WorkerSpec, ep: Endpoint) -> None:
+    def __init__(self, spec: WorkerSpec, ep: Endpoint, ahead: ReadAhead | None = None) -> None:
         self.spec = spec
         self.ep = ep
+        self.ahead = ahead  # the direct input, read since the worker entered its stage
         self.loop = asyncio.get_running_loop()
         self.runner: Any = None
         self.transport: _BusTransport | None = None
         self.inputs = [_Input(i, self) for i in spec.inputs]
 
-    async def run(self, channel: _BusChannel, temp_dir: Path) -> None:
+    async def run(self, channel: _BusChannel, temp_dir: Path, plugin: asyncio.Future[type]) -> None:
+        """Run the stage with the plugin class ``plugin`` loads (:func:`_load`)."""
         spec = self.spec
         try:
-            plugin_class = await asyncio.to_thread(load_plugin, spec.plugin)
+            plugin_class = await plugin
         except PluginError as exc:
             raise _Failed(EXIT_NOT_STARTED, str(exc)) from None
         self.transport = _BusTransport(self)
@@ -753,20 +759,32 @@ async def _first_failure(tasks: Sequence[asyncio.Future[Any]]) -> None:
                 raise task.exception()  # type: ignore[misc]
 
 
+def _load(spec: WorkerSpec) -> asyncio.Future[type]:
+    """The stage's plugin class, loaded (imported: 3-6 ms) on a thread of its own while the worker
+    attaches to its hub (1-2 ms), where a short run's start waited for one, then the other. Not on
+    the loop's default executor: a plugin whose import never returns would hold the worker's exit,
+    which joins that executor's threads."""
+    return _in_thread(asyncio.get_running_loop(), f"{spec.describe} load", lambda: load_plugin(spec.plugin))
+
+
 async def _run(spec: WorkerSpec) -> int:
+    # A direct input is read from now on, while the worker attaches and loads (nodes.plugins.direct).
+    ahead = ReadAhead(spec.input_fd) if spec.input_fd >= 0 and any(i.src for i in spec.inputs) else None
+    plugin = _load(spec)
     try:
         client = Client(spec.hub, name=spec.name, window=spec.window)
         await client.start()
     except BusError as exc:
+        plugin.cancel()
         _say(_failure_line(spec, f"cannot attach to node {spec.node}'s hub: {exc}"))
         return EXIT_NOT_STARTED
-    worker = _Worker(spec, client.endpoint)
+    worker = _Worker(spec, client.endpoint, ahead)
     channel = _BusChannel(worker)
     messages = asyncio.ensure_future(channel.serve())
     code = 0
     with _temp_dir(spec) as temp:
         try:
-            await worker.run(channel, temp)
+            await worker.run(channel, temp, plugin)
         except _DownstreamGone:
             if worker.transport is not None:
                 worker.transport.stop_all()

@@ -227,6 +227,31 @@ async def test_write_returns_only_once_the_pipe_took_the_bytes(stages: Superviso
         await blocked
 
 
+async def test_write_now_takes_what_the_pipe_holds_and_never_waits(stages: Supervisor) -> None:
+    stage = await stages.start(["sleep", "100"], env=ENV)  # never reads its stdin
+    data = b"x" * (stage.pipe_size * 2)
+    sent = stage.write_stdin_now(data)
+    assert 0 < sent <= stage.pipe_size
+    assert stage.write_stdin_now(data[sent:]) == 0  # full: nothing more, and no wait
+    await stage.terminate()
+    assert stage.write_stdin_now(b"more") == 0  # closed
+
+
+async def test_write_now_then_write_stdin_deliver_every_byte_in_order(stages: Supervisor) -> None:
+    stage = await stages.start(["cat"], env=ENV)
+    data = os.urandom(stage.pipe_size * 3 + 12345)
+    sent = stage.write_stdin_now(data)
+    assert sent > 0
+
+    async def rest() -> None:
+        await stage.write_stdin(memoryview(data)[sent:])
+        stage.close_stdin()
+
+    async with asyncio.timeout(WAIT_S):
+        _, out = await asyncio.gather(rest(), read_all(stage))
+    assert out == data
+
+
 async def test_unread_stdout_blocks_the_producer(stages: Supervisor) -> None:
     stage = await stages.start(["yes"], env=ENV)
     await until(lambda: stage.stdout_buffered() >= stage.pipe_size - 8192, "yes to fill its stdout pipe")

@@ -7,17 +7,20 @@ import contextlib
 import os
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv
 import pyarrow.ipc as pa_ipc
 import pytest
 import zmq
 import zmq.asyncio
 
 from dpipes.bus.tap import TapEvent, decode_event
-from dpipes.nodes.plugins.direct import DirectInput
+from dpipes.nodes.plugins.direct import DirectInput, ReadAhead
+from dpipes.nodes.plugins.errors import EdgeDecodeError
 from dpipes.nodes.plugins.spec import FD_BUS, FD_SENT, WorkerSpec
 from tests.nodes.daemons import Daemon, daemons, dpipes
 from tests.nodes.plugins.test_worker import run_killing_its_worker, workers_of
@@ -133,6 +136,93 @@ def test_a_direct_input_reads_whole_batches_however_its_writer_splits_them() -> 
     writer_thread.join()
     assert [b.num_rows for b in batches] == [100_000] * 3
     assert pa.Table.from_batches(batches).equals(table)
+
+
+def ipc_stream(table: pa.Table, batch_rows: int) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa_ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=batch_rows)
+    return sink.getvalue().to_pybytes()
+
+
+def read_ahead_until(ahead: ReadAhead, nbytes: int) -> None:
+    """Until ``ahead`` has read ``nbytes`` (polled under a deadline: its thread says nothing)."""
+    deadline = time.monotonic() + WAIT_S
+    while ahead.read < nbytes:
+        assert time.monotonic() < deadline, f"read ahead {ahead.read} of {nbytes} bytes"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("limit", [1, 7, 4093, 100_000, 1 << 20])
+def test_a_direct_input_read_ahead_gives_every_batch_wherever_its_read_stopped(limit: int) -> None:
+    table = pa.table({"n": pa.array(range(30_000)), "s": pa.array([f"é {i}" for i in range(30_000)])})
+    data = ipc_stream(table, 7_000)
+    read_end, write_end = os.pipe()
+    writer_thread = threading.Thread(target=lambda: os.fdopen(write_end, "wb").write(data))  # closed as it ends
+    writer_thread.start()
+    ahead = ReadAhead(read_end, limit)
+    read_ahead_until(ahead, min(limit, len(data)))  # stopped at its limit, inside a message or not
+    batches = list(DirectInput(read_end, "arrow", where="a test pipe", ahead=ahead).batches())
+    writer_thread.join()
+    assert pa.Table.from_batches(batches).equals(table)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "arrow"])
+def test_a_direct_input_read_ahead_of_a_whole_input_or_of_nothing(fmt: str) -> None:
+    table = pa.table({"n": pa.array(range(1000)), "s": pa.array([f"r{i}" for i in range(1000)])})
+    if fmt == "arrow":
+        data = ipc_stream(table, 300)
+    else:
+        sink = pa.BufferOutputStream()
+        pa.csv.write_csv(table, sink)
+        data = sink.getvalue().to_pybytes()
+    for payload in (data, b""):
+        read_end, write_end = os.pipe()
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(payload)  # and closed: the read ahead meets the end
+        ahead = ReadAhead(read_end)
+        read_ahead_until(ahead, len(payload))
+        batches = list(DirectInput(read_end, fmt, where="a test pipe", ahead=ahead).batches())
+        assert pa.Table.from_batches(batches).equals(table) if payload else batches == [], (fmt, len(payload))
+
+
+def test_a_direct_input_read_ahead_waits_for_no_writer() -> None:
+    """The plugin's first read takes over from the read ahead at once, with a writer that has more to say."""
+    table = pa.table({"n": pa.array(range(10_000))})
+    data = ipc_stream(table, 1_000)
+    half = len(data) // 2
+    read_end, write_end = os.pipe()
+    first_batch = threading.Event()
+
+    def write_half_then_the_rest() -> None:
+        with os.fdopen(write_end, "wb", buffering=0) as pipe:
+            pipe.write(data[:half])
+            first_batch.wait(WAIT_S)  # the rest once the reader has a batch: a read ahead that waited would hang
+            pipe.write(data[half:])
+
+    writer_thread = threading.Thread(target=write_half_then_the_rest)
+    writer_thread.start()
+    ahead = ReadAhead(read_end)
+    read_ahead_until(ahead, half)
+    got = []
+    for batch in DirectInput(read_end, "arrow", where="a test pipe", ahead=ahead).batches():
+        got.append(batch)
+        first_batch.set()
+    writer_thread.join()
+    assert pa.Table.from_batches(got).equals(table)
+
+
+def test_a_schema_change_mid_stream_after_a_read_ahead_is_refused_by_name() -> None:
+    first = ipc_stream(pa.table({"n": pa.array(range(100))}), 50)
+    second = ipc_stream(pa.table({"n": pa.array([f"{i}" for i in range(100)])}), 50)
+    read_end, write_end = os.pipe()
+    writer_thread = threading.Thread(target=lambda: os.fdopen(write_end, "wb").write(first[:-8] + second))
+    writer_thread.start()  # the first stream's end marker dropped: a second schema message follows its batches
+    ahead = ReadAhead(read_end)
+    read_ahead_until(ahead, 1)
+    with pytest.raises(EdgeDecodeError, match=r"a test pipe: not an Arrow IPC stream: after 2 batches"):
+        list(DirectInput(read_end, "arrow", where="a test pipe", ahead=ahead).batches())
+    writer_thread.join()
 
 
 def plugin_temp_dirs(plugin: str) -> set[Path]:

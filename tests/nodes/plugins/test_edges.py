@@ -83,6 +83,29 @@ def test_an_ipc_batch_with_a_hostile_offset_is_refused() -> None:
         list(read_batches("arrow", io.BytesIO(buf.getvalue())))
 
 
+@pytest.mark.parametrize(
+    ("data", "offsets"),
+    [(b"ok\xff", [0, 2, 3]), ("é".encode(), [0, 1, 2])],  # not UTF-8; a character cut between two strings
+    ids=["not-utf8", "cut-character"],
+)
+def test_an_ipc_batch_whose_text_is_not_utf8_is_refused_after_the_good_ones(data: bytes, offsets: list[int]) -> None:
+    good = pa.record_batch({"s": ["a", "é", None]})
+    bad = pa.Array.from_buffers(
+        pa.string(), 2, [None, pa.py_buffer(pa.array(offsets, pa.int32()).buffers()[1]), pa.py_buffer(data)]
+    )
+    buf = io.BytesIO()
+    with pa.ipc.new_stream(buf, good.schema) as writer:
+        writer.write_batch(good)
+        writer.write_batch(pa.record_batch([bad], schema=good.schema))
+    got = []
+    with pytest.raises(
+        EdgeDecodeError, match=r"stage 0 \(cat@alpha\): not an Arrow IPC stream: after 1 batches: .*UTF8"
+    ):
+        for batch in read_batches("arrow", io.BytesIO(buf.getvalue()), where="stage 0 (cat@alpha)"):
+            got.append(batch)
+    assert [b.to_pylist() for b in got] == [good.to_pylist()]
+
+
 def test_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="use one of csv, ndjson, arrow"):
         read_batches("xml", io.BytesIO(b""))  # type: ignore[arg-type]
