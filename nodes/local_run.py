@@ -15,6 +15,9 @@ run on this host needs:
   (:mod:`dpipes.nodes.fd_output`);
 * what a run comes to, :mod:`dpipes.nodes.results`, shared with the full path, so that exit
   codes, each stage's status and the messages a user reads are the same.
+* a last stage on another node, read at that node (:mod:`dpipes.nodes.local_direct`, protocol:
+  *Direct read*): its output comes on a second connection, polled in the same loop, and the
+  credit and acknowledgements of a stream go back on the connection it came on.
 
 This module is the run itself: the request, the loop, the streams a run opens and their credit.
 It takes a run in bytes mode with no live view and no Pipes JSON file; :func:`run_local` returns
