@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 log = LazyLogger(__name__)
+note = log.info_if_configured  # where the output is read: shown by a program that set up logging
 
 # The full client's (dpipes.nodes.direct_read, dpipes.nodes.protocol; tests hold them equal).
 DIRECT_ATTACH_TIMEOUT_S = 3.0  # a hub answers ATTACH at once; the output waits meanwhile, so give up soon
@@ -113,7 +114,7 @@ class DirectClaim:
         try:
             dealer = ZmqDealer(self.read_endpoint, keys=keys)
         except ZmtpError as exc:
-            log.info("cannot attach to node %s at %s: %s", self.node, self.read_endpoint, exc)
+            note("cannot attach to node %s at %s: %s", self.node, self.read_endpoint, exc)
             return None
         conn = BlockingClient(self.read_endpoint)
         conn.connect(DIRECT_ATTACH_TIMEOUT_S, dealer)
@@ -133,7 +134,7 @@ class DirectClaim:
         """This way failed before a claim was sent there: the next one."""
         assert self.conn is not None
         where = self.conn.endpoint
-        log.info("stage %s's output: not read at node %s (%s): %s", self.claim["stage"], self.node, where, why)
+        note("stage %s's output: not read at node %s (%s): %s", self.claim["stage"], self.node, where, why)
         self.conn.close()
         self._next()
 
@@ -162,14 +163,14 @@ class DirectClaim:
         if conn is self.conn and self.state == CLAIMING:
             if ok:
                 self.state = DONE
-                log.info("stage %s's output: read at node %s (%s)", self.claim["stage"], self.node, conn.endpoint)
+                note("stage %s's output: read at node %s (%s)", self.claim["stage"], self.node, conn.endpoint)
             else:  # refused (our key is not the caller's), or undeliverable: not taken there
                 self._drop(str(why))
             return True
         if conn is self.entry and self.state == THROUGH_ENTRY:
             if ok:
                 self._settle(None)
-                log.info("stage %s's output: read through the entry node", self.claim["stage"])
+                note("stage %s's output: read through the entry node", self.claim["stage"])
             elif self.maybe is not None and body.get("code") == NOT_FOUND:
                 self._settle(self.maybe)  # our direct claim was taken after all: the output comes there
             else:
@@ -183,7 +184,7 @@ class DirectClaim:
             self._drop(self.conn.gone or f"no ATTACHED within {DIRECT_ATTACH_TIMEOUT_S:g} s")
         elif self.state == CLAIMING and self.conn is not None and (self.conn.gone or now >= self.deadline):
             # No answer: ask no other way directly, lest two claims be taken.
-            log.info("stage %s's output: node %s did not answer our claim", self.claim["stage"], self.node)
+            note("stage %s's output: node %s did not answer our claim", self.claim["stage"], self.node)
             self.maybe, self.conn = self.conn, None
             self._next_through_entry()
         elif self.state == THROUGH_ENTRY and now >= self.deadline:

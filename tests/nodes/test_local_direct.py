@@ -140,3 +140,22 @@ async def test_the_short_path_reads_over_tcp_with_our_key_or_through_the_entry_n
     assert direct == refused == content
     assert from_beta(through_entry) == 0  # read over TCP at beta, with CURVE
     assert from_beta(through_entry_refused) == DATA_BYTES
+
+
+async def test_reading_at_a_daemon_of_ours_imports_no_pyzmq_asyncio_or_logging(rt: Path) -> None:
+    unneeded = ("asyncio", "zmq", "logging", "dpipes.bus.zmq_dealer", "dpipes.bus.keyring")
+    probe = (
+        "import sys; from dpipes.tools.dpipes import main; code = main(['echo x | cat@beta']); "
+        f"print(code, [m for m in {unneeded!r} if m in sys.modules], file=sys.stderr)"
+    )
+    async with daemons(rt, ["alpha", "beta"]) as (alpha, _beta):
+        tap = node_files(rt, "alpha").tap_endpoint
+        async with tapped_at("alpha", tap, alpha.ipc) as through_entry:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", probe, env=environment(rt),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    assert out == b"x\n"
+    assert err.decode().strip().splitlines()[-1] == "0 []"
+    assert from_beta(through_entry) == 0  # and it was read at beta
