@@ -140,7 +140,12 @@ def _short_direct_read(
     """The ``pipe.direct_read_short_*`` rows: the short path (this host's daemon, over ipc) reading
     the last stage at ``bench-b``, against the same through the entry daemon."""
     two_nodes, start = [*dpipes, f"cat {data} | cat@bench-b"], [*dpipes, "echo x | cat@bench-b"]
-    ours, theirs, our_cpu, their_cpu, our_entry, their_entry = [], [], [], [], [], []
+    ours: list[float] = []
+    theirs: list[float] = []
+    our_cpu: list[float] = []
+    their_cpu: list[float] = []
+    our_entry: list[float] = []
+    their_entry: list[float] = []
     starts: list[float] = []
     via_entry_starts: list[float] = []
     _timed(start, env)  # warm up: the byte code cache
