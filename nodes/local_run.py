@@ -82,6 +82,9 @@ MAX_EARLY_MESSAGES = 65536  # stream messages kept meanwhile (each stream's are 
 # The last stage's node, where its output was read, went away: the entry node, linked to it, says
 # so within its peer timeout (naming the node and the stages lost); past this, we say it ourselves.
 DIRECT_LOST_WAIT_S = 2 * PEER_TIMEOUT_S
+# How long one pass drains one connection: the output read at the last node may come faster than
+# we take it, and the entry node's reports and heartbeats must not wait behind it.
+DRAIN_BUDGET_S = 0.05
 
 
 def run_local(
@@ -241,6 +244,7 @@ class _Run:
         poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
         polled: dict[int, BlockingClient] = {}
+        cut: set[BlockingClient] = set()  # drained in part last pass: more may wait in its buffer
         watching_stdin = False
         while not self._over():
             now = time.monotonic()
@@ -274,19 +278,24 @@ class _Run:
                 poller.register(fd, select.POLLIN | (select.POLLOUT if conn.wants_write() else 0))
             polled = live
             wait_s = HEARTBEAT_INTERVAL_S if self.done_at is None else min(HEARTBEAT_INTERVAL_S, self.done_at - now)
-            if any(conn.pending() for conn in live.values()):  # a libzmq socket's edge passed: no wait
+            if cut or any(conn.pending() for conn in live.values()):  # more waits, unsignalled: no wait
                 wait_s = 0.0
             ready = dict(poller.poll(max(0 if wait_s <= 0 else 1, int(wait_s * 1000))))
             if ready.get(self.wake_r):
                 self._woken()
+            cut.clear()
             for fd, conn in live.items():
                 if ready.get(fd, 0) & select.POLLOUT:
                     conn.flush()
+                drain_until = time.monotonic() + DRAIN_BUDGET_S
                 while (got := conn.recv()) is not None:  # drain the socket, then wait again
                     if got[0]:
                         self._on_message(got[0], got[1], conn)
                     if self.refused_before or self.c.addr == "":
                         return
+                    if time.monotonic() > drain_until:  # the other connection's turn (its heartbeats)
+                        cut.add(conn)
+                        break
             if watching_stdin and ready.get(self.stdin_fd) and self._may_feed():
                 self._feed()
 
