@@ -33,6 +33,7 @@ def test_quick_pipe_suite_measures_every_figure_against_its_baseline() -> None:
         "pipe.direct_read_short_64MiB_entry_cpu",
         "pipe.direct_read_short_64MiB",
         "pipe.direct_read_short_start",
+        "pipe.direct_read_short_start_cpu",
         "pipe.one_node_throughput_64MiB",
         "pipe.start_to_finish",
         "pipe.python_floor",
