@@ -131,6 +131,10 @@ class Dealer:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def pending(self) -> bool:
+        """False: the descriptor is level-triggered, and :meth:`recv` reads until it would block."""
+        return False
+
     # -- the handshake -----------------------------------------------------------------------
 
     def _handshake(self, deadline: float) -> None:

@@ -15,6 +15,9 @@ run on this host needs:
   (:mod:`dpipes.nodes.fd_output`);
 * what a run comes to, :mod:`dpipes.nodes.results`, shared with the full path, so that exit
   codes, each stage's status and the messages a user reads are the same.
+* a last stage on another node, read at that node (:mod:`dpipes.nodes.local_direct`, protocol:
+  *Direct read*): its output comes on a second connection, polled in the same loop, and the
+  credit and acknowledgements of a stream go back on the connection it came on.
 
 This module is the run itself: the request, the loop, the streams a run opens and their credit.
 It takes a run in bytes mode with no live view and no Pipes JSON file; :func:`run_local` returns
@@ -65,6 +68,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
+    from dpipes.nodes.local_direct import DirectClaim
+
 log = LazyLogger(__name__)  # logging is imported only if something is logged (dpipes.bus.logs)
 
 # The full client's (dpipes.nodes.run; tests/nodes/test_local_run.py holds them equal).
@@ -74,6 +79,12 @@ STDIN_CHUNK_BYTES = 256 * 1024
 GRANT_BYTES = INITIAL_CREDIT_BYTES // 4  # credit goes back once a quarter of the window was taken
 MAX_EARLY_REPORTS = 4096  # reports kept while `run` is unanswered (one per stage, and a failed)
 MAX_EARLY_MESSAGES = 65536  # stream messages kept meanwhile (each stream's are bounded by its credit)
+# The last stage's node, where its output was read, went away: the entry node, linked to it, says
+# so within its peer timeout (naming the node and the stages lost); past this, we say it ourselves.
+DIRECT_LOST_WAIT_S = 2 * PEER_TIMEOUT_S
+# How long one pass drains one connection: the output read at the last node may come faster than
+# we take it, and the entry node's reports and heartbeats must not wait behind it.
+DRAIN_BUDGET_S = 0.05
 
 
 def run_local(
@@ -90,6 +101,7 @@ def run_local(
     stderr_fd: int = 2,
     handle_sigint: bool = True,
     edge_format: str = "csv",
+    direct_read: bool = True,
 ) -> RunResult | None:
     """Run ``pipeline`` (bytes mode) through this host's daemon, or through ``entry`` (``ipc://``).
 
@@ -97,6 +109,7 @@ def run_local(
         stdin: stream ``stdin_fd`` into the first stage (else it reads nothing).
         pipes: the run's Pipes options, as :class:`dpipes.nodes.run.RunOptions` has them.
         edge_format: a program's bytes at an edge with a plugin (``csv``, ``ndjson``, ``arrow``).
+        direct_read: read a last stage on another node at that node (:mod:`dpipes.nodes.local_direct`).
 
     Returns:
         What the run came to, as :func:`dpipes.nodes.run.run_pipeline` returns it; None when no
@@ -132,6 +145,7 @@ def run_local(
             "progress": False,
             "workflow": {},
             "edge_format": edge_format,
+            "direct_read": direct_read,
         }
         return run.run(body, pipefail=pipefail, handle_sigint=handle_sigint)
     finally:
@@ -141,10 +155,11 @@ def run_local(
 class _Inbound:
     """A stream a stage opened to us: where its data goes and the credit we owe it back."""
 
-    __slots__ = ("done", "kind", "owed", "received", "sid", "src", "stage")
+    __slots__ = ("conn", "done", "kind", "owed", "received", "sid", "src", "stage")
 
-    def __init__(self, src: str, sid: int, stage: StageResult | None) -> None:
+    def __init__(self, src: str, sid: int, stage: StageResult | None, conn: BlockingClient) -> None:
         self.src, self.sid, self.stage = src, sid, stage
+        self.conn = conn  # the hub it came through, where its credit and acknowledgements go
         self.received = 0  # payload bytes, for EOF_ACK
         self.owed = 0  # credit units consumed and not yet granted back
         self.done = False
@@ -187,6 +202,9 @@ class _Run:
         self.fed_bytes = 0
         self.spent = 0
         self.credit = INITIAL_CREDIT_BYTES
+        # The last stage's output, claimed at its node (dpipes.nodes.local_direct), when offered.
+        self.direct: DirectClaim | None = None
+        self.direct_lost_at: float | None = None  # its connection ended before the run did
 
     def _id(self) -> int:
         self.next_id += 1
@@ -209,6 +227,8 @@ class _Run:
             if handle_sigint:
                 signal.set_wakeup_fd(previous_wakeup)
                 signal.signal(signal.SIGINT, previous_handler)
+            if self.direct is not None:
+                self.direct.close()
             self.stdout.flush()
             self.stderr.flush()
             os.close(self.wake_r)
@@ -222,9 +242,9 @@ class _Run:
 
     def _loop(self, started: float) -> None:
         poller = select.poll()
-        hub = self.c.fileno()
-        poller.register(hub, select.POLLIN)
         poller.register(self.wake_r, select.POLLIN)
+        polled: dict[int, BlockingClient] = {}
+        cut: set[BlockingClient] = set()  # drained in part last pass: more may wait in its buffer
         watching_stdin = False
         while not self._over():
             now = time.monotonic()
@@ -239,34 +259,76 @@ class _Run:
             if now - self.c.last_heard > PEER_TIMEOUT_S:
                 self._lost(f"no word from the node at {self.c.endpoint} for {PEER_TIMEOUT_S:g} s")
                 return
+            if self.direct is not None:
+                self._tend_direct(now)
             if self._may_feed() != watching_stdin:  # stdin is watched only while it may be fed
                 watching_stdin = not watching_stdin
                 if watching_stdin:
                     poller.register(self.stdin_fd, select.POLLIN)
                 else:
                     poller.unregister(self.stdin_fd)
-            self.c.ping_when_due()
+            conns = [self.c, *(self.direct.conns() if self.direct is not None else ())]
+            for conn in conns:
+                conn.ping_when_due()
             self._grant_all()
-            poller.modify(hub, select.POLLIN | (select.POLLOUT if self.c.wants_write() else 0))
+            live = {conn.fileno(): conn for conn in conns if not conn.gone}
+            for fd in polled.keys() - live.keys():
+                poller.unregister(fd)
+            for fd, conn in live.items():  # register() of a registered fd modifies it
+                poller.register(fd, select.POLLIN | (select.POLLOUT if conn.wants_write() else 0))
+            polled = live
             wait_s = HEARTBEAT_INTERVAL_S if self.done_at is None else min(HEARTBEAT_INTERVAL_S, self.done_at - now)
-            ready = dict(poller.poll(max(1, int(wait_s * 1000))))
+            if cut or any(conn.pending() for conn in live.values()):  # more waits, unsignalled: no wait
+                wait_s = 0.0
+            ready = dict(poller.poll(max(0 if wait_s <= 0 else 1, int(wait_s * 1000))))
             if ready.get(self.wake_r):
                 self._woken()
-            if ready.get(hub, 0) & select.POLLOUT:
-                self.c.flush()
-            while (got := self.c.recv()) is not None:  # drain the socket, then wait again
-                if got[0]:
-                    self._on_message(*got)
-                if self.refused_before or self.c.addr == "":
-                    return
+            cut.clear()
+            for fd, conn in live.items():
+                if ready.get(fd, 0) & select.POLLOUT:
+                    conn.flush()
+                drain_until = time.monotonic() + DRAIN_BUDGET_S
+                while (got := conn.recv()) is not None:  # drain the socket, then wait again
+                    if got[0]:
+                        self._on_message(got[0], got[1], conn)
+                    if self.refused_before or self.c.addr == "":
+                        return
+                    if time.monotonic() > drain_until:  # the other connection's turn (its heartbeats)
+                        cut.add(conn)
+                        break
             if watching_stdin and ready.get(self.stdin_fd) and self._may_feed():
                 self._feed()
+
+    def _tend_direct(self, now: float) -> None:
+        """The claim's timeouts; a connection to the last node lost while its output is read there."""
+        direct = self.direct
+        assert direct is not None
+        for conn in direct.conns():
+            if not conn.gone and now - conn.last_heard > PEER_TIMEOUT_S:
+                conn.gone = f"no word from the node for {PEER_TIMEOUT_S:g} s"
+        if not direct.settled():
+            direct.tick(now)
+            if direct.error and not self.error:  # nobody will read the output: the run cannot end well
+                self.error = direct.error
+                self._cancel(direct.error)
+            return
+        reading = direct.conn
+        if reading is None or not reading.gone or self.stages[-1].reported:
+            return
+        if self.direct_lost_at is None:  # the entry node, which links to it, says which node was lost
+            self.direct_lost_at = now
+        elif now - self.direct_lost_at > DIRECT_LOST_WAIT_S and not self.error:
+            last = self.stages[-1]
+            self.error = f"lost node '{direct.node}' while reading stage {last.index}'s output there: {reading.gone}"
+            self._cancel(self.error)
 
     def _over(self) -> bool:
         if self.refused_before:
             return True
         if self.interrupts > 1:  # a second Ctrl-C: stop waiting
             return True
+        if self.direct is not None and not self.direct.settled():
+            return False
         return bool(self.stages) and all(s.reported for s in self.stages)
 
     def _woken(self) -> None:
@@ -295,13 +357,15 @@ class _Run:
 
     # -- what arrives --------------------------------------------------------------------------
 
-    def _on_message(self, h: dict[str, Any], payload: list[memoryview]) -> None:
+    def _on_message(self, h: dict[str, Any], payload: list[memoryview], conn: BlockingClient) -> None:
         kind = h["kind"]
+        if self.direct is not None and not self.direct.settled() and self.direct.on_message(conn, h):
+            return
         if not self.pipeline and kind in STREAM_KINDS:
             # Stages start before `run` is answered: whose stream this is (the last stage's stdout,
             # or not) is known from the reply. Kept until then, each stream bounded by its credit.
             if len(self.early_messages) < MAX_EARLY_MESSAGES:
-                self.early_messages.append((h, payload))
+                self.early_messages.append((h, payload))  # from the entry node: no other is attached yet
             else:
                 log.warning("dropped a %s from %s that came before the run reply: too many", kind, h["src"])
             return
@@ -309,25 +373,28 @@ class _Run:
             if h["seq"] == self.run_seq and not self.pipeline:
                 self._on_run_reply(h)
         elif kind == "REQUEST":
-            self._on_report(h)
+            self._on_report(h, conn)
         elif kind in DATA_KINDS:
-            self._on_data(h, kind, payload)
+            self._on_data(h, kind, payload, conn)
         elif kind == "BATCH":
-            self._on_batch(h, payload)
+            self._on_batch(h, payload, conn)
         elif kind == "EOF":
-            stream = self._stream(h)
+            stream = self._stream(h, conn)
             stream.done = True
-            self.c.send("EOF_ACK", h["src"], sid=h["sid"], total=stream.received)
+            conn.send("EOF_ACK", h["src"], sid=h["sid"], total=stream.received)
         elif kind == "CANCEL" and self._about_feed(h):
             self.feeding = False  # stage 0 stopped reading, as SIGPIPE
         elif kind == "CANCEL":
-            self._stream(h).done = True
+            self._stream(h, conn).done = True
         elif kind == "CREDIT" and self._about_feed(h):
             units = h.get("bytes")
             if type(units) is int and units > 0:
                 self.credit += units
         elif kind == "ERROR":
             self._on_error(h)
+        elif kind == "BYE" and conn is not self.c:  # the last stage's node: what it means, _tend_direct says
+            why = h.get("reason") if isinstance(h.get("reason"), str) else ""
+            conn.gone = f"the node detached this client: {why or 'it stopped'}"
         elif kind == "BYE":
             why = h.get("reason") if isinstance(h.get("reason"), str) else ""
             self._lost(f"the node at {self.c.endpoint} detached this client: {why or 'it stopped'}")
@@ -367,27 +434,33 @@ class _Run:
             if isinstance(addr, str):
                 self.feeding, self.feed_sid, self.feed_addr = True, self._id(), addr
         for h_early, payload in self.early_messages:  # stages' streams that came before this reply
-            self._on_message(h_early, payload)
+            self._on_message(h_early, payload, self.c)
         self.early_messages.clear()
         for method, early in self.early:  # reports that came before this reply (protocol, step 3)
             self._take_report(method, early)
         self.early.clear()
+        token = body.get("read_token")
+        if isinstance(token, str) and token:  # the last stage holds its output until we claim it
+            from dpipes.nodes.local_direct import DirectClaim
+
+            self.direct = DirectClaim(self.c, body, len(results) - 1, results[-1].node, self._id)
+            self.direct.start()
         if self.interrupts:  # Ctrl-C came while the stages were starting: cancel them now
             self._cancel("interrupted by the user (Ctrl-C)")
 
-    def _on_report(self, h: dict[str, Any]) -> None:
+    def _on_report(self, h: dict[str, Any], conn: BlockingClient) -> None:
         method, body = h.get("method"), h.get("body")
         if method == "progress":  # one-way, and we asked for none
             return
         if method not in ("exit", "failed") or not isinstance(body, dict) or not report_ok(method, body):
             code = "unknown-method" if method not in ("exit", "failed") else "bad-request"
             error = f"a dpipes client takes no {method!r} request" if code == "unknown-method" else "malformed report"
-            self.c.send("REPLY", h["src"], seq=h["seq"], ok=False, body={"code": code, "field": ""}, error=error)
+            conn.send("REPLY", h["src"], seq=h["seq"], ok=False, body={"code": code, "field": ""}, error=error)
             self.refused_reports += 1
             say = log.warning if self.refused_reports == 1 else log.debug
             say("refused a %s report from %s: %s", str(method)[:64], h["src"], error)
             return
-        self.c.send("REPLY", h["src"], seq=h["seq"], ok=True, body={}, error="")
+        conn.send("REPLY", h["src"], seq=h["seq"], ok=True, body={}, error="")
         if not self.pipeline:  # a stage may end before `run` is answered: keep its report until then
             if len(self.early) < MAX_EARLY_REPORTS:
                 self.early.append((method, body))
@@ -415,11 +488,11 @@ class _Run:
                     lost.status, lost.reported = f"lost with node {lost.node}", True
             self.done_at = time.monotonic() + CANCEL_WAIT_S
 
-    def _stream(self, h: dict[str, Any]) -> _Inbound:
+    def _stream(self, h: dict[str, Any], conn: BlockingClient) -> _Inbound:
         key = (h["src"], h["sid"])
         stream = self.inbound.get(key)
         if stream is None:
-            stream = self.inbound[key] = _Inbound(h["src"], h["sid"], self._stage_of(h["src"]))
+            stream = self.inbound[key] = _Inbound(h["src"], h["sid"], self._stage_of(h["src"]), conn)
         return stream
 
     def _stage_of(self, addr: str) -> StageResult | None:
@@ -429,18 +502,18 @@ class _Run:
             return None
         return self.stages[int(index)]
 
-    def _on_batch(self, h: dict[str, Any], payload: list[memoryview]) -> None:
+    def _on_batch(self, h: dict[str, Any], payload: list[memoryview], conn: BlockingClient) -> None:
         sizes, of = batch_sizes(h, payload), h.get("of") or "BYTES"
         if sizes is None:
-            self.c.drop("BATCH")
+            conn.drop("BATCH")
             return
         view, start = payload[0], 0
         for size in sizes:  # each member as if it came alone
-            self._on_data(h, of, [view[start : start + size]])
+            self._on_data(h, of, [view[start : start + size]], conn)
             start += size
 
-    def _on_data(self, h: dict[str, Any], kind: str, frames: list[memoryview]) -> None:
-        stream = self._stream(h)
+    def _on_data(self, h: dict[str, Any], kind: str, frames: list[memoryview], conn: BlockingClient) -> None:
+        stream = self._stream(h, conn)
         if stream.done:
             return  # we cancelled it; what was already under way still arrives
         stream.kind = stream.kind or kind
@@ -495,7 +568,7 @@ class _Run:
         """Our reader went away (``| head``): stop the last stage's output, as SIGPIPE would."""
         for stream in self.inbound.values():
             if stream.src == self.last_addr and stream.kind == "BYTES" and not stream.done:
-                self.c.send("CANCEL", stream.src, sid=stream.sid, reason="the output of dpipes was closed")
+                stream.conn.send("CANCEL", stream.src, sid=stream.sid, reason="the output of dpipes was closed")
                 stream.done = True
 
     def _on_error(self, h: dict[str, Any]) -> None:
@@ -513,7 +586,7 @@ class _Run:
 
     def _grant(self, stream: _Inbound) -> None:
         if stream.owed and not stream.done:
-            self.c.send("CREDIT", stream.src, sid=stream.sid, bytes=stream.owed)
+            stream.conn.send("CREDIT", stream.src, sid=stream.sid, bytes=stream.owed)
         stream.owed = 0
 
     def _grant_all(self) -> None:

@@ -104,7 +104,7 @@ class BlockingClient:
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.dealer: Dealer | None = None
+        self.dealer: Any = None  # a Dealer, or a transport with its methods (dpipes.bus.zmq_dealer)
         self.addr = ""
         self.node = ""
         self.last_sent = 0.0
@@ -114,7 +114,7 @@ class BlockingClient:
 
     def fileno(self) -> int:
         assert self.dealer is not None
-        return self.dealer.fileno()
+        return int(self.dealer.fileno())
 
     def wants_write(self) -> bool:
         """Whether sent messages wait for the socket to be writable (poll for it, then :meth:`flush`)."""
@@ -174,12 +174,9 @@ class BlockingClient:
     def attach(self) -> bool:
         """Connect, ATTACH and wait for ATTACHED; False when the hub does not answer (then nothing ran)."""
         deadline = time.monotonic() + ATTACH_TIMEOUT_S
-        try:
-            self.dealer = Dealer(self.endpoint.removeprefix("ipc://"), timeout_s=ATTACH_TIMEOUT_S)
-        except (OSError, ZmtpError) as exc:  # TimeoutError is an OSError
-            log.debug("no ZMTP handshake with %s: %s", self.endpoint, exc)
+        if not self.connect(ATTACH_TIMEOUT_S):
             return False
-        self.send("ATTACH", "", name="", host="")  # no host: no shared memory, payloads come inline
+        assert self.dealer is not None
         while (left := deadline - time.monotonic()) > 0 and not self.gone:
             got = self.recv()
             if got is None:
@@ -188,17 +185,44 @@ class BlockingClient:
                     self.flush()
                 continue
             header = got[0]
-            if not header:
-                continue
-            if header["kind"] == "ATTACHED" and isinstance(header.get("addr"), str) and "/" in header["addr"]:
-                self.addr = header["addr"]
-                self.node = self.addr.split("/", 1)[0]
+            if header and self.take_attached(header):
                 return True
-            if header["kind"] in ("ERROR", "BYE"):
-                why = header.get("message") or header.get("reason") or "refused"
-                raise RunFailed(f"cannot reach a dpipes node at {self.endpoint}: {why}")
         log.debug("no ATTACHED from %s within %s s (%s)", self.endpoint, ATTACH_TIMEOUT_S, self.gone or "silence")
         return False
+
+    def connect(self, timeout_s: float, dealer: Any = None) -> bool:
+        """Connect (the ZMTP handshake, within ``timeout_s``) and send ATTACH; False when nothing
+        answers at an ``ipc://`` endpoint. ``dealer``: a connected one to use instead (another
+        transport with :class:`~dpipes.bus.zmtp.Dealer`'s methods)."""
+        if dealer is None:
+            try:
+                dealer = Dealer(self.endpoint.removeprefix("ipc://"), timeout_s=timeout_s)
+            except (OSError, ZmtpError) as exc:  # TimeoutError is an OSError
+                log.debug("no ZMTP handshake with %s: %s", self.endpoint, exc)
+                return False
+        self.dealer = dealer
+        self.last_heard = time.monotonic()
+        self.send("ATTACH", "", name="", host="")  # no host: no shared memory, payloads come inline
+        return True
+
+    def take_attached(self, header: Mapping[str, Any]) -> bool:
+        """Whether ``header`` is the hub's ATTACHED (then we are attached, at ``addr``).
+
+        Raises:
+            RunFailed: the hub refused us (``ERROR`` or ``BYE``).
+        """
+        if header["kind"] == "ATTACHED" and isinstance(header.get("addr"), str) and "/" in header["addr"]:
+            self.addr = header["addr"]
+            self.node = self.addr.split("/", 1)[0]
+            return True
+        if header["kind"] in ("ERROR", "BYE"):
+            why = header.get("message") or header.get("reason") or "refused"
+            raise RunFailed(f"cannot reach a dpipes node at {self.endpoint}: {why}")
+        return False
+
+    def pending(self) -> bool:
+        """Whether a message waits although the descriptor may not signal it (a libzmq socket's)."""
+        return self.dealer is not None and not self.gone and bool(self.dealer.pending())
 
     def ping_when_due(self) -> None:
         """PING the hub when we sent nothing for a heartbeat interval."""
@@ -211,6 +235,8 @@ class BlockingClient:
             self.send("BYE", f"{self.node}/", reason="the run is over")
         if self.dealer is not None:
             self.dealer.close(0.0 if self.gone else LINGER_S)
+            self.dealer = None
+        self.gone = self.gone or "closed"
 
 
 def _wait_readable(fd: int, timeout_s: float, *, write: bool = False) -> None:

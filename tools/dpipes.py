@@ -40,7 +40,7 @@ the entry node (which coordinates the run):
   no reply); a local dpipesd that crashed is named on stderr before the embedded node runs.
   A plain bytes-mode run on this host's dpipesd takes a short path that starts faster (no
   asyncio); DPIPES_SHORT_PATH=0 in the environment takes the full one (same results).
-  A last stage on another node is read from that node directly (the full path; the entry node's
+  A last stage on another node is read from that node directly (either path; the entry node's
   path when that node cannot be reached); DPIPES_DIRECT_READ=0 reads it through the entry node.
 
 keys (a node over TCP, as ssh does it):
@@ -485,6 +485,7 @@ def _short_run(args: argparse.Namespace, parser: argparse.ArgumentParser | None)
             require=tuple(args.require),
             entry=args.entry,
             edge_format=args.edge_format or "csv",
+            direct_read=os.environ.get("DPIPES_DIRECT_READ") != "0",  # 0: through the entry node (to compare)
         )
     except RunFailed as exc:
         print(f"dpipes: {exc}", file=sys.stderr)

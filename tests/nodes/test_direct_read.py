@@ -42,12 +42,20 @@ DATA_BYTES = 3 << 20  # several chunks of a stage's output
 @contextlib.asynccontextmanager
 async def tapped(node: Node) -> AsyncIterator[list[TapEvent]]:
     """Every event ``node``'s hub routes while the block runs (its tap, subscribed before it)."""
+    async with tapped_at(node.name, node.hub.tap_endpoint, node.ipc_endpoint) as events:
+        yield events
+
+
+@contextlib.asynccontextmanager
+async def tapped_at(name: str, tap: str, ipc: str) -> AsyncIterator[list[TapEvent]]:
+    """Every event the hub of node ``name`` (its tap at ``tap``, its ipc socket at ``ipc``) routes
+    while the block runs."""
     events: list[TapEvent] = []
-    async with TapSource([Target(node.name, node.hub.tap_endpoint)]) as source:
+    async with TapSource([Target(name, tap)]) as source:
 
         async def subscribed() -> None:
             while source.received == 0:  # XPUB publishes once it has seen our subscription
-                await known_nodes(node.ipc_endpoint)
+                await known_nodes(ipc)
                 await source.next(0.2)
 
         await asyncio.wait_for(subscribed(), WAIT_S)
@@ -62,7 +70,7 @@ async def tapped(node: Node) -> AsyncIterator[list[TapEvent]]:
         try:
             yield events
             seen = len(events)
-            await known_nodes(node.ipc_endpoint)  # events behind the run's, in one ordered feed: all of it is in
+            await known_nodes(ipc)  # events behind the run's, in one ordered feed: all of it is in
             await asyncio.wait_for(_until(lambda: len(events) > seen), WAIT_S)
         finally:
             task.cancel()

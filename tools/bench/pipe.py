@@ -10,6 +10,13 @@
   the same two-node runs (the client reads the last stage's output at ``bench-b``) against the
   same with ``DPIPES_DIRECT_READ=0`` (that output through the entry daemon's hub), alternating in
   one pair of daemons: MB/s, CPU s/GB of everything, and of the entry daemon alone (with its stage).
+* ``pipe.direct_read_short_1GiB``, ``pipe.direct_read_short_1GiB_cpu``,
+  ``pipe.direct_read_short_1GiB_entry_cpu``: the same run on the short path (no ``--node``: the
+  first daemon is this host's, over ipc, and the client reads ``bench-b``'s output at its Unix
+  socket), against the same with ``DPIPES_DIRECT_READ=0``. ``pipe.direct_read_short_start``: the
+  wall time of ``echo x | cat@bench-b`` on the short path, against ``DPIPES_DIRECT_READ=0``: what
+  attaching to the last node and claiming its output there adds to a run's start;
+  ``pipe.direct_read_short_start_cpu``: the client's CPU time of those runs (user + system).
 * ``pipe.one_node_throughput_1GiB``: ``cat FILE | cat | cat`` on the local daemon (no ``--node``:
   over ipc), against the same pipeline in ``sh``. Neighbours on one node share a kernel pipe and
   dpipes hands its stdout to the last stage, so this measures what dpipes adds around a
@@ -121,6 +128,54 @@ def _timed_cpu(argv: list[str], pids: list[int], env: dict[str, str] | None = No
     return wall, _cpu_seconds(pids) - cpu
 
 
+def _short_direct_read(
+    dpipes: list[str],
+    data: Path,
+    size: int,
+    env: dict[str, str],
+    entry_env: dict[str, str],
+    daemons: list[int],
+    repeat: int,
+    progress: Callable[[str], None],
+) -> list[Result]:
+    """The ``pipe.direct_read_short_*`` rows: the short path (this host's daemon, over ipc) reading
+    the last stage at ``bench-b``, against the same through the entry daemon."""
+    two_nodes, start = [*dpipes, f"cat {data} | cat@bench-b"], [*dpipes, "echo x | cat@bench-b"]
+    ours: list[float] = []
+    theirs: list[float] = []
+    our_cpu: list[float] = []
+    their_cpu: list[float] = []
+    our_entry: list[float] = []
+    their_entry: list[float] = []
+    starts: list[float] = []
+    via_entry_starts: list[float] = []
+    start_cpu: list[float] = []
+    via_entry_start_cpu: list[float] = []
+    _timed(start, env)  # warm up: the byte code cache
+    for _ in range(repeat):
+        for run_env, mbs, cpus, entry in ((env, ours, our_cpu, our_entry), (entry_env, theirs, their_cpu, their_entry)):
+            entry_before = _daemon_cpu_seconds(daemons[0])
+            wall, cpu = _timed_cpu(two_nodes, daemons, run_env)
+            entry.append((_daemon_cpu_seconds(daemons[0]) - entry_before) / size * 1e9)
+            mbs.append(size / wall / 1e6)
+            cpus.append(cpu / size * 1e9)
+        for _ in range(4):  # a start is short: more of them, for a wall time on a shared machine
+            starts.append(_timed(start, env, cpu=start_cpu) * 1000)
+            via_entry_starts.append(_timed(start, entry_env, cpu=via_entry_start_cpu) * 1000)
+        progress(".")
+    mib, baseline = size >> 20, "DPIPES_DIRECT_READ=0"
+    return [
+        result(f"pipe.direct_read_short_{mib}MiB_cpu", "CPU s/GB, client, daemons and stages", our_cpu, baseline,
+               their_cpu, higher_is_better=False),
+        result(f"pipe.direct_read_short_{mib}MiB_entry_cpu", "CPU s/GB, the entry daemon and its stage", our_entry,
+               baseline, their_entry, higher_is_better=False),
+        result(f"pipe.direct_read_short_{mib}MiB", "MB/s", ours, baseline, theirs),
+        result("pipe.direct_read_short_start", "ms", starts, baseline, via_entry_starts, higher_is_better=False),
+        result("pipe.direct_read_short_start_cpu", "ms, the client's CPU", start_cpu, baseline, via_entry_start_cpu,
+               higher_is_better=False),
+    ]  # fmt: skip
+
+
 def pipe_benchmarks(
     *, repeat: int = 5, quick: bool = False, progress: Callable[[str], None] = lambda s: None
 ) -> list[Result]:
@@ -202,6 +257,7 @@ def pipe_benchmarks(
             results.append(
                 result(f"pipe.direct_read_{size >> 20}MiB", "MB/s", ours, "DPIPES_DIRECT_READ=0", via_entry)
             )
+            results += _short_direct_read(dpipes, data, size, env, entry_env, daemons, repeat, progress)
             local, theirs = [], []  # one node: neighbours share a kernel pipe, dpipes hands over its stdout
             for _ in range(repeat):
                 theirs.append(size / _timed(["sh", "-c", f"cat {data} | cat | cat > /dev/null"]) / 1e6)
