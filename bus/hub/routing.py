@@ -98,7 +98,8 @@ class Routing:
         return msg.inner(self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes, msg.offset))
 
     def _route_unshared(self: Hub, ident: bytes, header: dict[str, Any], to: _Client | _Link) -> None:
-        """An SHM for a party we share no memory with: the message it stands for, copied out on the way."""
+        """An SHM for a party we share no memory with: the message it stands for, copied out on the way
+        (to a peer's link, its large frames straight from the segment into the socket: ``_zero_copy``)."""
         try:
             shm_msg = codec.from_header(header)
             assert isinstance(shm_msg, codec.Shm)
