@@ -112,8 +112,15 @@ EXIT_NOT_STARTED: Final = 4
 ANCHOR_KEY: Final = "anchor"  # in a stream's first ARROW part: the sender's output anchor
 ALIGN_FROM_BYTES: Final = 64  # a read this large handed over as a view of a chunk must be 8-byte aligned
 SHARE_FROM_BYTES: Final = 64 * 1024  # a buffer a writer hands over this large is sent as it is, not copied
+GATHER_KEEP_BYTES: Final = 64 << 20  # per input: gather buffers kept for reuse (a pass-through's batches in flight)
+GATHER_REUSE_FROM_BYTES: Final = 64 * 1024  # a gathered read this large takes a kept buffer
+GATHER_ROUND_BYTES: Final = 256 * 1024  # a kept buffer's size is rounded up to this, so that the next batch fits it
 FEED_QUEUE_ITEMS: Final = 8  # per input connection: messages read ahead of the plugin (credit does the rest)
 SEND_AHEAD_BATCHES: Final = 32  # per output: batches the plugin may write ahead of the loop sending them
+# ... and bytes: a batch of a megabyte or more waits once this much is unsent. Every byte ahead is
+# memory this short-lived process faults in afresh (32 batches of 1.8 MB ahead of a slower reader:
+# 60 MB of new pages per run), and the reader's credit, not this queue, keeps large batches flowing.
+SEND_AHEAD_BYTES: Final = 8 << 20
 PIPES_BATCH_FRAMES: Final = 256  # io messages sent together in one PIPES message
 OUTPUT_CLOSE_TIMEOUT_S: Final = 60.0  # after the last batch: a reader that acknowledges nothing for this long is gone
 FD_RECEIVE_TIMEOUT_S: Final = 10.0  # a pooled worker's direct edges: the node sent them before the spec
@@ -212,14 +219,49 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class _GatherBuffers:
+    """Buffers for what a read gathers across chunks, reused once nothing refers to them any more.
+
+    Such a read is an IPC message body (a whole batch) that spans two received chunks. With a
+    fresh buffer of pyarrow's pool per body (freed later on another thread, the loop's, once its
+    bytes were sent on), the kernel zeroing new pages took a third to two thirds of a
+    pass-through plugin's thread on a 205 MiB stream; with these, none after the first
+    batches in flight. A kept buffer is free again when only this pool refers to it:
+    a view of it (the batch's buffers, their slices, the frames sent on) holds a reference to it
+    until released. At most ``GATHER_KEEP_BYTES`` are kept; past that a read takes a buffer that
+    is not kept.
+    """
+
+    def __init__(self, keep_bytes: int = GATHER_KEEP_BYTES) -> None:
+        self._kept: list[pa.Buffer] = []
+        self._kept_bytes = 0
+        self._keep_bytes = keep_bytes
+
+    def take(self, size: int) -> memoryview:
+        """A writable view of ``size`` bytes, in a buffer nobody else uses now."""
+        for buf in self._kept:
+            # 3: the list, this loop's name, getrefcount's argument; a view anywhere makes it more.
+            if buf.size >= size and sys.getrefcount(buf) == 3:
+                return memoryview(buf).cast("B")[:size]
+        buf = pa.allocate_buffer(-(-size // GATHER_ROUND_BYTES) * GATHER_ROUND_BYTES)
+        if self._kept_bytes + buf.size <= self._keep_bytes:
+            self._kept.append(buf)
+            self._kept_bytes += buf.size
+        return memoryview(buf).cast("B")[:size]
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._kept_bytes
+
+
 class _Feed(io.RawIOBase):
     """A byte stream read by pyarrow on a thread, written by the loop through a :class:`_Handoff`.
 
     ``read(n)`` gives exactly ``n`` bytes, fewer only at the end (pyarrow's readers take a short
     read for the end of the stream). What lies within one received chunk is handed over as a view
     of it, zero-copy, when it starts 8-byte aligned (Arrow's buffers want that); what spans chunks
-    is gathered once into a buffer of pyarrow's memory pool, which reuses its pages instead of
-    faulting in fresh ones for every batch.
+    is gathered once into a buffer (:class:`_GatherBuffers`: reused, not faulted in afresh for
+    every batch).
     """
 
     def __init__(self, items: _Handoff) -> None:
@@ -227,6 +269,7 @@ class _Feed(io.RawIOBase):
         self._items = items
         self._buf = memoryview(b"")
         self._eof = False
+        self._gather = _GatherBuffers()
 
     def readable(self) -> bool:
         return True
@@ -255,8 +298,10 @@ class _Feed(io.RawIOBase):
             if size < ALIGN_FROM_BYTES or pa.py_buffer(piece).address % 8 == 0:
                 self._buf = buf[size:]
                 return piece
-        out = pa.allocate_buffer(size)
-        view = memoryview(out).cast("B")
+        if size >= GATHER_REUSE_FROM_BYTES:
+            view = self._gather.take(size)
+        else:
+            view = memoryview(pa.allocate_buffer(size)).cast("B")
         at = 0
         while at < size:
             if not buf:
@@ -268,7 +313,7 @@ class _Feed(io.RawIOBase):
             at += n
             buf = buf[n:]
         self._buf = buf
-        return out if at == size else out.slice(0, at)
+        return view if at == size else view[:at]
 
     def _rest(self) -> Any:
         while self._buf or self._next():
@@ -493,12 +538,14 @@ class _Sink:
 
 
 class _Sender:
-    """Sends one sink's messages on the loop, in order, up to ``SEND_AHEAD_BATCHES`` behind the plugin.
+    """Sends one sink's messages on the loop, in order, up to ``SEND_AHEAD_BATCHES`` (and
+    ``SEND_AHEAD_BYTES``) behind the plugin.
 
     The plugin's thread hands each batch's messages over without waiting for the loop; it waits
     only when that many are not sent yet (the reader has granted no credit for them): flow
     control as a full pipe, and the time a write spends there is the transport's, not the
-    plugin's. A failure is kept and raised on the plugin's thread at its next write.
+    plugin's. A batch is always taken when nothing is unsent, however large. A failure is kept
+    and raised on the plugin's thread at its next write.
     """
 
     _CLOSE: Final = object()
@@ -506,28 +553,42 @@ class _Sender:
     def __init__(self, sink: _Sink, describe: str) -> None:
         self.sink = sink
         self.describe = describe
-        self.slots = threading.Semaphore(SEND_AHEAD_BATCHES)
         self.error: BaseException | None = None
         self.loop = asyncio.get_running_loop()
+        self._unsent = threading.Condition(threading.Lock())
+        self._unsent_items = 0
+        self._unsent_bytes = 0
+        self._ended = False  # the loop's side stopped: nobody waits for room any more
         self._items: asyncio.Queue[Any] = asyncio.Queue()
         self.task = asyncio.ensure_future(self._run())
 
     def submit(self, messages: list[codec.Message] | object) -> None:
-        """From the plugin's thread: queue ``messages`` (or the end), waiting while too many are unsent."""
-        if self.error is None:
-            self.slots.acquire()
-        if self.error is not None:
-            raise self.error
-        self.loop.call_soon_threadsafe(self._items.put_nowait, messages)
+        """From the plugin's thread: queue ``messages`` (or the end), waiting while too much is unsent."""
+        nbytes = sum(m.payload_bytes for m in messages) if isinstance(messages, list) else 0
+        with self._unsent:
+            while not self._ended and _too_far_ahead(self._unsent_items, self._unsent_bytes, nbytes):
+                self._unsent.wait()
+            if self.error is not None:
+                raise self.error
+            self._unsent_items += 1
+            self._unsent_bytes += nbytes
+        self.loop.call_soon_threadsafe(self._items.put_nowait, (messages, nbytes))
+
+    def _sent(self, nbytes: int) -> None:
+        with self._unsent:
+            self._unsent_items -= 1
+            self._unsent_bytes -= nbytes
+            self._unsent.notify()
 
     async def _run(self) -> None:
         stream = self.sink.stream
         assert stream is not None
         try:
-            while (item := await self._items.get()) is not self._CLOSE:
-                for msg in item:
+            while (item := await self._items.get())[0] is not self._CLOSE:
+                messages, nbytes = item
+                for msg in messages:
                     await stream.send(msg)
-                self.slots.release()
+                self._sent(nbytes)
             await stream.close(OUTPUT_CLOSE_TIMEOUT_S)
         except StreamCancelled as exc:
             self.error = _DownstreamGone(f"{self.describe}: the reader of {self.sink.spec.anchor!r} went away")
@@ -536,8 +597,16 @@ class _Sender:
             self.error = exc
             raise
         finally:
-            for _ in range(SEND_AHEAD_BATCHES):  # a writer waiting for a slot learns of the end
-                self.slots.release()
+            with self._unsent:  # a writer waiting for room learns of the end
+                self._ended = True
+                self._unsent.notify_all()
+
+
+def _too_far_ahead(unsent_items: int, unsent_bytes: int, nbytes: int) -> bool:
+    """Whether a batch of ``nbytes`` must wait for the loop to send what is unsent first."""
+    if not unsent_items:
+        return False  # the next one always goes, however large
+    return unsent_items >= SEND_AHEAD_BATCHES or unsent_bytes + nbytes > SEND_AHEAD_BYTES
 
 
 class _BusTransport(Transport):

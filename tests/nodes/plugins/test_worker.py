@@ -361,3 +361,68 @@ async def test_megabytes_of_arrow_through_a_plugin_come_out_as_they_went_in(rt: 
         out = await dpipes(rt, "--arrow", f"cat@alpha {data} | %passthrough@beta | cat@alpha")
         assert out.code == 0, out.stderr
         assert ipc.open_stream(pa.BufferReader(out.stdout)).read_all().equals(table)
+
+
+def test_a_gathered_read_reuses_a_buffer_only_once_nothing_refers_to_it() -> None:
+    import pyarrow as pa
+
+    from dpipes.nodes.plugins.worker import _GatherBuffers
+
+    gather = _GatherBuffers(keep_bytes=4 << 20)
+    first = gather.take(1_800_000)
+    address = pa.py_buffer(first).address
+    held = pa.py_buffer(first[1000:])  # what a batch keeps of it: a view of a slice
+    del first
+    second = gather.take(1_800_000)
+    assert pa.py_buffer(second).address != address  # the first is still referred to
+    del held, second
+    assert pa.py_buffer(gather.take(1_000_000)).address == address  # released: taken again
+    beyond = [gather.take(1_800_000) for _ in range(4)]  # past keep_bytes: taken, not kept
+    assert gather.kept_bytes <= 4 << 20 and len({pa.py_buffer(b).address for b in beyond}) == 4
+
+
+def test_a_feed_gathers_batches_across_chunks_intact_however_long_they_are_held() -> None:
+    # Batch bodies span the chunks they arrive in: each is gathered into a buffer that a later
+    # batch may reuse only once nothing refers to it; those held to the end must stay as they were.
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from dpipes.nodes.plugins.edges import read_batches
+    from dpipes.nodes.plugins.worker import _Feed
+
+    table = pa.table({"n": pa.array(range(300_000), pa.int64()), "s": [f"row {i % 997}" for i in range(300_000)]})
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=40_000):  # ~0.5-0.8 MB bodies
+            writer.write_batch(batch)
+    stream = sink.getvalue().to_pybytes()
+    chunk = 300_007  # odd: bodies start anywhere in a chunk, most span two or more
+
+    class Chunks:
+        def __init__(self) -> None:
+            self.items: list[bytes | None] = [stream[at : at + chunk] for at in range(0, len(stream), chunk)] + [None]
+
+        def get(self) -> bytes | None:
+            return self.items.pop(0)
+
+    held, rows = [], 0
+    feed = _Feed(Chunks())  # type: ignore[arg-type]
+    assert feed.peek()
+    for i, batch in enumerate(read_batches("arrow", feed)):
+        assert batch.equals(table.slice(rows, batch.num_rows).to_batches()[0])
+        rows += batch.num_rows
+        if i % 2:
+            held.append((rows - batch.num_rows, batch))  # the others are dropped: their buffers reused
+    assert rows == table.num_rows
+    for start, batch in held:
+        assert batch.equals(table.slice(start, batch.num_rows).to_batches()[0])
+
+
+def test_a_plugin_writes_ahead_of_its_sender_by_batches_and_by_bytes() -> None:
+    from dpipes.nodes.plugins.worker import SEND_AHEAD_BATCHES, SEND_AHEAD_BYTES, _too_far_ahead
+
+    assert not _too_far_ahead(0, 0, 10 * SEND_AHEAD_BYTES)  # nothing unsent: even a huge batch goes
+    assert not _too_far_ahead(SEND_AHEAD_BATCHES - 1, 1000, 100)  # small batches: up to the count
+    assert _too_far_ahead(SEND_AHEAD_BATCHES, 1000, 100)
+    assert not _too_far_ahead(3, SEND_AHEAD_BYTES // 2, SEND_AHEAD_BYTES // 2)
+    assert _too_far_ahead(3, SEND_AHEAD_BYTES // 2, SEND_AHEAD_BYTES // 2 + 1)  # large ones: up to the bytes
