@@ -219,6 +219,17 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def _scan_refs(kept: list[Any]) -> list[int]:
+    """The reference count of each of ``kept``'s items, as seen from here."""
+    return [sys.getrefcount(item) for item in kept]
+
+
+# What _scan_refs counts for an item only its list refers to, measured once by the same code rather
+# than written down: how many references an interpreter's loop and call take differs between
+# versions, and a count assumed too high would hand out a buffer that is still in use.
+_FREE_REFS: Final = _scan_refs([object()])[0]
+
+
 class _GatherBuffers:
     """Buffers for what a read gathers across chunks, reused once nothing refers to them any more.
 
@@ -239,9 +250,8 @@ class _GatherBuffers:
 
     def take(self, size: int) -> memoryview:
         """A writable view of ``size`` bytes, in a buffer nobody else uses now."""
-        for buf in self._kept:
-            # 3: the list, this loop's name, getrefcount's argument; a view anywhere makes it more.
-            if buf.size >= size and sys.getrefcount(buf) == 3:
+        for buf, refs in zip(self._kept, _scan_refs(self._kept), strict=True):
+            if refs == _FREE_REFS and buf.size >= size:  # a view anywhere makes it more
                 return memoryview(buf).cast("B")[:size]
         buf = pa.allocate_buffer(-(-size // GATHER_ROUND_BYTES) * GATHER_ROUND_BYTES)
         if self._kept_bytes + buf.size <= self._keep_bytes:
