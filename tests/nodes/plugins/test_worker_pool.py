@@ -63,6 +63,23 @@ async def test_a_stage_runs_in_a_worker_started_ahead_with_its_own_directory_and
         assert workers_of(alpha.proc.pid) == []  # nothing runs a stage now
 
 
+async def test_what_a_plugin_writes_and_says_last_all_arrives_from_forked_and_pooled_workers(rt: Path) -> None:
+    """The worker ends with ``os._exit``: its last table, every io message and its stderr still
+    arrive, whether its output crosses the hub to the client or a pipe to a program beside it."""
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        for run in range(4):
+            if run:  # the first run forks its worker; the others take one started ahead
+                await until(lambda: len(workers_of(alpha.proc.pid, idle=True)) == 2, "the pool to fill")
+            pipeline = "%lastwords@alpha" if run % 2 == 0 else "%lastwords@alpha | cat@alpha"
+            out = await dpipes(rt, "--node", alpha.host_port, pipeline)
+            assert out.code == 0, out.stderr
+            assert [int(row["n"]) for row in csv.DictReader(io.StringIO(out.stdout.decode()))] == list(range(50000))
+            said = [line.split("INFO ", 1)[1] for line in out.stderr.splitlines() if "INFO " in line]
+            assert said == [f"message {i}" for i in range(600)] + ["last words"], said[-3:]
+            assert "printed at the end" in out.stderr
+        await until(lambda: workers_of(alpha.proc.pid) == [], "no worker running a stage")
+
+
 async def test_a_stage_takes_the_worker_started_longest_ago(rt: Path) -> None:
     """The newest idle worker may still be importing (its refill began as the last run ended)."""
     async with daemons(rt, ["alpha"]) as (alpha,):

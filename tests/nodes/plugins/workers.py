@@ -88,6 +88,19 @@ class Where(Plugin):
         row.update({k: os.environ.get(k, "") for k in ("DPIPES_PIPELINE", "DPIPES_STAGE", "DPIPES_NODE")})
         self.provider.write_to_anchor("Output", pa.table({k: [v] for k, v in row.items()}))
 
+class Lastwords(Plugin):
+    \"\"\"At the very end: many io messages, a line on stderr, its one table, then one more message.\"\"\"
+    def on_record_batch(self, batch, anchor):
+        pass
+    def on_incoming_connection_complete(self, anchor):
+        pass
+    def on_complete(self):
+        for i in range(600):
+            self.provider.io.info("message %d", i)
+        print("printed at the end")
+        self.provider.write_to_anchor("Output", pa.table({"n": list(range(50000))}))
+        self.provider.io.info("last words")
+
 class Raises(Plugin):
     def on_record_batch(self, batch, anchor):
         raise ZeroDivisionError("the plugin's own bug")
@@ -122,6 +135,7 @@ def install_plugins(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             raises = ptest_broken_plugins:Raises
             tally = ptest_broken_plugins:Tally
             where = ptest_broken_plugins:Where
+            lastwords = ptest_broken_plugins:Lastwords
             """)
     )
     monkeypatch.setenv("PYTHONPATH", f"{root}:{EXAMPLES}")
