@@ -18,7 +18,12 @@ pool reuses its pages, where a ``bytes`` per body would fault fresh ones in (a 2
 took a quarter less CPU to read so, with 40 page faults instead of 9,000). A writer writes each
 batch in one go (pyarrow's writers make several small writes per batch, gathered in a buffer of
 ``DIRECT_BUFFER_BYTES`` and flushed after each batch, so that a batch reaches its reader as it is
-written).
+written). When the worker's input is a direct edge too (:class:`HeldWrites`), its outputs are
+flushed instead before a read of that input would wait for its writer, at the input's end, when
+the buffer fills, and at ``close``: while input is there to be read at once, the plugin's small
+batches go out in one write of many, and its reader wakes once for them, not once per batch (a
+pipe between programs fills so, through stdio's buffers). A batch then waits at most for what
+the plugin makes of the input already in the pipe.
 A worker may start reading a direct input before its plugin asks for data (:class:`ReadAhead`):
 a thread reads the pipe into one buffer of ``READ_AHEAD_BYTES`` at most while the worker attaches
 to its hub and loads its plugin (3-8 ms, during which the program upstream would otherwise stop on
@@ -51,7 +56,15 @@ from dpipes.nodes.plugins.errors import EdgeDecodeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DIRECT_BUFFER_BYTES", "READ_AHEAD_BYTES", "DirectInput", "DirectOutput", "ReadAhead", "receive_fds"]
+__all__ = [
+    "DIRECT_BUFFER_BYTES",
+    "READ_AHEAD_BYTES",
+    "DirectInput",
+    "DirectOutput",
+    "HeldWrites",
+    "ReadAhead",
+    "receive_fds",
+]
 
 DIRECT_BUFFER_BYTES: Final = 1024 * 1024
 READ_BUFFER_BYTES: Final = 64 * 1024  # an input's read-ahead for small reads; a read this large bypasses it
@@ -179,12 +192,62 @@ class _WholeReads(io.RawIOBase):
         return out if got == size else out.slice(0, got)
 
 
+class HeldWrites:
+    """The direct outputs of a worker whose input is a direct edge too, and whether any holds a
+    written batch not yet flushed: the input flushes them before it would wait (see the module).
+    Both sides run on the plugin's thread: only for an input that pyarrow reads there (:meth:`fits`)."""
+
+    @staticmethod
+    def fits(fmt: str) -> bool:
+        """Whether an input of ``fmt`` may flush the outputs: pyarrow reads an Arrow IPC stream on the
+        caller's thread, but CSV and JSON ahead on an I/O thread of its own, where a flush would race
+        the plugin's writes."""
+        return _pyarrow_format(fmt) == "arrow"
+
+    def __init__(self) -> None:
+        self.outputs: list[DirectOutput] = []
+        self.pending = False
+
+    def flush(self) -> None:
+        self.pending = False
+        for out in self.outputs:
+            out.flush_held()
+
+
+class _Pipe(io.FileIO):
+    """An input's descriptor, read by its ``BufferedReader``: before a read that would wait for the
+    writer, ``held``'s outputs are flushed."""
+
+    def __init__(self, fd: int, held: HeldWrites | None) -> None:
+        super().__init__(fd, "rb")
+        self.held = held
+        self._ready = select.poll()
+        self._ready.register(fd, select.POLLIN)
+
+    def readinto(self, buffer: Any) -> int | None:
+        held = self.held
+        if held is None:
+            return super().readinto(buffer)
+        if held.pending and not self._ready.poll(0):
+            held.flush()
+        return super().readinto(buffer)
+
+    def readall(self) -> bytes:
+        if self.held is not None and self.held.pending:
+            self.held.flush()
+        return super().readall()
+
+
 class DirectInput:
     """One input connection read from a descriptor (its own thread calls :meth:`batches`), maybe
-    begun by ``ahead`` (a :class:`ReadAhead` on the same descriptor)."""
+    begun by ``ahead`` (a :class:`ReadAhead` on the same descriptor); ``held``: the worker's direct
+    outputs, flushed before a read would wait (on the same thread: the plugin's)."""
 
-    def __init__(self, fd: int, fmt: str, *, where: str, ahead: ReadAhead | None = None) -> None:
-        self.file = io.BufferedReader(io.FileIO(fd, "rb"), READ_BUFFER_BYTES)
+    def __init__(
+        self, fd: int, fmt: str, *, where: str, ahead: ReadAhead | None = None, held: HeldWrites | None = None
+    ) -> None:
+        self.file = io.BufferedReader(_Pipe(fd, held), READ_BUFFER_BYTES)
+        self.held = held
         self.format = _pyarrow_format(fmt)
         self.where = where
         self.ahead = ahead
@@ -204,6 +267,8 @@ class DirectInput:
                 return  # nothing at all (a program that wrote nothing; an anchor never opened)
             source = pa.PythonFile(_WholeReads(self.file, head, ended=ended), mode="r")
             yield from read_batches(self.format, source, where=self.where)  # type: ignore[arg-type]
+        if self.held is not None and self.held.pending:  # the input's end (an IPC stream's own end marker)
+            self.held.flush()
 
 
 class DirectOutput:
@@ -215,9 +280,13 @@ class DirectOutput:
         where: the edge, for errors.
         gone: the error a write to a pipe whose reader has gone raises (the worker then ends as
             by ``SIGPIPE``).
+        held: flush a batch not after it is written but when ``held`` is flushed (by the worker's
+            direct input, see the module); None: after each batch.
     """
 
-    def __init__(self, fd: int, fmt: str, *, where: str, gone: Callable[[str], BaseException]) -> None:
+    def __init__(
+        self, fd: int, fmt: str, *, where: str, gone: Callable[[str], BaseException], held: HeldWrites | None = None
+    ) -> None:
         self.file = os.fdopen(fd, "wb", buffering=0)
         self.sink = pa.BufferedOutputStream(pa.PythonFile(self.file, mode="w"), DIRECT_BUFFER_BYTES)
         self.format = _pyarrow_format(fmt)
@@ -225,6 +294,10 @@ class DirectOutput:
         self.gone = gone
         self.schema: pa.Schema | None = None
         self.writer: EdgeWriter | None = None
+        self.held = held
+        self.broken = False  # a held flush found the reader gone: said at the plugin's next write or close
+        if held is not None:
+            held.outputs.append(self)
 
     def open(self, schema: pa.Schema) -> None:
         self.schema = schema
@@ -235,14 +308,31 @@ class DirectOutput:
         if not batch.schema.equals(self.schema):  # equal but for metadata: the stream's own
             batch = pa.RecordBatch.from_arrays(batch.columns, schema=self.schema)
         try:  # not through _io: a lambda and a call per batch are a tenth of a small batch's cost
+            if self.broken:
+                raise BrokenPipeError
             self.writer.write(batch)
-            self.sink.flush()
+            if self.held is None:
+                self.sink.flush()
+            else:
+                self.held.pending = True
         except BrokenPipeError:
             raise self.gone(f"{self.where}: its reader went away") from None
+
+    def flush_held(self) -> None:
+        """Write what the buffer holds (for :class:`HeldWrites`, under the input's read: a reader that
+        went away is told to the plugin at its next write or close, not raised into the read)."""
+        if self.broken or self.file.closed:
+            return
+        try:
+            self.sink.flush()
+        except BrokenPipeError:
+            self.broken = True
 
     def close(self) -> None:
         """The format's end (an anchor that never had a schema writes nothing), then the descriptor."""
         try:
+            if self.broken:
+                raise self.gone(f"{self.where}: its reader went away")
             if self.writer is not None:
                 writer = self.writer
                 self._io(writer.close)

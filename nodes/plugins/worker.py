@@ -31,6 +31,7 @@ document on stdin (then closed). The worker
    ``ARROW`` stream with one empty batch of no columns, so its reader still learns which anchor
    ended; the reader skips it. A *direct* output (``output_fd``) is written by pyarrow straight
    onto the descriptor, on the plugin's thread; a full pipe blocks the write as credit would;
+   with a direct input too, it is flushed before that input's read would wait, not per batch;
 5. sends the plugin's ``io`` messages as ``PIPES`` messages (one message's JSON per frame, as a
    node sends any stage's) to ``spec.messages_to``.
 
@@ -84,7 +85,7 @@ from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint, InStream, OutStream, StreamCancelled
 from dpipes.bus.errors import BusError, DpipesError
 from dpipes.nodes.plugins.api import AnchorSpec, Environment
-from dpipes.nodes.plugins.direct import DirectInput, DirectOutput, ReadAhead, receive_fds
+from dpipes.nodes.plugins.direct import DirectInput, DirectOutput, HeldWrites, ReadAhead, receive_fds
 from dpipes.nodes.plugins.edges import EdgeWriter, open_writer, read_batches
 from dpipes.nodes.plugins.errors import EdgeDecodeError, PluginError, SchemaChanged
 from dpipes.nodes.plugins.registry import installed_plugins, load_plugin
@@ -352,7 +353,9 @@ class _Input:
         self.direct: DirectInput | None = None  # a kernel pipe from a neighbour here, in place of a stream
         if spec.src and worker.spec.input_fd >= 0:
             self.where = f"input {spec.anchor!r} (a pipe from {spec.src})"
-            self.direct = DirectInput(worker.spec.input_fd, spec.format, where=self.where, ahead=worker.ahead)
+            self.direct = DirectInput(
+                worker.spec.input_fd, spec.format, where=self.where, ahead=worker.ahead, held=worker.held
+            )
         if not spec.src:  # an optional anchor nothing feeds: it ends at once, without data
             self.items.put_nowait(None)
 
@@ -630,7 +633,9 @@ class _BusTransport(Transport):
         for spec in worker.spec.outputs:
             if spec.dst and worker.spec.output_fd >= 0:
                 where = f"{worker.spec.describe}: output {spec.anchor!r} (a pipe to {spec.dst})"
-                out = DirectOutput(worker.spec.output_fd, spec.format, where=where, gone=_DownstreamGone)
+                out = DirectOutput(
+                    worker.spec.output_fd, spec.format, where=where, gone=_DownstreamGone, held=worker.held
+                )
                 self.direct.setdefault(spec.anchor, []).append(out)
                 continue
             sink = _Sink(spec, worker)
@@ -729,6 +734,9 @@ class _Worker:
         self.loop = asyncio.get_running_loop()
         self.runner: Any = None
         self.transport: _BusTransport | None = None
+        # A direct input (then the only one) flushes the direct outputs before it waits (nodes.plugins.direct).
+        direct = [i for i in spec.inputs if i.src] if spec.input_fd >= 0 else []
+        self.held = HeldWrites() if direct and HeldWrites.fits(direct[0].format) else None
         self.inputs = [_Input(i, self) for i in spec.inputs]
 
     async def run(self, channel: _BusChannel, temp_dir: Path, plugin: asyncio.Future[type]) -> None:

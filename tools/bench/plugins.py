@@ -300,7 +300,7 @@ def _pass_through_thread_cpu(batches: int, *, engine: bool) -> tuple[float, int]
     import pyarrow.ipc as ipc
 
     from dpipes.nodes.plugins.api import Environment, Plugin
-    from dpipes.nodes.plugins.direct import DirectInput, DirectOutput
+    from dpipes.nodes.plugins.direct import DirectInput, DirectOutput, HeldWrites
     from dpipes.nodes.plugins.runner import PluginRunner
     from dpipes.nodes.plugins.transport import MemoryMessageChannel, Transport
 
@@ -328,7 +328,8 @@ def _pass_through_thread_cpu(batches: int, *, engine: bool) -> tuple[float, int]
     for thread in threads:
         thread.start()
     if engine:
-        out = DirectOutput(out_w, "batches", where="bench", gone=BrokenPipeError)
+        held = HeldWrites()  # as the worker wires a direct input and output
+        out = DirectOutput(out_w, "batches", where="bench", gone=BrokenPipeError, held=held)
 
         class Pass(Plugin):
             def on_record_batch(self, table: Any, anchor: Any) -> None:
@@ -363,7 +364,7 @@ def _pass_through_thread_cpu(batches: int, *, engine: bool) -> tuple[float, int]
             callback_timeout_s=None,
         ) as runner:
             runner.start()  # as the worker feeds its only input: pulled on the plugin's thread
-            runner.feed("Input", DirectInput(in_r, "batches", where="bench").batches())
+            runner.feed("Input", DirectInput(in_r, "batches", where="bench", held=held).batches())
             runner.complete()
     else:
         with open(in_r, "rb") as f_in, open(out_w, "wb") as f_out:

@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from dpipes.bus.tap import TapEvent, decode_event
-from dpipes.nodes.plugins.direct import DirectInput, ReadAhead
+from dpipes.nodes.plugins.direct import DirectInput, DirectOutput, HeldWrites, ReadAhead
 from dpipes.nodes.plugins.errors import EdgeDecodeError
 from dpipes.nodes.plugins.spec import FD_BUS, FD_SENT, WorkerSpec
 from tests.nodes.daemons import Daemon, daemons, dpipes
@@ -210,6 +210,69 @@ def test_a_direct_input_read_ahead_waits_for_no_writer() -> None:
         first_batch.set()
     writer_thread.join()
     assert pa.Table.from_batches(got).equals(table)
+
+
+class _Gone(BrokenPipeError):
+    pass
+
+
+def _pass_through(in_r: int, out_w: int, *, held: HeldWrites) -> None:
+    """The worker's parts for a direct input and output, as a pass-through plugin uses them."""
+    out = DirectOutput(out_w, "batches", where="out", gone=_Gone, held=held)
+    for batch in DirectInput(in_r, "batches", where="in", held=held).batches():
+        if out.schema is None:
+            out.open(batch.schema)
+        out.write(batch)
+    out.close()
+
+
+def test_held_writes_go_out_before_the_input_would_wait_and_all_arrive() -> None:
+    """A batch written waits in its output only while the input has more to read at once: a writer
+    that sends the next batch only once the previous one came out does not stall, and a writer
+    that sends everything at once gets everything back, in order."""
+    schema = pa.schema([("n", pa.int64())])
+    for lockstep in (True, False):
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        worker = threading.Thread(target=_pass_through, args=(in_r, out_w), kwargs={"held": HeldWrites()})
+        worker.start()
+        got: list[int] = []
+        with open(in_w, "wb") as w_in, open(out_r, "rb") as r_out:
+            writer = pa_ipc.new_stream(w_in, schema)
+            writer.write_batch(pa.record_batch([pa.array([0])], schema=schema))
+            w_in.flush()
+            reader = pa_ipc.open_stream(r_out)  # the stream's schema and first batch come out before a second goes in
+            for i in range(1, 200):
+                if lockstep:
+                    got += reader.read_next_batch().column(0).to_pylist()
+                writer.write_batch(pa.record_batch([pa.array([i])], schema=schema))
+                w_in.flush()
+            writer.close()
+            w_in.close()
+            got += [n for batch in reader for n in batch.column(0).to_pylist()]
+        worker.join(WAIT_S)
+        assert not worker.is_alive()
+        assert got == list(range(200))
+
+
+def test_a_reader_gone_under_a_held_flush_is_told_at_the_next_write_not_in_the_read() -> None:
+    schema = pa.schema([("n", pa.int64())])
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    held = HeldWrites()
+    out = DirectOutput(out_w, "batches", where="out", gone=_Gone, held=held)
+    out.open(schema)
+    batches = DirectInput(in_r, "batches", where="in", held=held).batches()
+    with open(in_w, "wb") as w_in, pa_ipc.new_stream(w_in, schema) as writer:
+        writer.write_batch(pa.record_batch([pa.array([1])], schema=schema))
+        w_in.flush()
+        out.write(next(batches))
+        os.close(out_r)  # the reader goes away with a batch still held
+    assert list(batches) == []  # the input's end flushed, failed quietly, and the read ended as it would
+    with pytest.raises(_Gone, match="out: its reader went away"):
+        out.write(pa.record_batch([pa.array([2])], schema=schema))
+    with pytest.raises(_Gone):
+        out.close()
 
 
 def test_a_schema_change_mid_stream_after_a_read_ahead_is_refused_by_name() -> None:
