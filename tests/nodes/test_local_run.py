@@ -104,6 +104,38 @@ async def test_the_short_path_is_taken_and_imports_no_asyncio(rt: Path) -> None:
             assert err.decode().strip().splitlines()[-1] == expected
 
 
+async def test_output_is_whole_to_a_pipe_and_to_a_file_on_either_path(rt: Path) -> None:
+    """All of ``dpipes``' stdout and stderr arrive, to a pipe and to a file, on either path, and what is
+    printed through Python's own buffered stdout (``--completion``, ``--nodes``) too."""
+    pipeline = "seq 200000 | sh -c 'cat; seq 3 >&2; exit 3'"
+    expected = "".join(f"{i}\n" for i in range(1, 200001)).encode()
+    async with daemons(rt, ["alpha"]):
+        for extra in ({}, FULL):
+            for args, code in (([pipeline], 3), (["--completion", "bash"], 0), (["--nodes"], 0)):
+                argv = [sys.executable, "-m", "dpipes.tools.dpipes", *args]
+                env = {**environment(rt), **extra}
+                env.pop("PYTHONUNBUFFERED", None)  # Python's stdout buffered, as a user's is
+                piped = await asyncio.create_subprocess_exec(
+                    *argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                )
+                out, err = await asyncio.wait_for(piped.communicate(), WAIT_S)
+                assert piped.returncode == code, err
+                out_path, err_path = rt.parent / "out", rt.parent / "err"
+                with open(out_path, "wb") as out_file, open(err_path, "wb") as err_file:
+                    to_file = await asyncio.create_subprocess_exec(
+                        *argv, env=env, stdin=subprocess.DEVNULL, stdout=out_file, stderr=err_file
+                    )
+                    assert await asyncio.wait_for(to_file.wait(), WAIT_S) == code
+                assert out_path.read_bytes() == out
+                if code:
+                    assert out == expected
+                    assert err.splitlines()[:3] == err_path.read_bytes().splitlines()[:3] == [b"1", b"2", b"3"]
+                elif args == ["--nodes"]:
+                    assert b"alpha" in out, err
+                else:
+                    assert out.rstrip().endswith(b"complete -F _dpipes_complete dpipes"), out[-200:]  # the whole of it
+
+
 async def test_the_short_path_imports_only_what_a_run_needs(rt: Path) -> None:
     unneeded = (
         *("asyncio", "argparse", "dataclasses", "logging", "dpipes.nodes.pipes_frames", "yaml", "pyarrow", "rich"),
