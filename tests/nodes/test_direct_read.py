@@ -32,7 +32,7 @@ from dpipes.nodes.protocol import (
 )
 from dpipes.nodes.run import RunOptions, known_nodes, run_pipeline
 from dpipes.nodes.tap.source import TapSource, Target
-from tests.nodes.daemons import daemons, dpipes, environment
+from tests.nodes.daemons import Daemon, daemons, dpipes, environment
 from tests.nodes.test_security import authorize, client_key, keyed_client, two_nodes
 
 WAIT_S = 30.0
@@ -206,15 +206,7 @@ async def test_the_last_node_killed_while_its_output_is_read_directly_is_reporte
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        assert proc.stderr is not None
-        said = b""
-        while b"read at node beta" not in said:  # the output flows, straight from beta
-            line = await asyncio.wait_for(proc.stderr.readline(), WAIT_S)
-            assert line, said
-            said += line
-        for pid in beta.children():
-            os.kill(pid, signal.SIGKILL)
-        beta.proc.kill()
+        said = await kill_once_read_there(proc, beta)
         killed_at = asyncio.get_running_loop().time()
         assert await asyncio.wait_for(proc.wait(), WAIT_S) == 125
         assert asyncio.get_running_loop().time() - killed_at < 15
@@ -257,3 +249,18 @@ async def test_cat_into_cat_at_beta_gives_the_same_output_read_directly_or_throu
     assert direct.stdout == through.stdout == data
     assert "read at node beta (ipc://" in direct.stderr  # a daemon of ours on this host: its Unix socket
     assert "read at node beta" not in through.stderr
+
+
+async def kill_once_read_there(proc: asyncio.subprocess.Process, node: Daemon) -> bytes:
+    """Await ``proc`` saying (on stderr) that it reads at ``node``, then kill ``node`` and its stages
+    with SIGKILL; what ``proc`` said so far."""
+    assert proc.stderr is not None
+    said = b""
+    while f"read at node {node.name}".encode() not in said:  # the output flows, straight from there
+        line = await asyncio.wait_for(proc.stderr.readline(), WAIT_S)
+        assert line, said
+        said += line
+    for pid in node.children():
+        os.kill(pid, signal.SIGKILL)
+    node.proc.kill()
+    return said

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from dpipes.nodes.local_run import run_local
 from dpipes.nodes.node import Node
 from dpipes.nodes.paths import node_files
 from tests.nodes.daemons import Completed, daemons, environment
-from tests.nodes.test_direct_read import owner_key, tapped, tapped_at
+from tests.nodes.test_direct_read import kill_once_read_there, owner_key, tapped, tapped_at
 from tests.nodes.test_security import authorize, client_key, two_nodes
 
 WAIT_S = 30.0
@@ -85,15 +84,7 @@ async def test_the_last_node_killed_while_the_short_path_reads_there_is_named(rt
             sys.executable, "-c", PROBE, "yes | cat@beta", env=environment(rt),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
-        assert proc.stderr is not None
-        said = b""
-        while b"read at node beta" not in said:  # the output flows, straight from beta
-            line = await asyncio.wait_for(proc.stderr.readline(), WAIT_S)
-            assert line, said
-            said += line
-        for pid in beta.children():
-            os.kill(pid, signal.SIGKILL)
-        beta.proc.kill()
+        said = await kill_once_read_there(proc, beta)
         assert await asyncio.wait_for(proc.wait(), WAIT_S) == 125
         err = (said + await proc.stderr.read()).decode()
         assert "node 'beta' lost" in err and "cat" in err
