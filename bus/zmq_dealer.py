@@ -26,13 +26,13 @@ from __future__ import annotations
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from dpipes.bus.zmtp import MAX_FRAME_BYTES, MAX_MESSAGE_FRAMES, ZmtpError
 
 __all__ = ["ZmqDealer"]
 
 REFUSALS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-EVENT_BYTES = 6  # a monitor event's first frame: event (2 octets), value (4)
 
 
 class ZmqDealer:
@@ -108,10 +108,9 @@ class ZmqDealer:
 
     def _check_monitor(self) -> None:
         try:
-            event = self.monitor.recv_multipart(flags=zmq.NOBLOCK)
+            kind = recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)["event"]
         except zmq.Again:
             return
-        kind = int.from_bytes(event[0][:2], "little") if len(event[0]) >= EVENT_BYTES else 0
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             raise ZmtpError(f"the node at {self.endpoint} refused this client's key")
         if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:

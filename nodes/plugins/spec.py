@@ -63,6 +63,14 @@ class WorkerSpec:
     temp_dir: str = ""  # the plugin's temp_dir, made and removed by the node (a killed worker leaves none)
 
     @property
+    def direct_input(self) -> PluginInput | None:
+        """The input connection read from ``input_fd`` (a direct edge's one connection); None when
+        every input comes on the bus."""
+        if self.input_fd < 0:
+            return None
+        return next((i for i in self.inputs if i.src), None)
+
+    @property
     def direct(self) -> bool:
         """Whether an edge of this stage is direct (a descriptor, not a bus stream)."""
         return self.input_fd != FD_BUS or self.output_fd != FD_BUS

@@ -351,7 +351,7 @@ class _Input:
         self.where = f"input {spec.anchor!r} (from {spec.src or 'nothing'})"
         self.stream: InStream | None = None
         self.direct: DirectInput | None = None  # a kernel pipe from a neighbour here, in place of a stream
-        if spec.src and worker.spec.input_fd >= 0:
+        if spec is worker.spec.direct_input:
             self.where = f"input {spec.anchor!r} (a pipe from {spec.src})"
             self.direct = DirectInput(
                 worker.spec.input_fd, spec.format, where=self.where, ahead=worker.ahead, held=worker.held
@@ -735,8 +735,8 @@ class _Worker:
         self.runner: Any = None
         self.transport: _BusTransport | None = None
         # A direct input (then the only one) flushes the direct outputs before it waits (nodes.plugins.direct).
-        direct = [i for i in spec.inputs if i.src] if spec.input_fd >= 0 else []
-        self.held = HeldWrites() if direct and HeldWrites.fits(direct[0].format) else None
+        direct = spec.direct_input
+        self.held = HeldWrites() if direct is not None and HeldWrites.fits(direct.format) else None
         self.inputs = [_Input(i, self) for i in spec.inputs]
 
     async def run(self, channel: _BusChannel, temp_dir: Path, plugin: asyncio.Future[type]) -> None:
@@ -856,7 +856,7 @@ def _load(spec: WorkerSpec) -> asyncio.Future[type]:
 
 async def _run(spec: WorkerSpec) -> int:
     # A direct input is read from now on, while the worker attaches and loads (nodes.plugins.direct).
-    ahead = ReadAhead(spec.input_fd) if spec.input_fd >= 0 and any(i.src for i in spec.inputs) else None
+    ahead = ReadAhead(spec.input_fd) if spec.direct_input is not None else None
     plugin = _load(spec)
     try:
         client = Client(spec.hub, name=spec.name, window=spec.window)
