@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
             print(f"dpipes: {exc}", file=sys.stderr)
             return EXIT_USAGE
         print(f"wrote plugin {args.name} in {root}/; next:")
-        print(f"  pip install -e {shlex.quote(str(root))}    # then 'dpipes plugin list' shows it")
+        print(f"  pip install -e {shlex.quote(str(root) + '[test]')}    # then 'dpipes plugin list' shows it")
         print(f"  python -m pytest {shlex.quote(str(root))}  # its test, with the harness")
         return 0
     from dpipes.nodes.plugins.registry import installed_plugins

@@ -9,7 +9,7 @@ The package (in ``./dpipes-plugin-NAME``, or ``--dir D``)::
         plugin.py                the plugin: copies Input to Output, adding a column from its config
     tests/test_plugin.py         a test of it with the harness (PluginTestService)
 
-Then ``pip install -e ./dpipes-plugin-NAME`` and ``python -m pytest dpipes-plugin-NAME``; the
+Then ``pip install -e './dpipes-plugin-NAME[test]'`` and ``python -m pytest dpipes-plugin-NAME``; the
 plugin is listed by ``dpipes plugin list``. NAME is lower-case letters and digits, with single
 ``-`` or ``_`` between them (``upper``, ``clean-names``); the class is its CamelCase
 (``CleanNames``). Nothing is written over: a directory that exists and is not empty is refused.
