@@ -206,7 +206,7 @@ async def test_a_daemon_killed_mid_run_is_named_at_once(rt: Path) -> None:
             sys.executable, "-m", "dpipes.tools.dpipes", "sleep 300",
             env=environment(rt), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
-        await until(alpha.children)
+        await until(lambda: alpha.running("sleep"))  # not its launcher yet: it dies with alpha from now on
         alpha.proc.kill()  # its stage dies with it (PR_SET_PDEATHSIG)
         _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
     assert proc.returncode == 125, err
