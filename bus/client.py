@@ -76,6 +76,7 @@ class Client:
         self._attached: asyncio.Future[str] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._last_heard = 0.0
+        self._pinged_at: float | None = None  # our first PING since we last heard from the hub
         self._gone: BusError | None = None  # set when the hub said BYE: nothing more can be sent
         self.dropped = 0
         # Shared memory with the hub, when ATTACHED says we may (dpipes.bus.shm).
@@ -246,6 +247,7 @@ class Client:
 
     def _on_frames(self, frames: list[Any]) -> None:
         self._last_heard = time.monotonic()
+        self._pinged_at = None
         try:
             msg = codec.decode([f.buffer for f in frames])
         except DecodeError as exc:
@@ -328,13 +330,21 @@ class Client:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
-            silent = time.monotonic() - self._last_heard
-            if silent > PEER_TIMEOUT_S:
+            if self._pump is not None:
+                self._pump.poll_now()  # what waits on the socket was said: heard before it is judged
+            now = time.monotonic()
+            # Counted from our first PING it left unanswered (it answers each with PONG), not from
+            # what we last heard: a process that did not run for a while (stopped, or starved of
+            # CPU) did not PING meanwhile, and a hub it did not ask is not silent.
+            if self._pinged_at is not None and now - self._pinged_at > PEER_TIMEOUT_S:
+                silent = now - self._last_heard
                 log.warning("client: hub at %s silent for %.1f s", self.hub, silent)
                 self.endpoint.fail_all(PeerLost(f"the node at {self.hub} stopped answering ({silent:.1f} s)"))
                 self._hub_gone()
                 return
             self.send(codec.Ping(src=self.endpoint.addr, dst=codec.split_addr(self.endpoint.addr)[0] + "/"))
+            if self._pinged_at is None:
+                self._pinged_at = now
 
     async def aclose(self) -> None:
         """Say BYE, wait (bounded) for queued messages to leave, close. Idempotent."""
