@@ -41,6 +41,10 @@ HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
 ATTACH_TIMEOUT_S = 5.0  # a hub answers ATTACH at once; longer means nothing listens there
+# A node with keys ends the handshake of a client without keys (a mechanism mismatch), at times
+# (about half of them, measured on loopback) before the client has read its greeting: the client
+# sees no detail, and libzmq tries again. This many of those while attaching mean a node with keys.
+SILENT_REFUSALS_WITHOUT_KEYS = 3
 # A closing client waits this long at most for the leases its hub still reads: a reader done with
 # them gives them back within shm.FREE_DELAY_S, and a segment given back goes to the process's
 # stash for its next client instead of being made again (0.7 ms per MiB; a stream of 10k-row
@@ -76,6 +80,8 @@ class Client:
         self._attached: asyncio.Future[str] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._last_heard = 0.0
+        self._silent_refusals = 0  # handshakes ended without a word while attaching without keys
+        self._pinged_at: float | None = None  # our first PING since we last heard from the hub
         self._gone: BusError | None = None  # set when the hub said BYE: nothing more can be sent
         self.dropped = 0
         # Shared memory with the hub, when ATTACHED says we may (dpipes.bus.shm).
@@ -159,6 +165,16 @@ class Client:
             self._attached.set_exception(
                 SecurityError(f"the node at {self.hub} speaks CURVE: connect with keys (its public key is needed)")
             )
+        elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and curve is None:
+            self._silent_refusals += 1
+            if self._silent_refusals >= SILENT_REFUSALS_WITHOUT_KEYS:
+                self._attached.set_exception(
+                    SecurityError(
+                        f"the node at {self.hub} speaks CURVE, it seems: it ended {self._silent_refusals} handshakes "
+                        "without a word, as a node with keys does with a client without: connect with keys "
+                        "(its public key is needed)"
+                    )
+                )
         elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:  # we speak CURVE, it does not
             self._attached.set_exception(
                 SecurityError(
@@ -246,6 +262,7 @@ class Client:
 
     def _on_frames(self, frames: list[Any]) -> None:
         self._last_heard = time.monotonic()
+        self._pinged_at = None
         try:
             msg = codec.decode([f.buffer for f in frames])
         except DecodeError as exc:
@@ -328,13 +345,21 @@ class Client:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
-            silent = time.monotonic() - self._last_heard
-            if silent > PEER_TIMEOUT_S:
+            if self._pump is not None:
+                self._pump.poll_now()  # what waits on the socket was said: heard before it is judged
+            now = time.monotonic()
+            # Counted from our first PING it left unanswered (it answers each with PONG), not from
+            # what we last heard: a process that did not run for a while (stopped, or starved of
+            # CPU) did not PING meanwhile, and a hub it did not ask is not silent.
+            if self._pinged_at is not None and now - self._pinged_at > PEER_TIMEOUT_S:
+                silent = now - self._last_heard
                 log.warning("client: hub at %s silent for %.1f s", self.hub, silent)
                 self.endpoint.fail_all(PeerLost(f"the node at {self.hub} stopped answering ({silent:.1f} s)"))
                 self._hub_gone()
                 return
             self.send(codec.Ping(src=self.endpoint.addr, dst=codec.split_addr(self.endpoint.addr)[0] + "/"))
+            if self._pinged_at is None:
+                self._pinged_at = now
 
     async def aclose(self) -> None:
         """Say BYE, wait (bounded) for queued messages to leave, close. Idempotent."""

@@ -212,14 +212,16 @@ Sessions
     An attached client must send ``PING`` at least every ``HEARTBEAT_INTERVAL_S``; the hub
     answers ``PONG``. A client silent for ``CLIENT_TIMEOUT_S`` is detached: the hub sends it
     ``BYE`` naming why and forgets its address (later messages from it get ``ERROR``
-    ``not-linked``). A client that hears nothing from its hub for ``PEER_TIMEOUT_S`` takes it
-    as lost. Either side leaves with ``BYE``; a hub that stops sends ``BYE`` to every linked
-    peer and every attached client. A hub may hold a name for a client that attaches later (a
-    dpipes node's plugin worker). It keeps the streams such a client sends and has not ended with
-    ``EOF``, and when the name is released (the client is gone, by ``BYE``, silence or death, and
-    its node says why) it cancels each in the client's name: ``CANCEL`` with ``src`` the client's
-    address, the stream's ``sid`` and that reason, behind whatever the client sent before. So no
-    reader waits for the rest of a stream whose sender is gone, or takes what came for the whole.
+    ``not-linked``). A client whose ``PING`` its hub has left unanswered for ``PEER_TIMEOUT_S``
+    takes it as lost (counted from the ``PING``: a client that was itself stopped meanwhile has
+    not asked, and reads what waits before it judges). Either side leaves with ``BYE``; a hub
+    that stops sends ``BYE`` to every linked peer and every attached client. A hub may hold a
+    name for a client that attaches later (a dpipes node's plugin worker). It keeps the streams
+    such a client sends and has not ended with ``EOF``, and when the name is released (the client
+    is gone, by ``BYE``, silence or death, and its node says why) it cancels each in the client's
+    name: ``CANCEL`` with ``src`` the client's address, the stream's ``sid`` and that reason,
+    behind whatever the client sent before. So no reader waits for the rest of a stream whose
+    sender is gone, or takes what came for the whole.
     Which outages a link survives, and what follows one it does not: :mod:`dpipes.bus.hub`,
     *Link loss*.
 

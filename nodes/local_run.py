@@ -256,9 +256,6 @@ class _Run:
             if self.c.gone:
                 self._lost(f"lost the node at {self.c.endpoint}: {self.c.gone}")
                 return
-            if now - self.c.last_heard > PEER_TIMEOUT_S:
-                self._lost(f"no word from the node at {self.c.endpoint} for {PEER_TIMEOUT_S:g} s")
-                return
             if self.direct is not None:
                 self._tend_direct(now)
             if self._may_feed() != watching_stdin:  # stdin is watched only while it may be fed
@@ -298,14 +295,19 @@ class _Run:
                         break
             if watching_stdin and ready.get(self.stdin_fd) and self._may_feed():
                 self._feed()
+            # Silence is judged after the sockets were drained: what waits there was said.
+            now = time.monotonic()
+            for conn in live.values():
+                if conn is not self.c and not conn.gone and conn.silent_for(now) > PEER_TIMEOUT_S:
+                    conn.gone = f"no word from the node for {PEER_TIMEOUT_S:g} s"
+            if self.c.silent_for(now) > PEER_TIMEOUT_S:
+                self._lost(f"no word from the node at {self.c.endpoint} for {PEER_TIMEOUT_S:g} s")
+                return
 
     def _tend_direct(self, now: float) -> None:
         """The claim's timeouts; a connection to the last node lost while its output is read there."""
         direct = self.direct
         assert direct is not None
-        for conn in direct.conns():
-            if not conn.gone and now - conn.last_heard > PEER_TIMEOUT_S:
-                conn.gone = f"no word from the node for {PEER_TIMEOUT_S:g} s"
         if not direct.settled():
             direct.tick(now)
             if direct.error and not self.error:  # nobody will read the output: the run cannot end well

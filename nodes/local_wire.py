@@ -109,6 +109,7 @@ class BlockingClient:
         self.node = ""
         self.last_sent = 0.0
         self.last_heard = time.monotonic()
+        self.pinged_at: float | None = None  # our first PING since we last heard from the hub
         self.dropped = 0  # malformed messages from the hub: counted, logged once
         self.gone = ""
 
@@ -149,6 +150,7 @@ class BlockingClient:
         if frames is None:
             return None
         self.last_heard = time.monotonic()
+        self.pinged_at = None
         header: Any = None
         first = frames[0]
         if len(first) <= MAX_HEADER_BYTES:  # msgpack then bounds every length by the frame's size
@@ -226,8 +228,17 @@ class BlockingClient:
 
     def ping_when_due(self) -> None:
         """PING the hub when we sent nothing for a heartbeat interval."""
-        if time.monotonic() - self.last_sent >= HEARTBEAT_INTERVAL_S:
+        now = time.monotonic()
+        if now - self.last_sent >= HEARTBEAT_INTERVAL_S:
             self.send("PING", f"{self.node}/")
+            if self.pinged_at is None:
+                self.pinged_at = now
+
+    def silent_for(self, now: float) -> float:
+        """How long the hub has left a PING of ours unanswered (it answers each with PONG). Counted
+        from the PING, not from what we last heard: a client that did not run for a while (stopped,
+        or starved of CPU) did not PING meanwhile, and a hub it did not ask is not silent."""
+        return 0.0 if self.pinged_at is None else now - self.pinged_at
 
     def close(self) -> None:
         """Say BYE when attached, then close the socket once what we sent has left (or ``LINGER_S``)."""

@@ -28,6 +28,16 @@ def children_of(pid: int) -> list[int]:
     return _parents().get(pid, [])
 
 
+def runs(pid: int, program: str) -> bool:
+    """Whether process ``pid`` has exec'd ``program`` (its name as the kernel keeps it, at most 15
+    characters): past a launcher such as ``setpriv``, or the fork before ``exec``."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == program[:15]
+    except OSError:
+        return False
+
+
 def descendants(root: int | None = None) -> set[int]:
     """Pids of every live descendant of ``root`` (default: this process)."""
     parents = _parents()

@@ -39,15 +39,22 @@ async def until(condition: Any, timeout: float = WAIT_S) -> None:
     await asyncio.wait_for(poll(), timeout)
 
 
+def heard_hello(hub: Hub, peer: Hub) -> bool:
+    """Whether ``hub`` has had ``peer``'s HELLO. A link learned from a HELLO is up at once, before its
+    own connection is made and its own HELLO answered: until then that HELLO is still on its way."""
+    return (peer.node, peer.instance) in hub._peer_idents.values()
+
+
 @contextlib.asynccontextmanager
 async def linked(*names: str) -> AsyncIterator[list[Hub]]:
-    """Hubs on loopback, every pair linked both ways."""
+    """Hubs on loopback, every pair linked both ways, each HELLO heard (no connection still being made)."""
     async with contextlib.AsyncExitStack() as stack:
         hubs = [await stack.enter_async_context(Hub(name)) for name in names]
         for i, a in enumerate(hubs):
             for b in hubs[i + 1 :]:
                 await a.connect_peer(b.tcp_endpoint)
         await until(lambda: all(len(h.peers) == len(hubs) - 1 for h in hubs))
+        await until(lambda: all(heard_hello(h, p) for h in hubs for p in hubs if p is not h))
         yield hubs
 
 

@@ -12,7 +12,7 @@ from dpipes.bus.client import Client
 from dpipes.bus.endpoint import Endpoint
 from dpipes.bus.errors import BusError, StreamError
 from dpipes.bus.hub import Hub
-from tests.bus.test_hub import WAIT_S, linked, until
+from tests.bus.test_hub import WAIT_S, heard_hello, linked, until
 
 CHUNK = 1 << 20
 
@@ -104,7 +104,7 @@ async def test_a_hub_attaches_no_more_clients_than_its_bound() -> None:
 
 async def test_drop_peer_closes_a_link_that_is_not_up_and_a_learned_one_on_request() -> None:
     async with linked("alpha", "beta") as (a, b):
-        fds = len(os.listdir("/proc/self/fd"))
+        fds = len(os.listdir("/proc/self/fd"))  # both ways connected (linked() awaits each HELLO heard)
         a.learn_peer("tcp://127.0.0.1:1")  # nobody listens there: the link never comes up
         assert a.drop_peer("tcp://127.0.0.1:1") and "tcp://127.0.0.1:1" not in a._links
         await until(lambda: len(os.listdir("/proc/self/fd")) <= fds)
@@ -115,7 +115,8 @@ async def test_drop_peer_closes_a_link_that_is_not_up_and_a_learned_one_on_reque
         await c.start()
         try:
             c.learn_peer(a.tcp_endpoint)
-            await until(lambda: "gamma" in a.peers and "alpha" in c.peers)
+            # alpha's HELLO on its link back, still on its way, would link gamma to alpha again.
+            await until(lambda: "gamma" in a.peers and "alpha" in c.peers and heard_hello(a, c) and heard_hello(c, a))
             assert c.drop_peer(a.tcp_endpoint, "unwanted")
             assert "alpha" not in c.peers
             await until(lambda: "gamma" not in a.peers)  # it said BYE

@@ -13,7 +13,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from tests.procs import children_of
+from tests.procs import children_of, runs
 
 START_TIMEOUT_S = 20.0  # a daemon prints its endpoint once it listens; Python start-up on a busy machine
 STOP_TIMEOUT_S = 15.0
@@ -34,6 +34,12 @@ class Daemon:
     def children(self) -> list[int]:
         """Pids of the daemon's live child processes (its running stages)."""
         return children_of(self.proc.pid)
+
+    def running(self, program: str) -> list[int]:
+        """Pids of the daemon's child processes that have exec'd ``program``. A stage is first its
+        launcher (``setpriv``, or a fork), which sets its death signal; once it runs its program it
+        dies with the daemon (``PR_SET_PDEATHSIG``), which a daemon killed before then cannot promise."""
+        return [pid for pid in self.children() if runs(pid, program)]
 
 
 def environment(runtime_dir: Path) -> dict[str, str]:

@@ -206,11 +206,32 @@ async def test_a_daemon_killed_mid_run_is_named_at_once(rt: Path) -> None:
             sys.executable, "-m", "dpipes.tools.dpipes", "sleep 300",
             env=environment(rt), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
-        await until(alpha.children)
+        await until(lambda: alpha.running("sleep"))  # not its launcher yet: it dies with alpha from now on
         alpha.proc.kill()  # its stage dies with it (PR_SET_PDEATHSIG)
         _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
     assert proc.returncode == 125, err
     assert b"lost the node at ipc://" in err and b"closed the connection" in err, err
+
+
+@pytest.mark.parametrize("extra", [{}, FULL], ids=["short-path", "full-path"])
+async def test_a_dpipes_stopped_past_its_heartbeat_timeout_keeps_its_run(rt: Path, extra: dict[str, str]) -> None:
+    """Ctrl-Z, then fg (or a process starved of CPU): meanwhile dpipes neither PINGed its hub nor read
+    what it said. The hub is not silent for that: what waits is read, and a new PING is answered."""
+    from dpipes.bus.codec import CLIENT_TIMEOUT_S, PEER_TIMEOUT_S
+
+    stopped_s = PEER_TIMEOUT_S + 0.5  # the scenario: past our patience, well within the hub's
+    assert stopped_s < CLIENT_TIMEOUT_S
+    async with daemons(rt, ["alpha"]) as (alpha,):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dpipes.tools.dpipes", "head -c 2",
+            env={**environment(rt), **extra}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        await until(lambda: alpha.running("head"))
+        proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(stopped_s)
+        proc.send_signal(signal.SIGCONT)
+        out, err = await asyncio.wait_for(proc.communicate(b"ok"), WAIT_S)
+    assert (proc.returncode, out) == (0, b"ok"), err
 
 
 # -- a fake hub: hostile input that no real node sends --------------------------------------------
@@ -298,6 +319,54 @@ def test_hostile_input_is_dropped_counted_and_logged_once(
     replies = {h["seq"]: h for h in seen if h["kind"] == "REPLY"}
     assert (replies[7]["ok"], replies[7]["body"]["code"]) == (False, "bad-request")
     assert replies[8]["ok"] is True
+
+
+def test_a_hub_that_answers_no_ping_is_named_silent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub that stops answering (stopped, or its host gone) while the connection stays open: the
+    run fails naming it once a PING of ours went unanswered for PEER_TIMEOUT_S (patched shorter)."""
+    monkeypatch.setattr(local_run, "PEER_TIMEOUT_S", 0.5)
+    endpoint = f"ipc://{tmp_path}/silent.sock"
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    pings = 0
+    stop = threading.Event()
+
+    def serve() -> None:  # answers ATTACH and `run` (one stage), then nothing
+        nonlocal pings
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        while not stop.is_set():
+            if not poller.poll(50):
+                continue
+            ident, head, *_ = router.recv_multipart()
+            h = msgpack.unpackb(head)
+            if h["kind"] == "ATTACH":
+                router.send_multipart([ident, _header("ATTACHED", "fake/c1", addr="fake/c1")])
+            elif h["kind"] == "REQUEST" and h["method"] == "run":
+                one = {"index": 0, "node": "fake", "argv": ["cat"], "addr": "fake/p.0", "context": {}}
+                body = {"pipeline": "p", "stages": [one]}
+                router.send_multipart([ident, _header("REPLY", "fake/c1", seq=h["seq"], ok=True, body=body)])
+            elif h["kind"] == "PING":
+                pings += 1
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        result = local_run.run_local(
+            "cat", stdin=False, entry=endpoint, stdout_fd=devnull, stderr_fd=devnull, handle_sigint=False
+        )
+    finally:
+        os.close(devnull)
+        stop.set()
+        thread.join()
+        router.close()
+        ctx.term()
+    assert result is not None and result.exit_code == 125
+    assert result.error == f"no word from the node at {endpoint} for 0.5 s"
+    assert pings >= 1  # counted from a PING it did not answer
 
 
 def test_no_daemon_means_the_full_path(tmp_path: Path) -> None:

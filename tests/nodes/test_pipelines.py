@@ -493,7 +493,7 @@ async def test_a_local_last_stage_writing_to_a_closed_reader_stops_as_in_a_shell
 async def test_a_stage_never_outlives_its_node(rt: Path) -> None:
     async with daemons(rt, ["alpha"]) as (alpha,):
         proc = await start_dpipes(rt, "--node", alpha.host_port, "sleep 45")
-        await until(lambda: alpha.children())
+        await until(lambda: alpha.running("sleep"))  # not its launcher yet: it dies with alpha from now on
         stages = alpha.children()
         alpha.proc.kill()  # kill -9: no chance to terminate its stages itself
         await until(lambda: not any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in stages))
