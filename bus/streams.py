@@ -347,6 +347,7 @@ class OutStream:
 
 
 _member = codec.stream_message
+_MESSAGE_CREDIT_BYTES = codec.MESSAGE_CREDIT_BYTES
 _KINDS = codec.KINDS
 
 
@@ -423,26 +424,41 @@ class InStream:
             StreamCancelled: the sender cancelled the stream.
             PeerLost: the sender's node was lost.
         """
-        if self._batch is not None:
-            return self._next_member()
-        if self._eof and not self._queue:
-            return None
-        msg = await self._queue.get(timeout)
-        if msg.KIND == "BATCH":
-            self._batch, self._member, self._offset = msg, 0, 0
-            return self._next_member()
-        if msg.KIND == "EOF":
-            self._eof = True
-            self._release()
-            self.endpoint._in.pop((self.src, self.sid), None)
-            if msg.total != self.received:
-                raise StreamError(
-                    f"stream {self.sid} from {self.src}: EOF says {msg.total} bytes, {self.received} arrived"
-                )
-            self.endpoint._send(codec.EofAck(src=self.endpoint.addr, dst=self.src, sid=self.sid, total=msg.total))
-            return None
-        self._took(1, msg.payload_bytes)
-        return msg
+        batch = self._batch
+        if batch is None:
+            if self._eof and not self._queue:
+                return None
+            msg = await self._queue.get(timeout)
+            if msg.KIND == "EOF":
+                self._eof = True
+                self._release()
+                self.endpoint._in.pop((self.src, self.sid), None)
+                if msg.total != self.received:
+                    raise StreamError(
+                        f"stream {self.sid} from {self.src}: EOF says {msg.total} bytes, {self.received} arrived"
+                    )
+                self.endpoint._send(codec.EofAck(src=self.endpoint.addr, dst=self.src, sid=self.sid, total=msg.total))
+                return None
+            if msg.KIND != "BATCH":
+                self._took(1, msg.payload_bytes)
+                return msg
+            batch = self._batch = msg
+            self._member = self._offset = 0
+        # The next member of the BATCH being read: this runs once per small message, so what
+        # _took does is written out here.
+        i, at = self._member, self._offset
+        sizes = batch.sizes
+        size = sizes[i]
+        end = at + size
+        self._offset = end
+        self._member = i + 1
+        if i + 1 == len(sizes):
+            self._batch = None
+        self.received += size
+        self._consumed += size + _MESSAGE_CREDIT_BYTES
+        if self._consumed - self._granted >= self._grant_step:
+            self._took(0, 0)
+        return _member(_KINDS[batch.of], batch.src, batch.dst, batch.sid, batch.seq + i, (batch.frames[0][at:end],))
 
     def _took(self, messages: int, nbytes: int) -> None:
         """The reader took ``messages`` messages of ``nbytes`` payload bytes: grant credit when due."""
@@ -464,25 +480,6 @@ class InStream:
                 if held is not None:
                     held.release(freed)
             self.endpoint._send(codec.Credit(src=self.endpoint.addr, dst=self.src, sid=self.sid, bytes=grant))
-
-    def _next_member(self) -> Message:
-        batch = self._batch
-        assert batch is not None
-        i, at = self._member, self._offset
-        sizes = batch.sizes
-        size = sizes[i]
-        self._offset = at + size
-        self._member = i + 1
-        if i + 1 == len(sizes):
-            self._batch = None
-        # _took, inlined: this runs once per small message
-        self.received += size
-        self._consumed += size + codec.MESSAGE_CREDIT_BYTES
-        if self._consumed - self._granted >= self._grant_step:
-            self._took(0, 0)
-        return _member(
-            _KINDS[batch.of], batch.src, batch.dst, batch.sid, batch.seq + i, (batch.frames[0][at : at + size],)
-        )
 
     async def read_chunks(self, limit: int = READ_MANY_MESSAGES, timeout: float | None = None) -> list[memoryview]:
         """The payload frames of the next messages already here, waiting only for the first.

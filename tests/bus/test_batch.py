@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import msgpack
@@ -38,6 +39,19 @@ def test_a_batch_stands_for_its_members_in_order() -> None:
     ]
     assert [bytes(m.frames[0]) for m in members] == parts
     assert members[2] == codec.Stderr(src="a/s", dst="b/r", sid=7, seq=42, frames=(members[2].frames[0],))
+
+
+def test_a_member_is_the_frozen_message_its_kind_makes() -> None:
+    batch = codec.Batch(src="a/s", dst="b/r", sid=7, seq=40, sizes=[2, 3], frames=(b"abcde",))
+    member = codec.decode([bytes(f) for f in codec.encode(batch)]).members()[1]  # type: ignore[attr-defined]
+    made = codec.Bytes(src="a/s", dst="b/r", sid=7, seq=41, frames=(member.frames[0],))
+    assert type(member) is codec.Bytes
+    assert member == made and hash(member) == hash(made) and repr(member) == repr(made)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        member.seq = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del member.src  # type: ignore[misc]
+    assert member.payload_bytes == 3
 
 
 @pytest.mark.parametrize(
@@ -78,7 +92,7 @@ async def test_small_messages_arrive_in_order_each_as_its_own_message_in_fewer_t
         reader = await dst.accept(timeout=WAIT_S)
         got = []
         while (msg := await reader.read(timeout=WAIT_S)) is not None:
-            assert isinstance(msg, codec.Bytes) and len(msg.frames) == 1
+            assert type(msg) is codec.Bytes and len(msg.frames) == 1
             got.append((msg.seq, bytes(msg.frames[0])))
         expected = [chunk(i) for i in range(COUNT)] + [b"L" * codec.BATCH_BELOW_BYTES, chunk(COUNT)]
         assert got == list(enumerate(expected, 1))
