@@ -45,6 +45,10 @@ YIELD_EVERY_BYTES = 4 << 20  # ...or after this many bytes, so heartbeats and re
 YIELD_SHIFT = (YIELD_EVERY_BYTES // YIELD_EVERY_MESSAGES).bit_length() - 1  # bytes -> message units
 REFUSED_LOG_INTERVAL_S = 10.0  # an endpoint (or a hub's held bytes) logs what it refuses at most once per interval
 READ_MANY_MESSAGES = 4096  # what read_chunks hands over at most per call: a batch's worth
+_RUN_FLUSH_BYTES = codec.BATCH_BELOW_BYTES * 16  # a run this large leaves at once, not at the end of the pass
+_BATCH_BELOW_BYTES = codec.BATCH_BELOW_BYTES
+_MAX_BATCH_MESSAGES = codec.MAX_BATCH_MESSAGES
+_MESSAGE_CREDIT_BYTES = codec.MESSAGE_CREDIT_BYTES
 
 
 class HeldBytes:
@@ -185,11 +189,23 @@ class OutStream:
         A small chunk leaves at the end of this loop pass, with the stream's other small chunks of
         the pass, in one BATCH (a mutable one is copied first: the caller may reuse it at once).
         """
-        nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
+        nbytes = len(data) if type(data) is not memoryview else data.nbytes
         self._since_yield += 1 + (nbytes >> YIELD_SHIFT)
         if self.cost >= self.limit or self._error is not None or self._since_yield >= YIELD_EVERY_MESSAGES:
             await self._reserve()
-        self._put(data, nbytes)
+        run = self._run
+        if not run or type(data) is not bytes or nbytes >= _BATCH_BELOW_BYTES:
+            self._put(data, nbytes)
+            return
+        # What _put does for a small bytes chunk joining this pass's run, written out here: the
+        # common case of a stream of small messages.
+        self._seq += 1
+        self.sent += nbytes
+        self.cost += nbytes + _MESSAGE_CREDIT_BYTES
+        run.append(data)
+        self._run_bytes += nbytes
+        if len(run) >= _MAX_BATCH_MESSAGES or self._run_bytes >= _RUN_FLUSH_BYTES:
+            self._flush()
 
     async def send_many(self, chunks: Iterable[Buffer]) -> None:
         """Send each chunk as one message, in order, under credit as ``send_bytes`` does, for less per chunk."""
@@ -215,11 +231,15 @@ class OutStream:
         if not run:
             self._run_seq = self._seq
             self.endpoint._batching(self)
-        if type(data) is not bytes and not (isinstance(data, memoryview) and data.readonly):
-            data = bytes(data)  # it leaves later: what the caller writes into it meanwhile must not
+        if type(data) is not bytes and not (
+            type(data) is memoryview and data.readonly and data.ndim == 1 and data.itemsize == 1 and data.contiguous
+        ):
+            # It leaves later: what the caller writes into it meanwhile must not. And every chunk
+            # of a run is one its _flush can measure with len() and join as it is.
+            data = bytes(data)
         run.append(data)
         self._run_bytes += nbytes
-        if len(run) >= codec.MAX_BATCH_MESSAGES or self._run_bytes >= codec.BATCH_BELOW_BYTES * 16:
+        if len(run) >= _MAX_BATCH_MESSAGES or self._run_bytes >= _RUN_FLUSH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
@@ -232,7 +252,7 @@ class OutStream:
         if len(run) == 1:
             frames = [self._bytes_prefix + codec.packb_int(self._run_seq), run[0]]
         else:
-            sizes = [len(c) if not isinstance(c, memoryview) else c.nbytes for c in run]
+            sizes = list(map(len, run))  # bytes, or views of single bytes (_put): each len() is its size
             batch = codec.Batch(src=self.endpoint.addr, dst=self.dst, sid=self.sid, seq=self._run_seq, sizes=sizes)
             frames = [codec.packb_header(batch), b"".join(run)]
         self.endpoint._send_frames_now(self.dst, frames)
@@ -347,7 +367,6 @@ class OutStream:
 
 
 _member = codec.stream_message
-_MESSAGE_CREDIT_BYTES = codec.MESSAGE_CREDIT_BYTES
 _KINDS = codec.KINDS
 
 

@@ -196,3 +196,20 @@ async def test_a_reused_buffer_is_sent_as_it_was_when_sent() -> None:
             got.extend(bytes(c) for c in chunks)
         assert got == [b"first", b"again"]
         assert await closing == 10
+
+
+async def test_views_of_other_shapes_are_sent_as_their_bytes() -> None:
+    words = memoryview(b"abcdefgh").cast("i")  # read-only, two items of four bytes
+    strided = memoryview(b"abcdef")[::2]  # read-only, not contiguous
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+        for chunk_ in (b"one", words, strided, memoryview(b"plain")):
+            await stream.send_bytes(chunk_)
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await dst.accept(timeout=WAIT_S)
+        got = []
+        while (msg := await reader.read(timeout=WAIT_S)) is not None:
+            got.append(bytes(msg.frames[0]))  # type: ignore[attr-defined]
+        assert got == [b"one", b"abcdefgh", b"ace", b"plain"]
+        assert await closing == reader.received == 19
