@@ -386,6 +386,7 @@ class InStream:
         self._arrived = 0  # credit units of the data messages that arrived (read or not)
         self._allowed = max(window, codec.INITIAL_CREDIT_BYTES)  # units granted: initial, window, grants
         self._batch: codec.Batch | None = None  # the BATCH being read, member by member
+        self._parts: tuple[Any, ...] = ()  # its kind's class, src, dst, sid, seq, frame and sizes, as read() takes them
         self._member = 0  # the index of its next member
         self._offset = 0  # where that member's payload starts in the batch's frame
         self._held = 0  # credit units of ours the endpoint's HeldBytes counts: arrived, not granted back
@@ -443,8 +444,7 @@ class InStream:
             StreamCancelled: the sender cancelled the stream.
             PeerLost: the sender's node was lost.
         """
-        batch = self._batch
-        if batch is None:
+        if self._batch is None:
             if self._eof and not self._queue:
                 return None
             msg = await self._queue.get(timeout)
@@ -461,12 +461,11 @@ class InStream:
             if msg.KIND != "BATCH":
                 self._took(1, msg.payload_bytes)
                 return msg
-            batch = self._batch = msg
-            self._member = self._offset = 0
+            self._begin(msg)
         # The next member of the BATCH being read: this runs once per small message, so what
         # _took does is written out here.
+        cls, src, dst, sid, seq, view, sizes = self._parts
         i, at = self._member, self._offset
-        sizes = batch.sizes
         size = sizes[i]
         end = at + size
         self._offset = end
@@ -474,10 +473,15 @@ class InStream:
         if i + 1 == len(sizes):
             self._batch = None
         self.received += size
-        self._consumed += size + _MESSAGE_CREDIT_BYTES
-        if self._consumed - self._granted >= self._grant_step:
+        consumed = self._consumed = self._consumed + size + _MESSAGE_CREDIT_BYTES
+        if consumed - self._granted >= self._grant_step:
             self._took(0, 0)
-        return _member(_KINDS[batch.of], batch.src, batch.dst, batch.sid, batch.seq + i, (batch.frames[0][at:end],))
+        return _member(cls, src, dst, sid, seq + i, (view[at:end],))
+
+    def _begin(self, batch: codec.Batch) -> None:
+        """Read ``batch`` member by member from now on (``read`` and ``read_chunks`` alike)."""
+        self._batch, self._member, self._offset = batch, 0, 0
+        self._parts = (_KINDS[batch.of], batch.src, batch.dst, batch.sid, batch.seq, batch.frames[0], batch.sizes)
 
     def _took(self, messages: int, nbytes: int) -> None:
         """The reader took ``messages`` messages of ``nbytes`` payload bytes: grant credit when due."""
@@ -542,7 +546,7 @@ class InStream:
                 break  # read() takes an EOF, once what came before it is accounted for
             msg = queue.popleft()
             if msg.KIND == "BATCH":
-                self._batch, self._member, self._offset = msg, 0, 0
+                self._begin(msg)
                 continue
             chunks.extend(msg.frames)
             messages += 1

@@ -213,3 +213,24 @@ async def test_views_of_other_shapes_are_sent_as_their_bytes() -> None:
             got.append(bytes(msg.frames[0]))  # type: ignore[attr-defined]
         assert got == [b"one", b"abcdefgh", b"ace", b"plain"]
         assert await closing == reader.received == 19
+
+
+async def test_read_and_read_chunks_take_turns_inside_one_batch() -> None:
+    async with Hub("alpha") as a:
+        src, dst = a.endpoint("src"), a.endpoint("dst")
+        stream = src.open_stream("alpha/dst")
+        for first in (0, 10):  # two batches: two loop passes
+            await stream.send_many(chunk(i) for i in range(first, first + 10))
+            await asyncio.sleep(0)
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await dst.accept(timeout=WAIT_S)
+        got = [(0, bytes(c)) for c in await reader.read_chunks(limit=3, timeout=WAIT_S)]
+        while True:
+            msg = await reader.read(timeout=WAIT_S)
+            if msg is None:
+                break
+            got.append((msg.seq, bytes(msg.frames[0])))  # type: ignore[attr-defined]
+            got += [(0, bytes(c)) for c in await reader.read_chunks(limit=4, timeout=WAIT_S)]
+        assert [c for _, c in got] == [chunk(i) for i in range(20)]
+        assert [seq for seq, _ in got if seq] == [4, 9, 14, 19]  # read() names each message's own seq
+        assert await closing == reader.received
