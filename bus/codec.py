@@ -105,7 +105,8 @@ Kinds
 
 Batches
     A sender may coalesce the small data messages of one stream that it queued in one pass of
-    its loop into one ``BATCH`` (as Zenoh batches small messages): per-message work on the way
+    its loop (or in several, while it sends without pause) into one ``BATCH`` (as Zenoh batches
+    small messages): per-message work on the way
     (a socket send, a header decoded and routed by each hub) is then paid once per batch. A
     ``BATCH`` with ``src``, ``dst``, ``sid`` and ``seq`` S stands for ``len(sizes)`` messages
     of kind ``of`` (``BYTES``, the default, or ``STDERR``: the kinds without kind fields) with

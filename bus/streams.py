@@ -161,11 +161,12 @@ class OutStream:
         self._since_yield = 0  # messages + bytes // 4096 sent since we last let the loop run
         self._bytes_prefix = codec.stream_header_prefix("BYTES", endpoint.addr, dst, sid)
         # Small chunks queued in this loop pass, not yet handed to the transport: one BATCH at
-        # the end of the pass (codec spec, *Batches*), or earlier when it is full or anything
-        # else this endpoint sends must follow them.
+        # the end of the pass (codec spec, *Batches*; or of a later one while the sender is
+        # busy), or earlier when it is full or anything else this endpoint sends must follow them.
         self._run: list[Buffer] = []
         self._run_bytes = 0
         self._run_seq = 0  # the seq of the run's first message
+        self._yielding = False  # its sender only lets the loop run, with more to send at once
 
     @property
     def node(self) -> str:
@@ -174,7 +175,12 @@ class OutStream:
     async def _reserve(self) -> None:
         if self._since_yield >= YIELD_EVERY_MESSAGES:
             self._since_yield = 0
-            await asyncio.sleep(0)
+            # Busy: this stream's run waits for our next turn (see Endpoint._flush_runs).
+            self._yielding = True
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._yielding = False
         while self.cost >= self.limit:
             if self._error is not None:
                 raise self._error
@@ -187,7 +193,9 @@ class OutStream:
         """Send one chunk as one message, waiting first while the receiver has granted no credit.
 
         A small chunk leaves at the end of this loop pass, with the stream's other small chunks of
-        the pass, in one BATCH (a mutable one is copied first: the caller may reuse it at once).
+        the pass, in one BATCH (a mutable one is copied first: the caller may reuse it at once); a
+        sender that only lets the loop run, with more to send at once, keeps adding to that BATCH
+        until it stops or the BATCH is full.
         """
         nbytes = len(data) if type(data) is not memoryview else data.nbytes
         self._since_yield += 1 + (nbytes >> YIELD_SHIFT)

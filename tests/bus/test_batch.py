@@ -15,7 +15,7 @@ from dpipes.bus import codec
 from dpipes.bus.client import Client
 from dpipes.bus.errors import DecodeError, NoRoute
 from dpipes.bus.hub import Hub
-from dpipes.bus.streams import CREDIT_GRANT_FRACTION
+from dpipes.bus.streams import CREDIT_GRANT_FRACTION, YIELD_EVERY_MESSAGES
 from tests.bus.test_hub import WAIT_S, linked, until
 from tests.bus.test_hub_hostile import answer, attach, raw_socket, tracebacks
 
@@ -233,4 +233,43 @@ async def test_read_and_read_chunks_take_turns_inside_one_batch() -> None:
             got += [(0, bytes(c)) for c in await reader.read_chunks(limit=4, timeout=WAIT_S)]
         assert [c for _, c in got] == [chunk(i) for i in range(20)]
         assert [seq for seq, _ in got if seq] == [4, 9, 14, 19]  # read() names each message's own seq
+        assert await closing == reader.received
+
+
+async def test_a_busy_sender_keeps_its_run_open_across_the_passes_it_only_yields() -> None:
+    passes = 3  # the sender lets the loop run twice on the way (YIELD_EVERY_MESSAGES each)
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+        await stream.send_bytes(b"first")  # the stream's first message opens it at beta
+        reader = await dst.accept(timeout=WAIT_S)
+        assert await reader.read(timeout=WAIT_S) is not None
+        assert b._router is not None
+        transfers_before = b._router.received
+        for i in range(passes * YIELD_EVERY_MESSAGES):
+            await stream.send_bytes(chunk(i))
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        got = []
+        while (msg := await reader.read(timeout=WAIT_S)) is not None:
+            got.append(bytes(msg.frames[0]))  # type: ignore[attr-defined]
+        assert got == [chunk(i) for i in range(passes * YIELD_EVERY_MESSAGES)]
+        await closing
+        assert b._router.received - transfers_before == 2  # one BATCH, not one per pass, and the EOF
+
+
+async def test_a_sender_that_stops_has_its_run_sent_in_that_pass() -> None:
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+        count = YIELD_EVERY_MESSAGES + 10  # it yielded once on the way, with more to send then
+        for i in range(count):
+            await stream.send_bytes(chunk(i))
+        # The sender now waits for something else: what it queued must arrive without more sends.
+        reader = await dst.accept(timeout=WAIT_S)
+        got = [bytes(c) for c in await reader.read_chunks(timeout=WAIT_S)]
+        while len(got) < count:
+            got += [bytes(c) for c in await reader.read_chunks(timeout=WAIT_S)]
+        assert got == [chunk(i) for i in range(count)]
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        assert await reader.read(timeout=WAIT_S) is None
         assert await closing == reader.received
