@@ -374,7 +374,8 @@ class OutStream:
             self._acked.set_result(total)
 
 
-_member = codec.stream_message
+_new_message = codec._new_message
+_Unfrozen = codec._Unfrozen
 _KINDS = codec.KINDS
 
 
@@ -471,7 +472,7 @@ class InStream:
                 return msg
             self._begin(msg)
         # The next member of the BATCH being read: this runs once per small message, so what
-        # _took does is written out here.
+        # _took and codec.stream_message do is written out here.
         cls, src, dst, sid, seq, view, sizes = self._parts
         i, at = self._member, self._offset
         size = sizes[i]
@@ -484,7 +485,14 @@ class InStream:
         consumed = self._consumed = self._consumed + size + _MESSAGE_CREDIT_BYTES
         if consumed - self._granted >= self._grant_step:
             self._took(0, 0)
-        return _member(cls, src, dst, sid, seq + i, (view[at:end],))
+        member: Any = _new_message(_Unfrozen)  # codec.stream_message, written out
+        member.src = src
+        member.dst = dst
+        member.sid = sid
+        member.seq = seq + i
+        member.frames = (view[at:end],)
+        member.__class__ = cls
+        return member
 
     def _begin(self, batch: codec.Batch) -> None:
         """Read ``batch`` member by member from now on (``read`` and ``read_chunks`` alike)."""

@@ -230,6 +230,10 @@ async def test_read_and_read_chunks_take_turns_inside_one_batch() -> None:
             if msg is None:
                 break
             got.append((msg.seq, bytes(msg.frames[0])))  # type: ignore[attr-defined]
+            assert type(msg) is codec.Bytes
+            assert msg == codec.Bytes(src="alpha/src", dst="alpha/dst", sid=msg.sid, seq=msg.seq, frames=msg.frames)  # type: ignore[attr-defined]
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                msg.seq = 0  # type: ignore[misc]
             got += [(0, bytes(c)) for c in await reader.read_chunks(limit=4, timeout=WAIT_S)]
         assert [c for _, c in got] == [chunk(i) for i in range(20)]
         assert [seq for seq, _ in got if seq] == [4, 9, 14, 19]  # read() names each message's own seq
