@@ -184,10 +184,12 @@ class Endpoint:
             self._runs = list(dict.fromkeys(runs))
             self._loop.call_soon(self._end_of_pass)
             return
+        self._flush_scheduled = False
         self._flush_runs()
 
     def _flush_runs(self) -> None:
-        self._flush_scheduled = False
+        # Now, before anything else this endpoint sends; a pending _end_of_pass stays the one
+        # (it takes any run queued from here on), so a busy sender never has two.
         runs, self._runs = self._runs, []
         for stream in runs:
             try:

@@ -175,7 +175,7 @@ class OutStream:
     async def _reserve(self) -> None:
         if self._since_yield >= YIELD_EVERY_MESSAGES:
             self._since_yield = 0
-            # Busy: this stream's run waits for our next turn (see Endpoint._flush_runs).
+            # Busy: this stream's run waits for our next turn (see Endpoint._end_of_pass).
             self._yielding = True
             try:
                 await asyncio.sleep(0)

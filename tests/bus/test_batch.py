@@ -277,3 +277,31 @@ async def test_a_sender_that_stops_has_its_run_sent_in_that_pass() -> None:
         closing = asyncio.create_task(stream.close(timeout=WAIT_S))
         assert await reader.read(timeout=WAIT_S) is None
         assert await closing == reader.received
+
+
+async def test_a_busy_sender_that_also_sends_large_messages_keeps_one_end_of_pass_pending() -> None:
+    passes = 20
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        small, large = src.open_stream("beta/dst"), src.open_stream("beta/dst")
+        calls = 0
+        end_of_pass = src._end_of_pass
+
+        def counted() -> None:
+            nonlocal calls
+            calls += 1
+            end_of_pass()
+
+        src._end_of_pass = counted  # type: ignore[method-assign]
+        for _ in range(passes):  # each large message flushes the small ones queued before it
+            for i in range(YIELD_EVERY_MESSAGES):
+                await small.send_bytes(chunk(i))
+            await large.send_bytes(b"L" * codec.BATCH_BELOW_BYTES)
+        closing = asyncio.gather(small.close(timeout=WAIT_S), large.close(timeout=WAIT_S))
+        for _ in range(2):
+            reader = await dst.accept(timeout=WAIT_S)
+            while await reader.read(timeout=WAIT_S) is not None:
+                pass
+        small_bytes = passes * sum(len(chunk(i)) for i in range(YIELD_EVERY_MESSAGES))
+        assert await closing == [small_bytes, passes * codec.BATCH_BELOW_BYTES]
+        assert calls <= 2 * passes  # one pending per pass, not one more for every flush before it
