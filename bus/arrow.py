@@ -205,6 +205,7 @@ _BAD_INPUT: Final = (
     BufferError,
     MemoryError,
     StopIteration,
+    EOFError,  # pa.ipc.read_message on a stream that ends (an end marker) where a message should be
 )
 
 

@@ -162,14 +162,34 @@ class Endpoint:
         self._transport.send_frames(dst, frames)
 
     def _batching(self, stream: OutStream) -> None:
-        """``stream`` queued a run of small chunks: send it at the end of this loop pass at the latest."""
+        """``stream`` queued a run of small chunks: send it at the end of this loop pass (later only
+        while its sender is busy: ``_end_of_pass``)."""
         self._runs.append(stream)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush_runs)
+            self._loop.call_soon(self._end_of_pass)
+
+    def _end_of_pass(self) -> None:
+        """Send the runs of small chunks queued in this loop pass, unless their senders are busy.
+
+        A sender that only lets the loop run (``OutStream._yielding``) is back in the next pass
+        with more: its run stays open until it stops (waits for credit or anything else, or
+        ends) or the run is full (``OutStream._put``), so a busy stream of small messages sends
+        fewer, larger batches. A sender that stops has its run sent at the end of the pass it
+        stopped in, as before: nothing waits longer when the link is idle.
+        """
+        runs = self._runs
+        if runs and all(stream._yielding for stream in runs):
+            # Each time a run fills, its stream queues its next run again: name each stream once.
+            self._runs = list(dict.fromkeys(runs))
+            self._loop.call_soon(self._end_of_pass)
+            return
+        self._flush_scheduled = False
+        self._flush_runs()
 
     def _flush_runs(self) -> None:
-        self._flush_scheduled = False
+        # Now, before anything else this endpoint sends; a pending _end_of_pass stays the one
+        # (it takes any run queued from here on), so a busy sender never has two.
         runs, self._runs = self._runs, []
         for stream in runs:
             try:

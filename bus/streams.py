@@ -45,6 +45,10 @@ YIELD_EVERY_BYTES = 4 << 20  # ...or after this many bytes, so heartbeats and re
 YIELD_SHIFT = (YIELD_EVERY_BYTES // YIELD_EVERY_MESSAGES).bit_length() - 1  # bytes -> message units
 REFUSED_LOG_INTERVAL_S = 10.0  # an endpoint (or a hub's held bytes) logs what it refuses at most once per interval
 READ_MANY_MESSAGES = 4096  # what read_chunks hands over at most per call: a batch's worth
+_RUN_FLUSH_BYTES = codec.BATCH_BELOW_BYTES * 16  # a run this large leaves at once, not at the end of the pass
+_BATCH_BELOW_BYTES = codec.BATCH_BELOW_BYTES
+_MAX_BATCH_MESSAGES = codec.MAX_BATCH_MESSAGES
+_MESSAGE_CREDIT_BYTES = codec.MESSAGE_CREDIT_BYTES
 
 
 class HeldBytes:
@@ -157,11 +161,12 @@ class OutStream:
         self._since_yield = 0  # messages + bytes // 4096 sent since we last let the loop run
         self._bytes_prefix = codec.stream_header_prefix("BYTES", endpoint.addr, dst, sid)
         # Small chunks queued in this loop pass, not yet handed to the transport: one BATCH at
-        # the end of the pass (codec spec, *Batches*), or earlier when it is full or anything
-        # else this endpoint sends must follow them.
+        # the end of the pass (codec spec, *Batches*; or of a later one while the sender is
+        # busy), or earlier when it is full or anything else this endpoint sends must follow them.
         self._run: list[Buffer] = []
         self._run_bytes = 0
         self._run_seq = 0  # the seq of the run's first message
+        self._yielding = False  # its sender only lets the loop run, with more to send at once
 
     @property
     def node(self) -> str:
@@ -170,7 +175,12 @@ class OutStream:
     async def _reserve(self) -> None:
         if self._since_yield >= YIELD_EVERY_MESSAGES:
             self._since_yield = 0
-            await asyncio.sleep(0)
+            # Busy: this stream's run waits for our next turn (see Endpoint._end_of_pass).
+            self._yielding = True
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._yielding = False
         while self.cost >= self.limit:
             if self._error is not None:
                 raise self._error
@@ -183,13 +193,27 @@ class OutStream:
         """Send one chunk as one message, waiting first while the receiver has granted no credit.
 
         A small chunk leaves at the end of this loop pass, with the stream's other small chunks of
-        the pass, in one BATCH (a mutable one is copied first: the caller may reuse it at once).
+        the pass, in one BATCH (a mutable one is copied first: the caller may reuse it at once); a
+        sender that only lets the loop run, with more to send at once, keeps adding to that BATCH
+        until it stops or the BATCH is full.
         """
-        nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
+        nbytes = len(data) if type(data) is not memoryview else data.nbytes
         self._since_yield += 1 + (nbytes >> YIELD_SHIFT)
         if self.cost >= self.limit or self._error is not None or self._since_yield >= YIELD_EVERY_MESSAGES:
             await self._reserve()
-        self._put(data, nbytes)
+        run = self._run
+        if not run or type(data) is not bytes or nbytes >= _BATCH_BELOW_BYTES:
+            self._put(data, nbytes)
+            return
+        # What _put does for a small bytes chunk joining this pass's run, written out here: the
+        # common case of a stream of small messages.
+        self._seq += 1
+        self.sent += nbytes
+        self.cost += nbytes + _MESSAGE_CREDIT_BYTES
+        run.append(data)
+        self._run_bytes += nbytes
+        if len(run) >= _MAX_BATCH_MESSAGES or self._run_bytes >= _RUN_FLUSH_BYTES:
+            self._flush()
 
     async def send_many(self, chunks: Iterable[Buffer]) -> None:
         """Send each chunk as one message, in order, under credit as ``send_bytes`` does, for less per chunk."""
@@ -215,11 +239,15 @@ class OutStream:
         if not run:
             self._run_seq = self._seq
             self.endpoint._batching(self)
-        if type(data) is not bytes and not (isinstance(data, memoryview) and data.readonly):
-            data = bytes(data)  # it leaves later: what the caller writes into it meanwhile must not
+        if type(data) is not bytes and not (
+            type(data) is memoryview and data.readonly and data.ndim == 1 and data.itemsize == 1 and data.contiguous
+        ):
+            # It leaves later: what the caller writes into it meanwhile must not. And every chunk
+            # of a run is one its _flush can measure with len() and join as it is.
+            data = bytes(data)
         run.append(data)
         self._run_bytes += nbytes
-        if len(run) >= codec.MAX_BATCH_MESSAGES or self._run_bytes >= codec.BATCH_BELOW_BYTES * 16:
+        if len(run) >= _MAX_BATCH_MESSAGES or self._run_bytes >= _RUN_FLUSH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
@@ -232,7 +260,7 @@ class OutStream:
         if len(run) == 1:
             frames = [self._bytes_prefix + codec.packb_int(self._run_seq), run[0]]
         else:
-            sizes = [len(c) if not isinstance(c, memoryview) else c.nbytes for c in run]
+            sizes = list(map(len, run))  # bytes, or views of single bytes (_put): each len() is its size
             batch = codec.Batch(src=self.endpoint.addr, dst=self.dst, sid=self.sid, seq=self._run_seq, sizes=sizes)
             frames = [codec.packb_header(batch), b"".join(run)]
         self.endpoint._send_frames_now(self.dst, frames)
@@ -346,7 +374,8 @@ class OutStream:
             self._acked.set_result(total)
 
 
-_member = codec.stream_message
+_new_message = codec._new_message
+_Unfrozen = codec._Unfrozen
 _KINDS = codec.KINDS
 
 
@@ -366,6 +395,7 @@ class InStream:
         self._arrived = 0  # credit units of the data messages that arrived (read or not)
         self._allowed = max(window, codec.INITIAL_CREDIT_BYTES)  # units granted: initial, window, grants
         self._batch: codec.Batch | None = None  # the BATCH being read, member by member
+        self._parts: tuple[Any, ...] = ()  # its kind's class, src, dst, sid, seq, frame and sizes, as read() takes them
         self._member = 0  # the index of its next member
         self._offset = 0  # where that member's payload starts in the batch's frame
         self._held = 0  # credit units of ours the endpoint's HeldBytes counts: arrived, not granted back
@@ -423,26 +453,51 @@ class InStream:
             StreamCancelled: the sender cancelled the stream.
             PeerLost: the sender's node was lost.
         """
-        if self._batch is not None:
-            return self._next_member()
-        if self._eof and not self._queue:
-            return None
-        msg = await self._queue.get(timeout)
-        if msg.KIND == "BATCH":
-            self._batch, self._member, self._offset = msg, 0, 0
-            return self._next_member()
-        if msg.KIND == "EOF":
-            self._eof = True
-            self._release()
-            self.endpoint._in.pop((self.src, self.sid), None)
-            if msg.total != self.received:
-                raise StreamError(
-                    f"stream {self.sid} from {self.src}: EOF says {msg.total} bytes, {self.received} arrived"
-                )
-            self.endpoint._send(codec.EofAck(src=self.endpoint.addr, dst=self.src, sid=self.sid, total=msg.total))
-            return None
-        self._took(1, msg.payload_bytes)
-        return msg
+        if self._batch is None:
+            if self._eof and not self._queue:
+                return None
+            msg = await self._queue.get(timeout)
+            if msg.KIND == "EOF":
+                self._eof = True
+                self._release()
+                self.endpoint._in.pop((self.src, self.sid), None)
+                if msg.total != self.received:
+                    raise StreamError(
+                        f"stream {self.sid} from {self.src}: EOF says {msg.total} bytes, {self.received} arrived"
+                    )
+                self.endpoint._send(codec.EofAck(src=self.endpoint.addr, dst=self.src, sid=self.sid, total=msg.total))
+                return None
+            if msg.KIND != "BATCH":
+                self._took(1, msg.payload_bytes)
+                return msg
+            self._begin(msg)
+        # The next member of the BATCH being read: this runs once per small message, so what
+        # _took and codec.stream_message do is written out here.
+        cls, src, dst, sid, seq, view, sizes = self._parts
+        i, at = self._member, self._offset
+        size = sizes[i]
+        end = at + size
+        self._offset = end
+        self._member = i + 1
+        if i + 1 == len(sizes):
+            self._batch = None
+        self.received += size
+        consumed = self._consumed = self._consumed + size + _MESSAGE_CREDIT_BYTES
+        if consumed - self._granted >= self._grant_step:
+            self._took(0, 0)
+        member: Any = _new_message(_Unfrozen)  # codec.stream_message, written out
+        member.src = src
+        member.dst = dst
+        member.sid = sid
+        member.seq = seq + i
+        member.frames = (view[at:end],)
+        member.__class__ = cls
+        return member
+
+    def _begin(self, batch: codec.Batch) -> None:
+        """Read ``batch`` member by member from now on (``read`` and ``read_chunks`` alike)."""
+        self._batch, self._member, self._offset = batch, 0, 0
+        self._parts = (_KINDS[batch.of], batch.src, batch.dst, batch.sid, batch.seq, batch.frames[0], batch.sizes)
 
     def _took(self, messages: int, nbytes: int) -> None:
         """The reader took ``messages`` messages of ``nbytes`` payload bytes: grant credit when due."""
@@ -464,25 +519,6 @@ class InStream:
                 if held is not None:
                     held.release(freed)
             self.endpoint._send(codec.Credit(src=self.endpoint.addr, dst=self.src, sid=self.sid, bytes=grant))
-
-    def _next_member(self) -> Message:
-        batch = self._batch
-        assert batch is not None
-        i, at = self._member, self._offset
-        sizes = batch.sizes
-        size = sizes[i]
-        self._offset = at + size
-        self._member = i + 1
-        if i + 1 == len(sizes):
-            self._batch = None
-        # _took, inlined: this runs once per small message
-        self.received += size
-        self._consumed += size + codec.MESSAGE_CREDIT_BYTES
-        if self._consumed - self._granted >= self._grant_step:
-            self._took(0, 0)
-        return _member(
-            _KINDS[batch.of], batch.src, batch.dst, batch.sid, batch.seq + i, (batch.frames[0][at : at + size],)
-        )
 
     async def read_chunks(self, limit: int = READ_MANY_MESSAGES, timeout: float | None = None) -> list[memoryview]:
         """The payload frames of the next messages already here, waiting only for the first.
@@ -526,7 +562,7 @@ class InStream:
                 break  # read() takes an EOF, once what came before it is accounted for
             msg = queue.popleft()
             if msg.KIND == "BATCH":
-                self._batch, self._member, self._offset = msg, 0, 0
+                self._begin(msg)
                 continue
             chunks.extend(msg.frames)
             messages += 1

@@ -519,6 +519,8 @@ def test_hostile_ipc_bodies_of_a_schema_without_dictionaries() -> None:
     fails(ipc_part(batch, batch.serialize().to_pybytes()), "not its schema")  # a batch message alone
     fails(ipc_part(batch, ipc_stream(batch)[:-40]), "rebuild")  # cut inside the batch
     fails(ipc_part(batch, batch.schema.serialize().to_pybytes() * 2), "not a record batch")
+    ends_at_once = batch.schema.serialize().to_pybytes() + b"\xff\xff\xff\xff\0\0\0\0"  # its end marker, no batch
+    fails(ipc_part(batch, ends_at_once), "rebuild")
     good = ipc_stream(batch)
     offsets = b"".join(i.to_bytes(4, "little") for i in (0, 1, 1, 2))  # of the utf8 column
     at = good.index(offsets) + 8

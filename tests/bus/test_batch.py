@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import msgpack
@@ -14,7 +15,7 @@ from dpipes.bus import codec
 from dpipes.bus.client import Client
 from dpipes.bus.errors import DecodeError, NoRoute
 from dpipes.bus.hub import Hub
-from dpipes.bus.streams import CREDIT_GRANT_FRACTION
+from dpipes.bus.streams import CREDIT_GRANT_FRACTION, YIELD_EVERY_MESSAGES
 from tests.bus.test_hub import WAIT_S, linked, until
 from tests.bus.test_hub_hostile import answer, attach, raw_socket, tracebacks
 
@@ -38,6 +39,19 @@ def test_a_batch_stands_for_its_members_in_order() -> None:
     ]
     assert [bytes(m.frames[0]) for m in members] == parts
     assert members[2] == codec.Stderr(src="a/s", dst="b/r", sid=7, seq=42, frames=(members[2].frames[0],))
+
+
+def test_a_member_is_the_frozen_message_its_kind_makes() -> None:
+    batch = codec.Batch(src="a/s", dst="b/r", sid=7, seq=40, sizes=[2, 3], frames=(b"abcde",))
+    member = codec.decode([bytes(f) for f in codec.encode(batch)]).members()[1]  # type: ignore[attr-defined]
+    made = codec.Bytes(src="a/s", dst="b/r", sid=7, seq=41, frames=(member.frames[0],))
+    assert type(member) is codec.Bytes
+    assert member == made and hash(member) == hash(made) and repr(member) == repr(made)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        member.seq = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del member.src  # type: ignore[misc]
+    assert member.payload_bytes == 3
 
 
 @pytest.mark.parametrize(
@@ -78,7 +92,7 @@ async def test_small_messages_arrive_in_order_each_as_its_own_message_in_fewer_t
         reader = await dst.accept(timeout=WAIT_S)
         got = []
         while (msg := await reader.read(timeout=WAIT_S)) is not None:
-            assert isinstance(msg, codec.Bytes) and len(msg.frames) == 1
+            assert type(msg) is codec.Bytes and len(msg.frames) == 1
             got.append((msg.seq, bytes(msg.frames[0])))
         expected = [chunk(i) for i in range(COUNT)] + [b"L" * codec.BATCH_BELOW_BYTES, chunk(COUNT)]
         assert got == list(enumerate(expected, 1))
@@ -182,3 +196,112 @@ async def test_a_reused_buffer_is_sent_as_it_was_when_sent() -> None:
             got.extend(bytes(c) for c in chunks)
         assert got == [b"first", b"again"]
         assert await closing == 10
+
+
+async def test_views_of_other_shapes_are_sent_as_their_bytes() -> None:
+    words = memoryview(b"abcdefgh").cast("i")  # read-only, two items of four bytes
+    strided = memoryview(b"abcdef")[::2]  # read-only, not contiguous
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+        for chunk_ in (b"one", words, strided, memoryview(b"plain")):
+            await stream.send_bytes(chunk_)
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await dst.accept(timeout=WAIT_S)
+        got = []
+        while (msg := await reader.read(timeout=WAIT_S)) is not None:
+            got.append(bytes(msg.frames[0]))  # type: ignore[attr-defined]
+        assert got == [b"one", b"abcdefgh", b"ace", b"plain"]
+        assert await closing == reader.received == 19
+
+
+async def test_read_and_read_chunks_take_turns_inside_one_batch() -> None:
+    async with Hub("alpha") as a:
+        src, dst = a.endpoint("src"), a.endpoint("dst")
+        stream = src.open_stream("alpha/dst")
+        for first in (0, 10):  # two batches: two loop passes
+            await stream.send_many(chunk(i) for i in range(first, first + 10))
+            await asyncio.sleep(0)
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await dst.accept(timeout=WAIT_S)
+        got = [(0, bytes(c)) for c in await reader.read_chunks(limit=3, timeout=WAIT_S)]
+        while True:
+            msg = await reader.read(timeout=WAIT_S)
+            if msg is None:
+                break
+            got.append((msg.seq, bytes(msg.frames[0])))  # type: ignore[attr-defined]
+            assert type(msg) is codec.Bytes
+            assert msg == codec.Bytes(src="alpha/src", dst="alpha/dst", sid=msg.sid, seq=msg.seq, frames=msg.frames)  # type: ignore[attr-defined]
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                msg.seq = 0  # type: ignore[misc]
+            got += [(0, bytes(c)) for c in await reader.read_chunks(limit=4, timeout=WAIT_S)]
+        assert [c for _, c in got] == [chunk(i) for i in range(20)]
+        assert [seq for seq, _ in got if seq] == [4, 9, 14, 19]  # read() names each message's own seq
+        assert await closing == reader.received
+
+
+async def test_a_busy_sender_keeps_its_run_open_across_the_passes_it_only_yields() -> None:
+    passes = 3  # the sender lets the loop run twice on the way (YIELD_EVERY_MESSAGES each)
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+        await stream.send_bytes(b"first")  # the stream's first message opens it at beta
+        reader = await dst.accept(timeout=WAIT_S)
+        assert await reader.read(timeout=WAIT_S) is not None
+        assert b._router is not None
+        transfers_before = b._router.received
+        for i in range(passes * YIELD_EVERY_MESSAGES):
+            await stream.send_bytes(chunk(i))
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        got = []
+        while (msg := await reader.read(timeout=WAIT_S)) is not None:
+            got.append(bytes(msg.frames[0]))  # type: ignore[attr-defined]
+        assert got == [chunk(i) for i in range(passes * YIELD_EVERY_MESSAGES)]
+        await closing
+        assert b._router.received - transfers_before == 2  # one BATCH, not one per pass, and the EOF
+
+
+async def test_a_sender_that_stops_has_its_run_sent_in_that_pass() -> None:
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        stream = src.open_stream("beta/dst")
+        count = YIELD_EVERY_MESSAGES + 10  # it yielded once on the way, with more to send then
+        for i in range(count):
+            await stream.send_bytes(chunk(i))
+        # The sender now waits for something else: what it queued must arrive without more sends.
+        reader = await dst.accept(timeout=WAIT_S)
+        got = [bytes(c) for c in await reader.read_chunks(timeout=WAIT_S)]
+        while len(got) < count:
+            got += [bytes(c) for c in await reader.read_chunks(timeout=WAIT_S)]
+        assert got == [chunk(i) for i in range(count)]
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        assert await reader.read(timeout=WAIT_S) is None
+        assert await closing == reader.received
+
+
+async def test_a_busy_sender_that_also_sends_large_messages_keeps_one_end_of_pass_pending() -> None:
+    passes = 20
+    async with linked("alpha", "beta") as (a, b):
+        src, dst = a.endpoint("src"), b.endpoint("dst")
+        small, large = src.open_stream("beta/dst"), src.open_stream("beta/dst")
+        calls = 0
+        end_of_pass = src._end_of_pass
+
+        def counted() -> None:
+            nonlocal calls
+            calls += 1
+            end_of_pass()
+
+        src._end_of_pass = counted  # type: ignore[method-assign]
+        for _ in range(passes):  # each large message flushes the small ones queued before it
+            for i in range(YIELD_EVERY_MESSAGES):
+                await small.send_bytes(chunk(i))
+            await large.send_bytes(b"L" * codec.BATCH_BELOW_BYTES)
+        closing = asyncio.gather(small.close(timeout=WAIT_S), large.close(timeout=WAIT_S))
+        for _ in range(2):
+            reader = await dst.accept(timeout=WAIT_S)
+            while await reader.read(timeout=WAIT_S) is not None:
+                pass
+        small_bytes = passes * sum(len(chunk(i)) for i in range(YIELD_EVERY_MESSAGES))
+        assert await closing == [small_bytes, passes * codec.BATCH_BELOW_BYTES]
+        assert calls <= 2 * passes  # one pending per pass, not one more for every flush before it
