@@ -316,7 +316,10 @@ async def test_a_closed_clients_segments_serve_the_next_client_of_the_process() 
     assert nothing_mapped_once_the_stash_is_dropped()
 
 
-async def test_a_clients_reserve_is_made_at_attach_serves_a_stream_without_new_segments_and_goes_at_close() -> None:
+async def test_a_clients_reserve_is_made_at_attach_serves_a_stream_without_new_segments_and_goes_at_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shm, "STASH_BYTES", 2 * shm.SHARED_SEGMENT_BYTES)  # less than the reserve
     reserve = 8 * shm.SHARED_SEGMENT_BYTES  # the stream's window (SHARED_WINDOW_BYTES) and then some
     payloads = [chunk(i)[: 600_000 + i] for i in range(160)]  # 10k-row Arrow batches' size: cut from shared segments
     assert sum(map(len, payloads)) > reserve  # the reserve's segments are cut again and again
@@ -348,8 +351,13 @@ async def test_a_clients_reserve_is_made_at_attach_serves_a_stream_without_new_s
                 # No segment was made or taken while the stream ran: the reserve served all of it.
                 assert (pool.made, pool.from_stash, pool.allocated) == (made, from_stash, reserve)
                 assert pool.fallbacks == 0
-            # Closed: what the stash keeps (up to STASH_BYTES) serves the next client; nothing else stays.
+            # Closed: the stash keeps the reserve (more than STASH_BYTES) for the next client.
             assert shm._STASH.bytes == reserve
+    plain = shm.Pool()  # a pool without a reserve, closing, brings the stash back to STASH_BYTES
+    lease = plain.lease([chunk(0)], "alpha/sink")
+    assert lease is not None and plain.release([lease.id], "alpha/sink") == 1
+    plain.close()
+    assert MIB <= shm._STASH.bytes <= shm.STASH_BYTES  # its own 1 MiB segment among them
     assert nothing_mapped_once_the_stash_is_dropped()
     assert dev_shm() == before
 
