@@ -65,12 +65,11 @@ A reserve made at attach
     none while it runs (:attr:`Pool.made` and :attr:`Pool.from_stash` count what a pool added).
     A reserve is part of the pool's cap, never above it (:func:`check_reserve`); a payload that
     needs a segment of another size when the cap is reached takes the room of free segments of
-    other sizes (:meth:`Pool._make_room`), the reserve's included. At close, the pool's free
-    segments go to the stash up to ``STASH_BYTES`` or its reserve, whichever is larger: the
-    process's next client with the same reserve takes it back instead of making it again (a
-    512 MB reserve made anew per client cost 0.4-1 s of CPU at each attach, and the 64 MB batch
-    sent after it ran at half its speed in most runs). The next pool that closes with a smaller
-    reserve (or none) brings the stash back to its own bound; :func:`drop_stash` empties it.
+    other sizes (:meth:`Pool._make_room`), the reserve's included. Once a pool of the process
+    asked for a reserve, the stash keeps up to that much (the largest asked, if more than
+    ``STASH_BYTES``): the process's next clients, with a reserve or without, take it back instead
+    of making it again (a 512 MB reserve made anew per client cost 0.4-1 s of CPU at each
+    attach). :func:`drop_stash` empties the stash and brings its bound back to ``STASH_BYTES``.
 
 This module is the sending side and what both sides share; the receiving side (mappings, views,
 ``SHM_FREE`` in batches) is ``dpipes.bus.shm_receive``, whose names this module offers too.
@@ -215,6 +214,7 @@ class Pool:
     def __init__(self, *, limit: int = POOL_BYTES, reserve: int = 0) -> None:
         self.limit = limit
         self.reserve = check_reserve(reserve, limit)  # bytes of shared segments made free at attach
+        _STASH.keep_at_least(self.reserve)
         self.made = 0  # segments this pool made (memfd_create and pre-fault)
         self.from_stash = 0  # segments it took from the process's stash instead
         self.used = 0  # bytes leased out now
@@ -413,7 +413,7 @@ class Pool:
         for segment in free:
             self._by_handle.pop(segment.handle, None)
             self.allocated -= segment.size
-            if not _STASH.put(segment, keep=max(STASH_BYTES, self.reserve)):
+            if not _STASH.put(segment):
                 _close_segment(segment)
         self._free.clear()
         self._shared = None
@@ -442,6 +442,7 @@ class _Stash:
         self._lock = threading.Lock()
         self._free: list[_Segment] = []  # oldest first
         self.bytes = 0
+        self.reserved = 0  # the largest reserve of a pool of this process: kept beyond STASH_BYTES
 
     def take(self, size: int) -> _Segment | None:
         with self._lock:
@@ -451,9 +452,15 @@ class _Stash:
                     return self._free.pop(i)
             return None
 
-    def put(self, segment: _Segment, keep: int = STASH_BYTES) -> bool:
+    def keep_at_least(self, nbytes: int) -> None:
+        """Keep up to ``nbytes`` from now on if that is more than ``STASH_BYTES`` (a pool's reserve)."""
+        with self._lock:
+            self.reserved = max(self.reserved, nbytes)
+
+    def put(self, segment: _Segment) -> bool:
         """Keep ``segment`` (free: nobody reads it) for a later pool, giving back older ones to
-        keep ``keep`` bytes at most; False when it alone is larger."""
+        make room; False when it alone is larger than the stash."""
+        keep = max(STASH_BYTES, self.reserved)
         if segment.size > keep:
             return False
         with self._lock:
@@ -469,10 +476,11 @@ class _Stash:
         return True
 
     def drop(self) -> int:
-        """Unmap and close every stashed segment; returns the bytes given back."""
+        """Unmap and close every stashed segment, and keep no more than ``STASH_BYTES`` from now on;
+        returns the bytes given back."""
         with self._lock:
             segments, self._free = self._free, []
-            dropped, self.bytes = self.bytes, 0
+            dropped, self.bytes, self.reserved = self.bytes, 0, 0
         for segment in segments:
             _close_segment(segment)
         return dropped
@@ -489,7 +497,8 @@ os.register_at_fork(after_in_child=_STASH.forget_at_fork)
 
 
 def drop_stash() -> int:
-    """Give the segments this process keeps from its closed pools back to the kernel; returns their bytes."""
+    """Give the segments this process keeps from its closed pools back to the kernel, and keep no more
+    than ``STASH_BYTES`` from now on (a reserve asked for before is forgotten); returns their bytes."""
     return _STASH.drop()
 
 

@@ -353,12 +353,13 @@ async def test_a_clients_reserve_is_made_at_attach_serves_a_stream_without_new_s
                 assert pool.fallbacks == 0
             # Closed: the stash keeps the reserve (more than STASH_BYTES) for the next client.
             assert shm._STASH.bytes == reserve
-    plain = shm.Pool()  # a pool without a reserve, closing, brings the stash back to STASH_BYTES
+    plain = shm.Pool()  # a pool without a reserve, closing: the stash still keeps no more than the reserve
     lease = plain.lease([chunk(0)], "alpha/sink")
     assert lease is not None and plain.release([lease.id], "alpha/sink") == 1
     plain.close()
-    assert MIB <= shm._STASH.bytes <= shm.STASH_BYTES  # its own 1 MiB segment among them
+    assert shm._STASH.bytes == reserve - shm.SHARED_SEGMENT_BYTES + MIB  # the oldest reserved one gave way
     assert nothing_mapped_once_the_stash_is_dropped()
+    assert shm._STASH.reserved == 0  # and the bound is STASH_BYTES again
     assert dev_shm() == before
 
 
