@@ -54,6 +54,23 @@ Segments outlive their pool
     oldest given back first (:func:`drop_stash` gives them all back to the kernel). A forked child
     forgets its parent's.
 
+A reserve made at attach
+    A stream that outgrows the segments a pool already has makes one mid-flow, and making one
+    costs more than the copies of the leases cut from it (an 8 MiB segment, some 6 ms: a stream
+    of a hundred 10k-row Arrow batches, 7 ms in all, ran at half its speed when it made one). A
+    sender that knows what it will stream asks for a reserve (``Client(shm_reserve=NBYTES)``,
+    :class:`Pool` ``reserve``): the pool makes that many bytes of shared segments (those payloads
+    under ``SHARED_LEASE_BYTES`` are cut from; from the stash first) pre-faulted and free at
+    attach (:meth:`Pool.fill_reserve`), so a stream that keeps no more than that in flight makes
+    none while it runs (:attr:`Pool.made` and :attr:`Pool.from_stash` count what a pool added).
+    A reserve is part of the pool's cap, never above it (:func:`check_reserve`); a payload that
+    needs a segment of another size when the cap is reached takes the room of free segments of
+    other sizes (:meth:`Pool._make_room`), the reserve's included. Once a pool of the process
+    asked for a reserve, the stash keeps up to that much (the largest asked, if more than
+    ``STASH_BYTES``): the process's next clients, with a reserve or without, take it back instead
+    of making it again (a 512 MB reserve made anew per client cost 0.4-1 s of CPU at each
+    attach). :func:`drop_stash` empties the stash and brings its bound back to ``STASH_BYTES``.
+
 This module is the sending side and what both sides share; the receiving side (mappings, views,
 ``SHM_FREE`` in batches) is ``dpipes.bus.shm_receive``, whose names this module offers too.
 """
@@ -106,6 +123,7 @@ __all__ = [
     "Reader",
     "call_later",
     "call_soon",
+    "check_reserve",
     "drop_stash",
     "host_id",
     "shared",
@@ -128,6 +146,26 @@ STASH_BYTES = 128 << 20  # free segments a process keeps from its closed pools f
 # still bounds what is in flight: at most this much of a sender's pool per stream. Not much
 # more: past the last-level cache (32 MiB here) 64 MiB ran slower than 32.
 SHARED_WINDOW_BYTES = 32 << 20
+
+
+def check_reserve(reserve: int, limit: int = POOL_BYTES) -> int:
+    """The bytes of shared segments a reserve of ``reserve`` bytes takes (whole segments).
+
+    Raises:
+        ConfigError: ``reserve`` is negative, or above the pool's cap ``limit``.
+    """
+    from dpipes.bus.errors import ConfigError
+
+    if type(reserve) is not int or reserve < 0:
+        raise ConfigError(f"shm_reserve must be a number of bytes, 0 or more, not {reserve!r:.40}")
+    segments = -(-reserve // SHARED_SEGMENT_BYTES)
+    if segments * SHARED_SEGMENT_BYTES > limit:
+        most = limit // SHARED_SEGMENT_BYTES * SHARED_SEGMENT_BYTES
+        raise ConfigError(
+            f"shm_reserve of {reserve} bytes ({segments} segments of {SHARED_SEGMENT_BYTES} bytes) is above "
+            f"the shared-memory pool's cap of {limit} bytes: ask for at most {most}"
+        )
+    return segments * SHARED_SEGMENT_BYTES
 
 
 def host_id() -> str:
@@ -173,8 +211,12 @@ def _aligned(nbytes: int) -> int:
 class Pool:
     """A sender's shared-memory segments: leases taken per message, given back when read."""
 
-    def __init__(self, *, limit: int = POOL_BYTES) -> None:
+    def __init__(self, *, limit: int = POOL_BYTES, reserve: int = 0) -> None:
         self.limit = limit
+        self.reserve = check_reserve(reserve, limit)  # bytes of shared segments made free at attach
+        _STASH.keep_at_least(self.reserve)
+        self.made = 0  # segments this pool made (memfd_create and pre-fault)
+        self.from_stash = 0  # segments it took from the process's stash instead
         self.used = 0  # bytes leased out now
         self.allocated = 0  # bytes of every segment, leased or free
         self._free: dict[int, list[_Segment]] = collections.defaultdict(list)  # by segment size
@@ -184,6 +226,22 @@ class Pool:
         self._ids = itertools.count(1)
         self._closed = False
         self.fallbacks = 0  # payloads sent inline because the pool was full
+
+    def fill_reserve(self) -> int:
+        """Add free shared segments (pre-faulted; from the stash first) until the pool holds
+        ``reserve`` bytes of them; returns how many were added."""
+        size = SHARED_SEGMENT_BYTES
+        held = sum(1 for segment in self._by_handle.values() if segment.size == size)
+        added: list[_Segment] = []
+        while (held + len(added)) * size < self.reserve:
+            segment = self._segment(size)
+            if segment is None:  # closed, or the cap reached by segments of other sizes in use
+                break
+            added.append(segment)
+        # Below what is free already (the free list is taken from its end), the first added
+        # (the stash's newest: its pages the likeliest in cache) taken first.
+        self._free[size][:0] = reversed(added)
+        return len(added)
 
     def lease(self, frames: Sequence[Any], to: str) -> Lease | None:
         """Copy ``frames`` end to end into free room leased to party ``to``; None when full."""
@@ -257,12 +315,30 @@ class Pool:
         free = self._free[size]
         if free:
             return free.pop()
-        if self.allocated + size > self.limit or self._closed:
+        if self._closed:
             return None
-        segment = _STASH.take(size) or self._create(size)
+        if self.allocated + size > self.limit and not self._make_room(size):
+            return None
+        segment = _STASH.take(size)
+        if segment is None:
+            segment = self._create(size)
+            self.made += 1
+        else:
+            self.from_stash += 1
         self._by_handle[segment.handle] = segment
         self.allocated += size
         return segment
+
+    def _make_room(self, size: int) -> bool:
+        """Give free segments of other sizes back to the kernel until a new ``size``-byte one fits
+        under the cap; False when it cannot (what is leased fills the pool)."""
+        free = sum(len(segments) * other for other, segments in self._free.items() if other != size)
+        if self.allocated - free + size > self.limit:
+            return False
+        for other, segments in self._free.items():
+            while segments and other != size and self.allocated + size > self.limit:
+                self._destroy(segments.pop(0))  # the longest free first
+        return True
 
     def _create(self, size: int) -> _Segment:
         token = secrets.token_hex(8)
@@ -366,6 +442,7 @@ class _Stash:
         self._lock = threading.Lock()
         self._free: list[_Segment] = []  # oldest first
         self.bytes = 0
+        self.reserved = 0  # the largest reserve of a pool of this process: kept beyond STASH_BYTES
 
     def take(self, size: int) -> _Segment | None:
         with self._lock:
@@ -375,14 +452,20 @@ class _Stash:
                     return self._free.pop(i)
             return None
 
+    def keep_at_least(self, nbytes: int) -> None:
+        """Keep up to ``nbytes`` from now on if that is more than ``STASH_BYTES`` (a pool's reserve)."""
+        with self._lock:
+            self.reserved = max(self.reserved, nbytes)
+
     def put(self, segment: _Segment) -> bool:
         """Keep ``segment`` (free: nobody reads it) for a later pool, giving back older ones to
         make room; False when it alone is larger than the stash."""
-        if segment.size > STASH_BYTES:
+        keep = max(STASH_BYTES, self.reserved)
+        if segment.size > keep:
             return False
         with self._lock:
             evicted = []
-            while self.bytes + segment.size > STASH_BYTES:
+            while self.bytes + segment.size > keep:
                 oldest = self._free.pop(0)
                 self.bytes -= oldest.size
                 evicted.append(oldest)
@@ -393,10 +476,11 @@ class _Stash:
         return True
 
     def drop(self) -> int:
-        """Unmap and close every stashed segment; returns the bytes given back."""
+        """Unmap and close every stashed segment, and keep no more than ``STASH_BYTES`` from now on;
+        returns the bytes given back."""
         with self._lock:
             segments, self._free = self._free, []
-            dropped, self.bytes = self.bytes, 0
+            dropped, self.bytes, self.reserved = self.bytes, 0, 0
         for segment in segments:
             _close_segment(segment)
         return dropped
@@ -413,7 +497,8 @@ os.register_at_fork(after_in_child=_STASH.forget_at_fork)
 
 
 def drop_stash() -> int:
-    """Give the segments this process keeps from its closed pools back to the kernel; returns their bytes."""
+    """Give the segments this process keeps from its closed pools back to the kernel, and keep no more
+    than ``STASH_BYTES`` from now on (a reserve asked for before is forgotten); returns their bytes."""
     return _STASH.drop()
 
 

@@ -5,8 +5,10 @@ Usage: python hubproc.py ROLE ARGS...; it prints its TCP endpoint on the first l
 Roles:
   sink NAME            a hub NAME with an endpoint "sink" that accepts streams and never reads them
   sink-ipc NAME        the same, printing its IPC endpoint instead (for clients on this host)
-  blast IPC N SIZE     a client attached over IPC that streams N messages of SIZE bytes to
-                       "<node>/sink", waits for EOF_ACK, prints "acked TOTAL" and exits at once
+  blast IPC N SIZE NODE [RESERVE]
+                       a client attached over IPC (with a shared-memory reserve of RESERVE
+                       bytes) that streams N messages of SIZE bytes to "<node>/sink", waits
+                       for EOF_ACK, prints "acked TOTAL" and exits at once
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ async def sink(name: str, *, ipc: bool = False) -> None:
             streams.append(await ep.accept())  # held, never read: the sender runs out of credit
 
 
-async def blast(ipc: str, count: int, size: int, node: str) -> None:
-    async with Client(ipc, name="blaster") as client:
+async def blast(ipc: str, count: int, size: int, node: str, reserve: int = 0) -> None:
+    async with Client(ipc, name="blaster", shm_reserve=reserve) as client:
         print(client.endpoint.addr, flush=True)
         stream = client.endpoint.open_stream(f"{node}/sink")
         for i in range(count):
@@ -44,4 +46,4 @@ if __name__ == "__main__":
     elif role == "sink-ipc":
         asyncio.run(sink(args[0], ipc=True))
     elif role == "blast":
-        asyncio.run(blast(args[0], int(args[1]), int(args[2]), args[3]))
+        asyncio.run(blast(args[0], int(args[1]), int(args[2]), args[3], *map(int, args[4:5])))

@@ -17,7 +17,7 @@ from dpipes.bus import client as client_module
 from dpipes.bus import codec, shm
 from dpipes.bus.arrow_stream import ArrowStreamReader, ArrowStreamWriter
 from dpipes.bus.client import Client
-from dpipes.bus.errors import DecodeError, PeerLost
+from dpipes.bus.errors import ConfigError, DecodeError, PeerLost
 from dpipes.bus.hub import Hub
 from dpipes.bus.hub import clients as hub_clients
 from dpipes.bus.streams import OutStream
@@ -183,12 +183,15 @@ async def test_a_client_attached_under_a_reserved_name_shares_memory_both_ways()
             back.cancel()
 
 
-async def test_a_sender_killed_while_its_payload_is_read_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("reserve", [0, 4 * shm.SHARED_SEGMENT_BYTES], ids=["no-reserve", "reserve"])
+async def test_a_sender_killed_while_its_payload_is_read_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch, reserve: int
+) -> None:
     monkeypatch.setattr(hub_clients, "CLIENT_TIMEOUT_S", 1.0)  # notice the dead client soon
     before = dev_shm()
     async with Hub("alpha") as a:
         sink = a.endpoint("sink")
-        async with process("blast", a.ipc_endpoint, "2", str(MIB), "alpha") as (proc, _addr):
+        async with process("blast", a.ipc_endpoint, "2", str(MIB), "alpha", str(reserve)) as (proc, _addr):
             reader = await sink.accept(timeout=WAIT_S)
             held = [await reader.read(timeout=WAIT_S) for _ in range(2)]
             assert segments_mapped_here() != []  # read in place, in the sender's segments
@@ -311,6 +314,80 @@ async def test_a_closed_clients_segments_serve_the_next_client_of_the_process() 
         assert handles[0] == handles[1]  # the second client made no segment: it took the first's
         assert shm._STASH.bytes == MIB  # a 1 MiB chunk had a segment of its own
     assert nothing_mapped_once_the_stash_is_dropped()
+
+
+async def test_a_clients_reserve_is_made_at_attach_serves_a_stream_without_new_segments_and_goes_at_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shm, "STASH_BYTES", 2 * shm.SHARED_SEGMENT_BYTES)  # less than the reserve
+    reserve = 8 * shm.SHARED_SEGMENT_BYTES  # the stream's window (SHARED_WINDOW_BYTES) and then some
+    payloads = [chunk(i)[: 600_000 + i] for i in range(160)]  # 10k-row Arrow batches' size: cut from shared segments
+    assert sum(map(len, payloads)) > reserve  # the reserve's segments are cut again and again
+    before = dev_shm()
+    async with Hub("alpha") as a:
+        sink = a.endpoint("sink")
+        for run in range(2):
+            async with Client(a.ipc_endpoint, shm_reserve=reserve) as client:
+                pool = client.shm_pool
+                assert pool is not None and pool.allocated == reserve and pool.used == 0  # made at attach
+                made, from_stash = pool.made, pool.from_stash
+                # The first client made them (pre-faulted); the next took the first's from the stash.
+                assert (made, from_stash) == ((8, 0) if run == 0 else (0, 8))
+                stream = client.endpoint.open_stream("alpha/sink")
+
+                async def send(stream: OutStream = stream) -> int:
+                    for payload in payloads:
+                        await stream.send_bytes(payload)
+                    return await stream.close(timeout=WAIT_S)
+
+                sending = asyncio.create_task(send())
+                reader = await sink.accept(timeout=WAIT_S)
+                for i in range(len(payloads)):
+                    msg = await reader.read(timeout=WAIT_S)
+                    assert isinstance(msg, codec.Bytes) and msg.frames[0].readonly  # in the reserve, in place
+                    assert bytes(msg.frames[0][:8]) == payloads[i][:8]
+                    del msg
+                assert await reader.read(timeout=WAIT_S) is None and await sending == sum(map(len, payloads))
+                # No segment was made or taken while the stream ran: the reserve served all of it.
+                assert (pool.made, pool.from_stash, pool.allocated) == (made, from_stash, reserve)
+                assert pool.fallbacks == 0
+            # Closed: the stash keeps the reserve (more than STASH_BYTES) for the next client.
+            assert shm._STASH.bytes == reserve
+    plain = shm.Pool()  # a pool without a reserve, closing: the stash still keeps no more than the reserve
+    lease = plain.lease([chunk(0)], "alpha/sink")
+    assert lease is not None and plain.release([lease.id], "alpha/sink") == 1
+    plain.close()
+    assert shm._STASH.bytes == reserve - shm.SHARED_SEGMENT_BYTES + MIB  # the oldest reserved one gave way
+    assert nothing_mapped_once_the_stash_is_dropped()
+    assert shm._STASH.reserved == 0  # and the bound is STASH_BYTES again
+    assert dev_shm() == before
+
+
+async def test_a_reserve_above_the_pools_cap_is_refused_before_attaching() -> None:
+    with pytest.raises(ConfigError, match=r"shm_reserve of \d+ bytes .* above the shared-memory pool's cap"):
+        Client("ipc:///nowhere", shm_reserve=shm.POOL_BYTES + 1)
+    with pytest.raises(ConfigError, match="0 or more"):
+        Client("ipc:///nowhere", shm_reserve=-1)
+    with pytest.raises(ConfigError, match="above"):
+        shm.Pool(limit=4 * shm.SHARED_SEGMENT_BYTES, reserve=4 * shm.SHARED_SEGMENT_BYTES + 1)  # five segments
+    assert shm.check_reserve(shm.POOL_BYTES) == shm.POOL_BYTES  # the cap itself may be reserved
+    assert shm.check_reserve(1) == shm.SHARED_SEGMENT_BYTES  # whole segments
+
+
+def test_a_payload_of_another_size_takes_the_room_of_free_reserved_segments_at_the_cap() -> None:
+    seg = shm.SHARED_SEGMENT_BYTES
+    pool = shm.Pool(limit=4 * seg, reserve=4 * seg)
+    try:
+        assert pool.fill_reserve() == 4 and pool.allocated == 4 * seg
+        assert pool.fill_reserve() == 0  # held already
+        small = pool.lease([b"x" * 600_000], "alpha/sink")  # cut from a reserved segment
+        assert small is not None and pool.made == 4
+        large = pool.lease([b"y" * (2 * seg)], "alpha/sink")  # a segment of its own, where two free ones were
+        assert large is not None and pool.made == 5 and pool.allocated == 4 * seg
+        assert pool.lease([b"z" * (2 * seg)], "alpha/sink") is None  # what is leased fills the cap: inline
+        assert pool.fallbacks == 1 and pool.allocated == 4 * seg
+    finally:
+        pool.close()
 
 
 def test_the_stash_gives_back_its_oldest_segments_to_keep_the_last_pools(monkeypatch: pytest.MonkeyPatch) -> None:

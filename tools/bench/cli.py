@@ -54,7 +54,8 @@ suites:
   peers   dpipes beside the peers a user would pick instead, two processes on loopback:
           Zenoh (1 MiB with shared memory off and on, 64 B rate and CPU per message, 64 B round
           trip) and dora-rs via `dora run` (one 64 MB Arrow batch, 100 x 10k-row batches, with its
-          default and a large shared-memory pool); each row shows arrived/sent for both sides
+          default and a large shared-memory pool, dpipes beside the large one with the same
+          shm_reserve made at attach); each row shows arrived/sent for both sides
           (needs eclipse-zenoh, dora-rs, dora-rs-cli: pip install -e '.[peers]' in a checkout)
 
 Every figure is the median of --repeat runs, beside its baseline measured in the same run;

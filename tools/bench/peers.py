@@ -50,7 +50,10 @@ acknowledgement back at the sender, a hop dora's figure does not have).
 
 * ``peers.dora_one_large_batch_{default,large}_pool``: one 64 MB batch (1M rows x 8 numeric
   columns); dora with its default shared-memory pool, then with a ``shared_memory_pool_size`` large
-  enough for its zero-copy path. Target (large pool): at least 1x.
+  enough for its zero-copy path. Target (large pool): at least 1x. dpipes beside the default pool
+  runs with its default pool; beside the large pool, its client asks for the same size as a
+  reserve (``Client(shm_reserve=...)``: segments made and pre-faulted at attach, before the timed
+  part, as dora makes its pool when its node starts).
 * ``peers.dora_stream_10k_batches_{default,large}_pool``: 100 batches of 10k rows. Target (large
   pool): at least 1x, with zero loss.
 
@@ -110,8 +113,9 @@ RUN_TIMEOUT_S = 120.0  # one timed run moves at most 2 GB on loopback
 ROUND_TRIP_TIMEOUT_S = 10.0  # one echo on loopback; longer means the far end is gone
 DORA_RUN_TIMEOUT_S = 300.0  # start-up, 64 MB and teardown, on a loaded machine
 # Holds a whole 64 MB set in flight plus the warm-up array, so no send waits for the pool or
-# falls back from it.
+# falls back from it. dpipes' client gets the same as its reserve (``Client(shm_reserve=...)``).
 DORA_LARGE_POOL = "512MB"
+DORA_LARGE_POOL_BYTES = 512_000_000
 
 DATA_KEY = "dpipes-bench/data"
 DONE_KEY = "dpipes-bench/done"
@@ -480,11 +484,12 @@ def dpipes_local_bytes_run(ipc: str, payload: bytes, count: int, receiver_pid: i
     return asyncio.run(run())
 
 
-def dpipes_local_arrow_run(ipc: str, batches: list[Any], receiver_pid: int) -> Run:
-    """The same Arrow stream from a client attached to the sink's hub over IPC: one host, shared memory."""
+def dpipes_local_arrow_run(ipc: str, batches: list[Any], receiver_pid: int, shm_reserve: int = 0) -> Run:
+    """The same Arrow stream from a client attached to the sink's hub over IPC: one host, shared
+    memory (``shm_reserve`` bytes of it made at attach, before the timed part)."""
 
     async def run() -> Run:
-        async with Client(ipc) as client:
+        async with Client(ipc, shm_reserve=shm_reserve) as client:
             src = client.endpoint
             await dpipes_arrow_send_from(src, batches[:1], SINK_ARROW)  # warm up
             await _warmed(client)
@@ -802,7 +807,7 @@ def dora_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) ->
             for _ in range(repeat):
                 runs["ours_default"].append(dpipes_local_arrow_run(bus_ipc, batches, sink.pid))
                 runs["default"].append(dora_run(name, scale, None))
-                runs["ours_large"].append(dpipes_local_arrow_run(bus_ipc, batches, sink.pid))
+                runs["ours_large"].append(dpipes_local_arrow_run(bus_ipc, batches, sink.pid, DORA_LARGE_POOL_BYTES))
                 runs["large"].append(dora_run(name, scale, DORA_LARGE_POOL))
                 progress(".")
             results += throughput_rows(
@@ -810,7 +815,7 @@ def dora_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) ->
             )
             results += throughput_rows(
                 f"peers.dora_{name}_large_pool",
-                f"dora-rs, {DORA_LARGE_POOL} pool",
+                f"dora-rs, {DORA_LARGE_POOL} pool; dpipes with the same shm_reserve",
                 runs["ours_large"],
                 runs["large"],
                 1.0,
