@@ -447,4 +447,23 @@ def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any], *, packed:
     lease = pool.lease(frames, to=header["dst"], packed=packed and header["kind"] == "BYTES")
     if lease is None:
         return None
-    return [codec.packb_shm(header, lease.handle, lease.id, list(lease.sizes), lease.offset)]
+    sizes = list(lease.sizes)
+    if header["kind"] == "BYTES" and len(sizes) > 1:
+        sizes = _joined(sizes, codec.MAX_PAYLOAD_FRAME_BYTES)
+    return [codec.packb_shm(header, lease.handle, lease.id, sizes, lease.offset)]
+
+
+def _joined(sizes: list[int], limit: int) -> list[int]:
+    """A byte chunk's frame sizes as few frames of at most ``limit`` bytes each.
+
+    A ``BYTES`` message's frames are only where its writer cut it (an Arrow IPC writer's batch is
+    a frame per buffer, and small ones between); in a lease they lie end to end, so its reader
+    takes them as one view, and every hub that relays it and every reader that writes it to a
+    program handles one frame, not six or more.
+    """
+    out = [0]
+    for size in sizes:
+        if out[-1] and out[-1] + size > limit:
+            out.append(0)
+        out[-1] += size
+    return out

@@ -144,6 +144,22 @@ async def test_a_payload_for_another_node_leaves_shared_memory_on_the_way() -> N
         await until(lambda: pool.leased == 0)  # alpha copied it out and gave the lease back
 
 
+async def test_a_byte_chunk_of_several_frames_leaves_shared_memory_as_one_frame() -> None:
+    # An Arrow IPC writer's batch is a frame per buffer; as bytes they are one chunk, lying end to
+    # end in the lease: every hub on the way and the reader handle it as one frame.
+    parts = (chunk(1)[:200_000], chunk(2)[:100_001], chunk(3)[:300_000])
+    async with linked("alpha", "beta") as (a, b), Client(a.ipc_endpoint) as client:
+        sink = b.endpoint("sink")
+        stream = client.endpoint.open_stream("beta/sink")
+        await stream.send(codec.Bytes(frames=parts))
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await sink.accept(timeout=WAIT_S)
+        msg = await reader.read(timeout=WAIT_S)
+        assert isinstance(msg, codec.Bytes) and [bytes(f) for f in msg.frames] == [b"".join(parts)]
+        assert await reader.read(timeout=WAIT_S) is None and await closing == sum(map(len, parts))
+    assert shm._joined([5, 3, 4, 1], 8) == [8, 5] and shm._joined([9, 2], 8) == [9, 2]
+
+
 async def test_a_payload_from_another_node_reaches_a_same_host_client_in_its_hubs_shared_memory() -> None:
     async with linked("alpha", "beta") as (a, b), Client(b.ipc_endpoint) as client:
         stream = a.endpoint("src").open_stream(client.endpoint.addr)
