@@ -37,6 +37,10 @@ The pool's credit
     larger payload takes a power-of-two segment of its own, reused as soon as it is back: the
     segment freed last is the one taken next (its pages are likely still in the CPU's cache), and
     what circulates is what is in flight, not whole shared segments waiting for their last lease.
+    A hub copying a byte stream's chunks from another node for a same-host client leases them
+    *packed* (up to ``PACKED_LEASE_BYTES``): cut from the shared segment right after the one
+    before, with no padding, so that a plugin worker reads an Arrow batch spanning chunks in
+    place. A ``BYTES`` message's frames lie end to end in its lease and go as one frame.
 
 Credit of a stream in shared memory
     A stream's credit (``dpipes.bus.codec``, *Flow control*) still bounds what its sender has
