@@ -37,6 +37,10 @@ The pool's credit
     larger payload takes a power-of-two segment of its own, reused as soon as it is back: the
     segment freed last is the one taken next (its pages are likely still in the CPU's cache), and
     what circulates is what is in flight, not whole shared segments waiting for their last lease.
+    A hub copying a byte stream's chunks from another node for a same-host client leases them
+    *packed* (up to ``PACKED_LEASE_BYTES``): cut from the shared segment right after the one
+    before, with no padding, so that a plugin worker reads an Arrow batch spanning chunks in
+    place. A ``BYTES`` message's frames lie end to end in its lease and go as one frame.
 
 Credit of a stream in shared memory
     A stream's credit (``dpipes.bus.codec``, *Flow control*) still bounds what its sender has
@@ -112,6 +116,7 @@ __all__ = [
     "MAX_MAPPED_SEGMENTS",
     "MIN_PAYLOAD_BYTES",
     "MIN_SEGMENT_BYTES",
+    "PACKED_LEASE_BYTES",
     "POOL_BYTES",
     "SHARED_LEASE_BYTES",
     "SHARED_SEGMENT_BYTES",
@@ -136,6 +141,11 @@ SHARED_SEGMENT_BYTES = 8 << 20  # payloads under SHARED_LEASE_BYTES are cut end 
 # cut eight to a shared segment kept 24-40 MiB circulating (a segment is free only when its last
 # lease is), more than a 32 MiB L3; with a segment each, what is in flight.
 SHARED_LEASE_BYTES = MIN_SEGMENT_BYTES
+# A byte stream's chunks (reads of up to 1 MiB, dpipes.nodes.supervisor.READ_CHUNK_BYTES) from
+# another node, for a plugin worker here, are cut end to end from the shared segments instead
+# (Pool.lease's ``packed``): an Arrow IPC stream's batches (1.8 MB at 64k rows) span two or three
+# chunks, and in a segment each the worker copied every such batch out to read it in one piece.
+PACKED_LEASE_BYTES = MIN_SEGMENT_BYTES
 LEASE_ALIGN = 64  # where a lease starts in a shared segment: Arrow's buffer alignment
 POOL_BYTES = 512 << 20  # a sender's segments in all: room for several 64 MB Arrow batches in flight
 STASH_BYTES = 128 << 20  # free segments a process keeps from its closed pools for the next ones
@@ -243,10 +253,16 @@ class Pool:
         self._free[size][:0] = reversed(added)
         return len(added)
 
-    def lease(self, frames: Sequence[Any], to: str) -> Lease | None:
-        """Copy ``frames`` end to end into free room leased to party ``to``; None when full."""
+    def lease(self, frames: Sequence[Any], to: str, *, packed: bool = False) -> Lease | None:
+        """Copy ``frames`` end to end into free room leased to party ``to``; None when full.
+
+        ``packed``: a chunk of a byte stream (up to ``PACKED_LEASE_BYTES``), cut from the shared
+        segment right where the lease before it ends, with no alignment padding: a stream's
+        chunks leased in a row then lie end to end, and their reader can take what spans two of
+        them as one view (``Lease.offset`` is then any byte).
+        """
         views = [memoryview(f).cast("B") for f in frames]
-        taken = self._take(sum(v.nbytes for v in views), to)
+        taken = self._take(sum(v.nbytes for v in views), to, packed=packed)
         if taken is None:
             return None
         lease_id, segment, offset = taken
@@ -283,17 +299,21 @@ class Pool:
                 view.release()  # an exported view would keep the segment's map from closing
         return Lease(lease_id, segment.handle, sizes, offset)
 
-    def _take(self, nbytes: int, to: str) -> tuple[int, _Segment, int] | None:
+    def _take(self, nbytes: int, to: str, *, packed: bool = False) -> tuple[int, _Segment, int] | None:
         """Room for ``nbytes`` leased to ``to``: its id, segment and offset; None when the pool is full."""
-        if nbytes < SHARED_LEASE_BYTES:
-            segment, taken = self._cut(_aligned(nbytes)), _aligned(nbytes)
+        packed = packed and nbytes <= PACKED_LEASE_BYTES
+        if nbytes < SHARED_LEASE_BYTES or packed:
+            segment = self._cut(nbytes, packed=packed)
+            if segment is not None:
+                offset = segment.at if packed else _aligned(segment.at)
+                taken = offset + nbytes - segment.at  # with the padding before it, given back with it
         else:
             taken = max(MIN_SEGMENT_BYTES, 1 << max(0, nbytes - 1).bit_length())
             segment = self._segment(taken)
+            offset = 0
         if segment is None:
             self.fallbacks += 1
             return None
-        offset = segment.at
         segment.at += taken
         segment.live += 1
         lease_id = next(self._ids)
@@ -301,10 +321,11 @@ class Pool:
         self.used += taken
         return lease_id, segment, offset
 
-    def _cut(self, nbytes: int) -> _Segment | None:
-        """The shared segment with ``nbytes`` free at its end: the one being cut, or a free one."""
+    def _cut(self, nbytes: int, *, packed: bool = False) -> _Segment | None:
+        """The shared segment with ``nbytes`` free at its end (after padding to ``LEASE_ALIGN``
+        unless ``packed``): the one being cut, or a free one."""
         shared = self._shared
-        if shared is not None and shared.at + nbytes <= shared.size:
+        if shared is not None and (shared.at if packed else _aligned(shared.at)) + nbytes <= shared.size:
             return shared
         # The one being cut is full: it goes back to the free list once its last lease does.
         self._shared = self._segment(SHARED_SEGMENT_BYTES)
@@ -502,14 +523,36 @@ def drop_stash() -> int:
     return _STASH.drop()
 
 
-def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any]) -> list[Any] | None:
+def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any], *, packed: bool = False) -> list[Any] | None:
     """The ``SHM`` message standing for the message ``header`` + ``frames``, its payload copied into a
-    lease of ``pool`` for the message's ``dst``; None when that kind cannot be or the pool is full."""
+    lease of ``pool`` for the message's ``dst``; None when that kind cannot be or the pool is full.
+
+    ``packed``: a ``BYTES`` message's payload is leased packed (:meth:`Pool.lease`), end to end
+    with the one before it."""
     from dpipes.bus import codec
 
     if header["kind"] not in codec.SHM_KINDS:
         return None
-    lease = pool.lease(frames, to=header["dst"])
+    lease = pool.lease(frames, to=header["dst"], packed=packed and header["kind"] == "BYTES")
     if lease is None:
         return None
-    return [codec.packb_shm(header, lease.handle, lease.id, list(lease.sizes), lease.offset)]
+    sizes = list(lease.sizes)
+    if header["kind"] == "BYTES" and len(sizes) > 1:
+        sizes = _joined(sizes, codec.MAX_PAYLOAD_FRAME_BYTES)
+    return [codec.packb_shm(header, lease.handle, lease.id, sizes, lease.offset)]
+
+
+def _joined(sizes: list[int], limit: int) -> list[int]:
+    """A byte chunk's frame sizes as few frames of at most ``limit`` bytes each.
+
+    A ``BYTES`` message's frames are only where its writer cut it (an Arrow IPC writer's batch is
+    a frame per buffer, and small ones between); in a lease they lie end to end, so its reader
+    takes them as one view, and every hub that relays it and every reader that writes it to a
+    program handles one frame, not six or more.
+    """
+    out = [0]
+    for size in sizes:
+        if out[-1] and out[-1] + size > limit:
+            out.append(0)
+        out[-1] += size
+    return out

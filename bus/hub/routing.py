@@ -122,11 +122,12 @@ class Routing:
 
         The client tells the message's ``src`` (on another node) that it read the lease; that
         ``SHM_FREE`` stops here (:meth:`_release_own`). None when that kind cannot be or the pool
-        is full: the message goes as it came.
+        is full: the message goes as it came. A byte stream's chunks are leased packed, end to end
+        (``shm.PACKED_LEASE_BYTES``): a plugin worker reads what spans two of them in one piece.
         """
         if self._pool is None:
             self._pool = shm.Pool()
-        return shm.shared(self._pool, header, payload)
+        return shm.shared(self._pool, header, payload, packed=True)
 
     def _release_own(self: Hub, ident: bytes, header: dict[str, Any]) -> None:
         """An ``SHM_FREE`` from a client for another node: the leases are ours (:meth:`_shared_frames`)."""

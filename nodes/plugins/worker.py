@@ -270,15 +270,19 @@ class _Feed(io.RawIOBase):
 
     ``read(n)`` gives exactly ``n`` bytes, fewer only at the end (pyarrow's readers take a short
     read for the end of the stream). What lies within one received chunk is handed over as a view
-    of it, zero-copy, when it starts 8-byte aligned (Arrow's buffers want that); what spans chunks
-    is gathered once into a buffer (:class:`_GatherBuffers`: reused, not faulted in afresh for
-    every batch).
+    of it, zero-copy, when it starts 8-byte aligned (Arrow's buffers want that). A large read
+    that spans chunks lying end to end in memory (a stream's chunks from another node, which
+    this node's hub leases packed in its shared memory) is one view over them too, which keeps
+    each of them alive; what spans chunks lying apart is gathered once into a buffer
+    (:class:`_GatherBuffers`: reused, not faulted in afresh for every batch).
     """
 
     def __init__(self, items: _Handoff) -> None:
         super().__init__()
         self._items = items
         self._buf = memoryview(b"")
+        self._chunks: list[memoryview] = []  # the received chunks ``_buf`` lies in, in order
+        self._ahead: memoryview | None = None  # the chunk after them, taken to look at where it lies
         self._eof = False
         self._gather = _GatherBuffers()
 
@@ -287,14 +291,44 @@ class _Feed(io.RawIOBase):
 
     def _next(self) -> bool:
         """Take the next chunk: whether there was one (not the end)."""
-        while not self._eof:
+        chunk = self._following()
+        if chunk is None:
+            return False
+        self._ahead = None
+        self._buf = chunk
+        self._chunks = [chunk]
+        return True
+
+    def _following(self) -> memoryview | None:
+        """The chunk after the ones taken, waiting for it; None at the end."""
+        while self._ahead is None and not self._eof:
             item = self._items.get()
             if item is None:
                 self._eof = True
             elif item:
-                self._buf = memoryview(item).cast("B")
-                return True
-        return False
+                self._ahead = memoryview(item).cast("B")
+        return self._ahead
+
+    def _joined(self, size: int) -> None:
+        """Join ``_buf`` with the chunks after it while they lie right after it in memory, until it
+        holds ``size`` bytes: one view over them, whose base keeps each chunk it covers alive (and
+        none before it, so a long stream pins nothing it has read)."""
+        start = pa.py_buffer(self._buf).address
+        end = start + len(self._buf)
+        chunks = [c for c in self._chunks if _address_range(c)[1] > start]
+        while end - start < size:
+            chunk = self._following()
+            if chunk is None:
+                break
+            at, after = _address_range(chunk)
+            if at != end:
+                break
+            self._ahead = None
+            chunks.append(chunk)
+            end = after
+        if len(chunks) > 1 and end - start > len(self._buf):
+            self._buf = memoryview(pa.foreign_buffer(start, end - start, base=tuple(chunks))).cast("B")
+            self._chunks = chunks
 
     def peek(self) -> bool:
         """Wait for the first bytes: whether there are any."""
@@ -303,6 +337,8 @@ class _Feed(io.RawIOBase):
     def read(self, size: int | None = -1) -> Any:
         if size is None or size < 0:
             return b"".join(self._rest())
+        if 0 < len(self._buf) < size and size >= GATHER_REUSE_FROM_BYTES:
+            self._joined(size)
         buf = self._buf
         if len(buf) >= size:
             piece = buf[:size]
@@ -336,6 +372,12 @@ class _Feed(io.RawIOBase):
         n = len(data)
         b[:n] = memoryview(data).cast("B")
         return n
+
+
+def _address_range(view: memoryview) -> tuple[int, int]:
+    """Where ``view``'s bytes start and end in this process's memory."""
+    at: int = pa.py_buffer(view).address
+    return at, at + view.nbytes
 
 
 # -- inputs ----------------------------------------------------------------------------------------

@@ -144,6 +144,22 @@ async def test_a_payload_for_another_node_leaves_shared_memory_on_the_way() -> N
         await until(lambda: pool.leased == 0)  # alpha copied it out and gave the lease back
 
 
+async def test_a_byte_chunk_of_several_frames_leaves_shared_memory_as_one_frame() -> None:
+    # An Arrow IPC writer's batch is a frame per buffer; as bytes they are one chunk, lying end to
+    # end in the lease: every hub on the way and the reader handle it as one frame.
+    parts = (chunk(1)[:200_000], chunk(2)[:100_001], chunk(3)[:300_000])
+    async with linked("alpha", "beta") as (a, b), Client(a.ipc_endpoint) as client:
+        sink = b.endpoint("sink")
+        stream = client.endpoint.open_stream("beta/sink")
+        await stream.send(codec.Bytes(frames=parts))
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await sink.accept(timeout=WAIT_S)
+        msg = await reader.read(timeout=WAIT_S)
+        assert isinstance(msg, codec.Bytes) and [bytes(f) for f in msg.frames] == [b"".join(parts)]
+        assert await reader.read(timeout=WAIT_S) is None and await closing == sum(map(len, parts))
+    assert shm._joined([5, 3, 4, 1], 8) == [8, 5] and shm._joined([9, 2], 8) == [9, 2]
+
+
 async def test_a_payload_from_another_node_reaches_a_same_host_client_in_its_hubs_shared_memory() -> None:
     async with linked("alpha", "beta") as (a, b), Client(b.ipc_endpoint) as client:
         stream = a.endpoint("src").open_stream(client.endpoint.addr)
@@ -161,6 +177,51 @@ async def test_a_payload_from_another_node_reaches_a_same_host_client_in_its_hub
         del first
         gc.collect()
         await until(lambda: pool.leased == 0)  # the client's SHM_FREE for alpha/src stopped at beta
+
+
+async def test_a_byte_streams_chunks_from_another_node_lie_end_to_end_in_the_hubs_shared_memory() -> None:
+    import pyarrow as pa
+
+    size = shm.MIN_PAYLOAD_BYTES + 1  # odd: no padding between them either
+    async with linked("alpha", "beta") as (a, b), Client(b.ipc_endpoint) as client:
+        stream = a.endpoint("src").open_stream(client.endpoint.addr)
+        for i in range(3):
+            await stream.send_bytes(chunk(i)[:size])
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await client.endpoint.accept(timeout=WAIT_S)
+        got = [await reader.read(timeout=WAIT_S) for _ in range(3)]
+        frames = [msg.frames[0] for msg in got if isinstance(msg, codec.Bytes)]
+        assert [bytes(f) for f in frames] == [chunk(i)[:size] for i in range(3)]
+        addresses = [pa.py_buffer(f).address for f in frames]
+        assert addresses[1] == addresses[0] + size and addresses[2] == addresses[1] + size
+        assert await reader.read(timeout=WAIT_S) is None and await closing == 3 * size
+        del got, frames
+        gc.collect()
+        pool = b._pool
+        assert pool is not None
+        await until(lambda: pool.leased == 0)
+
+
+def test_packed_leases_lie_end_to_end_and_the_next_lease_that_is_not_starts_aligned() -> None:
+    pool = shm.Pool()
+    try:
+        packed = [pool.lease([chunk(i)[: 1000 + i]], "alpha/sink", packed=True) for i in range(3)]
+        assert all(lease is not None for lease in packed)
+        offsets = [lease.offset for lease in packed if lease is not None]
+        assert offsets == [0, 1000, 2001]
+        aligned = pool.lease([b"x" * 10], "alpha/sink")
+        assert aligned is not None and aligned.offset == shm.LEASE_ALIGN * -(-3003 // shm.LEASE_ALIGN)
+        whole = pool.lease([chunk(4)], "alpha/sink", packed=True)  # 1 MiB: still cut from the shared segment
+        assert whole is not None and whole.handle == aligned.handle and whole.offset == aligned.offset + 10
+        beyond = pool.lease([chunk(5) + b"y"], "alpha/sink", packed=True)  # over PACKED_LEASE_BYTES: its own
+        assert beyond is not None and beyond.handle != aligned.handle and beyond.offset == 0
+        leases = [*packed, aligned, whole, beyond]
+        assert pool.release([lease.id for lease in leases if lease is not None], "alpha/sink") == 6
+        assert pool.used == 0
+        again = pool.lease([b"z"], "alpha/sink", packed=True)
+        assert again is not None and again.offset == 0  # every lease back: the segment is cut afresh
+    finally:
+        pool.close()
 
 
 async def test_a_client_attached_under_a_reserved_name_shares_memory_both_ways() -> None:

@@ -418,6 +418,52 @@ def test_a_feed_gathers_batches_across_chunks_intact_however_long_they_are_held(
         assert batch.equals(table.slice(start, batch.num_rows).to_batches()[0])
 
 
+def test_a_feed_reads_batches_across_chunks_that_lie_end_to_end_in_place() -> None:
+    # A stream's chunks from another node lie end to end in the hub's shared memory: a body that
+    # spans them is one view over them, not a copy; where two chunks lie apart it is gathered.
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from dpipes.nodes.plugins.edges import read_batches
+    from dpipes.nodes.plugins.worker import _Feed
+
+    table = pa.table({"n": pa.array(range(300_000), pa.int64()), "s": [f"row {i % 997}" for i in range(300_000)]})
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=40_000):  # ~0.5-0.8 MB bodies
+            writer.write_batch(batch)
+    stream = sink.getvalue()  # one buffer: its slices lie end to end
+    start, end = stream.address, stream.address + stream.size
+    chunk = 300_007
+
+    def in_place(batch: pa.RecordBatch) -> bool:
+        return all(start <= b.address < end for column in batch.columns for b in column.buffers() if b is not None)
+
+    class Chunks:
+        def __init__(self, items: list[memoryview | bytes | None]) -> None:
+            self.items = items
+
+        def get(self) -> memoryview | bytes | None:
+            return self.items.pop(0)
+
+    small = _Feed(Chunks([b"abc", b"def", None]))  # type: ignore[arg-type]
+    into = bytearray(4)
+    assert small.readinto(into) == 4 and into == b"abcd"  # a reader's readinto, across chunks too
+
+    for apart in (None, 3):  # every chunk in place; every third one a copy lying elsewhere
+        views = [memoryview(stream)[at : at + chunk] for at in range(0, stream.size, chunk)]
+        items = [bytes(v) if apart and i % apart == 2 else v for i, v in enumerate(views)]
+        feed = _Feed(Chunks([*items, None]))  # type: ignore[arg-type]
+        rows, copied = 0, 0
+        for batch in read_batches("arrow", feed):
+            assert batch.equals(table.slice(rows, batch.num_rows).to_batches()[0])
+            rows += batch.num_rows
+            copied += not in_place(batch)
+            assert len(feed._chunks) <= 4  # what it reads now lies in these; none behind it stays pinned
+        assert rows == table.num_rows
+        assert copied == 0 if apart is None else copied > 0
+
+
 def test_a_plugin_writes_ahead_of_its_sender_by_batches_and_by_bytes() -> None:
     from dpipes.nodes.plugins.worker import SEND_AHEAD_BATCHES, SEND_AHEAD_BYTES, _too_far_ahead
 
