@@ -59,9 +59,9 @@ def _only_ours(st: os.stat_result) -> bool:
 
 
 class CodeCache:
-    """Source text -> compiled code, loaded from and saved to ``path``."""
+    """Source text -> compiled code, loaded from and saved to ``path`` (None: neither)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
         self.loaded: dict[str, CodeType] = {}
         self.used: dict[str, CodeType] = {}
@@ -69,6 +69,8 @@ class CodeCache:
 
     def load(self) -> None:
         """Read the file; anything wrong with it leaves the cache empty (and logged at debug level)."""
+        if self.path is None:
+            return
         try:
             if not _only_ours(self.path.parent.stat()):
                 log.debug("dataclass code cache %s: its directory is not private; not read", self.path)
@@ -114,7 +116,7 @@ class CodeCache:
 
     def save(self) -> None:
         """Write the table when something was compiled: what was loaded and what was used."""
-        if not self.compiled:
+        if not self.compiled or self.path is None:
             return
         from dpipes.bus.private import private_dir
 
@@ -145,7 +147,13 @@ def install(path: Path | None = None) -> CodeCache:
     through it, once per process; later calls return the cache installed first."""
     global _installed
     if _installed is None:
-        cache = CodeCache(cache_file() if path is None else path)
+        if path is None:
+            try:
+                path = cache_file()
+            except RuntimeError as exc:  # no home directory to be found: compile as usual
+                log.debug("no dataclass code cache: %s", exc)
+                return CodeCache(None)
+        cache = CodeCache(path)
         cache.load()
         dataclasses.exec = cache.exec  # type: ignore[attr-defined]  # a module global shadows the builtin
         _installed = cache
