@@ -16,11 +16,12 @@ Python's :mod:`dataclasses` does not call ``exec`` by that name, nothing changes
 
 The file: ``$XDG_CACHE_HOME/dpipes/dataclass-code-<interpreter>.marshal`` (default under
 ``~/.cache``), one per interpreter build (:data:`sys.implementation.cache_tag` and
-:data:`sys.hexversion`), as a ``.pyc`` is. It holds code objects, so it is read only from a directory that
-belongs to the user and that no one else can write to, and only when the file is the user's and
-no one else can write to it either (the trust the user's own ``.pyc`` files get); a file that is
-missing, too big (``MAX_CACHE_BYTES``), malformed or for another interpreter is ignored and
-replaced. Every failure is logged at debug level and costs only the compilations it would have saved.
+:data:`sys.hexversion`: stricter than a ``.pyc``'s magic number). It holds code objects, so it is
+read only from a directory that belongs to the user and that no one else can write to, and only
+when the file is the user's and no one else can write to it either (the trust the user's own
+``.pyc`` files get); a file that is missing, too big (``MAX_CACHE_BYTES``), malformed or for
+another interpreter is ignored and replaced. Every failure is logged at debug level and costs
+only the compilations it would have saved; deleting the file is always safe.
 """
 
 from __future__ import annotations
