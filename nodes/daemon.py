@@ -64,7 +64,7 @@ from typing import Any, Protocol, TextIO
 from dpipes.bus.errors import DpipesError, KeyFileError
 from dpipes.bus.keyring import Keyring
 from dpipes.bus.keys import KeyPair
-from dpipes.nodes import paths, sdnotify
+from dpipes.nodes import code_cache, paths, sdnotify
 from dpipes.nodes.config import NodeConfig
 from dpipes.nodes.paths import AlreadyRunning, Claim, NodeFiles, RuntimeDirError
 from dpipes.nodes.security import node_keypair
@@ -292,6 +292,7 @@ class _Run:
         gc.enable()
         ready(node.tcp_endpoint, ipc)
         sdnotify.notify(READY=1, MAINPID=os.getpid(), STATUS=f"node {node.name} listening on {node.tcp_endpoint} {ipc}")
+        code_cache.save()  # what the start compiled that the cache lacked (dpipesd installs it)
 
     async def _serve(self, ready: Callable[[str, str], None]) -> int:
         loop = asyncio.get_running_loop()

@@ -16,11 +16,14 @@ distribution's ``entry_points.txt`` rewritten in place inside its directory (a l
 develop`` re-run), and distributions that a custom ``sys.meta_path`` finder provides; after
 either, delete the cache file.
 
-The file: ``$XDG_CACHE_HOME/dpipes/plugins.json`` (default ``~/.cache/dpipes``; the directory is
-created 0700 and refused if another user could write to it). One entry, for the last
-installation listed; a file that is unreadable, too big (``MAX_CACHE_BYTES``), malformed or for
-another installation is ignored and replaced. Every failure to read or write it falls back to
-listing, logged at debug level: the cache never changes the answer, only its cost.
+The file: ``$XDG_CACHE_HOME/dpipes/plugins-<paths>.json`` (default ``~/.cache/dpipes``; the
+directory is created 0700 and refused if another user could write to it), ``<paths>`` a checksum
+of ``sys.path``: each installation (a virtual environment, the system's Python) keeps its own
+file, so that a daemon and a ``dpipes`` of two installations, started in turn, do not each list
+afresh what the other just wrote over. One entry per file, for the last listing; a file that is
+unreadable, too big (``MAX_CACHE_BYTES``), malformed or for another installation is ignored and
+replaced. Every failure to read or write it falls back to listing, logged at debug level: the
+cache never changes the answer, only its cost.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import json
 import logging
 import os
 import sys
+import zlib
 from pathlib import Path
 
 from dpipes.bus.private import private_dir
@@ -44,9 +48,11 @@ MAX_CACHE_BYTES = 1 << 20  # a plugin list is a few KiB; more is not ours
 
 
 def cache_file() -> Path:
-    """Where the plugin list is cached: ``$XDG_CACHE_HOME/dpipes/plugins.json``, else under ``~/.cache``."""
+    """Where this installation's plugin list is cached: ``$XDG_CACHE_HOME/dpipes/plugins-<paths>.json``,
+    else under ``~/.cache``; ``<paths>`` is a checksum of ``sys.path`` (the working directory for "")."""
     base = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache")
-    return Path(base) / "dpipes" / "plugins.json"
+    paths = "\0".join(entry or os.getcwd() for entry in sys.path)
+    return Path(base) / "dpipes" / f"plugins-{zlib.crc32(paths.encode(errors='surrogateescape')):08x}.json"
 
 
 def installation_stamp() -> list[list[object]]:

@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None, node_factory: NodeFactory | None = None)
 
 
 def _main(argv: list[str], node_factory: NodeFactory | None) -> int:
+    from dpipes.nodes import code_cache
+
+    code_cache.install()  # before the first dataclass is made; the daemon saves it once ready
     from dpipes.bus.errors import ConfigError
     from dpipes.nodes import daemon, paths
     from dpipes.nodes.config import format_config, load_config

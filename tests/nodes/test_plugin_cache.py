@@ -51,7 +51,20 @@ def listed(site: Path) -> tuple[dict[str, str], bool]:
 
 
 def cache(site: Path) -> Path:
-    return site.parent / "cache" / "dpipes" / "plugins.json"
+    """The one cache file the fresh interpreters of ``site`` write."""
+    return site.parent / "cache" / "dpipes" / f"plugins-{installation_key(site)}.json"
+
+
+def installation_key(site: Path) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", "from dpipes.nodes.plugin_cache import cache_file; print(cache_file().name)"],
+        cwd=site,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return out.stdout.strip().removeprefix("plugins-").removesuffix(".json")
 
 
 def test_the_second_start_lists_the_same_plugins_without_scanning_distributions(site: Path) -> None:
@@ -109,3 +122,23 @@ def test_without_a_usable_cache_directory_the_plugins_are_still_listed(site: Pat
     assert listed(site) == ({"upper": "1.2.3"}, True)
     assert listed(site) == ({"upper": "1.2.3"}, True)
     assert not cache(site).exists()
+
+
+def test_two_installations_started_in_turn_each_keep_their_list(site: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other-site"
+    other.mkdir()
+    add_distribution(other, "ptest_lower", "0.1", {"lower": "ptest_lower:Lower"})
+    env = {**os.environ, "PYTHONPATH": str(other)}
+
+    def listed_by_other() -> tuple[dict[str, str], bool]:
+        out = subprocess.run(
+            [sys.executable, "-c", LIST], cwd=other, env=env, capture_output=True, text=True, check=True, timeout=60
+        )
+        plugins, scanned = json.loads(out.stdout)
+        return plugins, scanned
+
+    assert listed(site) == ({"upper": "1.2.3"}, True)
+    assert listed_by_other() == ({"lower": "0.1"}, True)
+    assert listed(site) == ({"upper": "1.2.3"}, False)
+    assert listed_by_other() == ({"lower": "0.1"}, False)
+    assert len(list(cache(site).parent.glob("plugins-*.json"))) == 2

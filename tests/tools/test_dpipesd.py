@@ -316,3 +316,5 @@ def test_a_node_is_ready_without_its_run_machinery_and_with_its_collector_on(tmp
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines[0]["imported"] == [] and lines[0]["collecting"] is True and lines[0]["frozen"] > 1000, lines
     assert lines[1] == {"stages": "Stages", "coordinator": "Coordinator"}
+    # the next start finds its dataclasses compiled (dpipes.nodes.code_cache)
+    assert list((tmp_path / "cache" / "dpipes").glob("dataclass-code-*.marshal")), "no dataclass code cache written"
