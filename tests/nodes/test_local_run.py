@@ -4,6 +4,7 @@ exit codes and messages as the full path, run side by side; and a fake hub's hos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -241,55 +242,74 @@ def _header(kind: str, dst: str, **fields: Any) -> bytes:
     return msgpack.packb({"v": 3, "kind": kind, "src": "fake/", "dst": dst, "sid": 0, "seq": 0, **fields})
 
 
-@pytest.fixture
-def fake_hub(tmp_path: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A ROUTER that attaches one client, answers its ``run`` with one stage, then sends garbage,
-    a malformed report and that stage's ``exit`` (code 4). Yields its endpoint and what it got."""
-    endpoint = f"ipc://{tmp_path}/fake.sock"
+@contextlib.contextmanager
+def _fake_router(endpoint: str, handle: Callable[[zmq.Socket[bytes], bytes, dict[str, Any]], None]) -> Iterator[None]:
+    """A ROUTER bound at ``endpoint`` whose thread calls ``handle(router, ident, header)`` for each
+    message it gets, until the block ends."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind(endpoint)
-    seen: list[dict[str, Any]] = []
     stop = threading.Event()
-    me, stage = "fake/c1", "fake/p.0"
 
     def serve() -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         while not stop.is_set():
-            if not poller.poll(50):
-                continue
-            ident, head, *_ = router.recv_multipart()
-            h = msgpack.unpackb(head)
-            seen.append(h)
-            if h["kind"] == "ATTACH":
-                router.send_multipart([ident, _header("ATTACHED", me, addr=me)])
-            elif h["kind"] == "REQUEST" and h["method"] == "run":
-                one = {"index": 0, "node": "fake", "argv": ["cat"], "addr": stage, "context": {}}
-                reply = _header("REPLY", me, seq=h["seq"], ok=True, body={"pipeline": "p", "stages": [one]})
-                exit_body = {"pipeline": "p", "stage": 0, "node": "fake", "code": 4, "status": "exit 4"}
-                for message in (
-                    [reply],
-                    [b"\xc1not msgpack"],
-                    [b"\x92\x01\x02"],  # msgpack, not a map
-                    [msgpack.packb({"v": 3, "kind": "BYTES", "src": 1, "dst": me, "sid": 1, "seq": 1})],
-                    [b"\x80" * (local_wire.MAX_HEADER_BYTES + 1)],
-                    [_header("BATCH", me, sid=3, seq=1, of="BYTES", sizes=[5, 9]), b"short"],  # past the frame
-                    [_header("REQUEST", me, seq=7, method="exit", body={**exit_body, "stage": "zero"})],
-                    [_header("REQUEST", me, seq=8, method="exit", body=exit_body)],
-                ):
-                    router.send_multipart([ident, *message])
+            if poller.poll(50):
+                ident, head, *_ = router.recv_multipart()
+                handle(router, ident, msgpack.unpackb(head))
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield endpoint, seen
+        yield
     finally:
         stop.set()
         thread.join()
         router.close()
         ctx.term()
+
+
+def _one_stage_run(router: zmq.Socket[bytes], ident: bytes, h: dict[str, Any], me: str, stage: str) -> bytes | None:
+    """Answers ATTACH and ``run`` (one stage at ``stage``) as a node would; the REPLY to ``run`` is
+    returned, not sent (None for anything else)."""
+    if h["kind"] == "ATTACH":
+        router.send_multipart([ident, _header("ATTACHED", me, addr=me)])
+    elif h["kind"] == "REQUEST" and h["method"] == "run":
+        one = {"index": 0, "node": "fake", "argv": ["cat"], "addr": stage, "context": {}}
+        return _header("REPLY", me, seq=h["seq"], ok=True, body={"pipeline": "p", "stages": [one]})
+    return None
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A ROUTER that attaches one client, answers its ``run`` with one stage, then sends garbage,
+    a malformed report and that stage's ``exit`` (code 4). Yields its endpoint and what it got."""
+    endpoint = f"ipc://{tmp_path}/fake.sock"
+    seen: list[dict[str, Any]] = []
+    me = "fake/c1"
+
+    def handle(router: zmq.Socket[bytes], ident: bytes, h: dict[str, Any]) -> None:
+        seen.append(h)
+        reply = _one_stage_run(router, ident, h, me, "fake/p.0")
+        if reply is None:
+            return
+        exit_body = {"pipeline": "p", "stage": 0, "node": "fake", "code": 4, "status": "exit 4"}
+        for message in (
+            [reply],
+            [b"\xc1not msgpack"],
+            [b"\x92\x01\x02"],  # msgpack, not a map
+            [msgpack.packb({"v": 3, "kind": "BYTES", "src": 1, "dst": me, "sid": 1, "seq": 1})],
+            [b"\x80" * (local_wire.MAX_HEADER_BYTES + 1)],
+            [_header("BATCH", me, sid=3, seq=1, of="BYTES", sizes=[5, 9]), b"short"],  # past the frame
+            [_header("REQUEST", me, seq=7, method="exit", body={**exit_body, "stage": "zero"})],
+            [_header("REQUEST", me, seq=8, method="exit", body=exit_body)],
+        ):
+            router.send_multipart([ident, *message])
+
+    with _fake_router(endpoint, handle):
+        yield endpoint, seen
 
 
 def test_hostile_input_is_dropped_counted_and_logged_once(
@@ -326,44 +346,24 @@ def test_a_hub_that_answers_no_ping_is_named_silent(tmp_path: Path, monkeypatch:
     run fails naming it once a PING of ours went unanswered for PEER_TIMEOUT_S (patched shorter)."""
     monkeypatch.setattr(local_run, "PEER_TIMEOUT_S", 0.5)
     endpoint = f"ipc://{tmp_path}/silent.sock"
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(endpoint)
     pings = 0
-    stop = threading.Event()
 
-    def serve() -> None:  # answers ATTACH and `run` (one stage), then nothing
+    def handle(router: zmq.Socket[bytes], ident: bytes, h: dict[str, Any]) -> None:  # then nothing
         nonlocal pings
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        while not stop.is_set():
-            if not poller.poll(50):
-                continue
-            ident, head, *_ = router.recv_multipart()
-            h = msgpack.unpackb(head)
-            if h["kind"] == "ATTACH":
-                router.send_multipart([ident, _header("ATTACHED", "fake/c1", addr="fake/c1")])
-            elif h["kind"] == "REQUEST" and h["method"] == "run":
-                one = {"index": 0, "node": "fake", "argv": ["cat"], "addr": "fake/p.0", "context": {}}
-                body = {"pipeline": "p", "stages": [one]}
-                router.send_multipart([ident, _header("REPLY", "fake/c1", seq=h["seq"], ok=True, body=body)])
-            elif h["kind"] == "PING":
-                pings += 1
+        reply = _one_stage_run(router, ident, h, "fake/c1", "fake/p.0")
+        if reply is not None:
+            router.send_multipart([ident, reply])
+        elif h["kind"] == "PING":
+            pings += 1
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
-        result = local_run.run_local(
-            "cat", stdin=False, entry=endpoint, stdout_fd=devnull, stderr_fd=devnull, handle_sigint=False
-        )
+        with _fake_router(endpoint, handle):
+            result = local_run.run_local(
+                "cat", stdin=False, entry=endpoint, stdout_fd=devnull, stderr_fd=devnull, handle_sigint=False
+            )
     finally:
         os.close(devnull)
-        stop.set()
-        thread.join()
-        router.close()
-        ctx.term()
     assert result is not None and result.exit_code == 125
     assert result.error == f"no word from the node at {endpoint} for 0.5 s"
     assert pings >= 1  # counted from a PING it did not answer

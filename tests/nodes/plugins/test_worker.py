@@ -381,21 +381,28 @@ def test_a_gathered_read_reuses_a_buffer_only_once_nothing_refers_to_it() -> Non
     assert gather.kept_bytes <= 4 << 20 and len({pa.py_buffer(b).address for b in beyond}) == 4
 
 
-def test_a_feed_gathers_batches_across_chunks_intact_however_long_they_are_held() -> None:
-    # Batch bodies span the chunks they arrive in: each is gathered into a buffer that a later
-    # batch may reuse only once nothing refers to it; those held to the end must stay as they were.
+def _a_stream_of_batches() -> tuple[Any, Any]:
+    """A 300k-row table and its Arrow IPC stream (one buffer) in batches of ~0.5-0.8 MB bodies."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
-
-    from dpipes.nodes.plugins.edges import read_batches
-    from dpipes.nodes.plugins.worker import _Feed
 
     table = pa.table({"n": pa.array(range(300_000), pa.int64()), "s": [f"row {i % 997}" for i in range(300_000)]})
     sink = pa.BufferOutputStream()
     with ipc.new_stream(sink, table.schema) as writer:
-        for batch in table.to_batches(max_chunksize=40_000):  # ~0.5-0.8 MB bodies
+        for batch in table.to_batches(max_chunksize=40_000):
             writer.write_batch(batch)
-    stream = sink.getvalue().to_pybytes()
+    return table, sink.getvalue()
+
+
+def test_a_feed_gathers_batches_across_chunks_intact_however_long_they_are_held() -> None:
+    # Batch bodies span the chunks they arrive in: each is gathered into a buffer that a later
+    # batch may reuse only once nothing refers to it; those held to the end must stay as they were.
+
+    from dpipes.nodes.plugins.edges import read_batches
+    from dpipes.nodes.plugins.worker import _Feed
+
+    table, whole = _a_stream_of_batches()
+    stream = whole.to_pybytes()
     chunk = 300_007  # odd: bodies start anywhere in a chunk, most span two or more
 
     class Chunks:
@@ -422,17 +429,11 @@ def test_a_feed_reads_batches_across_chunks_that_lie_end_to_end_in_place() -> No
     # A stream's chunks from another node lie end to end in the hub's shared memory: a body that
     # spans them is one view over them, not a copy; where two chunks lie apart it is gathered.
     import pyarrow as pa
-    import pyarrow.ipc as ipc
 
     from dpipes.nodes.plugins.edges import read_batches
     from dpipes.nodes.plugins.worker import _Feed
 
-    table = pa.table({"n": pa.array(range(300_000), pa.int64()), "s": [f"row {i % 997}" for i in range(300_000)]})
-    sink = pa.BufferOutputStream()
-    with ipc.new_stream(sink, table.schema) as writer:
-        for batch in table.to_batches(max_chunksize=40_000):  # ~0.5-0.8 MB bodies
-            writer.write_batch(batch)
-    stream = sink.getvalue()  # one buffer: its slices lie end to end
+    table, stream = _a_stream_of_batches()  # one buffer: its slices lie end to end
     start, end = stream.address, stream.address + stream.size
     chunk = 300_007
 
