@@ -10,9 +10,10 @@ upstream may send before the worker is up. The node keeps an endpoint of its own
 ``print``, the one-line error of a failed worker) to the client as any stage's stderr.
 
 :class:`WorkerRun` writes the worker's spec to its stdin, forwards its stderr, and reports its
-exit: the worker's status, and, when it failed without being cancelled, ``error`` (its output is
-not complete; the coordinator then cancels the run): the worker's own last line when it wrote
-one, else how it ended (``killed by SIGKILL``). Only once that report is sent does the node
+exit: the worker's status (the code it writes to its stdout as it exits, its stderr closed, else
+what the reap finds), and, when it failed without being cancelled, ``error`` (its output is not
+complete; the coordinator then cancels the run): the worker's own last line when it wrote one,
+else how it ended (``killed by SIGKILL``). Only once that report is sent does the node
 release the stage address, and with it the hub cancels every stream the worker sent and did not
 end (:meth:`~dpipes.bus.hub.Hub.release`), naming how the stage ended: however the worker went,
 no reader of it waits for the rest, and none fails before the coordinator has the stage's own account.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -32,11 +32,14 @@ from dpipes.bus import codec
 from dpipes.bus.errors import BusError
 from dpipes.nodes.protocol import MAX_TEXT_CHARS, ExitReport, StartRequest
 from dpipes.nodes.stage import ERROR_REPORT_CHARS, STDERR_TAIL_REPORT_CHARS, Stage
-from dpipes.nodes.supervisor import StageProcess, StdinClosed
+from dpipes.nodes.supervisor import ExitStatus, StageProcess, StdinClosed
 
 log = logging.getLogger(__name__)
 
 __all__ = ["WORKER_ARGV", "WorkerRun", "worker_endpoint_name"]
+
+ANNOUNCE_MAX_BYTES = 16
+"""Bound on reading a worker's exit code from its stdout (a decimal line of up to 3 digits)."""
 
 WORKER_ARGV = (sys.executable, "-m", "dpipes.nodes.plugins.worker")
 """What a node forks for a plugin stage: its own interpreter, so the plugins installed beside it."""
@@ -70,14 +73,19 @@ class WorkerRun:
         """Until the worker has exited and its stderr is forwarded; its report."""
         proc, stage = self.proc, self.stage
         stderr = asyncio.create_task(self._stderr())
+        announced = asyncio.create_task(self._announced())
         try:
             with contextlib.suppress(StdinClosed):  # it died before reading: its status says how
                 await proc.write_stdin(self.spec)
             proc.close_stdin()
-            status = await proc.wait()
             await stderr
+            code = await announced
+            # Its own word, stderr over, as it exits: not after the kernel has freed its memory.
+            # Killed first (or no word at all), the reap says how it ended; the reap still comes.
+            status = proc.status or (ExitStatus(code=code) if code is not None else await proc.wait())
         except asyncio.CancelledError:
             stderr.cancel()
+            announced.cancel()
             raise
         tail = proc.stderr_tail.decode(errors="replace")
         error = ""
@@ -102,6 +110,22 @@ class WorkerRun:
             ended=time.time(),  # its bytes pass by this node (the worker is on the bus): not counted here
         )
 
+    async def _announced(self) -> int | None:
+        """The exit code the worker wrote to its stdout just before its exit (see
+        :mod:`dpipes.nodes.plugins.worker`); None when it ended without one (killed, SIGPIPE, not
+        started), or wrote what is not one."""
+        line = b""
+        while b"\n" not in line and len(line) <= ANNOUNCE_MAX_BYTES:
+            data = await self.proc.read_stdout(ANNOUNCE_MAX_BYTES)
+            if not data:
+                return None
+            line += data
+        self.proc.close_stdout()  # nothing more comes; our end goes now, not with the reap
+        word = line.partition(b"\n")[0]
+        if not word.isdigit() or len(word) > 3 or int(word) > 255:
+            return None
+        return int(word)
+
     async def _stderr(self) -> None:
         stage, proc = self.stage, self.proc
         out = None
@@ -116,8 +140,3 @@ class WorkerRun:
             log.info("node %s: %s: stderr not delivered: %s", self.node, stage.describe, exc)
             while await proc.read_stderr():  # keep reading: a full pipe would stop the worker
                 pass
-
-
-def devnull() -> int:
-    """A descriptor of ``/dev/null``: a worker's stdout (its data goes on the bus)."""
-    return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)

@@ -247,7 +247,7 @@ class Stages:
 
     async def _start_worker(self, stage: Stage, wiring: StartRequest) -> StartReply:
         """Fork a plugin stage's worker (:mod:`dpipes.nodes.plugins.worker`) and run it."""
-        from dpipes.nodes.plugin_stage import WORKER_ARGV, devnull
+        from dpipes.nodes.plugin_stage import WORKER_ARGV
         from dpipes.nodes.plugins.spec import WorkerSpec
 
         spec = WorkerSpec(
@@ -286,7 +286,7 @@ class Stages:
             spec = dataclasses.replace(spec, input_fd=_fd_or_bus(fd_in), output_fd=_fd_or_bus(fd_out))
         try:
             stage.proc = ready or await self.supervisor.start(
-                WORKER_ARGV, env=env, cwd=spec.cwd, forward_stderr=True, stdout_fd=devnull(), pass_fds=fds
+                WORKER_ARGV, env=env, cwd=spec.cwd, forward_stderr=True, pass_fds=fds
             )
         except StageError as exc:
             self._release_output(stage)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from typing import Any
@@ -128,9 +127,7 @@ class WorkerPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = (*self.argv, f"{FD_SOCKET_FLAG}={theirs.fileno()}")
         try:
-            proc = await self.supervisor.start(
-                argv, env=self.env, forward_stderr=True, stdout_fd=_devnull(), pass_fds=(theirs.detach(),)
-            )
+            proc = await self.supervisor.start(argv, env=self.env, forward_stderr=True, pass_fds=(theirs.detach(),))
         except StageError as exc:  # the node is stopping, or the interpreter cannot start
             ours.close()
             log.info("node %s: no plugin worker started ahead: %s", self.node, exc)
@@ -164,8 +161,3 @@ class WorkerPool:
     def _close_socket(self, proc: StageProcess) -> None:
         if (sock := self._sockets.pop(proc, None)) is not None:
             sock.close()
-
-
-def _devnull() -> int:
-    """A worker's stdout: its data goes on the bus."""
-    return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
