@@ -20,7 +20,9 @@ The file: ``$XDG_CACHE_HOME/dpipes/plugins-<paths>.json`` (default ``~/.cache/dp
 directory is created 0700 and refused if another user could write to it), ``<paths>`` a checksum
 of ``sys.path``: each installation (a virtual environment, the system's Python) keeps its own
 file, so that a daemon and a ``dpipes`` of two installations, started in turn, do not each list
-afresh what the other just wrote over. One entry per file, for the last listing; a file that is
+afresh what the other just wrote over; at most ``MAX_CACHE_FILES`` are kept (a write removes the
+least recently written beyond, as throwaway virtual environments come and go). One entry per
+file, for the last listing; a file that is
 unreadable, too big (``MAX_CACHE_BYTES``), malformed or for another installation is ignored and
 replaced. Every failure to read or write it falls back to listing, logged at debug level: the
 cache never changes the answer, only its cost.
@@ -40,11 +42,19 @@ from dpipes.bus.private import private_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CACHE_ENV", "MAX_CACHE_BYTES", "cache_file", "installation_stamp", "installed_plugin_versions"]
+__all__ = [
+    "CACHE_ENV",
+    "MAX_CACHE_BYTES",
+    "MAX_CACHE_FILES",
+    "cache_file",
+    "installation_stamp",
+    "installed_plugin_versions",
+]
 
 CACHE_ENV = "XDG_CACHE_HOME"
 CACHE_FORMAT = 1  # bumped when the file's layout changes; another layout is a miss
 MAX_CACHE_BYTES = 1 << 20  # a plugin list is a few KiB; more is not ours
+MAX_CACHE_FILES = 16  # installations remembered; each is one small file
 
 
 def cache_file() -> Path:
@@ -113,10 +123,23 @@ def _write(path: Path, installation: list[list[object]], plugins: dict[str, str]
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)  # daemons starting together each write a whole file; the last one stays
+        _prune(path.parent)
     except OSError as exc:
         log.debug("plugin cache %s not written: %s", path, exc)
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def _prune(directory: Path) -> None:
+    """Remove the least recently written installations' files beyond ``MAX_CACHE_FILES``."""
+    files = []
+    for entry in os.scandir(directory):
+        if entry.name.startswith("plugins-") and entry.name.endswith(".json"):
+            with contextlib.suppress(OSError):  # removed meanwhile by another process's prune
+                files.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
+    for _mtime, stale in sorted(files, reverse=True)[MAX_CACHE_FILES:]:
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
 
 
 def installed_plugin_versions(path: Path | None = None) -> dict[str, str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dpipes.nodes.plugin_cache import MAX_CACHE_BYTES
+from dpipes.nodes.plugin_cache import MAX_CACHE_BYTES, MAX_CACHE_FILES, cache_file, installed_plugin_versions
 
 LIST = (
     "import json, sys\n"
@@ -142,3 +142,20 @@ def test_two_installations_started_in_turn_each_keep_their_list(site: Path, tmp_
     assert listed(site) == ({"upper": "1.2.3"}, False)
     assert listed_by_other() == ({"lower": "0.1"}, False)
     assert len(list(cache(site).parent.glob("plugins-*.json"))) == 2
+
+
+def test_only_the_most_recent_installations_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Throwaway virtual environments each leave a file: a write keeps the newest MAX_CACHE_FILES.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    directory = tmp_path / "dpipes"
+    directory.mkdir(mode=0o700)
+    for i in range(MAX_CACHE_FILES + 5):
+        old = directory / f"plugins-{i:08x}.json"
+        old.write_text("{}")
+        os.utime(old, ns=(i * 10**9, i * 10**9))
+    (directory / "dataclass-code-x.marshal").write_bytes(b"")  # not a plugin list: left alone
+    installed_plugin_versions()
+    left = sorted(p.name for p in directory.glob("plugins-*.json"))
+    assert len(left) == MAX_CACHE_FILES and cache_file().name in left
+    assert "plugins-00000000.json" not in left and f"plugins-{MAX_CACHE_FILES + 4:08x}.json" in left
+    assert (directory / "dataclass-code-x.marshal").exists()
