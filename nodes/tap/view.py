@@ -212,7 +212,8 @@ def objects_in(sample: bytes) -> tuple[list[Any], bool]:
     try:
         for _ in range(count):
             objects.append(_plain(unpacker.unpack()))
-    except (msgpack.OutOfData, ValueError, msgpack.UnpackException):
+    # TypeError: a map whose key is an array or a map (msgpack allows it; a dict cannot hold it).
+    except (msgpack.OutOfData, ValueError, TypeError, msgpack.UnpackException):
         return objects, False
     return objects, True
 
