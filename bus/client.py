@@ -51,6 +51,9 @@ SILENT_REFUSALS_WITHOUT_KEYS = 3
 # Arrow batches lost one 8 MiB segment per client, a third of a 64 MB run). A reader that keeps
 # its views costs one close this much.
 LEASES_BACK_ON_CLOSE_S = 0.05
+# SHM messages of one stream sent in one SHM_BATCH at most: a sender lets its loop run every
+# streams.YIELD_EVERY_BYTES, so a pass makes four of 1 MiB chunks, sixteen of the smallest shared.
+SHM_BATCH_MEMBERS = 64
 
 
 class Client:
@@ -103,9 +106,12 @@ class Client:
         self._reader: shm.Reader | None = None
         self._frees = shm.Frees(self._send_frees)  # leases our reader has done with
         self._leases_back: asyncio.Future[None] | None = None  # set when the pool has none out (aclose)
-        # SHM messages made in this loop pass, sent together at its end (or before anything else
-        # we send): a burst of handles wakes each side's I/O thread and the hub's loop once.
-        self._handles: list[list[Any]] = []
+        # SHM messages made in this loop pass (each its message's header and the SHM keys of its
+        # lease), sent together at its end (or before anything else we send), a stream's run of
+        # them as one SHM_BATCH when the hub takes those: a burst of handles is one transfer, which
+        # wakes each side's I/O thread and the hub's loop once and is routed once.
+        self._handles: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self._shm_batch = False  # the hub takes SHM_BATCH
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -151,7 +157,7 @@ class Client:
         monitor = Pump(sock.get_monitor_socket(HANDSHAKE_FAILURES), self._on_monitor)
         sock.connect(self.hub)
         self._pump = Pump(sock, self._on_frames)
-        self._pump.send(codec.encode(codec.Attach(name=self._name, host=shm.host_id())))
+        self._pump.send(codec.encode(codec.Attach(name=self._name, host=shm.host_id(), shm_batch=True)))
         try:
             addr = await asyncio.wait_for(self._attached, self._attach_timeout)
         except TimeoutError:
@@ -235,12 +241,16 @@ class Client:
             raise self._gone
         assert self._pump is not None
         if self._pool is not None and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES:
-            handed = shm.shared(self._pool, codec.header_of(msg), msg.frames)  # type: ignore[attr-defined]
-            if handed is not None:
-                self._send_handle(handed)
+            header = codec.header_of(msg)
+            member = shm.shared_member(self._pool, header, msg.frames)  # type: ignore[attr-defined]
+            if member is not None:
+                self._send_handle(header, member)
                 return
-        if msg.KIND == "SHM":  # a payload written in place (OutStream.send_in_place)
-            self._send_handle(codec.encode(msg))
+        if isinstance(msg, codec.Shm):  # a payload written in place (OutStream.send_in_place)
+            member = {"handle": msg.handle, "lease": msg.lease, "sizes": msg.sizes, "offset": msg.offset}
+            if msg.fields:
+                member["fields"] = msg.fields
+            self._send_handle({"kind": msg.of, "src": msg.src, "dst": msg.dst, "sid": msg.sid, "seq": msg.seq}, member)
             return
         self._send_now(codec.encode(msg))
 
@@ -254,23 +264,53 @@ class Client:
             raise self._gone
         assert self._pump is not None
         if self._pool is not None and len(frames) > 1 and _payload_bytes(frames) >= shm.MIN_PAYLOAD_BYTES:
-            handed = shm.shared(self._pool, codec.decode_header(frames[0]), frames[1:])  # our endpoint's own header
-            if handed is not None:
-                self._send_handle(handed)
+            header = codec.decode_header(frames[0])  # our endpoint's own header
+            member = shm.shared_member(self._pool, header, frames[1:])
+            if member is not None:
+                self._send_handle(header, member)
                 return
         self._send_now(frames)
 
-    def _send_handle(self, frames: list[Any]) -> None:
-        """Send an SHM message at the end of this loop pass, with the others made in it."""
+    def _send_handle(self, header: dict[str, Any], member: dict[str, Any]) -> None:
+        """Send the SHM standing for the message ``header`` (its lease ``member``: ``shm.shared_member``)
+        at the end of this loop pass, with the others made in it."""
         if not self._handles and self._loop is not None:
             self._loop.call_soon(self._flush_handles)
-        self._handles.append(frames)
+        self._handles.append((header, member))
 
     def _flush_handles(self) -> None:
         handles, self._handles = self._handles, []
-        if self._pump is not None:
-            for frames in handles:
-                self._pump.send(frames)
+        if self._pump is None:
+            return
+        count = len(handles)
+        i = 0
+        while i < count:
+            header, member = handles[i]
+            members = [member]
+            i += 1
+            if self._shm_batch and header["sid"]:  # the stream's messages that follow it: one SHM_BATCH
+                kind, dst, sid, seq = header["kind"], header["dst"], header["sid"], header["seq"]
+                while i < count and len(members) < SHM_BATCH_MEMBERS:
+                    after = handles[i][0]
+                    if after["sid"] != sid or after["dst"] != dst or after["kind"] != kind:
+                        break
+                    if after["seq"] != seq + len(members):
+                        break
+                    members.append(handles[i][1])
+                    i += 1
+            self._send_shms(header, members)
+
+    def _send_shms(self, header: dict[str, Any], members: list[dict[str, Any]]) -> None:
+        """One SHM (or SHM_BATCH) for the messages of ``members`` from ``header``'s on, in two or more
+        when their header would pass ``MAX_HEADER_BYTES`` (Arrow batches' kind fields are long)."""
+        assert self._pump is not None
+        frame = codec.packb_shms(header["src"], header["dst"], header["sid"], header["seq"], header["kind"], members)
+        if len(frame) <= codec.MAX_HEADER_BYTES or len(members) == 1:
+            self._pump.send([frame])
+            return
+        half = len(members) // 2
+        self._send_shms(header, members[:half])
+        self._send_shms({**header, "seq": header["seq"] + half}, members[half:])
 
     def _send_now(self, frames: list[Any]) -> None:
         """Send ``frames`` behind the SHM messages waiting for the end of the pass."""
@@ -301,6 +341,9 @@ class Client:
                 self._on_bye(msg)
             elif isinstance(msg, codec.Shm):
                 self._on_shm(msg)
+            elif isinstance(msg, codec.ShmBatch):
+                for member in msg.shms():
+                    self._on_shm(member)
             elif isinstance(msg, codec.ShmFree):
                 if self._pool is not None:
                     self._pool.release(msg.leases, msg.src, trusted=f"{self._endpoint.node}/")
@@ -315,6 +358,7 @@ class Client:
         if isinstance(msg, codec.Attached):
             if msg.shm:
                 self._pool = shm.Pool(reserve=self._shm_reserve)
+                self._shm_batch = msg.shm_batch
             # Made here, not after start() resumes: what the hub held for us (``Hub.reserve``)
             # follows ATTACHED at once, possibly in this same pass of the pump.
             self._endpoint = Endpoint(msg.addr, self, window=self._window, max_streams=CLIENT_MAX_IN_STREAMS)

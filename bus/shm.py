@@ -132,6 +132,7 @@ __all__ = [
     "drop_stash",
     "host_id",
     "shared",
+    "shared_member",
 ]
 
 MIN_PAYLOAD_BYTES = 256 * 1024  # smaller payloads cost less through the socket than a lease's round trip
@@ -531,15 +532,34 @@ def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any], *, packed:
     with the one before it."""
     from dpipes.bus import codec
 
-    if header["kind"] not in codec.SHM_KINDS:
+    member = shared_member(pool, header, frames, packed=packed)
+    if member is None:
         return None
-    lease = pool.lease(frames, to=header["dst"], packed=packed and header["kind"] == "BYTES")
+    return [codec.packb_shms(header["src"], header["dst"], header["sid"], header["seq"], header["kind"], [member])]
+
+
+def shared_member(
+    pool: Pool, header: dict[str, Any], frames: Sequence[Any], *, packed: bool = False
+) -> dict[str, Any] | None:
+    """As :func:`shared`, the keys of that ``SHM`` that say where the payload lies and the
+    message's kind fields (``fields``, ``handle``, ``lease``, ``sizes``, ``offset``): one member
+    of a ``SHM_BATCH`` (``dpipes.bus.codec.packb_shms``)."""
+    from dpipes.bus import codec
+
+    kind = header["kind"]
+    if kind not in codec.SHM_KINDS:
+        return None
+    lease = pool.lease(frames, to=header["dst"], packed=packed and kind == "BYTES")
     if lease is None:
         return None
     sizes = list(lease.sizes)
-    if header["kind"] == "BYTES" and len(sizes) > 1:
+    if kind == "BYTES" and len(sizes) > 1:
         sizes = _joined(sizes, codec.MAX_PAYLOAD_FRAME_BYTES)
-    return [codec.packb_shm(header, lease.handle, lease.id, sizes, lease.offset)]
+    member: dict[str, Any] = {"handle": lease.handle, "lease": lease.id, "sizes": sizes, "offset": lease.offset}
+    fields = {k: v for k, v in header.items() if k not in codec._COMMON_KEYS}
+    if fields:
+        member["fields"] = fields
+    return member
 
 
 def _joined(sizes: list[int], limit: int) -> list[int]:

@@ -123,10 +123,13 @@ class Clients:
         if isinstance(held, _Client) and held.reserved and _over_ipc(frames[1]):  # the worker it was held for
             held.ident, held.reserved, held.last_heard, held.local = ident, False, time.monotonic(), True
             held.shm = bool(self._host_id) and attach.host == self._host_id  # as for any client over ipc://
+            held.shm_batch = held.shm and attach.shm_batch
             if self._security is not None:
                 held.user_id = frames[1].get("User-Id")
             self._clients[ident] = held
-            attached = codec.Attached(src=f"{self.node}/", dst=held.addr, addr=held.addr, shm=held.shm)
+            attached = codec.Attached(
+                src=f"{self.node}/", dst=held.addr, addr=held.addr, shm=held.shm, shm_batch=held.shm
+            )
             self._router_send(ident, codec.encode(attached))
             if held.backlog:
                 self._flush_client(held)
@@ -164,6 +167,7 @@ class Clients:
             last_heard=time.monotonic(),
             local=local,
             shm=shared,
+            shm_batch=shared and attach.shm_batch,
             source=source,
         )
         if self._security is not None:
@@ -171,7 +175,10 @@ class Clients:
         self._clients[ident] = client
         self._local[name] = client
         self._router_send(
-            ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr, shm=shared))
+            ident,
+            codec.encode(
+                codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr, shm=shared, shm_batch=shared)
+            ),
         )
 
     def _detach(self: Hub, client: _Client) -> None:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # 0.25-1 MiB) to another node, memmove fell from 28% to 12% of the relaying node's loop thread; a
 # PUSH of 512 KiB views of a mapping over TCP took 0.25-0.33 CPU-s/GB in all, against 0.45-0.52.
 SHARE_SHM_FROM_BYTES = 64 << 10
+_SHARED_KINDS = ("SHM", "SHM_BATCH")  # messages whose payloads lie in their sender's shared memory
 
 
 class Routing:
@@ -58,20 +59,26 @@ class Routing:
                 try:
                     # no payload (requests, replies, credit): no list to build, and no comprehension to call
                     msg = codec.from_header(header, [f.buffer for f in frames[2:]] if len(frames) > 2 else ())
-                    shared = isinstance(msg, codec.Shm)
                     if isinstance(msg, codec.Shm):
-                        msg = self._unshared(msg)
+                        shared = [self._unshared(msg)]
+                    elif isinstance(msg, codec.ShmBatch):  # every member mapped before any is delivered
+                        shared = [self._unshared(member) for member in msg.shms()]
+                    else:
+                        shared = None
                 except DecodeError as exc:
                     self._bad(self._sender(ident), exc, header)
                     return
-                if shared:
-                    party._deliver_shared(msg)
+                if shared is not None:
+                    for inner in shared:
+                        party._deliver_shared(inner)
                 elif isinstance(msg, codec.ShmFree):
                     self._release_leases(msg)
                 else:
                     party._deliver(msg)
-            elif header["kind"] == "SHM" and not party.shm:
+            elif header["kind"] in _SHARED_KINDS and not party.shm:
                 self._route_unshared(ident, header, party)
+            elif header["kind"] == "SHM_BATCH" and not party.shm_batch:
+                self._route_shm_members(ident, header, party)
             elif party.shm and self._from_link(header) and _payload_bytes(frames) >= shm.MIN_PAYLOAD_BYTES:
                 self._to_client(party, self._shared_frames(header, frames[2:]) or frames[1:])
             else:
@@ -84,7 +91,7 @@ class Routing:
         if link is None:
             self._bounce(header, "no-route", f"node {self.node} has no link to node {node!r:.100}")
             return
-        if header["kind"] == "SHM":  # handles mean nothing on another host
+        if header["kind"] in _SHARED_KINDS:  # handles mean nothing on another host
             self._route_unshared(ident, header, link)
             return
         link.pump.send(frames[1:])
@@ -98,19 +105,33 @@ class Routing:
         return msg.inner(self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes, msg.offset))
 
     def _route_unshared(self: Hub, ident: bytes, header: dict[str, Any], to: _Client | _Link) -> None:
-        """An SHM for a party we share no memory with: the message it stands for, copied out on the way
-        (to a peer's link, its large frames straight from the segment into the socket: ``_zero_copy``)."""
+        """An SHM (or SHM_BATCH) for a party we share no memory with: the message (each message) it
+        stands for, copied out on the way (to a peer's link, its large frames straight from the
+        segment into the socket: ``_zero_copy``)."""
         try:
             shm_msg = codec.from_header(header)
-            assert isinstance(shm_msg, codec.Shm)
-            frames = codec.encode(self._unshared(shm_msg))  # zmq holds the views until sent; then they are freed
+            members = shm_msg.shms() if isinstance(shm_msg, codec.ShmBatch) else [shm_msg]
+            # zmq holds the views until sent; then they are freed
+            messages = [codec.encode(self._unshared(member)) for member in members]  # type: ignore[arg-type]
         except DecodeError as exc:
             self._bad(self._sender(ident), exc, header)
             return
-        if isinstance(to, _Client):
-            self._to_client(to, frames)
-        else:
-            to.pump.send(_zero_copy(frames))
+        for frames in messages:
+            if isinstance(to, _Client):
+                self._to_client(to, frames)
+            else:
+                to.pump.send(_zero_copy(frames))
+
+    def _route_shm_members(self: Hub, ident: bytes, header: dict[str, Any], client: _Client) -> None:
+        """A SHM_BATCH for a same-host client that takes no batches: each member as an SHM."""
+        try:
+            batch = codec.from_header(header)
+        except DecodeError as exc:
+            self._bad(self._sender(ident), exc, header)
+            return
+        assert isinstance(batch, codec.ShmBatch)
+        for member in batch.shms():
+            self._to_client(client, [codec.packb_header(member)])
 
     def _from_link(self: Hub, header: dict[str, Any]) -> bool:
         """Whether a message comes from another node (a peer's, checked at the boundary)."""
