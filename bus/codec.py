@@ -809,9 +809,7 @@ class Shm(Message):
 
     def inner_header(self) -> dict[str, Any]:
         """The header of the message this stands for (its kind fields still to be checked)."""
-        header = {k: v for k, v in self.fields.items() if k not in _COMMON_KEYS}
-        header.update(v=PROTOCOL_VERSION, kind=self.of, src=self.src, dst=self.dst, sid=self.sid, seq=self.seq)
-        return header
+        return _inner_header(self.of, self.fields, self.src, self.dst, self.sid, self.seq)
 
     def inner(self, views: Sequence[memoryview]) -> Message:
         """The message this stands for, its payload frames ``views`` (``sizes`` bytes each).
@@ -819,15 +817,36 @@ class Shm(Message):
         Raises:
             DecodeError: as ``from_header`` for the message's own header and payload.
         """
-        cls = KINDS[self.of]
-        if not self.fields and not cls._SPEC:  # BYTES, STDERR: only the frames to check, once per 1 MiB chunk
-            low, high = cls.PAYLOAD_FRAMES
-            if low <= len(views) <= high and all(size <= MAX_PAYLOAD_FRAME_BYTES for size in self.sizes):
-                return stream_message(cls, self.src, self.dst, self.sid, self.seq, tuple(views))
-        return from_header(self.inner_header(), views)
+        return _inner(self.of, self.fields, self.src, self.dst, self.sid, self.seq, self.sizes, views)
+
+
+def _inner_header(of: str, fields: dict[str, Any], src: str, dst: str, sid: int, seq: int) -> dict[str, Any]:
+    header = {k: v for k, v in fields.items() if k not in _COMMON_KEYS}
+    header.update(v=PROTOCOL_VERSION, kind=of, src=src, dst=dst, sid=sid, seq=seq)
+    return header
+
+
+def _inner(
+    of: str,
+    fields: dict[str, Any],
+    src: str,
+    dst: str,
+    sid: int,
+    seq: int,
+    sizes: list[int],
+    views: Sequence[memoryview],
+) -> Message:
+    """The message of kind ``of`` an ``SHM`` (or a ``SHM_BATCH`` member) stands for, over ``views``."""
+    cls = KINDS[of]
+    if not fields and not cls._SPEC:  # BYTES, STDERR: only the frames to check, once per 1 MiB chunk
+        low, high = cls.PAYLOAD_FRAMES
+        if low <= len(views) <= high and all(size <= MAX_PAYLOAD_FRAME_BYTES for size in sizes):
+            return stream_message(cls, src, dst, sid, seq, tuple(views))
+    return from_header(_inner_header(of, fields, src, dst, sid, seq), views)
 
 
 _COMMON_KEYS = frozenset({"v", "kind", "src", "dst", "sid", "seq"})
+_NO_SIZES: list[int] = []  # a member's sizes when it says none (read only)
 _SHM_MEMBER_KEYS = ("fields", "handle", "lease", "sizes", "offset")  # an SHM's keys a SHM_BATCH member has
 
 
@@ -837,13 +856,32 @@ def _shm_members(value: Any, name: str) -> list[dict[str, Any]]:
         raise DecodeError(f"field {name!r} must be an array, got {type(value).__name__}")
     if not value:
         raise DecodeError(f"field {name!r} has no member")
-    _check_depth(value, name)
+    nested = False
     for member in value:  # the array's length is bounded by the unpacker (MAX_CONTAINER_ITEMS)
+        # A byte chunk's member (no kind fields) passes one test; the checks that name what is
+        # wrong run only when it fails, or for kind fields.
+        if type(member) is dict and "fields" not in member:
+            handle, lease = member.get("handle", ""), member.get("lease", 0)
+            sizes, offset = member.get("sizes", _NO_SIZES), member.get("offset", 0)
+            if (
+                type(handle) is str
+                and len(handle) <= MAX_STRING_CHARS
+                and type(lease) is int
+                and 0 <= lease < 2**63
+                and type(offset) is int
+                and 0 <= offset < 2**63
+                and type(sizes) is list
+                and all(type(size) is int and 0 <= size < 2**63 for size in sizes)
+            ):
+                continue
         if type(member) is not dict:
             raise DecodeError(f"field {name!r} must hold maps, got {type(member).__name__}")
         for key, check in _SHM_MEMBER_CHECKS:
             if key in member:
                 check(member[key], f"{name}.{key}")
+        nested = True
+    if nested:  # kind fields: the members' nesting as a whole within MAX_DEPTH
+        _check_depth(value, name)
     return value
 
 
@@ -858,6 +896,22 @@ class ShmBatch(Message):
     @property
     def payload_bytes(self) -> int:
         return sum(sum(member.get("sizes", ())) for member in self.members)
+
+    def inner(self, views: Callable[[str, str, int, list[int], int], Sequence[memoryview]]) -> list[Message]:
+        """The messages this stands for, in order, their payload frames what ``views`` gives for
+        (``src``, ``handle``, ``lease``, ``sizes``, ``offset``) of each member: as ``Shm.inner``
+        for each of ``shms()``, without making those.
+
+        Raises:
+            DecodeError: as ``Shm.inner``, or as ``views`` raises it.
+        """
+        src, dst, sid, seq, of = self.src, self.dst, self.sid, self.seq, self.of
+        out = []
+        for i, member in enumerate(self.members):
+            sizes = member.get("sizes", [])
+            frames = views(src, member.get("handle", ""), member.get("lease", 0), sizes, member.get("offset", 0))
+            out.append(_inner(of, member.get("fields", _NO_FIELDS), src, dst, sid, seq + i, sizes, frames))
+        return out
 
     def shms(self) -> list[Shm]:
         """The ``SHM`` messages this stands for, in order (their keys checked by ``from_header``)."""
@@ -879,6 +933,7 @@ class ShmBatch(Message):
         return out
 
 
+_NO_FIELDS: dict[str, Any] = {}  # a member's fields when it has none (read only)
 _SHM_MEMBER_CHECKS = tuple((name, check) for name, check, _default in Shm._SPEC if name in _SHM_MEMBER_KEYS)
 
 

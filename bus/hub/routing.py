@@ -62,7 +62,7 @@ class Routing:
                     if isinstance(msg, codec.Shm):
                         shared = [self._unshared(msg)]
                     elif isinstance(msg, codec.ShmBatch):  # every member mapped before any is delivered
-                        shared = [self._unshared(member) for member in msg.shms()]
+                        shared = msg.inner(self._reader.views)
                     else:
                         shared = None
                 except DecodeError as exc:
