@@ -52,7 +52,7 @@ SILENT_REFUSALS_WITHOUT_KEYS = 3
 # its views costs one close this much.
 LEASES_BACK_ON_CLOSE_S = 0.05
 # SHM messages of one stream sent in one SHM_BATCH at most: a sender lets its loop run every
-# streams.YIELD_EVERY_BYTES, so a pass makes four of 1 MiB chunks, sixteen of the smallest shared.
+# streams.YIELD_EVERY_BYTES, so a pass makes eight of 1 MiB chunks, 32 of the smallest shared.
 SHM_BATCH_MEMBERS = 64
 
 
