@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from dpipes.bus import client as client_module
-from dpipes.bus import codec, shm
+from dpipes.bus import codec, shm, shm_receive
 from dpipes.bus.arrow_stream import ArrowStreamReader, ArrowStreamWriter
 from dpipes.bus.client import Client
 from dpipes.bus.errors import ConfigError, DecodeError, PeerLost
@@ -557,6 +557,31 @@ async def test_leases_read_are_given_back_in_one_shm_free_per_batch_of_them() ->
     frees.add("alpha/src", 2, shm.FREE_BATCH_BYTES // 2)  # few leases, but much memory: back at once
     await asyncio.sleep(0)
     assert sent == [{"alpha/src": [1, 2]}]
+
+
+async def test_frees_sent_in_full_batches_arm_one_timer_not_one_that_wakes_the_loop_per_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    armed: list[float] = []
+    call_later = shm_receive.call_later
+
+    def counting(loop: asyncio.AbstractEventLoop, delay: float, callback: Any) -> bool:
+        armed.append(delay)
+        return call_later(loop, delay, callback)
+
+    monkeypatch.setattr(shm_receive, "call_later", counting)
+    sent: list[dict[str, list[int]]] = []
+    frees = shm.Frees(sent.append)
+    frees.loop = asyncio.get_running_loop()
+    for batch in range(5):  # a stream of 1 MiB leases read eight at a time
+        for lease in range(8):
+            frees.add("alpha/src", 8 * batch + lease, MIB)
+        await asyncio.sleep(0)
+    assert sent == [{"alpha/src": list(range(8 * batch, 8 * batch + 8))} for batch in range(5)]
+    assert armed == [shm.FREE_DELAY_S]  # by the first lease; each batch then went at once
+    frees.add("alpha/src", 99)  # still within FREE_DELAY_S of that one timer
+    await until(lambda: len(sent) == 6)
+    assert sent[-1] == {"alpha/src": [99]} and len(armed) == 1
 
 
 def test_a_large_payload_takes_a_segment_of_its_own_and_the_one_given_back_last_is_reused_first() -> None:
