@@ -478,4 +478,7 @@ class Client:
 
 
 def _payload_bytes(frames: list[Any]) -> int:
+    if len(frames) == 2:  # a stream's chunk: no generator
+        frame = frames[1]
+        return frame.nbytes if isinstance(frame, memoryview) else len(frame)
     return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames[1:])

@@ -93,6 +93,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dpipes.bus import codec
 from dpipes.bus.shm_receive import (  # the receiving side, named here too
     FREE_BATCH_BYTES,
     FREE_BATCH_LEASES,
@@ -262,18 +263,26 @@ class Pool:
         chunks leased in a row then lie end to end, and their reader can take what spans two of
         them as one view (``Lease.offset`` is then any byte).
         """
-        views = [memoryview(f).cast("B") for f in frames]
-        taken = self._take(sum(v.nbytes for v in views), to, packed=packed)
+        placed = self._place(frames, to, packed)
+        if placed is None:
+            return None
+        lease_id, handle, sizes, offset = placed
+        return Lease(lease_id, handle, tuple(sizes), offset)
+
+    def _place(self, frames: Sequence[Any], to: str, packed: bool) -> tuple[int, str, list[int], int] | None:
+        """:meth:`lease`'s work, without a ``Lease`` made: (its id, handle, frame sizes, offset)."""
+        views = [f if type(f) is bytes else memoryview(f).cast("B") for f in frames]
+        sizes = [len(v) for v in views]  # bytes, or views of single bytes: each len() is its size
+        taken = self._take(sum(sizes), to, packed=packed)
         if taken is None:
             return None
         lease_id, segment, offset = taken
         at = offset
         target = segment.map
-        for view in views:
-            n = view.nbytes
+        for view, n in zip(views, sizes, strict=True):
             target[at : at + n] = view
             at += n
-        return Lease(lease_id, segment.handle, tuple(v.nbytes for v in views), offset)
+        return lease_id, segment.handle, sizes, offset
 
     def lease_filled(self, nbytes: int, to: str, fill: Callable[[memoryview], Sequence[int]]) -> Lease | None:
         """Lease room for ``nbytes`` to party ``to`` and let ``fill`` write the payload there itself.
@@ -530,8 +539,6 @@ def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any], *, packed:
 
     ``packed``: a ``BYTES`` message's payload is leased packed (:meth:`Pool.lease`), end to end
     with the one before it."""
-    from dpipes.bus import codec
-
     member = shared_member(pool, header, frames, packed=packed)
     if member is None:
         return None
@@ -541,24 +548,22 @@ def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any], *, packed:
 def shared_member(
     pool: Pool, header: dict[str, Any], frames: Sequence[Any], *, packed: bool = False
 ) -> dict[str, Any] | None:
-    """As :func:`shared`, the keys of that ``SHM`` that say where the payload lies and the
-    message's kind fields (``fields``, ``handle``, ``lease``, ``sizes``, ``offset``): one member
-    of a ``SHM_BATCH`` (``dpipes.bus.codec.packb_shms``)."""
-    from dpipes.bus import codec
-
+    """As :func:`shared` (``header`` a whole decoded header, its common keys all there), the keys of
+    that ``SHM`` that say where the payload lies and the message's kind fields (``fields``,
+    ``handle``, ``lease``, ``sizes``, ``offset``): one member of a ``SHM_BATCH``
+    (``dpipes.bus.codec.packb_shms``)."""
     kind = header["kind"]
     if kind not in codec.SHM_KINDS:
         return None
-    lease = pool.lease(frames, to=header["dst"], packed=packed and kind == "BYTES")
-    if lease is None:
+    placed = pool._place(frames, header["dst"], packed and kind == "BYTES")
+    if placed is None:
         return None
-    sizes = list(lease.sizes)
+    lease_id, handle, sizes, offset = placed
     if kind == "BYTES" and len(sizes) > 1:
         sizes = _joined(sizes, codec.MAX_PAYLOAD_FRAME_BYTES)
-    member: dict[str, Any] = {"handle": lease.handle, "lease": lease.id, "sizes": sizes, "offset": lease.offset}
-    fields = {k: v for k, v in header.items() if k not in codec._COMMON_KEYS}
-    if fields:
-        member["fields"] = fields
+    member: dict[str, Any] = {"handle": handle, "lease": lease_id, "sizes": sizes, "offset": offset}
+    if len(header) > len(codec._COMMON_KEYS):  # kind fields (a byte chunk's header has none)
+        member["fields"] = {k: v for k, v in header.items() if k not in codec._COMMON_KEYS}
     return member
 
 
