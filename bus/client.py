@@ -51,9 +51,6 @@ SILENT_REFUSALS_WITHOUT_KEYS = 3
 # Arrow batches lost one 8 MiB segment per client, a third of a 64 MB run). A reader that keeps
 # its views costs one close this much.
 LEASES_BACK_ON_CLOSE_S = 0.05
-# SHM messages of one stream sent in one SHM_BATCH at most: a sender lets its loop run every
-# streams.YIELD_EVERY_BYTES, so a pass makes eight of 1 MiB chunks, 32 of the smallest shared.
-SHM_BATCH_MEMBERS = 64
 
 
 class Client:
@@ -280,37 +277,9 @@ class Client:
 
     def _flush_handles(self) -> None:
         handles, self._handles = self._handles, []
-        if self._pump is None:
-            return
-        count = len(handles)
-        i = 0
-        while i < count:
-            header, member = handles[i]
-            members = [member]
-            i += 1
-            if self._shm_batch and header["sid"]:  # the stream's messages that follow it: one SHM_BATCH
-                kind, dst, sid, seq = header["kind"], header["dst"], header["sid"], header["seq"]
-                while i < count and len(members) < SHM_BATCH_MEMBERS:
-                    after = handles[i][0]
-                    if after["sid"] != sid or after["dst"] != dst or after["kind"] != kind:
-                        break
-                    if after["seq"] != seq + len(members):
-                        break
-                    members.append(handles[i][1])
-                    i += 1
-            self._send_shms(header, members)
-
-    def _send_shms(self, header: dict[str, Any], members: list[dict[str, Any]]) -> None:
-        """One SHM (or SHM_BATCH) for the messages of ``members`` from ``header``'s on, in two or more
-        when their header would pass ``MAX_HEADER_BYTES`` (Arrow batches' kind fields are long)."""
-        assert self._pump is not None
-        frame = codec.packb_shms(header["src"], header["dst"], header["sid"], header["seq"], header["kind"], members)
-        if len(frame) <= codec.MAX_HEADER_BYTES or len(members) == 1:
-            self._pump.send([frame])
-            return
-        half = len(members) // 2
-        self._send_shms(header, members[:half])
-        self._send_shms({**header, "seq": header["seq"] + half}, members[half:])
+        if self._pump is not None and handles:
+            for frame in shm.handle_frames(handles, batch=self._shm_batch):
+                self._pump.send([frame])
 
     def _send_now(self, frames: list[Any]) -> None:
         """Send ``frames`` behind the SHM messages waiting for the end of the pass."""

@@ -122,6 +122,7 @@ __all__ = [
     "SHARED_LEASE_BYTES",
     "SHARED_SEGMENT_BYTES",
     "SHARED_WINDOW_BYTES",
+    "SHM_BATCH_MEMBERS",
     "STASH_BYTES",
     "Frees",
     "Lease",
@@ -131,8 +132,8 @@ __all__ = [
     "call_soon",
     "check_reserve",
     "drop_stash",
+    "handle_frames",
     "host_id",
-    "shared",
     "shared_member",
 ]
 
@@ -151,6 +152,10 @@ PACKED_LEASE_BYTES = MIN_SEGMENT_BYTES
 LEASE_ALIGN = 64  # where a lease starts in a shared segment: Arrow's buffer alignment
 POOL_BYTES = 512 << 20  # a sender's segments in all: room for several 64 MB Arrow batches in flight
 STASH_BYTES = 128 << 20  # free segments a process keeps from its closed pools for the next ones
+# SHM messages of one stream sent in one SHM_BATCH at most: a sender lets its loop run every
+# dpipes.bus.streams.YIELD_EVERY_BYTES, so a pass makes eight of 1 MiB chunks, 32 of the smallest
+# shared; a hub relays a drain's worth of a link's chunks (dpipes.bus.pump.DRAIN_BATCH_MESSAGES).
+SHM_BATCH_MEMBERS = 64
 # A stream whose payloads arrive in shared memory gets this window (credit units) at its
 # receiver, not the default 8 MiB: its bytes wait in no socket buffer, and a window of 8 x 1 MiB
 # kept a sender on one host waiting for credit every few messages (1 MiB messages from a client
@@ -533,25 +538,17 @@ def drop_stash() -> int:
     return _STASH.drop()
 
 
-def shared(pool: Pool, header: dict[str, Any], frames: Sequence[Any], *, packed: bool = False) -> list[Any] | None:
-    """The ``SHM`` message standing for the message ``header`` + ``frames``, its payload copied into a
-    lease of ``pool`` for the message's ``dst``; None when that kind cannot be or the pool is full.
-
-    ``packed``: a ``BYTES`` message's payload is leased packed (:meth:`Pool.lease`), end to end
-    with the one before it."""
-    member = shared_member(pool, header, frames, packed=packed)
-    if member is None:
-        return None
-    return [codec.packb_shms(header["src"], header["dst"], header["sid"], header["seq"], header["kind"], [member])]
-
-
 def shared_member(
     pool: Pool, header: dict[str, Any], frames: Sequence[Any], *, packed: bool = False
 ) -> dict[str, Any] | None:
-    """As :func:`shared` (``header`` a whole decoded header, its common keys all there), the keys of
-    that ``SHM`` that say where the payload lies and the message's kind fields (``fields``,
-    ``handle``, ``lease``, ``sizes``, ``offset``): one member of a ``SHM_BATCH``
-    (``dpipes.bus.codec.packb_shms``)."""
+    """The message ``header`` + ``frames``, its payload copied into a lease of ``pool`` for the
+    message's ``dst``, as the keys of the ``SHM`` standing for it that say where the payload lies
+    and the message's kind fields (``fields``, ``handle``, ``lease``, ``sizes``, ``offset``): one
+    member of a ``SHM_BATCH`` (:func:`handle_frames`); None when that kind cannot be or the pool
+    is full.
+
+    ``header`` is a whole decoded header (its common keys all there). ``packed``: a ``BYTES``
+    message's payload is leased packed (:meth:`Pool.lease`), end to end with the one before it."""
     kind = header["kind"]
     if kind not in codec.SHM_KINDS:
         return None
@@ -565,6 +562,43 @@ def shared_member(
     if len(header) > len(codec._COMMON_KEYS):  # kind fields (a byte chunk's header has none)
         member["fields"] = {k: v for k, v in header.items() if k not in codec._COMMON_KEYS}
     return member
+
+
+def handle_frames(handles: Sequence[tuple[dict[str, Any], dict[str, Any]]], *, batch: bool) -> list[bytes]:
+    """The header frames that carry ``handles`` (each a message's decoded header and its lease,
+    :func:`shared_member`), in order: each as an ``SHM``, or (``batch``: the receiver takes
+    ``SHM_BATCH``) the consecutive messages of a stream as one ``SHM_BATCH`` of up to
+    ``SHM_BATCH_MEMBERS``, split where its header would pass ``MAX_HEADER_BYTES`` (an Arrow
+    batch's kind fields are long)."""
+    out: list[bytes] = []
+    count = len(handles)
+    i = 0
+    while i < count:
+        header, member = handles[i]
+        members = [member]
+        i += 1
+        if batch and header["sid"]:
+            kind, dst, sid, seq = header["kind"], header["dst"], header["sid"], header["seq"]
+            while i < count and len(members) < SHM_BATCH_MEMBERS:
+                after = handles[i][0]
+                if after["sid"] != sid or after["dst"] != dst or after["kind"] != kind:
+                    break
+                if after["seq"] != seq + len(members) or after["src"] != header["src"]:
+                    break
+                members.append(handles[i][1])
+                i += 1
+        _pack_run(out, header["src"], header["dst"], header["sid"], header["seq"], header["kind"], members)
+    return out
+
+
+def _pack_run(out: list[bytes], src: str, dst: str, sid: int, seq: int, of: str, members: list[dict[str, Any]]) -> None:
+    frame = codec.packb_shms(src, dst, sid, seq, of, members)
+    if len(frame) <= codec.MAX_HEADER_BYTES or len(members) == 1:
+        out.append(frame)
+        return
+    half = len(members) // 2
+    _pack_run(out, src, dst, sid, seq, of, members[:half])
+    _pack_run(out, src, dst, sid, seq + half, of, members[half:])
 
 
 def _joined(sizes: list[int], limit: int) -> list[int]:

@@ -186,6 +186,7 @@ class Clients:
             self._pool.reclaim(client.addr)  # it reads none of our leases any more, dead or alive
         self._reader.forget(client.addr)  # its segments stay mapped only while read
         self._clients.pop(client.ident, None)
+        client.handles.clear()  # the leases went back with reclaim() above
         self.held.release(client.backlog_bytes)  # what waited for it goes with it
         client.backlog.clear()
         client.backlog_bytes = 0
@@ -229,6 +230,8 @@ class Clients:
                 party.fail_party(client.addr, error)
 
     def _to_client(self: Hub, client: _Client, frames: list[Any]) -> None:
+        if client.handles:  # what we leased for it earlier in this pass goes first
+            self._send_handles(client)
         if client.backlog or client.reserved:  # in order, behind what waits; bounded (``_hold``)
             self._hold(client, frames)
             return

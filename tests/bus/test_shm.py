@@ -814,3 +814,24 @@ async def test_a_hub_answers_a_shm_batch_with_a_member_outside_its_segment_and_d
         error = await client.endpoint.recv(timeout=WAIT_S)
         assert isinstance(error, codec.Error) and error.code == "bad-message" and "inside" in error.message
         assert a.stats[me].bad == 1 and sink._in == {}  # not even the sound member reached the endpoint
+
+
+async def test_a_hubs_handles_of_one_loop_pass_for_a_client_travel_as_one_shm_batch() -> None:
+    async with Hub("alpha") as a, Client(a.ipc_endpoint) as new, Client(a.ipc_endpoint) as old:
+        held = a._local[codec.split_addr(old.endpoint.addr)[1]]
+        assert isinstance(held, hub_clients._Client)
+        held.shm_batch = False  # a client of before SHM_BATCH: it did not say ATTACH.shm_batch
+        for receiver in (new, old):
+            received = spy_received_kinds(receiver)
+            stream = a.endpoint(f"src-{len(received)}-{id(receiver)}").open_stream(receiver.endpoint.addr)
+            await stream.send_many([chunk(i) for i in range(3)])  # one pass: leased, then sent at its end
+            closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+            reader = await receiver.endpoint.accept(timeout=WAIT_S)
+            got = [(m.seq, bytes(m.frames[0])) async for m in reader]  # type: ignore[attr-defined]
+            assert got == [(1, chunk(0)), (2, chunk(1)), (3, chunk(2))] and await closing == 3 * MIB
+            handles = [kind for kind in received if kind in ("SHM", "SHM_BATCH")]
+            assert handles == (["SHM_BATCH"] if receiver is new else ["SHM", "SHM", "SHM"])
+        pool = a._pool
+        assert pool is not None
+        gc.collect()
+        await until(lambda: pool.leased == 0)
