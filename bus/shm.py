@@ -6,7 +6,11 @@ it once into a segment of its :class:`Pool` (or serializes it straight into one,
 writer does with an Arrow batch: :meth:`Pool.lease_filled`) and sends an ``SHM`` message
 (``dpipes.bus.codec``) naming where it lies; the receiver maps the segment and hands its reader ``memoryview``s over it
 (zero-copy; Arrow buffers over them are zero-copy too). When the reader has dropped every view of
-a message, the receiver sends ``SHM_FREE`` and the sender reuses the space.
+a message, the receiver sends ``SHM_FREE`` and the sender reuses the space. The ``SHM`` messages a
+sender makes in one pass of its loop leave together at its end (:func:`handle_frames`), a
+stream's run of them as one ``SHM_BATCH`` to a receiver that takes those: one transfer to send,
+route and wake the receiver for, not one per message (a stream of 1 MiB chunks took 30 us of its
+hub's CPU per chunk one by one, 15-18 eight to a transfer).
 
 Segments
     A segment is a ``memfd_create(2)`` file, mapped ``MAP_SHARED | MAP_POPULATE`` (pre-faulted
