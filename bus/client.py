@@ -103,9 +103,12 @@ class Client:
         self._reader: shm.Reader | None = None
         self._frees = shm.Frees(self._send_frees)  # leases our reader has done with
         self._leases_back: asyncio.Future[None] | None = None  # set when the pool has none out (aclose)
-        # SHM messages made in this loop pass, sent together at its end (or before anything else
-        # we send): a burst of handles wakes each side's I/O thread and the hub's loop once.
-        self._handles: list[list[Any]] = []
+        # SHM messages made in this loop pass (each its message's header and the SHM keys of its
+        # lease), sent together at its end (or before anything else we send), a stream's run of
+        # them as one SHM_BATCH when the hub takes those: a burst of handles is one transfer, which
+        # wakes each side's I/O thread and the hub's loop once and is routed once.
+        self._handles: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self._shm_batch = False  # the hub takes SHM_BATCH
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -151,7 +154,7 @@ class Client:
         monitor = Pump(sock.get_monitor_socket(HANDSHAKE_FAILURES), self._on_monitor)
         sock.connect(self.hub)
         self._pump = Pump(sock, self._on_frames)
-        self._pump.send(codec.encode(codec.Attach(name=self._name, host=shm.host_id())))
+        self._pump.send(codec.encode(codec.Attach(name=self._name, host=shm.host_id(), shm_batch=True)))
         try:
             addr = await asyncio.wait_for(self._attached, self._attach_timeout)
         except TimeoutError:
@@ -235,12 +238,16 @@ class Client:
             raise self._gone
         assert self._pump is not None
         if self._pool is not None and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES:
-            handed = shm.shared(self._pool, codec.header_of(msg), msg.frames)  # type: ignore[attr-defined]
-            if handed is not None:
-                self._send_handle(handed)
+            header = codec.header_of(msg)
+            member = shm.shared_member(self._pool, header, msg.frames)  # type: ignore[attr-defined]
+            if member is not None:
+                self._send_handle(header, member)
                 return
-        if msg.KIND == "SHM":  # a payload written in place (OutStream.send_in_place)
-            self._send_handle(codec.encode(msg))
+        if isinstance(msg, codec.Shm):  # a payload written in place (OutStream.send_in_place)
+            member = {"handle": msg.handle, "lease": msg.lease, "sizes": msg.sizes, "offset": msg.offset}
+            if msg.fields:
+                member["fields"] = msg.fields
+            self._send_handle({"kind": msg.of, "src": msg.src, "dst": msg.dst, "sid": msg.sid, "seq": msg.seq}, member)
             return
         self._send_now(codec.encode(msg))
 
@@ -254,23 +261,25 @@ class Client:
             raise self._gone
         assert self._pump is not None
         if self._pool is not None and len(frames) > 1 and _payload_bytes(frames) >= shm.MIN_PAYLOAD_BYTES:
-            handed = shm.shared(self._pool, codec.decode_header(frames[0]), frames[1:])  # our endpoint's own header
-            if handed is not None:
-                self._send_handle(handed)
+            header = codec.decode_header(frames[0])  # our endpoint's own header
+            member = shm.shared_member(self._pool, header, frames[1:])
+            if member is not None:
+                self._send_handle(header, member)
                 return
         self._send_now(frames)
 
-    def _send_handle(self, frames: list[Any]) -> None:
-        """Send an SHM message at the end of this loop pass, with the others made in it."""
+    def _send_handle(self, header: dict[str, Any], member: dict[str, Any]) -> None:
+        """Send the SHM standing for the message ``header`` (its lease ``member``: ``shm.shared_member``)
+        at the end of this loop pass, with the others made in it."""
         if not self._handles and self._loop is not None:
             self._loop.call_soon(self._flush_handles)
-        self._handles.append(frames)
+        self._handles.append((header, member))
 
     def _flush_handles(self) -> None:
         handles, self._handles = self._handles, []
-        if self._pump is not None:
-            for frames in handles:
-                self._pump.send(frames)
+        if self._pump is not None and handles:
+            for frame in shm.handle_frames(handles, batch=self._shm_batch):
+                self._pump.send([frame])
 
     def _send_now(self, frames: list[Any]) -> None:
         """Send ``frames`` behind the SHM messages waiting for the end of the pass."""
@@ -301,6 +310,9 @@ class Client:
                 self._on_bye(msg)
             elif isinstance(msg, codec.Shm):
                 self._on_shm(msg)
+            elif isinstance(msg, codec.ShmBatch):
+                for member in msg.shms():
+                    self._on_shm(member)
             elif isinstance(msg, codec.ShmFree):
                 if self._pool is not None:
                     self._pool.release(msg.leases, msg.src, trusted=f"{self._endpoint.node}/")
@@ -315,6 +327,7 @@ class Client:
         if isinstance(msg, codec.Attached):
             if msg.shm:
                 self._pool = shm.Pool(reserve=self._shm_reserve)
+                self._shm_batch = msg.shm_batch
             # Made here, not after start() resumes: what the hub held for us (``Hub.reserve``)
             # follows ATTACHED at once, possibly in this same pass of the pump.
             self._endpoint = Endpoint(msg.addr, self, window=self._window, max_streams=CLIENT_MAX_IN_STREAMS)
@@ -434,4 +447,7 @@ class Client:
 
 
 def _payload_bytes(frames: list[Any]) -> int:
+    if len(frames) == 2:  # a stream's chunk: no generator
+        frame = frames[1]
+        return frame.nbytes if isinstance(frame, memoryview) else len(frame)
     return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames[1:])

@@ -53,12 +53,14 @@ Kinds
     * ``PONG`` -- the hub's answer to a client's ``PING``.
     * ``BYE`` ``reason: str`` -- an orderly goodbye; also the refusal of a ``HELLO``, and what a
       hub tells a client or peer it detaches (see *Sessions* and *Bad messages*).
-    * ``ATTACH`` ``name: str, host: str`` -- a client asks to become endpoint ``node/name`` (an
-      empty name: the hub picks one). Not knowing its address yet, it sends ``src`` and ``dst``
-      empty; from ``ATTACHED`` on, every message it sends carries ``src`` = that address.
-      ``host`` says where it runs, for shared memory (see *Shared memory*; empty: nowhere).
-    * ``ATTACHED`` ``addr: str, shm: bool`` -- the hub's answer to ``ATTACH``; ``shm`` true: the
-      two may exchange ``SHM`` messages.
+    * ``ATTACH`` ``name: str, host: str, shm_batch: bool`` -- a client asks to become endpoint
+      ``node/name`` (an empty name: the hub picks one). Not knowing its address yet, it sends
+      ``src`` and ``dst`` empty; from ``ATTACHED`` on, every message it sends carries ``src`` =
+      that address. ``host`` says where it runs, for shared memory (see *Shared memory*; empty:
+      nowhere); ``shm_batch`` true: it takes ``SHM_BATCH`` messages.
+    * ``ATTACHED`` ``addr: str, shm: bool, shm_batch: bool`` -- the hub's answer to ``ATTACH``;
+      ``shm`` true: the two may exchange ``SHM`` messages; ``shm_batch`` true as well: the hub
+      takes ``SHM_BATCH`` messages too.
     * ``LINK`` ``node: str, up: bool, reason: str`` -- a hub tells its endpoints that a peer
       node came up or was lost.
 
@@ -100,6 +102,9 @@ Kinds
       the data message of kind ``of`` with kind fields ``fields`` whose payload frames (``sizes``
       bytes each, from ``offset``) lie in shared memory, not on the wire (see *Shared memory*).
       No payload frame.
+    * ``SHM_BATCH`` ``of: str, members: [map]`` -- several consecutive data messages of kind
+      ``of`` of stream ``sid``, each an ``SHM``, in one transfer (see *Shared memory*). No
+      payload frame.
     * ``SHM_FREE`` ``leases: [int]`` -- the receiver of ``SHM`` messages from ``dst`` has done
       with these leases.
 
@@ -147,6 +152,20 @@ Shared memory
     ``of``'s, more than ``MAX_FRAMES - 1`` sizes, a handle that is not ``PID:FD:TOKEN:SIZE`` or
     names no such segment of a process on this host, an ``offset`` and sizes that do not lie
     inside its segment (``offset + sum(sizes) > SIZE``).
+
+    The ``SHM`` messages of one stream that a sender makes in one pass of its loop may travel as
+    one ``SHM_BATCH`` (as small messages travel in a ``BATCH``): one transfer to send, route and
+    wake the receiver for, not one per message. A ``SHM_BATCH`` with ``src``, ``dst``, ``sid``
+    and ``seq`` S stands for ``len(members)`` ``SHM`` messages of kind ``of`` with the same
+    ``src``, ``dst`` and ``sid`` and the sequence numbers S, S+1, ...; member i is a map of
+    that ``SHM``'s other keys, ``fields``, ``handle``, ``lease``, ``sizes`` and ``offset``
+    (each with its type and default as in ``SHM``). It is routed as one message, and its
+    recipient takes each member exactly as if it had arrived alone, in order; a hub that routes
+    it to a party it shares no memory with sends each member's message of kind ``of`` instead,
+    and to a same-host client that did not say ``ATTACH.shm_batch``, each member as an ``SHM``.
+    A party sends ``SHM_BATCH`` only to a hub that said ``ATTACHED.shm_batch`` or a client that
+    said ``ATTACH.shm_batch``. Malformed, besides what is malformed in an ``SHM``: ``sid`` 0, no
+    member, a member that is not a map, member seqs past 2**63 - 1.
 
 Streams
     A stream is named by its **sender**: the sender's address and a ``sid`` the sender chose
@@ -322,7 +341,9 @@ import msgpack
 
 from dpipes.bus.errors import DecodeError
 
-PROTOCOL_VERSION = 3  # 3: SHM.offset; 2: BATCH, SHM, SHM_FREE; WELCOME.info, ATTACH.host, ATTACHED.shm
+# 3: SHM.offset (later SHM_BATCH, negotiated at attach: ATTACH.shm_batch, ATTACHED.shm_batch);
+# 2: BATCH, SHM, SHM_FREE; WELCOME.info, ATTACH.host, ATTACHED.shm
+PROTOCOL_VERSION = 3
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAMES = 4096  # an Arrow batch of many columns travels as one frame per buffer
@@ -549,7 +570,14 @@ def _kind(name: str) -> Callable[[type[Message]], type[Message]]:
         for field in dataclasses.fields(cls):
             if field.name in _COMMON or field.name == "frames":
                 continue
-            base = {"str": str, "int": int, "bool": bool, "dict[str, Any]": dict, "list[int]": list}[str(field.type)]
+            base = {
+                "str": str,
+                "int": int,
+                "bool": bool,
+                "dict[str, Any]": dict,
+                "list[int]": list,
+                "list[dict[str, Any]]": list,
+            }[str(field.type)]
             spec.append((field.name, field.metadata.get("check", _CHECKERS[base]), field.default))
         cls.KIND = name
         cls._SPEC = tuple(spec)
@@ -608,6 +636,7 @@ class Attach(Message):
 
     name: str = dataclasses.field(default="", metadata={"check": _endpoint_name})
     host: str = ""
+    shm_batch: bool = False
 
 
 @_kind("ATTACHED")
@@ -617,6 +646,7 @@ class Attached(Message):
 
     addr: str = ""
     shm: bool = False
+    shm_batch: bool = False
 
 
 @_kind("LINK")
@@ -779,9 +809,7 @@ class Shm(Message):
 
     def inner_header(self) -> dict[str, Any]:
         """The header of the message this stands for (its kind fields still to be checked)."""
-        header = {k: v for k, v in self.fields.items() if k not in _COMMON_KEYS}
-        header.update(v=PROTOCOL_VERSION, kind=self.of, src=self.src, dst=self.dst, sid=self.sid, seq=self.seq)
-        return header
+        return _inner_header(self.of, self.fields, self.src, self.dst, self.sid, self.seq)
 
     def inner(self, views: Sequence[memoryview]) -> Message:
         """The message this stands for, its payload frames ``views`` (``sizes`` bytes each).
@@ -789,15 +817,124 @@ class Shm(Message):
         Raises:
             DecodeError: as ``from_header`` for the message's own header and payload.
         """
-        cls = KINDS[self.of]
-        if not self.fields and not cls._SPEC:  # BYTES, STDERR: only the frames to check, once per 1 MiB chunk
-            low, high = cls.PAYLOAD_FRAMES
-            if low <= len(views) <= high and all(size <= MAX_PAYLOAD_FRAME_BYTES for size in self.sizes):
-                return stream_message(cls, self.src, self.dst, self.sid, self.seq, tuple(views))
-        return from_header(self.inner_header(), views)
+        return _inner(self.of, self.fields, self.src, self.dst, self.sid, self.seq, self.sizes, views)
+
+
+def _inner_header(of: str, fields: dict[str, Any], src: str, dst: str, sid: int, seq: int) -> dict[str, Any]:
+    header = {k: v for k, v in fields.items() if k not in _COMMON_KEYS}
+    header.update(v=PROTOCOL_VERSION, kind=of, src=src, dst=dst, sid=sid, seq=seq)
+    return header
+
+
+def _inner(
+    of: str,
+    fields: dict[str, Any],
+    src: str,
+    dst: str,
+    sid: int,
+    seq: int,
+    sizes: list[int],
+    views: Sequence[memoryview],
+) -> Message:
+    """The message of kind ``of`` an ``SHM`` (or a ``SHM_BATCH`` member) stands for, over ``views``."""
+    cls = KINDS[of]
+    if not fields and not cls._SPEC:  # BYTES, STDERR: only the frames to check, once per 1 MiB chunk
+        low, high = cls.PAYLOAD_FRAMES
+        if low <= len(views) <= high and all(size <= MAX_PAYLOAD_FRAME_BYTES for size in sizes):
+            return stream_message(cls, src, dst, sid, seq, tuple(views))
+    return from_header(_inner_header(of, fields, src, dst, sid, seq), views)
 
 
 _COMMON_KEYS = frozenset({"v", "kind", "src", "dst", "sid", "seq"})
+_NO_SIZES: list[int] = []  # a member's sizes when it says none (read only)
+_SHM_MEMBER_KEYS = ("fields", "handle", "lease", "sizes", "offset")  # an SHM's keys a SHM_BATCH member has
+
+
+def _shm_members(value: Any, name: str) -> list[dict[str, Any]]:
+    """A ``SHM_BATCH``'s members: at least one, each a map of ``SHM`` keys of their types."""
+    if type(value) is not list:
+        raise DecodeError(f"field {name!r} must be an array, got {type(value).__name__}")
+    if not value:
+        raise DecodeError(f"field {name!r} has no member")
+    nested = False
+    for member in value:  # the array's length is bounded by the unpacker (MAX_CONTAINER_ITEMS)
+        # A byte chunk's member (no kind fields) passes one test; the checks that name what is
+        # wrong run only when it fails, or for kind fields.
+        if type(member) is dict and "fields" not in member:
+            handle, lease = member.get("handle", ""), member.get("lease", 0)
+            sizes, offset = member.get("sizes", _NO_SIZES), member.get("offset", 0)
+            if (
+                type(handle) is str
+                and len(handle) <= MAX_STRING_CHARS
+                and type(lease) is int
+                and 0 <= lease < 2**63
+                and type(offset) is int
+                and 0 <= offset < 2**63
+                and type(sizes) is list
+                and all(type(size) is int and 0 <= size < 2**63 for size in sizes)
+            ):
+                continue
+        if type(member) is not dict:
+            raise DecodeError(f"field {name!r} must hold maps, got {type(member).__name__}")
+        for key, check in _SHM_MEMBER_CHECKS:
+            if key in member:
+                check(member[key], f"{name}.{key}")
+        nested = True
+    if nested:  # kind fields: the members' nesting as a whole within MAX_DEPTH
+        _check_depth(value, name)
+    return value
+
+
+@_kind("SHM_BATCH")
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class ShmBatch(Message):
+    """Consecutive ``SHM`` messages of kind ``of`` of stream ``sid``, from ``seq`` on, in one transfer."""
+
+    of: str = dataclasses.field(default="BYTES", metadata={"check": _shm_kind})
+    members: list[dict[str, Any]] = dataclasses.field(default_factory=list, metadata={"check": _shm_members})
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(sum(member.get("sizes", ())) for member in self.members)
+
+    def inner(self, views: Callable[[str, str, int, list[int], int], Sequence[memoryview]]) -> list[Message]:
+        """The messages this stands for, in order, their payload frames what ``views`` gives for
+        (``src``, ``handle``, ``lease``, ``sizes``, ``offset``) of each member: as ``Shm.inner``
+        for each of ``shms()``, without making those.
+
+        Raises:
+            DecodeError: as ``Shm.inner``, or as ``views`` raises it.
+        """
+        src, dst, sid, seq, of = self.src, self.dst, self.sid, self.seq, self.of
+        out = []
+        for i, member in enumerate(self.members):
+            sizes = member.get("sizes", [])
+            frames = views(src, member.get("handle", ""), member.get("lease", 0), sizes, member.get("offset", 0))
+            out.append(_inner(of, member.get("fields", _NO_FIELDS), src, dst, sid, seq + i, sizes, frames))
+        return out
+
+    def shms(self) -> list[Shm]:
+        """The ``SHM`` messages this stands for, in order (their keys checked by ``from_header``)."""
+        out = []
+        src, dst, sid, seq, of = self.src, self.dst, self.sid, self.seq, self.of
+        for i, member in enumerate(self.members):
+            msg = _new_message(Shm)
+            _set_field(msg, "src", src)
+            _set_field(msg, "dst", dst)
+            _set_field(msg, "sid", sid)
+            _set_field(msg, "seq", seq + i)
+            _set_field(msg, "of", of)
+            _set_field(msg, "fields", member.get("fields", {}))
+            _set_field(msg, "handle", member.get("handle", ""))
+            _set_field(msg, "lease", member.get("lease", 0))
+            _set_field(msg, "sizes", member.get("sizes", []))
+            _set_field(msg, "offset", member.get("offset", 0))
+            out.append(msg)
+        return out
+
+
+_NO_FIELDS: dict[str, Any] = {}  # a member's fields when it has none (read only)
+_SHM_MEMBER_CHECKS = tuple((name, check) for name, check, _default in Shm._SPEC if name in _SHM_MEMBER_KEYS)
 
 
 @_kind("SHM_FREE")
@@ -842,7 +979,7 @@ def stream_message(cls: type[Message], src: str, dst: str, sid: int, seq: int, f
     return msg
 
 
-DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES", "BATCH", "SHM"})
+DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES", "BATCH", "SHM", "SHM_BATCH"})
 
 
 def header_of(msg: Message) -> dict[str, Any]:
@@ -912,24 +1049,33 @@ def packb_reply(src: str, dst: str, seq: int, ok: bool, body: dict[str, Any], er
     )
 
 
-def packb_shm(header: Mapping[str, Any], handle: str, lease: int, sizes: list[int], offset: int = 0) -> bytes:
-    """The header frame of the ``SHM`` standing for the message whose decoded header is ``header``,
-    its payload frames (``sizes`` bytes each) now in lease ``lease``, ``offset`` bytes into segment
-    ``handle``."""
+def packb_shms(src: str, dst: str, sid: int, seq: int, of: str, members: Sequence[Mapping[str, Any]]) -> bytes:
+    """The header frame of the ``SHM`` (one member) or ``SHM_BATCH`` (several) standing for the
+    consecutive messages of kind ``of`` from ``seq`` on, each member the keys ``fields``,
+    ``handle``, ``lease``, ``sizes`` and ``offset`` of one of them (absent: their defaults)."""
+    if len(members) == 1:
+        return _packb(
+            {
+                "v": PROTOCOL_VERSION,
+                "kind": "SHM",
+                "src": src,
+                "dst": dst,
+                "sid": sid,
+                "seq": seq,
+                "of": of,
+                **members[0],
+            }
+        )
     return _packb(
         {
             "v": PROTOCOL_VERSION,
-            "kind": "SHM",
-            "src": header["src"],
-            "dst": header["dst"],
-            "sid": header["sid"],
-            "seq": header["seq"],
-            "of": header["kind"],
-            "fields": {k: v for k, v in header.items() if k not in _COMMON_KEYS},
-            "handle": handle,
-            "lease": lease,
-            "sizes": sizes,
-            "offset": offset,
+            "kind": "SHM_BATCH",
+            "src": src,
+            "dst": dst,
+            "sid": sid,
+            "seq": seq,
+            "of": of,
+            "members": members,
         }
     )
 
@@ -1045,12 +1191,14 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
             value = header.get(name, dataclasses.MISSING)
             if value is dataclasses.MISSING:
                 if default is dataclasses.MISSING:  # a default_factory field: an empty map or array
-                    value = [] if check is _int_list else {}
+                    value = [] if check is _int_list or check is _shm_members else {}
                 else:
                     value = default
             _set_field(msg, name, check(value, name))
         if isinstance(msg, Shm) and len(msg.sizes) > MAX_FRAMES - 1:
             raise DecodeError(f"SHM has {len(msg.sizes)} sizes (limit {MAX_FRAMES - 1})")
+        if isinstance(msg, ShmBatch):
+            _check_shm_batch(msg)
         low, high = cls.PAYLOAD_FRAMES
         if not low <= len(payload) <= high:
             raise DecodeError(_payload_count_error(cls, len(payload)))
@@ -1089,6 +1237,16 @@ def _check_batch(batch: Batch, nbytes: int) -> None:
         raise DecodeError(f"BATCH sizes add up to {sum(sizes)} bytes, its payload frame has {nbytes}")
 
 
+def _check_shm_batch(batch: ShmBatch) -> None:
+    if not batch.sid:
+        raise DecodeError("SHM_BATCH outside a stream (sid 0): batches carry a stream's messages")
+    if batch.seq + len(batch.members) > 2**63:
+        raise DecodeError(f"SHM_BATCH of {len(batch.members)} members from seq {batch.seq} runs past 2**63 - 1")
+    for member in batch.members:
+        if len(member.get("sizes", ())) > MAX_FRAMES - 1:
+            raise DecodeError(f"SHM_BATCH member has {len(member['sizes'])} sizes (limit {MAX_FRAMES - 1})")
+
+
 def decode(frames: Sequence[Any]) -> Message:
     """Decode ``[header, *payload]`` (bytes, memoryviews or zmq.Frame buffers) into a message.
 
@@ -1116,6 +1274,15 @@ _SCHEMA_TYPES: dict[Callable[[Any, str], Any], dict[str, Any]] = {
     },
     _batched_kind: {"enum": list(_BATCHED_KINDS)},
     _shm_kind: {"enum": list(SHM_KINDS)},
+}
+_SCHEMA_TYPES[_shm_members] = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": MAX_CONTAINER_ITEMS,
+    "items": {
+        "type": "object",
+        "properties": {name: _SCHEMA_TYPES[check] for name, check in _SHM_MEMBER_CHECKS},
+    },
 }
 
 

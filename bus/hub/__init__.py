@@ -219,6 +219,7 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
         self._pool: shm.Pool | None = None  # made when a same-host client first gets a large payload
         self._reader = shm.Reader(self._free_later)
         self._frees = shm.Frees(self._send_frees)  # leases our endpoints have done with
+        self._handles_due: list[_Client] = []  # clients with SHM messages of ours to send this pass
 
     async def __aenter__(self) -> Hub:
         await self.start()

@@ -123,10 +123,13 @@ class Clients:
         if isinstance(held, _Client) and held.reserved and _over_ipc(frames[1]):  # the worker it was held for
             held.ident, held.reserved, held.last_heard, held.local = ident, False, time.monotonic(), True
             held.shm = bool(self._host_id) and attach.host == self._host_id  # as for any client over ipc://
+            held.shm_batch = held.shm and attach.shm_batch
             if self._security is not None:
                 held.user_id = frames[1].get("User-Id")
             self._clients[ident] = held
-            attached = codec.Attached(src=f"{self.node}/", dst=held.addr, addr=held.addr, shm=held.shm)
+            attached = codec.Attached(
+                src=f"{self.node}/", dst=held.addr, addr=held.addr, shm=held.shm, shm_batch=held.shm
+            )
             self._router_send(ident, codec.encode(attached))
             if held.backlog:
                 self._flush_client(held)
@@ -164,6 +167,7 @@ class Clients:
             last_heard=time.monotonic(),
             local=local,
             shm=shared,
+            shm_batch=shared and attach.shm_batch,
             source=source,
         )
         if self._security is not None:
@@ -171,7 +175,10 @@ class Clients:
         self._clients[ident] = client
         self._local[name] = client
         self._router_send(
-            ident, codec.encode(codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr, shm=shared))
+            ident,
+            codec.encode(
+                codec.Attached(src=f"{self.node}/", dst=client.addr, addr=client.addr, shm=shared, shm_batch=shared)
+            ),
         )
 
     def _detach(self: Hub, client: _Client) -> None:
@@ -179,6 +186,7 @@ class Clients:
             self._pool.reclaim(client.addr)  # it reads none of our leases any more, dead or alive
         self._reader.forget(client.addr)  # its segments stay mapped only while read
         self._clients.pop(client.ident, None)
+        client.handles.clear()  # the leases went back with reclaim() above
         self.held.release(client.backlog_bytes)  # what waited for it goes with it
         client.backlog.clear()
         client.backlog_bytes = 0
@@ -222,6 +230,8 @@ class Clients:
                 party.fail_party(client.addr, error)
 
     def _to_client(self: Hub, client: _Client, frames: list[Any]) -> None:
+        if client.handles:  # what we leased for it earlier in this pass goes first
+            self._send_handles(client)
         if client.backlog or client.reserved:  # in order, behind what waits; bounded (``_hold``)
             self._hold(client, frames)
             return

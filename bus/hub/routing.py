@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # 0.25-1 MiB) to another node, memmove fell from 28% to 12% of the relaying node's loop thread; a
 # PUSH of 512 KiB views of a mapping over TCP took 0.25-0.33 CPU-s/GB in all, against 0.45-0.52.
 SHARE_SHM_FROM_BYTES = 64 << 10
+_SHARED_KINDS = ("SHM", "SHM_BATCH")  # messages whose payloads lie in their sender's shared memory
 
 
 class Routing:
@@ -39,6 +40,7 @@ class Routing:
 
     _pool: shm.Pool | None  # made when a same-host client first gets a large payload
     _frees: shm.Frees  # leases our endpoints have done with
+    _handles_due: list[_Client]  # clients with SHM messages of ours to send at the end of this pass
 
     def _route(self: Hub, ident: bytes, header: dict[str, Any], frames: list[Any], node: str, name: str) -> None:
         """Deliver a message from ``ident`` whose header is decoded, to ``node/name`` (its ``dst``,
@@ -58,33 +60,40 @@ class Routing:
                 try:
                     # no payload (requests, replies, credit): no list to build, and no comprehension to call
                     msg = codec.from_header(header, [f.buffer for f in frames[2:]] if len(frames) > 2 else ())
-                    shared = isinstance(msg, codec.Shm)
                     if isinstance(msg, codec.Shm):
-                        msg = self._unshared(msg)
+                        shared = [self._unshared(msg)]
+                    elif isinstance(msg, codec.ShmBatch):  # every member mapped before any is delivered
+                        shared = msg.inner(self._reader.views)
+                    else:
+                        shared = None
                 except DecodeError as exc:
                     self._bad(self._sender(ident), exc, header)
                     return
-                if shared:
-                    party._deliver_shared(msg)
+                if shared is not None:
+                    for inner in shared:
+                        party._deliver_shared(inner)
                 elif isinstance(msg, codec.ShmFree):
                     self._release_leases(msg)
                 else:
                     party._deliver(msg)
-            elif header["kind"] == "SHM" and not party.shm:
+            elif header["kind"] in _SHARED_KINDS and not party.shm:
                 self._route_unshared(ident, header, party)
+            elif header["kind"] == "SHM_BATCH" and not party.shm_batch:
+                self._route_shm_members(ident, header, party)
             elif party.shm and self._from_link(header) and _payload_bytes(frames) >= shm.MIN_PAYLOAD_BYTES:
-                self._to_client(party, self._shared_frames(header, frames[2:]) or frames[1:])
+                if not self._hand(party, header, frames[2:], packed=True):
+                    self._to_client(party, frames[1:])
             else:
                 self._to_client(party, frames[1:])
             return
-        if header["kind"] == "SHM_FREE":  # leases of ours a client read (see _shared_frames): no further
+        if header["kind"] == "SHM_FREE":  # leases of ours a client read (see _hand): no further
             self._release_own(ident, header)
             return
         link = self._by_node.get(node)
         if link is None:
             self._bounce(header, "no-route", f"node {self.node} has no link to node {node!r:.100}")
             return
-        if header["kind"] == "SHM":  # handles mean nothing on another host
+        if header["kind"] in _SHARED_KINDS:  # handles mean nothing on another host
             self._route_unshared(ident, header, link)
             return
         link.pump.send(frames[1:])
@@ -98,39 +107,75 @@ class Routing:
         return msg.inner(self._reader.views(msg.src, msg.handle, msg.lease, msg.sizes, msg.offset))
 
     def _route_unshared(self: Hub, ident: bytes, header: dict[str, Any], to: _Client | _Link) -> None:
-        """An SHM for a party we share no memory with: the message it stands for, copied out on the way
-        (to a peer's link, its large frames straight from the segment into the socket: ``_zero_copy``)."""
+        """An SHM (or SHM_BATCH) for a party we share no memory with: the message (each message) it
+        stands for, copied out on the way (to a peer's link, its large frames straight from the
+        segment into the socket: ``_zero_copy``)."""
         try:
             shm_msg = codec.from_header(header)
-            assert isinstance(shm_msg, codec.Shm)
-            frames = codec.encode(self._unshared(shm_msg))  # zmq holds the views until sent; then they are freed
+            members = shm_msg.shms() if isinstance(shm_msg, codec.ShmBatch) else [shm_msg]
+            # zmq holds the views until sent; then they are freed
+            messages = [codec.encode(self._unshared(member)) for member in members]  # type: ignore[arg-type]
         except DecodeError as exc:
             self._bad(self._sender(ident), exc, header)
             return
-        if isinstance(to, _Client):
-            self._to_client(to, frames)
-        else:
-            to.pump.send(_zero_copy(frames))
+        for frames in messages:
+            if isinstance(to, _Client):
+                self._to_client(to, frames)
+            else:
+                to.pump.send(_zero_copy(frames))
+
+    def _route_shm_members(self: Hub, ident: bytes, header: dict[str, Any], client: _Client) -> None:
+        """A SHM_BATCH for a same-host client that takes no batches: each member as an SHM."""
+        try:
+            batch = codec.from_header(header)
+        except DecodeError as exc:
+            self._bad(self._sender(ident), exc, header)
+            return
+        assert isinstance(batch, codec.ShmBatch)
+        for member in batch.shms():
+            self._to_client(client, [codec.packb_header(member)])
 
     def _from_link(self: Hub, header: dict[str, Any]) -> bool:
         """Whether a message comes from another node (a peer's, checked at the boundary)."""
         return codec.split_addr(header["src"])[0] != self.node
 
-    def _shared_frames(self: Hub, header: dict[str, Any], payload: list[Any]) -> list[Any] | None:
-        """A large message from another node for a same-host client: its payload copied once into
-        our pool, the client sent the handle instead of the bytes through its socket.
+    def _hand(self: Hub, client: _Client, header: dict[str, Any], payload: Sequence[Any], *, packed: bool) -> bool:
+        """A large message for a same-host client: its payload copied once into our pool, the
+        client sent the handle instead of the bytes through its socket, at the end of this loop
+        pass with the others leased for it (a stream's run of them as one ``SHM_BATCH``, when it
+        takes those); False, nothing sent, when that kind cannot be or the pool is full.
 
-        The client tells the message's ``src`` (on another node) that it read the lease; that
-        ``SHM_FREE`` stops here (:meth:`_release_own`). None when that kind cannot be or the pool
-        is full: the message goes as it came. A byte stream's chunks are leased packed, end to end
-        (``shm.PACKED_LEASE_BYTES``): a plugin worker reads what spans two of them in one piece.
+        For a message from another node, the client tells its ``src`` that it read the lease;
+        that ``SHM_FREE`` stops here (:meth:`_release_own`). A byte stream's chunks from another
+        node are leased ``packed``, end to end (``shm.PACKED_LEASE_BYTES``): a plugin worker
+        reads what spans two of them in one piece.
         """
         if self._pool is None:
             self._pool = shm.Pool()
-        return shm.shared(self._pool, header, payload, packed=True)
+        member = shm.shared_member(self._pool, header, payload, packed=packed)
+        if member is None:
+            return False
+        if not client.handles:
+            if not self._handles_due:
+                assert self._loop is not None
+                self._loop.call_soon(self._flush_handles)
+            self._handles_due.append(client)
+        client.handles.append((header, member))
+        return True
+
+    def _flush_handles(self: Hub) -> None:
+        clients, self._handles_due = self._handles_due, []
+        for client in clients:
+            if client.handles and not self._closed:
+                self._send_handles(client)
+
+    def _send_handles(self: Hub, client: _Client) -> None:
+        handles, client.handles = client.handles, []
+        for frame in shm.handle_frames(handles, batch=client.shm_batch):
+            self._to_client(client, [frame])
 
     def _release_own(self: Hub, ident: bytes, header: dict[str, Any]) -> None:
-        """An ``SHM_FREE`` from a client for another node: the leases are ours (:meth:`_shared_frames`)."""
+        """An ``SHM_FREE`` from a client for another node: the leases are ours (:meth:`_hand`)."""
         if (msg := self._header_message(ident, header)) is not None:
             assert isinstance(msg, codec.ShmFree)
             self._release_leases(msg)
@@ -175,9 +220,8 @@ class Routing:
                     return
                 party._deliver(msg)
             else:
-                if party.shm and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES:
-                    self._to_client(party, self._shared(msg, party))
-                else:
+                shared = party.shm and msg.HAS_PAYLOAD and msg.payload_bytes >= shm.MIN_PAYLOAD_BYTES
+                if not (shared and self._hand(party, codec.header_of(msg), msg.frames, packed=False)):  # type: ignore[attr-defined]
                     self._to_client(party, codec.encode(msg))
             return
         link = self._by_node.get(node)
@@ -185,13 +229,6 @@ class Routing:
             self._bounce(codec.header_of(msg), "no-route", f"node {self.node} has no link to node {node!r}")
             return
         link.pump.send(codec.encode(msg))
-
-    def _shared(self: Hub, msg: Message, client: _Client) -> list[Any]:
-        """``msg`` for a same-host client: as an SHM in our pool, or encoded as it is when it cannot be."""
-        if self._pool is None:
-            self._pool = shm.Pool()
-        handed = shm.shared(self._pool, codec.header_of(msg), msg.frames)  # type: ignore[attr-defined]
-        return handed if handed is not None else codec.encode(msg)
 
     def _send_frames_local(self: Hub, dst: str, frames: list[Any]) -> None:
         """The transport of in-process endpoints, for messages they encoded themselves."""

@@ -125,6 +125,10 @@ class _Client:
     backlog_bytes: int = 0
     user_id: str | None = None  # the ZAP User-Id of its connection (secure hubs): who it is
     shm: bool = False  # on this host: SHM messages go to it as they are, and from us to it
+    shm_batch: bool = False  # it takes SHM_BATCH too (else each member goes as an SHM)
+    # SHM messages of ours made for it in this loop pass (each the message's header and its lease),
+    # sent at the end of the pass, or before anything else we send it (``Hub._to_client``).
+    handles: list[tuple[dict[str, Any], dict[str, Any]]] = dataclasses.field(default_factory=list)
     reserved: bool = False  # a name held for a client that has not attached yet (``Hub.reserve``)
     # The streams it sends and has not ended with EOF, as (dst, sid), for a client whose name the
     # hub reserved (a node's plugin worker): cancelled in its name when it goes (``Hub.release``).

@@ -38,6 +38,20 @@ _FIELD_STRATEGIES = {
     "bool": st.booleans(),
     "dict[str, Any]": maps,
     "list[int]": st.lists(st.integers(0, 50), max_size=5),
+    "list[dict[str, Any]]": st.lists(  # SHM_BATCH members: an SHM's keys, each there or not
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "fields": maps,
+                "handle": st.text(max_size=50),
+                "lease": ints,
+                "sizes": st.lists(st.integers(0, 50), max_size=5),
+                "offset": ints,
+            },
+        ),
+        min_size=1,
+        max_size=4,
+    ),
 }
 
 
@@ -57,8 +71,11 @@ def message_strategy(cls: type[codec.Message]) -> st.SearchStrategy[codec.Messag
         fields["of"] = st.sampled_from(["BYTES", "STDERR"])
         parts = st.lists(st.binary(max_size=40), min_size=1, max_size=6)
         fields["frames"] = parts.map(lambda parts: (b"".join(parts),))
-    if cls is codec.Shm:
+    if cls is codec.Shm or cls is codec.ShmBatch:
         fields["of"] = st.sampled_from(["BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES"])
+    if cls is codec.ShmBatch:  # in a stream, its members' seqs within 2**63
+        fields["sid"] = st.integers(1, 2**63 - 1)
+        fields["seq"] = st.integers(0, 2**62)
     strategy = st.builds(cls, **fields)
     if cls is codec.Batch:
         strategy = strategy.map(lambda m: dataclasses.replace(m, sizes=_split(len(m.frames[0]), m.seq)))

@@ -459,7 +459,7 @@ def _verdict(frames: list[bytes], addr: str) -> tuple[bool, bool]:
             codec.from_header(header, frames[1:])
         except DecodeError:
             return True, header["kind"] not in quiet
-        if header["kind"] == "SHM":  # and maps an SHM's segment: a fuzzer's handle names none
+        if header["kind"] in ("SHM", "SHM_BATCH"):  # and maps an SHM's segment: a fuzzer's handle names none
             return True, True
     return False, False
 

@@ -10,11 +10,12 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dpipes.bus import client as client_module
-from dpipes.bus import codec, shm
+from dpipes.bus import codec, shm, shm_receive
 from dpipes.bus.arrow_stream import ArrowStreamReader, ArrowStreamWriter
 from dpipes.bus.client import Client
 from dpipes.bus.errors import ConfigError, DecodeError, PeerLost
@@ -558,6 +559,31 @@ async def test_leases_read_are_given_back_in_one_shm_free_per_batch_of_them() ->
     assert sent == [{"alpha/src": [1, 2]}]
 
 
+async def test_frees_sent_in_full_batches_arm_one_timer_not_one_that_wakes_the_loop_per_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    armed: list[float] = []
+    call_later = shm_receive.call_later
+
+    def counting(loop: asyncio.AbstractEventLoop, delay: float, callback: Any) -> bool:
+        armed.append(delay)
+        return call_later(loop, delay, callback)
+
+    monkeypatch.setattr(shm_receive, "call_later", counting)
+    sent: list[dict[str, list[int]]] = []
+    frees = shm.Frees(sent.append)
+    frees.loop = asyncio.get_running_loop()
+    for batch in range(5):  # a stream of 1 MiB leases read eight at a time
+        for lease in range(8):
+            frees.add("alpha/src", 8 * batch + lease, MIB)
+        await asyncio.sleep(0)
+    assert sent == [{"alpha/src": list(range(8 * batch, 8 * batch + 8))} for batch in range(5)]
+    assert armed == [shm.FREE_DELAY_S]  # by the first lease; each batch then went at once
+    frees.add("alpha/src", 99)  # still within FREE_DELAY_S of that one timer
+    await until(lambda: len(sent) == 6)
+    assert sent[-1] == {"alpha/src": [99]} and len(armed) == 1
+
+
 def test_a_large_payload_takes_a_segment_of_its_own_and_the_one_given_back_last_is_reused_first() -> None:
     pool = shm.Pool()
     try:
@@ -621,9 +647,191 @@ async def test_a_hub_answers_an_shm_whose_offset_leaves_the_segment_with_a_coded
         lease = pool.lease([chunk(1)], "alpha/sink")
         assert lease is not None
         me = client.endpoint.addr
-        header = {"v": codec.PROTOCOL_VERSION, "kind": "BYTES", "src": me, "dst": "alpha/sink", "sid": 0, "seq": 1}
-        forged = codec.packb_shm(header, lease.handle, lease.id, [MIB], shm.SHARED_SEGMENT_BYTES - MIB + 1)
+        member = {
+            "handle": lease.handle,
+            "lease": lease.id,
+            "sizes": [MIB],
+            "offset": shm.SHARED_SEGMENT_BYTES - MIB + 1,
+        }
+        forged = codec.packb_shms(me, "alpha/sink", 0, 1, "BYTES", [member])
         client.send_frames("alpha/sink", [forged])
         error = await client.endpoint.recv(timeout=WAIT_S)
         assert isinstance(error, codec.Error) and error.code == "bad-message" and "inside" in error.message
         assert a.stats[me].bad == 1
+
+
+# -- SHM_BATCH: a stream's handles of one loop pass in one transfer --------------------------------
+
+
+def spy_kinds(client: Client) -> list[str]:
+    """The kinds of the messages ``client`` hands its socket from now on."""
+    pump = client._pump
+    assert pump is not None
+    kinds: list[str] = []
+    send = pump.send
+
+    def spying(frames: list[object]) -> None:
+        kinds.append(codec.decode_header(frames[0])["kind"])  # type: ignore[arg-type]
+        send(frames)  # type: ignore[arg-type]
+
+    pump.send = spying  # type: ignore[method-assign]
+    return kinds
+
+
+def spy_received_kinds(client: Client) -> list[str]:
+    """The kinds of the messages ``client`` receives from now on."""
+    pump = client._pump
+    assert pump is not None
+    kinds: list[str] = []
+    on_message = pump.on_message
+
+    def spying(frames: list[Any]) -> None:
+        kinds.append(codec.decode_header(frames[0].buffer)["kind"])
+        on_message(frames)
+
+    pump.on_message = spying
+    return kinds
+
+
+def shm_member(lease: shm.Lease) -> dict[str, object]:
+    return {"handle": lease.handle, "lease": lease.id, "sizes": list(lease.sizes), "offset": lease.offset}
+
+
+def test_a_shm_batch_stands_for_its_members_in_order() -> None:
+    members = [{"handle": "1:2:ab:64", "lease": 5, "sizes": [8]}, {"handle": "1:2:ab:64", "lease": 6, "sizes": [3, 4]}]
+    arrow = {"handle": "1:3:cd:64", "lease": 7, "sizes": [1], "offset": 8, "fields": {"arrow": {"n": 1}}}
+    batch = codec.ShmBatch(src="a/s", dst="a/r", sid=7, seq=40, of="BYTES", members=[*members, arrow])
+    decoded = codec.decode([bytes(f) for f in codec.encode(batch)])
+    assert decoded == batch and decoded.payload_bytes == 16
+    shms = decoded.shms()  # type: ignore[attr-defined]
+    assert shms == [
+        codec.Shm(src="a/s", dst="a/r", sid=7, seq=40, of="BYTES", handle="1:2:ab:64", lease=5, sizes=[8]),
+        codec.Shm(src="a/s", dst="a/r", sid=7, seq=41, of="BYTES", handle="1:2:ab:64", lease=6, sizes=[3, 4]),
+        codec.Shm(
+            src="a/s", dst="a/r", sid=7, seq=42, of="BYTES", handle="1:3:cd:64", lease=7, sizes=[1], offset=8,
+            fields={"arrow": {"n": 1}},
+        ),
+    ]  # fmt: skip
+    one = codec.decode([codec.packb_shms("a/s", "a/r", 7, 40, "BYTES", members[:1])])
+    assert one == shms[0]  # one member: a plain SHM
+
+
+@pytest.mark.parametrize(
+    ("changes", "what"),
+    [
+        ({"members": []}, "no member"),
+        ({"members": [{"lease": 1}, 3]}, "must hold maps"),
+        ({"members": {"lease": 1}}, "must be an array"),
+        ({"members": [{"lease": -1}]}, "'members.lease' must be a non-negative"),
+        ({"members": [{"handle": 5}]}, "'members.handle' must be a string"),
+        ({"members": [{"sizes": [1, "2"]}]}, "'members.sizes' must hold non-negative"),
+        ({"members": [{"fields": []}]}, "'members.fields' must be a map"),
+        ({"sid": 0}, "outside a stream"),
+        ({"of": "BATCH"}, "'of' must be one of"),
+        ({"seq": 2**63 - 1, "members": [{}, {}]}, "runs past"),
+    ],
+)
+def test_malformed_shm_batches_are_decode_errors(changes: dict[str, object], what: str) -> None:
+    header = codec.header_of(codec.ShmBatch(src="a/s", dst="a/r", sid=7, seq=1, members=[{"lease": 1}]))
+    header.update(changes)
+    with pytest.raises(DecodeError, match=what):
+        codec.decode([codec._packb(header)])
+
+
+async def test_a_streams_handles_of_one_loop_pass_travel_as_one_shm_batch_and_arrive_in_order() -> None:
+    async with Hub("alpha") as a, Client(a.ipc_endpoint) as client:
+        sink = a.endpoint("sink")
+        kinds = spy_kinds(client)
+        stream = client.endpoint.open_stream("alpha/sink")
+        await stream.send_many([chunk(i) for i in range(3)])  # one pass: no yield, no credit wait
+        await stream.send_bytes(b"small")  # behind them, through the socket
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await sink.accept(timeout=WAIT_S)
+        got = [bytes(m.frames[0]) async for m in reader]  # type: ignore[attr-defined]
+        assert got == [chunk(0), chunk(1), chunk(2), b"small"]
+        assert await closing == 3 * MIB + 5
+        assert kinds[:2] == ["SHM_BATCH", "BYTES"]  # three handles, one transfer
+        pool = client._pool
+        assert pool is not None
+        gc.collect()
+        await until(lambda: pool.leased == 0)  # every member's lease came back once read
+
+
+async def test_a_shm_batch_reaches_a_same_host_client_whole_or_as_shms_if_it_takes_no_batches() -> None:
+    async with (
+        Hub("alpha") as a,
+        Client(a.ipc_endpoint) as sender,
+        Client(a.ipc_endpoint) as new,
+        Client(a.ipc_endpoint) as old,
+    ):
+        held = a._local[codec.split_addr(old.endpoint.addr)[1]]
+        assert isinstance(held, hub_clients._Client) and held.shm_batch
+        held.shm_batch = False  # a client of before SHM_BATCH: it did not say ATTACH.shm_batch
+        for receiver in (new, old):
+            kinds, received = spy_kinds(sender), spy_received_kinds(receiver)
+            stream = sender.endpoint.open_stream(receiver.endpoint.addr)
+            await stream.send_many([chunk(i) for i in range(3)])
+            closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+            reader = await receiver.endpoint.accept(timeout=WAIT_S)
+            got = [(m.seq, bytes(m.frames[0])) async for m in reader]  # type: ignore[attr-defined]
+            assert got == [(1, chunk(0)), (2, chunk(1)), (3, chunk(2))]
+            assert await closing == 3 * MIB and kinds[0] == "SHM_BATCH"
+            handles = [kind for kind in received if kind in ("SHM", "SHM_BATCH")]
+            assert handles == (["SHM_BATCH"] if receiver is new else ["SHM", "SHM", "SHM"])
+            assert receiver._reader is not None and receiver._reader.mapped_bytes  # zero-copy, as handles
+        pool = sender._pool
+        assert pool is not None
+        gc.collect()
+        await until(lambda: pool.leased == 0)
+
+
+async def test_a_shm_batch_for_another_node_leaves_shared_memory_message_by_message() -> None:
+    async with linked("alpha", "beta") as (a, b), Client(a.ipc_endpoint) as client:
+        sink = b.endpoint("sink")
+        kinds = spy_kinds(client)
+        stream = client.endpoint.open_stream("beta/sink")
+        await stream.send_many([chunk(i) for i in range(3)])
+        closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+        reader = await sink.accept(timeout=WAIT_S)
+        got = [(m.seq, bytes(m.frames[0])) async for m in reader]  # type: ignore[attr-defined]
+        assert got == [(1, chunk(0)), (2, chunk(1)), (3, chunk(2))] and kinds[0] == "SHM_BATCH"
+        assert await closing == 3 * MIB and b._reader.mapped_bytes == 0
+        pool = client._pool
+        assert pool is not None
+        await until(lambda: pool.leased == 0)  # alpha copied each out and gave the leases back
+
+
+async def test_a_hub_answers_a_shm_batch_with_a_member_outside_its_segment_and_delivers_none_of_it() -> None:
+    async with Hub("alpha") as a, Client(a.ipc_endpoint) as client:
+        sink = a.endpoint("sink")
+        pool = client._pool
+        assert pool is not None
+        good, bad = pool.lease([chunk(1)], "alpha/sink"), pool.lease([chunk(2)], "alpha/sink")
+        assert good is not None and bad is not None
+        me = client.endpoint.addr
+        forged = codec.packb_shms(me, "alpha/sink", 5, 1, "BYTES", [shm_member(good), {**shm_member(bad), "offset": 1}])
+        client.send_frames("alpha/sink", [forged])
+        error = await client.endpoint.recv(timeout=WAIT_S)
+        assert isinstance(error, codec.Error) and error.code == "bad-message" and "inside" in error.message
+        assert a.stats[me].bad == 1 and sink._in == {}  # not even the sound member reached the endpoint
+
+
+async def test_a_hubs_handles_of_one_loop_pass_for_a_client_travel_as_one_shm_batch() -> None:
+    async with Hub("alpha") as a, Client(a.ipc_endpoint) as new, Client(a.ipc_endpoint) as old:
+        held = a._local[codec.split_addr(old.endpoint.addr)[1]]
+        assert isinstance(held, hub_clients._Client)
+        held.shm_batch = False  # a client of before SHM_BATCH: it did not say ATTACH.shm_batch
+        for receiver in (new, old):
+            received = spy_received_kinds(receiver)
+            stream = a.endpoint(f"src-{len(received)}-{id(receiver)}").open_stream(receiver.endpoint.addr)
+            await stream.send_many([chunk(i) for i in range(3)])  # one pass: leased, then sent at its end
+            closing = asyncio.create_task(stream.close(timeout=WAIT_S))
+            reader = await receiver.endpoint.accept(timeout=WAIT_S)
+            got = [(m.seq, bytes(m.frames[0])) async for m in reader]  # type: ignore[attr-defined]
+            assert got == [(1, chunk(0)), (2, chunk(1)), (3, chunk(2))] and await closing == 3 * MIB
+            handles = [kind for kind in received if kind in ("SHM", "SHM_BATCH")]
+            assert handles == (["SHM_BATCH"] if receiver is new else ["SHM", "SHM", "SHM"])
+        pool = a._pool
+        assert pool is not None
+        gc.collect()
+        await until(lambda: pool.leased == 0)
