@@ -22,8 +22,9 @@ The ``arrow`` map
                                 part); a part that is not the last has at least one frame
     ``schema``        int       stream's first part only (batch 0, part 0), and there always:
                                 the byte length of this part's first payload frame, which holds
-                                the stream's schema as an Arrow IPC schema message
-                                (``Schema.serialize()``: continuation marker, length, flatbuffer)
+                                the stream's schema as one Arrow IPC schema message and nothing
+                                else (``Schema.serialize()``: continuation marker, length,
+                                flatbuffer)
     ``anchor``        str       optional, a stream's first part only: the sender's output anchor
                                 (a plugin worker names which of its outputs a stream is, when it
                                 sends several to one receiver)
@@ -86,11 +87,12 @@ What the sender does (informative)
     ``MAX_LAYOUT_BYTES``, and for a large batch to a receiver that shares memory with the sender
     (``dpipes.bus.shm``): there the IPC writer serializes the batch straight into the shared
     segment, which is the one copy a shared-memory hand-over needs anyway, and the receiver reads it
-    in place with one call of pyarrow's IPC reader, one part however large. A slice keeps its offset
-    modulo 8 as ``off`` so that bitmaps can be sliced at byte boundaries; fixed-width and bitmap
-    buffers are cut to the slice. Dictionaries travel with every batch (no delta dictionaries). A
-    stream sends its schema once, in its first part. Parts are filled up to ``chunk_bytes`` of
-    payload and ``MAX_FRAMES_PER_PART`` frames.
+    in place with one call of pyarrow's IPC reader, one part however large. That stream has no end
+    marker, so that the receiver reads its heads and never touches the far end of the segment. A
+    slice keeps its offset modulo 8 as ``off`` so that bitmaps can be sliced at byte boundaries;
+    fixed-width and bitmap buffers are cut to the slice. Dictionaries travel with every batch (no
+    delta dictionaries). A stream sends its schema once, in its first part. Parts are filled up to
+    ``chunk_bytes`` of payload and ``MAX_FRAMES_PER_PART`` frames.
 
 What the receiver does
     Every value read from the map is type-checked and bounded by the ``MAX_*`` constants below;
@@ -99,7 +101,8 @@ What the receiver does
     exception). Frames are wrapped with ``pyarrow.py_buffer`` (zero-copy); only a buffer that came
     in several frames is copied once, to join it. An ``"ipc"`` body of a schema without
     dictionaries is read message by message with pyarrow's IPC functions (schema, one record batch,
-    nothing but an end marker after it); one with dictionaries by pyarrow's stream reader. Every
+    nothing but an end marker after it), its schema message skipped unparsed when it has the bytes
+    of the stream's schema frame; one with dictionaries by pyarrow's stream reader. Every
     rebuilt batch is checked with ``RecordBatch.validate(full=True)`` before it is returned: for
     fixed-width columns that costs a popcount of the validity bitmaps, for var-width, list and
     dictionary columns one pass over the offsets, indices and UTF-8 data. That pass is needed:
@@ -455,14 +458,16 @@ class ArrowEncoder:
         when that size is not known before writing (a schema with dictionaries)."""
         if not self._sized_ipc:
             return None
-        size = self._schema_frame.size + pa.ipc.get_record_batch_size(batch) + _IPC_END_BYTES
+        size = self._schema_frame.size + pa.ipc.get_record_batch_size(batch)
         return size + self._schema_frame.size if self._batches == 0 else size
 
     def encode_ipc_into(self, batch: pa.RecordBatch, out: memoryview) -> tuple[ArrowMeta, list[int]]:
         """Write ``batch`` as the stream's next batch into ``out``: one part, ``"ipc"`` encoding.
 
         For a transport that hands ``out`` over as shared memory: pyarrow's IPC writer serializes
-        the batch there, the one copy of its buffers (the receiver reads them in place).
+        the batch there, the one copy of its buffers (the receiver reads them in place). The stream
+        gets no end marker (it is optional): the receiver then reads the messages' heads at the
+        start of ``out`` and nothing at its end, a page of shared memory it need not touch.
 
         Returns:
             The part's ``arrow`` map, and the sizes of its frames, end to end at the start of
@@ -479,8 +484,8 @@ class ArrowEncoder:
         if self._batches == 0:
             sink.write(self._schema_frame)
             sizes.append(self._schema_frame.size)
-        with pa.ipc.RecordBatchStreamWriter(sink, self._schema, options=self._ipc_options) as writer:
-            writer.write_batch(batch)
+        # Not closed: closing would only write the end marker.
+        pa.ipc.RecordBatchStreamWriter(sink, self._schema, options=self._ipc_options).write_batch(batch)
         sizes.append(sink.tell() - sum(sizes))
         if sizes[-1] > MAX_BATCH_BYTES:
             raise ValueError(f"batch is {sizes[-1]} bytes as IPC (limit MAX_BATCH_BYTES={MAX_BATCH_BYTES})")
@@ -803,10 +808,15 @@ class ArrowDecoder:
 
     @staticmethod
     def _read_schema(frame: pa.Buffer, where: str) -> pa.Schema:
+        """The schema of a schema frame: one IPC schema message, nothing before or after it."""
+        reader = pa.BufferReader(frame)
         try:
-            schema = pa.ipc.read_schema(frame)
+            message = pa.ipc.read_message(reader)
+            schema = pa.ipc.read_schema(message)
         except _BAD_INPUT as exc:
             raise DecodeError(f"{where}: the schema frame is not an Arrow IPC schema: {exc}") from exc
+        if reader.tell() != frame.size:
+            raise DecodeError(f"{where}: the schema frame holds bytes after its IPC schema message")
         depth, _ = _walk_schema(schema)
         if depth > MAX_TYPE_DEPTH:
             raise DecodeError(f"{where}: schema nests types deeper than MAX_TYPE_DEPTH={MAX_TYPE_DEPTH}")
@@ -900,15 +910,18 @@ class ArrowDecoder:
         """The one batch of an IPC stream of a schema without dictionaries: its schema message,
         then one record batch message, then nothing or the end-of-stream marker.
 
-        Message by message (a third of the cost of pyarrow's stream reader on a 10k-row batch): a
-        schema message that has the bytes of the stream's schema frame needs no parsing.
+        Message by message (a third of the cost of pyarrow's stream reader on a 10k-row batch). A
+        stream that starts with the bytes of the stream's schema frame (one schema message, read
+        and checked with the first part) starts with that schema: it is skipped, not parsed again.
         """
         reader = pa.BufferReader(buf)
-        head = pa.ipc.read_message(reader)
-        if head.type != "schema":
-            raise DecodeError(f"{where}: the IPC stream starts with a {head.type} message, not its schema")
         frame = self._schema_frame
-        if not (frame is not None and reader.tell() == frame.size and buf[: frame.size].equals(frame)):
+        if frame is not None and buf[: frame.size].equals(frame):
+            reader.seek(frame.size)
+        else:
+            head = pa.ipc.read_message(reader)
+            if head.type != "schema":
+                raise DecodeError(f"{where}: the IPC stream starts with a {head.type} message, not its schema")
             if not pa.ipc.read_schema(head).equals(schema):
                 raise DecodeError(f"{where}: the IPC stream's schema is not the stream's")
         message = pa.ipc.read_message(reader)

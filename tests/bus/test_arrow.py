@@ -445,6 +445,8 @@ def test_hostile_schemas() -> None:
         deep = pa.struct([("x", deep)])
     schema = pa.schema([("deep", deep)]).serialize()
     fails([({**meta, "schema": schema.size}, [memoryview(bytes(schema)), *frames[1:]])], "MAX_TYPE_DEPTH")
+    trailing = bytes(frames[0]) + b"\0" * 8  # pyarrow's read_schema alone would take it
+    fails([({**meta, "schema": len(trailing)}, [memoryview(trailing), *frames[1:]])], "bytes after")
     union = pa.schema([("u", pa.sparse_union([pa.field("i", pa.int8())]))]).serialize()
     union_meta = {**meta, "schema": union.size, "columns": [{"n": 9, "nulls": 0, "off": 0, "bufs": [None]}]}
     fails([(union_meta, [memoryview(bytes(union)), *frames[1:]])], "no buffers layout")
@@ -505,6 +507,35 @@ def ipc_stream(*batches: pa.RecordBatch) -> bytes:
         for batch in batches:
             writer.write_batch(batch)
     return sink.getvalue().to_pybytes()
+
+
+def test_a_batch_written_in_place_is_its_stream_s_schema_and_one_batch_message() -> None:
+    # No end marker: the receiver reads the heads at the start of the shared bytes, nothing at their end.
+    batch = pa.record_batch({"x": pa.array([1, 2, 3], pa.int64()), "s": pa.array(["a", None, "c"])})
+    encoder = ArrowEncoder(batch.schema)
+    for first in (True, False):
+        size = encoder.ipc_size(batch)
+        out = bytearray(size)
+        _, sizes = encoder.encode_ipc_into(batch, memoryview(out))
+        schema = batch.schema.serialize().size
+        assert sizes == ([schema] if first else []) + [schema + pa.ipc.get_record_batch_size(batch)]
+        assert sum(sizes) == size
+        reader = pa.BufferReader(pa.py_buffer(out))
+        if first:
+            reader.seek(schema)
+        assert [pa.ipc.read_message(reader).type for _ in range(2)] == ["schema", "record batch"]
+        assert reader.tell() == size
+
+
+def test_an_ipc_body_whose_schema_is_the_stream_s_in_other_bytes_is_read() -> None:
+    batch = pa.record_batch({"x": pa.array([1, 2, 3], pa.int64())})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema, options=pa.ipc.IpcWriteOptions(use_legacy_format=True)) as writer:
+        writer.write_batch(batch)
+    legacy = sink.getvalue().to_pybytes()
+    assert not legacy.startswith(batch.schema.serialize().to_pybytes())
+    (got,) = feed_all(ArrowDecoder(), ipc_part(batch, legacy))
+    assert got.equals(batch)
 
 
 def test_hostile_ipc_bodies_of_a_schema_without_dictionaries() -> None:
