@@ -342,8 +342,28 @@ def test_encoder_refuses_what_a_decoder_would_refuse() -> None:
     deep: pa.DataType = pa.int8()
     for _ in range(MAX_TYPE_DEPTH):
         deep = pa.list_(deep)
-    with pytest.raises(ValueError, match="MAX_TYPE_DEPTH"):
-        ArrowEncoder(pa.schema([("deep", deep)]))
+    for _ in range(2):  # refused again when remembered
+        with pytest.raises(ValueError, match="MAX_TYPE_DEPTH"):
+            ArrowEncoder(pa.schema([("deep", deep)]))
+
+
+def test_a_sender_learns_each_stream_s_schema_and_remembers_a_bounded_few() -> None:
+    # What an encoder works out of a schema (its nesting, whether it has a buffers layout and
+    # dictionaries) is the same for every stream of it, remembered or not.
+    plain = pa.record_batch({"x": pa.array([1, 2])})
+    coded = pa.record_batch({"d": pa.array(["a", "b"]).dictionary_encode()})
+    views = pa.record_batch({"v": pa.array([b"x"], pa.binary_view())})
+    for _ in range(2):
+        assert ArrowEncoder(plain.schema).ipc_size(plain) is not None
+        assert ArrowEncoder(coded.schema).ipc_size(coded) is None  # a dictionary: size unknown before
+        assert ArrowEncoder(plain.schema).encode(plain)[0][0]["encoding"] == "buffers"
+        assert ArrowEncoder(views.schema).encode(views)[0][0]["encoding"] == "ipc"  # no buffers layout
+    for i in range(3 * SCHEMAS_REMEMBERED):
+        ArrowEncoder(pa.schema([(f"c{i}", pa.int64())]))
+    wide = pa.schema([(f"column_{i:05}", pa.int64()) for i in range(REMEMBERED_SCHEMA_BYTES // 32)])
+    ArrowEncoder(wide)
+    assert 0 < len(arrow._layouts) <= SCHEMAS_REMEMBERED
+    assert all(len(raw) < REMEMBERED_SCHEMA_BYTES for raw in arrow._layouts)
 
 
 # ------------------------------------------------------------------------------- hostile input
