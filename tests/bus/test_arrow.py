@@ -23,6 +23,7 @@ from dpipes.bus.arrow import (
     ArrowDecoder,
     ArrowEncoder,
 )
+from dpipes.bus.arrow_validate import BULK_FROM_ROWS, validate_batch
 from dpipes.bus.errors import DecodeError
 
 Part = tuple[dict[str, Any], list[memoryview]]
@@ -556,6 +557,29 @@ def test_an_ipc_body_whose_schema_is_the_stream_s_in_other_bytes_is_read() -> No
     assert not legacy.startswith(batch.schema.serialize().to_pybytes())
     (got,) = feed_all(ArrowDecoder(), ipc_part(batch, legacy))
     assert got.equals(batch)
+
+
+def test_the_text_of_a_large_batch_is_checked_in_bulk_with_arrow_s_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A spy, not a mock: the bulk check reaches Arrow's verdict by design, so only a count tells it ran.
+    bulk = []
+    monkeypatch.setattr(arrow, "validate_batch", lambda batch: bulk.append(validate_batch(batch)))
+    rows = BULK_FROM_ROWS + 3
+    text = pa.record_batch({"n": pa.array(range(rows)), "s": pa.array([f"é{i}" for i in range(rows)])})
+    numbers = pa.record_batch({"n": pa.array(range(rows))})
+    for batch in (text, numbers):
+        (got,) = feed_all(ArrowDecoder(), ipc_part(batch))
+        assert got.equals(batch)
+        assert assert_roundtrip(batch, chunk_bytes=1 << 20).equals(batch)
+    assert len(bulk) == 2  # the text batch, in each encoding; the numbers went to Arrow alone
+    parts = wire(ArrowEncoder(text.schema, chunk_bytes=1 << 20).encode(text))
+    meta, frames = parts[0]
+    assert meta["encoding"] == "buffers"
+    data = bytearray(frames[-1])  # the string column's bytes
+    data[data.index("é".encode()) + 1] = 0x41  # a lead byte without its continuation byte
+    fails([(meta, [*frames[:-1], memoryview(bytes(data))])], "rebuild")
+    body = ipc_part(text)[0][1][1].tobytes()
+    at = body.index("é1".encode())
+    fails(ipc_part(text, body[:at] + b"\xff" + body[at + 1 :]), "rebuild")
 
 
 def test_hostile_ipc_bodies_of_a_schema_without_dictionaries() -> None:
