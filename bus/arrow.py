@@ -98,19 +98,21 @@ What the receiver does
     Every value read from the map is type-checked and bounded by the ``MAX_*`` constants below;
     counts must match the frames, buffer sizes must cover each node's declared length for its
     type, and any violation raises :class:`~dpipes.bus.errors.DecodeError` (never another
-    exception). Frames are wrapped with ``pyarrow.py_buffer`` (zero-copy); only a buffer that came
-    in several frames is copied once, to join it. An ``"ipc"`` body of a schema without
-    dictionaries is read message by message with pyarrow's IPC functions (schema, one record batch,
-    nothing but an end marker after it), its schema message skipped unparsed when it has the bytes
-    of the stream's schema frame; one with dictionaries by pyarrow's stream reader. Every
-    rebuilt batch is checked with ``RecordBatch.validate(full=True)`` before it is returned: for
-    fixed-width columns that costs a popcount of the validity bitmaps, for var-width, list and
-    dictionary columns one pass over the offsets, indices and UTF-8 data (the UTF-8 of a large
-    batch's string columns in bulk, by ``dpipes.bus.arrow_validate``: the same verdict, an eighth
-    of the CPU for 10k rows of short strings). That pass is needed: Arrow's cheap validation only
-    looks at the first and last offsets, and one hostile offset in between would let a later read
-    run outside the frame. After a ``DecodeError`` the decoder is failed: the stream lost data,
-    and every later ``feed`` raises too.
+    exception); ``columns`` that pack to the same msgpack bytes as the last batch's, with as many
+    ``rows``, are that batch's layout and are not checked again. Frames are wrapped with
+    ``pyarrow.py_buffer`` (zero-copy); only a buffer that came in several frames is copied once, to
+    join it. An ``"ipc"`` body of a schema without dictionaries is read message by message with
+    pyarrow's IPC functions (schema, one record batch, nothing but an end marker after it), its
+    schema message skipped unparsed when it has the bytes of the stream's schema frame; one with
+    dictionaries by pyarrow's stream reader. Every rebuilt batch is checked with
+    ``RecordBatch.validate(full=True)`` before it is returned: for fixed-width columns that costs
+    a popcount of the validity bitmaps, for var-width, list and dictionary columns one pass over
+    the offsets, indices and UTF-8 data (the UTF-8 of a large batch's string columns in bulk, by
+    ``dpipes.bus.arrow_validate``: the same verdict, an eighth of the CPU for 10k rows of short
+    strings). That pass is needed: Arrow's cheap validation only looks at the first and last
+    offsets, and one hostile offset in between would let a later read run outside the frame.
+    After a ``DecodeError`` the decoder is failed: the stream lost data, and every later ``feed``
+    raises too.
 """
 
 # About 900 lines, one job: the ARROW framing. The first 110 are its spec; the encoder and the
@@ -730,6 +732,8 @@ class ArrowDecoder:
         self._text = False  # the schema has string columns: validate_batch checks them in bulk
         self._failed: str | None = None
         self._batch = 0  # index of the batch being received
+        # The last "buffers" batch's rows, packed columns, and their checked nodes and sizes.
+        self._last_layout: tuple[int, bytes, list[_Node], list[int | None]] | None = None
         self._reset()
 
     @property
@@ -861,13 +865,7 @@ class ArrowDecoder:
                 raise DecodeError(f"{where}: 'columns' must be a list of {len(self._schema)} nodes")
             if "ipc_bytes" in meta:
                 raise DecodeError(f"{where}: 'ipc_bytes' in a buffers batch")
-            layout = _Layout()
-            for index, (raw, field) in enumerate(zip(columns, self._schema, strict=True)):
-                node = layout.node(raw, field.type, f"{where} column {field.name!r:.40}")
-                if node.n != self._rows:
-                    raise DecodeError(f"{where}: column {index} has {node.n} items, the batch {self._rows} rows")
-                self._columns.append(node)
-            self._sizes = layout.sizes
+            self._columns, self._sizes = self._layout_of(columns, where)
         elif self._encoding == "ipc":
             if "columns" in meta:
                 raise DecodeError(f"{where}: 'columns' in an ipc batch")
@@ -875,6 +873,33 @@ class ArrowDecoder:
         else:
             raise DecodeError(f"{where}: 'encoding' is {self._encoding!r:.40}, expected 'buffers' or 'ipc'")
         self._wanted = [index for index, size in enumerate(self._sizes) if size]
+
+    def _layout_of(self, columns: Sequence[Any], where: str) -> tuple[list[_Node], list[int | None]]:
+        """The checked nodes of a batch's ``columns`` and its body's buffer sizes.
+
+        The batches of a stream often share one layout (same rows, no nulls): ``columns`` that
+        pack to the bytes of the last batch's, with as many rows, are that batch's, checked then
+        (the bytes tell a bool or a float from an int, as the checks do). Checking 8 columns again
+        was over half the decoding of a 10k-row batch that came as frames.
+        """
+        assert self._schema is not None
+        try:
+            packed = msgpack.packb(columns)
+        except (TypeError, ValueError, OverflowError):  # not from the wire: checked below, and refused
+            packed = None
+        last = self._last_layout
+        if packed is not None and last is not None and last[0] == self._rows and last[1] == packed:
+            return last[2], last[3]
+        layout = _Layout()
+        nodes = []
+        for index, (raw, field) in enumerate(zip(columns, self._schema, strict=True)):
+            node = layout.node(raw, field.type, f"{where} column {field.name!r:.40}")
+            if node.n != self._rows:
+                raise DecodeError(f"{where}: column {index} has {node.n} items, the batch {self._rows} rows")
+            nodes.append(node)
+        if packed is not None:
+            self._last_layout = (self._rows, packed, nodes, layout.sizes)
+        return nodes, layout.sizes
 
     def _take(self, buffers: list[pa.Buffer], where: str) -> None:
         """File each frame under the body buffer it belongs to."""

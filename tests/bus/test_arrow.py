@@ -395,6 +395,24 @@ def edited(parts: list[Part], index: int, **changes: Any) -> list[Part]:
     return parts
 
 
+def test_batches_of_one_layout_are_checked_once_and_held_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = pa.record_batch({"x": pa.array([7], pa.int64()), "s": pa.array(["a"])})
+    encoder = ArrowEncoder(batch.schema)
+    parts = wire([part for _ in range(3) for part in encoder.encode(batch)])
+    checked = []
+    node = arrow._Layout.node
+    monkeypatch.setattr(arrow._Layout, "node", lambda self, *args: checked.append(args) or node(self, *args))
+    assert [got.equals(batch) for got in feed_all(ArrowDecoder(), parts)] == [True] * 3
+    assert len(checked) == 2  # the first batch's two columns; the others had the same layout
+    # What the checks refuse is refused in a batch that would otherwise have the last one's layout.
+    for weird in (True, 1.0):
+        bad = clone(parts)
+        bad[1][0]["columns"][0]["n"] = weird  # == 1 in Python, not in msgpack
+        fails(bad, "'n' is")
+    fewer = edited(parts, 1, rows=0)
+    fails(fewer, "column 0 has 1 items, the batch 0 rows")
+
+
 def test_malformed_metas_say_what_is_wrong() -> None:
     parts = good_parts()
     assert len(feed_all(ArrowDecoder(), parts)) == 2
