@@ -416,6 +416,7 @@ class ArrowEncoder:
         if self._schema_frame.size > MAX_SCHEMA_BYTES:
             raise ValueError(f"schema is {self._schema_frame.size} bytes serialized (limit {MAX_SCHEMA_BYTES})")
         self._schema = schema
+        self._types = schema.types  # once: iterating a schema makes a Field object per column
         self._chunk_bytes = chunk_bytes
         self._batches = 0
         # An IPC stream of a schema without dictionaries has a size known before it is written.
@@ -448,8 +449,7 @@ class ArrowEncoder:
         body: list[pa.Buffer | None] = []
         if self._native:
             columns = [
-                _encode_node(column, field.type, 0, body)
-                for column, field in zip(batch.columns, self._schema, strict=True)
+                _encode_node(column, typ, 0, body) for column, typ in zip(batch.columns, self._types, strict=True)
             ]
             if len(msgpack.packb(columns)) <= MAX_LAYOUT_BYTES:
                 head["encoding"], head["columns"] = "buffers", columns
