@@ -22,8 +22,9 @@ The ``arrow`` map
                                 part); a part that is not the last has at least one frame
     ``schema``        int       stream's first part only (batch 0, part 0), and there always:
                                 the byte length of this part's first payload frame, which holds
-                                the stream's schema as an Arrow IPC schema message
-                                (``Schema.serialize()``: continuation marker, length, flatbuffer)
+                                the stream's schema as one Arrow IPC schema message and nothing
+                                else (``Schema.serialize()``: continuation marker, length,
+                                flatbuffer)
     ``anchor``        str       optional, a stream's first part only: the sender's output anchor
                                 (a plugin worker names which of its outputs a stream is, when it
                                 sends several to one receiver)
@@ -86,26 +87,32 @@ What the sender does (informative)
     ``MAX_LAYOUT_BYTES``, and for a large batch to a receiver that shares memory with the sender
     (``dpipes.bus.shm``): there the IPC writer serializes the batch straight into the shared
     segment, which is the one copy a shared-memory hand-over needs anyway, and the receiver reads it
-    in place with one call of pyarrow's IPC reader, one part however large. A slice keeps its offset
-    modulo 8 as ``off`` so that bitmaps can be sliced at byte boundaries; fixed-width and bitmap
-    buffers are cut to the slice. Dictionaries travel with every batch (no delta dictionaries). A
-    stream sends its schema once, in its first part. Parts are filled up to ``chunk_bytes`` of
-    payload and ``MAX_FRAMES_PER_PART`` frames.
+    in place with one call of pyarrow's IPC reader, one part however large. That stream has no end
+    marker, so that the receiver reads its heads and never touches the far end of the segment. A
+    slice keeps its offset modulo 8 as ``off`` so that bitmaps can be sliced at byte boundaries;
+    fixed-width and bitmap buffers are cut to the slice. Dictionaries travel with every batch (no
+    delta dictionaries). A stream sends its schema once, in its first part. Parts are filled up to
+    ``chunk_bytes`` of payload and ``MAX_FRAMES_PER_PART`` frames.
 
 What the receiver does
     Every value read from the map is type-checked and bounded by the ``MAX_*`` constants below;
     counts must match the frames, buffer sizes must cover each node's declared length for its
     type, and any violation raises :class:`~dpipes.bus.errors.DecodeError` (never another
-    exception). Frames are wrapped with ``pyarrow.py_buffer`` (zero-copy); only a buffer that came
-    in several frames is copied once, to join it. An ``"ipc"`` body of a schema without
-    dictionaries is read message by message with pyarrow's IPC functions (schema, one record batch,
-    nothing but an end marker after it); one with dictionaries by pyarrow's stream reader. Every
-    rebuilt batch is checked with ``RecordBatch.validate(full=True)`` before it is returned: for
-    fixed-width columns that costs a popcount of the validity bitmaps, for var-width, list and
-    dictionary columns one pass over the offsets, indices and UTF-8 data. That pass is needed:
-    Arrow's cheap validation only looks at the first and last offsets, and one hostile offset in
-    between would let a later read run outside the frame. After a ``DecodeError`` the decoder is
-    failed: the stream lost data, and every later ``feed`` raises too.
+    exception); ``columns`` that pack to the same msgpack bytes as the last batch's, with as many
+    ``rows``, are that batch's layout and are not checked again. Frames are wrapped with
+    ``pyarrow.py_buffer`` (zero-copy); only a buffer that came in several frames is copied once, to
+    join it. An ``"ipc"`` body of a schema without dictionaries is read message by message with
+    pyarrow's IPC functions (schema, one record batch, nothing but an end marker after it), its
+    schema message skipped unparsed when it has the bytes of the stream's schema frame; one with
+    dictionaries by pyarrow's stream reader. Every rebuilt batch is checked with
+    ``RecordBatch.validate(full=True)`` before it is returned: for fixed-width columns that costs
+    a popcount of the validity bitmaps, for var-width, list and dictionary columns one pass over
+    the offsets, indices and UTF-8 data (the UTF-8 of a large batch's string columns in bulk, by
+    ``dpipes.bus.arrow_validate``: the same verdict, an eighth of the CPU for 10k rows of short
+    strings). That pass is needed: Arrow's cheap validation only looks at the first and last
+    offsets, and one hostile offset in between would let a later read run outside the frame.
+    After a ``DecodeError`` the decoder is failed: the stream lost data, and every later ``feed``
+    raises too.
 """
 
 # About 900 lines, one job: the ARROW framing. The first 110 are its spec; the encoder and the
@@ -123,6 +130,7 @@ import msgpack
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dpipes.bus.arrow_validate import has_text_columns, validate_batch
 from dpipes.bus.errors import DecodeError
 
 log = logging.getLogger(__name__)
@@ -139,7 +147,9 @@ MAX_BATCH_BYTES: Final = 2**31  # a batch's body; a larger batch must be split b
 MAX_SCHEMA_BYTES: Final = 1024 * 1024  # the serialized schema frame
 # A receiver keeps the schemas it read last, by their frame's bytes: each new stream sends its
 # schema again, and reading and checking it (8 flat columns) was most of a fresh decoder's first
-# batch (40 of 70 us), on every stream of one batch. Bounded in count and in bytes: a schema frame
+# batch (40 of 70 us), on every stream of one batch. A sender keeps what it learns of a new
+# stream's schema the same way: walking its types took 18 us of a fresh encoder's 25 (over 100 us
+# on a cold cache, in a stream of one 64 MB batch). Bounded in count and in bytes: a schema frame
 # this large or larger is read every time.
 SCHEMAS_REMEMBERED: Final = 64
 REMEMBERED_SCHEMA_BYTES: Final = 64 * 1024
@@ -359,6 +369,27 @@ def _encode_node(arr: pa.Array, typ: pa.DataType, pre: int, body: list[pa.Buffer
     return node
 
 
+_layouts: dict[bytes, tuple[int, bool, bool]] = {}
+
+
+def _layout_of(schema: pa.Schema, frame: pa.Buffer) -> tuple[int, bool, bool]:
+    """The type nesting depth of ``schema``, whether every type has a buffers layout, and whether
+    any is dictionary-encoded; ``frame`` is the schema serialized (worked out once per distinct
+    frame while remembered, as a receiver remembers schemas: the same bytes, the same types).
+    """
+    raw = frame.to_pybytes() if frame.size < REMEMBERED_SCHEMA_BYTES else None
+    known = None if raw is None else _layouts.get(raw)
+    if known is not None:
+        return known
+    depth, native = _walk_schema(schema)
+    known = (depth, native, _has_dictionary(schema))
+    if raw is not None:
+        if len(_layouts) >= SCHEMAS_REMEMBERED:
+            _layouts.clear()  # all at once: safe beside encoders of other threads, and rare
+        _layouts[raw] = known
+    return known
+
+
 class ArrowEncoder:
     """Turns the record batches of one outgoing stream into parts: ``(meta, frames)`` pairs."""
 
@@ -378,17 +409,18 @@ class ArrowEncoder:
             raise TypeError(f"schema must be a pyarrow.Schema, not {type(schema).__name__}")
         if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes={chunk_bytes} is out of [1, {MAX_CHUNK_BYTES}]")
-        depth, self._native = _walk_schema(schema)
+        self._schema_frame = schema.serialize()
+        depth, self._native, dictionary = _layout_of(schema, self._schema_frame)
         if depth > MAX_TYPE_DEPTH:
             raise ValueError(f"schema nests types deeper than MAX_TYPE_DEPTH={MAX_TYPE_DEPTH}")
-        self._schema_frame = schema.serialize()
         if self._schema_frame.size > MAX_SCHEMA_BYTES:
             raise ValueError(f"schema is {self._schema_frame.size} bytes serialized (limit {MAX_SCHEMA_BYTES})")
         self._schema = schema
+        self._types = schema.types  # once: iterating a schema makes a Field object per column
         self._chunk_bytes = chunk_bytes
         self._batches = 0
         # An IPC stream of a schema without dictionaries has a size known before it is written.
-        self._sized_ipc = not _has_dictionary(schema)
+        self._sized_ipc = not dictionary
         # Made once: pyarrow's writer would otherwise read two environment variables per batch.
         self._ipc_options = pa.ipc.IpcWriteOptions()
 
@@ -417,8 +449,7 @@ class ArrowEncoder:
         body: list[pa.Buffer | None] = []
         if self._native:
             columns = [
-                _encode_node(column, field.type, 0, body)
-                for column, field in zip(batch.columns, self._schema, strict=True)
+                _encode_node(column, typ, 0, body) for column, typ in zip(batch.columns, self._types, strict=True)
             ]
             if len(msgpack.packb(columns)) <= MAX_LAYOUT_BYTES:
                 head["encoding"], head["columns"] = "buffers", columns
@@ -455,14 +486,16 @@ class ArrowEncoder:
         when that size is not known before writing (a schema with dictionaries)."""
         if not self._sized_ipc:
             return None
-        size = self._schema_frame.size + pa.ipc.get_record_batch_size(batch) + _IPC_END_BYTES
+        size = self._schema_frame.size + pa.ipc.get_record_batch_size(batch)
         return size + self._schema_frame.size if self._batches == 0 else size
 
     def encode_ipc_into(self, batch: pa.RecordBatch, out: memoryview) -> tuple[ArrowMeta, list[int]]:
         """Write ``batch`` as the stream's next batch into ``out``: one part, ``"ipc"`` encoding.
 
         For a transport that hands ``out`` over as shared memory: pyarrow's IPC writer serializes
-        the batch there, the one copy of its buffers (the receiver reads them in place).
+        the batch there, the one copy of its buffers (the receiver reads them in place). The stream
+        gets no end marker (it is optional): the receiver then reads the messages' heads at the
+        start of ``out`` and nothing at its end, a page of shared memory it need not touch.
 
         Returns:
             The part's ``arrow`` map, and the sizes of its frames, end to end at the start of
@@ -479,8 +512,8 @@ class ArrowEncoder:
         if self._batches == 0:
             sink.write(self._schema_frame)
             sizes.append(self._schema_frame.size)
-        with pa.ipc.RecordBatchStreamWriter(sink, self._schema, options=self._ipc_options) as writer:
-            writer.write_batch(batch)
+        # Not closed: closing would only write the end marker.
+        pa.ipc.RecordBatchStreamWriter(sink, self._schema, options=self._ipc_options).write_batch(batch)
         sizes.append(sink.tell() - sum(sizes))
         if sizes[-1] > MAX_BATCH_BYTES:
             raise ValueError(f"batch is {sizes[-1]} bytes as IPC (limit MAX_BATCH_BYTES={MAX_BATCH_BYTES})")
@@ -666,12 +699,13 @@ def _build(node: _Node, body: list[pa.Buffer | None]) -> pa.Array:
     return pa.Array.from_buffers(node.type, node.n, buffers, null_count=node.nulls, offset=node.off, children=children)
 
 
-_schemas: dict[bytes, tuple[pa.Schema, bool]] = {}
+_schemas: dict[bytes, tuple[pa.Schema, bool, bool]] = {}
 
 
-def _schema_of(raw: bytes, where: str) -> tuple[pa.Schema, bool]:
-    """The schema a stream's schema frame ``raw`` holds, checked, and whether it has no dictionary
-    (read once per distinct frame while remembered; the same bytes read the same).
+def _schema_of(raw: bytes, where: str) -> tuple[pa.Schema, bool, bool]:
+    """The schema a stream's schema frame ``raw`` holds, checked, whether it has no dictionary,
+    and whether it has text columns (read once per distinct frame while remembered; the same bytes
+    read the same).
 
     Raises:
         DecodeError: the frame is no Arrow IPC schema, or nests types too deep.
@@ -680,7 +714,7 @@ def _schema_of(raw: bytes, where: str) -> tuple[pa.Schema, bool]:
     if known is not None:
         return known
     schema = ArrowDecoder._read_schema(pa.py_buffer(raw), where)
-    known = (schema, not _has_dictionary(schema))
+    known = (schema, not _has_dictionary(schema), has_text_columns(schema))
     if len(raw) < REMEMBERED_SCHEMA_BYTES:
         if len(_schemas) >= SCHEMAS_REMEMBERED:
             _schemas.clear()  # all at once: safe beside decoders of other threads, and rare
@@ -695,8 +729,11 @@ class ArrowDecoder:
         self._schema: pa.Schema | None = None
         self._schema_frame: pa.Buffer | None = None  # the stream's schema as its sender serialized it
         self._plain = False  # the schema has no dictionaries: an IPC batch is one message
+        self._text = False  # the schema has string columns: validate_batch checks them in bulk
         self._failed: str | None = None
         self._batch = 0  # index of the batch being received
+        # The last "buffers" batch's rows, packed columns, and their checked nodes and sizes.
+        self._last_layout: tuple[int, bytes, list[_Node], list[int | None]] | None = None
         self._reset()
 
     @property
@@ -780,7 +817,7 @@ class ArrowDecoder:
                 raise DecodeError(f"{where}: the schema frame is missing or not {size} bytes")
             # Copied: it may lie in a sender's shared memory, which a view kept here would pin.
             raw = buffers.pop(0).to_pybytes()
-            self._schema, self._plain = _schema_of(raw, where)
+            self._schema, self._plain, self._text = _schema_of(raw, where)
             self._schema_frame = pa.py_buffer(raw)
         elif self._schema is None:
             raise DecodeError(f"{where}: the stream's first part carries no schema")
@@ -803,10 +840,15 @@ class ArrowDecoder:
 
     @staticmethod
     def _read_schema(frame: pa.Buffer, where: str) -> pa.Schema:
+        """The schema of a schema frame: one IPC schema message, nothing before or after it."""
+        reader = pa.BufferReader(frame)
         try:
-            schema = pa.ipc.read_schema(frame)
+            message = pa.ipc.read_message(reader)
+            schema = pa.ipc.read_schema(message)
         except _BAD_INPUT as exc:
             raise DecodeError(f"{where}: the schema frame is not an Arrow IPC schema: {exc}") from exc
+        if reader.tell() != frame.size:
+            raise DecodeError(f"{where}: the schema frame holds bytes after its IPC schema message")
         depth, _ = _walk_schema(schema)
         if depth > MAX_TYPE_DEPTH:
             raise DecodeError(f"{where}: schema nests types deeper than MAX_TYPE_DEPTH={MAX_TYPE_DEPTH}")
@@ -823,13 +865,7 @@ class ArrowDecoder:
                 raise DecodeError(f"{where}: 'columns' must be a list of {len(self._schema)} nodes")
             if "ipc_bytes" in meta:
                 raise DecodeError(f"{where}: 'ipc_bytes' in a buffers batch")
-            layout = _Layout()
-            for index, (raw, field) in enumerate(zip(columns, self._schema, strict=True)):
-                node = layout.node(raw, field.type, f"{where} column {field.name!r:.40}")
-                if node.n != self._rows:
-                    raise DecodeError(f"{where}: column {index} has {node.n} items, the batch {self._rows} rows")
-                self._columns.append(node)
-            self._sizes = layout.sizes
+            self._columns, self._sizes = self._layout_of(columns, where)
         elif self._encoding == "ipc":
             if "columns" in meta:
                 raise DecodeError(f"{where}: 'columns' in an ipc batch")
@@ -837,6 +873,33 @@ class ArrowDecoder:
         else:
             raise DecodeError(f"{where}: 'encoding' is {self._encoding!r:.40}, expected 'buffers' or 'ipc'")
         self._wanted = [index for index, size in enumerate(self._sizes) if size]
+
+    def _layout_of(self, columns: Sequence[Any], where: str) -> tuple[list[_Node], list[int | None]]:
+        """The checked nodes of a batch's ``columns`` and its body's buffer sizes.
+
+        The batches of a stream often share one layout (same rows, no nulls): ``columns`` that
+        pack to the bytes of the last batch's, with as many rows, are that batch's, checked then
+        (the bytes tell a bool or a float from an int, as the checks do). Checking 8 columns again
+        was over half the decoding of a 10k-row batch that came as frames.
+        """
+        assert self._schema is not None
+        try:
+            packed = msgpack.packb(columns)
+        except (TypeError, ValueError, OverflowError):  # not from the wire: checked below, and refused
+            packed = None
+        last = self._last_layout
+        if packed is not None and last is not None and last[0] == self._rows and last[1] == packed:
+            return last[2], last[3]
+        layout = _Layout()
+        nodes = []
+        for index, (raw, field) in enumerate(zip(columns, self._schema, strict=True)):
+            node = layout.node(raw, field.type, f"{where} column {field.name!r:.40}")
+            if node.n != self._rows:
+                raise DecodeError(f"{where}: column {index} has {node.n} items, the batch {self._rows} rows")
+            nodes.append(node)
+        if packed is not None:
+            self._last_layout = (self._rows, packed, nodes, layout.sizes)
+        return nodes, layout.sizes
 
     def _take(self, buffers: list[pa.Buffer], where: str) -> None:
         """File each frame under the body buffer it belongs to."""
@@ -887,7 +950,10 @@ class ArrowDecoder:
             else:  # no columns: only a struct array can carry the row count
                 rows = pa.StructArray.from_buffers(pa.struct([]), self._rows, [None], children=[])
                 batch = pa.RecordBatch.from_struct_array(rows).replace_schema_metadata(schema.metadata)
-            batch.validate(full=True)
+            if self._text:
+                validate_batch(batch)
+            else:
+                batch.validate(full=True)
         except DecodeError:
             raise
         except _BAD_INPUT as exc:
@@ -900,15 +966,18 @@ class ArrowDecoder:
         """The one batch of an IPC stream of a schema without dictionaries: its schema message,
         then one record batch message, then nothing or the end-of-stream marker.
 
-        Message by message (a third of the cost of pyarrow's stream reader on a 10k-row batch): a
-        schema message that has the bytes of the stream's schema frame needs no parsing.
+        Message by message (a third of the cost of pyarrow's stream reader on a 10k-row batch). A
+        stream that starts with the bytes of the stream's schema frame (one schema message, read
+        and checked with the first part) starts with that schema: it is skipped, not parsed again.
         """
         reader = pa.BufferReader(buf)
-        head = pa.ipc.read_message(reader)
-        if head.type != "schema":
-            raise DecodeError(f"{where}: the IPC stream starts with a {head.type} message, not its schema")
         frame = self._schema_frame
-        if not (frame is not None and reader.tell() == frame.size and buf[: frame.size].equals(frame)):
+        if frame is not None and buf[: frame.size].equals(frame):
+            reader.seek(frame.size)
+        else:
+            head = pa.ipc.read_message(reader)
+            if head.type != "schema":
+                raise DecodeError(f"{where}: the IPC stream starts with a {head.type} message, not its schema")
             if not pa.ipc.read_schema(head).equals(schema):
                 raise DecodeError(f"{where}: the IPC stream's schema is not the stream's")
         message = pa.ipc.read_message(reader)

@@ -32,7 +32,7 @@ import codecs
 
 import pyarrow as pa
 
-__all__ = ["validate_batch"]
+__all__ = ["has_text_columns", "validate_batch"]
 
 BULK_FROM_ROWS = 4096  # fewer rows: Arrow's own check of each string costs less than our steps' fixed ~5 us
 _CONTINUATION_MASK = 0xC0  # a UTF-8 continuation byte is 10xxxxxx
@@ -45,7 +45,7 @@ def validate_batch(batch: pa.RecordBatch) -> None:
     Raises:
         pyarrow.ArrowInvalid: the batch is not valid (Arrow's own message).
     """
-    if batch.num_rows < BULK_FROM_ROWS or not any(_is_text(kind) for kind in batch.schema.types):
+    if batch.num_rows < BULK_FROM_ROWS or not has_text_columns(batch.schema):
         batch.validate(full=True)
         return
     batch.validate()  # the batch's shape and each column's buffers, sizes only: cheap
@@ -57,6 +57,13 @@ def validate_batch(batch: pa.RecordBatch) -> None:
         except pa.ArrowInvalid:
             batch.validate(full=True)  # the batch's own message, naming the column
             raise
+
+
+def has_text_columns(schema: pa.Schema) -> bool:
+    """Whether batches of ``schema`` have columns that :func:`validate_batch` checks its own way
+    (``string`` and ``large_string`` ones); without, it is ``validate(full=True)`` and a look at
+    the schema's types, which a reader of many batches of one schema can look at once."""
+    return any(_is_text(kind) for kind in schema.types)
 
 
 def _is_text(kind: pa.DataType) -> bool:

@@ -23,6 +23,7 @@ from dpipes.bus.arrow import (
     ArrowDecoder,
     ArrowEncoder,
 )
+from dpipes.bus.arrow_validate import BULK_FROM_ROWS, validate_batch
 from dpipes.bus.errors import DecodeError
 
 Part = tuple[dict[str, Any], list[memoryview]]
@@ -342,8 +343,28 @@ def test_encoder_refuses_what_a_decoder_would_refuse() -> None:
     deep: pa.DataType = pa.int8()
     for _ in range(MAX_TYPE_DEPTH):
         deep = pa.list_(deep)
-    with pytest.raises(ValueError, match="MAX_TYPE_DEPTH"):
-        ArrowEncoder(pa.schema([("deep", deep)]))
+    for _ in range(2):  # refused again when remembered
+        with pytest.raises(ValueError, match="MAX_TYPE_DEPTH"):
+            ArrowEncoder(pa.schema([("deep", deep)]))
+
+
+def test_a_sender_learns_each_stream_s_schema_and_remembers_a_bounded_few() -> None:
+    # What an encoder works out of a schema (its nesting, whether it has a buffers layout and
+    # dictionaries) is the same for every stream of it, remembered or not.
+    plain = pa.record_batch({"x": pa.array([1, 2])})
+    coded = pa.record_batch({"d": pa.array(["a", "b"]).dictionary_encode()})
+    views = pa.record_batch({"v": pa.array([b"x"], pa.binary_view())})
+    for _ in range(2):
+        assert ArrowEncoder(plain.schema).ipc_size(plain) is not None
+        assert ArrowEncoder(coded.schema).ipc_size(coded) is None  # a dictionary: size unknown before
+        assert ArrowEncoder(plain.schema).encode(plain)[0][0]["encoding"] == "buffers"
+        assert ArrowEncoder(views.schema).encode(views)[0][0]["encoding"] == "ipc"  # no buffers layout
+    for i in range(3 * SCHEMAS_REMEMBERED):
+        ArrowEncoder(pa.schema([(f"c{i}", pa.int64())]))
+    wide = pa.schema([(f"column_{i:05}", pa.int64()) for i in range(REMEMBERED_SCHEMA_BYTES // 32)])
+    ArrowEncoder(wide)
+    assert 0 < len(arrow._layouts) <= SCHEMAS_REMEMBERED
+    assert all(len(raw) < REMEMBERED_SCHEMA_BYTES for raw in arrow._layouts)
 
 
 # ------------------------------------------------------------------------------- hostile input
@@ -372,6 +393,24 @@ def edited(parts: list[Part], index: int, **changes: Any) -> list[Part]:
         else:
             parts[index][0][key] = value
     return parts
+
+
+def test_batches_of_one_layout_are_checked_once_and_held_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = pa.record_batch({"x": pa.array([7], pa.int64()), "s": pa.array(["a"])})
+    encoder = ArrowEncoder(batch.schema)
+    parts = wire([part for _ in range(3) for part in encoder.encode(batch)])
+    checked = []
+    node = arrow._Layout.node
+    monkeypatch.setattr(arrow._Layout, "node", lambda self, *args: checked.append(args) or node(self, *args))
+    assert [got.equals(batch) for got in feed_all(ArrowDecoder(), parts)] == [True] * 3
+    assert len(checked) == 2  # the first batch's two columns; the others had the same layout
+    # What the checks refuse is refused in a batch that would otherwise have the last one's layout.
+    for weird in (True, 1.0):
+        bad = clone(parts)
+        bad[1][0]["columns"][0]["n"] = weird  # == 1 in Python, not in msgpack
+        fails(bad, "'n' is")
+    fewer = edited(parts, 1, rows=0)
+    fails(fewer, "column 0 has 1 items, the batch 0 rows")
 
 
 def test_malformed_metas_say_what_is_wrong() -> None:
@@ -445,6 +484,8 @@ def test_hostile_schemas() -> None:
         deep = pa.struct([("x", deep)])
     schema = pa.schema([("deep", deep)]).serialize()
     fails([({**meta, "schema": schema.size}, [memoryview(bytes(schema)), *frames[1:]])], "MAX_TYPE_DEPTH")
+    trailing = bytes(frames[0]) + b"\0" * 8  # pyarrow's read_schema alone would take it
+    fails([({**meta, "schema": len(trailing)}, [memoryview(trailing), *frames[1:]])], "bytes after")
     union = pa.schema([("u", pa.sparse_union([pa.field("i", pa.int8())]))]).serialize()
     union_meta = {**meta, "schema": union.size, "columns": [{"n": 9, "nulls": 0, "off": 0, "bufs": [None]}]}
     fails([(union_meta, [memoryview(bytes(union)), *frames[1:]])], "no buffers layout")
@@ -505,6 +546,58 @@ def ipc_stream(*batches: pa.RecordBatch) -> bytes:
         for batch in batches:
             writer.write_batch(batch)
     return sink.getvalue().to_pybytes()
+
+
+def test_a_batch_written_in_place_is_its_stream_s_schema_and_one_batch_message() -> None:
+    # No end marker: the receiver reads the heads at the start of the shared bytes, nothing at their end.
+    batch = pa.record_batch({"x": pa.array([1, 2, 3], pa.int64()), "s": pa.array(["a", None, "c"])})
+    encoder = ArrowEncoder(batch.schema)
+    for first in (True, False):
+        size = encoder.ipc_size(batch)
+        out = bytearray(size)
+        _, sizes = encoder.encode_ipc_into(batch, memoryview(out))
+        schema = batch.schema.serialize().size
+        assert sizes == ([schema] if first else []) + [schema + pa.ipc.get_record_batch_size(batch)]
+        assert sum(sizes) == size
+        reader = pa.BufferReader(pa.py_buffer(out))
+        if first:
+            reader.seek(schema)
+        assert [pa.ipc.read_message(reader).type for _ in range(2)] == ["schema", "record batch"]
+        assert reader.tell() == size
+
+
+def test_an_ipc_body_whose_schema_is_the_stream_s_in_other_bytes_is_read() -> None:
+    batch = pa.record_batch({"x": pa.array([1, 2, 3], pa.int64())})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema, options=pa.ipc.IpcWriteOptions(use_legacy_format=True)) as writer:
+        writer.write_batch(batch)
+    legacy = sink.getvalue().to_pybytes()
+    assert not legacy.startswith(batch.schema.serialize().to_pybytes())
+    (got,) = feed_all(ArrowDecoder(), ipc_part(batch, legacy))
+    assert got.equals(batch)
+
+
+def test_the_text_of_a_large_batch_is_checked_in_bulk_with_arrow_s_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A spy, not a mock: the bulk check reaches Arrow's verdict by design, so only a count tells it ran.
+    bulk = []
+    monkeypatch.setattr(arrow, "validate_batch", lambda batch: bulk.append(validate_batch(batch)))
+    rows = BULK_FROM_ROWS + 3
+    text = pa.record_batch({"n": pa.array(range(rows)), "s": pa.array([f"é{i}" for i in range(rows)])})
+    numbers = pa.record_batch({"n": pa.array(range(rows))})
+    for batch in (text, numbers):
+        (got,) = feed_all(ArrowDecoder(), ipc_part(batch))
+        assert got.equals(batch)
+        assert assert_roundtrip(batch, chunk_bytes=1 << 20).equals(batch)
+    assert len(bulk) == 2  # the text batch, in each encoding; the numbers went to Arrow alone
+    parts = wire(ArrowEncoder(text.schema, chunk_bytes=1 << 20).encode(text))
+    meta, frames = parts[0]
+    assert meta["encoding"] == "buffers"
+    data = bytearray(frames[-1])  # the string column's bytes
+    data[data.index("é".encode()) + 1] = 0x41  # a lead byte without its continuation byte
+    fails([(meta, [*frames[:-1], memoryview(bytes(data))])], "rebuild")
+    body = ipc_part(text)[0][1][1].tobytes()
+    at = body.index("é1".encode())
+    fails(ipc_part(text, body[:at] + b"\xff" + body[at + 1 :]), "rebuild")
 
 
 def test_hostile_ipc_bodies_of_a_schema_without_dictionaries() -> None:
