@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dpipes.tools.bench.bus import ARROW_SETS
-from dpipes.tools.bench.peers import MESSAGES_1MIB, TIMED_SETS, Run, dora_command, throughput_rows
+from dpipes.tools.bench.peers import MESSAGES_1MIB, MESSAGES_1MIB_SHM, TIMED_SETS, Run, dora_command, throughput_rows
 from dpipes.tools.bench.result import COUNTED_HEADER, format_table
 from tests.tools.bench_table import assert_aligned, bench_command, cells, rows
 
@@ -148,8 +148,8 @@ def test_quick_run_shows_every_row_with_arrived_sent_and_ratios() -> None:
             assert row[0].startswith("peers.dora_") and float(row[5]) >= 0, row
     quick = 10  # what --quick divides sizes by
     sent = {row[0]: (int(row[4].split("/")[1]), int(row[8].split("/")[1])) for row in found}
-    for name in ("zenoh_tcp_1MiB", "zenoh_shm_1MiB"):
-        assert sent[f"peers.{name}"] == (MESSAGES_1MIB // quick,) * 2
+    assert sent["peers.zenoh_tcp_1MiB"] == (MESSAGES_1MIB // quick,) * 2
+    assert sent["peers.zenoh_shm_1MiB"] == (MESSAGES_1MIB_SHM // quick,) * 2
     for shape, (batches, _rows) in ARROW_SETS.items():
         for pool in ("default", "large"):
             # Each side sent its set TIMED_SETS times in the one run, each a sample; dora fewer

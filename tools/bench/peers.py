@@ -17,19 +17,19 @@ marker; the receiver answers with how many puts it got. One run is one sample, f
 the N puts to that answer; dpipes' runs likewise, from the first message to the acknowledgement of
 the stream's end (``EOF_ACK``).
 
-* ``peers.zenoh_tcp_1MiB``: 2000 1 MiB puts a run with shared memory off on both sides (TCP
-  loopback), beside
-  a dpipes stream of 1 MiB messages from a hub here to a hub in a child process (as in
-  ``dpipes-bench bus``). Target: at least 2x.
-* ``peers.zenoh_shm_1MiB``: the same with Zenoh's default configuration, which on one host copies
-  each payload over 3 KiB into a shared-memory pool and sends a handle (its
-  ``transport_optimization``); dpipes beside it as it runs on one host: a client in this process
-  attached over IPC to the child's hub, which hands payloads over in shared memory
-  (``dpipes.bus.shm``) just as Zenoh does. The Python API also has an explicit ``zenoh.shm`` provider to write
-  into shared memory directly; it is marked unstable and is not used. Target: at least 1x. Zenoh's
-  Python processes leave their segments in ``/dev/shm`` when they exit (about 80 MB after a full
-  run: a 16 MiB pool per sending session); the next Zenoh session with shared memory on this host
-  removes those of dead processes. They are Zenoh's and are not removed here.
+* ``peers.zenoh_tcp_1MiB``: 2000 1 MiB puts a run (0.4-3 s) with shared memory off on both sides
+  (TCP loopback), beside a dpipes stream of 1 MiB messages from a hub here to a hub in a child
+  process (as in ``dpipes-bench bus``). Target: at least 2x.
+* ``peers.zenoh_shm_1MiB``: 10,000 1 MiB puts a run (0.5-1.5 s; 2000 took 0.1 s, which one stall
+  of the machine could decide), with Zenoh's default configuration, which on one host copies each
+  payload over 3 KiB into a shared-memory pool and sends a handle (its ``transport_optimization``);
+  dpipes beside it as it runs on one host: a client in this process attached over IPC to the
+  child's hub, which hands payloads over in shared memory (``dpipes.bus.shm``) just as Zenoh does.
+  The Python API also has an explicit ``zenoh.shm`` provider to write into shared memory directly;
+  it is marked unstable and is not used. Target: at least 1x. Zenoh's Python processes leave their
+  segments in ``/dev/shm`` when they exit (about 80 MB after a full run: a 16 MiB pool per sending
+  session); the next Zenoh session with shared memory on this host removes those of dead
+  processes. They are Zenoh's and are not removed here.
 * ``peers.zenoh_rate_64B``: 300,000 64-byte puts a run over TCP, in messages/s (target 0.5x); with
   ``..._cpu_sender`` and ``..._cpu_receiver``, the CPU microseconds per message of each process.
   dpipes sends each message with ``await send_bytes`` and reads it with ``await read()``, as
@@ -124,7 +124,8 @@ log = logging.getLogger(__name__)
 
 PEERS_NEEDED = "pip install eclipse-zenoh dora-rs dora-rs-cli, or pip install -e '.[peers]' in a dpipes checkout"
 
-MESSAGES_1MIB = 2000
+MESSAGES_1MIB = 2000  # over TCP: 0.4-3 s a run, long beside a scheduler tick or a short stall
+MESSAGES_1MIB_SHM = 10_000  # in shared memory 2000 took 0.1 s, which one stall of the machine could decide
 MESSAGES_64B = 300_000
 ROUND_TRIPS = 5000
 ZENOH_CONNECT_TIMEOUT_S = 10.0  # a peer on loopback matches in milliseconds; longer means it is gone
@@ -867,13 +868,13 @@ def zenoh_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) -
         child("zenoh-sink", "shm", module=CHILD_MODULE) as (shm_sink, shm_addr),
     ):
         bus_addr, bus_ipc = bus_addrs.split()
-        count = MESSAGES_1MIB // scale
+        count, shm_count = MESSAGES_1MIB // scale, MESSAGES_1MIB_SHM // scale
         runs: dict[str, list[Run]] = {"ours_tcp": [], "tcp": [], "ours_shm": [], "shm": []}
         for _ in range(repeat):
             runs["ours_tcp"].append(dpipes_bytes_run(bus_addr, big, count, sink.pid))
             runs["tcp"].append(zenoh_send(tcp_addr, shm=False, payload=big, count=count, receiver_pid=tcp_sink.pid))
-            runs["ours_shm"].append(dpipes_local_bytes_run(bus_ipc, big, count, sink.pid))
-            runs["shm"].append(zenoh_send(shm_addr, shm=True, payload=big, count=count, receiver_pid=shm_sink.pid))
+            runs["ours_shm"].append(dpipes_local_bytes_run(bus_ipc, big, shm_count, sink.pid))
+            runs["shm"].append(zenoh_send(shm_addr, shm=True, payload=big, count=shm_count, receiver_pid=shm_sink.pid))
             progress(".")
         bursts = {side: [[run] for run in side_runs] for side, side_runs in runs.items()}
         results += throughput_rows(
