@@ -9,12 +9,23 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from dpipes.tools.bench import peers
 from dpipes.tools.bench.bus import ARROW_SETS
-from dpipes.tools.bench.peers import MESSAGES_1MIB, MESSAGES_1MIB_SHM, TIMED_SETS, Run, dora_command, throughput_rows
+from dpipes.tools.bench.peers import (
+    MESSAGES_1MIB,
+    MESSAGES_1MIB_SHM,
+    TIMED_SETS,
+    Run,
+    await_dora,
+    dora_command,
+    dora_sets,
+    throughput_rows,
+)
 from dpipes.tools.bench.result import COUNTED_HEADER, format_table
 from tests.tools.bench_table import assert_aligned, bench_command, cells, rows
 
@@ -118,6 +129,54 @@ def test_every_set_of_a_session_is_a_sample_and_cpu_per_gb_is_over_the_session()
     # One figure per session: its sets' CPU (0.75 s each) over its sets' bytes.
     assert cpu.samples == (pytest.approx(7.5), pytest.approx(7.5))
     assert cpu.baseline_samples == (pytest.approx(7.5), pytest.approx(2.25 / 0.19))
+
+
+def test_a_dora_set_that_stalled_counts_as_sent_at_0_mb_s_and_later_sets_are_not_samples() -> None:
+    steps = [
+        {"ready": True},
+        {"set": 0, "sent": 100},
+        {"set": 0, "sent": 100, "start": 10.0, "cpu_s": 0.01},
+        {"set": 1, "sent": 100},
+        {"set": 1, "sent": 100, "start": 20.0, "cpu_s": 0.02},
+        {"set": 2, "sent": 100},  # its send_output never returned
+    ]
+    sink = {
+        "0": {"arrived": 98, "nbytes": 98_000, "end": 10.5, "complete": True, "cpu_s": 0.03},  # dropped 2
+        "1": {"arrived": 60, "nbytes": 60_000, "end": 20.1, "complete": False, "cpu_s": 0.0},  # never ended
+    }
+    first, second, third = dora_sets(steps, sink)
+    assert first == Run(0.5, 100, 98, 98_000, 0.01, 0.03)
+    assert second == Run(float("inf"), 100, 60, 60_000, 0.02, 0.0)
+    assert third == Run(float("inf"), 100, 0, 0, 0.0, 0.0)
+    (rate, _cpu) = throughput_rows("peers.x", "dora", [[first]] * 3, [[first, second, third]], None)
+    assert rate.baseline_samples == (pytest.approx(0.196), 0.0, 0.0)
+    assert rate.baseline_delivered == (158, 300)
+
+
+STALLED_DORA = """
+import pathlib, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+pathlib.Path(sys.argv[1]).write_text('{"ready": true}\\n')
+signal.sigwait({signal.SIGINT})  # as dora run stops on Ctrl-C
+pathlib.Path(sys.argv[2]).write_text("stopped")
+"""
+
+
+def test_a_dora_run_whose_source_makes_no_step_is_stopped_as_by_ctrl_c(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peers, "DORA_STALL_S", 0.2)
+    monkeypatch.setattr(peers, "DORA_POLL_S", 0.01)
+    monkeypatch.setattr(peers, "DORA_RUN_TIMEOUT_S", 60.0)  # not stopped: killed, and None
+    progress, stopped = tmp_path / "source.jsonl", tmp_path / "stopped"
+    command = [sys.executable, "-c", STALLED_DORA, str(progress), str(stopped)]
+    proc = subprocess.Popen(command, start_new_session=True)  # as dora_run starts dora run
+    try:
+        assert await_dora(proc, progress, "a set") == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert stopped.read_text() == "stopped"
 
 
 @pytest.mark.timeout(600)

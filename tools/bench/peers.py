@@ -667,7 +667,7 @@ def dora_dataflow(name: str, scale: int, pool: str | None, sets: int) -> str:
     )
 
 
-def _await_dora(proc: subprocess.Popen[bytes], progress: Path, name: str) -> int | None:
+def await_dora(proc: subprocess.Popen[bytes], progress: Path, name: str) -> int | None:
     """The exit status of ``dora run``, None if it had to be killed.
 
     Once the source has started, each of its steps (the warm-up, each set's sending and its
@@ -722,7 +722,7 @@ def dora_run(name: str, scale: int, pool: str | None, sets: int = TIMED_SETS) ->
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its daemon and nodes in one group we can end together
             )
-            status = _await_dora(proc, work / "source.jsonl", name)
+            status = await_dora(proc, work / "source.jsonl", name)
         source_file, sink_file = work / "source.jsonl", work / "sink.json"
         if status != 0 or not source_file.exists() or not sink_file.exists():
             tail = (work / "dora.log").read_text(errors="replace").splitlines()[-5:]
@@ -730,6 +730,11 @@ def dora_run(name: str, scale: int, pool: str | None, sets: int = TIMED_SETS) ->
         steps = [json.loads(line) for line in source_file.read_text().splitlines()]
         sink = json.loads(sink_file.read_text())
     log.debug("dora run of %s (pool %s): source %s, sink %s", name, pool or "default", steps, sink)
+    return dora_sets(steps, sink)
+
+
+def dora_sets(steps: list[dict[str, Any]], sink: dict[str, dict[str, Any]]) -> list[Run]:
+    """A sample per set the dora source began, from its progress lines and the sink's counts."""
     source: dict[int, dict[str, Any]] = {}
     for step in steps:
         if "set" in step:
