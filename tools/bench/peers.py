@@ -55,16 +55,17 @@ so a row has ``repeat`` x 5 samples a side, and one dora start-up (about a secon
 The sink counts arrivals by the set each array names, since dora may drop arrays from a full input
 queue and deliver the rest out of order. Dora sometimes stalls (dora 1.1: a ``send_output`` that
 never returns, or a sink never handed the rest of a set: here about one set in 30 of the 100-array
-stream), until its own stop two minutes later. Once its source has made no step (a set sent or
-acknowledged) for ``DORA_STALL_S``, ``dora run`` is stopped as by Ctrl-C, the sets it did not get
-to are not sent, and the set it stalled in counts as sent, with what arrived, at 0 MB/s: it never
-ended. dpipes: ``TIMED_SETS``
-Arrow streams of the set, one after the other, from one client here attached over IPC to the hub in
-a child process (one host, so the batches' buffers travel in shared memory as dora's do), after the
-same warm-up; each stream is a sample taken the same way, to the last batch's arrival at the sink
-(not to the end's acknowledgement back at the sender, a hop dora's figure does not have), and the
-next starts when the sink's counts for it arrive, as dora's source waits for its sink's
-acknowledgement.
+stream) until its own stop two minutes later. Once its source has made no step (a set sent or
+acknowledged) for ``DORA_STALL_S``, ``dora run`` is stopped as by Ctrl-C: the set it stalled in
+counts as sent, with what arrived, at 0 MB/s (it never ended), and the sets it did not get to are
+not sent.
+
+dpipes beside dora: ``TIMED_SETS`` Arrow streams of the set, one after the other, from one client
+here attached over IPC to the hub in a child process (one host, so the batches' buffers travel in
+shared memory as dora's do), after the same warm-up. Each stream is a sample taken the same way, to
+the last batch's arrival at the sink (not to the end's acknowledgement back at the sender, a hop
+dora's figure does not have), and the next starts when the sink's counts for it arrive, as dora's
+source waits for its sink's acknowledgement.
 
 * ``peers.dora_one_large_batch_{default,large}_pool``: one 64 MB batch (1M rows x 8 numeric
   columns); dora with its default shared-memory pool, then with a ``shared_memory_pool_size`` large
@@ -649,7 +650,6 @@ save(sets)
 def dora_dataflow(name: str, scale: int, pool: str | None, sets: int) -> str:
     """The dataflow YAML: source -> sink, the sink's acknowledgements back to the source."""
     pool_line = f"    shared_memory_pool_size: {pool}\n" if pool else ""
-    env = f'    env:\n      BENCH_SET: "{name}"\n      BENCH_SCALE: "{scale}"\n      BENCH_TIMED_SETS: "{sets}"\n'
     return (
         "nodes:\n"
         "  - id: source\n"
@@ -658,7 +658,10 @@ def dora_dataflow(name: str, scale: int, pool: str | None, sets: int) -> str:
         "      ack: sink/ack\n"
         "    outputs: [batch]\n"
         f"{pool_line}"
-        f"{env}"
+        "    env:\n"
+        f'      BENCH_SET: "{name}"\n'
+        f'      BENCH_SCALE: "{scale}"\n'
+        f'      BENCH_TIMED_SETS: "{sets}"\n'
         "  - id: sink\n"
         "    path: sink.py\n"
         "    inputs:\n"
