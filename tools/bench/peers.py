@@ -1,36 +1,42 @@
 """Peers (``dpipes-bench peers``): dpipes beside what a user would pick instead, Zenoh and dora-rs.
 
 Every shape runs dpipes and the peer in the same run, interleaved (dpipes, peer, dpipes, peer, ...),
-each between two processes of this machine over loopback. A row is the median of ``repeat`` runs,
-with min and max for both sides, and arrived/sent for both sides (messages, arrays or replies the
-receiver counted, summed over the runs): a peer that drops data is shown dropping it, and its rate
-counts only what arrived. Nothing is sent to any address outside this machine.
+each between two processes of this machine over loopback. A row is the median of its samples,
+``repeat`` runs of each side, one sample per run or, for the Arrow rows, several per run (each row
+below says which); with min and max over the samples for both sides, and arrived/sent for both
+sides (messages, arrays or replies the receiver counted, summed over every sample): a peer that
+drops data is shown dropping it, and its rate counts only what arrived. Nothing is sent to any
+address outside this machine.
 
 Zenoh (``eclipse-zenoh``, its Python API) runs in peer mode with multicast and gossip scouting off;
 the receiver (a child process, ``python -m dpipes.tools.bench.peers zenoh-sink``) listens only on
 ``tcp/127.0.0.1:0`` and this process connects to that one endpoint and listens nowhere. Publishers
 use ``CongestionControl.BLOCK``: like dpipes' credit, a full queue makes the sender wait (Zenoh's
-default, ``DROP``, drops under load). A run is N puts and a 3-byte end marker; the receiver answers
-with how many puts it got.
+default, ``DROP``, drops under load). A run is a warm-up of N/10 puts, then N puts and a 3-byte end
+marker; the receiver answers with how many puts it got. One run is one sample, from the first of
+the N puts to that answer; dpipes' runs likewise, from the first message to the acknowledgement of
+the stream's end (``EOF_ACK``).
 
-* ``peers.zenoh_tcp_1MiB``: 1 MiB puts with shared memory off on both sides (TCP loopback), beside
-  a dpipes stream of 1 MiB messages from a hub here to a hub in a child process (as in
-  ``dpipes-bench bus``). Target: at least 2x.
-* ``peers.zenoh_shm_1MiB``: the same with Zenoh's default configuration, which on one host copies
-  each payload over 3 KiB into a shared-memory pool and sends a handle (its
-  ``transport_optimization``); dpipes beside it as it runs on one host: a client in this process
-  attached over IPC to the child's hub, which hands payloads over in shared memory
-  (``dpipes.bus.shm``) just as Zenoh does. The Python API also has an explicit ``zenoh.shm`` provider to write
-  into shared memory directly; it is marked unstable and is not used. Target: at least 1x. Zenoh's
-  Python processes leave their segments in ``/dev/shm`` when they exit (about 80 MB after a full
-  run: a 16 MiB pool per sending session); the next Zenoh session with shared memory on this host
-  removes those of dead processes. They are Zenoh's and are not removed here.
-* ``peers.zenoh_rate_64B``: 64-byte puts over TCP, in messages/s (target 0.5x); with
+* ``peers.zenoh_tcp_1MiB``: 2000 1 MiB puts a run (0.4-3 s) with shared memory off on both sides
+  (TCP loopback), beside a dpipes stream of 1 MiB messages from a hub here to a hub in a child
+  process (as in ``dpipes-bench bus``). Target: at least 2x.
+* ``peers.zenoh_shm_1MiB``: 10,000 1 MiB puts a run (0.5-1.5 s; 2000 took 0.1 s, which one stall
+  of the machine could decide), with Zenoh's default configuration, which on one host copies each
+  payload over 3 KiB into a shared-memory pool and sends a handle (its ``transport_optimization``);
+  dpipes beside it as it runs on one host: a client in this process attached over IPC to the
+  child's hub, which hands payloads over in shared memory (``dpipes.bus.shm``) just as Zenoh does.
+  The Python API also has an explicit ``zenoh.shm`` provider to write into shared memory directly;
+  it is marked unstable and is not used. Target: at least 1x. Zenoh's Python processes leave their
+  segments in ``/dev/shm`` when they exit (about 80 MB after a full run: a 16 MiB pool per sending
+  session); the next Zenoh session with shared memory on this host removes those of dead
+  processes. They are Zenoh's and are not removed here.
+* ``peers.zenoh_rate_64B``: 300,000 64-byte puts a run over TCP, in messages/s (target 0.5x); with
   ``..._cpu_sender`` and ``..._cpu_receiver``, the CPU microseconds per message of each process.
   dpipes sends each message with ``await send_bytes`` and reads it with ``await read()``, as
   Zenoh's side puts each and gets a callback per sample. ``peers.zenoh_rate_64B_batch_api``: the
   same messages with dpipes' batch API (``send_many``, ``read_chunks``), beside the same Zenoh runs.
-* ``peers.zenoh_roundtrip_64B_p50`` / ``_p99``: a 64-byte put echoed back by the child (both
+* ``peers.zenoh_roundtrip_64B_p50`` / ``_p99``: 5000 round trips a run, each sample a run's p50 or
+  p99. A round trip: a 64-byte put echoed back by the child (both
   publishers ``express``, Zenoh's low-latency setting), awaited before the next; dpipes: a 64-byte
   REQUEST answered by a REPLY, as in ``dpipes-bench bus``. Both echoes answer as the message is
   delivered: Zenoh's in its subscriber's callback, dpipes' in a request handler
@@ -41,12 +47,25 @@ dora-rs: ``dora run`` (a local daemon, no coordinator; multicast scouting off wi
 ``DORA_ZENOH_MULTICAST=off``) of a dataflow written to a temporary directory with its two Python
 nodes. The source sends each ``RecordBatch`` as a ``StructArray`` (``send_output`` takes an Arrow
 array), the sink rebuilds and validates it as a ``RecordBatch``, zero-copy, as dpipes' reader does.
-The source sends a warm-up array, waits for the sink's acknowledgement, then sends the set;
-throughput = bytes of the arrays that arrived / (the last arrival - the start of sending), both read
-from ``CLOCK_MONOTONIC``. dpipes: an Arrow stream from a client here attached over IPC to the hub
-in a child process: one host, so the batches' buffers travel in shared memory as dora's do; its
-throughput is taken the same way, to the last batch's arrival at the sink (not to the end's
-acknowledgement back at the sender, a hop dora's figure does not have).
+The source sends a warm-up array and waits for the sink's acknowledgement; then, ``TIMED_SETS``
+(5) times, it sends the set and waits for the sink's acknowledgement of it (the sink drops each
+array once counted, and acknowledges a set on its last array). Each set is one sample: bytes of its
+arrays that arrived / (its last arrival - its start of sending), both read from ``CLOCK_MONOTONIC``,
+so a row has ``repeat`` x 5 samples a side, and one dora start-up (about a second) pays for five.
+The sink counts arrivals by the set each array names, since dora may drop arrays from a full input
+queue and deliver the rest out of order. Dora sometimes stalls (dora 1.1: a ``send_output`` that
+never returns, or a sink never handed the rest of a set: here about one set in 30 of the 100-array
+stream) until its own stop two minutes later. Once its source has made no step (a set sent or
+acknowledged) for ``DORA_STALL_S``, ``dora run`` is stopped as by Ctrl-C: the set it stalled in
+counts as sent, with what arrived, at 0 MB/s (it never ended), and the sets it did not get to are
+not sent.
+
+dpipes beside dora: ``TIMED_SETS`` Arrow streams of the set, one after the other, from one client
+here attached over IPC to the hub in a child process (one host, so the batches' buffers travel in
+shared memory as dora's do), after the same warm-up. Each stream is a sample taken the same way, to
+the last batch's arrival at the sink (not to the end's acknowledgement back at the sender, a hop
+dora's figure does not have), and the next starts when the sink's counts for it arrive, as dora's
+source waits for its sink's acknowledgement.
 
 * ``peers.dora_one_large_batch_{default,large}_pool``: one 64 MB batch (1M rows x 8 numeric
   columns); dora with its default shared-memory pool, then with a ``shared_memory_pool_size`` large
@@ -59,8 +78,9 @@ acknowledgement back at the sender, a hop dora's figure does not have).
 
 Each throughput row has a ``..._cpu`` row: CPU seconds per GB of both processes together, from
 ``getrusage`` (this process) and the child's threads' ``/proc/PID/task/TID/schedstat``
-(nanoseconds; ``/proc/PID/stat``'s 10 ms ticks where the kernel has no schedstat) across the timed part; dora's nodes
-read their own ``getrusage``, and dora's daemon is not counted.
+(nanoseconds; ``/proc/PID/stat``'s 10 ms ticks where the kernel has no schedstat) across the timed
+part; dora's nodes read their own ``getrusage``, and dora's daemon is not counted. One sample per
+run: for the Arrow rows, the CPU of all the run's sets over their bytes.
 """
 
 from __future__ import annotations
@@ -105,7 +125,8 @@ log = logging.getLogger(__name__)
 
 PEERS_NEEDED = "pip install eclipse-zenoh dora-rs dora-rs-cli, or pip install -e '.[peers]' in a dpipes checkout"
 
-MESSAGES_1MIB = 2000
+MESSAGES_1MIB = 2000  # over TCP: 0.4-3 s a run, long beside a scheduler tick or a short stall
+MESSAGES_1MIB_SHM = 10_000  # in shared memory 2000 took 0.1 s, which one stall of the machine could decide
 MESSAGES_64B = 300_000
 ROUND_TRIPS = 5000
 ZENOH_CONNECT_TIMEOUT_S = 10.0  # a peer on loopback matches in milliseconds; longer means it is gone
@@ -116,6 +137,13 @@ DORA_RUN_TIMEOUT_S = 300.0  # start-up, 64 MB and teardown, on a loaded machine
 # falls back from it. dpipes' client gets the same as its reserve (``Client(shm_reserve=...)``).
 DORA_LARGE_POOL = "512MB"
 DORA_LARGE_POOL_BYTES = 512_000_000
+# Times each dora run, and each dpipes client beside it, sends its Arrow set, each a sample: one set
+# takes 5-15 ms, a few scheduler ticks, and a dora run's start-up (~1 s) is paid once for them all.
+TIMED_SETS = 5
+# Each step of a dora run (a set sent, or acknowledged) takes under a second; a run whose source
+# has made no step for this long has stalled in dora (see the module docstring) and is stopped.
+DORA_STALL_S = 10.0
+DORA_POLL_S = 0.1  # how often a waiting ``dora run`` is checked for its source's progress
 
 DATA_KEY = "dpipes-bench/data"
 DONE_KEY = "dpipes-bench/done"
@@ -484,25 +512,33 @@ def dpipes_local_bytes_run(ipc: str, payload: bytes, count: int, receiver_pid: i
     return asyncio.run(run())
 
 
-def dpipes_local_arrow_run(ipc: str, batches: list[Any], receiver_pid: int, shm_reserve: int = 0) -> Run:
-    """The same Arrow stream from a client attached to the sink's hub over IPC: one host, shared
-    memory (``shm_reserve`` bytes of it made at attach, before the timed part)."""
+def dpipes_local_arrow_run(
+    ipc: str, batches: list[Any], receiver_pid: int, shm_reserve: int = 0, sets: int = TIMED_SETS
+) -> list[Run]:
+    """The same Arrow stream ``sets`` times from one client attached to the sink's hub over IPC, each
+    a sample: one host, shared memory (``shm_reserve`` bytes of it made at attach, before the timed
+    part)."""
 
-    async def run() -> Run:
+    async def run() -> list[Run]:
+        runs = []
         async with Client(ipc, shm_reserve=shm_reserve) as client:
             src = client.endpoint
             await dpipes_arrow_send_from(src, batches[:1], SINK_ARROW)  # warm up
             await _warmed(client)
-            cpu, receiver_cpu = cpu_seconds(), cpu_seconds(receiver_pid)
-            start = time.monotonic()
-            await dpipes_arrow_send_from(src, batches, SINK_ARROW)
-            sender_cpu, receiver_cpu = cpu_seconds() - cpu, cpu_seconds(receiver_pid) - receiver_cpu
-            counts = await src.request(SINK_ARROW, "counts")
-        # From the start of sending to the last arrival at the sink (CLOCK_MONOTONIC is one clock for
-        # every process of the host), as dora's figure is taken: not to the end's acknowledgement
-        # back at the sender, a hop dora's figure does not include.
-        seconds = counts["end"] - start if counts["end"] is not None else float("inf")
-        return Run(seconds, len(batches), counts["arrived"], counts["nbytes"], sender_cpu, receiver_cpu)
+            for _ in range(sets):
+                cpu, receiver_cpu = cpu_seconds(), cpu_seconds(receiver_pid)
+                start = time.monotonic()
+                await dpipes_arrow_send_from(src, batches, SINK_ARROW)
+                sender_cpu, receiver_cpu = cpu_seconds() - cpu, cpu_seconds(receiver_pid) - receiver_cpu
+                # The sink's counts are its acknowledgement of the set, as dora's sink acknowledges
+                # one: the next set starts on their arrival.
+                counts = await src.request(SINK_ARROW, "counts")
+                # From the start of sending to the last arrival at the sink (CLOCK_MONOTONIC is one
+                # clock for every process of the host), as dora's figure is taken: not to the end's
+                # acknowledgement back at the sender, a hop dora's figure does not include.
+                seconds = counts["end"] - start if counts["end"] is not None else float("inf")
+                runs.append(Run(seconds, len(batches), counts["arrived"], counts["nbytes"], sender_cpu, receiver_cpu))
+        return runs
 
     return asyncio.run(run())
 
@@ -526,31 +562,47 @@ import json, os, resource, time
 from dora import Node
 from dpipes.tools.bench.bus import arrow_batches
 
+progress = open("source.jsonl", "w")  # a line per step: how far the source got, should dora stall
+
+def note(**fields):
+    progress.write(json.dumps(fields) + "\\n")
+    progress.flush()
+
 def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
-def await_ack(node):
+def await_ack(node, k):
+    # Whether the sink acknowledged set k (-1: the warm-up) before dora stopped the dataflow.
     for event in node:
-        if event["type"] == "INPUT" and event["id"] == "ack":
-            return
+        if event["type"] == "INPUT" and event["id"] == "ack" and event["value"][0].as_py() >= k:
+            return True
+        if event["type"] == "STOP":
+            return False
+    return False
 
 node = Node()
 batches = arrow_batches(os.environ["BENCH_SET"], int(os.environ["BENCH_SCALE"]))
 arrays = [b.to_struct_array() for b in batches]
-node.send_output("batch", arrays[0], {"i": -1})  # warm up, and wait until the sink has it
-await_ack(node)
-start_cpu, start = cpu(), time.monotonic()
-for i, array in enumerate(arrays):
-    node.send_output("batch", array, {"i": i, "last": i == len(arrays) - 1})
-spent = cpu() - start_cpu
-with open("source.json", "w") as f:
-    json.dump({"start": start, "sent": len(arrays), "cpu_s": spent}, f)
-await_ack(node)  # the sink is done: only now may our buffers go
+note(ready=True)
+node.send_output("batch", arrays[0], {"set": -1, "last": True})  # warm up, and wait until the sink has it
+if not await_ack(node, -1):
+    note(set=0, sent=len(arrays))  # dora stalled before the first set, which counts as stalled
+else:
+    for k in range(int(os.environ["BENCH_TIMED_SETS"])):
+        note(set=k, sent=len(arrays))
+        start_cpu, start = cpu(), time.monotonic()
+        for i, array in enumerate(arrays):
+            node.send_output("batch", array, {"set": k, "last": i == len(arrays) - 1})
+        note(set=k, sent=len(arrays), start=start, cpu_s=cpu() - start_cpu)
+        # The sink has the whole set: the next one starts, and after the last our buffers may go.
+        if not await_ack(node, k):
+            break  # dora stopped the dataflow: nothing sent now would arrive
+note(done=True)
 """
 
 DORA_SINK = """\
-import json, resource, time
+import json, os, resource, time
 import pyarrow as pa
 from dora import Node
 
@@ -558,31 +610,44 @@ def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
+def save(sets):
+    with open("sink.json.new", "w") as f:
+        json.dump(sets, f)
+    os.replace("sink.json.new", "sink.json")  # whole, should dora kill us later
+
 node = Node()
-arrived = nbytes = 0
-start_cpu = cpu()
-last_arrival = None
-for event in node:
+sets = {}  # what arrived of each set, by the set's number: dora may drop or reorder arrays
+mark_cpu = cpu()
+for event in node:  # until the source has gone, or dora stops the dataflow
     if event["type"] != "INPUT" or event["id"] != "batch":
         continue
+    metadata = event["metadata"]
     batch = pa.RecordBatch.from_struct_array(event["value"])
     batch.validate()
-    if event["metadata"]["i"] < 0:
-        start_cpu = cpu()
-        node.send_output("ack", pa.array([0]))
-        continue
-    arrived += 1
-    nbytes += batch.nbytes
-    last_arrival = time.monotonic()
-    if event["metadata"].get("last"):
-        break
-with open("sink.json", "w") as f:
-    json.dump({"end": last_arrival, "arrived": arrived, "nbytes": nbytes, "cpu_s": cpu() - start_cpu}, f)
-node.send_output("ack", pa.array([1]))
+    size = batch.nbytes
+    del batch, event  # let go of the arrays before acknowledging, so the source's pool has them back
+    k = metadata["set"]
+    if k < 0:  # the warm-up
+        mark_cpu = cpu()
+    else:
+        got = sets.setdefault(k, {"arrived": 0, "nbytes": 0, "end": None, "complete": False, "cpu_s": 0.0})
+        got["arrived"] += 1
+        got["nbytes"] += size
+        got["end"] = time.monotonic()  # the set's last arrival so far
+        if not metadata["last"]:
+            continue
+        # A set's CPU runs from the previous acknowledgement (the warm-up's, first) to its last array.
+        now_cpu = cpu()
+        got["cpu_s"] += now_cpu - mark_cpu
+        got["complete"] = True
+        mark_cpu = now_cpu
+        save(sets)
+    node.send_output("ack", pa.array([k]))
+save(sets)
 """
 
 
-def dora_dataflow(name: str, scale: int, pool: str | None) -> str:
+def dora_dataflow(name: str, scale: int, pool: str | None, sets: int) -> str:
     """The dataflow YAML: source -> sink, the sink's acknowledgements back to the source."""
     pool_line = f"    shared_memory_pool_size: {pool}\n" if pool else ""
     return (
@@ -596,6 +661,7 @@ def dora_dataflow(name: str, scale: int, pool: str | None) -> str:
         "    env:\n"
         f'      BENCH_SET: "{name}"\n'
         f'      BENCH_SCALE: "{scale}"\n'
+        f'      BENCH_TIMED_SETS: "{sets}"\n'
         "  - id: sink\n"
         "    path: sink.py\n"
         "    inputs:\n"
@@ -604,13 +670,44 @@ def dora_dataflow(name: str, scale: int, pool: str | None) -> str:
     )
 
 
-def dora_run(name: str, scale: int, pool: str | None) -> Run:
-    """One ``dora run`` of the Arrow set ``name`` between two Python nodes, in a temporary directory."""
+def await_dora(proc: subprocess.Popen[bytes], progress: Path, name: str) -> int | None:
+    """The exit status of ``dora run``, None if it had to be killed.
+
+    Once the source has started, each of its steps (the warm-up, each set's sending and its
+    acknowledgement, then the sink's end) takes well under a second. When its ``progress`` file has
+    not grown for ``DORA_STALL_S``, dora has stalled (see the module docstring): ``dora run`` is
+    stopped as by Ctrl-C, its nodes get STOP, and the sink writes what arrived.
+    """
+    deadline = time.monotonic() + DORA_RUN_TIMEOUT_S
+    size, changed = -1, time.monotonic()
+    while True:
+        try:
+            return proc.wait(DORA_POLL_S)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if now > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+        if not progress.exists():
+            continue  # still starting: the deadline bounds that
+        if (new_size := progress.stat().st_size) != size:
+            size, changed = new_size, now
+        elif now - changed > DORA_STALL_S:
+            log.warning("dora run of %s stalled for %g s; stopping it", name, DORA_STALL_S)
+            proc.send_signal(signal.SIGINT)
+            changed = float("inf")  # once
+
+
+def dora_run(name: str, scale: int, pool: str | None, sets: int = TIMED_SETS) -> list[Run]:
+    """One ``dora run`` between two Python nodes, in a temporary directory: the Arrow set ``name``
+    sent ``sets`` times, each acknowledged before the next, each a sample."""
     dora = dora_command()
     assert dora is not None
     with tempfile.TemporaryDirectory(prefix="dpipes-bench-dora-") as tmp:
         work = Path(tmp)
-        (work / "dataflow.yml").write_text(dora_dataflow(name, scale, pool))
+        (work / "dataflow.yml").write_text(dora_dataflow(name, scale, pool, sets))
         (work / "source.py").write_text(DORA_SOURCE)
         (work / "sink.py").write_text(DORA_SINK)
         env = {
@@ -628,20 +725,31 @@ def dora_run(name: str, scale: int, pool: str | None) -> Run:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its daemon and nodes in one group we can end together
             )
-            try:
-                status = proc.wait(DORA_RUN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                status = None
-        source_file, sink_file = work / "source.json", work / "sink.json"
+            status = await_dora(proc, work / "source.jsonl", name)
+        source_file, sink_file = work / "source.jsonl", work / "sink.json"
         if status != 0 or not source_file.exists() or not sink_file.exists():
             tail = (work / "dora.log").read_text(errors="replace").splitlines()[-5:]
             raise RuntimeError(f"dora run of {name} ended with status {status}: " + " | ".join(tail))
-        source, sink = json.loads(source_file.read_text()), json.loads(sink_file.read_text())
-    log.debug("dora run of %s (pool %s): source %s, sink %s", name, pool or "default", source, sink)
-    seconds = sink["end"] - source["start"] if sink["end"] is not None else float("inf")
-    return Run(seconds, source["sent"], sink["arrived"], sink["nbytes"], source["cpu_s"], sink["cpu_s"])
+        steps = [json.loads(line) for line in source_file.read_text().splitlines()]
+        sink = json.loads(sink_file.read_text())
+    log.debug("dora run of %s (pool %s): source %s, sink %s", name, pool or "default", steps, sink)
+    return dora_sets(steps, sink)
+
+
+def dora_sets(steps: list[dict[str, Any]], sink: dict[str, dict[str, Any]]) -> list[Run]:
+    """A sample per set the dora source began, from its progress lines and the sink's counts."""
+    source: dict[int, dict[str, Any]] = {}
+    for step in steps:
+        if "set" in step:
+            source.setdefault(step["set"], {}).update(step)
+    runs = []
+    for k, sent in sorted(source.items()):
+        took = sink.get(str(k), {"arrived": 0, "nbytes": 0, "complete": False, "cpu_s": 0.0})
+        # A set dora never finished sending or delivering never ended: 0 MB/s, whatever arrived.
+        done = took["complete"] and "start" in sent
+        seconds = took["end"] - sent["start"] if done else float("inf")
+        runs.append(Run(seconds, sent["sent"], took["arrived"], took["nbytes"], sent.get("cpu_s", 0.0), took["cpu_s"]))
+    return runs
 
 
 # -- rows --------------------------------------------------------------------------------------
@@ -661,20 +769,28 @@ def _mb_s(r: Run) -> float:
     return r.nbytes / r.seconds / 1e6
 
 
-def _cpu_s_per_gb(r: Run) -> float:
-    return (r.sender_cpu_s + r.receiver_cpu_s) / max(r.nbytes, 1) * 1e9
+def _cpu_s_per_gb(runs: list[Run]) -> float:
+    return sum(r.sender_cpu_s + r.receiver_cpu_s for r in runs) / max(sum(r.nbytes for r in runs), 1) * 1e9
 
 
-def throughput_rows(name: str, peer: str, ours: list[Run], theirs: list[Run], target: float | None) -> list[Result]:
-    """MB/s of what arrived, and CPU s/GB of both processes, dpipes beside ``peer``."""
-    counts = _Counts(_delivered(ours), _delivered(theirs))
+def throughput_rows(
+    name: str, peer: str, ours: list[list[Run]], theirs: list[list[Run]], target: float | None
+) -> list[Result]:
+    """MB/s of what arrived, and CPU s/GB of both processes, dpipes beside ``peer``.
+
+    Each inner list holds the samples one session took (the sets of a dora run, or of the dpipes
+    client beside it; a single burst for Zenoh): MB/s is the median over every sample, CPU per GB
+    one figure per session, over all its samples.
+    """
+    our_samples, their_samples = list(itertools.chain.from_iterable(ours)), list(itertools.chain.from_iterable(theirs))
+    counts = _Counts(_delivered(our_samples), _delivered(their_samples))
     return [
         result(
             name,
             "MB/s",
-            [_mb_s(r) for r in ours],
+            [_mb_s(r) for r in our_samples],
             peer,
-            [_mb_s(r) for r in theirs],
+            [_mb_s(r) for r in their_samples],
             target=target,
             delivered=counts.ours,
             baseline_delivered=counts.theirs,
@@ -682,9 +798,9 @@ def throughput_rows(name: str, peer: str, ours: list[Run], theirs: list[Run], ta
         result(
             f"{name}_cpu",
             "CPU s/GB, both processes",
-            [_cpu_s_per_gb(r) for r in ours],
+            [_cpu_s_per_gb(session) for session in ours],
             peer,
-            [_cpu_s_per_gb(r) for r in theirs],
+            [_cpu_s_per_gb(session) for session in theirs],
             higher_is_better=False,
             delivered=counts.ours,
             baseline_delivered=counts.theirs,
@@ -760,19 +876,20 @@ def zenoh_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) -
         child("zenoh-sink", "shm", module=CHILD_MODULE) as (shm_sink, shm_addr),
     ):
         bus_addr, bus_ipc = bus_addrs.split()
-        count = MESSAGES_1MIB // scale
+        count, shm_count = MESSAGES_1MIB // scale, MESSAGES_1MIB_SHM // scale
         runs: dict[str, list[Run]] = {"ours_tcp": [], "tcp": [], "ours_shm": [], "shm": []}
         for _ in range(repeat):
             runs["ours_tcp"].append(dpipes_bytes_run(bus_addr, big, count, sink.pid))
             runs["tcp"].append(zenoh_send(tcp_addr, shm=False, payload=big, count=count, receiver_pid=tcp_sink.pid))
-            runs["ours_shm"].append(dpipes_local_bytes_run(bus_ipc, big, count, sink.pid))
-            runs["shm"].append(zenoh_send(shm_addr, shm=True, payload=big, count=count, receiver_pid=shm_sink.pid))
+            runs["ours_shm"].append(dpipes_local_bytes_run(bus_ipc, big, shm_count, sink.pid))
+            runs["shm"].append(zenoh_send(shm_addr, shm=True, payload=big, count=shm_count, receiver_pid=shm_sink.pid))
             progress(".")
+        bursts = {side: [[run] for run in side_runs] for side, side_runs in runs.items()}
         results += throughput_rows(
-            "peers.zenoh_tcp_1MiB", "Zenoh, shared memory off (TCP)", runs["ours_tcp"], runs["tcp"], 2.0
+            "peers.zenoh_tcp_1MiB", "Zenoh, shared memory off (TCP)", bursts["ours_tcp"], bursts["tcp"], 2.0
         )
         results += throughput_rows(
-            "peers.zenoh_shm_1MiB", "Zenoh default (shared memory)", runs["ours_shm"], runs["shm"], 1.0
+            "peers.zenoh_shm_1MiB", "Zenoh default (shared memory)", bursts["ours_shm"], bursts["shm"], 1.0
         )
 
         count = MESSAGES_64B // scale
@@ -803,7 +920,7 @@ def dora_benchmarks(repeat: int, progress: Callable[[str], None], scale: int) ->
         bus_ipc = bus_addrs.split()[1]
         for name in ARROW_SETS:
             batches = arrow_batches(name, scale)
-            runs: dict[str, list[Run]] = {"ours_default": [], "default": [], "ours_large": [], "large": []}
+            runs: dict[str, list[list[Run]]] = {"ours_default": [], "default": [], "ours_large": [], "large": []}
             for _ in range(repeat):
                 runs["ours_default"].append(dpipes_local_arrow_run(bus_ipc, batches, sink.pid))
                 runs["default"].append(dora_run(name, scale, None))
