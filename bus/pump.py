@@ -89,6 +89,25 @@ def recv_frames(sock: zmq.Socket[Any]) -> list[zmq.Frame]:
     return frames
 
 
+def recv_routed(sock: zmq.Socket[Any]) -> list[Any]:
+    """Receive one message from a ROUTER without blocking: its sender's routing id as bytes, then
+    its frames as zmq.Frame objects.
+
+    The routing id is always followed by the message's own frames, so it needs no ``more`` to
+    look at: received as bytes, it costs no Frame to make and read back (about 0.3 us a message).
+
+    Raises:
+        zmq.Again: nothing is waiting.
+    """
+    frames: list[Any] = [_raw_recv(sock, _NOBLOCK, True, False)]
+    frame = _raw_recv(sock, _NOBLOCK, False, False)
+    frames.append(frame)
+    while frame.more:
+        frame = _raw_recv(sock, _NOBLOCK, False, False)
+        frames.append(frame)
+    return frames
+
+
 class Pump:
     """One socket, its reader callback, and its send backlog."""
 
@@ -98,7 +117,7 @@ class Pump:
         on_message: Callable[[list[Any]], None],
         *,
         loop: asyncio.AbstractEventLoop | None = None,
-        copy_threshold: int = 0,
+        routed: bool = False,
     ) -> None:
         self.sock = sock
         self.on_message = on_message  # may be replaced before the loop runs again
@@ -109,6 +128,7 @@ class Pump:
         self._scheduled = False
         self._draining = False  # in _on_fd's loop: a send on this socket needs no check of its own
         self._closed = False
+        self._recv = recv_routed if routed else recv_frames  # a ROUTER's messages start with bytes
         self.sent = 0
         self.received = 0
         self._loop.add_reader(self._fd, self._on_fd)
@@ -136,12 +156,12 @@ class Pump:
                 self._flush()  # its sends may consume the edge: the recv below looks, and re-arms
             elif not events & _POLLIN:
                 return
-        handle = self.on_message
+        handle, recv = self.on_message, self._recv
         self._draining = True
         try:
             for i in range(DRAIN_BATCH_MESSAGES):
                 try:
-                    frames = recv_frames(sock)
+                    frames = recv(sock)
                 except zmq.Again:  # nothing waits (a wake-up for a command, not a message); re-armed
                     return
                 except zmq.ZMQError:

@@ -271,7 +271,7 @@ class Hub(Links, Clients, Routing, Boundary, Security, TapMirror):
                 self._gate.stop()
             self._ctx.term()
             raise BusError(f"node {self.node}: cannot listen: {exc}") from exc
-        self._router = Pump(router, self._on_router)
+        self._router = Pump(router, self._on_router, routed=True)
         self._tap = Pump(tap_sock, self._on_tap_subscription)
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name=f"hub {self.node} heartbeats")
         log.info(

@@ -34,7 +34,8 @@ class Boundary:
     """A hub's ROUTER input and its bad-message rules (a part of :class:`~dpipes.bus.hub.Hub`)."""
 
     def _on_router(self: Hub, frames: list[Any]) -> None:
-        ident = frames[0].bytes
+        """A message on the ROUTER: its sender's routing id (bytes), then its frames (zmq.Frame)."""
+        ident = frames[0]
         count = len(frames)
         if count < 2 or count > codec.MAX_FRAMES + 1:
             what = "no header frame" if count < 2 else f"{count - 1} frames (limit {codec.MAX_FRAMES})"

@@ -102,3 +102,30 @@ async def test_a_message_that_arrives_before_our_send_is_handled_though_the_send
         sock.close(0)
         peer.close(0)
         ctx.term()
+
+
+async def test_a_routed_pump_hands_over_the_routing_id_as_bytes_and_every_frame_after_it() -> None:
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    for each in (router, dealer):
+        each.linger = 0
+    dealer.setsockopt(zmq.ROUTING_ID, b"peer-1")
+    got: asyncio.Queue[list[Any]] = asyncio.Queue()
+    try:
+        with tempfile.TemporaryDirectory(prefix="dpipes-pump-") as tmp:
+            router.bind(f"ipc://{tmp}/s")
+            dealer.connect(f"ipc://{tmp}/s")
+            pump = Pump(router, got.put_nowait, routed=True)
+            dealer.send_multipart([b"header", b"one", b"two"])
+            dealer.send(b"alone")
+            first = await asyncio.wait_for(got.get(), WAIT_S)
+            assert first[0] == b"peer-1" and type(first[0]) is bytes
+            assert [f.bytes for f in first[1:]] == [b"header", b"one", b"two"]
+            second = await asyncio.wait_for(got.get(), WAIT_S)
+            assert second[0] == b"peer-1" and [f.bytes for f in second[1:]] == [b"alone"]
+    finally:
+        if "pump" in locals():
+            pump.close()
+        router.close(0)
+        dealer.close(0)
+        ctx.term()
