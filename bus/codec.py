@@ -405,15 +405,17 @@ def _unpack_header(frame: Buffer) -> Any:
     )
 
 
-_LEAVES = frozenset({str, int, bytes, float, bool, type(None)})  # what msgpack decodes besides maps and arrays
+_CONTAINERS = frozenset({dict, list})  # what msgpack decodes maps and arrays as; the rest are leaves
 
 
 def _check_depth(value: Any, name: str) -> None:
-    """Raise DecodeError when field ``name``'s ``value`` nests maps/arrays deeper than MAX_DEPTH.
+    """Raise DecodeError when field ``name``'s map ``value`` nests maps/arrays deeper than MAX_DEPTH.
 
-    Level by level, leaves skipped by their exact type: an Arrow message's map is checked once per
-    batch, and a per-item generator cost more than the rest of its decoding. The error's text is
-    made only for an error: every REQUEST and REPLY has a map.
+    Level by level, and only containers go down to the next level, found by their exact type:
+    leaves are looked at once, where they are, and a map of leaves (most request and reply
+    bodies) is one pass. An Arrow message's map is checked once per batch, and a per-item
+    generator cost more than the rest of its decoding. The error's text is made only for an
+    error: every REQUEST and REPLY has a map.
     """
     level = [value]
     depth = 1
@@ -421,14 +423,10 @@ def _check_depth(value: Any, name: str) -> None:
         if depth > MAX_DEPTH:
             raise DecodeError(f"field {name!r} nests deeper than {MAX_DEPTH} levels")
         below: list[Any] = []
-        for item in level:
-            kind = type(item)
-            if kind in _LEAVES:
-                continue
-            if isinstance(item, dict):
-                below.extend(item.values())
-            elif isinstance(item, list):
-                below.extend(item)
+        for container in level:
+            for item in container.values() if type(container) is dict else container:
+                if type(item) in _CONTAINERS:
+                    below.append(item)
         level = below
         depth += 1
 

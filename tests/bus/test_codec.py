@@ -154,6 +154,20 @@ def test_wrong_field_types_are_named(msg: codec.Message, junk: dict[str, Any]) -
             codec.decode([msgpack.packb(bad), *payload])
 
 
+def test_a_body_nested_as_deep_as_the_limit_decodes_and_one_level_more_is_refused() -> None:
+    base = codec.header_of(codec.Request(src="a/b", dst="c/d", method="m"))
+    for leaf in (1, "x", None, {}, []):  # the innermost value: a leaf, or an empty map or array (a level)
+        for inner in (dict, list):
+            deep: Any = leaf
+            # The body itself is the outermost level, and an empty container the innermost.
+            for level in range(codec.MAX_DEPTH - 1 - (type(leaf) in (dict, list))):
+                deep = {"k": deep} if (level % 2 if inner is dict else not level % 2) else [deep, 2]
+            msg = codec.decode([msgpack.packb(dict(base, body={"k": deep, "flat": 1}))])
+            assert isinstance(msg, codec.Request) and msg.body["flat"] == 1
+            with pytest.raises(DecodeError, match=f"nests deeper than {codec.MAX_DEPTH} levels"):
+                codec.decode([msgpack.packb(dict(base, body={"flat": 1, "k": [deep]}))])
+
+
 def test_limits_are_enforced() -> None:
     base = codec.header_of(codec.Request(src="a/b", dst="c/d", method="m"))
     with pytest.raises(DecodeError, match="limit"):
