@@ -23,7 +23,7 @@ from dpipes.nodes.plugins.direct import DirectInput, DirectOutput, HeldWrites, R
 from dpipes.nodes.plugins.errors import EdgeDecodeError
 from dpipes.nodes.plugins.spec import FD_BUS, FD_SENT, WorkerSpec
 from tests.nodes.daemons import Daemon, daemons, dpipes
-from tests.nodes.plugins.test_worker import run_killing_its_worker, workers_of
+from tests.nodes.plugins.test_worker import no_workers_left, run_killing_its_worker, workers_of
 from tests.nodes.plugins.test_worker_pool import until
 from tests.nodes.plugins.workers import SALES, rows
 from tests.procs import resources
@@ -357,7 +357,7 @@ async def test_input_that_does_not_parse_on_a_direct_edge_fails_the_run_and_its_
         assert "stage 1 (%passthrough@alpha): plugin passthrough: input 'Input'" in out.stderr
         assert "CSV does not parse: after" in out.stderr
         assert out.stdout == b""  # wc was cancelled before it saw an end of input: no count of a partial one
-        assert workers_of(alpha.proc.pid) == []
+        await no_workers_left(alpha.proc.pid)
 
 
 def spec_body(**fields: object) -> dict[str, object]:

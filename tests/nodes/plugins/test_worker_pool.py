@@ -15,7 +15,7 @@ from dpipes.bus.errors import ConfigError
 from dpipes.nodes.config import load_config
 from dpipes.nodes.node import Node
 from tests.nodes.daemons import daemons, dpipes
-from tests.nodes.plugins.test_worker import workers_of
+from tests.nodes.plugins.test_worker import no_workers_left, workers_of
 
 WAIT_S = 30.0
 
@@ -60,7 +60,7 @@ async def test_a_stage_runs_in_a_worker_started_ahead_with_its_own_directory_and
         assert row["DPIPES_PIPELINE"] != first_row["DPIPES_PIPELINE"]
         assert not alive(int(row["pid"])) or int(row["pid"]) not in workers_of(alpha.proc.pid)  # used once
         await until(lambda: len(workers_of(alpha.proc.pid, idle=True)) == 2, "the pool to refill")
-        assert workers_of(alpha.proc.pid) == []  # nothing runs a stage now
+        await no_workers_left(alpha.proc.pid)  # nothing runs a stage now
 
 
 async def test_what_a_plugin_writes_and_says_last_all_arrives_from_forked_and_pooled_workers(rt: Path) -> None:
@@ -102,7 +102,7 @@ async def test_a_failing_plugin_in_a_pooled_worker_leaves_no_worker_but_the_idle
         await until(lambda: workers_of(alpha.proc.pid, idle=True), "a worker started ahead")
         out = await dpipes(rt, "--node", alpha.host_port, "seq 3 | %raises@alpha | cat")
         assert out.code != 0 and "stage 1 (%raises@alpha): plugin raises" in out.stderr
-        assert workers_of(alpha.proc.pid) == []
+        await no_workers_left(alpha.proc.pid)
 
 
 async def test_idle_workers_end_with_their_node(rt: Path) -> None:
