@@ -57,8 +57,10 @@ queue and deliver the rest out of order. Dora sometimes stalls (dora 1.1: a ``se
 never returns, or a sink never handed the rest of a set: here about one set in 30 of the 100-array
 stream) until its own stop two minutes later. Once its source has made no step (a set sent or
 acknowledged) for ``DORA_STALL_S``, ``dora run`` is stopped as by Ctrl-C: the set it stalled in
-counts as sent, with what arrived, at 0 MB/s (it never ended), and the sets it did not get to are
-not sent.
+counts as sent, with what arrived (the delivered column shows its loss), but is no sample of the
+MB/s row, which has no time to give a set that never ended; the sets it did not get to are not
+sent. Leaving it out favours the peer, never dpipes (a dpipes stream that never ended would be
+left out the same way).
 
 dpipes beside dora: ``TIMED_SETS`` Arrow streams of the set, one after the other, from one client
 here attached over IPC to the hub in a child process (one host, so the batches' buffers travel in
@@ -90,6 +92,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import resource
@@ -745,7 +748,7 @@ def dora_sets(steps: list[dict[str, Any]], sink: dict[str, dict[str, Any]]) -> l
     runs = []
     for k, sent in sorted(source.items()):
         took = sink.get(str(k), {"arrived": 0, "nbytes": 0, "complete": False, "cpu_s": 0.0})
-        # A set dora never finished sending or delivering never ended: 0 MB/s, whatever arrived.
+        # A set dora never finished sending or delivering never ended: no time, whatever arrived.
         done = took["complete"] and "start" in sent
         seconds = took["end"] - sent["start"] if done else float("inf")
         runs.append(Run(seconds, sent["sent"], took["arrived"], took["nbytes"], sent.get("cpu_s", 0.0), took["cpu_s"]))
@@ -769,6 +772,12 @@ def _mb_s(r: Run) -> float:
     return r.nbytes / r.seconds / 1e6
 
 
+def _ended_mb_s(runs: list[Run]) -> list[float]:
+    """MB/s of each sample that ended (a stalled dora set has no time: its loss shows in the
+    delivered count instead); 0 if none did."""
+    return [_mb_s(r) for r in runs if math.isfinite(r.seconds)] or [0.0]
+
+
 def _cpu_s_per_gb(runs: list[Run]) -> float:
     return sum(r.sender_cpu_s + r.receiver_cpu_s for r in runs) / max(sum(r.nbytes for r in runs), 1) * 1e9
 
@@ -788,9 +797,9 @@ def throughput_rows(
         result(
             name,
             "MB/s",
-            [_mb_s(r) for r in our_samples],
+            _ended_mb_s(our_samples),
             peer,
-            [_mb_s(r) for r in their_samples],
+            _ended_mb_s(their_samples),
             target=target,
             delivered=counts.ours,
             baseline_delivered=counts.theirs,
