@@ -41,6 +41,10 @@ The pool's credit
     larger payload takes a power-of-two segment of its own, reused as soon as it is back: the
     segment freed last is the one taken next (its pages are likely still in the CPU's cache), and
     what circulates is what is in flight, not whole shared segments waiting for their last lease.
+    A payload of a class under ``SHARED_SEGMENT_BYTES`` with none of its own free takes a free
+    larger segment, up to a shared one, whole (from the pool, then from the stash: *Segments
+    outlive their pool*) before one is made: a stream of 2.56 MB Arrow batches (4 MiB each) then
+    runs in the segments a stream of smaller batches, or a reserve, left free.
     A hub copying a byte stream's chunks from another node for a same-host client leases them
     *packed* (up to ``PACKED_LEASE_BYTES``): cut from the shared segment right after the one
     before, with no padding, so that a plugin worker reads an Arrow batch spanning chunks in
@@ -68,13 +72,16 @@ A reserve made at attach
     of a hundred 10k-row Arrow batches, 7 ms in all, ran at half its speed when it made one). A
     sender that knows what it will stream asks for a reserve (``Client(shm_reserve=NBYTES)``,
     :class:`Pool` ``reserve``): the pool makes that many bytes of shared segments (those payloads
-    under ``SHARED_LEASE_BYTES`` are cut from; from the stash first) pre-faulted and free at
-    attach (:meth:`Pool.fill_reserve`), so a stream that keeps no more than that in flight makes
-    none while it runs (:attr:`Pool.made` and :attr:`Pool.from_stash` count what a pool added).
-    A reserve is part of the pool's cap, never above it (:func:`check_reserve`); a payload that
-    needs a segment of another size when the cap is reached takes the room of free segments of
-    other sizes (:meth:`Pool._make_room`), the reserve's included. Once a pool of the process
-    asked for a reserve, the stash keeps up to that much (the largest asked, if more than
+    under ``SHARED_LEASE_BYTES`` are cut from, and a payload up to ``SHARED_SEGMENT_BYTES`` takes
+    whole; from the stash first) pre-faulted and free at attach (:meth:`Pool.fill_reserve`), so a
+    stream of such payloads that keeps no more than that in flight makes none while it runs
+    (:attr:`Pool.made` and :attr:`Pool.from_stash` count what a pool added; when only small
+    payloads were cut from it, five 64 MB streams of 2.56 MB Arrow batches beside a 512 MB reserve
+    made 16-24 segments of 4 MiB, the first stream 65 ms of its sender's CPU against 5). A
+    reserve is part of the pool's cap, never above it (:func:`check_reserve`); a larger payload
+    that needs a segment when the cap is reached takes the room of free segments of other sizes
+    (:meth:`Pool._make_room`), the reserve's included. Once a pool of the process asked for a
+    reserve, the stash keeps up to that much (the largest asked, if more than
     ``STASH_BYTES``): the process's next clients, with a reserve or without, take it back instead
     of making it again (a 512 MB reserve made anew per client cost 0.4-1 s of CPU at each
     attach). :func:`drop_stash` empties the stash and brings its bound back to ``STASH_BYTES``.
@@ -354,10 +361,8 @@ class Pool:
     def _segment(self, size: int) -> _Segment | None:
         """A free segment of ``size`` bytes (from the free list, the stash or new); None when full.
 
-        For a size under ``SHARED_SEGMENT_BYTES``, a free larger one up to a shared segment (the
-        reserve's, or one small leases were cut from) serves too, before one is made: making one
-        mid-stream costs more than the copies into it (a stream of 2.56 MB Arrow batches, 4 MiB
-        each, made one per batch in flight beside an idle reserve).
+        Under ``SHARED_SEGMENT_BYTES``, a free larger one up to a shared segment (the reserve's, say)
+        serves before one is made: making one mid-stream costs more than the copies into it.
         """
         most = max(size, SHARED_SEGMENT_BYTES)
         fits = size
