@@ -41,6 +41,10 @@ The pool's credit
     larger payload takes a power-of-two segment of its own, reused as soon as it is back: the
     segment freed last is the one taken next (its pages are likely still in the CPU's cache), and
     what circulates is what is in flight, not whole shared segments waiting for their last lease.
+    A payload of a class under ``SHARED_SEGMENT_BYTES`` with none of its own free takes a free
+    larger segment, up to a shared one, whole (from the pool, then from the stash: *Segments
+    outlive their pool*) before one is made: a stream of 2.56 MB Arrow batches (4 MiB each) then
+    runs in the segments a stream of smaller batches, or a reserve, left free.
     A hub copying a byte stream's chunks from another node for a same-host client leases them
     *packed* (up to ``PACKED_LEASE_BYTES``): cut from the shared segment right after the one
     before, with no padding, so that a plugin worker reads an Arrow batch spanning chunks in
@@ -68,13 +72,16 @@ A reserve made at attach
     of a hundred 10k-row Arrow batches, 7 ms in all, ran at half its speed when it made one). A
     sender that knows what it will stream asks for a reserve (``Client(shm_reserve=NBYTES)``,
     :class:`Pool` ``reserve``): the pool makes that many bytes of shared segments (those payloads
-    under ``SHARED_LEASE_BYTES`` are cut from; from the stash first) pre-faulted and free at
-    attach (:meth:`Pool.fill_reserve`), so a stream that keeps no more than that in flight makes
-    none while it runs (:attr:`Pool.made` and :attr:`Pool.from_stash` count what a pool added).
-    A reserve is part of the pool's cap, never above it (:func:`check_reserve`); a payload that
-    needs a segment of another size when the cap is reached takes the room of free segments of
-    other sizes (:meth:`Pool._make_room`), the reserve's included. Once a pool of the process
-    asked for a reserve, the stash keeps up to that much (the largest asked, if more than
+    under ``SHARED_LEASE_BYTES`` are cut from, and a payload up to ``SHARED_SEGMENT_BYTES`` takes
+    whole; from the stash first) pre-faulted and free at attach (:meth:`Pool.fill_reserve`), so a
+    stream of such payloads that keeps no more than that in flight makes none while it runs
+    (:attr:`Pool.made` and :attr:`Pool.from_stash` count what a pool added; when only small
+    payloads were cut from it, five 64 MB streams of 2.56 MB Arrow batches beside a 512 MB reserve
+    made 16-24 segments of 4 MiB, the first stream 65 ms of its sender's CPU against 5). A
+    reserve is part of the pool's cap, never above it (:func:`check_reserve`); a larger payload
+    that needs a segment when the cap is reached takes the room of free segments of other sizes
+    (:meth:`Pool._make_room`), the reserve's included. Once a pool of the process asked for a
+    reserve, the stash keeps up to that much (the largest asked, if more than
     ``STASH_BYTES``): the process's next clients, with a reserve or without, take it back instead
     of making it again (a 512 MB reserve made anew per client cost 0.4-1 s of CPU at each
     attach). :func:`drop_stash` empties the stash and brings its bound back to ``STASH_BYTES``.
@@ -327,8 +334,9 @@ class Pool:
                 offset = segment.at if packed else _aligned(segment.at)
                 taken = offset + nbytes - segment.at  # with the padding before it, given back with it
         else:
-            taken = max(MIN_SEGMENT_BYTES, 1 << max(0, nbytes - 1).bit_length())
-            segment = self._segment(taken)
+            segment = self._segment(max(MIN_SEGMENT_BYTES, 1 << max(0, nbytes - 1).bit_length()))
+            if segment is not None:
+                taken = segment.size  # its class, or a larger free segment that holds it
             offset = 0
         if segment is None:
             self.fallbacks += 1
@@ -351,22 +359,30 @@ class Pool:
         return self._shared
 
     def _segment(self, size: int) -> _Segment | None:
-        """A free segment of ``size`` bytes (from the free list, the stash or new); None when full."""
-        free = self._free[size]
-        if free:
-            return free.pop()
+        """A free segment of ``size`` bytes (from the free list, the stash or new); None when full.
+
+        Under ``SHARED_SEGMENT_BYTES``, a free larger one up to a shared segment (the reserve's, say)
+        serves before one is made: making one mid-stream costs more than the copies into it.
+        """
+        most = max(size, SHARED_SEGMENT_BYTES)
+        fits = size
+        while fits <= most:
+            free = self._free.get(fits)
+            if free:
+                return free.pop()
+            fits <<= 1
         if self._closed:
             return None
         if self.allocated + size > self.limit and not self._make_room(size):
             return None
-        segment = _STASH.take(size)
+        segment = _STASH.take(size, min(most, self.limit - self.allocated))
         if segment is None:
             segment = self._create(size)
             self.made += 1
         else:
             self.from_stash += 1
         self._by_handle[segment.handle] = segment
-        self.allocated += size
+        self.allocated += segment.size
         return segment
 
     def _make_room(self, size: int) -> bool:
@@ -484,12 +500,16 @@ class _Stash:
         self.bytes = 0
         self.reserved = 0  # the largest reserve of a pool of this process: kept beyond STASH_BYTES
 
-    def take(self, size: int) -> _Segment | None:
+    def take(self, size: int, most: int) -> _Segment | None:
+        """A stashed segment of ``size`` bytes, else of the next larger size there, up to ``most``."""
         with self._lock:
-            for i in range(len(self._free) - 1, -1, -1):  # the newest: its pages are the likeliest in cache
-                if self._free[i].size == size:
-                    self.bytes -= size
-                    return self._free.pop(i)
+            fits = size
+            while fits <= most:
+                for i in range(len(self._free) - 1, -1, -1):  # the newest: its pages are the likeliest in cache
+                    if self._free[i].size == fits:
+                        self.bytes -= fits
+                        return self._free.pop(i)
+                fits <<= 1
             return None
 
     def keep_at_least(self, nbytes: int) -> None:

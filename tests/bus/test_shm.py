@@ -416,13 +416,46 @@ async def test_a_clients_reserve_is_made_at_attach_serves_a_stream_without_new_s
             # Closed: the stash keeps the reserve (more than STASH_BYTES) for the next client.
             assert shm._STASH.bytes == reserve
     plain = shm.Pool()  # a pool without a reserve, closing: the stash still keeps no more than the reserve
-    lease = plain.lease([chunk(0)], "alpha/sink")
-    assert lease is not None and plain.release([lease.id], "alpha/sink") == 1
+    lease = plain.lease([chunk(0) * 16], "alpha/sink")  # 16 MiB: larger than any stashed segment, made
+    assert lease is not None and plain.made == 1 and plain.release([lease.id], "alpha/sink") == 1
     plain.close()
-    assert shm._STASH.bytes == reserve - shm.SHARED_SEGMENT_BYTES + MIB  # the oldest reserved one gave way
+    # The two oldest reserved ones gave way.
+    assert sorted(segment.size for segment in shm._STASH._free) == [shm.SHARED_SEGMENT_BYTES] * 6 + [16 * MIB]
+    assert shm._STASH.bytes == reserve
     assert nothing_mapped_once_the_stash_is_dropped()
     assert shm._STASH.reserved == 0  # and the bound is STASH_BYTES again
     assert dev_shm() == before
+
+
+async def test_a_clients_reserve_serves_a_stream_of_mid_size_arrow_batches_without_new_segments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pa = pytest.importorskip("pyarrow")
+    # In flight at most a window of 8 MiB (three batches) and the frees not sent back yet.
+    monkeypatch.setattr(shm, "SHARED_WINDOW_BYTES", 8 * MIB)
+    reserve = 8 * shm.SHARED_SEGMENT_BYTES
+    rows = 40_000  # 8 int64 columns: 2.56 MB a batch, in a 4 MiB segment's class
+    batch = pa.RecordBatch.from_pydict({f"c{i}": pa.array(range(i, i + rows), pa.int64()) for i in range(8)})
+    batches = [batch] * 25  # 64 MB, as much as the reserve: its segments serve again and again
+    async with Hub("alpha") as a, Client(a.ipc_endpoint, shm_reserve=reserve) as client:
+        pool = client.shm_pool
+        assert pool is not None and (pool.made, pool.allocated) == (8, reserve)
+        sink = a.endpoint("sink")
+        writer = ArrowStreamWriter(client.endpoint.open_stream("alpha/sink"), batch.schema)
+
+        async def send() -> None:
+            await writer.write_all(batches)
+            await writer.close(timeout=WAIT_S)
+
+        sending = asyncio.create_task(send())
+        arrived = 0
+        async for got in ArrowStreamReader(await sink.accept(timeout=WAIT_S)):
+            assert got.num_rows == rows
+            arrived += 1
+        await sending
+        assert arrived == len(batches)
+        # Every batch went in shared memory, and no segment was made or taken while they did.
+        assert (pool.made, pool.from_stash, pool.allocated, pool.fallbacks) == (8, 0, reserve, 0)
 
 
 async def test_a_reserve_above_the_pools_cap_is_refused_before_attaching() -> None:
@@ -452,20 +485,62 @@ def test_a_payload_of_another_size_takes_the_room_of_free_reserved_segments_at_t
         pool.close()
 
 
+def test_a_mid_size_payload_takes_a_free_reserved_segment_rather_than_a_new_one() -> None:
+    seg = shm.SHARED_SEGMENT_BYTES
+    pool = shm.Pool(reserve=4 * seg)
+    try:
+        assert pool.fill_reserve() == 4 and pool.made == 4
+        # 2.56 MB: a 10k-row Arrow batch four times over, in a 4 MiB segment's class, of which
+        # the pool has none: each takes a reserved segment whole.
+        leases = [pool.lease([b"x" * 2_560_000], "alpha/sink") for _ in range(4)]
+        assert all(lease is not None and lease.offset == 0 for lease in leases)
+        assert len({lease.handle for lease in leases}) == 4  # type: ignore[union-attr]
+        assert (pool.made, pool.from_stash, pool.allocated, pool.used) == (4, 0, 4 * seg, 4 * seg)
+        assert pool.release([leases[1].id], "alpha/sink") == 1  # type: ignore[union-attr]
+        again = pool.lease([b"y" * 2_560_000], "alpha/sink")  # the one given back last
+        assert again is not None and again.handle == leases[1].handle  # type: ignore[union-attr]
+        # With none free, the pool makes a segment of the payload's own class (under the cap).
+        fifth = pool.lease([b"z" * 2_560_000], "alpha/sink")
+        assert fifth is not None and pool.made == 5 and pool.allocated == 4 * seg + 4 * MIB
+    finally:
+        pool.close()
+
+
+def test_a_payloads_own_segment_may_be_a_larger_free_one_of_the_pool_or_the_stash() -> None:
+    first = shm.Pool()
+    try:
+        lease = first.lease([b"x" * 3_000_000], "alpha/sink")  # a 4 MiB segment, made
+        assert lease is not None and first.release([lease.id], "alpha/sink") == 1
+        again = first.lease([chunk(0)], "alpha/sink")  # 1 MiB: the free 4 MiB one, not a new one
+        assert again is not None and again.handle == lease.handle and first.made == 1
+        assert first.release([again.id], "alpha/sink") == 1
+    finally:
+        first.close()  # its free segment goes to the stash
+    second = shm.Pool()
+    try:
+        taken = second.lease([chunk(1) * 2], "alpha/sink")  # 2 MiB: the stashed 4 MiB segment
+        assert taken is not None and taken.handle == lease.handle
+        assert (second.made, second.from_stash, second.allocated) == (0, 1, 4 * MIB)
+    finally:
+        second.close()
+    assert nothing_mapped_once_the_stash_is_dropped()
+
+
 def test_the_stash_gives_back_its_oldest_segments_to_keep_the_last_pools(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shm, "STASH_BYTES", 4 * MIB)
     first = shm.Pool()
-    lease = first.lease([chunk(0) * 2], "alpha/sink")  # 2 MiB: a segment of its own
+    lease = first.lease([chunk(0)], "alpha/sink")  # 1 MiB: a segment of its own
     assert lease is not None and first.release([lease.id], "alpha/sink") == 1
     first.close()
     second = shm.Pool()
-    leases = [second.lease([chunk(i)], "alpha/sink") for i in range(3)]  # three 1 MiB segments
-    assert second.release([lease.id for lease in leases if lease is not None], "alpha/sink") == 3
+    leases = [second.lease([chunk(i) * 2], "alpha/sink") for i in range(2)]  # two 2 MiB segments
+    assert second.made == 2  # the stashed 1 MiB one is too small for either
+    assert second.release([lease.id for lease in leases if lease is not None], "alpha/sink") == 2
     second.close()
-    # The next pool is likelier to need what the last one used than the older 2 MiB segment.
-    assert sorted(segment.size for segment in shm._STASH._free) == [MIB, MIB, MIB]
-    assert shm._STASH.bytes == 3 * MIB
-    assert nothing_mapped_once_the_stash_is_dropped()  # the 2 MiB one was unmapped, not leaked
+    # The next pool is likelier to need what the last one used than the older 1 MiB segment.
+    assert sorted(segment.size for segment in shm._STASH._free) == [2 * MIB, 2 * MIB]
+    assert shm._STASH.bytes == 4 * MIB
+    assert nothing_mapped_once_the_stash_is_dropped()  # the 1 MiB one was unmapped, not leaked
 
 
 def test_a_forked_child_keeps_none_of_its_parents_segments() -> None:
