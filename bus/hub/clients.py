@@ -184,7 +184,7 @@ class Clients:
     def _detach(self: Hub, client: _Client) -> None:
         if self._pool is not None:
             self._pool.reclaim(client.addr)  # it reads none of our leases any more, dead or alive
-        self._reader.forget(client.addr)  # its segments stay mapped only while read
+        self._reader.forget(client.addr)  # parked while its process holds them, for its next client
         self._clients.pop(client.ident, None)
         client.handles.clear()  # the leases went back with reclaim() above
         self.held.release(client.backlog_bytes)  # what waited for it goes with it

@@ -375,6 +375,7 @@ async def test_a_closed_clients_segments_serve_the_next_client_of_the_process() 
             # segment went to the stash instead of being unmapped.
         assert handles[0] == handles[1]  # the second client made no segment: it took the first's
         assert shm._STASH.bytes == MIB  # a 1 MiB chunk had a segment of its own
+        assert a._reader.maps == 1  # and the hub read it in the mapping it had parked, not mapped anew
     assert nothing_mapped_once_the_stash_is_dropped()
 
 
@@ -692,6 +693,76 @@ def test_small_payloads_are_cut_end_to_end_from_one_segment_and_it_is_cut_again_
         assert pool.release([leases[2].id, again.id], "alpha/sink") == 2
         last = pool.lease([b"y" * 100], "alpha/sink")
         assert last is not None and last.offset == 0 and pool.allocated == shm.SHARED_SEGMENT_BYTES
+        reader.close()
+    finally:
+        pool.close()
+
+
+def read_and_forget(reader: shm.Reader, sender: str, lease: shm.Lease) -> bytes:
+    """What ``sender``'s ``lease`` holds, read through ``reader``, which then forgets ``sender``."""
+    (view,) = reader.views(sender, lease.handle, lease.id, lease.sizes, lease.offset)
+    read = bytes(view)
+    del view
+    reader.forget(sender)
+    return read
+
+
+async def test_a_departed_senders_segment_serves_its_processs_next_sender_until_the_process_gives_it_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shm_receive, "PARKED_CHECK_S", 0.01)
+    reader = shm.Reader(lambda sender, lease, nbytes: None)
+    pool = shm.Pool()
+    lease = pool.lease([chunk(0)], "alpha/sink")
+    assert lease is not None
+    assert read_and_forget(reader, "alpha/one", lease) == chunk(0)
+    await asyncio.sleep(0.05)  # looked at several times meanwhile: the process still holds it
+    assert read_and_forget(reader, "alpha/two", lease) == chunk(0)
+    assert reader.maps == 1 and reader.mapped_bytes == MIB  # mapped once, parked again
+    assert pool.release([lease.id], "alpha/sink") == 1
+    pool.close()
+    shm.drop_stash()  # the process gives the segment back to the kernel: the hub lets go of it too
+    await until(lambda: reader.mapped_bytes == 0)
+    gc.collect()
+    assert segments_mapped_here() == []
+    reader.close()
+
+
+async def test_a_parked_segment_goes_after_a_while_even_if_its_process_still_holds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shm_receive, "PARKED_CHECK_S", 0.01)
+    monkeypatch.setattr(shm_receive, "PARKED_MAX_S", 0.0)
+    reader = shm.Reader(lambda sender, lease, nbytes: None)
+    pool = shm.Pool()
+    try:
+        lease = pool.lease([chunk(0)], "alpha/sink")
+        assert lease is not None
+        assert read_and_forget(reader, "alpha/one", lease) == chunk(0)
+        assert reader.mapped_bytes == MIB
+        await until(lambda: reader.mapped_bytes == 0)
+        assert read_and_forget(reader, "alpha/two", lease) == chunk(0) and reader.maps == 2  # mapped anew
+        reader.close()
+        assert reader.mapped_bytes == 0
+    finally:
+        pool.close()
+
+
+async def test_a_parked_mapping_serves_a_handle_only_while_it_names_the_same_file() -> None:
+    reader = shm.Reader(lambda sender, lease, nbytes: None)
+    pool = shm.Pool()
+    try:
+        lease = pool.lease([chunk(0)], "alpha/sink")
+        assert lease is not None
+        assert read_and_forget(reader, "alpha/one", lease) == chunk(0)
+        # Another file, under the same name, at the same descriptor: the same handle names it now.
+        _pid, fd, token, size = lease.handle.split(":")
+        other = os.memfd_create(f"dpipes-{token}", os.MFD_CLOEXEC)
+        os.ftruncate(other, int(size))
+        os.dup2(other, int(fd))
+        os.close(other)
+        assert read_and_forget(reader, "alpha/two", lease) == bytes(MIB)  # the new file's zeros
+        assert reader.maps == 2
         reader.close()
     finally:
         pool.close()
