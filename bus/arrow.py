@@ -369,24 +369,24 @@ def _encode_node(arr: pa.Array, typ: pa.DataType, pre: int, body: list[pa.Buffer
     return node
 
 
-_layouts: dict[bytes, tuple[int, bool, bool]] = {}
+_type_facts: dict[bytes, tuple[int, bool, bool]] = {}
 
 
-def _layout_of(schema: pa.Schema, frame: pa.Buffer) -> tuple[int, bool, bool]:
+def _type_facts_of(schema: pa.Schema, frame: pa.Buffer) -> tuple[int, bool, bool]:
     """The type nesting depth of ``schema``, whether every type has a buffers layout, and whether
     any is dictionary-encoded; ``frame`` is the schema serialized (worked out once per distinct
     frame while remembered, as a receiver remembers schemas: the same bytes, the same types).
     """
     raw = frame.to_pybytes() if frame.size < REMEMBERED_SCHEMA_BYTES else None
-    known = None if raw is None else _layouts.get(raw)
+    known = None if raw is None else _type_facts.get(raw)
     if known is not None:
         return known
     depth, native = _walk_schema(schema)
     known = (depth, native, _has_dictionary(schema))
     if raw is not None:
-        if len(_layouts) >= SCHEMAS_REMEMBERED:
-            _layouts.clear()  # all at once: safe beside encoders of other threads, and rare
-        _layouts[raw] = known
+        if len(_type_facts) >= SCHEMAS_REMEMBERED:
+            _type_facts.clear()  # all at once: safe beside encoders of other threads, and rare
+        _type_facts[raw] = known
     return known
 
 
@@ -410,7 +410,7 @@ class ArrowEncoder:
         if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes={chunk_bytes} is out of [1, {MAX_CHUNK_BYTES}]")
         self._schema_frame = schema.serialize()
-        depth, self._native, dictionary = _layout_of(schema, self._schema_frame)
+        depth, self._native, dictionary = _type_facts_of(schema, self._schema_frame)
         if depth > MAX_TYPE_DEPTH:
             raise ValueError(f"schema nests types deeper than MAX_TYPE_DEPTH={MAX_TYPE_DEPTH}")
         if self._schema_frame.size > MAX_SCHEMA_BYTES:
@@ -865,7 +865,7 @@ class ArrowDecoder:
                 raise DecodeError(f"{where}: 'columns' must be a list of {len(self._schema)} nodes")
             if "ipc_bytes" in meta:
                 raise DecodeError(f"{where}: 'ipc_bytes' in a buffers batch")
-            self._columns, self._sizes = self._layout_of(columns, where)
+            self._columns, self._sizes = self._checked_layout(columns, where)
         elif self._encoding == "ipc":
             if "columns" in meta:
                 raise DecodeError(f"{where}: 'columns' in an ipc batch")
@@ -874,7 +874,7 @@ class ArrowDecoder:
             raise DecodeError(f"{where}: 'encoding' is {self._encoding!r:.40}, expected 'buffers' or 'ipc'")
         self._wanted = [index for index, size in enumerate(self._sizes) if size]
 
-    def _layout_of(self, columns: Sequence[Any], where: str) -> tuple[list[_Node], list[int | None]]:
+    def _checked_layout(self, columns: Sequence[Any], where: str) -> tuple[list[_Node], list[int | None]]:
         """The checked nodes of a batch's ``columns`` and its body's buffer sizes.
 
         The batches of a stream often share one layout (same rows, no nulls): ``columns`` that

@@ -363,8 +363,8 @@ def test_a_sender_learns_each_stream_s_schema_and_remembers_a_bounded_few() -> N
         ArrowEncoder(pa.schema([(f"c{i}", pa.int64())]))
     wide = pa.schema([(f"column_{i:05}", pa.int64()) for i in range(REMEMBERED_SCHEMA_BYTES // 32)])
     ArrowEncoder(wide)
-    assert 0 < len(arrow._layouts) <= SCHEMAS_REMEMBERED
-    assert all(len(raw) < REMEMBERED_SCHEMA_BYTES for raw in arrow._layouts)
+    assert 0 < len(arrow._type_facts) <= SCHEMAS_REMEMBERED
+    assert all(len(raw) < REMEMBERED_SCHEMA_BYTES for raw in arrow._type_facts)
 
 
 # ------------------------------------------------------------------------------- hostile input
