@@ -509,6 +509,8 @@ class Message:
     HAS_PAYLOAD: ClassVar[bool] = False
     PAYLOAD_FRAMES: ClassVar[tuple[int, int]] = (0, 0)  # fewest and most payload frames of this kind
     _SPEC: ClassVar[tuple[tuple[str, Callable[[Any, str], Any], Any], ...]] = ()
+    # _SPEC with each field's slot setter: what ``from_header`` sets a decoded field with
+    _DECODE: ClassVar[tuple[tuple[str, Callable[[Any, str], Any], Any, Callable[[Any, Any], None]], ...]] = ()
     _FIELDS: ClassVar[tuple[str, ...]] = ()
 
     @property
@@ -579,6 +581,7 @@ def _kind(name: str) -> Callable[[type[Message]], type[Message]]:
             spec.append((field.name, field.metadata.get("check", _CHECKERS[base]), field.default))
         cls.KIND = name
         cls._SPEC = tuple(spec)
+        cls._DECODE = tuple((name, check, default, getattr(cls, name).__set__) for name, check, default in spec)
         cls._FIELDS = tuple(field.name for field in dataclasses.fields(cls))
         KINDS[name] = cls
         return cls
@@ -945,6 +948,13 @@ class ShmFree(Message):
 
 _new_message = object.__new__
 _set_field = object.__setattr__  # how a frozen dataclass's own __init__ sets its fields
+# The slots' own setters, for the fields every message has: ``object.__setattr__`` looks the slot
+# up in the class each time first (a REPLY's seven fields took 0.5 us of its 1.2 us decode).
+_set_src = Message.src.__set__  # type: ignore[attr-defined]
+_set_dst = Message.dst.__set__  # type: ignore[attr-defined]
+_set_sid = Message.sid.__set__  # type: ignore[attr-defined]
+_set_seq = Message.seq.__set__  # type: ignore[attr-defined]
+_set_frames = _Payload.frames.__set__  # type: ignore[attr-defined]
 
 
 class _Unfrozen(_Payload):
@@ -1180,19 +1190,19 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
     """
     cls = KINDS[header["kind"]]
     msg = _new_message(cls)
-    _set_field(msg, "src", header["src"])
-    _set_field(msg, "dst", header["dst"])
-    _set_field(msg, "sid", header["sid"])
-    _set_field(msg, "seq", header["seq"])
+    _set_src(msg, header["src"])
+    _set_dst(msg, header["dst"])
+    _set_sid(msg, header["sid"])
+    _set_seq(msg, header["seq"])
     try:
-        for name, check, default in cls._SPEC:
+        for name, check, default, set_value in cls._DECODE:
             value = header.get(name, dataclasses.MISSING)
             if value is dataclasses.MISSING:
                 if default is dataclasses.MISSING:  # a default_factory field: an empty map or array
                     value = [] if check is _int_list or check is _shm_members else {}
                 else:
                     value = default
-            _set_field(msg, name, check(value, name))
+            set_value(msg, check(value, name))
         if isinstance(msg, Shm) and len(msg.sizes) > MAX_FRAMES - 1:
             raise DecodeError(f"SHM has {len(msg.sizes)} sizes (limit {MAX_FRAMES - 1})")
         if isinstance(msg, ShmBatch):
@@ -1216,7 +1226,7 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
                     f"OBJECTS count {msg.count} cannot fit a {frames[0].nbytes}-byte batch"
                     " (every object takes at least one byte)"
                 )
-            _set_field(msg, "frames", tuple(frames))
+            _set_frames(msg, tuple(frames))
     except DecodeError as exc:
         exc.header = dict(header)
         raise
