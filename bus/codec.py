@@ -509,6 +509,8 @@ class Message:
     HAS_PAYLOAD: ClassVar[bool] = False
     PAYLOAD_FRAMES: ClassVar[tuple[int, int]] = (0, 0)  # fewest and most payload frames of this kind
     _SPEC: ClassVar[tuple[tuple[str, Callable[[Any, str], Any], Any], ...]] = ()
+    # _SPEC with each field's slot setter: what ``from_header`` sets a decoded field with
+    _DECODE: ClassVar[tuple[tuple[str, Callable[[Any, str], Any], Any, Callable[[Any, Any], None]], ...]] = ()
     _FIELDS: ClassVar[tuple[str, ...]] = ()
 
     @property
@@ -560,6 +562,12 @@ KINDS: dict[str, type[Message]] = {}
 _COMMON = ("src", "dst", "sid", "seq")
 
 
+def _slot_setter(cls: type[Message], name: str) -> Callable[[Any, Any], None]:
+    """What sets field ``name`` of a ``cls`` (its slot's own ``__set__``), frozen or not."""
+    setter: Callable[[Any, Any], None] = getattr(cls, name).__set__
+    return setter
+
+
 def _kind(name: str) -> Callable[[type[Message]], type[Message]]:
     """Register a message class under its wire kind name and derive its field spec."""
 
@@ -579,6 +587,7 @@ def _kind(name: str) -> Callable[[type[Message]], type[Message]]:
             spec.append((field.name, field.metadata.get("check", _CHECKERS[base]), field.default))
         cls.KIND = name
         cls._SPEC = tuple(spec)
+        cls._DECODE = tuple((name, check, default, _slot_setter(cls, name)) for name, check, default in spec)
         cls._FIELDS = tuple(field.name for field in dataclasses.fields(cls))
         KINDS[name] = cls
         return cls
@@ -945,6 +954,13 @@ class ShmFree(Message):
 
 _new_message = object.__new__
 _set_field = object.__setattr__  # how a frozen dataclass's own __init__ sets its fields
+# The slots' own setters, for the fields every message has: ``object.__setattr__`` looks the slot
+# up in the class each time first (a REPLY's seven fields took 0.5 us of its 1.2 us decode).
+_set_src = _slot_setter(Message, "src")
+_set_dst = _slot_setter(Message, "dst")
+_set_sid = _slot_setter(Message, "sid")
+_set_seq = _slot_setter(Message, "seq")
+_set_frames = _slot_setter(_Payload, "frames")
 
 
 class _Unfrozen(_Payload):
@@ -1179,20 +1195,26 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
             fit the kind.
     """
     cls = KINDS[header["kind"]]
+    # A round trip's two halves first, each in one test of its fields.
+    if cls is Reply:
+        if (msg := _reply_message(header, payload)) is not None:
+            return msg
+    elif cls is Request and (msg := _request_message(header, payload)) is not None:
+        return msg
     msg = _new_message(cls)
-    _set_field(msg, "src", header["src"])
-    _set_field(msg, "dst", header["dst"])
-    _set_field(msg, "sid", header["sid"])
-    _set_field(msg, "seq", header["seq"])
+    _set_src(msg, header["src"])
+    _set_dst(msg, header["dst"])
+    _set_sid(msg, header["sid"])
+    _set_seq(msg, header["seq"])
     try:
-        for name, check, default in cls._SPEC:
+        for name, check, default, set_value in cls._DECODE:
             value = header.get(name, dataclasses.MISSING)
             if value is dataclasses.MISSING:
                 if default is dataclasses.MISSING:  # a default_factory field: an empty map or array
                     value = [] if check is _int_list or check is _shm_members else {}
                 else:
                     value = default
-            _set_field(msg, name, check(value, name))
+            set_value(msg, check(value, name))
         if isinstance(msg, Shm) and len(msg.sizes) > MAX_FRAMES - 1:
             raise DecodeError(f"SHM has {len(msg.sizes)} sizes (limit {MAX_FRAMES - 1})")
         if isinstance(msg, ShmBatch):
@@ -1216,11 +1238,71 @@ def from_header(header: Mapping[str, Any], payload: Sequence[Any] = ()) -> Messa
                     f"OBJECTS count {msg.count} cannot fit a {frames[0].nbytes}-byte batch"
                     " (every object takes at least one byte)"
                 )
-            _set_field(msg, "frames", tuple(frames))
+            _set_frames(msg, tuple(frames))
     except DecodeError as exc:
         exc.header = dict(header)
         raise
     return msg
+
+
+_set_request_method = _slot_setter(Request, "method")
+_set_request_body = _slot_setter(Request, "body")
+_set_reply_ok = _slot_setter(Reply, "ok")
+_set_reply_body = _slot_setter(Reply, "body")
+_set_reply_error = _slot_setter(Reply, "error")
+
+
+def _reply_message(header: Mapping[str, Any], payload: Sequence[Any]) -> Message | None:
+    """The REPLY of ``header`` when all its fields are sound, found in one test of them rather
+    than a checker call per field (a REPLY took 1.2 us, now 0.7-0.8; a REQUEST 1.1, now 0.6); None when
+    any is not: then ``from_header``'s own checks name what is wrong."""
+    ok, body, error = header.get("ok", True), header.get("body", _NO_KEY), header.get("error", "")
+    if body is _NO_KEY:
+        body = {}
+    if type(ok) is not bool or type(body) is not dict or type(error) is not str or len(error) > MAX_STRING_CHARS:
+        return None
+    if payload or not _sound_depth(body):
+        return None
+    msg = _new_message(Reply)
+    _set_src(msg, header["src"])
+    _set_dst(msg, header["dst"])
+    _set_sid(msg, header["sid"])
+    _set_seq(msg, header["seq"])
+    _set_reply_ok(msg, ok)
+    _set_reply_body(msg, body)
+    _set_reply_error(msg, error)
+    return msg
+
+
+def _request_message(header: Mapping[str, Any], payload: Sequence[Any]) -> Message | None:
+    """The REQUEST of ``header`` when all its fields are sound (as ``_reply_message``)."""
+    method, body = header.get("method", ""), header.get("body", _NO_KEY)
+    if body is _NO_KEY:
+        body = {}
+    if type(method) is not str or len(method) > MAX_STRING_CHARS or type(body) is not dict:
+        return None
+    if payload or not _sound_depth(body):
+        return None
+    msg = _new_message(Request)
+    _set_src(msg, header["src"])
+    _set_dst(msg, header["dst"])
+    _set_sid(msg, header["sid"])
+    _set_seq(msg, header["seq"])
+    _set_request_method(msg, method)
+    _set_request_body(msg, body)
+    return msg
+
+
+def _sound_depth(body: dict[str, Any]) -> bool:
+    """Whether a body map nests within ``MAX_DEPTH``; a map of leaves (most bodies) in one look."""
+    for value in body.values():
+        if type(value) in _CONTAINERS:
+            try:
+                _check_depth(body, "body")
+            except DecodeError:
+                return False
+            return True
+    return True
 
 
 def _check_batch(batch: Batch, nbytes: int) -> None:

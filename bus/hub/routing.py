@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # PUSH of 512 KiB views of a mapping over TCP took 0.25-0.33 CPU-s/GB in all, against 0.45-0.52.
 SHARE_SHM_FROM_BYTES = 64 << 10
 _SHARED_KINDS = ("SHM", "SHM_BATCH")  # messages whose payloads lie in their sender's shared memory
+_LEASE_KINDS = frozenset({*_SHARED_KINDS, "SHM_FREE"})  # what a hub maps or frees before (or instead of) delivery
 
 
 class Routing:
@@ -60,7 +61,10 @@ class Routing:
                 try:
                     # no payload (requests, replies, credit): no list to build, and no comprehension to call
                     msg = codec.from_header(header, [f.buffer for f in frames[2:]] if len(frames) > 2 else ())
-                    if isinstance(msg, codec.Shm):
+                    leased = header["kind"] in _LEASE_KINDS  # one test of the common case (requests, replies, data)
+                    if not leased:
+                        shared = None
+                    elif isinstance(msg, codec.Shm):
                         shared = [self._unshared(msg)]
                     elif isinstance(msg, codec.ShmBatch):  # every member mapped before any is delivered
                         shared = msg.inner(self._reader.views)
@@ -69,13 +73,13 @@ class Routing:
                 except DecodeError as exc:
                     self._bad(self._sender(ident), exc, header)
                     return
-                if shared is not None:
+                if not leased:
+                    party._deliver(msg)
+                elif shared is not None:
                     for inner in shared:
                         party._deliver_shared(inner)
                 elif isinstance(msg, codec.ShmFree):
                     self._release_leases(msg)
-                else:
-                    party._deliver(msg)
             elif header["kind"] in _SHARED_KINDS and not party.shm:
                 self._route_unshared(ident, header, party)
             elif header["kind"] == "SHM_BATCH" and not party.shm_batch:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import re
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jsonschema
 import msgpack
@@ -152,6 +154,39 @@ def test_wrong_field_types_are_named(msg: codec.Message, junk: dict[str, Any]) -
         bad = dict(header, **{name: junk if not isinstance(header[name], dict) else "not a map"})
         with pytest.raises(DecodeError, match=name):
             codec.decode([msgpack.packb(bad), *payload])
+
+
+_ROUND_TRIP_JUNK = st.one_of(json_leaf, maps, st.lists(st.integers(0, 5), max_size=3))
+
+
+@given(st.sampled_from([codec.Request, codec.Reply]), st.data())
+@settings(max_examples=300)
+def test_requests_and_replies_decode_as_every_kind_does(cls: type[codec.Message], data: st.DataObject) -> None:
+    """REQUEST and REPLY are built in one test of all their fields when they are sound: what that
+    takes and what it refuses (and how the refusal reads) are what the checks of every kind say."""
+    header = codec.header_of(cls(src="a/b", dst="c/d", seq=7))
+    for name, _check, _default in cls._SPEC:
+        what = data.draw(st.sampled_from(["keep", "drop", "junk", "long", "deep"]))
+        if what == "drop":
+            del header[name]
+        elif what == "junk":
+            header[name] = data.draw(_ROUND_TRIP_JUNK)
+        elif what == "long":
+            header[name] = "x" * (codec.MAX_STRING_CHARS + 1)
+        elif what == "deep":
+            header[name] = {"k": [functools.reduce(lambda inner, _: {"k": inner}, range(codec.MAX_DEPTH), 1)]}
+    payload = data.draw(st.lists(st.binary(max_size=3), max_size=1))
+    outcomes = []
+    for quick in (True, False):
+        with contextlib.ExitStack() as stack:
+            if not quick:  # every field through its own checker, as for the other kinds
+                stack.enter_context(mock.patch.object(codec, "_reply_message", lambda *args: None))
+                stack.enter_context(mock.patch.object(codec, "_request_message", lambda *args: None))
+            try:
+                outcomes.append(codec.from_header(header, payload))
+            except DecodeError as exc:
+                outcomes.append((str(exc), exc.header))
+    assert outcomes[0] == outcomes[1]
 
 
 def test_a_body_nested_as_deep_as_the_limit_decodes_and_one_level_more_is_refused() -> None:
