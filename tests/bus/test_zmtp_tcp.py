@@ -105,6 +105,19 @@ async def test_a_libzmq_router_sees_our_routing_id_and_answers_in_order() -> Non
             router.close()
 
 
+async def test_a_host_name_is_resolved_without_blocking_the_loop() -> None:
+    async with zmq_context() as ctx:
+        router = Router(ctx)
+        port = router.endpoint.rsplit(":", 1)[1]
+        dealer = TcpDealer(f"tcp://localhost:{port}", lambda frames: None, routing_id=b"us")
+        try:
+            dealer.send([b"by name"])
+            await until(lambda: router.got == [[b"us", b"by name"]])
+        finally:
+            dealer.close()
+            router.close()
+
+
 async def test_after_the_peer_restarts_the_link_delivers_again() -> None:
     async with zmq_context() as ctx:
         router = Router(ctx)
