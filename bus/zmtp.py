@@ -41,7 +41,7 @@ import time
 
 from dpipes.bus.errors import BusError
 
-__all__ = ["MAX_FRAME_BYTES", "MAX_MESSAGE_FRAMES", "Dealer", "ZmtpError"]
+__all__ = ["MAX_FRAME_BYTES", "MAX_MESSAGE_FRAMES", "Dealer", "Stream", "ZmtpClosed", "ZmtpError"]
 
 MAX_FRAME_BYTES = 256 << 20  # far above any bus frame (chunks are at most a few MiB); a bound on memory
 MAX_MESSAGE_FRAMES = 1024  # a bus message is a header and a few payload frames
@@ -59,6 +59,10 @@ class ZmtpError(BusError, ConnectionError):
     """The peer broke ZMTP (greeting, handshake, a frame past a limit), refused us, or went away."""
 
 
+class ZmtpClosed(ZmtpError):
+    """The peer closed the connection, or it broke: no fault of the protocol."""
+
+
 def _command(name: bytes, data: bytes = b"") -> bytes:
     body = bytes([len(name)]) + name + data
     if len(body) > 255:
@@ -70,7 +74,37 @@ def _property(name: bytes, value: bytes) -> bytes:
     return bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
 
 
-READY = _command(b"READY", _property(b"Socket-Type", b"DEALER") + _property(b"Identity", b""))
+def ready_command(identity: bytes) -> bytes:
+    """Our ``READY``: a DEALER, and the routing id (libzmq's ``ROUTING_ID``) its ROUTER is to use."""
+    return _command(b"READY", _property(b"Socket-Type", b"DEALER") + _property(b"Identity", identity))
+
+
+READY = ready_command(b"")
+
+
+def check_greeting(greeting: memoryview | bytes) -> None:
+    """Raises ZmtpError unless ``greeting`` (64 octets) is a ZMTP 3 peer's with the NULL mechanism."""
+    if greeting[0] != 0xFF or greeting[9] & 1 == 0:
+        raise ZmtpError("the peer does not speak ZMTP 3: no greeting signature")
+    if greeting[10] < 3:
+        raise ZmtpError(f"the peer speaks ZMTP {greeting[10]}.{greeting[11]}, not 3")
+    mechanism = bytes(greeting[12:32]).rstrip(b"\x00")
+    if mechanism != b"NULL":
+        raise ZmtpError(f"the peer asks for the {mechanism.decode('ascii', 'replace')} mechanism, not NULL")
+
+
+def check_ready(body: memoryview) -> None:
+    """Raises ZmtpError unless the handshake command ``body`` is a ROUTER's ``READY`` (an ``ERROR``: its reason)."""
+    name_size = body[0] if body else 0
+    name, data = bytes(body[1 : 1 + name_size]), body[1 + name_size :]
+    if name == b"ERROR":
+        reason = bytes(data[1 : 1 + data[0]]).decode("utf-8", "replace") if data else ""
+        raise ZmtpError(f"the peer refused the connection: {reason or 'no reason given'}")
+    if name != b"READY":
+        raise ZmtpError(f"the peer sent {name[:32]!r} instead of READY")
+    kind = _properties(data).get("socket-type", b"")
+    if kind != b"ROUTER":
+        raise ZmtpError(f"the peer is a {kind[:32].decode('ascii', 'replace') or '?'} socket, not a ROUTER")
 
 
 def _properties(data: memoryview) -> dict[str, bytes]:
@@ -96,21 +130,27 @@ def _properties(data: memoryview) -> dict[str, bytes]:
     return found
 
 
-class Dealer:
-    """One DEALER connected to a ROUTER at an ``ipc://`` path: whole messages in and out.
+class Stream:
+    """ZMTP 3.0 NULL as a DEALER on one connected, non-blocking stream socket, without waiting.
+
+    The sans-wait core of :class:`Dealer` (the CLI's blocking-ish client on a Unix socket) and of
+    :class:`dpipes.bus.zmtp_tcp.TcpDealer` (a hub's link, driven by its asyncio loop): it queues our
+    greeting and ``READY`` at once, and :meth:`recv` completes the peer's half of the handshake
+    (:attr:`ready`) before it returns messages. Whoever owns it decides when to read and write.
 
     Args:
-        path: the Unix socket's path (an ``ipc://`` endpoint without its scheme).
-        timeout_s: how long connecting and the handshake may take.
-
-    Raises:
-        OSError: nothing accepts connections at ``path``.
-        ZmtpError: what answered is not a ZMTP 3 ROUTER with the NULL mechanism, or refused us.
-        TimeoutError: the handshake did not finish within ``timeout_s``.
+        sock: a connected stream socket, non-blocking.
+        identity: the ``Identity`` of our ``READY`` (libzmq's ``ROUTING_ID``): the routing id the
+            peer's ROUTER gives this connection.
+        max_frame_bytes: the largest frame taken from the peer (libzmq's ``MAXMSGSIZE``).
     """
 
-    def __init__(self, path: str, *, timeout_s: float) -> None:
-        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)  # close-on-exec, as every socket
+    def __init__(self, sock: _socket.socket, *, identity: bytes = b"", max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.sock = sock
+        self.max_frame_bytes = max_frame_bytes
+        self.ready = False  # the peer's greeting and READY have come: messages may follow
+        self._greeted = False
+        self._starved = False  # the last recv() found no whole message: what is buffered is a part
         self._data = b""  # bytes received and not yet parsed, from self._at on
         self._at = 0
         self._more: list[bytes] = []  # bytes received that self._data does not hold yet
@@ -118,67 +158,44 @@ class Dealer:
         self._frames: list[memoryview] = []  # of the message being parsed
         self._flags = -1  # of the frame being parsed; -1: its flags octet is next
         self._size = -1  # of the frame being parsed; -1: its size is next
-        self._out: list[memoryview] = []  # queued for the socket
-        try:
-            self.sock.settimeout(timeout_s)
-            self.sock.connect(path)
-            self._handshake(time.monotonic() + timeout_s)
-        except BaseException:
-            self.sock.close()
-            raise
-        self.sock.setblocking(False)
+        hello = GREETING + (READY if not identity else ready_command(identity))
+        self._out: list[memoryview] = [memoryview(hello)]  # queued for the socket
+        self.queued_bytes = len(hello)  # in self._out
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def pending(self) -> bool:
-        """False: the descriptor is level-triggered, and :meth:`recv` reads until it would block."""
-        return False
+        """Whether bytes read with the handshake, or behind the last message, may hold a message.
+
+        The descriptor is level-triggered, and :meth:`recv` reads until it would block: once it
+        returned None, what is buffered is part of a frame, and the descriptor tells of the rest.
+        """
+        return not self._starved and len(self._data) - self._at + self._more_bytes > 0
 
     # -- the handshake -----------------------------------------------------------------------
 
-    def _handshake(self, deadline: float) -> None:
-        self.sock.sendall(GREETING + READY)
-        greeting = self._exactly(GREETING_BYTES, deadline)
-        if greeting[:1] != b"\xff" or greeting[9] & 1 == 0:
-            raise ZmtpError("the peer does not speak ZMTP 3: no greeting signature")
-        if greeting[10] < 3:
-            raise ZmtpError(f"the peer speaks ZMTP {greeting[10]}.{greeting[11]}, not 3")
-        mechanism = bytes(greeting[12:32]).rstrip(b"\x00")
-        if mechanism != b"NULL":
-            raise ZmtpError(f"the peer asks for the {mechanism.decode('ascii', 'replace')} mechanism, not NULL")
-        flags = self._exactly(1, deadline)[0]
+    def _handshake(self) -> bool:
+        """Read what there is of the peer's greeting and READY; whether all of it has come.
+
+        Raises:
+            ZmtpError: the peer is not a NULL ZMTP 3 ROUTER, refused us, or went away.
+        """
+        if not self._greeted:
+            greeting = self._take(GREETING_BYTES)
+            if greeting is None:
+                return False
+            check_greeting(greeting)
+            self._greeted = True
+        frame = self._next_frame()
+        if frame is None:
+            return False
+        flags, body = frame
         if not flags & COMMAND:
             raise ZmtpError("the peer sent a message before its READY")
-        size_bytes = self._exactly(8 if flags & LONG else 1, deadline)
-        size = struct.unpack(">Q", size_bytes)[0] if flags & LONG else size_bytes[0]
-        if size > MAX_FRAME_BYTES:
-            raise ZmtpError(f"the peer's handshake command of {size} bytes is over the limit")
-        body = memoryview(self._exactly(size, deadline))
-        name_size = body[0] if body else 0
-        name, data = bytes(body[1 : 1 + name_size]), body[1 + name_size :]
-        if name == b"ERROR":
-            reason = bytes(data[1 : 1 + data[0]]).decode("utf-8", "replace") if data else ""
-            raise ZmtpError(f"the peer refused the connection: {reason or 'no reason given'}")
-        if name != b"READY":
-            raise ZmtpError(f"the peer sent {name[:32]!r} instead of READY")
-        kind = _properties(data).get("socket-type", b"")
-        if kind != b"ROUTER":
-            raise ZmtpError(f"the peer is a {kind[:32].decode('ascii', 'replace') or '?'} socket, not a ROUTER")
-
-    def _exactly(self, n: int, deadline: float) -> bytes:
-        """``n`` bytes from the socket, blocking until ``deadline``."""
-        got = bytearray()
-        while len(got) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no ZMTP handshake from the peer in time")
-            self.sock.settimeout(left)
-            chunk = self.sock.recv(n - len(got))
-            if not chunk:
-                raise ZmtpError("the peer closed the connection during the handshake")
-            got += chunk
-        return bytes(got)
+        check_ready(body)
+        self.ready = True
+        return True
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -188,17 +205,28 @@ class Dealer:
         Raises:
             ZmtpError: the peer went away.
         """
+        self.queue(frames)
+        self.flush()
+
+    def queue(self, frames: list[bytes | memoryview]) -> None:
+        """Queue one message (its frames in order) without writing it yet."""
+        out = self._out
         last = len(frames) - 1
+        queued = 0
         for i, frame in enumerate(frames):
-            size = len(frame) if isinstance(frame, bytes) else memoryview(frame).nbytes
+            view = memoryview(frame)
+            size = view.nbytes
             more = MORE if i < last else 0
             if size > 255:
-                self._out.append(memoryview(bytes([more | LONG]) + struct.pack(">Q", size)))
+                out.append(memoryview(bytes([more | LONG]) + size.to_bytes(8, "big")))
+                queued += 9
             else:
-                self._out.append(memoryview(bytes([more, size])))
+                out.append(memoryview(bytes([more, size])))
+                queued += 2
             if size:
-                self._out.append(memoryview(frame).cast("B"))
-        self.flush()
+                out.append(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
+                queued += size
+        self.queued_bytes += queued
 
     def wants_write(self) -> bool:
         """Whether queued bytes wait for the socket to be writable."""
@@ -210,22 +238,29 @@ class Dealer:
         Raises:
             ZmtpError: the peer went away.
         """
-        while self._out:
+        out = self._out
+        while out:
             try:
-                sent = self.sock.sendmsg(self._out[:IOV_MAX])
+                sent = self.sock.sendmsg(out[:IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 return False
             except OSError as exc:
-                raise ZmtpError(f"the peer went away: {exc.strerror or exc}") from None
+                raise ZmtpClosed(f"the peer went away: {exc.strerror or exc}") from None
+            self.queued_bytes -= sent
             while sent:
-                head = self._out[0]
+                head = out[0]
                 if sent >= len(head):
                     sent -= len(head)
-                    self._out.pop(0)
+                    out.pop(0)
                 else:
-                    self._out[0] = head[sent:]
+                    out[0] = head[sent:]
                     sent = 0
         return True
+
+    def discard(self) -> None:
+        """Drop what is queued (the connection is gone: nothing of it can be delivered)."""
+        self._out.clear()
+        self.queued_bytes = 0
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -235,24 +270,15 @@ class Dealer:
         Raises:
             ZmtpError: the peer closed the connection, or broke the protocol.
         """
+        if not self.ready and not self._handshake():
+            self._starved = True
+            return None
         while True:
-            if self._flags < 0:
-                head = self._take(1)
-                if head is None:
-                    return None
-                self._flags = head[0]
-            if self._size < 0:
-                size = self._take(8 if self._flags & LONG else 1)
-                if size is None:
-                    return None
-                self._size = struct.unpack(">Q", size)[0] if self._flags & LONG else size[0]
-                if self._size > MAX_FRAME_BYTES:
-                    raise ZmtpError(f"a frame of {self._size} bytes from the peer is over the limit")
-            body = self._take(self._size)
-            if body is None:
+            frame = self._next_frame()
+            if frame is None:
+                self._starved = True
                 return None
-            flags = self._flags
-            self._flags = self._size = -1
+            flags, body = frame
             if flags & COMMAND:
                 self._on_command(body)
                 continue
@@ -261,13 +287,37 @@ class Dealer:
                 raise ZmtpError(f"a message of more than {MAX_MESSAGE_FRAMES} frames from the peer")
             if not flags & MORE:
                 frames, self._frames = self._frames, []
+                self._starved = False
                 return frames
+
+    def _next_frame(self) -> tuple[int, memoryview] | None:
+        """The next whole frame's flags and body, or None until all of it has come."""
+        if self._flags < 0:
+            head = self._take(1)
+            if head is None:
+                return None
+            self._flags = head[0]
+        if self._size < 0:
+            size = self._take(8 if self._flags & LONG else 1)
+            if size is None:
+                return None
+            self._size = struct.unpack(">Q", size)[0] if self._flags & LONG else size[0]
+            if self._size > self.max_frame_bytes:
+                raise ZmtpError(f"a frame of {self._size} bytes from the peer is over the limit")
+        body = self._take(self._size)
+        if body is None:
+            return None
+        flags = self._flags
+        self._flags = self._size = -1
+        return flags, body
 
     def _on_command(self, body: memoryview) -> None:
         name_size = body[0] if body else 0
         name = bytes(body[1 : 1 + name_size])
         if name == b"PING":  # ZMTP 3.1: TTL (2 octets), then the context to echo
-            self._out.append(memoryview(_command(b"PONG", bytes(body[1 + name_size + 2 :][:16]))))
+            pong = _command(b"PONG", bytes(body[1 + name_size + 2 :][:16]))
+            self._out.append(memoryview(pong))
+            self.queued_bytes += len(pong)
             self.flush()
         elif name == b"ERROR":
             data = body[1 + name_size :]
@@ -287,9 +337,9 @@ class Dealer:
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as exc:
-                raise ZmtpError(f"the peer went away: {exc.strerror or exc}") from None
+                raise ZmtpClosed(f"the peer went away: {exc.strerror or exc}") from None
             if not chunk:
-                raise ZmtpError("the peer closed the connection")
+                raise ZmtpClosed("the peer closed the connection")
             self._more.append(chunk)
             self._more_bytes += len(chunk)
         if self._more:
@@ -301,6 +351,37 @@ class Dealer:
         self._at += n
         return view
 
+
+class Dealer(Stream):
+    """One DEALER connected to a ROUTER at an ``ipc://`` path: whole messages in and out.
+
+    Args:
+        path: the Unix socket's path (an ``ipc://`` endpoint without its scheme).
+        timeout_s: how long connecting and the handshake may take.
+
+    Raises:
+        OSError: nothing accepts connections at ``path``.
+        ZmtpError: what answered is not a ZMTP 3 ROUTER with the NULL mechanism, or refused us.
+        TimeoutError: the handshake did not finish within ``timeout_s``.
+    """
+
+    def __init__(self, path: str, *, timeout_s: float) -> None:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)  # close-on-exec, as every socket
+        try:
+            deadline = time.monotonic() + timeout_s
+            sock.settimeout(timeout_s)
+            sock.connect(path)
+            sock.setblocking(False)
+            super().__init__(sock)
+            while not (self.flush() and self._handshake()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no ZMTP handshake from the peer in time")
+                _wait(sock.fileno(), left, writable=self.wants_write())
+        except BaseException:
+            sock.close()
+            raise
+
     # -- closing -----------------------------------------------------------------------------
 
     def close(self, linger_s: float = 0.0) -> None:
@@ -311,16 +392,17 @@ class Dealer:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                _wait_writable(self.sock.fileno(), left)
+                _wait(self.sock.fileno(), left, writable=True)
         except ZmtpError:
             pass  # the peer is gone: nothing more can be delivered
         finally:
             self.sock.close()
 
 
-def _wait_writable(fd: int, timeout_s: float) -> None:
+def _wait(fd: int, timeout_s: float, *, writable: bool) -> None:
+    """Block until ``fd`` is readable (or writable, when asked), or ``timeout_s`` has passed."""
     import select
 
     poller = select.poll()
-    poller.register(fd, select.POLLOUT)
+    poller.register(fd, select.POLLIN | (select.POLLOUT if writable else 0))
     poller.poll(max(1, int(timeout_s * 1000)))

@@ -1,6 +1,7 @@
 """Links to peer hubs: HELLO/WELCOME, the takeover rule for a node name, reconnects and heartbeats.
 
-A hub sends to a peer through its own DEALER (a *link*); see *Node identity* in
+A hub sends to a peer through its own DEALER (a *link*: :mod:`dpipes.bus.zmtp_tcp` on a hub
+without keys, libzmq's with CURVE); see *Node identity* in
 :mod:`dpipes.bus.hub` for who may hold a name.
 """
 
@@ -39,6 +40,8 @@ from dpipes.bus.hub.state import (
 )
 from dpipes.bus.keys import PublicKey
 from dpipes.bus.pump import Pump
+from dpipes.bus.zmtp import ZmtpError
+from dpipes.bus.zmtp_tcp import TcpDealer, tcp_address
 
 if TYPE_CHECKING:
     from dpipes.bus.hub import Hub
@@ -134,6 +137,17 @@ class Links:
                 f"node {self.node}: cannot link to {endpoint} securely: its node key is unknown; "
                 "pin it with: dpipes keys pin NODE KEY"
             )
+        routing_id = b"hub:" + self.instance.encode() + b":" + os.urandom(4).hex().encode()
+        if self._security is None and tcp_address(endpoint) is not None:  # no I/O thread: see dpipes.bus.zmtp_tcp
+            dealer = TcpDealer(
+                endpoint, lambda frames: None, routing_id=routing_id, max_frame_bytes=codec.MAX_FRAME_BYTES
+            )
+            link = _Link(endpoint=endpoint, pump=dealer, static=static, key=key)
+            dealer.on_message = functools.partial(self._on_link_reply, link)
+            dealer.on_error = functools.partial(self._on_link_wire_error, link)
+            self._links[endpoint] = link
+            self._hello(link)
+            return link
         sock = self._ctx.socket(zmq.DEALER)
         _set_common(sock)
         if self._security is not None and key is not None:
@@ -144,7 +158,7 @@ class Links:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: a HELLO to a dead peer fails fast
         sock.setsockopt(zmq.RECONNECT_IVL, 100)  # a restarted peer is back within a heartbeat
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.ROUTING_ID, b"hub:" + self.instance.encode() + b":" + os.urandom(4).hex().encode())
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError:
@@ -176,10 +190,14 @@ class Links:
         except zmq.ZMQError as exc:
             log.debug("node %s: send to %s failed: %s", self.node, link.endpoint, exc)
 
+    def _on_link_wire_error(self: Hub, link: _Link, exc: ZmtpError) -> None:
+        """The peer broke ZMTP on our link (it reconnects): counted and logged as a bad message."""
+        self._note_bad(self.stats[link.node or link.endpoint], link.node or link.endpoint, exc)
+
     def _on_link_reply(self: Hub, link: _Link, frames: list[Any]) -> None:
         """Messages on our DEALER: the peer's answers to HELLO, its goodbyes, its errors."""
         try:
-            msg = codec.decode([f.buffer for f in frames])
+            msg = codec.decode([f if isinstance(f, memoryview) else f.buffer for f in frames])
         except codec.VersionMismatch as exc:
             reason = exc.header.get("reason") if isinstance(exc.header.get("reason"), str) else ""
             self._refused(

@@ -19,6 +19,7 @@ from dpipes.bus.codec import (
 )
 from dpipes.bus.keys import PublicKey
 from dpipes.bus.pump import Pump
+from dpipes.bus.zmtp_tcp import TcpDealer
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class _Link:
     """Our outbound DEALER to one peer hub, and what we know of that peer."""
 
     endpoint: str
-    pump: Pump
+    pump: Pump | TcpDealer  # a TcpDealer on hubs without keys (tcp://), else libzmq's DEALER
     static: bool  # configured by the user: keep retrying forever
     node: str = ""
     instance: str = ""

@@ -21,6 +21,7 @@ from dpipes.bus.client import Client
 from dpipes.bus.errors import ProtocolMismatch, SecurityError
 from dpipes.bus.hub import Hub
 from dpipes.bus.keys import KeyPair, load_or_create_keypair
+from dpipes.bus.pump import Pump
 from dpipes.bus.trust import AuthorizedKey, AuthorizedKeys, Identity, IdentityKind, KnownNodes, TrustStore
 from tests.users import needs_root, nobody, send_as
 
@@ -81,6 +82,7 @@ async def test_pinned_nodes_link_over_curve_and_know_who_is_who(tmp_path: Path) 
         assert await a.connect_peer(b.tcp_endpoint, key=net.beta.public) == "beta"
         await until(lambda: "alpha" in b.peers)
         assert await stream_bytes(a, b, b"hello over curve") == b"hello over curve"
+        assert isinstance(a._links[b.tcp_endpoint].pump, Pump)  # CURVE links stay libzmq's, not zmtp_tcp's
         assert b.identity_of("alpha/src") == Identity.peer_node("alpha", net.alpha.fingerprint)
         assert a.identity_of("beta/dst") == Identity.peer_node("beta", net.beta.fingerprint)
         assert a.identity_of("alpha/src") == Identity.local_user(os.getuid())  # in-process: the node itself
