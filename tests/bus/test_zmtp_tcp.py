@@ -200,6 +200,20 @@ async def test_large_messages_of_one_pass_leave_in_one_write_and_small_ones_at_o
             router.close()
 
 
+async def test_a_link_to_this_host_bounds_its_send_buffer() -> None:
+    async with zmq_context() as ctx:
+        router = Router(ctx)
+        dealer = TcpDealer(router.endpoint, lambda frames: None, routing_id=b"us")
+        try:
+            await until(lambda: dealer.connected)
+            assert dealer._sock is not None
+            size = dealer._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            assert size in (zmtp_tcp.LOCAL_SNDBUF_BYTES, 2 * zmtp_tcp.LOCAL_SNDBUF_BYTES)  # Linux doubles it
+        finally:
+            dealer.close()
+            router.close()
+
+
 async def test_a_refused_connect_is_retried_with_backoff_until_the_peer_listens() -> None:
     with raw_listener() as (_listener, endpoint):
         pass  # a port nothing listens on (now)
