@@ -163,6 +163,57 @@ async def test_many_messages_arrive_in_order_through_partial_writes_and_the_back
             router.close()
 
 
+async def test_large_messages_of_one_pass_leave_in_one_write_and_small_ones_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writes: list[int] = []  # bytes queued at each flush
+    flush = zmtp.Stream.flush
+
+    def counted(stream: zmtp.Stream) -> bool:
+        writes.append(stream.queued_bytes)
+        return flush(stream)
+
+    monkeypatch.setattr(zmtp.Stream, "flush", counted)
+    payload = os.urandom(zmtp_tcp.COALESCE_BYTES)
+    async with zmq_context() as ctx:
+        router = Router(ctx)
+        dealer = TcpDealer(router.endpoint, lambda frames: None, routing_id=b"us")
+        try:
+            await until(lambda: dealer.connected)
+            writes.clear()
+            for i in range(4):
+                dealer.send([struct.pack(">I", i), payload])
+            assert writes == []  # they wait for the loop's next pass
+            await asyncio.wait_for(dealer.drained(), WAIT_S)
+            assert writes[0] >= 4 * len(payload)  # and leave together
+            writes.clear()
+            dealer.send([struct.pack(">I", 4), b"small"])
+            assert writes  # a small message is written at once
+            dealer.send([struct.pack(">I", 5), payload])
+            dealer.close(linger_ms=int(WAIT_S * 1000))  # a write left for the next pass is not lost
+            assert dealer._soon is None
+            await until(lambda: len(router.got) == 6)
+            assert [struct.unpack(">I", m[1])[0] for m in router.got] == list(range(6))
+            assert router.got[5][2] == payload and router.got[4][2] == b"small"
+        finally:
+            dealer.close()
+            router.close()
+
+
+async def test_a_link_to_this_host_bounds_its_send_buffer() -> None:
+    async with zmq_context() as ctx:
+        router = Router(ctx)
+        dealer = TcpDealer(router.endpoint, lambda frames: None, routing_id=b"us")
+        try:
+            await until(lambda: dealer.connected)
+            assert dealer._sock is not None
+            size = dealer._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            assert size in (zmtp_tcp.LOCAL_SNDBUF_BYTES, 2 * zmtp_tcp.LOCAL_SNDBUF_BYTES)  # Linux doubles it
+        finally:
+            dealer.close()
+            router.close()
+
+
 async def test_a_refused_connect_is_retried_with_backoff_until_the_peer_listens() -> None:
     with raw_listener() as (_listener, endpoint):
         pass  # a port nothing listens on (now)
