@@ -6,18 +6,19 @@ out of the process: the loop hands it to the DEALER's queue, libzmq's I/O thread
 and the peer's I/O thread and loop wake to read it. A request/reply round trip between two hubs
 thus crossed six thread wake-ups. Written by the loop itself (``sendmsg`` on a non-blocking TCP
 socket, what :class:`dpipes.bus.zmtp.Stream` does), a message leaves without the sender's I/O
-thread: four wake-ups. On the machine of issue 16 (2 cores, shared), between two hubs: a 64 B
-REQUEST/REPLY round trip p50 111 -> 83 us, CPU per round trip 68 -> 45 us (source hub) and
-58 -> 42 us (sink hub); 64 B messages 1.10 -> 1.02 us of CPU each.
+thread: four wake-ups. On the machine of issue 16 (2 cores, shared), between two hubs on one
+host: CPU per 64 B REQUEST/REPLY round trip 68 -> 45 us (source hub) and 58 -> 42 us (sink hub).
+The p50 moved little on an idle machine (98 -> 97 us: both processes' threads find an idle core)
+but the p99 did (168-193 -> 130-136 us), and beside a CPU burner, where every extra wake-up waits
+for a core, the p50 went from 0.88-0.89x Zenoh's to 1.02-1.04x.
 
 What it costs: the loop now does the kernel's share of sending too, which libzmq's I/O thread did
-beside it on the other core. CPU per GB of a 1 MiB stream is the same (0.36 s/GB both sides, one
-memcpy fewer and the syscall moved to the loop), but a sending hub is capped at one core: on a
-quiet machine libzmq peaked at 5.7 GB/s, this at 4.2 GB/s (under load the medians are within the
-noise, 3.1 vs 2.7 GB/s). Large messages queued in one pass of the loop leave in one ``sendmsg``
-(:meth:`TcpDealer._flush_soon`), and a link to a hub on this host has a bounded send buffer
-(:meth:`TcpDealer._bound_send_buffer`): together 1 MiB messages between two hubs on one host went
-past libzmq's DEALER (7.0 vs 4.1 GB/s, half its CPU per GB sending).
+beside it on the other core, so a 1 MiB stream went from 6.5-7.0 to 5.3 GB/s on an idle machine.
+Two things won that back: large messages queued in one pass of the loop leave in one ``sendmsg``
+(:meth:`TcpDealer._flush_soon`; the peer's reads are larger and fewer), and a link to a hub on
+this host has a bounded send buffer (:meth:`TcpDealer._bound_send_buffer`; a link to another host
+keeps the kernel's autotuning). Together, 1 MiB messages between two hubs on one host went past
+libzmq's DEALER (7.0 vs 4.1 GB/s in the same run, about half its CPU per GB).
 
 The peer cannot tell this DEALER from libzmq's: it speaks ZMTP 3.0 with the NULL mechanism, gives
 the peer's ROUTER our routing id as the ``READY`` command's ``Identity``, answers ``PING``, and
