@@ -1029,6 +1029,45 @@ def arrow_message(src: str, dst: str, sid: int, seq: int, arrow: dict[str, Any],
     return msg
 
 
+class _UnfrozenShm(Shm):
+    """An ``SHM`` under construction (see ``stream_message``)."""
+
+    __slots__ = ()
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
+
+
+def shm_message(
+    src: str,
+    dst: str,
+    sid: int,
+    seq: int,
+    of: str,
+    *,
+    fields: dict[str, Any],
+    handle: str,
+    lease: int,
+    sizes: list[int],
+    offset: int,
+) -> Shm:
+    """The ``SHM`` of a payload its sender wrote in place into shared memory, built as
+    ``stream_message`` builds its kinds: once per Arrow batch sent to a hub on this host, where
+    ``Shm(...)``'s keyword parsing took 1.1 us, this 0.5."""
+    msg: Any = _new_message(_UnfrozenShm)
+    msg.src = src
+    msg.dst = dst
+    msg.sid = sid
+    msg.seq = seq
+    msg.of = of
+    msg.fields = fields
+    msg.handle = handle
+    msg.lease = lease
+    msg.sizes = sizes
+    msg.offset = offset
+    msg.__class__ = Shm
+    return msg
+
+
 DATA_KINDS = frozenset({"BYTES", "OBJECTS", "ARROW", "STDERR", "PIPES", "BATCH", "SHM", "SHM_BATCH"})
 
 

@@ -454,3 +454,13 @@ def test_a_shm_batch_member_whose_fields_nest_too_deep_or_are_no_map_is_refused(
         codec.decode([frame({"arrow": _nested(codec.MAX_DEPTH - 2)})])
     with pytest.raises(DecodeError, match="must be a map"):
         codec.decode([frame([1])])
+
+
+def test_a_shm_made_by_shm_message_is_the_one_its_class_makes() -> None:
+    keys = {"fields": {"arrow": {"batch": 0}}, "handle": "1:2:ab:64", "lease": 4, "sizes": [8, 16], "offset": 64}
+    made = codec.shm_message("n.src", "m.dst", 3, 9, "ARROW", **keys)
+    assert type(made) is codec.Shm
+    assert made == codec.Shm(src="n.src", dst="m.dst", sid=3, seq=9, of="ARROW", **keys)
+    assert codec.decode(as_received(codec.encode(made))) == made
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.lease = 5  # type: ignore[misc]
