@@ -849,6 +849,13 @@ def _inner(
         low, high = cls.PAYLOAD_FRAMES
         if low <= len(views) <= high and all(size <= MAX_PAYLOAD_FRAME_BYTES for size in sizes):
             return stream_message(cls, src, dst, sid, seq, tuple(views))
+    elif cls is Arrow and len(fields) == 1 and type(arrow := fields.get("arrow")) is dict:
+        # An Arrow batch written in place, once per batch: its map's nesting was bounded with the
+        # fields that hold it (the SHM's, or the SHM_BATCH's members as a whole), and the decoder
+        # checks what the map says; only the frames to check here, as from_header would.
+        low, high = cls.PAYLOAD_FRAMES
+        if low <= len(views) <= high and all(size <= MAX_PAYLOAD_FRAME_BYTES for size in sizes):
+            return arrow_message(src, dst, sid, seq, arrow, tuple(views))
     return from_header(_inner_header(of, fields, src, dst, sid, seq), views)
 
 
@@ -865,13 +872,18 @@ def _shm_members(value: Any, name: str) -> list[dict[str, Any]]:
         raise DecodeError(f"field {name!r} has no member")
     nested = False
     for member in value:  # the array's length is bounded by the unpacker (MAX_CONTAINER_ITEMS)
-        # A byte chunk's member (no kind fields) passes one test; the checks that name what is
-        # wrong run only when it fails, or for kind fields.
-        if type(member) is dict and "fields" not in member:
+        # A member passes one test; the checks that name what is wrong run only when it fails.
+        # Kind fields (an Arrow batch's map) are a map here, their nesting bounded by the walk of
+        # the whole array below, which counts the array's and the member's levels too: checked
+        # besides, key by key and walked on their own, they were a quarter of decoding a
+        # SHM_BATCH of 10k-row Arrow batches (2.7 us a member, now 2.0).
+        if type(member) is dict:
             handle, lease = member.get("handle", ""), member.get("lease", 0)
             sizes, offset = member.get("sizes", _NO_SIZES), member.get("offset", 0)
+            fields = member.get("fields", _NO_FIELDS)
             if (
-                type(handle) is str
+                type(fields) is dict
+                and type(handle) is str
                 and len(handle) <= MAX_STRING_CHARS
                 and type(lease) is int
                 and 0 <= lease < 2**63
@@ -880,6 +892,8 @@ def _shm_members(value: Any, name: str) -> list[dict[str, Any]]:
                 and type(sizes) is list
                 and all(type(size) is int and 0 <= size < 2**63 for size in sizes)
             ):
+                if fields:
+                    nested = True
                 continue
         if type(member) is not dict:
             raise DecodeError(f"field {name!r} must hold maps, got {type(member).__name__}")
@@ -990,6 +1004,67 @@ def stream_message(cls: type[Message], src: str, dst: str, sid: int, seq: int, f
     msg.seq = seq
     msg.frames = frames
     msg.__class__ = cls
+    return msg
+
+
+class _UnfrozenArrow(Arrow):
+    """An ``ARROW`` under construction, as ``_Unfrozen`` is for the kinds without kind fields."""
+
+    __slots__ = ()
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
+
+
+def arrow_message(src: str, dst: str, sid: int, seq: int, arrow: dict[str, Any], frames: tuple[Any, ...]) -> Arrow:
+    """An ``ARROW`` of checked fields, built as ``stream_message`` builds its kinds: a 10k-row
+    batch from shared memory took 1.85 us in ``ShmBatch.inner`` through ``from_header``, now 0.7."""
+    msg: Any = _new_message(_UnfrozenArrow)
+    msg.src = src
+    msg.dst = dst
+    msg.sid = sid
+    msg.seq = seq
+    msg.arrow = arrow
+    msg.frames = frames
+    msg.__class__ = Arrow
+    return msg
+
+
+class _UnfrozenShm(Shm):
+    """An ``SHM`` under construction (see ``stream_message``)."""
+
+    __slots__ = ()
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
+
+
+def shm_message(
+    src: str,
+    dst: str,
+    sid: int,
+    seq: int,
+    of: str,
+    *,
+    fields: dict[str, Any],
+    handle: str,
+    lease: int,
+    sizes: list[int],
+    offset: int,
+) -> Shm:
+    """The ``SHM`` of a payload its sender wrote in place into shared memory, built as
+    ``stream_message`` builds its kinds: once per Arrow batch sent to a hub on this host, where
+    ``Shm(...)``'s keyword parsing took 1.1 us, this 0.5."""
+    msg: Any = _new_message(_UnfrozenShm)
+    msg.src = src
+    msg.dst = dst
+    msg.sid = sid
+    msg.seq = seq
+    msg.of = of
+    msg.fields = fields
+    msg.handle = handle
+    msg.lease = lease
+    msg.sizes = sizes
+    msg.offset = offset
+    msg.__class__ = Shm
     return msg
 
 

@@ -93,7 +93,6 @@ This module is the sending side and what both sides share; the receiving side (m
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -321,8 +320,10 @@ class Pool:
             self.release([lease_id], to)
             raise
         finally:
-            with contextlib.suppress(BufferError):  # still held by a failed fill's traceback: dropped with it
+            try:
                 view.release()  # an exported view would keep the segment's map from closing
+            except BufferError:  # still held by a failed fill's traceback: dropped with it
+                pass
         return Lease(lease_id, segment.handle, sizes, offset)
 
     def _take(self, nbytes: int, to: str, *, packed: bool = False) -> tuple[int, _Segment, int] | None:

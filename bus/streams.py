@@ -310,12 +310,12 @@ class OutStream:
         self.sent += payload
         self.cost += payload + codec.MESSAGE_CREDIT_BYTES
         self.endpoint._send(
-            codec.Shm(
-                src=self.endpoint.addr,
-                dst=self.dst,
-                sid=self.sid,
-                seq=self._seq,
-                of=kind,
+            codec.shm_message(
+                self.endpoint.addr,
+                self.dst,
+                self.sid,
+                self._seq,
+                kind,
                 fields=fields,
                 handle=lease.handle,
                 lease=lease.id,

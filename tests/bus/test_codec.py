@@ -410,3 +410,57 @@ def test_the_spec_states_every_constant_with_its_value() -> None:
     assert set(documented) == names
     for name, text in documented.items():
         assert float(text) == getattr(codec, name), name
+
+
+def _nested(depth: int) -> Any:
+    return functools.reduce(lambda inner, _: {"k": inner}, range(depth), 1)
+
+
+@given(
+    st.dictionaries(st.sampled_from(["arrow", "other"]), maps | st.integers(0, 3), max_size=2),
+    st.lists(st.integers(0, 50), max_size=4),
+)
+@settings(max_examples=300)
+def test_an_arrow_from_shared_memory_is_the_message_its_header_makes(fields: dict[str, Any], sizes: list[int]) -> None:
+    # The fields of an SHM or SHM_BATCH member are depth-checked with them, before ``inner``.
+    codec._check_depth(fields, "fields")
+    views = [memoryview(bytes(n)) for n in sizes]
+
+    def made(build: Any) -> Any:
+        try:
+            return build()
+        except DecodeError:
+            return DecodeError
+
+    header = codec._inner_header("ARROW", fields, "n.src", "m.dst", 3, 9)
+    expected = made(lambda: codec.from_header(header, views))
+    got = made(lambda: codec._inner("ARROW", fields, "n.src", "m.dst", 3, 9, sizes, views))
+    assert got == expected
+    if got is not DecodeError:
+        assert type(got) is codec.Arrow
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            got.arrow = {}
+
+
+def test_a_shm_batch_member_whose_fields_nest_too_deep_or_are_no_map_is_refused() -> None:
+    def frame(fields: Any) -> bytes:
+        member = {"handle": "1:2:ab:64", "lease": 1, "sizes": [8], "offset": 0, "fields": fields}
+        return codec.packb_shms("n.src", "m.dst", 3, 9, "ARROW", [dict(member), dict(member, lease=2)])
+
+    # The members' array, a member and its fields are three levels of the batch's own limit.
+    msg = codec.decode([frame({"arrow": _nested(codec.MAX_DEPTH - 3)})])
+    assert isinstance(msg, codec.ShmBatch)
+    with pytest.raises(DecodeError, match="deeper"):
+        codec.decode([frame({"arrow": _nested(codec.MAX_DEPTH - 2)})])
+    with pytest.raises(DecodeError, match="must be a map"):
+        codec.decode([frame([1])])
+
+
+def test_a_shm_made_by_shm_message_is_the_one_its_class_makes() -> None:
+    keys = {"fields": {"arrow": {"batch": 0}}, "handle": "1:2:ab:64", "lease": 4, "sizes": [8, 16], "offset": 64}
+    made = codec.shm_message("n.src", "m.dst", 3, 9, "ARROW", **keys)
+    assert type(made) is codec.Shm
+    assert made == codec.Shm(src="n.src", dst="m.dst", sid=3, seq=9, of="ARROW", **keys)
+    assert codec.decode(as_received(codec.encode(made))) == made
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.lease = 5  # type: ignore[misc]
