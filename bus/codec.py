@@ -977,14 +977,15 @@ _set_seq = _slot_setter(Message, "seq")
 _set_frames = _slot_setter(_Payload, "frames")
 
 
-class _Unfrozen(_Payload):
-    """A payload message under construction: the layout of every kind without kind fields, whose
-    fields plain assignment sets (see ``stream_message``)."""
+def _unfrozen(cls: type[Message]) -> type[Any]:
+    """A class of ``cls``'s layout whose fields plain assignment sets: a message under construction
+    (see ``stream_message``), which then becomes a ``cls``, frozen."""
+    # Both hooks, or the class keeps the frozen classes' Python-level hook and every assignment calls it.
+    namespace = {"__slots__": (), "__setattr__": object.__setattr__, "__delattr__": object.__delattr__}
+    return type(f"_Unfrozen{cls.__name__}", (cls,), namespace)
 
-    __slots__ = ()
-    # Both, or the class keeps the frozen classes' Python-level hook and every assignment calls it.
-    __setattr__ = object.__setattr__
-    __delattr__ = object.__delattr__
+
+_Unfrozen = _unfrozen(_Payload)  # the layout of every kind without kind fields (BYTES, STDERR, ...)
 
 
 def stream_message(cls: type[Message], src: str, dst: str, sid: int, seq: int, frames: tuple[Any, ...]) -> Message:
@@ -1007,12 +1008,7 @@ def stream_message(cls: type[Message], src: str, dst: str, sid: int, seq: int, f
     return msg
 
 
-class _UnfrozenArrow(Arrow):
-    """An ``ARROW`` under construction, as ``_Unfrozen`` is for the kinds without kind fields."""
-
-    __slots__ = ()
-    __setattr__ = object.__setattr__
-    __delattr__ = object.__delattr__
+_UnfrozenArrow = _unfrozen(Arrow)
 
 
 def arrow_message(src: str, dst: str, sid: int, seq: int, arrow: dict[str, Any], frames: tuple[Any, ...]) -> Arrow:
@@ -1029,12 +1025,7 @@ def arrow_message(src: str, dst: str, sid: int, seq: int, arrow: dict[str, Any],
     return msg
 
 
-class _UnfrozenShm(Shm):
-    """An ``SHM`` under construction (see ``stream_message``)."""
-
-    __slots__ = ()
-    __setattr__ = object.__setattr__
-    __delattr__ = object.__delattr__
+_UnfrozenShm = _unfrozen(Shm)
 
 
 def shm_message(
