@@ -36,6 +36,8 @@ the hub as gone.
 from __future__ import annotations
 
 import _socket  # the socket module's core: socket's enums cost a start 2 ms to import, and we need none
+import collections
+import itertools
 import struct
 import time
 
@@ -159,7 +161,9 @@ class Stream:
         self._flags = -1  # of the frame being parsed; -1: its flags octet is next
         self._size = -1  # of the frame being parsed; -1: its size is next
         hello = GREETING + (READY if not identity else ready_command(identity))
-        self._out: list[memoryview] = [memoryview(hello)]  # queued for the socket
+        # Queued for the socket. A deque: a slow peer can leave many small frames here, and each
+        # one sent leaves from the front (a list's pop(0) moved all the others, each time).
+        self._out: collections.deque[memoryview] = collections.deque([memoryview(hello)])
         self.queued_bytes = len(hello)  # in self._out
 
     def fileno(self) -> int:
@@ -241,7 +245,7 @@ class Stream:
         out = self._out
         while out:
             try:
-                sent = self.sock.sendmsg(out[:IOV_MAX])
+                sent = self.sock.sendmsg(list(itertools.islice(out, IOV_MAX)))
             except (BlockingIOError, InterruptedError):
                 return False
             except OSError as exc:
@@ -251,7 +255,7 @@ class Stream:
                 head = out[0]
                 if sent >= len(head):
                     sent -= len(head)
-                    out.pop(0)
+                    out.popleft()
                 else:
                     out[0] = head[sent:]
                     sent = 0
