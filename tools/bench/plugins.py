@@ -75,6 +75,7 @@ BATCH_ROWS = 100
 FLIGHT_START_TIMEOUT_S = 30.0
 POOL_REFILL_TIMEOUT_S = 60.0  # a daemon's worker pool refilled after a run (busy hosts are slow)
 POOL_POLL_S = 0.02
+SNAPSHOT_TRIES = 100  # reads of the daemons' CPU until no child was reaped during one
 PIPE_BUFFER_BYTES = 1 << 20  # the cross-node row's output pipe, as a node sizes a stage's pipes
 _F_SETPIPE_SZ = 1031  # <linux/fcntl.h>
 
@@ -210,14 +211,21 @@ def _proc_cpu(pid: int, *, reaped: bool = True) -> float:
     return sum(int(v) for v in fields[11 : 15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
 
 
+def _children(pid: int) -> set[int]:
+    """The children of ``pid`` (of each of its threads), those not yet reaped included."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            out.update(int(child) for child in (task / "children").read_text().split())
+    return out
+
+
 def _children_cpu(pid: int) -> dict[int, float]:
     """Each child of ``pid`` and the CPU seconds it has used so far (itself only)."""
     out: dict[int, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            for child in (task / "children").read_text().split():
-                with contextlib.suppress(OSError, ValueError):  # a child that ended meanwhile
-                    out[int(child)] = _proc_cpu(int(child), reaped=False)
+    for child in _children(pid):
+        with contextlib.suppress(OSError, ValueError):  # a child that ended meanwhile
+            out[child] = _proc_cpu(child, reaped=False)
     return out
 
 
@@ -233,11 +241,22 @@ class _RunCpu:
         self.before = {child: cpu for p in pids for child, cpu in _children_cpu(p).items()}
 
     def seconds(self) -> float:
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        now = usage.ru_utime + usage.ru_stime + sum(_proc_cpu(p) for p in self.pids)
-        alive = {child for p in self.pids for child in _children_cpu(p)}
+        # A child reaped between reading the totals and listing who is alive would be taken off
+        # without being in the totals (the figure went negative once), so the totals are read
+        # between two listings that agree: then a child not listed was reaped before the read.
+        for _ in range(SNAPSHOT_TRIES):
+            alive = self._alive()
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            now = usage.ru_utime + usage.ru_stime + sum(_proc_cpu(p) for p in self.pids)
+            if self._alive() == alive:
+                break
+        else:
+            raise RuntimeError(f"the daemons' children kept changing over {SNAPSHOT_TRIES} reads of their CPU")
         ahead = sum(cpu for child, cpu in self.before.items() if child not in alive)
         return now - self.start - ahead
+
+    def _alive(self) -> set[int]:
+        return {child for p in self.pids for child in _children(p)}
 
 
 def _run_reading_ipc(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
@@ -265,11 +284,9 @@ def _run_reading_ipc(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
 def _ready_workers(daemon_pid: int) -> int:
     """How many of a daemon's children are plugin workers started ahead of need, imports done."""
     ready = 0
-    for task in Path(f"/proc/{daemon_pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            for child in (task / "children").read_text().split():
-                with contextlib.suppress(OSError):  # a child that ended meanwhile
-                    ready += Path(f"/proc/{child}/comm").read_bytes().strip() == b"dpipes-ready"
+    for child in _children(daemon_pid):
+        with contextlib.suppress(OSError):  # a child that ended meanwhile
+            ready += Path(f"/proc/{child}/comm").read_bytes().strip() == b"dpipes-ready"
     return ready
 
 
