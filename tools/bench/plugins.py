@@ -75,6 +75,7 @@ BATCH_ROWS = 100
 FLIGHT_START_TIMEOUT_S = 30.0
 POOL_REFILL_TIMEOUT_S = 60.0  # a daemon's worker pool refilled after a run (busy hosts are slow)
 POOL_POLL_S = 0.02
+REAP_TIMEOUT_S = 30.0  # a plugin worker taken by a run reaped after the run (busy hosts are slow)
 SNAPSHOT_TRIES = 100  # reads of the daemons' CPU until no child was reaped during one
 PIPE_BUFFER_BYTES = 1 << 20  # the cross-node row's output pipe, as a node sizes a stage's pipes
 _F_SETPIPE_SZ = 1031  # <linux/fcntl.h>
@@ -241,6 +242,17 @@ class _RunCpu:
         self.before = {child: cpu for p in pids for child, cpu in _children_cpu(p).items()}
 
     def seconds(self) -> float:
+        """The run's CPU seconds, once the workers it took (started before it) have been reaped.
+
+        Raises:
+            TimeoutError: a taken worker still runs after ``REAP_TIMEOUT_S``.
+        """
+        # A worker taken by the run may end after the client has: its CPU counts once reaped.
+        deadline = time.monotonic() + REAP_TIMEOUT_S
+        while taken := [child for child in self.before if child in self._alive() and not _is_ready(child)]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"plugin workers {taken} still run {REAP_TIMEOUT_S:g} s after the run ended")
+            time.sleep(POOL_POLL_S)
         # A child reaped between reading the totals and listing who is alive would be taken off
         # without being in the totals (the figure went negative once), so the totals are read
         # between two listings that agree: then a child not listed was reaped before the read.
@@ -283,11 +295,15 @@ def _run_reading_ipc(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
 
 def _ready_workers(daemon_pid: int) -> int:
     """How many of a daemon's children are plugin workers started ahead of need, imports done."""
-    ready = 0
-    for child in _children(daemon_pid):
-        with contextlib.suppress(OSError):  # a child that ended meanwhile
-            ready += Path(f"/proc/{child}/comm").read_bytes().strip() == b"dpipes-ready"
-    return ready
+    return sum(_is_ready(child) for child in _children(daemon_pid))
+
+
+def _is_ready(pid: int) -> bool:
+    """Whether process ``pid`` is a plugin worker started ahead of need, imports done, not taken."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_bytes().strip() == b"dpipes-ready"
+    except OSError:  # it ended meanwhile
+        return False
 
 
 def _await_pool(runtime: Path, node: str) -> None:
