@@ -15,7 +15,8 @@
   slows neither the Flight run that follows nor the next dpipes run.
 * ``plugins.cross_node_arrow_cpu``: the CPU seconds per GB of the same runs, user + system, lower
   is better: for dpipes the client, both daemons, their stages and the plugin worker (less what
-  that worker spent before the run, started ahead of need: its imports are not the run's); for
+  that worker spent before the run, started ahead of need: its imports are not the run's; read
+  once that worker has been reaped, as it may finish its stage after the client has ended); for
   Flight this process (the client) and the server's process. On a machine shared with other work
   this varies less than the MB/s above, which follow how much of the machine the run was given.
 * ``plugins.same_host_program_to_plugin_<N>MiB``: ``cat FILE | %bench_sink`` on this host's daemon
@@ -75,6 +76,8 @@ BATCH_ROWS = 100
 FLIGHT_START_TIMEOUT_S = 30.0
 POOL_REFILL_TIMEOUT_S = 60.0  # a daemon's worker pool refilled after a run (busy hosts are slow)
 POOL_POLL_S = 0.02
+READY_WORKER = b"dpipes-ready"  # a plugin worker started ahead of need, its imports done (nodes.worker_pool)
+TAKEN_WORKER = b"dpipes-worker"  # one running a stage
 REAP_TIMEOUT_S = 30.0  # a plugin worker taken by a run reaped after the run (busy hosts are slow)
 SNAPSHOT_TRIES = 100  # reads of the daemons' CPU until no child was reaped during one
 PIPE_BUFFER_BYTES = 1 << 20  # the cross-node row's output pipe, as a node sizes a stage's pipes
@@ -249,7 +252,7 @@ class _RunCpu:
         """
         # A worker taken by the run may end after the client has: its CPU counts once reaped.
         deadline = time.monotonic() + REAP_TIMEOUT_S
-        while taken := [child for child in self.before if child in self._alive() and not _is_ready(child)]:
+        while taken := [child for child in self.before.keys() & self._alive() if _comm(child) == TAKEN_WORKER]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"plugin workers {taken} still run {REAP_TIMEOUT_S:g} s after the run ended")
             time.sleep(POOL_POLL_S)
@@ -295,15 +298,15 @@ def _run_reading_ipc(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
 
 def _ready_workers(daemon_pid: int) -> int:
     """How many of a daemon's children are plugin workers started ahead of need, imports done."""
-    return sum(_is_ready(child) for child in _children(daemon_pid))
+    return sum(_comm(child) == READY_WORKER for child in _children(daemon_pid))
 
 
-def _is_ready(pid: int) -> bool:
-    """Whether process ``pid`` is a plugin worker started ahead of need, imports done, not taken."""
+def _comm(pid: int) -> bytes:
+    """What ``ps -o comm`` shows for process ``pid`` (empty once it has been reaped)."""
     try:
-        return Path(f"/proc/{pid}/comm").read_bytes().strip() == b"dpipes-ready"
+        return Path(f"/proc/{pid}/comm").read_bytes().strip()
     except OSError:  # it ended meanwhile
-        return False
+        return b""
 
 
 def _await_pool(runtime: Path, node: str) -> None:
