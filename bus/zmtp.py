@@ -76,15 +76,15 @@ def _property(name: bytes, value: bytes) -> bytes:
     return bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
 
 
-def ready_command(identity: bytes) -> bytes:
+def _ready_command(identity: bytes) -> bytes:
     """Our ``READY``: a DEALER, and the routing id (libzmq's ``ROUTING_ID``) its ROUTER is to use."""
     return _command(b"READY", _property(b"Socket-Type", b"DEALER") + _property(b"Identity", identity))
 
 
-READY = ready_command(b"")
+READY = _ready_command(b"")
 
 
-def check_greeting(greeting: memoryview | bytes) -> None:
+def _check_greeting(greeting: memoryview | bytes) -> None:
     """Raises ZmtpError unless ``greeting`` (64 octets) is a ZMTP 3 peer's with the NULL mechanism."""
     if greeting[0] != 0xFF or greeting[9] & 1 == 0:
         raise ZmtpError("the peer does not speak ZMTP 3: no greeting signature")
@@ -95,7 +95,7 @@ def check_greeting(greeting: memoryview | bytes) -> None:
         raise ZmtpError(f"the peer asks for the {mechanism.decode('ascii', 'replace')} mechanism, not NULL")
 
 
-def check_ready(body: memoryview) -> None:
+def _check_ready(body: memoryview) -> None:
     """Raises ZmtpError unless the handshake command ``body`` is a ROUTER's ``READY`` (an ``ERROR``: its reason)."""
     name_size = body[0] if body else 0
     name, data = bytes(body[1 : 1 + name_size]), body[1 + name_size :]
@@ -160,7 +160,7 @@ class Stream:
         self._frames: list[memoryview] = []  # of the message being parsed
         self._flags = -1  # of the frame being parsed; -1: its flags octet is next
         self._size = -1  # of the frame being parsed; -1: its size is next
-        hello = GREETING + (READY if not identity else ready_command(identity))
+        hello = GREETING + (READY if not identity else _ready_command(identity))
         # Queued for the socket. A deque: a slow peer can leave many small frames here, and each
         # one sent leaves from the front (a list's pop(0) moved all the others, each time).
         self._out: collections.deque[memoryview] = collections.deque([memoryview(hello)])
@@ -189,7 +189,7 @@ class Stream:
             greeting = self._take(GREETING_BYTES)
             if greeting is None:
                 return False
-            check_greeting(greeting)
+            _check_greeting(greeting)
             self._greeted = True
         frame = self._next_frame()
         if frame is None:
@@ -197,7 +197,7 @@ class Stream:
         flags, body = frame
         if not flags & COMMAND:
             raise ZmtpError("the peer sent a message before its READY")
-        check_ready(body)
+        _check_ready(body)
         self.ready = True
         return True
 
@@ -260,11 +260,6 @@ class Stream:
                     out[0] = head[sent:]
                     sent = 0
         return True
-
-    def discard(self) -> None:
-        """Drop what is queued (the connection is gone: nothing of it can be delivered)."""
-        self._out.clear()
-        self.queued_bytes = 0
 
     # -- receiving ---------------------------------------------------------------------------
 
